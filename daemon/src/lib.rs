@@ -1,1 +1,9 @@
+//! sluice: provable network limits for AI agents on one Linux host.
+//!
+//! See ARCHITECTURE.md for the map. A request's path: `kernel` → `proxy` → `policy` → `decide` →
+//! `ledger`; around it `passport`, `api`, `config`, `cli`.
+
+pub mod cli;
+pub mod domain;
+pub mod keyfile;
 pub mod passport;

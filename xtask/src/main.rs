@@ -1,1 +1,89 @@
-fn main() {}
+//! Project tasks: `cargo xtask test | demo | deps`.
+//!
+//! `test` is what CI runs: formatting, clippy with warnings as errors, then every test of the
+//! workspace (the kernel and end-to-end suites run for real as root and fail, never skip, when they
+//! cannot). `demo` walks through sluice's main job with the real binary.
+
+mod demo;
+mod deps;
+
+use anyhow::{bail, Context};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  test    fmt check, clippy -D warnings, and every test (kernel suites need root)
+  demo    run sluice's main job end to end, printing each step
+  deps    install the Debian packages sluice needs to build and test (as root),
+          or print the command to run
+";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(),
+        Some("demo") => demo::run(),
+        Some("deps") => deps::ensure(),
+        Some("-h" | "--help" | "help") | None => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => {
+            eprint!("unknown task {other:?}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where cargo puts build output.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Runs a command, echoing it, and fails if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("$ {}", display(cmd));
+    let status = cmd.status().with_context(|| format!("cannot start {}", display(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+fn display(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn test() -> anyhow::Result<()> {
+    deps::ensure()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // Build every binary first so the end-to-end suites find them.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["test", "--workspace", "--no-fail-fast"]).env("SLUICE_BIN", target_dir().join("debug/sluice")))?;
+    eprintln!("xtask: all checks passed");
+    Ok(())
+}

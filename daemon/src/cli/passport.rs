@@ -1,0 +1,229 @@
+//! `sluice passport issue | inspect | verify`.
+
+use super::util::{parse_duration, print_json, read_token, rfc3339};
+use super::CmdResult;
+use crate::keyfile;
+use crate::passport::{
+    self, constraints, Constraints, IssueRequest, IssuerId, NoRevocations, Passport, Permission, TrustTier, Verifier,
+};
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Subcommand, Debug)]
+pub enum PassportCmd {
+    /// Issue a passport: writes the token to --out and the agent's new private key to --out.key
+    /// (mode 0600). Prints the passport id.
+    Issue(IssueArgs),
+    /// Show a passport's header and claims WITHOUT verifying them.
+    Inspect(InspectArgs),
+    /// Verify a passport fully (signature, claims, constraints, validity). Exit status 1 with the
+    /// reason if it is not valid.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct IssueArgs {
+    /// The issuer's private key (from `sluice issuer init`).
+    #[arg(long, value_name = "FILE")]
+    issuer_key: PathBuf,
+    /// The agent's id (the JWT `sub`): letters, digits and . _ : @ -
+    #[arg(long, value_name = "ID")]
+    agent_id: String,
+    /// A human-readable agent name.
+    #[arg(long, value_name = "NAME")]
+    agent_name: Option<String>,
+    /// A permission such as `orders:read` or `llm:*` (repeatable).
+    #[arg(long = "permission", value_name = "P")]
+    permissions: Vec<String>,
+    /// A constraint such as `core:cost:max_per_action=500` (repeatable). VALUE is JSON when it
+    /// parses as JSON, else a string; for the domain allowlist a comma-separated list works too.
+    #[arg(long = "constraint", value_name = "KEY=VALUE")]
+    constraints: Vec<String>,
+    /// A JSON object of constraints, merged with --constraint (a key given twice is an error).
+    #[arg(long, value_name = "F.json")]
+    constraints_file: Option<PathBuf>,
+    /// Trust tier: L1 (any issuer), L2 (pinned issuers only), L3 (L2 + proof of possession).
+    #[arg(long, value_name = "L1|L2|L3", default_value = "L1")]
+    tier: String,
+    /// Lifetime, e.g. 30d, 12h, 15m.
+    #[arg(long, value_name = "DURATION", default_value = "30d")]
+    expires_in: String,
+    /// Where to write the passport; the agent key goes to the same path plus `.key`.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The passport file.
+    file: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The passport file.
+    file: PathBuf,
+    /// Require the passport to come from this issuer (public key PEM; repeatable: any of them).
+    #[arg(long = "issuer-pub", value_name = "FILE")]
+    issuer_pubs: Vec<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: PassportCmd) -> CmdResult {
+    match cmd {
+        PassportCmd::Issue(a) => issue(a),
+        PassportCmd::Inspect(a) => inspect(a),
+        PassportCmd::Verify(a) => verify(a),
+    }
+}
+
+fn key_path_for(out: &Path) -> PathBuf {
+    let mut s = out.as_os_str().to_owned();
+    s.push(".key");
+    PathBuf::from(s)
+}
+
+fn issue(a: IssueArgs) -> CmdResult {
+    let key_out = key_path_for(&a.out);
+    for p in [&a.out, &key_out] {
+        if p.exists() {
+            bail!("{}: already exists; refusing to overwrite it (choose another --out)", p.display());
+        }
+    }
+    let issuer_key = keyfile::load_signing_key(&a.issuer_key)?;
+    let permissions = a
+        .permissions
+        .iter()
+        .map(|p| Permission::parse(p).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()
+        .context("--permission")?;
+    let constraints = build_constraints(&a.constraints, a.constraints_file.as_deref())?;
+    let trust_tier = TrustTier::parse(&a.tier).with_context(|| format!("--tier {:?}: use L1, L2 or L3", a.tier))?;
+    let lifetime_secs = parse_duration(&a.expires_in).context("--expires-in")?;
+    let issued = passport::issue(
+        IssueRequest {
+            agent_id: a.agent_id,
+            agent_name: a.agent_name,
+            permissions,
+            constraints,
+            trust_tier,
+            lifetime_secs,
+            now: passport::now(),
+        },
+        &issuer_key,
+    )?;
+    keyfile::write_signing_key(&key_out, &issued.agent_key)?;
+    if let Err(e) = keyfile::create_new(&a.out, format!("{}\n", issued.token).as_bytes(), 0o600) {
+        let _ = std::fs::remove_file(&key_out);
+        return Err(e.into());
+    }
+    if a.json {
+        print_json(&serde_json::json!({
+            "passport_id": issued.claims.id.as_str(),
+            "passport": a.out, "agent_key": key_out,
+            "expires_at": rfc3339(issued.claims.expires_at),
+        }));
+    } else {
+        println!("{}", issued.claims.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Merges `--constraint KEY=VALUE` flags and `--constraints-file` into typed constraints.
+fn build_constraints(flags: &[String], file: Option<&Path>) -> anyhow::Result<Constraints> {
+    let mut map = Map::new();
+    if let Some(path) = file {
+        let text = keyfile::read_public(path, 1 << 20)?;
+        let parsed = passport::json::parse_object(text.as_bytes())
+            .with_context(|| format!("{}: expected a JSON object of constraints", path.display()))?;
+        map = parsed;
+    }
+    for flag in flags {
+        let (key, raw) = flag.split_once('=').with_context(|| format!("--constraint {flag:?}: expected KEY=VALUE"))?;
+        let value = match serde_json::from_str::<Value>(raw) {
+            Ok(v) => v,
+            Err(_) if key == constraints::DOMAIN_ALLOWLIST => {
+                Value::Array(raw.split(',').map(|s| Value::from(s.trim())).collect())
+            }
+            Err(_) => Value::from(raw),
+        };
+        if map.insert(key.to_string(), value).is_some() {
+            bail!("constraint {key} is given twice (--constraint and --constraints-file, or repeated)");
+        }
+    }
+    Ok(Constraints::from_json(&map)?)
+}
+
+fn inspect(a: InspectArgs) -> CmdResult {
+    let token = read_token(&a.file)?;
+    let (claims, kid) = passport::inspect(&token).with_context(|| format!("{}", a.file.display()))?;
+    if a.json {
+        print_json(&serde_json::json!({"verified": false, "kid": kid, "claims": claims}));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("UNVERIFIED: shown as written; run `sluice passport verify` to check it.");
+    for (k, v) in &claims {
+        let shown = match (k.as_str(), v) {
+            ("iat" | "nbf" | "exp", Value::Number(n)) => n.as_i64().map(rfc3339).unwrap_or_else(|| n.to_string()),
+            (_, Value::String(s)) => s.clone(),
+            _ => v.to_string(),
+        };
+        println!("{k:<12} {shown}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(a: VerifyArgs) -> CmdResult {
+    let token = read_token(&a.file)?;
+    let pinned = a
+        .issuer_pubs
+        .iter()
+        .map(|p| keyfile::load_public_key(p).map(|k| IssuerId::from_key(&k)))
+        .collect::<Result<Vec<_>, _>>()?;
+    match Verifier::new(&pinned, &NoRevocations).verify(&token, passport::now()) {
+        Ok(p) => {
+            report_valid(&p, a.json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if a.json {
+                print_json(&serde_json::json!({"valid": false, "reason": e.reason(), "detail": e.to_string()}));
+            }
+            eprintln!("sluice: {}: passport is not valid: {e}", a.file.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn report_valid(p: &Passport, json: bool) {
+    let c = &p.claims;
+    if json {
+        print_json(&serde_json::json!({"valid": true, "passport_id": c.id.as_str(), "claims": c.to_json()}));
+        return;
+    }
+    println!("valid        passport {}", c.id);
+    println!("agent        {}{}", c.agent_id, c.agent_name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default());
+    println!("issuer       {}", c.issuer);
+    println!("tier         {}", c.trust_tier.as_str());
+    println!("valid from   {}", rfc3339(c.not_before));
+    println!("expires      {}", rfc3339(c.expires_at));
+    let perms: Vec<&str> = c.permissions.iter().map(Permission::as_str).collect();
+    println!("permissions  {}", if perms.is_empty() { "(none)".to_string() } else { perms.join(", ") });
+    for (k, v) in c.constraints.to_json() {
+        println!("constraint   {k} = {v}");
+    }
+    if c.trust_tier == TrustTier::L3 {
+        println!("note         L3: proof of possession of the agent key is checked when the agent runs");
+    }
+}

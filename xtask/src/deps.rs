@@ -1,0 +1,71 @@
+//! The Debian packages sluice needs to build (clang and libbpf headers for the eBPF object) and to
+//! test (curl, python3, iproute2, liburing for the bypass suites). Installed with apt-get when
+//! running as root on Debian; otherwise the exact command is printed and the task fails.
+
+use anyhow::bail;
+use std::path::Path;
+use std::process::Command;
+
+/// (what must exist, the package that provides it). A path starting with '/' is a file, anything
+/// else a command on PATH.
+const NEEDS: &[(&str, &str)] = &[
+    ("clang", "clang"),
+    ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
+    ("/usr/include/liburing.h", "liburing-dev"),
+    ("cc", "gcc"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("ip", "iproute2"),
+    ("unshare", "util-linux"),
+];
+
+fn present(what: &str) -> bool {
+    if what.starts_with('/') {
+        return Path::new(what).exists();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(what).is_file()))
+        .unwrap_or(false)
+}
+
+fn missing() -> Vec<&'static str> {
+    let mut pkgs: Vec<&str> = NEEDS.iter().filter(|(what, _)| !present(what)).map(|(_, pkg)| *pkg).collect();
+    pkgs.dedup();
+    pkgs
+}
+
+pub fn ensure() -> anyhow::Result<()> {
+    let pkgs = missing();
+    if pkgs.is_empty() {
+        return Ok(());
+    }
+    let is_root = nix_is_root();
+    let is_debian = Path::new("/etc/debian_version").exists();
+    let cmd = format!("apt-get update && apt-get install -y {}", pkgs.join(" "));
+    if !(is_root && is_debian) {
+        bail!("missing build or test packages; run as root:\n    {cmd}");
+    }
+    eprintln!("xtask: installing {}", pkgs.join(" "));
+    super::run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    super::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    let still = missing();
+    if !still.is_empty() {
+        bail!("still missing after apt-get install: {}", still.join(" "));
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY-free: read the effective uid from /proc rather than pulling in libc for one call.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
