@@ -1,0 +1,391 @@
+//! `sluice.toml`: the daemon's configuration (BRIEF §1).
+//!
+//! Strict: an unknown key anywhere is an error naming the key, line and file, because a misspelt
+//! setting that is silently ignored leaves an operator believing in a limit that does not exist.
+//! Everything has a safe default, so a file that sets only `state_dir` works.
+
+use crate::passport::IssuerId;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &str = "/etc/sluice/sluice.toml";
+/// A configuration file larger than this is not a configuration file.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: larger than 1 MiB")]
+    TooLarge { path: PathBuf },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {field}: {problem}")]
+    Invalid { path: PathBuf, field: &'static str, problem: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Host key, CA, store.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Host policies (`*.toml`).
+    #[serde(default = "default_policies_dir")]
+    pub policies_dir: PathBuf,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub dns: DnsConfig,
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+    #[serde(default)]
+    pub upstream_tls: UpstreamTlsConfig,
+    #[serde(default)]
+    pub trust: TrustConfig,
+    #[serde(default)]
+    pub holds: HoldsConfig,
+    /// The file this was read from (empty when built from defaults).
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/sluice")
+}
+fn default_policies_dir() -> PathBuf {
+    PathBuf::from("/etc/sluice/policies")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// The local API's Unix socket.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Members of this group (and root) may use the API. Missing group: root only.
+    #[serde(default = "default_group")]
+    pub group: String,
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/sluice/sluice.sock")
+}
+fn default_group() -> String {
+    "sluice".into()
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { socket: default_socket(), group: default_group() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// The proxy listens on 127.0.0.1 and ::1 at this port.
+    #[serde(default = "default_proxy_port")]
+    pub port: u16,
+}
+
+fn default_proxy_port() -> u16 {
+    15001
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig { port: default_proxy_port() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// The resolver listens on UDP and TCP, 127.0.0.1 and ::1, at this port.
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+    /// How the daemon resolves real upstream addresses: `"system"` or `"ip:port"` servers.
+    #[serde(default = "default_upstream")]
+    pub upstream: Vec<String>,
+    /// Fixed name → address entries, consulted first (tests, air-gapped hosts).
+    #[serde(default)]
+    pub static_hosts: BTreeMap<String, IpAddr>,
+}
+
+fn default_dns_port() -> u16 {
+    15053
+}
+fn default_upstream() -> Vec<String> {
+    vec!["system".into()]
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig { port: default_dns_port(), upstream: default_upstream(), static_hosts: BTreeMap::new() }
+    }
+}
+
+/// Where the resolver sends the daemon's own queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    System,
+    Server(SocketAddr),
+}
+
+impl DnsConfig {
+    pub fn upstreams(&self) -> Vec<Upstream> {
+        self.upstream
+            .iter()
+            .filter_map(|u| if u == "system" { Some(Upstream::System) } else { u.parse().ok().map(Upstream::Server) })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxConfig {
+    /// The agents' cgroup, relative to the cgroup2 mount.
+    #[serde(default = "default_cgroup")]
+    pub cgroup: String,
+}
+
+fn default_cgroup() -> String {
+    "sluice-agents".into()
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        SandboxConfig { cgroup: default_cgroup() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM files trusted for upstream connections, in addition to the system and webpki roots.
+    #[serde(default)]
+    pub extra_roots: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Pinned issuers (L2): issuer ids (`iss_…`) or paths to issuer public keys (PEM).
+    /// Empty: L1, any issuer whose signature verifies.
+    #[serde(default)]
+    pub issuers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HoldsConfig {
+    /// How long a held request waits for a human before it is answered 403 `hold_timeout`.
+    #[serde(default = "default_hold_timeout")]
+    pub timeout_secs: u64,
+}
+
+fn default_hold_timeout() -> u64 {
+    120
+}
+
+impl Default for HoldsConfig {
+    fn default() -> Self {
+        HoldsConfig { timeout_secs: default_hold_timeout() }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: default_state_dir(),
+            policies_dir: default_policies_dir(),
+            api: ApiConfig::default(),
+            proxy: ProxyConfig::default(),
+            dns: DnsConfig::default(),
+            sandbox: SandboxConfig::default(),
+            upstream_tls: UpstreamTlsConfig::default(),
+            trust: TrustConfig::default(),
+            holds: HoldsConfig::default(),
+            source: PathBuf::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(ConfigError::TooLarge { path: path.into() });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            // toml's message spans several lines (a caret under the spot); keep it one line.
+            message: e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" | "),
+        })?;
+        config.source = path.to_path_buf();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn invalid(&self, field: &'static str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { path: self.source.clone(), field, problem: problem.into() }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.state_dir.is_absolute() {
+            return Err(self.invalid("state_dir", "must be an absolute path"));
+        }
+        if !self.policies_dir.is_absolute() {
+            return Err(self.invalid("policies_dir", "must be an absolute path"));
+        }
+        if !self.api.socket.is_absolute() {
+            return Err(self.invalid("api.socket", "must be an absolute path"));
+        }
+        if self.proxy.port == 0 {
+            return Err(self.invalid("proxy.port", "must be a port from 1 to 65535"));
+        }
+        if self.dns.port == 0 {
+            return Err(self.invalid("dns.port", "must be a port from 1 to 65535"));
+        }
+        if self.dns.port == self.proxy.port {
+            return Err(self.invalid("dns.port", "must differ from proxy.port"));
+        }
+        if self.dns.upstream.is_empty() {
+            return Err(self.invalid("dns.upstream", "needs at least one entry: \"system\" or \"ip:port\""));
+        }
+        for u in &self.dns.upstream {
+            if u != "system" && u.parse::<SocketAddr>().is_err() {
+                return Err(self.invalid("dns.upstream", format!("{u:?} is neither \"system\" nor ip:port")));
+            }
+        }
+        for name in self.dns.static_hosts.keys() {
+            crate::domain::DomainName::parse(name)
+                .map_err(|e| self.invalid("dns.static_hosts", format!("{name:?}: {e}")))?;
+        }
+        let cg = &self.sandbox.cgroup;
+        let cg_ok = !cg.is_empty()
+            && !cg.starts_with('/')
+            && cg.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
+        if !cg_ok {
+            return Err(self.invalid("sandbox.cgroup", format!("{cg:?} must be a relative path without . or ..")));
+        }
+        if !(1..=86_400).contains(&self.holds.timeout_secs) {
+            return Err(self.invalid("holds.timeout_secs", "must be from 1 to 86400 seconds"));
+        }
+        self.pinned_issuers()?;
+        Ok(())
+    }
+
+    /// The pinned issuers of `[trust] issuers`, loading PEM files as needed.
+    pub fn pinned_issuers(&self) -> Result<Vec<IssuerId>, ConfigError> {
+        self.trust
+            .issuers
+            .iter()
+            .map(|entry| {
+                if entry.starts_with(IssuerId::PREFIX) {
+                    IssuerId::parse(entry)
+                        .map(|(id, _)| id)
+                        .map_err(|e| self.invalid("trust.issuers", format!("{entry:?}: {e}")))
+                } else {
+                    crate::keyfile::load_public_key(Path::new(entry))
+                        .map(|k| IssuerId::from_key(&k))
+                        .map_err(|e| self.invalid("trust.issuers", e.to_string()))
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/sluice/sluice.toml"))
+    }
+
+    #[test]
+    fn only_state_dir_is_enough() {
+        let c = parse("state_dir = \"/tmp/x\"").unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.proxy.port, 15001);
+        assert_eq!(c.dns.port, 15053);
+        assert_eq!(c.sandbox.cgroup, "sluice-agents");
+        assert_eq!(c.holds.timeout_secs, 120);
+        assert_eq!(c.dns.upstreams(), vec![Upstream::System]);
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = parse(
+            r#"
+state_dir = "/var/lib/sluice"
+policies_dir = "/etc/sluice/policies"
+[api]
+socket = "/run/sluice/sluice.sock"
+[proxy]
+port = 15001
+[dns]
+port = 15053
+upstream = ["system", "127.0.0.53:53"]
+static_hosts = { "api.example.test" = "127.0.0.10" }
+[sandbox]
+cgroup = "sluice-agents"
+[upstream_tls]
+extra_roots = []
+[trust]
+issuers = []
+[holds]
+timeout_secs = 120
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.dns.static_hosts["api.example.test"], "127.0.0.10".parse::<IpAddr>().unwrap());
+        assert_eq!(c.dns.upstreams().len(), 2);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_line_and_file() {
+        let e = parse("state_dir = \"/x\"\n[proxy]\nprot = 1\n").unwrap_err().to_string();
+        assert!(e.contains("/etc/sluice/sluice.toml"), "{e}");
+        assert!(e.contains("prot"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(!e.contains('\n'));
+        let e = parse("stat_dir = \"/x\"\n").unwrap_err().to_string();
+        assert!(e.contains("stat_dir"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        for (text, field) in [
+            ("state_dir = \"relative\"", "state_dir"),
+            ("[proxy]\nport = 0", "proxy.port"),
+            ("[proxy]\nport = 70000", "port"),
+            ("[dns]\nport = 15001", "dns.port"),
+            ("[dns]\nupstream = [\"8.8.8.8\"]", "dns.upstream"),
+            ("[dns]\nupstream = []", "dns.upstream"),
+            ("[dns]\nstatic_hosts = { \"bad host\" = \"127.0.0.1\" }", "dns.static_hosts"),
+            ("[dns]\nstatic_hosts = { \"ok.test\" = \"not-an-ip\" }", "static_hosts"),
+            ("[sandbox]\ncgroup = \"../escape\"", "sandbox.cgroup"),
+            ("[sandbox]\ncgroup = \"/abs\"", "sandbox.cgroup"),
+            ("[holds]\ntimeout_secs = 0", "holds.timeout_secs"),
+            ("[trust]\nissuers = [\"iss_nope\"]", "trust.issuers"),
+            ("[trust]\nissuers = [\"/nonexistent/issuer.pub\"]", "trust.issuers"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(field), "{text}: {e}");
+        }
+    }
+}
