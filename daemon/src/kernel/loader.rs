@@ -22,6 +22,7 @@
 
 use std::fs::{self, File};
 use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -373,8 +374,9 @@ fn install_program(
     if try_update(&pin, prog, spec, cgroup.id())? {
         return Ok(LinkAction::Updated);
     }
-    // New link first, then the rename drops the old pin: no gap.
-    let tmp = links.join(format!("{}.new", spec.name));
+    // New link first, then the rename drops the old pin: no gap. (bpffs
+    // refuses names containing a dot.)
+    let tmp = links.join(format!("{}_new", spec.name));
     match fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -475,9 +477,10 @@ impl Enforcer {
     /// module docs). Needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
     pub fn install(config: &KernelConfig) -> Result<Self, KernelError> {
         check_config(config)?;
+        // Pin dir first: a wrong one must fail before any cgroup is made.
+        prepare_pin_dir(&config.pin_dir)?;
         let mount = cgroup2_mount()?;
         let agents = Cgroup::agents(&mount, &config.cgroup)?;
-        prepare_pin_dir(&config.pin_dir)?;
         let host_netns = sys::current_netns_cookie().map_err(KernelError::NetnsCookie)?;
 
         let maps = maps_dir(&config.pin_dir);
@@ -553,6 +556,35 @@ impl Enforcer {
         pinned_links(&self.config.pin_dir)
     }
 
+    /// Startup self-check of the egress backstop as loaded in the kernel
+    /// (`BPF_PROG_TEST_RUN`): packets to 127.0.0.0/8 and ::1 pass, packets
+    /// anywhere else are dropped. The daemon should refuse to start if this
+    /// fails.
+    pub fn check_egress_backstop(&self) -> Result<(), KernelError> {
+        const NAME: &str = "sl_egress";
+        let prog = self
+            ._ebpf
+            .program(NAME)
+            .ok_or(KernelError::MissingProgram { program: NAME })?;
+        let fd = prog.fd().map_err(prog_err(NAME, "program fd"))?;
+        for (packet, want, what) in egress_probes() {
+            let got =
+                sys::prog_test_run(fd.as_fd(), &packet).map_err(|e| KernelError::Program {
+                    program: NAME,
+                    op: "BPF_PROG_TEST_RUN",
+                    source: Box::new(e),
+                })?;
+            if got != want {
+                return Err(KernelError::Program {
+                    program: NAME,
+                    op: "egress self-check",
+                    source: format!("packet {what}: verdict {got}, expected {want}").into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Uninstalls (see [`detach_and_unpin`]). The agents cgroup is left in
     /// place: it may hold running agents.
     pub fn detach_and_unpin(self) -> Result<(), KernelError> {
@@ -580,6 +612,51 @@ pub fn pinned_links(pin_dir: &Path) -> Result<Vec<PinnedLinkInfo>, KernelError> 
         });
     }
     Ok(out)
+}
+
+/// Ethernet frames (as `BPF_PROG_TEST_RUN` wants them) with the verdict the
+/// egress program must give: 1 = pass, 0 = drop.
+fn egress_probes() -> Vec<(Vec<u8>, u32, &'static str)> {
+    fn v4(dst: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        f.extend_from_slice(&[127, 0, 0, 1]);
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 8, 0, 0]); // UDP
+        f
+    }
+    fn v6(dst: Ipv6Addr) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&[0x86, 0xdd]);
+        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, 64]);
+        f.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 8, 0, 0]);
+        f
+    }
+    vec![
+        (v4([127, 0, 0, 1]), 1, "to 127.0.0.1"),
+        (v4([127, 1, 2, 3]), 1, "to 127.1.2.3"),
+        (v4([192, 0, 2, 1]), 0, "to 192.0.2.1"),
+        (v4([10, 0, 0, 1]), 0, "to 10.0.0.1"),
+        (v6(Ipv6Addr::LOCALHOST), 1, "to ::1"),
+        (
+            v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
+            0,
+            "to 2001:db8::1",
+        ),
+        (
+            v6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped()),
+            0,
+            "to ::ffff:192.0.2.1",
+        ),
+        (
+            v6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+            0,
+            "to ::ffff:127.0.0.1 (never on the wire)",
+        ),
+    ]
 }
 
 /// Number of programs the object provides (one pinned link each).

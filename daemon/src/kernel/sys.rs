@@ -12,6 +12,7 @@ use std::path::Path;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_LINK_UPDATE: libc::c_long = 29;
@@ -152,6 +153,22 @@ pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<(
     // The kernel only reads `value` for an update.
     let mut attr = map_elem_attr(map, key.as_ptr(), value.as_ptr().cast_mut(), 0);
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+}
+
+/// `BPF_PROG_TEST_RUN` with one packet; returns the program's verdict.
+pub fn prog_test_run(prog: BorrowedFd<'_>, packet: &[u8]) -> io::Result<u32> {
+    // prog_fd@0 retval@4 data_size_in@8 data_size_out@12 data_in@16
+    // data_out@24 repeat@32
+    let len = u32::try_from(packet.len()).map_err(|_| io::Error::other("packet too large"))?;
+    let mut attr = Attr::new();
+    attr.put_u32(0, prog.as_raw_fd() as u32);
+    attr.put_u32(8, len);
+    attr.put_u64(16, packet.as_ptr() as u64);
+    attr.put_u32(32, 1);
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(u32::from_ne_bytes([
+        attr.0[4], attr.0[5], attr.0[6], attr.0[7],
+    ]))
 }
 
 /// `SO_NETNS_COOKIE` of a fresh socket: the cookie of this process's
