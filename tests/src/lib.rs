@@ -11,6 +11,7 @@
 //! to load or attach is always a test failure.
 
 use std::collections::HashSet;
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -36,7 +37,12 @@ pub fn root_or_skip(test: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{test}: needs root, and CI is set: kernel suites must not be skipped in CI");
     }
-    eprintln!("\n**************** SKIPPED: needs root ({test}) ****************\n");
+    // Written to the real stderr, not eprintln!: libtest captures the macro
+    // for passing tests, and a skip must be seen.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n**************** SKIPPED: needs root ({test}) ****************\n"
+    );
     false
 }
 
