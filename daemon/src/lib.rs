@@ -6,5 +6,6 @@
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod kernel;
 pub mod keyfile;
 pub mod passport;

@@ -1,0 +1,410 @@
+// SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
+/*
+ * sluice kernel redirect: every program is attached (as a bpf_link) to the
+ * agents' cgroup v2, so it applies to every process below it.
+ *
+ *   sock_create   only TCP and UDP inet sockets, only in the host netns
+ *   connect4/6    TCP -> proxy (TCP/53 -> resolver), UDP/53 -> resolver,
+ *                 everything else refused; the dialed address is kept in
+ *                 socket storage
+ *   sockops       at TCP_CONNECT_CB (source port bound, SYN not yet sent):
+ *                 socket storage -> connection table keyed by the client's
+ *                 local (address, port), which the proxy reads after accept
+ *   sendmsg4/6    unconnected UDP: DNS only, to the resolver
+ *   recvmsg4/6    replies from the resolver show the server the agent asked
+ *   getpeername4/6  the agent sees the address it dialed
+ *   bind4/6       agents cannot bind the proxy's or the resolver's port
+ *   egress        backstop: only loopback packets leave an agent socket
+ *
+ * Return values: 1 = allow, 0 = deny (EPERM to the caller). recvmsg and
+ * getpeername programs must return 1.
+ *
+ * Verifier note: clang may fold ctx reads into pointer arithmetic, which the
+ * verifier refuses ("dereference of modified ctx ptr"). Every program reads
+ * the ctx fields it needs into locals first, then branches.
+ */
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "sluice.h"
+
+#define SL_AF_INET 2
+#define SL_AF_INET6 10
+#define SL_SOCK_STREAM 1
+#define SL_SOCK_DGRAM 2
+#define SL_IPPROTO_TCP 6
+#define SL_IPPROTO_UDP 17
+#define SL_DNS_PORT 53
+
+#define SL_ALLOW 1
+#define SL_DENY 0
+
+#define SL_LOOPBACK4 0x7f000001 /* 127.0.0.1, host order */
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Set by the loader (override_global). Zero means "not configured": every
+ * program then refuses, so a mis-loaded object fails closed. */
+volatile const __u16 sluice_proxy_port = 0;
+volatile const __u16 sluice_dns_port = 0;
+volatile const __u64 sluice_host_netns = 0;
+
+/* Per-socket record of what the agent dialed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct sluice_orig_dst);
+} sluice_socks SEC(".maps");
+
+/* Client (local address, port) -> original destination, for the proxy. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SLUICE_CONNTABLE_ENTRIES);
+	__type(key, struct sluice_conn_key);
+	__type(value, struct sluice_orig_dst);
+} sluice_conns SEC(".maps");
+
+static __always_inline int configured(void)
+{
+	return sluice_proxy_port != 0 && sluice_dns_port != 0 && sluice_host_netns != 0;
+}
+
+static __always_inline int is_mapped(__u32 a0, __u32 a1, __u32 a2)
+{
+	return a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff);
+}
+
+static __always_inline int is_loopback6(__u32 a0, __u32 a1, __u32 a2, __u32 a3)
+{
+	return a0 == 0 && a1 == 0 && a2 == 0 && a3 == bpf_htonl(1);
+}
+
+/*
+ * Decide where a connect/sendmsg goes and record the original destination in
+ * socket storage. Returns the local port to rewrite to, or 0 to refuse.
+ */
+static __always_inline __u16 record(void *ctx, struct bpf_sock *sk, __u32 a0, __u32 a1,
+				    __u32 a2, __u32 a3, __u16 port, __u8 family, __u32 type,
+				    __u32 protocol, int connect)
+{
+	__u16 target;
+	__u64 netns;
+	struct sluice_orig_dst *st;
+
+	if (!configured())
+		return 0;
+	netns = bpf_get_netns_cookie(ctx);
+	if (netns != sluice_host_netns)
+		return 0;
+
+	if (connect && type == SL_SOCK_STREAM && protocol == SL_IPPROTO_TCP)
+		target = port == SL_DNS_PORT ? sluice_dns_port : sluice_proxy_port;
+	else if (type == SL_SOCK_DGRAM && protocol == SL_IPPROTO_UDP && port == SL_DNS_PORT)
+		target = sluice_dns_port;
+	else
+		return 0;
+
+	if (!sk)
+		return 0;
+	st = bpf_sk_storage_get(&sluice_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st)
+		return 0;
+
+	st->addr[0] = a0;
+	st->addr[1] = a1;
+	st->addr[2] = a2;
+	st->addr[3] = a3;
+	st->port = port;
+	st->family = family;
+	st->protocol = (__u8)protocol;
+	st->tgid = (__u32)(bpf_get_current_pid_tgid() >> 32);
+	st->cgroup_id = bpf_get_current_cgroup_id();
+	st->netns_cookie = netns;
+	st->sock_cookie = bpf_get_socket_cookie(ctx);
+	return target;
+}
+
+static __always_inline int redirect4(struct bpf_sock_addr *ctx, int connect)
+{
+	__u32 ip = ctx->user_ip4;
+	__u32 port_n = ctx->user_port;
+	__u32 type = ctx->type;
+	__u32 protocol = ctx->protocol;
+	struct bpf_sock *sk = ctx->sk;
+	__u16 target;
+
+	target = record(ctx, sk, 0, 0, bpf_htonl(0xffff), ip, bpf_ntohs((__u16)port_n), SL_AF_INET,
+			type, protocol, connect);
+	if (!target)
+		return SL_DENY;
+	ctx->user_ip4 = bpf_htonl(SL_LOOPBACK4);
+	ctx->user_port = bpf_htons(target);
+	return SL_ALLOW;
+}
+
+static __always_inline int redirect6(struct bpf_sock_addr *ctx, int connect)
+{
+	__u32 a0 = ctx->user_ip6[0];
+	__u32 a1 = ctx->user_ip6[1];
+	__u32 a2 = ctx->user_ip6[2];
+	__u32 a3 = ctx->user_ip6[3];
+	__u32 port_n = ctx->user_port;
+	__u32 type = ctx->type;
+	__u32 protocol = ctx->protocol;
+	struct bpf_sock *sk = ctx->sk;
+	int mapped = is_mapped(a0, a1, a2);
+	__u16 target;
+
+	target = record(ctx, sk, a0, a1, a2, a3, bpf_ntohs((__u16)port_n), SL_AF_INET6, type,
+			protocol, connect);
+	if (!target)
+		return SL_DENY;
+	/* ::ffff:a.b.c.d is handed to IPv4 by the kernel later: keep it
+	 * mapped so the connection stays IPv4 (to 127.0.0.1). */
+	ctx->user_ip6[0] = 0;
+	ctx->user_ip6[1] = 0;
+	if (mapped) {
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = bpf_htonl(SL_LOOPBACK4);
+	} else {
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	}
+	ctx->user_port = bpf_htons(target);
+	return SL_ALLOW;
+}
+
+SEC("cgroup/connect4")
+int sl_connect4(struct bpf_sock_addr *ctx)
+{
+	return redirect4(ctx, 1);
+}
+
+SEC("cgroup/connect6")
+int sl_connect6(struct bpf_sock_addr *ctx)
+{
+	return redirect6(ctx, 1);
+}
+
+SEC("cgroup/sendmsg4")
+int sl_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return redirect4(ctx, 0);
+}
+
+SEC("cgroup/sendmsg6")
+int sl_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return redirect6(ctx, 0);
+}
+
+SEC("sockops")
+int sl_sockops(struct bpf_sock_ops *ctx)
+{
+	__u32 op = ctx->op;
+	__u32 family = ctx->family;
+	__u32 l4 = ctx->local_ip4;
+	__u32 l6_0 = ctx->local_ip6[0];
+	__u32 l6_1 = ctx->local_ip6[1];
+	__u32 l6_2 = ctx->local_ip6[2];
+	__u32 l6_3 = ctx->local_ip6[3];
+	__u32 lport = ctx->local_port;
+	struct bpf_sock *sk = ctx->sk;
+	struct sluice_orig_dst *st;
+	struct sluice_conn_key key = {};
+
+	/* TCP_CONNECT_CB is always called: no callback flag to enable. */
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB || !sk)
+		return 1;
+	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
+	if (!st)
+		return 1;
+
+	/* The connection is IPv4 on the wire when the socket is AF_INET or
+	 * the agent dialed a mapped address on an AF_INET6 socket. */
+	if (family == SL_AF_INET || is_mapped(st->addr[0], st->addr[1], st->addr[2])) {
+		key.addr[2] = bpf_htonl(0xffff);
+		key.addr[3] = l4;
+	} else {
+		key.addr[0] = l6_0;
+		key.addr[1] = l6_1;
+		key.addr[2] = l6_2;
+		key.addr[3] = l6_3;
+	}
+	key.port = (__u16)lport;
+	key.pad = 0;
+	bpf_map_update_elem(&sluice_conns, &key, st, BPF_ANY);
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int sl_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	__u32 ip = ctx->user_ip4;
+	__u32 port_n = ctx->user_port;
+	struct bpf_sock *sk = ctx->sk;
+	struct sluice_orig_dst *st;
+
+	if (!sk || ip != bpf_htonl(SL_LOOPBACK4) || bpf_ntohs((__u16)port_n) != sluice_dns_port)
+		return 1;
+	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
+	if (!st || st->protocol != SL_IPPROTO_UDP || !is_mapped(st->addr[0], st->addr[1], st->addr[2]))
+		return 1;
+	ctx->user_ip4 = st->addr[3];
+	ctx->user_port = bpf_htons(st->port);
+	return 1;
+}
+
+/* Replies to AF_INET6 sockets, including those that sent to a mapped
+ * address (the send went through sendmsg4, the reply comes here). */
+SEC("cgroup/recvmsg6")
+int sl_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	__u32 a0 = ctx->user_ip6[0];
+	__u32 a1 = ctx->user_ip6[1];
+	__u32 a2 = ctx->user_ip6[2];
+	__u32 a3 = ctx->user_ip6[3];
+	__u32 port_n = ctx->user_port;
+	struct bpf_sock *sk = ctx->sk;
+	struct sluice_orig_dst *st;
+	int from_resolver;
+
+	from_resolver = is_loopback6(a0, a1, a2, a3) ||
+			(is_mapped(a0, a1, a2) && a3 == bpf_htonl(SL_LOOPBACK4));
+	if (!sk || !from_resolver || bpf_ntohs((__u16)port_n) != sluice_dns_port)
+		return 1;
+	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
+	if (!st || st->protocol != SL_IPPROTO_UDP)
+		return 1;
+	ctx->user_ip6[0] = st->addr[0];
+	ctx->user_ip6[1] = st->addr[1];
+	ctx->user_ip6[2] = st->addr[2];
+	ctx->user_ip6[3] = st->addr[3];
+	ctx->user_port = bpf_htons(st->port);
+	return 1;
+}
+
+static __always_inline int redirected_port(__u16 port)
+{
+	return port == sluice_proxy_port || port == sluice_dns_port;
+}
+
+SEC("cgroup/getpeername4")
+int sl_getpeer4(struct bpf_sock_addr *ctx)
+{
+	__u32 ip = ctx->user_ip4;
+	__u32 port_n = ctx->user_port;
+	struct bpf_sock *sk = ctx->sk;
+	struct sluice_orig_dst *st;
+
+	if (!sk || ip != bpf_htonl(SL_LOOPBACK4) || !redirected_port(bpf_ntohs((__u16)port_n)))
+		return 1;
+	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
+	if (!st || !is_mapped(st->addr[0], st->addr[1], st->addr[2]))
+		return 1;
+	ctx->user_ip4 = st->addr[3];
+	ctx->user_port = bpf_htons(st->port);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int sl_getpeer6(struct bpf_sock_addr *ctx)
+{
+	__u32 a0 = ctx->user_ip6[0];
+	__u32 a1 = ctx->user_ip6[1];
+	__u32 a2 = ctx->user_ip6[2];
+	__u32 a3 = ctx->user_ip6[3];
+	__u32 port_n = ctx->user_port;
+	struct bpf_sock *sk = ctx->sk;
+	struct sluice_orig_dst *st;
+	int to_us;
+
+	to_us = is_loopback6(a0, a1, a2, a3) ||
+		(is_mapped(a0, a1, a2) && a3 == bpf_htonl(SL_LOOPBACK4));
+	if (!sk || !to_us || !redirected_port(bpf_ntohs((__u16)port_n)))
+		return 1;
+	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
+	if (!st)
+		return 1;
+	ctx->user_ip6[0] = st->addr[0];
+	ctx->user_ip6[1] = st->addr[1];
+	ctx->user_ip6[2] = st->addr[2];
+	ctx->user_ip6[3] = st->addr[3];
+	ctx->user_port = bpf_htons(st->port);
+	return 1;
+}
+
+/* Only sees AF_INET/AF_INET6 (inet_create): raw, ICMP, SCTP, MPTCP and
+ * UDP-Lite are refused here. AF_PACKET and netlink never reach this hook. */
+SEC("cgroup/sock_create")
+int sl_sock_create(struct bpf_sock *ctx)
+{
+	__u32 family = ctx->family;
+	__u32 type = ctx->type;
+	__u32 protocol = ctx->protocol;
+	__u64 netns;
+
+	if (!configured())
+		return SL_DENY;
+	netns = bpf_get_netns_cookie(ctx);
+	if (netns != sluice_host_netns)
+		return SL_DENY;
+	if (family != SL_AF_INET && family != SL_AF_INET6)
+		return SL_DENY;
+	if (type == SL_SOCK_STREAM && protocol == SL_IPPROTO_TCP)
+		return SL_ALLOW;
+	if (type == SL_SOCK_DGRAM && protocol == SL_IPPROTO_UDP)
+		return SL_ALLOW;
+	return SL_DENY;
+}
+
+static __always_inline int bind_check(struct bpf_sock_addr *ctx)
+{
+	__u32 port_n = ctx->user_port;
+
+	if (!configured())
+		return SL_DENY;
+	if (redirected_port(bpf_ntohs((__u16)port_n)))
+		return SL_DENY;
+	return SL_ALLOW;
+}
+
+SEC("cgroup/bind4")
+int sl_bind4(struct bpf_sock_addr *ctx)
+{
+	return bind_check(ctx);
+}
+
+SEC("cgroup/bind6")
+int sl_bind6(struct bpf_sock_addr *ctx)
+{
+	return bind_check(ctx);
+}
+
+/* Backstop: whatever the hooks above missed, a packet from an agent socket
+ * leaves only towards 127.0.0.0/8 or ::1. */
+SEC("cgroup_skb/egress")
+int sl_egress(struct __sk_buff *skb)
+{
+	__u8 first = 0;
+	__u8 dst4 = 0;
+	__u32 dst6[4] = {};
+
+	if (bpf_skb_load_bytes(skb, 0, &first, 1))
+		return SL_DENY;
+	if ((first >> 4) == 4) {
+		/* IPv4 destination address starts at byte 16. */
+		if (bpf_skb_load_bytes(skb, 16, &dst4, 1))
+			return SL_DENY;
+		return dst4 == 127 ? SL_ALLOW : SL_DENY;
+	}
+	if ((first >> 4) == 6) {
+		/* IPv6 destination address starts at byte 24. */
+		if (bpf_skb_load_bytes(skb, 24, dst6, sizeof(dst6)))
+			return SL_DENY;
+		return is_loopback6(dst6[0], dst6[1], dst6[2], dst6[3]) ? SL_ALLOW : SL_DENY;
+	}
+	return SL_DENY;
+}

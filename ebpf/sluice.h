@@ -1,0 +1,85 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Types shared by the eBPF programs (sluice.bpf.c) and the daemon
+ * (daemon/src/kernel/abi.rs mirrors them with #[repr(C)]).
+ *
+ * Any change here is an ABI change: bump SLUICE_ABI_VERSION so that a new
+ * daemon pins fresh maps instead of reusing maps of the old layout, and update
+ * abi.rs (its tests compile this header and compare every offset).
+ */
+#ifndef SLUICE_H
+#define SLUICE_H
+
+#include <linux/types.h>
+
+/* Bumped on every layout change of the structs below. Maps are pinned under
+ * <pin_dir>/v<SLUICE_ABI_VERSION>/. */
+#define SLUICE_ABI_VERSION 1
+
+/* Size of the connection table (LRU). Must exceed the number of connections
+ * that can wait in the proxy's accept queue at once. */
+#define SLUICE_CONNTABLE_ENTRIES 65536
+
+/*
+ * What the agent dialed, and who dialed it.
+ *
+ * Stored per socket (socket storage) by connect4/6 and sendmsg4/6, and
+ * copied into the connection table by sockops when the TCP SYN is about to
+ * leave.
+ */
+struct sluice_orig_dst {
+	/* Dialed address, network byte order. IPv4 is stored IPv4-mapped
+	 * (::ffff:a.b.c.d) whatever the socket family. */
+	__u32 addr[4];
+	/* Dialed port, host byte order. */
+	__u16 port;
+	/* Family of the address the agent passed to connect/sendmsg:
+	 * AF_INET (2) or AF_INET6 (10, also for ::ffff:a.b.c.d). */
+	__u8 family;
+	/* IPPROTO_TCP (6) or IPPROTO_UDP (17). */
+	__u8 protocol;
+	/* Thread-group id (pid) of the task that called connect/sendmsg. */
+	__u32 tgid;
+	/* cgroup v2 id of that task. */
+	__u64 cgroup_id;
+	/* Network namespace cookie of the socket. */
+	__u64 netns_cookie;
+	/* Socket cookie (stable id of the socket for its lifetime). */
+	__u64 sock_cookie;
+};
+
+/*
+ * Connection-table key: the client's local address and port, as the proxy
+ * sees them as the peer of an accepted connection.
+ */
+struct sluice_conn_key {
+	/* Network byte order; IPv4 as ::ffff:a.b.c.d. */
+	__u32 addr[4];
+	/* Host byte order. */
+	__u16 port;
+	/* Always zero (hash keys compare every byte). */
+	__u16 pad;
+};
+
+/* Names of the globals the loader overrides (volatile const in the object).
+ * Listed here so the daemon and the programs agree. */
+#define SLUICE_GLOBAL_PROXY_PORT "sluice_proxy_port"   /* __u16, host order */
+#define SLUICE_GLOBAL_DNS_PORT "sluice_dns_port"       /* __u16, host order */
+#define SLUICE_GLOBAL_HOST_NETNS "sluice_host_netns"   /* __u64 */
+
+/* Layout checks; abi.rs asserts the same numbers. */
+_Static_assert(sizeof(struct sluice_orig_dst) == 48, "sluice_orig_dst size");
+_Static_assert(__builtin_offsetof(struct sluice_orig_dst, addr) == 0, "addr");
+_Static_assert(__builtin_offsetof(struct sluice_orig_dst, port) == 16, "port");
+_Static_assert(__builtin_offsetof(struct sluice_orig_dst, family) == 18, "family");
+_Static_assert(__builtin_offsetof(struct sluice_orig_dst, protocol) == 19, "protocol");
+_Static_assert(__builtin_offsetof(struct sluice_orig_dst, tgid) == 20, "tgid");
+_Static_assert(__builtin_offsetof(struct sluice_orig_dst, cgroup_id) == 24, "cgroup_id");
+_Static_assert(__builtin_offsetof(struct sluice_orig_dst, netns_cookie) == 32, "netns_cookie");
+_Static_assert(__builtin_offsetof(struct sluice_orig_dst, sock_cookie) == 40, "sock_cookie");
+_Static_assert(sizeof(struct sluice_conn_key) == 20, "sluice_conn_key size");
+_Static_assert(__builtin_offsetof(struct sluice_conn_key, addr) == 0, "key addr");
+_Static_assert(__builtin_offsetof(struct sluice_conn_key, port) == 16, "key port");
+_Static_assert(__builtin_offsetof(struct sluice_conn_key, pad) == 18, "key pad");
+
+#endif /* SLUICE_H */

@@ -1,0 +1,331 @@
+//! TCP redirect: every way an agent can open a TCP connection ends at the
+//! proxy (here the probe), with the dialed destination, pid and cgroup in the
+//! connection table, and never at the "outside" canary.
+
+use std::net::SocketAddr;
+
+use sluice::kernel::{OrigDst, Transport};
+use sluice_e2e::{free_port, last_json, py_addr, run, Canary, KernelFixture};
+
+/// Connects to (host, port) with the given family and reports what the
+/// agent sees: local and peer address, pid.
+const CONNECT_PY: &str = r#"
+import json, os, socket, sys
+host, port, fam = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET6 if fam == "6" else socket.AF_INET, socket.SOCK_STREAM)
+s.settimeout(20)
+s.connect((host, port))
+print(json.dumps({"local": s.getsockname(), "peer": s.getpeername(), "pid": os.getpid()}))
+"#;
+
+/// Waits for the probe event of the agent connection whose local address is
+/// `local`, and checks the record against what the agent did.
+fn expect_redirect(
+    fx: &mut KernelFixture,
+    local: SocketAddr,
+    dialed: SocketAddr,
+    pid: u32,
+) -> OrigDst {
+    let ev = fx.next_probe_event().expect("probe saw no connection");
+    // An AF_INET6 socket dialing ::ffff:a.b.c.d is IPv4 on the wire.
+    let local = SocketAddr::new(local.ip().to_canonical(), local.port());
+    assert_eq!(ev.client, local, "probe saw another client");
+    let orig = ev.orig.expect("connection-table entry missing");
+    assert_eq!(orig.dst, dialed);
+    assert_eq!(orig.transport, Transport::Tcp);
+    assert_eq!(orig.pid, pid);
+    assert_eq!(orig.cgroup_id, fx.sandbox.id());
+    assert_eq!(orig.netns_cookie, fx.enforcer().host_netns_cookie());
+    assert_ne!(orig.socket_cookie, 0);
+    // The entry is consumed by the lookup.
+    assert_eq!(fx.conntable.peek(local), None);
+    orig
+}
+
+fn connect_case(test: &str, canary_addr: &str, dial_host: &str, family: &str) {
+    let Some(mut fx) = KernelFixture::new(test) else {
+        return;
+    };
+    let port = free_port();
+    let canary_addr: SocketAddr = format!("{canary_addr}:{port}").parse().unwrap();
+    let canary = Canary::tcp(&fx.rt, canary_addr);
+    let v = fx.run_python(
+        CONNECT_PY,
+        &[dial_host.to_owned(), port.to_string(), family.to_owned()],
+    );
+    let local = py_addr(&v["local"]);
+    let dialed = SocketAddr::new(dial_host.parse().unwrap(), port);
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    expect_redirect(&mut fx, local, dialed, pid);
+    // getpeername shows the dialed address, not the proxy.
+    assert_eq!(py_addr(&v["peer"]), dialed);
+    assert_eq!(canary.hits(), 0, "agent traffic reached the outside canary");
+}
+
+#[test]
+fn tcp_ipv4_connect_reaches_probe_with_original_destination() {
+    connect_case(
+        "tcp_ipv4_connect_reaches_probe_with_original_destination",
+        "127.0.0.55",
+        "127.0.0.55",
+        "4",
+    );
+}
+
+#[test]
+fn tcp_ipv6_connect_is_redirected() {
+    connect_case("tcp_ipv6_connect_is_redirected", "[::1]", "::1", "6");
+}
+
+#[test]
+fn tcp_ipv4_mapped_ipv6_connect_is_redirected() {
+    connect_case(
+        "tcp_ipv4_mapped_ipv6_connect_is_redirected",
+        "127.0.0.55",
+        "::ffff:127.0.0.55",
+        "6",
+    );
+}
+
+#[test]
+fn tcp_fast_open_is_redirected() {
+    let Some(mut fx) = KernelFixture::new("tcp_fast_open_is_redirected") else {
+        return;
+    };
+    let port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+    // Blocking sendto(MSG_FASTOPEN): connect and data in one call, without
+    // connect(2). The probe closes with our data unread (RST), so the agent
+    // reports its pid only; the probe event is matched by destination.
+    let v = fx.run_python(
+        r#"
+import json, os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+n = s.sendto(b"GET / HTTP/1.0\r\n\r\n", socket.MSG_FASTOPEN, ("127.0.0.55", int(sys.argv[1])))
+print(json.dumps({"sent": n, "pid": os.getpid()}))
+"#,
+        &[port.to_string()],
+    );
+    assert!(v["sent"].as_u64().unwrap() > 0);
+    let ev = fx.next_probe_event().expect("probe saw no connection");
+    let orig = ev.orig.expect("connection-table entry missing");
+    assert_eq!(orig.dst, format!("127.0.0.55:{port}").parse().unwrap());
+    assert_eq!(orig.pid, v["pid"].as_u64().unwrap() as u32);
+    assert_eq!(orig.cgroup_id, fx.sandbox.id());
+    assert_eq!(canary.hits(), 0);
+}
+
+const URING_C: &str = r#"
+#include <arpa/inet.h>
+#include <liburing.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+    struct io_uring ring;
+    struct io_uring_sqe *sqe;
+    struct io_uring_cqe *cqe;
+    struct sockaddr_in sa, local;
+    socklen_t len = sizeof(local);
+    int fd, ret;
+
+    if (argc != 3)
+        return 2;
+    if ((ret = io_uring_queue_init(4, &ring, 0)) < 0) {
+        fprintf(stderr, "io_uring_queue_init: %s\n", strerror(-ret));
+        return 3;
+    }
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    memset(&sa, 0, sizeof(sa));
+    sa.sin_family = AF_INET;
+    sa.sin_port = htons(atoi(argv[2]));
+    inet_pton(AF_INET, argv[1], &sa.sin_addr);
+    sqe = io_uring_get_sqe(&ring);
+    io_uring_prep_connect(sqe, fd, (struct sockaddr *)&sa, sizeof(sa));
+    /* Force execution by an io-wq worker, not inline in this task. */
+    sqe->flags |= IOSQE_ASYNC;
+    io_uring_submit(&ring);
+    io_uring_wait_cqe(&ring, &cqe);
+    ret = cqe->res;
+    io_uring_cqe_seen(&ring, cqe);
+    getsockname(fd, (struct sockaddr *)&local, &len);
+    printf("{\"res\": %d, \"local_port\": %d, \"pid\": %d}\n", ret, ntohs(local.sin_port), getpid());
+    return 0;
+}
+"#;
+
+#[test]
+fn io_uring_connect_is_redirected() {
+    let Some(mut fx) = KernelFixture::new("io_uring_connect_is_redirected") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("uring.c");
+    let bin = dir.path().join("uring");
+    std::fs::write(&src, URING_C).unwrap();
+    let st = std::process::Command::new("cc")
+        .arg("-O2")
+        .arg(&src)
+        .arg("-o")
+        .arg(&bin)
+        .arg("-luring")
+        .status()
+        .expect("cc (and liburing-dev) are needed");
+    assert!(
+        st.success(),
+        "compiling the io_uring helper failed (liburing-dev installed?)"
+    );
+
+    let port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+    let mut cmd = fx.agent_command(&bin);
+    cmd.arg("127.0.0.55").arg(port.to_string());
+    let v = last_json(run(cmd));
+    assert_eq!(v["res"], 0, "io_uring connect failed: {v}");
+    let local: SocketAddr = format!("127.0.0.1:{}", v["local_port"]).parse().unwrap();
+    let dialed: SocketAddr = format!("127.0.0.55:{port}").parse().unwrap();
+    expect_redirect(&mut fx, local, dialed, v["pid"].as_u64().unwrap() as u32);
+    assert_eq!(canary.hits(), 0);
+}
+
+#[test]
+fn double_forked_grandchild_is_redirected() {
+    let Some(mut fx) = KernelFixture::new("double_forked_grandchild_is_redirected") else {
+        return;
+    };
+    let port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+    // The grandchild is re-parented to init and in a new session; it keeps
+    // stdout, so the test reads its report at EOF.
+    let v = fx.run_python(
+        r#"
+import json, os, socket, sys
+port = int(sys.argv[1])
+if os.fork() == 0:
+    if os.fork() == 0:
+        os.setsid()
+        s = socket.create_connection(("127.0.0.55", port), timeout=20)
+        print(json.dumps({"local": s.getsockname(), "pid": os.getpid(), "ppid": os.getppid()}), flush=True)
+        os._exit(0)
+    os._exit(0)
+os.wait()
+"#,
+        &[port.to_string()],
+    );
+    let local = py_addr(&v["local"]);
+    let dialed: SocketAddr = format!("127.0.0.55:{port}").parse().unwrap();
+    expect_redirect(&mut fx, local, dialed, v["pid"].as_u64().unwrap() as u32);
+    assert_eq!(canary.hits(), 0);
+}
+
+#[test]
+fn curl_with_or_without_proxy_variables_lands_on_probe() {
+    let Some(mut fx) = KernelFixture::new("curl_with_or_without_proxy_variables_lands_on_probe")
+    else {
+        return;
+    };
+    let port = free_port();
+    let proxy_port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+    let fake_proxy = Canary::tcp(&fx.rt, format!("127.0.0.56:{proxy_port}").parse().unwrap());
+    let url = format!("http://127.0.0.55:{port}/");
+
+    // No proxy variables: curl dials the target itself.
+    let mut cmd = fx.agent_command("curl");
+    cmd.args(["-sS", "--max-time", "20", "--noproxy", "*", &url]);
+    cmd.env_remove("http_proxy").env_remove("HTTP_PROXY");
+    let out = run(cmd);
+    assert!(!out.status.success(), "the probe closes without answering");
+    let ev = fx.next_probe_event().expect("probe event");
+    let orig = ev.orig.expect("entry");
+    assert_eq!(orig.dst, format!("127.0.0.55:{port}").parse().unwrap());
+
+    // Proxy variable pointing elsewhere: curl dials that proxy, which is
+    // redirected just the same.
+    let mut cmd = fx.agent_command("curl");
+    cmd.args(["-sS", "--max-time", "20", &url]);
+    cmd.env("http_proxy", format!("http://127.0.0.56:{proxy_port}"));
+    let out = run(cmd);
+    assert!(!out.status.success());
+    let ev = fx.next_probe_event().expect("probe event");
+    let orig = ev.orig.expect("entry");
+    assert_eq!(
+        orig.dst,
+        format!("127.0.0.56:{proxy_port}").parse().unwrap()
+    );
+
+    assert_eq!(canary.hits(), 0);
+    assert_eq!(fake_proxy.hits(), 0);
+}
+
+#[test]
+fn thousand_parallel_connects_are_all_in_the_table() {
+    let Some(mut fx) = KernelFixture::new("thousand_parallel_connects_are_all_in_the_table") else {
+        return;
+    };
+    const N: usize = 1000;
+    let port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+    let v = fx.run_python(
+        r#"
+import json, os, resource, selectors, socket, sys
+n, port = int(sys.argv[1]), int(sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+sel = selectors.DefaultSelector()
+socks = []
+for _ in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.connect_ex(("127.0.0.55", port))
+    sel.register(s, selectors.EVENT_WRITE)
+    socks.append(s)
+ports, errors, left = [], [], n
+while left:
+    ready = sel.select(timeout=30)
+    if not ready:
+        break
+    for key, _ in ready:
+        s = key.fileobj
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        (errors if err else ports).append(err if err else s.getsockname()[1])
+        sel.unregister(s)
+        left -= 1
+print(json.dumps({"pid": os.getpid(), "ports": ports, "errors": errors}))
+"#,
+        &[N.to_string(), port.to_string()],
+    );
+    let pid = v["pid"].as_u64().unwrap() as u32;
+    let errors = v["errors"].as_array().unwrap();
+    assert!(errors.is_empty(), "connect errors: {errors:?}");
+    let ports: std::collections::HashSet<u16> = v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap() as u16)
+        .collect();
+    assert_eq!(ports.len(), N);
+
+    let dialed: SocketAddr = format!("127.0.0.55:{port}").parse().unwrap();
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < N {
+        let ev = fx.next_probe_event().expect("missing probe events");
+        let orig = ev
+            .orig
+            .unwrap_or_else(|| panic!("no table entry for {}", ev.client));
+        assert_eq!(orig.dst, dialed);
+        assert_eq!(orig.pid, pid);
+        assert_eq!(orig.cgroup_id, fx.sandbox.id());
+        assert!(
+            ports.contains(&ev.client.port()),
+            "unexpected client {}",
+            ev.client
+        );
+        assert!(seen.insert(ev.client.port()), "duplicate {}", ev.client);
+    }
+    assert_eq!(fx.probe_unknown(), 0);
+    assert_eq!(canary.hits(), 0);
+}
