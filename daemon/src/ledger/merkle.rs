@@ -891,6 +891,8 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
         #[test]
         fn prop_inclusion_roundtrip(size in 1u64..2000, seed in any::<u64>()) {
             let index = seed % size;

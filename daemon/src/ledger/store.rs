@@ -98,6 +98,8 @@ pub enum LedgerError {
     AlreadyOpen { path: PathBuf },
     #[error("the ledger is shut down")]
     Closed,
+    #[error("cannot start the ledger writer thread: {0}")]
+    Spawn(#[source] std::io::Error),
     #[error("the transaction closure panicked; nothing of it was written")]
     Panicked,
     #[error(transparent)]
@@ -471,10 +473,7 @@ impl Ledger {
         let handle = std::thread::Builder::new()
             .name("sluice-ledger".into())
             .spawn(move || writer.run())
-            .map_err(|e| LedgerError::Incoherent {
-                path: path.to_path_buf(),
-                reason: format!("cannot start the writer thread: {e}"),
-            })?;
+            .map_err(LedgerError::Spawn)?;
         Ok(Ledger {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
@@ -984,7 +983,7 @@ impl Writer {
             }
         }
         // Cover the tail of the log with a final checkpoint.
-        if self.last_checkpoint.map(|(s, _)| s) != Some(self.size) {
+        if self.size > 0 && self.last_checkpoint.map(|(s, _)| s) != Some(self.size) {
             let (tx, _rx) = oneshot::channel();
             self.group(vec![Job::Checkpoint(tx)]);
         }
@@ -1243,4 +1242,175 @@ fn seal_all(
         out.push((chain, appended));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::SigningKey;
+
+    fn key() -> HostKey {
+        HostKey::from_signing_key(SigningKey::from_bytes(&[3u8; 32]))
+    }
+
+    /// Builds a store of 5 records with a checkpoint, closes it, damages it with `damage`, and
+    /// returns the error `open` gives.
+    fn open_after(damage: impl FnOnce(&WriteTxnTables<'_>)) -> LedgerError {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.redb");
+        {
+            let ledger = Ledger::open(&path, key(), LedgerOptions::default()).unwrap();
+            for i in 0..5 {
+                ledger
+                    .transact_blocking(move |_| {
+                        let mut body = serde_json::Map::new();
+                        body.insert("i".into(), i.into());
+                        Ok(((), vec![Draft::new("p", body)]))
+                    })
+                    .unwrap();
+            }
+            ledger.shutdown();
+        }
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let tables = WriteTxnTables {
+                    records: txn.open_table(RECORDS).unwrap().into(),
+                    nodes: txn.open_table(NODES).unwrap().into(),
+                    meta: txn.open_table(META).unwrap().into(),
+                    checkpoints: txn.open_table(CHECKPOINTS).unwrap().into(),
+                };
+                damage(&tables);
+            }
+            txn.commit().unwrap();
+        }
+        Ledger::open(&path, key(), LedgerOptions::default()).unwrap_err()
+    }
+
+    struct WriteTxnTables<'t> {
+        records: std::cell::RefCell<Table<'t, u64, &'static [u8]>>,
+        nodes: std::cell::RefCell<Table<'t, u64, [u8; 32]>>,
+        meta: std::cell::RefCell<Table<'t, &'static str, u64>>,
+        checkpoints: std::cell::RefCell<Table<'t, u64, &'static str>>,
+    }
+
+    fn assert_incoherent(err: LedgerError, needle: &str) {
+        let msg = err.to_string();
+        assert!(matches!(err, LedgerError::Incoherent { .. }), "{msg}");
+        assert!(msg.contains(needle), "expected {needle:?} in: {msg}");
+        assert!(msg.contains("refusing to start"), "{msg}");
+    }
+
+    #[test]
+    fn intact_store_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.redb");
+        drop(Ledger::open(&path, key(), LedgerOptions::default()).unwrap());
+        let l = Ledger::open(&path, key(), LedgerOptions::default()).unwrap();
+        assert_eq!(l.size(), 0);
+    }
+
+    #[test]
+    fn open_refuses_size_not_matching_records() {
+        let err = open_after(|t| {
+            t.meta.borrow_mut().insert(META_SIZE, 4).unwrap();
+        });
+        assert_incoherent(err, "meta size is 4");
+    }
+
+    #[test]
+    fn open_refuses_deleted_last_record() {
+        let err = open_after(|t| {
+            t.records.borrow_mut().remove(4).unwrap();
+            t.meta.borrow_mut().insert(META_SIZE, 4).unwrap();
+        });
+        // Size 4 is below the checkpoint's 5: records lost.
+        assert_incoherent(err, "latest checkpoint covers 5 records");
+    }
+
+    #[test]
+    fn open_refuses_edited_last_record() {
+        let err = open_after(|t| {
+            t.records.borrow_mut().insert(4, &b"{}"[..]).unwrap();
+        });
+        assert_incoherent(err, "stored leaf hash of record 4");
+    }
+
+    #[test]
+    fn open_refuses_missing_merkle_node() {
+        let err = open_after(|t| {
+            t.nodes.borrow_mut().remove(merkle::node_key(2, 0)).unwrap();
+        });
+        assert_incoherent(err, "merkle node (level 2, index 0) is missing");
+    }
+
+    /// A node on the root's path (the perfect subtree of leaves 0..4). Nodes off that path are
+    /// not re-hashed at open (O(log n) check); a damaged one makes the proofs it enters fail
+    /// verification, which `audit verify` reports.
+    #[test]
+    fn open_refuses_altered_merkle_node() {
+        let err = open_after(|t| {
+            t.nodes
+                .borrow_mut()
+                .insert(merkle::node_key(2, 0), [9u8; 32])
+                .unwrap();
+        });
+        assert_incoherent(err, "differs from the signed checkpoint");
+    }
+
+    #[test]
+    fn open_refuses_forged_checkpoint() {
+        let err = open_after(|t| {
+            let other = HostKey::generate();
+            let cp = checkpoint::sign(
+                Checkpoint {
+                    origin: key().origin().to_string(),
+                    size: 5,
+                    root: [0u8; 32],
+                },
+                &other,
+            );
+            t.checkpoints
+                .borrow_mut()
+                .insert(5, cp.note.as_str())
+                .unwrap();
+        });
+        assert_incoherent(err, "does not verify with this host key");
+    }
+
+    #[test]
+    fn txn_rejects_bad_keys_and_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger =
+            Ledger::open(&dir.path().join("l.redb"), key(), LedgerOptions::default()).unwrap();
+        let r = ledger.transact_blocking(|txn| {
+            assert!(matches!(txn.put("", b"x"), Err(TxnError::BadKey { .. })));
+            let long = "k".repeat(MAX_STATE_KEY_BYTES + 1);
+            assert!(matches!(txn.put(&long, b"x"), Err(TxnError::BadKey { .. })));
+            let big = vec![0u8; MAX_STATE_VALUE_BYTES + 1];
+            assert!(matches!(
+                txn.put("k", &big),
+                Err(TxnError::ValueTooLarge { .. })
+            ));
+            for i in 0..MAX_WRITES_PER_TXN {
+                txn.put(&format!("k{i}"), b"")?;
+            }
+            assert!(matches!(
+                txn.put("one-more", b""),
+                Err(TxnError::TooManyWrites)
+            ));
+            Ok(((), vec![]))
+        });
+        assert!(r.is_ok());
+        let too_many: Vec<Draft> = (0..=MAX_DRAFTS_PER_TXN)
+            .map(|_| Draft::new("p", serde_json::Map::new()))
+            .collect();
+        let r = ledger.transact_blocking(move |_| Ok(((), too_many)));
+        assert!(matches!(
+            r,
+            Err(LedgerError::Draft(DraftError::TooManyDrafts { .. }))
+        ));
+        assert_eq!(ledger.size(), 0);
+    }
 }

@@ -1025,3 +1025,82 @@ async fn garbage_documents_are_reported_not_panicking() {
         );
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// Throughput (not a test: numbers for the report)
+
+/// Measures `transact` throughput and latency at 1, 16 and 64 concurrent callers, each
+/// transaction reading and writing a counter and appending one decision-sized record.
+/// Run: `cargo test --release -p sluice --lib ledger::tests::bench_transact_throughput -- --ignored --nocapture`
+#[test]
+#[ignore = "benchmark; run explicitly in release mode"]
+fn bench_transact_throughput() {
+    use std::time::{Duration, Instant};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for concurrency in [1usize, 16, 64] {
+        let store = TestStore::new();
+        let ledger = store.open();
+        let total = if concurrency == 1 { 3_000 } else { 40_000 };
+        let per_task = total / concurrency;
+        let start = Instant::now();
+        let mut latencies: Vec<Duration> = rt.block_on(async {
+            let mut handles = Vec::new();
+            for t in 0..concurrency {
+                let ledger = ledger.clone();
+                handles.push(tokio::spawn(async move {
+                    let chain = format!("passport-{t:032x}");
+                    let mut lat = Vec::with_capacity(per_task);
+                    for i in 0..per_task {
+                        let chain = chain.clone();
+                        let t0 = Instant::now();
+                        ledger
+                            .transact(move |txn| {
+                                let key = format!("counter/{chain}/daily");
+                                let cur = txn
+                                    .get(&key)?
+                                    .map(|b| i64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+                                    .unwrap_or(0);
+                                txn.put(&key, &(cur + 5).to_be_bytes())?;
+                                let body = obj(json!({
+                                    "kind": "decision", "decision": "allow", "reason": "ok",
+                                    "action": "llm:call", "method": "POST",
+                                    "host": "api.example.test", "issuer": "iss_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+                                    "agent": "agent-007",
+                                    "path_digest": "ab".repeat(32), "policy_digest": "cd".repeat(32),
+                                    "request_hash": "ef".repeat(32),
+                                    "spend_delta_cents": 5, "spend_window_start": "2025-01-01",
+                                    "spend_after_cents": cur + 5, "i": i,
+                                }));
+                                Ok(((), vec![Draft::new(chain, body)]))
+                            })
+                            .await
+                            .unwrap();
+                        lat.push(t0.elapsed());
+                    }
+                    lat
+                }));
+            }
+            let mut all = Vec::new();
+            for h in handles {
+                all.extend(h.await.unwrap());
+            }
+            all
+        });
+        let elapsed = start.elapsed();
+        latencies.sort_unstable();
+        let n = latencies.len();
+        let pct = |p: f64| latencies[((n as f64 * p) as usize).min(n - 1)];
+        println!(
+            "concurrency {concurrency:>2}: {n} transactions in {:.2}s = {:.0}/s, latency p50 {:?} p99 {:?}",
+            elapsed.as_secs_f64(),
+            n as f64 / elapsed.as_secs_f64(),
+            pct(0.50),
+            pct(0.99),
+        );
+        assert_eq!(ledger.size(), n as u64);
+    }
+}
