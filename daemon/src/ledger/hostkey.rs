@@ -136,13 +136,15 @@ fn io<'a>(
     }
 }
 
-/// Reads a small regular file without following a symlink at the last component.
-fn read_bounded(path: &Path) -> Result<Option<(String, u32)>, HostKeyError> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-    {
+/// Reads a small regular file; in the state directory (`follow == false`) a symlink at the last
+/// component is refused, so nobody can point the daemon's key files elsewhere.
+fn read_bounded(path: &Path, follow: bool) -> Result<Option<(String, u32)>, HostKeyError> {
+    let flags = if follow {
+        libc::O_CLOEXEC
+    } else {
+        libc::O_NOFOLLOW | libc::O_CLOEXEC
+    };
+    let file = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
@@ -171,7 +173,7 @@ fn read_bounded(path: &Path) -> Result<Option<(String, u32)>, HostKeyError> {
 }
 
 fn read_private(key_path: &Path) -> Result<Option<SigningKey>, HostKeyError> {
-    let Some((text, mode)) = read_bounded(key_path)? else {
+    let Some((text, mode)) = read_bounded(key_path, false)? else {
         return Ok(None);
     };
     if mode & 0o077 != 0 {
@@ -237,7 +239,7 @@ fn sync_dir(dir: &Path) -> Result<(), HostKeyError> {
 }
 
 fn ensure_public(key_path: &Path, pub_path: &Path, vk: &VerifyingKey) -> Result<(), HostKeyError> {
-    if let Some((text, _)) = read_bounded(pub_path)? {
+    if let Some((text, _)) = read_bounded(pub_path, false)? {
         let found = parse_public_key_pem(&text).map_err(|reason| HostKeyError::BadPublicKey {
             path: pub_path.to_path_buf(),
             reason,
@@ -285,9 +287,9 @@ pub fn parse_public_key_pem(text: &str) -> Result<VerifyingKey, String> {
     VerifyingKey::from_public_key_pem(text.trim()).map_err(|e| e.to_string())
 }
 
-/// Reads a `host.pub` file (bounded) for offline verification.
+/// Reads a `host.pub` file (bounded) for offline verification (`audit verify --host-pub F`).
 pub fn read_public_key(path: &Path) -> Result<VerifyingKey, HostKeyError> {
-    let Some((text, _)) = read_bounded(path)? else {
+    let Some((text, _)) = read_bounded(path, true)? else {
         return Err(HostKeyError::Io {
             path: path.to_path_buf(),
             action: "open",

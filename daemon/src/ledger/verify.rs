@@ -305,6 +305,7 @@ pub fn verify_document(
 
 /// A record parsed for checking.
 struct Parsed {
+    position: usize,
     index: u64,
     leaf: Hash,
     body: Map<String, Value>,
@@ -369,6 +370,7 @@ fn parse_record(
         });
     }
     Some(Parsed {
+        position,
         index,
         leaf: merkle::leaf_hash(text.as_bytes()),
         body,
@@ -692,7 +694,7 @@ fn check_chains(report: &mut VerifyReport, records: &[Parsed], must_start_at_zer
     for p in records {
         let index = p.index;
         let malformed = |reason: &str| Problem::RecordMalformed {
-            position: 0,
+            position: p.position,
             index,
             reason: reason.to_string(),
         };
