@@ -8,4 +8,5 @@ pub mod config;
 pub mod domain;
 pub mod kernel;
 pub mod keyfile;
+pub mod ledger;
 pub mod passport;
