@@ -4,6 +4,7 @@
 //! `ledger`; around it `passport`, `api`, `config`, `cli`.
 
 pub mod cli;
+pub mod decide;
 pub mod domain;
 pub mod keyfile;
 pub mod passport;
