@@ -58,13 +58,24 @@ use std::sync::{Arc, OnceLock};
 
 /// A `core:cel:rules` entry that does not compile.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("constraint core:cel:rules: rule {index} ({expr:?}) does not compile: {message}")]
+#[error("constraint core:cel:rules: rule {index} ({:?}) does not compile: {}", cut(expr, 200), cut(message, 1000))]
 pub struct RuleCompileError {
     /// Position of the rule in `core:cel:rules`, from 0.
     pub index: usize,
     pub expr: String,
     /// The CEL compiler's message (position and a caret under the fault).
     pub message: String,
+}
+
+/// `s` cut to `max` characters with a marker: an expression can be 4 KiB and
+/// the compiler's message repeats it with a caret line under it.
+fn cut(s: &str, max: usize) -> String {
+    let total = s.chars().count();
+    if total <= max {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(max).collect();
+    format!("{head}… ({} more characters)", total - max)
 }
 
 /// One compiled rule with what it decides.
@@ -91,9 +102,14 @@ pub enum RulesOutcome {
     Error { index: usize, reason: String, expr: String, message: String },
 }
 
-/// Stack for the compiler thread. Only the pages touched are committed; the deepest expression
-/// that fits in 4096 bytes needs a few tens of MiB in a debug build.
-const COMPILE_STACK_BYTES: usize = 256 << 20;
+/// Longest expression compiled (the same bound `core:cel:rules` parsing applies); the compiler
+/// thread's stack is sized for it.
+pub const MAX_EXPR_BYTES: usize = 4096;
+
+/// Stack for the compiler thread. Only the pages touched are committed. The deepest-nesting
+/// expressions of [`MAX_EXPR_BYTES`] (`[[[…]]]`, `[([(…)])]`, `[…][0]…`) needed between 16 and
+/// 24 MiB in a debug build when measured; 64 MiB leaves a wide margin.
+const COMPILE_STACK_BYTES: usize = 64 << 20;
 
 /// Deepest syntax tree accepted. The interpreter recurses once or more per level, with frames of
 /// up to ~35 KiB each in an unoptimised build; 32 levels of the worst shapes (nested `map`,
@@ -107,6 +123,9 @@ fn compile_all(rules: Vec<CelRule>) -> Result<CompiledRules, RuleCompileError> {
     let mut compiled = Vec::with_capacity(rules.len());
     for (index, rule) in rules.into_iter().enumerate() {
         let refuse = |message: String| RuleCompileError { index, expr: rule.expr.clone(), message };
+        if rule.expr.len() > MAX_EXPR_BYTES {
+            return Err(refuse(format!("the expression is more than {MAX_EXPR_BYTES} bytes")));
+        }
         // The parser is not ours to trust with hostile input: a panic is a refusal too.
         let program = match catch_unwind(AssertUnwindSafe(|| env.compile(&rule.expr))) {
             Ok(Ok(p)) => p,

@@ -598,16 +598,20 @@ fn hostile_expressions_neither_crash_the_compiler_nor_the_interpreter() {
     // aborted the whole process with a stack overflow inside the CEL parser.
     let cases = [
         (format!("{}true{}", "(".repeat(2040), ")".repeat(2040)), "Recursion"),
-        (format!("{}1{}", "[".repeat(2040), "]".repeat(2040)), "Recursion"),
+        (format!("{}1{}", "[".repeat(2047), "]".repeat(2047)), "Recursion"),
+        (format!("{}1{}", "[(".repeat(1023), ")]".repeat(1023)), "Recursion"),
+        (format!("{}1{}", "[".repeat(800), "][0]".repeat(800)), "Recursion"),
         (format!("{}0 == 0", "1 + ".repeat(1020)), "more than the 32 allowed"),
         (format!("request{}", ".a".repeat(2040)), "more than the 32 allowed"),
         (format!("{}x", "x.".repeat(2040)), "more than the 32 allowed"),
+        ("true || ".repeat(600) + "true", "more than 4096 bytes"),
     ];
     for (expr, needle) in cases {
         let rule = CelRule { expr: expr.clone(), decision: RuleDecision::Block, reason: "x".into() };
         let err = CompiledRules::compile(&[rule]).unwrap_err();
         assert_eq!(err.index, 0);
         assert!(err.message.contains(needle), "{}…: {}", &expr[..20], err.message);
+        assert!(err.to_string().len() < 1600, "the error an operator sees is bounded");
     }
     // Long but shallow expressions compile and run (`&&` chains are balanced, `!!` pairs fold).
     for expr in
