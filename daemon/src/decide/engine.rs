@@ -98,18 +98,17 @@ pub fn evaluate(
         Ok(())
     };
     if let Err(e) = validity {
-        let when = |secs: i64| DateTime::from_timestamp(secs, 0).map_or_else(|| secs.to_string(), ts);
         let detail = match &e {
             PassportError::NotYetValid { not_before, .. } => format!(
                 "Passport {} is not valid before {} (now {}). Wait, or ask its issuer for a passport valid now.",
                 claims.id,
-                when(*not_before),
+                ts_or(*not_before),
                 ts(now)
             ),
             _ => format!(
                 "Passport {} expired at {} (now {}). Ask its issuer for a new passport.",
                 claims.id,
-                when(claims.expires_at),
+                ts_or(claims.expires_at),
                 ts(now)
             ),
         };

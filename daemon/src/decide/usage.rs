@@ -77,9 +77,18 @@ pub struct SpendCounter {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateState {
+    #[serde(deserialize_with = "present")]
     pub per_minute: Option<GcraState>,
+    #[serde(deserialize_with = "present")]
     pub per_hour: Option<GcraState>,
+    #[serde(deserialize_with = "present")]
     pub per_day: Option<GcraState>,
+}
+
+/// An `Option` field that must be present (as `null` or a value). Serde otherwise reads a missing
+/// `Option` field as `None`, and a blob that lost its counters would read as a fresh budget.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)
 }
 
 /// Everything the engine counts for one passport. [`Usage::default`] is a passport never used.
@@ -89,8 +98,10 @@ pub struct Usage {
     /// Always [`USAGE_VERSION`].
     pub version: u32,
     /// Calendar-day spend and requests (shown by the state API whatever the passport's window).
+    #[serde(deserialize_with = "present")]
     pub daily: Option<WindowCounter>,
     /// Spend and requests in the passport's cumulative window.
+    #[serde(deserialize_with = "present")]
     pub spend: Option<SpendCounter>,
     pub rate: RateState,
 }
@@ -315,6 +326,12 @@ mod tests {
             (good.replace("T00:00:00Z", "T01:00:00Z"), "not 00:00 UTC"),
             (good.replace("\"window\":\"daily\"", "\"window\":\"hourly\""), "unknown window \"hourly\""),
             (" ".repeat(MAX_USAGE_BYTES + 1), "more than"),
+            (
+                "{\"version\":1,\"rate\":{\"per_minute\":null,\"per_hour\":null,\"per_day\":null}}".into(),
+                "missing field `daily`",
+            ),
+            (good.replace("\"per_hour\":null,", ""), "missing field `per_hour`"),
+            (good.replace("\"requests\":0", "\"requests\":null"), "not valid usage JSON"),
         ];
         for (bytes, needle) in cases {
             let e = Usage::from_bytes(bytes.as_bytes()).unwrap_err();
