@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod decide;
 pub mod domain;
 pub mod kernel;
 pub mod keyfile;
