@@ -59,14 +59,10 @@ fn main() {
 
     match Command::new(&clang).arg("--version").output() {
         Ok(o) if o.status.success() => {}
-        _ => fail(&format!(
-            "`{clang}` not found: it compiles the eBPF programs; install it with `{INSTALL_HINT}`"
-        )),
+        _ => fail(&format!("`{clang}` not found: it compiles the eBPF programs; install it with `{INSTALL_HINT}`")),
     }
     if !Path::new("/usr/include/bpf/bpf_helpers.h").exists() {
-        fail(&format!(
-            "/usr/include/bpf/bpf_helpers.h not found: install libbpf headers with `{INSTALL_HINT}`"
-        ));
+        fail(&format!("/usr/include/bpf/bpf_helpers.h not found: install libbpf headers with `{INSTALL_HINT}`"));
     }
 
     let obj = out_dir.join("sluice.bpf.o");
@@ -80,12 +76,7 @@ fn main() {
     cmd.arg("-c").arg(&src).arg("-o").arg(&obj);
     match cmd.status() {
         Ok(s) if s.success() => {}
-        Ok(s) => fail(&format!(
-            "compiling {} with {clang} failed ({s}); see the compiler output above",
-            src.display()
-        )),
-        Err(e) => fail(&format!(
-            "running {clang}: {e}; install it with `{INSTALL_HINT}`"
-        )),
+        Ok(s) => fail(&format!("compiling {} with {clang} failed ({s}); see the compiler output above", src.display())),
+        Err(e) => fail(&format!("running {clang}: {e}; install it with `{INSTALL_HINT}`")),
     }
 }

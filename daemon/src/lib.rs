@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the map. A request's path: `kernel` → `proxy` → `policy` → `decide` →
 //! `ledger`; around it `passport`, `api`, `config`, `cli`.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod decide;
@@ -11,3 +12,4 @@ pub mod kernel;
 pub mod keyfile;
 pub mod ledger;
 pub mod passport;
+pub mod service;

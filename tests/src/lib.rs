@@ -39,10 +39,7 @@ pub fn root_or_skip(test: &str) -> bool {
     }
     // Written to the real stderr, not eprintln!: libtest captures the macro
     // for passing tests, and a skip must be seen.
-    let _ = writeln!(
-        std::io::stderr(),
-        "\n**************** SKIPPED: needs root ({test}) ****************\n"
-    );
+    let _ = writeln!(std::io::stderr(), "\n**************** SKIPPED: needs root ({test}) ****************\n");
     false
 }
 
@@ -50,11 +47,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// `prefix-<pid>-<n>`, unique within this machine for the test's lifetime.
 pub fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A port free for TCP and UDP on 127.0.0.1 and ::1, never handed out twice
@@ -153,34 +146,22 @@ impl KernelFixture {
             proxy_port: free_port(),
             dns_port: free_port(),
         };
-        let mut cleanup = Cleanup {
-            sandbox: None,
-            pin_dir: config.pin_dir.clone(),
-            agents_path: mount.join(&name),
-        };
-        let enforcer = Enforcer::install(&config).unwrap_or_else(|e| {
-            panic!("{test}: installing the kernel redirect failed as root: {e}")
-        });
+        let mut cleanup = Cleanup { sandbox: None, pin_dir: config.pin_dir.clone(), agents_path: mount.join(&name) };
+        let enforcer = Enforcer::install(&config)
+            .unwrap_or_else(|e| panic!("{test}: installing the kernel redirect failed as root: {e}"));
         let agents = enforcer.agents_cgroup().clone();
         assert_eq!(agents.path(), cleanup.agents_path);
         let sandbox = agents.create_child("sandbox").expect("sandbox cgroup");
         cleanup.sandbox = Some(sandbox.clone());
 
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime");
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
         let conntable = enforcer.conntable();
         let (ptx, probe_events) = unbounded_channel();
         let (dtx, dns_events) = unbounded_channel();
         let (probe, resolver) = rt.block_on(async {
-            let p = Probe::start(config.proxy_port, Arc::clone(&conntable), ptx)
-                .await
-                .expect("probe listener");
-            let r = ResolverStub::start(config.dns_port, Arc::clone(&conntable), dtx)
-                .await
-                .expect("resolver stub");
+            let p = Probe::start(config.proxy_port, Arc::clone(&conntable), ptx).await.expect("probe listener");
+            let r = ResolverStub::start(config.dns_port, Arc::clone(&conntable), dtx).await.expect("resolver stub");
             (p, r)
         });
         Some(Self {
@@ -235,9 +216,7 @@ impl KernelFixture {
         let dport = self.config.dns_port;
         let ct = Arc::clone(&self.conntable);
         let (p, r) = self.rt.block_on(async move {
-            let p = Probe::start(port, Arc::clone(&ct), ptx)
-                .await
-                .expect("probe");
+            let p = Probe::start(port, Arc::clone(&ct), ptx).await.expect("probe");
             let r = ResolverStub::start(dport, ct, dtx).await.expect("resolver");
             (p, r)
         });
@@ -269,12 +248,7 @@ impl KernelFixture {
     /// Waits for the next probe event (bounded by [`HANG_GUARD`]).
     pub fn next_probe_event(&mut self) -> Option<ProbeEvent> {
         let rx = &mut self.probe_events;
-        self.rt.block_on(async {
-            tokio::time::timeout(HANG_GUARD, rx.recv())
-                .await
-                .ok()
-                .flatten()
-        })
+        self.rt.block_on(async { tokio::time::timeout(HANG_GUARD, rx.recv()).await.ok().flatten() })
     }
 
     /// Probe events already delivered, without waiting.
@@ -289,12 +263,7 @@ impl KernelFixture {
     /// Waits for the next DNS query seen by the resolver stub.
     pub fn next_dns_query(&mut self) -> Option<DnsQuery> {
         let rx = &mut self.dns_events;
-        self.rt.block_on(async {
-            tokio::time::timeout(HANG_GUARD, rx.recv())
-                .await
-                .ok()
-                .flatten()
-        })
+        self.rt.block_on(async { tokio::time::timeout(HANG_GUARD, rx.recv()).await.ok().flatten() })
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -341,11 +310,7 @@ fn wait_output(mut guard: ChildGuard) -> Output {
 pub fn last_json(out: Output) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "agent failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
-        out.status
-    );
+    assert!(out.status.success(), "agent failed ({}):\nstdout: {stdout}\nstderr: {stderr}", out.status);
     let line = stdout
         .lines()
         .rev()
@@ -372,30 +337,21 @@ impl Canary {
     pub fn tcp(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Self {
         let hits = Arc::new(AtomicUsize::new(0));
         let h = Arc::clone(&hits);
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind(addr))
-            .unwrap_or_else(|e| panic!("canary bind {addr}: {e}"));
+        let listener =
+            rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap_or_else(|e| panic!("canary bind {addr}: {e}"));
         let task = rt.spawn(async move {
             while let Ok((_s, _)) = listener.accept().await {
                 h.fetch_add(1, Ordering::SeqCst);
             }
         });
-        Self {
-            addr,
-            hits,
-            marker_hits: Arc::new(AtomicUsize::new(0)),
-            udp: false,
-            task,
-        }
+        Self { addr, hits, marker_hits: Arc::new(AtomicUsize::new(0)), udp: false, task }
     }
 
     pub fn udp(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Self {
         let hits = Arc::new(AtomicUsize::new(0));
         let marker_hits = Arc::new(AtomicUsize::new(0));
         let (h, m) = (Arc::clone(&hits), Arc::clone(&marker_hits));
-        let sock = rt
-            .block_on(tokio::net::UdpSocket::bind(addr))
-            .unwrap_or_else(|e| panic!("canary bind {addr}: {e}"));
+        let sock = rt.block_on(tokio::net::UdpSocket::bind(addr)).unwrap_or_else(|e| panic!("canary bind {addr}: {e}"));
         let task = rt.spawn(async move {
             let mut buf = [0u8; 2048];
             while let Ok((n, _)) = sock.recv_from(&mut buf).await {
@@ -406,13 +362,7 @@ impl Canary {
                 }
             }
         });
-        Self {
-            addr,
-            hits,
-            marker_hits,
-            udp: true,
-            task,
-        }
+        Self { addr, hits, marker_hits, udp: true, task }
     }
 
     /// Agent traffic received so far. For UDP, first flushes: sends a marker
@@ -421,12 +371,8 @@ impl Canary {
     pub fn hits(&self) -> usize {
         if self.udp {
             let before = self.marker_hits.load(Ordering::SeqCst);
-            let s = UdpSocket::bind(if self.addr.is_ipv4() {
-                "127.0.0.1:0"
-            } else {
-                "[::1]:0"
-            })
-            .expect("marker socket");
+            let s =
+                UdpSocket::bind(if self.addr.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" }).expect("marker socket");
             let deadline = Instant::now() + HANG_GUARD;
             while self.marker_hits.load(Ordering::SeqCst) == before {
                 s.send_to(MARKER, self.addr).expect("send marker");

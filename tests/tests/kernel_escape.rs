@@ -49,9 +49,7 @@ print(json.dumps({
     );
     assert_eq!(v["tcp"], 0, "plain TCP must stay allowed: {v}");
     assert_eq!(v["udp6"], 0, "plain UDP must stay allowed: {v}");
-    for case in [
-        "raw_icmp", "raw_tcp", "raw6", "ping", "ping6", "udplite", "mptcp",
-    ] {
+    for case in ["raw_icmp", "raw_tcp", "raw6", "ping", "ping6", "udplite", "mptcp"] {
         assert_eq!(v[case].as_i64(), Some(EPERM), "{case}: {v}");
     }
     // SCTP may not even exist in this kernel (EPROTONOSUPPORT/ESOCKTNOSUPPORT);
@@ -111,25 +109,10 @@ print(json.dumps({
   "other_port": bind(A4, T, ("127.0.0.1", other)),
 }))
 "#,
-        &[
-            fx.config.proxy_port.to_string(),
-            fx.config.dns_port.to_string(),
-            other.to_string(),
-        ],
+        &[fx.config.proxy_port.to_string(), fx.config.dns_port.to_string(), other.to_string()],
     );
-    assert_eq!(
-        v["other_port"], 0,
-        "binding an unrelated port must work: {v}"
-    );
-    for case in [
-        "proxy_any4",
-        "proxy_lo4",
-        "proxy_other_lo",
-        "proxy_any6",
-        "dns_udp4",
-        "dns_udp6",
-        "dns_tcp_any",
-    ] {
+    assert_eq!(v["other_port"], 0, "binding an unrelated port must work: {v}");
+    for case in ["proxy_any4", "proxy_lo4", "proxy_other_lo", "proxy_any6", "dns_udp4", "dns_udp6", "dns_tcp_any"] {
         assert_eq!(v[case].as_i64(), Some(EPERM), "{case}: {v}");
     }
 }
@@ -175,9 +158,7 @@ print(json.dumps(res))
 
 #[test]
 fn leaving_the_cgroup_as_non_root_fails_and_traffic_stays_redirected() {
-    let Some(mut fx) =
-        KernelFixture::new("leaving_the_cgroup_as_non_root_fails_and_traffic_stays_redirected")
-    else {
+    let Some(mut fx) = KernelFixture::new("leaving_the_cgroup_as_non_root_fails_and_traffic_stays_redirected") else {
         return;
     };
     let port = free_port();
@@ -225,17 +206,14 @@ print(json.dumps(res))
 
 #[test]
 fn killed_daemon_refuses_connections_instead_of_leaking() {
-    let Some(mut fx) = KernelFixture::new("killed_daemon_refuses_connections_instead_of_leaking")
-    else {
+    let Some(mut fx) = KernelFixture::new("killed_daemon_refuses_connections_instead_of_leaking") else {
         return;
     };
     let port = free_port();
     let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
     fx.kill_daemon();
     // Links and maps stay pinned.
-    let links = std::fs::read_dir(fx.pin_dir().join("links"))
-        .unwrap()
-        .count();
+    let links = std::fs::read_dir(fx.pin_dir().join("links")).unwrap().count();
     assert_eq!(links, PROGRAM_COUNT);
     let v = fx.run_python(
         r#"
@@ -262,8 +240,7 @@ print(json.dumps(res))
 
 #[test]
 fn restart_takes_over_pinned_links_and_maps_in_place() {
-    let Some(mut fx) = KernelFixture::new("restart_takes_over_pinned_links_and_maps_in_place")
-    else {
+    let Some(mut fx) = KernelFixture::new("restart_takes_over_pinned_links_and_maps_in_place") else {
         return;
     };
     let port = free_port();
@@ -271,11 +248,7 @@ fn restart_takes_over_pinned_links_and_maps_in_place() {
     let before = fx.enforcer().pinned_links().unwrap();
     assert_eq!(before.len(), PROGRAM_COUNT);
     assert!(before.iter().all(|l| l.cgroup_id == fx.agents.id()));
-    assert!(fx
-        .enforcer()
-        .link_actions()
-        .iter()
-        .all(|(_, a)| *a == LinkAction::Attached));
+    assert!(fx.enforcer().link_actions().iter().all(|(_, a)| *a == LinkAction::Attached));
 
     // An agent connected before the restart keeps its socket storage: its
     // getpeername still shows the dialed address afterwards.
@@ -307,25 +280,13 @@ print(json.dumps({"peer": s.getpeername()}), flush=True)
     let actions = fx.enforcer().link_actions().to_vec();
     assert_eq!(actions.len(), PROGRAM_COUNT);
     for (prog, action) in &actions {
-        assert_eq!(
-            *action,
-            LinkAction::Updated,
-            "{prog} was not updated in place"
-        );
+        assert_eq!(*action, LinkAction::Updated, "{prog} was not updated in place");
     }
     let after = fx.enforcer().pinned_links().unwrap();
     for (b, a) in before.iter().zip(&after) {
         assert_eq!(b.program, a.program);
-        assert_eq!(
-            b.link_id, a.link_id,
-            "{}: link replaced, not updated",
-            a.program
-        );
-        assert_ne!(
-            b.prog_id, a.prog_id,
-            "{}: still runs the old program",
-            a.program
-        );
+        assert_eq!(b.link_id, a.link_id, "{}: link replaced, not updated", a.program);
+        assert_ne!(b.prog_id, a.prog_id, "{}: still runs the old program", a.program);
         assert_eq!(a.cgroup_id, fx.agents.id());
     }
 
@@ -334,11 +295,7 @@ print(json.dumps({"peer": s.getpeername()}), flush=True)
     stdout.read_line(&mut line).unwrap();
     let second: serde_json::Value = serde_json::from_str(&line).unwrap();
     let dialed: SocketAddr = format!("127.0.0.55:{port}").parse().unwrap();
-    assert_eq!(
-        py_addr(&second["peer"]),
-        dialed,
-        "socket storage lost on restart"
-    );
+    assert_eq!(py_addr(&second["peer"]), dialed, "socket storage lost on restart");
     drop(guard);
 
     // New connections go through the new programs and the new probe.
@@ -358,9 +315,7 @@ print(json.dumps({"local": s.getsockname()}))
 
 #[test]
 fn connections_without_a_table_entry_are_closed_and_counted() {
-    let Some(mut fx) =
-        KernelFixture::new("connections_without_a_table_entry_are_closed_and_counted")
-    else {
+    let Some(mut fx) = KernelFixture::new("connections_without_a_table_entry_are_closed_and_counted") else {
         return;
     };
     // The test process is outside the agents cgroup: its connection to the

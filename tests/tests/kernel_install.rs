@@ -12,9 +12,7 @@ fn egress_backstop_passes_loopback_and_drops_the_rest() {
     let Some(fx) = KernelFixture::new("egress_backstop_passes_loopback_and_drops_the_rest") else {
         return;
     };
-    fx.enforcer()
-        .check_egress_backstop()
-        .expect("egress program verdicts");
+    fx.enforcer().check_egress_backstop().expect("egress program verdicts");
 }
 
 #[test]
@@ -32,10 +30,7 @@ fn pin_dir_outside_bpffs_is_refused_before_anything_is_created() {
     };
     let err = Enforcer::install(&config).expect_err("a tmpfs pin dir must be refused");
     assert!(matches!(err, KernelError::NotBpffs { .. }), "{err}");
-    assert!(
-        err.to_string().contains("pins"),
-        "error names the path: {err}"
-    );
+    assert!(err.to_string().contains("pins"), "error names the path: {err}");
     assert!(!cgroup2_mount().unwrap().join(&name).exists());
     assert!(!tmp.path().join("pins").exists());
 }
@@ -58,10 +53,7 @@ fn links_pinned_for_another_cgroup_are_replaced() {
     };
     let other = unique("sluice-test-other");
     let _guard = CgroupGuard(cgroup2_mount().unwrap().join(&other));
-    let config = KernelConfig {
-        cgroup: other,
-        ..fx.config.clone()
-    };
+    let config = KernelConfig { cgroup: other, ..fx.config.clone() };
     let before = fx.enforcer().pinned_links().unwrap();
     let second = Enforcer::install(&config).expect("install on another cgroup");
     for (prog, action) in second.link_actions() {
@@ -74,10 +66,8 @@ fn links_pinned_for_another_cgroup_are_replaced() {
         assert_eq!(a.cgroup_id, second.agents_cgroup().id());
     }
     // Nothing but our programs' links is left in the pin dir.
-    let names: Vec<_> = std::fs::read_dir(fx.pin_dir().join("links"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names: Vec<_> =
+        std::fs::read_dir(fx.pin_dir().join("links")).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names.len(), PROGRAM_COUNT, "{names:?}");
 }
 
@@ -104,8 +94,5 @@ fn cgroup_of_pid_and_join_before_exec_agree() {
     assert!(!other.path().exists());
     let status = guard.0.take().unwrap().wait().unwrap();
     assert!(!status.success(), "sleep was killed");
-    assert!(
-        fx.agents.create_child("sandbox").is_err(),
-        "existing child must not be reused"
-    );
+    assert!(fx.agents.create_child("sandbox").is_err(), "existing child must not be reused");
 }

@@ -20,12 +20,7 @@ print(json.dumps({"local": s.getsockname(), "peer": s.getpeername(), "pid": os.g
 
 /// Waits for the probe event of the agent connection whose local address is
 /// `local`, and checks the record against what the agent did.
-fn expect_redirect(
-    fx: &mut KernelFixture,
-    local: SocketAddr,
-    dialed: SocketAddr,
-    pid: u32,
-) -> OrigDst {
+fn expect_redirect(fx: &mut KernelFixture, local: SocketAddr, dialed: SocketAddr, pid: u32) -> OrigDst {
     let ev = fx.next_probe_event().expect("probe saw no connection");
     // An AF_INET6 socket dialing ::ffff:a.b.c.d is IPv4 on the wire.
     let local = SocketAddr::new(local.ip().to_canonical(), local.port());
@@ -49,10 +44,7 @@ fn connect_case(test: &str, canary_addr: &str, dial_host: &str, family: &str) {
     let port = free_port();
     let canary_addr: SocketAddr = format!("{canary_addr}:{port}").parse().unwrap();
     let canary = Canary::tcp(&fx.rt, canary_addr);
-    let v = fx.run_python(
-        CONNECT_PY,
-        &[dial_host.to_owned(), port.to_string(), family.to_owned()],
-    );
+    let v = fx.run_python(CONNECT_PY, &[dial_host.to_owned(), port.to_string(), family.to_owned()]);
     let local = py_addr(&v["local"]);
     let dialed = SocketAddr::new(dial_host.parse().unwrap(), port);
     let pid = v["pid"].as_u64().unwrap() as u32;
@@ -64,12 +56,7 @@ fn connect_case(test: &str, canary_addr: &str, dial_host: &str, family: &str) {
 
 #[test]
 fn tcp_ipv4_connect_reaches_probe_with_original_destination() {
-    connect_case(
-        "tcp_ipv4_connect_reaches_probe_with_original_destination",
-        "127.0.0.55",
-        "127.0.0.55",
-        "4",
-    );
+    connect_case("tcp_ipv4_connect_reaches_probe_with_original_destination", "127.0.0.55", "127.0.0.55", "4");
 }
 
 #[test]
@@ -79,12 +66,7 @@ fn tcp_ipv6_connect_is_redirected() {
 
 #[test]
 fn tcp_ipv4_mapped_ipv6_connect_is_redirected() {
-    connect_case(
-        "tcp_ipv4_mapped_ipv6_connect_is_redirected",
-        "127.0.0.55",
-        "::ffff:127.0.0.55",
-        "6",
-    );
+    connect_case("tcp_ipv4_mapped_ipv6_connect_is_redirected", "127.0.0.55", "::ffff:127.0.0.55", "6");
 }
 
 #[test]
@@ -174,10 +156,7 @@ fn io_uring_connect_is_redirected() {
         .arg("-luring")
         .status()
         .expect("cc (and liburing-dev) are needed");
-    assert!(
-        st.success(),
-        "compiling the io_uring helper failed (liburing-dev installed?)"
-    );
+    assert!(st.success(), "compiling the io_uring helper failed (liburing-dev installed?)");
 
     let port = free_port();
     let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
@@ -223,8 +202,7 @@ os.wait()
 
 #[test]
 fn curl_with_or_without_proxy_variables_lands_on_probe() {
-    let Some(mut fx) = KernelFixture::new("curl_with_or_without_proxy_variables_lands_on_probe")
-    else {
+    let Some(mut fx) = KernelFixture::new("curl_with_or_without_proxy_variables_lands_on_probe") else {
         return;
     };
     let port = free_port();
@@ -252,10 +230,7 @@ fn curl_with_or_without_proxy_variables_lands_on_probe() {
     assert!(!out.status.success());
     let ev = fx.next_probe_event().expect("probe event");
     let orig = ev.orig.expect("entry");
-    assert_eq!(
-        orig.dst,
-        format!("127.0.0.56:{proxy_port}").parse().unwrap()
-    );
+    assert_eq!(orig.dst, format!("127.0.0.56:{proxy_port}").parse().unwrap());
 
     assert_eq!(canary.hits(), 0);
     assert_eq!(fake_proxy.hits(), 0);
@@ -301,29 +276,19 @@ print(json.dumps({"pid": os.getpid(), "ports": ports, "errors": errors}))
     let pid = v["pid"].as_u64().unwrap() as u32;
     let errors = v["errors"].as_array().unwrap();
     assert!(errors.is_empty(), "connect errors: {errors:?}");
-    let ports: std::collections::HashSet<u16> = v["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_u64().unwrap() as u16)
-        .collect();
+    let ports: std::collections::HashSet<u16> =
+        v["ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect();
     assert_eq!(ports.len(), N);
 
     let dialed: SocketAddr = format!("127.0.0.55:{port}").parse().unwrap();
     let mut seen = std::collections::HashSet::new();
     while seen.len() < N {
         let ev = fx.next_probe_event().expect("missing probe events");
-        let orig = ev
-            .orig
-            .unwrap_or_else(|| panic!("no table entry for {}", ev.client));
+        let orig = ev.orig.unwrap_or_else(|| panic!("no table entry for {}", ev.client));
         assert_eq!(orig.dst, dialed);
         assert_eq!(orig.pid, pid);
         assert_eq!(orig.cgroup_id, fx.sandbox.id());
-        assert!(
-            ports.contains(&ev.client.port()),
-            "unexpected client {}",
-            ev.client
-        );
+        assert!(ports.contains(&ev.client.port()), "unexpected client {}", ev.client);
         assert!(seen.insert(ev.client.port()), "duplicate {}", ev.client);
     }
     assert_eq!(fx.probe_unknown(), 0);

@@ -44,11 +44,7 @@ print(json.dumps(r))
         &[port.to_string()],
     );
     for (case, errno) in v.as_object().unwrap() {
-        assert_eq!(
-            errno.as_i64(),
-            Some(EPERM),
-            "{case}: expected EPERM, got {errno}"
-        );
+        assert_eq!(errno.as_i64(), Some(EPERM), "{case}: expected EPERM, got {errno}");
     }
     assert_eq!(canary4.hits(), 0);
     assert_eq!(canary6.hits(), 0);
@@ -69,8 +65,7 @@ def parse(reply):
 
 #[test]
 fn dns_over_udp_to_outside_servers_reaches_the_resolver() {
-    let Some(mut fx) = KernelFixture::new("dns_over_udp_to_outside_servers_reaches_the_resolver")
-    else {
+    let Some(mut fx) = KernelFixture::new("dns_over_udp_to_outside_servers_reaches_the_resolver") else {
         return;
     };
     let canary4 = Canary::udp(&fx.rt, "127.0.0.53:53".parse().unwrap());
@@ -118,9 +113,7 @@ print(json.dumps(out))
     }
     let mut seen = HashMap::new();
     for _ in 0..4 {
-        let q = fx
-            .next_dns_query()
-            .expect("resolver stub saw too few queries");
+        let q = fx.next_dns_query().expect("resolver stub saw too few queries");
         assert_eq!(q.transport, Transport::Udp);
         assert!(q.client.ip().to_canonical().is_loopback());
         seen.insert(q.id, q);
@@ -134,8 +127,7 @@ print(json.dumps(out))
 
 #[test]
 fn dns_over_tcp_reaches_the_resolver_with_its_table_entry() {
-    let Some(mut fx) = KernelFixture::new("dns_over_tcp_reaches_the_resolver_with_its_table_entry")
-    else {
+    let Some(mut fx) = KernelFixture::new("dns_over_tcp_reaches_the_resolver_with_its_table_entry") else {
         return;
     };
     let canary = Canary::tcp(&fx.rt, "127.0.0.54:53".parse().unwrap());

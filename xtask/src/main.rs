@@ -17,6 +17,8 @@ usage: cargo xtask <task>
 tasks:
   test    fmt check, clippy -D warnings, and every test (kernel suites need root)
   demo    run sluice's main job end to end, printing each step
+  bench [decisions]
+          benchmarks (release build); prints a table per benchmark
   deps    install the Debian packages sluice needs to build and test (as root),
           or print the command to run
 ";
@@ -27,6 +29,7 @@ fn main() {
         Some("test") => test(),
         Some("demo") => demo::run(),
         Some("deps") => deps::ensure(),
+        Some("bench") => bench(args.get(1).map(String::as_str)),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -75,6 +78,20 @@ fn display(cmd: &Command) -> String {
         s.push_str(&a.to_string_lossy());
     }
     s
+}
+
+/// Benchmarks run in release mode, one at a time (they share two cores with nothing else).
+fn bench(which: Option<&str>) -> anyhow::Result<()> {
+    const ALL: &[&str] = &["decisions"];
+    let selected: Vec<&str> = match which {
+        None | Some("all") => ALL.to_vec(),
+        Some(name) if ALL.contains(&name) => vec![name],
+        Some(other) => bail!("unknown benchmark {other:?}; choose one of: {}", ALL.join(", ")),
+    };
+    for name in selected {
+        run(cargo().args(["bench", "-p", "sluice", "--bench", name]))?;
+    }
+    Ok(())
 }
 
 fn test() -> anyhow::Result<()> {

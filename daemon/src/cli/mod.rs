@@ -1,7 +1,10 @@
 //! The `sluice` command line. Each subcommand lives in its own module; this one parses the
 //! arguments, runs the command and turns any error into one line on stderr and exit status 1.
 
+mod audit;
+mod daemon;
 mod issuer;
+mod ops;
 mod passport;
 mod util;
 
@@ -20,9 +23,10 @@ pub struct Cli {
     /// Daemon configuration file.
     #[arg(long, global = true, value_name = "FILE", default_value = "/etc/sluice/sluice.toml")]
     pub config: PathBuf,
-    /// The daemon's local API socket.
-    #[arg(long, global = true, value_name = "PATH", default_value = "/run/sluice/sluice.sock")]
-    pub socket: PathBuf,
+    /// The daemon's local API socket [default: $SLUICE_SOCKET, else /run/sluice/sluice.sock;
+    /// for `sluice daemon`, the config's [api] socket].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -32,20 +36,37 @@ pub enum Command {
     /// Create and manage passport issuers (Ed25519 signing keys).
     #[command(subcommand)]
     Issuer(issuer::IssuerCmd),
-    /// Issue, inspect and verify passports.
+    /// Issue, inspect, verify, register and revoke passports.
     #[command(subcommand)]
     Passport(passport::PassportCmd),
+    /// Run the enforcer (local API, store, and as they land: proxy, resolver, eBPF) in the foreground.
+    Daemon(daemon::DaemonArgs),
+    /// Passport-only mode: ask the daemon for a decision on one action (prints the decision JSON;
+    /// exit status 0 allow, 3 block, 4 request_hold).
+    Enforce(ops::EnforceArgs),
+    /// Show a passport's cumulative spend and rate counters, or reset them (attested).
+    State(ops::StateArgs),
+    /// List pending approvals, or approve / deny one (the approver is attested).
+    Holds(ops::HoldsArgs),
+    /// Export, prove and verify the attestation log.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
 }
 
-/// A command's failure. `Failed` is a verdict (exit 1, e.g. a passport that does not verify);
-/// anything else is an error running the command (also exit 1).
+/// A command's exit status, or the error that stopped it (printed as one line, exit status 1).
 pub type CmdResult = anyhow::Result<ExitCode>;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let socket = ops::socket_path(cli.socket.as_deref());
     let result = match cli.command {
         Command::Issuer(cmd) => issuer::run(cmd),
-        Command::Passport(cmd) => passport::run(cmd),
+        Command::Passport(cmd) => passport::run(cmd, &socket),
+        Command::Daemon(args) => daemon::run(args, &cli.config, cli.socket.as_deref()),
+        Command::Enforce(args) => ops::enforce(args, &socket),
+        Command::State(args) => ops::state(args, &socket),
+        Command::Holds(args) => ops::holds(args, &socket),
+        Command::Audit(cmd) => audit::run(cmd, &socket),
     };
     match result {
         Ok(code) => code,

@@ -22,6 +22,26 @@ pub enum PassportCmd {
     /// Verify a passport fully (signature, claims, constraints, validity). Exit status 1 with the
     /// reason if it is not valid.
     Verify(VerifyArgs),
+    /// Register a passport with the running daemon (passport-only mode; `sluice run` does this
+    /// itself). Prints its id.
+    Register {
+        /// The passport file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a passport through the daemon. Revocation is attested and survives restarts.
+    Revoke {
+        /// The passport id (pp_…).
+        id: String,
+        /// A note kept in the attestation.
+        #[arg(long, value_name = "T")]
+        note: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -80,11 +100,13 @@ pub struct VerifyArgs {
     json: bool,
 }
 
-pub fn run(cmd: PassportCmd) -> CmdResult {
+pub fn run(cmd: PassportCmd, socket: &Path) -> CmdResult {
     match cmd {
         PassportCmd::Issue(a) => issue(a),
         PassportCmd::Inspect(a) => inspect(a),
         PassportCmd::Verify(a) => verify(a),
+        PassportCmd::Register { file, json } => super::ops::register(&file, socket, json),
+        PassportCmd::Revoke { id, note, json } => super::ops::revoke(&id, note, socket, json),
     }
 }
 

@@ -66,11 +66,7 @@ impl RawConnKey {
             SocketAddr::V4(a) => a.ip().to_ipv6_mapped().octets(),
             SocketAddr::V6(a) => a.ip().octets(),
         };
-        Self {
-            addr,
-            port: client.port(),
-            pad: 0,
-        }
+        Self { addr, port: client.port(), pad: 0 }
     }
 }
 
@@ -166,10 +162,7 @@ int main(void) {
         let text = String::from_utf8(out.stdout).expect("utf8");
         let mut lines = text.lines().collect::<Vec<_>>();
         let globals = lines.pop().expect("globals line");
-        assert_eq!(
-            globals,
-            format!("{GLOBAL_PROXY_PORT} {GLOBAL_DNS_PORT} {GLOBAL_HOST_NETNS}")
-        );
+        assert_eq!(globals, format!("{GLOBAL_PROXY_PORT} {GLOBAL_DNS_PORT} {GLOBAL_HOST_NETNS}"));
         lines
             .iter()
             .map(|l| {
@@ -186,64 +179,25 @@ int main(void) {
         assert_eq!(get("abi"), u64::from(ABI_VERSION));
         assert_eq!(get("entries"), u64::from(CONNTABLE_ENTRIES));
         assert_eq!(get("sluice_orig_dst"), size_of::<RawOrigDst>() as u64);
-        assert_eq!(
-            get("sluice_orig_dst.addr"),
-            offset_of!(RawOrigDst, addr) as u64
-        );
-        assert_eq!(
-            get("sluice_orig_dst.port"),
-            offset_of!(RawOrigDst, port) as u64
-        );
-        assert_eq!(
-            get("sluice_orig_dst.family"),
-            offset_of!(RawOrigDst, family) as u64
-        );
-        assert_eq!(
-            get("sluice_orig_dst.protocol"),
-            offset_of!(RawOrigDst, protocol) as u64
-        );
-        assert_eq!(
-            get("sluice_orig_dst.tgid"),
-            offset_of!(RawOrigDst, tgid) as u64
-        );
-        assert_eq!(
-            get("sluice_orig_dst.cgroup_id"),
-            offset_of!(RawOrigDst, cgroup_id) as u64
-        );
-        assert_eq!(
-            get("sluice_orig_dst.netns_cookie"),
-            offset_of!(RawOrigDst, netns_cookie) as u64
-        );
-        assert_eq!(
-            get("sluice_orig_dst.sock_cookie"),
-            offset_of!(RawOrigDst, sock_cookie) as u64
-        );
+        assert_eq!(get("sluice_orig_dst.addr"), offset_of!(RawOrigDst, addr) as u64);
+        assert_eq!(get("sluice_orig_dst.port"), offset_of!(RawOrigDst, port) as u64);
+        assert_eq!(get("sluice_orig_dst.family"), offset_of!(RawOrigDst, family) as u64);
+        assert_eq!(get("sluice_orig_dst.protocol"), offset_of!(RawOrigDst, protocol) as u64);
+        assert_eq!(get("sluice_orig_dst.tgid"), offset_of!(RawOrigDst, tgid) as u64);
+        assert_eq!(get("sluice_orig_dst.cgroup_id"), offset_of!(RawOrigDst, cgroup_id) as u64);
+        assert_eq!(get("sluice_orig_dst.netns_cookie"), offset_of!(RawOrigDst, netns_cookie) as u64);
+        assert_eq!(get("sluice_orig_dst.sock_cookie"), offset_of!(RawOrigDst, sock_cookie) as u64);
         assert_eq!(get("sluice_conn_key"), size_of::<RawConnKey>() as u64);
-        assert_eq!(
-            get("sluice_conn_key.align"),
-            align_of::<RawConnKey>() as u64
-        );
-        assert_eq!(
-            get("sluice_conn_key.addr"),
-            offset_of!(RawConnKey, addr) as u64
-        );
-        assert_eq!(
-            get("sluice_conn_key.port"),
-            offset_of!(RawConnKey, port) as u64
-        );
-        assert_eq!(
-            get("sluice_conn_key.pad"),
-            offset_of!(RawConnKey, pad) as u64
-        );
+        assert_eq!(get("sluice_conn_key.align"), align_of::<RawConnKey>() as u64);
+        assert_eq!(get("sluice_conn_key.addr"), offset_of!(RawConnKey, addr) as u64);
+        assert_eq!(get("sluice_conn_key.port"), offset_of!(RawConnKey, port) as u64);
+        assert_eq!(get("sluice_conn_key.pad"), offset_of!(RawConnKey, pad) as u64);
     }
 
     #[test]
     fn conn_key_maps_ipv4_clients() {
         let k = RawConnKey::from_client("127.0.0.1:40000".parse().unwrap());
-        assert_eq!(
-            k.addr,
-            Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets()
-        );
+        assert_eq!(k.addr, Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets());
         assert_eq!(k.port, 40000);
         assert_eq!(k.pad, 0);
         let k6 = RawConnKey::from_client("[::1]:40001".parse().unwrap());
@@ -262,10 +216,7 @@ int main(void) {
         };
         assert_eq!(r.dialed(), Some("127.0.0.55:8080".parse().unwrap()));
         r.family = AF_INET6;
-        assert_eq!(
-            r.dialed(),
-            Some("[::ffff:127.0.0.55]:8080".parse().unwrap())
-        );
+        assert_eq!(r.dialed(), Some("[::ffff:127.0.0.55]:8080".parse().unwrap()));
         r.family = 99;
         assert_eq!(r.dialed(), None);
         // An AF_INET record whose address is not mapped is corrupt.

@@ -27,14 +27,9 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// hard-coded.
 pub fn cgroup2_mount() -> Result<PathBuf, KernelError> {
     let path = Path::new("/proc/self/mountinfo");
-    let text = fs::read_to_string(path).map_err(|source| KernelError::Cgroup {
-        path: path.to_owned(),
-        op: "read",
-        source,
-    })?;
-    parse_cgroup2_mount(&text).ok_or_else(|| KernelError::NoCgroup2 {
-        mountinfo: path.to_owned(),
-    })
+    let text =
+        fs::read_to_string(path).map_err(|source| KernelError::Cgroup { path: path.to_owned(), op: "read", source })?;
+    parse_cgroup2_mount(&text).ok_or_else(|| KernelError::NoCgroup2 { mountinfo: path.to_owned() })
 }
 
 /// Parses mountinfo lines: `id parent maj:min root mountpoint opts [optional...] - fstype source superopts`.
@@ -77,12 +72,7 @@ fn unescape_mountinfo(s: &str) -> String {
 /// Checks one cgroup name component: no separators, no dot files (cgroup
 /// control files live there), no `cgroup.` prefix, bounded length.
 fn check_name(name: &str) -> Result<(), KernelError> {
-    let bad = |reason| {
-        Err(KernelError::CgroupName {
-            name: name.to_owned(),
-            reason,
-        })
-    };
+    let bad = |reason| Err(KernelError::CgroupName { name: name.to_owned(), reason });
     if name.is_empty() {
         return bad("empty");
     }
@@ -95,10 +85,7 @@ fn check_name(name: &str) -> Result<(), KernelError> {
     if name.starts_with("cgroup.") {
         return bad("the `cgroup.` prefix is reserved for control files");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b':'))
-    {
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b':')) {
         return bad("only ASCII letters, digits and - _ . @ : are allowed");
     }
     Ok(())
@@ -108,10 +95,7 @@ fn check_name(name: &str) -> Result<(), KernelError> {
 /// setting): relative, no `..`, every component a valid name.
 fn check_relative(rel: &str) -> Result<PathBuf, KernelError> {
     if rel.is_empty() {
-        return Err(KernelError::CgroupName {
-            name: rel.to_owned(),
-            reason: "empty",
-        });
+        return Err(KernelError::CgroupName { name: rel.to_owned(), reason: "empty" });
     }
     let mut out = PathBuf::new();
     // Split by hand: Path::components() silently drops `.` and `//`.
@@ -151,31 +135,18 @@ impl Cgroup {
     /// Opens an existing cgroup directory (must be on cgroup2).
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, KernelError> {
         let path = path.into();
-        let err = |op, source| KernelError::Cgroup {
-            path: path.clone(),
-            op,
-            source,
-        };
+        let err = |op, source| KernelError::Cgroup { path: path.clone(), op, source };
         let fs_type = sys::fs_type(&path).map_err(|e| err("statfs", e))?;
         if fs_type != sys::CGROUP2_SUPER_MAGIC {
-            return Err(err(
-                "open",
-                io::Error::new(io::ErrorKind::InvalidInput, "not a cgroup2 directory"),
-            ));
+            return Err(err("open", io::Error::new(io::ErrorKind::InvalidInput, "not a cgroup2 directory")));
         }
         let meta = fs::metadata(&path).map_err(|e| err("stat", e))?;
         if !meta.is_dir() {
-            return Err(err(
-                "open",
-                io::Error::new(io::ErrorKind::InvalidInput, "not a directory"),
-            ));
+            return Err(err("open", io::Error::new(io::ErrorKind::InvalidInput, "not a directory")));
         }
         // On cgroup2 the directory's inode number is the cgroup id the
         // kernel reports (bpf_get_current_cgroup_id, link info).
-        Ok(Self {
-            id: meta.ino(),
-            path,
-        })
+        Ok(Self { id: meta.ino(), path })
     }
 
     /// The agents cgroup named by the `[sandbox] cgroup` setting, relative to
@@ -190,10 +161,7 @@ impl Cgroup {
             return Self::open(direct);
         }
         if !rel.contains('/') {
-            for candidate in [
-                mount.join(systemd_slice_path(rel)),
-                mount.join(format!("{rel}.slice")),
-            ] {
+            for candidate in [mount.join(systemd_slice_path(rel)), mount.join(format!("{rel}.slice"))] {
                 if candidate.is_dir() {
                     return Self::open(candidate);
                 }
@@ -216,14 +184,11 @@ impl Cgroup {
             op: "read",
             source,
         })?;
-        let rel = text
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .ok_or_else(|| KernelError::Cgroup {
-                path: file.clone(),
-                op: "parse",
-                source: io::Error::new(io::ErrorKind::InvalidData, "no cgroup v2 (0::) line"),
-            })?;
+        let rel = text.lines().find_map(|l| l.strip_prefix("0::")).ok_or_else(|| KernelError::Cgroup {
+            path: file.clone(),
+            op: "parse",
+            source: io::Error::new(io::ErrorKind::InvalidData, "no cgroup v2 (0::) line"),
+        })?;
         let rel = rel.trim_end_matches(" (deleted)").trim_start_matches('/');
         if rel.split('/').any(|c| c == "..") {
             return Err(KernelError::Cgroup {
@@ -256,11 +221,7 @@ impl Cgroup {
     pub fn create_child(&self, name: &str) -> Result<Cgroup, KernelError> {
         check_name(name)?;
         let path = self.path.join(name);
-        fs::create_dir(&path).map_err(|source| KernelError::Cgroup {
-            path: path.clone(),
-            op: "mkdir",
-            source,
-        })?;
+        fs::create_dir(&path).map_err(|source| KernelError::Cgroup { path: path.clone(), op: "mkdir", source })?;
         Self::open(path)
     }
 
@@ -277,37 +238,25 @@ impl Cgroup {
     /// Moves process `pid` (all its threads) into this cgroup.
     pub fn add_pid(&self, pid: u32) -> Result<(), KernelError> {
         let path = self.procs_path();
-        let mut f = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|source| KernelError::Cgroup {
-                path: path.clone(),
-                op: "open",
-                source,
-            })?;
-        f.write_all(format!("{pid}\n").as_bytes())
-            .map_err(|source| KernelError::Cgroup {
-                path,
-                op: "write pid",
-                source,
-            })
+        let mut f = OpenOptions::new().write(true).open(&path).map_err(|source| KernelError::Cgroup {
+            path: path.clone(),
+            op: "open",
+            source,
+        })?;
+        f.write_all(format!("{pid}\n").as_bytes()).map_err(|source| KernelError::Cgroup {
+            path,
+            op: "write pid",
+            source,
+        })
     }
 
     /// Pids currently in this cgroup (not its descendants).
     pub fn pids(&self) -> Result<Vec<u32>, KernelError> {
         let path = self.procs_path();
-        let f = File::open(&path).map_err(|source| KernelError::Cgroup {
-            path: path.clone(),
-            op: "open",
-            source,
-        })?;
+        let f = File::open(&path).map_err(|source| KernelError::Cgroup { path: path.clone(), op: "open", source })?;
         let mut out = Vec::new();
         for line in BufReader::new(f).lines() {
-            let line = line.map_err(|source| KernelError::Cgroup {
-                path: path.clone(),
-                op: "read",
-                source,
-            })?;
+            let line = line.map_err(|source| KernelError::Cgroup { path: path.clone(), op: "read", source })?;
             if let Ok(pid) = line.trim().parse() {
                 out.push(pid);
             }
@@ -329,18 +278,13 @@ impl Cgroup {
     /// unsafe { cmd.pre_exec(join) };
     /// # Ok(()) }
     /// ```
-    pub fn join_before_exec(
-        &self,
-    ) -> Result<impl FnMut() -> io::Result<()> + Send + Sync + 'static, KernelError> {
+    pub fn join_before_exec(&self) -> Result<impl FnMut() -> io::Result<()> + Send + Sync + 'static, KernelError> {
         let path = self.procs_path();
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(|source| KernelError::Cgroup {
-                path,
-                op: "open",
-                source,
-            })?;
+        let file = OpenOptions::new().write(true).open(&path).map_err(|source| KernelError::Cgroup {
+            path,
+            op: "open",
+            source,
+        })?;
         // O_CLOEXEC (std's default): the exec'd program does not inherit it.
         let fd: OwnedFd = file.into();
         Ok(move || {
@@ -360,17 +304,11 @@ impl Cgroup {
     /// (`cgroup.kill`, kernel >= 5.14) and waits (bounded) until they are gone.
     pub fn kill_all(&self) -> Result<(), KernelError> {
         let kill = self.path.join("cgroup.kill");
-        fs::write(&kill, b"1").map_err(|source| KernelError::Cgroup {
-            path: kill,
-            op: "write",
-            source,
-        })?;
+        fs::write(&kill, b"1").map_err(|source| KernelError::Cgroup { path: kill, op: "write", source })?;
         let events = self.path.join("cgroup.events");
         let deadline = Instant::now() + KILL_WAIT;
         loop {
-            let populated = fs::read_to_string(&events)
-                .map(|t| t.lines().any(|l| l == "populated 1"))
-                .unwrap_or(false);
+            let populated = fs::read_to_string(&events).map(|t| t.lines().any(|l| l == "populated 1")).unwrap_or(false);
             if !populated {
                 return Ok(());
             }
@@ -396,11 +334,8 @@ impl Cgroup {
     }
 
     fn remove_dirs(&self, dir: &Path) -> Result<(), KernelError> {
-        let entries = fs::read_dir(dir).map_err(|source| KernelError::Cgroup {
-            path: dir.to_owned(),
-            op: "read_dir",
-            source,
-        })?;
+        let entries =
+            fs::read_dir(dir).map_err(|source| KernelError::Cgroup { path: dir.to_owned(), op: "read_dir", source })?;
         for entry in entries.flatten() {
             if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                 self.remove_dirs(&entry.path())?;
@@ -409,11 +344,7 @@ impl Cgroup {
         match fs::remove_dir(dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(KernelError::Cgroup {
-                path: dir.to_owned(),
-                op: "rmdir",
-                source,
-            }),
+            Err(source) => Err(KernelError::Cgroup { path: dir.to_owned(), op: "rmdir", source }),
         }
     }
 }
@@ -430,46 +361,24 @@ mod tests {
 31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw
 32 30 0:28 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd
 ";
-        assert_eq!(
-            parse_cgroup2_mount(hybrid),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        let unified =
-            "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
-        assert_eq!(
-            parse_cgroup2_mount(unified),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
+        assert_eq!(parse_cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        let unified = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(parse_cgroup2_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
         let escaped = "35 24 0:30 / /mnt/my\\040cg rw - cgroup2 none rw\n";
-        assert_eq!(
-            parse_cgroup2_mount(escaped),
-            Some(PathBuf::from("/mnt/my cg"))
-        );
+        assert_eq!(parse_cgroup2_mount(escaped), Some(PathBuf::from("/mnt/my cg")));
         assert_eq!(parse_cgroup2_mount("1 2 3:4 / /x rw - cgroup c rw\n"), None);
         assert_eq!(parse_cgroup2_mount("garbage\n\n - \n"), None);
     }
 
     #[test]
     fn rejects_escaping_and_control_file_names() {
-        for bad in [
-            "",
-            "..",
-            ".hidden",
-            "a/b",
-            "cgroup.procs",
-            "x y",
-            "a\0b",
-            &"a".repeat(200),
-        ] {
+        for bad in ["", "..", ".hidden", "a/b", "cgroup.procs", "x y", "a\0b", &"a".repeat(200)] {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
         }
         for bad in ["/abs", "../up", "a/../b", "a/./b", "", "a//b", "a/"] {
             assert!(check_relative(bad).is_err(), "{bad:?} accepted");
         }
-        assert_eq!(
-            check_relative("sluice-agents").unwrap(),
-            PathBuf::from("sluice-agents")
-        );
+        assert_eq!(check_relative("sluice-agents").unwrap(), PathBuf::from("sluice-agents"));
         assert_eq!(
             check_relative("system.slice/sluice-agents.slice").unwrap(),
             PathBuf::from("system.slice/sluice-agents.slice")
@@ -479,18 +388,9 @@ mod tests {
 
     #[test]
     fn systemd_slice_nesting() {
-        assert_eq!(
-            systemd_slice_path("sluice-agents"),
-            PathBuf::from("sluice.slice/sluice-agents.slice")
-        );
-        assert_eq!(
-            systemd_slice_path("sluice-agents.slice"),
-            PathBuf::from("sluice.slice/sluice-agents.slice")
-        );
+        assert_eq!(systemd_slice_path("sluice-agents"), PathBuf::from("sluice.slice/sluice-agents.slice"));
+        assert_eq!(systemd_slice_path("sluice-agents.slice"), PathBuf::from("sluice.slice/sluice-agents.slice"));
         assert_eq!(systemd_slice_path("agents"), PathBuf::from("agents.slice"));
-        assert_eq!(
-            systemd_slice_path("a-b-c"),
-            PathBuf::from("a.slice/a-b.slice/a-b-c.slice")
-        );
+        assert_eq!(systemd_slice_path("a-b-c"), PathBuf::from("a.slice/a-b.slice/a-b-c.slice"));
     }
 }

@@ -70,12 +70,7 @@ pub struct Conntable {
 
 impl Conntable {
     pub(crate) fn new(map: OwnedFd) -> Self {
-        Self {
-            map,
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-        }
+        Self { map, hits: AtomicU64::new(0), misses: AtomicU64::new(0), errors: AtomicU64::new(0) }
     }
 
     /// Opens a pinned connection table (tools, tests).
@@ -96,10 +91,7 @@ impl Conntable {
         // SAFETY: RawOrigDst is repr(C) POD without padding; every byte
         // pattern is a valid value.
         let value = unsafe {
-            std::slice::from_raw_parts_mut(
-                (&mut raw as *mut RawOrigDst).cast::<u8>(),
-                size_of::<RawOrigDst>(),
-            )
+            std::slice::from_raw_parts_mut((&mut raw as *mut RawOrigDst).cast::<u8>(), size_of::<RawOrigDst>())
         };
         let key_bytes = key_bytes(&key);
         match sys::map_lookup_and_delete(self.fd(), key_bytes, value) {
@@ -133,10 +125,7 @@ impl Conntable {
         let mut raw = RawOrigDst::default();
         // SAFETY: as in `lookup`.
         let value = unsafe {
-            std::slice::from_raw_parts_mut(
-                (&mut raw as *mut RawOrigDst).cast::<u8>(),
-                size_of::<RawOrigDst>(),
-            )
+            std::slice::from_raw_parts_mut((&mut raw as *mut RawOrigDst).cast::<u8>(), size_of::<RawOrigDst>())
         };
         match sys::map_lookup(self.fd(), key_bytes(&key), value) {
             Ok(true) => OrigDst::from_raw(&raw),
@@ -168,12 +157,7 @@ impl Conntable {
 
 fn key_bytes(key: &RawConnKey) -> &[u8] {
     // SAFETY: RawConnKey is repr(C) POD without padding (pad is a field).
-    unsafe {
-        std::slice::from_raw_parts(
-            (key as *const RawConnKey).cast::<u8>(),
-            size_of::<RawConnKey>(),
-        )
-    }
+    unsafe { std::slice::from_raw_parts((key as *const RawConnKey).cast::<u8>(), size_of::<RawConnKey>()) }
 }
 
 #[cfg(test)]
@@ -183,9 +167,7 @@ mod tests {
     #[test]
     fn malformed_records_are_refused() {
         let mut raw = RawOrigDst {
-            addr: std::net::Ipv4Addr::new(10, 0, 0, 1)
-                .to_ipv6_mapped()
-                .octets(),
+            addr: std::net::Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped().octets(),
             port: 443,
             family: abi::AF_INET,
             protocol: abi::IPPROTO_TCP,

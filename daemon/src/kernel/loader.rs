@@ -29,9 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aya::programs::links::FdLink;
-use aya::programs::{
-    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program, SockOps,
-};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program, SockOps};
 use aya::{Ebpf, EbpfLoader};
 
 use super::abi::{self, ABI_VERSION};
@@ -60,71 +58,19 @@ struct Spec {
 /// Attach order: bookkeeping first (sockops before connect, so no redirected
 /// connection lacks its table entry), the egress backstop last.
 const PROGRAMS: &[Spec] = &[
-    Spec {
-        name: "sl_sockops",
-        kind: Kind::SockOps,
-        attach_type: 3,
-    },
-    Spec {
-        name: "sl_recvmsg4",
-        kind: Kind::SockAddr,
-        attach_type: 19,
-    },
-    Spec {
-        name: "sl_recvmsg6",
-        kind: Kind::SockAddr,
-        attach_type: 20,
-    },
-    Spec {
-        name: "sl_getpeer4",
-        kind: Kind::SockAddr,
-        attach_type: 29,
-    },
-    Spec {
-        name: "sl_getpeer6",
-        kind: Kind::SockAddr,
-        attach_type: 30,
-    },
-    Spec {
-        name: "sl_bind4",
-        kind: Kind::SockAddr,
-        attach_type: 8,
-    },
-    Spec {
-        name: "sl_bind6",
-        kind: Kind::SockAddr,
-        attach_type: 9,
-    },
-    Spec {
-        name: "sl_sock_create",
-        kind: Kind::Sock,
-        attach_type: 2,
-    },
-    Spec {
-        name: "sl_connect4",
-        kind: Kind::SockAddr,
-        attach_type: 10,
-    },
-    Spec {
-        name: "sl_connect6",
-        kind: Kind::SockAddr,
-        attach_type: 11,
-    },
-    Spec {
-        name: "sl_sendmsg4",
-        kind: Kind::SockAddr,
-        attach_type: 14,
-    },
-    Spec {
-        name: "sl_sendmsg6",
-        kind: Kind::SockAddr,
-        attach_type: 15,
-    },
-    Spec {
-        name: "sl_egress",
-        kind: Kind::SkbEgress,
-        attach_type: 1,
-    },
+    Spec { name: "sl_sockops", kind: Kind::SockOps, attach_type: 3 },
+    Spec { name: "sl_recvmsg4", kind: Kind::SockAddr, attach_type: 19 },
+    Spec { name: "sl_recvmsg6", kind: Kind::SockAddr, attach_type: 20 },
+    Spec { name: "sl_getpeer4", kind: Kind::SockAddr, attach_type: 29 },
+    Spec { name: "sl_getpeer6", kind: Kind::SockAddr, attach_type: 30 },
+    Spec { name: "sl_bind4", kind: Kind::SockAddr, attach_type: 8 },
+    Spec { name: "sl_bind6", kind: Kind::SockAddr, attach_type: 9 },
+    Spec { name: "sl_sock_create", kind: Kind::Sock, attach_type: 2 },
+    Spec { name: "sl_connect4", kind: Kind::SockAddr, attach_type: 10 },
+    Spec { name: "sl_connect6", kind: Kind::SockAddr, attach_type: 11 },
+    Spec { name: "sl_sendmsg4", kind: Kind::SockAddr, attach_type: 14 },
+    Spec { name: "sl_sendmsg6", kind: Kind::SockAddr, attach_type: 15 },
+    Spec { name: "sl_egress", kind: Kind::SkbEgress, attach_type: 1 },
 ];
 
 /// What [`Enforcer::install`] did with one program's link.
@@ -174,16 +120,10 @@ impl std::fmt::Debug for Enforcer {
 
 fn check_config(cfg: &KernelConfig) -> Result<(), KernelError> {
     if cfg.proxy_port == 0 {
-        return Err(KernelError::Config {
-            field: "proxy.port",
-            reason: "must not be 0".into(),
-        });
+        return Err(KernelError::Config { field: "proxy.port", reason: "must not be 0".into() });
     }
     if cfg.dns_port == 0 {
-        return Err(KernelError::Config {
-            field: "dns.port",
-            reason: "must not be 0".into(),
-        });
+        return Err(KernelError::Config { field: "dns.port", reason: "must not be 0".into() });
     }
     if cfg.dns_port == cfg.proxy_port {
         return Err(KernelError::Config {
@@ -201,11 +141,7 @@ fn check_config(cfg: &KernelConfig) -> Result<(), KernelError> {
 }
 
 fn pin_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> KernelError + 'a {
-    move |source| KernelError::Pin {
-        path: path.to_owned(),
-        op,
-        source,
-    }
+    move |source| KernelError::Pin { path: path.to_owned(), op, source }
 }
 
 /// Makes sure `pin_dir` is on bpffs (mounting it at `/sys/fs/bpf` if that is
@@ -213,25 +149,19 @@ fn pin_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Ke
 fn prepare_pin_dir(pin_dir: &Path) -> Result<(), KernelError> {
     let mut existing = pin_dir;
     while !existing.exists() {
-        existing = existing.parent().ok_or_else(|| KernelError::NotBpffs {
-            path: pin_dir.to_owned(),
-        })?;
+        existing = existing.parent().ok_or_else(|| KernelError::NotBpffs { path: pin_dir.to_owned() })?;
     }
     let fs_type = sys::fs_type(existing).map_err(pin_err(existing, "statfs"))?;
     if fs_type != sys::BPF_FS_MAGIC {
         let default = Path::new("/sys/fs/bpf");
         if existing != default {
-            return Err(KernelError::NotBpffs {
-                path: pin_dir.to_owned(),
-            });
+            return Err(KernelError::NotBpffs { path: pin_dir.to_owned() });
         }
         nix::mount::mount(
             Some("bpf"),
             default,
             Some("bpf"),
-            nix::mount::MsFlags::MS_NOSUID
-                | nix::mount::MsFlags::MS_NODEV
-                | nix::mount::MsFlags::MS_NOEXEC,
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
             Some("mode=0700"),
         )
         .map_err(|e| KernelError::Pin {
@@ -260,11 +190,7 @@ fn prog_err<E>(program: &'static str, op: &'static str) -> impl FnOnce(E) -> Ker
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    move |e| KernelError::Program {
-        program,
-        op,
-        source: Box::new(e),
-    }
+    move |e| KernelError::Program { program, op, source: Box::new(e) }
 }
 
 fn load(prog: &mut Program, spec: &Spec) -> Result<(), KernelError> {
@@ -303,9 +229,7 @@ fn attach(prog: &mut Program, spec: &Spec, cgroup: &File) -> Result<FdLink, Kern
         }
         (Kind::SkbEgress, Program::CgroupSkb(p)) => {
             let p: &mut CgroupSkb = p;
-            let id = p
-                .attach(cgroup, CgroupSkbAttachType::Egress, mode)
-                .map_err(prog_err(name, "attach"))?;
+            let id = p.attach(cgroup, CgroupSkbAttachType::Egress, mode).map_err(prog_err(name, "attach"))?;
             let link = p.take_link(id).map_err(prog_err(name, "take link"))?;
             FdLink::try_from(link).map_err(prog_err(name, "link fd"))?
         }
@@ -316,12 +240,7 @@ fn attach(prog: &mut Program, spec: &Spec, cgroup: &File) -> Result<FdLink, Kern
 
 /// Tries to swap the program of the pinned link at `pin` in place. `Ok(false)`
 /// when the pin is not one of our links on this cgroup (caller replaces it).
-fn try_update(
-    pin: &Path,
-    prog: &Program,
-    spec: &Spec,
-    cgroup_id: u64,
-) -> Result<bool, KernelError> {
+fn try_update(pin: &Path, prog: &Program, spec: &Spec, cgroup_id: u64) -> Result<bool, KernelError> {
     let link = match sys::obj_get(pin) {
         Ok(fd) => fd,
         Err(error) => {
@@ -336,10 +255,7 @@ fn try_update(
             return Ok(false);
         }
     };
-    if info.link_type != sys::LINK_TYPE_CGROUP
-        || info.cgroup_id != cgroup_id
-        || info.attach_type != spec.attach_type
-    {
+    if info.link_type != sys::LINK_TYPE_CGROUP || info.cgroup_id != cgroup_id || info.attach_type != spec.attach_type {
         tracing::info!(pin = %pin.display(), ?info, cgroup_id, "pinned link is for another cgroup or hook; replacing it");
         return Ok(false);
     }
@@ -360,15 +276,11 @@ fn install_program(
     cgroup_file: &File,
     links: &Path,
 ) -> Result<LinkAction, KernelError> {
-    let prog = ebpf
-        .program_mut(spec.name)
-        .ok_or(KernelError::MissingProgram { program: spec.name })?;
+    let prog = ebpf.program_mut(spec.name).ok_or(KernelError::MissingProgram { program: spec.name })?;
     load(prog, spec)?;
     let pin = links.join(spec.name);
     if !pin.exists() {
-        attach(prog, spec, cgroup_file)?
-            .pin(&pin)
-            .map_err(prog_err(spec.name, "pin link"))?;
+        attach(prog, spec, cgroup_file)?.pin(&pin).map_err(prog_err(spec.name, "pin link"))?;
         return Ok(LinkAction::Attached);
     }
     if try_update(&pin, prog, spec, cgroup.id())? {
@@ -382,9 +294,7 @@ fn install_program(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(pin_err(&tmp, "remove stale")(e)),
     }
-    attach(prog, spec, cgroup_file)?
-        .pin(&tmp)
-        .map_err(prog_err(spec.name, "pin link"))?;
+    attach(prog, spec, cgroup_file)?.pin(&tmp).map_err(prog_err(spec.name, "pin link"))?;
     fs::rename(&tmp, &pin).map_err(pin_err(&pin, "rename new link over old"))?;
     Ok(LinkAction::Replaced)
 }
@@ -393,14 +303,9 @@ fn install_program(
 /// exist, and maps of other ABI versions (no program uses them any more).
 fn remove_stale(pin_dir: &Path) -> Result<(), KernelError> {
     let links = links_dir(pin_dir);
-    for entry in fs::read_dir(&links)
-        .map_err(pin_err(&links, "read_dir"))?
-        .flatten()
-    {
+    for entry in fs::read_dir(&links).map_err(pin_err(&links, "read_dir"))?.flatten() {
         let name = entry.file_name();
-        let known = name
-            .to_str()
-            .is_some_and(|n| PROGRAMS.iter().any(|s| s.name == n));
+        let known = name.to_str().is_some_and(|n| PROGRAMS.iter().any(|s| s.name == n));
         if !known {
             let path = entry.path();
             tracing::info!(pin = %path.display(), "removing stale link pin");
@@ -408,10 +313,7 @@ fn remove_stale(pin_dir: &Path) -> Result<(), KernelError> {
         }
     }
     let current = maps_dir(pin_dir);
-    for entry in fs::read_dir(pin_dir)
-        .map_err(pin_err(pin_dir, "read_dir"))?
-        .flatten()
-    {
+    for entry in fs::read_dir(pin_dir).map_err(pin_err(pin_dir, "read_dir"))?.flatten() {
         let path = entry.path();
         let is_version_dir = entry
             .file_name()
@@ -451,10 +353,7 @@ pub fn detach_and_unpin(pin_dir: &Path) -> Result<(), KernelError> {
         return Ok(());
     }
     remove_dir_files(&links_dir(pin_dir))?;
-    for entry in fs::read_dir(pin_dir)
-        .map_err(pin_err(pin_dir, "read_dir"))?
-        .flatten()
-    {
+    for entry in fs::read_dir(pin_dir).map_err(pin_err(pin_dir, "read_dir"))?.flatten() {
         let path = entry.path();
         if path.is_dir() {
             remove_dir_files(&path)?;
@@ -517,14 +416,7 @@ impl Enforcer {
             dns_port = config.dns_port,
             "kernel redirect installed"
         );
-        Ok(Self {
-            config: config.clone(),
-            agents,
-            conntable: Arc::new(conntable),
-            host_netns,
-            actions,
-            _ebpf: ebpf,
-        })
+        Ok(Self { config: config.clone(), agents, conntable: Arc::new(conntable), host_netns, actions, _ebpf: ebpf })
     }
 
     /// The connection table, for the proxy (and the resolver's TCP side).
@@ -562,18 +454,14 @@ impl Enforcer {
     /// fails.
     pub fn check_egress_backstop(&self) -> Result<(), KernelError> {
         const NAME: &str = "sl_egress";
-        let prog = self
-            ._ebpf
-            .program(NAME)
-            .ok_or(KernelError::MissingProgram { program: NAME })?;
+        let prog = self._ebpf.program(NAME).ok_or(KernelError::MissingProgram { program: NAME })?;
         let fd = prog.fd().map_err(prog_err(NAME, "program fd"))?;
         for (packet, want, what) in egress_probes() {
-            let got =
-                sys::prog_test_run(fd.as_fd(), &packet).map_err(|e| KernelError::Program {
-                    program: NAME,
-                    op: "BPF_PROG_TEST_RUN",
-                    source: Box::new(e),
-                })?;
+            let got = sys::prog_test_run(fd.as_fd(), &packet).map_err(|e| KernelError::Program {
+                program: NAME,
+                op: "BPF_PROG_TEST_RUN",
+                source: Box::new(e),
+            })?;
             if got != want {
                 return Err(KernelError::Program {
                     program: NAME,
@@ -641,21 +529,9 @@ fn egress_probes() -> Vec<(Vec<u8>, u32, &'static str)> {
         (v4([192, 0, 2, 1]), 0, "to 192.0.2.1"),
         (v4([10, 0, 0, 1]), 0, "to 10.0.0.1"),
         (v6(Ipv6Addr::LOCALHOST), 1, "to ::1"),
-        (
-            v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)),
-            0,
-            "to 2001:db8::1",
-        ),
-        (
-            v6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped()),
-            0,
-            "to ::ffff:192.0.2.1",
-        ),
-        (
-            v6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
-            0,
-            "to ::ffff:127.0.0.1 (never on the wire)",
-        ),
+        (v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1)), 0, "to 2001:db8::1"),
+        (v6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped()), 0, "to ::ffff:192.0.2.1"),
+        (v6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()), 0, "to ::ffff:127.0.0.1 (never on the wire)"),
     ]
 }
 
@@ -671,22 +547,10 @@ mod tests {
         let ok = KernelConfig::default();
         check_config(&ok).unwrap();
         for bad in [
-            KernelConfig {
-                proxy_port: 0,
-                ..ok.clone()
-            },
-            KernelConfig {
-                dns_port: 0,
-                ..ok.clone()
-            },
-            KernelConfig {
-                dns_port: ok.proxy_port,
-                ..ok.clone()
-            },
-            KernelConfig {
-                pin_dir: "relative/pins".into(),
-                ..ok.clone()
-            },
+            KernelConfig { proxy_port: 0, ..ok.clone() },
+            KernelConfig { dns_port: 0, ..ok.clone() },
+            KernelConfig { dns_port: ok.proxy_port, ..ok.clone() },
+            KernelConfig { pin_dir: "relative/pins".into(), ..ok.clone() },
         ] {
             assert!(check_config(&bad).is_err(), "{bad:?} accepted");
         }
@@ -700,11 +564,7 @@ mod tests {
         assert!(OBJECT.starts_with(b"\x7fELF"), "not an ELF object");
         assert!(has(b".BTF\0"), "object built without BTF (-g)");
         for spec in PROGRAMS {
-            assert!(
-                has(spec.name.as_bytes()),
-                "{} missing from the object",
-                spec.name
-            );
+            assert!(has(spec.name.as_bytes()), "{} missing from the object", spec.name);
         }
     }
 }

@@ -66,7 +66,9 @@ pub enum KernelError {
     #[error("invalid kernel setting `{field}`: {reason}")]
     Config { field: &'static str, reason: String },
 
-    #[error("no cgroup2 filesystem found in {mountinfo}: mount cgroup v2 (e.g. `mount -t cgroup2 none /sys/fs/cgroup`)")]
+    #[error(
+        "no cgroup2 filesystem found in {mountinfo}: mount cgroup v2 (e.g. `mount -t cgroup2 none /sys/fs/cgroup`)"
+    )]
     NoCgroup2 { mountinfo: PathBuf },
 
     #[error("invalid cgroup name {name:?}: {reason}")]
@@ -80,7 +82,9 @@ pub enum KernelError {
         source: io::Error,
     },
 
-    #[error("{path} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` or choose another pin dir")]
+    #[error(
+        "{path} is not on a bpf filesystem: mount one with `mount -t bpf bpf /sys/fs/bpf` or choose another pin dir"
+    )]
     NotBpffs { path: PathBuf },
 
     #[error("pin path {path}: {op} failed: {source}")]
@@ -108,8 +112,6 @@ pub enum KernelError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    #[error(
-        "reading the host network namespace cookie (SO_NETNS_COOKIE, kernel >= 5.14) failed: {0}"
-    )]
+    #[error("reading the host network namespace cookie (SO_NETNS_COOKIE, kernel >= 5.14) failed: {0}")]
     NetnsCookie(#[source] io::Error),
 }

@@ -28,10 +28,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
 fn loopbacks(port: u16) -> [SocketAddr; 2] {
-    [
-        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
-        SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
-    ]
+    [SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port), SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)]
 }
 
 /// One connection accepted by the [`Probe`].
@@ -55,11 +52,7 @@ pub struct Probe {
 impl Probe {
     /// Binds both loopbacks on `port` and starts accepting (inside a tokio
     /// runtime).
-    pub async fn start(
-        port: u16,
-        conntable: Arc<Conntable>,
-        events: UnboundedSender<ProbeEvent>,
-    ) -> io::Result<Self> {
+    pub async fn start(port: u16, conntable: Arc<Conntable>, events: UnboundedSender<ProbeEvent>) -> io::Result<Self> {
         let unknown = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for addr in loopbacks(port) {
@@ -76,11 +69,7 @@ impl Probe {
                                 unknown.fetch_add(1, Ordering::Relaxed);
                             }
                             drop(stream);
-                            let _ = events.send(ProbeEvent {
-                                listener: addr,
-                                client,
-                                orig,
-                            });
+                            let _ = events.send(ProbeEvent { listener: addr, client, orig });
                         }
                         Err(error) => {
                             tracing::warn!(%addr, %error, "probe accept failed");
@@ -141,11 +130,7 @@ pub struct ResolverStub {
 
 impl ResolverStub {
     /// Binds UDP and TCP on both loopbacks on `port` (inside a tokio runtime).
-    pub async fn start(
-        port: u16,
-        conntable: Arc<Conntable>,
-        events: UnboundedSender<DnsQuery>,
-    ) -> io::Result<Self> {
+    pub async fn start(port: u16, conntable: Arc<Conntable>, events: UnboundedSender<DnsQuery>) -> io::Result<Self> {
         let mut tasks = Vec::new();
         for addr in loopbacks(port) {
             let udp = UdpSocket::bind(addr).await?;
@@ -227,9 +212,7 @@ async fn serve_tcp(
             _ => return Ok(()),
         }
         let len = usize::from(u16::from_be_bytes(len));
-        let msg = buf
-            .get_mut(..len)
-            .ok_or_else(|| io::Error::other("length"))?;
+        let msg = buf.get_mut(..len).ok_or_else(|| io::Error::other("length"))?;
         tokio::time::timeout(TCP_IDLE, stream.read_exact(msg))
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
@@ -262,11 +245,7 @@ pub fn refused_reply(query: &[u8]) -> Option<Vec<u8>> {
     }
     let opcode_rd = flags1 & 0x79; // opcode (bits 3-6) and RD (bit 0)
     let qdcount = u16::from_be_bytes([header[4], header[5]]);
-    let question = if qdcount == 1 {
-        question_end(query).and_then(|end| query.get(12..end))
-    } else {
-        None
-    };
+    let question = if qdcount == 1 { question_end(query).and_then(|end| query.get(12..end)) } else { None };
     let mut reply = Vec::with_capacity(12 + question.map_or(0, <[u8]>::len));
     reply.extend_from_slice(&header[..2]);
     reply.push(0x80 | opcode_rd);

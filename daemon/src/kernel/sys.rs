@@ -40,14 +40,7 @@ impl Attr {
 fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     // SAFETY: attr is a valid, initialised buffer of the size passed; the
     // pointers stored in it point to live buffers owned by the caller.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr.0.as_mut_ptr(),
-            attr.0.len() as libc::c_uint,
-        )
-    };
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len() as libc::c_uint) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -92,8 +85,7 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     attr.put_u32(4, info.0.len() as u32);
     attr.put_u64(8, info.0.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    let u32_at =
-        |o: usize| u32::from_ne_bytes([info.0[o], info.0[o + 1], info.0[o + 2], info.0[o + 3]]);
+    let u32_at = |o: usize| u32::from_ne_bytes([info.0[o], info.0[o + 1], info.0[o + 2], info.0[o + 3]]);
     let mut cg = [0u8; 8];
     cg.copy_from_slice(&info.0[16..24]);
     Ok(LinkInfo {
@@ -125,11 +117,7 @@ fn map_elem_attr(map: BorrowedFd<'_>, key: *const u8, value: *mut u8, flags: u64
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM`: `Ok(false)` when the key is absent.
 /// `key` and `value` must be exactly the map's key and value sizes.
-pub fn map_lookup_and_delete(
-    map: BorrowedFd<'_>,
-    key: &[u8],
-    value: &mut [u8],
-) -> io::Result<bool> {
+pub fn map_lookup_and_delete(map: BorrowedFd<'_>, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
     let mut attr = map_elem_attr(map, key.as_ptr(), value.as_mut_ptr(), 0);
     match bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
         Ok(_) => Ok(true),
@@ -166,28 +154,19 @@ pub fn prog_test_run(prog: BorrowedFd<'_>, packet: &[u8]) -> io::Result<u32> {
     attr.put_u64(16, packet.as_ptr() as u64);
     attr.put_u32(32, 1);
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
-    Ok(u32::from_ne_bytes([
-        attr.0[4], attr.0[5], attr.0[6], attr.0[7],
-    ]))
+    Ok(u32::from_ne_bytes([attr.0[4], attr.0[5], attr.0[6], attr.0[7]]))
 }
 
 /// `SO_NETNS_COOKIE` of a fresh socket: the cookie of this process's
 /// network namespace (kernel >= 5.14).
 pub fn current_netns_cookie() -> io::Result<u64> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
     let fd = sock.as_fd();
     let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: cookie and len are valid for writes of the sizes given.
     let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
     };
     if ret != 0 {
         return Err(io::Error::last_os_error());

@@ -27,9 +27,7 @@ pub const MAX_DEPTH: usize = 32;
 /// Why a value cannot be canonicalized. `path` is a JSON-pointer-like location (`/a/0/b`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CanonicalError {
-    #[error(
-        "field {path}: number {value} is not an integer; records hold integers only (use cents)"
-    )]
+    #[error("field {path}: number {value} is not an integer; records hold integers only (use cents)")]
     NotAnInteger { path: String, value: String },
     #[error("field {path}: integer {value} is beyond ±(2^53-1) and cannot be represented exactly in RFC 8785 JSON")]
     IntegerOutOfRange { path: String, value: String },
@@ -53,12 +51,7 @@ pub fn canonicalize(value: &Value) -> Result<Vec<u8>, CanonicalError> {
     Ok(out)
 }
 
-fn write_value(
-    out: &mut Vec<u8>,
-    value: &Value,
-    path: &mut String,
-    depth: usize,
-) -> Result<(), CanonicalError> {
+fn write_value(out: &mut Vec<u8>, value: &Value, path: &mut String, depth: usize) -> Result<(), CanonicalError> {
     match value {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
@@ -66,32 +59,21 @@ fn write_value(
         Value::Number(n) => {
             if let Some(i) = n.as_i64() {
                 if i.unsigned_abs() > MAX_SAFE_INTEGER {
-                    return Err(CanonicalError::IntegerOutOfRange {
-                        path: display_path(path),
-                        value: n.to_string(),
-                    });
+                    return Err(CanonicalError::IntegerOutOfRange { path: display_path(path), value: n.to_string() });
                 }
                 out.extend_from_slice(i.to_string().as_bytes());
             } else if let Some(u) = n.as_u64() {
                 // Only reached for u64 values above i64::MAX, all beyond the safe range.
                 let _ = u;
-                return Err(CanonicalError::IntegerOutOfRange {
-                    path: display_path(path),
-                    value: n.to_string(),
-                });
+                return Err(CanonicalError::IntegerOutOfRange { path: display_path(path), value: n.to_string() });
             } else {
-                return Err(CanonicalError::NotAnInteger {
-                    path: display_path(path),
-                    value: n.to_string(),
-                });
+                return Err(CanonicalError::NotAnInteger { path: display_path(path), value: n.to_string() });
             }
         }
         Value::String(s) => write_string(out, s),
         Value::Array(items) => {
             if depth >= MAX_DEPTH {
-                return Err(CanonicalError::TooDeep {
-                    path: display_path(path),
-                });
+                return Err(CanonicalError::TooDeep { path: display_path(path) });
             }
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
@@ -108,9 +90,7 @@ fn write_value(
         }
         Value::Object(obj) => {
             if depth >= MAX_DEPTH {
-                return Err(CanonicalError::TooDeep {
-                    path: display_path(path),
-                });
+                return Err(CanonicalError::TooDeep { path: display_path(path) });
             }
             write_object(out, obj, path, depth)?;
         }
@@ -189,14 +169,8 @@ mod tests {
     fn primitives_and_nesting() {
         assert_eq!(canon(&json!(null)), "null");
         assert_eq!(canon(&json!(true)), "true");
-        assert_eq!(
-            canon(&json!([1, -2, 0, false, "a", {}])),
-            r#"[1,-2,0,false,"a",{}]"#
-        );
-        assert_eq!(
-            canon(&json!({"b": {"d": 1, "c": [null]}, "a": "x"})),
-            r#"{"a":"x","b":{"c":[null],"d":1}}"#
-        );
+        assert_eq!(canon(&json!([1, -2, 0, false, "a", {}])), r#"[1,-2,0,false,"a",{}]"#);
+        assert_eq!(canon(&json!({"b": {"d": 1, "c": [null]}, "a": "x"})), r#"{"a":"x","b":{"c":[null],"d":1}}"#);
     }
 
     /// RFC 8785 §3.2.2.2 example string: controls, quotes, backslash and non-ASCII.
@@ -211,10 +185,7 @@ mod tests {
             "\"\\u0000\\u0001\\u0002\\u0003\\u0004\\u0005\\u0006\\u0007\\b\\t\\n\\u000b\\f\\r\\u000e\\u000f\\u0010\\u0011\\u0012\\u0013\\u0014\\u0015\\u0016\\u0017\\u0018\\u0019\\u001a\\u001b\\u001c\\u001d\\u001e\\u001f\""
         );
         // DEL, U+2028 and U+2029 stay literal.
-        assert_eq!(
-            canon(&json!("\u{7f}\u{2028}\u{2029}")),
-            "\"\u{7f}\u{2028}\u{2029}\""
-        );
+        assert_eq!(canon(&json!("\u{7f}\u{2028}\u{2029}")), "\"\u{7f}\u{2028}\u{2029}\"");
     }
 
     /// RFC 8785 §3.2.3 sorting example: keys ordered by UTF-16 code units, so U+1F600 (a
@@ -241,15 +212,9 @@ mod tests {
         assert_eq!(canon(&json!(9007199254740991i64)), "9007199254740991");
         assert_eq!(canon(&json!(-9007199254740991i64)), "-9007199254740991");
         let e = canonicalize(&json!({"a": {"b": 9007199254740992u64}})).unwrap_err();
-        assert!(
-            matches!(e, CanonicalError::IntegerOutOfRange { ref path, .. } if path == "/a/b"),
-            "{e}"
-        );
+        assert!(matches!(e, CanonicalError::IntegerOutOfRange { ref path, .. } if path == "/a/b"), "{e}");
         let e = canonicalize(&json!({"cost": 1.5})).unwrap_err();
-        assert!(
-            matches!(e, CanonicalError::NotAnInteger { ref path, .. } if path == "/cost"),
-            "{e}"
-        );
+        assert!(matches!(e, CanonicalError::NotAnInteger { ref path, .. } if path == "/cost"), "{e}");
         assert!(canonicalize(&json!(u64::MAX)).is_err());
         assert!(canonicalize(&json!(1.0)).is_err());
     }
@@ -260,10 +225,7 @@ mod tests {
         for _ in 0..(MAX_DEPTH + 2) {
             v = json!([v]);
         }
-        assert!(matches!(
-            canonicalize(&v),
-            Err(CanonicalError::TooDeep { .. })
-        ));
+        assert!(matches!(canonicalize(&v), Err(CanonicalError::TooDeep { .. })));
     }
 
     #[test]

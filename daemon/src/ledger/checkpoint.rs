@@ -46,12 +46,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// The signed text: `<origin>\n<size>\n<base64 root>\n`.
     pub fn body(&self) -> String {
-        format!(
-            "{}\n{}\n{}\n",
-            self.origin,
-            self.size,
-            B64.encode(self.root)
-        )
+        format!("{}\n{}\n{}\n", self.origin, self.size, B64.encode(self.root))
     }
 }
 
@@ -102,11 +97,7 @@ pub fn vkey(key: &VerifyingKey) -> String {
     let mut material = Vec::with_capacity(33);
     material.push(ALG_ED25519);
     material.extend_from_slice(key.as_bytes());
-    format!(
-        "{name}+{}+{}",
-        super::hex::encode(&id),
-        B64.encode(material)
-    )
+    format!("{name}+{}+{}", super::hex::encode(&id), B64.encode(material))
 }
 
 /// Signs `checkpoint` with the host key (the key name is the host key's origin).
@@ -142,10 +133,7 @@ pub fn open(note: &str, key: &VerifyingKey) -> Result<SignedCheckpoint, NoteErro
     let checkpoint = parse_body(body)?;
     let expected = origin_for(key);
     if checkpoint.origin != expected {
-        return Err(NoteError::WrongOrigin {
-            expected,
-            found: checkpoint.origin,
-        });
+        return Err(NoteError::WrongOrigin { expected, found: checkpoint.origin });
     }
     let id = key_id(&expected, key);
     let mut verified = false;
@@ -153,25 +141,16 @@ pub fn open(note: &str, key: &VerifyingKey) -> Result<SignedCheckpoint, NoteErro
         if line.name != expected || line.key_id != id {
             continue;
         }
-        let ok = line.sig.is_some_and(|s| {
-            key.verify_strict(body.as_bytes(), &Signature::from_bytes(&s))
-                .is_ok()
-        });
+        let ok = line.sig.is_some_and(|s| key.verify_strict(body.as_bytes(), &Signature::from_bytes(&s)).is_ok());
         if !ok {
             return Err(NoteError::BadSignature { key_name: expected });
         }
         verified = true;
     }
     if !verified {
-        return Err(NoteError::NoSignatureByKey {
-            key_name: expected,
-            key_id: super::hex::encode(&id),
-        });
+        return Err(NoteError::NoSignatureByKey { key_name: expected, key_id: super::hex::encode(&id) });
     }
-    Ok(SignedCheckpoint {
-        checkpoint,
-        note: note.to_string(),
-    })
+    Ok(SignedCheckpoint { checkpoint, note: note.to_string() })
 }
 
 fn split(note: &str) -> Result<(&str, Vec<SigLine<'_>>), NoteError> {
@@ -199,25 +178,17 @@ fn split(note: &str) -> Result<(&str, Vec<SigLine<'_>>), NoteError> {
         if sigs.len() >= MAX_SIGNATURES {
             return Err(NoteError::TooManySignatures);
         }
-        let bad = |reason: &str| NoteError::BadSignatureLine {
-            line: line_no,
-            reason: reason.to_string(),
-        };
-        let rest = line
-            .strip_prefix(EM_DASH_PREFIX)
-            .ok_or_else(|| bad("does not start with an em dash and a space"))?;
-        let (name, b64) = rest
-            .split_once(' ')
-            .ok_or_else(|| bad("expected `— <key name> <signature>`"))?;
+        let bad = |reason: &str| NoteError::BadSignatureLine { line: line_no, reason: reason.to_string() };
+        let rest =
+            line.strip_prefix(EM_DASH_PREFIX).ok_or_else(|| bad("does not start with an em dash and a space"))?;
+        let (name, b64) = rest.split_once(' ').ok_or_else(|| bad("expected `— <key name> <signature>`"))?;
         if name.is_empty() || name.len() > MAX_ORIGIN_BYTES || name.contains('+') {
             return Err(bad("invalid key name"));
         }
         if b64.contains(' ') {
             return Err(bad("extra fields after the signature"));
         }
-        let blob = B64
-            .decode(b64)
-            .map_err(|_| bad("signature is not standard base64"))?;
+        let blob = B64.decode(b64).map_err(|_| bad("signature is not standard base64"))?;
         if B64.encode(&blob) != b64 {
             return Err(bad("signature base64 is not canonical"));
         }
@@ -234,46 +205,24 @@ fn split(note: &str) -> Result<(&str, Vec<SigLine<'_>>), NoteError> {
 
 fn parse_body(body: &str) -> Result<Checkpoint, NoteError> {
     let bad = |s: &str| NoteError::BadBody(s.to_string());
-    let lines: Vec<&str> = body
-        .strip_suffix('\n')
-        .unwrap_or(body)
-        .split('\n')
-        .collect();
+    let lines: Vec<&str> = body.strip_suffix('\n').unwrap_or(body).split('\n').collect();
     if lines.len() != 3 {
-        return Err(bad(
-            "expected exactly three lines: origin, tree size, root hash",
-        ));
+        return Err(bad("expected exactly three lines: origin, tree size, root hash"));
     }
     let (origin, size, root) = (lines[0], lines[1], lines[2]);
-    if origin.is_empty()
-        || origin.len() > MAX_ORIGIN_BYTES
-        || origin.chars().any(|c| c.is_whitespace() || c == '+')
-    {
+    if origin.is_empty() || origin.len() > MAX_ORIGIN_BYTES || origin.chars().any(|c| c.is_whitespace() || c == '+') {
         return Err(bad("origin is empty, too long, or contains spaces or '+'"));
     }
-    if size.is_empty()
-        || !size.bytes().all(|b| b.is_ascii_digit())
-        || (size.len() > 1 && size.starts_with('0'))
-    {
+    if size.is_empty() || !size.bytes().all(|b| b.is_ascii_digit()) || (size.len() > 1 && size.starts_with('0')) {
         return Err(bad("tree size is not a canonical decimal number"));
     }
-    let size: u64 = size
-        .parse()
-        .map_err(|_| bad("tree size does not fit in 64 bits"))?;
-    let root_bytes = B64
-        .decode(root)
-        .map_err(|_| bad("root hash is not standard base64"))?;
-    let root: Hash = root_bytes
-        .try_into()
-        .map_err(|_| bad("root hash is not 32 bytes"))?;
+    let size: u64 = size.parse().map_err(|_| bad("tree size does not fit in 64 bits"))?;
+    let root_bytes = B64.decode(root).map_err(|_| bad("root hash is not standard base64"))?;
+    let root: Hash = root_bytes.try_into().map_err(|_| bad("root hash is not 32 bytes"))?;
     if B64.encode(root) != lines[2] {
         return Err(bad("root hash base64 is not canonical"));
     }
-    Ok(Checkpoint {
-        origin: origin.to_string(),
-        size,
-        root,
-    })
+    Ok(Checkpoint { origin: origin.to_string(), size, root })
 }
 
 #[cfg(test)]
@@ -282,11 +231,7 @@ mod tests {
     use crate::ledger::merkle::{empty_root, leaf_hash};
 
     fn cp(key: &HostKey, size: u64) -> Checkpoint {
-        Checkpoint {
-            origin: key.origin().to_string(),
-            size,
-            root: leaf_hash(&size.to_be_bytes()),
-        }
+        Checkpoint { origin: key.origin().to_string(), size, root: leaf_hash(&size.to_be_bytes()) }
     }
 
     #[test]
@@ -303,21 +248,8 @@ mod tests {
         assert_eq!(lines[3], "");
         assert!(lines[4].starts_with(&format!("\u{2014} {} ", key.origin())));
         // Empty tree.
-        let empty = sign(
-            Checkpoint {
-                origin: key.origin().into(),
-                size: 0,
-                root: empty_root(),
-            },
-            &key,
-        );
-        assert_eq!(
-            open(&empty.note, &key.verifying_key())
-                .unwrap()
-                .checkpoint
-                .size,
-            0
-        );
+        let empty = sign(Checkpoint { origin: key.origin().into(), size: 0, root: empty_root() }, &key);
+        assert_eq!(open(&empty.note, &key.verifying_key()).unwrap().checkpoint.size, 0);
     }
 
     #[test]
@@ -340,18 +272,11 @@ mod tests {
         let signed = sign(cp(&key, 7), &key);
         // Replace the signature bytes, keep the key id.
         let sig_line_start = signed.note.find('\u{2014}').unwrap();
-        let b64 = signed.note[sig_line_start..]
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .trim_end();
+        let b64 = signed.note[sig_line_start..].rsplit(' ').next().unwrap().trim_end();
         let mut blob = B64.decode(b64).unwrap();
         blob[10] ^= 1;
         let forged = signed.note.replace(b64, &B64.encode(&blob));
-        assert!(matches!(
-            open(&forged, &key.verifying_key()),
-            Err(NoteError::BadSignature { .. })
-        ));
+        assert!(matches!(open(&forged, &key.verifying_key()), Err(NoteError::BadSignature { .. })));
     }
 
     #[test]
@@ -360,10 +285,7 @@ mod tests {
         let other = HostKey::generate();
         let signed = sign(cp(&key, 7), &key);
         // Origin is derived from the key, so another key sees a foreign origin.
-        assert!(matches!(
-            open(&signed.note, &other.verifying_key()),
-            Err(NoteError::WrongOrigin { .. })
-        ));
+        assert!(matches!(open(&signed.note, &other.verifying_key()), Err(NoteError::WrongOrigin { .. })));
         // Another key signing a checkpoint claiming our origin: no signature by our key.
         let mut c = cp(&other, 7);
         c.origin = key.origin().to_string();
@@ -372,18 +294,12 @@ mod tests {
         let mut blob = key_id(key.origin(), &other.verifying_key()).to_vec();
         blob.extend_from_slice(&sig.to_bytes());
         let note = format!("{body}\n\u{2014} {} {}\n", key.origin(), B64.encode(blob));
-        assert!(matches!(
-            open(&note, &key.verifying_key()),
-            Err(NoteError::NoSignatureByKey { .. })
-        ));
+        assert!(matches!(open(&note, &key.verifying_key()), Err(NoteError::NoSignatureByKey { .. })));
         // Same, but claiming our key id: the signature does not verify.
         let mut blob = key_id(key.origin(), &key.verifying_key()).to_vec();
         blob.extend_from_slice(&sig.to_bytes());
         let note = format!("{body}\n\u{2014} {} {}\n", key.origin(), B64.encode(blob));
-        assert!(matches!(
-            open(&note, &key.verifying_key()),
-            Err(NoteError::BadSignature { .. })
-        ));
+        assert!(matches!(open(&note, &key.verifying_key()), Err(NoteError::BadSignature { .. })));
     }
 
     #[test]
@@ -393,22 +309,11 @@ mod tests {
         let signed = sign(cp(&key, 42), &key);
         let root_b64 = B64.encode(cp(&key, 42).root);
         let other_root = B64.encode(cp(&key, 43).root);
-        for altered in [
-            signed.note.replacen("\n42\n", "\n43\n", 1),
-            signed.note.replacen(&root_b64, &other_root, 1),
-        ] {
-            assert!(
-                matches!(open(&altered, &vk), Err(NoteError::BadSignature { .. })),
-                "{altered}"
-            );
+        for altered in [signed.note.replacen("\n42\n", "\n43\n", 1), signed.note.replacen(&root_b64, &other_root, 1)] {
+            assert!(matches!(open(&altered, &vk), Err(NoteError::BadSignature { .. })), "{altered}");
         }
-        let origin_changed = signed
-            .note
-            .replacen(key.origin(), "sluice/0000000000000000", 1);
-        assert!(matches!(
-            open(&origin_changed, &vk),
-            Err(NoteError::WrongOrigin { .. })
-        ));
+        let origin_changed = signed.note.replacen(key.origin(), "sluice/0000000000000000", 1);
+        assert!(matches!(open(&origin_changed, &vk), Err(NoteError::WrongOrigin { .. })));
     }
 
     #[test]
@@ -422,17 +327,11 @@ mod tests {
         let cases: Vec<(&str, String)> = vec![
             ("no signatures", body.to_string()),
             ("no blank line", format!("{body}{sig_block}")),
-            (
-                "missing final newline",
-                good.trim_end_matches('\n').to_string(),
-            ),
+            ("missing final newline", good.trim_end_matches('\n').to_string()),
             ("extension line", good.replacen("\n\n", "\nextra\n\n", 1)),
             ("leading zero size", good.replacen("\n5\n", "\n05\n", 1)),
             ("signed size", good.replacen("\n5\n", "\n+5\n", 1)),
-            (
-                "huge size",
-                good.replacen("\n5\n", "\n18446744073709551616\n", 1),
-            ),
+            ("huge size", good.replacen("\n5\n", "\n18446744073709551616\n", 1)),
             ("carriage return", good.replacen('\n', "\r\n", 1)),
             ("hyphen instead of em dash", good.replace('\u{2014}', "-")),
             ("two blank lines", good.replacen("\n\n", "\n\n\n", 1)),
@@ -445,10 +344,7 @@ mod tests {
         // Unpadded root base64.
         let root_b64 = B64.encode(cp(&key, 5).root);
         let unpadded = good.replacen(&root_b64, root_b64.trim_end_matches('='), 1);
-        assert!(matches!(
-            parse_unverified(&unpadded),
-            Err(NoteError::BadBody(_))
-        ));
+        assert!(matches!(parse_unverified(&unpadded), Err(NoteError::BadBody(_))));
     }
 
     #[test]
@@ -460,11 +356,7 @@ mod tests {
         let sig = witness.sign(body.as_bytes());
         let mut blob = key_id("witness.example", &witness.verifying_key()).to_vec();
         blob.extend_from_slice(&sig.to_bytes());
-        let note = format!(
-            "{}\u{2014} witness.example {}\n",
-            signed.note,
-            B64.encode(blob)
-        );
+        let note = format!("{}\u{2014} witness.example {}\n", signed.note, B64.encode(blob));
         assert!(open(&note, &key.verifying_key()).is_ok());
     }
 }

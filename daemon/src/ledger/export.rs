@@ -151,11 +151,7 @@ fn export_from(
         // time-filtered export rather than guessed.
         serde_json::from_slice::<serde_json::Value>(bytes)
             .ok()
-            .and_then(|v| {
-                v.get(FIELD_TIME)
-                    .and_then(|t| t.as_str())
-                    .and_then(record::parse_time)
-            })
+            .and_then(|v| v.get(FIELD_TIME).and_then(|t| t.as_str()).and_then(record::parse_time))
             .is_some_and(|t| t >= since)
     };
     let mut records = Vec::new();
@@ -183,24 +179,13 @@ fn export_from(
     }
     let mut out = Vec::with_capacity(records.len());
     for (index, bytes) in records {
-        let inclusion_proof = if full {
-            Vec::new()
-        } else {
-            hexes(&snap.inclusion_proof(index, size)?)
-        };
-        out.push(ExportedRecord {
-            index,
-            record: utf8(index, &bytes)?,
-            inclusion_proof,
-        });
+        let inclusion_proof = if full { Vec::new() } else { hexes(&snap.inclusion_proof(index, size)?) };
+        out.push(ExportedRecord { index, record: utf8(index, &bytes)?, inclusion_proof });
     }
     let consistency = match req.consistency_from {
         None => None,
         Some(old) if old > size => return Err(ExportError::ConsistencyBeyondSize { old, size }),
-        Some(old) => Some(ConsistencyEvidence {
-            old_size: old,
-            proof: hexes(&snap.consistency_proof(old, size)?),
-        }),
+        Some(old) => Some(ConsistencyEvidence { old_size: old, proof: hexes(&snap.consistency_proof(old, size)?) }),
     };
     Ok(ExportBundle {
         format: EXPORT_FORMAT.to_string(),
@@ -208,10 +193,7 @@ fn export_from(
         host_vkey: checkpoint::vkey(&ledger.host_public_key()),
         checkpoint: cp.note.clone(),
         full,
-        filter: ExportFilter {
-            passport: req.passport.clone(),
-            since: req.since.clone(),
-        },
+        filter: ExportFilter { passport: req.passport.clone(), since: req.since.clone() },
         records: out,
         consistency,
     })
@@ -229,9 +211,7 @@ pub async fn proof(ledger: &Ledger, index: u64) -> Result<PortableAttestation, E
         _ => ledger.checkpoint_now().await?,
     };
     let snap = ledger.snapshot()?;
-    let bytes = snap
-        .record(index)?
-        .ok_or(ExportError::NoSuchRecord(index, snap.size()))?;
+    let bytes = snap.record(index)?.ok_or(ExportError::NoSuchRecord(index, snap.size()))?;
     let inclusion_proof = hexes(&snap.inclusion_proof(index, cp.checkpoint.size)?);
     Ok(PortableAttestation {
         format: ATTESTATION_FORMAT.to_string(),

@@ -45,10 +45,7 @@ pub enum HostKeyError {
     #[error("{path} is not an SPKI PEM Ed25519 public key ({reason})", path = .path.display())]
     BadPublicKey { path: PathBuf, reason: String },
     #[error("{pub_path} does not match {key_path}; one of them was replaced: restore the pair or delete {pub_path} to re-derive it from the key", pub_path = .pub_path.display(), key_path = .key_path.display())]
-    Mismatch {
-        key_path: PathBuf,
-        pub_path: PathBuf,
-    },
+    Mismatch { key_path: PathBuf, pub_path: PathBuf },
 }
 
 /// The host signing key plus the names derived from it.
@@ -59,9 +56,7 @@ pub struct HostKey {
 
 impl std::fmt::Debug for HostKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostKey")
-            .field("origin", &self.origin)
-            .finish_non_exhaustive()
+        f.debug_struct("HostKey").field("origin", &self.origin).finish_non_exhaustive()
     }
 }
 
@@ -106,15 +101,11 @@ pub fn load_or_create(state_dir: &Path) -> Result<HostKey, HostKeyError> {
     let key_path = state_dir.join(KEY_FILE);
     let pub_path = state_dir.join(PUB_FILE);
     if !state_dir.exists() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .map_err(|source| HostKeyError::Io {
-                path: state_dir.to_path_buf(),
-                action: "create state directory",
-                source,
-            })?;
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(state_dir).map_err(|source| HostKeyError::Io {
+            path: state_dir.to_path_buf(),
+            action: "create state directory",
+            source,
+        })?;
     }
     let signing = match read_private(&key_path)? {
         Some(k) => k,
@@ -125,50 +116,31 @@ pub fn load_or_create(state_dir: &Path) -> Result<HostKey, HostKeyError> {
     Ok(key)
 }
 
-fn io<'a>(
-    path: &'a Path,
-    action: &'static str,
-) -> impl FnOnce(std::io::Error) -> HostKeyError + 'a {
-    move |source| HostKeyError::Io {
-        path: path.to_path_buf(),
-        action,
-        source,
-    }
+fn io<'a>(path: &'a Path, action: &'static str) -> impl FnOnce(std::io::Error) -> HostKeyError + 'a {
+    move |source| HostKeyError::Io { path: path.to_path_buf(), action, source }
 }
 
 /// Reads a small regular file; in the state directory (`follow == false`) a symlink at the last
 /// component is refused, so nobody can point the daemon's key files elsewhere.
 fn read_bounded(path: &Path, follow: bool) -> Result<Option<(String, u32)>, HostKeyError> {
-    let flags = if follow {
-        libc::O_CLOEXEC
-    } else {
-        libc::O_NOFOLLOW | libc::O_CLOEXEC
-    };
+    let flags = if follow { libc::O_CLOEXEC } else { libc::O_NOFOLLOW | libc::O_CLOEXEC };
     let file = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(HostKeyError::NotRegular {
-                path: path.to_path_buf(),
-            })
+            return Err(HostKeyError::NotRegular { path: path.to_path_buf() })
         }
         Err(e) => return Err(io(path, "open")(e)),
     };
     let meta = file.metadata().map_err(io(path, "stat"))?;
     if !meta.file_type().is_file() {
-        return Err(HostKeyError::NotRegular {
-            path: path.to_path_buf(),
-        });
+        return Err(HostKeyError::NotRegular { path: path.to_path_buf() });
     }
     if meta.len() > MAX_KEY_FILE {
-        return Err(HostKeyError::TooLarge {
-            path: path.to_path_buf(),
-        });
+        return Err(HostKeyError::TooLarge { path: path.to_path_buf() });
     }
     let mut text = String::new();
-    file.take(MAX_KEY_FILE + 1)
-        .read_to_string(&mut text)
-        .map_err(io(path, "read"))?;
+    file.take(MAX_KEY_FILE + 1).read_to_string(&mut text).map_err(io(path, "read"))?;
     Ok(Some((text, meta.mode())))
 }
 
@@ -177,27 +149,19 @@ fn read_private(key_path: &Path) -> Result<Option<SigningKey>, HostKeyError> {
         return Ok(None);
     };
     if mode & 0o077 != 0 {
-        return Err(HostKeyError::Permissions {
-            path: key_path.to_path_buf(),
-            mode: mode & 0o7777,
-        });
+        return Err(HostKeyError::Permissions { path: key_path.to_path_buf(), mode: mode & 0o7777 });
     }
     SigningKey::from_pkcs8_pem(&text)
         .map(Some)
-        .map_err(|e| HostKeyError::BadPrivateKey {
-            path: key_path.to_path_buf(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| HostKeyError::BadPrivateKey { path: key_path.to_path_buf(), reason: e.to_string() })
 }
 
 fn create_private(state_dir: &Path, key_path: &Path) -> Result<SigningKey, HostKeyError> {
     let signing = SigningKey::generate(&mut rand::rngs::OsRng);
-    let pem = signing
-        .to_pkcs8_pem(LineEnding::LF)
-        .map_err(|e| HostKeyError::BadPrivateKey {
-            path: key_path.to_path_buf(),
-            reason: format!("encoding a new key failed: {e}"),
-        })?;
+    let pem = signing.to_pkcs8_pem(LineEnding::LF).map_err(|e| HostKeyError::BadPrivateKey {
+        path: key_path.to_path_buf(),
+        reason: format!("encoding a new key failed: {e}"),
+    })?;
     let tmp = state_dir.join(format!(".{KEY_FILE}.{}.tmp", std::process::id()));
     // A stale temporary from a crashed run of this same pid is garbage; remove it.
     let _ = fs::remove_file(&tmp);
@@ -233,31 +197,22 @@ fn create_private(state_dir: &Path, key_path: &Path) -> Result<SigningKey, HostK
 }
 
 fn sync_dir(dir: &Path) -> Result<(), HostKeyError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir, "fsync directory"))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir, "fsync directory"))
 }
 
 fn ensure_public(key_path: &Path, pub_path: &Path, vk: &VerifyingKey) -> Result<(), HostKeyError> {
     if let Some((text, _)) = read_bounded(pub_path, false)? {
-        let found = parse_public_key_pem(&text).map_err(|reason| HostKeyError::BadPublicKey {
-            path: pub_path.to_path_buf(),
-            reason,
-        })?;
+        let found = parse_public_key_pem(&text)
+            .map_err(|reason| HostKeyError::BadPublicKey { path: pub_path.to_path_buf(), reason })?;
         if found != *vk {
-            return Err(HostKeyError::Mismatch {
-                key_path: key_path.to_path_buf(),
-                pub_path: pub_path.to_path_buf(),
-            });
+            return Err(HostKeyError::Mismatch { key_path: key_path.to_path_buf(), pub_path: pub_path.to_path_buf() });
         }
         return Ok(());
     }
-    let pem = vk
-        .to_public_key_pem(LineEnding::LF)
-        .map_err(|e| HostKeyError::BadPublicKey {
-            path: pub_path.to_path_buf(),
-            reason: format!("encoding failed: {e}"),
-        })?;
+    let pem = vk.to_public_key_pem(LineEnding::LF).map_err(|e| HostKeyError::BadPublicKey {
+        path: pub_path.to_path_buf(),
+        reason: format!("encoding failed: {e}"),
+    })?;
     let dir = pub_path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{PUB_FILE}.{}.tmp", std::process::id()));
     let _ = fs::remove_file(&tmp);
@@ -270,8 +225,7 @@ fn ensure_public(key_path: &Path, pub_path: &Path, vk: &VerifyingKey) -> Result<
             .open(&tmp)
             .map_err(io(&tmp, "create"))?;
         f.write_all(pem.as_bytes()).map_err(io(&tmp, "write"))?;
-        f.set_permissions(fs::Permissions::from_mode(0o644))
-            .map_err(io(&tmp, "chmod"))?;
+        f.set_permissions(fs::Permissions::from_mode(0o644)).map_err(io(&tmp, "chmod"))?;
         f.sync_all().map_err(io(&tmp, "fsync"))?;
         fs::rename(&tmp, pub_path).map_err(io(pub_path, "rename into place"))?;
         sync_dir(dir)
@@ -296,10 +250,7 @@ pub fn read_public_key(path: &Path) -> Result<VerifyingKey, HostKeyError> {
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         });
     };
-    parse_public_key_pem(&text).map_err(|reason| HostKeyError::BadPublicKey {
-        path: path.to_path_buf(),
-        reason,
-    })
+    parse_public_key_pem(&text).map_err(|reason| HostKeyError::BadPublicKey { path: path.to_path_buf(), reason })
 }
 
 #[cfg(test)]
@@ -319,10 +270,8 @@ mod tests {
         let vk = read_public_key(&dir.path().join(PUB_FILE)).unwrap();
         assert_eq!(vk, k1.verifying_key());
         // No temporaries left behind.
-        let names: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let names: Vec<_> =
+            fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
     }
 
@@ -335,10 +284,7 @@ mod tests {
         let err = load_or_create(dir.path()).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(err, HostKeyError::Permissions { .. }), "{msg}");
-        assert!(
-            msg.contains(&format!("chmod 600 {}", path.display())),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("chmod 600 {}", path.display())), "{msg}");
     }
 
     #[test]
@@ -347,10 +293,7 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         load_or_create(other.path()).unwrap();
         std::os::unix::fs::symlink(other.path().join(KEY_FILE), dir.path().join(KEY_FILE)).unwrap();
-        assert!(matches!(
-            load_or_create(dir.path()),
-            Err(HostKeyError::NotRegular { .. })
-        ));
+        assert!(matches!(load_or_create(dir.path()), Err(HostKeyError::NotRegular { .. })));
     }
 
     #[test]
@@ -359,20 +302,14 @@ mod tests {
         let path = dir.path().join(KEY_FILE);
         fs::write(&path, "not a key").unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-        assert!(matches!(
-            load_or_create(dir.path()),
-            Err(HostKeyError::BadPrivateKey { .. })
-        ));
+        assert!(matches!(load_or_create(dir.path()), Err(HostKeyError::BadPrivateKey { .. })));
 
         let dir = tempfile::tempdir().unwrap();
         let other = tempfile::tempdir().unwrap();
         load_or_create(dir.path()).unwrap();
         load_or_create(other.path()).unwrap();
         fs::copy(other.path().join(PUB_FILE), dir.path().join(PUB_FILE)).unwrap();
-        assert!(matches!(
-            load_or_create(dir.path()),
-            Err(HostKeyError::Mismatch { .. })
-        ));
+        assert!(matches!(load_or_create(dir.path()), Err(HostKeyError::Mismatch { .. })));
         // Deleting host.pub re-derives it.
         fs::remove_file(dir.path().join(PUB_FILE)).unwrap();
         load_or_create(dir.path()).unwrap();

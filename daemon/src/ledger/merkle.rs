@@ -129,15 +129,9 @@ pub const MAX_TREE_SIZE: u64 = 1u64 << 58;
 
 /// Appends the leaf hash `leaf` as leaf number `size` (the tree currently has `size` leaves) and
 /// stores every perfect subtree it completes.
-pub fn append<S: NodeStore + ?Sized>(
-    store: &mut S,
-    size: u64,
-    leaf: Hash,
-) -> Result<(), MerkleError> {
+pub fn append<S: NodeStore + ?Sized>(store: &mut S, size: u64, leaf: Hash) -> Result<(), MerkleError> {
     if size >= MAX_TREE_SIZE - 1 {
-        return Err(MerkleError::OutOfRange(format!(
-            "tree size {size} reached the supported maximum"
-        )));
+        return Err(MerkleError::OutOfRange(format!("tree size {size} reached the supported maximum")));
     }
     store.put(0, size, leaf)?;
     let mut index = size;
@@ -154,9 +148,7 @@ pub fn append<S: NodeStore + ?Sized>(
 }
 
 fn need<S: NodeSource + ?Sized>(store: &S, level: u8, index: u64) -> Result<Hash, MerkleError> {
-    store
-        .get(level, index)?
-        .ok_or(MerkleError::MissingNode { level, index })
+    store.get(level, index)?.ok_or(MerkleError::MissingNode { level, index })
 }
 
 /// Largest power of two strictly below `n` (`n >= 2`).
@@ -166,11 +158,7 @@ fn split_point(n: u64) -> u64 {
 }
 
 /// `MTH(D[start:end])` from stored nodes. `end > start`.
-fn range_hash<S: NodeSource + ?Sized>(
-    store: &S,
-    start: u64,
-    end: u64,
-) -> Result<Hash, MerkleError> {
+fn range_hash<S: NodeSource + ?Sized>(store: &S, start: u64, end: u64) -> Result<Hash, MerkleError> {
     let n = end - start;
     if n.is_power_of_two() {
         let level = n.trailing_zeros() as u8;
@@ -194,15 +182,9 @@ pub fn root<S: NodeSource + ?Sized>(store: &S, size: u64) -> Result<Hash, Merkle
 
 /// RFC 6962 §2.1.1 `PATH(index, D[0:size])`: the audit path of leaf `index` in the tree of
 /// `size` leaves, deepest sibling first.
-pub fn inclusion_proof<S: NodeSource + ?Sized>(
-    store: &S,
-    index: u64,
-    size: u64,
-) -> Result<Vec<Hash>, MerkleError> {
+pub fn inclusion_proof<S: NodeSource + ?Sized>(store: &S, index: u64, size: u64) -> Result<Vec<Hash>, MerkleError> {
     if index >= size {
-        return Err(MerkleError::OutOfRange(format!(
-            "leaf index {index} is not below tree size {size}"
-        )));
+        return Err(MerkleError::OutOfRange(format!("leaf index {index} is not below tree size {size}")));
     }
     let mut out = Vec::new();
     path(store, index, 0, size, &mut out)?;
@@ -233,15 +215,9 @@ fn path<S: NodeSource + ?Sized>(
 
 /// RFC 6962 §2.1.2 `PROOF(old, D[0:new])`: proves the tree of `old` leaves is a prefix of the
 /// tree of `new` leaves. Empty when `old` is 0 or equal to `new`.
-pub fn consistency_proof<S: NodeSource + ?Sized>(
-    store: &S,
-    old: u64,
-    new: u64,
-) -> Result<Vec<Hash>, MerkleError> {
+pub fn consistency_proof<S: NodeSource + ?Sized>(store: &S, old: u64, new: u64) -> Result<Vec<Hash>, MerkleError> {
     if old > new {
-        return Err(MerkleError::OutOfRange(format!(
-            "old tree size {old} is larger than new tree size {new}"
-        )));
+        return Err(MerkleError::OutOfRange(format!("old tree size {old} is larger than new tree size {new}")));
     }
     let mut out = Vec::new();
     if old == 0 || old == new {
@@ -334,12 +310,7 @@ impl RootBuilder {
 }
 
 /// RFC 9162 §2.1.3.2: the root implied by an inclusion proof.
-pub fn root_from_inclusion_proof(
-    index: u64,
-    size: u64,
-    leaf: &Hash,
-    proof: &[Hash],
-) -> Result<Hash, ProofError> {
+pub fn root_from_inclusion_proof(index: u64, size: u64, leaf: &Hash, proof: &[Hash]) -> Result<Hash, ProofError> {
     if index >= size {
         return Err(ProofError::IndexBeyondSize { index, size });
     }
@@ -374,13 +345,7 @@ pub fn root_from_inclusion_proof(
 }
 
 /// Verifies that `leaf` is leaf number `index` of the tree of `size` leaves with root `root`.
-pub fn verify_inclusion(
-    index: u64,
-    size: u64,
-    leaf: &Hash,
-    proof: &[Hash],
-    root: &Hash,
-) -> Result<(), ProofError> {
+pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root: &Hash) -> Result<(), ProofError> {
     let computed = root_from_inclusion_proof(index, size, leaf, proof)?;
     if &computed == root {
         Ok(())
@@ -408,19 +373,11 @@ pub fn verify_consistency(
         if !proof.is_empty() {
             return Err(ProofError::WrongLength);
         }
-        return if old_root == new_root {
-            Ok(())
-        } else {
-            Err(ProofError::EqualSizeDifferentRoots)
-        };
+        return if old_root == new_root { Ok(()) } else { Err(ProofError::EqualSizeDifferentRoots) };
     }
     if old == 0 {
         // Every tree extends the empty tree; a non-empty proof is malformed.
-        return if proof.is_empty() {
-            Ok(())
-        } else {
-            Err(ProofError::WrongLength)
-        };
+        return if proof.is_empty() { Ok(()) } else { Err(ProofError::WrongLength) };
     }
     // 1 ≤ old < new from here.
     let mut nodes: Vec<Hash> = Vec::with_capacity(proof.len() + 1);
@@ -485,19 +442,10 @@ mod tests {
 
     /// The RFC 6962 test leaves used by certificate-transparency and transparency-dev/merkle.
     fn vector_leaves() -> Vec<Vec<u8>> {
-        [
-            "",
-            "00",
-            "10",
-            "2021",
-            "3031",
-            "40414243",
-            "5051525354555657",
-            "606162636465666768696a6b6c6d6e6f",
-        ]
-        .iter()
-        .map(|s| hx(s))
-        .collect()
+        ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"]
+            .iter()
+            .map(|s| hx(s))
+            .collect()
     }
 
     /// Expected roots for tree sizes 0..=8 over `vector_leaves()`.
@@ -576,9 +524,7 @@ mod tests {
     }
 
     fn test_leaf_hashes(n: usize) -> Vec<Hash> {
-        (0..n)
-            .map(|i| leaf_hash(format!("leaf number {i}").as_bytes()))
-            .collect()
+        (0..n).map(|i| leaf_hash(format!("leaf number {i}").as_bytes())).collect()
     }
 
     fn build(leaves: &[Hash]) -> MemNodes {
@@ -601,16 +547,8 @@ mod tests {
         let store = build(&leaves);
         for (size, want) in VECTOR_ROOTS.iter().enumerate() {
             assert_eq!(root(&store, size as u64).unwrap(), h32(want), "size {size}");
-            assert_eq!(
-                ref_mth(&leaves[..size]),
-                h32(want),
-                "reference, size {size}"
-            );
-            assert_eq!(
-                root_of_leaves(&leaves[..size]),
-                h32(want),
-                "builder, size {size}"
-            );
+            assert_eq!(ref_mth(&leaves[..size]), h32(want), "reference, size {size}");
+            assert_eq!(root_of_leaves(&leaves[..size]), h32(want), "builder, size {size}");
         }
     }
 
@@ -653,18 +591,9 @@ mod tests {
     }
 
     /// Every way of damaging a valid inclusion proof; none may verify.
-    fn corrupted_inclusion(
-        index: u64,
-        size: u64,
-        proof: &[Hash],
-    ) -> Vec<(String, u64, u64, Vec<Hash>)> {
+    fn corrupted_inclusion(index: u64, size: u64, proof: &[Hash]) -> Vec<(String, u64, u64, Vec<Hash>)> {
         let mut out = vec![
-            (
-                "index - 1".to_string(),
-                index.wrapping_sub(1),
-                size,
-                proof.to_vec(),
-            ),
+            ("index - 1".to_string(), index.wrapping_sub(1), size, proof.to_vec()),
             ("index + 1".to_string(), index + 1, size, proof.to_vec()),
             ("index ^ 2".to_string(), index ^ 2, size, proof.to_vec()),
             ("size * 2".to_string(), index, size * 2, proof.to_vec()),
@@ -678,18 +607,8 @@ mod tests {
         extra.insert(0, [7u8; 32]);
         out.push(("node added at front".into(), index, size, extra));
         if !proof.is_empty() {
-            out.push((
-                "last node removed".into(),
-                index,
-                size,
-                proof[..proof.len() - 1].to_vec(),
-            ));
-            out.push((
-                "first node removed".into(),
-                index,
-                size,
-                proof[1..].to_vec(),
-            ));
+            out.push(("last node removed".into(), index, size, proof[..proof.len() - 1].to_vec()));
+            out.push(("first node removed".into(), index, size, proof[1..].to_vec()));
         }
         for i in 0..proof.len() {
             for bit in [0u8, 3, 7] {
@@ -710,11 +629,7 @@ mod tests {
             assert_eq!(root_n, ref_mth(&leaves[..size as usize]), "root of {size}");
             for index in 0..size {
                 let proof = inclusion_proof(&store, index, size).unwrap();
-                assert_eq!(
-                    proof,
-                    ref_path(index as usize, &leaves[..size as usize]),
-                    "PATH({index}, {size})"
-                );
+                assert_eq!(proof, ref_path(index as usize, &leaves[..size as usize]), "PATH({index}, {size})");
                 let leaf = leaves[index as usize];
                 verify_inclusion(index, size, &leaf, &proof, &root_n)
                     .unwrap_or_else(|e| panic!("valid proof ({index}, {size}) rejected: {e}"));
@@ -748,73 +663,20 @@ mod tests {
             for old in 0..=new {
                 let old_root = root(&store, old).unwrap();
                 let proof = consistency_proof(&store, old, new).unwrap();
-                assert_eq!(
-                    proof,
-                    ref_proof(old as usize, &leaves[..new as usize]),
-                    "PROOF({old}, {new})"
-                );
+                assert_eq!(proof, ref_proof(old as usize, &leaves[..new as usize]), "PROOF({old}, {new})");
                 verify_consistency(old, new, &old_root, &new_root, &proof)
                     .unwrap_or_else(|e| panic!("valid proof ({old}, {new}) rejected: {e}"));
                 if old == 0 || old == new {
                     continue;
                 }
                 let mut probes: Vec<(String, u64, u64, Hash, Hash, Vec<Hash>)> = vec![
-                    (
-                        "old - 1".into(),
-                        old - 1,
-                        new,
-                        old_root,
-                        new_root,
-                        proof.clone(),
-                    ),
-                    (
-                        "old + 1".into(),
-                        old + 1,
-                        new,
-                        old_root,
-                        new_root,
-                        proof.clone(),
-                    ),
-                    (
-                        "new * 2".into(),
-                        old,
-                        new * 2,
-                        old_root,
-                        new_root,
-                        proof.clone(),
-                    ),
-                    (
-                        "new / 2".into(),
-                        old,
-                        new / 2,
-                        old_root,
-                        new_root,
-                        proof.clone(),
-                    ),
-                    (
-                        "swapped roots".into(),
-                        old,
-                        new,
-                        new_root,
-                        old_root,
-                        proof.clone(),
-                    ),
-                    (
-                        "wrong old root".into(),
-                        old,
-                        new,
-                        empty_root(),
-                        new_root,
-                        proof.clone(),
-                    ),
-                    (
-                        "wrong new root".into(),
-                        old,
-                        new,
-                        old_root,
-                        empty_root(),
-                        proof.clone(),
-                    ),
+                    ("old - 1".into(), old - 1, new, old_root, new_root, proof.clone()),
+                    ("old + 1".into(), old + 1, new, old_root, new_root, proof.clone()),
+                    ("new * 2".into(), old, new * 2, old_root, new_root, proof.clone()),
+                    ("new / 2".into(), old, new / 2, old_root, new_root, proof.clone()),
+                    ("swapped roots".into(), old, new, new_root, old_root, proof.clone()),
+                    ("wrong old root".into(), old, new, empty_root(), new_root, proof.clone()),
+                    ("wrong new root".into(), old, new, old_root, empty_root(), proof.clone()),
                     ("empty proof".into(), old, new, old_root, new_root, vec![]),
                 ];
                 let mut p = proof.clone();
@@ -822,14 +684,7 @@ mod tests {
                 probes.push(("node added at end".into(), old, new, old_root, new_root, p));
                 let mut p = proof.clone();
                 p.insert(0, new_root);
-                probes.push((
-                    "node added at front".into(),
-                    old,
-                    new,
-                    old_root,
-                    new_root,
-                    p,
-                ));
+                probes.push(("node added at front".into(), old, new, old_root, new_root, p));
                 probes.push((
                     "last node removed".into(),
                     old,
@@ -841,14 +696,7 @@ mod tests {
                 for i in 0..proof.len() {
                     let mut p = proof.clone();
                     p[i][0] ^= 0x10;
-                    probes.push((
-                        format!("bit flipped in node {i}"),
-                        old,
-                        new,
-                        old_root,
-                        new_root,
-                        p,
-                    ));
+                    probes.push((format!("bit flipped in node {i}"), old, new, old_root, new_root, p));
                 }
                 for (what, o, n, or, nr, p) in probes {
                     if o == old && n == new && or == old_root && nr == new_root && p == proof {
@@ -883,10 +731,7 @@ mod tests {
     #[test]
     fn missing_node_is_reported_not_panicking() {
         let store = MemNodes::new();
-        assert!(matches!(
-            root(&store, 3),
-            Err(MerkleError::MissingNode { .. })
-        ));
+        assert!(matches!(root(&store, 3), Err(MerkleError::MissingNode { .. })));
         assert!(inclusion_proof(&store, 1, 3).is_err());
     }
 

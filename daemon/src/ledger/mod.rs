@@ -70,10 +70,7 @@ pub mod hex {
             b'a'..=b'f' => Some(c - b'a' + 10),
             _ => None,
         };
-        s.as_bytes()
-            .chunks_exact(2)
-            .map(|p| Some((nibble(p[0])? << 4) | nibble(p[1])?))
-            .collect()
+        s.as_bytes().chunks_exact(2).map(|p| Some((nibble(p[0])? << 4) | nibble(p[1])?)).collect()
     }
 
     /// Decodes a 32-byte hash in lowercase hex.

@@ -49,10 +49,7 @@ pub struct Draft {
 
 impl Draft {
     pub fn new(chain: impl Into<String>, body: Map<String, Value>) -> Self {
-        Self {
-            chain: chain.into(),
-            body,
-        }
+        Self { chain: chain.into(), body }
     }
 }
 
@@ -80,9 +77,7 @@ pub struct ChainHead {
 pub enum DraftError {
     #[error("draft chain {chain:?} is invalid: {reason}")]
     BadChain { chain: String, reason: &'static str },
-    #[error(
-        "draft for chain {chain:?} sets the field {field:?}, which only the ledger writer may set"
-    )]
+    #[error("draft for chain {chain:?} sets the field {field:?}, which only the ledger writer may set")]
     ReservedField { chain: String, field: &'static str },
     #[error("draft for chain {chain:?}: field \"time\" must be an RFC 3339 string")]
     BadTime { chain: String },
@@ -100,10 +95,7 @@ pub enum DraftError {
 
 /// Checks a chain name: 1..=128 bytes of printable ASCII without spaces.
 pub fn check_chain(chain: &str) -> Result<(), DraftError> {
-    let bad = |reason| DraftError::BadChain {
-        chain: chain.chars().take(MAX_CHAIN_BYTES).collect(),
-        reason,
-    };
+    let bad = |reason| DraftError::BadChain { chain: chain.chars().take(MAX_CHAIN_BYTES).collect(), reason };
     if chain.is_empty() {
         return Err(bad("empty"));
     }
@@ -123,18 +115,11 @@ pub fn now_rfc3339() -> String {
 
 /// Parses a record or filter time (RFC 3339, any offset).
 pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
 }
 
 /// Seals `draft` as log entry `index` following `head` in its chain.
-pub fn seal(
-    draft: Draft,
-    index: u64,
-    head: Option<ChainHead>,
-    now: &str,
-) -> Result<(Appended, ChainHead), DraftError> {
+pub fn seal(draft: Draft, index: u64, head: Option<ChainHead>, now: &str) -> Result<(Appended, ChainHead), DraftError> {
     check_chain(&draft.chain)?;
     let Draft { chain, mut body } = draft;
     for field in RESERVED_FIELDS {
@@ -152,32 +137,15 @@ pub fn seal(
     let seq = head.map_or(0, |h| h.seq + 1);
     body.insert(FIELD_LOG_INDEX.into(), Value::from(index));
     body.insert(FIELD_SEQ.into(), Value::from(seq));
-    body.insert(
-        FIELD_PREV_HASH.into(),
-        head.map_or(Value::Null, |h| Value::String(super::hex::encode(&h.hash))),
-    );
+    body.insert(FIELD_PREV_HASH.into(), head.map_or(Value::Null, |h| Value::String(super::hex::encode(&h.hash))));
     body.insert(FIELD_CHAIN.into(), Value::String(chain.clone()));
-    let canonical =
-        canonical::canonicalize_object(&body).map_err(|source| DraftError::Canonical {
-            chain: chain.clone(),
-            source,
-        })?;
+    let canonical = canonical::canonicalize_object(&body)
+        .map_err(|source| DraftError::Canonical { chain: chain.clone(), source })?;
     if canonical.len() > MAX_RECORD_BYTES {
-        return Err(DraftError::TooLarge {
-            chain,
-            size: canonical.len(),
-        });
+        return Err(DraftError::TooLarge { chain, size: canonical.len() });
     }
     let hash = leaf_hash(&canonical);
-    Ok((
-        Appended {
-            index,
-            leaf_hash: hash,
-            seq,
-            canonical,
-        },
-        ChainHead { seq, hash },
-    ))
+    Ok((Appended { index, leaf_hash: hash, seq, canonical }, ChainHead { seq, hash }))
 }
 
 #[cfg(test)]
@@ -194,13 +162,8 @@ mod tests {
 
     #[test]
     fn seal_adds_fields_and_links() {
-        let (a, head) = seal(
-            Draft::new("p1", body(json!({"decision": "allow"}))),
-            5,
-            None,
-            "2025-01-01T00:00:00.000000Z",
-        )
-        .unwrap();
+        let (a, head) =
+            seal(Draft::new("p1", body(json!({"decision": "allow"}))), 5, None, "2025-01-01T00:00:00.000000Z").unwrap();
         let v: Value = serde_json::from_slice(&a.canonical).unwrap();
         assert_eq!(v["log_index"], 5);
         assert_eq!(v["seq"], 0);
@@ -227,19 +190,10 @@ mod tests {
         for field in RESERVED_FIELDS {
             let mut b = Map::new();
             b.insert(field.to_string(), json!(1));
-            assert!(matches!(
-                seal(Draft::new("p", b), 0, None, &now),
-                Err(DraftError::ReservedField { .. })
-            ));
+            assert!(matches!(seal(Draft::new("p", b), 0, None, &now), Err(DraftError::ReservedField { .. })));
         }
-        assert!(matches!(
-            seal(Draft::new("", Map::new()), 0, None, &now),
-            Err(DraftError::BadChain { .. })
-        ));
-        assert!(matches!(
-            seal(Draft::new("a b", Map::new()), 0, None, &now),
-            Err(DraftError::BadChain { .. })
-        ));
+        assert!(matches!(seal(Draft::new("", Map::new()), 0, None, &now), Err(DraftError::BadChain { .. })));
+        assert!(matches!(seal(Draft::new("a b", Map::new()), 0, None, &now), Err(DraftError::BadChain { .. })));
         assert!(matches!(
             seal(Draft::new("p", body(json!({"time": 5}))), 0, None, &now),
             Err(DraftError::BadTime { .. })

@@ -25,10 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ed25519_dalek::VerifyingKey;
-use redb::{
-    Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, Table,
-    TableDefinition,
-};
+use redb::{Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::checkpoint::{self, Checkpoint, SignedCheckpoint};
@@ -70,11 +67,7 @@ pub struct LedgerOptions {
 
 impl Default for LedgerOptions {
     fn default() -> Self {
-        Self {
-            max_group: 1024,
-            max_queued: 16 * 1024,
-            checkpoint_interval: Duration::from_secs(1),
-        }
+        Self { max_group: 1024, max_queued: 16 * 1024, checkpoint_interval: Duration::from_secs(1) }
     }
 }
 
@@ -117,9 +110,7 @@ pub enum LedgerError {
 pub enum TxnError {
     #[error("state key {key:?} is invalid: {reason}")]
     BadKey { key: String, reason: &'static str },
-    #[error(
-        "state value for {key:?} is {size} bytes, above the {MAX_STATE_VALUE_BYTES}-byte limit"
-    )]
+    #[error("state value for {key:?} is {size} bytes, above the {MAX_STATE_VALUE_BYTES}-byte limit")]
     ValueTooLarge { key: String, size: usize },
     #[error("transaction writes more than {MAX_WRITES_PER_TXN} state keys")]
     TooManyWrites,
@@ -138,17 +129,10 @@ impl TxnError {
 }
 
 fn storage<'a>(path: &'a Path, context: &'static str) -> impl Fn(redb::Error) -> StorageError + 'a {
-    move |e| StorageError {
-        path: path.to_path_buf(),
-        context,
-        source: Arc::new(e),
-    }
+    move |e| StorageError { path: path.to_path_buf(), context, source: Arc::new(e) }
 }
 
-fn se<'a, E: Into<redb::Error>>(
-    path: &'a Path,
-    context: &'static str,
-) -> impl Fn(E) -> StorageError + 'a {
+fn se<'a, E: Into<redb::Error>>(path: &'a Path, context: &'static str) -> impl Fn(E) -> StorageError + 'a {
     move |e| storage(path, context)(e.into())
 }
 
@@ -158,11 +142,7 @@ fn se<'a, E: Into<redb::Error>>(
 /// Read access to the state table, whichever transaction it lives in.
 trait StateView {
     fn view_get(&self, key: &str) -> Result<Option<Vec<u8>>, redb::StorageError>;
-    fn view_scan(
-        &self,
-        prefix: &str,
-        out: &mut BTreeMap<String, Vec<u8>>,
-    ) -> Result<(), redb::StorageError>;
+    fn view_scan(&self, prefix: &str, out: &mut BTreeMap<String, Vec<u8>>) -> Result<(), redb::StorageError>;
 }
 
 impl<T: ReadableTable<&'static str, &'static [u8]>> StateView for T {
@@ -170,11 +150,7 @@ impl<T: ReadableTable<&'static str, &'static [u8]>> StateView for T {
         Ok(self.get(key)?.map(|v| v.value().to_vec()))
     }
 
-    fn view_scan(
-        &self,
-        prefix: &str,
-        out: &mut BTreeMap<String, Vec<u8>>,
-    ) -> Result<(), redb::StorageError> {
+    fn view_scan(&self, prefix: &str, out: &mut BTreeMap<String, Vec<u8>>) -> Result<(), redb::StorageError> {
         for entry in self.range::<&str>(prefix..)? {
             let (k, v) = entry?;
             let k = k.value();
@@ -200,18 +176,13 @@ impl Txn<'_> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
-        self.state
-            .view_get(key)
-            .map_err(|e| TxnError::Storage(Arc::new(e.into())))
+        self.state.view_get(key).map_err(|e| TxnError::Storage(Arc::new(e.into())))
     }
 
     pub fn put(&mut self, key: &str, val: &[u8]) -> Result<(), TxnError> {
         check_key(key)?;
         if val.len() > MAX_STATE_VALUE_BYTES {
-            return Err(TxnError::ValueTooLarge {
-                key: key.to_string(),
-                size: val.len(),
-            });
+            return Err(TxnError::ValueTooLarge { key: key.to_string(), size: val.len() });
         }
         self.note_write(key)?;
         self.overlay.insert(key.to_string(), Some(val.to_vec()));
@@ -228,9 +199,7 @@ impl Txn<'_> {
     /// All entries whose key starts with `prefix`, sorted by key.
     pub fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, TxnError> {
         let mut out = BTreeMap::new();
-        self.state
-            .view_scan(prefix, &mut out)
-            .map_err(|e| TxnError::Storage(Arc::new(e.into())))?;
+        self.state.view_scan(prefix, &mut out).map_err(|e| TxnError::Storage(Arc::new(e.into())))?;
         for (k, v) in self.overlay.range(prefix.to_string()..) {
             if !k.starts_with(prefix) {
                 break;
@@ -258,10 +227,7 @@ impl Txn<'_> {
 }
 
 fn check_key(key: &str) -> Result<(), TxnError> {
-    let bad = |reason| TxnError::BadKey {
-        key: key.chars().take(64).collect(),
-        reason,
-    };
+    let bad = |reason| TxnError::BadKey { key: key.chars().take(64).collect(), reason };
     if key.is_empty() {
         return Err(bad("empty"));
     }
@@ -295,10 +261,7 @@ impl NodeSource for NodesWrite<'_, '_> {
 
 impl NodeStore for NodesWrite<'_, '_> {
     fn put(&mut self, level: u8, index: u64, hash: Hash) -> Result<(), MerkleError> {
-        self.0
-            .insert(merkle::node_key(level, index), hash)
-            .map(|_| ())
-            .map_err(|e| MerkleError::Storage(Box::new(e)))
+        self.0.insert(merkle::node_key(level, index), hash).map(|_| ()).map_err(|e| MerkleError::Storage(Box::new(e)))
     }
 }
 
@@ -338,14 +301,7 @@ where
     fn run(self: Box<Self>, txn: &mut Txn<'_>) -> Option<(Vec<Draft>, Box<dyn Finish>)> {
         let TransactWork { f, reply, permit } = *self;
         match catch_unwind(AssertUnwindSafe(|| f(txn))) {
-            Ok(Ok((value, drafts))) => Some((
-                drafts,
-                Box::new(TransactFinish {
-                    value,
-                    reply,
-                    _permit: permit,
-                }),
-            )),
+            Ok(Ok((value, drafts))) => Some((drafts, Box::new(TransactFinish { value, reply, _permit: permit }))),
             Ok(Err(e)) => {
                 let _ = reply.send(Err(LedgerError::Txn(e)));
                 None
@@ -435,17 +391,11 @@ impl std::fmt::Debug for Ledger {
 
 impl Ledger {
     /// Opens (or creates) the store at `path`, checks it is coherent, and starts the writer.
-    pub fn open(
-        path: &Path,
-        host_key: HostKey,
-        opts: LedgerOptions,
-    ) -> Result<Ledger, LedgerError> {
+    pub fn open(path: &Path, host_key: HostKey, opts: LedgerOptions) -> Result<Ledger, LedgerError> {
         let db = match Database::create(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                return Err(LedgerError::AlreadyOpen {
-                    path: path.to_path_buf(),
-                })
+                return Err(LedgerError::AlreadyOpen { path: path.to_path_buf() })
             }
             Err(e) => return Err(se(path, "open database")(e).into()),
         };
@@ -453,10 +403,7 @@ impl Ledger {
         init_tables(&db, path)?;
         let public = host_key.verifying_key();
         let (size, latest) = check_coherent(&db, path, &public)?;
-        let shared = Arc::new(Shared {
-            size: AtomicU64::new(size),
-            latest: RwLock::new(latest.clone()),
-        });
+        let shared = Arc::new(Shared { size: AtomicU64::new(size), latest: RwLock::new(latest.clone()) });
         let (tx, rx) = mpsc::channel();
         let origin = host_key.origin().to_string();
         let writer = Writer {
@@ -500,19 +447,9 @@ impl Ledger {
         T: Send + 'static,
         F: FnOnce(&mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + 'static,
     {
-        let permit = self
-            .inner
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| LedgerError::Closed)?;
+        let permit = self.inner.permits.clone().acquire_owned().await.map_err(|_| LedgerError::Closed)?;
         let (reply, rx) = oneshot::channel();
-        self.submit(Box::new(TransactWork {
-            f,
-            reply,
-            permit: Some(permit),
-        }))?;
+        self.submit(Box::new(TransactWork { f, reply, permit: Some(permit) }))?;
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
@@ -524,19 +461,12 @@ impl Ledger {
         F: FnOnce(&mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        self.submit(Box::new(TransactWork {
-            f,
-            reply,
-            permit: None,
-        }))?;
+        self.submit(Box::new(TransactWork { f, reply, permit: None }))?;
         rx.blocking_recv().map_err(|_| LedgerError::Closed)?
     }
 
     fn submit(&self, work: Box<dyn Work>) -> Result<(), LedgerError> {
-        self.inner
-            .jobs
-            .send(Job::Transact(work))
-            .map_err(|_| LedgerError::Closed)
+        self.inner.jobs.send(Job::Transact(work)).map_err(|_| LedgerError::Closed)
     }
 
     pub fn state_get(&self, key: &str) -> Result<Option<Vec<u8>>, LedgerError> {
@@ -569,10 +499,7 @@ impl Ledger {
     /// latest already covers the current size).
     pub async fn checkpoint_now(&self) -> Result<SignedCheckpoint, LedgerError> {
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .jobs
-            .send(Job::Checkpoint(tx))
-            .map_err(|_| LedgerError::Closed)?;
+        self.inner.jobs.send(Job::Checkpoint(tx)).map_err(|_| LedgerError::Closed)?;
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
@@ -606,33 +533,19 @@ impl Ledger {
 }
 
 fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError> {
-    let txn = db
-        .begin_write()
-        .map_err(se(path, "begin initial transaction"))?;
+    let txn = db.begin_write().map_err(se(path, "begin initial transaction"))?;
     {
-        txn.open_table(RECORDS)
-            .map_err(se(path, "create records table"))?;
-        txn.open_table(NODES)
-            .map_err(se(path, "create merkle table"))?;
-        txn.open_table(HEADS)
-            .map_err(se(path, "create chain heads table"))?;
-        txn.open_table(CHAIN_INDEX)
-            .map_err(se(path, "create chain index table"))?;
-        txn.open_table(STATE)
-            .map_err(se(path, "create state table"))?;
-        txn.open_table(CHECKPOINTS)
-            .map_err(se(path, "create checkpoints table"))?;
-        let mut meta = txn
-            .open_table(META)
-            .map_err(se(path, "create meta table"))?;
-        let format = meta
-            .get(META_FORMAT)
-            .map_err(se(path, "read format"))?
-            .map(|g| g.value());
+        txn.open_table(RECORDS).map_err(se(path, "create records table"))?;
+        txn.open_table(NODES).map_err(se(path, "create merkle table"))?;
+        txn.open_table(HEADS).map_err(se(path, "create chain heads table"))?;
+        txn.open_table(CHAIN_INDEX).map_err(se(path, "create chain index table"))?;
+        txn.open_table(STATE).map_err(se(path, "create state table"))?;
+        txn.open_table(CHECKPOINTS).map_err(se(path, "create checkpoints table"))?;
+        let mut meta = txn.open_table(META).map_err(se(path, "create meta table"))?;
+        let format = meta.get(META_FORMAT).map_err(se(path, "read format"))?.map(|g| g.value());
         match format {
             None => {
-                meta.insert(META_FORMAT, FORMAT_VERSION)
-                    .map_err(se(path, "write format"))?;
+                meta.insert(META_FORMAT, FORMAT_VERSION).map_err(se(path, "write format"))?;
                 if meta.get(META_SIZE).map_err(se(path, "read size"))?.is_none() {
                     meta.insert(META_SIZE, 0).map_err(se(path, "write size"))?;
                 }
@@ -648,8 +561,7 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError> {
             }
         }
     }
-    txn.commit()
-        .map_err(se(path, "commit initial transaction"))?;
+    txn.commit().map_err(se(path, "commit initial transaction"))?;
     Ok(())
 }
 
@@ -663,50 +575,29 @@ fn check_coherent(
     path: &Path,
     public: &VerifyingKey,
 ) -> Result<(u64, Option<SignedCheckpoint>), LedgerError> {
-    let bad = |reason: String| LedgerError::Incoherent {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| LedgerError::Incoherent { path: path.to_path_buf(), reason };
     let snap = Snapshot::new(db, path)?;
     let size = snap.size;
-    let records = snap
-        .txn
-        .open_table(RECORDS)
-        .map_err(se(path, "open records"))?;
+    let records = snap.txn.open_table(RECORDS).map_err(se(path, "open records"))?;
     let count = records.len().map_err(se(path, "count records"))?;
     if count != size {
-        return Err(bad(format!(
-            "meta size is {size} but the records table holds {count} records"
-        )));
+        return Err(bad(format!("meta size is {size} but the records table holds {count} records")));
     }
     if size > 0 {
-        let last = records
-            .last()
-            .map_err(se(path, "read last record"))?
-            .map(|(k, v)| (k.value(), v.value().to_vec()));
+        let last = records.last().map_err(se(path, "read last record"))?.map(|(k, v)| (k.value(), v.value().to_vec()));
         let Some((last_index, last_bytes)) = last else {
             return Err(bad("records table is empty but size is not 0".into()));
         };
         if last_index != size - 1 {
-            return Err(bad(format!(
-                "last record has index {last_index}, expected {}",
-                size - 1
-            )));
+            return Err(bad(format!("last record has index {last_index}, expected {}", size - 1)));
         }
-        let nodes = snap
-            .txn
-            .open_table(NODES)
-            .map_err(se(path, "open merkle"))?;
+        let nodes = snap.txn.open_table(NODES).map_err(se(path, "open merkle"))?;
         let leaf = NodesRead(&nodes).get(0, size - 1)?;
         if leaf != Some(merkle::leaf_hash(&last_bytes)) {
-            return Err(bad(format!(
-                "stored leaf hash of record {} does not match the record",
-                size - 1
-            )));
+            return Err(bad(format!("stored leaf hash of record {} does not match the record", size - 1)));
         }
     }
-    merkle::root(&snap.nodes()?, size)
-        .map_err(|e| bad(format!("cannot compute the root of {size} records: {e}")))?;
+    merkle::root(&snap.nodes()?, size).map_err(|e| bad(format!("cannot compute the root of {size} records: {e}")))?;
     let latest = snap.latest_checkpoint_note()?;
     let latest = match latest {
         None => None,
@@ -761,17 +652,9 @@ impl Snapshot {
     fn new(db: &Database, path: &Path) -> Result<Snapshot, LedgerError> {
         let txn = db.begin_read().map_err(se(path, "begin read"))?;
         let meta = txn.open_table(META).map_err(se(path, "open meta"))?;
-        let size = meta
-            .get(META_SIZE)
-            .map_err(se(path, "read size"))?
-            .map(|g| g.value())
-            .unwrap_or(0);
+        let size = meta.get(META_SIZE).map_err(se(path, "read size"))?.map(|g| g.value()).unwrap_or(0);
         drop(meta);
-        Ok(Snapshot {
-            txn,
-            path: path.to_path_buf(),
-            size,
-        })
+        Ok(Snapshot { txn, path: path.to_path_buf(), size })
     }
 
     /// Records in this snapshot.
@@ -780,25 +663,15 @@ impl Snapshot {
     }
 
     fn nodes(&self) -> Result<SnapshotNodes, LedgerError> {
-        Ok(SnapshotNodes {
-            table: self
-                .txn
-                .open_table(NODES)
-                .map_err(se(&self.path, "open merkle"))?,
-        })
+        Ok(SnapshotNodes { table: self.txn.open_table(NODES).map_err(se(&self.path, "open merkle"))? })
     }
 
     pub fn record(&self, index: u64) -> Result<Option<Vec<u8>>, LedgerError> {
         if index >= self.size {
             return Ok(None);
         }
-        let t = self
-            .txn
-            .open_table(RECORDS)
-            .map_err(se(&self.path, "open records"))?;
-        Ok(t.get(index)
-            .map_err(se(&self.path, "read record"))?
-            .map(|g| g.value().to_vec()))
+        let t = self.txn.open_table(RECORDS).map_err(se(&self.path, "open records"))?;
+        Ok(t.get(index).map_err(se(&self.path, "read record"))?.map(|g| g.value().to_vec()))
     }
 
     /// Calls `f` with every record in `[from, to)` in order.
@@ -812,10 +685,7 @@ impl Snapshot {
         if from >= to {
             return Ok(());
         }
-        let t = self
-            .txn
-            .open_table(RECORDS)
-            .map_err(se(&self.path, "open records"))?;
+        let t = self.txn.open_table(RECORDS).map_err(se(&self.path, "open records"))?;
         for entry in t.range(from..to).map_err(se(&self.path, "scan records"))? {
             let (k, v) = entry.map_err(se(&self.path, "scan records"))?;
             f(k.value(), v.value())?;
@@ -825,15 +695,9 @@ impl Snapshot {
 
     /// Log indices of the records of `chain`, in order.
     pub fn chain_indices(&self, chain: &str) -> Result<Vec<u64>, LedgerError> {
-        let t = self
-            .txn
-            .open_table(CHAIN_INDEX)
-            .map_err(se(&self.path, "open chain index"))?;
+        let t = self.txn.open_table(CHAIN_INDEX).map_err(se(&self.path, "open chain index"))?;
         let mut out = Vec::new();
-        for entry in t
-            .range((chain, 0u64)..=(chain, u64::MAX))
-            .map_err(se(&self.path, "scan chain index"))?
-        {
+        for entry in t.range((chain, 0u64)..=(chain, u64::MAX)).map_err(se(&self.path, "scan chain index"))? {
             let (_, v) = entry.map_err(se(&self.path, "scan chain index"))?;
             let index = v.value();
             if index < self.size {
@@ -845,24 +709,16 @@ impl Snapshot {
 
     /// The last record of `chain`.
     pub fn chain_head(&self, chain: &str) -> Result<Option<ChainHead>, LedgerError> {
-        let t = self
-            .txn
-            .open_table(HEADS)
-            .map_err(se(&self.path, "open chain heads"))?;
-        Ok(t.get(chain)
-            .map_err(se(&self.path, "read chain head"))?
-            .map(|g| {
-                let (seq, hash) = g.value();
-                ChainHead { seq, hash }
-            }))
+        let t = self.txn.open_table(HEADS).map_err(se(&self.path, "open chain heads"))?;
+        Ok(t.get(chain).map_err(se(&self.path, "read chain head"))?.map(|g| {
+            let (seq, hash) = g.value();
+            ChainHead { seq, hash }
+        }))
     }
 
     pub fn root(&self, size: u64) -> Result<Hash, LedgerError> {
         if size > self.size {
-            return Err(LedgerError::OutOfRange(format!(
-                "tree size {size} is beyond the log size {}",
-                self.size
-            )));
+            return Err(LedgerError::OutOfRange(format!("tree size {size} is beyond the log size {}", self.size)));
         }
         Ok(merkle::root(&self.nodes()?, size)?)
     }
@@ -888,46 +744,27 @@ impl Snapshot {
     }
 
     pub fn state_get(&self, key: &str) -> Result<Option<Vec<u8>>, LedgerError> {
-        let t = self
-            .txn
-            .open_table(STATE)
-            .map_err(se(&self.path, "open state"))?;
-        t.view_get(key)
-            .map_err(|e| se(&self.path, "read state")(e).into())
+        let t = self.txn.open_table(STATE).map_err(se(&self.path, "open state"))?;
+        t.view_get(key).map_err(|e| se(&self.path, "read state")(e).into())
     }
 
     pub fn state_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, LedgerError> {
-        let t = self
-            .txn
-            .open_table(STATE)
-            .map_err(se(&self.path, "open state"))?;
+        let t = self.txn.open_table(STATE).map_err(se(&self.path, "open state"))?;
         let mut out = BTreeMap::new();
-        t.view_scan(prefix, &mut out)
-            .map_err(se(&self.path, "scan state"))?;
+        t.view_scan(prefix, &mut out).map_err(se(&self.path, "scan state"))?;
         Ok(out.into_iter().collect())
     }
 
     fn latest_checkpoint_note(&self) -> Result<Option<String>, LedgerError> {
-        let t = self
-            .txn
-            .open_table(CHECKPOINTS)
-            .map_err(se(&self.path, "open checkpoints"))?;
-        let last = t
-            .last()
-            .map_err(se(&self.path, "read checkpoint"))?
-            .map(|(_, v)| v.value().to_string());
+        let t = self.txn.open_table(CHECKPOINTS).map_err(se(&self.path, "open checkpoints"))?;
+        let last = t.last().map_err(se(&self.path, "read checkpoint"))?.map(|(_, v)| v.value().to_string());
         Ok(last)
     }
 
     /// The stored signed checkpoint for exactly `size` records, if one was signed.
     pub fn checkpoint_at(&self, size: u64) -> Result<Option<String>, LedgerError> {
-        let t = self
-            .txn
-            .open_table(CHECKPOINTS)
-            .map_err(se(&self.path, "open checkpoints"))?;
-        Ok(t.get(size)
-            .map_err(se(&self.path, "read checkpoint"))?
-            .map(|v| v.value().to_string()))
+        let t = self.txn.open_table(CHECKPOINTS).map_err(se(&self.path, "open checkpoints"))?;
+        Ok(t.get(size).map_err(se(&self.path, "read checkpoint"))?.map(|v| v.value().to_string()))
     }
 }
 
@@ -1077,24 +914,14 @@ impl Writer {
         {
             let mut records = wtxn.open_table(RECORDS).map_err(se(path, "open records"))?;
             let mut nodes = wtxn.open_table(NODES).map_err(se(path, "open merkle"))?;
-            let mut heads = wtxn
-                .open_table(HEADS)
-                .map_err(se(path, "open chain heads"))?;
-            let mut chain_index = wtxn
-                .open_table(CHAIN_INDEX)
-                .map_err(se(path, "open chain index"))?;
+            let mut heads = wtxn.open_table(HEADS).map_err(se(path, "open chain heads"))?;
+            let mut chain_index = wtxn.open_table(CHAIN_INDEX).map_err(se(path, "open chain index"))?;
             let mut state = wtxn.open_table(STATE).map_err(se(path, "open state"))?;
-            let mut checkpoints = wtxn
-                .open_table(CHECKPOINTS)
-                .map_err(se(path, "open checkpoints"))?;
+            let mut checkpoints = wtxn.open_table(CHECKPOINTS).map_err(se(path, "open checkpoints"))?;
             let mut meta = wtxn.open_table(META).map_err(se(path, "open meta"))?;
 
             for work in pending.by_ref() {
-                let mut txn = Txn {
-                    state: &state,
-                    overlay: BTreeMap::new(),
-                    next_index: size,
-                };
+                let mut txn = Txn { state: &state, overlay: BTreeMap::new(), next_index: size };
                 let ran = work.run(&mut txn);
                 let overlay = std::mem::take(&mut txn.overlay);
                 let Some((drafts, finish)) = ran else {
@@ -1117,9 +944,7 @@ impl Writer {
                     for (k, v) in &overlay {
                         match v {
                             Some(v) => {
-                                state
-                                    .insert(k.as_str(), v.as_slice())
-                                    .map_err(se(path, "write state"))?;
+                                state.insert(k.as_str(), v.as_slice()).map_err(se(path, "write state"))?;
                             }
                             None => {
                                 state.remove(k.as_str()).map_err(se(path, "delete state"))?;
@@ -1130,12 +955,8 @@ impl Writer {
                         records
                             .insert(appended.index, appended.canonical.as_slice())
                             .map_err(se(path, "write record"))?;
-                        merkle::append(
-                            &mut NodesWrite(&mut nodes),
-                            appended.index,
-                            appended.leaf_hash,
-                        )
-                        .map_err(|e| merkle_storage(path, e))?;
+                        merkle::append(&mut NodesWrite(&mut nodes), appended.index, appended.leaf_hash)
+                            .map_err(|e| merkle_storage(path, e))?;
                         heads
                             .insert(chain.as_str(), (appended.seq, appended.leaf_hash))
                             .map_err(se(path, "write chain head"))?;
@@ -1146,33 +967,22 @@ impl Writer {
                     Ok(())
                 })();
                 size += sealed.len() as u64;
-                g.done
-                    .push((finish, sealed.into_iter().map(|(_, a)| a).collect()));
+                g.done.push((finish, sealed.into_iter().map(|(_, a)| a).collect()));
                 write?;
             }
 
             let wanted = !g.checkpoint_waiters.is_empty() || self.checkpoint_due(size);
             let already = self.last_checkpoint.map(|(s, _)| s) == Some(size);
             new_cp = if wanted && !already {
-                let root = merkle::root(&NodesWrite(&mut nodes), size)
-                    .map_err(|e| merkle_storage(path, e))?;
-                let signed = checkpoint::sign(
-                    Checkpoint {
-                        origin: self.key.origin().to_string(),
-                        size,
-                        root,
-                    },
-                    &self.key,
-                );
-                checkpoints
-                    .insert(size, signed.note.as_str())
-                    .map_err(se(path, "write checkpoint"))?;
+                let root = merkle::root(&NodesWrite(&mut nodes), size).map_err(|e| merkle_storage(path, e))?;
+                let signed =
+                    checkpoint::sign(Checkpoint { origin: self.key.origin().to_string(), size, root }, &self.key);
+                checkpoints.insert(size, signed.note.as_str()).map_err(se(path, "write checkpoint"))?;
                 Some(signed)
             } else {
                 None
             };
-            meta.insert(META_SIZE, size)
-                .map_err(se(path, "write size"))?;
+            meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
         }
         wtxn.commit().map_err(se(path, "commit"))?;
         Ok((size, new_cp))
@@ -1209,16 +1019,10 @@ fn seal_all(
     path: &Path,
 ) -> Result<Vec<(String, Appended)>, SealError> {
     if drafts.len() > MAX_DRAFTS_PER_TXN {
-        return Err(SealError::Draft(DraftError::TooManyDrafts {
-            count: drafts.len(),
-            max: MAX_DRAFTS_PER_TXN,
-        }));
+        return Err(SealError::Draft(DraftError::TooManyDrafts { count: drafts.len(), max: MAX_DRAFTS_PER_TXN }));
     }
     if start.saturating_add(drafts.len() as u64) >= merkle::MAX_TREE_SIZE - 1 {
-        return Err(SealError::Draft(DraftError::TooManyDrafts {
-            count: drafts.len(),
-            max: 0,
-        }));
+        return Err(SealError::Draft(DraftError::TooManyDrafts { count: drafts.len(), max: 0 }));
     }
     let now = record::now_rfc3339();
     let mut local: HashMap<String, ChainHead> = HashMap::new();
@@ -1236,8 +1040,7 @@ fn seal_all(
                 }),
         };
         let chain = draft.chain.clone();
-        let (appended, new_head) =
-            record::seal(draft, start + i as u64, head, &now).map_err(SealError::Draft)?;
+        let (appended, new_head) = record::seal(draft, start + i as u64, head, &now).map_err(SealError::Draft)?;
         local.insert(chain.clone(), new_head);
         out.push((chain, appended));
     }
@@ -1351,10 +1154,7 @@ mod tests {
     #[test]
     fn open_refuses_altered_merkle_node() {
         let err = open_after(|t| {
-            t.nodes
-                .borrow_mut()
-                .insert(merkle::node_key(2, 0), [9u8; 32])
-                .unwrap();
+            t.nodes.borrow_mut().insert(merkle::node_key(2, 0), [9u8; 32]).unwrap();
         });
         assert_incoherent(err, "differs from the signed checkpoint");
     }
@@ -1363,18 +1163,9 @@ mod tests {
     fn open_refuses_forged_checkpoint() {
         let err = open_after(|t| {
             let other = HostKey::generate();
-            let cp = checkpoint::sign(
-                Checkpoint {
-                    origin: key().origin().to_string(),
-                    size: 5,
-                    root: [0u8; 32],
-                },
-                &other,
-            );
-            t.checkpoints
-                .borrow_mut()
-                .insert(5, cp.note.as_str())
-                .unwrap();
+            let cp =
+                checkpoint::sign(Checkpoint { origin: key().origin().to_string(), size: 5, root: [0u8; 32] }, &other);
+            t.checkpoints.borrow_mut().insert(5, cp.note.as_str()).unwrap();
         });
         assert_incoherent(err, "does not verify with this host key");
     }
@@ -1382,35 +1173,23 @@ mod tests {
     #[test]
     fn txn_rejects_bad_keys_and_values() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger =
-            Ledger::open(&dir.path().join("l.redb"), key(), LedgerOptions::default()).unwrap();
+        let ledger = Ledger::open(&dir.path().join("l.redb"), key(), LedgerOptions::default()).unwrap();
         let r = ledger.transact_blocking(|txn| {
             assert!(matches!(txn.put("", b"x"), Err(TxnError::BadKey { .. })));
             let long = "k".repeat(MAX_STATE_KEY_BYTES + 1);
             assert!(matches!(txn.put(&long, b"x"), Err(TxnError::BadKey { .. })));
             let big = vec![0u8; MAX_STATE_VALUE_BYTES + 1];
-            assert!(matches!(
-                txn.put("k", &big),
-                Err(TxnError::ValueTooLarge { .. })
-            ));
+            assert!(matches!(txn.put("k", &big), Err(TxnError::ValueTooLarge { .. })));
             for i in 0..MAX_WRITES_PER_TXN {
                 txn.put(&format!("k{i}"), b"")?;
             }
-            assert!(matches!(
-                txn.put("one-more", b""),
-                Err(TxnError::TooManyWrites)
-            ));
+            assert!(matches!(txn.put("one-more", b""), Err(TxnError::TooManyWrites)));
             Ok(((), vec![]))
         });
         assert!(r.is_ok());
-        let too_many: Vec<Draft> = (0..=MAX_DRAFTS_PER_TXN)
-            .map(|_| Draft::new("p", serde_json::Map::new()))
-            .collect();
+        let too_many: Vec<Draft> = (0..=MAX_DRAFTS_PER_TXN).map(|_| Draft::new("p", serde_json::Map::new())).collect();
         let r = ledger.transact_blocking(move |_| Ok(((), too_many)));
-        assert!(matches!(
-            r,
-            Err(LedgerError::Draft(DraftError::TooManyDrafts { .. }))
-        ));
+        assert!(matches!(r, Err(LedgerError::Draft(DraftError::TooManyDrafts { .. }))));
         assert_eq!(ledger.size(), 0);
     }
 }

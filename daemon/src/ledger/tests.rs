@@ -55,11 +55,7 @@ fn spend(
     move |txn| {
         let key = format!("spend/{chain}/{window}");
         let current = match txn.get(&key)? {
-            Some(b) => i64::from_be_bytes(
-                b.as_slice()
-                    .try_into()
-                    .map_err(|_| TxnError::abort("bad counter"))?,
-            ),
+            Some(b) => i64::from_be_bytes(b.as_slice().try_into().map_err(|_| TxnError::abort("bad counter"))?),
             None => 0,
         };
         let after = current + delta;
@@ -79,35 +75,21 @@ fn spend(
     }
 }
 
-fn reset(
-    chain: &str,
-) -> impl FnOnce(&mut Txn<'_>) -> Result<((), Vec<Draft>), TxnError> + Send + 'static {
+fn reset(chain: &str) -> impl FnOnce(&mut Txn<'_>) -> Result<((), Vec<Draft>), TxnError> + Send + 'static {
     let chain = chain.to_string();
     move |txn| {
         for (k, _) in txn.scan(&format!("spend/{chain}/"))? {
             txn.delete(&k)?;
         }
-        let draft = Draft::new(
-            chain.clone(),
-            obj(json!({"kind": "counter_reset", "window": "all", "spend_after_cents": 0})),
-        );
+        let draft =
+            Draft::new(chain.clone(), obj(json!({"kind": "counter_reset", "window": "all", "spend_after_cents": 0})));
         Ok(((), vec![draft]))
     }
 }
 
-fn host_event(
-    what: &str,
-) -> impl FnOnce(&mut Txn<'_>) -> Result<((), Vec<Draft>), TxnError> + Send + 'static {
+fn host_event(what: &str) -> impl FnOnce(&mut Txn<'_>) -> Result<((), Vec<Draft>), TxnError> + Send + 'static {
     let what = what.to_string();
-    move |_| {
-        Ok((
-            (),
-            vec![Draft::new(
-                HOST_CHAIN,
-                obj(json!({"kind": "event", "event": what})),
-            )],
-        ))
-    }
+    move |_| Ok(((), vec![Draft::new(HOST_CHAIN, obj(json!({"kind": "event", "event": what})))]))
 }
 
 /// Fills a ledger with three passports' decisions, a reset and host events: 20 records.
@@ -115,33 +97,21 @@ async fn populate(ledger: &Ledger) {
     ledger.transact(host_event("daemon_start")).await.unwrap();
     for round in 0..5 {
         for (i, chain) in ["pA", "pB", "pC"].iter().enumerate() {
-            ledger
-                .transact(spend(chain, 100 * (i as i64 + 1) + round, "2025-01-01"))
-                .await
-                .unwrap();
+            ledger.transact(spend(chain, 100 * (i as i64 + 1) + round, "2025-01-01")).await.unwrap();
         }
     }
     ledger.transact(reset("pB")).await.unwrap();
-    ledger
-        .transact(spend("pB", 40, "2025-01-01"))
-        .await
-        .unwrap();
+    ledger.transact(spend("pB", 40, "2025-01-01")).await.unwrap();
     ledger.transact(spend("pA", 7, "2025-01-02")).await.unwrap();
     ledger.transact(host_event("policy_reload")).await.unwrap();
 }
 
 fn problems(report: &verify::VerifyReport) -> String {
-    report
-        .problems
-        .iter()
-        .map(|p| format!("  - {p}\n"))
-        .collect()
+    report.problems.iter().map(|p| format!("  - {p}\n")).collect()
 }
 
 async fn full_export(ledger: &Ledger) -> ExportBundle {
-    export::export(ledger, &ExportRequest::default())
-        .await
-        .expect("export")
+    export::export(ledger, &ExportRequest::default()).await.expect("export")
 }
 
 fn vk() -> ed25519_dalek::VerifyingKey {
@@ -149,15 +119,10 @@ fn vk() -> ed25519_dalek::VerifyingKey {
 }
 
 /// Rewrites a record's JSON (keeping it canonical) in an export.
-fn edit_record(
-    bundle: &mut ExportBundle,
-    position: usize,
-    f: impl FnOnce(&mut Map<String, Value>),
-) {
+fn edit_record(bundle: &mut ExportBundle, position: usize, f: impl FnOnce(&mut Map<String, Value>)) {
     let mut v: Map<String, Value> = serde_json::from_str(&bundle.records[position].record).unwrap();
     f(&mut v);
-    bundle.records[position].record =
-        String::from_utf8(canonical::canonicalize_object(&v).unwrap()).unwrap();
+    bundle.records[position].record = String::from_utf8(canonical::canonicalize_object(&v).unwrap()).unwrap();
 }
 
 fn position_of(bundle: &ExportBundle, chain: &str, seq: u64) -> usize {
@@ -191,24 +156,16 @@ async fn concurrent_transactions_keep_order_links_and_root() {
                     .transact(move |txn| {
                         // A global counter every transaction increments: lost updates would
                         // show as a final total below TASKS * PER_TASK.
-                        let total = txn
-                            .get("total")?
-                            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
-                            .unwrap_or(0);
+                        let total =
+                            txn.get("total")?.map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(0);
                         txn.put("total", &(total + 1).to_be_bytes())?;
                         let next = txn.next_index();
-                        Ok((
-                            (total, next),
-                            vec![Draft::new(chain, obj(json!({"task": t, "i": i})))],
-                        ))
+                        Ok(((total, next), vec![Draft::new(chain, obj(json!({"task": t, "i": i})))]))
                     })
                     .await
                     .expect("transact");
                 assert_eq!(appended.len(), 1);
-                assert_eq!(
-                    appended[0].index, seen_total.1,
-                    "next_index() told the truth"
-                );
+                assert_eq!(appended[0].index, seen_total.1, "next_index() told the truth");
                 assert_eq!(appended[0].seq, i as u64, "per-chain seq");
                 out.push(appended[0].clone());
             }
@@ -310,10 +267,7 @@ async fn state_written_by_a_transaction_is_visible_to_the_next() {
             let scan = txn.scan("hold/")?;
             assert_eq!(
                 scan,
-                vec![
-                    ("hold/1".to_string(), b"pending".to_vec()),
-                    ("hold/3".to_string(), b"approved".to_vec())
-                ]
+                vec![("hold/1".to_string(), b"pending".to_vec()), ("hold/3".to_string(), b"approved".to_vec())]
             );
             Ok(((), vec![]))
         })
@@ -321,10 +275,7 @@ async fn state_written_by_a_transaction_is_visible_to_the_next() {
         .unwrap();
     assert_eq!(
         ledger.state_scan("hold/").unwrap(),
-        vec![
-            ("hold/1".to_string(), b"pending".to_vec()),
-            ("hold/3".to_string(), b"approved".to_vec())
-        ]
+        vec![("hold/1".to_string(), b"pending".to_vec()), ("hold/3".to_string(), b"approved".to_vec())]
     );
     assert_eq!(ledger.size(), 0, "no drafts, no records");
 }
@@ -393,12 +344,7 @@ async fn reopening_keeps_records_heads_state_and_checkpoints() {
     assert_eq!(ledger.snapshot().unwrap().root(20).unwrap(), root);
     let spent = ledger.state_get("spend/pA/2025-01-01").unwrap().unwrap();
     assert_eq!(i64::from_be_bytes(spent.try_into().unwrap()), 100 * 5 + 10);
-    let head = ledger
-        .snapshot()
-        .unwrap()
-        .chain_head("pA")
-        .unwrap()
-        .unwrap();
+    let head = ledger.snapshot().unwrap().chain_head("pA").unwrap().unwrap();
     // The next record of pA continues its chain.
     let (_, appended) = ledger.transact(spend("pA", 1, "2025-01-02")).await.unwrap();
     assert_eq!(appended[0].index, 20);
@@ -413,10 +359,7 @@ async fn reopening_keeps_records_heads_state_and_checkpoints() {
 #[tokio::test]
 async fn checkpoints_follow_growth_without_being_asked() {
     let store = TestStore::new();
-    let opts = LedgerOptions {
-        checkpoint_interval: std::time::Duration::from_millis(20),
-        ..LedgerOptions::default()
-    };
+    let opts = LedgerOptions { checkpoint_interval: std::time::Duration::from_millis(20), ..LedgerOptions::default() };
     let ledger = Ledger::open(&store.path, host_key(), opts).unwrap();
     ledger.transact(host_event("one")).await.unwrap();
     ledger.transact(host_event("two")).await.unwrap();
@@ -442,21 +385,12 @@ async fn shutdown_refuses_new_writes_and_keeps_reads() {
     ledger.transact(host_event("one")).await.unwrap();
     let clone = ledger.clone();
     ledger.shutdown();
-    assert!(matches!(
-        clone.transact(host_event("two")).await,
-        Err(LedgerError::Closed)
-    ));
-    assert!(matches!(
-        clone.checkpoint_now().await,
-        Err(LedgerError::Closed)
-    ));
+    assert!(matches!(clone.transact(host_event("two")).await, Err(LedgerError::Closed)));
+    assert!(matches!(clone.checkpoint_now().await, Err(LedgerError::Closed)));
     assert_eq!(clone.size(), 1);
     assert!(clone.record(0).unwrap().is_some());
     // The final checkpoint covers the tail.
-    assert_eq!(
-        clone.latest_checkpoint().unwrap().unwrap().checkpoint.size,
-        1
-    );
+    assert_eq!(clone.latest_checkpoint().unwrap().unwrap().checkpoint.size, 1);
 }
 
 #[tokio::test]
@@ -476,10 +410,7 @@ async fn open_refuses_a_store_signed_by_another_host_key() {
         ledger.checkpoint_now().await.unwrap();
     }
     let err = Ledger::open(&store.path, HostKey::generate(), LedgerOptions::default()).unwrap_err();
-    assert!(
-        matches!(err, LedgerError::Incoherent { .. }) && err.to_string().contains("host.key"),
-        "{err}"
-    );
+    assert!(matches!(err, LedgerError::Incoherent { .. }) && err.to_string().contains("host.key"), "{err}");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -508,15 +439,8 @@ async fn filtered_exports_verify() {
     let store = TestStore::new();
     let ledger = store.open();
     populate(&ledger).await;
-    let by_passport = export::export(
-        &ledger,
-        &ExportRequest {
-            passport: Some("pB".into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let by_passport =
+        export::export(&ledger, &ExportRequest { passport: Some("pB".into()), ..Default::default() }).await.unwrap();
     assert!(!by_passport.full);
     assert_eq!(by_passport.records.len(), 7);
     let report = verify::verify_export(&by_passport, &vk(), None);
@@ -528,15 +452,7 @@ async fn filtered_exports_verify() {
     ledger.transact(spend("pA", 3, "2025-01-02")).await.unwrap();
     ledger.transact(spend("pC", 4, "2025-01-01")).await.unwrap();
     ledger.transact(spend("pA", 5, "2025-01-02")).await.unwrap();
-    let since = export::export(
-        &ledger,
-        &ExportRequest {
-            since: Some(cut),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let since = export::export(&ledger, &ExportRequest { since: Some(cut), ..Default::default() }).await.unwrap();
     assert_eq!(since.records.len(), 3);
     let report = verify::verify_export(&since, &vk(), None);
     assert!(report.is_ok(), "{}", problems(&report));
@@ -560,20 +476,14 @@ async fn portable_attestation_verifies_alone() {
     att.record = att.record.replace("\"allow\"", "\"block\"");
     let report = verify::verify_attestation(&att, &vk());
     assert!(
-        report
-            .problems
-            .iter()
-            .any(|p| matches!(p, Problem::InclusionProofInvalid { index: 7, .. })),
+        report.problems.iter().any(|p| matches!(p, Problem::InclusionProofInvalid { index: 7, .. })),
         "{}",
         problems(&report)
     );
     // Another host's key: the checkpoint does not verify.
     let att = export::proof(&ledger, 7).await.unwrap();
     let report = verify::verify_attestation(&att, &HostKey::generate().verifying_key());
-    assert!(matches!(
-        report.problems.as_slice(),
-        [Problem::CheckpointInvalid { .. }]
-    ));
+    assert!(matches!(report.problems.as_slice(), [Problem::CheckpointInvalid { .. }]));
 }
 
 #[tokio::test]
@@ -596,20 +506,14 @@ async fn filtered_export_with_consistency_proof_against_older_checkpoint() {
     let mut no_proof = bundle.clone();
     no_proof.consistency = None;
     let report = verify::verify_export(&no_proof, &vk(), Some(&older.note));
-    assert!(matches!(
-        report.problems.as_slice(),
-        [Problem::ConsistencyUnchecked { .. }]
-    ));
+    assert!(matches!(report.problems.as_slice(), [Problem::ConsistencyUnchecked { .. }]));
     // A damaged proof fails.
     let mut bad = bundle.clone();
     if let Some(c) = bad.consistency.as_mut() {
         c.proof[0] = hex::encode(&[0u8; 32]);
     }
     let report = verify::verify_export(&bad, &vk(), Some(&older.note));
-    assert!(matches!(
-        report.problems.as_slice(),
-        [Problem::ConsistencyProofInvalid { .. }]
-    ));
+    assert!(matches!(report.problems.as_slice(), [Problem::ConsistencyProofInvalid { .. }]));
 }
 
 // ------------------------------------------------------------------------------------------
@@ -638,45 +542,24 @@ async fn tamper_edited_record_is_named() {
         r.insert("decision".into(), json!("block"));
     });
     let report = verify::verify_export(&bundle, &vk(), None);
-    assert!(
-        has(&report, |p| matches!(p, Problem::RootMismatch { .. })),
-        "{}",
-        problems(&report)
-    );
+    assert!(has(&report, |p| matches!(p, Problem::RootMismatch { .. })), "{}", problems(&report));
     // The next record of the chain no longer links to it.
     let next = bundle.records[position_of(&bundle, "pA", 2)].index;
     assert!(
-        has(
-            &report,
-            |p| matches!(p, Problem::BrokenLink { chain, index: i, .. } if chain == "pA" && *i == next)
-        ),
+        has(&report, |p| matches!(p, Problem::BrokenLink { chain, index: i, .. } if chain == "pA" && *i == next)),
         "{}",
         problems(&report)
     );
     // In a filtered export, the edited record's own inclusion proof fails.
-    let mut filtered = export::export(
-        &ledger,
-        &ExportRequest {
-            passport: Some("pA".into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let fpos = filtered
-        .records
-        .iter()
-        .position(|r| r.index == index)
-        .unwrap();
+    let mut filtered =
+        export::export(&ledger, &ExportRequest { passport: Some("pA".into()), ..Default::default() }).await.unwrap();
+    let fpos = filtered.records.iter().position(|r| r.index == index).unwrap();
     edit_record(&mut filtered, fpos, |r| {
         r.insert("decision".into(), json!("block"));
     });
     let report = verify::verify_export(&filtered, &vk(), None);
     assert!(
-        has(
-            &report,
-            |p| matches!(p, Problem::InclusionProofInvalid { index: i, .. } if *i == index)
-        ),
+        has(&report, |p| matches!(p, Problem::InclusionProofInvalid { index: i, .. } if *i == index)),
         "{}",
         problems(&report)
     );
@@ -702,18 +585,12 @@ async fn tamper_deleted_record_is_named() {
     bundle.records.remove(pos);
     let report = verify::verify_export(&bundle, &vk(), None);
     assert!(
-        has(
-            &report,
-            |p| matches!(p, Problem::MissingRecords { from, to } if *from == index && *to == index)
-        ),
+        has(&report, |p| matches!(p, Problem::MissingRecords { from, to } if *from == index && *to == index)),
         "{}",
         problems(&report)
     );
     assert!(
-        has(
-            &report,
-            |p| matches!(p, Problem::SeqGap { chain, expected: 2, found: 3, .. } if chain == "pC")
-        ),
+        has(&report, |p| matches!(p, Problem::SeqGap { chain, expected: 2, found: 3, .. } if chain == "pC")),
         "{}",
         problems(&report)
     );
@@ -726,14 +603,7 @@ async fn tamper_reordered_records_are_named() {
     bundle.records.swap(4, 5);
     let report = verify::verify_export(&bundle, &vk(), None);
     assert!(
-        has(&report, |p| matches!(
-            p,
-            Problem::OutOfOrder {
-                position: 5,
-                index: 4,
-                previous: 5
-            }
-        )),
+        has(&report, |p| matches!(p, Problem::OutOfOrder { position: 5, index: 4, previous: 5 })),
         "{}",
         problems(&report)
     );
@@ -749,11 +619,7 @@ async fn tamper_reordered_records_are_named() {
         });
     }
     let report = verify::verify_export(&bundle, &vk(), None);
-    assert!(
-        has(&report, |p| matches!(p, Problem::RootMismatch { .. })),
-        "{}",
-        problems(&report)
-    );
+    assert!(has(&report, |p| matches!(p, Problem::RootMismatch { .. })), "{}", problems(&report));
 }
 
 #[tokio::test]
@@ -762,13 +628,7 @@ async fn tamper_truncation_is_named() {
     bundle.records.truncate(17);
     let report = verify::verify_export(&bundle, &vk(), None);
     assert!(
-        has(&report, |p| matches!(
-            p,
-            Problem::Truncated {
-                last_present: Some(16),
-                checkpoint_size: 20
-            }
-        )),
+        has(&report, |p| matches!(p, Problem::Truncated { last_present: Some(16), checkpoint_size: 20 })),
         "{}",
         problems(&report)
     );
@@ -786,17 +646,11 @@ async fn tamper_forged_checkpoint_signature_is_named() {
     let mut blob = checkpoint::key_id(&cp.origin, &vk()).to_vec();
     blob.extend_from_slice(&sig.to_bytes());
     use base64::Engine;
-    bundle.checkpoint = format!(
-        "{body}\n\u{2014} {} {}\n",
-        cp.origin,
-        base64::engine::general_purpose::STANDARD.encode(blob)
-    );
+    bundle.checkpoint =
+        format!("{body}\n\u{2014} {} {}\n", cp.origin, base64::engine::general_purpose::STANDARD.encode(blob));
     let report = verify::verify_export(&bundle, &vk(), None);
     assert!(
-        has(
-            &report,
-            |p| matches!(p, Problem::CheckpointInvalid { reason } if reason.contains("does not verify"))
-        ),
+        has(&report, |p| matches!(p, Problem::CheckpointInvalid { reason } if reason.contains("does not verify"))),
         "{}",
         problems(&report)
     );
@@ -805,15 +659,8 @@ async fn tamper_forged_checkpoint_signature_is_named() {
 #[tokio::test]
 async fn tamper_per_passport_gap_is_named() {
     let (_s, ledger, _) = populated().await;
-    let mut bundle = export::export(
-        &ledger,
-        &ExportRequest {
-            passport: Some("pA".into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let mut bundle =
+        export::export(&ledger, &ExportRequest { passport: Some("pA".into()), ..Default::default() }).await.unwrap();
     // Every remaining record still has a valid inclusion proof; only the chain shows the gap.
     let removed = bundle.records.remove(2);
     let after = bundle.records[2].index;
@@ -827,17 +674,11 @@ async fn tamper_per_passport_gap_is_named() {
         problems(&report)
     );
     assert!(
-        has(
-            &report,
-            |p| matches!(p, Problem::BrokenLink { chain, index, .. } if chain == "pA" && *index == after)
-        ),
+        has(&report, |p| matches!(p, Problem::BrokenLink { chain, index, .. } if chain == "pA" && *index == after)),
         "{}",
         problems(&report)
     );
-    assert!(!has(&report, |p| matches!(
-        p,
-        Problem::InclusionProofInvalid { .. }
-    )));
+    assert!(!has(&report, |p| matches!(p, Problem::InclusionProofInvalid { .. })));
     let _ = removed;
 }
 
@@ -867,15 +708,7 @@ async fn tamper_spend_that_does_not_add_up_is_named() {
     let bad_index = appended[0].index;
     // And one with a missing field.
     let (_, appended) = ledger
-        .transact(|_| {
-            Ok((
-                (),
-                vec![Draft::new(
-                    "pC",
-                    obj(json!({"spend_delta_cents": 1, "spend_after_cents": 11})),
-                )],
-            ))
-        })
+        .transact(|_| Ok(((), vec![Draft::new("pC", obj(json!({"spend_delta_cents": 1, "spend_after_cents": 11})))])))
         .await
         .unwrap();
     let missing_index = appended[0].index;
@@ -918,10 +751,7 @@ async fn tamper_restored_old_copy_of_the_store_is_named() {
     let seen_by_auditor = {
         let ledger = store.open();
         for i in 0..10 {
-            ledger
-                .transact(spend("pA", 1000 + i, "2025-01-03"))
-                .await
-                .unwrap();
+            ledger.transact(spend("pA", 1000 + i, "2025-01-03")).await.unwrap();
         }
         let cp = ledger.checkpoint_now().await.unwrap(); // size 30
         ledger.shutdown();
@@ -935,23 +765,13 @@ async fn tamper_restored_old_copy_of_the_store_is_named() {
         let ledger = store.open();
         assert_eq!(ledger.size(), 20);
         for i in 0..15 {
-            ledger
-                .transact(spend("pB", 1 + i, "2025-01-03"))
-                .await
-                .unwrap();
+            ledger.transact(spend("pB", 1 + i, "2025-01-03")).await.unwrap();
         }
         let bundle = full_export(&ledger).await; // size 35, internally consistent
         let alone = verify::verify_export(&bundle, &vk(), None);
         assert!(alone.is_ok(), "{}", problems(&alone));
         let report = verify::verify_export(&bundle, &vk(), Some(&seen_by_auditor.note));
-        assert!(
-            has(&report, |p| matches!(
-                p,
-                Problem::Fork { older_size: 30, .. }
-            )),
-            "{}",
-            problems(&report)
-        );
+        assert!(has(&report, |p| matches!(p, Problem::Fork { older_size: 30, .. })), "{}", problems(&report));
         ledger.shutdown();
     }
 
@@ -959,55 +779,30 @@ async fn tamper_restored_old_copy_of_the_store_is_named() {
     copy_file(&backup, &store.path);
     let ledger = store.open();
     for i in 0..5 {
-        ledger
-            .transact(spend("pC", 1 + i, "2025-01-03"))
-            .await
-            .unwrap();
+        ledger.transact(spend("pC", 1 + i, "2025-01-03")).await.unwrap();
     }
     let bundle = full_export(&ledger).await; // size 25
     let report = verify::verify_export(&bundle, &vk(), Some(&seen_by_auditor.note));
     assert!(
-        has(&report, |p| matches!(
-            p,
-            Problem::Rollback {
-                older_size: 30,
-                checkpoint_size: 25
-            }
-        )),
+        has(&report, |p| matches!(p, Problem::Rollback { older_size: 30, checkpoint_size: 25 })),
         "{}",
         problems(&report)
     );
     // A filtered export with a consistency proof from 30 cannot even be produced.
     let err = export::export(
         &ledger,
-        &ExportRequest {
-            passport: Some("pC".into()),
-            consistency_from: Some(30),
-            ..Default::default()
-        },
+        &ExportRequest { passport: Some("pC".into()), consistency_from: Some(30), ..Default::default() },
     )
     .await
     .unwrap_err();
-    assert!(matches!(
-        err,
-        export::ExportError::ConsistencyBeyondSize { .. }
-    ));
+    assert!(matches!(err, export::ExportError::ConsistencyBeyondSize { .. }));
 }
 
 #[tokio::test]
 async fn garbage_documents_are_reported_not_panicking() {
-    for text in [
-        "",
-        "null",
-        "[]",
-        "{\"format\":\"sluice-audit-export/v1\"}",
-        "{\"format\":5}",
-    ] {
+    for text in ["", "null", "[]", "{\"format\":\"sluice-audit-export/v1\"}", "{\"format\":5}"] {
         let report = verify::verify_document(text, &vk(), None);
-        assert!(
-            matches!(report.problems.as_slice(), [Problem::Malformed { .. }]),
-            "{text}"
-        );
+        assert!(matches!(report.problems.as_slice(), [Problem::Malformed { .. }]), "{text}");
     }
     let (_s, _l, mut bundle) = populated().await;
     bundle.records[0].record = "not json".into();
@@ -1016,10 +811,7 @@ async fn garbage_documents_are_reported_not_panicking() {
     let report = verify::verify_export(&bundle, &vk(), None);
     for index in 0..3u64 {
         assert!(
-            has(
-                &report,
-                |p| matches!(p, Problem::RecordMalformed { index: i, .. } if *i == index)
-            ),
+            has(&report, |p| matches!(p, Problem::RecordMalformed { index: i, .. } if *i == index)),
             "record {index}: {}",
             problems(&report)
         );
@@ -1036,11 +828,7 @@ async fn garbage_documents_are_reported_not_panicking() {
 #[ignore = "benchmark; run explicitly in release mode"]
 fn bench_transact_throughput() {
     use std::time::{Duration, Instant};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     for concurrency in [1usize, 16, 64] {
         let store = TestStore::new();
         let ledger = store.open();

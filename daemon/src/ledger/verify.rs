@@ -34,8 +34,8 @@ use super::hex;
 use super::hostkey::origin_for;
 use super::merkle::{self, Hash, RootBuilder};
 use super::record::{
-    self, FIELD_CHAIN, FIELD_KIND, FIELD_LOG_INDEX, FIELD_PREV_HASH, FIELD_SEQ, FIELD_SPEND_AFTER,
-    FIELD_SPEND_DELTA, FIELD_SPEND_WINDOW_START, FIELD_WINDOW, KIND_COUNTER_RESET,
+    self, FIELD_CHAIN, FIELD_KIND, FIELD_LOG_INDEX, FIELD_PREV_HASH, FIELD_SEQ, FIELD_SPEND_AFTER, FIELD_SPEND_DELTA,
+    FIELD_SPEND_WINDOW_START, FIELD_WINDOW, KIND_COUNTER_RESET,
 };
 
 /// Bound on a document given to [`verify_document`].
@@ -50,84 +50,37 @@ pub enum Problem {
     /// The checkpoint does not verify with the host key.
     CheckpointInvalid { reason: String },
     /// A record is not a JSON object in canonical form, or lacks a field the writer sets.
-    RecordMalformed {
-        position: usize,
-        index: u64,
-        reason: String,
-    },
+    RecordMalformed { position: usize, index: u64, reason: String },
     /// The record's `log_index` field differs from the index it is exported under.
-    IndexMismatch {
-        position: usize,
-        index: u64,
-        field_value: Option<u64>,
-    },
+    IndexMismatch { position: usize, index: u64, field_value: Option<u64> },
     /// Records not in strictly increasing log order.
-    OutOfOrder {
-        position: usize,
-        index: u64,
-        previous: u64,
-    },
+    OutOfOrder { position: usize, index: u64, previous: u64 },
     /// A full export skips log indices.
     MissingRecords { from: u64, to: u64 },
     /// A full export ends before the checkpoint's size.
-    Truncated {
-        last_present: Option<u64>,
-        checkpoint_size: u64,
-    },
+    Truncated { last_present: Option<u64>, checkpoint_size: u64 },
     /// A record claims an index the checkpoint does not cover.
     BeyondCheckpoint { index: u64, checkpoint_size: u64 },
     /// The root rebuilt from the records differs from the checkpoint's.
-    RootMismatch {
-        size: u64,
-        rebuilt: String,
-        checkpoint: String,
-    },
+    RootMismatch { size: u64, rebuilt: String, checkpoint: String },
     /// A record's inclusion proof does not lead to the checkpoint's root.
     InclusionProofInvalid { index: u64, reason: String },
     /// A record outside the export's filter.
     OutsideFilter { index: u64, chain: String },
     /// A chain's sequence numbers skip or repeat.
-    SeqGap {
-        chain: String,
-        index: u64,
-        expected: u64,
-        found: u64,
-    },
+    SeqGap { chain: String, index: u64, expected: u64, found: u64 },
     /// A record's `prev_hash` is not the previous chain record's leaf hash.
-    BrokenLink {
-        chain: String,
-        index: u64,
-        expected: Option<String>,
-        found: Option<String>,
-    },
+    BrokenLink { chain: String, index: u64, expected: Option<String>, found: Option<String> },
     /// A spend field is missing, of the wrong type, or out of range.
-    SpendFieldInvalid {
-        chain: String,
-        index: u64,
-        field: String,
-        reason: String,
-    },
+    SpendFieldInvalid { chain: String, index: u64, field: String, reason: String },
     /// `spend_after_cents` is not the previous spend plus the delta.
-    SpendMismatch {
-        chain: String,
-        index: u64,
-        window_start: String,
-        expected: i64,
-        found: i64,
-    },
+    SpendMismatch { chain: String, index: u64, window_start: String, expected: i64, found: i64 },
     /// The older checkpoint does not verify.
     OlderCheckpointInvalid { reason: String },
     /// The older checkpoint covers more records than the export's: the log was rolled back.
-    Rollback {
-        older_size: u64,
-        checkpoint_size: u64,
-    },
+    Rollback { older_size: u64, checkpoint_size: u64 },
     /// The log at the older checkpoint's size does not have the older root: history rewritten.
-    Fork {
-        older_size: u64,
-        older_root: String,
-        rebuilt: String,
-    },
+    Fork { older_size: u64, older_root: String, rebuilt: String },
     /// The consistency proof to the older checkpoint does not verify.
     ConsistencyProofInvalid { older_size: u64, reason: String },
     /// Consistency with the older checkpoint cannot be checked from this export.
@@ -249,16 +202,10 @@ impl VerifyReport {
 }
 
 /// Verifies a document of either format (dispatching on its `format` field).
-pub fn verify_document(
-    text: &str,
-    host: &VerifyingKey,
-    older_checkpoint: Option<&str>,
-) -> VerifyReport {
+pub fn verify_document(text: &str, host: &VerifyingKey, older_checkpoint: Option<&str>) -> VerifyReport {
     let mut report = VerifyReport::new();
     if text.len() > MAX_DOCUMENT_BYTES {
-        report.problems.push(Problem::Malformed {
-            reason: format!("larger than {MAX_DOCUMENT_BYTES} bytes"),
-        });
+        report.problems.push(Problem::Malformed { reason: format!("larger than {MAX_DOCUMENT_BYTES} bytes") });
         return report;
     }
     let format = serde_json::from_str::<Value>(text)
@@ -268,9 +215,7 @@ pub fn verify_document(
         Some(EXPORT_FORMAT) => match serde_json::from_str::<ExportBundle>(text) {
             Ok(b) => verify_export(&b, host, older_checkpoint),
             Err(e) => {
-                report.problems.push(Problem::Malformed {
-                    reason: e.to_string(),
-                });
+                report.problems.push(Problem::Malformed { reason: e.to_string() });
                 report
             }
         },
@@ -286,17 +231,13 @@ pub fn verify_document(
                 r
             }
             Err(e) => {
-                report.problems.push(Problem::Malformed {
-                    reason: e.to_string(),
-                });
+                report.problems.push(Problem::Malformed { reason: e.to_string() });
                 report
             }
         },
         _ => {
             report.problems.push(Problem::Malformed {
-                reason: format!(
-                    "not JSON with \"format\": \"{EXPORT_FORMAT}\" or \"{ATTESTATION_FORMAT}\""
-                ),
+                reason: format!("not JSON with \"format\": \"{EXPORT_FORMAT}\" or \"{ATTESTATION_FORMAT}\""),
             });
             report
         }
@@ -311,11 +252,7 @@ struct Parsed {
     body: Map<String, Value>,
 }
 
-fn open_checkpoint(
-    report: &mut VerifyReport,
-    note: &str,
-    host: &VerifyingKey,
-) -> Option<Checkpoint> {
+fn open_checkpoint(report: &mut VerifyReport, note: &str, host: &VerifyingKey) -> Option<Checkpoint> {
     match checkpoint::open(note, host) {
         Ok(s) => {
             report.checkpoint_size = Some(s.checkpoint.size);
@@ -323,26 +260,15 @@ fn open_checkpoint(
             Some(s.checkpoint)
         }
         Err(e) => {
-            report.problems.push(Problem::CheckpointInvalid {
-                reason: e.to_string(),
-            });
+            report.problems.push(Problem::CheckpointInvalid { reason: e.to_string() });
             None
         }
     }
 }
 
 /// Parses one exported record; `None` (with problems noted) if it cannot be used at all.
-fn parse_record(
-    report: &mut VerifyReport,
-    position: usize,
-    index: u64,
-    text: &str,
-) -> Option<Parsed> {
-    let malformed = |reason: String| Problem::RecordMalformed {
-        position,
-        index,
-        reason,
-    };
+fn parse_record(report: &mut VerifyReport, position: usize, index: u64, text: &str) -> Option<Parsed> {
+    let malformed = |reason: String| Problem::RecordMalformed { position, index, reason };
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {
@@ -356,25 +282,14 @@ fn parse_record(
     };
     match canonical::canonicalize_object(&body) {
         Ok(c) if c == text.as_bytes() => {}
-        Ok(_) => report.problems.push(malformed(
-            "not in RFC 8785 canonical form (edited by hand?)".into(),
-        )),
+        Ok(_) => report.problems.push(malformed("not in RFC 8785 canonical form (edited by hand?)".into())),
         Err(e) => report.problems.push(malformed(e.to_string())),
     }
     let field_value = body.get(FIELD_LOG_INDEX).and_then(Value::as_u64);
     if field_value != Some(index) {
-        report.problems.push(Problem::IndexMismatch {
-            position,
-            index,
-            field_value,
-        });
+        report.problems.push(Problem::IndexMismatch { position, index, field_value });
     }
-    Some(Parsed {
-        position,
-        index,
-        leaf: merkle::leaf_hash(text.as_bytes()),
-        body,
-    })
+    Some(Parsed { position, index, leaf: merkle::leaf_hash(text.as_bytes()), body })
 }
 
 fn decode_proof(hexes: &[String]) -> Result<Vec<Hash>, String> {
@@ -384,39 +299,27 @@ fn decode_proof(hexes: &[String]) -> Result<Vec<Hash>, String> {
     hexes
         .iter()
         .enumerate()
-        .map(|(i, h)| {
-            hex::decode_hash(h).ok_or_else(|| format!("node {i} is not 64 lowercase hex digits"))
-        })
+        .map(|(i, h)| hex::decode_hash(h).ok_or_else(|| format!("node {i} is not 64 lowercase hex digits")))
         .collect()
 }
 
 /// Verifies an export bundle against the host key and, optionally, an older checkpoint.
-pub fn verify_export(
-    bundle: &ExportBundle,
-    host: &VerifyingKey,
-    older_checkpoint: Option<&str>,
-) -> VerifyReport {
+pub fn verify_export(bundle: &ExportBundle, host: &VerifyingKey, older_checkpoint: Option<&str>) -> VerifyReport {
     let mut report = VerifyReport::new();
     if bundle.format != EXPORT_FORMAT {
-        report.problems.push(Problem::Malformed {
-            reason: format!("format is {:?}, expected {EXPORT_FORMAT:?}", bundle.format),
-        });
+        report
+            .problems
+            .push(Problem::Malformed { reason: format!("format is {:?}, expected {EXPORT_FORMAT:?}", bundle.format) });
     }
     let expected_full = bundle.filter.passport.is_none() && bundle.filter.since.is_none();
     if bundle.full != expected_full {
-        report.problems.push(Problem::Malformed {
-            reason: "field full contradicts the filter".into(),
-        });
+        report.problems.push(Problem::Malformed { reason: "field full contradicts the filter".into() });
     }
     let full = expected_full;
     let cp = open_checkpoint(&mut report, &bundle.checkpoint, host);
     if bundle.origin != origin_for(host) {
         report.problems.push(Problem::Malformed {
-            reason: format!(
-                "origin {:?} is not the host key's origin {:?}",
-                bundle.origin,
-                origin_for(host)
-            ),
+            reason: format!("origin {:?} is not the host key's origin {:?}", bundle.origin, origin_for(host)),
         });
     }
     let since = match &bundle.filter.since {
@@ -424,9 +327,9 @@ pub fn verify_export(
         Some(s) => {
             let t = record::parse_time(s);
             if t.is_none() {
-                report.problems.push(Problem::Malformed {
-                    reason: format!("filter.since {s:?} is not an RFC 3339 time"),
-                });
+                report
+                    .problems
+                    .push(Problem::Malformed { reason: format!("filter.since {s:?} is not an RFC 3339 time") });
             }
             t
         }
@@ -438,11 +341,7 @@ pub fn verify_export(
     for (position, r) in bundle.records.iter().enumerate() {
         if let Some(p) = previous {
             if r.index <= p {
-                report.problems.push(Problem::OutOfOrder {
-                    position,
-                    index: r.index,
-                    previous: p,
-                });
+                report.problems.push(Problem::OutOfOrder { position, index: r.index, previous: p });
             }
         }
         previous = Some(previous.map_or(r.index, |p| p.max(r.index)));
@@ -454,28 +353,13 @@ pub fn verify_export(
 
     // Filter conformance.
     for p in &parsed {
-        let chain = p
-            .body
-            .get(FIELD_CHAIN)
-            .and_then(Value::as_str)
-            .unwrap_or("");
-        let chain_ok = bundle
-            .filter
-            .passport
-            .as_deref()
-            .is_none_or(|want| chain == want);
+        let chain = p.body.get(FIELD_CHAIN).and_then(Value::as_str).unwrap_or("");
+        let chain_ok = bundle.filter.passport.as_deref().is_none_or(|want| chain == want);
         let time_ok = since.is_none_or(|s| {
-            p.body
-                .get(record::FIELD_TIME)
-                .and_then(Value::as_str)
-                .and_then(record::parse_time)
-                .is_some_and(|t| t >= s)
+            p.body.get(record::FIELD_TIME).and_then(Value::as_str).and_then(record::parse_time).is_some_and(|t| t >= s)
         });
         if !chain_ok || !time_ok {
-            report.problems.push(Problem::OutsideFilter {
-                index: p.index,
-                chain: chain.to_string(),
-            });
+            report.problems.push(Problem::OutsideFilter { index: p.index, chain: chain.to_string() });
         }
     }
 
@@ -484,40 +368,25 @@ pub fn verify_export(
     let older = older_checkpoint.and_then(|note| match checkpoint::open(note, host) {
         Ok(s) => Some(s.checkpoint),
         Err(e) => {
-            report.problems.push(Problem::OlderCheckpointInvalid {
-                reason: e.to_string(),
-            });
+            report.problems.push(Problem::OlderCheckpointInvalid { reason: e.to_string() });
             None
         }
     });
     if let Some(cp) = &cp {
         if full {
-            check_full_log(
-                &mut report,
-                bundle,
-                cp,
-                older.as_ref(),
-                &mut rebuilt_at_older,
-            );
+            check_full_log(&mut report, bundle, cp, older.as_ref(), &mut rebuilt_at_older);
         } else {
             for r in &bundle.records {
                 if r.index >= cp.size {
-                    report.problems.push(Problem::BeyondCheckpoint {
-                        index: r.index,
-                        checkpoint_size: cp.size,
-                    });
+                    report.problems.push(Problem::BeyondCheckpoint { index: r.index, checkpoint_size: cp.size });
                     continue;
                 }
                 let leaf = merkle::leaf_hash(r.record.as_bytes());
                 let result = decode_proof(&r.inclusion_proof).and_then(|proof| {
-                    merkle::verify_inclusion(r.index, cp.size, &leaf, &proof, &cp.root)
-                        .map_err(|e| e.to_string())
+                    merkle::verify_inclusion(r.index, cp.size, &leaf, &proof, &cp.root).map_err(|e| e.to_string())
                 });
                 if let Err(reason) = result {
-                    report.problems.push(Problem::InclusionProofInvalid {
-                        index: r.index,
-                        reason,
-                    });
+                    report.problems.push(Problem::InclusionProofInvalid { index: r.index, reason });
                 }
             }
         }
@@ -530,10 +399,7 @@ pub fn verify_export(
     // Older checkpoint.
     if let (Some(cp), Some(older)) = (&cp, &older) {
         if older.size > cp.size {
-            report.problems.push(Problem::Rollback {
-                older_size: older.size,
-                checkpoint_size: cp.size,
-            });
+            report.problems.push(Problem::Rollback { older_size: older.size, checkpoint_size: cp.size });
         } else if let Some((size, rebuilt)) = rebuilt_at_older {
             if size == older.size && rebuilt != older.root {
                 report.problems.push(Problem::Fork {
@@ -566,10 +432,7 @@ fn check_full_log(
     let mut present: Vec<u64> = Vec::with_capacity(bundle.records.len());
     for r in &bundle.records {
         if r.index >= cp.size {
-            report.problems.push(Problem::BeyondCheckpoint {
-                index: r.index,
-                checkpoint_size: cp.size,
-            });
+            report.problems.push(Problem::BeyondCheckpoint { index: r.index, checkpoint_size: cp.size });
         } else {
             present.push(r.index);
         }
@@ -586,18 +449,12 @@ fn check_full_log(
     let mut expected_next: u64 = 0;
     for &index in &present {
         if index > expected_next {
-            report.problems.push(Problem::MissingRecords {
-                from: expected_next,
-                to: index - 1,
-            });
+            report.problems.push(Problem::MissingRecords { from: expected_next, to: index - 1 });
         }
         expected_next = index + 1;
     }
     if expected_next < cp.size {
-        report.problems.push(Problem::Truncated {
-            last_present: present.last().copied(),
-            checkpoint_size: cp.size,
-        });
+        report.problems.push(Problem::Truncated { last_present: present.last().copied(), checkpoint_size: cp.size });
     }
     let rebuilt = builder.root();
     if rebuilt != cp.root {
@@ -636,14 +493,10 @@ fn check_consistency(
         return;
     };
     let result = decode_proof(&ev.proof).and_then(|proof| {
-        merkle::verify_consistency(older.size, cp.size, &older.root, &cp.root, &proof)
-            .map_err(|e| e.to_string())
+        merkle::verify_consistency(older.size, cp.size, &older.root, &cp.root, &proof).map_err(|e| e.to_string())
     });
     if let Err(reason) = result {
-        report.problems.push(Problem::ConsistencyProofInvalid {
-            older_size: older.size,
-            reason,
-        });
+        report.problems.push(Problem::ConsistencyProofInvalid { older_size: older.size, reason });
     }
 }
 
@@ -659,9 +512,7 @@ fn check_older_without_records(
     let older = match checkpoint::open(older_note, host) {
         Ok(s) => s.checkpoint,
         Err(e) => {
-            report.problems.push(Problem::OlderCheckpointInvalid {
-                reason: e.to_string(),
-            });
+            report.problems.push(Problem::OlderCheckpointInvalid { reason: e.to_string() });
             return;
         }
     };
@@ -669,17 +520,10 @@ fn check_older_without_records(
         return;
     };
     if older.size > size {
-        report.problems.push(Problem::Rollback {
-            older_size: older.size,
-            checkpoint_size: size,
-        });
+        report.problems.push(Problem::Rollback { older_size: older.size, checkpoint_size: size });
         return;
     }
-    let cp = Checkpoint {
-        origin: older.origin.clone(),
-        size,
-        root,
-    };
+    let cp = Checkpoint { origin: older.origin.clone(), size, root };
     check_consistency(report, &cp, &older, evidence);
 }
 
@@ -693,30 +537,21 @@ fn check_chains(report: &mut VerifyReport, records: &[Parsed], must_start_at_zer
     let mut chains: BTreeMap<String, ChainState> = BTreeMap::new();
     for p in records {
         let index = p.index;
-        let malformed = |reason: &str| Problem::RecordMalformed {
-            position: p.position,
-            index,
-            reason: reason.to_string(),
-        };
+        let malformed =
+            |reason: &str| Problem::RecordMalformed { position: p.position, index, reason: reason.to_string() };
         let Some(chain) = p.body.get(FIELD_CHAIN).and_then(Value::as_str) else {
-            report
-                .problems
-                .push(malformed("field chain is missing or not a string"));
+            report.problems.push(malformed("field chain is missing or not a string"));
             continue;
         };
         let Some(seq) = p.body.get(FIELD_SEQ).and_then(Value::as_u64) else {
-            report
-                .problems
-                .push(malformed("field seq is missing or not an integer"));
+            report.problems.push(malformed("field seq is missing or not an integer"));
             continue;
         };
         let prev = match p.body.get(FIELD_PREV_HASH) {
             Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
             _ => {
-                report
-                    .problems
-                    .push(malformed("field prev_hash is missing or not a string/null"));
+                report.problems.push(malformed("field prev_hash is missing or not a string/null"));
                 continue;
             }
         };
@@ -733,23 +568,14 @@ fn check_chains(report: &mut VerifyReport, records: &[Parsed], must_start_at_zer
                         });
                     }
                 } else if must_start_at_zero {
-                    report.problems.push(Problem::SeqGap {
-                        chain: chain.to_string(),
-                        index,
-                        expected: 0,
-                        found: seq,
-                    });
+                    report.problems.push(Problem::SeqGap { chain: chain.to_string(), index, expected: 0, found: seq });
                 }
                 chains.insert(
                     chain.to_string(),
                     ChainState {
                         last_seq: seq,
                         last_hash: p.leaf,
-                        spend: Spend {
-                            windows: HashMap::new(),
-                            known_from_start,
-                            reset_seen: false,
-                        },
+                        spend: Spend { windows: HashMap::new(), known_from_start, reset_seen: false },
                     },
                 );
                 if let Some(state) = chains.get_mut(chain) {
@@ -799,30 +625,24 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
     let int = |field: &str| -> Result<Option<i64>, Problem> {
         match p.body.get(field) {
             None => Ok(None),
-            Some(v) => v
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| invalid(field, "not a 64-bit integer".into())),
+            Some(v) => v.as_i64().map(Some).ok_or_else(|| invalid(field, "not a 64-bit integer".into())),
         }
     };
     if p.body.get(FIELD_KIND).and_then(Value::as_str) == Some(KIND_COUNTER_RESET) {
         match p.body.get(FIELD_WINDOW).and_then(Value::as_str) {
             Some("daily" | "weekly" | "monthly" | "all") => {}
-            _ => report.problems.push(invalid(
-                FIELD_WINDOW,
-                "counter_reset must name window daily|weekly|monthly|all".into(),
-            )),
+            _ => report
+                .problems
+                .push(invalid(FIELD_WINDOW, "counter_reset must name window daily|weekly|monthly|all".into())),
         }
         match int(FIELD_SPEND_AFTER) {
             Ok(Some(0)) => {}
-            Ok(Some(v)) => report.problems.push(invalid(
-                FIELD_SPEND_AFTER,
-                format!("counter_reset must carry 0, found {v}"),
-            )),
-            Ok(None) => report.problems.push(invalid(
-                FIELD_SPEND_AFTER,
-                "counter_reset must carry 0, field missing".into(),
-            )),
+            Ok(Some(v)) => {
+                report.problems.push(invalid(FIELD_SPEND_AFTER, format!("counter_reset must carry 0, found {v}")))
+            }
+            Ok(None) => {
+                report.problems.push(invalid(FIELD_SPEND_AFTER, "counter_reset must carry 0, field missing".into()))
+            }
             Err(e) => report.problems.push(e),
         }
         for v in spend.windows.values_mut() {
@@ -848,10 +668,7 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
         match r {
             Ok(Some(v)) => Some(v),
             Ok(None) => {
-                report.problems.push(invalid(
-                    field,
-                    "missing while other spend fields are present".into(),
-                ));
+                report.problems.push(invalid(field, "missing while other spend fields are present".into()));
                 ok = false;
                 None
             }
@@ -867,16 +684,13 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
     let window = match window {
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => {
-            report
-                .problems
-                .push(invalid(FIELD_SPEND_WINDOW_START, "not a string".into()));
+            report.problems.push(invalid(FIELD_SPEND_WINDOW_START, "not a string".into()));
             None
         }
         None => {
-            report.problems.push(invalid(
-                FIELD_SPEND_WINDOW_START,
-                "missing while other spend fields are present".into(),
-            ));
+            report
+                .problems
+                .push(invalid(FIELD_SPEND_WINDOW_START, "missing while other spend fields are present".into()));
             None
         }
     };
@@ -898,10 +712,7 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
                 expected,
                 found: after,
             }),
-            None => report.problems.push(invalid(
-                FIELD_SPEND_DELTA,
-                format!("{prev} + {delta} overflows"),
-            )),
+            None => report.problems.push(invalid(FIELD_SPEND_DELTA, format!("{prev} + {delta} overflows"))),
         }
     }
     // Continue from the recorded value so each broken step is named once.
@@ -923,10 +734,7 @@ pub fn verify_attestation(att: &PortableAttestation, host: &VerifyingKey) -> Ver
     let mut report = VerifyReport::new();
     if att.format != ATTESTATION_FORMAT {
         report.problems.push(Problem::Malformed {
-            reason: format!(
-                "format is {:?}, expected {ATTESTATION_FORMAT:?}",
-                att.format
-            ),
+            reason: format!("format is {:?}, expected {ATTESTATION_FORMAT:?}", att.format),
         });
     }
     let cp = open_checkpoint(&mut report, &att.checkpoint, host);
@@ -936,14 +744,10 @@ pub fn verify_attestation(att: &PortableAttestation, host: &VerifyingKey) -> Ver
     if let Some(cp) = cp {
         let leaf = merkle::leaf_hash(att.record.as_bytes());
         let result = decode_proof(&att.inclusion_proof).and_then(|proof| {
-            merkle::verify_inclusion(att.index, cp.size, &leaf, &proof, &cp.root)
-                .map_err(|e| e.to_string())
+            merkle::verify_inclusion(att.index, cp.size, &leaf, &proof, &cp.root).map_err(|e| e.to_string())
         });
         if let Err(reason) = result {
-            report.problems.push(Problem::InclusionProofInvalid {
-                index: att.index,
-                reason,
-            });
+            report.problems.push(Problem::InclusionProofInvalid { index: att.index, reason });
         }
     }
     report

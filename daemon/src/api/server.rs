@@ -1,0 +1,241 @@
+//! The local API server: HTTP/1.1 over a Unix socket (BRIEF §2).
+//!
+//! Each connection's peer credentials are checked once, before any request is read; a refused
+//! caller gets `403` with the reason on every request. Handlers only parse and route: the work is
+//! done by [`Service`], which the proxy uses too.
+
+use super::peer::{Peer, PeerPolicy};
+use crate::service::{EnforceInput, ResetWindow, Service, ServiceError};
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::net::UnixListener;
+
+/// Request bodies are small JSON documents; a passport is at most 16 KiB.
+const MAX_REQUEST_BODY: usize = 64 * 1024;
+
+type Body = Full<Bytes>;
+
+/// An error answered to the caller as `{error, message}`.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> ApiError {
+        let (status, code) = match &e {
+            ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ServiceError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ServiceError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            ServiceError::Passport(_) => (StatusCode::BAD_REQUEST, "passport_invalid"),
+            ServiceError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_error"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    json_response(e.status, &json!({"error": e.code, "message": e.message}))
+}
+
+/// Binds the API socket: removes a stale socket file, binds, and restricts it to root and the API
+/// group (mode 0660). The parent directory is created 0755 if missing.
+pub fn bind(path: &Path, api_gid: Option<u32>) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; remove it or choose another [api] socket", path.display()),
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use: another sluice daemon is running", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    if let Some(gid) = api_gid {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(std::io::Error::from)?;
+    }
+    Ok(listener)
+}
+
+/// Serves the API until `shutdown` fires.
+pub async fn serve(
+    listener: UnixListener,
+    service: Arc<Service>,
+    policy: Arc<PeerPolicy>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "api: accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let peer = match stream.peer_cred() {
+            Ok(cred) => policy.check(cred.uid(), cred.gid(), cred.pid(), Path::new("/proc")),
+            Err(_) => Err(super::peer::PeerRefusal::NoPid),
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            if let Err(refusal) = &peer {
+                tracing::warn!(reason = %refusal, "api: caller refused");
+            }
+            let svc = hyper::service::service_fn(move |req| {
+                let service = service.clone();
+                let peer = peer.clone();
+                async move {
+                    let resp = match peer {
+                        Ok(peer) => handle(req, &service, &peer).await.unwrap_or_else(|e| error_response(&e)),
+                        Err(refusal) => {
+                            error_response(&ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal.to_string()))
+                        }
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "api: connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = Limited::new(req.into_body(), MAX_REQUEST_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body: {e}")))?
+        .to_bytes();
+    let body: &[u8] = if bytes.is_empty() { b"{}" } else { &bytes };
+    // Duplicate members are refused here too: two readers must never see two different requests.
+    crate::passport::json::parse_object(body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))?;
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
+}
+
+fn query(req: &Request<Incoming>) -> HashMap<String, String> {
+    req.uri().query().map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect()).unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    passport: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoteBody {
+    #[serde(default)]
+    note: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetBody {
+    window: String,
+}
+
+async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "health"]) => ok(service.health()),
+        (&Method::POST, ["v1", "passports"]) => {
+            let body: RegisterBody = read_json(req).await?;
+            ok(service.register(body.passport.trim(), peer).await?)
+        }
+        (&Method::POST, ["v1", "passports", id, "revoke"]) => {
+            let id = id.to_string();
+            let body: NoteBody = read_json(req).await?;
+            ok(service.revoke(&id, peer, body.note).await?)
+        }
+        (&Method::GET, ["v1", "passports", id, "state"]) => ok(service.state(id)?),
+        (&Method::POST, ["v1", "passports", id, "state", "reset"]) => {
+            let id = id.to_string();
+            let body: ResetBody = read_json(req).await?;
+            let window = ResetWindow::parse(&body.window).ok_or_else(|| {
+                ApiError::bad_request(format!("window {:?}: use daily, weekly, monthly or all", body.window))
+            })?;
+            ok(service.reset(&id, window, peer).await?)
+        }
+        (&Method::POST, ["v1", "enforce"]) => {
+            let input: EnforceInput = read_json(req).await?;
+            let decision = service.enforce(input).await?;
+            ok(decision)
+        }
+        (&Method::GET, ["v1", "attestations"]) => {
+            let q = query(&req);
+            ok(service.attestations(q.get("passport_id").map(String::as_str), q.get("since").map(String::as_str))?)
+        }
+        (&Method::GET, ["v1", "attestations", "export"]) => {
+            let q = query(&req);
+            let consistency_from = match q.get("consistency_from") {
+                Some(n) => Some(
+                    n.parse::<u64>()
+                        .map_err(|_| ApiError::bad_request(format!("consistency_from {n:?} is not a number")))?,
+                ),
+                None => None,
+            };
+            ok(service
+                .export(q.get("passport_id").map(String::as_str), q.get("since").map(String::as_str), consistency_from)
+                .await?)
+        }
+        (&Method::GET, ["v1", "attestations", id, "proof"]) => {
+            let index: u64 =
+                id.parse().map_err(|_| ApiError::bad_request(format!("attestation id {id:?} is not a number")))?;
+            ok(service.proof(index).await?)
+        }
+        (&Method::GET, ["v1", "holds"]) => ok(service.holds()?),
+        (&Method::GET, ["v1", "holds", id]) => ok(service.hold(id)?),
+        (&Method::POST, ["v1", "holds", id, action @ ("approve" | "deny")]) => {
+            let (id, approve) = (id.to_string(), *action == "approve");
+            let body: NoteBody = read_json(req).await?;
+            ok(service.resolve_hold(&id, approve, peer, body.note).await?)
+        }
+        _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {method} {path}"))),
+    }
+}

@@ -1,0 +1,143 @@
+//! `sluice audit export | proof | verify`.
+//!
+//! `export` and `proof` ask the daemon (they need its store and a freshly signed checkpoint);
+//! `verify` is offline: it needs only the file and the host's public key.
+
+use super::ops::call;
+use super::CmdResult;
+use crate::keyfile;
+use crate::ledger::{checkpoint, verify};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use http::Method;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Exports and attestations larger than this are refused by `verify`.
+const MAX_DOCUMENT: u64 = 1 << 30;
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// Export records, their inclusion proofs and a signed checkpoint to a file.
+    Export(ExportArgs),
+    /// Write a portable attestation: one record, its inclusion proof and a signed checkpoint.
+    Proof(ProofArgs),
+    /// Verify an export or an attestation offline. Exit status 1 names every broken record, gap or
+    /// inconsistency.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Only this passport's records.
+    #[arg(long, value_name = "ID")]
+    passport: Option<String>,
+    /// Only records at or after this time (RFC 3339, e.g. 2026-01-31T00:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// An older checkpoint you hold: the export then carries a consistency proof from it.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
+    /// The export file to write (never overwritten).
+    #[arg(long, value_name = "F")]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct ProofArgs {
+    /// The attestation id (the record's log index).
+    id: u64,
+    /// The file to write (never overwritten).
+    #[arg(long, value_name = "F")]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// An export or a portable attestation.
+    file: PathBuf,
+    /// The host's public key (`host.pub` in the daemon's state_dir).
+    #[arg(long, value_name = "F")]
+    host_pub: PathBuf,
+    /// An older checkpoint (a signed note) to check consistency and rollback against.
+    #[arg(long, value_name = "OLD")]
+    checkpoint: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: AuditCmd, socket: &Path) -> CmdResult {
+    match cmd {
+        AuditCmd::Export(a) => export(a, socket),
+        AuditCmd::Proof(a) => proof(a, socket),
+        AuditCmd::Verify(a) => verify_cmd(a),
+    }
+}
+
+fn write_new(path: &Path, doc: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(doc)? + "\n";
+    keyfile::create_new(path, text.as_bytes(), 0o644)?;
+    Ok(())
+}
+
+fn export(a: ExportArgs, socket: &Path) -> CmdResult {
+    if a.out.exists() {
+        anyhow::bail!("{}: already exists; refusing to overwrite it", a.out.display());
+    }
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    if let Some(p) = &a.passport {
+        query.append_pair("passport_id", p);
+    }
+    if let Some(s) = &a.since {
+        query.append_pair("since", s);
+    }
+    if let Some(cp) = &a.checkpoint {
+        let note = keyfile::read_public(cp, 64 * 1024)?;
+        let old = checkpoint::parse_unverified(&note).with_context(|| format!("{}: not a checkpoint", cp.display()))?;
+        query.append_pair("consistency_from", &old.size.to_string());
+    }
+    let bundle = call(socket, Method::GET, &format!("/v1/attestations/export?{}", query.finish()), None)?;
+    write_new(&a.out, &bundle)?;
+    let n = bundle["records"].as_array().map(Vec::len).unwrap_or_default();
+    println!("exported {n} record(s) to {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn proof(a: ProofArgs, socket: &Path) -> CmdResult {
+    if a.out.exists() {
+        anyhow::bail!("{}: already exists; refusing to overwrite it", a.out.display());
+    }
+    let att = call(socket, Method::GET, &format!("/v1/attestations/{}/proof", a.id), None)?;
+    write_new(&a.out, &att)?;
+    println!("attestation {} written to {}", a.id, a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify_cmd(a: VerifyArgs) -> CmdResult {
+    let host = keyfile::load_public_key(&a.host_pub)?;
+    let text = keyfile::read_public(&a.file, MAX_DOCUMENT)?;
+    let older = a.checkpoint.as_ref().map(|p| keyfile::read_public(p, 64 * 1024)).transpose()?;
+    let report = verify::verify_document(&text, &host, older.as_deref());
+    if a.json {
+        super::util::print_json(&serde_json::to_value(&report)?);
+    } else {
+        for p in &report.problems {
+            println!("PROBLEM  {p}");
+        }
+        println!(
+            "{}: {} record(s) in {} chain(s) checked against checkpoint size {}",
+            a.file.display(),
+            report.records_checked,
+            report.chains_checked,
+            report.checkpoint_size.map(|s| s.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+    if report.is_ok() {
+        println!("verified: OK");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("sluice: {}: verification FAILED with {} problem(s)", a.file.display(), report.problems.len());
+        Ok(ExitCode::FAILURE)
+    }
+}

@@ -1,0 +1,269 @@
+//! Commands that talk to a running daemon over its local API: `passport register|revoke`,
+//! `enforce`, `state`, `holds`.
+
+use super::util::print_json;
+use super::CmdResult;
+use crate::api::client::{Client, ClientError};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use http::Method;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Exit status of `sluice enforce` when the decision is `block`.
+pub const EXIT_BLOCK: u8 = 3;
+/// Exit status of `sluice enforce` when the decision is `request_hold`.
+pub const EXIT_HOLD: u8 = 4;
+
+/// Runs one API call on a small runtime and returns the JSON body.
+pub fn call(socket: &Path, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = Client::new(socket);
+    let resp = rt.block_on(client.call(method, path, body.as_ref())).map_err(|e| match e {
+        ClientError::Api { message, .. } => anyhow::anyhow!(message),
+        other => anyhow::anyhow!(other),
+    })?;
+    Ok(resp.body)
+}
+
+fn dollars(v: &Value) -> String {
+    v.as_u64().map(|c| crate::passport::Cents(c).to_string()).unwrap_or_else(|| "-".into())
+}
+
+// ---- enforce ----
+
+#[derive(Args, Debug)]
+pub struct EnforceArgs {
+    /// The registered passport's id (pp_…).
+    #[arg(long, value_name = "ID")]
+    passport_id: String,
+    /// The action, e.g. `llm:chat` or `orders:read`.
+    #[arg(long, value_name = "A")]
+    action: String,
+    /// What the action costs, in cents.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    cost_cents: u64,
+    /// The host the action goes to (checked against the domain allowlist).
+    #[arg(long, value_name = "T")]
+    target: Option<String>,
+}
+
+/// Prints the decision JSON. Exit status: 0 allow, 3 block, 4 request_hold, 1 error.
+pub fn enforce(a: EnforceArgs, socket: &Path) -> CmdResult {
+    let body =
+        json!({"passport_id": a.passport_id, "action": a.action, "cost_cents": a.cost_cents, "target": a.target});
+    let d = call(socket, Method::POST, "/v1/enforce", Some(body))?;
+    print_json(&d);
+    let reason = d["reason"].as_str().unwrap_or("");
+    let detail = d["detail"].as_str().unwrap_or("");
+    Ok(match d["decision"].as_str() {
+        Some("allow") => ExitCode::SUCCESS,
+        Some("request_hold") => {
+            eprintln!(
+                "sluice: held for approval ({reason}): approve with `sluice holds approve {}`",
+                d["approval_request_id"].as_str().unwrap_or("?")
+            );
+            ExitCode::from(EXIT_HOLD)
+        }
+        _ => {
+            eprintln!("sluice: blocked ({reason}): {detail}");
+            ExitCode::from(EXIT_BLOCK)
+        }
+    })
+}
+
+// ---- passport register / revoke ----
+
+pub fn register(file: &Path, socket: &Path, json_out: bool) -> CmdResult {
+    let token = super::util::read_token(file)?;
+    let r = call(socket, Method::POST, "/v1/passports", Some(json!({"passport": token})))
+        .with_context(|| format!("registering {}", file.display()))?;
+    if json_out {
+        print_json(&r);
+    } else {
+        println!("{}", r["passport_id"].as_str().unwrap_or_default());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn revoke(id: &str, note: Option<String>, socket: &Path, json_out: bool) -> CmdResult {
+    let r = call(socket, Method::POST, &format!("/v1/passports/{}/revoke", encode(id)), Some(json!({"note": note})))?;
+    if json_out {
+        print_json(&r);
+    } else if r["already_revoked"].as_bool() == Some(true) {
+        println!("{id} was already revoked");
+    } else {
+        println!("{id} revoked (attestation {})", r["attestation_id"]);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn encode(segment: &str) -> String {
+    form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}
+
+// ---- state ----
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct StateArgs {
+    #[command(subcommand)]
+    cmd: Option<StateCmd>,
+    /// The passport id whose counters to show.
+    id: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum StateCmd {
+    /// Reset a passport's counters (attested, with who asked).
+    Reset {
+        /// The passport id.
+        id: String,
+        /// Which counters: daily, weekly, monthly or all.
+        #[arg(long, value_name = "daily|weekly|monthly|all")]
+        window: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn state(a: StateArgs, socket: &Path) -> CmdResult {
+    match (a.cmd, a.id) {
+        (Some(StateCmd::Reset { id, window, json }), _) => {
+            let r = call(
+                socket,
+                Method::POST,
+                &format!("/v1/passports/{}/state/reset", encode(&id)),
+                Some(json!({"window": window})),
+            )?;
+            if json {
+                print_json(&r);
+            } else {
+                println!("{id}: {window} counters reset (attestation {})", r["attestation_id"]);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        (None, Some(id)) => {
+            let s = call(socket, Method::GET, &format!("/v1/passports/{}/state", encode(&id)), None)?;
+            if a.json {
+                print_json(&s);
+            } else {
+                print_state(&s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        (None, None) => anyhow::bail!("give a passport id (`sluice state pp_…`) or `sluice state reset ID --window W`"),
+    }
+}
+
+fn print_state(s: &Value) {
+    let limit = |v: &Value| if v.is_null() { "no limit".to_string() } else { dollars(v) };
+    println!("passport        {}", s["passport_id"].as_str().unwrap_or_default());
+    println!("today           {} of {}", dollars(&s["daily_cost_cents"]), limit(&s["daily_cost_limit_cents"]));
+    println!(
+        "requests today  {}{}",
+        s["daily_requests"],
+        s["daily_request_limit"].as_u64().map(|l| format!(" of {l}")).unwrap_or_default()
+    );
+    if let Some(w) = s["window"].as_str() {
+        println!(
+            "{:<15} {} of {}",
+            format!("this {w}"),
+            dollars(&s["window_cost_cents"]),
+            limit(&s["window_cost_limit_cents"])
+        );
+    }
+    println!("resets at       {}", s["window_resets_at"].as_str().unwrap_or("-"));
+    if s["revoked"].as_bool() == Some(true) {
+        println!("REVOKED");
+    }
+}
+
+// ---- holds ----
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct HoldsArgs {
+    #[command(subcommand)]
+    cmd: Option<HoldsCmd>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HoldsCmd {
+    /// Approve a held request: the limits are checked again, then it is forwarded.
+    Approve {
+        id: String,
+        /// A note kept in the attestation.
+        #[arg(long, value_name = "T")]
+        note: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deny a held request: the agent gets 403 hold_denied.
+    Deny {
+        id: String,
+        /// A note kept in the attestation.
+        #[arg(long, value_name = "T")]
+        note: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn holds(a: HoldsArgs, socket: &Path) -> CmdResult {
+    let (id, approve, note, json_out) = match a.cmd {
+        None => {
+            let h = call(socket, Method::GET, "/v1/holds", None)?;
+            if a.json {
+                print_json(&h);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let list = h["holds"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no pending holds");
+            }
+            for h in list {
+                println!(
+                    "{}  {}  {} {}  {}  expires {}",
+                    h["id"].as_str().unwrap_or_default(),
+                    h["passport_id"].as_str().unwrap_or_default(),
+                    h["request"]["action"].as_str().unwrap_or_default(),
+                    h["request"]["host"].as_str().unwrap_or_default(),
+                    dollars(&h["request"]["cost_cents"]),
+                    h["expires_at"].as_str().unwrap_or_default(),
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(HoldsCmd::Approve { id, note, json }) => (id, true, note, json),
+        Some(HoldsCmd::Deny { id, note, json }) => (id, false, note, json),
+    };
+    let verb = if approve { "approve" } else { "deny" };
+    let r = call(socket, Method::POST, &format!("/v1/holds/{}/{verb}", encode(&id)), Some(json!({"note": note})))?;
+    if json_out {
+        print_json(&r);
+    } else {
+        println!(
+            "{id}: {} ({}) attestation {}",
+            r["decision"].as_str().unwrap_or_default(),
+            r["reason"].as_str().unwrap_or_default(),
+            r["attestation_id"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--socket` if given, else `$SLUICE_SOCKET`, else the default.
+pub fn socket_path(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("SLUICE_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/run/sluice/sluice.sock"))
+}

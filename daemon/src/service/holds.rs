@@ -1,0 +1,378 @@
+//! Holds: requests that wait for a human (BRIEF §4).
+//!
+//! A `request_hold` decision creates a pending hold in the same transaction as its record.
+//! Approve, deny and timeout each resolve it in one transaction that writes the resolution record
+//! (linked to the hold's record, naming the approver) and, for an approval, re-checks every limit
+//! and moves the counters. Waiters (the proxy) are woken after the resolution is durable.
+
+use super::records::{self, Built};
+use super::{now, Service, ServiceError};
+use crate::api::peer::Peer;
+use crate::decide::{self, ActionRequest, Decision, EvalOptions, HostVerdict, Usage};
+use crate::domain::DomainName;
+use crate::ledger::{Draft, Txn, TxnError};
+use crate::passport::Claims;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldStatus {
+    Pending,
+    Approved,
+    Denied,
+    TimedOut,
+    Abandoned,
+}
+
+/// Who is waiting for the hold: a proxied request (gone if the daemon restarts) or an API caller
+/// (passport-only mode, which asks again later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldOrigin {
+    Proxy,
+    Api,
+}
+
+/// The request a hold is about, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HeldRequest {
+    pub action: String,
+    pub cost_cents: u64,
+    pub host: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hold {
+    pub id: String,
+    pub passport_id: String,
+    pub agent_id: String,
+    pub status: HoldStatus,
+    pub origin: HoldOrigin,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub request: HeldRequest,
+    /// Log index of the decision record that created the hold.
+    pub record_index: u64,
+    #[serde(default)]
+    pub resolution: Option<Value>,
+}
+
+/// How a hold ended, for whoever waited on it.
+#[derive(Debug, Clone)]
+pub struct HoldOutcome {
+    pub decision: Decision,
+    pub reason: String,
+    pub json: Value,
+}
+
+enum Resolution {
+    Approve(Peer, Option<String>),
+    Deny(Peer, Option<String>),
+    Timeout,
+    Abandon,
+}
+
+impl Hold {
+    pub fn new(
+        claims: &Claims,
+        request: &ActionRequest,
+        origin: HoldOrigin,
+        at: DateTime<Utc>,
+        timeout: Duration,
+        record_index: u64,
+    ) -> Hold {
+        let id: [u8; 12] = rand::random();
+        Hold {
+            id: format!("hold_{}", id.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            passport_id: claims.id.to_string(),
+            agent_id: claims.agent_id.clone(),
+            status: HoldStatus::Pending,
+            origin,
+            created_at: at,
+            expires_at: at + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::seconds(120)),
+            request: HeldRequest {
+                action: request.action.clone(),
+                cost_cents: request.cost_cents,
+                host: request.host.as_ref().map(|h| h.to_string()),
+                method: request.method.clone(),
+                path: request.path.clone(),
+            },
+            record_index,
+            resolution: None,
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<Hold, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("stored hold is unreadable: {e}"))
+    }
+
+    fn action_request(&self) -> ActionRequest {
+        ActionRequest {
+            action: self.request.action.clone(),
+            cost_cents: self.request.cost_cents,
+            host: self.request.host.as_deref().and_then(|h| DomainName::parse(h).ok()),
+            method: self.request.method.clone(),
+            path: self.request.path.clone(),
+        }
+    }
+
+    fn view(&self) -> Value {
+        json!({
+            "id": self.id, "passport_id": self.passport_id, "agent_id": self.agent_id,
+            "status": self.status, "origin": self.origin,
+            "created_at": records::time(self.created_at), "expires_at": records::time(self.expires_at),
+            "request": self.request, "attestation_id": self.record_index, "resolution": self.resolution,
+        })
+    }
+}
+
+impl Service {
+    /// `GET /v1/holds`: pending holds, oldest first.
+    pub fn holds(&self) -> Result<Value, ServiceError> {
+        let mut holds: Vec<Hold> = self
+            .ledger
+            .state_scan("hold/")?
+            .into_iter()
+            .filter_map(|(_, b)| Hold::from_bytes(&b).ok())
+            .filter(|h| h.status == HoldStatus::Pending)
+            .collect();
+        holds.sort_by_key(|h| h.created_at);
+        Ok(json!({"holds": holds.iter().map(Hold::view).collect::<Vec<_>>()}))
+    }
+
+    /// `GET /v1/holds/{id}`: one hold, in any state.
+    pub fn hold(&self, id: &str) -> Result<Value, ServiceError> {
+        self.load_hold(id).map(|h| h.view())
+    }
+
+    fn load_hold(&self, id: &str) -> Result<Hold, ServiceError> {
+        let bytes = self
+            .ledger
+            .state_get(&format!("hold/{id}"))?
+            .ok_or_else(|| ServiceError::NotFound(format!("no hold {id:?}; list them with `sluice holds`")))?;
+        Hold::from_bytes(&bytes).map_err(ServiceError::Store)
+    }
+
+    /// Approves or denies a pending hold on behalf of `peer`.
+    pub async fn resolve_hold(
+        &self,
+        id: &str,
+        approve: bool,
+        peer: &Peer,
+        note: Option<String>,
+    ) -> Result<Value, ServiceError> {
+        if note.as_ref().is_some_and(|n| n.len() > 1024) {
+            return Err(ServiceError::Invalid("note is longer than 1024 characters".into()));
+        }
+        let how = if approve { Resolution::Approve(peer.clone(), note) } else { Resolution::Deny(peer.clone(), note) };
+        let outcome = self.resolve(id, how).await?;
+        Ok(outcome.json)
+    }
+
+    /// Waits until the hold is resolved (by a human, or by its timeout).
+    pub async fn wait_hold(&self, id: &str) -> HoldOutcome {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut w) = self.waiters.lock() {
+            w.entry(id.to_string()).or_default().push(tx);
+        }
+        // The hold may have been resolved before we registered: look once more.
+        if let Ok(h) = self.load_hold(id) {
+            if h.status != HoldStatus::Pending {
+                if let Ok(mut w) = self.waiters.lock() {
+                    w.remove(id);
+                }
+                return outcome_of_resolved(&h);
+            }
+        }
+        rx.await.unwrap_or_else(|_| HoldOutcome {
+            decision: Decision::Block,
+            reason: "hold_abandoned".into(),
+            json: json!({"decision": "block", "reason": "hold_abandoned", "detail": "The daemon stopped while the request was held."}),
+        })
+    }
+
+    pub(super) fn schedule_hold_timeout(&self, id: String, expires_at: DateTime<Utc>) {
+        let Some(service) = self.self_arc() else { return };
+        let wait = (expires_at - now()).to_std().unwrap_or(Duration::ZERO);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            match service.resolve(&id, Resolution::Timeout).await {
+                Ok(_) | Err(ServiceError::Conflict(_)) => {}
+                Err(e) => tracing::error!(hold_id = %id, error = %e, "could not time out a hold"),
+            }
+        });
+    }
+
+    /// At start: proxy holds are abandoned (their requests are gone); API holds keep waiting.
+    pub(super) async fn recover_holds(self: &Arc<Self>) -> Result<(), ServiceError> {
+        for (_, bytes) in self.ledger.state_scan("hold/")? {
+            let Ok(hold) = Hold::from_bytes(&bytes) else { continue };
+            if hold.status != HoldStatus::Pending {
+                continue;
+            }
+            match hold.origin {
+                HoldOrigin::Proxy => {
+                    self.resolve(&hold.id, Resolution::Abandon).await?;
+                }
+                HoldOrigin::Api => self.schedule_hold_timeout(hold.id.clone(), hold.expires_at),
+            }
+        }
+        Ok(())
+    }
+
+    async fn resolve(&self, id: &str, how: Resolution) -> Result<HoldOutcome, ServiceError> {
+        let hold = self.load_hold(id)?;
+        let cp = self.passport(&hold.passport_id);
+        let revoked = self.is_revoked(&hold.passport_id);
+        let key = format!("hold/{id}");
+        let (outcome, appended) = self
+            .ledger
+            .transact(move |txn: &mut Txn<'_>| {
+                let at = now();
+                let mut hold = match txn.get(&key)? {
+                    Some(b) => Hold::from_bytes(&b).map_err(TxnError::abort)?,
+                    None => return Err(TxnError::abort(format!("hold {key} vanished"))),
+                };
+                if hold.status != HoldStatus::Pending {
+                    return Err(TxnError::abort(super::Conflict(format!(
+                        "hold {} is already {:?}",
+                        hold.id, hold.status
+                    ))));
+                }
+                let Some(cp) = cp else {
+                    return Err(TxnError::abort(format!(
+                        "passport {} of hold {} is not loaded",
+                        hold.passport_id, hold.id
+                    )));
+                };
+                let claims = &cp.passport.claims;
+                let request = hold.action_request();
+                // An approval that arrives after the deadline is a timeout.
+                let how = match how {
+                    Resolution::Approve(..) if at >= hold.expires_at => Resolution::Timeout,
+                    other => other,
+                };
+                let (built, status, by, note) = match how {
+                    Resolution::Approve(peer, note) => {
+                        let built = approve_in_txn(txn, &cp, &request, revoked, at)?;
+                        let status =
+                            if built.decision == Decision::Allow { HoldStatus::Approved } else { HoldStatus::Denied };
+                        (built, status, peer.to_json(), note)
+                    }
+                    Resolution::Deny(peer, note) => {
+                        let detail = format!(
+                            "A human denied this request ({}).",
+                            peer.user.as_deref().unwrap_or("unknown user")
+                        );
+                        (block(claims, "hold_denied", detail, at), HoldStatus::Denied, peer.to_json(), note)
+                    }
+                    Resolution::Timeout => {
+                        let detail = "Nobody approved this request before its hold expired.".to_string();
+                        (block(claims, "hold_timeout", detail, at), HoldStatus::TimedOut, json!("timeout"), None)
+                    }
+                    Resolution::Abandon => {
+                        let detail =
+                            "The daemon restarted while this request was held; the request is gone.".to_string();
+                        (
+                            block(claims, "hold_abandoned", detail, at),
+                            HoldStatus::Abandoned,
+                            json!("daemon_restart"),
+                            None,
+                        )
+                    }
+                };
+                let body = records::hold_resolution(claims, &hold, &request, &built, by.clone(), note.clone(), at);
+                hold.status = status;
+                hold.resolution =
+                    Some(json!({"at": records::time(at), "by": by, "note": note, "reason": built.reason}));
+                txn.put(&key, &hold.to_bytes())?;
+                Ok(((built, hold), vec![Draft::new(claims.id.to_string(), body)]))
+            })
+            .await?;
+        let (built, hold) = outcome;
+        let index = appended.first().map(|a| a.index).unwrap_or_default();
+        let mut json = built.response(index);
+        json["hold_id"] = hold.id.clone().into();
+        json["hold_status"] = serde_json::to_value(hold.status).unwrap_or(Value::Null);
+        let outcome = HoldOutcome { decision: built.decision, reason: built.reason.clone(), json };
+        tracing::info!(hold_id = %hold.id, passport_id = %hold.passport_id, status = ?hold.status, reason = %built.reason, "hold resolved");
+        let waiters = self.waiters.lock().ok().and_then(|mut w| w.remove(&hold.id)).unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(outcome.clone());
+        }
+        Ok(outcome)
+    }
+}
+
+fn block(claims: &Claims, reason: &str, detail: String, at: DateTime<Utc>) -> Built {
+    Built {
+        passport_id: claims.id.to_string(),
+        decision: Decision::Block,
+        reason: reason.into(),
+        detail,
+        guardrails: json!([{"name": "approval", "passed": false, "detail": reason}]),
+        all_passed: false,
+        timestamp: at,
+        spend: None,
+        hold: None,
+    }
+}
+
+/// An approval re-checks every limit (but not the approval step itself) and spends on success.
+fn approve_in_txn(
+    txn: &mut Txn<'_>,
+    cp: &decide::CompiledPassport,
+    request: &ActionRequest,
+    revoked: bool,
+    at: DateTime<Utc>,
+) -> Result<Built, TxnError> {
+    let claims = &cp.passport.claims;
+    let id = claims.id.to_string();
+    if revoked || txn.get(&format!("revoked/{id}"))?.is_some() {
+        return Ok(Built::revoked(claims, at));
+    }
+    let usage_key = format!("usage/{id}");
+    let usage = match txn.get(&usage_key)? {
+        None => Usage::default(),
+        Some(b) => match Usage::from_bytes(&b) {
+            Ok(u) => u,
+            Err(e) => return Ok(Built::state_error(claims, &e.to_string(), at)),
+        },
+    };
+    let eval = decide::evaluate(cp, &usage, request, &HostVerdict::Allow, at, EvalOptions { skip_approval: true });
+    let mut built = Built::from_eval(&eval, claims, at);
+    if eval.decision == Decision::Allow {
+        built.reason = "hold_approved".into();
+        txn.put(&usage_key, &eval.usage_after.to_bytes())?;
+    }
+    Ok(built)
+}
+
+fn outcome_of_resolved(h: &Hold) -> HoldOutcome {
+    let reason = h
+        .resolution
+        .as_ref()
+        .and_then(|r| r.get("reason"))
+        .and_then(Value::as_str)
+        .unwrap_or("hold_resolved")
+        .to_string();
+    let decision = if h.status == HoldStatus::Approved { Decision::Allow } else { Decision::Block };
+    HoldOutcome {
+        decision,
+        json: json!({"decision": decision.as_str(), "reason": reason, "hold_id": h.id, "hold_status": h.status}),
+        reason,
+    }
+}

@@ -1,0 +1,511 @@
+//! The daemon's stateful core, shared by the local API and the proxy.
+//!
+//! Owns the registry of passports, revocations and holds, and turns each operation into exactly one
+//! ledger transaction: the decision (from the pure [`crate::decide`] engine), the counters it moves
+//! and the attestation record it produces become durable together, before anyone is answered.
+//! Knows nothing of sockets, HTTP or the kernel; callers pass in who is asking ([`Peer`]).
+//!
+//! State keys in the ledger's state table (values are JSON):
+//! `passport/<id>` the registered token; `revoked/<id>` who revoked it and when;
+//! `usage/<id>` the passport's counters ([`crate::decide::Usage`]); `hold/<id>` a hold.
+
+mod holds;
+mod records;
+
+pub use holds::{Hold, HoldOrigin, HoldOutcome, HoldStatus};
+
+use crate::api::peer::Peer;
+use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
+use crate::domain::DomainName;
+use crate::ledger::{self, Draft, Ledger, Txn, TxnError};
+use crate::passport::{IssuerId, PassportError, PassportId, Revocations, Verifier};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+pub use decide::ResetWindow;
+
+/// Why an operation failed (not a decision: decisions, including blocks, are successes).
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("passport rejected: {0}")]
+    Passport(String),
+    #[error("the attestation store failed: {0}; nothing was decided or forwarded")]
+    Store(String),
+}
+
+impl From<ledger::LedgerError> for ServiceError {
+    fn from(e: ledger::LedgerError) -> Self {
+        if let ledger::LedgerError::Txn(TxnError::Abort(inner)) = &e {
+            if let Some(c) = inner.downcast_ref::<Conflict>() {
+                return ServiceError::Conflict(c.0.clone());
+            }
+            if let Some(c) = inner.downcast_ref::<Invalid>() {
+                return ServiceError::Invalid(c.0.clone());
+            }
+        }
+        ServiceError::Store(e.to_string())
+    }
+}
+
+/// Aborts a transaction because the operation conflicts with the current state (a hold already
+/// resolved, say): answered as `409`, not as a store failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Conflict(pub String);
+
+/// Aborts a transaction because the request is invalid for the current state: `400`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Invalid(pub String);
+
+/// `POST /v1/enforce`: `{passport_id, action, cost_cents, target}` (BRIEF §2). The proxy fills in
+/// `method` and `path` too.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnforceInput {
+    pub passport_id: String,
+    pub action: String,
+    #[serde(default)]
+    pub cost_cents: u64,
+    #[serde(default)]
+    pub target: Option<String>,
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// What the daemon needs from its configuration.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub pinned_issuers: Vec<IssuerId>,
+    pub hold_timeout: Duration,
+}
+
+/// The outcome of one enforced action, as answered to the caller and recorded.
+#[derive(Debug, Clone)]
+pub struct DecisionOutcome {
+    pub json: Value,
+    pub decision: decide::Decision,
+    pub hold_id: Option<String>,
+    pub attestation_id: u64,
+}
+
+pub struct Service {
+    /// A weak handle to this service, for the tasks it spawns (hold timeouts).
+    me: std::sync::Weak<Service>,
+    ledger: Ledger,
+    config: ServiceConfig,
+    passports: RwLock<HashMap<String, Arc<CompiledPassport>>>,
+    revoked: RwLock<HashSet<String>>,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<HoldOutcome>>>>,
+}
+
+/// Revocations as the ledger's state knows them, for the passport verifier.
+struct RevokedSet<'a>(&'a HashSet<String>);
+
+impl Revocations for RevokedSet<'_> {
+    fn is_revoked(&self, id: &PassportId) -> bool {
+        self.0.contains(id.as_str())
+    }
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+impl Service {
+    /// Loads registered passports, revocations and pending holds from the ledger, and records the
+    /// daemon's start. Holds the proxy was waiting on cannot survive a restart: they are resolved as
+    /// abandoned. Holds made through the API stay pending and their timers start again.
+    pub async fn start(ledger: Ledger, config: ServiceConfig) -> Result<Arc<Service>, ServiceError> {
+        let revoked: HashSet<String> = ledger
+            .state_scan("revoked/")?
+            .into_iter()
+            .filter_map(|(k, _)| k.strip_prefix("revoked/").map(str::to_string))
+            .collect();
+        let mut passports = HashMap::new();
+        for (key, token) in ledger.state_scan("passport/")? {
+            let token = String::from_utf8_lossy(&token).into_owned();
+            // Verified without time or revocation checks: an expired or revoked passport stays
+            // known so that its requests are blocked with the precise reason.
+            match load_registered(&token, &config.pinned_issuers) {
+                Ok(cp) => {
+                    passports.insert(cp.passport.claims.id.to_string(), Arc::new(cp));
+                }
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "registered passport no longer loads; its requests will be blocked")
+                }
+            }
+        }
+        let service = Arc::new_cyclic(|me| Service {
+            me: me.clone(),
+            ledger,
+            config,
+            passports: RwLock::new(passports),
+            revoked: RwLock::new(revoked),
+            waiters: Mutex::new(HashMap::new()),
+        });
+        service
+            .record_host_event("daemon_start", json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}))
+            .await?;
+        service.recover_holds().await?;
+        Ok(service)
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    fn self_arc(&self) -> Option<Arc<Service>> {
+        self.me.upgrade()
+    }
+
+    /// Appends one operational record to the host chain.
+    pub async fn record_host_event(&self, kind: &str, detail: Value) -> Result<u64, ServiceError> {
+        let mut body = records::base(kind, None, now());
+        if let Value::Object(extra) = detail {
+            body.extend(extra);
+        }
+        let ((), appended) = self.ledger.transact(move |_txn| Ok(((), vec![Draft::new("host", body)]))).await?;
+        Ok(appended.first().map(|a| a.index).unwrap_or_default())
+    }
+
+    pub fn health(&self) -> Value {
+        json!({
+            "status": "ok",
+            "version": env!("CARGO_PKG_VERSION"),
+            "log_size": self.ledger.size(),
+            "passports": self.passports.read().map(|p| p.len()).unwrap_or_default(),
+            "pending_holds": self.waiters.lock().map(|w| w.len()).unwrap_or_default(),
+        })
+    }
+
+    /// The compiled passport registered under `id`, if any.
+    pub fn passport(&self, id: &str) -> Option<Arc<CompiledPassport>> {
+        self.passports.read().ok()?.get(id).cloned()
+    }
+
+    fn is_revoked(&self, id: &str) -> bool {
+        self.revoked.read().map(|r| r.contains(id)).unwrap_or(true)
+    }
+
+    /// Registers a passport: full verification (pinned issuers, revocation, time), CEL rules
+    /// compiled, then stored and attested. Registering the same passport again is a no-op.
+    pub async fn register(&self, token: &str, peer: &Peer) -> Result<Value, ServiceError> {
+        let revoked = self.revoked.read().map_err(|_| ServiceError::Store("lock poisoned".into()))?.clone();
+        let passport = Verifier::new(&self.config.pinned_issuers, &RevokedSet(&revoked))
+            .verify(token, crate::passport::now())
+            .map_err(|e| ServiceError::Passport(e.to_string()))?;
+        let compiled = CompiledPassport::compile(passport).map_err(|e| ServiceError::Passport(e.to_string()))?;
+        let claims = compiled.passport.claims.clone();
+        let id = claims.id.to_string();
+        let key = format!("passport/{id}");
+        let token_owned = token.to_string();
+        let mut body = records::base("passport_registered", Some(&claims), now());
+        body.insert("trust_tier".into(), claims.trust_tier.as_str().into());
+        body.insert("expires_at".into(), claims.expires_at.into());
+        body.insert("token_sha256".into(), records::sha256_hex(token.as_bytes()).into());
+        body.insert("by".into(), peer.to_json());
+        let chain = id.clone();
+        let (created, _) = self
+            .ledger
+            .transact(move |txn: &mut Txn<'_>| {
+                if txn.get(&key)?.is_some() {
+                    return Ok((false, vec![]));
+                }
+                txn.put(&key, token_owned.as_bytes())?;
+                Ok((true, vec![Draft::new(chain, body)]))
+            })
+            .await?;
+        self.passports
+            .write()
+            .map_err(|_| ServiceError::Store("lock poisoned".into()))?
+            .insert(id.clone(), Arc::new(compiled));
+        tracing::info!(passport_id = %id, agent_id = %claims.agent_id, created, "passport registered");
+        Ok(json!({
+            "passport_id": id, "agent_id": claims.agent_id, "issuer": claims.issuer.as_str(),
+            "expires_at": claims.expires_at, "already_registered": !created,
+        }))
+    }
+
+    /// Revokes a passport (registered or not): persisted, attested, effective at once.
+    pub async fn revoke(&self, id: &str, peer: &Peer, note: Option<String>) -> Result<Value, ServiceError> {
+        let pid = PassportId::parse(id).map_err(ServiceError::Invalid)?;
+        let claims = self.passport(id).map(|cp| cp.passport.claims.clone());
+        let key = format!("revoked/{id}");
+        let mut body = records::base("revocation", claims.as_ref(), now());
+        body.insert("passport_id".into(), id.into());
+        body.insert("by".into(), peer.to_json());
+        body.insert("note".into(), note.clone().into());
+        let entry = json!({"at": now().to_rfc3339(), "by": peer.to_json(), "note": note}).to_string();
+        let chain = pid.to_string();
+        let (created, appended) = self
+            .ledger
+            .transact(move |txn: &mut Txn<'_>| {
+                if txn.get(&key)?.is_some() {
+                    return Ok((false, vec![]));
+                }
+                txn.put(&key, entry.as_bytes())?;
+                Ok((true, vec![Draft::new(chain, body)]))
+            })
+            .await?;
+        self.revoked.write().map_err(|_| ServiceError::Store("lock poisoned".into()))?.insert(id.to_string());
+        tracing::warn!(passport_id = %id, by = ?peer.user, "passport revoked");
+        Ok(json!({"passport_id": id, "revoked": true, "already_revoked": !created,
+                  "attestation_id": appended.first().map(|a| a.index)}))
+    }
+
+    /// Decides one action and makes the decision durable. Blocks are successful outcomes.
+    pub async fn enforce(&self, input: EnforceInput) -> Result<Value, ServiceError> {
+        self.enforce_outcome(input, HoldOrigin::Api, HostVerdict::Allow).await.map(|o| o.json)
+    }
+
+    /// As [`Service::enforce`], returning the full outcome (the proxy waits on holds).
+    pub async fn enforce_outcome(
+        &self,
+        input: EnforceInput,
+        origin: HoldOrigin,
+        host_verdict: HostVerdict,
+    ) -> Result<DecisionOutcome, ServiceError> {
+        let pid = PassportId::parse(&input.passport_id).map_err(ServiceError::Invalid)?;
+        let host = match input.target.as_deref().filter(|t| !t.is_empty()) {
+            Some(t) => Some(DomainName::parse(t).map_err(|e| ServiceError::Invalid(format!("target {t:?}: {e}")))?),
+            None => None,
+        };
+        if input.action.is_empty() || input.action.len() > 128 {
+            return Err(ServiceError::Invalid("action must be 1 to 128 characters".into()));
+        }
+        let request = ActionRequest {
+            action: input.action.clone(),
+            cost_cents: input.cost_cents,
+            host,
+            method: input.method.clone(),
+            path: input.path.clone(),
+        };
+        let compiled = self.passport(pid.as_str());
+        let revoked = self.is_revoked(pid.as_str());
+        let hold_timeout = self.config.hold_timeout;
+        let (outcome, appended) = self
+            .ledger
+            .transact(move |txn: &mut Txn<'_>| {
+                let at = now();
+                let Some(cp) = compiled else {
+                    let body = records::unknown_passport(&pid, &request, at);
+                    return Ok((records::Built::block_unknown(&pid, at), vec![Draft::new(pid.to_string(), body)]));
+                };
+                decide_in_txn(txn, &cp, &request, &host_verdict, revoked, at, origin, hold_timeout)
+            })
+            .await?;
+        let index = appended.first().map(|a| a.index).unwrap_or_default();
+        let json = outcome.response(index);
+        if let Some(hold) = &outcome.hold {
+            self.schedule_hold_timeout(hold.id.clone(), hold.expires_at);
+        }
+        tracing::info!(
+            passport_id = %input.passport_id, action = %input.action, cost_cents = input.cost_cents,
+            decision = outcome.decision.as_str(), reason = %outcome.reason, attestation_id = index, "decision"
+        );
+        Ok(DecisionOutcome {
+            json,
+            decision: outcome.decision,
+            hold_id: outcome.hold.map(|h| h.id),
+            attestation_id: index,
+        })
+    }
+
+    /// `GET /v1/passports/{id}/state`.
+    pub fn state(&self, id: &str) -> Result<Value, ServiceError> {
+        let cp = self.passport(id).ok_or_else(|| ServiceError::NotFound(format!("passport {id} is not registered")))?;
+        let usage = self.load_usage(id)?;
+        let view =
+            decide::state_view(&cp, &usage, now()).map_err(|e| ServiceError::Store(format!("usage of {id}: {e}")))?;
+        let mut view = serde_json::to_value(view).map_err(|e| ServiceError::Store(e.to_string()))?;
+        if let Value::Object(m) = &mut view {
+            m.insert("revoked".into(), self.is_revoked(id).into());
+        }
+        Ok(view)
+    }
+
+    fn load_usage(&self, id: &str) -> Result<Usage, ServiceError> {
+        match self.ledger.state_get(&format!("usage/{id}"))? {
+            None => Ok(Usage::default()),
+            Some(bytes) => Usage::from_bytes(&bytes).map_err(|e| ServiceError::Store(format!("usage of {id}: {e}"))),
+        }
+    }
+
+    /// `POST /v1/passports/{id}/state/reset`: attested, names who asked.
+    pub async fn reset(&self, id: &str, window: ResetWindow, peer: &Peer) -> Result<Value, ServiceError> {
+        let cp = self.passport(id).ok_or_else(|| ServiceError::NotFound(format!("passport {id} is not registered")))?;
+        let key = format!("usage/{id}");
+        let peer_json = peer.to_json();
+        let cp2 = cp.clone();
+        let (view, appended) = self
+            .ledger
+            .transact(move |txn: &mut Txn<'_>| {
+                let at = now();
+                let usage = match txn.get(&key)? {
+                    None => Usage::default(),
+                    Some(b) => Usage::from_bytes(&b).map_err(|e| TxnError::abort(format!("usage: {e}")))?,
+                };
+                let after =
+                    decide::reset(&cp2, &usage, window, at).map_err(|e| TxnError::abort(Invalid(e.to_string())))?;
+                let view = decide::state_view(&cp2, &after, at).map_err(|e| TxnError::abort(e.to_string()))?;
+                let body = records::counter_reset(&cp2.passport.claims, window, &view, peer_json, at);
+                txn.put(&key, &after.to_bytes())?;
+                Ok((view, vec![Draft::new(cp2.passport.claims.id.to_string(), body)]))
+            })
+            .await?;
+        tracing::warn!(passport_id = %id, window = window.as_str(), by = ?peer.user, "counters reset");
+        let mut v = serde_json::to_value(view).map_err(|e| ServiceError::Store(e.to_string()))?;
+        if let Value::Object(m) = &mut v {
+            m.insert("attestation_id".into(), appended.first().map(|a| a.index).into());
+        }
+        Ok(v)
+    }
+
+    /// `GET /v1/attestations?passport_id=&since=`: the records, newest last.
+    pub fn attestations(&self, passport_id: Option<&str>, since: Option<&str>) -> Result<Value, ServiceError> {
+        const LIMIT: usize = 10_000;
+        let since = parse_since(since)?;
+        let snap = self.ledger.snapshot()?;
+        let indices: Vec<u64> = match passport_id {
+            Some(id) => snap.chain_indices(id)?,
+            None => (0..snap.size()).collect(),
+        };
+        let mut records = Vec::new();
+        let mut truncated = false;
+        for index in indices.into_iter().rev() {
+            let Some(bytes) = snap.record(index)? else { continue };
+            let Ok(record) = serde_json::from_slice::<Value>(&bytes) else { continue };
+            let time = record.get("time").and_then(Value::as_str).and_then(ledger::record::parse_time);
+            if since.is_some_and(|s| time.is_none_or(|t| t < s)) {
+                continue;
+            }
+            if records.len() == LIMIT {
+                truncated = true;
+                break;
+            }
+            records.push(json!({"index": index, "record": record}));
+        }
+        records.reverse();
+        Ok(json!({"records": records, "truncated": truncated}))
+    }
+
+    /// `GET /v1/attestations/export`: records, proofs and a freshly signed checkpoint.
+    pub async fn export(
+        &self,
+        passport_id: Option<&str>,
+        since: Option<&str>,
+        consistency_from: Option<u64>,
+    ) -> Result<Value, ServiceError> {
+        parse_since(since)?;
+        let bundle = ledger::export::export(
+            &self.ledger,
+            &ledger::export::ExportRequest {
+                passport: passport_id.map(str::to_string),
+                since: since.map(str::to_string),
+                consistency_from,
+            },
+        )
+        .await
+        .map_err(|e| ServiceError::Store(e.to_string()))?;
+        serde_json::to_value(bundle).map_err(|e| ServiceError::Store(e.to_string()))
+    }
+
+    /// `GET /v1/attestations/{id}/proof`: a portable attestation.
+    pub async fn proof(&self, index: u64) -> Result<Value, ServiceError> {
+        if index >= self.ledger.size() {
+            return Err(ServiceError::NotFound(format!(
+                "attestation {index} does not exist (log size {})",
+                self.ledger.size()
+            )));
+        }
+        let p = ledger::export::proof(&self.ledger, index).await.map_err(|e| ServiceError::Store(e.to_string()))?;
+        serde_json::to_value(p).map_err(|e| ServiceError::Store(e.to_string()))
+    }
+}
+
+fn parse_since(since: Option<&str>) -> Result<Option<DateTime<Utc>>, ServiceError> {
+    since
+        .map(|s| {
+            DateTime::parse_from_rfc3339(s)
+                .map(|d| d.with_timezone(&Utc))
+                .map_err(|e| ServiceError::Invalid(format!("since {s:?} is not an RFC 3339 time: {e}")))
+        })
+        .transpose()
+}
+
+/// Verifies a stored token for loading at start: signature, claims, issuer pinning; not time or
+/// revocation (those are decided per request, with precise reasons).
+fn load_registered(token: &str, pinned: &[IssuerId]) -> Result<CompiledPassport, String> {
+    let mut verifier = Verifier::new(pinned, &crate::passport::NoRevocations);
+    verifier.skew_secs = i64::MAX / 4;
+    let passport = match verifier.verify(token, crate::passport::now()) {
+        Ok(p) => p,
+        Err(e @ (PassportError::Expired { .. } | PassportError::NotYetValid { .. })) => return Err(e.to_string()),
+        Err(e) => return Err(e.to_string()),
+    };
+    CompiledPassport::compile(passport).map_err(|e| e.to_string())
+}
+
+/// The body of one decision, run inside the ledger's write transaction.
+#[allow(clippy::too_many_arguments)]
+fn decide_in_txn(
+    txn: &mut Txn<'_>,
+    cp: &CompiledPassport,
+    request: &ActionRequest,
+    host_verdict: &HostVerdict,
+    revoked: bool,
+    at: DateTime<Utc>,
+    origin: HoldOrigin,
+    hold_timeout: Duration,
+) -> Result<(records::Built, Vec<Draft>), TxnError> {
+    let claims = &cp.passport.claims;
+    let id = claims.id.to_string();
+    let usage_key = format!("usage/{id}");
+    if revoked || txn.get(&format!("revoked/{id}"))?.is_some() {
+        let built = records::Built::revoked(claims, at);
+        let body = records::decision(claims, request, &built, at);
+        return Ok((built, vec![Draft::new(id, body)]));
+    }
+    let usage = match txn.get(&usage_key)? {
+        None => Usage::default(),
+        Some(bytes) => match Usage::from_bytes(&bytes) {
+            Ok(u) => u,
+            Err(e) => {
+                // Corrupt counters must never read as zero spend: block, loudly.
+                tracing::error!(passport_id = %id, error = %e, "usage state is unreadable; blocking");
+                let built = records::Built::state_error(claims, &e.to_string(), at);
+                let body = records::decision(claims, request, &built, at);
+                return Ok((built, vec![Draft::new(id, body)]));
+            }
+        },
+    };
+    let eval = decide::evaluate(cp, &usage, request, host_verdict, at, EvalOptions::default());
+    let mut built = records::Built::from_eval(&eval, claims, at);
+    match eval.decision {
+        decide::Decision::Allow => {
+            txn.put(&usage_key, &eval.usage_after.to_bytes())?;
+        }
+        decide::Decision::RequestHold => {
+            let hold = Hold::new(claims, request, origin, at, hold_timeout, txn.next_index());
+            txn.put(&format!("hold/{}", hold.id), &hold.to_bytes())?;
+            built.hold = Some(hold);
+        }
+        decide::Decision::Block => {}
+    }
+    let body = records::decision(claims, request, &built, at);
+    Ok((built, vec![Draft::new(id, body)]))
+}

@@ -1,0 +1,241 @@
+//! The bodies of attestation records and of decision responses (BRIEF §2, §5).
+//!
+//! One place builds them so that what the caller is told and what the log says cannot drift apart:
+//! both come from the same [`Built`].
+
+use super::holds::Hold;
+use crate::decide::{self, ActionRequest, Decision, ResetWindow, StateView};
+use crate::passport::{Claims, PassportId};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn time(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// The fields every record has: kind, time, and (for passport records) who it concerns.
+pub fn base(kind: &str, claims: Option<&Claims>, at: DateTime<Utc>) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("v".into(), 1.into());
+    m.insert("kind".into(), kind.into());
+    m.insert("time".into(), time(at).into());
+    if let Some(c) = claims {
+        m.insert("passport_id".into(), c.id.as_str().into());
+        m.insert("issuer".into(), c.issuer.as_str().into());
+        m.insert("agent_id".into(), c.agent_id.clone().into());
+    }
+    m
+}
+
+/// Spend figures carried by a record, recomputed by `sluice audit verify`.
+#[derive(Debug, Clone)]
+pub struct Spend {
+    pub window: &'static str,
+    pub window_start: DateTime<Utc>,
+    pub delta_cents: u64,
+    pub after_cents: u64,
+}
+
+impl Spend {
+    fn write(&self, m: &mut Map<String, Value>) {
+        m.insert("spend_window".into(), self.window.into());
+        m.insert("spend_window_start".into(), time(self.window_start).into());
+        m.insert("spend_delta_cents".into(), self.delta_cents.into());
+        m.insert("spend_after_cents".into(), self.after_cents.into());
+    }
+}
+
+/// A decision as it will be answered and recorded.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub passport_id: String,
+    pub decision: Decision,
+    pub reason: String,
+    pub detail: String,
+    pub guardrails: Value,
+    pub all_passed: bool,
+    pub timestamp: DateTime<Utc>,
+    pub spend: Option<Spend>,
+    pub hold: Option<Hold>,
+}
+
+impl Built {
+    fn block(passport_id: &str, reason: &str, detail: String, at: DateTime<Utc>) -> Built {
+        Built {
+            passport_id: passport_id.to_string(),
+            decision: Decision::Block,
+            reason: reason.into(),
+            detail,
+            guardrails: json!([{"name": "passport", "passed": false, "detail": reason}]),
+            all_passed: false,
+            timestamp: at,
+            spend: None,
+            hold: None,
+        }
+    }
+
+    pub fn block_unknown(id: &PassportId, at: DateTime<Utc>) -> Built {
+        Built::block(
+            id.as_str(),
+            "passport_unknown",
+            format!("Passport {id} is not registered with this daemon. Register it with `sluice passport register`."),
+            at,
+        )
+    }
+
+    pub fn revoked(claims: &Claims, at: DateTime<Utc>) -> Built {
+        Built::block(
+            claims.id.as_str(),
+            "passport_revoked",
+            format!("Passport {} was revoked. Issue the agent a new passport.", claims.id),
+            at,
+        )
+    }
+
+    pub fn state_error(claims: &Claims, error: &str, at: DateTime<Utc>) -> Built {
+        Built::block(
+            claims.id.as_str(),
+            "state_error",
+            format!(
+                "The counters of passport {} cannot be read ({error}); refusing until an operator repairs them.",
+                claims.id
+            ),
+            at,
+        )
+    }
+
+    pub fn from_eval(eval: &decide::Evaluation, claims: &Claims, at: DateTime<Utc>) -> Built {
+        Built {
+            passport_id: claims.id.to_string(),
+            decision: eval.decision,
+            reason: eval.reason.clone(),
+            detail: eval.detail.clone(),
+            guardrails: serde_json::to_value(&eval.guardrails).unwrap_or(Value::Null),
+            all_passed: eval.guardrails.iter().all(|g| g.passed),
+            timestamp: at,
+            spend: Some(Spend {
+                window: claims.constraints.window().as_str(),
+                window_start: eval.spend_window_start,
+                delta_cents: eval.spend_delta_cents,
+                after_cents: eval.spend_after_cents,
+            }),
+            hold: None,
+        }
+    }
+
+    /// The decision JSON of BRIEF §2.
+    pub fn response(&self, attestation_id: u64) -> Value {
+        let mut v = json!({
+            "decision": self.decision.as_str(),
+            "reason": self.reason,
+            "detail": self.detail,
+            "attestation_id": attestation_id,
+            "passport_id": self.passport_id,
+            "guardrails_evaluated": self.guardrails,
+            "all_passed": self.all_passed,
+            "timestamp": time(self.timestamp),
+        });
+        if let Some(h) = &self.hold {
+            v["approval_request_id"] = h.id.clone().into();
+            v["approval_expires_at"] = time(h.expires_at).into();
+        }
+        v
+    }
+}
+
+fn request_fields(m: &mut Map<String, Value>, request: &ActionRequest) {
+    m.insert("action".into(), request.action.clone().into());
+    m.insert("method".into(), request.method.clone().into());
+    m.insert("host".into(), request.host.as_ref().map(|h| h.to_string()).into());
+    m.insert("path_digest".into(), request.path.as_ref().map(|p| sha256_hex(p.as_bytes())).into());
+    m.insert("cost_cents".into(), request.cost_cents.into());
+    let canonical = json!({
+        "action": request.action, "cost_cents": request.cost_cents,
+        "host": request.host.as_ref().map(|h| h.to_string()), "method": request.method, "path": request.path,
+    });
+    m.insert("request_hash".into(), sha256_hex(canonical.to_string().as_bytes()).into());
+}
+
+/// A decision record.
+pub fn decision(claims: &Claims, request: &ActionRequest, built: &Built, at: DateTime<Utc>) -> Map<String, Value> {
+    let mut m = base("decision", Some(claims), at);
+    m.insert("decision".into(), built.decision.as_str().into());
+    m.insert("reason".into(), built.reason.clone().into());
+    m.insert("detail".into(), built.detail.clone().into());
+    m.insert("policy_digest".into(), Value::Null);
+    request_fields(&mut m, request);
+    if let Some(s) = &built.spend {
+        s.write(&mut m);
+    }
+    if let Some(h) = &built.hold {
+        m.insert("hold_id".into(), h.id.clone().into());
+        m.insert("hold_expires_at".into(), time(h.expires_at).into());
+    }
+    m
+}
+
+/// A decision for a passport id this daemon does not know: recorded on that id's chain.
+pub fn unknown_passport(id: &PassportId, request: &ActionRequest, at: DateTime<Utc>) -> Map<String, Value> {
+    let mut m = base("decision", None, at);
+    m.insert("passport_id".into(), id.as_str().into());
+    m.insert("decision".into(), "block".into());
+    m.insert("reason".into(), "passport_unknown".into());
+    request_fields(&mut m, request);
+    m
+}
+
+/// A counter reset, with who asked. A reset that clears the passport's spend window (or `all`)
+/// is a `counter_reset` and the verifier starts its spend sum again from zero; a reset of other
+/// counters only (the daily figures of a monthly passport, say) is a `counter_reset_partial`
+/// and leaves the spend sum alone.
+pub fn counter_reset(
+    claims: &Claims,
+    window: ResetWindow,
+    view: &StateView,
+    by: Value,
+    at: DateTime<Utc>,
+) -> Map<String, Value> {
+    let spend_window = claims.constraints.window();
+    let clears_spend = window == ResetWindow::All || window.as_str() == spend_window.as_str();
+    let kind = if clears_spend { "counter_reset" } else { "counter_reset_partial" };
+    let mut m = base(kind, Some(claims), at);
+    m.insert("window".into(), window.as_str().into());
+    m.insert("by".into(), by);
+    if clears_spend {
+        Spend { window: spend_window.as_str(), window_start: view.window_start, delta_cents: 0, after_cents: 0 }
+            .write(&mut m);
+    }
+    m
+}
+
+/// The resolution of a hold: linked to the hold's decision record, naming the approver.
+#[allow(clippy::too_many_arguments)]
+pub fn hold_resolution(
+    claims: &Claims,
+    hold: &Hold,
+    request: &ActionRequest,
+    built: &Built,
+    by: Value,
+    note: Option<String>,
+    at: DateTime<Utc>,
+) -> Map<String, Value> {
+    let mut m = base("hold_resolution", Some(claims), at);
+    m.insert("hold_id".into(), hold.id.clone().into());
+    m.insert("hold_record".into(), hold.record_index.into());
+    m.insert("decision".into(), built.decision.as_str().into());
+    m.insert("reason".into(), built.reason.clone().into());
+    m.insert("detail".into(), built.detail.clone().into());
+    m.insert("by".into(), by);
+    m.insert("note".into(), note.into());
+    m.insert("policy_digest".into(), Value::Null);
+    request_fields(&mut m, request);
+    if let Some(s) = &built.spend {
+        s.write(&mut m);
+    }
+    m
+}

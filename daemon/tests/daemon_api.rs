@@ -1,0 +1,297 @@
+//! The daemon and its local API, driven through the CLI and raw HTTP: decisions and their
+//! reasons, counters across restarts, revocation, holds, and the audit commands.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_string()
+}
+
+fn register(d: &TestDaemon, i: &Issued) {
+    let out = d.cli(&["passport", "register", p(&i.passport)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), i.id);
+}
+
+fn enforce(d: &TestDaemon, id: &str, action: &str, cost: u64, target: Option<&str>) -> Value {
+    let (status, v) = d
+        .call(
+            "POST",
+            "/v1/enforce",
+            Some(json!({"passport_id": id, "action": action, "cost_cents": cost, "target": target})),
+        )
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+const SHOPPER: &[&str] = &[
+    "--permission",
+    "llm:*",
+    "--permission",
+    "orders:read",
+    "--constraint",
+    "core:cost:max_per_action=500",
+    "--constraint",
+    "core:cost:max_cumulative=1000",
+    "--constraint",
+    "core:cost:approval_threshold=300",
+    "--constraint",
+    "core:scope:domain_allowlist=api.example.test,*.shop.test",
+];
+
+#[test]
+fn decisions_carry_stable_reasons_and_actionable_details() {
+    let d = TestDaemon::start("");
+    let i = issue(d.dir.path(), "shopper", SHOPPER);
+    register(&d, &i);
+
+    let v = enforce(&d, &i.id, "llm:chat", 200, Some("api.example.test"));
+    assert_eq!(v["decision"], "allow", "{v}");
+    assert_eq!(v["all_passed"], true);
+    assert!(v["attestation_id"].as_u64().is_some());
+    assert!(v["guardrails_evaluated"].as_array().is_some_and(|g| !g.is_empty()));
+
+    let v = enforce(&d, &i.id, "orders:write", 0, Some("api.example.test"));
+    assert_eq!((v["decision"].as_str(), v["reason"].as_str()), (Some("block"), Some("permission_denied")), "{v}");
+
+    let v = enforce(&d, &i.id, "llm:chat", 10, Some("evil.example"));
+    assert_eq!(v["reason"], "domain_not_allowed", "{v}");
+    let v = enforce(&d, &i.id, "llm:chat", 10, Some("evilshop.test"));
+    assert_eq!(v["reason"], "domain_not_allowed", "{v}");
+    let v = enforce(&d, &i.id, "llm:chat", 10, Some("a.shop.test"));
+    assert_eq!(v["decision"], "allow", "{v}");
+
+    let v = enforce(&d, &i.id, "llm:chat", 600, Some("api.example.test"));
+    assert_eq!(v["reason"], "per_action_limit_exceeded", "{v}");
+
+    let v = enforce(&d, &i.id, "llm:chat", 250, Some("api.example.test"));
+    assert_eq!(v["decision"], "allow", "{v}");
+    // 200 + 10 + 250 = 460 spent; 460 + 290 = 750 fine, then 750 + 290 > 1000.
+    assert_eq!(enforce(&d, &i.id, "llm:chat", 290, None)["decision"], "allow");
+    let v = enforce(&d, &i.id, "llm:chat", 290, None);
+    assert_eq!(v["reason"], "spend_limit_exceeded", "{v}");
+    let detail = v["detail"].as_str().unwrap();
+    assert!(detail.contains("$10.00") && detail.contains("$7.50") && detail.contains("$2.90"), "{detail}");
+
+    let (status, state) = d.call("GET", &format!("/v1/passports/{}/state", i.id), None).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(state["daily_cost_cents"], 750, "{state}");
+    assert_eq!(state["daily_cost_limit_cents"], 1000, "{state}");
+
+    // A passport nobody registered.
+    let v = enforce(&d, "pp_00000000000000000000000000000000", "llm:chat", 1, None);
+    assert_eq!(v["reason"], "passport_unknown", "{v}");
+    // Malformed input is an error, not a decision.
+    let (status, _) = d.call("POST", "/v1/enforce", Some(json!({"passport_id": "nope", "action": "x"}))).unwrap();
+    assert_eq!(status, 400);
+    let (status, e) =
+        d.call("POST", "/v1/enforce", Some(json!({"passport_id": i.id, "action": "x", "bogus": 1}))).unwrap();
+    assert_eq!(status, 400, "{e}");
+}
+
+#[test]
+fn counters_and_revocations_survive_restarts() {
+    let mut d = TestDaemon::start("");
+    let i = issue(d.dir.path(), "keeper", &["--permission", "*", "--constraint", "core:cost:max_cumulative=500"]);
+    register(&d, &i);
+    assert_eq!(enforce(&d, &i.id, "x:y", 400, None)["decision"], "allow");
+    d.kill();
+    d.spawn();
+    let v = enforce(&d, &i.id, "x:y", 200, None);
+    assert_eq!(v["reason"], "spend_limit_exceeded", "a restart must never reset a budget: {v}");
+
+    let out = d.cli(&["passport", "revoke", &i.id, "--note", "compromised"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(enforce(&d, &i.id, "x:y", 1, None)["reason"], "passport_revoked");
+    d.stop();
+    d.spawn();
+    assert_eq!(enforce(&d, &i.id, "x:y", 1, None)["reason"], "passport_revoked");
+    // Registering a revoked passport again is refused.
+    let out = d.cli(&["passport", "register", p(&i.passport)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("revoked"), "{}", stderr(&out));
+}
+
+#[test]
+fn state_and_reset_through_the_cli() {
+    let d = TestDaemon::start("");
+    let i = issue(d.dir.path(), "resetter", &["--permission", "*", "--constraint", "core:cost:max_cumulative=300"]);
+    register(&d, &i);
+    assert_eq!(enforce(&d, &i.id, "a:b", 300, None)["decision"], "allow");
+    assert_eq!(enforce(&d, &i.id, "a:b", 1, None)["reason"], "spend_limit_exceeded");
+    let out = d.cli(&["state", &i.id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("$3.00 of $3.00"), "{}", stdout(&out));
+    let out = d.cli(&["state", "reset", &i.id, "--window", "all"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(enforce(&d, &i.id, "a:b", 1, None)["decision"], "allow");
+    let out = d.cli(&["state", "reset", &i.id, "--window", "yearly"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("yearly"));
+}
+
+#[test]
+fn enforce_cli_exit_codes() {
+    let d = TestDaemon::start("");
+    let i = issue(d.dir.path(), "cli", SHOPPER);
+    register(&d, &i);
+    let out = d.cli(&["enforce", "--passport-id", &i.id, "--action", "llm:chat", "--cost-cents", "100"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["decision"], "allow");
+    let out = d.cli(&["enforce", "--passport-id", &i.id, "--action", "nope:x"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(stderr(&out).contains("permission_denied"));
+    let out = d.cli(&["enforce", "--passport-id", &i.id, "--action", "llm:chat", "--cost-cents", "400"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(stderr(&out).contains("sluice holds approve hold_"), "{}", stderr(&out));
+}
+
+#[test]
+fn holds_are_approved_denied_and_time_out_with_attested_approvers() {
+    let d = TestDaemon::start("[holds]\ntimeout_secs = 2\n");
+    let i = issue(d.dir.path(), "holder", SHOPPER);
+    register(&d, &i);
+
+    let v = enforce(&d, &i.id, "llm:chat", 400, None);
+    assert_eq!(
+        (v["decision"].as_str(), v["reason"].as_str()),
+        (Some("request_hold"), Some("approval_threshold_exceeded")),
+        "{v}"
+    );
+    let hold = v["approval_request_id"].as_str().unwrap().to_string();
+    let out = d.cli(&["holds"]);
+    assert!(stdout(&out).contains(&hold), "{}", stdout(&out));
+    let out = d.cli(&["holds", "approve", &hold, "--note", "fine", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!((r["decision"].as_str(), r["reason"].as_str()), (Some("allow"), Some("hold_approved")), "{r}");
+    // Approving twice is refused.
+    let out = d.cli(&["holds", "approve", &hold]);
+    assert_eq!(out.status.code(), Some(1));
+    let (_, state) = d.call("GET", &format!("/v1/passports/{}/state", i.id), None).unwrap();
+    assert_eq!(state["daily_cost_cents"], 400, "approval spends: {state}");
+
+    let v = enforce(&d, &i.id, "llm:chat", 350, None);
+    let hold2 = v["approval_request_id"].as_str().unwrap().to_string();
+    let out = d.cli(&["holds", "deny", &hold2, "--json"]);
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(r["reason"], "hold_denied", "{r}");
+
+    // Approval re-checks limits: spend 400 + 350 + a 290 allow = 1040 > 1000 once approved.
+    let v = enforce(&d, &i.id, "llm:chat", 350, None);
+    let hold3 = v["approval_request_id"].as_str().unwrap().to_string();
+    assert_eq!(enforce(&d, &i.id, "llm:chat", 290, None)["decision"], "allow");
+    let out = d.cli(&["holds", "approve", &hold3, "--json"]);
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(r["reason"], "spend_limit_exceeded", "{r}");
+
+    let v = enforce(&d, &i.id, "llm:chat", 310, None);
+    let hold4 = v["approval_request_id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(3500));
+    let (_, h) = d.call("GET", &format!("/v1/holds/{hold4}"), None).unwrap();
+    assert_eq!(h["status"], "timed_out", "{h}");
+
+    // The log has each resolution, linked to its hold record and naming who resolved it.
+    let (_, recs) = d.call("GET", &format!("/v1/attestations?passport_id={}", i.id), None).unwrap();
+    let recs: Vec<Value> = recs["records"].as_array().unwrap().iter().map(record).collect();
+    let resolutions: Vec<&Value> = recs.iter().filter(|r| r["kind"] == "hold_resolution").collect();
+    assert_eq!(resolutions.len(), 4, "{recs:?}");
+    let approved = resolutions.iter().find(|r| r["hold_id"] == hold.as_str()).unwrap();
+    assert_eq!(approved["note"], "fine");
+    assert_eq!(approved["by"]["uid"], nix::unistd::getuid().as_raw());
+    assert!(approved["hold_record"].as_u64().is_some());
+}
+
+/// Records come back either as objects or as canonical JSON strings; read both.
+fn record(r: &Value) -> Value {
+    match r.get("record") {
+        Some(Value::String(s)) => serde_json::from_str(s).unwrap(),
+        Some(v) => v.clone(),
+        None => r.clone(),
+    }
+}
+
+#[test]
+fn bad_cel_rules_are_refused_at_registration() {
+    let d = TestDaemon::start("");
+    let f = d.dir.path().join("rules.json");
+    std::fs::write(&f, r#"{"core:cel:rules": [{"expr": "cost_cents > ", "decision": "block", "reason": "broken"}]}"#)
+        .unwrap();
+    let i = issue(d.dir.path(), "celbad", &["--permission", "*", "--constraints-file", p(&f)]);
+    let out = d.cli(&["passport", "register", p(&i.passport)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("cost_cents >"), "{}", stderr(&out));
+}
+
+#[test]
+fn audit_export_proof_and_verify_round_trip() {
+    let d = TestDaemon::start("");
+    let i = issue(d.dir.path(), "auditee", SHOPPER);
+    register(&d, &i);
+    for cost in [10, 20, 600, 30] {
+        enforce(&d, &i.id, "llm:chat", cost, None);
+    }
+    let host_pub = d.state_dir().join("host.pub");
+    let export = d.dir.path().join("export.json");
+    let out = d.cli(&["audit", "export", "--out", p(&export)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.cli(&["audit", "verify", p(&export), "--host-pub", p(&host_pub)]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("verified: OK"));
+
+    let one = d.dir.path().join("one.json");
+    let out = d.cli(&["audit", "export", "--passport", &i.id, "--out", p(&one)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(d.cli(&["audit", "verify", p(&one), "--host-pub", p(&host_pub)]).status.success());
+
+    let v = enforce(&d, &i.id, "llm:chat", 5, None);
+    let proof = d.dir.path().join("proof.json");
+    let id = v["attestation_id"].to_string();
+    let out = d.cli(&["audit", "proof", &id, "--out", p(&proof)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.cli(&["audit", "verify", p(&proof), "--host-pub", p(&host_pub)]);
+    assert!(out.status.success(), "{}", stdout(&out));
+
+    // Raise a cost inside the export: verification must fail and say where.
+    let text = std::fs::read_to_string(&export).unwrap();
+    let tampered = text.replacen("\\\"cost_cents\\\":10", "\\\"cost_cents\\\":1", 1);
+    assert_ne!(tampered, text, "the export should contain the cost to tamper with");
+    let bad = d.dir.path().join("bad.json");
+    std::fs::write(&bad, tampered).unwrap();
+    let out = d.cli(&["audit", "verify", p(&bad), "--host-pub", p(&host_pub)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("PROBLEM"), "{}", stdout(&out));
+}
+
+#[test]
+fn callers_outside_the_api_group_are_refused() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("SKIPPED: needs root to run a caller as another uid");
+        return;
+    }
+    let d = TestDaemon::start("");
+    // Let "nobody" reach the socket file, so the refusal tested is the daemon's own check.
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(&d.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    use std::os::unix::process::CommandExt;
+    let out = std::process::Command::new(bin())
+        .args(["--socket", p(&d.socket), "holds"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("neither root nor a member"), "{}", stderr(&out));
+}
