@@ -51,11 +51,14 @@ pub(crate) fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, String)>, Vec<PolicyE
         let path = entry.path();
         let name = entry.file_name();
         let Some(name) = name.to_str() else {
-            errors.push(PolicyError::file(
-                PolicyErrorKind::Read,
-                &path,
-                "file name is not UTF-8; rename it (policy files must have UTF-8 names ending in .toml)",
-            ));
+            // Only a name that looks like a policy file matters; other files are ignored anyway.
+            if name.to_string_lossy().ends_with(".toml") {
+                errors.push(PolicyError::file(
+                    PolicyErrorKind::Read,
+                    &path,
+                    "file name is not UTF-8; rename it (policy files must have UTF-8 names ending in .toml)",
+                ));
+            }
             continue;
         };
         if name.starts_with('.') || !name.ends_with(".toml") {

@@ -7,8 +7,9 @@
 //! differently from the pattern while the upstream server still reads it as the same path: a
 //! request that misses every route falls back to `web:send` at cost 0. So a request path is
 //! normalised *towards* matching before comparison: the query and fragment are cut, percent-escapes
-//! are decoded once (including `%2F`), `\` counts as `/`, empty and `.` segments are dropped, `..`
-//! removes the previous segment, and literal segments compare ASCII-case-insensitively. Each of
+//! are decoded once (including `%2F`), `\` counts as `/`, `;parameters` are cut from each segment
+//! (servers that honour matrix parameters ignore them for routing), empty and `.` segments are
+//! dropped, `..` removes the previous segment, and literal segments compare ASCII-case-insensitively. Each of
 //! these can only make a request match a route that a strict server would not route there; that
 //! errs on the side of charging, never of letting a request through for free.
 
@@ -128,9 +129,9 @@ impl PathPattern {
     }
 }
 
-/// RFC 3986 `pchar` minus `%` (patterns are written decoded).
+/// RFC 3986 `pchar` minus `%` (patterns are written decoded) and `;` (cut from request segments).
 fn is_pchar(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "-._~!$&'()+,;=:@".contains(c)
+    c.is_ascii_alphanumeric() || "-._~!$&'()+,=:@".contains(c)
 }
 
 /// A request path reduced to the segments routes are matched against (see the module doc).
@@ -173,10 +174,11 @@ impl<'a> RequestPath<'a> {
         Some(RequestPath { bytes: Cow::Owned(out) })
     }
 
-    /// The segments after dropping empty and `.` segments and resolving `..`.
+    /// The segments after cutting `;parameters`, dropping empty and `.` segments and resolving `..`.
     pub fn segments(&self) -> Vec<&[u8]> {
         let mut segs: Vec<&[u8]> = Vec::with_capacity(8);
         for seg in self.bytes.split(|&b| b == b'/') {
+            let seg = seg.split(|&b| b == b';').next().unwrap_or(seg);
             match seg {
                 b"" | b"." => {}
                 b".." => {
@@ -237,6 +239,9 @@ mod tests {
             "/V1/Chat/Completions",
             "/v1\\chat\\completions",
             "/v1/chat%5ccompletions",
+            "/v1/chat/completions;jsessionid=1",
+            "/v1;x/chat/completions",
+            "/v1/chat/completions%3Bx",
             "https://api.openai.com/v1/chat/completions",
         ] {
             assert!(m("/v1/chat/completions", path), "{path}");

@@ -627,6 +627,27 @@ fn reload_swaps_on_success_and_keeps_the_old_policy_on_error() {
     assert_eq!(before.route(&host, "GET", "/w").cost, Cost::Fixed(3));
 }
 
+#[test]
+fn shared_types_are_send_and_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<PolicySet>();
+    is::<PolicyHandle>();
+    is::<RouteMatch>();
+    fn is_send<T: Send>() {}
+    is_send::<UsageScanner>();
+}
+
+#[test]
+fn non_utf8_names_matter_only_for_toml_files() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join(std::ffi::OsStr::from_bytes(b"notes-\xff.txt")), "x").unwrap();
+    assert!(PolicySet::load_dir(tmp.path()).is_ok());
+    std::fs::write(tmp.path().join(std::ffi::OsStr::from_bytes(b"p-\xff.toml")), "").unwrap();
+    let errs = PolicySet::load_dir(tmp.path()).unwrap_err();
+    assert!(errs[0].message.contains("not UTF-8"), "{}", errs[0]);
+}
+
 // ---- The domain index agrees with DomainPattern::matches ------------------------------------------
 
 proptest! {
