@@ -12,4 +12,5 @@ pub mod kernel;
 pub mod keyfile;
 pub mod ledger;
 pub mod passport;
+pub mod policy;
 pub mod service;

@@ -6,6 +6,7 @@ mod daemon;
 mod issuer;
 mod ops;
 mod passport;
+mod policy;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -48,6 +49,9 @@ pub enum Command {
     State(ops::StateArgs),
     /// List pending approvals, or approve / deny one (the approver is attested).
     Holds(ops::HoldsArgs),
+    /// Validate host policies: every error with its file, line and field.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
     /// Export, prove and verify the attestation log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
@@ -67,6 +71,7 @@ pub fn main() -> ExitCode {
         Command::State(args) => ops::state(args, &socket),
         Command::Holds(args) => ops::holds(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),
+        Command::Policy(cmd) => policy::run(cmd, &cli.config),
     };
     match result {
         Ok(code) => code,
