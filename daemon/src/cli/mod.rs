@@ -62,6 +62,14 @@ pub type CmdResult = anyhow::Result<ExitCode>;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Daemon(_)) {
+        // A command piped into `head` should end quietly, as Unix tools do, not panic on EPIPE.
+        // The daemon keeps Rust's default (SIGPIPE ignored): a vanished peer must never kill it.
+        // SAFETY: called before any thread is started; SIG_DFL is a valid disposition.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let socket = ops::socket_path(cli.socket.as_deref());
     let result = match cli.command {
         Command::Issuer(cmd) => issuer::run(cmd),
