@@ -162,6 +162,8 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
     passport: String,
+    #[serde(default)]
+    pop: Option<crate::passport::pop::Proof>,
 }
 
 #[derive(Deserialize)]
@@ -175,6 +177,8 @@ struct NoteBody {
 #[serde(deny_unknown_fields)]
 struct SandboxBody {
     passport_id: String,
+    #[serde(default)]
+    pop: Option<crate::passport::pop::Proof>,
 }
 
 #[derive(Deserialize)]
@@ -192,7 +196,7 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
         (&Method::GET, ["v1", "health"]) => ok(service.health()),
         (&Method::POST, ["v1", "passports"]) => {
             let body: RegisterBody = read_json(req).await?;
-            ok(service.register(body.passport.trim(), peer).await?)
+            ok(service.register(body.passport.trim(), body.pop.as_ref(), peer).await?)
         }
         (&Method::POST, ["v1", "passports", id, "revoke"]) => {
             let id = id.to_string();
@@ -239,7 +243,7 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
         (&Method::GET, ["v1", "sandboxes"]) => ok(service.sandboxes()?),
         (&Method::POST, ["v1", "sandboxes"]) => {
             let body: SandboxBody = read_json(req).await?;
-            ok(service.create_sandbox(&body.passport_id, peer).await?)
+            ok(service.create_sandbox(&body.passport_id, body.pop.as_ref(), peer).await?)
         }
         (&Method::GET, ["v1", "holds", id]) => ok(service.hold(id)?),
         (&Method::POST, ["v1", "holds", id, action @ ("approve" | "deny")]) => {

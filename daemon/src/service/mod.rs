@@ -203,6 +203,7 @@ impl Service {
         json!({
             "status": "ok",
             "version": env!("CARGO_PKG_VERSION"),
+            "origin": self.ledger.origin(),
             "log_size": self.ledger.size(),
             "passports": self.passports.read().map(|p| p.len()).unwrap_or_default(),
             "pending_holds": self.waiters.lock().map(|w| w.len()).unwrap_or_default(),
@@ -220,11 +221,17 @@ impl Service {
 
     /// Registers a passport: full verification (pinned issuers, revocation, time), CEL rules
     /// compiled, then stored and attested. Registering the same passport again is a no-op.
-    pub async fn register(&self, token: &str, peer: &Peer) -> Result<Value, ServiceError> {
+    pub async fn register(
+        &self,
+        token: &str,
+        pop: Option<&crate::passport::pop::Proof>,
+        peer: &Peer,
+    ) -> Result<Value, ServiceError> {
         let revoked = self.revoked.read().map_err(|_| ServiceError::Store("lock poisoned".into()))?.clone();
         let passport = Verifier::new(&self.config.pinned_issuers, &RevokedSet(&revoked))
             .verify(token, crate::passport::now())
             .map_err(|e| ServiceError::Passport(e.to_string()))?;
+        self.check_pop(&passport.claims, pop)?;
         let compiled = CompiledPassport::compile(passport).map_err(|e| ServiceError::Passport(e.to_string()))?;
         let claims = compiled.passport.claims.clone();
         let id = claims.id.to_string();
@@ -255,6 +262,21 @@ impl Service {
             "passport_id": id, "agent_id": claims.agent_id, "issuer": claims.issuer.as_str(),
             "expires_at": claims.expires_at, "already_registered": !created,
         }))
+    }
+
+    /// Proof of possession: required for L3 passports, checked whenever one is given.
+    pub(crate) fn check_pop(
+        &self,
+        claims: &crate::passport::Claims,
+        pop: Option<&crate::passport::pop::Proof>,
+    ) -> Result<(), ServiceError> {
+        use crate::passport::{pop, TrustTier};
+        match pop {
+            Some(p) => pop::verify(p, claims, crate::passport::now(), self.ledger.origin()),
+            None if claims.trust_tier == TrustTier::L3 => Err(pop::PopError::Missing),
+            None => Ok(()),
+        }
+        .map_err(|e| ServiceError::Passport(e.to_string()))
     }
 
     /// Revokes a passport (registered or not): persisted, attested, effective at once.

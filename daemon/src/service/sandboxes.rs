@@ -73,7 +73,12 @@ impl Service {
     }
 
     /// `POST /v1/sandboxes`: creates a sandbox for `passport_id` and moves the caller into it.
-    pub async fn create_sandbox(&self, passport_id: &str, peer: &Peer) -> Result<Value, ServiceError> {
+    pub async fn create_sandbox(
+        &self,
+        passport_id: &str,
+        pop: Option<&crate::passport::pop::Proof>,
+        peer: &Peer,
+    ) -> Result<Value, ServiceError> {
         let agents = self.config.agents.clone().ok_or_else(|| {
             ServiceError::Invalid(
                 "this daemon runs in passport-only mode ([sandbox] redirect = false): it cannot sandbox agents".into(),
@@ -85,6 +90,8 @@ impl Service {
         if self.is_revoked(passport_id) {
             return Err(ServiceError::Passport(format!("passport {passport_id} is revoked")));
         }
+        // An L3 agent proves possession of its key for every sandbox, not only at registration.
+        self.check_pop(&cp.passport.claims, pop)?;
         if cp.passport.claims.expires_at <= crate::passport::now() {
             return Err(ServiceError::Passport(format!("passport {passport_id} has expired")));
         }
