@@ -11,6 +11,8 @@ pub mod domain;
 pub mod kernel;
 pub mod keyfile;
 pub mod ledger;
+pub mod metrics;
 pub mod passport;
 pub mod policy;
+pub mod sdnotify;
 pub mod service;
