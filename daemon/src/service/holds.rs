@@ -311,7 +311,7 @@ impl Service {
         crate::metrics::global().decision(built.decision.as_str(), &built.reason);
         tracing::info!(
             hold_id = %hold.id, passport_id = %hold.passport_id, status = ?hold.status,
-            decision = built.decision.as_str(), reason = %built.reason, attestation_id = index, "hold resolved"
+            decision = %built.decision.as_str(), reason = %built.reason, attestation_id = index, "hold resolved"
         );
         let waiters = self.waiters.lock().ok().and_then(|mut w| w.remove(&hold.id)).unwrap_or_default();
         for w in waiters {

@@ -389,14 +389,14 @@ impl Service {
         // claim (absent for an unknown passport); `host` is the request's target.
         tracing::info!(
             passport_id = %input.passport_id,
-            agent_id = agent_id.as_deref().unwrap_or("-"),
+            agent_id = %agent_id.as_deref().unwrap_or("-"),
             action = %input.action,
-            host = input.target.as_deref().unwrap_or("-"),
-            method = input.method.as_deref().unwrap_or("-"),
+            host = %input.target.as_deref().unwrap_or("-"),
+            method = %input.method.as_deref().unwrap_or("-"),
             cost_cents = input.cost_cents,
-            decision = outcome.decision.as_str(),
+            decision = %outcome.decision.as_str(),
             reason = %outcome.reason,
-            hold_id = outcome.hold.as_ref().map(|h| h.id.as_str()).unwrap_or("-"),
+            hold_id = %outcome.hold.as_ref().map(|h| h.id.as_str()).unwrap_or("-"),
             attestation_id = index,
             "decision"
         );
