@@ -235,7 +235,12 @@ int sl_sockops(struct bpf_sock_ops *ctx)
 	}
 	key.port = (__u16)lport;
 	key.pad = 0;
-	bpf_map_update_elem(&sluice_conns, &key, st, BPF_ANY);
+	/* An LRU insert can fail transiently (node allocation under lock contention). A missing
+	 * entry makes the proxy close the connection (fail closed, never open), but it is a lost
+	 * connection: try again before giving up. */
+	if (bpf_map_update_elem(&sluice_conns, &key, st, BPF_ANY) != 0 &&
+	    bpf_map_update_elem(&sluice_conns, &key, st, BPF_ANY) != 0)
+		bpf_map_update_elem(&sluice_conns, &key, st, BPF_ANY);
 	return 1;
 }
 

@@ -94,7 +94,7 @@ pub fn plan(repo: &Path, binary: &Path, prefix: &Path) -> Vec<Item> {
     for (src, name) in [
         ("policies/host.toml.example", "policies/host.toml.example"),
         ("policies/README.md", "policies/README.md"),
-        ("README-systemd.md", "README-systemd.md"),
+        ("README.md", "README.md"),
     ] {
         items.push(item(repo.join(src), doc.join(name), 0o644));
     }
@@ -159,7 +159,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if o.destdir.is_none() {
         eprintln!(
             "xtask: next, as root: systemd-sysusers sluice.conf && systemctl daemon-reload\n\
-             xtask: then follow README-systemd.md ({}/share/doc/sluice/README-systemd.md)",
+             xtask: then follow "Run under systemd" in README.md ({}/share/doc/sluice/README.md)",
             o.prefix.display()
         );
     }
@@ -216,7 +216,7 @@ mod tests {
         assert!(at("/etc/sluice/sluice.toml.example").is_file());
         assert!(at("/etc/sluice/policies/openai.toml").is_file());
         assert!(at("/etc/sluice/policies/anthropic.toml").is_file());
-        assert!(at("/usr/local/share/doc/sluice/README-systemd.md").is_file());
+        assert!(at("/usr/local/share/doc/sluice/README.md").is_file());
         assert_eq!(mode("/etc/sluice/agents"), 0o700);
     }
 
