@@ -1,0 +1,18 @@
+//! DNS for agents, and the daemon's own resolution.
+//!
+//! * [`resolver`]: the agents' resolver core. It answers A/AAAA only for names the asking
+//!   sandbox may reach, with synthetic addresses from [`pool`], NXDOMAIN for everything else, and
+//!   never forwards a query anywhere: an agent's DNS never leaves the host.
+//! * [`server`]: a thin UDP + TCP front for it.
+//! * [`upstream`]: how the daemon itself finds the real addresses it dials (static hosts, then
+//!   the system resolver or configured servers).
+
+pub mod pool;
+pub mod resolver;
+pub mod server;
+pub mod upstream;
+
+pub use pool::{PoolConfig, SyntheticPool};
+pub use resolver::Resolver;
+pub use server::{serve, Allow};
+pub use upstream::UpstreamResolver;
