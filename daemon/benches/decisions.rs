@@ -37,10 +37,9 @@ async fn run(concurrency: usize) -> Result {
     let dir = tempfile::tempdir().expect("tempdir");
     let ledger =
         Ledger::open(&dir.path().join("ledger.redb"), HostKey::generate(), LedgerOptions::default()).expect("ledger");
-    let service =
-        Service::start(ledger.clone(), ServiceConfig { pinned_issuers: vec![], hold_timeout: Duration::from_secs(60) })
-            .await
-            .expect("service");
+    let service = Service::start(ledger.clone(), ServiceConfig::passport_only(vec![], Duration::from_secs(60)))
+        .await
+        .expect("service");
     let issuer = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
     let mut constraints = Constraints::default();
     constraints.max_per_action = Some(passport::Cents(1_000));

@@ -152,15 +152,29 @@ pub struct SandboxConfig {
     /// The agents' cgroup, relative to the cgroup2 mount.
     #[serde(default = "default_cgroup")]
     pub cgroup: String,
+    /// Load the eBPF programs and redirect agents' traffic (needs root). `false` runs the daemon
+    /// in passport-only mode: the local API decides, nothing is intercepted.
+    #[serde(default = "default_redirect")]
+    pub redirect: bool,
+    /// Where the eBPF links and maps are pinned (on bpffs). They outlive the daemon on purpose:
+    /// a dead daemon must mean refused connections, never open egress.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
 }
 
 fn default_cgroup() -> String {
     "sluice-agents".into()
 }
+fn default_redirect() -> bool {
+    true
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/sluice")
+}
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        SandboxConfig { cgroup: default_cgroup() }
+        SandboxConfig { cgroup: default_cgroup(), redirect: default_redirect(), pin_dir: default_pin_dir() }
     }
 }
 
@@ -280,6 +294,9 @@ impl Config {
             && cg.split('/').all(|part| !part.is_empty() && part != "." && part != "..");
         if !cg_ok {
             return Err(self.invalid("sandbox.cgroup", format!("{cg:?} must be a relative path without . or ..")));
+        }
+        if !self.sandbox.pin_dir.is_absolute() {
+            return Err(self.invalid("sandbox.pin_dir", "must be an absolute path on bpffs (e.g. /sys/fs/bpf/sluice)"));
         }
         if !(1..=86_400).contains(&self.holds.timeout_secs) {
             return Err(self.invalid("holds.timeout_secs", "must be from 1 to 86400 seconds"));

@@ -10,6 +10,8 @@
 //! returns, unless `CI` is set, in which case it fails. As root, a failure
 //! to load or attach is always a test failure.
 
+pub mod daemon;
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, UdpSocket};

@@ -91,9 +91,148 @@ pub fn run() -> anyhow::Result<()> {
     }
     println!("-> rejected, as it must be (exit status {})", out.status.code().unwrap_or(-1));
 
-    println!("\nDemo complete. (The daemon, kernel redirect and proxy steps join this demo as they land.)");
+    if !is_root() {
+        println!("\nThe daemon steps need root (eBPF, cgroups): run `sudo cargo xtask demo` for the rest.");
+        return Ok(());
+    }
+    daemon_steps(&bin, &dir.0)?;
+    println!("\nDemo complete. (The intercepting proxy joins this demo when it lands.)");
     Ok(())
 }
+
+/// `sluice enforce`, summarised to one line per decision (the full JSON is in the log).
+fn decide(bin: &Path, cfg: &str, sock: &str, id: &str, action: &str, cost: &str, target: &str) -> anyhow::Result<serde_json::Value> {
+    println!("$ sluice enforce --passport-id {id} --action {action} --cost-cents {cost} --target {target}");
+    let out = Command::new(bin)
+        .args(["--config", cfg, "--socket", sock, "enforce", "--passport-id", id, "--action", action])
+        .args(["--cost-cents", cost, "--target", target])
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("decision JSON")?;
+    println!(
+        "-> {} ({}): {}  [attestation {}, exit status {}]",
+        v["decision"].as_str().unwrap_or("?"),
+        v["reason"].as_str().unwrap_or("?"),
+        v["detail"].as_str().unwrap_or(""),
+        v["attestation_id"],
+        out.status.code().unwrap_or(-1)
+    );
+    Ok(v)
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0")))
+        .unwrap_or(false)
+}
+
+/// The daemon on a temporary config, its own cgroup, pins and ports; stopped and removed on drop.
+struct DemoDaemon {
+    child: Option<std::process::Child>,
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl Drop for DemoDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+        // Removing the pins detaches the programs (nothing else holds them); then the cgroup.
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    info.lines()
+        .find(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("cgroup2 ")))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .map(PathBuf::from)
+        .context("no cgroup2 mount found")
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn daemon_steps(bin: &Path, dir: &Path) -> anyhow::Result<()> {
+    let d = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let name = format!("sluice-demo-{}", std::process::id());
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{name}"));
+    let socket = dir.join("run/sluice.sock");
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\npolicies_dir = \"{}\"\n[api]\nsocket = \"{}\"\ngroup = \"root\"\n[proxy]\nport = {}\n[dns]\nport = {}\n[sandbox]\ncgroup = \"{name}\"\npin_dir = \"{}\"\n[holds]\ntimeout_secs = 60\n",
+            d("state"), d("policies"), socket.display(), free_port()?, free_port()?, pin_dir.display()
+        ),
+    )?;
+    let cfg = config.to_string_lossy().into_owned();
+    let sock = socket.to_string_lossy().into_owned();
+    let cli = |args: &[&str]| -> anyhow::Result<Output> {
+        let mut all = vec!["--config", cfg.as_str(), "--socket", sock.as_str()];
+        all.extend_from_slice(args);
+        sluice(bin, &all)
+    };
+
+    step(6, "Start the daemon: eBPF redirect on a fresh agents cgroup, the attestation store, the local API");
+    let log = std::fs::File::create(dir.join("daemon.log"))?;
+    let child = Command::new(bin).args(["--config", &cfg, "daemon"]).env("RUST_LOG", "info").stderr(log).spawn()?;
+    let _daemon = DemoDaemon { child: Some(child), pin_dir, cgroup: cgroup2_mount()?.join(&name) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !Command::new(bin).args(["--socket", &sock, "holds"]).output()?.status.success() {
+        if std::time::Instant::now() > deadline {
+            bail!("the daemon did not start:\n{}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    println!("daemon ready; eBPF programs pinned, agents' cgroup {name}");
+
+    step(7, "Run an agent that ignores every proxy setting and dials 127.0.0.77 directly");
+    let canary = std::net::TcpListener::bind("127.0.0.77:0")?;
+    canary.set_nonblocking(true)?;
+    let port = canary.local_addr()?.port();
+    let script = format!(
+        "import socket\ns=socket.create_connection(('127.0.0.77',{port}),timeout=5)\nprint('agent thinks it reached', s.getpeername(), 'and got', s.recv(10))"
+    );
+    must(cli(&["run", "--passport", &d("shopper.jwt"), "--", "python3", "-c", &script])?)?;
+    let reached = canary.accept().is_ok();
+    println!("-> the outside listener was {}", if reached { "REACHED (bug!)" } else { "never reached: the kernel sent the connection to sluice" });
+    if reached {
+        bail!("the agent's connection escaped the redirect");
+    }
+
+    step(8, "Decisions (passport-only API): allowed, over the per-action limit, forbidden domain, over the approval threshold");
+    let id = must(cli(&["passport", "register", &d("shopper.jwt")])?)?;
+    for (action, cost, target) in [
+        ("llm:chat", "250", "api.openai.com"),
+        ("llm:chat", "800", "api.openai.com"),
+        ("llm:chat", "10", "exfil.example.net"),
+        ("orders:write", "0", "api.shop.example"),
+    ] {
+        decide(bin, &cfg, &sock, &id, action, cost, target)?;
+    }
+    let held = decide(bin, &cfg, &sock, &id, "llm:chat", "400", "api.openai.com")?;
+    let hold = held["approval_request_id"].as_str().context("the over-threshold call was not held")?.to_string();
+
+    step(9, "A human approves the held call from outside the sandbox (limits are checked again)");
+    must(cli(&["holds"])?)?;
+    must(cli(&["holds", "approve", &hold, "--note", "approved in the demo"])?)?;
+
+    step(10, "Spend state");
+    must(cli(&["state", &id])?)?;
+
+    step(11, "Export the attestation log and verify it offline with only the host's public key");
+    must(cli(&["audit", "export", "--out", &d("audit.json")])?)?;
+    must(sluice(bin, &["audit", "verify", &d("audit.json"), "--host-pub", &d("state/host.pub")])?)?;
+    Ok(())
+}
+
+
 
 /// Rewrites `"core:cost:max_per_action":500` in the payload to 500000 and re-encodes it.
 fn tamper(token: &str) -> anyhow::Result<String> {

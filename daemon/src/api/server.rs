@@ -173,6 +173,12 @@ struct NoteBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct SandboxBody {
+    passport_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ResetBody {
     window: String,
 }
@@ -230,6 +236,11 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
             ok(service.proof(index).await?)
         }
         (&Method::GET, ["v1", "holds"]) => ok(service.holds()?),
+        (&Method::GET, ["v1", "sandboxes"]) => ok(service.sandboxes()?),
+        (&Method::POST, ["v1", "sandboxes"]) => {
+            let body: SandboxBody = read_json(req).await?;
+            ok(service.create_sandbox(&body.passport_id, peer).await?)
+        }
         (&Method::GET, ["v1", "holds", id]) => ok(service.hold(id)?),
         (&Method::POST, ["v1", "holds", id, action @ ("approve" | "deny")]) => {
             let (id, approve) = (id.to_string(), *action == "approve");

@@ -3,6 +3,7 @@
 use super::CmdResult;
 use crate::api::{peer::PeerPolicy, server};
 use crate::config::Config;
+use crate::kernel;
 use crate::ledger::{self, Ledger};
 use crate::service::{Service, ServiceConfig};
 use anyhow::Context;
@@ -49,7 +50,14 @@ pub fn run(args: DaemonArgs, config_path: &Path, socket: Option<&Path>) -> CmdRe
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    use std::io::IsTerminal;
+    // Logs go to stderr (journald and test harnesses collect it); colours only on a terminal.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
@@ -58,6 +66,26 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .mode(0o700)
         .create(&config.state_dir)
         .with_context(|| format!("state_dir {}: cannot create it", config.state_dir.display()))?;
+    // The kernel side first: if the programs cannot be attached, nothing else should start and
+    // look as if it protected anything.
+    let enforcer = if config.sandbox.redirect {
+        let kc = kernel::KernelConfig {
+            cgroup: config.sandbox.cgroup.clone(),
+            pin_dir: config.sandbox.pin_dir.clone(),
+            proxy_port: config.proxy.port,
+            dns_port: config.dns.port,
+        };
+        let enforcer =
+            kernel::Enforcer::install(&kc).context("[sandbox] redirect = true: attaching the eBPF programs")?;
+        if let Err(e) = enforcer.check_egress_backstop() {
+            tracing::error!(error = %e, "the egress backstop does not behave as expected");
+        }
+        tracing::info!(cgroup = %enforcer.agents_cgroup().path().display(), pin_dir = %kc.pin_dir.display(), "eBPF redirect attached");
+        Some(enforcer)
+    } else {
+        tracing::warn!("[sandbox] redirect = false: passport-only mode, agent traffic is not intercepted");
+        None
+    };
     let host_key = ledger::hostkey::load_or_create(&config.state_dir)?;
     let ledger = Ledger::open(&store_path(&config.state_dir), host_key, ledger::LedgerOptions::default())
         .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
@@ -66,10 +94,51 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ServiceConfig {
             pinned_issuers: config.pinned_issuers()?,
             hold_timeout: Duration::from_secs(config.holds.timeout_secs),
+            agents: enforcer.as_ref().map(|e| e.agents_cgroup().clone()),
+            ca_bundle: None,
         },
     )
     .await?;
-    let policy = Arc::new(PeerPolicy::new(&config.api.group, &config.sandbox.cgroup));
+    // The sandbox check compares /proc/PID/cgroup paths: use the agents' cgroup as attached
+    // (it may be a systemd slice rather than the configured name).
+    let agents_rel = match &enforcer {
+        Some(e) => {
+            let mount = kernel::cgroup2_mount()?;
+            e.agents_cgroup()
+                .path()
+                .strip_prefix(&mount)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| config.sandbox.cgroup.clone())
+        }
+        None => config.sandbox.cgroup.clone(),
+    };
+    let policy = Arc::new(PeerPolicy::new(&config.api.group, &agents_rel));
+    // Until the intercepting proxy lands, redirected connections are recorded and closed, and
+    // DNS is answered REFUSED: nothing leaves, and the table lookups are exercised.
+    let stand_ins = match &enforcer {
+        Some(e) => {
+            let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
+            let (dtx, mut drx) = tokio::sync::mpsc::unbounded_channel();
+            let probe = kernel::probe::Probe::start(config.proxy.port, e.conntable(), ptx)
+                .await
+                .with_context(|| format!("[proxy] port {}", config.proxy.port))?;
+            let resolver = kernel::probe::ResolverStub::start(config.dns.port, e.conntable(), dtx)
+                .await
+                .with_context(|| format!("[dns] port {}", config.dns.port))?;
+            tokio::spawn(async move {
+                while let Some(ev) = prx.recv().await {
+                    tracing::info!(event = ?ev, "redirected connection recorded and closed (no proxy yet)");
+                }
+            });
+            tokio::spawn(async move {
+                while let Some(q) = drx.recv().await {
+                    tracing::info!(query = ?q, "agent DNS query refused (no resolver yet)");
+                }
+            });
+            Some((probe, resolver))
+        }
+        None => None,
+    };
     let listener = server::bind(&config.api.socket, policy.api_gid)
         .with_context(|| format!("[api] socket {}", config.api.socket.display()))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -79,6 +148,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("stopping");
     let _ = stop_tx.send(true);
     let _ = api.await;
+    if let Some((probe, resolver)) = stand_ins {
+        probe.shutdown().await;
+        resolver.shutdown().await;
+    }
+    // The eBPF links stay pinned: with the daemon gone, agents' connections are refused.
+    drop(enforcer);
     if let Err(e) = service.record_host_event("daemon_stop", serde_json::json!({})).await {
         tracing::warn!(error = %e, "could not record the daemon's stop");
     }

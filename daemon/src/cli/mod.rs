@@ -7,6 +7,7 @@ mod issuer;
 mod ops;
 mod passport;
 mod policy;
+mod run;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +43,9 @@ pub enum Command {
     Passport(passport::PassportCmd),
     /// Run the enforcer (local API, store, and as they land: proxy, resolver, eBPF) in the foreground.
     Daemon(daemon::DaemonArgs),
+    /// Run CMD (and every process it starts) under enforcement with a passport; exits with CMD's
+    /// status.
+    Run(run::RunArgs),
     /// Passport-only mode: ask the daemon for a decision on one action (prints the decision JSON;
     /// exit status 0 allow, 3 block, 4 request_hold).
     Enforce(ops::EnforceArgs),
@@ -76,6 +80,7 @@ pub fn main() -> ExitCode {
         Command::Passport(cmd) => passport::run(cmd, &socket),
         Command::Daemon(args) => daemon::run(args, &cli.config, cli.socket.as_deref()),
         Command::Enforce(args) => ops::enforce(args, &socket),
+        Command::Run(args) => run::run(args, &socket),
         Command::State(args) => ops::state(args, &socket),
         Command::Holds(args) => ops::holds(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),

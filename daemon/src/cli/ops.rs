@@ -173,7 +173,7 @@ fn print_state(s: &Value) {
     if let Some(w) = s["window"].as_str() {
         println!(
             "{:<15} {} of {}",
-            format!("this {w}"),
+            format!("{w} window"),
             dollars(&s["window_cost_cents"]),
             limit(&s["window_cost_limit_cents"])
         );

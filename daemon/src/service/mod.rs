@@ -11,8 +11,10 @@
 
 mod holds;
 mod records;
+mod sandboxes;
 
 pub use holds::{Hold, HoldOrigin, HoldOutcome, HoldStatus};
+pub use sandboxes::Sandbox;
 
 use crate::api::peer::Peer;
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
@@ -91,6 +93,17 @@ pub struct EnforceInput {
 pub struct ServiceConfig {
     pub pinned_issuers: Vec<IssuerId>,
     pub hold_timeout: Duration,
+    /// The agents' cgroup, when the daemon redirects traffic; `None` in passport-only mode.
+    pub agents: Option<crate::kernel::Cgroup>,
+    /// The CA bundle agents should trust (system roots + the sluice CA), if there is one.
+    pub ca_bundle: Option<std::path::PathBuf>,
+}
+
+impl ServiceConfig {
+    /// Passport-only mode: no sandboxes, no CA bundle.
+    pub fn passport_only(pinned_issuers: Vec<IssuerId>, hold_timeout: Duration) -> ServiceConfig {
+        ServiceConfig { pinned_issuers, hold_timeout, agents: None, ca_bundle: None }
+    }
 }
 
 /// The outcome of one enforced action, as answered to the caller and recorded.
@@ -110,6 +123,8 @@ pub struct Service {
     passports: RwLock<HashMap<String, Arc<CompiledPassport>>>,
     revoked: RwLock<HashSet<String>>,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<HoldOutcome>>>>,
+    /// Live sandboxes by cgroup id.
+    sandboxes: RwLock<HashMap<u64, Sandbox>>,
 }
 
 /// Revocations as the ledger's state knows them, for the passport verifier.
@@ -156,11 +171,13 @@ impl Service {
             passports: RwLock::new(passports),
             revoked: RwLock::new(revoked),
             waiters: Mutex::new(HashMap::new()),
+            sandboxes: RwLock::new(HashMap::new()),
         });
         service
             .record_host_event("daemon_start", json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}))
             .await?;
         service.recover_holds().await?;
+        service.recover_sandboxes().await?;
         Ok(service)
     }
 

@@ -1,0 +1,137 @@
+//! `sluice run` against a real daemon with the kernel redirect attached: the command runs in a
+//! sandbox bound to its passport, its traffic is redirected (never reaching the address it
+//! dialed), it cannot use the local API, its exit status is passed through, and the sandbox is
+//! gone when it ends — for root and for a non-root member of the API group.
+
+use sluice_e2e::daemon::Daemon;
+use sluice_e2e::{python, root_or_skip, Canary, HANG_GUARD};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn wait_no_sandboxes(d: &Daemon) {
+    let deadline = Instant::now() + HANG_GUARD;
+    while !d.sandbox_cgroups().is_empty() {
+        assert!(Instant::now() < deadline, "sandbox cgroups left: {:?}\n{}", d.sandbox_cgroups(), d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn run_passes_the_exit_status_through_and_removes_the_sandbox() {
+    if !root_or_skip("run_passes_the_exit_status_through_and_removes_the_sandbox") {
+        return;
+    }
+    let d = Daemon::start("");
+    let (passport, _) = d.issue("exit7", &["--permission", "*"]);
+    let out =
+        d.cli(&["run", "--passport", passport.to_str().unwrap(), "--", "sh", "-c", "cat /proc/self/cgroup; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}\n{}", stderr(&out), d.log());
+    let cg = String::from_utf8_lossy(&out.stdout);
+    assert!(cg.contains(&format!("/{}/run-", d.cgroup)), "the command ran outside its sandbox: {cg}");
+    wait_no_sandboxes(&d);
+}
+
+#[test]
+fn a_sandboxed_command_is_redirected_and_cannot_use_the_api() {
+    if !root_or_skip("a_sandboxed_command_is_redirected_and_cannot_use_the_api") {
+        return;
+    }
+    let d = Daemon::start("");
+    let (passport, _) = d.issue("agent", &["--permission", "*"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let canary_addr: SocketAddr = format!("127.0.0.77:{}", sluice_e2e::free_port()).parse().unwrap();
+    let canary = Canary::tcp(&rt, canary_addr);
+    let script = format!(
+        "import socket\ns=socket.create_connection(('{}',{}),timeout=5)\nprint(s.getpeername())\ntry:\n  print(s.recv(10))\nexcept Exception as e:\n  print(e)\n",
+        canary_addr.ip(),
+        canary_addr.port()
+    );
+    let py = python().to_str().unwrap().to_string();
+    let out = d.cli(&["run", "--passport", passport.to_str().unwrap(), "--", &py, "-c", &script]);
+    assert_eq!(canary.hits(), 0, "the agent reached the address it dialed: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        d.log().contains("redirected connection"),
+        "the daemon did not see the connection (agent: {:?} {} {}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        stderr(&out),
+        d.log()
+    );
+
+    // The agent asks the daemon to approve its own holds: refused, even as root.
+    let bin = sluice_e2e::daemon::sluice_bin();
+    let out = d.cli(&[
+        "run",
+        "--passport",
+        passport.to_str().unwrap(),
+        "--",
+        bin.to_str().unwrap(),
+        "--socket",
+        d.socket.to_str().unwrap(),
+        "holds",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("agent sandbox"), "{}", stderr(&out));
+    wait_no_sandboxes(&d);
+}
+
+#[test]
+fn grandchildren_left_behind_are_killed_with_the_sandbox() {
+    if !root_or_skip("grandchildren_left_behind_are_killed_with_the_sandbox") {
+        return;
+    }
+    let d = Daemon::start("");
+    let (passport, _) = d.issue("forker", &["--permission", "*"]);
+    let pidfile = d.dir.path().join("grandchild.pid");
+    let script = format!("(setsid sleep 300 & echo $! > {}) ; exit 0", pidfile.display());
+    let out = d.cli(&["run", "--passport", passport.to_str().unwrap(), "--", "sh", "-c", &script]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    wait_no_sandboxes(&d);
+    // Dead means gone, or a zombie waiting for PID 1 to reap it.
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+            .unwrap_or(false)
+    };
+    assert!(!alive(), "a daemonised grandchild outlived its sandbox");
+}
+
+#[test]
+fn a_non_root_member_of_the_api_group_can_run_agents() {
+    if !root_or_skip("a_non_root_member_of_the_api_group_can_run_agents") {
+        return;
+    }
+    // "nobody" (uid/gid 65534) gets the API through its group, and a path to the socket.
+    let d = Daemon::start_with_group("nogroup", "");
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (passport, _) = d.issue("nobody-agent", &["--permission", "*"]);
+    std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = d
+        .cli_command(&[
+            "run",
+            "--passport",
+            passport.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "cat /proc/self/cgroup; id -u; exit 3",
+        ])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}\n{}", stderr(&out), d.log());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("/{}/run-", d.cgroup)) && text.contains("65534"), "{text}");
+    wait_no_sandboxes(&d);
+}
