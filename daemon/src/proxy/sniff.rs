@@ -872,6 +872,26 @@ mod tests {
         assert_eq!(sniff(&ok), http(HttpMethod::Get, "/", Some("a.test")));
     }
 
+    /// Figures, not assertions: `cargo test --release -p sluice sniff_figures -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn sniff_figures() {
+        let hello = rustls_hello("api.example.com", &[b"h2", b"http/1.1"], false);
+        let head = b"GET /v1/models HTTP/1.1\r\nHost: api.example.com\r\nUser-Agent: x\r\nAccept: */*\r\n\r\n";
+        let n = 200_000u32;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            assert!(matches!(sniff(std::hint::black_box(&hello)), Sniff::Tls(_)));
+        }
+        let tls = t.elapsed() / n;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            assert!(matches!(sniff(std::hint::black_box(head)), Sniff::Http(_)));
+        }
+        let http = t.elapsed() / n;
+        println!("sniff: ClientHello of {} bytes {tls:?}; HTTP head of {} bytes {http:?}", hello.len(), head.len());
+    }
+
     // -- properties ----------------------------------------------------------------------------
 
     /// Once decided, more bytes never change the answer (so `NeedMore` never hides a wrong one).
