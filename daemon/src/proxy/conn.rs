@@ -87,7 +87,10 @@ pub(super) async fn handle(proxy: Arc<Proxy>, mut stream: TcpStream, peer: Socke
     let _ = stream.set_nodelay(true);
     let (prefix, kind) = match read_head(&proxy, &mut stream).await {
         Some(got) => got,
-        None => return, // closed before saying anything
+        None => {
+            tracing::info!(client = %peer, %dialed, pid = orig.pid, "agent connection closed before sending anything");
+            return;
+        }
     };
     let stream = Prefixed::new(prefix, stream);
     match kind {

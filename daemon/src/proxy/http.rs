@@ -24,7 +24,7 @@
 use super::checks::{self, reason, Refusal};
 use super::conn::ConnInfo;
 use super::upstream::{BoxError, ProxyBody};
-use super::{inc, Proxy};
+use super::{h1watch, inc, Proxy};
 use crate::decide::{self, Decision};
 use crate::domain::DomainName;
 use crate::policy::{self, meter, Cost};
@@ -53,13 +53,21 @@ pub(super) async fn serve<S>(proxy: Arc<Proxy>, info: Arc<ConnInfo>, io: S, h2: 
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // HTTP/1: a second reading of the byte stream, for framing hyper would silently repair.
+    let (io, verdicts) = if h2 {
+        (h1watch::Watched::new(io, 0).0, None)
+    } else {
+        let (w, v) = h1watch::Watched::new(io, proxy.limits.max_header_bytes);
+        (w, Some(v))
+    };
     let svc = {
         let proxy = proxy.clone();
         let info = info.clone();
         service_fn(move |req| {
             let proxy = proxy.clone();
             let info = info.clone();
-            async move { Ok::<_, Infallible>(handle(proxy, info, req).await) }
+            let verdict = verdicts.as_ref().map(h1watch::Verdicts::next);
+            async move { Ok::<_, Infallible>(handle(proxy, info, verdict, req).await) }
         })
     };
     let io = TokioIo::new(io);
@@ -90,13 +98,42 @@ where
 }
 
 /// One request, start to end. Never fails: every outcome is a response.
-async fn handle(proxy: Arc<Proxy>, info: Arc<ConnInfo>, req: Request<Incoming>) -> Response<ProxyBody> {
+///
+/// `framing` is the HTTP/1 stream tracker's verdict on this request's head ([`h1watch`]): `None`
+/// for HTTP/2, `Some(None)` when the tracker could not follow the stream (refused).
+async fn handle(
+    proxy: Arc<Proxy>,
+    info: Arc<ConnInfo>,
+    framing: Option<Option<Result<(), Refusal>>>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     inc(&proxy.stats.requests);
     let method = req.method().clone();
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
     let default_action = default_action(&method);
 
-    let authority = match checks::request_authority(req.version(), req.uri(), req.headers()) {
+    let authority = checks::request_authority(req.version(), req.uri(), req.headers());
+    if let Some(framing) = framing {
+        let refusal = match framing {
+            Some(Ok(())) => None,
+            Some(Err(r)) => Some(r),
+            None => Some(Refusal {
+                reason: reason::MALFORMED_REQUEST,
+                detail: "The request's framing could not be verified (after a tunnel or unparseable body framing)."
+                    .into(),
+            }),
+        };
+        if let Some(r) = refusal {
+            let target = authority.as_ref().ok().map(|a| &a.host).or(info.conn_name());
+            let close = r.reason == reason::REQUEST_SMUGGLING || r.reason == reason::MALFORMED_REQUEST;
+            let mut resp = refuse(&proxy, &info, target, default_action, &method, &path, r).await;
+            if close {
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return resp;
+        }
+    }
+    let authority = match authority {
         Ok(a) => a,
         Err(r) => return refuse(&proxy, &info, info.conn_name(), default_action, &method, &path, r).await,
     };

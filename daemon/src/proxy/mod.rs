@@ -18,6 +18,7 @@
 pub mod ca;
 pub mod checks;
 mod conn;
+mod h1watch;
 mod http;
 mod prefixed;
 mod raw;
