@@ -113,11 +113,8 @@ impl Upstream {
         let addr = listener.local_addr().expect("upstream addr");
         let (btx, _) = watch::channel(0usize);
         let (atx, _) = watch::channel(0u32);
-        let state = Arc::new(State {
-            barrier_tx: Mutex::new(Some(btx)),
-            ack_tx: Mutex::new(Some(atx)),
-            ..State::default()
-        });
+        let state =
+            Arc::new(State { barrier_tx: Mutex::new(Some(btx)), ack_tx: Mutex::new(Some(atx)), ..State::default() });
         let st = state.clone();
         let task = rt.spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
@@ -196,9 +193,11 @@ async fn route(st: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
                 *n += 1;
                 tx.send_replace(*n);
             }
-            match tokio::time::timeout(HANG_GUARD, rx.wait_for(|n| *n >= want)).await {
-                Ok(Ok(_)) => text(StatusCode::OK, format!("together {want}\n")),
-                _ => text(StatusCode::GATEWAY_TIMEOUT, "alone\n"),
+            let together = matches!(tokio::time::timeout(HANG_GUARD, rx.wait_for(|n| *n >= want)).await, Ok(Ok(_)));
+            if together {
+                text(StatusCode::OK, format!("together {want}\n"))
+            } else {
+                text(StatusCode::GATEWAY_TIMEOUT, "alone\n")
             }
         }
         ("GET", "/ack") => {
