@@ -101,7 +101,15 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 /// `sluice enforce`, summarised to one line per decision (the full JSON is in the log).
-fn decide(bin: &Path, cfg: &str, sock: &str, id: &str, action: &str, cost: &str, target: &str) -> anyhow::Result<serde_json::Value> {
+fn decide(
+    bin: &Path,
+    cfg: &str,
+    sock: &str,
+    id: &str,
+    action: &str,
+    cost: &str,
+    target: &str,
+) -> anyhow::Result<serde_json::Value> {
     println!("$ sluice enforce --passport-id {id} --action {action} --cost-cents {cost} --target {target}");
     let out = Command::new(bin)
         .args(["--config", cfg, "--socket", sock, "enforce", "--passport-id", id, "--action", action])
@@ -122,7 +130,9 @@ fn decide(bin: &Path, cfg: &str, sock: &str, id: &str, action: &str, cost: &str,
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0")))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
         .unwrap_or(false)
 }
 
@@ -201,7 +211,10 @@ fn daemon_steps(bin: &Path, dir: &Path) -> anyhow::Result<()> {
     );
     must(cli(&["run", "--passport", &d("shopper.jwt"), "--", "python3", "-c", &script])?)?;
     let reached = canary.accept().is_ok();
-    println!("-> the outside listener was {}", if reached { "REACHED (bug!)" } else { "never reached: the kernel sent the connection to sluice" });
+    println!(
+        "-> the outside listener was {}",
+        if reached { "REACHED (bug!)" } else { "never reached: the kernel sent the connection to sluice" }
+    );
     if reached {
         bail!("the agent's connection escaped the redirect");
     }
@@ -231,8 +244,6 @@ fn daemon_steps(bin: &Path, dir: &Path) -> anyhow::Result<()> {
     must(sluice(bin, &["audit", "verify", &d("audit.json"), "--host-pub", &d("state/host.pub")])?)?;
     Ok(())
 }
-
-
 
 /// Rewrites `"core:cost:max_per_action":500` in the payload to 500000 and re-encodes it.
 fn tamper(token: &str) -> anyhow::Result<String> {
