@@ -177,7 +177,12 @@ fn proxy_allows_blocks_and_refuses_bypasses() {
     if !root_or_skip("proxy_allows_blocks_and_refuses_bypasses") {
         return;
     }
-    let w = World::new(POLICY, 120);
+    // A plain TCP echo service, reachable only through a [[raw_tcp]] rule.
+    let echo_port = free_port();
+    let policy =
+        format!("{POLICY}\n[[raw_tcp]]\nhost = \"{API}\"\nport = {echo_port}\naction = \"tcp:echo\"\ncost_cents = 0\n");
+    let w = World::new(&policy, 120);
+    let echo = start_echo(&w.rt, SocketAddr::from(([127, 0, 0, 1], echo_port)));
     let (passport, passport_id) = w.d.issue(
         "agent",
         &[
@@ -185,6 +190,8 @@ fn proxy_allows_blocks_and_refuses_bypasses() {
             "web:*",
             "--permission",
             "pay:*",
+            "--permission",
+            "tcp:*",
             "--constraint",
             &format!("core:scope:domain_allowlist=[\"{API}\"]"),
             "--constraint",
@@ -375,17 +382,88 @@ print(json.dumps(out))
     assert_eq!(v["denied.example.test"], format!("gaierror {}", libc_eai_noname()), "{v}");
     assert_eq!(w.dns_canary.hits(), 0, "an agent's DNS query left the host");
 
+    // 10. Non-HTTP bytes on the allowed HTTPS port: raw-TCP policy, default block (closed).
+    // The same bytes to the port a [[raw_tcp]] rule allows reach the echo service, and so does
+    // a CONNECT tunnel to it; a CONNECT anywhere else is refused.
+    let script = r#"
+import json, socket, ssl, sys
+host, port, echo = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def raw(p):
+    s = socket.create_connection((host, p), timeout=60)
+    s.sendall(b"\x00\x01 not http\r\n")
+    try:
+        return s.recv(100).decode("latin1")
+    except Exception as e:
+        return "error: %s" % e
+def connect(target):
+    ctx = ssl.create_default_context()
+    ctx.set_alpn_protocols(["http/1.1"])
+    s = ctx.wrap_socket(socket.create_connection((host, port), timeout=60), server_hostname=host)
+    s.sendall(("CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (target, target)).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        c = s.recv(1)
+        if not c:
+            break
+        head += c
+    status = head.split(b" ")[1].decode() if head else "closed"
+    if status != "200":
+        return [status, head.decode("latin1")]
+    s.sendall(b"through the tunnel")
+    return [status, s.recv(100).decode()]
+print(json.dumps({"https_port": raw(port), "echo_port": raw(echo),
+                  "connect_ok": connect("%s:%d" % (host, echo)), "connect_denied": connect("%s:5432" % host)}))
+"#;
+    let v = w.python(&passport, script, &[API, &w.port.to_string(), &echo_port.to_string()]);
+    assert_eq!(v["https_port"], "", "non-HTTP bytes got an answer: {v}");
+    assert_eq!(v["echo_port"], "\u{0}\u{1} not http\r\n", "{v}");
+    assert_eq!(v["connect_ok"], serde_json::json!(["200", "through the tunnel"]), "{v}");
+    assert_eq!(v["connect_denied"][0], "403", "{v}");
+    assert!(v["connect_denied"][1].as_str().unwrap().contains("connect_denied"), "{v}");
+    drop(echo);
+
     // Everything is in the log, and the log verifies.
     let records = w.verified_records();
     let mine: Vec<&Value> = records.iter().filter(|r| r["passport_id"] == passport_id.as_str()).collect();
     assert!(mine.iter().filter(|r| r["decision"] == "allow").count() >= 8, "{mine:#?}");
-    for reason in ["domain_not_allowed", "spend_limit_exceeded", "domain_fronting", "request_smuggling"] {
+    for reason in [
+        "domain_not_allowed",
+        "spend_limit_exceeded",
+        "domain_fronting",
+        "request_smuggling",
+        "raw_tcp_denied",
+        "connect_denied",
+    ] {
         assert!(!decisions(&records, reason).is_empty(), "no {reason} decision in the log");
     }
     assert!(
         records.iter().any(|r| r["kind"] == "dns_denied" && r["name"] == "denied.example.test"),
         "the NXDOMAIN is not in the log"
     );
+}
+
+struct Echo {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A plain TCP echo service (the "outside" raw-TCP destination).
+fn start_echo(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Echo {
+    let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).expect("bind echo");
+    let task = rt.spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Echo { task }
 }
 
 fn libc_eai_noname() -> i32 {

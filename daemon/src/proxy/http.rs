@@ -137,29 +137,27 @@ async fn handle(
         Ok(a) => a,
         Err(r) => return refuse(&proxy, &info, info.conn_name(), default_action, &method, &path, r).await,
     };
-    if let Err(r) =
+    // A CONNECT's port is the tunnel's destination, not the port this connection was made to.
+    let consistency = if checks::is_connect(&method) {
+        let name_only = checks::Authority { host: authority.host.clone(), port: None };
+        checks::check_consistent(&name_only, info.sni.as_ref(), info.dialed_name.as_ref(), info.dialed.port())
+    } else {
         checks::check_consistent(&authority, info.sni.as_ref(), info.dialed_name.as_ref(), info.dialed.port())
-    {
+    };
+    if let Err(r) = consistency {
         // Recorded against the name the connection was opened for: that is what the agent
         // tried to borrow.
         let target = info.conn_name().unwrap_or(&authority.host).clone();
         return refuse(&proxy, &info, Some(&target), default_action, &method, &path, r).await;
     }
-    let host = authority.host;
+    let host = authority.host.clone();
     if req.version() != Version::HTTP_2 {
         if let Err(r) = checks::check_framing(req.headers()) {
             return refuse(&proxy, &info, Some(&host), default_action, &method, &path, r).await;
         }
     }
     if checks::is_connect(&method) {
-        let r = Refusal {
-            reason: reason::CONNECT_DENIED,
-            detail: format!(
-                "CONNECT {path} would open a tunnel the proxy cannot inspect. Send the HTTP requests \
-                 themselves; raw TCP to a host needs a [[raw_tcp]] host policy."
-            ),
-        };
-        return refuse(&proxy, &info, Some(&host), default_action, &method, &path, r).await;
+        return connect(&proxy, &info, &host, authority.port, req, &path).await;
     }
 
     let policy = proxy.policy.current();
@@ -421,6 +419,83 @@ impl Body for Replay {
         }
         hint
     }
+}
+
+/// CONNECT opens a tunnel the proxy cannot look into, so it is refused unless a `[[raw_tcp]]`
+/// host policy allows the target name and port (never 80 or 443: those are HTTP, inspected).
+/// Allowed: decided like any request (the rule's action and cost), answered `200`, then the
+/// tunnel is spliced to the address the daemon resolves for the name.
+async fn connect(
+    proxy: &Arc<Proxy>,
+    info: &ConnInfo,
+    host: &DomainName,
+    port: Option<u16>,
+    mut req: Request<Incoming>,
+    path: &str,
+) -> Response<ProxyBody> {
+    let method = Method::CONNECT;
+    let policy = proxy.policy.current();
+    let rule = port.and_then(|p| policy.raw_tcp(Some(host), p));
+    let (Some(rule), Some(port)) = (rule, port) else {
+        let r = Refusal {
+            reason: reason::CONNECT_DENIED,
+            detail: format!(
+                "CONNECT {path} would open a tunnel the proxy cannot inspect, and no [[raw_tcp]] host policy \
+                 allows it. Send the HTTP requests themselves."
+            ),
+        };
+        return refuse(proxy, info, Some(host), policy::SEND_ACTION, &method, path, r).await;
+    };
+    let input = EnforceInput {
+        passport_id: info.passport_id.clone(),
+        action: rule.action.to_string(),
+        cost_cents: rule.cost_cents,
+        target: Some(host.to_string()),
+        method: Some(method.to_string()),
+        path: Some(path.to_string()),
+    };
+    let verdict = host_verdict(policy.host_check(host, rule.cost_cents));
+    let outcome = match proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await {
+        Ok(o) => o,
+        Err(e) => return service_failure(&e),
+    };
+    let attestation = match outcome.decision {
+        Decision::Allow => outcome.attestation_id,
+        Decision::Block => {
+            inc(&proxy.stats.blocked);
+            return decision_response(&outcome.json, outcome.attestation_id);
+        }
+        Decision::RequestHold => {
+            inc(&proxy.stats.held);
+            let Some(id) = outcome.hold_id else { return decision_response(&outcome.json, outcome.attestation_id) };
+            let held = proxy.service.wait_hold(&id).await;
+            if held.decision != Decision::Allow {
+                inc(&proxy.stats.blocked);
+                return decision_response(&held.json, outcome.attestation_id);
+            }
+            outcome.attestation_id
+        }
+    };
+    let upstream = match super::upstream::dial(&proxy.resolver, host, port).await {
+        Ok((s, _)) => s,
+        Err(e) => return upstream_failure(proxy, info, host, attestation, &e.to_string()).await,
+    };
+    inc(&proxy.stats.forwarded);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(tunnel) => {
+                let (mut a, mut u) = (TokioIo::new(tunnel), upstream);
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut u).await;
+            }
+            Err(e) => tracing::info!(error = %e, "CONNECT tunnel was not established"),
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+    if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
+        resp.headers_mut().insert(HeaderName::from_static(DECISION_HEADER), v);
+    }
+    resp
 }
 
 /// Connection-level headers (RFC 9110 §7.6.1) and the proxy-only ones: never forwarded.
