@@ -608,3 +608,64 @@ fn wait_log(d: &Daemon, needle: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn proxy_dns_answers_each_sandbox_for_its_own_passport() {
+    if !root_or_skip("proxy_dns_answers_each_sandbox_for_its_own_passport") {
+        return;
+    }
+    let w = World::new(POLICY, 120);
+    let (pa, _) =
+        w.d.issue("a", &["--permission", "web:*", "--constraint", &format!("core:scope:domain_allowlist=[\"{API}\"]")]);
+    let (pb, pb_id) = w
+        .d
+        .issue("b", &["--permission", "web:*", "--constraint", &format!("core:scope:domain_allowlist=[\"{OTHER}\"]")]);
+    // Sandbox A stays alive while B asks, so an answer "allowed for some live sandbox" would
+    // show up as a leak.
+    let a =
+        w.d.cli_command(&["run", "--passport", pa.to_str().unwrap(), "--", "sleep", "120"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+    let _a = sluice_e2e::ChildGuard(Some(a));
+    let deadline = Instant::now() + HANG_GUARD;
+    while w.d.sandbox_cgroups().is_empty() {
+        assert!(Instant::now() < deadline, "sandbox A never appeared:\n{}", w.d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let script = r#"
+import json, socket, struct, sys
+def ask(name, tcp):
+    qname = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".")) + b"\0"
+    msg = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + qname + struct.pack(">HH", 1, 1)
+    if tcp:
+        s = socket.create_connection(("127.0.0.53", 53), timeout=20)
+        s.sendall(struct.pack(">H", len(msg)) + msg)
+        n = struct.unpack(">H", s.recv(2))[0]
+        data = b""
+        while len(data) < n:
+            data += s.recv(n - len(data))
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.settimeout(20)
+        s.sendto(msg, ("127.0.0.53", 53))
+        data, _ = s.recvfrom(4096)
+    return [data[3] & 0x0f, struct.unpack(">H", data[6:8])[0]]
+out = {}
+for name in sys.argv[1:]:
+    out[name] = {"udp": ask(name, False), "tcp": ask(name, True)}
+print(json.dumps(out))
+"#;
+    let v = w.python(&pb, script, &[API, OTHER]);
+    // rcode 3 = NXDOMAIN with no answer; rcode 0 with one synthetic A record.
+    assert_eq!(v[API], serde_json::json!({"udp": [3, 0], "tcp": [3, 0]}), "{v}");
+    assert_eq!(v[OTHER], serde_json::json!({"udp": [0, 1], "tcp": [0, 1]}), "{v}");
+    assert_eq!(w.dns_canary.hits(), 0, "an agent's DNS query left the host");
+    drop(_a);
+    let records = w.verified_records();
+    assert!(
+        records.iter().any(|r| r["kind"] == "dns_denied" && r["name"] == API && r["passport_id"] == pb_id.as_str()),
+        "B's refused query is not in the log"
+    );
+}

@@ -1,15 +1,14 @@
 //! Who is asking the agents' resolver, and which names they may resolve.
 //!
-//! * **DNS over TCP** comes through the kernel redirect like any TCP connection, so the
-//!   connection table names the sandbox's cgroup, hence its passport: answers follow exactly that
-//!   passport's `core:scope:domain_allowlist`.
-//! * **DNS over UDP** has no connection-table entry (the kernel records TCP connections only;
-//!   see `ebpf/README.md`). Until an egress-side record of UDP sources exists, a UDP query is
-//!   answered for a name if the passport of *any* live sandbox allows it. What this leaks is
-//!   small and stated: a sandbox can learn that a name another sandbox's passport allows
-//!   resolves (to a synthetic address that leads only back to the proxy). It cannot reach that
-//!   name: every request is decided on the connection's own passport. A query from a host with
-//!   no live sandbox gets no answer at all.
+//! Every query is answered for exactly one passport: the one bound to the sandbox that sent it.
+//! * **DNS over TCP** comes through the kernel redirect like any TCP connection: the connection
+//!   table names the client's cgroup.
+//! * **DNS over UDP**: the egress program records each UDP packet's source (address, port) to
+//!   the resolver port with the sending socket's record, before the packet is delivered
+//!   (`Conntable::udp_source`), so the resolver looks the sender's cgroup up by the datagram's
+//!   source address.
+//!
+//! A query whose sender is not a sandbox with a passport gets no answer at all.
 //!
 //! Host-wide `deny_domains` apply to every sandbox. Refused names are attested (`dns_denied`
 //! host records), at most once per name and transport per minute, so a flood of queries cannot
@@ -21,7 +20,7 @@ use crate::domain::DomainName;
 use crate::kernel::Conntable;
 use crate::policy::{HostVerdict, PolicyHandle};
 use crate::service::Service;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -53,40 +52,23 @@ impl Identity {
 
     /// The allow-function for a query from `peer`; `None` drops the query unanswered.
     pub fn allow_for(self: &Arc<Self>, peer: SocketAddr, via: Via) -> Option<Allow> {
-        let passports: Vec<Arc<CompiledPassport>> = match via {
-            Via::Tcp => {
-                let orig = self.conntable.lookup(peer)?;
-                vec![self.service.passport_for_cgroup(orig.cgroup_id)?]
-            }
-            Via::Udp => self.live_passports(),
+        let orig = match via {
+            Via::Tcp => self.conntable.lookup(peer)?,
+            Via::Udp => self.conntable.udp_source(peer)?,
         };
-        if passports.is_empty() {
-            return None;
-        }
+        let passport = self.service.passport_for_cgroup(orig.cgroup_id)?;
         let this = self.clone();
         Some(Arc::new(move |name: &DomainName| {
             let host_ok = this.policy.current().host_check(name, 0) == HostVerdict::Allow;
-            let ok = host_ok && passports.iter().any(|cp| passport_allows(cp, name));
+            let ok = host_ok && passport_allows(&passport, name);
             if !ok {
-                this.audit_denied(name, via, &passports);
+                this.audit_denied(name, via, &passport);
             }
             ok
         }))
     }
 
-    fn live_passports(&self) -> Vec<Arc<CompiledPassport>> {
-        let Ok(list) = self.service.sandboxes() else { return Vec::new() };
-        let mut ids: Vec<&str> = list
-            .get("sandboxes")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(|s| s.get("passport_id").and_then(Value::as_str)).collect())
-            .unwrap_or_default();
-        ids.sort_unstable();
-        ids.dedup();
-        ids.into_iter().filter_map(|id| self.service.passport(id)).collect()
-    }
-
-    fn audit_denied(&self, name: &DomainName, via: Via, passports: &[Arc<CompiledPassport>]) {
+    fn audit_denied(&self, name: &DomainName, via: Via, passport: &CompiledPassport) {
         let now = Instant::now();
         {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -104,14 +86,13 @@ impl Identity {
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
         let service = self.service.clone();
-        let ids: Vec<String> = passports.iter().map(|cp| cp.id().to_string()).collect();
         let detail = json!({
             "name": name.to_string(),
             "via": if via == Via::Tcp { "tcp" } else { "udp" },
-            "passport_ids": ids,
+            "passport_id": passport.id().to_string(),
             "answer": "NXDOMAIN",
         });
-        tracing::info!(%name, ?via, "agent DNS query for a name no passport allows: NXDOMAIN");
+        tracing::info!(%name, ?via, passport_id = %passport.id(), "agent DNS query for a name its passport does not allow: NXDOMAIN");
         handle.spawn(async move {
             if let Err(e) = service.record_host_event("dns_denied", detail).await {
                 tracing::warn!(error = %e, "could not record a DNS denial");
