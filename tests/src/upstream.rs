@@ -8,6 +8,7 @@
 //! * `POST /pay` → `paid`
 //! * `GET /barrier?n=N` → answers once N `/barrier` requests are in flight at once (HTTP/2
 //!   concurrency without timing assertions); after [`crate::HANG_GUARD`], `504 alone`
+//! * `GET /ws` with `Upgrade: websocket` → `101`, then echoes whatever comes through the tunnel
 //! * `GET /sse` → `text/event-stream`: `data: 1`, then waits for `GET /ack?n=1` before `data: 2`,
 //!   and for `/ack?n=2` before `data: 3`. A client only sends the ack after it *read* the previous
 //!   event, so the stream completes only if every hop forwards it in pieces. (Waits end after
@@ -127,7 +128,7 @@ impl Upstream {
                         async move { Ok::<_, Infallible>(route(st, req).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), svc)
+                        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                         .await;
                 });
             }
@@ -178,6 +179,21 @@ async fn route(st: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
         version: version.clone(),
     });
     let query = req.uri().query().map(str::to_string);
+    if req.uri().path() == "/ws" && req.headers().contains_key(http::header::UPGRADE) {
+        let mut req = req;
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut r = text(StatusCode::SWITCHING_PROTOCOLS, "");
+        r.headers_mut().insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
+        r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+        return r;
+    }
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/hello") => text(StatusCode::OK, format!("hello {host} {version}\n")),
         ("POST", "/pay") => text(StatusCode::OK, "paid\n"),

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 const API: &str = "api.example.test";
 const OTHER: &str = "other.example.test";
+/// Allowed, resolvable, but nothing listens where it points.
+const DOWN: &str = "down.example.test";
 
 const POLICY: &str = r#"
 [service]
@@ -28,6 +30,13 @@ method = "POST"
 path = "/pay"
 action = "pay:charge"
 cost_cents = 60
+
+[[route]]
+id = "ws"
+method = "GET"
+path = "/ws"
+action = "web:ws"
+cost_cents = 0
 "#;
 
 struct World {
@@ -51,7 +60,7 @@ impl World {
         // name must never show up there.
         let dns_canary = Canary::udp(&rt, SocketAddr::from(([127, 0, 0, 1], free_port())));
         let dns_extra = format!(
-            "upstream = [\"{}\"]\nstatic_hosts = {{ \"{API}\" = \"127.0.0.1\", \"{OTHER}\" = \"127.0.0.1\" }}",
+            "upstream = [\"{}\"]\nstatic_hosts = {{ \"{API}\" = \"127.0.0.1\", \"{OTHER}\" = \"127.0.0.1\", \"{DOWN}\" = \"127.0.0.1\" }}",
             dns_canary.addr
         );
         let extra = format!(
@@ -193,7 +202,7 @@ fn proxy_allows_blocks_and_refuses_bypasses() {
             "--permission",
             "tcp:*",
             "--constraint",
-            &format!("core:scope:domain_allowlist=[\"{API}\"]"),
+            &format!("core:scope:domain_allowlist=[\"{API}\", \"{DOWN}\"]"),
             "--constraint",
             "core:cost:max_cumulative=100",
         ],
@@ -262,6 +271,12 @@ print(json.dumps(out))
     // Case and a trailing dot are the same name, not fronting.
     let r = w.curl(&passport, &["-H", &format!("Host: API.Example.Test.:{}", w.port), &w.url(API, "/hello")]);
     assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(w.up.seen().len(), before + 1);
+
+    // ... and over HTTP/2, where curl sends the Host header as :authority.
+    let r = w.curl(&passport, &["--http2", "-H", &format!("Host: {OTHER}:{}", w.port), &w.url(API, "/hello")]);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.json()["reason"], "domain_fronting");
     assert_eq!(w.up.seen().len(), before + 1);
 
     // 5. An allowed SNI sent to another IP: the proxy dials what it resolves itself.
@@ -422,6 +437,43 @@ print(json.dumps({"https_port": raw(port), "echo_port": raw(echo),
     assert!(v["connect_denied"][1].as_str().unwrap().contains("connect_denied"), "{v}");
     drop(echo);
 
+    // 11. WebSocket: an upgrade on a path with a policy route is decided and tunnelled; an
+    // upgrade elsewhere is refused.
+    let script = r#"
+import json, socket, ssl, sys
+host, port = sys.argv[1], int(sys.argv[2])
+def upgrade(path):
+    ctx = ssl.create_default_context()
+    ctx.set_alpn_protocols(["http/1.1"])
+    s = ctx.wrap_socket(socket.create_connection((host, port), timeout=60), server_hostname=host)
+    s.sendall(("GET %s HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+               "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" % (path, host, port)).encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        c = s.recv(1)
+        if not c:
+            break
+        head += c
+    status = head.split(b" ")[1].decode() if head else "closed"
+    if status != "101":
+        return [status, head.decode("latin1")]
+    s.sendall(b"frames go both ways")
+    return [status, s.recv(100).decode()]
+print(json.dumps({"ws": upgrade("/ws"), "elsewhere": upgrade("/hello")}))
+"#;
+    let v = w.python(&passport, script, &[API, &w.port.to_string()]);
+    assert_eq!(v["ws"], serde_json::json!(["101", "frames go both ways"]), "{v}");
+    assert_eq!(v["elsewhere"][0], "403", "{v}");
+    assert!(v["elsewhere"][1].as_str().unwrap().contains("upgrade_denied"), "{v}");
+
+    // 12. An allowed name whose service is down: 502 with a JSON body, attested.
+    let closed = free_port();
+    let r = w.curl(&passport, &[&format!("https://{DOWN}:{closed}/hello")]);
+    assert_eq!(r.status, 502, "{r:?}");
+    let j = r.json();
+    assert_eq!(j["error"], "upstream_failed", "{j}");
+    assert!(j["decision_attestation_id"].is_u64() && j["attestation_id"].is_u64(), "{j}");
+
     // Everything is in the log, and the log verifies.
     let records = w.verified_records();
     let mine: Vec<&Value> = records.iter().filter(|r| r["passport_id"] == passport_id.as_str()).collect();
@@ -440,6 +492,7 @@ print(json.dumps({"https_port": raw(port), "echo_port": raw(echo),
         records.iter().any(|r| r["kind"] == "dns_denied" && r["name"] == "denied.example.test"),
         "the NXDOMAIN is not in the log"
     );
+    assert!(records.iter().any(|r| r["kind"] == "upstream_error" && r["host"] == DOWN), "the 502 is not in the log");
 }
 
 struct Echo {

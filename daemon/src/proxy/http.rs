@@ -553,7 +553,8 @@ async fn forward(
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::HOST); // the client sets it (or :authority) from the URI
-    let sent = proxy.upstream.send(Request::from_parts(parts, body)).await;
+    let req = Request::from_parts(parts, body);
+    let sent = if upgrade { proxy.upstream.send_h1(req).await } else { proxy.upstream.send(req).await };
     let mut resp = match sent {
         Ok(r) => r,
         Err(e) => {

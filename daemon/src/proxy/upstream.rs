@@ -106,10 +106,12 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-/// The pooled upstream client.
+/// The pooled upstream clients: one offering `h2` and `http/1.1`, and one offering only
+/// `http/1.1` for protocol upgrades (WebSocket), which HTTP/2 cannot carry.
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<Connector, ProxyBody>,
+    h1_client: Client<Connector, ProxyBody>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -120,14 +122,16 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     pub fn new(resolver: Arc<UpstreamResolver>, tls: Arc<ClientConfig>) -> Upstream {
-        let connector = Connector { resolver, tls: TlsConnector::from(tls) };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .http2_max_frame_size(None)
-            .build(connector);
-        Upstream { client }
+        let mut h1_tls = (*tls).clone();
+        h1_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let build = |tls: Arc<ClientConfig>| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(POOL_IDLE)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .build(Connector { resolver: resolver.clone(), tls: TlsConnector::from(tls) })
+        };
+        Upstream { client: build(tls), h1_client: build(Arc::new(h1_tls)) }
     }
 
     /// Sends `req` (its URI names scheme, host and port) and returns the response head; the
@@ -137,6 +141,14 @@ impl Upstream {
         req: http::Request<ProxyBody>,
     ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
         self.client.request(req).await
+    }
+
+    /// As [`Upstream::send`], always over HTTP/1.1 (for `Upgrade` requests).
+    pub async fn send_h1(
+        &self,
+        req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
+        self.h1_client.request(req).await
     }
 }
 
