@@ -62,7 +62,7 @@ async fn run(concurrency: usize) -> Result {
         )
         .expect("issue");
         let peer = Peer { uid: 0, gid: 0, pid: 1, user: Some("root".into()) };
-        service.register(&issued.token, &peer).await.expect("register");
+        service.register(&issued.token, None, &peer).await.expect("register");
         ids.push(issued.claims.id.to_string());
     }
     let start = Instant::now();

@@ -5,7 +5,7 @@
 //! Everything has a safe default, so a file that sets only `state_dir` works.
 
 use crate::passport::IssuerId;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ pub enum ConfigError {
     Invalid { path: PathBuf, field: &'static str, problem: String },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Host key, CA, store.
@@ -61,7 +61,7 @@ fn default_policies_dir() -> PathBuf {
     PathBuf::from("/etc/sluice/policies")
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// The local API's Unix socket.
@@ -85,7 +85,7 @@ impl Default for ApiConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// The proxy listens on 127.0.0.1 and ::1 at this port.
@@ -103,7 +103,7 @@ impl Default for ProxyConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
     /// The resolver listens on UDP and TCP, 127.0.0.1 and ::1, at this port.
@@ -146,7 +146,7 @@ impl DnsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxConfig {
     /// The agents' cgroup, relative to the cgroup2 mount.
@@ -178,7 +178,7 @@ impl Default for SandboxConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsConfig {
     /// PEM files trusted for upstream connections, in addition to the system and webpki roots.
@@ -186,7 +186,7 @@ pub struct UpstreamTlsConfig {
     pub extra_roots: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrustConfig {
     /// Pinned issuers (L2): issuer ids (`iss_…`) or paths to issuer public keys (PEM).
@@ -195,7 +195,7 @@ pub struct TrustConfig {
     pub issuers: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HoldsConfig {
     /// How long a held request waits for a human before it is answered 403 `hold_timeout`.
@@ -371,6 +371,44 @@ timeout_secs = 120
         .unwrap();
         assert_eq!(c.dns.static_hosts["api.example.test"], "127.0.0.10".parse::<IpAddr>().unwrap());
         assert_eq!(c.dns.upstreams().len(), 2);
+    }
+
+    /// The shipped example (`config/sluice.toml.example`).
+    const EXAMPLE: &str = include_str!("../../config/sluice.toml.example");
+
+    #[test]
+    fn the_shipped_example_parses_and_equals_the_defaults() {
+        let path = Path::new("/etc/sluice/sluice.toml");
+        let c = Config::parse(EXAMPLE, path).unwrap();
+        let defaults = Config { source: path.to_path_buf(), ..Config::default() };
+        assert_eq!(c, defaults);
+        // And an empty file means the same.
+        assert_eq!(Config::parse("", path).unwrap(), defaults);
+    }
+
+    /// Every key the daemon knows is set (so documented) in the example: walking the serialized
+    /// defaults catches a key added to `Config` but forgotten in the example.
+    #[test]
+    fn the_shipped_example_sets_every_key() {
+        fn walk(defaults: &toml::Table, example: &toml::Table, prefix: &str, missing: &mut Vec<String>) {
+            for (key, value) in defaults {
+                let name = format!("{prefix}{key}");
+                match (value, example.get(key)) {
+                    (toml::Value::Table(d), Some(toml::Value::Table(e))) if !d.is_empty() => {
+                        walk(d, e, &format!("{name}."), missing)
+                    }
+                    (_, Some(_)) => {}
+                    (_, None) => missing.push(name),
+                }
+            }
+        }
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let example: toml::Table = toml::from_str(EXAMPLE).unwrap();
+        let mut missing = Vec::new();
+        walk(&defaults, &example, "", &mut missing);
+        assert!(missing.is_empty(), "keys missing from config/sluice.toml.example: {missing:?}");
+        // Sanity of the walk itself: a key it must see.
+        assert!(defaults["sandbox"].as_table().unwrap().contains_key("pin_dir"));
     }
 
     #[test]

@@ -295,3 +295,36 @@ fn callers_outside_the_api_group_are_refused() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("neither root nor a member"), "{}", stderr(&out));
 }
+
+#[test]
+fn l3_passports_register_only_with_proof_of_possession() {
+    let d = TestDaemon::start("");
+    let i = issue(d.dir.path(), "l3agent", &["--permission", "*", "--tier", "L3"]);
+    // Pin the issuer: an L3 passport needs a verifier with pinned issuers.
+    let text =
+        std::fs::read_to_string(&d.config).unwrap() + &format!("[trust]\nissuers = [\"{}\"]\n", p(&i.issuer_pub));
+    std::fs::write(&d.config, text).unwrap();
+    let mut d = d;
+    d.kill();
+    d.spawn();
+    let key = format!("{}.key", i.passport.display());
+    let hidden = format!("{key}.hidden");
+    std::fs::rename(&key, &hidden).unwrap();
+    let out = d.cli(&["passport", "register", p(&i.passport)]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("agent key"), "{}", stderr(&out));
+    // Without the CLI's help: a raw registration without a proof is refused by the daemon itself.
+    let token = std::fs::read_to_string(&i.passport).unwrap();
+    let (status, e) = d.call("POST", "/v1/passports", Some(json!({"passport": token.trim()}))).unwrap();
+    assert_eq!(status, 400, "{e}");
+    assert!(e["message"].as_str().unwrap().contains("proof of possession"), "{e}");
+    // Another agent's key does not prove anything.
+    let other = issue(d.dir.path(), "other", &["--permission", "*"]);
+    let out = d.cli(&["passport", "register", p(&i.passport), "--key", &format!("{}.key", other.passport.display())]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not the one the passport names"), "{}", stderr(&out));
+    std::fs::rename(&hidden, &key).unwrap();
+    let out = d.cli(&["passport", "register", p(&i.passport)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), i.id);
+}

@@ -135,3 +135,26 @@ fn a_non_root_member_of_the_api_group_can_run_agents() {
     assert!(text.contains(&format!("/{}/run-", d.cgroup)) && text.contains("65534"), "{text}");
     wait_no_sandboxes(&d);
 }
+
+#[test]
+fn l3_agents_run_only_with_their_key() {
+    if !root_or_skip("l3_agents_run_only_with_their_key") {
+        return;
+    }
+    let mut d = Daemon::start("");
+    let (passport, _) = d.issue("l3", &["--permission", "*", "--tier", "L3"]);
+    let issuer_pub = d.dir.path().join("l3-issuer/issuer.pub");
+    let text =
+        std::fs::read_to_string(&d.config).unwrap() + &format!("[trust]\nissuers = [\"{}\"]\n", issuer_pub.display());
+    std::fs::write(&d.config, text).unwrap();
+    d.kill();
+    d.spawn();
+    let out = d.cli(&["run", "--passport", passport.to_str().unwrap(), "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", stderr(&out), d.log());
+    let key = format!("{}.key", passport.display());
+    std::fs::rename(&key, format!("{key}.moved")).unwrap();
+    let out = d.cli(&["run", "--passport", passport.to_str().unwrap(), "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("agent key"), "{}", stderr(&out));
+    wait_no_sandboxes(&d);
+}

@@ -17,6 +17,8 @@ const NEEDS: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("ip", "iproute2"),
     ("unshare", "util-linux"),
+    // `systemd-analyze verify` checks the shipped units (daemon/tests/ops.rs).
+    ("systemd-analyze", "systemd"),
 ];
 
 fn present(what: &str) -> bool {

@@ -6,6 +6,7 @@
 
 mod demo;
 mod deps;
+mod install;
 
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -21,6 +22,9 @@ tasks:
           benchmarks (release build); prints a table per benchmark
   deps    install the Debian packages sluice needs to build and test (as root),
           or print the command to run
+  install [--prefix DIR] [--destdir DIR] [--no-build]
+          release build, then the binary, systemd units, example config and shipped
+          policies in the standard places (prefix /usr/local; config never overwritten)
 ";
 
 fn main() {
@@ -29,6 +33,7 @@ fn main() {
         Some("test") => test(),
         Some("demo") => demo::run(),
         Some("deps") => deps::ensure(),
+        Some("install") => install::run(args.get(1..).unwrap_or_default()),
         Some("bench") => bench(args.get(1).map(String::as_str)),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");

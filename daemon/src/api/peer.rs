@@ -74,6 +74,42 @@ impl PeerPolicy {
     }
 }
 
+/// A root process inside an agent cgroup. It is refused like any sandboxed caller, except for
+/// binding or unbinding *its own* cgroup: that is how an agent unit's `ExecStartPre=+sluice
+/// sandbox bind` (which systemd runs as root, but inside the unit's cgroup) ties the unit to its
+/// passport before the agent starts (and `ExecStopPost=+sluice sandbox unbind` ends it). It
+/// cannot reach anything else and cannot name another cgroup. This grants root nothing it lacks
+/// (root inside a cgroup can leave it anyway, which is why agents must never run as root: the
+/// units give them their own user, `NoNewPrivileges` and an empty capability bounding set), and
+/// a non-root agent gets nothing at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxedRoot {
+    pub peer: Peer,
+    /// The caller's cgroup as `/proc/PID/cgroup` shows it.
+    pub cgroup: String,
+}
+
+impl PeerPolicy {
+    /// The [`SandboxedRoot`] behind a refusal, if the caller is root (by `SO_PEERCRED` and, at
+    /// this moment, by `/proc/PID/status`: a pid recycled by a non-root process does not pass).
+    pub fn sandboxed_root(&self, refusal: &PeerRefusal, uid: u32, gid: u32, proc: &Path) -> Option<SandboxedRoot> {
+        let PeerRefusal::InSandbox { pid, cgroup } = refusal else { return None };
+        if uid != 0 || real_uid(proc, *pid) != Some(0) {
+            return None;
+        }
+        // Re-read: the same process must still be in the same cgroup.
+        if cgroup_v2_path(proc, *pid).as_deref() != Some(cgroup.as_str()) {
+            return None;
+        }
+        Some(SandboxedRoot { peer: Peer { uid, gid, pid: *pid, user: Some("root".into()) }, cgroup: cgroup.clone() })
+    }
+}
+
+fn real_uid(proc: &Path, pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(proc.join(pid.to_string()).join("status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()
+}
+
 /// `cgroup` is `base` or below it, on a path-component boundary.
 fn is_within(cgroup: &str, base: &str) -> bool {
     cgroup == base || cgroup.strip_prefix(base).is_some_and(|rest| rest.starts_with('/'))
@@ -105,7 +141,7 @@ mod tests {
         let p = dir.path().join(pid.to_string());
         std::fs::create_dir_all(&p).unwrap();
         std::fs::write(p.join("cgroup"), format!("12:pids:/x\n0::{cgroup}\n")).unwrap();
-        std::fs::write(p.join("status"), format!("Name:\tx\nGroups:\t{groups}\n")).unwrap();
+        std::fs::write(p.join("status"), format!("Name:\tx\nUid:\t0\t0\t0\t0\nGroups:\t{groups}\n")).unwrap();
         dir
     }
 
@@ -134,6 +170,17 @@ mod tests {
             let proc = fake_proc(100, cg, "990");
             assert!(matches!(policy().check(0, 0, Some(100), proc.path()), Err(PeerRefusal::InSandbox { .. })), "{cg}");
         }
+        // Root in a sandbox may only bind its own cgroup; anyone else gets nothing.
+        let proc = fake_proc(100, "/sluice-agents/sluice-agent@shop.service", "");
+        let refusal = policy().check(0, 0, Some(100), proc.path()).unwrap_err();
+        let root = policy().sandboxed_root(&refusal, 0, 0, proc.path()).unwrap();
+        assert_eq!(root.cgroup, "/sluice-agents/sluice-agent@shop.service");
+        assert_eq!(policy().sandboxed_root(&refusal, 1000, 1000, proc.path()), None, "non-root caller");
+        let p = proc.path().join("100/status");
+        std::fs::write(&p, "Name:\tx\nUid:\t1000\t1000\t1000\t1000\n").unwrap();
+        assert_eq!(policy().sandboxed_root(&refusal, 0, 0, proc.path()), None, "pid recycled by a non-root process");
+        let other = PeerRefusal::NotAuthorized { uid: 0, group: "sluice".into() };
+        assert_eq!(policy().sandboxed_root(&other, 0, 0, proc.path()), None);
         // A sibling whose name merely starts the same is not inside.
         let proc = fake_proc(100, "/sluice-agents-other", "");
         assert!(policy().check(0, 0, Some(100), proc.path()).is_ok());

@@ -4,8 +4,8 @@
 //! caller gets `403` with the reason on every request. Handlers only parse and route: the work is
 //! done by [`Service`], which the proxy uses too.
 
-use super::peer::{Peer, PeerPolicy};
-use crate::service::{EnforceInput, ResetWindow, Service, ServiceError};
+use super::peer::{Peer, PeerPolicy, SandboxedRoot};
+use crate::service::{BindTarget, EnforceInput, ResetWindow, Service, ServiceError};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio::net::UnixListener;
 
@@ -57,6 +57,14 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Prometheus text exposition format 0.0.4.
+fn metrics_response(text: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    resp.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     resp
 }
 
@@ -112,22 +120,31 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
-        let peer = match stream.peer_cred() {
-            Ok(cred) => policy.check(cred.uid(), cred.gid(), cred.pid(), Path::new("/proc")),
-            Err(_) => Err(super::peer::PeerRefusal::NoPid),
+        let (peer, sandboxed_root) = match stream.peer_cred() {
+            Ok(cred) => {
+                let proc = Path::new("/proc");
+                let peer = policy.check(cred.uid(), cred.gid(), cred.pid(), proc);
+                let root = peer.as_ref().err().and_then(|r| policy.sandboxed_root(r, cred.uid(), cred.gid(), proc));
+                (peer, root)
+            }
+            Err(_) => (Err(super::peer::PeerRefusal::NoPid), None),
         };
         let service = service.clone();
         tokio::spawn(async move {
-            if let Err(refusal) = &peer {
+            if let (Err(refusal), None) = (&peer, &sandboxed_root) {
                 tracing::warn!(reason = %refusal, "api: caller refused");
             }
             let svc = hyper::service::service_fn(move |req| {
                 let service = service.clone();
                 let peer = peer.clone();
+                let sandboxed_root = sandboxed_root.clone();
                 async move {
-                    let resp = match peer {
-                        Ok(peer) => handle(req, &service, &peer).await.unwrap_or_else(|e| error_response(&e)),
-                        Err(refusal) => {
+                    let resp = match (peer, sandboxed_root) {
+                        (Ok(peer), _) => handle(req, &service, &peer).await.unwrap_or_else(|e| error_response(&e)),
+                        (Err(refusal), Some(root)) => handle_sandboxed_root(req, &service, &root, &refusal)
+                            .await
+                            .unwrap_or_else(|e| error_response(&e)),
+                        (Err(refusal), None) => {
                             error_response(&ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal.to_string()))
                         }
                     };
@@ -162,6 +179,8 @@ fn query(req: &Request<Incoming>) -> HashMap<String, String> {
 #[serde(deny_unknown_fields)]
 struct RegisterBody {
     passport: String,
+    #[serde(default)]
+    pop: Option<crate::passport::pop::Proof>,
 }
 
 #[derive(Deserialize)]
@@ -175,6 +194,25 @@ struct NoteBody {
 #[serde(deny_unknown_fields)]
 struct SandboxBody {
     passport_id: String,
+    #[serde(default)]
+    pop: Option<crate::passport::pop::Proof>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BindBody {
+    /// The passport (compact JWT), registered on the way.
+    passport: String,
+    /// An absolute cgroup path below the agents' cgroup; absent only for a unit binding its own.
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnbindBody {
+    #[serde(default)]
+    cgroup: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -190,9 +228,10 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
     let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "health"]) => ok(service.health()),
+        (&Method::GET, ["metrics"]) => Ok(metrics_response(service.metrics_text())),
         (&Method::POST, ["v1", "passports"]) => {
             let body: RegisterBody = read_json(req).await?;
-            ok(service.register(body.passport.trim(), peer).await?)
+            ok(service.register(body.passport.trim(), body.pop.as_ref(), peer).await?)
         }
         (&Method::POST, ["v1", "passports", id, "revoke"]) => {
             let id = id.to_string();
@@ -239,7 +278,21 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
         (&Method::GET, ["v1", "sandboxes"]) => ok(service.sandboxes()?),
         (&Method::POST, ["v1", "sandboxes"]) => {
             let body: SandboxBody = read_json(req).await?;
-            ok(service.create_sandbox(&body.passport_id, peer).await?)
+            ok(service.create_sandbox(&body.passport_id, body.pop.as_ref(), peer).await?)
+        }
+        (&Method::POST, ["v1", "sandboxes", "bind"]) => {
+            let body: BindBody = read_json(req).await?;
+            let cgroup = body.cgroup.ok_or_else(|| {
+                ApiError::bad_request("cgroup is required (an absolute path below the agents' cgroup)")
+            })?;
+            ok(service.bind_sandbox(body.passport.trim(), BindTarget::Path(cgroup), peer).await?)
+        }
+        (&Method::POST, ["v1", "sandboxes", "unbind"]) => {
+            let body: UnbindBody = read_json(req).await?;
+            let cgroup = body.cgroup.ok_or_else(|| {
+                ApiError::bad_request("cgroup is required (an absolute path below the agents' cgroup)")
+            })?;
+            ok(service.unbind_sandbox(BindTarget::Path(cgroup), peer).await?)
         }
         (&Method::GET, ["v1", "holds", id]) => ok(service.hold(id)?),
         (&Method::POST, ["v1", "holds", id, action @ ("approve" | "deny")]) => {
@@ -248,5 +301,35 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
             ok(service.resolve_hold(&id, approve, peer, body.note).await?)
         }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {method} {path}"))),
+    }
+}
+
+/// The only requests a [`SandboxedRoot`] may make: bind or unbind its own cgroup. Everything
+/// else is refused exactly as for any sandboxed caller.
+async fn handle_sandboxed_root(
+    req: Request<Incoming>,
+    service: &Service,
+    root: &SandboxedRoot,
+    refusal: &super::peer::PeerRefusal,
+) -> Result<Response<Body>, ApiError> {
+    let forbidden = || ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal.to_string());
+    let own = || BindTarget::Own(root.cgroup.clone());
+    let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/v1/sandboxes/bind") => {
+            let body: BindBody = read_json(req).await?;
+            if body.cgroup.is_some() {
+                return Err(forbidden());
+            }
+            ok(service.bind_sandbox(body.passport.trim(), own(), &root.peer).await?)
+        }
+        (&Method::POST, "/v1/sandboxes/unbind") => {
+            let body: UnbindBody = read_json(req).await?;
+            if body.cgroup.is_some() {
+                return Err(forbidden());
+            }
+            ok(service.unbind_sandbox(own(), &root.peer).await?)
+        }
+        _ => Err(forbidden()),
     }
 }

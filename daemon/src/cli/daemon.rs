@@ -125,6 +125,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None => config.sandbox.cgroup.clone(),
     };
     let policy = Arc::new(PeerPolicy::new(&config.api.group, &agents_rel));
+    if let Some(e) = &enforcer {
+        crate::metrics::global().watch_conntable(e.conntable());
+    }
     // The proxy and the agents' resolver, on the ports the eBPF programs redirect to.
     let intercept = match (&enforcer, ca) {
         (Some(e), Some((ca, _))) => {
@@ -139,8 +142,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tracing::info!(socket = %config.api.socket.display(), state_dir = %config.state_dir.display(), "sluice daemon ready");
     let api = tokio::spawn(server::serve(listener, service.clone(), policy, stop_rx));
+    // Everything that enforces is in place (programs attached, listeners and API bound): only now
+    // may systemd start the units ordered after sluice.service.
+    sd_notify("READY=1\nSTATUS=enforcing");
     wait_for_signal().await;
     tracing::info!("stopping");
+    sd_notify("STOPPING=1\nSTATUS=stopping");
     let _ = stop_tx.send(true);
     let _ = api.await;
     let _ = reload_stop.send(true);
@@ -156,6 +163,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ledger.shutdown();
     let _ = std::fs::remove_file(&config.api.socket);
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) about the daemon's state; a no-op outside systemd.
+fn sd_notify(state: &str) {
+    match crate::sdnotify::notify(state) {
+        Ok(true) => tracing::debug!(state, "notified systemd"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, state, "could not notify systemd ($NOTIFY_SOCKET)"),
+    }
 }
 
 async fn wait_for_signal() {

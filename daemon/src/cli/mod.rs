@@ -8,6 +8,7 @@ mod ops;
 mod passport;
 mod policy;
 mod run;
+mod sandbox;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +50,9 @@ pub enum Command {
     /// Passport-only mode: ask the daemon for a decision on one action (prints the decision JSON;
     /// exit status 0 allow, 3 block, 4 request_hold).
     Enforce(ops::EnforceArgs),
+    /// List sandboxes; bind an existing cgroup (a systemd agent unit) to a passport, or unbind it.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCmd),
     /// Show a passport's cumulative spend and rate counters, or reset them (attested).
     State(ops::StateArgs),
     /// List pending approvals, or approve / deny one (the approver is attested).
@@ -81,6 +85,7 @@ pub fn main() -> ExitCode {
         Command::Daemon(args) => daemon::run(args, &cli.config, cli.socket.as_deref()),
         Command::Enforce(args) => ops::enforce(args, &socket),
         Command::Run(args) => run::run(args, &socket),
+        Command::Sandbox(cmd) => sandbox::run(cmd, &socket),
         Command::State(args) => ops::state(args, &socket),
         Command::Holds(args) => ops::holds(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),

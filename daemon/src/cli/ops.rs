@@ -75,9 +75,36 @@ pub fn enforce(a: EnforceArgs, socket: &Path) -> CmdResult {
 
 // ---- passport register / revoke ----
 
-pub fn register(file: &Path, socket: &Path, json_out: bool) -> CmdResult {
+/// A proof of possession for `token` made with the agent key at `key`, for this daemon (its log
+/// origin is the audience). `None` when no key is given and the passport is not L3.
+pub fn proof_of_possession(
+    token: &str,
+    key: Option<&Path>,
+    passport_file: &Path,
+    socket: &Path,
+) -> anyhow::Result<Option<Value>> {
+    use crate::passport::{pop, Claims, TrustTier};
+    let (payload, _) = crate::passport::inspect(token).with_context(|| format!("{}", passport_file.display()))?;
+    let claims = Claims::from_json(&payload).with_context(|| format!("{}", passport_file.display()))?;
+    let default_key = PathBuf::from(format!("{}.key", passport_file.display()));
+    let key_path = match key {
+        Some(k) => k.to_path_buf(),
+        None if claims.trust_tier == TrustTier::L3 => default_key,
+        None => return Ok(None),
+    };
+    let key = crate::keyfile::load_signing_key(&key_path).with_context(|| {
+        format!("the agent key, needed to prove possession for an {} passport", claims.trust_tier.as_str())
+    })?;
+    let health = call(socket, Method::GET, "/v1/health", None)?;
+    let origin = health["origin"].as_str().context("the daemon did not say its origin")?;
+    let proof = pop::prove(&key, &claims, crate::passport::now(), origin);
+    Ok(Some(serde_json::to_value(proof)?))
+}
+
+pub fn register(file: &Path, key: Option<&Path>, socket: &Path, json_out: bool) -> CmdResult {
     let token = super::util::read_token(file)?;
-    let r = call(socket, Method::POST, "/v1/passports", Some(json!({"passport": token})))
+    let pop = proof_of_possession(&token, key, file, socket)?;
+    let r = call(socket, Method::POST, "/v1/passports", Some(json!({"passport": token, "pop": pop})))
         .with_context(|| format!("registering {}", file.display()))?;
     if json_out {
         print_json(&r);

@@ -27,6 +27,9 @@ pub enum PassportCmd {
     Register {
         /// The passport file.
         file: PathBuf,
+        /// The agent's key, to prove possession (required for L3; default FILE.key for L3).
+        #[arg(long, value_name = "F.key")]
+        key: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -105,7 +108,7 @@ pub fn run(cmd: PassportCmd, socket: &Path) -> CmdResult {
         PassportCmd::Issue(a) => issue(a),
         PassportCmd::Inspect(a) => inspect(a),
         PassportCmd::Verify(a) => verify(a),
-        PassportCmd::Register { file, json } => super::ops::register(&file, socket, json),
+        PassportCmd::Register { file, key, json } => super::ops::register(&file, key.as_deref(), socket, json),
         PassportCmd::Revoke { id, note, json } => super::ops::revoke(&id, note, socket, json),
     }
 }

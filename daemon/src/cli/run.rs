@@ -15,7 +15,7 @@ use super::CmdResult;
 use anyhow::{bail, Context};
 use clap::Args;
 use http::Method;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -33,7 +33,8 @@ pub struct RunArgs {
     /// The agent's passport.
     #[arg(long, value_name = "F")]
     passport: PathBuf,
-    /// The agent's private key (proof of possession for L3 passports). Default: PASSPORT.key
+    /// The agent's private key, to prove possession (required for L3 passports; default
+    /// PASSPORT.key for them).
     #[arg(long, value_name = "F.key")]
     key: Option<PathBuf>,
     /// Bind-mount the sluice CA bundle over the system bundle in a private mount namespace
@@ -50,20 +51,12 @@ pub struct RunArgs {
 
 pub fn run(a: RunArgs, socket: &Path) -> CmdResult {
     let token = super::util::read_token(&a.passport)?;
-    let claims = crate::passport::inspect(&token).with_context(|| format!("{}", a.passport.display()))?.0;
-    if claims.get("trust_tier").and_then(Value::as_str) == Some("L3") {
-        // Proof of possession is not implemented yet: refuse rather than run an L3 agent as L2.
-        let key = a.key.clone().unwrap_or_else(|| PathBuf::from(format!("{}.key", a.passport.display())));
-        bail!(
-            "{}: L3 passports need proof of possession of {}, which this sluice does not implement yet; issue an L2 passport",
-            a.passport.display(),
-            key.display()
-        );
-    }
-    let reg = call(socket, Method::POST, "/v1/passports", Some(json!({"passport": token})))
+    // L3: prove possession of the agent key, at registration and again for the sandbox.
+    let pop = super::ops::proof_of_possession(&token, a.key.as_deref(), &a.passport, socket)?;
+    let reg = call(socket, Method::POST, "/v1/passports", Some(json!({"passport": token, "pop": pop})))
         .with_context(|| format!("registering {}", a.passport.display()))?;
     let passport_id = reg["passport_id"].as_str().context("the daemon did not return a passport id")?.to_string();
-    let sandbox = call(socket, Method::POST, "/v1/sandboxes", Some(json!({"passport_id": passport_id})))
+    let sandbox = call(socket, Method::POST, "/v1/sandboxes", Some(json!({"passport_id": passport_id, "pop": pop})))
         .context("creating the sandbox")?;
     // From here on this process is inside the sandbox: the daemon will refuse its API calls.
     let bundle = sandbox["ca_bundle"].as_str().map(PathBuf::from).filter(|p| p.is_file());

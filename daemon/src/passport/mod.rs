@@ -12,6 +12,7 @@ pub mod ids;
 pub mod json;
 pub mod jwk;
 pub mod jws;
+pub mod pop;
 pub mod revocation;
 
 pub use claims::Claims;

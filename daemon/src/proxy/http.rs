@@ -478,7 +478,7 @@ async fn connect(
     };
     let upstream = match super::upstream::dial(&proxy.resolver, host, port).await {
         Ok((s, _)) => s,
-        Err(e) => return upstream_failure(proxy, info, host, attestation, &e.to_string()).await,
+        Err(e) => return upstream_failure(proxy, info, host, attestation, e.kind(), &e.to_string()).await,
     };
     inc(&proxy.stats.forwarded);
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -547,7 +547,9 @@ async fn forward(
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let uri = match format!("{scheme}://{host}:{}{path}", info.dialed.port()).parse::<http::Uri>() {
         Ok(u) => u,
-        Err(e) => return upstream_failure(proxy, info, host, attestation, &format!("bad upstream URI: {e}")).await,
+        Err(e) => {
+            return upstream_failure(proxy, info, host, attestation, "uri", &format!("bad upstream URI: {e}")).await
+        }
     };
     parts.uri = uri;
     parts.version = Version::HTTP_11;
@@ -559,7 +561,8 @@ async fn forward(
         Ok(r) => r,
         Err(e) => {
             let detail = error_chain(&e);
-            return upstream_failure(proxy, info, host, attestation, &detail).await;
+            let kind = if e.is_connect() { "connect" } else { "http" };
+            return upstream_failure(proxy, info, host, attestation, kind, &detail).await;
         }
     };
     inc(&proxy.stats.forwarded);
@@ -605,9 +608,11 @@ async fn upstream_failure(
     info: &ConnInfo,
     host: &DomainName,
     attestation: u64,
+    kind: &'static str,
     detail: &str,
 ) -> Response<ProxyBody> {
     inc(&proxy.stats.upstream_errors);
+    crate::metrics::global().upstream_error(kind);
     tracing::warn!(%host, error = %detail, "upstream request failed");
     let event = json!({
         "passport_id": info.passport_id, "host": host.to_string(), "port": info.dialed.port(),

@@ -84,6 +84,7 @@ pub(super) async fn handle(proxy: Arc<Proxy>, info: ConnInfo, mut agent: Prefixe
         Ok((s, _)) => s,
         Err(e) => {
             inc(&proxy.stats.upstream_errors);
+            crate::metrics::global().upstream_error(e.kind());
             let event = serde_json::json!({
                 "passport_id": info.passport_id, "host": name.to_string(), "port": port,
                 "decision_attestation_id": outcome.attestation_id, "error": e.to_string(),

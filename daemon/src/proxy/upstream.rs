@@ -171,6 +171,18 @@ pub enum ConnectError {
     Tls { name: String, addr: SocketAddr, source: io::Error },
 }
 
+impl ConnectError {
+    /// A short stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConnectError::BadUri(_) => "uri",
+            ConnectError::Resolve { .. } => "resolve",
+            ConnectError::Connect { .. } => "connect",
+            ConnectError::Tls { .. } => "tls",
+        }
+    }
+}
+
 impl tower_service::Service<http::Uri> for Connector {
     type Response = UpstreamIo;
     type Error = ConnectError;

@@ -239,7 +239,6 @@ impl Service {
         let revoked = self.is_revoked(&hold.passport_id);
         let key = format!("hold/{id}");
         let (outcome, appended) = self
-            .ledger
             .transact(move |txn: &mut Txn<'_>| {
                 let at = now();
                 let mut hold = match txn.get(&key)? {
@@ -308,7 +307,12 @@ impl Service {
         json["hold_id"] = hold.id.clone().into();
         json["hold_status"] = serde_json::to_value(hold.status).unwrap_or(Value::Null);
         let outcome = HoldOutcome { decision: built.decision, reason: built.reason.clone(), json };
-        tracing::info!(hold_id = %hold.id, passport_id = %hold.passport_id, status = ?hold.status, reason = %built.reason, "hold resolved");
+        // A resolution is the held request's final decision: counted and logged as one.
+        crate::metrics::global().decision(built.decision.as_str(), &built.reason);
+        tracing::info!(
+            hold_id = %hold.id, passport_id = %hold.passport_id, status = ?hold.status,
+            decision = %built.decision.as_str(), reason = %built.reason, attestation_id = index, "hold resolved"
+        );
         let waiters = self.waiters.lock().ok().and_then(|mut w| w.remove(&hold.id)).unwrap_or_default();
         for w in waiters {
             let _ = w.send(outcome.clone());

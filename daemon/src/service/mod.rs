@@ -14,7 +14,7 @@ mod records;
 mod sandboxes;
 
 pub use holds::{Hold, HoldOrigin, HoldOutcome, HoldStatus};
-pub use sandboxes::Sandbox;
+pub use sandboxes::{BindTarget, Sandbox, BOUND_CHECK_INTERVAL};
 
 use crate::api::peer::Peer;
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
@@ -189,13 +189,26 @@ impl Service {
         self.me.upgrade()
     }
 
+    /// [`Ledger::transact`], timed for the `sluice_store_commit_seconds` histogram (submission to
+    /// durable commit, queueing for the group commit included: what a request waits).
+    async fn transact<T, F>(&self, f: F) -> Result<(T, Vec<ledger::Appended>), ledger::LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + 'static,
+    {
+        let start = std::time::Instant::now();
+        let result = self.ledger.transact(f).await;
+        crate::metrics::global().store_commit(start.elapsed());
+        result
+    }
+
     /// Appends one operational record to the host chain.
     pub async fn record_host_event(&self, kind: &str, detail: Value) -> Result<u64, ServiceError> {
         let mut body = records::base(kind, None, now());
         if let Value::Object(extra) = detail {
             body.extend(extra);
         }
-        let ((), appended) = self.ledger.transact(move |_txn| Ok(((), vec![Draft::new("host", body)]))).await?;
+        let ((), appended) = self.transact(move |_txn| Ok(((), vec![Draft::new("host", body)]))).await?;
         Ok(appended.first().map(|a| a.index).unwrap_or_default())
     }
 
@@ -203,10 +216,54 @@ impl Service {
         json!({
             "status": "ok",
             "version": env!("CARGO_PKG_VERSION"),
+            "origin": self.ledger.origin(),
             "log_size": self.ledger.size(),
             "passports": self.passports.read().map(|p| p.len()).unwrap_or_default(),
             "pending_holds": self.waiters.lock().map(|w| w.len()).unwrap_or_default(),
         })
+    }
+
+    /// `GET /metrics`: the process's counters plus gauges read from the current state.
+    /// Spend is exported for live (unexpired, unrevoked) passports, largest first, at most
+    /// [`crate::metrics::MAX_SPEND_SERIES`] of them.
+    pub fn metrics_text(&self) -> String {
+        let at = now();
+        let pending_holds = self
+            .holds()
+            .ok()
+            .and_then(|v| v.get("holds").and_then(Value::as_array).map(|a| a.len() as u64))
+            .unwrap_or_default();
+        let passports: Vec<Arc<CompiledPassport>> =
+            self.passports.read().map(|p| p.values().cloned().collect()).unwrap_or_default();
+        let mut spend = Vec::new();
+        for cp in &passports {
+            let claims = &cp.passport.claims;
+            let id = claims.id.to_string();
+            if claims.expires_at <= crate::passport::now() || self.is_revoked(&id) {
+                continue;
+            }
+            let Ok(usage) = self.load_usage(&id) else { continue };
+            let Ok(view) = decide::state_view(cp, &usage, at) else { continue };
+            spend.push(crate::metrics::Spend {
+                passport_id: id,
+                agent_id: claims.agent_id.clone(),
+                window: view.window,
+                cents: view.window_cost_cents,
+                limit_cents: view.window_cost_limit_cents,
+            });
+        }
+        spend.sort_by(|a, b| b.cents.cmp(&a.cents).then_with(|| a.passport_id.cmp(&b.passport_id)));
+        let spend_omitted = spend.len().saturating_sub(crate::metrics::MAX_SPEND_SERIES) as u64;
+        spend.truncate(crate::metrics::MAX_SPEND_SERIES);
+        let gauges = crate::metrics::Gauges {
+            pending_holds,
+            passports: passports.len() as u64,
+            sandboxes: self.sandboxes.read().map(|s| s.len() as u64).unwrap_or_default(),
+            log_size: self.ledger.size(),
+            spend,
+            spend_omitted,
+        };
+        crate::metrics::global().render(&gauges)
     }
 
     /// The compiled passport registered under `id`, if any.
@@ -220,11 +277,17 @@ impl Service {
 
     /// Registers a passport: full verification (pinned issuers, revocation, time), CEL rules
     /// compiled, then stored and attested. Registering the same passport again is a no-op.
-    pub async fn register(&self, token: &str, peer: &Peer) -> Result<Value, ServiceError> {
+    pub async fn register(
+        &self,
+        token: &str,
+        pop: Option<&crate::passport::pop::Proof>,
+        peer: &Peer,
+    ) -> Result<Value, ServiceError> {
         let revoked = self.revoked.read().map_err(|_| ServiceError::Store("lock poisoned".into()))?.clone();
         let passport = Verifier::new(&self.config.pinned_issuers, &RevokedSet(&revoked))
             .verify(token, crate::passport::now())
             .map_err(|e| ServiceError::Passport(e.to_string()))?;
+        self.check_pop(&passport.claims, pop)?;
         let compiled = CompiledPassport::compile(passport).map_err(|e| ServiceError::Passport(e.to_string()))?;
         let claims = compiled.passport.claims.clone();
         let id = claims.id.to_string();
@@ -237,7 +300,6 @@ impl Service {
         body.insert("by".into(), peer.to_json());
         let chain = id.clone();
         let (created, _) = self
-            .ledger
             .transact(move |txn: &mut Txn<'_>| {
                 if txn.get(&key)?.is_some() {
                     return Ok((false, vec![]));
@@ -257,6 +319,21 @@ impl Service {
         }))
     }
 
+    /// Proof of possession: required for L3 passports, checked whenever one is given.
+    pub(crate) fn check_pop(
+        &self,
+        claims: &crate::passport::Claims,
+        pop: Option<&crate::passport::pop::Proof>,
+    ) -> Result<(), ServiceError> {
+        use crate::passport::{pop, TrustTier};
+        match pop {
+            Some(p) => pop::verify(p, claims, crate::passport::now(), self.ledger.origin()),
+            None if claims.trust_tier == TrustTier::L3 => Err(pop::PopError::Missing),
+            None => Ok(()),
+        }
+        .map_err(|e| ServiceError::Passport(e.to_string()))
+    }
+
     /// Revokes a passport (registered or not): persisted, attested, effective at once.
     pub async fn revoke(&self, id: &str, peer: &Peer, note: Option<String>) -> Result<Value, ServiceError> {
         let pid = PassportId::parse(id).map_err(ServiceError::Invalid)?;
@@ -269,7 +346,6 @@ impl Service {
         let entry = json!({"at": now().to_rfc3339(), "by": peer.to_json(), "note": note}).to_string();
         let chain = pid.to_string();
         let (created, appended) = self
-            .ledger
             .transact(move |txn: &mut Txn<'_>| {
                 if txn.get(&key)?.is_some() {
                     return Ok((false, vec![]));
@@ -312,10 +388,10 @@ impl Service {
             path: input.path.clone(),
         };
         let compiled = self.passport(pid.as_str());
+        let agent_id = compiled.as_ref().map(|cp| cp.passport.claims.agent_id.clone());
         let revoked = self.is_revoked(pid.as_str());
         let hold_timeout = self.config.hold_timeout;
         let (outcome, appended) = self
-            .ledger
             .transact(move |txn: &mut Txn<'_>| {
                 let at = now();
                 let Some(cp) = compiled else {
@@ -330,9 +406,21 @@ impl Service {
         if let Some(hold) = &outcome.hold {
             self.schedule_hold_timeout(hold.id.clone(), hold.expires_at);
         }
+        crate::metrics::global().decision(outcome.decision.as_str(), &outcome.reason);
+        // One line per decision, with what an operator greps for. `agent_id` is the passport's
+        // claim (absent for an unknown passport); `host` is the request's target.
         tracing::info!(
-            passport_id = %input.passport_id, action = %input.action, cost_cents = input.cost_cents,
-            decision = outcome.decision.as_str(), reason = %outcome.reason, attestation_id = index, "decision"
+            passport_id = %input.passport_id,
+            agent_id = %agent_id.as_deref().unwrap_or("-"),
+            action = %input.action,
+            host = %input.target.as_deref().unwrap_or("-"),
+            method = %input.method.as_deref().unwrap_or("-"),
+            cost_cents = input.cost_cents,
+            decision = %outcome.decision.as_str(),
+            reason = %outcome.reason,
+            hold_id = %outcome.hold.as_ref().map(|h| h.id.as_str()).unwrap_or("-"),
+            attestation_id = index,
+            "decision"
         );
         Ok(DecisionOutcome {
             json,
@@ -369,7 +457,6 @@ impl Service {
         let peer_json = peer.to_json();
         let cp2 = cp.clone();
         let (view, appended) = self
-            .ledger
             .transact(move |txn: &mut Txn<'_>| {
                 let at = now();
                 let usage = match txn.get(&key)? {

@@ -8,6 +8,14 @@
 //!
 //! Moving the caller rather than letting it write `cgroup.procs` itself is what lets a non-root
 //! member of the API group run agents: it never needs write access to the agents' cgroup.
+//!
+//! *Bound* sandboxes have no leader: an existing cgroup below the agents' cgroup, made by someone
+//! else (systemd, for a unit with `Slice=sluice-agents.slice`), is bound to a passport with
+//! `POST /v1/sandboxes/bind`. The daemon neither moves processes into it nor removes it: the
+//! binding ends with `POST /v1/sandboxes/unbind` or when the cgroup disappears (checked every
+//! [`BOUND_CHECK_INTERVAL`], and at start). Cgroup ids are never reused on 64-bit kernels, so a
+//! binding that outlives its cgroup by a few seconds cannot attach the passport to anything else.
+//! A bound cgroup is never re-bound to another passport while it lives.
 
 use super::records;
 use super::{now, Service, ServiceError};
@@ -17,9 +25,24 @@ use crate::kernel::Cgroup;
 use crate::ledger::{Draft, Txn};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the daemon checks that the cgroup of a bound sandbox still exists.
+pub const BOUND_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Which cgroup `POST /v1/sandboxes/bind` (or `unbind`) is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindTarget {
+    /// An absolute path below the agents' cgroup, named by a caller outside any sandbox.
+    Path(PathBuf),
+    /// The caller's own cgroup, as `/proc/PID/cgroup` shows it (relative to the cgroup2 mount):
+    /// the `ExecStartPre=+` of an agent unit, which runs inside the unit's cgroup.
+    Own(String),
+}
 
 /// A live sandbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -30,9 +53,10 @@ pub struct Sandbox {
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
     /// The process whose exit ends the sandbox (`sluice run`), and its start time in clock ticks
-    /// since boot, so a recycled pid is never mistaken for it after a daemon restart.
-    pub leader_pid: i32,
-    pub leader_start: u64,
+    /// since boot, so a recycled pid is never mistaken for it after a daemon restart. `None` for a
+    /// bound sandbox, which ends with its cgroup.
+    pub leader_pid: Option<i32>,
+    pub leader_start: Option<u64>,
     pub created_at: String,
     pub created_by: Value,
 }
@@ -73,7 +97,12 @@ impl Service {
     }
 
     /// `POST /v1/sandboxes`: creates a sandbox for `passport_id` and moves the caller into it.
-    pub async fn create_sandbox(&self, passport_id: &str, peer: &Peer) -> Result<Value, ServiceError> {
+    pub async fn create_sandbox(
+        &self,
+        passport_id: &str,
+        pop: Option<&crate::passport::pop::Proof>,
+        peer: &Peer,
+    ) -> Result<Value, ServiceError> {
         let agents = self.config.agents.clone().ok_or_else(|| {
             ServiceError::Invalid(
                 "this daemon runs in passport-only mode ([sandbox] redirect = false): it cannot sandbox agents".into(),
@@ -85,6 +114,8 @@ impl Service {
         if self.is_revoked(passport_id) {
             return Err(ServiceError::Passport(format!("passport {passport_id} is revoked")));
         }
+        // An L3 agent proves possession of its key for every sandbox, not only at registration.
+        self.check_pop(&cp.passport.claims, pop)?;
         if cp.passport.claims.expires_at <= crate::passport::now() {
             return Err(ServiceError::Passport(format!("passport {passport_id} has expired")));
         }
@@ -103,8 +134,8 @@ impl Service {
             passport_id: passport_id.to_string(),
             cgroup: cgroup.path().to_path_buf(),
             cgroup_id: cgroup.id(),
-            leader_pid: peer.pid,
-            leader_start,
+            leader_pid: Some(peer.pid),
+            leader_start: Some(leader_start),
             created_at: records::time(now()),
             created_by: peer.to_json(),
         };
@@ -143,19 +174,19 @@ impl Service {
         body.insert("sandbox_id".into(), sandbox.id.clone().into());
         body.insert("cgroup_id".into(), sandbox.cgroup_id.into());
         body.insert("leader_pid".into(), sandbox.leader_pid.into());
+        body.insert("cgroup".into(), sandbox.cgroup.display().to_string().into());
         body.insert("by".into(), sandbox.created_by.clone());
         body.insert("why".into(), what.into());
         let chain = cp.passport.claims.id.to_string();
-        self.ledger
-            .transact(move |txn: &mut Txn<'_>| {
-                if alive {
-                    txn.put(&key, &value)?;
-                } else {
-                    txn.delete(&key)?;
-                }
-                Ok(((), vec![Draft::new(chain, body)]))
-            })
-            .await?;
+        self.transact(move |txn: &mut Txn<'_>| {
+            if alive {
+                txn.put(&key, &value)?;
+            } else {
+                txn.delete(&key)?;
+            }
+            Ok(((), vec![Draft::new(chain, body)]))
+        })
+        .await?;
         Ok(())
     }
 
@@ -194,15 +225,162 @@ impl Service {
         });
     }
 
+    /// `POST /v1/sandboxes/bind`: registers `token` and binds an existing cgroup below the
+    /// agents' cgroup to it. Binding a cgroup again to the same passport is a no-op; to another
+    /// passport, or below another sandbox, a conflict.
+    pub async fn bind_sandbox(&self, token: &str, target: BindTarget, peer: &Peer) -> Result<Value, ServiceError> {
+        let agents = self.agents_or_refuse()?;
+        let cgroup = resolve_target(&agents, &target)?;
+        let registered = self.register(token, None, peer).await?;
+        let passport_id = registered["passport_id"]
+            .as_str()
+            .ok_or_else(|| ServiceError::Store("registration returned no passport id".into()))?
+            .to_string();
+        let cp = self
+            .passport(&passport_id)
+            .ok_or_else(|| ServiceError::Store(format!("passport {passport_id} vanished after registration")))?;
+        if self.is_revoked(&passport_id) {
+            return Err(ServiceError::Passport(format!("passport {passport_id} is revoked")));
+        }
+        let sandbox = Sandbox {
+            id: cgroup.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            passport_id: passport_id.clone(),
+            cgroup: cgroup.path().to_path_buf(),
+            cgroup_id: cgroup.id(),
+            leader_pid: None,
+            leader_start: None,
+            created_at: records::time(now()),
+            created_by: peer.to_json(),
+        };
+        // Check and reserve under one lock, so two concurrent binds cannot both win.
+        {
+            let mut m = self.sandboxes.write().map_err(|_| ServiceError::Store("lock poisoned".into()))?;
+            if let Some(existing) = bound_at_or_above(&m, &cgroup) {
+                if existing.cgroup_id == cgroup.id()
+                    && existing.passport_id == passport_id
+                    && existing.leader_pid.is_none()
+                {
+                    return Ok(bound_json(existing, true));
+                }
+                return Err(ServiceError::Conflict(format!(
+                    "{} is already sandbox {} (passport {}); a live cgroup is never re-bound",
+                    cgroup.path().display(),
+                    existing.id,
+                    existing.passport_id
+                )));
+            }
+            m.insert(sandbox.cgroup_id, sandbox.clone());
+        }
+        // Durable before the caller is told (and before the unit's agent starts).
+        if let Err(e) = self.record_sandbox(&cp, &sandbox, true, "bound").await {
+            if let Ok(mut m) = self.sandboxes.write() {
+                m.remove(&sandbox.cgroup_id);
+            }
+            return Err(e);
+        }
+        tracing::info!(sandbox = %sandbox.id, passport_id, cgroup = %sandbox.cgroup.display(), cgroup_id = sandbox.cgroup_id, "cgroup bound to passport");
+        self.watch_bound(sandbox.clone());
+        Ok(bound_json(&sandbox, false))
+    }
+
+    /// `POST /v1/sandboxes/unbind`: ends a bound sandbox (not a `sluice run` one, which ends with
+    /// its command). The cgroup and its processes are left alone; their connections are refused
+    /// from now on (no passport).
+    pub async fn unbind_sandbox(&self, target: BindTarget, peer: &Peer) -> Result<Value, ServiceError> {
+        let agents = self.agents_or_refuse()?;
+        let cgroup = resolve_target(&agents, &target)?;
+        let sandbox = {
+            let mut m = self.sandboxes.write().map_err(|_| ServiceError::Store("lock poisoned".into()))?;
+            match m.get(&cgroup.id()) {
+                None => {
+                    return Err(ServiceError::NotFound(format!("{} is not bound", cgroup.path().display())));
+                }
+                Some(s) if s.leader_pid.is_some() => {
+                    return Err(ServiceError::Conflict(format!(
+                        "{} is the `sluice run` sandbox {}: it ends when its command exits",
+                        cgroup.path().display(),
+                        s.id
+                    )));
+                }
+                Some(_) => m.remove(&cgroup.id()),
+            }
+        };
+        let Some(sandbox) = sandbox else {
+            return Err(ServiceError::NotFound(format!("{} is not bound", cgroup.path().display())));
+        };
+        if let Some(cp) = self.passport(&sandbox.passport_id) {
+            let mut ended = sandbox.clone();
+            ended.created_by = peer.to_json();
+            self.record_sandbox(&cp, &ended, false, "unbound").await?;
+        }
+        tracing::info!(sandbox = %sandbox.id, passport_id = %sandbox.passport_id, "cgroup unbound");
+        Ok(
+            json!({"sandbox_id": sandbox.id, "passport_id": sandbox.passport_id, "cgroup_id": sandbox.cgroup_id, "unbound": true}),
+        )
+    }
+
+    fn agents_or_refuse(&self) -> Result<Cgroup, ServiceError> {
+        self.config.agents.clone().ok_or_else(|| {
+            ServiceError::Invalid(
+                "this daemon runs in passport-only mode ([sandbox] redirect = false): it cannot sandbox agents".into(),
+            )
+        })
+    }
+
+    /// Ends a bound sandbox once its cgroup is gone.
+    fn watch_bound(&self, sandbox: Sandbox) {
+        let Some(service) = self.self_arc() else { return };
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(BOUND_CHECK_INTERVAL).await;
+                let still_bound = service.sandboxes.read().map(|m| m.contains_key(&sandbox.cgroup_id)).unwrap_or(false);
+                if !still_bound {
+                    return; // unbound through the API, which recorded it
+                }
+                let alive = Cgroup::open(&sandbox.cgroup).is_ok_and(|c| c.id() == sandbox.cgroup_id);
+                if alive {
+                    continue;
+                }
+                let removed = service.sandboxes.write().ok().and_then(|mut m| m.remove(&sandbox.cgroup_id));
+                if removed.is_some() {
+                    if let Some(cp) = service.passport(&sandbox.passport_id) {
+                        if let Err(e) = service.record_sandbox(&cp, &sandbox, false, "cgroup_removed").await {
+                            tracing::error!(sandbox = %sandbox.id, error = %e, "could not record the sandbox's end");
+                        }
+                    }
+                    tracing::info!(sandbox = %sandbox.id, "bound cgroup removed; binding ended");
+                }
+                return;
+            }
+        });
+    }
+
     /// At start: sandboxes whose leader still runs are watched again; the others are removed.
     pub(super) async fn recover_sandboxes(&self) -> Result<(), ServiceError> {
         for (_, bytes) in self.ledger.state_scan("sandbox/")? {
             let Ok(sandbox) = serde_json::from_slice::<Sandbox>(&bytes) else { continue };
             let Some(cp) = self.passport(&sandbox.passport_id) else { continue };
             let cgroup = Cgroup::open(&sandbox.cgroup).ok().filter(|c| c.id() == sandbox.cgroup_id);
-            let leader = process_identity(sandbox.leader_pid)
-                .filter(|(start, _)| *start == sandbox.leader_start)
-                .and_then(|_| pidfd_open(sandbox.leader_pid).ok());
+            let (Some(leader_pid), Some(leader_start)) = (sandbox.leader_pid, sandbox.leader_start) else {
+                // A bound sandbox: it lives as long as its cgroup.
+                match cgroup {
+                    Some(_) => {
+                        if let Ok(mut m) = self.sandboxes.write() {
+                            m.insert(sandbox.cgroup_id, sandbox.clone());
+                        }
+                        self.watch_bound(sandbox);
+                    }
+                    None => {
+                        if let Err(e) = self.record_sandbox(&cp, &sandbox, false, "cgroup_gone_at_restart").await {
+                            tracing::error!(error = %e, "could not record a vanished sandbox");
+                        }
+                    }
+                }
+                continue;
+            };
+            let leader = process_identity(leader_pid)
+                .filter(|(start, _)| *start == leader_start)
+                .and_then(|_| pidfd_open(leader_pid).ok());
             match (cgroup, leader) {
                 (Some(cgroup), Some(pidfd)) => {
                     if let Ok(mut m) = self.sandboxes.write() {
@@ -219,5 +397,92 @@ impl Service {
             }
         }
         Ok(())
+    }
+}
+
+/// The live sandbox at `cgroup` or at one of its ancestors.
+fn bound_at_or_above<'a>(m: &'a HashMap<u64, Sandbox>, cgroup: &Cgroup) -> Option<&'a Sandbox> {
+    m.values().find(|s| s.cgroup_id == cgroup.id() || cgroup.path().starts_with(&s.cgroup))
+}
+
+fn bound_json(s: &Sandbox, already: bool) -> Value {
+    json!({
+        "sandbox_id": s.id, "passport_id": s.passport_id, "cgroup": s.cgroup, "cgroup_id": s.cgroup_id,
+        "already_bound": already,
+    })
+}
+
+/// The cgroup a bind request names, checked to lie strictly below the agents' cgroup: only plain
+/// path components (no `.`, `..`, `//`), an existing cgroup2 directory, not the agents' cgroup
+/// itself (that would put every agent under one passport).
+fn resolve_target(agents: &Cgroup, target: &BindTarget) -> Result<Cgroup, ServiceError> {
+    let path = match target {
+        BindTarget::Path(p) => p.clone(),
+        BindTarget::Own(rel) => {
+            let mount = crate::kernel::cgroup2_mount().map_err(|e| ServiceError::Store(e.to_string()))?;
+            let rel = rel.strip_suffix(" (deleted)").unwrap_or(rel);
+            mount.join(rel.trim_start_matches('/'))
+        }
+    };
+    check_below(agents.path(), &path)?;
+    let cgroup = Cgroup::open(&path).map_err(|e| ServiceError::Invalid(format!("cgroup {}: {e}", path.display())))?;
+    Ok(cgroup)
+}
+
+fn check_below(agents: &Path, path: &Path) -> Result<(), ServiceError> {
+    let text = path.to_string_lossy();
+    let plain = path.is_absolute()
+        && !text.contains("//")
+        && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
+        && !text.split('/').any(|part| part == "." || part == "..");
+    if !plain {
+        return Err(ServiceError::Invalid(format!(
+            "cgroup {}: give an absolute path without `.`, `..` or `//`",
+            path.display()
+        )));
+    }
+    match path.strip_prefix(agents) {
+        Ok(rest) if rest.components().next().is_some() => Ok(()),
+        _ => Err(ServiceError::Invalid(format!(
+            "cgroup {} is not below the agents' cgroup {}: only cgroups whose traffic sluice redirects can be bound",
+            path.display(),
+            agents.display()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_targets_must_lie_strictly_below_the_agents_cgroup() {
+        let agents = Path::new("/sys/fs/cgroup/sluice.slice/sluice-agents.slice");
+        let ok = agents.join("sluice-agent@shop.service");
+        check_below(agents, &ok).unwrap();
+        check_below(agents, &agents.join("team.slice/a.service")).unwrap();
+        for bad in [
+            agents.to_path_buf(),
+            PathBuf::from("/sys/fs/cgroup/sluice.slice/sluice-agents.slice-evil/x.service"),
+            PathBuf::from("/sys/fs/cgroup/system.slice/sshd.service"),
+            agents.join("../../system.slice/sshd.service"),
+            agents.join("./x.service"),
+            PathBuf::from("sluice.slice/sluice-agents.slice/x.service"),
+            PathBuf::from(format!("{}//x.service", agents.display())),
+        ] {
+            assert!(check_below(agents, &bad).is_err(), "{} accepted", bad.display());
+        }
+    }
+
+    #[test]
+    fn old_and_bound_sandbox_records_both_parse() {
+        let run = r#"{"id":"run-1","passport_id":"pp_x","cgroup":"/c/run-1","cgroup_id":7,"leader_pid":42,
+            "leader_start":99,"created_at":"t","created_by":null}"#;
+        let s: Sandbox = serde_json::from_str(run).unwrap();
+        assert_eq!((s.leader_pid, s.leader_start), (Some(42), Some(99)));
+        let bound = r#"{"id":"a.service","passport_id":"pp_x","cgroup":"/c/a.service","cgroup_id":8,
+            "leader_pid":null,"leader_start":null,"created_at":"t","created_by":null}"#;
+        let s: Sandbox = serde_json::from_str(bound).unwrap();
+        assert_eq!(s.leader_pid, None);
     }
 }

@@ -32,8 +32,13 @@ pub struct TestDaemon {
 }
 
 impl TestDaemon {
-    /// Writes a config (with `extra` TOML appended) and starts the daemon.
+    /// Writes a config (with `extra` TOML appended) and starts the daemon. Passport-only
+    /// (`[sandbox] redirect = false`) unless `extra` has its own `[sandbox]`: these tests run in
+    /// parallel and must not share the default proxy port, pin dir and agents' cgroup (the kernel
+    /// suites in tests/ give each daemon its own).
     pub fn start(extra: &str) -> TestDaemon {
+        let sandbox = if extra.contains("[sandbox]") { "" } else { "[sandbox]\nredirect = false\n" };
+        let extra = format!("{extra}\n{sandbox}");
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("run/sluice.sock");
         let config = dir.path().join("sluice.toml");
