@@ -43,8 +43,7 @@ impl TestDaemon {
         let socket = dir.path().join("run/sluice.sock");
         let config = dir.path().join("sluice.toml");
         let text = format!(
-            // Passport-only mode: these tests need no kernel state (the e2e suites cover that).
-            "state_dir = \"{}\"\npolicies_dir = \"{}\"\n[api]\nsocket = \"{}\"\ngroup = \"{}\"\n[sandbox]\nredirect = false\n{extra}",
+            "state_dir = \"{}\"\npolicies_dir = \"{}\"\n[api]\nsocket = \"{}\"\ngroup = \"{}\"\n{extra}",
             dir.path().join("state").display(),
             dir.path().join("policies").display(),
             socket.display(),
