@@ -14,7 +14,10 @@
  *   recvmsg4/6    replies from the resolver show the server the agent asked
  *   getpeername4/6  the agent sees the address it dialed
  *   bind4/6       agents cannot bind the proxy's or the resolver's port
- *   egress        backstop: only loopback packets leave an agent socket
+ *   egress        backstop: only loopback packets leave an agent socket;
+ *                 a UDP packet to the resolver records its source (address,
+ *                 port) -> socket storage in sluice_udp_srcs, so the resolver
+ *                 knows which sandbox asked (UDP has no connection table)
  *
  * Return values: 1 = allow, 0 = deny (EPERM to the caller). recvmsg and
  * getpeername programs must return 1.
@@ -65,6 +68,17 @@ struct {
 	__type(key, struct sluice_conn_key);
 	__type(value, struct sluice_orig_dst);
 } sluice_conns SEC(".maps");
+
+/* UDP source (local address, port) -> the sending socket's record, for the
+ * resolver: written by the egress program before the packet is delivered, so
+ * the entry exists by the time the resolver reads the datagram. Never
+ * deleted; a reused source port overwrites it with its new owner. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, SLUICE_UDP_SOURCES_ENTRIES);
+	__type(key, struct sluice_conn_key);
+	__type(value, struct sluice_orig_dst);
+} sluice_udp_srcs SEC(".maps");
 
 static __always_inline int configured(void)
 {
@@ -388,6 +402,31 @@ int sl_bind6(struct bpf_sock_addr *ctx)
 	return bind_check(ctx);
 }
 
+/* For a UDP packet to the resolver port, record its source -> the sending
+ * socket's storage. hdr_len is the IP header length; key.addr is filled. */
+static __always_inline void note_udp_source(struct __sk_buff *skb, struct sluice_conn_key *key, __u32 hdr_len)
+{
+	__u16 ports[2] = {};
+	struct bpf_sock *sk = skb->sk;
+	struct sluice_orig_dst *st;
+
+	if (bpf_skb_load_bytes(skb, hdr_len, ports, sizeof(ports)))
+		return;
+	if (bpf_ntohs(ports[1]) != sluice_dns_port)
+		return;
+	if (!sk)
+		return;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk)
+		return;
+	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
+	if (!st)
+		return;
+	key->port = bpf_ntohs(ports[0]);
+	key->pad = 0;
+	bpf_map_update_elem(&sluice_udp_srcs, key, st, BPF_ANY);
+}
+
 /* Backstop: whatever the hooks above missed, a packet from an agent socket
  * leaves only towards 127.0.0.0/8 or ::1. */
 SEC("cgroup_skb/egress")
@@ -395,7 +434,10 @@ int sl_egress(struct __sk_buff *skb)
 {
 	__u8 first = 0;
 	__u8 dst4 = 0;
+	__u8 proto = 0;
+	__u32 src4 = 0;
 	__u32 dst6[4] = {};
+	struct sluice_conn_key key = {};
 
 	if (bpf_skb_load_bytes(skb, 0, &first, 1))
 		return SL_DENY;
@@ -403,13 +445,29 @@ int sl_egress(struct __sk_buff *skb)
 		/* IPv4 destination address starts at byte 16. */
 		if (bpf_skb_load_bytes(skb, 16, &dst4, 1))
 			return SL_DENY;
-		return dst4 == 127 ? SL_ALLOW : SL_DENY;
+		if (dst4 != 127)
+			return SL_DENY;
+		if (!bpf_skb_load_bytes(skb, 9, &proto, 1) && proto == SL_IPPROTO_UDP &&
+		    !bpf_skb_load_bytes(skb, 12, &src4, 4)) {
+			key.addr[2] = bpf_htonl(0xffff);
+			key.addr[3] = src4;
+			note_udp_source(skb, &key, (__u32)(first & 0x0f) * 4);
+		}
+		return SL_ALLOW;
 	}
 	if ((first >> 4) == 6) {
 		/* IPv6 destination address starts at byte 24. */
 		if (bpf_skb_load_bytes(skb, 24, dst6, sizeof(dst6)))
 			return SL_DENY;
-		return is_loopback6(dst6[0], dst6[1], dst6[2], dst6[3]) ? SL_ALLOW : SL_DENY;
+		if (!is_loopback6(dst6[0], dst6[1], dst6[2], dst6[3]))
+			return SL_DENY;
+		/* Next header at byte 6; UDP directly after the fixed header (an
+		 * agent's DNS never carries extension headers; if it did, the
+		 * resolver simply would not know the sender and stay silent). */
+		if (!bpf_skb_load_bytes(skb, 6, &proto, 1) && proto == SL_IPPROTO_UDP &&
+		    !bpf_skb_load_bytes(skb, 8, key.addr, sizeof(key.addr)))
+			note_udp_source(skb, &key, 40);
+		return SL_ALLOW;
 	}
 	return SL_DENY;
 }

@@ -20,6 +20,10 @@
  * that can wait in the proxy's accept queue at once. */
 #define SLUICE_CONNTABLE_ENTRIES 65536
 
+/* Size of the UDP DNS source table (LRU): agent UDP sockets that sent a DNS
+ * query to the resolver, keyed like the connection table. */
+#define SLUICE_UDP_SOURCES_ENTRIES 16384
+
 /*
  * What the agent dialed, and who dialed it.
  *

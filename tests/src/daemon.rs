@@ -41,7 +41,17 @@ impl Daemon {
 
     /// As [`Daemon::start`], with `group` as the API group.
     pub fn start_with_group(group: &str, extra: &str) -> Daemon {
+        Daemon::start_custom(group, "", extra, &[])
+    }
+
+    /// As [`Daemon::start_with_group`], with `dns_extra` appended to the `[dns]` section and
+    /// `policies` (file name, text) written to the policies directory before the daemon starts.
+    pub fn start_custom(group: &str, dns_extra: &str, extra: &str, policies: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("policies")).expect("policies dir");
+        for (name, text) in policies {
+            std::fs::write(dir.path().join("policies").join(name), text).expect("write policy");
+        }
         let cgroup = unique("sluice-e2e");
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", unique("sluice-e2e")));
         let (proxy_port, dns_port) = (free_port(), free_port());
@@ -49,7 +59,7 @@ impl Daemon {
         let config = dir.path().join("sluice.toml");
         let text = format!(
             "state_dir = \"{state}\"\npolicies_dir = \"{pol}\"\n[api]\nsocket = \"{sock}\"\ngroup = \"{group}\"\n\
-             [proxy]\nport = {proxy_port}\n[dns]\nport = {dns_port}\n\
+             [proxy]\nport = {proxy_port}\n[dns]\nport = {dns_port}\n{dns_extra}\n\
              [sandbox]\ncgroup = \"{cgroup}\"\npin_dir = \"{pins}\"\n{extra}",
             state = dir.path().join("state").display(),
             pol = dir.path().join("policies").display(),
@@ -79,6 +89,14 @@ impl Daemon {
             }
             assert!(Instant::now() < deadline, "daemon not ready:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Sends SIGHUP (policy reload).
+    pub fn hup(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGHUP) };
         }
     }
 

@@ -11,6 +11,7 @@
 //! to load or attach is always a test failure.
 
 pub mod daemon;
+pub mod upstream;
 
 use std::collections::HashSet;
 use std::io::Write;

@@ -119,7 +119,11 @@ print(json.dumps(out))
         seen.insert(q.id, q);
     }
     for id in [0x1111, 0x2222, 0x3333, 0x4444] {
-        assert!(seen.contains_key(&id), "query {id:#x} not seen by the stub");
+        let q = seen.get(&id).unwrap_or_else(|| panic!("query {id:#x} not seen by the stub"));
+        // The egress program recorded who sent it: the resolver knows the sandbox.
+        let orig = q.orig.unwrap_or_else(|| panic!("query {id:#x}: no UDP source record"));
+        assert_eq!(orig.cgroup_id, fx.sandbox.id(), "query {id:#x}");
+        assert_eq!(orig.transport, Transport::Udp, "query {id:#x}");
     }
     assert_eq!(canary4.hits(), 0, "DNS reached the outside server");
     assert_eq!(canary6.hits(), 0, "DNS reached the outside server");

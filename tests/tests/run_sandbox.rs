@@ -55,7 +55,7 @@ fn a_sandboxed_command_is_redirected_and_cannot_use_the_api() {
     let out = d.cli(&["run", "--passport", passport.to_str().unwrap(), "--", &py, "-c", &script]);
     assert_eq!(canary.hits(), 0, "the agent reached the address it dialed: {}", String::from_utf8_lossy(&out.stdout));
     assert!(
-        d.log().contains("redirected connection"),
+        d.log().contains(&format!("dialed={canary_addr}")),
         "the daemon did not see the connection (agent: {:?} {} {}):\n{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),

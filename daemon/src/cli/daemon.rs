@@ -3,8 +3,10 @@
 use super::CmdResult;
 use crate::api::{peer::PeerPolicy, server};
 use crate::config::Config;
+use crate::intercept;
 use crate::kernel;
 use crate::ledger::{self, Ledger};
+use crate::policy::PolicyHandle;
 use crate::service::{Service, ServiceConfig};
 use anyhow::Context;
 use clap::Args;
@@ -86,6 +88,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("[sandbox] redirect = false: passport-only mode, agent traffic is not intercepted");
         None
     };
+    // Host policy: the daemon does not start on errors (a reload keeps the old policy instead).
+    let host_policy = match PolicyHandle::load(&config.policies_dir) {
+        Ok(p) => Arc::new(p),
+        Err(errors) => {
+            let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::bail!("host policies in {} have errors:\n  {}", config.policies_dir.display(), list.join("\n  "));
+        }
+    };
+    // The local CA that terminates agents' TLS, and the bundle `sluice run` points agents at.
+    let ca = if enforcer.is_some() { Some(intercept::ca_and_bundle(&config.state_dir)?) } else { None };
     let host_key = ledger::hostkey::load_or_create(&config.state_dir)?;
     let ledger = Ledger::open(&store_path(&config.state_dir), host_key, ledger::LedgerOptions::default())
         .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
@@ -95,7 +107,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             pinned_issuers: config.pinned_issuers()?,
             hold_timeout: Duration::from_secs(config.holds.timeout_secs),
             agents: enforcer.as_ref().map(|e| e.agents_cgroup().clone()),
-            ca_bundle: None,
+            ca_bundle: ca.as_ref().map(|(_, bundle)| bundle.clone()),
         },
     )
     .await?;
@@ -116,32 +128,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(e) = &enforcer {
         crate::metrics::global().watch_conntable(e.conntable());
     }
-    // Until the intercepting proxy lands, redirected connections are recorded and closed, and
-    // DNS is answered REFUSED: nothing leaves, and the table lookups are exercised.
-    let stand_ins = match &enforcer {
-        Some(e) => {
-            let (ptx, mut prx) = tokio::sync::mpsc::unbounded_channel();
-            let (dtx, mut drx) = tokio::sync::mpsc::unbounded_channel();
-            let probe = kernel::probe::Probe::start(config.proxy.port, e.conntable(), ptx)
-                .await
-                .with_context(|| format!("[proxy] port {}", config.proxy.port))?;
-            let resolver = kernel::probe::ResolverStub::start(config.dns.port, e.conntable(), dtx)
-                .await
-                .with_context(|| format!("[dns] port {}", config.dns.port))?;
-            tokio::spawn(async move {
-                while let Some(ev) = prx.recv().await {
-                    tracing::info!(event = ?ev, "redirected connection recorded and closed (no proxy yet)");
-                }
-            });
-            tokio::spawn(async move {
-                while let Some(q) = drx.recv().await {
-                    tracing::info!(query = ?q, "agent DNS query refused (no resolver yet)");
-                }
-            });
-            Some((probe, resolver))
+    // The proxy and the agents' resolver, on the ports the eBPF programs redirect to.
+    let intercept = match (&enforcer, ca) {
+        (Some(e), Some((ca, _))) => {
+            Some(intercept::start(&config, service.clone(), host_policy.clone(), e.conntable(), ca).await?)
         }
-        None => None,
+        _ => None,
     };
+    let (reload_stop, reload_rx) = tokio::sync::watch::channel(false);
+    let reloader = tokio::spawn(intercept::reload::watch(host_policy.clone(), service.clone(), reload_rx));
     let listener = server::bind(&config.api.socket, policy.api_gid)
         .with_context(|| format!("[api] socket {}", config.api.socket.display()))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -155,9 +150,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     sd_notify("STOPPING=1\nSTATUS=stopping");
     let _ = stop_tx.send(true);
     let _ = api.await;
-    if let Some((probe, resolver)) = stand_ins {
-        probe.shutdown().await;
-        resolver.shutdown().await;
+    let _ = reload_stop.send(true);
+    let _ = reloader.await;
+    if let Some(i) = intercept {
+        i.shutdown().await;
     }
     // The eBPF links stay pinned: with the daemon gone, agents' connections are refused.
     drop(enforcer);

@@ -14,5 +14,5 @@ pub mod upstream;
 
 pub use pool::{PoolConfig, SyntheticPool};
 pub use resolver::Resolver;
-pub use server::{serve, Allow};
+pub use server::{serve, Allow, Via};
 pub use upstream::UpstreamResolver;

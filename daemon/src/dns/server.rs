@@ -1,6 +1,6 @@
 //! A thin UDP + TCP front for [`Resolver`]: read a query, ask `who` which sandbox sent it, answer.
 //!
-//! `who` maps the client's address to that sandbox's allow-function (the daemon derives it from
+//! `who` maps the client's address and the transport it used to that sandbox's allow-function (the daemon derives it from
 //! the kernel's connection table and the sandbox's passport); `None` means the sender is not a
 //! known sandbox and gets no answer at all. Queries never leave this process.
 //!
@@ -21,13 +21,21 @@ use tokio::sync::Semaphore;
 /// Which names a sandbox may resolve.
 pub type Allow = Arc<dyn Fn(&DomainName) -> bool + Send + Sync>;
 
+/// How a query arrived. A UDP source (address, port) and a TCP one can be equal at the same
+/// time (separate port spaces), so identity lookups must know which they are looking up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Udp,
+    Tcp,
+}
+
 pub const MAX_TCP_CONNECTIONS: usize = 256;
 pub const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// Serves until a socket fails in a way that retrying cannot fix; returns that error.
 pub async fn serve<W>(udp: UdpSocket, tcp: TcpListener, resolver: Arc<Resolver>, who: W) -> std::io::Result<()>
 where
-    W: Fn(SocketAddr) -> Option<Allow> + Send + Sync + 'static,
+    W: Fn(SocketAddr, Via) -> Option<Allow> + Send + Sync + 'static,
 {
     let who = Arc::new(who);
     tokio::try_join!(serve_udp(udp, resolver.clone(), who.clone()), serve_tcp(tcp, resolver, who)).map(|_| ())
@@ -35,7 +43,7 @@ where
 
 async fn serve_udp<W>(udp: UdpSocket, resolver: Arc<Resolver>, who: Arc<W>) -> std::io::Result<()>
 where
-    W: Fn(SocketAddr) -> Option<Allow> + Send + Sync + 'static,
+    W: Fn(SocketAddr, Via) -> Option<Allow> + Send + Sync + 'static,
 {
     // One byte more than we accept, so an oversized datagram is seen as such, not truncated.
     let mut buf = vec![0u8; MAX_QUERY + 1];
@@ -45,7 +53,7 @@ where
             Err(e) if transient(&e) => continue,
             Err(e) => return Err(e),
         };
-        let Some(allow) = who(peer) else {
+        let Some(allow) = who(peer, Via::Udp) else {
             tracing::debug!(%peer, "DNS query from an unknown client dropped");
             continue;
         };
@@ -60,7 +68,7 @@ where
 
 async fn serve_tcp<W>(tcp: TcpListener, resolver: Arc<Resolver>, who: Arc<W>) -> std::io::Result<()>
 where
-    W: Fn(SocketAddr) -> Option<Allow> + Send + Sync + 'static,
+    W: Fn(SocketAddr, Via) -> Option<Allow> + Send + Sync + 'static,
 {
     let slots = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
     loop {
@@ -75,7 +83,7 @@ where
             }
             Err(e) => return Err(e),
         };
-        let Some(allow) = who(peer) else { continue };
+        let Some(allow) = who(peer, Via::Tcp) else { continue };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "DNS over TCP: too many connections; closing");
             continue;
@@ -165,7 +173,8 @@ mod tests {
         let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
         let resolver = Arc::new(Resolver::new(Arc::new(SyntheticPool::new(&PoolConfig::default()).unwrap())));
         let allow: Allow = Arc::new(|n: &DomainName| n.as_str().ends_with(".allowed.test"));
-        let who = move |peer: SocketAddr| (peer.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST)).then(|| allow.clone());
+        let who =
+            move |peer: SocketAddr, _via: Via| (peer.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST)).then(|| allow.clone());
         let task = tokio::spawn(serve(udp, tcp, resolver, who));
         TestServer { udp: udp_addr, tcp: tcp_addr, task }
     }

@@ -8,6 +8,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 pub const ABI_VERSION: u32 = 1;
 /// `SLUICE_CONNTABLE_ENTRIES`.
 pub const CONNTABLE_ENTRIES: u32 = 65536;
+/// `SLUICE_UDP_SOURCES_ENTRIES`.
+pub const UDP_SOURCES_ENTRIES: u32 = 16384;
 
 /// Globals overridden by the loader (`volatile const` in the object).
 pub const GLOBAL_PROXY_PORT: &str = "sluice_proxy_port";
@@ -17,6 +19,8 @@ pub const GLOBAL_HOST_NETNS: &str = "sluice_host_netns";
 /// Map names in the object (and pin file names).
 pub const MAP_SOCKS: &str = "sluice_socks";
 pub const MAP_CONNS: &str = "sluice_conns";
+/// UDP DNS sources: client (address, port) → the sending socket's record.
+pub const MAP_UDP_SRCS: &str = "sluice_udp_srcs";
 
 pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
@@ -136,6 +140,7 @@ mod tests {
 int main(void) {
     P("abi", SLUICE_ABI_VERSION);
     P("entries", SLUICE_CONNTABLE_ENTRIES);
+    P("udp_entries", SLUICE_UDP_SOURCES_ENTRIES);
     P("sluice_orig_dst", sizeof(struct sluice_orig_dst));
     O(sluice_orig_dst, addr); O(sluice_orig_dst, port); O(sluice_orig_dst, family);
     O(sluice_orig_dst, protocol); O(sluice_orig_dst, tgid); O(sluice_orig_dst, cgroup_id);
@@ -178,6 +183,7 @@ int main(void) {
         let get = |k: &str| *c.get(k).unwrap_or_else(|| panic!("{k} missing"));
         assert_eq!(get("abi"), u64::from(ABI_VERSION));
         assert_eq!(get("entries"), u64::from(CONNTABLE_ENTRIES));
+        assert_eq!(get("udp_entries"), u64::from(UDP_SOURCES_ENTRIES));
         assert_eq!(get("sluice_orig_dst"), size_of::<RawOrigDst>() as u64);
         assert_eq!(get("sluice_orig_dst.addr"), offset_of!(RawOrigDst, addr) as u64);
         assert_eq!(get("sluice_orig_dst.port"), offset_of!(RawOrigDst, port) as u64);

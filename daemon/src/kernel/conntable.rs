@@ -63,6 +63,8 @@ impl OrigDst {
 #[derive(Debug)]
 pub struct Conntable {
     map: OwnedFd,
+    /// `sluice_udp_srcs`: UDP DNS senders (see [`Conntable::udp_source`]).
+    udp: Option<OwnedFd>,
     hits: AtomicU64,
     misses: AtomicU64,
     errors: AtomicU64,
@@ -70,7 +72,36 @@ pub struct Conntable {
 
 impl Conntable {
     pub(crate) fn new(map: OwnedFd) -> Self {
-        Self { map, hits: AtomicU64::new(0), misses: AtomicU64::new(0), errors: AtomicU64::new(0) }
+        Self { map, udp: None, hits: AtomicU64::new(0), misses: AtomicU64::new(0), errors: AtomicU64::new(0) }
+    }
+
+    /// Adds the pinned UDP source table (the loader does; [`Self::from_pin`] alone has none).
+    pub(crate) fn with_udp_sources(mut self, map: OwnedFd) -> Self {
+        self.udp = Some(map);
+        self
+    }
+
+    /// Who sent the UDP datagram the resolver received from `client`: the sending socket's
+    /// record, written by the egress program before the datagram was delivered. Not removed
+    /// (a socket sends many queries); a reused source port is overwritten by its new owner's
+    /// first packet. `None`: not an agent socket (or no table) — answer nothing.
+    pub fn udp_source(&self, client: SocketAddr) -> Option<OrigDst> {
+        let map = self.udp.as_ref()?;
+        let key = RawConnKey::from_client(client);
+        let mut raw = RawOrigDst::default();
+        // SAFETY: RawOrigDst is repr(C) POD without padding; every byte
+        // pattern is a valid value.
+        let value = unsafe {
+            std::slice::from_raw_parts_mut((&mut raw as *mut RawOrigDst).cast::<u8>(), size_of::<RawOrigDst>())
+        };
+        match sys::map_lookup(map.as_fd(), key_bytes(&key), value) {
+            Ok(true) => OrigDst::from_raw(&raw),
+            Ok(false) => None,
+            Err(error) => {
+                tracing::warn!(%client, %error, "UDP source lookup failed");
+                None
+            }
+        }
     }
 
     /// Opens a pinned connection table (tools, tests).

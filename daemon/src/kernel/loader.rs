@@ -385,12 +385,14 @@ impl Enforcer {
         let maps = maps_dir(&config.pin_dir);
         let socks_pin = maps.join(abi::MAP_SOCKS);
         let conns_pin = maps.join(abi::MAP_CONNS);
+        let udp_pin = maps.join(abi::MAP_UDP_SRCS);
         let mut ebpf = EbpfLoader::new()
             .override_global(abi::GLOBAL_PROXY_PORT, &config.proxy_port, true)
             .override_global(abi::GLOBAL_DNS_PORT, &config.dns_port, true)
             .override_global(abi::GLOBAL_HOST_NETNS, &host_netns, true)
             .map_pin_path(abi::MAP_SOCKS, socks_pin.as_path())
             .map_pin_path(abi::MAP_CONNS, conns_pin.as_path())
+            .map_pin_path(abi::MAP_UDP_SRCS, udp_pin.as_path())
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
 
@@ -408,7 +410,9 @@ impl Enforcer {
         }
         remove_stale(&config.pin_dir)?;
 
-        let conntable = Conntable::from_pin(&conns_pin).map_err(pin_err(&conns_pin, "open map"))?;
+        let conntable = Conntable::from_pin(&conns_pin)
+            .map_err(pin_err(&conns_pin, "open map"))?
+            .with_udp_sources(sys::obj_get(&udp_pin).map_err(pin_err(&udp_pin, "open map"))?);
         tracing::info!(
             cgroup = %agents.path().display(),
             pin_dir = %config.pin_dir.display(),

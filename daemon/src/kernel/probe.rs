@@ -118,7 +118,8 @@ pub struct DnsQuery {
     pub client: SocketAddr,
     /// The query id.
     pub id: u16,
-    /// For TCP: the connection-table entry (what the agent dialed).
+    /// For TCP: the connection-table entry (what the agent dialed). For UDP: the sending
+    /// socket's record from the UDP source table.
     pub orig: Option<OrigDst>,
 }
 
@@ -135,6 +136,7 @@ impl ResolverStub {
         for addr in loopbacks(port) {
             let udp = UdpSocket::bind(addr).await?;
             let ev = events.clone();
+            let sources = Arc::clone(&conntable);
             tasks.push(tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 loop {
@@ -153,7 +155,7 @@ impl ResolverStub {
                             transport: Transport::Udp,
                             client,
                             id: u16::from_be_bytes([reply[0], reply[1]]),
-                            orig: None,
+                            orig: sources.udp_source(client),
                         });
                     }
                 }

@@ -1,0 +1,133 @@
+//! The daemon's interception plane: the proxy and the agents' resolver on their ports, wired to
+//! the service (passports by sandbox cgroup), host policy (reloaded on SIGHUP and file change),
+//! the local CA and the daemon's own upstream resolution.
+//!
+//! `cli::daemon` calls [`start`] once the kernel redirect is attached; everything here is
+//! library code so tests can run the same wiring in-process.
+
+pub mod dns;
+pub mod reload;
+
+use crate::config::Config;
+use crate::dns::{PoolConfig, Resolver, SyntheticPool, UpstreamResolver};
+use crate::kernel::Conntable;
+use crate::policy::PolicyHandle;
+use crate::proxy::{self, ca::Ca, Limits, Proxy, ProxyParts};
+use crate::service::Service;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// The agents' CA bundle inside `state_dir` (system roots + the sluice CA).
+pub const CA_BUNDLE_FILE: &str = "ca-bundle.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error("local CA in {dir}: {source}")]
+    Ca { dir: PathBuf, source: proxy::ca::CaError },
+    #[error("{0}")]
+    UpstreamTls(#[from] proxy::upstream::TlsSetupError),
+    #[error("[dns]: {0}")]
+    Dns(#[from] crate::dns::upstream::UpstreamError),
+    #[error("synthetic address pool: {0}")]
+    Pool(#[from] crate::dns::pool::PoolError),
+    #[error("[{section}] port {port}: {source}")]
+    Bind { section: &'static str, port: u16, source: std::io::Error },
+}
+
+/// The local CA and the agents' trust bundle, created at first start. The bundle is the host's
+/// trust store plus the sluice CA (or the CA alone where the host has no bundle), so agents
+/// trust both real services (never reached directly, but some clients pin nothing else) and the
+/// proxy.
+pub fn ca_and_bundle(state_dir: &Path) -> Result<(Ca, PathBuf), InterceptError> {
+    let err = |source| InterceptError::Ca { dir: state_dir.to_path_buf(), source };
+    let ca = Ca::load_or_create(state_dir).map_err(err)?;
+    let system = Path::new(proxy::upstream::SYSTEM_BUNDLE);
+    let bundle = if system.exists() {
+        let out = state_dir.join(CA_BUNDLE_FILE);
+        ca.write_bundle(system, &out).map_err(err)?;
+        out
+    } else {
+        state_dir.join(proxy::ca::CA_CERT_FILE)
+    };
+    Ok((ca, bundle))
+}
+
+/// The running proxy and resolver.
+pub struct Intercept {
+    pub proxy: Arc<Proxy>,
+    pub pool: Arc<SyntheticPool>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Intercept {
+    /// Stops accepting (connections in flight end with the runtime).
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Binds and starts the proxy (`[proxy] port`) and the agents' resolver (`[dns] port`), both on
+/// 127.0.0.1 and ::1.
+pub async fn start(
+    config: &Config,
+    service: Arc<Service>,
+    policy: Arc<PolicyHandle>,
+    conntable: Arc<Conntable>,
+    ca: Ca,
+) -> Result<Intercept, InterceptError> {
+    let pool = Arc::new(SyntheticPool::new(&PoolConfig::default())?);
+    let resolver = Arc::new(UpstreamResolver::from_config(&config.dns, Some(pool.clone()))?);
+    let upstream_tls = proxy::upstream::client_config(
+        &config.upstream_tls.extra_roots,
+        Some(Path::new(proxy::upstream::SYSTEM_BUNDLE)),
+    )?;
+    let svc = service.clone();
+    let proxy = Proxy::new(ProxyParts {
+        service: service.clone(),
+        policy: policy.clone(),
+        conntable: conntable.clone(),
+        passports: Arc::new(move |cgroup_id| svc.passport_for_cgroup(cgroup_id)),
+        pool: pool.clone(),
+        ca,
+        resolver,
+        upstream_tls,
+        proxy_port: config.proxy.port,
+        dns_port: config.dns.port,
+        limits: Limits::default(),
+    })
+    .map_err(|source| InterceptError::Ca { dir: config.state_dir.clone(), source })?;
+
+    let listeners = proxy::bind(config.proxy.port).map_err(|source| InterceptError::Bind {
+        section: "proxy",
+        port: config.proxy.port,
+        source,
+    })?;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(proxy.clone().serve(listeners, stop_rx));
+
+    let agents_resolver = Arc::new(Resolver::new(pool.clone()));
+    let identity = Arc::new(dns::Identity::new(service, policy, conntable));
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        let addr = SocketAddr::new(ip, config.dns.port);
+        let bind_err = |source| InterceptError::Bind { section: "dns", port: config.dns.port, source };
+        let udp = tokio::net::UdpSocket::bind(addr).await.map_err(bind_err)?;
+        let tcp = tokio::net::TcpListener::bind(addr).await.map_err(bind_err)?;
+        let identity = identity.clone();
+        let resolver = agents_resolver.clone();
+        tasks.spawn(async move {
+            let who = move |peer, via| identity.allow_for(peer, via);
+            if let Err(e) = crate::dns::serve(udp, tcp, resolver, who).await {
+                tracing::error!(%addr, error = %e, "the agents' resolver stopped; agents' DNS now fails");
+            }
+        });
+    }
+    tracing::info!(proxy_port = config.proxy.port, dns_port = config.dns.port, "proxy and resolver listening");
+    Ok(Intercept { proxy, pool, stop, tasks })
+}

@@ -1,0 +1,671 @@
+//! HTTP on an agent's connection: one decision per request, then forward, hold or refuse.
+//!
+//! hyper serves the agent's side (HTTP/1.1 with keep-alive, or HTTP/2 when ALPN chose it), and
+//! every request, whether the first on a connection or the hundredth, the only stream or one of
+//! many concurrent HTTP/2 streams, goes through [`handle`]:
+//!
+//! 1. the one authority of the request ([`checks::request_authority`]) must be the SNI and the
+//!    dialed name ([`checks::check_consistent`]), and HTTP/1 framing must be unambiguous
+//!    ([`checks::check_framing`]); CONNECT and unrouted upgrades are refused;
+//! 2. host policy: route → action and cost (a metered route reads a bounded prefix of the body
+//!    to estimate), host-wide verdict;
+//! 3. the decision, durable in the ledger before anything leaves (`Service::enforce_outcome`);
+//! 4. allow → [`forward`]; hold → wait for the operator (or the timeout), then forward or
+//!    refuse; block → `403` with the decision JSON and a `Sluice-Decision` header.
+//!
+//! The proxy's own refusals (fronting, smuggling, CONNECT, ...) are decisions too: they go
+//! through the engine as a host-policy denial with their own reason, so they are attested on the
+//! passport's chain like any other block, and an earlier failing guardrail (an expired passport,
+//! say) still takes precedence with its own reason.
+//!
+//! Bodies stream both ways as hyper frames; the only buffering is the bounded prefix a metered
+//! route needs for its estimate ([`crate::policy::meter::MAX_REQUEST_SCAN`]).
+
+use super::checks::{self, reason, Refusal};
+use super::conn::ConnInfo;
+use super::upstream::{BoxError, ProxyBody};
+use super::{h1watch, inc, Proxy};
+use crate::decide::{self, Decision};
+use crate::domain::DomainName;
+use crate::policy::{self, meter, Cost};
+use crate::service::{EnforceInput, HoldOrigin, ServiceError};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// The response header that carries the decision (BRIEF §4): `block; reason=<reason>;
+/// attestation=<log index>` on refusals, `allow; attestation=<log index>` on forwarded
+/// responses.
+pub const DECISION_HEADER: &str = "sluice-decision";
+
+/// Serves HTTP on one agent connection until it closes.
+pub(super) async fn serve<S>(proxy: Arc<Proxy>, info: Arc<ConnInfo>, io: S, h2: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // HTTP/1: a second reading of the byte stream, for framing hyper would silently repair.
+    let (io, verdicts) = if h2 {
+        (h1watch::Watched::new(io, 0).0, None)
+    } else {
+        let (w, v) = h1watch::Watched::new(io, proxy.limits.max_header_bytes);
+        (w, Some(v))
+    };
+    let svc = {
+        let proxy = proxy.clone();
+        let info = info.clone();
+        service_fn(move |req| {
+            let proxy = proxy.clone();
+            let info = info.clone();
+            let verdict = verdicts.as_ref().map(h1watch::Verdicts::next);
+            async move { Ok::<_, Infallible>(handle(proxy, info, verdict, req).await) }
+        })
+    };
+    let io = TokioIo::new(io);
+    let result = if h2 {
+        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_concurrent_streams(proxy.limits.max_streams)
+            .max_header_list_size(u32::try_from(proxy.limits.max_header_bytes).unwrap_or(u32::MAX));
+        b.serve_connection(io, svc).await
+    } else {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(proxy.limits.header_timeout)
+            .max_buf_size(proxy.limits.max_header_bytes.max(8192))
+            .half_close(false);
+        b.serve_connection(io, svc).with_upgrades().await
+    };
+    if let Err(e) = result {
+        if e.is_parse() || e.is_parse_too_large() {
+            // hyper already answered 400 and closed; make the refusal part of the record.
+            let refusal = Refusal { reason: reason::MALFORMED_REQUEST, detail: format!("HTTP request refused: {e}") };
+            let _ = record_refusal(&proxy, &info, info.conn_name(), "web:send", None, None, &refusal).await;
+            inc(&proxy.stats.blocked);
+        } else {
+            tracing::debug!(client = %info.client, error = %e, "agent connection ended with an error");
+        }
+    }
+}
+
+/// One request, start to end. Never fails: every outcome is a response.
+///
+/// `framing` is the HTTP/1 stream tracker's verdict on this request's head ([`h1watch`]): `None`
+/// for HTTP/2, `Some(None)` when the tracker could not follow the stream (refused).
+async fn handle(
+    proxy: Arc<Proxy>,
+    info: Arc<ConnInfo>,
+    framing: Option<Option<Result<(), Refusal>>>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    inc(&proxy.stats.requests);
+    let method = req.method().clone();
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let default_action = default_action(&method);
+
+    let authority = checks::request_authority(req.version(), req.uri(), req.headers());
+    if let Some(framing) = framing {
+        let refusal = match framing {
+            Some(Ok(())) => None,
+            Some(Err(r)) => Some(r),
+            None => Some(Refusal {
+                reason: reason::MALFORMED_REQUEST,
+                detail: "The request's framing could not be verified (after a tunnel or unparseable body framing)."
+                    .into(),
+            }),
+        };
+        if let Some(r) = refusal {
+            let target = authority.as_ref().ok().map(|a| &a.host).or(info.conn_name());
+            let close = r.reason == reason::REQUEST_SMUGGLING || r.reason == reason::MALFORMED_REQUEST;
+            let mut resp = refuse(&proxy, &info, target, default_action, &method, &path, r).await;
+            if close {
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            return resp;
+        }
+    }
+    let authority = match authority {
+        Ok(a) => a,
+        Err(r) => return refuse(&proxy, &info, info.conn_name(), default_action, &method, &path, r).await,
+    };
+    // A CONNECT's port is the tunnel's destination, not the port this connection was made to.
+    let consistency = if checks::is_connect(&method) {
+        let name_only = checks::Authority { host: authority.host.clone(), port: None };
+        checks::check_consistent(&name_only, info.sni.as_ref(), info.dialed_name.as_ref(), info.dialed.port())
+    } else {
+        checks::check_consistent(&authority, info.sni.as_ref(), info.dialed_name.as_ref(), info.dialed.port())
+    };
+    if let Err(r) = consistency {
+        // Recorded against the name the connection was opened for: that is what the agent
+        // tried to borrow.
+        let target = info.conn_name().unwrap_or(&authority.host).clone();
+        return refuse(&proxy, &info, Some(&target), default_action, &method, &path, r).await;
+    }
+    let host = authority.host.clone();
+    if req.version() != Version::HTTP_2 {
+        if let Err(r) = checks::check_framing(req.headers()) {
+            return refuse(&proxy, &info, Some(&host), default_action, &method, &path, r).await;
+        }
+    }
+    if checks::is_connect(&method) {
+        return connect(&proxy, &info, &host, authority.port, req, &path).await;
+    }
+
+    let policy = proxy.policy.current();
+    let route = policy.route(&host, method.as_str(), &path);
+    let upgrade = checks::is_upgrade(req.version(), req.headers());
+    if upgrade && route.route_id.is_none() {
+        let r = Refusal {
+            reason: reason::UPGRADE_DENIED,
+            detail: format!(
+                "Switching protocols ({}) on {host}{path} needs a host policy route for this path.",
+                req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or("?")
+            ),
+        };
+        return refuse(&proxy, &info, Some(&host), &route.action, &method, &path, r).await;
+    }
+
+    let (req, cost) = match &route.cost {
+        Cost::Fixed(c) => (req.map(boxed_incoming), *c),
+        Cost::Metered(spec) => match metered_estimate(req, spec).await {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::info!(client = %info.client, error = %e, "request body failed while estimating its cost");
+                return simple(StatusCode::BAD_REQUEST, json!({"error": "request_body", "detail": e.to_string()}));
+            }
+        },
+    };
+    let verdict = host_verdict(policy.host_check(&host, cost));
+    let input = EnforceInput {
+        passport_id: info.passport_id.clone(),
+        action: route.action.to_string(),
+        cost_cents: cost,
+        target: Some(host.to_string()),
+        method: Some(method.to_string()),
+        path: Some(path.clone()),
+    };
+    let outcome = match proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await {
+        Ok(o) => o,
+        Err(e) => return service_failure(&e),
+    };
+    let attestation = match outcome.decision {
+        Decision::Allow => outcome.attestation_id,
+        Decision::Block => {
+            inc(&proxy.stats.blocked);
+            return decision_response(&outcome.json, outcome.attestation_id);
+        }
+        Decision::RequestHold => {
+            inc(&proxy.stats.held);
+            let Some(hold_id) = outcome.hold_id else {
+                return decision_response(&outcome.json, outcome.attestation_id);
+            };
+            tracing::info!(%hold_id, %host, %path, "request held for approval");
+            let held = proxy.service.wait_hold(&hold_id).await;
+            let id = held.json.get("attestation_id").and_then(Value::as_u64).unwrap_or(outcome.attestation_id);
+            if held.decision != Decision::Allow {
+                inc(&proxy.stats.blocked);
+                let mut body = held.json.clone();
+                if let Value::Object(m) = &mut body {
+                    m.entry("decision").or_insert_with(|| "block".into());
+                    m.entry("approval_request_id").or_insert_with(|| hold_id.clone().into());
+                }
+                return decision_response(&body, id);
+            }
+            id
+        }
+    };
+    forward(&proxy, &info, &host, req, upgrade, attestation).await
+}
+
+fn default_action(method: &Method) -> &'static str {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        policy::FETCH_ACTION
+    } else {
+        policy::SEND_ACTION
+    }
+}
+
+fn host_verdict(v: policy::HostVerdict) -> decide::HostVerdict {
+    match v {
+        policy::HostVerdict::Allow => decide::HostVerdict::Allow,
+        policy::HostVerdict::Deny { reason, detail } => decide::HostVerdict::Deny { reason, detail },
+    }
+}
+
+/// Records a proxy refusal as a decision (host-policy denial with the refusal's reason) and
+/// answers it.
+async fn refuse(
+    proxy: &Proxy,
+    info: &ConnInfo,
+    target: Option<&DomainName>,
+    action: &str,
+    method: &Method,
+    path: &str,
+    refusal: Refusal,
+) -> Response<ProxyBody> {
+    inc(&proxy.stats.blocked);
+    tracing::info!(client = %info.client, pid = info.pid, cgroup_id = info.cgroup_id, reason = refusal.reason, detail = %refusal.detail, "request refused");
+    let close = refusal.reason == reason::REQUEST_SMUGGLING;
+    match record_refusal(proxy, info, target, action, Some(method.as_str()), Some(path), &refusal).await {
+        Ok(outcome) => {
+            let mut resp = decision_response(&outcome.json, outcome.attestation_id);
+            if close {
+                // The body's framing is in doubt: nothing more is read from this connection.
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
+        }
+        Err(e) => service_failure(&e),
+    }
+}
+
+pub(super) async fn record_refusal(
+    proxy: &Proxy,
+    info: &ConnInfo,
+    target: Option<&DomainName>,
+    action: &str,
+    method: Option<&str>,
+    path: Option<&str>,
+    refusal: &Refusal,
+) -> Result<crate::service::DecisionOutcome, ServiceError> {
+    let input = EnforceInput {
+        passport_id: info.passport_id.clone(),
+        action: action.to_string(),
+        cost_cents: 0,
+        target: target.map(ToString::to_string),
+        method: method.map(str::to_string),
+        path: path.map(str::to_string),
+    };
+    let verdict = decide::HostVerdict::Deny { reason: refusal.reason.to_string(), detail: refusal.detail.clone() };
+    let outcome = proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await?;
+    if outcome.decision != Decision::Block {
+        // A host denial always blocks; anything else is a bug we must not forward through.
+        tracing::error!(decision = outcome.decision.as_str(), "a proxy refusal was not a block");
+    }
+    Ok(outcome)
+}
+
+/// `403` with the decision JSON and the `Sluice-Decision` header.
+pub(super) fn decision_response(json: &Value, attestation_id: u64) -> Response<ProxyBody> {
+    let reason = json.get("reason").and_then(Value::as_str).unwrap_or("blocked");
+    let mut resp = simple(StatusCode::FORBIDDEN, json.clone());
+    let value = format!("block; reason={}; attestation={attestation_id}", token(reason));
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        resp.headers_mut().insert(HeaderName::from_static(DECISION_HEADER), v);
+    }
+    resp
+}
+
+/// Reasons are `a-z 0-9 _` by construction; anything else is replaced so the header stays one
+/// well-formed token.
+fn token(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).take(64).collect()
+}
+
+/// The store failed: nothing was decided, nothing is forwarded.
+fn service_failure(e: &ServiceError) -> Response<ProxyBody> {
+    tracing::error!(error = %e, "decision failed; refusing the request");
+    let status = match e {
+        ServiceError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::FORBIDDEN,
+    };
+    simple(status, json!({"decision": "block", "reason": "decision_failed", "detail": e.to_string()}))
+}
+
+pub(super) fn simple(status: StatusCode, body: Value) -> Response<ProxyBody> {
+    let mut text = body.to_string();
+    text.push('\n');
+    let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+fn boxed_incoming(b: Incoming) -> ProxyBody {
+    b.map_err(|e| Box::new(e) as BoxError).boxed()
+}
+
+/// Reads at most [`meter::MAX_REQUEST_SCAN`] bytes of the body to estimate a metered cost, then
+/// gives back a body that replays them before the rest.
+async fn metered_estimate(
+    req: Request<Incoming>,
+    spec: &policy::MeterSpec,
+) -> Result<(Request<ProxyBody>, u64), hyper::Error> {
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok());
+    let (parts, mut body) = req.into_parts();
+    let mut prefix: Vec<Bytes> = Vec::new();
+    let mut seen = 0usize;
+    let mut trailers = None;
+    let mut ended = false;
+    while seen < meter::MAX_REQUEST_SCAN {
+        match body.frame().await {
+            None => {
+                ended = true;
+                break;
+            }
+            Some(frame) => {
+                let frame = frame?;
+                match frame.into_data() {
+                    Ok(data) => {
+                        seen += data.len();
+                        prefix.push(data);
+                    }
+                    Err(frame) => {
+                        trailers = frame.into_trailers().ok();
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let mut scan = Vec::with_capacity(seen.min(meter::MAX_REQUEST_SCAN));
+    for chunk in &prefix {
+        let room = meter::MAX_REQUEST_SCAN.saturating_sub(scan.len());
+        scan.extend_from_slice(chunk.get(..chunk.len().min(room)).unwrap_or_default());
+    }
+    let total = declared.unwrap_or(seen as u64).max(seen as u64);
+    let cost = meter::estimate_with_len(spec, &scan, total);
+    let body = Replay { prefix: prefix.into(), trailers, rest: if ended { None } else { Some(body) } };
+    Ok((Request::from_parts(parts, body.boxed()), cost))
+}
+
+/// A body that yields buffered chunks, then whatever remains of the original body.
+struct Replay {
+    prefix: std::collections::VecDeque<Bytes>,
+    trailers: Option<HeaderMap>,
+    rest: Option<Incoming>,
+}
+
+impl Body for Replay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(chunk) = this.prefix.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
+        }
+        if let Some(t) = this.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        match &mut this.rest {
+            None => Poll::Ready(None),
+            Some(rest) => Pin::new(rest).poll_frame(cx).map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_empty() && self.trailers.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let buffered: u64 = self.prefix.iter().map(|b| b.len() as u64).sum();
+        let mut hint = self.rest.as_ref().map(Body::size_hint).unwrap_or_else(|| SizeHint::with_exact(0));
+        hint.set_lower(hint.lower().saturating_add(buffered));
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper.saturating_add(buffered));
+        }
+        hint
+    }
+}
+
+/// CONNECT opens a tunnel the proxy cannot look into, so it is refused unless a `[[raw_tcp]]`
+/// host policy allows the target name and port (never 80 or 443: those are HTTP, inspected).
+/// Allowed: decided like any request (the rule's action and cost), answered `200`, then the
+/// tunnel is spliced to the address the daemon resolves for the name.
+async fn connect(
+    proxy: &Arc<Proxy>,
+    info: &ConnInfo,
+    host: &DomainName,
+    port: Option<u16>,
+    mut req: Request<Incoming>,
+    path: &str,
+) -> Response<ProxyBody> {
+    let method = Method::CONNECT;
+    let policy = proxy.policy.current();
+    let rule = port.and_then(|p| policy.raw_tcp(Some(host), p));
+    let (Some(rule), Some(port)) = (rule, port) else {
+        let r = Refusal {
+            reason: reason::CONNECT_DENIED,
+            detail: format!(
+                "CONNECT {path} would open a tunnel the proxy cannot inspect, and no [[raw_tcp]] host policy \
+                 allows it. Send the HTTP requests themselves."
+            ),
+        };
+        return refuse(proxy, info, Some(host), policy::SEND_ACTION, &method, path, r).await;
+    };
+    let input = EnforceInput {
+        passport_id: info.passport_id.clone(),
+        action: rule.action.to_string(),
+        cost_cents: rule.cost_cents,
+        target: Some(host.to_string()),
+        method: Some(method.to_string()),
+        path: Some(path.to_string()),
+    };
+    let verdict = host_verdict(policy.host_check(host, rule.cost_cents));
+    let outcome = match proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await {
+        Ok(o) => o,
+        Err(e) => return service_failure(&e),
+    };
+    let attestation = match outcome.decision {
+        Decision::Allow => outcome.attestation_id,
+        Decision::Block => {
+            inc(&proxy.stats.blocked);
+            return decision_response(&outcome.json, outcome.attestation_id);
+        }
+        Decision::RequestHold => {
+            inc(&proxy.stats.held);
+            let Some(id) = outcome.hold_id else { return decision_response(&outcome.json, outcome.attestation_id) };
+            let held = proxy.service.wait_hold(&id).await;
+            if held.decision != Decision::Allow {
+                inc(&proxy.stats.blocked);
+                return decision_response(&held.json, outcome.attestation_id);
+            }
+            outcome.attestation_id
+        }
+    };
+    let upstream = match super::upstream::dial(&proxy.resolver, host, port).await {
+        Ok((s, _)) => s,
+        Err(e) => return upstream_failure(proxy, info, host, attestation, e.kind(), &e.to_string()).await,
+    };
+    inc(&proxy.stats.forwarded);
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(tunnel) => {
+                let (mut a, mut u) = (TokioIo::new(tunnel), upstream);
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut u).await;
+            }
+            Err(e) => tracing::info!(error = %e, "CONNECT tunnel was not established"),
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
+    if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
+        resp.headers_mut().insert(HeaderName::from_static(DECISION_HEADER), v);
+    }
+    resp
+}
+
+/// Connection-level headers (RFC 9110 §7.6.1) and the proxy-only ones: never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && *n == header::UPGRADE))
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in &HOP_BY_HOP {
+        headers.remove(n);
+    }
+    headers.remove(HeaderName::from_static("proxy-connection"));
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Sends an allowed request to the real service and streams its response back.
+async fn forward(
+    proxy: &Proxy,
+    info: &ConnInfo,
+    host: &DomainName,
+    mut req: Request<ProxyBody>,
+    upgrade: bool,
+    attestation: u64,
+) -> Response<ProxyBody> {
+    let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let scheme = if info.tls { "https" } else { "http" };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let uri = match format!("{scheme}://{host}:{}{path}", info.dialed.port()).parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(e) => {
+            return upstream_failure(proxy, info, host, attestation, "uri", &format!("bad upstream URI: {e}")).await
+        }
+    };
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    parts.headers.remove(header::HOST); // the client sets it (or :authority) from the URI
+    let req = Request::from_parts(parts, body);
+    let sent = if upgrade { proxy.upstream.send_h1(req).await } else { proxy.upstream.send(req).await };
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err(e) => {
+            let detail = error_chain(&e);
+            let kind = if e.is_connect() { "connect" } else { "http" };
+            return upstream_failure(proxy, info, host, attestation, kind, &detail).await;
+        }
+    };
+    inc(&proxy.stats.forwarded);
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if switching {
+        if let Some(agent) = agent_upgrade {
+            let upstream = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(agent, upstream) {
+                    Ok((a, u)) => {
+                        let (mut a, mut u) = (TokioIo::new(a), TokioIo::new(u));
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut u).await;
+                    }
+                    Err(e) => tracing::info!(error = %e, "protocol upgrade failed"),
+                }
+            });
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, switching && upgrade);
+    if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
+        parts.headers.insert(HeaderName::from_static(DECISION_HEADER), v);
+    }
+    // Settlement of metered costs from the response's usage fields hooks in here (issue 6):
+    // wrap `body` with a `meter::UsageScanner` tap and settle when it ends.
+    Response::from_parts(parts, boxed_incoming(body))
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// `502` with a JSON body; the failure is attested (the allow decision before it already is).
+async fn upstream_failure(
+    proxy: &Proxy,
+    info: &ConnInfo,
+    host: &DomainName,
+    attestation: u64,
+    kind: &'static str,
+    detail: &str,
+) -> Response<ProxyBody> {
+    inc(&proxy.stats.upstream_errors);
+    crate::metrics::global().upstream_error(kind);
+    tracing::warn!(%host, error = %detail, "upstream request failed");
+    let event = json!({
+        "passport_id": info.passport_id, "host": host.to_string(), "port": info.dialed.port(),
+        "decision_attestation_id": attestation, "error": detail,
+    });
+    let recorded = proxy.service.record_host_event("upstream_error", event).await.ok();
+    simple(
+        StatusCode::BAD_GATEWAY,
+        json!({
+            "error": "upstream_failed",
+            "detail": format!("The request was allowed (attestation {attestation}) but {host} could not be reached: {detail}"),
+            "host": host.to_string(),
+            "decision_attestation_id": attestation,
+            "attestation_id": recorded,
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("proxy-authorization", HeaderValue::from_static("x"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn upgrade_headers_survive_when_upgrading() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+
+    #[test]
+    fn decision_header_is_one_token() {
+        let r = decision_response(&json!({"reason": "domain_not_allowed"}), 7);
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=domain_not_allowed; attestation=7");
+        let r = decision_response(&json!({"reason": "x; evil=1\r\n"}), 1);
+        assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=x__evil_1__; attestation=1");
+    }
+}
