@@ -159,7 +159,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if o.destdir.is_none() {
         eprintln!(
             "xtask: next, as root: systemd-sysusers sluice.conf && systemctl daemon-reload\n\
-             xtask: then follow "Run under systemd" in README.md ({}/share/doc/sluice/README.md)",
+             xtask: then follow the section \"Run under systemd\" of README.md ({}/share/doc/sluice/README.md)",
             o.prefix.display()
         );
     }
