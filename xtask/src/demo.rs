@@ -96,7 +96,7 @@ pub fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     daemon_steps(&bin, &dir.0)?;
-    println!("\nDemo complete. (The intercepting proxy joins this demo when it lands.)");
+    println!("\nDemo complete. (A mock LLM API with metered spend joins this demo with issue 6.)");
     Ok(())
 }
 
@@ -202,18 +202,39 @@ fn daemon_steps(bin: &Path, dir: &Path) -> anyhow::Result<()> {
     }
     println!("daemon ready; eBPF programs pinned, agents' cgroup {name}");
 
-    step(7, "Run an agent that ignores every proxy setting and dials 127.0.0.77 directly");
+    step(7, "Run an agent that ignores every proxy setting: it resolves names and dials 127.0.0.77 directly");
     let canary = std::net::TcpListener::bind("127.0.0.77:0")?;
     canary.set_nonblocking(true)?;
     let port = canary.local_addr()?.port();
     let script = format!(
-        "import socket\ns=socket.create_connection(('127.0.0.77',{port}),timeout=5)\nprint('agent thinks it reached', s.getpeername(), 'and got', s.recv(10))"
+        r#"import socket
+for name in ("api.openai.com", "exfil.example.net"):
+    try:
+        print("agent: DNS", name, "->", socket.getaddrinfo(name, 443, socket.AF_INET)[0][4][0])
+    except socket.gaierror as e:
+        print("agent: DNS", name, "->", e)
+s = socket.create_connection(("127.0.0.77", {port}), timeout=20)
+s.sendall(b"GET /steal HTTP/1.1\r\nHost: 127.0.0.77\r\nConnection: close\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+head, _, body = data.decode(errors="replace").partition("\r\n\r\n")
+print("agent: got", head.splitlines()[0])
+print("agent: body", body[:300])
+"#
     );
     must(cli(&["run", "--passport", &d("shopper.jwt"), "--", "python3", "-c", &script])?)?;
     let reached = canary.accept().is_ok();
     println!(
         "-> the outside listener was {}",
-        if reached { "REACHED (bug!)" } else { "never reached: the kernel sent the connection to sluice" }
+        if reached {
+            "REACHED (bug!)"
+        } else {
+            "never reached: the kernel sent the connection to sluice, which refused it"
+        }
     );
     if reached {
         bail!("the agent's connection escaped the redirect");
