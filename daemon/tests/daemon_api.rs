@@ -328,3 +328,45 @@ fn l3_passports_register_only_with_proof_of_possession() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), i.id);
 }
+
+#[test]
+fn host_policy_denials_and_cel_rules_bind_api_decisions_and_records_carry_the_policy_digest() {
+    let d = TestDaemon::start("");
+    let policies = d.dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("host.toml"),
+        "[host]\ndeny_domains = [\"pastebin.example\"]\n\n[[host.rule]]\nexpr = \"cost_cents > 100\"\ndecision = \"request_hold\"\nreason = \"costly_action\"\n\n[[host.rule]]\nexpr = \"request.method == 'DELETE' || action == 'files:delete'\"\ndecision = \"block\"\nreason = \"no_deletes\"\n",
+    )
+    .unwrap();
+    let mut d = d;
+    d.kill();
+    d.spawn();
+    let i = issue(d.dir.path(), "hosted", &["--permission", "*"]);
+    register(&d, &i);
+    let v = enforce(&d, &i.id, "web:fetch", 0, Some("pastebin.example"));
+    assert_eq!((v["decision"].as_str(), v["reason"].as_str()), (Some("block"), Some("policy_denied")), "{v}");
+    let v = enforce(&d, &i.id, "llm:chat", 150, Some("api.example.test"));
+    assert_eq!((v["decision"].as_str(), v["reason"].as_str()), (Some("request_hold"), Some("costly_action")), "{v}");
+    let v = enforce(&d, &i.id, "files:delete", 0, Some("api.example.test"));
+    assert_eq!((v["decision"].as_str(), v["reason"].as_str()), (Some("block"), Some("no_deletes")), "{v}");
+    let v = enforce(&d, &i.id, "llm:chat", 50, Some("api.example.test"));
+    assert_eq!(v["decision"], "allow", "{v}");
+    let (_, recs) = d.call("GET", &format!("/v1/attestations?passport_id={}", i.id), None).unwrap();
+    let decisions: Vec<Value> =
+        recs["records"].as_array().unwrap().iter().map(record).filter(|r| r["kind"] == "decision").collect();
+    assert_eq!(decisions.len(), 4);
+    for r in &decisions {
+        assert!(r["policy_digest"].as_str().is_some_and(|s| s.starts_with("sha256:")), "{r}");
+    }
+    // A host rule that does not compile stops the daemon from starting, naming file and line.
+    std::fs::write(
+        policies.join("bad.toml"),
+        "[host]\n[[host.rule]]\nexpr = \"cost_cents >\"\ndecision = \"block\"\nreason = \"broken\"\n",
+    )
+    .unwrap();
+    d.kill();
+    let out = d.cli(&["daemon"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("bad.toml:3"), "{}", stderr(&out));
+}

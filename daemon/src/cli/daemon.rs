@@ -111,6 +111,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         },
     )
     .await?;
+    service.set_policy(host_policy.clone());
     // The sandbox check compares /proc/PID/cgroup paths: use the agents' cgroup as attached
     // (it may be a systemd slice rather than the configured name).
     let agents_rel = match &enforcer {

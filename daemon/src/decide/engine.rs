@@ -241,7 +241,29 @@ pub fn evaluate(
         }
     }
 
-    // 11. CEL rules.
+    // 11. CEL rules: the host's first (they bind every agent), then the passport's.
+    if let Some(host_rules) = opts.host_rules.as_deref().filter(|r| !r.is_empty()) {
+        let input = RuleInput { passport: &p.passport, request: req, window, spend, daily, now };
+        match host_rules.evaluate(&input, opts.skip_approval) {
+            RulesOutcome::NoMatch { .. } => {}
+            RulesOutcome::Matched { index, decision, reason: r, expr } => {
+                let (decision, what) = match decision {
+                    RuleDecision::Block => (Decision::Block, "blocks"),
+                    RuleDecision::RequestHold => (Decision::RequestHold, "holds for approval"),
+                };
+                let detail = format!("Host policy rule {index} ({r}) {what} this request: {}", echo(&expr));
+                return run.stop(decision, &r, guardrail::CEL_RULES, detail);
+            }
+            RulesOutcome::Error { index, reason: r, expr, message } => {
+                let detail = format!(
+                    "Host policy rule {index} ({r}) could not be evaluated, so the request is blocked: {}. Expression: {}",
+                    echo(&message),
+                    echo(&expr)
+                );
+                return run.block(reason::POLICY_ERROR, guardrail::CEL_RULES, detail);
+            }
+        }
+    }
     let rules = p.rules();
     if rules.is_empty() {
         run.pass(guardrail::CEL_RULES, "no rules".to_string());

@@ -192,11 +192,14 @@ pub struct Guardrail {
 }
 
 /// Options for one evaluation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct EvalOptions {
     /// The request was held and an operator approved it: re-check every limit, but not the
     /// approval steps (see the module doc).
     pub skip_approval: bool,
+    /// The host policy's `[[host.rule]]` CEL rules, compiled when the policy loaded. They bind
+    /// every agent and are evaluated (same context) before the passport's own rules.
+    pub host_rules: Option<std::sync::Arc<CompiledRules>>,
 }
 
 /// The decision and everything the daemon records with it.

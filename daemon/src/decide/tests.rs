@@ -438,30 +438,33 @@ fn approving_a_hold_rechecks_every_limit_but_not_the_approval() {
     assert_eq!((held.decision, held.reason.as_str()), (Decision::RequestHold, "approval_threshold_exceeded"));
     assert!(held.usage_to_persist().is_none());
 
-    let approve = EvalOptions { skip_approval: true };
+    let approve = EvalOptions { skip_approval: true, ..Default::default() };
     let later = t0() + chrono::TimeDelta::seconds(60);
-    let e = evaluate(&p, &u, &req("llm:chat", 2000), &HostVerdict::Allow, later, approve);
+    let e = evaluate(&p, &u, &req("llm:chat", 2000), &HostVerdict::Allow, later, approve.clone());
     assert_eq!(e.decision, Decision::Allow);
     assert_eq!(e.guardrails.last().unwrap().detail, "approved by an operator");
     assert_eq!(e.usage_to_persist().unwrap().daily.unwrap().spent_cents, 3000);
 
     // While the request waited, other requests spent the budget: the approval does not bypass it.
     let meanwhile = spent(SpendWindow::Daily, 4000, t0());
-    let e = evaluate(&p, &meanwhile, &req("llm:chat", 2000), &HostVerdict::Allow, later, approve);
+    let e = evaluate(&p, &meanwhile, &req("llm:chat", 2000), &HostVerdict::Allow, later, approve.clone());
     assert_eq!(e.reason, "spend_limit_exceeded");
 
     // A CEL hold rule is an approval step too; a CEL block rule still applies.
     let train = req("llm:train", 0);
     assert_eq!(eval(&p, &u, &train, t0()).reason, "training_needs_approval");
-    let e = evaluate(&p, &u, &train, &HostVerdict::Allow, later, approve);
+    let e = evaluate(&p, &u, &train, &HostVerdict::Allow, later, approve.clone());
     assert_eq!(e.decision, Decision::Allow);
     assert_eq!(e.guardrails[10].detail, "1 of 2 rules evaluated, none matched");
     let admin = ActionRequest { path: Some("/admin/users".into()), ..req("llm:train", 0) };
-    assert_eq!(evaluate(&p, &u, &admin, &HostVerdict::Allow, later, approve).reason, "no_admin");
+    assert_eq!(evaluate(&p, &u, &admin, &HostVerdict::Allow, later, approve.clone()).reason, "no_admin");
 
     // The approval step itself: required approval is passed on approval.
     let p = passport(json!({"core:approval:required": true}));
-    assert_eq!(evaluate(&p, &u, &req("llm:chat", 0), &HostVerdict::Allow, later, approve).decision, Decision::Allow);
+    assert_eq!(
+        evaluate(&p, &u, &req("llm:chat", 0), &HostVerdict::Allow, later, approve.clone()).decision,
+        Decision::Allow
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -135,10 +135,20 @@ pub(crate) fn build(files: &[(PathBuf, String)]) -> Result<PolicySet, Vec<Policy
             }
         }
     }
+    // Host rules are compiled here, once per load, so that a rule that does not compile is a
+    // policy error with its file and line, and a loaded policy always enforces all of its rules.
+    let compiled_rules = match compile_host_rules(&b.rules) {
+        Ok(c) => c,
+        Err(e) => {
+            b.errors.push(e);
+            None
+        }
+    };
     if !b.errors.is_empty() {
         return Err(b.errors);
     }
     Ok(PolicySet {
+        compiled_rules,
         digest: digest_of(files),
         files: files.len(),
         services: b.services,
@@ -150,6 +160,31 @@ pub(crate) fn build(files: &[(PathBuf, String)]) -> Result<PolicySet, Vec<Policy
         raw_tcp: b.raw_tcp,
         fetch: Arc::from(FETCH_ACTION),
         send: Arc::from(SEND_ACTION),
+    })
+}
+
+fn compile_host_rules(rules: &[HostCelRule]) -> Result<Option<Arc<crate::decide::CompiledRules>>, PolicyError> {
+    if rules.is_empty() {
+        return Ok(None);
+    }
+    let cel: Vec<crate::passport::constraints::CelRule> = rules
+        .iter()
+        .map(|r| crate::passport::constraints::CelRule {
+            expr: r.expr.clone(),
+            decision: r.decision,
+            reason: r.reason.clone(),
+        })
+        .collect();
+    crate::decide::CompiledRules::compile(&cel).map(|c| Some(Arc::new(c))).map_err(|e| {
+        let at = rules.get(e.index);
+        PolicyError {
+            kind: PolicyErrorKind::Invalid,
+            file: at.map(|r| r.file.clone()).unwrap_or_default(),
+            line: at.map(|r| r.line).unwrap_or(0),
+            column: 0,
+            field: "host.rule.expr".into(),
+            message: format!("does not compile: {}", e.message.replace('\n', " ")),
+        }
     })
 }
 

@@ -113,6 +113,15 @@ pub enum HostVerdict {
     Deny { reason: String, detail: String },
 }
 
+impl From<HostVerdict> for crate::decide::HostVerdict {
+    fn from(v: HostVerdict) -> Self {
+        match v {
+            HostVerdict::Allow => crate::decide::HostVerdict::Allow,
+            HostVerdict::Deny { reason, detail } => crate::decide::HostVerdict::Deny { reason, detail },
+        }
+    }
+}
+
 /// A `[[host.rule]]` entry. The decision engine compiles `expr`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostCelRule {
@@ -230,6 +239,8 @@ pub struct PolicySet {
     deny_index: DomainIndex,
     ceilings: Vec<Ceiling>,
     rules: Vec<HostCelRule>,
+    /// `rules`, compiled for the decision engine when the set was built.
+    compiled_rules: Option<Arc<crate::decide::CompiledRules>>,
     raw_tcp: Vec<RawTcpRule>,
     fetch: Arc<str>,
     send: Arc<str>,
@@ -247,6 +258,7 @@ impl PolicySet {
             deny_index: DomainIndex::default(),
             ceilings: Vec::new(),
             rules: Vec::new(),
+            compiled_rules: None,
             raw_tcp: Vec::new(),
             fetch: Arc::from(FETCH_ACTION),
             send: Arc::from(SEND_ACTION),
@@ -348,6 +360,11 @@ impl PolicySet {
     }
 
     /// Host-wide CEL rules, in file order.
+    /// The host rules compiled for [`crate::decide::EvalOptions::host_rules`]; `None` without rules.
+    pub fn compiled_host_rules(&self) -> Option<Arc<crate::decide::CompiledRules>> {
+        self.compiled_rules.clone()
+    }
+
     pub fn host_rules(&self) -> &[HostCelRule] {
         &self.rules
     }

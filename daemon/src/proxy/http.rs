@@ -235,10 +235,7 @@ fn default_action(method: &Method) -> &'static str {
 }
 
 fn host_verdict(v: policy::HostVerdict) -> decide::HostVerdict {
-    match v {
-        policy::HostVerdict::Allow => decide::HostVerdict::Allow,
-        policy::HostVerdict::Deny { reason, detail } => decide::HostVerdict::Deny { reason, detail },
-    }
+    v.into()
 }
 
 /// Records a proxy refusal as a decision (host-policy denial with the refusal's reason) and

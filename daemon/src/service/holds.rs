@@ -237,6 +237,8 @@ impl Service {
         let hold = self.load_hold(id)?;
         let cp = self.passport(&hold.passport_id);
         let revoked = self.is_revoked(&hold.passport_id);
+        let digest = self.policy_digest();
+        let host_rules = self.host_rules();
         let key = format!("hold/{id}");
         let (outcome, appended) = self
             .transact(move |txn: &mut Txn<'_>| {
@@ -266,7 +268,7 @@ impl Service {
                 };
                 let (built, status, by, note) = match how {
                     Resolution::Approve(peer, note) => {
-                        let built = approve_in_txn(txn, &cp, &request, revoked, at)?;
+                        let built = approve_in_txn(txn, &cp, &request, revoked, at, host_rules)?;
                         let status =
                             if built.decision == Decision::Allow { HoldStatus::Approved } else { HoldStatus::Denied };
                         (built, status, peer.to_json(), note)
@@ -293,7 +295,16 @@ impl Service {
                         )
                     }
                 };
-                let body = records::hold_resolution(claims, &hold, &request, &built, by.clone(), note.clone(), at);
+                let body = records::hold_resolution(
+                    claims,
+                    &hold,
+                    &request,
+                    &built,
+                    by.clone(),
+                    note.clone(),
+                    digest.as_deref(),
+                    at,
+                );
                 hold.status = status;
                 hold.resolution =
                     Some(json!({"at": records::time(at), "by": by, "note": note, "reason": built.reason}));
@@ -342,6 +353,7 @@ fn approve_in_txn(
     request: &ActionRequest,
     revoked: bool,
     at: DateTime<Utc>,
+    host_rules: Option<std::sync::Arc<decide::CompiledRules>>,
 ) -> Result<Built, TxnError> {
     let claims = &cp.passport.claims;
     let id = claims.id.to_string();
@@ -356,7 +368,8 @@ fn approve_in_txn(
             Err(e) => return Ok(Built::state_error(claims, &e.to_string(), at)),
         },
     };
-    let eval = decide::evaluate(cp, &usage, request, &HostVerdict::Allow, at, EvalOptions { skip_approval: true });
+    let eval =
+        decide::evaluate(cp, &usage, request, &HostVerdict::Allow, at, EvalOptions { skip_approval: true, host_rules });
     let mut built = Built::from_eval(&eval, claims, at);
     if eval.decision == Decision::Allow {
         built.reason = "hold_approved".into();

@@ -125,6 +125,9 @@ pub struct Service {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<HoldOutcome>>>>,
     /// Live sandboxes by cgroup id.
     sandboxes: RwLock<HashMap<u64, Sandbox>>,
+    /// The host policy in force, when the daemon has one: its digest goes into every decision
+    /// record, and API decisions get its host-wide check.
+    policy: RwLock<Option<Arc<crate::policy::PolicyHandle>>>,
 }
 
 /// Revocations as the ledger's state knows them, for the passport verifier.
@@ -172,6 +175,7 @@ impl Service {
             revoked: RwLock::new(revoked),
             waiters: Mutex::new(HashMap::new()),
             sandboxes: RwLock::new(HashMap::new()),
+            policy: RwLock::new(None),
         });
         service
             .record_host_event("daemon_start", json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}))
@@ -183,6 +187,23 @@ impl Service {
 
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Tells the service which host policy is in force (it follows reloads by itself).
+    pub fn set_policy(&self, policy: Arc<crate::policy::PolicyHandle>) {
+        if let Ok(mut p) = self.policy.write() {
+            *p = Some(policy);
+        }
+    }
+
+    /// The host policy's compiled CEL rules, if any.
+    pub(crate) fn host_rules(&self) -> Option<Arc<crate::decide::CompiledRules>> {
+        self.policy.read().ok()?.as_ref().and_then(|p| p.current().compiled_host_rules())
+    }
+
+    /// The digest of the host policy in force, for records.
+    pub(crate) fn policy_digest(&self) -> Option<String> {
+        self.policy.read().ok()?.as_ref().map(|p| p.current().digest())
     }
 
     fn self_arc(&self) -> Option<Arc<Service>> {
@@ -361,8 +382,14 @@ impl Service {
     }
 
     /// Decides one action and makes the decision durable. Blocks are successful outcomes.
+    /// API decisions get the host-wide policy check (denied domains, ceilings) for their target.
     pub async fn enforce(&self, input: EnforceInput) -> Result<Value, ServiceError> {
-        self.enforce_outcome(input, HoldOrigin::Api, HostVerdict::Allow).await.map(|o| o.json)
+        let verdict =
+            match (input.target.as_deref().map(DomainName::parse), self.policy.read().ok().and_then(|p| p.clone())) {
+                (Some(Ok(host)), Some(policy)) => policy.current().host_check(&host, input.cost_cents).into(),
+                _ => HostVerdict::Allow,
+            };
+        self.enforce_outcome(input, HoldOrigin::Api, verdict).await.map(|o| o.json)
     }
 
     /// As [`Service::enforce`], returning the full outcome (the proxy waits on holds).
@@ -391,6 +418,8 @@ impl Service {
         let agent_id = compiled.as_ref().map(|cp| cp.passport.claims.agent_id.clone());
         let revoked = self.is_revoked(pid.as_str());
         let hold_timeout = self.config.hold_timeout;
+        let digest = self.policy_digest();
+        let host_rules = self.host_rules();
         let (outcome, appended) = self
             .transact(move |txn: &mut Txn<'_>| {
                 let at = now();
@@ -398,7 +427,19 @@ impl Service {
                     let body = records::unknown_passport(&pid, &request, at);
                     return Ok((records::Built::block_unknown(&pid, at), vec![Draft::new(pid.to_string(), body)]));
                 };
-                decide_in_txn(txn, &cp, &request, &host_verdict, revoked, at, origin, hold_timeout)
+                let opts = EvalOptions { skip_approval: false, host_rules };
+                decide_in_txn(
+                    txn,
+                    &cp,
+                    &request,
+                    &host_verdict,
+                    revoked,
+                    at,
+                    origin,
+                    hold_timeout,
+                    digest.as_deref(),
+                    opts,
+                )
             })
             .await?;
         let index = appended.first().map(|a| a.index).unwrap_or_default();
@@ -575,13 +616,15 @@ fn decide_in_txn(
     at: DateTime<Utc>,
     origin: HoldOrigin,
     hold_timeout: Duration,
+    policy_digest: Option<&str>,
+    opts: EvalOptions,
 ) -> Result<(records::Built, Vec<Draft>), TxnError> {
     let claims = &cp.passport.claims;
     let id = claims.id.to_string();
     let usage_key = format!("usage/{id}");
     if revoked || txn.get(&format!("revoked/{id}"))?.is_some() {
         let built = records::Built::revoked(claims, at);
-        let body = records::decision(claims, request, &built, at);
+        let body = records::decision(claims, request, &built, policy_digest, at);
         return Ok((built, vec![Draft::new(id, body)]));
     }
     let usage = match txn.get(&usage_key)? {
@@ -592,12 +635,12 @@ fn decide_in_txn(
                 // Corrupt counters must never read as zero spend: block, loudly.
                 tracing::error!(passport_id = %id, error = %e, "usage state is unreadable; blocking");
                 let built = records::Built::state_error(claims, &e.to_string(), at);
-                let body = records::decision(claims, request, &built, at);
+                let body = records::decision(claims, request, &built, policy_digest, at);
                 return Ok((built, vec![Draft::new(id, body)]));
             }
         },
     };
-    let eval = decide::evaluate(cp, &usage, request, host_verdict, at, EvalOptions::default());
+    let eval = decide::evaluate(cp, &usage, request, host_verdict, at, opts);
     let mut built = records::Built::from_eval(&eval, claims, at);
     match eval.decision {
         decide::Decision::Allow => {
@@ -610,6 +653,6 @@ fn decide_in_txn(
         }
         decide::Decision::Block => {}
     }
-    let body = records::decision(claims, request, &built, at);
+    let body = records::decision(claims, request, &built, policy_digest, at);
     Ok((built, vec![Draft::new(id, body)]))
 }

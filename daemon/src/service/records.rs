@@ -162,12 +162,19 @@ fn request_fields(m: &mut Map<String, Value>, request: &ActionRequest) {
 }
 
 /// A decision record.
-pub fn decision(claims: &Claims, request: &ActionRequest, built: &Built, at: DateTime<Utc>) -> Map<String, Value> {
+/// `policy_digest` is the digest of the host policy in force (null when the daemon has none).
+pub fn decision(
+    claims: &Claims,
+    request: &ActionRequest,
+    built: &Built,
+    policy_digest: Option<&str>,
+    at: DateTime<Utc>,
+) -> Map<String, Value> {
     let mut m = base("decision", Some(claims), at);
     m.insert("decision".into(), built.decision.as_str().into());
     m.insert("reason".into(), built.reason.clone().into());
     m.insert("detail".into(), built.detail.clone().into());
-    m.insert("policy_digest".into(), Value::Null);
+    m.insert("policy_digest".into(), policy_digest.into());
     request_fields(&mut m, request);
     if let Some(s) = &built.spend {
         s.write(&mut m);
@@ -222,6 +229,7 @@ pub fn hold_resolution(
     built: &Built,
     by: Value,
     note: Option<String>,
+    policy_digest: Option<&str>,
     at: DateTime<Utc>,
 ) -> Map<String, Value> {
     let mut m = base("hold_resolution", Some(claims), at);
@@ -232,7 +240,7 @@ pub fn hold_resolution(
     m.insert("detail".into(), built.detail.clone().into());
     m.insert("by".into(), by);
     m.insert("note".into(), note.into());
-    m.insert("policy_digest".into(), Value::Null);
+    m.insert("policy_digest".into(), policy_digest.into());
     request_fields(&mut m, request);
     if let Some(s) = &built.spend {
         s.write(&mut m);
