@@ -303,6 +303,7 @@ fn verify_root(units: &[(&str, String)]) -> tempfile::TempDir {
         std::fs::copy(bin(), usr_bin.join("sluice")).unwrap();
     }
     std::fs::copy("/usr/bin/env", usr_bin.join("env")).unwrap();
+    std::fs::copy("/usr/bin/kill", usr_bin.join("kill")).unwrap();
     root
 }
 

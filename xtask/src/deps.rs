@@ -19,6 +19,8 @@ const NEEDS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     // `systemd-analyze verify` checks the shipped units (daemon/tests/ops.rs).
     ("systemd-analyze", "systemd"),
+    // sluice.service reloads with /usr/bin/kill -HUP.
+    ("/usr/bin/kill", "procps"),
 ];
 
 fn present(what: &str) -> bool {
