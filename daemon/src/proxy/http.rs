@@ -193,20 +193,37 @@ async fn handle(
         method: Some(method.to_string()),
         path: Some(path.clone()),
     };
+    let attestation = match decide_or_answer(&proxy, input, verdict, &host, &path).await {
+        Ok(a) => a,
+        Err(answer) => return answer,
+    };
+    forward(&proxy, &info, &host, req, upgrade, attestation).await
+}
+
+/// Decides one request (durably) and settles a hold by waiting on it. `Ok` carries the attestation
+/// that lets the request go ahead (the allow decision, or the approved hold's resolution); `Err`
+/// is the answer to give instead: `403` with the decision JSON, or `503` if the store failed.
+async fn decide_or_answer(
+    proxy: &Proxy,
+    input: EnforceInput,
+    verdict: decide::HostVerdict,
+    host: &DomainName,
+    path: &str,
+) -> Result<u64, Response<ProxyBody>> {
     let outcome = match proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await {
         Ok(o) => o,
-        Err(e) => return service_failure(&e),
+        Err(e) => return Err(service_failure(&e)),
     };
-    let attestation = match outcome.decision {
-        Decision::Allow => outcome.attestation_id,
+    match outcome.decision {
+        Decision::Allow => Ok(outcome.attestation_id),
         Decision::Block => {
             inc(&proxy.stats.blocked);
-            return decision_response(&outcome.json, outcome.attestation_id);
+            Err(decision_response(&outcome.json, outcome.attestation_id))
         }
         Decision::RequestHold => {
             inc(&proxy.stats.held);
             let Some(hold_id) = outcome.hold_id else {
-                return decision_response(&outcome.json, outcome.attestation_id);
+                return Err(decision_response(&outcome.json, outcome.attestation_id));
             };
             tracing::info!(%hold_id, %host, %path, "request held for approval");
             let held = proxy.service.wait_hold(&hold_id).await;
@@ -218,12 +235,11 @@ async fn handle(
                     m.entry("decision").or_insert_with(|| "block".into());
                     m.entry("approval_request_id").or_insert_with(|| hold_id.clone().into());
                 }
-                return decision_response(&body, id);
+                return Err(decision_response(&body, id));
             }
-            id
+            Ok(id)
         }
-    };
-    forward(&proxy, &info, &host, req, upgrade, attestation).await
+    }
 }
 
 fn default_action(method: &Method) -> &'static str {
@@ -452,26 +468,9 @@ async fn connect(
         path: Some(path.to_string()),
     };
     let verdict = host_verdict(policy.host_check(host, rule.cost_cents));
-    let outcome = match proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await {
-        Ok(o) => o,
-        Err(e) => return service_failure(&e),
-    };
-    let attestation = match outcome.decision {
-        Decision::Allow => outcome.attestation_id,
-        Decision::Block => {
-            inc(&proxy.stats.blocked);
-            return decision_response(&outcome.json, outcome.attestation_id);
-        }
-        Decision::RequestHold => {
-            inc(&proxy.stats.held);
-            let Some(id) = outcome.hold_id else { return decision_response(&outcome.json, outcome.attestation_id) };
-            let held = proxy.service.wait_hold(&id).await;
-            if held.decision != Decision::Allow {
-                inc(&proxy.stats.blocked);
-                return decision_response(&held.json, outcome.attestation_id);
-            }
-            outcome.attestation_id
-        }
+    let attestation = match decide_or_answer(proxy, input, verdict, host, path).await {
+        Ok(a) => a,
+        Err(answer) => return answer,
     };
     let upstream = match super::upstream::dial(&proxy.resolver, host, port).await {
         Ok((s, _)) => s,
