@@ -223,7 +223,17 @@ async fn handle(
             id
         }
     };
-    forward(&proxy, &info, &host, req, upgrade, attestation).await
+    let metering = match &route.cost {
+        Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_cents: cost }),
+        Cost::Fixed(_) => None,
+    };
+    forward(&proxy, &info, &host, req, upgrade, attestation, metering).await
+}
+
+/// A metered route's estimate, settled from the response (issue 6; see [`super::metered`]).
+struct Metering {
+    spec: Arc<policy::MeterSpec>,
+    estimate_cents: u64,
 }
 
 fn default_action(method: &Method) -> &'static str {
@@ -540,6 +550,7 @@ async fn forward(
     mut req: Request<ProxyBody>,
     upgrade: bool,
     attestation: u64,
+    metering: Option<Metering>,
 ) -> Response<ProxyBody> {
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -586,9 +597,20 @@ async fn forward(
     if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
         parts.headers.insert(HeaderName::from_static(DECISION_HEADER), v);
     }
-    // Settlement of metered costs from the response's usage fields hooks in here (issue 6):
-    // wrap `body` with a `meter::UsageScanner` tap and settle when it ends.
-    Response::from_parts(parts, boxed_incoming(body))
+    let body = boxed_incoming(body);
+    let body = match metering {
+        // The usage fields are read as the frames pass; the cost settles when the body ends.
+        Some(m) => super::metered::settle_on_end(
+            body,
+            m.spec,
+            proxy.service.clone(),
+            attestation,
+            info.passport_id.clone(),
+            m.estimate_cents,
+        ),
+        None => body,
+    };
+    Response::from_parts(parts, body)
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
