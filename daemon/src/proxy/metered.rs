@@ -246,4 +246,65 @@ mod tests {
         drop(body);
         assert_eq!(*seen.lock().unwrap(), vec![Ending { actual_cents: None, why: settle_why::CONNECTION_CUT }]);
     }
+
+    /// The whole path in process: a real service and store, five recorded-shape responses of both
+    /// APIs through the settling body, then the state and `audit verify`.
+    #[tokio::test]
+    async fn settled_amounts_reach_the_counters_and_the_log() {
+        use crate::service::settle::testkit::{allow, fixture, record, spent, verified};
+        let f = fixture().await;
+        let openai_json = "{\"id\":\"c\",\"object\":\"chat.completion\",\"model\":\"m\",\"choices\":[],\
+                           \"usage\":{\"prompt_tokens\":500000,\"completion_tokens\":250000,\"total_tokens\":750000}}";
+        let anthropic_json =
+            "{\"type\":\"message\",\"model\":\"m\",\"usage\":{\"input_tokens\":3000000,\"output_tokens\":0}}";
+        let anthropic_sse = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":1000000,\"output_tokens\":1}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":2000000}}\n\n",
+        ];
+        // (kind, body, estimate, expected actual)
+        let cases: Vec<(MeterKind, ProxyBody, u64, Option<u64>)> = vec![
+            (
+                MeterKind::OpenAi,
+                Full::new(Bytes::from_static(openai_json.as_bytes())).map_err(|e| match e {}).boxed(),
+                300,
+                Some(100),
+            ),
+            (MeterKind::OpenAi, chunks(&OPENAI_SSE), 150, Some(200)),
+            (
+                MeterKind::Anthropic,
+                Full::new(Bytes::from_static(anthropic_json.as_bytes())).map_err(|e| match e {}).boxed(),
+                50,
+                Some(300),
+            ),
+            (MeterKind::Anthropic, chunks(&anthropic_sse), 900, Some(500)),
+            (MeterKind::OpenAi, chunks(&["data: {\"choices\":[]}\n\n", "data: [DONE]\n\n"]), 40, None),
+        ];
+        let mut expected_spend = 0;
+        for (kind, body, estimate, actual) in cases {
+            let decision = allow(&f, estimate).await;
+            let before = f.service.ledger().size();
+            let body = settle_on_end(body, spec(kind), f.service.clone(), decision, f.passport.clone(), estimate);
+            body.collect().await.expect("body");
+            // The settlement runs in its own task; wait for its record. The bound only turns a
+            // failed settlement into a failure instead of a hang; it measures nothing.
+            let appeared = async {
+                while f.service.ledger().size() == before {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(60), appeared).await.expect("settlement recorded");
+            let r = record(&f, before);
+            assert_eq!(
+                (r["kind"].as_str(), r["decision_record"].as_u64()),
+                (Some("settlement"), Some(decision)),
+                "{r}"
+            );
+            assert_eq!(r["actual_cents"].as_u64(), actual, "{r}");
+            expected_spend += actual.unwrap_or(estimate);
+            assert_eq!(spent(&f), (expected_spend, expected_spend));
+        }
+        assert_eq!(expected_spend, 100 + 200 + 300 + 500 + 40);
+        let report = verified(&f).await;
+        assert!(report.is_ok(), "{:?}", report.problems);
+    }
 }

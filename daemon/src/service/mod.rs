@@ -12,7 +12,7 @@
 mod holds;
 mod records;
 mod sandboxes;
-mod settle;
+pub(crate) mod settle;
 
 pub use holds::{Hold, HoldOrigin, HoldOutcome, HoldStatus};
 pub use sandboxes::{BindTarget, Sandbox, BOUND_CHECK_INTERVAL};

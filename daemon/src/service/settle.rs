@@ -174,28 +174,30 @@ impl Service {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod testkit {
     use super::*;
     use crate::api::peer::Peer;
     use crate::decide::HostVerdict;
-    use crate::ledger::{export, verify, HostKey, Ledger, LedgerOptions};
+    use crate::ledger::{export, verify};
+    use crate::ledger::{HostKey, Ledger, LedgerOptions};
     use crate::passport::{Cents, Constraints, IssuerId, Permission, SpendWindow, TrustTier};
     use crate::service::{EnforceInput, HoldOrigin, ServiceConfig};
     use ed25519_dalek::SigningKey;
     use std::sync::Arc;
     use std::time::Duration;
 
-    struct Fixture {
-        _dir: tempfile::TempDir,
-        service: Arc<Service>,
-        passport: String,
+    pub(crate) struct Fixture {
+        pub _dir: tempfile::TempDir,
+        pub service: Arc<Service>,
+        pub passport: String,
     }
 
     fn peer() -> Peer {
         Peer { uid: 0, gid: 0, pid: 1, user: Some("root".into()) }
     }
 
-    async fn fixture() -> Fixture {
+    /// A service on a fresh store with one registered passport (`llm:*`, $100 a month).
+    pub(crate) async fn fixture() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let host = HostKey::from_signing_key(SigningKey::from_bytes(&[9u8; 32]));
         let ledger = Ledger::open(&dir.path().join("ledger.redb"), host, LedgerOptions::default()).expect("ledger");
@@ -225,7 +227,7 @@ mod tests {
         Fixture { _dir: dir, service, passport: issued.claims.id.to_string() }
     }
 
-    async fn allow(f: &Fixture, cost: u64) -> u64 {
+    pub(crate) async fn allow(f: &Fixture, cost: u64) -> u64 {
         let input = EnforceInput {
             passport_id: f.passport.clone(),
             action: "llm:chat".into(),
@@ -239,7 +241,7 @@ mod tests {
         o.attestation_id
     }
 
-    fn spent(f: &Fixture) -> (u64, u64) {
+    pub(crate) fn spent(f: &Fixture) -> (u64, u64) {
         let s = f.service.state(&f.passport).expect("state");
         (
             s["window_cost_cents"].as_u64().expect("window_cost_cents"),
@@ -247,7 +249,7 @@ mod tests {
         )
     }
 
-    async fn verified(f: &Fixture) -> verify::VerifyReport {
+    pub(crate) async fn verified(f: &Fixture) -> verify::VerifyReport {
         let bundle = export::export(
             f.service.ledger(),
             &export::ExportRequest { passport: None, since: None, consistency_from: None },
@@ -257,9 +259,16 @@ mod tests {
         verify::verify_export(&bundle, &f.service.ledger().host_public_key(), None)
     }
 
-    fn record(f: &Fixture, index: u64) -> Value {
+    pub(crate) fn record(f: &Fixture, index: u64) -> Value {
         serde_json::from_slice(&f.service.ledger().record(index).expect("read").expect("exists")).expect("json")
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testkit::{allow, fixture, record, spent, verified};
+    use super::*;
+    use crate::ledger::verify;
 
     #[tokio::test]
     async fn refunds_extra_charges_and_unknown_usage_are_recorded_and_add_up() {
