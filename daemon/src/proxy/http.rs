@@ -566,6 +566,11 @@ async fn forward(
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::HOST); // the client sets it (or :authority) from the URI
+    if metering.is_some() {
+        // The usage fields must be readable as they pass: a compressed response would hide them
+        // (and the estimate would stand), so a metered request asks for the plain body.
+        parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
     let req = Request::from_parts(parts, body);
     let sent = if upgrade { proxy.upstream.send_h1(req).await } else { proxy.upstream.send(req).await };
     let mut resp = match sent {
@@ -600,6 +605,18 @@ async fn forward(
     let body = boxed_incoming(body);
     let body = match metering {
         // The usage fields are read as the frames pass; the cost settles when the body ends.
+        Some(m) if encoded(&parts.headers) => {
+            // Sent compressed anyway: the usage cannot be read, the estimate stands.
+            let settle = proxy.service.clone();
+            let passport = info.passport_id.clone();
+            tokio::spawn(async move {
+                let why = crate::service::settle_why::ENCODED;
+                if let Err(e) = settle.settle(attestation, &passport, m.estimate_cents, None, why).await {
+                    tracing::error!(attestation, error = %e, "recording an unsettled metered cost failed");
+                }
+            });
+            body
+        }
         Some(m) => super::metered::settle_on_end(
             body,
             m.spec,
@@ -611,6 +628,11 @@ async fn forward(
         None => body,
     };
     Response::from_parts(parts, body)
+}
+
+/// Whether a response body is sent with a content coding other than `identity`.
+fn encoded(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONTENT_ENCODING).iter().any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -656,6 +678,18 @@ async fn upstream_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_identity_bodies_can_be_metered() {
+        let mut h = HeaderMap::new();
+        assert!(!encoded(&h));
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("Identity"));
+        assert!(!encoded(&h));
+        h.append(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert!(encoded(&h));
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("br"));
+        assert!(encoded(&h));
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

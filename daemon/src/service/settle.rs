@@ -25,6 +25,8 @@ pub mod why {
     pub const NO_USAGE: &str = "no_usage";
     /// The response body failed or was dropped before its end.
     pub const CONNECTION_CUT: &str = "connection_cut";
+    /// The response came with a content coding (gzip, ...) the scanner cannot read.
+    pub const ENCODED: &str = "encoded_response";
 }
 
 /// Longest `why` accepted (it is an identifier, not prose).
