@@ -422,11 +422,14 @@ impl Body for Replay {
 
     fn size_hint(&self) -> SizeHint {
         let buffered: u64 = self.prefix.iter().map(|b| b.len() as u64).sum();
-        let mut hint = self.rest.as_ref().map(Body::size_hint).unwrap_or_else(|| SizeHint::with_exact(0));
-        hint.set_lower(hint.lower().saturating_add(buffered));
-        if let Some(upper) = hint.upper() {
+        let rest = self.rest.as_ref().map(Body::size_hint).unwrap_or_else(|| SizeHint::with_exact(0));
+        // Upper first: `set_lower` asserts lower <= upper (raising the lower bound of an exact
+        // hint before its upper one panicked on every fully buffered metered request).
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
             hint.set_upper(upper.saturating_add(buffered));
         }
+        hint.set_lower(rest.lower().saturating_add(buffered));
         hint
     }
 }
@@ -678,6 +681,16 @@ async fn upstream_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fully_buffered_replay_has_an_exact_size() {
+        let r = Replay {
+            prefix: vec![Bytes::from_static(b"{\"model\":"), Bytes::from_static(b"\"m\"}")].into(),
+            trailers: None,
+            rest: None,
+        };
+        assert_eq!(r.size_hint().exact(), Some(13));
+    }
 
     #[test]
     fn only_identity_bodies_can_be_metered() {
