@@ -817,4 +817,11 @@ fn proxy_settles_metered_costs_from_responses() {
             assert_eq!(settlement["reason"], "no_usage", "{path}");
         }
     }
+    // The counters the next decision sees moved by the settled amounts.
+    let id = decisions[0]["passport_id"].as_str().unwrap();
+    let out = w.d.cli(&["state", id, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let state: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(state["daily_cost_cents"].as_u64(), Some(expected), "{state}");
+    assert_eq!(state["window_cost_cents"].as_u64(), Some(expected), "{state}");
 }
