@@ -159,6 +159,23 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<RespBody> {
     r
 }
 
+fn json_text(body: &'static str) -> Response<RespBody> {
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+/// An event stream sent one event per frame.
+fn sse(events: &[&'static str]) -> Response<RespBody> {
+    let (tx, rx) = mpsc::channel::<Bytes>(events.len().max(1));
+    for e in events {
+        let _ = tx.try_send(Bytes::from_static(e.as_bytes()));
+    }
+    let mut r = Response::new(ChannelBody(rx).boxed());
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+    r
+}
+
 fn query_num(q: Option<&str>, key: &str) -> Option<u64> {
     q?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
@@ -197,6 +214,30 @@ async fn route(st: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/hello") => text(StatusCode::OK, format!("hello {host} {version}\n")),
         ("POST", "/pay") => text(StatusCode::OK, "paid\n"),
+        // Recorded-shape LLM responses (usage fields as OpenAI and Anthropic send them) for
+        // metered routes. Model "m"; see proxy_e2e's metered test for the prices.
+        ("POST", "/llm/openai/json") => json_text(
+            "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"model\":\"m\",\"choices\":[{\"index\":0,\
+             \"message\":{\"role\":\"assistant\",\"content\":\"hi\"},\"finish_reason\":\"stop\"}],\
+             \"usage\":{\"prompt_tokens\":500000,\"completion_tokens\":250000,\"total_tokens\":750000}}",
+        ),
+        ("POST", "/llm/openai/sse") => sse(&[
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+            "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":1000000,\"completion_tokens\":500000,\"total_tokens\":1500000}}\n\n",
+            "data: [DONE]\n\n",
+        ]),
+        ("POST", "/llm/anthropic/json") => json_text(
+            "{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"m\",\
+             \"content\":[{\"type\":\"text\",\"text\":\"hi\"}],\"stop_reason\":\"end_turn\",\
+             \"usage\":{\"input_tokens\":3000000,\"output_tokens\":0}}",
+        ),
+        ("POST", "/llm/anthropic/sse") => sse(&[
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"m\",\"usage\":{\"input_tokens\":1000000,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":2000000}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        ]),
+        ("POST", "/llm/no-usage") => sse(&["data: {\"choices\":[]}\n\n", "data: [DONE]\n\n"]),
         ("POST", "/echo") => Response::new(req.into_body().map_err(|e| Box::new(e) as BoxError).boxed()),
         ("GET", "/barrier") => {
             let want = query_num(query.as_deref(), "n").unwrap_or(2) as usize;

@@ -722,3 +722,106 @@ print(json.dumps(out))
         "B's refused query is not in the log"
     );
 }
+
+const METERED_POLICY: &str = r#"
+[service]
+name = "llm"
+domains = ["api.example.test"]
+
+[[route]]
+id = "openai"
+method = "POST"
+path = "/llm/openai/*"
+action = "llm:chat"
+[route.meter]
+kind = "openai"
+default_max_tokens = 1000
+
+[[route]]
+id = "no-usage"
+method = "POST"
+path = "/llm/no-usage"
+action = "llm:chat"
+[route.meter]
+kind = "openai"
+default_max_tokens = 1000
+
+[[route]]
+id = "anthropic"
+method = "POST"
+path = "/llm/anthropic/*"
+action = "llm:chat"
+[route.meter]
+kind = "anthropic"
+default_max_tokens = 1000
+
+[prices]
+as_of = "2026-01-01"
+
+[[prices.model]]
+name = "m"
+input_cents_per_mtok = 100
+output_cents_per_mtok = 200
+"#;
+
+/// Metered routes settle from the response (issue 6): OpenAI JSON and SSE, Anthropic JSON and
+/// SSE, and a stream without usage (estimate stands). Spend after = the settled amounts.
+#[test]
+fn proxy_settles_metered_costs_from_responses() {
+    if !root_or_skip("proxy_settles_metered_costs_from_responses") {
+        return;
+    }
+    let w = World::new(METERED_POLICY, 120);
+    let (passport, _) = w.d.issue("metered", &["--permission", "llm:*"]);
+    // (path, real cost in cents at $1/$2 per million tokens, or None: no usage)
+    let cases = [
+        ("/llm/openai/json", Some(100)),
+        ("/llm/openai/sse", Some(200)),
+        ("/llm/anthropic/json", Some(300)),
+        ("/llm/anthropic/sse", Some(500)),
+        ("/llm/no-usage", None),
+    ];
+    for (path, _) in &cases {
+        let r = w.curl(
+            &passport,
+            &["-H", "content-type: application/json", "-d", r#"{"model":"m","max_tokens":100}"#, &w.url(API, path)],
+        );
+        assert_eq!(r.status, 200, "{path}: {r:?}\n{}", w.d.log());
+        assert!(r.body.contains("hi") || path.ends_with("no-usage"), "{path}: {r:?}");
+    }
+    // Settlement runs after the response; wait for all five records (a hang guard only).
+    let start = Instant::now();
+    let records = loop {
+        let records = w.verified_records();
+        if records.iter().filter(|r| r["kind"] == "settlement").count() == cases.len() {
+            break records;
+        }
+        assert!(start.elapsed() < HANG_GUARD, "settlements missing:\n{}", w.d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let decisions: Vec<&Value> =
+        records.iter().filter(|r| r["kind"] == "decision" && r["decision"] == "allow").collect();
+    let settlements: Vec<&Value> = records.iter().filter(|r| r["kind"] == "settlement").collect();
+    assert_eq!(decisions.len(), cases.len(), "{records:#?}");
+    let mut expected = 0;
+    for ((path, actual), (decision, settlement)) in cases.iter().zip(decisions.iter().zip(&settlements)) {
+        let estimate = decision["cost_cents"].as_u64().unwrap();
+        assert_eq!(settlement["decision_record"], decision["log_index"], "{path}: {settlement}");
+        assert_eq!(settlement["estimated_cents"].as_u64(), Some(estimate), "{path}");
+        assert_eq!(settlement["actual_cents"].as_u64(), *actual, "{path}: {settlement}");
+        assert_eq!(settlement["settled"].as_bool(), Some(actual.is_some()), "{path}");
+        expected += actual.unwrap_or(estimate);
+        if actual.is_some() {
+            assert_eq!(settlement["spend_after_cents"].as_u64(), Some(expected), "{path}: {settlement}");
+        } else {
+            assert_eq!(settlement["reason"], "no_usage", "{path}");
+        }
+    }
+    // The counters the next decision sees moved by the settled amounts.
+    let id = decisions[0]["passport_id"].as_str().unwrap();
+    let out = w.d.cli(&["state", id, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let state: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(state["daily_cost_cents"].as_u64(), Some(expected), "{state}");
+    assert_eq!(state["window_cost_cents"].as_u64(), Some(expected), "{state}");
+}

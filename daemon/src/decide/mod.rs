@@ -47,10 +47,12 @@ pub mod cel;
 pub mod detail;
 mod engine;
 pub mod rate;
+pub mod settle;
 pub mod usage;
 
 pub use cel::{CompiledRules, RuleCompileError};
 pub use engine::{evaluate, reset, state_view, RateView, ResetError, ResetWindow, StateView};
+pub use settle::{settle, Settled, SettledSpend};
 pub use usage::{Usage, UsageError};
 
 use crate::domain::DomainName;

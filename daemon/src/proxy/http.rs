@@ -197,7 +197,11 @@ async fn handle(
         Ok(a) => a,
         Err(answer) => return answer,
     };
-    forward(&proxy, &info, &host, req, upgrade, attestation).await
+    let metering = match &route.cost {
+        Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_cents: cost }),
+        Cost::Fixed(_) => None,
+    };
+    forward(&proxy, &info, &host, req, upgrade, attestation, metering).await
 }
 
 /// Decides one request (durably) and settles a hold by waiting on it. `Ok` carries the attestation
@@ -240,6 +244,12 @@ async fn decide_or_answer(
             Ok(id)
         }
     }
+}
+
+/// A metered route's estimate, settled from the response (issue 6; see [`super::metered`]).
+struct Metering {
+    spec: Arc<policy::MeterSpec>,
+    estimate_cents: u64,
 }
 
 fn default_action(method: &Method) -> &'static str {
@@ -425,11 +435,14 @@ impl Body for Replay {
 
     fn size_hint(&self) -> SizeHint {
         let buffered: u64 = self.prefix.iter().map(|b| b.len() as u64).sum();
-        let mut hint = self.rest.as_ref().map(Body::size_hint).unwrap_or_else(|| SizeHint::with_exact(0));
-        hint.set_lower(hint.lower().saturating_add(buffered));
-        if let Some(upper) = hint.upper() {
+        let rest = self.rest.as_ref().map(Body::size_hint).unwrap_or_else(|| SizeHint::with_exact(0));
+        // Upper first: `set_lower` asserts lower <= upper (raising the lower bound of an exact
+        // hint before its upper one panicked on every fully buffered metered request).
+        let mut hint = SizeHint::new();
+        if let Some(upper) = rest.upper() {
             hint.set_upper(upper.saturating_add(buffered));
         }
+        hint.set_lower(rest.lower().saturating_add(buffered));
         hint
     }
 }
@@ -536,6 +549,7 @@ async fn forward(
     mut req: Request<ProxyBody>,
     upgrade: bool,
     attestation: u64,
+    metering: Option<Metering>,
 ) -> Response<ProxyBody> {
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -551,6 +565,11 @@ async fn forward(
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
     parts.headers.remove(header::HOST); // the client sets it (or :authority) from the URI
+    if metering.is_some() {
+        // The usage fields must be readable as they pass: a compressed response would hide them
+        // (and the estimate would stand), so a metered request asks for the plain body.
+        parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    }
     let req = Request::from_parts(parts, body);
     let sent = if upgrade { proxy.upstream.send_h1(req).await } else { proxy.upstream.send(req).await };
     let mut resp = match sent {
@@ -582,9 +601,37 @@ async fn forward(
     if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
         parts.headers.insert(HeaderName::from_static(DECISION_HEADER), v);
     }
-    // Settlement of metered costs from the response's usage fields hooks in here (issue 6):
-    // wrap `body` with a `meter::UsageScanner` tap and settle when it ends.
-    Response::from_parts(parts, boxed_incoming(body))
+    let body = boxed_incoming(body);
+    let body = match metering {
+        // The usage fields are read as the frames pass; the cost settles when the body ends.
+        Some(m) if encoded(&parts.headers) => {
+            // Sent compressed anyway: the usage cannot be read, the estimate stands.
+            let settle = proxy.service.clone();
+            let passport = info.passport_id.clone();
+            tokio::spawn(async move {
+                let why = crate::service::settle_why::ENCODED;
+                if let Err(e) = settle.settle(attestation, &passport, m.estimate_cents, None, why).await {
+                    tracing::error!(attestation, error = %e, "recording an unsettled metered cost failed");
+                }
+            });
+            body
+        }
+        Some(m) => super::metered::settle_on_end(
+            body,
+            m.spec,
+            proxy.service.clone(),
+            attestation,
+            info.passport_id.clone(),
+            m.estimate_cents,
+        ),
+        None => body,
+    };
+    Response::from_parts(parts, body)
+}
+
+/// Whether a response body is sent with a content coding other than `identity`.
+fn encoded(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONTENT_ENCODING).iter().any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -630,6 +677,28 @@ async fn upstream_failure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fully_buffered_replay_has_an_exact_size() {
+        let r = Replay {
+            prefix: vec![Bytes::from_static(b"{\"model\":"), Bytes::from_static(b"\"m\"}")].into(),
+            trailers: None,
+            rest: None,
+        };
+        assert_eq!(r.size_hint().exact(), Some(13));
+    }
+
+    #[test]
+    fn only_identity_bodies_can_be_metered() {
+        let mut h = HeaderMap::new();
+        assert!(!encoded(&h));
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("Identity"));
+        assert!(!encoded(&h));
+        h.append(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert!(encoded(&h));
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("br"));
+        assert!(encoded(&h));
+    }
 
     #[test]
     fn hop_by_hop_headers_are_removed() {

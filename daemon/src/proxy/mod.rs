@@ -58,6 +58,7 @@ pub mod checks;
 mod conn;
 mod h1watch;
 mod http;
+mod metered;
 mod prefixed;
 mod raw;
 pub mod sniff;

@@ -12,9 +12,11 @@
 mod holds;
 mod records;
 mod sandboxes;
+pub(crate) mod settle;
 
 pub use holds::{Hold, HoldOrigin, HoldOutcome, HoldStatus};
 pub use sandboxes::{BindTarget, Sandbox, BOUND_CHECK_INTERVAL};
+pub use settle::why as settle_why;
 
 use crate::api::peer::Peer;
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};

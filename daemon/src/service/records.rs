@@ -37,12 +37,13 @@ pub fn base(kind: &str, claims: Option<&Claims>, at: DateTime<Utc>) -> Map<Strin
 pub struct Spend {
     pub window: &'static str,
     pub window_start: DateTime<Utc>,
-    pub delta_cents: u64,
+    /// Signed: a settlement refunds an over-estimate with a negative delta.
+    pub delta_cents: i64,
     pub after_cents: u64,
 }
 
 impl Spend {
-    fn write(&self, m: &mut Map<String, Value>) {
+    pub(super) fn write(&self, m: &mut Map<String, Value>) {
         m.insert("spend_window".into(), self.window.into());
         m.insert("spend_window_start".into(), time(self.window_start).into());
         m.insert("spend_delta_cents".into(), self.delta_cents.into());
@@ -121,7 +122,7 @@ impl Built {
             spend: Some(Spend {
                 window: claims.constraints.window().as_str(),
                 window_start: eval.spend_window_start,
-                delta_cents: eval.spend_delta_cents,
+                delta_cents: i64::try_from(eval.spend_delta_cents).unwrap_or(i64::MAX),
                 after_cents: eval.spend_after_cents,
             }),
             hold: None,
