@@ -221,5 +221,9 @@ fn a_binding_ends_when_its_cgroup_is_removed() {
         assert!(Instant::now() < deadline, "binding outlived its cgroup:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(d.log().contains("binding ended"), "{}", d.log());
+    // The log line follows the state change: wait for it too.
+    while !d.log().contains("binding ended") {
+        assert!(Instant::now() < deadline, "the end of the binding was not logged:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
