@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 
 const NAME: &str = "api.bench.test";
 const IDLE_CONNECTIONS: usize = 1000;
+/// `timeout(1)` around each h2load run.
+const RUN_GUARD_SECS: u64 = 300;
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
@@ -178,18 +180,25 @@ impl Env {
             Target::Nginx => self.nginx_port,
             Target::Mitmproxy => self.mitm_port.ok_or("mitmproxy is unavailable")?,
         };
+        // A hang guard, not a measurement: h2load must never outlive the bench.
         let mut args: Vec<String> = vec![
+            "timeout".into(),
+            RUN_GUARD_SECS.to_string(),
             self.h2load.to_string_lossy().into_owned(),
             "--h1".into(),
             "-c".into(),
             s.conns.to_string(),
-            "-D".into(),
-            self.secs.to_string(),
-            "--warm-up-time=1".into(),
             format!("--log-file={}", log.display()),
         ];
         if s.new_conn {
-            args.extend(["-H".into(), "Connection: close".into()]);
+            // h2load reconnects after `Connection: close` only in count mode (with `-D` it
+            // stalls), so new-connection runs are a fixed number of requests sized to last
+            // about `secs` at the rates this machine reaches.
+            let per_sec = if target == Target::Mitmproxy { 20 } else { 400 };
+            let n = (per_sec * self.secs).max(u64::from(s.conns));
+            args.extend(["-n".into(), n.to_string(), "-H".into(), "Connection: close".into()]);
+        } else {
+            args.extend(["-D".into(), self.secs.to_string(), "--warm-up-time=1".into()]);
         }
         if target != Target::Sluice {
             // Same name (SNI, Host) as the agent uses; the address given directly.
