@@ -469,6 +469,11 @@ fn run() -> Result<()> {
     let (rss_start, _) = rss_kib(pid)?;
     let env = Env { dir: dir.clone(), h2load, secs, upstream_port, nginx_port, mitm_port, daemon, passport };
 
+    // First, on the fresh daemon, so the figure is the connections' cost and not what the
+    // allocator kept from the load runs.
+    eprintln!("opening {IDLE_CONNECTIONS} idle connections through sluice");
+    let rss_idle = rss_at_idle_connections(&env, pid);
+
     let targets = [Target::Direct, Target::Sluice, Target::Nginx, Target::Mitmproxy];
     let mut results: Vec<Vec<Option<Figures>>> = Vec::new();
     let mut errors = Vec::new();
@@ -491,7 +496,6 @@ fn run() -> Result<()> {
         results.push(row);
     }
     let (rss_after_load, hwm_after_load) = rss_kib(pid)?;
-    let rss_idle = rss_at_idle_connections(&env, pid);
     let load_end = load_avg();
 
     // The table.
@@ -545,13 +549,16 @@ fn run() -> Result<()> {
         ));
     }
     o.push_str(&format!(
-        "\nsluice RSS: {:.1} MiB at start, {:.1} MiB after the runs (peak {:.1} MiB), ",
+        "\nsluice RSS: {:.1} MiB at start, {:.1} MiB after the load runs (peak {:.1} MiB), ",
         mib(rss_start),
         mib(rss_after_load),
         mib(hwm_after_load)
     ));
     match &rss_idle {
-        Ok(kib) => o.push_str(&format!("{:.1} MiB with {IDLE_CONNECTIONS} idle connections open\n", mib(*kib))),
+        Ok(kib) => o.push_str(&format!(
+            "{:.1} MiB with {IDLE_CONNECTIONS} idle connections open (fresh daemon, before the load runs)\n",
+            mib(*kib)
+        )),
         Err(e) => o.push_str(&format!("at {IDLE_CONNECTIONS} idle connections: not measured ({e})\n")),
     }
 
