@@ -159,6 +159,8 @@ struct Figures {
     p99_us: u64,
     ok: u64,
     bad: u64,
+    /// sluice only: the daemon's CPU time (user + system) per successful request.
+    daemon_cpu_us: Option<u64>,
 }
 
 struct Env {
@@ -205,6 +207,7 @@ impl Env {
             args.push(format!("--connect-to=127.0.0.1:{port}"));
         }
         args.push(format!("https://{NAME}:{port}{}", s.path));
+        let cpu_before = self.daemon.pid().and_then(cpu_ticks);
         let out: Output = if target == Target::Sluice {
             let mut full = vec!["run".to_string(), "--passport".into(), self.passport.to_string_lossy().into_owned()];
             full.push("--".into());
@@ -224,7 +227,12 @@ impl Env {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        let cpu_after = self.daemon.pid().and_then(cpu_ticks);
         let mut f = parse_h2load(&stdout).ok_or_else(|| format!("cannot read h2load's summary:\n{stdout}"))?;
+        if let (Target::Sluice, Some(a), Some(b)) = (target, cpu_before, cpu_after) {
+            // Includes the warm-up second's requests in the CPU but not in `ok`: an upper bound.
+            f.daemon_cpu_us = (f.ok > 0).then(|| b.saturating_sub(a) * 1_000_000 / ticks_per_sec() / f.ok);
+        }
         let text = std::fs::read_to_string(&log).map_err(|e| format!("reading {}: {e}", log.display()))?;
         let mut lat: Vec<u64> = text
             .lines()
@@ -280,6 +288,23 @@ fn parse_h2load(out: &str) -> Option<Figures> {
         }
     }
     seen.then_some(f)
+}
+
+/// utime + stime of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|t| *t > 0).unwrap_or(100)
 }
 
 fn load_avg() -> String {
@@ -507,20 +532,21 @@ fn run() -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     ));
     o.push_str(&format!(
-        "{:<22} {:<10} {:>10} {:>9} {:>9} {:>9}\n",
-        "scenario", "through", "req/s", "p50 µs", "p99 µs", "errors"
+        "{:<22} {:<10} {:>10} {:>9} {:>9} {:>9} {:>14}\n",
+        "scenario", "through", "req/s", "p50 µs", "p99 µs", "errors", "daemon CPU µs"
     ));
     for (s, row) in SCENARIOS.iter().zip(&results) {
         for (t, f) in targets.iter().zip(row) {
             match f {
                 Some(f) => o.push_str(&format!(
-                    "{:<22} {:<10} {:>10.0} {:>9} {:>9} {:>9}\n",
+                    "{:<22} {:<10} {:>10.0} {:>9} {:>9} {:>9} {:>14}\n",
                     s.label,
                     t.label(),
                     f.rps,
                     f.p50_us,
                     f.p99_us,
-                    f.bad
+                    f.bad,
+                    f.daemon_cpu_us.map(|c| format!("{c}/req")).unwrap_or_default()
                 )),
                 None => o.push_str(&format!("{:<22} {:<10} {:>10}\n", s.label, t.label(), "n/a")),
             }
