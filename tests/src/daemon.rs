@@ -92,6 +92,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id while it runs (the proxy benchmark reads its RSS).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends SIGHUP (policy reload).
     pub fn hup(&self) {
         if let Some(c) = &self.child {

@@ -59,6 +59,15 @@ impl TestCa {
         p
     }
 
+    /// A leaf for `names` (DNS names or IP literals) as PEM `(certificate, private key)`, for
+    /// servers outside this process (the proxy benchmark's nginx).
+    pub fn leaf_pem(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().expect("leaf key");
+        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("names");
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        (cert.pem(), key.serialize_pem())
+    }
+
     fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().expect("leaf key");
         let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("names");

@@ -64,7 +64,7 @@ pub fn ensure() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nix_is_root() -> bool {
+pub fn nix_is_root() -> bool {
     // SAFETY-free: read the effective uid from /proc rather than pulling in libc for one call.
     std::fs::read_to_string("/proc/self/status")
         .ok()

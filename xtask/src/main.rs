@@ -4,6 +4,7 @@
 //! workspace (the kernel and end-to-end suites run for real as root and fail, never skip, when they
 //! cannot). `demo` walks through sluice's main job with the real binary.
 
+mod benchproxy;
 mod demo;
 mod deps;
 mod install;
@@ -18,8 +19,9 @@ usage: cargo xtask <task>
 tasks:
   test    fmt check, clippy -D warnings, and every test (kernel suites need root)
   demo    run sluice's main job end to end, printing each step
-  bench [decisions]
-          benchmarks (release build); prints a table per benchmark
+  bench [decisions|proxy]
+          benchmarks (release build); prints a table per benchmark. `proxy` needs
+          root and installs h2load, nginx and mitmproxy (own virtualenv) if missing
   deps    install the Debian packages sluice needs to build and test (as root),
           or print the command to run
   install [--prefix DIR] [--destdir DIR] [--no-build]
@@ -87,14 +89,17 @@ fn display(cmd: &Command) -> String {
 
 /// Benchmarks run in release mode, one at a time (they share two cores with nothing else).
 fn bench(which: Option<&str>) -> anyhow::Result<()> {
-    const ALL: &[&str] = &["decisions"];
+    const ALL: &[&str] = &["decisions", "proxy"];
     let selected: Vec<&str> = match which {
         None | Some("all") => ALL.to_vec(),
         Some(name) if ALL.contains(&name) => vec![name],
         Some(other) => bail!("unknown benchmark {other:?}; choose one of: {}", ALL.join(", ")),
     };
     for name in selected {
-        run(cargo().args(["bench", "-p", "sluice", "--bench", name]))?;
+        match name {
+            "proxy" => benchproxy::run()?,
+            _ => run(cargo().args(["bench", "-p", "sluice", "--bench", name]))?,
+        }
     }
     Ok(())
 }

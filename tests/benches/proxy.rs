@@ -1,0 +1,634 @@
+//! `cargo xtask bench proxy`: HTTPS through sluice, side by side with the same requests sent
+//! directly, through nginx as a TLS-terminating reverse proxy, and through mitmproxy (reverse
+//! mode), all against one local HTTPS upstream, in one run on one machine (BRIEF §8).
+//!
+//! * Upstream: nginx serving two static files over TLS (`/small`, 12 bytes; `/64k`, 64 KiB)
+//!   with a leaf from a test CA, on `127.0.0.1`, one worker.
+//! * Load: h2load, HTTP/1.1 over TLS, time-bounded runs; p50/p99 come from its per-request log.
+//!   For sluice, h2load runs as a sandboxed agent (`sluice run --passport … -- h2load …`, no
+//!   proxy variables): its DNS and TCP are redirected by the kernel like any agent's, and sluice
+//!   decides and durably records every request before forwarding it.
+//! * Scenarios: keep-alive at 1 and 32 connections with small and 64 KiB responses; new
+//!   connections (`Connection: close`, one request each) at 1 and 4 at a time.
+//! * RSS: a sandboxed python agent holds 1,000 idle keep-alive TLS connections (one request
+//!   each) and the daemon's `VmRSS` is read.
+//!
+//! Needs root (eBPF), `h2load` and `nginx`; mitmproxy (`mitmdump`) is optional and reported as
+//! unavailable when missing (`cargo xtask bench proxy` installs all three). Never part of
+//! `cargo xtask test`: a bench target is not built or run by `cargo test`.
+//!
+//! Environment: `SLUICE_BIN` (the daemon to measure; xtask passes the release build),
+//! `SLUICE_BENCH_SECS` (seconds per run, default 5, after a 1 s warm-up),
+//! `SLUICE_BENCH_MITMDUMP` (mitmproxy's `mitmdump`; default: the one on `PATH`).
+
+use sluice_e2e::daemon::Daemon;
+use sluice_e2e::upstream::TestCa;
+use sluice_e2e::{free_port, python};
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const NAME: &str = "api.bench.test";
+const IDLE_CONNECTIONS: usize = 1000;
+/// `timeout(1)` around each h2load run.
+const RUN_GUARD_SECS: u64 = 300;
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    if let Err(e) = run() {
+        eprintln!("proxy bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+/// A child process stopped (SIGTERM, then SIGKILL) and reaped on drop: nginx's master takes its
+/// workers down with it on SIGTERM.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(tool)).find(|p| p.is_file())
+}
+
+fn wait_listening(port: u16, what: &str, proc: &mut Proc) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = proc.child.try_wait() {
+            return Err(format!("{what} exited with {status} before listening on port {port}"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what} is not listening on port {port} after 60 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn write(path: &Path, text: &[u8]) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Starts nginx with `conf` (written to `dir/name.conf`), prefix `dir`.
+fn nginx(nginx: &Path, dir: &Path, name: &str, conf: &str, port: u16) -> Result<Proc> {
+    let path = dir.join(format!("{name}.conf"));
+    write(&path, conf.as_bytes())?;
+    let child = Command::new(nginx)
+        .args(["-p", &dir.to_string_lossy(), "-c", &path.to_string_lossy()])
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", nginx.display()))?;
+    let mut p = Proc { name: "nginx", child };
+    wait_listening(port, &format!("nginx ({name})"), &mut p)?;
+    Ok(p)
+}
+
+/// Common head of both nginx configurations (as root: the files live in a 0700 temp dir).
+fn nginx_head(dir: &Path, name: &str, workers: &str) -> String {
+    let d = dir.display();
+    format!(
+        "user root;\nworker_processes {workers};\ndaemon off;\npid {d}/{name}.pid;\nerror_log {d}/{name}.err warn;\n\
+         events {{ worker_connections 8192; }}\n"
+    )
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    Direct,
+    Sluice,
+    Nginx,
+    Mitmproxy,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Sluice => "sluice",
+            Target::Nginx => "nginx",
+            Target::Mitmproxy => "mitmproxy",
+        }
+    }
+}
+
+struct Scenario {
+    label: &'static str,
+    path: &'static str,
+    conns: u32,
+    new_conn: bool,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario { label: "keep-alive c1 small", path: "/small", conns: 1, new_conn: false },
+    Scenario { label: "keep-alive c32 small", path: "/small", conns: 32, new_conn: false },
+    Scenario { label: "keep-alive c1 64KiB", path: "/64k", conns: 1, new_conn: false },
+    Scenario { label: "keep-alive c32 64KiB", path: "/64k", conns: 32, new_conn: false },
+    Scenario { label: "new-conn c1 small", path: "/small", conns: 1, new_conn: true },
+    Scenario { label: "new-conn c4 small", path: "/small", conns: 4, new_conn: true },
+];
+
+/// One measured run.
+#[derive(Clone, Default)]
+struct Figures {
+    rps: f64,
+    p50_us: u64,
+    p99_us: u64,
+    ok: u64,
+    bad: u64,
+    /// sluice only: the daemon's CPU time (user + system) per successful request.
+    daemon_cpu_us: Option<u64>,
+}
+
+struct Env {
+    dir: PathBuf,
+    h2load: PathBuf,
+    secs: u64,
+    upstream_port: u16,
+    nginx_port: u16,
+    mitm_port: Option<u16>,
+    daemon: Daemon,
+    passport: PathBuf,
+}
+
+impl Env {
+    fn measure(&self, target: Target, s: &Scenario, n: usize) -> Result<Figures> {
+        let log = self.dir.join(format!("h2load-{}-{n}.log", target.label()));
+        let port = match target {
+            Target::Direct | Target::Sluice => self.upstream_port,
+            Target::Nginx => self.nginx_port,
+            Target::Mitmproxy => self.mitm_port.ok_or("mitmproxy is unavailable")?,
+        };
+        // A hang guard, not a measurement: h2load must never outlive the bench.
+        let mut args: Vec<String> = vec![
+            "timeout".into(),
+            RUN_GUARD_SECS.to_string(),
+            self.h2load.to_string_lossy().into_owned(),
+            "--h1".into(),
+            "-c".into(),
+            s.conns.to_string(),
+            format!("--log-file={}", log.display()),
+        ];
+        if s.new_conn {
+            // h2load reconnects after `Connection: close` only in count mode (with `-D` it
+            // stalls), so new-connection runs are a fixed number of requests sized to last
+            // about `secs` at the rates this machine reaches.
+            let per_sec = if target == Target::Mitmproxy { 20 } else { 400 };
+            let n = (per_sec * self.secs).max(u64::from(s.conns));
+            args.extend(["-n".into(), n.to_string(), "-H".into(), "Connection: close".into()]);
+        } else {
+            args.extend(["-D".into(), self.secs.to_string(), "--warm-up-time=1".into()]);
+        }
+        if target != Target::Sluice {
+            // Same name (SNI, Host) as the agent uses; the address given directly.
+            args.push(format!("--connect-to=127.0.0.1:{port}"));
+        }
+        args.push(format!("https://{NAME}:{port}{}", s.path));
+        let cpu_before = self.daemon.pid().and_then(cpu_ticks);
+        let out: Output = if target == Target::Sluice {
+            let mut full = vec!["run".to_string(), "--passport".into(), self.passport.to_string_lossy().into_owned()];
+            full.push("--".into());
+            full.extend(args);
+            let refs: Vec<&str> = full.iter().map(String::as_str).collect();
+            self.daemon.cli(&refs)
+        } else {
+            Command::new(&args[0]).args(&args[1..]).output().map_err(|e| format!("running h2load: {e}"))?
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "h2load for {} / {} failed ({}):\n{stdout}\n{}",
+                target.label(),
+                s.label,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let cpu_after = self.daemon.pid().and_then(cpu_ticks);
+        let mut f = parse_h2load(&stdout).ok_or_else(|| format!("cannot read h2load's summary:\n{stdout}"))?;
+        if let (Target::Sluice, Some(a), Some(b)) = (target, cpu_before, cpu_after) {
+            // Includes the warm-up second's requests in the CPU but not in `ok`: an upper bound.
+            f.daemon_cpu_us = (f.ok > 0).then(|| b.saturating_sub(a) * 1_000_000 / ticks_per_sec() / f.ok);
+        }
+        let text = std::fs::read_to_string(&log).map_err(|e| format!("reading {}: {e}", log.display()))?;
+        let mut lat: Vec<u64> = text
+            .lines()
+            .filter_map(|l| {
+                let mut cols = l.split('\t');
+                let _start = cols.next()?;
+                let status: u16 = cols.next()?.trim().parse().ok()?;
+                let us: u64 = cols.next()?.trim().parse().ok()?;
+                (200..300).contains(&status).then_some(us)
+            })
+            .collect();
+        lat.sort_unstable();
+        f.p50_us = percentile(&lat, 0.50);
+        f.p99_us = percentile(&lat, 0.99);
+        let _ = std::fs::remove_file(&log);
+        Ok(f)
+    }
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted.get(rank - 1).copied().unwrap_or(0)
+}
+
+/// `finished in 5.00s, 1337.33 req/s, …` and the request/status lines of h2load's summary.
+fn parse_h2load(out: &str) -> Option<Figures> {
+    let mut f = Figures::default();
+    let mut seen = false;
+    for line in out.lines() {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            let rps = rest.split(", ").nth(1)?.strip_suffix(" req/s")?;
+            f.rps = rps.trim().parse().ok()?;
+            seen = true;
+        } else if let Some(rest) = line.strip_prefix("status codes: ") {
+            for part in rest.split(", ") {
+                let (n, class) = part.split_once(' ')?;
+                let n: u64 = n.parse().ok()?;
+                if class == "2xx" {
+                    f.ok = n;
+                } else {
+                    f.bad += n;
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("requests: ") {
+            for part in rest.split(", ") {
+                if let Some(n) = part.strip_suffix(" errored").or_else(|| part.strip_suffix(" timeout")) {
+                    f.bad += n.parse::<u64>().ok()?;
+                }
+            }
+        }
+    }
+    seen.then_some(f)
+}
+
+/// utime + stime of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: count fields after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+fn ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(t).ok().filter(|t| *t > 0).unwrap_or(100)
+}
+
+fn load_avg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// `VmRSS` and `VmHWM` of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("VmRSS:"), field("VmHWM:")))
+}
+
+/// The sandboxed agent holding idle connections: one request each, then silence until stdin
+/// closes.
+const IDLE_AGENT: &str = r#"
+import http.client, resource, ssl, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ctx = ssl.create_default_context()
+conns = []
+for i in range(n):
+    c = http.client.HTTPSConnection(host, port, context=ctx, timeout=60)
+    c.request("GET", "/small")
+    r = c.getresponse()
+    r.read()
+    if r.status != 200:
+        print("status", r.status, file=sys.stderr)
+        sys.exit(1)
+    conns.append(c)
+print("ready", len(conns), flush=True)
+sys.stdin.read()
+"#;
+
+/// Daemon RSS (KiB) with [`IDLE_CONNECTIONS`] idle agent connections open.
+fn rss_at_idle_connections(env: &Env, pid: u32) -> Result<u64> {
+    let py = python().to_string_lossy().into_owned();
+    let mut agent = env
+        .daemon
+        .cli_command(&[
+            "run",
+            "--passport",
+            &env.passport.to_string_lossy(),
+            "--",
+            &py,
+            "-c",
+            IDLE_AGENT,
+            NAME,
+            &env.upstream_port.to_string(),
+            &IDLE_CONNECTIONS.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting the idle-connection agent: {e}"))?;
+    let stdout = agent.stdout.take().ok_or("no agent stdout")?;
+    let mut line = String::new();
+    let read = BufReader::new(stdout).read_line(&mut line);
+    let result = match read {
+        Ok(_) if line.starts_with("ready") => rss_kib(pid).map(|(rss, _)| rss),
+        _ => Err(format!("the idle-connection agent did not get ready: {line:?}")),
+    };
+    drop(agent.stdin.take()); // EOF: the agent exits and its connections close.
+    let _ = agent.wait();
+    result
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn run() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root (the kernel redirect); run `sudo cargo xtask bench proxy`".into());
+    }
+    let h2load = which("h2load").ok_or("h2load is missing: apt-get install nghttp2-client")?;
+    let nginx_bin = which("nginx").or_else(|| Some(PathBuf::from("/usr/sbin/nginx")).filter(|p| p.is_file()));
+    let nginx_bin = nginx_bin.ok_or("nginx is missing: apt-get install nginx-light")?;
+    let mitmdump = std::env::var_os("SLUICE_BENCH_MITMDUMP").map(PathBuf::from).or_else(|| which("mitmdump"));
+    let secs: u64 = std::env::var("SLUICE_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let load_start = load_avg();
+
+    let tmp = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+    let dir = tmp.path().to_path_buf();
+    let ca = TestCa::new();
+    let ca_path = ca.write(&dir);
+    let (cert, key) = ca.leaf_pem(&[NAME, "127.0.0.1"]);
+    write(&dir.join("leaf.pem"), cert.as_bytes())?;
+    write(&dir.join("leaf.key"), key.as_bytes())?;
+    std::fs::create_dir_all(dir.join("www")).map_err(|e| format!("www dir: {e}"))?;
+    write(&dir.join("www/small"), b"hello bench\n")?;
+    write(&dir.join("www/64k"), &vec![b'x'; 64 * 1024])?;
+    let d = dir.display();
+
+    // The upstream: static files over TLS.
+    let upstream_port = free_port();
+    let up_conf = format!(
+        "{}http {{\n access_log off;\n keepalive_requests 10000000;\n keepalive_timeout 300s;\n \
+         server {{\n  listen 127.0.0.1:{upstream_port} ssl;\n  ssl_certificate {d}/leaf.pem;\n  \
+         ssl_certificate_key {d}/leaf.key;\n  root {d}/www;\n  default_type application/octet-stream;\n }}\n}}\n",
+        nginx_head(&dir, "upstream", "1")
+    );
+    let _upstream = nginx(&nginx_bin, &dir, "upstream", &up_conf, upstream_port)?;
+
+    // nginx as a TLS-terminating reverse proxy: verifies the upstream, keeps connections to it.
+    let nginx_port = free_port();
+    let ng_conf = format!(
+        "{}http {{\n access_log off;\n keepalive_requests 10000000;\n keepalive_timeout 300s;\n \
+         upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}\n \
+         server {{\n  listen 127.0.0.1:{nginx_port} ssl;\n  ssl_certificate {d}/leaf.pem;\n  \
+         ssl_certificate_key {d}/leaf.key;\n  location / {{\n   proxy_pass https://up;\n   \
+         proxy_http_version 1.1;\n   proxy_set_header Connection \"\";\n   proxy_set_header Host {NAME};\n   \
+         proxy_ssl_server_name on;\n   proxy_ssl_name {NAME};\n   proxy_ssl_verify on;\n   \
+         proxy_ssl_trusted_certificate {ca};\n   proxy_ssl_session_reuse on;\n   proxy_buffering off;\n  }}\n \
+         }}\n}}\n",
+        nginx_head(&dir, "proxy", "auto"),
+        ca = ca_path.display()
+    );
+    let _nginx_proxy = nginx(&nginx_bin, &dir, "proxy", &ng_conf, nginx_port)?;
+
+    // mitmproxy in reverse mode, verifying the upstream against the test CA.
+    let mut _mitm = None;
+    let mut mitm_port = None;
+    let mut mitm_note = String::new();
+    match &mitmdump {
+        None => mitm_note = "mitmproxy unavailable (mitmdump not found; pip install mitmproxy)".into(),
+        Some(bin) => {
+            let port = free_port();
+            let confdir = dir.join("mitm");
+            let child = Command::new(bin)
+                .args([
+                    "-q",
+                    "--listen-host",
+                    "127.0.0.1",
+                    "--mode",
+                    &format!("reverse:https://127.0.0.1:{upstream_port}@{port}"),
+                    "--set",
+                    &format!("confdir={}", confdir.display()),
+                    "--set",
+                    &format!("ssl_verify_upstream_trusted_ca={}", ca_path.display()),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            match child {
+                Ok(child) => {
+                    let mut p = Proc { name: "mitmdump", child };
+                    match wait_listening(port, "mitmdump", &mut p) {
+                        Ok(()) => {
+                            mitm_port = Some(port);
+                            _mitm = Some(p);
+                        }
+                        Err(e) => mitm_note = format!("mitmproxy unavailable: {e}"),
+                    }
+                }
+                Err(e) => mitm_note = format!("mitmproxy unavailable: {e}"),
+            }
+        }
+    }
+
+    // sluice: the real daemon with the kernel redirect; the name resolves to the upstream.
+    let dns_extra = format!("static_hosts = {{ \"{NAME}\" = \"127.0.0.1\" }}");
+    let extra = format!("[upstream_tls]\nextra_roots = [\"{}\"]\n", ca_path.display());
+    let daemon = Daemon::start_custom("root", &dns_extra, &extra, &[]);
+    let pid = daemon.pid().ok_or("the daemon is not running")?;
+    let (passport, _) = daemon.issue(
+        "bench",
+        &[
+            "--permission",
+            "*",
+            "--constraint",
+            &format!("core:scope:domain_allowlist=[\"{NAME}\"]"),
+            "--constraint",
+            "core:cost:max_cumulative=1000000000000",
+        ],
+    );
+    let (rss_start, _) = rss_kib(pid)?;
+    let env = Env { dir: dir.clone(), h2load, secs, upstream_port, nginx_port, mitm_port, daemon, passport };
+
+    // First, on the fresh daemon, so the figure is the connections' cost and not what the
+    // allocator kept from the load runs.
+    eprintln!("opening {IDLE_CONNECTIONS} idle connections through sluice");
+    let rss_idle = rss_at_idle_connections(&env, pid);
+
+    let targets = [Target::Direct, Target::Sluice, Target::Nginx, Target::Mitmproxy];
+    let mut results: Vec<Vec<Option<Figures>>> = Vec::new();
+    let mut errors = Vec::new();
+    for (i, s) in SCENARIOS.iter().enumerate() {
+        let mut row = Vec::new();
+        for t in targets {
+            if t == Target::Mitmproxy && mitm_port.is_none() {
+                row.push(None);
+                continue;
+            }
+            eprintln!("running {} / {} ({secs} s)", s.label, t.label());
+            match env.measure(t, s, i) {
+                Ok(f) => row.push(Some(f)),
+                Err(e) => {
+                    errors.push(e);
+                    row.push(None);
+                }
+            }
+        }
+        results.push(row);
+    }
+    let (rss_after_load, hwm_after_load) = rss_kib(pid)?;
+    let load_end = load_avg();
+
+    // The table.
+    let mut o = String::new();
+    o.push_str(&format!(
+        "\nproxy benchmark: h2load --h1 over TLS, {secs} s per run after 1 s warm-up; sluice = {}\n\
+         load average (1/5/15 min) at start: {load_start}; at end: {load_end}; {} cores\n\n",
+        sluice_e2e::daemon::sluice_bin().display(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+    ));
+    o.push_str(&format!(
+        "{:<22} {:<10} {:>10} {:>9} {:>9} {:>9} {:>14}\n",
+        "scenario", "through", "req/s", "p50 µs", "p99 µs", "errors", "daemon CPU µs"
+    ));
+    for (s, row) in SCENARIOS.iter().zip(&results) {
+        for (t, f) in targets.iter().zip(row) {
+            match f {
+                Some(f) => o.push_str(&format!(
+                    "{:<22} {:<10} {:>10.0} {:>9} {:>9} {:>9} {:>14}\n",
+                    s.label,
+                    t.label(),
+                    f.rps,
+                    f.p50_us,
+                    f.p99_us,
+                    f.bad,
+                    f.daemon_cpu_us.map(|c| format!("{c}/req")).unwrap_or_default()
+                )),
+                None => o.push_str(&format!("{:<22} {:<10} {:>10}\n", s.label, t.label(), "n/a")),
+            }
+        }
+    }
+    o.push_str(&format!(
+        "\n{:<22} {:>10} {:>10} {:>10} {:>16}\n",
+        "sluice req/s ratio", "÷ direct", "÷ nginx", "÷ mitmproxy", "added p50 µs"
+    ));
+    let ratio = |a: &Option<Figures>, b: &Option<Figures>| match (a, b) {
+        (Some(a), Some(b)) if b.rps > 0.0 => format!("{:.2}", a.rps / b.rps),
+        _ => "n/a".into(),
+    };
+    for (s, row) in SCENARIOS.iter().zip(&results) {
+        let added = match (&row[1], &row[0]) {
+            (Some(sl), Some(di)) => format!("{}", sl.p50_us as i64 - di.p50_us as i64),
+            _ => "n/a".into(),
+        };
+        o.push_str(&format!(
+            "{:<22} {:>10} {:>10} {:>10} {:>16}\n",
+            s.label,
+            ratio(&row[1], &row[0]),
+            ratio(&row[1], &row[2]),
+            ratio(&row[1], &row[3]),
+            added
+        ));
+    }
+    o.push_str(&format!(
+        "\nsluice RSS: {:.1} MiB at start, {:.1} MiB after the load runs (peak {:.1} MiB), ",
+        mib(rss_start),
+        mib(rss_after_load),
+        mib(hwm_after_load)
+    ));
+    match &rss_idle {
+        Ok(kib) => o.push_str(&format!(
+            "{:.1} MiB with {IDLE_CONNECTIONS} idle connections open (fresh daemon, before the load runs)\n",
+            mib(*kib)
+        )),
+        Err(e) => o.push_str(&format!("at {IDLE_CONNECTIONS} idle connections: not measured ({e})\n")),
+    }
+
+    // The targets of BRIEF §8, checked against this run.
+    o.push_str("\nBRIEF §8 targets:\n");
+    let check = |ok: Option<bool>| match ok {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "n/a",
+    };
+    for (i, s) in SCENARIOS.iter().enumerate().filter(|(_, s)| !s.new_conn && s.path == "/small") {
+        let row = &results[i];
+        let vs = |j: usize, factor: f64| match (&row[1], &row[j]) {
+            (Some(a), Some(b)) => Some(a.rps >= factor * b.rps),
+            _ => None,
+        };
+        o.push_str(&format!(
+            "  {}: sluice ≥ nginx: {}; sluice ≥ 20× mitmproxy: {}\n",
+            s.label,
+            check(vs(2, 1.0)),
+            check(vs(3, 20.0))
+        ));
+    }
+    let added_p50 = match (&results[0][1], &results[0][0]) {
+        (Some(sl), Some(di)) => Some(sl.p50_us.saturating_sub(di.p50_us) < 200),
+        _ => None,
+    };
+    o.push_str(&format!("  added p50 < 200 µs at one connection (durability on): {}\n", check(added_p50)));
+    o.push_str(&format!(
+        "  RSS < 64 MiB at {IDLE_CONNECTIONS} connections: {}\n",
+        check(rss_idle.as_ref().ok().map(|k| *k < 64 * 1024))
+    ));
+    if !mitm_note.is_empty() {
+        o.push_str(&format!("\nnote: {mitm_note}\n"));
+    }
+    for e in &errors {
+        o.push_str(&format!("\nerror: {e}\n"));
+    }
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(o.as_bytes());
+    let _ = stdout.flush();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{} run(s) failed (see above); daemon log:\n{}", errors.len(), env.daemon.log()))
+    }
+}
