@@ -36,6 +36,7 @@
 //! table's `unknown_model` entry if set, otherwise at the highest input and the highest output
 //! price in the table (each taken separately): an unlisted model never costs less than a listed one.
 
+use super::path::hex;
 use std::sync::Arc;
 
 /// Most bytes of a request body [`request_info`] looks at.
@@ -517,15 +518,6 @@ impl JsonScan {
         if let (Some(n), Some(path)) = (value, self.path()) {
             sink(path, Scalar::Number(n));
         }
-    }
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
     }
 }
 

@@ -191,7 +191,8 @@ impl<'a> RequestPath<'a> {
     }
 }
 
-fn hex(b: u8) -> Option<u8> {
+/// The value of one hex digit, either case (shared with `meter`).
+pub(super) fn hex(b: u8) -> Option<u8> {
     match b {
         b'0'..=b'9' => Some(b - b'0'),
         b'a'..=b'f' => Some(b - b'a' + 10),

@@ -237,8 +237,7 @@ impl Service {
         let hold = self.load_hold(id)?;
         let cp = self.passport(&hold.passport_id);
         let revoked = self.is_revoked(&hold.passport_id);
-        let digest = self.policy_digest();
-        let host_rules = self.host_rules();
+        let (digest, host_rules) = self.policy_snapshot();
         let key = format!("hold/{id}");
         let (outcome, appended) = self
             .transact(move |txn: &mut Txn<'_>| {

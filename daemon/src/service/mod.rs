@@ -22,7 +22,7 @@ use crate::api::peer::Peer;
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
 use crate::domain::DomainName;
 use crate::ledger::{self, Draft, Ledger, Txn, TxnError};
-use crate::passport::{IssuerId, PassportError, PassportId, Revocations, Verifier};
+use crate::passport::{IssuerId, PassportId, Revocations, Verifier};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -198,14 +198,13 @@ impl Service {
         }
     }
 
-    /// The host policy's compiled CEL rules, if any.
-    pub(crate) fn host_rules(&self) -> Option<Arc<crate::decide::CompiledRules>> {
-        self.policy.read().ok()?.as_ref().and_then(|p| p.current().compiled_host_rules())
-    }
-
-    /// The digest of the host policy in force, for records.
-    pub(crate) fn policy_digest(&self) -> Option<String> {
-        self.policy.read().ok()?.as_ref().map(|p| p.current().digest())
+    /// The host policy in force, read once per decision so that the digest recorded and the host
+    /// rules applied always come from the same policy, even across a concurrent reload.
+    pub(crate) fn policy_snapshot(&self) -> (Option<String>, Option<Arc<crate::decide::CompiledRules>>) {
+        match self.policy.read().ok().and_then(|p| p.as_ref().map(|h| h.current())) {
+            Some(set) => (Some(set.digest()), set.compiled_host_rules()),
+            None => (None, None),
+        }
     }
 
     fn self_arc(&self) -> Option<Arc<Service>> {
@@ -420,8 +419,7 @@ impl Service {
         let agent_id = compiled.as_ref().map(|cp| cp.passport.claims.agent_id.clone());
         let revoked = self.is_revoked(pid.as_str());
         let hold_timeout = self.config.hold_timeout;
-        let digest = self.policy_digest();
-        let host_rules = self.host_rules();
+        let (digest, host_rules) = self.policy_snapshot();
         let (outcome, appended) = self
             .transact(move |txn: &mut Txn<'_>| {
                 let at = now();
@@ -599,11 +597,7 @@ fn parse_since(since: Option<&str>) -> Result<Option<DateTime<Utc>>, ServiceErro
 fn load_registered(token: &str, pinned: &[IssuerId]) -> Result<CompiledPassport, String> {
     let mut verifier = Verifier::new(pinned, &crate::passport::NoRevocations);
     verifier.skew_secs = i64::MAX / 4;
-    let passport = match verifier.verify(token, crate::passport::now()) {
-        Ok(p) => p,
-        Err(e @ (PassportError::Expired { .. } | PassportError::NotYetValid { .. })) => return Err(e.to_string()),
-        Err(e) => return Err(e.to_string()),
-    };
+    let passport = verifier.verify(token, crate::passport::now()).map_err(|e| e.to_string())?;
     CompiledPassport::compile(passport).map_err(|e| e.to_string())
 }
 
