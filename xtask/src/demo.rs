@@ -20,6 +20,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,8 +41,32 @@ impl Drop for TempDir {
     }
 }
 
-fn step(n: u32, text: &str) {
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Ctrl-C and SIGTERM set a flag instead of killing the demo, so the next check returns an
+/// error and every Drop guard runs: the daemon's pins and cgroups are removed, not left behind.
+fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+fn interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted; cleaning up");
+    }
+    Ok(())
+}
+
+fn step(n: u32, text: &str) -> anyhow::Result<()> {
+    interrupted()?;
     println!("\n== {n}. {text}");
+    Ok(())
 }
 
 fn sluice(bin: &Path, args: &[&str]) -> anyhow::Result<Output> {
@@ -60,6 +85,7 @@ fn must(out: Output) -> anyhow::Result<String> {
 }
 
 pub fn run() -> anyhow::Result<()> {
+    catch_interrupts();
     let started = Instant::now();
     let root = is_root();
     let mut build = super::cargo();
@@ -74,10 +100,10 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir.0)?;
     let d = |name: &str| dir.0.join(name).to_string_lossy().into_owned();
 
-    step(1, "Create an issuer (an Ed25519 signing key; its id is derived from the public key)");
+    step(1, "Create an issuer (an Ed25519 signing key; its id is derived from the public key)")?;
     must(sluice(&bin, &["issuer", "init", "--dir", &d("issuer"), "--name", "Demo issuer"])?)?;
 
-    step(2, "Issue a passport: LLM calls on api.openai.com only, a $0.50 daily budget, approval above $0.30");
+    step(2, "Issue a passport: LLM calls on api.openai.com only, a $0.50 daily budget, approval above $0.30")?;
     let passport_id = must(sluice(
         &bin,
         &[
@@ -106,13 +132,13 @@ pub fn run() -> anyhow::Result<()> {
         ],
     )?)?;
 
-    step(3, "Inspect it (claims as written, not yet trusted)");
+    step(3, "Inspect it (claims as written, not yet trusted)")?;
     must(sluice(&bin, &["passport", "inspect", &d("agent.jwt")])?)?;
 
-    step(4, "Verify it, pinning the issuer");
+    step(4, "Verify it, pinning the issuer")?;
     must(sluice(&bin, &["passport", "verify", &d("agent.jwt"), "--issuer-pub", &d("issuer/issuer.pub")])?)?;
 
-    step(5, "Tamper with it: raise the daily budget from $0.50 to $50,000.00, keep the signature");
+    step(5, "Tamper with it: raise the daily budget from $0.50 to $50,000.00, keep the signature")?;
     let token = std::fs::read_to_string(d("agent.jwt"))?;
     std::fs::write(d("tampered.jwt"), tamper(token.trim())?)?;
     let out = sluice(&bin, &["passport", "verify", &d("tampered.jwt")])?;
@@ -265,11 +291,11 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
         Ok(Command::new(bin).args(["--config", &cfg, "--socket", &sock]).args(args).output()?)
     };
 
-    step(6, "Start a mock OpenAI API on loopback (HTTPS, h2 + HTTP/1.1, real usage numbers, streaming)");
+    step(6, "Start a mock OpenAI API on loopback (HTTPS, h2 + HTTP/1.1, real usage numbers, streaming)")?;
     let ip = mock_ip()?;
     let (_mock, mock_log) = start_mock(dir, ip)?;
 
-    step(7, "Start the daemon: eBPF redirect on a fresh agents cgroup, resolver, proxy, attestation store");
+    step(7, "Start the daemon: eBPF redirect on a fresh agents cgroup, resolver, proxy, attestation store")?;
     std::fs::create_dir_all(dir.join("policies"))?;
     std::fs::copy(super::root().join("policies/openai.toml"), dir.join("policies/openai.toml"))
         .context("copying policies/openai.toml")?;
@@ -312,6 +338,7 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
     let daemon = Proc { child, _stdin: None };
     let deadline = Instant::now() + HANG_GUARD;
     while !quiet(&["holds"])?.status.success() {
+        interrupted()?;
         if Instant::now() > deadline {
             bail!("the daemon did not start:\n{}", std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default());
         }
@@ -319,11 +346,11 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
     }
     println!("daemon ready: eBPF programs pinned under /sys/fs/bpf/{name}, agents' cgroup {name}");
 
-    step(8, "Run the agent under `sluice run`: no proxy settings, it just calls https://api.openai.com");
+    step(8, "Run the agent under `sluice run`: no proxy settings, it just calls https://api.openai.com")?;
     std::fs::write(dir.join("agent.py"), AGENT)?;
     let results = run_agent(bin, &cfg, &sock, &python()?, &d("agent.jwt"), &d("agent.py"), ip, &cli)?;
 
-    step(9, "What reached the API server, and the daemon's own DNS");
+    step(9, "What reached the API server, and the daemon's own DNS")?;
     let seen = mock_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for l in &seen {
         println!("  {l}");
@@ -333,14 +360,14 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
     println!("  daemon's upstream DNS server: {dns_hits} queries received");
     check_results(&results, &seen, dns_hits, ip)?;
 
-    step(10, "The attestation log: every decision, settlement and event (from `sluice audit export`)");
+    step(10, "The attestation log: every decision, settlement and event (from `sluice audit export`)")?;
     must(cli(&["audit", "export", "--out", &d("audit.json")])?)?;
     print_decisions(Path::new(&d("audit.json")))?;
 
-    step(11, "Spend state");
+    step(11, "Spend state")?;
     must(cli(&["state", passport_id])?)?;
 
-    step(12, "Verify the exported log offline, with only the host's public key");
+    step(12, "Verify the exported log offline, with only the host's public key")?;
     must(sluice(bin, &["audit", "verify", &d("audit.json"), "--host-pub", &d("state/host.pub")])?)?;
     drop(daemon);
     Ok(())
@@ -386,6 +413,7 @@ fn run_agent(
     let deadline = Instant::now() + HANG_GUARD;
     let mut approved = false;
     let status = loop {
+        interrupted()?;
         if let Some(status) = agent.child.try_wait()? {
             break status;
         }
