@@ -11,6 +11,7 @@
 //! to load or attach is always a test failure.
 
 pub mod daemon;
+pub mod mock_llm;
 pub mod upstream;
 
 use std::collections::HashSet;

@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::sync::{mpsc, watch};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type RespBody = BoxBody<Bytes, BoxError>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type RespBody = BoxBody<Bytes, BoxError>;
 
 /// A test certificate authority; its PEM goes into `upstream_tls.extra_roots`.
 pub struct TestCa {
@@ -68,11 +68,28 @@ impl TestCa {
         (cert.pem(), key.serialize_pem())
     }
 
-    fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    /// A leaf for `names` as rustls types `(chain, key)`.
+    pub fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
         let key = KeyPair::generate().expect("leaf key");
         let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("names");
         let cert = params.signed_by(&key, &self.issuer).expect("leaf");
         (vec![cert.der().clone()], PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+}
+
+impl TestCa {
+    /// A TLS server configuration with one leaf for `names`, offering HTTP/2 and HTTP/1.1 (ALPN).
+    pub fn server_config(&self, names: &[&str]) -> rustls::ServerConfig {
+        let (certs, key) = self.leaf(names);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server cert");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config
     }
 }
 
@@ -109,16 +126,7 @@ pub struct Upstream {
 impl Upstream {
     /// Serves `names` (one leaf for all of them) on `addr` (port 0 picks one).
     pub fn start(rt: &tokio::runtime::Runtime, addr: SocketAddr, names: &[&str], ca: &TestCa) -> Upstream {
-        let (certs, key) = ca.leaf(names);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("server cert");
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config(names)));
         let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let (btx, _) = watch::channel(0usize);
@@ -302,7 +310,7 @@ async fn route(st: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
 }
 
 /// A response body fed chunk by chunk from a channel.
-struct ChannelBody(mpsc::Receiver<Bytes>);
+pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
 
 impl Body for ChannelBody {
     type Data = Bytes;
