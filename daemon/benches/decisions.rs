@@ -19,7 +19,12 @@ fn main() {
         "{:>11} {:>12} {:>10} {:>10} {:>10} {:>10}",
         "concurrency", "decisions/s", "p50 µs", "p90 µs", "p99 µs", "max µs"
     );
-    for concurrency in [1usize, 16, 64] {
+    // SLUICE_BENCH_CONCURRENCY=1,16 runs a subset (for profiling).
+    let levels: Vec<usize> = match std::env::var("SLUICE_BENCH_CONCURRENCY") {
+        Ok(list) => list.split(',').filter_map(|c| c.trim().parse().ok()).collect(),
+        Err(_) => vec![1, 16, 64],
+    };
+    for concurrency in levels {
         let r = rt.block_on(run(concurrency));
         println!("{:>11} {:>12.0} {:>10} {:>10} {:>10} {:>10}", concurrency, r.rate, r.p50, r.p90, r.p99, r.max);
     }
@@ -35,8 +40,12 @@ struct Result {
 
 async fn run(concurrency: usize) -> Result {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ledger =
-        Ledger::open(&dir.path().join("ledger.redb"), HostKey::generate(), LedgerOptions::default()).expect("ledger");
+    let mut opts = LedgerOptions::default();
+    // For comparisons: SLUICE_BENCH_JOURNAL=0 makes every group a durable redb commit.
+    if std::env::var("SLUICE_BENCH_JOURNAL").as_deref() == Ok("0") {
+        opts.journal_capacity = 0;
+    }
+    let ledger = Ledger::open(&dir.path().join("ledger.redb"), HostKey::generate(), opts).expect("ledger");
     let service = Service::start(ledger.clone(), ServiceConfig::passport_only(vec![], Duration::from_secs(60)))
         .await
         .expect("service");

@@ -82,6 +82,12 @@ fn sigkill_at_random_moments_loses_no_answered_decision() {
     let allowed_answers = answered.values().filter(|a| a.decision == "allow").count();
     assert!(allowed_answers > 0 && allowed_answers < answered.len(), "need both allows and blocks");
     eprintln!("{} answered decisions ({allowed_answers} allowed) across {ROUNDS} SIGKILLs", answered.len());
+    // Groups are durable in the commit journal before redb syncs them: with SIGKILLs under load,
+    // some restarts must have completed the store from the journal (and everything below holds
+    // after that).
+    let replays = d.log().matches("applied the journal's last groups").count();
+    eprintln!("{replays} of {ROUNDS} restarts replayed the journal");
+    assert!(replays > 0, "no restart replayed the journal: the crash path of the journal went untested");
 
     // Every answered decision is in the log, exactly as answered.
     let export = d.dir.path().join("export.json");

@@ -31,6 +31,7 @@ pub mod canonical;
 pub mod checkpoint;
 pub mod export;
 pub mod hostkey;
+pub mod journal;
 pub mod merkle;
 pub mod record;
 pub mod store;

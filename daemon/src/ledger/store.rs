@@ -3,9 +3,22 @@
 //! Every write goes through a single writer thread. It takes every queued job (up to
 //! [`LedgerOptions::max_group`]) into one redb write transaction, runs the transactions' closures
 //! one after the other (each sees what earlier ones of the group wrote), appends their records
-//! and Merkle nodes, signs a checkpoint if one is due or asked for, commits once with
-//! `Durability::Immediate`, and only then answers every caller. If the commit fails, every
-//! transaction of the group gets the error and nothing of the group is visible.
+//! and Merkle nodes, signs a checkpoint if one is due or asked for, makes the group durable, and
+//! only then answers every caller. If that fails, every transaction of the group gets the error
+//! and nothing of the group is visible.
+//!
+//! Durable means: written to the commit journal ([`super::journal`]) with one `fdatasync`. The
+//! group's rows stay in a redb write transaction that is kept open across groups and committed
+//! (published) without a sync every [`LedgerOptions::publish_interval`], or at once when a reader
+//! asks: every read ([`Ledger::snapshot`] and what is built on it) first makes sure every group
+//! already answered is published, so nobody reads an older state than a caller was told about.
+//! redb itself is synced at least every [`LedgerOptions::durable_interval`] and whenever the
+//! journal is half full, after which the journal starts over. At open, journal entries redb does
+//! not have yet (after a crash) are applied again before anything else. A group too large for
+//! the journal is committed to redb with `Durability::Immediate` instead. Each group has a
+//! sequence number, stored in `meta` with the group, which is how replay knows where redb
+//! stopped. If redb fails while the open transaction holds answered groups, the writer refuses
+//! everything until a restart, which replays them from the journal.
 //!
 //! A transaction's closure runs against an overlay: its `put`s and `delete`s are applied to the
 //! state table only if the closure returns `Ok` and every draft it returned can be sealed. So a
@@ -14,7 +27,8 @@
 //! Tables: `records` (log index → canonical record), `merkle_nodes` (packed (level, index) →
 //! perfect-subtree hash), `chain_heads` (chain → (seq, leaf hash) of its last record),
 //! `chain_index` ((chain, seq) → log index), `state` (key → opaque bytes owned by other modules),
-//! `checkpoints` (tree size → signed note), `meta` (`size`, `format`).
+//! `checkpoints` (tree size → signed note), `meta` (`size`, `format`, `journal_id`,
+//! `journal_seq`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -30,6 +44,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::checkpoint::{self, Checkpoint, SignedCheckpoint};
 use super::hostkey::HostKey;
+use super::journal::{self, GroupEffects, Journal, JournalRecord};
 use super::merkle::{self, Hash, MerkleError, NodeSource, NodeStore};
 use super::record::{self, Appended, ChainHead, Draft, DraftError};
 
@@ -42,7 +57,12 @@ const CHECKPOINTS: TableDefinition<u64, &str> = TableDefinition::new("checkpoint
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const META_SIZE: &str = "size";
+const WRITER_THREAD: &str = "sluice-ledger";
 const META_FORMAT: &str = "format";
+/// Ties the journal file to this store.
+const META_JOURNAL_ID: &str = "journal_id";
+/// Sequence number of the last group committed to redb.
+const META_GSEQ: &str = "journal_seq";
 const FORMAT_VERSION: u64 = 1;
 
 /// Bound on a state key.
@@ -63,12 +83,33 @@ pub struct LedgerOptions {
     pub max_queued: usize,
     /// A checkpoint is signed at least this often while the log grows.
     pub checkpoint_interval: Duration,
+    /// Size of the commit journal file (preallocated when the store is created; an existing
+    /// journal keeps its size). 0 turns the journal off: every group is then a durable redb
+    /// commit (slower; for comparison and for file systems where preallocation is a problem).
+    pub journal_capacity: u64,
+    /// redb is synced at least this often while groups arrive (the journal covers the rest).
+    pub durable_interval: Duration,
+    /// Answered groups are committed to redb (visible to readers that did not ask) at least
+    /// this often.
+    pub publish_interval: Duration,
 }
 
 impl Default for LedgerOptions {
     fn default() -> Self {
-        Self { max_group: 1024, max_queued: 16 * 1024, checkpoint_interval: Duration::from_secs(1) }
+        Self {
+            max_group: 1024,
+            max_queued: 16 * 1024,
+            checkpoint_interval: Duration::from_secs(1),
+            journal_capacity: journal::DEFAULT_CAPACITY,
+            durable_interval: Duration::from_secs(1),
+            publish_interval: Duration::from_millis(10),
+        }
     }
+}
+
+/// The journal file of the store at `path` (`ledger.redb` → `ledger.journal`).
+pub fn journal_path(path: &Path) -> PathBuf {
+    path.with_extension("journal")
 }
 
 /// A redb failure, shareable between all transactions of a failed group.
@@ -328,6 +369,8 @@ impl<T: Send + 'static> Finish for TransactFinish<T> {
 
 enum Job {
     Transact(Box<dyn Work>),
+    /// A reader wants every answered group visible.
+    Publish(mpsc::SyncSender<()>),
     Checkpoint(oneshot::Sender<Result<SignedCheckpoint, LedgerError>>),
     Shutdown,
 }
@@ -338,6 +381,10 @@ enum Job {
 struct Shared {
     size: AtomicU64,
     latest: RwLock<Option<SignedCheckpoint>>,
+    /// Sequence number of the last group whose callers were answered.
+    answered: AtomicU64,
+    /// Sequence number of the last group committed to redb (visible to readers).
+    published: AtomicU64,
 }
 
 struct Inner {
@@ -401,9 +448,15 @@ impl Ledger {
         };
         let db = Arc::new(db);
         init_tables(&db, path)?;
+        let (journal, gseq) = open_journal(&db, path, opts.journal_capacity)?;
         let public = host_key.verifying_key();
         let (size, latest) = check_coherent(&db, path, &public)?;
-        let shared = Arc::new(Shared { size: AtomicU64::new(size), latest: RwLock::new(latest.clone()) });
+        let shared = Arc::new(Shared {
+            size: AtomicU64::new(size),
+            latest: RwLock::new(latest.clone()),
+            answered: AtomicU64::new(gseq),
+            published: AtomicU64::new(gseq),
+        });
         let (tx, rx) = mpsc::channel();
         let origin = host_key.origin().to_string();
         let writer = Writer {
@@ -416,9 +469,17 @@ impl Ledger {
             interval: opts.checkpoint_interval,
             size,
             last_checkpoint: latest.as_ref().map(|c| (c.checkpoint.size, Instant::now())),
+            journal,
+            journal_on: opts.journal_capacity > 0,
+            gseq,
+            durable_interval: opts.durable_interval,
+            publish_interval: opts.publish_interval,
+            open: None,
+            undurable_since: None,
+            poisoned: None,
         };
         let handle = std::thread::Builder::new()
-            .name("sluice-ledger".into())
+            .name(WRITER_THREAD.into())
             .spawn(move || writer.run())
             .map_err(LedgerError::Spawn)?;
         Ok(Ledger {
@@ -505,6 +566,7 @@ impl Ledger {
 
     /// The most recent signed checkpoint.
     pub fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, LedgerError> {
+        self.publish()?;
         Ok(match self.inner.shared.latest.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
@@ -522,7 +584,25 @@ impl Ledger {
 
     /// A consistent read-only view of the committed store.
     pub fn snapshot(&self) -> Result<Snapshot, LedgerError> {
+        self.publish()?;
         Snapshot::new(&self.inner.db, &self.inner.path)
+    }
+
+    /// Waits until every group already answered is visible to readers (see the module docs).
+    /// Blocks for at most one redb commit; a no-op when nothing is pending.
+    fn publish(&self) -> Result<(), LedgerError> {
+        let shared = &self.inner.shared;
+        if shared.published.load(Ordering::Acquire) >= shared.answered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // A closure on the writer thread reads through its `Txn`, never through here; waiting
+        // for the writer from the writer would never end.
+        if std::thread::current().name() == Some(WRITER_THREAD) {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.inner.jobs.send(Job::Publish(tx)).map_err(|_| LedgerError::Closed)?;
+        rx.recv().map_err(|_| LedgerError::Closed)
     }
 
     /// Finishes queued work, signs a final checkpoint, and stops the writer. Later writes fail
@@ -561,8 +641,132 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError> {
             }
         }
     }
+    {
+        let mut meta = txn.open_table(META).map_err(se(path, "open meta table"))?;
+        if meta.get(META_JOURNAL_ID).map_err(se(path, "read journal id"))?.is_none() {
+            // Nonzero, so a zero-filled header never matches.
+            meta.insert(META_JOURNAL_ID, rand::random::<u64>() | 1).map_err(se(path, "write journal id"))?;
+            meta.insert(META_GSEQ, 0).map_err(se(path, "write journal seq"))?;
+        }
+    }
     txn.commit().map_err(se(path, "commit initial transaction"))?;
     Ok(())
+}
+
+/// Opens the store's journal and applies (durably) every group it holds that redb does not.
+/// Returns the journal, emptied, and the sequence number of the last group.
+fn open_journal(db: &Database, path: &Path, capacity: u64) -> Result<(Journal, u64), LedgerError> {
+    let jpath = journal_path(path);
+    let (id, stored) = {
+        let txn = db.begin_read().map_err(se(path, "begin read"))?;
+        let meta = txn.open_table(META).map_err(se(path, "open meta"))?;
+        let get = |k| meta.get(k).map(|v| v.map(|g| g.value()).unwrap_or(0));
+        (get(META_JOURNAL_ID).map_err(se(path, "read journal id"))?, get(META_GSEQ).map_err(se(path, "read seq"))?)
+    };
+    let bad = |reason: String| LedgerError::Incoherent { path: path.to_path_buf(), reason };
+    let (mut journal, entries) = Journal::open(&jpath, id, capacity).map_err(|e| bad(e.to_string()))?;
+    let pending: Vec<_> = entries.into_iter().filter(|e| e.gseq > stored).collect();
+    let Some(first) = pending.first() else {
+        journal.reset().map_err(|e| bad(e.to_string()))?;
+        return Ok((journal, stored));
+    };
+    if first.gseq != stored + 1 {
+        return Err(bad(format!(
+            "journal {} resumes at group {} but the store ends at group {stored}: the store is older than its \
+             journal (restored from a backup without it?)",
+            jpath.display(),
+            first.gseq
+        )));
+    }
+    let wtxn = db.begin_write().map_err(se(path, "begin replay"))?;
+    let (mut gseq, mut records) = (stored, 0usize);
+    {
+        let mut t = Tables::open(&wtxn, path)?;
+        let mut size = t.meta.get(META_SIZE).map_err(se(path, "read size"))?.map(|g| g.value()).unwrap_or(0);
+        for entry in &pending {
+            let at = |what: String| bad(format!("journal {} group {}: {what}", jpath.display(), entry.gseq));
+            let fx = GroupEffects::decode(&entry.payload).map_err(|e| at(e.to_string()))?;
+            for (k, v) in &fx.state {
+                check_key(k).map_err(|e| at(e.to_string()))?;
+                t.put_state(k, v.as_deref(), path)?;
+            }
+            for r in &fx.records {
+                if r.index != size {
+                    return Err(at(format!("record index {} where the log has {size} records", r.index)));
+                }
+                record::check_chain(&r.chain).map_err(|e| at(e.to_string()))?;
+                let appended = Appended {
+                    index: r.index,
+                    leaf_hash: merkle::leaf_hash(&r.canonical),
+                    seq: r.seq,
+                    canonical: r.canonical.clone(),
+                };
+                t.put_record(&r.chain, &appended, path)?;
+                size += 1;
+                records += 1;
+            }
+            if fx.size != size {
+                return Err(at(format!("says the log has {} records after it, replay gives {size}", fx.size)));
+            }
+            if let Some((cp_size, note)) = &fx.checkpoint {
+                t.checkpoints.insert(*cp_size, note.as_str()).map_err(se(path, "write checkpoint"))?;
+            }
+            gseq = entry.gseq;
+            t.meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
+            t.meta.insert(META_GSEQ, gseq).map_err(se(path, "write journal seq"))?;
+        }
+    }
+    wtxn.commit().map_err(se(path, "commit replay"))?;
+    tracing::warn!(
+        journal = %jpath.display(),
+        groups = pending.len(),
+        records,
+        "the daemon did not stop cleanly: applied the journal's last groups to the store"
+    );
+    journal.reset().map_err(|e| bad(e.to_string()))?;
+    Ok((journal, gseq))
+}
+
+/// The write transaction's tables, and how one state write and one record are stored (shared by
+/// the live writer and journal replay, so both write exactly the same rows).
+struct Tables<'t> {
+    records: Table<'t, u64, &'static [u8]>,
+    nodes: Table<'t, u64, [u8; 32]>,
+    heads: Table<'t, &'static str, (u64, [u8; 32])>,
+    chain_index: Table<'t, (&'static str, u64), u64>,
+    state: Table<'t, &'static str, &'static [u8]>,
+    checkpoints: Table<'t, u64, &'static str>,
+    meta: Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(wtxn: &'t redb::WriteTransaction, path: &Path) -> Result<Tables<'t>, StorageError> {
+        Ok(Tables {
+            records: wtxn.open_table(RECORDS).map_err(se(path, "open records"))?,
+            nodes: wtxn.open_table(NODES).map_err(se(path, "open merkle"))?,
+            heads: wtxn.open_table(HEADS).map_err(se(path, "open chain heads"))?,
+            chain_index: wtxn.open_table(CHAIN_INDEX).map_err(se(path, "open chain index"))?,
+            state: wtxn.open_table(STATE).map_err(se(path, "open state"))?,
+            checkpoints: wtxn.open_table(CHECKPOINTS).map_err(se(path, "open checkpoints"))?,
+            meta: wtxn.open_table(META).map_err(se(path, "open meta"))?,
+        })
+    }
+
+    fn put_state(&mut self, key: &str, val: Option<&[u8]>, path: &Path) -> Result<(), StorageError> {
+        match val {
+            Some(v) => self.state.insert(key, v).map(|_| ()).map_err(se(path, "write state")),
+            None => self.state.remove(key).map(|_| ()).map_err(se(path, "delete state")),
+        }
+    }
+
+    fn put_record(&mut self, chain: &str, appended: &Appended, path: &Path) -> Result<(), StorageError> {
+        self.records.insert(appended.index, appended.canonical.as_slice()).map_err(se(path, "write record"))?;
+        merkle::append(&mut NodesWrite(&mut self.nodes), appended.index, appended.leaf_hash)
+            .map_err(|e| merkle_storage(path, e))?;
+        self.heads.insert(chain, (appended.seq, appended.leaf_hash)).map_err(se(path, "write chain head"))?;
+        self.chain_index.insert((chain, appended.seq), appended.index).map_err(se(path, "write chain index"))?;
+        Ok(())
+    }
 }
 
 /// Checks that the stored tree hangs together: the size matches the records, the last leaf is
@@ -783,6 +987,26 @@ struct Writer {
     size: u64,
     /// Size and signing time of the latest checkpoint.
     last_checkpoint: Option<(u64, Instant)>,
+    journal: Journal,
+    journal_on: bool,
+    /// Sequence number of the last group.
+    gseq: u64,
+    durable_interval: Duration,
+    publish_interval: Duration,
+    /// The redb transaction holding answered but unpublished groups.
+    open: Option<OpenTxn>,
+    /// Since when redb holds groups that only the journal makes durable.
+    undurable_since: Option<Instant>,
+    /// Set when redb and the journal may disagree (a journal write or a commit after a journal
+    /// write failed): every later group is refused until a restart replays the journal.
+    poisoned: Option<StorageError>,
+}
+
+/// A redb write transaction kept open across groups.
+struct OpenTxn {
+    wtxn: redb::WriteTransaction,
+    /// When its first group was answered.
+    since: Instant,
 }
 
 /// The outcome of one group, before commit.
@@ -791,13 +1015,15 @@ struct Group {
     /// Callers to answer after commit, with their records.
     done: Vec<(Box<dyn Finish>, Vec<Appended>)>,
     checkpoint_waiters: Vec<oneshot::Sender<Result<SignedCheckpoint, LedgerError>>>,
+    publish_waiters: Vec<mpsc::SyncSender<()>>,
     shutdown: bool,
 }
 
 impl Writer {
     fn run(mut self) {
         loop {
-            let first = match self.checkpoint_wait() {
+            let wait = [self.checkpoint_wait(), self.durable_wait(), self.publish_wait()].into_iter().flatten().min();
+            let first = match wait {
                 Some(wait) => match self.rx.recv_timeout(wait) {
                     Ok(job) => Some(job),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -815,7 +1041,8 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if self.group(jobs) {
+            let stop = self.group(jobs);
+            if stop {
                 break;
             }
         }
@@ -823,6 +1050,76 @@ impl Writer {
         if self.size > 0 && self.last_checkpoint.map(|(s, _)| s) != Some(self.size) {
             let (tx, _rx) = oneshot::channel();
             self.group(vec![Job::Checkpoint(tx)]);
+        }
+        self.publish(true);
+    }
+
+    /// How long until the open transaction must be published, if there is one.
+    fn publish_wait(&self) -> Option<Duration> {
+        let open = self.open.as_ref()?;
+        Some((open.since + self.publish_interval).saturating_duration_since(Instant::now()))
+    }
+
+    /// How long until redb must be synced, if it holds groups only the journal covers.
+    fn durable_wait(&self) -> Option<Duration> {
+        let since = self.undurable_since?;
+        if self.journal.used() >= self.journal.capacity() / 2 {
+            return Some(Duration::ZERO);
+        }
+        Some((since + self.durable_interval).saturating_duration_since(Instant::now()))
+    }
+
+    /// Commits the open transaction (if any); with `durable`, syncs redb (a durable commit
+    /// persists every commit before it) and empties the journal. On failure of a durable-only
+    /// commit the journal keeps its entries, so nothing is lost; it is retried. A failed commit
+    /// of the open transaction poisons the writer (its groups are only in the journal).
+    fn publish(&mut self, durable: bool) {
+        if self.poisoned.is_some() {
+            self.open = None;
+            return;
+        }
+        if !durable && self.open.is_none() {
+            return;
+        }
+        if durable && self.open.is_none() && self.undurable_since.is_none() {
+            return;
+        }
+        let path = self.path.clone();
+        let had_open = self.open.is_some();
+        let result = (|| -> Result<(), StorageError> {
+            let mut wtxn = match self.open.take() {
+                Some(open) => open.wtxn,
+                None => self.db.begin_write().map_err(se(&path, "begin sync"))?,
+            };
+            wtxn.set_durability(if durable { Durability::Immediate } else { Durability::None });
+            if !had_open {
+                // An empty transaction: write the sequence again so it is a real commit.
+                let mut meta = wtxn.open_table(META).map_err(se(&path, "open meta"))?;
+                meta.insert(META_GSEQ, self.gseq).map_err(se(&path, "write journal seq"))?;
+            }
+            wtxn.commit().map_err(se(&path, if durable { "durable commit" } else { "commit" }))
+        })();
+        match result {
+            Ok(()) => {
+                self.shared.published.store(self.gseq, Ordering::Release);
+                if durable {
+                    self.undurable_since = None;
+                    if let Err(e) = self.journal.reset() {
+                        // Harmless for this store (its entries are all older than redb); only a
+                        // store restored from an older copy could pick them up.
+                        tracing::warn!(error = %e, "cannot mark the ledger journal empty");
+                    }
+                } else {
+                    self.undurable_since.get_or_insert_with(Instant::now);
+                }
+            }
+            Err(e) if had_open => {
+                tracing::error!(error = %e, "ledger commit failed with answered groups in it; refusing every transaction until restart (the restart replays them from the journal)");
+                self.poisoned = Some(e);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "syncing the ledger store failed; the journal still holds its groups")
+            }
         }
     }
 
@@ -852,14 +1149,34 @@ impl Writer {
             match job {
                 Job::Transact(w) => works.push(w),
                 Job::Checkpoint(tx) => g.checkpoint_waiters.push(tx),
+                Job::Publish(tx) => g.publish_waiters.push(tx),
                 Job::Shutdown => g.shutdown = true,
             }
         }
-        if works.is_empty() && g.checkpoint_waiters.is_empty() && !self.checkpoint_due(self.size) {
-            return g.shutdown;
+        let publish_waiters = std::mem::take(&mut g.publish_waiters);
+        let stop = g.shutdown;
+        if !works.is_empty() || !g.checkpoint_waiters.is_empty() || self.checkpoint_due(self.size) {
+            self.run_group(works, g);
         }
+        if stop {
+            // `run` makes everything durable on the way out.
+        } else if self.durable_wait() == Some(Duration::ZERO) {
+            self.publish(true);
+        } else if !publish_waiters.is_empty() || self.publish_wait() == Some(Duration::ZERO) {
+            self.publish(false);
+        }
+        for w in publish_waiters {
+            let _ = w.send(());
+        }
+        stop
+    }
+
+    fn run_group(&mut self, works: Vec<Box<dyn Work>>, mut g: Group) {
         let mut pending = works.into_iter();
-        let result = self.write_group(&mut pending, &mut g);
+        let result = match &self.poisoned {
+            Some(e) => Err(e.clone()),
+            None => self.write_group(&mut pending, &mut g),
+        };
         match result {
             Ok((size, new_cp)) => {
                 self.size = size;
@@ -871,6 +1188,7 @@ impl Writer {
                         Err(p) => *p.into_inner() = Some(cp.clone()),
                     }
                 }
+                self.shared.answered.store(self.gseq, Ordering::Release);
                 for (finish, appended) in g.done {
                     finish.finish(Ok(appended));
                 }
@@ -895,7 +1213,6 @@ impl Writer {
                 }
             }
         }
-        g.shutdown
     }
 
     /// Writes and commits one group. On error nothing is committed; jobs not yet run stay in
@@ -905,23 +1222,58 @@ impl Writer {
         pending: &mut std::vec::IntoIter<Box<dyn Work>>,
         g: &mut Group,
     ) -> Result<(u64, Option<SignedCheckpoint>), StorageError> {
+        let prior = self.open.take();
+        let result = self.write_group_in(prior.as_ref().map(|o| o.since), prior.map(|o| o.wtxn), pending, g);
+        result
+    }
+
+    fn write_group_in(
+        &mut self,
+        since: Option<Instant>,
+        open: Option<redb::WriteTransaction>,
+        pending: &mut std::vec::IntoIter<Box<dyn Work>>,
+        g: &mut Group,
+    ) -> Result<(u64, Option<SignedCheckpoint>), StorageError> {
         let path = self.path.clone();
         let path = path.as_path();
-        let mut wtxn = self.db.begin_write().map_err(se(path, "begin write"))?;
-        wtxn.set_durability(Durability::Immediate);
+        let had_groups = open.is_some();
+        // Any failure below drops the transaction; if it held answered groups, those are now
+        // only in the journal, and the writer must stop until a restart replays them.
+        let poison = |this: &mut Self, e: StorageError| -> StorageError {
+            if had_groups {
+                tracing::error!(error = %e, "ledger write failed with answered groups pending; refusing every transaction until restart (the restart replays them from the journal)");
+                this.poisoned = Some(e.clone());
+            }
+            e
+        };
+        let mut wtxn = match open {
+            Some(w) => w,
+            None => self.db.begin_write().map_err(se(path, "begin write"))?,
+        };
+        match self.fill_group(&mut wtxn, pending, g) {
+            Ok(done) => self.finish_group(since, wtxn, done).map_err(|e| poison(self, e)),
+            Err(e) => Err(poison(self, e)),
+        }
+    }
+
+    /// Runs the group's transactions into `wtxn` and encodes what they did.
+    fn fill_group(
+        &mut self,
+        wtxn: &mut redb::WriteTransaction,
+        pending: &mut std::vec::IntoIter<Box<dyn Work>>,
+        g: &mut Group,
+    ) -> Result<FilledGroup, StorageError> {
+        let path = self.path.clone();
+        let path = path.as_path();
         let mut size = self.size;
         let new_cp;
+        let gseq = self.gseq + 1;
+        let mut fx = GroupEffects::default();
         {
-            let mut records = wtxn.open_table(RECORDS).map_err(se(path, "open records"))?;
-            let mut nodes = wtxn.open_table(NODES).map_err(se(path, "open merkle"))?;
-            let mut heads = wtxn.open_table(HEADS).map_err(se(path, "open chain heads"))?;
-            let mut chain_index = wtxn.open_table(CHAIN_INDEX).map_err(se(path, "open chain index"))?;
-            let mut state = wtxn.open_table(STATE).map_err(se(path, "open state"))?;
-            let mut checkpoints = wtxn.open_table(CHECKPOINTS).map_err(se(path, "open checkpoints"))?;
-            let mut meta = wtxn.open_table(META).map_err(se(path, "open meta"))?;
+            let mut t = Tables::open(wtxn, path)?;
 
             for work in pending.by_ref() {
-                let mut txn = Txn { state: &state, overlay: BTreeMap::new(), next_index: size };
+                let mut txn = Txn { state: &t.state, overlay: BTreeMap::new(), next_index: size };
                 let ran = work.run(&mut txn);
                 let overlay = std::mem::take(&mut txn.overlay);
                 let Some((drafts, finish)) = ran else {
@@ -929,7 +1281,7 @@ impl Writer {
                 };
 
                 // Seal every draft before writing anything, so a bad draft leaves no trace.
-                let sealed = match seal_all(&heads, drafts, size, path) {
+                let sealed = match seal_all(&t.heads, drafts, size, path) {
                     Ok(s) => s,
                     Err(SealError::Draft(e)) => {
                         finish.finish(Err(e.into()));
@@ -942,30 +1294,20 @@ impl Writer {
                 };
                 let write = (|| -> Result<(), StorageError> {
                     for (k, v) in &overlay {
-                        match v {
-                            Some(v) => {
-                                state.insert(k.as_str(), v.as_slice()).map_err(se(path, "write state"))?;
-                            }
-                            None => {
-                                state.remove(k.as_str()).map_err(se(path, "delete state"))?;
-                            }
-                        }
+                        t.put_state(k, v.as_deref(), path)?;
                     }
                     for (chain, appended) in &sealed {
-                        records
-                            .insert(appended.index, appended.canonical.as_slice())
-                            .map_err(se(path, "write record"))?;
-                        merkle::append(&mut NodesWrite(&mut nodes), appended.index, appended.leaf_hash)
-                            .map_err(|e| merkle_storage(path, e))?;
-                        heads
-                            .insert(chain.as_str(), (appended.seq, appended.leaf_hash))
-                            .map_err(se(path, "write chain head"))?;
-                        chain_index
-                            .insert((chain.as_str(), appended.seq), appended.index)
-                            .map_err(se(path, "write chain index"))?;
+                        t.put_record(chain, appended, path)?;
                     }
                     Ok(())
                 })();
+                fx.state.extend(overlay);
+                fx.records.extend(sealed.iter().map(|(chain, a)| JournalRecord {
+                    chain: chain.clone(),
+                    index: a.index,
+                    seq: a.seq,
+                    canonical: a.canonical.clone(),
+                }));
                 size += sealed.len() as u64;
                 g.done.push((finish, sealed.into_iter().map(|(_, a)| a).collect()));
                 write?;
@@ -974,17 +1316,59 @@ impl Writer {
             let wanted = !g.checkpoint_waiters.is_empty() || self.checkpoint_due(size);
             let already = self.last_checkpoint.map(|(s, _)| s) == Some(size);
             new_cp = if wanted && !already {
-                let root = merkle::root(&NodesWrite(&mut nodes), size).map_err(|e| merkle_storage(path, e))?;
+                let root = merkle::root(&NodesWrite(&mut t.nodes), size).map_err(|e| merkle_storage(path, e))?;
                 let signed =
                     checkpoint::sign(Checkpoint { origin: self.key.origin().to_string(), size, root }, &self.key);
-                checkpoints.insert(size, signed.note.as_str()).map_err(se(path, "write checkpoint"))?;
+                t.checkpoints.insert(size, signed.note.as_str()).map_err(se(path, "write checkpoint"))?;
+                fx.checkpoint = Some((size, signed.note.clone()));
                 Some(signed)
             } else {
                 None
             };
-            meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
+            t.meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
+            t.meta.insert(META_GSEQ, gseq).map_err(se(path, "write journal seq"))?;
         }
+        fx.size = size;
+        let mut payload = Vec::with_capacity(1024);
+        fx.encode(&mut payload);
+        Ok(FilledGroup { size, gseq, new_cp, payload })
+    }
+
+    /// Makes a filled group durable: in the journal (keeping the transaction open), or, when it
+    /// does not fit, by a durable redb commit.
+    fn finish_group(
+        &mut self,
+        since: Option<Instant>,
+        mut wtxn: redb::WriteTransaction,
+        filled: FilledGroup,
+    ) -> Result<(u64, Option<SignedCheckpoint>), StorageError> {
+        let path = self.path.clone();
+        let path = path.as_path();
+        let FilledGroup { size, gseq, new_cp, payload } = filled;
+        let journaled = self.journal_on && self.journal.fits(payload.len());
+        if journaled {
+            // Durable from here on: answered callers survive a crash through replay.
+            if let Err(e) = self.journal.append(gseq, &payload) {
+                if let Err(void) = self.journal.void_tail() {
+                    tracing::error!(error = %void, "cannot erase the failed journal entry either");
+                }
+                let err = journal_storage(path, "journal append", &e);
+                self.poisoned = Some(err.clone());
+                tracing::error!(error = %e, "ledger journal write failed; refusing every transaction until restart");
+                return Err(err);
+            }
+            self.gseq = gseq;
+            self.open = Some(OpenTxn { wtxn, since: since.unwrap_or_else(Instant::now) });
+            return Ok((size, new_cp));
+        }
+        wtxn.set_durability(Durability::Immediate);
         wtxn.commit().map_err(se(path, "commit"))?;
+        self.gseq = gseq;
+        self.shared.published.store(gseq, Ordering::Release);
+        self.undurable_since = None;
+        if let Err(e) = self.journal.reset() {
+            tracing::warn!(error = %e, "cannot mark the ledger journal empty");
+        }
         Ok((size, new_cp))
     }
 }
@@ -1004,6 +1388,22 @@ fn merkle_storage(path: &Path, e: MerkleError) -> StorageError {
             context: "merkle nodes",
             source: Arc::new(redb::Error::Io(std::io::Error::other(other.to_string()))),
         },
+    }
+}
+
+/// A group run into the transaction, not yet durable.
+struct FilledGroup {
+    size: u64,
+    gseq: u64,
+    new_cp: Option<SignedCheckpoint>,
+    payload: Vec<u8>,
+}
+
+fn journal_storage(path: &Path, context: &'static str, e: &journal::JournalError) -> StorageError {
+    StorageError {
+        path: path.to_path_buf(),
+        context,
+        source: Arc::new(redb::Error::Io(std::io::Error::other(e.to_string()))),
     }
 }
 

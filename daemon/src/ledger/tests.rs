@@ -3,13 +3,16 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Map, Value};
 
 use super::export::{self, ExportBundle, ExportRequest};
 use super::hex;
+use super::journal;
 use super::merkle::{self, leaf_hash};
+use super::store::journal_path;
 use super::verify::{self, Problem};
 use super::*;
 
@@ -891,4 +894,101 @@ fn bench_transact_throughput() {
         );
         assert_eq!(ledger.size(), n as u64);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The commit journal: groups answered before redb synced survive a crash
+
+/// Options under which redb is never synced during a test (only the journal makes groups
+/// durable), unless the journal fills up.
+fn journal_only(capacity: u64) -> LedgerOptions {
+    LedgerOptions { durable_interval: Duration::from_secs(3600), journal_capacity: capacity, ..Default::default() }
+}
+
+/// A crash image: the store's files as they are on disk at this instant, while it runs.
+fn crash_image(store: &TestStore, with_journal: bool) -> TestStore {
+    let image = TestStore::new();
+    copy_file(&store.path, &image.path);
+    if with_journal {
+        copy_file(&journal_path(&store.path), &journal_path(&image.path));
+    }
+    image
+}
+
+#[tokio::test]
+async fn a_crash_image_is_completed_from_the_journal() {
+    let store = TestStore::new();
+    let ledger = Ledger::open(&store.path, host_key(), journal_only(journal::DEFAULT_CAPACITY)).unwrap();
+    populate(&ledger).await;
+    let before = full_export(&ledger).await;
+    let spend_a = ledger.state_get("spend/pA/2025-01-01").unwrap();
+    assert!(spend_a.is_some());
+
+    // Without its journal, the image is only what redb synced: the store's creation.
+    let bare = crash_image(&store, false);
+    let reopened = Ledger::open(&bare.path, host_key(), LedgerOptions::default()).unwrap();
+    assert!(reopened.size() < before.records.len() as u64, "redb alone already had every group");
+    reopened.shutdown();
+
+    // With it, every answered group is back, byte for byte.
+    let image = crash_image(&store, true);
+    let reopened = Ledger::open(&image.path, host_key(), LedgerOptions::default()).unwrap();
+    assert_eq!(reopened.size(), before.records.len() as u64);
+    assert_eq!(reopened.state_get("spend/pA/2025-01-01").unwrap(), spend_a);
+    let after = full_export(&reopened).await;
+    assert_eq!(after.records, before.records);
+    let report = verify::verify_export(&after, &vk(), None);
+    assert!(report.is_ok(), "{}", problems(&report));
+    // And the log goes on from there.
+    reopened.transact(spend("pA", 1, "2025-01-01")).await.unwrap();
+    assert_eq!(reopened.size(), before.records.len() as u64 + 1);
+    reopened.shutdown();
+    ledger.shutdown();
+}
+
+#[tokio::test]
+async fn a_store_older_than_its_journal_is_refused() {
+    let store = TestStore::new();
+    // A small journal: redb is synced (and the journal restarted) every few groups.
+    let small = || journal_only(2 * journal::HEADER_LEN);
+    // The first open makes the store; this copy is a "backup" taken before any group.
+    Ledger::open(&store.path, host_key(), small()).unwrap().shutdown();
+    let backup = crash_image(&store, false);
+    let ledger = Ledger::open(&store.path, host_key(), small()).unwrap();
+    for i in 0..12 {
+        ledger.transact(spend("pA", i, "2025-01-01")).await.unwrap();
+    }
+    // The running store's journal, next to the old backup: groups in between are missing.
+    copy_file(&journal_path(&store.path), &journal_path(&backup.path));
+    let err = Ledger::open(&backup.path, host_key(), LedgerOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, LedgerError::Incoherent { .. }), "{msg}");
+    assert!(msg.contains("older than its journal") && msg.contains("ledger.journal"), "{msg}");
+    ledger.shutdown();
+}
+
+#[tokio::test]
+async fn a_journal_of_another_store_is_refused() {
+    let a = TestStore::new();
+    let b = TestStore::new();
+    Ledger::open(&a.path, host_key(), LedgerOptions::default()).unwrap().shutdown();
+    Ledger::open(&b.path, host_key(), LedgerOptions::default()).unwrap().shutdown();
+    copy_file(&journal_path(&a.path), &journal_path(&b.path));
+    let msg = Ledger::open(&b.path, host_key(), LedgerOptions::default()).unwrap_err().to_string();
+    assert!(msg.contains("journal id"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_clean_shutdown_leaves_nothing_to_replay() {
+    let store = TestStore::new();
+    let ledger = Ledger::open(&store.path, host_key(), journal_only(journal::DEFAULT_CAPACITY)).unwrap();
+    populate(&ledger).await;
+    let size = ledger.size();
+    ledger.shutdown();
+    drop(ledger);
+    // redb alone has everything after a clean stop.
+    let bare = crash_image(&store, false);
+    let reopened = Ledger::open(&bare.path, host_key(), LedgerOptions::default()).unwrap();
+    assert_eq!(reopened.size(), size);
+    reopened.shutdown();
 }
