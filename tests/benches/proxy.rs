@@ -20,6 +20,12 @@
 //! Environment: `SLUICE_BIN` (the daemon to measure; xtask passes the release build),
 //! `SLUICE_BENCH_SECS` (seconds per run, default 5, after a 1 s warm-up),
 //! `SLUICE_BENCH_MITMDUMP` (mitmproxy's `mitmdump`; default: the one on `PATH`).
+//!
+//! For profiling work (the full table is the default): `SLUICE_BENCH_TARGETS` (comma-separated
+//! subset of `direct,sluice,nginx,mitmproxy`), `SLUICE_BENCH_SCENARIOS` (comma-separated
+//! substrings of scenario labels, e.g. `c1 small`), `SLUICE_BENCH_SKIP_RSS=1`, and
+//! `SLUICE_BENCH_PERF=<dir>`: each sluice run is recorded with `perf record -g` on the daemon
+//! into `<dir>/perf-<n>.data` (needs `perf`, Debian `linux-perf`).
 
 use sluice_e2e::daemon::Daemon;
 use sluice_e2e::upstream::TestCa;
@@ -208,6 +214,10 @@ impl Env {
         }
         args.push(format!("https://{NAME}:{port}{}", s.path));
         let cpu_before = self.daemon.pid().and_then(cpu_ticks);
+        let _perf = match (target, std::env::var_os("SLUICE_BENCH_PERF"), self.daemon.pid()) {
+            (Target::Sluice, Some(dir), Some(pid)) => Some(perf_record(Path::new(&dir), n, pid)?),
+            _ => None,
+        };
         let out: Output = if target == Target::Sluice {
             let mut full = vec!["run".to_string(), "--passport".into(), self.passport.to_string_lossy().into_owned()];
             full.push("--".into());
@@ -249,6 +259,38 @@ impl Env {
         f.p99_us = percentile(&lat, 0.99);
         let _ = std::fs::remove_file(&log);
         Ok(f)
+    }
+}
+
+/// `perf record -g` on the daemon until dropped (SIGINT makes perf write its file).
+fn perf_record(dir: &Path, n: usize, pid: u32) -> Result<PerfGuard> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let out = dir.join(format!("perf-{n}.data"));
+    let child = Command::new("perf")
+        .args(["record", "-q", "-F", "1999", "-g", "--call-graph", "dwarf,16384", "-p", &pid.to_string(), "-o"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("perf record (apt-get install linux-perf): {e}"))?;
+    eprintln!("recording the daemon with perf into {}", out.display());
+    Ok(PerfGuard(child))
+}
+
+struct PerfGuard(Child);
+
+impl Drop for PerfGuard {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether `SLUICE_BENCH_<var>` (a comma-separated list) selects `label`; unset selects all.
+fn selected(var: &str, label: &str, exact: bool) -> bool {
+    match std::env::var(format!("SLUICE_BENCH_{var}")) {
+        Ok(list) => list.split(',').map(str::trim).any(|w| if exact { w == label } else { label.contains(w) }),
+        Err(_) => true,
     }
 }
 
@@ -497,7 +539,11 @@ fn run() -> Result<()> {
     // First, on the fresh daemon, so the figure is the connections' cost and not what the
     // allocator kept from the load runs.
     eprintln!("opening {IDLE_CONNECTIONS} idle connections through sluice");
-    let rss_idle = rss_at_idle_connections(&env, pid);
+    let rss_idle = if std::env::var_os("SLUICE_BENCH_SKIP_RSS").is_some() {
+        Err("skipped (SLUICE_BENCH_SKIP_RSS)".to_string())
+    } else {
+        rss_at_idle_connections(&env, pid)
+    };
 
     let targets = [Target::Direct, Target::Sluice, Target::Nginx, Target::Mitmproxy];
     let mut results: Vec<Vec<Option<Figures>>> = Vec::new();
@@ -505,7 +551,10 @@ fn run() -> Result<()> {
     for (i, s) in SCENARIOS.iter().enumerate() {
         let mut row = Vec::new();
         for t in targets {
-            if t == Target::Mitmproxy && mitm_port.is_none() {
+            if (t == Target::Mitmproxy && mitm_port.is_none())
+                || !selected("TARGETS", t.label(), true)
+                || !selected("SCENARIOS", s.label, false)
+            {
                 row.push(None);
                 continue;
             }
