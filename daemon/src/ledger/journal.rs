@@ -12,11 +12,13 @@
 //! intact entry, in order, for the writer to apply again (entries redb already holds are skipped
 //! by their group sequence number, which redb stores with each group).
 //!
-//! Layout: a 4 KiB header (magic, version, the store's journal id) and then entries, each
-//! `magic:u32 len:u32 gseq:u64 payload[len] sha256(gseq ‖ len ‖ payload)`. The file is written
-//! full of zeros once, at creation, so appends never change its size and `fdatasync` never has
-//! to write file metadata. A torn entry fails its hash and ends the journal; so does an entry
-//! left from an earlier lap, whose sequence number does not follow.
+//! Layout: a 4 KiB header (magic, version, the store's journal id, the lap number) and then
+//! entries, each `magic:u32 len:u32 gseq:u64 payload[len] sha256(lap ‖ gseq ‖ len ‖ payload)`.
+//! The file is written full of zeros once, at creation (under a temporary name, renamed when
+//! complete), so appends never change its size and `fdatasync` never has to write file
+//! metadata. A torn entry fails its hash and ends the journal. Every reset starts a new lap (the
+//! header's lap number is bumped and synced), so entries left from an earlier lap fail their
+//! hash too, even if a store restored from an older copy expects their sequence numbers.
 //!
 //! The file is the daemon's own, but it is still parsed as untrusted bytes: every length is
 //! bounded, nothing panics on a damaged file, and damage is reported with the file and offset.
@@ -37,6 +39,9 @@ const ENTRY_TAIL: u64 = 32;
 
 /// Default size of the journal file.
 pub const DEFAULT_CAPACITY: u64 = 32 * 1024 * 1024;
+/// Largest entry payload read or written (a bound on what a damaged length field can make the
+/// reader allocate; bigger groups are committed to redb directly).
+pub const MAX_PAYLOAD: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -64,32 +69,33 @@ pub struct Journal {
     file: File,
     path: PathBuf,
     capacity: u64,
+    /// Bumped at every reset; part of every entry's hash.
+    lap: u64,
     /// Where the next entry goes.
     end: u64,
 }
 
 impl Journal {
     /// Opens the journal at `path` for the store whose journal id is `id`, creating (and
-    /// zero-filling) it if missing, and returns the intact entries in file order, up to the
-    /// first damaged or non-consecutive one. The next append goes after the last of them.
-    pub fn open(path: &Path, id: u64, capacity: u64) -> Result<(Journal, Vec<Entry>), JournalError> {
+    /// zero-filling) it if missing or empty, and returns the intact entries in file order, up to
+    /// the first damaged or non-consecutive one, and whether the file was missing (an empty file
+    /// is an operator's way to start a new journal on purpose). The next append goes after the
+    /// last entry.
+    pub fn open(path: &Path, id: u64, capacity: u64) -> Result<(Journal, Vec<Entry>, bool), JournalError> {
         let io = |context: &'static str| move |source| JournalError::Io { path: path.to_path_buf(), context, source };
         let capacity = capacity.max(HEADER_LEN * 2);
-        let existing = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(io("open"))?;
-        if !existing || file.metadata().map_err(io("stat"))?.len() == 0 {
-            create(&file, path, id, capacity)?;
-            return Ok((Journal { file, path: path.to_path_buf(), capacity, end: HEADER_LEN }, Vec::new()));
+        let (len, missing) = match std::fs::metadata(path) {
+            Ok(m) => (m.len(), false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, true),
+            Err(e) => return Err(io("stat")(e)),
+        };
+        if len == 0 {
+            let file = create(path, id, capacity)?;
+            let journal = Journal { file, path: path.to_path_buf(), capacity, lap: 0, end: HEADER_LEN };
+            return Ok((journal, Vec::new(), missing));
         }
-        let len = file.metadata().map_err(io("stat"))?.len();
-        let mut header = [0u8; 24];
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(io("open"))?;
+        let mut header = [0u8; 32];
         file.read_exact_at(&mut header, 0).map_err(|e| JournalError::Foreign {
             path: path.to_path_buf(),
             reason: format!("header unreadable: {e}"),
@@ -108,10 +114,13 @@ impl Journal {
         if file_id != id {
             return Err(foreign(format!("it belongs to the store with journal id {file_id:#x}, not {id:#x}")));
         }
+        let mut lapb = [0u8; 8];
+        lapb.copy_from_slice(&header[24..32]);
+        let lap = u64::from_le_bytes(lapb);
         let mut journal =
-            Journal { file, path: path.to_path_buf(), capacity: len.max(HEADER_LEN * 2), end: HEADER_LEN };
+            Journal { file, path: path.to_path_buf(), capacity: len.max(HEADER_LEN * 2), lap, end: HEADER_LEN };
         let entries = journal.scan()?;
-        Ok((journal, entries))
+        Ok((journal, entries, false))
     }
 
     /// Reads entries from the start until the first that is damaged, torn, or does not follow.
@@ -145,7 +154,7 @@ impl Journal {
         let mut g = [0u8; 8];
         g.copy_from_slice(&head[8..16]);
         let gseq = u64::from_le_bytes(g);
-        if magic != ENTRY_MAGIC || at + ENTRY_HEAD + len + ENTRY_TAIL > self.capacity {
+        if magic != ENTRY_MAGIC || len > MAX_PAYLOAD || at + ENTRY_HEAD + len + ENTRY_TAIL > self.capacity {
             return Ok(None);
         }
         let mut body = vec![0u8; (len + ENTRY_TAIL) as usize];
@@ -153,7 +162,7 @@ impl Journal {
             return Ok(None);
         }
         let (payload, tail) = body.split_at(len as usize);
-        if digest(gseq, payload).as_slice() != tail {
+        if digest(self.lap, gseq, payload).as_slice() != tail {
             return Ok(None);
         }
         let payload = payload.to_vec();
@@ -162,7 +171,7 @@ impl Journal {
 
     /// Whether an entry of `payload_len` bytes fits after the current end.
     pub fn fits(&self, payload_len: usize) -> bool {
-        payload_len <= u32::MAX as usize && self.end + ENTRY_HEAD + payload_len as u64 + ENTRY_TAIL <= self.capacity
+        payload_len as u64 <= MAX_PAYLOAD && self.end + ENTRY_HEAD + payload_len as u64 + ENTRY_TAIL <= self.capacity
     }
 
     /// Bytes of entries written since the last [`Journal::reset`].
@@ -193,7 +202,7 @@ impl Journal {
         buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         buf.extend_from_slice(&gseq.to_le_bytes());
         buf.extend_from_slice(payload);
-        buf.extend_from_slice(&digest(gseq, payload));
+        buf.extend_from_slice(&digest(self.lap, gseq, payload));
         self.file.write_all_at(&buf, self.end).map_err(io("write entry"))?;
         self.file.sync_data().map_err(io("sync entry"))?;
         self.end += buf.len() as u64;
@@ -209,27 +218,45 @@ impl Journal {
         self.file.sync_data().map_err(|e| JournalError::Io { path: self.path.clone(), context: "sync void", source: e })
     }
 
-    /// Starts over at the beginning, once redb holds (durably) everything written so far. The
-    /// first entry's magic is erased (and synced), so a store restored from an older copy never
-    /// picks up entries it was not written with; later entries of the old lap can never be
-    /// replayed, because they do not follow the entry that will be written first.
+    /// Starts over at the beginning, once redb holds (durably) everything written so far: a new
+    /// lap, so no entry written before can ever verify again. Synced before it returns.
     pub fn reset(&mut self) -> Result<(), JournalError> {
+        let lap = self.lap.wrapping_add(1);
+        self.file.write_all_at(&lap.to_le_bytes(), 24).map_err(|source| JournalError::Io {
+            path: self.path.clone(),
+            context: "write lap",
+            source,
+        })?;
+        self.lap = lap;
         self.end = HEADER_LEN;
         self.void_tail()
     }
 }
 
-fn digest(gseq: u64, payload: &[u8]) -> [u8; 32] {
+fn digest(lap: u64, gseq: u64, payload: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
+    h.update(lap.to_le_bytes());
     h.update(gseq.to_le_bytes());
     h.update((payload.len() as u32).to_le_bytes());
     h.update(payload);
     h.finalize().into()
 }
 
-/// Writes the header and zero-fills the file, then syncs it and its directory.
-fn create(file: &File, path: &Path, id: u64, capacity: u64) -> Result<(), JournalError> {
+/// Makes the journal under a temporary name (zero-filled, header written, synced) and renames
+/// it into place, so a crash or a full disk during creation never leaves a half-made journal.
+fn create(path: &Path, id: u64, capacity: u64) -> Result<File, JournalError> {
     let io = |context: &'static str| move |source| JournalError::Io { path: path.to_path_buf(), context, source };
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".new");
+    let tmp = PathBuf::from(tmp_name);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io("create"))?;
     let zeros = vec![0u8; 1024 * 1024];
     let mut at = 0;
     while at < capacity {
@@ -237,17 +264,18 @@ fn create(file: &File, path: &Path, id: u64, capacity: u64) -> Result<(), Journa
         file.write_all_at(&zeros[..n], at).map_err(io("zero-fill"))?;
         at += n as u64;
     }
-    let mut header = [0u8; 24];
+    let mut header = [0u8; 32];
     header[..8].copy_from_slice(FILE_MAGIC);
     header[8..12].copy_from_slice(&VERSION.to_le_bytes());
     header[16..24].copy_from_slice(&id.to_le_bytes());
     file.write_all_at(&header, 0).map_err(io("write header"))?;
     file.sync_all().map_err(io("sync"))?;
+    std::fs::rename(&tmp, path).map_err(io("rename into place"))?;
     if let Some(dir) = path.parent() {
         let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
         File::open(dir).and_then(|d| d.sync_all()).map_err(io("sync directory"))?;
     }
-    Ok(())
+    Ok(file)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -449,14 +477,14 @@ mod tests {
     fn entries_come_back_in_order_after_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        let (mut j, e) = Journal::open(&p, 42, 64 * 1024).unwrap();
+        let (mut j, e, _) = Journal::open(&p, 42, 64 * 1024).unwrap();
         assert!(e.is_empty());
         assert_eq!(std::fs::metadata(&p).unwrap().len(), 64 * 1024, "preallocated");
         for g in 1..=5 {
             j.append(g, &encoded(g)).unwrap();
         }
         drop(j);
-        let (_, e) = Journal::open(&p, 42, 64 * 1024).unwrap();
+        let (_, e, _) = Journal::open(&p, 42, 64 * 1024).unwrap();
         assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
         assert_eq!(e[2].payload, encoded(3));
     }
@@ -465,7 +493,7 @@ mod tests {
     fn a_torn_entry_ends_the_journal_and_is_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        let (mut j, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        let (mut j, _, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
         j.append(1, &encoded(1)).unwrap();
         let second = j.end;
         j.append(2, &encoded(2)).unwrap();
@@ -474,12 +502,12 @@ mod tests {
         // Flip one payload byte of entry 2: 2 and everything after it are gone.
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0xff], second + ENTRY_HEAD + 3).unwrap();
-        let (mut j, e) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        let (mut j, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
         assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![1]);
         assert_eq!(j.end, second, "the next append goes where the torn entry was");
         j.append(2, &encoded(9)).unwrap();
         drop(j);
-        let (_, e) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        let (_, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
         assert_eq!(e.len(), 2);
         assert_eq!(e[1].payload, encoded(9));
     }
@@ -488,7 +516,7 @@ mod tests {
     fn entries_of_an_earlier_lap_are_not_replayed_after_a_reset() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        let (mut j, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        let (mut j, _, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
         for g in 1..=4 {
             j.append(g, &encoded(g)).unwrap();
         }
@@ -496,21 +524,37 @@ mod tests {
         // One new entry, shorter than the old first one: the old lap's bytes follow it.
         j.append(5, b"").unwrap();
         drop(j);
-        let (_, e) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        let (_, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
         assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![5]);
+    }
+
+    #[test]
+    fn an_old_lap_entry_that_would_follow_is_refused_by_its_lap() {
+        // A store restored from an older copy restarts sequence numbers: the new lap's entry 1
+        // ends exactly where the old lap's entry 2 begins, and 2 is what the reader expects next.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let (mut j, _, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        j.append(1, &encoded(1)).unwrap();
+        j.append(2, &encoded(2)).unwrap();
+        j.reset().unwrap();
+        j.append(1, &encoded(1)).unwrap();
+        drop(j);
+        let (_, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![1]);
     }
 
     #[test]
     fn a_reset_journal_replays_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        let (mut j, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        let (mut j, _, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
         for g in 1..=3 {
             j.append(g, &encoded(g)).unwrap();
         }
         j.reset().unwrap();
         drop(j);
-        let (_, e) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        let (_, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
         assert!(e.is_empty(), "{e:?}");
     }
 
@@ -518,7 +562,7 @@ mod tests {
     fn a_full_journal_refuses_and_a_foreign_one_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        let (mut j, _) = Journal::open(&p, 1, 3 * HEADER_LEN).unwrap();
+        let (mut j, _, _) = Journal::open(&p, 1, 3 * HEADER_LEN).unwrap();
         let big = vec![7u8; (HEADER_LEN + 100) as usize];
         assert!(j.fits(big.len()));
         j.append(1, &big).unwrap();

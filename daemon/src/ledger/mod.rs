@@ -19,9 +19,12 @@
 //! **Invariants**
 //! - Append-only: records, Merkle nodes and checkpoints are only ever inserted at the end; no
 //!   code path rewrites or deletes them.
-//! - Durable before answered: a transaction's caller hears back only after the redb commit of
-//!   its group returned with `Durability::Immediate`; on failure every caller of the group gets
-//!   the error and nothing of the group exists.
+//! - Durable before answered: a transaction's caller hears back only after its group is on
+//!   stable storage: appended to the commit journal and `fdatasync`ed (or, for a group too large
+//!   for the journal, committed to redb with `Durability::Immediate`). If the journal write
+//!   fails, every caller of the group gets the error and the writer refuses everything until a
+//!   restart; the outcome is then unknown (a partly synced entry is erased if possible, but may
+//!   still be replayed). Readers never see less than what callers were told.
 //! - One writer: a single thread owns every write transaction, so log indices, chain sequence
 //!   numbers and state updates are totally ordered, and a transaction sees every earlier one.
 //! - A checkpoint is signed at least once per `checkpoint_interval` while the log grows, and its

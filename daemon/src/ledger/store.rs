@@ -63,6 +63,8 @@ const META_FORMAT: &str = "format";
 const META_JOURNAL_ID: &str = "journal_id";
 /// Sequence number of the last group committed to redb.
 const META_GSEQ: &str = "journal_seq";
+/// 1 when the last writer stopped cleanly (everything synced to redb), 0 while one runs.
+const META_CLEAN: &str = "clean_stop";
 const FORMAT_VERSION: u64 = 1;
 
 /// Bound on a state key.
@@ -130,6 +132,8 @@ pub enum LedgerError {
     Incoherent { path: PathBuf, reason: String },
     #[error("ledger store {path} is already open in another process (is another sluice daemon running?)", path = .path.display())]
     AlreadyOpen { path: PathBuf },
+    #[error(transparent)]
+    Journal(#[from] Arc<journal::JournalError>),
     #[error("the ledger is shut down")]
     Closed,
     #[error("cannot start the ledger writer thread: {0}")]
@@ -370,7 +374,7 @@ impl<T: Send + 'static> Finish for TransactFinish<T> {
 enum Job {
     Transact(Box<dyn Work>),
     /// A reader wants every answered group visible.
-    Publish(mpsc::SyncSender<()>),
+    Publish(mpsc::SyncSender<Result<(), StorageError>>),
     Checkpoint(oneshot::Sender<Result<SignedCheckpoint, LedgerError>>),
     Shutdown,
 }
@@ -394,6 +398,8 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
     writer: Mutex<Option<JoinHandle<()>>>,
     permits: Arc<Semaphore>,
+    /// The writer thread (which must never wait for itself).
+    writer_id: Option<std::thread::ThreadId>,
     public: VerifyingKey,
     origin: String,
 }
@@ -475,6 +481,8 @@ impl Ledger {
             durable_interval: opts.durable_interval,
             publish_interval: opts.publish_interval,
             open: None,
+            stopped: false,
+            clean_stop: false,
             undurable_since: None,
             poisoned: None,
         };
@@ -488,6 +496,7 @@ impl Ledger {
                 db,
                 shared,
                 jobs: tx,
+                writer_id: Some(handle.thread().id()),
                 writer: Mutex::new(Some(handle)),
                 permits: Arc::new(Semaphore::new(opts.max_queued.max(1))),
                 public,
@@ -566,11 +575,13 @@ impl Ledger {
 
     /// The most recent signed checkpoint.
     pub fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, LedgerError> {
-        self.publish()?;
-        Ok(match self.inner.shared.latest.read() {
+        let latest = match self.inner.shared.latest.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
-        })
+        };
+        // After reading it: whatever group signed it is then published.
+        self.publish()?;
+        Ok(latest)
     }
 
     pub fn host_public_key(&self) -> VerifyingKey {
@@ -597,12 +608,13 @@ impl Ledger {
         }
         // A closure on the writer thread reads through its `Txn`, never through here; waiting
         // for the writer from the writer would never end.
-        if std::thread::current().name() == Some(WRITER_THREAD) {
+        if Some(std::thread::current().id()) == self.inner.writer_id {
             return Ok(());
         }
         let (tx, rx) = mpsc::sync_channel(1);
         self.inner.jobs.send(Job::Publish(tx)).map_err(|_| LedgerError::Closed)?;
-        rx.recv().map_err(|_| LedgerError::Closed)
+        rx.recv().map_err(|_| LedgerError::Closed)??;
+        Ok(())
     }
 
     /// Finishes queued work, signs a final checkpoint, and stops the writer. Later writes fail
@@ -657,17 +669,34 @@ fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError> {
 /// Returns the journal, emptied, and the sequence number of the last group.
 fn open_journal(db: &Database, path: &Path, capacity: u64) -> Result<(Journal, u64), LedgerError> {
     let jpath = journal_path(path);
-    let (id, stored) = {
+    let (id, stored, clean) = {
         let txn = db.begin_read().map_err(se(path, "begin read"))?;
         let meta = txn.open_table(META).map_err(se(path, "open meta"))?;
-        let get = |k| meta.get(k).map(|v| v.map(|g| g.value()).unwrap_or(0));
-        (get(META_JOURNAL_ID).map_err(se(path, "read journal id"))?, get(META_GSEQ).map_err(se(path, "read seq"))?)
+        let get = |k| meta.get(k).map(|v| v.map(|g| g.value()));
+        (
+            get(META_JOURNAL_ID).map_err(se(path, "read journal id"))?.unwrap_or(0),
+            get(META_GSEQ).map_err(se(path, "read seq"))?.unwrap_or(0),
+            get(META_CLEAN).map_err(se(path, "read clean flag"))?.unwrap_or(1) == 1,
+        )
     };
     let bad = |reason: String| LedgerError::Incoherent { path: path.to_path_buf(), reason };
-    let (mut journal, entries) = Journal::open(&jpath, id, capacity).map_err(|e| bad(e.to_string()))?;
+    let jerr = |e: journal::JournalError| LedgerError::Journal(Arc::new(e));
+    let (mut journal, entries, missing) = Journal::open(&jpath, id, capacity).map_err(jerr)?;
+    if missing && !clean {
+        // Remove what we just made, so the operator's decision below is not taken for them.
+        let _ = std::fs::remove_file(&jpath);
+        return Err(bad(format!(
+            "its journal {} is missing, and the daemon did not stop cleanly: the decisions answered \
+             in the last second before that stop may exist only there. Restore the journal from where it \
+             went; if it is lost for good, create an empty file at that path to start without it (those \
+             decisions are then missing from the log and their spend from the counters)",
+            jpath.display()
+        )));
+    }
+    mark_running(db, path)?;
     let pending: Vec<_> = entries.into_iter().filter(|e| e.gseq > stored).collect();
     let Some(first) = pending.first() else {
-        journal.reset().map_err(|e| bad(e.to_string()))?;
+        journal.reset().map_err(jerr)?;
         return Ok((journal, stored));
     };
     if first.gseq != stored + 1 {
@@ -709,6 +738,9 @@ fn open_journal(db: &Database, path: &Path, capacity: u64) -> Result<(Journal, u
                 return Err(at(format!("says the log has {} records after it, replay gives {size}", fx.size)));
             }
             if let Some((cp_size, note)) = &fx.checkpoint {
+                if *cp_size != size {
+                    return Err(at(format!("checkpoint of size {cp_size} in a group ending at {size}")));
+                }
                 t.checkpoints.insert(*cp_size, note.as_str()).map_err(se(path, "write checkpoint"))?;
             }
             gseq = entry.gseq;
@@ -723,8 +755,20 @@ fn open_journal(db: &Database, path: &Path, capacity: u64) -> Result<(Journal, u
         records,
         "the daemon did not stop cleanly: applied the journal's last groups to the store"
     );
-    journal.reset().map_err(|e| bad(e.to_string()))?;
+    journal.reset().map_err(jerr)?;
     Ok((journal, gseq))
+}
+
+/// Records (durably) that a writer is running, so a missing journal after an unclean stop is
+/// noticed at the next open.
+fn mark_running(db: &Database, path: &Path) -> Result<(), LedgerError> {
+    let txn = db.begin_write().map_err(se(path, "begin"))?;
+    {
+        let mut meta = txn.open_table(META).map_err(se(path, "open meta"))?;
+        meta.insert(META_CLEAN, 0).map_err(se(path, "write clean flag"))?;
+    }
+    txn.commit().map_err(se(path, "commit clean flag"))?;
+    Ok(())
 }
 
 /// The write transaction's tables, and how one state write and one record are stored (shared by
@@ -997,6 +1041,10 @@ struct Writer {
     open: Option<OpenTxn>,
     /// Since when redb holds groups that only the journal makes durable.
     undurable_since: Option<Instant>,
+    /// The writer stopped (final checkpoint and sync done).
+    stopped: bool,
+    /// The next durable publish marks the store as stopped cleanly.
+    clean_stop: bool,
     /// Set when redb and the journal may disagree (a journal write or a commit after a journal
     /// write failed): every later group is refused until a restart replays the journal.
     poisoned: Option<StorageError>,
@@ -1015,14 +1063,18 @@ struct Group {
     /// Callers to answer after commit, with their records.
     done: Vec<(Box<dyn Finish>, Vec<Appended>)>,
     checkpoint_waiters: Vec<oneshot::Sender<Result<SignedCheckpoint, LedgerError>>>,
-    publish_waiters: Vec<mpsc::SyncSender<()>>,
+    publish_waiters: Vec<mpsc::SyncSender<Result<(), StorageError>>>,
     shutdown: bool,
 }
 
 impl Writer {
     fn run(mut self) {
         loop {
-            let wait = [self.checkpoint_wait(), self.durable_wait(), self.publish_wait()].into_iter().flatten().min();
+            // A poisoned writer only refuses jobs: no timer may wake it (it would spin).
+            let wait = match self.poisoned {
+                Some(_) => None,
+                None => [self.checkpoint_wait(), self.durable_wait(), self.publish_wait()].into_iter().flatten().min(),
+            };
             let first = match wait {
                 Some(wait) => match self.rx.recv_timeout(wait) {
                     Ok(job) => Some(job),
@@ -1046,11 +1098,23 @@ impl Writer {
                 break;
             }
         }
-        // Cover the tail of the log with a final checkpoint.
-        if self.size > 0 && self.last_checkpoint.map(|(s, _)| s) != Some(self.size) {
-            let (tx, _rx) = oneshot::channel();
-            self.group(vec![Job::Checkpoint(tx)]);
+        self.finish_writing();
+    }
+
+    /// The way out: a final checkpoint over the tail of the log, everything synced to redb, and
+    /// the store marked as stopped cleanly. Idempotent.
+    fn finish_writing(&mut self) {
+        if self.stopped {
+            return;
         }
+        self.stopped = true;
+        if self.poisoned.is_none() && self.size > 0 && self.last_checkpoint.map(|(s, _)| s) != Some(self.size) {
+            let (tx, _rx) = oneshot::channel();
+            let mut g = Group::default();
+            g.checkpoint_waiters.push(tx);
+            self.run_group(Vec::new(), g);
+        }
+        self.clean_stop = true;
         self.publish(true);
     }
 
@@ -1081,7 +1145,7 @@ impl Writer {
         if !durable && self.open.is_none() {
             return;
         }
-        if durable && self.open.is_none() && self.undurable_since.is_none() {
+        if durable && self.open.is_none() && self.undurable_since.is_none() && !self.clean_stop {
             return;
         }
         let path = self.path.clone();
@@ -1092,10 +1156,13 @@ impl Writer {
                 None => self.db.begin_write().map_err(se(&path, "begin sync"))?,
             };
             wtxn.set_durability(if durable { Durability::Immediate } else { Durability::None });
-            if !had_open {
-                // An empty transaction: write the sequence again so it is a real commit.
+            if !had_open || self.clean_stop {
+                // Write the sequence again so an empty transaction is a real commit.
                 let mut meta = wtxn.open_table(META).map_err(se(&path, "open meta"))?;
                 meta.insert(META_GSEQ, self.gseq).map_err(se(&path, "write journal seq"))?;
+                if self.clean_stop {
+                    meta.insert(META_CLEAN, 1).map_err(se(&path, "write clean flag"))?;
+                }
             }
             wtxn.commit().map_err(se(&path, if durable { "durable commit" } else { "commit" }))
         })();
@@ -1113,12 +1180,11 @@ impl Writer {
                     self.undurable_since.get_or_insert_with(Instant::now);
                 }
             }
-            Err(e) if had_open => {
-                tracing::error!(error = %e, "ledger commit failed with answered groups in it; refusing every transaction until restart (the restart replays them from the journal)");
-                self.poisoned = Some(e);
-            }
             Err(e) => {
-                tracing::error!(error = %e, "syncing the ledger store failed; the journal still holds its groups")
+                // redb refuses every later call after an I/O error anyway (until reopened); the
+                // journal still holds every answered group, and a restart replays them.
+                tracing::error!(error = %e, "ledger commit failed; refusing every transaction until restart (the restart replays answered groups from the journal)");
+                self.poisoned = Some(e);
             }
         }
     }
@@ -1159,14 +1225,19 @@ impl Writer {
             self.run_group(works, g);
         }
         if stop {
-            // `run` makes everything durable on the way out.
+            // Readers waiting with the shutdown get the final, synced state.
+            self.finish_writing();
         } else if self.durable_wait() == Some(Duration::ZERO) {
             self.publish(true);
         } else if !publish_waiters.is_empty() || self.publish_wait() == Some(Duration::ZERO) {
             self.publish(false);
         }
+        let answer = match &self.poisoned {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        };
         for w in publish_waiters {
-            let _ = w.send(());
+            let _ = w.send(answer.clone());
         }
         stop
     }
@@ -1179,6 +1250,9 @@ impl Writer {
         };
         match result {
             Ok((size, new_cp)) => {
+                // `answered` first: a reader that sees the new size or checkpoint must also see
+                // that there is something to publish.
+                self.shared.answered.store(self.gseq, Ordering::Release);
                 self.size = size;
                 self.shared.size.store(size, Ordering::Release);
                 if let Some(cp) = &new_cp {
@@ -1188,7 +1262,6 @@ impl Writer {
                         Err(p) => *p.into_inner() = Some(cp.clone()),
                     }
                 }
-                self.shared.answered.store(self.gseq, Ordering::Release);
                 for (finish, appended) in g.done {
                     finish.finish(Ok(appended));
                 }

@@ -924,8 +924,12 @@ async fn a_crash_image_is_completed_from_the_journal() {
     let spend_a = ledger.state_get("spend/pA/2025-01-01").unwrap();
     assert!(spend_a.is_some());
 
-    // Without its journal, the image is only what redb synced: the store's creation.
+    // Without its journal, the image is refused: the last answered groups may be only there.
     let bare = crash_image(&store, false);
+    let msg = Ledger::open(&bare.path, host_key(), LedgerOptions::default()).unwrap_err().to_string();
+    assert!(msg.contains("ledger.journal is missing") && msg.contains("create an empty file"), "{msg}");
+    // The operator's explicit choice to go on without it: redb alone is the store's creation.
+    std::fs::write(journal_path(&bare.path), b"").unwrap();
     let reopened = Ledger::open(&bare.path, host_key(), LedgerOptions::default()).unwrap();
     assert!(reopened.size() < before.records.len() as u64, "redb alone already had every group");
     reopened.shutdown();
@@ -991,4 +995,25 @@ async fn a_clean_shutdown_leaves_nothing_to_replay() {
     let reopened = Ledger::open(&bare.path, host_key(), LedgerOptions::default()).unwrap();
     assert_eq!(reopened.size(), size);
     reopened.shutdown();
+}
+
+#[tokio::test]
+async fn a_replayed_group_is_not_replayed_again_and_readers_see_answered_groups() {
+    let store = TestStore::new();
+    let ledger = Ledger::open(&store.path, host_key(), journal_only(journal::DEFAULT_CAPACITY)).unwrap();
+    populate(&ledger).await;
+    // Answered, so visible to a reader at once (the reader publishes the open transaction).
+    let size = ledger.size();
+    assert!(ledger.record(size - 1).unwrap().is_some());
+    let image = crash_image(&store, true);
+    ledger.shutdown();
+    // Open the image twice: the second open has nothing left to replay and the same log.
+    let first = Ledger::open(&image.path, host_key(), LedgerOptions::default()).unwrap();
+    let exported = full_export(&first).await;
+    first.shutdown();
+    drop(first);
+    let second = Ledger::open(&image.path, host_key(), LedgerOptions::default()).unwrap();
+    assert_eq!(second.size(), size);
+    assert_eq!(full_export(&second).await.records, exported.records);
+    second.shutdown();
 }
