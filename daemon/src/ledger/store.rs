@@ -94,6 +94,8 @@ pub struct LedgerOptions {
     /// Answered groups are committed to redb (visible to readers that did not ask) at least
     /// this often.
     pub publish_interval: Duration,
+    /// redb's page cache.
+    pub cache_bytes: usize,
 }
 
 impl Default for LedgerOptions {
@@ -105,6 +107,7 @@ impl Default for LedgerOptions {
             journal_capacity: journal::DEFAULT_CAPACITY,
             durable_interval: Duration::from_secs(1),
             publish_interval: Duration::from_millis(10),
+            cache_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -445,7 +448,9 @@ impl std::fmt::Debug for Ledger {
 impl Ledger {
     /// Opens (or creates) the store at `path`, checks it is coherent, and starts the writer.
     pub fn open(path: &Path, host_key: HostKey, opts: LedgerOptions) -> Result<Ledger, LedgerError> {
-        let db = match Database::create(path) {
+        // redb's page cache defaults to 1 GiB and fills with every record ever read or written;
+        // the daemon's memory must stay bounded (BRIEF §8), and its hot state is small.
+        let db = match redb::Builder::new().set_cache_size(opts.cache_bytes).create(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(LedgerError::AlreadyOpen { path: path.to_path_buf() })
