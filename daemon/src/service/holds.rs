@@ -92,7 +92,7 @@ impl Hold {
     ) -> Hold {
         let id: [u8; 12] = rand::random();
         Hold {
-            id: format!("hold_{}", id.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            id: format!("hold_{}", crate::ledger::hex::encode(&id)),
             passport_id: claims.id.to_string(),
             agent_id: claims.agent_id.clone(),
             status: HoldStatus::Pending,

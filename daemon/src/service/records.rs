@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    crate::ledger::hex::encode(&Sha256::digest(bytes))
 }
 
 pub fn time(at: DateTime<Utc>) -> String {

@@ -127,7 +127,7 @@ impl Service {
         let pidfd =
             pidfd_open(peer.pid).map_err(|e| ServiceError::Invalid(format!("pidfd_open({}): {e}", peer.pid)))?;
         let suffix: [u8; 8] = rand::random();
-        let name = format!("run-{}", suffix.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let name = format!("run-{}", crate::ledger::hex::encode(&suffix));
         let cgroup = agents.create_child(&name).map_err(|e| ServiceError::Store(e.to_string()))?;
         let sandbox = Sandbox {
             id: name,
