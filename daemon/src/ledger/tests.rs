@@ -954,12 +954,13 @@ async fn a_crash_image_is_completed_from_the_journal() {
 async fn a_store_older_than_its_journal_is_refused() {
     let store = TestStore::new();
     // A small journal: redb is synced (and the journal restarted) every few groups.
-    let small = || journal_only(2 * journal::HEADER_LEN);
+    // 8 blocks: a sync (and a new lap) after every 4 groups of one block each.
+    let small = || journal_only(8 * journal::HEADER_LEN);
     // The first open makes the store; this copy is a "backup" taken before any group.
     Ledger::open(&store.path, host_key(), small()).unwrap().shutdown();
     let backup = crash_image(&store, false);
     let ledger = Ledger::open(&store.path, host_key(), small()).unwrap();
-    for i in 0..12 {
+    for i in 0..10 {
         ledger.transact(spend("pA", i, "2025-01-01")).await.unwrap();
     }
     // The running store's journal, next to the old backup: groups in between are missing.
