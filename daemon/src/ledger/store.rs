@@ -106,7 +106,7 @@ impl Default for LedgerOptions {
             checkpoint_interval: Duration::from_secs(1),
             journal_capacity: journal::DEFAULT_CAPACITY,
             durable_interval: Duration::from_secs(1),
-            publish_interval: Duration::from_millis(10),
+            publish_interval: Duration::from_millis(100),
             cache_bytes: 16 * 1024 * 1024,
         }
     }
