@@ -211,15 +211,33 @@ impl<T: ReadableTable<&'static str, &'static [u8]>> StateView for T {
     }
 }
 
+/// Read access to the records table inside the writer's transaction.
+trait RecordView {
+    fn view_record(&self, index: u64) -> Result<Option<Vec<u8>>, redb::StorageError>;
+}
+
+impl<T: ReadableTable<u64, &'static [u8]>> RecordView for T {
+    fn view_record(&self, index: u64) -> Result<Option<Vec<u8>>, redb::StorageError> {
+        Ok(self.get(index)?.map(|v| v.value().to_vec()))
+    }
+}
+
 /// A transaction's view of the state: committed state plus the earlier transactions of the same
 /// group, plus its own uncommitted writes.
 pub struct Txn<'a> {
     state: &'a dyn StateView,
+    records: &'a dyn RecordView,
     overlay: BTreeMap<String, Option<Vec<u8>>>,
     next_index: u64,
 }
 
 impl Txn<'_> {
+    /// The canonical bytes of the record at `index`, as the writer sees it: every record answered
+    /// so far, published or not (reading here never waits for a publish).
+    pub fn record(&self, index: u64) -> Result<Option<Vec<u8>>, TxnError> {
+        self.records.view_record(index).map_err(|e| TxnError::Storage(Arc::new(e.into())))
+    }
+
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, TxnError> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
@@ -1351,7 +1369,7 @@ impl Writer {
             let mut t = Tables::open(wtxn, path)?;
 
             for work in pending.by_ref() {
-                let mut txn = Txn { state: &t.state, overlay: BTreeMap::new(), next_index: size };
+                let mut txn = Txn { state: &t.state, records: &t.records, overlay: BTreeMap::new(), next_index: size };
                 let ran = work.run(&mut txn);
                 let overlay = std::mem::take(&mut txn.overlay);
                 let Some((drafts, finish)) = ran else {

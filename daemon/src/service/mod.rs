@@ -57,6 +57,9 @@ impl From<ledger::LedgerError> for ServiceError {
             if let Some(c) = inner.downcast_ref::<Invalid>() {
                 return ServiceError::Invalid(c.0.clone());
             }
+            if let Some(c) = inner.downcast_ref::<Missing>() {
+                return ServiceError::NotFound(c.0.clone());
+            }
         }
         ServiceError::Store(e.to_string())
     }
@@ -72,6 +75,11 @@ pub(crate) struct Conflict(pub String);
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub(crate) struct Invalid(pub String);
+
+/// Aborts a transaction because what it refers to does not exist: `404`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Missing(pub String);
 
 /// `POST /v1/enforce`: `{passport_id, action, cost_cents, target}` (BRIEF §2). The proxy fills in
 /// `method` and `path` too.

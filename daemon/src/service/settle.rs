@@ -11,7 +11,7 @@
 //! estimate stands: the record says `settled: false` with the reason and no counter moves.
 //! A decision is settled at most once (`settled/<index>` in the state).
 
-use super::{now, records, Conflict, Invalid, Service, ServiceError};
+use super::{now, records, Conflict, Invalid, Missing, Service, ServiceError};
 use crate::decide::{self, Usage};
 use crate::ledger::{self, Draft, Txn, TxnError};
 use crate::passport::constraints::MAX_CENTS;
@@ -60,13 +60,15 @@ impl Service {
         let cp = self
             .passport(passport_id)
             .ok_or_else(|| ServiceError::NotFound(format!("passport {passport_id} is not registered")))?;
-        let decided_at = self.settleable(decision_attestation_id, passport_id, estimate_cents)?;
         let claims = cp.passport.claims.clone();
         let window = claims.constraints.window();
         let id = claims.id.to_string();
         let why = why.to_string();
         let (summary, _) = self
             .transact(move |txn: &mut Txn<'_>| {
+                // Read inside the writer's transaction: the decision may not be published yet,
+                // and a read outside would force a redb commit for every metered request.
+                let decided_at = settleable(txn, decision_attestation_id, &id, estimate_cents)?;
                 let at = now();
                 let settled_key = format!("settled/{decision_attestation_id}");
                 if txn.get(&settled_key)?.is_some() {
@@ -137,42 +139,41 @@ impl Service {
         );
         Ok(summary)
     }
+}
 
-    /// Checks that `index` is an allow record on `passport_id`'s chain that spent exactly
-    /// `estimate_cents`, and returns when it was decided (its window is the settlement's).
-    fn settleable(
-        &self,
-        index: u64,
-        passport_id: &str,
-        estimate_cents: u64,
-    ) -> Result<chrono::DateTime<chrono::Utc>, ServiceError> {
-        let bytes = self
-            .ledger
-            .record(index)?
-            .ok_or_else(|| ServiceError::NotFound(format!("record {index} does not exist; nothing to settle")))?;
-        let record: Value = serde_json::from_slice(&bytes)
-            .map_err(|e| ServiceError::Store(format!("record {index} is not JSON: {e}")))?;
-        let field = |name: &str| record.get(name);
-        let kind = field("kind").and_then(Value::as_str).unwrap_or_default();
-        if !matches!(kind, "decision" | "hold_resolution")
-            || field("decision").and_then(Value::as_str) != Some("allow")
-            || field("passport_id").and_then(Value::as_str) != Some(passport_id)
-        {
-            return Err(ServiceError::Invalid(format!(
-                "record {index} is not an allowed request of passport {passport_id}; only those can be settled"
-            )));
-        }
-        let spent = field("cost_cents").and_then(Value::as_u64);
-        if spent != Some(estimate_cents) {
-            return Err(ServiceError::Invalid(format!(
-                "record {index} spent {spent:?} cents, not the estimate of {estimate_cents} given to settle it"
-            )));
-        }
-        field("time")
-            .and_then(Value::as_str)
-            .and_then(ledger::record::parse_time)
-            .ok_or_else(|| ServiceError::Store(format!("record {index} has no readable time")))
+/// Checks that `index` is an allow record on `passport_id`'s chain that spent exactly
+/// `estimate_cents`, and returns when it was decided (its window is the settlement's).
+fn settleable(
+    txn: &Txn<'_>,
+    index: u64,
+    passport_id: &str,
+    estimate_cents: u64,
+) -> Result<chrono::DateTime<chrono::Utc>, TxnError> {
+    let bytes = txn
+        .record(index)?
+        .ok_or_else(|| TxnError::abort(Missing(format!("record {index} does not exist; nothing to settle"))))?;
+    let record: Value =
+        serde_json::from_slice(&bytes).map_err(|e| TxnError::abort(format!("record {index} is not JSON: {e}")))?;
+    let field = |name: &str| record.get(name);
+    let kind = field("kind").and_then(Value::as_str).unwrap_or_default();
+    if !matches!(kind, "decision" | "hold_resolution")
+        || field("decision").and_then(Value::as_str) != Some("allow")
+        || field("passport_id").and_then(Value::as_str) != Some(passport_id)
+    {
+        return Err(TxnError::abort(Invalid(format!(
+            "record {index} is not an allowed request of passport {passport_id}; only those can be settled"
+        ))));
     }
+    let spent = field("cost_cents").and_then(Value::as_u64);
+    if spent != Some(estimate_cents) {
+        return Err(TxnError::abort(Invalid(format!(
+            "record {index} spent {spent:?} cents, not the estimate of {estimate_cents} given to settle it"
+        ))));
+    }
+    field("time")
+        .and_then(Value::as_str)
+        .and_then(ledger::record::parse_time)
+        .ok_or_else(|| TxnError::abort(format!("record {index} has no readable time")))
 }
 
 #[cfg(test)]
