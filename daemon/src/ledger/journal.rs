@@ -211,10 +211,6 @@ impl Journal {
         self.capacity
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Appends one entry and waits until it is on stable storage. The caller checked
     /// [`Journal::fits`]. On error the entry may or may not be on disk.
     pub fn append(&mut self, gseq: u64, payload: &[u8]) -> Result<(), JournalError> {

@@ -1311,27 +1311,20 @@ impl Writer {
         }
     }
 
-    /// Writes and commits one group. On error nothing is committed; jobs not yet run stay in
-    /// `pending`, and `g.done` holds the ones that ran and must now be failed.
+    /// Writes one group into the open transaction (or a new one) and makes it durable. On error
+    /// nothing of the group is kept; jobs not yet run stay in `pending`, and `g.done` holds the
+    /// ones that ran and must now be failed.
     fn write_group(
         &mut self,
         pending: &mut std::vec::IntoIter<Box<dyn Work>>,
         g: &mut Group,
     ) -> Result<(u64, Option<SignedCheckpoint>), StorageError> {
-        let prior = self.open.take();
-        let result = self.write_group_in(prior.as_ref().map(|o| o.since), prior.map(|o| o.wtxn), pending, g);
-        result
-    }
-
-    fn write_group_in(
-        &mut self,
-        since: Option<Instant>,
-        open: Option<redb::WriteTransaction>,
-        pending: &mut std::vec::IntoIter<Box<dyn Work>>,
-        g: &mut Group,
-    ) -> Result<(u64, Option<SignedCheckpoint>), StorageError> {
         let path = self.path.clone();
         let path = path.as_path();
+        let (since, open) = match self.open.take() {
+            Some(o) => (Some(o.since), Some(o.wtxn)),
+            None => (None, None),
+        };
         let had_groups = open.is_some();
         // Any failure below drops the transaction; if it held answered groups, those are now
         // only in the journal, and the writer must stop until a restart replays them.
