@@ -3,6 +3,7 @@
 
 mod audit;
 mod daemon;
+mod detach;
 mod issuer;
 mod ops;
 mod passport;
@@ -63,6 +64,24 @@ pub enum Command {
     /// Export, prove and verify the attestation log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Remove the eBPF programs a stopped daemon left attached to the agents' cgroup (uninstall).
+    ///
+    /// A sluice daemon that stops or crashes leaves its eBPF programs attached to the agents'
+    /// cgroup and pinned under [sandbox] pin_dir, on purpose: agents' connections are then
+    /// refused, never sent out unchecked, and a restarted daemon takes the programs over. This
+    /// command takes them off: it reads pin_dir and the agents' cgroup from --config, lists each
+    /// pinned link and map it removes, and says how many processes are in the cgroup.
+    ///
+    /// What it means: once detached, nothing redirects the agents' cgroup. Processes in it (and
+    /// anything started there later) connect and resolve names directly, and no passport is
+    /// enforced on their traffic, until a daemon is started again. Stop the agents first
+    /// (systemctl stop 'sluice-agent@*') if they must not run unconfined.
+    ///
+    /// It refuses while a daemon is running (a process holds the pinned programs or maps, or the
+    /// API socket answers) unless --force is given. Nothing pinned is success: it says so and
+    /// exits 0. Needs root. The package runs it when sluice is removed (not on upgrade, where the
+    /// new daemon takes over the pinned programs without a gap).
+    Detach(detach::DetachArgs),
 }
 
 /// A command's exit status, or the error that stopped it (printed as one line, exit status 1).
@@ -90,6 +109,7 @@ pub fn main() -> ExitCode {
         Command::Holds(args) => ops::holds(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),
         Command::Policy(cmd) => policy::run(cmd, &cli.config),
+        Command::Detach(args) => detach::run(args, &cli.config, cli.socket.as_deref()),
     };
     match result {
         Ok(code) => code,

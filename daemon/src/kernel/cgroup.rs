@@ -155,24 +155,34 @@ impl Cgroup {
     /// (`sluice-agents` → `sluice.slice/sluice-agents.slice`), else a new
     /// directory.
     pub fn agents(mount: &Path, rel: &str) -> Result<Self, KernelError> {
-        let rel_path = check_relative(rel)?;
-        let direct = mount.join(&rel_path);
-        if direct.is_dir() {
-            return Self::open(direct);
+        if let Some(found) = Self::find_agents(mount, rel)? {
+            return Ok(found);
         }
-        if !rel.contains('/') {
-            for candidate in [mount.join(systemd_slice_path(rel)), mount.join(format!("{rel}.slice"))] {
-                if candidate.is_dir() {
-                    return Self::open(candidate);
-                }
-            }
-        }
+        let direct = mount.join(check_relative(rel)?);
         fs::create_dir_all(&direct).map_err(|source| KernelError::Cgroup {
             path: direct.clone(),
             op: "mkdir",
             source,
         })?;
         Self::open(direct)
+    }
+
+    /// The existing cgroup [`Cgroup::agents`] would use, without creating anything: `None` when
+    /// neither the directory nor the systemd slice of that name exists.
+    pub fn find_agents(mount: &Path, rel: &str) -> Result<Option<Self>, KernelError> {
+        let rel_path = check_relative(rel)?;
+        let direct = mount.join(&rel_path);
+        if direct.is_dir() {
+            return Self::open(direct).map(Some);
+        }
+        if !rel.contains('/') {
+            for candidate in [mount.join(systemd_slice_path(rel)), mount.join(format!("{rel}.slice"))] {
+                if candidate.is_dir() {
+                    return Self::open(candidate).map(Some);
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// The cgroup `pid` belongs to (its `0::` line in `/proc/PID/cgroup`).
@@ -262,6 +272,42 @@ impl Cgroup {
             }
         }
         Ok(out)
+    }
+
+    /// How many processes are in this cgroup and its descendants (bounded walk: at most 100,000
+    /// cgroups are read; cgroupfs has no symbolic links).
+    pub fn process_count(&self) -> Result<usize, KernelError> {
+        const MAX_CGROUPS: usize = 100_000;
+        let mut stack = vec![self.path.clone()];
+        let (mut seen, mut count) = (0usize, 0usize);
+        while let Some(dir) = stack.pop() {
+            seen += 1;
+            if seen > MAX_CGROUPS {
+                return Err(KernelError::Cgroup {
+                    path: self.path.clone(),
+                    op: "count processes",
+                    source: io::Error::other(format!("more than {MAX_CGROUPS} cgroups below it")),
+                });
+            }
+            let procs = dir.join("cgroup.procs");
+            match fs::read_to_string(&procs) {
+                Ok(text) => count += text.lines().filter(|l| !l.trim().is_empty()).count(),
+                // Removed while we walk: nothing in it any more.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(KernelError::Cgroup { path: procs, op: "read", source }),
+            }
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(KernelError::Cgroup { path: dir, op: "read_dir", source }),
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+        Ok(count)
     }
 
     /// A hook for `Command::pre_exec` that moves the child into this cgroup

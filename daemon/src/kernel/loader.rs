@@ -35,6 +35,7 @@ use aya::{Ebpf, EbpfLoader};
 use super::abi::{self, ABI_VERSION};
 use super::cgroup::{cgroup2_mount, Cgroup};
 use super::conntable::Conntable;
+use super::detach::PinnedState;
 use super::{sys, KernelConfig, KernelError};
 
 /// The compiled object (built by `daemon/build.rs` from `ebpf/sluice.bpf.c`).
@@ -347,24 +348,12 @@ fn remove_dir_files(dir: &Path) -> Result<(), KernelError> {
 
 /// Uninstalls: unpins every link (which detaches it, since the daemon holds
 /// no link fds) and every map under `pin_dir`, then removes the directory.
-/// Missing pins are not an error.
+/// Missing pins are not an error; a `pin_dir` that is not a directory on
+/// bpffs is refused untouched (see [`PinnedState`]).
 pub fn detach_and_unpin(pin_dir: &Path) -> Result<(), KernelError> {
-    if !pin_dir.exists() {
-        return Ok(());
-    }
-    remove_dir_files(&links_dir(pin_dir))?;
-    for entry in fs::read_dir(pin_dir).map_err(pin_err(pin_dir, "read_dir"))?.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            remove_dir_files(&path)?;
-        } else {
-            fs::remove_file(&path).map_err(pin_err(&path, "unpin"))?;
-        }
-    }
-    match fs::remove_dir(pin_dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(pin_err(pin_dir, "rmdir")(e)),
+    match PinnedState::survey(pin_dir)? {
+        Some(state) => state.remove(|_| {}),
+        None => Ok(()),
     }
 }
 

@@ -17,6 +17,7 @@
 pub mod abi;
 pub mod cgroup;
 pub mod conntable;
+pub mod detach;
 pub mod loader;
 pub mod probe;
 mod sys;
@@ -26,6 +27,7 @@ use std::path::PathBuf;
 
 pub use cgroup::{cgroup2_mount, Cgroup};
 pub use conntable::{Conntable, OrigDst, Transport};
+pub use detach::{Holder, Pin, PinKind, PinnedState};
 pub use loader::{detach_and_unpin, Enforcer};
 
 /// Default pin directory (on bpffs).
