@@ -5,6 +5,7 @@ mod audit;
 mod daemon;
 mod detach;
 mod issuer;
+pub mod man;
 mod ops;
 mod passport;
 mod policy;
