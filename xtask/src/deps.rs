@@ -32,14 +32,20 @@ fn present(what: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn missing() -> Vec<&'static str> {
-    let mut pkgs: Vec<&str> = NEEDS.iter().filter(|(what, _)| !present(what)).map(|(_, pkg)| *pkg).collect();
+fn missing(needs: &[(&str, &'static str)]) -> Vec<&'static str> {
+    let mut pkgs: Vec<&str> = needs.iter().filter(|(what, _)| !present(what)).map(|(_, pkg)| *pkg).collect();
     pkgs.dedup();
     pkgs
 }
 
+/// The build and test packages.
 pub fn ensure() -> anyhow::Result<()> {
-    let pkgs = missing();
+    ensure_tools(NEEDS)
+}
+
+/// `needs` as in [`NEEDS`]: installs what is missing (root on Debian) or says what to run.
+pub fn ensure_tools(needs: &[(&str, &'static str)]) -> anyhow::Result<()> {
+    let pkgs = missing(needs);
     if pkgs.is_empty() {
         return Ok(());
     }
@@ -57,7 +63,7 @@ pub fn ensure() -> anyhow::Result<()> {
             .args(&pkgs)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    let still = missing();
+    let still = missing(needs);
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(" "));
     }

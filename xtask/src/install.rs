@@ -9,11 +9,12 @@
 //! | configuration | `/etc/sluice/sluice.toml.example` (always) and `/etc/sluice/sluice.toml` (only if absent) |
 //! | host policies | `/etc/sluice/policies/*.toml` (only those absent) |
 //! | agents' passports | `/etc/sluice/agents/` (created 0700) |
-//! | docs | `PREFIX/share/doc/sluice/` |
+//! | docs | `PREFIX/share/doc/sluice/` (README.md, systemd.md, the example config and policies) |
+//! | man pages | `PREFIX/share/man/man1/sluice*.1.gz` (`sluice(1)`, one per subcommand) |
 //!
 //! Everything lands under DESTDIR when given (for packaging). An operator's edited configuration
 //! and policies are never overwritten. The same layout is described for `cargo deb` in
-//! `daemon/Cargo.toml`.
+//! `daemon/Cargo.toml` (`cargo xtask package`).
 
 use anyhow::{bail, Context};
 use std::fs;
@@ -65,8 +66,9 @@ fn staged(destdir: Option<&Path>, path: &Path) -> PathBuf {
     }
 }
 
-/// Every file of an installation for `prefix`, as paths on the target system.
-pub fn plan(repo: &Path, binary: &Path, prefix: &Path) -> Vec<Item> {
+/// Every file of an installation for `prefix`, as paths on the target system. `man_pages` are
+/// the gzipped pages (`cargo xtask man`, then gzip).
+pub fn plan(repo: &Path, binary: &Path, prefix: &Path, man_pages: &[PathBuf]) -> Vec<Item> {
     let system_prefix = prefix == Path::new("/usr");
     let units_dir =
         if system_prefix { PathBuf::from("/usr/lib/systemd/system") } else { PathBuf::from("/etc/systemd/system") };
@@ -95,8 +97,15 @@ pub fn plan(repo: &Path, binary: &Path, prefix: &Path) -> Vec<Item> {
         ("policies/host.toml.example", "policies/host.toml.example"),
         ("policies/README.md", "policies/README.md"),
         ("README.md", "README.md"),
+        ("docs/systemd.md", "systemd.md"),
     ] {
         items.push(item(repo.join(src), doc.join(name), 0o644));
+    }
+    let man1 = prefix.join("share/man/man1");
+    for page in man_pages {
+        if let Some(name) = page.file_name() {
+            items.push(item(page.clone(), man1.join(name), 0o644));
+        }
     }
     items
 }
@@ -152,7 +161,9 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     if !binary.is_file() {
         bail!("{} is missing: run without --no-build", binary.display());
     }
-    let items = plan(&repo, &binary, &o.prefix);
+    let pages = super::package::generate(&super::target_dir().join("man"))?;
+    let man_pages = super::package::gzip(&pages)?;
+    let items = plan(&repo, &binary, &o.prefix, &man_pages);
     for line in apply(&items, &o.prefix, o.destdir.as_deref())? {
         eprintln!("xtask: {line}");
     }
@@ -192,8 +203,12 @@ mod tests {
         if !bin.exists() {
             fs::write(&bin, b"#!/bin/sh\n").unwrap();
         }
+        let page = dest.join("sluice-run.1.gz");
+        if !page.exists() {
+            fs::write(&page, b"page").unwrap();
+        }
         let prefix = PathBuf::from(prefix);
-        apply(&plan(&repo, &bin, &prefix), &prefix, Some(dest)).unwrap()
+        apply(&plan(&repo, &bin, &prefix, &[page]), &prefix, Some(dest)).unwrap()
     }
 
     #[test]
@@ -217,6 +232,8 @@ mod tests {
         assert!(at("/etc/sluice/policies/openai.toml").is_file());
         assert!(at("/etc/sluice/policies/anthropic.toml").is_file());
         assert!(at("/usr/local/share/doc/sluice/README.md").is_file());
+        assert!(at("/usr/local/share/doc/sluice/systemd.md").is_file());
+        assert_eq!(mode("/usr/local/share/man/man1/sluice-run.1.gz"), 0o644);
         assert_eq!(mode("/etc/sluice/agents"), 0o700);
     }
 

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask test | demo | deps`.
+//! Project tasks: `cargo xtask test | demo | deps | install | man | package | bench`.
 //!
 //! `test` is what CI runs: formatting, clippy with warnings as errors, then every test of the
 //! workspace (the kernel and end-to-end suites run for real as root and fail, never skip, when they
@@ -8,6 +8,7 @@ mod benchproxy;
 mod demo;
 mod deps;
 mod install;
+mod package;
 
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -25,8 +26,17 @@ tasks:
   deps    install the Debian packages sluice needs to build and test (as root),
           or print the command to run
   install [--prefix DIR] [--destdir DIR] [--no-build]
-          release build, then the binary, systemd units, example config and shipped
-          policies in the standard places (prefix /usr/local; config never overwritten)
+          release build, then the binary, systemd units, example config, shipped
+          policies and man pages in the standard places (prefix /usr/local; config
+          never overwritten)
+  man [--out DIR]
+          the manual pages, sluice(1) and one per subcommand (default target/man;
+          read one with man -l target/man/sluice-run.1)
+  package [--no-build] [--install-check]
+          target/debian/sluice_<version>_amd64.deb with cargo-deb (installed if
+          missing): stripped binary, units, config, policies, man pages, docs.
+          --install-check (root): install it, check it, run its daemon, purge it
+          and check that nothing is left (pins included)
 ";
 
 fn main() {
@@ -36,6 +46,8 @@ fn main() {
         Some("demo") => demo::run(),
         Some("deps") => deps::ensure(),
         Some("install") => install::run(args.get(1..).unwrap_or_default()),
+        Some("man") => package::man(args.get(1..).unwrap_or_default()),
+        Some("package") => package::run(args.get(1..).unwrap_or_default()),
         Some("bench") => bench(args.get(1).map(String::as_str)),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
@@ -65,6 +77,18 @@ pub fn target_dir() -> PathBuf {
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
+    // `cargo run` handed xtask its own CARGO_PKG_* and CARGO_MANIFEST_* variables. Build scripts
+    // that watch them (ring's does) would otherwise rebuild, with everything above them, at every
+    // switch between a plain `cargo build` and one started here.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(key, "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE")
+        {
+            c.env_remove(key);
+        }
+    }
     c
 }
 
@@ -78,7 +102,7 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn display(cmd: &Command) -> String {
+pub fn display(cmd: &Command) -> String {
     let mut s = cmd.get_program().to_string_lossy().into_owned();
     for a in cmd.get_args() {
         s.push(' ');
