@@ -12,9 +12,10 @@
 //! `--install-check` (root, Debian; what CI runs) installs the .deb with dpkg, checks the
 //! binary, that every program a unit executes comes from a package the .deb depends on (or an
 //! Essential one), `systemd-analyze verify` on the installed units, the man pages through
-//! `man`, then runs the installed daemon on a configuration of its own so the removal has real
-//! pinned eBPF state to detach, purges the package and checks that the pins, the state and every
-//! file are gone. On failure everything it made is removed all the same.
+//! `man`, then runs the installed daemon on a configuration of its own so there is real pinned
+//! eBPF state, installs the package again (an upgrade must keep the pins), purges it and checks
+//! that the pins, the state and every file are gone. On failure everything it made is removed
+//! all the same.
 
 use anyhow::{bail, ensure, Context};
 use std::fs;
@@ -417,9 +418,18 @@ fn install_check(deb: &Path, man_pages: &[String]) -> anyhow::Result<()> {
     }
     eprintln!("  {} links pinned in {}, still there after the daemon stopped", links.len(), pin_dir.display());
 
+    step("dpkg -i again (an upgrade): the pinned programs stay for the next daemon to take over");
+    let out = output(Command::new("sh").arg("-c").arg("dpkg -i \"$0\" 2>&1").arg(deb))?;
+    eprint!("{}", String::from_utf8_lossy(&out.stdout));
+    ensure!(out.status.success(), "dpkg -i over the installed package failed ({})", out.status);
+    for l in &links {
+        ensure!(l.exists(), "{} was removed by an upgrade: agents would be unredirected", l.display());
+    }
+    eprintln!("  all {} links still pinned", links.len());
+
     step("dpkg --purge sluice");
-    let out = output(Command::new("dpkg").args(["--purge", "sluice"]))?;
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = output(Command::new("sh").arg("-c").arg("dpkg --purge sluice 2>&1"))?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
     eprint!("{said}");
     ensure!(out.status.success(), "dpkg --purge sluice failed ({})", out.status);
     ensure!(!installed(), "sluice is still installed after the purge");
@@ -453,40 +463,66 @@ fn install_check(deb: &Path, man_pages: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every `Exec*=` program of the installed units: where it comes from. Fails when one is missing,
-/// or comes from a package that is neither sluice, Essential, nor in sluice's Depends.
-fn check_exec_dependencies() -> anyhow::Result<Vec<String>> {
-    let depends = stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Depends}", "sluice"]))?;
-    let depends: Vec<String> = depends
+/// The programs a unit executes: (`Exec…` key, absolute path), prefixes (`-@:+!`) removed.
+/// A relative program is an error (systemd would search a path we do not check).
+fn exec_programs(unit: &str, text: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((key, value)) = line.trim().split_once('=') else { continue };
+        let key = key.trim();
+        if !key.starts_with("Exec") {
+            continue;
+        }
+        let program =
+            value.trim().trim_start_matches(['-', '@', ':', '+', '!', '|']).split_whitespace().next().unwrap_or("");
+        ensure!(program.starts_with('/'), "{unit}: {key}={value}: the program must be an absolute path");
+        out.push((key.to_owned(), program.to_owned()));
+    }
+    Ok(out)
+}
+
+/// Why a program from package `owner` may be run by sluice's units, or `None` when the package
+/// is not guaranteed to be installed with sluice.
+fn allowed_because(owner: &str, depends: &[String], essential: bool) -> Option<&'static str> {
+    if owner == "sluice" {
+        Some("this package")
+    } else if depends.iter().any(|d| d == owner) {
+        Some("in Depends")
+    } else if essential {
+        Some("Essential")
+    } else {
+        None
+    }
+}
+
+/// The package names of a `Depends` field (alternatives and versions dropped).
+fn depends_names(field: &str) -> Vec<String> {
+    field
         .split([',', '|'])
         .filter_map(|d| d.split_whitespace().next())
         .map(|d| d.split(':').next().unwrap_or(d).to_owned())
-        .collect();
+        .collect()
+}
+
+/// Every `Exec*=` program of the installed units: where it comes from. Fails when one is missing,
+/// or comes from a package that is neither sluice, Essential, nor in sluice's Depends.
+fn check_exec_dependencies() -> anyhow::Result<Vec<String>> {
+    let depends = depends_names(&stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Depends}", "sluice"]))?);
     let mut report = Vec::new();
     for unit in ["sluice.service", "sluice-agents.slice", "sluice-agent@.service"] {
         let path = Path::new("/usr/lib/systemd/system").join(unit);
         let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        for line in text.lines() {
-            let Some((key, value)) = line.trim().split_once('=') else { continue };
-            if !key.starts_with("Exec") {
-                continue;
-            }
-            let program =
-                value.trim_start_matches(['-', '@', ':', '+', '!', '|']).split_whitespace().next().unwrap_or("");
-            ensure!(program.starts_with('/'), "{unit}: {key}={value}: the program must be an absolute path");
-            ensure!(Path::new(program).is_file(), "{unit}: {key} runs {program}, which does not exist here");
+        for (key, program) in exec_programs(unit, &text)? {
+            ensure!(Path::new(&program).is_file(), "{unit}: {key} runs {program}, which does not exist here");
             let owner =
-                owner_of(program).with_context(|| format!("{unit}: {key} runs {program}, which no package owns"))?;
+                owner_of(&program).with_context(|| format!("{unit}: {key} runs {program}, which no package owns"))?;
             let essential =
                 stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Essential}", &owner]))?.trim() == "yes";
-            let why = if owner == "sluice" {
-                "this package"
-            } else if depends.contains(&owner) {
-                "in Depends"
-            } else if essential {
-                "Essential"
-            } else {
-                bail!("{unit}: {key} runs {program} from the package {owner}, which sluice does not depend on: add it to depends in daemon/Cargo.toml");
+            let Some(why) = allowed_because(&owner, &depends, essential) else {
+                bail!(
+                    "{unit}: {key} runs {program} from the package {owner}, which sluice does not depend on: add it to \
+                     depends in daemon/Cargo.toml"
+                );
             };
             report.push(format!("{unit}: {key} {program} <- {owner} ({why})"));
         }
@@ -531,6 +567,29 @@ mod tests {
             Options { build: false, install_check: true }
         );
         assert!(parse(&s(&["--install"])).is_err());
+    }
+
+    #[test]
+    fn exec_lines_are_read_with_their_prefixes_stripped() {
+        let unit = "[Service]\nExecStartPre=+/usr/bin/sluice sandbox bind\nExecStart=/usr/bin/env -- $X\n\
+                    ExecStopPost=-+/usr/bin/sluice sandbox unbind\nExecReload=/usr/bin/kill -HUP $MAINPID\n\
+                    Environment=ExecStart=/not/a/key\n# ExecStart=/commented\n";
+        let got = exec_programs("u", unit).unwrap();
+        let programs: Vec<&str> = got.iter().map(|(_, p)| p.as_str()).collect();
+        assert_eq!(programs, ["/usr/bin/sluice", "/usr/bin/env", "/usr/bin/sluice", "/usr/bin/kill"]);
+        let err = exec_programs("u", "ExecReload=kill -HUP $MAINPID\n").unwrap_err().to_string();
+        assert!(err.contains("absolute path"), "{err}");
+    }
+
+    #[test]
+    fn a_program_from_a_package_outside_depends_is_refused() {
+        let depends = depends_names("libc6 (>= 2.34), procps, systemd (>= 250) | systemd-standalone:amd64");
+        assert_eq!(depends, ["libc6", "procps", "systemd", "systemd-standalone"]);
+        assert_eq!(allowed_because("procps", &depends, false), Some("in Depends"));
+        assert_eq!(allowed_because("coreutils", &depends, true), Some("Essential"));
+        assert_eq!(allowed_because("sluice", &depends, false), Some("this package"));
+        // What the first package lacked: /usr/bin/kill's package was not in Depends.
+        assert_eq!(allowed_because("procps", &depends_names("libc6, systemd"), false), None);
     }
 
     #[test]
