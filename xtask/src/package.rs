@@ -298,6 +298,22 @@ fn install_check(deb: &Path, man_pages: &[String]) -> anyhow::Result<()> {
         !Path::new("/etc/sluice").exists(),
         "/etc/sluice exists (an earlier cargo xtask install?); --install-check would take it over and purge it: move it away first"
     );
+    // Minimised images tell dpkg to drop man pages; the man checks would then fail for that.
+    let mut dpkg_cfg: Vec<PathBuf> = vec![PathBuf::from("/etc/dpkg/dpkg.cfg")];
+    if let Ok(rd) = fs::read_dir("/etc/dpkg/dpkg.cfg.d") {
+        dpkg_cfg.extend(rd.flatten().map(|e| e.path()));
+    }
+    for cfg in dpkg_cfg {
+        let text = fs::read_to_string(&cfg).unwrap_or_default();
+        if let Some(line) =
+            text.lines().find(|l| l.trim_start().starts_with("path-exclude") && l.contains("/usr/share/man"))
+        {
+            bail!(
+                "{}: `{line}` makes dpkg skip man pages, so the install check cannot check them: comment it out",
+                cfg.display()
+            );
+        }
+    }
     let tag = format!("sluice-pkgcheck-{}", std::process::id());
     let pin_dir = PathBuf::from("/sys/fs/bpf").join(&tag);
     let mut cleanup = Cleanup { daemon: None, pin_dir: pin_dir.clone(), cgroup: None, purge: true };

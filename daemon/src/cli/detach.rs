@@ -5,6 +5,9 @@
 //! them off (uninstalling, or giving the cgroup back to unconfined use). It refuses while a
 //! daemon still uses the pins, says exactly what it removes and what that means, and is
 //! idempotent: nothing pinned is success.
+//!
+//! Nothing locks the pin directory: a daemon started while this runs is not prevented from
+//! pinning again. The package stops the unit first; an operator stops it first too.
 
 use super::CmdResult;
 use crate::config::Config;
