@@ -173,3 +173,45 @@ fn a_pin_dir_off_bpffs_is_refused_untouched() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not on a bpf filesystem"), "{}", text(&out));
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
 }
+
+/// Removes a test directory tree on bpffs on drop (plain directories only in this test).
+struct BpffsDir(std::path::PathBuf);
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_pin_dir_holding_more_than_sluices_layout_is_refused_untouched() {
+    if !root_or_skip("a_pin_dir_holding_more_than_sluices_layout_is_refused_untouched") {
+        return;
+    }
+    // What `pin_dir = "/sys/fs/bpf"` would look like: sluice's directories beside someone else's.
+    let root = BpffsDir(Path::new("/sys/fs/bpf").join(sluice_e2e::unique("sluice-test-layout")));
+    for d in ["links", "v1", "tc/globals"] {
+        std::fs::create_dir_all(root.0.join(d)).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[api]\nsocket = \"{}\"\n[sandbox]\ncgroup = \"sluice-test-none\"\npin_dir = \"{}\"\n",
+            dir.path().join("state").display(),
+            dir.path().join("api.sock").display(),
+            root.0.display()
+        ),
+    )
+    .unwrap();
+    for args in [&["detach"][..], &["detach", "--dry-run"], &["detach", "--force"]] {
+        let out = Command::new(sluice_bin()).args(["--config", config.to_str().unwrap()]).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("tc") && err.contains("not part of sluice's pin layout"), "{args:?}: {}", text(&out));
+        for d in ["links", "v1", "tc/globals"] {
+            assert!(root.0.join(d).is_dir(), "{args:?} removed {d}");
+        }
+    }
+}

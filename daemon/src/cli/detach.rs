@@ -124,6 +124,7 @@ pub fn run(args: DetachArgs, config_path: &Path, socket: Option<&Path>) -> CmdRe
     }
 
     let links = state.links().count();
+    let dir_count = state.dirs_to_remove().len();
     // What each path is, for the line printed when it is (or would be) removed.
     let mut what: HashMap<PathBuf, String> = HashMap::new();
     for pin in &state.pins {
@@ -142,8 +143,8 @@ pub fn run(args: DetachArgs, config_path: &Path, socket: Option<&Path>) -> CmdRe
         };
         what.insert(pin.path.clone(), text);
     }
-    for dir in state.dirs.iter().chain(std::iter::once(&state.pin_dir)) {
-        what.insert(dir.clone(), "directory".to_string());
+    for dir in state.dirs_to_remove() {
+        what.insert(dir.to_owned(), "directory".to_string());
     }
     let line = |verb: &str, path: &Path| match what.get(path) {
         Some(w) => println!("{verb} {}  ({w})", path.display()),
@@ -173,7 +174,7 @@ pub fn run(args: DetachArgs, config_path: &Path, socket: Option<&Path>) -> CmdRe
         for pin in &state.pins {
             line("would remove", &pin.path);
         }
-        for dir in state.dirs.iter().chain(std::iter::once(&state.pin_dir)) {
+        for dir in state.dirs_to_remove() {
             line("would remove", dir);
         }
         println!();
@@ -190,7 +191,7 @@ pub fn run(args: DetachArgs, config_path: &Path, socket: Option<&Path>) -> CmdRe
     if others > 0 {
         removed.push(plural(others, "other pin", "other pins"));
     }
-    removed.push(plural(state.dirs.len() + 1, "directory", "directories"));
+    removed.push(plural(dir_count, "directory", "directories"));
     println!("done: {} detached; {} removed.", plural(links, "program", "programs"), removed.join(", "));
     println!("From now on {meaning}. Starting the daemon again attaches the programs again.");
     Ok(ExitCode::SUCCESS)

@@ -7,8 +7,9 @@
 //! comes first: the caller shows exactly what will go and who still uses it.
 //!
 //! The pin directory comes from a configuration file and the code runs as root, so nothing is
-//! trusted: the directory must be on bpffs, symbolic links are removed, never followed, the walk
-//! never leaves the pin directory's filesystem, and its size and depth are bounded.
+//! trusted: the directory must be on bpffs and hold sluice's layout only (`links/`, `v<N>/`, pins
+//! in them; `pin_dir = "/sys/fs/bpf"` would otherwise take every other program's pins with it),
+//! symbolic links are removed, never followed, and the number of pins is bounded.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -19,10 +20,8 @@ use std::path::{Path, PathBuf};
 
 use super::{sys, KernelError};
 
-/// More entries than this under a pin directory is not sluice's layout (about 20 files).
+/// More pins than this under a pin directory is not sluice's layout (about 20 files).
 const MAX_ENTRIES: usize = 4096;
-/// sluice pins at depth 2 (`links/<program>`, `v<ABI>/<map>`); a little slack for old layouts.
-const MAX_DEPTH: usize = 4;
 
 /// What one pinned file is, as the kernel reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,7 +65,7 @@ pub struct PinnedState {
     pub pin_dir: PathBuf,
     /// Every pinned file, links first (removal order: programs are detached before their maps go).
     pub pins: Vec<Pin>,
-    /// Directories below `pin_dir`, deepest first; `pin_dir` itself is removed last.
+    /// The layout's directories (`links`, `v<N>`); see [`PinnedState::dirs_to_remove`].
     pub dirs: Vec<PathBuf>,
 }
 
@@ -99,6 +98,25 @@ fn check_pin_dir(pin_dir: &Path) -> Result<Option<u64>, KernelError> {
         return Err(KernelError::NotBpffs { path: pin_dir.to_owned() });
     }
     Ok(Some(meta.dev()))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, KernelError> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(pin_err(dir, "read_dir"))? {
+        out.push(entry.map_err(pin_err(dir, "read_dir"))?.path());
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn not_ours(path: &Path) -> KernelError {
+    invalid(
+        path,
+        "survey",
+        "is not part of sluice's pin layout (links/ and v<N>/, holding pins): nothing was removed; check \
+         [sandbox] pin_dir, or remove what is not sluice's by hand"
+            .into(),
+    )
 }
 
 /// `key:\tvalue` lines of an fdinfo file.
@@ -140,59 +158,65 @@ impl PinnedState {
             return Ok(None);
         };
         let mut state = PinnedState { pin_dir: pin_dir.to_owned(), pins: Vec::new(), dirs: Vec::new() };
-        let mut entries = 0;
-        state.walk(pin_dir, dev, 0, &mut entries)?;
+        state.walk(dev)?;
         // Links first (each removal detaches a program), then maps and the rest.
         state.pins.sort_by_key(|p| (!matches!(p.kind, PinKind::Link { .. }), p.path.clone()));
         Ok(Some(state))
     }
 
-    fn walk(&mut self, dir: &Path, dev: u64, depth: usize, entries: &mut usize) -> Result<(), KernelError> {
-        let mut names: Vec<_> = fs::read_dir(dir)
-            .map_err(pin_err(dir, "read_dir"))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<Result<_, _>>()
-            .map_err(pin_err(dir, "read_dir"))?;
-        names.sort();
-        for path in names {
-            *entries += 1;
-            if *entries > MAX_ENTRIES {
-                return Err(invalid(
-                    &self.pin_dir,
-                    "survey",
-                    format!("more than {MAX_ENTRIES} entries: not a sluice pin directory; remove it by hand"),
-                ));
+    /// Reads sluice's layout and nothing else: `pin_dir/links/*` and `pin_dir/v<N>/*`, files or
+    /// symlinks only. Anything else means `pin_dir` is not (only) sluice's (`/sys/fs/bpf` itself,
+    /// say, where other software pins): refused, naming the entry, before anything is removed.
+    fn walk(&mut self, dev: u64) -> Result<(), KernelError> {
+        let mut entries = 0;
+        for sub in sorted_entries(&self.pin_dir)? {
+            let name = sub.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let is_layout = name == "links"
+                || (name.len() > 1 && name.starts_with('v') && name[1..].bytes().all(|b| b.is_ascii_digit()));
+            let meta = fs::symlink_metadata(&sub).map_err(pin_err(&sub, "stat"))?;
+            if !is_layout || !meta.is_dir() || meta.dev() != dev {
+                return Err(not_ours(&sub));
             }
-            let meta = match fs::symlink_metadata(&path) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(pin_err(&path, "stat")(e)),
-            };
-            if meta.is_dir() {
-                if meta.dev() != dev {
+            for path in sorted_entries(&sub)? {
+                entries += 1;
+                if entries > MAX_ENTRIES {
                     return Err(invalid(
-                        &path,
+                        &self.pin_dir,
                         "survey",
-                        "is another filesystem mounted inside the pin directory; unmount it first".into(),
+                        format!("more than {MAX_ENTRIES} pins: not a sluice pin directory"),
                     ));
                 }
-                if depth + 1 >= MAX_DEPTH {
-                    return Err(invalid(
-                        &path,
-                        "survey",
-                        format!("nested deeper than {MAX_DEPTH} levels: not a sluice pin directory; remove it by hand"),
-                    ));
-                }
-                self.walk(&path, dev, depth + 1, entries)?;
-                self.dirs.push(path);
-            } else if meta.file_type().is_symlink() {
-                self.pins.push(Pin { path, kind: PinKind::Other });
-            } else {
-                let kind = classify(&path);
+                let meta = match fs::symlink_metadata(&path) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(pin_err(&path, "stat")(e)),
+                };
+                let kind = if meta.is_dir() {
+                    return Err(not_ours(&path));
+                } else if meta.file_type().is_symlink() {
+                    PinKind::Other
+                } else {
+                    classify(&path)
+                };
                 self.pins.push(Pin { path, kind });
             }
+            self.dirs.push(sub);
         }
         Ok(())
+    }
+
+    /// The directories [`PinnedState::remove`] removes, after the pins: the layout's, then
+    /// `pin_dir` itself unless it is a mount point (bpffs itself), which stays.
+    pub fn dirs_to_remove(&self) -> Vec<&Path> {
+        let is_mount = match (fs::metadata(&self.pin_dir), self.pin_dir.parent().map(fs::metadata)) {
+            (Ok(d), Some(Ok(p))) => d.dev() != p.dev(),
+            _ => false,
+        };
+        let mut dirs: Vec<&Path> = self.dirs.iter().map(PathBuf::as_path).collect();
+        if !is_mount {
+            dirs.push(&self.pin_dir);
+        }
+        dirs
     }
 
     /// `true` when nothing but (empty) directories is pinned.
@@ -284,7 +308,7 @@ impl PinnedState {
                 Err(e) => return Err(pin_err(&pin.path, "unpin")(e)),
             }
         }
-        for dir in self.dirs.iter().chain(std::iter::once(&self.pin_dir)) {
+        for dir in self.dirs_to_remove() {
             match fs::remove_dir(dir) {
                 Ok(()) => removed(dir),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
