@@ -138,6 +138,54 @@ fn state_and_reset_through_the_cli() {
     assert!(stderr(&out).contains("yearly"));
 }
 
+/// Client commands find the daemon through `--config` alone (its `[api] socket`), with
+/// `--socket` and `$SLUICE_SOCKET` still taking precedence, and say which file is at fault when
+/// the configuration cannot be read.
+#[test]
+fn client_commands_find_the_socket_from_the_config() {
+    let d = TestDaemon::start("");
+    let i = issue(d.dir.path(), "located", &["--permission", "*"]);
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut c = std::process::Command::new(bin());
+        c.args(args).env_remove("SLUICE_SOCKET");
+        if let Some(v) = env {
+            c.env("SLUICE_SOCKET", v);
+        }
+        c.output().unwrap()
+    };
+    let out = run(&["--config", p(&d.config), "passport", "register", p(&i.passport)], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), i.id);
+    let out = run(&["--config", p(&d.config), "state", &i.id], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&i.id), "{}", stdout(&out));
+
+    // The flag and the variable come before the configuration.
+    let nowhere = d.dir.path().join("nowhere.sock");
+    let out = run(&["--config", p(&d.config), "--socket", p(&nowhere), "state", &i.id], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nowhere.sock"), "{}", stderr(&out));
+    let out = run(&["--config", p(&d.config), "state", &i.id], Some(p(&nowhere)));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nowhere.sock"), "{}", stderr(&out));
+    let out = run(&["--config", "/nonexistent/sluice.toml", "--socket", p(&d.socket), "state", &i.id], None);
+    assert!(out.status.success(), "--socket needs no readable config: {}", stderr(&out));
+
+    // A named configuration that cannot be read is an error naming it, never a silent default.
+    let out = run(&["--config", "/nonexistent/sluice.toml", "state", &i.id], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("/nonexistent/sluice.toml") && err.contains("--socket"), "{err}");
+    let broken = d.dir.path().join("broken.toml");
+    std::fs::write(&broken, "state_dir = 7\n").unwrap();
+    let out = run(&["--config", p(&broken), "holds"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("broken.toml"), "{}", stderr(&out));
+    // Commands that never talk to the daemon do not read it.
+    let out = run(&["--config", p(&broken), "passport", "inspect", p(&i.passport)], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 #[test]
 fn enforce_cli_exit_codes() {
     let d = TestDaemon::start("");

@@ -85,6 +85,9 @@ fn must(out: Output) -> anyhow::Result<String> {
 }
 
 pub fn run() -> anyhow::Result<()> {
+    // The same step as `cargo xtask test`: building needs clang and libbpf's headers (the eBPF
+    // object), the agent needs python3. Installs them as root on Debian, else names the command.
+    super::deps::ensure()?;
     catch_interrupts();
     let started = Instant::now();
     let root = is_root();

@@ -4,6 +4,7 @@
 //! `verify` is offline: it needs only the file and the host's public key.
 
 use super::ops::call;
+use super::ops::ApiSocket;
 use super::CmdResult;
 use crate::keyfile;
 use crate::ledger::{checkpoint, verify};
@@ -67,7 +68,7 @@ pub struct VerifyArgs {
     json: bool,
 }
 
-pub fn run(cmd: AuditCmd, socket: &Path) -> CmdResult {
+pub fn run(cmd: AuditCmd, socket: &ApiSocket) -> CmdResult {
     match cmd {
         AuditCmd::Export(a) => export(a, socket),
         AuditCmd::Proof(a) => proof(a, socket),
@@ -81,7 +82,7 @@ fn write_new(path: &Path, doc: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn export(a: ExportArgs, socket: &Path) -> CmdResult {
+fn export(a: ExportArgs, socket: &ApiSocket) -> CmdResult {
     if a.out.exists() {
         anyhow::bail!("{}: already exists; refusing to overwrite it", a.out.display());
     }
@@ -104,7 +105,7 @@ fn export(a: ExportArgs, socket: &Path) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn proof(a: ProofArgs, socket: &Path) -> CmdResult {
+fn proof(a: ProofArgs, socket: &ApiSocket) -> CmdResult {
     if a.out.exists() {
         anyhow::bail!("{}: already exists; refusing to overwrite it", a.out.display());
     }

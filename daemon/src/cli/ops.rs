@@ -17,7 +17,8 @@ pub const EXIT_BLOCK: u8 = 3;
 pub const EXIT_HOLD: u8 = 4;
 
 /// Runs one API call on a small runtime and returns the JSON body.
-pub fn call(socket: &Path, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+pub fn call(socket: &ApiSocket, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let socket = socket.path()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let client = Client::new(socket);
     let resp = rt.block_on(client.call(method, path, body.as_ref())).map_err(|e| match e {
@@ -50,7 +51,7 @@ pub struct EnforceArgs {
 }
 
 /// Prints the decision JSON. Exit status: 0 allow, 3 block, 4 request_hold, 1 error.
-pub fn enforce(a: EnforceArgs, socket: &Path) -> CmdResult {
+pub fn enforce(a: EnforceArgs, socket: &ApiSocket) -> CmdResult {
     let body =
         json!({"passport_id": a.passport_id, "action": a.action, "cost_cents": a.cost_cents, "target": a.target});
     let d = call(socket, Method::POST, "/v1/enforce", Some(body))?;
@@ -81,7 +82,7 @@ pub fn proof_of_possession(
     token: &str,
     key: Option<&Path>,
     passport_file: &Path,
-    socket: &Path,
+    socket: &ApiSocket,
 ) -> anyhow::Result<Option<Value>> {
     use crate::passport::{pop, Claims, TrustTier};
     let (payload, _) = crate::passport::inspect(token).with_context(|| format!("{}", passport_file.display()))?;
@@ -101,7 +102,7 @@ pub fn proof_of_possession(
     Ok(Some(serde_json::to_value(proof)?))
 }
 
-pub fn register(file: &Path, key: Option<&Path>, socket: &Path, json_out: bool) -> CmdResult {
+pub fn register(file: &Path, key: Option<&Path>, socket: &ApiSocket, json_out: bool) -> CmdResult {
     let token = super::util::read_token(file)?;
     let pop = proof_of_possession(&token, key, file, socket)?;
     let r = call(socket, Method::POST, "/v1/passports", Some(json!({"passport": token, "pop": pop})))
@@ -114,7 +115,7 @@ pub fn register(file: &Path, key: Option<&Path>, socket: &Path, json_out: bool) 
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn revoke(id: &str, note: Option<String>, socket: &Path, json_out: bool) -> CmdResult {
+pub fn revoke(id: &str, note: Option<String>, socket: &ApiSocket, json_out: bool) -> CmdResult {
     let r = call(socket, Method::POST, &format!("/v1/passports/{}/revoke", encode(id)), Some(json!({"note": note})))?;
     if json_out {
         print_json(&r);
@@ -159,7 +160,7 @@ pub enum StateCmd {
     },
 }
 
-pub fn state(a: StateArgs, socket: &Path) -> CmdResult {
+pub fn state(a: StateArgs, socket: &ApiSocket) -> CmdResult {
     match (a.cmd, a.id) {
         (Some(StateCmd::Reset { id, window, json }), _) => {
             let r = call(
@@ -245,7 +246,7 @@ pub enum HoldsCmd {
     },
 }
 
-pub fn holds(a: HoldsArgs, socket: &Path) -> CmdResult {
+pub fn holds(a: HoldsArgs, socket: &ApiSocket) -> CmdResult {
     let (id, approve, note, json_out) = match a.cmd {
         None => {
             let h = call(socket, Method::GET, "/v1/holds", None)?;
@@ -288,9 +289,50 @@ pub fn holds(a: HoldsArgs, socket: &Path) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--socket` if given, else `$SLUICE_SOCKET`, else the default.
-pub fn socket_path(flag: Option<&Path>) -> PathBuf {
-    flag.map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("SLUICE_SOCKET").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/run/sluice/sluice.sock"))
+/// Where a client command reaches the daemon: `--socket`, else `$SLUICE_SOCKET`, else `[api] socket`
+/// of the configuration file, else the built-in default. Resolved only when a command first
+/// talks to the daemon, so commands that never do (`issuer init`, `passport issue`) never read the
+/// configuration.
+#[derive(Debug)]
+pub struct ApiSocket {
+    flag: Option<PathBuf>,
+    env: Option<PathBuf>,
+    config: PathBuf,
+    /// `--config` was given: a file that cannot be read is an error, not a fallback.
+    config_explicit: bool,
+    resolved: std::sync::OnceLock<PathBuf>,
+}
+
+impl ApiSocket {
+    pub fn new(flag: Option<PathBuf>, env: Option<PathBuf>, config: PathBuf, config_explicit: bool) -> ApiSocket {
+        ApiSocket { flag, env, config, config_explicit, resolved: std::sync::OnceLock::new() }
+    }
+
+    /// The socket path, reading the configuration if neither the flag nor the variable names one.
+    pub fn path(&self) -> anyhow::Result<&Path> {
+        if let Some(p) = self.resolved.get() {
+            return Ok(p);
+        }
+        let p = self.resolve()?;
+        Ok(self.resolved.get_or_init(|| p))
+    }
+
+    fn resolve(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = self.flag.as_ref().or(self.env.as_ref()) {
+            return Ok(p.clone());
+        }
+        match crate::config::Config::load(&self.config) {
+            Ok(config) => Ok(config.api.socket),
+            // No configuration at the default place: the daemon runs with built-in defaults too.
+            Err(crate::config::ConfigError::Read { source, .. })
+                if !self.config_explicit && source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(PathBuf::from(crate::config::DEFAULT_SOCKET))
+            }
+            Err(e) => Err(anyhow::anyhow!(
+                "{e}; the daemon's socket is read from [api] socket of this file: fix it, name another with \
+                 --config FILE, or name the socket with --socket PATH (or $SLUICE_SOCKET)"
+            )),
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! `sluice passport issue | inspect | verify`.
 
+use super::ops::ApiSocket;
 use super::util::{parse_duration, print_json, read_token, rfc3339};
 use super::CmdResult;
 use crate::keyfile;
@@ -103,7 +104,7 @@ pub struct VerifyArgs {
     json: bool,
 }
 
-pub fn run(cmd: PassportCmd, socket: &Path) -> CmdResult {
+pub fn run(cmd: PassportCmd, socket: &ApiSocket) -> CmdResult {
     match cmd {
         PassportCmd::Issue(a) => issue(a),
         PassportCmd::Inspect(a) => inspect(a),
