@@ -399,7 +399,7 @@ fn shipped_openai_routes() {
     let Cost::Metered(spec) = &m.cost else { panic!() };
     let u = Usage { input_tokens: 1_000_000, output_tokens: 1_000_000, model: Some("gpt-4o-mini-2024-07-18".into()) };
     assert_eq!(meter::cost(spec, &u), 75);
-    assert_eq!(spec.prices.as_of, "2025-08-15");
+    assert_eq!(spec.prices.as_of, "2026-12-01");
 }
 
 #[test]
@@ -429,14 +429,14 @@ fn shipped_anthropic_routes() {
     let m = s.route(&host, "POST", "/v1/messages");
     let Cost::Metered(spec) = &m.cost else { panic!() };
     let u =
-        Usage { input_tokens: 1_000_000, output_tokens: 1_000_000, model: Some("claude-sonnet-4-5-20250929".into()) };
+        Usage { input_tokens: 1_000_000, output_tokens: 1_000_000, model: Some("claude-sonnet-4-6-20260217".into()) };
     assert_eq!(meter::cost(spec, &u), 1800);
-    // An unlisted model costs the table's highest prices (Opus).
+    // An unlisted model costs the table's highest prices (Fable 5.1, Fable 5 and Mythos: $10 in).
     let u = Usage { input_tokens: 1_000_000, output_tokens: 0, model: Some("claude-next".into()) };
-    assert_eq!(meter::cost(spec, &u), 1500);
-    // Estimate from the request's max_tokens: 1000 output tokens of Haiku 3.5 = 0.4 cents → 1.
+    assert_eq!(meter::cost(spec, &u), 1000);
+    // Estimate from the request's max_tokens: 1000 output tokens of Haiku 4.5 = 0.5 cents → 1.
     let body =
-        br#"{"model":"claude-3-5-haiku-20241022","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
+        br#"{"model":"claude-haiku-4-5-20251001","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
     assert_eq!(meter::estimate(spec, body), 1);
 }
 
