@@ -1,6 +1,7 @@
 //! The Debian packages sluice needs to build (clang and libbpf headers for the eBPF object) and to
-//! test (curl, python3, iproute2, liburing for the bypass suites). Installed with apt-get when
-//! running as root on Debian; otherwise the exact command is printed and the task fails.
+//! test (curl, python3, iproute2, liburing for the bypass suites; openssl and Python's
+//! cryptography for the key-format tests). Installed with apt-get when running as root on Debian;
+//! otherwise the exact command is printed and the task fails.
 
 use anyhow::bail;
 use std::path::Path;
@@ -21,7 +22,13 @@ const NEEDS: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     // sluice.service reloads with /usr/bin/kill -HUP.
     ("/usr/bin/kill", "procps"),
+    // daemon/tests/keys_interop.rs: other tools read the keys sluice writes, and the reverse.
+    ("openssl", "openssl"),
 ];
+
+/// (Python module, the package that provides it): present when `python3 -c 'import MODULE'`
+/// succeeds with the `python3` on PATH, the one the tests run.
+const PYTHON_MODULES: &[(&str, &str)] = &[("cryptography", "python3-cryptography")];
 
 fn present(what: &str) -> bool {
     if what.starts_with('/') {
@@ -32,8 +39,19 @@ fn present(what: &str) -> bool {
         .unwrap_or(false)
 }
 
+fn python_module_present(module: &str) -> bool {
+    Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
 fn missing() -> Vec<&'static str> {
     let mut pkgs: Vec<&str> = NEEDS.iter().filter(|(what, _)| !present(what)).map(|(_, pkg)| *pkg).collect();
+    pkgs.extend(PYTHON_MODULES.iter().filter(|(module, _)| !python_module_present(module)).map(|(_, pkg)| *pkg));
     pkgs.dedup();
     pkgs
 }
