@@ -38,7 +38,7 @@ pub enum FileError {
     Exists { path: PathBuf },
     #[error("{path}: is a symbolic link, which sluice does not follow here; put the file itself at this path", path = .path.display())]
     Symlink { path: PathBuf },
-    #[error("{path}: not a regular file", path = .path.display())]
+    #[error("{path}: not a regular file (a directory, device or pipe); name the file itself", path = .path.display())]
     NotRegular { path: PathBuf },
     #[error("{path}: larger than {max} bytes; this is not the file sluice expects here", path = .path.display())]
     TooLarge { path: PathBuf, max: u64 },
