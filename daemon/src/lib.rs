@@ -9,6 +9,7 @@ pub mod config;
 pub mod decide;
 pub mod dns;
 pub mod domain;
+pub mod files;
 pub mod intercept;
 pub mod kernel;
 pub mod keyfile;
