@@ -19,8 +19,12 @@ const NEEDS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     // `systemd-analyze verify` checks the shipped units (daemon/tests/ops.rs).
     ("systemd-analyze", "systemd"),
-    // sluice.service reloads with /usr/bin/kill -HUP.
+    // `kill` (the demo stops what it started with it).
     ("/usr/bin/kill", "procps"),
+    // `cargo xtask test-systemd` boots a Debian root file system under a real systemd.
+    ("systemd-nspawn", "systemd-container"),
+    ("debootstrap", "debootstrap"),
+    ("nsenter", "util-linux"),
 ];
 
 fn present(what: &str) -> bool {
