@@ -27,7 +27,8 @@
 //! the container; the test's configuration pins under `/sys/fs/bpf/sluice-boottest`), and the
 //! run's root: an overlayfs mount whose lower layer is the cached root file system (which is
 //! never written) and whose upper layer holds everything the run changed. A run killed before
-//! its cleanup (SIGKILL) is cleaned up by the next one, before it touches anything.
+//! its cleanup (SIGKILL) is cleaned up by the next one, before it touches anything. If the host
+//! has no bpffs at /sys/fs/bpf it is mounted there (as systemd does at boot) and left mounted.
 
 use anyhow::{bail, Context};
 use serde_json::Value;
@@ -100,7 +101,8 @@ enum Payload {
 
 impl Payload {
     /// `--deb FILE` when given; else this version's package in `target/debian/` when present and
-    /// newer than the release binary; else a staged release build.
+    /// newer than the release binary; else a staged release build. When a task that builds the
+    /// package exists, this is where to call it (and always take the `Deb` path).
     fn choose(explicit: Option<PathBuf>) -> anyhow::Result<Payload> {
         if let Some(deb) = explicit {
             if !deb.is_file() {
@@ -109,14 +111,16 @@ impl Payload {
             return Ok(Payload::Deb(deb));
         }
         let version = package_version()?;
-        let Some(deb) = newest_deb(&super::target_dir().join("debian"), &version) else {
+        let dir = super::target_dir().join("debian");
+        let Some(deb) = newest_deb(&dir, &version) else {
+            println!("no package of sluice {version} in {}", dir.display());
             return Ok(Payload::Staged);
         };
         let binary = super::target_dir().join("release/sluice");
         match (mtime(&deb), mtime(&binary)) {
             (Some(d), Some(b)) if d < b => {
-                eprintln!(
-                    "xtask: {} is older than {}: testing a staged install of the newer build",
+                println!(
+                    "{} is older than {}: testing a staged install of the newer build",
                     deb.display(),
                     binary.display()
                 );
@@ -253,7 +257,7 @@ impl Test {
             match &p {
                 Payload::Deb(deb) => println!("installing the package {}", deb.display()),
                 Payload::Staged => {
-                    println!("no package for this version in target/debian: staging a release build");
+                    println!("staging a release build, laid out as the package (cargo xtask install --prefix /usr)");
                     super::run(super::cargo().args(["build", "--release", "-p", "sluice", "--bin", "sluice"]))?;
                 }
             }
@@ -448,6 +452,13 @@ impl Test {
                     bail!("dpkg-query says sluice is {status:?} after dpkg -i");
                 }
                 println!("dpkg: sluice {status}");
+                // The package starts nothing: an enforcer must not run on a configuration nobody wrote
+                // (and here it would pin outside the test's pin_dir).
+                let active = self.exec(&["systemctl", "is-active", "sluice.service"], Duration::from_secs(15))?;
+                let state = String::from_utf8_lossy(&active.stdout).trim().to_string();
+                if state != "inactive" {
+                    bail!("sluice.service is {state:?} right after dpkg -i: the package must not start it");
+                }
             }
             Payload::Staged => {
                 self.check(&["systemd-sysusers", "sluice.conf"])?;
