@@ -21,10 +21,14 @@ const NEEDS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     // `systemd-analyze verify` checks the shipped units (daemon/tests/ops.rs).
     ("systemd-analyze", "systemd"),
-    // sluice.service reloads with /usr/bin/kill -HUP.
+    // `kill` (the demo stops what it started with it).
     ("/usr/bin/kill", "procps"),
     // daemon/tests/keys_interop.rs: other tools read the keys sluice writes, and the reverse.
     ("openssl", "openssl"),
+    // `cargo xtask test-systemd` boots a Debian root file system under a real systemd.
+    ("systemd-nspawn", "systemd-container"),
+    ("debootstrap", "debootstrap"),
+    ("nsenter", "util-linux"),
 ];
 
 /// (Python module, the package that provides it): present when `import MODULE` succeeds in

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask test | demo | deps`.
+//! Project tasks: `cargo xtask test | demo | deps | install | bench | test-systemd`.
 //!
 //! `test` is what CI runs: formatting, clippy with warnings as errors, then every test of the
 //! workspace (the kernel and end-to-end suites run for real as root and fail, never skip, when they
@@ -8,6 +8,7 @@ mod benchproxy;
 mod demo;
 mod deps;
 mod install;
+mod systemd_boot;
 
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -27,6 +28,10 @@ tasks:
   install [--prefix DIR] [--destdir DIR] [--no-build]
           release build, then the binary, systemd units, example config and shipped
           policies in the standard places (prefix /usr/local; config never overwritten)
+  test-systemd [--deb FILE]
+          boot a Debian container with a real systemd (as root), install sluice in it
+          and check its units: daemon READY, an agent unit allowed and refused, the
+          attested log, reload, clean stop (release build; minutes)
 ";
 
 fn main() {
@@ -36,6 +41,7 @@ fn main() {
         Some("demo") => demo::run(),
         Some("deps") => deps::ensure(),
         Some("install") => install::run(args.get(1..).unwrap_or_default()),
+        Some("test-systemd") => systemd_boot::run(args.get(1..).unwrap_or_default()),
         Some("bench") => bench(args.get(1).map(String::as_str)),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
