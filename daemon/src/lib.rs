@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod keyfile;
 pub mod ledger;
 pub mod metrics;
+pub mod money;
 pub mod passport;
 pub mod policy;
 pub mod proxy;

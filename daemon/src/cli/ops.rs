@@ -28,8 +28,24 @@ pub fn call(socket: &ApiSocket, method: Method, path: &str, body: Option<Value>)
     Ok(resp.body)
 }
 
+/// Whole cents as dollars (`$1.50`); `-` when not a number.
 fn dollars(v: &Value) -> String {
     v.as_u64().map(|c| crate::passport::Cents(c).to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// An amount the API gives in `{name}_millicents` (exact) and `{name}_cents` (rounded up), as
+/// dollars with its fraction (`$0.00042`): the exact field when present (a daemon from before
+/// millicents has only the cents one).
+fn exact_dollars(obj: &Value, name: &str) -> String {
+    match obj[format!("{name}_millicents")].as_u64() {
+        Some(m) => crate::money::dollars(m),
+        None => dollars(&obj[format!("{name}_cents")]),
+    }
+}
+
+/// `--cost-cents`: whole cents or up to three decimals, in millicents.
+fn parse_cost(s: &str) -> Result<u64, String> {
+    crate::money::parse_cents(s, crate::passport::constraints::MAX_CENTS).map_err(|e| e.to_string())
 }
 
 // ---- enforce ----
@@ -42,9 +58,10 @@ pub struct EnforceArgs {
     /// The action, e.g. `llm:chat` or `orders:read`.
     #[arg(long, value_name = "A")]
     action: String,
-    /// What the action costs, in cents.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    cost_cents: u64,
+    /// What the action costs, in cents: whole (250) or with up to three decimals (0.005 is
+    /// 5 millicents, $0.00005).
+    #[arg(long = "cost-cents", value_name = "N", default_value = "0", value_parser = parse_cost)]
+    cost_millicents: u64,
     /// The host the action goes to (checked against the domain allowlist).
     #[arg(long, value_name = "T")]
     target: Option<String>,
@@ -52,8 +69,13 @@ pub struct EnforceArgs {
 
 /// Prints the decision JSON. Exit status: 0 allow, 3 block, 4 request_hold, 1 error.
 pub fn enforce(a: EnforceArgs, socket: &ApiSocket) -> CmdResult {
-    let body =
-        json!({"passport_id": a.passport_id, "action": a.action, "cost_cents": a.cost_cents, "target": a.target});
+    let mut body = json!({"passport_id": a.passport_id, "action": a.action, "target": a.target});
+    // Whole cents go as cost_cents (any daemon reads it); a fraction as exact millicents.
+    if a.cost_millicents % crate::money::PER_CENT == 0 {
+        body["cost_cents"] = (a.cost_millicents / crate::money::PER_CENT).into();
+    } else {
+        body["cost_millicents"] = a.cost_millicents.into();
+    }
     let d = call(socket, Method::POST, "/v1/enforce", Some(body))?;
     print_json(&d);
     let reason = d["reason"].as_str().unwrap_or("");
@@ -190,26 +212,50 @@ pub fn state(a: StateArgs, socket: &ApiSocket) -> CmdResult {
 }
 
 fn print_state(s: &Value) {
+    print!("{}", state_text(s));
+}
+
+/// The `sluice state` table: spend as dollars with its fraction (`$0.00042`), never rounded.
+fn state_text(s: &Value) -> String {
+    use std::fmt::Write;
     let limit = |v: &Value| if v.is_null() { "no limit".to_string() } else { dollars(v) };
-    println!("passport        {}", s["passport_id"].as_str().unwrap_or_default());
-    println!("today           {} of {}", dollars(&s["daily_cost_cents"]), limit(&s["daily_cost_limit_cents"]));
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(out, "passport        {}", s["passport_id"].as_str().unwrap_or_default());
+    let _ =
+        writeln!(out, "today           {} of {}", exact_dollars(s, "daily_cost"), limit(&s["daily_cost_limit_cents"]));
+    let _ = writeln!(
+        out,
         "requests today  {}{}",
         s["daily_requests"],
         s["daily_request_limit"].as_u64().map(|l| format!(" of {l}")).unwrap_or_default()
     );
     if let Some(w) = s["window"].as_str() {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<15} {} of {}",
             format!("{w} window"),
-            dollars(&s["window_cost_cents"]),
+            exact_dollars(s, "window_cost"),
             limit(&s["window_cost_limit_cents"])
         );
     }
-    println!("resets at       {}", s["window_resets_at"].as_str().unwrap_or("-"));
+    let _ = writeln!(out, "resets at       {}", s["window_resets_at"].as_str().unwrap_or("-"));
     if s["revoked"].as_bool() == Some(true) {
-        println!("REVOKED");
+        let _ = writeln!(out, "REVOKED");
     }
+    out
+}
+
+/// One line of `sluice holds`.
+fn hold_line(h: &Value) -> String {
+    format!(
+        "{}  {}  {} {}  {}  expires {}",
+        h["id"].as_str().unwrap_or_default(),
+        h["passport_id"].as_str().unwrap_or_default(),
+        h["request"]["action"].as_str().unwrap_or_default(),
+        h["request"]["host"].as_str().unwrap_or_default(),
+        exact_dollars(&h["request"], "cost"),
+        h["expires_at"].as_str().unwrap_or_default(),
+    )
 }
 
 // ---- holds ----
@@ -259,15 +305,7 @@ pub fn holds(a: HoldsArgs, socket: &ApiSocket) -> CmdResult {
                 println!("no pending holds");
             }
             for h in list {
-                println!(
-                    "{}  {}  {} {}  {}  expires {}",
-                    h["id"].as_str().unwrap_or_default(),
-                    h["passport_id"].as_str().unwrap_or_default(),
-                    h["request"]["action"].as_str().unwrap_or_default(),
-                    h["request"]["host"].as_str().unwrap_or_default(),
-                    dollars(&h["request"]["cost_cents"]),
-                    h["expires_at"].as_str().unwrap_or_default(),
-                );
+                println!("{}", hold_line(&h));
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -334,5 +372,60 @@ impl ApiSocket {
                  --config FILE, or name the socket with --socket PATH (or $SLUICE_SOCKET)"
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn state_shows_spend_with_its_fraction() {
+        let s = json!({
+            "passport_id": "pp_x", "daily_cost_cents": 1, "daily_cost_millicents": 42,
+            "daily_cost_limit_cents": 500, "daily_requests": 7, "daily_request_limit": null,
+            "window": "monthly", "window_cost_cents": 1001, "window_cost_millicents": 1_000_050,
+            "window_cost_limit_cents": null, "window_resets_at": "2026-06-01T00:00:00Z", "revoked": false,
+        });
+        let text = state_text(&s);
+        assert!(text.contains("today           $0.00042 of $5.00\n"), "{text}");
+        assert!(text.contains("monthly window  $10.0005 of no limit\n"), "{text}");
+        assert!(text.contains("requests today  7\n"), "{text}");
+        // A daemon from before millicents: whole cents only.
+        let old = json!({"passport_id": "pp_x", "daily_cost_cents": 250, "daily_cost_limit_cents": null});
+        assert!(state_text(&old).contains("today           $2.50 of no limit"), "{}", state_text(&old));
+    }
+
+    #[test]
+    fn holds_show_the_exact_cost() {
+        let h = json!({
+            "id": "hold_1", "passport_id": "pp_x", "expires_at": "2026-06-01T00:00:00Z",
+            "request": {"action": "llm:chat", "host": "api.example", "cost_cents": 1, "cost_millicents": 5},
+        });
+        assert_eq!(hold_line(&h), "hold_1  pp_x  llm:chat api.example  $0.00005  expires 2026-06-01T00:00:00Z");
+    }
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        enforce: EnforceArgs,
+    }
+
+    #[test]
+    fn cost_cents_takes_up_to_three_decimals_exactly() {
+        let parse = |c: &str| {
+            Cli::try_parse_from(["sluice", "--passport-id", "pp_x", "--action", "llm:chat", "--cost-cents", c])
+                .map(|cli| cli.enforce.cost_millicents)
+        };
+        assert_eq!(parse("250").ok(), Some(250_000));
+        assert_eq!(parse("0.005").ok(), Some(5));
+        assert_eq!(parse("7.5").ok(), Some(7_500));
+        let e = parse("0.0001").unwrap_err().to_string();
+        assert!(e.contains("0.001 cent"), "{e}");
+        assert!(parse("-1").is_err());
+        assert!(parse("10000000000001").is_err());
+        let default = Cli::try_parse_from(["sluice", "--passport-id", "pp_x", "--action", "a"]).expect("parses");
+        assert_eq!(default.enforce.cost_millicents, 0);
     }
 }

@@ -717,11 +717,12 @@ async fn tamper_spend_that_does_not_add_up_is_named() {
     let missing_index = appended[0].index;
     let bundle = full_export(&ledger).await;
     let report = verify::verify_export(&bundle, &vk(), None);
-    // pC spent 300+301+302+303+304 = 1510 in 2025-01-01 before.
+    // pC spent 300+301+302+303+304 = 1510 cents in 2025-01-01 before (version 1 records, whole
+    // cents: the verifier sums in millicents).
     assert!(
         has(
             &report,
-            |p| matches!(p, Problem::SpendMismatch { chain, index, expected: 2010, found: 10, window_start } if chain == "pC" && *index == bad_index && window_start == "2025-01-01")
+            |p| matches!(p, Problem::SpendMismatch { chain, index, field, expected: 2_010_000, found: 10_000, window_start } if chain == "pC" && *index == bad_index && window_start == "2025-01-01" && field == "spend_after_cents")
         ),
         "{}",
         problems(&report)

@@ -38,15 +38,45 @@ pub enum HoldOrigin {
     Api,
 }
 
-/// The request a hold is about, as stored.
+/// The request a hold is about, as stored. The cost is millicents; a hold stored before sluice
+/// counted millicents carries `cost_cents` instead and is read × 1000 (see [`StoredRequest`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "StoredRequest")]
 pub struct HeldRequest {
     pub action: String,
-    pub cost_cents: u64,
+    pub cost_millicents: u64,
     pub host: Option<String>,
     pub method: Option<String>,
     pub path: Option<String>,
+}
+
+/// A held request as either format stored it: exactly one of `cost_millicents` (now) and
+/// `cost_cents` (before). Neither or both is an unreadable hold, never a free request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredRequest {
+    action: String,
+    #[serde(default)]
+    cost_millicents: Option<u64>,
+    #[serde(default)]
+    cost_cents: Option<u64>,
+    host: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+}
+
+impl TryFrom<StoredRequest> for HeldRequest {
+    type Error = String;
+
+    fn try_from(r: StoredRequest) -> Result<HeldRequest, String> {
+        let cost_millicents = match (r.cost_millicents, r.cost_cents) {
+            (Some(m), None) => m,
+            (None, Some(c)) => crate::money::from_cents(c)
+                .ok_or_else(|| format!("cost_cents {c} is too large to count in millicents"))?,
+            _ => return Err("the request needs exactly one of cost_millicents and cost_cents".to_string()),
+        };
+        Ok(HeldRequest { action: r.action, cost_millicents, host: r.host, method: r.method, path: r.path })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,7 +131,7 @@ impl Hold {
             expires_at: at + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::seconds(120)),
             request: HeldRequest {
                 action: request.action.clone(),
-                cost_cents: request.cost_cents,
+                cost_millicents: request.cost_millicents,
                 host: request.host.as_ref().map(|h| h.to_string()),
                 method: request.method.clone(),
                 path: request.path.clone(),
@@ -122,19 +152,26 @@ impl Hold {
     fn action_request(&self) -> ActionRequest {
         ActionRequest {
             action: self.request.action.clone(),
-            cost_cents: self.request.cost_cents,
+            cost_millicents: self.request.cost_millicents,
             host: self.request.host.as_deref().and_then(|h| DomainName::parse(h).ok()),
             method: self.request.method.clone(),
             path: self.request.path.clone(),
         }
     }
 
+    /// The API's view. The request's cost is given exactly (`cost_millicents`) and in whole
+    /// cents rounded up (`cost_cents`).
     fn view(&self) -> Value {
+        let r = &self.request;
+        let request = json!({
+            "action": r.action, "host": r.host, "method": r.method, "path": r.path,
+            "cost_cents": crate::money::cents_up(r.cost_millicents), "cost_millicents": r.cost_millicents,
+        });
         json!({
             "id": self.id, "passport_id": self.passport_id, "agent_id": self.agent_id,
             "status": self.status, "origin": self.origin,
             "created_at": records::time(self.created_at), "expires_at": records::time(self.expires_at),
-            "request": self.request, "attestation_id": self.record_index, "resolution": self.resolution,
+            "request": request, "attestation_id": self.record_index, "resolution": self.resolution,
         })
     }
 }
