@@ -8,16 +8,20 @@
 //! No floating point anywhere: amounts are `u64` (bounded by [`MAX_MILLICENTS`]), decimal text is
 //! parsed digit by digit ([`parse_cents`]), and dollars are printed from integers ([`dollars`]).
 //!
+//! The bound is 2^53 − 1 millicents (about $90 billion): the largest integer an RFC 8785 record
+//! holds exactly. No cost, counter or record amount goes beyond it (a cost above is refused as
+//! `invalid_request`; a counter that would pass it refuses the request), so every amount the
+//! daemon decides on can be attested. Sums are checked, never wrapped; see `decide`.
+//!
 //! Rounding to whole cents happens only at the edges, and always up ([`cents_up`]): a cost or a
 //! spend shown in whole cents is never less than the real one, so rounding can hide no money.
 
-use crate::passport::constraints::MAX_CENTS;
-
 /// Millicents in one cent.
 pub const PER_CENT: u64 = 1000;
-/// The largest amount sluice accepts anywhere: [`MAX_CENTS`] ($100 billion) in millicents (10^16,
-/// three orders of magnitude below `u64::MAX`).
-pub const MAX_MILLICENTS: u64 = MAX_CENTS * PER_CENT;
+/// The largest amount sluice counts anywhere: 2^53 − 1 millicents ($90,071,992,547.40991), the
+/// largest integer RFC 8785 JSON represents exactly. Passports may name limits up to
+/// `MAX_CENTS` ($100 billion); spend never gets past this bound, so such a limit is not reached.
+pub const MAX_MILLICENTS: u64 = (1 << 53) - 1;
 
 /// `cents` in millicents; `None` when that does not fit a `u64`.
 pub fn from_cents(cents: u64) -> Option<u64> {
@@ -60,19 +64,27 @@ pub enum AmountError {
     Negative(String),
     #[error("{0:?} has more precision than sluice counts: the smallest amount is 0.001 cent (one millicent)")]
     TooPrecise(String),
-    #[error("{text:?} is more than the largest amount allowed here ({max} cents)")]
-    TooLarge { text: String, max: u64 },
+    #[error("{text:?} is more than the largest amount allowed here ({} cents)", cents_text(*max_millicents))]
+    TooLarge { text: String, max_millicents: u64 },
 }
 
 /// Longest text [`parse_cents`] reads; longer is refused as a syntax error.
 const MAX_AMOUNT_TEXT: usize = 64;
 
+/// `1234.005`: millicents as a number of cents, with the decimals it needs (none if whole).
+pub fn cents_text(millicents: u64) -> String {
+    match millicents % PER_CENT {
+        0 => (millicents / PER_CENT).to_string(),
+        frac => format!("{}.{}", millicents / PER_CENT, format!("{frac:03}").trim_end_matches('0')),
+    }
+}
+
 /// Parses a decimal number of cents into exact millicents: `250`, `7.5`, `0.005`, `1_000`,
 /// `2.5e3` (TOML's float syntax: digits with single `_` between them, an optional fraction and
 /// exponent, an optional leading `+`). The value must be a whole number of millicents (at most
-/// three decimals once the exponent is applied) and at most `max_cents` cents. Never a float:
+/// three decimals once the exponent is applied) and at most `max_millicents`. Never a float:
 /// the digits are read one by one.
-pub fn parse_cents(text: &str, max_cents: u64) -> Result<u64, AmountError> {
+pub fn parse_cents(text: &str, max_millicents: u64) -> Result<u64, AmountError> {
     let syntax = || AmountError::Syntax(cut(text));
     if text.len() > MAX_AMOUNT_TEXT {
         return Err(syntax());
@@ -118,7 +130,7 @@ pub fn parse_cents(text: &str, max_cents: u64) -> Result<u64, AmountError> {
             // More than four exponent digits cannot give an amount in range (or any precision).
             let d = d.trim_start_matches('0');
             if d.len() > 4 {
-                return Err(if neg { AmountError::TooPrecise(cut(text)) } else { too_large(text, max_cents) });
+                return Err(if neg { AmountError::TooPrecise(cut(text)) } else { too_large(text, max_millicents) });
             }
             let v: i32 = d.parse().unwrap_or(0);
             if neg {
@@ -140,19 +152,19 @@ pub fn parse_cents(text: &str, max_cents: u64) -> Result<u64, AmountError> {
             None => return Err(AmountError::TooPrecise(cut(text))),
         }
     }
-    let max = u128::from(max_cents) * u128::from(PER_CENT);
+    let max = u128::from(max_millicents);
     // A value in range has at most 20 significant digits, so longer mantissas are out of range.
     if mantissa.len() > 20 || scale > 20 {
-        return Err(too_large(text, max_cents));
+        return Err(too_large(text, max_millicents));
     }
     let mut value: u128 = mantissa.bytes().fold(0u128, |acc, b| acc * 10 + u128::from(b - b'0'));
     for _ in 0..scale {
-        value = value.checked_mul(10).ok_or_else(|| too_large(text, max_cents))?;
+        value = value.checked_mul(10).ok_or_else(|| too_large(text, max_millicents))?;
     }
     if value > max {
-        return Err(too_large(text, max_cents));
+        return Err(too_large(text, max_millicents));
     }
-    u64::try_from(value).map_err(|_| too_large(text, max_cents))
+    u64::try_from(value).map_err(|_| too_large(text, max_millicents))
 }
 
 /// The ASCII digits of `s` with TOML's `_` separators removed (each between two digits); `None`
@@ -173,8 +185,8 @@ fn digits(s: &str) -> Option<String> {
     Some(out)
 }
 
-fn too_large(text: &str, max: u64) -> AmountError {
-    AmountError::TooLarge { text: cut(text), max }
+fn too_large(text: &str, max_millicents: u64) -> AmountError {
+    AmountError::TooLarge { text: cut(text), max_millicents }
 }
 
 fn cut(text: &str) -> String {
@@ -208,14 +220,21 @@ mod tests {
         assert_eq!(cents_up(1_000), 1);
         assert_eq!(cents_up(1_001), 2);
         assert_eq!(cents_up(u64::MAX), u64::MAX / 1000 + 1);
-        assert_eq!(from_cents(MAX_CENTS), Some(MAX_MILLICENTS));
+        assert_eq!(from_cents(9_007_199_254_740), Some(MAX_MILLICENTS - 991));
+        assert_eq!(MAX_MILLICENTS, 9_007_199_254_740_991);
+        assert_eq!(dollars(MAX_MILLICENTS), "$90071992547.40991");
+        assert_eq!(cents_text(MAX_MILLICENTS), "9007199254740.991");
+        assert_eq!(
+            (cents_text(0), cents_text(2_500), cents_text(1_050), cents_text(7)),
+            ("0".into(), "2.5".into(), "1.05".into(), "0.007".into())
+        );
         assert_eq!(from_cents(u64::MAX), None);
         assert_eq!(from_cents_saturating(u64::MAX), u64::MAX);
     }
 
     #[test]
     fn decimal_cents_parse_exactly() {
-        let ok = |s: &str| parse_cents(s, MAX_CENTS).unwrap_or_else(|e| panic!("{s}: {e}"));
+        let ok = |s: &str| parse_cents(s, MAX_MILLICENTS).unwrap_or_else(|e| panic!("{s}: {e}"));
         assert_eq!(ok("0"), 0);
         assert_eq!(ok("250"), 250_000);
         assert_eq!(ok("7.5"), 7_500);
@@ -231,13 +250,13 @@ mod tests {
         assert_eq!(ok("000.100"), 100);
         // 0.1 is not exactly representable as a float; here it is exact.
         assert_eq!(ok("0.1"), 100);
-        assert_eq!(ok("10000000000000"), MAX_MILLICENTS);
-        assert_eq!(ok("1e13"), MAX_MILLICENTS);
+        assert_eq!(ok("9007199254740.991"), MAX_MILLICENTS);
+        assert_eq!(ok("9_007_199_254_740_991e-3"), MAX_MILLICENTS);
     }
 
     #[test]
     fn bad_decimal_cents_are_refused_with_the_reason() {
-        let err = |s: &str| parse_cents(s, MAX_CENTS).unwrap_err();
+        let err = |s: &str| parse_cents(s, MAX_MILLICENTS).unwrap_err();
         for s in ["", ".", "1.", ".5", "1..2", "1_", "_1", "1__0", "a", "1e", "1e+", "0x10", "inf", "nan", "1 "] {
             assert!(matches!(err(s), AmountError::Syntax(_)), "{s:?}: {:?}", err(s));
         }
@@ -247,12 +266,15 @@ mod tests {
         assert!(matches!(err("1e-4"), AmountError::TooPrecise(_)));
         assert!(matches!(err("1500e-6"), AmountError::TooPrecise(_)));
         assert!(matches!(err("1e-99999"), AmountError::TooPrecise(_)));
-        assert!(matches!(err("10000000000000.001"), AmountError::TooLarge { .. }));
+        assert!(matches!(err("9007199254740.992"), AmountError::TooLarge { .. }));
+        assert!(matches!(err("1e13"), AmountError::TooLarge { .. }));
+        assert!(err("1e13").to_string().contains("(9007199254740.991 cents)"), "{}", err("1e13"));
         assert!(matches!(err("1e99999"), AmountError::TooLarge { .. }));
         assert!(matches!(err(&"9".repeat(40)), AmountError::TooLarge { .. }));
         assert!(matches!(err(&"1".repeat(65)), AmountError::Syntax(_)));
         assert!(err("0.0001").to_string().contains("0.001 cent"), "{}", err("0.0001"));
-        assert!(matches!(parse_cents("3", 2), Err(AmountError::TooLarge { max: 2, .. })));
+        assert!(matches!(parse_cents("3", 2_000), Err(AmountError::TooLarge { max_millicents: 2_000, .. })));
+        assert_eq!(parse_cents("2", 2_000), Ok(2_000));
     }
 
     proptest! {
@@ -260,9 +282,10 @@ mod tests {
         /// range, written as cents with three decimals, reads back exactly.
         #[test]
         fn parsing_never_panics_and_round_trips(text in "[-+0-9._eE]{0,70}", mc in 0..=MAX_MILLICENTS) {
-            let _ = parse_cents(&text, MAX_CENTS);
+            let _ = parse_cents(&text, MAX_MILLICENTS);
             let written = format!("{}.{:03}", mc / 1000, mc % 1000);
-            prop_assert_eq!(parse_cents(&written, MAX_CENTS), Ok(mc));
+            prop_assert_eq!(parse_cents(&written, MAX_MILLICENTS), Ok(mc));
+            prop_assert_eq!(parse_cents(&cents_text(mc), MAX_MILLICENTS), Ok(mc));
         }
 
         /// Dollars are exact: the digits read back as the same number of millicents.

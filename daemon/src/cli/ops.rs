@@ -45,7 +45,7 @@ fn exact_dollars(obj: &Value, name: &str) -> String {
 
 /// `--cost-cents`: whole cents or up to three decimals, in millicents.
 fn parse_cost(s: &str) -> Result<u64, String> {
-    crate::money::parse_cents(s, crate::passport::constraints::MAX_CENTS).map_err(|e| e.to_string())
+    crate::money::parse_cents(s, crate::money::MAX_MILLICENTS).map_err(|e| e.to_string())
 }
 
 // ---- enforce ----
@@ -71,7 +71,7 @@ pub struct EnforceArgs {
 pub fn enforce(a: EnforceArgs, socket: &ApiSocket) -> CmdResult {
     let mut body = json!({"passport_id": a.passport_id, "action": a.action, "target": a.target});
     // Whole cents go as cost_cents (any daemon reads it); a fraction as exact millicents.
-    if a.cost_millicents % crate::money::PER_CENT == 0 {
+    if a.cost_millicents.is_multiple_of(crate::money::PER_CENT) {
         body["cost_cents"] = (a.cost_millicents / crate::money::PER_CENT).into();
     } else {
         body["cost_millicents"] = a.cost_millicents.into();
@@ -424,7 +424,8 @@ mod tests {
         let e = parse("0.0001").unwrap_err().to_string();
         assert!(e.contains("0.001 cent"), "{e}");
         assert!(parse("-1").is_err());
-        assert!(parse("10000000000001").is_err());
+        assert!(parse("9007199254740.992").is_err());
+        assert_eq!(parse("9007199254740.991").ok(), Some(crate::money::MAX_MILLICENTS));
         let default = Cli::try_parse_from(["sluice", "--passport-id", "pp_x", "--action", "a"]).expect("parses");
         assert_eq!(default.enforce.cost_millicents, 0);
     }

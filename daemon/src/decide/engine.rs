@@ -212,11 +212,11 @@ pub fn evaluate(
         Some(max) => run.pass(guardrail::MAX_PER_ACTION, format!("{} within {max}", money(cost))),
     }
 
-    // 10. Cumulative cost in the passport's window; checked arithmetic, an overflow is a refusal.
+    // 10. Cumulative cost in the passport's window; checked arithmetic: a sum past the largest
+    // amount sluice counts (so past any amount a record can hold exactly) is a refusal.
     let title = window_title(window);
-    let (Some(spend_after), Some(daily_after)) =
-        (spend.spent_millicents.checked_add(cost), daily.spent_millicents.checked_add(cost))
-    else {
+    let count = |counter: &WindowCounter| counter.spent_millicents.checked_add(cost).filter(|s| *s <= MAX_MILLICENTS);
+    let (Some(spend_after), Some(daily_after)) = (count(&spend), count(&daily)) else {
         let detail = format!(
             "{title} spend counter cannot count more. Current: {}, Requested: {}",
             money(spend.spent_millicents),

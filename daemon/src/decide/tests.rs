@@ -191,9 +191,9 @@ fn malformed_requests_are_refused_first() {
     cases.push((req(&"a".repeat(129), 0), "is not valid"));
     cases.push((
         req_mc("llm:chat", u64::MAX),
-        "Cost of $184467440737095.51615 is more than the largest amount sluice accepts ($100000000000.00)",
+        "Cost of $184467440737095.51615 is more than the largest amount sluice accepts ($90071992547.40991)",
     ));
-    cases.push((req_mc("llm:chat", crate::money::MAX_MILLICENTS + 1), "Cost of $100000000000.00001 is more"));
+    cases.push((req_mc("llm:chat", crate::money::MAX_MILLICENTS + 1), "Cost of $90071992547.40992 is more"));
     cases.push((ActionRequest { method: Some("GE T".into()), ..req("llm:chat", 0) }, "not a valid method token"));
     cases.push((ActionRequest { method: Some(String::new()), ..req("llm:chat", 0) }, "not a valid method token"));
     cases.push((ActionRequest { path: Some("/a\r\nHost: x".into()), ..req("llm:chat", 0) }, "control characters"));
@@ -765,31 +765,43 @@ fn a_clock_stepping_back_never_unspends() {
 
 #[test]
 fn counters_near_overflow_refuse_instead_of_wrapping() {
+    use crate::money::MAX_MILLICENTS;
     let p = passport(json!({}));
     let mut u = Usage::default().rolled(SpendWindow::Daily, t0());
-    u.daily =
-        Some(WindowCounter { start: at(2026, 5, 1, 0, 0, 0), spent_millicents: u64::MAX - 5, requests: u64::MAX });
-    u.spend = Some(SpendCounter { window: SpendWindow::Daily, counter: u.daily.unwrap() });
+    let near =
+        WindowCounter { start: at(2026, 5, 1, 0, 0, 0), spent_millicents: MAX_MILLICENTS - 5, requests: u64::MAX };
+    u.daily = Some(near);
+    u.spend = Some(SpendCounter { window: SpendWindow::Daily, counter: near });
     let e = eval(&p, &u, &req_mc("llm:chat", 10), t0());
     assert_refused(
         &e,
         &u,
         Decision::Block,
         "spend_limit_exceeded",
-        "Daily spend counter cannot count more. Current: $184467440737095.5161, Requested: $0.0001",
+        "Daily spend counter cannot count more. Current: $90071992547.40986, Requested: $0.0001",
     );
-    // The request counter saturates rather than wraps.
+    // Up to the bound exactly; the request counter saturates rather than wraps.
     let e = eval(&p, &u, &req_mc("llm:chat", 5), t0());
     assert_eq!(e.decision, Decision::Allow);
     assert_eq!(e.usage_after.daily.unwrap().requests, u64::MAX);
-    assert_eq!(e.spend_after_millicents, u64::MAX);
+    assert_eq!(e.spend_after_millicents, MAX_MILLICENTS);
+    // A counter past the bound (only a hand-built one can be: stored usage is refused) or at
+    // u64::MAX refuses too, never wraps.
+    u.daily = Some(WindowCounter { spent_millicents: u64::MAX, ..near });
+    u.spend = Some(SpendCounter {
+        window: SpendWindow::Daily,
+        counter: WindowCounter { spent_millicents: u64::MAX, ..near },
+    });
+    assert_eq!(eval(&p, &u, &req_mc("llm:chat", 1), t0()).reason, "spend_limit_exceeded");
+    assert_eq!(eval(&p, &u, &req_mc("llm:chat", 0), t0()).reason, "spend_limit_exceeded");
 
-    // The largest cost a passport can name against the largest limit.
+    // The largest cost sluice counts against the largest limit a passport can name.
     let max = crate::passport::constraints::MAX_CENTS;
     let p = passport(json!({"core:cost:max_cumulative": max, "core:cost:max_per_action": max}));
-    let e = eval(&p, &Usage::default(), &req("llm:chat", max), t0());
+    let e = eval(&p, &Usage::default(), &req_mc("llm:chat", MAX_MILLICENTS), t0());
     assert_eq!(e.decision, Decision::Allow);
-    assert_eq!(eval(&p, &e.usage_after, &req("llm:chat", max), t0()).reason, "spend_limit_exceeded");
+    assert_eq!(eval(&p, &e.usage_after, &req_mc("llm:chat", 1), t0()).reason, "spend_limit_exceeded");
+    assert_eq!(eval(&p, &Usage::default(), &req("llm:chat", max), t0()).reason, "invalid_request");
     assert_eq!(eval(&p, &e.usage_after, &req("llm:chat", u64::MAX), t0()).reason, "invalid_request");
 }
 
@@ -952,7 +964,7 @@ mod properties {
             u.daily = Some(WindowCounter { start: at(2026, 5, 1, 0, 0, 0), spent_millicents: spent, requests });
             u.spend = Some(SpendCounter { window: SpendWindow::Daily, counter: u.daily.unwrap() });
             let e = eval(&p, &u, &req_mc("llm:chat", cost), t0());
-            let fits = spent.checked_add(cost);
+            let fits = spent.checked_add(cost).filter(|s| *s <= crate::money::MAX_MILLICENTS);
             match e.decision {
                 Decision::Allow => {
                     prop_assert_eq!(Some(e.spend_after_millicents), fits);
@@ -976,7 +988,17 @@ mod properties {
             let s = settled.spend.unwrap();
             let before = i128::from(e.usage_after.daily.unwrap().spent_millicents);
             prop_assert_eq!(i128::from(s.after_millicents), before + i128::from(s.delta_millicents));
-            prop_assert_eq!(Usage::from_bytes(&settled.usage.to_bytes()), Ok(settled.usage.clone()));
+            // Stored usage reads back exactly, or (a hand-built count past the bound) not at all.
+            let back = Usage::from_bytes(&settled.usage.to_bytes());
+            let in_range = [settled.usage.daily, settled.usage.spend.map(|s| s.counter)]
+                .iter()
+                .flatten()
+                .all(|c| c.spent_millicents <= crate::money::MAX_MILLICENTS);
+            if in_range {
+                prop_assert_eq!(back, Ok(settled.usage.clone()));
+            } else {
+                prop_assert!(back.is_err());
+            }
         }
     }
 }

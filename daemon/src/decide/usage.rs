@@ -21,13 +21,16 @@
 //! [`UsageError`]. A corrupt blob is never treated as "no usage": the caller blocks (fail closed;
 //! see [`super::Evaluation::usage_corrupt`]).
 //!
-//! - Version 2 (written): spend in whole millicents (`spent_millicents`).
+//! - Version 2 (written): spend in whole millicents (`spent_millicents`), at most
+//!   [`MAX_MILLICENTS`].
 //! - Version 1 (read only): spend in whole cents (`spent_cents`), as written before sluice counted
-//!   fractions of a cent. It is migrated on read, exactly: × 1000, checked (a count that would not
-//!   fit is corrupt, never clamped or reset), and written back as version 2 with the next allowed
-//!   decision. A restart or an upgrade therefore neither resets nor rounds a budget.
+//!   fractions of a cent. It is migrated on read, exactly: × 1000, checked (a count past
+//!   [`MAX_MILLICENTS`] is corrupt, never clamped or reset), and written back as version 2 with
+//!   the next allowed decision. A restart or an upgrade therefore neither resets nor rounds a
+//!   budget.
 
 use super::rate::GcraState;
+use crate::money::MAX_MILLICENTS;
 use crate::passport::SpendWindow;
 use chrono::{DateTime, Datelike, Days, NaiveDate, NaiveTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -150,6 +153,13 @@ impl Usage {
     }
 
     fn check(&self) -> Result<(), UsageError> {
+        let counters = [self.daily.as_ref(), self.spend.as_ref().map(|s| &s.counter)];
+        if let Some(c) = counters.into_iter().flatten().find(|c| c.spent_millicents > MAX_MILLICENTS) {
+            return Err(UsageError::Inconsistent(format!(
+                "a spend of {} millicents is more than sluice counts ({MAX_MILLICENTS})",
+                c.spent_millicents
+            )));
+        }
         if let Some(d) = &self.daily {
             if window_start(SpendWindow::Daily, d.start) != d.start {
                 return Err(UsageError::Inconsistent(format!("daily window start {} is not 00:00 UTC", d.start)));
@@ -293,12 +303,13 @@ mod v1 {
 
     impl WindowCounter {
         fn migrate(self, which: &str) -> Result<super::WindowCounter, UsageError> {
-            let spent_millicents = money::from_cents(self.spent_cents).ok_or_else(|| {
-                UsageError::Inconsistent(format!(
-                    "version 1 {which} spend of {} cents is too large to count in millicents",
-                    self.spent_cents
-                ))
-            })?;
+            let spent_millicents =
+                money::from_cents(self.spent_cents).filter(|m| *m <= money::MAX_MILLICENTS).ok_or_else(|| {
+                    UsageError::Inconsistent(format!(
+                        "version 1 {which} spend of {} cents is too large to count in millicents",
+                        self.spent_cents
+                    ))
+                })?;
             Ok(super::WindowCounter { start: self.start, spent_millicents, requests: self.requests })
         }
     }
@@ -402,6 +413,10 @@ mod tests {
             (good.replace("\"version\":2", "\"version\":2,\"extra\":0"), "unknown field"),
             (good.replace("\"version\":2", "\"version\":2,\"version\":2"), "duplicate field"),
             (good.replace("\"spent_millicents\":0", "\"spent_millicents\":-1"), "not valid usage JSON"),
+            (
+                good.replacen("\"spent_millicents\":0", "\"spent_millicents\":9007199254740992", 1),
+                "more than sluice counts",
+            ),
             // Version 2 with version 1's field name, and the reverse: never read as zero spend.
             (good.replace("\"spent_millicents\":0", "\"spent_cents\":0"), "spent_cents"),
             (good.replace("\"version\":2", "\"version\":1"), "spent_millicents"),
@@ -465,10 +480,14 @@ mod tests {
         let e = Usage::from_bytes(huge.as_bytes()).unwrap_err();
         assert!(matches!(e, UsageError::Inconsistent(_)), "{e}");
         assert!(e.to_string().contains("too large to count in millicents"), "{e}");
+        // So do cents that fit a u64 but not the largest amount sluice counts.
+        let past = V1_BLOB.replace("\"spent_cents\":9950", "\"spent_cents\":9007199254741");
+        let e = Usage::from_bytes(past.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("too large to count in millicents"), "{e}");
         // The largest count that fits migrates exactly.
-        let fits = V1_BLOB.replace("\"spent_cents\":9950", &format!("\"spent_cents\":{}", u64::MAX / 1000));
+        let fits = V1_BLOB.replace("\"spent_cents\":9950", "\"spent_cents\":9007199254740");
         let u = Usage::from_bytes(fits.as_bytes()).expect("fits");
-        assert_eq!(u.daily.map(|d| d.spent_millicents), Some(u64::MAX / 1000 * 1000));
+        assert_eq!(u.daily.map(|d| d.spent_millicents), Some(9_007_199_254_740_000));
         // Version 1's own strictness still applies.
         for (bad, needle) in [
             (V1_BLOB.replace("\"requests\":3", "\"requests\":3,\"x\":1"), "unknown field"),

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::domain::DomainPattern;
 use crate::money;
-use crate::passport::constraints::{RuleDecision, MAX_CENTS};
+use crate::passport::constraints::RuleDecision;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Read;
@@ -566,7 +566,7 @@ impl Builder {
 
     /// Cents per million tokens (integer or up to three decimals) → millicents per million.
     fn price(&mut self, src: &Source<'_>, n: &Spanned<Number>, field: String) -> Option<u64> {
-        amount(self, src, n, &field, (MAX_CENTS_PER_MTOK, "cents per million tokens"))
+        amount(self, src, n, &field, (MAX_CENTS_PER_MTOK * money::PER_CENT, "cents per million tokens"))
     }
 
     fn host(&mut self, src: &Source<'_>, host: RawHost) {
@@ -703,29 +703,27 @@ impl Builder {
     }
 }
 
-/// The bound and unit of a money field other than a price.
-const CENTS: (u64, &str) = (MAX_CENTS, "cents");
+/// The bound (millicents) and unit of a money field other than a price.
+const CENTS: (u64, &str) = (money::MAX_MILLICENTS, "cents");
 
-/// An amount of cents from 0 to `max_cents`, whole or with up to three decimals (`0.005` is
-/// 5 millicents), in millicents. A decimal is read from the file's own text at the value's span,
+/// An amount of cents from 0 to `max` millicents, whole or with up to three decimals (`0.005`
+/// is 5 millicents), in millicents. A decimal is read from the file's own text at the value's span,
 /// digit by digit ([`money::parse_cents`]): never through a binary float.
 fn amount(
     b: &mut Builder,
     src: &Source<'_>,
     n: &Spanned<Number>,
     field: &str,
-    (max_cents, unit): (u64, &str),
+    (max, unit): (u64, &str),
 ) -> Option<u64> {
+    let too_large = |i: i64| money::AmountError::TooLarge { text: i.to_string(), max_millicents: max };
     let result = match *n.get_ref() {
         Number::Int(i) => match u64::try_from(i) {
-            Ok(c) if c <= max_cents => {
-                money::from_cents(c).ok_or(money::AmountError::TooLarge { text: i.to_string(), max: max_cents })
-            }
-            Ok(_) => Err(money::AmountError::TooLarge { text: i.to_string(), max: max_cents }),
+            Ok(c) => money::from_cents(c).filter(|m| *m <= max).ok_or_else(|| too_large(i)),
             Err(_) => Err(money::AmountError::Negative(i.to_string())),
         },
         Number::Decimal => match src.text.get(n.span()) {
-            Some(text) => money::parse_cents(text.trim(), max_cents),
+            Some(text) => money::parse_cents(text.trim(), max),
             None => Err(money::AmountError::Syntax(String::new())),
         },
     };
@@ -736,7 +734,7 @@ fn amount(
                 src,
                 n.span(),
                 field,
-                format!("must be from 0 to {max_cents} {unit}, whole or with up to three decimals: {e}"),
+                format!("must be from 0 to {} {unit}, whole or with up to three decimals: {e}", money::cents_text(max)),
             );
             None
         }

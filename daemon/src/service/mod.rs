@@ -10,6 +10,8 @@
 //! `usage/<id>` the passport's counters ([`crate::decide::Usage`]); `hold/<id>` a hold.
 
 mod holds;
+#[cfg(test)]
+mod money_tests;
 mod records;
 mod sandboxes;
 pub(crate) mod settle;

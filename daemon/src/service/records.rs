@@ -162,7 +162,10 @@ fn request_fields(m: &mut Map<String, Value>, request: &ActionRequest) {
     m.insert("method".into(), request.method.clone().into());
     m.insert("host".into(), request.host.as_ref().map(|h| h.to_string()).into());
     m.insert("path_digest".into(), request.path.as_ref().map(|p| sha256_hex(p.as_bytes())).into());
-    m.insert(FIELD_COST.into(), request.cost_millicents.into());
+    // A cost past the largest amount sluice counts was refused (invalid_request) and cannot be
+    // written exactly: the record says null, the detail names the amount.
+    let cost = Some(request.cost_millicents).filter(|c| *c <= crate::money::MAX_MILLICENTS);
+    m.insert(FIELD_COST.into(), cost.into());
     let canonical = json!({
         "action": request.action, FIELD_COST: request.cost_millicents,
         "host": request.host.as_ref().map(|h| h.to_string()), "method": request.method, "path": request.path,
