@@ -186,6 +186,82 @@ fn client_commands_find_the_socket_from_the_config() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// Fractions of a cent through the binary: `--cost-cents 0.005` and `cost_millicents`, the
+/// state's exact and rounded-up figures, the CLI's dollars, a fractional hold, and a restart that
+/// neither resets nor rounds the spend.
+#[test]
+fn fractions_of_a_cent_through_the_api_and_the_cli() {
+    let mut d = TestDaemon::start("");
+    let i = issue(
+        d.dir.path(),
+        "frugal",
+        &[
+            "--permission",
+            "llm:*",
+            "--constraint",
+            "core:cost:max_cumulative=1",
+            "--constraint",
+            "core:cost:approval_threshold=0",
+        ],
+    );
+    register(&d, &i);
+    let out = d.cli(&["enforce", "--passport-id", &i.id, "--action", "llm:chat", "--cost-cents", "0.005"]);
+    // The threshold is 0 cents: any cost above it waits for an operator.
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let out = d.cli(&["holds"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("llm:chat   $0.00005  expires"), "{}", stdout(&out));
+    let (_, holds) = d.call("GET", "/v1/holds", None).unwrap();
+    let request = &holds["holds"][0]["request"];
+    assert_eq!((request["cost_cents"].as_u64(), request["cost_millicents"].as_u64()), (Some(1), Some(5)), "{holds}");
+    let hold = holds["holds"][0]["id"].as_str().unwrap().to_string();
+    let out = d.cli(&["holds", "approve", &hold]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Exact millicents through the API: 5 + 37 = 42 millicents spent.
+    let i2 = issue(d.dir.path(), "frugal2", &["--permission", "llm:*", "--constraint", "core:cost:max_cumulative=1"]);
+    register(&d, &i2);
+    let cost = |m: u64| json!({"passport_id": i2.id, "action": "llm:chat", "cost_millicents": m});
+    assert_eq!(d.call("POST", "/v1/enforce", Some(cost(5))).unwrap().1["decision"], "allow");
+    assert_eq!(d.call("POST", "/v1/enforce", Some(cost(37))).unwrap().1["decision"], "allow");
+    let (status, e) = d
+        .call(
+            "POST",
+            "/v1/enforce",
+            Some(json!({"passport_id": i2.id, "action": "llm:chat", "cost_cents": 1, "cost_millicents": 5})),
+        )
+        .unwrap();
+    assert_eq!(status, 400, "both units at once is an error: {e}");
+
+    let show = |d: &TestDaemon, id: &str| {
+        let (_, state) = d.call("GET", &format!("/v1/passports/{id}/state"), None).unwrap();
+        let out = d.cli(&["state", id]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        (state, stdout(&out))
+    };
+    let (state, text) = show(&d, &i2.id);
+    assert_eq!(
+        (state["daily_cost_millicents"].as_u64(), state["daily_cost_cents"].as_u64()),
+        (Some(42), Some(1)),
+        "{state}"
+    );
+    assert!(text.contains("today           $0.00042 of $0.01"), "{text}");
+    // 42 + 958 reaches the 1-cent budget exactly; one millicent more does not fit.
+    assert_eq!(d.call("POST", "/v1/enforce", Some(cost(958))).unwrap().1["decision"], "allow");
+    let (_, v) = d.call("POST", "/v1/enforce", Some(cost(1))).unwrap();
+    assert_eq!(v["reason"], "spend_limit_exceeded", "{v}");
+    assert_eq!(v["detail"], "Daily spend limit of $0.01 would be exceeded. Current: $0.01, Requested: $0.00001");
+
+    // A restart keeps every millicent.
+    d.kill();
+    d.spawn();
+    let (state, _) = show(&d, &i2.id);
+    assert_eq!(state["daily_cost_millicents"].as_u64(), Some(1_000), "{state}");
+    let (state, text) = show(&d, &i.id);
+    assert_eq!(state["daily_cost_millicents"].as_u64(), Some(5), "{state}");
+    assert!(text.contains("today           $0.00005 of $0.01"), "{text}");
+}
+
 #[test]
 fn enforce_cli_exit_codes() {
     let d = TestDaemon::start("");
@@ -311,7 +387,7 @@ fn audit_export_proof_and_verify_round_trip() {
 
     // Raise a cost inside the export: verification must fail and say where.
     let text = std::fs::read_to_string(&export).unwrap();
-    let tampered = text.replacen("\\\"cost_cents\\\":10", "\\\"cost_cents\\\":1", 1);
+    let tampered = text.replacen("\\\"cost_millicents\\\":10000", "\\\"cost_millicents\\\":1000", 1);
     assert_ne!(tampered, text, "the export should contain the cost to tamper with");
     let bad = d.dir.path().join("bad.json");
     std::fs::write(&bad, tampered).unwrap();

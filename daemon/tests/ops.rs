@@ -138,7 +138,7 @@ fn the_daemon_from_the_shipped_example_notifies_ready_and_answers_health() {
         "agent_id=logged".into(),
         "action=llm:chat".into(),
         "host=api.example.test".into(),
-        "cost_cents=7".into(),
+        "cost_millicents=7000".into(),
         "decision=allow".into(),
         format!("attestation_id={attestation}"),
     ] {

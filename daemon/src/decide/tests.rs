@@ -531,10 +531,13 @@ fn cel_rules_see_the_documented_context() {
         "request.path == '/v1/chat'",
         "action == 'llm:chat'",
         "cost_cents == 250",
+        "cost_millicents == 250000",
         "usage.spent_cents == 1000",
+        "usage.spent_millicents == 1000000",
         "usage.window == 'weekly'",
         "usage.window_requests == 1",
         "usage.daily_spent_cents == 1000",
+        "usage.daily_spent_millicents == 1000000",
         "usage.daily_requests == 1",
         &format!("passport.id == '{PID}'"),
         "passport.agent_id == 'agent-1'",
@@ -560,6 +563,47 @@ fn cel_rules_see_the_documented_context() {
     );
     let bare = ActionRequest { action: "llm:chat".into(), cost_millicents: 0, host: None, method: None, path: None };
     assert_eq!(eval(&p, &Usage::default(), &bare, t0()).reason, "empty");
+}
+
+#[test]
+fn cel_cents_round_fractions_up_and_millicents_are_exact() {
+    // 42 millicents spent, a request of 5: in cents both round up to 1, so a guard written in
+    // cents still catches a fraction above its line.
+    let expr = "cost_cents == 1 && cost_millicents == 5 && usage.spent_cents == 1 && usage.spent_millicents == 42 \
+                && usage.daily_spent_cents == 1 && usage.daily_spent_millicents == 42";
+    let p = rules(json!([{"expr": expr, "decision": "block", "reason": "exact"}]));
+    let u = spent_mc(SpendWindow::Daily, 42, t0());
+    assert_eq!(eval(&p, &u, &req_mc("llm:chat", 5), t0()).reason, "exact");
+    // `cost_cents > 100` holds for 100.001 cents, and not for exactly 100.
+    let p = rules(json!([{"expr": "cost_cents > 100", "decision": "block", "reason": "over_a_dollar"}]));
+    assert_eq!(eval(&p, &Usage::default(), &req_mc("llm:chat", 100_001), t0()).reason, "over_a_dollar");
+    assert_eq!(eval(&p, &Usage::default(), &req_mc("llm:chat", 100_000), t0()).decision, Decision::Allow);
+}
+
+#[test]
+fn details_show_fractions_of_a_cent() {
+    let p = passport(
+        json!({"core:cost:max_cumulative": 1, "core:cost:max_per_action": 1, "core:cost:approval_threshold": 0}),
+    );
+    let u = spent_mc(SpendWindow::Daily, 999, t0());
+    let e = eval(&p, &u, &req_mc("llm:chat", 2), t0());
+    assert_refused(
+        &e,
+        &u,
+        Decision::Block,
+        "spend_limit_exceeded",
+        "Daily spend limit of $0.01 would be exceeded. Current: $0.00999, Requested: $0.00002",
+    );
+    let e = eval(&p, &u, &req_mc("llm:chat", 1_001), t0());
+    assert_eq!(e.detail, "Per-action limit of $0.01 exceeded. Requested: $0.01001");
+    let e = eval(&p, &u, &req_mc("llm:chat", 1), t0());
+    assert_eq!(e.reason, "approval_threshold_exceeded");
+    assert!(e.detail.starts_with("Cost $0.00001 is above the approval threshold of $0.00"), "{}", e.detail);
+    let approve = EvalOptions { skip_approval: true, ..Default::default() };
+    let e = evaluate(&p, &u, &req_mc("llm:chat", 1), &HostVerdict::Allow, t0(), approve);
+    assert_eq!(e.decision, Decision::Allow);
+    assert_eq!(e.detail, "All guardrails passed. Daily spend after this request: $0.01 (limit $0.01).");
+    assert_eq!((e.spend_after_millicents, e.spend_delta_millicents), (1_000, 1));
 }
 
 #[test]
