@@ -429,3 +429,53 @@ fn outcome_of_resolved(h: &Hold) -> HoldOutcome {
         reason,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hold_with(request: Value) -> Result<Hold, String> {
+        let stored = json!({
+            "id": "hold_1", "passport_id": "pp_x", "agent_id": "a", "status": "pending", "origin": "api",
+            "created_at": "2026-05-01T00:00:00Z", "expires_at": "2026-05-01T00:02:00Z",
+            "request": request, "record_index": 3, "resolution": null,
+        });
+        Hold::from_bytes(stored.to_string().as_bytes())
+    }
+
+    #[test]
+    fn held_costs_are_millicents_and_old_holds_in_cents_are_read_exactly() {
+        let base = |cost: (&str, u64)| json!({"action": "llm:chat", cost.0: cost.1, "host": null, "method": null, "path": null});
+        let new = hold_with(base(("cost_millicents", 5))).expect("current format");
+        assert_eq!(new.request.cost_millicents, 5);
+        assert_eq!(new.action_request().cost_millicents, 5);
+        // Written back, it is the current format.
+        let back: Value = serde_json::from_slice(&new.to_bytes()).expect("json");
+        assert_eq!(back["request"]["cost_millicents"], 5);
+        assert!(back["request"].get("cost_cents").is_none(), "{back}");
+        // A hold stored before millicents: cents × 1000.
+        let old = hold_with(base(("cost_cents", 400))).expect("previous format");
+        assert_eq!(old.request.cost_millicents, 400_000);
+        // The API view gives both, cents rounded up.
+        let view = new.view();
+        assert_eq!(
+            (view["request"]["cost_cents"].as_u64(), view["request"]["cost_millicents"].as_u64()),
+            (Some(1), Some(5))
+        );
+    }
+
+    #[test]
+    fn a_hold_without_exactly_one_cost_is_unreadable_never_free() {
+        let none = json!({"action": "llm:chat", "host": null, "method": null, "path": null});
+        let both = json!({"action": "llm:chat", "cost_cents": 1, "cost_millicents": 1000, "host": null, "method": null, "path": null});
+        let huge = json!({"action": "llm:chat", "cost_cents": u64::MAX, "host": null, "method": null, "path": null});
+        let extra =
+            json!({"action": "llm:chat", "cost_millicents": 1, "host": null, "method": null, "path": null, "x": 1});
+        for (request, needle) in
+            [(none, "exactly one"), (both, "exactly one"), (huge, "too large"), (extra, "unknown field")]
+        {
+            let e = hold_with(request.clone()).unwrap_err();
+            assert!(e.contains(needle), "{request}: {e}");
+        }
+    }
+}
