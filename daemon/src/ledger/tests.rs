@@ -880,6 +880,22 @@ async fn spend_is_recomputed_across_the_switch_to_millicents() {
     );
     assert!(text.contains("the record also has spend_delta_cents"), "{text}");
     assert!(text.contains("counter_reset must carry 0, found 5 millicents"), "{text}");
+
+    // The writer cannot record more than 2^53 - 1; a hand-edited export can. Such cents are named,
+    // and every figure in the report stays a 64-bit integer (`audit verify --json` prints it).
+    let mut bundle = full_export(&ledger).await;
+    let last = bundle.records.len() - 1;
+    let mut body: Map<String, Value> = serde_json::from_str(&bundle.records[last].record).unwrap();
+    body.remove("spend_delta_millicents");
+    body.remove("spend_after_millicents");
+    body.insert("v".into(), 1.into());
+    body.insert("spend_delta_cents".into(), i64::MAX.into());
+    body.insert("spend_after_cents".into(), i64::MAX.into());
+    bundle.records[last].record = Value::Object(body).to_string();
+    let report = verify::verify_export(&bundle, &vk(), None);
+    let text = problems(&report);
+    assert!(text.contains("9223372036854775807 cents is more than 64 bits of millicents"), "{text}");
+    assert!(serde_json::to_value(&report).is_ok(), "{text}");
 }
 
 fn copy_file(from: &Path, to: &Path) {

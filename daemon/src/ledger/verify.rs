@@ -80,7 +80,7 @@ pub enum Problem {
     SpendFieldInvalid { chain: String, index: u64, field: String, reason: String },
     /// The spend after the record (`field`) is not the previous spend plus the delta. Amounts are
     /// millicents, whichever unit the field has.
-    SpendMismatch { chain: String, index: u64, field: String, window_start: String, expected: i128, found: i128 },
+    SpendMismatch { chain: String, index: u64, field: String, window_start: String, expected: i64, found: i64 },
     /// The older checkpoint does not verify.
     OlderCheckpointInvalid { reason: String },
     /// The older checkpoint covers more records than the export's: the log was rolled back.
@@ -158,8 +158,8 @@ impl fmt::Display for Problem {
             SpendMismatch { chain, index, field, window_start, expected, found } => write!(
                 f,
                 "chain {chain}: record {index} field {field} says {}, but the spend in window {window_start} adds up to {}",
-                signed_dollars(*found),
-                signed_dollars(*expected)
+                signed_dollars(i128::from(*found)),
+                signed_dollars(i128::from(*expected))
             ),
             OlderCheckpointInvalid { reason } => write!(f, "older checkpoint: {reason}"),
             Rollback { older_size, checkpoint_size } => write!(
@@ -669,7 +669,7 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
         return;
     }
     let mut ok = true;
-    let mut take = |r: Result<Option<(i128, &'static str)>, Problem>, field: &str| -> Option<(i128, &'static str)> {
+    let mut take = |r: Result<Option<(i64, &'static str)>, Problem>, field: &str| -> Option<(i64, &'static str)> {
         match r {
             Ok(Some(v)) => Some(v),
             Ok(None) => {
@@ -738,16 +738,16 @@ const DELTA: Amount = Amount { millicents: FIELD_SPEND_DELTA, cents: v1::FIELD_S
 const AFTER: Amount = Amount { millicents: FIELD_SPEND_AFTER, cents: v1::FIELD_SPEND_AFTER };
 
 /// The amount in millicents and the field it came from; `Ok(None)` when the record has neither
-/// name. A cents value is × 1000 (exact in `i128`). Both names at once, a cents name in a record
-/// of version 2 or later, or a value that is not a 64-bit integer is an error naming the field.
+/// name. A cents value is × 1000, checked. Both names at once, a cents name in a record of version
+/// 2 or later, a value that is not a 64-bit integer, or cents whose millicents are not, is an
+/// error naming the field. (Sums are then checked `i64` too, so every figure a report carries is
+/// a 64-bit integer.)
 fn read_amount(
     body: &Map<String, Value>,
     which: Amount,
     version: u64,
-) -> Result<Option<(i128, &'static str)>, (&'static str, String)> {
-    let int = |field: &'static str, v: &Value| {
-        v.as_i64().map(i128::from).ok_or_else(|| (field, "not a 64-bit integer".to_string()))
-    };
+) -> Result<Option<(i64, &'static str)>, (&'static str, String)> {
+    let int = |field: &'static str, v: &Value| v.as_i64().ok_or_else(|| (field, "not a 64-bit integer".to_string()));
     match (body.get(which.millicents), body.get(which.cents)) {
         (None, None) => Ok(None),
         (Some(m), None) => Ok(Some((int(which.millicents, m)?, which.millicents))),
@@ -755,7 +755,13 @@ fn read_amount(
             which.cents,
             format!("a version {version} record names money in millicents ({}), not cents", which.millicents),
         )),
-        (None, Some(c)) => Ok(Some((int(which.cents, c)? * 1000, which.cents))),
+        (None, Some(c)) => {
+            let cents = int(which.cents, c)?;
+            let millicents = cents
+                .checked_mul(1000)
+                .ok_or_else(|| (which.cents, format!("{cents} cents is more than 64 bits of millicents")))?;
+            Ok(Some((millicents, which.cents)))
+        }
         (Some(_), Some(_)) => {
             Err((which.millicents, format!("the record also has {}; an amount has one field", which.cents)))
         }
@@ -765,7 +771,7 @@ fn read_amount(
 /// A chain's running spend as the verifier recomputes it.
 struct Spend {
     /// Cumulative spend in millicents per window start, as of the last record seen.
-    windows: HashMap<String, i128>,
+    windows: HashMap<String, i64>,
     /// The export holds the chain from seq 0, so an unseen window starts at 0.
     known_from_start: bool,
     /// A counter_reset was seen, so windows first seen after it start at 0.

@@ -393,7 +393,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
     forged.records[n].record =
         String::from_utf8(crate::ledger::canonical::canonicalize_object(&body).expect("canonical")).expect("utf8");
     let report = verify::verify_export(&forged, &service.ledger().host_public_key(), None);
-    let wanted = i128::from(expected);
+    let wanted = i64::try_from(expected).expect("small");
     assert!(
         report.problems.iter().any(|p| matches!(p,
             verify::Problem::SpendMismatch { expected: e, found: f, field, .. }
