@@ -11,7 +11,18 @@
 //! The bound is 2^53 − 1 millicents (about $90 billion): the largest integer an RFC 8785 record
 //! holds exactly. No cost, counter or record amount goes beyond it (a cost above is refused as
 //! `invalid_request`; a counter that would pass it refuses the request), so every amount the
-//! daemon decides on can be attested. Sums are checked, never wrapped; see `decide`.
+//! daemon decides on can be attested.
+//!
+//! Checked or saturating, and where:
+//! - A spend counter plus a cost is **checked**: a sum past the bound refuses the request
+//!   (`spend_limit_exceeded`); it never wraps, and never saturates into a figure that is wrong.
+//! - A cost *computed* (tokens × price in `policy::meter`, or API cents × 1000 here) **saturates**
+//!   at `u64::MAX`, which is past the bound, so the decision refuses it: saturation can only turn a
+//!   huge cost into a refused one, never into a small one.
+//! - A settlement after the fact moves a counter within `0..=MAX_MILLICENTS` (a refund stops at 0,
+//!   an extra charge at the bound) and records the delta it applied, so the log still adds up.
+//! - Version 1 counts in cents are migrated × 1000, checked: one that does not fit is corrupt usage,
+//!   which blocks; the verifier names such a record field.
 //!
 //! Rounding to whole cents happens only at the edges, and always up ([`cents_up`]): a cost or a
 //! spend shown in whole cents is never less than the real one, so rounding can hide no money.
