@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 /// The agent (an ordinary OpenAI client that ignores proxies).
 const AGENT: &str = include_str!("demo_agent.py");
-/// Passport limits, in cents. Kept in step with the agent's max_tokens (model o1 at $15/$60 per
-/// million tokens): 1000 → ~$0.06, 6600 → ~$0.40 (held), 4800 → ~$0.29 (under the threshold).
+/// Passport limits, in cents. Kept in step with the agent's max_tokens (model gpt-6-astra at
+/// $10/$50 per million tokens): 1200 → ~$0.06, 7900 → ~$0.40 (held), 5700 → ~$0.29 (under the
+/// threshold).
 const DAILY_BUDGET_CENTS: u64 = 50;
 const APPROVAL_THRESHOLD_CENTS: u64 = 30;
 /// Upper bound on any wait, so a broken step fails the demo instead of hanging it.
