@@ -89,7 +89,8 @@ async fn run(concurrency: usize) -> Result {
                     let input = EnforceInput {
                         passport_id: id.clone(),
                         action: "llm:chat".into(),
-                        cost_cents: 1,
+                        cost_cents: Some(1),
+                        cost_millicents: None,
                         target: Some("api.example.test".into()),
                         method: Some("POST".into()),
                         path: Some("/v1/chat/completions".into()),

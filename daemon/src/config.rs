@@ -72,8 +72,11 @@ pub struct ApiConfig {
     pub group: String,
 }
 
+/// Where the local API listens when the configuration names no `[api] socket`.
+pub const DEFAULT_SOCKET: &str = "/run/sluice/sluice.sock";
+
 fn default_socket() -> PathBuf {
-    PathBuf::from("/run/sluice/sluice.sock")
+    PathBuf::from(DEFAULT_SOCKET)
 }
 fn default_group() -> String {
     "sluice".into()

@@ -1,24 +1,28 @@
 //! Prometheus metrics, served as text (exposition format 0.0.4) at `GET /metrics` on the local
-//! API.
+//! API, through the `prometheus-client` crate (its `prometheus_text` encoder).
 //!
 //! Counters and the commit-latency histogram live in one process-wide [`Metrics`] ([`global`]),
 //! incremented where things happen (the service for decisions and commits, the proxy for upstream
 //! errors). Values that already exist elsewhere (pending holds, spend, the connection table's
-//! misses) are read when scraped, never copied, so they cannot drift.
+//! misses) are read when scraped, never copied, so they cannot drift: they are collectors that
+//! encode constant samples at scrape time.
 //!
 //! Every label set is bounded: decision reasons can come from a passport's CEL rules (hostile
 //! input), so at most [`MAX_DECISION_SERIES`] distinct (decision, reason) pairs are kept and the
 //! rest are counted under `reason="other"`; spend is exported for at most [`MAX_SPEND_SERIES`]
-//! passports (the largest spenders). Label values are escaped as the format requires.
-//!
-//! Written by hand (a few counters, one histogram) rather than with a metrics crate: the format
-//! is small and stable, and this keeps the hot path to one uncontended lock and a few atomics.
+//! passports (the largest spenders). The crate escapes label values as the format requires.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::kernel::Conntable;
 
@@ -34,54 +38,36 @@ const MAX_UPSTREAM_KINDS: usize = 32;
 pub const COMMIT_BUCKETS: &[f64] =
     &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
-/// A fixed-bucket histogram of durations.
-#[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
-    /// One count per bound (not cumulative), then the +Inf bucket.
-    counts: Vec<AtomicU64>,
-    sum_nanos: AtomicU64,
+/// The `Content-Type` of what [`Metrics::render`] returns.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabels {
+    decision: String,
+    reason: String,
 }
 
-impl Histogram {
-    pub fn new(bounds: &'static [f64]) -> Histogram {
-        Histogram {
-            bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_nanos: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let slot = self.bounds.iter().position(|b| secs <= *b).unwrap_or(self.bounds.len());
-        if let Some(c) = self.counts.get(slot) {
-            c.fetch_add(1, Ordering::Relaxed);
-        }
-        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str) {
-        let mut cumulative = 0u64;
-        for (i, c) in self.counts.iter().enumerate() {
-            cumulative += c.load(Ordering::Relaxed);
-            let le = self.bounds.get(i).map(|b| b.to_string()).unwrap_or_else(|| "+Inf".into());
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
-        }
-        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-        let _ = writeln!(out, "{name}_sum {sum}");
-        let _ = writeln!(out, "{name}_count {cumulative}");
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
 }
 
 /// The process's counters.
 #[derive(Debug)]
 pub struct Metrics {
-    decisions: Mutex<BTreeMap<(String, String), u64>>,
-    upstream_errors: Mutex<BTreeMap<&'static str, u64>>,
+    registry: Registry,
+    decisions: Family<DecisionLabels, Counter>,
+    upstream_errors: Family<KindLabel, Counter>,
     commit: Histogram,
-    conntable: Mutex<Option<Arc<Conntable>>>,
+    conntable: Arc<Mutex<Option<Arc<Conntable>>>>,
+    /// Label sets added so far; held while one is added, so the bounds hold under concurrency.
+    series: Mutex<SeriesCount>,
+}
+
+#[derive(Debug, Default)]
+struct SeriesCount {
+    decisions: usize,
+    upstream_kinds: usize,
 }
 
 /// The process-wide metrics.
@@ -98,99 +84,145 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        Metrics {
-            decisions: Mutex::new(BTreeMap::new()),
-            upstream_errors: Mutex::new(BTreeMap::new()),
-            commit: Histogram::new(COMMIT_BUCKETS),
-            conntable: Mutex::new(None),
-        }
+        let decisions = Family::<DecisionLabels, Counter>::default();
+        let upstream_errors = Family::<KindLabel, Counter>::default();
+        let commit = Histogram::new(COMMIT_BUCKETS.iter().copied());
+        let conntable = Arc::new(Mutex::new(None));
+        let mut registry = Registry::default();
+        // Counter names are given without `_total`: the encoder appends it.
+        registry.register_collector(Box::new(Announced {
+            name: "sluice_decisions",
+            help: "Decisions made, by decision and reason.",
+            family: decisions.clone(),
+        }));
+        registry.register_collector(Box::new(Announced {
+            name: "sluice_upstream_errors",
+            help: "Upstream connections or requests that failed, by kind.",
+            family: upstream_errors.clone(),
+        }));
+        // The registry adds the help text's final period.
+        registry.register(
+            "sluice_store_commit_seconds",
+            "Time from submitting a store transaction to its durable group commit",
+            commit.clone(),
+        );
+        registry.register_collector(Box::new(ConntableCollector(conntable.clone())));
+        Metrics { registry, decisions, upstream_errors, commit, conntable, series: Mutex::default() }
+    }
+
+    fn lock_series(&self) -> std::sync::MutexGuard<'_, SeriesCount> {
+        self.series.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// One decision (`allow`, `request_hold`, `block`) with its stable reason.
     pub fn decision(&self, decision: &str, reason: &str) {
-        let Ok(mut m) = self.decisions.lock() else { return };
-        let key = (decision.to_string(), reason.to_string());
-        if let Some(n) = m.get_mut(&key) {
-            *n += 1;
+        let labels = DecisionLabels { decision: decision.to_string(), reason: reason.to_string() };
+        if let Some(counter) = self.decisions.get(&labels) {
+            counter.inc();
             return;
         }
-        let key = if m.len() < MAX_DECISION_SERIES { key } else { (decision.to_string(), "other".to_string()) };
-        *m.entry(key).or_default() += 1;
+        let mut series = self.lock_series();
+        let labels = if self.decisions.get(&labels).is_some() {
+            labels // added by another thread meanwhile
+        } else if series.decisions < MAX_DECISION_SERIES {
+            series.decisions += 1;
+            labels
+        } else {
+            DecisionLabels { decision: decision.to_string(), reason: "other".to_string() }
+        };
+        self.decisions.get_or_create(&labels).inc();
     }
 
     /// An upstream failure seen by the proxy (`kind`: `connect`, `tls`, `http`, `timeout`, ...).
     pub fn upstream_error(&self, kind: &'static str) {
-        let Ok(mut m) = self.upstream_errors.lock() else { return };
-        if m.len() >= MAX_UPSTREAM_KINDS && !m.contains_key(kind) {
-            *m.entry("other").or_default() += 1;
+        let labels = KindLabel { kind };
+        if let Some(counter) = self.upstream_errors.get(&labels) {
+            counter.inc();
             return;
         }
-        *m.entry(kind).or_default() += 1;
+        let mut series = self.lock_series();
+        let labels = if self.upstream_errors.get(&labels).is_some() {
+            labels
+        } else if series.upstream_kinds < MAX_UPSTREAM_KINDS {
+            series.upstream_kinds += 1;
+            labels
+        } else {
+            KindLabel { kind: "other" }
+        };
+        self.upstream_errors.get_or_create(&labels).inc();
     }
 
     /// How long one store transaction took from submission to durable commit.
     pub fn store_commit(&self, d: Duration) {
-        self.commit.observe(d);
+        self.commit.observe(d.as_secs_f64());
     }
 
     /// The kernel connection table whose misses (connections without an entry) are exported.
     pub fn watch_conntable(&self, table: Arc<Conntable>) {
-        if let Ok(mut c) = self.conntable.lock() {
-            *c = Some(table);
-        }
+        *self.conntable.lock().unwrap_or_else(|p| p.into_inner()) = Some(table);
     }
 
-    /// The counters as exposition text, followed by `gauges` (read at scrape time by the caller).
+    /// The counters as exposition text ([`CONTENT_TYPE`]), followed by `gauges` (read at scrape
+    /// time by the caller).
     pub fn render(&self, gauges: &Gauges) -> String {
+        use prometheus_client::encoding::prometheus_text::encode;
+        // A collector must be owned by its registry; a scrape's gauges (at most
+        // MAX_SPEND_SERIES spend entries) are cheap to copy once.
+        let mut scrape = Registry::default();
+        scrape.register_collector(Box::new(gauges.clone()));
         let mut out = String::with_capacity(4096);
-        header(&mut out, "sluice_decisions_total", "counter", "Decisions made, by decision and reason.");
-        if let Ok(m) = self.decisions.lock() {
-            for ((decision, reason), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "sluice_decisions_total{{decision=\"{}\",reason=\"{}\"}} {n}",
-                    escape(decision),
-                    escape(reason)
-                );
-            }
+        // Writing to a String cannot fail, and every value here encodes.
+        if encode(&mut out, &self.registry).and_then(|()| encode(&mut out, &scrape)).is_err() {
+            tracing::error!("encoding metrics failed; the scrape is incomplete");
         }
-        header(
-            &mut out,
-            "sluice_upstream_errors_total",
-            "counter",
-            "Upstream connections or requests that failed, by kind.",
-        );
-        if let Ok(m) = self.upstream_errors.lock() {
-            for (kind, n) in m.iter() {
-                let _ = writeln!(out, "sluice_upstream_errors_total{{kind=\"{}\"}} {n}", escape(kind));
-            }
-        }
-        header(
-            &mut out,
-            "sluice_store_commit_seconds",
-            "histogram",
-            "Time from submitting a store transaction to its durable group commit.",
-        );
-        self.commit.render(&mut out, "sluice_store_commit_seconds");
-        let conntable = self.conntable.lock().ok().and_then(|c| c.clone());
-        if let Some(t) = conntable {
-            header(
-                &mut out,
-                "sluice_connections_without_entry_total",
-                "counter",
-                "Redirected-port connections with no connection-table entry (closed unserved).",
-            );
-            let _ = writeln!(out, "sluice_connections_without_entry_total {}", t.misses());
-            header(
-                &mut out,
-                "sluice_conntable_errors_total",
-                "counter",
-                "Connection-table lookups that failed with a system error.",
-            );
-            let _ = writeln!(out, "sluice_conntable_errors_total {}", t.errors());
-        }
-        gauges.render(&mut out);
         out
+    }
+}
+
+/// A labelled counter family, announced (`# HELP`, `# TYPE`) even before its first sample, so a
+/// scrape always shows what can be counted (a registered family is left out while empty).
+#[derive(Debug)]
+struct Announced<S> {
+    name: &'static str,
+    help: &'static str,
+    family: Family<S, Counter>,
+}
+
+impl<S> Collector for Announced<S>
+where
+    S: EncodeLabelSet + Clone + Eq + std::hash::Hash + std::fmt::Debug + Send + Sync + 'static,
+{
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.family.encode(encoder.encode_descriptor(self.name, self.help, None, MetricType::Counter)?)
+    }
+}
+
+/// The connection table's counters, read when scraped (absent until a table is watched).
+struct ConntableCollector(Arc<Mutex<Option<Arc<Conntable>>>>);
+
+impl std::fmt::Debug for ConntableCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConntableCollector")
+    }
+}
+
+impl Collector for ConntableCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let table = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(t) = table else { return Ok(()) };
+        let counters = [
+            (
+                "sluice_connections_without_entry",
+                "Redirected-port connections with no connection-table entry (closed unserved).",
+                t.misses(),
+            ),
+            ("sluice_conntable_errors", "Connection-table lookups that failed with a system error.", t.errors()),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 
@@ -217,8 +249,8 @@ pub struct Spend {
     pub limit_cents: Option<u64>,
 }
 
-impl Gauges {
-    fn render(&self, out: &mut String) {
+impl Collector for Gauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let simple = [
             ("sluice_holds_pending", "Holds waiting for a human.", self.pending_holds),
             ("sluice_passports_registered", "Passports registered with the daemon.", self.passports),
@@ -230,58 +262,42 @@ impl Gauges {
                 self.spend_omitted,
             ),
         ];
-        for (name, help, v) in simple {
-            header(out, name, "gauge", help);
-            let _ = writeln!(out, "{name} {v}");
+        for (name, help, value) in simple {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
-        header(out, "sluice_spend_cents", "gauge", "Spend in the passport's current cumulative window, in cents.");
+        let mut spend = encoder.encode_descriptor(
+            "sluice_spend_cents",
+            "Spend in the passport's current cumulative window, in cents.",
+            None,
+            MetricType::Gauge,
+        )?;
         for s in &self.spend {
-            let _ = writeln!(
-                out,
-                "sluice_spend_cents{{passport_id=\"{}\",agent_id=\"{}\",window=\"{}\"}} {}",
-                escape(&s.passport_id),
-                escape(&s.agent_id),
-                escape(s.window),
-                s.cents
-            );
+            ConstGauge::new(s.cents).encode(spend.encode_family(&spend_labels(s))?)?;
         }
-        header(out, "sluice_spend_limit_cents", "gauge", "The passport's cumulative spend limit, in cents.");
+        let mut limit = encoder.encode_descriptor(
+            "sluice_spend_limit_cents",
+            "The passport's cumulative spend limit, in cents.",
+            None,
+            MetricType::Gauge,
+        )?;
         for s in &self.spend {
-            if let Some(limit) = s.limit_cents {
-                let _ = writeln!(
-                    out,
-                    "sluice_spend_limit_cents{{passport_id=\"{}\",agent_id=\"{}\",window=\"{}\"}} {limit}",
-                    escape(&s.passport_id),
-                    escape(&s.agent_id),
-                    escape(s.window)
-                );
+            if let Some(cents) = s.limit_cents {
+                ConstGauge::new(cents).encode(limit.encode_family(&spend_labels(s))?)?;
             }
         }
+        Ok(())
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// A label value as the text format wants it: `\`, `"` and newline escaped.
-pub fn escape(v: &str) -> String {
-    let mut s = String::with_capacity(v.len());
-    for c in v.chars() {
-        match c {
-            '\\' => s.push_str("\\\\"),
-            '"' => s.push_str("\\\""),
-            '\n' => s.push_str("\\n"),
-            c => s.push(c),
-        }
-    }
-    s
+fn spend_labels(s: &Spend) -> [(&'static str, &str); 3] {
+    [("passport_id", s.passport_id.as_str()), ("agent_id", s.agent_id.as_str()), ("window", s.window)]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     /// The value of the series `line_prefix` (e.g. `foo{a="b"}`) in `text`.
     fn value(text: &str, series: &str) -> Option<f64> {
@@ -400,5 +416,271 @@ mod tests {
             let family = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
             assert!(families.contains(&name) || families.contains(&family), "{line}");
         }
+    }
+
+    // ---- the exposition parsed back ------------------------------------------------------------
+
+    /// One metric family of the text format: name, type, and samples (name, labels, value).
+    #[derive(Debug)]
+    struct Family {
+        name: String,
+        kind: String,
+        samples: Vec<(String, BTreeMap<String, String>, f64)>,
+    }
+
+    fn is_name(s: &str, colon: bool) -> bool {
+        let mut chars = s.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+    }
+
+    /// `name{a="x",b="y"}` -> (name, labels, rest of the line), unescaping `\\`, `\"`, `\n`.
+    fn parse_series(line: &str) -> Result<(String, BTreeMap<String, String>, &str), String> {
+        let end = line.find(['{', ' ']).ok_or("no value")?;
+        let name = &line[..end];
+        if !is_name(name, true) {
+            return Err(format!("bad metric name {name:?}"));
+        }
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[end..];
+        if let Some(mut inner) = rest.strip_prefix('{') {
+            loop {
+                if let Some(after) = inner.strip_prefix('}') {
+                    rest = after;
+                    break;
+                }
+                let eq = inner.find('=').ok_or("label without =")?;
+                let key = &inner[..eq];
+                if !is_name(key, false) {
+                    return Err(format!("bad label name {key:?}"));
+                }
+                let mut chars = inner[eq + 1..].strip_prefix('"').ok_or("unquoted label value")?.char_indices();
+                let mut value = String::new();
+                let close = loop {
+                    match chars.next().ok_or("unterminated label value")? {
+                        (i, '"') => break i,
+                        (_, '\\') => match chars.next().ok_or("dangling escape")?.1 {
+                            '\\' => value.push('\\'),
+                            '"' => value.push('"'),
+                            'n' => value.push('\n'),
+                            c => return Err(format!("bad escape \\{c}")),
+                        },
+                        (_, '\n') => return Err("raw newline in a label value".into()),
+                        (_, c) => value.push(c),
+                    }
+                };
+                if labels.insert(key.to_string(), value).is_some() {
+                    return Err(format!("label {key} twice"));
+                }
+                inner = &inner[eq + 1..][close + 2..];
+                inner = inner.strip_prefix(',').unwrap_or(inner);
+            }
+        }
+        Ok((name.to_string(), labels, rest))
+    }
+
+    /// A strict reader of the text format 0.0.4: every sample belongs to the family declared by
+    /// the `# TYPE` line before it, a family's lines are contiguous, no series appears twice.
+    fn parse_exposition(text: &str) -> Result<Vec<Family>, String> {
+        let mut families: Vec<Family> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        if !text.ends_with('\n') {
+            return Err("no final newline".into());
+        }
+        for line in text.lines() {
+            if let Some(help) = line.strip_prefix("# HELP ") {
+                let (name, doc) = help.split_once(' ').ok_or("HELP without text")?;
+                if families.iter().any(|f| f.name == name) {
+                    return Err(format!("HELP for {name} after its TYPE, or twice"));
+                }
+                if doc.is_empty() {
+                    return Err(format!("empty HELP for {name}"));
+                }
+                continue;
+            }
+            if let Some(decl) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = decl.split_once(' ').ok_or("TYPE without a type")?;
+                if !["counter", "gauge", "histogram"].contains(&kind) {
+                    return Err(format!("unexpected type {kind}"));
+                }
+                if families.iter().any(|f| f.name == name) {
+                    return Err(format!("family {name} declared twice"));
+                }
+                families.push(Family { name: name.into(), kind: kind.into(), samples: Vec::new() });
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                return Err(format!("unexpected line {line:?}"));
+            }
+            let (name, labels, rest) = parse_series(line)?;
+            let value: f64 = rest
+                .strip_prefix(' ')
+                .ok_or("no space before the value")?
+                .parse()
+                .map_err(|e| format!("{line:?}: {e}"))?;
+            let family = families.last_mut().ok_or_else(|| format!("{name} before any TYPE"))?;
+            let belongs = name == family.name
+                || (family.kind == "histogram"
+                    && ["_bucket", "_sum", "_count"].iter().any(|s| name == format!("{}{s}", family.name)));
+            if !belongs {
+                return Err(format!("{name} is not in family {} (the one open)", family.name));
+            }
+            if !seen.insert((name.clone(), labels.clone())) {
+                return Err(format!("series {name}{labels:?} twice"));
+            }
+            family.samples.push((name, labels, value));
+        }
+        Ok(families)
+    }
+
+    /// A connection table on a descriptor that is not a BPF map: every lookup fails, counted as
+    /// an error and a miss.
+    fn failing_conntable() -> Arc<Conntable> {
+        let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let t = Conntable::new(fd);
+        assert!(t.lookup("127.0.0.1:9".parse().unwrap()).is_none());
+        Arc::new(t)
+    }
+
+    #[test]
+    fn the_exposition_parses_back_with_every_family_named_as_documented() {
+        let m = Metrics::new();
+        let hostile = "q\"uote\\back\nline}{,=\u{e9}";
+        m.decision("allow", "ok");
+        m.decision("block", hostile);
+        m.upstream_error("tls");
+        m.store_commit(Duration::from_micros(300));
+        m.store_commit(Duration::from_secs(3));
+        m.watch_conntable(failing_conntable());
+        let gauges = Gauges {
+            pending_holds: 1,
+            passports: 2,
+            sandboxes: 0,
+            log_size: 9,
+            spend: vec![
+                Spend {
+                    passport_id: "pp_a".into(),
+                    agent_id: hostile.into(),
+                    window: "daily",
+                    cents: 7,
+                    limit_cents: Some(9),
+                },
+                Spend {
+                    passport_id: "pp_b".into(),
+                    agent_id: "b".into(),
+                    window: "weekly",
+                    cents: 3,
+                    limit_cents: None,
+                },
+            ],
+            spend_omitted: 4,
+        };
+        let text = m.render(&gauges);
+        let families = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let mut names: Vec<(&str, &str)> = families.iter().map(|f| (f.name.as_str(), f.kind.as_str())).collect();
+        names.sort();
+        // The names dashboards and the README use; changing one is a breaking change.
+        assert_eq!(
+            names,
+            [
+                ("sluice_connections_without_entry_total", "counter"),
+                ("sluice_conntable_errors_total", "counter"),
+                ("sluice_decisions_total", "counter"),
+                ("sluice_holds_pending", "gauge"),
+                ("sluice_log_size", "gauge"),
+                ("sluice_passports_registered", "gauge"),
+                ("sluice_sandboxes", "gauge"),
+                ("sluice_spend_cents", "gauge"),
+                ("sluice_spend_limit_cents", "gauge"),
+                ("sluice_spend_series_omitted", "gauge"),
+                ("sluice_store_commit_seconds", "histogram"),
+                ("sluice_upstream_errors_total", "counter"),
+            ]
+        );
+        let family = |n: &str| families.iter().find(|f| f.name == n).unwrap();
+        let one = |n: &str| {
+            let f = family(n);
+            assert_eq!(f.samples.len(), 1, "{f:?}");
+            f.samples[0].2
+        };
+        assert_eq!(one("sluice_connections_without_entry_total"), 1.0);
+        assert_eq!(one("sluice_conntable_errors_total"), 1.0);
+        assert_eq!(
+            (one("sluice_holds_pending"), one("sluice_log_size"), one("sluice_spend_series_omitted")),
+            (1.0, 9.0, 4.0)
+        );
+        // Hostile label values come back exactly as they went in.
+        let blocked = &family("sluice_decisions_total").samples.iter().find(|s| s.1["decision"] == "block").unwrap().1;
+        assert_eq!(blocked["reason"], hostile);
+        let spend = &family("sluice_spend_cents").samples;
+        assert_eq!(spend.len(), 2);
+        assert!(
+            spend.iter().any(|s| s.1["agent_id"] == hostile && s.1["window"] == "daily" && s.2 == 7.0),
+            "{spend:?}"
+        );
+        assert_eq!(family("sluice_spend_limit_cents").samples.len(), 1, "no limit, no series");
+        // The histogram: one bucket per bound plus +Inf, `le` spelled as before, cumulative.
+        let h = &family("sluice_store_commit_seconds").samples;
+        let buckets: Vec<(&str, f64)> =
+            h.iter().filter(|s| s.0.ends_with("_bucket")).map(|s| (s.1["le"].as_str(), s.2)).collect();
+        let les: Vec<&str> = buckets.iter().map(|b| b.0).collect();
+        let mut want: Vec<String> = COMMIT_BUCKETS.iter().map(|b| b.to_string()).collect();
+        want.push("+Inf".into());
+        assert_eq!(les, want);
+        assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "{buckets:?}");
+        assert_eq!(buckets.last().unwrap().1, 2.0);
+        let count = h.iter().find(|s| s.0 == "sluice_store_commit_seconds_count").unwrap().2;
+        let sum = h.iter().find(|s| s.0 == "sluice_store_commit_seconds_sum").unwrap().2;
+        assert_eq!(count, 2.0);
+        assert!((sum - 3.0003).abs() < 1e-9, "{sum}");
+    }
+
+    #[test]
+    fn counter_families_are_announced_before_their_first_sample() {
+        let text = Metrics::new().render(&Gauges::default());
+        let families = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        for name in ["sluice_decisions_total", "sluice_upstream_errors_total", "sluice_store_commit_seconds"] {
+            assert!(families.iter().any(|f| f.name == name), "{name} missing:\n{text}");
+        }
+        assert!(text.contains("# HELP sluice_decisions_total Decisions made, by decision and reason.\n"), "{text}");
+    }
+
+    #[test]
+    fn the_parser_rejects_what_prometheus_would() {
+        for bad in [
+            "x 1\n",
+            "# TYPE x counter\ny 1\n",
+            "# TYPE x counter\nx{a=\"b} 1\n",
+            "# TYPE x counter\nx{a=\"\\q\"} 1\n",
+            "# TYPE x counter\nx 1\nx 2\n",
+            "# TYPE x gauge\n# TYPE x gauge\n",
+            "# TYPE x counter\nx 1",
+        ] {
+            assert!(parse_exposition(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn concurrent_new_reasons_keep_the_bound_and_every_count() {
+        let m = Arc::new(Metrics::new());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for i in 0..MAX_DECISION_SERIES {
+                        m.decision("block", &format!("r{}", (i * 4 + t) % (2 * MAX_DECISION_SERIES)));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let text = m.render(&Gauges::default());
+        let families = parse_exposition(&text).unwrap();
+        let decisions = &families.iter().find(|f| f.name == "sluice_decisions_total").unwrap().samples;
+        assert!(decisions.len() <= MAX_DECISION_SERIES + 1, "{} series", decisions.len());
+        let total: f64 = decisions.iter().map(|s| s.2).sum();
+        assert_eq!(total, (4 * MAX_DECISION_SERIES) as f64);
     }
 }

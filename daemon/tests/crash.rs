@@ -103,17 +103,18 @@ fn sigkill_at_random_moments_loses_no_answered_decision() {
     for (idx, a) in &answered {
         let r = records.get(idx).unwrap_or_else(|| panic!("answered decision {idx} is missing from the log"));
         assert_eq!(r["decision"], a.decision.as_str(), "record {idx}");
-        assert_eq!(r["cost_cents"], a.cost, "record {idx}");
+        assert_eq!(r["cost_millicents"], a.cost * 1000, "record {idx}");
     }
 
     // Counters equal the allowed costs in the log.
     let allowed: u64 = records
         .values()
         .filter(|r| r["kind"] == "decision" && r["decision"] == "allow" && r["passport_id"] == i.id.as_str())
-        .map(|r| r["cost_cents"].as_u64().unwrap())
+        .map(|r| r["cost_millicents"].as_u64().unwrap())
         .sum();
     let (_, state) = d.call("GET", &format!("/v1/passports/{}/state", i.id), None).unwrap();
-    assert_eq!(state["daily_cost_cents"].as_u64(), Some(allowed), "{state}");
+    assert_eq!(state["daily_cost_millicents"].as_u64(), Some(allowed), "{state}");
+    assert_eq!(state["daily_cost_cents"].as_u64(), Some(allowed / 1000), "{state}");
 
     // And the whole log verifies offline.
     let out = d.cli(&["audit", "verify", p(&export), "--host-pub", p(&d.state_dir().join("host.pub"))]);

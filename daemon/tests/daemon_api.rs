@@ -138,6 +138,130 @@ fn state_and_reset_through_the_cli() {
     assert!(stderr(&out).contains("yearly"));
 }
 
+/// Client commands find the daemon through `--config` alone (its `[api] socket`), with
+/// `--socket` and `$SLUICE_SOCKET` still taking precedence, and say which file is at fault when
+/// the configuration cannot be read.
+#[test]
+fn client_commands_find_the_socket_from_the_config() {
+    let d = TestDaemon::start("");
+    let i = issue(d.dir.path(), "located", &["--permission", "*"]);
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut c = std::process::Command::new(bin());
+        c.args(args).env_remove("SLUICE_SOCKET");
+        if let Some(v) = env {
+            c.env("SLUICE_SOCKET", v);
+        }
+        c.output().unwrap()
+    };
+    let out = run(&["--config", p(&d.config), "passport", "register", p(&i.passport)], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), i.id);
+    let out = run(&["--config", p(&d.config), "state", &i.id], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&i.id), "{}", stdout(&out));
+
+    // The flag and the variable come before the configuration.
+    let nowhere = d.dir.path().join("nowhere.sock");
+    let out = run(&["--config", p(&d.config), "--socket", p(&nowhere), "state", &i.id], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nowhere.sock"), "{}", stderr(&out));
+    let out = run(&["--config", p(&d.config), "state", &i.id], Some(p(&nowhere)));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("nowhere.sock"), "{}", stderr(&out));
+    let out = run(&["--config", "/nonexistent/sluice.toml", "--socket", p(&d.socket), "state", &i.id], None);
+    assert!(out.status.success(), "--socket needs no readable config: {}", stderr(&out));
+
+    // A named configuration that cannot be read is an error naming it, never a silent default.
+    let out = run(&["--config", "/nonexistent/sluice.toml", "state", &i.id], None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("/nonexistent/sluice.toml") && err.contains("--socket"), "{err}");
+    let broken = d.dir.path().join("broken.toml");
+    std::fs::write(&broken, "state_dir = 7\n").unwrap();
+    let out = run(&["--config", p(&broken), "holds"], None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("broken.toml"), "{}", stderr(&out));
+    // Commands that never talk to the daemon do not read it.
+    let out = run(&["--config", p(&broken), "passport", "inspect", p(&i.passport)], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Fractions of a cent through the binary: `--cost-cents 0.005` and `cost_millicents`, the
+/// state's exact and rounded-up figures, the CLI's dollars, a fractional hold, and a restart that
+/// neither resets nor rounds the spend.
+#[test]
+fn fractions_of_a_cent_through_the_api_and_the_cli() {
+    let mut d = TestDaemon::start("");
+    let i = issue(
+        d.dir.path(),
+        "frugal",
+        &[
+            "--permission",
+            "llm:*",
+            "--constraint",
+            "core:cost:max_cumulative=1",
+            "--constraint",
+            "core:cost:approval_threshold=0",
+        ],
+    );
+    register(&d, &i);
+    let out = d.cli(&["enforce", "--passport-id", &i.id, "--action", "llm:chat", "--cost-cents", "0.005"]);
+    // The threshold is 0 cents: any cost above it waits for an operator.
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let out = d.cli(&["holds"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("llm:chat   $0.00005  expires"), "{}", stdout(&out));
+    let (_, holds) = d.call("GET", "/v1/holds", None).unwrap();
+    let request = &holds["holds"][0]["request"];
+    assert_eq!((request["cost_cents"].as_u64(), request["cost_millicents"].as_u64()), (Some(1), Some(5)), "{holds}");
+    let hold = holds["holds"][0]["id"].as_str().unwrap().to_string();
+    let out = d.cli(&["holds", "approve", &hold]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // Exact millicents through the API: 5 + 37 = 42 millicents spent.
+    let i2 = issue(d.dir.path(), "frugal2", &["--permission", "llm:*", "--constraint", "core:cost:max_cumulative=1"]);
+    register(&d, &i2);
+    let cost = |m: u64| json!({"passport_id": i2.id, "action": "llm:chat", "cost_millicents": m});
+    assert_eq!(d.call("POST", "/v1/enforce", Some(cost(5))).unwrap().1["decision"], "allow");
+    assert_eq!(d.call("POST", "/v1/enforce", Some(cost(37))).unwrap().1["decision"], "allow");
+    let (status, e) = d
+        .call(
+            "POST",
+            "/v1/enforce",
+            Some(json!({"passport_id": i2.id, "action": "llm:chat", "cost_cents": 1, "cost_millicents": 5})),
+        )
+        .unwrap();
+    assert_eq!(status, 400, "both units at once is an error: {e}");
+
+    let show = |d: &TestDaemon, id: &str| {
+        let (_, state) = d.call("GET", &format!("/v1/passports/{id}/state"), None).unwrap();
+        let out = d.cli(&["state", id]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        (state, stdout(&out))
+    };
+    let (state, text) = show(&d, &i2.id);
+    assert_eq!(
+        (state["daily_cost_millicents"].as_u64(), state["daily_cost_cents"].as_u64()),
+        (Some(42), Some(1)),
+        "{state}"
+    );
+    assert!(text.contains("today           $0.00042 of $0.01"), "{text}");
+    // 42 + 958 reaches the 1-cent budget exactly; one millicent more does not fit.
+    assert_eq!(d.call("POST", "/v1/enforce", Some(cost(958))).unwrap().1["decision"], "allow");
+    let (_, v) = d.call("POST", "/v1/enforce", Some(cost(1))).unwrap();
+    assert_eq!(v["reason"], "spend_limit_exceeded", "{v}");
+    assert_eq!(v["detail"], "Daily spend limit of $0.01 would be exceeded. Current: $0.01, Requested: $0.00001");
+
+    // A restart keeps every millicent.
+    d.kill();
+    d.spawn();
+    let (state, _) = show(&d, &i2.id);
+    assert_eq!(state["daily_cost_millicents"].as_u64(), Some(1_000), "{state}");
+    let (state, text) = show(&d, &i.id);
+    assert_eq!(state["daily_cost_millicents"].as_u64(), Some(5), "{state}");
+    assert!(text.contains("today           $0.00005 of $0.01"), "{text}");
+}
+
 #[test]
 fn enforce_cli_exit_codes() {
     let d = TestDaemon::start("");
@@ -263,7 +387,7 @@ fn audit_export_proof_and_verify_round_trip() {
 
     // Raise a cost inside the export: verification must fail and say where.
     let text = std::fs::read_to_string(&export).unwrap();
-    let tampered = text.replacen("\\\"cost_cents\\\":10", "\\\"cost_cents\\\":1", 1);
+    let tampered = text.replacen("\\\"cost_millicents\\\":10000", "\\\"cost_millicents\\\":1000", 1);
     assert_ne!(tampered, text, "the export should contain the cost to tamper with");
     let bad = d.dir.path().join("bad.json");
     std::fs::write(&bad, tampered).unwrap();

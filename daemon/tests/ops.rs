@@ -138,7 +138,7 @@ fn the_daemon_from_the_shipped_example_notifies_ready_and_answers_health() {
         "agent_id=logged".into(),
         "action=llm:chat".into(),
         "host=api.example.test".into(),
-        "cost_cents=7".into(),
+        "cost_millicents=7000".into(),
         "decision=allow".into(),
         format!("attestation_id={attestation}"),
     ] {
@@ -303,7 +303,7 @@ fn verify_root(units: &[(&str, String)]) -> tempfile::TempDir {
         std::fs::copy(bin(), usr_bin.join("sluice")).unwrap();
     }
     std::fs::copy("/usr/bin/env", usr_bin.join("env")).unwrap();
-    std::fs::copy("/usr/bin/kill", usr_bin.join("kill")).unwrap();
+    std::fs::copy("/usr/bin/systemctl", usr_bin.join("systemctl")).unwrap();
     root
 }
 
@@ -433,4 +433,16 @@ fn the_daemon_unit_is_ready_only_when_enforcing_and_keeps_few_capabilities() {
     assert!(example.contains("pin_dir = \"/sys/fs/bpf/sluice\""));
     let rw = one(&text, s, "ReadWritePaths");
     assert!(rw.split_whitespace().any(|p| p == "/sys/fs/bpf"), "{rw}");
+    // ProtectKernelTunables=yes mounts /sys/fs/bpf read-only by name, and ReadWritePaths= cannot
+    // undo that (booted: the daemon cannot pin). The same protection is spelt out instead.
+    assert_eq!(one(&text, s, "ProtectKernelTunables"), "no");
+    let ro: Vec<String> = values(&text, s, "ReadOnlyPaths")
+        .iter()
+        .flat_map(|v| v.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    for path in ["/sys", "/proc/sys"] {
+        assert!(ro.iter().any(|p| p == path), "{path} is writable: ReadOnlyPaths={ro:?}");
+    }
+    // Reload needs nothing but systemd (minimal systems have no `kill`).
+    assert_eq!(one(&text, s, "ExecReload"), "/usr/bin/systemctl kill --kill-whom=main --signal=SIGHUP %n");
 }

@@ -44,7 +44,7 @@ pub const WORDS_PER_EVENT: usize = 50;
 pub const EVENT_PAUSE: Duration = Duration::from_millis(25);
 
 /// The models `GET /v1/models` lists (any model name is served).
-pub const MODELS: &[&str] = &["gpt-4o", "gpt-4o-mini", "o1", "o3-mini", "claude-sonnet-4-0"];
+pub const MODELS: &[&str] = &["gpt-6-astra", "gpt-4o", "gpt-4o-mini", "o1", "claude-sonnet-4-6"];
 
 const WORDS: &[&str] = &[
     "sluice",

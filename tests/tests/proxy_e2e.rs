@@ -773,12 +773,12 @@ fn proxy_settles_metered_costs_from_responses() {
     }
     let w = World::new(METERED_POLICY, 120);
     let (passport, _) = w.d.issue("metered", &["--permission", "llm:*"]);
-    // (path, real cost in cents at $1/$2 per million tokens, or None: no usage)
+    // (path, real cost in millicents at $1/$2 per million tokens, or None: no usage)
     let cases = [
-        ("/llm/openai/json", Some(100)),
-        ("/llm/openai/sse", Some(200)),
-        ("/llm/anthropic/json", Some(300)),
-        ("/llm/anthropic/sse", Some(500)),
+        ("/llm/openai/json", Some(100_000)),
+        ("/llm/openai/sse", Some(200_000)),
+        ("/llm/anthropic/json", Some(300_000)),
+        ("/llm/anthropic/sse", Some(500_000)),
         ("/llm/no-usage", None),
     ];
     for (path, _) in &cases {
@@ -805,14 +805,17 @@ fn proxy_settles_metered_costs_from_responses() {
     assert_eq!(decisions.len(), cases.len(), "{records:#?}");
     let mut expected = 0;
     for ((path, actual), (decision, settlement)) in cases.iter().zip(decisions.iter().zip(&settlements)) {
-        let estimate = decision["cost_cents"].as_u64().unwrap();
+        // 30 bytes (8 tokens) at $1/M plus 100 output tokens at $2/M: 20.8 millicents, charged
+        // 21 ($0.00021), not a whole cent.
+        let estimate = decision["cost_millicents"].as_u64().unwrap();
+        assert_eq!(estimate, 21, "{path}: {decision}");
         assert_eq!(settlement["decision_record"], decision["log_index"], "{path}: {settlement}");
-        assert_eq!(settlement["estimated_cents"].as_u64(), Some(estimate), "{path}");
-        assert_eq!(settlement["actual_cents"].as_u64(), *actual, "{path}: {settlement}");
+        assert_eq!(settlement["estimated_millicents"].as_u64(), Some(estimate), "{path}");
+        assert_eq!(settlement["actual_millicents"].as_u64(), *actual, "{path}: {settlement}");
         assert_eq!(settlement["settled"].as_bool(), Some(actual.is_some()), "{path}");
         expected += actual.unwrap_or(estimate);
         if actual.is_some() {
-            assert_eq!(settlement["spend_after_cents"].as_u64(), Some(expected), "{path}: {settlement}");
+            assert_eq!(settlement["spend_after_millicents"].as_u64(), Some(expected), "{path}: {settlement}");
         } else {
             assert_eq!(settlement["reason"], "no_usage", "{path}");
         }
@@ -822,6 +825,8 @@ fn proxy_settles_metered_costs_from_responses() {
     let out = w.d.cli(&["state", id, "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let state: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(state["daily_cost_cents"].as_u64(), Some(expected), "{state}");
-    assert_eq!(state["window_cost_cents"].as_u64(), Some(expected), "{state}");
+    assert_eq!(expected, 1_100_021);
+    assert_eq!(state["daily_cost_millicents"].as_u64(), Some(expected), "{state}");
+    assert_eq!(state["window_cost_millicents"].as_u64(), Some(expected), "{state}");
+    assert_eq!(state["window_cost_cents"].as_u64(), Some(1_101), "rounded up: {state}");
 }

@@ -26,8 +26,9 @@ use std::time::{Duration, Instant};
 
 /// The agent (an ordinary OpenAI client that ignores proxies).
 const AGENT: &str = include_str!("demo_agent.py");
-/// Passport limits, in cents. Kept in step with the agent's max_tokens (model o1 at $15/$60 per
-/// million tokens): 1000 → ~$0.06, 6600 → ~$0.40 (held), 4800 → ~$0.29 (under the threshold).
+/// Passport limits, in cents. Kept in step with the agent's max_tokens (model gpt-6-astra at
+/// $10/$50 per million tokens): 1200 → ~$0.06, 7900 → ~$0.40 (held), 5700 → ~$0.29 (under the
+/// threshold).
 const DAILY_BUDGET_CENTS: u64 = 50;
 const APPROVAL_THRESHOLD_CENTS: u64 = 30;
 /// Upper bound on any wait, so a broken step fails the demo instead of hanging it.
@@ -49,14 +50,14 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Ctrl-C and SIGTERM set a flag instead of killing the demo, so the next check returns an
 /// error and every Drop guard runs: the daemon's pins and cgroups are removed, not left behind.
-fn catch_interrupts() {
+pub(crate) fn catch_interrupts() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
 }
 
-fn interrupted() -> anyhow::Result<()> {
+pub(crate) fn interrupted() -> anyhow::Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         bail!("interrupted; cleaning up");
     }
@@ -85,6 +86,9 @@ fn must(out: Output) -> anyhow::Result<String> {
 }
 
 pub fn run() -> anyhow::Result<()> {
+    // The same step as `cargo xtask test`: building needs clang and libbpf's headers (the eBPF
+    // object), the agent needs python3. Installs them as root on Debian, else names the command.
+    super::deps::ensure()?;
     catch_interrupts();
     let started = Instant::now();
     let root = is_root();
@@ -481,8 +485,20 @@ fn check_results(r: &Value, mock_log: &[String], dns_hits: usize, ip: Ipv4Addr) 
     Ok(())
 }
 
-fn dollars(v: &Value) -> String {
-    v.as_u64().map(|c| format!("${}.{:02}", c / 100, c % 100)).unwrap_or_else(|| "-".to_string())
+/// A record's amount `name` as dollars with its fraction (`$0.00042`): records count money in
+/// millicents (`{name}_millicents`); those of an older daemon in whole cents (`{name}_cents`).
+fn dollars(r: &Value, name: &str) -> String {
+    let millicents = r[format!("{name}_millicents")]
+        .as_u64()
+        .or_else(|| r[format!("{name}_cents")].as_u64().and_then(|c| c.checked_mul(1000)));
+    match millicents {
+        Some(m) => {
+            let digits = format!("{:05}", m % 100_000);
+            let keep = digits.trim_end_matches('0').len().max(2);
+            format!("${}.{}", m / 100_000, &digits[..keep])
+        }
+        None => "-".to_string(),
+    }
 }
 
 /// One line per attestation record of the export: decisions with their estimated cost,
@@ -493,7 +509,7 @@ fn print_decisions(export: &Path) -> anyhow::Result<()> {
     let row =
         |log: &str, kind: &str, action: &str, result: &str, reason: &str, cost: &str, spend: &str, detail: &str| {
             let line =
-                format!("{log:>3}  {kind:<19} {action:<8} {result:<13} {reason:<27} {cost:>11} {spend:>6}  {detail}");
+                format!("{log:>3}  {kind:<19} {action:<8} {result:<13} {reason:<27} {cost:>17} {spend:>8}  {detail}");
             println!("{}", line.trim_end());
         };
     row("log", "kind", "action", "result", "reason", "cost", "spend", "detail");
@@ -504,7 +520,7 @@ fn print_decisions(export: &Path) -> anyhow::Result<()> {
         let (result, cost, detail) = match kind.as_str() {
             "decision" | "hold_resolution" => (
                 s("decision"),
-                dollars(&r["cost_cents"]),
+                dollars(&r, "cost"),
                 match r["host"].as_str() {
                     Some(h) => format!("{} {h}", s("method")),
                     None => format!("{} (no host name: an address dialed directly)", s("method")),
@@ -512,7 +528,7 @@ fn print_decisions(export: &Path) -> anyhow::Result<()> {
             ),
             "settlement" => (
                 if r["settled"] == true { "settled" } else { "estimate kept" }.to_string(),
-                format!("{}→{}", dollars(&r["estimated_cents"]), dollars(&r["actual_cents"])),
+                format!("{}→{}", dollars(&r, "estimated"), dollars(&r, "actual")),
                 format!("settles record {}", r["decision_record"]),
             ),
             "dns_denied" => (s("answer"), String::new(), format!("{} ({})", s("name"), s("via"))),
@@ -523,7 +539,10 @@ fn print_decisions(export: &Path) -> anyhow::Result<()> {
             "daemon_start" => (String::new(), String::new(), format!("sluice {} pid {}", s("version"), r["pid"])),
             _ => (String::new(), String::new(), String::new()),
         };
-        let spend = if r["spend_after_cents"].is_u64() { dollars(&r["spend_after_cents"]) } else { String::new() };
+        let spend = match dollars(&r, "spend_after") {
+            d if d == "-" => String::new(),
+            d => d,
+        };
         row(&r["log_index"].to_string(), &kind, &s("action"), &result, &s("reason"), &cost, &spend, &detail);
     }
     Ok(())
@@ -536,4 +555,20 @@ fn tamper(token: &str) -> anyhow::Result<String> {
     let mut claims: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).context("payload")?)?;
     claims["constraints"]["core:cost:max_cumulative"] = Value::from(5_000_000u64);
     Ok(format!("{h}.{}.{s}", URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims)?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dollars;
+    use serde_json::json;
+
+    #[test]
+    fn record_amounts_show_their_fraction_in_either_unit() {
+        let r = json!({"cost_millicents": 42, "spend_after_millicents": 39_614, "estimated_cents": 40});
+        assert_eq!(dollars(&r, "cost"), "$0.00042");
+        assert_eq!(dollars(&r, "spend_after"), "$0.39614");
+        assert_eq!(dollars(&r, "estimated"), "$0.40");
+        assert_eq!(dollars(&r, "actual"), "-");
+        assert_eq!(dollars(&json!({"cost_millicents": 1_250_000}), "cost"), "$12.50");
+    }
 }

@@ -17,7 +17,7 @@ import urllib.request
 
 API = "https://api.openai.com/v1/chat/completions"
 MOCK_IP = sys.argv[1]
-MODEL = "o1"  # $15 / $60 per million input / output tokens in policies/openai.toml
+MODEL = "gpt-6-astra"  # $10 / $50 per million input / output tokens in policies/openai.toml
 results = {}
 
 
@@ -67,8 +67,8 @@ def json_call(step, max_tokens, prompt):
         return e.code, reason
 
 
-say("a", f"allowed chat call, JSON, model {MODEL}, max_tokens 1000 (sluice checks the estimate, settles the real usage)")
-results["a"] = json_call("a", 1000, "Explain in one paragraph what sluice does.")[0]
+say("a", f"allowed chat call, JSON, model {MODEL}, max_tokens 1200 (sluice checks the estimate, settles the real usage)")
+results["a"] = json_call("a", 1200, "Explain in one paragraph what sluice does.")[0]
 
 say("b", "allowed chat call, streamed (SSE with stream_options.include_usage), max_tokens 300")
 try:
@@ -97,16 +97,16 @@ except urllib.error.HTTPError as e:
     results["b"] = e.code
     say("b", refusal(e)[1])
 
-say("c", "over the approval threshold: max_tokens 6600 (estimate ~$0.40 > $0.30); the call waits for a human")
+say("c", "over the approval threshold: max_tokens 7900 (estimate ~$0.40 > $0.30); the call waits for a human")
 start = time.monotonic()
-status, _ = json_call("c", 6600, "Write the long report.")
+status, _ = json_call("c", 7900, "Write the long report.")
 say("c", f"answered after {time.monotonic() - start:.1f}s of waiting")
 results["c"] = status
 
-say("d", "calls with max_tokens 4800 (estimate ~$0.29 each) until the $0.50 daily budget would be exceeded")
+say("d", "calls with max_tokens 5700 (estimate ~$0.29 each) until the $0.50 daily budget would be exceeded")
 results["d"] = []
 for n in range(1, 9):
-    status, reason = json_call(f"d{n}", 4800, f"Task {n}: draft the next section.")
+    status, reason = json_call(f"d{n}", 5700, f"Task {n}: draft the next section.")
     results["d"].append([status, reason])
     if status != 200:
         break

@@ -1,6 +1,7 @@
 //! The Debian packages sluice needs to build (clang and libbpf headers for the eBPF object) and to
-//! test (curl, python3, iproute2, liburing for the bypass suites). Installed with apt-get when
-//! running as root on Debian; otherwise the exact command is printed and the task fails.
+//! test (curl, python3, iproute2, liburing for the bypass suites; openssl and Python's
+//! cryptography for the key-format tests). Installed with apt-get when running as root on Debian;
+//! otherwise the exact command is printed and the task fails.
 
 use anyhow::bail;
 use std::path::Path;
@@ -15,13 +16,24 @@ const NEEDS: &[(&str, &str)] = &[
     ("cc", "gcc"),
     ("curl", "curl"),
     ("python3", "python3"),
+    ("/usr/bin/python3", "python3"),
     ("ip", "iproute2"),
     ("unshare", "util-linux"),
     // `systemd-analyze verify` checks the shipped units (daemon/tests/ops.rs).
     ("systemd-analyze", "systemd"),
-    // sluice.service reloads with /usr/bin/kill -HUP.
+    // `kill` (the demo stops what it started with it).
     ("/usr/bin/kill", "procps"),
+    // daemon/tests/keys_interop.rs: other tools read the keys sluice writes, and the reverse.
+    ("openssl", "openssl"),
+    // `cargo xtask test-systemd` boots a Debian root file system under a real systemd.
+    ("systemd-nspawn", "systemd-container"),
+    ("debootstrap", "debootstrap"),
+    ("nsenter", "util-linux"),
 ];
+
+/// (Python module, the package that provides it): present when `import MODULE` succeeds in
+/// [`PYTHON`], the interpreter the tests run.
+const PYTHON_MODULES: &[(&str, &str)] = &[("cryptography", "python3-cryptography")];
 
 fn present(what: &str) -> bool {
     if what.starts_with('/') {
@@ -32,20 +44,40 @@ fn present(what: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn missing(needs: &[(&str, &'static str)]) -> Vec<&'static str> {
+/// Debian's interpreter, which Debian's `python3-*` packages serve (a `python3` earlier on PATH,
+/// pyenv's say, would not see them); daemon/tests/keys_interop.rs uses the same one.
+pub const PYTHON: &str = "/usr/bin/python3";
+
+fn python_module_present(module: &str) -> bool {
+    Command::new(PYTHON)
+        .args(["-c", &format!("import {module}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn missing(needs: &[(&str, &'static str)], modules: &[(&str, &'static str)]) -> Vec<&'static str> {
     let mut pkgs: Vec<&str> = needs.iter().filter(|(what, _)| !present(what)).map(|(_, pkg)| *pkg).collect();
+    pkgs.extend(modules.iter().filter(|(module, _)| !python_module_present(module)).map(|(_, pkg)| *pkg));
     pkgs.dedup();
     pkgs
 }
 
 /// The build and test packages.
 pub fn ensure() -> anyhow::Result<()> {
-    ensure_tools(NEEDS)
+    install(NEEDS, PYTHON_MODULES)
 }
 
-/// `needs` as in [`NEEDS`]: installs what is missing (root on Debian) or says what to run.
+/// `needs` as in [`NEEDS`] (the packaging tools, say): installs what is missing (root on Debian)
+/// or says what to run.
 pub fn ensure_tools(needs: &[(&str, &'static str)]) -> anyhow::Result<()> {
-    let pkgs = missing(needs);
+    install(needs, &[])
+}
+
+fn install(needs: &[(&str, &'static str)], modules: &[(&str, &'static str)]) -> anyhow::Result<()> {
+    let pkgs = missing(needs, modules);
     if pkgs.is_empty() {
         return Ok(());
     }
@@ -63,7 +95,7 @@ pub fn ensure_tools(needs: &[(&str, &'static str)]) -> anyhow::Result<()> {
             .args(&pkgs)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    let still = missing(needs);
+    let still = missing(needs, modules);
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(" "));
     }

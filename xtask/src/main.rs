@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask test | demo | deps | install | man | package | bench`.
+//! Project tasks: `cargo xtask test | demo | deps | install | man | package | bench | test-systemd`.
 //!
 //! `test` is what CI runs: formatting, clippy with warnings as errors, then every test of the
 //! workspace (the kernel and end-to-end suites run for real as root and fail, never skip, when they
@@ -9,6 +9,7 @@ mod demo;
 mod deps;
 mod install;
 mod package;
+mod systemd_boot;
 
 use anyhow::{bail, Context};
 use std::path::{Path, PathBuf};
@@ -37,6 +38,10 @@ tasks:
           missing): stripped binary, units, config, policies, man pages, docs.
           --install-check (root): install it, check it, run its daemon, purge it
           and check that nothing is left (pins included)
+  test-systemd [--deb FILE | --staged]
+          boot a Debian container with a real systemd (as root), install the package
+          (built by `package`) in it and check its units: daemon READY, an agent unit
+          allowed and refused, the attested log, reload, clean stop (minutes)
 ";
 
 fn main() {
@@ -48,6 +53,7 @@ fn main() {
         Some("install") => install::run(args.get(1..).unwrap_or_default()),
         Some("man") => package::man(args.get(1..).unwrap_or_default()),
         Some("package") => package::run(args.get(1..).unwrap_or_default()),
+        Some("test-systemd") => systemd_boot::run(args.get(1..).unwrap_or_default()),
         Some("bench") => bench(args.get(1).map(String::as_str)),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");

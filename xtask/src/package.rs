@@ -134,6 +134,18 @@ fn mib(bytes: u64) -> String {
 /// `cargo xtask package`.
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let o = parse(args)?;
+    let (deb, man_pages) = build(o.build)?;
+    println!("{}", deb.display());
+    if o.install_check {
+        install_check(&deb, &man_pages)?;
+    }
+    Ok(())
+}
+
+/// Builds the package (the release binary first, unless `build_binary` is false) and checks what
+/// it holds; returns its path and the names of its man pages. `cargo xtask test-systemd` installs
+/// what this makes.
+pub fn build(build_binary: bool) -> anyhow::Result<(PathBuf, Vec<String>)> {
     super::deps::ensure_tools(&[
         ("gzip", "gzip"),
         ("strip", "binutils"),
@@ -142,7 +154,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     ])?;
     ensure_cargo_deb()?;
     let target = super::target_dir();
-    if o.build {
+    if build_binary {
         super::run(super::cargo().args(["build", "--release", "-p", "sluice", "--bin", "sluice"]))?;
     }
     let binary = target.join("release/sluice");
@@ -163,12 +175,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     let names: Vec<String> =
         gz.iter().filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())).collect();
     let figures = check_contents(&deb, &binary, &names)?;
-    println!("{}", deb.display());
     eprintln!("xtask: {figures}");
-    if o.install_check {
-        install_check(&deb, &names)?;
-    }
-    Ok(())
+    Ok((deb, names))
 }
 
 /// What the package must hold, checked in `dpkg-deb -c`; the shipped binary must carry no debug

@@ -63,8 +63,7 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
 /// Prometheus text exposition format 0.0.4.
 fn metrics_response(text: String) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(text)));
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
     resp
 }
 

@@ -4,7 +4,9 @@
 //! `verify` is offline: it needs only the file and the host's public key.
 
 use super::ops::call;
+use super::ops::ApiSocket;
 use super::CmdResult;
+use crate::files::{self, Links};
 use crate::keyfile;
 use crate::ledger::{checkpoint, verify};
 use anyhow::Context;
@@ -67,7 +69,7 @@ pub struct VerifyArgs {
     json: bool,
 }
 
-pub fn run(cmd: AuditCmd, socket: &Path) -> CmdResult {
+pub fn run(cmd: AuditCmd, socket: &ApiSocket) -> CmdResult {
     match cmd {
         AuditCmd::Export(a) => export(a, socket),
         AuditCmd::Proof(a) => proof(a, socket),
@@ -77,11 +79,11 @@ pub fn run(cmd: AuditCmd, socket: &Path) -> CmdResult {
 
 fn write_new(path: &Path, doc: &serde_json::Value) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(doc)? + "\n";
-    keyfile::create_new(path, text.as_bytes(), 0o644)?;
+    files::create_new(path, text.as_bytes(), 0o644)?;
     Ok(())
 }
 
-fn export(a: ExportArgs, socket: &Path) -> CmdResult {
+fn export(a: ExportArgs, socket: &ApiSocket) -> CmdResult {
     if a.out.exists() {
         anyhow::bail!("{}: already exists; refusing to overwrite it", a.out.display());
     }
@@ -93,7 +95,7 @@ fn export(a: ExportArgs, socket: &Path) -> CmdResult {
         query.append_pair("since", s);
     }
     if let Some(cp) = &a.checkpoint {
-        let note = keyfile::read_public(cp, 64 * 1024)?;
+        let note = files::read_text(cp, 64 * 1024, Links::Follow)?;
         let old = checkpoint::parse_unverified(&note).with_context(|| format!("{}: not a checkpoint", cp.display()))?;
         query.append_pair("consistency_from", &old.size.to_string());
     }
@@ -104,7 +106,7 @@ fn export(a: ExportArgs, socket: &Path) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn proof(a: ProofArgs, socket: &Path) -> CmdResult {
+fn proof(a: ProofArgs, socket: &ApiSocket) -> CmdResult {
     if a.out.exists() {
         anyhow::bail!("{}: already exists; refusing to overwrite it", a.out.display());
     }
@@ -116,9 +118,10 @@ fn proof(a: ProofArgs, socket: &Path) -> CmdResult {
 
 fn verify_cmd(a: VerifyArgs) -> CmdResult {
     let host = keyfile::load_public_key(&a.host_pub)?;
-    let text = keyfile::read_public(&a.file, MAX_DOCUMENT)?;
-    let older = a.checkpoint.as_ref().map(|p| keyfile::read_public(p, 64 * 1024)).transpose()?;
-    let report = verify::verify_document(&text, &host, older.as_deref());
+    let text = files::read_text(&a.file, MAX_DOCUMENT, Links::Follow)?;
+    let older = a.checkpoint.as_ref().map(|p| files::read_text(p, 64 * 1024, Links::Follow)).transpose()?;
+    let older = older.as_ref().map(|s| s.as_str());
+    let report = verify::verify_document(&text, &host, older);
     if a.json {
         super::util::print_json(&serde_json::to_value(&report)?);
     } else {

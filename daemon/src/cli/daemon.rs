@@ -145,10 +145,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let api = tokio::spawn(server::serve(listener, service.clone(), policy, stop_rx));
     // Everything that enforces is in place (programs attached, listeners and API bound): only now
     // may systemd start the units ordered after sluice.service.
-    sd_notify("READY=1\nSTATUS=enforcing");
+    sd_notify("READY=1", crate::sdnotify::ready("enforcing"));
     wait_for_signal().await;
     tracing::info!("stopping");
-    sd_notify("STOPPING=1\nSTATUS=stopping");
+    sd_notify("STOPPING=1", crate::sdnotify::stopping("stopping"));
     let _ = stop_tx.send(true);
     let _ = api.await;
     let _ = reload_stop.send(true);
@@ -166,9 +166,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Tells systemd (`Type=notify`) about the daemon's state; a no-op outside systemd.
-fn sd_notify(state: &str) {
-    match crate::sdnotify::notify(state) {
+/// Logs the outcome of telling systemd (`Type=notify`) about the daemon's state (a no-op
+/// outside systemd).
+fn sd_notify(state: &str, sent: std::io::Result<bool>) {
+    match sent {
         Ok(true) => tracing::debug!(state, "notified systemd"),
         Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, state, "could not notify systemd ($NOTIFY_SOCKET)"),

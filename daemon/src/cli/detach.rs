@@ -64,7 +64,9 @@ fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-pub fn run(args: DetachArgs, config_path: &Path, socket: Option<&Path>) -> CmdResult {
+/// `extra_sockets`: `--socket` and `$SLUICE_SOCKET` when given; the config's `[api] socket` is
+/// always tried.
+pub fn run(args: DetachArgs, config_path: &Path, extra_sockets: &[PathBuf]) -> CmdResult {
     let config = Config::load(config_path).context("sluice detach reads [sandbox] pin_dir and cgroup from it")?;
     if !nix::unistd::geteuid().is_root() {
         bail!("sluice detach must run as root: the pins on bpffs and the cgroups are root's (try: sudo sluice detach)");
@@ -99,9 +101,9 @@ pub fn run(args: DetachArgs, config_path: &Path, socket: Option<&Path>) -> CmdRe
     }
 
     let mut sockets = vec![config.api.socket.clone()];
-    if let Some(s) = socket {
-        if s != config.api.socket {
-            sockets.push(s.to_owned());
+    for s in extra_sockets {
+        if !sockets.contains(s) {
+            sockets.push(s.clone());
         }
     }
     let running = Running { holders: state.holders(), sockets: sockets.into_iter().filter(|s| answers(s)).collect() };

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 #[derive(Subcommand, Debug)]
 pub enum IssuerCmd {
-    /// Create a new issuer: DIR/issuer.key (PKCS#8 PEM, mode 0600), DIR/issuer.pub (SPKI PEM) and
+    /// Create a new issuer: DIR/issuer.key (PKCS#8 v1 PEM, mode 0600), DIR/issuer.pub (SPKI PEM) and
     /// DIR/issuer.json (id and name). Prints the issuer id. Never overwrites an existing key.
     Init(InitArgs),
 }
@@ -61,7 +61,7 @@ fn init(args: InitArgs) -> CmdResult {
         "name": args.name,
         "created_at": super::util::rfc3339(crate::passport::now()),
     });
-    keyfile::create_new(&meta_path, format!("{}\n", serde_json::to_string_pretty(&meta)?).as_bytes(), 0o644)?;
+    crate::files::create_new(&meta_path, format!("{}\n", serde_json::to_string_pretty(&meta)?).as_bytes(), 0o644)?;
     if args.json {
         super::util::print_json(&serde_json::json!({
             "issuer_id": id.as_str(), "key": key_path, "public_key": pub_path,

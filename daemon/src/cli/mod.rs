@@ -25,11 +25,12 @@ use std::process::ExitCode;
     long_about = None,
 )]
 pub struct Cli {
-    /// Daemon configuration file.
-    #[arg(long, global = true, value_name = "FILE", default_value = "/etc/sluice/sluice.toml")]
-    pub config: PathBuf,
-    /// The daemon's local API socket [default: $SLUICE_SOCKET, else /run/sluice/sluice.sock;
-    /// for `sluice daemon`, the config's [api] socket].
+    /// Daemon configuration file [default: /etc/sluice/sluice.toml]. Commands that talk to the
+    /// daemon take its socket from `[api] socket` here unless --socket or $SLUICE_SOCKET names one.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The daemon's local API socket [default: $SLUICE_SOCKET, else `[api] socket` of the
+    /// configuration file, else /run/sluice/sluice.sock].
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     #[command(subcommand)]
@@ -44,7 +45,8 @@ pub enum Command {
     /// Issue, inspect, verify, register and revoke passports.
     #[command(subcommand)]
     Passport(passport::PassportCmd),
-    /// Run the enforcer (local API, store, and as they land: proxy, resolver, eBPF) in the foreground.
+    /// Run the enforcer in the foreground: eBPF redirect, intercepting proxy, DNS resolver, local API
+    /// and attestation store.
     Daemon(daemon::DaemonArgs),
     /// Run CMD (and every process it starts) under enforcement with a passport; exits with CMD's
     /// status.
@@ -85,6 +87,9 @@ pub enum Command {
     Detach(detach::DetachArgs),
 }
 
+/// The configuration file when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/sluice/sluice.toml";
+
 /// A command's exit status, or the error that stopped it (printed as one line, exit status 1).
 pub type CmdResult = anyhow::Result<ExitCode>;
 
@@ -98,19 +103,25 @@ pub fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    let socket = ops::socket_path(cli.socket.as_deref());
+    let config_explicit = cli.config.is_some();
+    let config = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let env_socket = std::env::var_os("SLUICE_SOCKET").filter(|s| !s.is_empty()).map(PathBuf::from);
+    let socket = ops::ApiSocket::new(cli.socket.clone(), env_socket.clone(), config.clone(), config_explicit);
     let result = match cli.command {
         Command::Issuer(cmd) => issuer::run(cmd),
         Command::Passport(cmd) => passport::run(cmd, &socket),
-        Command::Daemon(args) => daemon::run(args, &cli.config, cli.socket.as_deref()),
+        Command::Daemon(args) => daemon::run(args, &config, cli.socket.as_deref()),
         Command::Enforce(args) => ops::enforce(args, &socket),
         Command::Run(args) => run::run(args, &socket),
         Command::Sandbox(cmd) => sandbox::run(cmd, &socket),
         Command::State(args) => ops::state(args, &socket),
         Command::Holds(args) => ops::holds(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),
-        Command::Policy(cmd) => policy::run(cmd, &cli.config),
-        Command::Detach(args) => detach::run(args, &cli.config, cli.socket.as_deref()),
+        Command::Policy(cmd) => policy::run(cmd, &config),
+        Command::Detach(args) => {
+            let sockets: Vec<PathBuf> = cli.socket.iter().chain(env_socket.iter()).cloned().collect();
+            detach::run(args, &config, &sockets)
+        }
     };
     match result {
         Ok(code) => code,

@@ -17,7 +17,8 @@ pub const EXIT_BLOCK: u8 = 3;
 pub const EXIT_HOLD: u8 = 4;
 
 /// Runs one API call on a small runtime and returns the JSON body.
-pub fn call(socket: &Path, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+pub fn call(socket: &ApiSocket, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let socket = socket.path()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let client = Client::new(socket);
     let resp = rt.block_on(client.call(method, path, body.as_ref())).map_err(|e| match e {
@@ -27,8 +28,24 @@ pub fn call(socket: &Path, method: Method, path: &str, body: Option<Value>) -> a
     Ok(resp.body)
 }
 
+/// Whole cents as dollars (`$1.50`); `-` when not a number.
 fn dollars(v: &Value) -> String {
     v.as_u64().map(|c| crate::passport::Cents(c).to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// An amount the API gives in `{name}_millicents` (exact) and `{name}_cents` (rounded up), as
+/// dollars with its fraction (`$0.00042`): the exact field when present (a daemon from before
+/// millicents has only the cents one).
+fn exact_dollars(obj: &Value, name: &str) -> String {
+    match obj[format!("{name}_millicents")].as_u64() {
+        Some(m) => crate::money::dollars(m),
+        None => dollars(&obj[format!("{name}_cents")]),
+    }
+}
+
+/// `--cost-cents`: whole cents or up to three decimals, in millicents.
+fn parse_cost(s: &str) -> Result<u64, String> {
+    crate::money::parse_cents(s, crate::money::MAX_MILLICENTS).map_err(|e| e.to_string())
 }
 
 // ---- enforce ----
@@ -41,18 +58,24 @@ pub struct EnforceArgs {
     /// The action, e.g. `llm:chat` or `orders:read`.
     #[arg(long, value_name = "A")]
     action: String,
-    /// What the action costs, in cents.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    cost_cents: u64,
+    /// What the action costs, in cents: whole (250) or with up to three decimals (0.005 is
+    /// 5 millicents, $0.00005).
+    #[arg(long = "cost-cents", value_name = "N", default_value = "0", value_parser = parse_cost)]
+    cost_millicents: u64,
     /// The host the action goes to (checked against the domain allowlist).
     #[arg(long, value_name = "T")]
     target: Option<String>,
 }
 
 /// Prints the decision JSON. Exit status: 0 allow, 3 block, 4 request_hold, 1 error.
-pub fn enforce(a: EnforceArgs, socket: &Path) -> CmdResult {
-    let body =
-        json!({"passport_id": a.passport_id, "action": a.action, "cost_cents": a.cost_cents, "target": a.target});
+pub fn enforce(a: EnforceArgs, socket: &ApiSocket) -> CmdResult {
+    let mut body = json!({"passport_id": a.passport_id, "action": a.action, "target": a.target});
+    // Whole cents go as cost_cents (any daemon reads it); a fraction as exact millicents.
+    if a.cost_millicents.is_multiple_of(crate::money::PER_CENT) {
+        body["cost_cents"] = (a.cost_millicents / crate::money::PER_CENT).into();
+    } else {
+        body["cost_millicents"] = a.cost_millicents.into();
+    }
     let d = call(socket, Method::POST, "/v1/enforce", Some(body))?;
     print_json(&d);
     let reason = d["reason"].as_str().unwrap_or("");
@@ -81,7 +104,7 @@ pub fn proof_of_possession(
     token: &str,
     key: Option<&Path>,
     passport_file: &Path,
-    socket: &Path,
+    socket: &ApiSocket,
 ) -> anyhow::Result<Option<Value>> {
     use crate::passport::{pop, Claims, TrustTier};
     let (payload, _) = crate::passport::inspect(token).with_context(|| format!("{}", passport_file.display()))?;
@@ -101,7 +124,7 @@ pub fn proof_of_possession(
     Ok(Some(serde_json::to_value(proof)?))
 }
 
-pub fn register(file: &Path, key: Option<&Path>, socket: &Path, json_out: bool) -> CmdResult {
+pub fn register(file: &Path, key: Option<&Path>, socket: &ApiSocket, json_out: bool) -> CmdResult {
     let token = super::util::read_token(file)?;
     let pop = proof_of_possession(&token, key, file, socket)?;
     let r = call(socket, Method::POST, "/v1/passports", Some(json!({"passport": token, "pop": pop})))
@@ -114,7 +137,7 @@ pub fn register(file: &Path, key: Option<&Path>, socket: &Path, json_out: bool) 
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn revoke(id: &str, note: Option<String>, socket: &Path, json_out: bool) -> CmdResult {
+pub fn revoke(id: &str, note: Option<String>, socket: &ApiSocket, json_out: bool) -> CmdResult {
     let r = call(socket, Method::POST, &format!("/v1/passports/{}/revoke", encode(id)), Some(json!({"note": note})))?;
     if json_out {
         print_json(&r);
@@ -159,7 +182,7 @@ pub enum StateCmd {
     },
 }
 
-pub fn state(a: StateArgs, socket: &Path) -> CmdResult {
+pub fn state(a: StateArgs, socket: &ApiSocket) -> CmdResult {
     match (a.cmd, a.id) {
         (Some(StateCmd::Reset { id, window, json }), _) => {
             let r = call(
@@ -189,26 +212,50 @@ pub fn state(a: StateArgs, socket: &Path) -> CmdResult {
 }
 
 fn print_state(s: &Value) {
+    print!("{}", state_text(s));
+}
+
+/// The `sluice state` table: spend as dollars with its fraction (`$0.00042`), never rounded.
+fn state_text(s: &Value) -> String {
+    use std::fmt::Write;
     let limit = |v: &Value| if v.is_null() { "no limit".to_string() } else { dollars(v) };
-    println!("passport        {}", s["passport_id"].as_str().unwrap_or_default());
-    println!("today           {} of {}", dollars(&s["daily_cost_cents"]), limit(&s["daily_cost_limit_cents"]));
-    println!(
+    let mut out = String::new();
+    let _ = writeln!(out, "passport        {}", s["passport_id"].as_str().unwrap_or_default());
+    let _ =
+        writeln!(out, "today           {} of {}", exact_dollars(s, "daily_cost"), limit(&s["daily_cost_limit_cents"]));
+    let _ = writeln!(
+        out,
         "requests today  {}{}",
         s["daily_requests"],
         s["daily_request_limit"].as_u64().map(|l| format!(" of {l}")).unwrap_or_default()
     );
     if let Some(w) = s["window"].as_str() {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<15} {} of {}",
             format!("{w} window"),
-            dollars(&s["window_cost_cents"]),
+            exact_dollars(s, "window_cost"),
             limit(&s["window_cost_limit_cents"])
         );
     }
-    println!("resets at       {}", s["window_resets_at"].as_str().unwrap_or("-"));
+    let _ = writeln!(out, "resets at       {}", s["window_resets_at"].as_str().unwrap_or("-"));
     if s["revoked"].as_bool() == Some(true) {
-        println!("REVOKED");
+        let _ = writeln!(out, "REVOKED");
     }
+    out
+}
+
+/// One line of `sluice holds`.
+fn hold_line(h: &Value) -> String {
+    format!(
+        "{}  {}  {} {}  {}  expires {}",
+        h["id"].as_str().unwrap_or_default(),
+        h["passport_id"].as_str().unwrap_or_default(),
+        h["request"]["action"].as_str().unwrap_or_default(),
+        h["request"]["host"].as_str().unwrap_or_default(),
+        exact_dollars(&h["request"], "cost"),
+        h["expires_at"].as_str().unwrap_or_default(),
+    )
 }
 
 // ---- holds ----
@@ -245,7 +292,7 @@ pub enum HoldsCmd {
     },
 }
 
-pub fn holds(a: HoldsArgs, socket: &Path) -> CmdResult {
+pub fn holds(a: HoldsArgs, socket: &ApiSocket) -> CmdResult {
     let (id, approve, note, json_out) = match a.cmd {
         None => {
             let h = call(socket, Method::GET, "/v1/holds", None)?;
@@ -258,15 +305,7 @@ pub fn holds(a: HoldsArgs, socket: &Path) -> CmdResult {
                 println!("no pending holds");
             }
             for h in list {
-                println!(
-                    "{}  {}  {} {}  {}  expires {}",
-                    h["id"].as_str().unwrap_or_default(),
-                    h["passport_id"].as_str().unwrap_or_default(),
-                    h["request"]["action"].as_str().unwrap_or_default(),
-                    h["request"]["host"].as_str().unwrap_or_default(),
-                    dollars(&h["request"]["cost_cents"]),
-                    h["expires_at"].as_str().unwrap_or_default(),
-                );
+                println!("{}", hold_line(&h));
             }
             return Ok(ExitCode::SUCCESS);
         }
@@ -288,9 +327,106 @@ pub fn holds(a: HoldsArgs, socket: &Path) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--socket` if given, else `$SLUICE_SOCKET`, else the default.
-pub fn socket_path(flag: Option<&Path>) -> PathBuf {
-    flag.map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("SLUICE_SOCKET").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("/run/sluice/sluice.sock"))
+/// Where a client command reaches the daemon: `--socket`, else `$SLUICE_SOCKET`, else `[api] socket`
+/// of the configuration file, else the built-in default. Resolved only when a command first
+/// talks to the daemon, so commands that never do (`issuer init`, `passport issue`) never read the
+/// configuration.
+#[derive(Debug)]
+pub struct ApiSocket {
+    flag: Option<PathBuf>,
+    env: Option<PathBuf>,
+    config: PathBuf,
+    /// `--config` was given: a file that cannot be read is an error, not a fallback.
+    config_explicit: bool,
+    resolved: std::sync::OnceLock<PathBuf>,
+}
+
+impl ApiSocket {
+    pub fn new(flag: Option<PathBuf>, env: Option<PathBuf>, config: PathBuf, config_explicit: bool) -> ApiSocket {
+        ApiSocket { flag, env, config, config_explicit, resolved: std::sync::OnceLock::new() }
+    }
+
+    /// The socket path, reading the configuration if neither the flag nor the variable names one.
+    pub fn path(&self) -> anyhow::Result<&Path> {
+        if let Some(p) = self.resolved.get() {
+            return Ok(p);
+        }
+        let p = self.resolve()?;
+        Ok(self.resolved.get_or_init(|| p))
+    }
+
+    fn resolve(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = self.flag.as_ref().or(self.env.as_ref()) {
+            return Ok(p.clone());
+        }
+        match crate::config::Config::load(&self.config) {
+            Ok(config) => Ok(config.api.socket),
+            // No configuration at the default place: the daemon runs with built-in defaults too.
+            Err(crate::config::ConfigError::Read { source, .. })
+                if !self.config_explicit && source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(PathBuf::from(crate::config::DEFAULT_SOCKET))
+            }
+            Err(e) => Err(anyhow::anyhow!(
+                "{e}; the daemon's socket is read from [api] socket of this file: fix it, name another with \
+                 --config FILE, or name the socket with --socket PATH (or $SLUICE_SOCKET)"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn state_shows_spend_with_its_fraction() {
+        let s = json!({
+            "passport_id": "pp_x", "daily_cost_cents": 1, "daily_cost_millicents": 42,
+            "daily_cost_limit_cents": 500, "daily_requests": 7, "daily_request_limit": null,
+            "window": "monthly", "window_cost_cents": 1001, "window_cost_millicents": 1_000_050,
+            "window_cost_limit_cents": null, "window_resets_at": "2026-06-01T00:00:00Z", "revoked": false,
+        });
+        let text = state_text(&s);
+        assert!(text.contains("today           $0.00042 of $5.00\n"), "{text}");
+        assert!(text.contains("monthly window  $10.0005 of no limit\n"), "{text}");
+        assert!(text.contains("requests today  7\n"), "{text}");
+        // A daemon from before millicents: whole cents only.
+        let old = json!({"passport_id": "pp_x", "daily_cost_cents": 250, "daily_cost_limit_cents": null});
+        assert!(state_text(&old).contains("today           $2.50 of no limit"), "{}", state_text(&old));
+    }
+
+    #[test]
+    fn holds_show_the_exact_cost() {
+        let h = json!({
+            "id": "hold_1", "passport_id": "pp_x", "expires_at": "2026-06-01T00:00:00Z",
+            "request": {"action": "llm:chat", "host": "api.example", "cost_cents": 1, "cost_millicents": 5},
+        });
+        assert_eq!(hold_line(&h), "hold_1  pp_x  llm:chat api.example  $0.00005  expires 2026-06-01T00:00:00Z");
+    }
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        enforce: EnforceArgs,
+    }
+
+    #[test]
+    fn cost_cents_takes_up_to_three_decimals_exactly() {
+        let parse = |c: &str| {
+            Cli::try_parse_from(["sluice", "--passport-id", "pp_x", "--action", "llm:chat", "--cost-cents", c])
+                .map(|cli| cli.enforce.cost_millicents)
+        };
+        assert_eq!(parse("250").ok(), Some(250_000));
+        assert_eq!(parse("0.005").ok(), Some(5));
+        assert_eq!(parse("7.5").ok(), Some(7_500));
+        let e = parse("0.0001").unwrap_err().to_string();
+        assert!(e.contains("0.001 cent"), "{e}");
+        assert!(parse("-1").is_err());
+        assert!(parse("9007199254740.992").is_err());
+        assert_eq!(parse("9007199254740.991").ok(), Some(crate::money::MAX_MILLICENTS));
+        let default = Cli::try_parse_from(["sluice", "--passport-id", "pp_x", "--action", "a"]).expect("parses");
+        assert_eq!(default.enforce.cost_millicents, 0);
+    }
 }

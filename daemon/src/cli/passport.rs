@@ -1,5 +1,6 @@
 //! `sluice passport issue | inspect | verify`.
 
+use super::ops::ApiSocket;
 use super::util::{parse_duration, print_json, read_token, rfc3339};
 use super::CmdResult;
 use crate::keyfile;
@@ -103,7 +104,7 @@ pub struct VerifyArgs {
     json: bool,
 }
 
-pub fn run(cmd: PassportCmd, socket: &Path) -> CmdResult {
+pub fn run(cmd: PassportCmd, socket: &ApiSocket) -> CmdResult {
     match cmd {
         PassportCmd::Issue(a) => issue(a),
         PassportCmd::Inspect(a) => inspect(a),
@@ -149,7 +150,7 @@ fn issue(a: IssueArgs) -> CmdResult {
         &issuer_key,
     )?;
     keyfile::write_signing_key(&key_out, &issued.agent_key)?;
-    if let Err(e) = keyfile::create_new(&a.out, format!("{}\n", issued.token).as_bytes(), 0o600) {
+    if let Err(e) = crate::files::create_new(&a.out, format!("{}\n", issued.token).as_bytes(), 0o600) {
         let _ = std::fs::remove_file(&key_out);
         return Err(e.into());
     }
@@ -169,7 +170,7 @@ fn issue(a: IssueArgs) -> CmdResult {
 fn build_constraints(flags: &[String], file: Option<&Path>) -> anyhow::Result<Constraints> {
     let mut map = Map::new();
     if let Some(path) = file {
-        let text = keyfile::read_public(path, 1 << 20)?;
+        let text = crate::files::read_text(path, 1 << 20, crate::files::Links::Follow)?;
         let parsed = passport::json::parse_object(text.as_bytes())
             .with_context(|| format!("{}: expected a JSON object of constraints", path.display()))?;
         map = parsed;

@@ -192,7 +192,7 @@ mod tests {
         let errs = PolicySet::from_texts(&bad).unwrap_err();
         assert_eq!(
             errs[0].to_string(),
-            "/p/a.toml:8:14: route[0].cost_cents: must be a whole number of cents from 0 to 10000000000000"
+            "/p/a.toml:8:14: route[0].cost_cents: must be from 0 to 9007199254740.991 cents, whole or with up to three decimals: \"-1\" is negative; amounts are never below 0"
         );
         let j = errors_json(Path::new("/p"), &errs);
         assert_eq!((j["ok"].as_bool(), j["errors"][0]["line"].as_u64()), (Some(false), Some(8)));

@@ -11,6 +11,7 @@
 //!    exits the daemon kills anything left in the sandbox and removes it.
 
 use super::ops::call;
+use super::ops::ApiSocket;
 use super::CmdResult;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -49,7 +50,7 @@ pub struct RunArgs {
     cmd: Vec<String>,
 }
 
-pub fn run(a: RunArgs, socket: &Path) -> CmdResult {
+pub fn run(a: RunArgs, socket: &ApiSocket) -> CmdResult {
     let token = super::util::read_token(&a.passport)?;
     // L3: prove possession of the agent key, at registration and again for the sandbox.
     let pop = super::ops::proof_of_possession(&token, a.key.as_deref(), &a.passport, socket)?;

@@ -12,6 +12,7 @@
 //! the unit's cgroup); it accepts that from root only, and for nothing else.
 
 use super::ops::call;
+use super::ops::ApiSocket;
 use super::util::print_json;
 use super::CmdResult;
 use anyhow::Context;
@@ -58,7 +59,7 @@ pub struct UnbindArgs {
     json: bool,
 }
 
-pub fn run(cmd: SandboxCmd, socket: &Path) -> CmdResult {
+pub fn run(cmd: SandboxCmd, socket: &ApiSocket) -> CmdResult {
     match cmd {
         SandboxCmd::List { json } => {
             let v = call(socket, Method::GET, "/v1/sandboxes", None)?;

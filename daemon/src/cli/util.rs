@@ -27,7 +27,7 @@ pub fn rfc3339(t: i64) -> String {
 /// Reads a passport file: the compact token, surrounding whitespace ignored.
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
     let max = crate::passport::jws::MAX_TOKEN_LEN as u64 + 64;
-    let text = crate::keyfile::read_public(path, max)?;
+    let text = crate::files::read_text(path, max, crate::files::Links::Follow)?;
     Ok(text.trim().to_string())
 }
 

@@ -18,11 +18,14 @@
 //! | `request.host` | string | normalised host name (lowercase, no trailing dot); `""` when none |
 //! | `request.path` | string | HTTP path and query as sent; `""` when unknown |
 //! | `action` | string | the action, e.g. `web:fetch`, `llm:chat` |
-//! | `cost_cents` | int | the request's cost in cents |
-//! | `usage.spent_cents` | int | cents spent in the passport's cumulative window |
+//! | `cost_cents` | int | the request's cost in cents, rounded up |
+//! | `cost_millicents` | int | the request's cost in millicents (exact) |
+//! | `usage.spent_cents` | int | cents spent in the passport's cumulative window, rounded up |
+//! | `usage.spent_millicents` | int | the same in millicents (exact) |
 //! | `usage.window` | string | that window: `daily`, `weekly` or `monthly` |
 //! | `usage.window_requests` | int | allowed requests in that window |
-//! | `usage.daily_spent_cents` | int | cents spent today (UTC) |
+//! | `usage.daily_spent_cents` | int | cents spent today (UTC), rounded up |
+//! | `usage.daily_spent_millicents` | int | the same in millicents (exact) |
 //! | `usage.daily_requests` | int | allowed requests today (UTC) |
 //! | `passport.id` | string | the passport id (`jti`) |
 //! | `passport.agent_id` | string | the agent id (`sub`) |
@@ -33,6 +36,8 @@
 //!
 //! Integers are CEL `int` (signed 64-bit), so `cost_cents > 500` works without `u` suffixes;
 //! amounts above `i64::MAX` (impossible under the passport limits) would read as `i64::MAX`.
+//! The `*_cents` figures round a fraction of a cent up, so a guard such as `cost_cents > 100`
+//! catches a cost of 100.5 cents; compare the `*_millicents` figures to be exact.
 //! The functions are CEL's standard library (`size`, `contains`, `startsWith`, `endsWith`,
 //! `matches`, timestamps and durations, the `all`/`exists`/`map`/`filter` macros).
 //!
@@ -47,6 +52,7 @@
 
 use super::usage::WindowCounter;
 use super::ActionRequest;
+use crate::money::cents_up;
 use crate::passport::constraints::{CelRule, RuleDecision};
 use crate::passport::{Passport, SpendWindow};
 use cel::common::ast::{EntryExpr, Expr};
@@ -291,14 +297,17 @@ impl RuleInput<'_> {
             ]),
         );
         ctx.add_variable_from_value("action", Value::from(r.action.clone()));
-        ctx.add_variable_from_value("cost_cents", int(r.cost_cents));
+        ctx.add_variable_from_value("cost_cents", int(cents_up(r.cost_millicents)));
+        ctx.add_variable_from_value("cost_millicents", int(r.cost_millicents));
         ctx.add_variable_from_value(
             "usage",
             map(vec![
-                ("spent_cents", int(self.spend.spent_cents)),
+                ("spent_cents", int(cents_up(self.spend.spent_millicents))),
+                ("spent_millicents", int(self.spend.spent_millicents)),
                 ("window", Value::from(self.window.as_str())),
                 ("window_requests", int(self.spend.requests)),
-                ("daily_spent_cents", int(self.daily.spent_cents)),
+                ("daily_spent_cents", int(cents_up(self.daily.spent_millicents))),
+                ("daily_spent_millicents", int(self.daily.spent_millicents)),
                 ("daily_requests", int(self.daily.requests)),
             ]),
         );

@@ -4,16 +4,17 @@
 //! the figures and what would help. It is also written to the attestation log, so anything echoed
 //! from a request or a passport is cut to a bounded length here.
 
-use crate::passport::{Cents, SpendWindow};
+use crate::passport::SpendWindow;
 
 /// Longest echo of a request or passport string (an action, a host, an expression) in a detail.
 pub const MAX_ECHO_CHARS: usize = 200;
 /// Most list items (permissions, allowlist entries) named in one detail.
 pub const MAX_LIST_ITEMS: usize = 10;
 
-/// `$1234.05`: integer cents as dollars, never through a float.
-pub fn money(cents: u64) -> String {
-    Cents(cents).to_string()
+/// `$1234.05`, `$0.00042`: integer millicents as dollars with the fraction they have, never
+/// rounded and never through a float (see [`crate::money::dollars`]).
+pub fn money(millicents: u64) -> String {
+    crate::money::dollars(millicents)
 }
 
 /// `Daily`, `Weekly`, `Monthly`: the window as the first word of a sentence.
@@ -61,10 +62,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn money_is_dollars_and_cents() {
+    fn money_is_dollars_with_the_fraction() {
         assert_eq!(money(0), "$0.00");
-        assert_eq!(money(9950), "$99.50");
-        assert_eq!(money(u64::MAX), "$184467440737095516.15");
+        assert_eq!(money(9_950_000), "$99.50");
+        assert_eq!(money(42), "$0.00042");
+        assert_eq!(money(u64::MAX), "$184467440737095.51615");
     }
 
     #[test]

@@ -7,8 +7,9 @@ use super::usage::{self, SpendCounter, Usage, UsageError, WindowCounter};
 use super::{
     guardrail, reason, ActionRequest, CompiledPassport, Decision, EvalOptions, Evaluation, Guardrail, HostVerdict,
 };
+use crate::money::MAX_MILLICENTS;
 use crate::passport::constraints::RuleDecision;
-use crate::passport::constraints::MAX_CENTS;
+use crate::passport::Cents;
 use crate::passport::{PassportError, SpendWindow, DEFAULT_SKEW_SECS};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -51,8 +52,8 @@ impl Run {
             rule_index: None,
             spend_window: self.window,
             spend_window_start: self.spend.start,
-            spend_after_cents: self.spend.spent_cents,
-            spend_delta_cents: 0,
+            spend_after_millicents: self.spend.spent_millicents,
+            spend_delta_millicents: 0,
         }
     }
 
@@ -201,24 +202,24 @@ pub fn evaluate(
     }
 
     // 9. Per-action cost.
-    let cost = req.cost_cents;
+    let cost = req.cost_millicents;
     match c.max_per_action {
         None => run.pass(guardrail::MAX_PER_ACTION, "no per-action limit".to_string()),
-        Some(max) if cost > max.0 => {
+        Some(max) if cost > milli(max) => {
             let detail = format!("Per-action limit of {max} exceeded. Requested: {}", money(cost));
             return run.block(reason::PER_ACTION_LIMIT_EXCEEDED, guardrail::MAX_PER_ACTION, detail);
         }
         Some(max) => run.pass(guardrail::MAX_PER_ACTION, format!("{} within {max}", money(cost))),
     }
 
-    // 10. Cumulative cost in the passport's window; checked arithmetic, an overflow is a refusal.
+    // 10. Cumulative cost in the passport's window; checked arithmetic: a sum past the largest
+    // amount sluice counts (so past any amount a record can hold exactly) is a refusal.
     let title = window_title(window);
-    let (Some(spend_after), Some(daily_after)) =
-        (spend.spent_cents.checked_add(cost), daily.spent_cents.checked_add(cost))
-    else {
+    let count = |counter: &WindowCounter| counter.spent_millicents.checked_add(cost).filter(|s| *s <= MAX_MILLICENTS);
+    let (Some(spend_after), Some(daily_after)) = (count(&spend), count(&daily)) else {
         let detail = format!(
             "{title} spend counter cannot count more. Current: {}, Requested: {}",
-            money(spend.spent_cents),
+            money(spend.spent_millicents),
             money(cost)
         );
         return run.block(reason::SPEND_LIMIT_EXCEEDED, guardrail::MAX_CUMULATIVE, detail);
@@ -228,10 +229,10 @@ pub fn evaluate(
             guardrail::MAX_CUMULATIVE,
             format!("no cumulative limit; {title} spend would be {}", money(spend_after)),
         ),
-        Some(max) if spend_after > max.0 => {
+        Some(max) if spend_after > milli(max) => {
             let detail = format!(
                 "{title} spend limit of {max} would be exceeded. Current: {}, Requested: {}",
-                money(spend.spent_cents),
+                money(spend.spent_millicents),
                 money(cost)
             );
             return run.block(reason::SPEND_LIMIT_EXCEEDED, guardrail::MAX_CUMULATIVE, detail);
@@ -311,8 +312,8 @@ pub fn evaluate(
     }
     match c.approval_threshold {
         None => run.pass(guardrail::APPROVAL_THRESHOLD, "no approval threshold".to_string()),
-        Some(th) if cost > th.0 && opts.skip_approval => run.pass(guardrail::APPROVAL_THRESHOLD, approved),
-        Some(th) if cost > th.0 => {
+        Some(th) if cost > milli(th) && opts.skip_approval => run.pass(guardrail::APPROVAL_THRESHOLD, approved),
+        Some(th) if cost > milli(th) => {
             let detail = format!(
                 "Cost {} is above the approval threshold of {th} of passport {}. An operator must approve it (`sluice holds approve`).",
                 money(cost),
@@ -333,7 +334,7 @@ pub fn evaluate(
     let detail = format!("All guardrails passed. {title} spend after this request: {} ({limit}).", money(spend_after));
     let bump = |w: WindowCounter, after: u64| WindowCounter {
         start: w.start,
-        spent_cents: after,
+        spent_millicents: after,
         requests: w.requests.saturating_add(1),
     };
     let usage_after = Usage {
@@ -351,9 +352,15 @@ pub fn evaluate(
         rule_index: None,
         spend_window: window,
         spend_window_start: spend.start,
-        spend_after_cents: spend_after,
-        spend_delta_cents: cost,
+        spend_after_millicents: spend_after,
+        spend_delta_millicents: cost,
     }
+}
+
+/// A passport limit (whole cents) in millicents. Passport amounts are at most `MAX_CENTS`, so
+/// this is exact; saturating keeps a hand-built out-of-range limit from wrapping to a small one.
+fn milli(limit: Cents) -> u64 {
+    crate::money::from_cents_saturating(limit.0)
 }
 
 fn ts_or(secs: i64) -> String {
@@ -373,10 +380,11 @@ fn check_request(req: &ActionRequest) -> Result<(), String> {
             echo(a)
         ));
     }
-    if req.cost_cents > MAX_CENTS {
+    if req.cost_millicents > MAX_MILLICENTS {
         return Err(format!(
-            "Cost of {} cents is more than the largest amount sluice accepts ({MAX_CENTS} cents).",
-            req.cost_cents
+            "Cost of {} is more than the largest amount sluice accepts ({}).",
+            money(req.cost_millicents),
+            money(MAX_MILLICENTS)
         ));
     }
     if let Some(m) = &req.method {
@@ -410,6 +418,10 @@ pub struct RateView {
 
 /// `GET /v1/passports/{id}/state`: spend and request figures as of `now`.
 ///
+/// Spend is given twice: exactly in `*_cost_millicents`, and in whole cents in `*_cost_cents`,
+/// rounded **up** (a spend of $0.00042 shows as 1 cent, never 0: rounding may not hide money).
+/// Limits are whole cents, as the passport names them.
+///
 /// `daily_*` figures are for the current UTC day whatever the passport's window;
 /// `daily_cost_limit_cents` is `core:cost:max_cumulative` only when that window is daily.
 /// `daily_request_limit` is `core:rate:max_per_day`, which is enforced as a rolling 24-hour rate
@@ -417,7 +429,10 @@ pub struct RateView {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StateView {
     pub passport_id: String,
+    /// Rounded up to a whole cent.
     pub daily_cost_cents: u64,
+    /// Exact.
+    pub daily_cost_millicents: u64,
     pub daily_cost_limit_cents: Option<u64>,
     pub daily_requests: u64,
     pub daily_request_limit: Option<u64>,
@@ -425,7 +440,10 @@ pub struct StateView {
     /// The passport's cumulative window: `daily`, `weekly` or `monthly`.
     pub window: &'static str,
     pub window_start: DateTime<Utc>,
+    /// Rounded up to a whole cent.
     pub window_cost_cents: u64,
+    /// Exact.
+    pub window_cost_millicents: u64,
     pub window_cost_limit_cents: Option<u64>,
     pub window_requests: u64,
     pub window_resets_at: DateTime<Utc>,
@@ -459,14 +477,16 @@ pub fn state_view(p: &CompiledPassport, usage: &Usage, now: DateTime<Utc>) -> Re
         .collect();
     Ok(StateView {
         passport_id: p.id().to_string(),
-        daily_cost_cents: daily.spent_cents,
+        daily_cost_cents: crate::money::cents_up(daily.spent_millicents),
+        daily_cost_millicents: daily.spent_millicents,
         daily_cost_limit_cents: if window == SpendWindow::Daily { c.max_cumulative.map(|m| m.0) } else { None },
         daily_requests: daily.requests,
         daily_request_limit: c.rate_per_day,
         daily_resets_at: usage::window_end(SpendWindow::Daily, daily.start),
         window: window.as_str(),
         window_start: spend.start,
-        window_cost_cents: spend.spent_cents,
+        window_cost_cents: crate::money::cents_up(spend.spent_millicents),
+        window_cost_millicents: spend.spent_millicents,
         window_cost_limit_cents: c.max_cumulative.map(|m| m.0),
         window_requests: spend.requests,
         window_resets_at: usage::window_end(window, spend.start),
@@ -528,7 +548,7 @@ pub fn reset(p: &CompiledPassport, usage: &Usage, what: ResetWindow, now: DateTi
     let mut out = usage.rolled(window, now);
     let zero = |w: Option<WindowCounter>, kind: SpendWindow| {
         let start = usage::roll(w, kind, now).start;
-        Some(WindowCounter { start, spent_cents: 0, requests: 0 })
+        Some(WindowCounter { start, spent_millicents: 0, requests: 0 })
     };
     let zero_spend = |out: &mut Usage| {
         out.spend = zero(out.spend.map(|s| s.counter), window).map(|counter| SpendCounter { window, counter })

@@ -24,6 +24,10 @@
 //! | 12 | `approval_required` — `core:approval:required` | request_hold `approval_required` |
 //! | 13 | `approval_threshold` — cost > `core:cost:approval_threshold` | request_hold `approval_threshold_exceeded` |
 //!
+//! Money is integer millicents (see [`crate::money`]): the request's cost, the counters and the
+//! spend figures; passport limits (whole cents) are compared × 1000, exactly. Details print
+//! dollars with the fraction (`$0.00042`).
+//!
 //! All passed: allow, reason `allowed`. A limit the passport does not set is a passing entry whose
 //! detail says so, so the list has the same shape for every passport.
 //!
@@ -119,8 +123,8 @@ pub mod guardrail {
 pub struct ActionRequest {
     /// The action, e.g. `web:fetch` or `llm:chat`: segments of `a-z 0-9 _ . -` joined by `:`.
     pub action: String,
-    /// What the request costs, in cents (0 when the host policy prices nothing).
-    pub cost_cents: u64,
+    /// What the request costs, in millicents (0 when the host policy prices nothing).
+    pub cost_millicents: u64,
     /// The normalised host, when the request goes to one.
     pub host: Option<DomainName>,
     /// The HTTP method, when known.
@@ -221,11 +225,11 @@ pub struct Evaluation {
     /// Index in `core:cel:rules` of the rule that decided, if one did (matched or failed).
     pub rule_index: Option<usize>,
     /// The passport's cumulative window, its start, the spend in it after this decision, and
-    /// what this decision added (0 unless allowed): for the attestation record.
+    /// what this decision added (0 unless allowed), in millicents: for the attestation record.
     pub spend_window: crate::passport::SpendWindow,
     pub spend_window_start: DateTime<Utc>,
-    pub spend_after_cents: u64,
-    pub spend_delta_cents: u64,
+    pub spend_after_millicents: u64,
+    pub spend_delta_millicents: u64,
 }
 
 impl Evaluation {
@@ -259,8 +263,8 @@ impl Evaluation {
             rule_index: None,
             spend_window: window,
             spend_window_start: usage::window_start(window, now),
-            spend_after_cents: 0,
-            spend_delta_cents: 0,
+            spend_after_millicents: 0,
+            spend_delta_millicents: 0,
         }
     }
 }

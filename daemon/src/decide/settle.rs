@@ -13,12 +13,13 @@
 //! ([`Settled::spend`] is `None`, [`Settled::daily_applied`] is `false`); the record notes it.
 //!
 //! # Bounds
-//! A refund never takes a counter below zero (an operator reset between decision and settlement
-//! already cleared the estimate); an extra charge saturates at [`MAX_CENTS`]. The delta actually
-//! applied is reported so the record's `spend_delta_cents` adds up exactly.
+//! Amounts are millicents. A refund never takes a counter below zero (an operator reset between
+//! decision and settlement already cleared the estimate); an extra charge saturates at
+//! [`MAX_MILLICENTS`]. The delta actually applied is reported so the record's
+//! `spend_delta_millicents` adds up exactly.
 
 use super::usage::{window_start, Usage, WindowCounter};
-use crate::passport::constraints::MAX_CENTS;
+use crate::money::MAX_MILLICENTS;
 use crate::passport::SpendWindow;
 use chrono::{DateTime, Utc};
 
@@ -26,9 +27,10 @@ use chrono::{DateTime, Utc};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SettledSpend {
     pub window_start: DateTime<Utc>,
-    /// The change actually applied (the requested delta, clamped at 0 and [`MAX_CENTS`]).
-    pub delta_cents: i64,
-    pub after_cents: u64,
+    /// The change actually applied, in millicents (the requested delta, clamped at 0 and
+    /// [`MAX_MILLICENTS`]).
+    pub delta_millicents: i64,
+    pub after_millicents: u64,
 }
 
 /// The outcome of [`settle`].
@@ -43,7 +45,7 @@ pub struct Settled {
     pub daily_applied: bool,
 }
 
-/// Applies a settlement delta (`actual − estimate`, cents, either sign) to `usage` for a decision
+/// Applies a settlement delta (`actual − estimate`, millicents, either sign) to `usage` for a decision
 /// taken at `decided_at` under a passport whose cumulative window is `window`. Pure; see the module
 /// doc for windows and bounds. Request counts are not changed (the request was counted when
 /// decided).
@@ -62,8 +64,8 @@ pub fn settle(
             s.counter = counter;
             spend = Some(SettledSpend {
                 window_start: counter.start,
-                delta_cents: applied,
-                after_cents: counter.spent_cents,
+                delta_millicents: applied,
+                after_millicents: counter.spent_millicents,
             });
         }
     }
@@ -77,12 +79,13 @@ pub fn settle(
     Settled { usage: out, spend, daily_applied }
 }
 
-/// `counter + delta`, clamped to `0..=MAX_CENTS`; returns the new counter and the delta applied.
+/// `counter + delta`, clamped to `0..=MAX_MILLICENTS` (or the stored count if already above);
+/// returns the new counter and the delta applied.
 fn apply(mut counter: WindowCounter, delta: i64) -> (WindowCounter, i64) {
-    let before = counter.spent_cents;
-    let after = i128::from(before).saturating_add(i128::from(delta)).clamp(0, i128::from(MAX_CENTS.max(before)));
+    let before = counter.spent_millicents;
+    let after = i128::from(before).saturating_add(i128::from(delta)).clamp(0, i128::from(MAX_MILLICENTS.max(before)));
     let after = u64::try_from(after).unwrap_or(before);
-    counter.spent_cents = after;
+    counter.spent_millicents = after;
     let applied = i64::try_from(i128::from(after) - i128::from(before)).unwrap_or(0);
     (counter, applied)
 }
@@ -96,15 +99,15 @@ mod tests {
         Utc.with_ymd_and_hms(2026, 5, d, h, 0, 0).unwrap()
     }
 
-    /// Usage after one allowed estimate of `spent` cents on 2026-05-06 (a Wednesday).
+    /// Usage after one allowed estimate of `spent` millicents on 2026-05-06 (a Wednesday).
     fn spent(window: SpendWindow, spent: u64) -> Usage {
         let mut u = Usage::default().rolled(window, at(6, 10));
         if let Some(d) = u.daily.as_mut() {
-            d.spent_cents = spent;
+            d.spent_millicents = spent;
             d.requests = 1;
         }
         if let Some(s) = u.spend.as_mut() {
-            s.counter.spent_cents = spent;
+            s.counter.spent_millicents = spent;
             s.counter.requests = 1;
         }
         u
@@ -113,27 +116,28 @@ mod tests {
     #[test]
     fn an_over_estimate_is_refunded_in_both_counters() {
         let s = settle(&spent(SpendWindow::Weekly, 500), SpendWindow::Weekly, at(6, 10), -320, at(6, 11));
-        assert_eq!(s.spend.map(|s| (s.delta_cents, s.after_cents)), Some((-320, 180)));
+        assert_eq!(s.spend.map(|s| (s.delta_millicents, s.after_millicents)), Some((-320, 180)));
         assert!(s.daily_applied);
-        assert_eq!(s.usage.daily.map(|d| (d.spent_cents, d.requests)), Some((180, 1)));
-        assert_eq!(s.usage.spend.map(|s| (s.counter.spent_cents, s.counter.requests)), Some((180, 1)));
+        assert_eq!(s.usage.daily.map(|d| (d.spent_millicents, d.requests)), Some((180, 1)));
+        assert_eq!(s.usage.spend.map(|s| (s.counter.spent_millicents, s.counter.requests)), Some((180, 1)));
     }
 
     #[test]
     fn an_under_estimate_is_charged_extra_even_over_the_limit() {
         // Settlement never blocks: the counter goes where the real cost takes it.
         let s = settle(&spent(SpendWindow::Daily, 500), SpendWindow::Daily, at(6, 10), 9_000, at(6, 11));
-        assert_eq!(s.spend.map(|s| (s.delta_cents, s.after_cents)), Some((9_000, 9_500)));
-        assert_eq!(s.usage.daily.map(|d| d.spent_cents), Some(9_500));
+        assert_eq!(s.spend.map(|s| (s.delta_millicents, s.after_millicents)), Some((9_000, 9_500)));
+        assert_eq!(s.usage.daily.map(|d| d.spent_millicents), Some(9_500));
     }
 
     #[test]
     fn a_refund_never_goes_below_zero_and_reports_what_it_applied() {
         // An operator reset cleared the estimate before settlement.
         let s = settle(&spent(SpendWindow::Daily, 100), SpendWindow::Daily, at(6, 10), -300, at(6, 11));
-        assert_eq!(s.spend.map(|s| (s.delta_cents, s.after_cents)), Some((-100, 0)));
-        let s = settle(&spent(SpendWindow::Daily, MAX_CENTS - 5), SpendWindow::Daily, at(6, 10), i64::MAX, at(6, 11));
-        assert_eq!(s.spend.map(|s| (s.delta_cents, s.after_cents)), Some((5, MAX_CENTS)));
+        assert_eq!(s.spend.map(|s| (s.delta_millicents, s.after_millicents)), Some((-100, 0)));
+        let s =
+            settle(&spent(SpendWindow::Daily, MAX_MILLICENTS - 5), SpendWindow::Daily, at(6, 10), i64::MAX, at(6, 11));
+        assert_eq!(s.spend.map(|s| (s.delta_millicents, s.after_millicents)), Some((5, MAX_MILLICENTS)));
     }
 
     #[test]
@@ -143,12 +147,23 @@ mod tests {
         let s = settle(&u, SpendWindow::Daily, at(6, 10), -200, at(7, 0));
         assert_eq!(s.spend, None);
         assert!(!s.daily_applied);
-        assert_eq!(s.usage.daily.map(|d| (d.start, d.spent_cents)), Some((at(7, 0), 0)));
+        assert_eq!(s.usage.daily.map(|d| (d.start, d.spent_millicents)), Some((at(7, 0), 0)));
         // A weekly passport: the day rolled but the week did not (Thursday).
         let s = settle(&spent(SpendWindow::Weekly, 500), SpendWindow::Weekly, at(6, 10), -200, at(7, 1));
-        assert_eq!(s.spend.map(|s| s.after_cents), Some(300));
+        assert_eq!(s.spend.map(|s| s.after_millicents), Some(300));
         assert!(!s.daily_applied);
-        assert_eq!(s.usage.daily.map(|d| d.spent_cents), Some(0));
+        assert_eq!(s.usage.daily.map(|d| d.spent_millicents), Some(0));
+    }
+
+    #[test]
+    fn fractions_of_a_cent_settle_exactly() {
+        // An estimate of 21 millicents ($0.00021); the response reports 8 ($0.00008): refund 13.
+        let s = settle(&spent(SpendWindow::Daily, 21), SpendWindow::Daily, at(6, 10), -13, at(6, 11));
+        assert_eq!(s.spend.map(|s| (s.delta_millicents, s.after_millicents)), Some((-13, 8)));
+        assert_eq!(s.usage.daily.map(|d| d.spent_millicents), Some(8));
+        // Then 1 millicent more than estimated.
+        let s = settle(&s.usage, SpendWindow::Daily, at(6, 10), 1, at(6, 12));
+        assert_eq!(s.spend.map(|s| (s.delta_millicents, s.after_millicents)), Some((1, 9)));
     }
 
     #[test]
@@ -156,6 +171,6 @@ mod tests {
         let u = spent(SpendWindow::Monthly, 42);
         let s = settle(&u, SpendWindow::Monthly, at(6, 10), 0, at(6, 12));
         assert_eq!(s.usage, u);
-        assert_eq!(s.spend.map(|s| (s.delta_cents, s.after_cents)), Some((0, 42)));
+        assert_eq!(s.spend.map(|s| (s.delta_millicents, s.after_millicents)), Some((0, 42)));
     }
 }

@@ -46,10 +46,16 @@ fn passport(constraints: Value) -> CompiledPassport {
     passport_with(&["web:*", "llm:*"], constraints)
 }
 
-fn req(action: &str, cost: u64) -> ActionRequest {
+/// A request costing `cents` whole cents.
+fn req(action: &str, cents: u64) -> ActionRequest {
+    req_mc(action, cents.saturating_mul(1000))
+}
+
+/// A request costing `millicents`.
+fn req_mc(action: &str, millicents: u64) -> ActionRequest {
     ActionRequest {
         action: action.to_string(),
-        cost_cents: cost,
+        cost_millicents: millicents,
         host: Some(DomainName::parse("api.example.com").unwrap()),
         method: Some("POST".to_string()),
         path: Some("/v1/chat".to_string()),
@@ -60,15 +66,20 @@ fn eval(p: &CompiledPassport, u: &Usage, r: &ActionRequest, now: DateTime<Utc>) 
     evaluate(p, u, r, &HostVerdict::Allow, now, EvalOptions::default())
 }
 
-/// Usage with `cents` already spent today (daily window) at `now`.
+/// Usage with `cents` whole cents already spent today (daily window) at `now`.
 fn spent(window: SpendWindow, cents: u64, now: DateTime<Utc>) -> Usage {
+    spent_mc(window, cents * 1000, now)
+}
+
+/// Usage with `millicents` already spent today (daily window) at `now`.
+fn spent_mc(window: SpendWindow, millicents: u64, now: DateTime<Utc>) -> Usage {
     let mut u = Usage::default().rolled(window, now);
     if let Some(s) = u.spend.as_mut() {
-        s.counter.spent_cents = cents;
+        s.counter.spent_millicents = millicents;
         s.counter.requests = 1;
     }
     if let Some(d) = u.daily.as_mut() {
-        d.spent_cents = cents;
+        d.spent_millicents = millicents;
         d.requests = 1;
     }
     u
@@ -89,7 +100,7 @@ fn assert_refused(e: &Evaluation, u: &Usage, decision: Decision, reason: &str, d
     assert_eq!(names(e), guardrail::ORDER[..e.guardrails.len()].to_vec());
     assert!(!e.all_passed());
     assert!(e.usage_to_persist().is_none());
-    assert_eq!(e.spend_delta_cents, 0);
+    assert_eq!(e.spend_delta_millicents, 0);
     let window = e.spend_window;
     assert_eq!(e.usage_after, u.rolled(window, t0()), "a refused request changed the counters");
 }
@@ -131,11 +142,14 @@ fn allow_lists_every_guardrail_in_order_and_counts_the_request() {
             "$2.50 within $4.00",
         ]
     );
-    assert_eq!((e.spend_after_cents, e.spend_delta_cents, e.spend_window_start), (400, 250, at(2026, 5, 1, 0, 0, 0)));
+    assert_eq!(
+        (e.spend_after_millicents, e.spend_delta_millicents, e.spend_window_start),
+        (400_000, 250_000, at(2026, 5, 1, 0, 0, 0))
+    );
     let after = e.usage_to_persist().unwrap();
-    assert_eq!(after.daily.unwrap().spent_cents, 400);
+    assert_eq!(after.daily.unwrap().spent_millicents, 400_000);
     assert_eq!(after.daily.unwrap().requests, 2);
-    assert_eq!(after.spend.unwrap().counter.spent_cents, 400);
+    assert_eq!(after.spend.unwrap().counter.spent_millicents, 400_000);
     assert!(after.rate.per_minute.is_some() && after.rate.per_hour.is_some() && after.rate.per_day.is_some());
 }
 
@@ -175,7 +189,11 @@ fn malformed_requests_are_refused_first() {
         cases.push((req(action, 0), "is not valid: use 1 to 128 characters"));
     }
     cases.push((req(&"a".repeat(129), 0), "is not valid"));
-    cases.push((req("llm:chat", u64::MAX), "Cost of 18446744073709551615 cents is more than the largest amount"));
+    cases.push((
+        req_mc("llm:chat", u64::MAX),
+        "Cost of $184467440737095.51615 is more than the largest amount sluice accepts ($90071992547.40991)",
+    ));
+    cases.push((req_mc("llm:chat", crate::money::MAX_MILLICENTS + 1), "Cost of $90071992547.40992 is more"));
     cases.push((ActionRequest { method: Some("GE T".into()), ..req("llm:chat", 0) }, "not a valid method token"));
     cases.push((ActionRequest { method: Some(String::new()), ..req("llm:chat", 0) }, "not a valid method token"));
     cases.push((ActionRequest { path: Some("/a\r\nHost: x".into()), ..req("llm:chat", 0) }, "control characters"));
@@ -371,11 +389,11 @@ fn cumulative_limit_detail_matches_the_brief() {
         "spend_limit_exceeded",
         "Daily spend limit of $100.00 would be exceeded. Current: $99.50, Requested: $5.00",
     );
-    assert_eq!(e.spend_after_cents, 9950);
-    // Exactly reaching the limit is allowed; one cent more is not.
+    assert_eq!(e.spend_after_millicents, 9_950_000);
+    // Exactly reaching the limit is allowed; one millicent more is not.
     let e = eval(&p, &u, &req("llm:chat", 50), t0());
-    assert_eq!((e.decision, e.spend_after_cents), (Decision::Allow, 10000));
-    assert_eq!(eval(&p, &e.usage_after, &req("llm:chat", 1), t0()).reason, "spend_limit_exceeded");
+    assert_eq!((e.decision, e.spend_after_millicents), (Decision::Allow, 10_000_000));
+    assert_eq!(eval(&p, &e.usage_after, &req_mc("llm:chat", 1), t0()).reason, "spend_limit_exceeded");
     // A zero-cost request at the limit is still allowed.
     assert_eq!(eval(&p, &e.usage_after, &req("llm:chat", 0), t0()).decision, Decision::Allow);
 }
@@ -443,7 +461,7 @@ fn approving_a_hold_rechecks_every_limit_but_not_the_approval() {
     let e = evaluate(&p, &u, &req("llm:chat", 2000), &HostVerdict::Allow, later, approve.clone());
     assert_eq!(e.decision, Decision::Allow);
     assert_eq!(e.guardrails.last().unwrap().detail, "approved by an operator");
-    assert_eq!(e.usage_to_persist().unwrap().daily.unwrap().spent_cents, 3000);
+    assert_eq!(e.usage_to_persist().unwrap().daily.unwrap().spent_millicents, 3_000_000);
 
     // While the request waited, other requests spent the budget: the approval does not bypass it.
     let meanwhile = spent(SpendWindow::Daily, 4000, t0());
@@ -513,10 +531,13 @@ fn cel_rules_see_the_documented_context() {
         "request.path == '/v1/chat'",
         "action == 'llm:chat'",
         "cost_cents == 250",
+        "cost_millicents == 250000",
         "usage.spent_cents == 1000",
+        "usage.spent_millicents == 1000000",
         "usage.window == 'weekly'",
         "usage.window_requests == 1",
         "usage.daily_spent_cents == 1000",
+        "usage.daily_spent_millicents == 1000000",
         "usage.daily_requests == 1",
         &format!("passport.id == '{PID}'"),
         "passport.agent_id == 'agent-1'",
@@ -540,8 +561,49 @@ fn cel_rules_see_the_documented_context() {
     let p = rules(
         json!([{"expr": "request.method == '' && request.host == '' && request.path == ''", "decision": "block", "reason": "empty"}]),
     );
-    let bare = ActionRequest { action: "llm:chat".into(), cost_cents: 0, host: None, method: None, path: None };
+    let bare = ActionRequest { action: "llm:chat".into(), cost_millicents: 0, host: None, method: None, path: None };
     assert_eq!(eval(&p, &Usage::default(), &bare, t0()).reason, "empty");
+}
+
+#[test]
+fn cel_cents_round_fractions_up_and_millicents_are_exact() {
+    // 42 millicents spent, a request of 5: in cents both round up to 1, so a guard written in
+    // cents still catches a fraction above its line.
+    let expr = "cost_cents == 1 && cost_millicents == 5 && usage.spent_cents == 1 && usage.spent_millicents == 42 \
+                && usage.daily_spent_cents == 1 && usage.daily_spent_millicents == 42";
+    let p = rules(json!([{"expr": expr, "decision": "block", "reason": "exact"}]));
+    let u = spent_mc(SpendWindow::Daily, 42, t0());
+    assert_eq!(eval(&p, &u, &req_mc("llm:chat", 5), t0()).reason, "exact");
+    // `cost_cents > 100` holds for 100.001 cents, and not for exactly 100.
+    let p = rules(json!([{"expr": "cost_cents > 100", "decision": "block", "reason": "over_a_dollar"}]));
+    assert_eq!(eval(&p, &Usage::default(), &req_mc("llm:chat", 100_001), t0()).reason, "over_a_dollar");
+    assert_eq!(eval(&p, &Usage::default(), &req_mc("llm:chat", 100_000), t0()).decision, Decision::Allow);
+}
+
+#[test]
+fn details_show_fractions_of_a_cent() {
+    let p = passport(
+        json!({"core:cost:max_cumulative": 1, "core:cost:max_per_action": 1, "core:cost:approval_threshold": 0}),
+    );
+    let u = spent_mc(SpendWindow::Daily, 999, t0());
+    let e = eval(&p, &u, &req_mc("llm:chat", 2), t0());
+    assert_refused(
+        &e,
+        &u,
+        Decision::Block,
+        "spend_limit_exceeded",
+        "Daily spend limit of $0.01 would be exceeded. Current: $0.00999, Requested: $0.00002",
+    );
+    let e = eval(&p, &u, &req_mc("llm:chat", 1_001), t0());
+    assert_eq!(e.detail, "Per-action limit of $0.01 exceeded. Requested: $0.01001");
+    let e = eval(&p, &u, &req_mc("llm:chat", 1), t0());
+    assert_eq!(e.reason, "approval_threshold_exceeded");
+    assert!(e.detail.starts_with("Cost $0.00001 is above the approval threshold of $0.00"), "{}", e.detail);
+    let approve = EvalOptions { skip_approval: true, ..Default::default() };
+    let e = evaluate(&p, &u, &req_mc("llm:chat", 1), &HostVerdict::Allow, t0(), approve);
+    assert_eq!(e.decision, Decision::Allow);
+    assert_eq!(e.detail, "All guardrails passed. Daily spend after this request: $0.01 (limit $0.01).");
+    assert_eq!((e.spend_after_millicents, e.spend_delta_millicents), (1_000, 1));
 }
 
 #[test]
@@ -671,7 +733,8 @@ fn compiled_passports_can_be_shared_between_threads() {
 // ---------------------------------------------------------------------------------------------
 // Windows and clocks
 
-/// Spends `cost` at each time in turn, returning the window spend after each allowed request.
+/// Spends `cost` cents at each time in turn, returning the window spend after each allowed
+/// request, in cents (every amount here is whole cents).
 fn spend_series(p: &CompiledPassport, times: &[DateTime<Utc>], cost: u64) -> Vec<(Decision, u64)> {
     let mut u = Usage::default();
     times
@@ -681,7 +744,7 @@ fn spend_series(p: &CompiledPassport, times: &[DateTime<Utc>], cost: u64) -> Vec
             if e.decision == Decision::Allow {
                 u = e.usage_after.clone();
             }
-            (e.decision, e.spend_after_cents)
+            (e.decision, e.spend_after_millicents / 1000)
         })
         .collect()
 }
@@ -737,7 +800,7 @@ fn a_clock_stepping_back_never_unspends() {
     // The clock jumps back to the previous day: yesterday's window is not reopened empty.
     let back = at(2026, 5, 1, 10, 0, 0);
     let e2 = eval(&p, &e.usage_after, &req("llm:chat", 200), back);
-    assert_eq!((e2.reason.as_str(), e2.spend_after_cents), ("spend_limit_exceeded", 900));
+    assert_eq!((e2.reason.as_str(), e2.spend_after_millicents), ("spend_limit_exceeded", 900_000));
     assert_eq!(e2.spend_window_start, at(2026, 5, 2, 0, 0, 0));
 }
 
@@ -746,30 +809,43 @@ fn a_clock_stepping_back_never_unspends() {
 
 #[test]
 fn counters_near_overflow_refuse_instead_of_wrapping() {
+    use crate::money::MAX_MILLICENTS;
     let p = passport(json!({}));
     let mut u = Usage::default().rolled(SpendWindow::Daily, t0());
-    u.daily = Some(WindowCounter { start: at(2026, 5, 1, 0, 0, 0), spent_cents: u64::MAX - 5, requests: u64::MAX });
-    u.spend = Some(SpendCounter { window: SpendWindow::Daily, counter: u.daily.unwrap() });
-    let e = eval(&p, &u, &req("llm:chat", 10), t0());
+    let near =
+        WindowCounter { start: at(2026, 5, 1, 0, 0, 0), spent_millicents: MAX_MILLICENTS - 5, requests: u64::MAX };
+    u.daily = Some(near);
+    u.spend = Some(SpendCounter { window: SpendWindow::Daily, counter: near });
+    let e = eval(&p, &u, &req_mc("llm:chat", 10), t0());
     assert_refused(
         &e,
         &u,
         Decision::Block,
         "spend_limit_exceeded",
-        "Daily spend counter cannot count more. Current: $184467440737095516.10, Requested: $0.10",
+        "Daily spend counter cannot count more. Current: $90071992547.40986, Requested: $0.0001",
     );
-    // The request counter saturates rather than wraps.
-    let e = eval(&p, &u, &req("llm:chat", 5), t0());
+    // Up to the bound exactly; the request counter saturates rather than wraps.
+    let e = eval(&p, &u, &req_mc("llm:chat", 5), t0());
     assert_eq!(e.decision, Decision::Allow);
     assert_eq!(e.usage_after.daily.unwrap().requests, u64::MAX);
-    assert_eq!(e.spend_after_cents, u64::MAX);
+    assert_eq!(e.spend_after_millicents, MAX_MILLICENTS);
+    // A counter past the bound (only a hand-built one can be: stored usage is refused) or at
+    // u64::MAX refuses too, never wraps.
+    u.daily = Some(WindowCounter { spent_millicents: u64::MAX, ..near });
+    u.spend = Some(SpendCounter {
+        window: SpendWindow::Daily,
+        counter: WindowCounter { spent_millicents: u64::MAX, ..near },
+    });
+    assert_eq!(eval(&p, &u, &req_mc("llm:chat", 1), t0()).reason, "spend_limit_exceeded");
+    assert_eq!(eval(&p, &u, &req_mc("llm:chat", 0), t0()).reason, "spend_limit_exceeded");
 
-    // The largest cost a passport can name against the largest limit.
+    // The largest cost sluice counts against the largest limit a passport can name.
     let max = crate::passport::constraints::MAX_CENTS;
     let p = passport(json!({"core:cost:max_cumulative": max, "core:cost:max_per_action": max}));
-    let e = eval(&p, &Usage::default(), &req("llm:chat", max), t0());
+    let e = eval(&p, &Usage::default(), &req_mc("llm:chat", MAX_MILLICENTS), t0());
     assert_eq!(e.decision, Decision::Allow);
-    assert_eq!(eval(&p, &e.usage_after, &req("llm:chat", max), t0()).reason, "spend_limit_exceeded");
+    assert_eq!(eval(&p, &e.usage_after, &req_mc("llm:chat", 1), t0()).reason, "spend_limit_exceeded");
+    assert_eq!(eval(&p, &Usage::default(), &req("llm:chat", max), t0()).reason, "invalid_request");
     assert_eq!(eval(&p, &e.usage_after, &req("llm:chat", u64::MAX), t0()).reason, "invalid_request");
 }
 
@@ -814,11 +890,12 @@ fn state_view_shows_daily_and_window_figures() {
         json,
         json!({
             "passport_id": PID,
-            "daily_cost_cents": 600, "daily_cost_limit_cents": null,
+            "daily_cost_cents": 600, "daily_cost_millicents": 600_000, "daily_cost_limit_cents": null,
             "daily_requests": 2, "daily_request_limit": 100,
             "daily_resets_at": "2026-05-02T00:00:00Z",
             "window": "weekly", "window_start": "2026-04-27T00:00:00Z",
-            "window_cost_cents": 900, "window_cost_limit_cents": 5000, "window_requests": 3,
+            "window_cost_cents": 900, "window_cost_millicents": 900_000, "window_cost_limit_cents": 5000,
+            "window_requests": 3,
             "window_resets_at": "2026-05-04T00:00:00Z",
             "max_per_action_cents": 700, "approval_threshold_cents": null,
             "rate_limits": [
@@ -842,10 +919,10 @@ fn reset_clears_what_it_names_and_refuses_what_the_passport_has_not() {
         u = eval(&p, &u, &req("llm:chat", 300), now).usage_after;
     }
     let daily = reset(&p, &u, ResetWindow::Daily, t0()).unwrap();
-    assert_eq!((daily.daily.unwrap().spent_cents, daily.spend.unwrap().counter.spent_cents), (0, 600));
+    assert_eq!((daily.daily.unwrap().spent_millicents, daily.spend.unwrap().counter.spent_millicents), (0, 600_000));
     assert_eq!(daily.rate, u.rate);
     let weekly = reset(&p, &u, ResetWindow::Weekly, t0()).unwrap();
-    assert_eq!((weekly.daily.unwrap().spent_cents, weekly.spend.unwrap().counter.spent_cents), (300, 0));
+    assert_eq!((weekly.daily.unwrap().spent_millicents, weekly.spend.unwrap().counter.spent_millicents), (300_000, 0));
     assert_eq!(weekly.spend.unwrap().counter.start, at(2026, 4, 27, 0, 0, 0));
     let err = reset(&p, &u, ResetWindow::Monthly, t0()).unwrap_err();
     assert_eq!(
@@ -878,32 +955,93 @@ mod properties {
     proptest! {
         #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
-        /// Whatever the costs and however the clock moves (forwards across windows, or backwards),
-        /// the allowed costs counted in any one window never exceed `max_cumulative`, and the
-        /// reported spend is exactly their sum.
+        /// Whatever the costs (whole cents or fractions of one) and however the clock moves
+        /// (forwards across windows, or backwards), the allowed costs counted in any one window
+        /// never exceed `max_cumulative`, and the reported spend is exactly their sum.
         #[test]
         fn allowed_spend_in_a_window_never_exceeds_the_limit(
             limit in 0u64..5_000,
             window in prop_oneof![Just("daily"), Just("weekly"), Just("monthly")],
-            steps in proptest::collection::vec((0u64..3_000, -100_000i64..200_000), 1..60),
+            steps in proptest::collection::vec(
+                (prop_oneof![0u64..3_000_000, 0u64..50], -100_000i64..200_000),
+                1..60,
+            ),
         ) {
             let p = passport(json!({"core:cost:max_cumulative": limit, "core:cost:cumulative_window": window}));
+            let limit = limit * 1000;
             let mut u = Usage::default();
             let mut now = t0();
             let mut per_window: HashMap<DateTime<Utc>, u64> = HashMap::new();
             for (cost, step) in steps {
                 now += chrono::TimeDelta::seconds(step);
-                let e = eval(&p, &u, &req("llm:chat", cost), now);
+                let e = eval(&p, &u, &req_mc("llm:chat", cost), now);
                 if e.decision == Decision::Allow {
                     let sum = per_window.entry(e.spend_window_start).or_default();
                     *sum += cost;
                     prop_assert!(*sum <= limit, "window {} spent {} > {}", e.spend_window_start, sum, limit);
-                    prop_assert_eq!(e.spend_after_cents, *sum);
+                    prop_assert_eq!(e.spend_after_millicents, *sum);
                     u = e.usage_after;
                 } else {
                     prop_assert_eq!(e.reason.as_str(), "spend_limit_exceeded");
-                    prop_assert!(e.spend_after_cents + cost > limit);
+                    prop_assert!(e.spend_after_millicents + cost > limit);
                 }
+            }
+        }
+
+        /// Sums never overflow or panic, whatever is stored and whatever is asked: counting is
+        /// checked (an allowed request adds exactly its cost; a sum that would not fit is refused,
+        /// never wrapped or clamped), the request counter saturates, the state view and a
+        /// settlement of any delta stay in range, and usage round-trips through its stored form.
+        #[test]
+        fn sums_never_overflow_or_panic(
+            spent in prop_oneof![any::<u64>(), (u64::MAX - 1_000_000)..=u64::MAX, 0u64..1_000_000],
+            requests in any::<u64>(),
+            cost in prop_oneof![any::<u64>(), 0u64..=crate::money::MAX_MILLICENTS, 0u64..100],
+            limit in prop_oneof![Just(None), (0u64..=crate::passport::constraints::MAX_CENTS).prop_map(Some)],
+            delta in any::<i64>(),
+        ) {
+            let p = match limit {
+                Some(l) => passport(json!({"core:cost:max_cumulative": l})),
+                None => passport(json!({})),
+            };
+            let mut u = Usage::default().rolled(SpendWindow::Daily, t0());
+            u.daily = Some(WindowCounter { start: at(2026, 5, 1, 0, 0, 0), spent_millicents: spent, requests });
+            u.spend = Some(SpendCounter { window: SpendWindow::Daily, counter: u.daily.unwrap() });
+            let e = eval(&p, &u, &req_mc("llm:chat", cost), t0());
+            let fits = spent.checked_add(cost).filter(|s| *s <= crate::money::MAX_MILLICENTS);
+            match e.decision {
+                Decision::Allow => {
+                    prop_assert_eq!(Some(e.spend_after_millicents), fits);
+                    prop_assert_eq!(e.spend_delta_millicents, cost);
+                    prop_assert!(cost <= crate::money::MAX_MILLICENTS);
+                    prop_assert!(limit.is_none_or(|l| e.spend_after_millicents <= l * 1000));
+                    prop_assert_eq!(e.usage_after.daily.unwrap().requests, requests.saturating_add(1));
+                }
+                _ => {
+                    prop_assert!(
+                        e.reason == "invalid_request" || e.reason == "spend_limit_exceeded",
+                        "{}: {}", e.reason, e.detail
+                    );
+                    prop_assert_eq!(e.spend_after_millicents, spent);
+                    prop_assert_eq!(e.spend_delta_millicents, 0);
+                }
+            }
+            let view = state_view(&p, &e.usage_after, t0()).unwrap();
+            prop_assert_eq!(view.daily_cost_cents, e.usage_after.daily.unwrap().spent_millicents.div_ceil(1000));
+            let settled = super::super::settle(&e.usage_after, SpendWindow::Daily, t0(), delta, t0());
+            let s = settled.spend.unwrap();
+            let before = i128::from(e.usage_after.daily.unwrap().spent_millicents);
+            prop_assert_eq!(i128::from(s.after_millicents), before + i128::from(s.delta_millicents));
+            // Stored usage reads back exactly, or (a hand-built count past the bound) not at all.
+            let back = Usage::from_bytes(&settled.usage.to_bytes());
+            let in_range = [settled.usage.daily, settled.usage.spend.map(|s| s.counter)]
+                .iter()
+                .flatten()
+                .all(|c| c.spent_millicents <= crate::money::MAX_MILLICENTS);
+            if in_range {
+                prop_assert_eq!(back, Ok(settled.usage.clone()));
+            } else {
+                prop_assert!(back.is_err());
             }
         }
     }

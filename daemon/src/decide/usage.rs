@@ -16,18 +16,29 @@
 //! a daily passport both count the same requests).
 //!
 //! # Format
-//! Versioned JSON (`"version": 1`), parsed strictly: unknown or duplicate fields, a wrong version,
-//! a window start that is not on a window boundary, or more than [`MAX_USAGE_BYTES`] bytes are a
+//! Versioned JSON, parsed strictly: unknown or duplicate fields, an unknown version, a window
+//! start that is not on a window boundary, or more than [`MAX_USAGE_BYTES`] bytes are a
 //! [`UsageError`]. A corrupt blob is never treated as "no usage": the caller blocks (fail closed;
 //! see [`super::Evaluation::usage_corrupt`]).
+//!
+//! - Version 2 (written): spend in whole millicents (`spent_millicents`), at most
+//!   [`MAX_MILLICENTS`].
+//! - Version 1 (read only): spend in whole cents (`spent_cents`), as written before sluice counted
+//!   fractions of a cent. It is migrated on read, exactly: × 1000, checked (a count past
+//!   [`MAX_MILLICENTS`] is corrupt, never clamped or reset), and written back as version 2 with
+//!   the next allowed decision. A restart or an upgrade therefore neither resets nor rounds a
+//!   budget.
 
 use super::rate::GcraState;
+use crate::money::MAX_MILLICENTS;
 use crate::passport::SpendWindow;
 use chrono::{DateTime, Datelike, Days, NaiveDate, NaiveTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// The only format version this code reads and writes.
-pub const USAGE_VERSION: u32 = 1;
+/// The format version this code writes (money in millicents).
+pub const USAGE_VERSION: u32 = 2;
+/// The previous version (money in whole cents), still read and migrated.
+pub const USAGE_VERSION_CENTS: u32 = 1;
 /// Usage blobs are a few hundred bytes; anything much larger is not one of ours.
 pub const MAX_USAGE_BYTES: usize = 4096;
 
@@ -38,7 +49,7 @@ pub enum UsageError {
     TooLarge { len: usize, max: usize },
     #[error("stored usage is not valid usage JSON: {0}")]
     Json(String),
-    #[error("stored usage has format version {found}; this sluice reads version {USAGE_VERSION} only")]
+    #[error("stored usage has format version {found}; this sluice reads versions {USAGE_VERSION_CENTS} and {USAGE_VERSION} only")]
     Version { found: u32 },
     #[error("stored usage is inconsistent: {0}")]
     Inconsistent(String),
@@ -57,8 +68,8 @@ impl UsageError {
 pub struct WindowCounter {
     /// Start of the window counted (00:00 UTC of its first day).
     pub start: DateTime<Utc>,
-    /// Cents spent by allowed requests in this window.
-    pub spent_cents: u64,
+    /// Millicents spent by allowed requests in this window (settlements included).
+    pub spent_millicents: u64,
     /// Allowed requests in this window.
     pub requests: u64,
 }
@@ -130,15 +141,25 @@ impl Usage {
             version: u32,
         }
         let v: Versioned = serde_json::from_slice(bytes).map_err(|e| UsageError::Json(e.to_string()))?;
-        if v.version != USAGE_VERSION {
-            return Err(UsageError::Version { found: v.version });
-        }
-        let usage: Usage = serde_json::from_slice(bytes).map_err(|e| UsageError::Json(e.to_string()))?;
+        let usage: Usage = match v.version {
+            USAGE_VERSION => serde_json::from_slice(bytes).map_err(|e| UsageError::Json(e.to_string()))?,
+            USAGE_VERSION_CENTS => {
+                serde_json::from_slice::<v1::Usage>(bytes).map_err(|e| UsageError::Json(e.to_string()))?.migrate()?
+            }
+            found => return Err(UsageError::Version { found }),
+        };
         usage.check()?;
         Ok(usage)
     }
 
     fn check(&self) -> Result<(), UsageError> {
+        let counters = [self.daily.as_ref(), self.spend.as_ref().map(|s| &s.counter)];
+        if let Some(c) = counters.into_iter().flatten().find(|c| c.spent_millicents > MAX_MILLICENTS) {
+            return Err(UsageError::Inconsistent(format!(
+                "a spend of {} millicents is more than sluice counts ({MAX_MILLICENTS})",
+                c.spent_millicents
+            )));
+        }
         if let Some(d) = &self.daily {
             if window_start(SpendWindow::Daily, d.start) != d.start {
                 return Err(UsageError::Inconsistent(format!("daily window start {} is not 00:00 UTC", d.start)));
@@ -208,7 +229,7 @@ pub fn roll(stored: Option<WindowCounter>, window: SpendWindow, now: DateTime<Ut
     let current = window_start(window, now);
     match stored {
         Some(c) if c.start >= current => c,
-        _ => WindowCounter { start: current, spent_cents: 0, requests: 0 },
+        _ => WindowCounter { start: current, spent_millicents: 0, requests: 0 },
     }
 }
 
@@ -242,6 +263,74 @@ pub fn window_end(window: SpendWindow, start: DateTime<Utc>) -> DateTime<Utc> {
         }
     };
     next.map_or(DateTime::<Utc>::MAX_UTC, |d| d.and_time(NaiveTime::MIN).and_utc())
+}
+
+/// Version 1: the same shape with spend in whole cents. Read only, to migrate.
+mod v1 {
+    use super::{RateState, UsageError};
+    use crate::money;
+    use crate::passport::SpendWindow;
+    use chrono::{DateTime, Utc};
+    use serde::Deserialize;
+
+    #[derive(Debug, Clone, Copy, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct WindowCounter {
+        start: DateTime<Utc>,
+        spent_cents: u64,
+        requests: u64,
+    }
+
+    #[derive(Debug, Clone, Copy, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct SpendCounter {
+        #[serde(with = "super::window_serde")]
+        window: SpendWindow,
+        counter: WindowCounter,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Usage {
+        #[allow(dead_code)] // checked before this parse
+        version: u32,
+        #[serde(deserialize_with = "super::present")]
+        daily: Option<WindowCounter>,
+        #[serde(deserialize_with = "super::present")]
+        spend: Option<SpendCounter>,
+        rate: RateState,
+    }
+
+    impl WindowCounter {
+        fn migrate(self, which: &str) -> Result<super::WindowCounter, UsageError> {
+            let spent_millicents =
+                money::from_cents(self.spent_cents).filter(|m| *m <= money::MAX_MILLICENTS).ok_or_else(|| {
+                    UsageError::Inconsistent(format!(
+                        "version 1 {which} spend of {} cents is too large to count in millicents",
+                        self.spent_cents
+                    ))
+                })?;
+            Ok(super::WindowCounter { start: self.start, spent_millicents, requests: self.requests })
+        }
+    }
+
+    impl Usage {
+        /// The same counters in version 2: cents × 1000, checked.
+        pub(super) fn migrate(self) -> Result<super::Usage, UsageError> {
+            Ok(super::Usage {
+                version: super::USAGE_VERSION,
+                daily: self.daily.map(|d| d.migrate("daily")).transpose()?,
+                spend: self
+                    .spend
+                    .map(|s| {
+                        let counter = s.counter.migrate(s.window.as_str())?;
+                        Ok::<_, UsageError>(super::SpendCounter { window: s.window, counter })
+                    })
+                    .transpose()?,
+                rate: self.rate,
+            })
+        }
+    }
 }
 
 mod window_serde {
@@ -296,10 +385,10 @@ mod tests {
 
     #[test]
     fn counters_roll_forward_but_never_back() {
-        let stored = WindowCounter { start: at(2026, 5, 1, 0, 0, 0), spent_cents: 500, requests: 3 };
+        let stored = WindowCounter { start: at(2026, 5, 1, 0, 0, 0), spent_millicents: 500, requests: 3 };
         assert_eq!(roll(Some(stored), SpendWindow::Daily, at(2026, 5, 1, 23, 59, 59)), stored);
         let next = roll(Some(stored), SpendWindow::Daily, at(2026, 5, 2, 0, 0, 0));
-        assert_eq!((next.start, next.spent_cents, next.requests), (at(2026, 5, 2, 0, 0, 0), 0, 0));
+        assert_eq!((next.start, next.spent_millicents, next.requests), (at(2026, 5, 2, 0, 0, 0), 0, 0));
         // The clock stepped back a day: the stored window and its spend stay.
         assert_eq!(roll(Some(stored), SpendWindow::Daily, at(2026, 4, 30, 12, 0, 0)), stored);
     }
@@ -307,7 +396,7 @@ mod tests {
     #[test]
     fn usage_round_trips_through_bytes() {
         let mut u = Usage::default().rolled(SpendWindow::Weekly, at(2026, 5, 3, 10, 0, 0));
-        u.daily = Some(WindowCounter { start: at(2026, 5, 3, 0, 0, 0), spent_cents: 12, requests: 1 });
+        u.daily = Some(WindowCounter { start: at(2026, 5, 3, 0, 0, 0), spent_millicents: 12, requests: 1 });
         u.rate.per_minute = Some(GcraState { limit: 7, tat: i128::from(i64::MAX) * 7 + 3 });
         assert_eq!(Usage::from_bytes(&u.to_bytes()).unwrap(), u);
     }
@@ -319,13 +408,25 @@ mod tests {
         let cases: Vec<(String, &str)> = vec![
             (String::new(), "not valid usage JSON"),
             ("{".to_string(), "not valid usage JSON"),
-            (good.replace("\"version\":1", "\"version\":2"), "format version 2"),
-            (good.replace("\"version\":1", "\"version\":1,\"extra\":0"), "unknown field"),
-            (good.replace("\"version\":1", "\"version\":1,\"version\":1"), "duplicate field"),
-            (good.replace("\"spent_cents\":0", "\"spent_cents\":-1"), "not valid usage JSON"),
+            (good.replace("\"version\":2", "\"version\":3"), "format version 3"),
+            (good.replace("\"version\":2", "\"version\":0"), "format version 0"),
+            (good.replace("\"version\":2", "\"version\":2,\"extra\":0"), "unknown field"),
+            (good.replace("\"version\":2", "\"version\":2,\"version\":2"), "duplicate field"),
+            (good.replace("\"spent_millicents\":0", "\"spent_millicents\":-1"), "not valid usage JSON"),
+            (
+                good.replacen("\"spent_millicents\":0", "\"spent_millicents\":9007199254740992", 1),
+                "more than sluice counts",
+            ),
+            // Version 2 with version 1's field name, and the reverse: never read as zero spend.
+            (good.replace("\"spent_millicents\":0", "\"spent_cents\":0"), "spent_cents"),
+            (good.replace("\"version\":2", "\"version\":1"), "spent_millicents"),
             (good.replace("T00:00:00Z", "T01:00:00Z"), "not 00:00 UTC"),
             (good.replace("\"window\":\"daily\"", "\"window\":\"hourly\""), "unknown window \"hourly\""),
             (" ".repeat(MAX_USAGE_BYTES + 1), "more than"),
+            (
+                "{\"version\":2,\"rate\":{\"per_minute\":null,\"per_hour\":null,\"per_day\":null}}".into(),
+                "missing field `daily`",
+            ),
             (
                 "{\"version\":1,\"rate\":{\"per_minute\":null,\"per_hour\":null,\"per_day\":null}}".into(),
                 "missing field `daily`",
@@ -337,6 +438,68 @@ mod tests {
             let e = Usage::from_bytes(bytes.as_bytes()).unwrap_err();
             assert!(e.to_string().contains(needle), "{bytes:?}: {e} should mention {needle:?}");
             assert_eq!(e.reason(), "usage_corrupt");
+        }
+    }
+
+    /// A blob exactly as version 1 wrote it (spend in cents), before sluice counted millicents.
+    const V1_BLOB: &str = concat!(
+        r#"{"version":1,"daily":{"start":"2026-05-03T00:00:00Z","spent_cents":9950,"requests":3},"#,
+        r#""spend":{"window":"monthly","counter":{"start":"2026-05-01T00:00:00Z","spent_cents":123456,"requests":40}},"#,
+        r#""rate":{"per_minute":{"limit":7,"tat":12345678901234567890},"per_hour":null,"per_day":null}}"#
+    );
+
+    #[test]
+    fn version_1_usage_is_migrated_exactly_to_millicents() {
+        let u = Usage::from_bytes(V1_BLOB.as_bytes()).expect("version 1 reads");
+        assert_eq!(u.version, USAGE_VERSION);
+        assert_eq!(
+            u.daily,
+            Some(WindowCounter { start: at(2026, 5, 3, 0, 0, 0), spent_millicents: 9_950_000, requests: 3 })
+        );
+        let s = u.spend.expect("spend counter");
+        assert_eq!(s.window, SpendWindow::Monthly);
+        assert_eq!(
+            s.counter,
+            WindowCounter { start: at(2026, 5, 1, 0, 0, 0), spent_millicents: 123_456_000, requests: 40 }
+        );
+        assert_eq!(u.rate.per_minute, Some(GcraState { limit: 7, tat: 12_345_678_901_234_567_890 }));
+        // Written back as version 2, it reads as the same counters.
+        let bytes = u.to_bytes();
+        assert!(String::from_utf8_lossy(&bytes).contains("\"version\":2"));
+        assert_eq!(Usage::from_bytes(&bytes).expect("version 2 reads"), u);
+        // A version 1 blob with no counters yet.
+        let empty =
+            r#"{"version":1,"daily":null,"spend":null,"rate":{"per_minute":null,"per_hour":null,"per_day":null}}"#;
+        assert_eq!(Usage::from_bytes(empty.as_bytes()), Ok(Usage::default()));
+    }
+
+    #[test]
+    fn version_1_usage_that_cannot_be_migrated_blocks_and_never_resets() {
+        // u64::MAX cents do not fit in millicents: corrupt (the caller blocks), not clamped or zeroed.
+        let huge = V1_BLOB.replace("\"spent_cents\":9950", &format!("\"spent_cents\":{}", u64::MAX));
+        let e = Usage::from_bytes(huge.as_bytes()).unwrap_err();
+        assert!(matches!(e, UsageError::Inconsistent(_)), "{e}");
+        assert!(e.to_string().contains("too large to count in millicents"), "{e}");
+        // So do cents that fit a u64 but not the largest amount sluice counts.
+        let past = V1_BLOB.replace("\"spent_cents\":9950", "\"spent_cents\":9007199254741");
+        let e = Usage::from_bytes(past.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("too large to count in millicents"), "{e}");
+        // The largest count that fits migrates exactly.
+        let fits = V1_BLOB.replace("\"spent_cents\":9950", "\"spent_cents\":9007199254740");
+        let u = Usage::from_bytes(fits.as_bytes()).expect("fits");
+        assert_eq!(u.daily.map(|d| d.spent_millicents), Some(9_007_199_254_740_000));
+        // Version 1's own strictness still applies.
+        for (bad, needle) in [
+            (V1_BLOB.replace("\"requests\":3", "\"requests\":3,\"x\":1"), "unknown field"),
+            (V1_BLOB.replace("\"daily\":{", "\"daily\":null,\"d\":{"), "unknown field"),
+            (
+                V1_BLOB.replace("T00:00:00Z\",\"spent_cents\":9950", "T05:00:00Z\",\"spent_cents\":9950"),
+                "not 00:00 UTC",
+            ),
+            (V1_BLOB.replace("\"spent_cents\":9950", "\"spent_cents\":9950.5"), "not valid usage JSON"),
+        ] {
+            let e = Usage::from_bytes(bad.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains(needle), "{bad}: {e} should mention {needle:?}");
         }
     }
 

@@ -12,7 +12,8 @@
 //!   the destination the agent dialed, its pid and cgroup id.
 //! * [`Cgroup`] creates sandboxes below the agents cgroup and moves processes
 //!   into them (a socket's cgroup is fixed at creation: join, then exec).
-//! * [`probe`] holds stand-ins for the proxy and resolver until they exist.
+//! * [`probe`] holds stand-ins for the proxy and resolver, for the kernel suites that test the
+//!   redirect without them.
 
 pub mod abi;
 pub mod cgroup;

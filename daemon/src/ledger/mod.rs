@@ -13,8 +13,10 @@
 //! **Does not touch** sockets, HTTP, the kernel, or the meaning of passports and counters: callers
 //! hand in drafts (JSON objects) and opaque state bytes. The only record fields it interprets are
 //! the ones it writes (`chain`, `log_index`, `seq`, `prev_hash`, `time`) and, in the verifier,
-//! the spend fields it recomputes (`spend_delta_cents`, `spend_window_start`,
-//! `spend_after_cents`, `kind: "counter_reset"`).
+//! the spend fields it recomputes (`spend_delta_millicents`, `spend_window_start`,
+//! `spend_after_millicents`, `kind: "counter_reset"`, and the whole-cent `spend_*_cents` of
+//! version 1 records, read × 1000). The field names are constants in [`record`], shared by the
+//! record builders and the verifier.
 //!
 //! **Invariants**
 //! - Append-only: records, Merkle nodes and checkpoints are only ever inserted at the end; no

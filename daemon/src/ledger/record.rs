@@ -27,10 +27,36 @@ pub const FIELD_PREV_HASH: &str = "prev_hash";
 pub const FIELD_TIME: &str = "time";
 pub const FIELD_KIND: &str = "kind";
 pub const FIELD_WINDOW: &str = "window";
-pub const FIELD_SPEND_DELTA: &str = "spend_delta_cents";
-pub const FIELD_SPEND_WINDOW_START: &str = "spend_window_start";
-pub const FIELD_SPEND_AFTER: &str = "spend_after_cents";
 pub const KIND_COUNTER_RESET: &str = "counter_reset";
+
+/// The record body's format version, written by the daemon's record builders.
+pub const FIELD_VERSION: &str = "v";
+/// The version written now: money fields are integer millicents (1/1000 cent), named
+/// `*_millicents`. Version 1 records (written before) carry whole cents in `*_cents` fields
+/// ([`v1`]); the verifier reads both, telling them apart by field name, and sums spend across
+/// the switch in millicents.
+pub const RECORD_VERSION: u64 = 2;
+
+/// The passport's cumulative window (`daily`, `weekly`, `monthly`) a record's spend counts in.
+pub const FIELD_SPEND_WINDOW: &str = "spend_window";
+pub const FIELD_SPEND_WINDOW_START: &str = "spend_window_start";
+/// What the record added to the window's spend (signed: a settlement may refund).
+pub const FIELD_SPEND_DELTA: &str = "spend_delta_millicents";
+/// The window's spend after the record.
+pub const FIELD_SPEND_AFTER: &str = "spend_after_millicents";
+/// A decision's request cost.
+pub const FIELD_COST: &str = "cost_millicents";
+/// A settlement's estimate (what the decision spent) and real cost (null when unknown).
+pub const FIELD_ESTIMATED: &str = "estimated_millicents";
+pub const FIELD_ACTUAL: &str = "actual_millicents";
+
+/// Field names of version 1 records, whose money is whole cents. Never written any more; read by
+/// the verifier (× 1000) and by settlement of a decision recorded before an upgrade.
+pub mod v1 {
+    pub const FIELD_SPEND_DELTA: &str = "spend_delta_cents";
+    pub const FIELD_SPEND_AFTER: &str = "spend_after_cents";
+    pub const FIELD_COST: &str = "cost_cents";
+}
 
 /// Fields only the writer may set.
 pub const RESERVED_FIELDS: [&str; 4] = [FIELD_CHAIN, FIELD_LOG_INDEX, FIELD_SEQ, FIELD_PREV_HASH];

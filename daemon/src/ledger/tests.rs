@@ -717,11 +717,12 @@ async fn tamper_spend_that_does_not_add_up_is_named() {
     let missing_index = appended[0].index;
     let bundle = full_export(&ledger).await;
     let report = verify::verify_export(&bundle, &vk(), None);
-    // pC spent 300+301+302+303+304 = 1510 in 2025-01-01 before.
+    // pC spent 300+301+302+303+304 = 1510 cents in 2025-01-01 before (version 1 records, whole
+    // cents: the verifier sums in millicents).
     assert!(
         has(
             &report,
-            |p| matches!(p, Problem::SpendMismatch { chain, index, expected: 2010, found: 10, window_start } if chain == "pC" && *index == bad_index && window_start == "2025-01-01")
+            |p| matches!(p, Problem::SpendMismatch { chain, index, field, expected: 2_010_000, found: 10_000, window_start } if chain == "pC" && *index == bad_index && window_start == "2025-01-01" && field == "spend_after_cents")
         ),
         "{}",
         problems(&report)
@@ -735,6 +736,166 @@ async fn tamper_spend_that_does_not_add_up_is_named() {
         problems(&report)
     );
     assert_eq!(report.problems.len(), 2, "{}", problems(&report));
+}
+
+// ------------------------------------------------------------------------------------------
+// Money: version 1 records (whole cents) and version 2 records (millicents)
+
+/// An export made by the daemon version that recorded whole cents (`"v": 1`): decisions, a held
+/// request and its approval, a counter reset.
+const V1_EXPORT: &str = include_str!("testdata/v1-export.json");
+const V1_HOST_PUB: &str = include_str!("testdata/v1-host.pub");
+
+#[test]
+fn an_export_written_in_cents_still_verifies() {
+    let host = crate::keyfile::parse_public_key(Path::new("testdata/v1-host.pub"), V1_HOST_PUB).expect("host key");
+    let report = verify::verify_document(V1_EXPORT, &host, None);
+    assert!(report.is_ok(), "{}", problems(&report));
+    assert_eq!((report.records_checked, report.chains_checked), (10, 2));
+
+    // Its spend is still recomputed: a cents field edited by one cent is named, in dollars.
+    let mut bundle: ExportBundle = serde_json::from_str(V1_EXPORT).expect("fixture");
+    edit_record(&mut bundle, 7, |r| {
+        r.insert("spend_after_cents".into(), 659.into());
+    });
+    let report = verify::verify_export(&bundle, &host, None);
+    let mismatch = report
+        .problems
+        .iter()
+        .find(|p| matches!(p, Problem::SpendMismatch { index: 7, expected: 658_000, found: 659_000, field, .. } if field == "spend_after_cents"))
+        .unwrap_or_else(|| panic!("{}", problems(&report)));
+    assert!(mismatch.to_string().contains("field spend_after_cents says $6.59, but the spend in window"), "{mismatch}");
+    assert!(mismatch.to_string().ends_with("adds up to $6.58"), "{mismatch}");
+}
+
+/// A record body with a version and spend fields.
+fn money_record(v: u64, fields: Value) -> Map<String, Value> {
+    let mut m = obj(fields);
+    m.insert("v".into(), v.into());
+    m.insert("kind".into(), m.get("kind").cloned().unwrap_or_else(|| "decision".into()));
+    m
+}
+
+async fn append(ledger: &Ledger, chain: &str, body: Map<String, Value>) -> u64 {
+    let chain = chain.to_string();
+    let (_, appended) = ledger.transact(move |_| Ok(((), vec![Draft::new(chain, body)]))).await.unwrap();
+    appended[0].index
+}
+
+/// One chain written partly in cents (version 1) and partly in millicents (version 2), in the
+/// same window and across a reset: the verifier sums it exactly, in millicents, across the switch.
+#[tokio::test]
+async fn spend_is_recomputed_across_the_switch_to_millicents() {
+    let store = TestStore::new();
+    let ledger = store.open();
+    let w = "2026-12-01T00:00:00.000000Z";
+    let v1 = |delta: i64, after: i64| {
+        money_record(1, json!({"spend_window_start": w, "spend_delta_cents": delta, "spend_after_cents": after}))
+    };
+    let v2 = |delta: i64, after: i64| {
+        money_record(
+            2,
+            json!({"spend_window_start": w, "spend_delta_millicents": delta, "spend_after_millicents": after}),
+        )
+    };
+    append(&ledger, "pM", v1(250, 250)).await;
+    append(&ledger, "pM", v1(1, 251)).await;
+    append(
+        &ledger,
+        "pM",
+        money_record(
+            1,
+            json!({"kind": "settlement", "spend_window_start": w, "spend_delta_cents": -4, "spend_after_cents": 247}),
+        ),
+    )
+    .await;
+    // The upgrade: 247 cents are 247,000 millicents.
+    append(&ledger, "pM", v2(5, 247_005)).await;
+    append(&ledger, "pM", money_record(2, json!({"kind": "settlement", "spend_window_start": w, "spend_delta_millicents": -3, "spend_after_millicents": 247_002}))).await;
+    append(&ledger, "pM", v2(0, 247_002)).await; // a block records the spend unchanged
+                                                 // A reset in the new format, then fractions from zero.
+    append(&ledger, "pM", money_record(2, json!({"kind": "counter_reset", "window": "monthly", "spend_window_start": w, "spend_delta_millicents": 0, "spend_after_millicents": 0}))).await;
+    append(&ledger, "pM", v2(42, 42)).await;
+    // A chain that never saw a cents record, and one reset in cents then continued in millicents.
+    append(&ledger, "pN", v2(1, 1)).await;
+    append(&ledger, "pO", v1(10, 10)).await;
+    append(&ledger, "pO", money_record(1, json!({"kind": "counter_reset", "window": "all", "spend_after_cents": 0})))
+        .await;
+    append(&ledger, "pO", v2(7, 7)).await;
+    let bundle = full_export(&ledger).await;
+    let report = verify::verify_export(&bundle, &vk(), None);
+    assert!(report.is_ok(), "{}", problems(&report));
+
+    // Lies and malformations after the switch, each named.
+    let bad_after = append(&ledger, "pM", v2(8, 51)).await; // 42 + 8 = 50
+    let both = append(&ledger, "pM", money_record(2, json!({"spend_window_start": w, "spend_delta_millicents": 1, "spend_delta_cents": 0, "spend_after_millicents": 52}))).await;
+    let cents_in_v2 = append(
+        &ledger,
+        "pN",
+        money_record(2, json!({"spend_window_start": w, "spend_delta_cents": 1, "spend_after_cents": 2})),
+    )
+    .await;
+    let not_int = append(
+        &ledger,
+        "pO",
+        money_record(2, json!({"spend_window_start": w, "spend_delta_millicents": "3", "spend_after_millicents": 10})),
+    )
+    .await;
+    let reset_not_zero = append(
+        &ledger,
+        "pO",
+        money_record(2, json!({"kind": "counter_reset", "window": "all", "spend_after_millicents": 5})),
+    )
+    .await;
+    let report = verify::verify_export(&full_export(&ledger).await, &vk(), None);
+    let named = |index: u64, field: &str| {
+        has(&report, |p| match p {
+            Problem::SpendMismatch { index: i, field: f, .. }
+            | Problem::SpendFieldInvalid { index: i, field: f, .. } => *i == index && f == field,
+            _ => false,
+        })
+    };
+    assert!(
+        has(
+            &report,
+            |p| matches!(p, Problem::SpendMismatch { index, expected: 50, found: 51, .. } if *index == bad_after)
+        ),
+        "{}",
+        problems(&report)
+    );
+    assert!(named(both, "spend_delta_millicents"), "{}", problems(&report));
+    assert!(
+        named(cents_in_v2, "spend_delta_cents") && named(cents_in_v2, "spend_after_cents"),
+        "{}",
+        problems(&report)
+    );
+    assert!(named(not_int, "spend_delta_millicents"), "{}", problems(&report));
+    assert!(named(reset_not_zero, "spend_after_millicents"), "{}", problems(&report));
+    assert_eq!(report.problems.len(), 6, "{}", problems(&report));
+    let text = problems(&report);
+    assert!(text.contains("field spend_after_millicents says $0.00051, but the spend in window"), "{text}");
+    assert!(
+        text.contains("a version 2 record names money in millicents (spend_delta_millicents), not cents"),
+        "{text}"
+    );
+    assert!(text.contains("the record also has spend_delta_cents"), "{text}");
+    assert!(text.contains("counter_reset must carry 0, found 5 millicents"), "{text}");
+
+    // The writer cannot record more than 2^53 - 1; a hand-edited export can. Such cents are named,
+    // and every figure in the report stays a 64-bit integer (`audit verify --json` prints it).
+    let mut bundle = full_export(&ledger).await;
+    let last = bundle.records.len() - 1;
+    let mut body: Map<String, Value> = serde_json::from_str(&bundle.records[last].record).unwrap();
+    body.remove("spend_delta_millicents");
+    body.remove("spend_after_millicents");
+    body.insert("v".into(), 1.into());
+    body.insert("spend_delta_cents".into(), i64::MAX.into());
+    body.insert("spend_after_cents".into(), i64::MAX.into());
+    bundle.records[last].record = Value::Object(body).to_string();
+    let report = verify::verify_export(&bundle, &vk(), None);
+    let text = problems(&report);
+    assert!(text.contains("9223372036854775807 cents is more than 64 bits of millicents"), "{text}");
+    assert!(serde_json::to_value(&report).is_ok(), "{text}");
 }
 
 fn copy_file(from: &Path, to: &Path) {

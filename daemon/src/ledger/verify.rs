@@ -11,8 +11,12 @@
 //!    records equals the checkpoint's; filtered export: each record's inclusion proof;
 //! 4. per chain: `seq` without gaps from 0 (or from the first exported record when a `since`
 //!    filter cut the start) and `prev_hash` equal to the previous record's leaf hash;
-//! 5. spend: `spend_after_cents` = previous spend in that window + `spend_delta_cents`, with
-//!    `counter_reset` records zeroing the chain's spend;
+//! 5. spend: `spend_after_millicents` = previous spend in that window +
+//!    `spend_delta_millicents`, with `counter_reset` records zeroing the chain's spend. Records of
+//!    format version 1 carry whole cents (`spend_after_cents`, `spend_delta_cents`); they are read
+//!    × 1000, so a log written partly before and partly after the switch to millicents sums
+//!    exactly across it. A record with both names for one amount, or (version 2 or later) a
+//!    cents name at all, is refused;
 //! 6. with an older checkpoint: it verifies, it is not larger than the export's (rollback), and
 //!    the log at its size has its root (rebuilt from the records of a full export, or through the
 //!    export's consistency proof).
@@ -34,9 +38,10 @@ use super::hex;
 use super::hostkey::origin_for;
 use super::merkle::{self, Hash, RootBuilder};
 use super::record::{
-    self, FIELD_CHAIN, FIELD_KIND, FIELD_LOG_INDEX, FIELD_PREV_HASH, FIELD_SEQ, FIELD_SPEND_AFTER, FIELD_SPEND_DELTA,
-    FIELD_SPEND_WINDOW_START, FIELD_WINDOW, KIND_COUNTER_RESET,
+    self, v1, FIELD_CHAIN, FIELD_KIND, FIELD_LOG_INDEX, FIELD_PREV_HASH, FIELD_SEQ, FIELD_SPEND_AFTER,
+    FIELD_SPEND_DELTA, FIELD_SPEND_WINDOW_START, FIELD_VERSION, FIELD_WINDOW, KIND_COUNTER_RESET,
 };
+use crate::money::signed_dollars;
 
 /// Bound on a document given to [`verify_document`].
 pub const MAX_DOCUMENT_BYTES: usize = 1 << 30;
@@ -73,8 +78,9 @@ pub enum Problem {
     BrokenLink { chain: String, index: u64, expected: Option<String>, found: Option<String> },
     /// A spend field is missing, of the wrong type, or out of range.
     SpendFieldInvalid { chain: String, index: u64, field: String, reason: String },
-    /// `spend_after_cents` is not the previous spend plus the delta.
-    SpendMismatch { chain: String, index: u64, window_start: String, expected: i64, found: i64 },
+    /// The spend after the record (`field`) is not the previous spend plus the delta. Amounts are
+    /// millicents, whichever unit the field has.
+    SpendMismatch { chain: String, index: u64, field: String, window_start: String, expected: i64, found: i64 },
     /// The older checkpoint does not verify.
     OlderCheckpointInvalid { reason: String },
     /// The older checkpoint covers more records than the export's: the log was rolled back.
@@ -149,9 +155,11 @@ impl fmt::Display for Problem {
             SpendFieldInvalid { chain, index, field, reason } => {
                 write!(f, "chain {chain}: record {index} field {field}: {reason}")
             }
-            SpendMismatch { chain, index, window_start, expected, found } => write!(
+            SpendMismatch { chain, index, field, window_start, expected, found } => write!(
                 f,
-                "chain {chain}: record {index} field spend_after_cents is {found}, but the spend in window {window_start} adds up to {expected}"
+                "chain {chain}: record {index} field {field} says {}, but the spend in window {window_start} adds up to {}",
+                signed_dollars(i128::from(*found)),
+                signed_dollars(i128::from(*expected))
             ),
             OlderCheckpointInvalid { reason } => write!(f, "older checkpoint: {reason}"),
             Rollback { older_size, checkpoint_size } => write!(
@@ -622,12 +630,9 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
         field: field.to_string(),
         reason,
     };
-    let int = |field: &str| -> Result<Option<i64>, Problem> {
-        match p.body.get(field) {
-            None => Ok(None),
-            Some(v) => v.as_i64().map(Some).ok_or_else(|| invalid(field, "not a 64-bit integer".into())),
-        }
-    };
+    // Records of version 2 and later name money in millicents only.
+    let version = p.body.get(FIELD_VERSION).and_then(Value::as_u64).unwrap_or(1);
+    let amount = |which: Amount| read_amount(&p.body, which, version).map_err(|(field, reason)| invalid(field, reason));
     if p.body.get(FIELD_KIND).and_then(Value::as_str) == Some(KIND_COUNTER_RESET) {
         match p.body.get(FIELD_WINDOW).and_then(Value::as_str) {
             Some("daily" | "weekly" | "monthly" | "all") => {}
@@ -635,10 +640,10 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
                 .problems
                 .push(invalid(FIELD_WINDOW, "counter_reset must name window daily|weekly|monthly|all".into())),
         }
-        match int(FIELD_SPEND_AFTER) {
-            Ok(Some(0)) => {}
-            Ok(Some(v)) => {
-                report.problems.push(invalid(FIELD_SPEND_AFTER, format!("counter_reset must carry 0, found {v}")))
+        match amount(AFTER) {
+            Ok(Some((0, _))) => {}
+            Ok(Some((v, field))) => {
+                report.problems.push(invalid(field, format!("counter_reset must carry 0, found {} millicents", v)))
             }
             Ok(None) => {
                 report.problems.push(invalid(FIELD_SPEND_AFTER, "counter_reset must carry 0, field missing".into()))
@@ -652,8 +657,8 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
         spend.reset_seen = true;
         return;
     }
-    let delta = int(FIELD_SPEND_DELTA);
-    let after = int(FIELD_SPEND_AFTER);
+    let delta = amount(DELTA);
+    let after = amount(AFTER);
     let window = p.body.get(FIELD_SPEND_WINDOW_START);
     let present = [
         delta.as_ref().is_ok_and(Option::is_some) || delta.is_err(),
@@ -664,7 +669,7 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
         return;
     }
     let mut ok = true;
-    let mut take = |r: Result<Option<i64>, Problem>, field: &str| -> Option<i64> {
+    let mut take = |r: Result<Option<(i64, &'static str)>, Problem>, field: &str| -> Option<(i64, &'static str)> {
         match r {
             Ok(Some(v)) => Some(v),
             Ok(None) => {
@@ -694,7 +699,8 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
             None
         }
     };
-    let (Some(delta), Some(after), Some(window), true) = (delta, after, window, ok) else {
+    let (Some((delta, delta_field)), Some((after, after_field)), Some(window), true) = (delta, after, window, ok)
+    else {
         return;
     };
     let baseline = match spend.windows.get(&window) {
@@ -708,20 +714,63 @@ fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut S
             Some(expected) => report.problems.push(Problem::SpendMismatch {
                 chain: chain.to_string(),
                 index,
+                field: after_field.to_string(),
                 window_start: window.clone(),
                 expected,
                 found: after,
             }),
-            None => report.problems.push(invalid(FIELD_SPEND_DELTA, format!("{prev} + {delta} overflows"))),
+            None => report.problems.push(invalid(delta_field, format!("{prev} + {delta} millicents overflows"))),
         }
     }
     // Continue from the recorded value so each broken step is named once.
     spend.windows.insert(window, after);
 }
 
+/// One money amount a record may carry, under its version 2 name (millicents) or its version 1
+/// name (whole cents).
+#[derive(Clone, Copy)]
+struct Amount {
+    millicents: &'static str,
+    cents: &'static str,
+}
+
+const DELTA: Amount = Amount { millicents: FIELD_SPEND_DELTA, cents: v1::FIELD_SPEND_DELTA };
+const AFTER: Amount = Amount { millicents: FIELD_SPEND_AFTER, cents: v1::FIELD_SPEND_AFTER };
+
+/// The amount in millicents and the field it came from; `Ok(None)` when the record has neither
+/// name. A cents value is × 1000, checked. Both names at once, a cents name in a record of version
+/// 2 or later, a value that is not a 64-bit integer, or cents whose millicents are not, is an
+/// error naming the field. (Sums are then checked `i64` too, so every figure a report carries is
+/// a 64-bit integer.)
+fn read_amount(
+    body: &Map<String, Value>,
+    which: Amount,
+    version: u64,
+) -> Result<Option<(i64, &'static str)>, (&'static str, String)> {
+    let int = |field: &'static str, v: &Value| v.as_i64().ok_or_else(|| (field, "not a 64-bit integer".to_string()));
+    match (body.get(which.millicents), body.get(which.cents)) {
+        (None, None) => Ok(None),
+        (Some(m), None) => Ok(Some((int(which.millicents, m)?, which.millicents))),
+        (None, Some(_)) if version >= record::RECORD_VERSION => Err((
+            which.cents,
+            format!("a version {version} record names money in millicents ({}), not cents", which.millicents),
+        )),
+        (None, Some(c)) => {
+            let cents = int(which.cents, c)?;
+            let millicents = cents
+                .checked_mul(1000)
+                .ok_or_else(|| (which.cents, format!("{cents} cents is more than 64 bits of millicents")))?;
+            Ok(Some((millicents, which.cents)))
+        }
+        (Some(_), Some(_)) => {
+            Err((which.millicents, format!("the record also has {}; an amount has one field", which.cents)))
+        }
+    }
+}
+
 /// A chain's running spend as the verifier recomputes it.
 struct Spend {
-    /// Cumulative spend per window start, as of the last record seen.
+    /// Cumulative spend in millicents per window start, as of the last record seen.
     windows: HashMap<String, i64>,
     /// The export holds the chain from seq 0, so an unseen window starts at 0.
     known_from_start: bool,

@@ -10,7 +10,8 @@ use super::{
     SEND_ACTION,
 };
 use crate::domain::DomainPattern;
-use crate::passport::constraints::{RuleDecision, MAX_CENTS};
+use crate::money;
+use crate::passport::constraints::RuleDecision;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Read;
@@ -33,7 +34,7 @@ const MAX_ACTION_LEN: usize = 128;
 const MAX_NAME_LEN: usize = 64;
 const MAX_TOKENS_LIMIT: i64 = 100_000_000;
 /// $100,000 per million tokens: far above any list price, far below overflow.
-const MAX_CENTS_PER_MTOK: i64 = 10_000_000;
+const MAX_CENTS_PER_MTOK: u64 = 10_000_000;
 const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 
 /// Reads the directory's policy files, sorted by name. Missing directory: no files.
@@ -410,7 +411,7 @@ impl Builder {
             self.invalid(src, r.action.span(), f("action"), e);
         }
         let cost = match (&r.cost_cents, &r.meter) {
-            (Some(c), None) => cents(self, src, c, &f("cost_cents")).map(Cost::Fixed),
+            (Some(c), None) => amount(self, src, c, &f("cost_cents"), CENTS).map(Cost::Fixed),
             (None, Some(meter)) => {
                 let m = meter.get_ref();
                 let kind = MeterKind::parse(m.kind.get_ref());
@@ -565,21 +566,7 @@ impl Builder {
 
     /// Cents per million tokens (integer or up to three decimals) → millicents per million.
     fn price(&mut self, src: &Source<'_>, n: &Spanned<Number>, field: String) -> Option<u64> {
-        let limit =
-            format!("must be from 0 to {MAX_CENTS_PER_MTOK} cents per million tokens, with at most three decimals");
-        let value = match *n.get_ref() {
-            Number::Int(i) if (0..=MAX_CENTS_PER_MTOK).contains(&i) => u64::try_from(i).ok().map(|i| i * 1000),
-            Number::Float(f) if f.is_finite() && (0.0..=MAX_CENTS_PER_MTOK as f64).contains(&f) => {
-                let milli = f * 1000.0;
-                let rounded = milli.round();
-                ((milli - rounded).abs() < 1e-6).then_some(rounded as u64)
-            }
-            _ => None,
-        };
-        if value.is_none() {
-            self.invalid(src, n.span(), field, limit);
-        }
-        value
+        amount(self, src, n, &field, (MAX_CENTS_PER_MTOK * money::PER_CENT, "cents per million tokens"))
     }
 
     fn host(&mut self, src: &Source<'_>, host: RawHost) {
@@ -609,9 +596,9 @@ impl Builder {
             }
         }
         if let Some(c) = host.ceilings.as_ref().and_then(|c| c.get_ref().max_per_action_cents.as_ref()) {
-            if let Some(max) = cents(self, src, c, "host.ceilings.max_per_action_cents") {
+            if let Some(max) = amount(self, src, c, "host.ceilings.max_per_action_cents", CENTS) {
                 let (line, _) = line_col(src.text, c.span().start);
-                self.ceilings.push(Ceiling { max_per_action_cents: max, file: src.path.to_path_buf(), line });
+                self.ceilings.push(Ceiling { max_per_action_millicents: max, file: src.path.to_path_buf(), line });
             }
         }
         if host.rule.len() > MAX_RULES {
@@ -693,8 +680,9 @@ impl Builder {
         if let Err(e) = check_action(r.action.get_ref()) {
             self.invalid(src, r.action.span(), f("action"), e);
         }
-        let cost = cents(self, src, &r.cost_cents, &f("cost_cents"));
-        let (Some(host), Some(port), Some(cost_cents), true) = (host, port, cost, self.errors.len() == before) else {
+        let cost = amount(self, src, &r.cost_cents, &f("cost_cents"), CENTS);
+        let (Some(host), Some(port), Some(cost_millicents), true) = (host, port, cost, self.errors.len() == before)
+        else {
             return;
         };
         let key = (host.to_string(), port);
@@ -708,19 +696,46 @@ impl Builder {
             host,
             port,
             action: Arc::from(r.action.get_ref().as_str()),
-            cost_cents,
+            cost_millicents,
             file: src.path.to_path_buf(),
             line: line_col(src.text, r.host.span().start).0,
         });
     }
 }
 
-/// A non-negative amount of cents no larger than a passport may name.
-fn cents(b: &mut Builder, src: &Source<'_>, c: &Spanned<i64>, field: &str) -> Option<u64> {
-    match u64::try_from(*c.get_ref()) {
-        Ok(v) if v <= MAX_CENTS => Some(v),
-        _ => {
-            b.invalid(src, c.span(), field, format!("must be a whole number of cents from 0 to {MAX_CENTS}"));
+/// The bound (millicents) and unit of a money field other than a price.
+const CENTS: (u64, &str) = (money::MAX_MILLICENTS, "cents");
+
+/// An amount of cents from 0 to `max` millicents, whole or with up to three decimals (`0.005`
+/// is 5 millicents), in millicents. A decimal is read from the file's own text at the value's span,
+/// digit by digit ([`money::parse_cents`]): never through a binary float.
+fn amount(
+    b: &mut Builder,
+    src: &Source<'_>,
+    n: &Spanned<Number>,
+    field: &str,
+    (max, unit): (u64, &str),
+) -> Option<u64> {
+    let too_large = |i: i64| money::AmountError::TooLarge { text: i.to_string(), max_millicents: max };
+    let result = match *n.get_ref() {
+        Number::Int(i) => match u64::try_from(i) {
+            Ok(c) => money::from_cents(c).filter(|m| *m <= max).ok_or_else(|| too_large(i)),
+            Err(_) => Err(money::AmountError::Negative(i.to_string())),
+        },
+        Number::Decimal => match src.text.get(n.span()) {
+            Some(text) => money::parse_cents(text.trim(), max),
+            None => Err(money::AmountError::Syntax(String::new())),
+        },
+    };
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            b.invalid(
+                src,
+                n.span(),
+                field,
+                format!("must be from 0 to {} {unit}, whole or with up to three decimals: {e}", money::cents_text(max)),
+            );
             None
         }
     }

@@ -27,9 +27,12 @@
 //! cache reads a little and never under-charges. OpenAI's `prompt_tokens` already include cached
 //! tokens.
 //!
-//! ## Prices
-//! Prices are integers or decimals with at most three places, in US cents per million tokens;
-//! internally millicents per million tokens, so that every cost computation is integer math. A
+//! ## Prices and costs
+//! Prices are integers or decimals with at most three places, in US cents per million tokens
+//! (`2.5` is $0.025 per million); the policy loader reads the decimal text exactly (no float)
+//! into millicents per million tokens, so that every cost computation is integer math. A cost is
+//! in millicents (1/1000 cent), rounded **up** to a whole millicent per request, never to a cent:
+//! a call that costs $0.00005 is charged 5 millicents. A
 //! model name matches a price entry when it equals the entry's name or starts with the name
 //! followed by `-` (`gpt-4o` prices `gpt-4o-2024-08-06`); the longest matching name wins, so
 //! `gpt-4o-mini` beats `gpt-4o`. A model that matches no entry (or is unknown) is priced at the
@@ -164,12 +167,12 @@ pub fn request_info(body_prefix: &[u8]) -> RequestInfo {
     info
 }
 
-/// The estimated cost in cents of a request whose whole body is `body_prefix`.
+/// The estimated cost in millicents of a request whose whole body is `body_prefix`.
 pub fn estimate(spec: &MeterSpec, body_prefix: &[u8]) -> u64 {
     estimate_with_len(spec, body_prefix, body_prefix.len() as u64)
 }
 
-/// The estimated cost in cents of a request of `body_len` bytes whose first bytes are
+/// The estimated cost in millicents of a request of `body_len` bytes whose first bytes are
 /// `body_prefix` (the proxy knows the length from `Content-Length` before it has the body).
 pub fn estimate_with_len(spec: &MeterSpec, body_prefix: &[u8], body_len: u64) -> u64 {
     let info = request_info(body_prefix);
@@ -182,14 +185,16 @@ pub fn estimate_with_len(spec: &MeterSpec, body_prefix: &[u8], body_len: u64) ->
     cost(spec, &usage)
 }
 
-/// The cost in cents of `usage`, rounded up, saturating at `u64::MAX`.
+/// The cost in millicents of `usage`, rounded up to a whole millicent, saturating at `u64::MAX`
+/// (the decision then refuses it as more than any amount sluice accepts).
 pub fn cost(spec: &MeterSpec, usage: &Usage) -> u64 {
     let price = spec.prices.price_for(usage.model.as_deref());
-    let millicents = u128::from(usage.input_tokens) * u128::from(price.input_millicents_per_mtok)
+    // Each product is below 2^64 × 2^64, and so is their sum: no overflow in u128.
+    let micro = u128::from(usage.input_tokens) * u128::from(price.input_millicents_per_mtok)
         + u128::from(usage.output_tokens) * u128::from(price.output_millicents_per_mtok);
-    // millicents per million tokens × tokens = 10^-9 cents.
-    let cents = millicents.div_ceil(1_000_000_000);
-    u64::try_from(cents).unwrap_or(u64::MAX)
+    // millicents per million tokens × tokens = 10^-6 millicents.
+    let millicents = micro.div_ceil(1_000_000);
+    u64::try_from(millicents).unwrap_or(u64::MAX)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@
 //! method = "POST"                # GET HEAD POST PUT PATCH DELETE OPTIONS, or "*"
 //! path = "/v1/chat/completions"  # exact; "/v1/files/*" prefix; "/v1/models/{id}" one segment
 //! action = "llm:chat"            # what passports grant: segments of a-z 0-9 _ . - joined by ':'
-//! cost_cents = 0                 # fixed cost, or instead:
+//! cost_cents = 0                 # fixed cost (cents; up to three decimals: 0.005), or instead:
 //! [route.meter]                  # metered: estimated before, settled from the response's usage
 //! kind = "openai"                # "openai" | "anthropic": the usage fields the response carries
 //! default_max_tokens = 4096      # output tokens assumed when the request sets no max_tokens
@@ -42,7 +42,7 @@
 //! [host.ceilings]
 //! max_per_action_cents = 500     # no single action may cost more, whatever the passport says
 //! [[host.rule]]                  # CEL, compiled by the decision engine; shape-checked here
-//! expr = "request.cost_cents > 100 && agent.tier == 'L1'"
+//! expr = "cost_cents > 100 && passport.trust_tier == 'L1'"
 //! decision = "request_hold"      # "block" | "request_hold"
 //! reason = "l1_expensive"        # a-z 0-9 _
 //!
@@ -52,6 +52,10 @@
 //! action = "tcp:postgres"
 //! cost_cents = 0
 //! ```
+//!
+//! Money in a policy is US cents, a whole number or a decimal with at most three places (one
+//! millicent, $0.00001, is the smallest amount sluice counts); decimals are read exactly from the
+//! file's text, never through a float. Internally every amount is millicents.
 //!
 //! Unknown keys are errors everywhere. A request whose host belongs to no service, or that no
 //! route of its service matches, is `web:fetch` (GET, HEAD, OPTIONS) or `web:send` (anything else)
@@ -74,7 +78,7 @@ pub use error::{PolicyError, PolicyErrorKind};
 pub use meter::{MeterKind, MeterSpec, ModelPrice, PriceTable, Usage, UsageScanner};
 
 use crate::domain::{DomainName, DomainPattern};
-use crate::passport::constraints::{Cents, RuleDecision};
+use crate::passport::constraints::RuleDecision;
 use path::{PathPattern, RequestPath};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -89,7 +93,7 @@ pub const POLICY_DENIED: &str = "policy_denied";
 /// What a request costs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cost {
-    /// A fixed number of cents.
+    /// A fixed cost, in millicents.
     Fixed(u64),
     /// Estimated from the request, settled from the response ([`meter`]).
     Metered(Arc<MeterSpec>),
@@ -138,7 +142,8 @@ pub struct RawTcpRule {
     pub host: DomainPattern,
     pub port: u16,
     pub action: Arc<str>,
-    pub cost_cents: u64,
+    /// Charged per connection, in millicents.
+    pub cost_millicents: u64,
     pub file: PathBuf,
     pub line: usize,
 }
@@ -186,7 +191,7 @@ struct DenyRule {
 
 #[derive(Debug)]
 struct Ceiling {
-    max_per_action_cents: u64,
+    max_per_action_millicents: u64,
     file: PathBuf,
     line: usize,
 }
@@ -315,7 +320,8 @@ impl PolicySet {
     }
 
     /// Host-wide rules that need no counters: denied domains, then per-action ceilings.
-    pub fn host_check(&self, host: &DomainName, cost_cents: u64) -> HostVerdict {
+    /// `cost_millicents` is the request's cost.
+    pub fn host_check(&self, host: &DomainName, cost_millicents: u64) -> HostVerdict {
         if let Some(rule) = self.deny_index.get(host).and_then(|i| self.deny.get(i)) {
             return HostVerdict::Deny {
                 reason: POLICY_DENIED.to_string(),
@@ -328,14 +334,14 @@ impl PolicySet {
                 ),
             };
         }
-        if let Some(c) = self.ceilings.iter().find(|c| cost_cents > c.max_per_action_cents) {
+        if let Some(c) = self.ceilings.iter().find(|c| cost_millicents > c.max_per_action_millicents) {
             return HostVerdict::Deny {
                 reason: POLICY_DENIED.to_string(),
                 detail: format!(
                     "This action costs {}, above the host-wide ceiling of {} per action set in {}:{} \
                      (host.ceilings.max_per_action_cents)",
-                    Cents(cost_cents),
-                    Cents(c.max_per_action_cents),
+                    crate::money::dollars(cost_millicents),
+                    crate::money::dollars(c.max_per_action_millicents),
                     c.file.display(),
                     c.line
                 ),
@@ -369,9 +375,9 @@ impl PolicySet {
         &self.rules
     }
 
-    /// The lowest host-wide per-action ceiling, if any.
-    pub fn max_per_action_cents(&self) -> Option<u64> {
-        self.ceilings.iter().map(|c| c.max_per_action_cents).min()
+    /// The lowest host-wide per-action ceiling, in millicents, if any.
+    pub fn max_per_action_millicents(&self) -> Option<u64> {
+        self.ceilings.iter().map(|c| c.max_per_action_millicents).min()
     }
 
     pub fn summary(&self) -> Summary {

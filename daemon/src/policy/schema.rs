@@ -35,7 +35,7 @@ pub(crate) struct RawRoute {
     pub method: Spanned<String>,
     pub path: Spanned<String>,
     pub action: Spanned<String>,
-    pub cost_cents: Option<Spanned<i64>>,
+    pub cost_cents: Option<Spanned<Number>>,
     pub meter: Option<Spanned<RawMeter>>,
 }
 
@@ -77,7 +77,7 @@ pub(crate) struct RawHost {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawCeilings {
-    pub max_per_action_cents: Option<Spanned<i64>>,
+    pub max_per_action_cents: Option<Spanned<Number>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,14 +94,15 @@ pub(crate) struct RawTcp {
     pub host: Spanned<String>,
     pub port: Spanned<i64>,
     pub action: Spanned<String>,
-    pub cost_cents: Spanned<i64>,
+    pub cost_cents: Spanned<Number>,
 }
 
-/// A TOML integer or float, checked and converted by the loader (which knows the span).
+/// A TOML integer, or a TOML float whose *text* the loader reads (through the span) as an exact
+/// decimal: money never goes through a binary float, so `7.5` is exactly 7500 millicents.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Number {
     Int(i64),
-    Float(f64),
+    Decimal,
 }
 
 impl<'de> Deserialize<'de> for Number {
@@ -118,8 +119,8 @@ impl<'de> Deserialize<'de> for Number {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Number, E> {
                 i64::try_from(v).map(Number::Int).map_err(|_| E::custom("number too large"))
             }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Number, E> {
-                Ok(Number::Float(v))
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Number, E> {
+                Ok(Number::Decimal)
             }
         }
         d.deserialize_any(V)

@@ -84,12 +84,55 @@ fn missing_and_mistyped_fields() {
         "route[1].cost_cents",
         "",
     );
+    // A fraction of a cent is a cost (0.005 cents = 5 millicents); below a millicent is not.
     one_error(
-        &with_route("method = \"GET\"\npath = \"/x\"\naction = \"a:b\"\ncost_cents = 1.5\n"),
+        &with_route("method = \"GET\"\npath = \"/x\"\naction = \"a:b\"\ncost_cents = 1.0005\n"),
         13,
         "route[1].cost_cents",
-        "",
+        "the smallest amount is 0.001 cent",
     );
+    one_error(
+        &with_route("method = \"GET\"\npath = \"/x\"\naction = \"a:b\"\ncost_cents = nan\n"),
+        13,
+        "route[1].cost_cents",
+        "not a number of cents",
+    );
+    one_error(
+        &with_route("method = \"GET\"\npath = \"/x\"\naction = \"a:b\"\ncost_cents = -0.5\n"),
+        13,
+        "route[1].cost_cents",
+        "negative",
+    );
+    one_error(
+        &with_route("method = \"GET\"\npath = \"/x\"\naction = \"a:b\"\ncost_cents = 1e14\n"),
+        13,
+        "route[1].cost_cents",
+        "more than the largest amount",
+    );
+}
+
+#[test]
+fn fixed_costs_may_have_a_fraction_of_a_cent() {
+    let cost = |v: &str| {
+        let text = with_route(&format!("method = \"GET\"\npath = \"/x\"\naction = \"a:b\"\ncost_cents = {v}\n"));
+        let s = set(&[("t.toml", &text)]).unwrap_or_else(|e| panic!("{v}: {e:?}"));
+        s.route(&name("api.example.com"), "GET", "/x").cost
+    };
+    assert_eq!(cost("0.005"), Cost::Fixed(5));
+    assert_eq!(cost("2.5"), Cost::Fixed(2_500));
+    assert_eq!(cost("1_000"), Cost::Fixed(1_000_000));
+    assert_eq!(cost("0.1"), Cost::Fixed(100));
+    assert_eq!(cost("5e-3"), Cost::Fixed(5));
+    assert_eq!(cost("7"), Cost::Fixed(7_000));
+    // The same for raw TCP rules and ceilings.
+    let raw = "[[raw_tcp]]\nhost = \"db.example.com\"\nport = 5432\naction = \"tcp:db\"\ncost_cents = 0.25\n";
+    let host = "[host]\n[host.ceilings]\nmax_per_action_cents = 0.75 # three quarters of a cent\n";
+    let s = set(&[("h.toml", raw), ("host.toml", host)]).unwrap();
+    assert_eq!(s.raw_tcp(Some(&name("db.example.com")), 5432).map(|r| r.cost_millicents), Some(250));
+    assert_eq!(s.max_per_action_millicents(), Some(750));
+    assert_eq!(s.host_check(&name("db.example.com"), 750), HostVerdict::Allow);
+    let HostVerdict::Deny { detail, .. } = s.host_check(&name("db.example.com"), 751) else { panic!() };
+    assert!(detail.contains("costs $0.00751, above the host-wide ceiling of $0.0075"), "{detail}");
 }
 
 #[test]
@@ -198,11 +241,46 @@ fn bad_meters_and_prices() {
         "prices.model[0].name",
         "must be",
     );
-    // Decimals are exact: 7.5 cents is 7500 millicents.
-    let s =
-        set(&[("t.toml", &p(&model.replace("= 1\n", "= 7.5\n").replace("[[", "as_of = \"2025-06-01\"\n[[")))]).unwrap();
+    // Decimals are exact, read from the text (never a float): 7.5 cents is 7500 millicents.
+    let price = |v: &str| {
+        let text = p(&model.replace("= 1\n", &format!("= {v}\n")).replace("[[", "as_of = \"2025-06-01\"\n[["));
+        let s = set(&[("t.toml", &text)]).unwrap_or_else(|e| panic!("{v}: {e:?}"));
+        let Cost::Metered(m) = s.route(&name("api.example.com"), "POST", "/x").cost else { panic!() };
+        m.prices.models[0].input_millicents_per_mtok
+    };
+    assert_eq!(price("7.5"), 7_500);
+    assert_eq!(price("2.5"), 2_500);
+    assert_eq!(price("0.001"), 1);
+    assert_eq!(price("0.1"), 100);
+    assert_eq!(price("0.3"), 300);
+    assert_eq!(price("1_500.125"), 1_500_125);
+    assert_eq!(price("1.5e2"), 150_000);
+    assert_eq!(price("+15"), 15_000);
+    assert_eq!(price("10000000"), 10_000_000_000);
+    assert_eq!(price("0.0"), 0);
+    one_error(
+        &p("as_of = \"2025-06-01\"\n[[prices.model]]\nname = \"m\"\ninput_cents_per_mtok = 10000000.001\noutput_cents_per_mtok = 2\n"),
+        15,
+        "prices.model[0].input_cents_per_mtok",
+        "from 0 to 10000000 cents per million tokens",
+    );
+    one_error(
+        &p("as_of = \"2025-06-01\"\n[[prices.model]]\nname = \"m\"\ninput_cents_per_mtok = inf\noutput_cents_per_mtok = 2\n"),
+        15,
+        "prices.model[0].input_cents_per_mtok",
+        "not a number of cents",
+    );
+    // Inline tables and arrays of them give the same spans.
+    let inline = format!(
+        "{SVC}[[route]]\nmethod = \"POST\"\npath = \"/x\"\naction = \"a:b\"\nmeter = {{ kind = \"openai\", default_max_tokens = 10 }}\n\
+         [prices]\nas_of = \"2025-06-01\"\nmodel = [{{ name = \"m\", input_cents_per_mtok = 2.5, output_cents_per_mtok = 0.075 }}]\n"
+    );
+    let s = set(&[("t.toml", &inline)]).unwrap();
     let Cost::Metered(m) = s.route(&name("api.example.com"), "POST", "/x").cost else { panic!() };
-    assert_eq!(m.prices.models[0].input_millicents_per_mtok, 7500);
+    assert_eq!(
+        (m.prices.models[0].input_millicents_per_mtok, m.prices.models[0].output_millicents_per_mtok),
+        (2_500, 75)
+    );
 }
 
 #[test]
@@ -343,7 +421,7 @@ fn shipped_host_example_is_valid() {
     let text = std::fs::read_to_string(shipped_dir().join("host.toml.example")).unwrap();
     let s = set(&[("host.toml", &text)]).unwrap_or_else(|e| panic!("{e:#?}"));
     assert_eq!(s.host_rules().len(), 2);
-    assert_eq!(s.max_per_action_cents(), Some(500));
+    assert_eq!(s.max_per_action_millicents(), Some(500_000));
     assert!(matches!(s.host_check(&name("x.pastebin.com"), 0), HostVerdict::Deny { .. }));
     assert!(s.raw_tcp(Some(&name("db.internal.example")), 5432).is_some());
 }
@@ -390,16 +468,16 @@ fn shipped_openai_routes() {
         assert_eq!(m.route_id.as_deref(), Some(id), "{method} {path}");
         assert_eq!(&*m.action, action, "{method} {path}");
         match fixed {
-            Some(c) => assert_eq!(m.cost, Cost::Fixed(c), "{method} {path}"),
+            Some(c) => assert_eq!(m.cost, Cost::Fixed(c * 1000), "{method} {path}"),
             None => assert_eq!(meter_of(&m).0, MeterKind::OpenAi, "{method} {path}"),
         }
     }
-    // Prices come through: gpt-4o-mini for 1M in + 1M out = 15 + 60 cents.
+    // Prices come through: gpt-4o-mini for 1M in + 1M out = 15 + 60 cents (in millicents).
     let m = s.route(&host, "POST", "/v1/chat/completions");
     let Cost::Metered(spec) = &m.cost else { panic!() };
     let u = Usage { input_tokens: 1_000_000, output_tokens: 1_000_000, model: Some("gpt-4o-mini-2024-07-18".into()) };
-    assert_eq!(meter::cost(spec, &u), 75);
-    assert_eq!(spec.prices.as_of, "2025-08-15");
+    assert_eq!(meter::cost(spec, &u), 75_000);
+    assert_eq!(spec.prices.as_of, "2026-12-01");
 }
 
 #[test]
@@ -422,22 +500,23 @@ fn shipped_anthropic_routes() {
         assert_eq!(m.route_id.as_deref(), Some(id), "{method} {path}");
         assert_eq!(&*m.action, action, "{method} {path}");
         match fixed {
-            Some(c) => assert_eq!(m.cost, Cost::Fixed(c), "{method} {path}"),
+            Some(c) => assert_eq!(m.cost, Cost::Fixed(c * 1000), "{method} {path}"),
             None => assert_eq!(meter_of(&m), (MeterKind::Anthropic, 4096), "{method} {path}"),
         }
     }
     let m = s.route(&host, "POST", "/v1/messages");
     let Cost::Metered(spec) = &m.cost else { panic!() };
     let u =
-        Usage { input_tokens: 1_000_000, output_tokens: 1_000_000, model: Some("claude-sonnet-4-5-20250929".into()) };
-    assert_eq!(meter::cost(spec, &u), 1800);
-    // An unlisted model costs the table's highest prices (Opus).
+        Usage { input_tokens: 1_000_000, output_tokens: 1_000_000, model: Some("claude-sonnet-4-6-20260217".into()) };
+    assert_eq!(meter::cost(spec, &u), 1_800_000);
+    // An unlisted model costs the table's highest prices (Fable 5.1, Fable 5 and Mythos: $10 in).
     let u = Usage { input_tokens: 1_000_000, output_tokens: 0, model: Some("claude-next".into()) };
-    assert_eq!(meter::cost(spec, &u), 1500);
-    // Estimate from the request's max_tokens: 1000 output tokens of Haiku 3.5 = 0.4 cents → 1.
+    assert_eq!(meter::cost(spec, &u), 1_000_000);
+    // Estimate from the request's max_tokens: 1000 output tokens of Haiku 4.5 = 0.5 cents, plus
+    // 25 input tokens (99 bytes) at 100 cents per million = 0.0025 cent: 502.5 → 503 millicents.
     let body =
-        br#"{"model":"claude-3-5-haiku-20241022","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
-    assert_eq!(meter::estimate(spec, body), 1);
+        br#"{"model":"claude-haiku-4-5-20251001","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(meter::estimate(spec, body), 503);
 }
 
 // ---- Lookups ---------------------------------------------------------------------------------------
@@ -487,7 +566,7 @@ fn unmatched_requests_are_web_fetch_or_send_at_cost_zero() {
     }
     // A matched route: the route's action and cost.
     let m = s.route(&name("a.example.com"), "GET", "/w");
-    assert_eq!((&*m.action, m.cost, m.route_id.as_deref()), ("w:get", Cost::Fixed(3), Some("wild/route[0]")));
+    assert_eq!((&*m.action, m.cost, m.route_id.as_deref()), ("w:get", Cost::Fixed(3_000), Some("wild/route[0]")));
     // A request-target with no path (`*`) matches no route.
     assert_eq!(&*s.route(&name("a.example.com"), "OPTIONS", "*").action, FETCH_ACTION);
     // An empty policy routes nothing.
@@ -501,7 +580,7 @@ fn host_check_denies_domains_and_ceilings_naming_the_rule() {
         "[host]\ndeny_domains = [\"*.pastebin.com\", \"bad.net\"]\n[host.ceilings]\nmax_per_action_cents = 500\n";
     let tighter = "[host.ceilings]\nmax_per_action_cents = 300\n".replace("[host.ceilings]", "[host]\n[host.ceilings]");
     let s = set(&[("host.toml", host), ("z.toml", &tighter)]).unwrap();
-    assert_eq!(s.host_check(&name("api.openai.com"), 300), HostVerdict::Allow);
+    assert_eq!(s.host_check(&name("api.openai.com"), 300_000), HostVerdict::Allow);
     assert_eq!(s.host_check(&name("pastebin.com"), 0), HostVerdict::Allow, "*.x does not deny x");
     let HostVerdict::Deny { reason, detail } = s.host_check(&name("X.Pastebin.com."), 0) else { panic!() };
     assert_eq!(reason, POLICY_DENIED);
@@ -511,10 +590,10 @@ fn host_check_denies_domains_and_ceilings_naming_the_rule() {
     );
     assert!(matches!(s.host_check(&name("bad.net"), 0), HostVerdict::Deny { .. }));
     assert!(matches!(s.host_check(&name("evilbad.net"), 0), HostVerdict::Allow));
-    let HostVerdict::Deny { reason, detail } = s.host_check(&name("ok.com"), 301) else { panic!() };
+    let HostVerdict::Deny { reason, detail } = s.host_check(&name("ok.com"), 300_001) else { panic!() };
     assert_eq!(reason, POLICY_DENIED);
-    assert!(detail.contains("$3.01") && detail.contains("$3.00") && detail.contains("/p/z.toml:3"), "{detail}");
-    assert_eq!(s.max_per_action_cents(), Some(300));
+    assert!(detail.contains("$3.00001") && detail.contains("$3.00") && detail.contains("/p/z.toml:3"), "{detail}");
+    assert_eq!(s.max_per_action_millicents(), Some(300_000));
 }
 
 #[test]
@@ -536,7 +615,7 @@ fn raw_tcp_picks_the_most_specific_rule() {
     assert_eq!(act("x.example.com", 5433), None);
     assert_eq!(s.raw_tcp(None, 5432), None, "a bare-IP connection matches nothing");
     let rule = s.raw_tcp(Some(&name("main.db.example.com")), 5432).unwrap();
-    assert_eq!((rule.cost_cents, rule.line, rule.file.as_path()), (1, 12, Path::new("/p/h.toml")));
+    assert_eq!((rule.cost_millicents, rule.line, rule.file.as_path()), (1_000, 12, Path::new("/p/h.toml")));
 }
 
 // ---- Directory, digest, reload --------------------------------------------------------------------
@@ -605,7 +684,7 @@ fn reload_swaps_on_success_and_keeps_the_old_policy_on_error() {
     let h = PolicyHandle::load(d).unwrap();
     let before = h.current();
     let host = name("a.example.com");
-    assert_eq!(before.route(&host, "GET", "/w").cost, Cost::Fixed(3));
+    assert_eq!(before.route(&host, "GET", "/w").cost, Cost::Fixed(3_000));
 
     // Unchanged files: a reload that changes nothing.
     let r = h.reload().unwrap();
@@ -616,15 +695,15 @@ fn reload_swaps_on_success_and_keeps_the_old_policy_on_error() {
     let errs = h.reload().unwrap_err();
     assert_eq!(errs[0].field, "route[0].cost_cents");
     assert_eq!(h.current().digest(), before.digest());
-    assert_eq!(h.current().route(&host, "GET", "/w").cost, Cost::Fixed(3));
+    assert_eq!(h.current().route(&host, "GET", "/w").cost, Cost::Fixed(3_000));
 
     // A good edit: swapped; a request that held the old Arc still sees the old policy.
     std::fs::write(d.join("a.toml"), TWO_SERVICES.replace("cost_cents = 3", "cost_cents = 7")).unwrap();
     let r = h.reload().unwrap();
     assert!(r.changed());
     assert_eq!(r.previous_digest, before.digest());
-    assert_eq!(h.current().route(&host, "GET", "/w").cost, Cost::Fixed(7));
-    assert_eq!(before.route(&host, "GET", "/w").cost, Cost::Fixed(3));
+    assert_eq!(h.current().route(&host, "GET", "/w").cost, Cost::Fixed(7_000));
+    assert_eq!(before.route(&host, "GET", "/w").cost, Cost::Fixed(3_000));
 }
 
 #[test]

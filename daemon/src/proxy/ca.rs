@@ -1,7 +1,8 @@
 //! The local certificate authority that lets the proxy terminate an agent's TLS.
 //!
-//! At first start the daemon creates an ECDSA P-256 key (`state_dir/ca.key`, PKCS#8 PEM, mode
-//! 0600, created with `O_EXCL` so nothing is ever overwritten) and a self-signed CA certificate
+//! At first start the daemon creates an ECDSA P-256 key (`state_dir/ca.key`, PKCS#8 v1 PEM, mode
+//! 0600, written through [`crate::keyfile`], so it is created exclusively and never overwritten,
+//! and refused if group or others can read it) and a self-signed CA certificate
 //! (`state_dir/ca.pem`, public). Agents trust `ca.pem` through a bundle ([`Ca::write_bundle`]) that
 //! the sandbox points `SSL_CERT_FILE` and friends at; the host's own trust store is never touched,
 //! so the CA can only ever speak to sandboxed agents.
@@ -24,6 +25,7 @@
 //! equivalent certificate (same subject, same key: the same trust anchor) instead of failing.
 
 use crate::domain::DomainName;
+use crate::files::{self, FileError, Links};
 use crate::keyfile::{self, KeyFileError};
 use rcgen::{
     BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
@@ -37,8 +39,6 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -62,24 +62,18 @@ pub enum CaError {
     Key(#[from] KeyFileError),
     #[error("{path}: not an ECDSA P-256 PKCS#8 PEM private key ({reason}); move it away to create a new CA")]
     KeyFormat { path: PathBuf, reason: String },
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{path}: not a PEM certificate ({reason}); delete it and restart to re-create it from ca.key")]
     CertFormat { path: PathBuf, reason: String },
     #[error("{path}: this certificate does not belong to {key}; delete it and restart to re-create it from the key")]
     CertMismatch { path: PathBuf, key: PathBuf },
-    #[error("{path}: larger than {max} bytes")]
-    TooLarge { path: PathBuf, max: u64 },
     #[error("creating the CA certificate: {0}")]
     Generate(rcgen::Error),
     #[error("minting a leaf certificate for {name}: {reason}")]
     Mint { name: String, reason: String },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
-    move |source| CaError::Io { path: path.to_path_buf(), source }
 }
 
 /// Tunables; [`CaOptions::default`] is what the daemon uses.
@@ -136,15 +130,14 @@ impl Ca {
     pub fn load_or_create_with(state_dir: &Path, opts: CaOptions) -> Result<Ca, CaError> {
         let key_path = state_dir.join(CA_KEY_FILE);
         let cert_path = state_dir.join(CA_CERT_FILE);
-        let key = match std::fs::symlink_metadata(&key_path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match create_key(&key_path) {
+        let key = match load_key(&key_path) {
+            Err(CaError::Key(e)) if e.is_not_found() => match create_key(&key_path) {
                 Ok(key) => key,
-                // Another process created it between our check and our O_EXCL open: use theirs.
-                Err(CaError::Key(KeyFileError::Exists { .. })) => load_key(&key_path)?,
+                // Another process created it meanwhile: use theirs.
+                Err(CaError::Key(KeyFileError::File(FileError::Exists { .. }))) => load_key(&key_path)?,
                 Err(e) => return Err(e),
             },
-            Err(e) => return Err(CaError::Io { path: key_path, source: e }),
-            Ok(_) => load_key(&key_path)?,
+            other => other?,
         };
         let params = ca_params(&key);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -156,7 +149,7 @@ impl Ca {
             None => {
                 let cert = params.self_signed(&key).map_err(CaError::Generate)?;
                 let pem = cert.pem();
-                write_replace(&cert_path, pem.as_bytes(), 0o644)?;
+                files::replace(&cert_path, pem.as_bytes(), 0o644)?;
                 (cert.der().clone(), pem)
             }
         };
@@ -229,7 +222,7 @@ impl Ca {
     /// dropped) followed by the sluice CA. Sandboxes point `SSL_CERT_FILE`, `REQUESTS_CA_BUNDLE`,
     /// `NODE_EXTRA_CA_CERTS` and `CURL_CA_BUNDLE` at it.
     pub fn write_bundle(&self, system_bundle: &Path, out: &Path) -> Result<(), CaError> {
-        let system = read_bounded(system_bundle, MAX_SYSTEM_BUNDLE)?;
+        let system = files::read_text(system_bundle, MAX_SYSTEM_BUNDLE, Links::Follow)?;
         let mut bundle = String::with_capacity(system.len() + self.inner.cert_pem.len() + 64);
         for cert in CertificateDer::pem_slice_iter(system.as_bytes()) {
             let cert =
@@ -238,7 +231,7 @@ impl Ca {
         }
         bundle.push_str("# sluice local CA (agents only)\n");
         bundle.push_str(&self.inner.cert_pem);
-        write_replace(out, bundle.as_bytes(), 0o644)
+        Ok(files::replace(out, bundle.as_bytes(), 0o644)?)
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, LeafCache> {
@@ -374,12 +367,12 @@ impl LeafCache {
 fn create_key(path: &Path) -> Result<KeyPair, CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Generate)?;
     let pem = Zeroizing::new(key.serialize_pem());
-    keyfile::create_new(path, pem.as_bytes(), 0o600)?;
+    keyfile::write_private_pem(path, &pem)?;
     Ok(key)
 }
 
 fn load_key(path: &Path) -> Result<KeyPair, CaError> {
-    let pem = Zeroizing::new(keyfile::read_private(path)?);
+    let pem = keyfile::read_private_pem(path, Links::Refuse)?;
     let key =
         KeyPair::from_pem(&pem).map_err(|e| CaError::KeyFormat { path: path.to_path_buf(), reason: e.to_string() })?;
     if key.algorithm() != &PKCS_ECDSA_P256_SHA256 {
@@ -415,10 +408,10 @@ fn ca_params(key: &KeyPair) -> CertificateParams {
 
 /// `Ok(None)` when the file does not exist.
 fn read_ca_cert(path: &Path) -> Result<Option<(CertificateDer<'static>, String)>, CaError> {
-    let pem = match read_bounded(path, MAX_CA_PEM) {
-        Ok(pem) => pem,
-        Err(CaError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
+    let pem = match files::read_text(path, MAX_CA_PEM, Links::Follow) {
+        Ok(pem) => pem.to_string(),
+        Err(FileError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
     };
     let der = CertificateDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| CaError::CertFormat { path: path.to_path_buf(), reason: e.to_string() })?;
@@ -445,36 +438,6 @@ fn check_cert_matches_key(
     };
     if !der.as_ref().windows(cn.len()).any(|w| w == cn.as_bytes()) {
         return Err(mismatch());
-    }
-    Ok(())
-}
-
-fn read_bounded(path: &Path, max: u64) -> Result<String, CaError> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
-    let mut s = String::new();
-    file.take(max + 1).read_to_string(&mut s).map_err(io_err(path))?;
-    if s.len() as u64 > max {
-        return Err(CaError::TooLarge { path: path.to_path_buf(), max });
-    }
-    Ok(s)
-}
-
-/// Writes a public file through a temporary sibling and a rename, so readers never see half of it.
-fn write_replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp.{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(CaError::Io { path: path.to_path_buf(), source: e });
     }
     Ok(())
 }
@@ -758,7 +721,7 @@ mod tests {
 
         let c = tempfile::tempdir().unwrap();
         let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-        keyfile::create_new(&c.path().join(CA_KEY_FILE), ed.serialize_pem().as_bytes(), 0o600).unwrap();
+        keyfile::write_private_pem(&c.path().join(CA_KEY_FILE), &ed.serialize_pem()).unwrap();
         let e = Ca::load_or_create(c.path()).unwrap_err();
         assert!(matches!(e, CaError::KeyFormat { .. }), "{e}");
     }

@@ -188,7 +188,8 @@ async fn handle(
     let input = EnforceInput {
         passport_id: info.passport_id.clone(),
         action: route.action.to_string(),
-        cost_cents: cost,
+        cost_cents: None,
+        cost_millicents: Some(cost),
         target: Some(host.to_string()),
         method: Some(method.to_string()),
         path: Some(path.clone()),
@@ -198,7 +199,7 @@ async fn handle(
         Err(answer) => return answer,
     };
     let metering = match &route.cost {
-        Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_cents: cost }),
+        Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_millicents: cost }),
         Cost::Fixed(_) => None,
     };
     forward(&proxy, &info, &host, req, upgrade, attestation, metering).await
@@ -249,7 +250,8 @@ async fn decide_or_answer(
 /// A metered route's estimate, settled from the response (issue 6; see [`super::metered`]).
 struct Metering {
     spec: Arc<policy::MeterSpec>,
-    estimate_cents: u64,
+    /// Millicents.
+    estimate_millicents: u64,
 }
 
 fn default_action(method: &Method) -> &'static str {
@@ -303,7 +305,8 @@ pub(super) async fn record_refusal(
     let input = EnforceInput {
         passport_id: info.passport_id.clone(),
         action: action.to_string(),
-        cost_cents: 0,
+        cost_cents: None,
+        cost_millicents: None,
         target: target.map(ToString::to_string),
         method: method.map(str::to_string),
         path: path.map(str::to_string),
@@ -475,12 +478,13 @@ async fn connect(
     let input = EnforceInput {
         passport_id: info.passport_id.clone(),
         action: rule.action.to_string(),
-        cost_cents: rule.cost_cents,
+        cost_cents: None,
+        cost_millicents: Some(rule.cost_millicents),
         target: Some(host.to_string()),
         method: Some(method.to_string()),
         path: Some(path.to_string()),
     };
-    let verdict = host_verdict(policy.host_check(host, rule.cost_cents));
+    let verdict = host_verdict(policy.host_check(host, rule.cost_millicents));
     let attestation = match decide_or_answer(proxy, input, verdict, host, path).await {
         Ok(a) => a,
         Err(answer) => return answer,
@@ -610,7 +614,7 @@ async fn forward(
             let passport = info.passport_id.clone();
             tokio::spawn(async move {
                 let why = crate::service::settle_why::ENCODED;
-                if let Err(e) = settle.settle(attestation, &passport, m.estimate_cents, None, why).await {
+                if let Err(e) = settle.settle(attestation, &passport, m.estimate_millicents, None, why).await {
                     tracing::error!(attestation, error = %e, "recording an unsettled metered cost failed");
                 }
             });
@@ -622,7 +626,7 @@ async fn forward(
             proxy.service.clone(),
             attestation,
             info.passport_id.clone(),
-            m.estimate_cents,
+            m.estimate_millicents,
         ),
         None => body,
     };

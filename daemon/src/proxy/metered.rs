@@ -22,10 +22,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-/// How a metered response ended: the real cost in cents if known, and the settlement reason.
+/// How a metered response ended: the real cost in millicents if known, and the settlement reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Ending {
-    pub actual_cents: Option<u64>,
+    pub actual_millicents: Option<u64>,
     pub why: &'static str,
 }
 
@@ -51,11 +51,13 @@ impl MeteredBody {
         let ending = if complete {
             let scanner = std::mem::replace(&mut *self.scanner, UsageScanner::new(self.spec.kind));
             match scanner.finish() {
-                Some(usage) => Ending { actual_cents: Some(meter::cost(&self.spec, &usage)), why: settle_why::USAGE },
-                None => Ending { actual_cents: None, why: settle_why::NO_USAGE },
+                Some(usage) => {
+                    Ending { actual_millicents: Some(meter::cost(&self.spec, &usage)), why: settle_why::USAGE }
+                }
+                None => Ending { actual_millicents: None, why: settle_why::NO_USAGE },
             }
         } else {
-            Ending { actual_cents: None, why: settle_why::CONNECTION_CUT }
+            Ending { actual_millicents: None, why: settle_why::CONNECTION_CUT }
         };
         on_end(ending);
     }
@@ -110,7 +112,7 @@ pub(super) fn settle_on_end(
     service: Arc<Service>,
     decision: u64,
     passport_id: String,
-    estimate_cents: u64,
+    estimate_millicents: u64,
 ) -> ProxyBody {
     let on_end: OnEnd = Box::new(move |ending: Ending| {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
@@ -118,7 +120,7 @@ pub(super) fn settle_on_end(
             return;
         };
         rt.spawn(async move {
-            if let Err(e) = service.settle(decision, &passport_id, estimate_cents, ending.actual_cents, ending.why).await
+            if let Err(e) = service.settle(decision, &passport_id, estimate_millicents, ending.actual_millicents, ending.why).await
             {
                 tracing::error!(decision, passport_id, error = %e, "settling a metered cost failed; the estimate stands");
             }
@@ -200,7 +202,7 @@ mod tests {
         let (out, seen) = run(MeterKind::OpenAi, chunks(&OPENAI_SSE)).await;
         assert_eq!(out, OPENAI_SSE.concat().as_bytes());
         // 1M input at $1 + 0.5M output at $2 = $2.00.
-        assert_eq!(seen, vec![Ending { actual_cents: Some(200), why: settle_why::USAGE }]);
+        assert_eq!(seen, vec![Ending { actual_millicents: Some(200_000), why: settle_why::USAGE }]);
     }
 
     #[tokio::test]
@@ -211,7 +213,7 @@ mod tests {
         let (_, seen) =
             run(MeterKind::Anthropic, Full::new(Bytes::from_static(json.as_bytes())).map_err(|e| match e {}).boxed())
                 .await;
-        assert_eq!(seen, vec![Ending { actual_cents: Some(400), why: settle_why::USAGE }]);
+        assert_eq!(seen, vec![Ending { actual_millicents: Some(400_000), why: settle_why::USAGE }]);
         let sse = [
             "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":1000000,\"output_tokens\":1}}}\n\n",
             "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"hi\"}}\n\n",
@@ -220,13 +222,13 @@ mod tests {
         ];
         let (out, seen) = run(MeterKind::Anthropic, chunks(&sse)).await;
         assert_eq!(out, sse.concat().as_bytes());
-        assert_eq!(seen, vec![Ending { actual_cents: Some(300), why: settle_why::USAGE }]);
+        assert_eq!(seen, vec![Ending { actual_millicents: Some(300_000), why: settle_why::USAGE }]);
     }
 
     #[tokio::test]
     async fn a_response_without_usage_keeps_the_estimate() {
         let (_, seen) = run(MeterKind::OpenAi, chunks(&["data: {\"choices\":[]}\n\n", "data: [DONE]\n\n"])).await;
-        assert_eq!(seen, vec![Ending { actual_cents: None, why: settle_why::NO_USAGE }]);
+        assert_eq!(seen, vec![Ending { actual_millicents: None, why: settle_why::NO_USAGE }]);
     }
 
     #[tokio::test]
@@ -237,14 +239,14 @@ mod tests {
         let (seen, on_end) = recorder();
         let body = MeteredBody::new(self::frames(frames), spec(MeterKind::OpenAi), on_end);
         assert!(body.collect().await.is_err());
-        assert_eq!(*seen.lock().unwrap(), vec![Ending { actual_cents: None, why: settle_why::CONNECTION_CUT }]);
+        assert_eq!(*seen.lock().unwrap(), vec![Ending { actual_millicents: None, why: settle_why::CONNECTION_CUT }]);
 
         // The agent goes away after one frame: the body is dropped unfinished.
         let (seen, on_end) = recorder();
         let mut body = MeteredBody::new(chunks(&OPENAI_SSE), spec(MeterKind::OpenAi), on_end);
         assert!(body.frame().await.is_some());
         drop(body);
-        assert_eq!(*seen.lock().unwrap(), vec![Ending { actual_cents: None, why: settle_why::CONNECTION_CUT }]);
+        assert_eq!(*seen.lock().unwrap(), vec![Ending { actual_millicents: None, why: settle_why::CONNECTION_CUT }]);
     }
 
     /// The whole path in process: a real service and store, five recorded-shape responses of both
@@ -261,23 +263,23 @@ mod tests {
             "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"m\",\"usage\":{\"input_tokens\":1000000,\"output_tokens\":1}}}\n\n",
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":2000000}}\n\n",
         ];
-        // (kind, body, estimate, expected actual)
+        // (kind, body, estimate, expected actual), in millicents; estimates with fractions of a cent.
         let cases: Vec<(MeterKind, ProxyBody, u64, Option<u64>)> = vec![
             (
                 MeterKind::OpenAi,
                 Full::new(Bytes::from_static(openai_json.as_bytes())).map_err(|e| match e {}).boxed(),
-                300,
-                Some(100),
+                300_021,
+                Some(100_000),
             ),
-            (MeterKind::OpenAi, chunks(&OPENAI_SSE), 150, Some(200)),
+            (MeterKind::OpenAi, chunks(&OPENAI_SSE), 150_005, Some(200_000)),
             (
                 MeterKind::Anthropic,
                 Full::new(Bytes::from_static(anthropic_json.as_bytes())).map_err(|e| match e {}).boxed(),
                 50,
-                Some(300),
+                Some(300_000),
             ),
-            (MeterKind::Anthropic, chunks(&anthropic_sse), 900, Some(500)),
-            (MeterKind::OpenAi, chunks(&["data: {\"choices\":[]}\n\n", "data: [DONE]\n\n"]), 40, None),
+            (MeterKind::Anthropic, chunks(&anthropic_sse), 900_000, Some(500_000)),
+            (MeterKind::OpenAi, chunks(&["data: {\"choices\":[]}\n\n", "data: [DONE]\n\n"]), 40_007, None),
         ];
         let mut expected_spend = 0;
         for (kind, body, estimate, actual) in cases {
@@ -299,11 +301,11 @@ mod tests {
                 (Some("settlement"), Some(decision)),
                 "{r}"
             );
-            assert_eq!(r["actual_cents"].as_u64(), actual, "{r}");
+            assert_eq!(r["actual_millicents"].as_u64(), actual, "{r}");
             expected_spend += actual.unwrap_or(estimate);
             assert_eq!(spent(&f), (expected_spend, expected_spend));
         }
-        assert_eq!(expected_spend, 100 + 200 + 300 + 500 + 40);
+        assert_eq!(expected_spend, 100_000 + 200_000 + 300_000 + 500_000 + 40_007);
         let report = verified(&f).await;
         assert!(report.is_ok(), "{:?}", report.problems);
     }

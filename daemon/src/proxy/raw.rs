@@ -46,14 +46,15 @@ pub(super) async fn handle(proxy: Arc<Proxy>, info: ConnInfo, mut agent: Prefixe
     };
     // A rule matched, so there is a name.
     let Some(name) = info.dialed_name.clone() else { return };
-    let verdict = match policy.host_check(&name, rule.cost_cents) {
+    let verdict = match policy.host_check(&name, rule.cost_millicents) {
         HostVerdict::Allow => decide::HostVerdict::Allow,
         HostVerdict::Deny { reason, detail } => decide::HostVerdict::Deny { reason, detail },
     };
     let input = EnforceInput {
         passport_id: info.passport_id.clone(),
         action: rule.action.to_string(),
-        cost_cents: rule.cost_cents,
+        cost_cents: None,
+        cost_millicents: Some(rule.cost_millicents),
         target: Some(name.to_string()),
         method: None,
         path: None,

@@ -38,15 +38,45 @@ pub enum HoldOrigin {
     Api,
 }
 
-/// The request a hold is about, as stored.
+/// The request a hold is about, as stored. The cost is millicents; a hold stored before sluice
+/// counted millicents carries `cost_cents` instead and is read × 1000 (see [`StoredRequest`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "StoredRequest")]
 pub struct HeldRequest {
     pub action: String,
-    pub cost_cents: u64,
+    pub cost_millicents: u64,
     pub host: Option<String>,
     pub method: Option<String>,
     pub path: Option<String>,
+}
+
+/// A held request as either format stored it: exactly one of `cost_millicents` (now) and
+/// `cost_cents` (before). Neither or both is an unreadable hold, never a free request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredRequest {
+    action: String,
+    #[serde(default)]
+    cost_millicents: Option<u64>,
+    #[serde(default)]
+    cost_cents: Option<u64>,
+    host: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+}
+
+impl TryFrom<StoredRequest> for HeldRequest {
+    type Error = String;
+
+    fn try_from(r: StoredRequest) -> Result<HeldRequest, String> {
+        let cost_millicents = match (r.cost_millicents, r.cost_cents) {
+            (Some(m), None) => m,
+            (None, Some(c)) => crate::money::from_cents(c)
+                .ok_or_else(|| format!("cost_cents {c} is too large to count in millicents"))?,
+            _ => return Err("the request needs exactly one of cost_millicents and cost_cents".to_string()),
+        };
+        Ok(HeldRequest { action: r.action, cost_millicents, host: r.host, method: r.method, path: r.path })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,7 +131,7 @@ impl Hold {
             expires_at: at + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::seconds(120)),
             request: HeldRequest {
                 action: request.action.clone(),
-                cost_cents: request.cost_cents,
+                cost_millicents: request.cost_millicents,
                 host: request.host.as_ref().map(|h| h.to_string()),
                 method: request.method.clone(),
                 path: request.path.clone(),
@@ -122,19 +152,26 @@ impl Hold {
     fn action_request(&self) -> ActionRequest {
         ActionRequest {
             action: self.request.action.clone(),
-            cost_cents: self.request.cost_cents,
+            cost_millicents: self.request.cost_millicents,
             host: self.request.host.as_deref().and_then(|h| DomainName::parse(h).ok()),
             method: self.request.method.clone(),
             path: self.request.path.clone(),
         }
     }
 
+    /// The API's view. The request's cost is given exactly (`cost_millicents`) and in whole
+    /// cents rounded up (`cost_cents`).
     fn view(&self) -> Value {
+        let r = &self.request;
+        let request = json!({
+            "action": r.action, "host": r.host, "method": r.method, "path": r.path,
+            "cost_cents": crate::money::cents_up(r.cost_millicents), "cost_millicents": r.cost_millicents,
+        });
         json!({
             "id": self.id, "passport_id": self.passport_id, "agent_id": self.agent_id,
             "status": self.status, "origin": self.origin,
             "created_at": records::time(self.created_at), "expires_at": records::time(self.expires_at),
-            "request": self.request, "attestation_id": self.record_index, "resolution": self.resolution,
+            "request": request, "attestation_id": self.record_index, "resolution": self.resolution,
         })
     }
 }
@@ -390,5 +427,55 @@ fn outcome_of_resolved(h: &Hold) -> HoldOutcome {
         decision,
         json: json!({"decision": decision.as_str(), "reason": reason, "hold_id": h.id, "hold_status": h.status}),
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hold_with(request: Value) -> Result<Hold, String> {
+        let stored = json!({
+            "id": "hold_1", "passport_id": "pp_x", "agent_id": "a", "status": "pending", "origin": "api",
+            "created_at": "2026-05-01T00:00:00Z", "expires_at": "2026-05-01T00:02:00Z",
+            "request": request, "record_index": 3, "resolution": null,
+        });
+        Hold::from_bytes(stored.to_string().as_bytes())
+    }
+
+    #[test]
+    fn held_costs_are_millicents_and_old_holds_in_cents_are_read_exactly() {
+        let base = |cost: (&str, u64)| json!({"action": "llm:chat", cost.0: cost.1, "host": null, "method": null, "path": null});
+        let new = hold_with(base(("cost_millicents", 5))).expect("current format");
+        assert_eq!(new.request.cost_millicents, 5);
+        assert_eq!(new.action_request().cost_millicents, 5);
+        // Written back, it is the current format.
+        let back: Value = serde_json::from_slice(&new.to_bytes()).expect("json");
+        assert_eq!(back["request"]["cost_millicents"], 5);
+        assert!(back["request"].get("cost_cents").is_none(), "{back}");
+        // A hold stored before millicents: cents × 1000.
+        let old = hold_with(base(("cost_cents", 400))).expect("previous format");
+        assert_eq!(old.request.cost_millicents, 400_000);
+        // The API view gives both, cents rounded up.
+        let view = new.view();
+        assert_eq!(
+            (view["request"]["cost_cents"].as_u64(), view["request"]["cost_millicents"].as_u64()),
+            (Some(1), Some(5))
+        );
+    }
+
+    #[test]
+    fn a_hold_without_exactly_one_cost_is_unreadable_never_free() {
+        let none = json!({"action": "llm:chat", "host": null, "method": null, "path": null});
+        let both = json!({"action": "llm:chat", "cost_cents": 1, "cost_millicents": 1000, "host": null, "method": null, "path": null});
+        let huge = json!({"action": "llm:chat", "cost_cents": u64::MAX, "host": null, "method": null, "path": null});
+        let extra =
+            json!({"action": "llm:chat", "cost_millicents": 1, "host": null, "method": null, "path": null, "x": 1});
+        for (request, needle) in
+            [(none, "exactly one"), (both, "exactly one"), (huge, "too large"), (extra, "unknown field")]
+        {
+            let e = hold_with(request.clone()).unwrap_err();
+            assert!(e.contains(needle), "{request}: {e}");
+        }
     }
 }

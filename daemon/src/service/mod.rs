@@ -10,6 +10,8 @@
 //! `usage/<id>` the passport's counters ([`crate::decide::Usage`]); `hold/<id>` a hold.
 
 mod holds;
+#[cfg(test)]
+mod money_tests;
 mod records;
 mod sandboxes;
 pub(crate) mod settle;
@@ -81,21 +83,39 @@ pub(crate) struct Invalid(pub String);
 #[error("{0}")]
 pub(crate) struct Missing(pub String);
 
-/// `POST /v1/enforce`: `{passport_id, action, cost_cents, target}` (BRIEF §2). The proxy fills in
-/// `method` and `path` too.
-#[derive(Debug, Clone, Deserialize)]
+/// `POST /v1/enforce`: `{passport_id, action, cost_cents, target}`. The cost is whole cents
+/// (`cost_cents`) or, exactly, millicents (`cost_millicents`, 1/1000 cent); at most one of the two,
+/// and none means 0. The proxy fills in `method` and `path` too, and gives its costs in millicents.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnforceInput {
     pub passport_id: String,
     pub action: String,
     #[serde(default)]
-    pub cost_cents: u64,
+    pub cost_cents: Option<u64>,
+    #[serde(default)]
+    pub cost_millicents: Option<u64>,
     #[serde(default)]
     pub target: Option<String>,
     #[serde(default)]
     pub method: Option<String>,
     #[serde(default)]
     pub path: Option<String>,
+}
+
+impl EnforceInput {
+    /// The request's cost in millicents. Cents are × 1000, saturating: an amount that large is
+    /// refused by the decision as more than sluice accepts, and attested as such.
+    pub fn cost(&self) -> Result<u64, ServiceError> {
+        match (self.cost_cents, self.cost_millicents) {
+            (Some(c), None) => Ok(crate::money::from_cents_saturating(c)),
+            (None, Some(m)) => Ok(m),
+            (None, None) => Ok(0),
+            (Some(_), Some(_)) => {
+                Err(ServiceError::Invalid("give the cost as cost_cents or as cost_millicents, not both".to_string()))
+            }
+        }
+    }
 }
 
 /// What the daemon needs from its configuration.
@@ -278,6 +298,7 @@ impl Service {
                 passport_id: id,
                 agent_id: claims.agent_id.clone(),
                 window: view.window,
+                // The gauge is in whole cents: rounded up, so a fraction of a cent still shows.
                 cents: view.window_cost_cents,
                 limit_cents: view.window_cost_limit_cents,
             });
@@ -393,9 +414,10 @@ impl Service {
     /// Decides one action and makes the decision durable. Blocks are successful outcomes.
     /// API decisions get the host-wide policy check (denied domains, ceilings) for their target.
     pub async fn enforce(&self, input: EnforceInput) -> Result<Value, ServiceError> {
+        let cost = input.cost()?;
         let verdict =
             match (input.target.as_deref().map(DomainName::parse), self.policy.read().ok().and_then(|p| p.clone())) {
-                (Some(Ok(host)), Some(policy)) => policy.current().host_check(&host, input.cost_cents).into(),
+                (Some(Ok(host)), Some(policy)) => policy.current().host_check(&host, cost).into(),
                 _ => HostVerdict::Allow,
             };
         self.enforce_outcome(input, HoldOrigin::Api, verdict).await.map(|o| o.json)
@@ -416,9 +438,10 @@ impl Service {
         if input.action.is_empty() || input.action.len() > 128 {
             return Err(ServiceError::Invalid("action must be 1 to 128 characters".into()));
         }
+        let cost_millicents = input.cost()?;
         let request = ActionRequest {
             action: input.action.clone(),
-            cost_cents: input.cost_cents,
+            cost_millicents,
             host,
             method: input.method.clone(),
             path: input.path.clone(),
@@ -464,7 +487,7 @@ impl Service {
             action = %input.action,
             host = %input.target.as_deref().unwrap_or("-"),
             method = %input.method.as_deref().unwrap_or("-"),
-            cost_cents = input.cost_cents,
+            cost_millicents,
             decision = %outcome.decision.as_str(),
             reason = %outcome.reason,
             hold_id = %outcome.hold.as_ref().map(|h| h.id.as_str()).unwrap_or("-"),

@@ -2,9 +2,17 @@
 //!
 //! One place builds them so that what the caller is told and what the log says cannot drift apart:
 //! both come from the same [`Built`].
+//!
+//! Records are format version 2 ([`RECORD_VERSION`]): money is integer millicents in the
+//! `*_millicents` fields named in [`crate::ledger::record`], which the verifier reads with the
+//! same constants.
 
 use super::holds::Hold;
 use crate::decide::{self, ActionRequest, Decision, ResetWindow, StateView};
+use crate::ledger::record::{
+    FIELD_COST, FIELD_SPEND_AFTER, FIELD_SPEND_DELTA, FIELD_SPEND_WINDOW, FIELD_SPEND_WINDOW_START, FIELD_VERSION,
+    RECORD_VERSION,
+};
 use crate::passport::{Claims, PassportId};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
@@ -21,7 +29,7 @@ pub fn time(at: DateTime<Utc>) -> String {
 /// The fields every record has: kind, time, and (for passport records) who it concerns.
 pub fn base(kind: &str, claims: Option<&Claims>, at: DateTime<Utc>) -> Map<String, Value> {
     let mut m = Map::new();
-    m.insert("v".into(), 1.into());
+    m.insert(FIELD_VERSION.into(), RECORD_VERSION.into());
     m.insert("kind".into(), kind.into());
     m.insert("time".into(), time(at).into());
     if let Some(c) = claims {
@@ -37,17 +45,17 @@ pub fn base(kind: &str, claims: Option<&Claims>, at: DateTime<Utc>) -> Map<Strin
 pub struct Spend {
     pub window: &'static str,
     pub window_start: DateTime<Utc>,
-    /// Signed: a settlement refunds an over-estimate with a negative delta.
-    pub delta_cents: i64,
-    pub after_cents: u64,
+    /// Millicents, signed: a settlement refunds an over-estimate with a negative delta.
+    pub delta_millicents: i64,
+    pub after_millicents: u64,
 }
 
 impl Spend {
     pub(super) fn write(&self, m: &mut Map<String, Value>) {
-        m.insert("spend_window".into(), self.window.into());
-        m.insert("spend_window_start".into(), time(self.window_start).into());
-        m.insert("spend_delta_cents".into(), self.delta_cents.into());
-        m.insert("spend_after_cents".into(), self.after_cents.into());
+        m.insert(FIELD_SPEND_WINDOW.into(), self.window.into());
+        m.insert(FIELD_SPEND_WINDOW_START.into(), time(self.window_start).into());
+        m.insert(FIELD_SPEND_DELTA.into(), self.delta_millicents.into());
+        m.insert(FIELD_SPEND_AFTER.into(), self.after_millicents.into());
     }
 }
 
@@ -122,8 +130,8 @@ impl Built {
             spend: Some(Spend {
                 window: claims.constraints.window().as_str(),
                 window_start: eval.spend_window_start,
-                delta_cents: i64::try_from(eval.spend_delta_cents).unwrap_or(i64::MAX),
-                after_cents: eval.spend_after_cents,
+                delta_millicents: i64::try_from(eval.spend_delta_millicents).unwrap_or(i64::MAX),
+                after_millicents: eval.spend_after_millicents,
             }),
             hold: None,
         }
@@ -154,9 +162,12 @@ fn request_fields(m: &mut Map<String, Value>, request: &ActionRequest) {
     m.insert("method".into(), request.method.clone().into());
     m.insert("host".into(), request.host.as_ref().map(|h| h.to_string()).into());
     m.insert("path_digest".into(), request.path.as_ref().map(|p| sha256_hex(p.as_bytes())).into());
-    m.insert("cost_cents".into(), request.cost_cents.into());
+    // A cost past the largest amount sluice counts was refused (invalid_request) and cannot be
+    // written exactly: the record says null, the detail names the amount.
+    let cost = Some(request.cost_millicents).filter(|c| *c <= crate::money::MAX_MILLICENTS);
+    m.insert(FIELD_COST.into(), cost.into());
     let canonical = json!({
-        "action": request.action, "cost_cents": request.cost_cents,
+        "action": request.action, FIELD_COST: request.cost_millicents,
         "host": request.host.as_ref().map(|h| h.to_string()), "method": request.method, "path": request.path,
     });
     m.insert("request_hash".into(), sha256_hex(canonical.to_string().as_bytes()).into());
@@ -215,8 +226,13 @@ pub fn counter_reset(
     m.insert("window".into(), window.as_str().into());
     m.insert("by".into(), by);
     if clears_spend {
-        Spend { window: spend_window.as_str(), window_start: view.window_start, delta_cents: 0, after_cents: 0 }
-            .write(&mut m);
+        Spend {
+            window: spend_window.as_str(),
+            window_start: view.window_start,
+            delta_millicents: 0,
+            after_millicents: 0,
+        }
+        .write(&mut m);
     }
     m
 }

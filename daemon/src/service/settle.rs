@@ -6,6 +6,7 @@
 //! the record that spent the estimate (`decision_record`: an allow `decision`, or the allow
 //! `hold_resolution` of an approved hold). Its spend fields carry the *signed* delta applied, so
 //! `sluice audit verify` recomputes the chain's spend through refunds and extra charges alike.
+//! Amounts are millicents: `estimated_millicents`, `actual_millicents`, `spend_delta_millicents`.
 //!
 //! When the real cost is unknown (the connection was cut, the response reported no usage) the
 //! estimate stands: the record says `settled: false` with the reason and no counter moves.
@@ -13,8 +14,9 @@
 
 use super::{now, records, Conflict, Invalid, Missing, Service, ServiceError};
 use crate::decide::{self, Usage};
+use crate::ledger::record::{v1, FIELD_ACTUAL, FIELD_COST, FIELD_ESTIMATED};
 use crate::ledger::{self, Draft, Txn, TxnError};
-use crate::passport::constraints::MAX_CENTS;
+use crate::money::{self, MAX_MILLICENTS};
 use serde_json::{json, Value};
 
 /// Why a settlement could not use a real cost, as recorded in `reason`.
@@ -35,15 +37,16 @@ const MAX_WHY: usize = 64;
 impl Service {
     /// Settles the metered cost of the allowed request recorded at `decision_attestation_id`.
     ///
-    /// `estimate_cents` must be the cost that record spent (checked against it); `actual` is the
-    /// real cost from the response's usage, or `None` when it is unknown (`why` then says why:
+    /// `estimate_millicents` must be the cost that record spent (checked against it); `actual` is
+    /// the real cost in millicents from the response's usage, or `None` when it is unknown (`why`
+    /// then says why:
     /// [`why::NO_USAGE`], [`why::CONNECTION_CUT`], ...). Never blocks anything: it records what
     /// happened. Returns the settlement record's summary.
     pub async fn settle(
         &self,
         decision_attestation_id: u64,
         passport_id: &str,
-        estimate_cents: u64,
+        estimate_millicents: u64,
         actual: Option<u64>,
         why: &str,
     ) -> Result<Value, ServiceError> {
@@ -52,9 +55,11 @@ impl Service {
                 "settlement reason {why:?} must be 1 to {MAX_WHY} lowercase letters or '_'"
             )));
         }
-        if let Some(a) = actual.filter(|a| *a > MAX_CENTS) {
+        if let Some(a) = actual.filter(|a| *a > MAX_MILLICENTS) {
             return Err(ServiceError::Invalid(format!(
-                "actual cost of {a} cents is more than the largest amount sluice accepts ({MAX_CENTS} cents)"
+                "actual cost of {} is more than the largest amount sluice accepts ({})",
+                money::dollars(a),
+                money::dollars(MAX_MILLICENTS)
             )));
         }
         let cp = self
@@ -68,7 +73,7 @@ impl Service {
             .transact(move |txn: &mut Txn<'_>| {
                 // Read inside the writer's transaction: the decision may not be published yet,
                 // and a read outside would force a redb commit for every metered request.
-                let decided_at = settleable(txn, decision_attestation_id, &id, estimate_cents)?;
+                let decided_at = settleable(txn, decision_attestation_id, &id, estimate_millicents)?;
                 let at = now();
                 let settled_key = format!("settled/{decision_attestation_id}");
                 if txn.get(&settled_key)?.is_some() {
@@ -79,13 +84,13 @@ impl Service {
                 txn.put(&settled_key, b"1")?;
                 let mut body = records::base("settlement", Some(&claims), at);
                 body.insert("decision_record".into(), decision_attestation_id.into());
-                body.insert("estimated_cents".into(), estimate_cents.into());
-                body.insert("actual_cents".into(), actual.into());
+                body.insert(FIELD_ESTIMATED.into(), estimate_millicents.into());
+                body.insert(FIELD_ACTUAL.into(), actual.into());
                 body.insert("settled".into(), actual.is_some().into());
                 body.insert("reason".into(), why.clone().into());
                 let mut summary = json!({
-                    "decision_record": decision_attestation_id, "estimated_cents": estimate_cents,
-                    "actual_cents": actual, "settled": actual.is_some(), "reason": why,
+                    "decision_record": decision_attestation_id, FIELD_ESTIMATED: estimate_millicents,
+                    FIELD_ACTUAL: actual, "settled": actual.is_some(), "reason": why,
                 });
                 if let Some(actual) = actual {
                     let usage_key = format!("usage/{id}");
@@ -98,8 +103,10 @@ impl Service {
                     usage.check_window(window).map_err(|e| {
                         TxnError::abort(Invalid(format!("usage of passport {id} is unreadable ({e}); not settled")))
                     })?;
-                    // Both are at most MAX_CENTS (10^13), so the difference fits an i64.
-                    let delta = i64::try_from(actual).unwrap_or(i64::MAX) - i64::try_from(estimate_cents).unwrap_or(0);
+                    // Both are at most MAX_MILLICENTS (10^16; the estimate was checked by the
+                    // decision), so the difference fits an i64.
+                    let delta = i64::try_from(actual).unwrap_or(i64::MAX)
+                        - i64::try_from(estimate_millicents).unwrap_or(i64::MAX);
                     let settled = decide::settle(&usage, window, decided_at, delta, at);
                     txn.put(&usage_key, &settled.usage.to_bytes())?;
                     match settled.spend {
@@ -107,12 +114,12 @@ impl Service {
                             records::Spend {
                                 window: window.as_str(),
                                 window_start: s.window_start,
-                                delta_cents: s.delta_cents,
-                                after_cents: s.after_cents,
+                                delta_millicents: s.delta_millicents,
+                                after_millicents: s.after_millicents,
                             }
                             .write(&mut body);
-                            summary["spend_delta_cents"] = s.delta_cents.into();
-                            summary["spend_after_cents"] = s.after_cents.into();
+                            summary[ledger::record::FIELD_SPEND_DELTA] = s.delta_millicents.into();
+                            summary[ledger::record::FIELD_SPEND_AFTER] = s.after_millicents.into();
                         }
                         None => {
                             // The decision's window is over: its counter is gone and the current
@@ -132,8 +139,8 @@ impl Service {
         tracing::info!(
             passport_id,
             decision_record = decision_attestation_id,
-            estimate_cents,
-            actual_cents = ?actual,
+            estimate_millicents,
+            actual_millicents = ?actual,
             attestation_id = ?summary.get("attestation_id"),
             "metered cost settled"
         );
@@ -142,12 +149,13 @@ impl Service {
 }
 
 /// Checks that `index` is an allow record on `passport_id`'s chain that spent exactly
-/// `estimate_cents`, and returns when it was decided (its window is the settlement's).
+/// `estimate_millicents`, and returns when it was decided (its window is the settlement's). A
+/// version 1 record (cost in whole cents, written before an upgrade) is read × 1000.
 fn settleable(
     txn: &Txn<'_>,
     index: u64,
     passport_id: &str,
-    estimate_cents: u64,
+    estimate_millicents: u64,
 ) -> Result<chrono::DateTime<chrono::Utc>, TxnError> {
     let bytes = txn
         .record(index)?
@@ -164,10 +172,16 @@ fn settleable(
             "record {index} is not an allowed request of passport {passport_id}; only those can be settled"
         ))));
     }
-    let spent = field("cost_cents").and_then(Value::as_u64);
-    if spent != Some(estimate_cents) {
+    let spent = match (field(FIELD_COST), field(v1::FIELD_COST)) {
+        (Some(m), None) => m.as_u64(),
+        (None, Some(c)) => c.as_u64().and_then(money::from_cents),
+        _ => None,
+    };
+    if spent != Some(estimate_millicents) {
+        let spent = spent.map_or_else(|| "an unreadable amount".to_string(), money::dollars);
         return Err(TxnError::abort(Invalid(format!(
-            "record {index} spent {spent:?} cents, not the estimate of {estimate_cents} given to settle it"
+            "record {index} spent {spent}, not the estimate of {} given to settle it",
+            money::dollars(estimate_millicents)
         ))));
     }
     field("time")
@@ -201,6 +215,16 @@ pub(crate) mod testkit {
 
     /// A service on a fresh store with one registered passport (`llm:*`, $100 a month).
     pub(crate) async fn fixture() -> Fixture {
+        let constraints = Constraints {
+            max_cumulative: Some(Cents(10_000)),
+            cumulative_window: Some(SpendWindow::Monthly),
+            ..Constraints::default()
+        };
+        fixture_with(constraints).await
+    }
+
+    /// A service on a fresh store with one registered passport (`llm:*`) with these constraints.
+    pub(crate) async fn fixture_with(constraints: Constraints) -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let host = HostKey::from_signing_key(SigningKey::from_bytes(&[9u8; 32]));
         let ledger = Ledger::open(&dir.path().join("ledger.redb"), host, LedgerOptions::default()).expect("ledger");
@@ -208,11 +232,6 @@ pub(crate) mod testkit {
         let config =
             ServiceConfig::passport_only(vec![IssuerId::from_key(&issuer.verifying_key())], Duration::from_secs(60));
         let service = Service::start(ledger, config).await.expect("service");
-        let constraints = Constraints {
-            max_cumulative: Some(Cents(10_000)),
-            cumulative_window: Some(SpendWindow::Monthly),
-            ..Constraints::default()
-        };
         let issued = crate::passport::issue(
             crate::passport::IssueRequest {
                 agent_id: "meter-test".into(),
@@ -230,11 +249,13 @@ pub(crate) mod testkit {
         Fixture { _dir: dir, service, passport: issued.claims.id.to_string() }
     }
 
+    /// An allowed `llm:chat` request costing `cost` millicents; its attestation id.
     pub(crate) async fn allow(f: &Fixture, cost: u64) -> u64 {
         let input = EnforceInput {
             passport_id: f.passport.clone(),
             action: "llm:chat".into(),
-            cost_cents: cost,
+            cost_cents: None,
+            cost_millicents: Some(cost),
             target: Some("api.openai.com".into()),
             method: Some("POST".into()),
             path: Some("/v1/chat/completions".into()),
@@ -244,12 +265,16 @@ pub(crate) mod testkit {
         o.attestation_id
     }
 
+    /// The window's and today's spend, exactly, in millicents. Checks on the way that the
+    /// API's whole-cent figures are those rounded up.
     pub(crate) fn spent(f: &Fixture) -> (u64, u64) {
         let s = f.service.state(&f.passport).expect("state");
-        (
-            s["window_cost_cents"].as_u64().expect("window_cost_cents"),
-            s["daily_cost_cents"].as_u64().expect("daily_cost_cents"),
-        )
+        let exact = |name: &str| {
+            let m = s[format!("{name}_millicents")].as_u64().expect("millicents");
+            assert_eq!(s[format!("{name}_cents")].as_u64(), Some(m.div_ceil(1000)), "{name}: {s}");
+            m
+        };
+        (exact("window_cost"), exact("daily_cost"))
     }
 
     pub(crate) async fn verified(f: &Fixture) -> verify::VerifyReport {
@@ -276,32 +301,67 @@ mod tests {
     #[tokio::test]
     async fn refunds_extra_charges_and_unknown_usage_are_recorded_and_add_up() {
         let f = fixture().await;
-        // An over-estimate: 500 spent, 180 real → refund of 320.
-        let d1 = allow(&f, 500).await;
-        assert_eq!(spent(&f), (500, 500));
-        let s = f.service.settle(d1, &f.passport, 500, Some(180), why::USAGE).await.expect("settle");
-        assert_eq!(s["spend_delta_cents"], -320);
-        assert_eq!(spent(&f), (180, 180));
+        // An over-estimate: 500 cents spent, 180 real → refund of 320 cents (in millicents).
+        let d1 = allow(&f, 500_000).await;
+        assert_eq!(spent(&f), (500_000, 500_000));
+        let s = f.service.settle(d1, &f.passport, 500_000, Some(180_000), why::USAGE).await.expect("settle");
+        assert_eq!(s["spend_delta_millicents"], -320_000);
+        assert_eq!(spent(&f), (180_000, 180_000));
         let r = record(&f, s["attestation_id"].as_u64().expect("index"));
         assert_eq!(r["kind"], "settlement");
+        assert_eq!(r["v"], 2);
         assert_eq!(r["decision_record"], d1);
-        assert_eq!((r["estimated_cents"].as_u64(), r["actual_cents"].as_u64()), (Some(500), Some(180)));
-        assert_eq!((r["settled"].as_bool(), r["spend_delta_cents"].as_i64()), (Some(true), Some(-320)));
-        assert_eq!(r["spend_after_cents"], 180);
+        assert_eq!(
+            (r["estimated_millicents"].as_u64(), r["actual_millicents"].as_u64()),
+            (Some(500_000), Some(180_000))
+        );
+        assert_eq!((r["settled"].as_bool(), r["spend_delta_millicents"].as_i64()), (Some(true), Some(-320_000)));
+        assert_eq!(r["spend_after_millicents"], 180_000);
+        assert!(r.get("spend_after_cents").is_none() && r.get("estimated_cents").is_none(), "{r}");
 
-        // An under-estimate: 300 spent, 900 real → 600 more.
-        let d2 = allow(&f, 300).await;
-        f.service.settle(d2, &f.passport, 300, Some(900), why::USAGE).await.expect("settle");
-        assert_eq!(spent(&f), (1080, 1080));
+        // An under-estimate: 300 cents spent, 900 real → 600 more.
+        let d2 = allow(&f, 300_000).await;
+        f.service.settle(d2, &f.passport, 300_000, Some(900_000), why::USAGE).await.expect("settle");
+        assert_eq!(spent(&f), (1_080_000, 1_080_000));
 
         // No usage: the estimate stands and the record says why.
-        let d3 = allow(&f, 70).await;
-        let s = f.service.settle(d3, &f.passport, 70, None, why::NO_USAGE).await.expect("settle");
-        assert_eq!(spent(&f), (1150, 1150));
+        let d3 = allow(&f, 70_000).await;
+        let s = f.service.settle(d3, &f.passport, 70_000, None, why::NO_USAGE).await.expect("settle");
+        assert_eq!(spent(&f), (1_150_000, 1_150_000));
         let r = record(&f, s["attestation_id"].as_u64().expect("index"));
         assert_eq!((r["settled"].as_bool(), r["reason"].as_str()), (Some(false), Some("no_usage")));
-        assert!(r["actual_cents"].is_null());
-        assert!(r.get("spend_delta_cents").is_none(), "{r}");
+        assert!(r["actual_millicents"].is_null());
+        assert!(r.get("spend_delta_millicents").is_none(), "{r}");
+
+        let report = verified(&f).await;
+        assert!(report.is_ok(), "{:?}", report.problems);
+    }
+
+    /// Fractions of a cent, both ways: an estimate of $0.00021 settled at $0.00008, then one of
+    /// $0.00005 settled at $0.00042. Every step adds up in the counters and in `audit verify`.
+    #[tokio::test]
+    async fn fractional_actual_costs_settle_exactly() {
+        let f = fixture().await;
+        let d1 = allow(&f, 21).await;
+        assert_eq!(spent(&f), (21, 21));
+        let s = f.service.settle(d1, &f.passport, 21, Some(8), why::USAGE).await.expect("settle");
+        assert_eq!((s["spend_delta_millicents"].as_i64(), s["spend_after_millicents"].as_u64()), (Some(-13), Some(8)));
+        assert_eq!(spent(&f), (8, 8));
+        // The API still shows whole cents, rounded up: 8 millicents is 1 cent, never 0.
+        let state = f.service.state(&f.passport).expect("state");
+        assert_eq!((state["window_cost_cents"].as_u64(), state["window_cost_millicents"].as_u64()), (Some(1), Some(8)));
+
+        let d2 = allow(&f, 5).await;
+        let s = f.service.settle(d2, &f.passport, 5, Some(42), why::USAGE).await.expect("settle");
+        assert_eq!((s["spend_delta_millicents"].as_i64(), s["spend_after_millicents"].as_u64()), (Some(37), Some(50)));
+        assert_eq!(spent(&f), (50, 50));
+        let r = record(&f, s["attestation_id"].as_u64().expect("index"));
+        assert_eq!((r["estimated_millicents"].as_u64(), r["actual_millicents"].as_u64()), (Some(5), Some(42)));
+        let decision = record(&f, d2);
+        assert_eq!(
+            (decision["cost_millicents"].as_u64(), decision["spend_after_millicents"].as_u64()),
+            (Some(5), Some(13))
+        );
 
         let report = verified(&f).await;
         assert!(report.is_ok(), "{:?}", report.problems);
@@ -310,35 +370,36 @@ mod tests {
     #[tokio::test]
     async fn a_decision_is_settled_once_and_only_as_recorded() {
         let f = fixture().await;
-        let d = allow(&f, 400).await;
+        let d = allow(&f, 400_005).await;
         // Not the estimate the decision spent: a caller cannot refund more than was charged.
-        let e = f.service.settle(d, &f.passport, 4_000, Some(0), why::USAGE).await.unwrap_err();
+        let e = f.service.settle(d, &f.passport, 400_000, Some(0), why::USAGE).await.unwrap_err();
         assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
+        assert!(e.to_string().contains("spent $4.00005, not the estimate of $4.00 given"), "{e}");
         // Not this passport's record.
         let other = "pp_AAAAAAAAAAAAAAAAAAAAAA";
-        assert!(f.service.settle(d, other, 400, Some(0), why::USAGE).await.is_err());
+        assert!(f.service.settle(d, other, 400_005, Some(0), why::USAGE).await.is_err());
         // Not an allow decision: the passport's registration record.
-        let e = f.service.settle(d - 1, &f.passport, 400, Some(0), why::USAGE).await.unwrap_err();
+        let e = f.service.settle(d - 1, &f.passport, 400_005, Some(0), why::USAGE).await.unwrap_err();
         assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
         // A record that does not exist.
-        let e = f.service.settle(d + 1000, &f.passport, 400, Some(0), why::USAGE).await.unwrap_err();
+        let e = f.service.settle(d + 1000, &f.passport, 400_005, Some(0), why::USAGE).await.unwrap_err();
         assert!(matches!(e, ServiceError::NotFound(_)), "{e}");
         // Hostile figures and reasons.
-        assert!(f.service.settle(d, &f.passport, 400, Some(MAX_CENTS + 1), why::USAGE).await.is_err());
-        assert!(f.service.settle(d, &f.passport, 400, Some(1), "Bad Reason").await.is_err());
-        assert_eq!(spent(&f), (400, 400));
+        assert!(f.service.settle(d, &f.passport, 400_005, Some(MAX_MILLICENTS + 1), why::USAGE).await.is_err());
+        assert!(f.service.settle(d, &f.passport, 400_005, Some(1), "Bad Reason").await.is_err());
+        assert_eq!(spent(&f), (400_005, 400_005));
 
-        f.service.settle(d, &f.passport, 400, Some(100), why::USAGE).await.expect("settle");
-        let e = f.service.settle(d, &f.passport, 400, Some(0), why::USAGE).await.unwrap_err();
+        f.service.settle(d, &f.passport, 400_005, Some(100_000), why::USAGE).await.expect("settle");
+        let e = f.service.settle(d, &f.passport, 400_005, Some(0), why::USAGE).await.unwrap_err();
         assert!(matches!(e, ServiceError::Conflict(_)), "{e}");
-        assert_eq!(spent(&f), (100, 100));
+        assert_eq!(spent(&f), (100_000, 100_000));
     }
 
     #[tokio::test]
     async fn a_lying_settlement_is_named_by_the_verifier() {
         let f = fixture().await;
-        let d = allow(&f, 500).await;
-        f.service.settle(d, &f.passport, 500, Some(200), why::USAGE).await.expect("settle");
+        let d = allow(&f, 500_000).await;
+        f.service.settle(d, &f.passport, 500_000, Some(200_000), why::USAGE).await.expect("settle");
         // A writer that records a refund but claims the spend did not drop.
         let chain = f.passport.clone();
         let window = record(&f, d)["spend_window_start"].clone();
@@ -347,9 +408,10 @@ mod tests {
             .ledger()
             .transact(move |_txn| {
                 let body = serde_json::from_value(json!({
-                    "kind": "settlement", "decision_record": d, "estimated_cents": 500, "actual_cents": 100,
-                    "settled": true, "spend_window": "monthly", "spend_window_start": window,
-                    "spend_delta_cents": -100, "spend_after_cents": 200,
+                    "v": 2, "kind": "settlement", "decision_record": d, "estimated_millicents": 500_000,
+                    "actual_millicents": 100_000, "settled": true, "spend_window": "monthly",
+                    "spend_window_start": window, "spend_delta_millicents": -100_000,
+                    "spend_after_millicents": 200_000,
                 }))
                 .map_err(TxnError::abort)?;
                 Ok(((), vec![Draft::new(chain, body)]))
@@ -359,7 +421,7 @@ mod tests {
         let lie = appended[0].index;
         let report = verified(&f).await;
         assert!(
-            report.problems.iter().any(|p| matches!(p, verify::Problem::SpendMismatch { index, expected: 100, found: 200, .. } if *index == lie)),
+            report.problems.iter().any(|p| matches!(p, verify::Problem::SpendMismatch { index, expected: 100_000, found: 200_000, .. } if *index == lie)),
             "{:?}",
             report.problems
         );

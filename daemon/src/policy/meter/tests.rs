@@ -233,10 +233,18 @@ fn overlong_token_counts_saturate_instead_of_wrapping() {
     let body = format!("{{\"usage\":{{\"prompt_tokens\":{},\"completion_tokens\":1}}}}", "9".repeat(40));
     let u = scan(MeterKind::OpenAi, &[body.as_bytes()]).unwrap();
     assert_eq!(u.input_tokens, u64::MAX);
-    // Unknown model: 1,500,000 millicents per million input tokens.
-    let expected = (u128::from(u64::MAX) * 1_500_000 + 6_000_000).div_ceil(1_000_000_000);
-    assert_eq!(u128::from(cost(&spec(), &u)), expected);
-    // A cost beyond u64 saturates.
+    // At 1 millicent per million tokens, u64::MAX tokens cost ⌈u64::MAX / 10^6⌉ millicents (+1).
+    let mut cheap = spec();
+    cheap.prices = Arc::new(PriceTable {
+        as_of: "2025-06-01".into(),
+        source: None,
+        models: vec![],
+        unknown: ModelPrice { name: "x".into(), input_millicents_per_mtok: 1, output_millicents_per_mtok: 1 },
+    });
+    let expected = (u128::from(u64::MAX) + 1).div_ceil(1_000_000);
+    assert_eq!(u128::from(cost(&cheap, &u)), expected);
+    // A cost beyond u64 saturates (the decision then refuses it as too large).
+    assert_eq!(cost(&spec(), &u), u64::MAX);
     let mut dear = spec();
     dear.prices = Arc::new(PriceTable {
         as_of: "2025-06-01".into(),
@@ -287,16 +295,23 @@ fn model_prices_match_snapshots_longest_name_first() {
 }
 
 #[test]
-fn cost_rounds_up_with_integer_math() {
+fn cost_rounds_up_to_a_millicent_with_integer_math() {
     let s = spec();
     let u = |i, o, m: &str| Usage { input_tokens: i, output_tokens: o, model: Some(m.to_string()) };
     assert_eq!(cost(&s, &u(0, 0, "gpt-4o")), 0);
-    assert_eq!(cost(&s, &u(1, 0, "gpt-4o")), 1); // 0.00025 cents → 1
-    assert_eq!(cost(&s, &u(1_000_000, 0, "gpt-4o")), 250);
-    assert_eq!(cost(&s, &u(1_000_000, 1_000_000, "gpt-4o")), 1250);
-    assert_eq!(cost(&s, &u(4_000_000, 1, "gpt-4o")), 1001); // 1000 + 0.001 → 1001
-    assert_eq!(cost(&s, &u(1_000_000, 1_000_000, "gpt-4o-mini-2024-07-18")), 75);
-    assert_eq!(cost(&s, &u(1_000_000, 0, "mystery-model")), 1500);
+    assert_eq!(cost(&s, &u(1, 0, "gpt-4o")), 1); // 0.25 millicent → 1, not a whole cent
+    assert_eq!(cost(&s, &u(4, 0, "gpt-4o")), 1); // exactly 1 millicent
+    assert_eq!(cost(&s, &u(5, 0, "gpt-4o")), 2); // 1.25 → 2
+    assert_eq!(cost(&s, &u(1_000_000, 0, "gpt-4o")), 250_000);
+    assert_eq!(cost(&s, &u(1_000_000, 1_000_000, "gpt-4o")), 1_250_000);
+    assert_eq!(cost(&s, &u(4_000_000, 1, "gpt-4o")), 1_000_001); // $10 + 1 output token (1 millicent)
+    assert_eq!(cost(&s, &u(1_000_000, 1_000_000, "gpt-4o-mini-2024-07-18")), 75_000);
+    assert_eq!(cost(&s, &u(1_000_000, 0, "mystery-model")), 1_500_000);
+    // A small call: 100 input and 20 output tokens of gpt-4o-mini cost 2.7 millicents
+    // ($0.000027): charged 3 millicents, where whole cents charged 1000.
+    assert_eq!(cost(&s, &u(100, 20, "gpt-4o-mini")), 3);
+    // 20 input tokens at $2.50/M = $0.00005 = 5 millicents (charged 5, not a cent).
+    assert_eq!(cost(&s, &u(20, 0, "gpt-4o")), 5);
     // Fractional prices: 7.5 cents per million.
     let mut frac = spec();
     frac.prices = Arc::new(PriceTable {
@@ -305,30 +320,32 @@ fn cost_rounds_up_with_integer_math() {
         models: vec![ModelPrice { name: "m".into(), input_millicents_per_mtok: 7_500, output_millicents_per_mtok: 0 }],
         unknown: price("x", 0, 0),
     });
-    assert_eq!(cost(&frac, &u(2_000_000, 0, "m")), 15);
-    assert_eq!(cost(&frac, &u(2_000_001, 0, "m")), 16);
+    assert_eq!(cost(&frac, &u(2_000_000, 0, "m")), 15_000);
+    assert_eq!(cost(&frac, &u(2_000_001, 0, "m")), 15_001);
+    assert_eq!(cost(&frac, &u(400, 0, "m")), 3); // 400 × 7.5 cents / 10^6 = 0.003 cent
 }
 
 #[test]
 fn estimate_uses_max_tokens_or_the_default() {
     let s = spec();
-    // Output: max_tokens 1,000,000 at 1000 c/M = 1000 cents; input ⌈len/4⌉ tokens at 250 c/M → +1.
+    // Output: max_tokens 1,000,000 at 1000 c/M = 1000 cents; input: 83 bytes → 21 tokens at
+    // 250 c/M = 5.25 millicents → 6.
     let body = br#"{"model":"gpt-4o","max_tokens":1000000,"messages":[{"role":"user","content":"hi"}]}"#;
-    assert_eq!(estimate(&s, body), 1001);
-    // No max_tokens: default 2000 tokens → 2 cents, + 1 for input.
+    assert_eq!(estimate(&s, body), 1_000_006);
+    // No max_tokens: default 2000 tokens → 2 cents, + 8 input tokens = 2 millicents.
     let body = br#"{"model":"gpt-4o","messages":[]}"#;
-    assert_eq!(estimate(&s, body), 3);
+    assert_eq!(estimate(&s, body), 2_002);
     // max_completion_tokens and max_output_tokens count too; the largest wins.
     let body = br#"{"model":"gpt-4o-mini","max_completion_tokens":1000000,"max_tokens":10}"#;
-    assert_eq!(estimate(&s, body), 61);
+    assert_eq!(estimate(&s, body), 60_001);
     let body = br#"{"model":"gpt-4o","max_output_tokens":2000000}"#;
-    assert_eq!(estimate(&s, body), 2001);
+    assert_eq!(estimate(&s, body), 2_000_003);
     // The body length comes from Content-Length when only a prefix is at hand:
     // 4,000,000 bytes → 1,000,000 input tokens → 250 cents, plus 2 for the default output.
-    assert_eq!(estimate_with_len(&s, br#"{"model":"gpt-4o","#, 4_000_000), 252);
+    assert_eq!(estimate_with_len(&s, br#"{"model":"gpt-4o","#, 4_000_000), 252_000);
     // Unknown model: the highest prices.
     let body = br#"{"model":"new-model","max_tokens":1000000}"#;
-    assert_eq!(estimate(&s, body), 6001);
+    assert_eq!(estimate(&s, body), 6_000_017);
 }
 
 #[test]
