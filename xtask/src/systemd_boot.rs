@@ -15,7 +15,10 @@
 //! 3. `sluice audit export` / `sluice audit verify` show the allow, the refusals and the binding;
 //! 4. `systemctl reload sluice` attests a `policy_reload` (trigger `sighup`) without a restart;
 //! 5. everything stops cleanly (the pins stay, by design), systemd logged no warning about the
-//!    units, and the container powers off.
+//!    units;
+//! 6. with the package: `dpkg --purge sluice` while the daemon runs stops it, detaches the pins
+//!    (`sluice detach` in prerm), deletes the state and the package's files and keeps the
+//!    operator's passport; then the container powers off.
 //!
 //! It needs root (eBPF, cgroups, nspawn), installs `systemd-container` and `debootstrap` when
 //! missing (`deps.rs`), and fails, never skips, when it cannot run. Each step is printed with its
@@ -237,6 +240,9 @@ impl Test {
         self.step("sluice audit export / verify: the allow, the refusals, the binding", |t| t.audit())?;
         self.step("systemctl reload sluice: an attested policy_reload", |t| t.reload())?;
         self.step("systemctl stop: the agent and the daemon", |t| t.stop_units())?;
+        if matches!(payload, Payload::Deb(_)) {
+            self.step("dpkg --purge sluice, the daemon running: stopped, pins detached, state gone", |t| t.purge())?;
+        }
         self.step("systemctl poweroff: the container exits", |t| t.poweroff())?;
         Ok(())
     }
@@ -746,6 +752,41 @@ impl Test {
             bail!("systemd warned about sluice's units:\n  {}", ours.join("\n  "));
         }
         println!("both inactive; the pins stay on bpffs until removed; no systemd warning about the units");
+        Ok(())
+    }
+
+    /// The package's removal under a real systemd, with the enforcer running again: prerm stops
+    /// it (and any agent unit) and runs `sluice detach`, which removes the pins; purge deletes
+    /// the state and the package's files and leaves what the operator made in /etc/sluice.
+    fn purge(&mut self) -> anyhow::Result<()> {
+        self.check_long(&["systemctl", "start", "sluice.service"], HANG_GUARD)?;
+        let out = self.check_long(&["sh", "-c", "dpkg --purge sluice 2>&1"], HANG_GUARD * 2)?;
+        println!("{out}");
+        if !out.contains(&format!("removed {PIN_DIR}/links/sl_connect4  (link")) {
+            bail!("the removal did not say it detached {PIN_DIR}/links/sl_connect4");
+        }
+        if Path::new(PIN_DIR).exists() {
+            bail!("{PIN_DIR} is still pinned after dpkg --purge");
+        }
+        let state = self.check(&["systemctl", "show", "-p", "ActiveState", "--value", "sluice.service"])?;
+        if state != "inactive" {
+            bail!("sluice.service is {state:?} after dpkg --purge");
+        }
+        for gone in
+            ["/usr/bin/sluice", "/usr/lib/systemd/system/sluice.service", "/etc/sluice/sluice.toml", "/var/lib/sluice"]
+        {
+            if self.exec(&["test", "-e", gone], Duration::from_secs(10))?.status.success() {
+                bail!("{gone} is still there after dpkg --purge");
+            }
+        }
+        if !self
+            .exec(&["test", "-e", &format!("/etc/sluice/agents/{AGENT}.jwt")], Duration::from_secs(10))?
+            .status
+            .success()
+        {
+            bail!("dpkg --purge deleted the operator's passport /etc/sluice/agents/{AGENT}.jwt");
+        }
+        println!("the daemon stopped, every pin detached, state and package files gone, the operator's passport kept");
         Ok(())
     }
 

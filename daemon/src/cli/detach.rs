@@ -84,10 +84,15 @@ pub fn run(args: DetachArgs, config_path: &Path, extra_sockets: &[PathBuf]) -> C
     };
 
     // The agents' cgroup as the daemon finds it (the directory, or the systemd slice of that name).
-    let agents = match cgroup2_mount().and_then(|m| Cgroup::find_agents(&m, &config.sandbox.cgroup)) {
-        Ok(found) => found,
+    let cg_name = &config.sandbox.cgroup;
+    let agents = match cgroup2_mount().and_then(|m| Cgroup::find_agents(&m, cg_name)) {
+        Ok(Some(cg)) => Some(cg),
+        Ok(None) => {
+            println!("agents' cgroup  [sandbox] cgroup = {cg_name:?}: does not exist");
+            None
+        }
         Err(e) => {
-            println!("agents' cgroup  [sandbox] cgroup = {:?}: cannot be looked up ({e})", config.sandbox.cgroup);
+            println!("agents' cgroup  [sandbox] cgroup = {cg_name:?}: cannot be looked up ({e})");
             None
         }
     };
@@ -97,7 +102,7 @@ pub fn run(args: DetachArgs, config_path: &Path, extra_sockets: &[PathBuf]) -> C
             println!("agents' cgroup  {}  ({} in it now)", path.display(), plural(*n, "process", "processes"))
         }
         Some((path, Err(e))) => println!("agents' cgroup  {}  (processes cannot be counted: {e})", path.display()),
-        None => println!("agents' cgroup  [sandbox] cgroup = {:?}: does not exist", config.sandbox.cgroup),
+        None => {}
     }
 
     let mut sockets = vec![config.api.socket.clone()];
