@@ -576,6 +576,6 @@ mod tests {
         let a = answer(&Method::GET, "/v1/models", Full::new(Bytes::new())).await;
         let body = a.response.into_body().collect().await.unwrap().to_bytes();
         let v: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["data"][0]["id"], "gpt-4o");
+        assert_eq!(v["data"][0]["id"], MODELS[0]);
     }
 }
