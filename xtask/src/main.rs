@@ -19,7 +19,11 @@ const USAGE: &str = "\
 usage: cargo xtask <task>
 
 tasks:
-  test    fmt check, clippy -D warnings, and every test (kernel suites need root)
+  test [--quick]
+          every test (as root: the kernel suites, the package and systemd stages
+          need it): fmt check, clippy -D warnings, unit, CLI, kernel and end-to-end
+          suites, then `package --install-check` and `test-systemd` on the built
+          package; --quick stops after the suites
   demo    run sluice's main job end to end, printing each step
   bench [decisions|proxy]
           benchmarks (release build); prints a table per benchmark. `proxy` needs
@@ -47,7 +51,7 @@ tasks:
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("test") => test(),
+        Some("test") => test(args.get(1..).unwrap_or_default()),
         Some("demo") => demo::run(),
         Some("deps") => deps::ensure(),
         Some("install") => install::run(args.get(1..).unwrap_or_default()),
@@ -134,13 +138,31 @@ fn bench(which: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn test() -> anyhow::Result<()> {
+/// Every test. After the workspace's suites, the shipped form: the release package is built,
+/// installed on this machine and purged (`package --install-check`), then booted under a real
+/// systemd in a container (`test-systemd`). `--quick` stops after the suites, for a developer's
+/// edit-test loop; CI never passes it.
+fn test(args: &[String]) -> anyhow::Result<()> {
+    let quick = match args {
+        [] => false,
+        [flag] if flag == "--quick" => true,
+        other => bail!("test: unknown arguments {other:?} (the only option is --quick)"),
+    };
     deps::ensure()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // Build every binary first so the end-to-end suites find them.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]).env("SLUICE_BIN", target_dir().join("debug/sluice")))?;
+    if quick {
+        eprintln!("xtask: all suites passed (--quick: the package and systemd stages were not run)");
+        return Ok(());
+    }
+    eprintln!("xtask: the package: build, install on this machine, purge");
+    let (deb, man_pages) = package::build(true)?;
+    package::install_check(&deb, &man_pages)?;
+    eprintln!("xtask: the package under a real systemd");
+    systemd_boot::run(&["--deb".to_string(), deb.display().to_string()])?;
     eprintln!("xtask: all checks passed");
     Ok(())
 }

@@ -203,6 +203,9 @@ fn check_contents(deb: &Path, binary: &Path, man_pages: &[String]) -> anyhow::Re
         "/etc/sluice/policies/anthropic.toml",
         "/usr/share/doc/sluice/README.md",
         "/usr/share/doc/sluice/systemd.md",
+        "/usr/share/doc/sluice/docs/README.md",
+        "/usr/share/doc/sluice/docs/cli.md",
+        "/usr/share/doc/sluice/docs/records.md",
         "/usr/share/doc/sluice/sluice.toml.example",
         "/usr/share/doc/sluice/copyright",
     ]
@@ -297,7 +300,7 @@ fn step(what: &str) {
     eprintln!("\nxtask: == {what}");
 }
 
-fn install_check(deb: &Path, man_pages: &[String]) -> anyhow::Result<()> {
+pub fn install_check(deb: &Path, man_pages: &[String]) -> anyhow::Result<()> {
     ensure!(super::deps::nix_is_root(), "--install-check installs the package: run it as root");
     ensure!(Path::new("/etc/debian_version").exists(), "--install-check needs Debian (dpkg)");
     super::deps::ensure_tools(&[("man", "man-db"), ("systemd-analyze", "systemd")])?;
