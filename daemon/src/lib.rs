@@ -3,20 +3,20 @@
 //! See ARCHITECTURE.md for the map. A request's path: `kernel` → `proxy` → `policy` → `decide` →
 //! `ledger`; around it `passport`, `api`, `config`, `cli`.
 
+// The layers below the daemon, under the names the daemon's modules use.
+pub use sluice_files::{files, keyfile};
+pub use sluice_passport as passport;
+pub use sluice_passport::{domain, money};
+
 pub mod api;
 pub mod cli;
 pub mod config;
 pub mod decide;
 pub mod dns;
-pub mod domain;
-pub mod files;
 pub mod intercept;
 pub mod kernel;
-pub mod keyfile;
 pub mod ledger;
 pub mod metrics;
-pub mod money;
-pub mod passport;
 pub mod policy;
 pub mod proxy;
 pub mod sdnotify;

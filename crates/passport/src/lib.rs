@@ -8,10 +8,12 @@
 pub mod b64;
 pub mod claims;
 pub mod constraints;
+pub mod domain;
 pub mod ids;
 pub mod json;
 pub mod jwk;
 pub mod jws;
+pub mod money;
 pub mod pop;
 pub mod revocation;
 

@@ -2,7 +2,7 @@
 //!
 //! Spend counters, costs, settlement deltas and the spend fields of attestation records are
 //! whole millicents, so a model that costs $0.00005 a call charges 5 millicents, not a whole cent.
-//! Passports name limits in whole cents ([`crate::passport::Cents`]); the local API and the CLI
+//! Passports name limits in whole cents ([`crate::Cents`]); the local API and the CLI
 //! speak cents, with exact millicent fields beside them where an amount can have a fraction.
 //!
 //! No floating point anywhere: amounts are `u64` (bounded by [`MAX_MILLICENTS`]), decimal text is

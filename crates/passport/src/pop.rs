@@ -72,11 +72,11 @@ pub fn verify(proof: &Proof, claims: &Claims, now: i64, audience: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::passport::{issue, Constraints, IssueRequest, TrustTier};
+    use crate::{issue, Constraints, IssueRequest, TrustTier};
 
     const NOW: i64 = 1_800_000_000;
 
-    fn issued() -> crate::passport::Issued {
+    fn issued() -> crate::Issued {
         issue(
             IssueRequest {
                 agent_id: "a".into(),
@@ -119,7 +119,7 @@ mod tests {
     fn a_proof_for_another_passport_of_the_same_key_is_refused() {
         let i = issued();
         let mut other_claims = i.claims.clone();
-        other_claims.id = crate::passport::PassportId::random();
+        other_claims.id = crate::PassportId::random();
         let p = prove(&i.agent_key, &other_claims, NOW, "d");
         assert_eq!(verify(&p, &i.claims, NOW, "d"), Err(PopError::BadSignature));
     }
