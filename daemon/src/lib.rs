@@ -4,20 +4,20 @@
 //! `ledger`; around it `passport`, `api`, `config`, `cli`.
 
 // The layers below the daemon, under the names the daemon's modules use.
+pub use sluice_decide as decide;
 pub use sluice_files::{files, keyfile};
 pub use sluice_passport as passport;
 pub use sluice_passport::{domain, money};
+pub use sluice_policy as policy;
 
 pub mod api;
 pub mod cli;
 pub mod config;
-pub mod decide;
 pub mod dns;
 pub mod intercept;
 pub mod kernel;
 pub mod ledger;
 pub mod metrics;
-pub mod policy;
 pub mod proxy;
 pub mod sdnotify;
 pub mod service;

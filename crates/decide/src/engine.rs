@@ -7,10 +7,10 @@ use super::usage::{self, SpendCounter, Usage, UsageError, WindowCounter};
 use super::{
     guardrail, reason, ActionRequest, CompiledPassport, Decision, EvalOptions, Evaluation, Guardrail, HostVerdict,
 };
-use crate::money::MAX_MILLICENTS;
-use crate::passport::constraints::RuleDecision;
-use crate::passport::Cents;
-use crate::passport::{PassportError, SpendWindow, DEFAULT_SKEW_SECS};
+use sluice_passport::money::MAX_MILLICENTS;
+use sluice_passport::constraints::RuleDecision;
+use sluice_passport::Cents;
+use sluice_passport::{PassportError, SpendWindow, DEFAULT_SKEW_SECS};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
@@ -360,7 +360,7 @@ pub fn evaluate(
 /// A passport limit (whole cents) in millicents. Passport amounts are at most `MAX_CENTS`, so
 /// this is exact; saturating keeps a hand-built out-of-range limit from wrapping to a small one.
 fn milli(limit: Cents) -> u64 {
-    crate::money::from_cents_saturating(limit.0)
+    sluice_passport::money::from_cents_saturating(limit.0)
 }
 
 fn ts_or(secs: i64) -> String {
@@ -477,7 +477,7 @@ pub fn state_view(p: &CompiledPassport, usage: &Usage, now: DateTime<Utc>) -> Re
         .collect();
     Ok(StateView {
         passport_id: p.id().to_string(),
-        daily_cost_cents: crate::money::cents_up(daily.spent_millicents),
+        daily_cost_cents: sluice_passport::money::cents_up(daily.spent_millicents),
         daily_cost_millicents: daily.spent_millicents,
         daily_cost_limit_cents: if window == SpendWindow::Daily { c.max_cumulative.map(|m| m.0) } else { None },
         daily_requests: daily.requests,
@@ -485,7 +485,7 @@ pub fn state_view(p: &CompiledPassport, usage: &Usage, now: DateTime<Utc>) -> Re
         daily_resets_at: usage::window_end(SpendWindow::Daily, daily.start),
         window: window.as_str(),
         window_start: spend.start,
-        window_cost_cents: crate::money::cents_up(spend.spent_millicents),
+        window_cost_cents: sluice_passport::money::cents_up(spend.spent_millicents),
         window_cost_millicents: spend.spent_millicents,
         window_cost_limit_cents: c.max_cumulative.map(|m| m.0),
         window_requests: spend.requests,

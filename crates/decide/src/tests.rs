@@ -3,8 +3,8 @@
 
 use super::usage::{SpendCounter, WindowCounter};
 use super::*;
-use crate::passport::constraints::{CelRule, RuleDecision};
-use crate::passport::{Claims, SpendWindow};
+use sluice_passport::constraints::{CelRule, RuleDecision};
+use sluice_passport::{Claims, SpendWindow};
 use chrono::TimeZone;
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
@@ -23,7 +23,7 @@ fn t0() -> DateTime<Utc> {
 /// A passport valid from 2025 to 2027 (through the real claims parser) with these constraints.
 fn passport_with(permissions: &[&str], constraints: Value) -> CompiledPassport {
     let key = SigningKey::from_bytes(&[42u8; 32]);
-    let issuer = crate::passport::IssuerId::from_key(&key.verifying_key());
+    let issuer = sluice_passport::IssuerId::from_key(&key.verifying_key());
     let claims = json!({
         "iss": issuer.as_str(), "sub": "agent-1", "jti": PID,
         "iat": at(2025, 1, 1, 0, 0, 0).timestamp(), "nbf": at(2025, 1, 1, 0, 0, 0).timestamp(),
@@ -193,7 +193,7 @@ fn malformed_requests_are_refused_first() {
         req_mc("llm:chat", u64::MAX),
         "Cost of $184467440737095.51615 is more than the largest amount sluice accepts ($90071992547.40991)",
     ));
-    cases.push((req_mc("llm:chat", crate::money::MAX_MILLICENTS + 1), "Cost of $90071992547.40992 is more"));
+    cases.push((req_mc("llm:chat", sluice_passport::money::MAX_MILLICENTS + 1), "Cost of $90071992547.40992 is more"));
     cases.push((ActionRequest { method: Some("GE T".into()), ..req("llm:chat", 0) }, "not a valid method token"));
     cases.push((ActionRequest { method: Some(String::new()), ..req("llm:chat", 0) }, "not a valid method token"));
     cases.push((ActionRequest { path: Some("/a\r\nHost: x".into()), ..req("llm:chat", 0) }, "control characters"));
@@ -809,7 +809,7 @@ fn a_clock_stepping_back_never_unspends() {
 
 #[test]
 fn counters_near_overflow_refuse_instead_of_wrapping() {
-    use crate::money::MAX_MILLICENTS;
+    use sluice_passport::money::MAX_MILLICENTS;
     let p = passport(json!({}));
     let mut u = Usage::default().rolled(SpendWindow::Daily, t0());
     let near =
@@ -840,7 +840,7 @@ fn counters_near_overflow_refuse_instead_of_wrapping() {
     assert_eq!(eval(&p, &u, &req_mc("llm:chat", 0), t0()).reason, "spend_limit_exceeded");
 
     // The largest cost sluice counts against the largest limit a passport can name.
-    let max = crate::passport::constraints::MAX_CENTS;
+    let max = sluice_passport::constraints::MAX_CENTS;
     let p = passport(json!({"core:cost:max_cumulative": max, "core:cost:max_per_action": max}));
     let e = eval(&p, &Usage::default(), &req_mc("llm:chat", MAX_MILLICENTS), t0());
     assert_eq!(e.decision, Decision::Allow);
@@ -996,8 +996,8 @@ mod properties {
         fn sums_never_overflow_or_panic(
             spent in prop_oneof![any::<u64>(), (u64::MAX - 1_000_000)..=u64::MAX, 0u64..1_000_000],
             requests in any::<u64>(),
-            cost in prop_oneof![any::<u64>(), 0u64..=crate::money::MAX_MILLICENTS, 0u64..100],
-            limit in prop_oneof![Just(None), (0u64..=crate::passport::constraints::MAX_CENTS).prop_map(Some)],
+            cost in prop_oneof![any::<u64>(), 0u64..=sluice_passport::money::MAX_MILLICENTS, 0u64..100],
+            limit in prop_oneof![Just(None), (0u64..=sluice_passport::constraints::MAX_CENTS).prop_map(Some)],
             delta in any::<i64>(),
         ) {
             let p = match limit {
@@ -1008,12 +1008,12 @@ mod properties {
             u.daily = Some(WindowCounter { start: at(2026, 5, 1, 0, 0, 0), spent_millicents: spent, requests });
             u.spend = Some(SpendCounter { window: SpendWindow::Daily, counter: u.daily.unwrap() });
             let e = eval(&p, &u, &req_mc("llm:chat", cost), t0());
-            let fits = spent.checked_add(cost).filter(|s| *s <= crate::money::MAX_MILLICENTS);
+            let fits = spent.checked_add(cost).filter(|s| *s <= sluice_passport::money::MAX_MILLICENTS);
             match e.decision {
                 Decision::Allow => {
                     prop_assert_eq!(Some(e.spend_after_millicents), fits);
                     prop_assert_eq!(e.spend_delta_millicents, cost);
-                    prop_assert!(cost <= crate::money::MAX_MILLICENTS);
+                    prop_assert!(cost <= sluice_passport::money::MAX_MILLICENTS);
                     prop_assert!(limit.is_none_or(|l| e.spend_after_millicents <= l * 1000));
                     prop_assert_eq!(e.usage_after.daily.unwrap().requests, requests.saturating_add(1));
                 }
@@ -1037,7 +1037,7 @@ mod properties {
             let in_range = [settled.usage.daily, settled.usage.spend.map(|s| s.counter)]
                 .iter()
                 .flatten()
-                .all(|c| c.spent_millicents <= crate::money::MAX_MILLICENTS);
+                .all(|c| c.spent_millicents <= sluice_passport::money::MAX_MILLICENTS);
             if in_range {
                 prop_assert_eq!(back, Ok(settled.usage.clone()));
             } else {

@@ -19,8 +19,8 @@
 //! `spend_delta_millicents` adds up exactly.
 
 use super::usage::{window_start, Usage, WindowCounter};
-use crate::money::MAX_MILLICENTS;
-use crate::passport::SpendWindow;
+use sluice_passport::money::MAX_MILLICENTS;
+use sluice_passport::SpendWindow;
 use chrono::{DateTime, Utc};
 
 /// The spend counter after a settlement, for the record's spend fields.

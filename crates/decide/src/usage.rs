@@ -30,8 +30,8 @@
 //!   budget.
 
 use super::rate::GcraState;
-use crate::money::MAX_MILLICENTS;
-use crate::passport::SpendWindow;
+use sluice_passport::money::MAX_MILLICENTS;
+use sluice_passport::SpendWindow;
 use chrono::{DateTime, Datelike, Days, NaiveDate, NaiveTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -268,8 +268,8 @@ pub fn window_end(window: SpendWindow, start: DateTime<Utc>) -> DateTime<Utc> {
 /// Version 1: the same shape with spend in whole cents. Read only, to migrate.
 mod v1 {
     use super::{RateState, UsageError};
-    use crate::money;
-    use crate::passport::SpendWindow;
+    use sluice_passport::money;
+    use sluice_passport::SpendWindow;
     use chrono::{DateTime, Utc};
     use serde::Deserialize;
 
@@ -334,7 +334,7 @@ mod v1 {
 }
 
 mod window_serde {
-    use crate::passport::SpendWindow;
+    use sluice_passport::SpendWindow;
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(w: &SpendWindow, s: S) -> Result<S::Ok, S::Error> {

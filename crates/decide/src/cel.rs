@@ -52,9 +52,9 @@
 
 use super::usage::WindowCounter;
 use super::ActionRequest;
-use crate::money::cents_up;
-use crate::passport::constraints::{CelRule, RuleDecision};
-use crate::passport::{Passport, SpendWindow};
+use sluice_passport::money::cents_up;
+use sluice_passport::constraints::{CelRule, RuleDecision};
+use sluice_passport::{Passport, SpendWindow};
 use cel::common::ast::{EntryExpr, Expr};
 use cel::{Context, Env, IdedExpr, Program, Value};
 use chrono::{DateTime, Utc};

@@ -1,7 +1,7 @@
 //! Policy loading, errors with positions, lookups and reloads.
 
 use super::*;
-use crate::domain::DomainName;
+use sluice_passport::domain::DomainName;
 use proptest::prelude::*;
 
 fn name(s: &str) -> DomainName {
@@ -9,7 +9,7 @@ fn name(s: &str) -> DomainName {
 }
 
 fn shipped_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies")
 }
 
 fn set(files: &[(&str, &str)]) -> Result<PolicySet, Vec<PolicyError>> {

@@ -9,9 +9,9 @@ use super::{
     Ceiling, Cost, DenyRule, DomainIndex, HostCelRule, Method, PolicySet, RawTcpRule, Route, Service, FETCH_ACTION,
     SEND_ACTION,
 };
-use crate::domain::DomainPattern;
-use crate::money;
-use crate::passport::constraints::RuleDecision;
+use sluice_passport::domain::DomainPattern;
+use sluice_passport::money;
+use sluice_passport::constraints::RuleDecision;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Read;
@@ -164,19 +164,19 @@ pub(crate) fn build(files: &[(PathBuf, String)]) -> Result<PolicySet, Vec<Policy
     })
 }
 
-fn compile_host_rules(rules: &[HostCelRule]) -> Result<Option<Arc<crate::decide::CompiledRules>>, PolicyError> {
+fn compile_host_rules(rules: &[HostCelRule]) -> Result<Option<Arc<sluice_decide::CompiledRules>>, PolicyError> {
     if rules.is_empty() {
         return Ok(None);
     }
-    let cel: Vec<crate::passport::constraints::CelRule> = rules
+    let cel: Vec<sluice_passport::constraints::CelRule> = rules
         .iter()
-        .map(|r| crate::passport::constraints::CelRule {
+        .map(|r| sluice_passport::constraints::CelRule {
             expr: r.expr.clone(),
             decision: r.decision,
             reason: r.reason.clone(),
         })
         .collect();
-    crate::decide::CompiledRules::compile(&cel).map(|c| Some(Arc::new(c))).map_err(|e| {
+    sluice_decide::CompiledRules::compile(&cel).map(|c| Some(Arc::new(c))).map_err(|e| {
         let at = rules.get(e.index);
         PolicyError {
             kind: PolicyErrorKind::Invalid,

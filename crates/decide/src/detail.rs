@@ -4,7 +4,7 @@
 //! the figures and what would help. It is also written to the attestation log, so anything echoed
 //! from a request or a passport is cut to a bounded length here.
 
-use crate::passport::SpendWindow;
+use sluice_passport::SpendWindow;
 
 /// Longest echo of a request or passport string (an action, a host, an expression) in a detail.
 pub const MAX_ECHO_CHARS: usize = 200;
@@ -12,9 +12,9 @@ pub const MAX_ECHO_CHARS: usize = 200;
 pub const MAX_LIST_ITEMS: usize = 10;
 
 /// `$1234.05`, `$0.00042`: integer millicents as dollars with the fraction they have, never
-/// rounded and never through a float (see [`crate::money::dollars`]).
+/// rounded and never through a float (see [`sluice_passport::money::dollars`]).
 pub fn money(millicents: u64) -> String {
-    crate::money::dollars(millicents)
+    sluice_passport::money::dollars(millicents)
 }
 
 /// `Daily`, `Weekly`, `Monthly`: the window as the first word of a sentence.

@@ -77,8 +77,8 @@ mod tests;
 pub use error::{PolicyError, PolicyErrorKind};
 pub use meter::{MeterKind, MeterSpec, ModelPrice, PriceTable, Usage, UsageScanner};
 
-use crate::domain::{DomainName, DomainPattern};
-use crate::passport::constraints::RuleDecision;
+use sluice_passport::domain::{DomainName, DomainPattern};
+use sluice_passport::constraints::RuleDecision;
 use path::{PathPattern, RequestPath};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -117,11 +117,11 @@ pub enum HostVerdict {
     Deny { reason: String, detail: String },
 }
 
-impl From<HostVerdict> for crate::decide::HostVerdict {
+impl From<HostVerdict> for sluice_decide::HostVerdict {
     fn from(v: HostVerdict) -> Self {
         match v {
-            HostVerdict::Allow => crate::decide::HostVerdict::Allow,
-            HostVerdict::Deny { reason, detail } => crate::decide::HostVerdict::Deny { reason, detail },
+            HostVerdict::Allow => sluice_decide::HostVerdict::Allow,
+            HostVerdict::Deny { reason, detail } => sluice_decide::HostVerdict::Deny { reason, detail },
         }
     }
 }
@@ -245,7 +245,7 @@ pub struct PolicySet {
     ceilings: Vec<Ceiling>,
     rules: Vec<HostCelRule>,
     /// `rules`, compiled for the decision engine when the set was built.
-    compiled_rules: Option<Arc<crate::decide::CompiledRules>>,
+    compiled_rules: Option<Arc<sluice_decide::CompiledRules>>,
     raw_tcp: Vec<RawTcpRule>,
     fetch: Arc<str>,
     send: Arc<str>,
@@ -340,8 +340,8 @@ impl PolicySet {
                 detail: format!(
                     "This action costs {}, above the host-wide ceiling of {} per action set in {}:{} \
                      (host.ceilings.max_per_action_cents)",
-                    crate::money::dollars(cost_millicents),
-                    crate::money::dollars(c.max_per_action_millicents),
+                    sluice_passport::money::dollars(cost_millicents),
+                    sluice_passport::money::dollars(c.max_per_action_millicents),
                     c.file.display(),
                     c.line
                 ),
@@ -366,8 +366,8 @@ impl PolicySet {
     }
 
     /// Host-wide CEL rules, in file order.
-    /// The host rules compiled for [`crate::decide::EvalOptions::host_rules`]; `None` without rules.
-    pub fn compiled_host_rules(&self) -> Option<Arc<crate::decide::CompiledRules>> {
+    /// The host rules compiled for [`sluice_decide::EvalOptions::host_rules`]; `None` without rules.
+    pub fn compiled_host_rules(&self) -> Option<Arc<sluice_decide::CompiledRules>> {
         self.compiled_rules.clone()
     }
 

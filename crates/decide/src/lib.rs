@@ -24,7 +24,7 @@
 //! | 12 | `approval_required` — `core:approval:required` | request_hold `approval_required` |
 //! | 13 | `approval_threshold` — cost > `core:cost:approval_threshold` | request_hold `approval_threshold_exceeded` |
 //!
-//! Money is integer millicents (see [`crate::money`]): the request's cost, the counters and the
+//! Money is integer millicents (see [`sluice_passport::money`]): the request's cost, the counters and the
 //! spend figures; passport limits (whole cents) are compared × 1000, exactly. Details print
 //! dollars with the fraction (`$0.00042`).
 //!
@@ -59,8 +59,8 @@ pub use engine::{evaluate, reset, state_view, RateView, ResetError, ResetWindow,
 pub use settle::{settle, Settled, SettledSpend};
 pub use usage::{Usage, UsageError};
 
-use crate::domain::DomainName;
-use crate::passport::{Passport, PassportId};
+use sluice_passport::domain::DomainName;
+use sluice_passport::{Passport, PassportId};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
@@ -226,7 +226,7 @@ pub struct Evaluation {
     pub rule_index: Option<usize>,
     /// The passport's cumulative window, its start, the spend in it after this decision, and
     /// what this decision added (0 unless allowed), in millicents: for the attestation record.
-    pub spend_window: crate::passport::SpendWindow,
+    pub spend_window: sluice_passport::SpendWindow,
     pub spend_window_start: DateTime<Utc>,
     pub spend_after_millicents: u64,
     pub spend_delta_millicents: u64,
