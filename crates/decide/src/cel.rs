@@ -52,12 +52,12 @@
 
 use super::usage::WindowCounter;
 use super::ActionRequest;
-use sluice_passport::money::cents_up;
-use sluice_passport::constraints::{CelRule, RuleDecision};
-use sluice_passport::{Passport, SpendWindow};
 use cel::common::ast::{EntryExpr, Expr};
 use cel::{Context, Env, IdedExpr, Program, Value};
 use chrono::{DateTime, Utc};
+use sluice_passport::constraints::{CelRule, RuleDecision};
+use sluice_passport::money::cents_up;
+use sluice_passport::{Passport, SpendWindow};
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, OnceLock};

@@ -7,12 +7,12 @@ use super::usage::{self, SpendCounter, Usage, UsageError, WindowCounter};
 use super::{
     guardrail, reason, ActionRequest, CompiledPassport, Decision, EvalOptions, Evaluation, Guardrail, HostVerdict,
 };
-use sluice_passport::money::MAX_MILLICENTS;
-use sluice_passport::constraints::RuleDecision;
-use sluice_passport::Cents;
-use sluice_passport::{PassportError, SpendWindow, DEFAULT_SKEW_SECS};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
+use sluice_passport::constraints::RuleDecision;
+use sluice_passport::money::MAX_MILLICENTS;
+use sluice_passport::Cents;
+use sluice_passport::{PassportError, SpendWindow, DEFAULT_SKEW_SECS};
 
 /// Longest action name accepted (as long as the longest permission).
 const MAX_ACTION_LEN: usize = 128;

@@ -59,10 +59,10 @@ pub use engine::{evaluate, reset, state_view, RateView, ResetError, ResetWindow,
 pub use settle::{settle, Settled, SettledSpend};
 pub use usage::{Usage, UsageError};
 
-use sluice_passport::domain::DomainName;
-use sluice_passport::{Passport, PassportId};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sluice_passport::domain::DomainName;
+use sluice_passport::{Passport, PassportId};
 
 /// Stable decision reasons produced by this engine (CEL rules add their own).
 pub mod reason {

@@ -19,9 +19,9 @@
 //! `spend_delta_millicents` adds up exactly.
 
 use super::usage::{window_start, Usage, WindowCounter};
+use chrono::{DateTime, Utc};
 use sluice_passport::money::MAX_MILLICENTS;
 use sluice_passport::SpendWindow;
-use chrono::{DateTime, Utc};
 
 /// The spend counter after a settlement, for the record's spend fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,11 +3,11 @@
 
 use super::usage::{SpendCounter, WindowCounter};
 use super::*;
-use sluice_passport::constraints::{CelRule, RuleDecision};
-use sluice_passport::{Claims, SpendWindow};
 use chrono::TimeZone;
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
+use sluice_passport::constraints::{CelRule, RuleDecision};
+use sluice_passport::{Claims, SpendWindow};
 
 const PID: &str = "pp_0123456789abcdef0123456789abcdef";
 

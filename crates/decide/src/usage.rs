@@ -30,10 +30,10 @@
 //!   budget.
 
 use super::rate::GcraState;
-use sluice_passport::money::MAX_MILLICENTS;
-use sluice_passport::SpendWindow;
 use chrono::{DateTime, Datelike, Days, NaiveDate, NaiveTime, Utc};
 use serde::{Deserialize, Serialize};
+use sluice_passport::money::MAX_MILLICENTS;
+use sluice_passport::SpendWindow;
 
 /// The format version this code writes (money in millicents).
 pub const USAGE_VERSION: u32 = 2;
@@ -268,10 +268,10 @@ pub fn window_end(window: SpendWindow, start: DateTime<Utc>) -> DateTime<Utc> {
 /// Version 1: the same shape with spend in whole cents. Read only, to migrate.
 mod v1 {
     use super::{RateState, UsageError};
-    use sluice_passport::money;
-    use sluice_passport::SpendWindow;
     use chrono::{DateTime, Utc};
     use serde::Deserialize;
+    use sluice_passport::money;
+    use sluice_passport::SpendWindow;
 
     #[derive(Debug, Clone, Copy, Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -334,8 +334,8 @@ mod v1 {
 }
 
 mod window_serde {
-    use sluice_passport::SpendWindow;
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use sluice_passport::SpendWindow;
 
     pub fn serialize<S: Serializer>(w: &SpendWindow, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(w.as_str())

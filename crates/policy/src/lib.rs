@@ -77,9 +77,9 @@ mod tests;
 pub use error::{PolicyError, PolicyErrorKind};
 pub use meter::{MeterKind, MeterSpec, ModelPrice, PriceTable, Usage, UsageScanner};
 
-use sluice_passport::domain::{DomainName, DomainPattern};
-use sluice_passport::constraints::RuleDecision;
 use path::{PathPattern, RequestPath};
+use sluice_passport::constraints::RuleDecision;
+use sluice_passport::domain::{DomainName, DomainPattern};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};

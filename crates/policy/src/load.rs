@@ -9,10 +9,10 @@ use super::{
     Ceiling, Cost, DenyRule, DomainIndex, HostCelRule, Method, PolicySet, RawTcpRule, Route, Service, FETCH_ACTION,
     SEND_ACTION,
 };
+use sha2::{Digest, Sha256};
+use sluice_passport::constraints::RuleDecision;
 use sluice_passport::domain::DomainPattern;
 use sluice_passport::money;
-use sluice_passport::constraints::RuleDecision;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Read;
 use std::ops::Range;

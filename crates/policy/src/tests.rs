@@ -1,8 +1,8 @@
 //! Policy loading, errors with positions, lookups and reloads.
 
 use super::*;
-use sluice_passport::domain::DomainName;
 use proptest::prelude::*;
+use sluice_passport::domain::DomainName;
 
 fn name(s: &str) -> DomainName {
     DomainName::parse(s).unwrap()
