@@ -1,7 +1,7 @@
 //! The host's Ed25519 signing key: it signs every checkpoint of the attestation log, so anyone
 //! holding `host.pub` can verify exports and portable attestations offline.
 //!
-//! Files in the state directory, written and read through [`crate::keyfile`]:
+//! Files in the state directory, written and read through [`sluice_files::keyfile`]:
 //! - `host.key`: PKCS#8 v1 PEM private key, mode 0600 (`openssl pkey -in host.key` reads it). Created
 //!   exclusively, so a crash never leaves a half-written key and two daemons racing never overwrite
 //!   each other's key (the loser uses the winner's). A key file readable or writable by group or
@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
-use crate::files::Links;
-use crate::keyfile::{self, KeyFileError};
+use sluice_files::files::Links;
+use sluice_files::keyfile::{self, KeyFileError};
 
 pub const KEY_FILE: &str = "host.key";
 pub const PUB_FILE: &str = "host.pub";
@@ -85,7 +85,7 @@ impl HostKey {
 /// `host.pub`, and two hosts (or one host after a key change) never share an origin.
 pub fn origin_for(key: &VerifyingKey) -> String {
     let digest = Sha256::digest(key.as_bytes());
-    format!("sluice/{}", crate::ledger::hex::encode(&digest[..8]))
+    format!("sluice/{}", crate::hex::encode(&digest[..8]))
 }
 
 /// Loads `state_dir/host.key`, creating it (and `host.pub`) if it does not exist.
@@ -120,7 +120,7 @@ fn create_private(key_path: &Path) -> Result<SigningKey, HostKeyError> {
     match keyfile::write_signing_key(key_path, &signing) {
         Ok(()) => Ok(signing),
         // Another daemon created it meanwhile: use theirs.
-        Err(KeyFileError::File(crate::files::FileError::Exists { .. })) => load_private(key_path),
+        Err(KeyFileError::File(sluice_files::files::FileError::Exists { .. })) => load_private(key_path),
         Err(e) => Err(e.into()),
     }
 }
@@ -131,7 +131,7 @@ fn ensure_public(key_path: &Path, pub_path: &Path, vk: &VerifyingKey) -> Result<
         Err(e) if e.is_not_found() => match keyfile::write_public_key(pub_path, vk) {
             Ok(()) => return Ok(()),
             // Written meanwhile by another daemon: check theirs.
-            Err(KeyFileError::File(crate::files::FileError::Exists { .. })) => {
+            Err(KeyFileError::File(sluice_files::files::FileError::Exists { .. })) => {
                 keyfile::load_public_key_at(pub_path, Links::Refuse)?
             }
             Err(e) => return Err(e.into()),
@@ -148,7 +148,7 @@ fn ensure_public(key_path: &Path, pub_path: &Path, vk: &VerifyingKey) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::FileError;
+    use sluice_files::files::FileError;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     #[test]
@@ -222,7 +222,7 @@ mod tests {
             old.to_pkcs8_pem(LineEnding::LF).unwrap()
         };
         assert!(v2.starts_with("-----BEGIN PRIVATE KEY-----\nMFECAQEw"), "not v2: {}", v2.as_str());
-        crate::files::create_new(&dir.path().join(KEY_FILE), v2.as_bytes(), 0o600).unwrap();
+        sluice_files::files::create_new(&dir.path().join(KEY_FILE), v2.as_bytes(), 0o600).unwrap();
         let key = load_or_create(dir.path()).unwrap();
         assert_eq!(key.verifying_key(), old.verifying_key());
         // The file is left as it was (never rewritten), and host.pub is derived from it.

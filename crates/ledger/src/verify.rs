@@ -41,7 +41,7 @@ use super::record::{
     self, v1, FIELD_CHAIN, FIELD_KIND, FIELD_LOG_INDEX, FIELD_PREV_HASH, FIELD_SEQ, FIELD_SPEND_AFTER,
     FIELD_SPEND_DELTA, FIELD_SPEND_WINDOW_START, FIELD_VERSION, FIELD_WINDOW, KIND_COUNTER_RESET,
 };
-use crate::money::signed_dollars;
+use sluice_passport::money::signed_dollars;
 
 /// Bound on a document given to [`verify_document`].
 pub const MAX_DOCUMENT_BYTES: usize = 1 << 30;

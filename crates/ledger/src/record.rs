@@ -206,7 +206,7 @@ mod tests {
         .unwrap();
         let v: Value = serde_json::from_slice(&b.canonical).unwrap();
         assert_eq!(v["seq"], 1);
-        assert_eq!(v["prev_hash"], crate::ledger::hex::encode(&a.leaf_hash));
+        assert_eq!(v["prev_hash"], crate::hex::encode(&a.leaf_hash));
         assert_eq!(v["time"], "2024-05-05T10:00:00Z");
     }
 

@@ -748,7 +748,8 @@ const V1_HOST_PUB: &str = include_str!("testdata/v1-host.pub");
 
 #[test]
 fn an_export_written_in_cents_still_verifies() {
-    let host = crate::keyfile::parse_public_key(Path::new("testdata/v1-host.pub"), V1_HOST_PUB).expect("host key");
+    let host =
+        sluice_files::keyfile::parse_public_key(Path::new("testdata/v1-host.pub"), V1_HOST_PUB).expect("host key");
     let report = verify::verify_document(V1_EXPORT, &host, None);
     assert!(report.is_ok(), "{}", problems(&report));
     assert_eq!((report.records_checked, report.chains_checked), (10, 2));

@@ -228,7 +228,7 @@ fn parse_body(body: &str) -> Result<Checkpoint, NoteError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::merkle::{empty_root, leaf_hash};
+    use crate::merkle::{empty_root, leaf_hash};
 
     fn cp(key: &HostKey, size: u64) -> Checkpoint {
         Checkpoint { origin: key.origin().to_string(), size, root: leaf_hash(&size.to_be_bytes()) }

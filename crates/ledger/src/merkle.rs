@@ -433,7 +433,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn hx(s: &str) -> Vec<u8> {
-        crate::ledger::hex::decode(s).expect("test vector hex")
+        crate::hex::decode(s).expect("test vector hex")
     }
 
     fn h32(s: &str) -> Hash {

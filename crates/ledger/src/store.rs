@@ -38,9 +38,9 @@ use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::sync::{block_on, oneshot, Permit, Permits};
 use ed25519_dalek::VerifyingKey;
 use redb::{Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, Table, TableDefinition};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::checkpoint::{self, Checkpoint, SignedCheckpoint};
 use super::hostkey::HostKey;
@@ -350,13 +350,13 @@ trait Finish: Send {
 struct TransactWork<F, T> {
     f: F,
     reply: TransactReply<T>,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Permit>,
 }
 
 struct TransactFinish<T> {
     value: T,
     reply: TransactReply<T>,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Permit>,
 }
 
 impl<F, T> Work for TransactWork<F, T>
@@ -418,7 +418,7 @@ struct Inner {
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    permits: Arc<Semaphore>,
+    permits: Arc<Permits>,
     /// The writer thread (which must never wait for itself).
     writer_id: Option<std::thread::ThreadId>,
     public: VerifyingKey,
@@ -521,7 +521,7 @@ impl Ledger {
                 jobs: tx,
                 writer_id: Some(handle.thread().id()),
                 writer: Mutex::new(Some(handle)),
-                permits: Arc::new(Semaphore::new(opts.max_queued.max(1))),
+                permits: Arc::new(Permits::new(opts.max_queued.max(1))),
                 public,
                 origin,
             }),
@@ -555,7 +555,7 @@ impl Ledger {
     {
         let (reply, rx) = oneshot::channel();
         self.submit(Box::new(TransactWork { f, reply, permit: None }))?;
-        rx.blocking_recv().map_err(|_| LedgerError::Closed)?
+        block_on(rx).map_err(|_| LedgerError::Closed)?
     }
 
     fn submit(&self, work: Box<dyn Work>) -> Result<(), LedgerError> {

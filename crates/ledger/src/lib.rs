@@ -40,6 +40,7 @@ pub mod journal;
 pub mod merkle;
 pub mod record;
 pub mod store;
+mod sync;
 pub mod verify;
 
 #[cfg(test)]
