@@ -6,6 +6,7 @@
 // The layers below the daemon, under the names the daemon's modules use.
 pub use sluice_decide as decide;
 pub use sluice_files::{files, keyfile};
+pub use sluice_kernel as kernel;
 pub use sluice_ledger as ledger;
 pub use sluice_passport as passport;
 pub use sluice_passport::{domain, money};
@@ -16,7 +17,6 @@ pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod intercept;
-pub mod kernel;
 pub mod metrics;
 pub mod proxy;
 pub mod sdnotify;

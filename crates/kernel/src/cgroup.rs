@@ -317,7 +317,7 @@ impl Cgroup {
     ///
     /// ```no_run
     /// # use std::os::unix::process::CommandExt;
-    /// # fn f(cg: &sluice::kernel::Cgroup) -> Result<(), Box<dyn std::error::Error>> {
+    /// # fn f(cg: &sluice_kernel::Cgroup) -> Result<(), Box<dyn std::error::Error>> {
     /// let mut cmd = std::process::Command::new("curl");
     /// let join = cg.join_before_exec()?;
     /// // SAFETY: the hook only calls write(2) on an fd opened beforehand.

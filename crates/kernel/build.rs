@@ -44,7 +44,7 @@ fn multiarch_include(clang: &str) -> Option<PathBuf> {
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into()));
-    let ebpf_dir = manifest.join("../ebpf");
+    let ebpf_dir = manifest.join("../../ebpf");
     let src = ebpf_dir.join("sluice.bpf.c");
     let header = ebpf_dir.join("sluice.h");
     println!("cargo:rerun-if-changed={}", src.display());

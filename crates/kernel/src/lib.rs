@@ -12,15 +12,15 @@
 //!   the destination the agent dialed, its pid and cgroup id.
 //! * [`Cgroup`] creates sandboxes below the agents cgroup and moves processes
 //!   into them (a socket's cgroup is fixed at creation: join, then exec).
-//! * [`probe`] holds stand-ins for the proxy and resolver, for the kernel suites that test the
-//!   redirect without them.
+//! * [`process`] holds pidfds, `/proc` identities and signal dispositions: the daemon's other
+//!   raw syscalls, so that the daemon crate itself needs no `unsafe`.
 
 pub mod abi;
 pub mod cgroup;
 pub mod conntable;
 pub mod detach;
 pub mod loader;
-pub mod probe;
+pub mod process;
 mod sys;
 
 use std::io;

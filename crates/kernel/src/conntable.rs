@@ -71,7 +71,9 @@ pub struct Conntable {
 }
 
 impl Conntable {
-    pub(crate) fn new(map: OwnedFd) -> Self {
+    /// A table over an open map descriptor (the loader's or a pin's). Any other descriptor makes
+    /// every lookup fail, counted as an error and a miss (the daemon's metrics tests use that).
+    pub fn new(map: OwnedFd) -> Self {
         Self { map, udp: None, hits: AtomicU64::new(0), misses: AtomicU64::new(0), errors: AtomicU64::new(0) }
     }
 

@@ -1,6 +1,6 @@
-//! Stand-ins for the proxy and the resolver, until the real ones exist (and
-//! for the kernel test suites afterwards): they prove where redirected
-//! traffic lands without speaking HTTP.
+//! Stand-ins for the proxy and the resolver, for the kernel test suites: they
+//! prove where redirected traffic lands without speaking HTTP. (Test code: it
+//! lives here, not in the shipped sluice-kernel crate.)
 //!
 //! * [`Probe`] accepts on `127.0.0.1:port` and `[::1]:port`, looks every
 //!   accepted connection up in the [`Conntable`], reports it and closes it.
@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 
-use super::conntable::{Conntable, OrigDst, Transport};
+use sluice::kernel::conntable::{Conntable, OrigDst, Transport};
 
 /// Back-off after a failed `accept` (e.g. EMFILE), so a flood cannot spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);

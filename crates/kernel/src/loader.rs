@@ -38,7 +38,7 @@ use super::conntable::Conntable;
 use super::detach::PinnedState;
 use super::{sys, KernelConfig, KernelError};
 
-/// The compiled object (built by `daemon/build.rs` from `ebpf/sluice.bpf.c`).
+/// The compiled object (built by `crates/kernel/build.rs` from `ebpf/sluice.bpf.c`).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice.bpf.o"));
 
 #[derive(Clone, Copy, Debug)]

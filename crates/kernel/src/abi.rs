@@ -128,7 +128,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let src = dir.path().join("layout.c");
         let bin = dir.path().join("layout");
-        let header_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ebpf");
+        let header_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ebpf");
         std::fs::write(
             &src,
             r#"
