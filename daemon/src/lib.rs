@@ -3,6 +3,8 @@
 //! See ARCHITECTURE.md for the map. A request's path: `kernel` → `proxy` → `policy` → `decide` →
 //! `ledger`; around it `passport`, `api`, `config`, `cli`.
 
+#![forbid(unsafe_code)]
+
 // The layers below the daemon, under the names the daemon's modules use.
 pub use sluice_decide as decide;
 pub use sluice_files::{files, keyfile};

@@ -1,4 +1,4 @@
-//! [`evaluate`]: the checks of BRIEF §4 in order; [`state_view`] and [`reset`] for the state API.
+//! [`evaluate`]: the checks of docs/decisions.md ("Order of checks") in order; [`state_view`] and [`reset`] for the state API.
 
 use super::cel::{RuleInput, RulesOutcome};
 use super::detail::{echo, list, money, window_title};

@@ -6,7 +6,7 @@
 //! time, and, only if the decision is [`Decision::Allow`], stores [`Evaluation::usage_after`] in
 //! the same transaction as the attestation record. A blocked or held request changes nothing.
 //!
-//! # Evaluation order (BRIEF §4)
+//! # Evaluation order (docs/decisions.md)
 //! Each step is one [`Guardrail`] entry, in this order; the first that fails decides, and later
 //! steps are not evaluated (nor listed).
 //!
@@ -46,6 +46,10 @@
 //! [`EvalOptions::skip_approval`]: every limit is re-checked at the approval time (and the request
 //! counted then), but steps 12 and 13 and CEL rules whose decision is `request_hold` pass, since
 //! they ask for exactly the approval that was given. CEL `block` rules still apply.
+
+#![forbid(unsafe_code)]
+// No panics in shipped code: errors are values (tests may unwrap).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 pub mod cel;
 pub mod detail;

@@ -4,5 +4,9 @@
 //!
 //! Must not: know what a key is used for (passports, the ledger, the CA), or do network I/O.
 
+#![forbid(unsafe_code)]
+// No panics in shipped code: errors are values (tests may unwrap).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
 pub mod files;
 pub mod keyfile;

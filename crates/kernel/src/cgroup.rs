@@ -116,9 +116,9 @@ fn check_relative(rel: &str) -> Result<PathBuf, KernelError> {
 fn systemd_slice_path(name: &str) -> PathBuf {
     let unit = name.strip_suffix(".slice").unwrap_or(name);
     let mut path = PathBuf::new();
-    let parts: Vec<&str> = unit.split('-').collect();
-    for i in 1..parts.len() {
-        path.push(format!("{}.slice", parts[..i].join("-")));
+    // Every proper prefix ending before a '-': `a`, then `a-b`, ...
+    for (i, _) in unit.match_indices('-') {
+        path.push(format!("{}.slice", unit.get(..i).unwrap_or_default()));
     }
     path.push(format!("{unit}.slice"));
     path

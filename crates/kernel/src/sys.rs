@@ -29,11 +29,19 @@ impl Attr {
     fn new() -> Self {
         Self([0; 64])
     }
+    /// Offsets are constants of the kernel ABI, all inside the 64 bytes; one out of range is a
+    /// bug here, and writes nothing rather than panic.
+    fn put(&mut self, off: usize, bytes: &[u8]) {
+        let end = off.saturating_add(bytes.len());
+        if let Some(dst) = self.0.get_mut(off..end) {
+            dst.copy_from_slice(bytes);
+        }
+    }
     fn put_u32(&mut self, off: usize, v: u32) {
-        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+        self.put(off, &v.to_ne_bytes());
     }
     fn put_u64(&mut self, off: usize, v: u64) {
-        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+        self.put(off, &v.to_ne_bytes());
     }
 }
 
@@ -85,9 +93,10 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     attr.put_u32(4, info.0.len() as u32);
     attr.put_u64(8, info.0.as_mut_ptr() as u64);
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    let u32_at = |o: usize| u32::from_ne_bytes([info.0[o], info.0[o + 1], info.0[o + 2], info.0[o + 3]]);
-    let mut cg = [0u8; 8];
-    cg.copy_from_slice(&info.0[16..24]);
+    // The offsets are the kernel's `struct bpf_link_info`, all inside the 32 bytes.
+    let u32_at =
+        |o: usize| info.0.get(o..o.saturating_add(4)).and_then(|b| b.try_into().ok()).map_or(0, u32::from_ne_bytes);
+    let cg: [u8; 8] = info.0.get(16..24).and_then(|b| b.try_into().ok()).unwrap_or_default();
     Ok(LinkInfo {
         link_type: u32_at(0),
         id: u32_at(4),

@@ -32,6 +32,12 @@
 //! - A checkpoint is signed at least once per `checkpoint_interval` while the log grows, and its
 //!   root is computed from the same write transaction that commits it.
 
+#![forbid(unsafe_code)]
+// No panics in shipped code: errors are values (tests may unwrap). `indexing_slicing` is not
+// denied here yet: the byte parsers (journal, checkpoint notes, canonical JSON, hex) index
+// after explicit length checks, 32 sites to rewrite with `get`/patterns in a follow-up.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
 pub mod canonical;
 pub mod checkpoint;
 pub mod export;

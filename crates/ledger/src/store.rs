@@ -467,7 +467,7 @@ impl Ledger {
     /// Opens (or creates) the store at `path`, checks it is coherent, and starts the writer.
     pub fn open(path: &Path, host_key: HostKey, opts: LedgerOptions) -> Result<Ledger, LedgerError> {
         // redb's page cache defaults to 1 GiB and fills with every record ever read or written;
-        // the daemon's memory must stay bounded (BRIEF §8), and its hot state is small.
+        // the daemon's memory must stay bounded, and its hot state is small.
         let db = match redb::Builder::new().set_cache_size(opts.cache_bytes).create(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {

@@ -618,7 +618,7 @@ fn check_chains(report: &mut VerifyReport, records: &[Parsed], must_start_at_zer
     chains.len()
 }
 
-/// Recomputes spend for one record (see the module docs of `ledger` and BRIEF §6).
+/// Recomputes spend for one record (see the crate docs and docs/records.md, "What `sluice audit verify` checks").
 ///
 /// When the export does not start at the chain's first record (a `since` filter), the first
 /// record seen in each window sets the baseline instead of being checked.

@@ -142,7 +142,7 @@ impl Permission {
     }
 }
 
-/// How much a verifier must trust the issuer (BRIEF §3).
+/// How much a verifier must trust the issuer (docs/passports.md, "Trust tiers").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum TrustTier {
     /// Any valid issuer.

@@ -1,9 +1,13 @@
 //! Passports: Ed25519-signed JWTs that carry an agent's identity, permissions and constraints.
 //!
 //! Owns the token format (a narrow compact JWS, [`jws`]), the claims and their validation
-//! ([`claims`], [`constraints`]), issuer identities, and the verification rules of BRIEF §3.
+//! ([`claims`], [`constraints`]), issuer identities, and the verification rules of docs/passports.md.
 //! Knows nothing of sockets, the kernel or the store: the daemon passes in what it knows (pinned
 //! issuers, revocations, the time), so the same code serves the CLI, the daemon and a future gate.
+
+#![forbid(unsafe_code)]
+// No panics in shipped code: errors are values (tests may unwrap).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 pub mod b64;
 pub mod claims;

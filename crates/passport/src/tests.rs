@@ -1,4 +1,4 @@
-//! Attacks on passport verification (BRIEF §3), each with a token crafted here.
+//! Attacks on passport verification (docs/passports.md, "What verification rejects"), each with a token crafted here.
 
 use super::*;
 use ed25519_dalek::{Signer, Verifier as _, VerifyingKey};

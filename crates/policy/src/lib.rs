@@ -1,5 +1,5 @@
 //! Host policy: which action a request is and what it costs, plus the rules that bind every agent
-//! on this host whatever its passport says (BRIEF §4, `policy` in the spine).
+//! on this host whatever its passport says (docs/decisions.md, "Order of checks").
 //!
 //! Policies live in `policies_dir` (config), one TOML file per service, plus host-wide rules. Only
 //! `*.toml` files directly in the directory are read (not hidden ones, not subdirectories), in
@@ -66,6 +66,10 @@
 //! order: its file name, one zero byte, its length as a big-endian u64, its bytes. It is the same
 //! wherever the directory lives and changes whenever a file that takes part changes.
 
+#![forbid(unsafe_code)]
+// No panics in shipped code: errors are values (tests may unwrap).
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
 mod error;
 mod load;
 pub mod meter;
@@ -87,7 +91,7 @@ use std::sync::{Arc, RwLock};
 /// The action of a request no route matched, by method.
 pub const FETCH_ACTION: &str = "web:fetch";
 pub const SEND_ACTION: &str = "web:send";
-/// The decision reason for host-policy refusals (BRIEF §4).
+/// The decision reason for host-policy refusals (docs/decisions.md, "Stable reasons").
 pub const POLICY_DENIED: &str = "policy_denied";
 
 /// What a request costs.

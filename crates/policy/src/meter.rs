@@ -3,7 +3,7 @@
 //!
 //! Everything here is pure (no I/O) and bounded: the [`UsageScanner`] is fed response chunks as
 //! they stream past and keeps a fixed-size state (no heap at all), whatever the body's size or
-//! shape, so it can sit in the forwarding path without ever buffering a body (BRIEF §8).
+//! shape, so it can sit in the forwarding path without ever buffering a body (memory per connection stays bounded).
 //!
 //! ## Estimate ([`estimate`])
 //! `input tokens ≈ ⌈body length / 4⌉` (about four bytes of JSON per token of English text; images
@@ -98,9 +98,8 @@ impl PriceTable {
             .filter(|p| {
                 let name = p.name.as_bytes();
                 let m = model.as_bytes();
-                m.len() >= name.len()
-                    && m[..name.len()].eq_ignore_ascii_case(name)
-                    && (m.len() == name.len() || m[name.len()] == b'-')
+                m.get(..name.len()).is_some_and(|head| head.eq_ignore_ascii_case(name))
+                    && matches!(m.get(name.len()), None | Some(b'-'))
             })
             .max_by_key(|p| p.name.len())
             .unwrap_or(&self.unknown)
