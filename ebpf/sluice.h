@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
  * Types shared by the eBPF programs (sluice.bpf.c) and the daemon
- * (daemon/src/kernel/abi.rs mirrors them with #[repr(C)]).
+ * (crates/kernel/src/abi.rs mirrors them with #[repr(C)]).
  *
  * Any change here is an ABI change: bump SLUICE_ABI_VERSION so that a new
  * daemon pins fresh maps instead of reusing maps of the old layout, and update

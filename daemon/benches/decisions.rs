@@ -1,6 +1,6 @@
 //! `cargo xtask bench decisions`: decisions per second and latency through the service (cached
 //! passport + evaluation + counter update + durable group-committed record), at several
-//! concurrencies. BRIEF §8 target: ≥ 20,000/s on 2 cores, p99 < 2 ms.
+//! concurrencies. Target (docs/testing.md, Targets): ≥ 20,000/s on 2 cores, p99 < 2 ms.
 
 use sluice::api::peer::Peer;
 use sluice::ledger::{hostkey::HostKey, Ledger, LedgerOptions};

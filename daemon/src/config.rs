@@ -1,4 +1,4 @@
-//! `sluice.toml`: the daemon's configuration (BRIEF §1).
+//! `sluice.toml`: the daemon's configuration (every key: docs/configuration.md).
 //!
 //! Strict: an unknown key anywhere is an error naming the key, line and file, because a misspelt
 //! setting that is silently ignored leaves an operator believing in a limit that does not exist.

@@ -3,21 +3,23 @@
 //! See ARCHITECTURE.md for the map. A request's path: `kernel` → `proxy` → `policy` → `decide` →
 //! `ledger`; around it `passport`, `api`, `config`, `cli`.
 
+#![forbid(unsafe_code)]
+
+// The layers below the daemon, under the names the daemon's modules use.
+pub use sluice_decide as decide;
+pub use sluice_files::{files, keyfile};
+pub use sluice_kernel as kernel;
+pub use sluice_ledger as ledger;
+pub use sluice_passport as passport;
+pub use sluice_passport::{domain, money};
+pub use sluice_policy as policy;
+
 pub mod api;
 pub mod cli;
 pub mod config;
-pub mod decide;
 pub mod dns;
-pub mod domain;
-pub mod files;
 pub mod intercept;
-pub mod kernel;
-pub mod keyfile;
-pub mod ledger;
 pub mod metrics;
-pub mod money;
-pub mod passport;
-pub mod policy;
 pub mod proxy;
 pub mod sdnotify;
 pub mod service;

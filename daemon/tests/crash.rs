@@ -1,4 +1,4 @@
-//! Crash safety (BRIEF §4, §5): the daemon is SIGKILLed at random moments while concurrent
+//! Crash safety (durable before answered; docs/records.md, "Storage"): the daemon is SIGKILLed at random moments while concurrent
 //! clients ask for decisions. After every restart: each decision a client was *answered* is in the
 //! log as answered, the spend counters equal the sum of allowed costs in the log, and the whole log
 //! verifies offline.

@@ -1,6 +1,6 @@
 //! `cargo xtask bench proxy`: HTTPS through sluice, side by side with the same requests sent
 //! directly, through nginx as a TLS-terminating reverse proxy, and through mitmproxy (reverse
-//! mode), all against one local HTTPS upstream, in one run on one machine (BRIEF §8).
+//! mode), all against one local HTTPS upstream, in one run on one machine (targets: docs/testing.md, "Targets").
 //!
 //! * Upstream: nginx serving two static files over TLS (`/small`, 12 bytes; `/64k`, 64 KiB)
 //!   with a leaf from a test CA, on `127.0.0.1`, one worker.
@@ -637,8 +637,8 @@ fn run() -> Result<()> {
         Err(e) => o.push_str(&format!("at {IDLE_CONNECTIONS} idle connections: not measured ({e})\n")),
     }
 
-    // The targets of BRIEF §8, checked against this run.
-    o.push_str("\nBRIEF §8 targets:\n");
+    // The targets of docs/testing.md ("Targets"), checked against this run.
+    o.push_str("\ntargets (docs/testing.md):\n");
     let check = |ok: Option<bool>| match ok {
         Some(true) => "met",
         Some(false) => "NOT met",

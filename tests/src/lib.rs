@@ -12,6 +12,7 @@
 
 pub mod daemon;
 pub mod mock_llm;
+pub mod probe;
 pub mod upstream;
 
 use std::collections::HashSet;
@@ -24,7 +25,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use sluice::kernel::probe::{DnsQuery, Probe, ProbeEvent, ResolverStub};
+use crate::probe::{DnsQuery, Probe, ProbeEvent, ResolverStub};
 use sluice::kernel::{cgroup2_mount, detach_and_unpin, Cgroup, Conntable, Enforcer, KernelConfig};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 

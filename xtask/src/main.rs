@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask test | demo | deps | install | man | package | bench | test-systemd`.
+//! Project tasks: `cargo xtask test | layers | demo | deps | install | man | package | bench | test-systemd`.
 //!
 //! `test` is what CI runs: formatting, clippy with warnings as errors, then every test of the
 //! workspace (the kernel and end-to-end suites run for real as root and fail, never skip, when they
@@ -8,6 +8,7 @@ mod benchproxy;
 mod demo;
 mod deps;
 mod install;
+mod layers;
 mod package;
 mod systemd_boot;
 
@@ -21,9 +22,12 @@ usage: cargo xtask <task>
 tasks:
   test [--quick]
           every test (as root: the kernel suites, the package and systemd stages
-          need it): fmt check, clippy -D warnings, unit, CLI, kernel and end-to-end
+          need it): fmt check, layers, clippy -D warnings, unit, CLI, kernel and end-to-end
           suites, then `package --install-check` and `test-systemd` on the built
           package; --quick stops after the suites
+  layers  check the crate layering from `cargo metadata`: passport, decide,
+          policy, ledger and files use no tokio, hyper, rustls, h2 or aya; no
+          library crate depends on the daemon; ARCHITECTURE.md names every crate
   demo    run sluice's main job end to end, printing each step
   bench [decisions|proxy]
           benchmarks (release build); prints a table per benchmark. `proxy` needs
@@ -52,6 +56,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(args.get(1..).unwrap_or_default()),
+        Some("layers") => layers::run(),
         Some("demo") => demo::run(),
         Some("deps") => deps::ensure(),
         Some("install") => install::run(args.get(1..).unwrap_or_default()),
@@ -150,6 +155,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     };
     deps::ensure()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
+    layers::run()?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     // Build every binary first so the end-to-end suites find them.
     run(cargo().args(["build", "--workspace", "--bins"]))?;

@@ -1,4 +1,4 @@
-//! The local API (BRIEF §2): HTTP/1.1 + JSON over a Unix socket, for operators and the CLI.
+//! The local API (docs/api.md): HTTP/1.1 + JSON over a Unix socket, for operators and the CLI.
 //!
 //! `server` routes requests to the [`crate::service::Service`]; `peer` decides who may call at
 //! all (root or the API group, never a process inside an agent sandbox); `client` is what the CLI

@@ -1,4 +1,4 @@
-//! The local API server: HTTP/1.1 over a Unix socket (BRIEF §2).
+//! The local API server: HTTP/1.1 over a Unix socket (the contract: docs/api.md).
 //!
 //! Each connection's peer credentials are checked once, before any request is read; a refused
 //! caller gets `403` with the reason on every request. Handlers only parse and route: the work is

@@ -98,10 +98,7 @@ pub fn main() -> ExitCode {
     if !matches!(cli.command, Command::Daemon(_)) {
         // A command piped into `head` should end quietly, as Unix tools do, not panic on EPIPE.
         // The daemon keeps Rust's default (SIGPIPE ignored): a vanished peer must never kill it.
-        // SAFETY: called before any thread is started; SIG_DFL is a valid disposition.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        crate::kernel::process::default_sigpipe();
     }
     let config_explicit = cli.config.is_some();
     let config = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));

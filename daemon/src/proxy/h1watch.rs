@@ -4,7 +4,7 @@
 //! `Transfer-Encoding: chunked` it drops the length header and closes after the response; a
 //! repeated identical `Content-Length` is silently merged. The request it hands us then *looks*
 //! clean, so a check on hyper's header map cannot see the attack, and the request would be
-//! forwarded. BRIEF §7 wants these requests refused (and attested), not repaired.
+//! forwarded. Such requests are refused (and attested), never repaired.
 //!
 //! [`Watched`] wraps the agent's (decrypted) byte stream below hyper. [`Tracker`] follows the
 //! stream as HTTP/1 framing dictates (head, then a `Content-Length` or chunked body, then the

@@ -43,7 +43,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-/// The response header that carries the decision (BRIEF §4): `block; reason=<reason>;
+/// The response header that carries the decision (docs/decisions.md, "What the agent receives"): `block; reason=<reason>;
 /// attestation=<log index>` on refusals, `allow; attestation=<log index>` on forwarded
 /// responses.
 pub const DECISION_HEADER: &str = "sluice-decision";

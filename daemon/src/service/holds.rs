@@ -1,4 +1,4 @@
-//! Holds: requests that wait for a human (BRIEF §4).
+//! Holds: requests that wait for a human (docs/decisions.md, "Holds").
 //!
 //! A `request_hold` decision creates a pending hold in the same transaction as its record.
 //! Approve, deny and timeout each resolve it in one transaction that writes the resolution record

@@ -116,7 +116,7 @@ async fn enforce_takes_whole_cents_or_exact_millicents_but_not_both() {
 
 /// The log written by that version's daemon (`sluice audit export`): decisions, a hold and its
 /// approval, a counter reset, all with whole-cent fields and `"v": 1`.
-const V1_EXPORT: &str = include_str!("../ledger/testdata/v1-export.json");
+const V1_EXPORT: &str = include_str!("../../../crates/ledger/src/testdata/v1-export.json");
 
 /// The body fields (besides the writer's `chain`, `log_index`, `seq`, `prev_hash`) of a version 1
 /// record of `kind` with `decision`, as that daemon wrote them.

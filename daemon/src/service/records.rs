@@ -1,4 +1,4 @@
-//! The bodies of attestation records and of decision responses (BRIEF §2, §5).
+//! The bodies of attestation records and of decision responses (docs/records.md, docs/decisions.md).
 //!
 //! One place builds them so that what the caller is told and what the log says cannot drift apart:
 //! both come from the same [`Built`].
@@ -137,7 +137,7 @@ impl Built {
         }
     }
 
-    /// The decision JSON of BRIEF §2.
+    /// The decision JSON (docs/decisions.md, "The decision JSON").
     pub fn response(&self, attestation_id: u64) -> Value {
         let mut v = json!({
             "decision": self.decision.as_str(),

@@ -21,12 +21,13 @@ use super::records;
 use super::{now, Service, ServiceError};
 use crate::api::peer::Peer;
 use crate::decide::CompiledPassport;
+use crate::kernel::process::{pidfd_open, process_identity, wait_exit};
 use crate::kernel::Cgroup;
 use crate::ledger::{Draft, Txn};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,28 +60,6 @@ pub struct Sandbox {
     pub leader_start: Option<u64>,
     pub created_at: String,
     pub created_by: Value,
-}
-
-/// `pidfd_open(2)`: a handle on exactly this process, immune to pid reuse.
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: a plain syscall with integer arguments; the returned fd is owned by us.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this new fd to us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Field 22 of `/proc/PID/stat` (start time), and the real uid from `/proc/PID/status`.
-fn process_identity(pid: i32) -> Option<(u64, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    let after = &stat[stat.rfind(')')? + 2..];
-    let start = after.split_whitespace().nth(19)?.parse().ok()?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()?;
-    Some((start, uid))
 }
 
 impl Service {
@@ -209,16 +188,8 @@ impl Service {
     fn watch_leader(&self, pidfd: OwnedFd, sandbox: Sandbox, cgroup: Cgroup) {
         let Some(service) = self.self_arc() else { return };
         tokio::spawn(async move {
-            // SAFETY: the AsyncFd takes ownership of the OwnedFd, which stays open and refers to the
-            // same pidfd until the AsyncFd is dropped.
-            let registered =
-                unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
-            match registered {
-                Ok(fd) => {
-                    // A pidfd becomes readable when the process exits.
-                    let _ = fd.readable().await;
-                }
-                Err(e) => tracing::error!(error = %e, "cannot watch a sandbox's leader; ending the sandbox now"),
+            if let Err(e) = wait_exit(pidfd).await {
+                tracing::error!(error = %e, "cannot watch a sandbox's leader; ending the sandbox now");
             }
             let Some(cp) = service.passport(&sandbox.passport_id) else { return };
             service.end_sandbox(&cp, sandbox, cgroup, "leader_exited").await;

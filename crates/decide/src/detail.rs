@@ -1,0 +1,89 @@
+//! Wording of decision details: money, windows, and bounded echoes of request or passport data.
+//!
+//! A `detail` is read by people and by LLM agents deciding what to do next, so it names the limit,
+//! the figures and what would help. It is also written to the attestation log, so anything echoed
+//! from a request or a passport is cut to a bounded length here.
+
+use sluice_passport::SpendWindow;
+
+/// Longest echo of a request or passport string (an action, a host, an expression) in a detail.
+pub const MAX_ECHO_CHARS: usize = 200;
+/// Most list items (permissions, allowlist entries) named in one detail.
+pub const MAX_LIST_ITEMS: usize = 10;
+
+/// `$1234.05`, `$0.00042`: integer millicents as dollars with the fraction they have, never
+/// rounded and never through a float (see [`sluice_passport::money::dollars`]).
+pub fn money(millicents: u64) -> String {
+    sluice_passport::money::dollars(millicents)
+}
+
+/// `Daily`, `Weekly`, `Monthly`: the window as the first word of a sentence.
+pub fn window_title(w: SpendWindow) -> &'static str {
+    match w {
+        SpendWindow::Daily => "Daily",
+        SpendWindow::Weekly => "Weekly",
+        SpendWindow::Monthly => "Monthly",
+    }
+}
+
+/// `s`, cut to [`MAX_ECHO_CHARS`] characters with a marker saying how much was cut, and with
+/// control characters escaped so a detail stays one line.
+pub fn echo(s: &str) -> String {
+    let total = s.chars().count();
+    let mut out = String::with_capacity(s.len().min(MAX_ECHO_CHARS * 4));
+    for c in s.chars().take(MAX_ECHO_CHARS) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    if total > MAX_ECHO_CHARS {
+        out.push_str(&format!("… ({} more characters)", total - MAX_ECHO_CHARS));
+    }
+    out
+}
+
+/// `a, b, c` for up to [`MAX_LIST_ITEMS`] items, then `and N more`; `none` for an empty list.
+pub fn list<I: IntoIterator<Item = String>>(items: I) -> String {
+    let items: Vec<String> = items.into_iter().collect();
+    if items.is_empty() {
+        return "none".to_string();
+    }
+    let mut out = items.iter().take(MAX_LIST_ITEMS).map(|s| echo(s)).collect::<Vec<_>>().join(", ");
+    if items.len() > MAX_LIST_ITEMS {
+        out.push_str(&format!(" and {} more", items.len() - MAX_LIST_ITEMS));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_is_dollars_with_the_fraction() {
+        assert_eq!(money(0), "$0.00");
+        assert_eq!(money(9_950_000), "$99.50");
+        assert_eq!(money(42), "$0.00042");
+        assert_eq!(money(u64::MAX), "$184467440737095.51615");
+    }
+
+    #[test]
+    fn echoes_are_bounded_and_one_line() {
+        assert_eq!(echo("a\nb"), "a\\nb");
+        assert_eq!(echo("it's \"x\" \u{e9}"), "it's \"x\" \u{e9}");
+        let long = "x".repeat(1000);
+        let e = echo(&long);
+        assert!(e.starts_with(&"x".repeat(MAX_ECHO_CHARS)));
+        assert!(e.ends_with("(800 more characters)"), "{e}");
+    }
+
+    #[test]
+    fn lists_are_bounded() {
+        assert_eq!(list(Vec::<String>::new()), "none");
+        assert_eq!(list(["a".to_string(), "b".to_string()]), "a, b");
+        let many = (0..25).map(|i| i.to_string());
+        assert_eq!(list(many), "0, 1, 2, 3, 4, 5, 6, 7, 8, 9 and 15 more");
+    }
+}

@@ -1,0 +1,233 @@
+//! `#[repr(C)]` mirrors of `ebpf/sluice.h`, and the names the loader and the
+//! object agree on. The tests compile the header with the host C compiler and
+//! compare every size and offset, so a change on one side only fails the build.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// `SLUICE_ABI_VERSION`: maps are pinned under `<pin_dir>/v<ABI_VERSION>/`.
+pub const ABI_VERSION: u32 = 1;
+/// `SLUICE_CONNTABLE_ENTRIES`.
+pub const CONNTABLE_ENTRIES: u32 = 65536;
+/// `SLUICE_UDP_SOURCES_ENTRIES`.
+pub const UDP_SOURCES_ENTRIES: u32 = 16384;
+
+/// Globals overridden by the loader (`volatile const` in the object).
+pub const GLOBAL_PROXY_PORT: &str = "sluice_proxy_port";
+pub const GLOBAL_DNS_PORT: &str = "sluice_dns_port";
+pub const GLOBAL_HOST_NETNS: &str = "sluice_host_netns";
+
+/// Map names in the object (and pin file names).
+pub const MAP_SOCKS: &str = "sluice_socks";
+pub const MAP_CONNS: &str = "sluice_conns";
+/// UDP DNS sources: client (address, port) → the sending socket's record.
+pub const MAP_UDP_SRCS: &str = "sluice_udp_srcs";
+
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// `struct sluice_orig_dst`: what the agent dialed, and who dialed it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawOrigDst {
+    /// Network byte order; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`]: the family of the address passed to connect.
+    pub family: u8,
+    pub protocol: u8,
+    pub tgid: u32,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub sock_cookie: u64,
+}
+
+// SAFETY: plain integers and byte arrays, no padding (size 48 = sum of fields).
+unsafe impl aya::Pod for RawOrigDst {}
+
+/// `struct sluice_conn_key`: the client's local (address, port).
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RawConnKey {
+    /// Network byte order; IPv4 as `::ffff:a.b.c.d`.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// Always zero.
+    pub pad: u16,
+}
+
+// SAFETY: plain integers and byte arrays, no padding (size 20 = sum of fields).
+unsafe impl aya::Pod for RawConnKey {}
+
+impl RawConnKey {
+    /// The key sockops writes for a connection whose client end is `client`
+    /// (the peer address of the proxy's accepted socket).
+    pub fn from_client(client: SocketAddr) -> Self {
+        let addr = match client {
+            SocketAddr::V4(a) => a.ip().to_ipv6_mapped().octets(),
+            SocketAddr::V6(a) => a.ip().octets(),
+        };
+        Self { addr, port: client.port(), pad: 0 }
+    }
+}
+
+impl RawOrigDst {
+    /// The dialed address, in the family the agent used (an AF_INET6 dial of
+    /// `::ffff:a.b.c.d` stays an IPv6 socket address). `None` for a record
+    /// whose family is neither AF_INET nor AF_INET6.
+    pub fn dialed(&self) -> Option<SocketAddr> {
+        let v6 = Ipv6Addr::from(self.addr);
+        match self.family {
+            AF_INET => {
+                let v4: Ipv4Addr = v6.to_ipv4_mapped()?;
+                Some(SocketAddr::from((v4, self.port)))
+            }
+            AF_INET6 => Some(SocketAddr::from((v6, self.port))),
+            _ => None,
+        }
+    }
+
+    /// Bytes as the kernel stores them (tests and tools).
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: repr(C) with no padding (asserted below); any byte is valid.
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
+    }
+}
+
+// Same numbers as the _Static_assert lines in sluice.h.
+const _: () = {
+    use std::mem::offset_of;
+    assert!(size_of::<RawOrigDst>() == 48);
+    assert!(offset_of!(RawOrigDst, addr) == 0);
+    assert!(offset_of!(RawOrigDst, port) == 16);
+    assert!(offset_of!(RawOrigDst, family) == 18);
+    assert!(offset_of!(RawOrigDst, protocol) == 19);
+    assert!(offset_of!(RawOrigDst, tgid) == 20);
+    assert!(offset_of!(RawOrigDst, cgroup_id) == 24);
+    assert!(offset_of!(RawOrigDst, netns_cookie) == 32);
+    assert!(offset_of!(RawOrigDst, sock_cookie) == 40);
+    assert!(size_of::<RawConnKey>() == 20);
+    assert!(offset_of!(RawConnKey, addr) == 0);
+    assert!(offset_of!(RawConnKey, port) == 16);
+    assert!(offset_of!(RawConnKey, pad) == 18);
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::offset_of;
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Compiles a tiny C program against `ebpf/sluice.h` and returns its
+    /// output: `name value` lines for every size, offset and constant.
+    fn c_layout() -> std::collections::HashMap<String, u64> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("layout.c");
+        let bin = dir.path().join("layout");
+        let header_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ebpf");
+        std::fs::write(
+            &src,
+            r#"
+#include <stdio.h>
+#include <stddef.h>
+#include "sluice.h"
+#define P(n, v) printf("%s %llu\n", n, (unsigned long long)(v))
+#define O(s, f) P(#s "." #f, offsetof(struct s, f))
+int main(void) {
+    P("abi", SLUICE_ABI_VERSION);
+    P("entries", SLUICE_CONNTABLE_ENTRIES);
+    P("udp_entries", SLUICE_UDP_SOURCES_ENTRIES);
+    P("sluice_orig_dst", sizeof(struct sluice_orig_dst));
+    O(sluice_orig_dst, addr); O(sluice_orig_dst, port); O(sluice_orig_dst, family);
+    O(sluice_orig_dst, protocol); O(sluice_orig_dst, tgid); O(sluice_orig_dst, cgroup_id);
+    O(sluice_orig_dst, netns_cookie); O(sluice_orig_dst, sock_cookie);
+    P("sluice_conn_key", sizeof(struct sluice_conn_key));
+    P("sluice_conn_key.align", _Alignof(struct sluice_conn_key));
+    O(sluice_conn_key, addr); O(sluice_conn_key, port); O(sluice_conn_key, pad);
+    printf("%s %s %s\n", SLUICE_GLOBAL_PROXY_PORT, SLUICE_GLOBAL_DNS_PORT, SLUICE_GLOBAL_HOST_NETNS);
+    return 0;
+}
+"#,
+        )
+        .expect("write layout.c");
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
+        let status = Command::new(&cc)
+            .arg(format!("-I{}", header_dir.display()))
+            .arg(&src)
+            .arg("-o")
+            .arg(&bin)
+            .status()
+            .expect("run the C compiler (set CC)");
+        assert!(status.success(), "compiling layout.c failed");
+        let out = Command::new(&bin).output().expect("run layout");
+        let text = String::from_utf8(out.stdout).expect("utf8");
+        let mut lines = text.lines().collect::<Vec<_>>();
+        let globals = lines.pop().expect("globals line");
+        assert_eq!(globals, format!("{GLOBAL_PROXY_PORT} {GLOBAL_DNS_PORT} {GLOBAL_HOST_NETNS}"));
+        lines
+            .iter()
+            .map(|l| {
+                let (k, v) = l.split_once(' ').expect("name value");
+                (k.to_owned(), v.parse().expect("number"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn layout_matches_c_header() {
+        let c = c_layout();
+        let get = |k: &str| *c.get(k).unwrap_or_else(|| panic!("{k} missing"));
+        assert_eq!(get("abi"), u64::from(ABI_VERSION));
+        assert_eq!(get("entries"), u64::from(CONNTABLE_ENTRIES));
+        assert_eq!(get("udp_entries"), u64::from(UDP_SOURCES_ENTRIES));
+        assert_eq!(get("sluice_orig_dst"), size_of::<RawOrigDst>() as u64);
+        assert_eq!(get("sluice_orig_dst.addr"), offset_of!(RawOrigDst, addr) as u64);
+        assert_eq!(get("sluice_orig_dst.port"), offset_of!(RawOrigDst, port) as u64);
+        assert_eq!(get("sluice_orig_dst.family"), offset_of!(RawOrigDst, family) as u64);
+        assert_eq!(get("sluice_orig_dst.protocol"), offset_of!(RawOrigDst, protocol) as u64);
+        assert_eq!(get("sluice_orig_dst.tgid"), offset_of!(RawOrigDst, tgid) as u64);
+        assert_eq!(get("sluice_orig_dst.cgroup_id"), offset_of!(RawOrigDst, cgroup_id) as u64);
+        assert_eq!(get("sluice_orig_dst.netns_cookie"), offset_of!(RawOrigDst, netns_cookie) as u64);
+        assert_eq!(get("sluice_orig_dst.sock_cookie"), offset_of!(RawOrigDst, sock_cookie) as u64);
+        assert_eq!(get("sluice_conn_key"), size_of::<RawConnKey>() as u64);
+        assert_eq!(get("sluice_conn_key.align"), align_of::<RawConnKey>() as u64);
+        assert_eq!(get("sluice_conn_key.addr"), offset_of!(RawConnKey, addr) as u64);
+        assert_eq!(get("sluice_conn_key.port"), offset_of!(RawConnKey, port) as u64);
+        assert_eq!(get("sluice_conn_key.pad"), offset_of!(RawConnKey, pad) as u64);
+    }
+
+    #[test]
+    fn conn_key_maps_ipv4_clients() {
+        let k = RawConnKey::from_client("127.0.0.1:40000".parse().unwrap());
+        assert_eq!(k.addr, Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets());
+        assert_eq!(k.port, 40000);
+        assert_eq!(k.pad, 0);
+        let k6 = RawConnKey::from_client("[::1]:40001".parse().unwrap());
+        assert_eq!(k6.addr, Ipv6Addr::LOCALHOST.octets());
+        assert_eq!(k6.port, 40001);
+    }
+
+    #[test]
+    fn dialed_respects_family_and_rejects_garbage() {
+        let mut r = RawOrigDst {
+            addr: Ipv4Addr::new(127, 0, 0, 55).to_ipv6_mapped().octets(),
+            port: 8080,
+            family: AF_INET,
+            protocol: IPPROTO_TCP,
+            ..Default::default()
+        };
+        assert_eq!(r.dialed(), Some("127.0.0.55:8080".parse().unwrap()));
+        r.family = AF_INET6;
+        assert_eq!(r.dialed(), Some("[::ffff:127.0.0.55]:8080".parse().unwrap()));
+        r.family = 99;
+        assert_eq!(r.dialed(), None);
+        // An AF_INET record whose address is not mapped is corrupt.
+        r.family = AF_INET;
+        r.addr = Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(r.dialed(), None);
+    }
+}

@@ -1,0 +1,803 @@
+//! Offline verification of exports and portable attestations.
+//!
+//! The verifier trusts only the host public key it is given. It lists every problem it finds,
+//! each naming the record (log index), chain and field at fault, rather than stopping at the
+//! first: an auditor needs the whole extent of a tampering.
+//!
+//! Checks, for an export:
+//! 1. the checkpoint's signature (`verify_strict`) and origin (derived from the host key);
+//! 2. every record is canonical RFC 8785 JSON whose `log_index` matches its position;
+//! 3. full export: indices are exactly `0 .. size-1` in order and the root rebuilt from the
+//!    records equals the checkpoint's; filtered export: each record's inclusion proof;
+//! 4. per chain: `seq` without gaps from 0 (or from the first exported record when a `since`
+//!    filter cut the start) and `prev_hash` equal to the previous record's leaf hash;
+//! 5. spend: `spend_after_millicents` = previous spend in that window +
+//!    `spend_delta_millicents`, with `counter_reset` records zeroing the chain's spend. Records of
+//!    format version 1 carry whole cents (`spend_after_cents`, `spend_delta_cents`); they are read
+//!    × 1000, so a log written partly before and partly after the switch to millicents sums
+//!    exactly across it. A record with both names for one amount, or (version 2 or later) a
+//!    cents name at all, is refused;
+//! 6. with an older checkpoint: it verifies, it is not larger than the export's (rollback), and
+//!    the log at its size has its root (rebuilt from the records of a full export, or through the
+//!    export's consistency proof).
+//!
+//! Known limit: a filtered export cannot show that records *after* the last exported one were
+//! withheld; a full export (or the chain head in a later export) can.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use ed25519_dalek::VerifyingKey;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::canonical;
+use super::checkpoint::{self, Checkpoint};
+use super::export::{ExportBundle, PortableAttestation, ATTESTATION_FORMAT, EXPORT_FORMAT};
+use super::hex;
+use super::hostkey::origin_for;
+use super::merkle::{self, Hash, RootBuilder};
+use super::record::{
+    self, v1, FIELD_CHAIN, FIELD_KIND, FIELD_LOG_INDEX, FIELD_PREV_HASH, FIELD_SEQ, FIELD_SPEND_AFTER,
+    FIELD_SPEND_DELTA, FIELD_SPEND_WINDOW_START, FIELD_VERSION, FIELD_WINDOW, KIND_COUNTER_RESET,
+};
+use sluice_passport::money::signed_dollars;
+
+/// Bound on a document given to [`verify_document`].
+pub const MAX_DOCUMENT_BYTES: usize = 1 << 30;
+
+/// One thing wrong with an export or attestation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "problem", rename_all = "snake_case")]
+pub enum Problem {
+    /// The document is not a well-formed export/attestation.
+    Malformed { reason: String },
+    /// The checkpoint does not verify with the host key.
+    CheckpointInvalid { reason: String },
+    /// A record is not a JSON object in canonical form, or lacks a field the writer sets.
+    RecordMalformed { position: usize, index: u64, reason: String },
+    /// The record's `log_index` field differs from the index it is exported under.
+    IndexMismatch { position: usize, index: u64, field_value: Option<u64> },
+    /// Records not in strictly increasing log order.
+    OutOfOrder { position: usize, index: u64, previous: u64 },
+    /// A full export skips log indices.
+    MissingRecords { from: u64, to: u64 },
+    /// A full export ends before the checkpoint's size.
+    Truncated { last_present: Option<u64>, checkpoint_size: u64 },
+    /// A record claims an index the checkpoint does not cover.
+    BeyondCheckpoint { index: u64, checkpoint_size: u64 },
+    /// The root rebuilt from the records differs from the checkpoint's.
+    RootMismatch { size: u64, rebuilt: String, checkpoint: String },
+    /// A record's inclusion proof does not lead to the checkpoint's root.
+    InclusionProofInvalid { index: u64, reason: String },
+    /// A record outside the export's filter.
+    OutsideFilter { index: u64, chain: String },
+    /// A chain's sequence numbers skip or repeat.
+    SeqGap { chain: String, index: u64, expected: u64, found: u64 },
+    /// A record's `prev_hash` is not the previous chain record's leaf hash.
+    BrokenLink { chain: String, index: u64, expected: Option<String>, found: Option<String> },
+    /// A spend field is missing, of the wrong type, or out of range.
+    SpendFieldInvalid { chain: String, index: u64, field: String, reason: String },
+    /// The spend after the record (`field`) is not the previous spend plus the delta. Amounts are
+    /// millicents, whichever unit the field has.
+    SpendMismatch { chain: String, index: u64, field: String, window_start: String, expected: i64, found: i64 },
+    /// The older checkpoint does not verify.
+    OlderCheckpointInvalid { reason: String },
+    /// The older checkpoint covers more records than the export's: the log was rolled back.
+    Rollback { older_size: u64, checkpoint_size: u64 },
+    /// The log at the older checkpoint's size does not have the older root: history rewritten.
+    Fork { older_size: u64, older_root: String, rebuilt: String },
+    /// The consistency proof to the older checkpoint does not verify.
+    ConsistencyProofInvalid { older_size: u64, reason: String },
+    /// Consistency with the older checkpoint cannot be checked from this export.
+    ConsistencyUnchecked { older_size: u64, reason: String },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use Problem::*;
+        match self {
+            Malformed { reason } => write!(f, "document malformed: {reason}"),
+            CheckpointInvalid { reason } => write!(f, "checkpoint: {reason}"),
+            RecordMalformed { position, index, reason } => {
+                write!(f, "record {index} (entry #{position}): {reason}")
+            }
+            IndexMismatch { position, index, field_value } => match field_value {
+                Some(v) => write!(
+                    f,
+                    "record {index} (entry #{position}): field log_index is {v}, not {index} (record moved or edited)"
+                ),
+                None => write!(f, "record {index} (entry #{position}): field log_index is missing"),
+            },
+            OutOfOrder { position, index, previous } => write!(
+                f,
+                "record {index} (entry #{position}) comes after record {previous}: records reordered or duplicated"
+            ),
+            MissingRecords { from, to } if from == to => {
+                write!(f, "record {from} is missing (deleted)")
+            }
+            MissingRecords { from, to } => write!(f, "records {from}..={to} are missing (deleted)"),
+            Truncated { last_present, checkpoint_size } => match last_present {
+                Some(l) => write!(
+                    f,
+                    "export truncated: the checkpoint covers {checkpoint_size} records but the last one present is {l}"
+                ),
+                None => write!(
+                    f,
+                    "export truncated: the checkpoint covers {checkpoint_size} records but none are present"
+                ),
+            },
+            BeyondCheckpoint { index, checkpoint_size } => write!(
+                f,
+                "record {index} is beyond the checkpoint's {checkpoint_size} records"
+            ),
+            RootMismatch { size, rebuilt, checkpoint } => write!(
+                f,
+                "root rebuilt from the records ({rebuilt}) differs from the checkpoint's root at size {size} ({checkpoint}): records edited, deleted, added or reordered"
+            ),
+            InclusionProofInvalid { index, reason } => {
+                write!(f, "record {index}: inclusion proof invalid: {reason}")
+            }
+            OutsideFilter { index, chain } => write!(
+                f,
+                "record {index} (chain {chain}) does not match the export's filter"
+            ),
+            SeqGap { chain, index, expected, found } => write!(
+                f,
+                "chain {chain}: record {index} has seq {found}, expected {expected} (records of this chain missing or duplicated)"
+            ),
+            BrokenLink { chain, index, expected, found } => write!(
+                f,
+                "chain {chain}: record {index} field prev_hash is {}, expected {}",
+                found.as_deref().unwrap_or("null"),
+                expected.as_deref().unwrap_or("null")
+            ),
+            SpendFieldInvalid { chain, index, field, reason } => {
+                write!(f, "chain {chain}: record {index} field {field}: {reason}")
+            }
+            SpendMismatch { chain, index, field, window_start, expected, found } => write!(
+                f,
+                "chain {chain}: record {index} field {field} says {}, but the spend in window {window_start} adds up to {}",
+                signed_dollars(i128::from(*found)),
+                signed_dollars(i128::from(*expected))
+            ),
+            OlderCheckpointInvalid { reason } => write!(f, "older checkpoint: {reason}"),
+            Rollback { older_size, checkpoint_size } => write!(
+                f,
+                "rollback: the older checkpoint covers {older_size} records but this log has only {checkpoint_size}"
+            ),
+            Fork { older_size, older_root, rebuilt } => write!(
+                f,
+                "history rewritten: the log's root at size {older_size} is {rebuilt}, the older checkpoint says {older_root} (store restored from an old copy or edited)"
+            ),
+            ConsistencyProofInvalid { older_size, reason } => write!(
+                f,
+                "consistency with the older checkpoint (size {older_size}) fails: {reason}: history rewritten or rolled back"
+            ),
+            ConsistencyUnchecked { older_size, reason } => write!(
+                f,
+                "consistency with the older checkpoint (size {older_size}) not checked: {reason}"
+            ),
+        }
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// The verified checkpoint's size and root, when its signature checked out.
+    pub checkpoint_size: Option<u64>,
+    pub checkpoint_root: Option<String>,
+    pub records_checked: usize,
+    pub chains_checked: usize,
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    fn new() -> Self {
+        VerifyReport {
+            checkpoint_size: None,
+            checkpoint_root: None,
+            records_checked: 0,
+            chains_checked: 0,
+            problems: Vec::new(),
+        }
+    }
+}
+
+/// Verifies a document of either format (dispatching on its `format` field).
+pub fn verify_document(text: &str, host: &VerifyingKey, older_checkpoint: Option<&str>) -> VerifyReport {
+    let mut report = VerifyReport::new();
+    if text.len() > MAX_DOCUMENT_BYTES {
+        report.problems.push(Problem::Malformed { reason: format!("larger than {MAX_DOCUMENT_BYTES} bytes") });
+        return report;
+    }
+    let format = serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| v.get("format").and_then(|f| f.as_str()).map(str::to_string));
+    match format.as_deref() {
+        Some(EXPORT_FORMAT) => match serde_json::from_str::<ExportBundle>(text) {
+            Ok(b) => verify_export(&b, host, older_checkpoint),
+            Err(e) => {
+                report.problems.push(Problem::Malformed { reason: e.to_string() });
+                report
+            }
+        },
+        Some(ATTESTATION_FORMAT) => match serde_json::from_str::<PortableAttestation>(text) {
+            Ok(a) => {
+                let mut r = verify_attestation(&a, host);
+                if let Some(older) = older_checkpoint {
+                    if let Some(size) = r.checkpoint_size {
+                        let root = r.checkpoint_root.clone();
+                        check_older_without_records(&mut r, host, older, size, root, None);
+                    }
+                }
+                r
+            }
+            Err(e) => {
+                report.problems.push(Problem::Malformed { reason: e.to_string() });
+                report
+            }
+        },
+        _ => {
+            report.problems.push(Problem::Malformed {
+                reason: format!("not JSON with \"format\": \"{EXPORT_FORMAT}\" or \"{ATTESTATION_FORMAT}\""),
+            });
+            report
+        }
+    }
+}
+
+/// A record parsed for checking.
+struct Parsed {
+    position: usize,
+    index: u64,
+    leaf: Hash,
+    body: Map<String, Value>,
+}
+
+fn open_checkpoint(report: &mut VerifyReport, note: &str, host: &VerifyingKey) -> Option<Checkpoint> {
+    match checkpoint::open(note, host) {
+        Ok(s) => {
+            report.checkpoint_size = Some(s.checkpoint.size);
+            report.checkpoint_root = Some(hex::encode(&s.checkpoint.root));
+            Some(s.checkpoint)
+        }
+        Err(e) => {
+            report.problems.push(Problem::CheckpointInvalid { reason: e.to_string() });
+            None
+        }
+    }
+}
+
+/// Parses one exported record; `None` (with problems noted) if it cannot be used at all.
+fn parse_record(report: &mut VerifyReport, position: usize, index: u64, text: &str) -> Option<Parsed> {
+    let malformed = |reason: String| Problem::RecordMalformed { position, index, reason };
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            report.problems.push(malformed(format!("not JSON: {e}")));
+            return None;
+        }
+    };
+    let Value::Object(body) = value else {
+        report.problems.push(malformed("not a JSON object".into()));
+        return None;
+    };
+    match canonical::canonicalize_object(&body) {
+        Ok(c) if c == text.as_bytes() => {}
+        Ok(_) => report.problems.push(malformed("not in RFC 8785 canonical form (edited by hand?)".into())),
+        Err(e) => report.problems.push(malformed(e.to_string())),
+    }
+    let field_value = body.get(FIELD_LOG_INDEX).and_then(Value::as_u64);
+    if field_value != Some(index) {
+        report.problems.push(Problem::IndexMismatch { position, index, field_value });
+    }
+    Some(Parsed { position, index, leaf: merkle::leaf_hash(text.as_bytes()), body })
+}
+
+fn decode_proof(hexes: &[String]) -> Result<Vec<Hash>, String> {
+    if hexes.len() > merkle::MAX_PROOF_LEN {
+        return Err(format!("{} hashes, more than any valid proof", hexes.len()));
+    }
+    hexes
+        .iter()
+        .enumerate()
+        .map(|(i, h)| hex::decode_hash(h).ok_or_else(|| format!("node {i} is not 64 lowercase hex digits")))
+        .collect()
+}
+
+/// Verifies an export bundle against the host key and, optionally, an older checkpoint.
+pub fn verify_export(bundle: &ExportBundle, host: &VerifyingKey, older_checkpoint: Option<&str>) -> VerifyReport {
+    let mut report = VerifyReport::new();
+    if bundle.format != EXPORT_FORMAT {
+        report
+            .problems
+            .push(Problem::Malformed { reason: format!("format is {:?}, expected {EXPORT_FORMAT:?}", bundle.format) });
+    }
+    let expected_full = bundle.filter.passport.is_none() && bundle.filter.since.is_none();
+    if bundle.full != expected_full {
+        report.problems.push(Problem::Malformed { reason: "field full contradicts the filter".into() });
+    }
+    let full = expected_full;
+    let cp = open_checkpoint(&mut report, &bundle.checkpoint, host);
+    if bundle.origin != origin_for(host) {
+        report.problems.push(Problem::Malformed {
+            reason: format!("origin {:?} is not the host key's origin {:?}", bundle.origin, origin_for(host)),
+        });
+    }
+    let since = match &bundle.filter.since {
+        None => None,
+        Some(s) => {
+            let t = record::parse_time(s);
+            if t.is_none() {
+                report
+                    .problems
+                    .push(Problem::Malformed { reason: format!("filter.since {s:?} is not an RFC 3339 time") });
+            }
+            t
+        }
+    };
+
+    // Parse records and check order.
+    let mut parsed: Vec<Parsed> = Vec::with_capacity(bundle.records.len());
+    let mut previous: Option<u64> = None;
+    for (position, r) in bundle.records.iter().enumerate() {
+        if let Some(p) = previous {
+            if r.index <= p {
+                report.problems.push(Problem::OutOfOrder { position, index: r.index, previous: p });
+            }
+        }
+        previous = Some(previous.map_or(r.index, |p| p.max(r.index)));
+        if let Some(rec) = parse_record(&mut report, position, r.index, &r.record) {
+            parsed.push(rec);
+        }
+    }
+    report.records_checked = parsed.len();
+
+    // Filter conformance.
+    for p in &parsed {
+        let chain = p.body.get(FIELD_CHAIN).and_then(Value::as_str).unwrap_or("");
+        let chain_ok = bundle.filter.passport.as_deref().is_none_or(|want| chain == want);
+        let time_ok = since.is_none_or(|s| {
+            p.body.get(record::FIELD_TIME).and_then(Value::as_str).and_then(record::parse_time).is_some_and(|t| t >= s)
+        });
+        if !chain_ok || !time_ok {
+            report.problems.push(Problem::OutsideFilter { index: p.index, chain: chain.to_string() });
+        }
+    }
+
+    // Log-level checks against the checkpoint.
+    let mut rebuilt_at_older: Option<(u64, Hash)> = None;
+    let older = older_checkpoint.and_then(|note| match checkpoint::open(note, host) {
+        Ok(s) => Some(s.checkpoint),
+        Err(e) => {
+            report.problems.push(Problem::OlderCheckpointInvalid { reason: e.to_string() });
+            None
+        }
+    });
+    if let Some(cp) = &cp {
+        if full {
+            check_full_log(&mut report, bundle, cp, older.as_ref(), &mut rebuilt_at_older);
+        } else {
+            for r in &bundle.records {
+                if r.index >= cp.size {
+                    report.problems.push(Problem::BeyondCheckpoint { index: r.index, checkpoint_size: cp.size });
+                    continue;
+                }
+                let leaf = merkle::leaf_hash(r.record.as_bytes());
+                let result = decode_proof(&r.inclusion_proof).and_then(|proof| {
+                    merkle::verify_inclusion(r.index, cp.size, &leaf, &proof, &cp.root).map_err(|e| e.to_string())
+                });
+                if let Err(reason) = result {
+                    report.problems.push(Problem::InclusionProofInvalid { index: r.index, reason });
+                }
+            }
+        }
+    }
+
+    // Chains and spend.
+    let chain_must_start_at_zero = since.is_none();
+    report.chains_checked = check_chains(&mut report, &parsed, chain_must_start_at_zero);
+
+    // Older checkpoint.
+    if let (Some(cp), Some(older)) = (&cp, &older) {
+        if older.size > cp.size {
+            report.problems.push(Problem::Rollback { older_size: older.size, checkpoint_size: cp.size });
+        } else if let Some((size, rebuilt)) = rebuilt_at_older {
+            if size == older.size && rebuilt != older.root {
+                report.problems.push(Problem::Fork {
+                    older_size: older.size,
+                    older_root: hex::encode(&older.root),
+                    rebuilt: hex::encode(&rebuilt),
+                });
+            }
+        } else {
+            check_consistency(&mut report, cp, older, bundle.consistency.as_ref());
+        }
+    }
+    report
+}
+
+/// Full export: indices `0..size` in order, and the root rebuilt from all records.
+fn check_full_log(
+    report: &mut VerifyReport,
+    bundle: &ExportBundle,
+    cp: &Checkpoint,
+    older: Option<&Checkpoint>,
+    rebuilt_at_older: &mut Option<(u64, Hash)>,
+) {
+    let mut builder = RootBuilder::new();
+    if let Some(o) = older {
+        if o.size == 0 {
+            *rebuilt_at_older = Some((0, merkle::empty_root()));
+        }
+    }
+    let mut present: Vec<u64> = Vec::with_capacity(bundle.records.len());
+    for r in &bundle.records {
+        if r.index >= cp.size {
+            report.problems.push(Problem::BeyondCheckpoint { index: r.index, checkpoint_size: cp.size });
+        } else {
+            present.push(r.index);
+        }
+        builder.push(merkle::leaf_hash(r.record.as_bytes()));
+        if let Some(o) = older {
+            if builder.size() == o.size {
+                *rebuilt_at_older = Some((o.size, builder.root()));
+            }
+        }
+    }
+    // Gaps are judged on the set of indices, so a mere reordering is not also called a deletion.
+    present.sort_unstable();
+    present.dedup();
+    let mut expected_next: u64 = 0;
+    for &index in &present {
+        if index > expected_next {
+            report.problems.push(Problem::MissingRecords { from: expected_next, to: index - 1 });
+        }
+        expected_next = index + 1;
+    }
+    if expected_next < cp.size {
+        report.problems.push(Problem::Truncated { last_present: present.last().copied(), checkpoint_size: cp.size });
+    }
+    let rebuilt = builder.root();
+    if rebuilt != cp.root {
+        report.problems.push(Problem::RootMismatch {
+            size: cp.size,
+            rebuilt: hex::encode(&rebuilt),
+            checkpoint: hex::encode(&cp.root),
+        });
+    }
+}
+
+fn check_consistency(
+    report: &mut VerifyReport,
+    cp: &Checkpoint,
+    older: &Checkpoint,
+    evidence: Option<&super::export::ConsistencyEvidence>,
+) {
+    if older.size == cp.size {
+        if older.root != cp.root {
+            report.problems.push(Problem::Fork {
+                older_size: older.size,
+                older_root: hex::encode(&older.root),
+                rebuilt: hex::encode(&cp.root),
+            });
+        }
+        return;
+    }
+    let Some(ev) = evidence.filter(|e| e.old_size == older.size) else {
+        report.problems.push(Problem::ConsistencyUnchecked {
+            older_size: older.size,
+            reason: format!(
+                "the export carries no consistency proof from size {}; export again with the older checkpoint (consistency from size {})",
+                older.size, older.size
+            ),
+        });
+        return;
+    };
+    let result = decode_proof(&ev.proof).and_then(|proof| {
+        merkle::verify_consistency(older.size, cp.size, &older.root, &cp.root, &proof).map_err(|e| e.to_string())
+    });
+    if let Err(reason) = result {
+        report.problems.push(Problem::ConsistencyProofInvalid { older_size: older.size, reason });
+    }
+}
+
+/// For an attestation: the older checkpoint must not be larger, and at equal size equal.
+fn check_older_without_records(
+    report: &mut VerifyReport,
+    host: &VerifyingKey,
+    older_note: &str,
+    size: u64,
+    root_hex: Option<String>,
+    evidence: Option<&super::export::ConsistencyEvidence>,
+) {
+    let older = match checkpoint::open(older_note, host) {
+        Ok(s) => s.checkpoint,
+        Err(e) => {
+            report.problems.push(Problem::OlderCheckpointInvalid { reason: e.to_string() });
+            return;
+        }
+    };
+    let Some(root) = root_hex.as_deref().and_then(hex::decode_hash) else {
+        return;
+    };
+    if older.size > size {
+        report.problems.push(Problem::Rollback { older_size: older.size, checkpoint_size: size });
+        return;
+    }
+    let cp = Checkpoint { origin: older.origin.clone(), size, root };
+    check_consistency(report, &cp, &older, evidence);
+}
+
+/// Per-chain `seq`/`prev_hash` links and spend. Returns the number of chains.
+fn check_chains(report: &mut VerifyReport, records: &[Parsed], must_start_at_zero: bool) -> usize {
+    struct ChainState {
+        last_seq: u64,
+        last_hash: Hash,
+        spend: Spend,
+    }
+    let mut chains: BTreeMap<String, ChainState> = BTreeMap::new();
+    for p in records {
+        let index = p.index;
+        let malformed =
+            |reason: &str| Problem::RecordMalformed { position: p.position, index, reason: reason.to_string() };
+        let Some(chain) = p.body.get(FIELD_CHAIN).and_then(Value::as_str) else {
+            report.problems.push(malformed("field chain is missing or not a string"));
+            continue;
+        };
+        let Some(seq) = p.body.get(FIELD_SEQ).and_then(Value::as_u64) else {
+            report.problems.push(malformed("field seq is missing or not an integer"));
+            continue;
+        };
+        let prev = match p.body.get(FIELD_PREV_HASH) {
+            Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => {
+                report.problems.push(malformed("field prev_hash is missing or not a string/null"));
+                continue;
+            }
+        };
+        let state = match chains.get_mut(chain) {
+            None => {
+                let known_from_start = seq == 0;
+                if seq == 0 {
+                    if prev.is_some() {
+                        report.problems.push(Problem::BrokenLink {
+                            chain: chain.to_string(),
+                            index,
+                            expected: None,
+                            found: prev.clone(),
+                        });
+                    }
+                } else if must_start_at_zero {
+                    report.problems.push(Problem::SeqGap { chain: chain.to_string(), index, expected: 0, found: seq });
+                }
+                chains.insert(
+                    chain.to_string(),
+                    ChainState {
+                        last_seq: seq,
+                        last_hash: p.leaf,
+                        spend: Spend { windows: HashMap::new(), known_from_start, reset_seen: false },
+                    },
+                );
+                if let Some(state) = chains.get_mut(chain) {
+                    check_spend(report, chain, p, &mut state.spend);
+                }
+                continue;
+            }
+            Some(s) => s,
+        };
+        let expected_seq = state.last_seq.saturating_add(1);
+        if seq != expected_seq {
+            report.problems.push(Problem::SeqGap {
+                chain: chain.to_string(),
+                index,
+                expected: expected_seq,
+                found: seq,
+            });
+        }
+        let expected_prev = hex::encode(&state.last_hash);
+        if prev.as_deref() != Some(expected_prev.as_str()) {
+            report.problems.push(Problem::BrokenLink {
+                chain: chain.to_string(),
+                index,
+                expected: Some(expected_prev),
+                found: prev,
+            });
+        }
+        state.last_seq = seq;
+        state.last_hash = p.leaf;
+        check_spend(report, chain, p, &mut state.spend);
+    }
+    chains.len()
+}
+
+/// Recomputes spend for one record (see the crate docs and docs/records.md, "What `sluice audit verify` checks").
+///
+/// When the export does not start at the chain's first record (a `since` filter), the first
+/// record seen in each window sets the baseline instead of being checked.
+fn check_spend(report: &mut VerifyReport, chain: &str, p: &Parsed, spend: &mut Spend) {
+    let index = p.index;
+    let invalid = |field: &str, reason: String| Problem::SpendFieldInvalid {
+        chain: chain.to_string(),
+        index,
+        field: field.to_string(),
+        reason,
+    };
+    // Records of version 2 and later name money in millicents only.
+    let version = p.body.get(FIELD_VERSION).and_then(Value::as_u64).unwrap_or(1);
+    let amount = |which: Amount| read_amount(&p.body, which, version).map_err(|(field, reason)| invalid(field, reason));
+    if p.body.get(FIELD_KIND).and_then(Value::as_str) == Some(KIND_COUNTER_RESET) {
+        match p.body.get(FIELD_WINDOW).and_then(Value::as_str) {
+            Some("daily" | "weekly" | "monthly" | "all") => {}
+            _ => report
+                .problems
+                .push(invalid(FIELD_WINDOW, "counter_reset must name window daily|weekly|monthly|all".into())),
+        }
+        match amount(AFTER) {
+            Ok(Some((0, _))) => {}
+            Ok(Some((v, field))) => {
+                report.problems.push(invalid(field, format!("counter_reset must carry 0, found {} millicents", v)))
+            }
+            Ok(None) => {
+                report.problems.push(invalid(FIELD_SPEND_AFTER, "counter_reset must carry 0, field missing".into()))
+            }
+            Err(e) => report.problems.push(e),
+        }
+        for v in spend.windows.values_mut() {
+            *v = 0;
+        }
+        // Windows first seen after the reset start from 0 too.
+        spend.reset_seen = true;
+        return;
+    }
+    let delta = amount(DELTA);
+    let after = amount(AFTER);
+    let window = p.body.get(FIELD_SPEND_WINDOW_START);
+    let present = [
+        delta.as_ref().is_ok_and(Option::is_some) || delta.is_err(),
+        after.as_ref().is_ok_and(Option::is_some) || after.is_err(),
+        window.is_some(),
+    ];
+    if present.iter().all(|x| !x) {
+        return;
+    }
+    let mut ok = true;
+    let mut take = |r: Result<Option<(i64, &'static str)>, Problem>, field: &str| -> Option<(i64, &'static str)> {
+        match r {
+            Ok(Some(v)) => Some(v),
+            Ok(None) => {
+                report.problems.push(invalid(field, "missing while other spend fields are present".into()));
+                ok = false;
+                None
+            }
+            Err(e) => {
+                report.problems.push(e);
+                ok = false;
+                None
+            }
+        }
+    };
+    let delta = take(delta, FIELD_SPEND_DELTA);
+    let after = take(after, FIELD_SPEND_AFTER);
+    let window = match window {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            report.problems.push(invalid(FIELD_SPEND_WINDOW_START, "not a string".into()));
+            None
+        }
+        None => {
+            report
+                .problems
+                .push(invalid(FIELD_SPEND_WINDOW_START, "missing while other spend fields are present".into()));
+            None
+        }
+    };
+    let (Some((delta, delta_field)), Some((after, after_field)), Some(window), true) = (delta, after, window, ok)
+    else {
+        return;
+    };
+    let baseline = match spend.windows.get(&window) {
+        Some(v) => Some(*v),
+        None if spend.known_from_start || spend.reset_seen => Some(0),
+        None => None,
+    };
+    if let Some(prev) = baseline {
+        match prev.checked_add(delta) {
+            Some(expected) if expected == after => {}
+            Some(expected) => report.problems.push(Problem::SpendMismatch {
+                chain: chain.to_string(),
+                index,
+                field: after_field.to_string(),
+                window_start: window.clone(),
+                expected,
+                found: after,
+            }),
+            None => report.problems.push(invalid(delta_field, format!("{prev} + {delta} millicents overflows"))),
+        }
+    }
+    // Continue from the recorded value so each broken step is named once.
+    spend.windows.insert(window, after);
+}
+
+/// One money amount a record may carry, under its version 2 name (millicents) or its version 1
+/// name (whole cents).
+#[derive(Clone, Copy)]
+struct Amount {
+    millicents: &'static str,
+    cents: &'static str,
+}
+
+const DELTA: Amount = Amount { millicents: FIELD_SPEND_DELTA, cents: v1::FIELD_SPEND_DELTA };
+const AFTER: Amount = Amount { millicents: FIELD_SPEND_AFTER, cents: v1::FIELD_SPEND_AFTER };
+
+/// The amount in millicents and the field it came from; `Ok(None)` when the record has neither
+/// name. A cents value is × 1000, checked. Both names at once, a cents name in a record of version
+/// 2 or later, a value that is not a 64-bit integer, or cents whose millicents are not, is an
+/// error naming the field. (Sums are then checked `i64` too, so every figure a report carries is
+/// a 64-bit integer.)
+fn read_amount(
+    body: &Map<String, Value>,
+    which: Amount,
+    version: u64,
+) -> Result<Option<(i64, &'static str)>, (&'static str, String)> {
+    let int = |field: &'static str, v: &Value| v.as_i64().ok_or_else(|| (field, "not a 64-bit integer".to_string()));
+    match (body.get(which.millicents), body.get(which.cents)) {
+        (None, None) => Ok(None),
+        (Some(m), None) => Ok(Some((int(which.millicents, m)?, which.millicents))),
+        (None, Some(_)) if version >= record::RECORD_VERSION => Err((
+            which.cents,
+            format!("a version {version} record names money in millicents ({}), not cents", which.millicents),
+        )),
+        (None, Some(c)) => {
+            let cents = int(which.cents, c)?;
+            let millicents = cents
+                .checked_mul(1000)
+                .ok_or_else(|| (which.cents, format!("{cents} cents is more than 64 bits of millicents")))?;
+            Ok(Some((millicents, which.cents)))
+        }
+        (Some(_), Some(_)) => {
+            Err((which.millicents, format!("the record also has {}; an amount has one field", which.cents)))
+        }
+    }
+}
+
+/// A chain's running spend as the verifier recomputes it.
+struct Spend {
+    /// Cumulative spend in millicents per window start, as of the last record seen.
+    windows: HashMap<String, i64>,
+    /// The export holds the chain from seq 0, so an unseen window starts at 0.
+    known_from_start: bool,
+    /// A counter_reset was seen, so windows first seen after it start at 0.
+    reset_seen: bool,
+}
+
+/// Verifies a portable attestation against the host key.
+pub fn verify_attestation(att: &PortableAttestation, host: &VerifyingKey) -> VerifyReport {
+    let mut report = VerifyReport::new();
+    if att.format != ATTESTATION_FORMAT {
+        report.problems.push(Problem::Malformed {
+            reason: format!("format is {:?}, expected {ATTESTATION_FORMAT:?}", att.format),
+        });
+    }
+    let cp = open_checkpoint(&mut report, &att.checkpoint, host);
+    if parse_record(&mut report, 0, att.index, &att.record).is_some() {
+        report.records_checked = 1;
+    }
+    if let Some(cp) = cp {
+        let leaf = merkle::leaf_hash(att.record.as_bytes());
+        let result = decode_proof(&att.inclusion_proof).and_then(|proof| {
+            merkle::verify_inclusion(att.index, cp.size, &leaf, &proof, &cp.root).map_err(|e| e.to_string())
+        });
+        if let Err(reason) = result {
+            report.problems.push(Problem::InclusionProofInvalid { index: att.index, reason });
+        }
+    }
+    report
+}
