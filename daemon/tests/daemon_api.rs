@@ -371,6 +371,12 @@ fn audit_export_proof_and_verify_round_trip() {
     let out = d.cli(&["audit", "verify", p(&export), "--host-pub", p(&host_pub)]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("verified: OK"));
+    // --json: standard output is one JSON document, nothing after it.
+    let out = d.cli(&["audit", "verify", p(&export), "--host-pub", p(&host_pub), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("--json prints only JSON");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["problems"], json!([]));
 
     let one = d.dir.path().join("one.json");
     let out = d.cli(&["audit", "export", "--passport", &i.id, "--out", p(&one)]);

@@ -123,7 +123,11 @@ fn verify_cmd(a: VerifyArgs) -> CmdResult {
     let older = older.as_ref().map(|s| s.as_str());
     let report = verify::verify_document(&text, &host, older);
     if a.json {
-        super::util::print_json(&serde_json::to_value(&report)?);
+        let mut doc = serde_json::to_value(&report)?;
+        if let Some(obj) = doc.as_object_mut() {
+            obj.insert("ok".into(), report.is_ok().into());
+        }
+        super::util::print_json(&doc);
     } else {
         for p in &report.problems {
             println!("PROBLEM  {p}");
@@ -137,7 +141,10 @@ fn verify_cmd(a: VerifyArgs) -> CmdResult {
         );
     }
     if report.is_ok() {
-        println!("verified: OK");
+        // With --json, standard output is exactly one JSON document (its `ok` says the same).
+        if !a.json {
+            println!("verified: OK");
+        }
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("sluice: {}: verification FAILED with {} problem(s)", a.file.display(), report.problems.len());
