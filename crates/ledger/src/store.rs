@@ -418,7 +418,7 @@ struct Inner {
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    permits: Arc<Permits>,
+    permits: Permits,
     /// The writer thread (which must never wait for itself).
     writer_id: Option<std::thread::ThreadId>,
     public: VerifyingKey,
@@ -521,7 +521,7 @@ impl Ledger {
                 jobs: tx,
                 writer_id: Some(handle.thread().id()),
                 writer: Mutex::new(Some(handle)),
-                permits: Arc::new(Permits::new(opts.max_queued.max(1))),
+                permits: Permits::new(opts.max_queued.max(1)),
                 public,
                 origin,
             }),
@@ -540,7 +540,7 @@ impl Ledger {
         T: Send + 'static,
         F: FnOnce(&mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + 'static,
     {
-        let permit = self.inner.permits.clone().acquire_owned().await.map_err(|_| LedgerError::Closed)?;
+        let permit = self.inner.permits.acquire().await.map_err(|_| LedgerError::Closed)?;
         let (reply, rx) = oneshot::channel();
         self.submit(Box::new(TransactWork { f, reply, permit: Some(permit) }))?;
         rx.await.map_err(|_| LedgerError::Closed)?
