@@ -123,38 +123,45 @@ fn write_object(
     Ok(())
 }
 
+/// The JCS escape of `b`, if it needs one; `b""` for the control characters written `\u00xx`.
+fn escape_of(b: u8) -> Option<&'static [u8]> {
+    match b {
+        b'"' => Some(b"\\\""),
+        b'\\' => Some(b"\\\\"),
+        0x08 => Some(b"\\b"),
+        0x09 => Some(b"\\t"),
+        0x0a => Some(b"\\n"),
+        0x0c => Some(b"\\f"),
+        0x0d => Some(b"\\r"),
+        0x00..=0x1f => Some(b""),
+        // Non-ASCII bytes are copied verbatim: the input is valid UTF-8 and JCS keeps every
+        // non-control code point literal.
+        _ => None,
+    }
+}
+
 fn write_string(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
     // Runs of bytes that need no escape are copied whole (most strings are one run).
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            0x09 => b"\\t",
-            0x0a => b"\\n",
-            0x0c => b"\\f",
-            0x0d => b"\\r",
-            0x00..=0x1f => b"",
-            // Non-ASCII bytes are copied verbatim: the input is valid UTF-8 and JCS keeps
-            // every non-control code point literal.
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        if escape.is_empty() {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        } else {
-            out.extend_from_slice(escape);
+    let mut rest = bytes;
+    while let Some((run, tail)) =
+        rest.iter().position(|&b| escape_of(b).is_some()).and_then(|at| rest.split_at_checked(at))
+    {
+        out.extend_from_slice(run);
+        let Some((&b, tail)) = tail.split_first() else { break };
+        match escape_of(b) {
+            Some(b"") | None => {
+                out.extend_from_slice(b"\\u00");
+                out.push(crate::hex::digit(b >> 4));
+                out.push(crate::hex::digit(b));
+            }
+            Some(escape) => out.extend_from_slice(escape),
         }
-        start = i + 1;
+        rest = tail;
     }
-    out.extend_from_slice(&bytes[start..]);
+    out.extend_from_slice(rest);
     out.push(b'"');
 }
 

@@ -86,8 +86,9 @@ pub fn key_id(name: &str, key: &VerifyingKey) -> [u8; 4] {
     h.update(b"\n");
     h.update([ALG_ED25519]);
     h.update(key.as_bytes());
-    let d = h.finalize();
-    [d[0], d[1], d[2], d[3]]
+    let d: [u8; 32] = h.finalize().into();
+    let [a, b, c, e, ..] = d;
+    [a, b, c, e]
 }
 
 /// The C2SP verifier key string for the host key: `<name>+<hex key id>+<base64(0x01||pubkey)>`.
@@ -192,12 +193,11 @@ fn split(note: &str) -> Result<(&str, Vec<SigLine<'_>>), NoteError> {
         if B64.encode(&blob) != b64 {
             return Err(bad("signature base64 is not canonical"));
         }
-        if blob.len() < 5 {
+        let Some((&key_id, sig)) = blob.split_first_chunk::<4>().filter(|(_, sig)| !sig.is_empty()) else {
             return Err(bad("signature too short"));
-        }
-        let key_id = [blob[0], blob[1], blob[2], blob[3]];
+        };
         // Signatures of other algorithms are opaque to us; only a 64-byte one can be ours.
-        let sig: Option<[u8; 64]> = blob[4..].try_into().ok();
+        let sig: Option<[u8; 64]> = sig.try_into().ok();
         sigs.push(SigLine { name, key_id, sig });
     }
     Ok((body, sigs))
@@ -206,10 +206,10 @@ fn split(note: &str) -> Result<(&str, Vec<SigLine<'_>>), NoteError> {
 fn parse_body(body: &str) -> Result<Checkpoint, NoteError> {
     let bad = |s: &str| NoteError::BadBody(s.to_string());
     let lines: Vec<&str> = body.strip_suffix('\n').unwrap_or(body).split('\n').collect();
-    if lines.len() != 3 {
+    let [origin, size, root_b64] = lines.as_slice() else {
         return Err(bad("expected exactly three lines: origin, tree size, root hash"));
-    }
-    let (origin, size, root) = (lines[0], lines[1], lines[2]);
+    };
+    let (origin, size, root_b64) = (*origin, *size, *root_b64);
     if origin.is_empty() || origin.len() > MAX_ORIGIN_BYTES || origin.chars().any(|c| c.is_whitespace() || c == '+') {
         return Err(bad("origin is empty, too long, or contains spaces or '+'"));
     }
@@ -217,9 +217,9 @@ fn parse_body(body: &str) -> Result<Checkpoint, NoteError> {
         return Err(bad("tree size is not a canonical decimal number"));
     }
     let size: u64 = size.parse().map_err(|_| bad("tree size does not fit in 64 bits"))?;
-    let root_bytes = B64.decode(root).map_err(|_| bad("root hash is not standard base64"))?;
+    let root_bytes = B64.decode(root_b64).map_err(|_| bad("root hash is not standard base64"))?;
     let root: Hash = root_bytes.try_into().map_err(|_| bad("root hash is not 32 bytes"))?;
-    if B64.encode(root) != lines[2] {
+    if B64.encode(root) != root_b64 {
         return Err(bad("root hash base64 is not canonical"));
     }
     Ok(Checkpoint { origin: origin.to_string(), size, root })
@@ -277,6 +277,21 @@ mod tests {
         blob[10] ^= 1;
         let forged = signed.note.replace(b64, &B64.encode(&blob));
         assert!(matches!(open(&forged, &key.verifying_key()), Err(NoteError::BadSignature { .. })));
+    }
+
+    #[test]
+    fn short_signatures_and_malformed_bodies_are_errors() {
+        let key = HostKey::generate();
+        let signed = sign(cp(&key, 7), &key);
+        let sig_line_start = signed.note.find('\u{2014}').unwrap();
+        let b64 = signed.note[sig_line_start..].rsplit(' ').next().unwrap().trim_end();
+        for len in [0usize, 1, 4] {
+            let note = signed.note.replace(b64, &B64.encode(vec![1u8; len]));
+            assert!(open(&note, &key.verifying_key()).is_err(), "a {len}-byte signature must be refused");
+        }
+        for body in ["", "origin\n", "origin\n7\n", "origin\n7\nroot\nextra\n"] {
+            assert!(parse_body(body).is_err(), "{body:?} is not a checkpoint body");
+        }
     }
 
     #[test]

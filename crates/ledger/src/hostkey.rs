@@ -84,8 +84,9 @@ impl HostKey {
 /// It is derived from the key rather than configured so a verifier needs nothing but
 /// `host.pub`, and two hosts (or one host after a key change) never share an origin.
 pub fn origin_for(key: &VerifyingKey) -> String {
-    let digest = Sha256::digest(key.as_bytes());
-    format!("sluice/{}", crate::hex::encode(&digest[..8]))
+    let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+    let (head, _) = digest.split_at(8);
+    format!("sluice/{}", crate::hex::encode(head))
 }
 
 /// Loads `state_dir/host.key`, creating it (and `host.pub`) if it does not exist.

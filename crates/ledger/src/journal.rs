@@ -225,14 +225,17 @@ impl Journal {
         let digest = digest(self.lap, gseq, payload);
         let at = self.end;
         self.out
-            .write_blocks(at, total, |buf| {
-                buf[..4].copy_from_slice(&ENTRY_MAGIC.to_le_bytes());
-                buf[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-                buf[8..16].copy_from_slice(&gseq.to_le_bytes());
-                let body = ENTRY_HEAD as usize;
-                buf[body..body + payload.len()].copy_from_slice(payload);
-                buf[body + payload.len()..body + payload.len() + ENTRY_TAIL as usize].copy_from_slice(&digest);
-            })
+            .write_blocks(
+                at,
+                total,
+                &[
+                    &ENTRY_MAGIC.to_le_bytes(),
+                    &(payload.len() as u32).to_le_bytes(),
+                    &gseq.to_le_bytes(),
+                    payload,
+                    &digest,
+                ],
+            )
             .map_err(io("write entry"))?;
         self.end += total as u64;
         Ok(())
@@ -245,7 +248,7 @@ impl Journal {
             return Ok(());
         }
         let at = self.end;
-        self.out.write_blocks(at, BLOCK as usize, |_| {}).map_err(|source| JournalError::Io {
+        self.out.write_blocks(at, BLOCK as usize, &[]).map_err(|source| JournalError::Io {
             path: self.path.clone(),
             context: "void entry",
             source,
@@ -257,9 +260,11 @@ impl Journal {
     pub fn reset(&mut self) -> Result<(), JournalError> {
         let lap = self.lap.wrapping_add(1);
         let header = header(self.id, lap);
-        self.out
-            .write_blocks(0, HEADER_LEN as usize, |buf| buf[..header.len()].copy_from_slice(&header))
-            .map_err(|source| JournalError::Io { path: self.path.clone(), context: "write lap", source })?;
+        self.out.write_blocks(0, HEADER_LEN as usize, &[&header]).map_err(|source| JournalError::Io {
+            path: self.path.clone(),
+            context: "write lap",
+            source,
+        })?;
         self.lap = lap;
         self.end = HEADER_LEN;
         self.void_tail()
@@ -305,9 +310,9 @@ impl BlockWriter {
         Ok(BlockWriter { file, direct: false, buf: Vec::new() })
     }
 
-    /// Zeroes `len` bytes (a multiple of the block size), lets `fill` write into them, and
-    /// writes them at `at` (block-aligned), returning once they are on stable storage.
-    fn write_blocks(&mut self, at: u64, len: usize, fill: impl FnOnce(&mut [u8])) -> std::io::Result<()> {
+    /// Writes `parts`, one after the other and followed by zeroes, as `len` bytes (a multiple of
+    /// the block size) at `at` (block-aligned), returning once they are on stable storage.
+    fn write_blocks(&mut self, at: u64, len: usize, parts: &[&[u8]]) -> std::io::Result<()> {
         let block = BLOCK as usize;
         if !len.is_multiple_of(block) || !at.is_multiple_of(BLOCK) {
             return Err(std::io::Error::other("journal writes must be whole, aligned blocks"));
@@ -318,8 +323,18 @@ impl BlockWriter {
         if off >= block {
             return Err(std::io::Error::other("cannot align the journal's write buffer"));
         }
-        let window = &mut self.buf[off..off + len];
-        fill(window);
+        let window = off
+            .checked_add(len)
+            .and_then(|end| self.buf.get_mut(off..end))
+            .ok_or_else(|| std::io::Error::other("journal write buffer shorter than the write"))?;
+        let mut rest = &mut window[..];
+        for part in parts {
+            let (dst, tail) = std::mem::take(&mut rest)
+                .split_at_mut_checked(part.len())
+                .ok_or_else(|| std::io::Error::other("journal entry larger than the blocks reserved for it"))?;
+            dst.copy_from_slice(part);
+            rest = tail;
+        }
         self.file.write_all_at(window, at)?;
         if !self.direct {
             self.file.sync_data()?;
@@ -356,7 +371,7 @@ fn create(path: &Path, id: u64, capacity: u64) -> Result<File, JournalError> {
     let mut at = 0;
     while at < capacity {
         let n = (capacity - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at).map_err(io("zero-fill"))?;
+        file.write_all_at(zeros.get(..n).unwrap_or(&zeros), at).map_err(io("zero-fill"))?;
         at += n as u64;
     }
     file.write_all_at(&header(id, 0), 0).map_err(io("write header"))?;
@@ -487,13 +502,14 @@ impl<'a> Reader<'a> {
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self.at.checked_add(n).filter(|e| *e <= self.bytes.len()).ok_or_else(|| self.err("truncated"))?;
-        let s = &self.bytes[self.at..end];
+        let s = self.bytes.get(self.at..end).ok_or_else(|| self.err("truncated"))?;
         self.at = end;
         Ok(s)
     }
 
     fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
+        let [b] = self.take(1)? else { return Err(self.err("truncated")) };
+        Ok(*b)
     }
 
     fn u32(&mut self) -> Result<u32, DecodeError> {
@@ -537,6 +553,20 @@ mod tests {
         let mut v = Vec::new();
         effects(n).encode(&mut v);
         v
+    }
+
+    #[test]
+    fn a_write_larger_than_its_blocks_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        std::fs::write(&path, []).unwrap();
+        let mut w = BlockWriter::open(&path, false).unwrap();
+        let big = vec![7u8; BLOCK as usize + 1];
+        let err = w.write_blocks(0, BLOCK as usize, &[&big]).unwrap_err();
+        assert!(err.to_string().contains("larger than the blocks"), "{err}");
+        let err = w.write_blocks(1, BLOCK as usize, &[]).unwrap_err();
+        assert!(err.to_string().contains("aligned"), "{err}");
+        w.write_blocks(0, BLOCK as usize, &[b"ab", b"cd"]).unwrap();
     }
 
     #[test]

@@ -33,10 +33,9 @@
 //!   root is computed from the same write transaction that commits it.
 
 #![forbid(unsafe_code)]
-// No panics in shipped code: errors are values (tests may unwrap). `indexing_slicing` is not
-// denied here yet: the byte parsers (journal, checkpoint notes, canonical JSON, hex) index
-// after explicit length checks, 32 sites to rewrite with `get`/patterns in a follow-up.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+// No panics in shipped code: errors are values (tests may unwrap), and byte parsers use
+// `get`, patterns and iterators rather than indexing.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
 
 pub mod canonical;
 pub mod checkpoint;
@@ -62,13 +61,19 @@ pub use verify::{Problem, VerifyReport};
 
 /// Lowercase hex, used for `prev_hash` and proof nodes.
 pub mod hex {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    /// The lowercase hex digit of the low four bits of `n`.
+    pub(crate) fn digit(n: u8) -> u8 {
+        match n & 0xf {
+            d @ 0..=9 => b'0' + d,
+            d => b'a' + (d - 10),
+        }
+    }
 
     pub fn encode(bytes: &[u8]) -> String {
         let mut s = String::with_capacity(bytes.len() * 2);
         for &b in bytes {
-            s.push(char::from(DIGITS[usize::from(b >> 4)]));
-            s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+            s.push(char::from(digit(b >> 4)));
+            s.push(char::from(digit(b)));
         }
         s
     }
@@ -83,7 +88,13 @@ pub mod hex {
             b'a'..=b'f' => Some(c - b'a' + 10),
             _ => None,
         };
-        s.as_bytes().chunks_exact(2).map(|p| Some((nibble(p[0])? << 4) | nibble(p[1])?)).collect()
+        s.as_bytes()
+            .chunks_exact(2)
+            .map(|pair| match *pair {
+                [hi, lo] => Some((nibble(hi)? << 4) | nibble(lo)?),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Decodes a 32-byte hash in lowercase hex.

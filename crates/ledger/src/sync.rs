@@ -1,190 +1,72 @@
 //! The two waiting primitives the ledger's async API needs, without tying the crate to an async
-//! runtime: a one-shot reply channel ([`futures_channel::oneshot`], executor-agnostic) with a
-//! blocking receive for synchronous callers, and a fair counting semaphore ([`Permits`]) that
-//! bounds the writer's queue and can be closed.
+//! runtime, both from well-kept crates rather than written here:
+//! - the reply channel of every job is [`futures_channel::oneshot`] (executor-agnostic); a
+//!   synchronous caller waits on it with [`futures_executor::block_on`];
+//! - the writer's queue is bounded by [`Permits`], an [`async_lock::Semaphore`] (smol-rs) plus
+//!   a closed flag, so that a stopped ledger fails every waiting and later acquire instead of
+//!   leaving callers parked.
+//!
+//! Why a semaphore and not a bounded channel as the queue: the writer also takes control jobs
+//! (publish, checkpoint, shutdown) that must never wait behind a full queue, and
+//! `transact_blocking` (CLI, tests) deliberately bypasses the bound; a semaphore bounds only
+//! the async transactions and leaves the writer's own `std::sync::mpsc` queue unchanged.
+//!
+//! Ordering: the semaphore is not fair (the hand-written one this replaced was). A waiter woken
+//! for a released permit can lose it to another acquirer and wait again, so permits are not
+//! granted in arrival order. The bound holds either way, and the ledger does not rely on the
+//! order: transactions run in the order the writer receives them, not the order permits are
+//! granted. Under a sustained full queue one caller can wait longer than others; callers that
+//! need a deadline put a timeout around `transact`.
 //!
 //! Must not: spawn threads or tasks, or assume an executor. The futures here only register
 //! wakers; whoever polls them (tokio in the daemon, [`block_on`] in the CLI) drives them.
 
-use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::{pin, Pin};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Wake, Waker};
-use std::thread::Thread;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use async_lock::{Semaphore, SemaphoreGuardArc};
 pub(crate) use futures_channel::oneshot;
-
-/// Runs `future` to completion on the current thread, parking it between polls. For
-/// synchronous callers only: inside an async task it would block that task's worker thread.
-pub(crate) fn block_on<F: Future>(future: F) -> F::Output {
-    struct Unpark(Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-        fn wake_by_ref(self: &Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut future = pin!(future);
-    loop {
-        if let Poll::Ready(v) = future.as_mut().poll(&mut cx) {
-            return v;
-        }
-        // A wake between the poll and here leaves the token set: park returns at once.
-        std::thread::park();
-    }
-}
+pub(crate) use futures_executor::block_on;
 
 /// The semaphore was closed: no permit will ever be handed out again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Closed;
 
-/// A fair (first come, first served) counting semaphore whose permits are owned values.
-pub(crate) struct Permits {
-    state: Mutex<State>,
-}
+/// A permit; returned to its semaphore on drop.
+pub(crate) type Permit = SemaphoreGuardArc;
 
-struct State {
-    available: usize,
-    closed: bool,
-    next_ticket: u64,
-    /// Waiting acquirers in arrival order; only the front one may take a permit.
-    waiters: VecDeque<(u64, Waker)>,
+/// A counting semaphore whose permits are owned values, and which can be closed.
+pub(crate) struct Permits {
+    semaphore: Arc<Semaphore>,
+    closed: AtomicBool,
 }
 
 impl Permits {
     pub(crate) fn new(permits: usize) -> Permits {
-        Permits {
-            state: Mutex::new(State { available: permits, closed: false, next_ticket: 0, waiters: VecDeque::new() }),
+        Permits { semaphore: Arc::new(Semaphore::new(permits)), closed: AtomicBool::new(false) }
+    }
+
+    /// Waits for a permit; fails with [`Closed`] once [`Permits::close`] was called, also for
+    /// a caller that was already waiting.
+    pub(crate) async fn acquire(&self) -> Result<Permit, Closed> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Closed);
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // No code path panics while holding the lock; a poisoned state is still consistent.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits for a permit (resolves with [`Closed`] once [`Permits::close`] was called).
-    pub(crate) fn acquire_owned(self: Arc<Self>) -> Acquire {
-        Acquire { permits: self, ticket: None }
+        let permit = self.semaphore.acquire_arc().await;
+        if self.closed.load(Ordering::Acquire) {
+            // Dropping the permit returns it and wakes the next waiter, which then fails here
+            // too: one extra permit from `close` is passed down the whole queue.
+            drop(permit);
+            return Err(Closed);
+        }
+        Ok(permit)
     }
 
     /// Fails every waiting and future acquire; permits already handed out stay valid.
     pub(crate) fn close(&self) {
-        let waiters = {
-            let mut s = self.lock();
-            s.closed = true;
-            std::mem::take(&mut s.waiters)
-        };
-        for (_, w) in waiters {
-            w.wake();
-        }
-    }
-
-    #[cfg(test)]
-    fn available(&self) -> usize {
-        self.lock().available
-    }
-}
-
-impl State {
-    /// The front waiter's waker, if a permit is free for it.
-    fn next_to_wake(&self) -> Option<Waker> {
-        if self.available > 0 {
-            self.waiters.front().map(|(_, w)| w.clone())
-        } else {
-            None
-        }
-    }
-}
-
-/// A permit; returned to its semaphore on drop.
-pub(crate) struct Permit {
-    permits: Arc<Permits>,
-}
-
-impl Drop for Permit {
-    fn drop(&mut self) {
-        let wake = {
-            let mut s = self.permits.lock();
-            s.available = s.available.saturating_add(1);
-            s.next_to_wake()
-        };
-        if let Some(w) = wake {
-            w.wake();
-        }
-    }
-}
-
-/// The future of [`Permits::acquire_owned`]. Dropping it gives up its place in the queue.
-pub(crate) struct Acquire {
-    permits: Arc<Permits>,
-    /// Set once queued.
-    ticket: Option<u64>,
-}
-
-impl Future for Acquire {
-    type Output = Result<Permit, Closed>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let mut wake = None;
-        let out = {
-            let mut s = this.permits.lock();
-            if s.closed {
-                this.ticket = None;
-                Poll::Ready(Err(Closed))
-            } else {
-                let front = s.waiters.front().map(|(t, _)| *t);
-                let my_turn = front.is_none() || front == this.ticket;
-                if s.available > 0 && my_turn {
-                    s.available -= 1;
-                    if this.ticket.take().is_some() {
-                        s.waiters.pop_front();
-                    }
-                    // Permits left over go on to the next in line.
-                    wake = s.next_to_wake();
-                    Poll::Ready(Ok(Permit { permits: this.permits.clone() }))
-                } else {
-                    match this.ticket {
-                        Some(t) => {
-                            if let Some(entry) = s.waiters.iter_mut().find(|(x, _)| *x == t) {
-                                entry.1.clone_from(cx.waker());
-                            }
-                        }
-                        None => {
-                            let t = s.next_ticket;
-                            s.next_ticket = s.next_ticket.wrapping_add(1);
-                            s.waiters.push_back((t, cx.waker().clone()));
-                            this.ticket = Some(t);
-                        }
-                    }
-                    Poll::Pending
-                }
-            }
-        };
-        if let Some(w) = wake {
-            w.wake();
-        }
-        out
-    }
-}
-
-impl Drop for Acquire {
-    fn drop(&mut self) {
-        let Some(t) = self.ticket else { return };
-        let wake = {
-            let mut s = self.permits.lock();
-            s.waiters.retain(|(x, _)| *x != t);
-            // If this waiter was woken for a free permit, the permit passes to the next one.
-            s.next_to_wake()
-        };
-        if let Some(w) = wake {
-            w.wake();
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            // Wakes the first waiter even when every permit is held; see `acquire`.
+            self.semaphore.add_permits(1);
         }
     }
 }
@@ -192,87 +74,100 @@ impl Drop for Acquire {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+    use std::time::Duration;
 
-    struct Count(AtomicUsize);
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn poll(f: &mut Acquire, waker: &Waker) -> Poll<Result<Permit, Closed>> {
-        Pin::new(f).poll(&mut Context::from_waker(waker))
+    fn pending_once<F: Future>(f: std::pin::Pin<&mut F>) -> bool {
+        f.poll(&mut Context::from_waker(Waker::noop())).is_pending()
     }
 
     #[test]
-    fn permits_are_counted_and_returned() {
-        let p = Arc::new(Permits::new(2));
-        let a = block_on(p.clone().acquire_owned()).unwrap();
-        let b = block_on(p.clone().acquire_owned()).unwrap();
-        assert_eq!(p.available(), 0);
+    fn the_bound_holds_and_released_permits_come_back() {
+        let p = Permits::new(2);
+        let a = block_on(p.acquire()).unwrap();
+        let _b = block_on(p.acquire()).unwrap();
+        let mut third = pin!(p.acquire());
+        assert!(pending_once(third.as_mut()), "a third acquire must wait while two are held");
         drop(a);
-        assert_eq!(p.available(), 1);
-        drop(b);
-        assert_eq!(p.available(), 2);
+        assert!(matches!(third.as_mut().poll(&mut Context::from_waker(Waker::noop())), Poll::Ready(Ok(_))));
     }
 
-    #[test]
-    fn waiters_are_served_in_arrival_order_and_woken() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn under_contention_the_bound_holds_and_every_waiter_is_served() {
+        use std::sync::atomic::AtomicUsize;
+        const BOUND: usize = 3;
+        let p = Arc::new(Permits::new(BOUND));
+        let (inside, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let (p, inside, most) = (p.clone(), inside.clone(), most.clone());
+                tokio::spawn(async move {
+                    for _ in 0..20 {
+                        let permit = p.acquire().await.unwrap();
+                        let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        tokio::task::yield_now().await;
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        drop(permit);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            tokio::time::timeout(Duration::from_secs(20), t).await.expect("a waiter was stranded").unwrap();
+        }
+        assert!(most.load(Ordering::SeqCst) <= BOUND, "more holders than permits");
+        assert_eq!(p.semaphore.available_permits(), BOUND, "every permit came back");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiter_that_gives_up_does_not_strand_the_next() {
         let p = Arc::new(Permits::new(1));
-        let held = block_on(p.clone().acquire_owned()).unwrap();
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
-        let mut first = p.clone().acquire_owned();
-        let mut second = p.clone().acquire_owned();
-        assert!(poll(&mut first, &waker).is_pending());
-        assert!(poll(&mut second, &waker).is_pending());
+        let held = p.acquire().await.unwrap();
+        let first = tokio::spawn({
+            let p = p.clone();
+            async move { p.acquire().await.map(drop) }
+        });
+        let second = tokio::spawn({
+            let p = p.clone();
+            async move { p.acquire().await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        first.abort();
         drop(held);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "the front waiter is woken");
-        // The second in line may not jump the queue.
-        assert!(poll(&mut second, &waker).is_pending());
-        let got = poll(&mut first, &waker);
-        assert!(matches!(got, Poll::Ready(Ok(_))));
-        drop(got);
-        assert!(matches!(poll(&mut second, &waker), Poll::Ready(Ok(_))));
+        let got = tokio::time::timeout(Duration::from_secs(5), second).await;
+        assert!(matches!(got, Ok(Ok(Ok(())))), "the next waiter gets the permit: {got:?}");
     }
 
-    #[test]
-    fn a_dropped_waiter_passes_its_turn_on() {
-        let p = Arc::new(Permits::new(1));
-        let held = block_on(p.clone().acquire_owned()).unwrap();
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
-        let mut first = p.clone().acquire_owned();
-        let mut second = p.clone().acquire_owned();
-        assert!(poll(&mut first, &waker).is_pending());
-        assert!(poll(&mut second, &waker).is_pending());
-        drop(held);
-        drop(first);
-        assert_eq!(count.0.load(Ordering::SeqCst), 2, "the next waiter is woken when the first gives up");
-        assert!(matches!(poll(&mut second, &waker), Poll::Ready(Ok(_))));
-    }
-
-    #[test]
-    fn close_fails_waiters_and_later_acquires() {
-        let p = Arc::new(Permits::new(1));
-        let held = block_on(p.clone().acquire_owned()).unwrap();
-        let count = Arc::new(Count(AtomicUsize::new(0)));
-        let waker = Waker::from(count.clone());
-        let mut waiting = p.clone().acquire_owned();
-        assert!(poll(&mut waiting, &waker).is_pending());
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_fails_every_waiter_and_later_acquires() {
+        let p = Arc::new(Permits::new(2));
+        let held = vec![p.acquire().await.unwrap(), p.acquire().await.unwrap()];
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move { p.acquire().await.map(drop) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
         p.close();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1);
-        assert!(matches!(poll(&mut waiting, &waker), Poll::Ready(Err(Closed))));
-        assert!(matches!(block_on(p.clone().acquire_owned()), Err(Closed)));
+        for w in waiters {
+            let got = tokio::time::timeout(Duration::from_secs(5), w).await;
+            assert!(matches!(got, Ok(Ok(Err(Closed)))), "a waiter must fail, not hang: {got:?}");
+        }
+        assert_eq!(p.acquire().await.err(), Some(Closed));
+        // Permits handed out before the close stay valid and can still be returned.
         drop(held);
+        assert_eq!(p.acquire().await.err(), Some(Closed));
     }
 
     #[test]
     fn block_on_waits_for_a_reply_from_another_thread() {
         let (tx, rx) = oneshot::channel::<u32>();
         let t = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
             let _ = tx.send(7);
         });
         assert_eq!(block_on(rx), Ok(7));

@@ -1,0 +1,417 @@
+//! The redb store: one writer thread, group commit, durable before answered.
+//!
+//! Every write goes through a single writer thread. It takes every queued job (up to
+//! [`LedgerOptions::max_group`]) into one redb write transaction, runs the transactions' closures
+//! one after the other (each sees what earlier ones of the group wrote), appends their records
+//! and Merkle nodes, signs a checkpoint if one is due or asked for, makes the group durable, and
+//! only then answers every caller. If that fails, every transaction of the group gets the error
+//! and nothing of the group is visible.
+//!
+//! Durable means: written to the commit journal ([`super::journal`]) with one `fdatasync`. The
+//! group's rows stay in a redb write transaction that is kept open across groups and committed
+//! (published) without a sync every [`LedgerOptions::publish_interval`], or at once when a reader
+//! asks: every read ([`Ledger::snapshot`] and what is built on it) first makes sure every group
+//! already answered is published, so nobody reads an older state than a caller was told about.
+//! redb itself is synced at least every [`LedgerOptions::durable_interval`] and whenever the
+//! journal is half full, after which the journal starts over. At open, journal entries redb does
+//! not have yet (after a crash) are applied again before anything else. A group too large for
+//! the journal is committed to redb with `Durability::Immediate` instead. Each group has a
+//! sequence number, stored in `meta` with the group, which is how replay knows where redb
+//! stopped. If redb fails while the open transaction holds answered groups, the writer refuses
+//! everything until a restart, which replays them from the journal.
+//!
+//! A transaction's closure runs against an overlay: its `put`s and `delete`s are applied to the
+//! state table only if the closure returns `Ok` and every draft it returned can be sealed. So a
+//! closure that fails (or panics) leaves no trace, and the rest of the group goes on.
+//!
+//! Tables: `records` (log index → canonical record), `merkle_nodes` (packed (level, index) →
+//! perfect-subtree hash), `chain_heads` (chain → (seq, leaf hash) of its last record),
+//! `chain_index` ((chain, seq) → log index), `state` (key → opaque bytes owned by other modules),
+//! `checkpoints` (tree size → signed note), `meta` (`size`, `format`, `journal_id`,
+//! `journal_seq`).
+//!
+//! Modules, one job each: this one is the handle ([`Ledger`]: open, submit, read, shut down),
+//! its options and errors; `txn` a transaction's view and bounds; `writer` the writer thread
+//! and its jobs; `snapshot` read-only views; `open` journal replay and the coherence check at
+//! open; `tables` the table definitions and how a row is written (shared by writer and replay).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::sync::{block_on, oneshot, Permits};
+use ed25519_dalek::VerifyingKey;
+use redb::Database;
+
+use super::checkpoint::SignedCheckpoint;
+use super::hostkey::HostKey;
+use super::journal;
+use super::merkle::{Hash, MerkleError};
+use super::record::{Appended, Draft, DraftError};
+
+mod open;
+mod snapshot;
+mod tables;
+mod txn;
+mod writer;
+
+use open::*;
+pub use snapshot::{Snapshot, SnapshotNodes};
+use tables::*;
+use txn::*;
+pub use txn::{Txn, MAX_DRAFTS_PER_TXN, MAX_STATE_KEY_BYTES, MAX_STATE_VALUE_BYTES, MAX_WRITES_PER_TXN};
+use writer::*;
+
+/// Tuning of the writer.
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    /// Most transactions committed together.
+    pub max_group: usize,
+    /// Most transactions waiting for the writer; `transact` waits for room beyond that.
+    pub max_queued: usize,
+    /// A checkpoint is signed at least this often while the log grows.
+    pub checkpoint_interval: Duration,
+    /// Size of the commit journal file (preallocated when the store is created; an existing
+    /// journal keeps its size). 0 turns the journal off: every group is then a durable redb
+    /// commit (slower; for comparison and for file systems where preallocation is a problem).
+    pub journal_capacity: u64,
+    /// redb is synced at least this often while groups arrive (the journal covers the rest).
+    pub durable_interval: Duration,
+    /// Answered groups are committed to redb (visible to readers that did not ask) at least
+    /// this often.
+    pub publish_interval: Duration,
+    /// redb's page cache.
+    pub cache_bytes: usize,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        Self {
+            max_group: 1024,
+            max_queued: 16 * 1024,
+            checkpoint_interval: Duration::from_secs(1),
+            journal_capacity: journal::DEFAULT_CAPACITY,
+            durable_interval: Duration::from_secs(1),
+            publish_interval: Duration::from_millis(100),
+            cache_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The journal file of the store at `path` (`ledger.redb` → `ledger.journal`).
+pub fn journal_path(path: &Path) -> PathBuf {
+    path.with_extension("journal")
+}
+
+/// A redb failure, shareable between all transactions of a failed group.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("ledger store {path}: {context}: {source}", path = .path.display())]
+pub struct StorageError {
+    pub path: PathBuf,
+    pub context: &'static str,
+    #[source]
+    pub source: Arc<redb::Error>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("ledger store {path} is incoherent: {reason}; refusing to start. Restore the store from backup, or move it aside to start a new log (auditors must then be told)", path = .path.display())]
+    Incoherent { path: PathBuf, reason: String },
+    #[error("ledger store {path} is already open in another process (is another sluice daemon running?)", path = .path.display())]
+    AlreadyOpen { path: PathBuf },
+    #[error(transparent)]
+    Journal(#[from] Arc<journal::JournalError>),
+    #[error("the ledger is shut down")]
+    Closed,
+    #[error("cannot start the ledger writer thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the transaction closure panicked; nothing of it was written")]
+    Panicked,
+    #[error(transparent)]
+    Txn(TxnError),
+    #[error(transparent)]
+    Draft(#[from] DraftError),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("ledger store: {0}")]
+    Merkle(#[from] MerkleError),
+}
+
+/// What a transaction closure may fail with. Nothing it wrote is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    #[error("state key {key:?} is invalid: {reason}")]
+    BadKey { key: String, reason: &'static str },
+    #[error("state value for {key:?} is {size} bytes, above the {MAX_STATE_VALUE_BYTES}-byte limit")]
+    ValueTooLarge { key: String, size: usize },
+    #[error("transaction writes more than {MAX_WRITES_PER_TXN} state keys")]
+    TooManyWrites,
+    #[error("state read failed: {0}")]
+    Storage(#[source] Arc<redb::Error>),
+    /// The caller's own reason to abort.
+    #[error(transparent)]
+    Abort(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl TxnError {
+    /// Wraps a caller's error to abort the transaction.
+    pub fn abort(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        TxnError::Abort(e.into())
+    }
+}
+
+fn storage<'a>(path: &'a Path, context: &'static str) -> impl Fn(redb::Error) -> StorageError + 'a {
+    move |e| StorageError { path: path.to_path_buf(), context, source: Arc::new(e) }
+}
+
+fn se<'a, E: Into<redb::Error>>(path: &'a Path, context: &'static str) -> impl Fn(E) -> StorageError + 'a {
+    move |e| storage(path, context)(e.into())
+}
+
+struct Shared {
+    pub(super) size: AtomicU64,
+    pub(super) latest: RwLock<Option<SignedCheckpoint>>,
+    /// Sequence number of the last group whose callers were answered.
+    pub(super) answered: AtomicU64,
+    /// Sequence number of the last group committed to redb (visible to readers).
+    pub(super) published: AtomicU64,
+}
+
+struct Inner {
+    path: PathBuf,
+    db: Arc<Database>,
+    shared: Arc<Shared>,
+    jobs: mpsc::Sender<Job>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    permits: Permits,
+    /// The writer thread (which must never wait for itself).
+    writer_id: Option<std::thread::ThreadId>,
+    public: VerifyingKey,
+    origin: String,
+}
+
+impl Inner {
+    fn stop(&self) {
+        let handle = match self.writer.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        let Some(handle) = handle else { return };
+        let _ = self.jobs.send(Job::Shutdown);
+        self.permits.close();
+        // A closure holding the last clone could drop it on the writer thread itself.
+        if handle.thread().id() != std::thread::current().id() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The attestation log and state store. Cheap to clone; the last clone's drop shuts it down.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.inner.path)
+            .field("origin", &self.inner.origin)
+            .field("size", &self.size())
+            .finish()
+    }
+}
+
+impl Ledger {
+    /// Opens (or creates) the store at `path`, checks it is coherent, and starts the writer.
+    pub fn open(path: &Path, host_key: HostKey, opts: LedgerOptions) -> Result<Ledger, LedgerError> {
+        // redb's page cache defaults to 1 GiB and fills with every record ever read or written;
+        // the daemon's memory must stay bounded, and its hot state is small.
+        let db = match redb::Builder::new().set_cache_size(opts.cache_bytes).create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(LedgerError::AlreadyOpen { path: path.to_path_buf() })
+            }
+            Err(e) => return Err(se(path, "open database")(e).into()),
+        };
+        let db = Arc::new(db);
+        init_tables(&db, path)?;
+        let (journal, gseq) = open_journal(&db, path, opts.journal_capacity)?;
+        let public = host_key.verifying_key();
+        let (size, latest) = check_coherent(&db, path, &public)?;
+        let shared = Arc::new(Shared {
+            size: AtomicU64::new(size),
+            latest: RwLock::new(latest.clone()),
+            answered: AtomicU64::new(gseq),
+            published: AtomicU64::new(gseq),
+        });
+        let (tx, rx) = mpsc::channel();
+        let origin = host_key.origin().to_string();
+        let writer = Writer {
+            path: path.to_path_buf(),
+            db: db.clone(),
+            key: host_key,
+            shared: shared.clone(),
+            rx,
+            max_group: opts.max_group.max(1),
+            interval: opts.checkpoint_interval,
+            size,
+            last_checkpoint: latest.as_ref().map(|c| (c.checkpoint.size, Instant::now())),
+            journal,
+            journal_on: opts.journal_capacity > 0,
+            gseq,
+            durable_interval: opts.durable_interval,
+            publish_interval: opts.publish_interval,
+            open: None,
+            stopped: false,
+            clean_stop: false,
+            undurable_since: None,
+            poisoned: None,
+        };
+        let handle = std::thread::Builder::new()
+            .name(WRITER_THREAD.into())
+            .spawn(move || writer.run())
+            .map_err(LedgerError::Spawn)?;
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                db,
+                shared,
+                jobs: tx,
+                writer_id: Some(handle.thread().id()),
+                writer: Mutex::new(Some(handle)),
+                permits: Permits::new(opts.max_queued.max(1)),
+                public,
+                origin,
+            }),
+        })
+    }
+
+    /// Runs `f` on the single writer inside the current group's write transaction; appends the
+    /// drafts it returns; resolves once the group's commit is durable.
+    ///
+    /// `f` sees the state committed before plus what earlier transactions of the same group
+    /// wrote. Its `put`/`delete` are kept only if it returns `Ok` and all its drafts are valid;
+    /// otherwise the caller gets the error and nothing of `f` is written. `f` runs on the writer
+    /// thread, serially with every other transaction: keep it short and never block in it.
+    pub async fn transact<T, F>(&self, f: F) -> Result<(T, Vec<Appended>), LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + 'static,
+    {
+        let permit = self.inner.permits.acquire().await.map_err(|_| LedgerError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        self.submit(Box::new(TransactWork { f, reply, permit: Some(permit) }))?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// [`Ledger::transact`] for synchronous callers (CLI, tests). Must not be called from an
+    /// async task (it blocks the thread until the commit).
+    pub fn transact_blocking<T, F>(&self, f: F) -> Result<(T, Vec<Appended>), LedgerError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        self.submit(Box::new(TransactWork { f, reply, permit: None }))?;
+        block_on(rx).map_err(|_| LedgerError::Closed)?
+    }
+
+    fn submit(&self, work: Box<dyn Work>) -> Result<(), LedgerError> {
+        self.inner.jobs.send(Job::Transact(work)).map_err(|_| LedgerError::Closed)
+    }
+
+    pub fn state_get(&self, key: &str) -> Result<Option<Vec<u8>>, LedgerError> {
+        self.snapshot()?.state_get(key)
+    }
+
+    pub fn state_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, LedgerError> {
+        self.snapshot()?.state_scan(prefix)
+    }
+
+    /// Number of committed records.
+    pub fn size(&self) -> u64 {
+        self.inner.shared.size.load(Ordering::Acquire)
+    }
+
+    /// The canonical bytes of record `index`, if committed.
+    pub fn record(&self, index: u64) -> Result<Option<Vec<u8>>, LedgerError> {
+        self.snapshot()?.record(index)
+    }
+
+    pub fn inclusion_proof(&self, index: u64, tree_size: u64) -> Result<Vec<Hash>, LedgerError> {
+        self.snapshot()?.inclusion_proof(index, tree_size)
+    }
+
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>, LedgerError> {
+        self.snapshot()?.consistency_proof(old, new)
+    }
+
+    /// A checkpoint of everything committed before this call (signs a new one unless the
+    /// latest already covers the current size).
+    pub async fn checkpoint_now(&self) -> Result<SignedCheckpoint, LedgerError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.jobs.send(Job::Checkpoint(tx)).map_err(|_| LedgerError::Closed)?;
+        rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// The most recent signed checkpoint.
+    pub fn latest_checkpoint(&self) -> Result<Option<SignedCheckpoint>, LedgerError> {
+        let latest = match self.inner.shared.latest.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        // After reading it: whatever group signed it is then published.
+        self.publish()?;
+        Ok(latest)
+    }
+
+    pub fn host_public_key(&self) -> VerifyingKey {
+        self.inner.public
+    }
+
+    /// The log's checkpoint origin.
+    pub fn origin(&self) -> &str {
+        &self.inner.origin
+    }
+
+    /// A consistent read-only view of the committed store.
+    pub fn snapshot(&self) -> Result<Snapshot, LedgerError> {
+        self.publish()?;
+        Snapshot::new(&self.inner.db, &self.inner.path)
+    }
+
+    /// Waits until every group already answered is visible to readers (see the module docs).
+    /// Blocks for at most one redb commit; a no-op when nothing is pending.
+    fn publish(&self) -> Result<(), LedgerError> {
+        let shared = &self.inner.shared;
+        if shared.published.load(Ordering::Acquire) >= shared.answered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        // A closure on the writer thread reads through its `Txn`, never through here; waiting
+        // for the writer from the writer would never end.
+        if Some(std::thread::current().id()) == self.inner.writer_id {
+            return Ok(());
+        }
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.inner.jobs.send(Job::Publish(tx)).map_err(|_| LedgerError::Closed)?;
+        rx.recv().map_err(|_| LedgerError::Closed)??;
+        Ok(())
+    }
+
+    /// Finishes queued work, signs a final checkpoint, and stops the writer. Later writes fail
+    /// with [`LedgerError::Closed`]; reads keep working until the last clone is dropped.
+    pub fn shutdown(&self) {
+        self.inner.stop();
+    }
+}

@@ -1,0 +1,311 @@
+//! What opening a store does before the writer starts: replaying the commit journal's groups that
+//! redb does not have yet (after a crash), marking the store as running, and the coherence check
+//! that refuses a store whose size, records, Merkle nodes or latest checkpoint do not agree.
+//!
+//! Must not: start the writer or serve callers; it runs once, on the opening thread.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use ed25519_dalek::VerifyingKey;
+use redb::{Database, ReadableTable, ReadableTableMetadata};
+
+use super::*;
+use crate::checkpoint::{self, SignedCheckpoint};
+use crate::journal::{self, GroupEffects, Journal};
+use crate::merkle::{self, NodeSource};
+use crate::record::{self, Appended};
+
+/// Opens the store's journal and applies (durably) every group it holds that redb does not.
+/// Returns the journal, emptied, and the sequence number of the last group.
+pub(super) fn open_journal(db: &Database, path: &Path, capacity: u64) -> Result<(Journal, u64), LedgerError> {
+    let jpath = journal_path(path);
+    let (id, stored, clean) = {
+        let txn = db.begin_read().map_err(se(path, "begin read"))?;
+        let meta = txn.open_table(META).map_err(se(path, "open meta"))?;
+        let get = |k| meta.get(k).map(|v| v.map(|g| g.value()));
+        (
+            get(META_JOURNAL_ID).map_err(se(path, "read journal id"))?.unwrap_or(0),
+            get(META_GSEQ).map_err(se(path, "read seq"))?.unwrap_or(0),
+            get(META_CLEAN).map_err(se(path, "read clean flag"))?.unwrap_or(1) == 1,
+        )
+    };
+    let bad = |reason: String| LedgerError::Incoherent { path: path.to_path_buf(), reason };
+    let jerr = |e: journal::JournalError| LedgerError::Journal(Arc::new(e));
+    let (mut journal, entries, missing) = Journal::open(&jpath, id, capacity).map_err(jerr)?;
+    if missing && !clean {
+        // Remove what we just made, so the operator's decision below is not taken for them.
+        let _ = std::fs::remove_file(&jpath);
+        return Err(bad(format!(
+            "its journal {} is missing, and the daemon did not stop cleanly: the decisions answered \
+             in the last second before that stop may exist only there. Restore the journal from where it \
+             went; if it is lost for good, create an empty file at that path to start without it (those \
+             decisions are then missing from the log and their spend from the counters)",
+            jpath.display()
+        )));
+    }
+    mark_running(db, path)?;
+    let pending: Vec<_> = entries.into_iter().filter(|e| e.gseq > stored).collect();
+    let Some(first) = pending.first() else {
+        journal.reset().map_err(jerr)?;
+        return Ok((journal, stored));
+    };
+    if first.gseq != stored + 1 {
+        return Err(bad(format!(
+            "journal {} resumes at group {} but the store ends at group {stored}: the store is older than its \
+             journal (restored from a backup without it?)",
+            jpath.display(),
+            first.gseq
+        )));
+    }
+    let wtxn = db.begin_write().map_err(se(path, "begin replay"))?;
+    let (mut gseq, mut records) = (stored, 0usize);
+    {
+        let mut t = Tables::open(&wtxn, path)?;
+        let mut size = t.meta.get(META_SIZE).map_err(se(path, "read size"))?.map(|g| g.value()).unwrap_or(0);
+        for entry in &pending {
+            let at = |what: String| bad(format!("journal {} group {}: {what}", jpath.display(), entry.gseq));
+            let fx = GroupEffects::decode(&entry.payload).map_err(|e| at(e.to_string()))?;
+            for (k, v) in &fx.state {
+                check_key(k).map_err(|e| at(e.to_string()))?;
+                t.put_state(k, v.as_deref(), path)?;
+            }
+            for r in &fx.records {
+                if r.index != size {
+                    return Err(at(format!("record index {} where the log has {size} records", r.index)));
+                }
+                record::check_chain(&r.chain).map_err(|e| at(e.to_string()))?;
+                let appended = Appended {
+                    index: r.index,
+                    leaf_hash: merkle::leaf_hash(&r.canonical),
+                    seq: r.seq,
+                    canonical: r.canonical.clone(),
+                };
+                t.put_record(&r.chain, &appended, path)?;
+                size += 1;
+                records += 1;
+            }
+            if fx.size != size {
+                return Err(at(format!("says the log has {} records after it, replay gives {size}", fx.size)));
+            }
+            if let Some((cp_size, note)) = &fx.checkpoint {
+                if *cp_size != size {
+                    return Err(at(format!("checkpoint of size {cp_size} in a group ending at {size}")));
+                }
+                t.checkpoints.insert(*cp_size, note.as_str()).map_err(se(path, "write checkpoint"))?;
+            }
+            gseq = entry.gseq;
+            t.meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
+            t.meta.insert(META_GSEQ, gseq).map_err(se(path, "write journal seq"))?;
+        }
+    }
+    wtxn.commit().map_err(se(path, "commit replay"))?;
+    tracing::warn!(
+        journal = %jpath.display(),
+        groups = pending.len(),
+        records,
+        "the daemon did not stop cleanly: applied the journal's last groups to the store"
+    );
+    journal.reset().map_err(jerr)?;
+    Ok((journal, gseq))
+}
+
+/// Records (durably) that a writer is running, so a missing journal after an unclean stop is
+/// noticed at the next open.
+pub(super) fn mark_running(db: &Database, path: &Path) -> Result<(), LedgerError> {
+    let txn = db.begin_write().map_err(se(path, "begin"))?;
+    {
+        let mut meta = txn.open_table(META).map_err(se(path, "open meta"))?;
+        meta.insert(META_CLEAN, 0).map_err(se(path, "write clean flag"))?;
+    }
+    txn.commit().map_err(se(path, "commit clean flag"))?;
+    Ok(())
+}
+
+/// Checks that the stored tree hangs together: the size matches the records, the last leaf is
+/// the hash of the last record, every node needed for the root exists, and the latest checkpoint
+/// verifies with this host key and matches the root the nodes give at its size.
+///
+/// This is O(log n), not a full rehash (that is what `audit verify` on a full export does).
+pub(super) fn check_coherent(
+    db: &Database,
+    path: &Path,
+    public: &VerifyingKey,
+) -> Result<(u64, Option<SignedCheckpoint>), LedgerError> {
+    let bad = |reason: String| LedgerError::Incoherent { path: path.to_path_buf(), reason };
+    let snap = Snapshot::new(db, path)?;
+    let size = snap.size;
+    let records = snap.txn.open_table(RECORDS).map_err(se(path, "open records"))?;
+    let count = records.len().map_err(se(path, "count records"))?;
+    if count != size {
+        return Err(bad(format!("meta size is {size} but the records table holds {count} records")));
+    }
+    if size > 0 {
+        let last = records.last().map_err(se(path, "read last record"))?.map(|(k, v)| (k.value(), v.value().to_vec()));
+        let Some((last_index, last_bytes)) = last else {
+            return Err(bad("records table is empty but size is not 0".into()));
+        };
+        if last_index != size - 1 {
+            return Err(bad(format!("last record has index {last_index}, expected {}", size - 1)));
+        }
+        let nodes = snap.txn.open_table(NODES).map_err(se(path, "open merkle"))?;
+        let leaf = NodesRead(&nodes).get(0, size - 1)?;
+        if leaf != Some(merkle::leaf_hash(&last_bytes)) {
+            return Err(bad(format!("stored leaf hash of record {} does not match the record", size - 1)));
+        }
+    }
+    merkle::root(&snap.nodes()?, size).map_err(|e| bad(format!("cannot compute the root of {size} records: {e}")))?;
+    let latest = snap.latest_checkpoint_note()?;
+    let latest = match latest {
+        None => None,
+        Some(note) => {
+            let signed = checkpoint::open(&note, public).map_err(|e| {
+                bad(format!(
+                    "latest stored checkpoint does not verify with this host key ({e}); was host.key replaced?"
+                ))
+            })?;
+            let cp = &signed.checkpoint;
+            if cp.size > size {
+                return Err(bad(format!(
+                    "latest checkpoint covers {} records but only {size} are stored (records lost or store rolled back)",
+                    cp.size
+                )));
+            }
+            let root = merkle::root(&snap.nodes()?, cp.size)?;
+            if root != cp.root {
+                return Err(bad(format!(
+                    "the stored tree's root at size {} differs from the signed checkpoint",
+                    cp.size
+                )));
+            }
+            Some(signed)
+        }
+    };
+    Ok((size, latest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+    use ed25519_dalek::SigningKey;
+    use redb::Table;
+
+    fn key() -> HostKey {
+        HostKey::from_signing_key(SigningKey::from_bytes(&[3u8; 32]))
+    }
+
+    /// Builds a store of 5 records with a checkpoint, closes it, damages it with `damage`, and
+    /// returns the error `open` gives.
+    fn open_after(damage: impl FnOnce(&WriteTxnTables<'_>)) -> LedgerError {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.redb");
+        {
+            let ledger = Ledger::open(&path, key(), LedgerOptions::default()).unwrap();
+            for i in 0..5 {
+                ledger
+                    .transact_blocking(move |_| {
+                        let mut body = serde_json::Map::new();
+                        body.insert("i".into(), i.into());
+                        Ok(((), vec![Draft::new("p", body)]))
+                    })
+                    .unwrap();
+            }
+            ledger.shutdown();
+        }
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let tables = WriteTxnTables {
+                    records: txn.open_table(RECORDS).unwrap().into(),
+                    nodes: txn.open_table(NODES).unwrap().into(),
+                    meta: txn.open_table(META).unwrap().into(),
+                    checkpoints: txn.open_table(CHECKPOINTS).unwrap().into(),
+                };
+                damage(&tables);
+            }
+            txn.commit().unwrap();
+        }
+        Ledger::open(&path, key(), LedgerOptions::default()).unwrap_err()
+    }
+
+    struct WriteTxnTables<'t> {
+        records: std::cell::RefCell<Table<'t, u64, &'static [u8]>>,
+        nodes: std::cell::RefCell<Table<'t, u64, [u8; 32]>>,
+        meta: std::cell::RefCell<Table<'t, &'static str, u64>>,
+        checkpoints: std::cell::RefCell<Table<'t, u64, &'static str>>,
+    }
+
+    fn assert_incoherent(err: LedgerError, needle: &str) {
+        let msg = err.to_string();
+        assert!(matches!(err, LedgerError::Incoherent { .. }), "{msg}");
+        assert!(msg.contains(needle), "expected {needle:?} in: {msg}");
+        assert!(msg.contains("refusing to start"), "{msg}");
+    }
+
+    #[test]
+    fn intact_store_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.redb");
+        drop(Ledger::open(&path, key(), LedgerOptions::default()).unwrap());
+        let l = Ledger::open(&path, key(), LedgerOptions::default()).unwrap();
+        assert_eq!(l.size(), 0);
+    }
+
+    #[test]
+    fn open_refuses_size_not_matching_records() {
+        let err = open_after(|t| {
+            t.meta.borrow_mut().insert(META_SIZE, 4).unwrap();
+        });
+        assert_incoherent(err, "meta size is 4");
+    }
+
+    #[test]
+    fn open_refuses_deleted_last_record() {
+        let err = open_after(|t| {
+            t.records.borrow_mut().remove(4).unwrap();
+            t.meta.borrow_mut().insert(META_SIZE, 4).unwrap();
+        });
+        // Size 4 is below the checkpoint's 5: records lost.
+        assert_incoherent(err, "latest checkpoint covers 5 records");
+    }
+
+    #[test]
+    fn open_refuses_edited_last_record() {
+        let err = open_after(|t| {
+            t.records.borrow_mut().insert(4, &b"{}"[..]).unwrap();
+        });
+        assert_incoherent(err, "stored leaf hash of record 4");
+    }
+
+    #[test]
+    fn open_refuses_missing_merkle_node() {
+        let err = open_after(|t| {
+            t.nodes.borrow_mut().remove(merkle::node_key(2, 0)).unwrap();
+        });
+        assert_incoherent(err, "merkle node (level 2, index 0) is missing");
+    }
+
+    /// A node on the root's path (the perfect subtree of leaves 0..4). Nodes off that path are
+    /// not re-hashed at open (O(log n) check); a damaged one makes the proofs it enters fail
+    /// verification, which `audit verify` reports.
+    #[test]
+    fn open_refuses_altered_merkle_node() {
+        let err = open_after(|t| {
+            t.nodes.borrow_mut().insert(merkle::node_key(2, 0), [9u8; 32]).unwrap();
+        });
+        assert_incoherent(err, "differs from the signed checkpoint");
+    }
+
+    #[test]
+    fn open_refuses_forged_checkpoint() {
+        let err = open_after(|t| {
+            let other = HostKey::generate();
+            let cp =
+                checkpoint::sign(Checkpoint { origin: key().origin().to_string(), size: 5, root: [0u8; 32] }, &other);
+            t.checkpoints.borrow_mut().insert(5, cp.note.as_str()).unwrap();
+        });
+        assert_incoherent(err, "does not verify with this host key");
+    }
+}
