@@ -21,10 +21,11 @@
 //! Bodies stream both ways as hyper frames; the only buffering is the bounded prefix a metered
 //! route needs for its estimate ([`crate::policy::meter::MAX_REQUEST_SCAN`]).
 
-use super::checks::{self, reason, Refusal};
+use super::checks::{self, Refusal};
 use super::conn::ConnInfo;
 use super::upstream::{BoxError, ProxyBody};
 use super::{h1watch, inc, Proxy};
+use crate::decide::Reason;
 use crate::decide::{self, Decision};
 use crate::domain::DomainName;
 use crate::policy::{self, meter, Cost};
@@ -88,7 +89,7 @@ where
     if let Err(e) = result {
         if e.is_parse() || e.is_parse_too_large() {
             // hyper already answered 400 and closed; make the refusal part of the record.
-            let refusal = Refusal { reason: reason::MALFORMED_REQUEST, detail: format!("HTTP request refused: {e}") };
+            let refusal = Refusal { reason: Reason::MalformedRequest, detail: format!("HTTP request refused: {e}") };
             let _ = record_refusal(&proxy, &info, info.conn_name(), "web:send", None, None, &refusal).await;
             inc(&proxy.stats.blocked);
         } else {
@@ -118,14 +119,14 @@ async fn handle(
             Some(Ok(())) => None,
             Some(Err(r)) => Some(r),
             None => Some(Refusal {
-                reason: reason::MALFORMED_REQUEST,
+                reason: Reason::MalformedRequest,
                 detail: "The request's framing could not be verified (after a tunnel or unparseable body framing)."
                     .into(),
             }),
         };
         if let Some(r) = refusal {
             let target = authority.as_ref().ok().map(|a| &a.host).or(info.conn_name());
-            let close = r.reason == reason::REQUEST_SMUGGLING || r.reason == reason::MALFORMED_REQUEST;
+            let close = r.reason == Reason::RequestSmuggling || r.reason == Reason::MalformedRequest;
             let mut resp = refuse(&proxy, &info, target, default_action, &method, &path, r).await;
             if close {
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -165,7 +166,7 @@ async fn handle(
     let upgrade = checks::is_upgrade(req.version(), req.headers());
     if upgrade && route.route_id.is_none() {
         let r = Refusal {
-            reason: reason::UPGRADE_DENIED,
+            reason: Reason::UpgradeDenied,
             detail: format!(
                 "Switching protocols ({}) on {host}{path} needs a host policy route for this path.",
                 req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or("?")
@@ -184,7 +185,7 @@ async fn handle(
             }
         },
     };
-    let verdict = host_verdict(policy.host_check(&host, cost));
+    let verdict = policy.host_check(&host, cost);
     let input = EnforceInput {
         passport_id: info.passport_id.clone(),
         action: route.action.to_string(),
@@ -262,10 +263,6 @@ fn default_action(method: &Method) -> &'static str {
     }
 }
 
-fn host_verdict(v: policy::HostVerdict) -> decide::HostVerdict {
-    v.into()
-}
-
 /// Records a proxy refusal as a decision (host-policy denial with the refusal's reason) and
 /// answers it.
 async fn refuse(
@@ -278,8 +275,8 @@ async fn refuse(
     refusal: Refusal,
 ) -> Response<ProxyBody> {
     inc(&proxy.stats.blocked);
-    tracing::info!(client = %info.client, pid = info.pid, cgroup_id = info.cgroup_id, reason = refusal.reason, detail = %refusal.detail, "request refused");
-    let close = refusal.reason == reason::REQUEST_SMUGGLING;
+    tracing::info!(client = %info.client, pid = info.pid, cgroup_id = info.cgroup_id, reason = %refusal.reason, detail = %refusal.detail, "request refused");
+    let close = refusal.reason == Reason::RequestSmuggling;
     match record_refusal(proxy, info, target, action, Some(method.as_str()), Some(path), &refusal).await {
         Ok(outcome) => {
             let mut resp = decision_response(&outcome.json, outcome.attestation_id);
@@ -311,7 +308,7 @@ pub(super) async fn record_refusal(
         method: method.map(str::to_string),
         path: path.map(str::to_string),
     };
-    let verdict = decide::HostVerdict::Deny { reason: refusal.reason.to_string(), detail: refusal.detail.clone() };
+    let verdict = decide::HostVerdict::Deny { reason: refusal.reason.clone(), detail: refusal.detail.clone() };
     let outcome = proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await?;
     if outcome.decision != Decision::Block {
         // A host denial always blocks; anything else is a bug we must not forward through.
@@ -344,7 +341,7 @@ fn service_failure(e: &ServiceError) -> Response<ProxyBody> {
         ServiceError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::FORBIDDEN,
     };
-    simple(status, json!({"decision": "block", "reason": "decision_failed", "detail": e.to_string()}))
+    simple(status, json!({"decision": "block", "reason": Reason::DecisionFailed, "detail": e.to_string()}))
 }
 
 pub(super) fn simple(status: StatusCode, body: Value) -> Response<ProxyBody> {
@@ -467,7 +464,7 @@ async fn connect(
     let rule = port.and_then(|p| policy.raw_tcp(Some(host), p));
     let (Some(rule), Some(port)) = (rule, port) else {
         let r = Refusal {
-            reason: reason::CONNECT_DENIED,
+            reason: Reason::ConnectDenied,
             detail: format!(
                 "CONNECT {path} would open a tunnel the proxy cannot inspect, and no [[raw_tcp]] host policy \
                  allows it. Send the HTTP requests themselves."
@@ -484,7 +481,7 @@ async fn connect(
         method: Some(method.to_string()),
         path: Some(path.to_string()),
     };
-    let verdict = host_verdict(policy.host_check(host, rule.cost_millicents));
+    let verdict = policy.host_check(host, rule.cost_millicents);
     let attestation = match decide_or_answer(proxy, input, verdict, host, path).await {
         Ok(a) => a,
         Err(answer) => return answer,

@@ -8,7 +8,7 @@
 use super::records::{self, Built};
 use super::{now, Service, ServiceError};
 use crate::api::peer::Peer;
-use crate::decide::{self, ActionRequest, Decision, EvalOptions, HostVerdict, Usage};
+use crate::decide::{self, ActionRequest, Decision, EvalOptions, HostVerdict, Reason, Usage};
 use crate::domain::DomainName;
 use crate::ledger::{Draft, Txn, TxnError};
 use crate::passport::Claims;
@@ -100,7 +100,7 @@ pub struct Hold {
 #[derive(Debug, Clone)]
 pub struct HoldOutcome {
     pub decision: Decision,
-    pub reason: String,
+    pub reason: Reason,
     pub json: Value,
 }
 
@@ -236,8 +236,8 @@ impl Service {
         }
         rx.await.unwrap_or_else(|_| HoldOutcome {
             decision: Decision::Block,
-            reason: "hold_abandoned".into(),
-            json: json!({"decision": "block", "reason": "hold_abandoned", "detail": "The daemon stopped while the request was held."}),
+            reason: Reason::HoldAbandoned,
+            json: json!({"decision": "block", "reason": Reason::HoldAbandoned, "detail": "The daemon stopped while the request was held."}),
         })
     }
 
@@ -314,17 +314,17 @@ impl Service {
                             "A human denied this request ({}).",
                             peer.user.as_deref().unwrap_or("unknown user")
                         );
-                        (block(claims, "hold_denied", detail, at), HoldStatus::Denied, peer.to_json(), note)
+                        (block(claims, Reason::HoldDenied, detail, at), HoldStatus::Denied, peer.to_json(), note)
                     }
                     Resolution::Timeout => {
                         let detail = "Nobody approved this request before its hold expired.".to_string();
-                        (block(claims, "hold_timeout", detail, at), HoldStatus::TimedOut, json!("timeout"), None)
+                        (block(claims, Reason::HoldTimeout, detail, at), HoldStatus::TimedOut, json!("timeout"), None)
                     }
                     Resolution::Abandon => {
                         let detail =
                             "The daemon restarted while this request was held; the request is gone.".to_string();
                         (
-                            block(claims, "hold_abandoned", detail, at),
+                            block(claims, Reason::HoldAbandoned, detail, at),
                             HoldStatus::Abandoned,
                             json!("daemon_restart"),
                             None,
@@ -355,7 +355,7 @@ impl Service {
         json["hold_status"] = serde_json::to_value(hold.status).unwrap_or(Value::Null);
         let outcome = HoldOutcome { decision: built.decision, reason: built.reason.clone(), json };
         // A resolution is the held request's final decision: counted and logged as one.
-        crate::metrics::global().decision(built.decision.as_str(), &built.reason);
+        crate::metrics::global().decision(built.decision.as_str(), built.reason.as_str());
         tracing::info!(
             hold_id = %hold.id, passport_id = %hold.passport_id, status = ?hold.status,
             decision = %built.decision.as_str(), reason = %built.reason, attestation_id = index, "hold resolved"
@@ -368,13 +368,13 @@ impl Service {
     }
 }
 
-fn block(claims: &Claims, reason: &str, detail: String, at: DateTime<Utc>) -> Built {
+fn block(claims: &Claims, reason: Reason, detail: String, at: DateTime<Utc>) -> Built {
     Built {
         passport_id: claims.id.to_string(),
         decision: Decision::Block,
-        reason: reason.into(),
-        detail,
         guardrails: json!([{"name": "approval", "passed": false, "detail": reason}]),
+        reason,
+        detail,
         all_passed: false,
         timestamp: at,
         spend: None,
@@ -408,7 +408,7 @@ fn approve_in_txn(
         decide::evaluate(cp, &usage, request, &HostVerdict::Allow, at, EvalOptions { skip_approval: true, host_rules });
     let mut built = Built::from_eval(&eval, claims, at);
     if eval.decision == Decision::Allow {
-        built.reason = "hold_approved".into();
+        built.reason = Reason::HoldApproved;
         txn.put(&usage_key, &eval.usage_after.to_bytes())?;
     }
     Ok(built)
@@ -420,8 +420,8 @@ fn outcome_of_resolved(h: &Hold) -> HoldOutcome {
         .as_ref()
         .and_then(|r| r.get("reason"))
         .and_then(Value::as_str)
-        .unwrap_or("hold_resolved")
-        .to_string();
+        // A stored string this version does not know is kept as it is (`Reason::parse`).
+        .map_or(Reason::HoldResolved, Reason::parse);
     let decision = if h.status == HoldStatus::Approved { Decision::Allow } else { Decision::Block };
     HoldOutcome {
         decision,

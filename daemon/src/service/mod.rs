@@ -417,7 +417,7 @@ impl Service {
         let cost = input.cost()?;
         let verdict =
             match (input.target.as_deref().map(DomainName::parse), self.policy.read().ok().and_then(|p| p.clone())) {
-                (Some(Ok(host)), Some(policy)) => policy.current().host_check(&host, cost).into(),
+                (Some(Ok(host)), Some(policy)) => policy.current().host_check(&host, cost),
                 _ => HostVerdict::Allow,
             };
         self.enforce_outcome(input, HoldOrigin::Api, verdict).await.map(|o| o.json)
@@ -478,7 +478,7 @@ impl Service {
         if let Some(hold) = &outcome.hold {
             self.schedule_hold_timeout(hold.id.clone(), hold.expires_at);
         }
-        crate::metrics::global().decision(outcome.decision.as_str(), &outcome.reason);
+        crate::metrics::global().decision(outcome.decision.as_str(), outcome.reason.as_str());
         // One line per decision, with what an operator greps for. `agent_id` is the passport's
         // claim (absent for an unknown passport); `host` is the request's target.
         tracing::info!(

@@ -8,7 +8,7 @@
 //! same constants.
 
 use super::holds::Hold;
-use crate::decide::{self, ActionRequest, Decision, ResetWindow, StateView};
+use crate::decide::{self, ActionRequest, Decision, Reason, ResetWindow, StateView};
 use crate::ledger::record::{
     FIELD_COST, FIELD_SPEND_AFTER, FIELD_SPEND_DELTA, FIELD_SPEND_WINDOW, FIELD_SPEND_WINDOW_START, FIELD_VERSION,
     RECORD_VERSION,
@@ -64,7 +64,7 @@ impl Spend {
 pub struct Built {
     pub passport_id: String,
     pub decision: Decision,
-    pub reason: String,
+    pub reason: Reason,
     pub detail: String,
     pub guardrails: Value,
     pub all_passed: bool,
@@ -74,13 +74,13 @@ pub struct Built {
 }
 
 impl Built {
-    fn block(passport_id: &str, reason: &str, detail: String, at: DateTime<Utc>) -> Built {
+    fn block(passport_id: &str, reason: Reason, detail: String, at: DateTime<Utc>) -> Built {
         Built {
             passport_id: passport_id.to_string(),
             decision: Decision::Block,
-            reason: reason.into(),
-            detail,
             guardrails: json!([{"name": "passport", "passed": false, "detail": reason}]),
+            reason,
+            detail,
             all_passed: false,
             timestamp: at,
             spend: None,
@@ -91,7 +91,7 @@ impl Built {
     pub fn block_unknown(id: &PassportId, at: DateTime<Utc>) -> Built {
         Built::block(
             id.as_str(),
-            "passport_unknown",
+            Reason::PassportUnknown,
             format!("Passport {id} is not registered with this daemon. Register it with `sluice passport register`."),
             at,
         )
@@ -100,7 +100,7 @@ impl Built {
     pub fn revoked(claims: &Claims, at: DateTime<Utc>) -> Built {
         Built::block(
             claims.id.as_str(),
-            "passport_revoked",
+            Reason::PassportRevoked,
             format!("Passport {} was revoked. Issue the agent a new passport.", claims.id),
             at,
         )
@@ -109,7 +109,7 @@ impl Built {
     pub fn state_error(claims: &Claims, error: &str, at: DateTime<Utc>) -> Built {
         Built::block(
             claims.id.as_str(),
-            "state_error",
+            Reason::StateError,
             format!(
                 "The counters of passport {} cannot be read ({error}); refusing until an operator repairs them.",
                 claims.id
@@ -203,7 +203,7 @@ pub fn unknown_passport(id: &PassportId, request: &ActionRequest, at: DateTime<U
     let mut m = base("decision", None, at);
     m.insert("passport_id".into(), id.as_str().into());
     m.insert("decision".into(), "block".into());
-    m.insert("reason".into(), "passport_unknown".into());
+    m.insert("reason".into(), Reason::PassportUnknown.into());
     request_fields(&mut m, request);
     m
 }
