@@ -95,7 +95,7 @@ async fn run(concurrency: usize) -> Result {
                         method: Some("POST".into()),
                         path: Some("/v1/chat/completions".into()),
                     };
-                    let v = service.enforce(input).await.expect("enforce");
+                    let v = service.enforce(input).await.expect("enforce").to_json();
                     assert_eq!(v["decision"], "allow", "{v}");
                     if t.duration_since(start) > WARMUP {
                         lat.push(t.elapsed().as_micros());

@@ -5,7 +5,7 @@
 //! done by [`Service`], which the proxy uses too.
 
 use super::peer::{Peer, PeerPolicy, SandboxedRoot};
-use crate::service::{BindTarget, EnforceInput, ResetWindow, Service, ServiceError};
+use crate::service::{self, BindTarget, EnforceInput, ResetWindow, Service, ServiceError};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -230,26 +230,26 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
         (&Method::GET, ["metrics"]) => Ok(metrics_response(service.metrics_text())),
         (&Method::POST, ["v1", "passports"]) => {
             let body: RegisterBody = read_json(req).await?;
-            ok(service.register(body.passport.trim(), body.pop.as_ref(), peer).await?)
+            ok(service::to_json(&service.register(body.passport.trim(), body.pop.as_ref(), peer).await?))
         }
         (&Method::POST, ["v1", "passports", id, "revoke"]) => {
             let id = id.to_string();
             let body: NoteBody = read_json(req).await?;
-            ok(service.revoke(&id, peer, body.note).await?)
+            ok(service::to_json(&service.revoke(&id, peer, body.note).await?))
         }
-        (&Method::GET, ["v1", "passports", id, "state"]) => ok(service.state(id)?),
+        (&Method::GET, ["v1", "passports", id, "state"]) => ok(service::to_json(&service.state(id)?)),
         (&Method::POST, ["v1", "passports", id, "state", "reset"]) => {
             let id = id.to_string();
             let body: ResetBody = read_json(req).await?;
             let window = ResetWindow::parse(&body.window).ok_or_else(|| {
                 ApiError::bad_request(format!("window {:?}: use daily, weekly, monthly or all", body.window))
             })?;
-            ok(service.reset(&id, window, peer).await?)
+            ok(service::to_json(&service.reset(&id, window, peer).await?))
         }
         (&Method::POST, ["v1", "enforce"]) => {
             let input: EnforceInput = read_json(req).await?;
             let decision = service.enforce(input).await?;
-            ok(decision)
+            ok(decision.to_json())
         }
         (&Method::GET, ["v1", "attestations"]) => {
             let q = query(&req);
@@ -297,7 +297,7 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
         (&Method::POST, ["v1", "holds", id, action @ ("approve" | "deny")]) => {
             let (id, approve) = (id.to_string(), *action == "approve");
             let body: NoteBody = read_json(req).await?;
-            ok(service.resolve_hold(&id, approve, peer, body.note).await?)
+            ok(service.resolve_hold(&id, approve, peer, body.note).await?.to_json())
         }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {method} {path}"))),
     }

@@ -224,26 +224,38 @@ async fn decide_or_answer(
         Decision::Allow => Ok(outcome.attestation_id),
         Decision::Block => {
             inc(&proxy.stats.blocked);
-            Err(decision_response(&outcome.json, outcome.attestation_id))
+            Err(decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id))
         }
         Decision::RequestHold => {
             inc(&proxy.stats.held);
-            let Some(hold_id) = outcome.hold_id else {
-                return Err(decision_response(&outcome.json, outcome.attestation_id));
+            let Some(hold_id) = outcome.hold_id().map(str::to_string) else {
+                return Err(decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id));
             };
             tracing::info!(%hold_id, %host, %path, "request held for approval");
             let held = proxy.service.wait_hold(&hold_id).await;
-            let id = held.json.get("attestation_id").and_then(Value::as_u64).unwrap_or(outcome.attestation_id);
-            if held.decision != Decision::Allow {
-                inc(&proxy.stats.blocked);
-                let mut body = held.json.clone();
-                if let Value::Object(m) = &mut body {
-                    m.entry("decision").or_insert_with(|| "block".into());
-                    m.entry("approval_request_id").or_insert_with(|| hold_id.clone().into());
+            match (held.decision(), held.attestation_id()) {
+                // Forwarded on the approval's own record, which a settlement links to.
+                (Decision::Allow, Some(id)) => Ok(id),
+                (Decision::Allow, None) => {
+                    // Approved, but the resolution's record cannot be named: nothing leaves.
+                    inc(&proxy.stats.blocked);
+                    tracing::error!(%hold_id, "approved hold has no resolution record to cite; refusing");
+                    let e =
+                        ServiceError::Store(format!("the resolution record of approved hold {hold_id} was not found"));
+                    Err(service_failure(&e))
                 }
-                return Err(decision_response(&body, id));
+                (_, resolution) => {
+                    inc(&proxy.stats.blocked);
+                    let mut body = held.to_json();
+                    if let Value::Object(m) = &mut body {
+                        m.entry("decision").or_insert_with(|| "block".into());
+                        m.entry("approval_request_id").or_insert_with(|| hold_id.clone().into());
+                    }
+                    // No resolution record yet (the daemon is stopping): the hold's decision is
+                    // the last record of this request.
+                    Err(decision_response(&body, &held.reason(), resolution.unwrap_or(outcome.attestation_id)))
+                }
             }
-            Ok(id)
         }
     }
 }
@@ -279,7 +291,7 @@ async fn refuse(
     let close = refusal.reason == Reason::RequestSmuggling;
     match record_refusal(proxy, info, target, action, Some(method.as_str()), Some(path), &refusal).await {
         Ok(outcome) => {
-            let mut resp = decision_response(&outcome.json, outcome.attestation_id);
+            let mut resp = decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id);
             if close {
                 // The body's framing is in doubt: nothing more is read from this connection.
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -318,10 +330,9 @@ pub(super) async fn record_refusal(
 }
 
 /// `403` with the decision JSON and the `Sluice-Decision` header.
-pub(super) fn decision_response(json: &Value, attestation_id: u64) -> Response<ProxyBody> {
-    let reason = json.get("reason").and_then(Value::as_str).unwrap_or("blocked");
+pub(super) fn decision_response(json: &Value, reason: &Reason, attestation_id: u64) -> Response<ProxyBody> {
     let mut resp = simple(StatusCode::FORBIDDEN, json.clone());
-    let value = format!("block; reason={}; attestation={attestation_id}", token(reason));
+    let value = format!("block; reason={}; attestation={attestation_id}", token(reason.as_str()));
     if let Ok(v) = HeaderValue::from_str(&value) {
         resp.headers_mut().insert(HeaderName::from_static(DECISION_HEADER), v);
     }
@@ -728,10 +739,10 @@ mod tests {
 
     #[test]
     fn decision_header_is_one_token() {
-        let r = decision_response(&json!({"reason": "domain_not_allowed"}), 7);
+        let r = decision_response(&json!({"reason": "domain_not_allowed"}), &Reason::DomainNotAllowed, 7);
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=domain_not_allowed; attestation=7");
-        let r = decision_response(&json!({"reason": "x; evil=1\r\n"}), 1);
+        let r = decision_response(&json!({"reason": "x; evil=1\r\n"}), &Reason::parse("x; evil=1\r\n"), 1);
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=x__evil_1__; attestation=1");
     }
 }

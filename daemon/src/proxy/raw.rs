@@ -66,10 +66,10 @@ pub(super) async fn handle(proxy: Arc<Proxy>, info: ConnInfo, mut agent: Prefixe
     let allowed = match outcome.decision {
         Decision::Allow => true,
         Decision::Block => false,
-        Decision::RequestHold => match &outcome.hold_id {
+        Decision::RequestHold => match outcome.hold_id() {
             Some(id) => {
                 inc(&proxy.stats.held);
-                proxy.service.wait_hold(id).await.decision == Decision::Allow
+                proxy.service.wait_hold(id).await.decision() == Decision::Allow
             }
             None => false,
         },

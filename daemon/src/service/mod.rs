@@ -17,6 +17,7 @@ mod sandboxes;
 pub(crate) mod settle;
 
 pub use holds::{Hold, HoldOrigin, HoldOutcome, HoldStatus};
+pub use records::{DecisionOutcome, HeldAs};
 pub use sandboxes::{BindTarget, Sandbox, BOUND_CHECK_INTERVAL};
 pub use settle::why as settle_why;
 
@@ -26,7 +27,7 @@ use crate::domain::DomainName;
 use crate::ledger::{self, Draft, Ledger, Txn, TxnError};
 use crate::passport::{IssuerId, PassportId, Revocations, Verifier};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -136,13 +137,70 @@ impl ServiceConfig {
     }
 }
 
-/// The outcome of one enforced action, as answered to the caller and recorded.
-#[derive(Debug, Clone)]
-pub struct DecisionOutcome {
-    pub json: Value,
-    pub decision: decide::Decision,
-    pub hold_id: Option<String>,
+/// `POST /v1/passports`: the passport now registered (JSON at the edge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Registered {
+    pub passport_id: String,
+    pub agent_id: String,
+    pub issuer: String,
+    /// `exp`, seconds since the epoch.
+    pub expires_at: i64,
+    /// The same passport was registered before: nothing was written.
+    pub already_registered: bool,
+}
+
+/// `POST /v1/passports/{id}/revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Revoked {
+    pub passport_id: String,
+    /// Always true: the API says so in so many words.
+    pub revoked: bool,
+    pub already_revoked: bool,
+    /// The revocation record; `None` when the passport was already revoked (nothing written).
+    pub attestation_id: Option<u64>,
+}
+
+/// `GET /v1/passports/{id}/state`: the counters' view and whether the passport is revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PassportState {
+    #[serde(flatten)]
+    pub view: decide::StateView,
+    pub revoked: bool,
+}
+
+/// `POST /v1/passports/{id}/state/reset`: the counters after the reset, and its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResetDone {
+    #[serde(flatten)]
+    pub view: decide::StateView,
     pub attestation_id: u64,
+}
+
+macro_rules! json_at_the_edge {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// Its JSON, for the API (see [`to_json`]).
+            pub fn to_json(&self) -> Value {
+                to_json(self)
+            }
+        }
+    )*};
+}
+json_at_the_edge!(Registered, Revoked, PassportState, ResetDone);
+
+/// The JSON of a typed service answer, made at the edge (API, CLI). These types serialise
+/// without fail (strings, integers, bools); `null` would mark a bug, not hide a value.
+pub fn to_json<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// The log index of the one record a transaction appended. A transaction that was given a draft
+/// and reports none appended is a store failure, never index 0 (a real record).
+fn appended_index(appended: &[ledger::Appended], what: &str) -> Result<u64, ServiceError> {
+    appended
+        .first()
+        .map(|a| a.index)
+        .ok_or_else(|| ServiceError::Store(format!("the {what} record was not appended to the log")))
 }
 
 pub struct Service {
@@ -259,7 +317,7 @@ impl Service {
             body.extend(extra);
         }
         let ((), appended) = self.transact(move |_txn| Ok(((), vec![Draft::new("host", body)]))).await?;
-        Ok(appended.first().map(|a| a.index).unwrap_or_default())
+        appended_index(&appended, kind)
     }
 
     pub fn health(&self) -> Value {
@@ -333,7 +391,7 @@ impl Service {
         token: &str,
         pop: Option<&crate::passport::pop::Proof>,
         peer: &Peer,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<Registered, ServiceError> {
         let revoked = self.revoked.read().map_err(|_| ServiceError::Store("lock poisoned".into()))?.clone();
         let passport = Verifier::new(&self.config.pinned_issuers, &RevokedSet(&revoked))
             .verify(token, crate::passport::now())
@@ -364,10 +422,13 @@ impl Service {
             .map_err(|_| ServiceError::Store("lock poisoned".into()))?
             .insert(id.clone(), Arc::new(compiled));
         tracing::info!(passport_id = %id, agent_id = %claims.agent_id, created, "passport registered");
-        Ok(json!({
-            "passport_id": id, "agent_id": claims.agent_id, "issuer": claims.issuer.as_str(),
-            "expires_at": claims.expires_at, "already_registered": !created,
-        }))
+        Ok(Registered {
+            passport_id: id,
+            agent_id: claims.agent_id,
+            issuer: claims.issuer.as_str().to_string(),
+            expires_at: claims.expires_at,
+            already_registered: !created,
+        })
     }
 
     /// Proof of possession: required for L3 passports, checked whenever one is given.
@@ -386,7 +447,7 @@ impl Service {
     }
 
     /// Revokes a passport (registered or not): persisted, attested, effective at once.
-    pub async fn revoke(&self, id: &str, peer: &Peer, note: Option<String>) -> Result<Value, ServiceError> {
+    pub async fn revoke(&self, id: &str, peer: &Peer, note: Option<String>) -> Result<Revoked, ServiceError> {
         let pid = PassportId::parse(id).map_err(ServiceError::Invalid)?;
         let claims = self.passport(id).map(|cp| cp.passport.claims.clone());
         let key = format!("revoked/{id}");
@@ -407,20 +468,20 @@ impl Service {
             .await?;
         self.revoked.write().map_err(|_| ServiceError::Store("lock poisoned".into()))?.insert(id.to_string());
         tracing::warn!(passport_id = %id, by = ?peer.user, "passport revoked");
-        Ok(json!({"passport_id": id, "revoked": true, "already_revoked": !created,
-                  "attestation_id": appended.first().map(|a| a.index)}))
+        let attestation_id = if created { Some(appended_index(&appended, "revocation")?) } else { None };
+        Ok(Revoked { passport_id: id.to_string(), revoked: true, already_revoked: !created, attestation_id })
     }
 
     /// Decides one action and makes the decision durable. Blocks are successful outcomes.
     /// API decisions get the host-wide policy check (denied domains, ceilings) for their target.
-    pub async fn enforce(&self, input: EnforceInput) -> Result<Value, ServiceError> {
+    pub async fn enforce(&self, input: EnforceInput) -> Result<DecisionOutcome, ServiceError> {
         let cost = input.cost()?;
         let verdict =
             match (input.target.as_deref().map(DomainName::parse), self.policy.read().ok().and_then(|p| p.clone())) {
                 (Some(Ok(host)), Some(policy)) => policy.current().host_check(&host, cost),
                 _ => HostVerdict::Allow,
             };
-        self.enforce_outcome(input, HoldOrigin::Api, verdict).await.map(|o| o.json)
+        self.enforce_outcome(input, HoldOrigin::Api, verdict).await
     }
 
     /// As [`Service::enforce`], returning the full outcome (the proxy waits on holds).
@@ -473,8 +534,7 @@ impl Service {
                 )
             })
             .await?;
-        let index = appended.first().map(|a| a.index).unwrap_or_default();
-        let json = outcome.response(index);
+        let index = appended_index(&appended, "decision")?;
         if let Some(hold) = &outcome.hold {
             self.schedule_hold_timeout(hold.id.clone(), hold.expires_at);
         }
@@ -494,25 +554,16 @@ impl Service {
             attestation_id = index,
             "decision"
         );
-        Ok(DecisionOutcome {
-            json,
-            decision: outcome.decision,
-            hold_id: outcome.hold.map(|h| h.id),
-            attestation_id: index,
-        })
+        Ok(outcome.outcome(index))
     }
 
     /// `GET /v1/passports/{id}/state`.
-    pub fn state(&self, id: &str) -> Result<Value, ServiceError> {
+    pub fn state(&self, id: &str) -> Result<PassportState, ServiceError> {
         let cp = self.passport(id).ok_or_else(|| ServiceError::NotFound(format!("passport {id} is not registered")))?;
         let usage = self.load_usage(id)?;
         let view =
             decide::state_view(&cp, &usage, now()).map_err(|e| ServiceError::Store(format!("usage of {id}: {e}")))?;
-        let mut view = serde_json::to_value(view).map_err(|e| ServiceError::Store(e.to_string()))?;
-        if let Value::Object(m) = &mut view {
-            m.insert("revoked".into(), self.is_revoked(id).into());
-        }
-        Ok(view)
+        Ok(PassportState { view, revoked: self.is_revoked(id) })
     }
 
     fn load_usage(&self, id: &str) -> Result<Usage, ServiceError> {
@@ -523,7 +574,7 @@ impl Service {
     }
 
     /// `POST /v1/passports/{id}/state/reset`: attested, names who asked.
-    pub async fn reset(&self, id: &str, window: ResetWindow, peer: &Peer) -> Result<Value, ServiceError> {
+    pub async fn reset(&self, id: &str, window: ResetWindow, peer: &Peer) -> Result<ResetDone, ServiceError> {
         let cp = self.passport(id).ok_or_else(|| ServiceError::NotFound(format!("passport {id} is not registered")))?;
         let key = format!("usage/{id}");
         let peer_json = peer.to_json();
@@ -544,11 +595,7 @@ impl Service {
             })
             .await?;
         tracing::warn!(passport_id = %id, window = window.as_str(), by = ?peer.user, "counters reset");
-        let mut v = serde_json::to_value(view).map_err(|e| ServiceError::Store(e.to_string()))?;
-        if let Value::Object(m) = &mut v {
-            m.insert("attestation_id".into(), appended.first().map(|a| a.index).into());
-        }
-        Ok(v)
+        Ok(ResetDone { view, attestation_id: appended_index(&appended, "counter reset")? })
     }
 
     /// `GET /v1/attestations?passport_id=&since=`: the records, newest last.

@@ -8,7 +8,7 @@
 //! same constants.
 
 use super::holds::Hold;
-use crate::decide::{self, ActionRequest, Decision, Reason, ResetWindow, StateView};
+use crate::decide::{self, ActionRequest, Decision, Guardrail, Reason, ResetWindow, StateView};
 use crate::ledger::record::{
     FIELD_COST, FIELD_SPEND_AFTER, FIELD_SPEND_DELTA, FIELD_SPEND_WINDOW, FIELD_SPEND_WINDOW_START, FIELD_VERSION,
     RECORD_VERSION,
@@ -66,11 +66,67 @@ pub struct Built {
     pub decision: Decision,
     pub reason: Reason,
     pub detail: String,
-    pub guardrails: Value,
+    pub guardrails: Vec<Guardrail>,
     pub all_passed: bool,
     pub timestamp: DateTime<Utc>,
     pub spend: Option<Spend>,
     pub hold: Option<Hold>,
+}
+
+/// One failed guardrail named `name` whose detail is the reason: the list of a decision made
+/// around the engine (unknown or revoked passport, unreadable counters, a hold's resolution).
+pub(super) fn failed(name: &str, reason: &Reason) -> Vec<Guardrail> {
+    vec![Guardrail { name: name.to_string(), passed: false, detail: reason.to_string() }]
+}
+
+/// The hold a `request_hold` decision created, as the caller is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldAs {
+    pub id: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// One enforced action's decision, as answered to the caller; its record says the same (both
+/// come from one [`Built`]). The JSON (docs/decisions.md) is made at the edge by
+/// [`DecisionOutcome::to_json`].
+#[derive(Debug, Clone)]
+pub struct DecisionOutcome {
+    pub decision: Decision,
+    pub reason: Reason,
+    pub detail: String,
+    pub passport_id: String,
+    pub guardrails: Vec<Guardrail>,
+    pub all_passed: bool,
+    pub timestamp: DateTime<Utc>,
+    /// The log index of this decision's record.
+    pub attestation_id: u64,
+    /// Set exactly when the decision is `request_hold`.
+    pub hold: Option<HeldAs>,
+}
+
+impl DecisionOutcome {
+    pub fn hold_id(&self) -> Option<&str> {
+        self.hold.as_ref().map(|h| h.id.as_str())
+    }
+
+    /// The decision JSON (docs/decisions.md, "The decision JSON").
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "decision": self.decision.as_str(),
+            "reason": self.reason,
+            "detail": self.detail,
+            "attestation_id": self.attestation_id,
+            "passport_id": self.passport_id,
+            "guardrails_evaluated": self.guardrails,
+            "all_passed": self.all_passed,
+            "timestamp": time(self.timestamp),
+        });
+        if let Some(h) = &self.hold {
+            v["approval_request_id"] = h.id.clone().into();
+            v["approval_expires_at"] = time(h.expires_at).into();
+        }
+        v
+    }
 }
 
 impl Built {
@@ -78,7 +134,7 @@ impl Built {
         Built {
             passport_id: passport_id.to_string(),
             decision: Decision::Block,
-            guardrails: json!([{"name": "passport", "passed": false, "detail": reason}]),
+            guardrails: failed("passport", &reason),
             reason,
             detail,
             all_passed: false,
@@ -124,7 +180,7 @@ impl Built {
             decision: eval.decision,
             reason: eval.reason.clone(),
             detail: eval.detail.clone(),
-            guardrails: serde_json::to_value(&eval.guardrails).unwrap_or(Value::Null),
+            guardrails: eval.guardrails.clone(),
             all_passed: eval.guardrails.iter().all(|g| g.passed),
             timestamp: at,
             spend: Some(Spend {
@@ -137,23 +193,19 @@ impl Built {
         }
     }
 
-    /// The decision JSON (docs/decisions.md, "The decision JSON").
-    pub fn response(&self, attestation_id: u64) -> Value {
-        let mut v = json!({
-            "decision": self.decision.as_str(),
-            "reason": self.reason,
-            "detail": self.detail,
-            "attestation_id": attestation_id,
-            "passport_id": self.passport_id,
-            "guardrails_evaluated": self.guardrails,
-            "all_passed": self.all_passed,
-            "timestamp": time(self.timestamp),
-        });
-        if let Some(h) = &self.hold {
-            v["approval_request_id"] = h.id.clone().into();
-            v["approval_expires_at"] = time(h.expires_at).into();
+    /// The outcome the caller is told, once the record is in the log at `attestation_id`.
+    pub fn outcome(&self, attestation_id: u64) -> DecisionOutcome {
+        DecisionOutcome {
+            decision: self.decision,
+            reason: self.reason.clone(),
+            detail: self.detail.clone(),
+            passport_id: self.passport_id.clone(),
+            guardrails: self.guardrails.clone(),
+            all_passed: self.all_passed,
+            timestamp: self.timestamp,
+            attestation_id,
+            hold: self.hold.as_ref().map(|h| HeldAs { id: h.id.clone(), expires_at: h.expires_at }),
         }
-        v
     }
 }
 

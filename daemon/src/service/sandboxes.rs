@@ -203,10 +203,7 @@ impl Service {
         let agents = self.agents_or_refuse()?;
         let cgroup = resolve_target(&agents, &target)?;
         let registered = self.register(token, None, peer).await?;
-        let passport_id = registered["passport_id"]
-            .as_str()
-            .ok_or_else(|| ServiceError::Store("registration returned no passport id".into()))?
-            .to_string();
+        let passport_id = registered.passport_id;
         let cp = self
             .passport(&passport_id)
             .ok_or_else(|| ServiceError::Store(format!("passport {passport_id} vanished after registration")))?;

@@ -261,14 +261,14 @@ pub(crate) mod testkit {
             path: Some("/v1/chat/completions".into()),
         };
         let o = f.service.enforce_outcome(input, HoldOrigin::Proxy, HostVerdict::Allow).await.expect("enforce");
-        assert_eq!(o.decision, decide::Decision::Allow, "{}", o.json);
+        assert_eq!(o.decision, decide::Decision::Allow, "{}", o.to_json());
         o.attestation_id
     }
 
     /// The window's and today's spend, exactly, in millicents. Checks on the way that the
     /// API's whole-cent figures are those rounded up.
     pub(crate) fn spent(f: &Fixture) -> (u64, u64) {
-        let s = f.service.state(&f.passport).expect("state");
+        let s = f.service.state(&f.passport).expect("state").to_json();
         let exact = |name: &str| {
             let m = s[format!("{name}_millicents")].as_u64().expect("millicents");
             assert_eq!(s[format!("{name}_cents")].as_u64(), Some(m.div_ceil(1000)), "{name}: {s}");
@@ -348,7 +348,7 @@ mod tests {
         assert_eq!((s["spend_delta_millicents"].as_i64(), s["spend_after_millicents"].as_u64()), (Some(-13), Some(8)));
         assert_eq!(spent(&f), (8, 8));
         // The API still shows whole cents, rounded up: 8 millicents is 1 cent, never 0.
-        let state = f.service.state(&f.passport).expect("state");
+        let state = f.service.state(&f.passport).expect("state").to_json();
         assert_eq!((state["window_cost_cents"].as_u64(), state["window_cost_millicents"].as_u64()), (Some(1), Some(8)));
 
         let d2 = allow(&f, 5).await;
