@@ -42,12 +42,30 @@ impl ApiError {
 
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> ApiError {
+        // The one place service errors become status codes (docs/api.md, "Errors").
+        use ServiceError as E;
         let (status, code) = match &e {
-            ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ServiceError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ServiceError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
-            ServiceError::Passport(_) => (StatusCode::BAD_REQUEST, "passport_invalid"),
-            ServiceError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_error"),
+            E::PassportNotRegistered(_)
+            | E::HoldNotFound(_)
+            | E::AttestationNotFound { .. }
+            | E::RecordNotFound(_)
+            | E::NotBound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            E::HoldAlreadyResolved { .. } | E::AlreadySettled(_) | E::AlreadyBound { .. } | E::RunSandbox { .. } => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+            E::Invalid { .. } | E::PassportOnlyMode => (StatusCode::BAD_REQUEST, "invalid"),
+            E::Passport(_) | E::ProofOfPossession(_) | E::Rules(_) | E::PassportUnusable { .. } => {
+                (StatusCode::BAD_REQUEST, "passport_invalid")
+            }
+            E::Store(_)
+            | E::NotAppended(_)
+            | E::UsageUnreadable { .. }
+            | E::HoldUnreadable(_)
+            | E::Export(_)
+            | E::ResolutionNotFound(_)
+            | E::LockPoisoned(_)
+            | E::Cgroup(_)
+            | E::Serialise(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_error"),
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -330,5 +348,51 @@ async fn handle_sandboxed_root(
             ok(service.unbind_sandbox(own(), &root.peer).await?)
         }
         _ => Err(forbidden()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::HoldStatus;
+
+    #[test]
+    fn service_errors_map_to_their_status_and_code_with_the_operator_message() {
+        let cases = [
+            (ServiceError::PassportNotRegistered("pp_x".into()), 404, "not_found", "passport pp_x is not registered"),
+            (
+                ServiceError::AttestationNotFound { index: 9, size: 3 },
+                404,
+                "not_found",
+                "attestation 9 does not exist (log size 3)",
+            ),
+            (
+                ServiceError::HoldAlreadyResolved { id: "hold_1".into(), status: HoldStatus::Approved },
+                409,
+                "conflict",
+                "hold hold_1 is already Approved",
+            ),
+            (
+                ServiceError::Invalid { field: "action", problem: "action must be 1 to 128 characters".into() },
+                400,
+                "invalid",
+                "action must be 1 to 128 characters",
+            ),
+            (
+                ServiceError::PassportUnusable { passport_id: "pp_x".into(), why: "is revoked" },
+                400,
+                "passport_invalid",
+                "passport rejected: passport pp_x is revoked",
+            ),
+            (ServiceError::NotAppended("decision"), 503, "store_error", "the decision record was not appended"),
+            (ServiceError::LockPoisoned("passports"), 503, "store_error", "restart the daemon"),
+        ];
+        for (e, status, code, message) in cases {
+            let unavailable = e.is_unavailable();
+            let a = ApiError::from(e);
+            assert_eq!((a.status.as_u16(), a.code), (status, code), "{}", a.message);
+            assert!(a.message.contains(message), "{}", a.message);
+            assert_eq!(unavailable, status == 503, "{}", a.message);
+        }
     }
 }

@@ -240,8 +240,7 @@ async fn decide_or_answer(
                     // Approved, but the resolution's record cannot be named: nothing leaves.
                     inc(&proxy.stats.blocked);
                     tracing::error!(%hold_id, "approved hold has no resolution record to cite; refusing");
-                    let e =
-                        ServiceError::Store(format!("the resolution record of approved hold {hold_id} was not found"));
+                    let e = ServiceError::ResolutionNotFound(hold_id.clone());
                     Err(service_failure(&e))
                 }
                 (_, resolution) => {
@@ -348,10 +347,7 @@ fn token(s: &str) -> String {
 /// The store failed: nothing was decided, nothing is forwarded.
 fn service_failure(e: &ServiceError) -> Response<ProxyBody> {
     tracing::error!(error = %e, "decision failed; refusing the request");
-    let status = match e {
-        ServiceError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::FORBIDDEN,
-    };
+    let status = if e.is_unavailable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::FORBIDDEN };
     simple(status, json!({"decision": "block", "reason": Reason::DecisionFailed, "detail": e.to_string()}))
 }
 

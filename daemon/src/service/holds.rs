@@ -248,11 +248,9 @@ impl Service {
     }
 
     fn load_hold(&self, id: &str) -> Result<Hold, ServiceError> {
-        let bytes = self
-            .ledger
-            .state_get(&format!("hold/{id}"))?
-            .ok_or_else(|| ServiceError::NotFound(format!("no hold {id:?}; list them with `sluice holds`")))?;
-        Hold::from_bytes(&bytes).map_err(ServiceError::Store)
+        let bytes =
+            self.ledger.state_get(&format!("hold/{id}"))?.ok_or_else(|| ServiceError::HoldNotFound(id.to_string()))?;
+        Hold::from_bytes(&bytes).map_err(ServiceError::HoldUnreadable)
     }
 
     /// Approves or denies a pending hold on behalf of `peer`.
@@ -264,7 +262,7 @@ impl Service {
         note: Option<String>,
     ) -> Result<HoldOutcome, ServiceError> {
         if note.as_ref().is_some_and(|n| n.len() > 1024) {
-            return Err(ServiceError::Invalid("note is longer than 1024 characters".into()));
+            return Err(ServiceError::Invalid { field: "note", problem: "note is longer than 1024 characters".into() });
         }
         let how = if approve { Resolution::Approve(peer.clone(), note) } else { Resolution::Deny(peer.clone(), note) };
         self.resolve(id, how).await
@@ -294,7 +292,7 @@ impl Service {
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             match service.resolve(&id, Resolution::Timeout).await {
-                Ok(_) | Err(ServiceError::Conflict(_)) => {}
+                Ok(_) | Err(ServiceError::HoldAlreadyResolved { .. }) => {}
                 Err(e) => tracing::error!(hold_id = %id, error = %e, "could not time out a hold"),
             }
         });
@@ -331,10 +329,7 @@ impl Service {
                     None => return Err(TxnError::abort(format!("hold {key} vanished"))),
                 };
                 if hold.status != HoldStatus::Pending {
-                    return Err(TxnError::abort(super::Conflict(format!(
-                        "hold {} is already {:?}",
-                        hold.id, hold.status
-                    ))));
+                    return Err(ServiceError::HoldAlreadyResolved { id: hold.id, status: hold.status }.abort());
                 }
                 let Some(cp) = cp else {
                     return Err(TxnError::abort(format!(

@@ -94,7 +94,7 @@ async fn enforce_takes_whole_cents_or_exact_millicents_but_not_both() {
     let mut both = input(&f.passport, 5);
     both.cost_cents = Some(1);
     let e = f.service.enforce(both).await.unwrap_err();
-    assert!(matches!(&e, ServiceError::Invalid(m) if m.contains("not both")), "{e}");
+    assert!(matches!(&e, ServiceError::Invalid { field: "cost", problem } if problem.contains("not both")), "{e}");
 
     let mut cents = input(&f.passport, 0);
     (cents.cost_cents, cents.cost_millicents) = (Some(3), None);
@@ -360,7 +360,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
     // The old decision already settled by the old daemon stays settled.
     assert!(matches!(
         service.settle(d_7, &id, 7_000, Some(1), settle::why::USAGE).await,
-        Err(ServiceError::Conflict(_))
+        Err(ServiceError::AlreadySettled(_))
     ));
 
     let expected = 254_000 + 42 + 400_000 - 1 + 1_000;

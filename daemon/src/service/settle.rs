@@ -12,7 +12,7 @@
 //! estimate stands: the record says `settled: false` with the reason and no counter moves.
 //! A decision is settled at most once (`settled/<index>` in the state).
 
-use super::{now, records, Conflict, Invalid, Missing, Service, ServiceError};
+use super::{now, records, Service, ServiceError};
 use crate::decide::{self, Usage};
 use crate::ledger::record::{v1, FIELD_ACTUAL, FIELD_COST, FIELD_ESTIMATED};
 use crate::ledger::{self, Draft, Txn, TxnError};
@@ -51,20 +51,23 @@ impl Service {
         why: &str,
     ) -> Result<Value, ServiceError> {
         if why.is_empty() || why.len() > MAX_WHY || !why.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
-            return Err(ServiceError::Invalid(format!(
-                "settlement reason {why:?} must be 1 to {MAX_WHY} lowercase letters or '_'"
-            )));
+            return Err(ServiceError::Invalid {
+                field: "why",
+                problem: format!("settlement reason {why:?} must be 1 to {MAX_WHY} lowercase letters or '_'"),
+            });
         }
         if let Some(a) = actual.filter(|a| *a > MAX_MILLICENTS) {
-            return Err(ServiceError::Invalid(format!(
-                "actual cost of {} is more than the largest amount sluice accepts ({})",
-                money::dollars(a),
-                money::dollars(MAX_MILLICENTS)
-            )));
+            return Err(ServiceError::Invalid {
+                field: "actual",
+                problem: format!(
+                    "actual cost of {} is more than the largest amount sluice accepts ({})",
+                    money::dollars(a),
+                    money::dollars(MAX_MILLICENTS)
+                ),
+            });
         }
-        let cp = self
-            .passport(passport_id)
-            .ok_or_else(|| ServiceError::NotFound(format!("passport {passport_id} is not registered")))?;
+        let cp =
+            self.passport(passport_id).ok_or_else(|| ServiceError::PassportNotRegistered(passport_id.to_string()))?;
         let claims = cp.passport.claims.clone();
         let window = claims.constraints.window();
         let id = claims.id.to_string();
@@ -77,9 +80,7 @@ impl Service {
                 let at = now();
                 let settled_key = format!("settled/{decision_attestation_id}");
                 if txn.get(&settled_key)?.is_some() {
-                    return Err(TxnError::abort(Conflict(format!(
-                        "the cost of decision {decision_attestation_id} is already settled"
-                    ))));
+                    return Err(ServiceError::AlreadySettled(decision_attestation_id).abort());
                 }
                 txn.put(&settled_key, b"1")?;
                 let mut body = records::base("settlement", Some(&claims), at);
@@ -97,11 +98,16 @@ impl Service {
                     let usage = match txn.get(&usage_key)? {
                         None => Usage::default(),
                         Some(bytes) => Usage::from_bytes(&bytes).map_err(|e| {
-                            TxnError::abort(Invalid(format!("usage of passport {id} is unreadable ({e}); not settled")))
+                            ServiceError::UsageUnreadable {
+                                passport_id: id.clone(),
+                                problem: format!("{e}; not settled"),
+                            }
+                            .abort()
                         })?,
                     };
                     usage.check_window(window).map_err(|e| {
-                        TxnError::abort(Invalid(format!("usage of passport {id} is unreadable ({e}); not settled")))
+                        ServiceError::UsageUnreadable { passport_id: id.clone(), problem: format!("{e}; not settled") }
+                            .abort()
                     })?;
                     // Both are at most MAX_MILLICENTS (10^16; the estimate was checked by the
                     // decision), so the difference fits an i64.
@@ -157,9 +163,7 @@ fn settleable(
     passport_id: &str,
     estimate_millicents: u64,
 ) -> Result<chrono::DateTime<chrono::Utc>, TxnError> {
-    let bytes = txn
-        .record(index)?
-        .ok_or_else(|| TxnError::abort(Missing(format!("record {index} does not exist; nothing to settle"))))?;
+    let bytes = txn.record(index)?.ok_or_else(|| ServiceError::RecordNotFound(index).abort())?;
     let record: Value =
         serde_json::from_slice(&bytes).map_err(|e| TxnError::abort(format!("record {index} is not JSON: {e}")))?;
     let field = |name: &str| record.get(name);
@@ -168,9 +172,13 @@ fn settleable(
         || field("decision").and_then(Value::as_str) != Some("allow")
         || field("passport_id").and_then(Value::as_str) != Some(passport_id)
     {
-        return Err(TxnError::abort(Invalid(format!(
-            "record {index} is not an allowed request of passport {passport_id}; only those can be settled"
-        ))));
+        return Err(ServiceError::Invalid {
+            field: "decision_record",
+            problem: format!(
+                "record {index} is not an allowed request of passport {passport_id}; only those can be settled"
+            ),
+        }
+        .abort());
     }
     let spent = match (field(FIELD_COST), field(v1::FIELD_COST)) {
         (Some(m), None) => m.as_u64(),
@@ -179,10 +187,14 @@ fn settleable(
     };
     if spent != Some(estimate_millicents) {
         let spent = spent.map_or_else(|| "an unreadable amount".to_string(), money::dollars);
-        return Err(TxnError::abort(Invalid(format!(
-            "record {index} spent {spent}, not the estimate of {} given to settle it",
-            money::dollars(estimate_millicents)
-        ))));
+        return Err(ServiceError::Invalid {
+            field: "estimate",
+            problem: format!(
+                "record {index} spent {spent}, not the estimate of {} given to settle it",
+                money::dollars(estimate_millicents)
+            ),
+        }
+        .abort());
     }
     field("time")
         .and_then(Value::as_str)
@@ -373,17 +385,17 @@ mod tests {
         let d = allow(&f, 400_005).await;
         // Not the estimate the decision spent: a caller cannot refund more than was charged.
         let e = f.service.settle(d, &f.passport, 400_000, Some(0), why::USAGE).await.unwrap_err();
-        assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
+        assert!(matches!(e, ServiceError::Invalid { .. }), "{e}");
         assert!(e.to_string().contains("spent $4.00005, not the estimate of $4.00 given"), "{e}");
         // Not this passport's record.
         let other = "pp_AAAAAAAAAAAAAAAAAAAAAA";
         assert!(f.service.settle(d, other, 400_005, Some(0), why::USAGE).await.is_err());
         // Not an allow decision: the passport's registration record.
         let e = f.service.settle(d - 1, &f.passport, 400_005, Some(0), why::USAGE).await.unwrap_err();
-        assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
+        assert!(matches!(e, ServiceError::Invalid { .. }), "{e}");
         // A record that does not exist.
         let e = f.service.settle(d + 1000, &f.passport, 400_005, Some(0), why::USAGE).await.unwrap_err();
-        assert!(matches!(e, ServiceError::NotFound(_)), "{e}");
+        assert!(matches!(e, ServiceError::RecordNotFound(_)), "{e}");
         // Hostile figures and reasons.
         assert!(f.service.settle(d, &f.passport, 400_005, Some(MAX_MILLICENTS + 1), why::USAGE).await.is_err());
         assert!(f.service.settle(d, &f.passport, 400_005, Some(1), "Bad Reason").await.is_err());
@@ -391,7 +403,7 @@ mod tests {
 
         f.service.settle(d, &f.passport, 400_005, Some(100_000), why::USAGE).await.expect("settle");
         let e = f.service.settle(d, &f.passport, 400_005, Some(0), why::USAGE).await.unwrap_err();
-        assert!(matches!(e, ServiceError::Conflict(_)), "{e}");
+        assert!(matches!(e, ServiceError::AlreadySettled(_)), "{e}");
         assert_eq!(spent(&f), (100_000, 100_000));
     }
 
