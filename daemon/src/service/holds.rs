@@ -481,8 +481,9 @@ impl Service {
             }
             let Some(bytes) = snap.record(index)? else { continue };
             let Ok(record) = serde_json::from_slice::<Value>(&bytes) else { continue };
-            if record.get("kind").and_then(Value::as_str) == Some("hold_resolution")
-                && record.get("hold_id").and_then(Value::as_str) == Some(h.id.as_str())
+            if record.get(crate::ledger::record::FIELD_KIND).and_then(Value::as_str)
+                == Some(records::kind::HOLD_RESOLUTION)
+                && record.get(records::field::HOLD_ID).and_then(Value::as_str) == Some(h.id.as_str())
             {
                 return Ok(Some(index));
             }

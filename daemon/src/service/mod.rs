@@ -465,11 +465,11 @@ impl Service {
         let id = claims.id.to_string();
         let key = format!("passport/{id}");
         let token_owned = token.to_string();
-        let mut body = records::base("passport_registered", Some(&claims), now());
+        let mut body = records::base(records::kind::PASSPORT_REGISTERED, Some(&claims), now());
         body.insert("trust_tier".into(), claims.trust_tier.as_str().into());
         body.insert("expires_at".into(), claims.expires_at.into());
         body.insert("token_sha256".into(), records::sha256_hex(token.as_bytes()).into());
-        body.insert("by".into(), peer.to_json());
+        body.insert(records::field::BY.into(), peer.to_json());
         let chain = id.clone();
         let (created, _) = self
             .transact(move |txn: &mut Txn<'_>| {
@@ -514,10 +514,10 @@ impl Service {
         let pid = PassportId::parse(id).map_err(|e| ServiceError::invalid("passport_id", e))?;
         let claims = self.passport(id).map(|cp| cp.passport.claims.clone());
         let key = format!("revoked/{id}");
-        let mut body = records::base("revocation", claims.as_ref(), now());
-        body.insert("passport_id".into(), id.into());
-        body.insert("by".into(), peer.to_json());
-        body.insert("note".into(), note.clone().into());
+        let mut body = records::base(records::kind::REVOCATION, claims.as_ref(), now());
+        body.insert(records::field::PASSPORT_ID.into(), id.into());
+        body.insert(records::field::BY.into(), peer.to_json());
+        body.insert(records::field::NOTE.into(), note.clone().into());
         let entry = json!({"at": now().to_rfc3339(), "by": peer.to_json(), "note": note}).to_string();
         let chain = pid.to_string();
         let (created, appended) = self
@@ -678,7 +678,8 @@ impl Service {
         for index in indices.into_iter().rev() {
             let Some(bytes) = snap.record(index)? else { continue };
             let Ok(record) = serde_json::from_slice::<Value>(&bytes) else { continue };
-            let time = record.get("time").and_then(Value::as_str).and_then(ledger::record::parse_time);
+            let time =
+                record.get(ledger::record::FIELD_TIME).and_then(Value::as_str).and_then(ledger::record::parse_time);
             if since.is_some_and(|s| time.is_none_or(|t| t < s)) {
                 continue;
             }

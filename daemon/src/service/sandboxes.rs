@@ -154,7 +154,7 @@ impl Service {
         body.insert("cgroup_id".into(), sandbox.cgroup_id.into());
         body.insert("leader_pid".into(), sandbox.leader_pid.into());
         body.insert("cgroup".into(), sandbox.cgroup.display().to_string().into());
-        body.insert("by".into(), sandbox.created_by.clone());
+        body.insert(records::field::BY.into(), sandbox.created_by.clone());
         body.insert("why".into(), what.into());
         let chain = cp.passport.claims.id.to_string();
         self.transact(move |txn: &mut Txn<'_>| {

@@ -13,8 +13,8 @@
 //! A decision is settled at most once (`settled/<index>` in the state).
 
 use super::{now, records, Service, ServiceError};
-use crate::decide::{self, Usage};
-use crate::ledger::record::{v1, FIELD_ACTUAL, FIELD_COST, FIELD_ESTIMATED};
+use crate::decide::{self, Decision, Usage};
+use crate::ledger::record::{v1, FIELD_ACTUAL, FIELD_COST, FIELD_ESTIMATED, FIELD_KIND, FIELD_TIME};
 use crate::ledger::{self, Draft, Txn, TxnError};
 use crate::money::{self, MAX_MILLICENTS};
 use serde_json::{json, Value};
@@ -83,12 +83,12 @@ impl Service {
                     return Err(ServiceError::AlreadySettled(decision_attestation_id).abort());
                 }
                 txn.put(&settled_key, b"1")?;
-                let mut body = records::base("settlement", Some(&claims), at);
-                body.insert("decision_record".into(), decision_attestation_id.into());
+                let mut body = records::base(records::kind::SETTLEMENT, Some(&claims), at);
+                body.insert(records::field::DECISION_RECORD.into(), decision_attestation_id.into());
                 body.insert(FIELD_ESTIMATED.into(), estimate_millicents.into());
                 body.insert(FIELD_ACTUAL.into(), actual.into());
                 body.insert("settled".into(), actual.is_some().into());
-                body.insert("reason".into(), why.clone().into());
+                body.insert(records::field::REASON.into(), why.clone().into());
                 let mut summary = json!({
                     "decision_record": decision_attestation_id, FIELD_ESTIMATED: estimate_millicents,
                     FIELD_ACTUAL: actual, "settled": actual.is_some(), "reason": why,
@@ -167,10 +167,10 @@ fn settleable(
     let record: Value =
         serde_json::from_slice(&bytes).map_err(|e| TxnError::abort(format!("record {index} is not JSON: {e}")))?;
     let field = |name: &str| record.get(name);
-    let kind = field("kind").and_then(Value::as_str).unwrap_or_default();
-    if !matches!(kind, "decision" | "hold_resolution")
-        || field("decision").and_then(Value::as_str) != Some("allow")
-        || field("passport_id").and_then(Value::as_str) != Some(passport_id)
+    let kind = field(FIELD_KIND).and_then(Value::as_str).unwrap_or_default();
+    if ![records::kind::DECISION, records::kind::HOLD_RESOLUTION].contains(&kind)
+        || field(records::field::DECISION).and_then(Value::as_str) != Some(Decision::Allow.as_str())
+        || field(records::field::PASSPORT_ID).and_then(Value::as_str) != Some(passport_id)
     {
         return Err(ServiceError::Invalid {
             field: "decision_record",
@@ -196,7 +196,7 @@ fn settleable(
         }
         .abort());
     }
-    field("time")
+    field(FIELD_TIME)
         .and_then(Value::as_str)
         .and_then(ledger::record::parse_time)
         .ok_or_else(|| TxnError::abort(format!("record {index} has no readable time")))
