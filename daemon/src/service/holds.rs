@@ -7,11 +7,11 @@
 
 use super::records::{self, Built, DecisionOutcome};
 use super::{now, Service, ServiceError};
-use crate::api::peer::Peer;
 use crate::decide::{self, ActionRequest, Decision, EvalOptions, HostVerdict, Reason, Usage};
 use crate::domain::DomainName;
 use crate::ledger::{Draft, Txn, TxnError};
 use crate::passport::Claims;
+use crate::service::Peer;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};

@@ -12,16 +12,17 @@
 mod holds;
 #[cfg(test)]
 mod money_tests;
+mod peer;
 mod records;
 mod sandboxes;
 pub(crate) mod settle;
 
 pub use holds::{Hold, HoldOrigin, HoldOutcome, HoldStatus};
+pub use peer::Peer;
 pub use records::{DecisionOutcome, HeldAs};
 pub use sandboxes::{BindTarget, Sandbox, BOUND_CHECK_INTERVAL};
 pub use settle::why as settle_why;
 
-use crate::api::peer::Peer;
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
 use crate::domain::DomainName;
 use crate::ledger::{self, Draft, Ledger, Txn, TxnError};

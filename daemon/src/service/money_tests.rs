@@ -3,11 +3,11 @@
 
 use super::settle::testkit::{fixture_with, spent, verified};
 use super::*;
-use crate::api::peer::Peer;
 use crate::decide::usage::{window_start, USAGE_VERSION};
 use crate::ledger::{export, verify, HostKey, LedgerOptions};
 use crate::passport::{Cents, Constraints, Permission, SpendWindow, TrustTier};
 use crate::policy::meter::{self, MeterKind, MeterSpec, ModelPrice, PriceTable};
+use crate::service::Peer;
 use ed25519_dalek::SigningKey;
 use serde_json::Map;
 

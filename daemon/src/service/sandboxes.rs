@@ -19,11 +19,11 @@
 
 use super::records;
 use super::{now, Service, ServiceError};
-use crate::api::peer::Peer;
 use crate::decide::CompiledPassport;
 use crate::kernel::process::{pidfd_open, process_identity, wait_exit};
 use crate::kernel::Cgroup;
 use crate::ledger::{Draft, Txn};
+use crate::service::Peer;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;

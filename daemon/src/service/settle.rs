@@ -205,11 +205,11 @@ fn settleable(
 #[cfg(test)]
 pub(crate) mod testkit {
     use super::*;
-    use crate::api::peer::Peer;
     use crate::decide::HostVerdict;
     use crate::ledger::{export, verify};
     use crate::ledger::{HostKey, Ledger, LedgerOptions};
     use crate::passport::{Cents, Constraints, IssuerId, Permission, SpendWindow, TrustTier};
+    use crate::service::Peer;
     use crate::service::{EnforceInput, HoldOrigin, ServiceConfig};
     use ed25519_dalek::SigningKey;
     use std::sync::Arc;
