@@ -79,7 +79,7 @@ mod schema;
 mod tests;
 
 pub use error::{PolicyError, PolicyErrorKind};
-pub use meter::{MeterKind, MeterSpec, ModelPrice, PriceTable, Usage, UsageScanner};
+pub use meter::{MeterKind, MeterSpec, ModelPrice, PriceTable, TokenUsage, UsageScanner};
 
 use path::{PathPattern, RequestPath};
 use sluice_decide::Reason;

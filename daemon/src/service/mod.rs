@@ -417,7 +417,7 @@ impl Service {
             }
             let Ok(usage) = self.load_usage(&id) else { continue };
             let Ok(view) = decide::state_view(cp, &usage, at) else { continue };
-            spend.push(crate::metrics::Spend {
+            spend.push(crate::metrics::SpendSample {
                 passport_id: id,
                 agent_id: claims.agent_id.clone(),
                 window: view.window,

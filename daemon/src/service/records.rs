@@ -77,7 +77,7 @@ pub fn base(kind: &str, claims: Option<&Claims>, at: DateTime<Utc>) -> Map<Strin
 
 /// Spend figures carried by a record, recomputed by `sluice audit verify`.
 #[derive(Debug, Clone)]
-pub struct Spend {
+pub struct SpendFields {
     pub window: &'static str,
     pub window_start: DateTime<Utc>,
     /// Millicents, signed: a settlement refunds an over-estimate with a negative delta.
@@ -85,7 +85,7 @@ pub struct Spend {
     pub after_millicents: u64,
 }
 
-impl Spend {
+impl SpendFields {
     pub(super) fn write(&self, m: &mut Map<String, Value>) {
         m.insert(FIELD_SPEND_WINDOW.into(), self.window.into());
         m.insert(FIELD_SPEND_WINDOW_START.into(), time(self.window_start).into());
@@ -104,7 +104,7 @@ pub struct Built {
     pub guardrails: Vec<Guardrail>,
     pub all_passed: bool,
     pub timestamp: DateTime<Utc>,
-    pub spend: Option<Spend>,
+    pub spend: Option<SpendFields>,
     pub hold: Option<Hold>,
 }
 
@@ -218,7 +218,7 @@ impl Built {
             guardrails: eval.guardrails.clone(),
             all_passed: eval.guardrails.iter().all(|g| g.passed),
             timestamp: at,
-            spend: Some(Spend {
+            spend: Some(SpendFields {
                 window: claims.constraints.window().as_str(),
                 window_start: eval.spend_window_start,
                 delta_millicents: i64::try_from(eval.spend_delta_millicents).unwrap_or(i64::MAX),
@@ -314,7 +314,7 @@ pub fn counter_reset(
     m.insert(FIELD_WINDOW.into(), window.as_str().into());
     m.insert(field::BY.into(), by);
     if clears_spend {
-        Spend {
+        SpendFields {
             window: spend_window.as_str(),
             window_start: view.window_start,
             delta_millicents: 0,

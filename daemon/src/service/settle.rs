@@ -117,7 +117,7 @@ impl Service {
                     txn.put(&usage_key, &settled.usage.to_bytes())?;
                     match settled.spend {
                         Some(s) => {
-                            records::Spend {
+                            records::SpendFields {
                                 window: window.as_str(),
                                 window_start: s.window_start,
                                 delta_millicents: s.delta_millicents,
