@@ -2,9 +2,9 @@
 //! passport + evaluation + counter update + durable group-committed record), at several
 //! concurrencies. Target (docs/testing.md, Targets): ≥ 20,000/s on 2 cores, p99 < 2 ms.
 
-use sluice::api::peer::Peer;
 use sluice::ledger::{hostkey::HostKey, Ledger, LedgerOptions};
 use sluice::passport::{self, Constraints, IssueRequest, Permission, TrustTier};
+use sluice::service::Peer;
 use sluice::service::{EnforceInput, Service, ServiceConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -95,7 +95,7 @@ async fn run(concurrency: usize) -> Result {
                         method: Some("POST".into()),
                         path: Some("/v1/chat/completions".into()),
                     };
-                    let v = service.enforce(input).await.expect("enforce");
+                    let v = service.enforce(input).await.expect("enforce").to_json();
                     assert_eq!(v["decision"], "allow", "{v}");
                     if t.duration_since(start) > WARMUP {
                         lat.push(t.elapsed().as_micros());

@@ -235,13 +235,13 @@ pub struct Gauges {
     pub log_size: u64,
     /// Spend in each passport's current cumulative window, largest first (at most
     /// [`MAX_SPEND_SERIES`]).
-    pub spend: Vec<Spend>,
+    pub spend: Vec<SpendSample>,
     /// Passports left out of `spend` by the bound.
     pub spend_omitted: u64,
 }
 
 #[derive(Debug, Clone)]
-pub struct Spend {
+pub struct SpendSample {
     pub passport_id: String,
     pub agent_id: String,
     pub window: &'static str,
@@ -290,7 +290,7 @@ impl Collector for Gauges {
     }
 }
 
-fn spend_labels(s: &Spend) -> [(&'static str, &str); 3] {
+fn spend_labels(s: &SpendSample) -> [(&'static str, &str); 3] {
     [("passport_id", s.passport_id.as_str()), ("agent_id", s.agent_id.as_str()), ("window", s.window)]
 }
 
@@ -389,7 +389,7 @@ mod tests {
             passports: 3,
             sandboxes: 1,
             log_size: 42,
-            spend: vec![Spend {
+            spend: vec![SpendSample {
                 passport_id: "pp_x".into(),
                 agent_id: "shop\"per".into(),
                 window: "daily",
@@ -558,14 +558,14 @@ mod tests {
             sandboxes: 0,
             log_size: 9,
             spend: vec![
-                Spend {
+                SpendSample {
                     passport_id: "pp_a".into(),
                     agent_id: hostile.into(),
                     window: "daily",
                     cents: 7,
                     limit_cents: Some(9),
                 },
-                Spend {
+                SpendSample {
                     passport_id: "pp_b".into(),
                     agent_id: "b".into(),
                     window: "weekly",

@@ -5,7 +5,7 @@ use super::detail::{echo, list, money, window_title};
 use super::rate::{self, RateCheck, RatePeriod};
 use super::usage::{self, SpendCounter, Usage, UsageError, WindowCounter};
 use super::{
-    guardrail, reason, ActionRequest, CompiledPassport, Decision, EvalOptions, Evaluation, Guardrail, HostVerdict,
+    guardrail, ActionRequest, CompiledPassport, Decision, EvalOptions, Evaluation, Guardrail, HostVerdict, Reason,
 };
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
@@ -41,11 +41,11 @@ impl Run {
         self.guardrails.push(Guardrail { name: name.to_string(), passed: true, detail });
     }
 
-    fn stop(mut self, decision: Decision, reason: &str, name: &str, detail: String) -> Evaluation {
+    fn stop(mut self, decision: Decision, reason: Reason, name: &str, detail: String) -> Evaluation {
         self.guardrails.push(Guardrail { name: name.to_string(), passed: false, detail: detail.clone() });
         Evaluation {
             decision,
-            reason: reason.to_string(),
+            reason,
             detail,
             guardrails: self.guardrails,
             usage_after: self.rolled,
@@ -57,7 +57,7 @@ impl Run {
         }
     }
 
-    fn block(self, reason: &str, name: &str, detail: String) -> Evaluation {
+    fn block(self, reason: Reason, name: &str, detail: String) -> Evaluation {
         self.stop(Decision::Block, reason, name, detail)
     }
 }
@@ -85,7 +85,7 @@ pub fn evaluate(
 
     // 1. The request itself.
     if let Err(problem) = check_request(req) {
-        return run.block(reason::INVALID_REQUEST, guardrail::REQUEST, problem);
+        return run.block(Reason::InvalidRequest, guardrail::REQUEST, problem);
     }
     run.pass(guardrail::REQUEST, "well-formed".to_string());
 
@@ -113,7 +113,7 @@ pub fn evaluate(
                 ts(now)
             ),
         };
-        return run.block(e.reason(), guardrail::PASSPORT_VALIDITY, detail);
+        return run.block(Reason::of_passport_error(&e), guardrail::PASSPORT_VALIDITY, detail);
     }
     run.pass(guardrail::PASSPORT_VALIDITY, format!("valid until {}", ts_or(claims.expires_at)));
 
@@ -127,7 +127,7 @@ pub fn evaluate(
                 req.action,
                 list(claims.permissions.iter().map(|p| p.as_str().to_string()))
             );
-            return run.block(reason::PERMISSION_DENIED, guardrail::PERMISSION, detail);
+            return run.block(Reason::PermissionDenied, guardrail::PERMISSION, detail);
         }
     }
 
@@ -143,7 +143,7 @@ pub fn evaluate(
                     claims.id,
                     list(allow.iter().map(|p| p.to_string()))
                 );
-                return run.block(reason::DOMAIN_NOT_ALLOWED, guardrail::DOMAIN_ALLOWLIST, detail);
+                return run.block(Reason::DomainNotAllowed, guardrail::DOMAIN_ALLOWLIST, detail);
             }
         },
         (Some(_), None) if NETWORK_ACTIONS.contains(&req.action.as_str()) => {
@@ -151,7 +151,7 @@ pub fn evaluate(
                 "Action {} is a network request but names no host, and passport {} allows only listed hosts. Name the target host.",
                 req.action, claims.id
             );
-            return run.block(reason::DOMAIN_NOT_ALLOWED, guardrail::DOMAIN_ALLOWLIST, detail);
+            return run.block(Reason::DomainNotAllowed, guardrail::DOMAIN_ALLOWLIST, detail);
         }
         (Some(_), None) => {
             run.pass(guardrail::DOMAIN_ALLOWLIST, "not applicable: the request names no host".to_string())
@@ -162,7 +162,8 @@ pub fn evaluate(
     match host {
         HostVerdict::Allow => run.pass(guardrail::HOST_POLICY, "allowed by host policy".to_string()),
         HostVerdict::Deny { reason: r, detail } => {
-            let r = if r.is_empty() { reason::POLICY_DENIED } else { r.as_str() };
+            // An empty reason (a verdict built from an empty string) is the default one.
+            let r = if r.as_str().is_empty() { Reason::PolicyDenied } else { r.clone() };
             return run.block(r, guardrail::HOST_POLICY, detail.clone());
         }
     }
@@ -196,7 +197,7 @@ pub fn evaluate(
                     period.as_str(),
                     claims.id
                 );
-                return run.block(reason::RATE_LIMIT_EXCEEDED, name, detail);
+                return run.block(Reason::RateLimitExceeded, name, detail);
             }
         }
     }
@@ -207,7 +208,7 @@ pub fn evaluate(
         None => run.pass(guardrail::MAX_PER_ACTION, "no per-action limit".to_string()),
         Some(max) if cost > milli(max) => {
             let detail = format!("Per-action limit of {max} exceeded. Requested: {}", money(cost));
-            return run.block(reason::PER_ACTION_LIMIT_EXCEEDED, guardrail::MAX_PER_ACTION, detail);
+            return run.block(Reason::PerActionLimitExceeded, guardrail::MAX_PER_ACTION, detail);
         }
         Some(max) => run.pass(guardrail::MAX_PER_ACTION, format!("{} within {max}", money(cost))),
     }
@@ -222,7 +223,7 @@ pub fn evaluate(
             money(spend.spent_millicents),
             money(cost)
         );
-        return run.block(reason::SPEND_LIMIT_EXCEEDED, guardrail::MAX_CUMULATIVE, detail);
+        return run.block(Reason::SpendLimitExceeded, guardrail::MAX_CUMULATIVE, detail);
     };
     match c.max_cumulative {
         None => run.pass(
@@ -235,7 +236,7 @@ pub fn evaluate(
                 money(spend.spent_millicents),
                 money(cost)
             );
-            return run.block(reason::SPEND_LIMIT_EXCEEDED, guardrail::MAX_CUMULATIVE, detail);
+            return run.block(Reason::SpendLimitExceeded, guardrail::MAX_CUMULATIVE, detail);
         }
         Some(max) => {
             run.pass(guardrail::MAX_CUMULATIVE, format!("{title} spend would be {} of {max}", money(spend_after)))
@@ -253,7 +254,7 @@ pub fn evaluate(
                     RuleDecision::RequestHold => (Decision::RequestHold, "holds for approval"),
                 };
                 let detail = format!("Host policy rule {index} ({r}) {what} this request: {}", echo(&expr));
-                return run.stop(decision, &r, guardrail::CEL_RULES, detail);
+                return run.stop(decision, Reason::parse(&r), guardrail::CEL_RULES, detail);
             }
             RulesOutcome::Error { index, reason: r, expr, message } => {
                 let detail = format!(
@@ -261,7 +262,7 @@ pub fn evaluate(
                     echo(&message),
                     echo(&expr)
                 );
-                return run.block(reason::POLICY_ERROR, guardrail::CEL_RULES, detail);
+                return run.block(Reason::PolicyError, guardrail::CEL_RULES, detail);
             }
         }
     }
@@ -280,7 +281,7 @@ pub fn evaluate(
                     RuleDecision::RequestHold => (Decision::RequestHold, "holds for approval"),
                 };
                 let detail = format!("Passport rule {index} ({r}) {what} this request: {}", echo(&expr));
-                let mut e = run.stop(decision, &r, guardrail::CEL_RULES, detail);
+                let mut e = run.stop(decision, Reason::parse(&r), guardrail::CEL_RULES, detail);
                 e.rule_index = Some(index);
                 return e;
             }
@@ -290,7 +291,7 @@ pub fn evaluate(
                     echo(&message),
                     echo(&expr)
                 );
-                let mut e = run.block(reason::POLICY_ERROR, guardrail::CEL_RULES, detail);
+                let mut e = run.block(Reason::PolicyError, guardrail::CEL_RULES, detail);
                 e.rule_index = Some(index);
                 return e;
             }
@@ -306,7 +307,7 @@ pub fn evaluate(
                 "Passport {} requires an operator's approval for every request. Approve with `sluice holds approve`.",
                 claims.id
             );
-            return run.stop(Decision::RequestHold, reason::APPROVAL_REQUIRED, guardrail::APPROVAL_REQUIRED, detail);
+            return run.stop(Decision::RequestHold, Reason::ApprovalRequired, guardrail::APPROVAL_REQUIRED, detail);
         }
         _ => run.pass(guardrail::APPROVAL_REQUIRED, "not required".to_string()),
     }
@@ -321,7 +322,7 @@ pub fn evaluate(
             );
             return run.stop(
                 Decision::RequestHold,
-                reason::APPROVAL_THRESHOLD_EXCEEDED,
+                Reason::ApprovalThresholdExceeded,
                 guardrail::APPROVAL_THRESHOLD,
                 detail,
             );
@@ -345,7 +346,7 @@ pub fn evaluate(
     };
     Evaluation {
         decision: Decision::Allow,
-        reason: reason::ALLOWED.to_string(),
+        reason: Reason::Allowed,
         detail,
         guardrails: run.guardrails,
         usage_after,

@@ -55,11 +55,13 @@ pub mod cel;
 pub mod detail;
 mod engine;
 pub mod rate;
+pub mod reason;
 pub mod settle;
 pub mod usage;
 
 pub use cel::{CompiledRules, RuleCompileError};
 pub use engine::{evaluate, reset, state_view, RateView, ResetError, ResetWindow, StateView};
+pub use reason::Reason;
 pub use settle::{settle, Settled, SettledSpend};
 pub use usage::{Usage, UsageError};
 
@@ -67,24 +69,6 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sluice_passport::domain::DomainName;
 use sluice_passport::{Passport, PassportId};
-
-/// Stable decision reasons produced by this engine (CEL rules add their own).
-pub mod reason {
-    pub const ALLOWED: &str = "allowed";
-    pub const INVALID_REQUEST: &str = "invalid_request";
-    pub const PASSPORT_EXPIRED: &str = "passport_expired";
-    pub const PASSPORT_NOT_YET_VALID: &str = "passport_not_yet_valid";
-    pub const PERMISSION_DENIED: &str = "permission_denied";
-    pub const DOMAIN_NOT_ALLOWED: &str = "domain_not_allowed";
-    pub const POLICY_DENIED: &str = "policy_denied";
-    pub const RATE_LIMIT_EXCEEDED: &str = "rate_limit_exceeded";
-    pub const PER_ACTION_LIMIT_EXCEEDED: &str = "per_action_limit_exceeded";
-    pub const SPEND_LIMIT_EXCEEDED: &str = "spend_limit_exceeded";
-    pub const POLICY_ERROR: &str = "policy_error";
-    pub const APPROVAL_REQUIRED: &str = "approval_required";
-    pub const APPROVAL_THRESHOLD_EXCEEDED: &str = "approval_threshold_exceeded";
-    pub const USAGE_CORRUPT: &str = "usage_corrupt";
-}
 
 /// Guardrail names, in evaluation order.
 pub mod guardrail {
@@ -166,9 +150,9 @@ impl CompiledPassport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostVerdict {
     Allow,
-    /// `reason` is a stable reason (normally `policy_denied`; empty means `policy_denied`).
+    /// `reason` is normally [`Reason::PolicyDenied`]; the proxy's own refusals carry theirs.
     Deny {
-        reason: String,
+        reason: Reason,
         detail: String,
     },
 }
@@ -216,8 +200,8 @@ pub struct EvalOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Evaluation {
     pub decision: Decision,
-    /// Stable: one of [`reason`], the host verdict's reason, or a CEL rule's own reason.
-    pub reason: String,
+    /// The engine's, the host verdict's, or a CEL rule's own ([`Reason::Rule`]).
+    pub reason: Reason,
     /// For people: which limit, the figures, what to do.
     pub detail: String,
     /// Each check evaluated, in order; the last one failed unless the decision is allow.
@@ -260,7 +244,7 @@ impl Evaluation {
         );
         Evaluation {
             decision: Decision::Block,
-            reason: error.reason().to_string(),
+            reason: error.reason(),
             detail: detail.clone(),
             guardrails: vec![Guardrail { name: guardrail::USAGE.to_string(), passed: false, detail }],
             usage_after: Usage::default(),

@@ -293,7 +293,7 @@ fn a_host_policy_denial_keeps_its_reason() {
     };
     let e = evaluate(&p, &u, &req("web:send", 0), &deny, t0(), EvalOptions::default());
     assert_refused(&e, &u, Decision::Block, "policy_denied", "POST to /admin is denied by policy api.toml");
-    let deny = HostVerdict::Deny { reason: String::new(), detail: "denied".into() };
+    let deny = HostVerdict::Deny { reason: String::new().into(), detail: "denied".into() };
     let e = evaluate(&p, &u, &req("web:send", 0), &deny, t0(), EvalOptions::default());
     assert_eq!(e.reason, "policy_denied");
 }

@@ -57,8 +57,8 @@ pub enum UsageError {
 
 impl UsageError {
     /// The stable decision reason for a request refused because usage could not be read.
-    pub fn reason(&self) -> &'static str {
-        "usage_corrupt"
+    pub fn reason(&self) -> crate::Reason {
+        crate::Reason::UsageCorrupt
     }
 }
 

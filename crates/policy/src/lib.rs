@@ -79,9 +79,10 @@ mod schema;
 mod tests;
 
 pub use error::{PolicyError, PolicyErrorKind};
-pub use meter::{MeterKind, MeterSpec, ModelPrice, PriceTable, Usage, UsageScanner};
+pub use meter::{MeterKind, MeterSpec, ModelPrice, PriceTable, TokenUsage, UsageScanner};
 
 use path::{PathPattern, RequestPath};
+use sluice_decide::Reason;
 use sluice_passport::constraints::RuleDecision;
 use sluice_passport::domain::{DomainName, DomainPattern};
 use std::collections::HashMap;
@@ -92,7 +93,7 @@ use std::sync::{Arc, RwLock};
 pub const FETCH_ACTION: &str = "web:fetch";
 pub const SEND_ACTION: &str = "web:send";
 /// The decision reason for host-policy refusals (docs/decisions.md, "Stable reasons").
-pub const POLICY_DENIED: &str = "policy_denied";
+pub const POLICY_DENIED: Reason = Reason::PolicyDenied;
 
 /// What a request costs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,21 +115,9 @@ pub struct RouteMatch {
     pub route_id: Option<Arc<str>>,
 }
 
-/// Host-wide verdict on a request before passport limits are considered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HostVerdict {
-    Allow,
-    Deny { reason: String, detail: String },
-}
-
-impl From<HostVerdict> for sluice_decide::HostVerdict {
-    fn from(v: HostVerdict) -> Self {
-        match v {
-            HostVerdict::Allow => sluice_decide::HostVerdict::Allow,
-            HostVerdict::Deny { reason, detail } => sluice_decide::HostVerdict::Deny { reason, detail },
-        }
-    }
-}
+/// Host-wide verdict on a request before passport limits are considered: the engine's own type,
+/// so the verdict the policy gives is the one the engine decides with.
+pub use sluice_decide::HostVerdict;
 
 /// A `[[host.rule]]` entry. The decision engine compiles `expr`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,7 +317,7 @@ impl PolicySet {
     pub fn host_check(&self, host: &DomainName, cost_millicents: u64) -> HostVerdict {
         if let Some(rule) = self.deny_index.get(host).and_then(|i| self.deny.get(i)) {
             return HostVerdict::Deny {
-                reason: POLICY_DENIED.to_string(),
+                reason: POLICY_DENIED,
                 detail: format!(
                     "{host} is denied for every agent by host policy {}:{} (deny_domains entry \"{}\"); \
                      ask the host's operator if it should be reachable",
@@ -340,7 +329,7 @@ impl PolicySet {
         }
         if let Some(c) = self.ceilings.iter().find(|c| cost_millicents > c.max_per_action_millicents) {
             return HostVerdict::Deny {
-                reason: POLICY_DENIED.to_string(),
+                reason: POLICY_DENIED,
                 detail: format!(
                     "This action costs {}, above the host-wide ceiling of {} per action set in {}:{} \
                      (host.ceilings.max_per_action_cents)",

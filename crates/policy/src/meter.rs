@@ -117,7 +117,7 @@ pub struct MeterSpec {
 
 /// Token usage reported by a response.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Usage {
+pub struct TokenUsage {
     pub input_tokens: u64,
     pub output_tokens: u64,
     /// The model the response names, if it names one.
@@ -176,7 +176,7 @@ pub fn estimate(spec: &MeterSpec, body_prefix: &[u8]) -> u64 {
 pub fn estimate_with_len(spec: &MeterSpec, body_prefix: &[u8], body_len: u64) -> u64 {
     let info = request_info(body_prefix);
     let body_len = body_len.max(body_prefix.len() as u64);
-    let usage = Usage {
+    let usage = TokenUsage {
         input_tokens: body_len.div_ceil(4),
         output_tokens: info.max_tokens.unwrap_or(spec.default_max_tokens),
         model: info.model,
@@ -186,7 +186,7 @@ pub fn estimate_with_len(spec: &MeterSpec, body_prefix: &[u8], body_len: u64) ->
 
 /// The cost in millicents of `usage`, rounded up to a whole millicent, saturating at `u64::MAX`
 /// (the decision then refuses it as more than any amount sluice accepts).
-pub fn cost(spec: &MeterSpec, usage: &Usage) -> u64 {
+pub fn cost(spec: &MeterSpec, usage: &TokenUsage) -> u64 {
     let price = spec.prices.price_for(usage.model.as_deref());
     // Each product is below 2^64 × 2^64, and so is their sum: no overflow in u128.
     let micro = u128::from(usage.input_tokens) * u128::from(price.input_millicents_per_mtok)
@@ -210,7 +210,7 @@ const NUM_CAP: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Key {
     Other,
-    Usage,
+    TokenUsage,
     Message,
     Response,
     Model,
@@ -228,7 +228,7 @@ enum Key {
 impl Key {
     fn classify(name: &[u8]) -> Key {
         match name {
-            b"usage" => Key::Usage,
+            b"usage" => Key::TokenUsage,
             b"message" => Key::Message,
             b"response" => Key::Response,
             b"model" => Key::Model,
@@ -670,8 +670,8 @@ impl UsageScanner {
         }
     }
 
-    /// Usage seen so far (for a stream cut short), without ending the scan.
-    pub fn current(&self) -> Option<Usage> {
+    /// The usage seen so far (for a stream cut short), without ending the scan.
+    pub fn current(&self) -> Option<TokenUsage> {
         let mut copy = self.clone();
         copy.end();
         copy.usage()
@@ -680,7 +680,7 @@ impl UsageScanner {
     /// Ends the body and returns its usage, or `None` when it reported no token counts (for
     /// example an OpenAI stream without `stream_options.include_usage`): the caller then keeps
     /// the estimate.
-    pub fn finish(mut self) -> Option<Usage> {
+    pub fn finish(mut self) -> Option<TokenUsage> {
         self.end();
         self.usage()
     }
@@ -692,14 +692,14 @@ impl UsageScanner {
         self.json.finish(&mut sink);
     }
 
-    fn usage(&self) -> Option<Usage> {
+    fn usage(&self) -> Option<TokenUsage> {
         let c = &self.counts;
         if c.input.is_none() && c.output.is_none() && c.cache_creation.is_none() && c.cache_read.is_none() {
             return None;
         }
         let input = [c.input, c.cache_creation, c.cache_read].iter().flatten().fold(0u64, |a, n| a.saturating_add(*n));
         let model = c.model.get(..c.model_len).and_then(|m| std::str::from_utf8(m).ok()).filter(|m| !m.is_empty());
-        Some(Usage { input_tokens: input, output_tokens: c.output.unwrap_or(0), model: model.map(str::to_string) })
+        Some(TokenUsage { input_tokens: input, output_tokens: c.output.unwrap_or(0), model: model.map(str::to_string) })
     }
 }
 
@@ -779,8 +779,8 @@ fn record(kind: MeterKind, counts: &mut Counts, path: &[Frame], value: Scalar<'_
         MeterKind::Anthropic => Key::Message,
     };
     let (field, in_usage) = match keys {
-        [Key::Usage, f, Key::Other] => (f, true),
-        [e, Key::Usage, f] if e == envelope => (f, true),
+        [Key::TokenUsage, f, Key::Other] => (f, true),
+        [e, Key::TokenUsage, f] if e == envelope => (f, true),
         [Key::Model, Key::Other, Key::Other] => (Key::Model, false),
         [e, Key::Model, Key::Other] if e == envelope => (Key::Model, false),
         _ => return,

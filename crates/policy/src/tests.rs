@@ -475,7 +475,8 @@ fn shipped_openai_routes() {
     // Prices come through: gpt-4o-mini for 1M in + 1M out = 15 + 60 cents (in millicents).
     let m = s.route(&host, "POST", "/v1/chat/completions");
     let Cost::Metered(spec) = &m.cost else { panic!() };
-    let u = Usage { input_tokens: 1_000_000, output_tokens: 1_000_000, model: Some("gpt-4o-mini-2024-07-18".into()) };
+    let u =
+        TokenUsage { input_tokens: 1_000_000, output_tokens: 1_000_000, model: Some("gpt-4o-mini-2024-07-18".into()) };
     assert_eq!(meter::cost(spec, &u), 75_000);
     assert_eq!(spec.prices.as_of, "2026-12-01");
 }
@@ -506,11 +507,14 @@ fn shipped_anthropic_routes() {
     }
     let m = s.route(&host, "POST", "/v1/messages");
     let Cost::Metered(spec) = &m.cost else { panic!() };
-    let u =
-        Usage { input_tokens: 1_000_000, output_tokens: 1_000_000, model: Some("claude-sonnet-4-6-20260217".into()) };
+    let u = TokenUsage {
+        input_tokens: 1_000_000,
+        output_tokens: 1_000_000,
+        model: Some("claude-sonnet-4-6-20260217".into()),
+    };
     assert_eq!(meter::cost(spec, &u), 1_800_000);
     // An unlisted model costs the table's highest prices (Fable 5.1, Fable 5 and Mythos: $10 in).
-    let u = Usage { input_tokens: 1_000_000, output_tokens: 0, model: Some("claude-next".into()) };
+    let u = TokenUsage { input_tokens: 1_000_000, output_tokens: 0, model: Some("claude-next".into()) };
     assert_eq!(meter::cost(spec, &u), 1_000_000);
     // Estimate from the request's max_tokens: 1000 output tokens of Haiku 4.5 = 0.5 cents, plus
     // 25 input tokens (99 bytes) at 100 cents per million = 0.0025 cent: 502.5 → 503 millicents.

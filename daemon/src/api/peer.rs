@@ -7,22 +7,9 @@
 
 use std::path::Path;
 
-/// The identity of a caller, as the kernel reports it. Recorded with every hold resolution,
-/// revocation and reset so the log says who did it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: i32,
-    pub user: Option<String>,
-}
-
-impl Peer {
-    /// `{uid, user, pid}` for attestation records.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({"uid": self.uid, "user": self.user, "pid": self.pid})
-    }
-}
+/// The caller's identity is the service's type: the service records it and must not depend on
+/// the API that checks it.
+pub use crate::service::Peer;
 
 /// Why a caller was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -5,7 +5,7 @@
 //! done by [`Service`], which the proxy uses too.
 
 use super::peer::{Peer, PeerPolicy, SandboxedRoot};
-use crate::service::{BindTarget, EnforceInput, ResetWindow, Service, ServiceError};
+use crate::service::{self, BindTarget, EnforceInput, ResetWindow, Service, ServiceError};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -42,12 +42,30 @@ impl ApiError {
 
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> ApiError {
+        // The one place service errors become status codes (docs/api.md, "Errors").
+        use ServiceError as E;
         let (status, code) = match &e {
-            ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ServiceError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            ServiceError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid"),
-            ServiceError::Passport(_) => (StatusCode::BAD_REQUEST, "passport_invalid"),
-            ServiceError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_error"),
+            E::PassportNotRegistered(_)
+            | E::HoldNotFound(_)
+            | E::AttestationNotFound { .. }
+            | E::RecordNotFound(_)
+            | E::NotBound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            E::HoldAlreadyResolved { .. } | E::AlreadySettled(_) | E::AlreadyBound { .. } | E::RunSandbox { .. } => {
+                (StatusCode::CONFLICT, "conflict")
+            }
+            E::Invalid { .. } | E::PassportOnlyMode => (StatusCode::BAD_REQUEST, "invalid"),
+            E::Passport(_) | E::ProofOfPossession(_) | E::Rules(_) | E::PassportUnusable { .. } => {
+                (StatusCode::BAD_REQUEST, "passport_invalid")
+            }
+            E::Store(_)
+            | E::NotAppended(_)
+            | E::UsageUnreadable { .. }
+            | E::HoldUnreadable(_)
+            | E::Export(_)
+            | E::ResolutionNotFound(_)
+            | E::LockPoisoned(_)
+            | E::Cgroup(_)
+            | E::Serialise(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_error"),
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -230,26 +248,26 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
         (&Method::GET, ["metrics"]) => Ok(metrics_response(service.metrics_text())),
         (&Method::POST, ["v1", "passports"]) => {
             let body: RegisterBody = read_json(req).await?;
-            ok(service.register(body.passport.trim(), body.pop.as_ref(), peer).await?)
+            ok(service::to_json(&service.register(body.passport.trim(), body.pop.as_ref(), peer).await?))
         }
         (&Method::POST, ["v1", "passports", id, "revoke"]) => {
             let id = id.to_string();
             let body: NoteBody = read_json(req).await?;
-            ok(service.revoke(&id, peer, body.note).await?)
+            ok(service::to_json(&service.revoke(&id, peer, body.note).await?))
         }
-        (&Method::GET, ["v1", "passports", id, "state"]) => ok(service.state(id)?),
+        (&Method::GET, ["v1", "passports", id, "state"]) => ok(service::to_json(&service.state(id)?)),
         (&Method::POST, ["v1", "passports", id, "state", "reset"]) => {
             let id = id.to_string();
             let body: ResetBody = read_json(req).await?;
             let window = ResetWindow::parse(&body.window).ok_or_else(|| {
                 ApiError::bad_request(format!("window {:?}: use daily, weekly, monthly or all", body.window))
             })?;
-            ok(service.reset(&id, window, peer).await?)
+            ok(service::to_json(&service.reset(&id, window, peer).await?))
         }
         (&Method::POST, ["v1", "enforce"]) => {
             let input: EnforceInput = read_json(req).await?;
             let decision = service.enforce(input).await?;
-            ok(decision)
+            ok(decision.to_json())
         }
         (&Method::GET, ["v1", "attestations"]) => {
             let q = query(&req);
@@ -297,7 +315,7 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
         (&Method::POST, ["v1", "holds", id, action @ ("approve" | "deny")]) => {
             let (id, approve) = (id.to_string(), *action == "approve");
             let body: NoteBody = read_json(req).await?;
-            ok(service.resolve_hold(&id, approve, peer, body.note).await?)
+            ok(service.resolve_hold(&id, approve, peer, body.note).await?.to_json())
         }
         _ => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no such endpoint: {method} {path}"))),
     }
@@ -330,5 +348,51 @@ async fn handle_sandboxed_root(
             ok(service.unbind_sandbox(own(), &root.peer).await?)
         }
         _ => Err(forbidden()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::HoldStatus;
+
+    #[test]
+    fn service_errors_map_to_their_status_and_code_with_the_operator_message() {
+        let cases = [
+            (ServiceError::PassportNotRegistered("pp_x".into()), 404, "not_found", "passport pp_x is not registered"),
+            (
+                ServiceError::AttestationNotFound { index: 9, size: 3 },
+                404,
+                "not_found",
+                "attestation 9 does not exist (log size 3)",
+            ),
+            (
+                ServiceError::HoldAlreadyResolved { id: "hold_1".into(), status: HoldStatus::Approved },
+                409,
+                "conflict",
+                "hold hold_1 is already Approved",
+            ),
+            (
+                ServiceError::Invalid { field: "action", problem: "action must be 1 to 128 characters".into() },
+                400,
+                "invalid",
+                "action must be 1 to 128 characters",
+            ),
+            (
+                ServiceError::PassportUnusable { passport_id: "pp_x".into(), why: "is revoked" },
+                400,
+                "passport_invalid",
+                "passport rejected: passport pp_x is revoked",
+            ),
+            (ServiceError::NotAppended("decision"), 503, "store_error", "the decision record was not appended"),
+            (ServiceError::LockPoisoned("passports"), 503, "store_error", "restart the daemon"),
+        ];
+        for (e, status, code, message) in cases {
+            let unavailable = e.is_unavailable();
+            let a = ApiError::from(e);
+            assert_eq!((a.status.as_u16(), a.code), (status, code), "{}", a.message);
+            assert!(a.message.contains(message), "{}", a.message);
+            assert_eq!(unavailable, status == 503, "{}", a.message);
+        }
     }
 }

@@ -224,7 +224,9 @@ fn verify(a: VerifyArgs) -> CmdResult {
         }
         Err(e) => {
             if a.json {
-                print_json(&serde_json::json!({"valid": false, "reason": e.reason(), "detail": e.to_string()}));
+                print_json(
+                    &serde_json::json!({"valid": false, "reason": crate::decide::Reason::of_passport_error(&e), "detail": e.to_string()}),
+                );
             }
             eprintln!("sluice: {}: passport is not valid: {e}", a.file.display());
             Ok(ExitCode::FAILURE)

@@ -20,33 +20,21 @@
 //!   decided on. Obsolete line folding never reaches us: hyper's parser rejects it, and the proxy
 //!   attests that rejection ([`super::http`]).
 
+use crate::decide::Reason;
 use crate::domain::DomainName;
 use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Uri, Version};
 
-/// Stable reasons of the proxy's own refusals (decision `block`).
-pub mod reason {
-    pub const DOMAIN_FRONTING: &str = "domain_fronting";
-    pub const REQUEST_SMUGGLING: &str = "request_smuggling";
-    pub const INVALID_HOST: &str = "invalid_host";
-    pub const CONNECT_DENIED: &str = "connect_denied";
-    pub const UPGRADE_DENIED: &str = "upgrade_denied";
-    pub const MALFORMED_REQUEST: &str = "malformed_request";
-    pub const RAW_TCP_DENIED: &str = "raw_tcp_denied";
-    pub const PROXY_LOOP: &str = "proxy_loop";
-    pub const UNKNOWN_SYNTHETIC: &str = "unknown_synthetic_address";
-    pub const BAD_SERVER_NAME: &str = "bad_server_name";
-}
-
 /// Why a request is refused before any decision on its content.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    pub reason: &'static str,
+    /// One of the proxy's own reasons ([`Reason::DomainFronting`], ...).
+    pub reason: Reason,
     pub detail: String,
 }
 
 impl Refusal {
-    fn new(reason: &'static str, detail: impl Into<String>) -> Refusal {
+    fn new(reason: Reason, detail: impl Into<String>) -> Refusal {
         Refusal { reason, detail: detail.into() }
     }
 }
@@ -61,7 +49,7 @@ pub struct Authority {
 /// Parses `host[:port]` strictly: a [`DomainName`] (no IP literals, bracketed or not) and an
 /// optional decimal port 1–65535 without sign or leading `+`.
 pub fn parse_authority(raw: &str) -> Result<Authority, Refusal> {
-    let bad = |why: String| Refusal::new(reason::INVALID_HOST, format!("Host {raw:?}: {why}"));
+    let bad = |why: String| Refusal::new(Reason::InvalidHost, format!("Host {raw:?}: {why}"));
     if raw.is_empty() || raw.len() > 300 {
         return Err(bad("empty or too long".into()));
     }
@@ -94,11 +82,11 @@ pub fn request_authority(version: Version, uri: &Uri, headers: &HeaderMap) -> Re
     let mut hosts = headers.get_all(HOST).iter();
     let host_header = match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => {
-            return Err(Refusal::new(reason::DOMAIN_FRONTING, "The request has more than one Host header."));
+            return Err(Refusal::new(Reason::DomainFronting, "The request has more than one Host header."));
         }
         (Some(v), None) => Some(
             v.to_str()
-                .map_err(|_| Refusal::new(reason::INVALID_HOST, "The Host header is not printable ASCII."))?
+                .map_err(|_| Refusal::new(Reason::InvalidHost, "The Host header is not printable ASCII."))?
                 .trim(),
         ),
         (None, _) => None,
@@ -106,7 +94,7 @@ pub fn request_authority(version: Version, uri: &Uri, headers: &HeaderMap) -> Re
     let target = uri.authority().map(|a| a.as_str());
     let (primary, secondary) = if version == Version::HTTP_2 { (target, host_header) } else { (host_header, target) };
     let Some(primary_raw) = primary.or(secondary) else {
-        return Err(Refusal::new(reason::INVALID_HOST, "The request names no host (no Host header or :authority)."));
+        return Err(Refusal::new(Reason::InvalidHost, "The request names no host (no Host header or :authority)."));
     };
     let authority = parse_authority(primary_raw)?;
     // Both places carry a host: they must name the same one (and the same port, if both do).
@@ -115,7 +103,7 @@ pub fn request_authority(version: Version, uri: &Uri, headers: &HeaderMap) -> Re
         let ports_differ = matches!((other.port, authority.port), (Some(a), Some(b)) if a != b);
         if other.host != authority.host || ports_differ {
             return Err(Refusal::new(
-                reason::DOMAIN_FRONTING,
+                Reason::DomainFronting,
                 format!("The request names two hosts: {primary_raw:?} and {other_raw:?}."),
             ));
         }
@@ -134,7 +122,7 @@ pub fn check_consistent(
     if let Some(sni) = sni {
         if *sni != authority.host {
             return Err(Refusal::new(
-                reason::DOMAIN_FRONTING,
+                Reason::DomainFronting,
                 format!(
                     "The request is for {} but its TLS connection was opened for {sni}; \
                      open a connection to {} instead.",
@@ -146,7 +134,7 @@ pub fn check_consistent(
     if let Some(dialed) = dialed_name {
         if *dialed != authority.host {
             return Err(Refusal::new(
-                reason::DOMAIN_FRONTING,
+                Reason::DomainFronting,
                 format!(
                     "The request is for {} but the connection was made to the address of {dialed}; \
                      resolve {} and connect to its address.",
@@ -158,7 +146,7 @@ pub fn check_consistent(
     if let Some(port) = authority.port {
         if port != dialed_port {
             return Err(Refusal::new(
-                reason::DOMAIN_FRONTING,
+                Reason::DomainFronting,
                 format!("The request names port {port} but the connection was made to port {dialed_port}."),
             ));
         }
@@ -171,11 +159,11 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
     let cl = headers.get_all(CONTENT_LENGTH).iter().count();
     let te: Vec<_> = headers.get_all(TRANSFER_ENCODING).iter().collect();
     if cl > 1 {
-        return Err(Refusal::new(reason::REQUEST_SMUGGLING, "The request has more than one Content-Length header."));
+        return Err(Refusal::new(Reason::RequestSmuggling, "The request has more than one Content-Length header."));
     }
     if cl == 1 && !te.is_empty() {
         return Err(Refusal::new(
-            reason::REQUEST_SMUGGLING,
+            Reason::RequestSmuggling,
             "The request has both Content-Length and Transfer-Encoding; send one of them.",
         ));
     }
@@ -183,14 +171,14 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), Refusal> {
         let ok =
             v.to_str().ok().is_some_and(|s| !s.is_empty() && s.len() <= 19 && s.bytes().all(|b| b.is_ascii_digit()));
         if !ok {
-            return Err(Refusal::new(reason::REQUEST_SMUGGLING, "Content-Length must be a single decimal number."));
+            return Err(Refusal::new(Reason::RequestSmuggling, "Content-Length must be a single decimal number."));
         }
     }
     match te.as_slice() {
         [] => Ok(()),
         [one] if one.to_str().is_ok_and(|s| s.trim().eq_ignore_ascii_case("chunked")) => Ok(()),
         _ => Err(Refusal::new(
-            reason::REQUEST_SMUGGLING,
+            Reason::RequestSmuggling,
             "Transfer-Encoding must be exactly one \"chunked\" (no lists, no other codings).",
         )),
     }
@@ -243,27 +231,27 @@ mod tests {
             ["127.0.0.1", "[::1]", "[::1]:443", "10.0.0.1:80", "0x7f.1", "a b", "x:0", "x:65536", "x:+1", "u@x", ""]
         {
             let r = request_authority(Version::HTTP_11, &origin(), &headers(&[("host", bad)]));
-            assert!(matches!(&r, Err(Refusal { reason: reason::INVALID_HOST, .. })), "{bad:?}: {r:?}");
+            assert!(matches!(&r, Err(Refusal { reason: Reason::InvalidHost, .. })), "{bad:?}: {r:?}");
         }
     }
 
     #[test]
     fn missing_host_is_refused() {
         let r = request_authority(Version::HTTP_11, &origin(), &HeaderMap::new());
-        assert_eq!(r.unwrap_err().reason, reason::INVALID_HOST);
+        assert_eq!(r.unwrap_err().reason, Reason::InvalidHost);
     }
 
     #[test]
     fn two_host_headers_are_fronting() {
         let r = request_authority(Version::HTTP_11, &origin(), &headers(&[("host", "a.test"), ("host", "a.test")]));
-        assert_eq!(r.unwrap_err().reason, reason::DOMAIN_FRONTING);
+        assert_eq!(r.unwrap_err().reason, Reason::DomainFronting);
     }
 
     #[test]
     fn absolute_form_must_agree_with_host() {
         let uri: Uri = "https://evil.test/x".parse().unwrap();
         let r = request_authority(Version::HTTP_11, &uri, &headers(&[("host", "good.test")]));
-        assert_eq!(r.unwrap_err().reason, reason::DOMAIN_FRONTING);
+        assert_eq!(r.unwrap_err().reason, Reason::DomainFronting);
         let uri: Uri = "https://GOOD.test./x".parse().unwrap();
         let a = request_authority(Version::HTTP_11, &uri, &headers(&[("host", "good.test")])).unwrap();
         assert_eq!(a.host, name("good.test"));
@@ -275,7 +263,7 @@ mod tests {
         let a = request_authority(Version::HTTP_2, &uri, &HeaderMap::new()).unwrap();
         assert_eq!(a.host, name("good.test"));
         let r = request_authority(Version::HTTP_2, &uri, &headers(&[("host", "evil.test")]));
-        assert_eq!(r.unwrap_err().reason, reason::DOMAIN_FRONTING);
+        assert_eq!(r.unwrap_err().reason, Reason::DomainFronting);
         // :authority absent, Host present: Host is used.
         let a = request_authority(Version::HTTP_2, &origin(), &headers(&[("host", "good.test")])).unwrap();
         assert_eq!(a.host, name("good.test"));
@@ -286,11 +274,11 @@ mod tests {
         let a = Authority { host: name("evil.test"), port: None };
         assert_eq!(
             check_consistent(&a, Some(&name("good.test")), None, 443).unwrap_err().reason,
-            reason::DOMAIN_FRONTING
+            Reason::DomainFronting
         );
         assert_eq!(
             check_consistent(&a, None, Some(&name("good.test")), 80).unwrap_err().reason,
-            reason::DOMAIN_FRONTING
+            Reason::DomainFronting
         );
         // *.example.com style confusion: a suffix is not the same name.
         let a = Authority { host: name("evilexample.com"), port: None };
@@ -317,7 +305,7 @@ mod tests {
         ];
         for case in cases {
             let r = check_framing(&headers(case));
-            assert_eq!(r.map_err(|e| e.reason), Err(reason::REQUEST_SMUGGLING), "{case:?}");
+            assert_eq!(r.map_err(|e| e.reason), Err(Reason::RequestSmuggling), "{case:?}");
         }
     }
 

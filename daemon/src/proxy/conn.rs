@@ -9,10 +9,11 @@
 //!    address that maps to no name (stale, guessed) is refused.
 //! 5. The first bytes decide TLS / HTTP / other ([`super::sniff`]).
 
-use super::checks::{reason, Refusal};
+use super::checks::Refusal;
 use super::prefixed::Prefixed;
 use super::sniff::{sniff, Sniff, MAX_SNIFF};
 use super::{http, inc, raw, Proxy};
+use crate::decide::Reason;
 use crate::dns::pool::canonical;
 use crate::domain::DomainName;
 use crate::kernel::OrigDst;
@@ -79,7 +80,7 @@ pub(super) async fn handle(proxy: Arc<Proxy>, mut stream: TcpStream, peer: Socke
                     "{} is a synthetic address that belongs to no name now; resolve the name again.",
                     dialed.ip()
                 );
-                raw::refuse(&proxy, &info, Refusal { reason: reason::UNKNOWN_SYNTHETIC, detail }).await;
+                raw::refuse(&proxy, &info, Refusal { reason: Reason::UnknownSyntheticAddress, detail }).await;
                 return;
             }
         }
@@ -102,11 +103,11 @@ pub(super) async fn handle(proxy: Arc<Proxy>, mut stream: TcpStream, peer: Socke
             }
             Ok(None) => {
                 let detail = "The TLS ClientHello names no server (no SNI); connect by host name.".to_string();
-                raw::refuse(&proxy, &info, Refusal { reason: reason::BAD_SERVER_NAME, detail }).await;
+                raw::refuse(&proxy, &info, Refusal { reason: Reason::BadServerName, detail }).await;
             }
             Err(e) => {
                 let detail = format!("TLS server name refused: {e}");
-                raw::refuse(&proxy, &info, Refusal { reason: reason::BAD_SERVER_NAME, detail }).await;
+                raw::refuse(&proxy, &info, Refusal { reason: Reason::BadServerName, detail }).await;
             }
         },
         Sniff::Http(_) => http::serve(proxy, Arc::new(info), stream, false).await,
@@ -119,7 +120,7 @@ pub(super) async fn handle(proxy: Arc<Proxy>, mut stream: TcpStream, peer: Socke
 fn loop_refusal(proxy: &Proxy, orig: &OrigDst, dialed: SocketAddr) -> Option<Refusal> {
     let own = dialed.ip().is_loopback() || dialed.ip().is_unspecified();
     (own && proxy.own_ports.contains(&dialed.port())).then(|| Refusal {
-        reason: reason::PROXY_LOOP,
+        reason: Reason::ProxyLoop,
         detail: format!("{} (pid {}) dialed the proxy's own address {dialed}.", orig.dst, orig.pid),
     })
 }

@@ -17,7 +17,8 @@
 //! After `CONNECT`, an `Upgrade`, or anything it cannot follow, the tracker stops; any later
 //! request finds no verdict and is refused (fail closed).
 
-use super::checks::{reason, Refusal};
+use super::checks::Refusal;
+use crate::decide::Reason;
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
@@ -195,7 +196,7 @@ enum Body {
 
 /// The verdict on one request head (ending in CRLF CRLF) and how its body is framed.
 fn judge(head: &[u8]) -> (Result<(), Refusal>, Body) {
-    let smuggling = |detail: &str| Refusal { reason: reason::REQUEST_SMUGGLING, detail: detail.to_string() };
+    let smuggling = |detail: &str| Refusal { reason: Reason::RequestSmuggling, detail: detail.to_string() };
     let text = String::from_utf8_lossy(head);
     let mut lines = text.split("\r\n");
     let request_line = lines.next().unwrap_or("");
@@ -287,7 +288,7 @@ delegate_async_write!(Watched);
 mod tests {
     use super::*;
 
-    fn verdicts_of(stream: &[u8], split: usize) -> Vec<Result<(), &'static str>> {
+    fn verdicts_of(stream: &[u8], split: usize) -> Vec<Result<(), Reason>> {
         let v = Verdicts::default();
         let mut t = Tracker::new(64 * 1024, v.clone());
         for chunk in stream.chunks(split.max(1)) {
@@ -296,7 +297,7 @@ mod tests {
         std::iter::from_fn(|| v.next()).map(|r| r.map_err(|e| e.reason)).collect()
     }
 
-    fn every_split(stream: &[u8]) -> Vec<Result<(), &'static str>> {
+    fn every_split(stream: &[u8]) -> Vec<Result<(), Reason>> {
         let first = verdicts_of(stream, stream.len());
         for split in 1..stream.len().min(64) {
             assert_eq!(verdicts_of(stream, split), first, "split {split}");
@@ -319,7 +320,7 @@ mod tests {
         let s = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n\
                   0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n";
         let v = every_split(s);
-        assert_eq!(v.first(), Some(&Err(reason::REQUEST_SMUGGLING)));
+        assert_eq!(v.first(), Some(&Err(Reason::RequestSmuggling)));
     }
 
     #[test]
@@ -333,7 +334,7 @@ mod tests {
             b"POST / HTTP/1.1\r\ncontent-LENGTH: 1\r\nTRANSFER-encoding: chunked\r\n\r\n0\r\n\r\n",
         ];
         for c in cases {
-            assert_eq!(every_split(c).first(), Some(&Err(reason::REQUEST_SMUGGLING)), "{}", String::from_utf8_lossy(c));
+            assert_eq!(every_split(c).first(), Some(&Err(Reason::RequestSmuggling)), "{}", String::from_utf8_lossy(c));
         }
     }
 

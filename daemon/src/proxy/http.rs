@@ -21,10 +21,11 @@
 //! Bodies stream both ways as hyper frames; the only buffering is the bounded prefix a metered
 //! route needs for its estimate ([`crate::policy::meter::MAX_REQUEST_SCAN`]).
 
-use super::checks::{self, reason, Refusal};
+use super::checks::{self, Refusal};
 use super::conn::ConnInfo;
 use super::upstream::{BoxError, ProxyBody};
 use super::{h1watch, inc, Proxy};
+use crate::decide::Reason;
 use crate::decide::{self, Decision};
 use crate::domain::DomainName;
 use crate::policy::{self, meter, Cost};
@@ -88,7 +89,7 @@ where
     if let Err(e) = result {
         if e.is_parse() || e.is_parse_too_large() {
             // hyper already answered 400 and closed; make the refusal part of the record.
-            let refusal = Refusal { reason: reason::MALFORMED_REQUEST, detail: format!("HTTP request refused: {e}") };
+            let refusal = Refusal { reason: Reason::MalformedRequest, detail: format!("HTTP request refused: {e}") };
             let _ = record_refusal(&proxy, &info, info.conn_name(), "web:send", None, None, &refusal).await;
             inc(&proxy.stats.blocked);
         } else {
@@ -118,14 +119,14 @@ async fn handle(
             Some(Ok(())) => None,
             Some(Err(r)) => Some(r),
             None => Some(Refusal {
-                reason: reason::MALFORMED_REQUEST,
+                reason: Reason::MalformedRequest,
                 detail: "The request's framing could not be verified (after a tunnel or unparseable body framing)."
                     .into(),
             }),
         };
         if let Some(r) = refusal {
             let target = authority.as_ref().ok().map(|a| &a.host).or(info.conn_name());
-            let close = r.reason == reason::REQUEST_SMUGGLING || r.reason == reason::MALFORMED_REQUEST;
+            let close = r.reason == Reason::RequestSmuggling || r.reason == Reason::MalformedRequest;
             let mut resp = refuse(&proxy, &info, target, default_action, &method, &path, r).await;
             if close {
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -165,7 +166,7 @@ async fn handle(
     let upgrade = checks::is_upgrade(req.version(), req.headers());
     if upgrade && route.route_id.is_none() {
         let r = Refusal {
-            reason: reason::UPGRADE_DENIED,
+            reason: Reason::UpgradeDenied,
             detail: format!(
                 "Switching protocols ({}) on {host}{path} needs a host policy route for this path.",
                 req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or("?")
@@ -184,7 +185,7 @@ async fn handle(
             }
         },
     };
-    let verdict = host_verdict(policy.host_check(&host, cost));
+    let verdict = policy.host_check(&host, cost);
     let input = EnforceInput {
         passport_id: info.passport_id.clone(),
         action: route.action.to_string(),
@@ -223,26 +224,37 @@ async fn decide_or_answer(
         Decision::Allow => Ok(outcome.attestation_id),
         Decision::Block => {
             inc(&proxy.stats.blocked);
-            Err(decision_response(&outcome.json, outcome.attestation_id))
+            Err(decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id))
         }
         Decision::RequestHold => {
             inc(&proxy.stats.held);
-            let Some(hold_id) = outcome.hold_id else {
-                return Err(decision_response(&outcome.json, outcome.attestation_id));
+            let Some(hold_id) = outcome.hold_id().map(str::to_string) else {
+                return Err(decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id));
             };
             tracing::info!(%hold_id, %host, %path, "request held for approval");
             let held = proxy.service.wait_hold(&hold_id).await;
-            let id = held.json.get("attestation_id").and_then(Value::as_u64).unwrap_or(outcome.attestation_id);
-            if held.decision != Decision::Allow {
-                inc(&proxy.stats.blocked);
-                let mut body = held.json.clone();
-                if let Value::Object(m) = &mut body {
-                    m.entry("decision").or_insert_with(|| "block".into());
-                    m.entry("approval_request_id").or_insert_with(|| hold_id.clone().into());
+            match (held.decision(), held.attestation_id()) {
+                // Forwarded on the approval's own record, which a settlement links to.
+                (Decision::Allow, Some(id)) => Ok(id),
+                (Decision::Allow, None) => {
+                    // Approved, but the resolution's record cannot be named: nothing leaves.
+                    inc(&proxy.stats.blocked);
+                    tracing::error!(%hold_id, "approved hold has no resolution record to cite; refusing");
+                    let e = ServiceError::ResolutionNotFound(hold_id.clone());
+                    Err(service_failure(&e))
                 }
-                return Err(decision_response(&body, id));
+                (_, resolution) => {
+                    inc(&proxy.stats.blocked);
+                    let mut body = held.to_json();
+                    if let Value::Object(m) = &mut body {
+                        m.entry("decision").or_insert_with(|| "block".into());
+                        m.entry("approval_request_id").or_insert_with(|| hold_id.clone().into());
+                    }
+                    // No resolution record yet (the daemon is stopping): the hold's decision is
+                    // the last record of this request.
+                    Err(decision_response(&body, &held.reason(), resolution.unwrap_or(outcome.attestation_id)))
+                }
             }
-            Ok(id)
         }
     }
 }
@@ -262,10 +274,6 @@ fn default_action(method: &Method) -> &'static str {
     }
 }
 
-fn host_verdict(v: policy::HostVerdict) -> decide::HostVerdict {
-    v.into()
-}
-
 /// Records a proxy refusal as a decision (host-policy denial with the refusal's reason) and
 /// answers it.
 async fn refuse(
@@ -278,11 +286,11 @@ async fn refuse(
     refusal: Refusal,
 ) -> Response<ProxyBody> {
     inc(&proxy.stats.blocked);
-    tracing::info!(client = %info.client, pid = info.pid, cgroup_id = info.cgroup_id, reason = refusal.reason, detail = %refusal.detail, "request refused");
-    let close = refusal.reason == reason::REQUEST_SMUGGLING;
+    tracing::info!(client = %info.client, pid = info.pid, cgroup_id = info.cgroup_id, reason = %refusal.reason, detail = %refusal.detail, "request refused");
+    let close = refusal.reason == Reason::RequestSmuggling;
     match record_refusal(proxy, info, target, action, Some(method.as_str()), Some(path), &refusal).await {
         Ok(outcome) => {
-            let mut resp = decision_response(&outcome.json, outcome.attestation_id);
+            let mut resp = decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id);
             if close {
                 // The body's framing is in doubt: nothing more is read from this connection.
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -311,7 +319,7 @@ pub(super) async fn record_refusal(
         method: method.map(str::to_string),
         path: path.map(str::to_string),
     };
-    let verdict = decide::HostVerdict::Deny { reason: refusal.reason.to_string(), detail: refusal.detail.clone() };
+    let verdict = decide::HostVerdict::Deny { reason: refusal.reason.clone(), detail: refusal.detail.clone() };
     let outcome = proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await?;
     if outcome.decision != Decision::Block {
         // A host denial always blocks; anything else is a bug we must not forward through.
@@ -321,10 +329,9 @@ pub(super) async fn record_refusal(
 }
 
 /// `403` with the decision JSON and the `Sluice-Decision` header.
-pub(super) fn decision_response(json: &Value, attestation_id: u64) -> Response<ProxyBody> {
-    let reason = json.get("reason").and_then(Value::as_str).unwrap_or("blocked");
+pub(super) fn decision_response(json: &Value, reason: &Reason, attestation_id: u64) -> Response<ProxyBody> {
     let mut resp = simple(StatusCode::FORBIDDEN, json.clone());
-    let value = format!("block; reason={}; attestation={attestation_id}", token(reason));
+    let value = format!("block; reason={}; attestation={attestation_id}", token(reason.as_str()));
     if let Ok(v) = HeaderValue::from_str(&value) {
         resp.headers_mut().insert(HeaderName::from_static(DECISION_HEADER), v);
     }
@@ -340,11 +347,8 @@ fn token(s: &str) -> String {
 /// The store failed: nothing was decided, nothing is forwarded.
 fn service_failure(e: &ServiceError) -> Response<ProxyBody> {
     tracing::error!(error = %e, "decision failed; refusing the request");
-    let status = match e {
-        ServiceError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::FORBIDDEN,
-    };
-    simple(status, json!({"decision": "block", "reason": "decision_failed", "detail": e.to_string()}))
+    let status = if e.is_unavailable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::FORBIDDEN };
+    simple(status, json!({"decision": "block", "reason": Reason::DecisionFailed, "detail": e.to_string()}))
 }
 
 pub(super) fn simple(status: StatusCode, body: Value) -> Response<ProxyBody> {
@@ -467,7 +471,7 @@ async fn connect(
     let rule = port.and_then(|p| policy.raw_tcp(Some(host), p));
     let (Some(rule), Some(port)) = (rule, port) else {
         let r = Refusal {
-            reason: reason::CONNECT_DENIED,
+            reason: Reason::ConnectDenied,
             detail: format!(
                 "CONNECT {path} would open a tunnel the proxy cannot inspect, and no [[raw_tcp]] host policy \
                  allows it. Send the HTTP requests themselves."
@@ -484,7 +488,7 @@ async fn connect(
         method: Some(method.to_string()),
         path: Some(path.to_string()),
     };
-    let verdict = host_verdict(policy.host_check(host, rule.cost_millicents));
+    let verdict = policy.host_check(host, rule.cost_millicents);
     let attestation = match decide_or_answer(proxy, input, verdict, host, path).await {
         Ok(a) => a,
         Err(answer) => return answer,
@@ -731,10 +735,10 @@ mod tests {
 
     #[test]
     fn decision_header_is_one_token() {
-        let r = decision_response(&json!({"reason": "domain_not_allowed"}), 7);
+        let r = decision_response(&json!({"reason": "domain_not_allowed"}), &Reason::DomainNotAllowed, 7);
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=domain_not_allowed; attestation=7");
-        let r = decision_response(&json!({"reason": "x; evil=1\r\n"}), 1);
+        let r = decision_response(&json!({"reason": "x; evil=1\r\n"}), &Reason::parse("x; evil=1\r\n"), 1);
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=x__evil_1__; attestation=1");
     }
 }

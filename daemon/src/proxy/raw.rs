@@ -8,13 +8,13 @@
 //! the action and cost are decided like any request, and an allowed connection is spliced to the
 //! address the daemon resolves for the name, never to the address the agent dialed.
 
-use super::checks::{reason, Refusal};
+use super::checks::Refusal;
 use super::conn::ConnInfo;
 use super::http::record_refusal;
 use super::prefixed::Prefixed;
 use super::{inc, upstream, Proxy};
-use crate::decide::{self, Decision};
-use crate::policy::HostVerdict;
+use crate::decide::Decision;
+use crate::decide::Reason;
 use crate::service::{EnforceInput, HoldOrigin};
 use std::sync::Arc;
 use tokio::net::TcpStream;
@@ -25,7 +25,7 @@ pub const RAW_ACTION: &str = "tcp:connect";
 /// Records a refusal of the whole connection (nothing can be answered in-band), then closes it.
 pub(super) async fn refuse(proxy: &Proxy, info: &ConnInfo, refusal: Refusal) {
     inc(&proxy.stats.blocked);
-    tracing::info!(client = %info.client, pid = info.pid, cgroup_id = info.cgroup_id, dialed = %info.dialed, reason = refusal.reason, detail = %refusal.detail, "connection refused");
+    tracing::info!(client = %info.client, pid = info.pid, cgroup_id = info.cgroup_id, dialed = %info.dialed, reason = %refusal.reason, detail = %refusal.detail, "connection refused");
     if let Err(e) = record_refusal(proxy, info, info.conn_name(), RAW_ACTION, None, None, &refusal).await {
         tracing::error!(error = %e, "could not record a connection refusal");
     }
@@ -41,15 +41,12 @@ pub(super) async fn handle(proxy: Arc<Proxy>, info: ConnInfo, mut agent: Prefixe
             None => info.dialed.to_string(),
         };
         let detail = format!("The connection to {what} is not HTTP or TLS, and no [[raw_tcp]] host policy allows it.");
-        refuse(&proxy, &info, Refusal { reason: reason::RAW_TCP_DENIED, detail }).await;
+        refuse(&proxy, &info, Refusal { reason: Reason::RawTcpDenied, detail }).await;
         return;
     };
     // A rule matched, so there is a name.
     let Some(name) = info.dialed_name.clone() else { return };
-    let verdict = match policy.host_check(&name, rule.cost_millicents) {
-        HostVerdict::Allow => decide::HostVerdict::Allow,
-        HostVerdict::Deny { reason, detail } => decide::HostVerdict::Deny { reason, detail },
-    };
+    let verdict = policy.host_check(&name, rule.cost_millicents);
     let input = EnforceInput {
         passport_id: info.passport_id.clone(),
         action: rule.action.to_string(),
@@ -69,10 +66,10 @@ pub(super) async fn handle(proxy: Arc<Proxy>, info: ConnInfo, mut agent: Prefixe
     let allowed = match outcome.decision {
         Decision::Allow => true,
         Decision::Block => false,
-        Decision::RequestHold => match &outcome.hold_id {
+        Decision::RequestHold => match outcome.hold_id() {
             Some(id) => {
                 inc(&proxy.stats.held);
-                proxy.service.wait_hold(id).await.decision == Decision::Allow
+                proxy.service.wait_hold(id).await.decision() == Decision::Allow
             }
             None => false,
         },

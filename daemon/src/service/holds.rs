@@ -5,13 +5,13 @@
 //! (linked to the hold's record, naming the approver) and, for an approval, re-checks every limit
 //! and moves the counters. Waiters (the proxy) are woken after the resolution is durable.
 
-use super::records::{self, Built};
+use super::records::{self, Built, DecisionOutcome};
 use super::{now, Service, ServiceError};
-use crate::api::peer::Peer;
-use crate::decide::{self, ActionRequest, Decision, EvalOptions, HostVerdict, Usage};
+use crate::decide::{self, ActionRequest, Decision, EvalOptions, HostVerdict, Reason, Usage};
 use crate::domain::DomainName;
 use crate::ledger::{Draft, Txn, TxnError};
 use crate::passport::Claims;
+use crate::service::Peer;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -96,12 +96,64 @@ pub struct Hold {
     pub resolution: Option<Value>,
 }
 
-/// How a hold ended, for whoever waited on it.
+/// How a hold ended, for whoever waited on it (JSON at the edge: [`HoldOutcome::to_json`]).
 #[derive(Debug, Clone)]
-pub struct HoldOutcome {
-    pub decision: Decision,
-    pub reason: String,
-    pub json: Value,
+pub enum HoldOutcome {
+    /// Resolved just now: the resolution's decision, recorded at `outcome.attestation_id`.
+    Resolved { outcome: DecisionOutcome, hold_id: String, hold_status: HoldStatus },
+    /// Found already resolved when the waiter looked (a race with the resolver): what the
+    /// stored hold says. `attestation_id` is its resolution record, found on the passport's
+    /// chain; `None` if it cannot be found, and then nothing may be forwarded on it.
+    Found { decision: Decision, reason: Reason, hold_id: String, hold_status: HoldStatus, attestation_id: Option<u64> },
+    /// The daemon stopped while the request was held: no resolution was recorded yet (the next
+    /// start records it as `hold_abandoned`).
+    Abandoned,
+}
+
+impl HoldOutcome {
+    pub fn decision(&self) -> Decision {
+        match self {
+            HoldOutcome::Resolved { outcome, .. } => outcome.decision,
+            HoldOutcome::Found { decision, .. } => *decision,
+            HoldOutcome::Abandoned => Decision::Block,
+        }
+    }
+
+    pub fn reason(&self) -> Reason {
+        match self {
+            HoldOutcome::Resolved { outcome, .. } => outcome.reason.clone(),
+            HoldOutcome::Found { reason, .. } => reason.clone(),
+            HoldOutcome::Abandoned => Reason::HoldAbandoned,
+        }
+    }
+
+    /// The record of the resolution, when there is one.
+    pub fn attestation_id(&self) -> Option<u64> {
+        match self {
+            HoldOutcome::Resolved { outcome, .. } => Some(outcome.attestation_id),
+            HoldOutcome::Found { attestation_id, .. } => *attestation_id,
+            HoldOutcome::Abandoned => None,
+        }
+    }
+
+    /// The API's answer to approve/deny and the body of a proxied request's `403`.
+    pub fn to_json(&self) -> Value {
+        match self {
+            HoldOutcome::Resolved { outcome, hold_id, hold_status } => {
+                let mut json = outcome.to_json();
+                json["hold_id"] = hold_id.clone().into();
+                json["hold_status"] = serde_json::to_value(hold_status).unwrap_or(Value::Null);
+                json
+            }
+            HoldOutcome::Found { decision, reason, hold_id, hold_status, .. } => {
+                json!({"decision": decision.as_str(), "reason": reason, "hold_id": hold_id, "hold_status": hold_status})
+            }
+            HoldOutcome::Abandoned => json!({
+                "decision": "block", "reason": Reason::HoldAbandoned,
+                "detail": "The daemon stopped while the request was held.",
+            }),
+        }
+    }
 }
 
 enum Resolution {
@@ -196,11 +248,9 @@ impl Service {
     }
 
     fn load_hold(&self, id: &str) -> Result<Hold, ServiceError> {
-        let bytes = self
-            .ledger
-            .state_get(&format!("hold/{id}"))?
-            .ok_or_else(|| ServiceError::NotFound(format!("no hold {id:?}; list them with `sluice holds`")))?;
-        Hold::from_bytes(&bytes).map_err(ServiceError::Store)
+        let bytes =
+            self.ledger.state_get(&format!("hold/{id}"))?.ok_or_else(|| ServiceError::HoldNotFound(id.to_string()))?;
+        Hold::from_bytes(&bytes).map_err(ServiceError::HoldUnreadable)
     }
 
     /// Approves or denies a pending hold on behalf of `peer`.
@@ -210,13 +260,12 @@ impl Service {
         approve: bool,
         peer: &Peer,
         note: Option<String>,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<HoldOutcome, ServiceError> {
         if note.as_ref().is_some_and(|n| n.len() > 1024) {
-            return Err(ServiceError::Invalid("note is longer than 1024 characters".into()));
+            return Err(ServiceError::Invalid { field: "note", problem: "note is longer than 1024 characters".into() });
         }
         let how = if approve { Resolution::Approve(peer.clone(), note) } else { Resolution::Deny(peer.clone(), note) };
-        let outcome = self.resolve(id, how).await?;
-        Ok(outcome.json)
+        self.resolve(id, how).await
     }
 
     /// Waits until the hold is resolved (by a human, or by its timeout).
@@ -231,14 +280,10 @@ impl Service {
                 if let Ok(mut w) = self.waiters.lock() {
                     w.remove(id);
                 }
-                return outcome_of_resolved(&h);
+                return self.outcome_of_resolved(&h);
             }
         }
-        rx.await.unwrap_or_else(|_| HoldOutcome {
-            decision: Decision::Block,
-            reason: "hold_abandoned".into(),
-            json: json!({"decision": "block", "reason": "hold_abandoned", "detail": "The daemon stopped while the request was held."}),
-        })
+        rx.await.unwrap_or(HoldOutcome::Abandoned)
     }
 
     pub(super) fn schedule_hold_timeout(&self, id: String, expires_at: DateTime<Utc>) {
@@ -247,7 +292,7 @@ impl Service {
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
             match service.resolve(&id, Resolution::Timeout).await {
-                Ok(_) | Err(ServiceError::Conflict(_)) => {}
+                Ok(_) | Err(ServiceError::HoldAlreadyResolved { .. }) => {}
                 Err(e) => tracing::error!(hold_id = %id, error = %e, "could not time out a hold"),
             }
         });
@@ -284,10 +329,7 @@ impl Service {
                     None => return Err(TxnError::abort(format!("hold {key} vanished"))),
                 };
                 if hold.status != HoldStatus::Pending {
-                    return Err(TxnError::abort(super::Conflict(format!(
-                        "hold {} is already {:?}",
-                        hold.id, hold.status
-                    ))));
+                    return Err(ServiceError::HoldAlreadyResolved { id: hold.id, status: hold.status }.abort());
                 }
                 let Some(cp) = cp else {
                     return Err(TxnError::abort(format!(
@@ -314,17 +356,17 @@ impl Service {
                             "A human denied this request ({}).",
                             peer.user.as_deref().unwrap_or("unknown user")
                         );
-                        (block(claims, "hold_denied", detail, at), HoldStatus::Denied, peer.to_json(), note)
+                        (block(claims, Reason::HoldDenied, detail, at), HoldStatus::Denied, peer.to_json(), note)
                     }
                     Resolution::Timeout => {
                         let detail = "Nobody approved this request before its hold expired.".to_string();
-                        (block(claims, "hold_timeout", detail, at), HoldStatus::TimedOut, json!("timeout"), None)
+                        (block(claims, Reason::HoldTimeout, detail, at), HoldStatus::TimedOut, json!("timeout"), None)
                     }
                     Resolution::Abandon => {
                         let detail =
                             "The daemon restarted while this request was held; the request is gone.".to_string();
                         (
-                            block(claims, "hold_abandoned", detail, at),
+                            block(claims, Reason::HoldAbandoned, detail, at),
                             HoldStatus::Abandoned,
                             json!("daemon_restart"),
                             None,
@@ -349,13 +391,11 @@ impl Service {
             })
             .await?;
         let (built, hold) = outcome;
-        let index = appended.first().map(|a| a.index).unwrap_or_default();
-        let mut json = built.response(index);
-        json["hold_id"] = hold.id.clone().into();
-        json["hold_status"] = serde_json::to_value(hold.status).unwrap_or(Value::Null);
-        let outcome = HoldOutcome { decision: built.decision, reason: built.reason.clone(), json };
+        let index = super::appended_index(&appended, "hold resolution")?;
+        let outcome =
+            HoldOutcome::Resolved { outcome: built.outcome(index), hold_id: hold.id.clone(), hold_status: hold.status };
         // A resolution is the held request's final decision: counted and logged as one.
-        crate::metrics::global().decision(built.decision.as_str(), &built.reason);
+        crate::metrics::global().decision(built.decision.as_str(), built.reason.as_str());
         tracing::info!(
             hold_id = %hold.id, passport_id = %hold.passport_id, status = ?hold.status,
             decision = %built.decision.as_str(), reason = %built.reason, attestation_id = index, "hold resolved"
@@ -368,13 +408,13 @@ impl Service {
     }
 }
 
-fn block(claims: &Claims, reason: &str, detail: String, at: DateTime<Utc>) -> Built {
+fn block(claims: &Claims, reason: Reason, detail: String, at: DateTime<Utc>) -> Built {
     Built {
         passport_id: claims.id.to_string(),
         decision: Decision::Block,
-        reason: reason.into(),
+        guardrails: records::failed("approval", &reason),
+        reason,
         detail,
-        guardrails: json!([{"name": "approval", "passed": false, "detail": reason}]),
         all_passed: false,
         timestamp: at,
         spend: None,
@@ -408,31 +448,131 @@ fn approve_in_txn(
         decide::evaluate(cp, &usage, request, &HostVerdict::Allow, at, EvalOptions { skip_approval: true, host_rules });
     let mut built = Built::from_eval(&eval, claims, at);
     if eval.decision == Decision::Allow {
-        built.reason = "hold_approved".into();
+        built.reason = Reason::HoldApproved;
         txn.put(&usage_key, &eval.usage_after.to_bytes())?;
     }
     Ok(built)
 }
 
-fn outcome_of_resolved(h: &Hold) -> HoldOutcome {
-    let reason = h
-        .resolution
-        .as_ref()
-        .and_then(|r| r.get("reason"))
-        .and_then(Value::as_str)
-        .unwrap_or("hold_resolved")
-        .to_string();
-    let decision = if h.status == HoldStatus::Approved { Decision::Allow } else { Decision::Block };
-    HoldOutcome {
-        decision,
-        json: json!({"decision": decision.as_str(), "reason": reason, "hold_id": h.id, "hold_status": h.status}),
-        reason,
+impl Service {
+    /// A hold found resolved: its decision and reason from the stored hold, and its resolution
+    /// record from the passport's chain (newest first, back to the hold's own decision).
+    fn outcome_of_resolved(&self, h: &Hold) -> HoldOutcome {
+        let reason = h
+            .resolution
+            .as_ref()
+            .and_then(|r| r.get("reason"))
+            .and_then(Value::as_str)
+            // A stored string this version does not know is kept as it is (`Reason::parse`).
+            .map_or(Reason::HoldResolved, Reason::parse);
+        let decision = if h.status == HoldStatus::Approved { Decision::Allow } else { Decision::Block };
+        let attestation_id = self.resolution_record(h).unwrap_or_else(|e| {
+            tracing::error!(hold_id = %h.id, error = %e, "cannot find the hold's resolution record");
+            None
+        });
+        HoldOutcome::Found { decision, reason, hold_id: h.id.clone(), hold_status: h.status, attestation_id }
+    }
+
+    fn resolution_record(&self, h: &Hold) -> Result<Option<u64>, ServiceError> {
+        let snap = self.ledger.snapshot()?;
+        for index in snap.chain_indices(&h.passport_id)?.into_iter().rev() {
+            if index <= h.record_index {
+                break;
+            }
+            let Some(bytes) = snap.record(index)? else { continue };
+            let Ok(record) = serde_json::from_slice::<Value>(&bytes) else { continue };
+            if record.get(crate::ledger::record::FIELD_KIND).and_then(Value::as_str)
+                == Some(records::kind::HOLD_RESOLUTION)
+                && record.get(records::field::HOLD_ID).and_then(Value::as_str) == Some(h.id.as_str())
+            {
+                return Ok(Some(index));
+            }
+        }
+        Ok(None)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn root() -> Peer {
+        Peer { uid: 0, gid: 0, pid: 1, user: Some("root".into()) }
+    }
+
+    /// A proxied request held for approval: the fixture and the outcome of its decision.
+    async fn held() -> (super::super::settle::testkit::Fixture, DecisionOutcome) {
+        use crate::passport::Constraints;
+        let constraints = Constraints { approval_required: Some(true), ..Constraints::default() };
+        let f = super::super::settle::testkit::fixture_with(constraints).await;
+        let input = super::super::EnforceInput {
+            passport_id: f.passport.clone(),
+            action: "llm:chat".into(),
+            cost_millicents: Some(1_000),
+            ..Default::default()
+        };
+        let o = f.service.enforce_outcome(input, HoldOrigin::Proxy, HostVerdict::Allow).await.expect("enforce");
+        assert_eq!((o.decision, o.reason.as_str()), (Decision::RequestHold, "approval_required"));
+        (f, o)
+    }
+
+    #[tokio::test]
+    async fn an_approval_cites_its_own_record_typed_and_in_json() {
+        let (f, o) = held().await;
+        let id = o.hold_id().expect("hold id").to_string();
+        let r = f.service.resolve_hold(&id, true, &root(), None).await.expect("approve");
+        assert_eq!((r.decision(), r.reason().as_str()), (Decision::Allow, "hold_approved"));
+        let at = r.attestation_id().expect("resolution record");
+        assert!(at > o.attestation_id, "the resolution, not the hold's decision: {at} vs {}", o.attestation_id);
+        let json = r.to_json();
+        assert_eq!(json["attestation_id"], at);
+        assert_eq!((json["hold_id"].as_str(), json["hold_status"].as_str()), (Some(id.as_str()), Some("approved")));
+        let record: Value =
+            serde_json::from_slice(&f.service.ledger().record(at).expect("read").expect("exists")).expect("json");
+        assert_eq!((record["kind"].as_str(), record["hold_id"].as_str()), (Some("hold_resolution"), Some(id.as_str())));
+    }
+
+    /// A waiter that finds the hold already resolved (it raced the approver) is told the
+    /// resolution's record, found on the chain: never the hold's own `request_hold` record,
+    /// which the proxy used to cite (and settle against) when the JSON had no id.
+    #[tokio::test]
+    async fn a_hold_found_resolved_cites_its_resolution_record() {
+        let (f, o) = held().await;
+        let id = o.hold_id().expect("hold id").to_string();
+        let resolved = f.service.resolve_hold(&id, true, &root(), None).await.expect("approve");
+        // Records after the resolution must not be mistaken for it.
+        f.service.record_host_event("test_event", json!({})).await.expect("host event");
+        let found = f.service.wait_hold(&id).await;
+        assert!(matches!(found, HoldOutcome::Found { .. }), "{found:?}");
+        assert_eq!(found.decision(), Decision::Allow);
+        assert_eq!(found.attestation_id(), resolved.attestation_id());
+        assert_eq!(found.to_json()["reason"], "hold_approved");
+        // A denied hold is found as a block, with its reason.
+        let (f, o) = held().await;
+        let id = o.hold_id().expect("hold id").to_string();
+        f.service.resolve_hold(&id, false, &root(), Some("no".into())).await.expect("deny");
+        let found = f.service.wait_hold(&id).await;
+        assert_eq!((found.decision(), found.reason().as_str()), (Decision::Block, "hold_denied"));
+        assert!(found.attestation_id().is_some_and(|a| a > o.attestation_id));
+    }
+
+    #[test]
+    fn a_stored_resolution_reason_this_version_does_not_know_is_kept() {
+        let r = Reason::parse("some_future_reason");
+        assert_eq!(
+            HoldOutcome::Found {
+                decision: Decision::Block,
+                reason: r.clone(),
+                hold_id: "hold_1".into(),
+                hold_status: HoldStatus::Denied,
+                attestation_id: None,
+            }
+            .to_json()["reason"],
+            "some_future_reason"
+        );
+        assert_eq!(HoldOutcome::Abandoned.attestation_id(), None);
+        assert_eq!(HoldOutcome::Abandoned.to_json()["reason"], "hold_abandoned");
+    }
 
     fn hold_with(request: Value) -> Result<Hold, String> {
         let stored = json!({

@@ -12,76 +12,145 @@
 mod holds;
 #[cfg(test)]
 mod money_tests;
+mod peer;
 mod records;
 mod sandboxes;
 pub(crate) mod settle;
 
 pub use holds::{Hold, HoldOrigin, HoldOutcome, HoldStatus};
+pub use peer::Peer;
+pub use records::{DecisionOutcome, HeldAs};
 pub use sandboxes::{BindTarget, Sandbox, BOUND_CHECK_INTERVAL};
 pub use settle::why as settle_why;
 
-use crate::api::peer::Peer;
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
 use crate::domain::DomainName;
 use crate::ledger::{self, Draft, Ledger, Txn, TxnError};
 use crate::passport::{IssuerId, PassportId, Revocations, Verifier};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
 pub use decide::ResetWindow;
 
-/// Why an operation failed (not a decision: decisions, including blocks, are successes).
+/// Why an operation failed (not a decision: decisions, including blocks, are successes). Each
+/// variant says what failed and carries what an operator needs to act; the API maps variants to
+/// status codes in one place (`api::server`), the proxy answers [`ServiceError::is_unavailable`]
+/// with `503` and anything else with `403`.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    Invalid(String),
+    // What the request names does not exist.
+    #[error("passport {0} is not registered")]
+    PassportNotRegistered(String),
+    #[error("no hold {0:?}; list them with `sluice holds`")]
+    HoldNotFound(String),
+    #[error("attestation {index} does not exist (log size {size})")]
+    AttestationNotFound { index: u64, size: u64 },
+    #[error("record {0} does not exist; nothing to settle")]
+    RecordNotFound(u64),
+    #[error("{} is not bound", .0.display())]
+    NotBound(PathBuf),
+
+    // The request conflicts with the current state.
+    #[error("hold {id} is already {status:?}")]
+    HoldAlreadyResolved { id: String, status: HoldStatus },
+    #[error("the cost of decision {0} is already settled")]
+    AlreadySettled(u64),
+    #[error("{} is already sandbox {sandbox} (passport {passport_id}); a live cgroup is never re-bound", .cgroup.display())]
+    AlreadyBound { cgroup: PathBuf, sandbox: String, passport_id: String },
+    #[error("{} is the `sluice run` sandbox {sandbox}: it ends when its command exits", .cgroup.display())]
+    RunSandbox { cgroup: PathBuf, sandbox: String },
+
+    /// The request is invalid; `field` names the part at fault (`action`, `target`, `cgroup`...).
+    #[error("{problem}")]
+    Invalid { field: &'static str, problem: String },
+    /// This daemon has no agents' cgroup.
+    #[error("this daemon runs in passport-only mode ([sandbox] redirect = false): it cannot sandbox agents")]
+    PassportOnlyMode,
+
+    // The passport is refused.
     #[error("passport rejected: {0}")]
-    Passport(String),
+    Passport(#[from] crate::passport::PassportError),
+    #[error("passport rejected: {0}")]
+    ProofOfPossession(#[from] crate::passport::pop::PopError),
+    #[error("passport rejected: {0}")]
+    Rules(#[from] decide::RuleCompileError),
+    #[error("passport rejected: passport {passport_id} {why}")]
+    PassportUnusable { passport_id: String, why: &'static str },
+
+    // The daemon cannot do it now: nothing was decided or forwarded.
     #[error("the attestation store failed: {0}; nothing was decided or forwarded")]
-    Store(String),
+    Store(ledger::LedgerError),
+    #[error(
+        "the attestation store failed: the {0} record was not appended to the log; nothing was decided or forwarded"
+    )]
+    NotAppended(&'static str),
+    #[error("the attestation store failed: usage of {passport_id}: {problem}; nothing was decided or forwarded")]
+    UsageUnreadable { passport_id: String, problem: String },
+    #[error("the attestation store failed: stored hold is unreadable: {0}; nothing was decided or forwarded")]
+    HoldUnreadable(String),
+    #[error("the attestation store failed: {0}; nothing was decided or forwarded")]
+    Export(#[from] ledger::export::ExportError),
+    #[error("the record of the approval of hold {0} cannot be found in the log; nothing was forwarded")]
+    ResolutionNotFound(String),
+    #[error("the daemon's {0} lock is poisoned (a thread panicked holding it); restart the daemon")]
+    LockPoisoned(&'static str),
+    #[error("cgroup: {0}")]
+    Cgroup(String),
+    #[error("the answer could not be serialised: {0}")]
+    Serialise(#[from] serde_json::Error),
 }
 
-impl From<ledger::LedgerError> for ServiceError {
-    fn from(e: ledger::LedgerError) -> Self {
-        if let ledger::LedgerError::Txn(TxnError::Abort(inner)) = &e {
-            if let Some(c) = inner.downcast_ref::<Conflict>() {
-                return ServiceError::Conflict(c.0.clone());
-            }
-            if let Some(c) = inner.downcast_ref::<Invalid>() {
-                return ServiceError::Invalid(c.0.clone());
-            }
-            if let Some(c) = inner.downcast_ref::<Missing>() {
-                return ServiceError::NotFound(c.0.clone());
-            }
-        }
-        ServiceError::Store(e.to_string())
+impl ServiceError {
+    /// A failure of the daemon, not of the request: answered `503`.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            ServiceError::Store(_)
+                | ServiceError::NotAppended(_)
+                | ServiceError::UsageUnreadable { .. }
+                | ServiceError::HoldUnreadable(_)
+                | ServiceError::Export(_)
+                | ServiceError::LockPoisoned(_)
+                | ServiceError::ResolutionNotFound(_)
+                | ServiceError::Cgroup(_)
+                | ServiceError::Serialise(_)
+        )
+    }
+
+    fn invalid(field: &'static str, problem: impl Into<String>) -> ServiceError {
+        ServiceError::Invalid { field, problem: problem.into() }
+    }
+
+    /// Aborts a ledger transaction with this error; [`From<LedgerError>`] gives it back intact.
+    fn abort(self) -> TxnError {
+        TxnError::abort(Aborted(self))
     }
 }
 
-/// Aborts a transaction because the operation conflicts with the current state (a hold already
-/// resolved, say): answered as `409`, not as a store failure.
+/// A [`ServiceError`] travelling through [`TxnError::Abort`].
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub(crate) struct Conflict(pub String);
+struct Aborted(ServiceError);
 
-/// Aborts a transaction because the request is invalid for the current state: `400`.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct Invalid(pub String);
-
-/// Aborts a transaction because what it refers to does not exist: `404`.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct Missing(pub String);
+impl From<ledger::LedgerError> for ServiceError {
+    /// Unwraps an error that aborted a transaction on purpose; other ledger errors are store
+    /// failures.
+    fn from(e: ledger::LedgerError) -> ServiceError {
+        match e {
+            ledger::LedgerError::Txn(TxnError::Abort(inner)) => match inner.downcast::<Aborted>() {
+                Ok(a) => a.0,
+                Err(inner) => ServiceError::Store(ledger::LedgerError::Txn(TxnError::Abort(inner))),
+            },
+            e => ServiceError::Store(e),
+        }
+    }
+}
 
 /// `POST /v1/enforce`: `{passport_id, action, cost_cents, target}`. The cost is whole cents
 /// (`cost_cents`) or, exactly, millicents (`cost_millicents`, 1/1000 cent); at most one of the two,
@@ -112,7 +181,7 @@ impl EnforceInput {
             (None, Some(m)) => Ok(m),
             (None, None) => Ok(0),
             (Some(_), Some(_)) => {
-                Err(ServiceError::Invalid("give the cost as cost_cents or as cost_millicents, not both".to_string()))
+                Err(ServiceError::invalid("cost", "give the cost as cost_cents or as cost_millicents, not both"))
             }
         }
     }
@@ -136,13 +205,67 @@ impl ServiceConfig {
     }
 }
 
-/// The outcome of one enforced action, as answered to the caller and recorded.
-#[derive(Debug, Clone)]
-pub struct DecisionOutcome {
-    pub json: Value,
-    pub decision: decide::Decision,
-    pub hold_id: Option<String>,
+/// `POST /v1/passports`: the passport now registered (JSON at the edge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Registered {
+    pub passport_id: String,
+    pub agent_id: String,
+    pub issuer: String,
+    /// `exp`, seconds since the epoch.
+    pub expires_at: i64,
+    /// The same passport was registered before: nothing was written.
+    pub already_registered: bool,
+}
+
+/// `POST /v1/passports/{id}/revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Revoked {
+    pub passport_id: String,
+    /// Always true: the API says so in so many words.
+    pub revoked: bool,
+    pub already_revoked: bool,
+    /// The revocation record; `None` when the passport was already revoked (nothing written).
+    pub attestation_id: Option<u64>,
+}
+
+/// `GET /v1/passports/{id}/state`: the counters' view and whether the passport is revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PassportState {
+    #[serde(flatten)]
+    pub view: decide::StateView,
+    pub revoked: bool,
+}
+
+/// `POST /v1/passports/{id}/state/reset`: the counters after the reset, and its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ResetDone {
+    #[serde(flatten)]
+    pub view: decide::StateView,
     pub attestation_id: u64,
+}
+
+macro_rules! json_at_the_edge {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// Its JSON, for the API (see [`to_json`]).
+            pub fn to_json(&self) -> Value {
+                to_json(self)
+            }
+        }
+    )*};
+}
+json_at_the_edge!(Registered, Revoked, PassportState, ResetDone);
+
+/// The JSON of a typed service answer, made at the edge (API, CLI). These types serialise
+/// without fail (strings, integers, bools); `null` would mark a bug, not hide a value.
+pub fn to_json<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// The log index of the one record a transaction appended. A transaction that was given a draft
+/// and reports none appended is a store failure, never index 0 (a real record).
+fn appended_index(appended: &[ledger::Appended], what: &'static str) -> Result<u64, ServiceError> {
+    appended.first().map(|a| a.index).ok_or(ServiceError::NotAppended(what))
 }
 
 pub struct Service {
@@ -259,7 +382,7 @@ impl Service {
             body.extend(extra);
         }
         let ((), appended) = self.transact(move |_txn| Ok(((), vec![Draft::new("host", body)]))).await?;
-        Ok(appended.first().map(|a| a.index).unwrap_or_default())
+        appended_index(&appended, "host event")
     }
 
     pub fn health(&self) -> Value {
@@ -294,7 +417,7 @@ impl Service {
             }
             let Ok(usage) = self.load_usage(&id) else { continue };
             let Ok(view) = decide::state_view(cp, &usage, at) else { continue };
-            spend.push(crate::metrics::Spend {
+            spend.push(crate::metrics::SpendSample {
                 passport_id: id,
                 agent_id: claims.agent_id.clone(),
                 window: view.window,
@@ -333,22 +456,21 @@ impl Service {
         token: &str,
         pop: Option<&crate::passport::pop::Proof>,
         peer: &Peer,
-    ) -> Result<Value, ServiceError> {
-        let revoked = self.revoked.read().map_err(|_| ServiceError::Store("lock poisoned".into()))?.clone();
-        let passport = Verifier::new(&self.config.pinned_issuers, &RevokedSet(&revoked))
-            .verify(token, crate::passport::now())
-            .map_err(|e| ServiceError::Passport(e.to_string()))?;
+    ) -> Result<Registered, ServiceError> {
+        let revoked = self.revoked.read().map_err(|_| ServiceError::LockPoisoned("revocations"))?.clone();
+        let passport =
+            Verifier::new(&self.config.pinned_issuers, &RevokedSet(&revoked)).verify(token, crate::passport::now())?;
         self.check_pop(&passport.claims, pop)?;
-        let compiled = CompiledPassport::compile(passport).map_err(|e| ServiceError::Passport(e.to_string()))?;
+        let compiled = CompiledPassport::compile(passport)?;
         let claims = compiled.passport.claims.clone();
         let id = claims.id.to_string();
         let key = format!("passport/{id}");
         let token_owned = token.to_string();
-        let mut body = records::base("passport_registered", Some(&claims), now());
+        let mut body = records::base(records::kind::PASSPORT_REGISTERED, Some(&claims), now());
         body.insert("trust_tier".into(), claims.trust_tier.as_str().into());
         body.insert("expires_at".into(), claims.expires_at.into());
         body.insert("token_sha256".into(), records::sha256_hex(token.as_bytes()).into());
-        body.insert("by".into(), peer.to_json());
+        body.insert(records::field::BY.into(), peer.to_json());
         let chain = id.clone();
         let (created, _) = self
             .transact(move |txn: &mut Txn<'_>| {
@@ -361,13 +483,16 @@ impl Service {
             .await?;
         self.passports
             .write()
-            .map_err(|_| ServiceError::Store("lock poisoned".into()))?
+            .map_err(|_| ServiceError::LockPoisoned("passports"))?
             .insert(id.clone(), Arc::new(compiled));
         tracing::info!(passport_id = %id, agent_id = %claims.agent_id, created, "passport registered");
-        Ok(json!({
-            "passport_id": id, "agent_id": claims.agent_id, "issuer": claims.issuer.as_str(),
-            "expires_at": claims.expires_at, "already_registered": !created,
-        }))
+        Ok(Registered {
+            passport_id: id,
+            agent_id: claims.agent_id,
+            issuer: claims.issuer.as_str().to_string(),
+            expires_at: claims.expires_at,
+            already_registered: !created,
+        })
     }
 
     /// Proof of possession: required for L3 passports, checked whenever one is given.
@@ -382,18 +507,18 @@ impl Service {
             None if claims.trust_tier == TrustTier::L3 => Err(pop::PopError::Missing),
             None => Ok(()),
         }
-        .map_err(|e| ServiceError::Passport(e.to_string()))
+        .map_err(ServiceError::ProofOfPossession)
     }
 
     /// Revokes a passport (registered or not): persisted, attested, effective at once.
-    pub async fn revoke(&self, id: &str, peer: &Peer, note: Option<String>) -> Result<Value, ServiceError> {
-        let pid = PassportId::parse(id).map_err(ServiceError::Invalid)?;
+    pub async fn revoke(&self, id: &str, peer: &Peer, note: Option<String>) -> Result<Revoked, ServiceError> {
+        let pid = PassportId::parse(id).map_err(|e| ServiceError::invalid("passport_id", e))?;
         let claims = self.passport(id).map(|cp| cp.passport.claims.clone());
         let key = format!("revoked/{id}");
-        let mut body = records::base("revocation", claims.as_ref(), now());
-        body.insert("passport_id".into(), id.into());
-        body.insert("by".into(), peer.to_json());
-        body.insert("note".into(), note.clone().into());
+        let mut body = records::base(records::kind::REVOCATION, claims.as_ref(), now());
+        body.insert(records::field::PASSPORT_ID.into(), id.into());
+        body.insert(records::field::BY.into(), peer.to_json());
+        body.insert(records::field::NOTE.into(), note.clone().into());
         let entry = json!({"at": now().to_rfc3339(), "by": peer.to_json(), "note": note}).to_string();
         let chain = pid.to_string();
         let (created, appended) = self
@@ -405,22 +530,22 @@ impl Service {
                 Ok((true, vec![Draft::new(chain, body)]))
             })
             .await?;
-        self.revoked.write().map_err(|_| ServiceError::Store("lock poisoned".into()))?.insert(id.to_string());
+        self.revoked.write().map_err(|_| ServiceError::LockPoisoned("revocations"))?.insert(id.to_string());
         tracing::warn!(passport_id = %id, by = ?peer.user, "passport revoked");
-        Ok(json!({"passport_id": id, "revoked": true, "already_revoked": !created,
-                  "attestation_id": appended.first().map(|a| a.index)}))
+        let attestation_id = if created { Some(appended_index(&appended, "revocation")?) } else { None };
+        Ok(Revoked { passport_id: id.to_string(), revoked: true, already_revoked: !created, attestation_id })
     }
 
     /// Decides one action and makes the decision durable. Blocks are successful outcomes.
     /// API decisions get the host-wide policy check (denied domains, ceilings) for their target.
-    pub async fn enforce(&self, input: EnforceInput) -> Result<Value, ServiceError> {
+    pub async fn enforce(&self, input: EnforceInput) -> Result<DecisionOutcome, ServiceError> {
         let cost = input.cost()?;
         let verdict =
             match (input.target.as_deref().map(DomainName::parse), self.policy.read().ok().and_then(|p| p.clone())) {
-                (Some(Ok(host)), Some(policy)) => policy.current().host_check(&host, cost).into(),
+                (Some(Ok(host)), Some(policy)) => policy.current().host_check(&host, cost),
                 _ => HostVerdict::Allow,
             };
-        self.enforce_outcome(input, HoldOrigin::Api, verdict).await.map(|o| o.json)
+        self.enforce_outcome(input, HoldOrigin::Api, verdict).await
     }
 
     /// As [`Service::enforce`], returning the full outcome (the proxy waits on holds).
@@ -430,13 +555,15 @@ impl Service {
         origin: HoldOrigin,
         host_verdict: HostVerdict,
     ) -> Result<DecisionOutcome, ServiceError> {
-        let pid = PassportId::parse(&input.passport_id).map_err(ServiceError::Invalid)?;
+        let pid = PassportId::parse(&input.passport_id).map_err(|e| ServiceError::invalid("passport_id", e))?;
         let host = match input.target.as_deref().filter(|t| !t.is_empty()) {
-            Some(t) => Some(DomainName::parse(t).map_err(|e| ServiceError::Invalid(format!("target {t:?}: {e}")))?),
+            Some(t) => {
+                Some(DomainName::parse(t).map_err(|e| ServiceError::invalid("target", format!("target {t:?}: {e}")))?)
+            }
             None => None,
         };
         if input.action.is_empty() || input.action.len() > 128 {
-            return Err(ServiceError::Invalid("action must be 1 to 128 characters".into()));
+            return Err(ServiceError::invalid("action", "action must be 1 to 128 characters"));
         }
         let cost_millicents = input.cost()?;
         let request = ActionRequest {
@@ -473,12 +600,11 @@ impl Service {
                 )
             })
             .await?;
-        let index = appended.first().map(|a| a.index).unwrap_or_default();
-        let json = outcome.response(index);
+        let index = appended_index(&appended, "decision")?;
         if let Some(hold) = &outcome.hold {
             self.schedule_hold_timeout(hold.id.clone(), hold.expires_at);
         }
-        crate::metrics::global().decision(outcome.decision.as_str(), &outcome.reason);
+        crate::metrics::global().decision(outcome.decision.as_str(), outcome.reason.as_str());
         // One line per decision, with what an operator greps for. `agent_id` is the passport's
         // claim (absent for an unknown passport); `host` is the request's target.
         tracing::info!(
@@ -494,37 +620,29 @@ impl Service {
             attestation_id = index,
             "decision"
         );
-        Ok(DecisionOutcome {
-            json,
-            decision: outcome.decision,
-            hold_id: outcome.hold.map(|h| h.id),
-            attestation_id: index,
-        })
+        Ok(outcome.outcome(index))
     }
 
     /// `GET /v1/passports/{id}/state`.
-    pub fn state(&self, id: &str) -> Result<Value, ServiceError> {
-        let cp = self.passport(id).ok_or_else(|| ServiceError::NotFound(format!("passport {id} is not registered")))?;
+    pub fn state(&self, id: &str) -> Result<PassportState, ServiceError> {
+        let cp = self.passport(id).ok_or_else(|| ServiceError::PassportNotRegistered(id.to_string()))?;
         let usage = self.load_usage(id)?;
-        let view =
-            decide::state_view(&cp, &usage, now()).map_err(|e| ServiceError::Store(format!("usage of {id}: {e}")))?;
-        let mut view = serde_json::to_value(view).map_err(|e| ServiceError::Store(e.to_string()))?;
-        if let Value::Object(m) = &mut view {
-            m.insert("revoked".into(), self.is_revoked(id).into());
-        }
-        Ok(view)
+        let view = decide::state_view(&cp, &usage, now())
+            .map_err(|e| ServiceError::UsageUnreadable { passport_id: id.to_string(), problem: e.to_string() })?;
+        Ok(PassportState { view, revoked: self.is_revoked(id) })
     }
 
     fn load_usage(&self, id: &str) -> Result<Usage, ServiceError> {
         match self.ledger.state_get(&format!("usage/{id}"))? {
             None => Ok(Usage::default()),
-            Some(bytes) => Usage::from_bytes(&bytes).map_err(|e| ServiceError::Store(format!("usage of {id}: {e}"))),
+            Some(bytes) => Usage::from_bytes(&bytes)
+                .map_err(|e| ServiceError::UsageUnreadable { passport_id: id.to_string(), problem: e.to_string() }),
         }
     }
 
     /// `POST /v1/passports/{id}/state/reset`: attested, names who asked.
-    pub async fn reset(&self, id: &str, window: ResetWindow, peer: &Peer) -> Result<Value, ServiceError> {
-        let cp = self.passport(id).ok_or_else(|| ServiceError::NotFound(format!("passport {id} is not registered")))?;
+    pub async fn reset(&self, id: &str, window: ResetWindow, peer: &Peer) -> Result<ResetDone, ServiceError> {
+        let cp = self.passport(id).ok_or_else(|| ServiceError::PassportNotRegistered(id.to_string()))?;
         let key = format!("usage/{id}");
         let peer_json = peer.to_json();
         let cp2 = cp.clone();
@@ -535,8 +653,8 @@ impl Service {
                     None => Usage::default(),
                     Some(b) => Usage::from_bytes(&b).map_err(|e| TxnError::abort(format!("usage: {e}")))?,
                 };
-                let after =
-                    decide::reset(&cp2, &usage, window, at).map_err(|e| TxnError::abort(Invalid(e.to_string())))?;
+                let after = decide::reset(&cp2, &usage, window, at)
+                    .map_err(|e| ServiceError::invalid("window", e.to_string()).abort())?;
                 let view = decide::state_view(&cp2, &after, at).map_err(|e| TxnError::abort(e.to_string()))?;
                 let body = records::counter_reset(&cp2.passport.claims, window, &view, peer_json, at);
                 txn.put(&key, &after.to_bytes())?;
@@ -544,11 +662,7 @@ impl Service {
             })
             .await?;
         tracing::warn!(passport_id = %id, window = window.as_str(), by = ?peer.user, "counters reset");
-        let mut v = serde_json::to_value(view).map_err(|e| ServiceError::Store(e.to_string()))?;
-        if let Value::Object(m) = &mut v {
-            m.insert("attestation_id".into(), appended.first().map(|a| a.index).into());
-        }
-        Ok(v)
+        Ok(ResetDone { view, attestation_id: appended_index(&appended, "counter reset")? })
     }
 
     /// `GET /v1/attestations?passport_id=&since=`: the records, newest last.
@@ -565,7 +679,8 @@ impl Service {
         for index in indices.into_iter().rev() {
             let Some(bytes) = snap.record(index)? else { continue };
             let Ok(record) = serde_json::from_slice::<Value>(&bytes) else { continue };
-            let time = record.get("time").and_then(Value::as_str).and_then(ledger::record::parse_time);
+            let time =
+                record.get(ledger::record::FIELD_TIME).and_then(Value::as_str).and_then(ledger::record::parse_time);
             if since.is_some_and(|s| time.is_none_or(|t| t < s)) {
                 continue;
             }
@@ -595,21 +710,17 @@ impl Service {
                 consistency_from,
             },
         )
-        .await
-        .map_err(|e| ServiceError::Store(e.to_string()))?;
-        serde_json::to_value(bundle).map_err(|e| ServiceError::Store(e.to_string()))
+        .await?;
+        Ok(serde_json::to_value(bundle)?)
     }
 
     /// `GET /v1/attestations/{id}/proof`: a portable attestation.
     pub async fn proof(&self, index: u64) -> Result<Value, ServiceError> {
         if index >= self.ledger.size() {
-            return Err(ServiceError::NotFound(format!(
-                "attestation {index} does not exist (log size {})",
-                self.ledger.size()
-            )));
+            return Err(ServiceError::AttestationNotFound { index, size: self.ledger.size() });
         }
-        let p = ledger::export::proof(&self.ledger, index).await.map_err(|e| ServiceError::Store(e.to_string()))?;
-        serde_json::to_value(p).map_err(|e| ServiceError::Store(e.to_string()))
+        let p = ledger::export::proof(&self.ledger, index).await?;
+        Ok(serde_json::to_value(p)?)
     }
 }
 
@@ -618,7 +729,7 @@ fn parse_since(since: Option<&str>) -> Result<Option<DateTime<Utc>>, ServiceErro
         .map(|s| {
             DateTime::parse_from_rfc3339(s)
                 .map(|d| d.with_timezone(&Utc))
-                .map_err(|e| ServiceError::Invalid(format!("since {s:?} is not an RFC 3339 time: {e}")))
+                .map_err(|e| ServiceError::invalid("since", format!("since {s:?} is not an RFC 3339 time: {e}")))
         })
         .transpose()
 }

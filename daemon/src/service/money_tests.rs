@@ -3,11 +3,11 @@
 
 use super::settle::testkit::{fixture_with, spent, verified};
 use super::*;
-use crate::api::peer::Peer;
 use crate::decide::usage::{window_start, USAGE_VERSION};
 use crate::ledger::{export, verify, HostKey, LedgerOptions};
 use crate::passport::{Cents, Constraints, Permission, SpendWindow, TrustTier};
 use crate::policy::meter::{self, MeterKind, MeterSpec, ModelPrice, PriceTable};
+use crate::service::Peer;
 use ed25519_dalek::SigningKey;
 use serde_json::Map;
 
@@ -66,21 +66,21 @@ async fn ten_thousand_calls_of_a_five_millicent_model_charge_fifty_cents() {
     }
     let mut allowed = 0;
     while let Some(done) = calls.join_next().await {
-        let decision = done.expect("task").expect("enforce");
+        let decision = done.expect("task").expect("enforce").to_json();
         assert_eq!(decision["decision"], "allow", "{decision}");
         allowed += 1;
     }
     assert_eq!(allowed, 10_000);
     assert_eq!(spent(&f), (50_000, 50_000), "10,000 × $0.00005 = $0.50");
-    let state = f.service.state(&f.passport).expect("state");
+    let state = f.service.state(&f.passport).expect("state").to_json();
     assert_eq!((state["window_cost_cents"].as_u64(), state["daily_requests"].as_u64()), (Some(50), Some(10_000)));
 
     // The 10,001st is one millicent-multiple too many.
-    let d = f.service.enforce(input(&f.passport, cost)).await.expect("enforce");
+    let d = f.service.enforce(input(&f.passport, cost)).await.expect("enforce").to_json();
     assert_eq!((d["decision"].as_str(), d["reason"].as_str()), (Some("block"), Some("spend_limit_exceeded")), "{d}");
     assert_eq!(d["detail"], "Daily spend limit of $0.50 would be exceeded. Current: $0.50, Requested: $0.00005");
     // A free request at the limit still passes; the spend stays exactly $0.50.
-    assert_eq!(f.service.enforce(input(&f.passport, 0)).await.expect("enforce")["decision"], "allow");
+    assert_eq!(f.service.enforce(input(&f.passport, 0)).await.expect("enforce").to_json()["decision"], "allow");
     assert_eq!(spent(&f), (50_000, 50_000));
 
     let report = verified(&f).await;
@@ -94,11 +94,11 @@ async fn enforce_takes_whole_cents_or_exact_millicents_but_not_both() {
     let mut both = input(&f.passport, 5);
     both.cost_cents = Some(1);
     let e = f.service.enforce(both).await.unwrap_err();
-    assert!(matches!(&e, ServiceError::Invalid(m) if m.contains("not both")), "{e}");
+    assert!(matches!(&e, ServiceError::Invalid { field: "cost", problem } if problem.contains("not both")), "{e}");
 
     let mut cents = input(&f.passport, 0);
     (cents.cost_cents, cents.cost_millicents) = (Some(3), None);
-    let d = f.service.enforce(cents).await.expect("enforce");
+    let d = f.service.enforce(cents).await.expect("enforce").to_json();
     let record = super::settle::testkit::record(&f, d["attestation_id"].as_u64().expect("id"));
     assert_eq!((record["cost_millicents"].as_u64(), record["v"].as_u64()), (Some(3_000), Some(2)));
     assert!(record.get("cost_cents").is_none(), "{record}");
@@ -106,7 +106,7 @@ async fn enforce_takes_whole_cents_or_exact_millicents_but_not_both() {
     // Cents too large to count in millicents saturate and are refused as too large, attested.
     let mut huge = input(&f.passport, 0);
     (huge.cost_cents, huge.cost_millicents) = (Some(u64::MAX), None);
-    let d = f.service.enforce(huge).await.expect("enforce");
+    let d = f.service.enforce(huge).await.expect("enforce").to_json();
     assert_eq!(d["reason"], "invalid_request", "{d}");
     assert_eq!(spent(&f), (3_000, 3_000));
 }
@@ -315,7 +315,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
         Duration::from_secs(3600),
     );
     let service = Service::start(ledger, config).await.expect("service");
-    let state = service.state(&id).expect("state");
+    let state = service.state(&id).expect("state").to_json();
     assert_eq!(
         (state["window_cost_millicents"].as_u64(), state["window_cost_cents"].as_u64()),
         (Some(254_000), Some(254)),
@@ -333,7 +333,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
 
     // Fractions of a cent from here on: 5 millicents, settled at 42.
     let d = service.enforce_outcome(input(&id, 5), HoldOrigin::Proxy, HostVerdict::Allow).await.expect("enforce");
-    assert_eq!(d.decision, decide::Decision::Allow, "{}", d.json);
+    assert_eq!(d.decision, decide::Decision::Allow, "{}", d.to_json());
     let new_record: Value =
         serde_json::from_slice(&service.ledger().record(d.attestation_id).expect("read").expect("exists"))
             .expect("json");
@@ -348,7 +348,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
     );
     service.settle(d.attestation_id, &id, 5, Some(42), settle::why::USAGE).await.expect("settle");
     // The old hold, approved now at its whole-cent cost.
-    let approved = service.resolve_hold(&hold_id, true, &peer(), None).await.expect("approve");
+    let approved = service.resolve_hold(&hold_id, true, &peer(), None).await.expect("approve").to_json();
     assert_eq!(approved["decision"], "allow", "{approved}");
     // An old decision settled after the upgrade: its cents are read exactly (250 → 249.999).
     let s = service.settle(d_250, &id, 250_000, Some(249_999), settle::why::USAGE).await.expect("settle old");
@@ -356,15 +356,15 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
     // And a whole-cent request through the API.
     let mut whole = input(&id, 0);
     (whole.cost_cents, whole.cost_millicents) = (Some(1), None);
-    assert_eq!(service.enforce(whole).await.expect("enforce")["decision"], "allow");
+    assert_eq!(service.enforce(whole).await.expect("enforce").to_json()["decision"], "allow");
     // The old decision already settled by the old daemon stays settled.
     assert!(matches!(
         service.settle(d_7, &id, 7_000, Some(1), settle::why::USAGE).await,
-        Err(ServiceError::Conflict(_))
+        Err(ServiceError::AlreadySettled(_))
     ));
 
     let expected = 254_000 + 42 + 400_000 - 1 + 1_000;
-    let state = service.state(&id).expect("state");
+    let state = service.state(&id).expect("state").to_json();
     assert_eq!(state["window_cost_millicents"].as_u64(), Some(expected), "{state}");
     assert_eq!(state["window_cost_cents"].as_u64(), Some(expected.div_ceil(1000)), "rounded up: {state}");
     // Stored as version 2, exactly.

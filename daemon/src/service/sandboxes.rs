@@ -19,11 +19,11 @@
 
 use super::records;
 use super::{now, Service, ServiceError};
-use crate::api::peer::Peer;
 use crate::decide::CompiledPassport;
 use crate::kernel::process::{pidfd_open, process_identity, wait_exit};
 use crate::kernel::Cgroup;
 use crate::ledger::{Draft, Txn};
+use crate::service::Peer;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -82,32 +82,29 @@ impl Service {
         pop: Option<&crate::passport::pop::Proof>,
         peer: &Peer,
     ) -> Result<Value, ServiceError> {
-        let agents = self.config.agents.clone().ok_or_else(|| {
-            ServiceError::Invalid(
-                "this daemon runs in passport-only mode ([sandbox] redirect = false): it cannot sandbox agents".into(),
-            )
-        })?;
-        let cp = self
-            .passport(passport_id)
-            .ok_or_else(|| ServiceError::NotFound(format!("passport {passport_id} is not registered")))?;
+        let agents = self.agents_or_refuse()?;
+        let cp =
+            self.passport(passport_id).ok_or_else(|| ServiceError::PassportNotRegistered(passport_id.to_string()))?;
         if self.is_revoked(passport_id) {
-            return Err(ServiceError::Passport(format!("passport {passport_id} is revoked")));
+            return Err(ServiceError::PassportUnusable { passport_id: passport_id.to_string(), why: "is revoked" });
         }
         // An L3 agent proves possession of its key for every sandbox, not only at registration.
         self.check_pop(&cp.passport.claims, pop)?;
         if cp.passport.claims.expires_at <= crate::passport::now() {
-            return Err(ServiceError::Passport(format!("passport {passport_id} has expired")));
+            return Err(ServiceError::PassportUnusable { passport_id: passport_id.to_string(), why: "has expired" });
         }
-        let (leader_start, uid) = process_identity(peer.pid)
-            .ok_or_else(|| ServiceError::Invalid(format!("the calling process {} is gone", peer.pid)))?;
+        let (leader_start, uid) = process_identity(peer.pid).ok_or_else(|| ServiceError::Invalid {
+            field: "pid",
+            problem: format!("the calling process {} is gone", peer.pid),
+        })?;
         if uid != peer.uid {
-            return Err(ServiceError::Invalid("the calling process changed identity".into()));
+            return Err(ServiceError::Invalid { field: "pid", problem: "the calling process changed identity".into() });
         }
-        let pidfd =
-            pidfd_open(peer.pid).map_err(|e| ServiceError::Invalid(format!("pidfd_open({}): {e}", peer.pid)))?;
+        let pidfd = pidfd_open(peer.pid)
+            .map_err(|e| ServiceError::Invalid { field: "pid", problem: format!("pidfd_open({}): {e}", peer.pid) })?;
         let suffix: [u8; 8] = rand::random();
         let name = format!("run-{}", crate::ledger::hex::encode(&suffix));
-        let cgroup = agents.create_child(&name).map_err(|e| ServiceError::Store(e.to_string()))?;
+        let cgroup = agents.create_child(&name).map_err(|e| ServiceError::Cgroup(e.to_string()))?;
         let sandbox = Sandbox {
             id: name,
             passport_id: passport_id.to_string(),
@@ -125,7 +122,10 @@ impl Service {
         }
         if let Err(e) = cgroup.add_pid(peer.pid as u32) {
             self.end_sandbox(&cp, sandbox, cgroup, "join_failed").await;
-            return Err(ServiceError::Invalid(format!("cannot move the caller into its sandbox: {e}")));
+            return Err(ServiceError::Invalid {
+                field: "pid",
+                problem: format!("cannot move the caller into its sandbox: {e}"),
+            });
         }
         if let Ok(mut m) = self.sandboxes.write() {
             m.insert(sandbox.cgroup_id, sandbox.clone());
@@ -147,14 +147,14 @@ impl Service {
         what: &str,
     ) -> Result<(), ServiceError> {
         let key = format!("sandbox/{}", sandbox.cgroup_id);
-        let value = serde_json::to_vec(sandbox).map_err(|e| ServiceError::Store(e.to_string()))?;
+        let value = serde_json::to_vec(sandbox)?;
         let mut body =
             records::base(if alive { "sandbox_created" } else { "sandbox_removed" }, Some(&cp.passport.claims), now());
         body.insert("sandbox_id".into(), sandbox.id.clone().into());
         body.insert("cgroup_id".into(), sandbox.cgroup_id.into());
         body.insert("leader_pid".into(), sandbox.leader_pid.into());
         body.insert("cgroup".into(), sandbox.cgroup.display().to_string().into());
-        body.insert("by".into(), sandbox.created_by.clone());
+        body.insert(records::field::BY.into(), sandbox.created_by.clone());
         body.insert("why".into(), what.into());
         let chain = cp.passport.claims.id.to_string();
         self.transact(move |txn: &mut Txn<'_>| {
@@ -203,15 +203,10 @@ impl Service {
         let agents = self.agents_or_refuse()?;
         let cgroup = resolve_target(&agents, &target)?;
         let registered = self.register(token, None, peer).await?;
-        let passport_id = registered["passport_id"]
-            .as_str()
-            .ok_or_else(|| ServiceError::Store("registration returned no passport id".into()))?
-            .to_string();
-        let cp = self
-            .passport(&passport_id)
-            .ok_or_else(|| ServiceError::Store(format!("passport {passport_id} vanished after registration")))?;
+        let passport_id = registered.passport_id;
+        let cp = self.passport(&passport_id).ok_or_else(|| ServiceError::PassportNotRegistered(passport_id.clone()))?;
         if self.is_revoked(&passport_id) {
-            return Err(ServiceError::Passport(format!("passport {passport_id} is revoked")));
+            return Err(ServiceError::PassportUnusable { passport_id: passport_id.to_string(), why: "is revoked" });
         }
         let sandbox = Sandbox {
             id: cgroup.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
@@ -225,7 +220,7 @@ impl Service {
         };
         // Check and reserve under one lock, so two concurrent binds cannot both win.
         {
-            let mut m = self.sandboxes.write().map_err(|_| ServiceError::Store("lock poisoned".into()))?;
+            let mut m = self.sandboxes.write().map_err(|_| ServiceError::LockPoisoned("sandboxes"))?;
             if let Some(existing) = bound_at_or_above(&m, &cgroup) {
                 if existing.cgroup_id == cgroup.id()
                     && existing.passport_id == passport_id
@@ -233,12 +228,11 @@ impl Service {
                 {
                     return Ok(bound_json(existing, true));
                 }
-                return Err(ServiceError::Conflict(format!(
-                    "{} is already sandbox {} (passport {}); a live cgroup is never re-bound",
-                    cgroup.path().display(),
-                    existing.id,
-                    existing.passport_id
-                )));
+                return Err(ServiceError::AlreadyBound {
+                    cgroup: cgroup.path().to_path_buf(),
+                    sandbox: existing.id.clone(),
+                    passport_id: existing.passport_id.clone(),
+                });
             }
             m.insert(sandbox.cgroup_id, sandbox.clone());
         }
@@ -261,23 +255,20 @@ impl Service {
         let agents = self.agents_or_refuse()?;
         let cgroup = resolve_target(&agents, &target)?;
         let sandbox = {
-            let mut m = self.sandboxes.write().map_err(|_| ServiceError::Store("lock poisoned".into()))?;
+            let mut m = self.sandboxes.write().map_err(|_| ServiceError::LockPoisoned("sandboxes"))?;
             match m.get(&cgroup.id()) {
-                None => {
-                    return Err(ServiceError::NotFound(format!("{} is not bound", cgroup.path().display())));
-                }
+                None => return Err(ServiceError::NotBound(cgroup.path().to_path_buf())),
                 Some(s) if s.leader_pid.is_some() => {
-                    return Err(ServiceError::Conflict(format!(
-                        "{} is the `sluice run` sandbox {}: it ends when its command exits",
-                        cgroup.path().display(),
-                        s.id
-                    )));
+                    return Err(ServiceError::RunSandbox {
+                        cgroup: cgroup.path().to_path_buf(),
+                        sandbox: s.id.clone(),
+                    });
                 }
                 Some(_) => m.remove(&cgroup.id()),
             }
         };
         let Some(sandbox) = sandbox else {
-            return Err(ServiceError::NotFound(format!("{} is not bound", cgroup.path().display())));
+            return Err(ServiceError::NotBound(cgroup.path().to_path_buf()));
         };
         if let Some(cp) = self.passport(&sandbox.passport_id) {
             let mut ended = sandbox.clone();
@@ -291,11 +282,7 @@ impl Service {
     }
 
     fn agents_or_refuse(&self) -> Result<Cgroup, ServiceError> {
-        self.config.agents.clone().ok_or_else(|| {
-            ServiceError::Invalid(
-                "this daemon runs in passport-only mode ([sandbox] redirect = false): it cannot sandbox agents".into(),
-            )
-        })
+        self.config.agents.clone().ok_or(ServiceError::PassportOnlyMode)
     }
 
     /// Ends a bound sandbox once its cgroup is gone.
@@ -390,13 +377,14 @@ fn resolve_target(agents: &Cgroup, target: &BindTarget) -> Result<Cgroup, Servic
     let path = match target {
         BindTarget::Path(p) => p.clone(),
         BindTarget::Own(rel) => {
-            let mount = crate::kernel::cgroup2_mount().map_err(|e| ServiceError::Store(e.to_string()))?;
+            let mount = crate::kernel::cgroup2_mount().map_err(|e| ServiceError::Cgroup(e.to_string()))?;
             let rel = rel.strip_suffix(" (deleted)").unwrap_or(rel);
             mount.join(rel.trim_start_matches('/'))
         }
     };
     check_below(agents.path(), &path)?;
-    let cgroup = Cgroup::open(&path).map_err(|e| ServiceError::Invalid(format!("cgroup {}: {e}", path.display())))?;
+    let cgroup = Cgroup::open(&path)
+        .map_err(|e| ServiceError::Invalid { field: "cgroup", problem: format!("cgroup {}: {e}", path.display()) })?;
     Ok(cgroup)
 }
 
@@ -407,18 +395,21 @@ fn check_below(agents: &Path, path: &Path) -> Result<(), ServiceError> {
         && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
         && !text.split('/').any(|part| part == "." || part == "..");
     if !plain {
-        return Err(ServiceError::Invalid(format!(
-            "cgroup {}: give an absolute path without `.`, `..` or `//`",
-            path.display()
-        )));
+        return Err(ServiceError::Invalid {
+            field: "cgroup",
+            problem: format!("cgroup {}: give an absolute path without `.`, `..` or `//`", path.display()),
+        });
     }
     match path.strip_prefix(agents) {
         Ok(rest) if rest.components().next().is_some() => Ok(()),
-        _ => Err(ServiceError::Invalid(format!(
-            "cgroup {} is not below the agents' cgroup {}: only cgroups whose traffic sluice redirects can be bound",
-            path.display(),
-            agents.display()
-        ))),
+        _ => Err(ServiceError::Invalid {
+            field: "cgroup",
+            problem: format!(
+                "cgroup {} is not below the agents' cgroup {}: only cgroups whose traffic sluice redirects can be bound",
+                path.display(),
+                agents.display()
+            ),
+        }),
     }
 }
 

@@ -12,9 +12,9 @@
 //! estimate stands: the record says `settled: false` with the reason and no counter moves.
 //! A decision is settled at most once (`settled/<index>` in the state).
 
-use super::{now, records, Conflict, Invalid, Missing, Service, ServiceError};
-use crate::decide::{self, Usage};
-use crate::ledger::record::{v1, FIELD_ACTUAL, FIELD_COST, FIELD_ESTIMATED};
+use super::{now, records, Service, ServiceError};
+use crate::decide::{self, Decision, Usage};
+use crate::ledger::record::{v1, FIELD_ACTUAL, FIELD_COST, FIELD_ESTIMATED, FIELD_KIND, FIELD_TIME};
 use crate::ledger::{self, Draft, Txn, TxnError};
 use crate::money::{self, MAX_MILLICENTS};
 use serde_json::{json, Value};
@@ -51,20 +51,23 @@ impl Service {
         why: &str,
     ) -> Result<Value, ServiceError> {
         if why.is_empty() || why.len() > MAX_WHY || !why.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
-            return Err(ServiceError::Invalid(format!(
-                "settlement reason {why:?} must be 1 to {MAX_WHY} lowercase letters or '_'"
-            )));
+            return Err(ServiceError::Invalid {
+                field: "why",
+                problem: format!("settlement reason {why:?} must be 1 to {MAX_WHY} lowercase letters or '_'"),
+            });
         }
         if let Some(a) = actual.filter(|a| *a > MAX_MILLICENTS) {
-            return Err(ServiceError::Invalid(format!(
-                "actual cost of {} is more than the largest amount sluice accepts ({})",
-                money::dollars(a),
-                money::dollars(MAX_MILLICENTS)
-            )));
+            return Err(ServiceError::Invalid {
+                field: "actual",
+                problem: format!(
+                    "actual cost of {} is more than the largest amount sluice accepts ({})",
+                    money::dollars(a),
+                    money::dollars(MAX_MILLICENTS)
+                ),
+            });
         }
-        let cp = self
-            .passport(passport_id)
-            .ok_or_else(|| ServiceError::NotFound(format!("passport {passport_id} is not registered")))?;
+        let cp =
+            self.passport(passport_id).ok_or_else(|| ServiceError::PassportNotRegistered(passport_id.to_string()))?;
         let claims = cp.passport.claims.clone();
         let window = claims.constraints.window();
         let id = claims.id.to_string();
@@ -77,17 +80,15 @@ impl Service {
                 let at = now();
                 let settled_key = format!("settled/{decision_attestation_id}");
                 if txn.get(&settled_key)?.is_some() {
-                    return Err(TxnError::abort(Conflict(format!(
-                        "the cost of decision {decision_attestation_id} is already settled"
-                    ))));
+                    return Err(ServiceError::AlreadySettled(decision_attestation_id).abort());
                 }
                 txn.put(&settled_key, b"1")?;
-                let mut body = records::base("settlement", Some(&claims), at);
-                body.insert("decision_record".into(), decision_attestation_id.into());
+                let mut body = records::base(records::kind::SETTLEMENT, Some(&claims), at);
+                body.insert(records::field::DECISION_RECORD.into(), decision_attestation_id.into());
                 body.insert(FIELD_ESTIMATED.into(), estimate_millicents.into());
                 body.insert(FIELD_ACTUAL.into(), actual.into());
                 body.insert("settled".into(), actual.is_some().into());
-                body.insert("reason".into(), why.clone().into());
+                body.insert(records::field::REASON.into(), why.clone().into());
                 let mut summary = json!({
                     "decision_record": decision_attestation_id, FIELD_ESTIMATED: estimate_millicents,
                     FIELD_ACTUAL: actual, "settled": actual.is_some(), "reason": why,
@@ -97,11 +98,16 @@ impl Service {
                     let usage = match txn.get(&usage_key)? {
                         None => Usage::default(),
                         Some(bytes) => Usage::from_bytes(&bytes).map_err(|e| {
-                            TxnError::abort(Invalid(format!("usage of passport {id} is unreadable ({e}); not settled")))
+                            ServiceError::UsageUnreadable {
+                                passport_id: id.clone(),
+                                problem: format!("{e}; not settled"),
+                            }
+                            .abort()
                         })?,
                     };
                     usage.check_window(window).map_err(|e| {
-                        TxnError::abort(Invalid(format!("usage of passport {id} is unreadable ({e}); not settled")))
+                        ServiceError::UsageUnreadable { passport_id: id.clone(), problem: format!("{e}; not settled") }
+                            .abort()
                     })?;
                     // Both are at most MAX_MILLICENTS (10^16; the estimate was checked by the
                     // decision), so the difference fits an i64.
@@ -111,7 +117,7 @@ impl Service {
                     txn.put(&usage_key, &settled.usage.to_bytes())?;
                     match settled.spend {
                         Some(s) => {
-                            records::Spend {
+                            records::SpendFields {
                                 window: window.as_str(),
                                 window_start: s.window_start,
                                 delta_millicents: s.delta_millicents,
@@ -157,20 +163,22 @@ fn settleable(
     passport_id: &str,
     estimate_millicents: u64,
 ) -> Result<chrono::DateTime<chrono::Utc>, TxnError> {
-    let bytes = txn
-        .record(index)?
-        .ok_or_else(|| TxnError::abort(Missing(format!("record {index} does not exist; nothing to settle"))))?;
+    let bytes = txn.record(index)?.ok_or_else(|| ServiceError::RecordNotFound(index).abort())?;
     let record: Value =
         serde_json::from_slice(&bytes).map_err(|e| TxnError::abort(format!("record {index} is not JSON: {e}")))?;
     let field = |name: &str| record.get(name);
-    let kind = field("kind").and_then(Value::as_str).unwrap_or_default();
-    if !matches!(kind, "decision" | "hold_resolution")
-        || field("decision").and_then(Value::as_str) != Some("allow")
-        || field("passport_id").and_then(Value::as_str) != Some(passport_id)
+    let kind = field(FIELD_KIND).and_then(Value::as_str).unwrap_or_default();
+    if ![records::kind::DECISION, records::kind::HOLD_RESOLUTION].contains(&kind)
+        || field(records::field::DECISION).and_then(Value::as_str) != Some(Decision::Allow.as_str())
+        || field(records::field::PASSPORT_ID).and_then(Value::as_str) != Some(passport_id)
     {
-        return Err(TxnError::abort(Invalid(format!(
-            "record {index} is not an allowed request of passport {passport_id}; only those can be settled"
-        ))));
+        return Err(ServiceError::Invalid {
+            field: "decision_record",
+            problem: format!(
+                "record {index} is not an allowed request of passport {passport_id}; only those can be settled"
+            ),
+        }
+        .abort());
     }
     let spent = match (field(FIELD_COST), field(v1::FIELD_COST)) {
         (Some(m), None) => m.as_u64(),
@@ -179,12 +187,16 @@ fn settleable(
     };
     if spent != Some(estimate_millicents) {
         let spent = spent.map_or_else(|| "an unreadable amount".to_string(), money::dollars);
-        return Err(TxnError::abort(Invalid(format!(
-            "record {index} spent {spent}, not the estimate of {} given to settle it",
-            money::dollars(estimate_millicents)
-        ))));
+        return Err(ServiceError::Invalid {
+            field: "estimate",
+            problem: format!(
+                "record {index} spent {spent}, not the estimate of {} given to settle it",
+                money::dollars(estimate_millicents)
+            ),
+        }
+        .abort());
     }
-    field("time")
+    field(FIELD_TIME)
         .and_then(Value::as_str)
         .and_then(ledger::record::parse_time)
         .ok_or_else(|| TxnError::abort(format!("record {index} has no readable time")))
@@ -193,11 +205,11 @@ fn settleable(
 #[cfg(test)]
 pub(crate) mod testkit {
     use super::*;
-    use crate::api::peer::Peer;
     use crate::decide::HostVerdict;
     use crate::ledger::{export, verify};
     use crate::ledger::{HostKey, Ledger, LedgerOptions};
     use crate::passport::{Cents, Constraints, IssuerId, Permission, SpendWindow, TrustTier};
+    use crate::service::Peer;
     use crate::service::{EnforceInput, HoldOrigin, ServiceConfig};
     use ed25519_dalek::SigningKey;
     use std::sync::Arc;
@@ -261,14 +273,14 @@ pub(crate) mod testkit {
             path: Some("/v1/chat/completions".into()),
         };
         let o = f.service.enforce_outcome(input, HoldOrigin::Proxy, HostVerdict::Allow).await.expect("enforce");
-        assert_eq!(o.decision, decide::Decision::Allow, "{}", o.json);
+        assert_eq!(o.decision, decide::Decision::Allow, "{}", o.to_json());
         o.attestation_id
     }
 
     /// The window's and today's spend, exactly, in millicents. Checks on the way that the
     /// API's whole-cent figures are those rounded up.
     pub(crate) fn spent(f: &Fixture) -> (u64, u64) {
-        let s = f.service.state(&f.passport).expect("state");
+        let s = f.service.state(&f.passport).expect("state").to_json();
         let exact = |name: &str| {
             let m = s[format!("{name}_millicents")].as_u64().expect("millicents");
             assert_eq!(s[format!("{name}_cents")].as_u64(), Some(m.div_ceil(1000)), "{name}: {s}");
@@ -348,7 +360,7 @@ mod tests {
         assert_eq!((s["spend_delta_millicents"].as_i64(), s["spend_after_millicents"].as_u64()), (Some(-13), Some(8)));
         assert_eq!(spent(&f), (8, 8));
         // The API still shows whole cents, rounded up: 8 millicents is 1 cent, never 0.
-        let state = f.service.state(&f.passport).expect("state");
+        let state = f.service.state(&f.passport).expect("state").to_json();
         assert_eq!((state["window_cost_cents"].as_u64(), state["window_cost_millicents"].as_u64()), (Some(1), Some(8)));
 
         let d2 = allow(&f, 5).await;
@@ -373,17 +385,17 @@ mod tests {
         let d = allow(&f, 400_005).await;
         // Not the estimate the decision spent: a caller cannot refund more than was charged.
         let e = f.service.settle(d, &f.passport, 400_000, Some(0), why::USAGE).await.unwrap_err();
-        assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
+        assert!(matches!(e, ServiceError::Invalid { .. }), "{e}");
         assert!(e.to_string().contains("spent $4.00005, not the estimate of $4.00 given"), "{e}");
         // Not this passport's record.
         let other = "pp_AAAAAAAAAAAAAAAAAAAAAA";
         assert!(f.service.settle(d, other, 400_005, Some(0), why::USAGE).await.is_err());
         // Not an allow decision: the passport's registration record.
         let e = f.service.settle(d - 1, &f.passport, 400_005, Some(0), why::USAGE).await.unwrap_err();
-        assert!(matches!(e, ServiceError::Invalid(_)), "{e}");
+        assert!(matches!(e, ServiceError::Invalid { .. }), "{e}");
         // A record that does not exist.
         let e = f.service.settle(d + 1000, &f.passport, 400_005, Some(0), why::USAGE).await.unwrap_err();
-        assert!(matches!(e, ServiceError::NotFound(_)), "{e}");
+        assert!(matches!(e, ServiceError::RecordNotFound(_)), "{e}");
         // Hostile figures and reasons.
         assert!(f.service.settle(d, &f.passport, 400_005, Some(MAX_MILLICENTS + 1), why::USAGE).await.is_err());
         assert!(f.service.settle(d, &f.passport, 400_005, Some(1), "Bad Reason").await.is_err());
@@ -391,7 +403,7 @@ mod tests {
 
         f.service.settle(d, &f.passport, 400_005, Some(100_000), why::USAGE).await.expect("settle");
         let e = f.service.settle(d, &f.passport, 400_005, Some(0), why::USAGE).await.unwrap_err();
-        assert!(matches!(e, ServiceError::Conflict(_)), "{e}");
+        assert!(matches!(e, ServiceError::AlreadySettled(_)), "{e}");
         assert_eq!(spent(&f), (100_000, 100_000));
     }
 

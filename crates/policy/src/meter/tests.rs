@@ -87,11 +87,11 @@ const ANTHROPIC_SSE: &str = concat!(
     "\n",
 );
 
-fn usage(input: u64, output: u64, model: &str) -> Option<Usage> {
-    Some(Usage { input_tokens: input, output_tokens: output, model: Some(model.to_string()) })
+fn usage(input: u64, output: u64, model: &str) -> Option<TokenUsage> {
+    Some(TokenUsage { input_tokens: input, output_tokens: output, model: Some(model.to_string()) })
 }
 
-fn scan(kind: MeterKind, chunks: &[&[u8]]) -> Option<Usage> {
+fn scan(kind: MeterKind, chunks: &[&[u8]]) -> Option<TokenUsage> {
     let mut s = UsageScanner::new(kind);
     for c in chunks {
         s.feed(c);
@@ -100,7 +100,7 @@ fn scan(kind: MeterKind, chunks: &[&[u8]]) -> Option<Usage> {
 }
 
 /// The same usage whatever the chunking: whole, byte by byte, and split in two at every byte.
-fn assert_split_invariant(kind: MeterKind, body: &[u8], expected: &Option<Usage>) {
+fn assert_split_invariant(kind: MeterKind, body: &[u8], expected: &Option<TokenUsage>) {
     assert_eq!(&scan(kind, &[body]), expected, "whole body");
     let bytes: Vec<&[u8]> = body.chunks(1).collect();
     assert_eq!(&scan(kind, &bytes), expected, "byte by byte");
@@ -187,7 +187,7 @@ fn stream_without_usage_is_none() {
 fn a_number_at_the_very_end_of_the_body_counts() {
     assert_eq!(
         scan(MeterKind::OpenAi, &[b"data: {\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":41"]),
-        Some(Usage { input_tokens: 3, output_tokens: 41, model: None })
+        Some(TokenUsage { input_tokens: 3, output_tokens: 41, model: None })
     );
 }
 
@@ -297,7 +297,7 @@ fn model_prices_match_snapshots_longest_name_first() {
 #[test]
 fn cost_rounds_up_to_a_millicent_with_integer_math() {
     let s = spec();
-    let u = |i, o, m: &str| Usage { input_tokens: i, output_tokens: o, model: Some(m.to_string()) };
+    let u = |i, o, m: &str| TokenUsage { input_tokens: i, output_tokens: o, model: Some(m.to_string()) };
     assert_eq!(cost(&s, &u(0, 0, "gpt-4o")), 0);
     assert_eq!(cost(&s, &u(1, 0, "gpt-4o")), 1); // 0.25 millicent → 1, not a whole cent
     assert_eq!(cost(&s, &u(4, 0, "gpt-4o")), 1); // exactly 1 millicent
