@@ -525,7 +525,7 @@ mod tests {
 
     #[test]
     fn anthropic_json_and_stream_usage_is_what_sluice_settles() {
-        let body = r#"{"model":"claude-sonnet-4-0","system":"be brief","max_tokens":40,
+        let body = r#"{"model":"claude-sonnet-4-0","system":"be short","max_tokens":40,
                        "messages":[{"role":"user","content":"hello"}]}"#;
         let r = parse_messages(body.as_bytes()).unwrap();
         assert_eq!(r.completion_tokens(), 40);

@@ -378,7 +378,7 @@ fn per_action_limit_detail_names_the_limit_and_the_request() {
 }
 
 #[test]
-fn cumulative_limit_detail_matches_the_brief() {
+fn cumulative_limit_detail_matches_the_documented_wording() {
     let p = passport(json!({"core:cost:max_cumulative": 10000}));
     let u = spent(SpendWindow::Daily, 9950, t0());
     let e = eval(&p, &u, &req("llm:chat", 500), t0());
