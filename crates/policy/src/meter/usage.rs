@@ -112,26 +112,16 @@ impl UsageScanner {
         let counts = &mut self.counts;
         let mut sink = |path: &[Frame], value: Scalar<'_>| record(kind, counts, path, value);
         for &b in chunk {
+            if self.framing == Framing::Detect {
+                // The first non-whitespace byte decides: `{` is one JSON document, anything else
+                // an event stream. That byte is then read like every later one.
+                self.framing = match b {
+                    b' ' | b'\t' | b'\r' | b'\n' => continue,
+                    b'{' => Framing::Json,
+                    _ => Framing::Sse,
+                };
+            }
             match self.framing {
-                Framing::Detect => match b {
-                    b' ' | b'\t' | b'\r' | b'\n' => {}
-                    b'{' => {
-                        self.framing = Framing::Json;
-                        self.json.byte(b, &mut sink);
-                    }
-                    _ => {
-                        self.framing = Framing::Sse;
-                        sse_byte(
-                            &mut self.line,
-                            &mut self.field,
-                            &mut self.field_len,
-                            &mut self.after_cr,
-                            &mut self.json,
-                            b,
-                            &mut sink,
-                        );
-                    }
-                },
                 Framing::Json => self.json.byte(b, &mut sink),
                 Framing::Sse => sse_byte(
                     &mut self.line,
@@ -142,6 +132,8 @@ impl UsageScanner {
                     b,
                     &mut sink,
                 ),
+                // Decided just above.
+                Framing::Detect => {}
             }
         }
     }
