@@ -466,7 +466,7 @@ fn host_policy_denials_and_cel_rules_bind_api_decisions_and_records_carry_the_po
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(
         policies.join("host.toml"),
-        "[host]\ndeny_domains = [\"pastebin.example\"]\n\n[[host.rule]]\nexpr = \"cost_cents > 100\"\ndecision = \"request_hold\"\nreason = \"costly_action\"\n\n[[host.rule]]\nexpr = \"request.method == 'DELETE' || action == 'files:delete'\"\ndecision = \"block\"\nreason = \"no_deletes\"\n",
+        "[host]\ndeny_domains = [\"pastebin.example\"]\n\n[host.ceilings]\nmax_per_action_cents = 500\n\n[[host.rule]]\nexpr = \"cost_cents > 100\"\ndecision = \"request_hold\"\nreason = \"costly_action\"\n\n[[host.rule]]\nexpr = \"request.method == 'DELETE' || action == 'files:delete'\"\ndecision = \"block\"\nreason = \"no_deletes\"\n",
     )
     .unwrap();
     let mut d = d;
@@ -482,10 +482,16 @@ fn host_policy_denials_and_cel_rules_bind_api_decisions_and_records_carry_the_po
     assert_eq!((v["decision"].as_str(), v["reason"].as_str()), (Some("block"), Some("no_deletes")), "{v}");
     let v = enforce(&d, &i.id, "llm:chat", 50, Some("api.example.test"));
     assert_eq!(v["decision"], "allow", "{v}");
+    // The host-wide ceiling binds with or without a target.
+    let v = enforce(&d, &i.id, "llm:chat", 600, Some("api.example.test"));
+    assert_eq!((v["decision"].as_str(), v["reason"].as_str()), (Some("block"), Some("policy_denied")), "{v}");
+    let v = enforce(&d, &i.id, "llm:chat", 600, None);
+    assert_eq!((v["decision"].as_str(), v["reason"].as_str()), (Some("block"), Some("policy_denied")), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("host-wide ceiling"), "{v}");
     let (_, recs) = d.call("GET", &format!("/v1/attestations?passport_id={}", i.id), None).unwrap();
     let decisions: Vec<Value> =
         recs["records"].as_array().unwrap().iter().map(record).filter(|r| r["kind"] == "decision").collect();
-    assert_eq!(decisions.len(), 4);
+    assert_eq!(decisions.len(), 6);
     for r in &decisions {
         assert!(r["policy_digest"].as_str().is_some_and(|s| s.starts_with("sha256:")), "{r}");
     }

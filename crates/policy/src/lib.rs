@@ -327,6 +327,12 @@ impl PolicySet {
                 ),
             };
         }
+        self.ceiling_check(cost_millicents)
+    }
+
+    /// The host-wide per-action ceilings alone: they bind every action, whether or not it names
+    /// a host (`POST /v1/enforce` without a `target`).
+    pub fn ceiling_check(&self, cost_millicents: u64) -> HostVerdict {
         if let Some(c) = self.ceilings.iter().find(|c| cost_millicents > c.max_per_action_millicents) {
             return HostVerdict::Deny {
                 reason: POLICY_DENIED,

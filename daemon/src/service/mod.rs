@@ -540,11 +540,14 @@ impl Service {
     /// API decisions get the host-wide policy check (denied domains, ceilings) for their target.
     pub async fn enforce(&self, input: EnforceInput) -> Result<DecisionOutcome, ServiceError> {
         let cost = input.cost()?;
-        let verdict =
-            match (input.target.as_deref().map(DomainName::parse), self.policy.read().ok().and_then(|p| p.clone())) {
-                (Some(Ok(host)), Some(policy)) => policy.current().host_check(&host, cost),
-                _ => HostVerdict::Allow,
-            };
+        let target = input.target.as_deref().filter(|t| !t.is_empty()).map(DomainName::parse);
+        let verdict = match (target, self.policy.read().ok().and_then(|p| p.clone())) {
+            (Some(Ok(host)), Some(policy)) => policy.current().host_check(&host, cost),
+            // No host to check against denied domains; the per-action ceilings still bind.
+            (None, Some(policy)) => policy.current().ceiling_check(cost),
+            // No policy, or a target that is not a host name (refused by `enforce_outcome`).
+            _ => HostVerdict::Allow,
+        };
         self.enforce_outcome(input, HoldOrigin::Api, verdict).await
     }
 
