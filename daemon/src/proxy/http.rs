@@ -21,15 +21,16 @@
 //! Bodies stream both ways as hyper frames; the only buffering is the bounded prefix a metered
 //! route needs for its estimate ([`crate::policy::meter::MAX_REQUEST_SCAN`]).
 
+use super::answer::{decision_response, record_refusal, service_failure, simple, ConnInfo, DECISION_HEADER};
 use super::checks::{self, Refusal};
-use super::conn::ConnInfo;
+use super::decider::Decide;
 use super::upstream::{BoxError, ProxyBody};
-use super::{h1watch, inc, Proxy};
+use super::{h1watch, inc, Proxy, Stats};
 use crate::decide::Reason;
 use crate::decide::{self, Decision};
 use crate::domain::DomainName;
 use crate::policy::{self, meter, Cost};
-use crate::service::{EnforceInput, HoldOrigin, ServiceError};
+use crate::service::{EnforceInput, ServiceError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -43,11 +44,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
-
-/// The response header that carries the decision (docs/decisions.md, "What the agent receives"): `block; reason=<reason>;
-/// attestation=<log index>` on refusals, `allow; attestation=<log index>` on forwarded
-/// responses.
-pub const DECISION_HEADER: &str = "sluice-decision";
 
 /// Serves HTTP on one agent connection until it closes.
 pub(super) async fn serve<S>(proxy: Arc<Proxy>, info: Arc<ConnInfo>, io: S, h2: bool)
@@ -195,7 +191,7 @@ async fn handle(
         method: Some(method.to_string()),
         path: Some(path.clone()),
     };
-    let attestation = match decide_or_answer(&proxy, input, verdict, &host, &path).await {
+    let attestation = match decide_or_answer(&*proxy.service, &proxy.stats, input, verdict, &host, &path).await {
         Ok(a) => a,
         Err(answer) => return answer,
     };
@@ -206,45 +202,48 @@ async fn handle(
     forward(&proxy, &info, &host, req, upgrade, attestation, metering).await
 }
 
-/// Decides one request (durably) and settles a hold by waiting on it. `Ok` carries the attestation
-/// that lets the request go ahead (the allow decision, or the approved hold's resolution); `Err`
-/// is the answer to give instead: `403` with the decision JSON, or `503` if the store failed.
+/// The decide step: decides one request (durably) and settles a hold by waiting on it. `Ok`
+/// carries the attestation that lets the request go ahead (the allow decision, or the approved
+/// hold's resolution); `Err` is the answer to give instead: `403` with the decision JSON, or
+/// `503` if the store failed. It owns the decision and the hold wait; it must not forward,
+/// and it never answers `Ok` without a recorded decision to cite.
 async fn decide_or_answer(
-    proxy: &Proxy,
+    decider: &dyn Decide,
+    stats: &Stats,
     input: EnforceInput,
     verdict: decide::HostVerdict,
     host: &DomainName,
     path: &str,
 ) -> Result<u64, Response<ProxyBody>> {
-    let outcome = match proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await {
+    let outcome = match decider.enforce(input, verdict).await {
         Ok(o) => o,
         Err(e) => return Err(service_failure(&e)),
     };
     match outcome.decision {
         Decision::Allow => Ok(outcome.attestation_id),
         Decision::Block => {
-            inc(&proxy.stats.blocked);
+            inc(&stats.blocked);
             Err(decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id))
         }
         Decision::RequestHold => {
-            inc(&proxy.stats.held);
+            inc(&stats.held);
             let Some(hold_id) = outcome.hold_id().map(str::to_string) else {
                 return Err(decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id));
             };
             tracing::info!(%hold_id, %host, %path, "request held for approval");
-            let held = proxy.service.wait_hold(&hold_id).await;
+            let held = decider.wait_hold(&hold_id).await;
             match (held.decision(), held.attestation_id()) {
                 // Forwarded on the approval's own record, which a settlement links to.
                 (Decision::Allow, Some(id)) => Ok(id),
                 (Decision::Allow, None) => {
                     // Approved, but the resolution's record cannot be named: nothing leaves.
-                    inc(&proxy.stats.blocked);
+                    inc(&stats.blocked);
                     tracing::error!(%hold_id, "approved hold has no resolution record to cite; refusing");
                     let e = ServiceError::ResolutionNotFound(hold_id.clone());
                     Err(service_failure(&e))
                 }
                 (_, resolution) => {
-                    inc(&proxy.stats.blocked);
+                    inc(&stats.blocked);
                     let mut body = held.to_json();
                     if let Value::Object(m) = &mut body {
                         m.entry("decision").or_insert_with(|| "block".into());
@@ -299,66 +298,6 @@ async fn refuse(
         }
         Err(e) => service_failure(&e),
     }
-}
-
-pub(super) async fn record_refusal(
-    proxy: &Proxy,
-    info: &ConnInfo,
-    target: Option<&DomainName>,
-    action: &str,
-    method: Option<&str>,
-    path: Option<&str>,
-    refusal: &Refusal,
-) -> Result<crate::service::DecisionOutcome, ServiceError> {
-    let input = EnforceInput {
-        passport_id: info.passport_id.clone(),
-        action: action.to_string(),
-        cost_cents: None,
-        cost_millicents: None,
-        target: target.map(ToString::to_string),
-        method: method.map(str::to_string),
-        path: path.map(str::to_string),
-    };
-    let verdict = decide::HostVerdict::Deny { reason: refusal.reason.clone(), detail: refusal.detail.clone() };
-    let outcome = proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await?;
-    if outcome.decision != Decision::Block {
-        // A host denial always blocks; anything else is a bug we must not forward through.
-        tracing::error!(decision = outcome.decision.as_str(), "a proxy refusal was not a block");
-    }
-    Ok(outcome)
-}
-
-/// `403` with the decision JSON and the `Sluice-Decision` header.
-pub(super) fn decision_response(json: &Value, reason: &Reason, attestation_id: u64) -> Response<ProxyBody> {
-    let mut resp = simple(StatusCode::FORBIDDEN, json.clone());
-    let value = format!("block; reason={}; attestation={attestation_id}", token(reason.as_str()));
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        resp.headers_mut().insert(HeaderName::from_static(DECISION_HEADER), v);
-    }
-    resp
-}
-
-/// Reasons are `a-z 0-9 _` by construction; anything else is replaced so the header stays one
-/// well-formed token.
-fn token(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).take(64).collect()
-}
-
-/// The store failed: nothing was decided, nothing is forwarded.
-fn service_failure(e: &ServiceError) -> Response<ProxyBody> {
-    tracing::error!(error = %e, "decision failed; refusing the request");
-    let status = if e.is_unavailable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::FORBIDDEN };
-    simple(status, json!({"decision": "block", "reason": Reason::DecisionFailed, "detail": e.to_string()}))
-}
-
-pub(super) fn simple(status: StatusCode, body: Value) -> Response<ProxyBody> {
-    let mut text = body.to_string();
-    text.push('\n');
-    let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
 }
 
 fn boxed_incoming(b: Incoming) -> ProxyBody {
@@ -489,7 +428,7 @@ async fn connect(
         path: Some(path.to_string()),
     };
     let verdict = policy.host_check(host, rule.cost_millicents);
-    let attestation = match decide_or_answer(proxy, input, verdict, host, path).await {
+    let attestation = match decide_or_answer(&*proxy.service, &proxy.stats, input, verdict, host, path).await {
         Ok(a) => a,
         Err(answer) => return answer,
     };
@@ -731,6 +670,123 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
         assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+
+    use super::super::decider::fake::{outcome, FakeDecide};
+    use crate::service::{HoldOutcome, HoldStatus};
+    use std::sync::atomic::Ordering;
+
+    fn input() -> EnforceInput {
+        EnforceInput {
+            passport_id: "pp-1".into(),
+            action: "web:fetch".into(),
+            cost_millicents: Some(0),
+            target: Some("example.com".into()),
+            method: Some("GET".into()),
+            path: Some("/".into()),
+            ..EnforceInput::default()
+        }
+    }
+
+    async fn decide(fake: &FakeDecide, stats: &Stats) -> Result<u64, Response<ProxyBody>> {
+        let host = DomainName::parse("example.com").unwrap();
+        decide_or_answer(fake, stats, input(), decide::HostVerdict::Allow, &host, "/").await
+    }
+
+    async fn body_json(resp: Response<ProxyBody>) -> Value {
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        serde_json::from_slice(&bytes).expect("json body")
+    }
+
+    fn header(resp: &Response<ProxyBody>) -> &str {
+        resp.headers().get(DECISION_HEADER).expect("decision header").to_str().unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_allow_goes_ahead_on_its_own_attestation() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 7)));
+        let stats = Stats::default();
+        assert_eq!(decide(&fake, &stats).await.ok(), Some(7));
+        let enforced = fake.enforced.lock().unwrap();
+        assert_eq!(enforced.len(), 1);
+        assert_eq!(enforced[0].0.target.as_deref(), Some("example.com"));
+        assert!(fake.waited.lock().unwrap().is_empty());
+        assert_eq!(stats.blocked.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_block_is_a_403_with_the_decision_json_and_header() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::Block, Reason::DomainNotAllowed, 8)));
+        let stats = Stats::default();
+        let resp = decide(&fake, &stats).await.expect_err("blocked");
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(header(&resp), "block; reason=domain_not_allowed; attestation=8");
+        let body = body_json(resp).await;
+        assert_eq!((body["decision"].as_str(), body["reason"].as_str()), (Some("block"), Some("domain_not_allowed")));
+        assert_eq!(body["attestation_id"], 8);
+        assert_eq!(stats.blocked.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn an_approved_hold_goes_ahead_on_the_approval_record() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 9)));
+        *fake.hold.lock().unwrap() = Some(HoldOutcome::Resolved {
+            outcome: outcome(Decision::Allow, Reason::HoldApproved, 12),
+            hold_id: "hold-1".into(),
+            hold_status: HoldStatus::Approved,
+        });
+        let stats = Stats::default();
+        assert_eq!(decide(&fake, &stats).await.ok(), Some(12));
+        assert_eq!(*fake.waited.lock().unwrap(), vec!["hold-1".to_string()]);
+        assert_eq!(stats.held.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_denied_hold_is_refused_on_the_denial_record() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 9)));
+        *fake.hold.lock().unwrap() = Some(HoldOutcome::Resolved {
+            outcome: outcome(Decision::Block, Reason::HoldDenied, 13),
+            hold_id: "hold-1".into(),
+            hold_status: HoldStatus::Denied,
+        });
+        let resp = decide(&fake, &Stats::default()).await.expect_err("denied");
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(header(&resp), "block; reason=hold_denied; attestation=13");
+        assert_eq!(body_json(resp).await["approval_request_id"], "hold-1");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_hold_is_refused_on_the_hold_record() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 9)));
+        let resp = decide(&fake, &Stats::default()).await.expect_err("abandoned");
+        assert_eq!(header(&resp), "block; reason=hold_abandoned; attestation=9");
+        let body = body_json(resp).await;
+        assert_eq!((body["decision"].as_str(), body["approval_request_id"].as_str()), (Some("block"), Some("hold-1")));
+    }
+
+    #[tokio::test]
+    async fn an_approval_without_a_record_to_cite_is_a_503() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 9)));
+        *fake.hold.lock().unwrap() = Some(HoldOutcome::Found {
+            decision: Decision::Allow,
+            reason: Reason::HoldApproved,
+            hold_id: "hold-1".into(),
+            hold_status: HoldStatus::Approved,
+            attestation_id: None,
+        });
+        let resp = decide(&fake, &Stats::default()).await.expect_err("nothing to cite");
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_is_a_503_and_nothing_goes_ahead() {
+        let fake = FakeDecide::answering(Err(ServiceError::NotAppended("the disk is full")));
+        let resp = decide(&fake, &Stats::default()).await.expect_err("store failed");
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().get(DECISION_HEADER).is_none());
+        let body = body_json(resp).await;
+        assert_eq!((body["decision"].as_str(), body["reason"].as_str()), (Some("block"), Some("decision_failed")));
+        assert!(fake.waited.lock().unwrap().is_empty());
     }
 
     #[test]
