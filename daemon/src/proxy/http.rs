@@ -544,10 +544,7 @@ async fn forward(
         }
     }
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, switching && upgrade);
-    if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
-        parts.headers.insert(HeaderName::from_static(DECISION_HEADER), v);
-    }
+    response_filter(&mut parts.headers, switching && upgrade, attestation);
     let body = boxed_incoming(body);
     let body = match metering {
         // The usage fields are read as the frames pass; the cost settles when the body ends.
@@ -574,6 +571,17 @@ async fn forward(
         None => body,
     };
     Response::from_parts(parts, body)
+}
+
+/// The response filter step: what the agent receives of a forwarded response's headers. It
+/// strips the hop-by-hop headers (keeping `Upgrade` only on an upgrade both sides agreed to) and
+/// sets `Sluice-Decision: allow; attestation=<index>`, the record the response went out on. It
+/// owns the response headers only; it must not touch the body or the status.
+fn response_filter(headers: &mut HeaderMap, upgraded: bool, attestation: u64) {
+    strip_hop_by_hop(headers, upgraded);
+    if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
+        headers.insert(HeaderName::from_static(DECISION_HEADER), v);
+    }
 }
 
 /// Whether a response body is sent with a content coding other than `identity`.
@@ -787,6 +795,22 @@ mod tests {
         let body = body_json(resp).await;
         assert_eq!((body["decision"].as_str(), body["reason"].as_str()), (Some("block"), Some("decision_failed")));
         assert!(fake.waited.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_forwarded_response_carries_the_allow_and_no_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-upstream-secret"));
+        h.insert("x-upstream-secret", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        // An upstream cannot forge the decision: the proxy's own header replaces it.
+        h.insert(DECISION_HEADER, HeaderValue::from_static("allow; attestation=999"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        response_filter(&mut h, false, 42);
+        assert_eq!(h.get(DECISION_HEADER).unwrap(), "allow; attestation=42");
+        assert_eq!(h.get_all(DECISION_HEADER).iter().count(), 1);
+        assert!(h.get("x-upstream-secret").is_none() && h.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(h.get(header::CONTENT_TYPE).unwrap(), "text/plain");
     }
 
     #[test]
