@@ -161,3 +161,51 @@ pub(crate) mod fake {
         }
     }
 }
+
+/// Why the forward step got no response: `connect` when no connection to the upstream could be
+/// made, `detail` the whole error chain for the operator.
+#[derive(Debug)]
+pub(crate) struct ForwardError {
+    pub connect: bool,
+    pub detail: String,
+}
+
+/// What the forward step needs from the upstream side: send one request (its URI names scheme,
+/// host and port) and return the response with its body streaming. `h1_only` for `Upgrade`
+/// requests, which HTTP/2 cannot carry. The daemon's [`super::upstream::Upstream`] implements
+/// it; tests pass a fake upstream.
+pub(crate) trait Forward: Send + Sync {
+    fn send(
+        &self,
+        req: http::Request<super::upstream::ProxyBody>,
+        h1_only: bool,
+    ) -> BoxFuture<'_, Result<http::Response<super::upstream::ProxyBody>, ForwardError>>;
+}
+
+impl Forward for super::upstream::Upstream {
+    fn send(
+        &self,
+        req: http::Request<super::upstream::ProxyBody>,
+        h1_only: bool,
+    ) -> BoxFuture<'_, Result<http::Response<super::upstream::ProxyBody>, ForwardError>> {
+        use http_body_util::BodyExt;
+        Box::pin(async move {
+            let sent = if h1_only { self.send_h1(req).await } else { super::upstream::Upstream::send(self, req).await };
+            match sent {
+                Ok(resp) => Ok(resp.map(|b| b.map_err(|e| Box::new(e) as super::upstream::BoxError).boxed())),
+                Err(e) => Err(ForwardError { connect: e.is_connect(), detail: error_chain(&e) }),
+            }
+        })
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

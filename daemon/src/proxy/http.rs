@@ -23,7 +23,7 @@
 
 use super::answer::{decision_response, record_refusal, service_failure, simple, ConnInfo, DECISION_HEADER};
 use super::checks::{self, Refusal};
-use super::decider::Decide;
+use super::decider::{Decide, Forward};
 use super::upstream::{BoxError, ProxyBody};
 use super::{h1watch, inc, Proxy, Stats};
 use crate::decide::Reason;
@@ -199,7 +199,7 @@ async fn handle(
         Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_millicents: cost }),
         Cost::Fixed(_) => None,
     };
-    forward(&proxy, &info, &host, req, upgrade, attestation, metering).await
+    forward(&proxy.sides(), &info, &host, req, upgrade, attestation, metering).await
 }
 
 /// The decide step: decides one request (durably) and settles a hold by waiting on it. `Ok`
@@ -434,7 +434,7 @@ async fn connect(
     };
     let upstream = match super::upstream::dial(&proxy.resolver, host, port).await {
         Ok((s, _)) => s,
-        Err(e) => return upstream_failure(proxy, info, host, attestation, e.kind(), &e.to_string()).await,
+        Err(e) => return upstream_failure(&proxy.sides(), info, host, attestation, e.kind(), &e.to_string()).await,
     };
     inc(&proxy.stats.forwarded);
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -488,9 +488,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Sends an allowed request to the real service and streams its response back.
+/// The service side of the steps after the decision: the decider (settlement, host events),
+/// the upstream, the counters.
+struct Sides<'a> {
+    decider: &'a Arc<dyn Decide>,
+    upstream: &'a dyn Forward,
+    stats: &'a Stats,
+}
+
+impl Proxy {
+    fn sides(&self) -> Sides<'_> {
+        Sides { decider: &self.service, upstream: &self.upstream, stats: &self.stats }
+    }
+}
+
+/// The forward step: sends an allowed request to the real service and streams its response
+/// back, through the response filter and, on a metered route, the settlement of its cost. It
+/// runs only after a recorded allow (`attestation`); it must not decide anything.
 async fn forward(
-    proxy: &Proxy,
+    sides: &Sides<'_>,
     info: &ConnInfo,
     host: &DomainName,
     mut req: Request<ProxyBody>,
@@ -505,7 +521,7 @@ async fn forward(
     let uri = match format!("{scheme}://{host}:{}{path}", info.dialed.port()).parse::<http::Uri>() {
         Ok(u) => u,
         Err(e) => {
-            return upstream_failure(proxy, info, host, attestation, "uri", &format!("bad upstream URI: {e}")).await
+            return upstream_failure(sides, info, host, attestation, "uri", &format!("bad upstream URI: {e}")).await
         }
     };
     parts.uri = uri;
@@ -518,16 +534,14 @@ async fn forward(
         parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
     let req = Request::from_parts(parts, body);
-    let sent = if upgrade { proxy.upstream.send_h1(req).await } else { proxy.upstream.send(req).await };
-    let mut resp = match sent {
+    let mut resp = match sides.upstream.send(req, upgrade).await {
         Ok(r) => r,
         Err(e) => {
-            let detail = error_chain(&e);
-            let kind = if e.is_connect() { "connect" } else { "http" };
-            return upstream_failure(proxy, info, host, attestation, kind, &detail).await;
+            let kind = if e.connect { "connect" } else { "http" };
+            return upstream_failure(sides, info, host, attestation, kind, &e.detail).await;
         }
     };
-    inc(&proxy.stats.forwarded);
+    inc(&sides.stats.forwarded);
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         if let Some(agent) = agent_upgrade {
@@ -545,12 +559,11 @@ async fn forward(
     }
     let (mut parts, body) = resp.into_parts();
     response_filter(&mut parts.headers, switching && upgrade, attestation);
-    let body = boxed_incoming(body);
     let body = match metering {
         // The usage fields are read as the frames pass; the cost settles when the body ends.
         Some(m) if encoded(&parts.headers) => {
             // Sent compressed anyway: the usage cannot be read, the estimate stands.
-            let settle = proxy.service.clone();
+            let settle = sides.decider.clone();
             let passport = info.passport_id.clone();
             tokio::spawn(async move {
                 let why = crate::service::settle_why::ENCODED;
@@ -563,7 +576,7 @@ async fn forward(
         Some(m) => super::metered::settle_on_end(
             body,
             m.spec,
-            proxy.service.clone(),
+            sides.decider.clone(),
             attestation,
             info.passport_id.clone(),
             m.estimate_millicents,
@@ -589,34 +602,23 @@ fn encoded(headers: &HeaderMap) -> bool {
     headers.get_all(header::CONTENT_ENCODING).iter().any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 /// `502` with a JSON body; the failure is attested (the allow decision before it already is).
 async fn upstream_failure(
-    proxy: &Proxy,
+    sides: &Sides<'_>,
     info: &ConnInfo,
     host: &DomainName,
     attestation: u64,
     kind: &'static str,
     detail: &str,
 ) -> Response<ProxyBody> {
-    inc(&proxy.stats.upstream_errors);
+    inc(&sides.stats.upstream_errors);
     crate::metrics::global().upstream_error(kind);
     tracing::warn!(%host, error = %detail, "upstream request failed");
     let event = json!({
         "passport_id": info.passport_id, "host": host.to_string(), "port": info.dialed.port(),
         "decision_attestation_id": attestation, "error": detail,
     });
-    let recorded = proxy.service.record_host_event("upstream_error", event).await.ok();
+    let recorded = sides.decider.record_host_event("upstream_error", event).await.ok();
     simple(
         StatusCode::BAD_GATEWAY,
         json!({
@@ -681,6 +683,7 @@ mod tests {
     }
 
     use super::super::decider::fake::{outcome, FakeDecide};
+    use super::super::decider::ForwardError;
     use crate::service::{HoldOutcome, HoldStatus};
     use std::sync::atomic::Ordering;
 
@@ -795,6 +798,155 @@ mod tests {
         let body = body_json(resp).await;
         assert_eq!((body["decision"].as_str(), body["reason"].as_str()), (Some("block"), Some("decision_failed")));
         assert!(fake.waited.lock().unwrap().is_empty());
+    }
+
+    /// An upstream that answers one scripted response and keeps the request it was sent.
+    struct FakeUpstream {
+        answer: std::sync::Mutex<Option<Result<Response<ProxyBody>, ForwardError>>>,
+        seen: std::sync::Mutex<Vec<(http::request::Parts, bool)>>,
+    }
+
+    impl FakeUpstream {
+        fn answering(answer: Result<Response<ProxyBody>, ForwardError>) -> FakeUpstream {
+            FakeUpstream { answer: std::sync::Mutex::new(Some(answer)), seen: std::sync::Mutex::new(Vec::new()) }
+        }
+    }
+
+    impl Forward for FakeUpstream {
+        fn send(
+            &self,
+            req: Request<ProxyBody>,
+            h1_only: bool,
+        ) -> super::super::decider::BoxFuture<'_, Result<Response<ProxyBody>, ForwardError>> {
+            self.seen.lock().unwrap().push((req.into_parts().0, h1_only));
+            let answer = self.answer.lock().unwrap().take().expect("one request only");
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn conn_info() -> ConnInfo {
+        let host = DomainName::parse("example.com").unwrap();
+        ConnInfo {
+            passport_id: "pp-1".into(),
+            client: "127.0.0.1:40000".parse().unwrap(),
+            dialed: "198.18.0.5:443".parse().unwrap(),
+            pid: 1234,
+            cgroup_id: 99,
+            dialed_name: Some(host.clone()),
+            sni: Some(host),
+            tls: true,
+        }
+    }
+
+    fn upstream_response(body: &'static str, headers: &[(&'static str, &'static str)]) -> Response<ProxyBody> {
+        let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}).boxed());
+        for (k, v) in headers {
+            resp.headers_mut().insert(*k, HeaderValue::from_static(v));
+        }
+        resp
+    }
+
+    fn agent_request() -> Request<ProxyBody> {
+        let mut req = Request::new(Full::new(Bytes::from_static(b"{}")).map_err(|e| match e {}).boxed());
+        *req.uri_mut() = "/v1/x?q=1".parse().unwrap();
+        *req.method_mut() = Method::POST;
+        let h = req.headers_mut();
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("secret"));
+        h.insert("x-agent", HeaderValue::from_static("1"));
+        req
+    }
+
+    async fn forward_with(
+        decider: &Arc<dyn Decide>,
+        upstream: &FakeUpstream,
+        stats: &Stats,
+        metering: Option<Metering>,
+    ) -> Response<ProxyBody> {
+        let sides = Sides { decider, upstream, stats };
+        let host = DomainName::parse("example.com").unwrap();
+        forward(&sides, &conn_info(), &host, agent_request(), false, 7, metering).await
+    }
+
+    #[tokio::test]
+    async fn an_allowed_request_is_forwarded_to_the_name_with_the_allow_header() {
+        let fake = Arc::new(FakeDecide::default());
+        let decider: Arc<dyn Decide> = fake.clone();
+        let upstream = FakeUpstream::answering(Ok(upstream_response(
+            "hello",
+            &[("connection", "x-secret"), ("x-secret", "1"), ("content-type", "text/plain")],
+        )));
+        let stats = Stats::default();
+        let resp = forward_with(&decider, &upstream, &stats, None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp), "allow; attestation=7");
+        assert!(resp.headers().get("x-secret").is_none());
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "hello");
+        let seen = upstream.seen.lock().unwrap();
+        let (parts, h1_only) = &seen[0];
+        // The name the decision was about, on the port dialed; never the dialed address.
+        assert_eq!(parts.uri, "https://example.com:443/v1/x?q=1");
+        assert_eq!((parts.method.as_str(), parts.version, *h1_only), ("POST", Version::HTTP_11, false));
+        assert!(parts.headers.get(header::HOST).is_none() && parts.headers.get(header::PROXY_AUTHORIZATION).is_none());
+        assert_eq!(parts.headers.get("x-agent").unwrap(), "1");
+        assert!(parts.headers.get(header::ACCEPT_ENCODING).is_none());
+        assert_eq!(stats.forwarded.load(Ordering::Relaxed), 1);
+        assert!(fake.settled.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_a_502_naming_the_allow() {
+        let decider: Arc<dyn Decide> = Arc::new(FakeDecide::default());
+        let upstream =
+            FakeUpstream::answering(Err(ForwardError { connect: true, detail: "connection refused".into() }));
+        let stats = Stats::default();
+        let resp = forward_with(&decider, &upstream, &stats, None).await;
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        let body = body_json(resp).await;
+        assert_eq!(
+            (body["error"].as_str(), body["decision_attestation_id"].as_u64()),
+            (Some("upstream_failed"), Some(7))
+        );
+        assert_eq!((stats.forwarded.load(Ordering::Relaxed), stats.upstream_errors.load(Ordering::Relaxed)), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_metered_route_asks_for_plain_bodies_and_settles_the_scanned_usage() {
+        use crate::policy::meter::{MeterKind, ModelPrice, PriceTable};
+        let price =
+            ModelPrice { name: "m".into(), input_millicents_per_mtok: 100_000, output_millicents_per_mtok: 200_000 };
+        let spec = Arc::new(policy::MeterSpec {
+            kind: MeterKind::OpenAi,
+            default_max_tokens: 1000,
+            prices: Arc::new(PriceTable {
+                as_of: "2026-01-01".into(),
+                source: None,
+                models: vec![price.clone()],
+                unknown: price,
+            }),
+        });
+        let fake = Arc::new(FakeDecide::default());
+        let decider: Arc<dyn Decide> = fake.clone();
+        let usage =
+            "{\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":1000000,\"completion_tokens\":500000}}";
+        let upstream = FakeUpstream::answering(Ok(upstream_response(usage, &[("content-type", "application/json")])));
+        let metering = Metering { spec, estimate_millicents: 5_000 };
+        let resp = forward_with(&decider, &upstream, &Stats::default(), Some(metering)).await;
+        assert_eq!(header(&resp), "allow; attestation=7");
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), usage);
+        assert_eq!(upstream.seen.lock().unwrap()[0].0.headers.get(header::ACCEPT_ENCODING).unwrap(), "identity");
+        // Settlement runs in its own task; the bound turns a lost settlement into a failure.
+        let settled = async {
+            loop {
+                if let Some(s) = fake.settled.lock().unwrap().first().cloned() {
+                    return s;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        let s = tokio::time::timeout(std::time::Duration::from_secs(10), settled).await.expect("settle called");
+        // 1M input at $1 + 0.5M output at $2 = $2.00, replacing the estimate.
+        assert_eq!(s, (7, "pp-1".to_string(), 5_000, Some(200_000), crate::service::settle_why::USAGE.to_string()));
     }
 
     #[test]
