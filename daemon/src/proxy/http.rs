@@ -4,14 +4,18 @@
 //! every request, whether the first on a connection or the hundredth, the only stream or one of
 //! many concurrent HTTP/2 streams, goes through [`handle`]:
 //!
-//! 1. the one authority of the request ([`checks::request_authority`]) must be the SNI and the
-//!    dialed name ([`checks::check_consistent`]), and HTTP/1 framing must be unambiguous
-//!    ([`checks::check_framing`]); CONNECT and unrouted upgrades are refused;
-//! 2. host policy: route → action and cost (a metered route reads a bounded prefix of the body
-//!    to estimate), host-wide verdict;
-//! 3. the decision, durable in the ledger before anything leaves (`Service::enforce_outcome`);
-//! 4. allow → [`forward`]; hold → wait for the operator (or the timeout), then forward or
-//!    refuse; block → `403` with the decision JSON and a `Sluice-Decision` header.
+//! 1. [`request_filter`]: the one authority of the request ([`checks::request_authority`]) must
+//!    be the SNI and the dialed name ([`checks::check_consistent`]), and HTTP/1 framing must be
+//!    unambiguous ([`checks::check_framing`]); CONNECT goes to [`connect`];
+//! 2. [`route_and_price`]: host policy route → action and cost (a metered route reads a bounded
+//!    prefix of the body to estimate), unrouted upgrades refused, host-wide verdict;
+//! 3. [`decide_or_answer`]: the decision, durable in the ledger before anything leaves (through
+//!    [`Decide`]); hold → wait for the operator (or the timeout); block → `403` with the
+//!    decision JSON and a `Sluice-Decision` header;
+//! 4. [`forward`] (through [`Forward`]), [`response_filter`] on the response's headers, and on a
+//!    metered route the settlement of the cost when the body ends ([`super::metered`]).
+//!
+//! [`RequestCtx`] is what one request carries through the steps; [`Sides`] is what they call.
 //!
 //! The proxy's own refusals (fronting, smuggling, CONNECT, ...) are decisions too: they go
 //! through the engine as a host-policy denial with their own reason, so they are attested on the
@@ -94,7 +98,28 @@ where
     }
 }
 
-/// One request, start to end. Never fails: every outcome is a response.
+/// One request's context, filled in as it passes the steps: what the agent asked for, before
+/// any name is trusted.
+struct RequestCtx {
+    method: Method,
+    /// Path and query as the agent sent them.
+    path: String,
+    /// The action recorded for a refusal before a route is known.
+    default_action: &'static str,
+}
+
+impl RequestCtx {
+    fn new<B>(req: &Request<B>) -> RequestCtx {
+        let method = req.method().clone();
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let default_action = default_action(&method);
+        RequestCtx { method, path, default_action }
+    }
+}
+
+/// One request, start to end, as named steps: request filter → (CONNECT) → route and price →
+/// decide → forward (with the response filter and settlement). Never fails: every outcome is a
+/// response.
 ///
 /// `framing` is the HTTP/1 stream tracker's verdict on this request's head ([`h1watch`]): `None`
 /// for HTTP/2, `Some(None)` when the tracker could not follow the stream (refused).
@@ -105,10 +130,39 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     inc(&proxy.stats.requests);
-    let method = req.method().clone();
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let default_action = default_action(&method);
+    let ctx = RequestCtx::new(&req);
+    let authority = match request_filter(&proxy, &info, &ctx, framing, &req).await {
+        Ok(a) => a,
+        Err(answer) => return answer,
+    };
+    let host = authority.host.clone();
+    if checks::is_connect(&ctx.method) {
+        return connect(&proxy, &info, &host, authority.port, req, &ctx.path).await;
+    }
+    let priced = match route_and_price(&proxy, &info, &ctx, &host, req).await {
+        Ok(p) => p,
+        Err(answer) => return answer,
+    };
+    let decided = decide_or_answer(&*proxy.service, &proxy.stats, priced.input, priced.verdict, &host, &ctx.path);
+    let attestation = match decided.await {
+        Ok(a) => a,
+        Err(answer) => return answer,
+    };
+    forward(&proxy.sides(), &info, &host, priced.req, priced.upgrade, attestation, priced.metering).await
+}
 
+/// The request filter step: the HTTP/1 framing verdict, the one authority of the request, that
+/// authority = SNI = dialed name and port (fronting), header-level framing. `Ok` is the
+/// authority the rest of the request is about; `Err` the recorded refusal to answer. It owns
+/// the proxy's own refusals before policy; it must not consult host policy or forward.
+async fn request_filter(
+    proxy: &Proxy,
+    info: &ConnInfo,
+    ctx: &RequestCtx,
+    framing: Option<Option<Result<(), Refusal>>>,
+    req: &Request<Incoming>,
+) -> Result<checks::Authority, Response<ProxyBody>> {
+    let (method, path, default_action) = (&ctx.method, ctx.path.as_str(), ctx.default_action);
     let authority = checks::request_authority(req.version(), req.uri(), req.headers());
     if let Some(framing) = framing {
         let refusal = match framing {
@@ -123,19 +177,19 @@ async fn handle(
         if let Some(r) = refusal {
             let target = authority.as_ref().ok().map(|a| &a.host).or(info.conn_name());
             let close = r.reason == Reason::RequestSmuggling || r.reason == Reason::MalformedRequest;
-            let mut resp = refuse(&proxy, &info, target, default_action, &method, &path, r).await;
+            let mut resp = refuse(proxy, info, target, default_action, method, path, r).await;
             if close {
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            return resp;
+            return Err(resp);
         }
     }
     let authority = match authority {
         Ok(a) => a,
-        Err(r) => return refuse(&proxy, &info, info.conn_name(), default_action, &method, &path, r).await,
+        Err(r) => return Err(refuse(proxy, info, info.conn_name(), default_action, method, path, r).await),
     };
     // A CONNECT's port is the tunnel's destination, not the port this connection was made to.
-    let consistency = if checks::is_connect(&method) {
+    let consistency = if checks::is_connect(method) {
         let name_only = checks::Authority { host: authority.host.clone(), port: None };
         checks::check_consistent(&name_only, info.sni.as_ref(), info.dialed_name.as_ref(), info.dialed.port())
     } else {
@@ -145,20 +199,39 @@ async fn handle(
         // Recorded against the name the connection was opened for: that is what the agent
         // tried to borrow.
         let target = info.conn_name().unwrap_or(&authority.host).clone();
-        return refuse(&proxy, &info, Some(&target), default_action, &method, &path, r).await;
+        return Err(refuse(proxy, info, Some(&target), default_action, method, path, r).await);
     }
-    let host = authority.host.clone();
     if req.version() != Version::HTTP_2 {
         if let Err(r) = checks::check_framing(req.headers()) {
-            return refuse(&proxy, &info, Some(&host), default_action, &method, &path, r).await;
+            return Err(refuse(proxy, info, Some(&authority.host), default_action, method, path, r).await);
         }
     }
-    if checks::is_connect(&method) {
-        return connect(&proxy, &info, &host, authority.port, req, &path).await;
-    }
+    Ok(authority)
+}
 
+/// A request routed and priced, ready for the decide step.
+struct Priced {
+    /// The request, its body replaying any prefix read for the estimate.
+    req: Request<ProxyBody>,
+    input: EnforceInput,
+    verdict: decide::HostVerdict,
+    upgrade: bool,
+    metering: Option<Metering>,
+}
+
+/// The route and price step: host policy route → action and cost (a metered route reads a
+/// bounded prefix of the body to estimate), upgrades only on an explicit route, the host-wide
+/// verdict. It owns the policy lookup; it must not decide or forward.
+async fn route_and_price(
+    proxy: &Proxy,
+    info: &ConnInfo,
+    ctx: &RequestCtx,
+    host: &DomainName,
+    req: Request<Incoming>,
+) -> Result<Priced, Response<ProxyBody>> {
+    let (method, path) = (&ctx.method, &ctx.path);
     let policy = proxy.policy.current();
-    let route = policy.route(&host, method.as_str(), &path);
+    let route = policy.route(host, method.as_str(), path);
     let upgrade = checks::is_upgrade(req.version(), req.headers());
     if upgrade && route.route_id.is_none() {
         let r = Refusal {
@@ -168,7 +241,7 @@ async fn handle(
                 req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or("?")
             ),
         };
-        return refuse(&proxy, &info, Some(&host), &route.action, &method, &path, r).await;
+        return Err(refuse(proxy, info, Some(host), &route.action, method, path, r).await);
     }
 
     let (req, cost) = match &route.cost {
@@ -177,11 +250,11 @@ async fn handle(
             Ok(got) => got,
             Err(e) => {
                 tracing::info!(client = %info.client, error = %e, "request body failed while estimating its cost");
-                return simple(StatusCode::BAD_REQUEST, json!({"error": "request_body", "detail": e.to_string()}));
+                return Err(simple(StatusCode::BAD_REQUEST, json!({"error": "request_body", "detail": e.to_string()})));
             }
         },
     };
-    let verdict = policy.host_check(&host, cost);
+    let verdict = policy.host_check(host, cost);
     let input = EnforceInput {
         passport_id: info.passport_id.clone(),
         action: route.action.to_string(),
@@ -191,15 +264,11 @@ async fn handle(
         method: Some(method.to_string()),
         path: Some(path.clone()),
     };
-    let attestation = match decide_or_answer(&*proxy.service, &proxy.stats, input, verdict, &host, &path).await {
-        Ok(a) => a,
-        Err(answer) => return answer,
-    };
     let metering = match &route.cost {
         Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_millicents: cost }),
         Cost::Fixed(_) => None,
     };
-    forward(&proxy.sides(), &info, &host, req, upgrade, attestation, metering).await
+    Ok(Priced { req, input, verdict, upgrade, metering })
 }
 
 /// The decide step: decides one request (durably) and settles a hold by waiting on it. `Ok`
