@@ -143,12 +143,24 @@ async fn handle(
         Ok(p) => p,
         Err(answer) => return answer,
     };
-    let decided = decide_or_answer(&*proxy.service, &proxy.stats, priced.input, priced.verdict, &host, &ctx.path);
+    decide_then_forward(&proxy.sides(), &info, &host, &ctx.path, priced).await
+}
+
+/// The decide step, then the forward step on its attestation: nothing is sent upstream unless
+/// the decide step answered `Ok`.
+async fn decide_then_forward(
+    sides: &Sides<'_>,
+    info: &ConnInfo,
+    host: &DomainName,
+    path: &str,
+    priced: Priced,
+) -> Response<ProxyBody> {
+    let decided = decide_or_answer(&**sides.decider, sides.stats, priced.input, priced.verdict, host, path);
     let attestation = match decided.await {
         Ok(a) => a,
         Err(answer) => return answer,
     };
-    forward(&proxy.sides(), &info, &host, priced.req, priced.upgrade, attestation, priced.metering).await
+    forward(sides, info, host, priced.req, priced.upgrade, attestation, priced.metering).await
 }
 
 /// The request filter step: the HTTP/1 framing verdict, the one authority of the request, that
@@ -1016,6 +1028,69 @@ mod tests {
         let s = tokio::time::timeout(std::time::Duration::from_secs(10), settled).await.expect("settle called");
         // 1M input at $1 + 0.5M output at $2 = $2.00, replacing the estimate.
         assert_eq!(s, (7, "pp-1".to_string(), 5_000, Some(200_000), crate::service::settle_why::USAGE.to_string()));
+    }
+
+    async fn through_the_pipeline(fake: Arc<FakeDecide>, upstream: &FakeUpstream) -> Response<ProxyBody> {
+        let decider: Arc<dyn Decide> = fake;
+        let stats = Stats::default();
+        let sides = Sides { decider: &decider, upstream, stats: &stats };
+        let host = DomainName::parse("example.com").unwrap();
+        let priced = Priced {
+            req: agent_request(),
+            input: input(),
+            verdict: decide::HostVerdict::Allow,
+            upgrade: false,
+            metering: None,
+        };
+        decide_then_forward(&sides, &conn_info(), &host, "/v1/x?q=1", priced).await
+    }
+
+    #[tokio::test]
+    async fn only_a_recorded_allow_reaches_the_upstream() {
+        // Allowed: forwarded, on the decision's attestation.
+        let fake = Arc::new(FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 21))));
+        let upstream = FakeUpstream::answering(Ok(upstream_response("ok", &[])));
+        let resp = through_the_pipeline(fake, &upstream).await;
+        assert_eq!((resp.status(), header(&resp)), (StatusCode::OK, "allow; attestation=21"));
+        assert_eq!(upstream.seen.lock().unwrap().len(), 1);
+
+        // Held, then approved: forwarded on the approval's record.
+        let fake = Arc::new(FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 22))));
+        *fake.hold.lock().unwrap() = Some(HoldOutcome::Resolved {
+            outcome: outcome(Decision::Allow, Reason::HoldApproved, 23),
+            hold_id: "hold-1".into(),
+            hold_status: HoldStatus::Approved,
+        });
+        let upstream = FakeUpstream::answering(Ok(upstream_response("ok", &[])));
+        let resp = through_the_pipeline(fake, &upstream).await;
+        assert_eq!(header(&resp), "allow; attestation=23");
+        assert_eq!(upstream.seen.lock().unwrap().len(), 1);
+
+        // Blocked, held then denied, or the store failed: nothing is sent.
+        let held_denied =
+            Arc::new(FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 24))));
+        *held_denied.hold.lock().unwrap() = Some(HoldOutcome::Resolved {
+            outcome: outcome(Decision::Block, Reason::HoldDenied, 25),
+            hold_id: "hold-1".into(),
+            hold_status: HoldStatus::Denied,
+        });
+        let cases = [
+            (
+                Arc::new(FakeDecide::answering(Ok(outcome(Decision::Block, Reason::DomainNotAllowed, 26)))),
+                StatusCode::FORBIDDEN,
+            ),
+            (held_denied, StatusCode::FORBIDDEN),
+            (
+                Arc::new(FakeDecide::answering(Err(ServiceError::NotAppended("the disk is full")))),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+        ];
+        for (fake, status) in cases {
+            let upstream = FakeUpstream::answering(Ok(upstream_response("must not be sent", &[])));
+            let resp = through_the_pipeline(fake, &upstream).await;
+            assert_eq!(resp.status(), status);
+            assert!(upstream.seen.lock().unwrap().is_empty(), "a refused request reached the upstream");
+        }
     }
 
     #[test]
