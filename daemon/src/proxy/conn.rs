@@ -9,42 +9,18 @@
 //!    address that maps to no name (stale, guessed) is refused.
 //! 5. The first bytes decide TLS / HTTP / other ([`super::sniff`]).
 
+use super::answer::ConnInfo;
 use super::checks::Refusal;
 use super::prefixed::Prefixed;
 use super::sniff::{sniff, Sniff, MAX_SNIFF};
 use super::{http, inc, raw, Proxy};
 use crate::decide::Reason;
 use crate::dns::pool::canonical;
-use crate::domain::DomainName;
 use crate::kernel::OrigDst;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-
-/// What the proxy knows about a connection once it is accepted and classified.
-#[derive(Debug, Clone)]
-pub(super) struct ConnInfo {
-    pub passport_id: String,
-    pub client: SocketAddr,
-    /// What the agent dialed (IPv4-mapped addresses made IPv4).
-    pub dialed: SocketAddr,
-    pub pid: u32,
-    pub cgroup_id: u64,
-    /// The name behind a synthetic destination, if the agent dialed one.
-    pub dialed_name: Option<DomainName>,
-    /// The TLS server name, for TLS connections.
-    pub sni: Option<DomainName>,
-    pub tls: bool,
-}
-
-impl ConnInfo {
-    /// The name the connection itself is for (SNI, else the dialed name), for records of
-    /// refusals that happen before a request names a host.
-    pub fn conn_name(&self) -> Option<&DomainName> {
-        self.sni.as_ref().or(self.dialed_name.as_ref())
-    }
-}
 
 pub(super) async fn handle(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr) {
     let Some(orig) = proxy.conntable.lookup(peer) else {

@@ -4,14 +4,18 @@
 //! every request, whether the first on a connection or the hundredth, the only stream or one of
 //! many concurrent HTTP/2 streams, goes through [`handle`]:
 //!
-//! 1. the one authority of the request ([`checks::request_authority`]) must be the SNI and the
-//!    dialed name ([`checks::check_consistent`]), and HTTP/1 framing must be unambiguous
-//!    ([`checks::check_framing`]); CONNECT and unrouted upgrades are refused;
-//! 2. host policy: route → action and cost (a metered route reads a bounded prefix of the body
-//!    to estimate), host-wide verdict;
-//! 3. the decision, durable in the ledger before anything leaves (`Service::enforce_outcome`);
-//! 4. allow → [`forward`]; hold → wait for the operator (or the timeout), then forward or
-//!    refuse; block → `403` with the decision JSON and a `Sluice-Decision` header.
+//! 1. [`request_filter`]: the one authority of the request ([`checks::request_authority`]) must
+//!    be the SNI and the dialed name ([`checks::check_consistent`]), and HTTP/1 framing must be
+//!    unambiguous ([`checks::check_framing`]); CONNECT goes to [`connect`];
+//! 2. [`route_and_price`]: host policy route → action and cost (a metered route reads a bounded
+//!    prefix of the body to estimate), unrouted upgrades refused, host-wide verdict;
+//! 3. [`decide_or_answer`]: the decision, durable in the ledger before anything leaves (through
+//!    [`Decide`]); hold → wait for the operator (or the timeout); block → `403` with the
+//!    decision JSON and a `Sluice-Decision` header;
+//! 4. [`forward`] (through [`Forward`]), [`response_filter`] on the response's headers, and on a
+//!    metered route the settlement of the cost when the body ends ([`super::metered`]).
+//!
+//! [`RequestCtx`] is what one request carries through the steps; [`Sides`] is what they call.
 //!
 //! The proxy's own refusals (fronting, smuggling, CONNECT, ...) are decisions too: they go
 //! through the engine as a host-policy denial with their own reason, so they are attested on the
@@ -21,15 +25,16 @@
 //! Bodies stream both ways as hyper frames; the only buffering is the bounded prefix a metered
 //! route needs for its estimate ([`crate::policy::meter::MAX_REQUEST_SCAN`]).
 
+use super::answer::{decision_response, record_refusal, service_failure, simple, ConnInfo, DECISION_HEADER};
 use super::checks::{self, Refusal};
-use super::conn::ConnInfo;
+use super::decider::{Decide, Forward};
 use super::upstream::{BoxError, ProxyBody};
-use super::{h1watch, inc, Proxy};
+use super::{h1watch, inc, Proxy, Stats};
 use crate::decide::Reason;
 use crate::decide::{self, Decision};
 use crate::domain::DomainName;
 use crate::policy::{self, meter, Cost};
-use crate::service::{EnforceInput, HoldOrigin, ServiceError};
+use crate::service::{EnforceInput, ServiceError};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -43,11 +48,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
-
-/// The response header that carries the decision (docs/decisions.md, "What the agent receives"): `block; reason=<reason>;
-/// attestation=<log index>` on refusals, `allow; attestation=<log index>` on forwarded
-/// responses.
-pub const DECISION_HEADER: &str = "sluice-decision";
 
 /// Serves HTTP on one agent connection until it closes.
 pub(super) async fn serve<S>(proxy: Arc<Proxy>, info: Arc<ConnInfo>, io: S, h2: bool)
@@ -98,7 +98,28 @@ where
     }
 }
 
-/// One request, start to end. Never fails: every outcome is a response.
+/// One request's context, filled in as it passes the steps: what the agent asked for, before
+/// any name is trusted.
+struct RequestCtx {
+    method: Method,
+    /// Path and query as the agent sent them.
+    path: String,
+    /// The action recorded for a refusal before a route is known.
+    default_action: &'static str,
+}
+
+impl RequestCtx {
+    fn new<B>(req: &Request<B>) -> RequestCtx {
+        let method = req.method().clone();
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+        let default_action = default_action(&method);
+        RequestCtx { method, path, default_action }
+    }
+}
+
+/// One request, start to end, as named steps: request filter → (CONNECT) → route and price →
+/// decide → forward (with the response filter and settlement). Never fails: every outcome is a
+/// response.
 ///
 /// `framing` is the HTTP/1 stream tracker's verdict on this request's head ([`h1watch`]): `None`
 /// for HTTP/2, `Some(None)` when the tracker could not follow the stream (refused).
@@ -109,10 +130,51 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     inc(&proxy.stats.requests);
-    let method = req.method().clone();
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let default_action = default_action(&method);
+    let ctx = RequestCtx::new(&req);
+    let authority = match request_filter(&proxy, &info, &ctx, framing, &req).await {
+        Ok(a) => a,
+        Err(answer) => return answer,
+    };
+    let host = authority.host.clone();
+    if checks::is_connect(&ctx.method) {
+        return connect(&proxy, &info, &host, authority.port, req, &ctx.path).await;
+    }
+    let priced = match route_and_price(&proxy, &info, &ctx, &host, req).await {
+        Ok(p) => p,
+        Err(answer) => return answer,
+    };
+    decide_then_forward(&proxy.sides(), &info, &host, &ctx.path, priced).await
+}
 
+/// The decide step, then the forward step on its attestation: nothing is sent upstream unless
+/// the decide step answered `Ok`.
+async fn decide_then_forward(
+    sides: &Sides<'_>,
+    info: &ConnInfo,
+    host: &DomainName,
+    path: &str,
+    priced: Priced,
+) -> Response<ProxyBody> {
+    let decided = decide_or_answer(&**sides.decider, sides.stats, priced.input, priced.verdict, host, path);
+    let attestation = match decided.await {
+        Ok(a) => a,
+        Err(answer) => return answer,
+    };
+    forward(sides, info, host, priced.req, priced.upgrade, attestation, priced.metering).await
+}
+
+/// The request filter step: the HTTP/1 framing verdict, the one authority of the request, that
+/// authority = SNI = dialed name and port (fronting), header-level framing. `Ok` is the
+/// authority the rest of the request is about; `Err` the recorded refusal to answer. It owns
+/// the proxy's own refusals before policy; it must not consult host policy or forward.
+async fn request_filter(
+    proxy: &Proxy,
+    info: &ConnInfo,
+    ctx: &RequestCtx,
+    framing: Option<Option<Result<(), Refusal>>>,
+    req: &Request<Incoming>,
+) -> Result<checks::Authority, Response<ProxyBody>> {
+    let (method, path, default_action) = (&ctx.method, ctx.path.as_str(), ctx.default_action);
     let authority = checks::request_authority(req.version(), req.uri(), req.headers());
     if let Some(framing) = framing {
         let refusal = match framing {
@@ -127,19 +189,19 @@ async fn handle(
         if let Some(r) = refusal {
             let target = authority.as_ref().ok().map(|a| &a.host).or(info.conn_name());
             let close = r.reason == Reason::RequestSmuggling || r.reason == Reason::MalformedRequest;
-            let mut resp = refuse(&proxy, &info, target, default_action, &method, &path, r).await;
+            let mut resp = refuse(proxy, info, target, default_action, method, path, r).await;
             if close {
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            return resp;
+            return Err(resp);
         }
     }
     let authority = match authority {
         Ok(a) => a,
-        Err(r) => return refuse(&proxy, &info, info.conn_name(), default_action, &method, &path, r).await,
+        Err(r) => return Err(refuse(proxy, info, info.conn_name(), default_action, method, path, r).await),
     };
     // A CONNECT's port is the tunnel's destination, not the port this connection was made to.
-    let consistency = if checks::is_connect(&method) {
+    let consistency = if checks::is_connect(method) {
         let name_only = checks::Authority { host: authority.host.clone(), port: None };
         checks::check_consistent(&name_only, info.sni.as_ref(), info.dialed_name.as_ref(), info.dialed.port())
     } else {
@@ -149,20 +211,39 @@ async fn handle(
         // Recorded against the name the connection was opened for: that is what the agent
         // tried to borrow.
         let target = info.conn_name().unwrap_or(&authority.host).clone();
-        return refuse(&proxy, &info, Some(&target), default_action, &method, &path, r).await;
+        return Err(refuse(proxy, info, Some(&target), default_action, method, path, r).await);
     }
-    let host = authority.host.clone();
     if req.version() != Version::HTTP_2 {
         if let Err(r) = checks::check_framing(req.headers()) {
-            return refuse(&proxy, &info, Some(&host), default_action, &method, &path, r).await;
+            return Err(refuse(proxy, info, Some(&authority.host), default_action, method, path, r).await);
         }
     }
-    if checks::is_connect(&method) {
-        return connect(&proxy, &info, &host, authority.port, req, &path).await;
-    }
+    Ok(authority)
+}
 
+/// A request routed and priced, ready for the decide step.
+struct Priced {
+    /// The request, its body replaying any prefix read for the estimate.
+    req: Request<ProxyBody>,
+    input: EnforceInput,
+    verdict: decide::HostVerdict,
+    upgrade: bool,
+    metering: Option<Metering>,
+}
+
+/// The route and price step: host policy route → action and cost (a metered route reads a
+/// bounded prefix of the body to estimate), upgrades only on an explicit route, the host-wide
+/// verdict. It owns the policy lookup; it must not decide or forward.
+async fn route_and_price(
+    proxy: &Proxy,
+    info: &ConnInfo,
+    ctx: &RequestCtx,
+    host: &DomainName,
+    req: Request<Incoming>,
+) -> Result<Priced, Response<ProxyBody>> {
+    let (method, path) = (&ctx.method, &ctx.path);
     let policy = proxy.policy.current();
-    let route = policy.route(&host, method.as_str(), &path);
+    let route = policy.route(host, method.as_str(), path);
     let upgrade = checks::is_upgrade(req.version(), req.headers());
     if upgrade && route.route_id.is_none() {
         let r = Refusal {
@@ -172,7 +253,7 @@ async fn handle(
                 req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or("?")
             ),
         };
-        return refuse(&proxy, &info, Some(&host), &route.action, &method, &path, r).await;
+        return Err(refuse(proxy, info, Some(host), &route.action, method, path, r).await);
     }
 
     let (req, cost) = match &route.cost {
@@ -181,11 +262,11 @@ async fn handle(
             Ok(got) => got,
             Err(e) => {
                 tracing::info!(client = %info.client, error = %e, "request body failed while estimating its cost");
-                return simple(StatusCode::BAD_REQUEST, json!({"error": "request_body", "detail": e.to_string()}));
+                return Err(simple(StatusCode::BAD_REQUEST, json!({"error": "request_body", "detail": e.to_string()})));
             }
         },
     };
-    let verdict = policy.host_check(&host, cost);
+    let verdict = policy.host_check(host, cost);
     let input = EnforceInput {
         passport_id: info.passport_id.clone(),
         action: route.action.to_string(),
@@ -195,56 +276,55 @@ async fn handle(
         method: Some(method.to_string()),
         path: Some(path.clone()),
     };
-    let attestation = match decide_or_answer(&proxy, input, verdict, &host, &path).await {
-        Ok(a) => a,
-        Err(answer) => return answer,
-    };
     let metering = match &route.cost {
         Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_millicents: cost }),
         Cost::Fixed(_) => None,
     };
-    forward(&proxy, &info, &host, req, upgrade, attestation, metering).await
+    Ok(Priced { req, input, verdict, upgrade, metering })
 }
 
-/// Decides one request (durably) and settles a hold by waiting on it. `Ok` carries the attestation
-/// that lets the request go ahead (the allow decision, or the approved hold's resolution); `Err`
-/// is the answer to give instead: `403` with the decision JSON, or `503` if the store failed.
+/// The decide step: decides one request (durably) and settles a hold by waiting on it. `Ok`
+/// carries the attestation that lets the request go ahead (the allow decision, or the approved
+/// hold's resolution); `Err` is the answer to give instead: `403` with the decision JSON, or
+/// `503` if the store failed. It owns the decision and the hold wait; it must not forward,
+/// and it never answers `Ok` without a recorded decision to cite.
 async fn decide_or_answer(
-    proxy: &Proxy,
+    decider: &dyn Decide,
+    stats: &Stats,
     input: EnforceInput,
     verdict: decide::HostVerdict,
     host: &DomainName,
     path: &str,
 ) -> Result<u64, Response<ProxyBody>> {
-    let outcome = match proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await {
+    let outcome = match decider.enforce(input, verdict).await {
         Ok(o) => o,
         Err(e) => return Err(service_failure(&e)),
     };
     match outcome.decision {
         Decision::Allow => Ok(outcome.attestation_id),
         Decision::Block => {
-            inc(&proxy.stats.blocked);
+            inc(&stats.blocked);
             Err(decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id))
         }
         Decision::RequestHold => {
-            inc(&proxy.stats.held);
+            inc(&stats.held);
             let Some(hold_id) = outcome.hold_id().map(str::to_string) else {
                 return Err(decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id));
             };
             tracing::info!(%hold_id, %host, %path, "request held for approval");
-            let held = proxy.service.wait_hold(&hold_id).await;
+            let held = decider.wait_hold(&hold_id).await;
             match (held.decision(), held.attestation_id()) {
                 // Forwarded on the approval's own record, which a settlement links to.
                 (Decision::Allow, Some(id)) => Ok(id),
                 (Decision::Allow, None) => {
                     // Approved, but the resolution's record cannot be named: nothing leaves.
-                    inc(&proxy.stats.blocked);
+                    inc(&stats.blocked);
                     tracing::error!(%hold_id, "approved hold has no resolution record to cite; refusing");
                     let e = ServiceError::ResolutionNotFound(hold_id.clone());
                     Err(service_failure(&e))
                 }
                 (_, resolution) => {
-                    inc(&proxy.stats.blocked);
+                    inc(&stats.blocked);
                     let mut body = held.to_json();
                     if let Value::Object(m) = &mut body {
                         m.entry("decision").or_insert_with(|| "block".into());
@@ -299,66 +379,6 @@ async fn refuse(
         }
         Err(e) => service_failure(&e),
     }
-}
-
-pub(super) async fn record_refusal(
-    proxy: &Proxy,
-    info: &ConnInfo,
-    target: Option<&DomainName>,
-    action: &str,
-    method: Option<&str>,
-    path: Option<&str>,
-    refusal: &Refusal,
-) -> Result<crate::service::DecisionOutcome, ServiceError> {
-    let input = EnforceInput {
-        passport_id: info.passport_id.clone(),
-        action: action.to_string(),
-        cost_cents: None,
-        cost_millicents: None,
-        target: target.map(ToString::to_string),
-        method: method.map(str::to_string),
-        path: path.map(str::to_string),
-    };
-    let verdict = decide::HostVerdict::Deny { reason: refusal.reason.clone(), detail: refusal.detail.clone() };
-    let outcome = proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await?;
-    if outcome.decision != Decision::Block {
-        // A host denial always blocks; anything else is a bug we must not forward through.
-        tracing::error!(decision = outcome.decision.as_str(), "a proxy refusal was not a block");
-    }
-    Ok(outcome)
-}
-
-/// `403` with the decision JSON and the `Sluice-Decision` header.
-pub(super) fn decision_response(json: &Value, reason: &Reason, attestation_id: u64) -> Response<ProxyBody> {
-    let mut resp = simple(StatusCode::FORBIDDEN, json.clone());
-    let value = format!("block; reason={}; attestation={attestation_id}", token(reason.as_str()));
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        resp.headers_mut().insert(HeaderName::from_static(DECISION_HEADER), v);
-    }
-    resp
-}
-
-/// Reasons are `a-z 0-9 _` by construction; anything else is replaced so the header stays one
-/// well-formed token.
-fn token(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).take(64).collect()
-}
-
-/// The store failed: nothing was decided, nothing is forwarded.
-fn service_failure(e: &ServiceError) -> Response<ProxyBody> {
-    tracing::error!(error = %e, "decision failed; refusing the request");
-    let status = if e.is_unavailable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::FORBIDDEN };
-    simple(status, json!({"decision": "block", "reason": Reason::DecisionFailed, "detail": e.to_string()}))
-}
-
-pub(super) fn simple(status: StatusCode, body: Value) -> Response<ProxyBody> {
-    let mut text = body.to_string();
-    text.push('\n');
-    let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    resp
 }
 
 fn boxed_incoming(b: Incoming) -> ProxyBody {
@@ -489,13 +509,13 @@ async fn connect(
         path: Some(path.to_string()),
     };
     let verdict = policy.host_check(host, rule.cost_millicents);
-    let attestation = match decide_or_answer(proxy, input, verdict, host, path).await {
+    let attestation = match decide_or_answer(&*proxy.service, &proxy.stats, input, verdict, host, path).await {
         Ok(a) => a,
         Err(answer) => return answer,
     };
     let upstream = match super::upstream::dial(&proxy.resolver, host, port).await {
         Ok((s, _)) => s,
-        Err(e) => return upstream_failure(proxy, info, host, attestation, e.kind(), &e.to_string()).await,
+        Err(e) => return upstream_failure(&proxy.sides(), info, host, attestation, e.kind(), &e.to_string()).await,
     };
     inc(&proxy.stats.forwarded);
     let on_upgrade = hyper::upgrade::on(&mut req);
@@ -549,9 +569,25 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Sends an allowed request to the real service and streams its response back.
+/// The service side of the steps after the decision: the decider (settlement, host events),
+/// the upstream, the counters.
+struct Sides<'a> {
+    decider: &'a Arc<dyn Decide>,
+    upstream: &'a dyn Forward,
+    stats: &'a Stats,
+}
+
+impl Proxy {
+    fn sides(&self) -> Sides<'_> {
+        Sides { decider: &self.service, upstream: &self.upstream, stats: &self.stats }
+    }
+}
+
+/// The forward step: sends an allowed request to the real service and streams its response
+/// back, through the response filter and, on a metered route, the settlement of its cost. It
+/// runs only after a recorded allow (`attestation`); it must not decide anything.
 async fn forward(
-    proxy: &Proxy,
+    sides: &Sides<'_>,
     info: &ConnInfo,
     host: &DomainName,
     mut req: Request<ProxyBody>,
@@ -566,7 +602,7 @@ async fn forward(
     let uri = match format!("{scheme}://{host}:{}{path}", info.dialed.port()).parse::<http::Uri>() {
         Ok(u) => u,
         Err(e) => {
-            return upstream_failure(proxy, info, host, attestation, "uri", &format!("bad upstream URI: {e}")).await
+            return upstream_failure(sides, info, host, attestation, "uri", &format!("bad upstream URI: {e}")).await
         }
     };
     parts.uri = uri;
@@ -579,16 +615,14 @@ async fn forward(
         parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
     let req = Request::from_parts(parts, body);
-    let sent = if upgrade { proxy.upstream.send_h1(req).await } else { proxy.upstream.send(req).await };
-    let mut resp = match sent {
+    let mut resp = match sides.upstream.send(req, upgrade).await {
         Ok(r) => r,
         Err(e) => {
-            let detail = error_chain(&e);
-            let kind = if e.is_connect() { "connect" } else { "http" };
-            return upstream_failure(proxy, info, host, attestation, kind, &detail).await;
+            let kind = if e.connect { "connect" } else { "http" };
+            return upstream_failure(sides, info, host, attestation, kind, &e.detail).await;
         }
     };
-    inc(&proxy.stats.forwarded);
+    inc(&sides.stats.forwarded);
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
     if switching {
         if let Some(agent) = agent_upgrade {
@@ -605,16 +639,12 @@ async fn forward(
         }
     }
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, switching && upgrade);
-    if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
-        parts.headers.insert(HeaderName::from_static(DECISION_HEADER), v);
-    }
-    let body = boxed_incoming(body);
+    response_filter(&mut parts.headers, switching && upgrade, attestation);
     let body = match metering {
         // The usage fields are read as the frames pass; the cost settles when the body ends.
         Some(m) if encoded(&parts.headers) => {
             // Sent compressed anyway: the usage cannot be read, the estimate stands.
-            let settle = proxy.service.clone();
+            let settle = sides.decider.clone();
             let passport = info.passport_id.clone();
             tokio::spawn(async move {
                 let why = crate::service::settle_why::ENCODED;
@@ -627,7 +657,7 @@ async fn forward(
         Some(m) => super::metered::settle_on_end(
             body,
             m.spec,
-            proxy.service.clone(),
+            sides.decider.clone(),
             attestation,
             info.passport_id.clone(),
             m.estimate_millicents,
@@ -637,39 +667,39 @@ async fn forward(
     Response::from_parts(parts, body)
 }
 
+/// The response filter step: what the agent receives of a forwarded response's headers. It
+/// strips the hop-by-hop headers (keeping `Upgrade` only on an upgrade both sides agreed to) and
+/// sets `Sluice-Decision: allow; attestation=<index>`, the record the response went out on. It
+/// owns the response headers only; it must not touch the body or the status.
+fn response_filter(headers: &mut HeaderMap, upgraded: bool, attestation: u64) {
+    strip_hop_by_hop(headers, upgraded);
+    if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
+        headers.insert(HeaderName::from_static(DECISION_HEADER), v);
+    }
+}
+
 /// Whether a response body is sent with a content coding other than `identity`.
 fn encoded(headers: &HeaderMap) -> bool {
     headers.get_all(header::CONTENT_ENCODING).iter().any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 /// `502` with a JSON body; the failure is attested (the allow decision before it already is).
 async fn upstream_failure(
-    proxy: &Proxy,
+    sides: &Sides<'_>,
     info: &ConnInfo,
     host: &DomainName,
     attestation: u64,
     kind: &'static str,
     detail: &str,
 ) -> Response<ProxyBody> {
-    inc(&proxy.stats.upstream_errors);
+    inc(&sides.stats.upstream_errors);
     crate::metrics::global().upstream_error(kind);
     tracing::warn!(%host, error = %detail, "upstream request failed");
     let event = json!({
         "passport_id": info.passport_id, "host": host.to_string(), "port": info.dialed.port(),
         "decision_attestation_id": attestation, "error": detail,
     });
-    let recorded = proxy.service.record_host_event("upstream_error", event).await.ok();
+    let recorded = sides.decider.record_host_event("upstream_error", event).await.ok();
     simple(
         StatusCode::BAD_GATEWAY,
         json!({
@@ -731,6 +761,352 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
         assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+
+    use super::super::decider::fake::{outcome, FakeDecide};
+    use super::super::decider::ForwardError;
+    use crate::service::{HoldOutcome, HoldStatus};
+    use std::sync::atomic::Ordering;
+
+    fn input() -> EnforceInput {
+        EnforceInput {
+            passport_id: "pp-1".into(),
+            action: "web:fetch".into(),
+            cost_millicents: Some(0),
+            target: Some("example.com".into()),
+            method: Some("GET".into()),
+            path: Some("/".into()),
+            ..EnforceInput::default()
+        }
+    }
+
+    async fn decide(fake: &FakeDecide, stats: &Stats) -> Result<u64, Response<ProxyBody>> {
+        let host = DomainName::parse("example.com").unwrap();
+        decide_or_answer(fake, stats, input(), decide::HostVerdict::Allow, &host, "/").await
+    }
+
+    async fn body_json(resp: Response<ProxyBody>) -> Value {
+        let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+        serde_json::from_slice(&bytes).expect("json body")
+    }
+
+    fn header(resp: &Response<ProxyBody>) -> &str {
+        resp.headers().get(DECISION_HEADER).expect("decision header").to_str().unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_allow_goes_ahead_on_its_own_attestation() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 7)));
+        let stats = Stats::default();
+        assert_eq!(decide(&fake, &stats).await.ok(), Some(7));
+        let enforced = fake.enforced.lock().unwrap();
+        assert_eq!(enforced.len(), 1);
+        assert_eq!(enforced[0].0.target.as_deref(), Some("example.com"));
+        assert!(fake.waited.lock().unwrap().is_empty());
+        assert_eq!(stats.blocked.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_block_is_a_403_with_the_decision_json_and_header() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::Block, Reason::DomainNotAllowed, 8)));
+        let stats = Stats::default();
+        let resp = decide(&fake, &stats).await.expect_err("blocked");
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(header(&resp), "block; reason=domain_not_allowed; attestation=8");
+        let body = body_json(resp).await;
+        assert_eq!((body["decision"].as_str(), body["reason"].as_str()), (Some("block"), Some("domain_not_allowed")));
+        assert_eq!(body["attestation_id"], 8);
+        assert_eq!(stats.blocked.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn an_approved_hold_goes_ahead_on_the_approval_record() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 9)));
+        *fake.hold.lock().unwrap() = Some(HoldOutcome::Resolved {
+            outcome: outcome(Decision::Allow, Reason::HoldApproved, 12),
+            hold_id: "hold-1".into(),
+            hold_status: HoldStatus::Approved,
+        });
+        let stats = Stats::default();
+        assert_eq!(decide(&fake, &stats).await.ok(), Some(12));
+        assert_eq!(*fake.waited.lock().unwrap(), vec!["hold-1".to_string()]);
+        assert_eq!(stats.held.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_denied_hold_is_refused_on_the_denial_record() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 9)));
+        *fake.hold.lock().unwrap() = Some(HoldOutcome::Resolved {
+            outcome: outcome(Decision::Block, Reason::HoldDenied, 13),
+            hold_id: "hold-1".into(),
+            hold_status: HoldStatus::Denied,
+        });
+        let resp = decide(&fake, &Stats::default()).await.expect_err("denied");
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(header(&resp), "block; reason=hold_denied; attestation=13");
+        assert_eq!(body_json(resp).await["approval_request_id"], "hold-1");
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_hold_is_refused_on_the_hold_record() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 9)));
+        let resp = decide(&fake, &Stats::default()).await.expect_err("abandoned");
+        assert_eq!(header(&resp), "block; reason=hold_abandoned; attestation=9");
+        let body = body_json(resp).await;
+        assert_eq!((body["decision"].as_str(), body["approval_request_id"].as_str()), (Some("block"), Some("hold-1")));
+    }
+
+    #[tokio::test]
+    async fn an_approval_without_a_record_to_cite_is_a_503() {
+        let fake = FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 9)));
+        *fake.hold.lock().unwrap() = Some(HoldOutcome::Found {
+            decision: Decision::Allow,
+            reason: Reason::HoldApproved,
+            hold_id: "hold-1".into(),
+            hold_status: HoldStatus::Approved,
+            attestation_id: None,
+        });
+        let resp = decide(&fake, &Stats::default()).await.expect_err("nothing to cite");
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_is_a_503_and_nothing_goes_ahead() {
+        let fake = FakeDecide::answering(Err(ServiceError::NotAppended("the disk is full")));
+        let resp = decide(&fake, &Stats::default()).await.expect_err("store failed");
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(resp.headers().get(DECISION_HEADER).is_none());
+        let body = body_json(resp).await;
+        assert_eq!((body["decision"].as_str(), body["reason"].as_str()), (Some("block"), Some("decision_failed")));
+        assert!(fake.waited.lock().unwrap().is_empty());
+    }
+
+    /// An upstream that answers one scripted response and keeps the request it was sent.
+    struct FakeUpstream {
+        answer: std::sync::Mutex<Option<Result<Response<ProxyBody>, ForwardError>>>,
+        seen: std::sync::Mutex<Vec<(http::request::Parts, bool)>>,
+    }
+
+    impl FakeUpstream {
+        fn answering(answer: Result<Response<ProxyBody>, ForwardError>) -> FakeUpstream {
+            FakeUpstream { answer: std::sync::Mutex::new(Some(answer)), seen: std::sync::Mutex::new(Vec::new()) }
+        }
+    }
+
+    impl Forward for FakeUpstream {
+        fn send(
+            &self,
+            req: Request<ProxyBody>,
+            h1_only: bool,
+        ) -> super::super::decider::BoxFuture<'_, Result<Response<ProxyBody>, ForwardError>> {
+            self.seen.lock().unwrap().push((req.into_parts().0, h1_only));
+            let answer = self.answer.lock().unwrap().take().expect("one request only");
+            Box::pin(async move { answer })
+        }
+    }
+
+    fn conn_info() -> ConnInfo {
+        let host = DomainName::parse("example.com").unwrap();
+        ConnInfo {
+            passport_id: "pp-1".into(),
+            client: "127.0.0.1:40000".parse().unwrap(),
+            dialed: "198.18.0.5:443".parse().unwrap(),
+            pid: 1234,
+            cgroup_id: 99,
+            dialed_name: Some(host.clone()),
+            sni: Some(host),
+            tls: true,
+        }
+    }
+
+    fn upstream_response(body: &'static str, headers: &[(&'static str, &'static str)]) -> Response<ProxyBody> {
+        let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}).boxed());
+        for (k, v) in headers {
+            resp.headers_mut().insert(*k, HeaderValue::from_static(v));
+        }
+        resp
+    }
+
+    fn agent_request() -> Request<ProxyBody> {
+        let mut req = Request::new(Full::new(Bytes::from_static(b"{}")).map_err(|e| match e {}).boxed());
+        *req.uri_mut() = "/v1/x?q=1".parse().unwrap();
+        *req.method_mut() = Method::POST;
+        let h = req.headers_mut();
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("secret"));
+        h.insert("x-agent", HeaderValue::from_static("1"));
+        req
+    }
+
+    async fn forward_with(
+        decider: &Arc<dyn Decide>,
+        upstream: &FakeUpstream,
+        stats: &Stats,
+        metering: Option<Metering>,
+    ) -> Response<ProxyBody> {
+        let sides = Sides { decider, upstream, stats };
+        let host = DomainName::parse("example.com").unwrap();
+        forward(&sides, &conn_info(), &host, agent_request(), false, 7, metering).await
+    }
+
+    #[tokio::test]
+    async fn an_allowed_request_is_forwarded_to_the_name_with_the_allow_header() {
+        let fake = Arc::new(FakeDecide::default());
+        let decider: Arc<dyn Decide> = fake.clone();
+        let upstream = FakeUpstream::answering(Ok(upstream_response(
+            "hello",
+            &[("connection", "x-secret"), ("x-secret", "1"), ("content-type", "text/plain")],
+        )));
+        let stats = Stats::default();
+        let resp = forward_with(&decider, &upstream, &stats, None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(header(&resp), "allow; attestation=7");
+        assert!(resp.headers().get("x-secret").is_none());
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "hello");
+        let seen = upstream.seen.lock().unwrap();
+        let (parts, h1_only) = &seen[0];
+        // The name the decision was about, on the port dialed; never the dialed address.
+        assert_eq!(parts.uri, "https://example.com:443/v1/x?q=1");
+        assert_eq!((parts.method.as_str(), parts.version, *h1_only), ("POST", Version::HTTP_11, false));
+        assert!(parts.headers.get(header::HOST).is_none() && parts.headers.get(header::PROXY_AUTHORIZATION).is_none());
+        assert_eq!(parts.headers.get("x-agent").unwrap(), "1");
+        assert!(parts.headers.get(header::ACCEPT_ENCODING).is_none());
+        assert_eq!(stats.forwarded.load(Ordering::Relaxed), 1);
+        assert!(fake.settled.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_a_502_naming_the_allow() {
+        let decider: Arc<dyn Decide> = Arc::new(FakeDecide::default());
+        let upstream =
+            FakeUpstream::answering(Err(ForwardError { connect: true, detail: "connection refused".into() }));
+        let stats = Stats::default();
+        let resp = forward_with(&decider, &upstream, &stats, None).await;
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        let body = body_json(resp).await;
+        assert_eq!(
+            (body["error"].as_str(), body["decision_attestation_id"].as_u64()),
+            (Some("upstream_failed"), Some(7))
+        );
+        assert_eq!((stats.forwarded.load(Ordering::Relaxed), stats.upstream_errors.load(Ordering::Relaxed)), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_metered_route_asks_for_plain_bodies_and_settles_the_scanned_usage() {
+        use crate::policy::meter::{MeterKind, ModelPrice, PriceTable};
+        let price =
+            ModelPrice { name: "m".into(), input_millicents_per_mtok: 100_000, output_millicents_per_mtok: 200_000 };
+        let spec = Arc::new(policy::MeterSpec {
+            kind: MeterKind::OpenAi,
+            default_max_tokens: 1000,
+            prices: Arc::new(PriceTable {
+                as_of: "2026-01-01".into(),
+                source: None,
+                models: vec![price.clone()],
+                unknown: price,
+            }),
+        });
+        let fake = Arc::new(FakeDecide::default());
+        let decider: Arc<dyn Decide> = fake.clone();
+        let usage =
+            "{\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":1000000,\"completion_tokens\":500000}}";
+        let upstream = FakeUpstream::answering(Ok(upstream_response(usage, &[("content-type", "application/json")])));
+        let metering = Metering { spec, estimate_millicents: 5_000 };
+        let resp = forward_with(&decider, &upstream, &Stats::default(), Some(metering)).await;
+        assert_eq!(header(&resp), "allow; attestation=7");
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), usage);
+        assert_eq!(upstream.seen.lock().unwrap()[0].0.headers.get(header::ACCEPT_ENCODING).unwrap(), "identity");
+        // Settlement runs in its own task; the bound turns a lost settlement into a failure.
+        let settled = async {
+            loop {
+                if let Some(s) = fake.settled.lock().unwrap().first().cloned() {
+                    return s;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        let s = tokio::time::timeout(std::time::Duration::from_secs(10), settled).await.expect("settle called");
+        // 1M input at $1 + 0.5M output at $2 = $2.00, replacing the estimate.
+        assert_eq!(s, (7, "pp-1".to_string(), 5_000, Some(200_000), crate::service::settle_why::USAGE.to_string()));
+    }
+
+    async fn through_the_pipeline(fake: Arc<FakeDecide>, upstream: &FakeUpstream) -> Response<ProxyBody> {
+        let decider: Arc<dyn Decide> = fake;
+        let stats = Stats::default();
+        let sides = Sides { decider: &decider, upstream, stats: &stats };
+        let host = DomainName::parse("example.com").unwrap();
+        let priced = Priced {
+            req: agent_request(),
+            input: input(),
+            verdict: decide::HostVerdict::Allow,
+            upgrade: false,
+            metering: None,
+        };
+        decide_then_forward(&sides, &conn_info(), &host, "/v1/x?q=1", priced).await
+    }
+
+    #[tokio::test]
+    async fn only_a_recorded_allow_reaches_the_upstream() {
+        // Allowed: forwarded, on the decision's attestation.
+        let fake = Arc::new(FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 21))));
+        let upstream = FakeUpstream::answering(Ok(upstream_response("ok", &[])));
+        let resp = through_the_pipeline(fake, &upstream).await;
+        assert_eq!((resp.status(), header(&resp)), (StatusCode::OK, "allow; attestation=21"));
+        assert_eq!(upstream.seen.lock().unwrap().len(), 1);
+
+        // Held, then approved: forwarded on the approval's record.
+        let fake = Arc::new(FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 22))));
+        *fake.hold.lock().unwrap() = Some(HoldOutcome::Resolved {
+            outcome: outcome(Decision::Allow, Reason::HoldApproved, 23),
+            hold_id: "hold-1".into(),
+            hold_status: HoldStatus::Approved,
+        });
+        let upstream = FakeUpstream::answering(Ok(upstream_response("ok", &[])));
+        let resp = through_the_pipeline(fake, &upstream).await;
+        assert_eq!(header(&resp), "allow; attestation=23");
+        assert_eq!(upstream.seen.lock().unwrap().len(), 1);
+
+        // Blocked, held then denied, or the store failed: nothing is sent.
+        let held_denied =
+            Arc::new(FakeDecide::answering(Ok(outcome(Decision::RequestHold, Reason::ApprovalRequired, 24))));
+        *held_denied.hold.lock().unwrap() = Some(HoldOutcome::Resolved {
+            outcome: outcome(Decision::Block, Reason::HoldDenied, 25),
+            hold_id: "hold-1".into(),
+            hold_status: HoldStatus::Denied,
+        });
+        let cases = [
+            (
+                Arc::new(FakeDecide::answering(Ok(outcome(Decision::Block, Reason::DomainNotAllowed, 26)))),
+                StatusCode::FORBIDDEN,
+            ),
+            (held_denied, StatusCode::FORBIDDEN),
+            (
+                Arc::new(FakeDecide::answering(Err(ServiceError::NotAppended("the disk is full")))),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+        ];
+        for (fake, status) in cases {
+            let upstream = FakeUpstream::answering(Ok(upstream_response("must not be sent", &[])));
+            let resp = through_the_pipeline(fake, &upstream).await;
+            assert_eq!(resp.status(), status);
+            assert!(upstream.seen.lock().unwrap().is_empty(), "a refused request reached the upstream");
+        }
+    }
+
+    #[test]
+    fn a_forwarded_response_carries_the_allow_and_no_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-upstream-secret"));
+        h.insert("x-upstream-secret", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        // An upstream cannot forge the decision: the proxy's own header replaces it.
+        h.insert(DECISION_HEADER, HeaderValue::from_static("allow; attestation=999"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        response_filter(&mut h, false, 42);
+        assert_eq!(h.get(DECISION_HEADER).unwrap(), "allow; attestation=42");
+        assert_eq!(h.get_all(DECISION_HEADER).iter().count(), 1);
+        assert!(h.get("x-upstream-secret").is_none() && h.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(h.get(header::CONTENT_TYPE).unwrap(), "text/plain");
     }
 
     #[test]

@@ -12,9 +12,10 @@
 //!   connection was cut) → the estimate stands (`connection_cut`). Partial usage is not trusted:
 //!   the stream's final counts never arrived.
 
+use super::decider::Decide;
 use super::upstream::{BoxError, ProxyBody};
 use crate::policy::meter::{self, MeterSpec, UsageScanner};
-use crate::service::{settle_why, Service};
+use crate::service::settle_why;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
@@ -109,7 +110,7 @@ impl Drop for MeteredBody {
 pub(super) fn settle_on_end(
     body: ProxyBody,
     spec: Arc<MeterSpec>,
-    service: Arc<Service>,
+    service: Arc<dyn Decide>,
     decision: u64,
     passport_id: String,
     estimate_millicents: u64,
@@ -223,6 +224,25 @@ mod tests {
         let (out, seen) = run(MeterKind::Anthropic, chunks(&sse)).await;
         assert_eq!(out, sse.concat().as_bytes());
         assert_eq!(seen, vec![Ending { actual_millicents: Some(300_000), why: settle_why::USAGE }]);
+    }
+
+    #[tokio::test]
+    async fn a_metered_response_settles_through_decide_with_the_scanned_usage() {
+        let fake = Arc::new(super::super::decider::fake::FakeDecide::default());
+        let body = settle_on_end(chunks(&OPENAI_SSE), spec(MeterKind::OpenAi), fake.clone(), 41, "pp-1".into(), 5_000);
+        let out = body.collect().await.expect("body").to_bytes();
+        assert_eq!(out, OPENAI_SSE.concat().as_bytes());
+        // The settlement runs in its own task; the bound turns a lost settlement into a failure.
+        let settled = async {
+            loop {
+                if let Some(s) = fake.settled.lock().unwrap().first().cloned() {
+                    return s;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        let s = tokio::time::timeout(std::time::Duration::from_secs(10), settled).await.expect("settle called");
+        assert_eq!(s, (41, "pp-1".to_string(), 5_000, Some(200_000), settle_why::USAGE.to_string()));
     }
 
     #[tokio::test]

@@ -12,8 +12,9 @@
 //!    `http/1.1`; plain HTTP is served as is; anything else goes to [`raw`] (default block).
 //! 4. [`http`] runs one task per request (keep-alive and HTTP/2 streams alike): host checks
 //!    ([`checks`]: fronting, smuggling), host policy route → action and cost, the decision
-//!    (`service::Service::enforce_outcome`, durable before anything is forwarded), then
-//!    forward through [`upstream`] / wait on the hold / answer `403` with the decision JSON.
+//!    (through [`decider::Decide`], which `service::Service` implements; durable before
+//!    anything is forwarded), then forward through [`upstream`] / wait on the hold / answer
+//!    `403` with the decision JSON. What `conn`, `http` and `raw` share lives in [`answer`].
 
 /// `AsyncWrite` for a read-side wrapper `$t<S>` with a field `inner: S`: every write call goes
 /// to `inner` unchanged.
@@ -53,9 +54,11 @@ macro_rules! delegate_async_write {
     };
 }
 
+mod answer;
 pub mod ca;
 pub mod checks;
 mod conn;
+mod decider;
 mod h1watch;
 mod http;
 mod metered;
@@ -166,7 +169,8 @@ pub(crate) fn inc(c: &AtomicU64) {
 
 /// The proxy's shared state. Cheap to share (`Arc`).
 pub struct Proxy {
-    service: Arc<Service>,
+    /// The service calls the proxy makes ([`decider::Decide`]; the daemon's `Service`).
+    service: Arc<dyn decider::Decide>,
     policy: Arc<PolicyHandle>,
     conntable: Arc<Conntable>,
     passports: PassportLookup,

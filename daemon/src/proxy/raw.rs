@@ -8,14 +8,13 @@
 //! the action and cost are decided like any request, and an allowed connection is spliced to the
 //! address the daemon resolves for the name, never to the address the agent dialed.
 
+use super::answer::{record_refusal, ConnInfo};
 use super::checks::Refusal;
-use super::conn::ConnInfo;
-use super::http::record_refusal;
 use super::prefixed::Prefixed;
 use super::{inc, upstream, Proxy};
 use crate::decide::Decision;
 use crate::decide::Reason;
-use crate::service::{EnforceInput, HoldOrigin};
+use crate::service::EnforceInput;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
@@ -56,7 +55,7 @@ pub(super) async fn handle(proxy: Arc<Proxy>, info: ConnInfo, mut agent: Prefixe
         method: None,
         path: None,
     };
-    let outcome = match proxy.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await {
+    let outcome = match proxy.service.enforce(input, verdict).await {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(error = %e, "decision failed; closing the raw connection");
