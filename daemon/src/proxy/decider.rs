@@ -97,6 +97,20 @@ pub(crate) mod fake {
     }
 
     impl FakeDecide {
+        /// The first `settle` call. Settlement runs in its own task, so this waits for it; the
+        /// 10 s bound turns a lost settlement into a failure rather than a hang.
+        pub async fn first_settlement(&self) -> Settled {
+            let settled = async {
+                loop {
+                    if let Some(s) = self.settled.lock().unwrap().first().cloned() {
+                        return s;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(10), settled).await.expect("settle called")
+        }
+
         pub fn answering(first: Result<DecisionOutcome, ServiceError>) -> FakeDecide {
             let f = FakeDecide::default();
             f.enforce.lock().unwrap().push_back(first);

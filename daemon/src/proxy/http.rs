@@ -993,19 +993,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_metered_route_asks_for_plain_bodies_and_settles_the_scanned_usage() {
-        use crate::policy::meter::{MeterKind, ModelPrice, PriceTable};
-        let price =
-            ModelPrice { name: "m".into(), input_millicents_per_mtok: 100_000, output_millicents_per_mtok: 200_000 };
-        let spec = Arc::new(policy::MeterSpec {
-            kind: MeterKind::OpenAi,
-            default_max_tokens: 1000,
-            prices: Arc::new(PriceTable {
-                as_of: "2026-01-01".into(),
-                source: None,
-                models: vec![price.clone()],
-                unknown: price,
-            }),
-        });
+        let spec = Arc::new(crate::service::settle::testkit::one_price_meter(
+            crate::policy::meter::MeterKind::OpenAi,
+            100_000,
+            200_000,
+        ));
         let fake = Arc::new(FakeDecide::default());
         let decider: Arc<dyn Decide> = fake.clone();
         let usage =
@@ -1016,16 +1008,7 @@ mod tests {
         assert_eq!(header(&resp), "allow; attestation=7");
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), usage);
         assert_eq!(upstream.seen.lock().unwrap()[0].0.headers.get(header::ACCEPT_ENCODING).unwrap(), "identity");
-        // Settlement runs in its own task; the bound turns a lost settlement into a failure.
-        let settled = async {
-            loop {
-                if let Some(s) = fake.settled.lock().unwrap().first().cloned() {
-                    return s;
-                }
-                tokio::task::yield_now().await;
-            }
-        };
-        let s = tokio::time::timeout(std::time::Duration::from_secs(10), settled).await.expect("settle called");
+        let s = fake.first_settlement().await;
         // 1M input at $1 + 0.5M output at $2 = $2.00, replacing the estimate.
         assert_eq!(s, (7, "pp-1".to_string(), 5_000, Some(200_000), crate::service::settle_why::USAGE.to_string()));
     }

@@ -133,7 +133,7 @@ pub(super) fn settle_on_end(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::meter::{MeterKind, ModelPrice, PriceTable};
+    use crate::policy::meter::MeterKind;
     use http_body_util::Full;
     use std::collections::VecDeque;
     use std::sync::Mutex;
@@ -156,18 +156,7 @@ mod tests {
 
     /// $1 per million input tokens, $2 per million output tokens (millicents per Mtok).
     fn spec(kind: MeterKind) -> Arc<MeterSpec> {
-        let price =
-            ModelPrice { name: "m".into(), input_millicents_per_mtok: 100_000, output_millicents_per_mtok: 200_000 };
-        Arc::new(MeterSpec {
-            kind,
-            default_max_tokens: 1000,
-            prices: Arc::new(PriceTable {
-                as_of: "2026-01-01".into(),
-                source: None,
-                models: vec![price.clone()],
-                unknown: price,
-            }),
-        })
+        Arc::new(crate::service::settle::testkit::one_price_meter(kind, 100_000, 200_000))
     }
 
     fn recorder() -> (Arc<Mutex<Vec<Ending>>>, OnEnd) {
@@ -232,16 +221,7 @@ mod tests {
         let body = settle_on_end(chunks(&OPENAI_SSE), spec(MeterKind::OpenAi), fake.clone(), 41, "pp-1".into(), 5_000);
         let out = body.collect().await.expect("body").to_bytes();
         assert_eq!(out, OPENAI_SSE.concat().as_bytes());
-        // The settlement runs in its own task; the bound turns a lost settlement into a failure.
-        let settled = async {
-            loop {
-                if let Some(s) = fake.settled.lock().unwrap().first().cloned() {
-                    return s;
-                }
-                tokio::task::yield_now().await;
-            }
-        };
-        let s = tokio::time::timeout(std::time::Duration::from_secs(10), settled).await.expect("settle called");
+        let s = fake.first_settlement().await;
         assert_eq!(s, (41, "pp-1".to_string(), 5_000, Some(200_000), settle_why::USAGE.to_string()));
     }
 

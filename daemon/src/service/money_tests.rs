@@ -6,7 +6,7 @@ use super::*;
 use crate::decide::usage::{window_start, USAGE_VERSION};
 use crate::ledger::{export, verify, HostKey, LedgerOptions};
 use crate::passport::{Cents, Constraints, Permission, SpendWindow, TrustTier};
-use crate::policy::meter::{self, MeterKind, MeterSpec, ModelPrice, PriceTable};
+use crate::policy::meter::{self, MeterKind, MeterSpec};
 use crate::service::Peer;
 use ed25519_dalek::SigningKey;
 use serde_json::Map;
@@ -30,17 +30,7 @@ fn input(passport_id: &str, cost_millicents: u64) -> EnforceInput {
 /// A model at $0.05 per million output tokens (nothing for input): a call with `max_tokens`
 /// 1000 is estimated at exactly $0.00005, 5 millicents.
 fn tiny_model() -> MeterSpec {
-    let price = ModelPrice { name: "tiny".into(), input_millicents_per_mtok: 0, output_millicents_per_mtok: 5_000 };
-    MeterSpec {
-        kind: MeterKind::OpenAi,
-        default_max_tokens: 1000,
-        prices: Arc::new(PriceTable {
-            as_of: "2026-01-01".into(),
-            source: None,
-            models: vec![price.clone()],
-            unknown: price,
-        }),
-    }
+    super::settle::testkit::one_price_meter(MeterKind::OpenAi, 0, 5_000)
 }
 
 /// 10,000 calls of a $0.00005 model cost $0.50. When every call was rounded up to a cent they
@@ -54,7 +44,7 @@ async fn ten_thousand_calls_of_a_five_millicent_model_charge_fifty_cents() {
         ..Constraints::default()
     })
     .await;
-    let cost = meter::estimate(&tiny_model(), br#"{"model":"tiny","max_tokens":1000,"messages":[]}"#);
+    let cost = meter::estimate(&tiny_model(), br#"{"model":"m","max_tokens":1000,"messages":[]}"#);
     assert_eq!(cost, 5, "the estimate is 5 millicents, not a cent");
 
     // All at once, as a busy agent would: the group commit takes them in batches.

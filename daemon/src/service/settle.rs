@@ -302,6 +302,28 @@ pub(crate) mod testkit {
     pub(crate) fn record(f: &Fixture, index: u64) -> Value {
         serde_json::from_slice(&f.service.ledger().record(index).expect("read").expect("exists")).expect("json")
     }
+
+    /// A meter with one price, used for every model: `input` and `output` millicents per million
+    /// tokens, `max_tokens` 1000 when a request names none.
+    pub fn one_price_meter(
+        kind: crate::policy::meter::MeterKind,
+        input: u64,
+        output: u64,
+    ) -> crate::policy::meter::MeterSpec {
+        use crate::policy::meter::{MeterSpec, ModelPrice, PriceTable};
+        let price =
+            ModelPrice { name: "m".into(), input_millicents_per_mtok: input, output_millicents_per_mtok: output };
+        MeterSpec {
+            kind,
+            default_max_tokens: 1000,
+            prices: Arc::new(PriceTable {
+                as_of: "2026-01-01".into(),
+                source: None,
+                models: vec![price.clone()],
+                unknown: price,
+            }),
+        }
+    }
 }
 
 #[cfg(test)]
