@@ -275,6 +275,7 @@ async fn route_and_price(
         target: Some(host.to_string()),
         method: Some(method.to_string()),
         path: Some(path.clone()),
+        port: None,
     };
     let metering = match &route.cost {
         Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_millicents: cost }),
@@ -507,6 +508,7 @@ async fn connect(
         target: Some(host.to_string()),
         method: Some(method.to_string()),
         path: Some(path.to_string()),
+        port: Some(port),
     };
     let verdict = policy.host_check(host, rule.cost_millicents);
     let attestation = match decide_or_answer(&*proxy.service, &proxy.stats, input, verdict, host, path).await {
@@ -993,7 +995,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_metered_route_asks_for_plain_bodies_and_settles_the_scanned_usage() {
-        let spec = Arc::new(crate::service::settle::testkit::one_price_meter(
+        let spec = Arc::new(crate::service::testkit::one_price_meter(
             crate::policy::meter::MeterKind::OpenAi,
             100_000,
             200_000,

@@ -54,6 +54,7 @@ pub(super) async fn handle(proxy: Arc<Proxy>, info: ConnInfo, mut agent: Prefixe
         target: Some(name.to_string()),
         method: None,
         path: None,
+        port: Some(port),
     };
     let outcome = match proxy.service.enforce(input, verdict).await {
         Ok(o) => o,
