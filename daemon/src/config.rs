@@ -135,16 +135,18 @@ impl Default for DnsConfig {
 
 /// Where the resolver sends the daemon's own queries.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Upstream {
+pub enum DnsUpstream {
     System,
     Server(SocketAddr),
 }
 
 impl DnsConfig {
-    pub fn upstreams(&self) -> Vec<Upstream> {
+    pub fn upstreams(&self) -> Vec<DnsUpstream> {
         self.upstream
             .iter()
-            .filter_map(|u| if u == "system" { Some(Upstream::System) } else { u.parse().ok().map(Upstream::Server) })
+            .filter_map(
+                |u| if u == "system" { Some(DnsUpstream::System) } else { u.parse().ok().map(DnsUpstream::Server) },
+            )
             .collect()
     }
 }
@@ -344,7 +346,7 @@ mod tests {
         assert_eq!(c.dns.port, 15053);
         assert_eq!(c.sandbox.cgroup, "sluice-agents");
         assert_eq!(c.holds.timeout_secs, 120);
-        assert_eq!(c.dns.upstreams(), vec![Upstream::System]);
+        assert_eq!(c.dns.upstreams(), vec![DnsUpstream::System]);
     }
 
     #[test]

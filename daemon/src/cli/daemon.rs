@@ -3,11 +3,11 @@
 use super::CmdResult;
 use crate::api::{peer::PeerPolicy, server};
 use crate::config::Config;
-use crate::intercept;
 use crate::kernel;
 use crate::ledger::{self, Ledger};
 use crate::policy::PolicyHandle;
 use crate::service::{Service, ServiceConfig};
+use crate::wiring;
 use anyhow::Context;
 use clap::Args;
 use std::os::unix::fs::DirBuilderExt;
@@ -97,7 +97,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     // The local CA that terminates agents' TLS, and the bundle `sluice run` points agents at.
-    let ca = if enforcer.is_some() { Some(intercept::ca_and_bundle(&config.state_dir)?) } else { None };
+    let ca = if enforcer.is_some() { Some(wiring::ca_and_bundle(&config.state_dir)?) } else { None };
     let host_key = ledger::hostkey::load_or_create(&config.state_dir)?;
     let ledger = Ledger::open(&store_path(&config.state_dir), host_key, ledger::LedgerOptions::default())
         .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
@@ -130,14 +130,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         crate::metrics::global().watch_conntable(e.conntable());
     }
     // The proxy and the agents' resolver, on the ports the eBPF programs redirect to.
-    let intercept = match (&enforcer, ca) {
+    let plane = match (&enforcer, ca) {
         (Some(e), Some((ca, _))) => {
-            Some(intercept::start(&config, service.clone(), host_policy.clone(), e.conntable(), ca).await?)
+            Some(wiring::start(&config, service.clone(), host_policy.clone(), e.conntable(), ca).await?)
         }
         _ => None,
     };
     let (reload_stop, reload_rx) = tokio::sync::watch::channel(false);
-    let reloader = tokio::spawn(intercept::reload::watch(host_policy.clone(), service.clone(), reload_rx));
+    let reloader = tokio::spawn(wiring::policy_reload::watch(host_policy.clone(), service.clone(), reload_rx));
     let listener = server::bind(&config.api.socket, policy.api_gid)
         .with_context(|| format!("[api] socket {}", config.api.socket.display()))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -153,7 +153,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = api.await;
     let _ = reload_stop.send(true);
     let _ = reloader.await;
-    if let Some(i) = intercept {
+    if let Some(i) = plane {
         i.shutdown().await;
     }
     // The eBPF links stay pinned: with the daemon gone, agents' connections are refused.

@@ -35,7 +35,7 @@ pub mod why {
 /// What a settlement did, as its record says (JSON at the edge; the field names are the
 /// record's: `estimated_millicents`, `actual_millicents`, `spend_delta_millicents`, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Settled {
+pub struct Settlement {
     /// The allow record whose cost this settles.
     pub decision_record: u64,
     pub estimated_millicents: u64,
@@ -56,7 +56,7 @@ pub struct Settled {
     pub attestation_id: u64,
 }
 
-json_at_the_edge!(Settled);
+json_at_the_edge!(Settlement);
 
 /// Longest `why` accepted (it is an identifier, not prose).
 const MAX_WHY: usize = 64;
@@ -76,7 +76,7 @@ impl Service {
         estimate_millicents: u64,
         actual: Option<u64>,
         why: &str,
-    ) -> Result<Settled, ServiceError> {
+    ) -> Result<Settlement, ServiceError> {
         if why.is_empty() || why.len() > MAX_WHY || !why.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
             return Err(ServiceError::Invalid {
                 field: "why",
@@ -116,7 +116,7 @@ impl Service {
                 body.insert(FIELD_ACTUAL.into(), actual.into());
                 body.insert("settled".into(), actual.is_some().into());
                 body.insert(drafts::field::REASON.into(), why.clone().into());
-                let mut summary = Settled {
+                let mut summary = Settlement {
                     decision_record: decision_attestation_id,
                     estimated_millicents: estimate_millicents,
                     actual_millicents: actual,
@@ -172,7 +172,7 @@ impl Service {
                 Ok((summary, vec![Draft::new(id.clone(), body)]))
             })
             .await?;
-        let summary = Settled { attestation_id: super::appended_index(&appended, "settlement")?, ..summary };
+        let summary = Settlement { attestation_id: super::appended_index(&appended, "settlement")?, ..summary };
         tracing::info!(
             passport_id,
             decision_record = decision_attestation_id,
@@ -239,6 +239,49 @@ mod tests {
     use crate::ledger::verify;
     use crate::service::testkit::{allow, fixture, record, spent, verified};
     use serde_json::json;
+
+    /// The summary's amounts carry the names the record and the verifier use; what did not
+    /// happen is absent, not `null` (as before it was typed).
+    #[test]
+    fn a_settlement_names_its_amounts_as_its_record_does() {
+        use crate::ledger::record::{FIELD_SPEND_AFTER, FIELD_SPEND_DELTA};
+        let s = Settlement {
+            decision_record: 1,
+            estimated_millicents: 2,
+            actual_millicents: Some(3),
+            settled: true,
+            reason: why::USAGE.into(),
+            spend_delta_millicents: Some(1),
+            spend_after_millicents: Some(4),
+            window_closed: true,
+            attestation_id: 5,
+        };
+        let j = s.to_json();
+        for (name, value) in [
+            (drafts::field::DECISION_RECORD, 1),
+            (FIELD_ESTIMATED, 2),
+            (FIELD_ACTUAL, 3),
+            (FIELD_SPEND_DELTA, 1),
+            (FIELD_SPEND_AFTER, 4),
+            ("attestation_id", 5),
+        ] {
+            assert_eq!(j[name], value, "{name}: {j}");
+        }
+        assert_eq!((j["window_closed"].as_bool(), j["reason"].as_str()), (Some(true), Some(why::USAGE)));
+        let unknown = Settlement {
+            actual_millicents: None,
+            settled: false,
+            spend_delta_millicents: None,
+            spend_after_millicents: None,
+            window_closed: false,
+            ..s
+        }
+        .to_json();
+        assert!(unknown[FIELD_ACTUAL].is_null(), "{unknown}");
+        for absent in [FIELD_SPEND_DELTA, FIELD_SPEND_AFTER, "window_closed"] {
+            assert!(unknown.get(absent).is_none(), "{absent}: {unknown}");
+        }
+    }
 
     #[tokio::test]
     async fn refunds_extra_charges_and_unknown_usage_are_recorded_and_add_up() {
