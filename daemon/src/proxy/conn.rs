@@ -143,3 +143,119 @@ async fn tls(proxy: Arc<Proxy>, info: ConnInfo, stream: Prefixed<TcpStream>) {
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     http::serve(proxy, Arc::new(info), tls, h2).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::{Decision, HostVerdict};
+    use crate::domain::DomainName;
+    use crate::proxy::decider::fake::{outcome, FakeDecide};
+    use crate::proxy::testing::{agent_pair, harness, raw_rule, read_to_close, upstream, Harness, CGROUP, OWN_PORTS};
+    use crate::service::EnforceInput;
+    use std::net::{IpAddr, Ipv4Addr};
+    use tokio::io::AsyncWriteExt;
+
+    const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    /// One agent connection through [`handle`]: the kernel's table says it was going to `dst`
+    /// from cgroup `cgroup_id` (`None`: no entry at all); the agent sends `HELLO` (not TLS, not
+    /// HTTP) and stops sending. Returns what the agent read until the proxy closed it.
+    async fn connection(h: &Harness, dst: SocketAddr, cgroup_id: Option<u64>) -> Vec<u8> {
+        let (mut agent, accepted) = agent_pair().await;
+        let client = agent.local_addr().expect("addr");
+        if let Some(cgroup_id) = cgroup_id {
+            h.redirects.redirect(client, dst, cgroup_id);
+        }
+        let task = tokio::spawn(handle(h.proxy.clone(), accepted, client));
+        let _ = agent.write_all(b"HELLO").await;
+        let _ = agent.shutdown().await;
+        let read = read_to_close(&mut agent).await;
+        task.await.expect("handle");
+        read
+    }
+
+    fn enforced(h: &Harness) -> Vec<(EnforceInput, HostVerdict)> {
+        h.decide.enforced.lock().unwrap().clone()
+    }
+
+    fn denied_for(verdict: &HostVerdict) -> Option<Reason> {
+        match verdict {
+            HostVerdict::Deny { reason, .. } => Some(reason.clone()),
+            HostVerdict::Allow => None,
+        }
+    }
+
+    /// The whole path without the kernel: table entry → sandbox's passport → synthetic address
+    /// → the name → sniffed as neither TLS nor HTTP → the raw rule → decided → spliced to the
+    /// daemon's own resolution of the name (never to the address the agent dialed).
+    #[tokio::test]
+    async fn a_redirected_raw_connection_to_an_allowed_name_reaches_its_upstream() {
+        let up = upstream().await;
+        let port = up.addr.port();
+        let fake = FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 3)));
+        let h = harness(fake, &raw_rule(port), &[("db.example.test", LOCAL)]);
+        let name = DomainName::parse("db.example.test").expect("name");
+        let (synthetic, _) = h.pool.addresses(&name).expect("synthetic address");
+        let read = connection(&h, SocketAddr::new(IpAddr::V4(synthetic), port), Some(CGROUP)).await;
+        assert_eq!(read, b"PONG");
+        assert_eq!(*up.seen.lock().unwrap(), vec![b"HELLO".to_vec()]);
+        let calls = enforced(&h);
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(
+            (calls[0].0.action.as_str(), calls[0].0.target.as_deref(), calls[0].1.clone()),
+            ("tcp:postgres", Some("db.example.test"), HostVerdict::Allow)
+        );
+        let s = h.proxy.stats();
+        assert_eq!((s.raw_connections, s.forwarded, s.unknown, s.no_passport), (1, 1, 0, 0));
+    }
+
+    /// A connection the kernel did not redirect, or one from a cgroup that is no sandbox, is
+    /// closed before a byte is read or anything is decided.
+    #[tokio::test]
+    async fn connections_without_a_table_entry_or_a_passport_are_closed_undecided() {
+        let up = upstream().await;
+        let h = harness(FakeDecide::default(), &raw_rule(up.addr.port()), &[("db.example.test", LOCAL)]);
+        let read = connection(&h, up.addr, None).await;
+        assert!(read.is_empty());
+        let read = connection(&h, up.addr, Some(CGROUP + 1)).await;
+        assert!(read.is_empty());
+        assert!(enforced(&h).is_empty());
+        assert!(up.seen.lock().unwrap().is_empty());
+        let s = h.proxy.stats();
+        assert_eq!((s.unknown, s.no_passport, s.forwarded), (1, 1, 0));
+        // Each entry is taken once: a second connection from the same peer finds none.
+        assert!(h.redirects.0.lock().unwrap().is_empty());
+    }
+
+    /// Refusals of the whole connection are decisions on the passport's chain (a host denial
+    /// with the refusal's reason), and nothing is dialed: a dial of the proxy's own port, a
+    /// synthetic address that belongs to no name, and a bare IP (no name, so no rule matches,
+    /// even though something listens there).
+    #[tokio::test]
+    async fn loops_stale_synthetic_addresses_and_bare_ips_are_refused_on_the_record() {
+        let up = upstream().await;
+        let port = up.addr.port();
+        let fake = FakeDecide::default();
+        for reason in [Reason::ProxyLoop, Reason::UnknownSyntheticAddress, Reason::RawTcpDenied] {
+            fake.enforce.lock().unwrap().push_back(Ok(outcome(Decision::Block, reason, 1)));
+        }
+        let h = harness(fake, &raw_rule(port), &[("db.example.test", LOCAL)]);
+        let unallocated = IpAddr::V4(Ipv4Addr::new(198, 18, 200, 1));
+        assert!(h.pool.contains(unallocated) && h.pool.lookup_addr(unallocated).is_none());
+        for dst in [SocketAddr::new(LOCAL, OWN_PORTS[0]), SocketAddr::new(unallocated, port), up.addr] {
+            let read = connection(&h, dst, Some(CGROUP)).await;
+            assert!(read.is_empty(), "{dst}: {read:?}");
+        }
+        let calls = enforced(&h);
+        let reasons: Vec<Option<Reason>> = calls.iter().map(|(_, v)| denied_for(v)).collect();
+        assert_eq!(
+            reasons,
+            vec![Some(Reason::ProxyLoop), Some(Reason::UnknownSyntheticAddress), Some(Reason::RawTcpDenied)]
+        );
+        for (input, _) in &calls {
+            assert_eq!((input.action.as_str(), input.target.as_deref()), (raw::RAW_ACTION, None), "{input:?}");
+        }
+        assert!(up.seen.lock().unwrap().is_empty(), "nothing reaches the listener the agent dialed");
+        assert_eq!(h.proxy.stats().forwarded, 0);
+    }
+}

@@ -94,6 +94,8 @@ pub(crate) mod fake {
         pub enforced: Mutex<Vec<(EnforceInput, HostVerdict)>>,
         pub waited: Mutex<Vec<String>>,
         pub settled: Mutex<Vec<SettleCall>>,
+        /// Every `record_host_event` call: (kind, detail).
+        pub events: Mutex<Vec<(String, Value)>>,
     }
 
     impl FakeDecide {
@@ -170,7 +172,8 @@ pub(crate) mod fake {
             Box::pin(async { Ok(()) })
         }
 
-        fn record_host_event<'a>(&'a self, _kind: &'a str, _detail: Value) -> BoxFuture<'a, Result<u64, ServiceError>> {
+        fn record_host_event<'a>(&'a self, kind: &'a str, detail: Value) -> BoxFuture<'a, Result<u64, ServiceError>> {
+            self.events.lock().unwrap().push((kind.to_string(), detail));
             Box::pin(async { Ok(0) })
         }
     }

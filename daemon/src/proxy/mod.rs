@@ -65,11 +65,13 @@ mod metered;
 mod prefixed;
 mod raw;
 pub mod sniff;
+#[cfg(test)]
+mod testing;
 pub mod upstream;
 
 use crate::decide::CompiledPassport;
 use crate::dns::{SyntheticPool, UpstreamResolver};
-use crate::kernel::Conntable;
+use crate::kernel::{Conntable, OrigDst};
 use crate::policy::PolicyHandle;
 use crate::service::Service;
 use std::io;
@@ -83,6 +85,21 @@ use tokio::sync::{watch, Semaphore};
 /// Maps a connection's cgroup id to the passport of its sandbox (`None`: not a sandbox; the
 /// connection is closed). The daemon passes `Service::passport_for_cgroup`; tests pass a map.
 pub type PassportLookup = Arc<dyn Fn(u64) -> Option<Arc<CompiledPassport>> + Send + Sync>;
+
+/// Where redirected connections were going: the kernel's connection table, whose entry for an
+/// accepted connection is taken once ([`Conntable::lookup`]). A trait so that the proxy's unit
+/// tests can stand in for the kernel.
+pub trait Redirects: Send + Sync {
+    /// Takes the entry of the accepted connection whose peer is `client`; `None`: the
+    /// connection did not come through the redirect (or its entry is gone), and is closed.
+    fn lookup(&self, client: SocketAddr) -> Option<OrigDst>;
+}
+
+impl Redirects for Conntable {
+    fn lookup(&self, client: SocketAddr) -> Option<OrigDst> {
+        Conntable::lookup(self, client)
+    }
+}
 
 /// Bounds that keep one agent (or a flood) from exhausting the daemon.
 #[derive(Debug, Clone)]
@@ -172,7 +189,7 @@ pub struct Proxy {
     /// The service calls the proxy makes ([`decider::Decide`]; the daemon's `Service`).
     service: Arc<dyn decider::Decide>,
     policy: Arc<PolicyHandle>,
-    conntable: Arc<Conntable>,
+    conntable: Arc<dyn Redirects>,
     passports: PassportLookup,
     pool: Arc<SyntheticPool>,
     tls: Arc<rustls::ServerConfig>,
