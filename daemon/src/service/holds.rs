@@ -826,6 +826,53 @@ cost_cents = 0
         );
     }
 
+    /// A hold's view makes exactly the JSON the untyped view made, resolved or not.
+    #[test]
+    fn the_typed_hold_view_makes_the_same_json_as_before() {
+        let mut h = hold_with(json!({"action": "llm:chat", "cost_millicents": 1_500, "host": "api.example.test",
+                                     "method": "POST", "path": "/v1/chat", "port": 8443}))
+        .expect("hold");
+        let old = |h: &Hold, resolution: Value| {
+            let r = &h.request;
+            json!({
+                "id": h.id, "passport_id": h.passport_id, "agent_id": h.agent_id,
+                "status": h.status, "origin": h.origin,
+                "created_at": drafts::time(h.created_at), "expires_at": drafts::time(h.expires_at),
+                "request": {"action": r.action, "host": r.host, "method": r.method, "path": r.path,
+                            "cost_cents": 2, "cost_millicents": 1_500},
+                "attestation_id": h.record_index, "resolution": resolution,
+            })
+            .to_string()
+        };
+        assert_eq!(HoldView::of(&h).to_json().to_string(), old(&h, Value::Null));
+        let by = root().actor();
+        h.status = HoldStatus::Approved;
+        h.resolution = Some(HoldResolution {
+            at: "2026-05-01T00:01:00.000000Z".into(),
+            by: by.clone(),
+            note: Some("ok".into()),
+            reason: Reason::HoldApproved,
+        });
+        let resolution = json!({"at": "2026-05-01T00:01:00.000000Z", "by": by.to_json(), "note": "ok",
+                                "reason": "hold_approved"});
+        assert_eq!(HoldView::of(&h).to_json().to_string(), old(&h, resolution.clone()));
+        // Stored and read back, the typed resolution is the same; a daemon's `by` too.
+        let back = Hold::from_bytes(&h.to_bytes()).expect("read back");
+        assert_eq!(back.resolution, h.resolution);
+        assert_eq!(back.request.port, Some(8443));
+        let stored: Value = serde_json::from_slice(&h.to_bytes()).expect("json");
+        assert_eq!(stored["resolution"], resolution);
+        h.resolution = Some(HoldResolution {
+            at: "t".into(),
+            by: Actor::Daemon("timeout".into()),
+            note: None,
+            reason: Reason::HoldTimeout,
+        });
+        let stored: Value = serde_json::from_slice(&h.to_bytes()).expect("json");
+        assert_eq!(stored["resolution"]["by"], "timeout");
+        assert_eq!(Hold::from_bytes(&h.to_bytes()).expect("read back").resolution, h.resolution);
+    }
+
     #[test]
     fn a_hold_without_exactly_one_cost_is_unreadable_never_free() {
         let none = json!({"action": "llm:chat", "host": null, "method": null, "path": null});

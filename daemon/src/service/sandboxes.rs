@@ -492,6 +492,56 @@ mod tests {
         }
     }
 
+    /// The typed answers make exactly the JSON the untyped ones made (the API's bytes, keys
+    /// sorted as `serde_json::Value` sorts them).
+    #[test]
+    fn typed_sandbox_answers_make_the_same_json_as_before() {
+        use serde_json::json;
+        let peer = Peer { uid: 1000, gid: 1000, pid: 42, user: Some("ada".into()) };
+        let s = Sandbox {
+            id: "run-1".into(),
+            passport_id: "pp_x".into(),
+            cgroup: PathBuf::from("/sys/fs/cgroup/a/run-1"),
+            cgroup_id: 7,
+            leader_pid: Some(42),
+            leader_start: Some(99),
+            created_at: "2026-05-01T00:00:00.000000Z".into(),
+            created_by: Some(peer.actor()),
+        };
+        let list = SandboxList { sandboxes: vec![s.clone()] }.to_json().to_string();
+        let before = json!({"sandboxes": [{
+            "id": "run-1", "passport_id": "pp_x", "cgroup": "/sys/fs/cgroup/a/run-1", "cgroup_id": 7,
+            "leader_pid": 42, "leader_start": 99, "created_at": "2026-05-01T00:00:00.000000Z",
+            "created_by": peer.to_json(),
+        }]});
+        assert_eq!(list, before.to_string());
+        assert_eq!(
+            bound(&s, true).to_json().to_string(),
+            json!({"sandbox_id": s.id, "passport_id": s.passport_id, "cgroup": s.cgroup, "cgroup_id": 7,
+                   "already_bound": true})
+            .to_string()
+        );
+        let created = SandboxCreated {
+            sandbox_id: s.id.clone(),
+            passport_id: s.passport_id.clone(),
+            cgroup: s.cgroup.clone(),
+            cgroup_id: 7,
+            ca_bundle: None,
+        };
+        assert_eq!(
+            created.to_json().to_string(),
+            json!({"sandbox_id": "run-1", "passport_id": "pp_x", "cgroup": s.cgroup, "cgroup_id": 7,
+                   "ca_bundle": null})
+            .to_string()
+        );
+        let unbound =
+            SandboxUnbound { sandbox_id: "a".into(), passport_id: "pp_x".into(), cgroup_id: 8, unbound: true };
+        assert_eq!(
+            unbound.to_json().to_string(),
+            json!({"sandbox_id": "a", "passport_id": "pp_x", "cgroup_id": 8, "unbound": true}).to_string()
+        );
+    }
+
     #[test]
     fn old_and_bound_sandbox_records_both_parse() {
         let run = r#"{"id":"run-1","passport_id":"pp_x","cgroup":"/c/run-1","cgroup_id":7,"leader_pid":42,
