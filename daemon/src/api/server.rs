@@ -4,7 +4,7 @@
 //! caller gets `403` with the reason on every request. Handlers only parse and route: the work is
 //! done by [`Service`], which the proxy uses too.
 
-use super::peer::{Peer, PeerPolicy, SandboxedRoot};
+use super::access::{Peer, PeerPolicy, SandboxedRoot};
 use crate::service::{self, BindTarget, EnforceInput, ResetWindow, Service, ServiceError};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -144,7 +144,7 @@ pub async fn serve(
                 let root = peer.as_ref().err().and_then(|r| policy.sandboxed_root(r, cred.uid(), cred.gid(), proc));
                 (peer, root)
             }
-            Err(_) => (Err(super::peer::PeerRefusal::NoPid), None),
+            Err(_) => (Err(super::access::PeerRefusal::NoPid), None),
         };
         let service = service.clone();
         tokio::spawn(async move {
@@ -329,7 +329,7 @@ async fn handle_sandboxed_root(
     req: Request<Incoming>,
     service: &Service,
     root: &SandboxedRoot,
-    refusal: &super::peer::PeerRefusal,
+    refusal: &super::access::PeerRefusal,
 ) -> Result<Response<Body>, ApiError> {
     let forbidden = || ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal.to_string());
     let own = || BindTarget::Own(root.cgroup.clone());

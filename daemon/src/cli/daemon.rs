@@ -1,7 +1,7 @@
 //! `sluice daemon`: the enforcer in the foreground.
 
 use super::CmdResult;
-use crate::api::{peer::PeerPolicy, server};
+use crate::api::{access::PeerPolicy, server};
 use crate::config::Config;
 use crate::kernel;
 use crate::ledger::{self, Ledger};
