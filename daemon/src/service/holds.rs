@@ -3,7 +3,8 @@
 //! A `request_hold` decision creates a pending hold in the same transaction as its record.
 //! Approve, deny and timeout each resolve it in one transaction that writes the resolution record
 //! (linked to the hold's record, naming the approver) and, for an approval, re-checks every limit
-//! and moves the counters. Waiters (the proxy) are woken after the resolution is durable.
+//! and the host policy in force at approval ([`host_verdict_at_approval`]), then moves the
+//! counters. Waiters (the proxy) are woken after the resolution is durable.
 
 use super::drafts::{self, Built, DecisionOutcome};
 use super::held::{Hold, HoldOrigin, HoldResolution, HoldStatus};
@@ -148,6 +149,7 @@ impl HoldView {
 }
 
 json_at_the_edge!(HoldView, HoldList);
+
 impl Service {
     /// `GET /v1/holds`: pending holds, oldest first.
     pub fn holds(&self) -> Result<HoldList, ServiceError> {
