@@ -239,7 +239,7 @@ impl Builder {
             }
         }
         if let Some(host) = raw.host {
-            self.host(src, host.into_inner());
+            self.host(src, host);
         }
         for (i, rule) in raw.raw_tcp.iter().enumerate() {
             self.raw_tcp_rule(src, i, rule.get_ref());
