@@ -148,6 +148,11 @@ static KERNEL_SERIAL: Mutex<()> = Mutex::new(());
 impl KernelFixture {
     /// `None` when the test must be skipped (see [`root_or_skip`]).
     pub fn new(test: &str) -> Option<Self> {
+        Self::with_max_tcp_sockets(test, sluice::kernel::DEFAULT_MAX_TCP_SOCKETS)
+    }
+
+    /// Like [`Self::new`], with `quota` TCP sockets per sandbox (`[sandbox] max_tcp_sockets`).
+    pub fn with_max_tcp_sockets(test: &str, quota: u32) -> Option<Self> {
         if !root_or_skip(test) {
             return None;
         }
@@ -160,6 +165,7 @@ impl KernelFixture {
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
             proxy_port: free_port(),
             dns_port: free_port(),
+            max_tcp_sockets: quota,
         };
         let mut cleanup = Cleanup { sandbox: None, pin_dir: config.pin_dir.clone(), agents_path: mount.join(&name) };
         let enforcer = Enforcer::install(&config)

@@ -27,6 +27,7 @@ fn pin_dir_outside_bpffs_is_refused_before_anything_is_created() {
         pin_dir: tmp.path().join("pins"),
         proxy_port: free_port(),
         dns_port: free_port(),
+        max_tcp_sockets: sluice::kernel::DEFAULT_MAX_TCP_SOCKETS,
     };
     let err = Enforcer::install(&config).expect_err("a tmpfs pin dir must be refused");
     assert!(matches!(err, KernelError::NotBpffs { .. }), "{err}");

@@ -8,14 +8,18 @@ use sluice::kernel::{OrigDst, Transport};
 use sluice_e2e::{free_port, last_json, py_addr, run, Canary, KernelFixture};
 
 /// Connects to (host, port) with the given family and reports what the
-/// agent sees: local and peer address, pid.
+/// agent sees: local and peer address, pid. It keeps the socket open until the
+/// probe closes it (EOF): a socket closed before the proxy accepted its
+/// connection gives up its table entry (`sock_release`).
 const CONNECT_PY: &str = r#"
 import json, os, socket, sys
 host, port, fam = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 s = socket.socket(socket.AF_INET6 if fam == "6" else socket.AF_INET, socket.SOCK_STREAM)
 s.settimeout(20)
 s.connect((host, port))
-print(json.dumps({"local": s.getsockname(), "peer": s.getpeername(), "pid": os.getpid()}))
+out = {"local": s.getsockname(), "peer": s.getpeername(), "pid": os.getpid()}
+s.recv(1)
+print(json.dumps(out))
 "#;
 
 /// Waits for the probe event of the agent connection whose local address is
@@ -84,6 +88,11 @@ fn tcp_fast_open_is_redirected() {
 import json, os, socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 n = s.sendto(b"GET / HTTP/1.0\r\n\r\n", socket.MSG_FASTOPEN, ("127.0.0.55", int(sys.argv[1])))
+s.settimeout(20)
+try:
+    s.recv(1)  # held until the probe closed it (EOF or RST)
+except ConnectionResetError:
+    pass
 print(json.dumps({"sent": n, "pid": os.getpid()}))
 "#,
         &[port.to_string()],
@@ -134,6 +143,12 @@ int main(int argc, char **argv)
     ret = cqe->res;
     io_uring_cqe_seen(&ring, cqe);
     getsockname(fd, (struct sockaddr *)&local, &len);
+    {
+        /* Held until the probe closed it: see CONNECT_PY. */
+        char c;
+        if (read(fd, &c, 1) < 0)
+            perror("read");
+    }
     printf("{\"res\": %d, \"local_port\": %d, \"pid\": %d}\n", ret, ntohs(local.sin_port), getpid());
     return 0;
 }
@@ -187,7 +202,9 @@ if os.fork() == 0:
     if os.fork() == 0:
         os.setsid()
         s = socket.create_connection(("127.0.0.55", port), timeout=20)
-        print(json.dumps({"local": s.getsockname(), "pid": os.getpid(), "ppid": os.getppid()}), flush=True)
+        out = {"local": s.getsockname(), "pid": os.getpid(), "ppid": os.getppid()}
+        s.recv(1)  # held until the probe closed it: see CONNECT_PY
+        print(json.dumps(out), flush=True)
         os._exit(0)
     os._exit(0)
 os.wait()
@@ -236,6 +253,18 @@ fn curl_with_or_without_proxy_variables_lands_on_probe() {
     assert_eq!(fake_proxy.hits(), 0);
 }
 
+/// A burst of 1,000 non-blocking connects from one agent: every one has its entry, exact, and the
+/// kernel counters account for each step (connect, slot, sockops, insert, release).
+///
+/// History: this test used to lose bursts of ~20 entries in about one run in five. The kernel
+/// counters showed every connect, slot, sockops callback and insert succeeding, every time; the
+/// connections without an entry were those the probe's listener answered with SYN cookies while
+/// its 1,024-deep accept queue overflowed (TcpExtSyncookiesSent rose by the number missing in the
+/// runs measured). The kernel keeps no state for such a connection, so it reaches `accept` only
+/// when the agent sends a packet — here the FIN of its exit, after its socket was released and
+/// its entry removed. The proxy and the probe now listen with `LISTEN_BACKLOG` (4,096): no
+/// overflow, no cookies, and 0 missing in 30 runs; the agent also holds its sockets until the
+/// probe closed each one.
 #[test]
 fn thousand_parallel_connects_are_all_in_the_table() {
     let Some(mut fx) = KernelFixture::new("thousand_parallel_connects_are_all_in_the_table") else {
@@ -269,6 +298,22 @@ while left:
         (errors if err else ports).append(err if err else s.getsockname()[1])
         sel.unregister(s)
         left -= 1
+# Hold every socket until the probe has taken its entry and closed it (EOF): a socket closed
+# before the proxy accepted its connection gives its entry up (sock_release).
+for s in socks:
+    sel.register(s, selectors.EVENT_READ)
+left = n
+while left:
+    ready = sel.select(timeout=30)
+    if not ready:
+        break
+    for key, _ in ready:
+        try:
+            key.fileobj.recv(1)
+        except OSError:
+            pass
+        sel.unregister(key.fileobj)
+        left -= 1
 print(json.dumps({"pid": os.getpid(), "ports": ports, "errors": errors}))
 "#,
         &[N.to_string(), port.to_string()],
@@ -295,15 +340,23 @@ print(json.dumps({"pid": os.getpid(), "ports": ports, "errors": errors}))
         assert_eq!(orig.cgroup_id, fx.sandbox.id());
         assert!(seen.insert(ev.client.port()), "duplicate {}", ev.client);
     }
-    // A connection without an entry is refused by the proxy (fail closed), never sent out: the
-    // canary below proves nothing leaked, and every entry found is exact. OPEN DEFECT: under
-    // 1,000 simultaneous connects, in about one run in five here, a burst of ~20 consecutive
-    // connects gets no entry (reproduced with a plain hash map instead of the LRU, and with 16
-    // insert attempts instead of 3, so it is neither eviction nor a single failed insert; the
-    // cause is not known yet). Until it is found and fixed, up to 5% may be missing.
-    assert!(missing.len() <= N / 20, "{} of {N} connections had no table entry: {missing:?}", missing.len());
-    // The probe also counts refused connections it accepted after the N events read here.
-    let unknown = fx.probe_unknown();
-    assert!(unknown >= missing.len() as u64 && unknown <= N as u64 / 20, "{unknown} unknown connections");
+    // The kernel's own account of the burst: which step, if any, lost an entry.
+    let stats = fx.conntable.kernel_stats().expect("kernel counters");
+    eprintln!("thousand_parallel_connects: kernel counters {stats:?}; missing {}", missing.len());
+    let stat = |name: &str| stats.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).unwrap();
+    assert_eq!(stat("connect"), N as u64, "connect4 ran once per connect");
+    assert_eq!(stat("slot_taken"), N as u64, "one slot per socket");
+    assert_eq!(stat("sockops_connect"), N as u64, "sockops saw every TCP_CONNECT_CB");
+    assert_eq!(stat("insert_ok") + stat("insert_retried"), N as u64 - stat("insert_fail"));
+    assert!(
+        missing.is_empty(),
+        "{} of {N} connections had no table entry: {missing:?} (kernel counters above; table now holds {:?} entries)",
+        missing.len(),
+        fx.conntable.entry_count()
+    );
+    // Every socket is closed: every slot is back and nothing is left in the table.
+    assert_eq!(fx.conntable.sandbox_slots(fx.sandbox.id()).map(|q| q.used), Some(0));
+    assert_eq!(fx.conntable.entry_count().unwrap(), 0);
+    assert_eq!(fx.probe_unknown(), 0, "connections refused for lack of an entry");
     assert_eq!(canary.hits(), 0);
 }
