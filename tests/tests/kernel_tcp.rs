@@ -360,3 +360,138 @@ print(json.dumps({"pid": os.getpid(), "ports": ports, "errors": errors}))
     assert_eq!(fx.probe_unknown(), 0, "connections refused for lack of an entry");
     assert_eq!(canary.hits(), 0);
 }
+
+/// Opens `n` non-blocking TCP connections to 127.0.0.55:port, reports the local ports of those
+/// that connected and the errno of those refused, then holds every socket until stdin closes
+/// (or, with `hold` = "eof", until the probe closed each connected one).
+const FLOOD_PY: &str = r#"
+import json, os, resource, selectors, socket, sys
+n, port, hold = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+sel = selectors.DefaultSelector()
+socks, refused = [], []
+for _ in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    err = s.connect_ex(("127.0.0.55", port))
+    if err in (0, 115):  # connected, or EINPROGRESS
+        sel.register(s, selectors.EVENT_WRITE)
+        socks.append(s)
+    else:
+        refused.append(err)
+        s.close()
+ports, errors, left = [], [], len(socks)
+while left:
+    ready = sel.select(timeout=30)
+    if not ready:
+        break
+    for key, _ in ready:
+        s = key.fileobj
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        (errors if err else ports).append(err if err else s.getsockname()[1])
+        sel.unregister(s)
+        left -= 1
+if hold == "eof":
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
+    left = len(socks)
+    while left:
+        ready = sel.select(timeout=30)
+        if not ready:
+            break
+        for key, _ in ready:
+            try:
+                key.fileobj.recv(1)
+            except OSError:
+                pass
+            sel.unregister(key.fileobj)
+            left -= 1
+print(json.dumps({"pid": os.getpid(), "ports": ports, "errors": errors, "refused": refused}), flush=True)
+if hold == "stdin":
+    sys.stdin.read()
+"#;
+
+/// One sandbox floods the connection table (four times its quota, every socket held) next to a
+/// quiet one: the flooder gets exactly its quota and EPERM beyond it (counted per sandbox and in
+/// the kernel counters), the quiet sandbox's connections all get their entries, right down to the
+/// cgroup, nothing reaches the outside canary, and every slot comes back when the flooder exits.
+#[test]
+fn a_flooding_sandbox_is_refused_at_its_quota_and_the_quiet_one_keeps_working() {
+    const QUOTA: u32 = 64;
+    const QUIET: usize = 32;
+    let test = "a_flooding_sandbox_is_refused_at_its_quota_and_the_quiet_one_keeps_working";
+    let Some(mut fx) = KernelFixture::with_max_tcp_sockets(test, QUOTA) else {
+        return;
+    };
+    // Removed with the agents cgroup by the fixture, even on failure.
+    let quiet = fx.agents.create_child("quiet").expect("quiet sandbox cgroup");
+    let port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+
+    // The flooder: 4 x QUOTA connects, held until its stdin closes.
+    let mut cmd = fx.agent_command(sluice_e2e::python());
+    cmd.arg("-c").arg(FLOOD_PY).args([(4 * QUOTA).to_string(), port.to_string(), "stdin".into()]);
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut flooder = sluice_e2e::ChildGuard(Some(cmd.spawn().expect("spawn the flooder")));
+    let child = flooder.0.as_mut().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .expect("flooder report");
+    let flood: serde_json::Value = serde_json::from_str(line.trim()).expect("flooder JSON");
+    let flood_ports: std::collections::HashSet<u16> =
+        flood["ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect();
+    assert!(flood["errors"].as_array().unwrap().is_empty(), "flooder connect errors: {flood}");
+    assert_eq!(flood_ports.len(), QUOTA as usize, "the flooder gets exactly its quota: {flood}");
+    let refused = flood["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 3 * QUOTA as usize);
+    assert!(refused.iter().all(|e| e.as_i64() == Some(i64::from(libc::EPERM))), "refusals are EPERM: {flood}");
+    let slots = fx.conntable.sandbox_slots(fx.sandbox.id()).expect("flooder's slot counter");
+    assert_eq!((slots.used, slots.refused), (i64::from(QUOTA), 3 * u64::from(QUOTA)));
+
+    // The quiet sandbox, while the flooder sits at its quota: every connection goes through.
+    let mut cmd = std::process::Command::new(sluice_e2e::python());
+    let join = quiet.join_before_exec().expect("open cgroup.procs");
+    // SAFETY: the hook only calls write(2) on an already-open fd.
+    unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, join) };
+    cmd.stdin(std::process::Stdio::null());
+    cmd.arg("-c").arg(FLOOD_PY).args([QUIET.to_string(), port.to_string(), "eof".into()]);
+    let calm = last_json(run(cmd));
+    assert!(calm["errors"].as_array().unwrap().is_empty() && calm["refused"].as_array().unwrap().is_empty(), "{calm}");
+    let calm_ports: std::collections::HashSet<u16> =
+        calm["ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect();
+    assert_eq!(calm_ports.len(), QUIET);
+
+    let dialed: SocketAddr = format!("127.0.0.55:{port}").parse().unwrap();
+    let (mut from_flooder, mut from_quiet) = (0, 0);
+    for _ in 0..QUOTA as usize + QUIET {
+        let ev = fx.next_probe_event().expect("a probe event per connection");
+        let orig = ev.orig.unwrap_or_else(|| panic!("no table entry for {}", ev.client));
+        assert_eq!(orig.dst, dialed);
+        if calm_ports.contains(&ev.client.port()) {
+            assert_eq!(orig.cgroup_id, quiet.id(), "the quiet sandbox's entry names it");
+            assert_eq!(orig.pid, calm["pid"].as_u64().unwrap() as u32);
+            from_quiet += 1;
+        } else {
+            assert!(flood_ports.contains(&ev.client.port()), "unexpected client {}", ev.client);
+            assert_eq!(orig.cgroup_id, fx.sandbox.id());
+            from_flooder += 1;
+        }
+    }
+    assert_eq!((from_flooder, from_quiet), (QUOTA as usize, QUIET));
+    assert_eq!(fx.probe_unknown(), 0);
+    assert_eq!(fx.conntable.sandbox_slots(quiet.id()).map(|q| (q.used, q.refused)), Some((0, 0)));
+    assert!(fx.conntable.kernel_stat("quota_refused").unwrap() >= 3 * u64::from(QUOTA));
+
+    // The flooder exits: its slots come back, nothing is left in the table.
+    drop(child.stdin.take());
+    let status = flooder.0.take().unwrap().wait().expect("flooder exit");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fx.conntable.sandbox_slots(fx.sandbox.id()).map(|q| q.used) != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "flooder's slots not given back");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(fx.conntable.entry_count().unwrap(), 0);
+    assert_eq!(canary.hits(), 0, "agent traffic reached the outside canary");
+}
