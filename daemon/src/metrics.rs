@@ -245,7 +245,7 @@ impl Collector for ConntableCollector {
             }
         }
         // Bounded by the kernel map (SLUICE_QUOTA_ENTRIES sandboxes).
-        let sandboxes = t.sandbox_counters();
+        let Some(sandboxes) = t.sandbox_counters() else { return Ok(()) };
         let mut used = encoder.encode_descriptor(
             "sluice_sandbox_tcp_sockets",
             "TCP sockets each sandbox holds a connection-table slot for ([sandbox] max_tcp_sockets), by cgroup id.",

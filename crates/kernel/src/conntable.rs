@@ -175,11 +175,12 @@ impl Conntable {
     }
 
     /// Every sandbox's slot counter, by cgroup id (at most [`abi::QUOTA_ENTRIES`]), sorted.
-    pub fn sandbox_counters(&self) -> Vec<(u64, RawQuota)> {
+    /// `None` without the counter map.
+    pub fn sandbox_counters(&self) -> Option<Vec<(u64, RawQuota)>> {
+        let map = self.quota.as_ref()?;
         let mut out = Vec::new();
         let mut cur: Option<[u8; 8]> = None;
         for _ in 0..abi::QUOTA_ENTRIES {
-            let Some(map) = self.quota.as_ref() else { break };
             let mut next = [0u8; 8];
             match sys::map_next_key(map.as_fd(), cur.as_ref().map(|k| &k[..]), &mut next) {
                 Ok(true) => {}
@@ -197,7 +198,7 @@ impl Conntable {
         }
         out.sort_unstable_by_key(|(id, _)| *id);
         out.dedup_by_key(|(id, _)| *id);
-        out
+        Some(out)
     }
 
     /// Removes the slot counters of cgroups that no longer exist below `agents` (the agents

@@ -413,3 +413,44 @@ pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(limit: usize) -> Arc<SandboxSlots> {
+        Arc::new(SandboxSlots { limit, state: Mutex::default() })
+    }
+
+    #[test]
+    fn one_sandbox_at_its_limit_does_not_take_another_sandboxes_share() {
+        let s = slots(3);
+        let flooder: Vec<_> = (0..3).map(|_| s.acquire(7).expect("under the limit")).collect();
+        for _ in 0..10 {
+            assert!(s.acquire(7).is_none(), "over the limit");
+        }
+        let quiet: Vec<_> = (0..3).map(|_| s.acquire(8).expect("another sandbox is unaffected")).collect();
+        assert_eq!(s.lock().refused.get(&7), Some(&10));
+        assert_eq!(s.lock().refused.get(&8), None);
+        // A slot given back is usable again; a sandbox with none in flight leaves no entry.
+        drop(flooder);
+        assert!(s.lock().active.get(&7).is_none());
+        let again = s.acquire(7).expect("slots came back");
+        drop((again, quiet));
+        assert!(s.lock().active.is_empty());
+    }
+
+    #[test]
+    fn refusals_of_endless_sandboxes_stay_bounded() {
+        let s = slots(1);
+        let held: Vec<_> = (0..MAX_SANDBOX_SERIES as u64 + 50).map(|id| s.acquire(id + 1).unwrap()).collect();
+        for id in 0..MAX_SANDBOX_SERIES as u64 + 50 {
+            assert!(s.acquire(id + 1).is_none());
+        }
+        let state = s.lock();
+        assert_eq!(state.refused.len(), MAX_SANDBOX_SERIES + 1, "{} series", state.refused.len());
+        assert_eq!(state.refused.get(&0), Some(&50), "the overflow is counted together");
+        drop(state);
+        drop(held);
+    }
+}
