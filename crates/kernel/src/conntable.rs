@@ -150,9 +150,8 @@ impl Conntable {
         let map = self.quota.as_ref()?;
         let mut raw = RawQuota::default();
         // SAFETY: RawQuota is repr(C) POD without padding; every byte pattern is valid.
-        let value = unsafe {
-            std::slice::from_raw_parts_mut((&mut raw as *mut RawQuota).cast::<u8>(), size_of::<RawQuota>())
-        };
+        let value =
+            unsafe { std::slice::from_raw_parts_mut((&mut raw as *mut RawQuota).cast::<u8>(), size_of::<RawQuota>()) };
         match sys::map_lookup(map.as_fd(), &cgroup_id.to_ne_bytes(), value) {
             Ok(true) => Some(raw),
             _ => None,

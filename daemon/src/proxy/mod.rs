@@ -377,7 +377,12 @@ impl Proxy {
     fn admit(&self, orig: &OrigDst) -> Option<(tokio::sync::OwnedSemaphorePermit, SandboxSlot)> {
         let Ok(global) = self.slots.clone().try_acquire_owned() else {
             inc(&self.stats.over_limit);
-            tracing::warn!(cgroup_id = orig.cgroup_id, pid = orig.pid, limit = self.limits.max_connections, "proxy: too many connections; closing");
+            tracing::warn!(
+                cgroup_id = orig.cgroup_id,
+                pid = orig.pid,
+                limit = self.limits.max_connections,
+                "proxy: too many connections; closing"
+            );
             return None;
         };
         let Some(sandbox) = self.sandboxes.acquire(orig.cgroup_id) else {
