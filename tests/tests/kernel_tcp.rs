@@ -495,3 +495,80 @@ fn a_flooding_sandbox_is_refused_at_its_quota_and_the_quiet_one_keeps_working() 
     assert_eq!(fx.conntable.entry_count().unwrap(), 0);
     assert_eq!(canary.hits(), 0, "agent traffic reached the outside canary");
 }
+
+/// A slot is taken once per socket and given back exactly once: a socket whose connects fail
+/// (nothing listens: the daemon is dead) and that connects again still holds one slot, and
+/// closing it brings the counter back to zero, never below.
+#[test]
+fn a_socket_holds_one_slot_however_often_it_connects() {
+    let Some(mut fx) = KernelFixture::new("a_socket_holds_one_slot_however_often_it_connects") else {
+        return;
+    };
+    let port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+    fx.kill_daemon();
+    let mut cmd = fx.agent_command(sluice_e2e::python());
+    cmd.arg("-c")
+        .arg(
+            r#"
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+errs = [s.connect_ex(("127.0.0.55", int(sys.argv[1]))) for _ in range(3)]
+print(json.dumps({"errs": errs}), flush=True)
+sys.stdin.readline()
+"#,
+        )
+        .arg(port.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut guard = sluice_e2e::ChildGuard(Some(cmd.spawn().unwrap()));
+    let child = guard.0.as_mut().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["errs"], serde_json::json!([libc::ECONNREFUSED, libc::ECONNREFUSED, libc::ECONNREFUSED]), "{v}");
+    let used = |fx: &KernelFixture| fx.conntable.sandbox_slots(fx.sandbox.id()).map(|q| q.used);
+    assert_eq!(used(&fx), Some(1));
+    assert_eq!(fx.conntable.kernel_stat("slot_taken"), Some(1));
+    assert_eq!(fx.conntable.kernel_stat("connect"), Some(3));
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"done\n").unwrap();
+    assert!(guard.0.take().unwrap().wait().unwrap().success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while used(&fx) != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "slot not given back: {:?}", used(&fx));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(fx.conntable.kernel_stat("release_slot"), Some(1));
+    // Nothing connected: no entry was left behind either.
+    assert_eq!(fx.conntable.entry_count().unwrap(), 0);
+    assert_eq!(canary.hits(), 0);
+}
+
+/// The counters of sandboxes whose cgroup is gone are removed; a live sandbox's stays.
+#[test]
+fn slot_counters_of_ended_sandboxes_are_forgotten() {
+    let Some(mut fx) = KernelFixture::new("slot_counters_of_ended_sandboxes_are_forgotten") else {
+        return;
+    };
+    let port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+    let ended = fx.agents.create_child("ended").expect("second sandbox");
+    for sandbox in [fx.sandbox.clone(), ended.clone()] {
+        let mut cmd = std::process::Command::new(sluice_e2e::python());
+        let join = sandbox.join_before_exec().expect("open cgroup.procs");
+        // SAFETY: the hook only calls write(2) on an already-open fd.
+        unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, join) };
+        cmd.stdin(std::process::Stdio::null());
+        cmd.arg("-c").arg(CONNECT_PY).args(["127.0.0.55", &port.to_string(), "4"]);
+        last_json(run(cmd));
+        let ev = fx.next_probe_event().expect("probe event");
+        assert_eq!(ev.orig.expect("entry").cgroup_id, sandbox.id());
+    }
+    assert!(fx.conntable.sandbox_slots(ended.id()).is_some());
+    ended.remove().expect("end the sandbox");
+    assert_eq!(fx.conntable.forget_dead_sandboxes(fx.agents.path()).unwrap(), 1);
+    assert_eq!(fx.conntable.sandbox_slots(ended.id()), None);
+    assert!(fx.conntable.sandbox_slots(fx.sandbox.id()).is_some(), "a live sandbox's counter stays");
+    assert_eq!(fx.conntable.forget_dead_sandboxes(fx.agents.path()).unwrap(), 0);
+    assert_eq!(canary.hits(), 0);
+}
