@@ -70,6 +70,8 @@ struct sluice_sock {
 	__u64 slot_cgroup;
 	/* 1 while the socket holds a slot; swapped to 0 exactly once, at release. */
 	__u32 slot;
+	/* The port connect4/6 redirected to (the key's dport). */
+	__u16 target;
 };
 
 struct {
@@ -247,6 +249,7 @@ static __always_inline __u16 record(void *ctx, struct bpf_sock *sk, __u32 a0, __
 	st->dst.cgroup_id = cgroup;
 	st->dst.netns_cookie = netns;
 	st->dst.sock_cookie = bpf_get_socket_cookie(ctx);
+	st->target = target;
 	return target;
 }
 
@@ -366,16 +369,16 @@ int sl_sockops(struct bpf_sock_ops *ctx)
 		key.addr[3] = l6_3;
 	}
 	key.port = (__u16)lport;
-	key.pad = 0;
+	key.dport = st->target;
 	/* A socket connecting again (after a failed connect) has a new source
 	 * port: its previous entry goes first. */
 	if (st->in_table) {
 		bpf_map_delete_elem(&sluice_conns, &st->key);
 		st->in_table = 0;
 	}
-	/* BPF_NOEXIST: an entry under this key belongs to another live socket
-	 * (the same source port towards the other redirect port); it is never
-	 * overwritten. A missing entry fails closed (the proxy closes the
+	/* BPF_NOEXIST: an entry under this key belongs to another live socket;
+	 * it is never overwritten (with the redirect port in the key, the kernel
+	 * never gives two live connections the same one). A missing entry fails closed (the proxy closes the
 	 * connection). A failed insert is counted by cause, and retried. */
 	for (i = 0; i < 3; i++) {
 		err = bpf_map_update_elem(&sluice_conns, &key, &st->dst, BPF_NOEXIST);
@@ -604,7 +607,7 @@ static __always_inline void note_udp_source(struct __sk_buff *skb, struct sluice
 	if (!st)
 		return;
 	key->port = bpf_ntohs(ports[0]);
-	key->pad = 0;
+	key->dport = 0;
 	bpf_map_update_elem(&sluice_udp_srcs, key, &st->dst, BPF_ANY);
 }
 

@@ -61,15 +61,19 @@ struct sluice_orig_dst {
 
 /*
  * Connection-table key: the client's local address and port, as the proxy
- * sees them as the peer of an accepted connection.
+ * sees them as the peer of an accepted connection, and the port the
+ * connection was redirected to (the proxy's or the resolver's): the kernel
+ * gives one source port to connections towards different destinations, so
+ * (address, port) alone is not unique.
  */
 struct sluice_conn_key {
 	/* Network byte order; IPv4 as ::ffff:a.b.c.d. */
 	__u32 addr[4];
 	/* Host byte order. */
 	__u16 port;
-	/* Always zero (hash keys compare every byte). */
-	__u16 pad;
+	/* Redirect port (proxy or resolver), host byte order. Zero in the UDP
+	 * source table. */
+	__u16 dport;
 };
 
 /*
@@ -127,7 +131,7 @@ _Static_assert(__builtin_offsetof(struct sluice_orig_dst, sock_cookie) == 40, "s
 _Static_assert(sizeof(struct sluice_conn_key) == 20, "sluice_conn_key size");
 _Static_assert(__builtin_offsetof(struct sluice_conn_key, addr) == 0, "key addr");
 _Static_assert(__builtin_offsetof(struct sluice_conn_key, port) == 16, "key port");
-_Static_assert(__builtin_offsetof(struct sluice_conn_key, pad) == 18, "key pad");
+_Static_assert(__builtin_offsetof(struct sluice_conn_key, dport) == 18, "key dport");
 
 _Static_assert(sizeof(struct sluice_quota) == 16, "sluice_quota size");
 _Static_assert(__builtin_offsetof(struct sluice_quota, used) == 0, "quota used");

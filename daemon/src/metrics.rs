@@ -623,7 +623,7 @@ mod tests {
     fn failing_conntable() -> Arc<Conntable> {
         let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         let t = Conntable::new(fd);
-        assert!(t.lookup("127.0.0.1:9".parse().unwrap()).is_none());
+        assert!(t.lookup("127.0.0.1:9".parse().unwrap(), 15001).is_none());
         Arc::new(t)
     }
 

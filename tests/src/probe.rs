@@ -74,7 +74,7 @@ impl Probe {
                 loop {
                     match listener.accept().await {
                         Ok((stream, client)) => {
-                            let orig = conntable.lookup(client);
+                            let orig = conntable.lookup_proxy(client);
                             if orig.is_none() {
                                 unknown.fetch_add(1, Ordering::Relaxed);
                             }
@@ -178,7 +178,7 @@ impl ResolverStub {
                 loop {
                     match tcp.accept().await {
                         Ok((stream, client)) => {
-                            let orig = conntable.lookup(client);
+                            let orig = conntable.lookup_resolver(client);
                             let ev = ev.clone();
                             tokio::spawn(async move {
                                 let _ = serve_tcp(stream, client, orig, ev).await;

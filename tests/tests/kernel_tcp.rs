@@ -37,7 +37,7 @@ fn expect_redirect(fx: &mut KernelFixture, local: SocketAddr, dialed: SocketAddr
     assert_eq!(orig.netns_cookie, fx.enforcer().host_netns_cookie());
     assert_ne!(orig.socket_cookie, 0);
     // The entry is consumed by the lookup.
-    assert_eq!(fx.conntable.peek(local), None);
+    assert_eq!(fx.conntable.peek(local, fx.config.proxy_port), None);
     orig
 }
 

@@ -93,22 +93,28 @@ pub struct RawConnKey {
     pub addr: [u8; 16],
     /// Host byte order.
     pub port: u16,
-    /// Always zero.
-    pub pad: u16,
+    /// The redirect port the connection went to (proxy or resolver), host byte order; zero in
+    /// the UDP source table.
+    pub dport: u16,
 }
 
 // SAFETY: plain integers and byte arrays, no padding (size 20 = sum of fields).
 unsafe impl aya::Pod for RawConnKey {}
 
 impl RawConnKey {
-    /// The key sockops writes for a connection whose client end is `client`
-    /// (the peer address of the proxy's accepted socket).
-    pub fn from_client(client: SocketAddr) -> Self {
+    /// The key sockops writes for a connection whose client end is `client` (the peer address
+    /// of the accepted socket) and that was redirected to `server_port` (the listener's port).
+    pub fn tcp(client: SocketAddr, server_port: u16) -> Self {
         let addr = match client {
             SocketAddr::V4(a) => a.ip().to_ipv6_mapped().octets(),
             SocketAddr::V6(a) => a.ip().octets(),
         };
-        Self { addr, port: client.port(), pad: 0 }
+        Self { addr, port: client.port(), dport: server_port }
+    }
+
+    /// The key the egress program writes for a UDP datagram from `client`.
+    pub fn udp(client: SocketAddr) -> Self {
+        Self::tcp(client, 0)
     }
 }
 
@@ -150,7 +156,7 @@ const _: () = {
     assert!(size_of::<RawConnKey>() == 20);
     assert!(offset_of!(RawConnKey, addr) == 0);
     assert!(offset_of!(RawConnKey, port) == 16);
-    assert!(offset_of!(RawConnKey, pad) == 18);
+    assert!(offset_of!(RawConnKey, dport) == 18);
     assert!(size_of::<RawQuota>() == 16);
     assert!(offset_of!(RawQuota, used) == 0);
     assert!(offset_of!(RawQuota, refused) == 8);
@@ -200,7 +206,7 @@ int main(void) {
     O(sluice_orig_dst, netns_cookie); O(sluice_orig_dst, sock_cookie);
     P("sluice_conn_key", sizeof(struct sluice_conn_key));
     P("sluice_conn_key.align", _Alignof(struct sluice_conn_key));
-    O(sluice_conn_key, addr); O(sluice_conn_key, port); O(sluice_conn_key, pad);
+    O(sluice_conn_key, addr); O(sluice_conn_key, port); O(sluice_conn_key, dport);
     printf("%s %s %s %s\n", SLUICE_GLOBAL_PROXY_PORT, SLUICE_GLOBAL_DNS_PORT, SLUICE_GLOBAL_HOST_NETNS,
            SLUICE_GLOBAL_TCP_QUOTA);
     return 0;
@@ -259,16 +265,17 @@ int main(void) {
         assert_eq!(get("sluice_conn_key.align"), align_of::<RawConnKey>() as u64);
         assert_eq!(get("sluice_conn_key.addr"), offset_of!(RawConnKey, addr) as u64);
         assert_eq!(get("sluice_conn_key.port"), offset_of!(RawConnKey, port) as u64);
-        assert_eq!(get("sluice_conn_key.pad"), offset_of!(RawConnKey, pad) as u64);
+        assert_eq!(get("sluice_conn_key.dport"), offset_of!(RawConnKey, dport) as u64);
     }
 
     #[test]
     fn conn_key_maps_ipv4_clients() {
-        let k = RawConnKey::from_client("127.0.0.1:40000".parse().unwrap());
+        let k = RawConnKey::udp("127.0.0.1:40000".parse().unwrap());
         assert_eq!(k.addr, Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets());
         assert_eq!(k.port, 40000);
-        assert_eq!(k.pad, 0);
-        let k6 = RawConnKey::from_client("[::1]:40001".parse().unwrap());
+        assert_eq!(k.dport, 0);
+        let k6 = RawConnKey::tcp("[::1]:40001".parse().unwrap(), 15001);
+        assert_eq!(k6.dport, 15001);
         assert_eq!(k6.addr, Ipv6Addr::LOCALHOST.octets());
         assert_eq!(k6.port, 40001);
     }

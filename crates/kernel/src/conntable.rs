@@ -81,6 +81,8 @@ pub struct Conntable {
     /// `sluice_quota` and `sluice_stats` (see [`Conntable::sandbox_slots`], [`Conntable::kernel_stats`]).
     quota: Option<OwnedFd>,
     stats: Option<OwnedFd>,
+    /// The proxy's and the resolver's ports (the loader's configuration).
+    ports: Option<(u16, u16)>,
     hits: AtomicU64,
     misses: AtomicU64,
     errors: AtomicU64,
@@ -95,6 +97,7 @@ impl Conntable {
             udp: None,
             quota: None,
             stats: None,
+            ports: None,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -241,7 +244,7 @@ impl Conntable {
     /// first packet. `None`: not an agent socket (or no table) — answer nothing.
     pub fn udp_source(&self, client: SocketAddr) -> Option<OrigDst> {
         let map = self.udp.as_ref()?;
-        let key = RawConnKey::from_client(client);
+        let key = RawConnKey::udp(client);
         let mut raw = RawOrigDst::default();
         // SAFETY: RawOrigDst is repr(C) POD without padding; every byte
         // pattern is a valid value.
@@ -267,11 +270,28 @@ impl Conntable {
         self.map.as_fd()
     }
 
-    /// Takes the entry for the accepted connection whose peer is `client`.
+    /// Adds the redirect ports (the loader does), for [`Self::lookup_proxy`] and
+    /// [`Self::lookup_resolver`].
+    pub(crate) fn with_ports(mut self, proxy: u16, resolver: u16) -> Self {
+        self.ports = Some((proxy, resolver));
+        self
+    }
+
+    /// [`Self::lookup`] for a connection accepted on the proxy port.
+    pub fn lookup_proxy(&self, client: SocketAddr) -> Option<OrigDst> {
+        self.lookup(client, self.ports.map_or(0, |p| p.0))
+    }
+
+    /// [`Self::lookup`] for a connection accepted on the resolver's TCP port.
+    pub fn lookup_resolver(&self, client: SocketAddr) -> Option<OrigDst> {
+        self.lookup(client, self.ports.map_or(0, |p| p.1))
+    }
+
+    /// Takes the entry for the connection accepted on `server_port` whose peer is `client`.
     /// `None` (counted in [`Self::misses`]) means: not redirected by us, or
     /// the agent already closed its socket, or malformed — close the connection.
-    pub fn lookup(&self, client: SocketAddr) -> Option<OrigDst> {
-        let key = RawConnKey::from_client(client);
+    pub fn lookup(&self, client: SocketAddr, server_port: u16) -> Option<OrigDst> {
+        let key = RawConnKey::tcp(client, server_port);
         let mut raw = RawOrigDst::default();
         // SAFETY: RawOrigDst is repr(C) POD without padding; every byte
         // pattern is a valid value.
@@ -305,8 +325,8 @@ impl Conntable {
     }
 
     /// Reads the entry without removing it (diagnostics, tests).
-    pub fn peek(&self, client: SocketAddr) -> Option<OrigDst> {
-        let key = RawConnKey::from_client(client);
+    pub fn peek(&self, client: SocketAddr, server_port: u16) -> Option<OrigDst> {
+        let key = RawConnKey::tcp(client, server_port);
         let mut raw = RawOrigDst::default();
         // SAFETY: as in `lookup`.
         let value = unsafe {
@@ -319,8 +339,8 @@ impl Conntable {
     }
 
     /// Writes an entry as sockops would (tests of the proxy side).
-    pub fn insert_raw(&self, client: SocketAddr, raw: &RawOrigDst) -> std::io::Result<()> {
-        let key = RawConnKey::from_client(client);
+    pub fn insert_raw(&self, client: SocketAddr, server_port: u16, raw: &RawOrigDst) -> std::io::Result<()> {
+        let key = RawConnKey::tcp(client, server_port);
         sys::map_update(self.fd(), key_bytes(&key), raw.as_bytes())
     }
 

@@ -422,6 +422,7 @@ impl Enforcer {
         let conntable = Conntable::from_pin(&conns_pin)
             .map_err(pin_err(&conns_pin, "open map"))?
             .with_udp_sources(sys::obj_get(&udp_pin).map_err(pin_err(&udp_pin, "open map"))?)
+            .with_ports(config.proxy_port, config.dns_port)
             .with_quota_and_stats(
                 sys::obj_get(&quota_pin).map_err(pin_err(&quota_pin, "open map"))?,
                 sys::obj_get(&stats_pin).map_err(pin_err(&stats_pin, "open map"))?,

@@ -352,7 +352,7 @@ impl Proxy {
             inc(&self.stats.accepted);
             // The entry is taken first, whatever happens next, so that it cannot be claimed by
             // anyone else later (one syscall: no await in between).
-            let entry = self.conntable.lookup(peer);
+            let entry = self.conntable.lookup_proxy(peer);
             let Some(orig) = entry else {
                 inc(&self.stats.unknown);
                 tracing::warn!(%peer, "connection without a connection-table entry; closing");
