@@ -94,15 +94,34 @@ pub struct ProxyConfig {
     /// The proxy listens on 127.0.0.1 and ::1 at this port.
     #[serde(default = "default_proxy_port")]
     pub port: u16,
+    /// Connections the proxy handles at once, all sandboxes together; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections the proxy handles at once for one sandbox; more from that sandbox are closed
+    /// at accept (counted per sandbox), so one agent cannot take the whole budget.
+    #[serde(default = "default_max_connections_per_sandbox")]
+    pub max_connections_per_sandbox: usize,
 }
 
 fn default_proxy_port() -> u16 {
     15001
 }
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_connections_per_sandbox() -> usize {
+    1024
+}
+/// Upper bound of `[proxy] max_connections` (each connection holds descriptors and buffers).
+pub const MAX_PROXY_CONNECTIONS: usize = 1_000_000;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { port: default_proxy_port() }
+        ProxyConfig {
+            port: default_proxy_port(),
+            max_connections: default_max_connections(),
+            max_connections_per_sandbox: default_max_connections_per_sandbox(),
+        }
     }
 }
 
@@ -165,7 +184,17 @@ pub struct SandboxConfig {
     /// a dead daemon must mean refused connections, never open egress.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
+    /// TCP sockets one sandbox may hold connected or connecting at once, enforced by the kernel
+    /// programs: its share of the kernel connection table. One more connect fails with EPERM.
+    #[serde(default = "default_max_tcp_sockets")]
+    pub max_tcp_sockets: u32,
 }
+
+fn default_max_tcp_sockets() -> u32 {
+    crate::kernel::DEFAULT_MAX_TCP_SOCKETS
+}
+/// Upper bound of `[sandbox] max_tcp_sockets`: a quarter of the kernel connection table.
+pub const MAX_TCP_SOCKETS: u32 = crate::kernel::abi::CONNTABLE_ENTRIES / 4;
 
 fn default_cgroup() -> String {
     "sluice-agents".into()
@@ -179,7 +208,12 @@ fn default_pin_dir() -> PathBuf {
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        SandboxConfig { cgroup: default_cgroup(), redirect: default_redirect(), pin_dir: default_pin_dir() }
+        SandboxConfig {
+            cgroup: default_cgroup(),
+            redirect: default_redirect(),
+            pin_dir: default_pin_dir(),
+            max_tcp_sockets: default_max_tcp_sockets(),
+        }
     }
 }
 
@@ -281,6 +315,15 @@ impl Config {
         if self.dns.port == self.proxy.port {
             return Err(self.invalid("dns.port", "must differ from proxy.port"));
         }
+        if !(1..=MAX_PROXY_CONNECTIONS).contains(&self.proxy.max_connections) {
+            return Err(self.invalid("proxy.max_connections", format!("must be from 1 to {MAX_PROXY_CONNECTIONS}")));
+        }
+        if !(1..=self.proxy.max_connections).contains(&self.proxy.max_connections_per_sandbox) {
+            return Err(self.invalid(
+                "proxy.max_connections_per_sandbox",
+                format!("must be from 1 to proxy.max_connections ({})", self.proxy.max_connections),
+            ));
+        }
         if self.dns.upstream.is_empty() {
             return Err(self.invalid("dns.upstream", "needs at least one entry: \"system\" or \"ip:port\""));
         }
@@ -302,6 +345,12 @@ impl Config {
         }
         if !self.sandbox.pin_dir.is_absolute() {
             return Err(self.invalid("sandbox.pin_dir", "must be an absolute path on bpffs (e.g. /sys/fs/bpf/sluice)"));
+        }
+        if !(1..=MAX_TCP_SOCKETS).contains(&self.sandbox.max_tcp_sockets) {
+            return Err(self.invalid(
+                "sandbox.max_tcp_sockets",
+                format!("must be from 1 to {MAX_TCP_SOCKETS} (a quarter of the kernel connection table)"),
+            ));
         }
         if !(1..=86_400).contains(&self.holds.timeout_secs) {
             return Err(self.invalid("holds.timeout_secs", "must be from 1 to 86400 seconds"));
@@ -441,6 +490,13 @@ timeout_secs = 120
             ("[sandbox]\ncgroup = \"../escape\"", "sandbox.cgroup"),
             ("[sandbox]\ncgroup = \"/abs\"", "sandbox.cgroup"),
             ("[holds]\ntimeout_secs = 0", "holds.timeout_secs"),
+            ("[proxy]\nmax_connections = 0", "proxy.max_connections"),
+            ("[proxy]\nmax_connections = 1000001", "proxy.max_connections"),
+            ("[proxy]\nmax_connections_per_sandbox = 0", "proxy.max_connections_per_sandbox"),
+            ("[proxy]\nmax_connections = 10\nmax_connections_per_sandbox = 11", "proxy.max_connections_per_sandbox"),
+            ("[sandbox]\nmax_tcp_sockets = 0", "sandbox.max_tcp_sockets"),
+            ("[sandbox]\nmax_tcp_sockets = 16385", "sandbox.max_tcp_sockets"),
+            ("[sandbox]\nmax_tcp_sockets = -1", "max_tcp_sockets"),
             ("[trust]\nissuers = [\"iss_nope\"]", "trust.issuers"),
             ("[trust]\nissuers = [\"/nonexistent/issuer.pub\"]", "trust.issuers"),
         ] {

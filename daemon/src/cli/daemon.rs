@@ -76,6 +76,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             pin_dir: config.sandbox.pin_dir.clone(),
             proxy_port: config.proxy.port,
             dns_port: config.dns.port,
+            max_tcp_sockets: config.sandbox.max_tcp_sockets,
         };
         let enforcer =
             kernel::Enforcer::install(&kc).context("[sandbox] redirect = true: attaching the eBPF programs")?;
@@ -128,6 +129,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let policy = Arc::new(PeerPolicy::new(&config.api.group, &agents_rel));
     if let Some(e) = &enforcer {
         crate::metrics::global().watch_conntable(e.conntable());
+        // The kernel's per-sandbox slot counters of sandboxes that ended (their cgroups are gone)
+        // are removed once a minute, so ended sandboxes never fill the counter map.
+        let table = e.conntable();
+        let agents = e.agents_cgroup().path().to_path_buf();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                let (table, agents) = (table.clone(), agents.clone());
+                match tokio::task::spawn_blocking(move || table.forget_dead_sandboxes(&agents)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::debug!(removed = n, "slot counters of ended sandboxes removed"),
+                    Ok(Err(error)) => tracing::warn!(%error, "removing the slot counters of ended sandboxes failed"),
+                    Err(_) => {}
+                }
+            }
+        });
     }
     // The proxy and the agents' resolver, on the ports the eBPF programs redirect to.
     let plane = match (&enforcer, ca) {
@@ -136,6 +154,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    if let Some(i) = &intercept {
+        crate::metrics::global().watch_proxy(&i.proxy);
+    }
     let (reload_stop, reload_rx) = tokio::sync::watch::channel(false);
     let reloader = tokio::spawn(wiring::policy_reload::watch(host_policy.clone(), service.clone(), reload_rx));
     let listener = server::bind(&config.api.socket, policy.api_gid)

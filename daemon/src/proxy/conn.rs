@@ -1,8 +1,8 @@
 //! One redirected connection: who sent it, where it was going, and what it speaks.
 //!
 //! Order matters and every step fails closed:
-//! 1. The kernel's connection table entry (taken once, atomically): none means the connection
-//!    did not come through the redirect, and it is closed.
+//! 1. The kernel's connection table entry, taken once, atomically, by the accept loop (none
+//!    means the connection did not come through the redirect, and it was closed there).
 //! 2. A destination that is the proxy or resolver itself is a loop: refused.
 //! 3. The sandbox's passport, by the connection's cgroup: none means closed.
 //! 4. A synthetic destination is mapped back to the name the agent resolved; a synthetic
@@ -22,12 +22,7 @@ use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-pub(super) async fn handle(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr) {
-    let Some(orig) = proxy.conntable.lookup(peer) else {
-        inc(&proxy.stats.unknown);
-        tracing::warn!(%peer, "connection without a connection-table entry; closing");
-        return;
-    };
+pub(super) async fn handle(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr, orig: OrigDst) {
     let Some(passport) = (proxy.passports)(orig.cgroup_id) else {
         inc(&proxy.stats.no_passport);
         tracing::warn!(%peer, cgroup_id = orig.cgroup_id, pid = orig.pid, "connection from a cgroup with no passport; closing");

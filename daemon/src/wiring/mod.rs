@@ -105,7 +105,11 @@ pub async fn start(
         upstream_tls,
         proxy_port: config.proxy.port,
         dns_port: config.dns.port,
-        limits: Limits::default(),
+        limits: Limits {
+            max_connections: config.proxy.max_connections,
+            max_connections_per_sandbox: config.proxy.max_connections_per_sandbox,
+            ..Limits::default()
+        },
     })
     .map_err(|source| StartError::Ca { dir: config.state_dir.clone(), source })?;
 
