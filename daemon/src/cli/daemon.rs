@@ -154,7 +154,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    if let Some(i) = &intercept {
+    if let Some(i) = &plane {
         crate::metrics::global().watch_proxy(&i.proxy);
     }
     let (reload_stop, reload_rx) = tokio::sync::watch::channel(false);

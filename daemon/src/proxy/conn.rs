@@ -158,10 +158,21 @@ mod tests {
     async fn connection(h: &Harness, dst: SocketAddr, cgroup_id: Option<u64>) -> Vec<u8> {
         let (mut agent, accepted) = agent_pair().await;
         let client = agent.local_addr().expect("addr");
+        let h_proxy = h.proxy.clone();
         if let Some(cgroup_id) = cgroup_id {
             h.redirects.redirect(client, dst, cgroup_id);
         }
-        let task = tokio::spawn(handle(h.proxy.clone(), accepted, client));
+        // What the accept loop does: take the entry and the budgets, or close.
+        let task = match h.proxy.take(client) {
+            Some((orig, admitted)) => tokio::spawn(async move {
+                let _admitted = admitted;
+                handle(h_proxy, accepted, client, orig).await
+            }),
+            None => {
+                drop(accepted);
+                tokio::spawn(async {})
+            }
+        };
         let _ = agent.write_all(b"HELLO").await;
         let _ = agent.shutdown().await;
         let read = read_to_close(&mut agent).await;

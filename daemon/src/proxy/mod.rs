@@ -101,9 +101,12 @@ pub trait Redirects: Send + Sync {
 
 impl Redirects for Conntable {
     fn lookup(&self, client: SocketAddr) -> Option<OrigDst> {
-        Conntable::lookup(self, client)
+        Conntable::lookup_proxy(self, client)
     }
 }
+
+/// A connection's places in the global budget and in its sandbox's; dropped when it ends.
+type Admitted = (tokio::sync::OwnedSemaphorePermit, SandboxSlot);
 
 /// Bounds that keep one agent (or a flood) from exhausting the daemon.
 #[derive(Debug, Clone)]
@@ -366,16 +369,7 @@ impl Proxy {
                     continue;
                 }
             };
-            inc(&self.stats.accepted);
-            // The entry is taken first, whatever happens next, so that it cannot be claimed by
-            // anyone else later (one syscall: no await in between).
-            let entry = self.conntable.lookup_proxy(peer);
-            let Some(orig) = entry else {
-                inc(&self.stats.unknown);
-                tracing::warn!(%peer, "connection without a connection-table entry; closing");
-                continue;
-            };
-            let Some(admitted) = self.admit(&orig) else {
+            let Some((orig, admitted)) = self.take(peer) else {
                 drop(stream);
                 continue;
             };
@@ -389,9 +383,23 @@ impl Proxy {
 }
 
 impl Proxy {
+    /// The first step of every accepted connection: its connection-table entry (taken first,
+    /// whatever happens next, so that no one can claim it later; one syscall, no await in
+    /// between) and its places in the budgets. `None` (counted, logged): the caller closes it.
+    fn take(&self, peer: SocketAddr) -> Option<(OrigDst, Admitted)> {
+        inc(&self.stats.accepted);
+        let Some(orig) = self.conntable.lookup(peer) else {
+            inc(&self.stats.unknown);
+            tracing::warn!(%peer, "connection without a connection-table entry; closing");
+            return None;
+        };
+        let admitted = self.admit(&orig)?;
+        Some((orig, admitted))
+    }
+
     /// The connection's places in the global and in its sandbox's budget, or `None` (counted,
     /// logged) when either is exhausted: the caller closes the connection.
-    fn admit(&self, orig: &OrigDst) -> Option<(tokio::sync::OwnedSemaphorePermit, SandboxSlot)> {
+    fn admit(&self, orig: &OrigDst) -> Option<Admitted> {
         let Ok(global) = self.slots.clone().try_acquire_owned() else {
             inc(&self.stats.over_limit);
             tracing::warn!(

@@ -105,6 +105,10 @@ pub fn harness(decide: FakeDecide, policy: &str, static_hosts: &[(&str, IpAddr)]
         upstream: upstream::Upstream::new(resolver, upstream_tls),
         own_ports: OWN_PORTS,
         slots: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
+        sandboxes: Arc::new(super::SandboxSlots {
+            limit: limits.max_connections_per_sandbox,
+            state: std::sync::Mutex::default(),
+        }),
         limits,
         stats: Stats::default(),
     });
