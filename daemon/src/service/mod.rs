@@ -20,7 +20,7 @@ pub(crate) mod settle;
 pub use holds::{Hold, HoldOrigin, HoldOutcome, HoldStatus};
 pub use peer::Peer;
 pub use records::{DecisionOutcome, HeldAs};
-pub use sandboxes::{BindTarget, Sandbox, BOUND_CHECK_INTERVAL};
+pub use sandboxes::{BindTarget, Sandbox, UnixConfinement, BOUND_CHECK_INTERVAL};
 pub use settle::why as settle_why;
 
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
@@ -102,6 +102,10 @@ pub enum ServiceError {
     LockPoisoned(&'static str),
     #[error("cgroup: {0}")]
     Cgroup(String),
+    /// Sandboxes are refused: agents' Unix sockets cannot be confined (the message says why and
+    /// what the operator can do).
+    #[error("{0}")]
+    UnixUnconfined(String),
     #[error("the answer could not be serialised: {0}")]
     Serialise(#[from] serde_json::Error),
 }
@@ -196,12 +200,15 @@ pub struct ServiceConfig {
     pub agents: Option<crate::kernel::Cgroup>,
     /// The CA bundle agents should trust (system roots + the sluice CA), if there is one.
     pub ca_bundle: Option<std::path::PathBuf>,
+    /// How agents' Unix sockets are confined; with `agents` set and this `None`, sandboxes are
+    /// refused (fail closed).
+    pub unix: Option<Arc<sandboxes::UnixConfinement>>,
 }
 
 impl ServiceConfig {
     /// Passport-only mode: no sandboxes, no CA bundle.
     pub fn passport_only(pinned_issuers: Vec<IssuerId>, hold_timeout: Duration) -> ServiceConfig {
-        ServiceConfig { pinned_issuers, hold_timeout, agents: None, ca_bundle: None }
+        ServiceConfig { pinned_issuers, hold_timeout, agents: None, ca_bundle: None, unix: None }
     }
 }
 
@@ -393,6 +400,7 @@ impl Service {
             "log_size": self.ledger.size(),
             "passports": self.passports.read().map(|p| p.len()).unwrap_or_default(),
             "pending_holds": self.waiters.lock().map(|w| w.len()).unwrap_or_default(),
+            "unix_sockets": self.unix_health(),
         })
     }
 

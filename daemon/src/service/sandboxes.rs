@@ -16,17 +16,23 @@
 //! [`BOUND_CHECK_INTERVAL`], and at start). Cgroup ids are never reused on 64-bit kernels, so a
 //! binding that outlives its cgroup by a few seconds cannot attach the passport to anything else.
 //! A bound cgroup is never re-bound to another passport while it lives.
+//!
+//! Unix sockets ([`UnixConfinement`], `crates/kernel/src/unix.rs`): no sandbox is created or
+//! bound unless the kernel confines agents' Unix sockets, or the operator accepted that it
+//! cannot (`[sandbox] unix_sockets = "unenforced"`). A `sluice run` sandbox gets its own
+//! directory (`<unix_dir>/<sandbox id>`, owned by the caller), the only place where sockets it
+//! creates can be reached by name; it is removed with the sandbox.
 
 use super::records;
 use super::{now, Service, ServiceError};
 use crate::decide::CompiledPassport;
 use crate::kernel::process::{pidfd_open, process_identity, wait_exit};
-use crate::kernel::Cgroup;
+use crate::kernel::{Cgroup, SandboxDirs, UnixFilter};
 use crate::ledger::{Draft, Txn};
 use crate::service::Peer;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -62,7 +68,69 @@ pub struct Sandbox {
     pub created_by: Value,
 }
 
+/// How agents' Unix sockets are confined, decided once by the daemon at start.
+#[derive(Debug)]
+pub struct UnixConfinement {
+    /// From `kernel::unix::sandbox_gate`: `Err(why)` refuses every sandbox; `Ok(Some(warning))`
+    /// creates them although agents' Unix sockets are not confined.
+    pub gate: Result<Option<String>, String>,
+    /// The kernel filter's maps (`None` where the kernel lacks the hooks).
+    pub filter: Option<Arc<UnixFilter>>,
+    /// Where own directories are made (`None`: sandboxes get none, and reach only the listed
+    /// addresses by name).
+    pub dirs: Option<SandboxDirs>,
+}
+
 impl Service {
+    /// Whether sandboxes may be created now, as far as Unix sockets go.
+    fn unix_or_refuse(&self) -> Result<&UnixConfinement, ServiceError> {
+        let unix = self.config.unix.as_deref().ok_or_else(|| {
+            ServiceError::UnixUnconfined("the daemon has not set up Unix socket confinement; no sandbox is created".into())
+        })?;
+        match &unix.gate {
+            Ok(_) => Ok(unix),
+            Err(why) => Err(ServiceError::UnixUnconfined(why.clone())),
+        }
+    }
+
+    /// `unix_sockets` in `GET /v1/health`.
+    pub(super) fn unix_health(&self) -> Value {
+        match self.config.unix.as_deref() {
+            None if self.config.agents.is_none() => json!({"status": "not_applicable"}),
+            None => json!({"status": "refusing_sandboxes", "why": "not set up"}),
+            Some(UnixConfinement { gate: Err(why), .. }) => json!({"status": "refusing_sandboxes", "why": why}),
+            Some(UnixConfinement { gate: Ok(Some(warning)), .. }) => json!({"status": "unenforced", "why": warning}),
+            Some(u) => json!({
+                "status": "enforced",
+                "own_directories": u.dirs.as_ref().map(|d| d.root().display().to_string()),
+            }),
+        }
+    }
+
+    /// Makes sandbox `id`'s own directory and tells the kernel filter about it. `Ok(None)` when
+    /// sandboxes get no own directory.
+    fn make_own_dir(&self, unix: &UnixConfinement, id: &str, cgroup_id: u64, peer: &Peer) -> Result<Option<PathBuf>, ServiceError> {
+        let (Some(filter), Some(dirs)) = (&unix.filter, &unix.dirs) else { return Ok(None) };
+        let dir = dirs.create(id, peer.uid, peer.gid).map_err(|e| ServiceError::Cgroup(format!("own directory: {e}")))?;
+        filter.set_sandbox_dir(cgroup_id, &dir).map_err(|e| ServiceError::Cgroup(format!("own directory: {e}")))?;
+        Ok(Some(dir))
+    }
+
+    /// Forgets and removes a sandbox's own directory (if it has one).
+    fn remove_own_dir(&self, sandbox: &Sandbox) {
+        let Some(unix) = self.config.unix.as_deref() else { return };
+        if let Some(filter) = &unix.filter {
+            if let Err(e) = filter.remove_sandbox_dir(sandbox.cgroup_id) {
+                tracing::error!(sandbox = %sandbox.id, error = %e, "could not forget the sandbox's own directory");
+            }
+        }
+        if let (Some(dirs), Some(_)) = (&unix.dirs, sandbox.leader_pid) {
+            if let Err(e) = dirs.remove(&sandbox.id) {
+                tracing::error!(sandbox = %sandbox.id, error = %e, "could not remove the sandbox's own directory");
+            }
+        }
+    }
+
     /// The passport bound to the sandbox whose cgroup id this is.
     pub fn passport_for_cgroup(&self, cgroup_id: u64) -> Option<Arc<CompiledPassport>> {
         let passport_id = self.sandboxes.read().ok()?.get(&cgroup_id).map(|s| s.passport_id.clone())?;
@@ -83,6 +151,7 @@ impl Service {
         peer: &Peer,
     ) -> Result<Value, ServiceError> {
         let agents = self.agents_or_refuse()?;
+        let unix = self.unix_or_refuse()?;
         let cp =
             self.passport(passport_id).ok_or_else(|| ServiceError::PassportNotRegistered(passport_id.to_string()))?;
         if self.is_revoked(passport_id) {
@@ -120,6 +189,14 @@ impl Service {
             let _ = cgroup.remove();
             return Err(e);
         }
+        // The own directory exists (and the kernel knows it) before anything runs inside.
+        let unix_dir = match self.make_own_dir(unix, &sandbox.id, sandbox.cgroup_id, peer) {
+            Ok(d) => d,
+            Err(e) => {
+                self.end_sandbox(&cp, sandbox, cgroup, "own_directory_failed").await;
+                return Err(e);
+            }
+        };
         if let Err(e) = cgroup.add_pid(peer.pid as u32) {
             self.end_sandbox(&cp, sandbox, cgroup, "join_failed").await;
             return Err(ServiceError::Invalid {
@@ -134,7 +211,7 @@ impl Service {
         self.watch_leader(pidfd, sandbox.clone(), cgroup);
         Ok(json!({
             "sandbox_id": sandbox.id, "passport_id": passport_id, "cgroup": sandbox.cgroup,
-            "cgroup_id": sandbox.cgroup_id, "ca_bundle": self.config.ca_bundle,
+            "cgroup_id": sandbox.cgroup_id, "ca_bundle": self.config.ca_bundle, "unix_dir": unix_dir,
         }))
     }
 
@@ -175,6 +252,7 @@ impl Service {
             m.remove(&sandbox.cgroup_id);
         }
         let removed = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+        self.remove_own_dir(&sandbox);
         if !matches!(removed, Ok(Ok(()))) {
             tracing::error!(sandbox = %sandbox.id, ?removed, "could not remove the sandbox's cgroup; its processes may linger (still redirected)");
         }
@@ -201,6 +279,7 @@ impl Service {
     /// passport, or below another sandbox, a conflict.
     pub async fn bind_sandbox(&self, token: &str, target: BindTarget, peer: &Peer) -> Result<Value, ServiceError> {
         let agents = self.agents_or_refuse()?;
+        self.unix_or_refuse()?;
         let cgroup = resolve_target(&agents, &target)?;
         let registered = self.register(token, None, peer).await?;
         let passport_id = registered.passport_id;
@@ -253,6 +332,7 @@ impl Service {
     /// from now on (no passport).
     pub async fn unbind_sandbox(&self, target: BindTarget, peer: &Peer) -> Result<Value, ServiceError> {
         let agents = self.agents_or_refuse()?;
+        self.unix_or_refuse()?;
         let cgroup = resolve_target(&agents, &target)?;
         let sandbox = {
             let mut m = self.sandboxes.write().map_err(|_| ServiceError::LockPoisoned("sandboxes"))?;
@@ -315,6 +395,26 @@ impl Service {
 
     /// At start: sandboxes whose leader still runs are watched again; the others are removed.
     pub(super) async fn recover_sandboxes(&self) -> Result<(), ServiceError> {
+        self.recover_sandboxes_inner().await?;
+        // Own directories of sandboxes that ended while no daemon ran are forgotten (the kernel
+        // map is pinned); those of live sandboxes are written again.
+        if let Some(UnixConfinement { filter: Some(filter), dirs, .. }) = self.config.unix.as_deref() {
+            let live: Vec<Sandbox> = self.sandboxes.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
+            let ids: HashSet<u64> = live.iter().map(|s| s.cgroup_id).collect();
+            if let Err(e) = filter.retain_sandbox_dirs(&ids) {
+                tracing::error!(error = %e, "could not prune the own directories of ended sandboxes");
+            }
+            for s in live.iter().filter(|s| s.leader_pid.is_some()) {
+                let Some(dir) = dirs.as_ref().map(|d| d.dir(&s.id)).filter(|d| d.is_dir()) else { continue };
+                if let Err(e) = filter.set_sandbox_dir(s.cgroup_id, &dir) {
+                    tracing::error!(sandbox = %s.id, error = %e, "could not restore the sandbox's own directory");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn recover_sandboxes_inner(&self) -> Result<(), ServiceError> {
         for (_, bytes) in self.ledger.state_scan("sandbox/")? {
             let Ok(sandbox) = serde_json::from_slice::<Sandbox>(&bytes) else { continue };
             let Some(cp) = self.passport(&sandbox.passport_id) else { continue };
