@@ -258,10 +258,27 @@ print(json.dumps(res))
     assert_eq!(v["xdg"].as_str(), Some(own.as_str()), "{v}");
     assert!(v["own_path"].as_str().unwrap().starts_with(&own), "{v}");
     assert!(v["multiprocessing"].as_str().unwrap().starts_with(&own), "{v}");
+    // The refusals are counted (the path and the abstract name), and the health says enforced.
+    let metrics = api_get(&d, "/metrics");
+    assert!(metrics.contains("sluice_unix_connects_refused_total 2\n"), "{metrics}");
+    assert!(metrics.contains("sluice_unix_sends_refused_total 0\n"), "{metrics}");
+    let health = api_get(&d, "/v1/health");
+    assert!(health.contains(r#""unix_sockets":{"own_directories""#) && health.contains(r#""status":"enforced""#), "{health}");
     wait_no_sandboxes(&d);
     let deadline = Instant::now() + HANG_GUARD;
     while std::fs::read_dir(d.unix_dir()).unwrap().next().is_some() {
         assert!(Instant::now() < deadline, "own directory left behind: {own}\n{}", d.log());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The raw answer to `GET path` on the daemon's API socket.
+fn api_get(d: &Daemon, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(HANG_GUARD)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
 }

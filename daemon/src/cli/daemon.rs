@@ -130,6 +130,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let policy = Arc::new(PeerPolicy::new(&config.api.group, &agents_rel));
     if let Some(e) = &enforcer {
         crate::metrics::global().watch_conntable(e.conntable());
+        if let Some(f) = e.unix() {
+            crate::metrics::global().watch_unix(f);
+        }
     }
     // The proxy and the agents' resolver, on the ports the eBPF programs redirect to.
     let intercept = match (&enforcer, ca) {
