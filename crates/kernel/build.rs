@@ -80,8 +80,10 @@ fn main() {
     for (name, src) in [("sluice.bpf.o", &src), ("unix.bpf.o", &unix_src)] {
         compile(&clang, &ebpf_dir, src, &out_dir.join(name));
     }
-    let lib_dirs: Vec<PathBuf> =
-        multiarch_lib(&clang).into_iter().chain(["/usr/lib", "/usr/lib64", "/usr/local/lib"].map(PathBuf::from)).collect();
+    let lib_dirs: Vec<PathBuf> = multiarch_lib(&clang)
+        .into_iter()
+        .chain(["/usr/lib", "/usr/lib64", "/usr/local/lib"].map(PathBuf::from))
+        .collect();
     let Some(lib_dir) = lib_dirs.iter().find(|d| d.join("libbpf.a").exists()) else {
         fail(&format!("libbpf.a not found in {lib_dirs:?}: install it with `{INSTALL_HINT}`"));
     };

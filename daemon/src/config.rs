@@ -190,7 +190,10 @@ pub enum UnixSockets {
 impl SandboxConfig {
     /// `unix_allow`, parsed (validated at load, so this does not fail on a loaded config).
     pub fn unix_allow_addrs(&self) -> Result<Vec<crate::kernel::UnixAddr>, String> {
-        self.unix_allow.iter().map(|e| crate::kernel::UnixAddr::parse(e).map_err(|why| format!("{e:?} {why}"))).collect()
+        self.unix_allow
+            .iter()
+            .map(|e| crate::kernel::UnixAddr::parse(e).map_err(|why| format!("{e:?} {why}")))
+            .collect()
     }
 
     pub fn unix_mode(&self) -> crate::kernel::UnixMode {
@@ -350,14 +353,20 @@ impl Config {
         if self.sandbox.unix_allow.len() > crate::kernel::unix::ALLOW_ENTRIES {
             return Err(self.invalid(
                 "sandbox.unix_allow",
-                format!("lists {} addresses; at most {}", self.sandbox.unix_allow.len(), crate::kernel::unix::ALLOW_ENTRIES),
+                format!(
+                    "lists {} addresses; at most {}",
+                    self.sandbox.unix_allow.len(),
+                    crate::kernel::unix::ALLOW_ENTRIES
+                ),
             ));
         }
         self.sandbox.unix_allow_addrs().map_err(|e| self.invalid("sandbox.unix_allow", e))?;
         let unix_dir = &self.sandbox.unix_dir;
         let unix_dir_ok = unix_dir.is_absolute()
             && unix_dir.as_os_str().len() <= crate::kernel::unix::UNIX_DIR_MAX
-            && unix_dir.components().all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
+            && unix_dir
+                .components()
+                .all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
             && !unix_dir.to_string_lossy().contains("//");
         if !unix_dir_ok {
             return Err(self.invalid(

@@ -253,7 +253,11 @@ impl Collector for UnixCollector {
             return Ok(());
         };
         let counters = [
-            ("sluice_unix_connects_refused", "Unix socket connects by agents refused (EPERM) by the eBPF filter.", connects),
+            (
+                "sluice_unix_connects_refused",
+                "Unix socket connects by agents refused (EPERM) by the eBPF filter.",
+                connects,
+            ),
             ("sluice_unix_sends_refused", "Unix datagrams sent by agents refused (EPERM) by the eBPF filter.", sends),
         ];
         for (name, help, value) in counters {

@@ -310,7 +310,10 @@ fn killed_daemon_still_refuses_and_restart_keeps_own_directories() {
     let actions: Vec<_> = e.link_actions().iter().filter(|(n, _)| n.contains("unix")).collect();
     assert_eq!(actions.len(), 2, "{actions:?}");
     assert!(actions.iter().all(|(_, a)| *a == LinkAction::Updated), "{actions:?}");
-    assert_eq!(e.unix().unwrap().sandbox_dir(fx.sandbox.id()).unwrap(), Some(PathBuf::from(format!("{}/", dir.display()))));
+    assert_eq!(
+        e.unix().unwrap().sandbox_dir(fx.sandbox.id()).unwrap(),
+        Some(PathBuf::from(format!("{}/", dir.display())))
+    );
     let v = fx.run_python(
         TRY,
         &[cases(&[

@@ -263,7 +263,10 @@ print(json.dumps(res))
     assert!(metrics.contains("sluice_unix_connects_refused_total 2\n"), "{metrics}");
     assert!(metrics.contains("sluice_unix_sends_refused_total 0\n"), "{metrics}");
     let health = api_get(&d, "/v1/health");
-    assert!(health.contains(r#""unix_sockets":{"own_directories""#) && health.contains(r#""status":"enforced""#), "{health}");
+    assert!(
+        health.contains(r#""unix_sockets":{"own_directories""#) && health.contains(r#""status":"enforced""#),
+        "{health}"
+    );
     wait_no_sandboxes(&d);
     let deadline = Instant::now() + HANG_GUARD;
     while std::fs::read_dir(d.unix_dir()).unwrap().next().is_some() {

@@ -531,7 +531,10 @@ impl UnixFilter {
             let p = obj.program(name)?;
             // SAFETY: p belongs to the open, not yet loaded, object.
             let (a, b) = unsafe {
-                (bpf_program__set_type(p, BPF_PROG_TYPE_CGROUP_SOCK_ADDR), bpf_program__set_expected_attach_type(p, attach))
+                (
+                    bpf_program__set_type(p, BPF_PROG_TYPE_CGROUP_SOCK_ADDR),
+                    bpf_program__set_expected_attach_type(p, attach),
+                )
             };
             if a != 0 || b != 0 {
                 return Err(prog_err(name, "set program type")(libbpf_error(if a != 0 { a } else { b })));
@@ -731,6 +734,9 @@ fn attach_pinned(
 // ---------------------------------------------------------------------------------------------
 // Own directories
 
+/// The most entries [`SandboxDirs::remove`] visits in one own directory.
+pub const MAX_REMOVE_ENTRIES: usize = 100_000;
+
 /// `ST_NOSYMFOLLOW` in `statvfs.f_flag`.
 const ST_NOSYMFOLLOW: u64 = 0x2000;
 /// `MS_NOSYMFOLLOW` for mount(2).
@@ -772,7 +778,7 @@ fn statvfs_flags(path: &Path) -> io::Result<u64> {
 impl SandboxDirs {
     /// Makes sure `root` is fit for own directories: an absolute plain path of at most
     /// [`UNIX_DIR_MAX`] bytes, a mount of its own with `nosymfollow`, owned by root and
-    /// writable by root only. If nothing is mounted there, mounts a small `tmpfs` with
+    /// writable by root only. If nothing is mounted there, mounts a `tmpfs` (at most 25% of RAM) with
     /// `nosymfollow,nosuid,nodev,noexec` (needs CAP_SYS_ADMIN in the host's mount namespace);
     /// otherwise says how to. Never follows a symbolic link at `root`.
     pub fn prepare(root: &Path) -> Result<SandboxDirs, KernelError> {
@@ -799,7 +805,7 @@ impl SandboxDirs {
                 | nix::mount::MsFlags::MS_NODEV
                 | nix::mount::MsFlags::MS_NOEXEC
                 | nix::mount::MsFlags::from_bits_retain(MS_NOSYMFOLLOW as libc::c_ulong);
-            nix::mount::mount(Some("sluice-sandboxes"), root, Some("tmpfs"), flags, Some("mode=0755,size=16m"))
+            nix::mount::mount(Some("sluice-sandboxes"), root, Some("tmpfs"), flags, Some("mode=0755,size=25%"))
                 .map_err(|e| {
                     dir_err(
                         root,
@@ -850,12 +856,41 @@ impl SandboxDirs {
         Ok(dir)
     }
 
-    /// Removes sandbox `id`'s own directory and everything in it (without following links).
+    /// Removes sandbox `id`'s own directory and everything in it, never following a link.
+    /// Directories are first given to root (CAP_CHOWN suffices), so a daemon without
+    /// CAP_DAC_OVERRIDE can empty a directory its agent made unreadable. At most
+    /// [`MAX_REMOVE_ENTRIES`] entries are visited; the rest stays (the mount is bounded).
     pub fn remove(&self, id: &str) -> Result<(), KernelError> {
         if id.is_empty() || id.contains('/') || id == "." || id == ".." {
             return Ok(());
         }
         let dir = self.dir(id);
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return fs::remove_file(&dir).map_err(pin_err(&dir, "remove")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(pin_err(&dir, "stat")(e)),
+        }
+        let mut stack = vec![dir.clone()];
+        let mut visited = 0usize;
+        while let Some(d) = stack.pop() {
+            // Only directories reach the stack, found with lstat: links are never followed.
+            std::os::unix::fs::lchown(&d, Some(0), Some(0)).map_err(pin_err(&d, "chown to root"))?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o700)).map_err(pin_err(&d, "chmod"))?;
+            for entry in fs::read_dir(&d).map_err(pin_err(&d, "read_dir"))?.flatten() {
+                visited += 1;
+                if visited > MAX_REMOVE_ENTRIES {
+                    return Err(dir_err(
+                        &dir,
+                        "remove",
+                        format!("more than {MAX_REMOVE_ENTRIES} entries; left in place"),
+                    ));
+                }
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+            }
+        }
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -983,6 +1018,33 @@ mod tests {
             assert!(has(name.as_bytes()), "{name}");
         }
         assert!(has(b"cgroup/connect_unix") && has(b"cgroup/sendmsg_unix"));
+    }
+
+    /// Removal gives each directory to root first (an agent may leave one unreadable), and
+    /// never follows a link out of the own directory.
+    #[test]
+    fn removing_an_own_directory_follows_no_link_and_empties_unreadable_ones() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // chown needs CAP_CHOWN
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("precious"), b"x").unwrap();
+        let dirs = SandboxDirs { root: tmp.path().join("root") };
+        fs::create_dir(&dirs.root).unwrap();
+        let own = dirs.create("run-1", 65534, 65534).unwrap();
+        assert_eq!(fs::metadata(&own).unwrap().uid(), 65534);
+        fs::create_dir_all(own.join("a/b")).unwrap();
+        fs::write(own.join("a/b/f"), b"y").unwrap();
+        std::os::unix::fs::symlink(&outside, own.join("a/link")).unwrap();
+        std::os::unix::fs::lchown(own.join("a"), Some(65534), Some(65534)).unwrap();
+        fs::set_permissions(own.join("a"), fs::Permissions::from_mode(0o000)).unwrap();
+        dirs.remove("run-1").unwrap();
+        assert!(!own.exists());
+        assert!(outside.join("precious").exists());
+        dirs.remove("run-1").unwrap();
+        assert!(dirs.create("../x", 0, 0).is_err());
     }
 
     #[test]

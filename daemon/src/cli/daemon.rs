@@ -190,7 +190,8 @@ fn unix_confinement(config: &Config, enforcer: &kernel::Enforcer) -> UnixConfine
         Ok(addrs) => {
             if let Err(e) = filter.set_allowed(&addrs) {
                 tracing::error!(error = %e, "[sandbox] unix_allow could not be written to the kernel; sandboxes are refused");
-                gate = Err(format!("[sandbox] unix_allow could not be written to the kernel ({e}); restart the daemon"));
+                gate =
+                    Err(format!("[sandbox] unix_allow could not be written to the kernel ({e}); restart the daemon"));
             }
         }
         Err(e) => gate = Err(format!("[sandbox] unix_allow: {e}")),

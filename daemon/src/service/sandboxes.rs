@@ -84,13 +84,7 @@ pub struct UnixConfinement {
 impl Service {
     /// Whether sandboxes may be created now, as far as Unix sockets go.
     fn unix_or_refuse(&self) -> Result<&UnixConfinement, ServiceError> {
-        let unix = self.config.unix.as_deref().ok_or_else(|| {
-            ServiceError::UnixUnconfined("the daemon has not set up Unix socket confinement; no sandbox is created".into())
-        })?;
-        match &unix.gate {
-            Ok(_) => Ok(unix),
-            Err(why) => Err(ServiceError::UnixUnconfined(why.clone())),
-        }
+        unix_gate(self.config.unix.as_deref())
     }
 
     /// `unix_sockets` in `GET /v1/health`.
@@ -109,9 +103,16 @@ impl Service {
 
     /// Makes sandbox `id`'s own directory and tells the kernel filter about it. `Ok(None)` when
     /// sandboxes get no own directory.
-    fn make_own_dir(&self, unix: &UnixConfinement, id: &str, cgroup_id: u64, peer: &Peer) -> Result<Option<PathBuf>, ServiceError> {
+    fn make_own_dir(
+        &self,
+        unix: &UnixConfinement,
+        id: &str,
+        cgroup_id: u64,
+        peer: &Peer,
+    ) -> Result<Option<PathBuf>, ServiceError> {
         let (Some(filter), Some(dirs)) = (&unix.filter, &unix.dirs) else { return Ok(None) };
-        let dir = dirs.create(id, peer.uid, peer.gid).map_err(|e| ServiceError::Cgroup(format!("own directory: {e}")))?;
+        let dir =
+            dirs.create(id, peer.uid, peer.gid).map_err(|e| ServiceError::Cgroup(format!("own directory: {e}")))?;
         filter.set_sandbox_dir(cgroup_id, &dir).map_err(|e| ServiceError::Cgroup(format!("own directory: {e}")))?;
         Ok(Some(dir))
     }
@@ -458,6 +459,17 @@ impl Service {
     }
 }
 
+/// Sandboxes are created only with Unix socket confinement set up and its gate open.
+fn unix_gate(unix: Option<&UnixConfinement>) -> Result<&UnixConfinement, ServiceError> {
+    let unix = unix.ok_or_else(|| {
+        ServiceError::UnixUnconfined("the daemon has not set up Unix socket confinement; no sandbox is created".into())
+    })?;
+    match &unix.gate {
+        Ok(_) => Ok(unix),
+        Err(why) => Err(ServiceError::UnixUnconfined(why.clone())),
+    }
+}
+
 /// The live sandbox at `cgroup` or at one of its ancestors.
 fn bound_at_or_above<'a>(m: &'a HashMap<u64, Sandbox>, cgroup: &Cgroup) -> Option<&'a Sandbox> {
     m.values().find(|s| s.cgroup_id == cgroup.id() || cgroup.path().starts_with(&s.cgroup))
@@ -516,6 +528,25 @@ fn check_below(agents: &Path, path: &Path) -> Result<(), ServiceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kernel probe's verdict, injected: a closed gate or no setup at all refuses sandboxes
+    /// with the reason; an open gate (enforced, or unenforced by the operator's choice) admits.
+    #[test]
+    fn sandboxes_need_the_unix_gate_open() {
+        use crate::kernel::unix::{sandbox_gate, Hooks, UnixMode, UnixStatus};
+        let with = |gate| UnixConfinement { gate, filter: None, dirs: None };
+        let missing = UnixStatus::Missing("no cgroup/connect_unix hook".into());
+        let refused = with(sandbox_gate(UnixMode::Enforced, &missing));
+        let err = unix_gate(Some(&refused)).unwrap_err();
+        assert!(matches!(err, ServiceError::UnixUnconfined(_)));
+        assert!(err.to_string().contains("no cgroup/connect_unix hook"), "{err}");
+        assert!(matches!(unix_gate(None), Err(ServiceError::UnixUnconfined(_))));
+        let unenforced = with(sandbox_gate(UnixMode::Unenforced, &missing));
+        assert!(unix_gate(Some(&unenforced)).is_ok());
+        let enforced =
+            with(sandbox_gate(UnixMode::Enforced, &UnixStatus::Enforced(Hooks { connect: 49, sendmsg: 50 })));
+        assert!(unix_gate(Some(&enforced)).is_ok());
+    }
 
     #[test]
     fn bind_targets_must_lie_strictly_below_the_agents_cgroup() {
