@@ -12,9 +12,11 @@
  *      whole address in sl_unix_allow (a path, or an abstract name), or
  *   2. a path inside the sandbox's own directory: sl_unix_dirs maps the
  *      cgroup id of the calling task to the directory's path (ending in '/'),
- *      the path starts with it and has no "." or ".." component.
- * Everything else is refused: 0 is EPERM to the caller. socketpair(2) and
- * already-connected sockets never pass here (nothing is looked up by name).
+ *      the path starts with it and has no "." or ".." component,
+ * and only while the calling task is in the daemon's user namespace
+ * (sl_unix_config; see user_ns_ok). Everything else is refused: 0 is
+ * EPERM to the caller. socketpair(2) and already-connected sockets never pass
+ * here (nothing is looked up by name).
  *
  * The programs see the address as the agent passed it, before the kernel
  * resolves it: they resolve nothing. What makes the comparison sound is
@@ -53,6 +55,22 @@ struct sockaddr_un {
 	char sun_path[SLUICE_UNIX_PATH_MAX];
 } __attribute__((preserve_access_index));
 
+struct ns_common {
+	unsigned int inum;
+} __attribute__((preserve_access_index));
+
+struct user_namespace {
+	struct ns_common ns;
+} __attribute__((preserve_access_index));
+
+struct cred {
+	struct user_namespace *user_ns;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	const struct cred *cred;
+} __attribute__((preserve_access_index));
+
 extern void *bpf_cast_to_kern_ctx(void *obj) __ksym;
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
 
@@ -71,6 +89,17 @@ struct {
 	__type(key, __u64);
 	__type(value, struct sluice_unix_addr);
 } sl_unix_dirs SEC(".maps");
+
+/* Settings the daemon writes before attaching: index 0 is the inode number of
+ * the user namespace (nsfs, as stat(2) of /proc/self/ns/user shows it) from
+ * which listed addresses and own directories may be reached: the daemon's.
+ * 0 (unset) allows none. See user_ns_ok. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} sl_unix_config SEC(".maps");
 
 /* Refusals, per CPU: index 0 connect, 1 sendmsg. */
 struct {
@@ -151,6 +180,23 @@ static __always_inline int below_dir(const struct sluice_unix_addr *a, const str
 	return 1;
 }
 
+/* 1 if the calling task is in the daemon's user namespace. An agent that
+ * makes a user namespace of its own (unshare -Ur) holds CAP_SYS_ADMIN over a
+ * mount namespace it owns and could bind-mount any host socket over a listed
+ * path or over a path in its own directory: the raw path would match and the
+ * kernel would reach the host socket. From any other user namespace no name
+ * is allowed (socketpair still works). */
+static __always_inline int user_ns_ok(void)
+{
+	__u32 zero = 0;
+	__u32 *want = bpf_map_lookup_elem(&sl_unix_config, &zero);
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	if (!want || *want == 0 || !task)
+		return 0;
+	return task->cred->user_ns->ns.inum == *want;
+}
+
 static __always_inline int decide(struct bpf_sock_addr *ctx, __u32 what)
 {
 	__u32 zero = 0;
@@ -162,6 +208,8 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u32 what)
 	if (!a)
 		goto deny;
 	if (read_addr(ctx, a))
+		goto deny;
+	if (!user_ns_ok())
 		goto deny;
 	if (bpf_map_lookup_elem(&sl_unix_allow, a))
 		return SL_ALLOW;

@@ -17,7 +17,8 @@ const ELOOP: i64 = 40;
 
 /// Tries each case `[name, kind, address]` and prints `{name: errno or 0}`. Kinds: `stream`,
 /// `seqpacket`, `dgram` (sendto), `dgram_connect`. `@x` is the abstract name `x`. Extra
-/// operations: `symlink`, `hardlink` (address is `target|link`), `pair` (socketpair).
+/// operations: `symlink`, `hardlink`, `bind_mount` (address is `target|link`), `pair`
+/// (socketpair), `chdir`, `listen`, `bind_dgram`.
 const TRY: &str = r#"
 import json, os, socket, sys
 def addr(a):
@@ -37,6 +38,12 @@ for name, kind, a in json.loads(sys.argv[1]):
             x, y = socket.socketpair(); x.send(b"hi"); assert y.recv(2) == b"hi"
         elif kind == "chdir":
             os.chdir(a)
+        elif kind == "bind_mount":
+            import ctypes
+            t, l = a.split("|")
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.mount(t.encode(), l.encode(), None, 4096, None) != 0:
+                raise OSError(ctypes.get_errno(), "mount")
         else:
             typ = {"stream": socket.SOCK_STREAM, "seqpacket": socket.SOCK_SEQPACKET,
                    "dgram": socket.SOCK_DGRAM, "dgram_connect": socket.SOCK_DGRAM}[kind]
@@ -325,4 +332,69 @@ fn killed_daemon_still_refuses_and_restart_keeps_own_directories() {
     assert_eq!(v["outside"].as_i64(), Some(EPERM), "{v}");
     assert_eq!(v["own"], 0, "{v}");
     assert!(Path::new(&d("k.sock")).exists());
+}
+
+/// An unprivileged agent that makes a user and mount namespace of its own could bind-mount a
+/// host socket over a path in its own directory or over a listed path (the raw path matches):
+/// from a user namespace other than the daemon's, every name is refused.
+#[test]
+fn a_user_namespace_of_its_own_cannot_bind_mount_a_way_out() {
+    let Some(fx) = fixture("a_user_namespace_of_its_own_cannot_bind_mount_a_way_out") else {
+        return;
+    };
+    use std::os::unix::fs::PermissionsExt;
+    let out = Outside::new();
+    for name in ["stream.sock", "dgram.sock"] {
+        std::fs::set_permissions(out.dir.join(name), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    // A listed path whose socket does not run: a plain file the agent could mount over.
+    let listed = out.dir.join("listed.sock");
+    std::fs::write(&listed, b"").unwrap();
+    std::fs::set_permissions(&listed, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let own = OwnDirs::new();
+    let dir = own.dirs.create("run-userns", 65534, 65534).unwrap();
+    let unix = fx.enforcer().unix().unwrap();
+    unix.set_sandbox_dir(fx.sandbox.id(), &dir).unwrap();
+    unix.set_allowed(&[UnixAddr::path(&listed).unwrap()]).unwrap();
+    let target = dir.join("x.sock");
+    std::fs::write(&target, b"").unwrap();
+    std::os::unix::fs::lchown(&target, Some(65534), Some(65534)).unwrap();
+    let d = |name: &str| dir.join(name).display().to_string();
+    let all = cases(&[
+        ("mount_own", "bind_mount", format!("{}|{}", out.path("stream.sock"), d("x.sock"))),
+        ("via_own", "stream", d("x.sock")),
+        ("mount_listed", "bind_mount", format!("{}|{}", out.path("dgram.sock"), listed.display())),
+        ("via_listed", "dgram", listed.display().to_string()),
+        ("listen", "listen", d("in-ns.sock")),
+        ("own_in_ns", "stream", d("in-ns.sock")),
+        ("pair", "pair", String::new()),
+    ]);
+    // As "nobody", in a user and mount namespace of its own (the system python: nobody may run it).
+    let py = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("a system python3 the user nobody may run");
+    let mut cmd = fx.agent_command("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "unshare", "-Urm", py, "-c", TRY, &all]);
+    let v = sluice_e2e::last_json(sluice_e2e::run(cmd));
+    assert_eq!(v["mount_own"], 0, "the namespace lets it mount (else this tests nothing): {v}");
+    assert_eq!(v["mount_listed"], 0, "{v}");
+    for case in ["via_own", "via_listed", "own_in_ns"] {
+        assert_eq!(v[case].as_i64(), Some(EPERM), "{case}: {v}");
+    }
+    assert_eq!(v["pair"], 0, "{v}");
+
+    // The same agent without a namespace of its own reaches its own directory.
+    let mut cmd = fx.agent_command("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        py,
+        "-c",
+        TRY,
+        &cases(&[("listen", "listen", d("plain.sock")), ("own", "stream", d("plain.sock"))]),
+    ]);
+    let v = sluice_e2e::last_json(sluice_e2e::run(cmd));
+    assert_eq!(v["own"], 0, "{v}");
 }

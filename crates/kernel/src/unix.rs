@@ -30,10 +30,14 @@
 //! kernel never follows a symbolic link that lives on that mount, and `link(2)` across mounts
 //! fails with `EXDEV`. The programs refuse any path with a `.` or `..` component, and a relative
 //! path never matches (the directory is absolute). `unix_dir` must be owned by root and writable
-//! by root only, so no agent can make another sandbox's directory. What remains outside this
-//! module: an agent that may mount (CAP_SYS_ADMIN in a user namespace of its own) could bind a
-//! host socket over a path in its directory or over a listed path; `sluice run` must not let
-//! agents create user namespaces (see `docs/threat-model.md`).
+//! by root only, so no agent can make another sandbox's directory.
+//!
+//! An agent that may mount could still bind a host socket over a path in its directory, or over a
+//! listed path, and the raw path would match. Without privileges it may mount only in a user
+//! namespace of its own (`unshare -Urm`), so the programs allow names only to tasks in the
+//! daemon's user namespace (`sl_unix_config` holds its nsfs inode number): from any other user
+//! namespace every name is refused. A `sluice run` that puts agents in a user namespace of its
+//! making must give the daemon that namespace, and keep agents from mounting in it.
 //!
 //! # Kernel support and loading
 //!
@@ -81,6 +85,7 @@ const SENDMSG: &str = "sl_sendmsg_unix";
 const MAP_ALLOW: &str = "sl_unix_allow";
 const MAP_DIRS: &str = "sl_unix_dirs";
 const MAP_REFUSED: &str = "sl_unix_refused";
+const MAP_CONFIG: &str = "sl_unix_config";
 
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_MAP_TYPE_HASH: u32 = 1;
@@ -555,6 +560,11 @@ impl UnixFilter {
         if ret != 0 {
             return Err(prog_err(CONNECT, "load (libbpf, verifier)")(libbpf_error(ret)));
         }
+        // The user namespace names may be reached from, written before anything is attached.
+        let userns = own_user_namespace().map_err(prog_err(CONNECT, "stat /proc/self/ns/user"))?;
+        let config = obj.map_fd(MAP_CONFIG)?;
+        sys::map_update(config.as_fd(), &0u32.to_ne_bytes(), &userns.to_ne_bytes())
+            .map_err(prog_err(CONNECT, "write sl_unix_config"))?;
         let mut actions = Vec::with_capacity(2);
         for (name, attach) in [(CONNECT, hooks.connect), (SENDMSG, hooks.sendmsg)] {
             let prog = obj.program_fd(name)?;
@@ -671,6 +681,13 @@ impl UnixFilter {
         }
         Ok((total[0], total[1]))
     }
+}
+
+/// The inode number of this process's user namespace: the only one from which agents may reach
+/// Unix sockets by name (a user namespace of the agent's own would let it mount over paths).
+fn own_user_namespace() -> io::Result<u32> {
+    let ino = fs::metadata("/proc/self/ns/user")?.ino();
+    u32::try_from(ino).ok().filter(|i| *i != 0).ok_or_else(|| io::Error::other(format!("unexpected nsfs inode {ino}")))
 }
 
 /// The number of possible CPUs (per-CPU map values have one slot each).
