@@ -150,7 +150,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let api = tokio::spawn(server::serve(listener, service.clone(), policy, stop_rx));
     // Everything that enforces is in place (programs attached, listeners and API bound): only now
     // may systemd start the units ordered after sluice.service.
-    sd_notify("READY=1", crate::sdnotify::ready("enforcing"));
+    // `systemctl status` shows it: Unix socket confinement is part of what "enforcing" means.
+    let status = match unix.as_deref().map(|u| &u.gate) {
+        Some(Err(_)) => "enforcing; sandboxes refused: agents' Unix sockets cannot be confined on this kernel",
+        Some(Ok(Some(_))) => "enforcing; agents' Unix sockets NOT confined ([sandbox] unix_sockets = \"unenforced\")",
+        _ => "enforcing",
+    };
+    sd_notify("READY=1", crate::sdnotify::ready(status));
     wait_for_signal().await;
     tracing::info!("stopping");
     sd_notify("STOPPING=1", crate::sdnotify::stopping("stopping"));
