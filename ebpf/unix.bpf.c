@@ -163,20 +163,18 @@ static __always_inline int below_dir(const struct sluice_unix_addr *a, const str
 	}
 	/* A component is "." or ".." if a '/' is followed by "." or "..",
 	 * then by '/' or the end (bytes past the end are 0). */
-	for (i = 0; i + 3 < SLUICE_UNIX_PATH_MAX; i++) {
+	for (i = 0; i + 1 < SLUICE_UNIX_PATH_MAX; i++) {
+		__u8 c2, c3;
+
 		if (a->bytes[i] != '/' || a->bytes[i + 1] != '.')
 			continue;
-		if (a->bytes[i + 2] == '/' || a->bytes[i + 2] == 0)
+		c2 = i + 2 < SLUICE_UNIX_PATH_MAX ? a->bytes[i + 2] : 0;
+		if (c2 == '/' || c2 == 0)
 			return 0;
-		if (a->bytes[i + 2] == '.' && (a->bytes[i + 3] == '/' || a->bytes[i + 3] == 0))
+		c3 = i + 3 < SLUICE_UNIX_PATH_MAX ? a->bytes[i + 3] : 0;
+		if (c2 == '.' && (c3 == '/' || c3 == 0))
 			return 0;
 	}
-	/* The last positions: "/." or "/.." ending exactly at the buffer end. */
-	if (a->bytes[SLUICE_UNIX_PATH_MAX - 2] == '/' && a->bytes[SLUICE_UNIX_PATH_MAX - 1] == '.')
-		return 0;
-	if (a->bytes[SLUICE_UNIX_PATH_MAX - 3] == '/' && a->bytes[SLUICE_UNIX_PATH_MAX - 2] == '.' &&
-	    a->bytes[SLUICE_UNIX_PATH_MAX - 1] == '.')
-		return 0;
 	return 1;
 }
 

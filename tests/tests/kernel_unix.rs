@@ -210,6 +210,8 @@ fn own_directory_works_and_dot_dot_symlinks_and_hard_links_do_not_lead_out() {
             // `..` out of the own directory: refused by the program before any lookup.
             ("dot_dot", "stream", dot_dot),
             ("dot", "stream", format!("{}/./a.sock", dir.display())),
+            ("dot_end", "stream", format!("{}/sub/.", dir.display())),
+            ("dot_dot_end", "stream", format!("{}/sub/..", dir.display())),
             ("double_slash_own", "stream", format!("{}//a.sock", dir.display())),
             // A symbolic link in the own directory to a socket outside: the raw path matches the
             // prefix, but the mount is nosymfollow, so the kernel does not follow it.
@@ -231,7 +233,7 @@ fn own_directory_works_and_dot_dot_symlinks_and_hard_links_do_not_lead_out() {
         assert_eq!(v[case], 0, "{case}: {v}");
     }
     assert_eq!(v["double_slash_own"], 0, "`//` inside the own directory stays inside: {v}");
-    for case in ["dot_dot", "dot", "relative"] {
+    for case in ["dot_dot", "dot", "dot_end", "dot_dot_end", "relative"] {
         assert_eq!(v[case].as_i64(), Some(EPERM), "{case}: {v}");
     }
     for case in ["via_symlink", "via_symlink_dgram", "via_dir_symlink"] {
@@ -240,8 +242,19 @@ fn own_directory_works_and_dot_dot_symlinks_and_hard_links_do_not_lead_out() {
     assert_eq!(v["hardlink"].as_i64(), Some(EXDEV), "{v}");
     assert_eq!(v["via_hardlink"].as_i64(), Some(ENOENT), "{v}");
 
-    // Another sandbox's directory is not this one's.
-    unix.set_sandbox_dir(fx.sandbox.id(), &own.dirs.create("run-other", 0, 0).unwrap()).unwrap();
+    // Another sandbox's own directory is a mount of its own: a socket there cannot be
+    // hard-linked into this one (even by the same user), and its directory is not this one's.
+    let other = own.dirs.create("run-other", 0, 0).unwrap();
+    let v = fx.run_python(
+        TRY,
+        &[cases(&[
+            ("listen_other", "listen", other.join("o.sock").display().to_string()),
+            ("hardlink_other", "hardlink", format!("{}|{}", other.join("o.sock").display(), d("o.sock"))),
+        ])],
+    );
+    assert_eq!(v["listen_other"], 0, "{v}");
+    assert_eq!(v["hardlink_other"].as_i64(), Some(EXDEV), "{v}");
+    unix.set_sandbox_dir(fx.sandbox.id(), &other).unwrap();
     let v = fx.run_python(TRY, &[cases(&[("listen", "listen", d("c.sock")), ("own", "stream", d("c.sock"))])]);
     assert_eq!(v["listen"], 0, "{v}");
     assert_eq!(v["own"].as_i64(), Some(EPERM), "{v}");

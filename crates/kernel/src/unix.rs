@@ -28,8 +28,10 @@
 //! So the directories live under `unix_dir`, which must be a **mount of its own with
 //! `nosymfollow`** (the daemon mounts a `tmpfs` there if it may, and checks it otherwise): the
 //! kernel never follows a symbolic link that lives on that mount, and `link(2)` across mounts
-//! fails with `EXDEV`. The programs refuse any path with a `.` or `..` component, and a relative
-//! path never matches (the directory is absolute). `unix_dir` must be owned by root and writable
+//! fails with `EXDEV`. Each sandbox's directory is, where the daemon may mount, a `tmpfs` of its
+//! own too, so a socket of another sandbox cannot be hard-linked in either. The programs refuse
+//! any path with a `.` or `..` component, and a relative path never matches (the directory is
+//! absolute). `unix_dir` must be owned by root and writable
 //! by root only, so no agent can make another sandbox's directory.
 //!
 //! An agent that may mount could still bind a host socket over a path in its directory, or over a
@@ -770,13 +772,24 @@ fn dir_err(path: &Path, op: &'static str, what: String) -> KernelError {
     KernelError::Pin { path: path.to_owned(), op, source: io::Error::other(what) }
 }
 
-/// `true` when `path` is a mount point (its device differs from its parent's) with
-/// `nosymfollow`.
-fn is_protected(path: &Path) -> io::Result<bool> {
+/// `true` when `path` is a directory (not a link) whose device differs from its parent's.
+fn is_mount_point(path: &Path) -> io::Result<bool> {
     let meta = fs::symlink_metadata(path)?;
     let parent = path.parent().map(fs::metadata).transpose()?;
-    let own_mount = parent.is_some_and(|p| p.dev() != meta.dev());
-    Ok(own_mount && statvfs_flags(path)? & ST_NOSYMFOLLOW != 0)
+    Ok(meta.is_dir() && parent.is_some_and(|p| p.dev() != meta.dev()))
+}
+
+/// `true` when `path` is a mount point with `nosymfollow`.
+fn is_protected(path: &Path) -> io::Result<bool> {
+    Ok(is_mount_point(path)? && statvfs_flags(path)? & ST_NOSYMFOLLOW != 0)
+}
+
+/// `nosuid,nodev,noexec,nosymfollow`, for `unix_dir` and the sandboxes' own mounts.
+fn protected_flags() -> nix::mount::MsFlags {
+    nix::mount::MsFlags::MS_NOSUID
+        | nix::mount::MsFlags::MS_NODEV
+        | nix::mount::MsFlags::MS_NOEXEC
+        | nix::mount::MsFlags::from_bits_retain(MS_NOSYMFOLLOW as libc::c_ulong)
 }
 
 fn statvfs_flags(path: &Path) -> io::Result<u64> {
@@ -818,22 +831,24 @@ impl SandboxDirs {
             Err(e) => return Err(pin_err(root, "stat")(e)),
         }
         if !is_protected(root).map_err(pin_err(root, "stat"))? {
-            let flags = nix::mount::MsFlags::MS_NOSUID
-                | nix::mount::MsFlags::MS_NODEV
-                | nix::mount::MsFlags::MS_NOEXEC
-                | nix::mount::MsFlags::from_bits_retain(MS_NOSYMFOLLOW as libc::c_ulong);
-            nix::mount::mount(Some("sluice-sandboxes"), root, Some("tmpfs"), flags, Some("mode=0755,size=25%"))
-                .map_err(|e| {
-                    dir_err(
-                        root,
-                        "mount tmpfs",
-                        format!(
-                            "{e}; it must be a mount of its own with nosymfollow. Mount it before the daemon starts: \
+            nix::mount::mount(
+                Some("sluice-sandboxes"),
+                root,
+                Some("tmpfs"),
+                protected_flags(),
+                Some("mode=0755,size=25%"),
+            )
+            .map_err(|e| {
+                dir_err(
+                    root,
+                    "mount tmpfs",
+                    format!(
+                        "{e}; it must be a mount of its own with nosymfollow. Mount it before the daemon starts: \
                              `mount -t tmpfs -o nosymfollow,nosuid,nodev,noexec,mode=0755 sluice-sandboxes {}`",
-                            root.display()
-                        ),
-                    )
-                })?;
+                        root.display()
+                    ),
+                )
+            })?;
             if !is_protected(root).map_err(pin_err(root, "stat"))? {
                 return Err(dir_err(root, "check", "mounted a tmpfs but it does not show nosymfollow".into()));
             }
@@ -861,6 +876,10 @@ impl SandboxDirs {
 
     /// Creates sandbox `id`'s own directory, mode 0700, owned by `uid`:`gid`. `id` must be one
     /// plain name (the daemon's `run-<hex>`). A directory left from before is removed first.
+    ///
+    /// Where the daemon may mount, the directory is a `tmpfs` of its own (same flags as
+    /// `unix_dir`'s), so an agent cannot hard-link a socket of another sandbox of the same user
+    /// into its own directory either (`EXDEV`); otherwise it is a plain directory on `unix_dir`.
     pub fn create(&self, id: &str, uid: u32, gid: u32) -> Result<PathBuf, KernelError> {
         if id.is_empty() || id.contains('/') || id == "." || id == ".." || id.contains('\0') {
             return Err(KernelError::Config { field: "sandbox id", reason: format!("{id:?} is not a plain name") });
@@ -868,7 +887,15 @@ impl SandboxDirs {
         let dir = self.dir(id);
         self.remove(id)?;
         fs::DirBuilder::new().mode(0o700).create(&dir).map_err(pin_err(&dir, "mkdir"))?;
-        std::os::unix::fs::lchown(&dir, Some(uid), Some(gid)).map_err(pin_err(&dir, "chown"))?;
+        let data = format!("mode=0700,uid={uid},gid={gid},size=25%");
+        match nix::mount::mount(Some("sluice-sandbox"), &dir, Some("tmpfs"), protected_flags(), Some(data.as_str())) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EPERM) => {
+                tracing::debug!(dir = %dir.display(), "cannot mount a tmpfs per sandbox; a plain directory it is");
+                std::os::unix::fs::lchown(&dir, Some(uid), Some(gid)).map_err(pin_err(&dir, "chown"))?;
+            }
+            Err(e) => return Err(pin_err(&dir, "mount tmpfs")(io::Error::from(e))),
+        }
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).map_err(pin_err(&dir, "chmod"))?;
         Ok(dir)
     }
@@ -882,6 +909,11 @@ impl SandboxDirs {
             return Ok(());
         }
         let dir = self.dir(id);
+        // A tmpfs of its own: unmounting it takes everything in it.
+        if is_mount_point(&dir).unwrap_or(false) {
+            nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| pin_err(&dir, "umount")(io::Error::from(e)))?;
+        }
         match fs::symlink_metadata(&dir) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => return fs::remove_file(&dir).map_err(pin_err(&dir, "remove")),
@@ -1050,8 +1082,20 @@ mod tests {
         fs::write(outside.join("precious"), b"x").unwrap();
         let dirs = SandboxDirs { root: tmp.path().join("root") };
         fs::create_dir(&dirs.root).unwrap();
-        let own = dirs.create("run-1", 65534, 65534).unwrap();
-        assert_eq!(fs::metadata(&own).unwrap().uid(), 65534);
+        // Made by create, it is a nosymfollow tmpfs of its own, owned by the agent; removing
+        // unmounts it.
+        let mounted = dirs.create("run-0", 65534, 65534).unwrap();
+        assert!(is_protected(&mounted).unwrap());
+        assert_eq!(fs::metadata(&mounted).unwrap().uid(), 65534);
+        assert_eq!(fs::metadata(&mounted).unwrap().permissions().mode() & 0o7777, 0o700);
+        fs::write(mounted.join("f"), b"z").unwrap();
+        dirs.remove("run-0").unwrap();
+        assert!(!mounted.exists());
+        // A plain directory (where the daemon may not mount) is walked.
+        let own = dirs.dir("run-1");
+        fs::create_dir(&own).unwrap();
+        std::os::unix::fs::lchown(&own, Some(65534), Some(65534)).unwrap();
+        fs::set_permissions(&own, fs::Permissions::from_mode(0o700)).unwrap();
         fs::create_dir_all(own.join("a/b")).unwrap();
         fs::write(own.join("a/b/f"), b"y").unwrap();
         std::os::unix::fs::symlink(&outside, own.join("a/link")).unwrap();
