@@ -406,18 +406,25 @@ impl Enforcer {
         }
         // Unix sockets: attached where the kernel has the hooks; the daemon decides whether
         // sandboxes may be created without them (`unix::sandbox_gate`).
-        let unix_status = unix::probe();
+        // A kernel that has the hooks but refuses the programs (a helper or kfunc it lacks) counts
+        // as lacking them: the daemon still starts, and refuses sandboxes unless told otherwise.
+        let mut unix_status = unix::probe();
         let unix = match &unix_status {
-            UnixStatus::Enforced(hooks) => {
-                let filter = UnixFilter::install(*hooks, &links, &maps, &agents, &cgroup_file)?;
-                actions.extend_from_slice(filter.link_actions());
-                Some(Arc::new(filter))
-            }
-            UnixStatus::Missing(why) => {
-                tracing::error!(reason = %why, "Unix sockets cannot be confined on this kernel");
-                None
-            }
+            UnixStatus::Enforced(hooks) => match UnixFilter::install(*hooks, &links, &maps, &agents, &cgroup_file) {
+                Ok(filter) => {
+                    actions.extend_from_slice(filter.link_actions());
+                    Some(Arc::new(filter))
+                }
+                Err(e) => {
+                    unix_status = UnixStatus::Missing(format!("the kernel refused the Unix socket filter: {e}"));
+                    None
+                }
+            },
+            UnixStatus::Missing(_) => None,
         };
+        if let UnixStatus::Missing(why) = &unix_status {
+            tracing::error!(reason = %why, "Unix sockets cannot be confined on this kernel");
+        }
         remove_stale(&config.pin_dir)?;
 
         let conntable = Conntable::from_pin(&conns_pin)
