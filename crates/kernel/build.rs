@@ -1,5 +1,9 @@
-//! Compiles the eBPF object (`ebpf/sluice.bpf.c`) into `OUT_DIR/sluice.bpf.o`;
-//! `kernel::loader` embeds it with `include_bytes_aligned!`.
+//! Compiles the eBPF objects (`ebpf/sluice.bpf.c`, `ebpf/unix.bpf.c`) into `OUT_DIR`;
+//! `kernel::loader` and `kernel::unix` embed them with `include_bytes_aligned!`.
+//!
+//! `unix.bpf.o` is loaded with libbpf (aya 0.14 cannot parse its sections nor resolve its
+//! kfuncs), linked statically from libbpf-dev's `libbpf.a` (with libelf and zlib, its own
+//! dependencies), so the daemon does not depend on the host's libbpf version at run time.
 //!
 //! The object needs BTF (`-g`): socket-storage maps and `.maps` definitions
 //! cannot be loaded without it.
@@ -42,13 +46,21 @@ fn multiarch_include(clang: &str) -> Option<PathBuf> {
     dir.is_dir().then_some(dir)
 }
 
+/// The multiarch library directory (`libbpf.a` lives there on Debian).
+fn multiarch_lib(clang: &str) -> Option<PathBuf> {
+    let include = multiarch_include(clang)?;
+    let dir = Path::new("/usr/lib").join(include.file_name()?);
+    dir.is_dir().then_some(dir)
+}
+
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into()));
     let ebpf_dir = manifest.join("../../ebpf");
     let src = ebpf_dir.join("sluice.bpf.c");
-    let header = ebpf_dir.join("sluice.h");
-    println!("cargo:rerun-if-changed={}", src.display());
-    println!("cargo:rerun-if-changed={}", header.display());
+    let unix_src = ebpf_dir.join("unix.bpf.c");
+    for file in [&src, &unix_src, &ebpf_dir.join("sluice.h"), &ebpf_dir.join("unix.h")] {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
     println!("cargo:rerun-if-env-changed=CLANG");
 
     let out_dir = match env::var("OUT_DIR") {
@@ -65,16 +77,32 @@ fn main() {
         fail(&format!("/usr/include/bpf/bpf_helpers.h not found: install libbpf headers with `{INSTALL_HINT}`"));
     }
 
-    let obj = out_dir.join("sluice.bpf.o");
+    for (name, src) in [("sluice.bpf.o", &src), ("unix.bpf.o", &unix_src)] {
+        compile(&clang, &ebpf_dir, src, &out_dir.join(name));
+    }
+    let lib_dirs: Vec<PathBuf> = multiarch_lib(&clang)
+        .into_iter()
+        .chain(["/usr/lib", "/usr/lib64", "/usr/local/lib"].map(PathBuf::from))
+        .collect();
+    let Some(lib_dir) = lib_dirs.iter().find(|d| d.join("libbpf.a").exists()) else {
+        fail(&format!("libbpf.a not found in {lib_dirs:?}: install it with `{INSTALL_HINT}`"));
+    };
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    println!("cargo:rustc-link-lib=static=bpf");
+    println!("cargo:rustc-link-lib=dylib=elf");
+    println!("cargo:rustc-link-lib=dylib=z");
+}
+
+fn compile(clang: &str, ebpf_dir: &Path, src: &Path, obj: &Path) {
+    let mut cmd = Command::new(clang);
     // -mcpu=v3: atomic fetch-add and exchange (the per-sandbox slot counters).
-    let mut cmd = Command::new(&clang);
     cmd.args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror"])
         .arg(format!("-I{}", ebpf_dir.display()))
         .arg("-I/usr/include/bpf");
-    if let Some(dir) = multiarch_include(&clang) {
+    if let Some(dir) = multiarch_include(clang) {
         cmd.arg(format!("-I{}", dir.display()));
     }
-    cmd.arg("-c").arg(&src).arg("-o").arg(&obj);
+    cmd.arg("-c").arg(src).arg("-o").arg(obj);
     match cmd.status() {
         Ok(s) if s.success() => {}
         Ok(s) => fail(&format!("compiling {} with {clang} failed ({s}); see the compiler output above", src.display())),

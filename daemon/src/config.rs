@@ -188,6 +188,45 @@ pub struct SandboxConfig {
     /// programs: its share of the kernel connection table. One more connect fails with EPERM.
     #[serde(default = "default_max_tcp_sockets")]
     pub max_tcp_sockets: u32,
+    /// Whether sandboxes may be created where the kernel cannot confine agents' Unix sockets
+    /// (before Linux 6.7): `enforced` refuses them, `unenforced` creates them and says loudly that
+    /// agents reach every Unix socket their user may.
+    #[serde(default)]
+    pub unix_sockets: UnixSockets,
+    /// Unix socket addresses every agent may connect or send to besides its own directory:
+    /// absolute paths, or `@name` for an abstract name; compared exactly.
+    #[serde(default)]
+    pub unix_allow: Vec<String>,
+    /// Where sandboxes' own directories are made (`<unix_dir>/<sandbox id>`): a mount of its own
+    /// with `nosymfollow`, mounted by the daemon if nothing is.
+    #[serde(default = "default_unix_dir")]
+    pub unix_dir: PathBuf,
+}
+
+/// `[sandbox] unix_sockets`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnixSockets {
+    #[default]
+    Enforced,
+    Unenforced,
+}
+
+impl SandboxConfig {
+    /// `unix_allow`, parsed (validated at load, so this does not fail on a loaded config).
+    pub fn unix_allow_addrs(&self) -> Result<Vec<crate::kernel::UnixAddr>, String> {
+        self.unix_allow
+            .iter()
+            .map(|e| crate::kernel::UnixAddr::parse(e).map_err(|why| format!("{e:?} {why}")))
+            .collect()
+    }
+
+    pub fn unix_mode(&self) -> crate::kernel::UnixMode {
+        match self.unix_sockets {
+            UnixSockets::Enforced => crate::kernel::UnixMode::Enforced,
+            UnixSockets::Unenforced => crate::kernel::UnixMode::Unenforced,
+        }
+    }
 }
 
 fn default_max_tcp_sockets() -> u32 {
@@ -205,6 +244,9 @@ fn default_redirect() -> bool {
 fn default_pin_dir() -> PathBuf {
     PathBuf::from("/sys/fs/bpf/sluice")
 }
+fn default_unix_dir() -> PathBuf {
+    PathBuf::from("/run/sluice-sandboxes")
+}
 
 impl Default for SandboxConfig {
     fn default() -> Self {
@@ -213,6 +255,9 @@ impl Default for SandboxConfig {
             redirect: default_redirect(),
             pin_dir: default_pin_dir(),
             max_tcp_sockets: default_max_tcp_sockets(),
+            unix_sockets: UnixSockets::default(),
+            unix_allow: Vec::new(),
+            unix_dir: default_unix_dir(),
         }
     }
 }
@@ -352,6 +397,34 @@ impl Config {
                 format!("must be from 1 to {MAX_TCP_SOCKETS} (a quarter of the kernel connection table)"),
             ));
         }
+        if self.sandbox.unix_allow.len() > crate::kernel::unix::ALLOW_ENTRIES {
+            return Err(self.invalid(
+                "sandbox.unix_allow",
+                format!(
+                    "lists {} addresses; at most {}",
+                    self.sandbox.unix_allow.len(),
+                    crate::kernel::unix::ALLOW_ENTRIES
+                ),
+            ));
+        }
+        self.sandbox.unix_allow_addrs().map_err(|e| self.invalid("sandbox.unix_allow", e))?;
+        let unix_dir = &self.sandbox.unix_dir;
+        let unix_dir_ok = unix_dir.is_absolute()
+            && unix_dir.as_os_str().len() <= crate::kernel::unix::UNIX_DIR_MAX
+            && unix_dir
+                .components()
+                .all(|c| matches!(c, std::path::Component::RootDir | std::path::Component::Normal(_)))
+            && !unix_dir.to_string_lossy().contains("//");
+        if !unix_dir_ok {
+            return Err(self.invalid(
+                "sandbox.unix_dir",
+                format!(
+                    "{} must be an absolute path without `.`, `..` or `//`, at most {} bytes (socket paths below it must fit in 108)",
+                    unix_dir.display(),
+                    crate::kernel::unix::UNIX_DIR_MAX
+                ),
+            ));
+        }
         if !(1..=86_400).contains(&self.holds.timeout_secs) {
             return Err(self.invalid("holds.timeout_secs", "must be from 1 to 86400 seconds"));
         }
@@ -489,6 +562,14 @@ timeout_secs = 120
             ("[dns]\nstatic_hosts = { \"ok.test\" = \"not-an-ip\" }", "static_hosts"),
             ("[sandbox]\ncgroup = \"../escape\"", "sandbox.cgroup"),
             ("[sandbox]\ncgroup = \"/abs\"", "sandbox.cgroup"),
+            ("[sandbox]\nunix_allow = [\"relative.sock\"]", "sandbox.unix_allow"),
+            ("[sandbox]\nunix_allow = [\"/run/../docker.sock\"]", "sandbox.unix_allow"),
+            ("[sandbox]\nunix_allow = [\"/run/dir/\"]", "sandbox.unix_allow"),
+            ("[sandbox]\nunix_allow = [\"@\"]", "sandbox.unix_allow"),
+            ("[sandbox]\nunix_dir = \"run/x\"", "sandbox.unix_dir"),
+            ("[sandbox]\nunix_dir = \"/run/../x\"", "sandbox.unix_dir"),
+            ("[sandbox]\nunix_dir = \"/run/a-very-long-directory-name-for-own-directories/x\"", "sandbox.unix_dir"),
+            ("[sandbox]\nunix_sockets = \"off\"", "expected `enforced` or `unenforced`"),
             ("[holds]\ntimeout_secs = 0", "holds.timeout_secs"),
             ("[proxy]\nmax_connections = 0", "proxy.max_connections"),
             ("[proxy]\nmax_connections = 1000001", "proxy.max_connections"),

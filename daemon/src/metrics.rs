@@ -24,7 +24,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::kernel::Conntable;
+use crate::kernel::{Conntable, UnixFilter};
 use crate::proxy::Proxy;
 
 /// Distinct (decision, reason) label pairs kept before new ones fold into `reason="other"`.
@@ -62,6 +62,7 @@ pub struct Metrics {
     commit: Histogram,
     conntable: Arc<Mutex<Option<Arc<Conntable>>>>,
     proxy: Arc<Mutex<Weak<Proxy>>>,
+    unix: Arc<Mutex<Option<Arc<UnixFilter>>>>,
     /// Label sets added so far; held while one is added, so the bounds hold under concurrency.
     series: Mutex<SeriesCount>,
 }
@@ -90,6 +91,7 @@ impl Metrics {
         let upstream_errors = Family::<KindLabel, Counter>::default();
         let commit = Histogram::new(COMMIT_BUCKETS.iter().copied());
         let conntable = Arc::new(Mutex::new(None));
+        let unix = Arc::new(Mutex::new(None));
         let mut registry = Registry::default();
         // Counter names are given without `_total`: the encoder appends it.
         registry.register_collector(Box::new(Announced {
@@ -111,7 +113,8 @@ impl Metrics {
         registry.register_collector(Box::new(ConntableCollector(conntable.clone())));
         let proxy = Arc::new(Mutex::new(Weak::new()));
         registry.register_collector(Box::new(ProxyCollector(proxy.clone())));
-        Metrics { registry, decisions, upstream_errors, commit, conntable, proxy, series: Mutex::default() }
+        registry.register_collector(Box::new(UnixCollector(unix.clone())));
+        Metrics { registry, decisions, upstream_errors, commit, conntable, proxy, unix, series: Mutex::default() }
     }
 
     fn lock_series(&self) -> std::sync::MutexGuard<'_, SeriesCount> {
@@ -170,6 +173,11 @@ impl Metrics {
     /// it lives.
     pub fn watch_proxy(&self, proxy: &Arc<Proxy>) {
         *self.proxy.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(proxy);
+    }
+
+    /// The Unix socket filter whose refusals (kept by the eBPF programs) are exported.
+    pub fn watch_unix(&self, filter: Arc<UnixFilter>) {
+        *self.unix.lock().unwrap_or_else(|p| p.into_inner()) = Some(filter);
     }
 
     /// The counters as exposition text ([`CONTENT_TYPE`]), followed by `gauges` (read at scrape
@@ -306,6 +314,40 @@ impl Collector for ProxyCollector {
         for (cgroup_id, value) in p.sandbox_over_limit() {
             let id = cgroup_id.to_string();
             ConstCounter::new(value).encode(family.encode_family(&[("cgroup_id", id.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The Unix socket filter's refusals, read from its per-CPU eBPF counters when scraped (absent
+/// until a filter is watched; since the counters' map was created, which survives restarts).
+struct UnixCollector(Arc<Mutex<Option<Arc<UnixFilter>>>>);
+
+impl std::fmt::Debug for UnixCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UnixCollector")
+    }
+}
+
+impl Collector for UnixCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let filter = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(f) = filter else { return Ok(()) };
+        let Ok((connects, sends)) = f.refused() else {
+            tracing::warn!("cannot read the Unix socket filter's counters");
+            return Ok(());
+        };
+        let counters = [
+            (
+                "sluice_unix_connects_refused",
+                "Unix socket connects by agents refused (EPERM) by the eBPF filter.",
+                connects,
+            ),
+            ("sluice_unix_sends_refused", "Unix datagrams sent by agents refused (EPERM) by the eBPF filter.", sends),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
         }
         Ok(())
     }

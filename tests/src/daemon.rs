@@ -71,11 +71,12 @@ impl Daemon {
         let text = format!(
             "state_dir = \"{state}\"\npolicies_dir = \"{pol}\"\n[api]\nsocket = \"{sock}\"\ngroup = \"{group}\"\n\
              [proxy]\nport = {proxy_port}\n{proxy_extra}\n[dns]\nport = {dns_port}\n{dns_extra}\n\
-             [sandbox]\ncgroup = \"{cgroup}\"\npin_dir = \"{pins}\"\n{extra}",
+             [sandbox]\ncgroup = \"{cgroup}\"\npin_dir = \"{pins}\"\nunix_dir = \"{own}\"\n{extra}",
             state = dir.path().join("state").display(),
             pol = dir.path().join("policies").display(),
             sock = socket.display(),
             pins = pin_dir.display(),
+            own = dir.path().join("own").display(),
         );
         std::fs::write(&config, text).expect("write config");
         let mut d = Daemon { dir, config, socket, cgroup, pin_dir, proxy_port, dns_port, child: None };
@@ -144,6 +145,11 @@ impl Daemon {
         c
     }
 
+    /// `[sandbox] unix_dir`: where the sandboxes' own directories are made.
+    pub fn unix_dir(&self) -> PathBuf {
+        self.dir.path().join("own")
+    }
+
     /// The agents' cgroup of this daemon.
     pub fn agents_cgroup(&self) -> PathBuf {
         cgroup2_mount().expect("cgroup2 mount").join(&self.cgroup)
@@ -192,6 +198,10 @@ impl Drop for Daemon {
             eprintln!("cleanup: unpinning {}: {e}", self.pin_dir.display());
         }
         let _ = std::fs::remove_dir(&self.pin_dir);
+        // The daemon mounted a tmpfs for the sandboxes' own directories.
+        if let Err(e) = sluice::kernel::SandboxDirs::unmount(&self.unix_dir()) {
+            eprintln!("cleanup: unmounting {}: {e}", self.unix_dir().display());
+        }
         if let Ok(cg) = Cgroup::open(self.agents_cgroup()) {
             if let Err(e) = cg.remove() {
                 eprintln!("cleanup: removing {}: {e}", self.agents_cgroup().display());

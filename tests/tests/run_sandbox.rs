@@ -76,7 +76,30 @@ fn a_sandboxed_command_is_redirected_and_cannot_use_the_api() {
         "holds",
     ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("agent sandbox"), "{}", stderr(&out));
+    // The kernel refuses the API socket to a sandboxed process (it is neither in the sandbox's
+    // own directory nor listed)...
+    assert!(stderr(&out).contains("the kernel refused the connection"), "{}", stderr(&out));
+    wait_no_sandboxes(&d);
+
+    // ... and where the operator lists it, the daemon refuses the sandboxed caller itself.
+    let mut d = d;
+    let mut text = std::fs::read_to_string(&d.config).unwrap();
+    text.push_str(&format!("unix_allow = [\"{}\"]\n", d.socket.display()));
+    std::fs::write(&d.config, text).unwrap();
+    d.kill();
+    d.spawn();
+    let out = d.cli(&[
+        "run",
+        "--passport",
+        passport.to_str().unwrap(),
+        "--",
+        bin.to_str().unwrap(),
+        "--socket",
+        d.socket.to_str().unwrap(),
+        "holds",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("runs inside the agent sandbox"), "{}\n{}", stderr(&out), d.log());
     wait_no_sandboxes(&d);
 }
 
@@ -157,4 +180,131 @@ fn l3_agents_run_only_with_their_key() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("agent key"), "{}", stderr(&out));
     wait_no_sandboxes(&d);
+}
+
+/// `sluice run` as a non-root user: the agent (python3) cannot connect to a Unix socket outside
+/// its sandbox nor to an abstract one (EPERM), can connect to a listed one, and can use Unix
+/// sockets it creates in its own directory (`TMPDIR`, with `multiprocessing.connection` too),
+/// which is owned by the user and gone when the command ends.
+#[test]
+fn an_agent_reaches_only_its_own_and_listed_unix_sockets() {
+    if !root_or_skip("an_agent_reaches_only_its_own_and_listed_unix_sockets") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let outside = tempfile::Builder::new().prefix("sluice-unix-run").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out_path = outside.path().join("host-service.sock");
+    let listed_path = outside.path().join("listed.sock");
+    let _out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
+    let _listed = std::os::unix::net::UnixListener::bind(&listed_path).unwrap();
+    for p in [&out_path, &listed_path] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let abstract_name = sluice_e2e::unique("sluice-unix-run-abstract");
+    let _abs = std::os::unix::net::UnixListener::bind_addr(
+        &<std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(
+            abstract_name.as_bytes(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+
+    let d = Daemon::start_with_group("nogroup", &format!("unix_allow = [\"{}\"]\n", listed_path.display()));
+    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (passport, _) = d.issue("unix-agent", &["--permission", "*"]);
+    std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let script = r#"
+import json, os, socket, sys, tempfile
+from multiprocessing.connection import Listener, Client
+def conn(a):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(a)
+        return 0
+    except OSError as e:
+        return e.errno
+res = {"tmpdir": os.environ.get("TMPDIR"), "xdg": os.environ.get("XDG_RUNTIME_DIR"), "uid": os.getuid()}
+res["outside"] = conn(sys.argv[1])
+res["listed"] = conn(sys.argv[2])
+res["abstract"] = conn("\0" + sys.argv[3])
+d = tempfile.mkdtemp()
+l = socket.socket(socket.AF_UNIX)
+l.bind(os.path.join(d, "own.sock"))
+l.listen()
+res["own"] = conn(os.path.join(d, "own.sock"))
+res["own_path"] = d
+with Listener(family="AF_UNIX") as server:
+    Client(server.address).close()
+    res["multiprocessing"] = server.address
+a, b = socket.socketpair()
+a.send(b"ok")
+res["socketpair"] = b.recv(2).decode()
+print(json.dumps(res))
+"#;
+    // The system's python3: the user "nobody" may run it (a pyenv one under /root it may not).
+    let py = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("a system python3 that the user nobody may run");
+    let out = d
+        .cli_command(&[
+            "run",
+            "--passport",
+            passport.to_str().unwrap(),
+            "--",
+            py,
+            "-c",
+            script,
+            out_path.to_str().unwrap(),
+            listed_path.to_str().unwrap(),
+            &abstract_name,
+        ])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}\n{}", stderr(&out), d.log());
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    const EPERM: i64 = 1;
+    assert_eq!(v["outside"].as_i64(), Some(EPERM), "{v}");
+    assert_eq!(v["abstract"].as_i64(), Some(EPERM), "{v}");
+    assert_eq!(v["listed"], 0, "{v}");
+    assert_eq!(v["own"], 0, "{v}");
+    assert_eq!(v["socketpair"], "ok", "{v}");
+    assert_eq!(v["uid"], 65534, "{v}");
+    let own = v["tmpdir"].as_str().unwrap().to_string();
+    assert!(own.starts_with(&format!("{}/run-", d.unix_dir().display())), "{v}");
+    assert_eq!(v["xdg"].as_str(), Some(own.as_str()), "{v}");
+    assert!(v["own_path"].as_str().unwrap().starts_with(&own), "{v}");
+    assert!(v["multiprocessing"].as_str().unwrap().starts_with(&own), "{v}");
+    // The refusals are counted (the path and the abstract name), and the health says enforced.
+    let metrics = api_get(&d, "/metrics");
+    assert!(metrics.contains("sluice_unix_connects_refused_total 2\n"), "{metrics}");
+    assert!(metrics.contains("sluice_unix_sends_refused_total 0\n"), "{metrics}");
+    let health = api_get(&d, "/v1/health");
+    assert!(
+        health.contains(r#""unix_sockets":{"own_directories""#) && health.contains(r#""status":"enforced""#),
+        "{health}"
+    );
+    wait_no_sandboxes(&d);
+    let deadline = Instant::now() + HANG_GUARD;
+    while std::fs::read_dir(d.unix_dir()).unwrap().next().is_some() {
+        assert!(Instant::now() < deadline, "own directory left behind: {own}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The raw answer to `GET path` on the daemon's API socket.
+fn api_get(d: &Daemon, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(HANG_GUARD)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp
 }

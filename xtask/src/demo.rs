@@ -199,6 +199,8 @@ impl Drop for Proc {
 struct KernelState {
     pin_dir: PathBuf,
     cgroup: PathBuf,
+    /// `[sandbox] unix_dir`, on which the daemon mounted a tmpfs.
+    unix_dir: PathBuf,
 }
 
 impl Drop for KernelState {
@@ -216,6 +218,10 @@ impl Drop for KernelState {
             }
         }
         let _ = std::fs::remove_dir(&self.cgroup);
+        if let Ok(c) = std::ffi::CString::new(self.unix_dir.as_os_str().as_encoded_bytes()) {
+            // SAFETY: c is a NUL-terminated path; umount2 only reads it.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
     }
 }
 
@@ -316,7 +322,7 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
              [api]\nsocket = \"{sock}\"\ngroup = \"root\"\n\
              [proxy]\nport = {proxy}\n\
              [dns]\nport = {dns}\nupstream = [\"{canary}\"]\nstatic_hosts = {{ \"api.openai.com\" = \"{ip}\" }}\n\
-             [sandbox]\ncgroup = \"{name}\"\npin_dir = \"{pins}\"\n\
+             [sandbox]\ncgroup = \"{name}\"\npin_dir = \"{pins}\"\nunix_dir = \"{own}\"\n\
              [upstream_tls]\nextra_roots = [\"{ca}\"]\n\
              [holds]\ntimeout_secs = 60\n",
             state = d("state"),
@@ -325,6 +331,7 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
             dns = free_port()?,
             canary = dns_canary.local_addr()?,
             pins = pin_dir.display(),
+            own = d("own"),
             ca = d("mock-ca.pem"),
         ),
     )?;
@@ -338,7 +345,7 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
         .stderr(log)
         .spawn()?;
     // Field order: the kernel state is removed after the daemon is stopped.
-    let _kernel = KernelState { pin_dir, cgroup: cgroup2_mount()?.join(&name) };
+    let _kernel = KernelState { pin_dir, cgroup: cgroup2_mount()?.join(&name), unix_dir: dir.join("own") };
     let daemon = Proc { child, _stdin: None };
     let deadline = Instant::now() + HANG_GUARD;
     while !quiet(&["holds"])?.status.success() {

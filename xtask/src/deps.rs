@@ -1,4 +1,5 @@
-//! The Debian packages sluice needs to build (clang and libbpf headers for the eBPF object) and to
+//! The Debian packages sluice needs to build (clang and libbpf headers for the eBPF objects, and
+//! libbpf's static library with libelf and zlib, which load the Unix socket filter) and to
 //! test (curl, python3, iproute2, liburing for the bypass suites; openssl and Python's
 //! cryptography for the key-format tests). Installed with apt-get when running as root on Debian;
 //! otherwise the exact command is printed and the task fails.
@@ -12,6 +13,8 @@ use std::process::Command;
 const NEEDS: &[(&str, &str)] = &[
     ("clang", "clang"),
     ("/usr/include/bpf/bpf_helpers.h", "libbpf-dev"),
+    ("/usr/include/libelf.h", "libelf-dev"),
+    ("/usr/include/zlib.h", "zlib1g-dev"),
     ("/usr/include/liburing.h", "liburing-dev"),
     ("cc", "gcc"),
     ("curl", "curl"),
@@ -19,6 +22,8 @@ const NEEDS: &[(&str, &str)] = &[
     ("/usr/bin/python3", "python3"),
     ("ip", "iproute2"),
     ("unshare", "util-linux"),
+    // tests/tests/kernel_unix.rs runs an agent as another user.
+    ("setpriv", "util-linux"),
     // `systemd-analyze verify` checks the shipped units (daemon/tests/ops.rs).
     ("systemd-analyze", "systemd"),
     // `kill` (the demo stops what it started with it).

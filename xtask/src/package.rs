@@ -273,6 +273,8 @@ struct Cleanup {
     daemon: Option<Child>,
     pin_dir: PathBuf,
     cgroup: Option<PathBuf>,
+    /// The daemon's `[sandbox] unix_dir`, on which it mounts a tmpfs.
+    unix_dir: PathBuf,
     purge: bool,
 }
 
@@ -293,6 +295,11 @@ impl Drop for Cleanup {
         if let Some(cg) = &self.cgroup {
             let _ = fs::remove_dir(cg);
         }
+        if let Ok(c) = std::ffi::CString::new(self.unix_dir.as_os_str().as_encoded_bytes()) {
+            // SAFETY: c is a NUL-terminated path; umount2 only reads it.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = fs::remove_dir(&self.unix_dir);
     }
 }
 
@@ -327,7 +334,8 @@ pub fn install_check(deb: &Path, man_pages: &[String]) -> anyhow::Result<()> {
     }
     let tag = format!("sluice-pkgcheck-{}", std::process::id());
     let pin_dir = PathBuf::from("/sys/fs/bpf").join(&tag);
-    let mut cleanup = Cleanup { daemon: None, pin_dir: pin_dir.clone(), cgroup: None, purge: true };
+    let unix_dir = std::env::temp_dir().join(format!("{tag}-own"));
+    let mut cleanup = Cleanup { daemon: None, pin_dir: pin_dir.clone(), cgroup: None, unix_dir, purge: true };
 
     step(&format!("dpkg -i {}", deb.display()));
     let status = Command::new("dpkg").arg("-i").arg(deb).status().context("cannot run dpkg")?;
@@ -389,8 +397,9 @@ pub fn install_check(deb: &Path, man_pages: &[String]) -> anyhow::Result<()> {
         format!(
             "# written by cargo xtask package --install-check\nstate_dir = \"/var/lib/sluice\"\n\
              [api]\nsocket = \"/run/sluice/{tag}.sock\"\n[proxy]\nport = {proxy}\n[dns]\nport = {dns}\n\
-             [sandbox]\ncgroup = \"{tag}\"\npin_dir = \"{}\"\n",
-            pin_dir.display()
+             [sandbox]\ncgroup = \"{tag}\"\npin_dir = \"{}\"\nunix_dir = \"{}\"\n",
+            pin_dir.display(),
+            cleanup.unix_dir.display()
         ),
     )?;
     let log = std::env::temp_dir().join(format!("{tag}.log"));

@@ -12,6 +12,8 @@
 //!   the destination the agent dialed, its pid and cgroup id.
 //! * [`Cgroup`] creates sandboxes below the agents cgroup and moves processes
 //!   into them (a socket's cgroup is fixed at creation: join, then exec).
+//! * [`unix`] confines agents' Unix-domain sockets to their own directory and the addresses the
+//!   operator lists (`ebpf/unix.bpf.c`, Linux >= 6.7).
 //! * [`process`] holds pidfds, `/proc` identities and signal dispositions: the daemon's other
 //!   raw syscalls, so that the daemon crate itself needs no `unsafe`.
 
@@ -25,6 +27,7 @@ pub mod detach;
 pub mod loader;
 pub mod process;
 mod sys;
+pub mod unix;
 
 use std::io;
 use std::path::PathBuf;
@@ -33,6 +36,7 @@ pub use cgroup::{cgroup2_mount, Cgroup};
 pub use conntable::{Conntable, OrigDst, Transport};
 pub use detach::{Holder, Pin, PinKind, PinnedState};
 pub use loader::{detach_and_unpin, Enforcer};
+pub use unix::{SandboxDirs, UnixAddr, UnixFilter, UnixMode, UnixStatus};
 
 /// Default pin directory (on bpffs).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";

@@ -9,6 +9,9 @@
 //!                             slot counters, event counters
 //! ```
 //!
+//! The Unix socket filter (`unix.rs`, loaded with libbpf) pins its two links and its maps in
+//! the same layout and follows the same lifecycle.
+//!
 //! Pinned links keep the programs attached when the daemon dies: agent
 //! connections are then refused (nothing listens on the proxy port), never
 //! sent out directly. Unpinned links would vanish with the daemon and leave
@@ -37,6 +40,7 @@ use super::abi::{self, ABI_VERSION};
 use super::cgroup::{cgroup2_mount, Cgroup};
 use super::conntable::Conntable;
 use super::detach::PinnedState;
+use super::unix::{self, UnixFilter, UnixStatus};
 use super::{sys, KernelConfig, KernelError};
 
 /// The compiled object (built by `crates/kernel/build.rs` from `ebpf/sluice.bpf.c`).
@@ -107,6 +111,8 @@ pub struct Enforcer {
     conntable: Arc<Conntable>,
     host_netns: u64,
     actions: Vec<(&'static str, LinkAction)>,
+    unix_status: UnixStatus,
+    unix: Option<Arc<UnixFilter>>,
     // Keeps the program fds (and their info) for the daemon's lifetime.
     _ebpf: Ebpf,
 }
@@ -118,6 +124,7 @@ impl std::fmt::Debug for Enforcer {
             .field("agents", &self.agents)
             .field("host_netns", &self.host_netns)
             .field("actions", &self.actions)
+            .field("unix_status", &self.unix_status)
             .finish_non_exhaustive()
     }
 }
@@ -321,7 +328,7 @@ fn remove_stale(pin_dir: &Path) -> Result<(), KernelError> {
     let links = links_dir(pin_dir);
     for entry in fs::read_dir(&links).map_err(pin_err(&links, "read_dir"))?.flatten() {
         let name = entry.file_name();
-        let known = name.to_str().is_some_and(|n| PROGRAMS.iter().any(|s| s.name == n));
+        let known = name.to_str().is_some_and(|n| program_names().any(|p| p == n));
         if !known {
             let path = entry.path();
             tracing::info!(pin = %path.display(), "removing stale link pin");
@@ -417,6 +424,27 @@ impl Enforcer {
             tracing::debug!(program = spec.name, ?action, "eBPF program installed");
             actions.push((spec.name, action));
         }
+        // Unix sockets: attached where the kernel has the hooks; the daemon decides whether
+        // sandboxes may be created without them (`unix::sandbox_gate`).
+        // A kernel that has the hooks but refuses the programs (a helper or kfunc it lacks) counts
+        // as lacking them: the daemon still starts, and refuses sandboxes unless told otherwise.
+        let mut unix_status = unix::probe();
+        let unix = match &unix_status {
+            UnixStatus::Enforced(hooks) => match UnixFilter::install(*hooks, &links, &maps, &agents, &cgroup_file) {
+                Ok(filter) => {
+                    actions.extend_from_slice(filter.link_actions());
+                    Some(Arc::new(filter))
+                }
+                Err(e) => {
+                    unix_status = UnixStatus::Missing(format!("the kernel refused the Unix socket filter: {e}"));
+                    None
+                }
+            },
+            UnixStatus::Missing(_) => None,
+        };
+        if let UnixStatus::Missing(why) = &unix_status {
+            tracing::error!(reason = %why, "Unix sockets cannot be confined on this kernel");
+        }
         remove_stale(&config.pin_dir)?;
 
         let conntable = Conntable::from_pin(&conns_pin)
@@ -441,7 +469,16 @@ impl Enforcer {
             max_tcp_sockets = config.max_tcp_sockets,
             "kernel redirect installed"
         );
-        Ok(Self { config: config.clone(), agents, conntable: Arc::new(conntable), host_netns, actions, _ebpf: ebpf })
+        Ok(Self {
+            config: config.clone(),
+            agents,
+            conntable: Arc::new(conntable),
+            host_netns,
+            actions,
+            unix_status,
+            unix,
+            _ebpf: ebpf,
+        })
     }
 
     /// The connection table, for the proxy (and the resolver's TCP side).
@@ -461,6 +498,16 @@ impl Enforcer {
     /// The network namespace the programs accept sockets from.
     pub fn host_netns_cookie(&self) -> u64 {
         self.host_netns
+    }
+
+    /// Whether the Unix socket filter runs (see `unix.rs`).
+    pub fn unix_status(&self) -> &UnixStatus {
+        &self.unix_status
+    }
+
+    /// The Unix socket filter's maps, where the kernel has the hooks.
+    pub fn unix(&self) -> Option<Arc<UnixFilter>> {
+        self.unix.clone()
     }
 
     /// What happened to each program's link during [`Enforcer::install`].
@@ -510,15 +557,15 @@ impl Enforcer {
 /// The links pinned under `pin_dir`, as the kernel reports them.
 pub fn pinned_links(pin_dir: &Path) -> Result<Vec<PinnedLinkInfo>, KernelError> {
     let mut out = Vec::new();
-    for spec in PROGRAMS {
-        let pin = links_dir(pin_dir).join(spec.name);
+    for name in program_names() {
+        let pin = links_dir(pin_dir).join(name);
         if !pin.exists() {
             continue;
         }
         let fd = sys::obj_get(&pin).map_err(pin_err(&pin, "open"))?;
         let info = sys::link_info(fd.as_fd()).map_err(pin_err(&pin, "link info"))?;
         out.push(PinnedLinkInfo {
-            program: spec.name.to_owned(),
+            program: name.to_owned(),
             link_id: info.id,
             prog_id: info.prog_id,
             cgroup_id: info.cgroup_id,
@@ -560,8 +607,14 @@ fn egress_probes() -> Vec<(Vec<u8>, u32, &'static str)> {
     ]
 }
 
-/// Number of programs the object provides (one pinned link each).
-pub const PROGRAM_COUNT: usize = PROGRAMS.len();
+/// Every program's name (also its link pin's): the redirect's, then the Unix filter's.
+fn program_names() -> impl Iterator<Item = &'static str> {
+    PROGRAMS.iter().map(|s| s.name).chain(unix::PROGRAM_NAMES)
+}
+
+/// Number of programs attached (one pinned link each) on a kernel with the Unix socket hooks
+/// (Linux >= 6.7); two fewer without them.
+pub const PROGRAM_COUNT: usize = PROGRAMS.len() + unix::PROGRAM_NAMES.len();
 
 #[cfg(test)]
 mod tests {

@@ -13,10 +13,12 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// `BPF_LINK_TYPE_CGROUP`.
@@ -69,6 +71,78 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let fd = i32::try_from(fd).map_err(|_| io::Error::other("bpf returned an invalid fd"))?;
     // SAFETY: the kernel just returned this fd to us; nobody else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `BPF_OBJ_PIN`: pin an object (a link) at `path` on bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))?;
+    let mut attr = Attr::new();
+    // pathname@0 bpf_fd@8 file_flags@12
+    attr.put_u64(0, c.as_ptr() as u64);
+    attr.put_u32(8, fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// `BPF_LINK_CREATE` of a cgroup link: attaches `prog` to the cgroup `target` at `attach_type`
+/// (for the hooks aya 0.14 does not know, such as `BPF_CGROUP_UNIX_CONNECT`).
+pub fn link_create(prog: BorrowedFd<'_>, target: BorrowedFd<'_>, attach_type: u32) -> io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    // prog_fd@0 target_fd@4 attach_type@8 flags@12
+    attr.put_u32(0, prog.as_raw_fd() as u32);
+    attr.put_u32(4, target.as_raw_fd() as u32);
+    attr.put_u32(8, attach_type);
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    let fd = i32::try_from(fd).map_err(|_| io::Error::other("bpf returned an invalid fd"))?;
+    // SAFETY: the kernel just returned this fd to us; nobody else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The parts of `struct bpf_map_info` that decide whether a pinned map fits a definition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapInfo {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` on a map.
+pub fn map_info(map: BorrowedFd<'_>) -> io::Result<MapInfo> {
+    // struct bpf_map_info: type@0 id@4 key_size@8 value_size@12 max_entries@16 map_flags@20
+    #[repr(C, align(8))]
+    struct Info([u8; 24]);
+    let mut info = Info([0; 24]);
+    let mut attr = Attr::new();
+    attr.put_u32(0, map.as_raw_fd() as u32);
+    attr.put_u32(4, info.0.len() as u32);
+    attr.put_u64(8, info.0.as_mut_ptr() as u64);
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    let u32_at =
+        |o: usize| info.0.get(o..o.saturating_add(4)).and_then(|b| b.try_into().ok()).map_or(0, u32::from_ne_bytes);
+    Ok(MapInfo { map_type: u32_at(0), key_size: u32_at(8), value_size: u32_at(12), max_entries: u32_at(16) })
+}
+
+/// `BPF_MAP_DELETE_ELEM`: `Ok(false)` when the key is absent.
+pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
+    let mut attr = map_elem_attr(map, key.as_ptr(), std::ptr::null_mut(), 0);
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_GET_NEXT_KEY`: the key after `key` (the first key when `key` is `None`), written
+/// to `next`; `Ok(false)` at the end.
+pub fn map_next_key(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+    let key_ptr = key.map_or(std::ptr::null(), <[u8]>::as_ptr);
+    let mut attr = map_elem_attr(map, key_ptr, next.as_mut_ptr(), 0);
+    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// The parts of `struct bpf_link_info` the loader checks.
@@ -152,29 +226,6 @@ pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<(
     // The kernel only reads `value` for an update.
     let mut attr = map_elem_attr(map, key.as_ptr(), value.as_ptr().cast_mut(), 0);
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
-}
-
-/// `BPF_MAP_DELETE_ELEM`: `Ok(false)` when the key was absent.
-pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
-    let mut attr = map_elem_attr(map, key.as_ptr(), std::ptr::null_mut(), 0);
-    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// `BPF_MAP_GET_NEXT_KEY`: the key after `key` (the first one when `key` is `None`) into
-/// `next`; `Ok(false)` at the end.
-pub fn map_next_key(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
-    // map_fd@0, key@8, next_key@16
-    let key_ptr = key.map_or(std::ptr::null(), <[u8]>::as_ptr);
-    let mut attr = map_elem_attr(map, key_ptr, next.as_mut_ptr(), 0);
-    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
-        Err(e) => Err(e),
-    }
 }
 
 /// Number of possible CPUs (the length of a per-CPU map value), from

@@ -18,6 +18,11 @@ pub enum ClientError {
     Connect { path: PathBuf, source: std::io::Error },
     #[error("permission denied on {path}: run as root or as a member of the sluice group")]
     Permission { path: PathBuf },
+    #[error(
+        "the kernel refused the connection to {path} (EPERM): this process runs inside an agent sandbox, which \
+         reaches only its own Unix sockets and those in [sandbox] unix_allow; agents may not use the local API"
+    )]
+    Confined { path: PathBuf },
     #[error("talking to the daemon at {path}: {message}")]
     Protocol { path: PathBuf, message: String },
     #[error("{message}")]
@@ -66,7 +71,9 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|source| {
-            if source.kind() == std::io::ErrorKind::PermissionDenied {
+            if source.raw_os_error() == Some(libc::EPERM) {
+                ClientError::Confined { path: self.socket.clone() }
+            } else if source.kind() == std::io::ErrorKind::PermissionDenied {
                 ClientError::Permission { path: self.socket.clone() }
             } else {
                 ClientError::Connect { path: self.socket.clone(), source }

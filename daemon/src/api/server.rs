@@ -66,6 +66,7 @@ impl From<ServiceError> for ApiError {
             | E::LockPoisoned(_)
             | E::Cgroup(_)
             | E::Serialise(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_error"),
+            E::UnixUnconfined(_) => (StatusCode::SERVICE_UNAVAILABLE, "unix_unconfined"),
         };
         ApiError::new(status, code, e.to_string())
     }

@@ -6,7 +6,7 @@ use crate::config::Config;
 use crate::kernel;
 use crate::ledger::{self, Ledger};
 use crate::policy::PolicyHandle;
-use crate::service::{Service, ServiceConfig};
+use crate::service::{Service, ServiceConfig, UnixConfinement};
 use crate::wiring;
 use anyhow::Context;
 use clap::Args;
@@ -89,6 +89,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("[sandbox] redirect = false: passport-only mode, agent traffic is not intercepted");
         None
     };
+    let unix = enforcer.as_ref().map(|e| Arc::new(unix_confinement(&config, e)));
     // Host policy: the daemon does not start on errors (a reload keeps the old policy instead).
     let host_policy = match PolicyHandle::load(&config.policies_dir) {
         Ok(p) => Arc::new(p),
@@ -109,6 +110,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             hold_timeout: Duration::from_secs(config.holds.timeout_secs),
             agents: enforcer.as_ref().map(|e| e.agents_cgroup().clone()),
             ca_bundle: ca.as_ref().map(|(_, bundle)| bundle.clone()),
+            unix: unix.clone(),
         },
     )
     .await?;
@@ -146,6 +148,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 }
             }
         });
+        if let Some(f) = e.unix() {
+            crate::metrics::global().watch_unix(f);
+        }
     }
     // The proxy and the agents' resolver, on the ports the eBPF programs redirect to.
     let plane = match (&enforcer, ca) {
@@ -166,7 +171,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let api = tokio::spawn(server::serve(listener, service.clone(), policy, stop_rx));
     // Everything that enforces is in place (programs attached, listeners and API bound): only now
     // may systemd start the units ordered after sluice.service.
-    sd_notify("READY=1", crate::sdnotify::ready("enforcing"));
+    // `systemctl status` shows it: Unix socket confinement is part of what "enforcing" means.
+    let status = match unix.as_deref().map(|u| &u.gate) {
+        Some(Err(_)) => "enforcing; sandboxes refused: agents' Unix sockets cannot be confined on this kernel",
+        Some(Ok(Some(_))) => "enforcing; agents' Unix sockets NOT confined ([sandbox] unix_sockets = \"unenforced\")",
+        _ => "enforcing",
+    };
+    sd_notify("READY=1", crate::sdnotify::ready(status));
     wait_for_signal().await;
     tracing::info!("stopping");
     sd_notify("STOPPING=1", crate::sdnotify::stopping("stopping"));
@@ -185,6 +196,51 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ledger.shutdown();
     let _ = std::fs::remove_file(&config.api.socket);
     Ok(())
+}
+
+/// Decides how agents' Unix sockets are confined (`crates/kernel/src/unix.rs`), and says so
+/// loudly when they are not: the kernel's hooks or the operator's `unix_sockets` decide whether
+/// sandboxes are created at all; the listed addresses go into the kernel; the own directories'
+/// mount is prepared (without it sandboxes get no own directory, which only refuses more).
+fn unix_confinement(config: &Config, enforcer: &kernel::Enforcer) -> UnixConfinement {
+    let gate = kernel::unix::sandbox_gate(config.sandbox.unix_mode(), enforcer.unix_status());
+    match &gate {
+        Ok(None) => {}
+        Ok(Some(warning)) => tracing::warn!("{warning}"),
+        Err(why) => tracing::error!("{why}"),
+    }
+    let Some(filter) = enforcer.unix() else {
+        return UnixConfinement { gate, filter: None, dirs: None };
+    };
+    let mut gate = gate;
+    match config.sandbox.unix_allow_addrs() {
+        Ok(addrs) => {
+            if let Err(e) = filter.set_allowed(&addrs) {
+                tracing::error!(error = %e, "[sandbox] unix_allow could not be written to the kernel; sandboxes are refused");
+                gate =
+                    Err(format!("[sandbox] unix_allow could not be written to the kernel ({e}); restart the daemon"));
+            }
+        }
+        Err(e) => gate = Err(format!("[sandbox] unix_allow: {e}")),
+    }
+    let dirs = match kernel::SandboxDirs::prepare(&config.sandbox.unix_dir) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "[sandbox] unix_dir: sandboxes get no own directory, so agents can reach no Unix socket they create by name \
+                 (socketpair still works) and only the unix_allow addresses"
+            );
+            None
+        }
+    };
+    tracing::info!(
+        allowed = config.sandbox.unix_allow.len(),
+        own_directories = ?dirs.as_ref().map(|d| d.root().display().to_string()),
+        hooks = ?filter.hooks(),
+        "Unix sockets confined"
+    );
+    UnixConfinement { gate, filter: Some(filter), dirs }
 }
 
 /// Logs the outcome of telling systemd (`Type=notify`) about the daemon's state (a no-op

@@ -4,7 +4,8 @@
 //! 1. Register the passport with the daemon (a no-op if it already is).
 //! 2. Ask for a sandbox: the daemon creates a cgroup bound to the passport and moves *this*
 //!    process into it, before this process has opened any network socket.
-//! 3. Point common clients at the CA bundle (environment), and where possible (root) bind-mount
+//! 3. Point `TMPDIR` and `XDG_RUNTIME_DIR` at the sandbox's own directory (the only place where
+//!    the agent's own Unix sockets can be reached), and common clients at the CA bundle (environment), and where possible (root) bind-mount
 //!    it over the system bundle in a private mount namespace, for agents that ignore the
 //!    environment.
 //! 4. Start CMD (it inherits the cgroup), wait, and exit with its status. When this process
@@ -63,6 +64,11 @@ pub fn run(a: RunArgs, socket: &ApiSocket) -> CmdResult {
     let bundle = sandbox["ca_bundle"].as_str().map(PathBuf::from).filter(|p| p.is_file());
     let mut cmd = Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..]);
+    // The sandbox's own directory: the one place where Unix sockets the agent creates can be
+    // reached by name (crates/kernel/src/unix.rs).
+    if let Some(dir) = sandbox["unix_dir"].as_str() {
+        cmd.env("TMPDIR", dir).env("XDG_RUNTIME_DIR", dir);
+    }
     if let Some(b) = &bundle {
         for var in CA_ENV {
             cmd.env(var, b);

@@ -37,7 +37,7 @@ pub use drafts::{DecisionOutcome, HeldAs};
 pub use held::{HeldRequest, Hold, HoldOrigin, HoldResolution, HoldStatus};
 pub use holds::{HeldRequestView, HoldList, HoldOutcome, HoldView};
 pub use peer::{Actor, Peer};
-pub use sandboxes::{BindTarget, Sandbox, BOUND_CHECK_INTERVAL};
+pub use sandboxes::{BindTarget, Sandbox, UnixConfinement, UnixHealth, BOUND_CHECK_INTERVAL};
 pub use settlement::why as settle_why;
 
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
@@ -119,6 +119,10 @@ pub enum ServiceError {
     LockPoisoned(&'static str),
     #[error("cgroup: {0}")]
     Cgroup(String),
+    /// Sandboxes are refused: agents' Unix sockets cannot be confined (the message says why and
+    /// what the operator can do).
+    #[error("{0}")]
+    UnixUnconfined(String),
     #[error("the answer could not be serialised: {0}")]
     Serialise(#[from] serde_json::Error),
 }
@@ -218,12 +222,15 @@ pub struct ServiceConfig {
     pub agents: Option<crate::kernel::Cgroup>,
     /// The CA bundle agents should trust (system roots + the sluice CA), if there is one.
     pub ca_bundle: Option<std::path::PathBuf>,
+    /// How agents' Unix sockets are confined; with `agents` set and this `None`, sandboxes are
+    /// refused (fail closed).
+    pub unix: Option<Arc<sandboxes::UnixConfinement>>,
 }
 
 impl ServiceConfig {
     /// Passport-only mode: no sandboxes, no CA bundle.
     pub fn passport_only(pinned_issuers: Vec<IssuerId>, hold_timeout: Duration) -> ServiceConfig {
-        ServiceConfig { pinned_issuers, hold_timeout, agents: None, ca_bundle: None }
+        ServiceConfig { pinned_issuers, hold_timeout, agents: None, ca_bundle: None, unix: None }
     }
 }
 
@@ -278,6 +285,8 @@ pub struct Health {
     pub passports: usize,
     /// Holds a proxied request is waiting on.
     pub pending_holds: usize,
+    /// Whether agents' Unix sockets are confined.
+    pub unix_sockets: UnixHealth,
 }
 
 /// `GET /v1/attestations`: records, oldest first; `truncated` when the limit cut older ones.
@@ -439,6 +448,7 @@ impl Service {
             log_size: self.ledger.size(),
             passports: self.passports.read().map(|p| p.len()).unwrap_or_default(),
             pending_holds: self.waiters.lock().map(|w| w.len()).unwrap_or_default(),
+            unix_sockets: self.unix_health(),
         }
     }
 

@@ -16,16 +16,22 @@
 //! [`BOUND_CHECK_INTERVAL`], and at start). Cgroup ids are never reused on 64-bit kernels, so a
 //! binding that outlives its cgroup by a few seconds cannot attach the passport to anything else.
 //! A bound cgroup is never re-bound to another passport while it lives.
+//!
+//! Unix sockets ([`UnixConfinement`], `crates/kernel/src/unix.rs`): no sandbox is created or
+//! bound unless the kernel confines agents' Unix sockets, or the operator accepted that it
+//! cannot (`[sandbox] unix_sockets = "unenforced"`). A `sluice run` sandbox gets its own
+//! directory (`<unix_dir>/<sandbox id>`, owned by the caller), the only place where sockets it
+//! creates can be reached by name; it is removed with the sandbox.
 
 use super::drafts;
 use super::peer::{Actor, Peer};
 use super::{now, Service, ServiceError};
 use crate::decide::CompiledPassport;
 use crate::kernel::process::{pidfd_open, process_identity, wait_exit};
-use crate::kernel::Cgroup;
+use crate::kernel::{Cgroup, SandboxDirs, UnixFilter};
 use crate::ledger::{Draft, Txn};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -76,6 +82,9 @@ pub struct SandboxCreated {
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
     pub ca_bundle: Option<PathBuf>,
+    /// The sandbox's own directory (its agent's TMPDIR), where the sockets it may reach by name
+    /// live; `None` when sandboxes get none.
+    pub unix_dir: Option<PathBuf>,
 }
 
 /// `POST /v1/sandboxes/bind`.
@@ -101,7 +110,83 @@ pub struct SandboxUnbound {
 
 json_at_the_edge!(SandboxList, SandboxCreated, SandboxBound, SandboxUnbound);
 
+/// `unix_sockets` in `GET /v1/health`: whether agents' Unix sockets are confined, and if not why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum UnixHealth {
+    /// Passport-only mode: there are no sandboxes.
+    NotApplicable,
+    /// Every sandbox is refused.
+    RefusingSandboxes { why: String },
+    /// Sandboxes are created, agents' Unix sockets are not confined.
+    Unenforced { why: String },
+    /// Confined; where own directories are made (`None`: sandboxes get none).
+    Enforced { own_directories: Option<String> },
+}
+
+/// How agents' Unix sockets are confined, decided once by the daemon at start.
+#[derive(Debug)]
+pub struct UnixConfinement {
+    /// From `kernel::unix::sandbox_gate`: `Err(why)` refuses every sandbox; `Ok(Some(warning))`
+    /// creates them although agents' Unix sockets are not confined.
+    pub gate: Result<Option<String>, String>,
+    /// The kernel filter's maps (`None` where the kernel lacks the hooks).
+    pub filter: Option<Arc<UnixFilter>>,
+    /// Where own directories are made (`None`: sandboxes get none, and reach only the listed
+    /// addresses by name).
+    pub dirs: Option<SandboxDirs>,
+}
+
 impl Service {
+    /// Whether sandboxes may be created now, as far as Unix sockets go.
+    fn unix_or_refuse(&self) -> Result<&UnixConfinement, ServiceError> {
+        unix_gate(self.config.unix.as_deref())
+    }
+
+    /// `unix_sockets` in `GET /v1/health`.
+    pub(super) fn unix_health(&self) -> UnixHealth {
+        match self.config.unix.as_deref() {
+            None if self.config.agents.is_none() => UnixHealth::NotApplicable,
+            None => UnixHealth::RefusingSandboxes { why: "not set up".to_string() },
+            Some(UnixConfinement { gate: Err(why), .. }) => UnixHealth::RefusingSandboxes { why: why.clone() },
+            Some(UnixConfinement { gate: Ok(Some(warning)), .. }) => UnixHealth::Unenforced { why: warning.clone() },
+            Some(u) => {
+                UnixHealth::Enforced { own_directories: u.dirs.as_ref().map(|d| d.root().display().to_string()) }
+            }
+        }
+    }
+
+    /// Makes sandbox `id`'s own directory and tells the kernel filter about it. `Ok(None)` when
+    /// sandboxes get no own directory.
+    fn make_own_dir(
+        &self,
+        unix: &UnixConfinement,
+        id: &str,
+        cgroup_id: u64,
+        peer: &Peer,
+    ) -> Result<Option<PathBuf>, ServiceError> {
+        let (Some(filter), Some(dirs)) = (&unix.filter, &unix.dirs) else { return Ok(None) };
+        let dir =
+            dirs.create(id, peer.uid, peer.gid).map_err(|e| ServiceError::Cgroup(format!("own directory: {e}")))?;
+        filter.set_sandbox_dir(cgroup_id, &dir).map_err(|e| ServiceError::Cgroup(format!("own directory: {e}")))?;
+        Ok(Some(dir))
+    }
+
+    /// Forgets and removes a sandbox's own directory (if it has one).
+    fn remove_own_dir(&self, sandbox: &Sandbox) {
+        let Some(unix) = self.config.unix.as_deref() else { return };
+        if let Some(filter) = &unix.filter {
+            if let Err(e) = filter.remove_sandbox_dir(sandbox.cgroup_id) {
+                tracing::error!(sandbox = %sandbox.id, error = %e, "could not forget the sandbox's own directory");
+            }
+        }
+        if let (Some(dirs), Some(_)) = (&unix.dirs, sandbox.leader_pid) {
+            if let Err(e) = dirs.remove(&sandbox.id) {
+                tracing::error!(sandbox = %sandbox.id, error = %e, "could not remove the sandbox's own directory");
+            }
+        }
+    }
+
     /// The passport bound to the sandbox whose cgroup id this is.
     pub fn passport_for_cgroup(&self, cgroup_id: u64) -> Option<Arc<CompiledPassport>> {
         let passport_id = self.sandboxes.read().ok()?.get(&cgroup_id).map(|s| s.passport_id.clone())?;
@@ -122,6 +207,7 @@ impl Service {
         peer: &Peer,
     ) -> Result<SandboxCreated, ServiceError> {
         let agents = self.agents_or_refuse()?;
+        let unix = self.unix_or_refuse()?;
         let cp =
             self.passport(passport_id).ok_or_else(|| ServiceError::PassportNotRegistered(passport_id.to_string()))?;
         if self.is_revoked(passport_id) {
@@ -159,6 +245,14 @@ impl Service {
             let _ = cgroup.remove();
             return Err(e);
         }
+        // The own directory exists (and the kernel knows it) before anything runs inside.
+        let unix_dir = match self.make_own_dir(unix, &sandbox.id, sandbox.cgroup_id, peer) {
+            Ok(d) => d,
+            Err(e) => {
+                self.end_sandbox(&cp, sandbox, cgroup, "own_directory_failed").await;
+                return Err(e);
+            }
+        };
         if let Err(e) = cgroup.add_pid(peer.pid as u32) {
             self.end_sandbox(&cp, sandbox, cgroup, "join_failed").await;
             return Err(ServiceError::Invalid {
@@ -177,6 +271,7 @@ impl Service {
             cgroup: sandbox.cgroup,
             cgroup_id: sandbox.cgroup_id,
             ca_bundle: self.config.ca_bundle.clone(),
+            unix_dir,
         })
     }
 
@@ -220,6 +315,7 @@ impl Service {
             m.remove(&sandbox.cgroup_id);
         }
         let removed = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+        self.remove_own_dir(&sandbox);
         if !matches!(removed, Ok(Ok(()))) {
             tracing::error!(sandbox = %sandbox.id, ?removed, "could not remove the sandbox's cgroup; its processes may linger (still redirected)");
         }
@@ -251,6 +347,7 @@ impl Service {
         peer: &Peer,
     ) -> Result<SandboxBound, ServiceError> {
         let agents = self.agents_or_refuse()?;
+        self.unix_or_refuse()?;
         let cgroup = resolve_target(&agents, &target)?;
         let registered = self.register(token, None, peer).await?;
         let passport_id = registered.passport_id;
@@ -303,6 +400,7 @@ impl Service {
     /// from now on (no passport).
     pub async fn unbind_sandbox(&self, target: BindTarget, peer: &Peer) -> Result<SandboxUnbound, ServiceError> {
         let agents = self.agents_or_refuse()?;
+        self.unix_or_refuse()?;
         let cgroup = resolve_target(&agents, &target)?;
         let sandbox = {
             let mut m = self.sandboxes.write().map_err(|_| ServiceError::LockPoisoned("sandboxes"))?;
@@ -368,6 +466,26 @@ impl Service {
 
     /// At start: sandboxes whose leader still runs are watched again; the others are removed.
     pub(super) async fn recover_sandboxes(&self) -> Result<(), ServiceError> {
+        self.recover_sandboxes_inner().await?;
+        // Own directories of sandboxes that ended while no daemon ran are forgotten (the kernel
+        // map is pinned); those of live sandboxes are written again.
+        if let Some(UnixConfinement { filter: Some(filter), dirs, .. }) = self.config.unix.as_deref() {
+            let live: Vec<Sandbox> = self.sandboxes.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
+            let ids: HashSet<u64> = live.iter().map(|s| s.cgroup_id).collect();
+            if let Err(e) = filter.retain_sandbox_dirs(&ids) {
+                tracing::error!(error = %e, "could not prune the own directories of ended sandboxes");
+            }
+            for s in live.iter().filter(|s| s.leader_pid.is_some()) {
+                let Some(dir) = dirs.as_ref().map(|d| d.dir(&s.id)).filter(|d| d.is_dir()) else { continue };
+                if let Err(e) = filter.set_sandbox_dir(s.cgroup_id, &dir) {
+                    tracing::error!(sandbox = %s.id, error = %e, "could not restore the sandbox's own directory");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn recover_sandboxes_inner(&self) -> Result<(), ServiceError> {
         for (_, bytes) in self.ledger.state_scan("sandbox/")? {
             let Ok(sandbox) = serde_json::from_slice::<Sandbox>(&bytes) else { continue };
             let Some(cp) = self.passport(&sandbox.passport_id) else { continue };
@@ -408,6 +526,17 @@ impl Service {
             }
         }
         Ok(())
+    }
+}
+
+/// Sandboxes are created only with Unix socket confinement set up and its gate open.
+fn unix_gate(unix: Option<&UnixConfinement>) -> Result<&UnixConfinement, ServiceError> {
+    let unix = unix.ok_or_else(|| {
+        ServiceError::UnixUnconfined("the daemon has not set up Unix socket confinement; no sandbox is created".into())
+    })?;
+    match &unix.gate {
+        Ok(_) => Ok(unix),
+        Err(why) => Err(ServiceError::UnixUnconfined(why.clone())),
     }
 }
 
@@ -473,6 +602,25 @@ fn check_below(agents: &Path, path: &Path) -> Result<(), ServiceError> {
 mod tests {
     use super::*;
 
+    /// The kernel probe's verdict, injected: a closed gate or no setup at all refuses sandboxes
+    /// with the reason; an open gate (enforced, or unenforced by the operator's choice) admits.
+    #[test]
+    fn sandboxes_need_the_unix_gate_open() {
+        use crate::kernel::unix::{sandbox_gate, Hooks, UnixMode, UnixStatus};
+        let with = |gate| UnixConfinement { gate, filter: None, dirs: None };
+        let missing = UnixStatus::Missing("no cgroup/connect_unix hook".into());
+        let refused = with(sandbox_gate(UnixMode::Enforced, &missing));
+        let err = unix_gate(Some(&refused)).unwrap_err();
+        assert!(matches!(err, ServiceError::UnixUnconfined(_)));
+        assert!(err.to_string().contains("no cgroup/connect_unix hook"), "{err}");
+        assert!(matches!(unix_gate(None), Err(ServiceError::UnixUnconfined(_))));
+        let unenforced = with(sandbox_gate(UnixMode::Unenforced, &missing));
+        assert!(unix_gate(Some(&unenforced)).is_ok());
+        let enforced =
+            with(sandbox_gate(UnixMode::Enforced, &UnixStatus::Enforced(Hooks { connect: 49, sendmsg: 50 })));
+        assert!(unix_gate(Some(&enforced)).is_ok());
+    }
+
     #[test]
     fn bind_targets_must_lie_strictly_below_the_agents_cgroup() {
         let agents = Path::new("/sys/fs/cgroup/sluice.slice/sluice-agents.slice");
@@ -527,11 +675,12 @@ mod tests {
             cgroup: s.cgroup.clone(),
             cgroup_id: 7,
             ca_bundle: None,
+            unix_dir: Some("/run/sluice-sandboxes/run-1".into()),
         };
         assert_eq!(
             created.to_json().to_string(),
             json!({"sandbox_id": "run-1", "passport_id": "pp_x", "cgroup": s.cgroup, "cgroup_id": 7,
-                   "ca_bundle": null})
+                   "ca_bundle": null, "unix_dir": "/run/sluice-sandboxes/run-1"})
             .to_string()
         );
         let unbound =
