@@ -12,6 +12,8 @@
 //!   the destination the agent dialed, its pid and cgroup id.
 //! * [`Cgroup`] creates sandboxes below the agents cgroup and moves processes
 //!   into them (a socket's cgroup is fixed at creation: join, then exec).
+//! * [`confine`] starts a `sluice run` agent in its own PID namespace with a fresh `/proc`,
+//!   under seccomp filters that allow only inet, Unix and route-netlink sockets and no io_uring.
 //! * [`process`] holds pidfds, `/proc` identities and signal dispositions: the daemon's other
 //!   raw syscalls, so that the daemon crate itself needs no `unsafe`.
 
@@ -20,6 +22,7 @@
 
 pub mod abi;
 pub mod cgroup;
+pub mod confine;
 pub mod conntable;
 pub mod detach;
 pub mod loader;
