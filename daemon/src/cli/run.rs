@@ -17,11 +17,11 @@
 use super::ops::call;
 use super::ops::ApiSocket;
 use super::CmdResult;
+use crate::kernel::confine::{self, Namespaces};
 use anyhow::{bail, Context};
 use clap::Args;
 use http::Method;
 use serde_json::json;
-use crate::kernel::confine::{self, Namespaces};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -86,7 +86,9 @@ pub fn run(a: RunArgs, socket: &ApiSocket) -> CmdResult {
     // A private mount namespace exists for the agent unless there are no namespaces and no root.
     let can_bind = ns != Namespaces::Off || nix::unistd::geteuid().is_root();
     if a.bind_ca && !can_bind {
-        bail!("--bind-ca needs a private mount namespace, which --no-pid-namespace gives only to root; drop one of them");
+        bail!(
+            "--bind-ca needs a private mount namespace, which --no-pid-namespace gives only to root; drop one of them"
+        );
     }
     let explicit = a.bind_ca;
     let bind = |b: &Path| {

@@ -162,7 +162,9 @@ pub fn run(cmd: Command, ns: Namespaces, mounts: Option<Mounts<'_>>) -> Result<u
         ForkResult::Parent { child } => {
             drop(report_w);
             let mut report = Vec::new();
-            std::fs::File::from(report_r).take(REPORT_MAX).read_to_end(&mut report)
+            std::fs::File::from(report_r)
+                .take(REPORT_MAX)
+                .read_to_end(&mut report)
                 .map_err(|source| ConfineError::Sys { op: "reading PID 1's report", source })?;
             if let Some((&kind, text)) = report.split_first() {
                 // PID 1 exits right after its report.
@@ -279,8 +281,16 @@ fn pid1_setup(cmd: Command, filters: Filters, mounts: Option<Mounts<'_>>) -> Res
 /// Starts the agent with the seccomp filters installed between fork and exec.
 fn spawn_agent(mut cmd: Command, filters: Filters) -> Result<Pid, String> {
     let program = cmd.get_program().to_owned();
-    // SAFETY: the closure only makes prctl and seccomp syscalls (no allocation, no lock).
-    unsafe { cmd.pre_exec(move || filters.install()) };
+    // SAFETY: the closure only makes sigprocmask, prctl and seccomp syscalls (no allocation, no
+    // lock).
+    unsafe {
+        cmd.pre_exec(move || {
+            // The agent starts with no signal blocked (this process blocks the ones it forwards,
+            // and std does not reset the mask on every path).
+            sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
+            filters.install()
+        })
+    };
     let child = cmd.spawn().map_err(|e| format!("cannot start {program:?}: {e}"))?;
     let pid = i32::try_from(child.id()).map_err(|_| format!("{program:?} got pid {}", child.id()))?;
     Ok(Pid::from_raw(pid))

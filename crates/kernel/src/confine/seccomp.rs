@@ -65,7 +65,8 @@ impl Filters {
                 .map_err(|e| ConfineError::Seccomp(format!("building the filter: {e}")))?;
             BpfProgram::try_from(filter).map_err(|e| ConfineError::Seccomp(format!("compiling the filter: {e}")))
         };
-        let mut programs = vec![compile(family_rules()?, libc::EAFNOSUPPORT)?, compile(refused_rules(ptrace), libc::EPERM)?];
+        let mut programs =
+            vec![compile(family_rules()?, libc::EAFNOSUPPORT)?, compile(refused_rules(ptrace), libc::EPERM)?];
         if arch == TargetArch::x86_64 {
             programs.push(x32_guard());
         }
@@ -99,10 +100,10 @@ fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, ConfineError> 
 /// The rules whose match is refused with `EAFNOSUPPORT`.
 fn family_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, ConfineError> {
     // socket(domain, type, protocol): a family that is none of the allowed ones...
-    let not_allowed =
-        ALLOWED_FAMILIES.iter().map(|&f| cond(0, SeccompCmpOp::Ne, f)).collect::<Result<Vec<_>, _>>()?;
+    let not_allowed = ALLOWED_FAMILIES.iter().map(|&f| cond(0, SeccompCmpOp::Ne, f)).collect::<Result<Vec<_>, _>>()?;
     // ...or netlink with another protocol than NETLINK_ROUTE.
-    let other_netlink = vec![cond(0, SeccompCmpOp::Eq, libc::AF_NETLINK)?, cond(2, SeccompCmpOp::Ne, libc::NETLINK_ROUTE)?];
+    let other_netlink =
+        vec![cond(0, SeccompCmpOp::Eq, libc::AF_NETLINK)?, cond(2, SeccompCmpOp::Ne, libc::NETLINK_ROUTE)?];
     let mut rules = BTreeMap::new();
     rules.insert(libc::SYS_socket, vec![rule(not_allowed)?, rule(other_netlink)?]);
     // socketpair(domain, …): Unix only (no other family implements it with sockets worth having).
