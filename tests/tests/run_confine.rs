@@ -449,7 +449,7 @@ fn no_user_namespaces(cmd: &mut Command, errno: u32) {
     let newuser = libc::CLONE_NEWUSER as u32;
     let stmt = |code: u32, k: u32| libc::sock_filter { code: code as u16, jt: 0, jf: 0, k };
     let jump = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter { code: code as u16, jt, jf, k };
-    let prog = vec![
+    let prog = [
         stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0), // nr
         jump(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, nr, 0, 3),
         stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 16), // args[0], low half
