@@ -1,5 +1,6 @@
 //! The Debian packages sluice needs to build (clang and libbpf headers for the eBPF object) and to
-//! test (curl, python3, iproute2, liburing for the bypass suites; openssl and Python's
+//! test (curl, python3, iproute2, liburing for the bypass suites; git, node and `script` for the
+//! programs run inside a sandbox; openssl and Python's
 //! cryptography for the key-format tests). Installed with apt-get when running as root on Debian;
 //! otherwise the exact command is printed and the task fails.
 
@@ -19,6 +20,11 @@ const NEEDS: &[(&str, &str)] = &[
     ("/usr/bin/python3", "python3"),
     ("ip", "iproute2"),
     ("unshare", "util-linux"),
+    // tests/tests/run_confine.rs: ordinary programs inside a `sluice run` sandbox (git, node, and
+    // `script` for a shell with job control on a pseudo-terminal).
+    ("git", "git"),
+    ("node", "nodejs"),
+    ("script", "bsdutils"),
     // `systemd-analyze verify` checks the shipped units (daemon/tests/ops.rs).
     ("systemd-analyze", "systemd"),
     // `kill` (the demo stops what it started with it).
