@@ -1,8 +1,8 @@
 //! The Debian packages sluice needs to build (clang and libbpf headers for the eBPF object) and to
 //! test (curl, python3, iproute2, liburing for the bypass suites; git, node and `script` for the
-//! programs run inside a sandbox; openssl and Python's
-//! cryptography for the key-format tests). Installed with apt-get when running as root on Debian;
-//! otherwise the exact command is printed and the task fails.
+//! programs run inside a sandbox; openssl and Python's cryptography for the key-format tests).
+//! Installed with apt-get when running as root on Debian; otherwise the exact command is printed
+//! and the task fails.
 
 use anyhow::bail;
 use std::path::Path;
