@@ -430,6 +430,42 @@ print(json.dumps({"me": os.getpid(), "zombies": states.count("Z"), "processes": 
         assert_eq!(status.code(), Some(code), "SIG{name}: {rest:?}\n{}", d.log());
         assert_eq!(rest, vec![format!("got-{name}")]);
     }
+    // Ctrl-C on a terminal: the terminal signals the whole foreground process group (sluice run,
+    // its PID 1 and the agent); the agent gets it from the terminal, and no copy from PID 1.
+    // (A copy that arrives while the first is still pending merges with it, so this cannot
+    // always catch a double forward; it does catch a Ctrl-C that never reaches the agent.)
+    // The agent blocks SIGINT and records each one it takes, with who sent it (a second one from
+    // PID 1 would say si_code 0, SI_USER).
+    let script = "import signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])\nprint('ready', flush=True)\ngot = []\nwhile True:\n    i = signal.sigtimedwait([signal.SIGINT], 1.5)\n    if i is None:\n        break\n    got.append('%d/%d' % (i.si_code, i.si_pid))\nprint('ints=' + ','.join(got), flush=True)\n";
+    let inner = run_cmd(&d, &passport, 0, &[], &[PY, "-c", script]);
+    let argv: Vec<String> = std::iter::once(inner.get_program())
+        .chain(inner.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy().replace('\'', "'\\''")))
+        .collect();
+    let mut tty = Reaped(
+        Command::new("script")
+            .args([
+                "-qec",
+                &format!("exec setpriv --reuid {NOBODY} --regid {NOBODY} --clear-groups {}", argv.join(" ")),
+                "/dev/null",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(tty.0.stdout.take().unwrap()).lines();
+    let ready = lines.by_ref().map_while(Result::ok).find(|l| l.trim_end().ends_with("ready"));
+    assert!(ready.is_some(), "the agent never became ready on its terminal");
+    std::io::Write::write_all(tty.0.stdin.as_mut().unwrap(), b"\x03").unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).map(|l| l.trim_end().to_string()).collect();
+    let status = tty.0.wait().unwrap();
+    // SI_KERNEL (0x80) from the terminal, once.
+    assert!(
+        rest.iter().any(|l| l.ends_with("ints=128/0")),
+        "Ctrl-C did not reach the agent exactly once: {rest:?} {status:?}"
+    );
+
     // An agent killed by a signal: 128 + N.
     let out = run(&d, &passport, NOBODY, &["sh", "-c", "kill -KILL $$"]);
     assert_eq!(out.status.code(), Some(137), "{}", text(&out.stderr));
