@@ -393,8 +393,16 @@ fn the_agent_unit_confines_its_agent() {
     assert_eq!(one(&text, s, "CapabilityBoundingSet"), "");
     assert_eq!(one(&text, s, "AmbientCapabilities"), "");
     assert!(values(&text, s, "SupplementaryGroups").is_empty(), "the agent must not be in the API group");
-    // No packet/netlink sockets, no namespaces, no own cgroup management.
+    // No packet/netlink/vsock sockets, none made through io_uring either (IORING_OP_SOCKET
+    // bypasses the family filter), no namespaces, no own cgroup management.
     assert_eq!(one(&text, s, "RestrictAddressFamilies"), "AF_INET AF_INET6 AF_UNIX");
+    let filters = values(&text, s, "SystemCallFilter");
+    assert!(filters.iter().any(|f| f == "@system-service"), "{filters:?}");
+    let refused: Vec<&str> =
+        filters.iter().filter_map(|f| f.strip_prefix('~')).flat_map(str::split_whitespace).collect();
+    for call in ["io_uring_setup", "io_uring_enter", "io_uring_register"] {
+        assert!(refused.contains(&call), "{call} is not refused: {filters:?}");
+    }
     assert_eq!(one(&text, s, "RestrictNamespaces"), "yes");
     assert_eq!(one(&text, s, "Delegate"), "no");
     assert_eq!(one(&text, s, "ProtectControlGroups"), "yes");

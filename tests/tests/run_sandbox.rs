@@ -110,18 +110,27 @@ fn grandchildren_left_behind_are_killed_with_the_sandbox() {
     }
     let d = Daemon::start("");
     let (passport, _) = d.issue("forker", &["--permission", "*"]);
-    let pidfile = d.dir.path().join("grandchild.pid");
-    let script = format!("(setsid sleep 300 & echo $! > {}) ; exit 0", pidfile.display());
+    // The agent has its own PID namespace, so the pid it sees means nothing here: the grandchild
+    // is found by a unique argument instead, once the agent has seen it run.
+    let marker = d.dir.path().join("grandchild.started");
+    let arg = format!("300.{}", std::process::id());
+    let script = format!(
+        "setsid sleep {arg} & p=$!; while ! grep -q {arg} /proc/$p/cmdline 2>/dev/null; do sleep 0.05; done; echo $p > {}; exit 0",
+        marker.display()
+    );
     let out = d.cli(&["run", "--passport", passport.to_str().unwrap(), "--", "sh", "-c", &script]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    assert!(marker.exists(), "the grandchild never ran");
     wait_no_sandboxes(&d);
-    // Dead means gone, or a zombie waiting for PID 1 to reap it.
+    // Dead means gone, or a zombie waiting for its parent to reap it.
     let alive = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
-            .unwrap_or(false)
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            let dir = e.path();
+            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            cmdline == format!("sleep\0{arg}\0").as_bytes()
+                && stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
+        })
     };
     assert!(!alive(), "a daemonised grandchild outlived its sandbox");
 }

@@ -1,8 +1,9 @@
 //! The Debian packages sluice needs to build (clang and libbpf headers for the eBPF objects, and
 //! libbpf's static library with libelf and zlib, which load the Unix socket filter) and to
-//! test (curl, python3, iproute2, liburing for the bypass suites; openssl and Python's
-//! cryptography for the key-format tests). Installed with apt-get when running as root on Debian;
-//! otherwise the exact command is printed and the task fails.
+//! test (curl, python3, iproute2, liburing for the bypass suites; git, node and `script` for the
+//! programs run inside a sandbox; openssl and Python's cryptography for the key-format tests).
+//! Installed with apt-get when running as root on Debian; otherwise the exact command is printed
+//! and the task fails.
 
 use anyhow::bail;
 use std::path::Path;
@@ -24,6 +25,11 @@ const NEEDS: &[(&str, &str)] = &[
     ("unshare", "util-linux"),
     // tests/tests/kernel_unix.rs runs an agent as another user.
     ("setpriv", "util-linux"),
+    // tests/tests/run_confine.rs: ordinary programs inside a `sluice run` sandbox (git, node, and
+    // `script` for a shell with job control on a pseudo-terminal).
+    ("git", "git"),
+    ("node", "nodejs"),
+    ("script", "bsdutils"),
     // `systemd-analyze verify` checks the shipped units (daemon/tests/ops.rs).
     ("systemd-analyze", "systemd"),
     // `kill` (the demo stops what it started with it).

@@ -11,7 +11,8 @@
 //! 2. one `sluice-agent@probe` unit runs an agent script whose allowed fetch is answered by a
 //!    plain HTTP server inside the container, and whose forbidden fetches are refused (the name
 //!    does not resolve; a direct dial with the forbidden `Host` gets 403 `domain_not_allowed`);
-//!    the agent also reports its confinement (uid, capabilities, hidden daemon paths);
+//!    the agent also reports its confinement (uid, capabilities, hidden daemon paths, which
+//!    socket families it can create, io_uring refused);
 //! 3. `sluice audit export` / `sluice audit verify` show the allow, the refusals and the binding;
 //! 4. `systemctl reload sluice` attests a `policy_reload` (trigger `sighup`) without a restart;
 //! 5. everything stops cleanly (the pins stay, by design), systemd logged no warning about the
@@ -84,6 +85,22 @@ echo "uid=$(id -u)" >>"$res"
 echo "capeff=$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)" >>"$res"
 if ls /etc/sluice >/dev/null 2>&1; then echo "etc_sluice=visible" >>"$res"; else echo "etc_sluice=hidden" >>"$res"; fi
 if [ -e /run/sluice/sluice.sock ]; then echo "api_socket=visible" >>"$res"; else echo "api_socket=hidden" >>"$res"; fi
+# Socket families and io_uring (IORING_OP_SOCKET would dodge the family filter): ok or errno name.
+python3 - >>"$res" <<'PY'
+import ctypes, errno, os, socket
+def attempt(*args):
+    try:
+        socket.socket(*args).close()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+for name, args in [("inet", (2, 1)), ("inet6", (10, 2)), ("unix", (1, 1)), ("vsock", (40, 1)), ("packet", (17, 2)),
+                   ("netlink_route", (16, 3, 0)), ("netlink_audit", (16, 3, 9))]:
+    print("sock.%s=%s" % (name, attempt(*args)))
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.syscall(ctypes.c_long(425), ctypes.c_long(4), ctypes.create_string_buffer(120))
+print("io_uring=%s" % ("ok" if fd >= 0 else errno.errorcode.get(ctypes.get_errno())))
+PY
 cat "$res"
 mv "$res" "$out/results"
 "#;
@@ -623,6 +640,19 @@ impl Test {
         expect(get("capeff") == "0000000000000000", format!("the agent had capabilities {}", get("capeff")));
         expect(get("etc_sluice") == "hidden", "the agent could list /etc/sluice".to_string());
         expect(get("api_socket") == "hidden", "the agent could see /run/sluice/sluice.sock".to_string());
+        // The unit's RestrictAddressFamilies= and SystemCallFilter=: inet and Unix sockets only.
+        for (k, want) in [
+            ("sock.inet", "ok"),
+            ("sock.inet6", "ok"),
+            ("sock.unix", "ok"),
+            ("sock.vsock", "EAFNOSUPPORT"),
+            ("sock.packet", "EAFNOSUPPORT"),
+            ("sock.netlink_route", "EAFNOSUPPORT"),
+            ("sock.netlink_audit", "EAFNOSUPPORT"),
+            ("io_uring", "EPERM"),
+        ] {
+            expect(get(k) == want, format!("{k} in the agent unit: {} (expected {want})", get(k)));
+        }
         // Only the allowed request reached the upstream (python's http.server logs each request).
         let log = self.check(&["journalctl", "-u", UPSTREAM_UNIT, "-o", "cat", "--no-pager"])?;
         let served = log.lines().filter(|l| l.contains("\"GET / HTTP/")).count();

@@ -14,6 +14,8 @@
 //!   into them (a socket's cgroup is fixed at creation: join, then exec).
 //! * [`unix`] confines agents' Unix-domain sockets to their own directory and the addresses the
 //!   operator lists (`ebpf/unix.bpf.c`, Linux >= 6.7).
+//! * [`confine`] starts a `sluice run` agent in its own PID namespace with a fresh `/proc`,
+//!   under seccomp filters that allow only inet, Unix and route-netlink sockets and no io_uring.
 //! * [`process`] holds pidfds, `/proc` identities and signal dispositions: the daemon's other
 //!   raw syscalls, so that the daemon crate itself needs no `unsafe`.
 
@@ -22,6 +24,7 @@
 
 pub mod abi;
 pub mod cgroup;
+pub mod confine;
 pub mod conntable;
 pub mod detach;
 pub mod loader;

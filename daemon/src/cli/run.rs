@@ -5,20 +5,25 @@
 //! 2. Ask for a sandbox: the daemon creates a cgroup bound to the passport and moves *this*
 //!    process into it, before this process has opened any network socket.
 //! 3. Point `TMPDIR` and `XDG_RUNTIME_DIR` at the sandbox's own directory (the only place where
-//!    the agent's own Unix sockets can be reached), and common clients at the CA bundle (environment), and where possible (root) bind-mount
-//!    it over the system bundle in a private mount namespace, for agents that ignore the
-//!    environment.
-//! 4. Start CMD (it inherits the cgroup), wait, and exit with its status. When this process
-//!    exits the daemon kills anything left in the sandbox and removes it.
+//!    the agent's own Unix sockets can be reached by name), and common clients at the CA bundle
+//!    (environment).
+//! 4. Start CMD confined (`sluice_kernel::confine`): in its own PID namespace with a fresh
+//!    `/proc` (non-root: inside a user namespace that maps the caller's ids to themselves), so it
+//!    cannot name, trace, signal or read any process outside the sandbox; under seccomp filters
+//!    that allow only inet, Unix and route-netlink sockets and no io_uring. In that private mount
+//!    namespace the CA bundle is bind-mounted over the system bundle, for agents that ignore the
+//!    environment. CMD inherits the cgroup.
+//! 5. Wait, passing signals on, and exit with CMD's status. When this process exits the daemon
+//!    kills anything left in the sandbox and removes it.
 
 use super::ops::call;
 use super::ops::ApiSocket;
 use super::CmdResult;
+use crate::kernel::confine::{self, Namespaces};
 use anyhow::{bail, Context};
 use clap::Args;
 use http::Method;
 use serde_json::json;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
@@ -39,13 +44,19 @@ pub struct RunArgs {
     /// PASSPORT.key for them).
     #[arg(long, value_name = "F.key")]
     key: Option<PathBuf>,
-    /// Bind-mount the sluice CA bundle over the system bundle in a private mount namespace
-    /// (needs root; on by default when possible).
+    /// Bind-mount the sluice CA bundle over the system bundle in the agent's private mount
+    /// namespace, and fail if that is not possible (by default it is tried, and a failure is a
+    /// note).
     #[arg(long, overrides_with = "no_bind_ca")]
     bind_ca: bool,
     /// Do not bind-mount the CA bundle; only set the environment variables.
     #[arg(long)]
     no_bind_ca: bool,
+    /// DANGEROUS: run CMD without its own PID, user and mount namespaces, for hosts where user
+    /// namespaces cannot be enabled. CMD can then signal every process of your user and read or
+    /// write their memory through /proc/PID/mem (ptrace itself stays refused).
+    #[arg(long)]
+    no_pid_namespace: bool,
     /// The command and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -62,6 +73,16 @@ pub fn run(a: RunArgs, socket: &ApiSocket) -> CmdResult {
         .context("creating the sandbox")?;
     // From here on this process is inside the sandbox: the daemon will refuse its API calls.
     let bundle = sandbox["ca_bundle"].as_str().map(PathBuf::from).filter(|p| p.is_file());
+    let ns = if a.no_pid_namespace {
+        eprintln!(
+            "sluice: WARNING: --no-pid-namespace: the agent shares your PID namespace: it can signal every process of \
+             your user and read or write their memory through /proc/PID/mem (ptrace itself is refused). Use it only \
+             where user namespaces cannot be enabled, with the agent running as a user of its own."
+        );
+        Namespaces::Off
+    } else {
+        Namespaces::for_caller()
+    };
     let mut cmd = Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..]);
     // The sandbox's own directory: the one place where Unix sockets the agent creates can be
@@ -69,49 +90,65 @@ pub fn run(a: RunArgs, socket: &ApiSocket) -> CmdResult {
     if let Some(dir) = sandbox["unix_dir"].as_str() {
         cmd.env("TMPDIR", dir).env("XDG_RUNTIME_DIR", dir);
     }
+    // A private mount namespace exists for the agent unless there are no namespaces and no root.
+    let can_bind = ns != Namespaces::Off || nix::unistd::geteuid().is_root();
+    if a.bind_ca && !can_bind {
+        bail!(
+            "--bind-ca needs a private mount namespace, which --no-pid-namespace gives only to root; drop one of them"
+        );
+    }
+    let explicit = a.bind_ca;
+    let bind = |b: &Path| {
+        let b = b.to_path_buf();
+        move || match bind_ca(&b) {
+            Err(e) if explicit => Err(format!("--bind-ca: {e}")),
+            Err(e) => {
+                eprintln!("sluice: note: CA bundle not bind-mounted ({e}); clients that ignore SSL_CERT_FILE will not trust the sluice CA");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    };
+    let mut mounts = None;
     if let Some(b) = &bundle {
         for var in CA_ENV {
             cmd.env(var, b);
         }
-        let want_bind = !a.no_bind_ca;
-        if want_bind && nix::unistd::geteuid().is_root() {
-            if let Err(e) = bind_ca(b) {
-                if a.bind_ca {
-                    bail!("--bind-ca: {e:#}");
-                }
-                eprintln!("sluice: note: CA bundle not bind-mounted ({e:#}); clients that ignore SSL_CERT_FILE will not trust the sluice CA");
-            }
-        } else if a.bind_ca {
-            bail!("--bind-ca needs root (a private mount namespace); run as root or use --no-bind-ca");
+        if !a.no_bind_ca && can_bind {
+            mounts = Some(bind(b));
         }
     }
-    let status = cmd.status().with_context(|| format!("cannot start {:?}", a.cmd[0]))?;
-    Ok(match (status.code(), status.signal()) {
-        (Some(code), _) => ExitCode::from(code as u8),
-        (None, Some(sig)) => ExitCode::from(128u8.wrapping_add(sig as u8)),
-        _ => ExitCode::FAILURE,
-    })
+    let code = confine::run(cmd, ns, mounts.as_mut().map(|m| m as confine::Mounts<'_>))?;
+    Ok(ExitCode::from(code))
 }
 
-/// A private mount namespace in which `bundle` is bind-mounted read-only over each system CA
-/// bundle, so agents that ignore the environment still trust the sluice CA.
-fn bind_ca(bundle: &Path) -> anyhow::Result<()> {
+/// Bind-mounts `bundle` read-only over each system CA bundle, in the agent's private mount
+/// namespace (made by `confine::run`), so agents that ignore the environment still trust the
+/// sluice CA.
+fn bind_ca(bundle: &Path) -> Result<(), String> {
     use nix::mount::{mount, MsFlags};
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context("unshare(CLONE_NEWNS)")?;
-    // Nothing mounted here may propagate back to the host.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
-        .context("making / a slave mount")?;
+    use nix::sys::statvfs::{statvfs, FsFlags};
     for target in SYSTEM_BUNDLES.iter().map(Path::new).filter(|p| p.is_file()) {
         mount(Some(bundle), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .with_context(|| format!("bind-mounting over {}", target.display()))?;
-        mount(
-            None::<&str>,
-            target,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .with_context(|| format!("making {} read-only", target.display()))?;
+            .map_err(|e| format!("bind-mounting {} over {}: {e}", bundle.display(), target.display()))?;
+        // The read-only remount must repeat the flags the bind mount has: inside a user namespace
+        // the kernel locks those that came from the host's mount, and refuses to clear them.
+        let have = statvfs(target).map_err(|e| format!("statvfs {}: {e}", target.display()))?.flags();
+        let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        for (st, ms) in [
+            (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+            (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+            (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+            (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+            (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+            (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+        ] {
+            if have.contains(st) {
+                flags |= ms;
+            }
+        }
+        mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+            .map_err(|e| format!("making {} read-only: {e}", target.display()))?;
     }
     Ok(())
 }
