@@ -94,15 +94,39 @@ pub struct ProxyConfig {
     /// The proxy listens on 127.0.0.1 and ::1 at this port.
     #[serde(default = "default_proxy_port")]
     pub port: u16,
+    /// Agent connections handled at once, all sandboxes together; more are closed at accept.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds an agent connection may go without a request in progress: an HTTP/1.1 request
+    /// head must arrive whole within it (an idle keep-alive connection too), and an HTTP/2
+    /// connection with no open request is closed after it.
+    #[serde(default = "default_header_timeout_secs")]
+    pub header_timeout_secs: u64,
 }
 
 fn default_proxy_port() -> u16 {
     15001
 }
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_header_timeout_secs() -> u64 {
+    30
+}
+
+/// The bounds of `[proxy] max_connections`: at least one connection; at most what a file
+/// descriptor table can hold (each forwarded connection takes two descriptors).
+pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<usize> = 1..=1_000_000;
+/// The bounds of `[proxy] header_timeout_secs`.
+pub const HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=3600;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { port: default_proxy_port() }
+        ProxyConfig {
+            port: default_proxy_port(),
+            max_connections: default_max_connections(),
+            header_timeout_secs: default_header_timeout_secs(),
+        }
     }
 }
 
@@ -273,6 +297,12 @@ impl Config {
         if self.proxy.port == 0 {
             return Err(self.invalid("proxy.port", "must be a port from 1 to 65535"));
         }
+        if !MAX_CONNECTIONS_RANGE.contains(&self.proxy.max_connections) {
+            return Err(self.invalid("proxy.max_connections", "must be from 1 to 1000000"));
+        }
+        if !HEADER_TIMEOUT_RANGE.contains(&self.proxy.header_timeout_secs) {
+            return Err(self.invalid("proxy.header_timeout_secs", "must be from 1 to 3600 (seconds)"));
+        }
         if self.dns.port == 0 {
             return Err(self.invalid("dns.port", "must be a port from 1 to 65535"));
         }
@@ -341,6 +371,8 @@ mod tests {
         let c = parse("state_dir = \"/tmp/x\"").unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.proxy.port, 15001);
+        assert_eq!(c.proxy.max_connections, 4096);
+        assert_eq!(c.proxy.header_timeout_secs, 30);
         assert_eq!(c.dns.port, 15053);
         assert_eq!(c.sandbox.cgroup, "sluice-agents");
         assert_eq!(c.holds.timeout_secs, 120);
@@ -431,6 +463,10 @@ timeout_secs = 120
             ("state_dir = \"relative\"", "state_dir"),
             ("[proxy]\nport = 0", "proxy.port"),
             ("[proxy]\nport = 70000", "port"),
+            ("[proxy]\nmax_connections = 0", "proxy.max_connections"),
+            ("[proxy]\nmax_connections = 1000001", "proxy.max_connections"),
+            ("[proxy]\nheader_timeout_secs = 0", "proxy.header_timeout_secs"),
+            ("[proxy]\nheader_timeout_secs = 3601", "proxy.header_timeout_secs"),
             ("[dns]\nport = 15001", "dns.port"),
             ("[dns]\nupstream = [\"8.8.8.8\"]", "dns.upstream"),
             ("[dns]\nupstream = []", "dns.upstream"),

@@ -47,6 +47,17 @@ impl Daemon {
     /// As [`Daemon::start_with_group`], with `dns_extra` appended to the `[dns]` section and
     /// `policies` (file name, text) written to the policies directory before the daemon starts.
     pub fn start_custom(group: &str, dns_extra: &str, extra: &str, policies: &[(&str, &str)]) -> Daemon {
+        Daemon::start_full(group, "", dns_extra, extra, policies)
+    }
+
+    /// As [`Daemon::start_custom`], with `proxy_extra` appended to the `[proxy]` section.
+    pub fn start_full(
+        group: &str,
+        proxy_extra: &str,
+        dns_extra: &str,
+        extra: &str,
+        policies: &[(&str, &str)],
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("policies")).expect("policies dir");
         for (name, text) in policies {
@@ -59,7 +70,7 @@ impl Daemon {
         let config = dir.path().join("sluice.toml");
         let text = format!(
             "state_dir = \"{state}\"\npolicies_dir = \"{pol}\"\n[api]\nsocket = \"{sock}\"\ngroup = \"{group}\"\n\
-             [proxy]\nport = {proxy_port}\n[dns]\nport = {dns_port}\n{dns_extra}\n\
+             [proxy]\nport = {proxy_port}\n{proxy_extra}\n[dns]\nport = {dns_port}\n{dns_extra}\n\
              [sandbox]\ncgroup = \"{cgroup}\"\npin_dir = \"{pins}\"\n{extra}",
             state = dir.path().join("state").display(),
             pol = dir.path().join("policies").display(),
@@ -95,6 +106,11 @@ impl Daemon {
     /// The daemon's process id while it runs (the proxy benchmark reads its RSS).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// `true` while the daemon process has not exited.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
     }
 
     /// Sends SIGHUP (policy reload).

@@ -29,7 +29,7 @@ use super::answer::{decision_response, record_refusal, service_failure, simple, 
 use super::checks::{self, Refusal};
 use super::decider::{Decide, Forward};
 use super::upstream::{BoxError, ProxyBody};
-use super::{h1watch, inc, Proxy, Stats};
+use super::{h1watch, idle, inc, Proxy, Stats};
 use crate::decide::Reason;
 use crate::decide::{self, Decision};
 use crate::domain::DomainName;
@@ -61,14 +61,21 @@ where
         let (w, v) = h1watch::Watched::new(io, proxy.limits.max_header_bytes);
         (w, Some(v))
     };
+    // Requests in progress, from the service call to the end of the response body.
+    let activity = idle::Activity::new();
     let svc = {
         let proxy = proxy.clone();
         let info = info.clone();
+        let activity = activity.clone();
         service_fn(move |req| {
             let proxy = proxy.clone();
             let info = info.clone();
             let verdict = verdicts.as_ref().map(h1watch::Verdicts::next);
-            async move { Ok::<_, Infallible>(handle(proxy, info, verdict, req).await) }
+            let request = activity.begin();
+            async move {
+                let resp = handle(proxy, info, verdict, req).await;
+                Ok::<_, Infallible>(resp.map(|body| idle::Tracked::new(body, request)))
+            }
         })
     };
     let io = TokioIo::new(io);
@@ -77,7 +84,20 @@ where
         b.timer(TokioTimer::new())
             .max_concurrent_streams(proxy.limits.max_streams)
             .max_header_list_size(u32::try_from(proxy.limits.max_header_bytes).unwrap_or(u32::MAX));
-        b.serve_connection(io, svc).await
+        let conn = b.serve_connection(io, svc);
+        tokio::pin!(conn);
+        // HTTP/2 has no header read timeout: a connection with no request in progress (none
+        // sent, or a header block never finished) is closed after `header_timeout`, as hyper
+        // closes an idle HTTP/1.1 connection.
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = activity.idle_for(proxy.limits.header_timeout) => {
+                tracing::debug!(client = %info.client, "HTTP/2 connection without a request in progress; closing");
+                conn.as_mut().graceful_shutdown();
+                // A client that ignores the GOAWAY (and its PING) is dropped after a short grace.
+                tokio::time::timeout(idle::CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+            }
+        }
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())

@@ -61,10 +61,12 @@ mod conn;
 mod decider;
 mod h1watch;
 mod http;
+mod idle;
 mod metered;
 mod prefixed;
 mod raw;
 pub mod sniff;
+mod throttle;
 pub mod upstream;
 
 use crate::decide::CompiledPassport;
@@ -93,7 +95,8 @@ pub struct Limits {
     pub sniff_timeout: Duration,
     /// TLS handshake with the agent.
     pub handshake_timeout: Duration,
-    /// HTTP/1 request head.
+    /// HTTP/1 request head (an idle keep-alive connection waiting for one too); an HTTP/2
+    /// connection with no request in progress is closed after it as well.
     pub header_timeout: Duration,
     /// HTTP/2 streams per connection.
     pub max_streams: u32,
@@ -182,6 +185,8 @@ pub struct Proxy {
     limits: Limits,
     slots: Arc<Semaphore>,
     stats: Stats,
+    /// The over-budget warning, at most once a second under a flood.
+    over_limit_log: throttle::Throttle,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -210,6 +215,7 @@ impl Proxy {
             slots: Arc::new(Semaphore::new(parts.limits.max_connections.max(1))),
             limits: parts.limits,
             stats: Stats::default(),
+            over_limit_log: throttle::Throttle::new(Duration::from_secs(1)),
         }))
     }
 
@@ -262,7 +268,9 @@ impl Proxy {
                 inc(&self.stats.over_limit);
                 let _ = self.conntable.lookup(peer);
                 drop(stream);
-                tracing::warn!(%peer, "proxy: too many connections; closing");
+                if let Some(left_out) = self.over_limit_log.admit(std::time::Instant::now()) {
+                    tracing::warn!(%peer, max_connections = self.limits.max_connections, left_out, "proxy: too many connections; closing (at most one such line a second; left_out: refusals since the last one)");
+                }
                 continue;
             };
             let this = self.clone();
@@ -272,6 +280,26 @@ impl Proxy {
             });
         }
     }
+}
+
+/// Raises this process's soft limit on open files to its hard limit and returns the soft limit
+/// now in force. Each forwarded connection takes two descriptors (agent and upstream); the usual
+/// soft limit outside systemd (1,024) would make `accept` fail long before
+/// [`Limits::max_connections`] (the unit sets `LimitNOFILE=65536`).
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+        return Ok(hard);
+    }
+    Ok(soft)
+}
+
+/// Descriptors the proxy may need at `max_connections`: two per forwarded connection, and
+/// some for the daemon itself (store, API, listeners, resolver).
+pub fn fds_needed(max_connections: usize) -> u64 {
+    (max_connections as u64).saturating_mul(2).saturating_add(256)
 }
 
 /// Binds the proxy port on `127.0.0.1` and `::1`.
@@ -285,4 +313,26 @@ pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
         out.push(socket.listen(1024)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_file_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, Resource};
+        let soft = raise_fd_limit().unwrap();
+        let (now_soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!(soft, now_soft);
+        assert_eq!(now_soft, hard);
+        // Idempotent.
+        assert_eq!(raise_fd_limit().unwrap(), soft);
+    }
+
+    #[test]
+    fn descriptors_needed_count_both_legs_and_never_overflow() {
+        assert_eq!(fds_needed(4096), 8448);
+        assert_eq!(fds_needed(usize::MAX), u64::MAX);
+    }
 }
