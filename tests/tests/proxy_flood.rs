@@ -211,6 +211,25 @@ impl Lab {
         assert!(status.success(), "{name}: `sluice holds` failed ({status}):\n{}", self.log_tail());
     }
 
+    /// Decision records in the log (exported and verified offline) for requests to `path`.
+    fn decisions_for(&self, path: &str) -> usize {
+        let export = self.d.dir.path().join(format!("export-{}.json", sluice_e2e::unique("x")));
+        let out = self.d.cli(&["audit", "export", "--out", export.to_str().unwrap()]);
+        assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+        let host_pub = self.d.dir.path().join("state/host.pub");
+        let out = self.d.cli(&["audit", "verify", export.to_str().unwrap(), "--host-pub", host_pub.to_str().unwrap()]);
+        assert!(out.status.success(), "audit verify failed: {}", String::from_utf8_lossy(&out.stdout));
+        let bundle: Value = serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&export);
+        bundle["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| serde_json::from_str::<Value>(r["record"].as_str()?).ok())
+            .filter(|r| r["kind"] == "decision" && r["path"] == path)
+            .count()
+    }
+
     fn log_tail(&self) -> String {
         let log = self.d.log();
         let lines: Vec<&str> = log.lines().collect();
@@ -431,6 +450,16 @@ fn proxy_survives_floods_and_keeps_serving_the_quiet_agent() {
     let (quiet, r) = lab.phase(name, Some(flood));
     assert_quiet_served(name, &quiet);
     assert_eq!(r["error_count"], 0, "{name}: {r}");
+    // Each stream the proxy took before its reset is a refusal on the flooder's chain, never a
+    // request sent on; the log still verifies after the flood.
+    let decided = lab.decisions_for("/rapid-reset");
+    let _ = writeln!(
+        std::io::stderr(),
+        "  rapid reset: {decided} of {} streams decided (refused) before their reset",
+        r["streams"]
+    );
+    assert!(decided as u64 <= r["streams"].as_u64().unwrap(), "{name}: {decided} decisions");
+    lab.rows.last_mut().unwrap().flood.push_str(&format!("; {decided} decided (refused) before the reset"));
 
     // CONTINUATION without end: h2 counts the frames of one header block and sends GOAWAY
     // (ENHANCE_YOUR_CALM) long before the block could grow; never a request.
