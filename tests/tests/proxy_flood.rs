@@ -211,8 +211,8 @@ impl Lab {
         assert!(status.success(), "{name}: `sluice holds` failed ({status}):\n{}", self.log_tail());
     }
 
-    /// Decision records in the log (exported and verified offline) for requests to `path`.
-    fn decisions_for(&self, path: &str) -> usize {
+    /// Decision records in the log (exported and verified offline) for requests to `host`.
+    fn decisions_for(&self, host: &str) -> usize {
         let export = self.d.dir.path().join(format!("export-{}.json", sluice_e2e::unique("x")));
         let out = self.d.cli(&["audit", "export", "--out", export.to_str().unwrap()]);
         assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
@@ -226,7 +226,7 @@ impl Lab {
             .unwrap()
             .iter()
             .filter_map(|r| serde_json::from_str::<Value>(r["record"].as_str()?).ok())
-            .filter(|r| r["kind"] == "decision" && r["path"] == path)
+            .filter(|r| r["kind"] == "decision" && r["host"] == host)
             .count()
     }
 
@@ -451,14 +451,17 @@ fn proxy_survives_floods_and_keeps_serving_the_quiet_agent() {
     assert_quiet_served(name, &quiet);
     assert_eq!(r["error_count"], 0, "{name}: {r}");
     // Each stream the proxy took before its reset is a refusal on the flooder's chain, never a
-    // request sent on; the log still verifies after the flood.
-    let decided = lab.decisions_for("/rapid-reset");
+    // request sent on; the log still verifies after the flood. (No earlier phase completed a
+    // request to the canary's name: its slowloris heads never ended.)
+    let decided = lab.decisions_for(CANARY);
     let _ = writeln!(
         std::io::stderr(),
         "  rapid reset: {decided} of {} streams decided (refused) before their reset",
         r["streams"]
     );
     assert!(decided as u64 <= r["streams"].as_u64().unwrap(), "{name}: {decided} decisions");
+    // The same count for the quiet agent's name sees its requests (the count itself works).
+    assert!(lab.decisions_for(API) >= 4 * PROBE_REQUESTS, "the quiet agent's decisions are missing from the log");
     lab.rows.last_mut().unwrap().flood.push_str(&format!("; {decided} decided (refused) before the reset"));
 
     // CONTINUATION without end: h2 counts the frames of one header block and sends GOAWAY
