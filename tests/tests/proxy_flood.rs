@@ -130,6 +130,11 @@ fn line_reader(out: ChildStdout) -> std::sync::mpsc::Receiver<String> {
 
 impl Lab {
     fn new(proxy_extra: &str) -> Lab {
+        let nofile = raise_nofile();
+        assert!(
+            nofile >= NOFILE_NEEDED,
+            "the open-file limit is {nofile} and cannot be raised: the floods need {NOFILE_NEEDED}"
+        );
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let ca = TestCa::new();
         let ca_dir = tempfile::tempdir().unwrap();
@@ -372,6 +377,37 @@ fn summary(r: &Value) -> String {
 fn assert_quiet_served(name: &str, q: &Value) {
     assert_eq!(q["failed"], 0, "{name}: the quiet agent was not served: {q}");
     assert_eq!(q["ok"].as_u64(), Some(PROBE_REQUESTS as u64), "{name}: {q}");
+    // Served, not merely answered before a client gives up (measured p99: well under 1 s).
+    assert!(q["p99_us"].as_u64().unwrap() < P99_BOUND_US, "{name}: the quiet agent's p99 is over 5 s: {q}");
+}
+
+/// The quiet agent's p99 must stay under this during every flood.
+const P99_BOUND_US: u64 = 5_000_000;
+
+/// Open files asked for the test and the daemon it starts, raised here as root when the shell's
+/// limits are lower (where the hard limit cannot be raised, e.g. in a container, what it allows).
+const NOFILE: u64 = 32_768;
+/// Open files the 10,000-connection phase needs at least: the connections and the daemon's own.
+const NOFILE_NEEDED: u64 = 11_000;
+
+/// Raises this process's open-file limits (soft and hard) to [`NOFILE`] when below it; the
+/// daemon inherits them. Returns the soft limit now in force.
+fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < NOFILE {
+            let want = libc::rlimit { rlim_cur: NOFILE, rlim_max: NOFILE.max(lim.rlim_max) };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) != 0 {
+                // The hard limit cannot go up here: take all of it.
+                let all = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &all);
+            }
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+    }
+    lim.rlim_cur
 }
 
 /// Every flood of the figures table against one daemon whose connection budget (12,000) is above
@@ -389,9 +425,11 @@ fn proxy_survives_floods_and_keeps_serving_the_quiet_agent() {
     let mut lab = Lab::new(&format!("max_connections = 12000\nheader_timeout_secs = {HEADER_TIMEOUT_SECS}"));
     // The first connection for a name mints its leaf certificate: not part of "at rest".
     assert_quiet_served("warm-up", &lab.probe());
-    // Closed at the timeout (HTTP/2: plus the 1 s GOAWAY grace), 2 s of slack on a busy machine.
+    // Closed at the timeout (HTTP/2: plus the 1 s GOAWAY grace), with slack for a busy machine;
+    // the floods last longer, so a connection the proxy left open shows.
     let closes_in_time = (HEADER_TIMEOUT_SECS + 3) * 1000;
-    let secs = (HEADER_TIMEOUT_SECS + 5).to_string();
+    let h2_closes_in_time = (HEADER_TIMEOUT_SECS + 5) * 1000;
+    let secs = (HEADER_TIMEOUT_SECS + 8).to_string();
 
     let (rest, _) = lab.phase("at rest", None);
     assert_quiet_served("at rest", &rest);
@@ -441,7 +479,7 @@ fn proxy_survives_floods_and_keeps_serving_the_quiet_agent() {
         assert_quiet_served(name, &quiet);
         assert_eq!(r["connections"], 200, "{name}: {r}");
         assert_eq!(r["closed_by_proxy"], 200, "{name}: the proxy left idle HTTP/2 connections open: {r}");
-        assert!(r["lifetime_ms_max"].as_u64().unwrap() < closes_in_time, "{name}: {r}");
+        assert!(r["lifetime_ms_max"].as_u64().unwrap() < h2_closes_in_time, "{name}: {r}");
     }
 
     // Rapid reset: HEADERS + RST_STREAM(CANCEL), 20,000 streams on 4 connections at a time.
