@@ -11,7 +11,8 @@
 //!
 //! and asserts that the daemon stays up, stays within its memory bound, keeps answering the
 //! quiet agent, and never fails open: every flood is aimed at a name the flooding passport does
-//! not allow, whose address is a canary listener outside that must see nothing.
+//! not allow, whose address is a canary listener outside that must see nothing (all but the
+//! trickled body, an allowed upload, which shows that a slow body is forwarded as it comes).
 
 use serde_json::Value;
 use sluice_e2e::daemon::Daemon;
