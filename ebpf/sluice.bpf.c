@@ -7,9 +7,13 @@
  *   connect4/6    TCP -> proxy (TCP/53 -> resolver), UDP/53 -> resolver,
  *                 everything else refused; the dialed address is kept in
  *                 socket storage
+ *                 A TCP socket also takes one of its sandbox's slots here
+ *                 (sluice_quota): over the quota the connect is refused
  *   sockops       at TCP_CONNECT_CB (source port bound, SYN not yet sent):
  *                 socket storage -> connection table keyed by the client's
  *                 local (address, port), which the proxy reads after accept
+ *   sock_release  the socket's slot back; its entry removed if the proxy
+ *                 never took it
  *   sendmsg4/6    unconnected UDP: DNS only, to the resolver
  *   recvmsg4/6    replies from the resolver show the server the agent asked
  *   getpeername4/6  the agent sees the address it dialed
@@ -52,22 +56,66 @@ char LICENSE[] SEC("license") = "GPL";
 volatile const __u16 sluice_proxy_port = 0;
 volatile const __u16 sluice_dns_port = 0;
 volatile const __u64 sluice_host_netns = 0;
+/* TCP sockets one sandbox may hold connected or connecting at once. */
+volatile const __u32 sluice_tcp_quota = 0;
 
-/* Per-socket record of what the agent dialed. */
+/* Per-socket state (socket storage; never seen by the daemon). */
+struct sluice_sock {
+	/* What the agent dialed: the connection table's value. */
+	struct sluice_orig_dst dst;
+	/* The key this socket's entry was written under, while in_table. */
+	struct sluice_conn_key key;
+	__u32 in_table;
+	/* The cgroup charged for the slot (the caller of the first connect). */
+	__u64 slot_cgroup;
+	/* 1 while the socket holds a slot; swapped to 0 exactly once, at release. */
+	__u32 slot;
+	/* The port connect4/6 redirected to (the key's dport). */
+	__u16 target;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct sluice_orig_dst);
+	__type(value, struct sluice_sock);
 } sluice_socks SEC(".maps");
 
-/* Client (local address, port) -> original destination, for the proxy. */
+/*
+ * Client (local address, port) -> original destination, for the proxy.
+ *
+ * Fairness between sandboxes: a plain (preallocated) hash, so no insert ever
+ * evicts another entry, and every entry belongs to a socket holding one of
+ * its sandbox's slots (at most sluice_tcp_quota per sandbox, counted in
+ * sluice_quota). An entry leaves the table when the proxy takes it (lookup
+ * and delete) or when its socket is released before that (sock_release), so
+ * a connection that never reached accept does not leak. A flooding sandbox is
+ * refused at connect once at its quota; it cannot push out, overwrite or use
+ * up another sandbox's entries unless more than ENTRIES / quota sandboxes are
+ * at their quota at once (then new connections fail closed).
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, SLUICE_CONNTABLE_ENTRIES);
 	__type(key, struct sluice_conn_key);
 	__type(value, struct sluice_orig_dst);
 } sluice_conns SEC(".maps");
+
+/* cgroup id -> slots in use; see struct sluice_quota. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SLUICE_QUOTA_ENTRIES);
+	__type(key, __u64);
+	__type(value, struct sluice_quota);
+} sluice_quota SEC(".maps");
+
+/* Event counters, per CPU; see SLUICE_STAT_* in sluice.h. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, SLUICE_STAT_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} sluice_stats SEC(".maps");
 
 /* UDP source (local address, port) -> the sending socket's record, for the
  * resolver: written by the egress program before the packet is delivered, so
@@ -82,7 +130,56 @@ struct {
 
 static __always_inline int configured(void)
 {
-	return sluice_proxy_port != 0 && sluice_dns_port != 0 && sluice_host_netns != 0;
+	return sluice_proxy_port != 0 && sluice_dns_port != 0 && sluice_host_netns != 0 &&
+	       sluice_tcp_quota != 0;
+}
+
+static __always_inline void stat(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&sluice_stats, &idx);
+
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+/*
+ * Takes one of the sandbox `cg`'s slots. 0: refuse the connect (at quota, or
+ * no room for the sandbox's counter).
+ */
+static __always_inline int take_slot(__u64 cg)
+{
+	struct sluice_quota *q = bpf_map_lookup_elem(&sluice_quota, &cg);
+	struct sluice_quota zero = {};
+	__s64 used;
+
+	if (!q) {
+		/* EEXIST (created meanwhile on another CPU) is fine; a full map is not. */
+		bpf_map_update_elem(&sluice_quota, &cg, &zero, BPF_NOEXIST);
+		q = bpf_map_lookup_elem(&sluice_quota, &cg);
+		if (!q) {
+			stat(SLUICE_STAT_QUOTA_FULL);
+			return 0;
+		}
+	}
+	used = __sync_fetch_and_add(&q->used, 1);
+	if (used >= (__s64)sluice_tcp_quota) {
+		__sync_fetch_and_add(&q->used, -1);
+		__sync_fetch_and_add(&q->refused, 1);
+		stat(SLUICE_STAT_QUOTA_REFUSED);
+		return 0;
+	}
+	stat(SLUICE_STAT_SLOT_TAKEN);
+	return 1;
+}
+
+static __always_inline void give_slot(__u64 cg)
+{
+	struct sluice_quota *q = bpf_map_lookup_elem(&sluice_quota, &cg);
+
+	/* Gone: the daemon removed the counter of a cgroup that no longer exists. */
+	if (q)
+		__sync_fetch_and_add(&q->used, -1);
+	stat(SLUICE_STAT_RELEASE_SLOT);
 }
 
 static __always_inline int is_mapped(__u32 a0, __u32 a1, __u32 a2)
@@ -105,7 +202,9 @@ static __always_inline __u16 record(void *ctx, struct bpf_sock *sk, __u32 a0, __
 {
 	__u16 target;
 	__u64 netns;
-	struct sluice_orig_dst *st;
+	__u64 cgroup;
+	int tcp = 0;
+	struct sluice_sock *st;
 
 	if (!configured())
 		return 0;
@@ -113,9 +212,11 @@ static __always_inline __u16 record(void *ctx, struct bpf_sock *sk, __u32 a0, __
 	if (netns != sluice_host_netns)
 		return 0;
 
-	if (connect && type == SL_SOCK_STREAM && protocol == SL_IPPROTO_TCP)
+	if (connect && type == SL_SOCK_STREAM && protocol == SL_IPPROTO_TCP) {
 		target = port == SL_DNS_PORT ? sluice_dns_port : sluice_proxy_port;
-	else if (type == SL_SOCK_DGRAM && protocol == SL_IPPROTO_UDP && port == SL_DNS_PORT)
+		tcp = 1;
+		stat(SLUICE_STAT_CONNECT);
+	} else if (type == SL_SOCK_DGRAM && protocol == SL_IPPROTO_UDP && port == SL_DNS_PORT)
 		target = sluice_dns_port;
 	else
 		return 0;
@@ -123,20 +224,32 @@ static __always_inline __u16 record(void *ctx, struct bpf_sock *sk, __u32 a0, __
 	if (!sk)
 		return 0;
 	st = bpf_sk_storage_get(&sluice_socks, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!st)
+	if (!st) {
+		stat(SLUICE_STAT_STORAGE_FAIL);
 		return 0;
+	}
+	cgroup = bpf_get_current_cgroup_id();
+	/* The slot is taken before anything is rewritten or recorded, once per
+	 * socket (a second connect on the same socket reuses it). */
+	if (tcp && !st->slot) {
+		if (!take_slot(cgroup))
+			return 0;
+		st->slot_cgroup = cgroup;
+		st->slot = 1;
+	}
 
-	st->addr[0] = a0;
-	st->addr[1] = a1;
-	st->addr[2] = a2;
-	st->addr[3] = a3;
-	st->port = port;
-	st->family = family;
-	st->protocol = (__u8)protocol;
-	st->tgid = (__u32)(bpf_get_current_pid_tgid() >> 32);
-	st->cgroup_id = bpf_get_current_cgroup_id();
-	st->netns_cookie = netns;
-	st->sock_cookie = bpf_get_socket_cookie(ctx);
+	st->dst.addr[0] = a0;
+	st->dst.addr[1] = a1;
+	st->dst.addr[2] = a2;
+	st->dst.addr[3] = a3;
+	st->dst.port = port;
+	st->dst.family = family;
+	st->dst.protocol = (__u8)protocol;
+	st->dst.tgid = (__u32)(bpf_get_current_pid_tgid() >> 32);
+	st->dst.cgroup_id = cgroup;
+	st->dst.netns_cookie = netns;
+	st->dst.sock_cookie = bpf_get_socket_cookie(ctx);
+	st->target = target;
 	return target;
 }
 
@@ -226,19 +339,27 @@ int sl_sockops(struct bpf_sock_ops *ctx)
 	__u32 l6_3 = ctx->local_ip6[3];
 	__u32 lport = ctx->local_port;
 	struct bpf_sock *sk = ctx->sk;
-	struct sluice_orig_dst *st;
+	struct sluice_sock *st;
 	struct sluice_conn_key key = {};
+	long err;
+	int i;
 
 	/* TCP_CONNECT_CB is always called: no callback flag to enable. */
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB || !sk)
 		return 1;
+	stat(SLUICE_STAT_SOCKOPS_CONNECT);
 	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
-	if (!st)
+	/* No slot: connect4/6 did not let this socket through (it cannot get
+	 * here then), or it was connected before this version was installed.
+	 * No entry: the proxy closes the connection. */
+	if (!st || !st->slot) {
+		stat(SLUICE_STAT_SOCKOPS_NO_SLOT);
 		return 1;
+	}
 
 	/* The connection is IPv4 on the wire when the socket is AF_INET or
 	 * the agent dialed a mapped address on an AF_INET6 socket. */
-	if (family == SL_AF_INET || is_mapped(st->addr[0], st->addr[1], st->addr[2])) {
+	if (family == SL_AF_INET || is_mapped(st->dst.addr[0], st->dst.addr[1], st->dst.addr[2])) {
 		key.addr[2] = bpf_htonl(0xffff);
 		key.addr[3] = l4;
 	} else {
@@ -248,13 +369,62 @@ int sl_sockops(struct bpf_sock_ops *ctx)
 		key.addr[3] = l6_3;
 	}
 	key.port = (__u16)lport;
-	key.pad = 0;
-	/* An LRU insert can fail transiently (node allocation under lock contention). A missing
-	 * entry makes the proxy close the connection (fail closed, never open), but it is a lost
-	 * connection: try again before giving up. */
-	if (bpf_map_update_elem(&sluice_conns, &key, st, BPF_ANY) != 0 &&
-	    bpf_map_update_elem(&sluice_conns, &key, st, BPF_ANY) != 0)
-		bpf_map_update_elem(&sluice_conns, &key, st, BPF_ANY);
+	key.dport = st->target;
+	/* A socket connecting again (after a failed connect) has a new source
+	 * port: its previous entry goes first. */
+	if (st->in_table) {
+		bpf_map_delete_elem(&sluice_conns, &st->key);
+		st->in_table = 0;
+	}
+	/* BPF_NOEXIST: an entry under this key belongs to another live socket;
+	 * it is never overwritten (with the redirect port in the key, the kernel
+	 * never gives two live connections the same one). A missing entry fails closed (the proxy closes the
+	 * connection). A failed insert is counted by cause, and retried. */
+	for (i = 0; i < 3; i++) {
+		err = bpf_map_update_elem(&sluice_conns, &key, &st->dst, BPF_NOEXIST);
+		if (err == 0) {
+			st->key = key;
+			st->in_table = 1;
+			stat(i == 0 ? SLUICE_STAT_INSERT_OK : SLUICE_STAT_INSERT_RETRIED);
+			return 1;
+		}
+		if (err == -17 /* EEXIST */) {
+			stat(SLUICE_STAT_INSERT_ERR_EXIST);
+			break;
+		}
+		if (err == -7 /* E2BIG */ || err == -12 /* ENOMEM */)
+			stat(SLUICE_STAT_INSERT_ERR_FULL);
+		else if (err == -16 /* EBUSY */ || err == -35 /* EDEADLK */ || err == -110 /* ETIMEDOUT */)
+			stat(SLUICE_STAT_INSERT_ERR_LOCK);
+		else
+			stat(SLUICE_STAT_INSERT_ERR_OTHER);
+	}
+	stat(SLUICE_STAT_INSERT_FAIL);
+	return 1;
+}
+
+/* The last close of an agent socket (inet_release; runs once per socket). */
+SEC("cgroup/sock_release")
+int sl_sock_release(struct bpf_sock *ctx)
+{
+	struct sluice_sock *st;
+	struct sluice_orig_dst *entry;
+
+	st = bpf_sk_storage_get(&sluice_socks, ctx, 0, 0);
+	if (!st)
+		return 1;
+	if (st->in_table) {
+		/* Still there: the proxy never took it. Only ours is removed (an
+		 * entry of another socket under the same key is left alone). */
+		entry = bpf_map_lookup_elem(&sluice_conns, &st->key);
+		if (entry && entry->sock_cookie == st->dst.sock_cookie &&
+		    bpf_map_delete_elem(&sluice_conns, &st->key) == 0)
+			stat(SLUICE_STAT_RELEASE_DELETED);
+		st->in_table = 0;
+	}
+	/* Exactly once per slot, even if release ran twice. */
+	if (__sync_lock_test_and_set(&st->slot, 0))
+		give_slot(st->slot_cgroup);
 	return 1;
 }
 
@@ -265,11 +435,15 @@ int sl_recvmsg4(struct bpf_sock_addr *ctx)
 	__u32 port_n = ctx->user_port;
 	struct bpf_sock *sk = ctx->sk;
 	struct sluice_orig_dst *st;
+	struct sluice_sock *ss;
 
 	if (!sk || ip != bpf_htonl(SL_LOOPBACK4) || bpf_ntohs((__u16)port_n) != sluice_dns_port)
 		return 1;
-	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
-	if (!st || st->protocol != SL_IPPROTO_UDP || !is_mapped(st->addr[0], st->addr[1], st->addr[2]))
+	ss = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
+	if (!ss)
+		return 1;
+	st = &ss->dst;
+	if (st->protocol != SL_IPPROTO_UDP || !is_mapped(st->addr[0], st->addr[1], st->addr[2]))
 		return 1;
 	ctx->user_ip4 = st->addr[3];
 	ctx->user_port = bpf_htons(st->port);
@@ -288,14 +462,18 @@ int sl_recvmsg6(struct bpf_sock_addr *ctx)
 	__u32 port_n = ctx->user_port;
 	struct bpf_sock *sk = ctx->sk;
 	struct sluice_orig_dst *st;
+	struct sluice_sock *ss;
 	int from_resolver;
 
 	from_resolver = is_loopback6(a0, a1, a2, a3) ||
 			(is_mapped(a0, a1, a2) && a3 == bpf_htonl(SL_LOOPBACK4));
 	if (!sk || !from_resolver || bpf_ntohs((__u16)port_n) != sluice_dns_port)
 		return 1;
-	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
-	if (!st || st->protocol != SL_IPPROTO_UDP)
+	ss = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
+	if (!ss)
+		return 1;
+	st = &ss->dst;
+	if (st->protocol != SL_IPPROTO_UDP)
 		return 1;
 	ctx->user_ip6[0] = st->addr[0];
 	ctx->user_ip6[1] = st->addr[1];
@@ -317,11 +495,15 @@ int sl_getpeer4(struct bpf_sock_addr *ctx)
 	__u32 port_n = ctx->user_port;
 	struct bpf_sock *sk = ctx->sk;
 	struct sluice_orig_dst *st;
+	struct sluice_sock *ss;
 
 	if (!sk || ip != bpf_htonl(SL_LOOPBACK4) || !redirected_port(bpf_ntohs((__u16)port_n)))
 		return 1;
-	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
-	if (!st || !is_mapped(st->addr[0], st->addr[1], st->addr[2]))
+	ss = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
+	if (!ss)
+		return 1;
+	st = &ss->dst;
+	if (!is_mapped(st->addr[0], st->addr[1], st->addr[2]))
 		return 1;
 	ctx->user_ip4 = st->addr[3];
 	ctx->user_port = bpf_htons(st->port);
@@ -338,15 +520,17 @@ int sl_getpeer6(struct bpf_sock_addr *ctx)
 	__u32 port_n = ctx->user_port;
 	struct bpf_sock *sk = ctx->sk;
 	struct sluice_orig_dst *st;
+	struct sluice_sock *ss;
 	int to_us;
 
 	to_us = is_loopback6(a0, a1, a2, a3) ||
 		(is_mapped(a0, a1, a2) && a3 == bpf_htonl(SL_LOOPBACK4));
 	if (!sk || !to_us || !redirected_port(bpf_ntohs((__u16)port_n)))
 		return 1;
-	st = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
-	if (!st)
+	ss = bpf_sk_storage_get(&sluice_socks, sk, 0, 0);
+	if (!ss)
 		return 1;
+	st = &ss->dst;
 	ctx->user_ip6[0] = st->addr[0];
 	ctx->user_ip6[1] = st->addr[1];
 	ctx->user_ip6[2] = st->addr[2];
@@ -408,7 +592,7 @@ static __always_inline void note_udp_source(struct __sk_buff *skb, struct sluice
 {
 	__u16 ports[2] = {};
 	struct bpf_sock *sk = skb->sk;
-	struct sluice_orig_dst *st;
+	struct sluice_sock *st;
 
 	if (bpf_skb_load_bytes(skb, hdr_len, ports, sizeof(ports)))
 		return;
@@ -423,8 +607,8 @@ static __always_inline void note_udp_source(struct __sk_buff *skb, struct sluice
 	if (!st)
 		return;
 	key->port = bpf_ntohs(ports[0]);
-	key->pad = 0;
-	bpf_map_update_elem(&sluice_udp_srcs, key, st, BPF_ANY);
+	key->dport = 0;
+	bpf_map_update_elem(&sluice_udp_srcs, key, &st->dst, BPF_ANY);
 }
 
 /* Backstop: whatever the hooks above missed, a packet from an agent socket

@@ -66,8 +66,9 @@ fn main() {
     }
 
     let obj = out_dir.join("sluice.bpf.o");
+    // -mcpu=v3: atomic fetch-add and exchange (the per-sandbox slot counters).
     let mut cmd = Command::new(&clang);
-    cmd.args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+    cmd.args(["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror"])
         .arg(format!("-I{}", ebpf_dir.display()))
         .arg("-I/usr/include/bpf");
     if let Some(dir) = multiarch_include(&clang) {

@@ -94,6 +94,7 @@ async fn run(concurrency: usize) -> Result {
                         target: Some("api.example.test".into()),
                         method: Some("POST".into()),
                         path: Some("/v1/chat/completions".into()),
+                        port: None,
                     };
                     let v = service.enforce(input).await.expect("enforce").to_json();
                     assert_eq!(v["decision"], "allow", "{v}");

@@ -94,9 +94,13 @@ pub struct ProxyConfig {
     /// The proxy listens on 127.0.0.1 and ::1 at this port.
     #[serde(default = "default_proxy_port")]
     pub port: u16,
-    /// Agent connections handled at once, all sandboxes together; more are closed at accept.
+    /// Connections the proxy handles at once, all sandboxes together; more are closed at accept.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections the proxy handles at once for one sandbox; more from that sandbox are closed
+    /// at accept (counted per sandbox), so one agent cannot take the whole budget.
+    #[serde(default = "default_max_connections_per_sandbox")]
+    pub max_connections_per_sandbox: usize,
     /// Seconds an agent connection may go without a request in progress: an HTTP/1.1 request
     /// head must arrive whole within it (an idle keep-alive connection too), and an HTTP/2
     /// connection with no open request is closed after it.
@@ -110,13 +114,14 @@ fn default_proxy_port() -> u16 {
 fn default_max_connections() -> usize {
     4096
 }
+fn default_max_connections_per_sandbox() -> usize {
+    1024
+}
+/// Upper bound of `[proxy] max_connections` (each connection holds descriptors and buffers).
+pub const MAX_PROXY_CONNECTIONS: usize = 1_000_000;
 fn default_header_timeout_secs() -> u64 {
     30
 }
-
-/// The bounds of `[proxy] max_connections`: at least one connection; at most what a file
-/// descriptor table can hold (each forwarded connection takes two descriptors).
-pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<usize> = 1..=1_000_000;
 /// The bounds of `[proxy] header_timeout_secs`.
 pub const HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=3600;
 
@@ -125,6 +130,7 @@ impl Default for ProxyConfig {
         ProxyConfig {
             port: default_proxy_port(),
             max_connections: default_max_connections(),
+            max_connections_per_sandbox: default_max_connections_per_sandbox(),
             header_timeout_secs: default_header_timeout_secs(),
         }
     }
@@ -159,16 +165,18 @@ impl Default for DnsConfig {
 
 /// Where the resolver sends the daemon's own queries.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Upstream {
+pub enum DnsUpstream {
     System,
     Server(SocketAddr),
 }
 
 impl DnsConfig {
-    pub fn upstreams(&self) -> Vec<Upstream> {
+    pub fn upstreams(&self) -> Vec<DnsUpstream> {
         self.upstream
             .iter()
-            .filter_map(|u| if u == "system" { Some(Upstream::System) } else { u.parse().ok().map(Upstream::Server) })
+            .filter_map(
+                |u| if u == "system" { Some(DnsUpstream::System) } else { u.parse().ok().map(DnsUpstream::Server) },
+            )
             .collect()
     }
 }
@@ -187,7 +195,17 @@ pub struct SandboxConfig {
     /// a dead daemon must mean refused connections, never open egress.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
+    /// TCP sockets one sandbox may hold connected or connecting at once, enforced by the kernel
+    /// programs: its share of the kernel connection table. One more connect fails with EPERM.
+    #[serde(default = "default_max_tcp_sockets")]
+    pub max_tcp_sockets: u32,
 }
+
+fn default_max_tcp_sockets() -> u32 {
+    crate::kernel::DEFAULT_MAX_TCP_SOCKETS
+}
+/// Upper bound of `[sandbox] max_tcp_sockets`: a quarter of the kernel connection table.
+pub const MAX_TCP_SOCKETS: u32 = crate::kernel::abi::CONNTABLE_ENTRIES / 4;
 
 fn default_cgroup() -> String {
     "sluice-agents".into()
@@ -201,7 +219,12 @@ fn default_pin_dir() -> PathBuf {
 
 impl Default for SandboxConfig {
     fn default() -> Self {
-        SandboxConfig { cgroup: default_cgroup(), redirect: default_redirect(), pin_dir: default_pin_dir() }
+        SandboxConfig {
+            cgroup: default_cgroup(),
+            redirect: default_redirect(),
+            pin_dir: default_pin_dir(),
+            max_tcp_sockets: default_max_tcp_sockets(),
+        }
     }
 }
 
@@ -297,17 +320,23 @@ impl Config {
         if self.proxy.port == 0 {
             return Err(self.invalid("proxy.port", "must be a port from 1 to 65535"));
         }
-        if !MAX_CONNECTIONS_RANGE.contains(&self.proxy.max_connections) {
-            return Err(self.invalid("proxy.max_connections", "must be from 1 to 1000000"));
-        }
-        if !HEADER_TIMEOUT_RANGE.contains(&self.proxy.header_timeout_secs) {
-            return Err(self.invalid("proxy.header_timeout_secs", "must be from 1 to 3600 (seconds)"));
-        }
         if self.dns.port == 0 {
             return Err(self.invalid("dns.port", "must be a port from 1 to 65535"));
         }
         if self.dns.port == self.proxy.port {
             return Err(self.invalid("dns.port", "must differ from proxy.port"));
+        }
+        if !(1..=MAX_PROXY_CONNECTIONS).contains(&self.proxy.max_connections) {
+            return Err(self.invalid("proxy.max_connections", format!("must be from 1 to {MAX_PROXY_CONNECTIONS}")));
+        }
+        if !(1..=self.proxy.max_connections).contains(&self.proxy.max_connections_per_sandbox) {
+            return Err(self.invalid(
+                "proxy.max_connections_per_sandbox",
+                format!("must be from 1 to proxy.max_connections ({})", self.proxy.max_connections),
+            ));
+        }
+        if !HEADER_TIMEOUT_RANGE.contains(&self.proxy.header_timeout_secs) {
+            return Err(self.invalid("proxy.header_timeout_secs", "must be from 1 to 3600 (seconds)"));
         }
         if self.dns.upstream.is_empty() {
             return Err(self.invalid("dns.upstream", "needs at least one entry: \"system\" or \"ip:port\""));
@@ -330,6 +359,12 @@ impl Config {
         }
         if !self.sandbox.pin_dir.is_absolute() {
             return Err(self.invalid("sandbox.pin_dir", "must be an absolute path on bpffs (e.g. /sys/fs/bpf/sluice)"));
+        }
+        if !(1..=MAX_TCP_SOCKETS).contains(&self.sandbox.max_tcp_sockets) {
+            return Err(self.invalid(
+                "sandbox.max_tcp_sockets",
+                format!("must be from 1 to {MAX_TCP_SOCKETS} (a quarter of the kernel connection table)"),
+            ));
         }
         if !(1..=86_400).contains(&self.holds.timeout_secs) {
             return Err(self.invalid("holds.timeout_secs", "must be from 1 to 86400 seconds"));
@@ -371,12 +406,11 @@ mod tests {
         let c = parse("state_dir = \"/tmp/x\"").unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.proxy.port, 15001);
-        assert_eq!(c.proxy.max_connections, 4096);
         assert_eq!(c.proxy.header_timeout_secs, 30);
         assert_eq!(c.dns.port, 15053);
         assert_eq!(c.sandbox.cgroup, "sluice-agents");
         assert_eq!(c.holds.timeout_secs, 120);
-        assert_eq!(c.dns.upstreams(), vec![Upstream::System]);
+        assert_eq!(c.dns.upstreams(), vec![DnsUpstream::System]);
     }
 
     #[test]
@@ -463,10 +497,6 @@ timeout_secs = 120
             ("state_dir = \"relative\"", "state_dir"),
             ("[proxy]\nport = 0", "proxy.port"),
             ("[proxy]\nport = 70000", "port"),
-            ("[proxy]\nmax_connections = 0", "proxy.max_connections"),
-            ("[proxy]\nmax_connections = 1000001", "proxy.max_connections"),
-            ("[proxy]\nheader_timeout_secs = 0", "proxy.header_timeout_secs"),
-            ("[proxy]\nheader_timeout_secs = 3601", "proxy.header_timeout_secs"),
             ("[dns]\nport = 15001", "dns.port"),
             ("[dns]\nupstream = [\"8.8.8.8\"]", "dns.upstream"),
             ("[dns]\nupstream = []", "dns.upstream"),
@@ -475,6 +505,15 @@ timeout_secs = 120
             ("[sandbox]\ncgroup = \"../escape\"", "sandbox.cgroup"),
             ("[sandbox]\ncgroup = \"/abs\"", "sandbox.cgroup"),
             ("[holds]\ntimeout_secs = 0", "holds.timeout_secs"),
+            ("[proxy]\nmax_connections = 0", "proxy.max_connections"),
+            ("[proxy]\nmax_connections = 1000001", "proxy.max_connections"),
+            ("[proxy]\nmax_connections_per_sandbox = 0", "proxy.max_connections_per_sandbox"),
+            ("[proxy]\nmax_connections = 10\nmax_connections_per_sandbox = 11", "proxy.max_connections_per_sandbox"),
+            ("[proxy]\nheader_timeout_secs = 0", "proxy.header_timeout_secs"),
+            ("[proxy]\nheader_timeout_secs = 3601", "proxy.header_timeout_secs"),
+            ("[sandbox]\nmax_tcp_sockets = 0", "sandbox.max_tcp_sockets"),
+            ("[sandbox]\nmax_tcp_sockets = 16385", "sandbox.max_tcp_sockets"),
+            ("[sandbox]\nmax_tcp_sockets = -1", "max_tcp_sockets"),
             ("[trust]\nissuers = [\"iss_nope\"]", "trust.issuers"),
             ("[trust]\nissuers = [\"/nonexistent/issuer.pub\"]", "trust.issuers"),
         ] {

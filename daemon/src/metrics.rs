@@ -12,7 +12,7 @@
 //! rest are counted under `reason="other"`; spend is exported for at most [`MAX_SPEND_SERIES`]
 //! passports (the largest spenders). The crate escapes label values as the format requires.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -25,6 +25,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::kernel::Conntable;
+use crate::proxy::Proxy;
 
 /// Distinct (decision, reason) label pairs kept before new ones fold into `reason="other"`.
 pub const MAX_DECISION_SERIES: usize = 128;
@@ -60,6 +61,7 @@ pub struct Metrics {
     upstream_errors: Family<KindLabel, Counter>,
     commit: Histogram,
     conntable: Arc<Mutex<Option<Arc<Conntable>>>>,
+    proxy: Arc<Mutex<Weak<Proxy>>>,
     /// Label sets added so far; held while one is added, so the bounds hold under concurrency.
     series: Mutex<SeriesCount>,
 }
@@ -107,7 +109,9 @@ impl Metrics {
             commit.clone(),
         );
         registry.register_collector(Box::new(ConntableCollector(conntable.clone())));
-        Metrics { registry, decisions, upstream_errors, commit, conntable, series: Mutex::default() }
+        let proxy = Arc::new(Mutex::new(Weak::new()));
+        registry.register_collector(Box::new(ProxyCollector(proxy.clone())));
+        Metrics { registry, decisions, upstream_errors, commit, conntable, proxy, series: Mutex::default() }
     }
 
     fn lock_series(&self) -> std::sync::MutexGuard<'_, SeriesCount> {
@@ -160,6 +164,12 @@ impl Metrics {
     /// The kernel connection table whose misses (connections without an entry) are exported.
     pub fn watch_conntable(&self, table: Arc<Conntable>) {
         *self.conntable.lock().unwrap_or_else(|p| p.into_inner()) = Some(table);
+    }
+
+    /// The proxy whose connection counters (over-limit closes, per sandbox) are exported while
+    /// it lives.
+    pub fn watch_proxy(&self, proxy: &Arc<Proxy>) {
+        *self.proxy.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(proxy);
     }
 
     /// The counters as exposition text ([`CONTENT_TYPE`]), followed by `gauges` (read at scrape
@@ -221,6 +231,81 @@ impl Collector for ConntableCollector {
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value);
             counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        if let Some(events) = t.kernel_stats() {
+            let mut family = encoder.encode_descriptor(
+                "sluice_kernel_events",
+                "eBPF program events, summed over CPUs: connects, slots taken and refused (quota_refused), \
+                 connection-table inserts by outcome, releases.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (event, value) in events {
+                ConstCounter::new(value).encode(family.encode_family(&[("event", event)])?)?;
+            }
+        }
+        // Bounded by the kernel map (SLUICE_QUOTA_ENTRIES sandboxes).
+        let Some(sandboxes) = t.sandbox_counters() else { return Ok(()) };
+        let mut used = encoder.encode_descriptor(
+            "sluice_sandbox_tcp_sockets",
+            "TCP sockets each sandbox holds a connection-table slot for ([sandbox] max_tcp_sockets), by cgroup id.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (cgroup_id, q) in &sandboxes {
+            let id = cgroup_id.to_string();
+            ConstGauge::new(q.used.max(0)).encode(used.encode_family(&[("cgroup_id", id.as_str())])?)?;
+        }
+        let mut refused = encoder.encode_descriptor(
+            "sluice_sandbox_tcp_refused",
+            "TCP connects refused in the kernel because the sandbox held [sandbox] max_tcp_sockets, by cgroup id.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (cgroup_id, q) in &sandboxes {
+            let id = cgroup_id.to_string();
+            ConstCounter::new(q.refused).encode(refused.encode_family(&[("cgroup_id", id.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The proxy's admission counters, read when scraped (absent until a proxy is watched).
+struct ProxyCollector(Arc<Mutex<Weak<Proxy>>>);
+
+impl std::fmt::Debug for ProxyCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxyCollector")
+    }
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let proxy = self.0.lock().unwrap_or_else(|p| p.into_inner()).upgrade();
+        let Some(p) = proxy else { return Ok(()) };
+        let stats = p.stats();
+        let counters = [
+            ("sluice_proxy_connections_accepted", "Connections the proxy accepted.", stats.accepted),
+            (
+                "sluice_proxy_over_limit",
+                "Connections closed at accept: all sandboxes together were at [proxy] max_connections.",
+                stats.over_limit,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "sluice_proxy_sandbox_over_limit",
+            "Connections closed at accept: their sandbox was at [proxy] max_connections_per_sandbox, by cgroup id \
+             (\"0\": sandboxes beyond the series bound).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (cgroup_id, value) in p.sandbox_over_limit() {
+            let id = cgroup_id.to_string();
+            ConstCounter::new(value).encode(family.encode_family(&[("cgroup_id", id.as_str())])?)?;
         }
         Ok(())
     }
@@ -538,7 +623,7 @@ mod tests {
     fn failing_conntable() -> Arc<Conntable> {
         let fd: std::os::fd::OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
         let t = Conntable::new(fd);
-        assert!(t.lookup("127.0.0.1:9".parse().unwrap()).is_none());
+        assert!(t.lookup("127.0.0.1:9".parse().unwrap(), 15001).is_none());
         Arc::new(t)
     }
 

@@ -506,3 +506,86 @@ fn host_policy_denials_and_cel_rules_bind_api_decisions_and_records_carry_the_po
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("bad.toml:3"), "{}", stderr(&out));
 }
+
+/// Issue 14: a hold approved after a reload that tightened the host policy is decided under the
+/// policy in force at approval, through the daemon's own reload path (SIGHUP), and the log says
+/// so: the approval is a block with the policy's reason, under the new policy's digest.
+#[test]
+fn an_approval_after_a_policy_reload_is_decided_under_the_new_policy() {
+    let mut d = TestDaemon::start("");
+    let policies = d.dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("host.toml"), "[host]\ndeny_domains = [\"pastebin.example\"]\n").unwrap();
+    d.kill();
+    d.spawn();
+    let i = issue(d.dir.path(), "reloaded", SHOPPER);
+    register(&d, &i);
+    let held = |d: &TestDaemon| {
+        let v = enforce(d, &i.id, "llm:chat", 400, Some("api.example.test"));
+        assert_eq!(v["decision"], "request_hold", "{v}");
+        v["approval_request_id"].as_str().unwrap().to_string()
+    };
+    let first = held(&d);
+    let second = held(&d);
+
+    // The operator denies the host while both requests wait, and tells the daemon.
+    std::fs::write(policies.join("host.toml"), "[host]\ndeny_domains = [\"pastebin.example\", \"api.example.test\"]\n")
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(d.pid().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let new_digest = loop {
+        let (_, recs) = d.call("GET", "/v1/attestations", None).unwrap();
+        let reload = recs["records"].as_array().unwrap().iter().map(record).find(|r| r["kind"] == "policy_reload");
+        if let Some(r) = reload {
+            assert_eq!(r["ok"], true, "{r}");
+            break r["policy_digest"].as_str().unwrap().to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no policy_reload record: {}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    let out = d.cli(&["holds", "approve", &first, "--note", "was fine before", "--json"]);
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!((r["decision"].as_str(), r["reason"].as_str()), (Some("block"), Some("policy_denied")), "{r}");
+    assert_eq!(r["hold_status"], "denied", "{r}");
+    let detail = r["detail"].as_str().unwrap();
+    assert!(detail.contains("at approval") && detail.contains("host.toml"), "{detail}");
+    let (_, h) = d.call("GET", &format!("/v1/holds/{first}"), None).unwrap();
+    assert_eq!((h["status"].as_str(), h["resolution"]["reason"].as_str()), (Some("denied"), Some("policy_denied")));
+    let (_, state) = d.call("GET", &format!("/v1/passports/{}/state", i.id), None).unwrap();
+    assert_eq!(state["daily_cost_cents"], 0, "a refused approval spends nothing: {state}");
+
+    // The resolution is attested under the policy it was checked against.
+    let (_, recs) = d.call("GET", &format!("/v1/attestations?passport_id={}", i.id), None).unwrap();
+    let recs: Vec<Value> = recs["records"].as_array().unwrap().iter().map(record).collect();
+    let resolution = recs.iter().find(|r| r["kind"] == "hold_resolution" && r["hold_id"] == first.as_str()).unwrap();
+    assert_eq!(
+        (resolution["decision"].as_str(), resolution["policy_digest"].as_str()),
+        (Some("block"), Some(new_digest.as_str())),
+        "{resolution}"
+    );
+    assert_eq!(resolution["note"], "was fine before");
+
+    // Loosened again, the other waiting request is approved under the policy in force then.
+    std::fs::write(policies.join("host.toml"), "[host]\ndeny_domains = [\"pastebin.example\"]\n").unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, recs) = d.call("GET", "/v1/attestations", None).unwrap();
+        let reloads = recs["records"].as_array().unwrap().iter().map(record).filter(|r| r["kind"] == "policy_reload");
+        if reloads.count() >= 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no second policy_reload record: {}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = d.cli(&["holds", "approve", &second, "--json"]);
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!((r["decision"].as_str(), r["reason"].as_str()), (Some("allow"), Some("hold_approved")), "{r}");
+    let export = d.dir.path().join("export.json");
+    assert!(d.cli(&["audit", "export", "--out", p(&export)]).status.success());
+    let host_pub = d.state_dir().join("host.pub");
+    let out = d.cli(&["audit", "verify", p(&export), "--host-pub", p(&host_pub)]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+}

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 
@@ -26,6 +26,16 @@ use sluice::kernel::conntable::{Conntable, OrigDst, Transport};
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// Idle limit for a DNS-over-TCP client.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Listen backlog of the stand-ins, as the daemon's proxy uses ([`sluice::proxy::LISTEN_BACKLOG`]):
+/// a burst of connects that overflows the accept queue is answered with SYN cookies, and such a
+/// connection only reaches `accept` once the client sends a packet.
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(sluice::proxy::LISTEN_BACKLOG)
+}
 
 fn loopbacks(port: u16) -> [SocketAddr; 2] {
     [SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port), SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port)]
@@ -56,7 +66,7 @@ impl Probe {
         let unknown = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for addr in loopbacks(port) {
-            let listener = TcpListener::bind(addr).await?;
+            let listener = listen(addr)?;
             let conntable = Arc::clone(&conntable);
             let events = events.clone();
             let unknown = Arc::clone(&unknown);
@@ -64,7 +74,7 @@ impl Probe {
                 loop {
                     match listener.accept().await {
                         Ok((stream, client)) => {
-                            let orig = conntable.lookup(client);
+                            let orig = conntable.lookup_proxy(client);
                             if orig.is_none() {
                                 unknown.fetch_add(1, Ordering::Relaxed);
                             }
@@ -161,14 +171,14 @@ impl ResolverStub {
                 }
             }));
 
-            let tcp = TcpListener::bind(addr).await?;
+            let tcp = listen(addr)?;
             let ev = events.clone();
             let conntable = Arc::clone(&conntable);
             tasks.push(tokio::spawn(async move {
                 loop {
                     match tcp.accept().await {
                         Ok((stream, client)) => {
-                            let orig = conntable.lookup(client);
+                            let orig = conntable.lookup_resolver(client);
                             let ev = ev.clone();
                             tokio::spawn(async move {
                                 let _ = serve_tcp(stream, client, orig, ev).await;

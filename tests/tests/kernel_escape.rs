@@ -183,6 +183,7 @@ res["cgroup"] = [l for l in open("/proc/self/cgroup").read().splitlines() if l.s
 s = socket.create_connection(("127.0.0.55", port), timeout=20)
 res["local"] = s.getsockname()
 res["pid"] = os.getpid()
+s.recv(1)  # held until the probe closed it (a socket closed first gives its entry up)
 print(json.dumps(res))
 "#,
         &[
@@ -296,14 +297,25 @@ print(json.dumps({"peer": s.getpeername()}), flush=True)
     let second: serde_json::Value = serde_json::from_str(&line).unwrap();
     let dialed: SocketAddr = format!("127.0.0.55:{port}").parse().unwrap();
     assert_eq!(py_addr(&second["peer"]), dialed, "socket storage lost on restart");
+    // The per-sandbox slot counters are pinned too: the socket's slot is still counted, and
+    // given back exactly once when the socket closes under the new programs.
+    let used = |fx: &sluice_e2e::KernelFixture| fx.conntable.sandbox_slots(fx.sandbox.id()).map(|q| q.used);
+    assert_eq!(used(&fx), Some(1), "slot counter lost on restart");
     drop(guard);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while used(&fx) != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "slot not given back: {:?}", used(&fx));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     // New connections go through the new programs and the new probe.
     let v = fx.run_python(
         r#"
 import json, socket, sys
 s = socket.create_connection(("127.0.0.55", int(sys.argv[1])), timeout=20)
-print(json.dumps({"local": s.getsockname()}))
+out = {"local": s.getsockname()}
+s.recv(1)  # held until the probe closed it (a socket closed first gives its entry up)
+print(json.dumps(out))
 "#,
         &[port.to_string()],
     );

@@ -8,14 +8,18 @@ use sluice::kernel::{OrigDst, Transport};
 use sluice_e2e::{free_port, last_json, py_addr, run, Canary, KernelFixture};
 
 /// Connects to (host, port) with the given family and reports what the
-/// agent sees: local and peer address, pid.
+/// agent sees: local and peer address, pid. It keeps the socket open until the
+/// probe closes it (EOF): a socket closed before the proxy accepted its
+/// connection gives up its table entry (`sock_release`).
 const CONNECT_PY: &str = r#"
 import json, os, socket, sys
 host, port, fam = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 s = socket.socket(socket.AF_INET6 if fam == "6" else socket.AF_INET, socket.SOCK_STREAM)
 s.settimeout(20)
 s.connect((host, port))
-print(json.dumps({"local": s.getsockname(), "peer": s.getpeername(), "pid": os.getpid()}))
+out = {"local": s.getsockname(), "peer": s.getpeername(), "pid": os.getpid()}
+s.recv(1)
+print(json.dumps(out))
 "#;
 
 /// Waits for the probe event of the agent connection whose local address is
@@ -33,7 +37,7 @@ fn expect_redirect(fx: &mut KernelFixture, local: SocketAddr, dialed: SocketAddr
     assert_eq!(orig.netns_cookie, fx.enforcer().host_netns_cookie());
     assert_ne!(orig.socket_cookie, 0);
     // The entry is consumed by the lookup.
-    assert_eq!(fx.conntable.peek(local), None);
+    assert_eq!(fx.conntable.peek(local, fx.config.proxy_port), None);
     orig
 }
 
@@ -84,6 +88,11 @@ fn tcp_fast_open_is_redirected() {
 import json, os, socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 n = s.sendto(b"GET / HTTP/1.0\r\n\r\n", socket.MSG_FASTOPEN, ("127.0.0.55", int(sys.argv[1])))
+s.settimeout(20)
+try:
+    s.recv(1)  # held until the probe closed it (EOF or RST)
+except ConnectionResetError:
+    pass
 print(json.dumps({"sent": n, "pid": os.getpid()}))
 "#,
         &[port.to_string()],
@@ -134,6 +143,12 @@ int main(int argc, char **argv)
     ret = cqe->res;
     io_uring_cqe_seen(&ring, cqe);
     getsockname(fd, (struct sockaddr *)&local, &len);
+    {
+        /* Held until the probe closed it: see CONNECT_PY. */
+        char c;
+        if (read(fd, &c, 1) < 0)
+            perror("read");
+    }
     printf("{\"res\": %d, \"local_port\": %d, \"pid\": %d}\n", ret, ntohs(local.sin_port), getpid());
     return 0;
 }
@@ -187,7 +202,9 @@ if os.fork() == 0:
     if os.fork() == 0:
         os.setsid()
         s = socket.create_connection(("127.0.0.55", port), timeout=20)
-        print(json.dumps({"local": s.getsockname(), "pid": os.getpid(), "ppid": os.getppid()}), flush=True)
+        out = {"local": s.getsockname(), "pid": os.getpid(), "ppid": os.getppid()}
+        s.recv(1)  # held until the probe closed it: see CONNECT_PY
+        print(json.dumps(out), flush=True)
         os._exit(0)
     os._exit(0)
 os.wait()
@@ -236,6 +253,18 @@ fn curl_with_or_without_proxy_variables_lands_on_probe() {
     assert_eq!(fake_proxy.hits(), 0);
 }
 
+/// A burst of 1,000 non-blocking connects from one agent: every one has its entry, exact, and the
+/// kernel counters account for each step (connect, slot, sockops, insert, release).
+///
+/// History: this test used to lose bursts of ~20 entries in about one run in five. The kernel
+/// counters showed every connect, slot, sockops callback and insert succeeding, every time; the
+/// connections without an entry were those the probe's listener answered with SYN cookies while
+/// its 1,024-deep accept queue overflowed (TcpExtSyncookiesSent rose by the number missing in the
+/// runs measured). The kernel keeps no state for such a connection, so it reaches `accept` only
+/// when the agent sends a packet — here the FIN of its exit, after its socket was released and
+/// its entry removed. The proxy and the probe now listen with `LISTEN_BACKLOG` (4,096): no
+/// overflow, no cookies, and 0 missing in 30 runs; the agent also holds its sockets until the
+/// probe closed each one.
 #[test]
 fn thousand_parallel_connects_are_all_in_the_table() {
     let Some(mut fx) = KernelFixture::new("thousand_parallel_connects_are_all_in_the_table") else {
@@ -269,6 +298,22 @@ while left:
         (errors if err else ports).append(err if err else s.getsockname()[1])
         sel.unregister(s)
         left -= 1
+# Hold every socket until the probe has taken its entry and closed it (EOF): a socket closed
+# before the proxy accepted its connection gives its entry up (sock_release).
+for s in socks:
+    sel.register(s, selectors.EVENT_READ)
+left = n
+while left:
+    ready = sel.select(timeout=30)
+    if not ready:
+        break
+    for key, _ in ready:
+        try:
+            key.fileobj.recv(1)
+        except OSError:
+            pass
+        sel.unregister(key.fileobj)
+        left -= 1
 print(json.dumps({"pid": os.getpid(), "ports": ports, "errors": errors}))
 "#,
         &[N.to_string(), port.to_string()],
@@ -295,15 +340,235 @@ print(json.dumps({"pid": os.getpid(), "ports": ports, "errors": errors}))
         assert_eq!(orig.cgroup_id, fx.sandbox.id());
         assert!(seen.insert(ev.client.port()), "duplicate {}", ev.client);
     }
-    // A connection without an entry is refused by the proxy (fail closed), never sent out: the
-    // canary below proves nothing leaked, and every entry found is exact. OPEN DEFECT: under
-    // 1,000 simultaneous connects, in about one run in five here, a burst of ~20 consecutive
-    // connects gets no entry (reproduced with a plain hash map instead of the LRU, and with 16
-    // insert attempts instead of 3, so it is neither eviction nor a single failed insert; the
-    // cause is not known yet). Until it is found and fixed, up to 5% may be missing.
-    assert!(missing.len() <= N / 20, "{} of {N} connections had no table entry: {missing:?}", missing.len());
-    // The probe also counts refused connections it accepted after the N events read here.
-    let unknown = fx.probe_unknown();
-    assert!(unknown >= missing.len() as u64 && unknown <= N as u64 / 20, "{unknown} unknown connections");
+    // The kernel's own account of the burst: which step, if any, lost an entry.
+    let stats = fx.conntable.kernel_stats().expect("kernel counters");
+    eprintln!("thousand_parallel_connects: kernel counters {stats:?}; missing {}", missing.len());
+    let stat = |name: &str| stats.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).unwrap();
+    assert_eq!(stat("connect"), N as u64, "connect4 ran once per connect");
+    assert_eq!(stat("slot_taken"), N as u64, "one slot per socket");
+    assert_eq!(stat("sockops_connect"), N as u64, "sockops saw every TCP_CONNECT_CB");
+    assert_eq!(stat("insert_ok") + stat("insert_retried"), N as u64 - stat("insert_fail"));
+    assert!(
+        missing.is_empty(),
+        "{} of {N} connections had no table entry: {missing:?} (kernel counters above; table now holds {:?} entries)",
+        missing.len(),
+        fx.conntable.entry_count()
+    );
+    // Every socket is closed: every slot is back and nothing is left in the table.
+    assert_eq!(fx.conntable.sandbox_slots(fx.sandbox.id()).map(|q| q.used), Some(0));
+    assert_eq!(fx.conntable.entry_count().unwrap(), 0);
+    assert_eq!(fx.probe_unknown(), 0, "connections refused for lack of an entry");
+    assert_eq!(canary.hits(), 0);
+}
+
+/// Opens `n` non-blocking TCP connections to 127.0.0.55:port, reports the local ports of those
+/// that connected and the errno of those refused, then holds every socket until stdin closes
+/// (or, with `hold` = "eof", until the probe closed each connected one).
+const FLOOD_PY: &str = r#"
+import json, os, resource, selectors, socket, sys
+n, port, hold = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+sel = selectors.DefaultSelector()
+socks, refused = [], []
+for _ in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    err = s.connect_ex(("127.0.0.55", port))
+    if err in (0, 115):  # connected, or EINPROGRESS
+        sel.register(s, selectors.EVENT_WRITE)
+        socks.append(s)
+    else:
+        refused.append(err)
+        s.close()
+ports, errors, left = [], [], len(socks)
+while left:
+    ready = sel.select(timeout=30)
+    if not ready:
+        break
+    for key, _ in ready:
+        s = key.fileobj
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        (errors if err else ports).append(err if err else s.getsockname()[1])
+        sel.unregister(s)
+        left -= 1
+if hold == "eof":
+    for s in socks:
+        sel.register(s, selectors.EVENT_READ)
+    left = len(socks)
+    while left:
+        ready = sel.select(timeout=30)
+        if not ready:
+            break
+        for key, _ in ready:
+            try:
+                key.fileobj.recv(1)
+            except OSError:
+                pass
+            sel.unregister(key.fileobj)
+            left -= 1
+print(json.dumps({"pid": os.getpid(), "ports": ports, "errors": errors, "refused": refused}), flush=True)
+if hold == "stdin":
+    sys.stdin.read()
+"#;
+
+/// One sandbox floods the connection table (four times its quota, every socket held) next to a
+/// quiet one: the flooder gets exactly its quota and EPERM beyond it (counted per sandbox and in
+/// the kernel counters), the quiet sandbox's connections all get their entries, right down to the
+/// cgroup, nothing reaches the outside canary, and every slot comes back when the flooder exits.
+#[test]
+fn a_flooding_sandbox_is_refused_at_its_quota_and_the_quiet_one_keeps_working() {
+    const QUOTA: u32 = 64;
+    const QUIET: usize = 32;
+    let test = "a_flooding_sandbox_is_refused_at_its_quota_and_the_quiet_one_keeps_working";
+    let Some(mut fx) = KernelFixture::with_max_tcp_sockets(test, QUOTA) else {
+        return;
+    };
+    // Removed with the agents cgroup by the fixture, even on failure.
+    let quiet = fx.agents.create_child("quiet").expect("quiet sandbox cgroup");
+    let port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+
+    // The flooder: 4 x QUOTA connects, held until its stdin closes.
+    let mut cmd = fx.agent_command(sluice_e2e::python());
+    cmd.arg("-c").arg(FLOOD_PY).args([(4 * QUOTA).to_string(), port.to_string(), "stdin".into()]);
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut flooder = sluice_e2e::ChildGuard(Some(cmd.spawn().expect("spawn the flooder")));
+    let child = flooder.0.as_mut().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .expect("flooder report");
+    let flood: serde_json::Value = serde_json::from_str(line.trim()).expect("flooder JSON");
+    let flood_ports: std::collections::HashSet<u16> =
+        flood["ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect();
+    assert!(flood["errors"].as_array().unwrap().is_empty(), "flooder connect errors: {flood}");
+    assert_eq!(flood_ports.len(), QUOTA as usize, "the flooder gets exactly its quota: {flood}");
+    let refused = flood["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 3 * QUOTA as usize);
+    assert!(refused.iter().all(|e| e.as_i64() == Some(i64::from(libc::EPERM))), "refusals are EPERM: {flood}");
+    let slots = fx.conntable.sandbox_slots(fx.sandbox.id()).expect("flooder's slot counter");
+    assert_eq!((slots.used, slots.refused), (i64::from(QUOTA), 3 * u64::from(QUOTA)));
+
+    // The quiet sandbox, while the flooder sits at its quota: every connection goes through.
+    let mut cmd = std::process::Command::new(sluice_e2e::python());
+    let join = quiet.join_before_exec().expect("open cgroup.procs");
+    // SAFETY: the hook only calls write(2) on an already-open fd.
+    unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, join) };
+    cmd.stdin(std::process::Stdio::null());
+    cmd.arg("-c").arg(FLOOD_PY).args([QUIET.to_string(), port.to_string(), "eof".into()]);
+    let calm = last_json(run(cmd));
+    assert!(calm["errors"].as_array().unwrap().is_empty() && calm["refused"].as_array().unwrap().is_empty(), "{calm}");
+    let calm_ports: std::collections::HashSet<u16> =
+        calm["ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect();
+    assert_eq!(calm_ports.len(), QUIET);
+
+    let dialed: SocketAddr = format!("127.0.0.55:{port}").parse().unwrap();
+    let (mut from_flooder, mut from_quiet) = (0, 0);
+    for _ in 0..QUOTA as usize + QUIET {
+        let ev = fx.next_probe_event().expect("a probe event per connection");
+        let orig = ev.orig.unwrap_or_else(|| panic!("no table entry for {}", ev.client));
+        assert_eq!(orig.dst, dialed);
+        if calm_ports.contains(&ev.client.port()) {
+            assert_eq!(orig.cgroup_id, quiet.id(), "the quiet sandbox's entry names it");
+            assert_eq!(orig.pid, calm["pid"].as_u64().unwrap() as u32);
+            from_quiet += 1;
+        } else {
+            assert!(flood_ports.contains(&ev.client.port()), "unexpected client {}", ev.client);
+            assert_eq!(orig.cgroup_id, fx.sandbox.id());
+            from_flooder += 1;
+        }
+    }
+    assert_eq!((from_flooder, from_quiet), (QUOTA as usize, QUIET));
+    assert_eq!(fx.probe_unknown(), 0);
+    assert_eq!(fx.conntable.sandbox_slots(quiet.id()).map(|q| (q.used, q.refused)), Some((0, 0)));
+    assert!(fx.conntable.kernel_stat("quota_refused").unwrap() >= 3 * u64::from(QUOTA));
+
+    // The flooder exits: its slots come back, nothing is left in the table.
+    drop(child.stdin.take());
+    let status = flooder.0.take().unwrap().wait().expect("flooder exit");
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fx.conntable.sandbox_slots(fx.sandbox.id()).map(|q| q.used) != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "flooder's slots not given back");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(fx.conntable.entry_count().unwrap(), 0);
+    assert_eq!(canary.hits(), 0, "agent traffic reached the outside canary");
+}
+
+/// A slot is taken once per socket and given back exactly once: a socket whose connects fail
+/// (nothing listens: the daemon is dead) and that connects again still holds one slot, and
+/// closing it brings the counter back to zero, never below.
+#[test]
+fn a_socket_holds_one_slot_however_often_it_connects() {
+    let Some(mut fx) = KernelFixture::new("a_socket_holds_one_slot_however_often_it_connects") else {
+        return;
+    };
+    let port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+    fx.kill_daemon();
+    let mut cmd = fx.agent_command(sluice_e2e::python());
+    cmd.arg("-c")
+        .arg(
+            r#"
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+errs = [s.connect_ex(("127.0.0.55", int(sys.argv[1]))) for _ in range(3)]
+print(json.dumps({"errs": errs}), flush=True)
+sys.stdin.readline()
+"#,
+        )
+        .arg(port.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut guard = sluice_e2e::ChildGuard(Some(cmd.spawn().unwrap()));
+    let child = guard.0.as_mut().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(v["errs"], serde_json::json!([libc::ECONNREFUSED, libc::ECONNREFUSED, libc::ECONNREFUSED]), "{v}");
+    let used = |fx: &KernelFixture| fx.conntable.sandbox_slots(fx.sandbox.id()).map(|q| q.used);
+    assert_eq!(used(&fx), Some(1));
+    assert_eq!(fx.conntable.kernel_stat("slot_taken"), Some(1));
+    assert_eq!(fx.conntable.kernel_stat("connect"), Some(3));
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"done\n").unwrap();
+    assert!(guard.0.take().unwrap().wait().unwrap().success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while used(&fx) != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "slot not given back: {:?}", used(&fx));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(fx.conntable.kernel_stat("release_slot"), Some(1));
+    // Nothing connected: no entry was left behind either.
+    assert_eq!(fx.conntable.entry_count().unwrap(), 0);
+    assert_eq!(canary.hits(), 0);
+}
+
+/// The counters of sandboxes whose cgroup is gone are removed; a live sandbox's stays.
+#[test]
+fn slot_counters_of_ended_sandboxes_are_forgotten() {
+    let Some(mut fx) = KernelFixture::new("slot_counters_of_ended_sandboxes_are_forgotten") else {
+        return;
+    };
+    let port = free_port();
+    let canary = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+    let ended = fx.agents.create_child("ended").expect("second sandbox");
+    for sandbox in [fx.sandbox.clone(), ended.clone()] {
+        let mut cmd = std::process::Command::new(sluice_e2e::python());
+        let join = sandbox.join_before_exec().expect("open cgroup.procs");
+        // SAFETY: the hook only calls write(2) on an already-open fd.
+        unsafe { std::os::unix::process::CommandExt::pre_exec(&mut cmd, join) };
+        cmd.stdin(std::process::Stdio::null());
+        cmd.arg("-c").arg(CONNECT_PY).args(["127.0.0.55", &port.to_string(), "4"]);
+        last_json(run(cmd));
+        let ev = fx.next_probe_event().expect("probe event");
+        assert_eq!(ev.orig.expect("entry").cgroup_id, sandbox.id());
+    }
+    assert!(fx.conntable.sandbox_slots(ended.id()).is_some());
+    ended.remove().expect("end the sandbox");
+    assert_eq!(fx.conntable.forget_dead_sandboxes(fx.agents.path()).unwrap(), 1);
+    assert_eq!(fx.conntable.sandbox_slots(ended.id()), None);
+    assert!(fx.conntable.sandbox_slots(fx.sandbox.id()).is_some(), "a live sandbox's counter stays");
+    assert_eq!(fx.conntable.forget_dead_sandboxes(fx.agents.path()).unwrap(), 0);
     assert_eq!(canary.hits(), 0);
 }

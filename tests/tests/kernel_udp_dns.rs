@@ -163,3 +163,51 @@ print(json.dumps(dict(parse(reply), peer=s.getpeername(), local=s.getsockname(),
     assert_eq!(orig.cgroup_id, fx.sandbox.id());
     assert_eq!(canary.hits(), 0);
 }
+
+/// The kernel gives one source port to connections towards different destinations. Two agent
+/// sockets on the same local port, one to a web server (→ proxy) and one to DNS over TCP
+/// (→ resolver), each keep their own entry: the redirect port is part of the key.
+#[test]
+fn one_source_port_towards_proxy_and_resolver_keeps_both_entries() {
+    let Some(mut fx) = KernelFixture::new("one_source_port_towards_proxy_and_resolver_keeps_both_entries") else {
+        return;
+    };
+    let port = free_port();
+    let web = Canary::tcp(&fx.rt, format!("127.0.0.55:{port}").parse().unwrap());
+    let dns = Canary::tcp(&fx.rt, "127.0.0.54:53".parse().unwrap());
+    let script = format!(
+        "{DNS_PY}{}",
+        r#"
+import os
+s = socket.socket(); s.bind(("127.0.0.1", 0)); free = s.getsockname()[1]; s.close()
+socks = []
+for dst in [("127.0.0.55", int(sys.argv[1])), ("127.0.0.54", 53)]:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", free))
+    s.settimeout(20)
+    s.connect(dst)
+    socks.append(s)
+web, dns = socks
+q = query(0x6666)
+dns.sendall(struct.pack(">H", len(q)) + q)
+n = struct.unpack(">H", dns.recv(2))[0]
+reply = b""
+while len(reply) < n:
+    reply += dns.recv(n - len(reply))
+web.recv(1)  # held until the probe closed it
+print(json.dumps(dict(parse(reply), web=web.getsockname(), dns=dns.getsockname(), pid=os.getpid())))
+"#
+    );
+    let v = fx.run_python(&script, &[port.to_string()]);
+    assert_eq!(v["web"], v["dns"], "both sockets share one source port: {v}");
+    assert_eq!(v["id"], 0x6666);
+    let ev = fx.next_probe_event().expect("probe event");
+    assert_eq!(ev.client, py_addr(&v["web"]));
+    assert_eq!(ev.orig.expect("the web connection's entry").dst, format!("127.0.0.55:{port}").parse().unwrap());
+    let q = fx.next_dns_query().expect("stub saw no TCP query");
+    assert_eq!(q.client, py_addr(&v["dns"]));
+    assert_eq!(q.orig.expect("the DNS connection's entry").dst, "127.0.0.54:53".parse().unwrap());
+    assert_eq!(fx.conntable.kernel_stat("insert_err_exist"), Some(0));
+    assert_eq!((web.hits(), dns.hits()), (0, 0));
+}

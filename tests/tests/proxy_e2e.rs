@@ -50,6 +50,11 @@ struct World {
 
 impl World {
     fn new(policy: &str, hold_timeout: u64) -> World {
+        World::build(policy, hold_timeout, "", "")
+    }
+
+    /// As [`World::new`], with lines added to the daemon's `[proxy]` and `[sandbox]` sections.
+    fn build(policy: &str, hold_timeout: u64, proxy_extra: &str, sandbox_extra: &str) -> World {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let ca = TestCa::new();
         let ca_dir = tempfile::tempdir().unwrap();
@@ -64,10 +69,10 @@ impl World {
             dns_canary.addr
         );
         let extra = format!(
-            "[upstream_tls]\nextra_roots = [\"{}\"]\n[holds]\ntimeout_secs = {hold_timeout}\n",
+            "{sandbox_extra}\n[upstream_tls]\nextra_roots = [\"{}\"]\n[holds]\ntimeout_secs = {hold_timeout}\n",
             ca_path.display()
         );
-        let d = Daemon::start_custom("root", &dns_extra, &extra, &[("example.toml", policy)]);
+        let d = Daemon::start_full("root", proxy_extra, &dns_extra, &extra, &[("example.toml", policy)]);
         World { d, up, dns_canary, rt, port, _ca_dir: ca_dir }
     }
 
@@ -829,4 +834,94 @@ fn proxy_settles_metered_costs_from_responses() {
     assert_eq!(state["daily_cost_millicents"].as_u64(), Some(expected), "{state}");
     assert_eq!(state["window_cost_millicents"].as_u64(), Some(expected), "{state}");
     assert_eq!(state["window_cost_cents"].as_u64(), Some(1_101), "rounded up: {state}");
+}
+
+/// The value of the series `series` (name and labels, exactly as printed) in a scrape.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// One agent floods the proxy with idle connections and holds them, next to a quiet agent: the
+/// kernel refuses the flooder beyond `[sandbox] max_tcp_sockets` (EPERM), the proxy admits only
+/// `[proxy] max_connections_per_sandbox` of the rest and closes the others at accept (counted
+/// for that sandbox), and the quiet agent's requests are served as usual.
+#[test]
+fn a_flooding_agent_is_held_to_its_share_and_the_quiet_one_is_served() {
+    if !root_or_skip("a_flooding_agent_is_held_to_its_share_and_the_quiet_one_is_served") {
+        return;
+    }
+    const SOCKETS: usize = 16;
+    const PER_SANDBOX: usize = 8;
+    let w = World::build(
+        POLICY,
+        120,
+        &format!("max_connections_per_sandbox = {PER_SANDBOX}"),
+        &format!("max_tcp_sockets = {SOCKETS}"),
+    );
+    let allow = format!("core:scope:domain_allowlist=[\"{API}\"]");
+    let (flooder, _) = w.d.issue("flooder", &["--permission", "web:*", "--constraint", &allow]);
+    let (quiet, _) = w.d.issue("quiet", &["--permission", "web:*", "--constraint", &allow]);
+
+    let py = python().to_str().unwrap().to_string();
+    let port = w.port.to_string();
+    let script = r#"
+import json, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+addr = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)[0][4]
+held, refused = [], []
+for _ in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(addr)
+        held.append(s)
+    except OSError as e:
+        refused.append(e.errno)
+        s.close()
+print(json.dumps({"held": len(held), "refused": refused}), flush=True)
+sys.stdin.readline()
+"#;
+    let n = (3 * SOCKETS).to_string();
+    let mut cmd =
+        w.d.cli_command(&["run", "--passport", flooder.to_str().unwrap(), "--", &py, "-c", script, API, &port, &n]);
+    cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped());
+    let mut guard = sluice_e2e::ChildGuard(Some(cmd.spawn().expect("sluice run the flooder")));
+    let child = guard.0.as_mut().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let v: Value = serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line:?}\n{}", w.d.log()));
+    assert_eq!(v["held"].as_u64(), Some(SOCKETS as u64), "{v}");
+    let refused = v["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 2 * SOCKETS, "{v}");
+    assert!(refused.iter().all(|e| e.as_i64() == Some(i64::from(libc::EPERM))), "{v}");
+
+    // The flooder still holds everything: the quiet agent is served.
+    for _ in 0..3 {
+        let r = w.curl(&quiet, &[&w.url(API, "/hello")]);
+        assert_eq!(r.status, 200, "{r:?}\n{}", w.d.log());
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the flooder let go too early");
+
+    // Metrics: the kernel's refusals and the proxy's closes, both for the flooder's sandbox.
+    let scrape = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--unix-socket", w.d.socket.to_str().unwrap(), "http://sluice/metrics"])
+        .output()
+        .expect("curl the metrics");
+    let text = String::from_utf8_lossy(&scrape.stdout).into_owned();
+    // Non-zero series only: each `sluice run` of the quiet agent is a sandbox of its own.
+    let per_sandbox = |name: &str| -> Vec<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{cgroup_id=")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .filter(|v| *v != 0.0)
+            .collect()
+    };
+    assert_eq!(per_sandbox("sluice_sandbox_tcp_refused_total"), [2.0 * SOCKETS as f64], "{text}");
+    assert_eq!(per_sandbox("sluice_proxy_sandbox_over_limit_total"), [(SOCKETS - PER_SANDBOX) as f64], "{text}");
+    assert!(metric(&text, "sluice_kernel_events_total{event=\"quota_refused\"}") >= Some(2.0 * SOCKETS as f64));
+    assert_eq!(metric(&text, "sluice_proxy_over_limit_total"), Some(0.0), "{text}");
+
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"done\n").unwrap();
+    let _ = guard.0.take().unwrap().wait();
+    assert_eq!(w.dns_canary.hits(), 0);
 }

@@ -5,9 +5,11 @@
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// `SLUICE_ABI_VERSION`: maps are pinned under `<pin_dir>/v<ABI_VERSION>/`.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// `SLUICE_CONNTABLE_ENTRIES`.
 pub const CONNTABLE_ENTRIES: u32 = 65536;
+/// `SLUICE_QUOTA_ENTRIES`: sandboxes with a slot counter at once.
+pub const QUOTA_ENTRIES: u32 = 4096;
 /// `SLUICE_UDP_SOURCES_ENTRIES`.
 pub const UDP_SOURCES_ENTRIES: u32 = 16384;
 
@@ -15,12 +17,38 @@ pub const UDP_SOURCES_ENTRIES: u32 = 16384;
 pub const GLOBAL_PROXY_PORT: &str = "sluice_proxy_port";
 pub const GLOBAL_DNS_PORT: &str = "sluice_dns_port";
 pub const GLOBAL_HOST_NETNS: &str = "sluice_host_netns";
+/// `__u32`: TCP sockets one sandbox may hold connected or connecting.
+pub const GLOBAL_TCP_QUOTA: &str = "sluice_tcp_quota";
 
 /// Map names in the object (and pin file names).
 pub const MAP_SOCKS: &str = "sluice_socks";
 pub const MAP_CONNS: &str = "sluice_conns";
 /// UDP DNS sources: client (address, port) → the sending socket's record.
 pub const MAP_UDP_SRCS: &str = "sluice_udp_srcs";
+/// Per-sandbox slot counters: cgroup id → [`RawQuota`].
+pub const MAP_QUOTA: &str = "sluice_quota";
+/// Per-CPU event counters, indexed by [`STATS`].
+pub const MAP_STATS: &str = "sluice_stats";
+
+/// `SLUICE_STAT_*`, in index order: the name each counter is reported under.
+pub const STATS: [&str; 16] = [
+    "connect",
+    "storage_fail",
+    "slot_taken",
+    "quota_refused",
+    "quota_full",
+    "sockops_connect",
+    "sockops_no_slot",
+    "insert_ok",
+    "insert_retried",
+    "insert_fail",
+    "insert_err_exist",
+    "insert_err_full",
+    "insert_err_lock",
+    "insert_err_other",
+    "release_slot",
+    "release_deleted",
+];
 
 pub const AF_INET: u8 = 2;
 pub const AF_INET6: u8 = 10;
@@ -47,6 +75,16 @@ pub struct RawOrigDst {
 // SAFETY: plain integers and byte arrays, no padding (size 48 = sum of fields).
 unsafe impl aya::Pod for RawOrigDst {}
 
+/// `struct sluice_quota`: one sandbox's slot counter.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawQuota {
+    /// Sockets holding a slot (signed: may dip below zero after a counter was recreated).
+    pub used: i64,
+    /// Connects refused at the quota.
+    pub refused: u64,
+}
+
 /// `struct sluice_conn_key`: the client's local (address, port).
 #[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -55,22 +93,28 @@ pub struct RawConnKey {
     pub addr: [u8; 16],
     /// Host byte order.
     pub port: u16,
-    /// Always zero.
-    pub pad: u16,
+    /// The redirect port the connection went to (proxy or resolver), host byte order; zero in
+    /// the UDP source table.
+    pub dport: u16,
 }
 
 // SAFETY: plain integers and byte arrays, no padding (size 20 = sum of fields).
 unsafe impl aya::Pod for RawConnKey {}
 
 impl RawConnKey {
-    /// The key sockops writes for a connection whose client end is `client`
-    /// (the peer address of the proxy's accepted socket).
-    pub fn from_client(client: SocketAddr) -> Self {
+    /// The key sockops writes for a connection whose client end is `client` (the peer address
+    /// of the accepted socket) and that was redirected to `server_port` (the listener's port).
+    pub fn tcp(client: SocketAddr, server_port: u16) -> Self {
         let addr = match client {
             SocketAddr::V4(a) => a.ip().to_ipv6_mapped().octets(),
             SocketAddr::V6(a) => a.ip().octets(),
         };
-        Self { addr, port: client.port(), pad: 0 }
+        Self { addr, port: client.port(), dport: server_port }
+    }
+
+    /// The key the egress program writes for a UDP datagram from `client`.
+    pub fn udp(client: SocketAddr) -> Self {
+        Self::tcp(client, 0)
     }
 }
 
@@ -112,7 +156,10 @@ const _: () = {
     assert!(size_of::<RawConnKey>() == 20);
     assert!(offset_of!(RawConnKey, addr) == 0);
     assert!(offset_of!(RawConnKey, port) == 16);
-    assert!(offset_of!(RawConnKey, pad) == 18);
+    assert!(offset_of!(RawConnKey, dport) == 18);
+    assert!(size_of::<RawQuota>() == 16);
+    assert!(offset_of!(RawQuota, used) == 0);
+    assert!(offset_of!(RawQuota, refused) == 8);
 };
 
 #[cfg(test)]
@@ -141,14 +188,27 @@ int main(void) {
     P("abi", SLUICE_ABI_VERSION);
     P("entries", SLUICE_CONNTABLE_ENTRIES);
     P("udp_entries", SLUICE_UDP_SOURCES_ENTRIES);
+    P("quota_entries", SLUICE_QUOTA_ENTRIES);
+    P("stat_count", SLUICE_STAT_COUNT);
+    P("stat_connect", SLUICE_STAT_CONNECT); P("stat_storage_fail", SLUICE_STAT_STORAGE_FAIL);
+    P("stat_slot_taken", SLUICE_STAT_SLOT_TAKEN); P("stat_quota_refused", SLUICE_STAT_QUOTA_REFUSED);
+    P("stat_quota_full", SLUICE_STAT_QUOTA_FULL); P("stat_sockops_connect", SLUICE_STAT_SOCKOPS_CONNECT);
+    P("stat_sockops_no_slot", SLUICE_STAT_SOCKOPS_NO_SLOT); P("stat_insert_ok", SLUICE_STAT_INSERT_OK);
+    P("stat_insert_retried", SLUICE_STAT_INSERT_RETRIED); P("stat_insert_fail", SLUICE_STAT_INSERT_FAIL);
+    P("stat_insert_err_exist", SLUICE_STAT_INSERT_ERR_EXIST); P("stat_insert_err_full", SLUICE_STAT_INSERT_ERR_FULL);
+    P("stat_insert_err_lock", SLUICE_STAT_INSERT_ERR_LOCK); P("stat_insert_err_other", SLUICE_STAT_INSERT_ERR_OTHER);
+    P("stat_release_slot", SLUICE_STAT_RELEASE_SLOT); P("stat_release_deleted", SLUICE_STAT_RELEASE_DELETED);
+    P("sluice_quota", sizeof(struct sluice_quota));
+    O(sluice_quota, used); O(sluice_quota, refused);
     P("sluice_orig_dst", sizeof(struct sluice_orig_dst));
     O(sluice_orig_dst, addr); O(sluice_orig_dst, port); O(sluice_orig_dst, family);
     O(sluice_orig_dst, protocol); O(sluice_orig_dst, tgid); O(sluice_orig_dst, cgroup_id);
     O(sluice_orig_dst, netns_cookie); O(sluice_orig_dst, sock_cookie);
     P("sluice_conn_key", sizeof(struct sluice_conn_key));
     P("sluice_conn_key.align", _Alignof(struct sluice_conn_key));
-    O(sluice_conn_key, addr); O(sluice_conn_key, port); O(sluice_conn_key, pad);
-    printf("%s %s %s\n", SLUICE_GLOBAL_PROXY_PORT, SLUICE_GLOBAL_DNS_PORT, SLUICE_GLOBAL_HOST_NETNS);
+    O(sluice_conn_key, addr); O(sluice_conn_key, port); O(sluice_conn_key, dport);
+    printf("%s %s %s %s\n", SLUICE_GLOBAL_PROXY_PORT, SLUICE_GLOBAL_DNS_PORT, SLUICE_GLOBAL_HOST_NETNS,
+           SLUICE_GLOBAL_TCP_QUOTA);
     return 0;
 }
 "#,
@@ -167,7 +227,7 @@ int main(void) {
         let text = String::from_utf8(out.stdout).expect("utf8");
         let mut lines = text.lines().collect::<Vec<_>>();
         let globals = lines.pop().expect("globals line");
-        assert_eq!(globals, format!("{GLOBAL_PROXY_PORT} {GLOBAL_DNS_PORT} {GLOBAL_HOST_NETNS}"));
+        assert_eq!(globals, format!("{GLOBAL_PROXY_PORT} {GLOBAL_DNS_PORT} {GLOBAL_HOST_NETNS} {GLOBAL_TCP_QUOTA}"));
         lines
             .iter()
             .map(|l| {
@@ -184,6 +244,14 @@ int main(void) {
         assert_eq!(get("abi"), u64::from(ABI_VERSION));
         assert_eq!(get("entries"), u64::from(CONNTABLE_ENTRIES));
         assert_eq!(get("udp_entries"), u64::from(UDP_SOURCES_ENTRIES));
+        assert_eq!(get("quota_entries"), u64::from(QUOTA_ENTRIES));
+        assert_eq!(get("stat_count"), STATS.len() as u64);
+        for (i, name) in STATS.iter().enumerate() {
+            assert_eq!(get(&format!("stat_{name}")), i as u64, "SLUICE_STAT index of {name}");
+        }
+        assert_eq!(get("sluice_quota"), size_of::<RawQuota>() as u64);
+        assert_eq!(get("sluice_quota.used"), offset_of!(RawQuota, used) as u64);
+        assert_eq!(get("sluice_quota.refused"), offset_of!(RawQuota, refused) as u64);
         assert_eq!(get("sluice_orig_dst"), size_of::<RawOrigDst>() as u64);
         assert_eq!(get("sluice_orig_dst.addr"), offset_of!(RawOrigDst, addr) as u64);
         assert_eq!(get("sluice_orig_dst.port"), offset_of!(RawOrigDst, port) as u64);
@@ -197,16 +265,17 @@ int main(void) {
         assert_eq!(get("sluice_conn_key.align"), align_of::<RawConnKey>() as u64);
         assert_eq!(get("sluice_conn_key.addr"), offset_of!(RawConnKey, addr) as u64);
         assert_eq!(get("sluice_conn_key.port"), offset_of!(RawConnKey, port) as u64);
-        assert_eq!(get("sluice_conn_key.pad"), offset_of!(RawConnKey, pad) as u64);
+        assert_eq!(get("sluice_conn_key.dport"), offset_of!(RawConnKey, dport) as u64);
     }
 
     #[test]
     fn conn_key_maps_ipv4_clients() {
-        let k = RawConnKey::from_client("127.0.0.1:40000".parse().unwrap());
+        let k = RawConnKey::udp("127.0.0.1:40000".parse().unwrap());
         assert_eq!(k.addr, Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().octets());
         assert_eq!(k.port, 40000);
-        assert_eq!(k.pad, 0);
-        let k6 = RawConnKey::from_client("[::1]:40001".parse().unwrap());
+        assert_eq!(k.dport, 0);
+        let k6 = RawConnKey::tcp("[::1]:40001".parse().unwrap(), 15001);
+        assert_eq!(k6.dport, 15001);
         assert_eq!(k6.addr, Ipv6Addr::LOCALHOST.octets());
         assert_eq!(k6.port, 40001);
     }

@@ -52,7 +52,14 @@ pub struct KernelConfig {
     pub proxy_port: u16,
     /// Resolver port, UDP and TCP, on 127.0.0.1 and ::1 (`[dns] port`).
     pub dns_port: u16,
+    /// TCP sockets one sandbox may hold connected or connecting at once (`[sandbox]
+    /// max_tcp_sockets`): its share of the connection table. One more connect fails with EPERM.
+    pub max_tcp_sockets: u32,
 }
+
+/// Default of [`KernelConfig::max_tcp_sockets`]: far above what an agent opens at once (a busy
+/// browser keeps a few hundred), and 64 sandboxes at their quota still fit the table.
+pub const DEFAULT_MAX_TCP_SOCKETS: u32 = 1024;
 
 impl Default for KernelConfig {
     fn default() -> Self {
@@ -61,6 +68,7 @@ impl Default for KernelConfig {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             proxy_port: 15001,
             dns_port: 15053,
+            max_tcp_sockets: DEFAULT_MAX_TCP_SOCKETS,
         }
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! <pin_dir>/links/<program>   one bpf_link per program, on the agents cgroup
-//! <pin_dir>/v<ABI>/<map>      socket storage and connection table
+//! <pin_dir>/v<ABI>/<map>      socket storage, connection table, per-sandbox
+//!                             slot counters, event counters
 //! ```
 //!
 //! Pinned links keep the programs attached when the daemon dies: agent
@@ -67,6 +68,8 @@ const PROGRAMS: &[Spec] = &[
     Spec { name: "sl_bind4", kind: Kind::SockAddr, attach_type: 8 },
     Spec { name: "sl_bind6", kind: Kind::SockAddr, attach_type: 9 },
     Spec { name: "sl_sock_create", kind: Kind::Sock, attach_type: 2 },
+    // Before connect: every slot a connect takes is given back at release.
+    Spec { name: "sl_sock_release", kind: Kind::Sock, attach_type: 34 },
     Spec { name: "sl_connect4", kind: Kind::SockAddr, attach_type: 10 },
     Spec { name: "sl_connect6", kind: Kind::SockAddr, attach_type: 11 },
     Spec { name: "sl_sendmsg4", kind: Kind::SockAddr, attach_type: 14 },
@@ -130,6 +133,18 @@ fn check_config(cfg: &KernelConfig) -> Result<(), KernelError> {
         return Err(KernelError::Config {
             field: "dns.port",
             reason: format!("must differ from proxy.port ({})", cfg.proxy_port),
+        });
+    }
+    if cfg.max_tcp_sockets == 0 || cfg.max_tcp_sockets > abi::CONNTABLE_ENTRIES / 4 {
+        return Err(KernelError::Config {
+            field: "sandbox.max_tcp_sockets",
+            reason: format!(
+                "{} is out of range: from 1 to {} (a quarter of the {}-entry connection table, so that \
+                 at least four sandboxes at their quota fit)",
+                cfg.max_tcp_sockets,
+                abi::CONNTABLE_ENTRIES / 4,
+                abi::CONNTABLE_ENTRIES
+            ),
         });
     }
     if !cfg.pin_dir.is_absolute() {
@@ -375,13 +390,18 @@ impl Enforcer {
         let socks_pin = maps.join(abi::MAP_SOCKS);
         let conns_pin = maps.join(abi::MAP_CONNS);
         let udp_pin = maps.join(abi::MAP_UDP_SRCS);
+        let quota_pin = maps.join(abi::MAP_QUOTA);
+        let stats_pin = maps.join(abi::MAP_STATS);
         let mut ebpf = EbpfLoader::new()
             .override_global(abi::GLOBAL_PROXY_PORT, &config.proxy_port, true)
             .override_global(abi::GLOBAL_DNS_PORT, &config.dns_port, true)
             .override_global(abi::GLOBAL_HOST_NETNS, &host_netns, true)
+            .override_global(abi::GLOBAL_TCP_QUOTA, &config.max_tcp_sockets, true)
             .map_pin_path(abi::MAP_SOCKS, socks_pin.as_path())
             .map_pin_path(abi::MAP_CONNS, conns_pin.as_path())
             .map_pin_path(abi::MAP_UDP_SRCS, udp_pin.as_path())
+            .map_pin_path(abi::MAP_QUOTA, quota_pin.as_path())
+            .map_pin_path(abi::MAP_STATS, stats_pin.as_path())
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
 
@@ -401,12 +421,24 @@ impl Enforcer {
 
         let conntable = Conntable::from_pin(&conns_pin)
             .map_err(pin_err(&conns_pin, "open map"))?
-            .with_udp_sources(sys::obj_get(&udp_pin).map_err(pin_err(&udp_pin, "open map"))?);
+            .with_udp_sources(sys::obj_get(&udp_pin).map_err(pin_err(&udp_pin, "open map"))?)
+            .with_ports(config.proxy_port, config.dns_port)
+            .with_quota_and_stats(
+                sys::obj_get(&quota_pin).map_err(pin_err(&quota_pin, "open map"))?,
+                sys::obj_get(&stats_pin).map_err(pin_err(&stats_pin, "open map"))?,
+            );
+        // Counters of sandboxes that ended while no daemon ran.
+        match conntable.forget_dead_sandboxes(agents.path()) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "slot counters of ended sandboxes removed"),
+            Err(error) => tracing::warn!(%error, "cannot remove the slot counters of ended sandboxes"),
+        }
         tracing::info!(
             cgroup = %agents.path().display(),
             pin_dir = %config.pin_dir.display(),
             proxy_port = config.proxy_port,
             dns_port = config.dns_port,
+            max_tcp_sockets = config.max_tcp_sockets,
             "kernel redirect installed"
         );
         Ok(Self { config: config.clone(), agents, conntable: Arc::new(conntable), host_netns, actions, _ebpf: ebpf })
@@ -544,6 +576,8 @@ mod tests {
             KernelConfig { dns_port: 0, ..ok.clone() },
             KernelConfig { dns_port: ok.proxy_port, ..ok.clone() },
             KernelConfig { pin_dir: "relative/pins".into(), ..ok.clone() },
+            KernelConfig { max_tcp_sockets: 0, ..ok.clone() },
+            KernelConfig { max_tcp_sockets: abi::CONNTABLE_ENTRIES / 4 + 1, ..ok.clone() },
         ] {
             assert!(check_config(&bad).is_err(), "{bad:?} accepted");
         }

@@ -11,6 +11,8 @@ use std::path::Path;
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -152,6 +154,53 @@ pub fn map_update(map: BorrowedFd<'_>, key: &[u8], value: &[u8]) -> io::Result<(
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
 }
 
+/// `BPF_MAP_DELETE_ELEM`: `Ok(false)` when the key was absent.
+pub fn map_delete(map: BorrowedFd<'_>, key: &[u8]) -> io::Result<bool> {
+    let mut attr = map_elem_attr(map, key.as_ptr(), std::ptr::null_mut(), 0);
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// `BPF_MAP_GET_NEXT_KEY`: the key after `key` (the first one when `key` is `None`) into
+/// `next`; `Ok(false)` at the end.
+pub fn map_next_key(map: BorrowedFd<'_>, key: Option<&[u8]>, next: &mut [u8]) -> io::Result<bool> {
+    // map_fd@0, key@8, next_key@16
+    let key_ptr = key.map_or(std::ptr::null(), <[u8]>::as_ptr);
+    let mut attr = map_elem_attr(map, key_ptr, next.as_mut_ptr(), 0);
+    match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Number of possible CPUs (the length of a per-CPU map value), from
+/// `/sys/devices/system/cpu/possible` (`0-3`, `0,2-5`, …).
+pub fn possible_cpus() -> io::Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    parse_cpu_list(text.trim())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("cannot parse possible CPUs {text:?}")))
+}
+
+fn parse_cpu_list(text: &str) -> Option<usize> {
+    let mut max = None;
+    for part in text.split(',') {
+        let last = match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (a.parse::<usize>().ok()?, b.parse::<usize>().ok()?);
+                (a <= b).then_some(b)?
+            }
+            None => part.parse::<usize>().ok()?,
+        };
+        max = Some(max.map_or(last, |m: usize| m.max(last)));
+    }
+    // A kernel has at most a few thousand CPUs; more is a misread.
+    max.and_then(|m| m.checked_add(1)).filter(|&n| n <= 1 << 16)
+}
+
 /// `BPF_PROG_TEST_RUN` with one packet; returns the program's verdict.
 pub fn prog_test_run(prog: BorrowedFd<'_>, packet: &[u8]) -> io::Result<u32> {
     // prog_fd@0 retval@4 data_size_in@8 data_size_out@12 data_in@16
@@ -210,3 +259,18 @@ const SO_NETNS_COOKIE: libc::c_int = 0x50;
 pub const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 /// `CGROUP2_SUPER_MAGIC`.
 pub const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+
+#[cfg(test)]
+mod tests {
+    use super::parse_cpu_list;
+
+    #[test]
+    fn cpu_lists_are_parsed() {
+        assert_eq!(parse_cpu_list("0"), Some(1));
+        assert_eq!(parse_cpu_list("0-3"), Some(4));
+        assert_eq!(parse_cpu_list("0,2-5"), Some(6));
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("0-99999999"), None);
+    }
+}

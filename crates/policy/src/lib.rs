@@ -170,7 +170,7 @@ struct Route {
 }
 
 #[derive(Debug)]
-struct Service {
+struct ServiceRoutes {
     name: Arc<str>,
     routes: Vec<Route>,
 }
@@ -231,7 +231,7 @@ impl DomainIndex {
 pub struct PolicySet {
     digest: String,
     files: usize,
-    services: Vec<Service>,
+    services: Vec<ServiceRoutes>,
     service_index: DomainIndex,
     deny: Vec<DenyRule>,
     deny_index: DomainIndex,

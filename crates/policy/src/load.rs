@@ -6,8 +6,8 @@ use super::meter::{MeterKind, MeterSpec, ModelPrice, PriceTable};
 use super::path::PathPattern;
 use super::schema::{Number, RawFile, RawHost, RawPrices, RawRoute, RawService, RawTcp};
 use super::{
-    Ceiling, Cost, DenyRule, DomainIndex, HostCelRule, Method, PolicySet, RawTcpRule, Route, Service, FETCH_ACTION,
-    SEND_ACTION,
+    Ceiling, Cost, DenyRule, DomainIndex, HostCelRule, Method, PolicySet, RawTcpRule, Route, ServiceRoutes,
+    FETCH_ACTION, SEND_ACTION,
 };
 use sha2::{Digest, Sha256};
 use sluice_passport::constraints::RuleDecision;
@@ -199,7 +199,7 @@ struct Origin {
 #[derive(Default)]
 struct Builder {
     errors: Vec<PolicyError>,
-    services: Vec<Service>,
+    services: Vec<ServiceRoutes>,
     service_names: HashMap<String, Origin>,
     service_index: DomainIndex,
     /// Where each service domain pattern (as text) was claimed.
@@ -239,7 +239,7 @@ impl Builder {
             }
         }
         if let Some(host) = raw.host {
-            self.host(src, host.into_inner());
+            self.host(src, host);
         }
         for (i, rule) in raw.raw_tcp.iter().enumerate() {
             self.raw_tcp_rule(src, i, rule.get_ref());
@@ -353,7 +353,7 @@ impl Builder {
             lines.push((i, line_col(src.text, raw.path.span().start).0));
             out.push(route);
         }
-        self.services.push(Service { name: Arc::from(name.as_str()), routes: out });
+        self.services.push(ServiceRoutes { name: Arc::from(name.as_str()), routes: out });
     }
 
     fn route(

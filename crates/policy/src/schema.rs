@@ -13,7 +13,9 @@ pub(crate) struct RawFile {
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
     pub prices: Option<Spanned<RawPrices>>,
-    pub host: Option<Spanned<RawHost>>,
+    /// Not `Spanned`: toml 0.8 cannot span a table that exists only through a dotted header
+    /// (`[host.ceilings]` with no `[host]`), and nothing points at `[host]` itself.
+    pub host: Option<RawHost>,
     #[serde(default)]
     pub raw_tcp: Vec<Spanned<RawTcp>>,
 }

@@ -762,3 +762,12 @@ proptest! {
         prop_assert_eq!(got, best);
     }
 }
+
+#[test]
+fn a_dotted_host_header_alone_is_a_host_table() {
+    // `[host.ceilings]` with no `[host]` line: valid TOML that makes `host` implicitly.
+    let s = set(&[("host.toml", "[host.ceilings]\nmax_per_action_cents = 3\n")]).unwrap();
+    assert_eq!(s.max_per_action_millicents(), Some(3_000));
+    let s = set(&[("host.toml", "[[host.rule]]\nexpr = \"true\"\ndecision = \"block\"\nreason = \"no\"\n")]);
+    assert!(s.is_ok(), "{:?}", s.err());
+}

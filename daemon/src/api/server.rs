@@ -4,7 +4,7 @@
 //! caller gets `403` with the reason on every request. Handlers only parse and route: the work is
 //! done by [`Service`], which the proxy uses too.
 
-use super::peer::{Peer, PeerPolicy, SandboxedRoot};
+use super::access::{Peer, PeerPolicy, SandboxedRoot};
 use crate::service::{self, BindTarget, EnforceInput, ResetWindow, Service, ServiceError};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -144,7 +144,7 @@ pub async fn serve(
                 let root = peer.as_ref().err().and_then(|r| policy.sandboxed_root(r, cred.uid(), cred.gid(), proc));
                 (peer, root)
             }
-            Err(_) => (Err(super::peer::PeerRefusal::NoPid), None),
+            Err(_) => (Err(super::access::PeerRefusal::NoPid), None),
         };
         let service = service.clone();
         tokio::spawn(async move {
@@ -244,7 +244,7 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
     let method = req.method().clone();
     let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["v1", "health"]) => ok(service.health()),
+        (&Method::GET, ["v1", "health"]) => ok(service.health().to_json()),
         (&Method::GET, ["metrics"]) => Ok(metrics_response(service.metrics_text())),
         (&Method::POST, ["v1", "passports"]) => {
             let body: RegisterBody = read_json(req).await?;
@@ -271,7 +271,8 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
         }
         (&Method::GET, ["v1", "attestations"]) => {
             let q = query(&req);
-            ok(service.attestations(q.get("passport_id").map(String::as_str), q.get("since").map(String::as_str))?)
+            let since = q.get("since").map(String::as_str);
+            ok(service.attestations(q.get("passport_id").map(String::as_str), since)?.to_json())
         }
         (&Method::GET, ["v1", "attestations", "export"]) => {
             let q = query(&req);
@@ -282,36 +283,37 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
                 ),
                 None => None,
             };
-            ok(service
-                .export(q.get("passport_id").map(String::as_str), q.get("since").map(String::as_str), consistency_from)
-                .await?)
+            let since = q.get("since").map(String::as_str);
+            ok(service::to_json(
+                &service.export(q.get("passport_id").map(String::as_str), since, consistency_from).await?,
+            ))
         }
         (&Method::GET, ["v1", "attestations", id, "proof"]) => {
             let index: u64 =
                 id.parse().map_err(|_| ApiError::bad_request(format!("attestation id {id:?} is not a number")))?;
-            ok(service.proof(index).await?)
+            ok(service::to_json(&service.proof(index).await?))
         }
-        (&Method::GET, ["v1", "holds"]) => ok(service.holds()?),
-        (&Method::GET, ["v1", "sandboxes"]) => ok(service.sandboxes()?),
+        (&Method::GET, ["v1", "holds"]) => ok(service.holds()?.to_json()),
+        (&Method::GET, ["v1", "sandboxes"]) => ok(service.sandboxes()?.to_json()),
         (&Method::POST, ["v1", "sandboxes"]) => {
             let body: SandboxBody = read_json(req).await?;
-            ok(service.create_sandbox(&body.passport_id, body.pop.as_ref(), peer).await?)
+            ok(service.create_sandbox(&body.passport_id, body.pop.as_ref(), peer).await?.to_json())
         }
         (&Method::POST, ["v1", "sandboxes", "bind"]) => {
             let body: BindBody = read_json(req).await?;
             let cgroup = body.cgroup.ok_or_else(|| {
                 ApiError::bad_request("cgroup is required (an absolute path below the agents' cgroup)")
             })?;
-            ok(service.bind_sandbox(body.passport.trim(), BindTarget::Path(cgroup), peer).await?)
+            ok(service.bind_sandbox(body.passport.trim(), BindTarget::Path(cgroup), peer).await?.to_json())
         }
         (&Method::POST, ["v1", "sandboxes", "unbind"]) => {
             let body: UnbindBody = read_json(req).await?;
             let cgroup = body.cgroup.ok_or_else(|| {
                 ApiError::bad_request("cgroup is required (an absolute path below the agents' cgroup)")
             })?;
-            ok(service.unbind_sandbox(BindTarget::Path(cgroup), peer).await?)
+            ok(service.unbind_sandbox(BindTarget::Path(cgroup), peer).await?.to_json())
         }
-        (&Method::GET, ["v1", "holds", id]) => ok(service.hold(id)?),
+        (&Method::GET, ["v1", "holds", id]) => ok(service.hold(id)?.to_json()),
         (&Method::POST, ["v1", "holds", id, action @ ("approve" | "deny")]) => {
             let (id, approve) = (id.to_string(), *action == "approve");
             let body: NoteBody = read_json(req).await?;
@@ -327,7 +329,7 @@ async fn handle_sandboxed_root(
     req: Request<Incoming>,
     service: &Service,
     root: &SandboxedRoot,
-    refusal: &super::peer::PeerRefusal,
+    refusal: &super::access::PeerRefusal,
 ) -> Result<Response<Body>, ApiError> {
     let forbidden = || ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal.to_string());
     let own = || BindTarget::Own(root.cgroup.clone());
@@ -338,14 +340,14 @@ async fn handle_sandboxed_root(
             if body.cgroup.is_some() {
                 return Err(forbidden());
             }
-            ok(service.bind_sandbox(body.passport.trim(), own(), &root.peer).await?)
+            ok(service.bind_sandbox(body.passport.trim(), own(), &root.peer).await?.to_json())
         }
         (&Method::POST, "/v1/sandboxes/unbind") => {
             let body: UnbindBody = read_json(req).await?;
             if body.cgroup.is_some() {
                 return Err(forbidden());
             }
-            ok(service.unbind_sandbox(own(), &root.peer).await?)
+            ok(service.unbind_sandbox(own(), &root.peer).await?.to_json())
         }
         _ => Err(forbidden()),
     }

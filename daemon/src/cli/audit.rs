@@ -26,7 +26,7 @@ pub enum AuditCmd {
     Proof(ProofArgs),
     /// Verify an export or an attestation offline. Exit status 1 names every broken record, gap or
     /// inconsistency.
-    Verify(VerifyArgs),
+    Verify(AuditVerifyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -55,7 +55,7 @@ pub struct ProofArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct VerifyArgs {
+pub struct AuditVerifyArgs {
     /// An export or a portable attestation.
     file: PathBuf,
     /// The host's public key (`host.pub` in the daemon's state_dir).
@@ -116,7 +116,7 @@ fn proof(a: ProofArgs, socket: &ApiSocket) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify_cmd(a: VerifyArgs) -> CmdResult {
+fn verify_cmd(a: AuditVerifyArgs) -> CmdResult {
     let host = keyfile::load_public_key(&a.host_pub)?;
     let text = files::read_text(&a.file, MAX_DOCUMENT, Links::Follow)?;
     let older = a.checkpoint.as_ref().map(|p| files::read_text(p, 64 * 1024, Links::Follow)).transpose()?;

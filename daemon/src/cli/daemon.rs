@@ -1,13 +1,13 @@
 //! `sluice daemon`: the enforcer in the foreground.
 
 use super::CmdResult;
-use crate::api::{peer::PeerPolicy, server};
+use crate::api::{access::PeerPolicy, server};
 use crate::config::Config;
-use crate::intercept;
 use crate::kernel;
 use crate::ledger::{self, Ledger};
 use crate::policy::PolicyHandle;
 use crate::service::{Service, ServiceConfig};
+use crate::wiring;
 use anyhow::Context;
 use clap::Args;
 use std::os::unix::fs::DirBuilderExt;
@@ -76,6 +76,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             pin_dir: config.sandbox.pin_dir.clone(),
             proxy_port: config.proxy.port,
             dns_port: config.dns.port,
+            max_tcp_sockets: config.sandbox.max_tcp_sockets,
         };
         let enforcer =
             kernel::Enforcer::install(&kc).context("[sandbox] redirect = true: attaching the eBPF programs")?;
@@ -97,7 +98,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     // The local CA that terminates agents' TLS, and the bundle `sluice run` points agents at.
-    let ca = if enforcer.is_some() { Some(intercept::ca_and_bundle(&config.state_dir)?) } else { None };
+    let ca = if enforcer.is_some() { Some(wiring::ca_and_bundle(&config.state_dir)?) } else { None };
     let host_key = ledger::hostkey::load_or_create(&config.state_dir)?;
     let ledger = Ledger::open(&store_path(&config.state_dir), host_key, ledger::LedgerOptions::default())
         .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
@@ -128,16 +129,36 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let policy = Arc::new(PeerPolicy::new(&config.api.group, &agents_rel));
     if let Some(e) = &enforcer {
         crate::metrics::global().watch_conntable(e.conntable());
+        // The kernel's per-sandbox slot counters of sandboxes that ended (their cgroups are gone)
+        // are removed once a minute, so ended sandboxes never fill the counter map.
+        let table = e.conntable();
+        let agents = e.agents_cgroup().path().to_path_buf();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                let (table, agents) = (table.clone(), agents.clone());
+                match tokio::task::spawn_blocking(move || table.forget_dead_sandboxes(&agents)).await {
+                    Ok(Ok(0)) => {}
+                    Ok(Ok(n)) => tracing::debug!(removed = n, "slot counters of ended sandboxes removed"),
+                    Ok(Err(error)) => tracing::warn!(%error, "removing the slot counters of ended sandboxes failed"),
+                    Err(_) => {}
+                }
+            }
+        });
     }
     // The proxy and the agents' resolver, on the ports the eBPF programs redirect to.
-    let intercept = match (&enforcer, ca) {
+    let plane = match (&enforcer, ca) {
         (Some(e), Some((ca, _))) => {
-            Some(intercept::start(&config, service.clone(), host_policy.clone(), e.conntable(), ca).await?)
+            Some(wiring::start(&config, service.clone(), host_policy.clone(), e.conntable(), ca).await?)
         }
         _ => None,
     };
+    if let Some(i) = &plane {
+        crate::metrics::global().watch_proxy(&i.proxy);
+    }
     let (reload_stop, reload_rx) = tokio::sync::watch::channel(false);
-    let reloader = tokio::spawn(intercept::reload::watch(host_policy.clone(), service.clone(), reload_rx));
+    let reloader = tokio::spawn(wiring::policy_reload::watch(host_policy.clone(), service.clone(), reload_rx));
     let listener = server::bind(&config.api.socket, policy.api_gid)
         .with_context(|| format!("[api] socket {}", config.api.socket.display()))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -153,7 +174,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = api.await;
     let _ = reload_stop.send(true);
     let _ = reloader.await;
-    if let Some(i) = intercept {
+    if let Some(i) = plane {
         i.shutdown().await;
     }
     // The eBPF links stay pinned: with the daemon gone, agents' connections are refused.

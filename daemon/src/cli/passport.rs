@@ -22,7 +22,7 @@ pub enum PassportCmd {
     Inspect(InspectArgs),
     /// Verify a passport fully (signature, claims, constraints, validity). Exit status 1 with the
     /// reason if it is not valid.
-    Verify(VerifyArgs),
+    Verify(PassportVerifyArgs),
     /// Register a passport with the running daemon (passport-only mode; `sluice run` does this
     /// itself). Prints its id.
     Register {
@@ -93,7 +93,7 @@ pub struct InspectArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct VerifyArgs {
+pub struct PassportVerifyArgs {
     /// The passport file.
     file: PathBuf,
     /// Require the passport to come from this issuer (public key PEM; repeatable: any of them).
@@ -210,7 +210,7 @@ fn inspect(a: InspectArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify(a: VerifyArgs) -> CmdResult {
+fn verify(a: PassportVerifyArgs) -> CmdResult {
     let token = read_token(&a.file)?;
     let pinned = a
         .issuer_pubs

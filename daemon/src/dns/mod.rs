@@ -4,15 +4,17 @@
 //!   sandbox may reach, with synthetic addresses from [`pool`], NXDOMAIN for everything else, and
 //!   never forwards a query anywhere: an agent's DNS never leaves the host.
 //! * [`server`]: a thin UDP + TCP front for it.
-//! * [`upstream`]: how the daemon itself finds the real addresses it dials (static hosts, then
+//! * [`lookup`]: how the daemon itself finds the real addresses it dials (static hosts, then
 //!   the system resolver or configured servers).
+//!
+//! Who may ask (the sandbox behind a query) is wired in `crate::wiring::dns_identity`.
 
+pub mod lookup;
 pub mod pool;
 pub mod resolver;
 pub mod server;
-pub mod upstream;
 
+pub use lookup::UpstreamResolver;
 pub use pool::{PoolConfig, SyntheticPool};
 pub use resolver::Resolver;
 pub use server::{serve, Allow, Via};
-pub use upstream::UpstreamResolver;

@@ -64,6 +64,7 @@ pub(super) async fn record_refusal(
         target: target.map(ToString::to_string),
         method: method.map(str::to_string),
         path: path.map(str::to_string),
+        port: None,
     };
     let verdict = decide::HostVerdict::Deny { reason: refusal.reason.clone(), detail: refusal.detail.clone() };
     let outcome = proxy.service.enforce(input, verdict).await?;

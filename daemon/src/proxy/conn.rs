@@ -1,8 +1,8 @@
 //! One redirected connection: who sent it, where it was going, and what it speaks.
 //!
 //! Order matters and every step fails closed:
-//! 1. The kernel's connection table entry (taken once, atomically): none means the connection
-//!    did not come through the redirect, and it is closed.
+//! 1. The kernel's connection table entry, taken once, atomically, by the accept loop (none
+//!    means the connection did not come through the redirect, and it was closed there).
 //! 2. A destination that is the proxy or resolver itself is a loop: refused.
 //! 3. The sandbox's passport, by the connection's cgroup: none means closed.
 //! 4. A synthetic destination is mapped back to the name the agent resolved; a synthetic
@@ -21,12 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-pub(super) async fn handle(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr) {
-    let Some(orig) = proxy.conntable.lookup(peer) else {
-        inc(&proxy.stats.unknown);
-        tracing::warn!(%peer, "connection without a connection-table entry; closing");
-        return;
-    };
+pub(super) async fn handle(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr, orig: OrigDst) {
     let Some(passport) = (proxy.passports)(orig.cgroup_id) else {
         inc(&proxy.stats.no_passport);
         tracing::warn!(%peer, cgroup_id = orig.cgroup_id, pid = orig.pid, "connection from a cgroup with no passport; closing");
@@ -163,61 +158,188 @@ async fn tls(proxy: Arc<Proxy>, info: ConnInfo, stream: Prefixed<TcpStream>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use crate::decide::{Decision, HostVerdict};
+    use crate::domain::DomainName;
+    use crate::proxy::decider::fake::{outcome, FakeDecide};
+    use crate::proxy::testing::{agent_pair, harness, raw_rule, read_to_close, upstream, Harness, CGROUP, OWN_PORTS};
+    use crate::service::EnforceInput;
+    use std::net::{IpAddr, Ipv4Addr};
     use tokio::io::AsyncWriteExt;
-    use tokio::net::TcpListener;
 
-    async fn pair() -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let (server, _) = l.accept().await.unwrap();
-        (client, server)
-    }
+    const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-    #[tokio::test]
-    async fn a_request_head_sent_in_pieces_is_sniffed_whole() {
-        let (mut client, mut server) = pair().await;
-        let head = tokio::spawn(async move { read_head_within(&mut server, Duration::from_secs(10)).await });
-        for piece in [&b"GE"[..], b"T / HT", b"TP/1.1\r\nHost: a\r\n\r\n"] {
-            client.write_all(piece).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    /// One agent connection through [`handle`]: the kernel's table says it was going to `dst`
+    /// from cgroup `cgroup_id` (`None`: no entry at all); the agent sends `HELLO` (not TLS, not
+    /// HTTP) and stops sending. Returns what the agent read until the proxy closed it.
+    async fn connection(h: &Harness, dst: SocketAddr, cgroup_id: Option<u64>) -> Vec<u8> {
+        let (mut agent, accepted) = agent_pair().await;
+        let client = agent.local_addr().expect("addr");
+        let h_proxy = h.proxy.clone();
+        if let Some(cgroup_id) = cgroup_id {
+            h.redirects.redirect(client, dst, cgroup_id);
         }
-        let (bytes, verdict) = head.await.unwrap().expect("bytes");
-        assert!(matches!(verdict, Sniff::Http(_)), "{verdict:?}");
-        assert!(bytes.starts_with(b"GET / HTTP/1.1"), "{bytes:?}");
-    }
-
-    #[tokio::test]
-    async fn silence_is_other_after_the_timeout_and_a_close_without_bytes_is_none() {
-        let (_client, mut server) = pair().await;
-        let (bytes, verdict) = read_head_within(&mut server, Duration::from_millis(100)).await.expect("timed out");
-        assert!(bytes.is_empty() && matches!(verdict, Sniff::Other), "{verdict:?}");
-
-        let (client, mut server) = pair().await;
-        drop(client);
-        assert!(read_head_within(&mut server, Duration::from_secs(10)).await.is_none());
-    }
-
-    #[tokio::test]
-    async fn bytes_then_a_close_are_other_and_reading_stops_at_the_sniff_limit() {
-        let (mut client, mut server) = pair().await;
-        client.write_all(b"\x00\x01binary").await.unwrap();
-        drop(client);
-        let (bytes, verdict) = read_head_within(&mut server, Duration::from_secs(10)).await.expect("bytes");
-        assert_eq!(bytes, b"\x00\x01binary");
-        assert!(matches!(verdict, Sniff::Other), "{verdict:?}");
-
-        // An endless request line is cut at MAX_SNIFF.
-        let (mut client, mut server) = pair().await;
-        let writer = tokio::spawn(async move {
-            let junk = vec![b'a'; 4096];
-            if client.write_all(b"GET /").await.is_ok() {
-                while client.write_all(&junk).await.is_ok() {}
+        // What the accept loop does: take the entry and the budgets, or close.
+        let task = match h.proxy.take(client) {
+            Some((orig, admitted)) => tokio::spawn(async move {
+                let _admitted = admitted;
+                handle(h_proxy, accepted, client, orig).await
+            }),
+            None => {
+                drop(accepted);
+                tokio::spawn(async {})
             }
-        });
-        let (bytes, _) = read_head_within(&mut server, Duration::from_secs(10)).await.expect("bytes");
-        assert!(bytes.len() <= MAX_SNIFF, "{}", bytes.len());
-        drop(server);
-        writer.abort();
+        };
+        let _ = agent.write_all(b"HELLO").await;
+        let _ = agent.shutdown().await;
+        let read = read_to_close(&mut agent).await;
+        task.await.expect("handle");
+        read
+    }
+
+    fn enforced(h: &Harness) -> Vec<(EnforceInput, HostVerdict)> {
+        h.decide.enforced.lock().unwrap().clone()
+    }
+
+    fn denied_for(verdict: &HostVerdict) -> Option<Reason> {
+        match verdict {
+            HostVerdict::Deny { reason, .. } => Some(reason.clone()),
+            HostVerdict::Allow => None,
+        }
+    }
+
+    /// The whole path without the kernel: table entry → sandbox's passport → synthetic address
+    /// → the name → sniffed as neither TLS nor HTTP → the raw rule → decided → spliced to the
+    /// daemon's own resolution of the name (never to the address the agent dialed).
+    #[tokio::test]
+    async fn a_redirected_raw_connection_to_an_allowed_name_reaches_its_upstream() {
+        let up = upstream().await;
+        let port = up.addr.port();
+        let fake = FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 3)));
+        let h = harness(fake, &raw_rule(port), &[("db.example.test", LOCAL)]);
+        let name = DomainName::parse("db.example.test").expect("name");
+        let (synthetic, _) = h.pool.addresses(&name).expect("synthetic address");
+        let read = connection(&h, SocketAddr::new(IpAddr::V4(synthetic), port), Some(CGROUP)).await;
+        assert_eq!(read, b"PONG");
+        assert_eq!(*up.seen.lock().unwrap(), vec![b"HELLO".to_vec()]);
+        let calls = enforced(&h);
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(
+            (calls[0].0.action.as_str(), calls[0].0.target.as_deref(), calls[0].1.clone()),
+            ("tcp:postgres", Some("db.example.test"), HostVerdict::Allow)
+        );
+        let s = h.proxy.stats();
+        assert_eq!((s.raw_connections, s.forwarded, s.unknown, s.no_passport), (1, 1, 0, 0));
+    }
+
+    /// A connection the kernel did not redirect, or one from a cgroup that is no sandbox, is
+    /// closed before a byte is read or anything is decided.
+    #[tokio::test]
+    async fn connections_without_a_table_entry_or_a_passport_are_closed_undecided() {
+        let up = upstream().await;
+        let h = harness(FakeDecide::default(), &raw_rule(up.addr.port()), &[("db.example.test", LOCAL)]);
+        let read = connection(&h, up.addr, None).await;
+        assert!(read.is_empty());
+        let read = connection(&h, up.addr, Some(CGROUP + 1)).await;
+        assert!(read.is_empty());
+        assert!(enforced(&h).is_empty());
+        assert!(up.seen.lock().unwrap().is_empty());
+        let s = h.proxy.stats();
+        assert_eq!((s.unknown, s.no_passport, s.forwarded), (1, 1, 0));
+        // Each entry is taken once: a second connection from the same peer finds none.
+        assert!(h.redirects.0.lock().unwrap().is_empty());
+    }
+
+    /// Refusals of the whole connection are decisions on the passport's chain (a host denial
+    /// with the refusal's reason), and nothing is dialed: a dial of the proxy's own port, a
+    /// synthetic address that belongs to no name, and a bare IP (no name, so no rule matches,
+    /// even though something listens there).
+    #[tokio::test]
+    async fn loops_stale_synthetic_addresses_and_bare_ips_are_refused_on_the_record() {
+        let up = upstream().await;
+        let port = up.addr.port();
+        let fake = FakeDecide::default();
+        for reason in [Reason::ProxyLoop, Reason::UnknownSyntheticAddress, Reason::RawTcpDenied] {
+            fake.enforce.lock().unwrap().push_back(Ok(outcome(Decision::Block, reason, 1)));
+        }
+        let h = harness(fake, &raw_rule(port), &[("db.example.test", LOCAL)]);
+        let unallocated = IpAddr::V4(Ipv4Addr::new(198, 18, 200, 1));
+        assert!(h.pool.contains(unallocated) && h.pool.lookup_addr(unallocated).is_none());
+        for dst in [SocketAddr::new(LOCAL, OWN_PORTS[0]), SocketAddr::new(unallocated, port), up.addr] {
+            let read = connection(&h, dst, Some(CGROUP)).await;
+            assert!(read.is_empty(), "{dst}: {read:?}");
+        }
+        let calls = enforced(&h);
+        let reasons: Vec<Option<Reason>> = calls.iter().map(|(_, v)| denied_for(v)).collect();
+        assert_eq!(
+            reasons,
+            vec![Some(Reason::ProxyLoop), Some(Reason::UnknownSyntheticAddress), Some(Reason::RawTcpDenied)]
+        );
+        for (input, _) in &calls {
+            assert_eq!((input.action.as_str(), input.target.as_deref()), (raw::RAW_ACTION, None), "{input:?}");
+        }
+        assert!(up.seen.lock().unwrap().is_empty(), "nothing reaches the listener the agent dialed");
+        assert_eq!(h.proxy.stats().forwarded, 0);
+    }
+
+    /// The sniff stage's reading: no buffer held while waiting, bounded in bytes and time.
+    mod read_head {
+        use super::super::*;
+        use std::time::Duration;
+        use tokio::io::AsyncWriteExt;
+        use tokio::net::TcpListener;
+
+        async fn pair() -> (TcpStream, TcpStream) {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (server, _) = l.accept().await.unwrap();
+            (client, server)
+        }
+
+        #[tokio::test]
+        async fn a_request_head_sent_in_pieces_is_sniffed_whole() {
+            let (mut client, mut server) = pair().await;
+            let head = tokio::spawn(async move { read_head_within(&mut server, Duration::from_secs(10)).await });
+            for piece in [&b"GE"[..], b"T / HT", b"TP/1.1\r\nHost: a\r\n\r\n"] {
+                client.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (bytes, verdict) = head.await.unwrap().expect("bytes");
+            assert!(matches!(verdict, Sniff::Http(_)), "{verdict:?}");
+            assert!(bytes.starts_with(b"GET / HTTP/1.1"), "{bytes:?}");
+        }
+
+        #[tokio::test]
+        async fn silence_is_other_after_the_timeout_and_a_close_without_bytes_is_none() {
+            let (_client, mut server) = pair().await;
+            let (bytes, verdict) = read_head_within(&mut server, Duration::from_millis(100)).await.expect("timed out");
+            assert!(bytes.is_empty() && matches!(verdict, Sniff::Other), "{verdict:?}");
+
+            let (client, mut server) = pair().await;
+            drop(client);
+            assert!(read_head_within(&mut server, Duration::from_secs(10)).await.is_none());
+        }
+
+        #[tokio::test]
+        async fn bytes_then_a_close_are_other_and_reading_stops_at_the_sniff_limit() {
+            let (mut client, mut server) = pair().await;
+            client.write_all(b"\x00\x01binary").await.unwrap();
+            drop(client);
+            let (bytes, verdict) = read_head_within(&mut server, Duration::from_secs(10)).await.expect("bytes");
+            assert_eq!(bytes, b"\x00\x01binary");
+            assert!(matches!(verdict, Sniff::Other), "{verdict:?}");
+
+            // An endless request line is cut at MAX_SNIFF.
+            let (mut client, mut server) = pair().await;
+            let writer = tokio::spawn(async move {
+                let junk = vec![b'a'; 4096];
+                if client.write_all(b"GET /").await.is_ok() {
+                    while client.write_all(&junk).await.is_ok() {}
+                }
+            });
+            let (bytes, _) = read_head_within(&mut server, Duration::from_secs(10)).await.expect("bytes");
+            assert!(bytes.len() <= MAX_SNIFF, "{}", bytes.len());
+            drop(server);
+            writer.abort();
+        }
     }
 }

@@ -85,7 +85,7 @@ pub(crate) mod fake {
     use std::sync::Mutex;
 
     /// One `settle` call: (decision, passport, estimate, actual, why).
-    pub type Settled = (u64, String, u64, Option<u64>, String);
+    pub type SettleCall = (u64, String, u64, Option<u64>, String);
 
     #[derive(Default)]
     pub struct FakeDecide {
@@ -93,13 +93,15 @@ pub(crate) mod fake {
         pub hold: Mutex<Option<HoldOutcome>>,
         pub enforced: Mutex<Vec<(EnforceInput, HostVerdict)>>,
         pub waited: Mutex<Vec<String>>,
-        pub settled: Mutex<Vec<Settled>>,
+        pub settled: Mutex<Vec<SettleCall>>,
+        /// Every `record_host_event` call: (kind, detail).
+        pub events: Mutex<Vec<(String, Value)>>,
     }
 
     impl FakeDecide {
         /// The first `settle` call. Settlement runs in its own task, so this waits for it; the
         /// 10 s bound turns a lost settlement into a failure rather than a hang.
-        pub async fn first_settlement(&self) -> Settled {
+        pub async fn first_settlement(&self) -> SettleCall {
             let settled = async {
                 loop {
                     if let Some(s) = self.settled.lock().unwrap().first().cloned() {
@@ -170,7 +172,8 @@ pub(crate) mod fake {
             Box::pin(async { Ok(()) })
         }
 
-        fn record_host_event<'a>(&'a self, _kind: &'a str, _detail: Value) -> BoxFuture<'a, Result<u64, ServiceError>> {
+        fn record_host_event<'a>(&'a self, kind: &'a str, detail: Value) -> BoxFuture<'a, Result<u64, ServiceError>> {
+            self.events.lock().unwrap().push((kind.to_string(), detail));
             Box::pin(async { Ok(0) })
         }
     }

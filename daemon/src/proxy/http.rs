@@ -295,6 +295,7 @@ async fn route_and_price(
         target: Some(host.to_string()),
         method: Some(method.to_string()),
         path: Some(path.clone()),
+        port: None,
     };
     let metering = match &route.cost {
         Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_millicents: cost }),
@@ -527,6 +528,7 @@ async fn connect(
         target: Some(host.to_string()),
         method: Some(method.to_string()),
         path: Some(path.to_string()),
+        port: Some(port),
     };
     let verdict = policy.host_check(host, rule.cost_millicents);
     let attestation = match decide_or_answer(&*proxy.service, &proxy.stats, input, verdict, host, path).await {
@@ -1013,7 +1015,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_metered_route_asks_for_plain_bodies_and_settles_the_scanned_usage() {
-        let spec = Arc::new(crate::service::settle::testkit::one_price_meter(
+        let spec = Arc::new(crate::service::testkit::one_price_meter(
             crate::policy::meter::MeterKind::OpenAi,
             100_000,
             200_000,
@@ -1119,5 +1121,91 @@ mod tests {
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=domain_not_allowed; attestation=7");
         let r = decision_response(&json!({"reason": "x; evil=1\r\n"}), &Reason::parse("x; evil=1\r\n"), 1);
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=x__evil_1__; attestation=1");
+    }
+
+    /// CONNECT through the whole request pipeline on a served connection, with no kernel: a
+    /// tunnel a `[[raw_tcp]]` rule allows is decided (method `CONNECT`, the rule's action and
+    /// cost, its port kept for a hold), answered `200` with the allow header, and spliced to
+    /// the daemon's own resolution of the name; a port no rule allows is a `403`
+    /// `connect_denied` and nothing is dialed.
+    #[tokio::test]
+    async fn connect_tunnels_only_where_a_raw_tcp_rule_allows_and_after_the_decision() {
+        use crate::proxy::testing::{agent_pair, harness, raw_rule, upstream, CGROUP};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let local = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let up = upstream().await;
+        let port = up.addr.port();
+        let other = if port == 5432 { 5433 } else { 5432 };
+        let fake = FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 31)));
+        fake.enforce.lock().unwrap().push_back(Ok(outcome(Decision::Block, Reason::ConnectDenied, 32)));
+        let h = harness(fake, &raw_rule(port), &[("db.example.test", local)]);
+        let name = DomainName::parse("db.example.test").expect("name");
+        let ask = |p: u16| format!("CONNECT db.example.test:{p} HTTP/1.1\r\nHost: db.example.test:{p}\r\n\r\n");
+        let serve = |agent_side| {
+            let info = ConnInfo {
+                passport_id: "pp-1".into(),
+                client: "127.0.0.1:40000".parse().expect("addr"),
+                dialed: std::net::SocketAddr::new("198.18.0.9".parse().expect("ip"), 80),
+                pid: 4242,
+                cgroup_id: CGROUP,
+                dialed_name: Some(name.clone()),
+                sni: None,
+                tls: false,
+            };
+            tokio::spawn(serve(h.proxy.clone(), Arc::new(info), agent_side, false))
+        };
+
+        // Allowed: 200, then the tunnel carries bytes both ways.
+        let (mut agent, accepted) = agent_pair().await;
+        let task = serve(accepted);
+        agent.write_all(ask(port).as_bytes()).await.expect("send");
+        let mut head = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), agent.read(&mut head))
+            .await
+            .expect("answered")
+            .expect("read");
+        let head = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(head.contains("sluice-decision: allow; attestation=31"), "{head}");
+        agent.write_all(b"TUNNELLED").await.expect("tunnel");
+        let mut pong = [0u8; 4];
+        tokio::time::timeout(std::time::Duration::from_secs(5), agent.read_exact(&mut pong))
+            .await
+            .expect("upstream answers")
+            .expect("read");
+        assert_eq!(&pong, b"PONG");
+        drop(agent);
+        let _ = task.await;
+        assert_eq!(*up.seen.lock().unwrap(), vec![b"TUNNELLED".to_vec()]);
+
+        // No rule for the port: refused on the record, nothing dialed.
+        let (mut agent, accepted) = agent_pair().await;
+        let task = serve(accepted);
+        agent.write_all(ask(other).as_bytes()).await.expect("send");
+        let mut answer = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), agent.read(&mut answer))
+            .await
+            .expect("answered")
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer[..n]).to_ascii_lowercase();
+        assert!(answer.starts_with("http/1.1 403"), "{answer}");
+        assert!(answer.contains("reason=connect_denied"), "{answer}");
+        drop(agent);
+        let _ = task.await;
+        assert_eq!(up.seen.lock().unwrap().len(), 1, "only the allowed tunnel reached the upstream");
+
+        let calls = h.decide.enforced.lock().unwrap();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        let (allowed, verdict) = &calls[0];
+        assert_eq!(*verdict, decide::HostVerdict::Allow);
+        assert_eq!(
+            (allowed.action.as_str(), allowed.method.as_deref(), allowed.cost_millicents, allowed.port),
+            ("tcp:postgres", Some("CONNECT"), Some(2_000), Some(port))
+        );
+        assert!(
+            matches!(&calls[1].1, decide::HostVerdict::Deny { reason, .. } if *reason == Reason::ConnectDenied),
+            "{:?}",
+            calls[1]
+        );
     }
 }

@@ -156,7 +156,7 @@ mod tests {
 
     /// $1 per million input tokens, $2 per million output tokens (millicents per Mtok).
     fn spec(kind: MeterKind) -> Arc<MeterSpec> {
-        Arc::new(crate::service::settle::testkit::one_price_meter(kind, 100_000, 200_000))
+        Arc::new(crate::service::testkit::one_price_meter(kind, 100_000, 200_000))
     }
 
     fn recorder() -> (Arc<Mutex<Vec<Ending>>>, OnEnd) {
@@ -253,7 +253,7 @@ mod tests {
     /// APIs through the settling body, then the state and `audit verify`.
     #[tokio::test]
     async fn settled_amounts_reach_the_counters_and_the_log() {
-        use crate::service::settle::testkit::{allow, fixture, record, spent, verified};
+        use crate::service::testkit::{allow, fixture, record, spent, verified};
         let f = fixture().await;
         let openai_json = "{\"id\":\"c\",\"object\":\"chat.completion\",\"model\":\"m\",\"choices\":[],\
                            \"usage\":{\"prompt_tokens\":500000,\"completion_tokens\":250000,\"total_tokens\":750000}}";

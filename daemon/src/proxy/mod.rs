@@ -2,12 +2,15 @@
 //! redirect), and every HTTP request on it is decided before anything leaves the host.
 //!
 //! A connection's path, top to bottom:
-//! 1. [`Proxy::serve`] accepts on `127.0.0.1` and `::1` under a fixed connection budget: over
-//!    the budget, new connections are closed at once (a flood gets refusals, never a way around
-//!    the checks).
-//! 2. [`conn`] looks the connection up in the kernel's connection table (no entry: closed), finds
-//!    the sandbox's passport by cgroup (none: closed), maps a synthetic destination back to its
-//!    name, and sniffs the first bytes ([`sniff`]): TLS, plain HTTP, or anything else.
+//! 1. [`Proxy::serve`] accepts on `127.0.0.1` and `::1`, takes the connection's entry from the
+//!    kernel's connection table (no entry: closed) and admits it under two budgets: all sandboxes
+//!    together ([`Limits::max_connections`]) and its own sandbox, by the entry's cgroup
+//!    ([`Limits::max_connections_per_sandbox`]). Over either, it is closed at once and counted (a
+//!    flood gets refusals, never a way around the checks, and one sandbox cannot take the
+//!    others' share).
+//! 2. [`conn`] finds the sandbox's passport by cgroup (none: closed), maps a synthetic
+//!    destination back to its name, and sniffs the first bytes ([`sniff`]): TLS, plain HTTP, or
+//!    anything else.
 //! 3. TLS is terminated with a leaf minted by the local CA ([`ca`]) for the SNI, ALPN `h2` or
 //!    `http/1.1`; plain HTTP is served as is; anything else goes to [`raw`] (default block).
 //! 4. [`http`] runs one task per request (keep-alive and HTTP/2 streams alike): host checks
@@ -66,18 +69,21 @@ mod metered;
 mod prefixed;
 mod raw;
 pub mod sniff;
+#[cfg(test)]
+mod testing;
 mod throttle;
 pub mod upstream;
 
 use crate::decide::CompiledPassport;
 use crate::dns::{SyntheticPool, UpstreamResolver};
-use crate::kernel::Conntable;
+use crate::kernel::{Conntable, OrigDst};
 use crate::policy::PolicyHandle;
 use crate::service::Service;
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
@@ -86,11 +92,34 @@ use tokio::sync::{watch, Semaphore};
 /// connection is closed). The daemon passes `Service::passport_for_cgroup`; tests pass a map.
 pub type PassportLookup = Arc<dyn Fn(u64) -> Option<Arc<CompiledPassport>> + Send + Sync>;
 
+/// Where redirected connections were going: the kernel's connection table, whose entry for an
+/// accepted connection is taken once ([`Conntable::lookup`]). A trait so that the proxy's unit
+/// tests can stand in for the kernel.
+pub trait Redirects: Send + Sync {
+    /// Takes the entry of the accepted connection whose peer is `client`; `None`: the
+    /// connection did not come through the redirect (or its entry is gone), and is closed.
+    fn lookup(&self, client: SocketAddr) -> Option<OrigDst>;
+}
+
+impl Redirects for Conntable {
+    fn lookup(&self, client: SocketAddr) -> Option<OrigDst> {
+        Conntable::lookup_proxy(self, client)
+    }
+}
+
+/// A connection's places in the global budget and in its sandbox's; dropped when it ends.
+type Admitted = (tokio::sync::OwnedSemaphorePermit, SandboxSlot);
+
 /// Bounds that keep one agent (or a flood) from exhausting the daemon.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Connections handled at once; more are closed at accept.
+    /// Connections handled at once, all sandboxes together; more are closed at accept
+    /// (`[proxy] max_connections`).
     pub max_connections: usize,
+    /// Connections handled at once for one sandbox (by the cgroup its connection-table entry
+    /// names); more from that sandbox are closed at accept (`[proxy]
+    /// max_connections_per_sandbox`).
+    pub max_connections_per_sandbox: usize,
     /// Time to receive enough bytes to classify a connection; a silent client is then raw TCP.
     pub sniff_timeout: Duration,
     /// TLS handshake with the agent.
@@ -108,6 +137,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 4096,
+            max_connections_per_sandbox: 1024,
             sniff_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             header_timeout: Duration::from_secs(30),
@@ -139,6 +169,9 @@ pub struct Stats {
     pub accepted: AtomicU64,
     /// Closed at accept: over [`Limits::max_connections`].
     pub over_limit: AtomicU64,
+    /// Closed at accept: the sandbox was over [`Limits::max_connections_per_sandbox`] (per
+    /// sandbox: [`Proxy::sandbox_over_limit`]).
+    pub over_sandbox_limit: AtomicU64,
     /// Closed: no connection-table entry (did not come through the redirect).
     pub unknown: AtomicU64,
     /// Closed: the cgroup is not a sandbox with a passport.
@@ -156,6 +189,7 @@ pub struct Stats {
 pub struct StatsSnapshot {
     pub accepted: u64,
     pub over_limit: u64,
+    pub over_sandbox_limit: u64,
     pub unknown: u64,
     pub no_passport: u64,
     pub requests: u64,
@@ -175,7 +209,7 @@ pub struct Proxy {
     /// The service calls the proxy makes ([`decider::Decide`]; the daemon's `Service`).
     service: Arc<dyn decider::Decide>,
     policy: Arc<PolicyHandle>,
-    conntable: Arc<Conntable>,
+    conntable: Arc<dyn Redirects>,
     passports: PassportLookup,
     pool: Arc<SyntheticPool>,
     tls: Arc<rustls::ServerConfig>,
@@ -184,9 +218,71 @@ pub struct Proxy {
     own_ports: [u16; 2],
     limits: Limits,
     slots: Arc<Semaphore>,
+    sandboxes: Arc<SandboxSlots>,
     stats: Stats,
-    /// The over-budget warning, at most once a second under a flood.
-    over_limit_log: throttle::Throttle,
+    /// The over-budget warnings (global and per sandbox), at most once a second under a flood.
+    refusal_log: throttle::Throttle,
+}
+
+/// Sandboxes whose refusals are counted one by one; refusals of more sandboxes than this are
+/// counted together (`cgroup_id` 0), so a stream of short-lived sandboxes cannot grow the map.
+pub const MAX_SANDBOX_SERIES: usize = 1024;
+
+/// Connections in flight per sandbox (by cgroup id), and the connections each sandbox had
+/// closed for being over its limit.
+#[derive(Debug)]
+struct SandboxSlots {
+    limit: usize,
+    state: Mutex<SandboxState>,
+}
+
+#[derive(Debug, Default)]
+struct SandboxState {
+    /// Only sandboxes with connections in flight: at most [`Limits::max_connections`] entries.
+    active: HashMap<u64, usize>,
+    /// Bounded by [`MAX_SANDBOX_SERIES`] (plus the `0` overflow entry).
+    refused: HashMap<u64, u64>,
+}
+
+/// One admitted connection's place in its sandbox's budget; given back on drop.
+struct SandboxSlot {
+    slots: Arc<SandboxSlots>,
+    cgroup_id: u64,
+}
+
+impl SandboxSlots {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SandboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for `cgroup_id`, or `None` (counted) when the sandbox is at its limit.
+    fn acquire(self: &Arc<Self>, cgroup_id: u64) -> Option<SandboxSlot> {
+        let mut state = self.lock();
+        let active = state.active.entry(cgroup_id).or_insert(0);
+        if *active >= self.limit {
+            let key = if state.refused.contains_key(&cgroup_id) || state.refused.len() < MAX_SANDBOX_SERIES {
+                cgroup_id
+            } else {
+                0
+            };
+            *state.refused.entry(key).or_insert(0) += 1;
+            return None;
+        }
+        *active += 1;
+        Some(SandboxSlot { slots: Arc::clone(self), cgroup_id })
+    }
+}
+
+impl Drop for SandboxSlot {
+    fn drop(&mut self) {
+        let mut state = self.slots.lock();
+        if let Some(active) = state.active.get_mut(&self.cgroup_id) {
+            *active = active.saturating_sub(1);
+            if *active == 0 {
+                state.active.remove(&self.cgroup_id);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Proxy {
@@ -213,9 +309,13 @@ impl Proxy {
             upstream,
             own_ports: [parts.proxy_port, parts.dns_port],
             slots: Arc::new(Semaphore::new(parts.limits.max_connections.max(1))),
+            sandboxes: Arc::new(SandboxSlots {
+                limit: parts.limits.max_connections_per_sandbox.max(1),
+                state: Mutex::default(),
+            }),
             limits: parts.limits,
             stats: Stats::default(),
-            over_limit_log: throttle::Throttle::new(Duration::from_secs(1)),
+            refusal_log: throttle::Throttle::new(Duration::from_secs(1)),
         }))
     }
 
@@ -225,6 +325,7 @@ impl Proxy {
         StatsSnapshot {
             accepted: g(&s.accepted),
             over_limit: g(&s.over_limit),
+            over_sandbox_limit: g(&s.over_sandbox_limit),
             unknown: g(&s.unknown),
             no_passport: g(&s.no_passport),
             requests: g(&s.requests),
@@ -234,6 +335,19 @@ impl Proxy {
             upstream_errors: g(&s.upstream_errors),
             raw_connections: g(&s.raw_connections),
         }
+    }
+
+    /// Connections closed at accept because their sandbox was over its limit, by cgroup id
+    /// (`0`: sandboxes beyond [`MAX_SANDBOX_SERIES`]), sorted by cgroup id.
+    pub fn sandbox_over_limit(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = self.sandboxes.lock().refused.iter().map(|(k, v)| (*k, *v)).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Connections in flight for the sandbox `cgroup_id`.
+    pub fn sandbox_active(&self, cgroup_id: u64) -> usize {
+        self.sandboxes.lock().active.get(&cgroup_id).copied().unwrap_or(0)
     }
 
     /// Accepts on every listener until `stop` turns true. Connections in flight are not waited
@@ -261,26 +375,75 @@ impl Proxy {
                     continue;
                 }
             };
-            inc(&self.stats.accepted);
-            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                // Over budget: close now. The kernel table entry is taken too, so it cannot be
-                // claimed by anyone else later.
-                inc(&self.stats.over_limit);
-                let _ = self.conntable.lookup(peer);
+            let Some((orig, admitted)) = self.take(peer) else {
                 drop(stream);
-                if let Some(left_out) = self.over_limit_log.admit(std::time::Instant::now()) {
-                    tracing::warn!(%peer, max_connections = self.limits.max_connections, left_out, "proxy: too many connections; closing (at most one such line a second; left_out: refusals since the last one)");
-                }
                 continue;
             };
             let this = self.clone();
             tokio::spawn(async move {
-                let _slot = slot;
-                conn::handle(this, stream, peer).await;
+                let _admitted = admitted;
+                conn::handle(this, stream, peer, orig).await;
             });
         }
     }
 }
+
+impl Proxy {
+    /// The first step of every accepted connection: its connection-table entry (taken first,
+    /// whatever happens next, so that no one can claim it later; one syscall, no await in
+    /// between) and its places in the budgets. `None` (counted, logged): the caller closes it.
+    fn take(&self, peer: SocketAddr) -> Option<(OrigDst, Admitted)> {
+        inc(&self.stats.accepted);
+        let Some(orig) = self.conntable.lookup(peer) else {
+            inc(&self.stats.unknown);
+            tracing::warn!(%peer, "connection without a connection-table entry; closing");
+            return None;
+        };
+        let admitted = self.admit(&orig)?;
+        Some((orig, admitted))
+    }
+
+    /// The connection's places in the global and in its sandbox's budget, or `None` (counted,
+    /// logged) when either is exhausted: the caller closes the connection.
+    fn admit(&self, orig: &OrigDst) -> Option<Admitted> {
+        // A flood is refused thousands of times a second: one line a second at most, with the
+        // count of refusals left out since the last line (the counters have them all).
+        let Ok(global) = self.slots.clone().try_acquire_owned() else {
+            inc(&self.stats.over_limit);
+            if let Some(left_out) = self.refusal_log.admit(std::time::Instant::now()) {
+                tracing::warn!(
+                    cgroup_id = orig.cgroup_id,
+                    pid = orig.pid,
+                    limit = self.limits.max_connections,
+                    left_out,
+                    "proxy: too many connections; closing"
+                );
+            }
+            return None;
+        };
+        let Some(sandbox) = self.sandboxes.acquire(orig.cgroup_id) else {
+            inc(&self.stats.over_sandbox_limit);
+            if let Some(left_out) = self.refusal_log.admit(std::time::Instant::now()) {
+                tracing::warn!(
+                    cgroup_id = orig.cgroup_id,
+                    pid = orig.pid,
+                    limit = self.limits.max_connections_per_sandbox,
+                    left_out,
+                    "proxy: the sandbox has too many connections; closing"
+                );
+            }
+            return None;
+        };
+        Some((global, sandbox))
+    }
+}
+
+/// Listen backlog of the proxy's sockets (the kernel caps it at `net.core.somaxconn`). When a
+/// burst of connects overflows the accept queue, the kernel answers with SYN cookies and keeps no
+/// state: such a connection reaches `accept` only when the agent sends its first packet, and one
+/// the agent closes before that is never served. A deep queue keeps bursts of thousands of
+/// connects out of that path.
+pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Raises this process's soft limit on open files to its hard limit and returns the soft limit
 /// now in force. Each forwarded connection takes two descriptors (agent and upstream); the usual
@@ -310,7 +473,7 @@ pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
         let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
         socket.bind(addr).map_err(|e| io::Error::new(e.kind(), format!("binding the proxy on {addr}: {e}")))?;
-        out.push(socket.listen(1024)?);
+        out.push(socket.listen(LISTEN_BACKLOG)?);
     }
     Ok(out)
 }
@@ -334,5 +497,41 @@ mod tests {
     fn descriptors_needed_count_both_legs_and_never_overflow() {
         assert_eq!(fds_needed(4096), 8448);
         assert_eq!(fds_needed(usize::MAX), u64::MAX);
+    }
+
+    fn slots(limit: usize) -> Arc<SandboxSlots> {
+        Arc::new(SandboxSlots { limit, state: Mutex::default() })
+    }
+
+    #[test]
+    fn one_sandbox_at_its_limit_does_not_take_another_sandboxes_share() {
+        let s = slots(3);
+        let flooder: Vec<_> = (0..3).map(|_| s.acquire(7).expect("under the limit")).collect();
+        for _ in 0..10 {
+            assert!(s.acquire(7).is_none(), "over the limit");
+        }
+        let quiet: Vec<_> = (0..3).map(|_| s.acquire(8).expect("another sandbox is unaffected")).collect();
+        assert_eq!(s.lock().refused.get(&7), Some(&10));
+        assert_eq!(s.lock().refused.get(&8), None);
+        // A slot given back is usable again; a sandbox with none in flight leaves no entry.
+        drop(flooder);
+        assert!(!s.lock().active.contains_key(&7));
+        let again = s.acquire(7).expect("slots came back");
+        drop((again, quiet));
+        assert!(s.lock().active.is_empty());
+    }
+
+    #[test]
+    fn refusals_of_endless_sandboxes_stay_bounded() {
+        let s = slots(1);
+        let held: Vec<_> = (0..MAX_SANDBOX_SERIES as u64 + 50).map(|id| s.acquire(id + 1).unwrap()).collect();
+        for id in 0..MAX_SANDBOX_SERIES as u64 + 50 {
+            assert!(s.acquire(id + 1).is_none());
+        }
+        let state = s.lock();
+        assert_eq!(state.refused.len(), MAX_SANDBOX_SERIES + 1, "{} series", state.refused.len());
+        assert_eq!(state.refused.get(&0), Some(&50), "the overflow is counted together");
+        drop(state);
+        drop(held);
     }
 }

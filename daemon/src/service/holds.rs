@@ -3,98 +3,24 @@
 //! A `request_hold` decision creates a pending hold in the same transaction as its record.
 //! Approve, deny and timeout each resolve it in one transaction that writes the resolution record
 //! (linked to the hold's record, naming the approver) and, for an approval, re-checks every limit
-//! and moves the counters. Waiters (the proxy) are woken after the resolution is durable.
+//! and the host policy in force at approval ([`host_verdict_at_approval`]), then moves the
+//! counters. Waiters (the proxy) are woken after the resolution is durable.
 
-use super::records::{self, Built, DecisionOutcome};
+use super::drafts::{self, Built, DecisionOutcome};
+use super::held::{Hold, HoldOrigin, HoldResolution, HoldStatus};
+use super::peer::{Actor, Peer};
 use super::{now, Service, ServiceError};
 use crate::decide::{self, ActionRequest, Decision, EvalOptions, HostVerdict, Reason, Usage};
 use crate::domain::DomainName;
 use crate::ledger::{Draft, Txn, TxnError};
 use crate::passport::Claims;
-use crate::service::Peer;
+use crate::policy::PolicySet;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HoldStatus {
-    Pending,
-    Approved,
-    Denied,
-    TimedOut,
-    Abandoned,
-}
-
-/// Who is waiting for the hold: a proxied request (gone if the daemon restarts) or an API caller
-/// (passport-only mode, which asks again later).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HoldOrigin {
-    Proxy,
-    Api,
-}
-
-/// The request a hold is about, as stored. The cost is millicents; a hold stored before sluice
-/// counted millicents carries `cost_cents` instead and is read × 1000 (see [`StoredRequest`]).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(try_from = "StoredRequest")]
-pub struct HeldRequest {
-    pub action: String,
-    pub cost_millicents: u64,
-    pub host: Option<String>,
-    pub method: Option<String>,
-    pub path: Option<String>,
-}
-
-/// A held request as either format stored it: exactly one of `cost_millicents` (now) and
-/// `cost_cents` (before). Neither or both is an unreadable hold, never a free request.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StoredRequest {
-    action: String,
-    #[serde(default)]
-    cost_millicents: Option<u64>,
-    #[serde(default)]
-    cost_cents: Option<u64>,
-    host: Option<String>,
-    method: Option<String>,
-    path: Option<String>,
-}
-
-impl TryFrom<StoredRequest> for HeldRequest {
-    type Error = String;
-
-    fn try_from(r: StoredRequest) -> Result<HeldRequest, String> {
-        let cost_millicents = match (r.cost_millicents, r.cost_cents) {
-            (Some(m), None) => m,
-            (None, Some(c)) => crate::money::from_cents(c)
-                .ok_or_else(|| format!("cost_cents {c} is too large to count in millicents"))?,
-            _ => return Err("the request needs exactly one of cost_millicents and cost_cents".to_string()),
-        };
-        Ok(HeldRequest { action: r.action, cost_millicents, host: r.host, method: r.method, path: r.path })
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Hold {
-    pub id: String,
-    pub passport_id: String,
-    pub agent_id: String,
-    pub status: HoldStatus,
-    pub origin: HoldOrigin,
-    pub created_at: DateTime<Utc>,
-    pub expires_at: DateTime<Utc>,
-    pub request: HeldRequest,
-    /// Log index of the decision record that created the hold.
-    pub record_index: u64,
-    #[serde(default)]
-    pub resolution: Option<Value>,
-}
 
 /// How a hold ended, for whoever waited on it (JSON at the edge: [`HoldOutcome::to_json`]).
 #[derive(Debug, Clone)]
@@ -163,74 +89,70 @@ enum Resolution {
     Abandon,
 }
 
-impl Hold {
-    pub fn new(
-        claims: &Claims,
-        request: &ActionRequest,
-        origin: HoldOrigin,
-        at: DateTime<Utc>,
-        timeout: Duration,
-        record_index: u64,
-    ) -> Hold {
-        let id: [u8; 12] = rand::random();
-        Hold {
-            id: format!("hold_{}", crate::ledger::hex::encode(&id)),
-            passport_id: claims.id.to_string(),
-            agent_id: claims.agent_id.clone(),
-            status: HoldStatus::Pending,
-            origin,
-            created_at: at,
-            expires_at: at + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::seconds(120)),
-            request: HeldRequest {
-                action: request.action.clone(),
-                cost_millicents: request.cost_millicents,
-                host: request.host.as_ref().map(|h| h.to_string()),
-                method: request.method.clone(),
-                path: request.path.clone(),
+/// `GET /v1/holds/{id}`: one hold as the API shows it (JSON at the edge). The request's cost is
+/// given exactly (`cost_millicents`) and in whole cents rounded up (`cost_cents`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HoldView {
+    pub id: String,
+    pub passport_id: String,
+    pub agent_id: String,
+    pub status: HoldStatus,
+    pub origin: HoldOrigin,
+    pub created_at: String,
+    pub expires_at: String,
+    pub request: HeldRequestView,
+    /// The log index of the decision that created the hold.
+    pub attestation_id: u64,
+    pub resolution: Option<HoldResolution>,
+}
+
+/// The held request in a [`HoldView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeldRequestView {
+    pub action: String,
+    pub host: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub cost_cents: u64,
+    pub cost_millicents: u64,
+}
+
+/// `GET /v1/holds`: the pending holds, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HoldList {
+    pub holds: Vec<HoldView>,
+}
+
+impl HoldView {
+    fn of(h: &Hold) -> HoldView {
+        let r = &h.request;
+        HoldView {
+            id: h.id.clone(),
+            passport_id: h.passport_id.clone(),
+            agent_id: h.agent_id.clone(),
+            status: h.status,
+            origin: h.origin,
+            created_at: drafts::time(h.created_at),
+            expires_at: drafts::time(h.expires_at),
+            request: HeldRequestView {
+                action: r.action.clone(),
+                host: r.host.clone(),
+                method: r.method.clone(),
+                path: r.path.clone(),
+                cost_cents: crate::money::cents_up(r.cost_millicents),
+                cost_millicents: r.cost_millicents,
             },
-            record_index,
-            resolution: None,
+            attestation_id: h.record_index,
+            resolution: h.resolution.clone(),
         }
-    }
-
-    pub fn to_bytes(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-
-    fn from_bytes(bytes: &[u8]) -> Result<Hold, String> {
-        serde_json::from_slice(bytes).map_err(|e| format!("stored hold is unreadable: {e}"))
-    }
-
-    fn action_request(&self) -> ActionRequest {
-        ActionRequest {
-            action: self.request.action.clone(),
-            cost_millicents: self.request.cost_millicents,
-            host: self.request.host.as_deref().and_then(|h| DomainName::parse(h).ok()),
-            method: self.request.method.clone(),
-            path: self.request.path.clone(),
-        }
-    }
-
-    /// The API's view. The request's cost is given exactly (`cost_millicents`) and in whole
-    /// cents rounded up (`cost_cents`).
-    fn view(&self) -> Value {
-        let r = &self.request;
-        let request = json!({
-            "action": r.action, "host": r.host, "method": r.method, "path": r.path,
-            "cost_cents": crate::money::cents_up(r.cost_millicents), "cost_millicents": r.cost_millicents,
-        });
-        json!({
-            "id": self.id, "passport_id": self.passport_id, "agent_id": self.agent_id,
-            "status": self.status, "origin": self.origin,
-            "created_at": records::time(self.created_at), "expires_at": records::time(self.expires_at),
-            "request": request, "attestation_id": self.record_index, "resolution": self.resolution,
-        })
     }
 }
 
+json_at_the_edge!(HoldView, HoldList);
+
 impl Service {
     /// `GET /v1/holds`: pending holds, oldest first.
-    pub fn holds(&self) -> Result<Value, ServiceError> {
+    pub fn holds(&self) -> Result<HoldList, ServiceError> {
         let mut holds: Vec<Hold> = self
             .ledger
             .state_scan("hold/")?
@@ -239,12 +161,12 @@ impl Service {
             .filter(|h| h.status == HoldStatus::Pending)
             .collect();
         holds.sort_by_key(|h| h.created_at);
-        Ok(json!({"holds": holds.iter().map(Hold::view).collect::<Vec<_>>()}))
+        Ok(HoldList { holds: holds.iter().map(HoldView::of).collect() })
     }
 
     /// `GET /v1/holds/{id}`: one hold, in any state.
-    pub fn hold(&self, id: &str) -> Result<Value, ServiceError> {
-        self.load_hold(id).map(|h| h.view())
+    pub fn hold(&self, id: &str) -> Result<HoldView, ServiceError> {
+        self.load_hold(id).map(|h| HoldView::of(&h))
     }
 
     fn load_hold(&self, id: &str) -> Result<Hold, ServiceError> {
@@ -319,7 +241,10 @@ impl Service {
         let hold = self.load_hold(id)?;
         let cp = self.passport(&hold.passport_id);
         let revoked = self.is_revoked(&hold.passport_id);
-        let (digest, host_rules) = self.policy_snapshot();
+        // One read of the policy in force: the approval's host verdict, its CEL host rules and
+        // the digest its record names all come from it, even across a concurrent reload.
+        let policy = self.policy_set();
+        let digest = policy.as_ref().map(|p| p.digest());
         let key = format!("hold/{id}");
         let (outcome, appended) = self
             .transact(move |txn: &mut Txn<'_>| {
@@ -346,21 +271,26 @@ impl Service {
                 };
                 let (built, status, by, note) = match how {
                     Resolution::Approve(peer, note) => {
-                        let built = approve_in_txn(txn, &cp, &request, revoked, at, host_rules)?;
+                        let built = approve_in_txn(txn, &cp, &hold, &request, revoked, at, policy.as_deref())?;
                         let status =
                             if built.decision == Decision::Allow { HoldStatus::Approved } else { HoldStatus::Denied };
-                        (built, status, peer.to_json(), note)
+                        (built, status, peer.actor(), note)
                     }
                     Resolution::Deny(peer, note) => {
                         let detail = format!(
                             "A human denied this request ({}).",
                             peer.user.as_deref().unwrap_or("unknown user")
                         );
-                        (block(claims, Reason::HoldDenied, detail, at), HoldStatus::Denied, peer.to_json(), note)
+                        (block(claims, Reason::HoldDenied, detail, at), HoldStatus::Denied, peer.actor(), note)
                     }
                     Resolution::Timeout => {
                         let detail = "Nobody approved this request before its hold expired.".to_string();
-                        (block(claims, Reason::HoldTimeout, detail, at), HoldStatus::TimedOut, json!("timeout"), None)
+                        (
+                            block(claims, Reason::HoldTimeout, detail, at),
+                            HoldStatus::TimedOut,
+                            Actor::Daemon("timeout".into()),
+                            None,
+                        )
                     }
                     Resolution::Abandon => {
                         let detail =
@@ -368,24 +298,23 @@ impl Service {
                         (
                             block(claims, Reason::HoldAbandoned, detail, at),
                             HoldStatus::Abandoned,
-                            json!("daemon_restart"),
+                            Actor::Daemon("daemon_restart".into()),
                             None,
                         )
                     }
                 };
-                let body = records::hold_resolution(
+                let body = drafts::hold_resolution(
                     claims,
                     &hold,
                     &request,
                     &built,
-                    by.clone(),
+                    by.to_json(),
                     note.clone(),
                     digest.as_deref(),
                     at,
                 );
                 hold.status = status;
-                hold.resolution =
-                    Some(json!({"at": records::time(at), "by": by, "note": note, "reason": built.reason}));
+                hold.resolution = Some(HoldResolution { at: drafts::time(at), by, note, reason: built.reason.clone() });
                 txn.put(&key, &hold.to_bytes())?;
                 Ok(((built, hold), vec![Draft::new(claims.id.to_string(), body)]))
             })
@@ -412,7 +341,7 @@ fn block(claims: &Claims, reason: Reason, detail: String, at: DateTime<Utc>) -> 
     Built {
         passport_id: claims.id.to_string(),
         decision: Decision::Block,
-        guardrails: records::failed("approval", &reason),
+        guardrails: drafts::failed("approval", &reason),
         reason,
         detail,
         all_passed: false,
@@ -422,14 +351,18 @@ fn block(claims: &Claims, reason: Reason, detail: String, at: DateTime<Utc>) -> 
     }
 }
 
-/// An approval re-checks every limit (but not the approval step itself) and spends on success.
+/// An approval re-checks everything the decision checked (but not the approval step itself)
+/// against the state and the host policy in force now, and spends on success: revocation, the
+/// counters, the passport's constraints and CEL rules, and the host policy's verdict
+/// ([`host_verdict_at_approval`]) with its CEL host rules.
 fn approve_in_txn(
     txn: &mut Txn<'_>,
     cp: &decide::CompiledPassport,
+    hold: &Hold,
     request: &ActionRequest,
     revoked: bool,
     at: DateTime<Utc>,
-    host_rules: Option<std::sync::Arc<decide::CompiledRules>>,
+    policy: Option<&PolicySet>,
 ) -> Result<Built, TxnError> {
     let claims = &cp.passport.claims;
     let id = claims.id.to_string();
@@ -444,8 +377,9 @@ fn approve_in_txn(
             Err(e) => return Ok(Built::state_error(claims, &e.to_string(), at)),
         },
     };
-    let eval =
-        decide::evaluate(cp, &usage, request, &HostVerdict::Allow, at, EvalOptions { skip_approval: true, host_rules });
+    let verdict = host_verdict_at_approval(policy, hold);
+    let host_rules = policy.and_then(PolicySet::compiled_host_rules);
+    let eval = decide::evaluate(cp, &usage, request, &verdict, at, EvalOptions { skip_approval: true, host_rules });
     let mut built = Built::from_eval(&eval, claims, at);
     if eval.decision == Decision::Allow {
         built.reason = Reason::HoldApproved;
@@ -454,17 +388,101 @@ fn approve_in_txn(
     Ok(built)
 }
 
+/// The host policy's verdict on a held request under `policy`, the policy in force at approval:
+/// the checks its decision passed, made again, so that a reload that tightened the policy while
+/// the request waited refuses it (attested as a block with the policy's reason).
+///
+/// * A proxied raw TCP connection or CONNECT tunnel: a `[[raw_tcp]]` rule must still allow the
+///   name and port, with the action and cost that were held.
+/// * A proxied HTTP request: its route must still give the action that was held and, for a
+///   fixed price, the cost (a metered estimate stands: the body it was read from is gone).
+/// * Every request: the host-wide checks (denied domains, per-action ceilings), as at decision
+///   time: for its host, or the ceilings alone for an API request without a target.
+///
+/// No policy (a daemon run without one): `Allow`, as at decision time.
+pub(super) fn host_verdict_at_approval(policy: Option<&PolicySet>, hold: &Hold) -> HostVerdict {
+    let Some(policy) = policy else { return HostVerdict::Allow };
+    let r = &hold.request;
+    let cost = r.cost_millicents;
+    let deny = |reason: Reason, detail: String| HostVerdict::Deny {
+        reason,
+        detail: format!("Checked again at approval against the host policy in force now: {detail}"),
+    };
+    let host = match r.host.as_deref().map(DomainName::parse) {
+        None => return policy.ceiling_check(cost),
+        Some(Ok(host)) => host,
+        Some(Err(e)) => {
+            return deny(Reason::InvalidHost, format!("the held request's host {:?} is not a host name: {e}", r.host));
+        }
+    };
+    let money = crate::money::dollars;
+    if hold.origin == HoldOrigin::Proxy {
+        let connect = r.method.as_deref() == Some("CONNECT");
+        match (r.method.as_deref(), r.path.as_deref(), r.port) {
+            (None, _, Some(port)) | (Some("CONNECT"), _, Some(port)) => match policy.raw_tcp(Some(&host), port) {
+                None => {
+                    let reason = if connect { Reason::ConnectDenied } else { Reason::RawTcpDenied };
+                    return deny(reason, format!("no [[raw_tcp]] rule allows {host}:{port} any more."));
+                }
+                Some(rule) if *rule.action != *r.action || rule.cost_millicents != cost => {
+                    return deny(
+                        Reason::PolicyDenied,
+                        format!(
+                            "the [[raw_tcp]] rule for {host}:{port} ({}:{}) now gives action {} at {}, not {} at {} as \
+                             when the connection was held; connect again.",
+                            rule.file.display(),
+                            rule.line,
+                            rule.action,
+                            money(rule.cost_millicents),
+                            r.action,
+                            money(cost)
+                        ),
+                    );
+                }
+                Some(_) => {}
+            },
+            (Some(method), Some(path), None) if !connect => {
+                let route = policy.route(&host, method, path);
+                let fixed = match &route.cost {
+                    crate::policy::Cost::Fixed(c) => Some(*c),
+                    crate::policy::Cost::Metered(_) => None,
+                };
+                if *route.action != *r.action || fixed.is_some_and(|c| c != cost) {
+                    let now = match fixed {
+                        Some(c) => format!("action {} at {}", route.action, money(c)),
+                        None => format!("action {} (metered)", route.action),
+                    };
+                    return deny(
+                        Reason::PolicyDenied,
+                        format!(
+                            "{method} {host}{path} is now routed to {now}, not {} at {} as when it was held; \
+                             send the request again.",
+                            r.action,
+                            money(cost)
+                        ),
+                    );
+                }
+            }
+            _ => {
+                return deny(
+                    Reason::PolicyDenied,
+                    "the held request does not say how the proxy routed it, so it cannot be checked again.".into(),
+                );
+            }
+        }
+    }
+    match policy.host_check(&host, cost) {
+        HostVerdict::Allow => HostVerdict::Allow,
+        HostVerdict::Deny { reason, detail } => deny(reason, detail),
+    }
+}
+
 impl Service {
     /// A hold found resolved: its decision and reason from the stored hold, and its resolution
     /// record from the passport's chain (newest first, back to the hold's own decision).
     fn outcome_of_resolved(&self, h: &Hold) -> HoldOutcome {
-        let reason = h
-            .resolution
-            .as_ref()
-            .and_then(|r| r.get("reason"))
-            .and_then(Value::as_str)
-            // A stored string this version does not know is kept as it is (`Reason::parse`).
-            .map_or(Reason::HoldResolved, Reason::parse);
+        // A stored reason this version does not know is kept as it is (`Reason::parse`).
+        let reason = h.resolution.as_ref().map_or(Reason::HoldResolved, |r| r.reason.clone());
         let decision = if h.status == HoldStatus::Approved { Decision::Allow } else { Decision::Block };
         let attestation_id = self.resolution_record(h).unwrap_or_else(|e| {
             tracing::error!(hold_id = %h.id, error = %e, "cannot find the hold's resolution record");
@@ -482,8 +500,8 @@ impl Service {
             let Some(bytes) = snap.record(index)? else { continue };
             let Ok(record) = serde_json::from_slice::<Value>(&bytes) else { continue };
             if record.get(crate::ledger::record::FIELD_KIND).and_then(Value::as_str)
-                == Some(records::kind::HOLD_RESOLUTION)
-                && record.get(records::field::HOLD_ID).and_then(Value::as_str) == Some(h.id.as_str())
+                == Some(drafts::kind::HOLD_RESOLUTION)
+                && record.get(drafts::field::HOLD_ID).and_then(Value::as_str) == Some(h.id.as_str())
             {
                 return Ok(Some(index));
             }
@@ -500,11 +518,13 @@ mod tests {
         Peer { uid: 0, gid: 0, pid: 1, user: Some("root".into()) }
     }
 
+    use super::super::testkit::Fixture;
+
     /// A proxied request held for approval: the fixture and the outcome of its decision.
-    async fn held() -> (super::super::settle::testkit::Fixture, DecisionOutcome) {
+    async fn held() -> (Fixture, DecisionOutcome) {
         use crate::passport::Constraints;
         let constraints = Constraints { approval_required: Some(true), ..Constraints::default() };
-        let f = super::super::settle::testkit::fixture_with(constraints).await;
+        let f = super::super::testkit::fixture_with(constraints).await;
         let input = super::super::EnforceInput {
             passport_id: f.passport.clone(),
             action: "llm:chat".into(),
@@ -556,6 +576,210 @@ mod tests {
         assert!(found.attestation_id().is_some_and(|a| a > o.attestation_id));
     }
 
+    /// The host policy of the reload tests: `api.example.test` with one fixed-price route
+    /// (`POST /v1/chat` → `llm:chat`, 1 cent), and a `[[raw_tcp]]` rule for `db.example.test:5432`.
+    const SERVICE_POLICY: &str = r#"
+[service]
+name = "example"
+domains = ["api.example.test"]
+
+[[route]]
+id = "chat"
+method = "POST"
+path = "/v1/chat"
+action = "llm:chat"
+cost_cents = 1
+
+[[raw_tcp]]
+host = "db.example.test"
+port = 5432
+action = "tcp:postgres"
+cost_cents = 0
+"#;
+
+    /// A policy directory holding `files`, loaded, and the directory.
+    fn policy(files: &[(&str, &str)]) -> (tempfile::TempDir, Arc<crate::policy::PolicyHandle>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write policy");
+        }
+        let handle = crate::policy::PolicyHandle::load(dir.path()).expect("policy loads");
+        (dir, Arc::new(handle))
+    }
+
+    /// A proxied `POST https://api.example.test/v1/chat` (1 cent) held for approval under the
+    /// service policy; the policy's directory, to tighten it, and the hold's id.
+    async fn held_under_policy() -> (Fixture, tempfile::TempDir, Arc<crate::policy::PolicyHandle>, String) {
+        use crate::passport::Constraints;
+        let constraints = Constraints { approval_required: Some(true), ..Constraints::default() };
+        let f = super::super::testkit::fixture_with(constraints).await;
+        let (dir, handle) = policy(&[("example.toml", SERVICE_POLICY)]);
+        f.service.set_policy(handle.clone());
+        let host = DomainName::parse("api.example.test").expect("host");
+        // What the proxy's route step hands the decision.
+        let route = handle.current().route(&host, "POST", "/v1/chat");
+        assert_eq!(&*route.action, "llm:chat");
+        let verdict = handle.current().host_check(&host, 1_000);
+        assert_eq!(verdict, HostVerdict::Allow);
+        let input = super::super::EnforceInput {
+            passport_id: f.passport.clone(),
+            action: route.action.to_string(),
+            cost_millicents: Some(1_000),
+            target: Some(host.to_string()),
+            method: Some("POST".into()),
+            path: Some("/v1/chat".into()),
+            ..Default::default()
+        };
+        let o = f.service.enforce_outcome(input, HoldOrigin::Proxy, verdict).await.expect("enforce");
+        assert_eq!(o.decision, Decision::RequestHold, "{}", o.to_json());
+        let id = o.hold_id().expect("hold id").to_string();
+        (f, dir, handle, id)
+    }
+
+    /// Issue 14: a reload that denies the host while the request waits turns its approval into
+    /// a block with the policy's reason, attested under the new policy's digest; nothing is spent.
+    #[tokio::test]
+    async fn an_approval_after_a_reload_that_denies_the_host_is_a_block() {
+        let (f, dir, handle, id) = held_under_policy().await;
+        let before = handle.current().digest();
+        std::fs::write(dir.path().join("host.toml"), "[host]\ndeny_domains = [\"api.example.test\"]\n")
+            .expect("tighten");
+        let reloaded = handle.reload().expect("reload");
+        assert!(reloaded.changed());
+        let r = f.service.resolve_hold(&id, true, &root(), Some("looks fine".into())).await.expect("approve");
+        assert_eq!((r.decision(), r.reason().as_str()), (Decision::Block, "policy_denied"), "{}", r.to_json());
+        let json = r.to_json();
+        assert_eq!(json["hold_status"], "denied");
+        let detail = json["detail"].as_str().expect("detail");
+        assert!(detail.contains("at approval") && detail.contains("host.toml"), "{detail}");
+        let at = r.attestation_id().expect("resolution record");
+        let record = super::super::testkit::record(&f, at);
+        assert_eq!(
+            (record["kind"].as_str(), record["decision"].as_str(), record["reason"].as_str()),
+            (Some("hold_resolution"), Some("block"), Some("policy_denied"))
+        );
+        assert_eq!(record["policy_digest"].as_str(), Some(reloaded.digest.as_str()));
+        assert_ne!(record["policy_digest"].as_str(), Some(before.as_str()));
+        assert_eq!(super::super::testkit::spent(&f), (0, 0), "a refused approval spends nothing");
+        // The stored hold says so too, and a late waiter is told the block.
+        let view = f.service.hold(&id).expect("hold").to_json();
+        assert_eq!(
+            (view["status"].as_str(), view["resolution"]["reason"].as_str()),
+            (Some("denied"), Some("policy_denied"))
+        );
+        let found = f.service.wait_hold(&id).await;
+        assert_eq!((found.decision(), found.attestation_id()), (Decision::Block, Some(at)));
+        let report = super::super::testkit::verified(&f).await;
+        assert!(report.is_ok(), "{:?}", report.problems);
+    }
+
+    /// A reload that routes the held request to another action refuses the approval; a reload
+    /// that changes nothing the request needs does not.
+    #[tokio::test]
+    async fn an_approval_checks_the_route_again_and_allows_what_still_holds() {
+        let (f, dir, handle, id) = held_under_policy().await;
+        // A change elsewhere (a ceiling far above the cost): the approval goes through.
+        std::fs::write(
+            dir.path().join("host.toml"),
+            "[host]\ndeny_domains = []\n[host.ceilings]\nmax_per_action_cents = 500\n",
+        )
+        .expect("write");
+        handle.reload().expect("reload");
+        let r = f.service.resolve_hold(&id, true, &root(), None).await.expect("approve");
+        assert_eq!((r.decision(), r.reason().as_str()), (Decision::Allow, "hold_approved"), "{}", r.to_json());
+        assert_eq!(super::super::testkit::spent(&f), (1_000, 1_000));
+
+        let (f, dir, handle, id) = held_under_policy().await;
+        let moved = SERVICE_POLICY.replace("action = \"llm:chat\"", "action = \"llm:chat:costly\"");
+        std::fs::write(dir.path().join("example.toml"), moved).expect("write");
+        handle.reload().expect("reload");
+        let r = f.service.resolve_hold(&id, true, &root(), None).await.expect("approve");
+        assert_eq!((r.decision(), r.reason().as_str()), (Decision::Block, "policy_denied"));
+        let detail = r.to_json()["detail"].as_str().expect("detail").to_string();
+        assert!(detail.contains("llm:chat:costly") && detail.contains("send the request again"), "{detail}");
+        assert_eq!(super::super::testkit::spent(&f), (0, 0));
+    }
+
+    /// A stored hold as the proxy or the API made it.
+    fn stored(
+        origin: HoldOrigin,
+        host: Option<&str>,
+        method: Option<&str>,
+        path: Option<&str>,
+        port: Option<u16>,
+        cost: u64,
+    ) -> Hold {
+        let request = crate::service::HeldRequest {
+            action: if port.is_some() { "tcp:postgres" } else { "llm:chat" }.into(),
+            cost_millicents: cost,
+            host: host.map(str::to_string),
+            method: method.map(str::to_string),
+            path: path.map(str::to_string),
+            port,
+        };
+        let mut h = hold_with(json!({"action": "x", "cost_millicents": 0, "host": null, "method": null, "path": null}))
+            .expect("hold");
+        h.origin = origin;
+        h.request = request;
+        h
+    }
+
+    fn denied(v: &HostVerdict) -> Option<&str> {
+        match v {
+            HostVerdict::Allow => None,
+            HostVerdict::Deny { reason, .. } => Some(reason.as_str()),
+        }
+    }
+
+    #[test]
+    fn the_approval_verdict_checks_what_the_decision_checked() {
+        let (_d, now) = policy(&[("example.toml", SERVICE_POLICY)]);
+        let now = now.current();
+        let db = Some("db.example.test");
+        let api = Some("api.example.test");
+        let post = (Some("POST"), Some("/v1/chat"));
+        let cases = [
+            // Raw TCP and CONNECT: the rule must still allow name and port, same action and cost.
+            (stored(HoldOrigin::Proxy, db, None, None, Some(5432), 0), None),
+            (stored(HoldOrigin::Proxy, db, None, None, Some(5433), 0), Some("raw_tcp_denied")),
+            (stored(HoldOrigin::Proxy, db, Some("CONNECT"), Some("db.example.test:5432"), Some(5432), 0), None),
+            (
+                stored(HoldOrigin::Proxy, db, Some("CONNECT"), Some("db.example.test:22"), Some(22), 0),
+                Some("connect_denied"),
+            ),
+            (stored(HoldOrigin::Proxy, db, None, None, Some(5432), 1), Some("policy_denied")),
+            // A raw connection without its port cannot be checked: refused, never waved through.
+            (stored(HoldOrigin::Proxy, db, None, None, None, 0), Some("policy_denied")),
+            // HTTP: same route, action and fixed price.
+            (stored(HoldOrigin::Proxy, api, post.0, post.1, None, 1_000), None),
+            (stored(HoldOrigin::Proxy, api, post.0, post.1, None, 2_000), Some("policy_denied")),
+            (stored(HoldOrigin::Proxy, api, Some("GET"), post.1, None, 1_000), Some("policy_denied")),
+            // The API: the host-wide checks only, as `enforce` made them.
+            (stored(HoldOrigin::Api, api, None, None, None, 2_000), None),
+            (stored(HoldOrigin::Api, None, None, None, None, 2_000), None),
+        ];
+        for (hold, want) in &cases {
+            let got = host_verdict_at_approval(Some(&now), hold);
+            assert_eq!(denied(&got), *want, "{:?}: {got:?}", hold.request);
+        }
+        // No host policy at all: nothing to check, as at decision time.
+        assert_eq!(host_verdict_at_approval(None, &cases[1].0), HostVerdict::Allow);
+        // Host-wide rules bind every origin, hosts and ceilings alike.
+        let (_d, tight) = policy(&[
+            ("example.toml", SERVICE_POLICY),
+            ("host.toml", "[host]\ndeny_domains = [\"*.example.test\"]\n[host.ceilings]\nmax_per_action_cents = 1\n"),
+        ]);
+        let tight = tight.current();
+        for (hold, _) in &cases {
+            let got = host_verdict_at_approval(Some(&tight), hold);
+            if hold.request.host.is_some() || hold.request.cost_millicents > 1_000 {
+                assert!(denied(&got).is_some(), "{:?}: {got:?}", hold.request);
+            }
+        }
+        let ceiling = host_verdict_at_approval(Some(&tight), &cases[10].0);
+        assert_eq!(denied(&ceiling), Some("policy_denied"));
+    }
+
     #[test]
     fn a_stored_resolution_reason_this_version_does_not_know_is_kept() {
         let r = Reason::parse("some_future_reason");
@@ -597,11 +821,58 @@ mod tests {
         let old = hold_with(base(("cost_cents", 400))).expect("previous format");
         assert_eq!(old.request.cost_millicents, 400_000);
         // The API view gives both, cents rounded up.
-        let view = new.view();
+        let view = HoldView::of(&new).to_json();
         assert_eq!(
             (view["request"]["cost_cents"].as_u64(), view["request"]["cost_millicents"].as_u64()),
             (Some(1), Some(5))
         );
+    }
+
+    /// A hold's view makes exactly the JSON the untyped view made, resolved or not.
+    #[test]
+    fn the_typed_hold_view_makes_the_same_json_as_before() {
+        let mut h = hold_with(json!({"action": "llm:chat", "cost_millicents": 1_500, "host": "api.example.test",
+                                     "method": "POST", "path": "/v1/chat", "port": 8443}))
+        .expect("hold");
+        let old = |h: &Hold, resolution: Value| {
+            let r = &h.request;
+            json!({
+                "id": h.id, "passport_id": h.passport_id, "agent_id": h.agent_id,
+                "status": h.status, "origin": h.origin,
+                "created_at": drafts::time(h.created_at), "expires_at": drafts::time(h.expires_at),
+                "request": {"action": r.action, "host": r.host, "method": r.method, "path": r.path,
+                            "cost_cents": 2, "cost_millicents": 1_500},
+                "attestation_id": h.record_index, "resolution": resolution,
+            })
+            .to_string()
+        };
+        assert_eq!(HoldView::of(&h).to_json().to_string(), old(&h, Value::Null));
+        let by = root().actor();
+        h.status = HoldStatus::Approved;
+        h.resolution = Some(HoldResolution {
+            at: "2026-05-01T00:01:00.000000Z".into(),
+            by: by.clone(),
+            note: Some("ok".into()),
+            reason: Reason::HoldApproved,
+        });
+        let resolution = json!({"at": "2026-05-01T00:01:00.000000Z", "by": by.to_json(), "note": "ok",
+                                "reason": "hold_approved"});
+        assert_eq!(HoldView::of(&h).to_json().to_string(), old(&h, resolution.clone()));
+        // Stored and read back, the typed resolution is the same; a daemon's `by` too.
+        let back = Hold::from_bytes(&h.to_bytes()).expect("read back");
+        assert_eq!(back.resolution, h.resolution);
+        assert_eq!(back.request.port, Some(8443));
+        let stored: Value = serde_json::from_slice(&h.to_bytes()).expect("json");
+        assert_eq!(stored["resolution"], resolution);
+        h.resolution = Some(HoldResolution {
+            at: "t".into(),
+            by: Actor::Daemon("timeout".into()),
+            note: None,
+            reason: Reason::HoldTimeout,
+        });
+        let stored: Value = serde_json::from_slice(&h.to_bytes()).expect("json");
+        assert_eq!(stored["resolution"]["by"], "timeout");
+        assert_eq!(Hold::from_bytes(&h.to_bytes()).expect("read back").resolution, h.resolution);
     }
 
     #[test]

@@ -9,19 +9,36 @@
 //! `passport/<id>` the registered token; `revoked/<id>` who revoked it and when;
 //! `usage/<id>` the passport's counters ([`crate::decide::Usage`]); `hold/<id>` a hold.
 
+/// `to_json` for a typed service answer: its JSON, made at the edge (API, CLI, proxy answers).
+/// Defined before the modules so that each of them can use it.
+macro_rules! json_at_the_edge {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// Its JSON, for the edge (see [`to_json`]).
+            pub fn to_json(&self) -> serde_json::Value {
+                $crate::service::to_json(self)
+            }
+        }
+    )*};
+}
+
+mod drafts;
+mod held;
 mod holds;
 #[cfg(test)]
 mod money_tests;
 mod peer;
-mod records;
 mod sandboxes;
-pub(crate) mod settle;
+pub(crate) mod settlement;
+#[cfg(test)]
+pub(crate) mod testkit;
 
-pub use holds::{Hold, HoldOrigin, HoldOutcome, HoldStatus};
-pub use peer::Peer;
-pub use records::{DecisionOutcome, HeldAs};
+pub use drafts::{DecisionOutcome, HeldAs};
+pub use held::{HeldRequest, Hold, HoldOrigin, HoldResolution, HoldStatus};
+pub use holds::{HeldRequestView, HoldList, HoldOutcome, HoldView};
+pub use peer::{Actor, Peer};
 pub use sandboxes::{BindTarget, Sandbox, BOUND_CHECK_INTERVAL};
-pub use settle::why as settle_why;
+pub use settlement::why as settle_why;
 
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
 use crate::domain::DomainName;
@@ -170,6 +187,11 @@ pub struct EnforceInput {
     pub method: Option<String>,
     #[serde(default)]
     pub path: Option<String>,
+    /// The destination port of a raw TCP connection or CONNECT tunnel, which a hold keeps so
+    /// that its approval can check the `[[raw_tcp]]` rule again. Set by the proxy only: the API
+    /// does not read it.
+    #[serde(skip)]
+    pub port: Option<u16>,
 }
 
 impl EnforceInput {
@@ -244,17 +266,35 @@ pub struct ResetDone {
     pub attestation_id: u64,
 }
 
-macro_rules! json_at_the_edge {
-    ($($t:ty),*) => {$(
-        impl $t {
-            /// Its JSON, for the API (see [`to_json`]).
-            pub fn to_json(&self) -> Value {
-                to_json(self)
-            }
-        }
-    )*};
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Health {
+    pub status: &'static str,
+    pub version: &'static str,
+    /// The log's origin (the checkpoints' first line).
+    pub origin: String,
+    pub log_size: u64,
+    /// Passports registered.
+    pub passports: usize,
+    /// Holds a proxied request is waiting on.
+    pub pending_holds: usize,
 }
-json_at_the_edge!(Registered, Revoked, PassportState, ResetDone);
+
+/// `GET /v1/attestations`: records, oldest first; `truncated` when the limit cut older ones.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Attestations {
+    pub records: Vec<Attested>,
+    pub truncated: bool,
+}
+
+/// One record of [`Attestations`]: its log index and its body (a record is JSON by format).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Attested {
+    pub index: u64,
+    pub record: Value,
+}
+
+json_at_the_edge!(Registered, Revoked, PassportState, ResetDone, Health, Attestations);
 
 /// The JSON of a typed service answer, made at the edge (API, CLI). These types serialise
 /// without fail (strings, integers, bools); `null` would mark a bug, not hide a value.
@@ -352,10 +392,15 @@ impl Service {
     /// The host policy in force, read once per decision so that the digest recorded and the host
     /// rules applied always come from the same policy, even across a concurrent reload.
     pub(crate) fn policy_snapshot(&self) -> (Option<String>, Option<Arc<crate::decide::CompiledRules>>) {
-        match self.policy.read().ok().and_then(|p| p.as_ref().map(|h| h.current())) {
+        match self.policy_set() {
             Some(set) => (Some(set.digest()), set.compiled_host_rules()),
             None => (None, None),
         }
+    }
+
+    /// The host policy set in force now, if the daemon has a host policy.
+    pub(crate) fn policy_set(&self) -> Option<Arc<crate::policy::PolicySet>> {
+        self.policy.read().ok().and_then(|p| p.as_ref().map(|h| h.current()))
     }
 
     fn self_arc(&self) -> Option<Arc<Service>> {
@@ -377,7 +422,7 @@ impl Service {
 
     /// Appends one operational record to the host chain.
     pub async fn record_host_event(&self, kind: &str, detail: Value) -> Result<u64, ServiceError> {
-        let mut body = records::base(kind, None, now());
+        let mut body = drafts::base(kind, None, now());
         if let Value::Object(extra) = detail {
             body.extend(extra);
         }
@@ -385,15 +430,16 @@ impl Service {
         appended_index(&appended, "host event")
     }
 
-    pub fn health(&self) -> Value {
-        json!({
-            "status": "ok",
-            "version": env!("CARGO_PKG_VERSION"),
-            "origin": self.ledger.origin(),
-            "log_size": self.ledger.size(),
-            "passports": self.passports.read().map(|p| p.len()).unwrap_or_default(),
-            "pending_holds": self.waiters.lock().map(|w| w.len()).unwrap_or_default(),
-        })
+    /// `GET /v1/health`.
+    pub fn health(&self) -> Health {
+        Health {
+            status: "ok",
+            version: env!("CARGO_PKG_VERSION"),
+            origin: self.ledger.origin().to_string(),
+            log_size: self.ledger.size(),
+            passports: self.passports.read().map(|p| p.len()).unwrap_or_default(),
+            pending_holds: self.waiters.lock().map(|w| w.len()).unwrap_or_default(),
+        }
     }
 
     /// `GET /metrics`: the process's counters plus gauges read from the current state.
@@ -401,11 +447,7 @@ impl Service {
     /// [`crate::metrics::MAX_SPEND_SERIES`] of them.
     pub fn metrics_text(&self) -> String {
         let at = now();
-        let pending_holds = self
-            .holds()
-            .ok()
-            .and_then(|v| v.get("holds").and_then(Value::as_array).map(|a| a.len() as u64))
-            .unwrap_or_default();
+        let pending_holds = self.holds().map(|l| l.holds.len() as u64).unwrap_or_default();
         let passports: Vec<Arc<CompiledPassport>> =
             self.passports.read().map(|p| p.values().cloned().collect()).unwrap_or_default();
         let mut spend = Vec::new();
@@ -466,11 +508,11 @@ impl Service {
         let id = claims.id.to_string();
         let key = format!("passport/{id}");
         let token_owned = token.to_string();
-        let mut body = records::base(records::kind::PASSPORT_REGISTERED, Some(&claims), now());
+        let mut body = drafts::base(drafts::kind::PASSPORT_REGISTERED, Some(&claims), now());
         body.insert("trust_tier".into(), claims.trust_tier.as_str().into());
         body.insert("expires_at".into(), claims.expires_at.into());
-        body.insert("token_sha256".into(), records::sha256_hex(token.as_bytes()).into());
-        body.insert(records::field::BY.into(), peer.to_json());
+        body.insert("token_sha256".into(), drafts::sha256_hex(token.as_bytes()).into());
+        body.insert(drafts::field::BY.into(), peer.to_json());
         let chain = id.clone();
         let (created, _) = self
             .transact(move |txn: &mut Txn<'_>| {
@@ -515,10 +557,10 @@ impl Service {
         let pid = PassportId::parse(id).map_err(|e| ServiceError::invalid("passport_id", e))?;
         let claims = self.passport(id).map(|cp| cp.passport.claims.clone());
         let key = format!("revoked/{id}");
-        let mut body = records::base(records::kind::REVOCATION, claims.as_ref(), now());
-        body.insert(records::field::PASSPORT_ID.into(), id.into());
-        body.insert(records::field::BY.into(), peer.to_json());
-        body.insert(records::field::NOTE.into(), note.clone().into());
+        let mut body = drafts::base(drafts::kind::REVOCATION, claims.as_ref(), now());
+        body.insert(drafts::field::PASSPORT_ID.into(), id.into());
+        body.insert(drafts::field::BY.into(), peer.to_json());
+        body.insert(drafts::field::NOTE.into(), note.clone().into());
         let entry = json!({"at": now().to_rfc3339(), "by": peer.to_json(), "note": note}).to_string();
         let chain = pid.to_string();
         let (created, appended) = self
@@ -579,28 +621,17 @@ impl Service {
         let compiled = self.passport(pid.as_str());
         let agent_id = compiled.as_ref().map(|cp| cp.passport.claims.agent_id.clone());
         let revoked = self.is_revoked(pid.as_str());
-        let hold_timeout = self.config.hold_timeout;
+        let held = HoldParams { origin, timeout: self.config.hold_timeout, port: input.port };
         let (digest, host_rules) = self.policy_snapshot();
         let (outcome, appended) = self
             .transact(move |txn: &mut Txn<'_>| {
                 let at = now();
                 let Some(cp) = compiled else {
-                    let body = records::unknown_passport(&pid, &request, at);
-                    return Ok((records::Built::block_unknown(&pid, at), vec![Draft::new(pid.to_string(), body)]));
+                    let body = drafts::unknown_passport(&pid, &request, at);
+                    return Ok((drafts::Built::block_unknown(&pid, at), vec![Draft::new(pid.to_string(), body)]));
                 };
                 let opts = EvalOptions { skip_approval: false, host_rules };
-                decide_in_txn(
-                    txn,
-                    &cp,
-                    &request,
-                    &host_verdict,
-                    revoked,
-                    at,
-                    origin,
-                    hold_timeout,
-                    digest.as_deref(),
-                    opts,
-                )
+                decide_in_txn(txn, &cp, &request, &host_verdict, revoked, at, held, digest.as_deref(), opts)
             })
             .await?;
         let index = appended_index(&appended, "decision")?;
@@ -659,7 +690,7 @@ impl Service {
                 let after = decide::reset(&cp2, &usage, window, at)
                     .map_err(|e| ServiceError::invalid("window", e.to_string()).abort())?;
                 let view = decide::state_view(&cp2, &after, at).map_err(|e| TxnError::abort(e.to_string()))?;
-                let body = records::counter_reset(&cp2.passport.claims, window, &view, peer_json, at);
+                let body = drafts::counter_reset(&cp2.passport.claims, window, &view, peer_json, at);
                 txn.put(&key, &after.to_bytes())?;
                 Ok((view, vec![Draft::new(cp2.passport.claims.id.to_string(), body)]))
             })
@@ -669,7 +700,7 @@ impl Service {
     }
 
     /// `GET /v1/attestations?passport_id=&since=`: the records, newest last.
-    pub fn attestations(&self, passport_id: Option<&str>, since: Option<&str>) -> Result<Value, ServiceError> {
+    pub fn attestations(&self, passport_id: Option<&str>, since: Option<&str>) -> Result<Attestations, ServiceError> {
         const LIMIT: usize = 10_000;
         let since = parse_since(since)?;
         let snap = self.ledger.snapshot()?;
@@ -691,10 +722,10 @@ impl Service {
                 truncated = true;
                 break;
             }
-            records.push(json!({"index": index, "record": record}));
+            records.push(Attested { index, record });
         }
         records.reverse();
-        Ok(json!({"records": records, "truncated": truncated}))
+        Ok(Attestations { records, truncated })
     }
 
     /// `GET /v1/attestations/export`: records, proofs and a freshly signed checkpoint.
@@ -703,7 +734,7 @@ impl Service {
         passport_id: Option<&str>,
         since: Option<&str>,
         consistency_from: Option<u64>,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<ledger::export::ExportBundle, ServiceError> {
         parse_since(since)?;
         let bundle = ledger::export::export(
             &self.ledger,
@@ -714,16 +745,15 @@ impl Service {
             },
         )
         .await?;
-        Ok(serde_json::to_value(bundle)?)
+        Ok(bundle)
     }
 
     /// `GET /v1/attestations/{id}/proof`: a portable attestation.
-    pub async fn proof(&self, index: u64) -> Result<Value, ServiceError> {
+    pub async fn proof(&self, index: u64) -> Result<ledger::export::PortableAttestation, ServiceError> {
         if index >= self.ledger.size() {
             return Err(ServiceError::AttestationNotFound { index, size: self.ledger.size() });
         }
-        let p = ledger::export::proof(&self.ledger, index).await?;
-        Ok(serde_json::to_value(p)?)
+        Ok(ledger::export::proof(&self.ledger, index).await?)
     }
 }
 
@@ -746,6 +776,15 @@ fn load_registered(token: &str, pinned: &[IssuerId]) -> Result<CompiledPassport,
     CompiledPassport::compile(passport).map_err(|e| e.to_string())
 }
 
+/// What a `request_hold` decision needs to make its hold.
+#[derive(Debug, Clone, Copy)]
+struct HoldParams {
+    origin: HoldOrigin,
+    timeout: Duration,
+    /// See [`EnforceInput::port`].
+    port: Option<u16>,
+}
+
 /// The body of one decision, run inside the ledger's write transaction.
 #[allow(clippy::too_many_arguments)]
 fn decide_in_txn(
@@ -755,17 +794,16 @@ fn decide_in_txn(
     host_verdict: &HostVerdict,
     revoked: bool,
     at: DateTime<Utc>,
-    origin: HoldOrigin,
-    hold_timeout: Duration,
+    held: HoldParams,
     policy_digest: Option<&str>,
     opts: EvalOptions,
-) -> Result<(records::Built, Vec<Draft>), TxnError> {
+) -> Result<(drafts::Built, Vec<Draft>), TxnError> {
     let claims = &cp.passport.claims;
     let id = claims.id.to_string();
     let usage_key = format!("usage/{id}");
     if revoked || txn.get(&format!("revoked/{id}"))?.is_some() {
-        let built = records::Built::revoked(claims, at);
-        let body = records::decision(claims, request, &built, policy_digest, at);
+        let built = drafts::Built::revoked(claims, at);
+        let body = drafts::decision(claims, request, &built, policy_digest, at);
         return Ok((built, vec![Draft::new(id, body)]));
     }
     let usage = match txn.get(&usage_key)? {
@@ -775,25 +813,25 @@ fn decide_in_txn(
             Err(e) => {
                 // Corrupt counters must never read as zero spend: block, loudly.
                 tracing::error!(passport_id = %id, error = %e, "usage state is unreadable; blocking");
-                let built = records::Built::state_error(claims, &e.to_string(), at);
-                let body = records::decision(claims, request, &built, policy_digest, at);
+                let built = drafts::Built::state_error(claims, &e.to_string(), at);
+                let body = drafts::decision(claims, request, &built, policy_digest, at);
                 return Ok((built, vec![Draft::new(id, body)]));
             }
         },
     };
     let eval = decide::evaluate(cp, &usage, request, host_verdict, at, opts);
-    let mut built = records::Built::from_eval(&eval, claims, at);
+    let mut built = drafts::Built::from_eval(&eval, claims, at);
     match eval.decision {
         decide::Decision::Allow => {
             txn.put(&usage_key, &eval.usage_after.to_bytes())?;
         }
         decide::Decision::RequestHold => {
-            let hold = Hold::new(claims, request, origin, at, hold_timeout, txn.next_index());
+            let hold = Hold::new(claims, request, held.port, held.origin, at, held.timeout, txn.next_index());
             txn.put(&format!("hold/{}", hold.id), &hold.to_bytes())?;
             built.hold = Some(hold);
         }
         decide::Decision::Block => {}
     }
-    let body = records::decision(claims, request, &built, policy_digest, at);
+    let body = drafts::decision(claims, request, &built, policy_digest, at);
     Ok((built, vec![Draft::new(id, body)]))
 }

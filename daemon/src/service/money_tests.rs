@@ -1,7 +1,7 @@
 //! Money through the real service path: fractions of a cent add up in the counters, the records
 //! and `audit verify`, and a store written when money was whole cents keeps its budget.
 
-use super::settle::testkit::{fixture_with, spent, verified};
+use super::testkit::{fixture_with, spent, verified};
 use super::*;
 use crate::decide::usage::{window_start, USAGE_VERSION};
 use crate::ledger::{export, verify, HostKey, LedgerOptions};
@@ -24,13 +24,14 @@ fn input(passport_id: &str, cost_millicents: u64) -> EnforceInput {
         target: Some("api.example.test".into()),
         method: Some("POST".into()),
         path: Some("/v1/chat/completions".into()),
+        port: None,
     }
 }
 
 /// A model at $0.05 per million output tokens (nothing for input): a call with `max_tokens`
 /// 1000 is estimated at exactly $0.00005, 5 millicents.
 fn tiny_model() -> MeterSpec {
-    super::settle::testkit::one_price_meter(MeterKind::OpenAi, 0, 5_000)
+    super::testkit::one_price_meter(MeterKind::OpenAi, 0, 5_000)
 }
 
 /// 10,000 calls of a $0.00005 model cost $0.50. When every call was rounded up to a cent they
@@ -89,7 +90,7 @@ async fn enforce_takes_whole_cents_or_exact_millicents_but_not_both() {
     let mut cents = input(&f.passport, 0);
     (cents.cost_cents, cents.cost_millicents) = (Some(3), None);
     let d = f.service.enforce(cents).await.expect("enforce").to_json();
-    let record = super::settle::testkit::record(&f, d["attestation_id"].as_u64().expect("id"));
+    let record = super::testkit::record(&f, d["attestation_id"].as_u64().expect("id"));
     assert_eq!((record["cost_millicents"].as_u64(), record["v"].as_u64()), (Some(3_000), Some(2)));
     assert!(record.get("cost_cents").is_none(), "{record}");
 
@@ -140,7 +141,7 @@ impl OldPassport<'_> {
         let mut m = Map::new();
         m.insert("v".into(), 1.into());
         m.insert("kind".into(), kind.into());
-        m.insert("time".into(), records::time(now()).into());
+        m.insert("time".into(), drafts::time(now()).into());
         m.insert("passport_id".into(), self.claims.id.as_str().into());
         m.insert("issuer".into(), self.claims.issuer.as_str().into());
         m.insert("agent_id".into(), self.claims.agent_id.clone().into());
@@ -221,7 +222,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
     let claims = issued.claims.clone();
     let id = claims.id.to_string();
     let start = now();
-    let old = OldPassport { claims: &claims, window_start: records::time(window_start(SpendWindow::Monthly, start)) };
+    let old = OldPassport { claims: &claims, window_start: drafts::time(window_start(SpendWindow::Monthly, start)) };
 
     // The old daemon's writes, each in its own transaction as it made them.
     let (d_250, d_7, hold_id) = {
@@ -245,7 +246,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
         let mut registered = old.base("passport_registered");
         registered.insert("trust_tier".into(), "L1".into());
         registered.insert("expires_at".into(), claims.expires_at.into());
-        registered.insert("token_sha256".into(), records::sha256_hex(issued.token.as_bytes()).into());
+        registered.insert("token_sha256".into(), drafts::sha256_hex(issued.token.as_bytes()).into());
         registered.insert("by".into(), peer().to_json());
         append(registered, vec![(format!("passport/{id}"), issued.token.as_bytes().to_vec())]).await;
         let d_250 = append(old.decision("allow", "allowed", 250, 250, 250), vec![]).await;
@@ -254,7 +255,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
         let hold_id = "hold_0123456789abcdef01234567".to_string();
         let mut held = old.decision("request_hold", "approval_threshold_exceeded", 400, 0, 251);
         held.insert("hold_id".into(), hold_id.clone().into());
-        held.insert("hold_expires_at".into(), records::time(start + chrono::Duration::hours(1)).into());
+        held.insert("hold_expires_at".into(), drafts::time(start + chrono::Duration::hours(1)).into());
         let hold_record = ledger.size();
         let stored_hold = json!({
             "id": hold_id, "passport_id": id, "agent_id": "old-agent", "status": "pending", "origin": "api",
@@ -266,7 +267,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
 
         let d_7 = append(old.decision("allow", "allowed", 7, 7, 258), vec![]).await;
         // The settlement moved the counters to 254 cents: version 1 usage, whole cents.
-        let day = records::time(window_start(SpendWindow::Daily, start)).replace(".000000Z", "Z");
+        let day = drafts::time(window_start(SpendWindow::Daily, start)).replace(".000000Z", "Z");
         let month = old.window_start.replace(".000000Z", "Z");
         let usage = format!(
             r#"{{"version":1,"daily":{{"start":"{day}","spent_cents":254,"requests":3}},"spend":{{"window":"monthly","counter":{{"start":"{month}","spent_cents":254,"requests":3}}}},"rate":{{"per_minute":null,"per_hour":null,"per_day":null}}}}"#
@@ -313,7 +314,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
     );
 
     // The old hold is listed with its cost in both units.
-    let holds = service.holds().expect("holds");
+    let holds = service.holds().expect("holds").to_json();
     let listed = &holds["holds"][0];
     assert_eq!(listed["id"], hold_id);
     assert_eq!(
@@ -336,12 +337,13 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
         (Some(2), Some(5), Some(254_005)),
         "{new_record}"
     );
-    service.settle(d.attestation_id, &id, 5, Some(42), settle::why::USAGE).await.expect("settle");
+    service.settle(d.attestation_id, &id, 5, Some(42), settlement::why::USAGE).await.expect("settle").to_json();
     // The old hold, approved now at its whole-cent cost.
     let approved = service.resolve_hold(&hold_id, true, &peer(), None).await.expect("approve").to_json();
     assert_eq!(approved["decision"], "allow", "{approved}");
     // An old decision settled after the upgrade: its cents are read exactly (250 → 249.999).
-    let s = service.settle(d_250, &id, 250_000, Some(249_999), settle::why::USAGE).await.expect("settle old");
+    let s =
+        service.settle(d_250, &id, 250_000, Some(249_999), settlement::why::USAGE).await.expect("settle old").to_json();
     assert_eq!(s["spend_delta_millicents"], -1);
     // And a whole-cent request through the API.
     let mut whole = input(&id, 0);
@@ -349,7 +351,7 @@ async fn a_store_written_in_cents_keeps_its_budget_and_verifies_across_the_switc
     assert_eq!(service.enforce(whole).await.expect("enforce").to_json()["decision"], "allow");
     // The old decision already settled by the old daemon stays settled.
     assert!(matches!(
-        service.settle(d_7, &id, 7_000, Some(1), settle::why::USAGE).await,
+        service.settle(d_7, &id, 7_000, Some(1), settlement::why::USAGE).await,
         Err(ServiceError::AlreadySettled(_))
     ));
 

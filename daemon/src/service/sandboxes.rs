@@ -17,15 +17,14 @@
 //! binding that outlives its cgroup by a few seconds cannot attach the passport to anything else.
 //! A bound cgroup is never re-bound to another passport while it lives.
 
-use super::records;
+use super::drafts;
+use super::peer::{Actor, Peer};
 use super::{now, Service, ServiceError};
 use crate::decide::CompiledPassport;
 use crate::kernel::process::{pidfd_open, process_identity, wait_exit};
 use crate::kernel::Cgroup;
 use crate::ledger::{Draft, Txn};
-use crate::service::Peer;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
@@ -59,8 +58,48 @@ pub struct Sandbox {
     pub leader_pid: Option<i32>,
     pub leader_start: Option<u64>,
     pub created_at: String,
-    pub created_by: Value,
+    /// Who made (or, in the record of its end, unbound) the sandbox.
+    pub created_by: Option<Actor>,
 }
+
+/// `GET /v1/sandboxes`: the live sandboxes.
+#[derive(Debug, Clone, Serialize)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+}
+
+/// `POST /v1/sandboxes`: the sandbox the caller is now in, and the CA bundle its agent trusts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxCreated {
+    pub sandbox_id: String,
+    pub passport_id: String,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    pub ca_bundle: Option<PathBuf>,
+}
+
+/// `POST /v1/sandboxes/bind`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxBound {
+    pub sandbox_id: String,
+    pub passport_id: String,
+    pub cgroup: PathBuf,
+    pub cgroup_id: u64,
+    /// The cgroup was bound to this passport already: nothing was written.
+    pub already_bound: bool,
+}
+
+/// `POST /v1/sandboxes/unbind`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxUnbound {
+    pub sandbox_id: String,
+    pub passport_id: String,
+    pub cgroup_id: u64,
+    /// Always true: the API says so in so many words.
+    pub unbound: bool,
+}
+
+json_at_the_edge!(SandboxList, SandboxCreated, SandboxBound, SandboxUnbound);
 
 impl Service {
     /// The passport bound to the sandbox whose cgroup id this is.
@@ -70,9 +109,9 @@ impl Service {
     }
 
     /// `GET /v1/sandboxes`.
-    pub fn sandboxes(&self) -> Result<Value, ServiceError> {
-        let list: Vec<Sandbox> = self.sandboxes.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
-        Ok(json!({"sandboxes": list}))
+    pub fn sandboxes(&self) -> Result<SandboxList, ServiceError> {
+        let sandboxes = self.sandboxes.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
+        Ok(SandboxList { sandboxes })
     }
 
     /// `POST /v1/sandboxes`: creates a sandbox for `passport_id` and moves the caller into it.
@@ -81,7 +120,7 @@ impl Service {
         passport_id: &str,
         pop: Option<&crate::passport::pop::Proof>,
         peer: &Peer,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<SandboxCreated, ServiceError> {
         let agents = self.agents_or_refuse()?;
         let cp =
             self.passport(passport_id).ok_or_else(|| ServiceError::PassportNotRegistered(passport_id.to_string()))?;
@@ -112,8 +151,8 @@ impl Service {
             cgroup_id: cgroup.id(),
             leader_pid: Some(peer.pid),
             leader_start: Some(leader_start),
-            created_at: records::time(now()),
-            created_by: peer.to_json(),
+            created_at: drafts::time(now()),
+            created_by: Some(peer.actor()),
         };
         // Durable before anything runs inside it.
         if let Err(e) = self.record_sandbox(&cp, &sandbox, true, "created").await {
@@ -132,10 +171,13 @@ impl Service {
         }
         tracing::info!(sandbox = %sandbox.id, passport_id, pid = peer.pid, cgroup_id = sandbox.cgroup_id, "sandbox created");
         self.watch_leader(pidfd, sandbox.clone(), cgroup);
-        Ok(json!({
-            "sandbox_id": sandbox.id, "passport_id": passport_id, "cgroup": sandbox.cgroup,
-            "cgroup_id": sandbox.cgroup_id, "ca_bundle": self.config.ca_bundle,
-        }))
+        Ok(SandboxCreated {
+            sandbox_id: sandbox.id,
+            passport_id: passport_id.to_string(),
+            cgroup: sandbox.cgroup,
+            cgroup_id: sandbox.cgroup_id,
+            ca_bundle: self.config.ca_bundle.clone(),
+        })
     }
 
     /// Writes (or deletes) the sandbox's state entry with its attestation.
@@ -149,12 +191,15 @@ impl Service {
         let key = format!("sandbox/{}", sandbox.cgroup_id);
         let value = serde_json::to_vec(sandbox)?;
         let mut body =
-            records::base(if alive { "sandbox_created" } else { "sandbox_removed" }, Some(&cp.passport.claims), now());
+            drafts::base(if alive { "sandbox_created" } else { "sandbox_removed" }, Some(&cp.passport.claims), now());
         body.insert("sandbox_id".into(), sandbox.id.clone().into());
         body.insert("cgroup_id".into(), sandbox.cgroup_id.into());
         body.insert("leader_pid".into(), sandbox.leader_pid.into());
         body.insert("cgroup".into(), sandbox.cgroup.display().to_string().into());
-        body.insert(records::field::BY.into(), sandbox.created_by.clone());
+        body.insert(
+            drafts::field::BY.into(),
+            sandbox.created_by.as_ref().map_or(serde_json::Value::Null, Actor::to_json),
+        );
         body.insert("why".into(), what.into());
         let chain = cp.passport.claims.id.to_string();
         self.transact(move |txn: &mut Txn<'_>| {
@@ -199,7 +244,12 @@ impl Service {
     /// `POST /v1/sandboxes/bind`: registers `token` and binds an existing cgroup below the
     /// agents' cgroup to it. Binding a cgroup again to the same passport is a no-op; to another
     /// passport, or below another sandbox, a conflict.
-    pub async fn bind_sandbox(&self, token: &str, target: BindTarget, peer: &Peer) -> Result<Value, ServiceError> {
+    pub async fn bind_sandbox(
+        &self,
+        token: &str,
+        target: BindTarget,
+        peer: &Peer,
+    ) -> Result<SandboxBound, ServiceError> {
         let agents = self.agents_or_refuse()?;
         let cgroup = resolve_target(&agents, &target)?;
         let registered = self.register(token, None, peer).await?;
@@ -215,8 +265,8 @@ impl Service {
             cgroup_id: cgroup.id(),
             leader_pid: None,
             leader_start: None,
-            created_at: records::time(now()),
-            created_by: peer.to_json(),
+            created_at: drafts::time(now()),
+            created_by: Some(peer.actor()),
         };
         // Check and reserve under one lock, so two concurrent binds cannot both win.
         {
@@ -226,7 +276,7 @@ impl Service {
                     && existing.passport_id == passport_id
                     && existing.leader_pid.is_none()
                 {
-                    return Ok(bound_json(existing, true));
+                    return Ok(bound(existing, true));
                 }
                 return Err(ServiceError::AlreadyBound {
                     cgroup: cgroup.path().to_path_buf(),
@@ -245,13 +295,13 @@ impl Service {
         }
         tracing::info!(sandbox = %sandbox.id, passport_id, cgroup = %sandbox.cgroup.display(), cgroup_id = sandbox.cgroup_id, "cgroup bound to passport");
         self.watch_bound(sandbox.clone());
-        Ok(bound_json(&sandbox, false))
+        Ok(bound(&sandbox, false))
     }
 
     /// `POST /v1/sandboxes/unbind`: ends a bound sandbox (not a `sluice run` one, which ends with
     /// its command). The cgroup and its processes are left alone; their connections are refused
     /// from now on (no passport).
-    pub async fn unbind_sandbox(&self, target: BindTarget, peer: &Peer) -> Result<Value, ServiceError> {
+    pub async fn unbind_sandbox(&self, target: BindTarget, peer: &Peer) -> Result<SandboxUnbound, ServiceError> {
         let agents = self.agents_or_refuse()?;
         let cgroup = resolve_target(&agents, &target)?;
         let sandbox = {
@@ -272,13 +322,16 @@ impl Service {
         };
         if let Some(cp) = self.passport(&sandbox.passport_id) {
             let mut ended = sandbox.clone();
-            ended.created_by = peer.to_json();
+            ended.created_by = Some(peer.actor());
             self.record_sandbox(&cp, &ended, false, "unbound").await?;
         }
         tracing::info!(sandbox = %sandbox.id, passport_id = %sandbox.passport_id, "cgroup unbound");
-        Ok(
-            json!({"sandbox_id": sandbox.id, "passport_id": sandbox.passport_id, "cgroup_id": sandbox.cgroup_id, "unbound": true}),
-        )
+        Ok(SandboxUnbound {
+            sandbox_id: sandbox.id,
+            passport_id: sandbox.passport_id,
+            cgroup_id: sandbox.cgroup_id,
+            unbound: true,
+        })
     }
 
     fn agents_or_refuse(&self) -> Result<Cgroup, ServiceError> {
@@ -363,11 +416,14 @@ fn bound_at_or_above<'a>(m: &'a HashMap<u64, Sandbox>, cgroup: &Cgroup) -> Optio
     m.values().find(|s| s.cgroup_id == cgroup.id() || cgroup.path().starts_with(&s.cgroup))
 }
 
-fn bound_json(s: &Sandbox, already: bool) -> Value {
-    json!({
-        "sandbox_id": s.id, "passport_id": s.passport_id, "cgroup": s.cgroup, "cgroup_id": s.cgroup_id,
-        "already_bound": already,
-    })
+fn bound(s: &Sandbox, already: bool) -> SandboxBound {
+    SandboxBound {
+        sandbox_id: s.id.clone(),
+        passport_id: s.passport_id.clone(),
+        cgroup: s.cgroup.clone(),
+        cgroup_id: s.cgroup_id,
+        already_bound: already,
+    }
 }
 
 /// The cgroup a bind request names, checked to lie strictly below the agents' cgroup: only plain
@@ -434,6 +490,56 @@ mod tests {
         ] {
             assert!(check_below(agents, &bad).is_err(), "{} accepted", bad.display());
         }
+    }
+
+    /// The typed answers make exactly the JSON the untyped ones made (the API's bytes, keys
+    /// sorted as `serde_json::Value` sorts them).
+    #[test]
+    fn typed_sandbox_answers_make_the_same_json_as_before() {
+        use serde_json::json;
+        let peer = Peer { uid: 1000, gid: 1000, pid: 42, user: Some("ada".into()) };
+        let s = Sandbox {
+            id: "run-1".into(),
+            passport_id: "pp_x".into(),
+            cgroup: PathBuf::from("/sys/fs/cgroup/a/run-1"),
+            cgroup_id: 7,
+            leader_pid: Some(42),
+            leader_start: Some(99),
+            created_at: "2026-05-01T00:00:00.000000Z".into(),
+            created_by: Some(peer.actor()),
+        };
+        let list = SandboxList { sandboxes: vec![s.clone()] }.to_json().to_string();
+        let before = json!({"sandboxes": [{
+            "id": "run-1", "passport_id": "pp_x", "cgroup": "/sys/fs/cgroup/a/run-1", "cgroup_id": 7,
+            "leader_pid": 42, "leader_start": 99, "created_at": "2026-05-01T00:00:00.000000Z",
+            "created_by": peer.to_json(),
+        }]});
+        assert_eq!(list, before.to_string());
+        assert_eq!(
+            bound(&s, true).to_json().to_string(),
+            json!({"sandbox_id": s.id, "passport_id": s.passport_id, "cgroup": s.cgroup, "cgroup_id": 7,
+                   "already_bound": true})
+            .to_string()
+        );
+        let created = SandboxCreated {
+            sandbox_id: s.id.clone(),
+            passport_id: s.passport_id.clone(),
+            cgroup: s.cgroup.clone(),
+            cgroup_id: 7,
+            ca_bundle: None,
+        };
+        assert_eq!(
+            created.to_json().to_string(),
+            json!({"sandbox_id": "run-1", "passport_id": "pp_x", "cgroup": s.cgroup, "cgroup_id": 7,
+                   "ca_bundle": null})
+            .to_string()
+        );
+        let unbound =
+            SandboxUnbound { sandbox_id: "a".into(), passport_id: "pp_x".into(), cgroup_id: 8, unbound: true };
+        assert_eq!(
+            unbound.to_json().to_string(),
+            json!({"sandbox_id": "a", "passport_id": "pp_x", "cgroup_id": 8, "unbound": true}).to_string()
+        );
     }
 
     #[test]

@@ -21,12 +21,12 @@ pub const MAX_DRAFTS_PER_TXN: usize = 256;
 pub const MAX_WRITES_PER_TXN: usize = 4096;
 
 /// Read access to the state table, whichever transaction it lives in.
-pub(super) trait StateView {
+pub(super) trait StateRead {
     fn view_get(&self, key: &str) -> Result<Option<Vec<u8>>, redb::StorageError>;
     fn view_scan(&self, prefix: &str, out: &mut BTreeMap<String, Vec<u8>>) -> Result<(), redb::StorageError>;
 }
 
-impl<T: ReadableTable<&'static str, &'static [u8]>> StateView for T {
+impl<T: ReadableTable<&'static str, &'static [u8]>> StateRead for T {
     fn view_get(&self, key: &str) -> Result<Option<Vec<u8>>, redb::StorageError> {
         Ok(self.get(key)?.map(|v| v.value().to_vec()))
     }
@@ -45,11 +45,11 @@ impl<T: ReadableTable<&'static str, &'static [u8]>> StateView for T {
 }
 
 /// Read access to the records table inside the writer's transaction.
-pub(super) trait RecordView {
+pub(super) trait RecordRead {
     fn view_record(&self, index: u64) -> Result<Option<Vec<u8>>, redb::StorageError>;
 }
 
-impl<T: ReadableTable<u64, &'static [u8]>> RecordView for T {
+impl<T: ReadableTable<u64, &'static [u8]>> RecordRead for T {
     fn view_record(&self, index: u64) -> Result<Option<Vec<u8>>, redb::StorageError> {
         Ok(self.get(index)?.map(|v| v.value().to_vec()))
     }
@@ -58,8 +58,8 @@ impl<T: ReadableTable<u64, &'static [u8]>> RecordView for T {
 /// A transaction's view of the state: committed state plus the earlier transactions of the same
 /// group, plus its own uncommitted writes.
 pub struct Txn<'a> {
-    pub(super) state: &'a dyn StateView,
-    pub(super) records: &'a dyn RecordView,
+    pub(super) state: &'a dyn StateRead,
+    pub(super) records: &'a dyn RecordRead,
     pub(super) overlay: BTreeMap<String, Option<Vec<u8>>>,
     pub(super) next_index: u64,
 }

@@ -1,12 +1,18 @@
-//! The daemon's interception plane: the proxy and the agents' resolver on their ports, wired to
-//! the service (passports by sandbox cgroup), host policy (reloaded on SIGHUP and file change),
-//! the local CA and the daemon's own upstream resolution.
+//! Wiring the interception plane into the daemon: the proxy and the agents' resolver on their
+//! ports, connected to the service (passports by sandbox cgroup), the host policy, the local CA
+//! and the daemon's own upstream resolution. It owns no rule of its own: the proxy, the resolver
+//! and the service do the work; this module only builds them and connects them.
+//!
+//! * [`start`]: the proxy and the resolver, sharing one synthetic pool.
+//! * [`dns_identity`]: who asks the agents' resolver (the connection table and the service).
+//! * [`policy_reload`]: the host policy reloaded on SIGHUP and on file change, every attempt
+//!   attested.
 //!
 //! `cli::daemon` calls [`start`] once the kernel redirect is attached; everything here is
 //! library code so tests can run the same wiring in-process.
 
-pub mod dns;
-pub mod reload;
+pub mod dns_identity;
+pub mod policy_reload;
 
 use crate::config::Config;
 use crate::dns::{PoolConfig, Resolver, SyntheticPool, UpstreamResolver};
@@ -25,13 +31,13 @@ use tokio::task::JoinSet;
 pub const CA_BUNDLE_FILE: &str = "ca-bundle.pem";
 
 #[derive(Debug, thiserror::Error)]
-pub enum InterceptError {
+pub enum StartError {
     #[error("local CA in {dir}: {source}")]
     Ca { dir: PathBuf, source: proxy::ca::CaError },
     #[error("{0}")]
     UpstreamTls(#[from] proxy::upstream::TlsSetupError),
     #[error("[dns]: {0}")]
-    Dns(#[from] crate::dns::upstream::UpstreamError),
+    Dns(#[from] crate::dns::lookup::UpstreamError),
     #[error("synthetic address pool: {0}")]
     Pool(#[from] crate::dns::pool::PoolError),
     #[error("[{section}] port {port}: {source}")]
@@ -42,8 +48,8 @@ pub enum InterceptError {
 /// trust store plus the sluice CA (or the CA alone where the host has no bundle), so agents
 /// trust both real services (never reached directly, but some clients pin nothing else) and the
 /// proxy.
-pub fn ca_and_bundle(state_dir: &Path) -> Result<(Ca, PathBuf), InterceptError> {
-    let err = |source| InterceptError::Ca { dir: state_dir.to_path_buf(), source };
+pub fn ca_and_bundle(state_dir: &Path) -> Result<(Ca, PathBuf), StartError> {
+    let err = |source| StartError::Ca { dir: state_dir.to_path_buf(), source };
     let ca = Ca::load_or_create(state_dir).map_err(err)?;
     let system = Path::new(proxy::upstream::SYSTEM_BUNDLE);
     let bundle = if system.exists() {
@@ -57,14 +63,14 @@ pub fn ca_and_bundle(state_dir: &Path) -> Result<(Ca, PathBuf), InterceptError> 
 }
 
 /// The running proxy and resolver.
-pub struct Intercept {
+pub struct Plane {
     pub proxy: Arc<Proxy>,
     pub pool: Arc<SyntheticPool>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
 
-impl Intercept {
+impl Plane {
     /// Stops accepting (connections in flight end with the runtime).
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
@@ -81,7 +87,7 @@ pub async fn start(
     policy: Arc<PolicyHandle>,
     conntable: Arc<Conntable>,
     ca: Ca,
-) -> Result<Intercept, InterceptError> {
+) -> Result<Plane, StartError> {
     let pool = Arc::new(SyntheticPool::new(&PoolConfig::default())?);
     let resolver = Arc::new(UpstreamResolver::from_config(&config.dns, Some(pool.clone()))?);
     let upstream_tls = proxy::upstream::client_config(
@@ -102,11 +108,12 @@ pub async fn start(
         dns_port: config.dns.port,
         limits: Limits {
             max_connections: config.proxy.max_connections,
+            max_connections_per_sandbox: config.proxy.max_connections_per_sandbox,
             header_timeout: Duration::from_secs(config.proxy.header_timeout_secs),
             ..Limits::default()
         },
     })
-    .map_err(|source| InterceptError::Ca { dir: config.state_dir.clone(), source })?;
+    .map_err(|source| StartError::Ca { dir: config.state_dir.clone(), source })?;
 
     let max_connections = config.proxy.max_connections;
     match proxy::raise_fd_limit() {
@@ -119,7 +126,7 @@ pub async fn start(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let listeners = proxy::bind(config.proxy.port).map_err(|source| InterceptError::Bind {
+    let listeners = proxy::bind(config.proxy.port).map_err(|source| StartError::Bind {
         section: "proxy",
         port: config.proxy.port,
         source,
@@ -129,10 +136,10 @@ pub async fn start(
     tasks.spawn(proxy.clone().serve(listeners, stop_rx));
 
     let agents_resolver = Arc::new(Resolver::new(pool.clone()));
-    let identity = Arc::new(dns::Identity::new(service, policy, conntable));
+    let identity = Arc::new(dns_identity::Identity::new(service, policy, conntable));
     for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
         let addr = SocketAddr::new(ip, config.dns.port);
-        let bind_err = |source| InterceptError::Bind { section: "dns", port: config.dns.port, source };
+        let bind_err = |source| StartError::Bind { section: "dns", port: config.dns.port, source };
         let udp = tokio::net::UdpSocket::bind(addr).await.map_err(bind_err)?;
         let tcp = tokio::net::TcpListener::bind(addr).await.map_err(bind_err)?;
         let identity = identity.clone();
@@ -145,5 +152,5 @@ pub async fn start(
         });
     }
     tracing::info!(proxy_port = config.proxy.port, dns_port = config.dns.port, "proxy and resolver listening");
-    Ok(Intercept { proxy, pool, stop, tasks })
+    Ok(Plane { proxy, pool, stop, tasks })
 }

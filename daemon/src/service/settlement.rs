@@ -12,12 +12,13 @@
 //! estimate stands: the record says `settled: false` with the reason and no counter moves.
 //! A decision is settled at most once (`settled/<index>` in the state).
 
-use super::{now, records, Service, ServiceError};
+use super::{drafts, now, Service, ServiceError};
 use crate::decide::{self, Decision, Usage};
 use crate::ledger::record::{v1, FIELD_ACTUAL, FIELD_COST, FIELD_ESTIMATED, FIELD_KIND, FIELD_TIME};
 use crate::ledger::{self, Draft, Txn, TxnError};
 use crate::money::{self, MAX_MILLICENTS};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 /// Why a settlement could not use a real cost, as recorded in `reason`.
 pub mod why {
@@ -30,6 +31,32 @@ pub mod why {
     /// The response came with a content coding (gzip, ...) the scanner cannot read.
     pub const ENCODED: &str = "encoded_response";
 }
+
+/// What a settlement did, as its record says (JSON at the edge; the field names are the
+/// record's: `estimated_millicents`, `actual_millicents`, `spend_delta_millicents`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Settlement {
+    /// The allow record whose cost this settles.
+    pub decision_record: u64,
+    pub estimated_millicents: u64,
+    /// `None`: the real cost is unknown and the estimate stands.
+    pub actual_millicents: Option<u64>,
+    pub settled: bool,
+    /// Why, from [`why`].
+    pub reason: String,
+    /// The signed change applied to the decision's window, when one was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spend_delta_millicents: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spend_after_millicents: Option<u64>,
+    /// The decision's window had closed: nothing moved.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub window_closed: bool,
+    /// The settlement record.
+    pub attestation_id: u64,
+}
+
+json_at_the_edge!(Settlement);
 
 /// Longest `why` accepted (it is an identifier, not prose).
 const MAX_WHY: usize = 64;
@@ -49,7 +76,7 @@ impl Service {
         estimate_millicents: u64,
         actual: Option<u64>,
         why: &str,
-    ) -> Result<Value, ServiceError> {
+    ) -> Result<Settlement, ServiceError> {
         if why.is_empty() || why.len() > MAX_WHY || !why.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
             return Err(ServiceError::Invalid {
                 field: "why",
@@ -72,7 +99,7 @@ impl Service {
         let window = claims.constraints.window();
         let id = claims.id.to_string();
         let why = why.to_string();
-        let (summary, _) = self
+        let (summary, appended) = self
             .transact(move |txn: &mut Txn<'_>| {
                 // Read inside the writer's transaction: the decision may not be published yet,
                 // and a read outside would force a redb commit for every metered request.
@@ -83,16 +110,23 @@ impl Service {
                     return Err(ServiceError::AlreadySettled(decision_attestation_id).abort());
                 }
                 txn.put(&settled_key, b"1")?;
-                let mut body = records::base(records::kind::SETTLEMENT, Some(&claims), at);
-                body.insert(records::field::DECISION_RECORD.into(), decision_attestation_id.into());
+                let mut body = drafts::base(drafts::kind::SETTLEMENT, Some(&claims), at);
+                body.insert(drafts::field::DECISION_RECORD.into(), decision_attestation_id.into());
                 body.insert(FIELD_ESTIMATED.into(), estimate_millicents.into());
                 body.insert(FIELD_ACTUAL.into(), actual.into());
                 body.insert("settled".into(), actual.is_some().into());
-                body.insert(records::field::REASON.into(), why.clone().into());
-                let mut summary = json!({
-                    "decision_record": decision_attestation_id, FIELD_ESTIMATED: estimate_millicents,
-                    FIELD_ACTUAL: actual, "settled": actual.is_some(), "reason": why,
-                });
+                body.insert(drafts::field::REASON.into(), why.clone().into());
+                let mut summary = Settlement {
+                    decision_record: decision_attestation_id,
+                    estimated_millicents: estimate_millicents,
+                    actual_millicents: actual,
+                    settled: actual.is_some(),
+                    reason: why.clone(),
+                    spend_delta_millicents: None,
+                    spend_after_millicents: None,
+                    window_closed: false,
+                    attestation_id: 0,
+                };
                 if let Some(actual) = actual {
                     let usage_key = format!("usage/{id}");
                     let usage = match txn.get(&usage_key)? {
@@ -117,37 +151,34 @@ impl Service {
                     txn.put(&usage_key, &settled.usage.to_bytes())?;
                     match settled.spend {
                         Some(s) => {
-                            records::SpendFields {
+                            drafts::SpendFields {
                                 window: window.as_str(),
                                 window_start: s.window_start,
                                 delta_millicents: s.delta_millicents,
                                 after_millicents: s.after_millicents,
                             }
                             .write(&mut body);
-                            summary[ledger::record::FIELD_SPEND_DELTA] = s.delta_millicents.into();
-                            summary[ledger::record::FIELD_SPEND_AFTER] = s.after_millicents.into();
+                            summary.spend_delta_millicents = Some(s.delta_millicents);
+                            summary.spend_after_millicents = Some(s.after_millicents);
                         }
                         None => {
                             // The decision's window is over: its counter is gone and the current
                             // one never held the estimate.
                             body.insert("window_closed".into(), true.into());
-                            summary["window_closed"] = true.into();
+                            summary.window_closed = true;
                         }
                     }
                 }
                 Ok((summary, vec![Draft::new(id.clone(), body)]))
             })
-            .await
-            .map(|(mut summary, appended)| {
-                summary["attestation_id"] = appended.first().map(|a| a.index).into();
-                (summary, ())
-            })?;
+            .await?;
+        let summary = Settlement { attestation_id: super::appended_index(&appended, "settlement")?, ..summary };
         tracing::info!(
             passport_id,
             decision_record = decision_attestation_id,
             estimate_millicents,
             actual_millicents = ?actual,
-            attestation_id = ?summary.get("attestation_id"),
+            attestation_id = summary.attestation_id,
             "metered cost settled"
         );
         Ok(summary)
@@ -168,9 +199,9 @@ fn settleable(
         serde_json::from_slice(&bytes).map_err(|e| TxnError::abort(format!("record {index} is not JSON: {e}")))?;
     let field = |name: &str| record.get(name);
     let kind = field(FIELD_KIND).and_then(Value::as_str).unwrap_or_default();
-    if ![records::kind::DECISION, records::kind::HOLD_RESOLUTION].contains(&kind)
-        || field(records::field::DECISION).and_then(Value::as_str) != Some(Decision::Allow.as_str())
-        || field(records::field::PASSPORT_ID).and_then(Value::as_str) != Some(passport_id)
+    if ![drafts::kind::DECISION, drafts::kind::HOLD_RESOLUTION].contains(&kind)
+        || field(drafts::field::DECISION).and_then(Value::as_str) != Some(Decision::Allow.as_str())
+        || field(drafts::field::PASSPORT_ID).and_then(Value::as_str) != Some(passport_id)
     {
         return Err(ServiceError::Invalid {
             field: "decision_record",
@@ -203,134 +234,54 @@ fn settleable(
 }
 
 #[cfg(test)]
-pub(crate) mod testkit {
-    use super::*;
-    use crate::decide::HostVerdict;
-    use crate::ledger::{export, verify};
-    use crate::ledger::{HostKey, Ledger, LedgerOptions};
-    use crate::passport::{Cents, Constraints, IssuerId, Permission, SpendWindow, TrustTier};
-    use crate::service::Peer;
-    use crate::service::{EnforceInput, HoldOrigin, ServiceConfig};
-    use ed25519_dalek::SigningKey;
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    pub(crate) struct Fixture {
-        pub _dir: tempfile::TempDir,
-        pub service: Arc<Service>,
-        pub passport: String,
-    }
-
-    fn peer() -> Peer {
-        Peer { uid: 0, gid: 0, pid: 1, user: Some("root".into()) }
-    }
-
-    /// A service on a fresh store with one registered passport (`llm:*`, $100 a month).
-    pub(crate) async fn fixture() -> Fixture {
-        let constraints = Constraints {
-            max_cumulative: Some(Cents(10_000)),
-            cumulative_window: Some(SpendWindow::Monthly),
-            ..Constraints::default()
-        };
-        fixture_with(constraints).await
-    }
-
-    /// A service on a fresh store with one registered passport (`llm:*`) with these constraints.
-    pub(crate) async fn fixture_with(constraints: Constraints) -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let host = HostKey::from_signing_key(SigningKey::from_bytes(&[9u8; 32]));
-        let ledger = Ledger::open(&dir.path().join("ledger.redb"), host, LedgerOptions::default()).expect("ledger");
-        let issuer = SigningKey::from_bytes(&[3u8; 32]);
-        let config =
-            ServiceConfig::passport_only(vec![IssuerId::from_key(&issuer.verifying_key())], Duration::from_secs(60));
-        let service = Service::start(ledger, config).await.expect("service");
-        let issued = crate::passport::issue(
-            crate::passport::IssueRequest {
-                agent_id: "meter-test".into(),
-                agent_name: None,
-                permissions: vec![Permission::parse("llm:*").expect("permission")],
-                constraints,
-                trust_tier: TrustTier::L1,
-                lifetime_secs: 3600,
-                now: crate::passport::now(),
-            },
-            &issuer,
-        )
-        .expect("issue");
-        service.register(&issued.token, None, &peer()).await.expect("register");
-        Fixture { _dir: dir, service, passport: issued.claims.id.to_string() }
-    }
-
-    /// An allowed `llm:chat` request costing `cost` millicents; its attestation id.
-    pub(crate) async fn allow(f: &Fixture, cost: u64) -> u64 {
-        let input = EnforceInput {
-            passport_id: f.passport.clone(),
-            action: "llm:chat".into(),
-            cost_cents: None,
-            cost_millicents: Some(cost),
-            target: Some("api.openai.com".into()),
-            method: Some("POST".into()),
-            path: Some("/v1/chat/completions".into()),
-        };
-        let o = f.service.enforce_outcome(input, HoldOrigin::Proxy, HostVerdict::Allow).await.expect("enforce");
-        assert_eq!(o.decision, decide::Decision::Allow, "{}", o.to_json());
-        o.attestation_id
-    }
-
-    /// The window's and today's spend, exactly, in millicents. Checks on the way that the
-    /// API's whole-cent figures are those rounded up.
-    pub(crate) fn spent(f: &Fixture) -> (u64, u64) {
-        let s = f.service.state(&f.passport).expect("state").to_json();
-        let exact = |name: &str| {
-            let m = s[format!("{name}_millicents")].as_u64().expect("millicents");
-            assert_eq!(s[format!("{name}_cents")].as_u64(), Some(m.div_ceil(1000)), "{name}: {s}");
-            m
-        };
-        (exact("window_cost"), exact("daily_cost"))
-    }
-
-    pub(crate) async fn verified(f: &Fixture) -> verify::VerifyReport {
-        let bundle = export::export(
-            f.service.ledger(),
-            &export::ExportRequest { passport: None, since: None, consistency_from: None },
-        )
-        .await
-        .expect("export");
-        verify::verify_export(&bundle, &f.service.ledger().host_public_key(), None)
-    }
-
-    pub(crate) fn record(f: &Fixture, index: u64) -> Value {
-        serde_json::from_slice(&f.service.ledger().record(index).expect("read").expect("exists")).expect("json")
-    }
-
-    /// A meter with one price, used for every model: `input` and `output` millicents per million
-    /// tokens, `max_tokens` 1000 when a request names none.
-    pub fn one_price_meter(
-        kind: crate::policy::meter::MeterKind,
-        input: u64,
-        output: u64,
-    ) -> crate::policy::meter::MeterSpec {
-        use crate::policy::meter::{MeterSpec, ModelPrice, PriceTable};
-        let price =
-            ModelPrice { name: "m".into(), input_millicents_per_mtok: input, output_millicents_per_mtok: output };
-        MeterSpec {
-            kind,
-            default_max_tokens: 1000,
-            prices: Arc::new(PriceTable {
-                as_of: "2026-01-01".into(),
-                source: None,
-                models: vec![price.clone()],
-                unknown: price,
-            }),
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::testkit::{allow, fixture, record, spent, verified};
     use super::*;
     use crate::ledger::verify;
+    use crate::service::testkit::{allow, fixture, record, spent, verified};
+    use serde_json::json;
+
+    /// The summary's amounts carry the names the record and the verifier use; what did not
+    /// happen is absent, not `null` (as before it was typed).
+    #[test]
+    fn a_settlement_names_its_amounts_as_its_record_does() {
+        use crate::ledger::record::{FIELD_SPEND_AFTER, FIELD_SPEND_DELTA};
+        let s = Settlement {
+            decision_record: 1,
+            estimated_millicents: 2,
+            actual_millicents: Some(3),
+            settled: true,
+            reason: why::USAGE.into(),
+            spend_delta_millicents: Some(1),
+            spend_after_millicents: Some(4),
+            window_closed: true,
+            attestation_id: 5,
+        };
+        let j = s.to_json();
+        for (name, value) in [
+            (drafts::field::DECISION_RECORD, 1),
+            (FIELD_ESTIMATED, 2),
+            (FIELD_ACTUAL, 3),
+            (FIELD_SPEND_DELTA, 1),
+            (FIELD_SPEND_AFTER, 4),
+            ("attestation_id", 5),
+        ] {
+            assert_eq!(j[name], value, "{name}: {j}");
+        }
+        assert_eq!((j["window_closed"].as_bool(), j["reason"].as_str()), (Some(true), Some(why::USAGE)));
+        let unknown = Settlement {
+            actual_millicents: None,
+            settled: false,
+            spend_delta_millicents: None,
+            spend_after_millicents: None,
+            window_closed: false,
+            ..s
+        }
+        .to_json();
+        assert!(unknown[FIELD_ACTUAL].is_null(), "{unknown}");
+        for absent in [FIELD_SPEND_DELTA, FIELD_SPEND_AFTER, "window_closed"] {
+            assert!(unknown.get(absent).is_none(), "{absent}: {unknown}");
+        }
+    }
 
     #[tokio::test]
     async fn refunds_extra_charges_and_unknown_usage_are_recorded_and_add_up() {
@@ -338,7 +289,7 @@ mod tests {
         // An over-estimate: 500 cents spent, 180 real → refund of 320 cents (in millicents).
         let d1 = allow(&f, 500_000).await;
         assert_eq!(spent(&f), (500_000, 500_000));
-        let s = f.service.settle(d1, &f.passport, 500_000, Some(180_000), why::USAGE).await.expect("settle");
+        let s = f.service.settle(d1, &f.passport, 500_000, Some(180_000), why::USAGE).await.expect("settle").to_json();
         assert_eq!(s["spend_delta_millicents"], -320_000);
         assert_eq!(spent(&f), (180_000, 180_000));
         let r = record(&f, s["attestation_id"].as_u64().expect("index"));
@@ -355,12 +306,12 @@ mod tests {
 
         // An under-estimate: 300 cents spent, 900 real → 600 more.
         let d2 = allow(&f, 300_000).await;
-        f.service.settle(d2, &f.passport, 300_000, Some(900_000), why::USAGE).await.expect("settle");
+        f.service.settle(d2, &f.passport, 300_000, Some(900_000), why::USAGE).await.expect("settle").to_json();
         assert_eq!(spent(&f), (1_080_000, 1_080_000));
 
         // No usage: the estimate stands and the record says why.
         let d3 = allow(&f, 70_000).await;
-        let s = f.service.settle(d3, &f.passport, 70_000, None, why::NO_USAGE).await.expect("settle");
+        let s = f.service.settle(d3, &f.passport, 70_000, None, why::NO_USAGE).await.expect("settle").to_json();
         assert_eq!(spent(&f), (1_150_000, 1_150_000));
         let r = record(&f, s["attestation_id"].as_u64().expect("index"));
         assert_eq!((r["settled"].as_bool(), r["reason"].as_str()), (Some(false), Some("no_usage")));
@@ -378,7 +329,7 @@ mod tests {
         let f = fixture().await;
         let d1 = allow(&f, 21).await;
         assert_eq!(spent(&f), (21, 21));
-        let s = f.service.settle(d1, &f.passport, 21, Some(8), why::USAGE).await.expect("settle");
+        let s = f.service.settle(d1, &f.passport, 21, Some(8), why::USAGE).await.expect("settle").to_json();
         assert_eq!((s["spend_delta_millicents"].as_i64(), s["spend_after_millicents"].as_u64()), (Some(-13), Some(8)));
         assert_eq!(spent(&f), (8, 8));
         // The API still shows whole cents, rounded up: 8 millicents is 1 cent, never 0.
@@ -386,7 +337,7 @@ mod tests {
         assert_eq!((state["window_cost_cents"].as_u64(), state["window_cost_millicents"].as_u64()), (Some(1), Some(8)));
 
         let d2 = allow(&f, 5).await;
-        let s = f.service.settle(d2, &f.passport, 5, Some(42), why::USAGE).await.expect("settle");
+        let s = f.service.settle(d2, &f.passport, 5, Some(42), why::USAGE).await.expect("settle").to_json();
         assert_eq!((s["spend_delta_millicents"].as_i64(), s["spend_after_millicents"].as_u64()), (Some(37), Some(50)));
         assert_eq!(spent(&f), (50, 50));
         let r = record(&f, s["attestation_id"].as_u64().expect("index"));
@@ -423,7 +374,7 @@ mod tests {
         assert!(f.service.settle(d, &f.passport, 400_005, Some(1), "Bad Reason").await.is_err());
         assert_eq!(spent(&f), (400_005, 400_005));
 
-        f.service.settle(d, &f.passport, 400_005, Some(100_000), why::USAGE).await.expect("settle");
+        f.service.settle(d, &f.passport, 400_005, Some(100_000), why::USAGE).await.expect("settle").to_json();
         let e = f.service.settle(d, &f.passport, 400_005, Some(0), why::USAGE).await.unwrap_err();
         assert!(matches!(e, ServiceError::AlreadySettled(_)), "{e}");
         assert_eq!(spent(&f), (100_000, 100_000));
@@ -433,7 +384,7 @@ mod tests {
     async fn a_lying_settlement_is_named_by_the_verifier() {
         let f = fixture().await;
         let d = allow(&f, 500_000).await;
-        f.service.settle(d, &f.passport, 500_000, Some(200_000), why::USAGE).await.expect("settle");
+        f.service.settle(d, &f.passport, 500_000, Some(200_000), why::USAGE).await.expect("settle").to_json();
         // A writer that records a refund but claims the spend did not drop.
         let chain = f.passport.clone();
         let window = record(&f, d)["spend_window_start"].clone();

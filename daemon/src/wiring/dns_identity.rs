@@ -53,7 +53,7 @@ impl Identity {
     /// The allow-function for a query from `peer`; `None` drops the query unanswered.
     pub fn allow_for(self: &Arc<Self>, peer: SocketAddr, via: Via) -> Option<Allow> {
         let orig = match via {
-            Via::Tcp => self.conntable.lookup(peer)?,
+            Via::Tcp => self.conntable.lookup_resolver(peer)?,
             Via::Udp => self.conntable.udp_source(peer)?,
         };
         let passport = self.service.passport_for_cgroup(orig.cgroup_id)?;

@@ -15,7 +15,7 @@
 //! [`MIN_CACHE`]..=[`MAX_CACHE`] (the system resolver gives no TTL: [`SYSTEM_CACHE`]).
 
 use super::pool::{canonical, SyntheticPool};
-use crate::config::{DnsConfig, Upstream};
+use crate::config::{DnsConfig, DnsUpstream};
 use crate::domain::DomainName;
 use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
@@ -48,7 +48,7 @@ pub enum UpstreamError {
 #[derive(Debug)]
 pub struct UpstreamResolver {
     static_hosts: HashMap<DomainName, IpAddr>,
-    upstreams: Vec<Upstream>,
+    upstreams: Vec<DnsUpstream>,
     pool: Option<Arc<SyntheticPool>>,
     cache: Mutex<HashMap<DomainName, (Vec<IpAddr>, Instant)>>,
 }
@@ -76,8 +76,8 @@ impl UpstreamResolver {
         let mut last = UpstreamError::NoAddress { name: name.to_string() };
         for upstream in &self.upstreams {
             let (label, result) = match upstream {
-                Upstream::System => ("system".to_string(), system_lookup(name).await.map(|a| (a, SYSTEM_CACHE))),
-                Upstream::Server(server) => (server.to_string(), server_lookup(*server, name).await),
+                DnsUpstream::System => ("system".to_string(), system_lookup(name).await.map(|a| (a, SYSTEM_CACHE))),
+                DnsUpstream::Server(server) => (server.to_string(), server_lookup(*server, name).await),
             };
             match result {
                 Ok((addrs, ttl)) => {

@@ -7,7 +7,7 @@
 //! `*_millicents` fields named in [`crate::ledger::record`], which the verifier reads with the
 //! same constants.
 
-use super::holds::Hold;
+use super::held::Hold;
 use crate::decide::{self, ActionRequest, Decision, Guardrail, Reason, ResetWindow, StateView};
 use crate::ledger::record::{
     FIELD_COST, FIELD_KIND, FIELD_SPEND_AFTER, FIELD_SPEND_DELTA, FIELD_SPEND_WINDOW, FIELD_SPEND_WINDOW_START,
