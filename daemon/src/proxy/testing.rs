@@ -111,6 +111,7 @@ pub fn harness(decide: FakeDecide, policy: &str, static_hosts: &[(&str, IpAddr)]
         }),
         limits,
         stats: Stats::default(),
+        refusal_log: super::throttle::Throttle::new(Duration::from_secs(1)),
     });
     Harness { proxy, decide, redirects, pool, _dirs: (policy_dir, state) }
 }
