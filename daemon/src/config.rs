@@ -101,6 +101,11 @@ pub struct ProxyConfig {
     /// at accept (counted per sandbox), so one agent cannot take the whole budget.
     #[serde(default = "default_max_connections_per_sandbox")]
     pub max_connections_per_sandbox: usize,
+    /// Seconds an agent connection may go without a request in progress: an HTTP/1.1 request
+    /// head must arrive whole within it (an idle keep-alive connection too), and an HTTP/2
+    /// connection with no open request is closed after it.
+    #[serde(default = "default_header_timeout_secs")]
+    pub header_timeout_secs: u64,
 }
 
 fn default_proxy_port() -> u16 {
@@ -114,6 +119,11 @@ fn default_max_connections_per_sandbox() -> usize {
 }
 /// Upper bound of `[proxy] max_connections` (each connection holds descriptors and buffers).
 pub const MAX_PROXY_CONNECTIONS: usize = 1_000_000;
+fn default_header_timeout_secs() -> u64 {
+    30
+}
+/// The bounds of `[proxy] header_timeout_secs`.
+pub const HEADER_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 1..=3600;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -121,6 +131,7 @@ impl Default for ProxyConfig {
             port: default_proxy_port(),
             max_connections: default_max_connections(),
             max_connections_per_sandbox: default_max_connections_per_sandbox(),
+            header_timeout_secs: default_header_timeout_secs(),
         }
     }
 }
@@ -369,6 +380,9 @@ impl Config {
                 format!("must be from 1 to proxy.max_connections ({})", self.proxy.max_connections),
             ));
         }
+        if !HEADER_TIMEOUT_RANGE.contains(&self.proxy.header_timeout_secs) {
+            return Err(self.invalid("proxy.header_timeout_secs", "must be from 1 to 3600 (seconds)"));
+        }
         if self.dns.upstream.is_empty() {
             return Err(self.invalid("dns.upstream", "needs at least one entry: \"system\" or \"ip:port\""));
         }
@@ -465,6 +479,7 @@ mod tests {
         let c = parse("state_dir = \"/tmp/x\"").unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.proxy.port, 15001);
+        assert_eq!(c.proxy.header_timeout_secs, 30);
         assert_eq!(c.dns.port, 15053);
         assert_eq!(c.sandbox.cgroup, "sluice-agents");
         assert_eq!(c.holds.timeout_secs, 120);
@@ -575,6 +590,8 @@ timeout_secs = 120
             ("[proxy]\nmax_connections = 1000001", "proxy.max_connections"),
             ("[proxy]\nmax_connections_per_sandbox = 0", "proxy.max_connections_per_sandbox"),
             ("[proxy]\nmax_connections = 10\nmax_connections_per_sandbox = 11", "proxy.max_connections_per_sandbox"),
+            ("[proxy]\nheader_timeout_secs = 0", "proxy.header_timeout_secs"),
+            ("[proxy]\nheader_timeout_secs = 3601", "proxy.header_timeout_secs"),
             ("[sandbox]\nmax_tcp_sockets = 0", "sandbox.max_tcp_sockets"),
             ("[sandbox]\nmax_tcp_sockets = 16385", "sandbox.max_tcp_sockets"),
             ("[sandbox]\nmax_tcp_sockets = -1", "max_tcp_sockets"),

@@ -109,6 +109,11 @@ impl Daemon {
         self.child.as_ref().map(Child::id)
     }
 
+    /// `true` while the daemon process has not exited.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
+    }
+
     /// Sends SIGHUP (policy reload).
     pub fn hup(&self) {
         if let Some(c) = &self.child {

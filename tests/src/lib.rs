@@ -11,6 +11,7 @@
 //! to load or attach is always a test failure.
 
 pub mod daemon;
+pub mod flood;
 pub mod mock_llm;
 pub mod probe;
 pub mod upstream;

@@ -29,7 +29,7 @@ use super::answer::{decision_response, record_refusal, service_failure, simple, 
 use super::checks::{self, Refusal};
 use super::decider::{Decide, Forward};
 use super::upstream::{BoxError, ProxyBody};
-use super::{h1watch, inc, Proxy, Stats};
+use super::{h1watch, idle, inc, Proxy, Stats};
 use crate::decide::Reason;
 use crate::decide::{self, Decision};
 use crate::domain::DomainName;
@@ -61,14 +61,21 @@ where
         let (w, v) = h1watch::Watched::new(io, proxy.limits.max_header_bytes);
         (w, Some(v))
     };
+    // Requests in progress, from the service call to the end of the response body.
+    let activity = idle::Activity::new();
     let svc = {
         let proxy = proxy.clone();
         let info = info.clone();
+        let activity = activity.clone();
         service_fn(move |req| {
             let proxy = proxy.clone();
             let info = info.clone();
             let verdict = verdicts.as_ref().map(h1watch::Verdicts::next);
-            async move { Ok::<_, Infallible>(handle(proxy, info, verdict, req).await) }
+            let request = activity.begin();
+            async move {
+                let resp = handle(proxy, info, verdict, req).await;
+                Ok::<_, Infallible>(resp.map(|body| idle::Tracked::new(body, request)))
+            }
         })
     };
     let io = TokioIo::new(io);
@@ -77,7 +84,20 @@ where
         b.timer(TokioTimer::new())
             .max_concurrent_streams(proxy.limits.max_streams)
             .max_header_list_size(u32::try_from(proxy.limits.max_header_bytes).unwrap_or(u32::MAX));
-        b.serve_connection(io, svc).await
+        let conn = b.serve_connection(io, svc);
+        tokio::pin!(conn);
+        // HTTP/2 has no header read timeout: a connection with no request in progress (none
+        // sent, or a header block never finished) is closed after `header_timeout`, as hyper
+        // closes an idle HTTP/1.1 connection.
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = activity.idle_for(proxy.limits.header_timeout) => {
+                tracing::debug!(client = %info.client, "HTTP/2 connection without a request in progress; closing");
+                conn.as_mut().graceful_shutdown();
+                // A client that ignores the GOAWAY (and its PING) is dropped after a short grace.
+                tokio::time::timeout(idle::CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+            }
+        }
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -1101,6 +1121,63 @@ mod tests {
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=domain_not_allowed; attestation=7");
         let r = decision_response(&json!({"reason": "x; evil=1\r\n"}), &Reason::parse("x; evil=1\r\n"), 1);
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=x__evil_1__; attestation=1");
+    }
+
+    /// HTTP/2 has no header timeout of its own: a connection that sends the preface and
+    /// nothing else, or stops inside a header block, gets a GOAWAY once `header_timeout` passed
+    /// with no request in progress, and is closed within the grace after it.
+    #[tokio::test]
+    async fn an_http2_connection_without_a_request_in_progress_is_closed_after_the_header_timeout() {
+        use crate::proxy::testing::{agent_pair, harness_with_limits, raw_rule, CGROUP};
+        use std::time::{Duration, Instant};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let timeout = Duration::from_millis(300);
+        let limits = super::super::Limits { header_timeout: timeout, ..super::super::Limits::default() };
+        let fake = FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 1)));
+        let h = harness_with_limits(fake, &raw_rule(9), &[], limits);
+        for partial in [false, true] {
+            let (mut agent, accepted) = agent_pair().await;
+            let info = ConnInfo {
+                passport_id: "pp-1".into(),
+                client: "127.0.0.1:40000".parse().expect("addr"),
+                dialed: "127.0.0.1:443".parse().expect("addr"),
+                pid: 4242,
+                cgroup_id: CGROUP,
+                dialed_name: None,
+                sni: None,
+                tls: true,
+            };
+            let task = tokio::spawn(serve(h.proxy.clone(), Arc::new(info), accepted, true));
+            let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            opening.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+            if partial {
+                // HEADERS on stream 1, END_STREAM without END_HEADERS: `:method GET` (indexed).
+                opening.extend_from_slice(&[0, 0, 1, 1, 1, 0, 0, 0, 1, 0x82]);
+            }
+            agent.write_all(&opening).await.expect("send");
+            let start = Instant::now();
+            let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), agent.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                    Err(_) => panic!("partial={partial}: the idle HTTP/2 connection was not closed"),
+                }
+            }
+            let took = start.elapsed();
+            assert!(took >= timeout, "partial={partial}: closed after {took:?}");
+            assert!(took < timeout + super::super::idle::CLOSE_GRACE + Duration::from_secs(3), "{took:?}");
+            let mut kinds = Vec::new();
+            let mut at = 0;
+            while let Some(head) = got.get(at..at + 9) {
+                let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+                kinds.push(head[3]);
+                at += 9 + len;
+            }
+            assert!(kinds.contains(&7), "partial={partial}: no GOAWAY among frames {kinds:?}");
+            let _ = task.await;
+        }
+        assert!(h.decide.enforced.lock().unwrap().is_empty(), "nothing was decided: no request came");
     }
 
     /// CONNECT through the whole request pipeline on a served connection, with no kernel: a

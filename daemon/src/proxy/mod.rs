@@ -64,12 +64,14 @@ mod conn;
 mod decider;
 mod h1watch;
 mod http;
+mod idle;
 mod metered;
 mod prefixed;
 mod raw;
 pub mod sniff;
 #[cfg(test)]
 mod testing;
+mod throttle;
 pub mod upstream;
 
 use crate::decide::CompiledPassport;
@@ -122,7 +124,8 @@ pub struct Limits {
     pub sniff_timeout: Duration,
     /// TLS handshake with the agent.
     pub handshake_timeout: Duration,
-    /// HTTP/1 request head.
+    /// HTTP/1 request head (an idle keep-alive connection waiting for one too); an HTTP/2
+    /// connection with no request in progress is closed after it as well.
     pub header_timeout: Duration,
     /// HTTP/2 streams per connection.
     pub max_streams: u32,
@@ -217,6 +220,8 @@ pub struct Proxy {
     slots: Arc<Semaphore>,
     sandboxes: Arc<SandboxSlots>,
     stats: Stats,
+    /// The over-budget warnings (global and per sandbox), at most once a second under a flood.
+    refusal_log: throttle::Throttle,
 }
 
 /// Sandboxes whose refusals are counted one by one; refusals of more sandboxes than this are
@@ -310,6 +315,7 @@ impl Proxy {
             }),
             limits: parts.limits,
             stats: Stats::default(),
+            refusal_log: throttle::Throttle::new(Duration::from_secs(1)),
         }))
     }
 
@@ -400,24 +406,32 @@ impl Proxy {
     /// The connection's places in the global and in its sandbox's budget, or `None` (counted,
     /// logged) when either is exhausted: the caller closes the connection.
     fn admit(&self, orig: &OrigDst) -> Option<Admitted> {
+        // A flood is refused thousands of times a second: one line a second at most, with the
+        // count of refusals left out since the last line (the counters have them all).
         let Ok(global) = self.slots.clone().try_acquire_owned() else {
             inc(&self.stats.over_limit);
-            tracing::warn!(
-                cgroup_id = orig.cgroup_id,
-                pid = orig.pid,
-                limit = self.limits.max_connections,
-                "proxy: too many connections; closing"
-            );
+            if let Some(left_out) = self.refusal_log.admit(std::time::Instant::now()) {
+                tracing::warn!(
+                    cgroup_id = orig.cgroup_id,
+                    pid = orig.pid,
+                    limit = self.limits.max_connections,
+                    left_out,
+                    "proxy: too many connections; closing"
+                );
+            }
             return None;
         };
         let Some(sandbox) = self.sandboxes.acquire(orig.cgroup_id) else {
             inc(&self.stats.over_sandbox_limit);
-            tracing::warn!(
-                cgroup_id = orig.cgroup_id,
-                pid = orig.pid,
-                limit = self.limits.max_connections_per_sandbox,
-                "proxy: the sandbox has too many connections; closing"
-            );
+            if let Some(left_out) = self.refusal_log.admit(std::time::Instant::now()) {
+                tracing::warn!(
+                    cgroup_id = orig.cgroup_id,
+                    pid = orig.pid,
+                    limit = self.limits.max_connections_per_sandbox,
+                    left_out,
+                    "proxy: the sandbox has too many connections; closing"
+                );
+            }
             return None;
         };
         Some((global, sandbox))
@@ -430,6 +444,26 @@ impl Proxy {
 /// the agent closes before that is never served. A deep queue keeps bursts of thousands of
 /// connects out of that path.
 pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Raises this process's soft limit on open files to its hard limit and returns the soft limit
+/// now in force. Each forwarded connection takes two descriptors (agent and upstream); the usual
+/// soft limit outside systemd (1,024) would make `accept` fail long before
+/// [`Limits::max_connections`] (the unit sets `LimitNOFILE=65536`).
+pub fn raise_fd_limit() -> io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+        return Ok(hard);
+    }
+    Ok(soft)
+}
+
+/// Descriptors the proxy may need at `max_connections`: two per forwarded connection, and
+/// some for the daemon itself (store, API, listeners, resolver).
+pub fn fds_needed(max_connections: usize) -> u64 {
+    (max_connections as u64).saturating_mul(2).saturating_add(256)
+}
 
 /// Binds the proxy port on `127.0.0.1` and `::1`.
 pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
@@ -447,6 +481,23 @@ pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_soft_file_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{getrlimit, Resource};
+        let soft = raise_fd_limit().unwrap();
+        let (now_soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        assert_eq!(soft, now_soft);
+        assert_eq!(now_soft, hard);
+        // Idempotent.
+        assert_eq!(raise_fd_limit().unwrap(), soft);
+    }
+
+    #[test]
+    fn descriptors_needed_count_both_legs_and_never_overflow() {
+        assert_eq!(fds_needed(4096), 8448);
+        assert_eq!(fds_needed(usize::MAX), u64::MAX);
+    }
 
     fn slots(limit: usize) -> Arc<SandboxSlots> {
         Arc::new(SandboxSlots { limit, state: Mutex::default() })

@@ -76,6 +76,17 @@ fn passport() -> Arc<CompiledPassport> {
 /// A proxy deciding through `decide`, under the host policy `policy` (one file's text), whose
 /// own resolution knows exactly `static_hosts`. Connections are classified within 300 ms.
 pub fn harness(decide: FakeDecide, policy: &str, static_hosts: &[(&str, IpAddr)]) -> Harness {
+    let limits = Limits { sniff_timeout: Duration::from_millis(300), ..Limits::default() };
+    harness_with_limits(decide, policy, static_hosts, limits)
+}
+
+/// [`harness`] with the given limits.
+pub fn harness_with_limits(
+    decide: FakeDecide,
+    policy: &str,
+    static_hosts: &[(&str, IpAddr)],
+    limits: Limits,
+) -> Harness {
     let policy_dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(policy_dir.path().join("test.toml"), policy).expect("policy");
     let policy = Arc::new(PolicyHandle::load(policy_dir.path()).expect("policy loads"));
@@ -93,7 +104,6 @@ pub fn harness(decide: FakeDecide, policy: &str, static_hosts: &[(&str, IpAddr)]
     let passports: PassportLookup = Arc::new(move |cgroup_id| (cgroup_id == CGROUP).then(|| cp.clone()));
     let decide = Arc::new(decide);
     let redirects = Arc::new(FakeRedirects::default());
-    let limits = Limits { sniff_timeout: Duration::from_millis(300), ..Limits::default() };
     let proxy = Arc::new(Proxy {
         service: decide.clone(),
         policy,
@@ -111,6 +121,7 @@ pub fn harness(decide: FakeDecide, policy: &str, static_hosts: &[(&str, IpAddr)]
         }),
         limits,
         stats: Stats::default(),
+        refusal_log: super::throttle::Throttle::new(Duration::from_secs(1)),
     });
     Harness { proxy, decide, redirects, pool, _dirs: (policy_dir, state) }
 }

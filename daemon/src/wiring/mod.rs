@@ -23,6 +23,7 @@ use crate::service::Service;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -108,11 +109,23 @@ pub async fn start(
         limits: Limits {
             max_connections: config.proxy.max_connections,
             max_connections_per_sandbox: config.proxy.max_connections_per_sandbox,
+            header_timeout: Duration::from_secs(config.proxy.header_timeout_secs),
             ..Limits::default()
         },
     })
     .map_err(|source| StartError::Ca { dir: config.state_dir.clone(), source })?;
 
+    let max_connections = config.proxy.max_connections;
+    match proxy::raise_fd_limit() {
+        Ok(soft) if soft < proxy::fds_needed(max_connections) => tracing::warn!(
+            open_files = soft,
+            max_connections,
+            "the open-file limit is below what [proxy] max_connections needs (two descriptors per forwarded connection, {} in all): connections past it wait in the kernel's queue; raise LimitNOFILE or lower max_connections",
+            proxy::fds_needed(max_connections)
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let listeners = proxy::bind(config.proxy.port).map_err(|source| StartError::Bind {
         section: "proxy",
         port: config.proxy.port,

@@ -1,0 +1,174 @@
+//! When an agent connection has no request in progress.
+//!
+//! hyper bounds an idle HTTP/1.1 connection itself (its header read timeout also runs while a
+//! keep-alive connection waits for the next request), but nothing bounds an HTTP/2 connection
+//! that never sends a request: one that stops after the TLS handshake, after the preface, or in
+//! the middle of a header block (HEADERS without END_HEADERS, then silence). Each holds one of
+//! the proxy's connection slots for as long as the agent likes. [`Activity`] counts the requests
+//! in progress on a connection, from the moment hyper hands one to the service until its
+//! response body has ended or been dropped (a held request waiting for an operator is in
+//! progress), and [`Activity::idle_for`] resolves once there has been none for the given time;
+//! the caller then closes the connection (`GOAWAY`, and after [`CLOSE_GRACE`] the socket).
+
+use hyper::body::{Body, Frame, SizeHint};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long a connection closed for idleness has to finish its GOAWAY exchange (a request that
+/// raced the GOAWAY has this long too).
+pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Requests in progress on one connection, and since when there has been none.
+#[derive(Debug)]
+pub(super) struct Activity {
+    in_progress: AtomicUsize,
+    idle_since: Mutex<Instant>,
+}
+
+impl Activity {
+    pub(super) fn new() -> Arc<Activity> {
+        Arc::new(Activity { in_progress: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) })
+    }
+
+    /// A request starts; it is in progress until the returned guard is dropped.
+    pub(super) fn begin(self: &Arc<Self>) -> InProgress {
+        self.in_progress.fetch_add(1, Ordering::SeqCst);
+        InProgress(self.clone())
+    }
+
+    /// `Some(since)` when no request is in progress.
+    fn idle_since(&self) -> Option<Instant> {
+        let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        (self.in_progress.load(Ordering::SeqCst) == 0).then_some(since)
+    }
+
+    /// Resolves once no request has been in progress for `timeout` (checked again after every
+    /// wait, so a request that came and went meanwhile restarts the count).
+    pub(super) async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let wait = match self.idle_since() {
+                Some(since) => {
+                    let left = (since + timeout).saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return;
+                    }
+                    left
+                }
+                None => timeout,
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// One request in progress (see [`Activity::begin`]).
+#[derive(Debug)]
+pub(super) struct InProgress(Arc<Activity>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        // Set the time first: a watcher that sees the count at zero must see this request's end.
+        let mut since = self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+        *since = Instant::now();
+        self.0.in_progress.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request in progress until it has ended or is dropped.
+pub(super) struct Tracked<B> {
+    inner: B,
+    _request: InProgress,
+}
+
+impl<B> Tracked<B> {
+    pub(super) fn new(inner: B, request: InProgress) -> Tracked<B> {
+        Tracked { inner, _request: request }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+
+    /// Short real-time timeouts: lower bounds are exact, upper bounds get generous slack.
+    const T: Duration = Duration::from_millis(200);
+    const SLACK: Duration = Duration::from_secs(2);
+
+    async fn resolves_within(a: &Activity, within: Duration) -> bool {
+        tokio::time::timeout(within, a.idle_for(T)).await.is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_requests_is_idle_after_the_timeout() {
+        let a = Activity::new();
+        let start = Instant::now();
+        a.idle_for(T).await;
+        let took = start.elapsed();
+        assert!(took >= T && took < T + SLACK, "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_in_progress_is_never_idle_and_its_end_restarts_the_count() {
+        let a = Activity::new();
+        let r = a.begin();
+        assert!(!resolves_within(&a, T * 3).await, "idle while a request (a hold, say) is in progress");
+        drop(r);
+        let start = Instant::now();
+        a.idle_for(T).await;
+        let took = start.elapsed();
+        assert!(took >= T - Duration::from_millis(5) && took < T + SLACK, "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_that_came_and_went_during_the_wait_restarts_it() {
+        let a = Activity::new();
+        let start = Instant::now();
+        let watcher = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                a.idle_for(T).await;
+                Instant::now()
+            })
+        };
+        tokio::time::sleep(T / 2).await;
+        let ended = {
+            let _r = a.begin();
+            Instant::now()
+        };
+        let idle_at = watcher.await.unwrap();
+        assert!(idle_at >= ended + T, "idle {:?} after the request ended", idle_at - ended);
+        assert!(idle_at < start + T * 2 + SLACK);
+    }
+
+    #[tokio::test]
+    async fn the_response_body_keeps_the_request_in_progress_until_it_ends() {
+        let a = Activity::new();
+        let body = Tracked::new(Full::new(Bytes::from_static(b"answer")), a.begin());
+        assert!(!resolves_within(&a, T * 3).await, "idle while the response body is unsent");
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "answer");
+        assert!(resolves_within(&a, T + SLACK).await);
+    }
+}
