@@ -411,11 +411,13 @@ impl Config {
                 format!("must be from 1 to {MAX_TCP_SOCKETS} (a quarter of the kernel connection table)"),
             ));
         }
-        if self.sandbox.unix_allow.len() > crate::kernel::unix::ALLOW_ENTRIES {
+        // One entry of the kernel's list is the API socket's.
+        let most = crate::kernel::unix::ALLOW_ENTRIES.saturating_sub(1);
+        if self.sandbox.unix_allow.len() > most {
             return Err(self.invalid(
                 "sandbox.unix_allow",
                 format!(
-                    "lists {} addresses; at most {}",
+                    "lists {} addresses; at most {most} (the kernel's list holds {}, one is the API socket)",
                     self.sandbox.unix_allow.len(),
                     crate::kernel::unix::ALLOW_ENTRIES
                 ),

@@ -25,7 +25,6 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::kernel::{Conntable, UnixFilter};
-use crate::proxy::Proxy;
 
 /// Distinct (decision, reason) label pairs kept before new ones fold into `reason="other"`.
 pub const MAX_DECISION_SERIES: usize = 128;
@@ -61,7 +60,7 @@ pub struct Metrics {
     upstream_errors: Family<KindLabel, Counter>,
     commit: Histogram,
     conntable: Arc<Mutex<Option<Arc<Conntable>>>>,
-    proxy: Arc<Mutex<Weak<Proxy>>>,
+    proxy: Arc<Mutex<Weak<dyn AdmissionCounters>>>,
     unix: Arc<Mutex<Option<Arc<UnixFilter>>>>,
     /// Label sets added so far; held while one is added, so the bounds hold under concurrency.
     series: Mutex<SeriesCount>,
@@ -111,7 +110,7 @@ impl Metrics {
             commit.clone(),
         );
         registry.register_collector(Box::new(ConntableCollector(conntable.clone())));
-        let proxy = Arc::new(Mutex::new(Weak::new()));
+        let proxy: Arc<Mutex<Weak<dyn AdmissionCounters>>> = Arc::new(Mutex::new(Weak::<NoProxy>::new()));
         registry.register_collector(Box::new(ProxyCollector(proxy.clone())));
         registry.register_collector(Box::new(UnixCollector(unix.clone())));
         Metrics { registry, decisions, upstream_errors, commit, conntable, proxy, unix, series: Mutex::default() }
@@ -171,8 +170,10 @@ impl Metrics {
 
     /// The proxy whose connection counters (over-limit closes, per sandbox) are exported while
     /// it lives.
-    pub fn watch_proxy(&self, proxy: &Arc<Proxy>) {
-        *self.proxy.lock().unwrap_or_else(|p| p.into_inner()) = Arc::downgrade(proxy);
+    pub fn watch_proxy<P: AdmissionCounters + 'static>(&self, proxy: &Arc<P>) {
+        let weak: Weak<P> = Arc::downgrade(proxy);
+        let weak: Weak<dyn AdmissionCounters> = weak;
+        *self.proxy.lock().unwrap_or_else(|p| p.into_inner()) = weak;
     }
 
     /// The Unix socket filter whose refusals (kept by the eBPF programs) are exported.
@@ -278,8 +279,29 @@ impl Collector for ConntableCollector {
     }
 }
 
+/// What the proxy counts at accept, read when scraped. A trait, so that the proxy depends on
+/// this module (it counts upstream errors here) and not the other way round.
+pub trait AdmissionCounters: Send + Sync {
+    /// Connections accepted, and closed at accept over `[proxy] max_connections`.
+    fn accepted_and_over_limit(&self) -> (u64, u64);
+    /// Connections closed at accept over `[proxy] max_connections_per_sandbox`, by cgroup id.
+    fn sandbox_over_limit(&self) -> Vec<(u64, u64)>;
+}
+
+/// The empty `Weak` before a proxy is watched.
+struct NoProxy;
+
+impl AdmissionCounters for NoProxy {
+    fn accepted_and_over_limit(&self) -> (u64, u64) {
+        (0, 0)
+    }
+    fn sandbox_over_limit(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+}
+
 /// The proxy's admission counters, read when scraped (absent until a proxy is watched).
-struct ProxyCollector(Arc<Mutex<Weak<Proxy>>>);
+struct ProxyCollector(Arc<Mutex<Weak<dyn AdmissionCounters>>>);
 
 impl std::fmt::Debug for ProxyCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -291,13 +313,13 @@ impl Collector for ProxyCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let proxy = self.0.lock().unwrap_or_else(|p| p.into_inner()).upgrade();
         let Some(p) = proxy else { return Ok(()) };
-        let stats = p.stats();
+        let (accepted, over_limit) = p.accepted_and_over_limit();
         let counters = [
-            ("sluice_proxy_connections_accepted", "Connections the proxy accepted.", stats.accepted),
+            ("sluice_proxy_connections_accepted", "Connections the proxy accepted.", accepted),
             (
                 "sluice_proxy_over_limit",
                 "Connections closed at accept: all sandboxes together were at [proxy] max_connections.",
-                stats.over_limit,
+                over_limit,
             ),
         ];
         for (name, help, value) in counters {

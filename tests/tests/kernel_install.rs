@@ -208,7 +208,12 @@ fn pins_of_abi_1_are_upgraded_in_place_without_failing_open() {
     sluice::kernel::detach_and_unpin(&fx.config.pin_dir).unwrap();
     pin_abi1(&object, &fx.config, &fx.agents, host_netns);
     let old_links = sluice::kernel::loader::pinned_links(&fx.config.pin_dir).unwrap();
-    assert_eq!(old_links.len(), PROGRAM_COUNT - 1, "ABI 1 had no sock_release");
+    let unix_programs = sluice::kernel::unix::PROGRAM_NAMES;
+    assert_eq!(
+        old_links.len(),
+        PROGRAM_COUNT - 1 - unix_programs.len(),
+        "ABI 1 had no sock_release and no Unix socket programs"
+    );
 
     // An agent connected under the old programs, holding its socket across the upgrade (no
     // proxy listens meanwhile: refused, never sent out).
@@ -236,7 +241,8 @@ sys.stdin.readline()
     let enforcer = fx.restart_daemon();
     let actions = enforcer.link_actions().to_vec();
     for (prog, action) in &actions {
-        let want = if *prog == "sl_sock_release" { LinkAction::Attached } else { LinkAction::Updated };
+        let new = *prog == "sl_sock_release" || unix_programs.contains(prog);
+        let want = if new { LinkAction::Attached } else { LinkAction::Updated };
         assert_eq!(*action, want, "{prog}");
     }
     let new_links = sluice::kernel::loader::pinned_links(&fx.config.pin_dir).unwrap();

@@ -214,7 +214,18 @@ fn unix_confinement(config: &Config, enforcer: &kernel::Enforcer) -> UnixConfine
     };
     let mut gate = gate;
     match config.sandbox.unix_allow_addrs() {
-        Ok(addrs) => {
+        Ok(mut addrs) => {
+            // The API socket stays reachable by name: the API itself refuses processes inside
+            // the agents' cgroup, except the one call an agent unit makes as root to bind its
+            // own cgroup (`sluice sandbox bind` in its ExecStartPre=), which must get there.
+            match config.api.socket.to_str().map(kernel::UnixAddr::parse) {
+                Some(Ok(api)) => addrs.push(api),
+                _ => tracing::warn!(
+                    socket = %config.api.socket.display(),
+                    "[api] socket is no address the Unix socket filter can list (too long?): agent units cannot bind \
+                     themselves with `sluice sandbox bind`"
+                ),
+            }
             if let Err(e) = filter.set_allowed(&addrs) {
                 tracing::error!(error = %e, "[sandbox] unix_allow could not be written to the kernel; sandboxes are refused");
                 gate =

@@ -339,7 +339,7 @@ impl Proxy {
 
     /// Connections closed at accept because their sandbox was over its limit, by cgroup id
     /// (`0`: sandboxes beyond [`MAX_SANDBOX_SERIES`]), sorted by cgroup id.
-    pub fn sandbox_over_limit(&self) -> Vec<(u64, u64)> {
+    pub fn sandbox_over_limit_counts(&self) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = self.sandboxes.lock().refused.iter().map(|(k, v)| (*k, *v)).collect();
         out.sort_unstable();
         out
@@ -476,6 +476,16 @@ pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
         out.push(socket.listen(LISTEN_BACKLOG)?);
     }
     Ok(out)
+}
+
+impl crate::metrics::AdmissionCounters for Proxy {
+    fn accepted_and_over_limit(&self) -> (u64, u64) {
+        let s = self.stats();
+        (s.accepted, s.over_limit)
+    }
+    fn sandbox_over_limit(&self) -> Vec<(u64, u64)> {
+        self.sandbox_over_limit_counts()
+    }
 }
 
 #[cfg(test)]
