@@ -89,13 +89,14 @@ const MAP_ALLOW: &str = "sl_unix_allow";
 const MAP_DIRS: &str = "sl_unix_dirs";
 const MAP_REFUSED: &str = "sl_unix_refused";
 const MAP_CONFIG: &str = "sl_unix_config";
+const MAP_USERNS: &str = "sl_unix_userns";
 
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 
 /// The pinned maps and the shape a pin must have to be reused (else it is replaced).
-const PINNED_MAPS: [(&str, sys::MapInfo); 3] = [
+const PINNED_MAPS: [(&str, sys::MapInfo); 4] = [
     (
         MAP_ALLOW,
         sys::MapInfo {
@@ -113,6 +114,10 @@ const PINNED_MAPS: [(&str, sys::MapInfo); 3] = [
             value_size: ADDR_SIZE as u32,
             max_entries: DIRS_ENTRIES as u32,
         },
+    ),
+    (
+        MAP_USERNS,
+        sys::MapInfo { map_type: BPF_MAP_TYPE_HASH, key_size: 8, value_size: 4, max_entries: DIRS_ENTRIES as u32 },
     ),
     (MAP_REFUSED, sys::MapInfo { map_type: BPF_MAP_TYPE_PERCPU_ARRAY, key_size: 4, value_size: 8, max_entries: 2 }),
 ];
@@ -502,6 +507,7 @@ pub struct UnixFilter {
     hooks: Hooks,
     allow: OwnedFd,
     dirs: OwnedFd,
+    userns: OwnedFd,
     refused: OwnedFd,
     actions: Vec<(&'static str, LinkAction)>,
 }
@@ -561,7 +567,7 @@ impl UnixFilter {
             return Err(prog_err(CONNECT, "load (libbpf, verifier)")(libbpf_error(ret)));
         }
         // The user namespace names may be reached from, written before anything is attached.
-        let userns = own_user_namespace().map_err(prog_err(CONNECT, "stat /proc/self/ns/user"))?;
+        let userns = super::userns::own().map_err(prog_err(CONNECT, "stat /proc/self/ns/user"))?;
         let config = obj.map_fd(MAP_CONFIG)?;
         sys::map_update(config.as_fd(), &0u32.to_ne_bytes(), &userns.to_ne_bytes())
             .map_err(prog_err(CONNECT, "write sl_unix_config"))?;
@@ -576,6 +582,7 @@ impl UnixFilter {
             hooks,
             allow: obj.map_fd(MAP_ALLOW)?,
             dirs: obj.map_fd(MAP_DIRS)?,
+            userns: obj.map_fd(MAP_USERNS)?,
             refused: obj.map_fd(MAP_REFUSED)?,
             actions,
         })
@@ -666,6 +673,44 @@ impl UnixFilter {
         Ok(())
     }
 
+    /// Lets tasks of the sandbox with cgroup id `cgroup_id` that are in the user namespace with
+    /// nsfs inode `inode` reach names too (besides those in the daemon's user namespace). Only
+    /// for a namespace checked to be a direct child of the daemon's, owned by the sandbox's
+    /// caller, made before the caller joined the sandbox (see the module docs).
+    pub fn set_sandbox_userns(&self, cgroup_id: u64, inode: u32) -> Result<(), KernelError> {
+        if inode == 0 {
+            return Err(KernelError::Config { field: "user namespace", reason: "inode 0".into() });
+        }
+        sys::map_update(self.userns.as_fd(), &cgroup_id.to_ne_bytes(), &inode.to_ne_bytes())
+            .map_err(prog_err(CONNECT, "add to sl_unix_userns"))
+    }
+
+    /// The user namespace registered for a sandbox.
+    pub fn sandbox_userns(&self, cgroup_id: u64) -> Result<Option<u32>, KernelError> {
+        let mut value = [0u8; 4];
+        let found = sys::map_lookup(self.userns.as_fd(), &cgroup_id.to_ne_bytes(), &mut value)
+            .map_err(prog_err(CONNECT, "read sl_unix_userns"))?;
+        Ok(found.then(|| u32::from_ne_bytes(value)))
+    }
+
+    /// Forgets a sandbox's user namespace.
+    pub fn remove_sandbox_userns(&self, cgroup_id: u64) -> Result<(), KernelError> {
+        sys::map_delete(self.userns.as_fd(), &cgroup_id.to_ne_bytes())
+            .map(|_| ())
+            .map_err(prog_err(CONNECT, "remove from sl_unix_userns"))
+    }
+
+    /// Forgets the user namespaces of every cgroup not in `live` (sandboxes that ended while no
+    /// daemon ran).
+    pub fn retain_sandbox_userns(&self, live: &HashSet<u64>) -> Result<(), KernelError> {
+        for key in self.keys::<8>(&self.userns)? {
+            if !live.contains(&u64::from_ne_bytes(key)) {
+                sys::map_delete(self.userns.as_fd(), &key).map_err(prog_err(CONNECT, "remove from sl_unix_userns"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Refused `(connects, datagram sends)` since the maps were created, summed over CPUs.
     pub fn refused(&self) -> Result<(u64, u64), KernelError> {
         let cpus = possible_cpus().map_err(prog_err(CONNECT, "count possible CPUs"))?;
@@ -681,13 +726,6 @@ impl UnixFilter {
         }
         Ok((total[0], total[1]))
     }
-}
-
-/// The inode number of this process's user namespace: the only one from which agents may reach
-/// Unix sockets by name (a user namespace of the agent's own would let it mount over paths).
-fn own_user_namespace() -> io::Result<u32> {
-    let ino = fs::metadata("/proc/self/ns/user")?.ino();
-    u32::try_from(ino).ok().filter(|i| *i != 0).ok_or_else(|| io::Error::other(format!("unexpected nsfs inode {ino}")))
 }
 
 /// The number of possible CPUs (per-CPU map values have one slot each).

@@ -21,13 +21,19 @@
 //! bound unless the kernel confines agents' Unix sockets, or the operator accepted that it
 //! cannot (`[sandbox] unix_sockets = "unenforced"`). A `sluice run` sandbox gets its own
 //! directory (`<unix_dir>/<sandbox id>`, owned by the caller), the only place where sockets it
-//! creates can be reached by name; it is removed with the sandbox.
+//! creates can be reached by name; it is removed with the sandbox. The filter allows names only
+//! from the daemon's user namespace, and from the one registered for the sandbox: the caller's,
+//! read from `/proc/PID/ns/user` when the sandbox is created (before the caller joins it), if it
+//! is a direct child of the daemon's owned by the caller's uid. That is the namespace a
+//! non-root `sluice run` makes before it asks, in which only `sluice run` itself and its
+//! non-dumpable PID 1 hold capabilities; see `crates/kernel/src/unix.rs` for why that is safe.
 
 use super::drafts;
 use super::peer::{Actor, Peer};
 use super::{now, Service, ServiceError};
 use crate::decide::CompiledPassport;
 use crate::kernel::process::{pidfd_open, process_identity, wait_exit};
+use crate::kernel::userns::{self, UserNs};
 use crate::kernel::{Cgroup, SandboxDirs, UnixFilter};
 use crate::ledger::{Draft, Txn};
 use serde::{Deserialize, Serialize};
@@ -172,12 +178,52 @@ impl Service {
         Ok(Some(dir))
     }
 
-    /// Forgets and removes a sandbox's own directory (if it has one).
+    /// The user namespace to register for a new sandbox: the caller's (process `peer.pid`, which
+    /// started at `start`), if it is a direct child of the daemon's owned by the caller's uid.
+    /// `Ok(None)` when the caller is in the daemon's user namespace (nothing to register) or in
+    /// one that cannot be registered (its agent then reaches no Unix socket by name: said in the
+    /// log). An error when the process is no longer the caller.
+    fn caller_user_namespace(&self, peer: &Peer, start: u64) -> Result<Option<u32>, ServiceError> {
+        let seen = userns::of_process(peer.pid);
+        // The namespace was read from the caller only if the pid still names the process that
+        // started at `start` (a pid reused meanwhile would have another start time).
+        match process_identity(peer.pid) {
+            Some((s, uid)) if s == start && uid == peer.uid => {}
+            _ => {
+                return Err(ServiceError::Invalid {
+                    field: "pid",
+                    problem: "the calling process changed identity".into(),
+                })
+            }
+        }
+        let why = match seen {
+            Ok(UserNs::Own) => return Ok(None),
+            Ok(UserNs::Child { inode, owner }) if owner == peer.uid => return Ok(Some(inode)),
+            Ok(UserNs::Child { owner, .. }) => format!("its user namespace is owned by uid {owner}, not the caller's"),
+            Ok(UserNs::Other { .. }) => "its user namespace is not a direct child of the daemon's".to_string(),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => format!(
+                "cannot read /proc/{}/ns/user ({e}): the daemon needs CAP_SYS_PTRACE to read another user's",
+                peer.pid
+            ),
+            Err(e) => format!("cannot read /proc/{}/ns/user: {e}", peer.pid),
+        };
+        tracing::warn!(
+            pid = peer.pid,
+            uid = peer.uid,
+            "sandbox caller's user namespace not registered ({why}); its agent reaches no Unix socket by name"
+        );
+        Ok(None)
+    }
+
+    /// Forgets and removes a sandbox's own directory (if it has one) and its user namespace.
     fn remove_own_dir(&self, sandbox: &Sandbox) {
         let Some(unix) = self.config.unix.as_deref() else { return };
         if let Some(filter) = &unix.filter {
             if let Err(e) = filter.remove_sandbox_dir(sandbox.cgroup_id) {
                 tracing::error!(sandbox = %sandbox.id, error = %e, "could not forget the sandbox's own directory");
+            }
+            if let Err(e) = filter.remove_sandbox_userns(sandbox.cgroup_id) {
+                tracing::error!(sandbox = %sandbox.id, error = %e, "could not forget the sandbox's user namespace");
             }
         }
         if let (Some(dirs), Some(_)) = (&unix.dirs, sandbox.leader_pid) {
@@ -227,6 +273,12 @@ impl Service {
         }
         let pidfd = pidfd_open(peer.pid)
             .map_err(|e| ServiceError::Invalid { field: "pid", problem: format!("pidfd_open({}): {e}", peer.pid) })?;
+        // The caller made its user namespace before asking (sluice run): registered below, before
+        // the caller joins the cgroup. Only where the kernel filter runs.
+        let userns = match unix.filter {
+            Some(_) => self.caller_user_namespace(peer, leader_start)?,
+            None => None,
+        };
         let suffix: [u8; 8] = rand::random();
         let name = format!("run-{}", crate::ledger::hex::encode(&suffix));
         let cgroup = agents.create_child(&name).map_err(|e| ServiceError::Cgroup(e.to_string()))?;
@@ -253,6 +305,13 @@ impl Service {
                 return Err(e);
             }
         };
+        if let (Some(filter), Some(inode)) = (&unix.filter, userns) {
+            if let Err(e) = filter.set_sandbox_userns(sandbox.cgroup_id, inode) {
+                self.end_sandbox(&cp, sandbox, cgroup, "user_namespace_failed").await;
+                return Err(ServiceError::Cgroup(format!("registering the caller's user namespace: {e}")));
+            }
+            tracing::debug!(sandbox = %sandbox.id, userns = inode, "caller's user namespace registered");
+        }
         if let Err(e) = cgroup.add_pid(peer.pid as u32) {
             self.end_sandbox(&cp, sandbox, cgroup, "join_failed").await;
             return Err(ServiceError::Invalid {
@@ -474,6 +533,11 @@ impl Service {
             let ids: HashSet<u64> = live.iter().map(|s| s.cgroup_id).collect();
             if let Err(e) = filter.retain_sandbox_dirs(&ids) {
                 tracing::error!(error = %e, "could not prune the own directories of ended sandboxes");
+            }
+            // Registered user namespaces live in a pinned map too: those of live sandboxes stay
+            // (their leader, which keeps the namespace alive, still runs).
+            if let Err(e) = filter.retain_sandbox_userns(&ids) {
+                tracing::error!(error = %e, "could not prune the user namespaces of ended sandboxes");
             }
             for s in live.iter().filter(|s| s.leader_pid.is_some()) {
                 let Some(dir) = dirs.as_ref().map(|d| d.dir(&s.id)).filter(|d| d.is_dir()) else { continue };
