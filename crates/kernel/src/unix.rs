@@ -34,12 +34,42 @@
 //! absolute). `unix_dir` must be owned by root and writable
 //! by root only, so no agent can make another sandbox's directory.
 //!
+//! # Why user namespaces matter
+//!
 //! An agent that may mount could still bind a host socket over a path in its directory, or over a
 //! listed path, and the raw path would match. Without privileges it may mount only in a user
-//! namespace of its own (`unshare -Urm`), so the programs allow names only to tasks in the
-//! daemon's user namespace (`sl_unix_config` holds its nsfs inode number): from any other user
-//! namespace every name is refused. A `sluice run` that puts agents in a user namespace of its
-//! making must give the daemon that namespace, and keep agents from mounting in it.
+//! namespace where it holds `CAP_SYS_ADMIN`, which means one it created (`unshare -Urm`). So the
+//! programs allow names only to tasks in one of two user namespaces, compared by nsfs inode
+//! number (`task->cred->user_ns->ns.inum`):
+//!
+//! * the daemon's (`sl_unix_config`): root's `sluice run` agents, bound sandboxes;
+//! * the one registered for the calling task's sandbox cgroup (`sl_unix_userns`, cgroup id to
+//!   inode): the user namespace a non-root `sluice run` makes for its agent.
+//!
+//! From any other user namespace every name is refused (`socketpair` still works).
+//!
+//! Registering `sluice run`'s namespace is safe because nobody in it can mount: it maps only the
+//! caller's uid to itself, so the agent (that uid, not 0, after `exec`, under `no_new_privs` so
+//! no file capability or set-uid bit applies) holds no capability there. The only holders are
+//! `sluice run` itself and its PID 1, both sluice code, both non-dumpable, and `sluice run` is
+//! outside the agent's PID namespace. A namespace the agent makes is nested below the
+//! registered one: another inode, refused, although the agent may mount there. A process in the
+//! registered namespace cannot enter that nested namespace's mount namespace (`setns` needs
+//! `CAP_SYS_ADMIN` in its own namespace too), and mounts made there do not propagate back.
+//!
+//! Registration is exact and happens before anything runs in the sandbox: `sluice run` makes
+//! its user namespace first (single-threaded, before any API call); at `POST /v1/sandboxes` the
+//! daemon reads `/proc/PID/ns/user` of the caller (pid from `SO_PEERCRED`, checked to be the same
+//! process by its start time before and after), accepts it only if it is a direct child of the
+//! daemon's namespace owned by the caller's uid (`NS_GET_PARENT`, `NS_GET_OWNER_UID`, see
+//! `userns.rs`), writes the map entry, and only then moves the caller into the cgroup. The entry
+//! goes with the sandbox. Its inode cannot be reused meanwhile: every process in the cgroup is in
+//! that namespace or below it, which keeps it alive. Reading another user's `/proc/PID/ns/user`
+//! needs `CAP_SYS_PTRACE`; a daemon without it registers nothing (logged), and such agents reach
+//! no Unix socket by name (fail closed). A caller that is in another namespace (nested deeper,
+//! or someone else's) gets no registration either. A non-root caller that crafted its own
+//! namespace, with capabilities in it, gains nothing it does not have already: it is the same
+//! user, outside any sandbox.
 //!
 //! # Kernel support and loading
 //!

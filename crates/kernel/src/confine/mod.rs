@@ -136,8 +136,8 @@ static IN_USER_NAMESPACE: std::sync::atomic::AtomicBool = std::sync::atomic::Ato
 /// thing, before it asks the daemon for a sandbox, so that the daemon sees (and registers with
 /// the Unix socket filter) the user namespace the agent will run in; [`run`] then makes only the
 /// PID namespace. Needs a single-threaded process (`unshare(CLONE_NEWUSER)` does). This process
-/// keeps every capability in the new namespace (until it `exec`s): the agent, started later with
-/// another uid than 0 inside and `no_new_privs`, gets none.
+/// keeps every capability in the new namespace and is made non-dumpable; the agent, started later
+/// with a uid other than 0 inside and `no_new_privs`, gets none, so it cannot mount there.
 pub fn enter_user_namespace() -> Result<(), ConfineError> {
     use std::sync::atomic::Ordering;
     if IN_USER_NAMESPACE.load(Ordering::SeqCst) {
@@ -166,6 +166,9 @@ pub fn enter_user_namespace() -> Result<(), ConfineError> {
             _ => ConfineError::Sys { op: "writing the user namespace's id maps", source },
         })?;
     }
+    // This process keeps every capability in the namespace until it exits: nothing the agent
+    // runs may trace or read it (it cannot name it either, from its own PID namespace).
+    nix::sys::prctl::set_dumpable(false).map_err(sys("prctl(PR_SET_DUMPABLE)"))?;
     IN_USER_NAMESPACE.store(true, Ordering::SeqCst);
     Ok(())
 }
