@@ -196,23 +196,17 @@ impl Service {
                 })
             }
         }
-        let why = match seen {
-            Ok(UserNs::Own) => return Ok(None),
-            Ok(UserNs::Child { inode, owner }) if owner == peer.uid => return Ok(Some(inode)),
-            Ok(UserNs::Child { owner, .. }) => format!("its user namespace is owned by uid {owner}, not the caller's"),
-            Ok(UserNs::Other { .. }) => "its user namespace is not a direct child of the daemon's".to_string(),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => format!(
-                "cannot read /proc/{}/ns/user ({e}): the daemon needs CAP_SYS_PTRACE to read another user's",
-                peer.pid
-            ),
-            Err(e) => format!("cannot read /proc/{}/ns/user: {e}", peer.pid),
-        };
-        tracing::warn!(
-            pid = peer.pid,
-            uid = peer.uid,
-            "sandbox caller's user namespace not registered ({why}); its agent reaches no Unix socket by name"
-        );
-        Ok(None)
+        match registration(seen, peer) {
+            Ok(inode) => Ok(inode),
+            Err(why) => {
+                tracing::warn!(
+                    pid = peer.pid,
+                    uid = peer.uid,
+                    "sandbox caller's user namespace not registered ({why}); its agent reaches no Unix socket by name"
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// Forgets and removes a sandbox's own directory (if it has one) and its user namespace.
@@ -593,6 +587,23 @@ impl Service {
     }
 }
 
+/// Which user namespace to register for a sandbox, given the caller's as seen from the daemon:
+/// `Ok(None)` for the daemon's own (nothing to register), `Ok(Some(inode))` for a direct child
+/// owned by the caller's uid, else why none is (the sandbox then reaches no name).
+fn registration(seen: std::io::Result<UserNs>, peer: &Peer) -> Result<Option<u32>, String> {
+    match seen {
+        Ok(UserNs::Own) => Ok(None),
+        Ok(UserNs::Child { inode, owner }) if owner == peer.uid => Ok(Some(inode)),
+        Ok(UserNs::Child { owner, .. }) => Err(format!("its user namespace is owned by uid {owner}, not the caller's")),
+        Ok(UserNs::Other { .. }) => Err("its user namespace is not a direct child of the daemon's".to_string()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => Err(format!(
+            "cannot read /proc/{}/ns/user ({e}): the daemon needs CAP_SYS_PTRACE to read another user's",
+            peer.pid
+        )),
+        Err(e) => Err(format!("cannot read /proc/{}/ns/user: {e}", peer.pid)),
+    }
+}
+
 /// Sandboxes are created only with Unix socket confinement set up and its gate open.
 fn unix_gate(unix: Option<&UnixConfinement>) -> Result<&UnixConfinement, ServiceError> {
     let unix = unix.ok_or_else(|| {
@@ -683,6 +694,24 @@ mod tests {
         let enforced =
             with(sandbox_gate(UnixMode::Enforced, &UnixStatus::Enforced(Hooks { connect: 49, sendmsg: 50 })));
         assert!(unix_gate(Some(&enforced)).is_ok());
+    }
+
+    /// Only a direct child of the daemon's user namespace owned by the caller is registered; the
+    /// daemon's own needs nothing; anything else (someone else's, nested deeper, unreadable) is
+    /// not registered, with the reason.
+    #[test]
+    fn only_the_callers_direct_child_user_namespace_is_registered() {
+        let peer = Peer { uid: 1000, gid: 1000, pid: 42, user: None };
+        assert_eq!(registration(Ok(UserNs::Own), &peer), Ok(None));
+        assert_eq!(registration(Ok(UserNs::Child { inode: 7, owner: 1000 }), &peer), Ok(Some(7)));
+        let other_owner = registration(Ok(UserNs::Child { inode: 7, owner: 1001 }), &peer).unwrap_err();
+        assert!(other_owner.contains("uid 1001"), "{other_owner}");
+        let nested = registration(Ok(UserNs::Other { inode: 8 }), &peer).unwrap_err();
+        assert!(nested.contains("not a direct child"), "{nested}");
+        let denied = registration(Err(std::io::Error::from_raw_os_error(libc::EACCES)), &peer).unwrap_err();
+        assert!(denied.contains("CAP_SYS_PTRACE") && denied.contains("/proc/42/ns/user"), "{denied}");
+        let gone = registration(Err(std::io::Error::from_raw_os_error(libc::ENOENT)), &peer).unwrap_err();
+        assert!(gone.contains("/proc/42/ns/user"), "{gone}");
     }
 
     #[test]
