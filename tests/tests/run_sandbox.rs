@@ -436,6 +436,51 @@ fn a_root_agent_reaches_its_own_directory() {
     wait_no_sandboxes(&d);
 }
 
+/// `--no-pid-namespace` makes no user namespace (and registers none): the agent is in the
+/// daemon's, and reaches its own directory from there.
+#[test]
+fn without_namespaces_a_non_root_agent_reaches_its_own_directory() {
+    if !root_or_skip("without_namespaces_a_non_root_agent_reaches_its_own_directory") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let outside = tempfile::Builder::new().prefix("sluice-unix-nons").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out_path = outside.path().join("host-service.sock");
+    let _out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
+    std::fs::set_permissions(&out_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = Daemon::start_with_group("nogroup", "");
+    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (passport, _) = d.issue("nons-agent", &["--permission", "*"]);
+    std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = d
+        .cli_command(&[
+            "run",
+            "--passport",
+            passport.to_str().unwrap(),
+            "--no-pid-namespace",
+            "--",
+            system_python(),
+            "-c",
+            NESTED_TRY,
+            out_path.to_str().unwrap(),
+            "no-mount",
+        ])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}\n{}", stderr(&out), d.log());
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(v["uid"], 65534, "{v}");
+    assert_eq!(v["own"], 0, "{v}");
+    assert_eq!(v["outside"].as_i64(), Some(1), "{v}");
+    wait_no_sandboxes(&d);
+}
+
 /// The raw answer to `GET path` on the daemon's API socket.
 fn api_get(d: &Daemon, path: &str) -> String {
     use std::io::{Read, Write};
