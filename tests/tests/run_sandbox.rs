@@ -436,6 +436,50 @@ fn a_root_agent_reaches_its_own_directory() {
     wait_no_sandboxes(&d);
 }
 
+/// A caller that is root in a user namespace of its own (`unshare -r`, as in a rootless
+/// container) would start agents that keep every capability there and can mount: the daemon does
+/// not register that namespace (it maps uid 0, not only the caller's uid to itself), says why,
+/// and the agent reaches no Unix socket by name even after bind-mounting one into its directory.
+#[test]
+fn a_caller_that_is_root_in_a_user_namespace_of_its_own_gets_no_names() {
+    if !root_or_skip("a_caller_that_is_root_in_a_user_namespace_of_its_own_gets_no_names") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let outside = tempfile::Builder::new().prefix("sluice-unix-rootns").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out_path = outside.path().join("host-service.sock");
+    let _out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
+    std::fs::set_permissions(&out_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = Daemon::start_with_group("nogroup", "");
+    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (passport, _) = d.issue("rootns-agent", &["--permission", "*"]);
+    std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.arg("-r")
+        .arg(sluice_e2e::daemon::sluice_bin())
+        .args(["--socket", d.socket.to_str().unwrap(), "--config", d.config.to_str().unwrap()])
+        .args(["run", "--passport", passport.to_str().unwrap(), "--", system_python(), "-c", NESTED_TRY])
+        .args([out_path.to_str().unwrap(), "mount"])
+        .uid(65534)
+        .gid(65534);
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{stdout}\n{err}\n{}", d.log());
+    assert!(err.contains("did not register") && err.contains("not only the caller's uid 65534"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    const EPERM: i64 = 1;
+    assert_eq!(v["uid"], 0, "root inside its namespace: {v}");
+    assert_eq!(v["mount"], 0, "it can mount there (else this tests nothing): {v}");
+    for case in ["own", "outside", "via_own"] {
+        assert_eq!(v[case].as_i64(), Some(EPERM), "{case}: {v}");
+    }
+    wait_no_sandboxes(&d);
+}
+
 /// `--no-pid-namespace` makes no user namespace (and registers none): the agent is in the
 /// daemon's, and reaches its own directory from there.
 #[test]

@@ -62,7 +62,10 @@
 //! daemon reads `/proc/PID/ns/user` of the caller (pid from `SO_PEERCRED`, checked to be the same
 //! process by its start time before and after), accepts it only if it is a direct child of the
 //! daemon's namespace owned by the caller's uid (`NS_GET_PARENT`, `NS_GET_OWNER_UID`, see
-//! `userns.rs`), writes the map entry, and only then moves the caller into the cgroup. The entry
+//! `userns.rs`) whose `uid_map` maps only that uid, not 0, to itself (the shape `sluice run`
+//! makes; a caller that is root inside its namespace, as after `unshare -r` or in a rootless
+//! container, would start agents that keep their capabilities), writes the map entry, and only
+//! then moves the caller into the cgroup. The entry
 //! goes with the sandbox. Its inode cannot be reused meanwhile: every process in the cgroup is in
 //! that namespace or below it, which keeps it alive. Reading another user's `/proc/PID/ns/user`
 //! needs `CAP_SYS_PTRACE`; a daemon without it registers nothing (logged), and such agents reach

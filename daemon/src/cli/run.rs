@@ -92,6 +92,12 @@ pub fn run(a: RunArgs, socket: &ApiSocket) -> CmdResult {
     let sandbox = call(socket, Method::POST, "/v1/sandboxes", Some(json!({"passport_id": passport_id, "pop": pop})))
         .context("creating the sandbox")?;
     // From here on this process is inside the sandbox: the daemon will refuse its API calls.
+    if let Some(why) = sandbox["unix_names_refused"].as_str() {
+        eprintln!(
+            "sluice: note: the daemon did not register this sandbox's user namespace ({why}): the agent can reach \
+             no Unix socket by name, not even in its TMPDIR (socketpair still works)"
+        );
+    }
     let bundle = sandbox["ca_bundle"].as_str().map(PathBuf::from).filter(|p| p.is_file());
     let mut cmd = Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..]);

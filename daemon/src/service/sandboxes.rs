@@ -24,7 +24,8 @@
 //! creates can be reached by name; it is removed with the sandbox. The filter allows names only
 //! from the daemon's user namespace, and from the one registered for the sandbox: the caller's,
 //! read from `/proc/PID/ns/user` when the sandbox is created (before the caller joins it), if it
-//! is a direct child of the daemon's owned by the caller's uid. That is the namespace a
+//! is a direct child of the daemon's owned by the caller's uid that maps only that uid (not 0) to
+//! itself. That is the namespace a
 //! non-root `sluice run` makes before it asks, in which only `sluice run` itself and its
 //! non-dumpable PID 1 hold capabilities; see `crates/kernel/src/unix.rs` for why that is safe.
 
@@ -91,6 +92,10 @@ pub struct SandboxCreated {
     /// The sandbox's own directory (its agent's TMPDIR), where the sockets it may reach by name
     /// live; `None` when sandboxes get none.
     pub unix_dir: Option<PathBuf>,
+    /// Set when the caller's user namespace could not be registered, so its agent reaches no
+    /// Unix socket by name (not even in `unix_dir`): why. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_names_refused: Option<String>,
 }
 
 /// `POST /v1/sandboxes/bind`.
@@ -180,11 +185,13 @@ impl Service {
 
     /// The user namespace to register for a new sandbox: the caller's (process `peer.pid`, which
     /// started at `start`), if it is a direct child of the daemon's owned by the caller's uid.
-    /// `Ok(None)` when the caller is in the daemon's user namespace (nothing to register) or in
-    /// one that cannot be registered (its agent then reaches no Unix socket by name: said in the
-    /// log). An error when the process is no longer the caller.
-    fn caller_user_namespace(&self, peer: &Peer, start: u64) -> Result<Option<u32>, ServiceError> {
+    /// `Ok(Ok(None))` when the caller is in the daemon's user namespace (nothing to register);
+    /// `Ok(Err(why))` when its namespace cannot be registered (its agent then reaches no Unix
+    /// socket by name: logged, and told to the caller). An error when the process is no longer
+    /// the caller.
+    fn caller_user_namespace(&self, peer: &Peer, start: u64) -> Result<Result<Option<u32>, String>, ServiceError> {
         let seen = userns::of_process(peer.pid);
+        let uid_map = read_uid_map(peer.pid);
         // The namespace was read from the caller only if the pid still names the process that
         // started at `start` (a pid reused meanwhile would have another start time).
         match process_identity(peer.pid) {
@@ -196,17 +203,15 @@ impl Service {
                 })
             }
         }
-        match registration(seen, peer) {
-            Ok(inode) => Ok(inode),
-            Err(why) => {
-                tracing::warn!(
-                    pid = peer.pid,
-                    uid = peer.uid,
-                    "sandbox caller's user namespace not registered ({why}); its agent reaches no Unix socket by name"
-                );
-                Ok(None)
-            }
+        let decided = registration(seen, &uid_map, peer);
+        if let Err(why) = &decided {
+            tracing::warn!(
+                pid = peer.pid,
+                uid = peer.uid,
+                "sandbox caller's user namespace not registered ({why}); its agent reaches no Unix socket by name"
+            );
         }
+        Ok(decided)
     }
 
     /// Forgets and removes a sandbox's own directory (if it has one) and its user namespace.
@@ -269,9 +274,12 @@ impl Service {
             .map_err(|e| ServiceError::Invalid { field: "pid", problem: format!("pidfd_open({}): {e}", peer.pid) })?;
         // The caller made its user namespace before asking (sluice run): registered below, before
         // the caller joins the cgroup. Only where the kernel filter runs.
-        let userns = match unix.filter {
-            Some(_) => self.caller_user_namespace(peer, leader_start)?,
-            None => None,
+        let (userns, unix_names_refused) = match unix.filter {
+            Some(_) => match self.caller_user_namespace(peer, leader_start)? {
+                Ok(inode) => (inode, None),
+                Err(why) => (None, Some(why)),
+            },
+            None => (None, None),
         };
         let suffix: [u8; 8] = rand::random();
         let name = format!("run-{}", crate::ledger::hex::encode(&suffix));
@@ -325,6 +333,7 @@ impl Service {
             cgroup_id: sandbox.cgroup_id,
             ca_bundle: self.config.ca_bundle.clone(),
             unix_dir,
+            unix_names_refused,
         })
     }
 
@@ -587,13 +596,50 @@ impl Service {
     }
 }
 
-/// Which user namespace to register for a sandbox, given the caller's as seen from the daemon:
-/// `Ok(None)` for the daemon's own (nothing to register), `Ok(Some(inode))` for a direct child
-/// owned by the caller's uid, else why none is (the sandbox then reaches no name).
-fn registration(seen: std::io::Result<UserNs>, peer: &Peer) -> Result<Option<u32>, String> {
+/// The longest `/proc/PID/uid_map` read (the kernel allows 340 lines).
+const UID_MAP_MAX: u64 = 64 * 1024;
+
+/// `/proc/PID/uid_map` as the daemon sees it (readable by anyone; written once, by the namespace's
+/// creator).
+fn read_uid_map(pid: i32) -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    if let Ok(f) = std::fs::File::open(format!("/proc/{pid}/uid_map")) {
+        let _ = f.take(UID_MAP_MAX).read_to_string(&mut text);
+    }
+    text
+}
+
+/// Whether `uid_map` maps exactly one uid, `uid`, to itself, and it is not 0: the shape of the
+/// namespace `sluice run` makes, where no process that `exec`ed holds a capability. A caller that
+/// is root inside its namespace (`unshare -r`, a rootless container) would start agents that
+/// keep every capability there, and could mount.
+fn maps_only_itself(uid_map: &str, uid: u32) -> bool {
+    let mut lines = uid_map.lines().filter(|l| !l.trim().is_empty());
+    let (Some(line), None) = (lines.next(), lines.next()) else { return false };
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let want = uid.to_string();
+    uid != 0 && matches!(fields.as_slice(), [inside, outside, "1"] if *inside == want && *outside == want)
+}
+
+/// Which user namespace to register for a sandbox, given the caller's as seen from the daemon
+/// and its `uid_map`: `Ok(None)` for the daemon's own (nothing to register), `Ok(Some(inode))`
+/// for a direct child owned by the caller's uid that maps only that uid, to itself; else why none
+/// is (the sandbox then reaches no name).
+fn registration(seen: std::io::Result<UserNs>, uid_map: &str, peer: &Peer) -> Result<Option<u32>, String> {
     match seen {
         Ok(UserNs::Own) => Ok(None),
-        Ok(UserNs::Child { inode, owner }) if owner == peer.uid => Ok(Some(inode)),
+        Ok(UserNs::Child { inode, owner }) if owner == peer.uid => {
+            if maps_only_itself(uid_map, peer.uid) {
+                Ok(Some(inode))
+            } else {
+                Err(format!(
+                    "its user namespace maps uids {:?}, not only the caller's uid {} to itself (as sluice run's does)",
+                    uid_map.trim(),
+                    peer.uid
+                ))
+            }
+        }
         Ok(UserNs::Child { owner, .. }) => Err(format!("its user namespace is owned by uid {owner}, not the caller's")),
         Ok(UserNs::Other { .. }) => Err("its user namespace is not a direct child of the daemon's".to_string()),
         Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => Err(format!(
@@ -702,15 +748,25 @@ mod tests {
     #[test]
     fn only_the_callers_direct_child_user_namespace_is_registered() {
         let peer = Peer { uid: 1000, gid: 1000, pid: 42, user: None };
-        assert_eq!(registration(Ok(UserNs::Own), &peer), Ok(None));
-        assert_eq!(registration(Ok(UserNs::Child { inode: 7, owner: 1000 }), &peer), Ok(Some(7)));
-        let other_owner = registration(Ok(UserNs::Child { inode: 7, owner: 1001 }), &peer).unwrap_err();
+        let map = "      1000       1000          1\n";
+        let child = |owner| Ok(UserNs::Child { inode: 7, owner });
+        assert_eq!(registration(Ok(UserNs::Own), "", &peer), Ok(None));
+        assert_eq!(registration(child(1000), map, &peer), Ok(Some(7)));
+        let other_owner = registration(child(1001), map, &peer).unwrap_err();
         assert!(other_owner.contains("uid 1001"), "{other_owner}");
-        let nested = registration(Ok(UserNs::Other { inode: 8 }), &peer).unwrap_err();
+        // Root inside (unshare -r, a rootless container), more than one uid, none yet: agents
+        // there could hold capabilities.
+        for bad in ["0 1000 1\n", "1000 1000 1\n1 100000 65536\n", "1000 1000 2\n", "1001 1000 1\n", ""] {
+            let e = registration(child(1000), bad, &peer).unwrap_err();
+            assert!(e.contains("not only the caller's uid 1000"), "{bad:?}: {e}");
+        }
+        let root = Peer { uid: 0, ..peer.clone() };
+        assert!(registration(child(0), "0 0 1\n", &root).is_err());
+        let nested = registration(Ok(UserNs::Other { inode: 8 }), map, &peer).unwrap_err();
         assert!(nested.contains("not a direct child"), "{nested}");
-        let denied = registration(Err(std::io::Error::from_raw_os_error(libc::EACCES)), &peer).unwrap_err();
+        let denied = registration(Err(std::io::Error::from_raw_os_error(libc::EACCES)), map, &peer).unwrap_err();
         assert!(denied.contains("CAP_SYS_PTRACE") && denied.contains("/proc/42/ns/user"), "{denied}");
-        let gone = registration(Err(std::io::Error::from_raw_os_error(libc::ENOENT)), &peer).unwrap_err();
+        let gone = registration(Err(std::io::Error::from_raw_os_error(libc::ENOENT)), map, &peer).unwrap_err();
         assert!(gone.contains("/proc/42/ns/user"), "{gone}");
     }
 
@@ -769,6 +825,7 @@ mod tests {
             cgroup_id: 7,
             ca_bundle: None,
             unix_dir: Some("/run/sluice-sandboxes/run-1".into()),
+            unix_names_refused: None,
         };
         assert_eq!(
             created.to_json().to_string(),
