@@ -14,7 +14,8 @@
  *      cgroup id of the calling task to the directory's path (ending in '/'),
  *      the path starts with it and has no "." or ".." component,
  * and only while the calling task is in the daemon's user namespace
- * (sl_unix_config; see user_ns_ok). Everything else is refused: 0 is
+ * (sl_unix_config) or in the one user namespace registered for its sandbox
+ * (sl_unix_userns; see user_ns_ok). Everything else is refused: 0 is
  * EPERM to the caller. socketpair(2) and already-connected sockets never pass
  * here (nothing is looked up by name).
  *
@@ -101,6 +102,17 @@ struct {
 	__type(value, __u32);
 } sl_unix_config SEC(".maps");
 
+/* The user namespace (nsfs inode number) of a `sluice run` sandbox, keyed by
+ * the sandbox's cgroup id: the one `sluice run` made before asking for the
+ * sandbox, in which no process but its own trusted ones holds capabilities.
+ * See user_ns_ok. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SLUICE_UNIX_DIRS_ENTRIES);
+	__type(key, __u64);
+	__type(value, __u32);
+} sl_unix_userns SEC(".maps");
+
 /* Refusals, per CPU: index 0 connect, 1 sendmsg. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -178,21 +190,31 @@ static __always_inline int below_dir(const struct sluice_unix_addr *a, const str
 	return 1;
 }
 
-/* 1 if the calling task is in the daemon's user namespace. An agent that
- * makes a user namespace of its own (unshare -Ur) holds CAP_SYS_ADMIN over a
- * mount namespace it owns and could bind-mount any host socket over a listed
- * path or over a path in its own directory: the raw path would match and the
- * kernel would reach the host socket. From any other user namespace no name
- * is allowed (socketpair still works). */
-static __always_inline int user_ns_ok(void)
+/* 1 if the calling task is in the daemon's user namespace, or in the one
+ * registered for its sandbox (cgroup `cgroup_id`). An agent that makes a user
+ * namespace of its own (unshare -Ur) holds CAP_SYS_ADMIN over a mount
+ * namespace it owns and could bind-mount any host socket over a listed path
+ * or over a path in its own directory: the raw path would match and the
+ * kernel would reach the host socket. The registered namespace is the one
+ * `sluice run` made, where the agent holds no capabilities; one the agent
+ * makes is nested below it, has another inode, and is refused. From any other
+ * user namespace no name is allowed (socketpair still works). */
+static __always_inline int user_ns_ok(__u64 cgroup_id)
 {
 	__u32 zero = 0;
 	__u32 *want = bpf_map_lookup_elem(&sl_unix_config, &zero);
+	__u32 *registered = bpf_map_lookup_elem(&sl_unix_userns, &cgroup_id);
 	struct task_struct *task = bpf_get_current_task_btf();
+	__u32 inum;
 
-	if (!want || *want == 0 || !task)
+	if (!task)
 		return 0;
-	return task->cred->user_ns->ns.inum == *want;
+	inum = task->cred->user_ns->ns.inum;
+	if (inum == 0)
+		return 0;
+	if (want && *want == inum)
+		return 1;
+	return registered && *registered == inum;
 }
 
 static __always_inline int decide(struct bpf_sock_addr *ctx, __u32 what)
@@ -207,11 +229,11 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, __u32 what)
 		goto deny;
 	if (read_addr(ctx, a))
 		goto deny;
-	if (!user_ns_ok())
+	cgroup_id = bpf_get_current_cgroup_id();
+	if (!user_ns_ok(cgroup_id))
 		goto deny;
 	if (bpf_map_lookup_elem(&sl_unix_allow, a))
 		return SL_ALLOW;
-	cgroup_id = bpf_get_current_cgroup_id();
 	dir = bpf_map_lookup_elem(&sl_unix_dirs, &cgroup_id);
 	if (dir && below_dir(a, dir))
 		return SL_ALLOW;

@@ -316,7 +316,8 @@ impl Drop for ChildGuard {
     }
 }
 
-fn wait_output(mut guard: ChildGuard) -> Output {
+/// Waits (bounded by [`HANG_GUARD`]) for the guarded child and collects its output.
+pub fn wait_output(mut guard: ChildGuard) -> Output {
     let child = guard.0.as_mut().expect("child");
     let deadline = Instant::now() + HANG_GUARD;
     loop {

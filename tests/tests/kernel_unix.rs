@@ -411,3 +411,104 @@ fn a_user_namespace_of_its_own_cannot_bind_mount_a_way_out() {
     let v = sluice_e2e::last_json(sluice_e2e::run(cmd));
     assert_eq!(v["own"], 0, "{v}");
 }
+
+/// The user namespace registered for a sandbox (what a non-root `sluice run` makes, where the
+/// agent has no capabilities) reaches its own directory and listed addresses; a namespace nested
+/// below it, where the agent may mount, is refused even after bind-mounting an outside socket
+/// over a path in the own directory; so is the registered one once forgotten.
+#[test]
+fn the_registered_user_namespace_reaches_names_and_one_nested_below_it_does_not() {
+    let Some(fx) = fixture("the_registered_user_namespace_reaches_names_and_one_nested_below_it_does_not") else {
+        return;
+    };
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Stdio;
+    let out = Outside::new();
+    for name in ["stream.sock", "dgram.sock"] {
+        std::fs::set_permissions(out.dir.join(name), std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let listed_listener = UnixListener::bind(out.dir.join("listed.sock")).unwrap();
+    let listed = out.dir.join("listed.sock");
+    std::fs::set_permissions(&listed, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let own = OwnDirs::new();
+    let dir = own.dirs.create("run-registered", 65534, 65534).unwrap();
+    let unix = fx.enforcer().unix().unwrap();
+    unix.set_sandbox_dir(fx.sandbox.id(), &dir).unwrap();
+    unix.set_allowed(&[UnixAddr::path(&listed).unwrap()]).unwrap();
+    let target = dir.join("x.sock");
+    std::fs::write(&target, b"").unwrap();
+    std::os::unix::fs::lchown(&target, Some(65534), Some(65534)).unwrap();
+    let d = |name: &str| dir.join(name).display().to_string();
+    let direct = cases(&[
+        ("listen", "listen", d("reg.sock")),
+        ("own", "stream", d("reg.sock")),
+        ("listed", "stream", listed.display().to_string()),
+        ("outside", "stream", out.path("stream.sock")),
+        ("abstract", "stream", out.abstract_addr()),
+        ("mount", "bind_mount", format!("{}|{}", out.path("stream.sock"), d("x.sock"))),
+    ]);
+    let nested = cases(&[
+        ("mount_own", "bind_mount", format!("{}|{}", out.path("stream.sock"), d("x.sock"))),
+        ("via_own", "stream", d("x.sock")),
+        ("listen", "listen", d("nested.sock")),
+        ("own_in_nested", "stream", d("nested.sock")),
+        ("listed", "stream", listed.display().to_string()),
+    ]);
+    let py = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("a system python3 the user nobody may run");
+    // As "nobody" in a user namespace that maps it to itself (no capabilities after exec, as
+    // under sluice run); the shell waits until the namespace is registered, then runs the cases
+    // directly and from a namespace nested below (where it may mount).
+    let script = format!("read go; {py} -c \"$0\" \"$1\" || exit 1; exec unshare -Urm {py} -c \"$0\" \"$2\"", py = py);
+    let mut cmd = fx.agent_command("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "unshare", "-c", "sh", "-c", &script, TRY])
+        .args([&direct, &nested])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut guard = sluice_e2e::ChildGuard(Some(cmd.spawn().unwrap()));
+    let pid = guard.0.as_ref().unwrap().id() as i32;
+    // setpriv and unshare exec in place: the pid is the shell's once it is in its namespace.
+    let deadline = std::time::Instant::now() + sluice_e2e::HANG_GUARD;
+    let inode = loop {
+        match sluice::kernel::userns::of_process(pid).unwrap() {
+            sluice::kernel::userns::UserNs::Child { inode, owner } => {
+                assert_eq!(owner, 65534);
+                break inode;
+            }
+            other => assert!(std::time::Instant::now() < deadline, "never left the namespace: {other:?}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    unix.set_sandbox_userns(fx.sandbox.id(), inode).unwrap();
+    assert_eq!(unix.sandbox_userns(fx.sandbox.id()).unwrap(), Some(inode));
+    guard.0.as_mut().unwrap().stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let output = sluice_e2e::wait_output(guard);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    let (v, n) = (&lines[0], &lines[1]);
+    assert_eq!(v["own"], 0, "registered namespace, own directory: {v}");
+    assert_eq!(v["listed"], 0, "registered namespace, listed address: {v}");
+    assert_eq!(v["outside"].as_i64(), Some(EPERM), "{v}");
+    assert_eq!(v["abstract"].as_i64(), Some(EPERM), "{v}");
+    assert_eq!(v["mount"].as_i64(), Some(EPERM), "no capabilities in the registered namespace: {v}");
+    assert_eq!(n["mount_own"], 0, "the nested namespace lets it mount (else this tests nothing): {n}");
+    for case in ["via_own", "own_in_nested", "listed"] {
+        assert_eq!(n[case].as_i64(), Some(EPERM), "nested namespace, {case}: {n}");
+    }
+    drop(listed_listener);
+
+    // Forgotten: the same kind of namespace reaches nothing by name.
+    unix.remove_sandbox_userns(fx.sandbox.id()).unwrap();
+    assert_eq!(unix.sandbox_userns(fx.sandbox.id()).unwrap(), None);
+    let mut cmd = fx.agent_command("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "unshare", "-c", py, "-c", TRY])
+        .arg(cases(&[("listen", "listen", d("gone.sock")), ("own", "stream", d("gone.sock"))]));
+    let v = sluice_e2e::last_json(sluice_e2e::run(cmd));
+    assert_eq!(v["own"].as_i64(), Some(EPERM), "{v}");
+}

@@ -286,6 +286,224 @@ print(json.dumps(res))
     }
 }
 
+/// The system's python3: the user "nobody" may run it (a pyenv one under /root it may not).
+fn system_python() -> &'static str {
+    ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("a system python3 that the user nobody may run")
+}
+
+/// Binds and connects to a socket in TMPDIR (`own`), connects to argv[1] (`outside`), and, with
+/// argv[2] = "mount", first bind-mounts argv[1] over TMPDIR/x.sock and connects there (`via_own`).
+const NESTED_TRY: &str = r#"
+import ctypes, json, os, socket, sys
+def conn(a):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(a)
+        return 0
+    except OSError as e:
+        return e.errno
+own = os.environ["TMPDIR"]
+res = {"uid": os.getuid()}
+l = socket.socket(socket.AF_UNIX)
+p = os.path.join(own, "s%d.sock" % os.getpid())
+l.bind(p)
+l.listen()
+res["own"] = conn(p)
+res["outside"] = conn(sys.argv[1])
+if sys.argv[2] == "mount":
+    x = os.path.join(own, "x.sock")
+    open(x, "w").close()
+    libc = ctypes.CDLL(None, use_errno=True)
+    res["mount"] = 0 if libc.mount(sys.argv[1].encode(), x.encode(), None, 4096, None) == 0 else ctypes.get_errno()
+    res["via_own"] = conn(x)
+print(json.dumps(res))
+"#;
+
+/// A non-root agent runs in the user namespace `sluice run` made (registered for its sandbox):
+/// it reaches its own directory and no capability lets it mount there. A user namespace it
+/// makes itself (`unshare -Urm`) lets it bind-mount an outside socket over a path in its own
+/// directory, but from there every name is refused.
+#[test]
+fn a_non_root_agent_in_a_nested_user_namespace_cannot_bind_mount_a_way_out() {
+    if !root_or_skip("a_non_root_agent_in_a_nested_user_namespace_cannot_bind_mount_a_way_out") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let outside = tempfile::Builder::new().prefix("sluice-unix-nested").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out_path = outside.path().join("host-service.sock");
+    let _out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
+    std::fs::set_permissions(&out_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = Daemon::start_with_group("nogroup", "");
+    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (passport, _) = d.issue("nested-agent", &["--permission", "*"]);
+    std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let py = system_python();
+    let script = format!("{py} -c \"$0\" \"$1\" mount || exit 1; exec unshare -Urm {py} -c \"$0\" \"$1\" mount");
+    let out = d
+        .cli_command(&[
+            "run",
+            "--passport",
+            passport.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            &script,
+            NESTED_TRY,
+            out_path.to_str().unwrap(),
+        ])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}\n{}", stderr(&out), d.log());
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    let (agent, nested) = (&lines[0], &lines[1]);
+    const EPERM: i64 = 1;
+    // connect(2) to a path that is not a listening socket.
+    const ECONNREFUSED: i64 = 111;
+    assert_eq!(agent["uid"], 65534, "{agent}");
+    assert_eq!(agent["own"], 0, "{agent}");
+    assert_eq!(agent["outside"].as_i64(), Some(EPERM), "{agent}");
+    assert_eq!(agent["mount"].as_i64(), Some(EPERM), "the agent has no capability in sluice run's namespace: {agent}");
+    assert_eq!(agent["via_own"].as_i64(), Some(ECONNREFUSED), "a plain file, no socket: {agent}");
+    assert_eq!(nested["mount"], 0, "the nested namespace lets it mount (else this tests nothing): {nested}");
+    for case in ["own", "outside", "via_own"] {
+        assert_eq!(nested[case].as_i64(), Some(EPERM), "nested namespace, {case}: {nested}");
+    }
+    wait_no_sandboxes(&d);
+}
+
+/// Root's agent (no user namespace: the daemon's) reaches its own directory too.
+#[test]
+fn a_root_agent_reaches_its_own_directory() {
+    if !root_or_skip("a_root_agent_reaches_its_own_directory") {
+        return;
+    }
+    let outside = tempfile::Builder::new().prefix("sluice-unix-root").tempdir_in("/tmp").unwrap();
+    let out_path = outside.path().join("host-service.sock");
+    let _out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
+    let d = Daemon::start("");
+    let (passport, _) = d.issue("root-unix-agent", &["--permission", "*"]);
+    let out = d
+        .cli_command(&[
+            "run",
+            "--passport",
+            passport.to_str().unwrap(),
+            "--",
+            system_python(),
+            "-c",
+            NESTED_TRY,
+            out_path.to_str().unwrap(),
+            "no-mount",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}\n{}", stderr(&out), d.log());
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(v["uid"], 0, "{v}");
+    assert_eq!(v["own"], 0, "{v}");
+    assert_eq!(v["outside"].as_i64(), Some(1), "{v}");
+    wait_no_sandboxes(&d);
+}
+
+/// A caller that is root in a user namespace of its own (`unshare -r`, as in a rootless
+/// container) would start agents that keep every capability there and can mount: the daemon does
+/// not register that namespace (it maps uid 0, not only the caller's uid to itself), says why,
+/// and the agent reaches no Unix socket by name even after bind-mounting one into its directory.
+#[test]
+fn a_caller_that_is_root_in_a_user_namespace_of_its_own_gets_no_names() {
+    if !root_or_skip("a_caller_that_is_root_in_a_user_namespace_of_its_own_gets_no_names") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let outside = tempfile::Builder::new().prefix("sluice-unix-rootns").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out_path = outside.path().join("host-service.sock");
+    let _out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
+    std::fs::set_permissions(&out_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = Daemon::start_with_group("nogroup", "");
+    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (passport, _) = d.issue("rootns-agent", &["--permission", "*"]);
+    std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.arg("-r")
+        .arg(sluice_e2e::daemon::sluice_bin())
+        .args(["--socket", d.socket.to_str().unwrap(), "--config", d.config.to_str().unwrap()])
+        .args(["run", "--passport", passport.to_str().unwrap(), "--", system_python(), "-c", NESTED_TRY])
+        .args([out_path.to_str().unwrap(), "mount"])
+        .uid(65534)
+        .gid(65534);
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{stdout}\n{err}\n{}", d.log());
+    assert!(err.contains("did not register") && err.contains("not only the caller's uid 65534"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    const EPERM: i64 = 1;
+    assert_eq!(v["uid"], 0, "root inside its namespace: {v}");
+    assert_eq!(v["mount"], 0, "it can mount there (else this tests nothing): {v}");
+    for case in ["own", "outside", "via_own"] {
+        assert_eq!(v[case].as_i64(), Some(EPERM), "{case}: {v}");
+    }
+    wait_no_sandboxes(&d);
+}
+
+/// `--no-pid-namespace` makes no user namespace (and registers none): the agent is in the
+/// daemon's, and reaches its own directory from there.
+#[test]
+fn without_namespaces_a_non_root_agent_reaches_its_own_directory() {
+    if !root_or_skip("without_namespaces_a_non_root_agent_reaches_its_own_directory") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let outside = tempfile::Builder::new().prefix("sluice-unix-nons").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out_path = outside.path().join("host-service.sock");
+    let _out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
+    std::fs::set_permissions(&out_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let d = Daemon::start_with_group("nogroup", "");
+    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (passport, _) = d.issue("nons-agent", &["--permission", "*"]);
+    std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = d
+        .cli_command(&[
+            "run",
+            "--passport",
+            passport.to_str().unwrap(),
+            "--no-pid-namespace",
+            "--",
+            system_python(),
+            "-c",
+            NESTED_TRY,
+            out_path.to_str().unwrap(),
+            "no-mount",
+        ])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}\n{}", stderr(&out), d.log());
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(v["uid"], 65534, "{v}");
+    assert_eq!(v["own"], 0, "{v}");
+    assert_eq!(v["outside"].as_i64(), Some(1), "{v}");
+    wait_no_sandboxes(&d);
+}
+
 /// The raw answer to `GET path` on the daemon's API socket.
 fn api_get(d: &Daemon, path: &str) -> String {
     use std::io::{Read, Write};

@@ -16,6 +16,8 @@
 //!   operator lists (`ebpf/unix.bpf.c`, Linux >= 6.7).
 //! * [`confine`] starts a `sluice run` agent in its own PID namespace with a fresh `/proc`,
 //!   under seccomp filters that allow only inet, Unix and route-netlink sockets and no io_uring.
+//! * [`userns`] tells which user namespace a process is in (the one `sluice run` made for a
+//!   sandbox is registered with the [`unix`] filter).
 //! * [`process`] holds pidfds, `/proc` identities and signal dispositions: the daemon's other
 //!   raw syscalls, so that the daemon crate itself needs no `unsafe`.
 
@@ -31,6 +33,7 @@ pub mod loader;
 pub mod process;
 mod sys;
 pub mod unix;
+pub mod userns;
 
 use std::io;
 use std::path::PathBuf;

@@ -34,12 +34,45 @@
 //! absolute). `unix_dir` must be owned by root and writable
 //! by root only, so no agent can make another sandbox's directory.
 //!
+//! # Why user namespaces matter
+//!
 //! An agent that may mount could still bind a host socket over a path in its directory, or over a
 //! listed path, and the raw path would match. Without privileges it may mount only in a user
-//! namespace of its own (`unshare -Urm`), so the programs allow names only to tasks in the
-//! daemon's user namespace (`sl_unix_config` holds its nsfs inode number): from any other user
-//! namespace every name is refused. A `sluice run` that puts agents in a user namespace of its
-//! making must give the daemon that namespace, and keep agents from mounting in it.
+//! namespace where it holds `CAP_SYS_ADMIN`, which means one it created (`unshare -Urm`). So the
+//! programs allow names only to tasks in one of two user namespaces, compared by nsfs inode
+//! number (`task->cred->user_ns->ns.inum`):
+//!
+//! * the daemon's (`sl_unix_config`): root's `sluice run` agents, bound sandboxes;
+//! * the one registered for the calling task's sandbox cgroup (`sl_unix_userns`, cgroup id to
+//!   inode): the user namespace a non-root `sluice run` makes for its agent.
+//!
+//! From any other user namespace every name is refused (`socketpair` still works).
+//!
+//! Registering `sluice run`'s namespace is safe because nobody in it can mount: it maps only the
+//! caller's uid to itself, so the agent (that uid, not 0, after `exec`, under `no_new_privs` so
+//! no file capability or set-uid bit applies) holds no capability there. The only holders are
+//! `sluice run` itself and its PID 1, both sluice code, both non-dumpable, and `sluice run` is
+//! outside the agent's PID namespace. A namespace the agent makes is nested below the
+//! registered one: another inode, refused, although the agent may mount there. A process in the
+//! registered namespace cannot enter that nested namespace's mount namespace (`setns` needs
+//! `CAP_SYS_ADMIN` in its own namespace too), and mounts made there do not propagate back.
+//!
+//! Registration is exact and happens before anything runs in the sandbox: `sluice run` makes
+//! its user namespace first (single-threaded, before any API call); at `POST /v1/sandboxes` the
+//! daemon reads `/proc/PID/ns/user` of the caller (pid from `SO_PEERCRED`, checked to be the same
+//! process by its start time before and after), accepts it only if it is a direct child of the
+//! daemon's namespace owned by the caller's uid (`NS_GET_PARENT`, `NS_GET_OWNER_UID`, see
+//! `userns.rs`) whose `uid_map` maps only that uid, not 0, to itself (the shape `sluice run`
+//! makes; a caller that is root inside its namespace, as after `unshare -r` or in a rootless
+//! container, would start agents that keep their capabilities), writes the map entry, and only
+//! then moves the caller into the cgroup. The entry
+//! goes with the sandbox. Its inode cannot be reused meanwhile: every process in the cgroup is in
+//! that namespace or below it, which keeps it alive. Reading another user's `/proc/PID/ns/user`
+//! needs `CAP_SYS_PTRACE`; a daemon without it registers nothing (logged), and such agents reach
+//! no Unix socket by name (fail closed). A caller that is in another namespace (nested deeper,
+//! or someone else's) gets no registration either. A non-root caller that crafted its own
+//! namespace, with capabilities in it, gains nothing it does not have already: it is the same
+//! user, outside any sandbox.
 //!
 //! # Kernel support and loading
 //!
@@ -89,13 +122,14 @@ const MAP_ALLOW: &str = "sl_unix_allow";
 const MAP_DIRS: &str = "sl_unix_dirs";
 const MAP_REFUSED: &str = "sl_unix_refused";
 const MAP_CONFIG: &str = "sl_unix_config";
+const MAP_USERNS: &str = "sl_unix_userns";
 
 const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 
 /// The pinned maps and the shape a pin must have to be reused (else it is replaced).
-const PINNED_MAPS: [(&str, sys::MapInfo); 3] = [
+const PINNED_MAPS: [(&str, sys::MapInfo); 4] = [
     (
         MAP_ALLOW,
         sys::MapInfo {
@@ -113,6 +147,10 @@ const PINNED_MAPS: [(&str, sys::MapInfo); 3] = [
             value_size: ADDR_SIZE as u32,
             max_entries: DIRS_ENTRIES as u32,
         },
+    ),
+    (
+        MAP_USERNS,
+        sys::MapInfo { map_type: BPF_MAP_TYPE_HASH, key_size: 8, value_size: 4, max_entries: DIRS_ENTRIES as u32 },
     ),
     (MAP_REFUSED, sys::MapInfo { map_type: BPF_MAP_TYPE_PERCPU_ARRAY, key_size: 4, value_size: 8, max_entries: 2 }),
 ];
@@ -502,6 +540,7 @@ pub struct UnixFilter {
     hooks: Hooks,
     allow: OwnedFd,
     dirs: OwnedFd,
+    userns: OwnedFd,
     refused: OwnedFd,
     actions: Vec<(&'static str, LinkAction)>,
 }
@@ -561,7 +600,7 @@ impl UnixFilter {
             return Err(prog_err(CONNECT, "load (libbpf, verifier)")(libbpf_error(ret)));
         }
         // The user namespace names may be reached from, written before anything is attached.
-        let userns = own_user_namespace().map_err(prog_err(CONNECT, "stat /proc/self/ns/user"))?;
+        let userns = super::userns::own().map_err(prog_err(CONNECT, "stat /proc/self/ns/user"))?;
         let config = obj.map_fd(MAP_CONFIG)?;
         sys::map_update(config.as_fd(), &0u32.to_ne_bytes(), &userns.to_ne_bytes())
             .map_err(prog_err(CONNECT, "write sl_unix_config"))?;
@@ -576,6 +615,7 @@ impl UnixFilter {
             hooks,
             allow: obj.map_fd(MAP_ALLOW)?,
             dirs: obj.map_fd(MAP_DIRS)?,
+            userns: obj.map_fd(MAP_USERNS)?,
             refused: obj.map_fd(MAP_REFUSED)?,
             actions,
         })
@@ -666,6 +706,44 @@ impl UnixFilter {
         Ok(())
     }
 
+    /// Lets tasks of the sandbox with cgroup id `cgroup_id` that are in the user namespace with
+    /// nsfs inode `inode` reach names too (besides those in the daemon's user namespace). Only
+    /// for a namespace checked to be a direct child of the daemon's, owned by the sandbox's
+    /// caller, made before the caller joined the sandbox (see the module docs).
+    pub fn set_sandbox_userns(&self, cgroup_id: u64, inode: u32) -> Result<(), KernelError> {
+        if inode == 0 {
+            return Err(KernelError::Config { field: "user namespace", reason: "inode 0".into() });
+        }
+        sys::map_update(self.userns.as_fd(), &cgroup_id.to_ne_bytes(), &inode.to_ne_bytes())
+            .map_err(prog_err(CONNECT, "add to sl_unix_userns"))
+    }
+
+    /// The user namespace registered for a sandbox.
+    pub fn sandbox_userns(&self, cgroup_id: u64) -> Result<Option<u32>, KernelError> {
+        let mut value = [0u8; 4];
+        let found = sys::map_lookup(self.userns.as_fd(), &cgroup_id.to_ne_bytes(), &mut value)
+            .map_err(prog_err(CONNECT, "read sl_unix_userns"))?;
+        Ok(found.then(|| u32::from_ne_bytes(value)))
+    }
+
+    /// Forgets a sandbox's user namespace.
+    pub fn remove_sandbox_userns(&self, cgroup_id: u64) -> Result<(), KernelError> {
+        sys::map_delete(self.userns.as_fd(), &cgroup_id.to_ne_bytes())
+            .map(|_| ())
+            .map_err(prog_err(CONNECT, "remove from sl_unix_userns"))
+    }
+
+    /// Forgets the user namespaces of every cgroup not in `live` (sandboxes that ended while no
+    /// daemon ran).
+    pub fn retain_sandbox_userns(&self, live: &HashSet<u64>) -> Result<(), KernelError> {
+        for key in self.keys::<8>(&self.userns)? {
+            if !live.contains(&u64::from_ne_bytes(key)) {
+                sys::map_delete(self.userns.as_fd(), &key).map_err(prog_err(CONNECT, "remove from sl_unix_userns"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Refused `(connects, datagram sends)` since the maps were created, summed over CPUs.
     pub fn refused(&self) -> Result<(u64, u64), KernelError> {
         let cpus = possible_cpus().map_err(prog_err(CONNECT, "count possible CPUs"))?;
@@ -681,13 +759,6 @@ impl UnixFilter {
         }
         Ok((total[0], total[1]))
     }
-}
-
-/// The inode number of this process's user namespace: the only one from which agents may reach
-/// Unix sockets by name (a user namespace of the agent's own would let it mount over paths).
-fn own_user_namespace() -> io::Result<u32> {
-    let ino = fs::metadata("/proc/self/ns/user")?.ino();
-    u32::try_from(ino).ok().filter(|i| *i != 0).ok_or_else(|| io::Error::other(format!("unexpected nsfs inode {ino}")))
 }
 
 /// The number of possible CPUs (per-CPU map values have one slot each).

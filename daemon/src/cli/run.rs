@@ -1,19 +1,24 @@
 //! `sluice run --passport F -- CMD [ARGS…]`: run CMD, and every process it starts, under
 //! enforcement.
 //!
-//! 1. Register the passport with the daemon (a no-op if it already is).
-//! 2. Ask for a sandbox: the daemon creates a cgroup bound to the passport and moves *this*
-//!    process into it, before this process has opened any network socket.
-//! 3. Point `TMPDIR` and `XDG_RUNTIME_DIR` at the sandbox's own directory (the only place where
+//! 1. Non-root (and without `--no-pid-namespace`): make the agent's user namespace, first thing
+//!    (`confine::enter_user_namespace`; the caller's uid and gid mapped to themselves), so that
+//!    the daemon sees it when asked for the sandbox.
+//! 2. Register the passport with the daemon (a no-op if it already is).
+//! 3. Ask for a sandbox: the daemon creates a cgroup bound to the passport, registers this
+//!    process's user namespace with the Unix socket filter (the only one besides the daemon's
+//!    from which the sandbox may reach Unix sockets by name), and moves *this* process into the
+//!    cgroup, before this process has opened any network socket.
+//! 4. Point `TMPDIR` and `XDG_RUNTIME_DIR` at the sandbox's own directory (the only place where
 //!    the agent's own Unix sockets can be reached by name), and common clients at the CA bundle
 //!    (environment).
-//! 4. Start CMD confined (`sluice_kernel::confine`): in its own PID namespace with a fresh
+//! 5. Start CMD confined (`sluice_kernel::confine`): in its own PID namespace with a fresh
 //!    `/proc` (non-root: inside a user namespace that maps the caller's ids to themselves), so it
 //!    cannot name, trace, signal or read any process outside the sandbox; under seccomp filters
 //!    that allow only inet, Unix and route-netlink sockets and no io_uring. In that private mount
 //!    namespace the CA bundle is bind-mounted over the system bundle, for agents that ignore the
 //!    environment. CMD inherits the cgroup.
-//! 5. Wait, passing signals on, and exit with CMD's status. When this process exits the daemon
+//! 6. Wait, passing signals on, and exit with CMD's status. When this process exits the daemon
 //!    kills anything left in the sandbox and removes it.
 
 use super::ops::call;
@@ -63,16 +68,6 @@ pub struct RunArgs {
 }
 
 pub fn run(a: RunArgs, socket: &ApiSocket) -> CmdResult {
-    let token = super::util::read_token(&a.passport)?;
-    // L3: prove possession of the agent key, at registration and again for the sandbox.
-    let pop = super::ops::proof_of_possession(&token, a.key.as_deref(), &a.passport, socket)?;
-    let reg = call(socket, Method::POST, "/v1/passports", Some(json!({"passport": token, "pop": pop})))
-        .with_context(|| format!("registering {}", a.passport.display()))?;
-    let passport_id = reg["passport_id"].as_str().context("the daemon did not return a passport id")?.to_string();
-    let sandbox = call(socket, Method::POST, "/v1/sandboxes", Some(json!({"passport_id": passport_id, "pop": pop})))
-        .context("creating the sandbox")?;
-    // From here on this process is inside the sandbox: the daemon will refuse its API calls.
-    let bundle = sandbox["ca_bundle"].as_str().map(PathBuf::from).filter(|p| p.is_file());
     let ns = if a.no_pid_namespace {
         eprintln!(
             "sluice: WARNING: --no-pid-namespace: the agent shares your PID namespace: it can signal every process of \
@@ -83,6 +78,27 @@ pub fn run(a: RunArgs, socket: &ApiSocket) -> CmdResult {
     } else {
         Namespaces::for_caller()
     };
+    // Before the sandbox is asked for (and before anything could start a thread): the daemon
+    // registers the user namespace the caller is in when it creates the sandbox.
+    if ns == Namespaces::User {
+        confine::enter_user_namespace()?;
+    }
+    let token = super::util::read_token(&a.passport)?;
+    // L3: prove possession of the agent key, at registration and again for the sandbox.
+    let pop = super::ops::proof_of_possession(&token, a.key.as_deref(), &a.passport, socket)?;
+    let reg = call(socket, Method::POST, "/v1/passports", Some(json!({"passport": token, "pop": pop})))
+        .with_context(|| format!("registering {}", a.passport.display()))?;
+    let passport_id = reg["passport_id"].as_str().context("the daemon did not return a passport id")?.to_string();
+    let sandbox = call(socket, Method::POST, "/v1/sandboxes", Some(json!({"passport_id": passport_id, "pop": pop})))
+        .context("creating the sandbox")?;
+    // From here on this process is inside the sandbox: the daemon will refuse its API calls.
+    if let Some(why) = sandbox["unix_names_refused"].as_str() {
+        eprintln!(
+            "sluice: note: the daemon did not register this sandbox's user namespace ({why}): the agent can reach \
+             no Unix socket by name, not even in its TMPDIR (socketpair still works)"
+        );
+    }
+    let bundle = sandbox["ca_bundle"].as_str().map(PathBuf::from).filter(|p| p.is_file());
     let mut cmd = Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..]);
     // The sandbox's own directory: the one place where Unix sockets the agent creates can be

@@ -21,13 +21,20 @@
 //! bound unless the kernel confines agents' Unix sockets, or the operator accepted that it
 //! cannot (`[sandbox] unix_sockets = "unenforced"`). A `sluice run` sandbox gets its own
 //! directory (`<unix_dir>/<sandbox id>`, owned by the caller), the only place where sockets it
-//! creates can be reached by name; it is removed with the sandbox.
+//! creates can be reached by name; it is removed with the sandbox. The filter allows names only
+//! from the daemon's user namespace, and from the one registered for the sandbox: the caller's,
+//! read from `/proc/PID/ns/user` when the sandbox is created (before the caller joins it), if it
+//! is a direct child of the daemon's owned by the caller's uid that maps only that uid (not 0) to
+//! itself. That is the namespace a
+//! non-root `sluice run` makes before it asks, in which only `sluice run` itself and its
+//! non-dumpable PID 1 hold capabilities; see `crates/kernel/src/unix.rs` for why that is safe.
 
 use super::drafts;
 use super::peer::{Actor, Peer};
 use super::{now, Service, ServiceError};
 use crate::decide::CompiledPassport;
 use crate::kernel::process::{pidfd_open, process_identity, wait_exit};
+use crate::kernel::userns::{self, UserNs};
 use crate::kernel::{Cgroup, SandboxDirs, UnixFilter};
 use crate::ledger::{Draft, Txn};
 use serde::{Deserialize, Serialize};
@@ -85,6 +92,10 @@ pub struct SandboxCreated {
     /// The sandbox's own directory (its agent's TMPDIR), where the sockets it may reach by name
     /// live; `None` when sandboxes get none.
     pub unix_dir: Option<PathBuf>,
+    /// Set when the caller's user namespace could not be registered, so its agent reaches no
+    /// Unix socket by name (not even in `unix_dir`): why. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_names_refused: Option<String>,
 }
 
 /// `POST /v1/sandboxes/bind`.
@@ -172,12 +183,46 @@ impl Service {
         Ok(Some(dir))
     }
 
-    /// Forgets and removes a sandbox's own directory (if it has one).
+    /// The user namespace to register for a new sandbox: the caller's (process `peer.pid`, which
+    /// started at `start`), if it is a direct child of the daemon's owned by the caller's uid.
+    /// `Ok(Ok(None))` when the caller is in the daemon's user namespace (nothing to register);
+    /// `Ok(Err(why))` when its namespace cannot be registered (its agent then reaches no Unix
+    /// socket by name: logged, and told to the caller). An error when the process is no longer
+    /// the caller.
+    fn caller_user_namespace(&self, peer: &Peer, start: u64) -> Result<Result<Option<u32>, String>, ServiceError> {
+        let seen = userns::of_process(peer.pid);
+        let uid_map = read_uid_map(peer.pid);
+        // The namespace was read from the caller only if the pid still names the process that
+        // started at `start` (a pid reused meanwhile would have another start time).
+        match process_identity(peer.pid) {
+            Some((s, uid)) if s == start && uid == peer.uid => {}
+            _ => {
+                return Err(ServiceError::Invalid {
+                    field: "pid",
+                    problem: "the calling process changed identity".into(),
+                })
+            }
+        }
+        let decided = registration(seen, &uid_map, peer);
+        if let Err(why) = &decided {
+            tracing::warn!(
+                pid = peer.pid,
+                uid = peer.uid,
+                "sandbox caller's user namespace not registered ({why}); its agent reaches no Unix socket by name"
+            );
+        }
+        Ok(decided)
+    }
+
+    /// Forgets and removes a sandbox's own directory (if it has one) and its user namespace.
     fn remove_own_dir(&self, sandbox: &Sandbox) {
         let Some(unix) = self.config.unix.as_deref() else { return };
         if let Some(filter) = &unix.filter {
             if let Err(e) = filter.remove_sandbox_dir(sandbox.cgroup_id) {
                 tracing::error!(sandbox = %sandbox.id, error = %e, "could not forget the sandbox's own directory");
+            }
+            if let Err(e) = filter.remove_sandbox_userns(sandbox.cgroup_id) {
+                tracing::error!(sandbox = %sandbox.id, error = %e, "could not forget the sandbox's user namespace");
             }
         }
         if let (Some(dirs), Some(_)) = (&unix.dirs, sandbox.leader_pid) {
@@ -227,6 +272,15 @@ impl Service {
         }
         let pidfd = pidfd_open(peer.pid)
             .map_err(|e| ServiceError::Invalid { field: "pid", problem: format!("pidfd_open({}): {e}", peer.pid) })?;
+        // The caller made its user namespace before asking (sluice run): registered below, before
+        // the caller joins the cgroup. Only where the kernel filter runs.
+        let (userns, unix_names_refused) = match unix.filter {
+            Some(_) => match self.caller_user_namespace(peer, leader_start)? {
+                Ok(inode) => (inode, None),
+                Err(why) => (None, Some(why)),
+            },
+            None => (None, None),
+        };
         let suffix: [u8; 8] = rand::random();
         let name = format!("run-{}", crate::ledger::hex::encode(&suffix));
         let cgroup = agents.create_child(&name).map_err(|e| ServiceError::Cgroup(e.to_string()))?;
@@ -253,6 +307,13 @@ impl Service {
                 return Err(e);
             }
         };
+        if let (Some(filter), Some(inode)) = (&unix.filter, userns) {
+            if let Err(e) = filter.set_sandbox_userns(sandbox.cgroup_id, inode) {
+                self.end_sandbox(&cp, sandbox, cgroup, "user_namespace_failed").await;
+                return Err(ServiceError::Cgroup(format!("registering the caller's user namespace: {e}")));
+            }
+            tracing::debug!(sandbox = %sandbox.id, userns = inode, "caller's user namespace registered");
+        }
         if let Err(e) = cgroup.add_pid(peer.pid as u32) {
             self.end_sandbox(&cp, sandbox, cgroup, "join_failed").await;
             return Err(ServiceError::Invalid {
@@ -272,6 +333,7 @@ impl Service {
             cgroup_id: sandbox.cgroup_id,
             ca_bundle: self.config.ca_bundle.clone(),
             unix_dir,
+            unix_names_refused,
         })
     }
 
@@ -475,6 +537,11 @@ impl Service {
             if let Err(e) = filter.retain_sandbox_dirs(&ids) {
                 tracing::error!(error = %e, "could not prune the own directories of ended sandboxes");
             }
+            // Registered user namespaces live in a pinned map too: those of live sandboxes stay
+            // (their leader, which keeps the namespace alive, still runs).
+            if let Err(e) = filter.retain_sandbox_userns(&ids) {
+                tracing::error!(error = %e, "could not prune the user namespaces of ended sandboxes");
+            }
             for s in live.iter().filter(|s| s.leader_pid.is_some()) {
                 let Some(dir) = dirs.as_ref().map(|d| d.dir(&s.id)).filter(|d| d.is_dir()) else { continue };
                 if let Err(e) = filter.set_sandbox_dir(s.cgroup_id, &dir) {
@@ -526,6 +593,60 @@ impl Service {
             }
         }
         Ok(())
+    }
+}
+
+/// The longest `/proc/PID/uid_map` read (the kernel allows 340 lines).
+const UID_MAP_MAX: u64 = 64 * 1024;
+
+/// `/proc/PID/uid_map` as the daemon sees it (readable by anyone; written once, by the namespace's
+/// creator).
+fn read_uid_map(pid: i32) -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    if let Ok(f) = std::fs::File::open(format!("/proc/{pid}/uid_map")) {
+        let _ = f.take(UID_MAP_MAX).read_to_string(&mut text);
+    }
+    text
+}
+
+/// Whether `uid_map` maps exactly one uid, `uid`, to itself, and it is not 0: the shape of the
+/// namespace `sluice run` makes, where no process that `exec`ed holds a capability. A caller that
+/// is root inside its namespace (`unshare -r`, a rootless container) would start agents that
+/// keep every capability there, and could mount.
+fn maps_only_itself(uid_map: &str, uid: u32) -> bool {
+    let mut lines = uid_map.lines().filter(|l| !l.trim().is_empty());
+    let (Some(line), None) = (lines.next(), lines.next()) else { return false };
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let want = uid.to_string();
+    uid != 0 && matches!(fields.as_slice(), [inside, outside, "1"] if *inside == want && *outside == want)
+}
+
+/// Which user namespace to register for a sandbox, given the caller's as seen from the daemon
+/// and its `uid_map`: `Ok(None)` for the daemon's own (nothing to register), `Ok(Some(inode))`
+/// for a direct child owned by the caller's uid that maps only that uid, to itself; else why none
+/// is (the sandbox then reaches no name).
+fn registration(seen: std::io::Result<UserNs>, uid_map: &str, peer: &Peer) -> Result<Option<u32>, String> {
+    match seen {
+        Ok(UserNs::Own) => Ok(None),
+        Ok(UserNs::Child { inode, owner }) if owner == peer.uid => {
+            if maps_only_itself(uid_map, peer.uid) {
+                Ok(Some(inode))
+            } else {
+                Err(format!(
+                    "its user namespace maps uids {:?}, not only the caller's uid {} to itself (as sluice run's does)",
+                    uid_map.trim(),
+                    peer.uid
+                ))
+            }
+        }
+        Ok(UserNs::Child { owner, .. }) => Err(format!("its user namespace is owned by uid {owner}, not the caller's")),
+        Ok(UserNs::Other { .. }) => Err("its user namespace is not a direct child of the daemon's".to_string()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => Err(format!(
+            "cannot read /proc/{}/ns/user ({e}): the daemon needs CAP_SYS_PTRACE to read another user's",
+            peer.pid
+        )),
+        Err(e) => Err(format!("cannot read /proc/{}/ns/user: {e}", peer.pid)),
     }
 }
 
@@ -621,6 +742,34 @@ mod tests {
         assert!(unix_gate(Some(&enforced)).is_ok());
     }
 
+    /// Only a direct child of the daemon's user namespace owned by the caller is registered; the
+    /// daemon's own needs nothing; anything else (someone else's, nested deeper, unreadable) is
+    /// not registered, with the reason.
+    #[test]
+    fn only_the_callers_direct_child_user_namespace_is_registered() {
+        let peer = Peer { uid: 1000, gid: 1000, pid: 42, user: None };
+        let map = "      1000       1000          1\n";
+        let child = |owner| Ok(UserNs::Child { inode: 7, owner });
+        assert_eq!(registration(Ok(UserNs::Own), "", &peer), Ok(None));
+        assert_eq!(registration(child(1000), map, &peer), Ok(Some(7)));
+        let other_owner = registration(child(1001), map, &peer).unwrap_err();
+        assert!(other_owner.contains("uid 1001"), "{other_owner}");
+        // Root inside (unshare -r, a rootless container), more than one uid, none yet: agents
+        // there could hold capabilities.
+        for bad in ["0 1000 1\n", "1000 1000 1\n1 100000 65536\n", "1000 1000 2\n", "1001 1000 1\n", ""] {
+            let e = registration(child(1000), bad, &peer).unwrap_err();
+            assert!(e.contains("not only the caller's uid 1000"), "{bad:?}: {e}");
+        }
+        let root = Peer { uid: 0, ..peer.clone() };
+        assert!(registration(child(0), "0 0 1\n", &root).is_err());
+        let nested = registration(Ok(UserNs::Other { inode: 8 }), map, &peer).unwrap_err();
+        assert!(nested.contains("not a direct child"), "{nested}");
+        let denied = registration(Err(std::io::Error::from_raw_os_error(libc::EACCES)), map, &peer).unwrap_err();
+        assert!(denied.contains("CAP_SYS_PTRACE") && denied.contains("/proc/42/ns/user"), "{denied}");
+        let gone = registration(Err(std::io::Error::from_raw_os_error(libc::ENOENT)), map, &peer).unwrap_err();
+        assert!(gone.contains("/proc/42/ns/user"), "{gone}");
+    }
+
     #[test]
     fn bind_targets_must_lie_strictly_below_the_agents_cgroup() {
         let agents = Path::new("/sys/fs/cgroup/sluice.slice/sluice-agents.slice");
@@ -676,6 +825,7 @@ mod tests {
             cgroup_id: 7,
             ca_bundle: None,
             unix_dir: Some("/run/sluice-sandboxes/run-1".into()),
+            unix_names_refused: None,
         };
         assert_eq!(
             created.to_json().to_string(),

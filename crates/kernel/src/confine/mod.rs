@@ -3,8 +3,9 @@
 //! the [`seccomp`] filters (socket families, io_uring).
 //!
 //! ```text
-//! sluice run: already in the sandbox's cgroup (the daemon moved it there)
-//!   unshare(user + pid) [non-root] or unshare(pid) [root]
+//! sluice run [non-root]: unshare(user), first thing, before it asks for the sandbox
+//! sluice run: then in the sandbox's cgroup (the daemon moved it there)
+//!   unshare(pid)
 //!   fork ─────────────▶ PID 1 of the new PID namespace
 //!   forwards signals      unshare(mount); / made a slave; a fresh /proc; the caller's bind mounts;
 //!   to PID 1, waits,      not dumpable
@@ -13,8 +14,10 @@
 //!                         agent's status (code N, or 128 + signal)
 //! ```
 //!
-//! The order matters: the cgroup is joined first (children inherit it, and a socket's cgroup is
-//! fixed when it is created), then the namespaces, then `exec`.
+//! The order matters: the user namespace is made before the sandbox is asked for, so the daemon
+//! can register it with the Unix socket filter (`unix.rs`) before anything runs in the sandbox;
+//! the cgroup is joined next (children inherit it, and a socket's cgroup is fixed when it is
+//! created), then the PID and mount namespaces, then `exec`.
 //!
 //! Non-root callers get a user namespace that maps their own uid and gid to themselves (nothing
 //! else, `setgroups` denied): that is what lets an unprivileged process create the PID and mount
@@ -125,6 +128,51 @@ const REPORT_START: u8 = b'E';
 /// Longest report read.
 const REPORT_MAX: u64 = 8 * 1024;
 
+/// Set once this process has made the user namespace of [`Namespaces::User`].
+static IN_USER_NAMESPACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the user namespace of [`Namespaces::User`] now and moves this process into it: the
+/// caller's uid and gid mapped to themselves, `setgroups` denied. `sluice run` calls it first
+/// thing, before it asks the daemon for a sandbox, so that the daemon sees (and registers with
+/// the Unix socket filter) the user namespace the agent will run in; [`run`] then makes only the
+/// PID namespace. Needs a single-threaded process (`unshare(CLONE_NEWUSER)` does). This process
+/// keeps every capability in the new namespace and is made non-dumpable; the agent, started later
+/// with a uid other than 0 inside and `no_new_privs`, gets none, so it cannot mount there.
+pub fn enter_user_namespace() -> Result<(), ConfineError> {
+    use std::sync::atomic::Ordering;
+    if IN_USER_NAMESPACE.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    single_threaded()?;
+    let (uid, gid) = (geteuid(), getegid());
+    unshare(CloneFlags::CLONE_NEWUSER).map_err(|e| match e {
+        // EPERM: forbidden (sysctl, LSM, a seccomp filter); ENOSPC/EUSERS: the limit is 0 or
+        // reached.
+        Errno::EPERM | Errno::EACCES | Errno::ENOSPC | Errno::EUSERS => {
+            ConfineError::UserNamespaces { source: e.into() }
+        }
+        e => ConfineError::Sys { op: "unshare(CLONE_NEWUSER)", source: e.into() },
+    })?;
+    // An unprivileged process may map only its own ids, and only after giving up setgroups(2).
+    for (file, text) in [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("{uid} {uid} 1\n")),
+        ("/proc/self/gid_map", format!("{gid} {gid} 1\n")),
+    ] {
+        std::fs::write(file, text).map_err(|source| match source.raw_os_error() {
+            // An LSM (AppArmor's unprivileged userns restriction) may allow the namespace but
+            // not the mapping.
+            Some(libc::EPERM) | Some(libc::EACCES) => ConfineError::UserNamespaces { source },
+            _ => ConfineError::Sys { op: "writing the user namespace's id maps", source },
+        })?;
+    }
+    // This process keeps every capability in the namespace until it exits: nothing the agent
+    // runs may trace or read it (it cannot name it either, from its own PID namespace).
+    nix::sys::prctl::set_dumpable(false).map_err(sys("prctl(PR_SET_DUMPABLE)"))?;
+    IN_USER_NAMESPACE.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
 /// Runs `cmd` confined as `ns` says, with the seccomp filters, and waits for it. Returns the exit
 /// status to pass on: the agent's exit code, or 128 + N if a signal N ended it.
 ///
@@ -193,35 +241,13 @@ fn single_threaded() -> Result<(), ConfineError> {
     Ok(())
 }
 
-/// This process joins a new PID namespace for its next child (and, for [`Namespaces::User`], a
-/// new user namespace, now, mapping its uid and gid to themselves).
+/// This process joins a new PID namespace for its next child (and, for [`Namespaces::User`], the
+/// user namespace of [`enter_user_namespace`] first, unless it is in it already).
 fn enter(ns: Namespaces) -> Result<(), ConfineError> {
-    if ns != Namespaces::User {
-        return unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"));
+    if ns == Namespaces::User {
+        enter_user_namespace()?;
     }
-    let (uid, gid) = (geteuid(), getegid());
-    unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWPID).map_err(|e| match e {
-        // EPERM: forbidden (sysctl, LSM, a seccomp filter); ENOSPC/EUSERS: the limit is 0 or
-        // reached.
-        Errno::EPERM | Errno::EACCES | Errno::ENOSPC | Errno::EUSERS => {
-            ConfineError::UserNamespaces { source: e.into() }
-        }
-        e => ConfineError::Sys { op: "unshare(CLONE_NEWUSER | CLONE_NEWPID)", source: e.into() },
-    })?;
-    // An unprivileged process may map only its own ids, and only after giving up setgroups(2).
-    for (file, text) in [
-        ("/proc/self/setgroups", "deny".to_string()),
-        ("/proc/self/uid_map", format!("{uid} {uid} 1\n")),
-        ("/proc/self/gid_map", format!("{gid} {gid} 1\n")),
-    ] {
-        std::fs::write(file, text).map_err(|source| match source.raw_os_error() {
-            // An LSM (AppArmor's unprivileged userns restriction) may allow the namespace but
-            // not the mapping.
-            Some(libc::EPERM) | Some(libc::EACCES) => ConfineError::UserNamespaces { source },
-            _ => ConfineError::Sys { op: "writing the user namespace's id maps", source },
-        })?;
-    }
-    Ok(())
+    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))
 }
 
 /// A private mount namespace for this process, where nothing mounted propagates to the host.
