@@ -426,7 +426,17 @@ fn the_daemon_unit_is_ready_only_when_enforcing_and_keeps_few_capabilities() {
     assert_eq!(one(&text, s, "Restart"), "on-failure");
     assert_eq!(one(&text, s, "ExecStart"), "/usr/bin/sluice --config /etc/sluice/sluice.toml daemon");
     let caps: Vec<String> = one(&text, s, "CapabilityBoundingSet").split_whitespace().map(str::to_string).collect();
-    assert_eq!(caps, ["CAP_BPF", "CAP_NET_ADMIN", "CAP_CHOWN"]);
+    assert_eq!(caps, ["CAP_BPF", "CAP_NET_ADMIN", "CAP_CHOWN", "CAP_SYS_PTRACE"]);
+    // Sandboxes' own directories: mounted before the daemon starts (it may not mount), at the
+    // default `[sandbox] unix_dir`, and writable in the daemon's namespace.
+    let pre = values(&text, s, "ExecStartPre");
+    assert!(
+        pre.iter()
+            .any(|v| v.starts_with("+/bin/sh") && v.contains("nosymfollow") && v.contains("/run/sluice-sandboxes")),
+        "{pre:?}"
+    );
+    assert!(one(&text, s, "ReadWritePaths").split_whitespace().any(|v| v == "/run/sluice-sandboxes"));
+    assert!(example_config().contains("unix_dir = \"/run/sluice-sandboxes\""));
     assert_eq!(one(&text, s, "ProtectSystem"), "strict");
     assert_eq!(one(&text, s, "StateDirectory"), "sluice");
     assert_eq!(one(&text, s, "RuntimeDirectory"), "sluice");

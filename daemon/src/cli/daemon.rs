@@ -172,9 +172,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // Everything that enforces is in place (programs attached, listeners and API bound): only now
     // may systemd start the units ordered after sluice.service.
     // `systemctl status` shows it: Unix socket confinement is part of what "enforcing" means.
-    let status = match unix.as_deref().map(|u| &u.gate) {
-        Some(Err(_)) => "enforcing; sandboxes refused: agents' Unix sockets cannot be confined on this kernel",
-        Some(Ok(Some(_))) => "enforcing; agents' Unix sockets NOT confined ([sandbox] unix_sockets = \"unenforced\")",
+    let status = match unix.as_deref() {
+        Some(UnixConfinement { gate: Err(_), .. }) => {
+            "enforcing; sandboxes refused: agents' Unix sockets cannot be confined on this kernel"
+        }
+        Some(UnixConfinement { gate: Ok(Some(_)), .. }) => {
+            "enforcing; agents' Unix sockets NOT confined ([sandbox] unix_sockets = \"unenforced\")"
+        }
+        Some(UnixConfinement { dirs: None, filter: Some(_), .. }) => {
+            "enforcing; sandboxes get no own directory for Unix sockets ([sandbox] unix_dir is not mounted: see the log)"
+        }
         _ => "enforcing",
     };
     sd_notify("READY=1", crate::sdnotify::ready(status));
