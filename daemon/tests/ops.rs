@@ -304,6 +304,10 @@ fn verify_root(units: &[(&str, String)]) -> tempfile::TempDir {
     }
     std::fs::copy("/usr/bin/env", usr_bin.join("env")).unwrap();
     std::fs::copy("/usr/bin/systemctl", usr_bin.join("systemctl")).unwrap();
+    // sluice.service mounts the sandboxes' directories with a shell step.
+    std::fs::create_dir_all(root.path().join("bin")).unwrap();
+    std::fs::copy("/bin/sh", root.path().join("bin/sh")).unwrap();
+    std::fs::copy("/usr/bin/nsenter", usr_bin.join("nsenter")).unwrap();
     root
 }
 
@@ -426,7 +430,7 @@ fn the_daemon_unit_is_ready_only_when_enforcing_and_keeps_few_capabilities() {
     assert_eq!(one(&text, s, "Restart"), "on-failure");
     assert_eq!(one(&text, s, "ExecStart"), "/usr/bin/sluice --config /etc/sluice/sluice.toml daemon");
     let caps: Vec<String> = one(&text, s, "CapabilityBoundingSet").split_whitespace().map(str::to_string).collect();
-    assert_eq!(caps, ["CAP_BPF", "CAP_NET_ADMIN", "CAP_CHOWN", "CAP_SYS_PTRACE"]);
+    assert_eq!(caps, ["CAP_BPF", "CAP_NET_ADMIN", "CAP_CHOWN", "CAP_SYS_PTRACE", "CAP_PERFMON"]);
     // Sandboxes' own directories: mounted before the daemon starts (it may not mount), at the
     // default `[sandbox] unix_dir`, and writable in the daemon's namespace.
     let pre = values(&text, s, "ExecStartPre");
@@ -435,7 +439,7 @@ fn the_daemon_unit_is_ready_only_when_enforcing_and_keeps_few_capabilities() {
             .any(|v| v.starts_with("+/bin/sh") && v.contains("nosymfollow") && v.contains("/run/sluice-sandboxes")),
         "{pre:?}"
     );
-    assert!(one(&text, s, "ReadWritePaths").split_whitespace().any(|v| v == "/run/sluice-sandboxes"));
+    assert_eq!(one(&text, s, "BindPaths"), "-/run/sluice-sandboxes");
     assert!(example_config().contains("unix_dir = \"/run/sluice-sandboxes\""));
     assert_eq!(one(&text, s, "ProtectSystem"), "strict");
     assert_eq!(one(&text, s, "StateDirectory"), "sluice");

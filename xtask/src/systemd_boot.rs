@@ -44,8 +44,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 const SUITE: &str = "bookworm";
 /// Besides debootstrap's minbase: systemd as PID 1 (dbus for logind), what the sluice package
-/// depends on (systemd, procps), and what the test's agent and upstream run (curl, python3).
-const BASE_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "dbus", "procps", "ca-certificates", "curl", "python3"];
+/// depends on (systemd, procps, libelf1: libbpf, linked in statically, needs it), and what the
+/// test's agent and upstream run (curl, python3).
+const BASE_PACKAGES: &[&str] =
+    &["systemd", "systemd-sysv", "dbus", "procps", "ca-certificates", "curl", "python3", "libelf1"];
 /// The container's machine name (nspawn's lock and propagation directories use it).
 const MACHINE: &str = "sluice-boottest";
 /// The cgroup nspawn runs in, below the cgroup2 root (and the v1 `name=systemd` root).
@@ -549,6 +551,13 @@ impl Test {
         println!("sluice.service: {props:?}");
         if props["ActiveState"] != "active" || props["SubState"] != "running" {
             bail!("sluice.service is {}/{} after systemctl start", props["ActiveState"], props["SubState"]);
+        }
+        // Sandboxes' own directories: the tmpfs the unit mounts, as the daemon and the rest of
+        // the system see it (it must be nosymfollow in both).
+        for pid in [props["MainPID"].as_str(), "1"] {
+            let mounts = self.check(&["cat", &format!("/proc/{pid}/mountinfo")])?;
+            let line = mounts.lines().find(|l| l.split(' ').nth(4) == Some("/run/sluice-sandboxes"));
+            println!("/run/sluice-sandboxes as pid {pid} sees it: {}", line.unwrap_or("not a mount point"));
         }
         if props["StatusText"] != "enforcing" {
             bail!("sluice.service's status text is {:?}, expected \"enforcing\"", props["StatusText"]);
