@@ -435,8 +435,9 @@ fn the_daemon_unit_is_ready_only_when_enforcing_and_keeps_few_capabilities() {
     // default `[sandbox] unix_dir`, and writable in the daemon's namespace.
     let pre = values(&text, s, "ExecStartPre");
     assert!(
-        pre.iter()
-            .any(|v| v.starts_with("+/bin/sh") && v.contains("nosymfollow") && v.contains("/run/sluice-sandboxes")),
+        pre.iter().any(|v| v.starts_with("+/usr/bin/nsenter --target 1 --mount -- /bin/sh")
+            && v.contains("nosymfollow")
+            && v.contains("/run/sluice-sandboxes")),
         "{pre:?}"
     );
     assert_eq!(one(&text, s, "BindPaths"), "-/run/sluice-sandboxes");
