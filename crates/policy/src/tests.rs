@@ -762,3 +762,16 @@ proptest! {
         prop_assert_eq!(got, best);
     }
 }
+
+/// Found by fuzzing (`fuzz/corpus/policy_toml/nul-in-comment`): the toml parser reports a control
+/// character in a comment with an empty message, which left the operator with a position and no
+/// reason.
+#[test]
+fn a_control_character_in_a_comment_is_named() {
+    let text = "# a comment with a NUL \0 in it\n[service]\nname = \"x\"\n";
+    let errors = PolicySet::from_texts(&[(PathBuf::from("/p/host.toml"), text.to_string())]).unwrap_err();
+    let [e] = errors.as_slice() else { panic!("{errors:?}") };
+    assert_eq!((e.kind, e.line, e.column), (PolicyErrorKind::Syntax, 1, 24), "{e}");
+    assert_eq!(e.message, "control character U+0000 is not allowed in TOML, not even in a comment; remove it");
+    assert!(e.to_string().starts_with("/p/host.toml:1:24: "), "{e}");
+}
