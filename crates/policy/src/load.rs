@@ -198,7 +198,7 @@ fn compile_host_rules(rules: &[HostCelRule]) -> Result<Option<Arc<sluice_decide:
             kind: PolicyErrorKind::Invalid,
             file: at.map(|r| r.file.clone()).unwrap_or_default(),
             line: at.map(|r| r.line).unwrap_or(0),
-            column: 0,
+            column: at.map(|r| r.column).unwrap_or(0),
             field: "host.rule.expr".into(),
             message: format!("does not compile: {}", e.message.replace('\n', " ")),
         }
@@ -658,13 +658,14 @@ impl Builder {
                 );
             }
             if let (Some(decision), true) = (decision, self.errors.len() == before) {
-                let (line, _) = line_col(src.text, r.expr.span().start);
+                let (line, column) = line_col(src.text, r.expr.span().start);
                 self.rules.push(HostCelRule {
                     expr: expr.clone(),
                     decision,
                     reason: reason.clone(),
                     file: src.path.to_path_buf(),
                     line,
+                    column,
                 });
             }
         }
