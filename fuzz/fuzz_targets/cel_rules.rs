@@ -92,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
                 passport: &passport,
                 request: &request,
                 window: SpendWindow::default(),
-                spend: counter.clone(),
+                spend: counter,
                 daily: counter,
                 now,
             };
