@@ -18,6 +18,8 @@ const NEEDS: &[(&str, &str)] = &[
     ("/usr/include/zlib.h", "zlib1g-dev"),
     ("/usr/include/liburing.h", "liburing-dev"),
     ("cc", "gcc"),
+    // libFuzzer, which `cargo xtask fuzz` (and so `cargo xtask test`) links, is C++.
+    ("c++", "g++"),
     ("curl", "curl"),
     ("python3", "python3"),
     ("/usr/bin/python3", "python3"),

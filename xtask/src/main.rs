@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask test | layers | demo | deps | install | man | package | bench | test-systemd`.
+//! Project tasks: `cargo xtask test | layers | demo | deps | install | man | package | bench | fuzz |
+//! test-systemd`.
 //!
 //! `test` is what CI runs: formatting, clippy with warnings as errors, then every test of the
 //! workspace (the kernel and end-to-end suites run for real as root and fail, never skip, when they
@@ -7,6 +8,7 @@
 mod benchproxy;
 mod demo;
 mod deps;
+mod fuzz;
 mod install;
 mod layers;
 mod package;
@@ -23,8 +25,8 @@ tasks:
   test [--quick]
           every test (as root: the kernel suites, the package and systemd stages
           need it): fmt check, layers, clippy -D warnings, unit, CLI, kernel and end-to-end
-          suites, then `package --install-check` and `test-systemd` on the built
-          package; --quick stops after the suites
+          suites, a short run of every fuzz target, then `package --install-check`
+          and `test-systemd` on the built package; --quick stops after the suites
   layers  check the crate layering from `cargo metadata`: passport, decide,
           policy, ledger and files use no tokio, hyper, rustls, h2 or aya; no
           library crate depends on the daemon; ARCHITECTURE.md names every crate
@@ -32,6 +34,10 @@ tasks:
   bench [decisions|proxy]
           benchmarks (release build); prints a table per benchmark. `proxy` needs
           root and installs h2load, nginx and mitmproxy (own virtualenv) if missing
+  fuzz [SECONDS] [TARGET...]
+          build the fuzz targets in fuzz/ (cargo-fuzz, installed if missing) and
+          run each for SECONDS (default 60), one after another; prints executions,
+          exec/s and corpus size per target and fails on a crash, naming the input
   deps    install the Debian packages sluice needs to build and test (as root),
           or print the command to run
   install [--prefix DIR] [--destdir DIR] [--no-build]
@@ -64,6 +70,7 @@ fn main() {
         Some("package") => package::run(args.get(1..).unwrap_or_default()),
         Some("test-systemd") => systemd_boot::run(args.get(1..).unwrap_or_default()),
         Some("bench") => bench(args.get(1).map(String::as_str)),
+        Some("fuzz") => fuzz::run(args.get(1..).unwrap_or_default()),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -143,10 +150,11 @@ fn bench(which: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every test. After the workspace's suites, the shipped form: the release package is built,
-/// installed on this machine and purged (`package --install-check`), then booted under a real
-/// systemd in a container (`test-systemd`). `--quick` stops after the suites, for a developer's
-/// edit-test loop; CI never passes it.
+/// Every test. After the workspace's suites, a smoke run of every fuzz target
+/// ([`fuzz::SMOKE_SECS`] each), then the shipped form: the release package is built, installed on
+/// this machine and purged (`package --install-check`), then booted under a real systemd in a
+/// container (`test-systemd`). `--quick` stops after the suites, for a developer's edit-test
+/// loop; CI never passes it.
 fn test(args: &[String]) -> anyhow::Result<()> {
     let quick = match args {
         [] => false,
@@ -161,9 +169,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["test", "--workspace", "--no-fail-fast"]).env("SLUICE_BIN", target_dir().join("debug/sluice")))?;
     if quick {
-        eprintln!("xtask: all suites passed (--quick: the package and systemd stages were not run)");
+        eprintln!("xtask: all suites passed (--quick: the fuzz, package and systemd stages were not run)");
         return Ok(());
     }
+    eprintln!("xtask: every fuzz target for {} s", fuzz::SMOKE_SECS);
+    fuzz::run_targets(fuzz::SMOKE_SECS, &[])?;
     eprintln!("xtask: the package: build, install on this machine, purge");
     let (deb, man_pages) = package::build(true)?;
     package::install_check(&deb, &man_pages)?;

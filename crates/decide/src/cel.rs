@@ -53,7 +53,7 @@
 use super::usage::WindowCounter;
 use super::ActionRequest;
 use cel::common::ast::{EntryExpr, Expr};
-use cel::{Context, Env, IdedExpr, Program, Value};
+use cel::{Context, Env, ExecutionError, IdedExpr, Program, Value};
 use chrono::{DateTime, Utc};
 use sluice_passport::constraints::{CelRule, RuleDecision};
 use sluice_passport::money::cents_up;
@@ -257,11 +257,47 @@ impl CompiledRules {
                 }
                 Ok(Ok(Value::Bool(false))) => {}
                 Ok(Ok(other)) => return error(format!("the rule returned {:?}, not a bool", other.type_of())),
-                Ok(Err(e)) => return error(e.to_string()),
+                Ok(Err(e)) => return error(message_of(&e)),
                 Err(_) => return error("the CEL interpreter failed on this rule".to_string()),
             }
         }
         RulesOutcome::NoMatch { evaluated }
+    }
+}
+
+/// The interpreter's error message, with lists, maps and other composite values named by their
+/// type. Its own messages print values with `{:?}`, and a map prints in hash order, so the same
+/// request got a different (attested) detail each time. Found by fuzzing (`fuzz/corpus/cel_rules/
+/// map-in-error`).
+fn message_of(e: &ExecutionError) -> String {
+    let v = |v: &Value| match v {
+        Value::Int(_) | Value::UInt(_) | Value::Float(_) | Value::Bool(_) | Value::Null | Value::String(_) => {
+            format!("{v:?}")
+        }
+        Value::Duration(_) | Value::Timestamp(_) => format!("{v:?}"),
+        other => format!("{:?}", other.type_of()),
+    };
+    #[allow(deprecated)] // the deprecated variants are still raised by the interpreter
+    match e {
+        ExecutionError::UnsupportedTargetType { target } => format!("Invalid argument type: {}", v(target)),
+        ExecutionError::NotSupportedAsMethod { method, target } => {
+            format!("Method '{method}' not supported on type '{}'", v(target))
+        }
+        ExecutionError::UnsupportedKeyType(a) => format!("Unable to use value '{}' as a key", v(a)),
+        ExecutionError::ValuesNotComparable(a, b) => format!("{} can not be compared to {}", v(a), v(b)),
+        ExecutionError::UnsupportedUnaryOperator(op, a) => format!("Unsupported unary operator '{op}': {}", v(a)),
+        ExecutionError::UnsupportedBinaryOperator(op, a, b) => {
+            format!("Unsupported binary operator '{op}': {}, {}", v(a), v(b))
+        }
+        ExecutionError::UnsupportedMapIndex(a) => format!("Cannot use value as map index: {}", v(a)),
+        ExecutionError::UnsupportedListIndex(a) => format!("Cannot use value as list index: {}", v(a)),
+        ExecutionError::UnsupportedIndex(a, b) => format!("Cannot use value {} to index {}", v(a), v(b)),
+        ExecutionError::DivisionByZero(a) => format!("Division by zero of {}", v(a)),
+        ExecutionError::RemainderByZero(a) => format!("Remainder by zero of {}", v(a)),
+        ExecutionError::Overflow(op, a, b) => format!("Overflow from binary operator '{op}': {}, {}", v(a), v(b)),
+        ExecutionError::IndexOutOfBounds(a) => format!("Index out of bounds: {}", v(a)),
+        ExecutionError::DuplicateKey(a) => format!("Failed with repeated key: {}", v(a)),
+        other => other.to_string(),
     }
 }
 

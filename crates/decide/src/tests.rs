@@ -606,6 +606,21 @@ fn details_show_fractions_of_a_cent() {
     assert_eq!((e.spend_after_millicents, e.spend_delta_millicents), (1_000, 1));
 }
 
+/// Found by fuzzing (`fuzz/corpus/cel_rules/map-in-error`): the interpreter's message printed the
+/// `request` map in hash order, so the same request was refused with a different detail (and
+/// record) each time. Composite values are now named by their type.
+#[test]
+fn a_runtime_error_about_a_map_reads_the_same_every_time() {
+    let p = rules(json!([{"expr": "request % 2 > 0", "decision": "block", "reason": "broken"}]));
+    let u = spent(SpendWindow::Daily, 0, t0());
+    let first = eval(&p, &u, &req("llm:chat", 1), t0());
+    assert_eq!((first.decision, first.reason.as_str()), (Decision::Block, "policy_error"));
+    assert!(first.detail.contains("Unsupported binary operator 'rem': Map, Int(2)"), "{}", first.detail);
+    for _ in 0..20 {
+        assert_eq!(eval(&p, &u, &req("llm:chat", 1), t0()).detail, first.detail);
+    }
+}
+
 #[test]
 fn cel_runtime_errors_and_non_bool_results_block_as_policy_error() {
     let cases = [

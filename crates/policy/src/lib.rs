@@ -126,7 +126,9 @@ pub struct HostCelRule {
     pub decision: RuleDecision,
     pub reason: String,
     pub file: PathBuf,
+    /// Line and column (1-based) of `expr`, where a compile error points.
     pub line: usize,
+    pub column: usize,
 }
 
 /// A `[[raw_tcp]]` allow rule.

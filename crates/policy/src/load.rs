@@ -114,6 +114,22 @@ pub(crate) fn digest_of(files: &[(PathBuf, String)]) -> String {
     format!("sha256:{hex}")
 }
 
+/// The toml parser's message, on one line. It gives none for some faults (a control character in
+/// a comment, found by fuzzing); an operator still needs to know what to fix.
+fn syntax_message(message: &str, text: &str, offset: usize) -> String {
+    let message = message.trim().replace('\n', " ");
+    if !message.is_empty() {
+        return message;
+    }
+    match text.get(offset..).and_then(|rest| rest.chars().next()) {
+        Some(c) if c.is_control() => {
+            format!("control character U+{:04X} is not allowed in TOML, not even in a comment; remove it", u32::from(c))
+        }
+        Some(c) => format!("unexpected {c:?}: this is not valid TOML"),
+        None => "unexpected end of file: this is not valid TOML".to_string(),
+    }
+}
+
 /// Validates and indexes the files. The order of `files` is the load order (the directory reader
 /// sorts by name), which decides which of two conflicting files is reported as the second.
 pub(crate) fn build(files: &[(PathBuf, String)]) -> Result<PolicySet, Vec<PolicyError>> {
@@ -131,7 +147,7 @@ pub(crate) fn build(files: &[(PathBuf, String)]) -> Result<PolicySet, Vec<Policy
                     line,
                     column,
                     field: if e.span().is_some() { field_at(text, span.start) } else { String::new() },
-                    message: e.message().trim().replace('\n', " "),
+                    message: syntax_message(e.message(), text, span.start),
                 });
             }
         }
@@ -182,7 +198,7 @@ fn compile_host_rules(rules: &[HostCelRule]) -> Result<Option<Arc<sluice_decide:
             kind: PolicyErrorKind::Invalid,
             file: at.map(|r| r.file.clone()).unwrap_or_default(),
             line: at.map(|r| r.line).unwrap_or(0),
-            column: 0,
+            column: at.map(|r| r.column).unwrap_or(0),
             field: "host.rule.expr".into(),
             message: format!("does not compile: {}", e.message.replace('\n', " ")),
         }
@@ -642,13 +658,14 @@ impl Builder {
                 );
             }
             if let (Some(decision), true) = (decision, self.errors.len() == before) {
-                let (line, _) = line_col(src.text, r.expr.span().start);
+                let (line, column) = line_col(src.text, r.expr.span().start);
                 self.rules.push(HostCelRule {
                     expr: expr.clone(),
                     decision,
                     reason: reason.clone(),
                     file: src.path.to_path_buf(),
                     line,
+                    column,
                 });
             }
         }

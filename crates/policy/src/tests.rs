@@ -338,6 +338,21 @@ fn host_table_errors() {
     one_error(&rule("true", "block", "Bad Reason"), 5, "host.rule[0].reason", "a-z");
 }
 
+/// Found by fuzzing (`fuzz/corpus/policy_toml/rule-does-not-compile`): a host rule that does not
+/// compile was reported at column 0 (`FILE:24:0:`), which no editor can go to.
+#[test]
+fn a_host_rule_that_does_not_compile_points_at_its_expression() {
+    let text = "[host]\n[[host.rule]]\nexpr    = \"cost_cents(> 100\"\ndecision = \"block\"\nreason = \"x\"\n";
+    let errors = PolicySet::from_texts(&[(PathBuf::from("/p/host.toml"), text.to_string())]).unwrap_err();
+    let [e] = errors.as_slice() else { panic!("{errors:?}") };
+    assert_eq!(
+        (e.kind, e.line, e.column, e.field.as_str()),
+        (PolicyErrorKind::Invalid, 3, 11, "host.rule.expr"),
+        "{e}"
+    );
+    assert!(e.to_string().starts_with("/p/host.toml:3:11: host.rule.expr: does not compile: "), "{e}");
+}
+
 #[test]
 fn raw_tcp_errors() {
     let r = |h: &str, p: &str| format!("[[raw_tcp]]\nhost = \"{h}\"\nport = {p}\naction = \"tcp:x\"\ncost_cents = 0\n");
@@ -770,4 +785,17 @@ fn a_dotted_host_header_alone_is_a_host_table() {
     assert_eq!(s.max_per_action_millicents(), Some(3_000));
     let s = set(&[("host.toml", "[[host.rule]]\nexpr = \"true\"\ndecision = \"block\"\nreason = \"no\"\n")]);
     assert!(s.is_ok(), "{:?}", s.err());
+}
+
+/// Found by fuzzing (`fuzz/corpus/policy_toml/nul-in-comment`): the toml parser reports a control
+/// character in a comment with an empty message, which left the operator with a position and no
+/// reason.
+#[test]
+fn a_control_character_in_a_comment_is_named() {
+    let text = "# a comment with a NUL \0 in it\n[service]\nname = \"x\"\n";
+    let errors = PolicySet::from_texts(&[(PathBuf::from("/p/host.toml"), text.to_string())]).unwrap_err();
+    let [e] = errors.as_slice() else { panic!("{errors:?}") };
+    assert_eq!((e.kind, e.line, e.column), (PolicyErrorKind::Syntax, 1, 24), "{e}");
+    assert_eq!(e.message, "control character U+0000 is not allowed in TOML, not even in a comment; remove it");
+    assert!(e.to_string().starts_with("/p/host.toml:1:24: "), "{e}");
 }

@@ -208,14 +208,19 @@ async fn ask_tcp(
     addresses(&answer, qname, rtype)
 }
 
-fn is_answer_to(m: &Message, id: u16, qname: &Name, rtype: RecordType) -> bool {
+/// Whether `m` answers exactly this question (others are ignored: spoofing, strays). Public only
+/// for the fuzz targets (fuzz/fuzz_targets/dns_answer.rs); not an API.
+#[doc(hidden)]
+pub fn is_answer_to(m: &Message, id: u16, qname: &Name, rtype: RecordType) -> bool {
     m.metadata.message_type == MessageType::Response
         && m.metadata.id == id
         && matches!(m.queries.as_slice(), [q] if q.query_type() == rtype && q.name() == qname)
 }
 
-/// The addresses for `qname`, following CNAMEs inside the answer section only.
-fn addresses(m: &Message, qname: &Name, rtype: RecordType) -> Result<(Vec<IpAddr>, Duration), String> {
+/// The addresses for `qname`, following CNAMEs inside the answer section only. Public only for
+/// the fuzz targets; not an API.
+#[doc(hidden)]
+pub fn addresses(m: &Message, qname: &Name, rtype: RecordType) -> Result<(Vec<IpAddr>, Duration), String> {
     match m.metadata.response_code {
         ResponseCode::NoError => {}
         ResponseCode::NXDomain => return Ok((Vec::new(), MIN_CACHE)),

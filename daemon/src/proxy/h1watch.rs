@@ -10,7 +10,8 @@
 //! stream as HTTP/1 framing dictates (head, then a `Content-Length` or chunked body, then the
 //! next head) and, for each request head in order, queues a verdict: `Ok` or a
 //! [`Refusal`] (`Content-Length` with `Transfer-Encoding`, several `Content-Length` headers, a
-//! `Transfer-Encoding` that is not exactly `chunked`, obsolete line folding). hyper handles one
+//! `Transfer-Encoding` that is not exactly `chunked`, obsolete line folding, a line ending in a
+//! bare LF). hyper handles one
 //! HTTP/1 request at a time and can only parse bytes after they passed through the wrapper, so
 //! the n-th request hyper gives us takes the n-th verdict ([`Verdicts::next`]).
 //!
@@ -197,6 +198,16 @@ enum Body {
 /// The verdict on one request head (ending in CRLF CRLF) and how its body is framed.
 fn judge(head: &[u8]) -> (Result<(), Refusal>, Body) {
     let smuggling = |detail: &str| Refusal { reason: Reason::RequestSmuggling, detail: detail.to_string() };
+    // httparse (hyper's parser) also ends a line at a bare LF, where this reading (CRLF only)
+    // would see one longer line: `Content-Length: 5\nTransfer-Encoding: chunked` is two headers
+    // to hyper and none to us. Refused, and the stream is not followed further (its framing is
+    // not the one hyper reads), so no later request gets a verdict. Found by fuzzing.
+    if head.first() == Some(&b'\n') || head.windows(2).any(|w| matches!(w, [a, b'\n'] if *a != b'\r')) {
+        return (
+            Err(smuggling("The request head has a line that ends in a bare LF; end every line with CRLF.")),
+            Body::Opaque,
+        );
+    }
     let text = String::from_utf8_lossy(head);
     let mut lines = text.split("\r\n");
     let request_line = lines.next().unwrap_or("");
@@ -336,6 +347,25 @@ mod tests {
         for c in cases {
             assert_eq!(every_split(c).first(), Some(&Err(Reason::RequestSmuggling)), "{}", String::from_utf8_lossy(c));
         }
+    }
+
+    /// Found by fuzzing (`fuzz/corpus/h1watch/bare-lf-te`): hyper's parser ends a header line at a
+    /// bare LF, so `X: 44\nTransfer-Encoding: chunked` hid a Transfer-Encoding header from this
+    /// reading and the request was judged clean. Such heads are refused, and nothing after them
+    /// gets a verdict.
+    #[test]
+    fn a_bare_lf_that_hides_a_header_is_refused_and_stops_tracking() {
+        let found = b"POST /a HTTP/1.1\r\nHost: x\r\nContent-th: 44\x81\nTransfer-Encoding: chunkednked\r\n\r\n\
+                      0\r\n\r\nGET /smuggl,d HTTP/1.1\r\nHo\nT: x\r\n\r\n";
+        assert_eq!(every_split(found), vec![Err(Reason::RequestSmuggling)]);
+        let hidden_te = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\nTransfer-Encoding: chunked\r\n\r\n\
+                          0\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(every_split(hidden_te), vec![Err(Reason::RequestSmuggling)]);
+        // A head hyper ends at LF LF swallows the next request into "one head" here: refused too.
+        let lf_head =
+            b"GET / HTTP/1.1\nHost: x\n\nPOST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n\
+                        0\r\n\r\nGET /clean HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(every_split(lf_head), vec![Err(Reason::RequestSmuggling)]);
     }
 
     #[test]

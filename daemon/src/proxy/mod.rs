@@ -62,7 +62,9 @@ pub mod ca;
 pub mod checks;
 mod conn;
 mod decider;
-mod h1watch;
+// Public only for the fuzz targets (fuzz/fuzz_targets/h1watch.rs); not an API.
+#[doc(hidden)]
+pub mod h1watch;
 mod http;
 mod idle;
 mod metered;
