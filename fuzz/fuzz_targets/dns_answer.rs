@@ -1,4 +1,4 @@
-//! The daemon's own resolution (`dns::upstream`): reading an upstream server's answer, which a
+//! The daemon's own resolution (`dns::lookup`): reading an upstream server's answer, which a
 //! spoofer on the path can forge. Parsed with hickory, then matched to the question
 //! (`is_answer_to`) and read (`addresses`, following CNAMEs inside the answer only).
 //!
@@ -11,7 +11,7 @@
 use hickory_proto::op::{Message, MessageType};
 use hickory_proto::rr::{Name, RData, RecordType};
 use libfuzzer_sys::fuzz_target;
-use sluice::dns::upstream::{addresses, is_answer_to, MAX_CACHE};
+use sluice::dns::lookup::{addresses, is_answer_to, MAX_CACHE};
 use std::net::IpAddr;
 use std::str::FromStr;
 
