@@ -331,18 +331,7 @@ fn a_non_root_agent_in_a_nested_user_namespace_cannot_bind_mount_a_way_out() {
     if !root_or_skip("a_non_root_agent_in_a_nested_user_namespace_cannot_bind_mount_a_way_out") {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
-    let outside = tempfile::Builder::new().prefix("sluice-unix-nested").tempdir_in("/tmp").unwrap();
-    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out_path = outside.path().join("host-service.sock");
-    let _out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
-    std::fs::set_permissions(&out_path, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let d = Daemon::start_with_group("nogroup", "");
-    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let (passport, _) = d.issue("nested-agent", &["--permission", "*"]);
-    std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let NobodySetup { _outside, out_path, _out, d, passport } = NobodySetup::new("sluice-unix-nested", "nested-agent");
     let py = system_python();
     let script = format!("{py} -c \"$0\" \"$1\" mount || exit 1; exec unshare -Urm {py} -c \"$0\" \"$1\" mount");
     let out = d
@@ -424,18 +413,7 @@ fn a_caller_that_is_root_in_a_user_namespace_of_its_own_gets_no_names() {
     if !root_or_skip("a_caller_that_is_root_in_a_user_namespace_of_its_own_gets_no_names") {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
-    let outside = tempfile::Builder::new().prefix("sluice-unix-rootns").tempdir_in("/tmp").unwrap();
-    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out_path = outside.path().join("host-service.sock");
-    let _out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
-    std::fs::set_permissions(&out_path, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let d = Daemon::start_with_group("nogroup", "");
-    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let (passport, _) = d.issue("rootns-agent", &["--permission", "*"]);
-    std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let NobodySetup { _outside, out_path, _out, d, passport } = NobodySetup::new("sluice-unix-rootns", "rootns-agent");
     let mut cmd = std::process::Command::new("unshare");
     cmd.arg("-r")
         .arg(sluice_e2e::daemon::sluice_bin())
@@ -466,18 +444,7 @@ fn without_namespaces_a_non_root_agent_reaches_its_own_directory() {
     if !root_or_skip("without_namespaces_a_non_root_agent_reaches_its_own_directory") {
         return;
     }
-    use std::os::unix::fs::PermissionsExt;
-    let outside = tempfile::Builder::new().prefix("sluice-unix-nons").tempdir_in("/tmp").unwrap();
-    std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out_path = outside.path().join("host-service.sock");
-    let _out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
-    std::fs::set_permissions(&out_path, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let d = Daemon::start_with_group("nogroup", "");
-    for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    let (passport, _) = d.issue("nons-agent", &["--permission", "*"]);
-    std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let NobodySetup { _outside, out_path, _out, d, passport } = NobodySetup::new("sluice-unix-nons", "nons-agent");
     let out = d
         .cli_command(&[
             "run",
@@ -513,4 +480,32 @@ fn api_get(d: &Daemon, path: &str) -> String {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     resp
+}
+
+/// A daemon whose API, config and passport the user nobody can reach, and a Unix socket outside
+/// any sandbox (`out_path`, world-connectable) that an agent must not reach.
+struct NobodySetup {
+    _outside: tempfile::TempDir,
+    out_path: std::path::PathBuf,
+    _out: std::os::unix::net::UnixListener,
+    d: Daemon,
+    passport: std::path::PathBuf,
+}
+
+impl NobodySetup {
+    fn new(prefix: &str, agent: &str) -> NobodySetup {
+        use std::os::unix::fs::PermissionsExt;
+        let outside = tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").unwrap();
+        std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out_path = outside.path().join("host-service.sock");
+        let out = std::os::unix::net::UnixListener::bind(&out_path).unwrap();
+        std::fs::set_permissions(&out_path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let d = Daemon::start_with_group("nogroup", "");
+        for dir in [d.dir.path().to_path_buf(), d.dir.path().join("run")] {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let (passport, _) = d.issue(agent, &["--permission", "*"]);
+        std::fs::set_permissions(&passport, std::fs::Permissions::from_mode(0o644)).unwrap();
+        NobodySetup { _outside: outside, out_path, _out: out, d, passport }
+    }
 }
