@@ -122,19 +122,12 @@ impl Conntable {
                 return None;
             }
         };
-        let mut buf = vec![0u8; cpus.saturating_mul(8)];
         let mut out = Vec::with_capacity(abi::STATS.len());
         for (index, name) in abi::STATS.iter().enumerate() {
             let key = (index as u32).to_ne_bytes();
-            match sys::map_lookup(map.as_fd(), &key, &mut buf) {
-                Ok(true) => {
-                    let sum = buf
-                        .chunks_exact(8)
-                        .filter_map(|c| c.try_into().ok().map(u64::from_ne_bytes))
-                        .fold(0u64, u64::wrapping_add);
-                    out.push((*name, sum));
-                }
-                Ok(false) => {}
+            match sys::percpu_u64_sum(map.as_fd(), &key, cpus) {
+                Ok(Some(sum)) => out.push((*name, sum)),
+                Ok(None) => {}
                 Err(error) => tracing::warn!(counter = name, %error, "reading a kernel counter failed"),
             }
         }

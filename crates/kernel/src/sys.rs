@@ -236,6 +236,21 @@ pub fn possible_cpus() -> io::Result<usize> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("cannot parse possible CPUs {text:?}")))
 }
 
+/// The value of `key` in a per-CPU map of `u64` counters, summed over `cpus` CPUs (from
+/// [`possible_cpus`]); `Ok(None)` when the key is absent.
+pub fn percpu_u64_sum(map: BorrowedFd<'_>, key: &[u8], cpus: usize) -> io::Result<Option<u64>> {
+    let mut values = vec![0u8; cpus.saturating_mul(8)];
+    if !map_lookup(map, key, &mut values)? {
+        return Ok(None);
+    }
+    Ok(Some(
+        values
+            .chunks_exact(8)
+            .filter_map(|c| c.try_into().ok().map(u64::from_ne_bytes))
+            .fold(0u64, u64::saturating_add),
+    ))
+}
+
 fn parse_cpu_list(text: &str) -> Option<usize> {
     let mut max = None;
     for part in text.split(',') {
@@ -323,5 +338,6 @@ mod tests {
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list(""), None);
         assert_eq!(parse_cpu_list("0-99999999"), None);
+        assert!(super::possible_cpus().unwrap() >= 1, "this machine's own list");
     }
 }
