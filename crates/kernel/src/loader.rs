@@ -261,35 +261,55 @@ fn attach(prog: &mut Program, spec: &Spec, cgroup: &File) -> Result<FdLink, Kern
     Ok(link)
 }
 
-/// Tries to swap the program of the pinned link at `pin` in place. `Ok(false)`
-/// when the pin is not one of our links on this cgroup (caller replaces it).
-fn try_update(pin: &Path, prog: &Program, spec: &Spec, cgroup_id: u64) -> Result<bool, KernelError> {
+/// Tries to swap the program of the pinned link at `pin` for `prog`, in place. `false` when
+/// the pin is not one of our links (a cgroup link on `cgroup_id` at `attach_type`) or the
+/// update fails: the caller then replaces it ([`replace_pin`]). Shared by every program the
+/// daemon attaches, aya-loaded or not.
+pub(crate) fn try_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>, cgroup_id: u64, attach_type: u32) -> bool {
     let link = match sys::obj_get(pin) {
         Ok(fd) => fd,
         Err(error) => {
             tracing::warn!(pin = %pin.display(), %error, "unusable pinned link; replacing it");
-            return Ok(false);
+            return false;
         }
     };
     let info = match sys::link_info(link.as_fd()) {
         Ok(i) => i,
         Err(error) => {
             tracing::warn!(pin = %pin.display(), %error, "cannot read pinned link; replacing it");
-            return Ok(false);
+            return false;
         }
     };
-    if info.link_type != sys::LINK_TYPE_CGROUP || info.cgroup_id != cgroup_id || info.attach_type != spec.attach_type {
+    if info.link_type != sys::LINK_TYPE_CGROUP || info.cgroup_id != cgroup_id || info.attach_type != attach_type {
         tracing::info!(pin = %pin.display(), ?info, cgroup_id, "pinned link is for another cgroup or hook; replacing it");
-        return Ok(false);
+        return false;
     }
-    let prog_fd = prog.fd().map_err(prog_err(spec.name, "program fd"))?;
-    match sys::link_update(link.as_fd(), prog_fd.as_fd()) {
-        Ok(()) => Ok(true),
+    match sys::link_update(link.as_fd(), prog) {
+        Ok(()) => true,
         Err(error) => {
             tracing::warn!(pin = %pin.display(), %error, "BPF_LINK_UPDATE failed; replacing the link");
-            Ok(false)
+            false
         }
     }
+}
+
+/// Replaces the pinned link at `pin` with a new one that `pin_new` creates and pins at the path
+/// it is given: new link first, pinned beside the old one, then a rename over it, so there is
+/// no moment without a link. (bpffs refuses names containing a dot.)
+pub(crate) fn replace_pin(
+    pin: &Path,
+    name: &str,
+    pin_new: impl FnOnce(&Path) -> Result<(), KernelError>,
+) -> Result<LinkAction, KernelError> {
+    let tmp = pin.with_file_name(format!("{name}_new"));
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(pin_err(&tmp, "remove stale")(e)),
+    }
+    pin_new(&tmp)?;
+    fs::rename(&tmp, pin).map_err(pin_err(pin, "rename new link over old"))?;
+    Ok(LinkAction::Replaced)
 }
 
 fn install_program(
@@ -306,20 +326,16 @@ fn install_program(
         attach(prog, spec, cgroup_file)?.pin(&pin).map_err(prog_err(spec.name, "pin link"))?;
         return Ok(LinkAction::Attached);
     }
-    if try_update(&pin, prog, spec, cgroup.id())? {
+    let updated = {
+        let prog_fd = prog.fd().map_err(prog_err(spec.name, "program fd"))?;
+        try_update(&pin, prog_fd.as_fd(), cgroup.id(), spec.attach_type)
+    };
+    if updated {
         return Ok(LinkAction::Updated);
     }
-    // New link first, then the rename drops the old pin: no gap. (bpffs
-    // refuses names containing a dot.)
-    let tmp = links.join(format!("{}_new", spec.name));
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(pin_err(&tmp, "remove stale")(e)),
-    }
-    attach(prog, spec, cgroup_file)?.pin(&tmp).map_err(prog_err(spec.name, "pin link"))?;
-    fs::rename(&tmp, &pin).map_err(pin_err(&pin, "rename new link over old"))?;
-    Ok(LinkAction::Replaced)
+    replace_pin(&pin, spec.name, |tmp| {
+        attach(prog, spec, cgroup_file)?.pin(tmp).map(drop).map_err(prog_err(spec.name, "pin link"))
+    })
 }
 
 /// Removes pins this version does not own: links of programs that no longer

@@ -95,7 +95,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::cgroup::Cgroup;
-use super::loader::LinkAction;
+use super::loader::{self, LinkAction};
 use super::{sys, KernelError};
 
 /// The compiled object (built by `crates/kernel/build.rs` from `ebpf/unix.bpf.c`).
@@ -768,34 +768,18 @@ fn attach_pinned(
     links_dir: &Path,
 ) -> Result<LinkAction, KernelError> {
     let pin = links_dir.join(name);
-    if pin.exists() {
-        if let Ok(link) = sys::obj_get(&pin) {
-            let ours = sys::link_info(link.as_fd()).is_ok_and(|i| {
-                i.link_type == sys::LINK_TYPE_CGROUP && i.cgroup_id == cgroup.id() && i.attach_type == attach
-            });
-            if ours {
-                match sys::link_update(link.as_fd(), prog) {
-                    Ok(()) => return Ok(LinkAction::Updated),
-                    Err(error) => tracing::warn!(pin = %pin.display(), %error, "BPF_LINK_UPDATE failed; replacing"),
-                }
-            } else {
-                tracing::info!(pin = %pin.display(), "pinned link is for another cgroup or hook; replacing it");
-            }
-        }
-        let tmp = links_dir.join(format!("{name}_new"));
-        match fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(pin_err(&tmp, "remove stale")(e)),
-        }
+    let pin_new = |at: &Path| -> Result<(), KernelError> {
         let link = sys::link_create(prog, cgroup_file.as_fd(), attach).map_err(prog_err(name, "BPF_LINK_CREATE"))?;
-        sys::obj_pin(link.as_fd(), &tmp).map_err(prog_err(name, "pin link"))?;
-        fs::rename(&tmp, &pin).map_err(pin_err(&pin, "rename new link over old"))?;
-        return Ok(LinkAction::Replaced);
+        sys::obj_pin(link.as_fd(), at).map_err(prog_err(name, "pin link"))
+    };
+    if !pin.exists() {
+        pin_new(&pin)?;
+        return Ok(LinkAction::Attached);
     }
-    let link = sys::link_create(prog, cgroup_file.as_fd(), attach).map_err(prog_err(name, "BPF_LINK_CREATE"))?;
-    sys::obj_pin(link.as_fd(), &pin).map_err(prog_err(name, "pin link"))?;
-    Ok(LinkAction::Attached)
+    if loader::try_update(&pin, prog, cgroup.id(), attach) {
+        return Ok(LinkAction::Updated);
+    }
+    loader::replace_pin(&pin, name, pin_new)
 }
 
 // ---------------------------------------------------------------------------------------------
