@@ -163,7 +163,7 @@ fn check_config(cfg: &KernelConfig) -> Result<(), KernelError> {
     Ok(())
 }
 
-fn pin_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> KernelError + 'a {
+pub(crate) fn pin_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> KernelError + 'a {
     move |source| KernelError::Pin { path: path.to_owned(), op, source }
 }
 
@@ -209,7 +209,7 @@ fn maps_dir(pin_dir: &Path) -> PathBuf {
     pin_dir.join(format!("v{ABI_VERSION}"))
 }
 
-fn prog_err<E>(program: &'static str, op: &'static str) -> impl FnOnce(E) -> KernelError
+pub(crate) fn prog_err<E>(program: &'static str, op: &'static str) -> impl FnOnce(E) -> KernelError
 where
     E: std::error::Error + Send + Sync + 'static,
 {

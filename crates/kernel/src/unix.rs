@@ -95,7 +95,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use super::cgroup::Cgroup;
-use super::loader::{self, LinkAction};
+use super::loader::{self, pin_err, prog_err, LinkAction};
 use super::{sys, KernelError};
 
 /// The compiled object (built by `crates/kernel/build.rs` from `ebpf/unix.bpf.c`).
@@ -465,14 +465,6 @@ fn path_cstring(p: &Path) -> Result<CString, KernelError> {
         op: "pin path",
         source: io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"),
     })
-}
-
-fn prog_err(program: &'static str, op: &'static str) -> impl FnOnce(io::Error) -> KernelError {
-    move |e| KernelError::Program { program, op, source: Box::new(e) }
-}
-
-fn pin_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> KernelError + 'a {
-    move |source| KernelError::Pin { path: path.to_owned(), op, source }
 }
 
 impl Object {
