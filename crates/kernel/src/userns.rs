@@ -50,6 +50,20 @@ pub fn of_process(pid: i32) -> io::Result<UserNs> {
     classify(&file, own)
 }
 
+/// The longest `/proc/PID/uid_map` read (the kernel allows 340 lines).
+const UID_MAP_MAX: u64 = 64 * 1024;
+
+/// `/proc/PID/uid_map` as this process sees it (readable by anyone; written once, by the
+/// namespace's creator), bounded; empty when it cannot be read.
+pub fn uid_map(pid: i32) -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    if let Ok(f) = File::open(format!("/proc/{pid}/uid_map")) {
+        let _ = f.take(UID_MAP_MAX).read_to_string(&mut text);
+    }
+    text
+}
+
 fn classify(file: &File, own: u32) -> io::Result<UserNs> {
     let ino = inode(file)?;
     if ino == own {

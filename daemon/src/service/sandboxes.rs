@@ -191,7 +191,7 @@ impl Service {
     /// the caller.
     fn caller_user_namespace(&self, peer: &Peer, start: u64) -> Result<Result<Option<u32>, String>, ServiceError> {
         let seen = userns::of_process(peer.pid);
-        let uid_map = read_uid_map(peer.pid);
+        let uid_map = userns::uid_map(peer.pid);
         // The namespace was read from the caller only if the pid still names the process that
         // started at `start` (a pid reused meanwhile would have another start time).
         match process_identity(peer.pid) {
@@ -594,20 +594,6 @@ impl Service {
         }
         Ok(())
     }
-}
-
-/// The longest `/proc/PID/uid_map` read (the kernel allows 340 lines).
-const UID_MAP_MAX: u64 = 64 * 1024;
-
-/// `/proc/PID/uid_map` as the daemon sees it (readable by anyone; written once, by the namespace's
-/// creator).
-fn read_uid_map(pid: i32) -> String {
-    use std::io::Read;
-    let mut text = String::new();
-    if let Ok(f) = std::fs::File::open(format!("/proc/{pid}/uid_map")) {
-        let _ = f.take(UID_MAP_MAX).read_to_string(&mut text);
-    }
-    text
 }
 
 /// Whether `uid_map` maps exactly one uid, `uid`, to itself, and it is not 0: the shape of the
