@@ -37,7 +37,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -51,12 +51,14 @@ use super::journal;
 use super::merkle::{Hash, MerkleError};
 use super::record::{Appended, Draft, DraftError};
 
+mod indexer;
 mod open;
 mod snapshot;
 mod tables;
 mod txn;
 mod writer;
 
+use indexer::*;
 use open::*;
 pub use snapshot::{Snapshot, SnapshotNodes};
 use tables::*;
@@ -177,8 +179,18 @@ struct Shared {
     pub(super) latest: RwLock<Option<SignedCheckpoint>>,
     /// Sequence number of the last group whose callers were answered.
     pub(super) answered: AtomicU64,
-    /// Sequence number of the last group committed to redb (visible to readers).
-    pub(super) published: AtomicU64,
+    /// How far the indexer has come; `progressed` is notified at every change.
+    pub(super) progress: Mutex<Progress>,
+    pub(super) progressed: Condvar,
+}
+
+impl Shared {
+    pub(super) fn lock_progress(&self) -> MutexGuard<'_, Progress> {
+        match self.progress.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
 }
 
 struct Inner {
@@ -186,6 +198,8 @@ struct Inner {
     db: Arc<Database>,
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
+    /// The indexer's queue (readers ask it to publish).
+    index: mpsc::Sender<IndexJob>,
     writer: Mutex<Option<JoinHandle<()>>>,
     permits: Permits,
     /// The writer thread (which must never wait for itself).
@@ -249,12 +263,40 @@ impl Ledger {
         let (journal, gseq) = open_journal(&db, path, opts.journal_capacity)?;
         let public = host_key.verifying_key();
         let (size, latest) = check_coherent(&db, path, &public)?;
+        let mem = load_memory(&db, path, size)?;
         let shared = Arc::new(Shared {
             size: AtomicU64::new(size),
             latest: RwLock::new(latest.clone()),
             answered: AtomicU64::new(gseq),
-            published: AtomicU64::new(gseq),
+            progress: Mutex::new(Progress {
+                published: gseq,
+                published_size: size,
+                synced: gseq,
+                failed: None,
+                closed: false,
+            }),
+            progressed: Condvar::new(),
         });
+        let (index_tx, index_rx) = mpsc::channel();
+        let indexer = Indexer {
+            path: path.to_path_buf(),
+            db: db.clone(),
+            shared: shared.clone(),
+            rx: index_rx,
+            publish_interval: opts.publish_interval,
+            durable_interval: opts.durable_interval,
+            gseq,
+            size,
+            published: gseq,
+            synced: gseq,
+            open: None,
+            undurable_since: None,
+            failed: None,
+        };
+        let indexer = std::thread::Builder::new()
+            .name(INDEXER_THREAD.into())
+            .spawn(move || indexer.run())
+            .map_err(LedgerError::Spawn)?;
         let (tx, rx) = mpsc::channel();
         let origin = host_key.origin().to_string();
         let writer = Writer {
@@ -270,12 +312,11 @@ impl Ledger {
             journal,
             journal_on: opts.journal_capacity > 0,
             gseq,
-            durable_interval: opts.durable_interval,
-            publish_interval: opts.publish_interval,
-            open: None,
+            mem,
+            recent: std::collections::VecDeque::new(),
+            index: index_tx.clone(),
+            indexer: Some(indexer),
             stopped: false,
-            clean_stop: false,
-            undurable_since: None,
             poisoned: None,
         };
         let handle = std::thread::Builder::new()
@@ -288,6 +329,7 @@ impl Ledger {
                 db,
                 shared,
                 jobs: tx,
+                index: index_tx,
                 writer_id: Some(handle.thread().id()),
                 writer: Mutex::new(Some(handle)),
                 permits: Permits::new(opts.max_queued.max(1)),
@@ -391,22 +433,39 @@ impl Ledger {
         Snapshot::new(&self.inner.db, &self.inner.path)
     }
 
-    /// Waits until every group already answered is visible to readers (see the module docs).
-    /// Blocks for at most one redb commit; a no-op when nothing is pending.
+    /// Waits until every group already answered is visible to readers (see the module docs):
+    /// until the indexer has committed it to redb. A no-op when nothing is pending.
     fn publish(&self) -> Result<(), LedgerError> {
         let shared = &self.inner.shared;
-        if shared.published.load(Ordering::Acquire) >= shared.answered.load(Ordering::Acquire) {
+        let target = shared.answered.load(Ordering::Acquire);
+        let mut p = shared.lock_progress();
+        if p.published >= target {
             return Ok(());
         }
         // A closure on the writer thread reads through its `Txn`, never through here; waiting
-        // for the writer from the writer would never end.
+        // for the writer's own groups from the writer would never end.
         if Some(std::thread::current().id()) == self.inner.writer_id {
             return Ok(());
         }
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.inner.jobs.send(Job::Publish(tx)).map_err(|_| LedgerError::Closed)?;
-        rx.recv().map_err(|_| LedgerError::Closed)??;
-        Ok(())
+        // Sent after reading `target`: the indexer receives every group up to it before this.
+        if self.inner.index.send(IndexJob::Publish).is_err() && !p.closed {
+            return Err(LedgerError::Closed);
+        }
+        loop {
+            if p.published >= target {
+                return Ok(());
+            }
+            if let Some(e) = &p.failed {
+                return Err(e.clone().into());
+            }
+            if p.closed {
+                return Err(LedgerError::Closed);
+            }
+            p = match shared.progressed.wait(p) {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+        }
     }
 
     /// Finishes queued work, signs a final checkpoint, and stops the writer. Later writes fail

@@ -4,6 +4,7 @@
 //!
 //! Must not: start the writer or serve callers; it runs once, on the opening thread.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -13,8 +14,8 @@ use redb::{Database, ReadableTable, ReadableTableMetadata};
 use super::*;
 use crate::checkpoint::{self, SignedCheckpoint};
 use crate::journal::{self, GroupEffects, Journal};
-use crate::merkle::{self, NodeSource};
-use crate::record::{self, Appended};
+use crate::merkle::{self, NodeSource, RootBuilder};
+use crate::record::ChainHead;
 
 /// Opens the store's journal and applies (durably) every group it holds that redb does not.
 /// Returns the journal, emptied, and the sequence number of the last group.
@@ -66,37 +67,13 @@ pub(super) fn open_journal(db: &Database, path: &Path, capacity: u64) -> Result<
         for entry in &pending {
             let at = |what: String| bad(format!("journal {} group {}: {what}", jpath.display(), entry.gseq));
             let fx = GroupEffects::decode(&entry.payload).map_err(|e| at(e.to_string()))?;
-            for (k, v) in &fx.state {
-                check_key(k).map_err(|e| at(e.to_string()))?;
-                t.put_state(k, v.as_deref(), path)?;
-            }
-            for r in &fx.records {
-                if r.index != size {
-                    return Err(at(format!("record index {} where the log has {size} records", r.index)));
-                }
-                record::check_chain(&r.chain).map_err(|e| at(e.to_string()))?;
-                let appended = Appended {
-                    index: r.index,
-                    leaf_hash: merkle::leaf_hash(&r.canonical),
-                    seq: r.seq,
-                    canonical: r.canonical.clone(),
-                };
-                t.put_record(&r.chain, &appended, path)?;
-                size += 1;
-                records += 1;
-            }
-            if fx.size != size {
-                return Err(at(format!("says the log has {} records after it, replay gives {size}", fx.size)));
-            }
-            if let Some((cp_size, note)) = &fx.checkpoint {
-                if *cp_size != size {
-                    return Err(at(format!("checkpoint of size {cp_size} in a group ending at {size}")));
-                }
-                t.checkpoints.insert(*cp_size, note.as_str()).map_err(se(path, "write checkpoint"))?;
-            }
+            records += fx.records.len();
+            size = match t.apply_group(entry.gseq, &fx, size, path) {
+                Ok(size) => size,
+                Err(ApplyError::Bad(what)) => return Err(at(what)),
+                Err(ApplyError::Storage(e)) => return Err(e.into()),
+            };
             gseq = entry.gseq;
-            t.meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
-            t.meta.insert(META_GSEQ, gseq).map_err(se(path, "write journal seq"))?;
         }
     }
     wtxn.commit().map_err(se(path, "commit replay"))?;
@@ -108,6 +85,31 @@ pub(super) fn open_journal(db: &Database, path: &Path, capacity: u64) -> Result<
     );
     journal.reset().map_err(jerr)?;
     Ok((journal, gseq))
+}
+
+/// What the writer keeps in memory, loaded from redb at open (after replay): the whole state
+/// table, every chain's head, and the Merkle frontier (the perfect-subtree hashes the next root
+/// is computed from).
+pub(super) struct Memory {
+    pub(super) state: BTreeMap<String, Vec<u8>>,
+    pub(super) heads: HashMap<String, ChainHead>,
+    pub(super) frontier: RootBuilder,
+}
+
+pub(super) fn load_memory(db: &Database, path: &Path, size: u64) -> Result<Memory, LedgerError> {
+    let snap = Snapshot::new(db, path)?;
+    let mut state = BTreeMap::new();
+    let t = snap.txn.open_table(STATE).map_err(se(path, "open state"))?;
+    t.view_scan("", &mut state).map_err(se(path, "load state"))?;
+    let mut heads = HashMap::new();
+    let t = snap.txn.open_table(HEADS).map_err(se(path, "open chain heads"))?;
+    for entry in t.iter().map_err(se(path, "load chain heads"))? {
+        let (k, v) = entry.map_err(se(path, "load chain heads"))?;
+        let (seq, hash) = v.value();
+        heads.insert(k.value().to_string(), ChainHead { seq, hash });
+    }
+    let frontier = merkle::frontier(&snap.nodes()?, size)?;
+    Ok(Memory { state, heads, frontier })
 }
 
 /// Records (durably) that a writer is running, so a missing journal after an unclean stop is

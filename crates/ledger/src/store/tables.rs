@@ -12,8 +12,9 @@ use std::sync::Arc;
 use redb::{Database, ReadableTable, Table, TableDefinition};
 
 use super::*;
+use crate::journal::GroupEffects;
 use crate::merkle::{self, Hash, MerkleError, NodeSource, NodeStore};
-use crate::record::Appended;
+use crate::record;
 
 pub(super) const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 pub(super) const NODES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("merkle_nodes");
@@ -91,13 +92,57 @@ impl<'t> Tables<'t> {
         }
     }
 
-    pub(super) fn put_record(&mut self, chain: &str, appended: &Appended, path: &Path) -> Result<(), StorageError> {
-        self.records.insert(appended.index, appended.canonical.as_slice()).map_err(se(path, "write record"))?;
-        merkle::append(&mut NodesWrite(&mut self.nodes), appended.index, appended.leaf_hash)
-            .map_err(|e| merkle_storage(path, e))?;
-        self.heads.insert(chain, (appended.seq, appended.leaf_hash)).map_err(se(path, "write chain head"))?;
-        self.chain_index.insert((chain, appended.seq), appended.index).map_err(se(path, "write chain index"))?;
-        Ok(())
+    /// Applies one group's effects (the journal entry `gseq`) on top of a log of `size` records,
+    /// checking that they follow it; returns the size after the group. The indexer (live) and
+    /// journal replay (at open) both apply groups through here, so both write the same rows.
+    pub(super) fn apply_group(
+        &mut self,
+        gseq: u64,
+        fx: &GroupEffects,
+        mut size: u64,
+        path: &Path,
+    ) -> Result<u64, ApplyError> {
+        for (k, v) in &fx.state {
+            check_key(k).map_err(|e| ApplyError::Bad(e.to_string()))?;
+            self.put_state(k, v.as_deref(), path)?;
+        }
+        for r in &fx.records {
+            if r.index != size {
+                return Err(ApplyError::Bad(format!("record index {} where the log has {size} records", r.index)));
+            }
+            record::check_chain(&r.chain).map_err(|e| ApplyError::Bad(e.to_string()))?;
+            let leaf = merkle::leaf_hash(&r.canonical);
+            self.records.insert(r.index, r.canonical.as_slice()).map_err(se(path, "write record"))?;
+            merkle::append(&mut NodesWrite(&mut self.nodes), r.index, leaf).map_err(|e| merkle_storage(path, e))?;
+            self.heads.insert(r.chain.as_str(), (r.seq, leaf)).map_err(se(path, "write chain head"))?;
+            self.chain_index.insert((r.chain.as_str(), r.seq), r.index).map_err(se(path, "write chain index"))?;
+            size += 1;
+        }
+        if fx.size != size {
+            return Err(ApplyError::Bad(format!("says the log has {} records after it, replay gives {size}", fx.size)));
+        }
+        if let Some((cp_size, note)) = &fx.checkpoint {
+            if *cp_size != size {
+                return Err(ApplyError::Bad(format!("checkpoint of size {cp_size} in a group ending at {size}")));
+            }
+            self.checkpoints.insert(*cp_size, note.as_str()).map_err(se(path, "write checkpoint"))?;
+        }
+        self.meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
+        self.meta.insert(META_GSEQ, gseq).map_err(se(path, "write journal seq"))?;
+        Ok(size)
+    }
+}
+
+/// Why a group could not be applied to redb.
+pub(super) enum ApplyError {
+    /// The group does not follow the store (a damaged or foreign journal).
+    Bad(String),
+    Storage(StorageError),
+}
+
+impl From<StorageError> for ApplyError {
+    fn from(e: StorageError) -> Self {
+        ApplyError::Storage(e)
     }
 }
 
