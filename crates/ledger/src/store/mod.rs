@@ -58,6 +58,8 @@ mod tables;
 mod txn;
 mod writer;
 
+#[cfg(test)]
+pub(crate) use indexer::ON_SYNC;
 use indexer::*;
 use open::*;
 pub use snapshot::{Snapshot, SnapshotNodes};
