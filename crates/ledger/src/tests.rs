@@ -1312,3 +1312,51 @@ async fn power_loss_loses_no_answered_transaction() {
         reopened.shutdown();
     }
 }
+
+/// With almost nothing allowed in flight to the indexer, the writer waits for it instead of
+/// queueing without bound, and nothing is lost or stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_ahead_of_the_indexer_waits_for_it() {
+    let store = TestStore::new();
+    let opts = LedgerOptions { max_unindexed: 1, publish_interval: Duration::from_secs(3600), ..Default::default() };
+    let ledger = Ledger::open(&store.path, host_key(), opts).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                ledger.transact(spend(&format!("p{t}"), 1, "2025-01-01")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(ledger.size(), 200);
+    let exported = full_export(&ledger).await;
+    assert_eq!(exported.records.len(), 200);
+    let report = verify::verify_export(&exported, &vk(), None);
+    assert!(report.is_ok(), "{}", problems(&report));
+    ledger.shutdown();
+}
+
+/// A transaction reads records through its `Txn` whether the indexer has published them or not
+/// (the writer keeps the unpublished ones in memory), and never past the log's end.
+#[tokio::test]
+async fn a_transaction_reads_published_and_unpublished_records() {
+    let store = TestStore::new();
+    // Nothing is published unless a reader asks.
+    let opts = LedgerOptions { publish_interval: Duration::from_secs(3600), ..Default::default() };
+    let ledger = Ledger::open(&store.path, host_key(), opts).unwrap();
+    let (_, first) = ledger.transact(spend("pA", 1, "2025-01-01")).await.unwrap();
+    // Published now (a reader asked).
+    assert_eq!(ledger.record(0).unwrap().unwrap(), first[0].canonical);
+    let (_, second) = ledger.transact(spend("pA", 2, "2025-01-01")).await.unwrap();
+    let (expect0, expect1) = (first[0].canonical.clone(), second[0].canonical.clone());
+    let ((r0, r1, r2), _) =
+        ledger.transact(move |txn| Ok(((txn.record(0)?, txn.record(1)?, txn.record(2)?), vec![]))).await.unwrap();
+    assert_eq!(r0.as_deref(), Some(expect0.as_slice()), "published record");
+    assert_eq!(r1.as_deref(), Some(expect1.as_slice()), "answered, unpublished record");
+    assert_eq!(r2, None, "beyond the log");
+    ledger.shutdown();
+}

@@ -46,6 +46,9 @@ pub(super) struct Progress {
     /// Last group committed to redb (visible to readers), and the log size after it.
     pub(super) published: u64,
     pub(super) published_size: u64,
+    /// Log size after the last group applied to the open write transaction (the writer waits
+    /// when it runs too far ahead of this).
+    pub(super) applied_size: u64,
     /// Last group synced to redb.
     pub(super) synced: u64,
     /// Set when a redb write or commit failed; the indexer has stopped applying groups.
@@ -153,8 +156,13 @@ impl Indexer {
             }
         }
         if self.failed.is_none() {
-            if let Err(e) = self.apply(&groups) {
-                self.fail(e);
+            match self.apply(&groups) {
+                Ok(()) if !groups.is_empty() => {
+                    self.shared.lock_progress().applied_size = self.size;
+                    self.shared.progressed.notify_all();
+                }
+                Ok(()) => {}
+                Err(e) => self.fail(e),
             }
         }
         if self.failed.is_none() {

@@ -88,6 +88,9 @@ pub struct LedgerOptions {
     pub publish_interval: Duration,
     /// redb's page cache.
     pub cache_bytes: usize,
+    /// Most records answered but not yet applied to redb by the indexer; the writer waits for
+    /// the indexer beyond that (bounds the memory of what is queued for it).
+    pub max_unindexed: u64,
 }
 
 impl Default for LedgerOptions {
@@ -100,6 +103,7 @@ impl Default for LedgerOptions {
             durable_interval: Duration::from_secs(1),
             publish_interval: Duration::from_millis(100),
             cache_bytes: 16 * 1024 * 1024,
+            max_unindexed: 4096,
         }
     }
 }
@@ -273,6 +277,7 @@ impl Ledger {
             progress: Mutex::new(Progress {
                 published: gseq,
                 published_size: size,
+                applied_size: size,
                 synced: gseq,
                 failed: None,
                 closed: false,
@@ -315,6 +320,7 @@ impl Ledger {
             journal_on: opts.journal_capacity > 0,
             gseq,
             mem,
+            max_unindexed: opts.max_unindexed.max(1),
             recent: std::collections::VecDeque::new(),
             index: index_tx.clone(),
             indexer: Some(indexer),

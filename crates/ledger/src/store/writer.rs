@@ -107,6 +107,7 @@ pub(super) struct Writer {
     pub(super) mem: Memory,
     /// Answered records the indexer may not have published yet (for [`Txn::record`]).
     pub(super) recent: VecDeque<(u64, Vec<u8>)>,
+    pub(super) max_unindexed: u64,
     pub(super) index: mpsc::Sender<IndexJob>,
     pub(super) indexer: Option<JoinHandle<()>>,
     /// The writer stopped (final checkpoint and sync done).
@@ -314,8 +315,20 @@ impl Writer {
         pending: &mut std::vec::IntoIter<Box<dyn Work>>,
         g: &mut Group,
     ) -> Result<(u64, Option<SignedCheckpoint>), StorageError> {
+        // Backpressure: what is queued for the indexer stays bounded.
+        let mut p = self.shared.lock_progress();
+        while self.size.saturating_sub(p.applied_size) > self.max_unindexed && p.failed.is_none() && !p.closed {
+            p = match self.shared.progressed.wait(p) {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+        }
+        if let Some(e) = &p.failed {
+            return Err(e.clone());
+        }
         // Records the indexer has published are readable from redb.
-        let published_size = self.shared.lock_progress().published_size;
+        let published_size = p.published_size;
+        drop(p);
         while self.recent.front().is_some_and(|(i, _)| *i < published_size) {
             self.recent.pop_front();
         }
