@@ -1360,3 +1360,85 @@ async fn a_transaction_reads_published_and_unpublished_records() {
     assert_eq!(r2, None, "beyond the log");
     ledger.shutdown();
 }
+
+/// Bytes on disk per decision: 20,000 decision records shaped like the daemon's (about 1 KB of
+/// canonical JSON each, docs/records.md) over 50 passports, each with its usage counter
+/// written in the same transaction.
+/// Run: `cargo test --release -p sluice-ledger measure_disk_per_decision -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement; run explicitly in release mode"]
+fn measure_disk_per_decision() {
+    let store = TestStore::new();
+    let ledger = store.open();
+    let total = 20_000u64;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for t in 0..50u64 {
+            let ledger = ledger.clone();
+            handles.push(tokio::spawn(async move {
+                let chain = format!("pp_{:032x}", t * 0x9e37_79b9_7f4a_7c15);
+                for i in 0..total / 50 {
+                    let chain = chain.clone();
+                    ledger
+                        .transact(move |txn| {
+                            let key = format!("usage/{chain}");
+                            let spent = txn
+                                .get(&key)?
+                                .map(|b| u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8])))
+                                .unwrap_or(0)
+                                + 250_000;
+                            let mut usage = spent.to_be_bytes().to_vec();
+                            usage.extend_from_slice(
+                                format!(r#"{{"v":2,"daily":{{"start":"2026-12-01","spent":{spent}}},"rate":{{"tat":{i}}}}}"#)
+                                    .as_bytes(),
+                            );
+                            txn.put(&key, &usage)?;
+                            let request_hash = hex::encode(&leaf_hash(format!("{chain}/{i}").as_bytes()));
+                            let body = obj(json!({
+                                "action": "llm:chat", "agent_id": "shopper-1", "cost_millicents": 250000,
+                                "decision": "allow",
+                                "detail": format!("All guardrails passed. Daily spend after this request: ${}.{:02} (limit $100000.00).", spent / 100_000, (spent / 1000) % 100),
+                                "host": "api.openai.com",
+                                "issuer": "iss_efua1_I9IogdUc_eBqLDIQbd30r3PffqaOcu3n6X-Zc",
+                                "kind": "decision", "method": null, "passport_id": chain,
+                                "path_digest": null,
+                                "policy_digest": "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                                "reason": "allowed", "request_hash": request_hash,
+                                "spend_after_millicents": spent, "spend_delta_millicents": 250000,
+                                "spend_window": "daily", "spend_window_start": "2026-12-01T00:00:00.000000Z",
+                                "v": 2,
+                            }));
+                            Ok(((), vec![Draft::new(chain, body)]))
+                        })
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+    });
+    let mut record_bytes = 0u64;
+    ledger
+        .snapshot()
+        .unwrap()
+        .for_each_record(0, total, |_, b| {
+            record_bytes += b.len() as u64;
+            Ok(())
+        })
+        .unwrap();
+    ledger.shutdown();
+    drop(ledger);
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(store.path.parent().unwrap()).unwrap() {
+        let entry = entry.unwrap();
+        files.push((entry.file_name().to_string_lossy().into_owned(), entry.metadata().unwrap().len()));
+    }
+    files.sort();
+    println!("{total} decisions, {} canonical bytes per record on average", record_bytes / total);
+    for (name, len) in &files {
+        println!("  {name}: {len} bytes = {} per decision", len / total);
+    }
+}

@@ -1,39 +1,53 @@
-//! The redb store: one writer thread, group commit, durable before answered.
+//! The store: one writer thread that answers after one journal write, and an indexer thread that
+//! keeps redb, the store's indexes and read side, up to date behind it.
 //!
 //! Every write goes through a single writer thread. It takes every queued job (up to
-//! [`LedgerOptions::max_group`]) into one redb write transaction, runs the transactions' closures
-//! one after the other (each sees what earlier ones of the group wrote), appends their records
-//! and Merkle nodes, signs a checkpoint if one is due or asked for, makes the group durable, and
-//! only then answers every caller. If that fails, every transaction of the group gets the error
-//! and nothing of the group is visible.
+//! [`LedgerOptions::max_group`]) as one group, runs the transactions' closures one after the
+//! other against its in-memory state table (loaded from redb at open; each closure sees what
+//! earlier ones of the group wrote), seals their records against its in-memory chain heads,
+//! pushes their leaf hashes onto its in-memory Merkle frontier (the compact range, one hash per
+//! perfect subtree), signs a checkpoint from that frontier if one is due or asked for, makes the
+//! group durable, and only then answers every caller. No B-tree is touched on that path.
 //!
-//! Durable means: written to the commit journal ([`super::journal`]) with one `fdatasync`. The
-//! group's rows stay in a redb write transaction that is kept open across groups and committed
-//! (published) without a sync every [`LedgerOptions::publish_interval`], or at once when a reader
-//! asks: every read ([`Ledger::snapshot`] and what is built on it) first makes sure every group
-//! already answered is published, so nobody reads an older state than a caller was told about.
-//! redb itself is synced at least every [`LedgerOptions::durable_interval`] and whenever the
-//! journal is half full, after which the journal starts over. At open, journal entries redb does
-//! not have yet (after a crash) are applied again before anything else. A group too large for
-//! the journal is committed to redb with `Durability::Immediate` instead. Each group has a
-//! sequence number, stored in `meta` with the group, which is how replay knows where redb
-//! stopped. If redb fails while the open transaction holds answered groups, the writer refuses
-//! everything until a restart, which replays them from the journal.
+//! Durable means: the group's effects (state writes, sealed records, the checkpoint; the
+//! [`journal`] entry format) written to the commit journal with one `O_DIRECT | O_DSYNC` write
+//! (or `pwrite` + `fdatasync`). If that fails, every transaction of the group gets the error and
+//! the writer refuses everything until a restart (its memory may hold the failed group). Once a
+//! group is durable the writer hands its effects to the indexer and answers.
+//!
+//! The indexer applies the groups it is handed to redb in batches, in one write transaction kept
+//! open across batches, committed (published) without a sync when a reader asks or every
+//! [`LedgerOptions::publish_interval`], and synced every [`LedgerOptions::durable_interval`].
+//! Every read ([`Ledger::snapshot`] and what is built on it) first waits until the indexer has
+//! published every group already answered, so nobody reads an older state than a caller was told
+//! about. The journal is never emptied before redb is synced past it: when it is half full (or a
+//! group does not fit) the writer asks the indexer to sync and waits for it, then starts the
+//! journal over. A group too large for the journal (or every group, with the journal off) is
+//! handed to the indexer as a synced redb commit, and answered after it. At open, journal entries
+//! redb does not have yet (after a crash or power loss) are applied before anything else; each
+//! group has a sequence number, stored in `meta` with it, which is how replay knows where redb
+//! stopped. If the indexer fails, the writer refuses everything until a restart, which replays
+//! the journal. The writer waits when more than [`LedgerOptions::max_unindexed`] records are
+//! queued for the indexer, so memory stays bounded when redb is slower than the journal.
 //!
 //! A transaction's closure runs against an overlay: its `put`s and `delete`s are applied to the
-//! state table only if the closure returns `Ok` and every draft it returned can be sealed. So a
-//! closure that fails (or panics) leaves no trace, and the rest of the group goes on.
+//! in-memory state only if the closure returns `Ok` and every draft it returned can be sealed.
+//! So a closure that fails (or panics) leaves no trace, and the rest of the group goes on. Its
+//! [`Txn::record`] reads answered records the indexer has not published from the writer's memory
+//! and older ones from redb.
 //!
-//! Tables: `records` (log index → canonical record), `merkle_nodes` (packed (level, index) →
-//! perfect-subtree hash), `chain_heads` (chain → (seq, leaf hash) of its last record),
-//! `chain_index` ((chain, seq) → log index), `state` (key → opaque bytes owned by other modules),
-//! `checkpoints` (tree size → signed note), `meta` (`size`, `format`, `journal_id`,
-//! `journal_seq`).
+//! Tables (written only by the indexer and by replay): `records` (log index → canonical
+//! record), `merkle_nodes` (packed (level, index) → perfect-subtree hash), `chain_heads` (chain →
+//! (seq, leaf hash) of its last record), `chain_index` ((chain, seq) → log index), `state` (key →
+//! opaque bytes owned by other modules), `checkpoints` (tree size → signed note), `meta` (`size`,
+//! `format`, `journal_id`, `journal_seq`, `clean_stop`).
 //!
 //! Modules, one job each: this one is the handle ([`Ledger`]: open, submit, read, shut down),
-//! its options and errors; `txn` a transaction's view and bounds; `writer` the writer thread
-//! and its jobs; `snapshot` read-only views; `open` journal replay and the coherence check at
-//! open; `tables` the table definitions and how a row is written (shared by writer and replay).
+//! its options and errors; `txn` a transaction's view and bounds; `writer` the writer thread,
+//! its jobs and the in-memory state; `indexer` the thread that writes redb; `snapshot` read-only
+//! views; `open` journal replay, the coherence check and loading the writer's memory at open;
+//! `tables` the table definitions and how a group is written to them (shared by the indexer and
+//! replay).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

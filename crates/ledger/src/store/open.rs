@@ -1,6 +1,7 @@
 //! What opening a store does before the writer starts: replaying the commit journal's groups that
-//! redb does not have yet (after a crash), marking the store as running, and the coherence check
-//! that refuses a store whose size, records, Merkle nodes or latest checkpoint do not agree.
+//! redb does not have yet (after a crash), marking the store as running, the coherence check
+//! that refuses a store whose size, records, Merkle nodes or latest checkpoint do not agree, and
+//! loading what the writer keeps in memory (state, chain heads, Merkle frontier).
 //!
 //! Must not: start the writer or serve callers; it runs once, on the opening thread.
 

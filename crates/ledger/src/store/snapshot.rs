@@ -1,7 +1,8 @@
 //! Read-only views of the committed store ([`Snapshot`]): one redb read transaction serving
 //! records, chain indices and heads, Merkle roots and proofs, state, and checkpoint notes.
 //!
-//! Must not: write, or make anything visible (the handle publishes before it opens a snapshot).
+//! Must not: write, or make anything visible (the handle waits for the indexer to publish every
+//! answered group before it opens a snapshot).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
-//! The store's tables and how a row is written: the table definitions and `meta` keys, creating
-//! them at open, Merkle node access over redb, and [`Tables`], the one place a state write or a
-//! record's rows (record, Merkle nodes, chain head, chain index) are put, shared by the live
-//! writer and journal replay so both write exactly the same rows.
+//! The store's tables and how a group is written to them: the table definitions and `meta` keys,
+//! creating them at open, Merkle node access over redb, and [`Tables::apply_group`], the one place
+//! a group's state writes, records (record, Merkle nodes, chain head, chain index) and checkpoint
+//! are written, shared by the indexer and journal replay so both write exactly the same rows.
 //!
 //! Must not: decide what to write or when to commit (the writer and replay do), or read for callers
 //! (the snapshot does).
@@ -60,8 +60,8 @@ impl NodeStore for NodesWrite<'_, '_> {
     }
 }
 
-/// The write transaction's tables, and how one state write and one record are stored (shared by
-/// the live writer and journal replay, so both write exactly the same rows).
+/// The write transaction's tables, and how one group is stored (shared by the indexer and
+/// journal replay, so both write exactly the same rows).
 pub(super) struct Tables<'t> {
     pub(super) records: Table<'t, u64, &'static [u8]>,
     pub(super) nodes: Table<'t, u64, [u8; 32]>,
