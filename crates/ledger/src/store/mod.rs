@@ -67,6 +67,7 @@ use super::record::{Appended, Draft, DraftError};
 
 mod indexer;
 mod open;
+mod segments;
 mod snapshot;
 mod tables;
 mod txn;
@@ -76,6 +77,8 @@ mod writer;
 pub(crate) use indexer::ON_SYNC;
 use indexer::*;
 use open::*;
+use segments::Segments;
+pub use segments::{segments_dir, SegmentError};
 pub use snapshot::{Snapshot, SnapshotNodes};
 use tables::*;
 use txn::*;
@@ -102,6 +105,9 @@ pub struct LedgerOptions {
     pub publish_interval: Duration,
     /// redb's page cache.
     pub cache_bytes: usize,
+    /// Records per segment file (rounded up to a power of two), for a store created by this
+    /// open; an existing store keeps its own.
+    pub segment_records: u64,
     /// Most records answered but not yet applied to redb by the indexer; the writer waits for
     /// the indexer beyond that (bounds the memory of what is queued for it).
     pub max_unindexed: u64,
@@ -118,6 +124,7 @@ impl Default for LedgerOptions {
             publish_interval: Duration::from_millis(100),
             cache_bytes: 16 * 1024 * 1024,
             max_unindexed: 4096,
+            segment_records: segments::DEFAULT_SEGMENT_RECORDS,
         }
     }
 }
@@ -161,6 +168,8 @@ pub enum LedgerError {
     OutOfRange(String),
     #[error("ledger store: {0}")]
     Merkle(#[from] MerkleError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
 }
 
 /// What a transaction closure may fail with. Nothing it wrote is kept.
@@ -220,6 +229,7 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
     /// The indexer's queue (readers ask it to publish).
     index: mpsc::Sender<IndexJob>,
+    segments: Arc<Segments>,
     writer: Mutex<Option<JoinHandle<()>>>,
     permits: Permits,
     /// The writer thread (which must never wait for itself).
@@ -279,11 +289,17 @@ impl Ledger {
             Err(e) => return Err(se(path, "open database")(e).into()),
         };
         let db = Arc::new(db);
-        init_tables(&db, path)?;
-        let (journal, gseq) = open_journal(&db, path, opts.journal_capacity)?;
+        let shift = init_tables(&db, path, opts.segment_records)?;
+        let (stored_size, open_len) = read_sizes(&db, path)?;
+        let segments = Segments::open(&segments_dir(path), shift, stored_size, open_len).map_err(|e| match e {
+            SegmentError::Damaged { .. } => LedgerError::Incoherent { path: path.to_path_buf(), reason: e.to_string() },
+            other => other.into(),
+        })?;
+        let segments = Arc::new(segments);
+        let (journal, gseq) = open_journal(&db, path, opts.journal_capacity, &segments)?;
         let public = host_key.verifying_key();
-        let (size, latest) = check_coherent(&db, path, &public)?;
-        let mem = load_memory(&db, path, size)?;
+        let (size, latest) = check_coherent(&db, path, &public, &segments)?;
+        let mem = load_memory(&db, path, size, &segments)?;
         let shared = Arc::new(Shared {
             size: AtomicU64::new(size),
             latest: RwLock::new(latest.clone()),
@@ -302,6 +318,7 @@ impl Ledger {
         let indexer = Indexer {
             path: path.to_path_buf(),
             db: db.clone(),
+            segments: segments.clone(),
             shared: shared.clone(),
             rx: index_rx,
             publish_interval: opts.publish_interval,
@@ -322,7 +339,6 @@ impl Ledger {
         let origin = host_key.origin().to_string();
         let writer = Writer {
             path: path.to_path_buf(),
-            db: db.clone(),
             key: host_key,
             shared: shared.clone(),
             rx,
@@ -334,6 +350,7 @@ impl Ledger {
             journal_on: opts.journal_capacity > 0,
             gseq,
             mem,
+            segments: segments.clone(),
             max_unindexed: opts.max_unindexed.max(1),
             recent: std::collections::VecDeque::new(),
             index: index_tx.clone(),
@@ -352,6 +369,7 @@ impl Ledger {
                 shared,
                 jobs: tx,
                 index: index_tx,
+                segments,
                 writer_id: Some(handle.thread().id()),
                 writer: Mutex::new(Some(handle)),
                 permits: Permits::new(opts.max_queued.max(1)),
@@ -452,7 +470,7 @@ impl Ledger {
     /// A consistent read-only view of the committed store.
     pub fn snapshot(&self) -> Result<Snapshot, LedgerError> {
         self.publish()?;
-        Snapshot::new(&self.inner.db, &self.inner.path)
+        Snapshot::new(&self.inner.db, &self.inner.path, &self.inner.segments)
     }
 
     /// Waits until every group already answered is visible to readers (see the module docs):

@@ -11,12 +11,12 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableTable, Table, TableDefinition};
 
+use super::segments::Segments;
 use super::*;
 use crate::journal::GroupEffects;
 use crate::merkle::{self, Hash, MerkleError, NodeSource, NodeStore};
 use crate::record;
 
-pub(super) const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 pub(super) const NODES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("merkle_nodes");
 pub(super) const HEADS: TableDefinition<&str, (u64, [u8; 32])> = TableDefinition::new("chain_heads");
 pub(super) const CHAIN_INDEX: TableDefinition<(&str, u64), u64> = TableDefinition::new("chain_index");
@@ -33,7 +33,12 @@ pub(super) const META_JOURNAL_ID: &str = "journal_id";
 pub(super) const META_GSEQ: &str = "journal_seq";
 /// 1 when the last writer stopped cleanly (everything synced to redb), 0 while one runs.
 pub(super) const META_CLEAN: &str = "clean_stop";
-pub(super) const FORMAT_VERSION: u64 = 1;
+/// log2 of the records per segment, fixed when the store is created.
+pub(super) const META_SEGMENT_SHIFT: &str = "segment_shift";
+/// Bytes of the open segment (the one the log ends in) as of this commit.
+pub(super) const META_OPEN_LEN: &str = "open_segment_len";
+/// Version 2: records in segment files, not in redb.
+pub(super) const FORMAT_VERSION: u64 = 2;
 
 pub(super) struct NodesRead<'a, T>(pub(super) &'a T);
 
@@ -63,7 +68,6 @@ impl NodeStore for NodesWrite<'_, '_> {
 /// The write transaction's tables, and how one group is stored (shared by the indexer and
 /// journal replay, so both write exactly the same rows).
 pub(super) struct Tables<'t> {
-    pub(super) records: Table<'t, u64, &'static [u8]>,
     pub(super) nodes: Table<'t, u64, [u8; 32]>,
     pub(super) heads: Table<'t, &'static str, (u64, [u8; 32])>,
     pub(super) chain_index: Table<'t, (&'static str, u64), u64>,
@@ -75,7 +79,6 @@ pub(super) struct Tables<'t> {
 impl<'t> Tables<'t> {
     pub(super) fn open(wtxn: &'t redb::WriteTransaction, path: &Path) -> Result<Tables<'t>, StorageError> {
         Ok(Tables {
-            records: wtxn.open_table(RECORDS).map_err(se(path, "open records"))?,
             nodes: wtxn.open_table(NODES).map_err(se(path, "open merkle"))?,
             heads: wtxn.open_table(HEADS).map_err(se(path, "open chain heads"))?,
             chain_index: wtxn.open_table(CHAIN_INDEX).map_err(se(path, "open chain index"))?,
@@ -100,6 +103,7 @@ impl<'t> Tables<'t> {
         gseq: u64,
         fx: &GroupEffects,
         mut size: u64,
+        segments: &Segments,
         path: &Path,
     ) -> Result<u64, ApplyError> {
         for (k, v) in &fx.state {
@@ -112,7 +116,7 @@ impl<'t> Tables<'t> {
             }
             record::check_chain(&r.chain).map_err(|e| ApplyError::Bad(e.to_string()))?;
             let leaf = merkle::leaf_hash(&r.canonical);
-            self.records.insert(r.index, r.canonical.as_slice()).map_err(se(path, "write record"))?;
+            segments.append(r.index, &r.canonical).map_err(|e| ApplyError::Bad(e.to_string()))?;
             merkle::append(&mut NodesWrite(&mut self.nodes), r.index, leaf).map_err(|e| merkle_storage(path, e))?;
             self.heads.insert(r.chain.as_str(), (r.seq, leaf)).map_err(se(path, "write chain head"))?;
             self.chain_index.insert((r.chain.as_str(), r.seq), r.index).map_err(se(path, "write chain index"))?;
@@ -146,10 +150,11 @@ impl From<StorageError> for ApplyError {
     }
 }
 
-pub(super) fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError> {
+/// Creates the tables (and `meta`) of a new store, or checks an existing store's format.
+/// Returns the store's segment shift.
+pub(super) fn init_tables(db: &Database, path: &Path, segment_records: u64) -> Result<u32, LedgerError> {
     let txn = db.begin_write().map_err(se(path, "begin initial transaction"))?;
     {
-        txn.open_table(RECORDS).map_err(se(path, "create records table"))?;
         txn.open_table(NODES).map_err(se(path, "create merkle table"))?;
         txn.open_table(HEADS).map_err(se(path, "create chain heads table"))?;
         txn.open_table(CHAIN_INDEX).map_err(se(path, "create chain index table"))?;
@@ -160,6 +165,9 @@ pub(super) fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError>
         match format {
             None => {
                 meta.insert(META_FORMAT, FORMAT_VERSION).map_err(se(path, "write format"))?;
+                let shift = u64::from(segment_records.clamp(1, 1 << 30).next_power_of_two().trailing_zeros());
+                meta.insert(META_SEGMENT_SHIFT, shift).map_err(se(path, "write segment size"))?;
+                meta.insert(META_OPEN_LEN, 0).map_err(se(path, "write segment length"))?;
                 if meta.get(META_SIZE).map_err(se(path, "read size"))?.is_none() {
                     meta.insert(META_SIZE, 0).map_err(se(path, "write size"))?;
                 }
@@ -169,7 +177,8 @@ pub(super) fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError>
                 return Err(LedgerError::Incoherent {
                     path: path.to_path_buf(),
                     reason: format!(
-                        "store format version {other} is not supported (this build reads version {FORMAT_VERSION})"
+                        "store format version {other} is not supported (this build reads version {FORMAT_VERSION}; \
+                         version 1 kept records inside redb: export it with the sluice that wrote it)"
                     ),
                 })
             }
@@ -183,8 +192,21 @@ pub(super) fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError>
             meta.insert(META_GSEQ, 0).map_err(se(path, "write journal seq"))?;
         }
     }
+    let shift = {
+        let meta = txn.open_table(META).map_err(se(path, "open meta table"))?;
+        let shift = meta.get(META_SEGMENT_SHIFT).map_err(se(path, "read segment size"))?.map(|g| g.value());
+        match shift {
+            Some(s) if s <= 30 => s as u32,
+            other => {
+                return Err(LedgerError::Incoherent {
+                    path: path.to_path_buf(),
+                    reason: format!("meta segment_shift is {other:?}, not a number of bits up to 30"),
+                })
+            }
+        }
+    };
     txn.commit().map_err(se(path, "commit initial transaction"))?;
-    Ok(())
+    Ok(shift)
 }
 
 pub(super) fn merkle_storage(path: &Path, e: MerkleError) -> StorageError {

@@ -14,8 +14,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::sync::{oneshot, Permit};
-use redb::Database;
 
+use super::segments::Segments;
 use super::*;
 use crate::checkpoint::{self, Checkpoint, SignedCheckpoint};
 use crate::hostkey::HostKey;
@@ -89,7 +89,6 @@ pub(super) enum Job {
 
 pub(super) struct Writer {
     pub(super) path: PathBuf,
-    pub(super) db: Arc<Database>,
     pub(super) key: HostKey,
     pub(super) shared: Arc<Shared>,
     pub(super) rx: mpsc::Receiver<Job>,
@@ -105,6 +104,7 @@ pub(super) struct Writer {
     pub(super) gseq: u64,
     /// State, chain heads and Merkle frontier after every answered group.
     pub(super) mem: Memory,
+    pub(super) segments: Arc<Segments>,
     /// Answered records the indexer may not have published yet (for [`Txn::record`]).
     pub(super) recent: VecDeque<(u64, Vec<u8>)>,
     pub(super) max_unindexed: u64,
@@ -127,10 +127,11 @@ pub(super) struct Group {
     shutdown: bool,
 }
 
-/// Records for a transaction's [`Txn::record`]: recent ones from memory, older ones from redb.
+/// Records for a transaction's [`Txn::record`]: recent ones from memory, older (published) ones
+/// from their segments.
 struct Records<'a> {
     recent: &'a VecDeque<(u64, Vec<u8>)>,
-    db: &'a Database,
+    segments: &'a Segments,
     size: u64,
 }
 
@@ -146,11 +147,10 @@ impl RecordRead for Records<'_> {
             }
         }
         // Older than every recent record: the indexer published it.
-        let storage = |e: redb::Error| TxnError::Storage(Arc::new(e));
-        let txn = self.db.begin_read().map_err(|e| storage(e.into()))?;
-        let t = txn.open_table(RECORDS).map_err(|e| storage(e.into()))?;
-        let got = t.get(index).map_err(|e| storage(e.into()))?;
-        Ok(got.map(|g| g.value().to_vec()))
+        match self.segments.read(index) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) => Err(TxnError::Storage(Arc::new(redb::Error::Io(std::io::Error::other(e.to_string()))))),
+        }
     }
 }
 
@@ -336,7 +336,7 @@ impl Writer {
         let gseq = self.gseq + 1;
         let mut fx = GroupEffects::default();
         for work in pending.by_ref() {
-            let records = Records { recent: &self.recent, db: &self.db, size };
+            let records = Records { recent: &self.recent, segments: &self.segments, size };
             let mut txn = Txn { state: &self.mem.state, records: &records, overlay: BTreeMap::new(), next_index: size };
             let ran = work.run(&mut txn);
             let overlay = std::mem::take(&mut txn.overlay);
