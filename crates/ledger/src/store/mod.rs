@@ -1,5 +1,5 @@
 //! The store: one writer thread that answers after one journal write, and an indexer thread that
-//! keeps redb, the store's indexes and read side, up to date behind it.
+//! keeps the log's segment files and redb (the indexes and the state) up to date behind it.
 //!
 //! Every write goes through a single writer thread. It takes every queued job (up to
 //! [`LedgerOptions::max_group`]) as one group, runs the transactions' closures one after the
@@ -15,9 +15,11 @@
 //! the writer refuses everything until a restart (its memory may hold the failed group). Once a
 //! group is durable the writer hands its effects to the indexer and answers.
 //!
-//! The indexer applies the groups it is handed to redb in batches, in one write transaction kept
-//! open across batches, committed (published) without a sync when a reader asks or every
-//! [`LedgerOptions::publish_interval`], and synced every [`LedgerOptions::durable_interval`].
+//! The indexer appends the records of the groups it is handed to the log's segment files
+//! ([`segments`]: records live there, never in redb) and applies the rest of each group to redb,
+//! in batches, in one write transaction kept open across batches, committed (published) without a sync when a reader asks or every
+//! [`LedgerOptions::publish_interval`], and synced every [`LedgerOptions::durable_interval`]
+//! (the segments are synced first, and redb's `meta` keeps how long the open segment was then).
 //! Every read ([`Ledger::snapshot`] and what is built on it) first waits until the indexer has
 //! published every group already answered, so nobody reads an older state than a caller was told
 //! about. The journal is never emptied before redb is synced past it: when it is half full (or a
@@ -36,16 +38,18 @@
 //! [`Txn::record`] reads answered records the indexer has not published from the writer's memory
 //! and older ones from redb.
 //!
-//! Tables (written only by the indexer and by replay): `records` (log index → canonical
-//! record), `merkle_nodes` (packed (level, index) → perfect-subtree hash), `chain_heads` (chain →
-//! (seq, leaf hash) of its last record), `chain_index` ((chain, seq) → log index), `state` (key →
-//! opaque bytes owned by other modules), `checkpoints` (tree size → signed note), `meta` (`size`,
-//! `format`, `journal_id`, `journal_seq`, `clean_stop`).
+//! Tables (written only by the indexer and by replay): `merkle_nodes` (packed (level, index) →
+//! perfect-subtree hash), `chain_heads` (chain → (seq, leaf hash) of its last record),
+//! `chain_index` ((chain, seq) → log index), `state` (key → opaque bytes owned by other modules),
+//! `checkpoints` (tree size → signed note), `meta` (`size`, `format` (2), `journal_id`,
+//! `journal_seq`, `clean_stop`, `segment_shift`, `open_segment_len`). Every one of them can be
+//! rebuilt from the records and the journal; the records themselves are only in the segments.
 //!
 //! Modules, one job each: this one is the handle ([`Ledger`]: open, submit, read, shut down),
 //! its options and errors; `txn` a transaction's view and bounds; `writer` the writer thread,
 //! its jobs and the in-memory state; `indexer` the thread that writes redb; `snapshot` read-only
-//! views; `open` journal replay, the coherence check and loading the writer's memory at open;
+//! views; `segments` the segment files (append, sync, seal, read); `open` journal replay, the
+//! coherence check and loading the writer's memory at open;
 //! `tables` the table definitions and how a group is written to them (shared by the indexer and
 //! replay).
 

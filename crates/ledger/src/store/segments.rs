@@ -79,7 +79,9 @@ enum Kind {
 
 struct Segment {
     path: PathBuf,
-    file: Arc<File>,
+    /// Kept open for open segments only; a sealed one is opened for each read, so a long log
+    /// does not hold a descriptor per segment.
+    file: Option<Arc<File>>,
     kind: Kind,
 }
 
@@ -217,6 +219,10 @@ impl Segments {
                 };
                 (seg.path.clone(), seg.file.clone(), what)
             };
+            let file = match file {
+                Some(f) => f,
+                None => Arc::new(File::open(&path).map_err(io(&path, "open"))?),
+            };
             match what {
                 Where::Open { start, end, count } => {
                     let Some(start) = start else {
@@ -327,7 +333,8 @@ impl Segments {
         for (k, start, buf, new_offsets) in runs {
             let existing = self.read_table().get(&k).map(|s| (s.file.clone(), s.path.clone()));
             let (file, path) = match existing {
-                Some(f) => f,
+                Some((Some(f), path)) => (f, path),
+                Some((None, path)) => return Err(SegmentError::damaged(&path, "append to a sealed segment")),
                 None => {
                     let path = self.dir.join(format!("{k:016x}.log"));
                     let file = OpenOptions::new()
@@ -343,7 +350,7 @@ impl Segments {
                         k,
                         Segment {
                             path: path.clone(),
-                            file: file.clone(),
+                            file: Some(file.clone()),
                             kind: Kind::Open { offsets: Vec::new(), len: 0 },
                         },
                     );
@@ -378,7 +385,7 @@ impl Segments {
             Err(p) => p.into_inner(),
         };
         for k in std::mem::take(&mut dirty.0) {
-            let seg = self.read_table().get(&k).map(|s| (s.file.clone(), s.path.clone()));
+            let seg = self.read_table().get(&k).and_then(|s| Some((s.file.clone()?, s.path.clone())));
             if let Some((file, path)) = seg {
                 file.sync_data().map_err(io(&path, "sync"))?;
             }
@@ -401,8 +408,8 @@ impl Segments {
             .collect();
         for k in ready {
             let (file, log) = match self.read_table().get(&k) {
-                Some(s) => (s.file.clone(), s.path.clone()),
-                None => continue,
+                Some(Segment { file: Some(file), path, .. }) => (file.clone(), path.clone()),
+                _ => continue,
             };
             let first = k << self.shift;
             let sealed = self.dir.join(format!("{k:016x}.zst"));
@@ -490,7 +497,7 @@ fn load_open(path: &Path, count: u64, len: Option<u64>) -> Result<Segment, Segme
         file.set_len(len).map_err(io(path, "cut back to the synced length"))?;
         file.sync_data().map_err(io(path, "sync"))?;
     }
-    Ok(Segment { path: path.to_path_buf(), file: Arc::new(file), kind: Kind::Open { offsets, len } })
+    Ok(Segment { path: path.to_path_buf(), file: Some(Arc::new(file)), kind: Kind::Open { offsets, len } })
 }
 
 fn write_sealed(raw: &[u8], tmp: &Path, first: u64, count: u64) -> Result<(), SegmentError> {
@@ -564,11 +571,7 @@ fn load_sealed(path: &Path, first: u64, count: u64) -> Result<Segment, SegmentEr
     if frames.first() != Some(&SEALED_HEAD) || frames.last() != Some(&table_start) || !ordered {
         return Err(bad("frame table does not match the file".into()));
     }
-    let mut f = OpenOptions::new();
-    f.read(true);
-    drop(file);
-    let file = f.open(path).map_err(io(path, "open"))?;
-    Ok(Segment { path: path.to_path_buf(), file: Arc::new(file), kind: Kind::Sealed { frames, count } })
+    Ok(Segment { path: path.to_path_buf(), file: None, kind: Kind::Sealed { frames, count } })
 }
 
 fn decode_frame(file: &File, path: &Path, start: u64, end: u64) -> Result<Vec<u8>, SegmentError> {
