@@ -4,12 +4,13 @@
 //! pages, and then syncs them: on the disks these daemons run on that is 350–700 µs per group,
 //! which is the whole latency budget of a proxied request. The journal is a redo log in front of
 //! redb: the writer appends the group's effects (state writes, sealed records, the checkpoint) to
-//! one preallocated file with a single `pwrite` and `fdatasync`, answers the callers, and commits
-//! the same effects to redb without syncing. redb is synced at least every second (and whenever
-//! the journal is half full); after that sync the journal starts over.
+//! one preallocated file with a single `pwrite` and `fdatasync`, answers the callers, and hands
+//! the same effects to the store's indexer thread, which writes them to redb in batches and
+//! syncs redb at least every second. When the journal is half full, the writer waits for the
+//! indexer to sync redb past every entry, and the journal starts over.
 //!
 //! After a crash, redb comes back at its last synced commit, and [`Journal::open`] returns every
-//! intact entry, in order, for the writer to apply again (entries redb already holds are skipped
+//! intact entry, in order, to be applied again at open (entries redb already holds are skipped
 //! by their group sequence number, which redb stores with each group).
 //!
 //! Layout: a 4 KiB header (magic, version, the store's journal id, the lap number) and then

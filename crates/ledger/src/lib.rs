@@ -26,11 +26,15 @@
 //!   for the journal, committed to redb with `Durability::Immediate`). If the journal write
 //!   fails, every caller of the group gets the error and the writer refuses everything until a
 //!   restart; the outcome is then unknown (a partly synced entry is erased if possible, but may
-//!   still be replayed). Readers never see less than what callers were told.
-//! - One writer: a single thread owns every write transaction, so log indices, chain sequence
-//!   numbers and state updates are totally ordered, and a transaction sees every earlier one.
-//! - A checkpoint is signed at least once per `checkpoint_interval` while the log grows, and its
-//!   root is computed from the same write transaction that commits it.
+//!   still be replayed). The journal is emptied only once redb is synced past every entry in it.
+//!   Readers never see less than what callers were told.
+//! - One writer: a single thread runs every transaction against the state it keeps in memory, so
+//!   log indices, chain sequence numbers and state updates are totally ordered, and a
+//!   transaction sees every earlier one. A second thread (the indexer) writes redb behind it,
+//!   in the same order, never on the request path.
+//! - A checkpoint is signed at least once per `checkpoint_interval` while the log grows; its root
+//!   is the writer's Merkle frontier after the group that carries it, and it is made durable in
+//!   that group's journal entry.
 
 #![forbid(unsafe_code)]
 // No panics in shipped code: errors are values (tests may unwrap), and byte parsers use

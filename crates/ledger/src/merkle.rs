@@ -253,6 +253,21 @@ fn subproof<S: NodeSource + ?Sized>(
     Ok(())
 }
 
+/// The compact range of the first `size` leaves from stored nodes (one perfect subtree per set
+/// bit of `size`, largest first): what a [`RootBuilder`] needs to go on appending after them.
+pub fn frontier<S: NodeSource + ?Sized>(store: &S, size: u64) -> Result<RootBuilder, MerkleError> {
+    let mut stack = Vec::new();
+    let mut start = 0u64;
+    for level in (0..64u8).rev() {
+        let width = 1u64 << level;
+        if size & width != 0 {
+            stack.push((level, need(store, level, start >> level)?));
+            start += width;
+        }
+    }
+    Ok(RootBuilder { stack, size })
+}
+
 /// The root of a tree whose leaf hashes are given in order, in O(n) time and O(log n) memory
 /// (the verifier's full rebuild).
 pub fn root_of_leaves<'a>(leaves: impl IntoIterator<Item = &'a Hash>) -> Hash {

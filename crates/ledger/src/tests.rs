@@ -903,6 +903,19 @@ fn copy_file(from: &Path, to: &Path) {
     std::fs::copy(from, to).expect("copy store file");
 }
 
+/// Copies the segment files of the store at `from` over those of the store at `to`.
+fn copy_segments(from: &Path, to: &Path) {
+    let (from, to) = (store::segments_dir(from), store::segments_dir(to));
+    let _ = std::fs::remove_dir_all(&to);
+    std::fs::create_dir_all(&to).unwrap();
+    let Ok(entries) = std::fs::read_dir(&from) else { return };
+    for entry in entries {
+        let entry = entry.unwrap();
+        // A file removed between listing and copying (a sealed segment's log) is simply gone.
+        let _ = std::fs::copy(entry.path(), to.join(entry.file_name()));
+    }
+}
+
 #[tokio::test]
 async fn tamper_restored_old_copy_of_the_store_is_named() {
     let store = TestStore::new();
@@ -1071,6 +1084,7 @@ fn journal_only(capacity: u64) -> LedgerOptions {
 fn crash_image(store: &TestStore, with_journal: bool) -> TestStore {
     let image = TestStore::new();
     copy_file(&store.path, &image.path);
+    copy_segments(&store.path, &image.path);
     if with_journal {
         copy_file(&journal_path(&store.path), &journal_path(&image.path));
     }
@@ -1179,4 +1193,326 @@ async fn a_replayed_group_is_not_replayed_again_and_readers_see_answered_groups(
     assert_eq!(second.size(), size);
     assert_eq!(full_export(&second).await.records, exported.records);
     second.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Power loss: only what was synced survives
+
+/// A store's files as a power cut would leave them: redb as of its last sync (copied by the
+/// indexer's test hook right after each sync, before the journal may start over), and the
+/// journal as it is at the cut (every journal write is synced before the writer goes on, so
+/// whatever of it is on disk at the cut is what a power cut keeps; a write in flight may be
+/// torn, which replay must survive too).
+struct PowerCut {
+    /// redb as of its last sync.
+    synced: TestStore,
+    /// Held while the hook copies redb and while a cut copies both files, so that a cut is one
+    /// instant.
+    lock: std::sync::Arc<std::sync::Mutex<()>>,
+    source: PathBuf,
+}
+
+impl PowerCut {
+    fn watch(source: &Path) -> PowerCut {
+        let synced = TestStore::new();
+        let lock = std::sync::Arc::new(std::sync::Mutex::new(()));
+        let (to, l) = (synced.path.clone(), lock.clone());
+        // The store was synced at creation: that is the image until the first sync.
+        copy_file(source, &to);
+        copy_segments(source, &to);
+        // The segments are synced right before redb, and only the indexer (running this hook)
+        // writes them: they are copied as synced too.
+        let hook = move |from: &Path| {
+            let _g = l.lock().unwrap();
+            copy_file(from, &to);
+            copy_segments(from, &to);
+        };
+        crate::store::ON_SYNC.lock().unwrap().push((source.to_path_buf(), Box::new(hook)));
+        PowerCut { synced, lock, source: source.to_path_buf() }
+    }
+
+    /// A cut now: a new store made of the synced redb and the journal as it is, and the
+    /// segments as synced or, with `unsynced_kept`, with every byte written to them so far (a
+    /// power cut may keep unsynced writes too).
+    fn cut(&self, unsynced_kept: bool) -> TestStore {
+        let image = TestStore::new();
+        let _g = self.lock.lock().unwrap();
+        copy_file(&self.synced.path, &image.path);
+        copy_segments(if unsynced_kept { &self.source } else { &self.synced.path }, &image.path);
+        copy_file(&journal_path(&self.source), &journal_path(&image.path));
+        image
+    }
+}
+
+impl Drop for PowerCut {
+    fn drop(&mut self) {
+        if let Ok(mut hooks) = crate::store::ON_SYNC.lock() {
+            hooks.retain(|(p, _)| p != &self.source);
+        }
+    }
+}
+
+/// Eight clients spend on their own passports while the power is cut again and again (each cut
+/// a separate image, taken while groups, journal laps and redb syncs go on): every image
+/// reopens, verifies, holds every transaction answered before its cut, and its counters agree
+/// with its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn power_loss_loses_no_answered_transaction() {
+    let store = TestStore::new();
+    // redb synced often and a small journal (a lap every dozen groups), so cuts land between
+    // syncs, laps and journal writes.
+    let opts = LedgerOptions {
+        durable_interval: Duration::from_millis(7),
+        publish_interval: Duration::from_millis(2),
+        journal_capacity: 24 * journal::HEADER_LEN,
+        // Segments sealed every 64 records, so cuts also land around sealing.
+        segment_records: 64,
+        ..Default::default()
+    };
+    let ledger = Ledger::open(&store.path, host_key(), opts).unwrap();
+    let power = PowerCut::watch(&store.path);
+    // (chain, counter after, record bytes) of every answered transaction.
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, i64, Vec<u8>)>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (ledger, answered, stop) = (ledger.clone(), answered.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let chain = format!("p{t}");
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                match ledger.transact(spend(&chain, 1, "2025-01-01")).await {
+                    Ok((after, appended)) => {
+                        answered.lock().unwrap().push((chain.clone(), after, appended[0].canonical.clone()));
+                    }
+                    Err(e) => panic!("transaction failed: {e}"),
+                }
+            }
+        }));
+    }
+    let mut cuts = Vec::new();
+    let mut last = 0;
+    while cuts.len() < 30 {
+        // A few transactions between cuts, however loaded the machine is.
+        while answered.lock().unwrap().len() < last + 8 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Everything answered before the cut must survive it.
+        last = answered.lock().unwrap().len();
+        cuts.push((last, power.cut(cuts.len() % 2 == 1)));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    ledger.shutdown();
+    let answered = answered.lock().unwrap().clone();
+    assert!(answered.len() >= 240, "too few transactions to cut between: {}", answered.len());
+
+    for (n, (survived, image)) in cuts.iter().enumerate() {
+        let reopened = Ledger::open(&image.path, host_key(), LedgerOptions::default())
+            .unwrap_or_else(|e| panic!("cut {n}: the image does not reopen: {e}"));
+        let exported = full_export(&reopened).await;
+        let report = verify::verify_export(&exported, &vk(), None);
+        assert!(report.is_ok(), "cut {n}: {}", problems(&report));
+        let records: std::collections::HashSet<&[u8]> = exported.records.iter().map(|r| r.record.as_bytes()).collect();
+        let mut highest: HashMap<&str, i64> = HashMap::new();
+        for (chain, after, bytes) in &answered[..*survived] {
+            assert!(records.contains(bytes.as_slice()), "cut {n}: a record of {chain} answered before the cut is lost");
+            let h = highest.entry(chain).or_default();
+            *h = (*h).max(*after);
+        }
+        for t in 0..8 {
+            let chain = format!("p{t}");
+            let counter = reopened
+                .state_get(&format!("spend/{chain}/2025-01-01"))
+                .unwrap()
+                .map(|c| i64::from_be_bytes(c.try_into().unwrap()))
+                .unwrap_or(0);
+            let in_log =
+                exported.records.iter().filter(|r| r.record.contains(&format!("\"chain\":\"{chain}\""))).count();
+            let want = highest.get(chain.as_str()).copied().unwrap_or(0);
+            assert!(counter >= want, "cut {n}: {chain} counter {counter} < {want} answered before the cut");
+            assert_eq!(counter as usize, in_log, "cut {n}: {chain} counter and log disagree");
+        }
+        // And the log goes on from there.
+        reopened.transact(spend("p0", 1, "2025-01-01")).await.unwrap();
+        reopened.shutdown();
+    }
+}
+
+/// With almost nothing allowed in flight to the indexer, the writer waits for it instead of
+/// queueing without bound, and nothing is lost or stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_writer_ahead_of_the_indexer_waits_for_it() {
+    let store = TestStore::new();
+    let opts = LedgerOptions { max_unindexed: 1, publish_interval: Duration::from_secs(3600), ..Default::default() };
+    let ledger = Ledger::open(&store.path, host_key(), opts).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let ledger = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..25 {
+                ledger.transact(spend(&format!("p{t}"), 1, "2025-01-01")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(ledger.size(), 200);
+    let exported = full_export(&ledger).await;
+    assert_eq!(exported.records.len(), 200);
+    let report = verify::verify_export(&exported, &vk(), None);
+    assert!(report.is_ok(), "{}", problems(&report));
+    ledger.shutdown();
+}
+
+/// A transaction reads records through its `Txn` whether the indexer has published them or not
+/// (the writer keeps the unpublished ones in memory), and never past the log's end.
+#[tokio::test]
+async fn a_transaction_reads_published_and_unpublished_records() {
+    let store = TestStore::new();
+    // Nothing is published unless a reader asks.
+    let opts = LedgerOptions { publish_interval: Duration::from_secs(3600), ..Default::default() };
+    let ledger = Ledger::open(&store.path, host_key(), opts).unwrap();
+    let (_, first) = ledger.transact(spend("pA", 1, "2025-01-01")).await.unwrap();
+    // Published now (a reader asked).
+    assert_eq!(ledger.record(0).unwrap().unwrap(), first[0].canonical);
+    let (_, second) = ledger.transact(spend("pA", 2, "2025-01-01")).await.unwrap();
+    let (expect0, expect1) = (first[0].canonical.clone(), second[0].canonical.clone());
+    let ((r0, r1, r2), _) =
+        ledger.transact(move |txn| Ok(((txn.record(0)?, txn.record(1)?, txn.record(2)?), vec![]))).await.unwrap();
+    assert_eq!(r0.as_deref(), Some(expect0.as_slice()), "published record");
+    assert_eq!(r1.as_deref(), Some(expect1.as_slice()), "answered, unpublished record");
+    assert_eq!(r2, None, "beyond the log");
+    ledger.shutdown();
+}
+
+/// Bytes on disk per decision: 20,000 decision records shaped like the daemon's (about 1 KB of
+/// canonical JSON each, docs/records.md) over 50 passports, each with its usage counter
+/// written in the same transaction.
+/// Run: `cargo test --release -p sluice-ledger measure_disk_per_decision -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement; run explicitly in release mode"]
+fn measure_disk_per_decision() {
+    let store = TestStore::new();
+    let ledger = store.open();
+    let total = 20_000u64;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let mut handles = Vec::new();
+        for t in 0..50u64 {
+            let ledger = ledger.clone();
+            handles.push(tokio::spawn(async move {
+                let chain = format!("pp_{:032x}", t * 0x9e37_79b9_7f4a_7c15);
+                for i in 0..total / 50 {
+                    let chain = chain.clone();
+                    ledger
+                        .transact(move |txn| {
+                            let key = format!("usage/{chain}");
+                            let spent = txn
+                                .get(&key)?
+                                .map(|b| u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8])))
+                                .unwrap_or(0)
+                                + 250_000;
+                            let mut usage = spent.to_be_bytes().to_vec();
+                            usage.extend_from_slice(
+                                format!(r#"{{"v":2,"daily":{{"start":"2026-12-01","spent":{spent}}},"rate":{{"tat":{i}}}}}"#)
+                                    .as_bytes(),
+                            );
+                            txn.put(&key, &usage)?;
+                            let request_hash = hex::encode(&leaf_hash(format!("{chain}/{i}").as_bytes()));
+                            let body = obj(json!({
+                                "action": "llm:chat", "agent_id": "shopper-1", "cost_millicents": 250000,
+                                "decision": "allow",
+                                "detail": format!("All guardrails passed. Daily spend after this request: ${}.{:02} (limit $100000.00).", spent / 100_000, (spent / 1000) % 100),
+                                "host": "api.openai.com",
+                                "issuer": "iss_efua1_I9IogdUc_eBqLDIQbd30r3PffqaOcu3n6X-Zc",
+                                "kind": "decision", "method": null, "passport_id": chain,
+                                "path_digest": null,
+                                "policy_digest": "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                                "reason": "allowed", "request_hash": request_hash,
+                                "spend_after_millicents": spent, "spend_delta_millicents": 250000,
+                                "spend_window": "daily", "spend_window_start": "2026-12-01T00:00:00.000000Z",
+                                "v": 2,
+                            }));
+                            Ok(((), vec![Draft::new(chain, body)]))
+                        })
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+    });
+    let mut record_bytes = 0u64;
+    ledger
+        .snapshot()
+        .unwrap()
+        .for_each_record(0, total, |_, b| {
+            record_bytes += b.len() as u64;
+            Ok(())
+        })
+        .unwrap();
+    ledger.shutdown();
+    drop(ledger);
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(store.path.parent().unwrap()).unwrap() {
+        let entry = entry.unwrap();
+        files.push((entry.file_name().to_string_lossy().into_owned(), entry.metadata().unwrap().len()));
+    }
+    files.sort();
+    println!("{total} decisions, {} canonical bytes per record on average", record_bytes / total);
+    for (name, len) in &files {
+        println!("  {name}: {len} bytes = {} per decision", len / total);
+    }
+}
+
+/// Full segments are sealed (compressed) once redb is synced past them; their records read back
+/// byte for byte, also after a reopen, and a damaged sealed frame is named, never decoded into
+/// other bytes.
+#[tokio::test]
+async fn sealed_segments_read_back_and_damage_is_named() {
+    let store = TestStore::new();
+    let opts = || LedgerOptions { segment_records: 8, ..Default::default() };
+    let ledger = Ledger::open(&store.path, host_key(), opts()).unwrap();
+    let mut written = Vec::new();
+    for i in 0..30 {
+        let (_, a) = ledger.transact(spend(["pA", "pB"][i % 2], 1, "2025-01-01")).await.unwrap();
+        written.push(a[0].canonical.clone());
+    }
+    ledger.shutdown();
+    drop(ledger);
+    let dir = store::segments_dir(&store.path);
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["0000000000000000.zst", "0000000000000001.zst", "0000000000000002.zst", "0000000000000003.log"],
+        "three full segments sealed, the fourth open"
+    );
+    let ledger = Ledger::open(&store.path, host_key(), opts()).unwrap();
+    for (i, bytes) in written.iter().enumerate() {
+        assert_eq!(&ledger.record(i as u64).unwrap().unwrap(), bytes, "record {i}");
+    }
+    let exported = full_export(&ledger).await;
+    assert_eq!(exported.records.len(), 30);
+    let report = verify::verify_export(&exported, &vk(), None);
+    assert!(report.is_ok(), "{}", problems(&report));
+    ledger.shutdown();
+    drop(ledger);
+
+    // One byte of segment 1's compressed frame flipped.
+    let sealed = dir.join("0000000000000001.zst");
+    let mut bytes = std::fs::read(&sealed).unwrap();
+    bytes[40] ^= 0x40;
+    std::fs::write(&sealed, &bytes).unwrap();
+    let ledger = Ledger::open(&store.path, host_key(), opts()).unwrap();
+    assert_eq!(&ledger.record(3).unwrap().unwrap(), &written[3], "other segments still read");
+    let err = ledger.record(9).unwrap_err().to_string();
+    assert!(err.contains("0000000000000001.zst") && err.contains("damaged"), "{err}");
+    ledger.shutdown();
 }

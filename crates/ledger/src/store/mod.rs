@@ -1,43 +1,61 @@
-//! The redb store: one writer thread, group commit, durable before answered.
+//! The store: one writer thread that answers after one journal write, and an indexer thread that
+//! keeps the log's segment files and redb (the indexes and the state) up to date behind it.
 //!
 //! Every write goes through a single writer thread. It takes every queued job (up to
-//! [`LedgerOptions::max_group`]) into one redb write transaction, runs the transactions' closures
-//! one after the other (each sees what earlier ones of the group wrote), appends their records
-//! and Merkle nodes, signs a checkpoint if one is due or asked for, makes the group durable, and
-//! only then answers every caller. If that fails, every transaction of the group gets the error
-//! and nothing of the group is visible.
+//! [`LedgerOptions::max_group`]) as one group, runs the transactions' closures one after the
+//! other against its in-memory state table (loaded from redb at open; each closure sees what
+//! earlier ones of the group wrote), seals their records against its in-memory chain heads,
+//! pushes their leaf hashes onto its in-memory Merkle frontier (the compact range, one hash per
+//! perfect subtree), signs a checkpoint from that frontier if one is due or asked for, makes the
+//! group durable, and only then answers every caller. No B-tree is touched on that path.
 //!
-//! Durable means: written to the commit journal ([`super::journal`]) with one `fdatasync`. The
-//! group's rows stay in a redb write transaction that is kept open across groups and committed
-//! (published) without a sync every [`LedgerOptions::publish_interval`], or at once when a reader
-//! asks: every read ([`Ledger::snapshot`] and what is built on it) first makes sure every group
-//! already answered is published, so nobody reads an older state than a caller was told about.
-//! redb itself is synced at least every [`LedgerOptions::durable_interval`] and whenever the
-//! journal is half full, after which the journal starts over. At open, journal entries redb does
-//! not have yet (after a crash) are applied again before anything else. A group too large for
-//! the journal is committed to redb with `Durability::Immediate` instead. Each group has a
-//! sequence number, stored in `meta` with the group, which is how replay knows where redb
-//! stopped. If redb fails while the open transaction holds answered groups, the writer refuses
-//! everything until a restart, which replays them from the journal.
+//! Durable means: the group's effects (state writes, sealed records, the checkpoint; the
+//! [`journal`] entry format) written to the commit journal with one `O_DIRECT | O_DSYNC` write
+//! (or `pwrite` + `fdatasync`). If that fails, every transaction of the group gets the error and
+//! the writer refuses everything until a restart (its memory may hold the failed group). Once a
+//! group is durable the writer hands its effects to the indexer and answers.
+//!
+//! The indexer appends the records of the groups it is handed to the log's segment files
+//! ([`segments`]: records live there, never in redb) and applies the rest of each group to redb,
+//! in batches, in one write transaction kept open across batches, committed (published) without a sync when a reader asks or every
+//! [`LedgerOptions::publish_interval`], and synced every [`LedgerOptions::durable_interval`]
+//! (the segments are synced first, and redb's `meta` keeps how long the open segment was then).
+//! Every read ([`Ledger::snapshot`] and what is built on it) first waits until the indexer has
+//! published every group already answered, so nobody reads an older state than a caller was told
+//! about. The journal is never emptied before redb is synced past it: when it is half full (or a
+//! group does not fit) the writer asks the indexer to sync and waits for it, then starts the
+//! journal over. A group too large for the journal (or every group, with the journal off) is
+//! handed to the indexer as a synced redb commit, and answered after it. At open, journal entries
+//! redb does not have yet (after a crash or power loss) are applied before anything else; each
+//! group has a sequence number, stored in `meta` with it, which is how replay knows where redb
+//! stopped. If the indexer fails, the writer refuses everything until a restart, which replays
+//! the journal. The writer waits when more than [`LedgerOptions::max_unindexed`] records are
+//! queued for the indexer, so memory stays bounded when redb is slower than the journal.
 //!
 //! A transaction's closure runs against an overlay: its `put`s and `delete`s are applied to the
-//! state table only if the closure returns `Ok` and every draft it returned can be sealed. So a
-//! closure that fails (or panics) leaves no trace, and the rest of the group goes on.
+//! in-memory state only if the closure returns `Ok` and every draft it returned can be sealed.
+//! So a closure that fails (or panics) leaves no trace, and the rest of the group goes on. Its
+//! [`Txn::record`] reads answered records the indexer has not published from the writer's memory
+//! and older ones from redb.
 //!
-//! Tables: `records` (log index → canonical record), `merkle_nodes` (packed (level, index) →
+//! Tables (written only by the indexer and by replay): `merkle_nodes` (packed (level, index) →
 //! perfect-subtree hash), `chain_heads` (chain → (seq, leaf hash) of its last record),
 //! `chain_index` ((chain, seq) → log index), `state` (key → opaque bytes owned by other modules),
-//! `checkpoints` (tree size → signed note), `meta` (`size`, `format`, `journal_id`,
-//! `journal_seq`).
+//! `checkpoints` (tree size → signed note), `meta` (`size`, `format` (2), `journal_id`,
+//! `journal_seq`, `clean_stop`, `segment_shift`, `open_segment_len`). Every one of them can be
+//! rebuilt from the records and the journal; the records themselves are only in the segments.
 //!
 //! Modules, one job each: this one is the handle ([`Ledger`]: open, submit, read, shut down),
-//! its options and errors; `txn` a transaction's view and bounds; `writer` the writer thread
-//! and its jobs; `snapshot` read-only views; `open` journal replay and the coherence check at
-//! open; `tables` the table definitions and how a row is written (shared by writer and replay).
+//! its options and errors; `txn` a transaction's view and bounds; `writer` the writer thread,
+//! its jobs and the in-memory state; `indexer` the thread that writes redb; `snapshot` read-only
+//! views; `segments` the segment files (append, sync, seal, read); `open` journal replay, the
+//! coherence check and loading the writer's memory at open;
+//! `tables` the table definitions and how a group is written to them (shared by the indexer and
+//! replay).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -51,13 +69,20 @@ use super::journal;
 use super::merkle::{Hash, MerkleError};
 use super::record::{Appended, Draft, DraftError};
 
+mod indexer;
 mod open;
+mod segments;
 mod snapshot;
 mod tables;
 mod txn;
 mod writer;
 
+#[cfg(test)]
+pub(crate) use indexer::ON_SYNC;
+use indexer::*;
 use open::*;
+use segments::Segments;
+pub use segments::{segments_dir, SegmentError};
 pub use snapshot::{Snapshot, SnapshotNodes};
 use tables::*;
 use txn::*;
@@ -84,6 +109,12 @@ pub struct LedgerOptions {
     pub publish_interval: Duration,
     /// redb's page cache.
     pub cache_bytes: usize,
+    /// Records per segment file (rounded up to a power of two), for a store created by this
+    /// open; an existing store keeps its own.
+    pub segment_records: u64,
+    /// Most records answered but not yet applied to redb by the indexer; the writer waits for
+    /// the indexer beyond that (bounds the memory of what is queued for it).
+    pub max_unindexed: u64,
 }
 
 impl Default for LedgerOptions {
@@ -96,6 +127,8 @@ impl Default for LedgerOptions {
             durable_interval: Duration::from_secs(1),
             publish_interval: Duration::from_millis(100),
             cache_bytes: 16 * 1024 * 1024,
+            max_unindexed: 4096,
+            segment_records: segments::DEFAULT_SEGMENT_RECORDS,
         }
     }
 }
@@ -139,6 +172,8 @@ pub enum LedgerError {
     OutOfRange(String),
     #[error("ledger store: {0}")]
     Merkle(#[from] MerkleError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
 }
 
 /// What a transaction closure may fail with. Nothing it wrote is kept.
@@ -177,8 +212,18 @@ struct Shared {
     pub(super) latest: RwLock<Option<SignedCheckpoint>>,
     /// Sequence number of the last group whose callers were answered.
     pub(super) answered: AtomicU64,
-    /// Sequence number of the last group committed to redb (visible to readers).
-    pub(super) published: AtomicU64,
+    /// How far the indexer has come; `progressed` is notified at every change.
+    pub(super) progress: Mutex<Progress>,
+    pub(super) progressed: Condvar,
+}
+
+impl Shared {
+    pub(super) fn lock_progress(&self) -> MutexGuard<'_, Progress> {
+        match self.progress.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
 }
 
 struct Inner {
@@ -186,6 +231,9 @@ struct Inner {
     db: Arc<Database>,
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
+    /// The indexer's queue (readers ask it to publish).
+    index: mpsc::Sender<IndexJob>,
+    segments: Arc<Segments>,
     writer: Mutex<Option<JoinHandle<()>>>,
     permits: Permits,
     /// The writer thread (which must never wait for itself).
@@ -245,21 +293,56 @@ impl Ledger {
             Err(e) => return Err(se(path, "open database")(e).into()),
         };
         let db = Arc::new(db);
-        init_tables(&db, path)?;
-        let (journal, gseq) = open_journal(&db, path, opts.journal_capacity)?;
+        let shift = init_tables(&db, path, opts.segment_records)?;
+        let (stored_size, open_len) = read_sizes(&db, path)?;
+        let segments = Segments::open(&segments_dir(path), shift, stored_size, open_len).map_err(|e| match e {
+            SegmentError::Damaged { .. } => LedgerError::Incoherent { path: path.to_path_buf(), reason: e.to_string() },
+            other => other.into(),
+        })?;
+        let segments = Arc::new(segments);
+        let (journal, gseq) = open_journal(&db, path, opts.journal_capacity, &segments)?;
         let public = host_key.verifying_key();
-        let (size, latest) = check_coherent(&db, path, &public)?;
+        let (size, latest) = check_coherent(&db, path, &public, &segments)?;
+        let mem = load_memory(&db, path, size, &segments)?;
         let shared = Arc::new(Shared {
             size: AtomicU64::new(size),
             latest: RwLock::new(latest.clone()),
             answered: AtomicU64::new(gseq),
-            published: AtomicU64::new(gseq),
+            progress: Mutex::new(Progress {
+                published: gseq,
+                published_size: size,
+                applied_size: size,
+                synced: gseq,
+                failed: None,
+                closed: false,
+            }),
+            progressed: Condvar::new(),
         });
+        let (index_tx, index_rx) = mpsc::channel();
+        let indexer = Indexer {
+            path: path.to_path_buf(),
+            db: db.clone(),
+            segments: segments.clone(),
+            shared: shared.clone(),
+            rx: index_rx,
+            publish_interval: opts.publish_interval,
+            durable_interval: opts.durable_interval,
+            gseq,
+            size,
+            published: gseq,
+            synced: gseq,
+            open: None,
+            undurable_since: None,
+            failed: None,
+        };
+        let indexer = std::thread::Builder::new()
+            .name(INDEXER_THREAD.into())
+            .spawn(move || indexer.run())
+            .map_err(LedgerError::Spawn)?;
         let (tx, rx) = mpsc::channel();
         let origin = host_key.origin().to_string();
         let writer = Writer {
             path: path.to_path_buf(),
-            db: db.clone(),
             key: host_key,
             shared: shared.clone(),
             rx,
@@ -270,12 +353,13 @@ impl Ledger {
             journal,
             journal_on: opts.journal_capacity > 0,
             gseq,
-            durable_interval: opts.durable_interval,
-            publish_interval: opts.publish_interval,
-            open: None,
+            mem,
+            segments: segments.clone(),
+            max_unindexed: opts.max_unindexed.max(1),
+            recent: std::collections::VecDeque::new(),
+            index: index_tx.clone(),
+            indexer: Some(indexer),
             stopped: false,
-            clean_stop: false,
-            undurable_since: None,
             poisoned: None,
         };
         let handle = std::thread::Builder::new()
@@ -288,6 +372,8 @@ impl Ledger {
                 db,
                 shared,
                 jobs: tx,
+                index: index_tx,
+                segments,
                 writer_id: Some(handle.thread().id()),
                 writer: Mutex::new(Some(handle)),
                 permits: Permits::new(opts.max_queued.max(1)),
@@ -388,25 +474,42 @@ impl Ledger {
     /// A consistent read-only view of the committed store.
     pub fn snapshot(&self) -> Result<Snapshot, LedgerError> {
         self.publish()?;
-        Snapshot::new(&self.inner.db, &self.inner.path)
+        Snapshot::new(&self.inner.db, &self.inner.path, &self.inner.segments)
     }
 
-    /// Waits until every group already answered is visible to readers (see the module docs).
-    /// Blocks for at most one redb commit; a no-op when nothing is pending.
+    /// Waits until every group already answered is visible to readers (see the module docs):
+    /// until the indexer has committed it to redb. A no-op when nothing is pending.
     fn publish(&self) -> Result<(), LedgerError> {
         let shared = &self.inner.shared;
-        if shared.published.load(Ordering::Acquire) >= shared.answered.load(Ordering::Acquire) {
+        let target = shared.answered.load(Ordering::Acquire);
+        let mut p = shared.lock_progress();
+        if p.published >= target {
             return Ok(());
         }
         // A closure on the writer thread reads through its `Txn`, never through here; waiting
-        // for the writer from the writer would never end.
+        // for the writer's own groups from the writer would never end.
         if Some(std::thread::current().id()) == self.inner.writer_id {
             return Ok(());
         }
-        let (tx, rx) = mpsc::sync_channel(1);
-        self.inner.jobs.send(Job::Publish(tx)).map_err(|_| LedgerError::Closed)?;
-        rx.recv().map_err(|_| LedgerError::Closed)??;
-        Ok(())
+        // Sent after reading `target`: the indexer receives every group up to it before this.
+        if self.inner.index.send(IndexJob::Publish).is_err() && !p.closed {
+            return Err(LedgerError::Closed);
+        }
+        loop {
+            if p.published >= target {
+                return Ok(());
+            }
+            if let Some(e) = &p.failed {
+                return Err(e.clone().into());
+            }
+            if p.closed {
+                return Err(LedgerError::Closed);
+            }
+            p = match shared.progressed.wait(p) {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+        }
     }
 
     /// Finishes queued work, signs a final checkpoint, and stops the writer. Later writes fail

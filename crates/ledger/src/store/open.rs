@@ -1,24 +1,32 @@
 //! What opening a store does before the writer starts: replaying the commit journal's groups that
-//! redb does not have yet (after a crash), marking the store as running, and the coherence check
-//! that refuses a store whose size, records, Merkle nodes or latest checkpoint do not agree.
+//! redb does not have yet (after a crash), marking the store as running, the coherence check
+//! that refuses a store whose size, records, Merkle nodes or latest checkpoint do not agree, and
+//! loading what the writer keeps in memory (state, chain heads, Merkle frontier).
 //!
 //! Must not: start the writer or serve callers; it runs once, on the opening thread.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
 use ed25519_dalek::VerifyingKey;
-use redb::{Database, ReadableTable, ReadableTableMetadata};
+use redb::{Database, ReadableTable};
 
+use super::segments::Segments;
 use super::*;
 use crate::checkpoint::{self, SignedCheckpoint};
 use crate::journal::{self, GroupEffects, Journal};
-use crate::merkle::{self, NodeSource};
-use crate::record::{self, Appended};
+use crate::merkle::{self, NodeSource, RootBuilder};
+use crate::record::ChainHead;
 
 /// Opens the store's journal and applies (durably) every group it holds that redb does not.
 /// Returns the journal, emptied, and the sequence number of the last group.
-pub(super) fn open_journal(db: &Database, path: &Path, capacity: u64) -> Result<(Journal, u64), LedgerError> {
+pub(super) fn open_journal(
+    db: &Database,
+    path: &Path,
+    capacity: u64,
+    segments: &Segments,
+) -> Result<(Journal, u64), LedgerError> {
     let jpath = journal_path(path);
     let (id, stored, clean) = {
         let txn = db.begin_read().map_err(se(path, "begin read"))?;
@@ -66,38 +74,17 @@ pub(super) fn open_journal(db: &Database, path: &Path, capacity: u64) -> Result<
         for entry in &pending {
             let at = |what: String| bad(format!("journal {} group {}: {what}", jpath.display(), entry.gseq));
             let fx = GroupEffects::decode(&entry.payload).map_err(|e| at(e.to_string()))?;
-            for (k, v) in &fx.state {
-                check_key(k).map_err(|e| at(e.to_string()))?;
-                t.put_state(k, v.as_deref(), path)?;
-            }
-            for r in &fx.records {
-                if r.index != size {
-                    return Err(at(format!("record index {} where the log has {size} records", r.index)));
-                }
-                record::check_chain(&r.chain).map_err(|e| at(e.to_string()))?;
-                let appended = Appended {
-                    index: r.index,
-                    leaf_hash: merkle::leaf_hash(&r.canonical),
-                    seq: r.seq,
-                    canonical: r.canonical.clone(),
-                };
-                t.put_record(&r.chain, &appended, path)?;
-                size += 1;
-                records += 1;
-            }
-            if fx.size != size {
-                return Err(at(format!("says the log has {} records after it, replay gives {size}", fx.size)));
-            }
-            if let Some((cp_size, note)) = &fx.checkpoint {
-                if *cp_size != size {
-                    return Err(at(format!("checkpoint of size {cp_size} in a group ending at {size}")));
-                }
-                t.checkpoints.insert(*cp_size, note.as_str()).map_err(se(path, "write checkpoint"))?;
-            }
+            records += fx.records.len();
+            size = match t.apply_group(entry.gseq, &fx, size, segments, path) {
+                Ok(size) => size,
+                Err(ApplyError::Bad(what)) => return Err(at(what)),
+                Err(ApplyError::Storage(e)) => return Err(e.into()),
+            };
             gseq = entry.gseq;
-            t.meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
-            t.meta.insert(META_GSEQ, gseq).map_err(se(path, "write journal seq"))?;
         }
+        // The records first: redb's synced size must never pass what the segments hold.
+        segments.sync()?;
+        t.meta.insert(META_OPEN_LEN, segments.open_len(size)).map_err(se(path, "write segment length"))?;
     }
     wtxn.commit().map_err(se(path, "commit replay"))?;
     tracing::warn!(
@@ -108,6 +95,44 @@ pub(super) fn open_journal(db: &Database, path: &Path, capacity: u64) -> Result<
     );
     journal.reset().map_err(jerr)?;
     Ok((journal, gseq))
+}
+
+/// What the writer keeps in memory, loaded from redb at open (after replay): the whole state
+/// table, every chain's head, and the Merkle frontier (the perfect-subtree hashes the next root
+/// is computed from).
+pub(super) struct Memory {
+    pub(super) state: BTreeMap<String, Vec<u8>>,
+    pub(super) heads: HashMap<String, ChainHead>,
+    pub(super) frontier: RootBuilder,
+}
+
+pub(super) fn load_memory(
+    db: &Database,
+    path: &Path,
+    size: u64,
+    segments: &Arc<Segments>,
+) -> Result<Memory, LedgerError> {
+    let snap = Snapshot::new(db, path, segments)?;
+    let mut state = BTreeMap::new();
+    let t = snap.txn.open_table(STATE).map_err(se(path, "open state"))?;
+    t.view_scan("", &mut state).map_err(se(path, "load state"))?;
+    let mut heads = HashMap::new();
+    let t = snap.txn.open_table(HEADS).map_err(se(path, "open chain heads"))?;
+    for entry in t.iter().map_err(se(path, "load chain heads"))? {
+        let (k, v) = entry.map_err(se(path, "load chain heads"))?;
+        let (seq, hash) = v.value();
+        heads.insert(k.value().to_string(), ChainHead { seq, hash });
+    }
+    let frontier = merkle::frontier(&snap.nodes()?, size)?;
+    Ok(Memory { state, heads, frontier })
+}
+
+/// The log size and the open segment's length as redb has them (before replay).
+pub(super) fn read_sizes(db: &Database, path: &Path) -> Result<(u64, u64), LedgerError> {
+    let txn = db.begin_read().map_err(se(path, "begin read"))?;
+    let meta = txn.open_table(META).map_err(se(path, "open meta"))?;
+    let get = |k| meta.get(k).map(|v| v.map(|g| g.value()).unwrap_or(0));
+    Ok((get(META_SIZE).map_err(se(path, "read size"))?, get(META_OPEN_LEN).map_err(se(path, "read segment length"))?))
 }
 
 /// Records (durably) that a writer is running, so a missing journal after an unclean stop is
@@ -131,23 +156,15 @@ pub(super) fn check_coherent(
     db: &Database,
     path: &Path,
     public: &VerifyingKey,
+    segments: &Arc<Segments>,
 ) -> Result<(u64, Option<SignedCheckpoint>), LedgerError> {
     let bad = |reason: String| LedgerError::Incoherent { path: path.to_path_buf(), reason };
-    let snap = Snapshot::new(db, path)?;
+    let snap = Snapshot::new(db, path, segments)?;
     let size = snap.size;
-    let records = snap.txn.open_table(RECORDS).map_err(se(path, "open records"))?;
-    let count = records.len().map_err(se(path, "count records"))?;
-    if count != size {
-        return Err(bad(format!("meta size is {size} but the records table holds {count} records")));
-    }
+    // The segments were checked against the size when they were opened (and replay appended
+    // exactly the records it counted): the last record is where the size says.
     if size > 0 {
-        let last = records.last().map_err(se(path, "read last record"))?.map(|(k, v)| (k.value(), v.value().to_vec()));
-        let Some((last_index, last_bytes)) = last else {
-            return Err(bad("records table is empty but size is not 0".into()));
-        };
-        if last_index != size - 1 {
-            return Err(bad(format!("last record has index {last_index}, expected {}", size - 1)));
-        }
+        let last_bytes = segments.read(size - 1).map_err(|e| bad(format!("cannot read the last record: {e}")))?;
         let nodes = snap.txn.open_table(NODES).map_err(se(path, "open merkle"))?;
         let leaf = NodesRead(&nodes).get(0, size - 1)?;
         if leaf != Some(merkle::leaf_hash(&last_bytes)) {
@@ -197,7 +214,7 @@ mod tests {
 
     /// Builds a store of 5 records with a checkpoint, closes it, damages it with `damage`, and
     /// returns the error `open` gives.
-    fn open_after(damage: impl FnOnce(&WriteTxnTables<'_>)) -> LedgerError {
+    fn open_after(damage: impl FnOnce(&WriteTxnTables<'_>, &Path)) -> LedgerError {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.redb");
         {
@@ -218,12 +235,11 @@ mod tests {
             let txn = db.begin_write().unwrap();
             {
                 let tables = WriteTxnTables {
-                    records: txn.open_table(RECORDS).unwrap().into(),
                     nodes: txn.open_table(NODES).unwrap().into(),
                     meta: txn.open_table(META).unwrap().into(),
                     checkpoints: txn.open_table(CHECKPOINTS).unwrap().into(),
                 };
-                damage(&tables);
+                damage(&tables, &segments_dir(&path).join(format!("{:016x}.log", 0)));
             }
             txn.commit().unwrap();
         }
@@ -231,7 +247,6 @@ mod tests {
     }
 
     struct WriteTxnTables<'t> {
-        records: std::cell::RefCell<Table<'t, u64, &'static [u8]>>,
         nodes: std::cell::RefCell<Table<'t, u64, [u8; 32]>>,
         meta: std::cell::RefCell<Table<'t, &'static str, u64>>,
         checkpoints: std::cell::RefCell<Table<'t, u64, &'static str>>,
@@ -255,33 +270,59 @@ mod tests {
 
     #[test]
     fn open_refuses_size_not_matching_records() {
-        let err = open_after(|t| {
+        let err = open_after(|t, _| {
             t.meta.borrow_mut().insert(META_SIZE, 4).unwrap();
         });
-        assert_incoherent(err, "meta size is 4");
+        assert_incoherent(err, "holds 5 records where the store has 4 in it");
     }
 
+    /// The segment file's last record cut off (and redb told so): records lost.
     #[test]
     fn open_refuses_deleted_last_record() {
-        let err = open_after(|t| {
-            t.records.borrow_mut().remove(4).unwrap();
+        let err = open_after(|t, seg| {
+            let bytes = std::fs::read(seg).unwrap();
+            let mut at = 0usize;
+            for _ in 0..4 {
+                at += 4 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            }
+            std::fs::write(seg, &bytes[..at]).unwrap();
             t.meta.borrow_mut().insert(META_SIZE, 4).unwrap();
+            t.meta.borrow_mut().insert(META_OPEN_LEN, at as u64).unwrap();
         });
         // Size 4 is below the checkpoint's 5: records lost.
         assert_incoherent(err, "latest checkpoint covers 5 records");
     }
 
     #[test]
+    fn open_refuses_a_segment_shorter_than_synced() {
+        let err = open_after(|_, seg| {
+            let len = std::fs::metadata(seg).unwrap().len();
+            std::fs::OpenOptions::new().write(true).open(seg).unwrap().set_len(len - 1).unwrap();
+        });
+        assert_incoherent(err, "but the store synced");
+    }
+
+    #[test]
+    fn open_refuses_a_missing_segment() {
+        let err = open_after(|_, seg| std::fs::remove_file(seg).unwrap());
+        assert_incoherent(err, "missing, but the store holds records 0..5 in it");
+    }
+
+    #[test]
     fn open_refuses_edited_last_record() {
-        let err = open_after(|t| {
-            t.records.borrow_mut().insert(4, &b"{}"[..]).unwrap();
+        let err = open_after(|_, seg| {
+            let mut bytes = std::fs::read(seg).unwrap();
+            // `"i":4` → `"i":5` in the last record, same length.
+            let at = bytes.windows(5).rposition(|w| w == b"\"i\":4").unwrap();
+            bytes[at + 4] = b'5';
+            std::fs::write(seg, &bytes).unwrap();
         });
         assert_incoherent(err, "stored leaf hash of record 4");
     }
 
     #[test]
     fn open_refuses_missing_merkle_node() {
-        let err = open_after(|t| {
+        let err = open_after(|t, _| {
             t.nodes.borrow_mut().remove(merkle::node_key(2, 0)).unwrap();
         });
         assert_incoherent(err, "merkle node (level 2, index 0) is missing");
@@ -292,7 +333,7 @@ mod tests {
     /// verification, which `audit verify` reports.
     #[test]
     fn open_refuses_altered_merkle_node() {
-        let err = open_after(|t| {
+        let err = open_after(|t, _| {
             t.nodes.borrow_mut().insert(merkle::node_key(2, 0), [9u8; 32]).unwrap();
         });
         assert_incoherent(err, "differs from the signed checkpoint");
@@ -300,7 +341,7 @@ mod tests {
 
     #[test]
     fn open_refuses_forged_checkpoint() {
-        let err = open_after(|t| {
+        let err = open_after(|t, _| {
             let other = HostKey::generate();
             let cp =
                 checkpoint::sign(Checkpoint { origin: key().origin().to_string(), size: 5, root: [0u8; 32] }, &other);

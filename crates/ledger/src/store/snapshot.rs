@@ -1,13 +1,16 @@
 //! Read-only views of the committed store ([`Snapshot`]): one redb read transaction serving
-//! records, chain indices and heads, Merkle roots and proofs, state, and checkpoint notes.
+//! chain indices and heads, records (from the segment files, up to the snapshot's size), Merkle roots and proofs, state, and checkpoint notes.
 //!
-//! Must not: write, or make anything visible (the handle publishes before it opens a snapshot).
+//! Must not: write, or make anything visible (the handle waits for the indexer to publish every
+//! answered group before it opens a snapshot).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, ReadTransaction, ReadableTable};
 
+use super::segments::Segments;
 use super::*;
 use crate::merkle::{self, Hash, MerkleError, NodeSource};
 use crate::record::ChainHead;
@@ -17,6 +20,7 @@ pub struct Snapshot {
     pub(super) txn: ReadTransaction,
     path: PathBuf,
     pub(super) size: u64,
+    segments: Arc<Segments>,
 }
 
 /// Node source over a snapshot's merkle table.
@@ -31,12 +35,12 @@ impl NodeSource for SnapshotNodes {
 }
 
 impl Snapshot {
-    pub(super) fn new(db: &Database, path: &Path) -> Result<Snapshot, LedgerError> {
+    pub(super) fn new(db: &Database, path: &Path, segments: &Arc<Segments>) -> Result<Snapshot, LedgerError> {
         let txn = db.begin_read().map_err(se(path, "begin read"))?;
         let meta = txn.open_table(META).map_err(se(path, "open meta"))?;
         let size = meta.get(META_SIZE).map_err(se(path, "read size"))?.map(|g| g.value()).unwrap_or(0);
         drop(meta);
-        Ok(Snapshot { txn, path: path.to_path_buf(), size })
+        Ok(Snapshot { txn, path: path.to_path_buf(), size, segments: segments.clone() })
     }
 
     /// Records in this snapshot.
@@ -52,8 +56,7 @@ impl Snapshot {
         if index >= self.size {
             return Ok(None);
         }
-        let t = self.txn.open_table(RECORDS).map_err(se(&self.path, "open records"))?;
-        Ok(t.get(index).map_err(se(&self.path, "read record"))?.map(|g| g.value().to_vec()))
+        Ok(Some(self.segments.read(index)?))
     }
 
     /// Calls `f` with every record in `[from, to)` in order.
@@ -61,18 +64,13 @@ impl Snapshot {
         &self,
         from: u64,
         to: u64,
-        mut f: impl FnMut(u64, &[u8]) -> Result<(), LedgerError>,
+        f: impl FnMut(u64, &[u8]) -> Result<(), LedgerError>,
     ) -> Result<(), LedgerError> {
         let to = to.min(self.size);
         if from >= to {
             return Ok(());
         }
-        let t = self.txn.open_table(RECORDS).map_err(se(&self.path, "open records"))?;
-        for entry in t.range(from..to).map_err(se(&self.path, "scan records"))? {
-            let (k, v) = entry.map_err(se(&self.path, "scan records"))?;
-            f(k.value(), v.value())?;
-        }
-        Ok(())
+        self.segments.for_each(from, to, f)
     }
 
     /// Log indices of the records of `chain`, in order.

@@ -1,7 +1,7 @@
-//! The store's tables and how a row is written: the table definitions and `meta` keys, creating
-//! them at open, Merkle node access over redb, and [`Tables`], the one place a state write or a
-//! record's rows (record, Merkle nodes, chain head, chain index) are put, shared by the live
-//! writer and journal replay so both write exactly the same rows.
+//! The store's tables and how a group is written to them: the table definitions and `meta` keys,
+//! creating them at open, Merkle node access over redb, and [`Tables::apply_group`], the one place
+//! a group's state writes, records (record, Merkle nodes, chain head, chain index) and checkpoint
+//! are written, shared by the indexer and journal replay so both write exactly the same rows.
 //!
 //! Must not: decide what to write or when to commit (the writer and replay do), or read for callers
 //! (the snapshot does).
@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use redb::{Database, ReadableTable, Table, TableDefinition};
 
+use super::segments::Segments;
 use super::*;
+use crate::journal::GroupEffects;
 use crate::merkle::{self, Hash, MerkleError, NodeSource, NodeStore};
-use crate::record::Appended;
+use crate::record;
 
-pub(super) const RECORDS: TableDefinition<u64, &[u8]> = TableDefinition::new("records");
 pub(super) const NODES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("merkle_nodes");
 pub(super) const HEADS: TableDefinition<&str, (u64, [u8; 32])> = TableDefinition::new("chain_heads");
 pub(super) const CHAIN_INDEX: TableDefinition<(&str, u64), u64> = TableDefinition::new("chain_index");
@@ -32,7 +33,12 @@ pub(super) const META_JOURNAL_ID: &str = "journal_id";
 pub(super) const META_GSEQ: &str = "journal_seq";
 /// 1 when the last writer stopped cleanly (everything synced to redb), 0 while one runs.
 pub(super) const META_CLEAN: &str = "clean_stop";
-pub(super) const FORMAT_VERSION: u64 = 1;
+/// log2 of the records per segment, fixed when the store is created.
+pub(super) const META_SEGMENT_SHIFT: &str = "segment_shift";
+/// Bytes of the open segment (the one the log ends in) as of this commit.
+pub(super) const META_OPEN_LEN: &str = "open_segment_len";
+/// Version 2: records in segment files, not in redb.
+pub(super) const FORMAT_VERSION: u64 = 2;
 
 pub(super) struct NodesRead<'a, T>(pub(super) &'a T);
 
@@ -59,10 +65,9 @@ impl NodeStore for NodesWrite<'_, '_> {
     }
 }
 
-/// The write transaction's tables, and how one state write and one record are stored (shared by
-/// the live writer and journal replay, so both write exactly the same rows).
+/// The write transaction's tables, and how one group is stored (shared by the indexer and
+/// journal replay, so both write exactly the same rows).
 pub(super) struct Tables<'t> {
-    pub(super) records: Table<'t, u64, &'static [u8]>,
     pub(super) nodes: Table<'t, u64, [u8; 32]>,
     pub(super) heads: Table<'t, &'static str, (u64, [u8; 32])>,
     pub(super) chain_index: Table<'t, (&'static str, u64), u64>,
@@ -74,7 +79,6 @@ pub(super) struct Tables<'t> {
 impl<'t> Tables<'t> {
     pub(super) fn open(wtxn: &'t redb::WriteTransaction, path: &Path) -> Result<Tables<'t>, StorageError> {
         Ok(Tables {
-            records: wtxn.open_table(RECORDS).map_err(se(path, "open records"))?,
             nodes: wtxn.open_table(NODES).map_err(se(path, "open merkle"))?,
             heads: wtxn.open_table(HEADS).map_err(se(path, "open chain heads"))?,
             chain_index: wtxn.open_table(CHAIN_INDEX).map_err(se(path, "open chain index"))?,
@@ -91,20 +95,66 @@ impl<'t> Tables<'t> {
         }
     }
 
-    pub(super) fn put_record(&mut self, chain: &str, appended: &Appended, path: &Path) -> Result<(), StorageError> {
-        self.records.insert(appended.index, appended.canonical.as_slice()).map_err(se(path, "write record"))?;
-        merkle::append(&mut NodesWrite(&mut self.nodes), appended.index, appended.leaf_hash)
-            .map_err(|e| merkle_storage(path, e))?;
-        self.heads.insert(chain, (appended.seq, appended.leaf_hash)).map_err(se(path, "write chain head"))?;
-        self.chain_index.insert((chain, appended.seq), appended.index).map_err(se(path, "write chain index"))?;
-        Ok(())
+    /// Applies one group's effects (the journal entry `gseq`) on top of a log of `size` records,
+    /// checking that they follow it; returns the size after the group. The indexer (live) and
+    /// journal replay (at open) both apply groups through here, so both write the same rows.
+    pub(super) fn apply_group(
+        &mut self,
+        gseq: u64,
+        fx: &GroupEffects,
+        mut size: u64,
+        segments: &Segments,
+        path: &Path,
+    ) -> Result<u64, ApplyError> {
+        for (k, v) in &fx.state {
+            check_key(k).map_err(|e| ApplyError::Bad(e.to_string()))?;
+            self.put_state(k, v.as_deref(), path)?;
+        }
+        for r in &fx.records {
+            if r.index != size {
+                return Err(ApplyError::Bad(format!("record index {} where the log has {size} records", r.index)));
+            }
+            record::check_chain(&r.chain).map_err(|e| ApplyError::Bad(e.to_string()))?;
+            let leaf = merkle::leaf_hash(&r.canonical);
+            segments.append(r.index, &r.canonical).map_err(|e| ApplyError::Bad(e.to_string()))?;
+            merkle::append(&mut NodesWrite(&mut self.nodes), r.index, leaf).map_err(|e| merkle_storage(path, e))?;
+            self.heads.insert(r.chain.as_str(), (r.seq, leaf)).map_err(se(path, "write chain head"))?;
+            self.chain_index.insert((r.chain.as_str(), r.seq), r.index).map_err(se(path, "write chain index"))?;
+            size += 1;
+        }
+        if fx.size != size {
+            return Err(ApplyError::Bad(format!("says the log has {} records after it, replay gives {size}", fx.size)));
+        }
+        if let Some((cp_size, note)) = &fx.checkpoint {
+            if *cp_size != size {
+                return Err(ApplyError::Bad(format!("checkpoint of size {cp_size} in a group ending at {size}")));
+            }
+            self.checkpoints.insert(*cp_size, note.as_str()).map_err(se(path, "write checkpoint"))?;
+        }
+        self.meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
+        self.meta.insert(META_GSEQ, gseq).map_err(se(path, "write journal seq"))?;
+        Ok(size)
     }
 }
 
-pub(super) fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError> {
+/// Why a group could not be applied to redb.
+pub(super) enum ApplyError {
+    /// The group does not follow the store (a damaged or foreign journal).
+    Bad(String),
+    Storage(StorageError),
+}
+
+impl From<StorageError> for ApplyError {
+    fn from(e: StorageError) -> Self {
+        ApplyError::Storage(e)
+    }
+}
+
+/// Creates the tables (and `meta`) of a new store, or checks an existing store's format.
+/// Returns the store's segment shift.
+pub(super) fn init_tables(db: &Database, path: &Path, segment_records: u64) -> Result<u32, LedgerError> {
     let txn = db.begin_write().map_err(se(path, "begin initial transaction"))?;
     {
-        txn.open_table(RECORDS).map_err(se(path, "create records table"))?;
         txn.open_table(NODES).map_err(se(path, "create merkle table"))?;
         txn.open_table(HEADS).map_err(se(path, "create chain heads table"))?;
         txn.open_table(CHAIN_INDEX).map_err(se(path, "create chain index table"))?;
@@ -115,6 +165,9 @@ pub(super) fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError>
         match format {
             None => {
                 meta.insert(META_FORMAT, FORMAT_VERSION).map_err(se(path, "write format"))?;
+                let shift = u64::from(segment_records.clamp(1, 1 << 30).next_power_of_two().trailing_zeros());
+                meta.insert(META_SEGMENT_SHIFT, shift).map_err(se(path, "write segment size"))?;
+                meta.insert(META_OPEN_LEN, 0).map_err(se(path, "write segment length"))?;
                 if meta.get(META_SIZE).map_err(se(path, "read size"))?.is_none() {
                     meta.insert(META_SIZE, 0).map_err(se(path, "write size"))?;
                 }
@@ -124,7 +177,8 @@ pub(super) fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError>
                 return Err(LedgerError::Incoherent {
                     path: path.to_path_buf(),
                     reason: format!(
-                        "store format version {other} is not supported (this build reads version {FORMAT_VERSION})"
+                        "store format version {other} is not supported (this build reads version {FORMAT_VERSION}; \
+                         version 1 kept records inside redb: export it with the sluice that wrote it)"
                     ),
                 })
             }
@@ -138,8 +192,21 @@ pub(super) fn init_tables(db: &Database, path: &Path) -> Result<(), LedgerError>
             meta.insert(META_GSEQ, 0).map_err(se(path, "write journal seq"))?;
         }
     }
+    let shift = {
+        let meta = txn.open_table(META).map_err(se(path, "open meta table"))?;
+        let shift = meta.get(META_SEGMENT_SHIFT).map_err(se(path, "read segment size"))?.map(|g| g.value());
+        match shift {
+            Some(s) if s <= 30 => s as u32,
+            other => {
+                return Err(LedgerError::Incoherent {
+                    path: path.to_path_buf(),
+                    reason: format!("meta segment_shift is {other:?}, not a number of bits up to 30"),
+                })
+            }
+        }
+    };
     txn.commit().map_err(se(path, "commit initial transaction"))?;
-    Ok(())
+    Ok(shift)
 }
 
 pub(super) fn merkle_storage(path: &Path, e: MerkleError) -> StorageError {

@@ -1,11 +1,11 @@
-//! A transaction's view of the state ([`Txn`]): committed state plus the earlier transactions of
-//! the same group plus its own overlay of writes, and the bounds every write is checked against.
+//! A transaction's view of the state ([`Txn`]): the writer's in-memory state (every answered
+//! transaction and the earlier ones of the same group) plus its own overlay of writes, and the
+//! bounds every write is checked against.
 //!
-//! Must not: write to redb (the writer applies the overlay only when the closure and its drafts
-//! succeed), or see anything outside the writer's open write transaction.
+//! Must not: write anything (the writer applies the overlay to its in-memory state only when the
+//! closure and its drafts succeed), or see anything the writer has not run.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use redb::ReadableTable;
 
@@ -20,7 +20,7 @@ pub const MAX_DRAFTS_PER_TXN: usize = 256;
 /// Bound on state writes by one transaction.
 pub const MAX_WRITES_PER_TXN: usize = 4096;
 
-/// Read access to the state table, whichever transaction it lives in.
+/// Read access to redb's state table (snapshots and loading at open).
 pub(super) trait StateRead {
     fn view_get(&self, key: &str) -> Result<Option<Vec<u8>>, redb::StorageError>;
     fn view_scan(&self, prefix: &str, out: &mut BTreeMap<String, Vec<u8>>) -> Result<(), redb::StorageError>;
@@ -44,21 +44,16 @@ impl<T: ReadableTable<&'static str, &'static [u8]>> StateRead for T {
     }
 }
 
-/// Read access to the records table inside the writer's transaction.
+/// The records a transaction can read: the answered ones (the writer keeps those the indexer
+/// has not published yet in memory, and reads older ones from redb).
 pub(super) trait RecordRead {
-    fn view_record(&self, index: u64) -> Result<Option<Vec<u8>>, redb::StorageError>;
+    fn view_record(&self, index: u64) -> Result<Option<Vec<u8>>, TxnError>;
 }
 
-impl<T: ReadableTable<u64, &'static [u8]>> RecordRead for T {
-    fn view_record(&self, index: u64) -> Result<Option<Vec<u8>>, redb::StorageError> {
-        Ok(self.get(index)?.map(|v| v.value().to_vec()))
-    }
-}
-
-/// A transaction's view of the state: committed state plus the earlier transactions of the same
-/// group, plus its own uncommitted writes.
+/// A transaction's view of the state: the writer's in-memory state table (every answered
+/// transaction, including earlier ones of the same group), plus its own uncommitted writes.
 pub struct Txn<'a> {
-    pub(super) state: &'a dyn StateRead,
+    pub(super) state: &'a BTreeMap<String, Vec<u8>>,
     pub(super) records: &'a dyn RecordRead,
     pub(super) overlay: BTreeMap<String, Option<Vec<u8>>>,
     pub(super) next_index: u64,
@@ -68,14 +63,14 @@ impl Txn<'_> {
     /// The canonical bytes of the record at `index`, as the writer sees it: every record answered
     /// so far, published or not (reading here never waits for a publish).
     pub fn record(&self, index: u64) -> Result<Option<Vec<u8>>, TxnError> {
-        self.records.view_record(index).map_err(|e| TxnError::Storage(Arc::new(e.into())))
+        self.records.view_record(index)
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, TxnError> {
         if let Some(v) = self.overlay.get(key) {
             return Ok(v.clone());
         }
-        self.state.view_get(key).map_err(|e| TxnError::Storage(Arc::new(e.into())))
+        Ok(self.state.get(key).cloned())
     }
 
     pub fn put(&mut self, key: &str, val: &[u8]) -> Result<(), TxnError> {
@@ -97,8 +92,13 @@ impl Txn<'_> {
 
     /// All entries whose key starts with `prefix`, sorted by key.
     pub fn scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, TxnError> {
-        let mut out = BTreeMap::new();
-        self.state.view_scan(prefix, &mut out).map_err(|e| TxnError::Storage(Arc::new(e.into())))?;
+        let mut out: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for (k, v) in self.state.range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded)) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.insert(k.clone(), v.clone());
+        }
         for (k, v) in self.overlay.range(prefix.to_string()..) {
             if !k.starts_with(prefix) {
                 break;
