@@ -161,8 +161,15 @@ fn main() {
     let chain = i.passport_id.clone();
     let old = seal_serde_json(&chain, build_serde_json(&i), 1234, head, now);
     let (new, _) = record::seal(Draft::new(chain.clone(), build_members(&i)), 1234, Some(head), now).unwrap();
-    assert_eq!(String::from_utf8_lossy(&new.canonical), String::from_utf8_lossy(&old), "both ways write the same record");
-    println!("one decision record ({} bytes canonical), ns per record, median of {ROUNDS} rounds of {PER_ROUND}", old.len());
+    assert_eq!(
+        String::from_utf8_lossy(&new.canonical),
+        String::from_utf8_lossy(&old),
+        "both ways write the same record"
+    );
+    println!(
+        "one decision record ({} bytes canonical), ns per record, median of {ROUNDS} rounds of {PER_ROUND}",
+        old.len()
+    );
     println!("{:<12} {:>10} {:>10} {:>10}", "", "build", "seal", "both");
     let rows: [(&str, f64, f64, f64); 2] = [
         (
@@ -196,7 +203,10 @@ fn main() {
                 })
             },
             median_ns(|| {
-                black_box(record::seal(Draft::new(chain.clone(), build_members(black_box(&i))), 1234, Some(head), now).unwrap());
+                black_box(
+                    record::seal(Draft::new(chain.clone(), build_members(black_box(&i))), 1234, Some(head), now)
+                        .unwrap(),
+                );
             }),
         ),
     ];

@@ -206,18 +206,15 @@ fn write_int(out: &mut Vec<u8>, negative: bool, magnitude: u64) -> Result<(), ()
 
 /// Writes `n` in plain decimal (callers check the RFC 8785 range).
 pub fn write_decimal(out: &mut Vec<u8>, n: u64) {
+    // u64::MAX has 20 digits.
     let mut digits = [0u8; 20];
-    let mut at = digits.len();
+    let len = decimal_len(n);
     let mut n = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
+    for d in digits.iter_mut().take(len).rev() {
+        *d = b'0' + (n % 10) as u8;
         n /= 10;
-        if n == 0 {
-            break;
-        }
     }
-    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(digits.get(..len).unwrap_or_default());
 }
 
 /// The number of decimal digits of `n`.
@@ -329,12 +326,13 @@ impl Members {
     fn key_of(&self, span: Span) -> &str {
         let at = span.start as usize;
         // Written from a &str by `begin`, so always valid UTF-8.
-        std::str::from_utf8(&self.buf[at..at + span.key_len as usize]).unwrap_or_default()
+        let key = self.buf.get(at..at + span.key_len as usize).unwrap_or_default();
+        std::str::from_utf8(key).unwrap_or_default()
     }
 
     fn member_of(&self, span: Span) -> &[u8] {
         let at = span.start as usize + span.key_len as usize;
-        &self.buf[at..at + span.member_len as usize]
+        self.buf.get(at..at + span.member_len as usize).unwrap_or_default()
     }
 
     /// A string member.
@@ -391,8 +389,8 @@ impl Members {
         if (0..=9999).contains(&year) && nanos < 1_000_000_000 {
             let mut t = *b"\"0000-00-00T00:00:00.000000Z\"";
             let mut put = |at: usize, width: usize, mut n: u32| {
-                for i in (at..at + width).rev() {
-                    t[i] = b'0' + (n % 10) as u8;
+                for d in t.iter_mut().skip(at).take(width).rev() {
+                    *d = b'0' + (n % 10) as u8;
                     n /= 10;
                 }
             };
@@ -464,8 +462,12 @@ impl Members {
             return Err(e.clone());
         }
         self.sort();
-        if let Some(w) = self.spans.windows(2).find(|w| self.key_of(w[0]) == self.key_of(w[1])) {
-            return Err(CanonicalError::DuplicateKey { path: format!("/{}", self.key_of(w[0])) });
+        let twice = self.spans.windows(2).find_map(|w| match w {
+            [a, b] if self.key_of(*a) == self.key_of(*b) => Some(self.key_of(*a)),
+            _ => None,
+        });
+        if let Some(key) = twice {
+            return Err(CanonicalError::DuplicateKey { path: format!("/{key}") });
         }
         Ok(())
     }
@@ -474,7 +476,7 @@ impl Members {
     pub fn get(&mut self, key: &str) -> Option<&[u8]> {
         self.sort();
         let at = self.spans.binary_search_by(|s| cmp_keys(self.key_of(*s), key)).ok()?;
-        let span = self.spans[at];
+        let span = *self.spans.get(at)?;
         let prefix = string_len(key) + 1;
         self.member_of(span).get(prefix..)
     }
@@ -494,8 +496,12 @@ impl Members {
     /// have, each merged into its place) in one allocation of exactly the object's size.
     pub fn write_merged(&mut self, extra: &[&dyn Extra]) -> Result<Vec<u8>, CanonicalError> {
         self.check()?;
-        if let Some(w) = extra.windows(2).find(|w| cmp_keys(w[0].key(), w[1].key()) != Ordering::Less) {
-            return Err(CanonicalError::DuplicateKey { path: format!("/{}", w[1].key()) });
+        let misplaced = extra.windows(2).find_map(|w| match w {
+            [a, b] if cmp_keys(a.key(), b.key()) != Ordering::Less => Some(b.key()),
+            _ => None,
+        });
+        if let Some(key) = misplaced {
+            return Err(CanonicalError::DuplicateKey { path: format!("/{key}") });
         }
         let len = self.merged_len(extra);
         let mut out = Vec::with_capacity(len);
