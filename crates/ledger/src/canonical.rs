@@ -224,23 +224,26 @@ pub fn decimal_len(n: u64) -> usize {
 
 /// Orders object member names as RFC 8785 §3.2.3 does: by their UTF-16 code units.
 ///
-/// That is UTF-8 byte order except where a character above U+FFFF (a surrogate pair, whose
-/// first unit is 0xD800–0xDBFF) meets one in U+E000–U+FFFF: so the names are compared bytewise
-/// up to their first differing character, and only that character pair in UTF-16.
+/// That is UTF-8 byte order except where a character above U+FFFF (UTF-8 lead byte 0xF0–0xF4;
+/// in UTF-16 a surrogate pair, first unit 0xD800–0xDBFF) meets one in U+E000–U+FFFF (lead byte
+/// 0xEE–0xEF): UTF-16 puts the first before the second, UTF-8 the reverse. The first differing
+/// byte decides: inside a character both names share its lead byte, so only two differing lead
+/// bytes from those two ranges flip the byte order.
 pub fn cmp_keys(a: &str, b: &str) -> Ordering {
-    let common = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
-    // The shared prefix ends on the same byte in both; back up to the start of its character.
-    let mut at = common;
-    while at > 0 && !a.is_char_boundary(at) {
-        at -= 1;
-    }
-    match (a.get(at..).and_then(|s| s.chars().next()), b.get(at..).and_then(|s| s.chars().next())) {
-        (None, None) => Ordering::Equal,
-        (None, Some(_)) => Ordering::Less,
-        (Some(_), None) => Ordering::Greater,
-        (Some(x), Some(y)) => {
-            let (mut ux, mut uy) = ([0u16; 2], [0u16; 2]);
-            (*x.encode_utf16(&mut ux)).cmp(&*y.encode_utf16(&mut uy))
+    cmp_key_bytes(a.as_bytes(), b.as_bytes())
+}
+
+fn cmp_key_bytes(a: &[u8], b: &[u8]) -> Ordering {
+    match a.iter().zip(b).find(|(x, y)| x != y) {
+        None => a.len().cmp(&b.len()),
+        Some((&x, &y)) => {
+            let upper_bmp = |c: u8| (0xEE..=0xEF).contains(&c);
+            let astral = |c: u8| c >= 0xF0;
+            if (upper_bmp(x) && astral(y)) || (astral(x) && upper_bmp(y)) {
+                y.cmp(&x)
+            } else {
+                x.cmp(&y)
+            }
         }
     }
 }
@@ -252,7 +255,22 @@ struct Span {
     start: u32,
     key_len: u32,
     member_len: u32,
+    /// The name's first 8 bytes, big-endian, zero-padded: most names differ there, and for
+    /// ASCII bytes their order is the RFC 8785 order.
+    prefix: u64,
 }
+
+impl Span {
+    fn prefix_of(key: &[u8]) -> u64 {
+        let mut p = [0u8; 8];
+        for (d, s) in p.iter_mut().zip(key) {
+            *d = *s;
+        }
+        u64::from_be_bytes(p)
+    }
+}
+
+const HIGH_BITS: u64 = 0x8080_8080_8080_8080;
 
 /// An object's members, each already in RFC 8785 form, in one buffer.
 ///
@@ -310,11 +328,18 @@ impl Members {
             return;
         };
         if let Some(last) = self.spans.last() {
-            if self.sorted && cmp_keys(self.key_of(*last), key) != Ordering::Less {
+            let prefix = Span::prefix_of(key.as_bytes());
+            let ascii = (last.prefix | prefix) & HIGH_BITS == 0 && last.prefix != prefix;
+            let in_order = if ascii {
+                last.prefix < prefix
+            } else {
+                cmp_key_bytes(self.key_of(*last), key.as_bytes()) == Ordering::Less
+            };
+            if self.sorted && !in_order {
                 self.sorted = false;
             }
         }
-        self.spans.push(Span { start: s, key_len: k, member_len: m });
+        self.spans.push(Span { start: s, key_len: k, member_len: m, prefix: Span::prefix_of(key.as_bytes()) });
     }
 
     fn fail(&mut self, e: CanonicalError) {
@@ -323,11 +348,22 @@ impl Members {
         }
     }
 
-    fn key_of(&self, span: Span) -> &str {
+    /// A member's name, as bytes (written from a `&str` by `begin`, so valid UTF-8).
+    fn key_of(&self, span: Span) -> &[u8] {
         let at = span.start as usize;
-        // Written from a &str by `begin`, so always valid UTF-8.
-        let key = self.buf.get(at..at + span.key_len as usize).unwrap_or_default();
-        std::str::from_utf8(key).unwrap_or_default()
+        self.buf.get(at..at + span.key_len as usize).unwrap_or_default()
+    }
+
+    /// [`cmp_keys`] of two members' names, deciding on their ASCII prefixes when they differ.
+    fn cmp_spans(&self, a: Span, b: Span) -> Ordering {
+        if a.prefix != b.prefix && (a.prefix | b.prefix) & HIGH_BITS == 0 {
+            return a.prefix.cmp(&b.prefix);
+        }
+        cmp_key_bytes(self.key_of(a), self.key_of(b))
+    }
+
+    fn key_str(&self, span: Span) -> String {
+        String::from_utf8_lossy(self.key_of(span)).into_owned()
     }
 
     fn member_of(&self, span: Span) -> &[u8] {
@@ -451,7 +487,7 @@ impl Members {
             return;
         }
         let mut spans = std::mem::take(&mut self.spans);
-        spans.sort_by(|a, b| cmp_keys(self.key_of(*a), self.key_of(*b)));
+        spans.sort_by(|a, b| self.cmp_spans(*a, *b));
         self.spans = spans;
         self.sorted = true;
     }
@@ -463,7 +499,7 @@ impl Members {
         }
         self.sort();
         let twice = self.spans.windows(2).find_map(|w| match w {
-            [a, b] if self.key_of(*a) == self.key_of(*b) => Some(self.key_of(*a)),
+            [a, b] if self.key_of(*a) == self.key_of(*b) => Some(self.key_str(*a)),
             _ => None,
         });
         if let Some(key) = twice {
@@ -475,7 +511,7 @@ impl Members {
     /// The encoded value of member `key`, if there is one.
     pub fn get(&mut self, key: &str) -> Option<&[u8]> {
         self.sort();
-        let at = self.spans.binary_search_by(|s| cmp_keys(self.key_of(*s), key)).ok()?;
+        let at = self.spans.binary_search_by(|s| cmp_key_bytes(self.key_of(*s), key.as_bytes())).ok()?;
         let span = *self.spans.get(at)?;
         let prefix = string_len(key) + 1;
         self.member_of(span).get(prefix..)
@@ -515,12 +551,12 @@ impl Members {
         };
         for span in &self.spans {
             let key = self.key_of(*span);
-            while let Some(e) = rest.next_if(|e| cmp_keys(e.key(), key) == Ordering::Less) {
+            while let Some(e) = rest.next_if(|e| cmp_key_bytes(e.key().as_bytes(), key) == Ordering::Less) {
                 comma(&mut out);
                 write_extra(&mut out, *e);
             }
-            if rest.peek().is_some_and(|e| e.key() == key) {
-                return Err(CanonicalError::DuplicateKey { path: format!("/{key}") });
+            if rest.peek().is_some_and(|e| e.key().as_bytes() == key) {
+                return Err(CanonicalError::DuplicateKey { path: format!("/{}", self.key_str(*span)) });
             }
             comma(&mut out);
             out.extend_from_slice(self.member_of(*span));
