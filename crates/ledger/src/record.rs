@@ -10,11 +10,16 @@
 //!
 //! The record's RFC 8785 canonical bytes are the Merkle leaf, so the chain links and the log
 //! both commit to every field.
+//!
+//! A draft's body is [`Members`]: its members already encoded, from typed builders (the
+//! daemon's `service/drafts.rs`), or from a `serde_json` object for rare records. Sealing
+//! sorts the writer's fields into place and writes the record in one allocation of exactly its
+//! size; it never builds a `serde_json::Value`.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
-use super::canonical::{self, CanonicalError};
+use super::canonical::{self, CanonicalError, Extra, Members};
 use super::merkle::{leaf_hash, Hash};
 
 /// The chain of operational events that belong to no passport.
@@ -67,15 +72,68 @@ pub const MAX_RECORD_BYTES: usize = 64 * 1024;
 pub const MAX_CHAIN_BYTES: usize = 128;
 
 /// A record to append, as a caller builds it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Draft {
     pub chain: String,
-    pub body: Map<String, Value>,
+    pub body: Members,
 }
 
 impl Draft {
-    pub fn new(chain: impl Into<String>, body: Map<String, Value>) -> Self {
-        Self { chain: chain.into(), body }
+    /// A draft of `body`: [`Members`] from a typed builder, or a `serde_json` object.
+    pub fn new(chain: impl Into<String>, body: impl Into<Members>) -> Self {
+        Self { chain: chain.into(), body: body.into() }
+    }
+}
+
+impl From<Map<String, Value>> for Members {
+    fn from(map: Map<String, Value>) -> Members {
+        Members::from_map(&map)
+    }
+}
+
+impl From<&Map<String, Value>> for Members {
+    fn from(map: &Map<String, Value>) -> Members {
+        Members::from_map(map)
+    }
+}
+
+/// The fields [`seal`] adds, written straight into the record.
+enum SealField<'a> {
+    Str(&'static str, &'a str),
+    Uint(&'static str, u64),
+    Hash(&'static str, Option<&'a Hash>),
+}
+
+impl Extra for SealField<'_> {
+    fn key(&self) -> &str {
+        match self {
+            SealField::Str(k, _) | SealField::Uint(k, _) | SealField::Hash(k, _) => k,
+        }
+    }
+
+    fn value_len(&self) -> usize {
+        match self {
+            SealField::Str(_, s) => canonical::string_len(s),
+            SealField::Uint(_, n) => canonical::decimal_len(*n),
+            SealField::Hash(_, Some(h)) => 2 + 2 * h.len(),
+            SealField::Hash(_, None) => 4,
+        }
+    }
+
+    fn write_value(&self, out: &mut Vec<u8>) {
+        match self {
+            SealField::Str(_, s) => canonical::write_string(out, s),
+            SealField::Uint(_, n) => canonical::write_decimal(out, *n),
+            SealField::Hash(_, Some(h)) => {
+                out.push(b'"');
+                for b in h.iter() {
+                    out.push(super::hex::digit(b >> 4));
+                    out.push(super::hex::digit(*b));
+                }
+                out.push(b'"');
+            }
+            SealField::Hash(_, None) => out.extend_from_slice(b"null"),
+        }
     }
 }
 
@@ -149,24 +207,34 @@ pub fn seal(draft: Draft, index: u64, head: Option<ChainHead>, now: &str) -> Res
     check_chain(&draft.chain)?;
     let Draft { chain, mut body } = draft;
     for field in RESERVED_FIELDS {
-        if body.contains_key(field) {
+        if body.get(field).is_some() {
             return Err(DraftError::ReservedField { chain, field });
         }
     }
-    match body.get(FIELD_TIME) {
-        None => {
-            body.insert(FIELD_TIME.into(), Value::String(now.to_string()));
-        }
-        Some(Value::String(t)) if parse_time(t).is_some() => {}
-        Some(_) => return Err(DraftError::BadTime { chain }),
+    // A time in the draft is kept if it is an RFC 3339 string (which never needs an escape).
+    let keep_time = body.get(FIELD_TIME).is_some();
+    if keep_time && body.get_plain_str(FIELD_TIME).and_then(parse_time).is_none() {
+        return Err(DraftError::BadTime { chain });
     }
     let seq = head.map_or(0, |h| h.seq + 1);
-    body.insert(FIELD_LOG_INDEX.into(), Value::from(index));
-    body.insert(FIELD_SEQ.into(), Value::from(seq));
-    body.insert(FIELD_PREV_HASH.into(), head.map_or(Value::Null, |h| Value::String(super::hex::encode(&h.hash))));
-    body.insert(FIELD_CHAIN.into(), Value::String(chain.clone()));
-    let canonical = canonical::canonicalize_object(&body)
-        .map_err(|source| DraftError::Canonical { chain: chain.clone(), source })?;
+    let canonical_err = |source| DraftError::Canonical { chain: chain.clone(), source };
+    for (field, value) in [(FIELD_LOG_INDEX, index), (FIELD_SEQ, seq)] {
+        if value > canonical::MAX_SAFE_INTEGER {
+            let path = format!("/{field}");
+            return Err(canonical_err(CanonicalError::IntegerOutOfRange { path, value: value.to_string() }));
+        }
+    }
+    let fields = [
+        SealField::Str(FIELD_CHAIN, &chain),
+        SealField::Uint(FIELD_LOG_INDEX, index),
+        SealField::Hash(FIELD_PREV_HASH, head.as_ref().map(|h| &h.hash)),
+        SealField::Uint(FIELD_SEQ, seq),
+        SealField::Str(FIELD_TIME, now),
+    ];
+    // Already in RFC 8785 order; `time` last, so dropping it keeps the order.
+    let extra: [&dyn Extra; 5] = [&fields[0], &fields[1], &fields[2], &fields[3], &fields[4]];
+    let extra = if keep_time { &extra[..4] } else { &extra[..] };
+    let canonical = body.write_merged(extra).map_err(canonical_err)?;
     if canonical.len() > MAX_RECORD_BYTES {
         return Err(DraftError::TooLarge { chain, size: canonical.len() });
     }
@@ -177,6 +245,7 @@ pub fn seal(draft: Draft, index: u64, head: Option<ChainHead>, now: &str) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy;
     use serde_json::json;
 
     fn body(v: Value) -> Map<String, Value> {
@@ -210,6 +279,60 @@ mod tests {
         assert_eq!(v["time"], "2024-05-05T10:00:00Z");
     }
 
+    /// What sealing wrote before drafts were [`Members`]: the writer's fields inserted into the
+    /// `serde_json` object, then the generic canonicaliser.
+    fn seal_generic(
+        chain: &str,
+        mut body: Map<String, Value>,
+        index: u64,
+        head: Option<ChainHead>,
+        now: &str,
+    ) -> Vec<u8> {
+        if !body.contains_key(FIELD_TIME) {
+            body.insert(FIELD_TIME.into(), now.into());
+        }
+        body.insert(FIELD_LOG_INDEX.into(), index.into());
+        body.insert(FIELD_SEQ.into(), head.map_or(0, |h| h.seq + 1).into());
+        body.insert(FIELD_PREV_HASH.into(), head.map_or(Value::Null, |h| crate::hex::encode(&h.hash).into()));
+        body.insert(FIELD_CHAIN.into(), chain.into());
+        canonical::canonicalize_object(&body).unwrap()
+    }
+
+    proptest::proptest! {
+        /// Sealing merges the writer's fields into the encoded members exactly where the generic
+        /// canonicaliser puts them, with or without a time of the draft's own and a chain head.
+        #[test]
+        fn seal_writes_what_the_generic_canonicaliser_writes(
+            fields in proptest::collection::btree_map(
+                "[a-z_]{1,12}|\\PC{1,3}",
+                proptest::prop_oneof![
+                    "\\PC*".prop_map(Value::from),
+                    (0..canonical::MAX_SAFE_INTEGER).prop_map(Value::from),
+                    proptest::bool::ANY.prop_map(Value::from),
+                ],
+                0..20,
+            ),
+            own_time in proptest::option::of(0i64..4_000_000_000),
+            index in 0..canonical::MAX_SAFE_INTEGER,
+            head in proptest::option::of((0..canonical::MAX_SAFE_INTEGER - 1, proptest::array::uniform32(0u8..))),
+            chain in "[!-~]{1,128}",
+        ) {
+            let mut body: Map<String, Value> =
+                fields.into_iter().filter(|(k, _)| !RESERVED_FIELDS.contains(&k.as_str()) && k != FIELD_TIME).collect();
+            if let Some(t) = own_time {
+                let at = DateTime::from_timestamp(t, 0).unwrap_or_default();
+                body.insert(FIELD_TIME.into(), at.to_rfc3339_opts(SecondsFormat::Secs, true).into());
+            }
+            let head = head.map(|(seq, hash)| ChainHead { seq, hash });
+            let now = "2026-12-02T03:04:05.123456Z";
+            let want = seal_generic(&chain, body.clone(), index, head, now);
+            let (a, new_head) = seal(Draft::new(chain.clone(), body), index, head, now).unwrap();
+            proptest::prop_assert_eq!(&a.canonical, &want);
+            proptest::prop_assert_eq!(a.leaf_hash, leaf_hash(&want));
+            proptest::prop_assert_eq!(new_head.seq, head.map_or(0, |h| h.seq + 1));
+        }
+    }
+
     #[test]
     fn seal_refuses_bad_drafts() {
         let now = now_rfc3339();
@@ -226,6 +349,27 @@ mod tests {
         ));
         assert!(matches!(
             seal(Draft::new("p", body(json!({"cost": 0.5}))), 0, None, &now),
+            Err(DraftError::Canonical { .. })
+        ));
+        // A time that is a string but not RFC 3339, or one written with escapes.
+        for t in ["yesterday", "2025-01-01T00:00:00Z\n"] {
+            assert!(matches!(
+                seal(Draft::new("p", body(json!({"time": t}))), 0, None, &now),
+                Err(DraftError::BadTime { .. })
+            ));
+        }
+        // Typed drafts are checked as generic ones are.
+        let mut m = Members::default();
+        m.str("a", "1").str("a", "2");
+        assert!(matches!(
+            seal(Draft::new("p", m), 0, None, &now),
+            Err(DraftError::Canonical { source: CanonicalError::DuplicateKey { .. }, .. })
+        ));
+        let mut m = Members::default();
+        m.uint(FIELD_SEQ, 3);
+        assert!(matches!(seal(Draft::new("p", m), 0, None, &now), Err(DraftError::ReservedField { field: "seq", .. })));
+        assert!(matches!(
+            seal(Draft::new("p", Members::default()), canonical::MAX_SAFE_INTEGER + 1, None, &now),
             Err(DraftError::Canonical { .. })
         ));
         let big = "x".repeat(MAX_RECORD_BYTES);

@@ -6,12 +6,18 @@
 //! Records are format version 2 ([`RECORD_VERSION`]): money is integer millicents in the
 //! `*_millicents` fields named in [`crate::ledger::record`], which the verifier reads with the
 //! same constants.
+//!
+//! Decisions, hold resolutions, counter resets and settlements are typed: each field is written
+//! straight into a [`Members`] in its RFC 8785 form, and the ledger seals that without ever
+//! building a `serde_json::Value`. Rare records (registrations, revocations, sandboxes, host
+//! events) start from [`base`], a `serde_json` object, which the ledger encodes the same way.
 
 use super::held::Hold;
 use crate::decide::{self, ActionRequest, Decision, Guardrail, Reason, ResetWindow, StateView};
+use crate::ledger::canonical::{self, Members};
 use crate::ledger::record::{
-    FIELD_COST, FIELD_KIND, FIELD_SPEND_AFTER, FIELD_SPEND_DELTA, FIELD_SPEND_WINDOW, FIELD_SPEND_WINDOW_START,
-    FIELD_TIME, FIELD_VERSION, FIELD_WINDOW, KIND_COUNTER_RESET, RECORD_VERSION,
+    FIELD_ACTUAL, FIELD_COST, FIELD_ESTIMATED, FIELD_KIND, FIELD_SPEND_AFTER, FIELD_SPEND_DELTA, FIELD_SPEND_WINDOW,
+    FIELD_SPEND_WINDOW_START, FIELD_TIME, FIELD_VERSION, FIELD_WINDOW, KIND_COUNTER_RESET, RECORD_VERSION,
 };
 use crate::passport::{Claims, PassportId};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -40,6 +46,8 @@ pub mod field {
     pub const DECISION_RECORD: &str = "decision_record";
     pub const BY: &str = "by";
     pub const NOTE: &str = "note";
+    pub const SETTLED: &str = "settled";
+    pub const WINDOW_CLOSED: &str = "window_closed";
 }
 
 /// Record kinds (`kind`) the daemon writes and reads back.
@@ -61,7 +69,20 @@ pub fn time(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
-/// The fields every record has: kind, time, and (for passport records) who it concerns.
+/// The fields every record has, for a typed record of about `members` fields and `bytes` bytes:
+/// kind, time, and (for passport records) who it concerns.
+pub fn typed(kind: &str, claims: Option<&Claims>, at: DateTime<Utc>, members: usize, bytes: usize) -> Members {
+    let mut m = Members::with_capacity(members, bytes);
+    m.uint(FIELD_VERSION, RECORD_VERSION).str(FIELD_KIND, kind).time(FIELD_TIME, &at);
+    if let Some(c) = claims {
+        m.str(field::PASSPORT_ID, c.id.as_str())
+            .str(field::ISSUER, c.issuer.as_str())
+            .str(field::AGENT_ID, &c.agent_id);
+    }
+    m
+}
+
+/// [`typed`] as a `serde_json` object, for rare records built field by field.
 pub fn base(kind: &str, claims: Option<&Claims>, at: DateTime<Utc>) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert(FIELD_VERSION.into(), RECORD_VERSION.into());
@@ -86,11 +107,11 @@ pub struct SpendFields {
 }
 
 impl SpendFields {
-    pub(super) fn write(&self, m: &mut Map<String, Value>) {
-        m.insert(FIELD_SPEND_WINDOW.into(), self.window.into());
-        m.insert(FIELD_SPEND_WINDOW_START.into(), time(self.window_start).into());
-        m.insert(FIELD_SPEND_DELTA.into(), self.delta_millicents.into());
-        m.insert(FIELD_SPEND_AFTER.into(), self.after_millicents.into());
+    pub(super) fn write(&self, m: &mut Members) {
+        m.str(FIELD_SPEND_WINDOW, self.window)
+            .time(FIELD_SPEND_WINDOW_START, &self.window_start)
+            .int(FIELD_SPEND_DELTA, self.delta_millicents)
+            .uint(FIELD_SPEND_AFTER, self.after_millicents);
     }
 }
 
@@ -244,21 +265,40 @@ impl Built {
     }
 }
 
-fn request_fields(m: &mut Map<String, Value>, request: &ActionRequest) {
-    m.insert(field::ACTION.into(), request.action.clone().into());
-    m.insert(field::METHOD.into(), request.method.clone().into());
-    m.insert(field::HOST.into(), request.host.as_ref().map(|h| h.to_string()).into());
-    m.insert(field::PATH_DIGEST.into(), request.path.as_ref().map(|p| sha256_hex(p.as_bytes())).into());
+fn request_fields(m: &mut Members, request: &ActionRequest) {
+    m.str(field::ACTION, &request.action).opt_str(field::METHOD, request.method.as_deref());
+    m.opt_str(field::HOST, request.host.as_ref().map(|h| h.as_str()));
+    match &request.path {
+        Some(p) => m.str(field::PATH_DIGEST, &sha256_hex(p.as_bytes())),
+        None => m.null(field::PATH_DIGEST),
+    };
     // A cost past the largest amount sluice counts was refused (invalid_request) and cannot be
     // written exactly: the record says null, the detail names the amount.
-    let cost = Some(request.cost_millicents).filter(|c| *c <= crate::money::MAX_MILLICENTS);
-    m.insert(FIELD_COST.into(), cost.into());
-    // The request hash's own input, not record fields: its keys are part of the hash's format.
-    let canonical = json!({
-        "action": request.action, FIELD_COST: request.cost_millicents,
-        "host": request.host.as_ref().map(|h| h.to_string()), "method": request.method, "path": request.path,
-    });
-    m.insert(field::REQUEST_HASH.into(), sha256_hex(canonical.to_string().as_bytes()).into());
+    m.opt_uint(FIELD_COST, Some(request.cost_millicents).filter(|c| *c <= crate::money::MAX_MILLICENTS));
+    m.str(field::REQUEST_HASH, &request_hash(request));
+}
+
+/// The request hash: SHA-256 of `{"action","cost_millicents","host","method","path"}` in that
+/// order, strings escaped as JSON, the cost in plain decimal whatever its size (docs/records.md).
+/// Its keys and text are part of the hash's format, so they never change with the record's.
+pub fn request_hash(request: &ActionRequest) -> String {
+    let opt = |out: &mut Vec<u8>, s: Option<&str>| match s {
+        Some(s) => canonical::write_string(out, s),
+        None => out.extend_from_slice(b"null"),
+    };
+    let mut text = Vec::with_capacity(96 + request.action.len() + request.path.as_ref().map_or(0, |p| p.len()));
+    text.extend_from_slice(b"{\"action\":");
+    canonical::write_string(&mut text, &request.action);
+    text.extend_from_slice(b",\"cost_millicents\":");
+    canonical::write_decimal(&mut text, request.cost_millicents);
+    text.extend_from_slice(b",\"host\":");
+    opt(&mut text, request.host.as_ref().map(|h| h.as_str()));
+    text.extend_from_slice(b",\"method\":");
+    opt(&mut text, request.method.as_deref());
+    text.extend_from_slice(b",\"path\":");
+    opt(&mut text, request.path.as_deref());
+    text.push(b'}');
+    sha256_hex(&text)
 }
 
 /// A decision record.
@@ -269,29 +309,29 @@ pub fn decision(
     built: &Built,
     policy_digest: Option<&str>,
     at: DateTime<Utc>,
-) -> Map<String, Value> {
-    let mut m = base(kind::DECISION, Some(claims), at);
-    m.insert(field::DECISION.into(), built.decision.as_str().into());
-    m.insert(field::REASON.into(), built.reason.clone().into());
-    m.insert(field::DETAIL.into(), built.detail.clone().into());
-    m.insert(field::POLICY_DIGEST.into(), policy_digest.into());
+) -> Members {
+    let bytes = 768 + built.detail.len() + request.action.len();
+    let mut m = typed(kind::DECISION, Some(claims), at, 24, bytes);
+    m.str(field::DECISION, built.decision.as_str())
+        .str(field::REASON, built.reason.as_str())
+        .str(field::DETAIL, &built.detail)
+        .opt_str(field::POLICY_DIGEST, policy_digest);
     request_fields(&mut m, request);
     if let Some(s) = &built.spend {
         s.write(&mut m);
     }
     if let Some(h) = &built.hold {
-        m.insert(field::HOLD_ID.into(), h.id.clone().into());
-        m.insert(field::HOLD_EXPIRES_AT.into(), time(h.expires_at).into());
+        m.str(field::HOLD_ID, &h.id).time(field::HOLD_EXPIRES_AT, &h.expires_at);
     }
     m
 }
 
 /// A decision for a passport id this daemon does not know: recorded on that id's chain.
-pub fn unknown_passport(id: &PassportId, request: &ActionRequest, at: DateTime<Utc>) -> Map<String, Value> {
-    let mut m = base(kind::DECISION, None, at);
-    m.insert(field::PASSPORT_ID.into(), id.as_str().into());
-    m.insert(field::DECISION.into(), "block".into());
-    m.insert(field::REASON.into(), Reason::PassportUnknown.into());
+pub fn unknown_passport(id: &PassportId, request: &ActionRequest, at: DateTime<Utc>) -> Members {
+    let mut m = typed(kind::DECISION, None, at, 16, 512 + request.action.len());
+    m.str(field::PASSPORT_ID, id.as_str())
+        .str(field::DECISION, Decision::Block.as_str())
+        .str(field::REASON, Reason::PassportUnknown.as_str());
     request_fields(&mut m, request);
     m
 }
@@ -300,19 +340,12 @@ pub fn unknown_passport(id: &PassportId, request: &ActionRequest, at: DateTime<U
 /// is a `counter_reset` and the verifier starts its spend sum again from zero; a reset of other
 /// counters only (the daily figures of a monthly passport, say) is a `counter_reset_partial`
 /// and leaves the spend sum alone.
-pub fn counter_reset(
-    claims: &Claims,
-    window: ResetWindow,
-    view: &StateView,
-    by: Value,
-    at: DateTime<Utc>,
-) -> Map<String, Value> {
+pub fn counter_reset(claims: &Claims, window: ResetWindow, view: &StateView, by: Value, at: DateTime<Utc>) -> Members {
     let spend_window = claims.constraints.window();
     let clears_spend = window == ResetWindow::All || window.as_str() == spend_window.as_str();
     let kind = if clears_spend { KIND_COUNTER_RESET } else { kind::COUNTER_RESET_PARTIAL };
-    let mut m = base(kind, Some(claims), at);
-    m.insert(FIELD_WINDOW.into(), window.as_str().into());
-    m.insert(field::BY.into(), by);
+    let mut m = typed(kind, Some(claims), at, 12, 512);
+    m.str(FIELD_WINDOW, window.as_str()).value(field::BY, &by);
     if clears_spend {
         SpendFields {
             window: spend_window.as_str(),
@@ -336,19 +369,403 @@ pub fn hold_resolution(
     note: Option<String>,
     policy_digest: Option<&str>,
     at: DateTime<Utc>,
-) -> Map<String, Value> {
-    let mut m = base(kind::HOLD_RESOLUTION, Some(claims), at);
-    m.insert(field::HOLD_ID.into(), hold.id.clone().into());
-    m.insert(field::HOLD_RECORD.into(), hold.record_index.into());
-    m.insert(field::DECISION.into(), built.decision.as_str().into());
-    m.insert(field::REASON.into(), built.reason.clone().into());
-    m.insert(field::DETAIL.into(), built.detail.clone().into());
-    m.insert(field::BY.into(), by);
-    m.insert(field::NOTE.into(), note.into());
-    m.insert(field::POLICY_DIGEST.into(), policy_digest.into());
+) -> Members {
+    let bytes = 896 + built.detail.len() + request.action.len() + note.as_ref().map_or(0, |n| n.len());
+    let mut m = typed(kind::HOLD_RESOLUTION, Some(claims), at, 26, bytes);
+    m.str(field::HOLD_ID, &hold.id)
+        .uint(field::HOLD_RECORD, hold.record_index)
+        .str(field::DECISION, built.decision.as_str())
+        .str(field::REASON, built.reason.as_str())
+        .str(field::DETAIL, &built.detail)
+        .value(field::BY, &by)
+        .opt_str(field::NOTE, note.as_deref())
+        .opt_str(field::POLICY_DIGEST, policy_digest);
     request_fields(&mut m, request);
     if let Some(s) = &built.spend {
         s.write(&mut m);
     }
     m
+}
+
+/// What a settlement records (the spend figures follow when the real cost moved the window).
+#[derive(Debug, Clone)]
+pub struct SettlementFields<'a> {
+    pub decision_record: u64,
+    pub estimated_millicents: u64,
+    pub actual_millicents: Option<u64>,
+    pub reason: &'a str,
+}
+
+/// A settlement record: the real cost of an allowed decision, linked to that decision's record.
+/// The caller adds the spend figures ([`SpendFields::write`]) or `window_closed`.
+pub fn settlement(claims: &Claims, s: &SettlementFields<'_>, at: DateTime<Utc>) -> Members {
+    let mut m = typed(kind::SETTLEMENT, Some(claims), at, 18, 640 + s.reason.len());
+    m.uint(field::DECISION_RECORD, s.decision_record)
+        .uint(FIELD_ESTIMATED, s.estimated_millicents)
+        .opt_uint(FIELD_ACTUAL, s.actual_millicents)
+        .bool(field::SETTLED, s.actual_millicents.is_some())
+        .str(field::REASON, s.reason);
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    //! The typed builders write byte for byte what the `serde_json` builders they replaced wrote
+    //! (kept here as the reference), once sealed.
+    use super::*;
+    use crate::decide::Guardrail;
+    use crate::ledger::record::{seal, ChainHead, Draft};
+    use crate::passport::{self, Constraints, IssueRequest, Permission, SpendWindow, TrustTier};
+    use crate::service::held::HoldOrigin;
+    use proptest::prelude::*;
+
+    /// The builders as they were before records were typed.
+    mod generic {
+        use super::super::*;
+
+        pub fn spend(s: &SpendFields, m: &mut Map<String, Value>) {
+            m.insert(FIELD_SPEND_WINDOW.into(), s.window.into());
+            m.insert(FIELD_SPEND_WINDOW_START.into(), time(s.window_start).into());
+            m.insert(FIELD_SPEND_DELTA.into(), s.delta_millicents.into());
+            m.insert(FIELD_SPEND_AFTER.into(), s.after_millicents.into());
+        }
+
+        pub fn request_hash(request: &ActionRequest) -> String {
+            let canonical = json!({
+                "action": request.action, FIELD_COST: request.cost_millicents,
+                "host": request.host.as_ref().map(|h| h.to_string()), "method": request.method, "path": request.path,
+            });
+            sha256_hex(canonical.to_string().as_bytes())
+        }
+
+        fn request_fields(m: &mut Map<String, Value>, request: &ActionRequest) {
+            m.insert(field::ACTION.into(), request.action.clone().into());
+            m.insert(field::METHOD.into(), request.method.clone().into());
+            m.insert(field::HOST.into(), request.host.as_ref().map(|h| h.to_string()).into());
+            m.insert(field::PATH_DIGEST.into(), request.path.as_ref().map(|p| sha256_hex(p.as_bytes())).into());
+            let cost = Some(request.cost_millicents).filter(|c| *c <= crate::money::MAX_MILLICENTS);
+            m.insert(FIELD_COST.into(), cost.into());
+            m.insert(field::REQUEST_HASH.into(), request_hash(request).into());
+        }
+
+        pub fn decision(
+            claims: &Claims,
+            request: &ActionRequest,
+            built: &Built,
+            policy_digest: Option<&str>,
+            at: DateTime<Utc>,
+        ) -> Map<String, Value> {
+            let mut m = base(kind::DECISION, Some(claims), at);
+            m.insert(field::DECISION.into(), built.decision.as_str().into());
+            m.insert(field::REASON.into(), built.reason.clone().into());
+            m.insert(field::DETAIL.into(), built.detail.clone().into());
+            m.insert(field::POLICY_DIGEST.into(), policy_digest.into());
+            request_fields(&mut m, request);
+            if let Some(s) = &built.spend {
+                spend(s, &mut m);
+            }
+            if let Some(h) = &built.hold {
+                m.insert(field::HOLD_ID.into(), h.id.clone().into());
+                m.insert(field::HOLD_EXPIRES_AT.into(), time(h.expires_at).into());
+            }
+            m
+        }
+
+        pub fn unknown_passport(id: &PassportId, request: &ActionRequest, at: DateTime<Utc>) -> Map<String, Value> {
+            let mut m = base(kind::DECISION, None, at);
+            m.insert(field::PASSPORT_ID.into(), id.as_str().into());
+            m.insert(field::DECISION.into(), "block".into());
+            m.insert(field::REASON.into(), Reason::PassportUnknown.into());
+            request_fields(&mut m, request);
+            m
+        }
+
+        pub fn counter_reset(
+            claims: &Claims,
+            window: ResetWindow,
+            view: &StateView,
+            by: Value,
+            at: DateTime<Utc>,
+        ) -> Map<String, Value> {
+            let spend_window = claims.constraints.window();
+            let clears_spend = window == ResetWindow::All || window.as_str() == spend_window.as_str();
+            let kind = if clears_spend { KIND_COUNTER_RESET } else { kind::COUNTER_RESET_PARTIAL };
+            let mut m = base(kind, Some(claims), at);
+            m.insert(FIELD_WINDOW.into(), window.as_str().into());
+            m.insert(field::BY.into(), by);
+            if clears_spend {
+                let s = SpendFields {
+                    window: spend_window.as_str(),
+                    window_start: view.window_start,
+                    delta_millicents: 0,
+                    after_millicents: 0,
+                };
+                spend(&s, &mut m);
+            }
+            m
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        pub fn hold_resolution(
+            claims: &Claims,
+            hold: &Hold,
+            request: &ActionRequest,
+            built: &Built,
+            by: Value,
+            note: Option<String>,
+            policy_digest: Option<&str>,
+            at: DateTime<Utc>,
+        ) -> Map<String, Value> {
+            let mut m = base(kind::HOLD_RESOLUTION, Some(claims), at);
+            m.insert(field::HOLD_ID.into(), hold.id.clone().into());
+            m.insert(field::HOLD_RECORD.into(), hold.record_index.into());
+            m.insert(field::DECISION.into(), built.decision.as_str().into());
+            m.insert(field::REASON.into(), built.reason.clone().into());
+            m.insert(field::DETAIL.into(), built.detail.clone().into());
+            m.insert(field::BY.into(), by);
+            m.insert(field::NOTE.into(), note.into());
+            m.insert(field::POLICY_DIGEST.into(), policy_digest.into());
+            request_fields(&mut m, request);
+            if let Some(s) = &built.spend {
+                spend(s, &mut m);
+            }
+            m
+        }
+
+        pub fn settlement(claims: &Claims, s: &SettlementFields<'_>, at: DateTime<Utc>) -> Map<String, Value> {
+            let mut body = base(kind::SETTLEMENT, Some(claims), at);
+            body.insert(field::DECISION_RECORD.into(), s.decision_record.into());
+            body.insert(FIELD_ESTIMATED.into(), s.estimated_millicents.into());
+            body.insert(FIELD_ACTUAL.into(), s.actual_millicents.into());
+            body.insert("settled".into(), s.actual_millicents.is_some().into());
+            body.insert(field::REASON.into(), s.reason.into());
+            body
+        }
+    }
+
+    fn claims(agent: &str, window: SpendWindow) -> Claims {
+        let issuer = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let constraints = Constraints { cumulative_window: Some(window), ..Constraints::default() };
+        passport::issue(
+            IssueRequest {
+                agent_id: agent.to_string(),
+                agent_name: None,
+                permissions: vec![Permission::parse("llm:*").unwrap()],
+                constraints,
+                trust_tier: TrustTier::L1,
+                lifetime_secs: 3600,
+                now: passport::now(),
+            },
+            &issuer,
+        )
+        .unwrap()
+        .claims
+    }
+
+    /// Both bodies sealed the same way; `seal` of a `serde_json` object goes through
+    /// [`Members::from_map`], itself checked against the generic canonicaliser in the ledger.
+    fn sealed(body: impl Into<Members>) -> Vec<u8> {
+        let head = ChainHead { seq: 41, hash: [7; 32] };
+        seal(Draft::new("p_chain", body), 1234, Some(head), "2026-12-02T03:04:05.000006Z").unwrap().0.canonical
+    }
+
+    /// And the reference once more, as the ledger sealed before: fields inserted into the object,
+    /// then the generic canonicaliser.
+    fn sealed_generic(mut body: Map<String, Value>) -> Vec<u8> {
+        body.insert("chain".into(), "p_chain".into());
+        body.insert("log_index".into(), 1234.into());
+        body.insert("seq".into(), 42.into());
+        body.insert("prev_hash".into(), crate::ledger::hex::encode(&[7; 32]).into());
+        body.entry("time").or_insert_with(|| "2026-12-02T03:04:05.000006Z".into());
+        canonical::canonicalize_object(&body).unwrap()
+    }
+
+    fn same(typed: Members, generic: Map<String, Value>) -> Result<(), TestCaseError> {
+        let want = sealed_generic(generic.clone());
+        prop_assert_eq!(String::from_utf8(sealed(typed)).unwrap(), String::from_utf8(want.clone()).unwrap());
+        prop_assert_eq!(sealed(generic), want);
+        Ok(())
+    }
+
+    fn request() -> impl Strategy<Value = ActionRequest> {
+        (
+            "[a-z]{1,8}(:[a-z_.-]{1,8}){0,2}",
+            prop_oneof![0..1_000_000u64, Just(crate::money::MAX_MILLICENTS), Just(u64::MAX)],
+            proptest::option::of(prop_oneof![Just("api.example.test"), Just("xn--bcher-kva.example"), Just("a.b")]),
+            proptest::option::of(prop_oneof![Just("GET".to_string()), "\\PC{0,6}"]),
+            proptest::option::of("(\\PC|[\\x00-\\x1f\"\\\\])*"),
+        )
+            .prop_map(|(action, cost_millicents, host, method, path)| ActionRequest {
+                action,
+                cost_millicents,
+                host: host.map(|h| crate::passport::domain::DomainName::parse(h).unwrap()),
+                method,
+                path,
+            })
+    }
+
+    fn time_at() -> impl Strategy<Value = DateTime<Utc>> {
+        (0i64..4_102_444_800, 0u32..1_000_000_000).prop_map(|(s, n)| DateTime::from_timestamp(s, n).unwrap())
+    }
+
+    fn built(claims: &Claims) -> impl Strategy<Value = Built> {
+        let id = claims.id.to_string();
+        (
+            prop_oneof![Just(Decision::Allow), Just(Decision::Block), Just(Decision::RequestHold)],
+            prop_oneof![Just(Reason::Allowed), Just(Reason::SpendLimitExceeded), "\\PC{1,12}".prop_map(Reason::Rule)],
+            "(\\PC|[\\x00-\\x1f\"\\\\\u{1f600}])*",
+            proptest::option::of((time_at(), -1_000_000i64..1_000_000, 0u64..9_007_199_254_740_991)),
+            proptest::option::of(time_at()),
+            time_at(),
+        )
+            .prop_map(move |(decision, reason, detail, spend, hold, at)| Built {
+                passport_id: id.clone(),
+                decision,
+                reason,
+                detail,
+                guardrails: vec![Guardrail { name: "x".into(), passed: true, detail: String::new() }],
+                all_passed: true,
+                timestamp: at,
+                spend: spend.map(|(window_start, delta_millicents, after_millicents)| SpendFields {
+                    window: "monthly",
+                    window_start,
+                    delta_millicents,
+                    after_millicents,
+                }),
+                hold: hold.map(|expires_at| Hold {
+                    expires_at,
+                    ..Hold::new(
+                        &claims_for_hold(),
+                        &ActionRequest { action: "a".into(), cost_millicents: 0, host: None, method: None, path: None },
+                        None,
+                        HoldOrigin::Api,
+                        expires_at,
+                        std::time::Duration::from_secs(60),
+                        7,
+                    )
+                }),
+            })
+    }
+
+    fn claims_for_hold() -> Claims {
+        claims("holder", SpendWindow::Monthly)
+    }
+
+    fn by() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(json!("daemon_restart")),
+            ("\\PC{0,8}", 0u32..70_000, 1u32..4_000_000)
+                .prop_map(|(u, uid, pid)| json!({"uid": uid, "user": u, "pid": pid})),
+            (0u32..70_000, 1u32..4_000_000).prop_map(|(uid, pid)| json!({"uid": uid, "user": null, "pid": pid})),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn decisions_are_what_the_serde_json_builder_wrote(
+            request in request(),
+            built in built(&claims("agent-1", SpendWindow::Monthly)),
+            digest in proptest::option::of("[0-9a-f]{64}"),
+            at in time_at(),
+        ) {
+            let c = claims("agent-1", SpendWindow::Monthly);
+            let typed = decision(&c, &request, &built, digest.as_deref(), at);
+            same(typed, generic::decision(&c, &request, &built, digest.as_deref(), at))?;
+            prop_assert_eq!(request_hash(&request), generic::request_hash(&request));
+            let id = PassportId::parse(&built.passport_id).unwrap();
+            same(unknown_passport(&id, &request, at), generic::unknown_passport(&id, &request, at))?;
+        }
+
+        #[test]
+        fn hold_resolutions_are_what_the_serde_json_builder_wrote(
+            request in request(),
+            built in built(&claims("agent-2", SpendWindow::Daily)),
+            by in by(),
+            note in proptest::option::of("(\\PC|[\\x00-\\x1f\"\\\\])*"),
+            at in time_at(),
+        ) {
+            let c = claims("agent-2", SpendWindow::Daily);
+            let hold = Hold::new(&c, &request, Some(443), HoldOrigin::Proxy, at, std::time::Duration::from_secs(90), 99);
+            let typed = hold_resolution(&c, &hold, &request, &built, by.clone(), note.clone(), Some("d"), at);
+            same(typed, generic::hold_resolution(&c, &hold, &request, &built, by, note, Some("d"), at))?;
+        }
+
+        #[test]
+        fn resets_and_settlements_are_what_the_serde_json_builder_wrote(
+            window in prop_oneof![Just(ResetWindow::Daily), Just(ResetWindow::Weekly), Just(ResetWindow::Monthly), Just(ResetWindow::All)],
+            by in by(),
+            start in time_at(),
+            at in time_at(),
+            estimated in 0u64..9_007_199_254_740_991,
+            actual in proptest::option::of(0u64..9_007_199_254_740_991),
+            reason in "\\PC{0,20}",
+            spend in proptest::option::of((-1_000_000i64..1_000_000, 0u64..1_000_000)),
+        ) {
+            let c = claims("agent-3", SpendWindow::Weekly);
+            let view = StateView {
+                passport_id: c.id.to_string(),
+                daily_cost_cents: 0,
+                daily_cost_millicents: 0,
+                daily_cost_limit_cents: None,
+                daily_requests: 0,
+                daily_request_limit: None,
+                daily_resets_at: at,
+                window: "weekly",
+                window_start: start,
+                window_cost_cents: 0,
+                window_cost_millicents: 0,
+                window_cost_limit_cents: None,
+                window_requests: 0,
+                window_resets_at: at,
+                max_per_action_cents: None,
+                approval_threshold_cents: None,
+                rate_limits: vec![],
+            };
+            same(counter_reset(&c, window, &view, by.clone(), at), generic::counter_reset(&c, window, &view, by, at))?;
+            let fields = SettlementFields { decision_record: 5, estimated_millicents: estimated, actual_millicents: actual, reason: &reason };
+            let (mut typed, mut generic) = (settlement(&c, &fields, at), generic::settlement(&c, &fields, at));
+            match spend {
+                Some((delta_millicents, after_millicents)) => {
+                    let s = SpendFields { window: "weekly", window_start: start, delta_millicents, after_millicents };
+                    s.write(&mut typed);
+                    generic::spend(&s, &mut generic);
+                }
+                None => {
+                    typed.bool(field::WINDOW_CLOSED, true);
+                    generic.insert("window_closed".into(), true.into());
+                }
+            }
+            same(typed, generic)?;
+        }
+    }
+
+    /// A cost past the largest amount counted is written null; a figure RFC 8785 cannot carry
+    /// exactly (above 2^53 − 1) stops the record at sealing, as it did when records were
+    /// `serde_json` objects.
+    #[test]
+    fn unrepresentable_amounts_are_null_or_refused() {
+        let c = claims("agent-4", SpendWindow::Monthly);
+        let request = ActionRequest {
+            action: "llm:chat".into(),
+            cost_millicents: u64::MAX,
+            host: None,
+            method: None,
+            path: None,
+        };
+        let mut built = Built::block_unknown(&c.id, Utc::now());
+        let record = sealed(decision(&c, &request, &built, None, Utc::now()));
+        let record: Value = serde_json::from_slice(&record).unwrap();
+        assert!(record[FIELD_COST].is_null(), "{record}");
+        built.spend = Some(SpendFields {
+            window: "monthly",
+            window_start: Utc::now(),
+            delta_millicents: 0,
+            after_millicents: crate::ledger::canonical::MAX_SAFE_INTEGER + 1,
+        });
+        let body = decision(&c, &request, &built, None, Utc::now());
+        let sealed = seal(Draft::new(c.id.to_string(), body), 0, None, "2026-01-01T00:00:00Z");
+        assert!(matches!(sealed, Err(crate::ledger::record::DraftError::Canonical { .. })), "{sealed:?}");
+    }
 }

@@ -14,7 +14,7 @@
 
 use super::{drafts, now, Service, ServiceError};
 use crate::decide::{self, Decision, Usage};
-use crate::ledger::record::{v1, FIELD_ACTUAL, FIELD_COST, FIELD_ESTIMATED, FIELD_KIND, FIELD_TIME};
+use crate::ledger::record::{v1, FIELD_COST, FIELD_KIND, FIELD_TIME};
 use crate::ledger::{self, Draft, Txn, TxnError};
 use crate::money::{self, MAX_MILLICENTS};
 use serde::Serialize;
@@ -110,12 +110,13 @@ impl Service {
                     return Err(ServiceError::AlreadySettled(decision_attestation_id).abort());
                 }
                 txn.put(&settled_key, b"1")?;
-                let mut body = drafts::base(drafts::kind::SETTLEMENT, Some(&claims), at);
-                body.insert(drafts::field::DECISION_RECORD.into(), decision_attestation_id.into());
-                body.insert(FIELD_ESTIMATED.into(), estimate_millicents.into());
-                body.insert(FIELD_ACTUAL.into(), actual.into());
-                body.insert("settled".into(), actual.is_some().into());
-                body.insert(drafts::field::REASON.into(), why.clone().into());
+                let fields = drafts::SettlementFields {
+                    decision_record: decision_attestation_id,
+                    estimated_millicents: estimate_millicents,
+                    actual_millicents: actual,
+                    reason: &why,
+                };
+                let mut body = drafts::settlement(&claims, &fields, at);
                 let mut summary = Settlement {
                     decision_record: decision_attestation_id,
                     estimated_millicents: estimate_millicents,
@@ -164,7 +165,7 @@ impl Service {
                         None => {
                             // The decision's window is over: its counter is gone and the current
                             // one never held the estimate.
-                            body.insert("window_closed".into(), true.into());
+                            body.bool(drafts::field::WINDOW_CLOSED, true);
                             summary.window_closed = true;
                         }
                     }
@@ -236,6 +237,7 @@ fn settleable(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::record::{FIELD_ACTUAL, FIELD_ESTIMATED};
     use crate::ledger::verify;
     use crate::service::testkit::{allow, fixture, record, spent, verified};
     use serde_json::json;
@@ -392,7 +394,7 @@ mod tests {
             .service
             .ledger()
             .transact(move |_txn| {
-                let body = serde_json::from_value(json!({
+                let body: serde_json::Map<String, Value> = serde_json::from_value(json!({
                     "v": 2, "kind": "settlement", "decision_record": d, "estimated_millicents": 500_000,
                     "actual_millicents": 100_000, "settled": true, "spend_window": "monthly",
                     "spend_window_start": window, "spend_delta_millicents": -100_000,
