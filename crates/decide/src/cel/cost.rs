@@ -65,10 +65,47 @@ fn root_shape(path: &[&str]) -> Shape {
 
 /// Functions whose result is a bool, a number, a type, a timestamp or a duration.
 const SCALAR_RESULTS: &[&str] = &[
-    "_==_", "_!=_", "_<_", "_<=_", "_>_", "_>=_", "_&&_", "_||_", "!_", "-_", "_-_", "_*_", "_/_", "_%_", "@in",
-    "@not_strictly_false", "size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "bool",
-    "type", "timestamp", "duration", "getFullYear", "getMonth", "getDayOfYear", "getDayOfMonth", "getDate",
-    "getDayOfWeek", "getHours", "getMinutes", "getSeconds", "getMilliseconds", "has", "max", "min",
+    "_==_",
+    "_!=_",
+    "_<_",
+    "_<=_",
+    "_>_",
+    "_>=_",
+    "_&&_",
+    "_||_",
+    "!_",
+    "-_",
+    "_-_",
+    "_*_",
+    "_/_",
+    "_%_",
+    "@in",
+    "@not_strictly_false",
+    "size",
+    "contains",
+    "startsWith",
+    "endsWith",
+    "matches",
+    "int",
+    "uint",
+    "double",
+    "bool",
+    "type",
+    "timestamp",
+    "duration",
+    "getFullYear",
+    "getMonth",
+    "getDayOfYear",
+    "getDayOfMonth",
+    "getDate",
+    "getDayOfWeek",
+    "getHours",
+    "getMinutes",
+    "getSeconds",
+    "getMilliseconds",
+    "has",
+    "max",
+    "min",
 ];
 
 /// What a bound is computed with: the iteration and accumulator variables in scope.
@@ -183,10 +220,7 @@ fn bound<'a>(e: &'a IdedExpr, scope: &mut Scope<'a>) -> (u64, Shape) {
                 "_?_:_" => {
                     let branch = |i: usize| args.get(i).map(|(s, _)| *s).unwrap_or(Shape::SCALAR);
                     let (a, b) = (branch(1), branch(2));
-                    (
-                        1,
-                        Shape { count: a.count.max(b.count), total: a.total.max(b.total), elem: a.elem.max(b.elem) },
-                    )
+                    (1, Shape { count: a.count.max(b.count), total: a.total.max(b.total), elem: a.elem.max(b.elem) })
                 }
                 "_[_]" => {
                     let elem = args.first().map(|(s, _)| s.elem).unwrap_or(1);
@@ -274,7 +308,8 @@ mod tests {
             "now.getHours() < 6 && usage.daily_requests > 1000".to_string(),
             format!("{}.map(x, x + 1).filter(y, y > 0).size() > 0", list(500)),
         ] {
-            let work = super::work_bound(CompiledRules::compile(&[rule(&expr)]).expect(&expr).rules[0].program.expression());
+            let work =
+                super::work_bound(CompiledRules::compile(&[rule(&expr)]).expect(&expr).rules[0].program.expression());
             assert!(work < MAX_RULE_WORK / 4, "{expr}: {work}");
         }
     }
@@ -288,7 +323,10 @@ mod tests {
             format!("{}.exists(x, {}.exists(y, x + y > 0))", list(1000), list(1000)),
             format!("{l}.exists(x, {l}.exists(y, {l}.exists(z, x + y + z > 0)))", l = list(130)),
             // Each element of the outer list is the whole of the inner one: their product counts.
-            format!("[{l},{l},{l}].exists(a, a.exists(x, passport.permissions.exists(p, p.contains(\"x\"))))", l = list(400)),
+            format!(
+                "[{l},{l},{l}].exists(a, a.exists(x, passport.permissions.exists(p, p.contains(\"x\"))))",
+                l = list(400)
+            ),
             // A regex over the path, with a pattern built from a long variable.
             "request.path.matches(request.path + request.path + request.path)".to_string(),
         ] {
@@ -302,9 +340,8 @@ mod tests {
         // `map` over n elements builds n elements; ranging over that result again multiplies.
         let once = format!("{}.map(x, x).size() > 0", list(200));
         let twice = format!("{l}.map(x, x).exists(a, {l}.map(y, y).exists(b, a == b))", l = list(200));
-        let bound = |e: &str| {
-            super::work_bound(CompiledRules::compile(&[rule(e)]).expect(e).rules[0].program.expression())
-        };
+        let bound =
+            |e: &str| super::work_bound(CompiledRules::compile(&[rule(e)]).expect(e).rules[0].program.expression());
         assert!(bound(&once) < 10_000, "{}", bound(&once));
         assert!(bound(&twice) > 200 * 200, "{}", bound(&twice));
     }
