@@ -45,10 +45,23 @@
 //! Expressions are at most 4096 bytes (checked when the passport is parsed). Compiling runs on a
 //! thread with a large stack, and a syntax tree deeper than [`MAX_AST_DEPTH`] is refused, so
 //! neither compiling nor evaluating can exhaust a stack (see [`CompiledRules::compile`]; found
-//! by the hostile-expression test: the parser overflowed at 2,000 nested parentheses). There is
-//! no step budget:
-//! a deliberately slow rule (nested comprehensions over long literal lists) costs its own
-//! passport's requests time. Rules come from the issuer, who is trusted to limit its own agents.
+//! by the hostile-expression test: the parser overflowed at 2,000 nested parentheses).
+//!
+//! The interpreter has no step budget and cannot be interrupted, so the work of one evaluation
+//! is bounded by the expression's shape: compiling computes an upper bound on it
+//! ([`cost::work_bound`]: comprehensions multiply by the size of what they range over, `matches`
+//! by text × pattern...) and refuses a rule whose bound is above [`cost::MAX_RULE_WORK`], naming
+//! the bound. Host policy rules are compiled the same way, so a policy with such a rule does not
+//! load. What is accepted can still take milliseconds (nested comprehensions over long literal
+//! lists).
+//!
+//! Where that time is spent: the daemon evaluates decisions outside its single ledger writer, in
+//! the passport's own lane, and an evaluation that runs CEL rules runs on a blocking thread, not
+//! on a runtime worker. A slow rule therefore delays its own passport's requests (they are
+//! evaluated one at a time, in order) and uses a CPU; it does not hold up other passports'
+//! decisions or the writer (the daemon's `service::lanes`).
+
+pub mod cost;
 
 use super::usage::WindowCounter;
 use super::ActionRequest;
@@ -142,6 +155,14 @@ fn compile_all(rules: Vec<CelRule>) -> Result<CompiledRules, RuleCompileError> {
         if depth > MAX_AST_DEPTH {
             return Err(refuse(format!(
                 "the expression nests {depth} levels deep, more than the {MAX_AST_DEPTH} allowed; split it into several rules"
+            )));
+        }
+        let work = cost::work_bound(program.expression());
+        if work > cost::MAX_RULE_WORK {
+            return Err(refuse(format!(
+                "one evaluation may take up to {work} steps, more than the {} allowed (comprehensions multiply by the \
+                 size of what they range over); range over shorter lists or nest fewer comprehensions",
+                cost::MAX_RULE_WORK
             )));
         }
         compiled.push(CompiledRule { rule, program });

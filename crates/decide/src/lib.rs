@@ -2,9 +2,11 @@
 //! request_hold or block, with a stable reason and a detail a person (or an LLM agent) can act on.
 //!
 //! Pure and synchronous. It knows nothing of sockets, HTTP servers, the kernel or the store: the
-//! daemon loads the passport's [`Usage`] inside a store transaction, calls [`evaluate`] with the
-//! time, and, only if the decision is [`Decision::Allow`], stores [`Evaluation::usage_after`] in
-//! the same transaction as the attestation record. A blocked or held request changes nothing.
+//! daemon calls [`evaluate`] with the passport's [`Usage`] and the time *outside* its store
+//! transaction, then commits the attestation record and, only if the decision is
+//! [`Decision::Allow`], [`Evaluation::usage_after`] in one transaction that first checks the stored
+//! usage is still the one evaluated against (and evaluates again if not). A blocked or held
+//! request changes nothing.
 //!
 //! # Evaluation order (docs/decisions.md)
 //! Each step is one [`Guardrail`] entry, in this order; the first that fails decides, and later

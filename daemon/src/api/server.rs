@@ -67,6 +67,7 @@ impl From<ServiceError> for ApiError {
             | E::Cgroup(_)
             | E::Serialise(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_error"),
             E::UnixUnconfined(_) => (StatusCode::SERVICE_UNAVAILABLE, "unix_unconfined"),
+            E::Contended { .. } | E::Evaluation(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -389,6 +390,12 @@ mod tests {
             ),
             (ServiceError::NotAppended("decision"), 503, "store_error", "the decision record was not appended"),
             (ServiceError::LockPoisoned("passports"), 503, "store_error", "restart the daemon"),
+            (
+                ServiceError::Contended { passport_id: "pp_x".into(), attempts: 4 },
+                503,
+                "unavailable",
+                "send the request again",
+            ),
         ];
         for (e, status, code, message) in cases {
             let unavailable = e.is_unavailable();

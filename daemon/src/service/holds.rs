@@ -10,7 +10,7 @@ use super::drafts::{self, Built, DecisionOutcome};
 use super::held::{Hold, HoldOrigin, HoldResolution, HoldStatus};
 use super::peer::{Actor, Peer};
 use super::{now, Service, ServiceError};
-use crate::decide::{self, ActionRequest, Decision, EvalOptions, HostVerdict, Reason, Usage};
+use crate::decide::{self, Decision, EvalOptions, HostVerdict, Reason, Usage};
 use crate::domain::DomainName;
 use crate::ledger::{Draft, Txn, TxnError};
 use crate::passport::Claims;
@@ -83,7 +83,13 @@ impl HoldOutcome {
 }
 
 enum Resolution {
+    /// Moves the counters: evaluated in the passport's lane.
     Approve(Peer, Option<String>),
+    /// Moves nothing but the hold.
+    End(Ending),
+}
+
+enum Ending {
     Deny(Peer, Option<String>),
     Timeout,
     Abandon,
@@ -186,7 +192,11 @@ impl Service {
         if note.as_ref().is_some_and(|n| n.len() > 1024) {
             return Err(ServiceError::Invalid { field: "note", problem: "note is longer than 1024 characters".into() });
         }
-        let how = if approve { Resolution::Approve(peer.clone(), note) } else { Resolution::Deny(peer.clone(), note) };
+        let how = if approve {
+            Resolution::Approve(peer.clone(), note)
+        } else {
+            Resolution::End(Ending::Deny(peer.clone(), note))
+        };
         self.resolve(id, how).await
     }
 
@@ -213,7 +223,7 @@ impl Service {
         let wait = (expires_at - now()).to_std().unwrap_or(Duration::ZERO);
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
-            match service.resolve(&id, Resolution::Timeout).await {
+            match service.resolve(&id, Resolution::End(Ending::Timeout)).await {
                 Ok(_) | Err(ServiceError::HoldAlreadyResolved { .. }) => {}
                 Err(e) => tracing::error!(hold_id = %id, error = %e, "could not time out a hold"),
             }
@@ -229,7 +239,7 @@ impl Service {
             }
             match hold.origin {
                 HoldOrigin::Proxy => {
-                    self.resolve(&hold.id, Resolution::Abandon).await?;
+                    self.resolve(&hold.id, Resolution::End(Ending::Abandon)).await?;
                 }
                 HoldOrigin::Api => self.schedule_hold_timeout(hold.id.clone(), hold.expires_at),
             }
@@ -239,86 +249,95 @@ impl Service {
 
     async fn resolve(&self, id: &str, how: Resolution) -> Result<HoldOutcome, ServiceError> {
         let hold = self.load_hold(id)?;
-        let cp = self.passport(&hold.passport_id);
-        let revoked = self.is_revoked(&hold.passport_id);
+        let Some(cp) = self.passport(&hold.passport_id) else {
+            return Err(ServiceError::Store(crate::ledger::LedgerError::Txn(TxnError::abort(format!(
+                "passport {} of hold {} is not loaded",
+                hold.passport_id, hold.id
+            )))));
+        };
         // One read of the policy in force: the approval's host verdict, its CEL host rules and
         // the digest its record names all come from it, even across a concurrent reload.
         let policy = self.policy_set();
         let digest = policy.as_ref().map(|p| p.digest());
+        // An approval that arrives after the deadline is a timeout.
+        let how = match how {
+            Resolution::Approve(..) if now() >= hold.expires_at => Resolution::End(Ending::Timeout),
+            other => other,
+        };
         let key = format!("hold/{id}");
-        let (outcome, appended) = self
-            .transact(move |txn: &mut Txn<'_>| {
-                let at = now();
-                let mut hold = match txn.get(&key)? {
-                    Some(b) => Hold::from_bytes(&b).map_err(TxnError::abort)?,
-                    None => return Err(TxnError::abort(format!("hold {key} vanished"))),
+        let (outcome, appended) = match how {
+            Resolution::Approve(peer, note) => {
+                // Evaluated like a decision, in the passport's lane: it moves the counters.
+                let blocking = super::lanes::needs_blocking_thread(
+                    &cp,
+                    policy.as_ref().and_then(|p| p.compiled_host_rules()).as_deref(),
+                );
+                let approval = Arc::new(Approval { cp: cp.clone(), hold: hold.clone(), policy });
+                let (a, c) = (approval.clone(), cp.clone());
+                let revoked_now = {
+                    let (me, pid) = (self.me.clone(), hold.passport_id.clone());
+                    move || me.upgrade().is_none_or(|s| s.is_revoked(&pid))
                 };
-                if hold.status != HoldStatus::Pending {
-                    return Err(ServiceError::HoldAlreadyResolved { id: hold.id, status: hold.status }.abort());
-                }
-                let Some(cp) = cp else {
-                    return Err(TxnError::abort(format!(
-                        "passport {} of hold {} is not loaded",
-                        hold.passport_id, hold.id
-                    )));
-                };
-                let claims = &cp.passport.claims;
-                let request = hold.action_request();
-                // An approval that arrives after the deadline is a timeout.
-                let how = match how {
-                    Resolution::Approve(..) if at >= hold.expires_at => Resolution::Timeout,
-                    other => other,
-                };
-                let (built, status, by, note) = match how {
-                    Resolution::Approve(peer, note) => {
-                        let built = approve_in_txn(txn, &cp, &hold, &request, revoked, at, policy.as_deref())?;
+                self.in_lane(
+                    &hold.passport_id,
+                    blocking,
+                    move |counters, at| a.evaluate(counters, revoked_now(), at),
+                    move |revoked, (built, at): (Built, DateTime<Utc>), txn| {
+                        let claims = &c.passport.claims;
+                        let built = if revoked { Built::revoked(claims, at) } else { built };
                         let status =
                             if built.decision == Decision::Allow { HoldStatus::Approved } else { HoldStatus::Denied };
-                        (built, status, peer.actor(), note)
-                    }
-                    Resolution::Deny(peer, note) => {
-                        let detail = format!(
-                            "A human denied this request ({}).",
-                            peer.user.as_deref().unwrap_or("unknown user")
-                        );
-                        (block(claims, Reason::HoldDenied, detail, at), HoldStatus::Denied, peer.actor(), note)
-                    }
-                    Resolution::Timeout => {
-                        let detail = "Nobody approved this request before its hold expired.".to_string();
-                        (
-                            block(claims, Reason::HoldTimeout, detail, at),
-                            HoldStatus::TimedOut,
-                            Actor::Daemon("timeout".into()),
-                            None,
-                        )
-                    }
-                    Resolution::Abandon => {
-                        let detail =
-                            "The daemon restarted while this request was held; the request is gone.".to_string();
-                        (
-                            block(claims, Reason::HoldAbandoned, detail, at),
-                            HoldStatus::Abandoned,
-                            Actor::Daemon("daemon_restart".into()),
-                            None,
-                        )
-                    }
-                };
-                let body = drafts::hold_resolution(
-                    claims,
-                    &hold,
-                    &request,
-                    &built,
-                    by.to_json(),
-                    note.clone(),
-                    digest.as_deref(),
-                    at,
-                );
-                hold.status = status;
-                hold.resolution = Some(HoldResolution { at: drafts::time(at), by, note, reason: built.reason.clone() });
-                txn.put(&key, &hold.to_bytes())?;
-                Ok(((built, hold), vec![Draft::new(claims.id.to_string(), body)]))
-            })
-            .await?;
+                        let end = End { built, status, by: peer.actor(), note: note.clone() };
+                        finish(txn, &key, claims, end, digest.as_deref(), at)
+                    },
+                )
+                .await?
+            }
+            Resolution::End(how) => {
+                self.transact(move |txn: &mut Txn<'_>| {
+                    let at = now();
+                    let claims = &cp.passport.claims;
+                    let end = match how {
+                        Ending::Deny(peer, note) => {
+                            let detail = format!(
+                                "A human denied this request ({}).",
+                                peer.user.as_deref().unwrap_or("unknown user")
+                            );
+                            End {
+                                built: block(claims, Reason::HoldDenied, detail, at),
+                                status: HoldStatus::Denied,
+                                by: peer.actor(),
+                                note,
+                            }
+                        }
+                        Ending::Timeout => End {
+                            built: block(
+                                claims,
+                                Reason::HoldTimeout,
+                                "Nobody approved this request before its hold expired.".to_string(),
+                                at,
+                            ),
+                            status: HoldStatus::TimedOut,
+                            by: Actor::Daemon("timeout".into()),
+                            note: None,
+                        },
+                        Ending::Abandon => End {
+                            built: block(
+                                claims,
+                                Reason::HoldAbandoned,
+                                "The daemon restarted while this request was held; the request is gone.".to_string(),
+                                at,
+                            ),
+                            status: HoldStatus::Abandoned,
+                            by: Actor::Daemon("daemon_restart".into()),
+                            note: None,
+                        },
+                    };
+                    finish(txn, &key, claims, end, digest.as_deref(), at)
+                })
+                .await?
+            }
+        };
         let (built, hold) = outcome;
         let index = super::appended_index(&appended, "hold resolution")?;
         let outcome =
@@ -351,41 +370,79 @@ fn block(claims: &Claims, reason: Reason, detail: String, at: DateTime<Utc>) -> 
     }
 }
 
-/// An approval re-checks everything the decision checked (but not the approval step itself)
-/// against the state and the host policy in force now, and spends on success: revocation, the
-/// counters, the passport's constraints and CEL rules, and the host policy's verdict
-/// ([`host_verdict_at_approval`]) with its CEL host rules.
-fn approve_in_txn(
+/// How a hold ends: its resolution's decision and who ended it.
+struct End {
+    built: Built,
+    status: HoldStatus,
+    by: Actor,
+    note: Option<String>,
+}
+
+/// In the writer: the hold must still be pending; records its resolution and stores it resolved.
+fn finish(
     txn: &mut Txn<'_>,
-    cp: &decide::CompiledPassport,
-    hold: &Hold,
-    request: &ActionRequest,
-    revoked: bool,
+    key: &str,
+    claims: &Claims,
+    end: End,
+    digest: Option<&str>,
     at: DateTime<Utc>,
-    policy: Option<&PolicySet>,
-) -> Result<Built, TxnError> {
-    let claims = &cp.passport.claims;
-    let id = claims.id.to_string();
-    if revoked || txn.get(&format!("revoked/{id}"))?.is_some() {
-        return Ok(Built::revoked(claims, at));
-    }
-    let usage_key = format!("usage/{id}");
-    let usage = match txn.get(&usage_key)? {
-        None => Usage::default(),
-        Some(b) => match Usage::from_bytes(&b) {
-            Ok(u) => u,
-            Err(e) => return Ok(Built::state_error(claims, &e.to_string(), at)),
-        },
+) -> Result<((Built, Hold), Vec<Draft>), TxnError> {
+    let mut hold = match txn.get(key)? {
+        Some(b) => Hold::from_bytes(&b).map_err(TxnError::abort)?,
+        None => return Err(TxnError::abort(format!("hold {key} vanished"))),
     };
-    let verdict = host_verdict_at_approval(policy, hold);
-    let host_rules = policy.and_then(PolicySet::compiled_host_rules);
-    let eval = decide::evaluate(cp, &usage, request, &verdict, at, EvalOptions { skip_approval: true, host_rules });
-    let mut built = Built::from_eval(&eval, claims, at);
-    if eval.decision == Decision::Allow {
-        built.reason = Reason::HoldApproved;
-        txn.put(&usage_key, &eval.usage_after.to_bytes())?;
+    if hold.status != HoldStatus::Pending {
+        return Err(ServiceError::HoldAlreadyResolved { id: hold.id, status: hold.status }.abort());
     }
-    Ok(built)
+    let request = hold.action_request();
+    let End { built, status, by, note } = end;
+    let body = drafts::hold_resolution(claims, &hold, &request, &built, by.to_json(), note.clone(), digest, at);
+    hold.status = status;
+    hold.resolution = Some(HoldResolution { at: drafts::time(at), by, note, reason: built.reason.clone() });
+    txn.put(key, &hold.to_bytes())?;
+    Ok(((built, hold), vec![Draft::new(claims.id.to_string(), body)]))
+}
+
+/// An approval re-checks everything the decision checked (but not the approval step itself)
+/// against the counters and the host policy in force now, and spends on success: revocation, the
+/// counters, the passport's constraints and CEL rules, and the host policy's verdict
+/// ([`host_verdict_at_approval`]) with its CEL host rules. Evaluated in the passport's lane,
+/// outside the writer, like a decision.
+struct Approval {
+    cp: Arc<decide::CompiledPassport>,
+    hold: Hold,
+    policy: Option<Arc<PolicySet>>,
+}
+
+impl Approval {
+    fn evaluate(
+        &self,
+        counters: Option<&[u8]>,
+        revoked: bool,
+        at: DateTime<Utc>,
+    ) -> super::lanes::Speculation<(Built, DateTime<Utc>)> {
+        let claims = &self.cp.passport.claims;
+        let plan = |built: Built| super::lanes::Speculation { writes: None, plan: (built, at) };
+        if revoked {
+            return plan(Built::revoked(claims, at));
+        }
+        let usage = match counters.map(Usage::from_bytes).transpose() {
+            Ok(u) => u.unwrap_or_default(),
+            Err(e) => return plan(Built::state_error(claims, &e.to_string(), at)),
+        };
+        let policy = self.policy.as_deref();
+        let verdict = host_verdict_at_approval(policy, &self.hold);
+        let host_rules = policy.and_then(PolicySet::compiled_host_rules);
+        let request = self.hold.action_request();
+        let eval =
+            decide::evaluate(&self.cp, &usage, &request, &verdict, at, EvalOptions { skip_approval: true, host_rules });
+        let mut built = Built::from_eval(&eval, claims, at);
+        let writes = (eval.decision == Decision::Allow).then(|| {
+            built.reason = Reason::HoldApproved;
+            eval.usage_after.to_bytes()
+        });
+        super::lanes::Speculation { writes, plan: (built, at) }
+    }
 }
 
 /// The host policy's verdict on a held request under `policy`, the policy in force at approval:

@@ -26,6 +26,9 @@ mod drafts;
 mod held;
 mod holds;
 #[cfg(test)]
+mod lane_tests;
+mod lanes;
+#[cfg(test)]
 mod money_tests;
 mod peer;
 mod sandboxes;
@@ -117,6 +120,14 @@ pub enum ServiceError {
     ResolutionNotFound(String),
     #[error("the daemon's {0} lock is poisoned (a thread panicked holding it); restart the daemon")]
     LockPoisoned(&'static str),
+    /// The passport's counters moved under each of `attempts` evaluations of this decision (see
+    /// `service::lanes`).
+    #[error(
+        "the counters of passport {passport_id} changed under each of {attempts} evaluations of this decision; nothing was decided or forwarded, send the request again"
+    )]
+    Contended { passport_id: String, attempts: u32 },
+    #[error("the decision could not be evaluated: {0}; nothing was decided or forwarded")]
+    Evaluation(String),
     #[error("cgroup: {0}")]
     Cgroup(String),
     /// Sandboxes are refused: agents' Unix sockets cannot be confined (the message says why and
@@ -138,6 +149,8 @@ impl ServiceError {
                 | ServiceError::HoldUnreadable(_)
                 | ServiceError::Export(_)
                 | ServiceError::LockPoisoned(_)
+                | ServiceError::Contended { .. }
+                | ServiceError::Evaluation(_)
                 | ServiceError::ResolutionNotFound(_)
                 | ServiceError::Cgroup(_)
                 | ServiceError::Serialise(_)
@@ -330,6 +343,8 @@ pub struct Service {
     /// The host policy in force, when the daemon has one: its digest goes into every decision
     /// record, and API decisions get its host-wide check.
     policy: RwLock<Option<Arc<crate::policy::PolicyHandle>>>,
+    /// Per-passport lanes: decisions are evaluated there, outside the ledger writer.
+    lanes: lanes::Lanes,
 }
 
 /// Revocations as the ledger's state knows them, for the passport verifier.
@@ -378,6 +393,7 @@ impl Service {
             waiters: Mutex::new(HashMap::new()),
             sandboxes: RwLock::new(HashMap::new()),
             policy: RwLock::new(None),
+            lanes: lanes::Lanes::default(),
         });
         service
             .record_host_event("daemon_start", json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}))
@@ -630,20 +646,36 @@ impl Service {
         };
         let compiled = self.passport(pid.as_str());
         let agent_id = compiled.as_ref().map(|cp| cp.passport.claims.agent_id.clone());
-        let revoked = self.is_revoked(pid.as_str());
         let held = HoldParams { origin, timeout: self.config.hold_timeout, port: input.port };
         let (digest, host_rules) = self.policy_snapshot();
-        let (outcome, appended) = self
-            .transact(move |txn: &mut Txn<'_>| {
-                let at = now();
-                let Some(cp) = compiled else {
+        let (outcome, appended) = match compiled {
+            None => {
+                self.transact(move |_txn: &mut Txn<'_>| {
+                    let at = now();
                     let body = drafts::unknown_passport(&pid, &request, at);
-                    return Ok((drafts::Built::block_unknown(&pid, at), vec![Draft::new(pid.to_string(), body)]));
-                };
+                    Ok((drafts::Built::block_unknown(&pid, at), vec![Draft::new(pid.to_string(), body)]))
+                })
+                .await?
+            }
+            Some(cp) => {
+                let blocking = lanes::needs_blocking_thread(&cp, host_rules.as_deref());
                 let opts = EvalOptions { skip_approval: false, host_rules };
-                decide_in_txn(txn, &cp, &request, &host_verdict, revoked, at, held, digest.as_deref(), opts)
-            })
-            .await?;
+                let decision = Arc::new(LaneDecision { cp, request, host_verdict, held, policy_digest: digest, opts });
+                let d = decision.clone();
+                let revoked_now = {
+                    let id = d.cp.passport.claims.id.to_string();
+                    let me = self.me.clone();
+                    move || me.upgrade().is_none_or(|s| s.is_revoked(&id))
+                };
+                self.in_lane(
+                    pid.as_str(),
+                    blocking,
+                    move |counters, at| d.evaluate(counters, revoked_now(), at),
+                    move |revoked, plan, txn| decision.commit(revoked, plan, txn),
+                )
+                .await?
+            }
+        };
         let index = appended_index(&appended, "decision")?;
         if let Some(hold) = &outcome.hold {
             self.schedule_hold_timeout(hold.id.clone(), hold.expires_at);
@@ -691,7 +723,7 @@ impl Service {
         let peer_json = peer.to_json();
         let cp2 = cp.clone();
         let (view, appended) = self
-            .transact(move |txn: &mut Txn<'_>| {
+            .lane_invalidating(id, move |txn: &mut Txn<'_>| {
                 let at = now();
                 let usage = match txn.get(&key)? {
                     None => Usage::default(),
@@ -795,53 +827,80 @@ struct HoldParams {
     port: Option<u16>,
 }
 
-/// The body of one decision, run inside the ledger's write transaction.
-#[allow(clippy::too_many_arguments)]
-fn decide_in_txn(
-    txn: &mut Txn<'_>,
-    cp: &CompiledPassport,
-    request: &ActionRequest,
-    host_verdict: &HostVerdict,
-    revoked: bool,
-    at: DateTime<Utc>,
+/// One decision of a registered passport, evaluated in its lane (see [`lanes`]).
+struct LaneDecision {
+    cp: Arc<CompiledPassport>,
+    request: ActionRequest,
+    host_verdict: HostVerdict,
     held: HoldParams,
-    policy_digest: Option<&str>,
+    policy_digest: Option<String>,
     opts: EvalOptions,
-) -> Result<(drafts::Built, Vec<Draft>), TxnError> {
-    let claims = &cp.passport.claims;
-    let id = claims.id.to_string();
-    let usage_key = format!("usage/{id}");
-    if revoked || txn.get(&format!("revoked/{id}"))?.is_some() {
-        let built = drafts::Built::revoked(claims, at);
-        let body = drafts::decision(claims, request, &built, policy_digest, at);
-        return Ok((built, vec![Draft::new(id, body)]));
-    }
-    let usage = match txn.get(&usage_key)? {
-        None => Usage::default(),
-        Some(bytes) => match Usage::from_bytes(&bytes) {
-            Ok(u) => u,
-            Err(e) => {
-                // Corrupt counters must never read as zero spend: block, loudly.
-                tracing::error!(passport_id = %id, error = %e, "usage state is unreadable; blocking");
-                let built = drafts::Built::state_error(claims, &e.to_string(), at);
-                let body = drafts::decision(claims, request, &built, policy_digest, at);
-                return Ok((built, vec![Draft::new(id, body)]));
+}
+
+/// What a [`LaneDecision`] commits: the decision and, except for a hold (whose record names the
+/// hold, made in the writer), its record, both built outside the writer.
+struct DecisionPlan {
+    built: drafts::Built,
+    draft: Option<Draft>,
+    at: DateTime<Utc>,
+}
+
+impl LaneDecision {
+    /// Evaluates against the stored counters `counters` (outside the writer). Revoked and
+    /// unreadable counters are decided here, as before the engine.
+    fn evaluate(&self, counters: Option<&[u8]>, revoked: bool, at: DateTime<Utc>) -> lanes::Speculation<DecisionPlan> {
+        let claims = &self.cp.passport.claims;
+        let (built, writes) = if revoked {
+            (drafts::Built::revoked(claims, at), None)
+        } else {
+            match counters.map(Usage::from_bytes).transpose() {
+                Err(e) => {
+                    // Corrupt counters must never read as zero spend: block, loudly.
+                    tracing::error!(passport_id = %claims.id, error = %e, "usage state is unreadable; blocking");
+                    (drafts::Built::state_error(claims, &e.to_string(), at), None)
+                }
+                Ok(usage) => {
+                    let usage = usage.unwrap_or_default();
+                    let eval =
+                        decide::evaluate(&self.cp, &usage, &self.request, &self.host_verdict, at, self.opts.clone());
+                    let writes = (eval.decision == decide::Decision::Allow).then(|| eval.usage_after.to_bytes());
+                    (drafts::Built::from_eval(&eval, claims, at), writes)
+                }
             }
-        },
-    };
-    let eval = decide::evaluate(cp, &usage, request, host_verdict, at, opts);
-    let mut built = drafts::Built::from_eval(&eval, claims, at);
-    match eval.decision {
-        decide::Decision::Allow => {
-            txn.put(&usage_key, &eval.usage_after.to_bytes())?;
-        }
-        decide::Decision::RequestHold => {
-            let hold = Hold::new(claims, request, held.port, held.origin, at, held.timeout, txn.next_index());
-            txn.put(&format!("hold/{}", hold.id), &hold.to_bytes())?;
-            built.hold = Some(hold);
-        }
-        decide::Decision::Block => {}
+        };
+        let draft = (built.decision != decide::Decision::RequestHold).then(|| {
+            let body = drafts::decision(claims, &self.request, &built, self.policy_digest.as_deref(), at);
+            Draft::new(claims.id.to_string(), body)
+        });
+        lanes::Speculation { writes, plan: DecisionPlan { built, draft, at } }
     }
-    let body = drafts::decision(claims, request, &built, policy_digest, at);
-    Ok((built, vec![Draft::new(id, body)]))
+
+    /// In the writer, after the counters were compared (and written, for an allow); `revoked`:
+    /// the store says the passport is revoked, and nothing was compared or written.
+    fn commit(
+        &self,
+        revoked: bool,
+        plan: DecisionPlan,
+        txn: &mut Txn<'_>,
+    ) -> Result<(drafts::Built, Vec<Draft>), TxnError> {
+        let claims = &self.cp.passport.claims;
+        let id = claims.id.to_string();
+        let DecisionPlan { mut built, draft, at } = plan;
+        if revoked && built.reason != decide::Reason::PassportRevoked {
+            built = drafts::Built::revoked(claims, at);
+            let body = drafts::decision(claims, &self.request, &built, self.policy_digest.as_deref(), at);
+            return Ok((built, vec![Draft::new(id, body)]));
+        }
+        let draft = match draft {
+            Some(draft) => draft,
+            None => {
+                let held = self.held;
+                let hold = Hold::new(claims, &self.request, held.port, held.origin, at, held.timeout, txn.next_index());
+                txn.put(&format!("hold/{}", hold.id), &hold.to_bytes())?;
+                built.hold = Some(hold);
+                Draft::new(id, drafts::decision(claims, &self.request, &built, self.policy_digest.as_deref(), at))
+            }
+        };
+        Ok((built, vec![draft]))
+    }
 }

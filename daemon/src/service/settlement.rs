@@ -99,8 +99,9 @@ impl Service {
         let window = claims.constraints.window();
         let id = claims.id.to_string();
         let why = why.to_string();
+        // Through the passport's lane: the counters it moves are the ones decisions compare.
         let (summary, appended) = self
-            .transact(move |txn: &mut Txn<'_>| {
+            .lane_invalidating(passport_id, move |txn: &mut Txn<'_>| {
                 // Read inside the writer's transaction: the decision may not be published yet,
                 // and a read outside would force a redb commit for every metered request.
                 let decided_at = settleable(txn, decision_attestation_id, &id, estimate_millicents)?;
