@@ -5,7 +5,8 @@
 //!   leaves of one RFC 6962 Merkle log ([`record`], [`merkle`]);
 //! - a key-value state table whose values are opaque bytes owned by other modules (counters,
 //!   passports, holds, revocations), written in the same durable transaction as the records
-//!   that justify them ([`store`]);
+//!   that justify them; records kept in append-only segment files, indexes and state in redb
+//!   ([`store`]);
 //! - the host key and the signed C2SP checkpoints ([`hostkey`], [`checkpoint`]);
 //! - audit exports, portable attestations and their offline verification ([`export`],
 //!   [`verify`]).
@@ -20,7 +21,9 @@
 //!
 //! **Invariants**
 //! - Append-only: records, Merkle nodes and checkpoints are only ever inserted at the end; no
-//!   code path rewrites or deletes them.
+//!   code path rewrites or deletes them. (Two file operations keep the same bytes: sealing
+//!   replaces a full segment's `.log` by its compressed `.zst`, and open cuts an open segment
+//!   back to the length redb synced, beyond which journal replay writes the same records again.)
 //! - Durable before answered: a transaction's caller hears back only after its group is on
 //!   stable storage: appended to the commit journal and `fdatasync`ed (or, for a group too large
 //!   for the journal, committed to redb with `Durability::Immediate`). If the journal write

@@ -1388,7 +1388,7 @@ async fn a_transaction_reads_published_and_unpublished_records() {
     ledger.shutdown();
 }
 
-/// Bytes on disk per decision: 20,000 decision records shaped like the daemon's (about 1 KB of
+/// Bytes on disk per decision: 20,000 (or `SLUICE_MEASURE_RECORDS`) decision records shaped like the daemon's (about 1 KB of
 /// canonical JSON each, docs/records.md) over 50 passports, each with its usage counter
 /// written in the same transaction.
 /// Run: `cargo test --release -p sluice-ledger measure_disk_per_decision -- --ignored --nocapture`
@@ -1397,7 +1397,7 @@ async fn a_transaction_reads_published_and_unpublished_records() {
 fn measure_disk_per_decision() {
     let store = TestStore::new();
     let ledger = store.open();
-    let total = 20_000u64;
+    let total: u64 = std::env::var("SLUICE_MEASURE_RECORDS").ok().and_then(|n| n.parse().ok()).unwrap_or(20_000);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         let mut handles = Vec::new();
@@ -1459,9 +1459,13 @@ fn measure_disk_per_decision() {
     ledger.shutdown();
     drop(ledger);
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(store.path.parent().unwrap()).unwrap() {
-        let entry = entry.unwrap();
-        files.push((entry.file_name().to_string_lossy().into_owned(), entry.metadata().unwrap().len()));
+    for dir in [store.path.parent().unwrap().to_path_buf(), store::segments_dir(&store.path)] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let entry = entry.unwrap();
+            if entry.metadata().unwrap().is_file() {
+                files.push((entry.file_name().to_string_lossy().into_owned(), entry.metadata().unwrap().len()));
+            }
+        }
     }
     files.sort();
     println!("{total} decisions, {} canonical bytes per record on average", record_bytes / total);
