@@ -8,6 +8,9 @@
 //! nothing at it is followed. The directory is fsynced last, so the file survives a crash once the
 //! call returned. A crash before the link leaves only a hidden `.NAME.*.tmp` sibling behind.
 //!
+//! [`NewFile`] is [`create_new`] for a file written in parts as they arrive (an audit export):
+//! the name appears only at [`NewFile::commit`], and a file dropped before that leaves nothing.
+//!
 //! [`replace`] does the same with `rename(2)`, for public files that are regenerated whole (the
 //! CA certificate, the agents' trust bundle).
 //!
@@ -258,6 +261,34 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"one");
         // No temporary is left behind, in success or failure.
         assert_eq!(names(dir.path()), ["f"]);
+    }
+
+    #[test]
+    fn a_file_written_in_parts_appears_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("export.json");
+        let mut f = NewFile::create(&path, 0o644).unwrap();
+        f.write(b"{\"a\":").unwrap();
+        f.write(b"1}").unwrap();
+        assert!(!path.exists(), "visible before it is complete");
+        f.commit().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"a\":1}");
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o644);
+        assert!(matches!(NewFile::create(&path, 0o644), Err(FileError::Exists { .. })));
+        // Abandoned midway (an error while downloading): nothing is left.
+        let other = dir.path().join("partial.json");
+        let mut f = NewFile::create(&other, 0o644).unwrap();
+        f.write(b"{\"records\":[").unwrap();
+        drop(f);
+        assert_eq!(names(dir.path()), ["export.json"]);
+        // Something created at the name meanwhile is not overwritten.
+        let raced = dir.path().join("raced.json");
+        let mut f = NewFile::create(&raced, 0o644).unwrap();
+        f.write(b"ours").unwrap();
+        std::fs::write(&raced, b"theirs").unwrap();
+        assert!(matches!(f.commit(), Err(FileError::Exists { .. })));
+        assert_eq!(std::fs::read(&raced).unwrap(), b"theirs");
+        assert_eq!(names(dir.path()), ["export.json", "raced.json"]);
     }
 
     #[test]
