@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{Read, Seek};
+use std::sync::{mpsc, Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use ed25519_dalek::VerifyingKey;
@@ -232,12 +233,73 @@ pub fn verify_document(text: &str, host: &VerifyingKey, older_checkpoint: Option
 /// [`crate::docstream`] for the bounds on each member). One pass when the members the records
 /// need come before them, as the daemon writes them; otherwise the records are skipped, the
 /// rest read, and the reader sought back to the records for a second pass.
+///
+/// What each record allows alone (its envelope, canonical form, leaf hash) is checked on worker
+/// threads when the machine has several cores, in batches of [`BATCH`] records with at most
+/// two batches per worker in flight; the rest, in document order on the calling thread. The
+/// report is the same either way.
 pub fn verify_reader<R: Read + Seek>(r: R, host: &VerifyingKey, older_checkpoint: Option<&str>) -> VerifyReport {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_WORKERS);
+    if workers < 2 {
+        return verify_with(r, host, older_checkpoint, None);
+    }
+    std::thread::scope(|scope| {
+        let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Vec<(usize, Vec<u8>)>)>(workers);
+        let (done_tx, done_rx) = mpsc::channel::<(u64, Vec<Element>)>();
+        let work_rx = Arc::new(Mutex::new(work_rx));
+        for _ in 0..workers {
+            let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
+            scope.spawn(move || loop {
+                let job = match work_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok((seq, batch)) = job else { return };
+                let prepared = batch.iter().map(|(position, bytes)| prepare_element(*position, bytes)).collect();
+                if done_tx.send((seq, prepared)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+        let pool = Pool { work: work_tx, done: done_rx, in_flight: 2 * workers };
+        verify_with(r, host, older_checkpoint, Some(pool))
+        // Dropping the pool closes the work channel: the workers end and the scope joins them.
+    })
+}
+
+/// Records per batch handed to a worker.
+const BATCH: usize = 256;
+/// Most worker threads used by [`verify_reader`].
+const MAX_WORKERS: usize = 4;
+
+/// Worker threads that prepare batches of records.
+pub(crate) struct Pool {
+    work: mpsc::SyncSender<(u64, Vec<(usize, Vec<u8>)>)>,
+    done: mpsc::Receiver<(u64, Vec<Element>)>,
+    in_flight: usize,
+}
+
+pub(crate) fn verify_with<R: Read + Seek>(
+    r: R,
+    host: &VerifyingKey,
+    older_checkpoint: Option<&str>,
+    pool: Option<Pool>,
+) -> VerifyReport {
     let mut scanner = Scanner::new(r);
-    let mut sink = Sink { host, older: older_checkpoint, verifier: None };
+    let mut sink = Sink {
+        host,
+        older: older_checkpoint,
+        verifier: None,
+        pool,
+        batch: Vec::new(),
+        sent: 0,
+        applied: 0,
+        ready: BTreeMap::new(),
+    };
     let top = match scanner.top_level(&mut sink) {
         Ok(top) => top,
-        Err(e) => return scan_failed(sink.verifier, &e),
+        Err(e) => return scan_failed(sink.finish_records(), &e),
     };
     let format = top.get("format").and_then(|v| serde_json::from_slice::<String>(v).ok());
     let malformed = |reason: String| {
@@ -257,10 +319,10 @@ pub fn verify_reader<R: Read + Seek>(r: R, host: &VerifyingKey, older_checkpoint
             if !top.records_streamed {
                 sink.verifier = Some(ExportVerifier::new(&header, host, older_checkpoint));
                 if let Err(e) = scanner.seek(records_at).and_then(|()| scanner.records(&mut sink, true)) {
-                    return scan_failed(sink.verifier, &e);
+                    return scan_failed(sink.finish_records(), &e);
                 }
             }
-            match sink.verifier {
+            match sink.finish_records() {
                 Some(v) => v.finish(header.consistency.as_ref()),
                 None => malformed("the records could not be read".into()),
             }
@@ -326,14 +388,100 @@ struct ExportHeader {
     consistency: Option<ConsistencyEvidence>,
 }
 
-/// Takes the records as the scanner reaches them, once the members they need were read.
+/// Takes the records as the scanner reaches them, once the members they need were read:
+/// prepares them (on the pool's workers, if any) and applies them in document order.
 struct Sink<'a> {
     host: &'a VerifyingKey,
     older: Option<&'a str>,
     verifier: Option<ExportVerifier<'a>>,
+    pool: Option<Pool>,
+    /// Elements not yet handed to a worker.
+    batch: Vec<(usize, Vec<u8>)>,
+    /// Batches handed out, and applied, so far.
+    sent: u64,
+    applied: u64,
+    /// Batches prepared but waiting for an earlier one.
+    ready: BTreeMap<u64, Vec<Element>>,
 }
 
-impl RecordSink for Sink<'_> {
+impl Sink<'_> {
+    /// Hands the current batch to the workers, then applies finished batches in order until
+    /// fewer than `keep` are in flight.
+    fn flush(&mut self, keep: usize) {
+        let Some(pool) = &self.pool else { return };
+        if !self.batch.is_empty() {
+            let batch = std::mem::take(&mut self.batch);
+            if let Err(mpsc::SendError((_, batch))) = pool.work.send((self.sent, batch)) {
+                // The workers are gone: prepare the rest here, after what is in flight.
+                self.batch = batch;
+                self.drain_inline();
+                return;
+            }
+            self.sent += 1;
+        }
+        while self.sent - self.applied > keep as u64 {
+            if let Some(elements) = self.ready.remove(&self.applied) {
+                if let Some(v) = &mut self.verifier {
+                    for e in elements {
+                        v.apply(e);
+                    }
+                }
+                self.applied += 1;
+                continue;
+            }
+            match pool.done.recv() {
+                Ok((seq, elements)) => {
+                    self.ready.insert(seq, elements);
+                }
+                Err(_) => {
+                    // Every worker ended early; what they held is lost, so say so.
+                    if let Some(v) = &mut self.verifier {
+                        v.report.problems.push(Problem::Malformed {
+                            reason: "internal: the verifier's worker threads stopped; verify again".into(),
+                        });
+                    }
+                    self.pool = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Without workers: applies the batches already prepared, then prepares and applies the
+    /// current one here.
+    fn drain_inline(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            while let Ok((seq, elements)) = pool.done.try_recv() {
+                self.ready.insert(seq, elements);
+            }
+        }
+        let complete = self.ready.keys().copied().eq(self.applied..self.sent);
+        if let (false, Some(v)) = (complete, &mut self.verifier) {
+            v.report.problems.push(Problem::Malformed {
+                reason: "internal: the verifier's worker threads stopped; verify again".into(),
+            });
+        }
+        let ready = std::mem::take(&mut self.ready);
+        let batch = std::mem::take(&mut self.batch);
+        if let Some(v) = &mut self.verifier {
+            for e in ready.into_values().flatten() {
+                v.apply(e);
+            }
+            for (position, bytes) in batch {
+                v.apply(prepare_element(position, &bytes));
+            }
+        }
+    }
+
+    /// Applies everything still in flight and returns the verifier.
+    fn finish_records(&mut self) -> Option<ExportVerifier<'_>> {
+        self.flush(0);
+        self.pool = None;
+        self.verifier.take()
+    }
+}
+
+impl<'a> RecordSink for Sink<'a> {
     fn start(&mut self, members: &[(String, Vec<u8>)]) -> bool {
         const NEEDED: [&str; 6] = ["format", "origin", "host_vkey", "checkpoint", "full", "filter"];
         if self.verifier.is_some() {
@@ -357,8 +505,19 @@ impl RecordSink for Sink<'_> {
     }
 
     fn element(&mut self, position: usize, bytes: &[u8]) {
-        if let Some(v) = &mut self.verifier {
-            v.element(position, bytes);
+        match &self.pool {
+            None => {
+                if let Some(v) = &mut self.verifier {
+                    v.apply(prepare_element(position, bytes));
+                }
+            }
+            Some(pool) => {
+                self.batch.push((position, bytes.to_vec()));
+                if self.batch.len() >= BATCH {
+                    let keep = pool.in_flight;
+                    self.flush(keep);
+                }
+            }
         }
     }
 }
@@ -387,27 +546,27 @@ fn open_checkpoint(report: &mut VerifyReport, note: &str, host: &VerifyingKey) -
 
 /// Parses one exported record whose leaf hash is `leaf`; `None` (with problems noted) if it
 /// cannot be used at all.
-fn parse_record(report: &mut VerifyReport, position: usize, index: u64, text: &str, leaf: Hash) -> Option<Parsed> {
+fn parse_record(problems: &mut Vec<Problem>, position: usize, index: u64, text: &str, leaf: Hash) -> Option<Parsed> {
     let malformed = |reason: String| Problem::RecordMalformed { position, index, reason };
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            report.problems.push(malformed(format!("not JSON: {e}")));
+            problems.push(malformed(format!("not JSON: {e}")));
             return None;
         }
     };
     let Value::Object(body) = value else {
-        report.problems.push(malformed("not a JSON object".into()));
+        problems.push(malformed("not a JSON object".into()));
         return None;
     };
     match canonical::canonicalize_object(&body) {
         Ok(c) if c == text.as_bytes() => {}
-        Ok(_) => report.problems.push(malformed("not in RFC 8785 canonical form (edited by hand?)".into())),
-        Err(e) => report.problems.push(malformed(e.to_string())),
+        Ok(_) => problems.push(malformed("not in RFC 8785 canonical form (edited by hand?)".into())),
+        Err(e) => problems.push(malformed(e.to_string())),
     }
     let field_value = body.get(FIELD_LOG_INDEX).and_then(Value::as_u64);
     if field_value != Some(index) {
-        report.problems.push(Problem::IndexMismatch { position, index, field_value });
+        problems.push(Problem::IndexMismatch { position, index, field_value });
     }
     Some(Parsed { position, index, leaf, body })
 }
@@ -440,6 +599,39 @@ pub fn verify_export(bundle: &ExportBundle, host: &VerifyingKey, older_checkpoin
         v.record(position, r);
     }
     v.finish(bundle.consistency.as_ref())
+}
+
+/// What can be checked of one record alone, with no state: its envelope, canonical form,
+/// `log_index` and leaf hash. The expensive part of verification, so it runs on worker threads
+/// when there are cores for it ([`verify_reader`]).
+struct Prepared {
+    position: usize,
+    index: u64,
+    leaf: Hash,
+    inclusion_proof: Vec<String>,
+    parsed: Option<Parsed>,
+    problems: Vec<Problem>,
+}
+
+/// One element of the records array, prepared.
+enum Element {
+    Record(Prepared),
+    /// Not an `{index, record, inclusion_proof}` object.
+    Malformed(Problem),
+}
+
+fn prepare(position: usize, r: &ExportedRecord) -> Prepared {
+    let leaf = merkle::leaf_hash(r.record.as_bytes());
+    let mut problems = Vec::new();
+    let parsed = parse_record(&mut problems, position, r.index, &r.record, leaf);
+    Prepared { position, index: r.index, leaf, inclusion_proof: r.inclusion_proof.clone(), parsed, problems }
+}
+
+fn prepare_element(position: usize, bytes: &[u8]) -> Element {
+    match serde_json::from_slice::<ExportedRecord>(bytes) {
+        Ok(r) => Element::Record(prepare(position, &r)),
+        Err(e) => Element::Malformed(Problem::Malformed { reason: format!("records entry #{position}: {e}") }),
+    }
 }
 
 /// A chain's state as the verifier walks it: its head and its spend.
@@ -531,32 +723,34 @@ impl<'a> ExportVerifier<'a> {
         }
     }
 
-    /// One element of the records array, as bytes.
-    fn element(&mut self, position: usize, bytes: &[u8]) {
-        match serde_json::from_slice::<ExportedRecord>(bytes) {
-            Ok(r) => self.record(position, &r),
-            Err(e) => {
-                self.report.problems.push(Problem::Malformed { reason: format!("records entry #{position}: {e}") })
-            }
-        }
+    fn record(&mut self, position: usize, r: &ExportedRecord) {
+        self.apply(Element::Record(prepare(position, r)));
     }
 
-    fn record(&mut self, position: usize, r: &ExportedRecord) {
-        let index = r.index;
-        if let Some(p) = self.previous {
-            if index <= p {
-                self.report.problems.push(Problem::OutOfOrder { position, index, previous: p });
+    /// Applies what was found of one record alone to the state of the whole export: order,
+    /// completeness and root (or inclusion), filter, chains and spend.
+    fn apply(&mut self, element: Element) {
+        let p = match element {
+            Element::Record(p) => p,
+            Element::Malformed(problem) => {
+                self.report.problems.push(problem);
+                return;
+            }
+        };
+        let (position, index, leaf) = (p.position, p.index, p.leaf);
+        if let Some(prev) = self.previous {
+            if index <= prev {
+                self.report.problems.push(Problem::OutOfOrder { position, index, previous: prev });
             }
         }
-        self.previous = Some(self.previous.map_or(index, |p| p.max(index)));
-        let leaf = merkle::leaf_hash(r.record.as_bytes());
+        self.previous = Some(self.previous.map_or(index, |prev| prev.max(index)));
         if let Some(cp) = &self.cp {
             if index >= cp.size {
                 self.report.problems.push(Problem::BeyondCheckpoint { index, checkpoint_size: cp.size });
             } else if self.full {
                 self.present(index);
             } else {
-                let result = decode_proof(&r.inclusion_proof).and_then(|proof| {
+                let result = decode_proof(&p.inclusion_proof).and_then(|proof| {
                     merkle::verify_inclusion(index, cp.size, &leaf, &proof, &cp.root).map_err(|e| e.to_string())
                 });
                 if let Err(reason) = result {
@@ -572,12 +766,13 @@ impl<'a> ExportVerifier<'a> {
                 }
             }
         }
-        let Some(p) = parse_record(&mut self.report, position, index, &r.record, leaf) else {
+        self.report.problems.extend(p.problems);
+        let Some(parsed) = p.parsed else {
             return;
         };
         self.report.records_checked += 1;
-        self.check_filter(&p);
-        self.check_chain(&p);
+        self.check_filter(&parsed);
+        self.check_chain(&parsed);
     }
 
     /// Full export: notes that `index` (below the checkpoint's size) is present.
@@ -952,7 +1147,7 @@ pub fn verify_attestation(att: &PortableAttestation, host: &VerifyingKey) -> Ver
     }
     let cp = open_checkpoint(&mut report, &att.checkpoint, host);
     let leaf = merkle::leaf_hash(att.record.as_bytes());
-    if parse_record(&mut report, 0, att.index, &att.record, leaf).is_some() {
+    if parse_record(&mut report.problems, 0, att.index, &att.record, leaf).is_some() {
         report.records_checked = 1;
     }
     if let Some(cp) = cp {

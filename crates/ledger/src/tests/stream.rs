@@ -102,6 +102,9 @@ async fn streamed_and_in_memory_verification_agree_on_every_tampering() {
         let in_memory = verify::verify_export(&bundle, &vk(), None);
         let text = serde_json::to_string(&bundle).unwrap();
         assert_eq!(streamed_report(&text), in_memory, "{name}");
+        // Without worker threads (a one-core machine): the same.
+        let alone = verify::verify_with(std::io::Cursor::new(text.as_bytes()), &vk(), None, None);
+        assert_eq!(alone, in_memory, "{name}");
         assert_eq!(verify::verify_document(&text, &vk(), None), in_memory, "{name}");
         if name != "untouched" {
             assert!(!in_memory.is_ok(), "{name}");
