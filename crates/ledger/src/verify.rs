@@ -244,7 +244,7 @@ pub fn verify_reader<R: Read + Seek>(r: R, host: &VerifyingKey, older_checkpoint
         return verify_with(r, host, older_checkpoint, None);
     }
     std::thread::scope(|scope| {
-        let (work_tx, work_rx) = mpsc::sync_channel::<(u64, Vec<(usize, Vec<u8>)>)>(workers);
+        let (work_tx, work_rx) = mpsc::sync_channel::<Batch>(workers);
         let (done_tx, done_rx) = mpsc::channel::<(u64, Vec<Element>)>();
         let work_rx = Arc::new(Mutex::new(work_rx));
         for _ in 0..workers {
@@ -268,6 +268,9 @@ pub fn verify_reader<R: Read + Seek>(r: R, host: &VerifyingKey, older_checkpoint
     })
 }
 
+/// A batch of records' bytes, with their positions, numbered in document order.
+type Batch = (u64, Vec<(usize, Vec<u8>)>);
+
 /// Records per batch handed to a worker.
 const BATCH: usize = 256;
 /// Most worker threads used by [`verify_reader`].
@@ -275,7 +278,7 @@ const MAX_WORKERS: usize = 4;
 
 /// Worker threads that prepare batches of records.
 pub(crate) struct Pool {
-    work: mpsc::SyncSender<(u64, Vec<(usize, Vec<u8>)>)>,
+    work: mpsc::SyncSender<Batch>,
     done: mpsc::Receiver<(u64, Vec<Element>)>,
     in_flight: usize,
 }
