@@ -27,6 +27,10 @@
 //!   against an older checkpoint. Full exports need none.
 //! - `host_vkey` and `origin` are informational; the verifier trusts only the host public key
 //!   it is given.
+//! - [`export_stream`] writes the members in the order above but with `consistency` before
+//!   `records`, and one record per line, so the document is produced from one snapshot a batch
+//!   at a time and the verifier has every other member before the first record. Member order
+//!   carries no meaning; the verifier accepts any.
 //!
 //! # Portable attestation format (`sluice-attestation/v1`)
 //! `{format, origin, host_vkey, checkpoint, index, record, inclusion_proof}`: one record, its

@@ -21,6 +21,9 @@
 //!    the log at its size has its root (rebuilt from the records of a full export, or through the
 //!    export's consistency proof).
 //!
+//! [`verify_reader`] reads a document as a stream in bounded memory (see its docs); the
+//! in-memory entry points ([`verify_document`], [`verify_export`]) run the same checks.
+//!
 //! Known limit: a filtered export cannot show that records *after* the last exported one were
 //! withheld; a full export (or the chain head in a later export) can.
 
