@@ -64,12 +64,11 @@ fn main() {
         .spawn()
         .expect("start the serving process");
     let pid = daemon.id();
+    // Kept open until the child is stopped, so it never writes to a closed pipe.
+    let mut from_daemon = std::io::BufReader::new(daemon.stdout.take().expect("piped stdout"));
     let mut line = String::new();
-    let ready = daemon
-        .stdout
-        .take()
-        .map(|out| std::io::BufReader::new(out).read_line(&mut line).is_ok() && line.trim() == "ready");
-    assert_eq!(ready, Some(true), "the serving process did not start: {line:?}");
+    let ready = from_daemon.read_line(&mut line).is_ok() && line.trim() == "ready";
+    assert!(ready, "the serving process did not start: {line:?}");
     let daemon_before = status_kib(pid, "VmRSS");
 
     let export = scratch.path().join("export.json");
@@ -83,6 +82,7 @@ fn main() {
     // Ours to stop: the child started above, by its id.
     let _ = daemon.kill();
     let _ = daemon.wait();
+    drop(from_daemon);
     assert!(out.0, "audit export failed: {}", out.1);
     let export_bytes = std::fs::metadata(&export).map(|m| m.len()).unwrap_or(0);
 
