@@ -234,11 +234,11 @@ fn timed(program: &Path) -> Command {
 fn run_timed(mut cmd: Command) -> ((bool, String), Option<u64>) {
     let out = cmd.output().expect("run the CLI");
     let err = String::from_utf8_lossy(&out.stderr);
-    let secs = |name: &str| {
-        err.lines().find_map(|l| l.trim().strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok())
-    };
+    let secs =
+        |name: &str| err.lines().find_map(|l| l.trim().strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok());
     if let (Some(user), Some(sys)) = (secs("User time (seconds):"), secs("System time (seconds):")) {
-        let name = cmd.get_args().nth(2).map(|a| a.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut args = cmd.get_args().map(|a| a.to_string_lossy().into_owned());
+        let name = args.find(|a| a == "audit").and_then(|_| args.next()).unwrap_or_default();
         println!("`sluice audit {name}`: CPU {user:.2} s user + {sys:.2} s system");
     }
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
