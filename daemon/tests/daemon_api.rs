@@ -368,6 +368,16 @@ fn audit_export_proof_and_verify_round_trip() {
     let export = d.dir.path().join("export.json");
     let out = d.cli(&["audit", "export", "--out", p(&export)]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // Streamed: the members first, then one record per line; the CLI counted them on the way.
+    let text = std::fs::read_to_string(&export).unwrap();
+    let records = text.lines().filter(|l| l.starts_with(r#"{"index":"#)).count();
+    assert!(text.starts_with(r#"{"format":"sluice-audit-export/v1","#), "{text}");
+    assert!(stdout(&out).contains(&format!("exported {records} record(s)")), "{}", stdout(&out));
+    // Never overwritten, and nothing else is left behind.
+    let again = d.cli(&["audit", "export", "--out", p(&export)]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("already exists"), "{}", stderr(&again));
+    assert_eq!(std::fs::read_to_string(&export).unwrap(), text);
     let out = d.cli(&["audit", "verify", p(&export), "--host-pub", p(&host_pub)]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("verified: OK"));

@@ -31,9 +31,11 @@ tasks:
           policy, ledger and files use no tokio, hyper, rustls, h2 or aya; no
           library crate depends on the daemon; ARCHITECTURE.md names every crate
   demo    run sluice's main job end to end, printing each step
-  bench [decisions|proxy]
+  bench [decisions|proxy|audit]
           benchmarks (release build); prints a table per benchmark. `proxy` needs
-          root and installs h2load, nginx and mitmproxy (own virtualenv) if missing
+          root and installs h2load, nginx and mitmproxy (own virtualenv) if missing;
+          `audit` exports and verifies a log of 1M records (about 4 GB of scratch
+          space under the target dir, removed after)
   fuzz [SECONDS] [TARGET...]
           build the fuzz targets in fuzz/ (cargo-fuzz, installed if missing) and
           run each for SECONDS (default 60), one after another; prints executions,
@@ -135,7 +137,7 @@ pub fn display(cmd: &Command) -> String {
 
 /// Benchmarks run in release mode, one at a time (they share two cores with nothing else).
 fn bench(which: Option<&str>) -> anyhow::Result<()> {
-    const ALL: &[&str] = &["decisions", "proxy"];
+    const ALL: &[&str] = &["decisions", "proxy", "audit"];
     let selected: Vec<&str> = match which {
         None | Some("all") => ALL.to_vec(),
         Some(name) if ALL.contains(&name) => vec![name],

@@ -8,6 +8,9 @@
 //! nothing at it is followed. The directory is fsynced last, so the file survives a crash once the
 //! call returned. A crash before the link leaves only a hidden `.NAME.*.tmp` sibling behind.
 //!
+//! [`NewFile`] is [`create_new`] for a file written in parts as they arrive (an audit export):
+//! the name appears only at [`NewFile::commit`], and a file dropped before that leaves nothing.
+//!
 //! [`replace`] does the same with `rename(2)`, for public files that are regenerated whole (the
 //! CA certificate, the agents' trust bundle).
 //!
@@ -70,6 +73,55 @@ pub fn create_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError>
     }
 }
 
+/// A file written in parts that appears at its name only once complete, exactly as
+/// [`create_new`] makes it (a hidden temporary sibling, fsynced, hard-linked into place). Dropped
+/// before [`NewFile::commit`] (an error midway), it leaves nothing behind.
+pub struct NewFile {
+    file: File,
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+impl NewFile {
+    /// Starts `path`, failing early with [`FileError::Exists`] if something is already there
+    /// (checked again, exclusively, at [`NewFile::commit`]).
+    pub fn create(path: &Path, mode: u32) -> Result<NewFile, FileError> {
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(FileError::Exists { path: path.to_path_buf() });
+        }
+        let (file, tmp) = open_temporary(path, mode)?;
+        Ok(NewFile { file, tmp, path: path.to_path_buf(), committed: false })
+    }
+
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), FileError> {
+        self.file.write_all(bytes).map_err(io(&self.path, "write"))
+    }
+
+    /// Syncs the file and links it into place.
+    pub fn commit(mut self) -> Result<(), FileError> {
+        self.file.sync_all().map_err(io(&self.path, "write"))?;
+        let linked = std::fs::hard_link(&self.tmp, &self.path);
+        let _ = std::fs::remove_file(&self.tmp);
+        self.committed = true;
+        match linked {
+            Ok(()) => sync_parent(&self.path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(FileError::Exists { path: self.path.clone() })
+            }
+            Err(e) => Err(io(&self.path, "link the new file into place")(e)),
+        }
+    }
+}
+
+impl Drop for NewFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 /// Writes `bytes` to `path` with exactly `mode`, replacing whatever file was there in one step.
 pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
     let tmp = write_temporary(path, bytes, mode)?;
@@ -82,27 +134,34 @@ pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> Result<(), FileError> {
 
 /// A fresh hidden sibling of `path` holding `bytes`, fsynced; removed again on any error.
 fn write_temporary(path: &Path, bytes: &[u8], mode: u32) -> Result<PathBuf, FileError> {
+    let (mut file, tmp) = open_temporary(path, mode)?;
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(path, "write")(e));
+    }
+    Ok(tmp)
+}
+
+/// A fresh hidden sibling of `path`, empty, with exactly `mode`.
+fn open_temporary(path: &Path, mode: u32) -> Result<(File, PathBuf), FileError> {
     let name = path.file_name().ok_or_else(|| FileError::NotRegular { path: path.to_path_buf() })?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".{}.{:016x}.tmp", std::process::id(), rand::random::<u64>()));
     let tmp = path.with_file_name(tmp_name);
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(io(path, "create"))?;
-    let written = file
-        .set_permissions(std::fs::Permissions::from_mode(mode))
-        .and_then(|()| file.write_all(bytes))
-        .and_then(|()| file.sync_all());
-    if let Err(e) = written {
+    if let Err(e) = file.set_permissions(std::fs::Permissions::from_mode(mode)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(io(path, "write")(e));
     }
-    Ok(tmp)
+    Ok((file, tmp))
 }
 
 fn sync_parent(path: &Path) -> Result<(), FileError> {
@@ -151,6 +210,11 @@ pub fn open(path: &Path, links: Links) -> Result<Opened, FileError> {
 }
 
 impl Opened {
+    /// The open file, to read as a stream.
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
     /// The whole file as text, at most `max` bytes. The buffer is zeroed when dropped (it may
     /// hold a private key) and sized up front, so no copy is left behind by a reallocation.
     pub fn read_text(self, max: u64) -> Result<Zeroizing<String>, FileError> {
@@ -197,6 +261,34 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"one");
         // No temporary is left behind, in success or failure.
         assert_eq!(names(dir.path()), ["f"]);
+    }
+
+    #[test]
+    fn a_file_written_in_parts_appears_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("export.json");
+        let mut f = NewFile::create(&path, 0o644).unwrap();
+        f.write(b"{\"a\":").unwrap();
+        f.write(b"1}").unwrap();
+        assert!(!path.exists(), "visible before it is complete");
+        f.commit().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"a\":1}");
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o644);
+        assert!(matches!(NewFile::create(&path, 0o644), Err(FileError::Exists { .. })));
+        // Abandoned midway (an error while downloading): nothing is left.
+        let other = dir.path().join("partial.json");
+        let mut f = NewFile::create(&other, 0o644).unwrap();
+        f.write(b"{\"records\":[").unwrap();
+        drop(f);
+        assert_eq!(names(dir.path()), ["export.json"]);
+        // Something created at the name meanwhile is not overwritten.
+        let raced = dir.path().join("raced.json");
+        let mut f = NewFile::create(&raced, 0o644).unwrap();
+        f.write(b"ours").unwrap();
+        std::fs::write(&raced, b"theirs").unwrap();
+        assert!(matches!(f.commit(), Err(FileError::Exists { .. })));
+        assert_eq!(std::fs::read(&raced).unwrap(), b"theirs");
+        assert_eq!(names(dir.path()), ["export.json", "raced.json"]);
     }
 
     #[test]

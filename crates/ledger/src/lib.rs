@@ -46,6 +46,7 @@
 
 pub mod canonical;
 pub mod checkpoint;
+pub mod docstream;
 pub mod export;
 pub mod hostkey;
 pub mod journal;

@@ -16,6 +16,8 @@ use super::store::journal_path;
 use super::verify::{self, Problem};
 use super::*;
 
+mod stream;
+
 fn obj(v: Value) -> Map<String, Value> {
     match v {
         Value::Object(m) => m,

@@ -27,6 +27,9 @@ pub enum ClientError {
     Protocol { path: PathBuf, message: String },
     #[error("{message}")]
     Api { status: StatusCode, code: String, message: String },
+    /// The caller's sink refused a part of a download (a local write failed).
+    #[error("{0}")]
+    Sink(String),
 }
 
 /// A successful response: its status and JSON body.
@@ -63,13 +66,54 @@ impl Client {
         Ok(Response { status, body })
     }
 
-    /// Sends one request and returns the status and raw body.
-    pub async fn raw(
+    /// Sends a GET and hands the body of a 2xx answer to `sink` part by part as it arrives (an
+    /// export can be larger than memory). Another answer is read whole (it is a small error
+    /// document) and becomes [`ClientError::Api`] or [`ClientError::Protocol`]. A body that
+    /// stops early (the daemon cut it) is a [`ClientError::Protocol`].
+    pub async fn download(
+        &self,
+        path: &str,
+        mut sink: impl FnMut(Bytes) -> Result<(), String>,
+    ) -> Result<(), ClientError> {
+        const MAX_ERROR_BODY: usize = 1 << 20;
+        let (resp, driver) = self.send(Method::GET, path, None).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = Limited::new(body, MAX_ERROR_BODY)
+                .collect()
+                .await
+                .map_err(|e| self.protocol(e.to_string()))?
+                .to_bytes();
+            driver.abort();
+            let doc: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let code = doc.get("error").and_then(Value::as_str).unwrap_or("error").to_string();
+            let message = doc
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("the daemon answered {status}"));
+            return Err(ClientError::Api { status, code, message });
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| self.protocol(format!("the answer stopped early: {e}")))?;
+            if let Ok(data) = frame.into_data() {
+                if let Err(e) = sink(data) {
+                    driver.abort();
+                    return Err(ClientError::Sink(e));
+                }
+            }
+        }
+        driver.abort();
+        Ok(())
+    }
+
+    async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    ) -> Result<(http::Response<hyper::body::Incoming>, tokio::task::JoinHandle<hyper::Result<()>>), ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|source| {
             if source.raw_os_error() == Some(libc::EPERM) {
                 ClientError::Confined { path: self.socket.clone() }
@@ -90,6 +134,17 @@ impl Client {
         }
         let req = req.body(Full::new(payload)).map_err(|e| self.protocol(e.to_string()))?;
         let resp = sender.send_request(req).await.map_err(|e| self.protocol(e.to_string()))?;
+        Ok((resp, driver))
+    }
+
+    /// Sends one request and returns the status and raw body.
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let (resp, driver) = self.send(method, path, body).await?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), MAX_RESPONSE)
             .collect()

@@ -5,9 +5,11 @@
 //! done by [`Service`], which the proxy uses too.
 
 use super::access::{Peer, PeerPolicy, SandboxedRoot};
+use crate::ledger::export::ExportStream;
 use crate::service::{self, BindTarget, EnforceInput, ResetWindow, Service, ServiceError};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -21,7 +23,18 @@ use tokio::net::UnixListener;
 /// Request bodies are small JSON documents; a passport is at most 16 KiB.
 const MAX_REQUEST_BODY: usize = 64 * 1024;
 
-type Body = Full<Bytes>;
+/// Answers are small JSON documents, except an export, which is streamed.
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// An export is read from the store in parts of about this size, and at most this many parts
+/// wait for the connection: the daemon's memory for an export is bounded by their product, not
+/// by the log's size.
+const EXPORT_PART: usize = 128 * 1024;
+const EXPORT_PARTS_IN_FLIGHT: usize = 4;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
 
 /// An error answered to the caller as `{error, message}`.
 #[derive(Debug)]
@@ -74,7 +87,7 @@ impl From<ServiceError> for ApiError {
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    let mut resp = Response::new(full(body.to_string()));
     *resp.status_mut() = status;
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     resp
@@ -82,9 +95,55 @@ fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
 
 /// Prometheus text exposition format 0.0.4.
 fn metrics_response(text: String) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(text)));
+    let mut resp = Response::new(full(text));
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE));
     resp
+}
+
+/// Streams an export: a blocking task reads the store a part at a time and hands the parts to
+/// the connection through a bounded channel, so a slow reader holds the task back instead of
+/// the daemon buffering the log. An error after the first byte can no longer be a status: it is
+/// logged and the response is cut short, which the client sees as an incomplete body (and the
+/// verifier as a document that ends early).
+fn streamed_export(mut stream: ExportStream) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(EXPORT_PARTS_IN_FLIGHT);
+    tokio::task::spawn_blocking(move || loop {
+        let mut part = Vec::with_capacity(EXPORT_PART + EXPORT_PART / 2);
+        let (part, more) = match stream.fill(&mut part, EXPORT_PART) {
+            Ok(more) => (Ok(Bytes::from(part)), more),
+            Err(e) => {
+                tracing::error!(error = %e, records = stream.records_written(), "api: export failed midway; response cut short");
+                (Err(std::io::Error::other(e.to_string())), false)
+            }
+        };
+        if tx.blocking_send(part).is_err() {
+            tracing::info!(records = stream.records_written(), "api: export abandoned by the caller");
+            return;
+        }
+        if !more {
+            return;
+        }
+    });
+    let mut resp = Response::new(ChannelBody { rx }.boxed());
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// A response body fed by a channel.
+struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        self.rx.poll_recv(cx).map(|part| part.map(|r| r.map(hyper::body::Frame::data)))
+    }
 }
 
 fn error_response(e: &ApiError) -> Response<Body> {
@@ -286,9 +345,8 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
                 None => None,
             };
             let since = q.get("since").map(String::as_str);
-            ok(service::to_json(
-                &service.export(q.get("passport_id").map(String::as_str), since, consistency_from).await?,
-            ))
+            let stream = service.export(q.get("passport_id").map(String::as_str), since, consistency_from).await?;
+            Ok(streamed_export(stream))
         }
         (&Method::GET, ["v1", "attestations", id, "proof"]) => {
             let index: u64 =

@@ -6,17 +6,17 @@
 use super::ops::call;
 use super::ops::ApiSocket;
 use super::CmdResult;
+use crate::api::client::{Client, ClientError};
 use crate::files::{self, Links};
 use crate::keyfile;
+use crate::ledger::docstream::{Scanner, Skip};
 use crate::ledger::{checkpoint, verify};
 use anyhow::Context;
+use bytes::{Buf, Bytes};
 use clap::{Args, Subcommand};
 use http::Method;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-
-/// Exports and attestations larger than this are refused by `verify`.
-const MAX_DOCUMENT: u64 = 1 << 30;
 
 #[derive(Subcommand, Debug)]
 pub enum AuditCmd {
@@ -83,10 +83,10 @@ fn write_new(path: &Path, doc: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the export to the file as it arrives. A copy of each part goes to a second thread
+/// that reads the document's structure, so a document the daemon cut short is refused (and no
+/// file is left) and the records are counted, without holding the export in memory.
 fn export(a: ExportArgs, socket: &ApiSocket) -> CmdResult {
-    if a.out.exists() {
-        anyhow::bail!("{}: already exists; refusing to overwrite it", a.out.display());
-    }
     let mut query = form_urlencoded::Serializer::new(String::new());
     if let Some(p) = &a.passport {
         query.append_pair("passport_id", p);
@@ -99,11 +99,61 @@ fn export(a: ExportArgs, socket: &ApiSocket) -> CmdResult {
         let old = checkpoint::parse_unverified(&note).with_context(|| format!("{}: not a checkpoint", cp.display()))?;
         query.append_pair("consistency_from", &old.size.to_string());
     }
-    let bundle = call(socket, Method::GET, &format!("/v1/attestations/export?{}", query.finish()), None)?;
-    write_new(&a.out, &bundle)?;
-    let n = bundle["records"].as_array().map(Vec::len).unwrap_or_default();
-    println!("exported {n} record(s) to {}", a.out.display());
+    let path = format!("/v1/attestations/export?{}", query.finish());
+    let socket = socket.path()?;
+    let mut out = files::NewFile::create(&a.out, 0o644)?;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
+    let checker = std::thread::spawn(move || {
+        Scanner::new(PartsReader { rx, part: Bytes::new() }).top_level(&mut Skip).map(|top| top.records_count)
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = Client::new(socket);
+    let downloaded = rt.block_on(client.download(&path, |part| {
+        out.write(&part).map_err(|e| e.to_string())?;
+        // The checker stops at a broken document; its error then says why.
+        let _ = tx.send(part);
+        Ok(())
+    }));
+    drop(tx);
+    let checked = checker.join();
+    downloaded.map_err(|e| match e {
+        ClientError::Api { message, .. } => anyhow::anyhow!(message),
+        other => anyhow::anyhow!(other),
+    })?;
+    let count = match checked {
+        Ok(Ok(count)) => count,
+        Ok(Err(e)) => anyhow::bail!(
+            "the daemon's export is not a complete document ({e}); {} was not written, see the daemon's log",
+            a.out.display()
+        ),
+        Err(_) => anyhow::bail!("checking the export failed; {} was not written", a.out.display()),
+    };
+    out.commit()?;
+    println!("exported {count} record(s) to {}", a.out.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The parts of a download, as a reader.
+struct PartsReader {
+    rx: std::sync::mpsc::Receiver<Bytes>,
+    part: Bytes,
+}
+
+impl std::io::Read for PartsReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.part.is_empty() {
+            match self.rx.recv() {
+                Ok(part) => self.part = part,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.part.len());
+        if let (Some(dst), Some(src)) = (buf.get_mut(..n), self.part.get(..n)) {
+            dst.copy_from_slice(src);
+        }
+        self.part.advance(n);
+        Ok(n)
+    }
 }
 
 fn proof(a: ProofArgs, socket: &ApiSocket) -> CmdResult {
@@ -118,10 +168,11 @@ fn proof(a: ProofArgs, socket: &ApiSocket) -> CmdResult {
 
 fn verify_cmd(a: AuditVerifyArgs) -> CmdResult {
     let host = keyfile::load_public_key(&a.host_pub)?;
-    let text = files::read_text(&a.file, MAX_DOCUMENT, Links::Follow)?;
     let older = a.checkpoint.as_ref().map(|p| files::read_text(p, 64 * 1024, Links::Follow)).transpose()?;
     let older = older.as_ref().map(|s| s.as_str());
-    let report = verify::verify_document(&text, &host, older);
+    // Read as a stream: memory stays bounded whatever the export's size.
+    let file = files::open(&a.file, Links::Follow)?.into_file();
+    let report = verify::verify_reader(file, &host, older);
     if a.json {
         let mut doc = serde_json::to_value(&report)?;
         if let Some(obj) = doc.as_object_mut() {

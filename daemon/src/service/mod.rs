@@ -770,15 +770,16 @@ impl Service {
         Ok(Attestations { records, truncated })
     }
 
-    /// `GET /v1/attestations/export`: records, proofs and a freshly signed checkpoint.
+    /// `GET /v1/attestations/export`: records, proofs and a freshly signed checkpoint, as a
+    /// stream the caller writes out part by part (the log is never held in memory).
     pub async fn export(
         &self,
         passport_id: Option<&str>,
         since: Option<&str>,
         consistency_from: Option<u64>,
-    ) -> Result<ledger::export::ExportBundle, ServiceError> {
+    ) -> Result<ledger::export::ExportStream, ServiceError> {
         parse_since(since)?;
-        let bundle = ledger::export::export(
+        let stream = ledger::export::export_stream(
             &self.ledger,
             &ledger::export::ExportRequest {
                 passport: passport_id.map(str::to_string),
@@ -787,7 +788,7 @@ impl Service {
             },
         )
         .await?;
-        Ok(bundle)
+        Ok(stream)
     }
 
     /// `GET /v1/attestations/{id}/proof`: a portable attestation.
