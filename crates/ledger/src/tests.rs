@@ -908,14 +908,24 @@ fn copy_file(from: &Path, to: &Path) {
 /// Copies the segment files of the store at `from` over those of the store at `to`.
 fn copy_segments(from: &Path, to: &Path) {
     let (from, to) = (store::segments_dir(from), store::segments_dir(to));
-    let _ = std::fs::remove_dir_all(&to);
-    std::fs::create_dir_all(&to).unwrap();
-    let Ok(entries) = std::fs::read_dir(&from) else { return };
-    for entry in entries {
-        let entry = entry.unwrap();
-        // A file removed between listing and copying (a sealed segment's log) is simply gone.
-        let _ = std::fs::copy(entry.path(), to.join(entry.file_name()));
+    // Copying a live directory is not atomic: a segment sealed between listing and copying
+    // has lost its `.log` and gained a `.zst` the listing did not show. A power cut sees one
+    // or the other, so such a copy is started over until no listed file vanished.
+    'again: for _ in 0..1000 {
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::create_dir_all(&to).unwrap();
+        let Ok(entries) = std::fs::read_dir(&from) else { return };
+        for entry in entries {
+            let entry = entry.unwrap();
+            match std::fs::copy(entry.path(), to.join(entry.file_name())) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue 'again,
+                Err(e) => panic!("copy {}: {e}", entry.path().display()),
+            }
+        }
+        return;
     }
+    panic!("segments of {} kept changing while copied", from.display());
 }
 
 #[tokio::test]
