@@ -469,16 +469,52 @@ pub fn fds_needed(max_connections: usize) -> u64 {
 
 /// Binds the proxy port on `127.0.0.1` and `::1`.
 pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
+    bind_with(port, false)
+}
+
+/// Binds the proxy port on `127.0.0.1` and `::1` with `SO_REUSEPORT`, for one of several
+/// runtime threads that each accept on listeners of their own ([`shards`]): the kernel spreads
+/// incoming connections over the group by their addresses, and a connection is served start to
+/// end on the thread that accepted it. Call [`check_port_free`] first: `SO_REUSEPORT` alone
+/// would also join a group another process (of the same user) holds.
+pub fn bind_shard(port: u16) -> io::Result<Vec<TcpListener>> {
+    bind_with(port, true)
+}
+
+fn bind_with(port: u16, reuseport: bool) -> io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(2);
     for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
         let addr = SocketAddr::new(ip, port);
         let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
+        if reuseport {
+            socket.set_reuseport(true)?;
+        }
         socket.bind(addr).map_err(|e| io::Error::new(e.kind(), format!("binding the proxy on {addr}: {e}")))?;
         out.push(socket.listen(LISTEN_BACKLOG)?);
     }
     Ok(out)
 }
+
+/// Fails (`AddrInUse`, naming the address) when anything listens on the proxy port already: a
+/// plain bind, without `SO_REUSEPORT`, on both addresses, released at once.
+pub fn check_port_free(port: u16) -> io::Result<()> {
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        let addr = SocketAddr::new(ip, port);
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("binding the proxy on {addr}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// How many runtime threads serve the proxy: one per CPU the daemon may run on, at most
+/// [`MAX_SHARDS`].
+pub fn shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_SHARDS)
+}
+
+/// The most proxy runtime threads [`shards`] starts.
+pub const MAX_SHARDS: usize = 16;
 
 impl crate::metrics::AdmissionCounters for Proxy {
     fn accepted_and_over_limit(&self) -> (u64, u64) {
