@@ -705,11 +705,7 @@ fn run() -> Result<()> {
         let mut line = format!("  {}: sluice ≥ 20× mitmproxy: {}", s.label, check(vs(3, 20.0)));
         if s.conns > 1 {
             let cpu = row[1].as_ref().and_then(|f| f.daemon_cpu_us).map(|c| c <= 60);
-            line.push_str(&format!(
-                "; sluice ≥ nginx: {}; daemon CPU ≤ 60 µs/req: {}",
-                check(vs(2, 1.0)),
-                check(cpu)
-            ));
+            line.push_str(&format!("; sluice ≥ nginx: {}; daemon CPU ≤ 60 µs/req: {}", check(vs(2, 1.0)), check(cpu)));
         }
         o.push_str(&line);
         o.push('\n');
