@@ -541,6 +541,33 @@ mod tests {
         assert_eq!(raise_fd_limit().unwrap(), soft);
     }
 
+    /// The per-thread listeners share the port; a port anyone holds is refused before they are
+    /// bound, and a plain bind (another daemon) cannot join them.
+    #[tokio::test]
+    async fn shard_listeners_share_the_port_and_a_taken_port_is_refused() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        check_port_free(port).expect("free");
+        let first = bind_shard(port).expect("first shard");
+        let second = bind_shard(port).expect("second shard");
+        let err = check_port_free(port).expect_err("taken");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains(&port.to_string()), "{err}");
+        assert!(bind(port).is_err(), "a plain bind does not join the group");
+        // Connections reach one listener of the group.
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.expect("connect"));
+        }
+        let mut accepted = 0;
+        for l in [&first[0], &second[0]] {
+            while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), l.accept()).await {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 8);
+        assert!((1..=MAX_SHARDS).contains(&shards()));
+    }
+
     #[test]
     fn descriptors_needed_count_both_legs_and_never_overflow() {
         assert_eq!(fds_needed(4096), 8448);
