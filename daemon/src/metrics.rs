@@ -12,6 +12,7 @@
 //! rest are counted under `reason="other"`; spend is exported for at most [`MAX_SPEND_SERIES`]
 //! passports (the largest spenders). The crate escapes label values as the format requires.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
@@ -64,6 +65,69 @@ pub struct Metrics {
     unix: Arc<Mutex<Option<Arc<UnixFilter>>>>,
     /// Label sets added so far; held while one is added, so the bounds hold under concurrency.
     series: Mutex<SeriesCount>,
+    /// The once-a-minute log line that sums up decisions ([`DecisionSummary`]).
+    summary: DecisionSummary,
+}
+
+/// How often, at most, [`DecisionSummary`] logs its line.
+pub const DECISION_SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// Allowed decisions are logged one by one only at debug level (they are on the hot path, and
+/// every one is in the ledger anyway); blocks and holds keep their own line at info. At info,
+/// this sums up every decision: one line with the counts since the last one, logged with the
+/// first decision made [`DECISION_SUMMARY_EVERY`] or more after the previous line.
+#[derive(Debug)]
+struct DecisionSummary {
+    start: std::time::Instant,
+    /// Milliseconds after `start` when the next line is due.
+    next_due_ms: AtomicU64,
+    allow: AtomicU64,
+    block: AtomicU64,
+    hold: AtomicU64,
+}
+
+/// What [`DecisionSummary::count`] says is due: counts since the previous line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SummaryDue {
+    pub allow: u64,
+    pub block: u64,
+    pub hold: u64,
+    pub seconds: u64,
+}
+
+impl DecisionSummary {
+    fn new() -> DecisionSummary {
+        DecisionSummary {
+            start: std::time::Instant::now(),
+            next_due_ms: AtomicU64::new(DECISION_SUMMARY_EVERY.as_millis() as u64),
+            allow: AtomicU64::new(0),
+            block: AtomicU64::new(0),
+            hold: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one decision `now_ms` after `start`; `Some` (once per period, whichever thread
+    /// gets there first) when the line is due, with the counts taken out.
+    fn count(&self, decision: &str, now_ms: u64) -> Option<SummaryDue> {
+        let counter = match decision {
+            "allow" => &self.allow,
+            "block" => &self.block,
+            _ => &self.hold,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let due = self.next_due_ms.load(Ordering::Relaxed);
+        if now_ms < due {
+            return None;
+        }
+        let period = DECISION_SUMMARY_EVERY.as_millis() as u64;
+        self.next_due_ms.compare_exchange(due, now_ms + period, Ordering::Relaxed, Ordering::Relaxed).ok()?;
+        Some(SummaryDue {
+            allow: self.allow.swap(0, Ordering::Relaxed),
+            block: self.block.swap(0, Ordering::Relaxed),
+            hold: self.hold.swap(0, Ordering::Relaxed),
+            seconds: (now_ms + period).saturating_sub(due) / 1000,
+        })
+    }
 }
 
 #[derive(Debug, Default)]
@@ -113,15 +177,36 @@ impl Metrics {
         let proxy: Arc<Mutex<Weak<dyn AdmissionCounters>>> = Arc::new(Mutex::new(Weak::<NoProxy>::new()));
         registry.register_collector(Box::new(ProxyCollector(proxy.clone())));
         registry.register_collector(Box::new(UnixCollector(unix.clone())));
-        Metrics { registry, decisions, upstream_errors, commit, conntable, proxy, unix, series: Mutex::default() }
+        Metrics {
+            registry,
+            decisions,
+            upstream_errors,
+            commit,
+            conntable,
+            proxy,
+            unix,
+            series: Mutex::default(),
+            summary: DecisionSummary::new(),
+        }
     }
 
     fn lock_series(&self) -> std::sync::MutexGuard<'_, SeriesCount> {
         self.series.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// One decision (`allow`, `request_hold`, `block`) with its stable reason.
+    /// One decision (`allow`, `request_hold`, `block`) with its stable reason. Once a minute at
+    /// most, this also logs the summary line ([`DecisionSummary`]).
     pub fn decision(&self, decision: &str, reason: &str) {
+        let now_ms = u64::try_from(self.summary.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(due) = self.summary.count(decision, now_ms) {
+            tracing::info!(
+                allowed = due.allow,
+                blocked = due.block,
+                held = due.hold,
+                seconds = due.seconds,
+                "decisions since the last summary (each is in the ledger; RUST_LOG=sluice=debug logs every allow)"
+            );
+        }
         let labels = DecisionLabels { decision: decision.to_string(), reason: reason.to_string() };
         if let Some(counter) = self.decisions.get(&labels) {
             counter.inc();
@@ -447,6 +532,28 @@ fn spend_labels(s: &SpendSample) -> [(&'static str, &str); 3] {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn the_decision_summary_is_due_once_a_period_with_every_decision_counted_once() {
+        let s = DecisionSummary::new();
+        let period = DECISION_SUMMARY_EVERY.as_millis() as u64;
+        for _ in 0..5 {
+            assert_eq!(s.count("allow", 10), None);
+        }
+        assert_eq!(s.count("block", 20), None);
+        assert_eq!(s.count("request_hold", period - 1), None);
+        // The first decision at or after the deadline takes the counts (itself included).
+        let due = s.count("allow", period + 500).expect("due");
+        assert_eq!(due, SummaryDue { allow: 6, block: 1, hold: 1, seconds: 60 });
+        // Not again before the next period; the counts start from zero.
+        assert_eq!(s.count("allow", period + 501), None);
+        assert_eq!(s.count("allow", 2 * period + 499), None);
+        let due = s.count("block", 2 * period + 500).expect("due again");
+        assert_eq!(due, SummaryDue { allow: 2, block: 1, hold: 0, seconds: 60 });
+        // A quiet stretch: the line says how long it covers.
+        let due = s.count("allow", 10 * period).expect("due after a quiet stretch");
+        assert_eq!((due.allow, due.seconds), (1, (10 * period - (2 * period + 500)) / 1000));
+    }
 
     /// The value of the series `line_prefix` (e.g. `foo{a="b"}`) in `text`.
     fn value(text: &str, series: &str) -> Option<f64> {

@@ -88,7 +88,8 @@ impl Daemon {
         let log = std::fs::File::create(self.dir.path().join("daemon.log")).expect("log file");
         let child = Command::new(sluice_bin())
             .args(["--config", self.config.to_str().unwrap(), "daemon"])
-            .env("RUST_LOG", "info")
+            // `SLUICE_TEST_DAEMON_LOG` overrides the filter (e.g. `warn` to measure the cost of logging).
+            .env("RUST_LOG", std::env::var("SLUICE_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

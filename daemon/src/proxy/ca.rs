@@ -208,12 +208,19 @@ impl Ca {
 
     /// The proxy's TLS server configuration: TLS 1.3 and 1.2 with the ring provider, leaves by SNI,
     /// ALPN `h2` then `http/1.1`. A ClientHello without a usable SNI fails the handshake.
+    ///
+    /// Agents resume their sessions with stateless tickets (encrypted under a key that lives only
+    /// in the daemon's memory and rotates every 6 hours), so a reconnecting agent skips the
+    /// certificate and the key exchange's signature. rustls resumes a session only for the
+    /// server name it was made for, and the proxy checks the request's name against the SNI of
+    /// every connection, resumed or not.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, CaError> {
         let mut config = ServerConfig::builder_with_provider(self.inner.provider.clone())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(self.resolver());
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
         Ok(Arc::new(config))
     }
 
@@ -530,6 +537,50 @@ mod tests {
 
     fn dns(s: &str) -> ServerName<'static> {
         ServerName::try_from(s.to_string()).unwrap()
+    }
+
+    /// A handshake as [`handshake`] does, returning how it went (full or resumed).
+    async fn handshake_kind(server: Arc<ServerConfig>, client: Arc<ClientConfig>, name: &str) -> rustls::HandshakeKind {
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let server_side = tokio::spawn(async move {
+            let mut tls = acceptor.accept(s).await.unwrap();
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.unwrap();
+            tls.write_all(b"pong").await.unwrap();
+            tls.flush().await.unwrap();
+        });
+        let mut tls = tokio_rustls::TlsConnector::from(client).connect(dns(name), c).await.unwrap();
+        tls.write_all(b"ping").await.unwrap();
+        tls.flush().await.unwrap();
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.unwrap(); // the session tickets came before this
+        server_side.await.unwrap();
+        tls.get_ref().1.handshake_kind().expect("handshake done")
+    }
+
+    /// An agent reconnecting resumes its session (no certificate, no signature), and the leaf
+    /// for a name is minted once, not per connection.
+    #[tokio::test]
+    async fn agents_resume_their_sessions_and_a_leaf_is_minted_once_per_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let server = ca.server_config().unwrap();
+        let client = client_config(roots_from_pem_file(&dir.path().join(CA_CERT_FILE)));
+        let first = handshake_kind(server.clone(), client.clone(), "api.example.test").await;
+        assert_eq!(first, rustls::HandshakeKind::Full);
+        for _ in 0..3 {
+            let again = handshake_kind(server.clone(), client.clone(), "api.example.test").await;
+            assert_eq!(again, rustls::HandshakeKind::Resumed);
+        }
+        // Another name: a full handshake (sessions are per name), and its own leaf.
+        let other = handshake_kind(server.clone(), client.clone(), "other.example.test").await;
+        assert_eq!(other, rustls::HandshakeKind::Full);
+        assert_eq!(ca.leaves_minted(), 2);
+        // A new configuration (a restarted daemon has a new ticket key): the old tickets fail
+        // to decrypt and the handshake is a full one, never an error.
+        let restarted = ca.server_config().unwrap();
+        assert_eq!(handshake_kind(restarted, client, "api.example.test").await, rustls::HandshakeKind::Full);
     }
 
     #[tokio::test]

@@ -205,13 +205,9 @@ impl Forward for super::upstream::Upstream {
         req: http::Request<super::upstream::ProxyBody>,
         h1_only: bool,
     ) -> BoxFuture<'_, Result<http::Response<super::upstream::ProxyBody>, ForwardError>> {
-        use http_body_util::BodyExt;
         Box::pin(async move {
             let sent = if h1_only { self.send_h1(req).await } else { super::upstream::Upstream::send(self, req).await };
-            match sent {
-                Ok(resp) => Ok(resp.map(|b| b.map_err(|e| Box::new(e) as super::upstream::BoxError).boxed())),
-                Err(e) => Err(ForwardError { connect: e.is_connect(), detail: error_chain(&e) }),
-            }
+            sent.map_err(|e| ForwardError { connect: e.is_connect(), detail: error_chain(&e) })
         })
     }
 }

@@ -469,16 +469,52 @@ pub fn fds_needed(max_connections: usize) -> u64 {
 
 /// Binds the proxy port on `127.0.0.1` and `::1`.
 pub fn bind(port: u16) -> io::Result<Vec<TcpListener>> {
+    bind_with(port, false)
+}
+
+/// Binds the proxy port on `127.0.0.1` and `::1` with `SO_REUSEPORT`, for one of several
+/// runtime threads that each accept on listeners of their own ([`shards`]): the kernel spreads
+/// incoming connections over the group by their addresses, and a connection is served start to
+/// end on the thread that accepted it. Call [`check_port_free`] first: `SO_REUSEPORT` alone
+/// would also join a group another process (of the same user) holds.
+pub fn bind_shard(port: u16) -> io::Result<Vec<TcpListener>> {
+    bind_with(port, true)
+}
+
+fn bind_with(port: u16, reuseport: bool) -> io::Result<Vec<TcpListener>> {
     let mut out = Vec::with_capacity(2);
     for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
         let addr = SocketAddr::new(ip, port);
         let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
+        if reuseport {
+            socket.set_reuseport(true)?;
+        }
         socket.bind(addr).map_err(|e| io::Error::new(e.kind(), format!("binding the proxy on {addr}: {e}")))?;
         out.push(socket.listen(LISTEN_BACKLOG)?);
     }
     Ok(out)
 }
+
+/// Fails (`AddrInUse`, naming the address) when anything listens on the proxy port already: a
+/// plain bind, without `SO_REUSEPORT`, on both addresses, released at once.
+pub fn check_port_free(port: u16) -> io::Result<()> {
+    for ip in [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)] {
+        let addr = SocketAddr::new(ip, port);
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("binding the proxy on {addr}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// How many runtime threads serve the proxy: one per CPU the daemon may run on, at most
+/// [`MAX_SHARDS`].
+pub fn shards() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_SHARDS)
+}
+
+/// The most proxy runtime threads [`shards`] starts.
+pub const MAX_SHARDS: usize = 16;
 
 impl crate::metrics::AdmissionCounters for Proxy {
     fn accepted_and_over_limit(&self) -> (u64, u64) {
@@ -503,6 +539,33 @@ mod tests {
         assert_eq!(now_soft, hard);
         // Idempotent.
         assert_eq!(raise_fd_limit().unwrap(), soft);
+    }
+
+    /// The per-thread listeners share the port; a port anyone holds is refused before they are
+    /// bound, and a plain bind (another daemon) cannot join them.
+    #[tokio::test]
+    async fn shard_listeners_share_the_port_and_a_taken_port_is_refused() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        check_port_free(port).expect("free");
+        let first = bind_shard(port).expect("first shard");
+        let second = bind_shard(port).expect("second shard");
+        let err = check_port_free(port).expect_err("taken");
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains(&port.to_string()), "{err}");
+        assert!(bind(port).is_err(), "a plain bind does not join the group");
+        // Connections reach one listener of the group.
+        let mut clients = Vec::new();
+        for _ in 0..8 {
+            clients.push(tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await.expect("connect"));
+        }
+        let mut accepted = 0;
+        for l in [&first[0], &second[0]] {
+            while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), l.accept()).await {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 8);
+        assert!((1..=MAX_SHARDS).contains(&shards()));
     }
 
     #[test]

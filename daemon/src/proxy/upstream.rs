@@ -8,29 +8,35 @@
 //! * **The upstream is verified** by rustls against webpki's roots, the host's trust store
 //!   (`/etc/ssl/certs/ca-certificates.crt` when present) and `upstream_tls.extra_roots`, for the
 //!   name the decision was made on. The agent's trust in the local CA never extends upstream.
-//! * **Connections are pooled per (scheme, name, port)** by hyper-util's client, so a connection
-//!   opened and verified for one name is never reused for another. ALPN offers `h2` and
-//!   `http/1.1`; the pool multiplexes HTTP/2 streams.
+//! * **Connections are pooled per (scheme, name, port)** ([`Upstream`]'s own pool), so a
+//!   connection opened and verified for one name is never reused for another. ALPN offers `h2`
+//!   and `http/1.1`. An HTTP/1.1 connection is driven by the request using it, in that request's
+//!   task (no task hop either way); an HTTP/2 connection, shared by concurrent streams, runs in
+//!   a task of its own.
+//! * **TLS sessions are resumed**: rustls keeps the upstreams' session tickets in memory
+//!   ([`client_config`]), so a new connection to an upstream seen before skips the full
+//!   handshake (the certificate was verified for the same name when the session was made).
 
 use crate::dns::UpstreamResolver;
 use crate::domain::DomainName;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -42,6 +48,8 @@ const MAX_BUNDLE: u64 = 8 * 1024 * 1024;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Idle pooled connections are closed after this.
 pub const POOL_IDLE: Duration = Duration::from_secs(60);
+/// Upstream names whose TLS sessions are kept for resumption.
+pub const UPSTREAM_SESSIONS: usize = 1024;
 
 /// The body type the proxy sends upstream and back to agents.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -92,6 +100,9 @@ pub fn client_config(
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Sessions (TLS 1.3 tickets, TLS 1.2 tickets or ids) of up to this many upstream names are
+    // kept, so a new connection to one of them resumes instead of a full handshake.
+    config.resumption = rustls::client::Resumption::in_memory_sessions(UPSTREAM_SESSIONS);
     Ok(Arc::new(config))
 }
 
@@ -106,12 +117,21 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-/// The pooled upstream clients: one offering `h2` and `http/1.1`, and one offering only
+/// The daemon's client for upstream requests: its own connection pool, keyed by (scheme, name,
+/// port), with two connectors: one offering `h2` and `http/1.1`, and one offering only
 /// `http/1.1` for protocol upgrades (WebSocket), which HTTP/2 cannot carry.
+///
+/// An HTTP/1.1 connection has no task of its own: the request that uses it drives it (sending
+/// the request, reading the response head, then each read of the response body), so a request
+/// crosses no task boundary on its way up and back. A response read to its end puts the
+/// connection back in the pool; one dropped earlier closes it. An HTTP/2 connection is shared by
+/// concurrent requests, so it runs in a task of its own. Idle connections are checked every
+/// [`SWEEP_EVERY`] and closed after [`POOL_IDLE`] or when the upstream closed them.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, ProxyBody>,
-    h1_client: Client<Connector, ProxyBody>,
+    connector: Connector,
+    h1_connector: Connector,
+    pool: Arc<Pool>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -120,41 +140,384 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// Why a request got no response from its upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection: nothing was sent.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("HTTP with the upstream")]
+    Http(#[source] hyper::Error),
+}
+
+impl SendError {
+    /// Whether no connection to the upstream could be made.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, SendError::Connect(_))
+    }
+}
+
+/// The outcome of a request on an HTTP/1.1 connection taken from the pool: a pooled
+/// connection the upstream closed before the request was written gives the request back, to be
+/// sent on a new connection (nothing of it reached the upstream).
+enum H1Sent {
+    Done(Result<http::Response<ProxyBody>, SendError>),
+    Unsent(http::Request<ProxyBody>),
+}
+
 impl Upstream {
     pub fn new(resolver: Arc<UpstreamResolver>, tls: Arc<ClientConfig>) -> Upstream {
         let mut h1_tls = (*tls).clone();
         h1_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let build = |tls: Arc<ClientConfig>| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(POOL_IDLE)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .build(Connector { resolver: resolver.clone(), tls: TlsConnector::from(tls) })
-        };
-        Upstream { client: build(tls), h1_client: build(Arc::new(h1_tls)) }
+        let pool = Arc::new(Pool::default());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let pool = Arc::downgrade(&pool);
+            runtime.spawn(async move {
+                let mut every = tokio::time::interval(SWEEP_EVERY);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    match pool.upgrade() {
+                        Some(pool) => pool.sweep(),
+                        None => return,
+                    }
+                }
+            });
+        }
+        Upstream {
+            connector: Connector { resolver: resolver.clone(), tls: TlsConnector::from(tls) },
+            h1_connector: Connector { resolver, tls: TlsConnector::from(Arc::new(h1_tls)) },
+            pool,
+        }
     }
 
     /// Sends `req` (its URI names scheme, host and port) and returns the response head; the
     /// response body streams.
-    pub async fn send(
-        &self,
-        req: http::Request<ProxyBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
+    pub async fn send(&self, mut req: http::Request<ProxyBody>) -> Result<http::Response<ProxyBody>, SendError> {
+        let key = Key::of(req.uri())?;
+        if let Some(sender) = self.pool.h2(&key) {
+            return send_h2(sender, req).await;
+        }
+        let uri = req.uri().clone();
+        if let Some(h1) = std::future::poll_fn(|cx| Poll::Ready(self.pool.checkout_h1(&key, cx))).await {
+            to_h1_form(&mut req, &key);
+            match send_h1(&self.pool, key.clone(), h1, req).await {
+                H1Sent::Done(result) => return result,
+                H1Sent::Unsent(back) => req = back,
+            }
+        }
+        let io = self.connector.connect(&key).await?;
+        if io.h2 {
+            *req.uri_mut() = uri;
+            req.headers_mut().remove(http::header::HOST);
+            let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new());
+            let (sender, conn) = b.handshake(TokioIo::new(io)).await.map_err(SendError::Http)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+                }
+            });
+            self.pool.put_h2(key, sender.clone());
+            return send_h2(sender, req).await;
+        }
+        to_h1_form(&mut req, &key);
+        let (sender, conn) =
+            hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Http)?;
+        let h1 = H1 { sender, conn, idle_since: Instant::now() };
+        match send_h1(&self.pool, key, h1, req).await {
+            H1Sent::Done(result) => result,
+            // A new connection that ended before taking the request.
+            H1Sent::Unsent(_) => Err(SendError::Connect(ConnectError::Closed)),
+        }
     }
 
-    /// As [`Upstream::send`], always over HTTP/1.1 (for `Upgrade` requests).
-    pub async fn send_h1(
-        &self,
-        req: http::Request<ProxyBody>,
-    ) -> Result<http::Response<hyper::body::Incoming>, hyper_util::client::legacy::Error> {
-        self.h1_client.request(req).await
+    /// As [`Upstream::send`], always on a new HTTP/1.1 connection of its own (for `Upgrade`
+    /// requests: the connection becomes the tunnel, so it is never pooled).
+    pub async fn send_h1(&self, mut req: http::Request<ProxyBody>) -> Result<http::Response<ProxyBody>, SendError> {
+        let key = Key::of(req.uri())?;
+        let io = self.h1_connector.connect(&key).await?;
+        to_h1_form(&mut req, &key);
+        let (mut sender, conn) =
+            hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream HTTP/1.1 connection (upgrade) ended with an error");
+            }
+        });
+        let resp = sender.send_request(req).await.map_err(SendError::Http)?;
+        Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+    }
+
+    /// Idle HTTP/1.1 connections in the pool now.
+    pub fn idle_connections(&self) -> usize {
+        self.pool.lock().idle_total
     }
 }
 
-/// Connects to what the daemon resolves for the URI's host, with TLS for `https`.
+/// HTTP/1.1 wants the path alone on the request line and the name in `Host` (with the port
+/// unless it is the scheme's default).
+fn to_h1_form<B>(req: &mut http::Request<B>, key: &Key) {
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    if let Ok(origin) = path.parse::<http::Uri>() {
+        *req.uri_mut() = origin;
+    }
+    let default = if key.tls { 443 } else { 80 };
+    let host = if key.port == default { key.name.to_string() } else { format!("{}:{}", key.name, key.port) };
+    if let Ok(v) = http::HeaderValue::from_str(&host) {
+        req.headers_mut().entry(http::header::HOST).or_insert(v);
+    }
+}
+
+async fn send_h2(mut sender: H2Sender, req: http::Request<ProxyBody>) -> Result<http::Response<ProxyBody>, SendError> {
+    let resp = sender.send_request(req).await.map_err(SendError::Http)?;
+    Ok(resp.map(|b| b.map_err(|e| Box::new(e) as BoxError).boxed()))
+}
+
+/// Sends `req` on `h1`, driving the connection in this task until the response head is in; the
+/// response body drives it from then on ([`PooledBody`]) and gives it back to the pool at its
+/// end.
+async fn send_h1(pool: &Arc<Pool>, key: Key, h1: H1, req: http::Request<ProxyBody>) -> H1Sent {
+    let H1 { mut sender, conn, .. } = h1;
+    let mut conn = Some(conn);
+    let mut response = std::pin::pin!(sender.try_send_request(req));
+    let sent = std::future::poll_fn(|cx| {
+        if let Some(c) = &mut conn {
+            if Pin::new(c).poll(cx).is_ready() {
+                // Ended: dropping it answers the request's callback with the reason.
+                conn = None;
+            }
+        }
+        response.as_mut().poll(cx)
+    })
+    .await;
+    match sent {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            let conn = conn.map(|conn| (key, H1 { sender, conn, idle_since: Instant::now() }));
+            let body = PooledBody { body, conn, pool: pool.clone() };
+            H1Sent::Done(Ok(http::Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())))
+        }
+        Err(mut e) => match e.take_message() {
+            Some(req) => H1Sent::Unsent(req),
+            None => H1Sent::Done(Err(SendError::Http(e.into_error()))),
+        },
+    }
+}
+
+/// Idle HTTP/1.1 connections kept per (scheme, name, port); more are closed when they come back.
+pub const MAX_IDLE_PER_KEY: usize = 128;
+/// Idle HTTP/1.1 connections kept in all; more are closed when they come back.
+pub const MAX_IDLE_TOTAL: usize = 2048;
+/// How often idle connections are checked for a close by the upstream and for [`POOL_IDLE`].
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+type H1Sender = hyper::client::conn::http1::SendRequest<ProxyBody>;
+type H1Conn = hyper::client::conn::http1::Connection<TokioIo<UpstreamIo>, ProxyBody>;
+type H2Sender = hyper::client::conn::http2::SendRequest<ProxyBody>;
+
+/// Where a connection goes: a connection opened and verified for one name is never used for
+/// another (nor for another port or scheme). Connections are also kept apart by the thread that
+/// uses them: the proxy runs one runtime per thread, and a connection stays with the runtime
+/// whose reactor it is registered with.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    tls: bool,
+    name: DomainName,
+    port: u16,
+    thread: std::thread::ThreadId,
+}
+
+impl Key {
+    fn of(uri: &http::Uri) -> Result<Key, ConnectError> {
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(ConnectError::BadUri(uri.to_string())),
+        };
+        let name =
+            uri.host().and_then(|h| DomainName::parse(h).ok()).ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Key { tls, name, port, thread: std::thread::current().id() })
+    }
+}
+
+/// An HTTP/1.1 connection with no request on it: its sender and the connection itself, which
+/// the request task using it drives (it has no task of its own).
+struct H1 {
+    sender: H1Sender,
+    conn: H1Conn,
+    idle_since: Instant,
+}
+
+impl H1 {
+    /// Drives the connection once (a close by the upstream, or the end of the previous exchange,
+    /// is seen here) and says whether a request can be sent on it now.
+    fn poll_usable(&mut self, cx: &mut Context<'_>) -> bool {
+        if Pin::new(&mut self.conn).poll(cx).is_ready() {
+            return false; // ended (closed by the upstream, or an error)
+        }
+        matches!(self.sender.poll_ready(cx), Poll::Ready(Ok(())))
+    }
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: HashMap<Key, Vec<H1>>,
+    idle_total: usize,
+    /// One multiplexed HTTP/2 connection per key (its connection runs in a task of its own).
+    h2: HashMap<Key, H2Sender>,
+}
+
+#[derive(Default)]
+struct Pool {
+    state: Mutex<PoolState>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The most recently used idle connection for `key` that is still open and ready, if any;
+    /// the unusable ones met on the way are closed.
+    fn checkout_h1(&self, key: &Key, cx: &mut Context<'_>) -> Option<H1> {
+        let now = Instant::now();
+        loop {
+            let mut conn = {
+                let mut state = self.lock();
+                let list = state.idle.get_mut(key)?;
+                let conn = list.pop();
+                if list.is_empty() {
+                    state.idle.remove(key);
+                }
+                let conn = conn?;
+                state.idle_total = state.idle_total.saturating_sub(1);
+                conn
+            };
+            if now.duration_since(conn.idle_since) < POOL_IDLE && conn.poll_usable(cx) {
+                return Some(conn);
+            }
+        }
+    }
+
+    /// Puts a connection whose last response was read to its end back for `key`, or closes it
+    /// (over the bounds, or no longer usable).
+    fn checkin_h1(&self, key: Key, mut conn: H1) {
+        if !conn.poll_usable(&mut Context::from_waker(std::task::Waker::noop())) {
+            return;
+        }
+        conn.idle_since = Instant::now();
+        let mut state = self.lock();
+        if state.idle_total >= MAX_IDLE_TOTAL {
+            return;
+        }
+        let list = state.idle.entry(key).or_default();
+        if list.len() >= MAX_IDLE_PER_KEY {
+            return;
+        }
+        list.push(conn);
+        state.idle_total += 1;
+    }
+
+    fn h2(&self, key: &Key) -> Option<H2Sender> {
+        let mut state = self.lock();
+        match state.h2.get(key) {
+            Some(s) if !s.is_closed() => Some(s.clone()),
+            Some(_) => {
+                state.h2.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put_h2(&self, key: Key, sender: H2Sender) {
+        let mut state = self.lock();
+        match state.h2.get(&key) {
+            Some(s) if !s.is_closed() => {} // another request's connection came first: keep it
+            _ => {
+                state.h2.insert(key, sender);
+            }
+        }
+    }
+
+    /// Closes idle connections that the upstream closed or that sat longer than [`POOL_IDLE`],
+    /// and forgets closed HTTP/2 connections.
+    fn sweep(&self) {
+        let now = Instant::now();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut closed = Vec::new();
+        let mut state = self.lock();
+        state.idle.retain(|_, list| {
+            for mut c in std::mem::take(list) {
+                if now.duration_since(c.idle_since) < POOL_IDLE && c.poll_usable(&mut cx) {
+                    list.push(c);
+                } else {
+                    closed.push(c);
+                }
+            }
+            !list.is_empty()
+        });
+        state.idle_total = state.idle.values().map(Vec::len).sum();
+        state.h2.retain(|_, s| !s.is_closed());
+        drop(state);
+        drop(closed); // closed outside the lock
+    }
+}
+
+/// A response body read from an HTTP/1.1 connection of the pool: reading it drives the
+/// connection in the reader's own task, and once the body has been read to its end the
+/// connection goes back to the pool (dropped before its end, the connection is closed: what is
+/// left of the response is still on it).
+struct PooledBody {
+    body: Incoming,
+    conn: Option<(Key, H1)>,
+    pool: Arc<Pool>,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some((_, c)) = &mut this.conn {
+            if Pin::new(&mut c.conn).poll(cx).is_ready() {
+                // Ended (the body's end or error is in `body` now): not reusable.
+                this.conn = None;
+            }
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            this.conn = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // hyper stops reading a body once it reports its end, so the end is judged here.
+        if self.body.is_end_stream() {
+            if let Some((key, conn)) = self.conn.take() {
+                self.pool.checkin_h1(key, conn);
+            }
+        }
+    }
+}
+
+/// Connects to what the daemon resolves for a name, with TLS for `https`.
 #[derive(Clone)]
-pub struct Connector {
+struct Connector {
     resolver: Arc<UpstreamResolver>,
     tls: TlsConnector,
 }
@@ -169,6 +532,8 @@ pub enum ConnectError {
     Connect { name: String, addrs: String, reason: String },
     #[error("TLS with {name} at {addr}: {source}")]
     Tls { name: String, addr: SocketAddr, source: io::Error },
+    #[error("the new upstream connection closed before the request was sent")]
+    Closed,
 }
 
 impl ConnectError {
@@ -177,44 +542,21 @@ impl ConnectError {
         match self {
             ConnectError::BadUri(_) => "uri",
             ConnectError::Resolve { .. } => "resolve",
-            ConnectError::Connect { .. } => "connect",
+            ConnectError::Connect { .. } | ConnectError::Closed => "connect",
             ConnectError::Tls { .. } => "tls",
         }
     }
 }
 
-impl tower_service::Service<http::Uri> for Connector {
-    type Response = UpstreamIo;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamIo, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.connect(uri).await })
-    }
-}
-
 impl Connector {
-    async fn connect(self, uri: http::Uri) -> Result<UpstreamIo, ConnectError> {
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(ConnectError::BadUri(uri.to_string())),
-        };
-        let name =
-            uri.host().and_then(|h| DomainName::parse(h).ok()).ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        let (tcp, addr) = dial(&self.resolver, &name, port).await?;
+    async fn connect(&self, key: &Key) -> Result<UpstreamIo, ConnectError> {
+        let (tcp, addr) = dial(&self.resolver, &key.name, key.port).await?;
         let _ = tcp.set_nodelay(true);
-        if !tls {
+        if !key.tls {
             return Ok(UpstreamIo { inner: Inner::Plain(tcp), h2: false });
         }
-        let server_name =
-            ServerName::try_from(name.as_str().to_string()).map_err(|_| ConnectError::BadUri(uri.to_string()))?;
+        let name = key.name.as_str();
+        let server_name = ServerName::try_from(name.to_string()).map_err(|_| ConnectError::BadUri(name.to_string()))?;
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(server_name, tcp))
             .await
             .map_err(|_| ConnectError::Tls {
@@ -239,61 +581,48 @@ enum Inner {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        let c = Connected::new();
-        if self.h2 {
-            c.negotiated_h2()
-        } else {
-            c
+impl AsyncRead for UpstreamIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Inner::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
 
-macro_rules! io_delegate {
-    ($self:ident, $s:ident => $e:expr) => {
-        match &mut $self.get_mut().inner {
-            Inner::Plain($s) => {
-                let mut io = TokioIo::new($s);
-                let $s = Pin::new(&mut io);
-                $e
-            }
-            Inner::Tls($s) => {
-                let mut io = TokioIo::new(&mut **$s);
-                let $s = Pin::new(&mut io);
-                $e
-            }
-        }
-    };
-}
-
-impl Read for UpstreamIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
-        io_delegate!(self, s => s.poll_read(cx, buf))
-    }
-}
-
-impl Write for UpstreamIo {
+impl AsyncWrite for UpstreamIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        io_delegate!(self, s => s.poll_write(cx, buf))
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Inner::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        io_delegate!(self, s => s.poll_flush(cx))
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_flush(cx),
+            Inner::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        io_delegate!(self, s => s.poll_shutdown(cx))
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Inner::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        io_delegate!(self, s => s.poll_write_vectored(cx, bufs))
+        match &mut self.get_mut().inner {
+            Inner::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Inner::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
     }
     fn is_write_vectored(&self) -> bool {
         match &self.inner {
-            Inner::Plain(s) => tokio::io::AsyncWrite::is_write_vectored(s),
-            Inner::Tls(s) => tokio::io::AsyncWrite::is_write_vectored(&**s),
+            Inner::Plain(s) => s.is_write_vectored(),
+            Inner::Tls(s) => s.is_write_vectored(),
         }
     }
 }
@@ -319,4 +648,181 @@ pub async fn dial(
     }
     let list = addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
     Err(ConnectError::Connect { name: name.to_string(), addrs: list, reason: last })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DnsConfig;
+    use http_body_util::{Empty, Full};
+    use std::convert::Infallible;
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A plain HTTP/1.1 upstream on loopback: counts the connections it accepts and answers
+    /// every request with `<Host header> <request target>` followed by `n` bytes for `/n`.
+    struct Server {
+        port: u16,
+        accepted: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    async fn server(keep_alive: bool) -> Server {
+        server_at(0, keep_alive).await
+    }
+
+    /// [`server`] on `port` (0: any); a port just released is retried for a while.
+    async fn server_at(port: u16, keep_alive: bool) -> Server {
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).await {
+                Ok(l) => break l,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("binding port {port}: {e}"),
+            }
+        };
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            // Aborting the server drops this set, which closes every connection it accepted.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(|req: http::Request<Incoming>| async move {
+                        let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("-");
+                        let target = req.uri().to_string();
+                        let n: usize = req.uri().path().trim_start_matches('/').parse().unwrap_or(0);
+                        let mut body = format!("{host} {target}\n").into_bytes();
+                        body.resize(body.len() + n, b'x');
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(body))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(keep_alive)
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+        Server { port, accepted, task }
+    }
+
+    /// The daemon's client, resolving `a.example.test` and `b.example.test` to loopback.
+    fn upstream() -> Upstream {
+        let dns = DnsConfig {
+            port: 0,
+            upstream: Vec::new(),
+            static_hosts: [
+                ("a.example.test", IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                ("b.example.test", IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            ]
+            .iter()
+            .map(|(n, ip)| (n.to_string(), *ip))
+            .collect(),
+        };
+        let resolver = Arc::new(UpstreamResolver::from_config(&dns, None).expect("resolver"));
+        Upstream::new(resolver, client_config(&[], None).expect("tls"))
+    }
+
+    fn request(uri: &str) -> http::Request<ProxyBody> {
+        let body = Empty::<Bytes>::new().map_err(|never| match never {}).boxed();
+        http::Request::builder().uri(uri).body(body).expect("request")
+    }
+
+    async fn get(u: &Upstream, uri: &str) -> String {
+        let resp = u.send(request(uri)).await.expect("response");
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_reused_once_its_response_was_read_and_requests_go_in_origin_form() {
+        let s = server(true).await;
+        let u = upstream();
+        for i in 0..3 {
+            let got = get(&u, &format!("http://a.example.test:{}/0?i={i}", s.port)).await;
+            // The name (and the port, not the scheme's default) in Host; the path alone.
+            assert_eq!(got, format!("a.example.test:{} /0?i={i}\n", s.port));
+        }
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 1, "one connection for three requests");
+        assert_eq!(u.idle_connections(), 1);
+        // Bodies larger than one read are streamed, and the connection still comes back.
+        let got = get(&u, &format!("http://a.example.test:{}/300000", s.port)).await;
+        assert_eq!(got.len(), format!("a.example.test:{} /300000\n", s.port).len() + 300_000);
+        assert_eq!((s.accepted.load(Ordering::SeqCst), u.idle_connections()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_response_dropped_before_its_end_closes_its_connection() {
+        let s = server(true).await;
+        let u = upstream();
+        let resp = u.send(request(&format!("http://a.example.test:{}/1000000", s.port))).await.expect("response");
+        let mut body = resp.into_body();
+        let first = body.frame().await.expect("a frame").expect("data");
+        assert!(first.is_data());
+        drop(body); // what is left of the response is still on that connection
+        assert_eq!(u.idle_connections(), 0);
+        get(&u, &format!("http://a.example.test:{}/0", s.port)).await;
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 2, "a new connection for the next request");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closes_is_not_used_again() {
+        let s = server(false).await; // `Connection: close` on every response
+        let u = upstream();
+        for _ in 0..3 {
+            get(&u, &format!("http://a.example.test:{}/0", s.port)).await;
+        }
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 3);
+        assert_eq!(u.idle_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_closed_while_idle_is_replaced_without_an_error() {
+        let s = server(true).await;
+        let u = upstream();
+        get(&u, &format!("http://a.example.test:{}/0", s.port)).await;
+        assert_eq!(u.idle_connections(), 1);
+        // The upstream goes away (closing the idle connection) and comes back on the same port.
+        let port = s.port;
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(100)).await; // the close reaches this side
+        let s2 = server_at(port, true).await;
+        get(&u, &format!("http://a.example.test:{port}/0")).await;
+        assert_eq!(s2.accepted.load(Ordering::SeqCst), 1, "a new connection to the new upstream");
+        assert_eq!(u.idle_connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn connections_are_never_shared_between_names() {
+        let s = server(true).await;
+        let u = upstream();
+        for name in ["a.example.test", "b.example.test", "a.example.test", "b.example.test"] {
+            let got = get(&u, &format!("http://{name}:{}/0", s.port)).await;
+            assert!(got.starts_with(name), "{got}");
+        }
+        assert_eq!(s.accepted.load(Ordering::SeqCst), 2, "one connection per name");
+        assert_eq!(u.idle_connections(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_name_that_is_not_a_host_name_is_refused_before_any_connection() {
+        let u = upstream();
+        for uri in ["http://127.0.0.1:80/", "ftp://a.example.test/", "/relative"] {
+            let err = u.send(request(uri)).await.expect_err(uri);
+            assert!(err.is_connect(), "{uri}: {err}");
+        }
+    }
 }

@@ -681,21 +681,33 @@ impl Service {
             self.schedule_hold_timeout(hold.id.clone(), hold.expires_at);
         }
         crate::metrics::global().decision(outcome.decision.as_str(), outcome.reason.as_str());
-        // One line per decision, with what an operator greps for. `agent_id` is the passport's
-        // claim (absent for an unknown passport); `host` is the request's target.
-        tracing::info!(
-            passport_id = %input.passport_id,
-            agent_id = %agent_id.as_deref().unwrap_or("-"),
-            action = %input.action,
-            host = %input.target.as_deref().unwrap_or("-"),
-            method = %input.method.as_deref().unwrap_or("-"),
-            cost_millicents,
-            decision = %outcome.decision.as_str(),
-            reason = %outcome.reason,
-            hold_id = %outcome.hold.as_ref().map(|h| h.id.as_str()).unwrap_or("-"),
-            attestation_id = index,
-            "decision"
-        );
+        // One line per decision, with what an operator greps for: blocks and holds at info,
+        // allows (the hot path; each is in the ledger) at debug, summed up at info once a minute
+        // by the metrics. `agent_id` is the passport's claim (absent for an unknown passport);
+        // `host` is the request's target.
+        macro_rules! decision_line {
+            ($level:expr) => {
+                tracing::event!(
+                    $level,
+                    passport_id = %input.passport_id,
+                    agent_id = %agent_id.as_deref().unwrap_or("-"),
+                    action = %input.action,
+                    host = %input.target.as_deref().unwrap_or("-"),
+                    method = %input.method.as_deref().unwrap_or("-"),
+                    cost_millicents,
+                    decision = %outcome.decision.as_str(),
+                    reason = %outcome.reason,
+                    hold_id = %outcome.hold.as_ref().map(|h| h.id.as_str()).unwrap_or("-"),
+                    attestation_id = index,
+                    "decision"
+                )
+            };
+        }
+        if outcome.decision == decide::Decision::Allow {
+            decision_line!(tracing::Level::DEBUG);
+        } else {
+            decision_line!(tracing::Level::INFO);
+        }
         Ok(outcome.outcome(index))
     }
 

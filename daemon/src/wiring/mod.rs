@@ -68,15 +68,77 @@ pub struct Plane {
     pub pool: Arc<SyntheticPool>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The proxy's runtime threads ([`proxy::shards`]).
+    shards: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Plane {
-    /// Stops accepting (connections in flight end with the runtime).
+    /// Stops accepting (connections in flight end with their runtime).
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        let shards = std::mem::take(&mut self.shards);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in shards {
+                let _ = t.join();
+            }
+        })
+        .await;
     }
+}
+
+/// Starts the proxy's runtime threads: each a single-threaded tokio runtime with its own
+/// listeners on the proxy port (`SO_REUSEPORT`), so a connection, its requests and its upstream
+/// connections stay on the thread that accepted it (no wakeups across threads but the ledger's
+/// answer). Returns once every thread listens, or the first error (the others then stop).
+async fn start_shards(
+    proxy: &Arc<Proxy>,
+    port: u16,
+    stop_rx: &watch::Receiver<bool>,
+) -> Result<Vec<std::thread::JoinHandle<()>>, StartError> {
+    let bind_err = |source| StartError::Bind { section: "proxy", port, source };
+    proxy::check_port_free(port).map_err(bind_err)?;
+    let n = proxy::shards();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<()>>();
+    let mut threads = Vec::with_capacity(n);
+    for i in 0..n {
+        let (proxy, stop_rx, ready) = (proxy.clone(), stop_rx.clone(), ready_tx.clone());
+        let spawned = std::thread::Builder::new().name(format!("sluice-proxy-{i}")).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match proxy::bind_shard(port) {
+                    Ok(listeners) => {
+                        let _ = ready.send(Ok(()));
+                        proxy.serve(listeners, stop_rx).await;
+                    }
+                    Err(e) => {
+                        let _ = ready.send(Err(e));
+                    }
+                }
+            });
+            // Dropping the runtime ends the connections still in flight on this thread.
+        });
+        match spawned {
+            Ok(t) => threads.push(t),
+            Err(e) => return Err(bind_err(e)),
+        }
+    }
+    drop(ready_tx);
+    for _ in 0..n {
+        match ready_rx.recv().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(bind_err(e)),
+            None => return Err(bind_err(std::io::Error::other("a proxy thread ended before listening"))),
+        }
+    }
+    Ok(threads)
 }
 
 /// Binds and starts the proxy (`[proxy] port`) and the agents' resolver (`[dns] port`), both on
@@ -126,14 +188,15 @@ pub async fn start(
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let listeners = proxy::bind(config.proxy.port).map_err(|source| StartError::Bind {
-        section: "proxy",
-        port: config.proxy.port,
-        source,
-    })?;
     let (stop, stop_rx) = watch::channel(false);
+    let shards = match start_shards(&proxy, config.proxy.port, &stop_rx).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = stop.send(true); // the threads that did start stop accepting
+            return Err(e);
+        }
+    };
     let mut tasks = JoinSet::new();
-    tasks.spawn(proxy.clone().serve(listeners, stop_rx));
 
     let agents_resolver = Arc::new(Resolver::new(pool.clone()));
     let identity = Arc::new(dns_identity::Identity::new(service, policy, conntable));
@@ -152,5 +215,5 @@ pub async fn start(
         });
     }
     tracing::info!(proxy_port = config.proxy.port, dns_port = config.dns.port, "proxy and resolver listening");
-    Ok(Plane { proxy, pool, stop, tasks })
+    Ok(Plane { proxy, pool, stop, tasks, shards })
 }
