@@ -121,25 +121,31 @@ fn the_daemon_from_the_shipped_example_notifies_ready_and_answers_health() {
     assert_eq!((status, health["status"].as_str()), (200, Some("ok")), "{health}");
     assert!(prefix.path().join("var/lib/sluice/ledger.redb").is_file(), "store not under the prefix");
 
-    // One log line per decision, carrying what an operator looks for.
+    // Blocks (and holds) get one info line each, carrying what an operator looks for; allows
+    // are at debug only (each is in the ledger), summed up at info once a minute.
     let i = issue(prefix.path(), "logged", &["--permission", "llm:*"]);
     let token = std::fs::read_to_string(&i.passport).unwrap();
     let (status, v) = raw_call(&socket, "POST", "/v1/passports", Some(json!({"passport": token.trim()}))).unwrap();
     assert_eq!(status, 200, "{v}");
     let body = json!({"passport_id": i.id, "action": "llm:chat", "cost_cents": 7, "target": "api.example.test"});
     let (_, v) = raw_call(&socket, "POST", "/v1/enforce", Some(body)).unwrap();
+    assert_eq!(v["decision"], "allow", "{v}");
+    let body = json!({"passport_id": i.id, "action": "orders:write", "cost_cents": 7, "target": "api.example.test"});
+    let (_, v) = raw_call(&socket, "POST", "/v1/enforce", Some(body)).unwrap();
+    assert_eq!(v["decision"], "block", "{v}");
     let attestation = v["attestation_id"].as_u64().unwrap();
     let text = log();
-    let line = text.lines().find(|l| l.contains(" decision ") || l.ends_with(" decision")).unwrap_or_else(|| {
-        panic!("no decision line:\n{text}");
-    });
+    let decision_lines: Vec<&str> =
+        text.lines().filter(|l| l.contains(" decision ") || l.ends_with(" decision")).collect();
+    assert_eq!(decision_lines.len(), 1, "one info line, the block's:\n{text}");
+    let line = decision_lines[0];
     for field in [
         format!("passport_id={}", i.id),
         "agent_id=logged".into(),
-        "action=llm:chat".into(),
+        "action=orders:write".into(),
         "host=api.example.test".into(),
         "cost_millicents=7000".into(),
-        "decision=allow".into(),
+        "decision=block".into(),
         format!("attestation_id={attestation}"),
     ] {
         assert!(line.contains(&field), "{field} missing from: {line}");
