@@ -262,6 +262,7 @@ s = socket.create_connection(("127.0.0.55", int(sys.argv[1])), timeout=20)
 print(json.dumps({"local": s.getsockname()}), flush=True)
 sys.stdin.readline()
 print(json.dumps({"peer": s.getpeername()}), flush=True)
+sys.stdin.readline()
 "#,
         )
         .arg(port.to_string())
@@ -299,6 +300,8 @@ print(json.dumps({"peer": s.getpeername()}), flush=True)
     assert_eq!(py_addr(&second["peer"]), dialed, "socket storage lost on restart");
     // The per-sandbox slot counters are pinned too: the socket's slot is still counted, and
     // given back exactly once when the socket closes under the new programs.
+    // (The agent holds its socket until its stdin is closed: had it exited after printing, the
+    // slot would race back before this read.)
     let used = |fx: &sluice_e2e::KernelFixture| fx.conntable.sandbox_slots(fx.sandbox.id()).map(|q| q.used);
     assert_eq!(used(&fx), Some(1), "slot counter lost on restart");
     drop(guard);
