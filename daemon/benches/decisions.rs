@@ -14,7 +14,9 @@ const WARMUP: Duration = Duration::from_millis(500);
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
-    println!("sluice decisions benchmark: service.enforce with durability on (redb, group commit)");
+    println!(
+        "sluice decisions benchmark: service.enforce with durability on (journal group commit, log-structured store)"
+    );
     println!(
         "{:>11} {:>12} {:>10} {:>10} {:>10} {:>10}",
         "concurrency", "decisions/s", "p50 µs", "p90 µs", "p99 µs", "max µs"
