@@ -110,24 +110,7 @@ impl Indexer {
                 .min()
                 .map(|at| at.saturating_duration_since(Instant::now())),
             };
-            let first = match wait {
-                Some(wait) => match self.rx.recv_timeout(wait) {
-                    Ok(job) => Some(job),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                },
-                None => match self.rx.recv() {
-                    Ok(job) => Some(job),
-                    Err(_) => break,
-                },
-            };
-            let mut jobs: Vec<IndexJob> = first.into_iter().collect();
-            while jobs.len() < MAX_BATCH {
-                match self.rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
+            let Some(jobs) = recv_batch(&self.rx, wait, MAX_BATCH) else { break };
             if self.batch(jobs) {
                 break;
             }

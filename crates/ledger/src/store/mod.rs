@@ -207,6 +207,29 @@ fn se<'a, E: Into<redb::Error>>(path: &'a Path, context: &'static str) -> impl F
     move |e| storage(path, context)(e.into())
 }
 
+/// What a store thread (writer or indexer) takes from its queue at once: the first job (waiting
+/// for it at most `wait`, or without end when `None`) and then, without waiting, whatever else is
+/// queued, up to `max` in all. Empty after a timeout (the thread's timers are due); `None` when
+/// every sender is gone.
+fn recv_batch<T>(rx: &mpsc::Receiver<T>, wait: Option<Duration>, max: usize) -> Option<Vec<T>> {
+    let first = match wait {
+        Some(wait) => match rx.recv_timeout(wait) {
+            Ok(job) => Some(job),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+        },
+        None => Some(rx.recv().ok()?),
+    };
+    let mut jobs: Vec<T> = first.into_iter().collect();
+    while jobs.len() < max {
+        match rx.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+    Some(jobs)
+}
+
 struct Shared {
     pub(super) size: AtomicU64,
     pub(super) latest: RwLock<Option<SignedCheckpoint>>,

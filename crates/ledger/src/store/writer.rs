@@ -162,24 +162,7 @@ impl Writer {
                 Some(_) => None,
                 None => self.checkpoint_wait(),
             };
-            let first = match wait {
-                Some(wait) => match self.rx.recv_timeout(wait) {
-                    Ok(job) => Some(job),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                },
-                None => match self.rx.recv() {
-                    Ok(job) => Some(job),
-                    Err(_) => break,
-                },
-            };
-            let mut jobs: Vec<Job> = first.into_iter().collect();
-            while jobs.len() < self.max_group {
-                match self.rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
-                }
-            }
+            let Some(jobs) = recv_batch(&self.rx, wait, self.max_group) else { break };
             if self.group(jobs) {
                 break;
             }
