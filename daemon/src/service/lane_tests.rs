@@ -1,38 +1,17 @@
 //! Decisions evaluated outside the ledger writer (`service::lanes`): a slow rule costs only its
 //! own passport, and concurrent decisions, settlements and approvals keep exact counters.
 
-use super::testkit::{fixture_with, verified, Fixture};
+use super::testkit::{fixture_with, register, verified, Fixture};
 use super::{EnforceInput, HoldOrigin, Peer};
 use crate::decide::{self, Decision, EvalOptions, HostVerdict, Usage};
 use crate::ledger::{Draft, Txn};
 use crate::passport::constraints::{CelRule, RuleDecision};
-use crate::passport::{Cents, Constraints, Permission, SpendWindow, TrustTier};
-use ed25519_dalek::SigningKey;
+use crate::passport::{Cents, Constraints, SpendWindow};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn root() -> Peer {
     Peer { uid: 0, gid: 0, pid: 1, user: Some("root".into()) }
-}
-
-/// Registers another passport (`llm:*`) with `constraints` under the fixture's pinned issuer.
-async fn register(f: &Fixture, agent: &str, constraints: Constraints) -> String {
-    let issuer = SigningKey::from_bytes(&[3u8; 32]);
-    let issued = crate::passport::issue(
-        crate::passport::IssueRequest {
-            agent_id: agent.into(),
-            agent_name: None,
-            permissions: vec![Permission::parse("llm:*").expect("permission")],
-            constraints,
-            trust_tier: TrustTier::L1,
-            lifetime_secs: 3600,
-            now: crate::passport::now(),
-        },
-        &issuer,
-    )
-    .expect("issue");
-    f.service.register(&issued.token, None, &root()).await.expect("register");
-    issued.claims.id.to_string()
 }
 
 fn input(passport_id: &str, cost_millicents: u64) -> EnforceInput {
@@ -107,7 +86,7 @@ async fn a_slow_rule_costs_only_its_own_passport() {
     let mut k = 60;
     let (slow, slow_time) = loop {
         let constraints = Constraints { cel_rules: vec![slow_rule(k)], ..Constraints::default() };
-        let id = register(&f, &format!("slow-{k}"), constraints).await;
+        let id = register(&f.service, &format!("slow-{k}"), constraints).await;
         let t = (0..3).map(|_| evaluation_time(&f, &id)).min().expect("timed");
         if t >= Duration::from_millis(50) {
             break (id, t);
@@ -203,7 +182,7 @@ async fn concurrent_decisions_of_one_passport_keep_exact_limits() {
         ..Constraints::default()
     };
     let f = Arc::new(fixture_with(constraints).await);
-    let rated = register(&f, "rated", Constraints { rate_per_hour: Some(17), ..Constraints::default() }).await;
+    let rated = register(&f.service, "rated", Constraints { rate_per_hour: Some(17), ..Constraints::default() }).await;
     let mut tasks = Vec::new();
     for t in 0..48 {
         let f = f.clone();

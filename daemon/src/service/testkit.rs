@@ -42,9 +42,17 @@ pub(crate) async fn fixture_with(constraints: Constraints) -> Fixture {
     let config =
         ServiceConfig::passport_only(vec![IssuerId::from_key(&issuer.verifying_key())], Duration::from_secs(60));
     let service = Service::start(ledger, config).await.expect("service");
+    let passport = register(&service, "meter-test", constraints).await;
+    Fixture { _dir: dir, service, passport }
+}
+
+/// Registers a passport (`llm:*`) of `agent` with `constraints`, issued by the key the fixture's
+/// service pins; its id.
+pub(crate) async fn register(service: &Service, agent: &str, constraints: Constraints) -> String {
+    let issuer = SigningKey::from_bytes(&[3u8; 32]);
     let issued = crate::passport::issue(
         crate::passport::IssueRequest {
-            agent_id: "meter-test".into(),
+            agent_id: agent.into(),
             agent_name: None,
             permissions: vec![Permission::parse("llm:*").expect("permission")],
             constraints,
@@ -56,7 +64,7 @@ pub(crate) async fn fixture_with(constraints: Constraints) -> Fixture {
     )
     .expect("issue");
     service.register(&issued.token, None, &peer()).await.expect("register");
-    Fixture { _dir: dir, service, passport: issued.claims.id.to_string() }
+    issued.claims.id.to_string()
 }
 
 /// An allowed `llm:chat` request costing `cost` millicents; its attestation id.
