@@ -206,3 +206,28 @@ exprs = [
 ]
 for i, e in enumerate(exprs):
     write("cel_rules", "expr-%02d" % i, bytes([i % 2]) + e.encode())
+
+
+# ---- catalog: a draft and (after 0xff) a served document ----------------------------------------
+CATALOG_DRAFT = b"""[[permission]]
+key = "shipments:create"
+description = "Create a shipment"
+risk_level = "medium"
+[permission.constraints]
+"core:pricing:per_call_cents" = 2.5
+"core:pricing:model" = "per_call"
+"core:platform_fee:basis_points" = 250
+"core:sla:uptime_basis_points" = 9990
+"core:sla:response_time_ms" = 800
+"core:rate:max_per_minute" = 60
+"core:approval:required" = false
+"core:cost:approval_threshold" = 100
+
+[[permission]]
+key = "rates:read"
+description = "Quote a rate"
+risk_level = "low"
+"""
+write("catalog", "draft", CATALOG_DRAFT)
+write("catalog", "draft-and-doc", CATALOG_DRAFT + b"\xff" + json.dumps({"catalog": {"gate_id": "gate_x", "version": 1}, "content_hash": "sha256:" + "0" * 64, "catalog_signature": ""}).encode())
+
