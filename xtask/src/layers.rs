@@ -1,6 +1,7 @@
 //! `cargo xtask layers`: the layering that Cargo enforces, checked from `cargo metadata`.
 //!
-//! - The layers below the daemon (passports, decisions, policies, the ledger, catalogs, file I/O) depend on
+//! - The layers below the daemon (passports, decisions, policies, the ledger, catalogs, file I/O,
+//!   HTTP message signatures) depend on
 //!   no async runtime, HTTP/TLS stack or aya: their normal-dependency closure holds none of
 //!   [`FORBIDDEN`]. Dev-dependencies (tokio for async tests) do not count.
 //! - No library crate (a package under `crates/`) depends on the daemon `sluice`, in any kind.
@@ -11,8 +12,15 @@ use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 
 /// Crates that must stay free of [`FORBIDDEN`] (normal dependencies, transitively).
-pub const PURE: &[&str] =
-    &["sluice-files", "sluice-passport", "sluice-decide", "sluice-policy", "sluice-ledger", "sluice-catalog"];
+pub const PURE: &[&str] = &[
+    "sluice-files",
+    "sluice-passport",
+    "sluice-decide",
+    "sluice-policy",
+    "sluice-ledger",
+    "sluice-catalog",
+    "sluice-httpsig",
+];
 /// An async runtime, the HTTP and TLS stacks, the eBPF loader.
 pub const FORBIDDEN: &[&str] = &["tokio", "hyper", "hyper-util", "aya", "rustls", "tokio-rustls", "h2"];
 /// The daemon package, which nothing below it may depend on.
@@ -189,7 +197,7 @@ mod tests {
                 }
             }
         }
-        let members = ["files", "passport", "decide", "policy", "ledger", "catalog", "kernel"];
+        let members = ["files", "passport", "decide", "policy", "ledger", "catalog", "httpsig", "kernel"];
         let mut packages: Vec<Value> =
             members.iter().map(|m| pkg(&format!("sluice-{m}"), &format!("crates/{m}"))).collect();
         packages.push(pkg("sluice", "daemon"));
@@ -202,7 +210,7 @@ mod tests {
     }
 
     const ARCH: &str =
-        "crates/files crates/passport crates/decide crates/policy crates/ledger crates/catalog crates/kernel";
+        "crates/files crates/passport crates/decide crates/policy crates/ledger crates/catalog crates/httpsig crates/kernel";
 
     #[test]
     fn the_intended_layering_passes() {
@@ -257,7 +265,7 @@ mod tests {
     fn every_crate_dir_must_be_in_architecture_md() {
         let problems = check(
             &workspace(&[]),
-            "crates/files crates/passport crates/decide crates/policy crates/catalog crates/kernel",
+            "crates/files crates/passport crates/decide crates/policy crates/catalog crates/httpsig crates/kernel",
         )
         .unwrap();
         assert_eq!(
@@ -275,6 +283,7 @@ mod tests {
             "sluice-policy-id",
             "sluice-ledger-id",
             "sluice-catalog-id",
+            "sluice-httpsig-id",
             "sluice-id"
         ]);
         let problems = check(&m, ARCH).unwrap();
