@@ -74,14 +74,15 @@ fn set_cookie(r: &mut Response<Body>, value: &str) {
     }
 }
 
-/// Headers every answer carries: the content policy, no framing, no sniffing, no caching, no
-/// referrer.
+/// Headers every answer carries: the content policy, no framing, no sniffing, no caching, and
+/// a referrer only to the console itself (`same-origin`: with `no-referrer`, browsers send
+/// `Origin: null` on a form post, which the login's origin check must refuse).
 fn harden(r: &mut Response<Body>) {
     let h = r.headers_mut();
     h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(assets::CSP));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
     h.insert("cross-origin-resource-policy", HeaderValue::from_static("same-origin"));

@@ -176,7 +176,7 @@ function renderRecords(records) {
     const decision = r.decision || "";
     const cost = r.cost_millicents !== undefined ? dollarsMilli(r.cost_millicents)
       : r.cost_cents !== undefined ? dollars(r.cost_cents) : "";
-    const target = [r.method, r.target, r.path].filter(Boolean).join(" ");
+    const target = [r.method, r.host].filter(Boolean).join(" ");
     return el("tr", { "data-index": index, "data-kind": r.kind || "" },
       el("td", { class: "num" }, index),
       el("td", {}, when(r.time)),
@@ -185,7 +185,7 @@ function renderRecords(records) {
       el("td", {}, el("code", {}, r.action || "")),
       el("td", { class: "mono" }, target),
       el("td", { class: "decision-" + decision }, decision),
-      el("td", {}, r.reason || ""),
+      el("td", {}, (r.reason || "") + (r.by && r.by.user ? " (by " + r.by.user + ")" : "")),
       el("td", { class: "num" }, cost));
   }));
 }
