@@ -164,6 +164,12 @@ fn an_operator_approves_a_hold_in_the_browser_and_the_agent_completes() {
     assert!(verdict.as_str().is_some_and(|v| v.starts_with("OK: ")), "{verdict}");
     shot(&mut b, "overview.png", true);
 
+    // Logging out ends the session: the page goes back to the login form, and the API refuses.
+    b.eval("document.getElementById('logout').click(); true");
+    b.wait_for("location.pathname === '/login' && document.getElementById('token')", WAIT);
+    let status = b.eval("fetch('/api/overview').then(r => r.status)");
+    assert_eq!(status, Value::from(401));
+
     // The log names the console user as the approver, with the operator's note.
     let export = d.dir.path().join("export.json");
     let out = d.cli(&["audit", "export", "--out", export.to_str().unwrap()]);

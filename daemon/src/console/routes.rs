@@ -88,7 +88,7 @@ fn harden(r: &mut Response<Body>) {
     h.insert("cross-origin-resource-policy", HeaderValue::from_static("same-origin"));
 }
 
-fn header_str<'a>(req: &'a Request<Incoming>, name: header::HeaderName) -> Option<&'a str> {
+fn header_str(req: &Request<Incoming>, name: header::HeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -229,7 +229,7 @@ async fn api(
         },
         (&Method::POST, ["api", "holds", id, action @ ("approve" | "deny")]) => {
             if let Err(r) = ctx.change(&req, &session) {
-                return r;
+                return *r;
             }
             if id.is_empty() || id.len() > MAX_ID {
                 return error(StatusCode::BAD_REQUEST, "invalid", format!("hold id must be 1 to {MAX_ID} characters"));
@@ -261,7 +261,7 @@ async fn api(
         }
         (&Method::POST, ["api", "verify"]) => {
             if let Err(r) = ctx.change(&req, &session) {
-                return r;
+                return *r;
             }
             let Ok(_running) = ctx.verifying.try_lock() else {
                 return error(
@@ -285,7 +285,7 @@ async fn api(
         }
         (&Method::POST, ["logout"]) => {
             if let Err(r) = ctx.change(&req, &session) {
-                return r;
+                return *r;
             }
             ctx.sessions.close(&session.id);
             let mut r = json_response(StatusCode::OK, &json!({"logged_out": true}));
@@ -299,24 +299,24 @@ async fn api(
 impl Ctx {
     /// The checks of a state-changing request: its `Origin` is the console's own, and it
     /// carries the session's CSRF token in `X-CSRF-Token`.
-    fn change(&self, req: &Request<Incoming>, session: &Session) -> Result<(), Response<Body>> {
+    fn change(&self, req: &Request<Incoming>, session: &Session) -> Result<(), Box<Response<Body>>> {
         if !self.origins.origin_ok(header_str(req, header::ORIGIN)) {
-            return Err(error(
+            return Err(Box::new(error(
                 StatusCode::FORBIDDEN,
                 "origin_not_allowed",
                 format!(
                     "Origin {:?} is not the console's own: state changes come only from its page",
                     header_str(req, header::ORIGIN).unwrap_or("")
                 ),
-            ));
+            )));
         }
         let sent = req.headers().get("x-csrf-token").and_then(|v| v.to_str().ok());
         if !csrf_matches(session, sent) {
-            return Err(error(
+            return Err(Box::new(error(
                 StatusCode::FORBIDDEN,
                 "csrf_token_invalid",
                 "the X-CSRF-Token header is missing or not this session's: reload the page",
-            ));
+            )));
         }
         Ok(())
     }

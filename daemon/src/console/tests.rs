@@ -90,7 +90,7 @@ impl Running {
         let set = r.header("set-cookie").expect("a session cookie");
         let pair = set.split(';').next().unwrap().to_string();
         let cookie = format!("Cookie: {pair}");
-        let s = self.raw("GET", "/api/session", &[cookie.clone()], b"").await;
+        let s = self.raw("GET", "/api/session", std::slice::from_ref(&cookie), b"").await;
         assert_eq!(s.status, 200, "{s:?}");
         (cookie, s.json()["csrf"].as_str().unwrap().to_string())
     }
@@ -188,7 +188,7 @@ async fn a_hold_is_approved_from_the_console_only_with_origin_and_csrf_and_attes
     let c = start().await;
     let (cookie, csrf) = c.login().await;
     let hold = c.hold().await;
-    let overview = c.raw("GET", "/api/overview", &[cookie.clone()], b"").await.json();
+    let overview = c.raw("GET", "/api/overview", std::slice::from_ref(&cookie), b"").await.json();
     assert_eq!(overview["holds"]["holds"][0]["id"], hold.as_str(), "{overview}");
     assert_eq!(overview["agents"]["agents"][0]["passport_id"], c.fixture.passport.as_str(), "{overview}");
     assert!(overview["records"]["records"].as_array().is_some_and(|r| !r.is_empty()), "{overview}");
@@ -243,7 +243,7 @@ async fn verify_now_checks_the_stored_log_and_logout_ends_the_session() {
     let v = r.json();
     assert_eq!(v["ok"], true, "{v}");
     assert!(v["records_checked"].as_u64().unwrap() >= 2, "{v}");
-    let overview = c.raw("GET", "/api/overview", &[cookie.clone()], b"").await.json();
+    let overview = c.raw("GET", "/api/overview", std::slice::from_ref(&cookie), b"").await.json();
     assert_eq!(overview["verification"]["ok"], true, "{overview}");
     assert!(overview["checkpoint"]["size"].as_u64().is_some(), "{overview}");
     assert_eq!(std::fs::read_dir(c.dir.path()).unwrap().count(), 1, "only console.token stays in the state dir");
@@ -251,7 +251,7 @@ async fn verify_now_checks_the_stored_log_and_logout_ends_the_session() {
     let r = c.post("/logout", &cookie, &csrf, b"").await;
     assert_eq!(r.status, 200, "{r:?}");
     assert!(r.header("set-cookie").unwrap().contains("Max-Age=0"));
-    assert_eq!(c.raw("GET", "/api/overview", &[cookie.clone()], b"").await.status, 401);
+    assert_eq!(c.raw("GET", "/api/overview", std::slice::from_ref(&cookie), b"").await.status, 401);
 }
 
 #[tokio::test]
@@ -275,7 +275,7 @@ async fn the_event_stream_sends_the_overview_and_then_each_new_hold() {
         open.push(t);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let r = c.raw("GET", "/api/events", &[cookie.clone()], b"").await;
+    let r = c.raw("GET", "/api/events", std::slice::from_ref(&cookie), b"").await;
     assert_eq!(r.status, 503, "{r:?}");
     assert!(r.body.contains("too_many_streams"), "{r:?}");
 }

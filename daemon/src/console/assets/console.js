@@ -185,7 +185,7 @@ function renderRecords(records) {
       el("td", {}, el("code", {}, r.action || "")),
       el("td", { class: "mono" }, target),
       el("td", { class: "decision-" + decision }, decision),
-      el("td", {}, (r.reason || "") + (r.by && r.by.user ? " (by " + r.by.user + ")" : "")),
+      el("td", {}, (r.reason || "") + (r.reason && r.by && r.by.user ? " (by " + r.by.user + ")" : "")),
       el("td", { class: "num" }, cost));
   }));
 }
@@ -221,14 +221,25 @@ function refreshErrors() {
   showErrors(actionError ? [actionError, ...overviewErrors] : overviewErrors);
 }
 
+// What each part was last drawn from: a part is drawn again only when its data changed, so
+// a note being typed next to a hold keeps its focus while the counters tick elsewhere.
+const drawn = {};
+
+function changed(name, data) {
+  const text = JSON.stringify(data === undefined ? null : data);
+  if (drawn[name] === text) return false;
+  drawn[name] = text;
+  return true;
+}
+
 function render(o) {
   const h = o.health || {};
   document.getElementById("summary").textContent =
     (h.passports || 0) + " passports · " + (h.log_size || 0) + " records · " + (h.origin || "");
-  renderHolds(o.holds);
-  renderAgents(o.agents);
-  renderRecords(o.records);
-  renderLog(o.checkpoint, o.verification);
+  if (changed("holds", o.holds)) renderHolds(o.holds);
+  if (changed("agents", o.agents)) renderAgents(o.agents);
+  if (changed("records", o.records)) renderRecords(o.records);
+  if (changed("log", [o.checkpoint, o.verification])) renderLog(o.checkpoint, o.verification);
   overviewErrors = o.errors || [];
   refreshErrors();
 }
