@@ -18,6 +18,7 @@ pub use sluice_policy as policy;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod dns;
 pub mod metrics;
 pub mod proxy;
