@@ -397,3 +397,228 @@ fn check_note(note: Option<&str>) -> Result<(), ServiceError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::{Decision, HostVerdict, Reason};
+    use crate::ledger::{HostKey, Ledger, LedgerOptions};
+    use crate::passport::{Cents, Constraints, IssuerId};
+    use crate::service::testkit::{register, verified};
+    use crate::service::{EnforceInput, HoldOrigin, ServiceConfig};
+    use ed25519_dalek::SigningKey;
+    use std::path::Path;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// The kernel map as a list of every write, and an optional failure.
+    #[derive(Debug, Default)]
+    struct FakeKernel {
+        applied: Mutex<Vec<StopTargets>>,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl StopEnforcer for FakeKernel {
+        fn apply(&self, targets: &StopTargets) -> std::io::Result<()> {
+            if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(std::io::Error::other("map update refused"));
+            }
+            self.applied.lock().unwrap().push(targets.clone());
+            Ok(())
+        }
+    }
+
+    impl FakeKernel {
+        fn last(&self) -> Option<StopTargets> {
+            self.applied.lock().unwrap().last().cloned()
+        }
+    }
+
+    fn root() -> Peer {
+        Peer { uid: 0, gid: 0, pid: 1, user: Some("root".into()) }
+    }
+
+    async fn service_at(dir: &Path, kernel: Arc<FakeKernel>) -> Arc<Service> {
+        let host = HostKey::from_signing_key(SigningKey::from_bytes(&[9u8; 32]));
+        let ledger = Ledger::open(&dir.join("ledger.redb"), host, LedgerOptions::default()).expect("ledger");
+        let issuer = SigningKey::from_bytes(&[3u8; 32]);
+        let mut config =
+            ServiceConfig::passport_only(vec![IssuerId::from_key(&issuer.verifying_key())], Duration::from_secs(60));
+        config.stops = Some(kernel);
+        Service::start(ledger, config).await.expect("service")
+    }
+
+    /// Approval above $1.
+    fn held_above_a_dollar() -> Constraints {
+        Constraints { approval_threshold: Some(Cents(100)), ..Constraints::default() }
+    }
+
+    async fn decide(service: &Service, passport: &str, cents: u64) -> crate::service::DecisionOutcome {
+        let input = EnforceInput {
+            passport_id: passport.into(),
+            action: "llm:chat".into(),
+            cost_cents: Some(cents),
+            cost_millicents: None,
+            target: Some("api.openai.com".into()),
+            method: None,
+            path: None,
+            port: None,
+        };
+        service.enforce_outcome(input, HoldOrigin::Api, HostVerdict::Allow).await.expect("enforce")
+    }
+
+    fn record(service: &Service, index: u64) -> Value {
+        serde_json::from_slice(&service.ledger().record(index).expect("read").expect("exists")).expect("json")
+    }
+
+    #[tokio::test]
+    async fn a_stop_refuses_the_passports_requests_denies_its_holds_is_attested_and_resume_lifts_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = Arc::new(FakeKernel::default());
+        let service = service_at(dir.path(), kernel.clone()).await;
+        let a = register(&service, "agent-a", held_above_a_dollar()).await;
+        let b = register(&service, "agent-b", held_above_a_dollar()).await;
+        let held = decide(&service, &a, 500).await;
+        assert_eq!(held.decision, Decision::RequestHold);
+        let hold_id = held.hold.as_ref().expect("hold").id.clone();
+        let mut watch = service.stop_watch();
+
+        let scope = StopScope::parse(Some(&a), false).expect("scope");
+        let done = service.stop(scope.clone(), &root(), Some("runaway spend".into())).await.expect("stop");
+        assert_eq!(
+            (done.scope, done.passport_id.as_deref(), done.already_stopped),
+            ("passport", Some(a.as_str()), false)
+        );
+        assert_eq!(done.holds_denied, vec![hold_id.clone()]);
+        assert!(done.kernel);
+        assert!(watch.has_changed().expect("watch"), "the proxy was not told");
+        assert!(watch.borrow_and_update().covers(&a));
+
+        // The record: who, why, what.
+        let r = record(&service, done.attestation_id.expect("record"));
+        assert_eq!(r["kind"], "emergency_stop");
+        assert_eq!((r["scope"].as_str(), r["passport_id"].as_str()), (Some("passport"), Some(a.as_str())));
+        assert_eq!((r["note"].as_str(), r["by"]["user"].as_str()), (Some("runaway spend"), Some("root")));
+
+        // The hold: denied with the stable reason, by the operator who stopped.
+        let hold = service.hold(&hold_id).expect("hold").to_json();
+        assert_eq!(hold["status"], "denied", "{hold}");
+        let outcome = service.wait_hold(&hold_id).await.to_json();
+        assert_eq!(outcome["reason"], "emergency_stop", "{outcome}");
+
+        // Every request of a is refused, b's are not.
+        let refused = decide(&service, &a, 1).await;
+        assert_eq!((refused.decision, refused.reason.clone()), (Decision::Block, Reason::EmergencyStop));
+        assert!(refused.to_json()["detail"].as_str().unwrap().contains("sluice resume"));
+        assert_eq!(decide(&service, &b, 1).await.decision, Decision::Allow);
+
+        // Stopping again writes nothing.
+        let again = service.stop(scope.clone(), &root(), None).await.expect("stop again");
+        assert!(again.already_stopped && again.attestation_id.is_none());
+
+        let resumed = service.resume(scope.clone(), &root(), Some("fixed".into())).await.expect("resume");
+        assert!(resumed.was_stopped && resumed.still_stopped.is_empty());
+        assert_eq!(record(&service, resumed.attestation_id.expect("record"))["kind"], "emergency_resume");
+        assert_eq!(decide(&service, &a, 1).await.decision, Decision::Allow);
+        assert_eq!(kernel.last(), Some(StopTargets::default()));
+        let not = service.resume(scope, &root(), None).await.expect("resume again");
+        assert!(!not.was_stopped && not.attestation_id.is_none());
+        let report = verified_service(&service).await;
+        assert!(report.is_ok(), "{report:?}");
+    }
+
+    async fn verified_service(service: &Arc<Service>) -> crate::ledger::verify::VerifyReport {
+        let f = crate::service::testkit::Fixture {
+            _dir: tempfile::tempdir().expect("tempdir"),
+            service: service.clone(),
+            passport: String::new(),
+        };
+        verified(&f).await
+    }
+
+    #[tokio::test]
+    async fn stop_all_covers_every_passport_and_resume_all_leaves_passports_stopped_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = Arc::new(FakeKernel::default());
+        let service = service_at(dir.path(), kernel.clone()).await;
+        let a = register(&service, "agent-a", Constraints::default()).await;
+        let b = register(&service, "agent-b", Constraints::default()).await;
+        service.stop(StopScope::parse(Some(&a), false).unwrap(), &root(), None).await.expect("stop a");
+        let all = service.stop(StopScope::All, &root(), Some("incident".into())).await.expect("stop all");
+        assert_eq!(record(&service, all.attestation_id.expect("record"))["chain"], "host");
+        assert_eq!(kernel.last().map(|t| t.all), Some(true));
+        for id in [&a, &b] {
+            assert_eq!(decide(&service, id, 1).await.reason, Reason::EmergencyStop);
+        }
+        let listed = service.stops().to_json();
+        assert_eq!(listed["all"]["note"], "incident");
+        assert_eq!(listed["passports"][0]["passport_id"], a.as_str());
+
+        let resumed = service.resume(StopScope::All, &root(), None).await.expect("resume all");
+        assert_eq!(resumed.still_stopped, vec![a.clone()]);
+        assert_eq!(kernel.last().map(|t| t.all), Some(false));
+        assert_eq!(decide(&service, &a, 1).await.reason, Reason::EmergencyStop);
+        assert_eq!(decide(&service, &b, 1).await.decision, Decision::Allow);
+    }
+
+    #[tokio::test]
+    async fn stops_survive_a_restart_and_are_pushed_to_the_kernel_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = Arc::new(FakeKernel::default());
+        let service = service_at(dir.path(), kernel.clone()).await;
+        let a = register(&service, "agent-a", Constraints::default()).await;
+        service.stop(StopScope::parse(Some(&a), false).unwrap(), &root(), Some("n".into())).await.expect("stop");
+        service.stop(StopScope::All, &root(), None).await.expect("stop all");
+        service.ledger().shutdown();
+        drop(service);
+
+        let kernel = Arc::new(FakeKernel::default());
+        let service = service_at(dir.path(), kernel.clone()).await;
+        assert!(service.is_stopped(&a));
+        assert_eq!(service.stops().passports[&a].note.as_deref(), Some("n"));
+        assert_eq!(kernel.last().map(|t| t.all), Some(true), "the start did not write the kernel map");
+        assert_eq!(decide(&service, &a, 1).await.reason, Reason::EmergencyStop);
+    }
+
+    #[tokio::test]
+    async fn a_kernel_that_refuses_the_map_fails_the_command_but_the_stop_holds_in_the_daemon() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = Arc::new(FakeKernel::default());
+        let service = service_at(dir.path(), kernel.clone()).await;
+        let a = register(&service, "agent-a", Constraints::default()).await;
+        kernel.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = service.stop(StopScope::parse(Some(&a), false).unwrap(), &root(), None).await.unwrap_err();
+        assert!(matches!(err, ServiceError::KernelStop(_)), "{err}");
+        assert!(err.to_string().contains("could not be written"), "{err}");
+        assert_eq!(decide(&service, &a, 1).await.reason, Reason::EmergencyStop);
+    }
+
+    #[test]
+    fn scopes_are_exactly_one_of_a_passport_and_all() {
+        assert_eq!(StopScope::parse(None, true).unwrap(), StopScope::All);
+        let id = crate::passport::PassportId::random().to_string();
+        assert!(matches!(StopScope::parse(Some(&id), false), Ok(StopScope::Passport(_))));
+        for (p, all, field) in
+            [(Some(id.as_str()), true, "all"), (None, false, "passport_id"), (Some("pp_../../x"), false, "passport_id")]
+        {
+            match StopScope::parse(p, all) {
+                Err(ServiceError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{p:?} {all}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn notes_are_bounded_and_an_unreadable_stored_stop_still_stops() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = service_at(dir.path(), Arc::new(FakeKernel::default())).await;
+        let long = "x".repeat(MAX_NOTE + 1);
+        assert!(matches!(
+            service.stop(StopScope::All, &root(), Some(long)).await,
+            Err(ServiceError::Invalid { field: "note", .. })
+        ));
+        assert!(!service.is_stopped("pp_anything"));
+        let set = StopSet::load(vec![(KEY_ALL.to_string(), b"{not json".to_vec())]);
+        assert!(set.covers("pp_anything"));
+    }
+}
