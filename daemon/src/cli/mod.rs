@@ -11,6 +11,7 @@ mod passport;
 mod policy;
 mod run;
 mod sandbox;
+mod templates;
 mod util;
 
 use clap::{Parser, Subcommand};
