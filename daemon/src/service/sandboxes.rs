@@ -330,6 +330,8 @@ impl Service {
         if let Ok(mut m) = self.sandboxes.write() {
             m.insert(sandbox.cgroup_id, sandbox.clone());
         }
+        // A stop that came between the check above and now missed this sandbox.
+        self.stop_late_sandbox(passport_id);
         tracing::info!(sandbox = %sandbox.id, passport_id, pid = peer.pid, cgroup_id = sandbox.cgroup_id, "sandbox created");
         self.watch_leader(pidfd, sandbox.clone(), cgroup);
         Ok(SandboxCreated {
@@ -454,6 +456,7 @@ impl Service {
             }
             m.insert(sandbox.cgroup_id, sandbox.clone());
         }
+        self.stop_late_sandbox(&passport_id);
         // Durable before the caller is told (and before the unit's agent starts).
         if let Err(e) = self.record_sandbox(&cp, &sandbox, true, "bound").await {
             if let Ok(mut m) = self.sandboxes.write() {

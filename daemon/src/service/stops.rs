@@ -248,6 +248,16 @@ impl Service {
         Ok((cgroups, true))
     }
 
+    /// Called once a new sandbox of `passport_id` is in the sandbox map: if a stop covers the
+    /// passport by now (it came after the sandbox's own check), the kernel map gets the sandbox.
+    pub(super) fn stop_late_sandbox(&self, passport_id: &str) {
+        if self.is_stopped(passport_id) {
+            if let Err(e) = self.push_stops_to_kernel() {
+                tracing::error!(passport_id, error = %e, "a sandbox made during an emergency stop is not refused in the kernel");
+            }
+        }
+    }
+
     /// `POST /v1/stop`: see the module docs. Stopping what is already stopped writes nothing and
     /// still closes connections, writes the kernel map and denies pending holds (idempotent).
     pub async fn stop(&self, scope: StopScope, peer: &Peer, note: Option<String>) -> Result<StopDone, ServiceError> {
