@@ -603,6 +603,46 @@ mod tests {
         assert_eq!(decide(&service, &a, 1).await.reason, Reason::EmergencyStop);
     }
 
+    /// A decision evaluated before the stop and committed after it is refused by the writer's
+    /// check: the lane's evaluation waits (on a blocking thread, as with CEL rules) until the
+    /// stop is durable, then its commit is told the passport is stopped.
+    #[tokio::test]
+    async fn a_decision_evaluated_before_a_stop_and_committed_after_it_is_refused() {
+        use super::super::lanes::{Barred, Speculation};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let service = service_at(dir.path(), Arc::new(FakeKernel::default())).await;
+        let a = register(&service, "agent-a", Constraints::default()).await;
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (evaluating, evaluated) = std::sync::mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
+        let evaluating = Mutex::new(evaluating);
+        let lane = {
+            let (service, a) = (service.clone(), a.clone());
+            tokio::spawn(async move {
+                service
+                    .in_lane(
+                        &a,
+                        true,
+                        move |_counters, _at| {
+                            let _ = evaluating.lock().unwrap().send(());
+                            let _ = wait.lock().unwrap().recv_timeout(Duration::from_secs(10));
+                            Speculation { writes: None, plan: () }
+                        },
+                        |barred, (), _txn| Ok((barred, vec![])),
+                    )
+                    .await
+            })
+        };
+        tokio::task::spawn_blocking(move || evaluated.recv_timeout(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("the evaluation started");
+        service.stop(StopScope::parse(Some(&a), false).unwrap(), &root(), None).await.expect("stop");
+        go.send(()).unwrap();
+        let (barred, _) = lane.await.unwrap().expect("committed");
+        assert_eq!(barred, Some(Barred::Stopped));
+    }
+
     #[test]
     fn scopes_are_exactly_one_of_a_passport_and_all() {
         assert_eq!(StopScope::parse(None, true).unwrap(), StopScope::All);
