@@ -416,11 +416,12 @@ pub fn stop(a: StopArgs, socket: &ApiSocket) -> CmdResult {
     }
     let holds = r["holds_denied"].as_array().map_or(0, Vec::len);
     let sandboxes = r["sandboxes"].as_array().map_or(0, Vec::len);
+    let refused =
+        if r["scope"] == "all" { "every sandbox".to_string() } else { format!("{sandboxes} live sandbox(es)") };
     if r["kernel"].as_bool() == Some(true) {
-        println!("  new connections refused in the kernel ({sandboxes} sandbox(es) by passport{}); open connections closed; {holds} pending hold(s) denied",
-            if r["scope"] == "all" { ", and every sandbox" } else { "" });
+        println!("  new connections of {refused} refused in the kernel; open connections closed; {holds} pending hold(s) denied");
     } else {
-        println!("  passport-only daemon: every request refused; {holds} pending hold(s) denied");
+        println!("  passport-only daemon (no kernel redirect): every request refused; {holds} pending hold(s) denied");
     }
     Ok(ExitCode::SUCCESS)
 }
