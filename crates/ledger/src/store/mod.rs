@@ -70,21 +70,25 @@ use super::merkle::{Hash, MerkleError};
 use super::record::{Appended, Draft, DraftError};
 
 mod indexer;
+mod links;
 mod open;
 mod segments;
 mod snapshot;
 mod tables;
+mod tiles;
 mod txn;
 mod writer;
 
 #[cfg(test)]
 pub(crate) use indexer::ON_SYNC;
 use indexer::*;
+pub use links::links_path;
 use open::*;
 use segments::Segments;
 pub use segments::{segments_dir, SegmentError};
 pub use snapshot::{Snapshot, SnapshotNodes};
 use tables::*;
+pub use tiles::{tile_path, tiles_dir, TileError};
 use txn::*;
 pub use txn::{Txn, MAX_DRAFTS_PER_TXN, MAX_STATE_KEY_BYTES, MAX_STATE_VALUE_BYTES, MAX_WRITES_PER_TXN};
 use writer::*;
@@ -174,6 +178,8 @@ pub enum LedgerError {
     Merkle(#[from] MerkleError),
     #[error(transparent)]
     Segment(#[from] SegmentError),
+    #[error(transparent)]
+    Tile(TileError),
 }
 
 /// What a transaction closure may fail with. Nothing it wrote is kept.
@@ -256,7 +262,7 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
     /// The indexer's queue (readers ask it to publish).
     index: mpsc::Sender<IndexJob>,
-    segments: Arc<Segments>,
+    files: Arc<LogFiles>,
     writer: Mutex<Option<JoinHandle<()>>>,
     permits: Permits,
     /// The writer thread (which must never wait for itself).
@@ -315,18 +321,32 @@ impl Ledger {
             }
             Err(e) => return Err(se(path, "open database")(e).into()),
         };
-        let db = Arc::new(db);
-        let shift = init_tables(&db, path, opts.segment_records)?;
+        let mut db = db;
+        let (shift, migrate) = init_tables(&db, path, opts.segment_records)?;
         let (stored_size, open_len) = read_sizes(&db, path)?;
         let segments = Segments::open(&segments_dir(path), shift, stored_size, open_len).map_err(|e| match e {
             SegmentError::Damaged { .. } => LedgerError::Incoherent { path: path.to_path_buf(), reason: e.to_string() },
             other => other.into(),
         })?;
         let segments = Arc::new(segments);
-        let (journal, gseq) = open_journal(&db, path, opts.journal_capacity, &segments)?;
+        let files = open_files(&db, path, segments.clone(), stored_size, migrate).map_err(|e| match e {
+            LedgerError::Tile(e @ TileError::Damaged { .. }) => {
+                LedgerError::Incoherent { path: path.to_path_buf(), reason: e.to_string() }
+            }
+            other => other,
+        })?;
+        if migrate {
+            // The format 2 tables' pages are free now: give them back to the file system.
+            if let Err(e) = db.compact() {
+                tracing::warn!(error = %e, "cannot compact the ledger store after migrating it");
+            }
+        }
+        let db = Arc::new(db);
+        let files = Arc::new(files);
+        let (journal, gseq) = open_journal(&db, path, opts.journal_capacity, &files)?;
         let public = host_key.verifying_key();
-        let (size, latest) = check_coherent(&db, path, &public, &segments)?;
-        let mem = load_memory(&db, path, size, &segments)?;
+        let (size, latest) = check_coherent(&db, path, &public, &files)?;
+        let mem = load_memory(&db, path, size, &files)?;
         let shared = Arc::new(Shared {
             size: AtomicU64::new(size),
             latest: RwLock::new(latest.clone()),
@@ -345,7 +365,7 @@ impl Ledger {
         let indexer = Indexer {
             path: path.to_path_buf(),
             db: db.clone(),
-            segments: segments.clone(),
+            files: files.clone(),
             shared: shared.clone(),
             rx: index_rx,
             publish_interval: opts.publish_interval,
@@ -396,7 +416,7 @@ impl Ledger {
                 shared,
                 jobs: tx,
                 index: index_tx,
-                segments,
+                files,
                 writer_id: Some(handle.thread().id()),
                 writer: Mutex::new(Some(handle)),
                 permits: Permits::new(opts.max_queued.max(1)),
@@ -497,7 +517,7 @@ impl Ledger {
     /// A consistent read-only view of the committed store.
     pub fn snapshot(&self) -> Result<Snapshot, LedgerError> {
         self.publish()?;
-        Snapshot::new(&self.inner.db, &self.inner.path, &self.inner.segments)
+        Snapshot::new(&self.inner.db, &self.inner.path, &self.inner.files)
     }
 
     /// Waits until every group already answered is visible to readers (see the module docs):
