@@ -212,3 +212,77 @@ fn sync_parent(path: &Path) -> Result<(), TileError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir, "sync directory"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(path: &Path, size: u64) -> Links {
+        match Links::open(path, size).unwrap() {
+            Opened::Ready(l) => l,
+            Opened::NeedsRebuild(e) => panic!("{e}"),
+        }
+    }
+
+    /// Two interleaved chains and a third, walked back; the file torn at every byte reopens cut
+    /// back to the size, or asks for a rebuild when shorter.
+    #[test]
+    fn chains_walk_back_and_a_torn_file_is_cut_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.links");
+        let links = ready(&path, 0);
+        let mut last = [NONE; 3];
+        for i in 0..1200u64 {
+            let c = if i % 7 == 0 { 2 } else { (i % 2) as usize };
+            links.append(i, last[c]).unwrap();
+            last[c] = i;
+            if i % 100 == 0 {
+                links.flush().unwrap();
+            }
+        }
+        links.sync().unwrap();
+        let chain2: Vec<u64> = (0..1200).filter(|i| i % 7 == 0).collect();
+        assert_eq!(links.walk(last[2], chain2.len() as u64).unwrap(), chain2);
+        let chain1: Vec<u64> = (0..1200).filter(|i| i % 7 != 0 && i % 2 == 1).collect();
+        assert_eq!(links.walk(last[1], chain1.len() as u64).unwrap(), chain1);
+        // A head that says the chain is longer or shorter than its links: damage, named.
+        let err = links.walk(last[2], chain2.len() as u64 + 1).unwrap_err().to_string();
+        assert!(err.contains("l.links") && err.contains("its head says"), "{err}");
+        assert!(links.walk(last[2], 3).is_err());
+        // Out of order appends are refused.
+        assert!(links.append(5, NONE).is_err());
+        assert!(links.append(1200, 1200).is_err());
+        drop(links);
+
+        let full = std::fs::read(&path).unwrap();
+        let size = 1000u64;
+        for cut in (size * 8 - 16) as usize..=full.len() {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            match Links::open(&path, size).unwrap() {
+                Opened::Ready(l) => {
+                    assert!(cut as u64 >= size * 8, "opened a file cut at {cut}");
+                    assert_eq!(std::fs::metadata(&path).unwrap().len(), size * 8);
+                    let chain: Vec<u64> = (0..size).filter(|i| i % 7 == 0).collect();
+                    assert_eq!(l.walk(994, chain.len() as u64).unwrap(), chain);
+                }
+                Opened::NeedsRebuild(e) => assert!((cut as u64) < size * 8, "cut at {cut}: {e}"),
+            }
+        }
+    }
+
+    /// A link that points forward (or at itself) is damage, not a loop.
+    #[test]
+    fn a_forward_link_is_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.links");
+        let mut bytes = Vec::new();
+        for v in [NONE, 0, 5, 1] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let links = ready(&path, 4);
+        let err = links.walk(2, 3).unwrap_err().to_string();
+        assert!(err.contains("links forward"), "{err}");
+        assert_eq!(links.walk(3, 3).unwrap(), vec![0, 1, 3]);
+    }
+}

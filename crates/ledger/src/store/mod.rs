@@ -16,10 +16,12 @@
 //! group is durable the writer hands its effects to the indexer and answers.
 //!
 //! The indexer appends the records of the groups it is handed to the log's segment files
-//! ([`segments`]: records live there, never in redb) and applies the rest of each group to redb,
+//! ([`segments`]: records live there, never in redb), their leaf hashes to the hash tiles and
+//! their chain links to the links file, and applies the rest of each group to redb,
 //! in batches, in one write transaction kept open across batches, committed (published) without a sync when a reader asks or every
 //! [`LedgerOptions::publish_interval`], and synced every [`LedgerOptions::durable_interval`]
-//! (the segments are synced first, and redb's `meta` keeps how long the open segment was then).
+//! (the segments, tiles and links are synced first, and redb's `meta` keeps how long the open
+//! segment was then).
 //! Every read ([`Ledger::snapshot`] and what is built on it) first waits until the indexer has
 //! published every group already answered, so nobody reads an older state than a caller was told
 //! about. The journal is never emptied before redb is synced past it: when it is half full (or a
@@ -38,18 +40,21 @@
 //! [`Txn::record`] reads answered records the indexer has not published from the writer's memory
 //! and older ones from redb.
 //!
-//! Tables (written only by the indexer and by replay): `merkle_nodes` (packed (level, index) →
-//! perfect-subtree hash), `chain_heads` (chain → (seq, leaf hash) of its last record),
-//! `chain_index` ((chain, seq) → log index), `state` (key → opaque bytes owned by other modules),
-//! `checkpoints` (tree size → signed note), `meta` (`size`, `format` (2), `journal_id`,
+//! Tables (written only by the indexer and by replay): `chain_tails` (chain → (seq, leaf hash,
+//! log index) of its last record), `state` (key → opaque bytes owned by other modules),
+//! `checkpoints` (tree size → signed note), `meta` (`size`, `format` (3), `journal_id`,
 //! `journal_seq`, `clean_stop`, `segment_shift`, `open_segment_len`). Every one of them can be
-//! rebuilt from the records and the journal; the records themselves are only in the segments.
+//! rebuilt from the records and the journal; the records themselves are only in the segments,
+//! the Merkle hashes only in the tiles ([`tiles`]), and which records make up a chain only in the
+//! links file ([`links`]): no row per record is kept in redb. A format 2 store (Merkle nodes and
+//! a chain index row per record in redb) is migrated at open.
 //!
 //! Modules, one job each: this one is the handle ([`Ledger`]: open, submit, read, shut down),
 //! its options and errors; `txn` a transaction's view and bounds; `writer` the writer thread,
 //! its jobs and the in-memory state; `indexer` the thread that writes redb; `snapshot` read-only
-//! views; `segments` the segment files (append, sync, seal, read); `open` journal replay, the
-//! coherence check and loading the writer's memory at open;
+//! views; `segments` the segment files (append, sync, seal, read); `tiles` the Merkle hash tiles;
+//! `links` the chain links; `open` opening tiles and links (rebuild, migration), journal replay,
+//! the coherence check and loading the writer's memory at open;
 //! `tables` the table definitions and how a group is written to them (shared by the indexer and
 //! replay).
 
@@ -83,6 +88,8 @@ mod writer;
 pub(crate) use indexer::ON_SYNC;
 use indexer::*;
 pub use links::links_path;
+#[cfg(test)]
+pub(crate) use open::REBUILT;
 use open::*;
 use segments::Segments;
 pub use segments::{segments_dir, SegmentError};

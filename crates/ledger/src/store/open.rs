@@ -101,6 +101,10 @@ pub(super) fn open_files(
     }
 }
 
+/// Test hook: every store whose tiles and links were rebuilt (a crash image must not need it).
+#[cfg(test)]
+pub(crate) static REBUILT: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
 /// Builds the tiles and links of the first `size` records from the segments, synced, and
 /// returns every chain's tail (seq, leaf hash, index).
 #[allow(clippy::type_complexity)]
@@ -111,6 +115,10 @@ fn rebuild(
     tdir: &Path,
     lpath: &Path,
 ) -> Result<(Tiles, Links, HashMap<String, (u64, merkle::Hash, u64)>), LedgerError> {
+    #[cfg(test)]
+    if let Ok(mut r) = REBUILT.lock() {
+        r.push(path.to_path_buf());
+    }
     let tiles = Tiles::create_empty(tdir)?;
     let links = Links::create_empty(lpath)?;
     let mut tails: HashMap<String, (u64, merkle::Hash, u64)> = HashMap::new();

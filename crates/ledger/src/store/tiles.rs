@@ -428,3 +428,166 @@ fn read_at(file: &File, path: &Path, start: u64, end: u64) -> Result<Vec<u8>, Ti
     })?;
     Ok(buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hex;
+    use crate::merkle::{self, leaf_hash, MemNodes, NodeSource};
+
+    struct At<'a>(&'a Tiles, u64);
+
+    impl NodeSource for At<'_> {
+        fn get(&self, level: u8, index: u64) -> Result<Option<Hash>, merkle::MerkleError> {
+            self.0.node(level, index, self.1).map_err(|e| merkle::MerkleError::Storage(Box::new(e)))
+        }
+    }
+
+    fn leaf(i: u64) -> Hash {
+        leaf_hash(format!("leaf-{i}").as_bytes())
+    }
+
+    fn fresh(dir: &Path) -> Tiles {
+        match Tiles::open(dir, 0).unwrap() {
+            Opened::Ready(t) => t,
+            Opened::NeedsRebuild(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn tile_paths_follow_c2sp() {
+        assert_eq!(tile_path(0, 0), Path::new("tile/0/000"));
+        assert_eq!(tile_path(1, 67), Path::new("tile/1/067"));
+        assert_eq!(tile_path(0, 1234067), Path::new("tile/0/x001/x234/067"));
+        assert_eq!(tile_path(2, 1000), Path::new("tile/2/x001/000"));
+        for n in [0, 7, 999, 1000, 1234067, u64::MAX / 3] {
+            assert_eq!(parse_tile_path(&tile_path(3, n)), Some((3, n)));
+        }
+        for bad in
+            ["tile/0/1", "tile/0/0000", "tile/0/x000/001", "tile/00/001", "tile/9/001", "tile/0/001.p/5", "x/0/001"]
+        {
+            assert_eq!(parse_tile_path(Path::new(bad)), None, "{bad}");
+        }
+    }
+
+    /// Hashes computed by Python's hashlib (RFC 6962 MTH written out independently) for the
+    /// leaves `leaf-0`, `leaf-1`, ...
+    #[test]
+    fn roots_match_an_independent_computation() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiles = fresh(dir.path());
+        for i in 0..300 {
+            tiles.append(i, leaf(i)).unwrap();
+        }
+        tiles.sync().unwrap();
+        let root = |n| hex::encode(&merkle::root(&At(&tiles, 300), n).unwrap());
+        assert_eq!(root(7), "0b007fb915eb9b2a146f54b1c86ec53b664f8e455b7660b0b6ee13edc0d921c0");
+        assert_eq!(root(256), "f7ed5eb44be61908cdf66bb316813dc75442aa2a5b307177c06c728271356c91");
+        assert_eq!(root(300), "608280cebdde48c28999e9cb839f03980a3e62e8b9550aa28758e91279ebd657");
+        // The level 1 tile holds the root of the full level 0 tile.
+        let t1 = std::fs::read(dir.path().join(tile_path(1, 0))).unwrap();
+        assert_eq!(hex::encode(&t1), root(256));
+        assert_eq!(std::fs::metadata(dir.path().join(tile_path(0, 0))).unwrap().len(), FULL_TILE_BYTES);
+        assert_eq!(std::fs::metadata(dir.path().join(tile_path(0, 1))).unwrap().len(), 44 * 32);
+    }
+
+    /// Every node, root and proof read from the tiles equals the one of the stored-node tree,
+    /// at every size across a level 1 tile boundary (and at sizes past a level 2 one).
+    #[test]
+    fn tiles_agree_with_the_node_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiles = fresh(dir.path());
+        let mut mem = MemNodes::new();
+        let n = 66_000u64;
+        for i in 0..n {
+            tiles.append(i, leaf(i)).unwrap();
+            merkle::append(&mut mem, i, leaf(i)).unwrap();
+            if i % 4096 == 0 {
+                tiles.flush().unwrap();
+            }
+        }
+        tiles.sync().unwrap();
+        let at = At(&tiles, n);
+        for level in 0..17u8 {
+            let count = n >> level;
+            for index in [0, 1, count / 2, count.saturating_sub(1), count] {
+                assert_eq!(at.get(level, index).unwrap(), mem.get(level, index).unwrap(), "node ({level}, {index})");
+            }
+        }
+        for size in (1..600).chain([65_535, 65_536, 65_537, n]) {
+            let at = At(&tiles, size);
+            assert_eq!(merkle::root(&at, size).unwrap(), merkle::root(&mem, size).unwrap(), "root {size}");
+            let i = size / 3;
+            assert_eq!(merkle::inclusion_proof(&at, i, size).unwrap(), merkle::inclusion_proof(&mem, i, size).unwrap());
+            assert_eq!(
+                merkle::consistency_proof(&at, size / 2, size).unwrap(),
+                merkle::consistency_proof(&mem, size / 2, size).unwrap()
+            );
+        }
+        // A node beyond the size asked for is not there, even though the files hold it.
+        assert_eq!(At(&tiles, 10).get(0, 10).unwrap(), None);
+    }
+
+    /// Reopening at a smaller size (redb synced less than the tiles hold) cuts every level back
+    /// and removes tiles beyond it; appending again gives the same tree.
+    #[test]
+    fn open_cuts_back_to_the_size_and_appends_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiles = fresh(dir.path());
+        for i in 0..600 {
+            tiles.append(i, leaf(i)).unwrap();
+        }
+        tiles.sync().unwrap();
+        let want = merkle::root(&At(&tiles, 600), 600).unwrap();
+        drop(tiles);
+        let Opened::Ready(tiles) = Tiles::open(dir.path(), 200).unwrap() else { panic!("rebuild") };
+        assert!(!dir.path().join(tile_path(0, 1)).exists());
+        assert!(!dir.path().join(tile_path(1, 0)).exists());
+        assert_eq!(std::fs::metadata(dir.path().join(tile_path(0, 0))).unwrap().len(), 200 * 32);
+        for i in 200..600 {
+            tiles.append(i, leaf(i)).unwrap();
+        }
+        tiles.sync().unwrap();
+        assert_eq!(merkle::root(&At(&tiles, 600), 600).unwrap(), want);
+        // Shorter than the size needs, or a tile missing: rebuilt by the store.
+        drop(tiles);
+        std::fs::remove_file(dir.path().join(tile_path(0, 1))).unwrap();
+        let Opened::NeedsRebuild(e) = Tiles::open(dir.path(), 600).unwrap() else { panic!("opened") };
+        assert!(e.to_string().contains("tile/0/001") && e.to_string().contains("missing"), "{e}");
+    }
+
+    /// A level's last tile torn at every byte: at or beyond what the size needs, it is cut back
+    /// to exactly that and the tree is unchanged; below it, the store is told to rebuild.
+    #[test]
+    fn a_tile_torn_at_every_byte_is_cut_back_or_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiles = fresh(dir.path());
+        for i in 0..300 {
+            tiles.append(i, leaf(i)).unwrap();
+        }
+        tiles.sync().unwrap();
+        drop(tiles);
+        let path = dir.path().join(tile_path(0, 1));
+        let full = std::fs::read(&path).unwrap();
+        assert_eq!(full.len(), 44 * 32);
+        let synced = 20u64 * 32;
+        let want = {
+            let Opened::Ready(t) = Tiles::open(dir.path(), 276).unwrap() else { panic!("rebuild") };
+            merkle::root(&At(&t, 276), 276).unwrap()
+        };
+        for cut in 0..=full.len() {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            match Tiles::open(dir.path(), 276).unwrap() {
+                Opened::Ready(t) => {
+                    assert!(cut as u64 >= synced, "opened a tile cut at {cut}");
+                    assert_eq!(std::fs::metadata(&path).unwrap().len(), synced);
+                    assert_eq!(merkle::root(&At(&t, 276), 276).unwrap(), want, "cut at {cut}");
+                }
+                Opened::NeedsRebuild(e) => {
+                    assert!((cut as u64) < synced, "cut at {cut}: {e}");
+                    assert!(e.to_string().contains("tile/0/001"), "{e}");
+                }
+            }
+        }
+    }
+}
