@@ -197,8 +197,8 @@ impl Links {
 
 fn read_up_to(file: &File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
     let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], at + done as u64) {
+    while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
+        match file.read_at(rest, at + done as u64) {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

@@ -122,7 +122,14 @@ fn io<'a>(path: &'a Path, context: &'static str) -> impl Fn(std::io::Error) -> T
 pub(super) fn subtree_root(level: &[Hash]) -> Hash {
     let mut cur: Vec<Hash> = level.to_vec();
     while cur.len() > 1 {
-        cur = cur.chunks(2).map(|p| if let [l, r] = p { node_hash(l, r) } else { p[0] }).collect();
+        cur = cur
+            .chunks(2)
+            .map(|p| match p {
+                [l, r] => node_hash(l, r),
+                [one] => *one,
+                _ => [0u8; 32],
+            })
+            .collect();
     }
     cur.first().copied().unwrap_or([0u8; 32])
 }
@@ -275,12 +282,13 @@ impl Tiles {
             let entry = level_count(size, level) - 1;
             let n = entry / TILE_WIDTH;
             w.pending.entry((level, n)).or_insert_with(|| (entry % TILE_WIDTH, Vec::new())).1.extend_from_slice(&hash);
-            w.partial[l].push(hash);
-            if w.partial[l].len() as u64 != TILE_WIDTH {
+            let Some(partial) = w.partial.get_mut(l) else { break };
+            partial.push(hash);
+            if partial.len() as u64 != TILE_WIDTH {
                 break;
             }
-            hash = subtree_root(&w.partial[l]);
-            w.partial[l].clear();
+            hash = subtree_root(partial);
+            partial.clear();
             level += 1;
         }
         Ok(())
