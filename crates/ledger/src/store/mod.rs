@@ -45,8 +45,8 @@
 //! `checkpoints` (tree size → signed note), `meta` (`size`, `format` (3), `journal_id`,
 //! `journal_seq`, `clean_stop`, `segment_shift`, `open_segment_len`). Every one of them can be
 //! rebuilt from the records and the journal; the records themselves are only in the segments,
-//! the Merkle hashes only in the tiles ([`tiles`]), and which records make up a chain only in the
-//! links file ([`links`]): no row per record is kept in redb. A format 2 store (Merkle nodes and
+//! the Merkle hashes only in the tiles (`tiles`), and which records make up a chain only in the
+//! links file (`links`): no row per record is kept in redb. A format 2 store (Merkle nodes and
 //! a chain index row per record in redb) is migrated at open.
 //!
 //! Modules, one job each: this one is the handle ([`Ledger`]: open, submit, read, shut down),

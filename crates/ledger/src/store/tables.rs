@@ -144,7 +144,7 @@ impl From<StorageError> for ApplyError {
 
 /// Creates the tables (and `meta`) of a new store, or checks an existing store's format.
 /// Returns the store's segment shift, and whether it is a format 2 store to migrate
-/// ([`migrate_v2`], once its segments are open).
+/// (by `open::open_files`, once its segments are open).
 pub(super) fn init_tables(db: &Database, path: &Path, segment_records: u64) -> Result<(u32, bool), LedgerError> {
     let txn = db.begin_write().map_err(se(path, "begin initial transaction"))?;
     let mut migrate = false;
