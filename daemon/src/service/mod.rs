@@ -22,6 +22,7 @@ macro_rules! json_at_the_edge {
     )*};
 }
 
+mod agent_key;
 mod drafts;
 mod held;
 mod holds;
@@ -36,6 +37,7 @@ pub(crate) mod settlement;
 #[cfg(test)]
 pub(crate) mod testkit;
 
+pub use agent_key::{AgentKey, AgentKeys};
 pub use drafts::{DecisionOutcome, HeldAs};
 pub use held::{HeldRequest, Hold, HoldOrigin, HoldResolution, HoldStatus};
 pub use holds::{HeldRequestView, HoldList, HoldOutcome, HoldView};
@@ -340,6 +342,8 @@ pub struct Service {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<HoldOutcome>>>>,
     /// Live sandboxes by cgroup id.
     sandboxes: RwLock<HashMap<u64, Sandbox>>,
+    /// Agent keys of `sluice run` sandboxes, by cgroup id (memory only; see `agent_key`).
+    agent_keys: AgentKeys,
     /// The host policy in force, when the daemon has one: its digest goes into every decision
     /// record, and API decisions get its host-wide check.
     policy: RwLock<Option<Arc<crate::policy::PolicyHandle>>>,
@@ -392,6 +396,7 @@ impl Service {
             revoked: RwLock::new(revoked),
             waiters: Mutex::new(HashMap::new()),
             sandboxes: RwLock::new(HashMap::new()),
+            agent_keys: AgentKeys::default(),
             policy: RwLock::new(None),
             lanes: lanes::Lanes::default(),
         });
