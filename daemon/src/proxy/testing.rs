@@ -121,6 +121,7 @@ pub fn harness_with_limits(
         }),
         limits,
         stats: Stats::default(),
+        gates: super::gate::Gates::none(),
         refusal_log: super::throttle::Throttle::new(Duration::from_secs(1)),
     });
     Harness { proxy, decide, redirects, pool, _dirs: (policy_dir, state) }

@@ -37,6 +37,8 @@ pub(crate) mod settlement;
 #[cfg(test)]
 pub(crate) mod testkit;
 
+#[cfg(test)]
+pub(crate) use agent_key::issue_for_test;
 pub use agent_key::{AgentKey, AgentKeys};
 pub use drafts::{DecisionOutcome, HeldAs};
 pub use held::{HeldRequest, Hold, HoldOrigin, HoldResolution, HoldStatus};
@@ -211,6 +213,11 @@ pub struct EnforceInput {
     /// does not read it.
     #[serde(skip)]
     pub port: Option<u16>,
+    /// The request hash of a request the proxy signed for a gate (lowercase hex SHA-256 of its
+    /// RFC 9421 signature base), written into the decision record as `signed_request_hash`. Set by
+    /// the proxy only: the API does not read it.
+    #[serde(skip)]
+    pub signed_request_hash: Option<String>,
 }
 
 impl EnforceInput {
@@ -665,7 +672,16 @@ impl Service {
             Some(cp) => {
                 let blocking = lanes::needs_blocking_thread(&cp, host_rules.as_deref());
                 let opts = EvalOptions { skip_approval: false, host_rules };
-                let decision = Arc::new(LaneDecision { cp, request, host_verdict, held, policy_digest: digest, opts });
+                let signed_request_hash = input.signed_request_hash;
+                let decision = Arc::new(LaneDecision {
+                    cp,
+                    request,
+                    host_verdict,
+                    held,
+                    policy_digest: digest,
+                    opts,
+                    signed_request_hash,
+                });
                 let d = decision.clone();
                 let revoked_now = {
                     let id = d.cp.passport.claims.id.to_string();
@@ -853,6 +869,8 @@ struct LaneDecision {
     held: HoldParams,
     policy_digest: Option<String>,
     opts: EvalOptions,
+    /// See [`EnforceInput::signed_request_hash`].
+    signed_request_hash: Option<String>,
 }
 
 /// What a [`LaneDecision`] commits: the decision and, except for a hold (whose record names the
@@ -864,6 +882,14 @@ struct DecisionPlan {
 }
 
 impl LaneDecision {
+    /// The decision record of `built`.
+    fn record(&self, built: &drafts::Built, at: DateTime<Utc>) -> ledger::canonical::Members {
+        let claims = &self.cp.passport.claims;
+        let mut body = drafts::decision(claims, &self.request, built, self.policy_digest.as_deref(), at);
+        drafts::signed_request_hash(&mut body, self.signed_request_hash.as_deref());
+        body
+    }
+
     /// Evaluates against the stored counters `counters` (outside the writer). Revoked and
     /// unreadable counters are decided here, as before the engine.
     fn evaluate(&self, counters: Option<&[u8]>, revoked: bool, at: DateTime<Utc>) -> lanes::Speculation<DecisionPlan> {
@@ -886,10 +912,8 @@ impl LaneDecision {
                 }
             }
         };
-        let draft = (built.decision != decide::Decision::RequestHold).then(|| {
-            let body = drafts::decision(claims, &self.request, &built, self.policy_digest.as_deref(), at);
-            Draft::new(claims.id.to_string(), body)
-        });
+        let draft = (built.decision != decide::Decision::RequestHold)
+            .then(|| Draft::new(claims.id.to_string(), self.record(&built, at)));
         lanes::Speculation { writes, plan: DecisionPlan { built, draft, at } }
     }
 
@@ -906,7 +930,7 @@ impl LaneDecision {
         let DecisionPlan { mut built, draft, at } = plan;
         if revoked && built.reason != decide::Reason::PassportRevoked {
             built = drafts::Built::revoked(claims, at);
-            let body = drafts::decision(claims, &self.request, &built, self.policy_digest.as_deref(), at);
+            let body = self.record(&built, at);
             return Ok((built, vec![Draft::new(id, body)]));
         }
         let draft = match draft {
@@ -916,7 +940,7 @@ impl LaneDecision {
                 let hold = Hold::new(claims, &self.request, held.port, held.origin, at, held.timeout, txn.next_index());
                 txn.put(&format!("hold/{}", hold.id), &hold.to_bytes())?;
                 built.hold = Some(hold);
-                Draft::new(id, drafts::decision(claims, &self.request, &built, self.policy_digest.as_deref(), at))
+                Draft::new(id, self.record(&built, at))
             }
         };
         Ok((built, vec![draft]))
