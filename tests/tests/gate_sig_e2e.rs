@@ -17,8 +17,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
 use sluice_e2e::daemon::Daemon;
+use sluice_e2e::root_or_skip;
 use sluice_e2e::upstream::TestCa;
-use sluice_e2e::{free_port, root_or_skip};
 use sluice_httpsig as httpsig;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -58,10 +58,12 @@ impl Got {
     }
 }
 
-/// A loopback HTTPS server for `names` that records every request (whole body) and answers `ok`.
-fn start_gate(rt: &tokio::runtime::Runtime, port: u16, ca: &TestCa) -> Arc<Mutex<Vec<Got>>> {
+/// A loopback HTTPS server (on a port of its own, returned) that records every request (whole
+/// body) and answers `ok`.
+fn start_gate(rt: &tokio::runtime::Runtime, ca: &TestCa) -> (Arc<Mutex<Vec<Got>>>, u16) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config(&[GATE, PLAIN])));
-    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))).expect("bind gate");
+    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0))).expect("bind gate");
+    let port = listener.local_addr().expect("gate addr").port();
     let seen: Arc<Mutex<Vec<Got>>> = Arc::default();
     let st = seen.clone();
     rt.spawn(async move {
@@ -94,7 +96,7 @@ fn start_gate(rt: &tokio::runtime::Runtime, port: u16, ca: &TestCa) -> Arc<Mutex
             });
         }
     });
-    seen
+    (seen, port)
 }
 
 struct World {
@@ -111,8 +113,7 @@ impl World {
         let ca = TestCa::new();
         let ca_dir = tempfile::tempdir().unwrap();
         let ca_path = ca.write(ca_dir.path());
-        let port = free_port();
-        let seen = start_gate(&rt, port, &ca);
+        let (seen, port) = start_gate(&rt, &ca);
         let dns_extra = format!("static_hosts = {{ \"{GATE}\" = \"127.0.0.1\", \"{PLAIN}\" = \"127.0.0.1\" }}");
         let extra = format!(
             "[upstream_tls]\nextra_roots = [\"{}\"]\n[gates]\nhosts = [\"{GATE}\"]\nmax_body_bytes = {MAX_BODY}\n",

@@ -158,7 +158,7 @@ mod tests {
         let issued = crate::service::issue_for_test("gate-test");
         let passport = Passport { claims: issued.claims, token: issued.token };
         let text = URL_SAFE_NO_PAD.encode(issued.agent_key.to_bytes());
-        (AgentKey::from_api(text, &passport).unwrap(), issued.agent_key)
+        (AgentKey::from_api(&text, &passport).unwrap(), issued.agent_key)
     }
 
     fn body(b: &'static [u8]) -> ProxyBody {

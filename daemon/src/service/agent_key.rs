@@ -34,11 +34,10 @@ impl fmt::Debug for AgentKey {
 impl AgentKey {
     /// Reads the key as the API receives it (`agent_key`: base64url without padding of the
     /// 32-byte Ed25519 private key) and checks that it is the key the passport is bound to
-    /// (`cnf.jkt`, RFC 7638). The text is zeroed once read.
-    pub fn from_api(mut text: String, passport: &Passport) -> Result<AgentKey, ServiceError> {
+    /// (`cnf.jkt`, RFC 7638). The caller zeroes `text` (the API's [`AgentKeyText`] does on drop).
+    pub fn from_api(text: &str, passport: &Passport) -> Result<AgentKey, ServiceError> {
         let decoded: Zeroizing<Vec<u8>> =
             Zeroizing::new(URL_SAFE_NO_PAD.decode(text.trim().as_bytes()).unwrap_or_default());
-        text.zeroize();
         if decoded.len() != 32 {
             return Err(ServiceError::invalid(
                 "agent_key",
@@ -72,6 +71,24 @@ impl AgentKey {
 
     pub fn token(&self) -> &str {
         &self.token
+    }
+}
+
+/// An agent key as the API receives it (`agent_key`), zeroed when dropped, whichever way the
+/// request ends.
+#[derive(serde::Deserialize)]
+#[serde(transparent)]
+pub struct AgentKeyText(String);
+
+impl AgentKeyText {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for AgentKeyText {
+    fn drop(&mut self) {
+        self.0.zeroize();
     }
 }
 
@@ -137,7 +154,7 @@ mod tests {
     #[test]
     fn the_passport_s_own_key_is_taken_and_never_shown() {
         let (p, key) = passport();
-        let k = AgentKey::from_api(URL_SAFE_NO_PAD.encode(key.to_bytes()), &p).unwrap();
+        let k = AgentKey::from_api(&URL_SAFE_NO_PAD.encode(key.to_bytes()), &p).unwrap();
         assert_eq!(k.keyid(), p.claims.cnf_jkt);
         assert_eq!(k.token(), p.token);
         assert_eq!(k.signing_key().to_bytes(), key.to_bytes());
@@ -157,7 +174,7 @@ mod tests {
             URL_SAFE_NO_PAD.encode([1u8; 31]),
             URL_SAFE_NO_PAD.encode([1u8; 64]),
         ] {
-            match AgentKey::from_api(text.clone(), &p) {
+            match AgentKey::from_api(&text, &p) {
                 Err(ServiceError::Invalid { field: "agent_key", problem }) => {
                     assert!(!problem.contains(&text) || text.is_empty(), "the key is echoed: {problem}")
                 }
@@ -211,7 +228,7 @@ mod tests {
     fn keys_go_with_their_sandbox() {
         let (p, key) = passport();
         let keys = AgentKeys::default();
-        keys.insert(7, AgentKey::from_api(URL_SAFE_NO_PAD.encode(key.to_bytes()), &p).unwrap());
+        keys.insert(7, AgentKey::from_api(&URL_SAFE_NO_PAD.encode(key.to_bytes()), &p).unwrap());
         assert!(keys.get(7).is_some() && keys.get(8).is_none());
         keys.remove(7);
         assert!(keys.get(7).is_none());

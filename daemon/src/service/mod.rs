@@ -39,7 +39,7 @@ pub(crate) mod testkit;
 
 #[cfg(test)]
 pub(crate) use agent_key::issue_for_test;
-pub use agent_key::{AgentKey, AgentKeys};
+pub use agent_key::{AgentKey, AgentKeyText, AgentKeys};
 pub use drafts::{DecisionOutcome, HeldAs};
 pub use held::{HeldRequest, Hold, HoldOrigin, HoldResolution, HoldStatus};
 pub use holds::{HeldRequestView, HoldList, HoldOutcome, HoldView};

@@ -258,7 +258,7 @@ impl Service {
         &self,
         passport_id: &str,
         pop: Option<&crate::passport::pop::Proof>,
-        agent_key: Option<String>,
+        agent_key: Option<&super::AgentKeyText>,
         peer: &Peer,
     ) -> Result<SandboxCreated, ServiceError> {
         let agents = self.agents_or_refuse()?;
@@ -274,7 +274,7 @@ impl Service {
             return Err(ServiceError::PassportUnusable { passport_id: passport_id.to_string(), why: "has expired" });
         }
         // Checked before anything is created: a key that is not the passport's is refused.
-        let agent_key = agent_key.map(|k| super::AgentKey::from_api(k, &cp.passport)).transpose()?;
+        let agent_key = agent_key.map(|k| super::AgentKey::from_api(k.as_str(), &cp.passport)).transpose()?;
         let (leader_start, uid) = process_identity(peer.pid).ok_or_else(|| ServiceError::Invalid {
             field: "pid",
             problem: format!("the calling process {} is gone", peer.pid),
