@@ -97,6 +97,7 @@ async fn run(concurrency: usize) -> Result {
                         method: Some("POST".into()),
                         path: Some("/v1/chat/completions".into()),
                         port: None,
+                        signed_request_hash: None,
                     };
                     let v = service.enforce(input).await.expect("enforce").to_json();
                     assert_eq!(v["decision"], "allow", "{v}");

@@ -51,6 +51,7 @@ pub struct Config {
     pub holds: HoldsConfig,
     #[serde(default)]
     pub console: ConsoleConfig,
+    pub gates: GatesConfig,
     /// The file this was read from (empty when built from defaults).
     #[serde(skip)]
     pub source: PathBuf,
@@ -336,6 +337,41 @@ impl Default for ConsoleConfig {
     }
 }
 
+/// `[gates]`: services that verify sluice's signed requests (linked attestations).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatesConfig {
+    /// Host names of gates: a request from a sandbox whose agent key the daemon holds
+    /// (`sluice run --key`) to one of them is signed (RFC 9421) and carries the passport.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// The largest request body the daemon signs (it must read the whole body to digest it before
+    /// sending the headers); a larger body to a gate is refused (`gate_body_too_large`).
+    #[serde(default = "default_gate_max_body_bytes")]
+    pub max_body_bytes: u64,
+}
+
+fn default_gate_max_body_bytes() -> u64 {
+    1 << 20
+}
+/// Upper bound of `[gates] max_body_bytes` (each signed request's body is held in memory).
+pub const MAX_GATE_BODY_BYTES: u64 = 64 << 20;
+/// Upper bound of the number of `[gates] hosts`.
+pub const MAX_GATE_HOSTS: usize = 1024;
+
+impl Default for GatesConfig {
+    fn default() -> Self {
+        GatesConfig { hosts: Vec::new(), max_body_bytes: default_gate_max_body_bytes() }
+    }
+}
+
+impl GatesConfig {
+    /// The gate hosts, normalised (validated at load, so this does not fail on a loaded config).
+    pub fn host_names(&self) -> Result<Vec<crate::domain::DomainName>, String> {
+        self.hosts.iter().map(|h| crate::domain::DomainName::parse(h).map_err(|e| format!("{h:?}: {e}"))).collect()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -349,6 +385,7 @@ impl Default for Config {
             trust: TrustConfig::default(),
             holds: HoldsConfig::default(),
             console: ConsoleConfig::default(),
+            gates: GatesConfig::default(),
             source: PathBuf::new(),
         }
     }
@@ -493,6 +530,19 @@ impl Config {
         if !CONSOLE_SESSION_RANGE.contains(&self.console.session_secs) {
             return Err(self.invalid("console.session_secs", "must be from 60 to 604800 seconds"));
         }
+        if self.gates.hosts.len() > MAX_GATE_HOSTS {
+            return Err(self
+                .invalid("gates.hosts", format!("lists {} hosts; at most {MAX_GATE_HOSTS}", self.gates.hosts.len())));
+        }
+        let gates = self.gates.host_names().map_err(|e| self.invalid("gates.hosts", e))?;
+        for (i, name) in gates.iter().enumerate() {
+            if gates.iter().take(i).any(|earlier| earlier == name) {
+                return Err(self.invalid("gates.hosts", format!("{name} is listed twice")));
+            }
+        }
+        if !(1..=MAX_GATE_BODY_BYTES).contains(&self.gates.max_body_bytes) {
+            return Err(self.invalid("gates.max_body_bytes", format!("must be from 1 to {MAX_GATE_BODY_BYTES} bytes")));
+        }
         self.pinned_issuers()?;
         Ok(())
     }
@@ -572,6 +622,34 @@ listen = "127.0.0.1:7070"
         assert_eq!(parse("").unwrap().console.listen, None, "the console is off unless listen is set");
         assert_eq!(c.dns.static_hosts["api.example.test"], "127.0.0.10".parse::<IpAddr>().unwrap());
         assert_eq!(c.dns.upstreams().len(), 2);
+    }
+
+    #[test]
+    fn gates_are_host_names_listed_once_with_a_bounded_body() {
+        let p = Path::new("/etc/sluice/sluice.toml");
+        let c =
+            Config::parse("[gates]\nhosts = [\"API.example.com.\", \"b.example\"]\nmax_body_bytes = 10\n", p).unwrap();
+        assert_eq!(
+            c.gates.host_names().unwrap().iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+            ["api.example.com", "b.example"]
+        );
+        assert_eq!(c.gates.max_body_bytes, 10);
+        assert_eq!(Config::parse("", p).unwrap().gates, GatesConfig::default());
+        for (text, field) in [
+            ("[gates]\nhosts = [\"*.example.com\"]", "gates.hosts"),
+            ("[gates]\nhosts = [\"127.0.0.1\"]", "gates.hosts"),
+            ("[gates]\nhosts = [\"\"]", "gates.hosts"),
+            ("[gates]\nhosts = [\"a.example\", \"A.example.\"]", "gates.hosts"),
+            ("[gates]\nmax_body_bytes = 0", "gates.max_body_bytes"),
+            ("[gates]\nmax_body_bytes = 67108865", "gates.max_body_bytes"),
+        ] {
+            match Config::parse(text, p) {
+                Err(ConfigError::Invalid { field: f, problem, .. }) => assert_eq!(f, field, "{text}: {problem}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let err = Config::parse("[gates]\nhost = []", p).unwrap_err().to_string();
+        assert!(err.contains("unknown field `host`"), "{err}");
     }
 
     /// The shipped example (`config/sluice.toml.example`).

@@ -67,6 +67,8 @@ pub enum Reason {
     ProxyLoop,
     UnknownSyntheticAddress,
     BadServerName,
+    /// A request body to a gate larger than the daemon signs (`[gates] max_body_bytes`).
+    GateBodyTooLarge,
     /// The proxy's answer when no decision could be made (a store failure): never recorded.
     DecisionFailed,
 
@@ -112,6 +114,7 @@ const FIXED: &[Reason] = &[
     Reason::ProxyLoop,
     Reason::UnknownSyntheticAddress,
     Reason::BadServerName,
+    Reason::GateBodyTooLarge,
     Reason::DecisionFailed,
 ];
 
@@ -154,6 +157,7 @@ impl Reason {
             Reason::ProxyLoop => "proxy_loop",
             Reason::UnknownSyntheticAddress => "unknown_synthetic_address",
             Reason::BadServerName => "bad_server_name",
+            Reason::GateBodyTooLarge => "gate_body_too_large",
             Reason::DecisionFailed => "decision_failed",
             Reason::Rule(s) => s,
         }

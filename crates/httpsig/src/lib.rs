@@ -9,6 +9,8 @@
 //! Signature: sluice=:<base64 Ed25519 signature of the signature base>:
 //! ```
 //!
+//! `@target-uri` is spelled one way by both sides: [`target_uri`].
+//!
 //! The *signature base* is built exactly per RFC 9421 §2.5 from the three covered components and
 //! the `@signature-params` line; the **request hash** is the lowercase hex SHA-256 of that base,
 //! which the signer's and the verifier's attestation records both carry.
@@ -199,6 +201,56 @@ pub struct Target<'a> {
     pub method: &'a str,
     /// The full target URI (RFC 9110 §7.1): `https://api.example.com/v1/orders?id=7`.
     pub target_uri: &'a str,
+}
+
+/// The `@target-uri` value sluice signs, built the same way by the signer (the daemon) and the
+/// verifier (a gate): `scheme://host[:port]path?query`, scheme and host lowercased, the port
+/// omitted when it is the scheme's default (443 for `https`, 80 for `http`), an empty path
+/// written `/`. `authority` is `host`, `host:port` or `[v6]:port` (what `Host` or `:authority`
+/// holds); `path_and_query` is the request target in origin form, as sent.
+pub fn target_uri(scheme: &str, authority: &str, path_and_query: &str) -> Result<String, Error> {
+    let bad = |what: &'static str| Error::BadComponent { component: "@target-uri", what };
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => return Err(bad("the scheme is neither https nor http")),
+    };
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (inside, rest) = v6.split_once(']').ok_or(bad("an IPv6 authority without `]`"))?;
+            let port = match rest {
+                "" => None,
+                r => Some(r.strip_prefix(':').ok_or(bad("garbage after an IPv6 address"))?),
+            };
+            (format!("[{inside}]"), port)
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        },
+    };
+    let port: u16 = match port {
+        None => default_port,
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()) => {
+            p.parse().ok().filter(|p| *p != 0).ok_or(bad("a port out of range"))?
+        }
+        Some(_) => return Err(bad("a port that is not a number")),
+    };
+    if host.is_empty() || !host.bytes().all(|c| c.is_ascii_alphanumeric() || b"-._~[]:".contains(&c)) {
+        return Err(bad("a host that is empty or not a plain name or address"));
+    }
+    let path = if path_and_query.is_empty() { "/" } else { path_and_query };
+    if !path.starts_with('/') {
+        return Err(bad("a request target that is not in origin form (`/path?query`)"));
+    }
+    let host = host.to_ascii_lowercase();
+    let uri = if port == default_port {
+        format!("{scheme}://{host}{path}")
+    } else {
+        format!("{scheme}://{host}:{port}{path}")
+    };
+    Ok(uri)
 }
 
 /// The signer's parameters.

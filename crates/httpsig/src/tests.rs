@@ -407,6 +407,37 @@ fn white_space_the_grammar_allows_is_accepted() {
     assert_eq!(v.request_hash, s.request_hash);
 }
 
+#[test]
+fn target_uri_is_one_spelling_per_target() {
+    let t = |s, a, p| target_uri(s, a, p).unwrap();
+    assert_eq!(t("https", "API.Example.com:443", "/v1/x?q=A"), "https://api.example.com/v1/x?q=A");
+    assert_eq!(t("https", "api.example.com", "/v1/x?q=A"), "https://api.example.com/v1/x?q=A");
+    assert_eq!(t("HTTPS", "api.example.com:8443", ""), "https://api.example.com:8443/");
+    assert_eq!(t("http", "a.example:80", "/"), "http://a.example/");
+    assert_eq!(t("http", "a.example:443", "/"), "http://a.example:443/");
+    assert_eq!(t("https", "[::1]:8443", "/p"), "https://[::1]:8443/p");
+    assert_eq!(t("https", "[::1]", "/p"), "https://[::1]/p");
+    for (s, a, p) in [
+        ("ftp", "a.example", "/"),
+        ("https", "", "/"),
+        ("https", "a.example:", "/"),
+        ("https", "a.example:0", "/"),
+        ("https", "a.example:65536", "/"),
+        ("https", "a.example:x", "/"),
+        ("https", "a b.example", "/"),
+        ("https", "user@a.example", "/"),
+        ("https", "[::1", "/"),
+        ("https", "[::1]x", "/"),
+        ("https", "a.example", "http://other.example/"),
+        ("https", "a.example", "*"),
+    ] {
+        assert!(
+            matches!(target_uri(s, a, p), Err(Error::BadComponent { component: "@target-uri", .. })),
+            "{s} {a} {p}"
+        );
+    }
+}
+
 proptest! {
     #[test]
     fn parsers_never_panic(input in ".{0,300}") {

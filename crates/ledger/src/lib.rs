@@ -50,6 +50,7 @@ pub mod docstream;
 pub mod export;
 pub mod hostkey;
 pub mod journal;
+pub mod link;
 pub mod merkle;
 pub mod record;
 pub mod store;

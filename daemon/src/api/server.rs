@@ -275,6 +275,9 @@ struct SandboxBody {
     passport_id: String,
     #[serde(default)]
     pop: Option<crate::passport::pop::Proof>,
+    /// The passport's private key (`sluice run --key`), for signing requests to gates.
+    #[serde(default)]
+    agent_key: Option<crate::service::AgentKeyText>,
 }
 
 #[derive(Deserialize)]
@@ -381,7 +384,10 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
         (&Method::GET, ["v1", "sandboxes"]) => ok(service.sandboxes()?.to_json()),
         (&Method::POST, ["v1", "sandboxes"]) => {
             let body: SandboxBody = read_json(req).await?;
-            ok(service.create_sandbox(&body.passport_id, body.pop.as_ref(), peer).await?.to_json())
+            ok(service
+                .create_sandbox(&body.passport_id, body.pop.as_ref(), body.agent_key.as_ref(), peer)
+                .await?
+                .to_json())
         }
         (&Method::POST, ["v1", "sandboxes", "bind"]) => {
             let body: BindBody = read_json(req).await?;

@@ -1,4 +1,4 @@
-//! `sluice audit export | proof | verify`.
+//! `sluice audit export | proof | verify | link`.
 //!
 //! `export` and `proof` ask the daemon (they need its store and a freshly signed checkpoint);
 //! `verify` is offline: it needs only the file and the host's public key.
@@ -27,6 +27,36 @@ pub enum AuditCmd {
     /// Verify an export or an attestation offline. Exit status 1 names every broken record, gap or
     /// inconsistency.
     Verify(AuditVerifyArgs),
+    /// Match an agent host's export with a gate's export by request hash (linked attestations).
+    ///
+    /// Both exports are verified first, each with its own key. Then every request the daemon
+    /// signed for a gate (a decision record with `signed_request_hash`) is paired with the gate's
+    /// record of it (`request_hash`, with `gate_id`). Prints the matched pairs, every record
+    /// present on one side only, and the requests that never left (blocked, hold not approved,
+    /// upstream failed).
+    ///
+    /// Exit status: 0 when both exports verify and every request sent matches a gate record and
+    /// every gate record matches a request; 1 otherwise (a problem in either export, a record on
+    /// one side only, a request hash twice, passport ids that differ), or on an error.
+    #[command(verbatim_doc_comment)]
+    Link(LinkArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct LinkArgs {
+    /// The agent host's export (`sluice audit export`).
+    agent_export: PathBuf,
+    /// The gate's export.
+    gate_export: PathBuf,
+    /// The agent host's public key (`host.pub` in the daemon's state_dir).
+    #[arg(long, value_name = "F")]
+    agent_pub: PathBuf,
+    /// The gate's public key.
+    #[arg(long, value_name = "F")]
+    gate_pub: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -74,6 +104,7 @@ pub fn run(cmd: AuditCmd, socket: &ApiSocket) -> CmdResult {
         AuditCmd::Export(a) => export(a, socket),
         AuditCmd::Proof(a) => proof(a, socket),
         AuditCmd::Verify(a) => verify_cmd(a),
+        AuditCmd::Link(a) => link_cmd(a),
     }
 }
 
@@ -199,6 +230,89 @@ fn verify_cmd(a: AuditVerifyArgs) -> CmdResult {
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("sluice: {}: verification FAILED with {} problem(s)", a.file.display(), report.problems.len());
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+fn link_cmd(a: LinkArgs) -> CmdResult {
+    use crate::ledger::link::{self, Linked, Side};
+    let mut failed = Vec::new();
+    let mut collected = Vec::new();
+    for (side, file, key) in [(Side::Agent, &a.agent_export, &a.agent_pub), (Side::Gate, &a.gate_export, &a.gate_pub)] {
+        let key = keyfile::load_public_key(key)?;
+        let report = verify::verify_reader(files::open(file, Links::Follow)?.into_file(), &key, None);
+        for p in &report.problems {
+            failed.push(format!("{}: {p}", file.display()));
+        }
+        let records = link::collect(files::open(file, Links::Follow)?.into_file(), side)
+            .map_err(|e| anyhow::anyhow!("{}: not an export: {e}", file.display()))?;
+        collected.push(records);
+    }
+    let gate = collected.pop().unwrap_or_default();
+    let agent = collected.pop().unwrap_or_default();
+    let mut report = link::link(agent, gate);
+    for f in failed.into_iter().rev() {
+        report.problems.insert(0, format!("verification: {f}"));
+    }
+    let ok = report.is_ok();
+    if a.json {
+        let mut doc = serde_json::to_value(&report)?;
+        if let Some(obj) = doc.as_object_mut() {
+            obj.insert("ok".into(), ok.into());
+        }
+        super::util::print_json(&doc);
+    } else {
+        let agent = |l: &Linked| {
+            format!(
+                "agent #{} {} {} {} {}",
+                l.index,
+                l.decision.as_deref().unwrap_or("-"),
+                l.reason.as_deref().unwrap_or("-"),
+                l.what.as_deref().unwrap_or("-"),
+                l.at.as_deref().unwrap_or("-")
+            )
+        };
+        let gate = |l: &Linked| {
+            format!(
+                "gate #{} {} {} {} {}",
+                l.index,
+                l.at.as_deref().unwrap_or("-"),
+                l.decision.as_deref().unwrap_or("-"),
+                l.reason.as_deref().unwrap_or("-"),
+                l.what.as_deref().unwrap_or("-")
+            )
+        };
+        for (x, g) in &report.matched {
+            println!("MATCHED     {}  {} <-> {}", x.request_hash, agent(x), gate(g));
+        }
+        for x in &report.agent_only {
+            println!("AGENT ONLY  {}  {} (sent, but the gate's export has no record of it)", x.request_hash, agent(x));
+        }
+        for g in &report.gate_only {
+            println!("GATE ONLY   {}  {} (no request of the agent's export has this hash)", g.request_hash, gate(g));
+        }
+        for x in &report.not_sent {
+            println!("NOT SENT    {}  {} (never reached the gate)", x.request_hash, agent(x));
+        }
+        for p in &report.problems {
+            println!("PROBLEM     {p}");
+        }
+        println!(
+            "{} matched, {} agent only, {} gate only, {} not sent, {} problem(s)",
+            report.matched.len(),
+            report.agent_only.len(),
+            report.gate_only.len(),
+            report.not_sent.len(),
+            report.problems.len()
+        );
+    }
+    if ok {
+        if !a.json {
+            println!("linked: OK");
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("sluice: the exports do not link: see the lines above");
         Ok(ExitCode::FAILURE)
     }
 }

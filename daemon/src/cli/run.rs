@@ -5,7 +5,8 @@
 //!    (`confine::enter_user_namespace`; the caller's uid and gid mapped to themselves), so that
 //!    the daemon sees it when asked for the sandbox.
 //! 2. Register the passport with the daemon (a no-op if it already is).
-//! 3. Ask for a sandbox: the daemon creates a cgroup bound to the passport, registers this
+//! 3. Ask for a sandbox (handing over the agent key given with `--key`, which the daemon keeps
+//!    in memory for this sandbox only, to sign requests to gates): the daemon creates a cgroup bound to the passport, registers this
 //!    process's user namespace with the Unix socket filter (the only one besides the daemon's
 //!    from which the sandbox may reach Unix sockets by name), and moves *this* process into the
 //!    cgroup, before this process has opened any network socket.
@@ -26,11 +27,14 @@ use super::ops::ApiSocket;
 use super::CmdResult;
 use crate::kernel::confine::{self, Namespaces};
 use anyhow::{bail, Context};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use clap::Args;
 use http::Method;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use zeroize::Zeroizing;
 
 /// Environment variables through which common clients find their trusted roots.
 pub const CA_ENV: &[&str] =
@@ -45,8 +49,10 @@ pub struct RunArgs {
     /// The agent's passport.
     #[arg(long, value_name = "F")]
     passport: PathBuf,
-    /// The agent's private key, to prove possession (required for L3 passports; default
-    /// PASSPORT.key for them).
+    /// The agent's private key: proves possession (required for L3 passports; default
+    /// PASSPORT.key for them) and, when given, is handed to the daemon for this sandbox only
+    /// (kept in memory, dropped when the sandbox ends), which then signs the agent's requests to
+    /// the hosts in its `[gates] hosts` (the agent never handles the key).
     #[arg(long, value_name = "F.key")]
     key: Option<PathBuf>,
     /// Bind-mount the sluice CA bundle over the system bundle in the agent's private mount
@@ -89,13 +95,23 @@ pub fn run(a: RunArgs, socket: &ApiSocket) -> CmdResult {
     let reg = call(socket, Method::POST, "/v1/passports", Some(json!({"passport": token, "pop": pop})))
         .with_context(|| format!("registering {}", a.passport.display()))?;
     let passport_id = reg["passport_id"].as_str().context("the daemon did not return a passport id")?.to_string();
-    let sandbox = call(socket, Method::POST, "/v1/sandboxes", Some(json!({"passport_id": passport_id, "pop": pop})))
-        .context("creating the sandbox")?;
+    // An explicit --key is handed over for signing requests to gates (see `agent_key_field`).
+    let agent_key = a.key.as_deref().map(agent_key_field).transpose()?;
+    let mut body = json!({"passport_id": passport_id, "pop": pop});
+    if let Some(k) = agent_key {
+        body["agent_key"] = Value::String(k.to_string());
+    }
+    let sandbox = call(socket, Method::POST, "/v1/sandboxes", Some(body)).context("creating the sandbox")?;
     // From here on this process is inside the sandbox: the daemon will refuse its API calls.
     if let Some(why) = sandbox["unix_names_refused"].as_str() {
         eprintln!(
             "sluice: note: the daemon did not register this sandbox's user namespace ({why}): the agent can reach \
              no Unix socket by name, not even in its TMPDIR (socketpair still works)"
+        );
+    }
+    if a.key.is_some() && sandbox["signs_for_gates"] != Value::Bool(true) {
+        eprintln!(
+            "sluice: note: the daemon did not take the agent key (an older daemon?): requests to gates go out unsigned"
         );
     }
     let bundle = sandbox["ca_bundle"].as_str().map(PathBuf::from).filter(|p| p.is_file());
@@ -136,6 +152,14 @@ pub fn run(a: RunArgs, socket: &ApiSocket) -> CmdResult {
     }
     let code = confine::run(cmd, ns, mounts.as_mut().map(|m| m as confine::Mounts<'_>))?;
     Ok(ExitCode::from(code))
+}
+
+/// The agent's private key as the API takes it (`agent_key`): unpadded base64url of the 32-byte
+/// Ed25519 key. The daemon checks that it is the key the passport is bound to (`cnf.jkt`).
+fn agent_key_field(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    let key = crate::keyfile::load_signing_key(path)
+        .with_context(|| format!("the agent key {}, to sign requests to gates", path.display()))?;
+    Ok(Zeroizing::new(URL_SAFE_NO_PAD.encode(key.to_bytes())))
 }
 
 /// Bind-mounts `bundle` read-only over each system CA bundle, in the agent's private mount

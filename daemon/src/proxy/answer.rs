@@ -65,6 +65,7 @@ pub(super) async fn record_refusal(
         method: method.map(str::to_string),
         path: path.map(str::to_string),
         port: None,
+        signed_request_hash: None,
     };
     let verdict = decide::HostVerdict::Deny { reason: refusal.reason.clone(), detail: refusal.detail.clone() };
     let outcome = proxy.service.enforce(input, verdict).await?;

@@ -8,7 +8,9 @@
 //!    be the SNI and the dialed name ([`checks::check_consistent`]), and HTTP/1 framing must be
 //!    unambiguous ([`checks::check_framing`]); CONNECT goes to [`connect`];
 //! 2. [`route_and_price`]: host policy route → action and cost (a metered route reads a bounded
-//!    prefix of the body to estimate), unrouted upgrades refused, host-wide verdict;
+//!    prefix of the body to estimate), unrouted upgrades refused, host-wide verdict; then
+//!    [`sign_for_gate`]: a request to a gate is signed with the sandbox's agent key
+//!    ([`super::gate`]);
 //! 3. [`decide_or_answer`]: the decision, durable in the ledger before anything leaves (through
 //!    [`Decide`]); hold → wait for the operator (or the timeout); block → `403` with the
 //!    decision JSON and a `Sluice-Decision` header;
@@ -23,13 +25,14 @@
 //! say) still takes precedence with its own reason.
 //!
 //! Bodies stream both ways as hyper frames; the only buffering is the bounded prefix a metered
-//! route needs for its estimate ([`crate::policy::meter::MAX_REQUEST_SCAN`]).
+//! route needs for its estimate ([`crate::policy::meter::MAX_REQUEST_SCAN`]) and the bounded
+//! body of a request signed for a gate (`[gates] max_body_bytes`).
 
 use super::answer::{decision_response, record_refusal, service_failure, simple, ConnInfo, DECISION_HEADER};
 use super::checks::{self, Refusal};
 use super::decider::{Decide, Forward};
 use super::upstream::{BoxError, ProxyBody};
-use super::{h1watch, idle, inc, Proxy, Stats};
+use super::{gate, h1watch, idle, inc, Proxy, Stats};
 use crate::decide::Reason;
 use crate::decide::{self, Decision};
 use crate::domain::DomainName;
@@ -43,6 +46,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{json, Value};
+use sluice_httpsig as httpsig;
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -160,6 +164,10 @@ async fn handle(
         return connect(&proxy, &info, &host, authority.port, req, &ctx.path).await;
     }
     let priced = match route_and_price(&proxy, &info, &ctx, &host, req).await {
+        Ok(p) => p,
+        Err(answer) => return answer,
+    };
+    let priced = match sign_for_gate(&proxy, &info, &ctx, &host, priced).await {
         Ok(p) => p,
         Err(answer) => return answer,
     };
@@ -296,12 +304,76 @@ async fn route_and_price(
         method: Some(method.to_string()),
         path: Some(path.clone()),
         port: None,
+        signed_request_hash: None,
     };
     let metering = match &route.cost {
         Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_millicents: cost }),
         Cost::Fixed(_) => None,
     };
     Ok(Priced { req, input, verdict, upgrade, metering })
+}
+
+/// The gate step ([`super::gate`]): a request to a gate host from a sandbox whose agent key the
+/// daemon holds is read whole (bounded by `[gates] max_body_bytes`), signed, and its request hash
+/// put into the decision's input, so the decision record carries it. Other requests pass
+/// untouched. It runs before the decision so that the record names the exact request sent; it
+/// must not decide or forward (a body too large is the proxy's own refusal, recorded).
+async fn sign_for_gate(
+    proxy: &Proxy,
+    info: &ConnInfo,
+    ctx: &RequestCtx,
+    host: &DomainName,
+    mut priced: Priced,
+) -> Result<Priced, Response<ProxyBody>> {
+    let Some(key) = proxy.gates.key_for(info.cgroup_id, host) else { return Ok(priced) };
+    let (mut parts, body) = priced.req.into_parts();
+    let declared =
+        parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok());
+    let body = match gate::read_bounded(body, declared, proxy.gates.max_body_bytes()).await {
+        Ok(b) => b,
+        Err(gate::BodyError::TooLarge { max, at_least }) => {
+            let r = Refusal {
+                reason: Reason::GateBodyTooLarge,
+                detail: format!(
+                    "The request body to the gate {host} is {at_least} bytes or more; sluice signs bodies of at most \
+                     {max} bytes for gates ([gates] max_body_bytes). Send a smaller body, or ask the operator to \
+                     raise the limit."
+                ),
+            };
+            let action = priced.input.action.clone();
+            let mut resp = refuse(proxy, info, Some(host), &action, &ctx.method, &ctx.path, r).await;
+            // The rest of the body was not read.
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Err(resp);
+        }
+        Err(gate::BodyError::Read(e)) => {
+            tracing::info!(client = %info.client, error = %e, "request body failed while reading it to sign");
+            return Err(simple(StatusCode::BAD_REQUEST, json!({"error": "request_body", "detail": e.to_string()})));
+        }
+    };
+    let scheme = if info.tls { "https" } else { "http" };
+    let signed = httpsig::target_uri(scheme, &format!("{host}:{}", info.dialed.port()), &ctx.path)
+        .map_err(gate::SignError::Sign)
+        .and_then(|uri| {
+            let created = u64::try_from(crate::passport::now()).unwrap_or(0);
+            gate::sign_headers(&mut parts.headers, &key, &ctx.method, &uri, &body, created, &gate::nonce())
+        });
+    match signed {
+        Ok(hash) => {
+            tracing::debug!(%host, request_hash = %hash, keyid = key.keyid(), "request to a gate signed");
+            priced.input.signed_request_hash = Some(hash);
+        }
+        Err(e) => {
+            let r = Refusal {
+                reason: Reason::MalformedRequest,
+                detail: format!("The request to the gate {host} cannot be signed: {e}."),
+            };
+            let action = priced.input.action.clone();
+            return Err(refuse(proxy, info, Some(host), &action, &ctx.method, &ctx.path, r).await);
+        }
+    }
+    priced.req = Request::from_parts(parts, Full::new(body).map_err(|never| match never {}).boxed());
+    Ok(priced)
 }
 
 /// The decide step: decides one request (durably) and settles a hold by waiting on it. `Ok`
@@ -529,6 +601,7 @@ async fn connect(
         method: Some(method.to_string()),
         path: Some(path.to_string()),
         port: Some(port),
+        signed_request_hash: None,
     };
     let verdict = policy.host_check(host, rule.cost_millicents);
     let attestation = match decide_or_answer(&*proxy.service, &proxy.stats, input, verdict, host, path).await {

@@ -62,6 +62,7 @@ pub mod ca;
 pub mod checks;
 mod conn;
 mod decider;
+pub mod gate;
 // Public only for the fuzz targets (fuzz/fuzz_targets/h1watch.rs); not an API.
 #[doc(hidden)]
 pub mod h1watch;
@@ -163,6 +164,8 @@ pub struct ProxyParts {
     pub proxy_port: u16,
     pub dns_port: u16,
     pub limits: Limits,
+    /// `[gates]`: whose requests are signed for which hosts.
+    pub gates: gate::Gates,
 }
 
 /// Counters, for logs, health and tests.
@@ -225,6 +228,7 @@ pub struct Proxy {
     slots: Arc<Semaphore>,
     sandboxes: Arc<SandboxSlots>,
     stats: Stats,
+    gates: gate::Gates,
     /// The over-budget warnings (global and per sandbox), at most once a second under a flood.
     refusal_log: throttle::Throttle,
     /// Emergency stops in force: a connection of a stopped passport is closed at once
@@ -331,6 +335,7 @@ impl Proxy {
             }),
             limits: parts.limits,
             stats: Stats::default(),
+            gates: parts.gates,
             refusal_log: throttle::Throttle::new(Duration::from_secs(1)),
             stops: parts.service.stop_watch(),
             service: parts.service,

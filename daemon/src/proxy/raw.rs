@@ -55,6 +55,7 @@ pub(super) async fn handle(proxy: Arc<Proxy>, info: ConnInfo, mut agent: Prefixe
         method: None,
         path: None,
         port: Some(port),
+        signed_request_hash: None,
     };
     let outcome = match proxy.service.enforce(input, verdict).await {
         Ok(o) => o,

@@ -124,6 +124,7 @@ pub fn harness_with_limits(
         }),
         limits,
         stats: Stats::default(),
+        gates: super::gate::Gates::none(),
         refusal_log: super::throttle::Throttle::new(Duration::from_secs(1)),
         stops: stops.subscribe(),
     });

@@ -40,6 +40,7 @@ pub mod field {
     pub const HOST: &str = "host";
     pub const PATH_DIGEST: &str = "path_digest";
     pub const REQUEST_HASH: &str = "request_hash";
+    pub const SIGNED_REQUEST_HASH: &str = "signed_request_hash";
     pub const HOLD_ID: &str = "hold_id";
     pub const HOLD_EXPIRES_AT: &str = "hold_expires_at";
     pub const HOLD_RECORD: &str = "hold_record";
@@ -340,6 +341,14 @@ pub fn decision(
         m.str(field::HOLD_ID, &h.id).time(field::HOLD_EXPIRES_AT, &h.expires_at);
     }
     m
+}
+
+/// A request the proxy signed for a gate: its RFC 9421 request hash, which the gate's record
+/// carries as `request_hash` (`sluice audit link` matches the two). Absent for other requests.
+pub fn signed_request_hash(m: &mut Members, hash: Option<&str>) {
+    if let Some(h) = hash {
+        m.str(field::SIGNED_REQUEST_HASH, h);
+    }
 }
 
 /// A decision for a passport id this daemon does not know: recorded on that id's chain.

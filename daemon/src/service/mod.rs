@@ -23,6 +23,7 @@ macro_rules! json_at_the_edge {
     )*};
 }
 
+mod agent_key;
 mod drafts;
 mod held;
 mod holds;
@@ -39,6 +40,9 @@ mod stops;
 pub(crate) mod testkit;
 mod views;
 
+#[cfg(test)]
+pub(crate) use agent_key::issue_for_test;
+pub use agent_key::{AgentKey, AgentKeyText, AgentKeys};
 pub use drafts::{DecisionOutcome, HeldAs};
 pub use held::{HeldRequest, Hold, HoldOrigin, HoldResolution, HoldStatus};
 pub use holds::{HeldRequestView, HoldList, HoldOutcome, HoldView};
@@ -221,6 +225,11 @@ pub struct EnforceInput {
     /// does not read it.
     #[serde(skip)]
     pub port: Option<u16>,
+    /// The request hash of a request the proxy signed for a gate (lowercase hex SHA-256 of its
+    /// RFC 9421 signature base), written into the decision record as `signed_request_hash`. Set by
+    /// the proxy only: the API does not read it.
+    #[serde(skip)]
+    pub signed_request_hash: Option<String>,
 }
 
 impl EnforceInput {
@@ -355,6 +364,8 @@ pub struct Service {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<HoldOutcome>>>>,
     /// Live sandboxes by cgroup id.
     sandboxes: RwLock<HashMap<u64, Sandbox>>,
+    /// Agent keys of `sluice run` sandboxes, by cgroup id (memory only; see `agent_key`).
+    agent_keys: AgentKeys,
     /// The host policy in force, when the daemon has one: its digest goes into every decision
     /// record, and API decisions get its host-wide check.
     policy: RwLock<Option<Arc<crate::policy::PolicyHandle>>>,
@@ -410,6 +421,7 @@ impl Service {
             revoked: RwLock::new(revoked),
             waiters: Mutex::new(HashMap::new()),
             sandboxes: RwLock::new(HashMap::new()),
+            agent_keys: AgentKeys::default(),
             policy: RwLock::new(None),
             lanes: lanes::Lanes::default(),
             stops: tokio::sync::watch::Sender::new(Arc::new(stop_set)),
@@ -697,7 +709,16 @@ impl Service {
             Some(cp) => {
                 let blocking = lanes::needs_blocking_thread(&cp, host_rules.as_deref());
                 let opts = EvalOptions { skip_approval: false, host_rules };
-                let decision = Arc::new(LaneDecision { cp, request, host_verdict, held, policy_digest: digest, opts });
+                let signed_request_hash = input.signed_request_hash;
+                let decision = Arc::new(LaneDecision {
+                    cp,
+                    request,
+                    host_verdict,
+                    held,
+                    policy_digest: digest,
+                    opts,
+                    signed_request_hash,
+                });
                 let d = decision.clone();
                 let barred_now = {
                     let id = d.cp.passport.claims.id.to_string();
@@ -885,6 +906,8 @@ struct LaneDecision {
     held: HoldParams,
     policy_digest: Option<String>,
     opts: EvalOptions,
+    /// See [`EnforceInput::signed_request_hash`].
+    signed_request_hash: Option<String>,
 }
 
 /// What a [`LaneDecision`] commits: the decision and, except for a hold (whose record names the
@@ -896,6 +919,14 @@ struct DecisionPlan {
 }
 
 impl LaneDecision {
+    /// The decision record of `built`.
+    fn record(&self, built: &drafts::Built, at: DateTime<Utc>) -> ledger::canonical::Members {
+        let claims = &self.cp.passport.claims;
+        let mut body = drafts::decision(claims, &self.request, built, self.policy_digest.as_deref(), at);
+        drafts::signed_request_hash(&mut body, self.signed_request_hash.as_deref());
+        body
+    }
+
     /// Evaluates against the stored counters `counters` (outside the writer). Revoked, stopped
     /// and unreadable counters are decided here, as before the engine.
     fn evaluate(
@@ -923,10 +954,8 @@ impl LaneDecision {
                 }
             }
         };
-        let draft = (built.decision != decide::Decision::RequestHold).then(|| {
-            let body = drafts::decision(claims, &self.request, &built, self.policy_digest.as_deref(), at);
-            Draft::new(claims.id.to_string(), body)
-        });
+        let draft = (built.decision != decide::Decision::RequestHold)
+            .then(|| Draft::new(claims.id.to_string(), self.record(&built, at)));
         lanes::Speculation { writes, plan: DecisionPlan { built, draft, at } }
     }
 
@@ -943,7 +972,7 @@ impl LaneDecision {
         let DecisionPlan { mut built, draft, at } = plan;
         if let Some(barred) = barred.filter(|b| built.reason != barred_reason(*b)) {
             built = barred_block(claims, barred, at);
-            let body = drafts::decision(claims, &self.request, &built, self.policy_digest.as_deref(), at);
+            let body = self.record(&built, at);
             return Ok((built, vec![Draft::new(id, body)]));
         }
         let draft = match draft {
@@ -953,7 +982,7 @@ impl LaneDecision {
                 let hold = Hold::new(claims, &self.request, held.port, held.origin, at, held.timeout, txn.next_index());
                 txn.put(&format!("hold/{}", hold.id), &hold.to_bytes())?;
                 built.hold = Some(hold);
-                Draft::new(id, drafts::decision(claims, &self.request, &built, self.policy_digest.as_deref(), at))
+                Draft::new(id, self.record(&built, at))
             }
         };
         Ok((built, vec![draft]))

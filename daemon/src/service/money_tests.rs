@@ -25,6 +25,7 @@ fn input(passport_id: &str, cost_millicents: u64) -> EnforceInput {
         method: Some("POST".into()),
         path: Some("/v1/chat/completions".into()),
         port: None,
+        signed_request_hash: None,
     }
 }
 

@@ -99,6 +99,8 @@ pub struct SandboxCreated {
     /// Unix socket by name (not even in `unix_dir`): why. Absent otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unix_names_refused: Option<String>,
+    /// The daemon holds the agent's key for this sandbox and signs its requests to gates.
+    pub signs_for_gates: bool,
 }
 
 /// `POST /v1/sandboxes/bind`.
@@ -241,6 +243,11 @@ impl Service {
         self.passport(&passport_id)
     }
 
+    /// The agent key handed over for the sandbox with this cgroup id, if any (`sluice run --key`).
+    pub fn agent_key_for_cgroup(&self, cgroup_id: u64) -> Option<Arc<super::AgentKey>> {
+        self.agent_keys.get(cgroup_id)
+    }
+
     /// `GET /v1/sandboxes`.
     pub fn sandboxes(&self) -> Result<SandboxList, ServiceError> {
         let sandboxes = self.sandboxes.read().map(|m| m.values().cloned().collect()).unwrap_or_default();
@@ -248,10 +255,13 @@ impl Service {
     }
 
     /// `POST /v1/sandboxes`: creates a sandbox for `passport_id` and moves the caller into it.
+    /// `agent_key` (`sluice run --key`): the passport's own private key, kept in memory for this
+    /// sandbox only, to sign its requests to gates.
     pub async fn create_sandbox(
         &self,
         passport_id: &str,
         pop: Option<&crate::passport::pop::Proof>,
+        agent_key: Option<&super::AgentKeyText>,
         peer: &Peer,
     ) -> Result<SandboxCreated, ServiceError> {
         let agents = self.agents_or_refuse()?;
@@ -269,6 +279,8 @@ impl Service {
         if cp.passport.claims.expires_at <= crate::passport::now() {
             return Err(ServiceError::PassportUnusable { passport_id: passport_id.to_string(), why: "has expired" });
         }
+        // Checked before anything is created: a key that is not the passport's is refused.
+        let agent_key = agent_key.map(|k| super::AgentKey::from_api(k.as_str(), &cp.passport)).transpose()?;
         let (leader_start, uid) = process_identity(peer.pid).ok_or_else(|| ServiceError::Invalid {
             field: "pid",
             problem: format!("the calling process {} is gone", peer.pid),
@@ -327,12 +339,16 @@ impl Service {
                 problem: format!("cannot move the caller into its sandbox: {e}"),
             });
         }
+        let signs_for_gates = agent_key.is_some();
+        if let Some(key) = agent_key {
+            self.agent_keys.insert(sandbox.cgroup_id, key);
+        }
         if let Ok(mut m) = self.sandboxes.write() {
             m.insert(sandbox.cgroup_id, sandbox.clone());
         }
         // A stop that came between the check above and now missed this sandbox.
         self.stop_late_sandbox(passport_id);
-        tracing::info!(sandbox = %sandbox.id, passport_id, pid = peer.pid, cgroup_id = sandbox.cgroup_id, "sandbox created");
+        tracing::info!(sandbox = %sandbox.id, passport_id, pid = peer.pid, cgroup_id = sandbox.cgroup_id, signs_for_gates, "sandbox created");
         self.watch_leader(pidfd, sandbox.clone(), cgroup);
         Ok(SandboxCreated {
             sandbox_id: sandbox.id,
@@ -342,6 +358,7 @@ impl Service {
             ca_bundle: self.config.ca_bundle.clone(),
             unix_dir,
             unix_names_refused,
+            signs_for_gates,
         })
     }
 
@@ -384,6 +401,7 @@ impl Service {
         if let Ok(mut m) = self.sandboxes.write() {
             m.remove(&sandbox.cgroup_id);
         }
+        self.agent_keys.remove(sandbox.cgroup_id);
         let removed = tokio::task::spawn_blocking(move || cgroup.remove()).await;
         self.remove_own_dir(&sandbox);
         if !matches!(removed, Ok(Ok(()))) {
@@ -824,11 +842,12 @@ mod tests {
             ca_bundle: None,
             unix_dir: Some("/run/sluice-sandboxes/run-1".into()),
             unix_names_refused: None,
+            signs_for_gates: true,
         };
         assert_eq!(
             created.to_json().to_string(),
             json!({"sandbox_id": "run-1", "passport_id": "pp_x", "cgroup": s.cgroup, "cgroup_id": 7,
-                   "ca_bundle": null, "unix_dir": "/run/sluice-sandboxes/run-1"})
+                   "ca_bundle": null, "unix_dir": "/run/sluice-sandboxes/run-1", "signs_for_gates": true})
             .to_string()
         );
         let unbound =

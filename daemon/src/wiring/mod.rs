@@ -42,6 +42,8 @@ pub enum StartError {
     Pool(#[from] crate::dns::pool::PoolError),
     #[error("[{section}] port {port}: {source}")]
     Bind { section: &'static str, port: u16, source: std::io::Error },
+    #[error("[gates] hosts: {0}")]
+    Gates(String),
 }
 
 /// The local CA and the agents' trust bundle, created at first start. The bundle is the host's
@@ -157,6 +159,13 @@ pub async fn start(
         Some(Path::new(proxy::upstream::SYSTEM_BUNDLE)),
     )?;
     let svc = service.clone();
+    let keys = service.clone();
+    let gate_hosts = config.gates.host_names().map_err(StartError::Gates)?;
+    let gates = proxy::gate::Gates::new(
+        gate_hosts,
+        config.gates.max_body_bytes,
+        Arc::new(move |cg| keys.agent_key_for_cgroup(cg)),
+    );
     let proxy = Proxy::new(ProxyParts {
         service: service.clone(),
         policy: policy.clone(),
@@ -174,6 +183,7 @@ pub async fn start(
             header_timeout: Duration::from_secs(config.proxy.header_timeout_secs),
             ..Limits::default()
         },
+        gates,
     })
     .map_err(|source| StartError::Ca { dir: config.state_dir.clone(), source })?;
 
