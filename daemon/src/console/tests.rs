@@ -111,6 +111,7 @@ impl Running {
             method: None,
             path: None,
             port: None,
+            signed_request_hash: None,
         };
         let o = self.fixture.service.enforce(input).await.unwrap();
         o.hold_id().expect("a hold").to_string()

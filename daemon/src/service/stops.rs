@@ -473,6 +473,7 @@ mod tests {
             method: None,
             path: None,
             port: None,
+            signed_request_hash: None,
         };
         service.enforce_outcome(input, HoldOrigin::Api, HostVerdict::Allow).await.expect("enforce")
     }
