@@ -51,6 +51,7 @@ pub struct Config {
     pub holds: HoldsConfig,
     #[serde(default)]
     pub console: ConsoleConfig,
+    #[serde(default)]
     pub gates: GatesConfig,
     /// The file this was read from (empty when built from defaults).
     #[serde(skip)]
