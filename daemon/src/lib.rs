@@ -18,6 +18,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod dns;
+pub mod gate;
 pub mod metrics;
 pub mod proxy;
 pub mod sdnotify;

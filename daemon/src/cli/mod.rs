@@ -4,6 +4,7 @@
 mod audit;
 mod daemon;
 mod detach;
+mod gate;
 mod issuer;
 pub mod man;
 mod ops;
@@ -85,6 +86,10 @@ pub enum Command {
     /// exits 0. Needs root. The package runs it when sluice is removed (not on upgrade, where the
     /// new daemon takes over the pinned programs without a gap).
     Detach(detach::DetachArgs),
+    /// A gate in front of a service: checks arriving agents' passports and signed requests,
+    /// applies the service's limits and attests every decision in its own log (docs/gate.md).
+    #[command(subcommand)]
+    Gate(gate::GateCmd),
 }
 
 /// The configuration file when `--config` is not given.
@@ -95,9 +100,9 @@ pub type CmdResult = anyhow::Result<ExitCode>;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Daemon(_)) {
+    if !matches!(cli.command, Command::Daemon(_) | Command::Gate(gate::GateCmd::Run(_))) {
         // A command piped into `head` should end quietly, as Unix tools do, not panic on EPIPE.
-        // The daemon keeps Rust's default (SIGPIPE ignored): a vanished peer must never kill it.
+        // The daemon and a gate keep Rust's default (SIGPIPE ignored): a vanished peer must never kill it.
         crate::kernel::process::default_sigpipe();
     }
     let config_explicit = cli.config.is_some();
@@ -115,6 +120,7 @@ pub fn main() -> ExitCode {
         Command::Holds(args) => ops::holds(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),
         Command::Policy(cmd) => policy::run(cmd, &config),
+        Command::Gate(cmd) => gate::run(cmd),
         Command::Detach(args) => {
             let sockets: Vec<PathBuf> = cli.socket.iter().chain(env_socket.iter()).cloned().collect();
             detach::run(args, &config, &sockets)
