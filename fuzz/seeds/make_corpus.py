@@ -206,3 +206,45 @@ exprs = [
 ]
 for i, e in enumerate(exprs):
     write("cel_rules", "expr-%02d" % i, bytes([i % 2]) + e.encode())
+
+
+# ---- catalog: a draft and (after 0xff) a served document ----------------------------------------
+CATALOG_DRAFT = b"""[[permission]]
+key = "shipments:create"
+description = "Create a shipment"
+risk_level = "medium"
+[permission.constraints]
+"core:pricing:per_call_cents" = 2.5
+"core:pricing:model" = "per_call"
+"core:platform_fee:basis_points" = 250
+"core:sla:uptime_basis_points" = 9990
+"core:sla:response_time_ms" = 800
+"core:rate:max_per_minute" = 60
+"core:approval:required" = false
+"core:cost:approval_threshold" = 100
+
+[[permission]]
+key = "rates:read"
+description = "Quote a rate"
+risk_level = "low"
+"""
+write("catalog", "draft", CATALOG_DRAFT)
+write("catalog", "draft-and-doc", CATALOG_DRAFT + b"\xff" + json.dumps({"catalog": {"gate_id": "gate_x", "version": 1}, "content_hash": "sha256:" + "0" * 64, "catalog_signature": ""}).encode())
+
+# ---- httpsig_headers: the profile's headers (raw mode, byte 0) and requests to sign (byte 1) ---
+good_cd = "sha-256=:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=:"
+good_input = ('sluice=("@method" "@target-uri" "content-digest");created=1764650000;'
+              'nonce="n0nce-AAAAAAAAAAAAAAAA";keyid="kN0jJ8a7H9h2Uf0uP8hPq1n1wT5bJ0lZl7tGx5M8vCQ";alg="ed25519";tag="sluice"')
+good_sig = "sluice=:" + base64.b64encode(bytes(64)).decode() + ":"
+for name, (cd, inp, sig) in {
+    "profile": (good_cd, good_input, good_sig),
+    "white-space": (" " + good_cd + "\t", good_input.replace('" "', '"   "'), good_sig + " "),
+    "two-labels": (good_cd + ", sha-512=:AAAA:", good_input + ", sig1=()", good_sig + ", sig1=:AAAA:"),
+    "dup-params": (good_cd, good_input + ";created=1", good_sig),
+    "rfc-b26": (good_cd, 'sig-b26=("date" "@method" "@path" "@authority" "content-type" "content-length")'
+                ';created=1618884473;keyid="test-key-ed25519"',
+                "sig-b26=:wqcAqbmYJ2ji2glfAMaRy4gruYYnx2nEFN2HN6jrnDnQCK1u02Gb04v9EDgwUPiu4A0w6vuQv5lIp5WPpBKRCw==:"),
+}.items():
+    write("httpsig_headers", name, b"\x00" + cd.encode() + b"\xff" + inp.encode() + b"\xff" + sig.encode())
+write("httpsig_headers", "sign-post", b"\x01POST\xffhttps://api.example.com/v1/orders?id=7\xff{\"qty\":1}")
+write("httpsig_headers", "sign-get-empty", b"\x03GET\xffhttps://api.example.com/\xff")

@@ -1,6 +1,7 @@
 //! `cargo xtask layers`: the layering that Cargo enforces, checked from `cargo metadata`.
 //!
-//! - The layers below the daemon (passports, decisions, policies, the ledger, file I/O) depend on
+//! - The layers below the daemon (passports, decisions, policies, the ledger, catalogs, file I/O,
+//!   HTTP message signatures) depend on
 //!   no async runtime, HTTP/TLS stack or aya: their normal-dependency closure holds none of
 //!   [`FORBIDDEN`]. Dev-dependencies (tokio for async tests) do not count.
 //! - No library crate (a package under `crates/`) depends on the daemon `sluice`, in any kind.
@@ -11,7 +12,15 @@ use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 
 /// Crates that must stay free of [`FORBIDDEN`] (normal dependencies, transitively).
-pub const PURE: &[&str] = &["sluice-files", "sluice-passport", "sluice-decide", "sluice-policy", "sluice-ledger"];
+pub const PURE: &[&str] = &[
+    "sluice-files",
+    "sluice-passport",
+    "sluice-decide",
+    "sluice-policy",
+    "sluice-ledger",
+    "sluice-catalog",
+    "sluice-httpsig",
+];
 /// An async runtime, the HTTP and TLS stacks, the eBPF loader.
 pub const FORBIDDEN: &[&str] = &["tokio", "hyper", "hyper-util", "aya", "rustls", "tokio-rustls", "h2"];
 /// The daemon package, which nothing below it may depend on.
@@ -172,6 +181,7 @@ mod tests {
             json!({"id": "sluice-decide-id", "deps": [dep("sluice-passport", None)]}),
             json!({"id": "sluice-policy-id", "deps": [dep("sluice-decide", None)]}),
             json!({"id": "sluice-ledger-id", "deps": [dep("sluice-files", None), dep("tokio", Some("dev"))]}),
+            json!({"id": "sluice-catalog-id", "deps": [dep("sluice-passport", None)]}),
             json!({"id": "sluice-kernel-id", "deps": [dep("aya", None), dep("tokio", None)]}),
             json!({"id": "sluice-id", "deps": [dep("sluice-ledger", None), dep("hyper", None)]}),
             json!({"id": "hyper-id", "deps": [dep("h2", None), dep("tokio", None)]}),
@@ -187,7 +197,7 @@ mod tests {
                 }
             }
         }
-        let members = ["files", "passport", "decide", "policy", "ledger", "kernel"];
+        let members = ["files", "passport", "decide", "policy", "ledger", "catalog", "httpsig", "kernel"];
         let mut packages: Vec<Value> =
             members.iter().map(|m| pkg(&format!("sluice-{m}"), &format!("crates/{m}"))).collect();
         packages.push(pkg("sluice", "daemon"));
@@ -199,7 +209,8 @@ mod tests {
         json!({"packages": packages, "workspace_members": member_ids, "workspace_root": "/ws", "resolve": {"nodes": nodes}})
     }
 
-    const ARCH: &str = "crates/files crates/passport crates/decide crates/policy crates/ledger crates/kernel";
+    const ARCH: &str =
+        "crates/files crates/passport crates/decide crates/policy crates/ledger crates/catalog crates/httpsig crates/kernel";
 
     #[test]
     fn the_intended_layering_passes() {
@@ -252,8 +263,11 @@ mod tests {
 
     #[test]
     fn every_crate_dir_must_be_in_architecture_md() {
-        let problems =
-            check(&workspace(&[]), "crates/files crates/passport crates/decide crates/policy crates/kernel").unwrap();
+        let problems = check(
+            &workspace(&[]),
+            "crates/files crates/passport crates/decide crates/policy crates/catalog crates/httpsig crates/kernel",
+        )
+        .unwrap();
         assert_eq!(
             problems,
             vec!["ARCHITECTURE.md does not mention `crates/ledger` (sluice-ledger); add it to the code map".to_string()]
@@ -263,8 +277,15 @@ mod tests {
     #[test]
     fn a_renamed_pure_crate_is_reported_not_skipped() {
         let mut m = workspace(&[]);
-        m["workspace_members"] =
-            json!(["sluice-passport-id", "sluice-decide-id", "sluice-policy-id", "sluice-ledger-id", "sluice-id"]);
+        m["workspace_members"] = json!([
+            "sluice-passport-id",
+            "sluice-decide-id",
+            "sluice-policy-id",
+            "sluice-ledger-id",
+            "sluice-catalog-id",
+            "sluice-httpsig-id",
+            "sluice-id"
+        ]);
         let problems = check(&m, ARCH).unwrap();
         assert_eq!(
             problems,
