@@ -8,7 +8,6 @@ use crate::keyfile;
 use crate::ledger::export::{export_stream, ExportRequest};
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use sha2::{Digest, Sha256};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -206,7 +205,7 @@ fn check(a: CheckArgs) -> CmdResult {
         arrival.content_digest = Some(signed.content_digest);
         arrival.signature_input = Some(signed.signature_input);
         arrival.signature = Some(signed.signature);
-        arrival.body_sha256 = Some(Sha256::digest(&body).into());
+        arrival.body_digest = Some(crate::gate::sig::ContentDigest::of(&body));
     }
     let decided = match decide::precheck(&gate, &arrival, crate::passport::now()) {
         Step::Decided(d) => *d,

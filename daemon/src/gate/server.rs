@@ -15,6 +15,7 @@
 
 use super::decide::{self, Answer, Arrival, Decided, Step};
 use super::records::GateRecord;
+use super::sig::ContentDigest;
 use super::upstream::{BoxError, GateBody, Upstream};
 use super::Gate;
 use crate::decide::Reason;
@@ -26,7 +27,6 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,7 +198,7 @@ impl Server {
         if a.is_signed() {
             match read_bounded(body).await {
                 Ok(b) if b.is_empty() => a.digest_deferred = true,
-                Ok(b) => a.body_sha256 = Some(Sha256::digest(&b).into()),
+                Ok(b) => a.body_digest = Some(ContentDigest::of(&b)),
                 Err(resp) => return resp,
             }
         }
@@ -223,7 +223,7 @@ impl Server {
             return Ok((a, body.map_err(|e| Box::new(e) as BoxError).boxed()));
         }
         let bytes = read_bounded(body).await?;
-        a.body_sha256 = Some(Sha256::digest(&bytes).into());
+        a.body_digest = Some(ContentDigest::of(&bytes));
         Ok((a, Full::new(bytes).map_err(|never| match never {}).boxed()))
     }
 
@@ -362,7 +362,7 @@ impl Arrival {
             signature_input: None,
             signature: None,
             content_digest: None,
-            body_sha256: None,
+            body_digest: None,
             digest_deferred: false,
         }
     }
@@ -413,7 +413,7 @@ fn arrival(
         signature_input: single(h, SIGNATURE_INPUT)?,
         signature: single(h, SIGNATURE)?,
         content_digest: single(h, CONTENT_DIGEST)?,
-        body_sha256: None,
+        body_digest: None,
         digest_deferred: false,
     })
 }

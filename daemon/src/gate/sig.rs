@@ -1,12 +1,10 @@
 //! The gate's one door to HTTP message signatures (RFC 9421, sluice's profile) and
-//! `Content-Digest` (RFC 9530).
-//!
-//! Everything the gate needs from a signature goes through [`verify`] and [`digest_matches`],
-//! so the implementation behind them lives in one library (`sluice-httpsig`), shared with the
-//! egress daemon's signer. Until that library is linked into this build, both fail closed:
-//! a signed request is refused as `signature_invalid`, never accepted unchecked.
+//! `Content-Digest` (RFC 9530), both implemented once in `sluice-httpsig` (shared with the egress
+//! daemon's signer). This module only adapts it to what the gate read from a request.
 
-use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
+pub use sluice_httpsig::ContentDigest;
+use sluice_httpsig::{Parsed, SignParams, Target};
 
 /// The parts of a request a signature covers, as the gate received them.
 #[derive(Debug, Clone, Copy)]
@@ -14,7 +12,7 @@ pub struct SignedRequest<'a> {
     pub method: &'a str,
     /// `scheme://authority/path?query` as the client addressed it.
     pub target_uri: &'a str,
-    pub content_digest: Option<&'a str>,
+    pub content_digest: &'a str,
     pub signature_input: &'a str,
     pub signature: &'a str,
 }
@@ -30,19 +28,43 @@ pub struct Verified {
     pub request_hash: String,
 }
 
-const NOT_LINKED: &str =
-    "this build of sluice cannot verify HTTP message signatures yet (the sluice-httpsig library is not linked)";
-
-/// Verifies the request's `Signature-Input`/`Signature` with the agent's key.
-pub fn verify(req: &SignedRequest<'_>, key: &VerifyingKey) -> Result<Verified, String> {
-    let _ = (req, key);
-    Err(NOT_LINKED.to_string())
+/// Why a signature was refused. `DigestMismatch` is the body's fault, the rest the headers'.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SigError {
+    DigestMismatch,
+    Invalid(String),
 }
 
-/// Does a received `Content-Digest` header name this SHA-256 of the body?
-pub fn digest_matches(header: &str, body_sha256: &[u8; 32]) -> Result<(), String> {
-    let _ = (header, body_sha256);
-    Err(NOT_LINKED.to_string())
+impl std::fmt::Display for SigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SigError::DigestMismatch => f.write_str("the body does not match its Content-Digest"),
+            SigError::Invalid(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Verifies the request's `Signature-Input`/`Signature` with the agent's key. `body` is the
+/// digest of the body the gate received; `None` (at `/check` without the body) checks the
+/// signature over the received `Content-Digest` only, and the service must check the body.
+pub fn verify(req: &SignedRequest<'_>, key: &VerifyingKey, body: Option<&ContentDigest>) -> Result<Verified, SigError> {
+    let invalid = |e: sluice_httpsig::Error| match e {
+        sluice_httpsig::Error::DigestMismatch => SigError::DigestMismatch,
+        other => SigError::Invalid(other.to_string()),
+    };
+    let parsed = Parsed::parse(req.signature_input, req.signature).map_err(invalid)?;
+    let claimed;
+    let body = match body {
+        Some(b) => b,
+        None => {
+            claimed = ContentDigest::parse(req.content_digest).map_err(invalid)?;
+            &claimed
+        }
+    };
+    let target = Target { method: req.method, target_uri: req.target_uri };
+    let v = parsed.verify(key, target, req.content_digest, body).map_err(invalid)?;
+    let created = i64::try_from(v.created).map_err(|_| SigError::Invalid("created is out of range".into()))?;
+    Ok(Verified { created, nonce: v.nonce, keyid: v.keyid, request_hash: v.request_hash })
 }
 
 /// The headers an agent adds to a signed request.
@@ -51,16 +73,29 @@ pub struct Signed {
     pub content_digest: String,
     pub signature_input: String,
     pub signature: String,
+    pub request_hash: String,
 }
 
 /// Signs a request as an agent would (for `sluice gate check --key`): a fresh nonce, `created`
 /// now, `keyid` the key's thumbprint.
-pub fn sign_for_check(
-    key: &ed25519_dalek::SigningKey,
-    method: &str,
-    target_uri: &str,
-    body: &[u8],
-) -> Result<Signed, String> {
-    let _ = (key, method, target_uri, body);
-    Err(NOT_LINKED.to_string())
+pub fn sign_for_check(key: &SigningKey, method: &str, target_uri: &str, body: &[u8]) -> Result<Signed, String> {
+    use rand::RngCore;
+    let mut raw = [0u8; 18];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let nonce = crate::passport::b64::encode(&raw);
+    let keyid = crate::passport::jwk::okp_thumbprint(&key.verifying_key());
+    let created = u64::try_from(crate::passport::now()).unwrap_or(0);
+    let s = sluice_httpsig::sign(
+        key,
+        Target { method, target_uri },
+        &ContentDigest::of(body),
+        SignParams { created, nonce: &nonce, keyid: &keyid },
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(Signed {
+        content_digest: s.content_digest,
+        signature_input: s.signature_input,
+        signature: s.signature,
+        request_hash: s.request_hash,
+    })
 }
