@@ -18,8 +18,8 @@ pub enum GateCmd {
     /// Create a gate key: DIR/gate.key (PKCS#8 v1 PEM, mode 0600) and DIR/gate.pub (SPKI PEM).
     /// Prints the gate id (gate_ + base64url of the public key). Never overwrites a key.
     Init(InitArgs),
-    /// Run the gate in the foreground: the reverse proxy in front of `upstream` and /check, until
-    /// SIGTERM or SIGINT.
+    /// Run the gate of `--config gate.toml` in the foreground: the reverse proxy in front of
+    /// `upstream` and /check, until SIGTERM or SIGINT.
     Run(RunArgs),
     /// Dry run: decide one request as the gate would, printing the decision and every guardrail
     /// evaluated. Nothing is forwarded, counted or recorded. Exit status 0 allow, 3 block.
@@ -43,17 +43,10 @@ pub struct InitArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct RunArgs {
-    /// The gate's configuration (docs/gate.md).
-    #[arg(long = "config", value_name = "FILE")]
-    gate_config: PathBuf,
-}
+pub struct RunArgs {}
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    /// The gate's configuration.
-    #[arg(long = "config", value_name = "FILE")]
-    gate_config: PathBuf,
     /// The passport (compact JWT) the request carries.
     #[arg(long, value_name = "F")]
     passport: PathBuf,
@@ -81,20 +74,22 @@ pub enum GateAuditCmd {
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// The gate's configuration.
-    #[arg(long = "config", value_name = "FILE")]
-    gate_config: PathBuf,
     /// The export file to write (never overwritten).
     #[arg(long, value_name = "F")]
     out: PathBuf,
 }
 
-pub fn run(cmd: GateCmd) -> CmdResult {
+/// `config` is the global `--config`, which gate commands (but `init`) require: the gate's
+/// `gate.toml`, never the daemon's default.
+pub fn run(cmd: GateCmd, config: Option<&std::path::Path>) -> CmdResult {
+    let need = || {
+        config.ok_or_else(|| anyhow::anyhow!("this command needs --config FILE: the gate's gate.toml (docs/gate.md)"))
+    };
     match cmd {
         GateCmd::Init(a) => init(a),
-        GateCmd::Run(a) => run_gate(a),
-        GateCmd::Check(a) => check(a),
-        GateCmd::Audit(GateAuditCmd::Export(a)) => export(a),
+        GateCmd::Run(a) => run_gate(a, need()?),
+        GateCmd::Check(a) => check(a, need()?),
+        GateCmd::Audit(GateAuditCmd::Export(a)) => export(a, need()?),
     }
 }
 
@@ -143,11 +138,11 @@ fn load(path: &std::path::Path) -> anyhow::Result<Gate> {
     Gate::new(config)
 }
 
-fn run_gate(a: RunArgs) -> CmdResult {
+fn run_gate(_: RunArgs, config: &std::path::Path) -> CmdResult {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-    let gate = Arc::new(load(&a.gate_config)?);
+    let gate = Arc::new(load(config)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let ledger = gate.open_ledger()?;
@@ -178,8 +173,8 @@ async fn wait_for_signal() {
     }
 }
 
-fn check(a: CheckArgs) -> CmdResult {
-    let gate = load(&a.gate_config)?;
+fn check(a: CheckArgs, config: &std::path::Path) -> CmdResult {
+    let gate = load(config)?;
     let token = super::util::read_token(&a.passport)?;
     let method = http::Method::from_bytes(a.method.as_bytes())
         .map_err(|_| anyhow::anyhow!("--method {:?} is not a method", a.method))?;
@@ -236,8 +231,8 @@ fn check(a: CheckArgs) -> CmdResult {
     })
 }
 
-fn export(a: ExportArgs) -> CmdResult {
-    let gate = load(&a.gate_config)?;
+fn export(a: ExportArgs, config: &std::path::Path) -> CmdResult {
+    let gate = load(config)?;
     let ledger = gate.open_ledger()?;
     let mut out = crate::files::NewFile::create(&a.out, 0o644)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

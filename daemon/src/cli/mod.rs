@@ -120,7 +120,7 @@ pub fn main() -> ExitCode {
         Command::Holds(args) => ops::holds(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),
         Command::Policy(cmd) => policy::run(cmd, &config),
-        Command::Gate(cmd) => gate::run(cmd),
+        Command::Gate(cmd) => gate::run(cmd, config_explicit.then_some(config.as_path())),
         Command::Detach(args) => {
             let sockets: Vec<PathBuf> = cli.socket.iter().chain(env_socket.iter()).cloned().collect();
             detach::run(args, &config, &sockets)
