@@ -670,3 +670,47 @@ async fn the_cli_inits_a_gate_checks_a_request_dry_and_exports_a_log_that_verifi
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_accepts_any_issuer_unsigned_but_checks_a_signature_given_and_l3_needs_a_verified_issuer() {
+    let w = World::new().await;
+    let stranger = SigningKey::generate(&mut rand::rngs::OsRng);
+    let any = w.agent("any", &stranger, serde_json::json!({}));
+    let gate = RunningGate::start(&w, &w.config("", "")).await;
+    let uri = gate.uri("/v1/shipments");
+    // L1: any issuer, no signature needed.
+    let a = send(gate.addr, "POST", "/v1/shipments", &[("sluice-passport".into(), any.token.clone())], b"{}").await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    // A signature that is there is checked, even at L1.
+    let signed = py_sign(&any.key_file, "POST", &uri, b"{}", None, &nonce());
+    let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&any, &signed), b"{\"x\":1}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "signature_invalid"), "{:?}", a.body);
+    // A forged passport is refused at any tier.
+    let forged = format!("{}x", any.token);
+    let a = send(gate.addr, "POST", "/v1/shipments", &[("sluice-passport".into(), forged)], b"{}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "passport_invalid"), "{:?}", a.body);
+    // A permission the passport lacks.
+    let a = send(gate.addr, "DELETE", "/v1/shipments", &[("sluice-passport".into(), any.token.clone())], b"").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "permission_denied"), "{:?}", a.body);
+    assert_eq!(w.seen().len(), 1);
+    gate.stop().await;
+
+    // L3: pinned is not enough, the issuer must be verified.
+    let second = SigningKey::generate(&mut rand::rngs::OsRng);
+    let second_id = IssuerId::from_key(&second.verifying_key()).to_string();
+    let top = format!(
+        "trust_level = \"L3\"\nissuers = [\"{}\", \"{second_id}\"]\nverified_issuers = [\"{second_id}\"]\n",
+        w.issuer_id()
+    );
+    let gate = RunningGate::start(&w, &w.config(&top, "")).await;
+    let uri = gate.uri("/v1/shipments");
+    let pinned = w.agent("pinned", &w.issuer, serde_json::json!({}));
+    let verified = w.agent("verified", &second, serde_json::json!({}));
+    let (h, _) = rust_headers(&pinned, "POST", &uri, b"{}");
+    let a = send(gate.addr, "POST", "/v1/shipments", &h, b"{}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "issuer_not_trusted"), "{:?}", a.body);
+    let (h, _) = rust_headers(&verified, "POST", &uri, b"{}");
+    let a = send(gate.addr, "POST", "/v1/shipments", &h, b"{}").await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    gate.stop().await;
+}
