@@ -714,3 +714,51 @@ async fn l1_accepts_any_issuer_unsigned_but_checks_a_signature_given_and_l3_need
     assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
     gate.stop().await;
 }
+
+/// `sluice gate run` as a process: it serves, a running gate exports through its socket, and
+/// SIGTERM stops it and removes the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_run_serves_and_exports_while_running() {
+    let w = World::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = w.config("", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("127.0.0.1:1", &format!("127.0.0.1:{port}"));
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(bin())
+        .args(["--config", p(&config), "gate", "run"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "gate run did not listen");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let a = send(addr, "GET", "/v1/rates", &[], b"").await;
+    assert_eq!(a.status, StatusCode::OK);
+    let a = send(addr, "POST", "/v1/shipments", &[], b"{}").await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+
+    let export = w.dir.path().join("live.json");
+    let out = Command::new(bin())
+        .args(["--config", p(&config), "gate", "audit", "export", "--out", p(&export)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("exported 2 record(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new(bin())
+        .args(["audit", "verify", p(&export), "--host-pub", p(&w.dir.path().join("gate.pub"))])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "gate run exited with {status}");
+    assert!(!w.dir.path().join("state/gate.sock").exists());
+}

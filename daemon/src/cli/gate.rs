@@ -67,8 +67,8 @@ pub struct CheckArgs {
 #[derive(Subcommand, Debug)]
 pub enum GateAuditCmd {
     /// Export every record of the gate's log with a freshly signed checkpoint; verify it with
-    /// `sluice audit verify F --host-pub gate.pub`. The gate must be stopped (its store is
-    /// opened directly).
+    /// `sluice audit verify F --host-pub gate.pub`. A running gate answers on its socket
+    /// (state_dir/gate.sock); a stopped gate's store is opened directly.
     Export(ExportArgs),
 }
 
@@ -151,10 +151,16 @@ fn run_gate(_: RunArgs, config: &std::path::Path) -> CmdResult {
             .await
             .with_context(|| format!("{}: listen {listen}: cannot bind", gate.config.source.display()))?;
         let server = Arc::new(server::Server::new(gate.clone(), ledger.clone())?);
+        let socket = crate::gate::admin::socket_path(&gate.config.state_dir);
+        let admin = crate::gate::admin::bind(&socket)
+            .with_context(|| format!("{}: cannot bind the gate's export socket", socket.display()))?;
+        let admin = tokio::spawn(crate::gate::admin::serve(admin, ledger.clone()));
         tracing::info!(gate = %gate.config.name, gate_id = %gate.gate_id, %listen, upstream = %gate.config.upstream, "gate ready");
         let _ = crate::sdnotify::ready("gate ready");
         server.serve(listener, wait_for_signal()).await;
         let _ = crate::sdnotify::stopping("gate stopping");
+        admin.abort();
+        let _ = std::fs::remove_file(&socket);
         ledger.shutdown();
         anyhow::Ok(())
     })?;
@@ -233,6 +239,13 @@ fn check(a: CheckArgs, config: &std::path::Path) -> CmdResult {
 
 fn export(a: ExportArgs, config: &std::path::Path) -> CmdResult {
     let gate = load(config)?;
+    // A running gate answers on its socket; otherwise the store is opened here.
+    let socket = crate::gate::admin::socket_path(&gate.config.state_dir);
+    if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        let count = super::audit::download_export(&socket, "/export", &a.out)?;
+        println!("exported {count} record(s) of gate {} to {}", gate.config.name, a.out.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     let ledger = gate.open_ledger()?;
     let mut out = crate::files::NewFile::create(&a.out, 0o644)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -16,6 +16,7 @@
 //! - `server`: the HTTP(S) listener, the reverse proxy and `/check`.
 //! - `upstream`: one request to the protected service.
 
+pub mod admin;
 pub mod config;
 pub mod decide;
 pub mod records;
