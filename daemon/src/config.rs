@@ -49,6 +49,8 @@ pub struct Config {
     pub trust: TrustConfig,
     #[serde(default)]
     pub holds: HoldsConfig,
+    #[serde(default)]
+    pub console: ConsoleConfig,
     /// The file this was read from (empty when built from defaults).
     #[serde(skip)]
     pub source: PathBuf,
@@ -308,6 +310,32 @@ impl Default for HoldsConfig {
     }
 }
 
+/// `[console]`: the operator's web console, served by the daemon (docs/console.md). Off unless
+/// `listen` is set; only a loopback address is accepted (the console speaks plain HTTP: reach it
+/// from elsewhere through an SSH tunnel, never by listening on a network address).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// `127.0.0.1:7070`, `[::1]:7070`: where the console listens. Absent: no console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// How long a console session lasts after login, in seconds.
+    #[serde(default = "default_console_session_secs")]
+    pub session_secs: u64,
+}
+
+fn default_console_session_secs() -> u64 {
+    8 * 3600
+}
+/// The bounds of `[console] session_secs`: a minute to a week.
+pub const CONSOLE_SESSION_RANGE: std::ops::RangeInclusive<u64> = 60..=7 * 86_400;
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        ConsoleConfig { listen: None, session_secs: default_console_session_secs() }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -320,6 +348,7 @@ impl Default for Config {
             upstream_tls: UpstreamTlsConfig::default(),
             trust: TrustConfig::default(),
             holds: HoldsConfig::default(),
+            console: ConsoleConfig::default(),
             source: PathBuf::new(),
         }
     }
@@ -444,6 +473,26 @@ impl Config {
         if !(1..=86_400).contains(&self.holds.timeout_secs) {
             return Err(self.invalid("holds.timeout_secs", "must be from 1 to 86400 seconds"));
         }
+        if let Some(listen) = self.console.listen {
+            if !listen.ip().is_loopback() {
+                return Err(self.invalid(
+                    "console.listen",
+                    format!(
+                        "{listen} is not a loopback address; the console serves plain HTTP and must listen on \
+                         127.0.0.1 or [::1] (reach it from elsewhere with an SSH tunnel: ssh -L 7070:127.0.0.1:7070 HOST)"
+                    ),
+                ));
+            }
+            if listen.port() == 0 {
+                return Err(self.invalid("console.listen", "needs a port from 1 to 65535"));
+            }
+            if listen.port() == self.proxy.port || listen.port() == self.dns.port {
+                return Err(self.invalid("console.listen", "port must differ from proxy.port and dns.port"));
+            }
+        }
+        if !CONSOLE_SESSION_RANGE.contains(&self.console.session_secs) {
+            return Err(self.invalid("console.session_secs", "must be from 60 to 604800 seconds"));
+        }
         self.pinned_issuers()?;
         Ok(())
     }
@@ -510,9 +559,17 @@ extra_roots = []
 issuers = []
 [holds]
 timeout_secs = 120
+[console]
+listen = "127.0.0.1:7070"
 "#,
         )
         .unwrap();
+        assert_eq!(c.console.listen, Some("127.0.0.1:7070".parse().unwrap()));
+        assert_eq!(
+            parse("[console]\nlisten = \"[::1]:7070\"").unwrap().console.listen,
+            Some("[::1]:7070".parse().unwrap())
+        );
+        assert_eq!(parse("").unwrap().console.listen, None, "the console is off unless listen is set");
         assert_eq!(c.dns.static_hosts["api.example.test"], "127.0.0.10".parse::<IpAddr>().unwrap());
         assert_eq!(c.dns.upstreams().len(), 2);
     }
@@ -598,6 +655,14 @@ timeout_secs = 120
             ("[sandbox]\nmax_tcp_sockets = 16385", "sandbox.max_tcp_sockets"),
             ("[sandbox]\nmax_tcp_sockets = -1", "max_tcp_sockets"),
             ("[trust]\nissuers = [\"iss_nope\"]", "trust.issuers"),
+            ("[console]\nlisten = \"0.0.0.0:7070\"", "console.listen"),
+            ("[console]\nlisten = \"192.168.1.10:7070\"", "not a loopback address"),
+            ("[console]\nlisten = \"[::]:7070\"", "console.listen"),
+            ("[console]\nlisten = \"127.0.0.1:0\"", "console.listen"),
+            ("[console]\nlisten = \"127.0.0.1:15001\"", "console.listen"),
+            ("[console]\nlisten = \"localhost:7070\"", "listen"),
+            ("[console]\nsession_secs = 10", "console.session_secs"),
+            ("[console]\nallow_remote = true", "allow_remote"),
             ("[trust]\nissuers = [\"/nonexistent/issuer.pub\"]", "trust.issuers"),
         ] {
             let e = parse(text).unwrap_err().to_string();

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 // The layers below the daemon, under the names the daemon's modules use.
+pub use sluice_catalog as catalog;
 pub use sluice_decide as decide;
 pub use sluice_files::{files, keyfile};
 pub use sluice_kernel as kernel;
@@ -17,6 +18,7 @@ pub use sluice_policy as policy;
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod dns;
 pub mod gate;
 pub mod metrics;

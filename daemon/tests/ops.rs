@@ -1,5 +1,5 @@
 //! Running sluice as operators do: configuration errors, the shipped example configuration, the
-//! systemd readiness protocol, `/metrics`, and the systemd units (`systemd-analyze verify`, and
+//! console's start and its token file, the systemd readiness protocol, `/metrics`, and the systemd units (`systemd-analyze verify`, and
 //! the hardening that the agents' isolation depends on).
 
 mod common;
@@ -67,6 +67,65 @@ fn check_config_accepts_the_shipped_example() {
 
 /// A copy of the shipped example with every path under `prefix`, passport-only mode (no eBPF,
 /// so no root needed) and the current user's group for the API.
+/// `GET path` on the console at `port`: the status, or `None` when nothing answers.
+fn console_get(port: u16, path: &str) -> Option<u16> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn the_console_starts_with_the_daemon_and_a_token_file_others_can_read_stops_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut d = TestDaemon::start(&format!("[console]\nlisten = \"127.0.0.1:{port}\"\n"));
+    let token = d.state_dir().join("console.token");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&token).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    assert_eq!(console_get(port, "/login"), Some(200));
+    assert_eq!(console_get(port, "/api/overview"), Some(401));
+    let out = sluice(&["--config", p(&d.config), "daemon", "--check-config"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("http://127.0.0.1:{port}/")), "{out:?}");
+    d.stop();
+    assert_eq!(console_get(port, "/login"), None, "the console outlived the daemon");
+
+    // A token file group or others may read: the daemon refuses to start, naming the file and the fix.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let mut child = Command::new(bin())
+        .args(["--config", p(&d.config), "daemon"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the daemon started with a console token others can read");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("console.token") && err.contains("chmod 600"), "{err}");
+    assert_eq!(console_get(port, "/login"), None);
+
+    // A console on a network address is a configuration error.
+    std::fs::write(&d.config, format!("state_dir = \"/tmp/x\"\n[console]\nlisten = \"0.0.0.0:{port}\"\n")).unwrap();
+    let out = sluice(&["--config", p(&d.config), "daemon", "--check-config"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("console.listen") && stderr(&out).contains("loopback"), "{}", stderr(&out));
+}
+
 fn example_under(prefix: &Path) -> PathBuf {
     let mut text = example_config();
     for dir in ["/var/lib/sluice", "/etc/sluice", "/run/sluice"] {

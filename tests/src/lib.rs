@@ -10,6 +10,7 @@
 //! returns, unless `CI` is set, in which case it fails. As root, a failure
 //! to load or attach is always a test failure.
 
+pub mod browser;
 pub mod daemon;
 pub mod flood;
 pub mod mock_llm;

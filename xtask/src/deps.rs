@@ -1,7 +1,8 @@
 //! The Debian packages sluice needs to build (clang and libbpf headers for the eBPF objects, and
 //! libbpf's static library with libelf and zlib, which load the Unix socket filter) and to
 //! test (curl, python3, iproute2, liburing for the bypass suites; git, node and `script` for the
-//! programs run inside a sandbox; openssl and Python's cryptography for the key-format tests).
+//! programs run inside a sandbox; openssl and Python's cryptography for the key-format tests;
+//! Chromium for the console's browser test).
 //! Installed with apt-get when running as root on Debian; otherwise the exact command is printed
 //! and the task fails.
 
@@ -34,6 +35,8 @@ const NEEDS: &[(&str, &str)] = &[
     ("script", "bsdutils"),
     // `systemd-analyze verify` checks the shipped units (daemon/tests/ops.rs).
     ("systemd-analyze", "systemd"),
+    // tests/tests/console_browser.rs drives the web console in headless Chromium.
+    ("/usr/bin/chromium", "chromium"),
     // `kill` (the demo stops what it started with it).
     ("/usr/bin/kill", "procps"),
     // daemon/tests/keys_interop.rs: other tools read the keys sluice writes, and the reverse.

@@ -81,6 +81,13 @@ pub fn verify_history(pin: Option<&Pin>, history: &[SignedCatalog]) -> Result<Pi
                     found: s.gate_id.as_str().into(),
                 });
             }
+            if s.version == p.version && c.content_hash != p.content_hash {
+                return Err(ChainError::SplitView {
+                    version: s.version,
+                    pinned_hash: p.content_hash.clone(),
+                    offered_hash: c.content_hash.clone(),
+                });
+            }
             if s.version != p.version + 1 {
                 return Err(ChainError::Gap { previous: p.version, version: s.version });
             }

@@ -371,6 +371,11 @@ fn chain_rules_refuse_rollback_split_view_gaps_and_broken_links() {
         verify_history(Some(&pin2), std::slice::from_ref(&fork)).unwrap_err(),
         ChainError::SplitView { version: 2, .. }
     ));
+    // The same inside one history.
+    assert!(matches!(
+        verify_history(None, &[v1.clone(), v2.clone(), fork.clone()]).unwrap_err(),
+        ChainError::SplitView { version: 2, .. }
+    ));
     // Version 3 built on the fork does not chain to the pinned version 2.
     let v3f = publish(Some(&fork), &k, DRAFT, "2026-12-03T10:00:00Z");
     assert!(matches!(verify_history(Some(&pin2), &[v3f]).unwrap_err(), ChainError::BrokenLink { version: 3, .. }));

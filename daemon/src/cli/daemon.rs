@@ -40,6 +40,13 @@ pub fn run(args: DaemonArgs, config_path: &Path, socket: Option<&Path>) -> CmdRe
         println!("proxy.port    {}", config.proxy.port);
         println!("dns.port      {}", config.dns.port);
         println!("sandbox       {}", config.sandbox.cgroup);
+        match config.console.listen {
+            Some(addr) => println!(
+                "console       http://{addr}/ (token in {})",
+                config.state_dir.join(crate::console::auth::TOKEN_FILE).display()
+            ),
+            None => println!("console       off"),
+        }
         println!("trust         {} pinned issuer(s)", config.pinned_issuers()?.len());
         return Ok(ExitCode::SUCCESS);
     }
@@ -168,6 +175,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("[api] socket {}", config.api.socket.display()))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tracing::info!(socket = %config.api.socket.display(), state_dir = %config.state_dir.display(), "sluice daemon ready");
+    // The operator's console, when `[console] listen` is set (it stops with the API).
+    let console = crate::console::Console::start(&config.console, &config.state_dir, service.clone(), stop_rx.clone())
+        .await?
+        .map(|c| {
+            if let Ok(addr) = c.local_addr() {
+                tracing::info!(listen = %addr, token = %config.state_dir.join(crate::console::auth::TOKEN_FILE).display(), "console listening");
+            }
+            tokio::spawn(c.serve())
+        });
     let api = tokio::spawn(server::serve(listener, service.clone(), policy, stop_rx));
     // Everything that enforces is in place (programs attached, listeners and API bound): only now
     // may systemd start the units ordered after sluice.service.
@@ -190,6 +206,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     sd_notify("STOPPING=1", crate::sdnotify::stopping("stopping"));
     let _ = stop_tx.send(true);
     let _ = api.await;
+    if let Some(c) = console {
+        let _ = c.await;
+    }
     let _ = reload_stop.send(true);
     let _ = reloader.await;
     if let Some(i) = plane {

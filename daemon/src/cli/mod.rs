@@ -2,6 +2,7 @@
 //! arguments, runs the command and turns any error into one line on stderr and exit status 1.
 
 mod audit;
+mod catalog;
 mod daemon;
 mod detach;
 mod gate;
@@ -68,6 +69,9 @@ pub enum Command {
     /// Export, prove and verify the attestation log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Check a gate's permission catalogs offline (signature, hash, version chain).
+    #[command(subcommand)]
+    Catalog(catalog::CatalogCmd),
     /// Remove the eBPF programs a stopped daemon left attached to the agents' cgroup (uninstall).
     ///
     /// A sluice daemon that stops or crashes leaves its eBPF programs attached to the agents'
@@ -119,6 +123,7 @@ pub fn main() -> ExitCode {
         Command::State(args) => ops::state(args, &socket),
         Command::Holds(args) => ops::holds(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),
+        Command::Catalog(cmd) => catalog::run(cmd),
         Command::Policy(cmd) => policy::run(cmd, &config),
         Command::Gate(cmd) => gate::run(cmd, config_explicit.then_some(config.as_path())),
         Command::Detach(args) => {

@@ -35,6 +35,7 @@ mod sandboxes;
 pub(crate) mod settlement;
 #[cfg(test)]
 pub(crate) mod testkit;
+mod views;
 
 pub use drafts::{DecisionOutcome, HeldAs};
 pub use held::{HeldRequest, Hold, HoldOrigin, HoldResolution, HoldStatus};
@@ -42,6 +43,7 @@ pub use holds::{HeldRequestView, HoldList, HoldOutcome, HoldView};
 pub use peer::{Actor, Peer};
 pub use sandboxes::{BindTarget, Sandbox, UnixConfinement, UnixHealth, BOUND_CHECK_INTERVAL};
 pub use settlement::why as settle_why;
+pub use views::{AgentList, AgentView, CheckpointView, LogVerification, SandboxBrief};
 
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
 use crate::domain::DomainName;
