@@ -636,6 +636,11 @@ async fn the_cli_inits_a_gate_checks_a_request_dry_and_exports_a_log_that_verifi
     for n in ["gate_route", "gate_passport", "gate_signature", "gate_replay", "permission", "rate_per_minute"] {
         assert!(names.contains(&n), "{n} missing from {names:?}");
     }
+    // A binary body is signed and checked too.
+    let body = w.dir.path().join("body.bin");
+    std::fs::write(&body, [0u8, 255, 10, 13, 128]).unwrap();
+    let out = check(&["--key", "KEY", "--body", p(&body)]);
+    assert!(out.status.success(), "{} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // Unsigned at L2: exit status 3 and the reason.
     let out = check(&[]);
     assert_eq!(out.status.code(), Some(3));

@@ -190,8 +190,19 @@ fn check(a: CheckArgs, config: &std::path::Path) -> CmdResult {
     };
     let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     let body = match &a.body {
-        Some(p) => crate::files::read_text(p, server::MAX_SIGNED_BODY as u64, crate::files::Links::Follow)
-            .map(|t| t.as_bytes().to_vec())?,
+        Some(p) => {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            crate::files::open(p, crate::files::Links::Follow)?
+                .into_file()
+                .take(server::MAX_SIGNED_BODY as u64 + 1)
+                .read_to_end(&mut bytes)
+                .with_context(|| format!("--body {}: cannot read", p.display()))?;
+            if bytes.len() > server::MAX_SIGNED_BODY {
+                anyhow::bail!("--body {}: larger than the {} bytes a gate reads", p.display(), server::MAX_SIGNED_BODY);
+            }
+            bytes
+        }
         None => Vec::new(),
     };
     let mut arrival = Arrival::bare(method, path);
