@@ -206,7 +206,8 @@ fn check(a: CheckArgs, config: &std::path::Path) -> CmdResult {
         None => Vec::new(),
     };
     let mut arrival = Arrival::bare(method, path);
-    arrival.target_uri = format!("{scheme}://{authority}{}", arrival.path);
+    arrival.target_uri = crate::gate::sig::target_uri(scheme, authority.as_str(), &arrival.path)
+        .ok_or_else(|| anyhow::anyhow!("--url {:?}: the scheme must be http or https", a.url))?;
     arrival.host = Some(authority.host().to_string());
     arrival.passport = Some(token);
     if let Some(key_path) = &a.key {

@@ -403,9 +403,11 @@ fn arrival(
         .map_err(|_| format!("{authority:?} is not a host[:port]"))?
         .host()
         .to_string();
+    let target_uri = super::sig::target_uri(scheme, &authority, target)
+        .ok_or_else(|| format!("{authority:?} is not a host[:port]"))?;
     Ok(Arrival {
         method: method.clone(),
-        target_uri: format!("{scheme}://{authority}{target}"),
+        target_uri,
         path: target.to_string(),
         host: Some(host),
         passport: single(h, PASSPORT)?,

@@ -67,6 +67,32 @@ pub fn verify(req: &SignedRequest<'_>, key: &VerifyingKey, body: Option<&Content
     Ok(Verified { created, nonce: v.nonce, keyid: v.keyid, request_hash: v.request_hash })
 }
 
+/// The `@target-uri` of a received request, spelt as sluice's signer spells it:
+/// `scheme://host[:port]/path?query`, scheme and host lowercased, the port omitted when it is the
+/// scheme's default (80, 443). `authority` is what `Host` or `:authority` holds; `None` when it is
+/// not a `host[:port]`.
+///
+/// The same rule lives in `sluice-httpsig` (`target_uri`) on the branch that adds the daemon's
+/// signer; once that is on main this function must call it instead, so the two sides cannot drift.
+pub fn target_uri(scheme: &str, authority: &str, path_and_query: &str) -> Option<String> {
+    let a: http::uri::Authority = authority.parse().ok()?;
+    if a.as_str().contains('@') {
+        return None;
+    }
+    let scheme = scheme.to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "https" => 443,
+        "http" => 80,
+        _ => return None,
+    };
+    let host = a.host().to_ascii_lowercase();
+    let path = if path_and_query.is_empty() { "/" } else { path_and_query };
+    Some(match a.port_u16() {
+        Some(p) if p != default => format!("{scheme}://{host}:{p}{path}"),
+        _ => format!("{scheme}://{host}{path}"),
+    })
+}
+
 /// The headers an agent adds to a signed request.
 #[derive(Debug, Clone)]
 pub struct Signed {
@@ -98,4 +124,22 @@ pub fn sign_for_check(key: &SigningKey, method: &str, target_uri: &str, body: &[
         signature: s.signature,
         request_hash: s.request_hash,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::target_uri;
+
+    #[test]
+    fn target_uris_are_spelt_one_way() {
+        let t = |s, a, p| target_uri(s, a, p);
+        assert_eq!(t("https", "API.Example.com:443", "/v1/x?y=Z").as_deref(), Some("https://api.example.com/v1/x?y=Z"));
+        assert_eq!(t("HTTP", "example.com:80", "").as_deref(), Some("http://example.com/"));
+        assert_eq!(t("http", "127.0.0.1:8080", "/a").as_deref(), Some("http://127.0.0.1:8080/a"));
+        assert_eq!(t("https", "[::1]:8443", "/a").as_deref(), Some("https://[::1]:8443/a"));
+        assert_eq!(t("https", "[::1]", "/a").as_deref(), Some("https://[::1]/a"));
+        assert_eq!(t("ftp", "example.com", "/"), None);
+        assert_eq!(t("http", "user@example.com", "/"), None);
+        assert_eq!(t("http", "exa mple.com", "/"), None);
+    }
 }
