@@ -767,3 +767,49 @@ async fn gate_run_serves_and_exports_while_running() {
     assert!(status.success(), "gate run exited with {status}");
     assert!(!w.dir.path().join("state/gate.sock").exists());
 }
+
+/// With tls_cert/tls_key the gate speaks HTTPS, HTTP/2 by ALPN, and the signed `@target-uri` is
+/// the `https://` one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_with_alpn_h2_a_signed_https_request_is_allowed() {
+    let w = World::new().await;
+    let agent = w.agent("shipper", &w.issuer, serde_json::json!({}));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
+    std::fs::write(w.dir.path().join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(w.dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+    let top = format!("{}tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\n", w.l2());
+    let gate = RunningGate::start(&w, &w.config(&top, "")).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+
+    let uri = format!("https://localhost:{}/v1/shipments", gate.addr.port());
+    let body = br#"{"to":"Lyon"}"#;
+    let signed = py_sign(&agent.key_file, "POST", &uri, body, None, &nonce());
+    let mut req = Request::builder().method("POST").uri(&uri);
+    for (k, v) in py_headers(&agent, &signed) {
+        req = req.header(k, v);
+    }
+    let resp = sender.send_request(req.body(Full::new(Bytes::from_static(body))).unwrap()).await.unwrap();
+    let status = resp.status();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, StatusCode::OK, "{text:?}");
+    assert_eq!(text, "served");
+    assert_eq!(w.seen().len(), 1);
+    gate.stop().await;
+}
