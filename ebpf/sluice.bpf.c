@@ -15,6 +15,9 @@
  *   sock_release  the socket's slot back; its entry removed if the proxy
  *                 never took it
  *   sendmsg4/6    unconnected UDP: DNS only, to the resolver
+ *                 connect4/6 and sendmsg4/6 refuse (EPERM) every socket of a
+ *                 sandbox in sluice_stopped (emergency stop), or of any
+ *                 sandbox while its SLUICE_STOP_ALL key is set
  *   recvmsg4/6    replies from the resolver show the server the agent asked
  *   getpeername4/6  the agent sees the address it dialed
  *   bind4/6       agents cannot bind the proxy's or the resolver's port
@@ -128,6 +131,19 @@ struct {
 	__type(value, struct sluice_orig_dst);
 } sluice_udp_srcs SEC(".maps");
 
+/*
+ * Emergency stop: cgroup id -> 1 (that sandbox is stopped), SLUICE_STOP_ALL
+ * -> 1 (every sandbox is stopped). Written only by the daemon; pinned, so a
+ * stop holds while no daemon runs. Full: the daemon stops everything rather
+ * than leave a sandbox out.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, SLUICE_STOPPED_ENTRIES);
+	__type(key, __u64);
+	__type(value, __u32);
+} sluice_stopped SEC(".maps");
+
 static __always_inline int configured(void)
 {
 	return sluice_proxy_port != 0 && sluice_dns_port != 0 && sluice_host_netns != 0 &&
@@ -140,6 +156,15 @@ static __always_inline void stat(__u32 idx)
 
 	if (v)
 		__sync_fetch_and_add(v, 1);
+}
+
+/* 1 when the sandbox `cg` (or every sandbox) is under an emergency stop. */
+static __always_inline int stopped(__u64 cg)
+{
+	__u64 all = SLUICE_STOP_ALL;
+
+	return bpf_map_lookup_elem(&sluice_stopped, &all) != 0 ||
+	       bpf_map_lookup_elem(&sluice_stopped, &cg) != 0;
 }
 
 /*
@@ -229,6 +254,9 @@ static __always_inline __u16 record(void *ctx, struct bpf_sock *sk, __u32 a0, __
 		return 0;
 	}
 	cgroup = bpf_get_current_cgroup_id();
+	/* Emergency stop: refused before a slot is taken or anything recorded. */
+	if (stopped(cgroup))
+		return 0;
 	/* The slot is taken before anything is rewritten or recorded, once per
 	 * socket (a second connect on the same socket reuses it). */
 	if (tcp && !st->slot) {

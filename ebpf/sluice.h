@@ -27,6 +27,12 @@
  * is refused. The daemon removes the counters of cgroups that are gone. */
 #define SLUICE_QUOTA_ENTRIES 4096
 
+/* Stopped sandboxes (emergency stop): cgroup ids, plus the key
+ * SLUICE_STOP_ALL for "every sandbox". */
+#define SLUICE_STOPPED_ENTRIES 4096
+/* Key of sluice_stopped meaning "every sandbox" (no cgroup has id 0). */
+#define SLUICE_STOP_ALL 0
+
 /* Size of the UDP DNS source table (LRU): agent UDP sockets that sent a DNS
  * query to the resolver, keyed like the connection table. */
 #define SLUICE_UDP_SOURCES_ENTRIES 16384

@@ -263,3 +263,45 @@ fn every_command_has_help() {
         assert!(stdout(&out).contains("Usage:"), "{cmd:?}");
     }
 }
+
+/// `--template` starts from a built-in template; `--constraint` overrides its values key by key,
+/// `--permission` replaces its permissions; the passport verifies; an unknown name is refused.
+#[test]
+fn issue_from_a_template_with_overrides() {
+    let s = setup();
+    let list = sluice(&["passport", "templates"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    for name in ["llm-researcher", "web-readonly", "internal-tools"] {
+        assert!(stdout(&list).contains(name), "{}", stdout(&list));
+    }
+    let shown = sluice(&["passport", "templates", "llm-researcher"]);
+    assert!(stdout(&shown).contains("\"core:cost:approval_threshold\" = 100"), "{}", stdout(&shown));
+
+    let (out, path) =
+        issue(&s, "tpl.jwt", &["--template", "llm-researcher", "--constraint", "core:cost:max_cumulative=500"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = sluice(&["passport", "verify", p(&path), "--issuer-pub", p(&s.issuer_pub), "--json"]);
+    assert!(v.status.success(), "{}", stderr(&v));
+    let claims: serde_json::Value = serde_json::from_str(&stdout(&v)).unwrap();
+    let c = &claims["claims"]["constraints"];
+    assert_eq!(c["core:cost:max_cumulative"], 500, "{c}");
+    assert_eq!(c["core:cost:approval_threshold"], 100, "{c}");
+    assert_eq!(c["core:cost:cumulative_window"], "daily", "{c}");
+    assert_eq!(c["core:scope:domain_allowlist"], serde_json::json!(["api.openai.com", "api.anthropic.com"]), "{c}");
+    assert_eq!(claims["claims"]["permissions"], serde_json::json!(["llm:*"]));
+
+    let (out, path) = issue(&s, "tpl2.jwt", &["--template", "web-readonly", "--permission", "docs:read"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = sluice(&["passport", "verify", p(&path), "--json"]);
+    let claims: serde_json::Value = serde_json::from_str(&stdout(&v)).unwrap();
+    assert_eq!(claims["claims"]["permissions"], serde_json::json!(["docs:read"]));
+
+    let (out, _) = issue(&s, "tpl3.jwt", &["--template", "nope"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no such template") && stderr(&out).contains("llm-researcher"), "{}", stderr(&out));
+    // An override that breaks a constraint names it.
+    let (out, _) =
+        issue(&s, "tpl4.jwt", &["--template", "llm-researcher", "--constraint", "core:cost:cumulative_window=hourly"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("template llm-researcher"), "{}", stderr(&out));
+}

@@ -599,3 +599,81 @@ fn an_approval_after_a_policy_reload_is_decided_under_the_new_policy() {
     let out = d.cli(&["audit", "verify", p(&export), "--host-pub", p(&host_pub)]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
 }
+
+/// The emergency stop through the CLI and the API: a stopped passport's requests and holds are
+/// refused with `emergency_stop`, another passport is unaffected, both commands are attested,
+/// the stop survives a restart (and a SIGKILL), and `resume` lifts it. Bad bodies name the field.
+#[test]
+fn emergency_stop_and_resume_through_the_cli_and_the_api() {
+    let mut d = TestDaemon::start("");
+    let a = issue(d.dir.path(), "stopped", SHOPPER);
+    let b = issue(d.dir.path(), "bystander", SHOPPER);
+    register(&d, &a);
+    register(&d, &b);
+    let held = enforce(&d, &a.id, "llm:chat", 400, None);
+    let hold = held["approval_request_id"].as_str().unwrap().to_string();
+
+    let out = d.cli(&["stop", "--passport", &a.id, "--note", "runaway loop", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!((r["scope"].as_str(), r["already_stopped"].as_bool()), (Some("passport"), Some(false)), "{r}");
+    assert_eq!(r["holds_denied"], json!([hold]), "{r}");
+    assert_eq!(r["kernel"], false, "a passport-only daemon has no kernel map: {r}");
+    let (_, h) = d.call("GET", &format!("/v1/holds/{hold}"), None).unwrap();
+    assert_eq!(h["status"], "denied", "{h}");
+
+    let v = enforce(&d, &a.id, "llm:chat", 1, None);
+    assert_eq!((v["decision"].as_str(), v["reason"].as_str()), (Some("block"), Some("emergency_stop")), "{v}");
+    assert_eq!(enforce(&d, &b.id, "llm:chat", 1, None)["decision"], "allow");
+
+    let (status, stops) = d.call("GET", "/v1/stops", None).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(stops["passports"][0]["passport_id"], a.id.as_str(), "{stops}");
+    assert_eq!(stops["passports"][0]["note"], "runaway loop", "{stops}");
+    let out = d.cli(&["stop", "--list"]);
+    assert!(stdout(&out).contains(&a.id) && stdout(&out).contains("runaway loop"), "{}", stdout(&out));
+
+    // Durable: a SIGKILL and a restart keep it.
+    d.kill();
+    d.spawn();
+    assert_eq!(enforce(&d, &a.id, "llm:chat", 1, None)["reason"], "emergency_stop");
+
+    // --all stops b too; resume --all leaves a stopped by name.
+    let out = d.cli(&["stop", "--all"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(enforce(&d, &b.id, "llm:chat", 1, None)["reason"], "emergency_stop");
+    let out = d.cli(&["resume", "--all"]);
+    assert!(stdout(&out).contains("still stopped") && stdout(&out).contains(&a.id), "{}", stdout(&out));
+    assert_eq!(enforce(&d, &b.id, "llm:chat", 1, None)["decision"], "allow");
+    let out = d.cli(&["resume", "--passport", &a.id, "--note", "fixed"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(enforce(&d, &a.id, "llm:chat", 1, None)["decision"], "allow");
+
+    // Attested: on a's chain and the host chain, with who and why.
+    let (_, recs) = d.call("GET", &format!("/v1/attestations?passport_id={}", a.id), None).unwrap();
+    let recs: Vec<Value> = recs["records"].as_array().unwrap().iter().map(record).collect();
+    let kinds: Vec<&str> = recs.iter().filter_map(|r| r["kind"].as_str()).collect();
+    assert!(kinds.contains(&"emergency_stop") && kinds.contains(&"emergency_resume"), "{kinds:?}");
+    let stop = recs.iter().find(|r| r["kind"] == "emergency_stop").unwrap();
+    assert_eq!((stop["note"].as_str(), stop["scope"].as_str()), (Some("runaway loop"), Some("passport")));
+    assert_eq!(stop["by"]["uid"], nix::unistd::getuid().as_raw());
+    let out = d.cli(&["audit", "export", "--out", p(&d.dir.path().join("log.json"))]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let host_pub = d.state_dir().join("host.pub");
+    let out = d.cli(&["audit", "verify", p(&d.dir.path().join("log.json")), "--host-pub", p(&host_pub)]);
+    assert!(out.status.success(), "{} {}", stdout(&out), stderr(&out));
+
+    // Bad requests name what is wrong.
+    for (body, field) in [
+        (json!({}), "passport_id"),
+        (json!({"all": true, "passport_id": a.id}), "either"),
+        (json!({"passport_id": "nonsense"}), "passport_id"),
+        (json!({"all": true, "extra": 1}), "unknown field"),
+    ] {
+        let (status, v) = d.call("POST", "/v1/stop", Some(body.clone())).unwrap();
+        assert_eq!(status, 400, "{body}: {v}");
+        assert!(v["message"].as_str().unwrap().contains(field), "{body}: {v}");
+    }
+    let out = d.cli(&["stop"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses a stop without a scope");
+}

@@ -281,6 +281,25 @@ async fn route(st: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
             }
             text(StatusCode::OK, "ack\n")
         }
+        // An event every 20 ms until the client goes (at most HANG_GUARD): a stream that only
+        // ends when something cuts it.
+        ("GET", "/drip") => {
+            let (body_tx, body_rx) = mpsc::channel::<Bytes>(4);
+            tokio::spawn(async move {
+                let until = tokio::time::Instant::now() + HANG_GUARD;
+                let mut n = 0u64;
+                while tokio::time::Instant::now() < until {
+                    n += 1;
+                    if body_tx.send(Bytes::from(format!("data: {n}\n\n"))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            });
+            let mut r = Response::new(ChannelBody(body_rx).boxed());
+            r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+            r
+        }
         ("GET", "/sse") => {
             let Some(tx) = st.ack_tx.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
                 return text(StatusCode::INTERNAL_SERVER_ERROR, "no ack channel");

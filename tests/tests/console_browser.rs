@@ -164,6 +164,26 @@ fn an_operator_approves_a_hold_in_the_browser_and_the_agent_completes() {
     assert!(verdict.as_str().is_some_and(|v| v.starts_with("OK: ")), "{verdict}");
     shot(&mut b, "overview.png", true);
 
+    // The emergency stop from the page: the agent's card shows it stopped, the agent cannot run,
+    // and Resume lets it run again.
+    let card = format!("document.querySelector('[data-passport=\"{passport_id}\"]')");
+    b.eval("document.getElementById('stop-note').value = 'stopped from the browser test'; true");
+    b.eval(&format!("{card}.querySelector('button[data-action=stop]').click(); true"));
+    b.wait_for(
+        &format!("{card}.querySelector('button[data-action=resume]') && {card}.textContent.includes('stopped')"),
+        WAIT,
+    );
+    let out = sluice_e2e::wait_output(ChildGuard(Some(curl("GET", "/hello"))));
+    assert!(!out.status.success(), "a stopped agent ran: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stop"), "{}", String::from_utf8_lossy(&out.stderr));
+    b.wait_for("document.querySelector('#records tr[data-kind=emergency_stop]')", WAIT);
+    shot(&mut b, "stopped.png", false);
+    b.eval(&format!("{card}.querySelector('button[data-action=resume]').click(); true"));
+    b.wait_for(&format!("{card}.querySelector('button[data-action=stop]')"), WAIT);
+    let out = sluice_e2e::wait_output(ChildGuard(Some(curl("GET", "/hello"))));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("HTTP/2 200"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(b.eval("window.__noReload"), Value::from(42), "the page reloaded");
+
     // Logging out ends the session: the page goes back to the login form, and the API refuses.
     b.eval("document.getElementById('logout').click(); true");
     b.wait_for("location.pathname === '/login' && document.getElementById('token')", WAIT);

@@ -86,13 +86,14 @@ struct Collect<'a> {
 
 impl Collect<'_> {
     fn at(&mut self, span: Option<Range<usize>>, field: &str, message: impl Into<String>) {
+        let message = message.into();
         let (line, column) = span.map_or((0, 0), |s| line_col(self.text, s.start));
         self.problems.push(DraftProblem {
             file: self.path.to_path_buf(),
             line,
             column,
             field: field.to_string(),
-            message: message.into(),
+            message,
         });
     }
 }
@@ -133,7 +134,8 @@ impl Draft {
         let file: FileToml = match toml::from_str(text) {
             Ok(f) => f,
             Err(e) => {
-                c.at(e.span(), "", e.message().to_string());
+                let offset = e.span().map_or(0, |s| s.start);
+                c.at(e.span(), "", sluice_policy::syntax_message(e.message(), text, offset));
                 return Err(DraftError(c.problems));
             }
         };

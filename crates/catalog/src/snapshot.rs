@@ -18,7 +18,6 @@ use crate::terms::Terms;
 /// Bounds on what a reader accepts, so a hostile gate cannot make an agent parse without end.
 pub const MAX_DOCUMENT_BYTES: usize = 1 << 20;
 pub const MAX_PERMISSIONS: usize = 1024;
-pub const MAX_KEY_LEN: usize = 128;
 pub const MAX_DESCRIPTION_LEN: usize = 1024;
 pub const MAX_SUMMARY_LEN: usize = 4096;
 
@@ -103,21 +102,10 @@ pub struct Permission {
     pub terms: Terms,
 }
 
-/// Checks a permission key: segments of `a-z 0-9 _ . -` joined by `:`, no wildcard.
+/// Checks a permission key: the same spelling as a host policy's actions (segments of
+/// `a-z 0-9 _ . -` joined by `:`, no wildcard), so a route's action and a catalog key can be one.
 pub fn check_key(key: &str) -> Result<(), String> {
-    let ok = !key.is_empty()
-        && key.len() <= MAX_KEY_LEN
-        && key.split(':').all(|seg| {
-            !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{key:?} is not a permission key: lowercase segments of a-z 0-9 _ . - joined by ':' (at most \
-             {MAX_KEY_LEN} bytes, no wildcard), e.g. \"shipments:create\""
-        ))
-    }
+    sluice_policy::check_action(key)
 }
 
 /// One catalog version, as published.

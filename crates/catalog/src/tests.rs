@@ -117,6 +117,16 @@ risk_level = "low"
     }
 }
 
+/// Found by fuzzing: toml gives no message for a control character; the problem must still say
+/// what to fix.
+#[test]
+fn a_control_character_gets_a_message() {
+    let input = include_bytes!("../../../fuzz/corpus/catalog/control-character");
+    let draft = String::from_utf8_lossy(input.split(|b| *b == 0xff).next().unwrap()).into_owned();
+    let e = Draft::parse(Path::new("c.toml"), &draft).unwrap_err();
+    assert!(e.0.iter().all(|p| !p.message.is_empty()), "{e:?}");
+}
+
 #[test]
 fn signed_catalog_round_trips_and_its_form_is_fixed() {
     let k = key(7);

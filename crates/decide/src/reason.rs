@@ -42,6 +42,8 @@ pub enum Reason {
     // Around the engine: the passport, the store, holds.
     PassportUnknown,
     PassportRevoked,
+    /// An operator's emergency stop (`sluice stop`) covers the passport.
+    EmergencyStop,
     PassportInvalid,
     IssuerUntrusted,
     /// The passport's state could not be read or written.
@@ -107,6 +109,7 @@ const FIXED: &[Reason] = &[
     Reason::UsageCorrupt,
     Reason::PassportUnknown,
     Reason::PassportRevoked,
+    Reason::EmergencyStop,
     Reason::PassportInvalid,
     Reason::IssuerUntrusted,
     Reason::StateError,
@@ -155,6 +158,7 @@ impl Reason {
             Reason::UsageCorrupt => "usage_corrupt",
             Reason::PassportUnknown => "passport_unknown",
             Reason::PassportRevoked => "passport_revoked",
+            Reason::EmergencyStop => "emergency_stop",
             Reason::PassportInvalid => "passport_invalid",
             Reason::IssuerUntrusted => "issuer_untrusted",
             Reason::StateError => "state_error",

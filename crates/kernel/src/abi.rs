@@ -10,6 +10,10 @@ pub const ABI_VERSION: u32 = 2;
 pub const CONNTABLE_ENTRIES: u32 = 65536;
 /// `SLUICE_QUOTA_ENTRIES`: sandboxes with a slot counter at once.
 pub const QUOTA_ENTRIES: u32 = 4096;
+/// `SLUICE_STOPPED_ENTRIES`: keys of the emergency-stop map (stopped sandboxes + "all").
+pub const STOPPED_ENTRIES: u32 = 4096;
+/// `SLUICE_STOP_ALL`: the stop map's key meaning "every sandbox" (no cgroup has id 0).
+pub const STOP_ALL: u64 = 0;
 /// `SLUICE_UDP_SOURCES_ENTRIES`.
 pub const UDP_SOURCES_ENTRIES: u32 = 16384;
 
@@ -27,6 +31,8 @@ pub const MAP_CONNS: &str = "sluice_conns";
 pub const MAP_UDP_SRCS: &str = "sluice_udp_srcs";
 /// Per-sandbox slot counters: cgroup id → [`RawQuota`].
 pub const MAP_QUOTA: &str = "sluice_quota";
+/// Emergency stop: cgroup id (or [`STOP_ALL`]) → `__u32` 1; see `stops.rs`.
+pub const MAP_STOPPED: &str = "sluice_stopped";
 /// Per-CPU event counters, indexed by [`STATS`].
 pub const MAP_STATS: &str = "sluice_stats";
 
@@ -189,6 +195,8 @@ int main(void) {
     P("entries", SLUICE_CONNTABLE_ENTRIES);
     P("udp_entries", SLUICE_UDP_SOURCES_ENTRIES);
     P("quota_entries", SLUICE_QUOTA_ENTRIES);
+    P("stopped_entries", SLUICE_STOPPED_ENTRIES);
+    P("stop_all", SLUICE_STOP_ALL);
     P("stat_count", SLUICE_STAT_COUNT);
     P("stat_connect", SLUICE_STAT_CONNECT); P("stat_storage_fail", SLUICE_STAT_STORAGE_FAIL);
     P("stat_slot_taken", SLUICE_STAT_SLOT_TAKEN); P("stat_quota_refused", SLUICE_STAT_QUOTA_REFUSED);
@@ -245,6 +253,8 @@ int main(void) {
         assert_eq!(get("entries"), u64::from(CONNTABLE_ENTRIES));
         assert_eq!(get("udp_entries"), u64::from(UDP_SOURCES_ENTRIES));
         assert_eq!(get("quota_entries"), u64::from(QUOTA_ENTRIES));
+        assert_eq!(get("stopped_entries"), u64::from(STOPPED_ENTRIES));
+        assert_eq!(get("stop_all"), STOP_ALL);
         assert_eq!(get("stat_count"), STATS.len() as u64);
         for (i, name) in STATS.iter().enumerate() {
             assert_eq!(get(&format!("stat_{name}")), i as u64, "SLUICE_STAT index of {name}");

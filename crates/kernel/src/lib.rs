@@ -18,6 +18,7 @@
 //!   under seccomp filters that allow only inet, Unix and route-netlink sockets and no io_uring.
 //! * [`userns`] tells which user namespace a process is in (the one `sluice run` made for a
 //!   sandbox is registered with the [`unix`] filter).
+//! * [`stops`] is the emergency stop's pinned map: stopped sandboxes' connects refused.
 //! * [`process`] holds pidfds, `/proc` identities and signal dispositions: the daemon's other
 //!   raw syscalls, so that the daemon crate itself needs no `unsafe`.
 
@@ -31,6 +32,7 @@ pub mod conntable;
 pub mod detach;
 pub mod loader;
 pub mod process;
+pub mod stops;
 mod sys;
 pub mod unix;
 pub mod userns;
@@ -42,6 +44,7 @@ pub use cgroup::{cgroup2_mount, Cgroup};
 pub use conntable::{Conntable, OrigDst, Transport};
 pub use detach::{Holder, Pin, PinKind, PinnedState};
 pub use loader::{detach_and_unpin, Enforcer};
+pub use stops::{StopMap, StopTargets};
 pub use unix::{SandboxDirs, UnixAddr, UnixFilter, UnixMode, UnixStatus};
 
 /// Default pin directory (on bpffs).

@@ -6,7 +6,7 @@
 //! ```text
 //! <pin_dir>/links/<program>   one bpf_link per program, on the agents cgroup
 //! <pin_dir>/v<ABI>/<map>      socket storage, connection table, per-sandbox
-//!                             slot counters, event counters
+//!                             slot counters, event counters, stopped sandboxes
 //! ```
 //!
 //! The Unix socket filter (`unix.rs`, loaded with libbpf) pins its two links and its maps in
@@ -40,6 +40,7 @@ use super::abi::{self, ABI_VERSION};
 use super::cgroup::{cgroup2_mount, Cgroup};
 use super::conntable::Conntable;
 use super::detach::PinnedState;
+use super::stops::StopMap;
 use super::unix::{self, UnixFilter, UnixStatus};
 use super::{sys, KernelConfig, KernelError};
 
@@ -109,6 +110,7 @@ pub struct Enforcer {
     config: KernelConfig,
     agents: Cgroup,
     conntable: Arc<Conntable>,
+    stops: Arc<StopMap>,
     host_netns: u64,
     actions: Vec<(&'static str, LinkAction)>,
     unix_status: UnixStatus,
@@ -415,6 +417,7 @@ impl Enforcer {
         let udp_pin = maps.join(abi::MAP_UDP_SRCS);
         let quota_pin = maps.join(abi::MAP_QUOTA);
         let stats_pin = maps.join(abi::MAP_STATS);
+        let stopped_pin = maps.join(abi::MAP_STOPPED);
         let mut ebpf = EbpfLoader::new()
             .override_global(abi::GLOBAL_PROXY_PORT, &config.proxy_port, true)
             .override_global(abi::GLOBAL_DNS_PORT, &config.dns_port, true)
@@ -425,6 +428,7 @@ impl Enforcer {
             .map_pin_path(abi::MAP_UDP_SRCS, udp_pin.as_path())
             .map_pin_path(abi::MAP_QUOTA, quota_pin.as_path())
             .map_pin_path(abi::MAP_STATS, stats_pin.as_path())
+            .map_pin_path(abi::MAP_STOPPED, stopped_pin.as_path())
             .load(OBJECT)
             .map_err(|e| KernelError::Load(Box::new(e)))?;
 
@@ -471,6 +475,7 @@ impl Enforcer {
                 sys::obj_get(&quota_pin).map_err(pin_err(&quota_pin, "open map"))?,
                 sys::obj_get(&stats_pin).map_err(pin_err(&stats_pin, "open map"))?,
             );
+        let stops = Arc::new(StopMap::from_pin(&stopped_pin).map_err(pin_err(&stopped_pin, "open map"))?);
         // Counters of sandboxes that ended while no daemon ran.
         match conntable.forget_dead_sandboxes(agents.path()) {
             Ok(0) => {}
@@ -489,6 +494,7 @@ impl Enforcer {
             config: config.clone(),
             agents,
             conntable: Arc::new(conntable),
+            stops,
             host_netns,
             actions,
             unix_status,
@@ -500,6 +506,11 @@ impl Enforcer {
     /// The connection table, for the proxy (and the resolver's TCP side).
     pub fn conntable(&self) -> Arc<Conntable> {
         Arc::clone(&self.conntable)
+    }
+
+    /// The emergency-stop map (pinned; it kept what the last daemon wrote).
+    pub fn stops(&self) -> Arc<StopMap> {
+        Arc::clone(&self.stops)
     }
 
     /// The cgroup the programs are attached to; sandboxes are its children.

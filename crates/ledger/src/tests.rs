@@ -901,12 +901,40 @@ async fn spend_is_recomputed_across_the_switch_to_millicents() {
     assert!(serde_json::to_value(&report).is_ok(), "{text}");
 }
 
+/// User + system CPU of this process's thread named `name` (as `comm` shows it, 15 bytes at
+/// most), in clock ticks.
+fn thread_cpu_ticks(name: &str) -> Option<u64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        if std::fs::read_to_string(dir.join("comm")).ok()?.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        // Fields after the `(comm)`: state is field 3, utime 14 and stime 15.
+        let rest = stat.rsplit_once(") ")?.1;
+        let f: Vec<&str> = rest.split(' ').collect();
+        return Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?);
+    }
+    None
+}
+
+/// Bytes of a file, or of every file under a directory.
+fn tree_bytes(path: &Path) -> u64 {
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path).unwrap().map(|e| tree_bytes(&e.unwrap().path())).sum()
+}
+
 fn copy_file(from: &Path, to: &Path) {
     std::fs::copy(from, to).expect("copy store file");
 }
 
-/// Copies the segment files of the store at `from` over those of the store at `to`.
+/// Copies the segment files, tiles and links of the store at `from` over those of the store at
+/// `to`.
 fn copy_segments(from: &Path, to: &Path) {
+    let (from_store, to_store) = (from, to);
     let (from, to) = (store::segments_dir(from), store::segments_dir(to));
     // Copying a live directory is not atomic: a segment sealed between listing and copying
     // has lost its `.log` and gained a `.zst` the listing did not show. A power cut sees one
@@ -923,9 +951,31 @@ fn copy_segments(from: &Path, to: &Path) {
                 Err(e) => panic!("copy {}: {e}", entry.path().display()),
             }
         }
+        copy_tiles_and_links(from_store, to_store);
         return;
     }
     panic!("segments of {} kept changing while copied", from.display());
+}
+
+/// Copies the tile tree and the links file (both only grow: a copy is some prefix of them).
+fn copy_tiles_and_links(from: &Path, to: &Path) {
+    fn tree(from: &Path, to: &Path) {
+        let _ = std::fs::remove_dir_all(to);
+        std::fs::create_dir_all(to).unwrap();
+        let Ok(entries) = std::fs::read_dir(from) else { return };
+        for entry in entries {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                tree(&entry.path(), &to.join(entry.file_name()));
+            } else {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+    }
+    tree(&store::tiles_dir(from), &store::tiles_dir(to));
+    if store::links_path(from).exists() {
+        copy_file(&store::links_path(from), &store::links_path(to));
+    }
 }
 
 #[tokio::test]
@@ -1125,6 +1175,7 @@ async fn a_crash_image_is_completed_from_the_journal() {
     // With it, every answered group is back, byte for byte.
     let image = crash_image(&store, true);
     let reopened = Ledger::open(&image.path, host_key(), LedgerOptions::default()).unwrap();
+    assert!(!rebuilt(&image.path), "the image's tiles and links were rebuilt, not cut back");
     assert_eq!(reopened.size(), before.records.len() as u64);
     assert_eq!(reopened.state_get("spend/pA/2025-01-01").unwrap(), spend_a);
     let after = full_export(&reopened).await;
@@ -1323,6 +1374,7 @@ async fn power_loss_loses_no_answered_transaction() {
     for (n, (survived, image)) in cuts.iter().enumerate() {
         let reopened = Ledger::open(&image.path, host_key(), LedgerOptions::default())
             .unwrap_or_else(|e| panic!("cut {n}: the image does not reopen: {e}"));
+        assert!(!rebuilt(&image.path), "cut {n}: the image's tiles and links were rebuilt, not cut back");
         let exported = full_export(&reopened).await;
         let report = verify::verify_export(&exported, &vk(), None);
         assert!(report.is_ok(), "cut {n}: {}", problems(&report));
@@ -1459,6 +1511,7 @@ fn measure_disk_per_decision() {
             h.await.unwrap();
         }
     });
+    let indexer_cpu = thread_cpu_ticks("sluice-ledger-i");
     let mut record_bytes = 0u64;
     ledger
         .snapshot()
@@ -1470,19 +1523,26 @@ fn measure_disk_per_decision() {
         .unwrap();
     ledger.shutdown();
     drop(ledger);
+    // Every file of the store, each directory summed (the tiles are many small files).
     let mut files = Vec::new();
-    for dir in [store.path.parent().unwrap().to_path_buf(), store::segments_dir(&store.path)] {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let entry = entry.unwrap();
-            if entry.metadata().unwrap().is_file() {
-                files.push((entry.file_name().to_string_lossy().into_owned(), entry.metadata().unwrap().len()));
-            }
-        }
+    let dir = store.path.parent().unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        files.push((entry.file_name().to_string_lossy().into_owned(), tree_bytes(&entry.path())));
     }
     files.sort();
     println!("{total} decisions, {} canonical bytes per record on average", record_bytes / total);
+    let mut per_record = 0;
     for (name, len) in &files {
         println!("  {name}: {len} bytes = {} per decision", len / total);
+        if !name.ends_with(".journal") {
+            per_record += len;
+        }
+    }
+    println!("  total without the journal (a fixed size): {} per decision", per_record / total);
+    if let Some(ticks) = indexer_cpu {
+        // Clock ticks are 10 ms on Linux (USER_HZ = 100).
+        println!("indexer thread CPU: {} µs per record", ticks * 10_000 / total);
     }
 }
 
@@ -1531,4 +1591,156 @@ async fn sealed_segments_read_back_and_damage_is_named() {
     let err = ledger.record(9).unwrap_err().to_string();
     assert!(err.contains("0000000000000001.zst") && err.contains("damaged"), "{err}");
     ledger.shutdown();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiles and links: cut back, rebuilt, tampered, migrated
+
+fn rebuilt(path: &Path) -> bool {
+    crate::store::REBUILT.lock().unwrap().iter().any(|p| p == path)
+}
+
+/// `n` spends over three chains.
+async fn spends(ledger: &Ledger, n: u64) {
+    for i in 0..n {
+        ledger.transact(spend(["pA", "pB", "pC"][(i % 3) as usize], 1, "2025-01-01")).await.unwrap();
+    }
+}
+
+/// A tile file as a crash leaves it: torn beyond what redb synced (cut back at open, no rebuild)
+/// or below it (rebuilt from the records); the log, its root and its chains come back the same
+/// each time. The links file likewise. (Every byte is torn in the unit tests of `tiles` and
+/// `links`, without a whole store's open and its syncs each time.)
+#[tokio::test]
+async fn tiles_and_links_torn_by_a_crash_reopen() {
+    let store = TestStore::new();
+    let small = || LedgerOptions { journal_capacity: 64 * journal::HEADER_LEN, ..Default::default() };
+    let ledger = Ledger::open(&store.path, host_key(), small()).unwrap();
+    spends(&ledger, 260).await;
+    let root = ledger.snapshot().unwrap().root(260).unwrap();
+    let chain_b = ledger.snapshot().unwrap().chain_indices("pB").unwrap();
+    ledger.shutdown();
+    drop(ledger);
+    // What the next records would have appended before a crash: taken from a copy that goes on.
+    let ahead = TestStore::new();
+    copy_file(&store.path, &ahead.path);
+    copy_segments(&store.path, &ahead.path);
+    copy_file(&journal_path(&store.path), &journal_path(&ahead.path));
+    let l = Ledger::open(&ahead.path, host_key(), small()).unwrap();
+    spends(&l, 30).await;
+    l.shutdown();
+    drop(l);
+    let tile = store::tiles_dir(&store.path).join(store::tile_path(0, 1));
+    let full_tile = std::fs::read(store::tiles_dir(&ahead.path).join(store::tile_path(0, 1))).unwrap();
+    let links = std::fs::read(store::links_path(&ahead.path)).unwrap();
+    assert_eq!(full_tile.len(), 34 * 32);
+    assert_eq!(links.len(), 290 * 8);
+    let check = |what: &str, cut: usize| {
+        crate::store::REBUILT.lock().unwrap().retain(|p| p != &store.path);
+        let l = Ledger::open(&store.path, host_key(), small()).unwrap_or_else(|e| panic!("{what} torn at {cut}: {e}"));
+        let snap = l.snapshot().unwrap();
+        assert_eq!(snap.size(), 260, "{what} torn at {cut}");
+        assert_eq!(snap.root(260).unwrap(), root, "{what} torn at {cut}");
+        assert_eq!(snap.chain_indices("pB").unwrap(), chain_b, "{what} torn at {cut}");
+        let synced = if what == "tile" { 4 * 32 } else { 260 * 8 };
+        assert_eq!(rebuilt(&store.path), cut < synced, "{what} torn at {cut}");
+        l.shutdown();
+    };
+    for cut in [0, 1, 31, 32, 127, 128, 129, 159, 160, 161, 500, 1087, 1088] {
+        std::fs::write(&tile, &full_tile[..cut]).unwrap();
+        check("tile", cut);
+    }
+    for cut in [0, 7, 8, 2079, 2080, 2081, 2087, 2088, 2300, 2320] {
+        std::fs::write(store::links_path(&store.path), &links[..cut]).unwrap();
+        check("links", cut);
+    }
+}
+
+/// A hash changed in a full tile, off the path the open check hashes: the inclusion proofs
+/// served from it no longer lead to the signed root, and the verifier says so.
+#[tokio::test]
+async fn a_tampered_tile_is_caught_by_the_verifier() {
+    let store = TestStore::new();
+    let ledger = store.open();
+    spends(&ledger, 300).await;
+    ledger.checkpoint_now().await.unwrap();
+    let clean =
+        export::export(&ledger, &ExportRequest { passport: Some("pB".into()), ..Default::default() }).await.unwrap();
+    assert!(verify::verify_export(&clean, &vk(), None).is_ok());
+    ledger.shutdown();
+    drop(ledger);
+    // Record 10 is pB's (10 % 3 == 1): its leaf hash in tile 0 is flipped.
+    let tile = store::tiles_dir(&store.path).join(store::tile_path(0, 0));
+    let mut bytes = std::fs::read(&tile).unwrap();
+    bytes[10 * 32] ^= 0x80;
+    std::fs::write(&tile, &bytes).unwrap();
+    let ledger = store.open();
+    let tampered =
+        export::export(&ledger, &ExportRequest { passport: Some("pB".into()), ..Default::default() }).await.unwrap();
+    let report = verify::verify_export(&tampered, &vk(), None);
+    assert!(!report.is_ok(), "a tampered tile went unnoticed");
+    let text = problems(&report);
+    assert!(text.contains("expected root"), "{text}");
+}
+
+/// A store of format 2 (Merkle nodes, chain heads and the chain index in redb) is migrated in
+/// place at open: tiles and links built from the records, the old tables removed, format 3.
+#[tokio::test]
+async fn a_format_2_store_is_migrated() {
+    use redb::{TableDefinition, TableHandle as _};
+    let store = TestStore::new();
+    let ledger = store.open();
+    spends(&ledger, 40).await;
+    ledger.checkpoint_now().await.unwrap();
+    let before = full_export(&ledger).await;
+    let chain_c = ledger.snapshot().unwrap().chain_indices("pC").unwrap();
+    ledger.shutdown();
+    drop(ledger);
+    // Turn it into what format 2 left on disk.
+    let nodes: TableDefinition<u64, [u8; 32]> = TableDefinition::new("merkle_nodes");
+    let heads: TableDefinition<&str, (u64, [u8; 32])> = TableDefinition::new("chain_heads");
+    let index: TableDefinition<(&str, u64), u64> = TableDefinition::new("chain_index");
+    let tails: TableDefinition<&str, (u64, [u8; 32], u64)> = TableDefinition::new("chain_tails");
+    let meta: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    {
+        let db = redb::Database::create(&store.path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut n = txn.open_table(nodes).unwrap();
+            let mut mem = merkle::MemNodes::new();
+            for (i, r) in before.records.iter().enumerate() {
+                merkle::append(&mut mem, i as u64, leaf_hash(r.record.as_bytes())).unwrap();
+                n.insert(merkle::node_key(0, i as u64), leaf_hash(r.record.as_bytes())).unwrap();
+            }
+            let mut h = txn.open_table(heads).unwrap();
+            h.insert("pA", (13u64, [0u8; 32])).unwrap();
+            let mut x = txn.open_table(index).unwrap();
+            x.insert(("pA", 0u64), 0u64).unwrap();
+            txn.open_table(meta).unwrap().insert("format", 2u64).unwrap();
+        }
+        txn.delete_table(tails).unwrap();
+        txn.commit().unwrap();
+    }
+    std::fs::remove_dir_all(store::tiles_dir(&store.path)).unwrap();
+    std::fs::remove_file(store::links_path(&store.path)).unwrap();
+
+    let ledger = store.open();
+    assert!(rebuilt(&store.path));
+    let after = full_export(&ledger).await;
+    assert_eq!(after.records, before.records);
+    let report = verify::verify_export(&after, &vk(), None);
+    assert!(report.is_ok(), "{}", problems(&report));
+    assert_eq!(ledger.snapshot().unwrap().chain_indices("pC").unwrap(), chain_c);
+    // The log goes on, chains included.
+    ledger.transact(spend("pC", 1, "2025-01-01")).await.unwrap();
+    assert_eq!(ledger.snapshot().unwrap().chain_indices("pC").unwrap().len(), chain_c.len() + 1);
+    ledger.shutdown();
+    drop(ledger);
+    let db = redb::Database::create(&store.path).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert_eq!(txn.open_table(meta).unwrap().get("format").unwrap().unwrap().value(), 3);
+    let names: Vec<String> = txn.list_tables().unwrap().map(|t| t.name().to_string()).collect();
+    for gone in ["merkle_nodes", "chain_heads", "chain_index"] {
+        assert!(!names.iter().any(|n| n == gone), "{gone} still in {names:?}");
+    }
 }

@@ -79,6 +79,9 @@ mod schema;
 mod tests;
 
 pub use error::{PolicyError, PolicyErrorKind};
+/// Shared with other TOML readers (catalogs): the one spelling of an action name, and a TOML
+/// syntax message that is never empty.
+pub use load::{check_action, syntax_message};
 pub use meter::{MeterKind, MeterSpec, ModelPrice, PriceTable, TokenUsage, UsageScanner};
 
 use path::{PathPattern, RequestPath};

@@ -116,7 +116,7 @@ pub(crate) fn digest_of(files: &[(PathBuf, String)]) -> String {
 
 /// The toml parser's message, on one line. It gives none for some faults (a control character in
 /// a comment, found by fuzzing); an operator still needs to know what to fix.
-fn syntax_message(message: &str, text: &str, offset: usize) -> String {
+pub fn syntax_message(message: &str, text: &str, offset: usize) -> String {
     let message = message.trim().replace('\n', " ");
     if !message.is_empty() {
         return message;
@@ -760,7 +760,7 @@ fn amount(
 
 /// Actions are what permissions name: `llm:chat`, segments of a-z 0-9 _ . - joined by ':'. No
 /// wildcard: an action is one thing.
-pub(crate) fn check_action(s: &str) -> Result<(), String> {
+pub fn check_action(s: &str) -> Result<(), String> {
     let ok = !s.is_empty()
         && s.len() <= MAX_ACTION_LEN
         && s.split(':').all(|seg| {

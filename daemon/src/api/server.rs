@@ -80,6 +80,7 @@ impl From<ServiceError> for ApiError {
             | E::Cgroup(_)
             | E::Serialise(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_error"),
             E::UnixUnconfined(_) => (StatusCode::SERVICE_UNAVAILABLE, "unix_unconfined"),
+            E::KernelStop(_) => (StatusCode::SERVICE_UNAVAILABLE, "kernel_error"),
             E::Contended { .. } | E::Evaluation(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         ApiError::new(status, code, e.to_string())
@@ -293,6 +294,18 @@ struct UnbindBody {
     cgroup: Option<PathBuf>,
 }
 
+/// `POST /v1/stop` and `POST /v1/resume`: exactly one of `passport_id` and `"all": true`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopBody {
+    #[serde(default)]
+    passport_id: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    note: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ResetBody {
@@ -354,6 +367,17 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
             ok(service::to_json(&service.proof(index).await?))
         }
         (&Method::GET, ["v1", "holds"]) => ok(service.holds()?.to_json()),
+        (&Method::GET, ["v1", "stops"]) => ok(service.stops().to_json()),
+        (&Method::POST, ["v1", verb @ ("stop" | "resume")]) => {
+            let stop = *verb == "stop";
+            let body: StopBody = read_json(req).await?;
+            let scope = service::StopScope::parse(body.passport_id.as_deref(), body.all)?;
+            if stop {
+                ok(service.stop(scope, peer, body.note).await?.to_json())
+            } else {
+                ok(service.resume(scope, peer, body.note).await?.to_json())
+            }
+        }
         (&Method::GET, ["v1", "sandboxes"]) => ok(service.sandboxes()?.to_json()),
         (&Method::POST, ["v1", "sandboxes"]) => {
             let body: SandboxBody = read_json(req).await?;

@@ -118,6 +118,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             agents: enforcer.as_ref().map(|e| e.agents_cgroup().clone()),
             ca_bundle: ca.as_ref().map(|(_, bundle)| bundle.clone()),
             unix: unix.clone(),
+            stops: enforcer.as_ref().map(|e| e.stops() as Arc<dyn crate::service::StopEnforcer>),
         },
     )
     .await?;

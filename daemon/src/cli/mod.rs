@@ -13,6 +13,7 @@ mod passport;
 mod policy;
 mod run;
 mod sandbox;
+mod templates;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,19 @@ pub enum Command {
     State(ops::StateArgs),
     /// List pending approvals, or approve / deny one (the approver is attested).
     Holds(ops::HoldsArgs),
+    /// Emergency stop: refuse every connection and request of one passport's agents, or of all
+    /// agents, at once (attested; survives restarts).
+    ///
+    /// New connections and DNS queries of the stopped sandboxes fail in the kernel (EPERM), open
+    /// connections are closed (a streaming response is cut), pending holds are denied, and every
+    /// further request is refused with reason emergency_stop. `sluice resume` lifts it; `--list`
+    /// shows the stops in force.
+    Stop(ops::StopArgs),
+    /// Lift an emergency stop (`sluice stop`): `--passport ID` or `--all` (attested).
+    ///
+    /// `--all` lifts the stop of every agent; passports stopped one by one stay stopped until
+    /// resumed one by one (the command names them).
+    Resume(ops::ResumeArgs),
     /// Validate host policies: every error with its file, line and field.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
@@ -122,6 +136,8 @@ pub fn main() -> ExitCode {
         Command::Sandbox(cmd) => sandbox::run(cmd, &socket),
         Command::State(args) => ops::state(args, &socket),
         Command::Holds(args) => ops::holds(args, &socket),
+        Command::Stop(args) => ops::stop(args, &socket),
+        Command::Resume(args) => ops::resume(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),
         Command::Catalog(cmd) => catalog::run(cmd),
         Command::Policy(cmd) => policy::run(cmd, &config),

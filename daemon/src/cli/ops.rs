@@ -1,5 +1,5 @@
 //! Commands that talk to a running daemon over its local API: `passport register|revoke`,
-//! `enforce`, `state`, `holds`.
+//! `enforce`, `state`, `holds`, `stop`, `resume`.
 
 use super::util::print_json;
 use super::CmdResult;
@@ -322,6 +322,128 @@ pub fn holds(a: HoldsArgs, socket: &ApiSocket) -> CmdResult {
             r["decision"].as_str().unwrap_or_default(),
             r["reason"].as_str().unwrap_or_default(),
             r["attestation_id"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---- stop / resume ----
+
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("scope").required(true).args(["passport", "all", "list"]))]
+pub struct StopArgs {
+    /// Stop the agents of this passport (pp_…).
+    #[arg(long, value_name = "ID")]
+    passport: Option<String>,
+    /// Stop every agent of this host.
+    #[arg(long)]
+    all: bool,
+    /// Show the stops in force instead.
+    #[arg(long)]
+    list: bool,
+    /// Why: kept in the attestation.
+    #[arg(long, value_name = "TEXT", conflicts_with = "list")]
+    note: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("scope").required(true).args(["passport", "all"]))]
+pub struct ResumeArgs {
+    /// Lift the stop of this passport (pp_…).
+    #[arg(long, value_name = "ID")]
+    passport: Option<String>,
+    /// Lift the stop of every agent (`sluice stop --all`).
+    #[arg(long)]
+    all: bool,
+    /// Kept in the attestation.
+    #[arg(long, value_name = "TEXT")]
+    note: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn stop_body(passport: Option<String>, all: bool, note: Option<String>) -> Value {
+    match passport {
+        Some(id) => json!({"passport_id": id, "note": note}),
+        None => json!({"all": all, "note": note}),
+    }
+}
+
+fn stop_line(id: &str, e: &Value) -> String {
+    let by = match &e["by"] {
+        Value::Object(o) => o.get("user").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| {
+            format!("uid {}", o.get("uid").and_then(Value::as_u64).map_or("?".into(), |u| u.to_string()))
+        }),
+        other => other.as_str().unwrap_or("?").to_string(),
+    };
+    let note = e["note"].as_str().map(|n| format!("  \"{n}\"")).unwrap_or_default();
+    format!("{id}  since {}  by {by}  attestation {}{note}", e["at"].as_str().unwrap_or("?"), e["attestation_id"])
+}
+
+pub fn stop(a: StopArgs, socket: &ApiSocket) -> CmdResult {
+    if a.list {
+        let s = call(socket, Method::GET, "/v1/stops", None)?;
+        if a.json {
+            print_json(&s);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let passports = s["passports"].as_array().cloned().unwrap_or_default();
+        if s["all"].is_null() && passports.is_empty() {
+            println!("no emergency stop in force");
+        }
+        if !s["all"].is_null() {
+            println!("{}", stop_line("ALL AGENTS", &s["all"]));
+        }
+        for p in passports {
+            println!("{}", stop_line(p["passport_id"].as_str().unwrap_or("?"), &p));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let what = a.passport.clone().unwrap_or_else(|| "every agent".into());
+    let r = call(socket, Method::POST, "/v1/stop", Some(stop_body(a.passport, a.all, a.note)))?;
+    if a.json {
+        print_json(&r);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if r["already_stopped"].as_bool() == Some(true) {
+        println!("{what} was already stopped");
+    } else {
+        println!("{what} stopped (attestation {})", r["attestation_id"]);
+    }
+    let holds = r["holds_denied"].as_array().map_or(0, Vec::len);
+    let sandboxes = r["sandboxes"].as_array().map_or(0, Vec::len);
+    let refused =
+        if r["scope"] == "all" { "every sandbox".to_string() } else { format!("{sandboxes} live sandbox(es)") };
+    if r["kernel"].as_bool() == Some(true) {
+        println!("  new connections of {refused} refused in the kernel; open connections closed; {holds} pending hold(s) denied");
+    } else {
+        println!("  passport-only daemon (no kernel redirect): every request refused; {holds} pending hold(s) denied");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn resume(a: ResumeArgs, socket: &ApiSocket) -> CmdResult {
+    let what = a.passport.clone().unwrap_or_else(|| "every agent".into());
+    let r = call(socket, Method::POST, "/v1/resume", Some(stop_body(a.passport, a.all, a.note)))?;
+    if a.json {
+        print_json(&r);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if r["was_stopped"].as_bool() == Some(true) {
+        println!("{what} resumed (attestation {})", r["attestation_id"]);
+    } else {
+        println!("{what} was not stopped; nothing changed");
+    }
+    let still: Vec<&str> =
+        r["still_stopped"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    if !still.is_empty() {
+        println!(
+            "  still stopped: {} (by `sluice stop --all` or their own stop; resume them by name)",
+            still.join(", ")
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -20,6 +20,14 @@ pub enum PassportCmd {
     Issue(IssueArgs),
     /// Show a passport's header and claims WITHOUT verifying them.
     Inspect(InspectArgs),
+    /// List the built-in passport templates (for `issue --template NAME`), or print one.
+    Templates {
+        /// Print this template's TOML (its permissions, constraints and comments).
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify a passport fully (signature, claims, constraints, validity). Exit status 1 with the
     /// reason if it is not valid.
     Verify(PassportVerifyArgs),
@@ -59,6 +67,11 @@ pub struct IssueArgs {
     /// A human-readable agent name.
     #[arg(long, value_name = "NAME")]
     agent_name: Option<String>,
+    /// Start from a built-in template (`sluice passport templates`): its permissions and
+    /// constraints. --permission replaces the template's permissions; --constraint and
+    /// --constraints-file override its constraints key by key.
+    #[arg(long, value_name = "NAME")]
+    template: Option<String>,
     /// A permission such as `orders:read` or `llm:*` (repeatable).
     #[arg(long = "permission", value_name = "P")]
     permissions: Vec<String>,
@@ -108,6 +121,7 @@ pub fn run(cmd: PassportCmd, socket: &ApiSocket) -> CmdResult {
     match cmd {
         PassportCmd::Issue(a) => issue(a),
         PassportCmd::Inspect(a) => inspect(a),
+        PassportCmd::Templates { name, json } => templates(name.as_deref(), json),
         PassportCmd::Verify(a) => verify(a),
         PassportCmd::Register { file, key, json } => super::ops::register(&file, key.as_deref(), socket, json),
         PassportCmd::Revoke { id, note, json } => super::ops::revoke(&id, note, socket, json),
@@ -128,13 +142,22 @@ fn issue(a: IssueArgs) -> CmdResult {
         }
     }
     let issuer_key = keyfile::load_signing_key(&a.issuer_key)?;
-    let permissions = a
-        .permissions
+    let template = a.template.as_deref().map(super::templates::named).transpose()?;
+    let permissions = match &template {
+        Some(t) if a.permissions.is_empty() => t.permissions.clone(),
+        _ => a.permissions.clone(),
+    };
+    let permissions = permissions
         .iter()
         .map(|p| Permission::parse(p).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()
         .context("--permission")?;
-    let constraints = build_constraints(&a.constraints, a.constraints_file.as_deref())?;
+    let base = template.as_ref().map(|t| t.constraints.clone()).unwrap_or_default();
+    let constraints =
+        build_constraints(base, &a.constraints, a.constraints_file.as_deref()).with_context(|| match &a.template {
+            Some(t) => format!("constraints of template {t} with the given overrides"),
+            None => "constraints".into(),
+        })?;
     let trust_tier = TrustTier::parse(&a.tier).with_context(|| format!("--tier {:?}: use L1, L2 or L3", a.tier))?;
     let lifetime_secs = parse_duration(&a.expires_in).context("--expires-in")?;
     let issued = passport::issue(
@@ -166,8 +189,10 @@ fn issue(a: IssueArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Merges `--constraint KEY=VALUE` flags and `--constraints-file` into typed constraints.
-fn build_constraints(flags: &[String], file: Option<&Path>) -> anyhow::Result<Constraints> {
+/// Merges a template's constraints (`base`), then `--constraints-file`, then `--constraint
+/// KEY=VALUE` flags into typed constraints: the file and the flags override the template key by
+/// key; a key in both the file and a flag (or in two flags) is an error.
+fn build_constraints(base: Map<String, Value>, flags: &[String], file: Option<&Path>) -> anyhow::Result<Constraints> {
     let mut map = Map::new();
     if let Some(path) = file {
         let text = crate::files::read_text(path, 1 << 20, crate::files::Links::Follow)?;
@@ -175,6 +200,7 @@ fn build_constraints(flags: &[String], file: Option<&Path>) -> anyhow::Result<Co
             .with_context(|| format!("{}: expected a JSON object of constraints", path.display()))?;
         map = parsed;
     }
+    let mut given = Map::new();
     for flag in flags {
         let (key, raw) = flag.split_once('=').with_context(|| format!("--constraint {flag:?}: expected KEY=VALUE"))?;
         let value = match serde_json::from_str::<Value>(raw) {
@@ -184,11 +210,44 @@ fn build_constraints(flags: &[String], file: Option<&Path>) -> anyhow::Result<Co
             }
             Err(_) => Value::from(raw),
         };
-        if map.insert(key.to_string(), value).is_some() {
+        if map.contains_key(key) || given.insert(key.to_string(), value).is_some() {
             bail!("constraint {key} is given twice (--constraint and --constraints-file, or repeated)");
         }
     }
-    Ok(Constraints::from_json(&map)?)
+    let mut merged = base;
+    merged.extend(map);
+    merged.extend(given);
+    Ok(Constraints::from_json(&merged)?)
+}
+
+fn templates(name: Option<&str>, json: bool) -> CmdResult {
+    let list = match name {
+        Some(n) => vec![super::templates::named(n)?],
+        None => super::templates::all()?,
+    };
+    if json {
+        let items: Vec<Value> = list
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name, "description": t.description,
+                    "permissions": t.permissions, "constraints": t.constraints,
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({"templates": items}));
+    } else if let [one] = list.as_slice() {
+        if name.is_some() {
+            print!("{}", one.text);
+        } else {
+            println!("{:<16} {}", one.name, one.description);
+        }
+    } else {
+        for t in &list {
+            println!("{:<16} {}", t.name, t.description);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn inspect(a: InspectArgs) -> CmdResult {

@@ -106,6 +106,29 @@ struct NoteBody {
     note: Option<String>,
 }
 
+/// The body of `POST /api/stop` and `/api/resume`: one passport or all, and a note.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopBody {
+    #[serde(default)]
+    passport_id: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+/// A strict JSON body of at most [`MAX_ACTION_BODY`] bytes (duplicate members refused); an empty
+/// body is `T::default()`-like only where the caller allows it.
+async fn strict_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Response<Body>> {
+    let bytes = body(req, MAX_ACTION_BODY).await?;
+    if let Err(e) = crate::passport::json::parse_object(&bytes) {
+        return Err(error(StatusCode::BAD_REQUEST, "bad_request", format!("request body: {e}")));
+    }
+    serde_json::from_slice::<T>(&bytes)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_request", format!("request body: {e}")))
+}
+
 /// Answers one request (never fails: every refusal is a response).
 pub async fn handle(req: Request<Incoming>, ctx: Arc<Ctx>) -> Response<Body> {
     let mut r = route(req, &ctx).await;
@@ -255,6 +278,38 @@ async fn api(
                     tracing::info!(hold_id = %id, approve, "console: hold resolved");
                     ctx.changed.notify_waiters();
                     json_response(StatusCode::OK, &outcome.to_json())
+                }
+                Err(e) => api_error(ApiError::from(e)),
+            }
+        }
+        (&Method::POST, ["api", verb @ ("stop" | "resume")]) => {
+            if let Err(r) = ctx.change(&req, &session) {
+                return *r;
+            }
+            let stop = *verb == "stop";
+            let b: StopBody = match strict_json(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let scope = match crate::service::StopScope::parse(b.passport_id.as_deref(), b.all) {
+                Ok(s) => s,
+                Err(e) => return api_error(ApiError::from(e)),
+            };
+            let note = b.note.filter(|n| !n.trim().is_empty());
+            let answer = if stop {
+                ctx.service.stop(scope, &ctx.peer, note).await.map(|d| d.to_json())
+            } else {
+                ctx.service.resume(scope, &ctx.peer, note).await.map(|d| d.to_json())
+            };
+            match answer {
+                Ok(v) => {
+                    tracing::warn!(
+                        verb,
+                        passport_id = b.passport_id.as_deref().unwrap_or("all"),
+                        "console: emergency {verb}"
+                    );
+                    ctx.changed.notify_waiters();
+                    json_response(StatusCode::OK, &v)
                 }
                 Err(e) => api_error(ApiError::from(e)),
             }

@@ -43,6 +43,7 @@ pub fn overview(ctx: &Ctx) -> Value {
         "records": records,
         "checkpoint": checkpoint,
         "verification": verification,
+        "stops": s.stops().to_json(),
         "errors": errors,
     })
 }

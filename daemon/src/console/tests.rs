@@ -290,3 +290,53 @@ async fn read_until(s: &mut tokio::net::TcpStream, seen: &mut String, needle: &s
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
 }
+
+#[tokio::test]
+async fn the_emergency_stop_works_from_the_console_only_with_origin_and_csrf_and_is_attested() {
+    let c = start().await;
+    let (cookie, csrf) = c.login().await;
+    let hold = c.hold().await;
+    let body = format!(r#"{{"passport_id":"{}","note":"runaway spend"}}"#, c.fixture.passport);
+    // Refused without the CSRF token or from another origin; nothing is stopped.
+    for headers in [
+        vec![cookie.clone(), format!("Origin: {}", c.origin())],
+        vec![cookie.clone(), "Origin: http://attacker.example".into(), format!("X-CSRF-Token: {csrf}")],
+    ] {
+        let r = c.raw("POST", "/api/stop", &headers, body.as_bytes()).await;
+        assert_eq!(r.status, 403, "{headers:?}: {r:?}");
+    }
+    assert!(c.fixture.service.stops().passports.is_empty());
+    // Bad bodies: both scopes, neither, unknown or duplicate members.
+    for bad in [
+        format!(r#"{{"passport_id":"{}","all":true}}"#, c.fixture.passport),
+        "{}".to_string(),
+        r#"{"all":true,"force":1}"#.to_string(),
+        r#"{"all":true,"all":false}"#.to_string(),
+    ] {
+        let r = c.post("/api/stop", &cookie, &csrf, bad.as_bytes()).await;
+        assert_eq!(r.status, 400, "{bad}: {r:?}");
+    }
+
+    let r = c.post("/api/stop", &cookie, &csrf, body.as_bytes()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let answer = r.json();
+    assert_eq!(answer["holds_denied"], serde_json::json!([hold]), "{answer}");
+    let record = testkit::record(&c.fixture, answer["attestation_id"].as_u64().unwrap());
+    assert_eq!(record["kind"], "emergency_stop", "{record}");
+    assert_eq!(record["by"]["user"], CONSOLE_USER, "{record}");
+    assert_eq!(record["note"], "runaway spend", "{record}");
+    assert!(c.fixture.service.stops().passports.contains_key(&c.fixture.passport));
+    // The overview the page draws from shows it.
+    let overview = c.raw("GET", "/api/overview", std::slice::from_ref(&cookie), b"").await.json();
+    assert_eq!(overview["stops"]["passports"][0]["passport_id"], c.fixture.passport.as_str(), "{overview}");
+
+    let r = c.post("/api/resume", &cookie, &csrf, body.as_bytes()).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(c.fixture.service.stops().passports.is_empty());
+    let r = c.post("/api/stop", &cookie, &csrf, br#"{"all":true}"#).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(c.fixture.service.stops().all.is_some());
+    let r = c.post("/api/resume", &cookie, &csrf, br#"{"all":true}"#).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(c.fixture.service.stops().all.is_none());
+}

@@ -21,12 +21,38 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-pub(super) async fn handle(proxy: Arc<Proxy>, mut stream: TcpStream, peer: SocketAddr, orig: OrigDst) {
+pub(super) async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, orig: OrigDst) {
     let Some(passport) = (proxy.passports)(orig.cgroup_id) else {
         inc(&proxy.stats.no_passport);
         tracing::warn!(%peer, cgroup_id = orig.cgroup_id, pid = orig.pid, "connection from a cgroup with no passport; closing");
         return;
     };
+    // Emergency stop: the whole connection (TLS, HTTP/1 or 2, a raw splice) is dropped the moment
+    // a stop covers its passport, which closes the agent's socket and cuts a response mid-stream.
+    let passport_id = passport.id().to_string();
+    if proxy.stops.borrow().covers(&passport_id) {
+        inc(&proxy.stats.stopped);
+        tracing::info!(%peer, %passport_id, "connection of a stopped passport; closing");
+        return;
+    }
+    let stopped = super::until_stopped(proxy.stops.clone(), passport_id.clone());
+    let stats = proxy.clone();
+    tokio::select! {
+        () = serve(proxy, stream, peer, orig, passport) => {}
+        () = stopped => {
+            inc(&stats.stats.stopped);
+            tracing::warn!(%peer, %passport_id, "emergency stop: connection closed");
+        }
+    }
+}
+
+async fn serve(
+    proxy: Arc<Proxy>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    orig: OrigDst,
+    passport: Arc<crate::decide::CompiledPassport>,
+) {
     let dialed = SocketAddr::new(canonical(orig.dst.ip()), orig.dst.port());
     let mut info = ConnInfo {
         passport_id: passport.id().to_string(),
@@ -164,6 +190,7 @@ mod tests {
     use crate::proxy::testing::{agent_pair, harness, raw_rule, read_to_close, upstream, Harness, CGROUP, OWN_PORTS};
     use crate::service::EnforceInput;
     use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
     const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -229,6 +256,82 @@ mod tests {
         );
         let s = h.proxy.stats();
         assert_eq!((s.raw_connections, s.forwarded, s.unknown, s.no_passport), (1, 1, 0, 0));
+    }
+
+    /// The harness's passport stopped (or `other`, someone else's) in the proxy's stop set.
+    fn stop(h: &Harness, passport_id: &str) {
+        let mut set = crate::service::StopSet::default();
+        let entry = crate::service::StopEntry {
+            at: "2026-12-02T00:00:00Z".into(),
+            by: crate::service::Actor::Daemon("test".into()),
+            note: None,
+            attestation_id: 1,
+        };
+        set.passports.insert(passport_id.to_string(), entry);
+        h.stops.send_replace(Arc::new(set));
+    }
+
+    /// An emergency stop closes an open, spliced connection of the stopped passport within
+    /// 100 ms, while another passport's stop leaves it alone; a new connection of the stopped
+    /// passport is closed before anything is read or decided.
+    #[tokio::test]
+    async fn an_emergency_stop_closes_the_passports_open_connections_at_once() {
+        use tokio::io::AsyncReadExt;
+        let up = upstream().await;
+        let port = up.addr.port();
+        let fake = FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 3)));
+        let h = harness(fake, &raw_rule(port), &[("db.example.test", LOCAL)]);
+        let ours = (h.proxy.passports)(CGROUP).expect("the harness's passport").id().to_string();
+        let name = DomainName::parse("db.example.test").expect("name");
+        let (synthetic, _) = h.pool.addresses(&name).expect("synthetic address");
+        let dst = SocketAddr::new(IpAddr::V4(synthetic), port);
+
+        let (mut agent, accepted) = agent_pair().await;
+        let client = agent.local_addr().expect("addr");
+        h.redirects.redirect(client, dst, CGROUP);
+        let (orig, admitted) = h.proxy.take(client).expect("admitted");
+        let task = tokio::spawn({
+            let proxy = h.proxy.clone();
+            async move {
+                let _admitted = admitted;
+                handle(proxy, accepted, client, orig).await
+            }
+        });
+        agent.write_all(b"HELLO").await.expect("write");
+        let mut pong = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), agent.read_exact(&mut pong))
+            .await
+            .expect("spliced")
+            .expect("read");
+        assert_eq!(&pong, b"PONG");
+
+        // Someone else's stop: the connection stays open.
+        stop(&h, "pp_AAAAAAAAAAAAAAAAAAAAAA");
+        let mut byte = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), agent.read(&mut byte)).await.is_err(),
+            "another passport's stop closed this connection"
+        );
+
+        // Ours: closed within 100 ms.
+        let at = std::time::Instant::now();
+        stop(&h, &ours);
+        let n = tokio::time::timeout(Duration::from_millis(100), agent.read(&mut byte))
+            .await
+            .expect("closed within 100 ms of the stop")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the stopped connection delivered more bytes");
+        tokio::time::timeout(Duration::from_secs(1), task).await.expect("handle ends").expect("handle");
+        assert!(at.elapsed() < Duration::from_millis(100), "{:?}", at.elapsed());
+        assert_eq!(h.proxy.stats().stopped, 1);
+
+        // A new connection of the stopped passport: closed, nothing decided or forwarded.
+        let before = enforced(&h).len();
+        let read = connection(&h, dst, Some(CGROUP)).await;
+        assert!(read.is_empty(), "{read:?}");
+        assert_eq!(enforced(&h).len(), before, "a stopped passport's connection was decided");
+        assert_eq!(h.proxy.stats().stopped, 2);
+        assert_eq!(up.seen.lock().unwrap().len(), 1, "the stopped connection reached the upstream");
     }
 
     /// A connection the kernel did not redirect, or one from a cgroup that is no sandbox, is

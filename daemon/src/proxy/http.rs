@@ -541,11 +541,16 @@ async fn connect(
     };
     inc(&proxy.stats.forwarded);
     let on_upgrade = hyper::upgrade::on(&mut req);
+    // The tunnel outlives the HTTP connection's task: it watches the emergency stop itself.
+    let stopped = super::until_stopped(proxy.stops.clone(), info.passport_id.clone());
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(tunnel) => {
                 let (mut a, mut u) = (TokioIo::new(tunnel), upstream);
-                let _ = tokio::io::copy_bidirectional(&mut a, &mut u).await;
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut u) => {}
+                    () = stopped => tracing::warn!("emergency stop: CONNECT tunnel closed"),
+                }
             }
             Err(e) => tracing::info!(error = %e, "CONNECT tunnel was not established"),
         }
@@ -597,11 +602,12 @@ struct Sides<'a> {
     decider: &'a Arc<dyn Decide>,
     upstream: &'a dyn Forward,
     stats: &'a Stats,
+    stops: &'a tokio::sync::watch::Receiver<Arc<crate::service::StopSet>>,
 }
 
 impl Proxy {
     fn sides(&self) -> Sides<'_> {
-        Sides { decider: &self.service, upstream: &self.upstream, stats: &self.stats }
+        Sides { decider: &self.service, upstream: &self.upstream, stats: &self.stats, stops: &self.stops }
     }
 }
 
@@ -649,11 +655,16 @@ async fn forward(
     if switching {
         if let Some(agent) = agent_upgrade {
             let upstream = hyper::upgrade::on(&mut resp);
+            // The upgraded stream outlives the HTTP connection's task: it watches the stop itself.
+            let stopped = super::until_stopped(sides.stops.clone(), info.passport_id.clone());
             tokio::spawn(async move {
                 match tokio::try_join!(agent, upstream) {
                     Ok((a, u)) => {
                         let (mut a, mut u) = (TokioIo::new(a), TokioIo::new(u));
-                        let _ = tokio::io::copy_bidirectional(&mut a, &mut u).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut a, &mut u) => {}
+                            () = stopped => tracing::warn!("emergency stop: upgraded connection closed"),
+                        }
                     }
                     Err(e) => tracing::info!(error = %e, "protocol upgrade failed"),
                 }
@@ -966,7 +977,8 @@ mod tests {
         stats: &Stats,
         metering: Option<Metering>,
     ) -> Response<ProxyBody> {
-        let sides = Sides { decider, upstream, stats };
+        let (_stops_tx, stops) = tokio::sync::watch::channel(Arc::new(crate::service::StopSet::default()));
+        let sides = Sides { decider, upstream, stats, stops: &stops };
         let host = DomainName::parse("example.com").unwrap();
         forward(&sides, &conn_info(), &host, agent_request(), false, 7, metering).await
     }
@@ -1038,7 +1050,8 @@ mod tests {
     async fn through_the_pipeline(fake: Arc<FakeDecide>, upstream: &FakeUpstream) -> Response<ProxyBody> {
         let decider: Arc<dyn Decide> = fake;
         let stats = Stats::default();
-        let sides = Sides { decider: &decider, upstream, stats: &stats };
+        let (_stops_tx, stops) = tokio::sync::watch::channel(Arc::new(crate::service::StopSet::default()));
+        let sides = Sides { decider: &decider, upstream, stats: &stats, stops: &stops };
         let host = DomainName::parse("example.com").unwrap();
         let priced = Priced {
             req: agent_request(),

@@ -80,7 +80,7 @@ use crate::decide::CompiledPassport;
 use crate::dns::{SyntheticPool, UpstreamResolver};
 use crate::kernel::{Conntable, OrigDst};
 use crate::policy::PolicyHandle;
-use crate::service::Service;
+use crate::service::{Service, StopSet};
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -184,6 +184,8 @@ pub struct Stats {
     pub held: AtomicU64,
     pub upstream_errors: AtomicU64,
     pub raw_connections: AtomicU64,
+    /// Closed: an emergency stop covers the connection's passport (at accept, or while open).
+    pub stopped: AtomicU64,
 }
 
 /// A snapshot of [`Stats`].
@@ -200,6 +202,7 @@ pub struct StatsSnapshot {
     pub held: u64,
     pub upstream_errors: u64,
     pub raw_connections: u64,
+    pub stopped: u64,
 }
 
 pub(crate) fn inc(c: &AtomicU64) {
@@ -224,6 +227,18 @@ pub struct Proxy {
     stats: Stats,
     /// The over-budget warnings (global and per sandbox), at most once a second under a flood.
     refusal_log: throttle::Throttle,
+    /// Emergency stops in force: a connection of a stopped passport is closed at once
+    /// ([`until_stopped`]).
+    stops: watch::Receiver<Arc<StopSet>>,
+}
+
+/// Resolves as soon as an emergency stop covers `passport_id` (at once if one does already);
+/// never, if the service that sends the stops is gone. Every connection, tunnel and upgraded
+/// stream races its work against it, so a stop closes them within one scheduling round.
+pub(crate) async fn until_stopped(mut stops: watch::Receiver<Arc<StopSet>>, passport_id: String) {
+    if stops.wait_for(|s| s.covers(&passport_id)).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Sandboxes whose refusals are counted one by one; refusals of more sandboxes than this are
@@ -301,7 +316,6 @@ impl Proxy {
         let tls = parts.ca.server_config()?;
         let upstream = upstream::Upstream::new(parts.resolver.clone(), parts.upstream_tls);
         Ok(Arc::new(Proxy {
-            service: parts.service,
             policy: parts.policy,
             conntable: parts.conntable,
             passports: parts.passports,
@@ -318,6 +332,8 @@ impl Proxy {
             limits: parts.limits,
             stats: Stats::default(),
             refusal_log: throttle::Throttle::new(Duration::from_secs(1)),
+            stops: parts.service.stop_watch(),
+            service: parts.service,
         }))
     }
 
@@ -336,6 +352,7 @@ impl Proxy {
             held: g(&s.held),
             upstream_errors: g(&s.upstream_errors),
             raw_connections: g(&s.raw_connections),
+            stopped: g(&s.stopped),
         }
     }
 

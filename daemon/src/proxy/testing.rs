@@ -46,6 +46,8 @@ pub struct Harness {
     pub decide: Arc<FakeDecide>,
     pub redirects: Arc<FakeRedirects>,
     pub pool: Arc<SyntheticPool>,
+    /// Emergency stops as the proxy sees them: tests send a set to stop a passport.
+    pub stops: tokio::sync::watch::Sender<Arc<crate::service::StopSet>>,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
@@ -104,6 +106,7 @@ pub fn harness_with_limits(
     let passports: PassportLookup = Arc::new(move |cgroup_id| (cgroup_id == CGROUP).then(|| cp.clone()));
     let decide = Arc::new(decide);
     let redirects = Arc::new(FakeRedirects::default());
+    let stops = tokio::sync::watch::Sender::new(Arc::new(crate::service::StopSet::default()));
     let proxy = Arc::new(Proxy {
         service: decide.clone(),
         policy,
@@ -122,8 +125,9 @@ pub fn harness_with_limits(
         limits,
         stats: Stats::default(),
         refusal_log: super::throttle::Throttle::new(Duration::from_secs(1)),
+        stops: stops.subscribe(),
     });
-    Harness { proxy, decide, redirects, pool, _dirs: (policy_dir, state) }
+    Harness { proxy, decide, redirects, pool, stops, _dirs: (policy_dir, state) }
 }
 
 /// A connected pair on loopback: (the agent's end, the proxy's accepted end).

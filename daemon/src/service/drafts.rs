@@ -57,6 +57,10 @@ pub mod kind {
     pub const SETTLEMENT: &str = "settlement";
     pub const PASSPORT_REGISTERED: &str = "passport_registered";
     pub const REVOCATION: &str = "revocation";
+    /// `sluice stop`: who stopped which passport (or all) and why.
+    pub const EMERGENCY_STOP: &str = "emergency_stop";
+    /// `sluice resume`: the stop lifted.
+    pub const EMERGENCY_RESUME: &str = "emergency_resume";
     /// A reset of counters other than the spend window's (the verifier's sum goes on).
     pub const COUNTER_RESET_PARTIAL: &str = "counter_reset_partial";
 }
@@ -214,6 +218,18 @@ impl Built {
             claims.id.as_str(),
             Reason::PassportRevoked,
             format!("Passport {} was revoked. Issue the agent a new passport.", claims.id),
+            at,
+        )
+    }
+
+    pub fn stopped(claims: &Claims, at: DateTime<Utc>) -> Built {
+        Built::block(
+            claims.id.as_str(),
+            Reason::EmergencyStop,
+            format!(
+                "An operator stopped passport {} (emergency stop): every request is refused until `sluice resume`.",
+                claims.id
+            ),
             at,
         )
     }

@@ -82,15 +82,17 @@ impl HoldOutcome {
     }
 }
 
-enum Resolution {
+pub(super) enum Resolution {
     /// Moves the counters: evaluated in the passport's lane.
     Approve(Peer, Option<String>),
     /// Moves nothing but the hold.
     End(Ending),
 }
 
-enum Ending {
+pub(super) enum Ending {
     Deny(Peer, Option<String>),
+    /// An emergency stop of the hold's passport (who stopped it, their note).
+    Stop(Peer, Option<String>),
     Timeout,
     Abandon,
 }
@@ -247,7 +249,7 @@ impl Service {
         Ok(())
     }
 
-    async fn resolve(&self, id: &str, how: Resolution) -> Result<HoldOutcome, ServiceError> {
+    pub(super) async fn resolve(&self, id: &str, how: Resolution) -> Result<HoldOutcome, ServiceError> {
         let hold = self.load_hold(id)?;
         let Some(cp) = self.passport(&hold.passport_id) else {
             return Err(ServiceError::Store(crate::ledger::LedgerError::Txn(TxnError::abort(format!(
@@ -274,17 +276,20 @@ impl Service {
                 );
                 let approval = Arc::new(Approval { cp: cp.clone(), hold: hold.clone(), policy });
                 let (a, c) = (approval.clone(), cp.clone());
-                let revoked_now = {
+                let barred_now = {
                     let (me, pid) = (self.me.clone(), hold.passport_id.clone());
-                    move || me.upgrade().is_none_or(|s| s.is_revoked(&pid))
+                    move || me.upgrade().map_or(Some(super::lanes::Barred::Revoked), |s| s.barred(&pid))
                 };
                 self.in_lane(
                     &hold.passport_id,
                     blocking,
-                    move |counters, at| a.evaluate(counters, revoked_now(), at),
-                    move |revoked, (built, at): (Built, DateTime<Utc>), txn| {
+                    move |counters, at| a.evaluate(counters, barred_now(), at),
+                    move |barred, (built, at): (Built, DateTime<Utc>), txn| {
                         let claims = &c.passport.claims;
-                        let built = if revoked { Built::revoked(claims, at) } else { built };
+                        let built = match barred {
+                            Some(b) => super::barred_block(claims, b, at),
+                            None => built,
+                        };
                         let status =
                             if built.decision == Decision::Allow { HoldStatus::Approved } else { HoldStatus::Denied };
                         let end = End { built, status, by: peer.actor(), note: note.clone() };
@@ -310,6 +315,20 @@ impl Service {
                                 note,
                             }
                         }
+                        Ending::Stop(peer, note) => End {
+                            built: block(
+                                claims,
+                                Reason::EmergencyStop,
+                                format!(
+                                    "An operator stopped this passport (emergency stop, by {}); the held request is refused.",
+                                    peer.user.as_deref().unwrap_or("unknown user")
+                                ),
+                                at,
+                            ),
+                            status: HoldStatus::Denied,
+                            by: peer.actor(),
+                            note,
+                        },
                         Ending::Timeout => End {
                             built: block(
                                 claims,
@@ -418,13 +437,13 @@ impl Approval {
     fn evaluate(
         &self,
         counters: Option<&[u8]>,
-        revoked: bool,
+        barred: Option<super::lanes::Barred>,
         at: DateTime<Utc>,
     ) -> super::lanes::Speculation<(Built, DateTime<Utc>)> {
         let claims = &self.cp.passport.claims;
         let plan = |built: Built| super::lanes::Speculation { writes: None, plan: (built, at) };
-        if revoked {
-            return plan(Built::revoked(claims, at));
+        if let Some(barred) = barred {
+            return plan(super::barred_block(claims, barred, at));
         }
         let usage = match counters.map(Usage::from_bytes).transpose() {
             Ok(u) => u.unwrap_or_default(),

@@ -12,8 +12,8 @@
 //!    passport is evaluated against them) and lets the lane go before waiting for durability.
 //!    So one passport's decisions are evaluated one at a time, in order, but their commits still
 //!    share group commits.
-//! 3. In the writer the closure only compares: if the passport is revoked it writes a revoked
-//!    block; otherwise the stored `usage/<id>` bytes must be exactly the bytes it was evaluated
+//! 3. In the writer the closure only compares: if the passport is revoked, or under an emergency
+//!    stop (`stop/all` or `stop/<id>`, see `stops.rs`), it writes that block; otherwise the stored `usage/<id>` bytes must be exactly the bytes it was evaluated
 //!    against (compare-and-set), and then it writes the precomputed counters and record.
 //! 4. If they differ (a settlement, a reset or an approval moved the counters, or an earlier
 //!    transaction of the lane failed), nothing is written and the writer answers at once with the
@@ -83,6 +83,19 @@ pub(super) struct Moved {
 }
 
 /// The `Moved` inside a ledger error, if that is what it is.
+/// State-table key of the emergency stop of every passport.
+pub(super) const STOP_ALL_KEY: &str = "stop/all";
+/// State-table key prefix of one passport's emergency stop (`stop/<passport id>`).
+pub(super) const STOP_PREFIX: &str = "stop/";
+
+/// Why a passport's decisions are refused before its counters are looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Barred {
+    Revoked,
+    /// An operator's emergency stop covers it.
+    Stopped,
+}
+
 fn moved(e: LedgerError) -> Result<Moved, LedgerError> {
     match e {
         LedgerError::Txn(TxnError::Abort(inner)) => match inner.downcast::<Moved>() {
@@ -118,10 +131,10 @@ async fn submit_then_release<F: Future, G>(fut: F, guard: G) -> F::Output {
 impl Service {
     /// Runs one counter-moving evaluation of passport `passport_id` in its lane (see the module
     /// doc). `evaluate(counters, at)` gets the stored `usage/<id>` bytes (`None`: none yet) and
-    /// the decision time; it runs on a blocking thread when `blocking` is set. `commit(revoked,
+    /// the decision time; it runs on a blocking thread when `blocking` is set. `commit(barred,
     /// plan, txn)` runs in the writer after the compare-and-set succeeded (and the counters were
-    /// written), or with `revoked` set, before any comparison, when the passport is revoked in
-    /// the store (nothing is written then).
+    /// written), or with `barred` set, before any comparison, when the passport is revoked or
+    /// stopped in the store (nothing is written then).
     pub(super) async fn in_lane<P, T, Ev, Co>(
         &self,
         passport_id: &str,
@@ -133,13 +146,14 @@ impl Service {
         P: Send + 'static,
         T: Send + 'static,
         Ev: Fn(Option<&[u8]>, DateTime<Utc>) -> Speculation<P> + Send + Sync + 'static,
-        Co: Fn(bool, P, &mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + Sync + 'static,
+        Co: Fn(Option<Barred>, P, &mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + Sync + 'static,
     {
         let lane = self.lanes.get(passport_id)?;
         let evaluate = Arc::new(evaluate);
         let commit = Arc::new(commit);
         let usage_key: Arc<str> = format!("usage/{passport_id}").into();
         let revoked_key: Arc<str> = format!("revoked/{passport_id}").into();
+        let stop_key: Arc<str> = format!("{STOP_PREFIX}{passport_id}").into();
         for attempt in 1..=MAX_ATTEMPTS {
             let mut state = lane.clone().lock_owned().await;
             let expects = match &state.known {
@@ -170,11 +184,14 @@ impl Service {
             let writes = writes.map(Arc::new);
             // The next evaluation of this passport starts from what this one leaves.
             state.known = Some(writes.clone().or_else(|| expects.clone()));
-            let (id, ukey, rkey, commit) =
-                (passport_id.to_string(), usage_key.clone(), revoked_key.clone(), commit.clone());
+            let (id, ukey, rkey, skey, commit) =
+                (passport_id.to_string(), usage_key.clone(), revoked_key.clone(), stop_key.clone(), commit.clone());
             let work = move |txn: &mut Txn<'_>| {
                 if txn.get(&rkey)?.is_some() {
-                    return commit(true, plan, txn);
+                    return commit(Some(Barred::Revoked), plan, txn);
+                }
+                if txn.get(STOP_ALL_KEY)?.is_some() || txn.get(&skey)?.is_some() {
+                    return commit(Some(Barred::Stopped), plan, txn);
                 }
                 let current = txn.get(&ukey)?;
                 if current.as_deref() != expects.as_deref().map(Vec::as_slice) {
@@ -183,7 +200,7 @@ impl Service {
                 if let Some(w) = &writes {
                     txn.put(&ukey, w)?;
                 }
-                commit(false, plan, txn)
+                commit(None, plan, txn)
             };
             let result = submit_then_release(self.transact(work), state).await;
             match result {

@@ -7,7 +7,8 @@
 //!
 //! State keys in the ledger's state table (values are JSON):
 //! `passport/<id>` the registered token; `revoked/<id>` who revoked it and when;
-//! `usage/<id>` the passport's counters ([`crate::decide::Usage`]); `hold/<id>` a hold.
+//! `usage/<id>` the passport's counters ([`crate::decide::Usage`]); `hold/<id>` a hold;
+//! `stop/all` and `stop/<id>` emergency stops in force (`stops.rs`).
 
 /// `to_json` for a typed service answer: its JSON, made at the edge (API, CLI, proxy answers).
 /// Defined before the modules so that each of them can use it.
@@ -33,6 +34,7 @@ mod money_tests;
 mod peer;
 mod sandboxes;
 pub(crate) mod settlement;
+mod stops;
 #[cfg(test)]
 pub(crate) mod testkit;
 mod views;
@@ -43,6 +45,7 @@ pub use holds::{HeldRequestView, HoldList, HoldOutcome, HoldView};
 pub use peer::{Actor, Peer};
 pub use sandboxes::{BindTarget, Sandbox, UnixConfinement, UnixHealth, BOUND_CHECK_INTERVAL};
 pub use settlement::why as settle_why;
+pub use stops::{ResumeDone, StopDone, StopEnforcer, StopEntry, StopScope, StopSet};
 pub use views::{AgentList, AgentView, CheckpointView, LogVerification, SandboxBrief};
 
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
@@ -138,6 +141,12 @@ pub enum ServiceError {
     UnixUnconfined(String),
     #[error("the answer could not be serialised: {0}")]
     Serialise(#[from] serde_json::Error),
+    /// The stop set is recorded and the proxy refuses every request it covers, but the kernel's
+    /// stop map could not be written.
+    #[error(
+        "the stop is recorded and every request of the stopped passports is refused, but the kernel's stop map could not be written ({0}): new connections of their sandboxes still reach the proxy. Check the daemon's log and the pin directory, then run the command again"
+    )]
+    KernelStop(String),
 }
 
 impl ServiceError {
@@ -156,6 +165,7 @@ impl ServiceError {
                 | ServiceError::ResolutionNotFound(_)
                 | ServiceError::Cgroup(_)
                 | ServiceError::Serialise(_)
+                | ServiceError::KernelStop(_)
         )
     }
 
@@ -240,12 +250,15 @@ pub struct ServiceConfig {
     /// How agents' Unix sockets are confined; with `agents` set and this `None`, sandboxes are
     /// refused (fail closed).
     pub unix: Option<Arc<sandboxes::UnixConfinement>>,
+    /// Where stopped sandboxes are refused in the kernel (the pinned stop map); `None` in
+    /// passport-only mode.
+    pub stops: Option<Arc<dyn StopEnforcer>>,
 }
 
 impl ServiceConfig {
     /// Passport-only mode: no sandboxes, no CA bundle.
     pub fn passport_only(pinned_issuers: Vec<IssuerId>, hold_timeout: Duration) -> ServiceConfig {
-        ServiceConfig { pinned_issuers, hold_timeout, agents: None, ca_bundle: None, unix: None }
+        ServiceConfig { pinned_issuers, hold_timeout, agents: None, ca_bundle: None, unix: None, stops: None }
     }
 }
 
@@ -347,6 +360,8 @@ pub struct Service {
     policy: RwLock<Option<Arc<crate::policy::PolicyHandle>>>,
     /// Per-passport lanes: decisions are evaluated there, outside the ledger writer.
     lanes: lanes::Lanes,
+    /// Emergency stops in force (`stops.rs`); the proxy watches it.
+    stops: tokio::sync::watch::Sender<Arc<StopSet>>,
 }
 
 /// Revocations as the ledger's state knows them, for the passport verifier.
@@ -372,6 +387,7 @@ impl Service {
             .into_iter()
             .filter_map(|(k, _)| k.strip_prefix("revoked/").map(str::to_string))
             .collect();
+        let stop_set = StopSet::load(ledger.state_scan(lanes::STOP_PREFIX)?);
         let mut passports = HashMap::new();
         for (key, token) in ledger.state_scan("passport/")? {
             let token = String::from_utf8_lossy(&token).into_owned();
@@ -396,12 +412,20 @@ impl Service {
             sandboxes: RwLock::new(HashMap::new()),
             policy: RwLock::new(None),
             lanes: lanes::Lanes::default(),
+            stops: tokio::sync::watch::Sender::new(Arc::new(stop_set)),
         });
         service
             .record_host_event("daemon_start", json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}))
             .await?;
         service.recover_holds().await?;
         service.recover_sandboxes().await?;
+        // The pinned map kept the stops while no daemon ran; it gets the stored set again, for
+        // the sandboxes that exist now. Failing here fails the start (the map keeps refusing).
+        let stops = service.stops();
+        if !stops.is_empty() {
+            tracing::warn!(all = stops.all.is_some(), passports = stops.passports.len(), "emergency stops in force");
+        }
+        service.push_stops_to_kernel()?;
         Ok(service)
     }
 
@@ -517,6 +541,17 @@ impl Service {
 
     fn is_revoked(&self, id: &str) -> bool {
         self.revoked.read().map(|r| r.contains(id)).unwrap_or(true)
+    }
+
+    /// Why passport `id`'s decisions are refused before its counters are read, if they are.
+    fn barred(&self, id: &str) -> Option<lanes::Barred> {
+        if self.is_revoked(id) {
+            Some(lanes::Barred::Revoked)
+        } else if self.is_stopped(id) {
+            Some(lanes::Barred::Stopped)
+        } else {
+            None
+        }
     }
 
     /// Registers a passport: full verification (pinned issuers, revocation, time), CEL rules
@@ -664,16 +699,16 @@ impl Service {
                 let opts = EvalOptions { skip_approval: false, host_rules };
                 let decision = Arc::new(LaneDecision { cp, request, host_verdict, held, policy_digest: digest, opts });
                 let d = decision.clone();
-                let revoked_now = {
+                let barred_now = {
                     let id = d.cp.passport.claims.id.to_string();
                     let me = self.me.clone();
-                    move || me.upgrade().is_none_or(|s| s.is_revoked(&id))
+                    move || me.upgrade().map_or(Some(lanes::Barred::Revoked), |s| s.barred(&id))
                 };
                 self.in_lane(
                     pid.as_str(),
                     blocking,
-                    move |counters, at| d.evaluate(counters, revoked_now(), at),
-                    move |revoked, plan, txn| decision.commit(revoked, plan, txn),
+                    move |counters, at| d.evaluate(counters, barred_now(), at),
+                    move |barred, plan, txn| decision.commit(barred, plan, txn),
                 )
                 .await?
             }
@@ -861,12 +896,17 @@ struct DecisionPlan {
 }
 
 impl LaneDecision {
-    /// Evaluates against the stored counters `counters` (outside the writer). Revoked and
-    /// unreadable counters are decided here, as before the engine.
-    fn evaluate(&self, counters: Option<&[u8]>, revoked: bool, at: DateTime<Utc>) -> lanes::Speculation<DecisionPlan> {
+    /// Evaluates against the stored counters `counters` (outside the writer). Revoked, stopped
+    /// and unreadable counters are decided here, as before the engine.
+    fn evaluate(
+        &self,
+        counters: Option<&[u8]>,
+        barred: Option<lanes::Barred>,
+        at: DateTime<Utc>,
+    ) -> lanes::Speculation<DecisionPlan> {
         let claims = &self.cp.passport.claims;
-        let (built, writes) = if revoked {
-            (drafts::Built::revoked(claims, at), None)
+        let (built, writes) = if let Some(barred) = barred {
+            (barred_block(claims, barred, at), None)
         } else {
             match counters.map(Usage::from_bytes).transpose() {
                 Err(e) => {
@@ -890,19 +930,19 @@ impl LaneDecision {
         lanes::Speculation { writes, plan: DecisionPlan { built, draft, at } }
     }
 
-    /// In the writer, after the counters were compared (and written, for an allow); `revoked`:
-    /// the store says the passport is revoked, and nothing was compared or written.
+    /// In the writer, after the counters were compared (and written, for an allow); `barred`:
+    /// the store says the passport is revoked or stopped, and nothing was compared or written.
     fn commit(
         &self,
-        revoked: bool,
+        barred: Option<lanes::Barred>,
         plan: DecisionPlan,
         txn: &mut Txn<'_>,
     ) -> Result<(drafts::Built, Vec<Draft>), TxnError> {
         let claims = &self.cp.passport.claims;
         let id = claims.id.to_string();
         let DecisionPlan { mut built, draft, at } = plan;
-        if revoked && built.reason != decide::Reason::PassportRevoked {
-            built = drafts::Built::revoked(claims, at);
+        if let Some(barred) = barred.filter(|b| built.reason != barred_reason(*b)) {
+            built = barred_block(claims, barred, at);
             let body = drafts::decision(claims, &self.request, &built, self.policy_digest.as_deref(), at);
             return Ok((built, vec![Draft::new(id, body)]));
         }
@@ -917,5 +957,20 @@ impl LaneDecision {
             }
         };
         Ok((built, vec![draft]))
+    }
+}
+
+/// The block of a passport refused before its counters are read.
+fn barred_block(claims: &crate::passport::Claims, barred: lanes::Barred, at: DateTime<Utc>) -> drafts::Built {
+    match barred {
+        lanes::Barred::Revoked => drafts::Built::revoked(claims, at),
+        lanes::Barred::Stopped => drafts::Built::stopped(claims, at),
+    }
+}
+
+fn barred_reason(barred: lanes::Barred) -> decide::Reason {
+    match barred {
+        lanes::Barred::Revoked => decide::Reason::PassportRevoked,
+        lanes::Barred::Stopped => decide::Reason::EmergencyStop,
     }
 }

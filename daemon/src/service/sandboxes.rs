@@ -30,6 +30,9 @@
 //! non-dumpable PID 1 hold capabilities; see `crates/kernel/src/unix.rs` for why that is safe.
 
 use super::drafts;
+
+/// Why a stopped passport gets no new sandbox.
+const STOPPED_WHY: &str = "is under an emergency stop: no sandbox is created or bound for it until `sluice resume`";
 use super::peer::{Actor, Peer};
 use super::{now, Service, ServiceError};
 use crate::decide::CompiledPassport;
@@ -258,6 +261,9 @@ impl Service {
         if self.is_revoked(passport_id) {
             return Err(ServiceError::PassportUnusable { passport_id: passport_id.to_string(), why: "is revoked" });
         }
+        if self.is_stopped(passport_id) {
+            return Err(ServiceError::PassportUnusable { passport_id: passport_id.to_string(), why: STOPPED_WHY });
+        }
         // An L3 agent proves possession of its key for every sandbox, not only at registration.
         self.check_pop(&cp.passport.claims, pop)?;
         if cp.passport.claims.expires_at <= crate::passport::now() {
@@ -324,6 +330,8 @@ impl Service {
         if let Ok(mut m) = self.sandboxes.write() {
             m.insert(sandbox.cgroup_id, sandbox.clone());
         }
+        // A stop that came between the check above and now missed this sandbox.
+        self.stop_late_sandbox(passport_id);
         tracing::info!(sandbox = %sandbox.id, passport_id, pid = peer.pid, cgroup_id = sandbox.cgroup_id, "sandbox created");
         self.watch_leader(pidfd, sandbox.clone(), cgroup);
         Ok(SandboxCreated {
@@ -417,6 +425,9 @@ impl Service {
         if self.is_revoked(&passport_id) {
             return Err(ServiceError::PassportUnusable { passport_id: passport_id.to_string(), why: "is revoked" });
         }
+        if self.is_stopped(&passport_id) {
+            return Err(ServiceError::PassportUnusable { passport_id: passport_id.to_string(), why: STOPPED_WHY });
+        }
         let sandbox = Sandbox {
             id: cgroup.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             passport_id: passport_id.clone(),
@@ -445,6 +456,7 @@ impl Service {
             }
             m.insert(sandbox.cgroup_id, sandbox.clone());
         }
+        self.stop_late_sandbox(&passport_id);
         // Durable before the caller is told (and before the unit's agent starts).
         if let Err(e) = self.record_sandbox(&cp, &sandbox, true, "bound").await {
             if let Ok(mut m) = self.sandboxes.write() {

@@ -8,7 +8,8 @@
 //!   (`Conntable::udp_source`), so the resolver looks the sender's cgroup up by the datagram's
 //!   source address.
 //!
-//! A query whose sender is not a sandbox with a passport gets no answer at all.
+//! A query whose sender is not a sandbox with a passport, or whose passport is under an emergency
+//! stop, gets no answer at all.
 //!
 //! Host-wide `deny_domains` apply to every sandbox. Refused names are attested (`dns_denied`
 //! host records), at most once per name and transport per minute, so a flood of queries cannot
@@ -57,6 +58,11 @@ impl Identity {
             Via::Udp => self.conntable.udp_source(peer)?,
         };
         let passport = self.service.passport_for_cgroup(orig.cgroup_id)?;
+        // An emergency stop: no answer at all (the kernel refuses new DNS sends of the sandbox;
+        // this covers a UDP socket connected before the stop, whose sends skip that hook).
+        if self.service.is_stopped(passport.passport.claims.id.as_str()) {
+            return None;
+        }
         let this = self.clone();
         Some(Arc::new(move |name: &DomainName| {
             let host_ok = this.policy.current().host_check(name, 0) == HostVerdict::Allow;

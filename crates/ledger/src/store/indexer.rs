@@ -19,14 +19,13 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability};
 
-use super::segments::Segments;
 use super::*;
 use crate::journal::GroupEffects;
 
-pub(super) fn segment_storage(path: &std::path::Path, e: &SegmentError) -> StorageError {
+pub(super) fn segment_storage(path: &std::path::Path, e: &LedgerError) -> StorageError {
     StorageError {
         path: path.to_path_buf(),
-        context: "segments",
+        context: "segments, tiles and links",
         source: Arc::new(redb::Error::Io(std::io::Error::other(e.to_string()))),
     }
 }
@@ -76,7 +75,7 @@ pub(crate) static ON_SYNC: std::sync::Mutex<Vec<(PathBuf, Box<dyn Fn(&std::path:
 pub(super) struct Indexer {
     pub(super) path: PathBuf,
     pub(super) db: Arc<Database>,
-    pub(super) segments: Arc<Segments>,
+    pub(super) files: Arc<LogFiles>,
     pub(super) shared: Arc<Shared>,
     pub(super) rx: mpsc::Receiver<IndexJob>,
     pub(super) publish_interval: Duration,
@@ -206,7 +205,7 @@ impl Indexer {
         {
             let mut t = Tables::open(&wtxn, &path)?;
             for (gseq, fx) in groups {
-                self.size = match t.apply_group(*gseq, fx, self.size, &self.segments, &path) {
+                self.size = match t.apply_group(*gseq, fx, self.size, &self.files, &path) {
                     Ok(size) => size,
                     Err(ApplyError::Storage(e)) => return Err(e),
                     // The writer built this group from the same log: not following it is a bug.
@@ -240,19 +239,19 @@ impl Indexer {
             None => self.db.begin_write().map_err(se(&path, "begin sync"))?,
         };
         wtxn.set_durability(if durable { Durability::Immediate } else { Durability::None });
-        // The records reach their segments before redb says they exist (and, for a sync, reach
-        // the disk first).
-        let seg = |e: SegmentError| segment_storage(&path, &e);
+        // The records reach their segments (and their hashes the tiles, their chain links the
+        // links file) before redb says they exist, and, for a sync, reach the disk first.
+        let seg = |e: LedgerError| segment_storage(&path, &e);
         if durable {
-            self.segments.sync().map_err(seg)?;
+            self.files.sync().map_err(seg)?;
         } else {
-            self.segments.flush().map_err(seg)?;
+            self.files.flush().map_err(seg)?;
         }
         {
             // Written again so that an otherwise empty transaction is a real commit.
             let mut meta = wtxn.open_table(META).map_err(se(&path, "open meta"))?;
             meta.insert(META_GSEQ, self.gseq).map_err(se(&path, "write journal seq"))?;
-            let open_len = self.segments.open_len(self.size);
+            let open_len = self.files.segments.open_len(self.size);
             meta.insert(META_OPEN_LEN, open_len).map_err(se(&path, "write segment length"))?;
             if clean {
                 meta.insert(META_CLEAN, 1).map_err(se(&path, "write clean flag"))?;
@@ -277,7 +276,7 @@ impl Indexer {
                     }
                 }
             }
-            if let Err(e) = self.segments.seal_full(self.size) {
+            if let Err(e) = self.files.segments.seal_full(self.size) {
                 // The segment stays open (and readable); sealing is tried again at the next sync.
                 tracing::warn!(error = %e, "cannot seal a full ledger segment");
             }

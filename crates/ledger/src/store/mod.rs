@@ -16,10 +16,12 @@
 //! group is durable the writer hands its effects to the indexer and answers.
 //!
 //! The indexer appends the records of the groups it is handed to the log's segment files
-//! ([`segments`]: records live there, never in redb) and applies the rest of each group to redb,
+//! ([`segments`]: records live there, never in redb), their leaf hashes to the hash tiles and
+//! their chain links to the links file, and applies the rest of each group to redb,
 //! in batches, in one write transaction kept open across batches, committed (published) without a sync when a reader asks or every
 //! [`LedgerOptions::publish_interval`], and synced every [`LedgerOptions::durable_interval`]
-//! (the segments are synced first, and redb's `meta` keeps how long the open segment was then).
+//! (the segments, tiles and links are synced first, and redb's `meta` keeps how long the open
+//! segment was then).
 //! Every read ([`Ledger::snapshot`] and what is built on it) first waits until the indexer has
 //! published every group already answered, so nobody reads an older state than a caller was told
 //! about. The journal is never emptied before redb is synced past it: when it is half full (or a
@@ -38,18 +40,21 @@
 //! [`Txn::record`] reads answered records the indexer has not published from the writer's memory
 //! and older ones from redb.
 //!
-//! Tables (written only by the indexer and by replay): `merkle_nodes` (packed (level, index) →
-//! perfect-subtree hash), `chain_heads` (chain → (seq, leaf hash) of its last record),
-//! `chain_index` ((chain, seq) → log index), `state` (key → opaque bytes owned by other modules),
-//! `checkpoints` (tree size → signed note), `meta` (`size`, `format` (2), `journal_id`,
+//! Tables (written only by the indexer and by replay): `chain_tails` (chain → (seq, leaf hash,
+//! log index) of its last record), `state` (key → opaque bytes owned by other modules),
+//! `checkpoints` (tree size → signed note), `meta` (`size`, `format` (3), `journal_id`,
 //! `journal_seq`, `clean_stop`, `segment_shift`, `open_segment_len`). Every one of them can be
-//! rebuilt from the records and the journal; the records themselves are only in the segments.
+//! rebuilt from the records and the journal; the records themselves are only in the segments,
+//! the Merkle hashes only in the tiles (`tiles`), and which records make up a chain only in the
+//! links file (`links`): no row per record is kept in redb. A format 2 store (Merkle nodes and
+//! a chain index row per record in redb) is migrated at open.
 //!
 //! Modules, one job each: this one is the handle ([`Ledger`]: open, submit, read, shut down),
 //! its options and errors; `txn` a transaction's view and bounds; `writer` the writer thread,
 //! its jobs and the in-memory state; `indexer` the thread that writes redb; `snapshot` read-only
-//! views; `segments` the segment files (append, sync, seal, read); `open` journal replay, the
-//! coherence check and loading the writer's memory at open;
+//! views; `segments` the segment files (append, sync, seal, read); `tiles` the Merkle hash tiles;
+//! `links` the chain links; `open` opening tiles and links (rebuild, migration), journal replay,
+//! the coherence check and loading the writer's memory at open;
 //! `tables` the table definitions and how a group is written to them (shared by the indexer and
 //! replay).
 
@@ -70,21 +75,27 @@ use super::merkle::{Hash, MerkleError};
 use super::record::{Appended, Draft, DraftError};
 
 mod indexer;
+mod links;
 mod open;
 mod segments;
 mod snapshot;
 mod tables;
+mod tiles;
 mod txn;
 mod writer;
 
 #[cfg(test)]
 pub(crate) use indexer::ON_SYNC;
 use indexer::*;
+pub use links::links_path;
+#[cfg(test)]
+pub(crate) use open::REBUILT;
 use open::*;
 use segments::Segments;
 pub use segments::{segments_dir, SegmentError};
 pub use snapshot::{Snapshot, SnapshotNodes};
 use tables::*;
+pub use tiles::{tile_path, tiles_dir, TileError};
 use txn::*;
 pub use txn::{Txn, MAX_DRAFTS_PER_TXN, MAX_STATE_KEY_BYTES, MAX_STATE_VALUE_BYTES, MAX_WRITES_PER_TXN};
 use writer::*;
@@ -174,6 +185,8 @@ pub enum LedgerError {
     Merkle(#[from] MerkleError),
     #[error(transparent)]
     Segment(#[from] SegmentError),
+    #[error(transparent)]
+    Tile(TileError),
 }
 
 /// What a transaction closure may fail with. Nothing it wrote is kept.
@@ -256,7 +269,7 @@ struct Inner {
     jobs: mpsc::Sender<Job>,
     /// The indexer's queue (readers ask it to publish).
     index: mpsc::Sender<IndexJob>,
-    segments: Arc<Segments>,
+    files: Arc<LogFiles>,
     writer: Mutex<Option<JoinHandle<()>>>,
     permits: Permits,
     /// The writer thread (which must never wait for itself).
@@ -315,18 +328,32 @@ impl Ledger {
             }
             Err(e) => return Err(se(path, "open database")(e).into()),
         };
-        let db = Arc::new(db);
-        let shift = init_tables(&db, path, opts.segment_records)?;
+        let mut db = db;
+        let (shift, migrate) = init_tables(&db, path, opts.segment_records)?;
         let (stored_size, open_len) = read_sizes(&db, path)?;
         let segments = Segments::open(&segments_dir(path), shift, stored_size, open_len).map_err(|e| match e {
             SegmentError::Damaged { .. } => LedgerError::Incoherent { path: path.to_path_buf(), reason: e.to_string() },
             other => other.into(),
         })?;
         let segments = Arc::new(segments);
-        let (journal, gseq) = open_journal(&db, path, opts.journal_capacity, &segments)?;
+        let files = open_files(&db, path, segments.clone(), stored_size, migrate).map_err(|e| match e {
+            LedgerError::Tile(e @ TileError::Damaged { .. }) => {
+                LedgerError::Incoherent { path: path.to_path_buf(), reason: e.to_string() }
+            }
+            other => other,
+        })?;
+        if migrate {
+            // The format 2 tables' pages are free now: give them back to the file system.
+            if let Err(e) = db.compact() {
+                tracing::warn!(error = %e, "cannot compact the ledger store after migrating it");
+            }
+        }
+        let db = Arc::new(db);
+        let files = Arc::new(files);
+        let (journal, gseq) = open_journal(&db, path, opts.journal_capacity, &files)?;
         let public = host_key.verifying_key();
-        let (size, latest) = check_coherent(&db, path, &public, &segments)?;
-        let mem = load_memory(&db, path, size, &segments)?;
+        let (size, latest) = check_coherent(&db, path, &public, &files)?;
+        let mem = load_memory(&db, path, size, &files)?;
         let shared = Arc::new(Shared {
             size: AtomicU64::new(size),
             latest: RwLock::new(latest.clone()),
@@ -345,7 +372,7 @@ impl Ledger {
         let indexer = Indexer {
             path: path.to_path_buf(),
             db: db.clone(),
-            segments: segments.clone(),
+            files: files.clone(),
             shared: shared.clone(),
             rx: index_rx,
             publish_interval: opts.publish_interval,
@@ -396,7 +423,7 @@ impl Ledger {
                 shared,
                 jobs: tx,
                 index: index_tx,
-                segments,
+                files,
                 writer_id: Some(handle.thread().id()),
                 writer: Mutex::new(Some(handle)),
                 permits: Permits::new(opts.max_queued.max(1)),
@@ -497,7 +524,7 @@ impl Ledger {
     /// A consistent read-only view of the committed store.
     pub fn snapshot(&self) -> Result<Snapshot, LedgerError> {
         self.publish()?;
-        Snapshot::new(&self.inner.db, &self.inner.path, &self.inner.segments)
+        Snapshot::new(&self.inner.db, &self.inner.path, &self.inner.files)
     }
 
     /// Waits until every group already answered is visible to readers (see the module docs):

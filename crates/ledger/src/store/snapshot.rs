@@ -1,5 +1,6 @@
-//! Read-only views of the committed store ([`Snapshot`]): one redb read transaction serving
-//! chain indices and heads, records (from the segment files, up to the snapshot's size), Merkle roots and proofs, state, and checkpoint notes.
+//! Read-only views of the committed store ([`Snapshot`]): one redb read transaction (its size,
+//! chain tails, state and checkpoint notes) and, up to that size, the records (segment files),
+//! chain indices (walked back through the links file) and Merkle roots and proofs (hash tiles).
 //!
 //! Must not: write, or make anything visible (the handle waits for the indexer to publish every
 //! answered group before it opens a snapshot).
@@ -10,7 +11,6 @@ use std::sync::Arc;
 
 use redb::{Database, ReadTransaction, ReadableTable};
 
-use super::segments::Segments;
 use super::*;
 use crate::merkle::{self, Hash, MerkleError, NodeSource};
 use crate::record::ChainHead;
@@ -20,27 +20,28 @@ pub struct Snapshot {
     pub(super) txn: ReadTransaction,
     path: PathBuf,
     pub(super) size: u64,
-    segments: Arc<Segments>,
+    files: Arc<LogFiles>,
 }
 
-/// Node source over a snapshot's merkle table.
+/// Node source over the hash tiles, limited to a snapshot's size.
 pub struct SnapshotNodes {
-    table: redb::ReadOnlyTable<u64, [u8; 32]>,
+    files: Arc<LogFiles>,
+    size: u64,
 }
 
 impl NodeSource for SnapshotNodes {
     fn get(&self, level: u8, index: u64) -> Result<Option<Hash>, MerkleError> {
-        NodesRead(&self.table).get(level, index)
+        self.files.tiles.node(level, index, self.size).map_err(|e| MerkleError::Storage(Box::new(e)))
     }
 }
 
 impl Snapshot {
-    pub(super) fn new(db: &Database, path: &Path, segments: &Arc<Segments>) -> Result<Snapshot, LedgerError> {
+    pub(super) fn new(db: &Database, path: &Path, files: &Arc<LogFiles>) -> Result<Snapshot, LedgerError> {
         let txn = db.begin_read().map_err(se(path, "begin read"))?;
         let meta = txn.open_table(META).map_err(se(path, "open meta"))?;
         let size = meta.get(META_SIZE).map_err(se(path, "read size"))?.map(|g| g.value()).unwrap_or(0);
         drop(meta);
-        Ok(Snapshot { txn, path: path.to_path_buf(), size, segments: segments.clone() })
+        Ok(Snapshot { txn, path: path.to_path_buf(), size, files: files.clone() })
     }
 
     /// Records in this snapshot.
@@ -49,14 +50,14 @@ impl Snapshot {
     }
 
     pub(super) fn nodes(&self) -> Result<SnapshotNodes, LedgerError> {
-        Ok(SnapshotNodes { table: self.txn.open_table(NODES).map_err(se(&self.path, "open merkle"))? })
+        Ok(SnapshotNodes { files: self.files.clone(), size: self.size })
     }
 
     pub fn record(&self, index: u64) -> Result<Option<Vec<u8>>, LedgerError> {
         if index >= self.size {
             return Ok(None);
         }
-        Ok(Some(self.segments.read(index)?))
+        Ok(Some(self.files.segments.read(index)?))
     }
 
     /// Calls `f` with every record in `[from, to)` in order.
@@ -70,28 +71,29 @@ impl Snapshot {
         if from >= to {
             return Ok(());
         }
-        self.segments.for_each(from, to, f)
+        self.files.segments.for_each(from, to, f)
     }
 
     /// Log indices of the records of `chain`, in order.
     pub fn chain_indices(&self, chain: &str) -> Result<Vec<u64>, LedgerError> {
-        let t = self.txn.open_table(CHAIN_INDEX).map_err(se(&self.path, "open chain index"))?;
-        let mut out = Vec::new();
-        for entry in t.range((chain, 0u64)..=(chain, u64::MAX)).map_err(se(&self.path, "scan chain index"))? {
-            let (_, v) = entry.map_err(se(&self.path, "scan chain index"))?;
-            let index = v.value();
-            if index < self.size {
-                out.push(index);
-            }
+        let t = self.txn.open_table(TAILS).map_err(se(&self.path, "open chain tails"))?;
+        let Some((seq, _, last)) = t.get(chain).map_err(se(&self.path, "read chain tail"))?.map(|g| g.value()) else {
+            return Ok(Vec::new());
+        };
+        if last >= self.size {
+            return Err(LedgerError::Incoherent {
+                path: self.path.clone(),
+                reason: format!("chain {chain:?} ends at record {last}, beyond the log's {} records", self.size),
+            });
         }
-        Ok(out)
+        Ok(self.files.links.walk(last, seq.saturating_add(1))?)
     }
 
     /// The last record of `chain`.
     pub fn chain_head(&self, chain: &str) -> Result<Option<ChainHead>, LedgerError> {
-        let t = self.txn.open_table(HEADS).map_err(se(&self.path, "open chain heads"))?;
-        Ok(t.get(chain).map_err(se(&self.path, "read chain head"))?.map(|g| {
-            let (seq, hash) = g.value();
+        let t = self.txn.open_table(TAILS).map_err(se(&self.path, "open chain tails"))?;
+        Ok(t.get(chain).map_err(se(&self.path, "read chain tail"))?.map(|g| {
+            let (seq, hash, _) = g.value();
             ChainHead { seq, hash }
         }))
     }

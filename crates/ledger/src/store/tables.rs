@@ -1,25 +1,26 @@
-//! The store's tables and how a group is written to them: the table definitions and `meta` keys,
-//! creating them at open, Merkle node access over redb, and [`Tables::apply_group`], the one place
-//! a group's state writes, records (record, Merkle nodes, chain head, chain index) and checkpoint
-//! are written, shared by the indexer and journal replay so both write exactly the same rows.
+//! The store's tables and how a group is written: the table definitions and `meta` keys, creating
+//! them at open (and migrating a format 2 store), and [`Tables::apply_group`], the one place a
+//! group's state writes, records (segment, Merkle tiles, chain link, chain tail) and checkpoint are
+//! written, shared by the indexer and journal replay so both write exactly the same bytes.
 //!
 //! Must not: decide what to write or when to commit (the writer and replay do), or read for callers
 //! (the snapshot does).
 
 use std::path::Path;
-use std::sync::Arc;
 
 use redb::{Database, ReadableTable, Table, TableDefinition};
 
-use super::segments::Segments;
 use super::*;
 use crate::journal::GroupEffects;
-use crate::merkle::{self, Hash, MerkleError, NodeSource, NodeStore};
+use crate::merkle;
 use crate::record;
 
+/// Format 2 only (removed by the migration to format 3): Merkle nodes, chain heads, chain index.
 pub(super) const NODES: TableDefinition<u64, [u8; 32]> = TableDefinition::new("merkle_nodes");
 pub(super) const HEADS: TableDefinition<&str, (u64, [u8; 32])> = TableDefinition::new("chain_heads");
 pub(super) const CHAIN_INDEX: TableDefinition<(&str, u64), u64> = TableDefinition::new("chain_index");
+/// chain → (seq, leaf hash, log index) of its last record.
+pub(super) const TAILS: TableDefinition<&str, (u64, [u8; 32], u64)> = TableDefinition::new("chain_tails");
 pub(super) const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 pub(super) const CHECKPOINTS: TableDefinition<u64, &str> = TableDefinition::new("checkpoints");
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -37,40 +38,16 @@ pub(super) const META_CLEAN: &str = "clean_stop";
 pub(super) const META_SEGMENT_SHIFT: &str = "segment_shift";
 /// Bytes of the open segment (the one the log ends in) as of this commit.
 pub(super) const META_OPEN_LEN: &str = "open_segment_len";
-/// Version 2: records in segment files, not in redb.
-pub(super) const FORMAT_VERSION: u64 = 2;
-
-pub(super) struct NodesRead<'a, T>(pub(super) &'a T);
-
-impl<T: ReadableTable<u64, [u8; 32]>> NodeSource for NodesRead<'_, T> {
-    fn get(&self, level: u8, index: u64) -> Result<Option<Hash>, MerkleError> {
-        self.0
-            .get(merkle::node_key(level, index))
-            .map(|v| v.map(|g| g.value()))
-            .map_err(|e| MerkleError::Storage(Box::new(e)))
-    }
-}
-
-pub(super) struct NodesWrite<'a, 't>(pub(super) &'a mut Table<'t, u64, [u8; 32]>);
-
-impl NodeSource for NodesWrite<'_, '_> {
-    fn get(&self, level: u8, index: u64) -> Result<Option<Hash>, MerkleError> {
-        NodesRead(&*self.0).get(level, index)
-    }
-}
-
-impl NodeStore for NodesWrite<'_, '_> {
-    fn put(&mut self, level: u8, index: u64, hash: Hash) -> Result<(), MerkleError> {
-        self.0.insert(merkle::node_key(level, index), hash).map(|_| ()).map_err(|e| MerkleError::Storage(Box::new(e)))
-    }
-}
+/// Version 2: records in segment files, not in redb. Version 3: Merkle hashes in tile files and
+/// chain membership in the links file, not in redb (a version 2 store is migrated at open).
+pub(super) const FORMAT_VERSION: u64 = 3;
+/// The version migrated in place at open.
+pub(super) const FORMAT_SEGMENTS: u64 = 2;
 
 /// The write transaction's tables, and how one group is stored (shared by the indexer and
 /// journal replay, so both write exactly the same rows).
 pub(super) struct Tables<'t> {
-    pub(super) nodes: Table<'t, u64, [u8; 32]>,
-    pub(super) heads: Table<'t, &'static str, (u64, [u8; 32])>,
-    pub(super) chain_index: Table<'t, (&'static str, u64), u64>,
+    pub(super) tails: Table<'t, &'static str, (u64, [u8; 32], u64)>,
     pub(super) state: Table<'t, &'static str, &'static [u8]>,
     pub(super) checkpoints: Table<'t, u64, &'static str>,
     pub(super) meta: Table<'t, &'static str, u64>,
@@ -79,9 +56,7 @@ pub(super) struct Tables<'t> {
 impl<'t> Tables<'t> {
     pub(super) fn open(wtxn: &'t redb::WriteTransaction, path: &Path) -> Result<Tables<'t>, StorageError> {
         Ok(Tables {
-            nodes: wtxn.open_table(NODES).map_err(se(path, "open merkle"))?,
-            heads: wtxn.open_table(HEADS).map_err(se(path, "open chain heads"))?,
-            chain_index: wtxn.open_table(CHAIN_INDEX).map_err(se(path, "open chain index"))?,
+            tails: wtxn.open_table(TAILS).map_err(se(path, "open chain tails"))?,
             state: wtxn.open_table(STATE).map_err(se(path, "open state"))?,
             checkpoints: wtxn.open_table(CHECKPOINTS).map_err(se(path, "open checkpoints"))?,
             meta: wtxn.open_table(META).map_err(se(path, "open meta"))?,
@@ -103,7 +78,7 @@ impl<'t> Tables<'t> {
         gseq: u64,
         fx: &GroupEffects,
         mut size: u64,
-        segments: &Segments,
+        files: &LogFiles,
         path: &Path,
     ) -> Result<u64, ApplyError> {
         for (k, v) in &fx.state {
@@ -115,11 +90,28 @@ impl<'t> Tables<'t> {
                 return Err(ApplyError::Bad(format!("record index {} where the log has {size} records", r.index)));
             }
             record::check_chain(&r.chain).map_err(|e| ApplyError::Bad(e.to_string()))?;
+            if r.index >= merkle::MAX_TREE_SIZE - 1 {
+                return Err(ApplyError::Bad(format!("record index {} is beyond the supported log size", r.index)));
+            }
             let leaf = merkle::leaf_hash(&r.canonical);
-            segments.append(r.index, &r.canonical).map_err(|e| ApplyError::Bad(e.to_string()))?;
-            merkle::append(&mut NodesWrite(&mut self.nodes), r.index, leaf).map_err(|e| merkle_storage(path, e))?;
-            self.heads.insert(r.chain.as_str(), (r.seq, leaf)).map_err(se(path, "write chain head"))?;
-            self.chain_index.insert((r.chain.as_str(), r.seq), r.index).map_err(se(path, "write chain index"))?;
+            let prev = self.tails.get(r.chain.as_str()).map_err(se(path, "read chain tail"))?.map(|g| g.value());
+            let prev = match prev {
+                Some((seq, _, index)) if r.seq == seq.saturating_add(1) && seq != u64::MAX => index,
+                None if r.seq == 0 => links::NONE,
+                other => {
+                    return Err(ApplyError::Bad(format!(
+                        "record {} is seq {} of chain {:?}, whose last record is seq {:?}",
+                        r.index,
+                        r.seq,
+                        r.chain,
+                        other.map(|(seq, ..)| seq)
+                    )))
+                }
+            };
+            files.segments.append(r.index, &r.canonical).map_err(|e| ApplyError::Bad(e.to_string()))?;
+            files.tiles.append(r.index, leaf).map_err(|e| ApplyError::Bad(e.to_string()))?;
+            files.links.append(r.index, prev).map_err(|e| ApplyError::Bad(e.to_string()))?;
+            self.tails.insert(r.chain.as_str(), (r.seq, leaf, r.index)).map_err(se(path, "write chain tail"))?;
             size += 1;
         }
         if fx.size != size {
@@ -151,13 +143,13 @@ impl From<StorageError> for ApplyError {
 }
 
 /// Creates the tables (and `meta`) of a new store, or checks an existing store's format.
-/// Returns the store's segment shift.
-pub(super) fn init_tables(db: &Database, path: &Path, segment_records: u64) -> Result<u32, LedgerError> {
+/// Returns the store's segment shift, and whether it is a format 2 store to migrate
+/// (by `open::open_files`, once its segments are open).
+pub(super) fn init_tables(db: &Database, path: &Path, segment_records: u64) -> Result<(u32, bool), LedgerError> {
     let txn = db.begin_write().map_err(se(path, "begin initial transaction"))?;
+    let mut migrate = false;
     {
-        txn.open_table(NODES).map_err(se(path, "create merkle table"))?;
-        txn.open_table(HEADS).map_err(se(path, "create chain heads table"))?;
-        txn.open_table(CHAIN_INDEX).map_err(se(path, "create chain index table"))?;
+        txn.open_table(TAILS).map_err(se(path, "create chain tails table"))?;
         txn.open_table(STATE).map_err(se(path, "create state table"))?;
         txn.open_table(CHECKPOINTS).map_err(se(path, "create checkpoints table"))?;
         let mut meta = txn.open_table(META).map_err(se(path, "create meta table"))?;
@@ -173,12 +165,14 @@ pub(super) fn init_tables(db: &Database, path: &Path, segment_records: u64) -> R
                 }
             }
             Some(FORMAT_VERSION) => {}
+            Some(FORMAT_SEGMENTS) => migrate = true,
             Some(other) => {
                 return Err(LedgerError::Incoherent {
                     path: path.to_path_buf(),
                     reason: format!(
-                        "store format version {other} is not supported (this build reads version {FORMAT_VERSION}; \
-                         version 1 kept records inside redb: export it with the sluice that wrote it)"
+                        "store format version {other} is not supported (this build reads version {FORMAT_VERSION} \
+                         and migrates version {FORMAT_SEGMENTS}; version 1 kept records inside redb: export it with \
+                         the sluice that wrote it)"
                     ),
                 })
             }
@@ -206,23 +200,5 @@ pub(super) fn init_tables(db: &Database, path: &Path, segment_records: u64) -> R
         }
     };
     txn.commit().map_err(se(path, "commit initial transaction"))?;
-    Ok(shift)
-}
-
-pub(super) fn merkle_storage(path: &Path, e: MerkleError) -> StorageError {
-    match e {
-        MerkleError::Storage(inner) => match inner.downcast::<redb::StorageError>() {
-            Ok(s) => storage(path, "merkle nodes")((*s).into()),
-            Err(other) => StorageError {
-                path: path.to_path_buf(),
-                context: "merkle nodes",
-                source: Arc::new(redb::Error::Io(std::io::Error::other(other.to_string()))),
-            },
-        },
-        other => StorageError {
-            path: path.to_path_buf(),
-            context: "merkle nodes",
-            source: Arc::new(redb::Error::Io(std::io::Error::other(other.to_string()))),
-        },
-    }
+    Ok((shift, migrate))
 }

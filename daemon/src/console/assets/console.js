@@ -41,8 +41,7 @@ function short(id) {
   return id && id.length > 18 ? id.slice(0, 15) + "…" : id || "";
 }
 
-// State changes: POST with the session's CSRF token. A new action (the emergency stop) is one
-// more call of post() from a button.
+// State changes: POST with the session's CSRF token.
 async function post(path, body) {
   const r = await fetch(path, {
     method: "POST",
@@ -123,9 +122,49 @@ function meter(label, spentMilli, limitCents, resets) {
   return wrap;
 }
 
-// Buttons per agent; the emergency stop adds its own here.
-function agentActions(_agent) {
-  return [];
+// The stops in force (from the overview): who is frozen, since when, by whom.
+let stops = { all: null, passports: [] };
+
+function stoppedEntry(passportId) {
+  return (stops.passports || []).find((p) => p.passport_id === passportId) || null;
+}
+
+// Stop or resume: one click, no dialog (an emergency stop must be quick). The note, if any, comes
+// from the box in the emergency bar and is attested with the action.
+async function stopAction(verb, body, button) {
+  button.disabled = true;
+  const note = document.getElementById("stop-note").value.trim();
+  if (note) body.note = note;
+  try {
+    await post("/api/" + verb, body);
+    actionError = null;
+  } catch (err) {
+    actionError = (verb === "stop" ? "Stop: " : "Resume: ") + err.message;
+  }
+  button.disabled = false;
+  refreshErrors();
+}
+
+// Buttons per agent: stop it, or resume it if it is stopped by name.
+function agentActions(a) {
+  const stopped = stoppedEntry(a.passport_id);
+  const b = stopped
+    ? el("button", { type: "button", class: "quiet", "data-action": "resume" }, "Resume")
+    : el("button", { type: "button", class: "danger", "data-action": "stop" }, "Stop");
+  b.addEventListener("click", () => stopAction(stopped ? "resume" : "stop", { passport_id: a.passport_id }, b));
+  return [b];
+}
+
+function renderStops() {
+  const bar = document.getElementById("stop-bar");
+  const all = stops.all;
+  bar.className = "stopbar" + (all ? " stopped" : "");
+  document.getElementById("stop-state").textContent = all
+    ? "Every agent is stopped (since " + when(all.at) + (all.note ? ": " + all.note : "") + ")."
+    : (stops.passports || []).length + " agent(s) stopped by name.";
+  const b = document.getElementById("stop-all");
+  b.textContent = all ? "Resume all" : "Stop all agents";
+  b.className = all ? "quiet" : "danger";
 }
 
 function renderAgents(agents) {
@@ -139,6 +178,7 @@ function renderAgents(agents) {
       el("span", { class: "badge" }, a.tier),
       a.revoked ? el("span", { class: "badge bad" }, "revoked") : null,
       a.expired ? el("span", { class: "badge bad" }, "expired") : null,
+      stoppedEntry(a.passport_id) || stops.all ? el("span", { class: "badge bad" }, "stopped") : null,
       el("span", { class: "badge" }, a.sandboxes.length + " sandbox" + (a.sandboxes.length === 1 ? "" : "es")));
     const card = el("div", { class: "agent", "data-passport": a.passport_id },
       el("h3", {}, a.agent_name ? a.agent_name + " (" + a.agent_id + ")" : a.agent_id),
@@ -236,8 +276,10 @@ function render(o) {
   const h = o.health || {};
   document.getElementById("summary").textContent =
     (h.passports || 0) + " passports · " + (h.log_size || 0) + " records · " + (h.origin || "");
+  const stopsChanged = changed("stops", o.stops);
+  if (stopsChanged) { stops = o.stops || { all: null, passports: [] }; renderStops(); }
   if (changed("holds", o.holds)) renderHolds(o.holds);
-  if (changed("agents", o.agents)) renderAgents(o.agents);
+  if (changed("agents", o.agents) || stopsChanged) renderAgents(o.agents);
   if (changed("records", o.records)) renderRecords(o.records);
   if (changed("log", [o.checkpoint, o.verification])) renderLog(o.checkpoint, o.verification);
   overviewErrors = o.errors || [];
@@ -270,6 +312,8 @@ async function start() {
     b.disabled = false;
     refreshErrors();
   });
+  document.getElementById("stop-all").addEventListener("click", (e) =>
+    stopAction(stops.all ? "resume" : "stop", { all: true }, e.target));
   document.getElementById("logout").addEventListener("click", async () => {
     try { await post("/logout"); } catch (_) { /* the session is gone either way */ }
     location.assign("/login");
