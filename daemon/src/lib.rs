@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod dns;
+pub mod gate;
 pub mod metrics;
 pub mod proxy;
 pub mod sdnotify;

@@ -328,7 +328,7 @@ fn units_dir() -> PathBuf {
     repo().join("systemd")
 }
 
-const UNITS: &[&str] = &["sluice.service", "sluice-agents.slice", "sluice-agent@.service"];
+const UNITS: &[&str] = &["sluice.service", "sluice-agents.slice", "sluice-agent@.service", "sluice-gate@.service"];
 
 /// Copies a tree, keeping symlinks as symlinks (systemd's unit directory is full of them).
 fn copy_tree(from: &Path, to: &Path) {
@@ -405,7 +405,10 @@ fn shipped_units() -> Vec<(&'static str, String)> {
 fn every_unit_verifies() {
     let root = verify_root(&shipped_units());
     // The template is verified as an instance, as systemd would load it.
-    let problems = verify(root.path(), &["sluice.service", "sluice-agents.slice", "sluice-agent@ci-test.service"]);
+    let problems = verify(
+        root.path(),
+        &["sluice.service", "sluice-agents.slice", "sluice-agent@ci-test.service", "sluice-gate@ci-test.service"],
+    );
     assert!(problems.is_empty(), "systemd-analyze verify:\n{}", problems.join("\n"));
 
     // The check is not vacuous: a misspelt key and a missing binary are caught.
@@ -533,4 +536,38 @@ fn the_daemon_unit_is_ready_only_when_enforcing_and_keeps_few_capabilities() {
     }
     // Reload needs nothing but systemd (minimal systems have no `kill`).
     assert_eq!(one(&text, s, "ExecReload"), "/usr/bin/systemctl kill --kill-whom=main --signal=SIGHUP %n");
+}
+
+/// The gate unit: one gate per config under /etc/sluice/gates, ready only once it serves, no
+/// privilege but a low port, its state only writable.
+#[test]
+fn the_gate_unit_runs_one_gate_per_config_with_no_privilege_but_its_port() {
+    let text = std::fs::read_to_string(units_dir().join("sluice-gate@.service")).unwrap();
+    let s = "Service";
+    assert_eq!(one(&text, s, "Type"), "notify");
+    assert_eq!(one(&text, s, "ExecStart"), "/usr/bin/sluice --config /etc/sluice/gates/%i.toml gate run");
+    assert_eq!(one(&text, "Unit", "AssertPathExists"), "/etc/sluice/gates/%i.toml");
+    assert_eq!(one(&text, s, "StateDirectory"), "sluice-gate/%i");
+    assert_eq!(one(&text, s, "StateDirectoryMode"), "0700");
+    assert_eq!(one(&text, s, "CapabilityBoundingSet"), "CAP_NET_BIND_SERVICE");
+    assert_eq!(one(&text, s, "AmbientCapabilities"), "");
+    assert_eq!(one(&text, s, "NoNewPrivileges"), "yes");
+    assert_eq!(one(&text, s, "ProtectSystem"), "strict");
+    assert_eq!(one(&text, s, "ProtectProc"), "invisible");
+    assert_eq!(one(&text, s, "RestrictAddressFamilies"), "AF_UNIX AF_INET AF_INET6");
+    assert_eq!(one(&text, s, "MemoryDenyWriteExecute"), "yes");
+    assert!(values(&text, s, "ReadWritePaths").is_empty(), "only its StateDirectory is writable");
+    // The shipped example is a valid gate.toml (its catalog aside, which sits beside a real one).
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(repo().join("policies/gate.toml.example")).unwrap();
+    std::fs::write(dir.path().join("catalog.toml"), "").unwrap();
+    let config = dir.path().join("gate.toml");
+    let absent = dir.path().join("absent.key");
+    let example = example.replace("/var/lib/sluice-gate/shipping-api/gate.key", absent.to_str().unwrap());
+    std::fs::write(&config, example).unwrap();
+    let out = Command::new(bin()).args(["--config", config.to_str().unwrap(), "gate", "run"]).output().unwrap();
+    // It parses: what fails is reading the key, which does not exist here.
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains(": key:") && err.contains("absent.key"), "{err}");
 }

@@ -78,7 +78,7 @@ pub fn plan(repo: &Path, binary: &Path, prefix: &Path, man_pages: &[PathBuf]) ->
     let item =
         |source: PathBuf, dest: PathBuf, mode: u32| Item { source, dest, mode, keep_existing: false, rewrite: false };
     let mut items = vec![item(binary.to_path_buf(), prefix.join("bin/sluice"), 0o755)];
-    for unit in ["sluice.service", "sluice-agents.slice", "sluice-agent@.service"] {
+    for unit in ["sluice.service", "sluice-agents.slice", "sluice-agent@.service", "sluice-gate@.service"] {
         items.push(Item { rewrite: true, ..item(repo.join("systemd").join(unit), units_dir.join(unit), 0o644) });
     }
     items.push(item(repo.join("systemd/sluice.sysusers"), sysusers_dir.join("sluice.conf"), 0o644));
@@ -95,6 +95,7 @@ pub fn plan(repo: &Path, binary: &Path, prefix: &Path, man_pages: &[PathBuf]) ->
     }
     for (src, name) in [
         ("policies/host.toml.example", "policies/host.toml.example"),
+        ("policies/gate.toml.example", "gate.toml.example"),
         ("policies/README.md", "policies/README.md"),
         ("README.md", "README.md"),
         ("docs/systemd.md", "systemd.md"),
@@ -218,7 +219,7 @@ mod tests {
         let at = |p: &str| d.0.join(p.trim_start_matches('/'));
         let mode = |p: &str| fs::metadata(at(p)).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode("/usr/local/bin/sluice"), 0o755);
-        for unit in ["sluice.service", "sluice-agents.slice", "sluice-agent@.service"] {
+        for unit in ["sluice.service", "sluice-agents.slice", "sluice-agent@.service", "sluice-gate@.service"] {
             assert_eq!(mode(&format!("/etc/systemd/system/{unit}")), 0o644);
         }
         let unit = fs::read_to_string(at("/etc/systemd/system/sluice.service")).unwrap();

@@ -197,6 +197,7 @@ fn check_contents(deb: &Path, binary: &Path, man_pages: &[String]) -> anyhow::Re
         "/usr/lib/systemd/system/sluice.service",
         "/usr/lib/systemd/system/sluice-agents.slice",
         "/usr/lib/systemd/system/sluice-agent@.service",
+        "/usr/lib/systemd/system/sluice-gate@.service",
         "/usr/lib/sysusers.d/sluice.conf",
         "/etc/sluice/sluice.toml",
         "/etc/sluice/policies/openai.toml",
@@ -207,6 +208,8 @@ fn check_contents(deb: &Path, binary: &Path, man_pages: &[String]) -> anyhow::Re
         "/usr/share/doc/sluice/docs/cli.md",
         "/usr/share/doc/sluice/docs/records.md",
         "/usr/share/doc/sluice/sluice.toml.example",
+        "/usr/share/doc/sluice/gate.toml.example",
+        "/usr/share/doc/sluice/docs/gate.md",
         "/usr/share/doc/sluice/copyright",
     ]
     .iter()
@@ -364,6 +367,7 @@ pub fn install_check(deb: &Path, man_pages: &[String]) -> anyhow::Result<()> {
         "sluice.service",
         "sluice-agents.slice",
         "sluice-agent@ci-test.service",
+        "sluice-gate@ci-test.service",
     ]))?;
     let complaints: Vec<String> = String::from_utf8_lossy(&out.stderr)
         .lines()
@@ -481,6 +485,7 @@ pub fn install_check(deb: &Path, man_pages: &[String]) -> anyhow::Result<()> {
         "/usr/bin/sluice",
         "/usr/lib/systemd/system/sluice.service",
         "/usr/lib/systemd/system/sluice-agent@.service",
+        "/usr/lib/systemd/system/sluice-gate@.service",
         "/usr/lib/systemd/system/sluice-agents.slice",
         "/usr/lib/sysusers.d/sluice.conf",
         "/usr/share/man/man1/sluice.1.gz",
@@ -545,7 +550,7 @@ fn depends_names(field: &str) -> Vec<String> {
 fn check_exec_dependencies() -> anyhow::Result<Vec<String>> {
     let depends = depends_names(&stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Depends}", "sluice"]))?);
     let mut report = Vec::new();
-    for unit in ["sluice.service", "sluice-agents.slice", "sluice-agent@.service"] {
+    for unit in ["sluice.service", "sluice-agents.slice", "sluice-agent@.service", "sluice-gate@.service"] {
         let path = Path::new("/usr/lib/systemd/system").join(unit);
         let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         for (key, program) in exec_programs(unit, &text)? {

@@ -72,6 +72,22 @@ pub enum Reason {
     /// The proxy's answer when no decision could be made (a store failure): never recorded.
     DecisionFailed,
 
+    // A gate's own (docs/gate.md): the request's signature, its passport, the anonymous subset.
+    /// The request's HTTP message signature, its key or its `Content-Digest` does not verify.
+    SignatureInvalid,
+    /// The gate's trust level needs a signed request and this one is not signed.
+    SignatureRequired,
+    /// The signature's `created` is outside the accepted window.
+    SignatureExpired,
+    /// The signature's nonce was already used by this passport within the window.
+    Replay,
+    /// The passport's issuer is not pinned (or not verified, at L3) by the gate.
+    IssuerNotTrusted,
+    /// No passport, on a route outside the anonymous subset.
+    PassportRequired,
+    /// Served without a passport: the route is in the anonymous subset.
+    AnonymousAllowed,
+
     /// A CEL rule's own reason (its author's `a-z 0-9 _` string), or a string read back that
     /// names no reason above.
     Rule(String),
@@ -116,6 +132,13 @@ const FIXED: &[Reason] = &[
     Reason::BadServerName,
     Reason::GateBodyTooLarge,
     Reason::DecisionFailed,
+    Reason::SignatureInvalid,
+    Reason::SignatureRequired,
+    Reason::SignatureExpired,
+    Reason::Replay,
+    Reason::IssuerNotTrusted,
+    Reason::PassportRequired,
+    Reason::AnonymousAllowed,
 ];
 
 impl Reason {
@@ -159,6 +182,13 @@ impl Reason {
             Reason::BadServerName => "bad_server_name",
             Reason::GateBodyTooLarge => "gate_body_too_large",
             Reason::DecisionFailed => "decision_failed",
+            Reason::SignatureInvalid => "signature_invalid",
+            Reason::SignatureRequired => "signature_required",
+            Reason::SignatureExpired => "signature_expired",
+            Reason::Replay => "replay",
+            Reason::IssuerNotTrusted => "issuer_not_trusted",
+            Reason::PassportRequired => "passport_required",
+            Reason::AnonymousAllowed => "anonymous_allowed",
             Reason::Rule(s) => s,
         }
     }

@@ -114,6 +114,32 @@ impl PathPattern {
             })
     }
 
+    /// Does the pattern match this request-target, normalised as routes are (see the module
+    /// doc)? For callers outside this crate, such as the gate's routes.
+    pub fn matches_request(&self, target: &str) -> bool {
+        RequestPath::new(target).is_some_and(|p| self.matches(&p.segments()))
+    }
+
+    /// The opposite bias, for paths that are served *without* a check: the path (before `?`)
+    /// must already be in normal form, with no escape, `\`, `;`, empty, `.` or `..` segment,
+    /// and literal segments compare case-sensitively. A spelling a server might route
+    /// elsewhere never matches.
+    pub fn matches_strict(&self, target: &str) -> bool {
+        let Some(path) = target.strip_prefix('/') else { return false };
+        let path = path.split(['?', '#']).next().unwrap_or("");
+        let segs: Vec<&str> = if path.is_empty() { Vec::new() } else { path.split('/').collect() };
+        if segs.iter().any(|s| s.is_empty() || *s == "." || *s == ".." || s.contains(['%', '\\', ';'])) {
+            return false;
+        }
+        let n = self.segments.len();
+        let length_ok = if self.prefix { segs.len() >= n } else { segs.len() == n };
+        length_ok
+            && self.segments.iter().zip(&segs).all(|(seg, req)| match seg {
+                Segment::Param => !req.is_empty(),
+                Segment::Literal(lit) => lit == req,
+            })
+    }
+
     /// True when every path this pattern's sibling `other` matches is also matched by `self`, so a
     /// route with `other` placed after one with `self` could never be reached.
     pub(crate) fn covers(&self, other: &PathPattern) -> bool {

@@ -131,15 +131,23 @@ fn export(a: ExportArgs, socket: &ApiSocket) -> CmdResult {
         query.append_pair("consistency_from", &old.size.to_string());
     }
     let path = format!("/v1/attestations/export?{}", query.finish());
-    let socket = socket.path()?;
-    let mut out = files::NewFile::create(&a.out, 0o644)?;
+    let count = download_export(socket.path()?, &path, &a.out)?;
+    println!("exported {count} record(s) to {}", a.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Downloads an export from `path` on the API at `socket` into a new file `out`, and returns the
+/// number of records: `out` appears only once the document is complete (the daemon's export and
+/// a running gate's, `sluice gate audit export`).
+pub(super) fn download_export(socket: &Path, path: &str, out_path: &Path) -> anyhow::Result<usize> {
+    let mut out = files::NewFile::create(out_path, 0o644)?;
     let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
     let checker = std::thread::spawn(move || {
         Scanner::new(PartsReader { rx, part: Bytes::new() }).top_level(&mut Skip).map(|top| top.records_count)
     });
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let client = Client::new(socket);
-    let downloaded = rt.block_on(client.download(&path, |part| {
+    let downloaded = rt.block_on(client.download(path, |part| {
         out.write(&part).map_err(|e| e.to_string())?;
         // The checker stops at a broken document; its error then says why.
         let _ = tx.send(part);
@@ -154,14 +162,13 @@ fn export(a: ExportArgs, socket: &ApiSocket) -> CmdResult {
     let count = match checked {
         Ok(Ok(count)) => count,
         Ok(Err(e)) => anyhow::bail!(
-            "the daemon's export is not a complete document ({e}); {} was not written, see the daemon's log",
-            a.out.display()
+            "the export is not a complete document ({e}); {} was not written, see the log of the daemon or gate",
+            out_path.display()
         ),
-        Err(_) => anyhow::bail!("checking the export failed; {} was not written", a.out.display()),
+        Err(_) => anyhow::bail!("checking the export failed; {} was not written", out_path.display()),
     };
     out.commit()?;
-    println!("exported {count} record(s) to {}", a.out.display());
-    Ok(ExitCode::SUCCESS)
+    Ok(count)
 }
 
 /// The parts of a download, as a reader.

@@ -5,6 +5,7 @@ mod audit;
 mod catalog;
 mod daemon;
 mod detach;
+mod gate;
 mod issuer;
 pub mod man;
 mod ops;
@@ -103,6 +104,10 @@ pub enum Command {
     /// exits 0. Needs root. The package runs it when sluice is removed (not on upgrade, where the
     /// new daemon takes over the pinned programs without a gap).
     Detach(detach::DetachArgs),
+    /// A gate in front of a service: checks arriving agents' passports and signed requests,
+    /// applies the service's limits and attests every decision in its own log (docs/gate.md).
+    #[command(subcommand)]
+    Gate(gate::GateCmd),
 }
 
 /// The configuration file when `--config` is not given.
@@ -113,9 +118,9 @@ pub type CmdResult = anyhow::Result<ExitCode>;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Daemon(_)) {
+    if !matches!(cli.command, Command::Daemon(_) | Command::Gate(gate::GateCmd::Run(_))) {
         // A command piped into `head` should end quietly, as Unix tools do, not panic on EPIPE.
-        // The daemon keeps Rust's default (SIGPIPE ignored): a vanished peer must never kill it.
+        // The daemon and a gate keep Rust's default (SIGPIPE ignored): a vanished peer must never kill it.
         crate::kernel::process::default_sigpipe();
     }
     let config_explicit = cli.config.is_some();
@@ -136,6 +141,7 @@ pub fn main() -> ExitCode {
         Command::Audit(cmd) => audit::run(cmd, &socket),
         Command::Catalog(cmd) => catalog::run(cmd),
         Command::Policy(cmd) => policy::run(cmd, &config),
+        Command::Gate(cmd) => gate::run(cmd, config_explicit.then_some(config.as_path())),
         Command::Detach(args) => {
             let sockets: Vec<PathBuf> = cli.socket.iter().chain(env_socket.iter()).cloned().collect();
             detach::run(args, &config, &sockets)

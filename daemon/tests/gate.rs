@@ -1,0 +1,815 @@
+//! The gate end to end on loopback: a mock service behind a real gate (the same `Server` that
+//! `sluice gate run` serves), agents' requests signed by an independent signer (Python's
+//! `cryptography`, the RFC 9421 signature base built by hand in the script) and by
+//! `sluice-httpsig`'s signer, and the gate's log exported and verified with the real binary.
+
+mod common;
+
+use bytes::Bytes;
+use common::{bin, p};
+use ed25519_dalek::SigningKey;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use sluice::gate::config::GateConfig;
+use sluice::gate::server::Server;
+use sluice::gate::Gate;
+use sluice::passport::{self, Constraints, IssuerId, Permission, TrustTier};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+
+/// An independent RFC 9421 signer: Python's `cryptography`, the base written out by hand.
+const PY_SIGNER: &str = r#"
+import base64, hashlib, json, sys
+from cryptography.hazmat.primitives import serialization
+a = json.loads(sys.argv[1])
+key = serialization.load_pem_private_key(open(a["key"], "rb").read(), None)
+pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+b64u = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+jwk = '{"crv":"Ed25519","kty":"OKP","x":"%s"}' % b64u(pub)
+jkt = b64u(hashlib.sha256(jwk.encode()).digest())
+body = base64.b64decode(a["body_b64"])
+digest = "sha-256=:%s:" % base64.b64encode(hashlib.sha256(body).digest()).decode()
+params = '("@method" "@target-uri" "content-digest");created=%d;nonce="%s";keyid="%s";alg="ed25519";tag="sluice"' % (
+    a["created"], a["nonce"], a.get("keyid") or jkt)
+base = '"@method": %s\n"@target-uri": %s\n"content-digest": %s\n"@signature-params": %s' % (
+    a["method"], a["uri"], digest, params)
+sig = key.sign(base.encode())
+print(json.dumps({
+    "content-digest": digest,
+    "signature-input": "sluice=" + params,
+    "signature": "sluice=:%s:" % base64.b64encode(sig).decode(),
+    "sluice-agent-key": b64u(pub),
+    "request_hash": hashlib.sha256(base.encode()).hexdigest(),
+}))
+"#;
+
+/// What the mock service received.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// The protected service: answers 200 `served` and remembers every request.
+async fn mock_upstream() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                        log.lock().unwrap().push(Seen {
+                            method: parts.method,
+                            path: parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default(),
+                            headers: parts.headers,
+                            body,
+                        });
+                        let mut resp = http::Response::new(Full::new(Bytes::from_static(b"served")));
+                        resp.headers_mut().insert("x-service", "mock".parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    issuer: SigningKey,
+    gate_key: SigningKey,
+    upstream: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// A passport and its agent key, as files (the key as `sluice passport issue` writes it).
+struct Agent {
+    token: String,
+    key: SigningKey,
+    key_file: PathBuf,
+    id: String,
+}
+
+impl World {
+    async fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let (upstream, seen) = mock_upstream().await;
+        let gate_key = SigningKey::generate(&mut rand::rngs::OsRng);
+        sluice::keyfile::write_signing_key(&dir.path().join("gate.key"), &gate_key).unwrap();
+        sluice::keyfile::write_public_key(&dir.path().join("gate.pub"), &gate_key.verifying_key()).unwrap();
+        World { dir, issuer: SigningKey::generate(&mut rand::rngs::OsRng), gate_key, upstream, seen }
+    }
+
+    fn issuer_id(&self) -> String {
+        IssuerId::from_key(&self.issuer.verifying_key()).to_string()
+    }
+
+    fn agent(&self, name: &str, issuer: &SigningKey, constraints: serde_json::Value) -> Agent {
+        let constraints = Constraints::from_json(constraints.as_object().unwrap()).unwrap();
+        let issued = passport::issue(
+            passport::IssueRequest {
+                agent_id: name.into(),
+                agent_name: None,
+                permissions: vec![Permission::parse("shipments:*").unwrap()],
+                constraints,
+                trust_tier: TrustTier::L1,
+                lifetime_secs: 3600,
+                now: passport::now(),
+            },
+            issuer,
+        )
+        .unwrap();
+        let key_file = self.dir.path().join(format!("{name}.jwt.key"));
+        sluice::keyfile::write_signing_key(&key_file, &issued.agent_key).unwrap();
+        std::fs::write(self.dir.path().join(format!("{name}.jwt")), &issued.token).unwrap();
+        Agent { token: issued.token, key: issued.agent_key, key_file, id: issued.claims.id.to_string() }
+    }
+
+    /// A gate.toml with `extra` appended (limits, tier).
+    fn config(&self, top: &str, extra: &str) -> PathBuf {
+        let text = format!(
+            r#"name = "shipping-api"
+key = "gate.key"
+state_dir = "state"
+listen = "127.0.0.1:1"
+upstream = "http://{upstream}"
+{top}
+[[route]]
+method = "POST"
+path = "/v1/shipments"
+permission = "shipments:create"
+price_cents = 25
+
+[[anonymous]]
+method = "GET"
+path = "/v1/rates"
+{extra}"#,
+            upstream = self.upstream
+        );
+        let path = self.dir.path().join("gate.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn l2(&self) -> String {
+        format!("trust_level = \"L2\"\nissuers = [\"{}\"]\n", self.issuer_id())
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A gate serving on a loopback port until dropped.
+struct RunningGate {
+    addr: SocketAddr,
+    server: Arc<Server>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningGate {
+    async fn start(world: &World, config: &Path) -> RunningGate {
+        RunningGate::start_at(world, config, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    async fn start_at(world: &World, config: &Path, addr: SocketAddr) -> RunningGate {
+        let gate = Arc::new(Gate::with_key(GateConfig::load(config).unwrap(), world.gate_key.clone()));
+        let ledger = gate.open_ledger().unwrap();
+        let server = Arc::new(Server::new(gate, ledger).unwrap());
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.clone().serve(listener, async move {
+            let _ = rx.await;
+        }));
+        RunningGate { addr, server, stop: Some(tx), task: Some(task) }
+    }
+
+    fn uri(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops serving and closes the store (so the CLI can open it).
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        self.server.ledger.shutdown();
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    fn reason(&self) -> String {
+        self.json()["reason"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(String, String)], body: &[u8]) -> Answer {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder().method(method).uri(path).header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let resp = sender.send_request(req.body(Full::new(Bytes::copy_from_slice(body))).unwrap()).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    Answer { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+}
+
+/// The same over HTTP/2 (prior knowledge).
+async fn send_h2(addr: SocketAddr, method: &str, uri: &str, headers: &[(String, String)], body: &[u8]) -> Answer {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let resp = sender.send_request(req.body(Full::new(Bytes::copy_from_slice(body))).unwrap()).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    Answer { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+}
+
+fn nonce() -> String {
+    use rand::RngCore;
+    let mut raw = [0u8; 18];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    sluice::passport::b64::encode(&raw)
+}
+
+/// Signs with the Python signer. `created` defaults to now.
+fn py_sign(agent_key: &Path, method: &str, uri: &str, body: &[u8], created: Option<i64>, nonce: &str) -> Value {
+    use base64::Engine;
+    let args = serde_json::json!({
+        "key": agent_key,
+        "method": method,
+        "uri": uri,
+        "body_b64": base64::engine::general_purpose::STANDARD.encode(body),
+        "created": created.unwrap_or_else(passport::now),
+        "nonce": nonce,
+    });
+    let out = Command::new("python3").args(["-c", PY_SIGNER, &args.to_string()]).output().expect("python3");
+    assert!(out.status.success(), "python signer: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The request headers: the passport plus what the Python signer made.
+fn py_headers(agent: &Agent, signed: &Value) -> Vec<(String, String)> {
+    let mut h = vec![("sluice-passport".to_string(), agent.token.clone())];
+    for k in ["content-digest", "signature-input", "signature", "sluice-agent-key"] {
+        h.push((k.to_string(), signed[k].as_str().unwrap().to_string()));
+    }
+    h
+}
+
+/// The request headers signed by sluice-httpsig's signer (what the egress daemon uses).
+fn rust_headers(agent: &Agent, method: &str, uri: &str, body: &[u8]) -> (Vec<(String, String)>, String) {
+    let s = sluice::gate::sig::sign_for_check(&agent.key, method, uri, body).unwrap();
+    let key = sluice::passport::b64::encode(agent.key.verifying_key().as_bytes());
+    (
+        vec![
+            ("sluice-passport".into(), agent.token.clone()),
+            ("sluice-agent-key".into(), key),
+            ("content-digest".into(), s.content_digest),
+            ("signature-input".into(), s.signature_input),
+            ("signature".into(), s.signature),
+        ],
+        s.request_hash,
+    )
+}
+
+/// A signed `POST /v1/shipments` with `{}`.
+async fn signed_call(addr: SocketAddr, uri: &str, agent: &Agent) -> Answer {
+    let (headers, _) = rust_headers(agent, "POST", uri, b"{}");
+    send(addr, "POST", "/v1/shipments", &headers, b"{}").await
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_request_is_forwarded_with_the_decision_headers_and_nothing_of_the_agent_s() {
+    let w = World::new().await;
+    let agent = w.agent("shipper", &w.issuer, serde_json::json!({}));
+    let gate = RunningGate::start(&w, &w.config(&w.l2(), "")).await;
+    let body = br#"{"to":"Lyon"}"#;
+    let uri = gate.uri("/v1/shipments");
+
+    // The independent signer.
+    let signed = py_sign(&agent.key_file, "POST", &uri, body, None, &nonce());
+    let mut headers = py_headers(&agent, &signed);
+    // An agent's attempt to set the gate's own headers is never passed on.
+    headers.push(("sluice-passport-id".into(), "pp_forged".into()));
+    let a = send(gate.addr, "POST", "/v1/shipments", &headers, body).await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    assert_eq!(a.body, "served");
+    let decision = header(&a.headers, "sluice-decision").unwrap().to_string();
+    assert!(decision.starts_with("allow; attestation="), "{decision}");
+    let attestation = decision.trim_start_matches("allow; attestation=").to_string();
+
+    let seen = w.seen();
+    assert_eq!(seen.len(), 1);
+    let s = &seen[0];
+    assert_eq!((s.method.as_str(), s.path.as_str(), &s.body[..]), ("POST", "/v1/shipments", &body[..]));
+    assert_eq!(header(&s.headers, "sluice-passport-id"), Some(agent.id.as_str()));
+    assert_eq!(header(&s.headers, "sluice-agent"), Some("shipper"));
+    assert_eq!(header(&s.headers, "sluice-attestation"), Some(attestation.as_str()));
+    for gone in ["sluice-passport", "signature", "signature-input", "sluice-agent-key"] {
+        assert!(s.headers.get(gone).is_none(), "{gone} reached the service");
+    }
+    assert_eq!(s.headers.get_all("sluice-passport-id").iter().count(), 1);
+
+    // sluice-httpsig's signer, over HTTP/2 this time.
+    let (headers, request_hash) = rust_headers(&agent, "POST", &uri, body);
+    let a = send_h2(gate.addr, "POST", &uri, &headers, body).await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    assert_eq!(w.seen().len(), 2);
+
+    // Both sides' request hash: the record carries the one the signer computed.
+    let index: u64 = header(&a.headers, "sluice-decision").unwrap().rsplit('=').next().unwrap().parse().unwrap();
+    let record: Value = serde_json::from_slice(&gate.server.ledger.record(index).unwrap().unwrap()).unwrap();
+    assert_eq!(record["request_hash"], request_hash.as_str());
+    assert_eq!(record["kind"], "gate_decision");
+    assert_eq!(record["decision"], "allow");
+    assert_eq!(record["permission"], "shipments:create");
+    assert_eq!(record["passport_id"], agent.id.as_str());
+    assert_eq!(record["gate_id"], sluice::gate::gate_id(&w.gate_key.verifying_key()).as_str());
+    let first: Value =
+        serde_json::from_slice(&gate.server.ledger.record(attestation.parse().unwrap()).unwrap().unwrap()).unwrap();
+    assert_eq!(first["request_hash"], signed["request_hash"]);
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_body_wrong_key_old_signature_and_replay_are_refused_before_the_service() {
+    let w = World::new().await;
+    let agent = w.agent("shipper", &w.issuer, serde_json::json!({}));
+    let gate = RunningGate::start(&w, &w.config(&w.l2(), "")).await;
+    let uri = gate.uri("/v1/shipments");
+    let body = br#"{"to":"Lyon"}"#;
+
+    // The body changed after signing.
+    let signed = py_sign(&agent.key_file, "POST", &uri, body, None, &nonce());
+    let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&agent, &signed), br#"{"to":"Oslo"}"#).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "signature_invalid"), "{:?}", a.body);
+    assert!(a.json()["detail"].as_str().unwrap().contains("Content-Digest"), "{:?}", a.body);
+    assert!(header(&a.headers, "sluice-decision")
+        .unwrap()
+        .starts_with("block; reason=signature_invalid; attestation="));
+
+    // Signed by another key, presented as that key: not the passport's.
+    let other = w.agent("other", &w.issuer, serde_json::json!({}));
+    let signed = py_sign(&other.key_file, "POST", &uri, body, None, &nonce());
+    let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&agent, &signed), body).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "signature_invalid"), "{:?}", a.body);
+    // ... and presented as the passport's key: the signature does not verify.
+    let mut headers = py_headers(&agent, &signed);
+    let real = sluice::passport::b64::encode(agent.key.verifying_key().as_bytes());
+    headers.retain(|(k, _)| k != "sluice-agent-key");
+    headers.push(("sluice-agent-key".into(), real));
+    let a = send(gate.addr, "POST", "/v1/shipments", &headers, body).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "signature_invalid"), "{:?}", a.body);
+
+    // Another method or URI than the one signed.
+    let signed = py_sign(&agent.key_file, "POST", &gate.uri("/v1/other"), body, None, &nonce());
+    let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&agent, &signed), body).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "signature_invalid"), "{:?}", a.body);
+
+    // `created` two minutes ago, and two minutes ahead.
+    for skew in [-120, 120] {
+        let signed = py_sign(&agent.key_file, "POST", &uri, body, Some(passport::now() + skew), &nonce());
+        let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&agent, &signed), body).await;
+        assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "signature_expired"), "{:?}", a.body);
+    }
+
+    // A replay of an accepted request.
+    let signed = py_sign(&agent.key_file, "POST", &uri, body, None, &nonce());
+    let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&agent, &signed), body).await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&agent, &signed), body).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "replay"), "{:?}", a.body);
+
+    // Not signed at all, at L2.
+    let a = send(gate.addr, "POST", "/v1/shipments", &[("sluice-passport".into(), agent.token.clone())], body).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "signature_required"), "{:?}", a.body);
+
+    // Only the one good request reached the service.
+    assert_eq!(w.seen().len(), 1);
+    let addr = gate.addr;
+    gate.stop().await;
+
+    // The replay cache is in the store: a restarted gate (same address, so the signed URI is
+    // the same) still refuses the replay.
+    let gate = RunningGate::start_at(&w, &w.dir.path().join("gate.toml"), addr).await;
+    let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&agent, &signed), body).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "replay"), "{:?}", a.body);
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issuers_revocation_and_anonymous_agents() {
+    let w = World::new().await;
+    let stranger = SigningKey::generate(&mut rand::rngs::OsRng);
+    let outsider = w.agent("outsider", &stranger, serde_json::json!({}));
+    let agent = w.agent("shipper", &w.issuer, serde_json::json!({}));
+    let gate = RunningGate::start(&w, &w.config(&w.l2(), "")).await;
+    let uri = gate.uri("/v1/shipments");
+
+    // A valid passport from an issuer the gate does not pin, properly signed.
+    let signed = py_sign(&outsider.key_file, "POST", &uri, b"{}", None, &nonce());
+    let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&outsider, &signed), b"{}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "issuer_not_trusted"), "{:?}", a.body);
+
+    // A revoked passport (state_dir/revoked), on the next request, without a restart.
+    std::fs::write(w.dir.path().join("state/revoked"), format!("{}\n", agent.id)).unwrap();
+    let signed = py_sign(&agent.key_file, "POST", &uri, b"{}", None, &nonce());
+    let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&agent, &signed), b"{}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "passport_revoked"), "{:?}", a.body);
+
+    // Anonymous: the listed route is served, in normal form only.
+    let a = send(gate.addr, "GET", "/v1/rates?to=Lyon", &[], b"").await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    assert!(header(&a.headers, "sluice-decision").unwrap().starts_with("allow; attestation="));
+    let a = send(gate.addr, "GET", "/v1/rates;x", &[], b"").await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+
+    // Anonymous elsewhere: 401 with the realm and a hint of what a passport would unlock.
+    let a = send(gate.addr, "POST", "/v1/shipments", &[], b"{}").await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(header(&a.headers, "www-authenticate"), Some("Sluice realm=\"shipping-api\""));
+    let j = a.json();
+    assert_eq!(j["decision"], "block");
+    assert_eq!(j["reason"], "passport_required");
+    assert_eq!(j["hint"]["permission"], "shipments:create");
+    assert_eq!(j["hint"]["price_cents"], 25);
+    assert_eq!(j["hint"]["trust_level"], "L2");
+    assert!(j["hint"]["how"].as_str().unwrap().contains("Sluice-Passport"));
+
+    let seen = w.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/v1/rates?to=Lyon");
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_s_limits_and_the_passport_s_own_both_apply() {
+    let w = World::new().await;
+    let agent = w.agent("shipper", &w.issuer, serde_json::json!({}));
+    let limited = w.agent("limited", &w.issuer, serde_json::json!({"core:rate:max_per_minute": 1}));
+    let gate =
+        RunningGate::start(&w, &w.config("", "[limits]\nrequests_per_minute = 2\ndaily_cost_cents = 1000\n")).await;
+    let uri = gate.uri("/v1/shipments");
+    assert_eq!(signed_call(gate.addr, &uri, &agent).await.status, StatusCode::OK);
+    assert_eq!(signed_call(gate.addr, &uri, &agent).await.status, StatusCode::OK);
+    let a = signed_call(gate.addr, &uri, &agent).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "rate_limit_exceeded"), "{:?}", a.body);
+    let last = a.json()["guardrails_evaluated"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["name"], "gate_limits.rate_per_minute", "{last}");
+
+    // The passport's own limit is lower than the gate's.
+    assert_eq!(signed_call(gate.addr, &uri, &limited).await.status, StatusCode::OK);
+    let a = signed_call(gate.addr, &uri, &limited).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "rate_limit_exceeded"), "{:?}", a.body);
+    let last = a.json()["guardrails_evaluated"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["name"], "rate_per_minute", "{last}");
+    assert_eq!(w.seen().len(), 3);
+    gate.stop().await;
+
+    // Spend: 25 cents a call, the gate allows 50 a day; the passport 60 a day.
+    let w = World::new().await;
+    let agent = w.agent("buyer", &w.issuer, serde_json::json!({}));
+    let capped = w.agent("capped", &w.issuer, serde_json::json!({"core:cost:max_cumulative": 30}));
+    let config = w.config("", "[limits]\ndaily_cost_cents = 50\n");
+    let gate = RunningGate::start(&w, &config).await;
+    let uri = gate.uri("/v1/shipments");
+    assert_eq!(signed_call(gate.addr, &uri, &agent).await.status, StatusCode::OK);
+    assert_eq!(signed_call(gate.addr, &uri, &agent).await.status, StatusCode::OK);
+    let a = signed_call(gate.addr, &uri, &agent).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "spend_limit_exceeded"), "{:?}", a.body);
+    assert!(a.json()["detail"].as_str().unwrap().contains("shipping-api"), "{:?}", a.body);
+    assert_eq!(signed_call(gate.addr, &uri, &capped).await.status, StatusCode::OK);
+    let a = signed_call(gate.addr, &uri, &capped).await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "spend_limit_exceeded"), "{:?}", a.body);
+    gate.stop().await;
+
+    // Counters are durable: a restarted gate still refuses.
+    let gate = RunningGate::start(&w, &config).await;
+    let (headers, _) = rust_headers(&agent, "POST", &gate.uri("/v1/shipments"), b"{}");
+    let a = send(gate.addr, "POST", "/v1/shipments", &headers, b"{}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "spend_limit_exceeded"), "{:?}", a.body);
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_answers_the_same_decision_without_forwarding() {
+    let w = World::new().await;
+    let agent = w.agent("shipper", &w.issuer, serde_json::json!({}));
+    let gate = RunningGate::start(&w, &w.config(&w.l2(), "")).await;
+    // The agent signed the service's URL; the front proxy asks the gate with the same headers.
+    let service_uri = format!("http://{}/v1/shipments", gate.addr);
+    let body = br#"{"to":"Lyon"}"#;
+
+    // Envoy ext_authz: the original method, /check + the original path, the headers, no body.
+    let (accepted, _) = rust_headers(&agent, "POST", &service_uri, body);
+    let a = send(gate.addr, "POST", "/check/v1/shipments", &accepted, b"").await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    assert_eq!(header(&a.headers, "sluice-passport-id"), Some(agent.id.as_str()));
+    assert_eq!(header(&a.headers, "sluice-agent"), Some("shipper"));
+    assert!(header(&a.headers, "sluice-attestation").is_some());
+
+    // With the body (Envoy's with_request_body), a body that is not the signed one is refused.
+    let (headers, _) = rust_headers(&agent, "POST", &service_uri, body);
+    let a = send(gate.addr, "POST", "/check/v1/shipments", &headers, b"{\"to\":\"Oslo\"}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "signature_invalid"), "{:?}", a.body);
+
+    // nginx auth_request: X-Original-Method and X-Original-URI; a replay is a replay there too.
+    let mut headers = accepted.clone();
+    headers.push(("x-original-method".into(), "POST".into()));
+    headers.push(("x-original-uri".into(), "/v1/shipments".into()));
+    let a = send(gate.addr, "GET", "/check", &headers, b"").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "replay"), "{:?}", a.body);
+
+    // No passport: 401 with the hint; the anonymous subset: 200.
+    let a = send(gate.addr, "POST", "/check/v1/shipments", &[], b"").await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.reason(), "passport_required");
+    let a = send(gate.addr, "GET", "/check/v1/rates", &[], b"").await;
+    assert_eq!(a.status, StatusCode::OK);
+
+    assert!(w.seen().is_empty(), "/check forwarded a request");
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_body_over_the_bound_is_413_and_never_forwarded() {
+    let w = World::new().await;
+    let agent = w.agent("shipper", &w.issuer, serde_json::json!({}));
+    let gate = RunningGate::start(&w, &w.config(&w.l2(), "")).await;
+    let body = vec![b'x'; sluice::gate::server::MAX_SIGNED_BODY + 1];
+    let (headers, _) = rust_headers(&agent, "POST", &gate.uri("/v1/shipments"), &body);
+    let a = send(gate.addr, "POST", "/v1/shipments", &headers, &body).await;
+    assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(a.reason(), "body_too_large");
+    // Duplicate passports are refused, and recorded.
+    let mut headers = headers.clone();
+    headers.push(("sluice-passport".into(), agent.token.clone()));
+    let a = send(gate.addr, "POST", "/v1/shipments", &headers, b"{}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "malformed_request"), "{:?}", a.body);
+    assert!(w.seen().is_empty());
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_inits_a_gate_checks_a_request_dry_and_exports_a_log_that_verifies() {
+    let w = World::new().await;
+    let agent = w.agent("shipper", &w.issuer, serde_json::json!({}));
+
+    // gate init: a key, its public half, the id.
+    let keys = w.dir.path().join("keys");
+    let out = Command::new(bin()).args(["gate", "init", "--dir", p(&keys), "--name", "shipping-api"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let public = sluice::keyfile::load_public_key(&keys.join("gate.pub")).unwrap();
+    assert_eq!(id, sluice::gate::gate_id(&public));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(keys.join("gate.key")).unwrap().permissions().mode() & 0o777, 0o600);
+    let again = Command::new(bin()).args(["gate", "init", "--dir", p(&keys), "--name", "x"]).output().unwrap();
+    assert!(!again.status.success());
+
+    let config = w.config(&w.l2(), "");
+    // Dry run, signed with the agent's key: allowed, every guardrail listed, nothing recorded.
+    let check = |extra: &[&str]| {
+        let mut args = vec!["gate", "check", "--config", p(&config), "--passport"];
+        let token = w.dir.path().join("shipper.jwt");
+        let token = p(&token).to_string();
+        let key = p(&agent.key_file).to_string();
+        let mut owned: Vec<String> = args.drain(..).map(String::from).collect();
+        owned.push(token);
+        owned.extend(["--method", "POST", "--url", "http://api.example.test/v1/shipments"].map(String::from));
+        for e in extra {
+            owned.push(if *e == "KEY" { key.clone() } else { e.to_string() });
+        }
+        Command::new(bin()).args(&owned).output().unwrap()
+    };
+    let out = check(&["--key", "KEY"]);
+    assert!(out.status.success(), "{} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["decision"], "allow");
+    assert_eq!(doc["dry_run"], true);
+    let names: Vec<&str> =
+        doc["guardrails_evaluated"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+    for n in ["gate_route", "gate_passport", "gate_signature", "gate_replay", "permission", "rate_per_minute"] {
+        assert!(names.contains(&n), "{n} missing from {names:?}");
+    }
+    // A binary body is signed and checked too.
+    let body = w.dir.path().join("body.bin");
+    std::fs::write(&body, [0u8, 255, 10, 13, 128]).unwrap();
+    let out = check(&["--key", "KEY", "--body", p(&body)]);
+    assert!(out.status.success(), "{} {}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // Unsigned at L2: exit status 3 and the reason.
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(3));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["reason"], "signature_required");
+
+    // Some traffic, then the export verifies with gate.pub alone.
+    let gate = RunningGate::start(&w, &config).await;
+    let (headers, _) = rust_headers(&agent, "POST", &gate.uri("/v1/shipments"), b"{}");
+    assert_eq!(send(gate.addr, "POST", "/v1/shipments", &headers, b"{}").await.status, StatusCode::OK);
+    assert_eq!(send(gate.addr, "POST", "/v1/shipments", &[], b"{}").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(gate.addr, "GET", "/v1/rates", &[], b"").await.status, StatusCode::OK);
+    gate.stop().await;
+    let export = w.dir.path().join("gate-export.json");
+    let out = Command::new(bin())
+        .args(["gate", "audit", "export", "--config", p(&config), "--out", p(&export)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("exported 3 record(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let gate_pub = w.dir.path().join("gate.pub");
+    let out = Command::new(bin()).args(["audit", "verify", p(&export), "--host-pub", p(&gate_pub)]).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // And not with another key.
+    let out = Command::new(bin())
+        .args(["audit", "verify", p(&export), "--host-pub", p(&keys.join("gate.pub"))])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn l1_accepts_any_issuer_unsigned_but_checks_a_signature_given_and_l3_needs_a_verified_issuer() {
+    let w = World::new().await;
+    let stranger = SigningKey::generate(&mut rand::rngs::OsRng);
+    let any = w.agent("any", &stranger, serde_json::json!({}));
+    let gate = RunningGate::start(&w, &w.config("", "")).await;
+    let uri = gate.uri("/v1/shipments");
+    // L1: any issuer, no signature needed.
+    let a = send(gate.addr, "POST", "/v1/shipments", &[("sluice-passport".into(), any.token.clone())], b"{}").await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    // A signature that is there is checked, even at L1.
+    let signed = py_sign(&any.key_file, "POST", &uri, b"{}", None, &nonce());
+    let a = send(gate.addr, "POST", "/v1/shipments", &py_headers(&any, &signed), b"{\"x\":1}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "signature_invalid"), "{:?}", a.body);
+    // A forged passport is refused at any tier.
+    let forged = format!("{}x", any.token);
+    let a = send(gate.addr, "POST", "/v1/shipments", &[("sluice-passport".into(), forged)], b"{}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "passport_invalid"), "{:?}", a.body);
+    // A permission the passport lacks.
+    let a = send(gate.addr, "DELETE", "/v1/shipments", &[("sluice-passport".into(), any.token.clone())], b"").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "permission_denied"), "{:?}", a.body);
+    assert_eq!(w.seen().len(), 1);
+    gate.stop().await;
+
+    // L3: pinned is not enough, the issuer must be verified.
+    let second = SigningKey::generate(&mut rand::rngs::OsRng);
+    let second_id = IssuerId::from_key(&second.verifying_key()).to_string();
+    let top = format!(
+        "trust_level = \"L3\"\nissuers = [\"{}\", \"{second_id}\"]\nverified_issuers = [\"{second_id}\"]\n",
+        w.issuer_id()
+    );
+    let gate = RunningGate::start(&w, &w.config(&top, "")).await;
+    let uri = gate.uri("/v1/shipments");
+    let pinned = w.agent("pinned", &w.issuer, serde_json::json!({}));
+    let verified = w.agent("verified", &second, serde_json::json!({}));
+    let (h, _) = rust_headers(&pinned, "POST", &uri, b"{}");
+    let a = send(gate.addr, "POST", "/v1/shipments", &h, b"{}").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "issuer_not_trusted"), "{:?}", a.body);
+    let (h, _) = rust_headers(&verified, "POST", &uri, b"{}");
+    let a = send(gate.addr, "POST", "/v1/shipments", &h, b"{}").await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    gate.stop().await;
+}
+
+/// `sluice gate run` as a process: it serves, a running gate exports through its socket, and
+/// SIGTERM stops it and removes the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_run_serves_and_exports_while_running() {
+    let w = World::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = w.config("", "");
+    let text = std::fs::read_to_string(&config).unwrap().replace("127.0.0.1:1", &format!("127.0.0.1:{port}"));
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(bin())
+        .args(["--config", p(&config), "gate", "run"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "gate run did not listen");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let a = send(addr, "GET", "/v1/rates", &[], b"").await;
+    assert_eq!(a.status, StatusCode::OK);
+    let a = send(addr, "POST", "/v1/shipments", &[], b"{}").await;
+    assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+
+    let export = w.dir.path().join("live.json");
+    let out = Command::new(bin())
+        .args(["--config", p(&config), "gate", "audit", "export", "--out", p(&export)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("exported 2 record(s)"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = Command::new(bin())
+        .args(["audit", "verify", p(&export), "--host-pub", p(&w.dir.path().join("gate.pub"))])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "gate run exited with {status}");
+    assert!(!w.dir.path().join("state/gate.sock").exists());
+}
+
+/// With tls_cert/tls_key the gate speaks HTTPS, HTTP/2 by ALPN, and the signed `@target-uri` is
+/// the `https://` one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_with_alpn_h2_a_signed_https_request_is_allowed() {
+    let w = World::new().await;
+    let agent = w.agent("shipper", &w.issuer, serde_json::json!({}));
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
+    std::fs::write(w.dir.path().join("tls.crt"), cert.pem()).unwrap();
+    std::fs::write(w.dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+    let top = format!("{}tls_cert = \"tls.crt\"\ntls_key = \"tls.key\"\n", w.l2());
+    let gate = RunningGate::start(&w, &w.config(&top, "")).await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+
+    let uri = format!("https://localhost:{}/v1/shipments", gate.addr.port());
+    let body = br#"{"to":"Lyon"}"#;
+    let signed = py_sign(&agent.key_file, "POST", &uri, body, None, &nonce());
+    let mut req = Request::builder().method("POST").uri(&uri);
+    for (k, v) in py_headers(&agent, &signed) {
+        req = req.header(k, v);
+    }
+    let resp = sender.send_request(req.body(Full::new(Bytes::from_static(body))).unwrap()).await.unwrap();
+    let status = resp.status();
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, StatusCode::OK, "{text:?}");
+    assert_eq!(text, "served");
+    assert_eq!(w.seen().len(), 1);
+    gate.stop().await;
+}
