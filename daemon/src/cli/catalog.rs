@@ -1,21 +1,40 @@
-//! `sluice catalog verify`: the offline check of catalogs fetched from a gate.
+//! `sluice catalog`: a gate operator's `impact` and `publish`, and `verify`, the offline check of
+//! catalogs fetched from a gate.
 //!
-//! Needs only the files and the gate's public key: each catalog's hash and signature, its fields,
-//! and that the versions given form one unbroken chain (docs/catalogs.md).
+//! `impact` and `publish` read the gate's `gate.toml` (global `--config`) and its `catalog`
+//! draft. A running gate holds its store, so they go through its admin socket
+//! (`state_dir/gate.sock`); a stopped gate's store is opened here. `verify` needs only the files
+//! and the gate's public key: each catalog's hash and signature, its fields, and that the versions
+//! given form one unbroken chain (docs/catalogs.md).
 
 use super::CmdResult;
+use crate::api::client::{Client, ClientError};
 use crate::catalog::{chain, SignedCatalog};
 use crate::files::{self, Links};
+use crate::gate::catalog::{self as gate_catalog, PublishRequest};
 use crate::keyfile;
 use crate::money::cents_text as money_text;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Subcommand, Debug)]
 pub enum CatalogCmd {
+    /// Compare the gate's draft (`catalog` in gate.toml) with its newest published version.
+    ///
+    /// Prints `{has_breaking_changes, changes: [{type, permission_key, old_value, new_value,
+    /// breaking}]}`. Exit status 0 when nothing would break agents' terms, 1 when something would
+    /// (publish then needs --accept-breaking).
+    Impact,
+    /// Publish the gate's draft as its next catalog version.
+    ///
+    /// Signs the version with the gate key, stores it in the gate's state and records it
+    /// (`catalog_published`) in the gate's log, in one transaction. Refuses breaking changes
+    /// (price or fee increases, removed permissions, weaker SLAs, ...) without --accept-breaking.
+    /// Works while the gate runs (through its socket). Prints the version and its content hash.
+    Publish(PublishArgs),
     /// Check catalogs fetched from a gate, offline: hash, signature, fields and version chain.
     ///
     /// Each FILE holds one served catalog (`{catalog, content_hash, catalog_signature}`, as
@@ -41,10 +60,117 @@ pub struct VerifyArgs {
     json: bool,
 }
 
-pub fn run(cmd: CatalogCmd) -> CmdResult {
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// What changed, for agents (shown in the catalog as `change_summary`).
+    #[arg(long, value_name = "TEXT")]
+    summary: String,
+    /// When the version takes effect (RFC 3339, e.g. 2026-12-24T00:00:00Z) [default: now].
+    #[arg(long, value_name = "TIME")]
+    effective_at: Option<String>,
+    /// Publish even if the draft breaks agents' terms (see `sluice catalog impact`).
+    #[arg(long)]
+    accept_breaking: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(cmd: CatalogCmd, config: Option<&Path>) -> CmdResult {
+    let need = || {
+        config.ok_or_else(|| anyhow::anyhow!("this command needs --config FILE: the gate's gate.toml (docs/gate.md)"))
+    };
     match cmd {
         CatalogCmd::Verify(a) => verify(a),
+        CatalogCmd::Impact => impact(need()?),
+        CatalogCmd::Publish(a) => publish(a, need()?),
     }
+}
+
+/// The gate and the text of its draft.
+fn gate_and_draft(config: &Path) -> anyhow::Result<(crate::gate::Gate, PublishRequest)> {
+    let gate = super::gate::load(config)?;
+    let Some(path) = gate.config.catalog.clone() else {
+        bail!("{}: no `catalog = \"catalog.toml\"`: the gate has no draft to publish", config.display());
+    };
+    let text = files::read_text(&path, gate_catalog::MAX_DRAFT_BYTES as u64, Links::Follow)?;
+    // Checked here too, so problems are reported before anything is sent to a running gate.
+    gate_catalog::parse_draft(&path, text.as_str())?;
+    let req = PublishRequest {
+        draft: text.as_str().to_string(),
+        summary: String::new(),
+        effective_at: None,
+        accept_breaking: false,
+    };
+    Ok((gate, req))
+}
+
+/// Sends `req` to a running gate's socket; `None` when no gate runs on this state_dir.
+fn via_socket(gate: &crate::gate::Gate, path: &str, req: &PublishRequest) -> anyhow::Result<Option<Value>> {
+    let socket = crate::gate::admin::socket_path(&gate.config.state_dir);
+    if std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        return Ok(None);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let body = serde_json::to_value(req)?;
+    let client = Client::new(&socket);
+    match rt.block_on(client.call(http::Method::POST, path, Some(&body))) {
+        Ok(r) => Ok(Some(r.body)),
+        Err(ClientError::Api { message, .. }) => bail!("gate {}: {message}", gate.config.name),
+        Err(e) => bail!("gate {}: {} : {e}", gate.config.name, socket.display()),
+    }
+}
+
+fn impact(config: &Path) -> CmdResult {
+    let (gate, req) = gate_and_draft(config)?;
+    let doc = match via_socket(&gate, "/catalog/impact", &req)? {
+        Some(doc) => doc,
+        None => {
+            let ledger = gate.open_ledger()?;
+            let path = gate.config.catalog.clone().unwrap_or_default();
+            let draft = gate_catalog::parse_draft(&path, &req.draft)?;
+            let doc =
+                gate_catalog::impact(gate.catalogs.latest().as_deref(), &draft, gate.config.trust_level).to_json();
+            ledger.shutdown();
+            doc
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(if doc.get("has_breaking_changes").and_then(Value::as_bool) == Some(false) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn publish(a: PublishArgs, config: &Path) -> CmdResult {
+    let (gate, mut req) = gate_and_draft(config)?;
+    req.summary = a.summary;
+    req.effective_at = a.effective_at;
+    req.accept_breaking = a.accept_breaking;
+    let doc = match via_socket(&gate, "/catalog/publish", &req)? {
+        Some(doc) => doc,
+        None => {
+            let ledger = gate.open_ledger()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let out = rt.block_on(gate_catalog::publish(&gate, &ledger, req, chrono::Utc::now()));
+            ledger.shutdown();
+            out.map_err(|e| anyhow::anyhow!("gate {}: {e}", gate.config.name))?.to_json()
+        }
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "published catalog version {} of gate {}: {} (effective {}, log index {})",
+            doc["version"],
+            gate.config.name,
+            doc["content_hash"].as_str().unwrap_or(""),
+            doc["effective_at"].as_str().unwrap_or(""),
+            doc["record_index"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The most versions read from all files together.

@@ -127,15 +127,8 @@ fn init(a: InitArgs) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn load(path: &std::path::Path) -> anyhow::Result<Gate> {
-    let config = GateConfig::load(path)?;
-    if config.catalog.is_some() {
-        eprintln!(
-            "sluice: {}: catalog: not read by this version (prices come from [[route]] price_cents)",
-            path.display()
-        );
-    }
-    Gate::new(config)
+pub(super) fn load(path: &std::path::Path) -> anyhow::Result<Gate> {
+    Gate::new(GateConfig::load(path)?)
 }
 
 fn run_gate(_: RunArgs, config: &std::path::Path) -> CmdResult {
@@ -154,7 +147,7 @@ fn run_gate(_: RunArgs, config: &std::path::Path) -> CmdResult {
         let socket = crate::gate::admin::socket_path(&gate.config.state_dir);
         let admin = crate::gate::admin::bind(&socket)
             .with_context(|| format!("{}: cannot bind the gate's export socket", socket.display()))?;
-        let admin = tokio::spawn(crate::gate::admin::serve(admin, ledger.clone()));
+        let admin = tokio::spawn(crate::gate::admin::serve(admin, gate.clone(), ledger.clone()));
         tracing::info!(gate = %gate.config.name, gate_id = %gate.gate_id, %listen, upstream = %gate.config.upstream, "gate ready");
         let _ = crate::sdnotify::ready("gate ready");
         server.serve(listener, wait_for_signal()).await;

@@ -139,7 +139,7 @@ pub fn main() -> ExitCode {
         Command::Stop(args) => ops::stop(args, &socket),
         Command::Resume(args) => ops::resume(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),
-        Command::Catalog(cmd) => catalog::run(cmd),
+        Command::Catalog(cmd) => catalog::run(cmd, config_explicit.then_some(config.as_path())),
         Command::Policy(cmd) => policy::run(cmd, &config),
         Command::Gate(cmd) => gate::run(cmd, config_explicit.then_some(config.as_path())),
         Command::Detach(args) => {

@@ -1,8 +1,15 @@
-//! The running gate's export socket: `state_dir/gate.sock` (mode 0600, in the 0700 state
-//! directory: the gate's own user only), so `sluice gate audit export` works while the gate
-//! serves. One request: `GET /export`, answered with a full export streamed from one snapshot
-//! (the format of `sluice audit export`); anything else is 404.
+//! The running gate's admin socket: `state_dir/gate.sock` (mode 0600, in the 0700 state
+//! directory: the gate's own user only), so the commands that need the gate's store work while
+//! the gate serves (it holds the store). Requests:
+//! - `GET /export`: a full export streamed from one snapshot (the format of `sluice audit
+//!   export`), for `sluice gate audit export`;
+//! - `POST /catalog/impact` and `POST /catalog/publish` (a [`PublishRequest`] as JSON), for
+//!   `sluice catalog impact` and `publish`.
+//!
+//! Anything else is 404.
 
+use super::catalog::{self, PublishRequest};
+use super::Gate;
 use crate::ledger::export::{export_stream, ExportRequest};
 use crate::ledger::Ledger;
 use bytes::Bytes;
@@ -10,6 +17,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokio::net::UnixListener;
 
 const PART: usize = 128 * 1024;
@@ -45,15 +53,24 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves exports until the task is dropped.
-pub async fn serve(listener: UnixListener, ledger: Ledger) {
+/// Serves the socket until the task is dropped.
+pub async fn serve(listener: UnixListener, gate: Arc<Gate>, ledger: Ledger) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let ledger = ledger.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let ledger = ledger.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(&ledger, &req).await) }
+                let gate = gate.clone();
+                async move {
+                    let resp = if req.uri().path().starts_with("/catalog/") {
+                        catalog_request(&gate, &ledger, req).await
+                    } else {
+                        handle(&ledger, &req).await
+                    };
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
@@ -86,6 +103,52 @@ async fn handle(ledger: &Ledger, req: &Request<hyper::body::Incoming>) -> Respon
         }
     });
     Response::new(ChannelBody { rx }.boxed())
+}
+
+/// The largest request body read (a draft is at most 1 MiB, as JSON text a little more).
+const MAX_REQUEST: usize = 3 << 20;
+
+async fn catalog_request(gate: &Gate, ledger: &Ledger, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    if req.method() != Method::POST || !["/catalog/impact", "/catalog/publish"].contains(&path.as_str()) {
+        return error(StatusCode::NOT_FOUND, "the gate's socket answers POST /catalog/impact and /catalog/publish");
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_REQUEST).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("the request cannot be read: {e}")),
+    };
+    let request: PublishRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("the request is not a catalog request: {e}")),
+    };
+    if path == "/catalog/impact" {
+        let draft_path = gate.config.catalog.clone().unwrap_or_else(|| "catalog.toml".into());
+        return match catalog::parse_draft(&draft_path, &request.draft) {
+            Ok(d) => {
+                let imp = catalog::impact(gate.catalogs.latest().as_deref(), &d, gate.config.trust_level);
+                json_response(StatusCode::OK, &imp.to_json())
+            }
+            Err(e) => coded(StatusCode::BAD_REQUEST, e.code(), &e.to_string()),
+        };
+    }
+    match catalog::publish(gate, ledger, request, chrono::Utc::now()).await {
+        Ok(outcome) => {
+            tracing::info!(version = outcome.published.version(), content_hash = %outcome.published.signed.content_hash, "gate: catalog published");
+            json_response(StatusCode::OK, &outcome.to_json())
+        }
+        Err(e @ catalog::PublishError::Store(_)) => coded(StatusCode::SERVICE_UNAVAILABLE, e.code(), &e.to_string()),
+        Err(e) => coded(StatusCode::CONFLICT, e.code(), &e.to_string()),
+    }
+}
+
+fn json_response(status: StatusCode, doc: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(doc.to_string())).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp
+}
+
+fn coded(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json_response(status, &serde_json::json!({"error": code, "message": message}))
 }
 
 fn error(status: StatusCode, message: &str) -> Response<Body> {

@@ -9,6 +9,7 @@
 //! Modules, one job each, depending one way (`server` → `upstream`, `decide` → `records`, `sig`,
 //! `config`, `revoked`):
 //! - `config`: `gate.toml`, strict; routes, the anonymous subset, limits.
+//! - `catalog`: publishing catalog versions, the history, the version in force, the price lock.
 //! - `sig`: the one door to HTTP message signature verification.
 //! - `revoked`: the revocation list in `state_dir`.
 //! - `decide`: the decision in two steps (outside the store, then inside its transaction).
@@ -17,6 +18,7 @@
 //! - `upstream`: one request to the protected service.
 
 pub mod admin;
+pub mod catalog;
 pub mod config;
 pub mod decide;
 pub mod records;
@@ -48,6 +50,8 @@ pub struct Gate {
     pub config: GateConfig,
     pub gate_id: String,
     pub revoked: revoked::RevokedFile,
+    /// The published catalog versions (loaded when the store is opened).
+    pub catalogs: catalog::Catalogs,
     key: SigningKey,
     compiled: Mutex<HashMap<[u8; 32], Arc<CompiledPassport>>>,
 }
@@ -71,6 +75,7 @@ impl Gate {
             gate_id: gate_id(&key.verifying_key()),
             revoked: revoked::RevokedFile::new(&config.state_dir),
             config,
+            catalogs: catalog::Catalogs::default(),
             key,
             compiled: Mutex::new(HashMap::new()),
         }
@@ -92,12 +97,14 @@ impl Gate {
                 .map_err(|e| anyhow::anyhow!("{}: cannot create state_dir: {e}", self.config.state_dir.display()))?;
         }
         let host = HostKey::from_signing_key(self.key.clone());
-        Ledger::open(&self.store_path(), host, LedgerOptions::default()).map_err(|e| {
+        let ledger = Ledger::open(&self.store_path(), host, LedgerOptions::default()).map_err(|e| {
             anyhow::anyhow!(
                 "{}: cannot open the gate's store: {e} (only one process may use it: is `sluice gate run` running on this config?)",
                 self.store_path().display()
             )
-        })
+        })?;
+        self.catalogs.load(&ledger, &self.key)?;
+        Ok(ledger)
     }
 
     /// The passport with its CEL rules compiled, from a cache keyed by the token's digest.
