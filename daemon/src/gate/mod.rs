@@ -12,6 +12,7 @@
 //! - `catalog`: publishing catalog versions, the history, the version in force, the price lock.
 //! - `sig`: the one door to HTTP message signature verification.
 //! - `revoked`: the revocation list in `state_dir`.
+//! - `discovery`: the public documents: `/.well-known/sluice` and the catalogs.
 //! - `decide`: the decision in two steps (outside the store, then inside its transaction).
 //! - `records`: the gate's record and its chains.
 //! - `server`: the HTTP(S) listener, the reverse proxy and `/check`.
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod decide;
+pub mod discovery;
 pub mod records;
 pub mod revoked;
 pub mod server;
@@ -79,6 +81,10 @@ impl Gate {
             key,
             compiled: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn public_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
     }
 
     /// The gate's store: `state_dir/gate.redb` (log, counters, nonces), signed by the gate key.

@@ -11,7 +11,8 @@
 //! refused before a byte reaches the service.
 //!
 //! `/check` and `/check/*` are the gate's own (ext_authz HTTP shape) and never forwarded: the
-//! same decision, answered `200` with the decision headers, or `401`/`403` with the JSON.
+//! same decision, answered `200` with the decision headers, or `401`/`403` with the JSON. So are
+//! `/.well-known/sluice` and `/v1/catalog*` (`discovery`).
 
 use super::decide::{self, Answer, Arrival, Decided, Step};
 use super::records::GateRecord;
@@ -138,6 +139,14 @@ impl Server {
         let path = req.uri().path();
         if path == "/check" || path.starts_with("/check/") {
             return self.check(req, scheme).await;
+        }
+        if super::discovery::is_public(path) {
+            let authority = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .or_else(|| req.uri().authority().map(|a| a.as_str()));
+            return super::discovery::answer(&self.gate, &self.ledger, req.method(), path, authority, scheme).await;
         }
         let (parts, body) = req.into_parts();
         let target = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
@@ -547,7 +556,7 @@ fn empty() -> GateBody {
     Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
 }
 
-fn json_response(status: StatusCode, doc: &serde_json::Value) -> Response<GateBody> {
+pub(super) fn json_response(status: StatusCode, doc: &serde_json::Value) -> Response<GateBody> {
     let body = serde_json::to_vec(doc).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;

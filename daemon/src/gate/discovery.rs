@@ -1,0 +1,148 @@
+//! The gate's public, anonymous documents (docs/catalogs.md, "What a gate serves"):
+//! `GET /.well-known/sluice`, `GET /v1/catalog`, `GET /v1/catalog/versions`,
+//! `GET /v1/catalog/{version}` and `GET /v1/catalog/{version}/proof`. Served by the gate
+//! itself, never forwarded, never recorded (they reveal nothing a passport protects).
+//!
+//! Only versions in force are served: a version published with a later `effective_at` appears
+//! the second that time comes (the version in force is computed at each request).
+
+use super::catalog::Published;
+use super::server::json_response;
+use super::upstream::GateBody;
+use super::Gate;
+use crate::ledger::Ledger;
+use crate::passport::b64;
+use http::{HeaderValue, Method, StatusCode};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+pub const WELL_KNOWN: &str = "/.well-known/sluice";
+pub const CATALOG: &str = "/v1/catalog";
+
+/// Whether `path` is one of the gate's public documents (any method: they are never forwarded).
+pub fn is_public(path: &str) -> bool {
+    path == WELL_KNOWN || path == CATALOG || path.starts_with("/v1/catalog/")
+}
+
+/// Answers a request for one of the public documents.
+pub async fn answer(
+    gate: &Gate,
+    ledger: &Ledger,
+    method: &Method,
+    path: &str,
+    authority: Option<&str>,
+    scheme: &str,
+) -> http::Response<GateBody> {
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, &format!("{path} is the gate's own document: GET only"));
+        r.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let now = chrono::Utc::now();
+    let current = gate.catalogs.in_force(now);
+    if path == WELL_KNOWN {
+        return well_known(gate, ledger, current.as_deref(), authority, scheme).await;
+    }
+    let Some(current) = current else {
+        return error(StatusCode::NOT_FOUND, &format!("gate {:?} has published no catalog in force", gate.config.name));
+    };
+    let rest = path.strip_prefix(CATALOG).unwrap_or("");
+    match rest {
+        "" | "/" => served(&current),
+        "/versions" => {
+            let all: Vec<Value> = gate.catalogs.served(now).iter().map(|p| p.signed.to_json()).collect();
+            json_response(StatusCode::OK, &Value::Array(all))
+        }
+        _ => {
+            let rest = rest.trim_start_matches('/');
+            let (v, proof) = match rest.strip_suffix("/proof") {
+                Some(v) => (v, true),
+                None => (rest, false),
+            };
+            let version = match v.parse::<u64>() {
+                Ok(n) if n >= 1 && !v.starts_with('0') => n,
+                _ => {
+                    return error(
+                        StatusCode::NOT_FOUND,
+                        "no such document: /v1/catalog, /v1/catalog/versions, /v1/catalog/N or /v1/catalog/N/proof",
+                    )
+                }
+            };
+            let Some(p) = gate.catalogs.get(version).filter(|_| version <= current.version()) else {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    &format!("catalog version {version} is not published (version {} is in force)", current.version()),
+                );
+            };
+            if proof {
+                proof_of(ledger, &p).await
+            } else {
+                served(&p)
+            }
+        }
+    }
+}
+
+fn served(p: &Arc<Published>) -> http::Response<GateBody> {
+    let mut r = json_response(StatusCode::OK, &p.signed.to_json());
+    if let Ok(v) = HeaderValue::from_str(&format!("{CATALOG}/{}/proof", p.version())) {
+        r.headers_mut().insert("sluice-catalog-proof", v);
+    }
+    r
+}
+
+/// The `catalog_published` record of a version with its inclusion proof and a signed checkpoint
+/// (`sluice-attestation/v1`, what `sluice audit proof` writes; `sluice audit verify` checks it).
+async fn proof_of(ledger: &Ledger, p: &Published) -> http::Response<GateBody> {
+    match crate::ledger::export::proof(ledger, p.record_index).await {
+        Ok(att) => match serde_json::to_value(&att) {
+            Ok(v) => json_response(StatusCode::OK, &v),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        },
+        Err(e) => {
+            tracing::error!(error = %e, version = p.version(), "gate: the proof of a catalog version failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "the gate's store failed")
+        }
+    }
+}
+
+async fn well_known(
+    gate: &Gate,
+    ledger: &Ledger,
+    current: Option<&Published>,
+    authority: Option<&str>,
+    scheme: &str,
+) -> http::Response<GateBody> {
+    let checkpoint = match ledger.latest_checkpoint() {
+        Ok(Some(cp)) => Some(cp.note),
+        _ => ledger.checkpoint_now().await.ok().map(|cp| cp.note),
+    };
+    let catalog_url = catalog_url(authority, scheme);
+    let doc = json!({
+        "gate_id": gate.gate_id,
+        "name": gate.config.name,
+        "public_key": b64::encode(gate.public_key().as_bytes()),
+        "trust_level": gate.config.trust_level.as_str(),
+        "catalog_version": current.map(Published::version),
+        "catalog_content_hash": current.map(|p| p.signed.content_hash.clone()),
+        "catalog_url": catalog_url,
+        "log_origin": ledger.origin(),
+        "checkpoint": checkpoint,
+    });
+    json_response(StatusCode::OK, &doc)
+}
+
+/// `scheme://authority/v1/catalog` from the request's own authority (checked to be one), else
+/// the path alone.
+pub fn catalog_url(authority: Option<&str>, scheme: &str) -> String {
+    match authority.and_then(|a| a.parse::<http::uri::Authority>().ok()) {
+        Some(a) if a.as_str().len() <= 255 && !a.as_str().contains('@') => {
+            format!("{scheme}://{}{CATALOG}", a.as_str().to_ascii_lowercase())
+        }
+        _ => CATALOG.to_string(),
+    }
+}
+
+fn error(status: StatusCode, detail: &str) -> http::Response<GateBody> {
+    json_response(status, &json!({"error": status.canonical_reason().unwrap_or("error"), "detail": detail}))
+}
