@@ -48,6 +48,26 @@ print(json.dumps({
 }))
 "#;
 
+/// The catalog the tests' gate publishes first.
+const CATALOG_V1: &str = r#"
+[[permission]]
+key = "shipments:create"
+description = "Create a shipment"
+risk_level = "medium"
+[permission.constraints]
+"core:pricing:per_call_cents" = 25
+
+[[permission]]
+key = "web:fetch"
+description = "Read"
+risk_level = "low"
+
+[[permission]]
+key = "web:send"
+description = "Write anything else"
+risk_level = "low"
+"#;
+
 /// What the mock service received.
 #[derive(Debug, Clone)]
 struct Seen {
@@ -142,20 +162,22 @@ impl World {
         Agent { token: issued.token, key: issued.agent_key, key_file, id: issued.claims.id.to_string() }
     }
 
-    /// A gate.toml with `extra` appended (limits, tier).
+    /// A gate.toml with `extra` appended (limits, tier), and its catalog: `shipments:create` at
+    /// 25 cents, `web:fetch` and `web:send` free, published as version 1 unless a version is.
     fn config(&self, top: &str, extra: &str) -> PathBuf {
+        std::fs::write(self.dir.path().join("catalog.toml"), CATALOG_V1).unwrap();
         let text = format!(
             r#"name = "shipping-api"
 key = "gate.key"
 state_dir = "state"
 listen = "127.0.0.1:1"
 upstream = "http://{upstream}"
+catalog = "catalog.toml"
 {top}
 [[route]]
 method = "POST"
 path = "/v1/shipments"
 permission = "shipments:create"
-price_cents = 25
 
 [[anonymous]]
 method = "GET"
@@ -165,7 +187,32 @@ path = "/v1/rates"
         );
         let path = self.dir.path().join("gate.toml");
         std::fs::write(&path, text).unwrap();
+        self.publish_if_none(&path);
         path
+    }
+
+    /// Publishes the draft as version 1 if the store has no version yet (opening the store, so
+    /// only while no gate runs on it).
+    fn publish_if_none(&self, config: &Path) {
+        let gate = Gate::with_key(GateConfig::load(config).unwrap(), self.gate_key.clone());
+        let draft = std::fs::read_to_string(self.dir.path().join("catalog.toml")).unwrap();
+        std::thread::spawn(move || {
+            // A gate already running on this store has its catalog.
+            let Ok(ledger) = gate.open_ledger() else { return };
+            if gate.catalogs.latest().is_none() {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                let req = sluice::gate::catalog::PublishRequest {
+                    draft,
+                    summary: "first".into(),
+                    effective_at: None,
+                    accept_breaking: false,
+                };
+                rt.block_on(sluice::gate::catalog::publish(&gate, &ledger, req, chrono::Utc::now())).unwrap();
+            }
+            ledger.shutdown();
+        })
+        .join()
+        .unwrap();
     }
 
     fn l2(&self) -> String {
@@ -181,6 +228,7 @@ path = "/v1/rates"
 struct RunningGate {
     addr: SocketAddr,
     server: Arc<Server>,
+    admin: tokio::task::JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -193,6 +241,9 @@ impl RunningGate {
     async fn start_at(world: &World, config: &Path, addr: SocketAddr) -> RunningGate {
         let gate = Arc::new(Gate::with_key(GateConfig::load(config).unwrap(), world.gate_key.clone()));
         let ledger = gate.open_ledger().unwrap();
+        let socket = sluice::gate::admin::socket_path(&gate.config.state_dir);
+        let admin = sluice::gate::admin::bind(&socket).unwrap();
+        let admin = tokio::spawn(sluice::gate::admin::serve(admin, gate.clone(), ledger.clone()));
         let server = Arc::new(Server::new(gate, ledger).unwrap());
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -200,7 +251,7 @@ impl RunningGate {
         let task = tokio::spawn(server.clone().serve(listener, async move {
             let _ = rx.await;
         }));
-        RunningGate { addr, server, stop: Some(tx), task: Some(task) }
+        RunningGate { addr, server, admin, stop: Some(tx), task: Some(task) }
     }
 
     fn uri(&self, path: &str) -> String {
@@ -215,6 +266,8 @@ impl RunningGate {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
+        self.admin.abort();
+        let _ = std::fs::remove_file(sluice::gate::admin::socket_path(&self.server.gate.config.state_dir));
         self.server.ledger.shutdown();
     }
 }
@@ -476,7 +529,9 @@ async fn issuers_revocation_and_anonymous_agents() {
     assert_eq!(j["decision"], "block");
     assert_eq!(j["reason"], "passport_required");
     assert_eq!(j["hint"]["permission"], "shipments:create");
-    assert_eq!(j["hint"]["price_cents"], 25);
+    assert_eq!(j["hint"]["price_cents"], "25");
+    assert_eq!(j["hint"]["catalog_version"], 1);
+    assert_eq!(j["hint"]["catalog_url"], "/v1/catalog");
     assert_eq!(j["hint"]["trust_level"], "L2");
     assert!(j["hint"]["how"].as_str().unwrap().contains("Sluice-Passport"));
 
@@ -812,4 +867,198 @@ async fn over_tls_with_alpn_h2_a_signed_https_request_is_allowed() {
     assert_eq!(text, "served");
     assert_eq!(w.seen().len(), 1);
     gate.stop().await;
+}
+
+/// The attestation index of an answer (`Sluice-Decision: allow; attestation=N`).
+fn attestation(a: &Answer) -> u64 {
+    let h = header(&a.headers, "sluice-decision").unwrap_or_default();
+    h.rsplit("attestation=").next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no attestation in {h:?}"))
+}
+
+/// The gate record at `index`.
+fn gate_record(gate: &RunningGate, index: u64) -> Value {
+    serde_json::from_slice(&gate.server.ledger.record(index).unwrap().unwrap()).unwrap()
+}
+
+/// `sluice --config C catalog ARGS...`.
+fn catalog_cli(config: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(["--config", p(config), "catalog"]).args(args).output().unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// `catalog.toml` with `shipments:create` at `price` cents (and the free defaults).
+fn draft(price: &str, with_send: bool) -> String {
+    let mut d = CATALOG_V1.replace("\"core:pricing:per_call_cents\" = 25", &format!("\"core:pricing:per_call_cents\" = {price}"));
+    if !with_send {
+        let cut = d.find("[[permission]]\nkey = \"web:send\"").unwrap();
+        d.truncate(cut);
+    }
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gate_serves_its_catalog_which_verifies_offline_with_its_inclusion_proof() {
+    let w = World::new().await;
+    let gate = RunningGate::start(&w, &w.config("", "")).await;
+
+    let a = send(gate.addr, "GET", "/.well-known/sluice", &[], b"").await;
+    assert_eq!(a.status, StatusCode::OK);
+    let wk = a.json();
+    assert_eq!(wk["gate_id"], sluice::gate::gate_id(&w.gate_key.verifying_key()));
+    assert_eq!(wk["name"], "shipping-api");
+    assert_eq!(wk["public_key"], sluice::passport::b64::encode(w.gate_key.verifying_key().as_bytes()));
+    assert_eq!(wk["trust_level"], "L1");
+    assert_eq!(wk["catalog_version"], 1);
+    assert_eq!(wk["catalog_url"], format!("http://{}/v1/catalog", gate.addr));
+    assert!(wk["checkpoint"].as_str().unwrap().contains(wk["log_origin"].as_str().unwrap()));
+
+    let served = send(gate.addr, "GET", "/v1/catalog", &[], b"").await;
+    assert_eq!(served.status, StatusCode::OK);
+    let doc = served.json();
+    assert_eq!(doc["content_hash"], wk["catalog_content_hash"]);
+    assert_eq!(doc["catalog"]["version"], 1);
+    assert_eq!(doc["catalog"]["permissions"][0]["constraints"]["core:pricing:per_call_cents"], "25");
+    let file = w.dir.path().join("catalog-v1.json");
+    std::fs::write(&file, &served.body).unwrap();
+    let gate_pub = w.dir.path().join("gate.pub");
+    let out = Command::new(bin()).args(["catalog", "verify", p(&file), "--gate-pub", p(&gate_pub)]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(send(gate.addr, "GET", "/v1/catalog/1", &[], b"").await.body, served.body);
+    let all = send(gate.addr, "GET", "/v1/catalog/versions", &[], b"").await;
+    assert_eq!(all.json().as_array().unwrap().len(), 1);
+
+    // The proof: the catalog_published record, its inclusion proof and a signed checkpoint,
+    // which `sluice audit verify` checks with the gate's key alone; the record names the hash.
+    let proof = send(gate.addr, "GET", "/v1/catalog/1/proof", &[], b"").await;
+    assert_eq!(proof.status, StatusCode::OK, "{:?}", proof.body);
+    assert_eq!(header(&served.headers, "sluice-catalog-proof"), Some("/v1/catalog/1/proof"));
+    let pf = w.dir.path().join("proof.json");
+    std::fs::write(&pf, &proof.body).unwrap();
+    let out = Command::new(bin()).args(["audit", "verify", p(&pf), "--host-pub", p(&gate_pub)]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let record: Value = serde_json::from_str(proof.json()["record"].as_str().unwrap()).unwrap();
+    assert_eq!(record["kind"], "catalog_published");
+    assert_eq!(record["content_hash"], doc["content_hash"]);
+    assert_eq!(record["catalog_version"], 1);
+    assert_eq!(record["prev_content_hash"], Value::Null);
+    assert_eq!(record["summary"], "first");
+
+    // Anything else under these paths is the gate's, never forwarded.
+    let a = send(gate.addr, "POST", "/v1/catalog", &[], b"{}").await;
+    assert_eq!(a.status, StatusCode::METHOD_NOT_ALLOWED);
+    for missing in ["/v1/catalog/2", "/v1/catalog/0", "/v1/catalog/01", "/v1/catalog/x", "/v1/catalog/2/proof"] {
+        assert_eq!(send(gate.addr, "GET", missing, &[], b"").await.status, StatusCode::NOT_FOUND, "{missing}");
+    }
+    assert!(w.seen().is_empty(), "a catalog request was forwarded");
+    gate.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_while_running_with_the_price_lock_and_breaking_changes_refused() {
+    let w = World::new().await;
+    let config = w.config("", "");
+    let gate = RunningGate::start(&w, &config).await;
+    let uri = gate.uri("/v1/shipments");
+    let early = w.agent("early", &w.issuer, serde_json::json!({}));
+    let late = w.agent("late", &w.issuer, serde_json::json!({}));
+
+    // The early passport's first call locks version 1 at 25 cents.
+    let a = signed_call(gate.addr, &uri, &early).await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    let r = gate_record(&gate, attestation(&a));
+    assert_eq!((r["catalog_version"].clone(), r["price_cents"].clone()), (1.into(), "25".into()), "{r}");
+    assert_eq!((r["price_millicents"].clone(), r["cost_millicents"].clone()), (25_000.into(), 25_000.into()));
+
+    // A price increase is breaking: impact says so, publish refuses it without the flag.
+    std::fs::write(w.dir.path().join("catalog.toml"), draft("40", true)).unwrap();
+    let out = catalog_cli(&config, &["impact"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let imp: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(imp["has_breaking_changes"], true);
+    assert_eq!(imp["changes"][0]["type"], "price_increase");
+    assert_eq!(imp["changes"][0]["permission_key"], "shipments:create");
+    let out = catalog_cli(&config, &["publish", "--summary", "dearer"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--accept-breaking"), "{}", text(&out));
+    assert_eq!(send(gate.addr, "GET", "/v1/catalog", &[], b"").await.json()["catalog"]["version"], 1);
+
+    // With the flag, through the running gate's socket: version 2, served at once.
+    let out = catalog_cli(&config, &["publish", "--summary", "dearer", "--accept-breaking", "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let published: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(published["version"], 2);
+    let served = send(gate.addr, "GET", "/v1/catalog", &[], b"").await.json();
+    assert_eq!(served["catalog"]["version"], 2);
+    assert_eq!(served["content_hash"], published["content_hash"]);
+    let v1 = send(gate.addr, "GET", "/v1/catalog/1", &[], b"").await.json();
+    assert_eq!(served["catalog"]["prev_content_hash"], v1["content_hash"]);
+    assert_eq!(served["catalog"]["change_summary"], "dearer");
+
+    // The early passport keeps version 1's price; a new one pays version 2's.
+    let a = signed_call(gate.addr, &uri, &early).await;
+    assert_eq!(a.status, StatusCode::OK, "{:?}", a.body);
+    let r = gate_record(&gate, attestation(&a));
+    assert_eq!((r["catalog_version"].clone(), r["price_cents"].clone()), (1.into(), "25".into()), "{r}");
+    let a = signed_call(gate.addr, &uri, &late).await;
+    let r = gate_record(&gate, attestation(&a));
+    assert_eq!((r["catalog_version"].clone(), r["price_cents"].clone()), (2.into(), "40".into()), "{r}");
+
+    // A decrease, effective a little later: served and charged once its time comes, to both.
+    std::fs::write(w.dir.path().join("catalog.toml"), draft("10.5", true)).unwrap();
+    let out = catalog_cli(&config, &["impact"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let at = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let out = catalog_cli(&config, &["publish", "--summary", "cheaper", "--effective-at", &at]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("version 3"), "{}", text(&out));
+    assert_eq!(send(gate.addr, "GET", "/v1/catalog", &[], b"").await.json()["catalog"]["version"], 2);
+    assert_eq!(send(gate.addr, "GET", "/v1/catalog/3", &[], b"").await.status, StatusCode::NOT_FOUND);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while send(gate.addr, "GET", "/v1/catalog", &[], b"").await.json()["catalog"]["version"] != 3 {
+        assert!(std::time::Instant::now() < deadline, "version 3 was not served after its effective_at");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for agent in [&early, &late] {
+        let a = signed_call(gate.addr, &uri, agent).await;
+        let r = gate_record(&gate, attestation(&a));
+        assert_eq!((r["catalog_version"].clone(), r["price_cents"].clone()), (3.into(), "10.5".into()), "{r}");
+    }
+
+    // A permission the catalog no longer offers is refused, locked or not.
+    std::fs::write(w.dir.path().join("catalog.toml"), draft("10.5", false)).unwrap();
+    let out = catalog_cli(&config, &["publish", "--summary", "no more writes", "--accept-breaking"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let h = vec![("sluice-passport".to_string(), early.token.clone())];
+    let a = send(gate.addr, "DELETE", "/v1/shipments", &h, b"").await;
+    assert_eq!((a.status, a.reason().as_str()), (StatusCode::FORBIDDEN, "permission_not_offered"), "{:?}", a.body);
+    let seen = w.seen().len();
+    assert_eq!(seen, 5, "only the allowed calls reach the service");
+
+    // The stopped gate: publish opens the store itself; the history and the log verify.
+    gate.stop().await;
+    let out = catalog_cli(&config, &["publish", "--summary", "same again"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let gate = RunningGate::start(&w, &config).await;
+    let all = send(gate.addr, "GET", "/v1/catalog/versions", &[], b"").await;
+    assert_eq!(all.json().as_array().unwrap().len(), 5);
+    let file = w.dir.path().join("all.json");
+    std::fs::write(&file, &all.body).unwrap();
+    let gate_pub = w.dir.path().join("gate.pub");
+    let out = Command::new(bin()).args(["catalog", "verify", p(&file), "--gate-pub", p(&gate_pub)]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    gate.stop().await;
+    let export = w.dir.path().join("log.json");
+    let out = Command::new(bin())
+        .args(["--config", p(&config), "gate", "audit", "export", "--out", p(&export)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = Command::new(bin()).args(["audit", "verify", p(&export), "--host-pub", p(&gate_pub)]).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let log = std::fs::read_to_string(&export).unwrap();
+    assert_eq!(log.matches("catalog_published").count(), 5);
 }

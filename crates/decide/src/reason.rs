@@ -87,6 +87,9 @@ pub enum Reason {
     PassportRequired,
     /// Served without a passport: the route is in the anonymous subset.
     AnonymousAllowed,
+    /// The gate's catalog in force does not offer the permission the request needs (or the
+    /// gate has published no catalog yet).
+    PermissionNotOffered,
 
     /// A CEL rule's own reason (its author's `a-z 0-9 _` string), or a string read back that
     /// names no reason above.
@@ -139,6 +142,7 @@ const FIXED: &[Reason] = &[
     Reason::IssuerNotTrusted,
     Reason::PassportRequired,
     Reason::AnonymousAllowed,
+    Reason::PermissionNotOffered,
 ];
 
 impl Reason {
@@ -189,6 +193,7 @@ impl Reason {
             Reason::IssuerNotTrusted => "issuer_not_trusted",
             Reason::PassportRequired => "passport_required",
             Reason::AnonymousAllowed => "anonymous_allowed",
+            Reason::PermissionNotOffered => "permission_not_offered",
             Reason::Rule(s) => s,
         }
     }

@@ -220,7 +220,7 @@ fn check(a: CheckArgs, config: &std::path::Path) -> CmdResult {
             let snapshot = match snapshot {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    eprintln!("sluice: counters not read, limits evaluated as if nothing was spent yet: {e:#}");
+                    eprintln!("sluice: the store was not read (counters evaluated as if nothing was spent yet, no catalog in force): {e:#}");
                     None
                 }
             };
@@ -228,7 +228,7 @@ fn check(a: CheckArgs, config: &std::path::Path) -> CmdResult {
                 Some(s) => s.state_get(k).map_err(|e| e.to_string()),
                 None => Ok(None),
             };
-            decide::evaluate(&gate.config, &r, &mut read, chrono::Utc::now())
+            decide::evaluate(&gate, &r, &mut read, chrono::Utc::now())
         }
     };
     let mut doc = server::decision_json(&gate, &decided, 0);

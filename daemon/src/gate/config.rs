@@ -72,7 +72,6 @@ struct RawRoute {
     method: String,
     path: String,
     permission: String,
-    price_cents: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,10 +121,8 @@ impl MethodMatch {
 pub struct Route {
     pub method: MethodMatch,
     pub path: PathPattern,
+    /// What a passport must grant; its price is the catalog's (`gate::catalog`).
     pub permission: Permission,
-    /// What one call costs, in whole cents (0 when unset). The catalog will set prices; until
-    /// then a route may carry its own.
-    pub price_cents: u64,
 }
 
 /// `[[anonymous]]`: served without a passport.
@@ -258,15 +255,10 @@ impl GateConfig {
         let mut routes = Vec::with_capacity(raw.route.len());
         for (i, r) in raw.route.iter().enumerate() {
             let f = |k: &str| format!("route[{i}].{k}");
-            let price = r.price_cents.unwrap_or(0);
-            if price > money_max {
-                return Err(bad(&f("price_cents"), format!("must be at most {money_max} cents")));
-            }
             routes.push(Route {
                 method: MethodMatch::parse(&r.method).map_err(|p| bad(&f("method"), p))?,
                 path: PathPattern::parse(&r.path).map_err(|p| bad(&f("path"), p))?,
                 permission: Permission::parse(&r.permission).map_err(|p| bad(&f("permission"), p))?,
-                price_cents: price,
             });
         }
         let mut anonymous = Vec::with_capacity(raw.anonymous.len());
@@ -300,13 +292,13 @@ impl GateConfig {
         })
     }
 
-    /// The permission and price (whole cents) of a request: the first `[[route]]` that matches
-    /// (paths normalised as host policies do, so a respelt path cannot dodge its route), else
-    /// `web:fetch` for GET/HEAD/OPTIONS and `web:send` otherwise, at no cost.
-    pub fn route_of(&self, method: &http::Method, path: &str) -> (String, u64) {
+    /// The permission a request needs: the first `[[route]]` that matches (paths normalised as
+    /// host policies do, so a respelt path cannot dodge its route), else `web:fetch` for
+    /// GET/HEAD/OPTIONS and `web:send` otherwise. Its price is the catalog's.
+    pub fn route_of(&self, method: &http::Method, path: &str) -> String {
         for r in &self.routes {
             if r.method.matches(method) && r.path.matches_request(path) {
-                return (r.permission.as_str().to_string(), r.price_cents);
+                return r.permission.as_str().to_string();
             }
         }
         let default = if matches!(*method, http::Method::GET | http::Method::HEAD | http::Method::OPTIONS) {
@@ -314,7 +306,7 @@ impl GateConfig {
         } else {
             "web:send"
         };
-        (default.to_string(), 0)
+        default.to_string()
     }
 
     /// The first `[[route]]` a request matches, for the 401 hint.

@@ -14,7 +14,8 @@
 //! `sluice gate check` runs the same two steps against a read-only view and writes nothing.
 
 use super::config::GateConfig;
-use super::records::Spend;
+use super::catalog;
+use super::records::{Charge, Spend};
 use super::sig;
 use super::Gate;
 use crate::decide::{
@@ -47,6 +48,7 @@ pub mod step {
     pub const SIGNATURE: &str = "gate_signature";
     pub const REPLAY: &str = "gate_replay";
     pub const LIMITS: &str = "gate_limits";
+    pub const CATALOG: &str = "gate_catalog";
 }
 
 /// State keys in the gate's store.
@@ -113,7 +115,8 @@ pub struct Decided {
     pub guardrails: Vec<Guardrail>,
     pub claims: Option<Claims>,
     pub permission: String,
-    pub price_cents: u64,
+    /// The catalog's price of this call (a gate with a catalog, once the price is known).
+    pub charge: Option<Charge>,
     pub cost_millicents: u64,
     pub request_hash: Option<String>,
     pub signed: bool,
@@ -134,7 +137,6 @@ impl Decided {
 pub struct Ready {
     pub passport: Arc<CompiledPassport>,
     pub permission: String,
-    pub price_cents: u64,
     pub tier: TrustTier,
     pub signature: Option<sig::Verified>,
     pub request: ActionRequest,
@@ -158,7 +160,6 @@ fn fail(name: &str, detail: impl Into<String>) -> Guardrail {
 
 struct Early<'a> {
     permission: &'a str,
-    price_cents: u64,
     guardrails: Vec<Guardrail>,
     claims: Option<Claims>,
     request_hash: Option<String>,
@@ -177,7 +178,7 @@ impl Early<'_> {
             guardrails: self.guardrails,
             claims: self.claims,
             permission: self.permission.to_string(),
-            price_cents: self.price_cents,
+            charge: None,
             cost_millicents: 0,
             request_hash: self.request_hash,
             signed: self.signed,
@@ -191,10 +192,9 @@ impl Early<'_> {
 /// Step 1: everything that needs no stored state. `now` is seconds since the epoch.
 pub fn precheck(gate: &Gate, a: &Arrival, now: i64) -> Step {
     let cfg = &gate.config;
-    let (permission, price_cents) = cfg.route_of(&a.method, &a.path);
+    let permission = cfg.route_of(&a.method, &a.path);
     let mut early = Early {
         permission: &permission,
-        price_cents,
         guardrails: vec![pass(step::ROUTE, format!("{} {} needs permission {permission:?}", a.method, a.path))],
         claims: None,
         request_hash: None,
@@ -214,7 +214,7 @@ pub fn precheck(gate: &Gate, a: &Arrival, now: i64) -> Step {
                 guardrails: early.guardrails,
                 claims: None,
                 permission: "anonymous".into(),
-                price_cents: 0,
+                charge: None,
                 cost_millicents: 0,
                 request_hash: None,
                 signed: false,
@@ -285,7 +285,8 @@ pub fn precheck(gate: &Gate, a: &Arrival, now: i64) -> Step {
     let host = a.host.as_deref().and_then(|h| DomainName::parse(h).ok());
     let request = ActionRequest {
         action: permission.clone(),
-        cost_millicents: price_cents.saturating_mul(1000),
+        // The catalog's price is set inside the transaction, where the passport's lock is read.
+        cost_millicents: 0,
         host,
         method: Some(a.method.as_str().to_string()),
         path: Some(a.path.clone()),
@@ -294,7 +295,6 @@ pub fn precheck(gate: &Gate, a: &Arrival, now: i64) -> Step {
     Step::Evaluate(Box::new(Ready {
         passport,
         permission: permission.clone(),
-        price_cents,
         tier,
         signature,
         request,
@@ -445,7 +445,8 @@ fn limits_passport(cfg: &GateConfig, p: &CompiledPassport) -> Result<CompiledPas
 pub type Read<'a> = dyn FnMut(&str) -> Result<Option<Vec<u8>>, String> + 'a;
 
 /// Step 2, inside the decision's transaction (or against a snapshot, for a dry run).
-pub fn evaluate(cfg: &GateConfig, r: &Ready, read: &mut Read<'_>, now: DateTime<Utc>) -> Decided {
+pub fn evaluate(gate: &Gate, r: &Ready, read: &mut Read<'_>, now: DateTime<Utc>) -> Decided {
+    let cfg = &gate.config;
     let claims = &r.passport.passport.claims;
     let pp = claims.id.as_str();
     let mut guardrails = r.guardrails.clone();
@@ -458,8 +459,8 @@ pub fn evaluate(cfg: &GateConfig, r: &Ready, read: &mut Read<'_>, now: DateTime<
         guardrails: Vec::new(),
         claims: Some(claims.clone()),
         permission: r.permission.clone(),
-        price_cents: r.price_cents,
-        cost_millicents: r.request.cost_millicents,
+        charge: None,
+        cost_millicents: 0,
         request_hash: r.signature.as_ref().map(|s| s.request_hash.clone()),
         signed: r.signature.is_some(),
         tier: Some(r.tier),
@@ -505,10 +506,27 @@ pub fn evaluate(cfg: &GateConfig, r: &Ready, read: &mut Read<'_>, now: DateTime<
         guardrails.push(pass(step::REPLAY, "nonce not seen within the window"));
     }
 
+    // The catalog's price, with the passport's price lock.
+    let mut request = r.request.clone();
+    let mut lock_write = None;
+    if cfg.catalog.is_some() {
+        match price(gate, pp, &r.permission, read, now) {
+            Ok((charge, lock, detail)) => {
+                request.cost_millicents = charge.price_millicents;
+                out.charge = Some(charge);
+                out.cost_millicents = charge.price_millicents;
+                lock_write = lock;
+                guardrails.push(pass(step::CATALOG, detail));
+            }
+            Err((reason, detail)) => return refuse(out, guardrails, writes, reason, step::CATALOG, detail),
+        }
+    }
+    let request = &request;
+
     // The passport's own constraints and counters.
     let host = HostVerdict::Allow;
     let eval = match load_usage(read, &key::usage(pp)) {
-        Ok(u) => decide::evaluate(&r.passport, &u, &r.request, &host, now, EvalOptions::default()),
+        Ok(u) => decide::evaluate(&r.passport, &u, request, &host, now, EvalOptions::default()),
         Err(e) => Evaluation::usage_corrupt(&r.passport, &e, now),
     };
     guardrails.extend(eval.guardrails.iter().filter(|g| g.name != guardrail::HOST_POLICY).cloned());
@@ -537,7 +555,7 @@ pub fn evaluate(cfg: &GateConfig, r: &Ready, read: &mut Read<'_>, now: DateTime<
         Err(e) => return refuse(out, guardrails, writes, Reason::StateError, step::LIMITS, e),
     };
     let gate_eval = match load_usage(read, &key::gate_usage(pp)) {
-        Ok(u) => decide::evaluate(&limits, &u, &r.request, &host, now, EvalOptions::default()),
+        Ok(u) => decide::evaluate(&limits, &u, request, &host, now, EvalOptions::default()),
         Err(e) => Evaluation::usage_corrupt(&limits, &e, now),
     };
     const LIMIT_STEPS: &[&str] = &[
@@ -572,6 +590,9 @@ pub fn evaluate(cfg: &GateConfig, r: &Ready, read: &mut Read<'_>, now: DateTime<
         writes.push((key::usage(pp), u.to_bytes()));
         writes.push((key::gate_usage(pp), g.to_bytes()));
     }
+    if let Some(lock) = lock_write {
+        writes.push(lock);
+    }
     out.spend = Some(Spend {
         window: eval.spend_window.as_str(),
         window_start: eval.spend_window_start,
@@ -585,6 +606,61 @@ pub fn evaluate(cfg: &GateConfig, r: &Ready, read: &mut Read<'_>, now: DateTime<
     out.guardrails = guardrails;
     out.writes = writes;
     out
+}
+
+/// The price of `permission` for passport `pp`: the version in force, against the version the
+/// passport's first served call locked (read from the store). Returns the charge, the lock to
+/// write if this is that first call, and the guardrail's detail; or the refusal.
+fn price(
+    gate: &Gate,
+    pp: &str,
+    permission: &str,
+    read: &mut Read<'_>,
+    now: DateTime<Utc>,
+) -> Result<(Charge, Option<(String, Vec<u8>)>, String), (Reason, String)> {
+    let name = &gate.config.name;
+    let Some(current) = gate.catalogs.in_force(now) else {
+        return Err((
+            Reason::PermissionNotOffered,
+            format!("gate {name:?} has no catalog version in force yet, so it offers nothing; its operator must run `sluice catalog publish`"),
+        ));
+    };
+    let locked = match read(&catalog::key::lock(pp)) {
+        Ok(None) => None,
+        Ok(Some(b)) => match std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u64>().ok()) {
+            Some(v) => Some(v),
+            None => return Err((Reason::StateError, format!("the price lock of passport {pp} cannot be read"))),
+        },
+        Err(e) => return Err((Reason::StateError, format!("the price lock of passport {pp} cannot be read: {e}"))),
+    };
+    let Some((p, version)) = catalog::price_for(&gate.catalogs, &current, locked, permission) else {
+        return Err((
+            Reason::PermissionNotOffered,
+            format!(
+                "catalog version {} of gate {name:?} does not offer permission {permission:?} (see /v1/catalog)",
+                current.version()
+            ),
+        ));
+    };
+    let total = p.total_millicents();
+    if total > crate::money::MAX_MILLICENTS {
+        return Err((Reason::InvalidRequest, format!("the price of {permission:?} is out of range")));
+    }
+    let charge = Charge { catalog_version: version, price_millicents: total };
+    let lock = match locked {
+        None => Some((catalog::key::lock(pp), current.version().to_string().into_bytes())),
+        Some(_) => None,
+    };
+    let held = match locked {
+        Some(l) if l == version && l != current.version() => format!(" (the price of version {l}, locked by the passport's first call)"),
+        Some(l) => format!(" (price locked at version {l}; version {} is not dearer)", current.version()),
+        None => format!(" (first call: locks version {})", current.version()),
+    };
+    let detail = format!(
+        "{permission:?} costs {} cents by catalog version {version}{held}",
+        crate::money::cents_text(total)
+    );
+    Ok((charge, lock, detail))
 }
 
 fn load_usage(read: &mut Read<'_>, key: &str) -> Result<Usage, decide::UsageError> {

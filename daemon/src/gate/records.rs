@@ -38,6 +38,17 @@ pub mod field {
     pub const PATH_DIGEST: &str = "path_digest";
     pub const TRUST_TIER: &str = "trust_tier";
     pub const SIGNED: &str = "signed";
+    pub const CATALOG_VERSION: &str = "catalog_version";
+    pub const PRICE_CENTS: &str = "price_cents";
+    pub const PRICE_MILLICENTS: &str = "price_millicents";
+}
+
+/// What a call costs by the catalog: the version whose price is paid (the one in force, or the
+/// passport's locked one when cheaper) and the price with the platform fee, in millicents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    pub catalog_version: u64,
+    pub price_millicents: u64,
 }
 
 /// The spend figures of a passport's own window after a decision.
@@ -66,6 +77,7 @@ pub struct GateRecord<'a> {
     pub reason: &'a Reason,
     pub detail: &'a str,
     pub cost_millicents: u64,
+    pub charge: Option<Charge>,
     pub spend: Option<Spend>,
     pub at: DateTime<Utc>,
 }
@@ -102,6 +114,11 @@ impl GateRecord<'_> {
             m.str(field::PASSPORT_ID, c.id.as_str())
                 .str(field::ISSUER, c.issuer.as_str())
                 .str(field::AGENT_ID, &c.agent_id);
+        }
+        if let Some(c) = self.charge {
+            m.uint(field::CATALOG_VERSION, c.catalog_version)
+                .str(field::PRICE_CENTS, &crate::money::cents_text(c.price_millicents))
+                .uint(field::PRICE_MILLICENTS, c.price_millicents);
         }
         if let Some(t) = self.trust_tier {
             m.str(field::TRUST_TIER, t);

@@ -252,7 +252,7 @@ impl Server {
                     (Step::Evaluate(r), a) => {
                         let now = chrono::Utc::now();
                         let mut read = |k: &str| txn.get(k).map_err(|e| e.to_string());
-                        (decide::evaluate(&gate.config, &r, &mut read, now), a)
+                        (decide::evaluate(&gate, &r, &mut read, now), a)
                     }
                 };
                 for (k, v) in &decided.writes {
@@ -286,8 +286,8 @@ impl Server {
             detail: detail.clone(),
             guardrails: vec![crate::decide::Guardrail { name: "gate_request".into(), passed: false, detail }],
             claims: None,
-            permission: gate.config.route_of(method, target).0,
-            price_cents: 0,
+            permission: gate.config.route_of(method, target),
+            charge: None,
             cost_millicents: 0,
             request_hash: None,
             signed: false,
@@ -460,6 +460,7 @@ fn record<'a>(gate: &'a Gate, d: &'a Decided, a: &'a Arrival, at: chrono::DateTi
         reason: &d.reason,
         detail: &d.detail,
         cost_millicents: if d.decision == crate::decide::Decision::Allow { d.cost_millicents } else { 0 },
+        charge: d.charge,
         spend: d.spend.clone(),
         at,
     }
@@ -514,11 +515,15 @@ pub fn decision_json(gate: &Gate, d: &Decided, attestation: u64) -> serde_json::
 fn refusal(gate: &Gate, d: &Decided, attestation: u64) -> Response<GateBody> {
     let mut doc = decision_json(gate, d, attestation);
     let status = if d.answer == Answer::PassportRequired {
+        let offer = gate.config.catalog.as_ref().and_then(|_| gate.catalogs.in_force(chrono::Utc::now()));
+        let price = offer.as_ref().and_then(|c| c.signed.snapshot.permission(&d.permission)).map(|p| p.terms.price());
         doc["hint"] = json!({
             "permission": d.permission,
-            "price_cents": d.price_cents,
+            "price_cents": price.map(|p| crate::money::cents_text(p.total_millicents())),
+            "catalog_version": offer.as_ref().map(|c| c.version()),
+            "offered": offer.is_none() || price.is_some(),
             "trust_level": gate.config.trust_level.as_str(),
-            "catalog_url": serde_json::Value::Null,
+            "catalog_url": offer.as_ref().map(|_| super::discovery::CATALOG),
             "how": "Ask your operator for a sluice passport with this permission. Send it in the Sluice-Passport header, your public key in Sluice-Agent-Key, and sign the request with the passport's key (RFC 9421 Signature-Input/Signature over \"@method\" \"@target-uri\" \"content-digest\", tag \"sluice\", and a Content-Digest header). An agent under `sluice run --passport F --key F.key` gets this done by its sluice daemon.",
         });
         StatusCode::UNAUTHORIZED
