@@ -716,7 +716,8 @@ async fn the_cli_inits_a_gate_checks_a_request_dry_and_exports_a_log_that_verifi
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("exported 3 record(s)"),
+        // The catalog's version 1 and three decisions.
+        String::from_utf8_lossy(&out.stdout).contains("exported 4 record(s)"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -807,7 +808,8 @@ async fn gate_run_serves_and_exports_while_running() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("exported 2 record(s)"),
+        // The catalog's version 1 and two decisions.
+        String::from_utf8_lossy(&out.stdout).contains("exported 3 record(s)"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -891,7 +893,8 @@ fn text(o: &std::process::Output) -> String {
 
 /// `catalog.toml` with `shipments:create` at `price` cents (and the free defaults).
 fn draft(price: &str, with_send: bool) -> String {
-    let mut d = CATALOG_V1.replace("\"core:pricing:per_call_cents\" = 25", &format!("\"core:pricing:per_call_cents\" = {price}"));
+    let mut d = CATALOG_V1
+        .replace("\"core:pricing:per_call_cents\" = 25", &format!("\"core:pricing:per_call_cents\" = {price}"));
     if !with_send {
         let cut = d.find("[[permission]]\nkey = \"web:send\"").unwrap();
         d.truncate(cut);

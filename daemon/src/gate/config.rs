@@ -164,9 +164,14 @@ impl GateConfig {
 
     /// Parses and validates; relative paths in the file are taken relative to its directory.
     pub fn parse(text: &str, path: &Path) -> Result<GateConfig, GateConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| GateConfigError::Parse {
-            path: path.into(),
-            message: e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" | "),
+        let raw: Raw = toml::from_str(text).map_err(|e| {
+            let mut message = e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" | ");
+            if message.contains("unknown field `price_cents`") {
+                message.push_str(
+                    " | a route has no price of its own any more: prices come from the catalog (`catalog = \"catalog.toml\"`, `sluice catalog publish`, docs/catalogs.md)",
+                );
+            }
+            GateConfigError::Parse { path: path.into(), message }
         })?;
         let bad = |field: &str, problem: String| GateConfigError::Invalid {
             path: path.into(),
@@ -352,9 +357,9 @@ upstream = "http://127.0.0.1:9000"
         assert_eq!(c.name, "shipping-api");
         assert_eq!(c.trust_level, TrustTier::L2);
         assert_eq!(c.limits.requests_per_minute, Some(60));
-        assert_eq!(c.route_of(&http::Method::POST, "/v1/shipments").0, "shipments:create");
-        assert_eq!(c.route_of(&http::Method::POST, "/V1/%73hipments;x").0, "shipments:create");
-        assert_eq!(c.route_of(&http::Method::DELETE, "/v1/x").0, "web:send");
+        assert_eq!(c.route_of(&http::Method::POST, "/v1/shipments"), "shipments:create");
+        assert_eq!(c.route_of(&http::Method::POST, "/V1/%73hipments;x"), "shipments:create");
+        assert_eq!(c.route_of(&http::Method::DELETE, "/v1/x"), "web:send");
         assert!(c.is_anonymous(&http::Method::GET, "/v1/rates"));
     }
 
@@ -368,6 +373,13 @@ upstream = "http://127.0.0.1:9000"
             .unwrap_err()
             .to_string();
         assert!(e.contains("cost"), "{e}");
+        // The old per-route price says where prices went.
+        let e = parse(&format!(
+            "{BASE}[[route]]\nmethod = \"GET\"\npath = \"/x\"\npermission = \"a:b\"\nprice_cents = 1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("price_cents") && e.contains("sluice catalog publish"), "{e}");
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //!
 //! `sluice gate check` runs the same two steps against a read-only view and writes nothing.
 
-use super::config::GateConfig;
 use super::catalog;
+use super::config::GateConfig;
 use super::records::{Charge, Spend};
 use super::sig;
 use super::Gate;
@@ -292,14 +292,7 @@ pub fn precheck(gate: &Gate, a: &Arrival, now: i64) -> Step {
         path: Some(a.path.clone()),
     };
     let guardrails = early.guardrails;
-    Step::Evaluate(Box::new(Ready {
-        passport,
-        permission: permission.clone(),
-        tier,
-        signature,
-        request,
-        guardrails,
-    }))
+    Step::Evaluate(Box::new(Ready { passport, permission: permission.clone(), tier, signature, request, guardrails }))
 }
 
 /// The passport, verified as the gate's trust level says: L1 any issuer (a passport that asks
@@ -608,6 +601,9 @@ pub fn evaluate(gate: &Gate, r: &Ready, read: &mut Read<'_>, now: DateTime<Utc>)
     out
 }
 
+/// A call's charge, the price lock to write with it (its first served call), and the detail.
+type Priced = (Charge, Option<(String, Vec<u8>)>, String);
+
 /// The price of `permission` for passport `pp`: the version in force, against the version the
 /// passport's first served call locked (read from the store). Returns the charge, the lock to
 /// write if this is that first call, and the guardrail's detail; or the refusal.
@@ -617,7 +613,7 @@ fn price(
     permission: &str,
     read: &mut Read<'_>,
     now: DateTime<Utc>,
-) -> Result<(Charge, Option<(String, Vec<u8>)>, String), (Reason, String)> {
+) -> Result<Priced, (Reason, String)> {
     let name = &gate.config.name;
     let Some(current) = gate.catalogs.in_force(now) else {
         return Err((
@@ -652,14 +648,14 @@ fn price(
         Some(_) => None,
     };
     let held = match locked {
-        Some(l) if l == version && l != current.version() => format!(" (the price of version {l}, locked by the passport's first call)"),
+        Some(l) if l == version && l != current.version() => {
+            format!(" (the price of version {l}, locked by the passport's first call)")
+        }
         Some(l) => format!(" (price locked at version {l}; version {} is not dearer)", current.version()),
         None => format!(" (first call: locks version {})", current.version()),
     };
-    let detail = format!(
-        "{permission:?} costs {} cents by catalog version {version}{held}",
-        crate::money::cents_text(total)
-    );
+    let detail =
+        format!("{permission:?} costs {} cents by catalog version {version}{held}", crate::money::cents_text(total));
     Ok((charge, lock, detail))
 }
 
