@@ -26,10 +26,13 @@ const GATE: &str = "shipping.example.test";
 
 /// The protected service: plain HTTP on loopback, records what reached it (path and the
 /// gate's `Sluice-Passport-Id`) and answers `ok <path>`.
-fn start_service(rt: &tokio::runtime::Runtime) -> (u16, Arc<Mutex<Vec<(String, Option<String>)>>>) {
+/// What reached the service: each request's path and its `Sluice-Passport-Id`.
+type Reached = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+fn start_service(rt: &tokio::runtime::Runtime) -> (u16, Reached) {
     let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0))).unwrap();
     let port = listener.local_addr().unwrap().port();
-    let seen: Arc<Mutex<Vec<(String, Option<String>)>>> = Arc::default();
+    let seen: Reached = Arc::default();
     let st = seen.clone();
     rt.spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
