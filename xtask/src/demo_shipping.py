@@ -55,9 +55,13 @@ def service(port):
                 self.answer(404, {"error": "not found"})
 
         def do_POST(self):
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
             if not 0 <= length <= MAX_BODY:
-                self.answer(413, {"error": "body too large"})
+                self.answer(400, {"error": f"Content-Length must be 0 to {MAX_BODY}"})
+                self.close_connection = True
                 return
             self.rfile.read(length)
             self.note()
