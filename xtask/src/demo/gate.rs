@@ -5,7 +5,7 @@
 //! under `sluice run --key`, whose requests the daemon signs; both logs exported, verified and
 //! linked; a request signed by hand outside sluice and sent twice. Every outcome is checked.
 
-use super::{free_port, interrupted, must, python, sluice, step, Proc, HANG_GUARD};
+use super::{free_port, interrupted, must, sluice, step, Proc, HANG_GUARD};
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -144,7 +144,8 @@ pub(super) fn act(
     gate_ip: Ipv4Addr,
 ) -> anyhow::Result<()> {
     let d = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    let py = python()?;
+    // The interpreter `deps::ensure` checked for Python's cryptography (the replay signs with it).
+    let py = crate::deps::PYTHON.to_string();
     println!("\n======== Act two: an agent calls a gated service ========");
 
     step(13, &format!("Issue a passport for a shipping agent: shipments:create and web browsing on {GATE_HOST} only"))?;
