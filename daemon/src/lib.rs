@@ -25,4 +25,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod sdnotify;
 pub mod service;
+pub mod unixsock;
 pub mod wiring;

@@ -211,6 +211,7 @@ fn requests_to_a_gate_are_signed_with_the_agent_key_and_linked_by_hash() {
     let g = &got[0];
     assert_eq!(g.body, body.as_bytes());
     assert_eq!(g.header("sluice-passport"), Some(token.as_str()));
+    assert_eq!(g.header("sluice-agent-key"), Some(base64_url(agent_key.as_bytes()).as_str()));
     assert_eq!(g.headers.get_all("signature").iter().count(), 1);
     let v = g.verify(&agent_key).unwrap_or_else(|e| panic!("the gate cannot verify: {e}\n{g:?}"));
     let claims = sluice::passport::inspect(&token).unwrap().0;

@@ -7,14 +7,22 @@
 //! one agent script under `sluice run` that makes allowed, streamed, held, over-budget,
 //! forbidden-domain, DNS-exfiltration and direct-IP calls, a hold approved from outside the
 //! sandbox, then the decisions, the spend state and `sluice audit verify` on the exported log.
+//! Then a second act: a gated service. A mock shipping API behind `sluice gate run` (HTTPS, L2,
+//! the issuer pinned); a visitor without a passport; a shipping agent under
+//! `sluice run --key`, whose requests the daemon signs and the gate verifies; both logs exported,
+//! verified and linked by `sluice audit link`; and a request signed by hand, outside sluice, sent
+//! twice: the gate serves it once and refuses the copy as a replay.
 //! The demo fails if any of those calls is not answered as sluice promises.
 //!
 //! Everything it starts is stopped and removed on the way out, failure included (Drop guards):
 //! processes, the temporary directory, the agents' cgroup, the pinned eBPF programs.
 
+mod gate;
+
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use gate::GATE_HOST;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
@@ -26,6 +34,7 @@ use std::time::{Duration, Instant};
 
 /// The agent (an ordinary OpenAI client that ignores proxies).
 const AGENT: &str = include_str!("demo_agent.py");
+
 /// Passport limits, in cents. Kept in step with the agent's max_tokens (model gpt-6-astra at
 /// $10/$50 per million tokens): 1200 → ~$0.06, 7900 → ~$0.40 (held), 5700 → ~$0.29 (under the
 /// threshold).
@@ -238,13 +247,14 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A loopback address whose port 443 is free, for the mock API (agents dial port 443).
-fn mock_ip() -> anyhow::Result<Ipv4Addr> {
+/// A loopback address whose port 443 is free (agents dial port 443), other than `not`: one for
+/// the mock API, one for the gate.
+fn free_ip_443(not: Option<Ipv4Addr>, what: &str) -> anyhow::Result<Ipv4Addr> {
     let start = std::process::id() % 150;
     (0..150)
         .map(|i| Ipv4Addr::new(127, 0, 0, 60 + ((start + i) % 150) as u8))
-        .find(|ip| TcpListener::bind((*ip, 443)).is_ok())
-        .context("no 127.0.0.x address with port 443 free for the mock API")
+        .find(|ip| Some(*ip) != not && TcpListener::bind((*ip, 443)).is_ok())
+        .with_context(|| format!("no 127.0.0.x address with port 443 free for {what}"))
 }
 
 /// The real python3 (not a pyenv shim), so the sandboxed agent execs it directly.
@@ -263,6 +273,9 @@ fn start_mock(dir: &Path, ip: Ipv4Addr) -> anyhow::Result<(Proc, Arc<Mutex<Vec<S
         .args(["--listen", &SocketAddr::from((ip, 443)).to_string(), "--ca-out"])
         .arg(dir.join("mock-ca.pem"))
         .args(["--name", "api.openai.com"])
+        // The gate's certificate, from the same CA (trusted by the daemon through extra_roots).
+        .arg("--leaf")
+        .arg(format!("{GATE_HOST}={}", dir.join("gate-tls").display()))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -302,7 +315,8 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
     };
 
     step(6, "Start a mock OpenAI API on loopback (HTTPS, h2 + HTTP/1.1, real usage numbers, streaming)")?;
-    let ip = mock_ip()?;
+    let ip = free_ip_443(None, "the mock API")?;
+    let gate_ip = free_ip_443(Some(ip), "the gate")?;
     let (_mock, mock_log) = start_mock(dir, ip)?;
 
     step(7, "Start the daemon: eBPF redirect on a fresh agents cgroup, resolver, proxy, attestation store")?;
@@ -321,10 +335,11 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
             "state_dir = \"{state}\"\npolicies_dir = \"{pol}\"\n\
              [api]\nsocket = \"{sock}\"\ngroup = \"root\"\n\
              [proxy]\nport = {proxy}\n\
-             [dns]\nport = {dns}\nupstream = [\"{canary}\"]\nstatic_hosts = {{ \"api.openai.com\" = \"{ip}\" }}\n\
+             [dns]\nport = {dns}\nupstream = [\"{canary}\"]\nstatic_hosts = {{ \"api.openai.com\" = \"{ip}\", \"{GATE_HOST}\" = \"{gate_ip}\" }}\n\
              [sandbox]\ncgroup = \"{name}\"\npin_dir = \"{pins}\"\nunix_dir = \"{own}\"\n\
              [upstream_tls]\nextra_roots = [\"{ca}\"]\n\
-             [holds]\ntimeout_secs = 60\n",
+             [holds]\ntimeout_secs = 60\n\
+             [gates]\nhosts = [\"{GATE_HOST}\"]\n",
             state = d("state"),
             pol = d("policies"),
             proxy = free_port()?,
@@ -380,6 +395,8 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
 
     step(12, "Verify the exported log offline, with only the host's public key")?;
     must(sluice(bin, &["audit", "verify", &d("audit.json"), "--host-pub", &d("state/host.pub")])?)?;
+
+    gate::act(bin, dir, &cli, &cfg, &sock, gate_ip)?;
     drop(daemon);
     Ok(())
 }

@@ -154,27 +154,15 @@ fn error_response(e: &ApiError) -> Response<Body> {
 /// Binds the API socket: removes a stale socket file, binds, and restricts it to root and the API
 /// group (mode 0660). The parent directory is created 0755 if missing.
 pub fn bind(path: &Path, api_gid: Option<u32>) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket; remove it or choose another [api] socket", path.display()),
-            ));
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is in use: another sluice daemon is running", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let listener = crate::unixsock::bind(
+        path,
+        0o660,
+        "remove it or choose another [api] socket",
+        "another sluice daemon is running",
+    )?;
     if let Some(gid) = api_gid {
         nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(std::io::Error::from)?;
     }
@@ -297,16 +285,17 @@ struct UnbindBody {
     cgroup: Option<PathBuf>,
 }
 
-/// `POST /v1/stop` and `POST /v1/resume`: exactly one of `passport_id` and `"all": true`.
+/// `POST /v1/stop` and `POST /v1/resume` (and the console's): exactly one of `passport_id` and
+/// `"all": true`, and a note.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct StopBody {
+pub(crate) struct StopBody {
     #[serde(default)]
-    passport_id: Option<String>,
+    pub passport_id: Option<String>,
     #[serde(default)]
-    all: bool,
+    pub all: bool,
     #[serde(default)]
-    note: Option<String>,
+    pub note: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -21,6 +21,7 @@
 use super::auth::{csrf_matches, Session};
 use super::{assets, sse, Body, Ctx};
 use crate::api::server::ApiError;
+use crate::api::server::StopBody;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -102,18 +103,6 @@ async fn body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response<Body
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NoteBody {
-    #[serde(default)]
-    note: Option<String>,
-}
-
-/// The body of `POST /api/stop` and `/api/resume`: one passport or all, and a note.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StopBody {
-    #[serde(default)]
-    passport_id: Option<String>,
-    #[serde(default)]
-    all: bool,
     #[serde(default)]
     note: Option<String>,
 }

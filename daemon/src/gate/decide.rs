@@ -483,7 +483,7 @@ pub fn evaluate(gate: &Gate, r: &Ready, read: &mut Read<'_>, now: DateTime<Utc>)
         nonces.prune(now.timestamp());
         if nonces.contains(&s.nonce) {
             let detail = format!(
-                "nonce {:?} was already used by passport {pp} within the last {CREATED_WINDOW_SECS} s: a request is accepted once; sign a new request with a fresh nonce",
+                "nonce {:?} was already used by passport {pp} within the last {NONCE_TTL_SECS} s: a request is accepted once; sign a new request with a fresh nonce",
                 s.nonce
             );
             return refuse(out, guardrails, writes, Reason::Replay, step::REPLAY, detail);

@@ -70,27 +70,10 @@ pub fn verify(req: &SignedRequest<'_>, key: &VerifyingKey, body: Option<&Content
 /// The `@target-uri` of a received request, spelt as sluice's signer spells it:
 /// `scheme://host[:port]/path?query`, scheme and host lowercased, the port omitted when it is the
 /// scheme's default (80, 443). `authority` is what `Host` or `:authority` holds; `None` when it is
-/// not a `host[:port]`.
-///
-/// The same rule lives in `sluice-httpsig` (`target_uri`) on the branch that adds the daemon's
-/// signer; once that is on main this function must call it instead, so the two sides cannot drift.
+/// not a `host[:port]`. The rule itself is `sluice_httpsig::target_uri`, which the daemon's
+/// signer uses too, so the two sides cannot drift.
 pub fn target_uri(scheme: &str, authority: &str, path_and_query: &str) -> Option<String> {
-    let a: http::uri::Authority = authority.parse().ok()?;
-    if a.as_str().contains('@') {
-        return None;
-    }
-    let scheme = scheme.to_ascii_lowercase();
-    let default = match scheme.as_str() {
-        "https" => 443,
-        "http" => 80,
-        _ => return None,
-    };
-    let host = a.host().to_ascii_lowercase();
-    let path = if path_and_query.is_empty() { "/" } else { path_and_query };
-    Some(match a.port_u16() {
-        Some(p) if p != default => format!("{scheme}://{host}:{p}{path}"),
-        _ => format!("{scheme}://{host}{path}"),
-    })
+    sluice_httpsig::target_uri(scheme, authority, path_and_query).ok()
 }
 
 /// The headers an agent adds to a signed request.

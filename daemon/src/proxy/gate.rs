@@ -8,9 +8,9 @@
 //! 1. the body is read whole, at most `[gates] max_body_bytes` (a larger one, declared or
 //!    streamed, is refused as `gate_body_too_large`: the digest must be in the headers, before the
 //!    body, and an unbounded buffer is not an option);
-//! 2. the agent's own `Sluice-Passport`, `Content-Digest`, `Signature-Input` and `Signature`
-//!    headers are removed and the daemon's put in their place: the passport's compact JWT, the
-//!    body's SHA-256, and an RFC 9421 signature (sluice's profile, `sluice-httpsig`) over
+//! 2. the agent's own `Sluice-Passport`, `Sluice-Agent-Key`, `Content-Digest`, `Signature-Input`
+//!    and `Signature` headers are removed and the daemon's put in their place: the passport's
+//!    compact JWT, the agent's public key, the body's SHA-256, and an RFC 9421 signature (sluice's profile, `sluice-httpsig`) over
 //!    `@method`, `@target-uri` and `content-digest`, `keyid` = the passport's `cnf.jkt`;
 //! 3. the request hash goes into the decision record (`signed_request_hash`).
 //!
@@ -35,8 +35,13 @@ pub type AgentKeyLookup = Arc<dyn Fn(u64) -> Option<Arc<AgentKey>> + Send + Sync
 
 /// The header that carries the passport to a gate.
 pub const PASSPORT_HEADER: &str = "sluice-passport";
+/// The header that carries the agent's public key (base64url of the raw Ed25519 key): a passport
+/// names the key only by its thumbprint (`cnf.jkt`), from which a gate cannot recover it. The gate
+/// checks the key's thumbprint against `cnf.jkt` and the signature against the key.
+pub const AGENT_KEY_HEADER: &str = "sluice-agent-key";
 /// The headers the daemon sets on a signed request (the agent's own are removed first).
-pub const SIGNED_HEADERS: [&str; 4] = [PASSPORT_HEADER, "content-digest", "signature-input", "signature"];
+pub const SIGNED_HEADERS: [&str; 5] =
+    [PASSPORT_HEADER, AGENT_KEY_HEADER, "content-digest", "signature-input", "signature"];
 
 /// What the proxy knows about gates.
 pub struct Gates {
@@ -120,6 +125,7 @@ pub fn sign_headers(
     let value = |v: &str| HeaderValue::from_str(v).map_err(|_| SignError::Header);
     let values = [
         value(key.token())?,
+        value(&URL_SAFE_NO_PAD.encode(key.signing_key().verifying_key().as_bytes()))?,
         value(&signed.content_digest)?,
         value(&signed.signature_input)?,
         value(&signed.signature)?,
@@ -174,6 +180,7 @@ mod tests {
         h.insert("signature-input", HeaderValue::from_static("sluice=()"));
         h.insert("content-digest", HeaderValue::from_static("sha-256=:AAAA:"));
         h.insert(PASSPORT_HEADER, HeaderValue::from_static("someone.else's.token"));
+        h.insert(AGENT_KEY_HEADER, HeaderValue::from_static("someone-else-s-key"));
         h.insert("x-agent", HeaderValue::from_static("kept"));
         h.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
         let uri = "https://gate.example/v1/orders?id=7";
@@ -182,6 +189,10 @@ mod tests {
             assert_eq!(h.get_all(name).iter().count(), 1, "{name}");
         }
         assert_eq!(h.get(PASSPORT_HEADER).unwrap(), key.token());
+        assert_eq!(
+            h.get(AGENT_KEY_HEADER).unwrap().to_str().unwrap(),
+            URL_SAFE_NO_PAD.encode(sk.verifying_key().as_bytes())
+        );
         assert_eq!(h.get("x-agent").unwrap(), "kept");
         assert_eq!(h.get(CONTENT_LENGTH).unwrap(), "9");
         let s = |n: &str| h.get(n).unwrap().to_str().unwrap().to_string();

@@ -1,0 +1,234 @@
+//! Both sides of a gated request, end to end: a real `sluice gate run` (HTTPS, L2, pinned issuer)
+//! in front of a loopback service, and an agent under `sluice run --passport P --key P.key` whose
+//! daemon signs its requests to the gate. Anonymous browsing is served without a passport; a
+//! credentialed call is verified and forwarded; an action the passport does not grant is refused
+//! by the gate; an unsigned call outside the anonymous subset gets the 401 hint. Then both logs
+//! are exported and `sluice audit link` matches the daemon's records with the gate's by request
+//! hash.
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::Value;
+use sluice_e2e::daemon::Daemon;
+use sluice_e2e::upstream::TestCa;
+use sluice_e2e::{free_port, root_or_skip, ChildGuard};
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const GATE: &str = "shipping.example.test";
+
+/// The protected service: plain HTTP on loopback, records what reached it (path and the
+/// gate's `Sluice-Passport-Id`) and answers `ok <path>`.
+/// What reached the service: each request's path and its `Sluice-Passport-Id`.
+type Reached = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+fn start_service(rt: &tokio::runtime::Runtime) -> (u16, Reached) {
+    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0))).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Reached = Arc::default();
+    let st = seen.clone();
+    rt.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let st = st.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let st = st.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let id =
+                            req.headers().get("sluice-passport-id").and_then(|v| v.to_str().ok()).map(String::from);
+                        let _ = req.into_body().collect().await;
+                        st.lock().unwrap().push((path.clone(), id));
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("ok {path}")))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn an_agent_calls_a_gate_and_both_logs_link() {
+    if !root_or_skip("an_agent_calls_a_gate_and_both_logs_link") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let ca = TestCa::new();
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca_path = ca.write(ca_dir.path());
+    let (service_port, seen) = start_service(&rt);
+
+    let d = Daemon::start_full(
+        "root",
+        "",
+        &format!("static_hosts = {{ \"{GATE}\" = \"127.0.0.1\" }}"),
+        &format!("[upstream_tls]\nextra_roots = [\"{}\"]\n[gates]\nhosts = [\"{GATE}\"]\n", ca_path.display()),
+        &[],
+    );
+    let (passport, passport_id) = d.issue(
+        "shipper",
+        &[
+            "--permission",
+            "web:*",
+            "--permission",
+            "shipments:*",
+            "--constraint",
+            &format!("core:scope:domain_allowlist=[\"{GATE}\"]"),
+        ],
+    );
+    let key = PathBuf::from(format!("{}.key", passport.display()));
+    let token = std::fs::read_to_string(&passport).unwrap().trim().to_string();
+    let issuer = sluice::passport::inspect(&token).unwrap().0["iss"].as_str().unwrap().to_string();
+
+    // The gate: its own key, TLS for its name, L2 with the passport's issuer pinned.
+    let gdir = d.dir.path().join("gate");
+    let out = d.cli(&["gate", "init", "--dir", p(&gdir), "--name", "shipping-api"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (cert, tls_key) = ca.leaf_pem(&[GATE]);
+    std::fs::write(gdir.join("tls.crt"), cert).unwrap();
+    std::fs::write(gdir.join("tls.key"), tls_key).unwrap();
+    let gate_port = free_port();
+    let config = gdir.join("gate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"name = "shipping-api"
+key = "{dir}/gate.key"
+state_dir = "{dir}/state"
+listen = "127.0.0.1:{gate_port}"
+tls_cert = "{dir}/tls.crt"
+tls_key = "{dir}/tls.key"
+upstream = "http://127.0.0.1:{service_port}"
+trust_level = "L2"
+issuers = ["{issuer}"]
+[[route]]
+method = "POST"
+path = "/v1/shipments"
+permission = "shipments:create"
+[[route]]
+method = "POST"
+path = "/v1/refunds"
+permission = "refunds:create"
+[[anonymous]]
+method = "GET"
+path = "/v1/rates"
+"#,
+            dir = gdir.display()
+        ),
+    )
+    .unwrap();
+    let mut gate = ChildGuard(Some(
+        std::process::Command::new(sluice_e2e::daemon::sluice_bin())
+            .args(["--config", p(&config), "gate", "run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", gate_port)).is_err() {
+        let child = gate.0.as_mut().unwrap();
+        if child.try_wait().unwrap().is_some() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("sluice gate run exited: {err}");
+        }
+        assert!(Instant::now() < deadline, "sluice gate run did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let url = |path: &str| format!("https://{GATE}:{gate_port}{path}");
+    let curl = |with_key: bool, extra: &[&str]| {
+        let mut args = vec!["run", "--passport", p(&passport)];
+        if with_key {
+            args.extend(["--key", p(&key)]);
+        }
+        args.extend(["--", "curl", "-sS", "--max-time", "60", "-w", "\n%{http_code}"]);
+        args.extend_from_slice(extra);
+        let out = d.cli(&args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+        (code.to_string(), body.to_string(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    // 1. Anonymous browsing: served without a passport.
+    let (code, body, err) = curl(false, &[&url("/v1/rates")]);
+    assert_eq!((code.as_str(), body.as_str()), ("200", "ok /v1/rates"), "{err}\n{}", d.log());
+    // 2. Unsigned, outside the anonymous subset: the 401 hint, nothing forwarded.
+    let (code, body, _) = curl(false, &["-X", "POST", "--data-binary", "{}", &url("/v1/shipments")]);
+    assert_eq!(code, "401", "{body}");
+    let hint: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(hint["reason"], "passport_required", "{hint}");
+    assert_eq!(hint["hint"]["permission"], "shipments:create", "{hint}");
+    // 3. Credentialed: the daemon signs, the gate verifies and forwards with the passport's id.
+    let (code, body, err) = curl(
+        true,
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            r#"{"to":"Lyon"}"#,
+            &url("/v1/shipments"),
+        ],
+    );
+    assert_eq!((code.as_str(), body.as_str()), ("200", "ok /v1/shipments"), "{err}\n{}", d.log());
+    // 4. An action the passport does not grant: refused by the gate, never forwarded.
+    let (code, body, _) = curl(true, &["-X", "POST", "--data-binary", "{}", &url("/v1/refunds")]);
+    assert_eq!(code, "403", "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["reason"], "permission_denied", "{body}");
+    let reached: Vec<(String, Option<String>)> = seen.lock().unwrap().clone();
+    assert_eq!(
+        reached,
+        vec![("/v1/rates".to_string(), None), ("/v1/shipments".to_string(), Some(passport_id.clone()))],
+        "what reached the service"
+    );
+
+    // Both logs, each verified with its own key, then linked.
+    let agent_export = d.dir.path().join("agent-export.json");
+    let out = d.cli(&["audit", "export", "--out", p(&agent_export)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let gate_export = d.dir.path().join("gate-export.json");
+    let out = std::process::Command::new(sluice_e2e::daemon::sluice_bin())
+        .args(["--config", p(&config), "gate", "audit", "export", "--out", p(&gate_export)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let host_pub = d.dir.path().join("state/host.pub");
+    let gate_pub = gdir.join("gate.pub");
+    let out = d.cli(&["audit", "verify", p(&gate_export), "--host-pub", p(&gate_pub)]);
+    assert!(out.status.success(), "gate export: {}", String::from_utf8_lossy(&out.stdout));
+    let out = d.cli(&[
+        "audit",
+        "link",
+        p(&agent_export),
+        p(&gate_export),
+        "--agent-pub",
+        p(&host_pub),
+        "--gate-pub",
+        p(&gate_pub),
+        "--json",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "audit link: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    let matched = report["matched"].as_array().unwrap_or_else(|| panic!("{report:#}"));
+    assert_eq!(matched.len(), 2, "the credentialed call and the refused one: {report:#}");
+    drop(gate);
+}
