@@ -339,3 +339,87 @@ pub fn price_for(
     let lock_snap: Option<&Snapshot> = lock.as_ref().map(|p| &p.signed.snapshot);
     crate::catalog::effective_price(lock_snap, &current.signed.snapshot, permission).map(|(p, src)| (p, src.version()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::config::GateConfig;
+    use crate::gate::Gate;
+
+    const DRAFT: &str = "[[permission]]\nkey = \"a:b\"\ndescription = \"A\"\nrisk_level = \"low\"\n[permission.constraints]\n\"core:pricing:per_call_cents\" = 2\n";
+
+    fn gate(dir: &Path) -> Gate {
+        let text = format!(
+            "name = \"g\"\nkey = \"gate.key\"\nstate_dir = \"{}\"\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:9\"\n",
+            dir.join("state").display()
+        );
+        let config = GateConfig::parse(&text, &dir.join("gate.toml")).unwrap();
+        Gate::with_key(config, SigningKey::from_bytes(&[7; 32]))
+    }
+
+    fn request(draft: &str, effective_at: Option<String>, accept_breaking: bool) -> PublishRequest {
+        PublishRequest { draft: draft.into(), summary: "s".into(), effective_at, accept_breaking }
+    }
+
+    #[tokio::test]
+    async fn versions_chain_are_in_force_by_effective_at_and_reload_from_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = gate(dir.path());
+        let ledger = g.open_ledger().unwrap();
+        let now = Utc::now();
+        let v1 = publish(&g, &ledger, request(DRAFT, None, false), now).await.unwrap();
+        assert_eq!(v1.published.version(), 1);
+        // A dearer version is breaking: refused, nothing stored; accepted with the flag.
+        let dearer = DRAFT.replace("= 2", "= 3");
+        let e = publish(&g, &ledger, request(&dearer, None, false), now).await.unwrap_err();
+        assert!(matches!(e, PublishError::Breaking { version: 1, .. }), "{e}");
+        assert!(e.to_string().contains("price_increase a:b"), "{e}");
+        let later = (now + chrono::Duration::seconds(60)).to_rfc3339();
+        let v2 = publish(&g, &ledger, request(&dearer, Some(later), true), now).await.unwrap();
+        assert_eq!(
+            v2.published.signed.snapshot.prev_content_hash.as_deref(),
+            Some(v1.published.signed.content_hash.as_str())
+        );
+        // Version 2 is announced, not in force: version 1 is served and charged until its time.
+        assert_eq!(g.catalogs.in_force(now).unwrap().version(), 1);
+        assert_eq!(g.catalogs.served(now).len(), 1);
+        assert_eq!(g.catalogs.in_force(now + chrono::Duration::seconds(60)).unwrap().version(), 2);
+        // The lock: version 1's price for a passport locked there, version 2's for a new one.
+        let current = g.catalogs.in_force(now + chrono::Duration::seconds(61)).unwrap();
+        let (p, v) = price_for(&g.catalogs, &current, Some(1), "a:b").unwrap();
+        assert_eq!((p.total_millicents(), v), (2000, 1));
+        let (p, v) = price_for(&g.catalogs, &current, None, "a:b").unwrap();
+        assert_eq!((p.total_millicents(), v), (3000, 2));
+        assert!(price_for(&g.catalogs, &current, Some(1), "x:y").is_none());
+        // The record of each version is in the log, and the store reloads the same history.
+        let rec: Value = serde_json::from_slice(&ledger.record(v2.published.record_index).unwrap().unwrap()).unwrap();
+        assert_eq!((rec["kind"].as_str(), rec["catalog_version"].as_u64()), (Some(KIND_CATALOG_PUBLISHED), Some(2)));
+        let reloaded = Catalogs::default();
+        reloaded.load(&ledger, &SigningKey::from_bytes(&[7; 32])).unwrap();
+        assert_eq!(reloaded.latest().unwrap().signed, v2.published.signed);
+        // Another key cannot read the history as its own.
+        assert!(Catalogs::default().load(&ledger, &SigningKey::from_bytes(&[8; 32])).is_err());
+        ledger.shutdown();
+    }
+
+    #[tokio::test]
+    async fn bad_drafts_and_times_are_refused_with_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = gate(dir.path());
+        let ledger = g.open_ledger().unwrap();
+        let now = Utc::now();
+        let e = publish(&g, &ledger, request("[[permission]]\nkey = \"a:*\"\n", None, false), now).await.unwrap_err();
+        assert!(matches!(e, PublishError::Draft(_)), "{e}");
+        let past = (now - chrono::Duration::seconds(5)).to_rfc3339();
+        let e = publish(&g, &ledger, request(DRAFT, Some(past), false), now).await.unwrap_err();
+        assert!(e.to_string().contains("in the past"), "{e}");
+        let e = publish(&g, &ledger, request(DRAFT, Some("tomorrow".into()), false), now).await.unwrap_err();
+        assert!(e.to_string().contains("RFC 3339"), "{e}");
+        let big = "#".repeat(MAX_DRAFT_BYTES + 1);
+        let e = publish(&g, &ledger, request(&big, None, false), now).await.unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+        assert!(g.catalogs.latest().is_none());
+        assert!(ledger.state_get(key::HEAD).unwrap().is_none());
+        ledger.shutdown();
+    }
+}
