@@ -25,7 +25,7 @@ use std::sync::{Arc, RwLock};
 pub const KIND_CATALOG_PUBLISHED: &str = "catalog_published";
 /// The chain of `catalog_published` records.
 pub const CHAIN_CATALOG: &str = "catalog";
-/// Longest `--summary`, in characters (the snapshot's own bound applies too).
+/// The largest draft read (`catalog.toml`).
 pub const MAX_DRAFT_BYTES: usize = 1 << 20;
 
 /// The fields of a `catalog_published` record.
