@@ -7,12 +7,13 @@
 //! the second that time comes (the version in force is computed at each request).
 
 use super::catalog::Published;
-use super::server::json_response;
 use super::upstream::GateBody;
 use super::Gate;
 use crate::ledger::Ledger;
 use crate::passport::b64;
-use http::{HeaderValue, Method, StatusCode};
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -35,7 +36,7 @@ pub async fn answer(
 ) -> http::Response<GateBody> {
     if method != Method::GET && method != Method::HEAD {
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, &format!("{path} is the gate's own document: GET only"));
-        r.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
     }
     let now = chrono::Utc::now();
@@ -141,6 +142,14 @@ pub fn catalog_url(authority: Option<&str>, scheme: &str) -> String {
         }
         _ => CATALOG.to_string(),
     }
+}
+
+fn json_response(status: StatusCode, doc: &Value) -> http::Response<GateBody> {
+    let body = serde_json::to_vec(doc).unwrap_or_default();
+    let mut resp = http::Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 fn error(status: StatusCode, detail: &str) -> http::Response<GateBody> {

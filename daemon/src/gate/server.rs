@@ -561,7 +561,7 @@ fn empty() -> GateBody {
     Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
 }
 
-pub(super) fn json_response(status: StatusCode, doc: &serde_json::Value) -> Response<GateBody> {
+fn json_response(status: StatusCode, doc: &serde_json::Value) -> Response<GateBody> {
     let body = serde_json::to_vec(doc).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
