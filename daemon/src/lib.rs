@@ -21,6 +21,7 @@ pub mod config;
 pub mod console;
 pub mod dns;
 pub mod gate;
+pub mod httpbody;
 pub mod metrics;
 pub mod proxy;
 pub mod sdnotify;

@@ -125,26 +125,9 @@ fn streamed_export(mut stream: ExportStream) -> Response<Body> {
             return;
         }
     });
-    let mut resp = Response::new(ChannelBody { rx }.boxed());
+    let mut resp = Response::new(crate::httpbody::ChannelBody::new(rx).boxed());
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     resp
-}
-
-/// A response body fed by a channel.
-struct ChannelBody {
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
-}
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        self.rx.poll_recv(cx).map(|part| part.map(|r| r.map(hyper::body::Frame::data)))
-    }
 }
 
 fn error_response(e: &ApiError) -> Response<Body> {

@@ -202,7 +202,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         _ => "enforcing",
     };
     sd_notify("READY=1", crate::sdnotify::ready(status));
-    wait_for_signal().await;
+    super::util::wait_for_signal().await;
     tracing::info!("stopping");
     sd_notify("STOPPING=1", crate::sdnotify::stopping("stopping"));
     let _ = stop_tx.send(true);
@@ -288,17 +288,5 @@ fn sd_notify(state: &str, sent: std::io::Result<bool>) {
         Ok(true) => tracing::debug!(state, "notified systemd"),
         Ok(false) => {}
         Err(e) => tracing::warn!(error = %e, state, "could not notify systemd ($NOTIFY_SOCKET)"),
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }

@@ -150,7 +150,7 @@ fn run_gate(_: RunArgs, config: &std::path::Path) -> CmdResult {
         let admin = tokio::spawn(crate::gate::admin::serve(admin, gate.clone(), ledger.clone()));
         tracing::info!(gate = %gate.config.name, gate_id = %gate.gate_id, %listen, upstream = %gate.config.upstream, "gate ready");
         let _ = crate::sdnotify::ready("gate ready");
-        server.serve(listener, wait_for_signal()).await;
+        server.serve(listener, super::util::wait_for_signal()).await;
         let _ = crate::sdnotify::stopping("gate stopping");
         admin.abort();
         let _ = std::fs::remove_file(&socket);
@@ -158,18 +158,6 @@ fn run_gate(_: RunArgs, config: &std::path::Path) -> CmdResult {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 fn check(a: CheckArgs, config: &std::path::Path) -> CmdResult {

@@ -54,27 +54,10 @@ fn event(name: &str, data: &Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
 
-/// A response body fed by a channel (the stream's task writes, the connection reads).
-pub struct ChannelBody {
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
-}
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
-    }
-}
-
 /// Starts the event stream of `session_id`, or `None` when [`MAX_STREAMS`] are open.
 pub fn stream(ctx: &Arc<Ctx>, session_id: String) -> Option<Body> {
     let permit = ctx.streams.clone().try_acquire_owned().ok()?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(4);
     let ctx = ctx.clone();
     let mut shutdown = ctx.shutdown.clone();
     tokio::spawn(async move {
@@ -82,12 +65,12 @@ pub fn stream(ctx: &Arc<Ctx>, session_id: String) -> Option<Body> {
         let mut last = String::new();
         let mut quiet_since = Instant::now();
         // The retry hint: a browser reconnects after a second if the stream drops.
-        if tx.send(Bytes::from_static(b"retry: 1000\n\n")).await.is_err() {
+        if tx.send(Ok(Bytes::from_static(b"retry: 1000\n\n"))).await.is_err() {
             return;
         }
         loop {
             if !ctx.sessions.is_open(&session_id) {
-                let _ = tx.send(event("logout", &json!({"reason": "the session ended"}))).await;
+                let _ = tx.send(Ok(event("logout", &json!({"reason": "the session ended"})))).await;
                 return;
             }
             let c = ctx.clone();
@@ -96,10 +79,10 @@ pub fn stream(ctx: &Arc<Ctx>, session_id: String) -> Option<Body> {
             let sent = if text != last {
                 last = text;
                 quiet_since = Instant::now();
-                tx.send(event("overview", &data)).await
+                tx.send(Ok(event("overview", &data))).await
             } else if quiet_since.elapsed() >= KEEPALIVE {
                 quiet_since = Instant::now();
-                tx.send(Bytes::from_static(b": keepalive\n\n")).await
+                tx.send(Ok(Bytes::from_static(b": keepalive\n\n"))).await
             } else {
                 Ok(())
             };
@@ -113,7 +96,7 @@ pub fn stream(ctx: &Arc<Ctx>, session_id: String) -> Option<Body> {
             }
         }
     });
-    Some(ChannelBody { rx }.boxed())
+    Some(crate::httpbody::ChannelBody::new(rx).boxed())
 }
 
 #[cfg(test)]

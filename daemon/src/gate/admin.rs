@@ -84,7 +84,7 @@ async fn handle(ledger: &Ledger, req: &Request<hyper::body::Incoming>) -> Respon
             return;
         }
     });
-    Response::new(ChannelBody { rx }.boxed())
+    Response::new(crate::httpbody::ChannelBody::new(rx).boxed())
 }
 
 /// The largest request body read (a draft is at most 1 MiB, as JSON text a little more).
@@ -138,20 +138,4 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(doc.to_string())).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
     resp
-}
-
-struct ChannelBody {
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
-}
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
-        self.rx.poll_recv(cx).map(|part| part.map(|r| r.map(hyper::body::Frame::data)))
-    }
 }
