@@ -50,7 +50,7 @@ pub use peer::{Actor, Peer};
 pub use sandboxes::{BindTarget, Sandbox, UnixConfinement, UnixHealth, BOUND_CHECK_INTERVAL};
 pub use settlement::why as settle_why;
 pub use stops::{ResumeDone, StopDone, StopEnforcer, StopEntry, StopScope, StopSet};
-pub use views::{AgentList, AgentView, CheckpointView, LogVerification, SandboxBrief};
+pub use views::{AgentList, AgentView, CheckpointView, LogVerification, SandboxSummary};
 
 use crate::decide::{self, ActionRequest, CompiledPassport, EvalOptions, HostVerdict, Usage};
 use crate::domain::DomainName;

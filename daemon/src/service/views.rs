@@ -24,7 +24,7 @@ pub struct AgentView {
     pub revoked: bool,
     pub permissions: Vec<String>,
     /// Live sandboxes bound to this passport.
-    pub sandboxes: Vec<SandboxBrief>,
+    pub sandboxes: Vec<SandboxSummary>,
     /// Spend against each limit, with the windows' reset times, and the rate counters.
     pub state: Option<decide::StateView>,
     /// Why `state` is absent (unreadable counters: the passport's requests are blocked).
@@ -33,7 +33,7 @@ pub struct AgentView {
 
 /// A sandbox in an [`AgentView`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct SandboxBrief {
+pub struct SandboxSummary {
     pub id: String,
     pub cgroup: String,
     pub leader_pid: Option<i32>,
@@ -104,10 +104,10 @@ impl Service {
                 Ok(s) => (Some(s.view), None),
                 Err(e) => (None, Some(e.to_string())),
             };
-            let mut own: Vec<SandboxBrief> = sandboxes
+            let mut own: Vec<SandboxSummary> = sandboxes
                 .iter()
                 .filter(|s| s.passport_id == id)
-                .map(|s| SandboxBrief {
+                .map(|s| SandboxSummary {
                     id: s.id.clone(),
                     cgroup: s.cgroup.display().to_string(),
                     leader_pid: s.leader_pid,
