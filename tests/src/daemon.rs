@@ -140,6 +140,30 @@ impl Daemon {
         self.cli_command(args).output().expect("run sluice")
     }
 
+    /// Every record of the daemon's log, parsed, after `sluice audit export` and `sluice audit
+    /// verify` with the host key (both must succeed; the export file is removed after).
+    pub fn verified_records(&self) -> Vec<serde_json::Value> {
+        let export = self.dir.path().join(format!("export-{}.json", unique("x")));
+        let out = self.cli(&["audit", "export", "--out", export.to_str().unwrap()]);
+        assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+        let host_pub = self.dir.path().join("state/host.pub");
+        let out = self.cli(&["audit", "verify", export.to_str().unwrap(), "--host-pub", host_pub.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "audit verify failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bundle: serde_json::Value = serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
+        let _ = std::fs::remove_file(&export);
+        bundle["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_str(r["record"].as_str().unwrap()).unwrap())
+            .collect()
+    }
+
     pub fn cli_command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(sluice_bin());
         c.args(["--socket", self.socket.to_str().unwrap(), "--config", self.config.to_str().unwrap()]).args(args);

@@ -212,19 +212,7 @@ fn emergency_stop_cuts_refuses_in_the_kernel_survives_a_restart_and_resumes() {
     drop((a, b));
 
     // The log: both commands on A's chain, B's chain untouched by them; the whole log verifies.
-    let export = d.dir.path().join("export.json");
-    let out = d.cli(&["audit", "export", "--out", export.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let host_pub = d.dir.path().join("state/host.pub");
-    let out = d.cli(&["audit", "verify", export.to_str().unwrap(), "--host-pub", host_pub.to_str().unwrap()]);
-    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let bundle: serde_json::Value = serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
-    let records: Vec<serde_json::Value> = bundle["records"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| serde_json::from_str(r["record"].as_str().unwrap()).unwrap())
-        .collect();
+    let records = d.verified_records();
     let of = |kind: &str, id: &str| records.iter().filter(|r| r["kind"] == kind && r["passport_id"] == id).count();
     assert_eq!((of("emergency_stop", &a_id), of("emergency_resume", &a_id)), (1, 1));
     assert_eq!((of("emergency_stop", &b_id), of("emergency_resume", &b_id)), (0, 0));

@@ -141,22 +141,6 @@ impl World {
     fn take(&self) -> Vec<Got> {
         std::mem::take(&mut *self.seen.lock().unwrap())
     }
-
-    fn records(&self) -> Vec<Value> {
-        let export = self.d.dir.path().join(format!("export-{}.json", sluice_e2e::unique("x")));
-        let out = self.d.cli(&["audit", "export", "--out", export.to_str().unwrap()]);
-        assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
-        let host_pub = self.d.dir.path().join("state/host.pub");
-        let out = self.d.cli(&["audit", "verify", export.to_str().unwrap(), "--host-pub", host_pub.to_str().unwrap()]);
-        assert!(out.status.success(), "audit verify: {}", String::from_utf8_lossy(&out.stdout));
-        let bundle: Value = serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
-        bundle["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| serde_json::from_str(r["record"].as_str().unwrap()).unwrap())
-            .collect()
-    }
 }
 
 fn status(out: &Output) -> String {
@@ -253,7 +237,7 @@ fn requests_to_a_gate_are_signed_with_the_agent_key_and_linked_by_hash() {
     assert!(w.take().is_empty(), "a refused body reached the gate");
 
     // The daemon's records: the same request hashes, on the passport's chain.
-    let records = w.records();
+    let records = w.d.verified_records();
     let signed: Vec<&Value> = records.iter().filter(|r| r.get("signed_request_hash").is_some()).collect();
     assert_eq!(signed.len(), 2, "{signed:#?}");
     assert_eq!(signed[0]["signed_request_hash"], v.request_hash.as_str());

@@ -118,28 +118,6 @@ impl World {
             )
         })
     }
-
-    /// Every record in the log (parsed), after exporting and verifying offline.
-    fn verified_records(&self) -> Vec<Value> {
-        let export = self.d.dir.path().join(format!("export-{}.json", sluice_e2e::unique("x")));
-        let out = self.d.cli(&["audit", "export", "--out", export.to_str().unwrap()]);
-        assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
-        let host_pub = self.d.dir.path().join("state/host.pub");
-        let out = self.d.cli(&["audit", "verify", export.to_str().unwrap(), "--host-pub", host_pub.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "audit verify failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bundle: Value = serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
-        bundle["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| serde_json::from_str(r["record"].as_str().unwrap()).unwrap())
-            .collect()
-    }
 }
 
 /// A response as `curl -i` printed it (the last one, after any `100 Continue`).
@@ -480,7 +458,7 @@ print(json.dumps({"ws": upgrade("/ws"), "elsewhere": upgrade("/hello")}))
     assert!(j["decision_attestation_id"].is_u64() && j["attestation_id"].is_u64(), "{j}");
 
     // Everything is in the log, and the log verifies.
-    let records = w.verified_records();
+    let records = w.d.verified_records();
     let mine: Vec<&Value> = records.iter().filter(|r| r["passport_id"] == passport_id.as_str()).collect();
     assert!(mine.iter().filter(|r| r["decision"] == "allow").count() >= 8, "{mine:#?}");
     for reason in [
@@ -607,7 +585,7 @@ fn proxy_holds_wait_for_an_operator() {
     assert_eq!(r.json()["reason"], "hold_denied", "{r:?}");
     assert_eq!(w.up.count("/pay"), 1);
 
-    let records = w.verified_records();
+    let records = w.d.verified_records();
     let resolutions: Vec<&Value> = records.iter().filter(|r| r["kind"] == "hold_resolution").collect();
     assert_eq!(resolutions.len(), 2, "{resolutions:#?}");
 }
@@ -624,7 +602,7 @@ fn proxy_hold_times_out() {
     assert_eq!(r.status, 403, "{r:?}");
     assert_eq!(r.json()["reason"], "hold_timeout", "{r:?}");
     assert_eq!(w.up.count("/pay"), 0);
-    let records = w.verified_records();
+    let records = w.d.verified_records();
     assert!(records.iter().any(|r| r["kind"] == "hold_resolution" && r["reason"] == "hold_timeout"));
 }
 
@@ -653,7 +631,7 @@ fn proxy_policy_reloads_on_sighup_and_keeps_the_old_one_on_errors() {
     assert_eq!(r.status, 403, "{r:?}");
     assert_eq!(r.json()["reason"], "policy_denied");
 
-    let records = w.verified_records();
+    let records = w.d.verified_records();
     let reloads: Vec<&Value> = records.iter().filter(|r| r["kind"] == "policy_reload").collect();
     assert!(reloads.iter().any(|r| r["ok"] == false), "{reloads:#?}");
     assert!(reloads.iter().any(|r| r["ok"] == true), "{reloads:#?}");
@@ -721,7 +699,7 @@ print(json.dumps(out))
     assert_eq!(v[OTHER], serde_json::json!({"udp": [0, 1], "tcp": [0, 1]}), "{v}");
     assert_eq!(w.dns_canary.hits(), 0, "an agent's DNS query left the host");
     drop(_a);
-    let records = w.verified_records();
+    let records = w.d.verified_records();
     assert!(
         records.iter().any(|r| r["kind"] == "dns_denied" && r["name"] == API && r["passport_id"] == pb_id.as_str()),
         "B's refused query is not in the log"
@@ -797,7 +775,7 @@ fn proxy_settles_metered_costs_from_responses() {
     // Settlement runs after the response; wait for all five records (a hang guard only).
     let start = Instant::now();
     let records = loop {
-        let records = w.verified_records();
+        let records = w.d.verified_records();
         if records.iter().filter(|r| r["kind"] == "settlement").count() == cases.len() {
             break records;
         }

@@ -219,21 +219,7 @@ impl Lab {
 
     /// Decision records in the log (exported and verified offline) for requests to `host`.
     fn decisions_for(&self, host: &str) -> usize {
-        let export = self.d.dir.path().join(format!("export-{}.json", sluice_e2e::unique("x")));
-        let out = self.d.cli(&["audit", "export", "--out", export.to_str().unwrap()]);
-        assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
-        let host_pub = self.d.dir.path().join("state/host.pub");
-        let out = self.d.cli(&["audit", "verify", export.to_str().unwrap(), "--host-pub", host_pub.to_str().unwrap()]);
-        assert!(out.status.success(), "audit verify failed: {}", String::from_utf8_lossy(&out.stdout));
-        let bundle: Value = serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
-        let _ = std::fs::remove_file(&export);
-        bundle["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(|r| serde_json::from_str::<Value>(r["record"].as_str()?).ok())
-            .filter(|r| r["kind"] == "decision" && r["host"] == host)
-            .count()
+        self.d.verified_records().iter().filter(|r| r["kind"] == "decision" && r["host"] == host).count()
     }
 
     fn log_tail(&self) -> String {
