@@ -127,6 +127,34 @@ pub struct Decided {
 }
 
 impl Decided {
+    /// A decision that knows nothing of a passport, a signature, a price or counters (the
+    /// callers set those that apply with struct update syntax).
+    pub fn bare(
+        answer: Answer,
+        decision: Decision,
+        reason: Reason,
+        detail: String,
+        guardrails: Vec<Guardrail>,
+        permission: String,
+    ) -> Decided {
+        Decided {
+            answer,
+            decision,
+            reason,
+            detail,
+            guardrails,
+            claims: None,
+            permission,
+            charge: None,
+            cost_millicents: 0,
+            request_hash: None,
+            signed: false,
+            tier: None,
+            spend: None,
+            writes: Vec::new(),
+        }
+    }
+
     pub fn all_passed(&self) -> bool {
         self.decision == Decision::Allow && self.guardrails.iter().all(|g| g.passed)
     }
@@ -171,20 +199,11 @@ impl Early<'_> {
     fn refuse(mut self, answer: Answer, reason: Reason, name: &str, detail: String) -> Step {
         self.guardrails.push(fail(name, detail.clone()));
         Step::Decided(Box::new(Decided {
-            answer,
-            decision: Decision::Block,
-            reason,
-            detail,
-            guardrails: self.guardrails,
             claims: self.claims,
-            permission: self.permission.to_string(),
-            charge: None,
-            cost_millicents: 0,
             request_hash: self.request_hash,
             signed: self.signed,
             tier: self.tier,
-            spend: None,
-            writes: Vec::new(),
+            ..Decided::bare(answer, Decision::Block, reason, detail, self.guardrails, self.permission.to_string())
         }))
     }
 }
@@ -206,22 +225,14 @@ pub fn precheck(gate: &Gate, a: &Arrival, now: i64) -> Step {
     let Some(token) = a.passport.as_deref() else {
         if !a.is_signed() && cfg.is_anonymous(&a.method, &a.path) {
             early.guardrails.push(pass(step::PASSPORT, "no passport needed: the route is in the anonymous subset"));
-            return Step::Decided(Box::new(Decided {
-                answer: Answer::Allow,
-                decision: Decision::Allow,
-                reason: Reason::AnonymousAllowed,
-                detail: format!("{} {} is served without a passport", a.method, a.path),
-                guardrails: early.guardrails,
-                claims: None,
-                permission: "anonymous".into(),
-                charge: None,
-                cost_millicents: 0,
-                request_hash: None,
-                signed: false,
-                tier: None,
-                spend: None,
-                writes: Vec::new(),
-            }));
+            return Step::Decided(Box::new(Decided::bare(
+                Answer::Allow,
+                Decision::Allow,
+                Reason::AnonymousAllowed,
+                format!("{} {} is served without a passport", a.method, a.path),
+                early.guardrails,
+                "anonymous".into(),
+            )));
         }
         let detail = format!(
             "{} {} needs a passport with permission {permission:?} (trust level {}). Send it in the Sluice-Passport header and sign the request (docs/gate.md).",
@@ -445,20 +456,18 @@ pub fn evaluate(gate: &Gate, r: &Ready, read: &mut Read<'_>, now: DateTime<Utc>)
     let mut guardrails = r.guardrails.clone();
     let mut writes = Vec::new();
     let mut out = Decided {
-        answer: Answer::Refuse,
-        decision: Decision::Block,
-        reason: Reason::StateError,
-        detail: String::new(),
-        guardrails: Vec::new(),
         claims: Some(claims.clone()),
-        permission: r.permission.clone(),
-        charge: None,
-        cost_millicents: 0,
         request_hash: r.signature.as_ref().map(|s| s.request_hash.clone()),
         signed: r.signature.is_some(),
         tier: Some(r.tier),
-        spend: None,
-        writes: Vec::new(),
+        ..Decided::bare(
+            Answer::Refuse,
+            Decision::Block,
+            Reason::StateError,
+            String::new(),
+            Vec::new(),
+            r.permission.clone(),
+        )
     };
     let refuse =
         |mut out: Decided, mut guardrails: Vec<Guardrail>, writes, reason: Reason, name: &str, detail: String| {

@@ -279,22 +279,14 @@ impl Server {
 
     async fn refuse_malformed(&self, method: &Method, target: &str, detail: String) -> Response<GateBody> {
         let gate = self.gate.clone();
-        let decided = Decided {
-            answer: Answer::Refuse,
-            decision: crate::decide::Decision::Block,
-            reason: Reason::MalformedRequest,
-            detail: detail.clone(),
-            guardrails: vec![crate::decide::Guardrail { name: "gate_request".into(), passed: false, detail }],
-            claims: None,
-            permission: gate.config.route_of(method, target),
-            charge: None,
-            cost_millicents: 0,
-            request_hash: None,
-            signed: false,
-            tier: None,
-            spend: None,
-            writes: Vec::new(),
-        };
+        let decided = Decided::bare(
+            Answer::Refuse,
+            crate::decide::Decision::Block,
+            Reason::MalformedRequest,
+            detail.clone(),
+            vec![crate::decide::Guardrail { name: "gate_request".into(), passed: false, detail }],
+            gate.config.route_of(method, target),
+        );
         let arrival = Arrival::bare(method.clone(), target.to_string());
         let d = decided.clone();
         let r = self
