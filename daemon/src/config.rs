@@ -23,7 +23,7 @@ pub enum ConfigError {
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {field}: {problem}")]
-    Invalid { path: PathBuf, field: &'static str, problem: String },
+    Invalid { path: PathBuf, field: String, problem: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -392,31 +392,38 @@ impl Default for Config {
     }
 }
 
+/// The text of a configuration file (`sluice.toml`, a gate's `gate.toml`), at most
+/// [`MAX_CONFIG_BYTES`].
+pub fn read_config_text(path: &Path) -> Result<String, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge { path: path.into() });
+    }
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })
+}
+
+/// toml's error message on one line (it spans several: a caret under the spot).
+pub fn toml_message(e: &toml::de::Error) -> String {
+    e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" | ")
+}
+
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        if meta.len() > MAX_CONFIG_BYTES {
-            return Err(ConfigError::TooLarge { path: path.into() });
-        }
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Config::parse(&text, path)
+        Config::parse(&read_config_text(path)?, path)
     }
 
     /// Parses and validates configuration text; `path` is only used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            // toml's message spans several lines (a caret under the spot); keep it one line.
-            message: e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" | "),
-        })?;
+        let mut config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: toml_message(&e) })?;
         config.source = path.to_path_buf();
         config.validate()?;
         Ok(config)
     }
 
     fn invalid(&self, field: &'static str, problem: impl Into<String>) -> ConfigError {
-        ConfigError::Invalid { path: self.source.clone(), field, problem: problem.into() }
+        ConfigError::Invalid { path: self.source.clone(), field: field.to_string(), problem: problem.into() }
     }
 
     fn validate(&self) -> Result<(), ConfigError> {

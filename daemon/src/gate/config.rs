@@ -10,22 +10,11 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-/// A configuration file larger than this is not a configuration file.
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Most `[[route]]` plus `[[anonymous]]` entries (each request tries them in order).
 pub const MAX_ROUTES: usize = 1024;
 
-#[derive(Debug, thiserror::Error)]
-pub enum GateConfigError {
-    #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: larger than 1 MiB")]
-    TooLarge { path: PathBuf },
-    #[error("{path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{path}: {field}: {problem}")]
-    Invalid { path: PathBuf, field: String, problem: String },
-}
+/// Errors name the file and the field, as `sluice.toml`'s do (the same type).
+pub use crate::config::ConfigError as GateConfigError;
 
 /// The file as written; [`GateConfig`] is what it means.
 #[derive(Debug, Deserialize)]
@@ -153,19 +142,13 @@ pub struct GateConfig {
 
 impl GateConfig {
     pub fn load(path: &Path) -> Result<GateConfig, GateConfigError> {
-        let meta = std::fs::metadata(path).map_err(|source| GateConfigError::Read { path: path.into(), source })?;
-        if meta.len() > MAX_CONFIG_BYTES {
-            return Err(GateConfigError::TooLarge { path: path.into() });
-        }
-        let text =
-            std::fs::read_to_string(path).map_err(|source| GateConfigError::Read { path: path.into(), source })?;
-        GateConfig::parse(&text, path)
+        GateConfig::parse(&crate::config::read_config_text(path)?, path)
     }
 
     /// Parses and validates; relative paths in the file are taken relative to its directory.
     pub fn parse(text: &str, path: &Path) -> Result<GateConfig, GateConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| {
-            let mut message = e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" | ");
+            let mut message = crate::config::toml_message(&e);
             if message.contains("unknown field `price_cents`") {
                 message.push_str(
                     " | a route has no price of its own any more: prices come from the catalog (`catalog = \"catalog.toml\"`, `sluice catalog publish`, docs/catalogs.md)",
