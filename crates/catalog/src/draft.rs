@@ -15,9 +15,10 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
+use sluice_policy::PolicyErrorKind as Kind;
 use toml::Spanned;
 
 use crate::snapshot::{check_key, Permission, RiskLevel, MAX_DESCRIPTION_LEN, MAX_PERMISSIONS};
@@ -27,28 +28,9 @@ use crate::terms::{Raw, Terms};
 pub const MAX_DRAFT_BYTES: usize = crate::snapshot::MAX_DOCUMENT_BYTES;
 
 /// One problem in a draft, located.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DraftProblem {
-    pub file: PathBuf,
-    /// 1-based; 0 when the problem is the whole file.
-    pub line: usize,
-    pub column: usize,
-    pub field: String,
-    pub message: String,
-}
-
-impl std::fmt::Display for DraftProblem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if self.line > 0 {
-            write!(f, ":{}:{}", self.line, self.column)?;
-        }
-        if !self.field.is_empty() {
-            write!(f, ": {}", self.field)?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
+/// One problem in a draft, located: `FILE:LINE:COL: FIELD: message`, the same type and form as a
+/// host policy's errors.
+pub use sluice_policy::PolicyError as DraftProblem;
 
 /// Every problem found in a draft.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -85,40 +67,16 @@ struct Collect<'a> {
 }
 
 impl Collect<'_> {
-    fn at(&mut self, span: Option<Range<usize>>, field: &str, message: impl Into<String>) {
-        let message = message.into();
-        let (line, column) = span.map_or((0, 0), |s| line_col(self.text, s.start));
-        self.problems.push(DraftProblem {
-            file: self.path.to_path_buf(),
-            line,
-            column,
-            field: field.to_string(),
-            message,
-        });
+    fn at(&mut self, kind: Kind, span: Option<Range<usize>>, field: &str, message: impl Into<String>) {
+        let offset = span.map(|s| s.start);
+        self.problems.push(DraftProblem::located(kind, self.path, self.text, offset, field, message));
     }
-}
-
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let Some(before) = text.get(..offset.min(text.len())) else {
-        return (0, 0);
-    };
-    let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
-    let start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before.get(start..).map_or(0, |l| l.chars().count()) + 1)
 }
 
 impl Draft {
     /// Reads and parses the draft at `path`.
     pub fn load(path: &Path) -> Result<Draft, DraftError> {
-        let one = |message: String| {
-            DraftError(vec![DraftProblem {
-                file: path.to_path_buf(),
-                line: 0,
-                column: 0,
-                field: String::new(),
-                message,
-            }])
-        };
+        let one = |message: String| DraftError(vec![DraftProblem::located(Kind::Read, path, "", None, "", message)]);
         let text = sluice_files::files::read_text(path, MAX_DRAFT_BYTES as u64, sluice_files::files::Links::Follow)
             .map_err(|e| one(e.to_string()))?;
         Draft::parse(path, &text)
@@ -128,19 +86,19 @@ impl Draft {
     pub fn parse(path: &Path, text: &str) -> Result<Draft, DraftError> {
         let mut c = Collect { path, text, problems: Vec::new() };
         if text.len() > MAX_DRAFT_BYTES {
-            c.at(None, "", format!("is larger than {MAX_DRAFT_BYTES} bytes"));
+            c.at(Kind::Read, None, "", format!("is larger than {MAX_DRAFT_BYTES} bytes"));
             return Err(DraftError(c.problems));
         }
         let file: FileToml = match toml::from_str(text) {
             Ok(f) => f,
             Err(e) => {
                 let offset = e.span().map_or(0, |s| s.start);
-                c.at(e.span(), "", sluice_policy::syntax_message(e.message(), text, offset));
+                c.at(Kind::Syntax, e.span(), "", sluice_policy::syntax_message(e.message(), text, offset));
                 return Err(DraftError(c.problems));
             }
         };
         if file.permission.len() > MAX_PERMISSIONS {
-            c.at(None, "permission", format!("more than {MAX_PERMISSIONS} permissions"));
+            c.at(Kind::Invalid, None, "permission", format!("more than {MAX_PERMISSIONS} permissions"));
         }
         let mut permissions: Vec<(Permission, Range<usize>)> = Vec::new();
         for p in file.permission {
@@ -148,10 +106,11 @@ impl Draft {
             let p = p.into_inner();
             let key = p.key.get_ref().clone();
             if let Err(m) = check_key(&key) {
-                c.at(Some(p.key.span()), "key", m);
+                c.at(Kind::Invalid, Some(p.key.span()), "key", m);
             }
             if p.description.get_ref().chars().count() > MAX_DESCRIPTION_LEN {
                 c.at(
+                    Kind::Invalid,
                     Some(p.description.span()),
                     "description",
                     format!("longer than {MAX_DESCRIPTION_LEN} characters"),
@@ -159,6 +118,7 @@ impl Draft {
             }
             let risk = RiskLevel::parse(p.risk_level.get_ref()).unwrap_or_else(|| {
                 c.at(
+                    Kind::Invalid,
                     Some(p.risk_level.span()),
                     "risk_level",
                     format!("{:?} is not low, medium or high", p.risk_level.get_ref()),
@@ -178,7 +138,7 @@ impl Draft {
                     toml::Value::Table(_) => Raw::Other("a table"),
                 };
                 if let Err(m) = terms.set(name, raw) {
-                    c.at(Some(vspan), &format!("constraints.{name:?}"), m);
+                    c.at(Kind::Invalid, Some(vspan), &format!("constraints.{name:?}"), m);
                 }
             }
             permissions
@@ -188,7 +148,12 @@ impl Draft {
         for pair in permissions.windows(2) {
             if let [(a, _), (b, second)] = pair {
                 if a.key == b.key {
-                    c.at(Some(second.clone()), "key", format!("{:?} is offered twice; each permission once", b.key));
+                    c.at(
+                        Kind::Conflict,
+                        Some(second.clone()),
+                        "key",
+                        format!("{:?} is offered twice; each permission once", b.key),
+                    );
                 }
             }
         }

@@ -63,6 +63,22 @@ impl PolicyError {
     }
 }
 
+impl PolicyError {
+    /// An error at byte `offset` of `text` (the file's contents), or about the whole file when
+    /// `offset` is `None`. For other TOML readers that report problems the same way (catalogs).
+    pub fn located(
+        kind: PolicyErrorKind,
+        file: &Path,
+        text: &str,
+        offset: Option<usize>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> PolicyError {
+        let (line, column) = offset.map_or((0, 0), |o| line_col(text, o));
+        PolicyError { kind, file: file.to_path_buf(), line, column, field: field.into(), message: message.into() }
+    }
+}
+
 /// A file's text plus its name, for turning byte offsets into positions.
 pub(crate) struct Source<'a> {
     pub path: &'a Path,
