@@ -622,7 +622,6 @@ mod tests {
         store
     }
 
-
     #[test]
     fn proof_collector_gives_the_proofs_of_the_stored_tree() {
         for size in [1u64, 2, 3, 4, 5, 7, 8, 9, 16, 31, 33, 100] {

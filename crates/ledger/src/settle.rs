@@ -284,7 +284,9 @@ pub fn settle(agent: SideRead, gate: SideRead, opts: &SettleOptions) -> SettleRe
         }
         let why = match (ac, gc) {
             _ if ac == gc => other_gate.unwrap_or_default(),
-            (Some(_), Some(_)) => format!("the amounts differ: the agent's record {}, the gate's {}", charge_text(ac), charge_text(gc)),
+            (Some(_), Some(_)) => {
+                format!("the amounts differ: the agent's record {}, the gate's {}", charge_text(ac), charge_text(gc))
+            }
             (Some(_), None) => format!(
                 "the agent's record {} ({}), the gate refused it ({}) and charged nothing",
                 charge_text(ac),
@@ -395,7 +397,8 @@ fn in_window(opts: &SettleOptions, side: &str, l: &Linked, problems: &mut Vec<St
         return true;
     }
     let Some(t) = l.time.as_deref().and_then(parse_time) else {
-        problems.push(format!("the {side}'s record {} has no readable time; it is settled whatever the window", l.index));
+        problems
+            .push(format!("the {side}'s record {} has no readable time; it is settled whatever the window", l.index));
         return true;
     };
     opts.since.is_none_or(|s| t >= s) && opts.until.is_none_or(|u| t < u)
@@ -545,4 +548,238 @@ pub fn evidence<R: Read + Seek, F: Fn() -> std::io::Result<R>>(
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::export::{self, ExportBundle, ExportRequest};
+    use crate::{verify, Draft, HostKey, Ledger, LedgerOptions};
+    use ed25519_dalek::SigningKey;
+    use serde_json::{json, Map, Value};
+    use std::io::Cursor;
+
+    const GATE_HOST: &str = "shipping.example.test";
+    const PRICE: u64 = 2563;
+
+    fn key(seed: u8) -> HostKey {
+        HostKey::from_signing_key(SigningKey::from_bytes(&[seed; 32]))
+    }
+
+    /// The gate's id (the tests do not check it against the key).
+    fn gate_id() -> String {
+        "gate_2".to_string()
+    }
+
+    /// A log of these `(chain, record)` drafts under `seed`'s key, exported.
+    async fn log(seed: u8, records: Vec<(&str, Value)>, since: Option<&str>) -> ExportBundle {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("l.redb"), key(seed), LedgerOptions::default()).unwrap();
+        for (chain, body) in records {
+            let Value::Object(body) = body else { panic!("{body}") };
+            let chain = chain.to_string();
+            ledger.transact(move |_| Ok(((), vec![Draft::new(chain, body)]))).await.unwrap();
+        }
+        let req = ExportRequest { since: since.map(String::from), ..ExportRequest::default() };
+        export::export(&ledger, &req).await.unwrap()
+    }
+
+    /// The agent daemon's decision of a signed request to the gate.
+    fn agent(hash: &str, decision: &str, cost: u64, time: &str) -> (&'static str, Value) {
+        (
+            "pp_a",
+            json!({"kind": "decision", "passport_id": "pp_a", "decision": decision, "reason": "allowed",
+            "action": "shipments:create", "host": GATE_HOST, "cost_millicents": cost, "request_hash": "00",
+            "signed_request_hash": hash, "time": time}),
+        )
+    }
+
+    /// The gate's record of a request.
+    fn gate(hash: &str, passport: &str, decision: &str, cost: u64, time: &str) -> (&'static str, Value) {
+        (
+            "gate",
+            json!({"kind": "gate_decision", "gate_id": gate_id(), "request_hash": hash, "passport_id": passport,
+            "permission": "shipments:create", "decision": decision, "reason": "allowed", "host": GATE_HOST,
+            "cost_millicents": cost, "catalog_version": 1, "price_millicents": PRICE, "time": time}),
+        )
+    }
+
+    const T1: &str = "2026-12-02T10:00:00Z";
+    const T2: &str = "2026-12-02T11:00:00Z";
+    const T3: &str = "2026-12-02T12:00:00Z";
+
+    fn bytes(b: &ExportBundle) -> Vec<u8> {
+        serde_json::to_vec(b).unwrap()
+    }
+
+    fn run(a: &ExportBundle, g: &ExportBundle, opts: SettleOptions) -> SettleReport {
+        let (a, g) = (bytes(a), bytes(g));
+        let opts = SettleOptions { gate_id: Some(gate_id()), ..opts };
+        settle_exports(
+            || Ok(Cursor::new(a.clone())),
+            &key(1).verifying_key(),
+            || Ok(Cursor::new(g.clone())),
+            &key(2).verifying_key(),
+            &opts,
+        )
+        .unwrap()
+    }
+
+    /// An evidence attestation verifies with `seed`'s key and carries the record `index`.
+    fn check_evidence(att: &Option<PortableAttestation>, seed: u8, index: u64) {
+        let att = att.as_ref().expect("evidence");
+        assert_eq!(att.index, index);
+        let r = verify::verify_attestation(att, &key(seed).verifying_key());
+        assert!(r.is_ok(), "{:?}", r.problems);
+        let doc = serde_json::to_string(att).unwrap();
+        assert!(verify::verify_document(&doc, &key(seed).verifying_key(), None).is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_sides_agree_with_exact_totals() {
+        let a = log(
+            1,
+            vec![agent("h1", "allow", PRICE, T1), agent("h2", "allow", PRICE, T2), agent("h0", "block", 0, T2)],
+            None,
+        )
+        .await;
+        let g = log(
+            2,
+            vec![
+                ("catalog", json!({"kind": "catalog_published", "gate_id": gate_id(), "catalog_version": 1})),
+                gate("h1", "pp_a", "allow", PRICE, T1),
+                gate("h2", "pp_a", "allow", PRICE, T2),
+                gate("other", "pp_other_host", "allow", PRICE, T2),
+            ],
+            None,
+        )
+        .await;
+        let r = run(&a, &g, SettleOptions::default());
+        assert!(r.ok, "{r:#?}");
+        assert_eq!((r.agreed, r.never_sent, r.ignored.gate_other_hosts), (2, 1, 1));
+        assert_eq!(r.agent_total, Total { millicents: 5126, dollars: "$0.05126".into(), charges: 2 });
+        assert_eq!(r.gate_total, r.agent_total);
+        assert!(r.agent_log.verified && r.gate_log.verified);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_on_one_side_only_both_ways_with_evidence() {
+        let mut other_gate = agent("elsewhere", "allow", 500, T1);
+        other_gate.1["gate_id"] = json!("gate_another");
+        let a =
+            log(1, vec![agent("h1", "allow", PRICE, T1), agent("lost", "allow", PRICE, T1), other_gate], None).await;
+        let g =
+            log(2, vec![gate("h1", "pp_a", "allow", PRICE, T1), gate("forged", "pp_a", "allow", 900, T2)], None).await;
+        let r = run(&a, &g, SettleOptions::default());
+        assert!(!r.ok);
+        assert_eq!((r.agreed, r.ignored.agent_other_gates), (1, 1));
+        assert_eq!(r.not_received.len(), 1, "{r:#?}");
+        let lost = &r.not_received[0];
+        assert_eq!(lost.request_hash, "lost");
+        assert!(lost.why.contains("no record"), "{}", lost.why);
+        check_evidence(&lost.agent_evidence, 1, 1);
+        assert!(lost.gate_evidence.is_none());
+        assert_eq!(r.not_sent_by_this_host.len(), 1);
+        let forged = &r.not_sent_by_this_host[0];
+        assert!(forged.why.contains("$0.009") && forged.why.contains("pp_a"), "{}", forged.why);
+        check_evidence(&forged.gate_evidence, 2, 1);
+        assert_eq!(
+            (r.agent_total.millicents, r.gate_total.millicents),
+            (2 * u128::from(PRICE), u128::from(PRICE) + 900)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn amounts_and_decisions_that_differ() {
+        let a = log(
+            1,
+            vec![agent("h1", "allow", PRICE, T1), agent("h2", "allow", PRICE, T1), agent("h3", "block", 0, T1)],
+            None,
+        )
+        .await;
+        let g = log(
+            2,
+            vec![
+                gate("h1", "pp_a", "allow", 3075, T1),
+                gate("h2", "pp_a", "block", 0, T1),
+                gate("h3", "pp_a", "allow", PRICE, T1),
+            ],
+            None,
+        )
+        .await;
+        let r = run(&a, &g, SettleOptions::default());
+        assert!(!r.ok);
+        assert_eq!((r.agreed, r.differ.len()), (0, 3), "{r:#?}");
+        assert!(r.differ[0].why.contains("amounts differ") && r.differ[0].why.contains("3075"), "{}", r.differ[0].why);
+        assert!(r.differ[1].why.contains("refused"), "{}", r.differ[1].why);
+        assert!(r.differ[2].why.contains("not sent"), "{}", r.differ[2].why);
+        for (i, e) in r.differ.iter().enumerate() {
+            check_evidence(&e.agent_evidence, 1, i as u64);
+            check_evidence(&e.gate_evidence, 2, i as u64);
+        }
+        assert_eq!((r.agent_total.millicents, r.gate_total.millicents), (2 * 2563, 3075 + 2563));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_window_is_since_inclusive_until_exclusive() {
+        let a = log(
+            1,
+            vec![agent("h1", "allow", 1, T1), agent("h2", "allow", 20, T2), agent("h3", "allow", 300, T3)],
+            None,
+        )
+        .await;
+        // The gate has h1 (before the window) and h2; h3 is outside the window, so missing it is fine.
+        let g = log(2, vec![gate("h2", "pp_a", "allow", 20, T2), gate("late", "pp_a", "allow", 4000, T3)], None).await;
+        let t = |s: &str| Some(parse_time(s).unwrap());
+        let r = run(&a, &g, SettleOptions { since: t(T2), until: t(T3), ..SettleOptions::default() });
+        assert!(r.ok, "{r:#?}");
+        assert_eq!((r.agreed, r.ignored.outside_window), (1, 3));
+        assert_eq!((r.agent_total.millicents, r.gate_total.millicents), (20, 20));
+        assert_eq!(r.since.as_deref(), Some(T2));
+        // Widened to the end, the one-sided records appear.
+        let r = run(&a, &g, SettleOptions { since: t(T2), ..SettleOptions::default() });
+        assert_eq!((r.not_received.len(), r.not_sent_by_this_host.len()), (1, 1), "{r:#?}");
+        // A filtered export (since T2): evidence from the proofs it carries.
+        let g2 = log(2, vec![gate("h1", "pp_a", "allow", 1, T1), gate("h2", "pp_a", "allow", 21, T2)], Some(T2)).await;
+        assert!(!g2.full);
+        let r = run(&a, &g2, SettleOptions { since: t(T2), until: t(T3), ..SettleOptions::default() });
+        assert_eq!(r.differ.len(), 1, "{r:#?}");
+        check_evidence(&r.differ[0].gate_evidence, 2, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tampered_record_fails_verification_and_is_named() {
+        let a = log(1, vec![agent("h1", "allow", PRICE, T1)], None).await;
+        let mut g = log(2, vec![gate("h1", "pp_a", "allow", PRICE, T1)], None).await;
+        // The gate's operator lowers the price in its record, keeping it canonical JSON.
+        let mut v: Map<String, Value> = serde_json::from_str(&g.records[0].record).unwrap();
+        v.insert("cost_millicents".into(), json!(1));
+        g.records[0].record = String::from_utf8(crate::canonical::canonicalize_object(&v).unwrap()).unwrap();
+        let r = run(&a, &g, SettleOptions::default());
+        assert!(!r.ok);
+        assert!(r.agent_log.verified && !r.gate_log.verified);
+        assert!(r.gate_log.problems.iter().any(|p| p.contains("root rebuilt")), "{:?}", r.gate_log.problems);
+        // Unverified, its record gives no evidence.
+        assert!(r.differ[0].gate_evidence.is_none() && r.differ[0].agent_evidence.is_some());
+        // A record removed: the log does not verify either.
+        let mut g =
+            log(2, vec![gate("h0", "pp_a", "allow", 1, T1), gate("h1", "pp_a", "allow", PRICE, T1)], None).await;
+        g.records.remove(0);
+        let r = run(&a, &g, SettleOptions::default());
+        assert!(!r.ok && !r.gate_log.verified);
+        assert!(r.gate_log.problems.iter().any(|p| p.contains("record 0 is missing")), "{:?}", r.gate_log.problems);
+    }
+
+    #[test]
+    fn an_unreadable_export_names_its_side() {
+        let e = settle_exports(
+            || Ok(Cursor::new(b"{\"records\": [1".to_vec())),
+            &key(1).verifying_key(),
+            || Ok(Cursor::new(Vec::new())),
+            &key(2).verifying_key(),
+            &SettleOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.side, Side::Agent);
+    }
 }
