@@ -18,7 +18,8 @@
 //!
 //! Scope: an agent record names its gate by `gate_id` when the daemon priced the request by that
 //! gate's catalog; one that names another gate is ignored, and one that names none belongs to
-//! this gate when its `host` is a host the gate's records name. A gate record belongs to this
+//! this gate when its `host` is a host the gate's records name (or when they name none, so that
+//! a gate that received nothing does not settle by leaving everything out). A gate record belongs to this
 //! agent host when its passport is one the agent's export names (another host's agents are
 //! ignored). The window `[since, until)` is by record time: a pair by the agent's record (the
 //! request was decided there first), a record on one side alone by its own.
@@ -29,7 +30,7 @@
 use crate::docstream::{RecordSink, Scanner};
 use crate::export::{ExportedRecord, PortableAttestation, ATTESTATION_FORMAT, EXPORT_FORMAT};
 use crate::hex;
-use crate::link::{self, Collected, Linked, Side, SideRead};
+use crate::link::{self, Linked, Side, SideRead};
 use crate::merkle::{self, ProofCollector};
 use crate::record::parse_time;
 use crate::verify::VerifyReport;
@@ -55,7 +56,8 @@ pub struct SettleOptions {
 /// One side's total.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Total {
-    /// Exact, in millicents (1/1000 of a cent).
+    /// Exact, in millicents (1/1000 of a cent); a JSON number, or its decimal text beyond 64 bits.
+    #[serde(serialize_with = "big_number")]
     pub millicents: u128,
     /// The same in dollars, with as many decimals as it has (`$0.05126`).
     pub dollars: String,
@@ -69,6 +71,14 @@ impl Total {
             self.millicents = self.millicents.saturating_add(u128::from(m));
             self.charges += 1;
         }
+    }
+}
+
+/// A u128 as a JSON number when it fits 64 bits, else as decimal text (exact either way).
+fn big_number<S: serde::Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
+    match u64::try_from(*v) {
+        Ok(n) => s.serialize_u64(n),
+        Err(_) => s.serialize_str(&v.to_string()),
     }
 }
 
@@ -312,13 +322,16 @@ pub fn settle(agent: SideRead, gate: SideRead, opts: &SettleOptions) -> SettleRe
         });
     }
 
-    let ours = |x: &Linked, c: &Collected, gates_hosts: &BTreeSet<String>| match (&x.gate_id, &opts.gate_id) {
+    // An agent record names its gate by `gate_id`; one without (a daemon that did not price the
+    // request by a catalog) by its host, and when the gate's records name no host at all, it is
+    // counted as this gate's rather than left out.
+    let ours = |x: &Linked, gate_hosts: &BTreeSet<String>| match (&x.gate_id, &opts.gate_id) {
         (Some(xa), Some(id)) => xa == id,
         (Some(_), None) => true,
-        (None, _) => x.at.as_ref().is_some_and(|h| gates_hosts.contains(h)) || c.passports.is_empty(),
+        (None, _) => gate_hosts.is_empty() || x.at.as_ref().is_some_and(|h| gate_hosts.contains(h)),
     };
     for x in linked.agent_only {
-        if !ours(&x, &a, &g.hosts) {
+        if !ours(&x, &g.hosts) {
             r.ignored.agent_other_gates += 1;
             continue;
         }
@@ -345,7 +358,7 @@ pub fn settle(agent: SideRead, gate: SideRead, opts: &SettleOptions) -> SettleRe
         });
     }
     for x in linked.not_sent {
-        if !ours(&x, &a, &g.hosts) {
+        if !ours(&x, &g.hosts) {
             r.ignored.agent_other_gates += 1;
         } else if !in_window(opts, "agent", &x, &mut r.problems) {
             outside += 1;
@@ -687,6 +700,21 @@ mod tests {
             (r.agent_total.millicents, r.gate_total.millicents),
             (2 * u128::from(PRICE), u128::from(PRICE) + 900)
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_without_gate_id_is_this_gates_by_host() {
+        let mut elsewhere = agent("elsewhere", "allow", 500, T1);
+        elsewhere.1["host"] = json!("other.example");
+        let a = log(1, vec![agent("h1", "allow", PRICE, T1), elsewhere.clone()], None).await;
+        let g = log(2, vec![gate("h1", "pp_a", "allow", PRICE, T1)], None).await;
+        let r = run(&a, &g, SettleOptions::default());
+        assert!(r.ok && r.ignored.agent_other_gates == 1, "{r:#?}");
+        // A gate that received nothing names no host: nothing is left out.
+        let a = log(1, vec![elsewhere], None).await;
+        let g = log(2, vec![("catalog", json!({"kind": "catalog_published", "gate_id": gate_id()}))], None).await;
+        let r = run(&a, &g, SettleOptions::default());
+        assert!(!r.ok && r.not_received.len() == 1, "{r:#?}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

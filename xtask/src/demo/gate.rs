@@ -334,7 +334,9 @@ pub(super) fn act(
     println!("its catalog draft, {}:", d("gate/catalog.toml"));
     print!("{}", CATALOG_V1.lines().map(|l| format!("  {l}\n")).collect::<String>());
     must(sluice(bin, &["--config", &gcfg, "catalog", "publish", "--summary", "first prices"])?)?;
-    println!("the daemon's host policy for {GATE_HOST} (in its policies_dir since it started) charges a booking the same:");
+    println!(
+        "the daemon's host policy for {GATE_HOST} (in its policies_dir since it started) charges a booking the same:"
+    );
     print!("{}", SHIPPING_POLICY.lines().map(|l| format!("  {l}\n")).collect::<String>());
     let glog = std::fs::File::create(dir.join("gate.log"))?;
     println!("$ sluice --config {gcfg} gate run");
@@ -418,15 +420,19 @@ pub(super) fn act(
     step(18, "The operator raises the price to 3 cents: `catalog impact` shows a breaking change; `publish` refuses it without --accept-breaking")?;
     std::fs::write(
         gdir.join("catalog.toml"),
-        CATALOG_V1.replace("\"core:pricing:per_call_cents\" = 2.5", &format!("\"core:pricing:per_call_cents\" = {PRICE_V2_CENTS}")),
+        CATALOG_V1.replace(
+            "\"core:pricing:per_call_cents\" = 2.5",
+            &format!("\"core:pricing:per_call_cents\" = {PRICE_V2_CENTS}"),
+        ),
     )?;
     let impact = sluice(bin, &["--config", &gcfg, "catalog", "impact"])?;
     let diff: Value = serde_json::from_slice(&impact.stdout).context("`sluice catalog impact`")?;
     let refused = sluice(bin, &["--config", &gcfg, "catalog", "publish", "--summary", "bookings now 3 cents"])?;
     let mut problems = Vec::new();
-    let increase = diff["changes"].as_array().into_iter().flatten().any(|c| {
-        c["type"] == "price_increase" && c["permission_key"] == "shipments:create" && c["breaking"] == true
-    });
+    let increase =
+        diff["changes"].as_array().into_iter().flatten().any(|c| {
+            c["type"] == "price_increase" && c["permission_key"] == "shipments:create" && c["breaking"] == true
+        });
     if impact.status.success() || diff["has_breaking_changes"] != true || !increase {
         problems.push(format!("impact should exit 1 with a breaking price_increase of shipments:create: {diff}"));
     }
@@ -444,7 +450,10 @@ pub(super) fn act(
     expect(&mut problems, "the newest version the running gate serves", &v["newest_version"], Value::from(2));
     fail_if(problems, "the running gate serves version 2 at once, chained to version 1")?;
 
-    step(19, "The same agent (its passport started at version 1) books again: it still pays version 1's price (price lock)")?;
+    step(
+        19,
+        "The same agent (its passport started at version 1) books again: it still pays version 1's price (price lock)",
+    )?;
     let before = lines_of(&service_log).len();
     let r = agent(&["again"])?;
     let seen = reached(&service_log, before);
@@ -455,7 +464,10 @@ pub(super) fn act(
     }
     fail_if(problems, "booked; what it was charged is in both logs, next step")?;
 
-    step(20, "Both sides' logs: export each, verify each with its own public key, link them by request hash, and settle")?;
+    step(
+        20,
+        "Both sides' logs: export each, verify each with its own public key, link them by request hash, and settle",
+    )?;
     let (report, settled) = export_and_settle(bin, &d, cli, &gcfg, "")?;
     must(sluice(bin, &["audit", "verify", &d("gate-log.json"), "--host-pub", &d("gate/gate.pub")])?)?;
     let link_args = [
@@ -482,7 +494,9 @@ pub(super) fn act(
     let bookings = gate_bookings(&d("gate-log.json"))?;
     let locked = (Value::from(1), Value::from(PRICE_V1));
     if bookings != [locked.clone(), locked] {
-        problems.push(format!("the gate should have charged both bookings version 1's {PRICE_V1} millicents: {bookings:?}"));
+        problems.push(format!(
+            "the gate should have charged both bookings version 1's {PRICE_V1} millicents: {bookings:?}"
+        ));
     }
     let total = Value::from(2 * PRICE_V1);
     if !settled || report["ok"] != true || report["agreed"] != 3 {
