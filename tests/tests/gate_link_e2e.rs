@@ -194,7 +194,10 @@ path = "/v1/rates"
     )
     .unwrap();
     std::fs::write(gdir.join("catalog.toml"), CATALOG).unwrap();
-    let out = d.cli(&["--config", p(&config), "catalog", "publish", "--summary", "first prices"]);
+    let out = std::process::Command::new(sluice_e2e::daemon::sluice_bin())
+        .args(["--config", p(&config), "catalog", "publish", "--summary", "first prices"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "catalog publish: {}", String::from_utf8_lossy(&out.stderr));
     let mut gate = ChildGuard(Some(
         std::process::Command::new(sluice_e2e::daemon::sluice_bin())
@@ -344,7 +347,10 @@ path = "/v1/rates"
         .as_array()
         .unwrap()
         .iter()
-        .position(|r| r["record"].as_str().unwrap().contains("\"permission\":\"shipments:create\""))
+        .position(|r| {
+            let text = r["record"].as_str().unwrap();
+            text.contains("\"permission\":\"shipments:create\"") && text.contains("\"decision\":\"allow\"")
+        })
         .expect("the gate's record of the booking");
     let mut cut_doc = doc.clone();
     cut_doc["records"].as_array_mut().unwrap().remove(booking);
