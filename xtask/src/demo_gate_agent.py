@@ -39,6 +39,8 @@ def call(step, method, path, body=None):
     # The header is the daemon's decision: "allow" when it let the request out (a refusal is then
     # the gate's), "block" when the daemon refused it on this host.
     say(step, f"{status}; Sluice-Decision (the daemon's): {decision}")
+    # "block; reason=…; attestation=N": the decision is the first item.
+    decision = decision.split(";")[0].strip() if decision else decision
     if isinstance(answer, dict) and "decision" in answer:
         who = "the daemon" if decision == "block" else "the gate"
         say(step, f"  {who}'s answer: {answer['decision']} {answer.get('reason')}: {answer.get('detail')}")
