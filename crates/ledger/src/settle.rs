@@ -381,10 +381,10 @@ pub fn settle(agent: SideRead, gate: SideRead, opts: &SettleOptions) -> SettleRe
         r.not_sent_by_this_host.push(Entry {
             request_hash: y.request_hash.clone(),
             why: format!(
-                "the gate {} ({}, {} for passport {}) but no request of the agent's export has this hash",
+                "the gate {} for {} ({}, passport {}), but no request of the agent's export has this hash",
                 charge_text(gc),
-                decision_text(&y),
                 y.what.as_deref().unwrap_or("-"),
+                decision_text(&y),
                 y.passport_id.as_deref().unwrap_or("-")
             ),
             agent_charged_millicents: None,

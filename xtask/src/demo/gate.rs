@@ -224,20 +224,24 @@ fn verify_catalog(bin: &Path, file: &str, gate_pub: &str) -> anyhow::Result<Valu
     serde_json::from_slice(&out.stdout).context("`sluice catalog verify --json`")
 }
 
-/// Exports both logs (the agent host's and the gate's) under names ending in `tag`, and settles
-/// them as JSON; returns the report and the exit status of `sluice audit settle`.
-fn export_and_settle(
+/// Exports both logs (the agent host's and the gate's) under names ending in `tag`.
+fn export_both(
     bin: &Path,
     d: &dyn Fn(&str) -> String,
     cli: &dyn Fn(&[&str]) -> anyhow::Result<Output>,
     gcfg: &str,
     tag: &str,
-) -> anyhow::Result<(Value, bool)> {
+) -> anyhow::Result<(String, String)> {
     let (agent, gate) = (d(&format!("agent-log{tag}.json")), d(&format!("gate-log{tag}.json")));
     must(cli(&["audit", "export", "--out", &agent])?)?;
     must(sluice(bin, &["--config", gcfg, "gate", "audit", "export", "--out", &gate])?)?;
+    Ok((agent, gate))
+}
+
+/// `sluice audit settle` of the two exports, printed; then its JSON report and exit status.
+fn settle(bin: &Path, d: &dyn Fn(&str) -> String, agent: &str, gate: &str) -> anyhow::Result<(Value, bool)> {
     let (agent_pub, gate_pub) = (d("state/host.pub"), d("gate/gate.pub"));
-    let args = ["audit", "settle", &agent, &gate, "--agent-pub", &agent_pub, "--gate-pub", &gate_pub];
+    let args = ["audit", "settle", agent, gate, "--agent-pub", &agent_pub, "--gate-pub", &gate_pub];
     let shown = sluice(bin, &args)?;
     let out = Command::new(bin).args(args).arg("--json").output()?;
     let report: Value = serde_json::from_slice(&out.stdout).context("`sluice audit settle --json`")?;
@@ -468,13 +472,13 @@ pub(super) fn act(
         20,
         "Both sides' logs: export each, verify each with its own public key, link them by request hash, and settle",
     )?;
-    let (report, settled) = export_and_settle(bin, &d, cli, &gcfg, "")?;
-    must(sluice(bin, &["audit", "verify", &d("gate-log.json"), "--host-pub", &d("gate/gate.pub")])?)?;
+    let (agent_log, gate_log) = export_both(bin, &d, cli, &gcfg, "")?;
+    must(sluice(bin, &["audit", "verify", &gate_log, "--host-pub", &d("gate/gate.pub")])?)?;
     let link_args = [
         "audit",
         "link",
-        &d("agent-log.json"),
-        &d("gate-log.json"),
+        &agent_log,
+        &gate_log,
         "--agent-pub",
         &d("state/host.pub"),
         "--gate-pub",
@@ -491,7 +495,8 @@ pub(super) fn act(
             serde_json::to_string(&linked)?
         ));
     }
-    let bookings = gate_bookings(&d("gate-log.json"))?;
+    let (report, settled) = settle(bin, &d, &agent_log, &gate_log)?;
+    let bookings = gate_bookings(&gate_log)?;
     let locked = (Value::from(1), Value::from(PRICE_V1));
     if bookings != [locked.clone(), locked] {
         problems.push(format!(
@@ -530,7 +535,8 @@ pub(super) fn act(
     )?;
 
     step(22, "Settle again: the gate charged a booking that this host never sent")?;
-    let (report, settled) = export_and_settle(bin, &d, cli, &gcfg, "-2")?;
+    let (agent_log, gate_log) = export_both(bin, &d, cli, &gcfg, "-2")?;
+    let (report, settled) = settle(bin, &d, &agent_log, &gate_log)?;
     let mut problems = Vec::new();
     let one_sided = report["not_sent_by_this_host"].as_array().cloned().unwrap_or_default();
     let named = one_sided.iter().any(|e| e["request_hash"] == r["hash"] && e["gate_charged_millicents"] == PRICE_V1);
