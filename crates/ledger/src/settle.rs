@@ -798,6 +798,21 @@ mod tests {
         assert!(r.gate_log.problems.iter().any(|p| p.contains("record 0 is missing")), "{:?}", r.gate_log.problems);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn evidence_from_a_document_whose_records_come_first() {
+        let g = log(2, vec![gate("h0", "pp_a", "allow", 1, T1), gate("h1", "pp_a", "allow", 2, T1)], None).await;
+        // The members in another order: records before the checkpoint they need.
+        let records = serde_json::to_string(&g.records).unwrap();
+        let mut header = serde_json::to_value(&g).unwrap();
+        header.as_object_mut().unwrap().remove("records");
+        let header = serde_json::to_string(&header).unwrap();
+        let bytes = format!("{{\"records\":{records},{}", &header[1..]).into_bytes();
+        assert!(bytes.starts_with(b"{\"records\""));
+        let found = evidence(&|| Ok(Cursor::new(bytes.clone())), &BTreeSet::from([1])).unwrap();
+        check_evidence(&found.get(&1).cloned(), 2, 1);
+        assert_eq!(found.len(), 1);
+    }
+
     #[test]
     fn an_unreadable_export_names_its_side() {
         let e = settle_exports(
