@@ -290,8 +290,10 @@ fn link_cmd(a: LinkArgs) -> CmdResult {
     let mut collected = Vec::new();
     for (side, file, key) in [(Side::Agent, &a.agent_export, &a.agent_pub), (Side::Gate, &a.gate_export, &a.gate_pub)] {
         let key = keyfile::load_public_key(key)?;
+        let pinned = Pinned::new(file)?;
         let read =
-            link::read_side(|| opener(file), &key, side).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            link::read_side(|| pinned.open(), &key, side).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        pinned.unchanged()?;
         for p in &read.verify.problems {
             failed.push(format!("{}: {p}", file.display()));
         }
@@ -366,9 +368,53 @@ fn link_cmd(a: LinkArgs) -> CmdResult {
     }
 }
 
-/// Opens an export for one more streamed read.
-fn opener(path: &Path) -> std::io::Result<std::fs::File> {
-    files::open(path, Links::Follow).map(|f| f.into_file()).map_err(|e| std::io::Error::other(e.to_string()))
+/// An export read several times as a stream (verified, then read for what link and settle
+/// need): each read must see the bytes the verifier checked, so a file replaced or written to
+/// between or during the reads (its inode, size, mtime or ctime changed) is refused.
+struct Pinned<'a> {
+    path: &'a Path,
+    stamp: [i64; 7],
+}
+
+impl<'a> Pinned<'a> {
+    fn new(path: &'a Path) -> anyhow::Result<Self> {
+        let file = files::open(path, Links::Follow)?.into_file();
+        Ok(Pinned { path, stamp: Self::stamp_of(&file)? })
+    }
+
+    fn stamp_of(f: &std::fs::File) -> std::io::Result<[i64; 7]> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata()?;
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        Ok([n(m.dev()), n(m.ino()), n(m.size()), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()])
+    }
+
+    fn changed(&self) -> std::io::Error {
+        std::io::Error::other(format!(
+            "{} changed while it was being read (replaced or written to); copy it somewhere nothing writes and run again",
+            self.path.display()
+        ))
+    }
+
+    /// Opens the export for one more read.
+    fn open(&self) -> std::io::Result<std::fs::File> {
+        let file = files::open(self.path, Links::Follow)
+            .map(|f| f.into_file())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if Self::stamp_of(&file)? != self.stamp {
+            return Err(self.changed());
+        }
+        Ok(file)
+    }
+
+    /// After the last read: the file is still the one read.
+    fn unchanged(&self) -> anyhow::Result<()> {
+        let file = files::open(self.path, Links::Follow)?.into_file();
+        if Self::stamp_of(&file)? != self.stamp {
+            return Err(self.changed().into());
+        }
+        Ok(())
+    }
 }
 
 fn time_arg(flag: &str, value: &Option<String>) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
@@ -397,12 +443,14 @@ fn settle_cmd(a: SettleArgs) -> CmdResult {
             anyhow::bail!("--since {} is not before --until {}: the window is empty", s, u);
         }
     }
+    let (agent, gate) = (Pinned::new(&a.agent_export)?, Pinned::new(&a.gate_export)?);
     let report =
-        settle::settle_exports(|| opener(&a.agent_export), &agent_key, || opener(&a.gate_export), &gate_key, &opts)
-            .map_err(|e| {
-                let file = if e.side == Side::Agent { &a.agent_export } else { &a.gate_export };
-                anyhow::anyhow!("{}: {}", file.display(), e.reason)
-            })?;
+        settle::settle_exports(|| agent.open(), &agent_key, || gate.open(), &gate_key, &opts).map_err(|e| {
+            let file = if e.side == Side::Agent { &a.agent_export } else { &a.gate_export };
+            anyhow::anyhow!("{}: {}", file.display(), e.reason)
+        })?;
+    agent.unchanged()?;
+    gate.unchanged()?;
     let entries = || report.differ.iter().chain(&report.not_received).chain(&report.not_sent_by_this_host);
     let mut written = 0usize;
     if let Some(dir) = &a.evidence_dir {
