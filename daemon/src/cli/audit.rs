@@ -571,3 +571,29 @@ fn settle_cmd(a: SettleArgs) -> CmdResult {
         Ok(ExitCode::FAILURE)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Pinned;
+
+    #[test]
+    fn an_export_that_changes_between_reads_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("export.json");
+        std::fs::write(&path, b"{\"format\": \"a\"}").unwrap();
+        let pinned = Pinned::new(&path).unwrap();
+        assert!(pinned.open().is_ok());
+        pinned.unchanged().unwrap();
+        // Written to in place: the size and ctime change.
+        std::fs::write(&path, b"{\"format\": \"b\", \"x\": 1}").unwrap();
+        let e = pinned.open().unwrap_err().to_string();
+        assert!(e.contains("export.json changed while it was being read"), "{e}");
+        assert!(pinned.unchanged().is_err());
+        // Replaced by another file of the same size: another inode.
+        let pinned = Pinned::new(&path).unwrap();
+        let other = dir.path().join("other.json");
+        std::fs::write(&other, b"{\"format\": \"c\", \"x\": 1}").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        assert!(pinned.open().is_err());
+    }
+}
