@@ -156,20 +156,18 @@ impl GateCatalogs {
         }
     }
 
-    /// Refreshes at once, then every [`REFRESH_EVERY`], while the returned task runs.
-    pub fn spawn_refresh(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let me = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(REFRESH_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                match me.upgrade() {
-                    Some(me) => me.refresh_all().await,
-                    None => return,
-                }
-            }
-        })
+    /// Refreshes every gate host at once, then every [`REFRESH_EVERY`] (the proxy plane runs
+    /// it as one of its tasks). Nothing to do without gate hosts.
+    pub async fn refresh_loop(self: Arc<Self>) {
+        if self.hosts.is_empty() {
+            return;
+        }
+        let mut every = tokio::time::interval(REFRESH_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.refresh_all().await;
+        }
     }
 
     /// Asks for a refresh of `host` in the background (a request found no offer).

@@ -373,6 +373,8 @@ pub struct Service {
     lanes: lanes::Lanes,
     /// Emergency stops in force (`stops.rs`); the proxy watches it.
     stops: tokio::sync::watch::Sender<Arc<StopSet>>,
+    /// The verified catalogs of gate hosts (`sluice discover`), once the proxy plane made them.
+    gate_catalogs: std::sync::OnceLock<Arc<crate::discover::GateCatalogs>>,
 }
 
 /// Revocations as the ledger's state knows them, for the passport verifier.
@@ -423,6 +425,7 @@ impl Service {
             sandboxes: RwLock::new(HashMap::new()),
             agent_keys: AgentKeys::default(),
             policy: RwLock::new(None),
+            gate_catalogs: std::sync::OnceLock::new(),
             lanes: lanes::Lanes::default(),
             stops: tokio::sync::watch::Sender::new(Arc::new(stop_set)),
         });
@@ -446,6 +449,15 @@ impl Service {
     }
 
     /// Tells the service which host policy is in force (it follows reloads by itself).
+    /// Hands the service the gates' catalogs (the proxy plane makes them; set once).
+    pub fn set_gate_catalogs(&self, c: Arc<crate::discover::GateCatalogs>) {
+        let _ = self.gate_catalogs.set(c);
+    }
+
+    pub fn gate_catalogs(&self) -> Option<&Arc<crate::discover::GateCatalogs>> {
+        self.gate_catalogs.get()
+    }
+
     pub fn set_policy(&self, policy: Arc<crate::policy::PolicyHandle>) {
         if let Ok(mut p) = self.policy.write() {
             *p = Some(policy);
