@@ -172,7 +172,8 @@ pub async fn start(
         gate_hosts,
         config.gates.max_body_bytes,
         Arc::new(move |cg| keys.agent_key_for_cgroup(cg)),
-    );
+    )
+    .with_catalogs(gate_catalogs.clone());
     let proxy = Proxy::new(ProxyParts {
         service: service.clone(),
         policy: policy.clone(),
