@@ -31,6 +31,8 @@ pub use verify::{DiscoverError, ErrorKind, Offer};
 pub const REFRESH_EVERY: Duration = Duration::from_secs(60);
 /// How long one document may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request to a gate waits for the gate's catalog when the daemon holds none.
+pub const ENSURE_WAIT: Duration = Duration::from_secs(15);
 
 /// The verified catalogs of gate hosts, and how to fetch them.
 pub struct GateCatalogs {
@@ -170,20 +172,28 @@ impl GateCatalogs {
         }
     }
 
-    /// Asks for a refresh of `host` in the background (a request found no offer).
-    pub fn nudge(self: &Arc<Self>, host: &DomainName) {
-        let me = self.clone();
-        let host = host.clone();
-        tokio::spawn(async move {
-            if me.busy.try_lock().is_err() {
-                return; // a fetch is under way
-            }
-            let url = match me.pins.get(host.as_str()) {
+    /// The offer of `host`, fetching it now when there is none (a request to a gate found none):
+    /// waits for a discovery under way, then fetches from the pinned URL (else `https://HOST`).
+    /// `None` when it cannot be had within [`ENSURE_WAIT`]; the reason is [`Self::failure`].
+    pub async fn ensure(&self, host: &DomainName) -> Option<Arc<Offer>> {
+        if let Some(o) = self.offer(host.as_str()) {
+            return Some(o);
+        }
+        let fetch = async {
+            let url = match self.pins.get(host.as_str()) {
                 Ok(Some(p)) => p.url,
                 _ => format!("https://{}", host.as_str()),
             };
-            let _ = me.discover(&url).await;
-        });
+            {
+                // A discovery under way (the refresh) may bring it.
+                let _wait = self.busy.lock().await;
+            }
+            match self.offer(host.as_str()) {
+                Some(o) => Some(o),
+                None => self.discover(&url).await.ok(),
+            }
+        };
+        tokio::time::timeout(ENSURE_WAIT, fetch).await.ok().flatten()
     }
 }
 

@@ -322,8 +322,8 @@ async fn route_and_price(
 /// catalog (`sluice discover`): its routes give the permission, which becomes the decision's
 /// action, and the price of the version in force, under the passport's price lock (decided with
 /// the record), becomes its cost, so the passport's permissions and caps hold against the gate
-/// before anything leaves the host. No verified catalog yet: refused `gate_catalog_unavailable`
-/// (a refresh is asked for); a permission the version in force does not offer: refused
+/// before anything leaves the host. No verified catalog yet: fetched now (waiting at most
+/// `discover::ENSURE_WAIT`), else refused `gate_catalog_unavailable`; a permission the version in force does not offer: refused
 /// `permission_not_offered`. A gate that declares no catalog is not priced (as the gate).
 async fn price_by_catalog(
     proxy: &Proxy,
@@ -334,8 +334,7 @@ async fn price_by_catalog(
 ) -> Result<Priced, Response<ProxyBody>> {
     let Some(catalogs) = proxy.gates.catalogs_for(host) else { return Ok(priced) };
     let (method, path) = (&ctx.method, &ctx.path);
-    let Some(offer) = catalogs.offer(host.as_str()) else {
-        catalogs.nudge(host);
+    let Some(offer) = catalogs.ensure(host).await else {
         let why = catalogs.failure(host.as_str()).unwrap_or_else(|| "no catalog was fetched yet".into());
         let r = Refusal {
             reason: Reason::GateCatalogUnavailable,
