@@ -287,7 +287,8 @@ pub async fn discover(
             ),
         ));
     }
-    let name = text("name").unwrap_or("").chars().take(64).collect::<String>();
+    // Printed to operators: no control characters (terminal escapes), bounded.
+    let name = text("name").unwrap_or("").chars().filter(|c| !c.is_control()).take(64).collect::<String>();
     let note =
         text("checkpoint").ok_or_else(|| cx.err(ErrorKind::Invalid, format!("{wk_path}: checkpoint is missing")))?;
     let wk_cp =
