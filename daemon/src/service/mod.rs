@@ -1064,7 +1064,7 @@ impl LaneDecision {
                 txn.get(&l.key)?.and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u64>().ok()));
             let consistent = stored == l.assumed || (l.assumed.is_none() && stored.is_some() && stored == l.write);
             if !consistent {
-                return Err(TxnError::abort(ServiceError::Contended { passport_id: id, attempts: 1 }));
+                return Err(ServiceError::Contended { passport_id: id, attempts: 1 }.abort());
             }
             if built.decision == decide::Decision::Allow && stored.is_none() {
                 if let Some(v) = l.write {
