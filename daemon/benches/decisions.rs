@@ -98,6 +98,7 @@ async fn run(concurrency: usize) -> Result {
                         path: Some("/v1/chat/completions".into()),
                         port: None,
                         signed_request_hash: None,
+                        gate_price: None,
                     };
                     let v = service.enforce(input).await.expect("enforce").to_json();
                     assert_eq!(v["decision"], "allow", "{v}");

@@ -350,6 +350,10 @@ pub struct GatesConfig {
     /// sending the headers); a larger body to a gate is refused (`gate_body_too_large`).
     #[serde(default = "default_gate_max_body_bytes")]
     pub max_body_bytes: u64,
+    /// A gate id (`gate_...`) per gate host: `sluice discover` and the daemon's catalog refresh
+    /// accept that host's catalogs only from that key. A host without one is pinned on first use.
+    #[serde(default)]
+    pub pins: BTreeMap<String, String>,
 }
 
 fn default_gate_max_body_bytes() -> u64 {
@@ -362,7 +366,7 @@ pub const MAX_GATE_HOSTS: usize = 1024;
 
 impl Default for GatesConfig {
     fn default() -> Self {
-        GatesConfig { hosts: Vec::new(), max_body_bytes: default_gate_max_body_bytes() }
+        GatesConfig { hosts: Vec::new(), max_body_bytes: default_gate_max_body_bytes(), pins: BTreeMap::new() }
     }
 }
 
@@ -370,6 +374,24 @@ impl GatesConfig {
     /// The gate hosts, normalised (validated at load, so this does not fail on a loaded config).
     pub fn host_names(&self) -> Result<Vec<crate::domain::DomainName>, String> {
         self.hosts.iter().map(|h| crate::domain::DomainName::parse(h).map_err(|e| format!("{h:?}: {e}"))).collect()
+    }
+
+    /// `pins`, normalised: each host must be one of `hosts`, each id a gate id.
+    pub fn pinned_ids(&self) -> Result<Vec<(crate::domain::DomainName, crate::catalog::GateId)>, String> {
+        let hosts = self.host_names()?;
+        let mut out = Vec::with_capacity(self.pins.len());
+        for (h, id) in &self.pins {
+            let name = crate::domain::DomainName::parse(h).map_err(|e| format!("{h:?}: {e}"))?;
+            if !hosts.contains(&name) {
+                return Err(format!("{h:?} is not one of [gates] hosts: list it there too"));
+            }
+            if out.iter().any(|(n, _)| *n == name) {
+                return Err(format!("{h:?} is pinned twice"));
+            }
+            let (id, _) = crate::catalog::GateId::parse(id).map_err(|e| format!("{h:?}: {e}"))?;
+            out.push((name, id));
+        }
+        Ok(out)
     }
 }
 
@@ -548,6 +570,7 @@ impl Config {
                 return Err(self.invalid("gates.hosts", format!("{name} is listed twice")));
             }
         }
+        self.gates.pinned_ids().map_err(|e| self.invalid("gates.pins", e))?;
         if !(1..=MAX_GATE_BODY_BYTES).contains(&self.gates.max_body_bytes) {
             return Err(self.invalid("gates.max_body_bytes", format!("must be from 1 to {MAX_GATE_BODY_BYTES} bytes")));
         }
@@ -649,6 +672,9 @@ listen = "127.0.0.1:7070"
             ("[gates]\nhosts = [\"\"]", "gates.hosts"),
             ("[gates]\nhosts = [\"a.example\", \"A.example.\"]", "gates.hosts"),
             ("[gates]\nmax_body_bytes = 0", "gates.max_body_bytes"),
+            ("[gates]\nhosts = [\"a.example\"]\npins = { \"b.example\" = \"gate_x\" }", "gates.pins"),
+            ("[gates]\nhosts = [\"a.example\"]\npins = { \"a.example\" = \"gate_x\" }", "gates.pins"),
+            ("[gates]\nhosts = [\"a.example\"]\npins = { \"a.example\" = \"iss_11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo\" }", "gates.pins"),
             ("[gates]\nmax_body_bytes = 67108865", "gates.max_body_bytes"),
         ] {
             match Config::parse(text, p) {

@@ -19,6 +19,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod console;
+pub mod discover;
 pub mod dns;
 pub mod gate;
 pub mod httpbody;

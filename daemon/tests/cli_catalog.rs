@@ -31,6 +31,7 @@ def cat(version, prev, price, day):
     return {"gate_id": gate_id, "version": version, "prev_content_hash": prev,
             "published_at": "2026-12-0%dT10:00:00Z" % day, "effective_at": "2026-12-0%dT10:00:00Z" % day,
             "change_summary": "v%d" % version, "trust_level": "L1",
+            "routes": [{"method": "POST", "path": "/v1/shipments", "permission": "shipments:create"}],
             "permissions": [{"key": "shipments:create", "description": "Create a shipment", "risk_level": "medium",
                              "constraints": {"core:pricing:per_call_cents": price, "core:platform_fee:basis_points": 250}}]}
 v1 = served(cat(1, None, "2.5", 1))
@@ -73,6 +74,7 @@ fn verify_accepts_a_chain_and_refuses_every_forgery() {
     assert!(out.contains("version 1") && out.contains("shipments:create"), "{out}");
     // 2.5 cents + 2.5 % fee = 2.5625, rounded up to the millicent.
     assert!(out.contains("2.5 cents + 250 bp fee = 2.563 cents"), "{out}");
+    assert!(out.contains("POST") && out.contains("/v1/shipments") && out.contains("-> shipments:create"), "{out}");
 
     let (ok, out, err) = run(d, &["chain.json"], "gate.pub");
     assert!(ok && out.contains("ok: 3 version(s) verify and chain (1..=3)"), "{out}{err}");

@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(d) => {
             let t = DateTime::from_timestamp(1_800_000_000, 0).expect("a time");
             let id = GateId::from_key(&key.verifying_key());
-            let signed = Snapshot::next(None, id, d.permissions, TrustTier::L2, "fuzz", t, t)
+            let signed = Snapshot::next(None, id, d.permissions, Vec::new(), TrustTier::L2, "fuzz", t, t)
                 .expect("a parsed draft publishes")
                 .sign(&key)
                 .expect("and signs");

@@ -219,6 +219,13 @@ path = "/v1/rates"
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // The daemon maps requests to a gate host by the gate's verified catalog, and refuses them
+    // until it has one: this gate declares none, which discover verifies (then nothing is priced).
+    let out = d.cli(&["discover", &format!("https://{GATE}:{gate_port}")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "discover: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("declares no catalog"), "{text}");
+
     let url = |path: &str| format!("https://{GATE}:{gate_port}{path}");
     let curl = |with_key: bool, extra: &[&str]| {
         let mut args = vec!["run", "--passport", p(&passport)];

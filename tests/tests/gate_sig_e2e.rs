@@ -58,9 +58,39 @@ impl Got {
     }
 }
 
+/// What this "gate" answers at `/.well-known/sluice`: a gate that declares no catalog (so the
+/// daemon, after `sluice discover`, sends its requests unpriced), with an empty log's checkpoint
+/// signed by its key.
+fn well_known() -> Bytes {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    let host = sluice::ledger::HostKey::from_signing_key(key.clone());
+    let cp = sluice::ledger::checkpoint::sign(
+        sluice::ledger::Checkpoint {
+            origin: host.origin().to_string(),
+            size: 0,
+            root: sluice::ledger::merkle::empty_root(),
+        },
+        &host,
+    );
+    let raw = key.verifying_key().to_bytes();
+    let doc = serde_json::json!({
+        "gate_id": format!("gate_{}", base64_url(&raw)),
+        "name": "test-gate",
+        "public_key": base64_url(&raw),
+        "trust_level": "L1",
+        "catalog_version": null,
+        "catalog_content_hash": null,
+        "catalog_url": "/v1/catalog",
+        "log_origin": host.origin(),
+        "checkpoint": cp.note,
+    });
+    Bytes::from(doc.to_string())
+}
+
 /// A loopback HTTPS server (on a port of its own, returned) that records every request (whole
-/// body) and answers `ok`.
+/// body) and answers `ok`; `/.well-known/sluice` (not recorded) answers [`well_known`].
 fn start_gate(rt: &tokio::runtime::Runtime, ca: &TestCa) -> (Arc<Mutex<Vec<Got>>>, u16) {
+    let wk = well_known();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(ca.server_config(&[GATE, PLAIN])));
     let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0))).expect("bind gate");
     let port = listener.local_addr().expect("gate addr").port();
@@ -68,12 +98,15 @@ fn start_gate(rt: &tokio::runtime::Runtime, ca: &TestCa) -> (Arc<Mutex<Vec<Got>>
     let st = seen.clone();
     rt.spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            let (acceptor, st) = (acceptor.clone(), st.clone());
+            let (acceptor, st, wk) = (acceptor.clone(), st.clone(), wk.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else { return };
                 let svc = service_fn(move |req: Request<Incoming>| {
-                    let st = st.clone();
+                    let (st, wk) = (st.clone(), wk.clone());
                     async move {
+                        if req.uri().path() == "/.well-known/sluice" {
+                            return Ok::<_, Infallible>(Response::new(Full::new(wk)));
+                        }
                         let authority = req
                             .uri()
                             .authority()
@@ -120,6 +153,14 @@ impl World {
             ca_path.display()
         );
         let d = Daemon::start_full("root", "", &dns_extra, &extra, &[]);
+        // Requests to a gate host wait for a verified catalog: this gate declares none.
+        let out = d.cli(&["discover", &format!("https://{GATE}:{port}")]);
+        assert!(
+            out.status.success(),
+            "discover: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         World { d, rt, seen, port, _ca_dir: ca_dir }
     }
 

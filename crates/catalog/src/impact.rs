@@ -7,10 +7,17 @@
 //! price or fee, a weaker SLA, a lower rate, an approval newly required or required sooner, a
 //! higher minimum trust tier. The price lock keeps running passports on their old prices, but the
 //! rest of a breaking change reaches them, which is why it needs `--accept-breaking`.
+//!
+//! Routes (request → permission) are compared by their method and path pattern: a route gone
+//! (`route_removed`) or pointing at another permission (`route_changed`) is breaking, since a
+//! request an agent was granted and priced for would now need another permission; a new route
+//! (`route_added`) is not. Order matters to the gate (first match wins) but a reordering alone is
+//! not listed.
 
 use serde_json::{Map, Value};
 use sluice_passport::{money, TrustTier};
 
+use crate::routes::Route;
 use crate::snapshot::Permission;
 use crate::terms::Terms;
 
@@ -33,6 +40,9 @@ pub enum ChangeType {
     DescriptionChange,
     TrustRaise,
     TrustLower,
+    RouteRemoved,
+    RouteAdded,
+    RouteChanged,
 }
 
 impl ChangeType {
@@ -54,6 +64,9 @@ impl ChangeType {
             ChangeType::DescriptionChange => "description_change",
             ChangeType::TrustRaise => "trust_raise",
             ChangeType::TrustLower => "trust_lower",
+            ChangeType::RouteRemoved => "route_removed",
+            ChangeType::RouteAdded => "route_added",
+            ChangeType::RouteChanged => "route_changed",
         }
     }
 
@@ -68,11 +81,15 @@ impl ChangeType {
                 | ChangeType::RateDecrease
                 | ChangeType::ApprovalTightened
                 | ChangeType::TrustRaise
+                | ChangeType::RouteRemoved
+                | ChangeType::RouteChanged
         )
     }
 }
 
-/// One change. `permission_key` is `None` for a catalog-wide change (the trust tier).
+/// One change. `permission_key` is `None` for a catalog-wide change (the trust tier); for a
+/// route change it is the route's permission (the old one, if it had one), and the values are
+/// the routes (`{method, path, permission}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub kind: ChangeType,
@@ -85,6 +102,20 @@ impl Change {
     pub fn breaking(&self) -> bool {
         self.kind.breaking()
     }
+    /// What the change is about, for a message: the permission, `METHOD PATH` for a route, or
+    /// `(catalog)`.
+    pub fn subject(&self) -> String {
+        if matches!(self.kind, ChangeType::RouteAdded | ChangeType::RouteRemoved | ChangeType::RouteChanged) {
+            let r = if self.old_value.is_null() { &self.new_value } else { &self.old_value };
+            return format!(
+                "{} {}",
+                r.get("method").and_then(Value::as_str).unwrap_or("?"),
+                r.get("path").and_then(Value::as_str).unwrap_or("?")
+            );
+        }
+        self.permission_key.clone().unwrap_or_else(|| "(catalog)".into())
+    }
+
     pub fn to_json(&self) -> Value {
         let mut m = Map::new();
         m.insert("type".into(), Value::String(self.kind.as_str().into()));
@@ -158,6 +189,47 @@ impl Impact {
             }
         }
         Impact { changes }
+    }
+
+    /// Adds the route changes from `old` (`None`: nothing published yet) to `new`, after the
+    /// permissions' changes, in the order of `old` then of `new`.
+    pub fn with_routes(mut self, old: Option<&[Route]>, new: &[Route]) -> Impact {
+        let old = old.unwrap_or(&[]);
+        let same = |a: &Route, b: &Route| a.method == b.method && a.path.as_str() == b.path.as_str();
+        // The first route of a method and path decides; a later duplicate never matches.
+        let first = |list: &[Route], r: &Route| list.iter().find(|x| same(x, r)).cloned();
+        for (i, o) in old.iter().enumerate() {
+            if old.iter().take(i).any(|x| same(x, o)) {
+                continue;
+            }
+            match first(new, o) {
+                None => self.changes.push(Change {
+                    kind: ChangeType::RouteRemoved,
+                    permission_key: Some(o.permission.clone()),
+                    old_value: o.to_json(),
+                    new_value: Value::Null,
+                }),
+                Some(n) if n.permission != o.permission => self.changes.push(Change {
+                    kind: ChangeType::RouteChanged,
+                    permission_key: Some(o.permission.clone()),
+                    old_value: o.to_json(),
+                    new_value: n.to_json(),
+                }),
+                Some(_) => {}
+            }
+        }
+        for (i, n) in new.iter().enumerate() {
+            if new.iter().take(i).any(|x| same(x, n)) || first(old, n).is_some() {
+                continue;
+            }
+            self.changes.push(Change {
+                kind: ChangeType::RouteAdded,
+                permission_key: Some(n.permission.clone()),
+                old_value: Value::Null,
+                new_value: n.to_json(),
+            });
+        }
+        self
     }
 }
 

@@ -9,6 +9,7 @@
 //! - the version chain and the rules a client follows so a gate cannot roll it back or show two
 //!   different "version 3"s ([`chain`]);
 //! - the deterministic diff that says which changes break agents' terms ([`impact`]);
+//! - the gate's routes, request → permission, as published ([`routes`]);
 //! - the price lock: which version's price a passport pays ([`lock`]).
 //!
 //! **Does not touch** files other than the draft it is handed, the network, the store or the
@@ -30,6 +31,7 @@ pub mod chain;
 pub mod draft;
 pub mod impact;
 pub mod lock;
+pub mod routes;
 pub mod snapshot;
 pub mod terms;
 
@@ -40,5 +42,6 @@ pub use chain::{ChainError, Pin};
 pub use draft::{Draft, DraftError};
 pub use impact::{Change, ChangeType, Impact};
 pub use lock::{effective_price, Price, PriceSource};
+pub use routes::Route;
 pub use snapshot::{GateId, Permission, RiskLevel, SignedCatalog, Snapshot, SnapshotError};
 pub use terms::Terms;

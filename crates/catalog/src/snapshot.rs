@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use sluice_ledger::canonical;
 use sluice_passport::{b64, TrustTier};
 
+use crate::routes::{self, Route};
 use crate::terms::Terms;
 
 /// Bounds on what a reader accepts, so a hostile gate cannot make an agent parse without end.
@@ -124,6 +125,8 @@ pub struct Snapshot {
     pub trust_level: TrustTier,
     /// Sorted by key, keys unique.
     pub permissions: Vec<Permission>,
+    /// The gate's routes in order: which permission a request needs (first match wins).
+    pub routes: Vec<Route>,
 }
 
 /// Seconds-precision RFC 3339 in UTC with `Z`: the only time form a snapshot holds.
@@ -153,6 +156,7 @@ impl Snapshot {
         previous: Option<&SignedCatalog>,
         gate_id: GateId,
         permissions: Vec<Permission>,
+        routes: Vec<Route>,
         trust_level: TrustTier,
         change_summary: &str,
         published_at: DateTime<Utc>,
@@ -181,6 +185,7 @@ impl Snapshot {
             change_summary: change_summary.to_string(),
             trust_level,
             permissions,
+            routes,
         };
         if previous.is_some_and(|p| snap.published_at < p.snapshot.published_at) {
             return Err(field("published_at", "is before the previous version's (is the clock right?)"));
@@ -212,6 +217,7 @@ impl Snapshot {
         m.insert("change_summary".into(), Value::String(self.change_summary.clone()));
         m.insert("trust_level".into(), Value::String(self.trust_level.as_str().into()));
         m.insert("permissions".into(), Value::Array(permissions));
+        m.insert("routes".into(), Value::Array(self.routes.iter().map(Route::to_json).collect()));
         Value::Object(m)
     }
 
@@ -261,7 +267,16 @@ impl Snapshot {
                 return Err(field(format!("permissions[{i}].key"), "permissions must be sorted by key, each key once"));
             }
         }
+        if self.routes.len() > routes::MAX_ROUTES {
+            return Err(field("routes", format!("more than {}", routes::MAX_ROUTES)));
+        }
         Ok(())
+    }
+
+    /// The permission a request needs at this gate: the first route that matches, else
+    /// `web:fetch` (GET, HEAD, OPTIONS) or `web:send`.
+    pub fn permission_of(&self, method: &str, target: &str) -> &str {
+        routes::permission_of(&self.routes, method, target)
     }
 
     /// Reads a snapshot document strictly: every field, no other, each of its type.
@@ -276,6 +291,7 @@ impl Snapshot {
             "change_summary",
             "trust_level",
             "permissions",
+            "routes",
         ];
         for k in obj.keys() {
             if !FIELDS.contains(&k.as_str()) {
@@ -328,6 +344,7 @@ impl Snapshot {
                 terms: Terms::from_json(constraints).map_err(|m| field(at("constraints"), m))?,
             });
         }
+        let routes = routes::from_json(obj.get("routes")).map_err(|(f, m)| field(f, m))?;
         let snap = Snapshot {
             gate_id,
             version,
@@ -337,6 +354,7 @@ impl Snapshot {
             change_summary: s("change_summary")?.to_string(),
             trust_level,
             permissions,
+            routes,
         };
         snap.check()?;
         Ok(snap)

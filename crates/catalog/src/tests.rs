@@ -13,6 +13,7 @@ use crate::chain::{verify_history, ChainError, Pin};
 use crate::draft::Draft;
 use crate::impact::{ChangeType, Impact};
 use crate::lock::{effective_price, PriceSource};
+use crate::routes::Route;
 use crate::snapshot::{GateId, SignedCatalog, Snapshot, SnapshotError};
 
 const DRAFT: &str = r#"
@@ -51,7 +52,19 @@ fn draft(text: &str) -> Draft {
 fn publish(prev: Option<&SignedCatalog>, k: &SigningKey, text: &str, when: &str) -> SignedCatalog {
     let d = draft(text);
     let id = GateId::from_key(&k.verifying_key());
-    Snapshot::next(prev, id, d.permissions, TrustTier::L1, "test", at(when), at(when)).unwrap().sign(k).unwrap()
+    Snapshot::next(prev, id, d.permissions, routes(), TrustTier::L1, "test", at(when), at(when))
+        .unwrap()
+        .sign(k)
+        .unwrap()
+}
+
+fn route(method: &str, path: &str, permission: &str) -> Route {
+    Route::parse(method, path, permission).unwrap()
+}
+
+/// The routes every test catalog publishes.
+fn routes() -> Vec<Route> {
+    vec![route("POST", "/v1/shipments", "shipments:create"), route("GET", "/v1/rates/{id}", "rates:read")]
 }
 
 fn served(c: &SignedCatalog) -> Vec<u8> {
@@ -171,6 +184,8 @@ cat2["prev_content_hash"] = doc["content_hash"]
 cat2["published_at"] = cat2["effective_at"] = "2026-12-02T00:00:00Z"
 cat2["change_summary"] = "price raised by Python"
 cat2["permissions"][1]["constraints"]["core:pricing:per_call_cents"] = "3"
+assert cat["routes"][0] == {"method": "POST", "path": "/v1/shipments", "permission": "shipments:create"}, cat["routes"]
+cat2["routes"] = [{"method": "*", "path": "/v1/shipments/*", "permission": "shipments:create"}] + cat["routes"][1:]
 body2 = canon(cat2)
 print(json.dumps({"catalog": cat2, "content_hash": "sha256:" + hashlib.sha256(body2).hexdigest(),
                   "catalog_signature": b64e(sk.sign(body2))}))
@@ -180,11 +195,17 @@ print(json.dumps({"catalog": cat2, "content_hash": "sha256:" + hashlib.sha256(bo
     let theirs = SignedCatalog::parse(&out.stdout, &k.verifying_key()).unwrap();
     assert_eq!(theirs.snapshot.version, 2);
     assert_eq!(theirs.snapshot.permission("shipments:create").unwrap().terms.per_call_millicents, Some(3000));
+    assert_eq!(theirs.snapshot.permission_of("DELETE", "/v1/shipments/9"), "shipments:create");
+    assert_eq!(theirs.snapshot.permission_of("GET", "/v1/rates/x"), "rates:read");
     assert_eq!(verify_history(None, &[c.clone(), theirs.clone()]).unwrap(), Pin::of(&theirs));
     let impact =
-        Impact::between(Some((&c.snapshot.permissions, TrustTier::L1)), (&theirs.snapshot.permissions, TrustTier::L1));
+        Impact::between(Some((&c.snapshot.permissions, TrustTier::L1)), (&theirs.snapshot.permissions, TrustTier::L1))
+            .with_routes(Some(&c.snapshot.routes), &theirs.snapshot.routes);
     assert!(impact.has_breaking_changes());
     assert_eq!(impact.changes[0].kind, ChangeType::PriceIncrease);
+    let kinds: Vec<&str> = impact.changes.iter().skip(1).map(|c| c.kind.as_str()).collect();
+    assert_eq!(kinds, ["route_removed", "route_added"]);
+    assert_eq!(impact.changes[1].subject(), "POST /v1/shipments");
 }
 
 /// Re-signs `doc["catalog"]` after `edit`, with a correct hash: only the content rules can refuse.
@@ -404,6 +425,7 @@ fn chain_rules_refuse_rollback_split_view_gaps_and_broken_links() {
         Some(&v2),
         GateId::from_key(&k.verifying_key()),
         d.permissions,
+        routes(),
         TrustTier::L1,
         "",
         at("2026-12-01T00:00:00Z"),
@@ -446,8 +468,8 @@ mod props {
             let perm = |t: Terms| vec![crate::snapshot::Permission {
                 key: "x:y".into(), description: "d".into(), risk_level: crate::snapshot::RiskLevel::Low, terms: t }];
             let t = at("2026-12-01T00:00:00Z");
-            let v1 = Snapshot::next(None, id.clone(), perm(a), TrustTier::L1, "", t, t).unwrap().sign(&k).unwrap();
-            let v2 = Snapshot::next(Some(&v1), id, perm(b), TrustTier::L1, "", t, t).unwrap().sign(&k).unwrap();
+            let v1 = Snapshot::next(None, id.clone(), perm(a), vec![], TrustTier::L1, "", t, t).unwrap().sign(&k).unwrap();
+            let v2 = Snapshot::next(Some(&v1), id, perm(b), vec![], TrustTier::L1, "", t, t).unwrap().sign(&k).unwrap();
             prop_assert_eq!(&SignedCatalog::parse(&served(&v2), &k.verifying_key()).unwrap(), &v2);
             let (locked, _) = effective_price(Some(&v1.snapshot), &v2.snapshot, "x:y").unwrap();
             let (current, _) = effective_price(None, &v2.snapshot, "x:y").unwrap();
@@ -457,4 +479,79 @@ mod props {
             prop_assert_eq!(raised, impact.changes.iter().any(|c| c.kind == ChangeType::PriceIncrease));
         }
     }
+}
+
+#[test]
+fn routes_map_requests_like_the_gate_first_match_and_defaults() {
+    let c = publish(None, &key(7), DRAFT, "2026-12-01T10:00:00Z");
+    let s = &c.snapshot;
+    assert_eq!(s.permission_of("POST", "/v1/shipments"), "shipments:create");
+    // Normalised as the gate normalises: a respelt path cannot dodge its route.
+    assert_eq!(s.permission_of("POST", "/V1/%73hipments;x?y=1"), "shipments:create");
+    assert_eq!(s.permission_of("GET", "/v1/rates/abc"), "rates:read");
+    assert_eq!(s.permission_of("GET", "/v1/shipments"), "web:fetch");
+    assert_eq!(s.permission_of("HEAD", "/elsewhere"), "web:fetch");
+    assert_eq!(s.permission_of("OPTIONS", "/elsewhere"), "web:fetch");
+    assert_eq!(s.permission_of("PUT", "/v1/rates/abc"), "web:send");
+    // First match wins.
+    let r = [route("*", "/a/*", "x:one"), route("GET", "/a/b", "x:two")];
+    assert_eq!(crate::routes::permission_of(&r, "GET", "/a/b"), "x:one");
+}
+
+#[test]
+fn routes_are_read_strictly() {
+    let k = key(7);
+    let c = publish(None, &k, DRAFT, "2026-12-01T10:00:00Z");
+    let refused = |edit: &dyn Fn(&mut Value), needle: &str| {
+        let bytes = resign(&c, &k, edit);
+        let e = SignedCatalog::parse(&bytes, &k.verifying_key()).unwrap_err().to_string();
+        assert!(e.contains(needle), "expected {needle:?} in {e}");
+    };
+    // A snapshot from before routes were published is refused, with what to do.
+    refused(&|c| drop(c.as_object_mut().unwrap().remove("routes")), "publish a new version");
+    refused(&|c| c["routes"] = json!({}), "routes: must be an array");
+    refused(&|c| c["routes"][0]["method"] = json!("post"), "routes[0].method");
+    refused(&|c| c["routes"][0]["method"] = json!("P".repeat(33)), "routes[0].method");
+    refused(&|c| c["routes"][0]["method"] = json!(1), "routes[0].method: must be a string");
+    refused(&|c| c["routes"][1]["path"] = json!("v1/rates"), "routes[1].path");
+    refused(&|c| c["routes"][1]["path"] = json!("/v1/%72ates"), "routes[1].path");
+    refused(&|c| c["routes"][1]["path"] = json!("/a/*/b"), "routes[1].path");
+    refused(&|c| c["routes"][0]["permission"] = json!("Not A Permission"), "routes[0].permission");
+    refused(&|c| c["routes"][0]["extra"] = json!(1), "routes[0].extra: is not a route field");
+    refused(&|c| c["routes"][0] = json!("POST /x"), "routes[0]: must be an object");
+    let many: Vec<Value> =
+        (0..=crate::routes::MAX_ROUTES).map(|_| json!({"method": "GET", "path": "/x", "permission": "a:b"})).collect();
+    refused(&|c| c["routes"] = Value::Array(many.clone()), "more than 1024");
+    // The empty table is a valid table (every request takes the default).
+    let bytes = resign(&c, &k, |c| c["routes"] = json!([]));
+    let e = SignedCatalog::parse(&bytes, &k.verifying_key()).unwrap();
+    assert_eq!(e.snapshot.permission_of("POST", "/v1/shipments"), "web:send");
+}
+
+#[test]
+fn route_changes_are_diffed_and_removal_or_repointing_breaks() {
+    let old = vec![route("POST", "/a", "x:a"), route("GET", "/b", "x:b"), route("GET", "/c", "x:c")];
+    let new = vec![route("POST", "/a", "x:a"), route("GET", "/b", "x:other"), route("PUT", "/d", "x:d")];
+    let i = Impact::default().with_routes(Some(&old), &new);
+    let got: Vec<(&str, String, bool)> =
+        i.changes.iter().map(|c| (c.kind.as_str(), c.subject(), c.breaking())).collect();
+    assert_eq!(
+        got,
+        [
+            ("route_changed", "GET /b".to_string(), true),
+            ("route_removed", "GET /c".to_string(), true),
+            ("route_added", "PUT /d".to_string(), false),
+        ]
+    );
+    assert_eq!(i.changes[0].old_value["permission"], "x:b");
+    assert_eq!(i.changes[0].new_value["permission"], "x:other");
+    // Only additions: not breaking. Nothing published before: everything added.
+    let more = [old.clone(), vec![route("GET", "/z", "x:z")]].concat();
+    assert!(!Impact::default().with_routes(Some(&old), &more).has_breaking_changes());
+    assert_eq!(Impact::default().with_routes(None, &old).changes.len(), 3);
+    assert!(Impact::default().with_routes(Some(&old), &old).changes.is_empty());
+    // The differences a gate warns about name the route.
+    let d = crate::routes::differences(&new, &old);
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert!(d[0].contains("GET /b -> x:other here but GET /b -> x:b in the catalog"), "{d:?}");
 }

@@ -69,6 +69,9 @@ pub enum Reason {
     BadServerName,
     /// A request body to a gate larger than the daemon signs (`[gates] max_body_bytes`).
     GateBodyTooLarge,
+    /// A request to a gate host before the daemon holds a verified catalog of that gate (or
+    /// after its catalog was refused): it cannot be mapped to a permission or priced.
+    GateCatalogUnavailable,
     /// The proxy's answer when no decision could be made (a store failure): never recorded.
     DecisionFailed,
 
@@ -134,6 +137,7 @@ const FIXED: &[Reason] = &[
     Reason::UnknownSyntheticAddress,
     Reason::BadServerName,
     Reason::GateBodyTooLarge,
+    Reason::GateCatalogUnavailable,
     Reason::DecisionFailed,
     Reason::SignatureInvalid,
     Reason::SignatureRequired,
@@ -185,6 +189,7 @@ impl Reason {
             Reason::UnknownSyntheticAddress => "unknown_synthetic_address",
             Reason::BadServerName => "bad_server_name",
             Reason::GateBodyTooLarge => "gate_body_too_large",
+            Reason::GateCatalogUnavailable => "gate_catalog_unavailable",
             Reason::DecisionFailed => "decision_failed",
             Reason::SignatureInvalid => "signature_invalid",
             Reason::SignatureRequired => "signature_required",

@@ -283,6 +283,22 @@ pub(crate) struct StopBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DiscoverBody {
+    url: String,
+}
+
+fn gate_catalogs(service: &Service) -> Result<&Arc<crate::discover::GateCatalogs>, ApiError> {
+    service.gate_catalogs().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this daemon fetches no gate catalogs: it runs without the proxy ([sandbox] redirect = false)".to_string(),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ResetBody {
     window: String,
 }
@@ -342,6 +358,24 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
             ok(service::to_json(&service.proof(index).await?))
         }
         (&Method::GET, ["v1", "holds"]) => ok(service.holds()?.to_json()),
+        (&Method::GET, ["v1", "gates"]) => {
+            let cats = gate_catalogs(service)?;
+            ok(Value::Array(cats.offers().iter().map(|o| o.to_json()).collect()))
+        }
+        (&Method::POST, ["v1", "gates", "discover"]) => {
+            let body: DiscoverBody = read_json(req).await?;
+            let cats = gate_catalogs(service)?;
+            match cats.discover(&body.url).await {
+                Ok(offer) => ok(offer.to_json()),
+                Err(e) => {
+                    let status = match e.kind {
+                        crate::discover::ErrorKind::Unreachable => StatusCode::BAD_GATEWAY,
+                        _ => StatusCode::CONFLICT,
+                    };
+                    Err(ApiError::new(status, e.kind.as_str(), e.to_string()))
+                }
+            }
+        }
         (&Method::GET, ["v1", "stops"]) => ok(service.stops().to_json()),
         (&Method::POST, ["v1", verb @ ("stop" | "resume")]) => {
             let stop = *verb == "stop";

@@ -129,8 +129,7 @@ fn impact(config: &Path) -> CmdResult {
             let ledger = gate.open_ledger()?;
             let path = gate.config.catalog.clone().unwrap_or_default();
             let draft = gate_catalog::parse_draft(&path, &req.draft)?;
-            let doc =
-                gate_catalog::impact(gate.catalogs.latest().as_deref(), &draft, gate.config.trust_level).to_json();
+            let doc = gate_catalog::impact(gate.catalogs.latest().as_deref(), &draft, &gate.config).to_json();
             ledger.shutdown();
             doc
         }
@@ -230,6 +229,7 @@ fn verify(a: VerifyArgs) -> CmdResult {
                 "effective_at": crate::catalog::snapshot::format_time(&c.snapshot.effective_at),
                 "change_summary": c.snapshot.change_summary,
             })).collect::<Vec<_>>(),
+            "routes": history.last().map(|c| c.snapshot.routes.iter().map(crate::catalog::Route::to_json).collect::<Vec<_>>()),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
@@ -269,6 +269,15 @@ fn verify(a: VerifyArgs) -> CmdResult {
                 p.risk_level.as_str(),
                 p.description
             );
+        }
+    }
+    if let Some(c) = history.last() {
+        println!(
+            "routes of version {} (first match wins; no match: web:fetch for GET, HEAD, OPTIONS, web:send otherwise):",
+            c.snapshot.version
+        );
+        for r in &c.snapshot.routes {
+            println!("  {:<8} {:<40} -> {}", r.method, r.path.as_str(), r.permission);
         }
     }
     println!("ok: {} version(s) verify and chain ({}..={})", history.len(), start, newest.version);

@@ -139,6 +139,9 @@ fn run_gate(_: RunArgs, config: &std::path::Path) -> CmdResult {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let ledger = gate.open_ledger()?;
+        for w in crate::gate::catalog::route_drift(&gate.config, gate.catalogs.in_force(chrono::Utc::now()).as_deref()) {
+            tracing::warn!("{w}");
+        }
         let listen = gate.config.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -212,6 +215,11 @@ fn check(a: CheckArgs, config: &std::path::Path) -> CmdResult {
                     None
                 }
             };
+            for w in
+                crate::gate::catalog::route_drift(&gate.config, gate.catalogs.in_force(chrono::Utc::now()).as_deref())
+            {
+                eprintln!("sluice: {w}");
+            }
             let mut read = |k: &str| match &snapshot {
                 Some(s) => s.state_get(k).map_err(|e| e.to_string()),
                 None => Ok(None),

@@ -5,6 +5,7 @@ mod audit;
 mod catalog;
 mod daemon;
 mod detach;
+mod discover;
 mod gate;
 mod issuer;
 pub mod man;
@@ -86,6 +87,15 @@ pub enum Command {
     /// Check a gate's permission catalogs offline (signature, hash, version chain).
     #[command(subcommand)]
     Catalog(catalog::CatalogCmd),
+    /// Fetch, verify and pin a gate's catalog (through the daemon), and print its offer.
+    ///
+    /// The daemon fetches https://HOST[:PORT]/.well-known/sluice and the catalog versions over its
+    /// own upstream path (full certificate checks, its resolver), verifies each version's
+    /// signature and hash, the version chain, the inclusion proof of the version in force in the
+    /// gate's log and that log's consistency with the checkpoint it pinned before, then pins the
+    /// gate key, version and checkpoint for the host. A rollback, another key, a second document
+    /// for a seen version or a forked log is refused, naming the gate.
+    Discover(discover::DiscoverArgs),
     /// Remove the eBPF programs a stopped daemon left attached to the agents' cgroup (uninstall).
     ///
     /// A sluice daemon that stops or crashes leaves its eBPF programs attached to the agents'
@@ -139,6 +149,7 @@ pub fn main() -> ExitCode {
         Command::Stop(args) => ops::stop(args, &socket),
         Command::Resume(args) => ops::resume(args, &socket),
         Command::Audit(cmd) => audit::run(cmd, &socket),
+        Command::Discover(args) => discover::run(args, &socket),
         Command::Catalog(cmd) => catalog::run(cmd, config_explicit.then_some(config.as_path())),
         Command::Policy(cmd) => policy::run(cmd, &config),
         Command::Gate(cmd) => gate::run(cmd, config_explicit.then_some(config.as_path())),

@@ -112,6 +112,7 @@ impl Running {
             path: None,
             port: None,
             signed_request_hash: None,
+            gate_price: None,
         };
         let o = self.fixture.service.enforce(input).await.unwrap();
         o.hold_id().expect("a hold").to_string()

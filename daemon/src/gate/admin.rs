@@ -107,7 +107,7 @@ async fn catalog_request(gate: &Gate, ledger: &Ledger, req: Request<hyper::body:
         let draft_path = gate.config.catalog.clone().unwrap_or_else(|| "catalog.toml".into());
         return match catalog::parse_draft(&draft_path, &request.draft) {
             Ok(d) => {
-                let imp = catalog::impact(gate.catalogs.latest().as_deref(), &d, gate.config.trust_level);
+                let imp = catalog::impact(gate.catalogs.latest().as_deref(), &d, &gate.config);
                 json_response(StatusCode::OK, &imp.to_json())
             }
             Err(e) => coded(StatusCode::BAD_REQUEST, e.code(), &e.to_string()),

@@ -11,11 +11,11 @@
 //! highest one whose `effective_at` has come, computed at each request, so a version is served
 //! and charged from the second its `effective_at` arrives.
 
+use super::config::GateConfig;
 use crate::catalog::{Draft, Impact, Price, SignedCatalog, Snapshot};
 use crate::ledger::canonical::Members;
 use crate::ledger::record::{FIELD_KIND, FIELD_TIME, FIELD_VERSION, RECORD_VERSION};
 use crate::ledger::{Ledger, TxnError};
-use crate::passport::TrustTier;
 use chrono::{DateTime, Utc};
 use ed25519_dalek::SigningKey;
 use serde_json::{json, Value};
@@ -184,10 +184,29 @@ pub fn parse_draft(path: &Path, text: &str) -> Result<Draft, PublishError> {
     Draft::parse(path, text).map_err(|e| PublishError::Draft(e.to_string()))
 }
 
-/// The diff from the newest published version (nothing, before version 1) to the draft.
-pub fn impact(latest: Option<&Published>, draft: &Draft, trust: TrustTier) -> Impact {
+/// The diff from the newest published version (nothing, before version 1) to the draft with
+/// `gate.toml`'s trust level and routes.
+pub fn impact(latest: Option<&Published>, draft: &Draft, config: &GateConfig) -> Impact {
     let old = latest.map(|p| (p.signed.snapshot.permissions.as_slice(), p.signed.snapshot.trust_level));
-    Impact::between(old, (&draft.permissions, trust))
+    Impact::between(old, (&draft.permissions, config.trust_level))
+        .with_routes(latest.map(|p| p.signed.snapshot.routes.as_slice()), &config.catalog_routes())
+}
+
+/// How `gate.toml`'s routes differ from those of the version in force, one warning line each
+/// (empty when they agree). The gate authorizes by `gate.toml`; agents' daemons map requests by
+/// the catalog's routes, so a difference must be published.
+pub fn route_drift(config: &GateConfig, current: Option<&Published>) -> Vec<String> {
+    let Some(p) = current else { return Vec::new() };
+    crate::catalog::routes::differences(&config.catalog_routes(), &p.signed.snapshot.routes)
+        .into_iter()
+        .map(|d| {
+            format!(
+                "warning: {}: {d} (catalog version {} is in force): publish a new version (sluice catalog publish) so agents map requests as this gate does",
+                config.source.display(),
+                p.version()
+            )
+        })
+        .collect()
 }
 
 /// What a publish did.
@@ -243,6 +262,7 @@ pub async fn publish(
     let key = gate.key.clone();
     let gate_id = crate::catalog::GateId::from_key(&key.verifying_key());
     let trust = gate.config.trust_level;
+    let routes = gate.config.catalog_routes();
     let gate_id_text = gate.gate_id.clone();
     let result = ledger
         .transact(move |txn| {
@@ -262,13 +282,14 @@ pub async fn publish(
                 }
             };
             let old = head.as_ref().map(|h| (h.snapshot.permissions.as_slice(), h.snapshot.trust_level));
-            let imp = Impact::between(old, (&draft.permissions, trust));
+            let imp = Impact::between(old, (&draft.permissions, trust))
+                .with_routes(head.as_ref().map(|h| h.snapshot.routes.as_slice()), &routes);
             if imp.has_breaking_changes() && !req.accept_breaking {
                 let list = imp
                     .changes
                     .iter()
                     .filter(|c| c.breaking())
-                    .map(|c| format!("{} {}", c.kind.as_str(), c.permission_key.as_deref().unwrap_or("(catalog)")))
+                    .map(|c| format!("{} {}", c.kind.as_str(), c.subject()))
                     .collect::<Vec<_>>()
                     .join(", ");
                 return Err(TxnError::abort(PublishError::Breaking {
@@ -277,9 +298,17 @@ pub async fn publish(
                     impact: imp.to_json(),
                 }));
             }
-            let snap =
-                Snapshot::next(head.as_ref(), gate_id.clone(), draft.permissions.clone(), trust, &req.summary, now, at)
-                    .map_err(|e| TxnError::abort(PublishError::Invalid(format!("the new version: {e}"))))?;
+            let snap = Snapshot::next(
+                head.as_ref(),
+                gate_id.clone(),
+                draft.permissions.clone(),
+                routes.clone(),
+                trust,
+                &req.summary,
+                now,
+                at,
+            )
+            .map_err(|e| TxnError::abort(PublishError::Invalid(format!("the new version: {e}"))))?;
             let signed = snap.sign(&key).map_err(|e| TxnError::abort(PublishError::Invalid(e.to_string())))?;
             let v = signed.snapshot.version;
             let served = serde_json::to_vec(&signed.to_json())
@@ -349,8 +378,12 @@ mod tests {
     const DRAFT: &str = "[[permission]]\nkey = \"a:b\"\ndescription = \"A\"\nrisk_level = \"low\"\n[permission.constraints]\n\"core:pricing:per_call_cents\" = 2\n";
 
     fn gate(dir: &Path) -> Gate {
+        gate_with(dir, "")
+    }
+
+    fn gate_with(dir: &Path, routes: &str) -> Gate {
         let text = format!(
-            "name = \"g\"\nkey = \"gate.key\"\nstate_dir = \"{}\"\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:9\"\n",
+            "name = \"g\"\nkey = \"gate.key\"\nstate_dir = \"{}\"\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:9\"\n{routes}",
             dir.join("state").display()
         );
         let config = GateConfig::parse(&text, &dir.join("gate.toml")).unwrap();
@@ -420,6 +453,37 @@ mod tests {
         assert!(e.to_string().contains("larger than"), "{e}");
         assert!(g.catalogs.latest().is_none());
         assert!(ledger.state_get(key::HEAD).unwrap().is_none());
+        ledger.shutdown();
+    }
+
+    const ROUTES: &str = "[[route]]\nmethod = \"POST\"\npath = \"/v1/b\"\npermission = \"a:b\"\n[[route]]\nmethod = \"*\"\npath = \"/v1/c/*\"\npermission = \"a:c\"\n";
+
+    #[tokio::test]
+    async fn publish_copies_the_routes_and_a_removed_or_repointed_route_is_breaking() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = gate_with(dir.path(), ROUTES);
+        let ledger = g.open_ledger().unwrap();
+        let now = Utc::now();
+        let v1 = publish(&g, &ledger, request(DRAFT, None, false), now).await.unwrap();
+        let s = &v1.published.signed.snapshot;
+        let got: Vec<String> = s.routes.iter().map(|r| format!("{} -> {}", r.label(), r.permission)).collect();
+        assert_eq!(got, ["POST /v1/b -> a:b", "* /v1/c/* -> a:c"]);
+        assert_eq!(s.permission_of("PATCH", "/v1/c/9"), "a:c");
+        assert!(route_drift(&g.config, g.catalogs.in_force(now).as_deref()).is_empty());
+
+        // gate.toml now sends /v1/b to another permission: the gate warns, naming the route, and
+        // publishing it is a breaking change.
+        let g = gate_with(dir.path(), &ROUTES.replacen("permission = \"a:b\"", "permission = \"a:z\"", 1));
+        g.catalogs.load(&ledger, &SigningKey::from_bytes(&[7; 32])).unwrap();
+        let drift = route_drift(&g.config, g.catalogs.in_force(now).as_deref());
+        assert_eq!(drift.len(), 1, "{drift:?}");
+        assert!(drift[0].contains("POST /v1/b -> a:z") && drift[0].contains("publish a new version"), "{drift:?}");
+        let imp = impact(g.catalogs.latest().as_deref(), &parse_draft(Path::new("c.toml"), DRAFT).unwrap(), &g.config);
+        assert_eq!(imp.changes.iter().map(|c| c.kind.as_str()).collect::<Vec<_>>(), ["route_changed"]);
+        let e = publish(&g, &ledger, request(DRAFT, None, false), now).await.unwrap_err();
+        assert!(e.to_string().contains("route_changed POST /v1/b"), "{e}");
+        publish(&g, &ledger, request(DRAFT, None, true), now).await.unwrap();
+        assert!(route_drift(&g.config, g.catalogs.in_force(now).as_deref()).is_empty());
         ledger.shutdown();
     }
 }

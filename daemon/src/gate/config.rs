@@ -88,13 +88,18 @@ pub enum MethodMatch {
 
 impl MethodMatch {
     fn parse(s: &str) -> Result<MethodMatch, String> {
+        crate::catalog::routes::check_method(s)?;
         if s == "*" {
             return Ok(MethodMatch::Any);
         }
-        if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(format!("{s:?} is not a method: write it in upper case (GET, POST, ...) or \"*\""));
-        }
         http::Method::from_bytes(s.as_bytes()).map(MethodMatch::One).map_err(|e| format!("{s:?}: {e}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            MethodMatch::Any => "*",
+            MethodMatch::One(m) => m.as_str(),
+        }
     }
 
     pub fn matches(&self, m: &http::Method) -> bool {
@@ -295,6 +300,18 @@ impl GateConfig {
             "web:send"
         };
         default.to_string()
+    }
+
+    /// The `[[route]]` table as a catalog publishes it (same order, same patterns).
+    pub fn catalog_routes(&self) -> Vec<crate::catalog::Route> {
+        self.routes
+            .iter()
+            .map(|r| crate::catalog::Route {
+                method: r.method.as_str().to_string(),
+                path: r.path.clone(),
+                permission: r.permission.as_str().to_string(),
+            })
+            .collect()
     }
 
     /// The first `[[route]]` a request matches, for the 401 hint.

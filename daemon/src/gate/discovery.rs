@@ -1,7 +1,8 @@
 //! The gate's public, anonymous documents (docs/catalogs.md, "What a gate serves"):
 //! `GET /.well-known/sluice`, `GET /v1/catalog`, `GET /v1/catalog/versions`,
-//! `GET /v1/catalog/{version}` and `GET /v1/catalog/{version}/proof`. Served by the gate
-//! itself, never forwarded, never recorded (they reveal nothing a passport protects).
+//! `GET /v1/catalog/{version}`, `GET /v1/catalog/{version}/proof` and
+//! `GET /v1/log/consistency?from=N&to=M`. Served by the gate itself, never forwarded, never
+//! recorded (they reveal nothing a passport protects).
 //!
 //! Only versions in force are served: a version published with a later `effective_at` appears
 //! the second that time comes (the version in force is computed at each request).
@@ -19,10 +20,11 @@ use std::sync::Arc;
 
 pub const WELL_KNOWN: &str = "/.well-known/sluice";
 pub const CATALOG: &str = "/v1/catalog";
+pub const CONSISTENCY: &str = "/v1/log/consistency";
 
 /// Whether `path` is one of the gate's public documents (any method: they are never forwarded).
 pub fn is_public(path: &str) -> bool {
-    path == WELL_KNOWN || path == CATALOG || path.starts_with("/v1/catalog/")
+    path == WELL_KNOWN || path == CATALOG || path.starts_with("/v1/catalog/") || path == CONSISTENCY
 }
 
 /// Answers a request for one of the public documents.
@@ -31,6 +33,7 @@ pub async fn answer(
     ledger: &Ledger,
     method: &Method,
     path: &str,
+    query: Option<&str>,
     authority: Option<&str>,
     scheme: &str,
 ) -> http::Response<GateBody> {
@@ -38,6 +41,9 @@ pub async fn answer(
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, &format!("{path} is the gate's own document: GET only"));
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return r;
+    }
+    if path == CONSISTENCY {
+        return consistency(ledger, query);
     }
     let now = chrono::Utc::now();
     let current = gate.catalogs.in_force(now);
@@ -107,6 +113,60 @@ async fn proof_of(ledger: &Ledger, p: &Published) -> http::Response<GateBody> {
     }
 }
 
+/// `?from=N&to=M` (each once, nothing else): the RFC 9162 consistency proof that the log's
+/// first `to` records extend its first `from` records (0 ≤ from ≤ to ≤ the log's size), so an
+/// agent holding a checkpoint of size N can check that a later one of size M extends it.
+pub fn parse_range(query: Option<&str>) -> Result<(u64, u64), String> {
+    const USAGE: &str = "ask for /v1/log/consistency?from=N&to=M (two tree sizes, from <= to)";
+    let (mut from, mut to) = (None, None);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').ok_or_else(|| format!("{pair:?} is not name=value: {USAGE}"))?;
+        let n = match v.parse::<u64>() {
+            Ok(n) if v.len() <= 20 && (v == "0" || !v.starts_with('0')) => n,
+            _ => return Err(format!("{k}={v:?} is not a tree size: {USAGE}")),
+        };
+        let slot = match k {
+            "from" => &mut from,
+            "to" => &mut to,
+            _ => return Err(format!("{k:?} is not a parameter: {USAGE}")),
+        };
+        if slot.replace(n).is_some() {
+            return Err(format!("{k} is given twice: {USAGE}"));
+        }
+    }
+    match (from, to) {
+        (Some(f), Some(t)) if f <= t => Ok((f, t)),
+        (Some(f), Some(t)) => Err(format!("from={f} is larger than to={t}: {USAGE}")),
+        _ => Err(format!("from and to are both required: {USAGE}")),
+    }
+}
+
+fn consistency(ledger: &Ledger, query: Option<&str>) -> http::Response<GateBody> {
+    let (from, to) = match parse_range(query) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let size = ledger.size();
+    if to > size {
+        return error(StatusCode::NOT_FOUND, &format!("to={to} is beyond the log's size ({size} records)"));
+    }
+    match ledger.consistency_proof(from, to) {
+        Ok(proof) => json_response(
+            StatusCode::OK,
+            &json!({
+                "origin": ledger.origin(),
+                "from": from,
+                "to": to,
+                "proof": proof.iter().map(|h| crate::ledger::hex::encode(h)).collect::<Vec<_>>(),
+            }),
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, from, to, "gate: a consistency proof failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "the gate's store failed")
+        }
+    }
+}
+
 async fn well_known(
     gate: &Gate,
     ledger: &Ledger,
@@ -154,4 +214,31 @@ fn json_response(status: StatusCode, doc: &Value) -> http::Response<GateBody> {
 
 fn error(status: StatusCode, detail: &str) -> http::Response<GateBody> {
     json_response(status, &json!({"error": status.canonical_reason().unwrap_or("error"), "detail": detail}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consistency_ranges_are_read_strictly() {
+        assert_eq!(parse_range(Some("from=3&to=9")), Ok((3, 9)));
+        assert_eq!(parse_range(Some("to=9&from=0")), Ok((0, 9)));
+        assert_eq!(parse_range(Some("from=4&to=4")), Ok((4, 4)));
+        for bad in [
+            None,
+            Some(""),
+            Some("from=3"),
+            Some("from=9&to=3"),
+            Some("from=1&to=2&to=3"),
+            Some("from=01&to=2"),
+            Some("from=-1&to=2"),
+            Some("from=1&to=2&x=3"),
+            Some("from&to=2"),
+            Some("from=1&to=99999999999999999999999"),
+        ] {
+            let e = parse_range(bad).unwrap_err();
+            assert!(e.contains("/v1/log/consistency?from=N&to=M"), "{bad:?}: {e}");
+        }
+    }
 }

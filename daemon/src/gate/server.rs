@@ -146,7 +146,9 @@ impl Server {
                 .get(header::HOST)
                 .and_then(|v| v.to_str().ok())
                 .or_else(|| req.uri().authority().map(|a| a.as_str()));
-            return super::discovery::answer(&self.gate, &self.ledger, req.method(), path, authority, scheme).await;
+            let query = req.uri().query();
+            return super::discovery::answer(&self.gate, &self.ledger, req.method(), path, query, authority, scheme)
+                .await;
         }
         let (parts, body) = req.into_parts();
         let target = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());

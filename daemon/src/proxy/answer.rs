@@ -66,6 +66,7 @@ pub(super) async fn record_refusal(
         path: path.map(str::to_string),
         port: None,
         signed_request_hash: None,
+        gate_price: None,
     };
     let verdict = decide::HostVerdict::Deny { reason: refusal.reason.clone(), detail: refusal.detail.clone() };
     let outcome = proxy.service.enforce(input, verdict).await?;

@@ -48,11 +48,24 @@ pub struct Gates {
     hosts: HashSet<DomainName>,
     max_body_bytes: u64,
     keys: AgentKeyLookup,
+    /// The gates' verified catalogs, which map and price their requests (`None`: not priced).
+    catalogs: Option<Arc<crate::discover::GateCatalogs>>,
 }
 
 impl Gates {
     pub fn new(hosts: impl IntoIterator<Item = DomainName>, max_body_bytes: u64, keys: AgentKeyLookup) -> Gates {
-        Gates { hosts: hosts.into_iter().collect(), max_body_bytes, keys }
+        Gates { hosts: hosts.into_iter().collect(), max_body_bytes, keys, catalogs: None }
+    }
+
+    /// Prices requests to gate hosts by their verified catalogs.
+    pub fn with_catalogs(mut self, catalogs: Arc<crate::discover::GateCatalogs>) -> Gates {
+        self.catalogs = Some(catalogs);
+        self
+    }
+
+    /// The catalogs that price a request to `host`: `None` when `host` is not a gate.
+    pub fn catalogs_for(&self, host: &DomainName) -> Option<&Arc<crate::discover::GateCatalogs>> {
+        self.catalogs.as_ref().filter(|_| self.hosts.contains(host))
     }
 
     /// No gates: nothing is ever signed.

@@ -167,6 +167,10 @@ async fn handle(
         Ok(p) => p,
         Err(answer) => return answer,
     };
+    let priced = match price_by_catalog(&proxy, &info, &ctx, &host, priced).await {
+        Ok(p) => p,
+        Err(answer) => return answer,
+    };
     let priced = match sign_for_gate(&proxy, &info, &ctx, &host, priced).await {
         Ok(p) => p,
         Err(answer) => return answer,
@@ -305,12 +309,62 @@ async fn route_and_price(
         path: Some(path.clone()),
         port: None,
         signed_request_hash: None,
+        gate_price: None,
     };
     let metering = match &route.cost {
         Cost::Metered(spec) => Some(Metering { spec: spec.clone(), estimate_millicents: cost }),
         Cost::Fixed(_) => None,
     };
     Ok(Priced { req, input, verdict, upgrade, metering })
+}
+
+/// The catalog step: a request to a gate host (`[gates] hosts`) is mapped by the gate's verified
+/// catalog (`sluice discover`): its routes give the permission, which becomes the decision's
+/// action, and the price of the version in force, under the passport's price lock (decided with
+/// the record), becomes its cost, so the passport's permissions and caps hold against the gate
+/// before anything leaves the host. No verified catalog yet: fetched now (waiting at most
+/// `discover::ENSURE_WAIT`), else refused `gate_catalog_unavailable`; a permission the version in force does not offer: refused
+/// `permission_not_offered`. A gate that declares no catalog is not priced (as the gate).
+async fn price_by_catalog(
+    proxy: &Proxy,
+    info: &ConnInfo,
+    ctx: &RequestCtx,
+    host: &DomainName,
+    mut priced: Priced,
+) -> Result<Priced, Response<ProxyBody>> {
+    let Some(catalogs) = proxy.gates.catalogs_for(host) else { return Ok(priced) };
+    let (method, path) = (&ctx.method, &ctx.path);
+    let Some(offer) = catalogs.ensure(host).await else {
+        let why = catalogs.failure(host.as_str()).unwrap_or_else(|| "no catalog was fetched yet".into());
+        let r = Refusal {
+            reason: Reason::GateCatalogUnavailable,
+            detail: format!(
+                "The daemon holds no verified catalog of the gate {host} ({why}), so this request cannot be                  mapped to a permission or priced; nothing was sent. Run `sluice discover https://{host}[:PORT]`,                  or retry once the daemon's refresh succeeds."
+            ),
+        };
+        let action = priced.input.action.clone();
+        return Err(refuse(proxy, info, Some(host), &action, method, path, r).await);
+    };
+    let Some(current) = offer.current() else { return Ok(priced) };
+    let permission = current.snapshot.permission_of(method.as_str(), path).to_string();
+    let Some(offered) = current.snapshot.permission(&permission) else {
+        let r = Refusal {
+            reason: Reason::PermissionNotOffered,
+            detail: format!(
+                "{method} {path} needs {permission} at the gate {host}, which its catalog version {} does not offer;                  nothing was sent.",
+                current.snapshot.version
+            ),
+        };
+        return Err(refuse(proxy, info, Some(host), &permission, method, path, r).await);
+    };
+    let ceiling = offered.terms.price().total_millicents();
+    priced.verdict = proxy.policy.current().host_check(host, ceiling);
+    priced.input.action = permission.clone();
+    priced.input.cost_cents = None;
+    priced.input.cost_millicents = Some(ceiling);
+    priced.input.gate_price = Some(crate::service::GatePrice { offer, permission });
+    priced.metering = None;
+    Ok(priced)
 }
 
 /// The gate step ([`super::gate`]): a request to a gate host from a sandbox whose agent key the
@@ -602,6 +656,7 @@ async fn connect(
         path: Some(path.to_string()),
         port: Some(port),
         signed_request_hash: None,
+        gate_price: None,
     };
     let verdict = policy.host_check(host, rule.cost_millicents);
     let attestation = match decide_or_answer(&*proxy.service, &proxy.stats, input, verdict, host, path).await {

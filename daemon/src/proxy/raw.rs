@@ -56,6 +56,7 @@ pub(super) async fn handle(proxy: Arc<Proxy>, info: ConnInfo, mut agent: Prefixe
         path: None,
         port: Some(port),
         signed_request_hash: None,
+        gate_price: None,
     };
     let outcome = match proxy.service.enforce(input, verdict).await {
         Ok(o) => o,

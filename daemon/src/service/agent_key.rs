@@ -200,6 +200,7 @@ mod tests {
             method: Some("POST".into()),
             path: Some("/v1/x".into()),
             signed_request_hash: signed,
+            gate_price: None,
             ..Default::default()
         };
         let o =

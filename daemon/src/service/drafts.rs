@@ -41,6 +41,8 @@ pub mod field {
     pub const PATH_DIGEST: &str = "path_digest";
     pub const REQUEST_HASH: &str = "request_hash";
     pub const SIGNED_REQUEST_HASH: &str = "signed_request_hash";
+    pub const GATE_ID: &str = "gate_id";
+    pub const CATALOG_VERSION: &str = "catalog_version";
     pub const HOLD_ID: &str = "hold_id";
     pub const HOLD_EXPIRES_AT: &str = "hold_expires_at";
     pub const HOLD_RECORD: &str = "hold_record";
@@ -349,6 +351,12 @@ pub fn signed_request_hash(m: &mut Members, hash: Option<&str>) {
     if let Some(h) = hash {
         m.str(field::SIGNED_REQUEST_HASH, h);
     }
+}
+
+/// A request priced by a gate's catalog: the gate and the catalog version whose price applied
+/// (under the passport's price lock), as the gate's own record names them.
+pub fn gate_catalog(m: &mut Members, gate_id: &str, version: u64) {
+    m.str(field::GATE_ID, gate_id).uint(field::CATALOG_VERSION, version);
 }
 
 /// A decision for a passport id this daemon does not know: recorded on that id's chain.

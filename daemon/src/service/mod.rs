@@ -25,6 +25,8 @@ macro_rules! json_at_the_edge {
 
 mod agent_key;
 mod drafts;
+#[cfg(test)]
+mod gate_price_tests;
 mod held;
 mod holds;
 #[cfg(test)]
@@ -230,6 +232,49 @@ pub struct EnforceInput {
     /// the proxy only: the API does not read it.
     #[serde(skip)]
     pub signed_request_hash: Option<String>,
+    /// A request to a gate host priced by the gate's verified catalog: the cost is the catalog's
+    /// price under the passport's price lock, decided where the lock is read and written (the
+    /// cost fields above are then ignored). Set by the proxy only.
+    #[serde(skip)]
+    pub gate_price: Option<GatePrice>,
+}
+
+/// What pricing a request by a gate's catalog needs (docs/catalogs.md, "Pricing at the egress
+/// daemon").
+#[derive(Debug, Clone)]
+pub struct GatePrice {
+    /// The verified offer: the version in force and every version before it.
+    pub offer: Arc<crate::discover::Offer>,
+    /// The permission the catalog's routes give the request (offered by the version in force).
+    pub permission: String,
+}
+
+/// State key of a passport's price lock at a gate: the catalog version in force at its first
+/// allowed call there (the gate keeps its own, `catalog_lock/<passport id>`).
+pub fn gate_lock_key(gate_id: &str, passport_id: &str) -> String {
+    format!("gate_lock/{gate_id}/{passport_id}")
+}
+
+/// The price of a gate request: (millicents, the version whose price is paid, the lock to
+/// write if this is the passport's first call there). `None` when the version in force does not
+/// offer the permission.
+pub fn gate_charge(g: &GatePrice, locked: Option<u64>) -> Option<(u64, u64, Option<u64>)> {
+    let current = g.offer.current()?;
+    let lock_snap = locked.and_then(|v| g.offer.version(v)).map(|c| &c.snapshot);
+    let (price, source) = crate::catalog::effective_price(lock_snap, &current.snapshot, &g.permission)?;
+    let write = if locked.is_none() { Some(current.snapshot.version) } else { None };
+    Some((price.total_millicents(), source.version(), write))
+}
+
+/// The price lock a decision assumed, and the one it writes if allowed.
+#[derive(Debug, Clone)]
+struct LockPlan {
+    key: String,
+    assumed: Option<u64>,
+    write: Option<u64>,
+    /// `gate_id` and `catalog_version` for the record.
+    gate_id: String,
+    version: u64,
 }
 
 impl EnforceInput {
@@ -373,6 +418,8 @@ pub struct Service {
     lanes: lanes::Lanes,
     /// Emergency stops in force (`stops.rs`); the proxy watches it.
     stops: tokio::sync::watch::Sender<Arc<StopSet>>,
+    /// The verified catalogs of gate hosts (`sluice discover`), once the proxy plane made them.
+    gate_catalogs: std::sync::OnceLock<Arc<crate::discover::GateCatalogs>>,
 }
 
 /// Revocations as the ledger's state knows them, for the passport verifier.
@@ -423,6 +470,7 @@ impl Service {
             sandboxes: RwLock::new(HashMap::new()),
             agent_keys: AgentKeys::default(),
             policy: RwLock::new(None),
+            gate_catalogs: std::sync::OnceLock::new(),
             lanes: lanes::Lanes::default(),
             stops: tokio::sync::watch::Sender::new(Arc::new(stop_set)),
         });
@@ -446,6 +494,15 @@ impl Service {
     }
 
     /// Tells the service which host policy is in force (it follows reloads by itself).
+    /// Hands the service the gates' catalogs (the proxy plane makes them; set once).
+    pub fn set_gate_catalogs(&self, c: Arc<crate::discover::GateCatalogs>) {
+        let _ = self.gate_catalogs.set(c);
+    }
+
+    pub fn gate_catalogs(&self) -> Option<&Arc<crate::discover::GateCatalogs>> {
+        self.gate_catalogs.get()
+    }
+
     pub fn set_policy(&self, policy: Arc<crate::policy::PolicyHandle>) {
         if let Ok(mut p) = self.policy.write() {
             *p = Some(policy);
@@ -685,7 +742,26 @@ impl Service {
         if input.action.is_empty() || input.action.len() > 128 {
             return Err(ServiceError::invalid("action", "action must be 1 to 128 characters"));
         }
-        let cost_millicents = input.cost()?;
+        let mut cost_millicents = input.cost()?;
+        let mut lock = None;
+        if let Some(g) = &input.gate_price {
+            let gate_id = g.offer.gate_id.as_str().to_string();
+            let key = gate_lock_key(&gate_id, pid.as_str());
+            let assumed = match self.ledger.state_get(&key)? {
+                None => None,
+                Some(b) => Some(std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| {
+                    ServiceError::UsageUnreadable {
+                        passport_id: pid.to_string(),
+                        problem: format!("the price lock {key} is not a version number"),
+                    }
+                })?),
+            };
+            let Some((price, version, write)) = gate_charge(g, assumed) else {
+                return Err(ServiceError::invalid("action", format!("{} is not offered by the gate", g.permission)));
+            };
+            cost_millicents = price;
+            lock = Some(LockPlan { key, assumed, write, gate_id, version });
+        }
         let request = ActionRequest {
             action: input.action.clone(),
             cost_millicents,
@@ -718,6 +794,7 @@ impl Service {
                     policy_digest: digest,
                     opts,
                     signed_request_hash,
+                    lock,
                 });
                 let d = decision.clone();
                 let barred_now = {
@@ -908,6 +985,8 @@ struct LaneDecision {
     opts: EvalOptions,
     /// See [`EnforceInput::signed_request_hash`].
     signed_request_hash: Option<String>,
+    /// A gate request's price lock (see [`EnforceInput::gate_price`]).
+    lock: Option<LockPlan>,
 }
 
 /// What a [`LaneDecision`] commits: the decision and, except for a hold (whose record names the
@@ -924,6 +1003,9 @@ impl LaneDecision {
         let claims = &self.cp.passport.claims;
         let mut body = drafts::decision(claims, &self.request, built, self.policy_digest.as_deref(), at);
         drafts::signed_request_hash(&mut body, self.signed_request_hash.as_deref());
+        if let Some(l) = &self.lock {
+            drafts::gate_catalog(&mut body, &l.gate_id, l.version);
+        }
         body
     }
 
@@ -974,6 +1056,21 @@ impl LaneDecision {
             built = barred_block(claims, barred, at);
             let body = self.record(&built, at);
             return Ok((built, vec![Draft::new(id, body)]));
+        }
+        if let Some(l) = &self.lock {
+            // The price was decided on the lock read before the lane; a lock written since (a
+            // concurrent first call at a version switch) would make it another price.
+            let stored =
+                txn.get(&l.key)?.and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u64>().ok()));
+            let consistent = stored == l.assumed || (l.assumed.is_none() && stored.is_some() && stored == l.write);
+            if !consistent {
+                return Err(ServiceError::Contended { passport_id: id, attempts: 1 }.abort());
+            }
+            if built.decision == decide::Decision::Allow && stored.is_none() {
+                if let Some(v) = l.write {
+                    txn.put(&l.key, v.to_string().as_bytes())?;
+                }
+            }
         }
         let draft = match draft {
             Some(draft) => draft,

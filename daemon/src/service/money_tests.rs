@@ -26,6 +26,7 @@ fn input(passport_id: &str, cost_millicents: u64) -> EnforceInput {
         path: Some("/v1/chat/completions".into()),
         port: None,
         signed_request_hash: None,
+        gate_price: None,
     }
 }
 

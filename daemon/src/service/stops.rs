@@ -474,6 +474,7 @@ mod tests {
             path: None,
             port: None,
             signed_request_hash: None,
+            gate_price: None,
         };
         service.enforce_outcome(input, HoldOrigin::Api, HostVerdict::Allow).await.expect("enforce")
     }

@@ -79,6 +79,7 @@ pub(crate) async fn allow(f: &Fixture, cost: u64) -> u64 {
         path: Some("/v1/chat/completions".into()),
         port: None,
         signed_request_hash: None,
+        gate_price: None,
     };
     let o = f.service.enforce_outcome(input, HoldOrigin::Proxy, HostVerdict::Allow).await.expect("enforce");
     assert_eq!(o.decision, decide::Decision::Allow, "{}", o.to_json());

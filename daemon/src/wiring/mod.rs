@@ -161,11 +161,19 @@ pub async fn start(
     let svc = service.clone();
     let keys = service.clone();
     let gate_hosts = config.gates.host_names().map_err(StartError::Gates)?;
+    let gate_catalogs = Arc::new(crate::discover::GateCatalogs::new(
+        gate_hosts.clone(),
+        config.gates.pinned_ids().map_err(StartError::Gates)?,
+        &config.state_dir,
+        Some(proxy::upstream::Upstream::new(resolver.clone(), upstream_tls.clone())),
+    ));
+    service.set_gate_catalogs(gate_catalogs.clone());
     let gates = proxy::gate::Gates::new(
         gate_hosts,
         config.gates.max_body_bytes,
         Arc::new(move |cg| keys.agent_key_for_cgroup(cg)),
-    );
+    )
+    .with_catalogs(gate_catalogs.clone());
     let proxy = Proxy::new(ProxyParts {
         service: service.clone(),
         policy: policy.clone(),
@@ -207,6 +215,7 @@ pub async fn start(
         }
     };
     let mut tasks = JoinSet::new();
+    tasks.spawn(gate_catalogs.clone().refresh_loop());
 
     let agents_resolver = Arc::new(Resolver::new(pool.clone()));
     let identity = Arc::new(dns_identity::Identity::new(service, policy, conntable));
