@@ -26,8 +26,10 @@
 //! [`Keys`] builds every one of them; nothing else formats a key.
 
 pub mod conn;
+pub mod lease;
 
 pub use conn::{Health, RedisConn};
+pub use lease::{LeaseEvent, LeaseOp, Leases, Limit, Refusal, Restored, Window};
 
 use crate::config::FleetConfig;
 use std::path::PathBuf;
