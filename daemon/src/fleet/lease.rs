@@ -42,6 +42,9 @@ use std::time::{Duration, Instant};
 pub const WAIT_FOR_LEASE: Duration = Duration::from_millis(250);
 /// How often the background task looks at the leases (renewals, returns, Redis's epoch).
 pub const TICK: Duration = Duration::from_millis(250);
+/// After Redis granted less than asked (the fleet's budget is spent), how long before a request
+/// asks again.
+pub const SHORT_RETRY: Duration = Duration::from_secs(1);
 /// Budget keys live this long past their window's end (then Redis drops them).
 pub const KEY_GRACE_SECS: i64 = 3600;
 
@@ -252,6 +255,9 @@ struct Holding {
     short: bool,
     /// The last ask found Redis recovering from a data loss (nothing granted until it ends).
     recovering: bool,
+    /// When the host last asked Redis for this holding (a short answer is not asked again for
+    /// [`SHORT_RETRY`], so a spent budget does not send every refused request to Redis).
+    asked: Option<Instant>,
 }
 
 impl Holding {
@@ -336,6 +342,7 @@ impl Leases {
                 last_need: now,
                 short: false,
                 recovering: false,
+                asked: None,
             };
             table.insert(key, h);
         }
@@ -370,6 +377,7 @@ impl Leases {
                 };
                 match table.get(&(passport_id.to_string(), w.limit, w.label())) {
                     None => true,
+                    Some(h) if h.short && h.asked.is_some_and(|t| t.elapsed() < SHORT_RETRY) => false,
                     Some(h) => h.headroom() < need,
                 }
             })
@@ -453,7 +461,7 @@ impl Leases {
             Some(h) => (h.claim.max(h.used), true),
             None => (0, false),
         };
-        let (grant, claim, total, recovering) = match self.call_lease(passport_id, w, want, held).await? {
+        let (grant, _redis_claim, total, recovering) = match self.call_lease(passport_id, w, want, held).await? {
             Some(answer) => answer,
             None => {
                 // The epoch is gone: Redis lost the fleet's data. Re-publish, then ask again.
@@ -464,6 +472,7 @@ impl Leases {
                 })?
             }
         };
+        let claim = held.saturating_add(grant);
         if grant > 0 {
             let event = LeaseEvent {
                 op: if renewal { LeaseOp::Renewed } else { LeaseOp::Taken },
@@ -489,12 +498,14 @@ impl Leases {
             last_need: Instant::now(),
             short: false,
             recovering: false,
+            asked: None,
         });
         // Redis may know a larger claim than the host (a grant whose record was lost in a crash):
         // the host keeps to what its records hold plus this grant, which is never more.
-        h.claim = held.saturating_add(grant);
+        h.claim = claim;
         h.short = grant < want;
         h.recovering = recovering;
+        h.asked = Some(Instant::now());
         Ok(grant)
     }
 
@@ -518,7 +529,10 @@ impl Leases {
         let answer: Vec<i64> = self.conn.invoke(&call).await?;
         match answer.as_slice() {
             [-1, ..] => Ok(None),
-            [g, c, t, r] if *g >= 0 && *c >= 0 && *t >= 0 => Ok(Some((*g as u64, *c as u64, *t as u64, *r != 0))),
+            // Never more than asked, whatever Redis says: it is trusted with accounting only.
+            [g, c, t, r] if *g >= 0 && *c >= 0 && *t >= 0 => {
+                Ok(Some(((*g as u64).min(want), *c as u64, *t as u64, *r != 0)))
+            }
             other => Err(FleetError::Protocol {
                 redis: self.conn.url().to_string(),
                 problem: format!("the lease script answered {other:?}"),
