@@ -144,3 +144,35 @@ mod scripts {
         assert_eq!(lease(&conn, "c", 100, 50, 0).await, vec![10, 10, 100, 0]);
     }
 }
+
+#[tokio::test]
+async fn auth_uses_the_password_file_and_never_shows_the_password() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(server) = redis_or_skip("auth_uses_the_password_file_and_never_shows_the_password") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pass = dir.path().join("redis.password");
+    std::fs::write(&pass, "correct-horse\n").unwrap();
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = |password_file: Option<std::path::PathBuf>| sluice::config::FleetConfig {
+        redis: server.url(),
+        password_file,
+        ca_file: None,
+        host_id: "a".into(),
+        lease_cents: 1,
+        lease_requests: 1,
+        lease_secs: 60,
+        prefix: "sluice".into(),
+    };
+    assert_eq!(server.command(&["CONFIG", "SET", "requirepass", "correct-horse"]).text().as_deref(), Some("OK"));
+    // With the file: AUTH, then commands.
+    let conn = RedisConn::new(&config(Some(pass.clone()))).unwrap();
+    conn.ping().await.unwrap();
+    // Without it, or with a wrong one: refused, and no message carries a password.
+    let e = RedisConn::new(&config(None)).unwrap().ping().await.unwrap_err().to_string();
+    assert!(!e.contains("correct-horse"), "{e}");
+    std::fs::write(&pass, "wrong-horse\n").unwrap();
+    let e = RedisConn::new(&config(Some(pass))).unwrap().ping().await.unwrap_err().to_string();
+    assert!(!e.contains("wrong-horse") && !e.contains("correct-horse"), "{e}");
+}
