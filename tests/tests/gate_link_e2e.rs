@@ -4,7 +4,9 @@
 //! credentialed call is verified and forwarded; an action the passport does not grant is refused
 //! by the gate; an unsigned call outside the anonymous subset gets the 401 hint. Then both logs
 //! are exported and `sluice audit link` matches the daemon's records with the gate's by request
-//! hash.
+//! hash, and `sluice audit settle` compares what each side charged: the gate prices the booking
+//! by its catalog (2.5 cents + 2.5 % fee), the daemon by a host policy at the same price. Then
+//! the exports are edited: a record removed, a price altered, a window cut; settle says so.
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -23,6 +25,64 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const GATE: &str = "shipping.example.test";
+
+/// The gate's catalog: a booking costs 2.5 cents plus a 2.5 % fee, 2,563 millicents (the fee is
+/// rounded up to a millicent); refunds are offered (so a passport without them is refused
+/// `permission_denied`), reading and anything else are free.
+const CATALOG: &str = r#"
+[[permission]]
+key = "shipments:create"
+description = "Create a shipment"
+risk_level = "medium"
+[permission.constraints]
+"core:pricing:per_call_cents" = 2.5
+"core:platform_fee:basis_points" = 250
+
+[[permission]]
+key = "refunds:create"
+description = "Refund a shipment"
+risk_level = "high"
+[permission.constraints]
+"core:pricing:per_call_cents" = 1
+
+[[permission]]
+key = "web:fetch"
+description = "Read"
+risk_level = "low"
+
+[[permission]]
+key = "web:send"
+description = "Anything else"
+risk_level = "low"
+"#;
+
+/// The booking's price, fee included, in millicents.
+const PRICE: u64 = 2563;
+
+/// The daemon's host policy for the gate: the booking at the catalog's price.
+const POLICY: &str = r#"
+[service]
+name = "shipping"
+domains = ["shipping.example.test"]
+[[route]]
+id = "book"
+method = "POST"
+path = "/v1/shipments"
+action = "shipments:create"
+cost_cents = 2.563
+[[route]]
+id = "read"
+method = "GET"
+path = "/*"
+action = "web:fetch"
+cost_cents = 0
+[[route]]
+id = "other"
+method = "*"
+path = "/*"
+action = "web:send"
+cost_cents = 0
+"#;
 
 /// The protected service: plain HTTP on loopback, records what reached it (path and the
 /// gate's `Sluice-Passport-Id`) and answers `ok <path>`.
@@ -63,8 +123,8 @@ fn p(path: &Path) -> &str {
 }
 
 #[test]
-fn an_agent_calls_a_gate_and_both_logs_link() {
-    if !root_or_skip("an_agent_calls_a_gate_and_both_logs_link") {
+fn an_agent_calls_a_gate_and_both_logs_link_and_settle() {
+    if !root_or_skip("an_agent_calls_a_gate_and_both_logs_link_and_settle") {
         return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -78,7 +138,7 @@ fn an_agent_calls_a_gate_and_both_logs_link() {
         "",
         &format!("static_hosts = {{ \"{GATE}\" = \"127.0.0.1\" }}"),
         &format!("[upstream_tls]\nextra_roots = [\"{}\"]\n[gates]\nhosts = [\"{GATE}\"]\n", ca_path.display()),
-        &[],
+        &[("shipping.toml", POLICY)],
     );
     let (passport, passport_id) = d.issue(
         "shipper",
@@ -116,6 +176,7 @@ tls_key = "{dir}/tls.key"
 upstream = "http://127.0.0.1:{service_port}"
 trust_level = "L2"
 issuers = ["{issuer}"]
+catalog = "{dir}/catalog.toml"
 [[route]]
 method = "POST"
 path = "/v1/shipments"
@@ -132,6 +193,12 @@ path = "/v1/rates"
         ),
     )
     .unwrap();
+    std::fs::write(gdir.join("catalog.toml"), CATALOG).unwrap();
+    let out = std::process::Command::new(sluice_e2e::daemon::sluice_bin())
+        .args(["--config", p(&config), "catalog", "publish", "--summary", "first prices"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "catalog publish: {}", String::from_utf8_lossy(&out.stderr));
     let mut gate = ChildGuard(Some(
         std::process::Command::new(sluice_e2e::daemon::sluice_bin())
             .args(["--config", p(&config), "gate", "run"])
@@ -189,6 +256,10 @@ path = "/v1/rates"
         ],
     );
     assert_eq!((code.as_str(), body.as_str()), ("200", "ok /v1/shipments"), "{err}\n{}", d.log());
+    // Between the booking and the refund: the settlement windows below are cut here.
+    std::thread::sleep(Duration::from_millis(20));
+    let cut = sluice::ledger::record::now_rfc3339();
+    std::thread::sleep(Duration::from_millis(20));
     // 4. An action the passport does not grant: refused by the gate, never forwarded.
     let (code, body, _) = curl(true, &["-X", "POST", "--data-binary", "{}", &url("/v1/refunds")]);
     assert_eq!(code, "403", "{body}");
@@ -231,4 +302,99 @@ path = "/v1/rates"
     let matched = report["matched"].as_array().unwrap_or_else(|| panic!("{report:#}"));
     assert_eq!(matched.len(), 2, "the credentialed call and the refused one: {report:#}");
     drop(gate);
+
+    // Settlement: both logs verify; the booking agrees at the catalog's price on both sides.
+    let keys = ["--agent-pub", p(&host_pub), "--gate-pub", p(&gate_pub)];
+    let settle = |agent: &Path, gate: &Path, extra: &[&str]| {
+        let mut args = vec!["audit", "settle", p(agent), p(gate)];
+        args.extend_from_slice(&keys);
+        args.extend_from_slice(extra);
+        let out = d.cli(&args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let json = args.contains(&"--json");
+        let report: Value =
+            if json { serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")) } else { Value::Null };
+        (out.status.success(), report, format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let (ok, r, text) = settle(&agent_export, &gate_export, &["--until", &cut, "--json"]);
+    assert!(ok, "settle up to the booking: {text}");
+    assert_eq!(r["agent_total"]["millicents"], PRICE, "{r:#}");
+    assert_eq!(r["gate_total"]["millicents"], PRICE, "{r:#}");
+    assert_eq!(r["agent_total"]["dollars"], "$0.02563", "{r:#}");
+    assert_eq!(r["agreed"], 1, "{r:#}");
+    let (ok, _, text) = settle(&agent_export, &gate_export, &["--until", &cut]);
+    assert!(ok && text.contains("$0.02563") && text.contains("settled: OK"), "{text}");
+    // The whole logs: the refund went out from the daemon (allowed there, 0) and the gate refused
+    // it; the decisions differ, so settle fails and names it with its evidence.
+    let evidence = d.dir.path().join("evidence");
+    let (ok, r, text) = settle(&agent_export, &gate_export, &["--json", "--evidence-dir", p(&evidence)]);
+    assert!(!ok, "{text}");
+    let differ = r["differ"].as_array().unwrap();
+    assert_eq!(differ.len(), 1, "{r:#}");
+    assert_eq!(differ[0]["gate"]["reason"], "permission_denied", "{r:#}");
+    let gate_index = differ[0]["gate"]["index"].as_u64().unwrap();
+    let att = evidence.join(format!("gate-{gate_index}.json"));
+    let out = d.cli(&["audit", "verify", p(&att), "--host-pub", p(&gate_pub)]);
+    assert!(
+        out.status.success(),
+        "the evidence verifies with the gate's key: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A record removed from the gate's export: its log does not verify, and settle says which.
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&gate_export).unwrap()).unwrap();
+    let booking = doc["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|r| {
+            let text = r["record"].as_str().unwrap();
+            text.contains("\"permission\":\"shipments:create\"") && text.contains("\"decision\":\"allow\"")
+        })
+        .expect("the gate's record of the booking");
+    let mut cut_doc = doc.clone();
+    cut_doc["records"].as_array_mut().unwrap().remove(booking);
+    let edited = d.dir.path().join("gate-edited.json");
+    std::fs::write(&edited, serde_json::to_vec(&cut_doc).unwrap()).unwrap();
+    let (ok, _, text) = settle(&agent_export, &edited, &["--until", &cut]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("gate-edited.json: verification FAILED")
+            && text.contains(&format!("record {booking} is missing")),
+        "{text}"
+    );
+    assert!(text.contains("the gate's log") && text.contains("does not verify"), "{text}");
+
+    // A price altered in the agent's export (still canonical JSON): its log does not verify.
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&agent_export).unwrap()).unwrap();
+    let mut cheap = doc.clone();
+    let mut altered = 0;
+    for r in cheap["records"].as_array_mut().unwrap() {
+        let text = r["record"].as_str().unwrap();
+        if text.contains("\"action\":\"shipments:create\"") && text.contains("signed_request_hash") {
+            r["record"] = text.replace(&format!("\"cost_millicents\":{PRICE}"), "\"cost_millicents\":1000").into();
+            altered += 1;
+        }
+    }
+    assert_eq!(altered, 1);
+    let edited = d.dir.path().join("agent-edited.json");
+    std::fs::write(&edited, serde_json::to_vec(&cheap).unwrap()).unwrap();
+    let (ok, _, text) = settle(&edited, &gate_export, &["--until", &cut]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("agent-edited.json: verification FAILED") && text.contains("root rebuilt"), "{text}");
+
+    // An export cut by time (the agent's, since the cut): the gate's booking has no request in
+    // it, and settle over the whole gate log names it; from the cut on, only the refund differs.
+    let since_cut = d.dir.path().join("agent-since.json");
+    let out = d.cli(&["audit", "export", "--since", &cut, "--out", p(&since_cut)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, r, text) = settle(&since_cut, &gate_export, &["--json"]);
+    assert!(!ok, "{text}");
+    let one_sided = r["not_sent_by_this_host"].as_array().unwrap();
+    assert_eq!(one_sided.len(), 1, "{r:#}");
+    assert_eq!(one_sided[0]["gate"]["index"].as_u64(), Some(booking as u64), "{r:#}");
+    assert_eq!(one_sided[0]["gate_charged_millicents"], PRICE, "{r:#}");
+    assert!(one_sided[0]["gate_evidence"]["inclusion_proof"].is_array(), "{r:#}");
+    let (_, r, _) = settle(&since_cut, &gate_export, &["--since", &cut, "--json"]);
+    assert_eq!((r["agreed"].as_u64(), r["differ"].as_array().map(Vec::len)), (Some(0), Some(1)), "{r:#}");
 }

@@ -8,10 +8,12 @@
 //! forbidden-domain, DNS-exfiltration and direct-IP calls, a hold approved from outside the
 //! sandbox, then the decisions, the spend state and `sluice audit verify` on the exported log.
 //! Then a second act: a gated service. A mock shipping API behind `sluice gate run` (HTTPS, L2,
-//! the issuer pinned); a visitor without a passport; a shipping agent under
-//! `sluice run --key`, whose requests the daemon signs and the gate verifies; both logs exported,
-//! verified and linked by `sluice audit link`; and a request signed by hand, outside sluice, sent
-//! twice: the gate serves it once and refuses the copy as a replay.
+//! the issuer pinned) that publishes a priced catalog, fetched and verified; a visitor without a
+//! passport; a shipping agent under `sluice run --key`, whose requests the daemon signs and the
+//! gate verifies and charges; a price increase published as a breaking change, which the agent's
+//! passport does not pay (price lock); both logs exported, verified, linked by `sluice audit
+//! link` and settled by `sluice audit settle`; and a request signed by hand, outside sluice, sent
+//! twice: the gate serves it once and refuses the copy as a replay, and settling again names it.
 //! The demo fails if any of those calls is not answered as sluice promises.
 //!
 //! Everything it starts is stopped and removed on the way out, failure included (Drop guards):
@@ -323,6 +325,8 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
     std::fs::create_dir_all(dir.join("policies"))?;
     std::fs::copy(super::root().join("policies/openai.toml"), dir.join("policies/openai.toml"))
         .context("copying policies/openai.toml")?;
+    // The gated shipping API of act two, priced like its gate's catalog.
+    std::fs::write(dir.join("policies/shipping.toml"), gate::SHIPPING_POLICY)?;
     // The daemon's own DNS goes to a canary that never answers: an agent's query must never
     // reach it. api.openai.com is mapped to the mock, as an operator would for an air-gapped
     // host; its certificate is trusted through upstream_tls.extra_roots.

@@ -4,7 +4,8 @@ It runs under `sluice run --passport P --key P.key`: it sets no proxy and adds n
 daemon signs its requests to the gate with its key. Everything it does is printed as it happens;
 the last line is `RESULT {json}` for `cargo xtask demo` to check.
 
-usage: python3 -u demo_gate_agent.py GATE_HOST
+usage: python3 -u demo_gate_agent.py GATE_HOST          browse, book, try a refund
+       python3 -u demo_gate_agent.py GATE_HOST again    book once more
 """
 
 import json
@@ -35,25 +36,36 @@ def call(step, method, path, body=None):
         answer = json.loads(raw)
     except ValueError:
         answer = raw[:200].decode(errors="replace")
-    # The header is the daemon's (it allowed the request out); a refusal's reason is the gate's.
+    # The header is the daemon's decision: "allow" when it let the request out (a refusal is then
+    # the gate's), "block" when the daemon refused it on this host.
     say(step, f"{status}; Sluice-Decision (the daemon's): {decision}")
+    # "block; reason=…; attestation=N": the decision is the first item.
+    decision = decision.split(";")[0].strip() if decision else decision
     if isinstance(answer, dict) and "decision" in answer:
-        say(step, f"  the gate's answer: {answer['decision']} {answer.get('reason')}: {answer.get('detail')}")
+        who = "the daemon" if decision == "block" else "the gate"
+        say(step, f"  {who}'s answer: {answer['decision']} {answer.get('reason')}: {answer.get('detail')}")
     else:
         say(step, f"  {json.dumps(answer)[:300]}")
-    return status, answer
+    return status, answer, decision
+
+
+if sys.argv[2:] == ["again"]:
+    say("n", f"POST {BASE}/v1/shipments: book another shipment, after the price went up")
+    status, answer, _ = call("n", "POST", "/v1/shipments", {"to": "Nantes", "parcel_kg": 1})
+    print("RESULT " + json.dumps({"n": status}), flush=True)
+    sys.exit(0)
 
 
 say("h", f"GET {BASE}/v1/rates: browse the public rates")
-status, _ = call("h", "GET", "/v1/rates")
+status, _, _ = call("h", "GET", "/v1/rates")
 results["h"] = status
 
 say("i", f"POST {BASE}/v1/shipments: book a shipment (needs shipments:create, which the passport grants)")
-status, answer = call("i", "POST", "/v1/shipments", {"to": "Lyon", "parcel_kg": 2})
+status, answer, _ = call("i", "POST", "/v1/shipments", {"to": "Lyon", "parcel_kg": 2})
 results["i"] = status
 
 say("j", f"POST {BASE}/v1/refunds: issue a refund (needs refunds:create, which the passport does not grant)")
-status, answer = call("j", "POST", "/v1/refunds", {"shipment": "shp_1", "amount_cents": 1200})
-results["j"] = [status, answer.get("reason") if isinstance(answer, dict) else None]
+status, answer, decision = call("j", "POST", "/v1/refunds", {"shipment": "shp_1", "amount_cents": 1200})
+results["j"] = [status, answer.get("reason") if isinstance(answer, dict) else None, decision]
 
 print("RESULT " + json.dumps(results), flush=True)

@@ -11,7 +11,9 @@ usage:
   python3 -u demo_shipping.py replay GATE_HOST GATE_IP CA PASSPORT KEY
       Signs one request with the agent's key file by hand, as docs/gate.md describes, and sends
       the same bytes twice, straight to the gate.
-  Both print what happens, then a last line `RESULT {json}` for `cargo xtask demo` to check.
+  python3 -u demo_shipping.py fetch GATE_HOST GATE_IP CA PATH OUT
+      GETs PATH from the gate (anonymous) and writes the answer's body, byte for byte, to OUT.
+  Each prints what happens, then a last line `RESULT {json}` for `cargo xtask demo` to check.
 """
 
 import base64
@@ -92,8 +94,9 @@ def b64url(data):
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def send(gate_host, gate_ip, ca, method, path, headers, body=b""):
-    """One HTTP/1.1 request over TLS to the gate (certificate checked against CA for GATE_HOST)."""
+def send(gate_host, gate_ip, ca, method, path, headers, body=b"", raw=False):
+    """One HTTP/1.1 request over TLS to the gate (certificate checked against CA for GATE_HOST).
+    With raw, the answer's body is returned as bytes."""
     ctx = ssl.create_default_context(cafile=ca)
     with socket.create_connection((gate_ip, 443), timeout=30) as tcp, ctx.wrap_socket(tcp, server_hostname=gate_host) as s:
         head = f"{method} {path} HTTP/1.1\r\nHost: {gate_host}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
@@ -106,6 +109,8 @@ def send(gate_host, gate_ip, ca, method, path, headers, body=b""):
     lines = head.decode(errors="replace").split("\r\n")
     status = int(lines[0].split()[1])
     decision = next((l.split(":", 1)[1].strip() for l in lines if l.lower().startswith("sluice-decision:")), None)
+    if raw:
+        return status, decision, rest
     try:
         answer = json.loads(rest)
     except ValueError:
@@ -187,6 +192,14 @@ def replay(gate_host, gate_ip, ca, passport_file, key_file):
     print("RESULT " + json.dumps(results), flush=True)
 
 
+def fetch(gate_host, gate_ip, ca, path, out):
+    status, _, body = send(gate_host, gate_ip, ca, "GET", path, {}, raw=True)
+    with open(out, "wb") as f:
+        f.write(body)
+    say("o", f"GET https://{gate_host}{path}: {status}, {len(body)} bytes written to {out}")
+    print("RESULT " + json.dumps({"status": status}), flush=True)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "service":
         service(int(sys.argv[2]))
@@ -194,5 +207,7 @@ if __name__ == "__main__":
         anonymous(*sys.argv[2:])
     elif len(sys.argv) == 7 and sys.argv[1] == "replay":
         replay(*sys.argv[2:])
+    elif len(sys.argv) == 7 and sys.argv[1] == "fetch":
+        fetch(*sys.argv[2:])
     else:
         sys.exit(__doc__)

@@ -12,14 +12,19 @@
 //! that was not approved, or an allow whose upstream failed (an `upstream_error` record naming
 //! it) never reached the gate: those are listed as not sent, and are no problem.
 //!
-//! Must not: verify the exports (the caller runs the verifier on both first), or know HTTP.
+//! [`read_side`] verifies an export and collects its linked records, for `audit link` and
+//! `audit settle` ([`crate::settle`]) alike.
+//!
+//! Must not: know HTTP.
 
 use crate::docstream::{RecordSink, ScanError, Scanner};
 use crate::export::ExportedRecord;
+use crate::verify::{self, VerifyReport};
+use ed25519_dalek::VerifyingKey;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use std::collections::{BTreeMap, HashSet};
-use std::io::Read;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::io::{Read, Seek};
 
 /// The agent-side field.
 pub const FIELD_SIGNED_REQUEST_HASH: &str = "signed_request_hash";
@@ -49,6 +54,22 @@ pub struct Linked {
     pub at: Option<String>,
     /// Agent side: `action`; gate side: `permission`.
     pub what: Option<String>,
+    /// The record's `time`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time: Option<String>,
+    /// The record's `cost_millicents` (what it charged, for an allow).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_millicents: Option<u64>,
+    /// The record's `gate_id`: always on the gate's side; on the agent's, when the daemon priced
+    /// the request by that gate's catalog.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate_id: Option<String>,
+    /// The catalog version whose price applied, when the record names one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catalog_version: Option<u64>,
+    /// Gate side: the request's `host`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// What one export holds that linking needs.
@@ -59,8 +80,63 @@ pub struct Collected {
     approved_holds: HashSet<u64>,
     /// Agent side: indices of allows whose upstream failed.
     undelivered: HashSet<u64>,
+    /// Agent side: the real cost a `settlement` record set for a decision (by the index of the
+    /// decision, or of the request_hold an approved `hold_resolution` names).
+    settled: HashMap<u64, u64>,
+    /// Agent side: `hold_resolution` index → the `request_hold` it resolved.
+    resolutions: HashMap<u64, u64>,
+    /// Agent side: every `passport_id` its records name (the passports this host holds).
+    pub passports: BTreeSet<String>,
+    /// Gate side: every request `host` its records name.
+    pub hosts: BTreeSet<String>,
     /// Records that could not be read (the verifier reports them too).
     pub unreadable: usize,
+}
+
+impl Collected {
+    /// Agent side: whether the request of decision `l` went out (an allow whose upstream did not
+    /// fail, or a request_hold that was approved).
+    pub fn sent(&self, l: &Linked) -> bool {
+        match l.decision.as_deref() {
+            Some("allow") => !self.undelivered.contains(&l.index),
+            Some("request_hold") => self.approved_holds.contains(&l.index),
+            _ => false,
+        }
+    }
+
+    /// Agent side: whether the request of decision `l` failed upstream after it was allowed.
+    pub fn undelivered(&self, l: &Linked) -> bool {
+        self.undelivered.contains(&l.index)
+    }
+
+    /// Agent side: what decision `l` charged, in millicents: its `cost_millicents`, or the real
+    /// cost a settlement record set; `None` when its request did not go out.
+    pub fn charged(&self, l: &Linked) -> Option<u64> {
+        if !self.sent(l) {
+            return None;
+        }
+        Some(self.settled.get(&l.index).copied().or(l.cost_millicents).unwrap_or(0))
+    }
+}
+
+/// One export read: its verification and its linked records.
+#[derive(Debug)]
+pub struct SideRead {
+    pub verify: VerifyReport,
+    pub collected: Collected,
+}
+
+/// Verifies the export `open` gives (twice: it is read as a stream, in bounded memory, by the
+/// verifier and then by [`collect`]) against `key`, and collects its linked records. An error
+/// only when the document cannot be read at all; problems of the log are in `verify`.
+pub fn read_side<R, F>(open: F, key: &VerifyingKey, side: Side) -> Result<SideRead, String>
+where
+    R: Read + Seek,
+    F: Fn() -> std::io::Result<R>,
+{
+    let verify = verify::verify_reader(open().map_err(|e| e.to_string())?, key, None);
+    let collected = collect(open().map_err(|e| e.to_string())?, side).map_err(|e| format!("not an export: {e}"))?;
+    Ok(SideRead { verify, collected })
 }
 
 /// Reads the linked records of one export.
@@ -97,10 +173,23 @@ fn string(m: &Map<String, Value>, name: &str) -> Option<String> {
 fn take(out: &mut Collected, side: Side, index: u64, m: &Map<String, Value>) {
     let kind = string(m, "kind");
     if side == Side::Agent {
+        if let Some(p) = string(m, "passport_id") {
+            if !out.passports.contains(&p) {
+                out.passports.insert(p);
+            }
+        }
         match kind.as_deref() {
             Some("hold_resolution") if m.get("decision").and_then(Value::as_str) == Some("allow") => {
                 if let Some(i) = m.get("hold_record").and_then(Value::as_u64) {
                     out.approved_holds.insert(i);
+                    out.resolutions.insert(index, i);
+                }
+            }
+            Some("settlement") if m.get("settled").and_then(Value::as_bool) == Some(true) => {
+                let actual = m.get("actual_millicents").and_then(Value::as_u64);
+                if let (Some(i), Some(actual)) = (m.get("decision_record").and_then(Value::as_u64), actual) {
+                    let decision = out.resolutions.get(&i).copied().unwrap_or(i);
+                    out.settled.insert(decision, actual);
                 }
             }
             Some("upstream_error") => {
@@ -111,13 +200,19 @@ fn take(out: &mut Collected, side: Side, index: u64, m: &Map<String, Value>) {
             _ => {}
         }
     }
-    let (hash_field, at, what) = match side {
-        Side::Agent => (FIELD_SIGNED_REQUEST_HASH, string(m, "host"), string(m, "action")),
+    let (hash_field, at, what, host) = match side {
+        Side::Agent => (FIELD_SIGNED_REQUEST_HASH, string(m, "host"), string(m, "action"), None),
         Side::Gate => {
             if !m.contains_key(FIELD_GATE_ID) {
                 return;
             }
-            (FIELD_REQUEST_HASH, string(m, FIELD_GATE_ID), string(m, "permission"))
+            let host = string(m, "host");
+            if let Some(h) = &host {
+                if !out.hosts.contains(h) {
+                    out.hosts.insert(h.clone());
+                }
+            }
+            (FIELD_REQUEST_HASH, string(m, FIELD_GATE_ID), string(m, "permission"), host)
         }
     };
     let Some(hash) = string(m, hash_field) else { return };
@@ -130,6 +225,11 @@ fn take(out: &mut Collected, side: Side, index: u64, m: &Map<String, Value>) {
         reason: string(m, "reason"),
         at,
         what,
+        time: string(m, "time"),
+        cost_millicents: m.get("cost_millicents").and_then(Value::as_u64),
+        gate_id: string(m, FIELD_GATE_ID),
+        catalog_version: m.get("catalog_version").and_then(Value::as_u64),
+        host,
     });
 }
 
@@ -158,7 +258,13 @@ impl LinkReport {
 }
 
 /// Pairs the agent's and the gate's linked records by request hash.
-pub fn link(agent: Collected, gate: Collected) -> LinkReport {
+pub fn link(mut agent: Collected, mut gate: Collected) -> LinkReport {
+    pair(&mut agent, &mut gate)
+}
+
+/// [`link`], taking the records out of both sides and leaving the rest of what was collected
+/// (whether a request went out, what it charged) to the caller.
+pub fn pair(agent: &mut Collected, gate: &mut Collected) -> LinkReport {
     let mut report = LinkReport::default();
     for (side, c) in [("agent", &agent), ("gate", &gate)] {
         if c.unreadable > 0 {
@@ -166,7 +272,7 @@ pub fn link(agent: Collected, gate: Collected) -> LinkReport {
         }
     }
     let mut gate_by_hash: BTreeMap<String, Linked> = BTreeMap::new();
-    for g in gate.records {
+    for g in std::mem::take(&mut gate.records) {
         if let Some(first) = gate_by_hash.get(&g.request_hash) {
             report.problems.push(format!(
                 "the gate's export has request hash {} twice (records {} and {}): one signed request answered twice",
@@ -178,18 +284,14 @@ pub fn link(agent: Collected, gate: Collected) -> LinkReport {
         gate_by_hash.insert(g.request_hash.clone(), g);
     }
     let mut seen: BTreeMap<String, u64> = BTreeMap::new();
-    for a in agent.records {
+    for a in std::mem::take(&mut agent.records) {
         if let Some(first) = seen.insert(a.request_hash.clone(), a.index) {
             report.problems.push(format!(
                 "the agent's export has request hash {} twice (records {first} and {})",
                 a.request_hash, a.index
             ));
         }
-        let sent = match a.decision.as_deref() {
-            Some("allow") => !agent.undelivered.contains(&a.index),
-            Some("request_hold") => agent.approved_holds.contains(&a.index),
-            _ => false,
-        };
+        let sent = agent.sent(&a);
         match gate_by_hash.remove(&a.request_hash) {
             Some(g) => {
                 if a.passport_id.is_some() && g.passport_id.is_some() && a.passport_id != g.passport_id {

@@ -324,6 +324,78 @@ impl RootBuilder {
     }
 }
 
+/// Inclusion proofs for a few chosen leaves of a tree whose leaf hashes are read once, in order,
+/// and not kept (an export of the whole log, whose records carry no proofs). It keeps only the
+/// perfect subtrees those proofs use (O(log n) per chosen leaf) and the compact range of the
+/// leaves pushed so far, whatever the size of the tree.
+#[derive(Debug)]
+pub struct ProofCollector {
+    size: u64,
+    wanted: std::collections::HashSet<(u8, u64)>,
+    nodes: MemNodes,
+    builder: RootBuilder,
+}
+
+/// A node source that answers every lookup with zeros and remembers what was asked: which
+/// stored nodes a proof needs.
+struct Asked(std::cell::RefCell<std::collections::HashSet<(u8, u64)>>);
+
+impl NodeSource for Asked {
+    fn get(&self, level: u8, index: u64) -> Result<Option<Hash>, MerkleError> {
+        self.0.borrow_mut().insert((level, index));
+        Ok(Some([0; 32]))
+    }
+}
+
+impl ProofCollector {
+    /// For the tree of `size` leaves and the leaves numbered `targets` (each below `size`).
+    pub fn new(size: u64, targets: impl IntoIterator<Item = u64>) -> Result<Self, MerkleError> {
+        let asked = Asked(Default::default());
+        for index in targets {
+            inclusion_proof(&asked, index, size)?;
+        }
+        Ok(ProofCollector { size, wanted: asked.0.into_inner(), nodes: MemNodes::new(), builder: RootBuilder::new() })
+    }
+
+    /// The next leaf hash, in log order. Leaves beyond `size` are ignored.
+    pub fn push(&mut self, leaf: Hash) {
+        let index = self.builder.size;
+        if index >= self.size {
+            return;
+        }
+        // The same merging as `RootBuilder::push`, keeping each completed subtree that is wanted:
+        // the node at level `l` made by this leaf covers leaves `[(index >> l) << l, index]`.
+        let mut level = 0u8;
+        let mut hash = leaf;
+        loop {
+            if self.wanted.contains(&(level, index >> level)) {
+                self.nodes.nodes.insert((level, index >> level), hash);
+            }
+            match self.builder.stack.last() {
+                Some(&(top_level, top_hash)) if top_level == level => {
+                    self.builder.stack.pop();
+                    hash = node_hash(&top_hash, &hash);
+                    level += 1;
+                }
+                _ => break,
+            }
+        }
+        self.builder.stack.push((level, hash));
+        self.builder.size += 1;
+    }
+
+    /// The inclusion proof of leaf `index` (one of the targets), once every leaf was pushed.
+    pub fn proof(&self, index: u64) -> Result<Vec<Hash>, MerkleError> {
+        if self.builder.size != self.size {
+            return Err(MerkleError::OutOfRange(format!(
+                "{} of the tree's {} leaves were read",
+                self.builder.size, self.size
+            )));
+        }
+        inclusion_proof(&self.nodes, index, self.size)
+    }
+}
+
 /// RFC 9162 §2.1.3.2: the root implied by an inclusion proof.
 pub fn root_from_inclusion_proof(index: u64, size: u64, leaf: &Hash, proof: &[Hash]) -> Result<Hash, ProofError> {
     if index >= size {
@@ -550,6 +622,30 @@ mod tests {
         store
     }
 
+    #[test]
+    fn proof_collector_gives_the_proofs_of_the_stored_tree() {
+        for size in [1u64, 2, 3, 4, 5, 7, 8, 9, 16, 31, 33, 100] {
+            let leaves: Vec<Hash> = (0..size).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+            let mut store = MemNodes::new();
+            for (i, l) in leaves.iter().enumerate() {
+                append(&mut store, i as u64, *l).unwrap();
+            }
+            let targets: Vec<u64> = (0..size).filter(|i| i % 3 == 0 || *i == size - 1).collect();
+            let mut c = ProofCollector::new(size, targets.clone()).unwrap();
+            assert!(c.proof(0).is_err(), "not every leaf was read yet");
+            for l in &leaves {
+                c.push(*l);
+            }
+            c.push(leaf_hash(b"beyond the size"));
+            let root = root(&store, size).unwrap();
+            for t in targets {
+                let proof = c.proof(t).unwrap();
+                assert_eq!(proof, inclusion_proof(&store, t, size).unwrap(), "size {size}, leaf {t}");
+                verify_inclusion(t, size, &leaves[t as usize], &proof, &root).unwrap();
+            }
+        }
+        assert!(ProofCollector::new(3, [3]).is_err(), "a target beyond the size");
+    }
     #[test]
     fn empty_root_is_sha256_of_nothing() {
         assert_eq!(empty_root(), h32(VECTOR_ROOTS[0]));

@@ -1,4 +1,4 @@
-//! `sluice audit export | proof | verify | link`.
+//! `sluice audit export | proof | verify | link | settle`.
 //!
 //! `export` and `proof` ask the daemon (they need its store and a freshly signed checkpoint);
 //! `verify` is offline: it needs only the file and the host's public key.
@@ -40,6 +40,48 @@ pub enum AuditCmd {
     /// one side only, a request hash twice, passport ids that differ), or on an error.
     #[command(verbatim_doc_comment)]
     Link(LinkArgs),
+    /// Settle an agent host's export against a gate's: each side's total, from its own log.
+    ///
+    /// Both exports are verified, each with its own key, and paired by request hash (as `link`).
+    /// The agent's side charged what its decisions of signed requests that went out cost
+    /// (`cost_millicents`); the gate's side what its allowed `gate_decision` records cost.
+    /// Prints both totals (dollars and millicents, exact), the pairs that agree, and every record
+    /// that does not: pairs whose charge or decision differs, requests the gate never received,
+    /// gate records of this host's passports that this host never sent. Each with its evidence:
+    /// its log index and leaf hash here; with --json, or written by --evidence-dir, a portable
+    /// attestation that `sluice audit verify F --host-pub KEY` checks offline.
+    ///
+    /// Exit status: 0 when both logs verify and every record in the window pairs and agrees;
+    /// 1 otherwise (the lines above say which log, which record and why), or on an error.
+    #[command(verbatim_doc_comment)]
+    Settle(SettleArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SettleArgs {
+    /// The agent host's export (`sluice audit export`).
+    agent_export: PathBuf,
+    /// The gate's export (`sluice gate audit export`).
+    gate_export: PathBuf,
+    /// The agent host's public key (`host.pub` in the daemon's state_dir).
+    #[arg(long, value_name = "F")]
+    agent_pub: PathBuf,
+    /// The gate's public key (`gate.pub`).
+    #[arg(long, value_name = "F")]
+    gate_pub: PathBuf,
+    /// Only records at or after this time (RFC 3339, e.g. 2026-12-01T00:00:00Z).
+    #[arg(long, value_name = "T")]
+    since: Option<String>,
+    /// Only records before this time (RFC 3339).
+    #[arg(long, value_name = "T")]
+    until: Option<String>,
+    /// Write the evidence of each record that does not settle to this directory, one portable
+    /// attestation per record (`agent-INDEX.json`, `gate-INDEX.json`; never overwritten).
+    #[arg(long, value_name = "DIR")]
+    evidence_dir: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +147,7 @@ pub fn run(cmd: AuditCmd, socket: &ApiSocket) -> CmdResult {
         AuditCmd::Proof(a) => proof(a, socket),
         AuditCmd::Verify(a) => verify_cmd(a),
         AuditCmd::Link(a) => link_cmd(a),
+        AuditCmd::Settle(a) => settle_cmd(a),
     }
 }
 
@@ -247,13 +290,14 @@ fn link_cmd(a: LinkArgs) -> CmdResult {
     let mut collected = Vec::new();
     for (side, file, key) in [(Side::Agent, &a.agent_export, &a.agent_pub), (Side::Gate, &a.gate_export, &a.gate_pub)] {
         let key = keyfile::load_public_key(key)?;
-        let report = verify::verify_reader(files::open(file, Links::Follow)?.into_file(), &key, None);
-        for p in &report.problems {
+        let pinned = Pinned::new(file)?;
+        let read =
+            link::read_side(|| pinned.open(), &key, side).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        pinned.unchanged()?;
+        for p in &read.verify.problems {
             failed.push(format!("{}: {p}", file.display()));
         }
-        let records = link::collect(files::open(file, Links::Follow)?.into_file(), side)
-            .map_err(|e| anyhow::anyhow!("{}: not an export: {e}", file.display()))?;
-        collected.push(records);
+        collected.push(read.collected);
     }
     let gate = collected.pop().unwrap_or_default();
     let agent = collected.pop().unwrap_or_default();
@@ -321,5 +365,235 @@ fn link_cmd(a: LinkArgs) -> CmdResult {
     } else {
         eprintln!("sluice: the exports do not link: see the lines above");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// An export read several times as a stream (verified, then read for what link and settle
+/// need): each read must see the bytes the verifier checked, so a file replaced or written to
+/// between or during the reads (its inode, size, mtime or ctime changed) is refused.
+struct Pinned<'a> {
+    path: &'a Path,
+    stamp: [i64; 7],
+}
+
+impl<'a> Pinned<'a> {
+    fn new(path: &'a Path) -> anyhow::Result<Self> {
+        let file = files::open(path, Links::Follow)?.into_file();
+        Ok(Pinned { path, stamp: Self::stamp_of(&file)? })
+    }
+
+    fn stamp_of(f: &std::fs::File) -> std::io::Result<[i64; 7]> {
+        use std::os::unix::fs::MetadataExt;
+        let m = f.metadata()?;
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        Ok([n(m.dev()), n(m.ino()), n(m.size()), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()])
+    }
+
+    fn changed(&self) -> std::io::Error {
+        std::io::Error::other(format!(
+            "{} changed while it was being read (replaced or written to); copy it somewhere nothing writes and run again",
+            self.path.display()
+        ))
+    }
+
+    /// Opens the export for one more read.
+    fn open(&self) -> std::io::Result<std::fs::File> {
+        let file = files::open(self.path, Links::Follow)
+            .map(|f| f.into_file())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if Self::stamp_of(&file)? != self.stamp {
+            return Err(self.changed());
+        }
+        Ok(file)
+    }
+
+    /// After the last read: the file is still the one read.
+    fn unchanged(&self) -> anyhow::Result<()> {
+        let file = files::open(self.path, Links::Follow)?.into_file();
+        if Self::stamp_of(&file)? != self.stamp {
+            return Err(self.changed().into());
+        }
+        Ok(())
+    }
+}
+
+fn time_arg(flag: &str, value: &Option<String>) -> anyhow::Result<Option<chrono::DateTime<chrono::Utc>>> {
+    value
+        .as_deref()
+        .map(|s| {
+            crate::ledger::record::parse_time(s)
+                .ok_or_else(|| anyhow::anyhow!("{flag} {s:?} is not an RFC 3339 time (e.g. 2026-12-01T00:00:00Z)"))
+        })
+        .transpose()
+}
+
+fn settle_cmd(a: SettleArgs) -> CmdResult {
+    use crate::ledger::export::PortableAttestation;
+    use crate::ledger::link::{Linked, Side};
+    use crate::ledger::settle::{self, Entry, LogCheck, SettleOptions};
+    let agent_key = keyfile::load_public_key(&a.agent_pub)?;
+    let gate_key = keyfile::load_public_key(&a.gate_pub)?;
+    let opts = SettleOptions {
+        gate_id: Some(crate::gate::gate_id(&gate_key)),
+        since: time_arg("--since", &a.since)?,
+        until: time_arg("--until", &a.until)?,
+    };
+    if let (Some(s), Some(u)) = (opts.since, opts.until) {
+        if s >= u {
+            anyhow::bail!("--since {} is not before --until {}: the window is empty", s, u);
+        }
+    }
+    let (agent, gate) = (Pinned::new(&a.agent_export)?, Pinned::new(&a.gate_export)?);
+    let report =
+        settle::settle_exports(|| agent.open(), &agent_key, || gate.open(), &gate_key, &opts).map_err(|e| {
+            let file = if e.side == Side::Agent { &a.agent_export } else { &a.gate_export };
+            anyhow::anyhow!("{}: {}", file.display(), e.reason)
+        })?;
+    agent.unchanged()?;
+    gate.unchanged()?;
+    let entries = || report.differ.iter().chain(&report.not_received).chain(&report.not_sent_by_this_host);
+    let mut written = 0usize;
+    if let Some(dir) = &a.evidence_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        for e in entries() {
+            for (name, att) in [("agent", &e.agent_evidence), ("gate", &e.gate_evidence)] {
+                if let Some(att) = att {
+                    let path = dir.join(format!("{name}-{}.json", att.index));
+                    if path.exists() {
+                        continue; // one record named by two entries
+                    }
+                    write_new(&path, &serde_json::to_value(att)?)?;
+                    written += 1;
+                }
+            }
+        }
+    }
+    if a.json {
+        super::util::print_json(&serde_json::to_value(&report)?);
+    } else {
+        let log_line = |name: &str, file: &Path, c: &LogCheck| {
+            let size = c.checkpoint_size.map_or_else(|| "-".to_string(), |s| s.to_string());
+            if c.verified {
+                println!(
+                    "{name} log  {}: verified ({} records, checkpoint size {size})",
+                    file.display(),
+                    c.records_checked
+                );
+            } else {
+                println!("{name} log  {}: verification FAILED with {} problem(s):", file.display(), c.problems.len());
+                for p in &c.problems {
+                    println!("  PROBLEM  {p}");
+                }
+            }
+        };
+        log_line("agent", &a.agent_export, &report.agent_log);
+        log_line("gate ", &a.gate_export, &report.gate_log);
+        println!("gate       {}", report.gate_id.as_deref().unwrap_or("-"));
+        println!(
+            "window     {} .. {}",
+            report.since.as_deref().unwrap_or("(start)"),
+            report.until.as_deref().unwrap_or("(end)")
+        );
+        println!();
+        println!("{:<12}{:>18}{:>18}", "", "agent", "gate");
+        let (at, gt) = (&report.agent_total, &report.gate_total);
+        println!("{:<12}{:>18}{:>18}", "total", at.dollars, gt.dollars);
+        println!("{:<12}{:>18}{:>18}", "millicents", at.millicents, gt.millicents);
+        println!("{:<12}{:>18}{:>18}", "charges", at.charges, gt.charges);
+        println!();
+        let leaf = |att: &Option<PortableAttestation>| {
+            att.as_ref().map_or_else(
+                || "no evidence: its log did not verify".to_string(),
+                |att| {
+                    format!(
+                        "leaf {}",
+                        crate::ledger::hex::encode(&crate::ledger::merkle::leaf_hash(att.record.as_bytes()))
+                    )
+                },
+            )
+        };
+        let record = |side: &str, l: &Option<Linked>, att: &Option<PortableAttestation>| {
+            l.as_ref()
+                .map(|l| format!("    {side} record {} ({}), {}", l.index, l.time.as_deref().unwrap_or("-"), leaf(att)))
+        };
+        let show = |label: &str, list: &[Entry]| {
+            for e in list {
+                println!("{label:<22}{}", e.request_hash);
+                println!("    {}", e.why);
+                for line in [record("agent", &e.agent, &e.agent_evidence), record("gate ", &e.gate, &e.gate_evidence)]
+                    .into_iter()
+                    .flatten()
+                {
+                    println!("{line}");
+                }
+            }
+        };
+        show("DIFFERS", &report.differ);
+        show("NOT RECEIVED", &report.not_received);
+        show("NOT SENT BY THIS HOST", &report.not_sent_by_this_host);
+        for p in &report.problems {
+            println!("PROBLEM  {p}");
+        }
+        let i = &report.ignored;
+        println!(
+            "{} agree, {} differ, {} not received, {} not sent by this host; {} never left the agent's host; ignored: {} of other gates, {} of other hosts' passports, {} outside the window",
+            report.agreed,
+            report.differ.len(),
+            report.not_received.len(),
+            report.not_sent_by_this_host.len(),
+            report.never_sent,
+            i.agent_other_gates,
+            i.gate_other_hosts,
+            i.outside_window
+        );
+        if let Some(dir) = &a.evidence_dir {
+            println!(
+                "{written} evidence file(s) in {} (check each: sluice audit verify F --host-pub KEY)",
+                dir.display()
+            );
+        } else if entries().next().is_some() {
+            println!("evidence: --json carries each record as a portable attestation, --evidence-dir writes them");
+        }
+    }
+    if report.ok {
+        if !a.json {
+            println!("settled: OK");
+        }
+        Ok(ExitCode::SUCCESS)
+    } else {
+        let why = match (report.agent_log.verified, report.gate_log.verified) {
+            (false, false) => "neither log verifies".to_string(),
+            (false, true) => format!("the agent's log ({}) does not verify", a.agent_export.display()),
+            (true, false) => format!("the gate's log ({}) does not verify", a.gate_export.display()),
+            (true, true) => "the two sides do not agree".to_string(),
+        };
+        eprintln!("sluice: settlement FAILED: {why}: see the lines above");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pinned;
+
+    #[test]
+    fn an_export_that_changes_between_reads_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("export.json");
+        std::fs::write(&path, b"{\"format\": \"a\"}").unwrap();
+        let pinned = Pinned::new(&path).unwrap();
+        assert!(pinned.open().is_ok());
+        pinned.unchanged().unwrap();
+        // Written to in place: the size and ctime change.
+        std::fs::write(&path, b"{\"format\": \"b\", \"x\": 1}").unwrap();
+        let e = pinned.open().unwrap_err().to_string();
+        assert!(e.contains("export.json changed while it was being read"), "{e}");
+        assert!(pinned.unchanged().is_err());
+        // Replaced by another file of the same size: another inode.
+        let pinned = Pinned::new(&path).unwrap();
+        let other = dir.path().join("other.json");
+        std::fs::write(&other, b"{\"format\": \"c\", \"x\": 1}").unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        assert!(pinned.open().is_err());
     }
 }
