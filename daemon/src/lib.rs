@@ -21,6 +21,7 @@ pub mod config;
 pub mod console;
 pub mod discover;
 pub mod dns;
+pub mod fleet;
 pub mod gate;
 pub mod httpbody;
 pub mod metrics;

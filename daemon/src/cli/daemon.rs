@@ -123,6 +123,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     service.set_policy(host_policy.clone());
+    // The fleet's budget leases ([fleet]): the password and CA files are read now (a problem
+    // stops the start, naming the file); Redis itself may be down: the host then spends only what
+    // its records say it holds, and blocks with fleet_unavailable beyond that.
+    let fleet = match &config.fleet {
+        Some(fc) => {
+            let conn = Arc::new(crate::fleet::RedisConn::new(fc)?);
+            let leases = crate::fleet::Leases::new(conn, fc);
+            service.attach_fleet(leases.clone())?;
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            tracing::info!(redis = %leases.conn().url(), host_id = %fc.host_id, "fleet budget leases on");
+            Some((stop, tokio::spawn(leases.run(stop_rx))))
+        }
+        None => None,
+    };
     // The sandbox check compares /proc/PID/cgroup paths: use the agents' cgroup as attached
     // (it may be a systemd slice rather than the configured name).
     let agents_rel = match &enforcer {
@@ -214,6 +228,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let _ = reloader.await;
     if let Some(i) = plane {
         i.shutdown().await;
+    }
+    // Unused parts of the fleet leases go back (bounded), recorded before the store closes.
+    if let Some((stop, task)) = fleet {
+        let _ = stop.send(true);
+        let _ = task.await;
     }
     // The eBPF links stay pinned: with the daemon gone, agents' connections are refused.
     drop(enforcer);
