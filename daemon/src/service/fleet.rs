@@ -174,6 +174,7 @@ mod tests {
             path: None,
             port: None,
             signed_request_hash: None,
+            gate_price: None,
         };
         f.service.enforce_outcome(input, HoldOrigin::Api, HostVerdict::Allow).await.unwrap()
     }
