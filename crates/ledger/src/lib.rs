@@ -53,6 +53,7 @@ pub mod journal;
 pub mod link;
 pub mod merkle;
 pub mod record;
+pub mod seen;
 pub mod store;
 mod sync;
 pub mod verify;
