@@ -53,6 +53,10 @@ pub struct Config {
     pub console: ConsoleConfig,
     #[serde(default)]
     pub gates: GatesConfig,
+    /// `[fleet]`: budgets shared with other hosts through Redis (docs/fleet.md). Absent: this
+    /// host counts alone, as it always did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetConfig>,
     /// The file this was read from (empty when built from defaults).
     #[serde(skip)]
     pub source: PathBuf,
@@ -373,6 +377,201 @@ impl GatesConfig {
     }
 }
 
+/// `[fleet]`: one budget across many hosts (docs/fleet.md). Each host spends a passport's spend
+/// caps and rate limits from leases it takes from a shared Redis; Redis is trusted with budget
+/// accounting only, never with a decision's integrity.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// `redis://host:port` or `rediss://host:port` (TLS), optionally `redis://user@host:port`.
+    /// A password in the URL is refused: it comes from `password_file`.
+    pub redis: String,
+    /// The Redis password (AUTH), alone in a file of mode 0600 (or stricter). Absent: no AUTH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// PEM certificates that verify a `rediss://` server, instead of the system roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// This host's name in the fleet: `[a-z0-9-]{1,64}`, unique per host.
+    pub host_id: String,
+    /// How much of a spend cap one lease takes, in cents.
+    #[serde(default = "default_lease_cents")]
+    pub lease_cents: u64,
+    /// How many requests of a rate limit one lease takes.
+    #[serde(default = "default_lease_requests")]
+    pub lease_requests: u64,
+    /// A lease's lifetime in seconds: renewed ahead of its end, its unused part returned after.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
+    /// The namespace of every key sluice writes in Redis.
+    #[serde(default = "default_fleet_prefix")]
+    pub prefix: String,
+}
+
+fn default_lease_cents() -> u64 {
+    100
+}
+fn default_lease_requests() -> u64 {
+    20
+}
+fn default_lease_secs() -> u64 {
+    60
+}
+fn default_fleet_prefix() -> String {
+    "sluice".into()
+}
+/// The bounds of `[fleet] lease_cents` (a cent to a million dollars).
+pub const FLEET_LEASE_CENTS_RANGE: std::ops::RangeInclusive<u64> = 1..=100_000_000;
+/// The bounds of `[fleet] lease_requests`.
+pub const FLEET_LEASE_REQUESTS_RANGE: std::ops::RangeInclusive<u64> = 1..=1_000_000;
+/// The bounds of `[fleet] lease_secs`.
+pub const FLEET_LEASE_SECS_RANGE: std::ops::RangeInclusive<u64> = 5..=86_400;
+
+/// Where `[fleet] redis` points, parsed: no password, no path, query or fragment (a
+/// `#insecure` fragment would turn off certificate checks in the client library).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    pub tls: bool,
+    /// A DNS name or IP address (an IPv6 address without brackets).
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+}
+
+impl RedisUrl {
+    /// The longest URL accepted.
+    pub const MAX_LEN: usize = 512;
+
+    pub fn parse(url: &str) -> Result<RedisUrl, String> {
+        if url.len() > Self::MAX_LEN {
+            return Err(format!("is longer than {} bytes", Self::MAX_LEN));
+        }
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("rediss://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("redis://") {
+            (false, rest)
+        } else {
+            return Err(format!("{url:?} must start with redis:// or rediss:// (TLS)"));
+        };
+        // A password is refused before the URL is quoted in any message.
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        if authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':')) {
+            return Err("carries a password; put the password alone in a file of mode 0600 and name it in \
+                        fleet.password_file"
+                .into());
+        }
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#']) || rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "{url:?}: only scheme://[user@]host[:port] is accepted (no database path, query or fragment)"
+            ));
+        }
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let username = match userinfo {
+            None => None,
+            Some("") => return Err(format!("{url:?} has an empty user name before @")),
+            Some(u) if u.len() > 128 || !u.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) => {
+                return Err("user name must be 1 to 128 of A-Z a-z 0-9 - _ .".into())
+            }
+            Some(u) => Some(u.to_string()),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (addr, after) = v6.split_once(']').ok_or_else(|| format!("{url:?}: unclosed [ in the host"))?;
+            addr.parse::<std::net::Ipv6Addr>().map_err(|_| format!("{url:?}: {addr:?} is not an IPv6 address"))?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(|| format!("{url:?}: expected :port after ]"))?),
+            };
+            (addr.to_string(), port)
+        } else {
+            match hostport.split_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (hostport.to_string(), None),
+            }
+        };
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && (host.parse::<IpAddr>().is_ok()
+                || host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'));
+        if !host_ok {
+            return Err(format!("{url:?}: {host:?} is not a host name or IP address"));
+        }
+        let port = match port {
+            None => 6379,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err(format!("{url:?}: port {p:?} is not from 1 to 65535")),
+            },
+        };
+        Ok(RedisUrl { tls, host, port, username })
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    /// The URL without secrets (there are none in it), for messages and records.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let user = self.username.as_deref().map(|u| format!("{u}@")).unwrap_or_default();
+        if self.host.contains(':') {
+            write!(f, "{scheme}://{user}[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{user}{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FleetConfig {
+    /// `redis`, parsed (validated at load, so this does not fail on a loaded config).
+    pub fn redis_url(&self) -> Result<RedisUrl, String> {
+        RedisUrl::parse(&self.redis)
+    }
+
+    /// Whether `id` is a valid `host_id` (also a prefix's shape check's building block).
+    pub fn valid_host_id(id: &str) -> bool {
+        (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    }
+
+    fn problem(&self) -> Option<(&'static str, String)> {
+        if let Err(e) = self.redis_url() {
+            return Some(("fleet.redis", e));
+        }
+        if !Self::valid_host_id(&self.host_id) {
+            return Some(("fleet.host_id", format!("{:?} must be 1 to 64 of a-z 0-9 -", self.host_id)));
+        }
+        for (field, path) in [("fleet.password_file", &self.password_file), ("fleet.ca_file", &self.ca_file)] {
+            if let Some(p) = path {
+                if !p.is_absolute() {
+                    return Some((field, format!("{} must be an absolute path", p.display())));
+                }
+            }
+        }
+        if self.ca_file.is_some() && !self.redis_url().map(|u| u.tls).unwrap_or(false) {
+            return Some(("fleet.ca_file", "is only used with a rediss:// (TLS) URL; use rediss:// or drop it".into()));
+        }
+        if !FLEET_LEASE_CENTS_RANGE.contains(&self.lease_cents) {
+            return Some(("fleet.lease_cents", format!("must be from 1 to {}", FLEET_LEASE_CENTS_RANGE.end())));
+        }
+        if !FLEET_LEASE_REQUESTS_RANGE.contains(&self.lease_requests) {
+            return Some(("fleet.lease_requests", format!("must be from 1 to {}", FLEET_LEASE_REQUESTS_RANGE.end())));
+        }
+        if !FLEET_LEASE_SECS_RANGE.contains(&self.lease_secs) {
+            return Some((
+                "fleet.lease_secs",
+                format!("must be from {} to {} seconds", FLEET_LEASE_SECS_RANGE.start(), FLEET_LEASE_SECS_RANGE.end()),
+            ));
+        }
+        let prefix_ok = (1..=64).contains(&self.prefix.len())
+            && self.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        if !prefix_ok {
+            return Some(("fleet.prefix", format!("{:?} must be 1 to 64 of A-Z a-z 0-9 - _ .", self.prefix)));
+        }
+        None
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -387,6 +586,7 @@ impl Default for Config {
             holds: HoldsConfig::default(),
             console: ConsoleConfig::default(),
             gates: GatesConfig::default(),
+            fleet: None,
             source: PathBuf::new(),
         }
     }
@@ -551,6 +751,9 @@ impl Config {
         if !(1..=MAX_GATE_BODY_BYTES).contains(&self.gates.max_body_bytes) {
             return Err(self.invalid("gates.max_body_bytes", format!("must be from 1 to {MAX_GATE_BODY_BYTES} bytes")));
         }
+        if let Some((field, problem)) = self.fleet.as_ref().and_then(FleetConfig::problem) {
+            return Err(self.invalid(field, problem));
+        }
         self.pinned_issuers()?;
         Ok(())
     }
@@ -707,6 +910,69 @@ listen = "127.0.0.1:7070"
         assert!(!e.contains('\n'));
         let e = parse("stat_dir = \"/x\"\n").unwrap_err().to_string();
         assert!(e.contains("stat_dir"), "{e}");
+    }
+
+    const FLEET: &str = "[fleet]\nredis = \"redis://127.0.0.1:6390\"\nhost_id = \"web-1\"\n";
+
+    #[test]
+    fn fleet_is_off_unless_configured_and_strict_when_it_is() {
+        assert_eq!(parse("").unwrap().fleet, None);
+        let f = parse(FLEET).unwrap().fleet.unwrap();
+        assert_eq!((f.lease_cents, f.lease_requests, f.lease_secs, f.prefix.as_str()), (100, 20, 60, "sluice"));
+        assert_eq!(
+            f.redis_url().unwrap(),
+            RedisUrl { tls: false, host: "127.0.0.1".into(), port: 6390, username: None }
+        );
+        let full = parse(
+            "[fleet]\nredis = \"rediss://agent@redis.internal:6380\"\nhost_id = \"a-1\"\n\
+             password_file = \"/etc/sluice/redis.pass\"\nca_file = \"/etc/sluice/redis-ca.pem\"\n\
+             lease_cents = 500\nlease_requests = 7\nlease_secs = 30\nprefix = \"prod.sluice\"\n",
+        )
+        .unwrap()
+        .fleet
+        .unwrap();
+        let url = full.redis_url().unwrap();
+        assert_eq!(
+            url,
+            RedisUrl { tls: true, host: "redis.internal".into(), port: 6380, username: Some("agent".into()) }
+        );
+        assert_eq!(url.to_string(), "rediss://agent@redis.internal:6380");
+        assert_eq!(RedisUrl::parse("redis://[::1]:7000/").unwrap().to_string(), "redis://[::1]:7000");
+        assert_eq!(RedisUrl::parse("redis://r.example").unwrap().port, 6379);
+        for (text, field, words) in [
+            ("[fleet]\nhost_id = \"a\"", "redis", "missing field"),
+            ("[fleet]\nredis = \"redis://h:1\"", "host_id", "missing field"),
+            ("[fleet]\nredis = \"redis://h:1\"\nhost_id = \"a\"\nlease_cent = 1", "lease_cent", "unknown field"),
+            ("[fleet]\nredis = \"redis://:hunter2@h:1\"\nhost_id = \"a\"", "fleet.redis", "password_file"),
+            ("[fleet]\nredis = \"redis://u:hunter2@h:1\"\nhost_id = \"a\"", "fleet.redis", "password_file"),
+            ("[fleet]\nredis = \"redis://u:hunter2@h:1/0?x#y\"\nhost_id = \"a\"", "fleet.redis", "password_file"),
+            ("[fleet]\nredis = \"rediss://h:1/#insecure\"\nhost_id = \"a\"", "fleet.redis", "fragment"),
+            ("[fleet]\nredis = \"redis://h:1/0\"\nhost_id = \"a\"", "fleet.redis", "database path"),
+            ("[fleet]\nredis = \"http://h:1\"\nhost_id = \"a\"", "fleet.redis", "redis://"),
+            ("[fleet]\nredis = \"redis://h:0\"\nhost_id = \"a\"", "fleet.redis", "port"),
+            ("[fleet]\nredis = \"redis://h:x\"\nhost_id = \"a\"", "fleet.redis", "port"),
+            ("[fleet]\nredis = \"redis://\"\nhost_id = \"a\"", "fleet.redis", "host"),
+            ("[fleet]\nredis = \"redis://[zz]:1\"\nhost_id = \"a\"", "fleet.redis", "IPv6"),
+            ("[fleet]\nredis = \"redis://h:1\"\nhost_id = \"Web_1\"", "fleet.host_id", "a-z"),
+            ("[fleet]\nredis = \"redis://h:1\"\nhost_id = \"\"", "fleet.host_id", "a-z"),
+            (
+                "[fleet]\nredis = \"redis://h:1\"\nhost_id = \"a\"\npassword_file = \"p\"",
+                "fleet.password_file",
+                "absolute",
+            ),
+            ("[fleet]\nredis = \"redis://h:1\"\nhost_id = \"a\"\nca_file = \"/ca.pem\"", "fleet.ca_file", "rediss://"),
+            ("[fleet]\nredis = \"redis://h:1\"\nhost_id = \"a\"\nlease_cents = 0", "fleet.lease_cents", "from 1"),
+            ("[fleet]\nredis = \"redis://h:1\"\nhost_id = \"a\"\nlease_requests = 0", "fleet.lease_requests", "from 1"),
+            ("[fleet]\nredis = \"redis://h:1\"\nhost_id = \"a\"\nlease_secs = 1", "fleet.lease_secs", "from 5"),
+            ("[fleet]\nredis = \"redis://h:1\"\nhost_id = \"a\"\nprefix = \"a b\"", "fleet.prefix", "A-Z"),
+            ("[fleet]\nredis = \"redis://h:1\"\nhost_id = \"a\"\nprefix = \"\"", "fleet.prefix", "A-Z"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(words), "{text}: {e}");
+            assert!(!e.contains("hunter2"), "a password never reaches a message: {e}");
+        }
+        let long = format!("[fleet]\nredis = \"redis://{}:1\"\nhost_id = \"a\"", "h".repeat(600));
+        assert!(parse(&long).unwrap_err().to_string().contains("longer than"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod console;
 pub mod dns;
+pub mod fleet;
 pub mod gate;
 pub mod httpbody;
 pub mod metrics;

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod flood;
 pub mod mock_llm;
 pub mod probe;
+pub mod redis;
 pub mod upstream;
 
 use std::collections::HashSet;

@@ -2,7 +2,7 @@
 //! libbpf's static library with libelf and zlib, which load the Unix socket filter) and to
 //! test (curl, python3, iproute2, liburing for the bypass suites; git, node and `script` for the
 //! programs run inside a sandbox; openssl and Python's cryptography for the key-format tests;
-//! Chromium for the console's browser test).
+//! Chromium for the console's browser test; redis-server for the fleet tests).
 //! Installed with apt-get when running as root on Debian; otherwise the exact command is printed
 //! and the task fails.
 
@@ -45,6 +45,9 @@ const NEEDS: &[(&str, &str)] = &[
     ("systemd-nspawn", "systemd-container"),
     ("debootstrap", "debootstrap"),
     ("nsenter", "util-linux"),
+    // The fleet tests (tests/src/redis.rs) start their own redis-server on a loopback port; the
+    // package's system service is never started by sluice or its tests.
+    ("redis-server", "redis-server"),
 ];
 
 /// (Python module, the package that provides it): present when `import MODULE` succeeds in
