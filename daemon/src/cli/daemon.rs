@@ -123,6 +123,19 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     service.set_policy(host_policy.clone());
+    // With [fleet]: every checkpoint the log signs is published to Redis in the background.
+    let checkpoint_publisher = match &config.fleet {
+        Some(fleet) => {
+            let conn = Arc::new(crate::fleet::RedisConn::new(fleet)?);
+            Some(crate::fleet::checkpoints::Publisher::start(
+                conn,
+                crate::fleet::Keys::from_config(fleet),
+                fleet.host_id.clone(),
+                ledger.clone(),
+            ))
+        }
+        None => None,
+    };
     // The sandbox check compares /proc/PID/cgroup paths: use the agents' cgroup as attached
     // (it may be a systemd slice rather than the configured name).
     let agents_rel = match &enforcer {
@@ -221,6 +234,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "could not record the daemon's stop");
     }
     ledger.shutdown();
+    if let Some(p) = checkpoint_publisher {
+        p.finish().await;
+    }
     let _ = std::fs::remove_file(&config.api.socket);
     Ok(())
 }

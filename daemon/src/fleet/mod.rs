@@ -25,6 +25,7 @@
 //!
 //! [`Keys`] builds every one of them; nothing else formats a key.
 
+pub mod checkpoints;
 pub mod conn;
 
 pub use conn::{Health, RedisConn};
