@@ -40,7 +40,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
 /// The periods a passport can limit requests over (`core:rate:max_per_minute|hour|day`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RatePeriod {
     Minute,
     Hour,

@@ -123,16 +123,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     service.set_policy(host_policy.clone());
-    // With [fleet]: every checkpoint the log signs is published to Redis in the background.
-    let checkpoint_publisher = match &config.fleet {
-        Some(fleet) => {
-            let conn = Arc::new(crate::fleet::RedisConn::new(fleet)?);
-            Some(crate::fleet::checkpoints::Publisher::start(
+    // The fleet's budget leases ([fleet]): the password and CA files are read now (a problem
+    // stops the start, naming the file); Redis itself may be down: the host then spends only what
+    // its records say it holds, and blocks with fleet_unavailable beyond that. Every checkpoint
+    // the log signs is published to the same Redis in the background, off the request path.
+    let fleet = match &config.fleet {
+        Some(fc) => {
+            let conn = Arc::new(crate::fleet::RedisConn::new(fc)?);
+            let leases = crate::fleet::Leases::new(conn.clone(), fc);
+            service.attach_fleet(leases.clone())?;
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            tracing::info!(redis = %leases.conn().url(), host_id = %fc.host_id, "fleet budget leases on");
+            let publisher = crate::fleet::checkpoints::Publisher::start(
                 conn,
-                crate::fleet::Keys::from_config(fleet),
-                fleet.host_id.clone(),
+                crate::fleet::Keys::from_config(fc),
+                fc.host_id.clone(),
                 ledger.clone(),
-            ))
+            );
+            Some((stop, tokio::spawn(leases.run(stop_rx)), publisher))
         }
         None => None,
     };
@@ -228,6 +236,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(i) = plane {
         i.shutdown().await;
     }
+    // Unused parts of the fleet leases go back (bounded), recorded before the store closes.
+    let checkpoint_publisher = match fleet {
+        Some((stop, task, publisher)) => {
+            let _ = stop.send(true);
+            let _ = task.await;
+            Some(publisher)
+        }
+        None => None,
+    };
     // The eBPF links stay pinned: with the daemon gone, agents' connections are refused.
     drop(enforcer);
     if let Err(e) = service.record_host_event("daemon_stop", serde_json::json!({})).await {

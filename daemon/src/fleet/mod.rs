@@ -27,8 +27,10 @@
 
 pub mod checkpoints;
 pub mod conn;
+pub mod lease;
 
 pub use conn::{Health, RedisConn};
+pub use lease::{LeaseEvent, LeaseOp, Leases, Limit, Refusal, Restored, Window};
 
 use crate::config::FleetConfig;
 use std::path::PathBuf;

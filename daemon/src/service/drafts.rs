@@ -64,6 +64,12 @@ pub mod kind {
     pub const EMERGENCY_RESUME: &str = "emergency_resume";
     /// A reset of counters other than the spend window's (the verifier's sum goes on).
     pub const COUNTER_RESET_PARTIAL: &str = "counter_reset_partial";
+    /// A fleet budget lease taken from Redis (docs/fleet.md).
+    pub const FLEET_LEASE_TAKEN: &str = "fleet_lease_taken";
+    /// A fleet budget lease renewed (more of the budget taken before the lease ran out).
+    pub const FLEET_LEASE_RENEWED: &str = "fleet_lease_renewed";
+    /// The unused part of a fleet budget lease given back.
+    pub const FLEET_LEASE_RETURNED: &str = "fleet_lease_returned";
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -97,6 +103,34 @@ pub fn base(kind: &str, claims: Option<&Claims>, at: DateTime<Utc>) -> Map<Strin
         m.insert(field::PASSPORT_ID.into(), c.id.as_str().into());
         m.insert(field::ISSUER.into(), c.issuer.as_str().into());
         m.insert(field::AGENT_ID.into(), c.agent_id.clone().into());
+    }
+    m
+}
+
+/// A fleet lease taken, renewed or returned (docs/records.md), on the passport's chain.
+pub fn fleet_lease(e: &crate::fleet::LeaseEvent, redis: &str, at: DateTime<Utc>) -> Members {
+    let kind = match e.op {
+        crate::fleet::LeaseOp::Taken => kind::FLEET_LEASE_TAKEN,
+        crate::fleet::LeaseOp::Renewed => kind::FLEET_LEASE_RENEWED,
+        crate::fleet::LeaseOp::Returned => kind::FLEET_LEASE_RETURNED,
+    };
+    let mut m = typed(kind, None, at, 16, 640);
+    m.str(field::PASSPORT_ID, &e.passport_id)
+        .str("host_id", &e.host_id)
+        .str("redis", redis)
+        .str("limit", &e.limit.name())
+        .str("unit", e.limit.unit())
+        .str("lease_window", &e.window)
+        .time("lease_window_start", &e.window_start)
+        .time("lease_window_end", &e.window_end)
+        .uint("limit_amount", e.limit_amount)
+        .uint("amount", e.amount)
+        .uint("claim", e.claim);
+    if let Some(total) = e.fleet_total {
+        m.uint("fleet_total", total);
+    }
+    if let Some(why) = e.why {
+        m.str("why", why);
     }
     m
 }
@@ -245,6 +279,27 @@ impl Built {
             ),
             at,
         )
+    }
+
+    /// An evaluation that allowed the request, refused because this host's fleet leases do not
+    /// cover it: a block that spends nothing (the spend stays where it was before the request).
+    pub fn fleet_refused(
+        eval: &decide::Evaluation,
+        claims: &Claims,
+        refusal: &crate::fleet::Refusal,
+        at: DateTime<Utc>,
+    ) -> Built {
+        let mut built = Built::from_eval(eval, claims, at);
+        built.decision = Decision::Block;
+        built.reason = Reason::parse(refusal.reason);
+        built.detail = refusal.detail.clone();
+        built.guardrails.push(Guardrail { name: "fleet_lease".to_string(), passed: false, detail: refusal.detail.clone() });
+        built.all_passed = false;
+        if let Some(spend) = &mut built.spend {
+            spend.after_millicents = eval.spend_after_millicents.saturating_sub(eval.spend_delta_millicents);
+            spend.delta_millicents = 0;
+        }
+        built
     }
 
     pub fn from_eval(eval: &decide::Evaluation, claims: &Claims, at: DateTime<Utc>) -> Built {

@@ -8,7 +8,8 @@
 //! State keys in the ledger's state table (values are JSON):
 //! `passport/<id>` the registered token; `revoked/<id>` who revoked it and when;
 //! `usage/<id>` the passport's counters ([`crate::decide::Usage`]); `hold/<id>` a hold;
-//! `stop/all` and `stop/<id>` emergency stops in force (`stops.rs`).
+//! `stop/all` and `stop/<id>` emergency stops in force (`stops.rs`); `fleet/<id>/<limit>/<window>`
+//! this host's fleet claims (`fleet.rs`).
 
 /// `to_json` for a typed service answer: its JSON, made at the edge (API, CLI, proxy answers).
 /// Defined before the modules so that each of them can use it.
@@ -25,6 +26,7 @@ macro_rules! json_at_the_edge {
 
 mod agent_key;
 mod drafts;
+mod fleet;
 mod held;
 mod holds;
 #[cfg(test)]
@@ -373,6 +375,8 @@ pub struct Service {
     lanes: lanes::Lanes,
     /// Emergency stops in force (`stops.rs`); the proxy watches it.
     stops: tokio::sync::watch::Sender<Arc<StopSet>>,
+    /// The fleet's budget leases, when `[fleet]` is configured (`fleet.rs`).
+    fleet: std::sync::OnceLock<Arc<crate::fleet::Leases>>,
 }
 
 /// Revocations as the ledger's state knows them, for the passport verifier.
@@ -425,6 +429,7 @@ impl Service {
             policy: RwLock::new(None),
             lanes: lanes::Lanes::default(),
             stops: tokio::sync::watch::Sender::new(Arc::new(stop_set)),
+            fleet: std::sync::OnceLock::new(),
         });
         service
             .record_host_event("daemon_start", json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}))
@@ -707,6 +712,12 @@ impl Service {
                 .await?
             }
             Some(cp) => {
+                // Fleet leases first (outside the lane): a request the host's leases do not cover
+                // waits here, briefly, for a lease; the lane then decides with what the host holds.
+                let fleet = self.fleet().cloned();
+                if let Some(f) = &fleet {
+                    f.prepare(&cp, cost_millicents, now()).await;
+                }
                 let blocking = lanes::needs_blocking_thread(&cp, host_rules.as_deref());
                 let opts = EvalOptions { skip_approval: false, host_rules };
                 let signed_request_hash = input.signed_request_hash;
@@ -718,6 +729,7 @@ impl Service {
                     policy_digest: digest,
                     opts,
                     signed_request_hash,
+                    fleet,
                 });
                 let d = decision.clone();
                 let barred_now = {
@@ -908,6 +920,8 @@ struct LaneDecision {
     opts: EvalOptions,
     /// See [`EnforceInput::signed_request_hash`].
     signed_request_hash: Option<String>,
+    /// The fleet's leases: an allow must also fit in what this host holds.
+    fleet: Option<Arc<crate::fleet::Leases>>,
 }
 
 /// What a [`LaneDecision`] commits: the decision and, except for a hold (whose record names the
@@ -949,8 +963,20 @@ impl LaneDecision {
                     let usage = usage.unwrap_or_default();
                     let eval =
                         decide::evaluate(&self.cp, &usage, &self.request, &self.host_verdict, at, self.opts.clone());
-                    let writes = (eval.decision == decide::Decision::Allow).then(|| eval.usage_after.to_bytes());
-                    (drafts::Built::from_eval(&eval, claims, at), writes)
+                    let fleet_refusal = match &self.fleet {
+                        Some(f) if eval.decision == decide::Decision::Allow => {
+                            f.admit(&self.cp, eval.spend_after_millicents, at).err()
+                        }
+                        _ => None,
+                    };
+                    match fleet_refusal {
+                        Some(refusal) => (drafts::Built::fleet_refused(&eval, claims, &refusal, at), None),
+                        None => {
+                            let writes =
+                                (eval.decision == decide::Decision::Allow).then(|| eval.usage_after.to_bytes());
+                            (drafts::Built::from_eval(&eval, claims, at), writes)
+                        }
+                    }
                 }
             }
         };

@@ -1,0 +1,138 @@
+//! The service's side of fleet leases (`crate::fleet`): lease records and their state entries,
+//! and the claims restored from them at start.
+//!
+//! State key `fleet/<passport id>/<limit>/<window>` (JSON [`StoredClaim`]): what the host may
+//! spend in that window, written in the same transaction as the lease record that changed it.
+//! At start these are the claims the host re-publishes to Redis (after a FLUSHALL too), so a
+//! budget is never re-established from zero.
+
+use super::{drafts, now, Service, ServiceError};
+use crate::decide::usage::window_start;
+use crate::fleet::{LeaseEvent, LeaseOp, Leases, Limit, Restored, Window};
+use crate::ledger::{Draft, Txn, TxnError};
+use crate::passport::SpendWindow;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// State-table prefix of the host's fleet claims.
+pub(super) const FLEET_PREFIX: &str = "fleet/";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct StoredClaim {
+    pub limit: String,
+    pub window_start: DateTime<Utc>,
+    pub window_end: DateTime<Utc>,
+    pub limit_amount: u64,
+    pub claim: u64,
+}
+
+fn state_key(e: &LeaseEvent) -> String {
+    format!("{FLEET_PREFIX}{}/{}/{}", e.passport_id, e.limit.name(), e.window)
+}
+
+fn parse_limit(name: &str) -> Option<Limit> {
+    use crate::decide::rate::RatePeriod;
+    Some(match name {
+        "cap-daily" => Limit::Cap(SpendWindow::Daily),
+        "cap-weekly" => Limit::Cap(SpendWindow::Weekly),
+        "cap-monthly" => Limit::Cap(SpendWindow::Monthly),
+        "rate-minute" => Limit::Rate(RatePeriod::Minute),
+        "rate-hour" => Limit::Rate(RatePeriod::Hour),
+        "rate-day" => Limit::Rate(RatePeriod::Day),
+        _ => return None,
+    })
+}
+
+impl Service {
+    /// Joins the fleet: lease records go to this service's log, and the claims its records hold
+    /// for the current windows are restored into `leases` (re-published before any new lease).
+    pub fn attach_fleet(&self, leases: Arc<Leases>) -> Result<(), ServiceError> {
+        let me = self.me.clone();
+        let redis = leases.conn().url().to_string();
+        leases.set_recorder(Arc::new(move |event: LeaseEvent| {
+            let me = me.clone();
+            let redis = redis.clone();
+            Box::pin(async move {
+                let service = me.upgrade().ok_or_else(|| "the daemon is stopping".to_string())?;
+                service.record_lease(event, redis).await.map_err(|e| e.to_string())
+            })
+        }));
+        let at = now();
+        let mut restored = Vec::new();
+        for (key, bytes) in self.ledger.state_scan(FLEET_PREFIX)? {
+            let Some(rest) = key.strip_prefix(FLEET_PREFIX) else { continue };
+            let Some((passport_id, _)) = rest.split_once('/') else { continue };
+            let stored: StoredClaim = match serde_json::from_slice(&bytes) {
+                Ok(s) => s,
+                Err(e) => {
+                    // An unreadable claim cannot be re-published; Redis keeps what it knows and the
+                    // host spends nothing from it.
+                    tracing::error!(key, error = %e, "fleet claim in the store is unreadable; ignored");
+                    continue;
+                }
+            };
+            let Some(limit) = parse_limit(&stored.limit) else { continue };
+            if stored.window_end <= at {
+                continue;
+            }
+            let window =
+                Window { limit, amount: stored.limit_amount, start: stored.window_start, end: stored.window_end };
+            // Spent so far: a cap's from the passport's counters (what this host spent in that
+            // window); a rate window's is not kept, so all of its claim counts as used.
+            let used = match limit {
+                Limit::Cap(w) => self
+                    .load_usage(passport_id)
+                    .ok()
+                    .map(|u| {
+                        let c = u.spend_at(w, at);
+                        if c.start == window_start(w, stored.window_start) {
+                            c.spent_millicents.div_ceil(1000)
+                        } else {
+                            stored.claim
+                        }
+                    })
+                    .unwrap_or(stored.claim),
+                Limit::Rate(_) => stored.claim,
+            };
+            restored.push(Restored { passport_id: passport_id.to_string(), window, claim: stored.claim, used });
+        }
+        if !restored.is_empty() {
+            tracing::info!(claims = restored.len(), "fleet claims restored from the store");
+        }
+        leases.restore(restored);
+        self.fleet.set(leases).map_err(|_| ServiceError::LockPoisoned("fleet already attached"))
+    }
+
+    pub(super) fn fleet(&self) -> Option<&Arc<Leases>> {
+        self.fleet.get()
+    }
+
+    /// One lease record, with the claim it leaves in the state table (removed once a window's
+    /// lease is returned at its end).
+    async fn record_lease(&self, event: LeaseEvent, redis: String) -> Result<(), ServiceError> {
+        let key = state_key(&event);
+        let stored = StoredClaim {
+            limit: event.limit.name(),
+            window_start: event.window_start,
+            window_end: event.window_end,
+            limit_amount: event.limit_amount,
+            claim: event.claim,
+        };
+        let drop_entry = event.op == LeaseOp::Returned && event.why == Some("window_end");
+        let bytes = serde_json::to_vec(&stored).unwrap_or_default();
+        let ((), appended) = self
+            .transact(move |txn: &mut Txn<'_>| -> Result<((), Vec<Draft>), TxnError> {
+                if drop_entry {
+                    txn.delete(&key)?;
+                } else {
+                    txn.put(&key, &bytes)?;
+                }
+                let body = drafts::fleet_lease(&event, &redis, now());
+                Ok(((), vec![Draft::new(event.passport_id.clone(), body)]))
+            })
+            .await?;
+        super::appended_index(&appended, "fleet lease").map(|_| ())
+    }
+}
