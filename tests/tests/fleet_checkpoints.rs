@@ -21,19 +21,10 @@ fn fleet_daemon(redis: &RedisServer, host_id: &str) -> Daemon {
     Daemon::start(&format!("redirect = false\n[fleet]\nredis = \"{}\"\nhost_id = \"{host_id}\"\n", redis.url()))
 }
 
-/// A passport registered with `d` that allows `llm:*` up to $1,000.
+/// A passport registered with `d` that allows `llm:*` at up to $10 an action. No spend cap or
+/// rate limit: its decisions take no fleet lease, so what these tests see is checkpoints alone.
 fn passport(d: &Daemon) -> String {
-    let (file, id) = d.issue(
-        "agent",
-        &[
-            "--permission",
-            "llm:*",
-            "--constraint",
-            "core:cost:max_cumulative=100000",
-            "--constraint",
-            "core:cost:max_per_action=1000",
-        ],
-    );
+    let (file, id) = d.issue("agent", &["--permission", "llm:*", "--constraint", "core:cost:max_per_action=1000"]);
     let out = d.cli(&["passport", "register", file.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
     id
