@@ -5,6 +5,7 @@ use super::CmdResult;
 use crate::config::Config;
 use crate::files::{self, Links};
 use crate::fleet::checkpoints::{self, Dump, HostView, DUMP_FORMAT};
+use crate::fleet::claims::{self, Claims};
 use crate::fleet::{Keys, RedisConn};
 use anyhow::Context;
 use chrono::Utc;
@@ -40,28 +41,55 @@ pub fn run(cmd: FleetCmd, config: &Path) -> CmdResult {
     }
 }
 
+/// The fleet's Redis, as `[fleet]` in `config` names it.
+struct Fleet {
+    conn: Arc<RedisConn>,
+    keys: Keys,
+    rt: tokio::runtime::Runtime,
+    config: PathBuf,
+}
+
+impl Fleet {
+    fn open(config_path: &Path) -> anyhow::Result<Fleet> {
+        let config = Config::load(config_path)?;
+        let Some(fleet) = config.fleet else {
+            anyhow::bail!(
+                "{}: has no [fleet] section; name the fleet's configuration with --config",
+                config_path.display()
+            );
+        };
+        Ok(Fleet {
+            conn: Arc::new(RedisConn::new(&fleet)?),
+            keys: Keys::from_config(&fleet),
+            rt: tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+            config: config_path.to_path_buf(),
+        })
+    }
+
+    fn checkpoints(&self) -> anyhow::Result<Dump> {
+        let hosts = self
+            .rt
+            .block_on(checkpoints::read_fleet(&self.conn, &self.keys))
+            .with_context(|| format!("reading the fleet's checkpoints ([fleet] of {})", self.config.display()))?;
+        Ok(Dump {
+            format: DUMP_FORMAT.into(),
+            redis: self.conn.url().to_string(),
+            prefix: self.keys.prefix().to_string(),
+            taken_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            hosts,
+        })
+    }
+
+    fn claims(&self) -> anyhow::Result<Claims> {
+        self.rt
+            .block_on(claims::read_claims(&self.conn, &self.keys))
+            .with_context(|| format!("reading the fleet's budget claims ([fleet] of {})", self.config.display()))
+    }
+}
+
 /// Reads the fleet's checkpoints from the Redis of `[fleet]` in `config`.
 pub fn read_from_redis(config_path: &Path) -> anyhow::Result<Dump> {
-    let config = Config::load(config_path)?;
-    let Some(fleet) = config.fleet else {
-        anyhow::bail!(
-            "{}: has no [fleet] section; name the fleet's configuration with --config",
-            config_path.display()
-        );
-    };
-    let conn = Arc::new(RedisConn::new(&fleet)?);
-    let keys = Keys::from_config(&fleet);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let hosts = rt
-        .block_on(checkpoints::read_fleet(&conn, &keys))
-        .with_context(|| format!("reading the fleet's checkpoints ([fleet] of {})", config_path.display()))?;
-    Ok(Dump {
-        format: DUMP_FORMAT.into(),
-        redis: conn.url().to_string(),
-        prefix: keys.prefix().to_string(),
-        taken_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        hosts,
-    })
+    Fleet::open(config_path)?.checkpoints()
 }
 
 /// Bound on a dump file.
@@ -80,25 +108,52 @@ pub fn read_dump(path: &Path) -> anyhow::Result<Dump> {
 }
 
 fn status(a: StatusArgs, config: &Path) -> CmdResult {
-    let dump = read_from_redis(config)?;
+    let fleet = Fleet::open(config)?;
+    let dump = fleet.checkpoints()?;
+    let claims = fleet.claims()?;
     if let Some(out) = &a.checkpoints_out {
         let text = serde_json::to_string_pretty(&dump)? + "\n";
         files::create_new(out, text.as_bytes(), 0o644)?;
     }
     let now = Utc::now();
-    let views: Vec<HostView> = dump.hosts.iter().map(|h| checkpoints::judge(h, now)).collect();
+    let mut views: Vec<HostView> = dump.hosts.iter().map(|h| checkpoints::judge(h, now)).collect();
+    // Hosts that hold claims but never published a checkpoint nor said hello are listed too.
+    for c in &claims.claims {
+        if !views.iter().any(|v| v.host_id == c.host) {
+            views.push(checkpoints::judge(
+                &checkpoints::HostCheckpoints {
+                    host_id: c.host.clone(),
+                    vkey: None,
+                    entries: Vec::new(),
+                    unreadable: Vec::new(),
+                },
+                now,
+            ));
+        }
+    }
     let refused: usize = views.iter().map(|v| v.refused.len()).sum();
     if a.json {
+        let mut hosts = serde_json::to_value(&views)?;
+        for h in hosts.as_array_mut().into_iter().flatten() {
+            let id = h["host_id"].as_str().unwrap_or_default().to_string();
+            let mine: Vec<&claims::Claim> = claims.claims.iter().filter(|c| c.host == id).collect();
+            if let Some(obj) = h.as_object_mut() {
+                obj.insert("claims".into(), serde_json::to_value(mine)?);
+            }
+        }
         let doc = serde_json::json!({
             "redis": dump.redis,
             "prefix": dump.prefix,
             "taken_at": dump.taken_at,
-            "hosts": views,
+            "hosts": hosts,
+            "claims_truncated": claims.truncated,
+            "claims_unreadable": claims.unreadable,
             "ok": refused == 0,
         });
         super::util::print_json(&doc);
     } else {
         print_table(&dump, &views);
+        print_claims(&claims);
         if let Some(out) = &a.checkpoints_out {
             println!("checkpoints of {} host(s) written to {}", dump.hosts.len(), out.display());
         }
@@ -150,6 +205,52 @@ fn print_table(dump: &Dump, views: &[HostView]) {
                 r.reason
             );
         }
+    }
+}
+
+/// The budget claims, one line per (passport, limit, window) and host, with the window's total.
+fn print_claims(c: &Claims) {
+    if c.claims.is_empty() {
+        println!("no budget claims (no host holds a lease of a shared spend cap or rate limit)");
+    } else {
+        println!("claims: what each host may spend in the window (spent + unused lease)");
+        println!("{:<36} {:<12} {:<24} {:<24} {:>12}", "PASSPORT", "LIMIT", "WINDOW", "HOST", "CLAIM");
+        let mut i = 0;
+        while let Some(first) = c.claims.get(i) {
+            let group: Vec<&claims::Claim> = c.claims[i..]
+                .iter()
+                .take_while(|x| x.passport == first.passport && x.limit == first.limit && x.window == first.window)
+                .collect();
+            for x in &group {
+                println!(
+                    "{:<36} {:<12} {:<24} {:<24} {:>12}",
+                    x.passport,
+                    x.limit,
+                    x.window,
+                    x.host,
+                    amount(x.claim, x.unit)
+                );
+            }
+            if group.len() > 1 {
+                let total = group.iter().fold(0u64, |t, x| t.saturating_add(x.claim));
+                println!("{:<36} {:<12} {:<24} {:<24} {:>12}", "", "", "", "(all hosts)", amount(total, first.unit));
+            }
+            i += group.len();
+        }
+    }
+    if c.truncated {
+        println!("NOTE     more than {} budget keys: the list above is cut short", claims::MAX_BUDGET_KEYS);
+    }
+    for u in &c.unreadable {
+        println!("SKIPPED  {u}");
+    }
+}
+
+fn amount(n: u64, unit: &str) -> String {
+    if unit == "cents" {
+        format!("${}.{:02}", n / 100, n % 100)
+    } else {
+        format!("{n} req")
     }
 }
 

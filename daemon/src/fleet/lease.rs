@@ -162,9 +162,11 @@ pub fn windows(cp: &CompiledPassport, now: DateTime<Utc>) -> Vec<Window> {
         let start = window_start(w, now);
         out.push(Window { limit: Limit::Cap(w), amount: cap.0, start, end: window_end(w, start) });
     }
-    for (period, limit) in
-        [(RatePeriod::Minute, c.rate_per_minute), (RatePeriod::Hour, c.rate_per_hour), (RatePeriod::Day, c.rate_per_day)]
-    {
+    for (period, limit) in [
+        (RatePeriod::Minute, c.rate_per_minute),
+        (RatePeriod::Hour, c.rate_per_hour),
+        (RatePeriod::Day, c.rate_per_day),
+    ] {
         if let Some(amount) = limit {
             let secs = period.seconds();
             let t = now.timestamp();
@@ -225,8 +227,7 @@ pub struct LeaseEvent {
 }
 
 /// Writes lease records (the service's, so that the fleet module never touches the ledger).
-pub type Recorder =
-    Arc<dyn Fn(LeaseEvent) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type Recorder = Arc<dyn Fn(LeaseEvent) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// A host's claim in one window, as the host's own records know it (restored at start).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,7 +329,14 @@ impl Leases {
         let mut table = self.table();
         for r in restored {
             let key = (r.passport_id, r.window.limit, r.window.label());
-            let h = Holding { window: r.window, claim: r.claim, used: r.used, last_need: now, short: false, recovering: false };
+            let h = Holding {
+                window: r.window,
+                claim: r.claim,
+                used: r.used,
+                last_need: now,
+                short: false,
+                recovering: false,
+            };
             table.insert(key, h);
         }
     }
@@ -502,9 +510,7 @@ impl Leases {
         let answer: Vec<i64> = self.conn.invoke(&call).await?;
         match answer.as_slice() {
             [-1, ..] => Ok(None),
-            [g, c, t, r] if *g >= 0 && *c >= 0 && *t >= 0 => {
-                Ok(Some((*g as u64, *c as u64, *t as u64, *r != 0)))
-            }
+            [g, c, t, r] if *g >= 0 && *c >= 0 && *t >= 0 => Ok(Some((*g as u64, *c as u64, *t as u64, *r != 0))),
             other => Err(FleetError::Protocol {
                 redis: self.conn.url().to_string(),
                 problem: format!("the lease script answered {other:?}"),
@@ -749,7 +755,9 @@ impl Leases {
             }
         };
         if tokio::time::timeout(Duration::from_secs(2), work).await.is_err() {
-            tracing::warn!("returning the fleet leases took longer than 2 s; the rest stay claimed until their window ends");
+            tracing::warn!(
+                "returning the fleet leases took longer than 2 s; the rest stay claimed until their window ends"
+            );
         }
     }
 }

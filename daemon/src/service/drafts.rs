@@ -293,7 +293,11 @@ impl Built {
         built.decision = Decision::Block;
         built.reason = Reason::parse(refusal.reason);
         built.detail = refusal.detail.clone();
-        built.guardrails.push(Guardrail { name: "fleet_lease".to_string(), passed: false, detail: refusal.detail.clone() });
+        built.guardrails.push(Guardrail {
+            name: "fleet_lease".to_string(),
+            passed: false,
+            detail: refusal.detail.clone(),
+        });
         built.all_passed = false;
         if let Some(spend) = &mut built.spend {
             spend.after_millicents = eval.spend_after_millicents.saturating_sub(eval.spend_delta_millicents);
