@@ -61,3 +61,86 @@ async fn a_server_error_is_a_protocol_error_and_keeps_the_connection() {
     assert!(conn.health().is_up(), "a WRONGTYPE answer is not an outage");
     conn.ping().await.unwrap();
 }
+
+/// The lease script's arithmetic, on a real Redis.
+mod scripts {
+    use super::*;
+    use sluice::fleet::lease::{HELLO_SCRIPT, LEASE_SCRIPT, RETURN_SCRIPT};
+
+    const BUDGET: &str = "t:budget:pp_x:cap-daily:2026-12-02";
+    const EPOCH: &str = "t:epoch";
+    const HOSTS: &str = "t:hosts";
+    const EXPIRE_AT: i64 = 4_102_444_800; // 2100-01-01
+
+    async fn lease(conn: &RedisConn, host: &str, limit: u64, want: u64, held: u64) -> Vec<i64> {
+        let script = redis::Script::new(LEASE_SCRIPT);
+        let mut call = script.prepare_invoke();
+        call.key(BUDGET).key(EPOCH).arg(host).arg(limit).arg(want).arg(held).arg(EXPIRE_AT);
+        conn.invoke(&call).await.unwrap()
+    }
+
+    async fn hello(conn: &RedisConn, host: &str, has_claims: bool, recovery_ms: u64) -> (i64, i64) {
+        let script = redis::Script::new(HELLO_SCRIPT);
+        let mut call = script.prepare_invoke();
+        call.key(EPOCH).key(HOSTS).arg(host).arg(u8::from(has_claims)).arg(recovery_ms);
+        conn.invoke(&call).await.unwrap()
+    }
+
+    async fn give_back(conn: &RedisConn, host: &str, claim: u64) -> (i64, i64) {
+        let script = redis::Script::new(RETURN_SCRIPT);
+        let mut call = script.prepare_invoke();
+        call.key(BUDGET).arg(host).arg(claim);
+        conn.invoke(&call).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn grants_never_exceed_the_limit_and_returns_never_raise_a_claim() {
+        let Some(server) = redis_or_skip("grants_never_exceed_the_limit_and_returns_never_raise_a_claim") else {
+            return;
+        };
+        let conn = RedisConn::plain(&server.url()).unwrap();
+        // No epoch yet: nothing is granted, the host must say hello first.
+        assert_eq!(lease(&conn, "a", 100, 10, 0).await, vec![-1, 0, 0, 0]);
+        assert_eq!(hello(&conn, "a", false, 5000).await, (0, 1), "a new fleet: no recovery period");
+        assert_eq!(hello(&conn, "b", false, 5000).await, (0, 0), "the epoch exists: unchanged");
+        // {grant, claim, fleet total, recovering}
+        assert_eq!(lease(&conn, "a", 100, 40, 0).await, vec![40, 40, 40, 0]);
+        assert_eq!(lease(&conn, "b", 100, 40, 0).await, vec![40, 40, 80, 0]);
+        assert_eq!(lease(&conn, "a", 100, 40, 40).await, vec![20, 60, 100, 0], "at most what is left");
+        assert_eq!(lease(&conn, "b", 100, 40, 40).await, vec![0, 40, 100, 0], "nothing left");
+        // A limit lowered below what is claimed grants nothing (never a negative grant).
+        assert_eq!(lease(&conn, "b", 50, 40, 40).await, vec![0, 40, 100, 0]);
+        // Returning: the claim becomes what was spent; a "return" above the claim changes nothing.
+        assert_eq!(give_back(&conn, "a", 25).await, (60, 25));
+        assert_eq!(give_back(&conn, "a", 90).await, (25, 25));
+        assert_eq!(lease(&conn, "b", 100, 100, 40).await, vec![35, 75, 100, 0]);
+        // A host that spent everything returns to 0: its field is gone.
+        assert_eq!(give_back(&conn, "a", 0).await, (25, 0));
+        assert_eq!(server.command(&["HEXISTS", BUDGET, "a"]).int(), Some(0));
+        assert!(server.command(&["TTL", BUDGET]).int().unwrap() > 0, "budget keys expire");
+    }
+
+    #[tokio::test]
+    async fn after_a_flush_claims_are_re_published_and_nothing_is_granted_while_recovering() {
+        let Some(server) = redis_or_skip("after_a_flush_claims_are_re_published") else {
+            return;
+        };
+        let conn = RedisConn::plain(&server.url()).unwrap();
+        hello(&conn, "a", false, 0).await;
+        assert_eq!(lease(&conn, "a", 100, 60, 0).await, vec![60, 60, 60, 0]);
+        assert_eq!(lease(&conn, "b", 100, 30, 0).await, vec![30, 30, 90, 0]);
+        server.flushall();
+        // Host b notices first: it holds claims, so the new epoch starts a recovery period.
+        let (epoch, created) = hello(&conn, "b", true, 60_000).await;
+        assert_eq!(created, 1);
+        assert!(epoch > 0);
+        // b re-publishes (want 0, held 30); a host asking for more meanwhile gets nothing.
+        assert_eq!(lease(&conn, "b", 100, 0, 30).await, vec![0, 30, 30, 1]);
+        assert_eq!(lease(&conn, "c", 100, 50, 0).await, vec![0, 0, 30, 1], "recovering: no grant");
+        // a re-publishes what it holds: the total is back where it was, not reset.
+        assert_eq!(lease(&conn, "a", 100, 0, 60).await, vec![0, 60, 90, 1]);
+        // Recovery over (epoch moved to the past by hand): at most what the limit leaves.
+        server.command(&["SET", EPOCH, "0"]);
+        assert_eq!(lease(&conn, "c", 100, 50, 0).await, vec![10, 10, 100, 0]);
+    }
+}

@@ -380,7 +380,7 @@ impl Leases {
     /// Before a decision: makes sure the host's leases cover a request of `cost_millicents`,
     /// asking Redis for a lease when they do not, for at most [`WAIT_FOR_LEASE`]. Never fails:
     /// [`Leases::admit`] decides with whatever the host then holds.
-    pub async fn prepare(&self, cp: &CompiledPassport, cost_millicents: u64, now: DateTime<Utc>) {
+    pub async fn prepare(self: &Arc<Self>, cp: &CompiledPassport, cost_millicents: u64, now: DateTime<Utc>) {
         let windows = windows(cp, now);
         if windows.is_empty() {
             return;
@@ -399,7 +399,15 @@ impl Leases {
         if lacking.is_empty() {
             return;
         }
-        let _ = tokio::time::timeout(WAIT_FOR_LEASE, self.ask(&id, &lacking, cost_millicents)).await;
+        // The ask runs to its end even when the request stops waiting: a grant Redis made is then
+        // recorded and kept for the next request, never lost half-way.
+        let me = Arc::clone(self);
+        let ask = tokio::spawn(async move {
+            if let Err(e) = me.ask(&id, &lacking, cost_millicents).await {
+                tracing::debug!(passport_id = %id, error = %e, "asking for a fleet lease failed");
+            }
+        });
+        let _ = tokio::time::timeout(WAIT_FOR_LEASE, ask).await;
     }
 
     /// Asks Redis for a lease in each of `windows` (one ask per passport at a time; a request that
