@@ -113,7 +113,37 @@ fn two_daemons_publish_and_fleet_status_lists_both_hosts() {
     let latest = redis.command(&["GET", "sluice:checkpoint:web-1"]).text().unwrap();
     assert!(latest.contains("\"note\"") && latest.contains("\"published_at\""), "{latest}");
 
+    // Budget claims: a passport with a daily cap, used on both hosts, has a claim (spent + unused
+    // lease) of each host on its window, listed per host.
+    let (capped, capped_id) = a.issue(
+        "capped",
+        &[
+            "--permission",
+            "llm:*",
+            "--constraint",
+            "core:cost:max_cumulative=10000",
+            "--constraint",
+            "core:cost:cumulative_window=daily",
+        ],
+    );
+    for d in [&a, &b] {
+        let out = d.cli(&["passport", "register", capped.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out));
+        decide(d, &capped_id, 7);
+    }
+    let (_, v) = status(&a);
+    for h in ["web-1", "web-2"] {
+        let claims = host(&v, h).unwrap()["claims"].as_array().unwrap().clone();
+        let c = claims.iter().find(|c| c["passport"] == capped_id.as_str()).unwrap_or_else(|| panic!("{h}: {v}"));
+        assert_eq!(c["limit"], "cap-daily", "{c}");
+        assert_eq!(c["unit"], "cents", "{c}");
+        assert!(c["claim"].as_u64().unwrap() >= 7, "a claim covers what was spent: {c}");
+    }
+    let table = text(&a.cli(&["fleet", "status"]));
+    assert!(table.contains("cap-daily") && table.contains("(all hosts)"), "{table}");
+
     // At shutdown the final checkpoint (it covers the daemon_stop record) is published.
+    let (_, size_a) = export(&a, "a-final.json");
     let pid = a.pid().unwrap();
     // SAFETY: kill(2) on our own child's pid.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
