@@ -198,6 +198,13 @@ fn audit_verify_fleet_passes_an_honest_export_and_catches_a_rewritten_history() 
     }
     let (rewritten, new_size) = export(&d, "rewritten.json");
     assert!(new_size > size, "the rewritten log ({new_size}) is longer than the published one ({size})");
+    // The host's operator hears it at start, before any audit (here the restored log was first
+    // shorter than what the host had published: rolled back).
+    let deadline = Instant::now() + HANG_GUARD;
+    while !d.log().contains("restored from an old copy (rolled back)") {
+        assert!(Instant::now() < deadline, "the restored host did not notice:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let alone = verify(&d, &rewritten, &[]);
     assert!(alone.status.success(), "the rewritten log is self-consistent: {}", text(&alone));
     for extra in [vec!["--fleet"], vec!["--fleet-checkpoints", dump.to_str().unwrap()]] {
@@ -209,6 +216,18 @@ fn audit_verify_fleet_passes_an_honest_export_and_catches_a_rewritten_history() 
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false);
     assert!(v["fleet"]["results"].as_array().unwrap().iter().any(|r| r["outcome"] == "fork"), "{v}");
+
+    // Restarted on the rewritten log when the newest checkpoint Redis holds for it is an honest
+    // one of smaller size (the rewritten host's later ones deleted): same key, other root at that
+    // size, and the host says so at start.
+    d.kill();
+    let _ = redis.command(&["ZREMRANGEBYSCORE", "sluice:checkpoints:web-1", &format!("({size}"), "+inf"]);
+    d.spawn();
+    let deadline = Instant::now() + HANG_GUARD;
+    while !d.log().contains("does not extend the checkpoint it published") {
+        assert!(Instant::now() < deadline, "the rewritten host did not notice:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // An export that stops short of what the host had published (as a log rolled back to it
     // would): the larger published checkpoints show it.

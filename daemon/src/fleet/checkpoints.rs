@@ -11,6 +11,10 @@
 //! queue up (at most [`BACKLOG`]; beyond that every other one is dropped, the newest always kept)
 //! and go out together when it returns. A failure is logged once per outage, not per checkpoint.
 //!
+//! Before its first publication the task compares the log with the newest checkpoint the host
+//! published before: a log that does not extend it (a state directory restored from an old copy,
+//! a rewritten history) is logged as an error at once, rather than found at the next audit.
+//!
 //! One Lua script makes each publication atomic: it registers the host's key on first use and
 //! refuses (without writing anything) when `host_id` is already registered with another key, so
 //! a host never overwrites another host's checkpoints or key.
@@ -241,7 +245,7 @@ impl Publisher {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let vkey = checkpoint::vkey(&ledger.host_public_key());
-            let mut state = PublishState { backlog: Backlog::default(), failing: None };
+            let mut state = PublishState { backlog: Backlog::default(), failing: None, compared: false };
             let mut every = tokio::time::interval(PUBLISH_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -276,18 +280,35 @@ struct PublishState {
     backlog: Backlog,
     /// Since when publishing fails, and why (logged once per outage).
     failing: Option<String>,
+    /// Whether this log was compared with what the host published before (once, before its
+    /// first publication).
+    compared: bool,
 }
 
 impl PublishState {
     async fn round(&mut self, conn: &RedisConn, keys: &Keys, host: &str, ledger: &Ledger, vkey: &str) {
         let reader = ledger.clone();
-        match tokio::task::spawn_blocking(move || reader.latest_checkpoint()).await {
-            Ok(Ok(Some(latest))) => {
-                self.backlog.offer(&latest, vkey, Utc::now());
+        let latest = match tokio::task::spawn_blocking(move || reader.latest_checkpoint()).await {
+            Ok(Ok(latest)) => latest,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "fleet checkpoints: reading the latest checkpoint failed");
+                None
             }
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "fleet checkpoints: reading the latest checkpoint failed"),
-            Err(_) => {}
+            Err(_) => None,
+        };
+        if let Some(latest) = &latest {
+            if !self.compared {
+                match compare_with_published(conn, keys, host, ledger, latest).await {
+                    Ok(None) => self.compared = true,
+                    Ok(Some(problem)) => {
+                        tracing::error!("{problem}");
+                        self.compared = true;
+                    }
+                    // Redis down: compared once it answers, before anything is published.
+                    Err(_) => return,
+                }
+            }
+            self.backlog.offer(latest, vkey, Utc::now());
         }
         if self.backlog.pending().is_empty() {
             return;
@@ -316,6 +337,54 @@ impl PublishState {
                 }
             }
         }
+    }
+}
+
+/// Compares this log with the newest checkpoint this host published before (under its own key):
+/// a published checkpoint this log does not extend means the state was restored from an old
+/// copy or rewritten, which every audit against the fleet will show; the operator hears it at
+/// start. `Some(problem)` to log, `None` when the log extends it (or nothing was published).
+async fn compare_with_published(
+    conn: &RedisConn,
+    keys: &Keys,
+    host: &str,
+    ledger: &Ledger,
+    latest: &SignedCheckpoint,
+) -> Result<Option<String>, FleetError> {
+    let newest: Vec<String> = conn.query(redis::cmd("ZRANGE").arg(recent_key(keys, host)).arg(-1).arg(-1)).await?;
+    let key = ledger.host_public_key();
+    let Some(published) = newest
+        .first()
+        .and_then(|m| Entry::parse(m).ok())
+        .and_then(|e| checkpoint::open(&e.note, &key).ok())
+        .map(|s| s.checkpoint)
+    else {
+        return Ok(None);
+    };
+    let cur = &latest.checkpoint;
+    let rewritten = || {
+        format!(
+            "this host's log does not extend the checkpoint it published to the fleet (size {}, root {}): its state              was restored from an old copy or its history rewritten; `sluice audit verify --fleet` will report it",
+            published.size,
+            hex::encode(&published.root)
+        )
+    };
+    if published.size > cur.size {
+        return Ok(Some(format!(
+            "this host published a checkpoint of {} records to the fleet but its log holds {}: its state was              restored from an old copy (rolled back); `sluice audit verify --fleet` will report it",
+            published.size, cur.size
+        )));
+    }
+    let (old, new) = (published.size, cur.size);
+    let reader = ledger.clone();
+    let proof = match tokio::task::spawn_blocking(move || reader.consistency_proof(old, new)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return Ok(Some(format!("{} (no consistency proof: {e})", rewritten()))),
+        Err(_) => return Ok(None),
+    };
+    match crate::ledger::merkle::verify_consistency(old, new, &published.root, &cur.root, &proof) {
+        Ok(()) => Ok(None),
+        Err(_) => Ok(Some(rewritten())),
     }
 }
 
