@@ -1,6 +1,10 @@
 //! `cargo xtask bench decisions`: decisions per second and latency through the service (cached
 //! passport + evaluation + counter update + durable group-committed record), at several
 //! concurrencies. Target (docs/testing.md, Targets): ≥ 20,000/s on 2 cores, p99 < 2 ms.
+//!
+//! `SLUICE_BENCH_FLEET=1` (`cargo xtask bench decisions --fleet`) runs every concurrency twice,
+//! without and with `[fleet]` budget leases against a `redis-server` the bench starts on a
+//! loopback port: the cost of leasing (the goal: within 10%).
 
 use sluice::ledger::{hostkey::HostKey, Ledger, LedgerOptions};
 use sluice::passport::{self, Constraints, IssueRequest, Permission, TrustTier};
@@ -26,9 +30,57 @@ fn main() {
         Ok(list) => list.split(',').filter_map(|c| c.trim().parse().ok()).collect(),
         Err(_) => vec![1, 16, 64],
     };
+    let redis = (std::env::var("SLUICE_BENCH_FLEET").as_deref() == Ok("1")).then(BenchRedis::start);
     for concurrency in levels {
-        let r = rt.block_on(run(concurrency));
+        let r = rt.block_on(run(concurrency, None));
         println!("{:>11} {:>12.0} {:>10} {:>10} {:>10} {:>10}", concurrency, r.rate, r.p50, r.p90, r.p99, r.max);
+        if let Some(redis) = &redis {
+            let f = rt.block_on(run(concurrency, Some(&redis.url)));
+            println!(
+                "{:>11} {:>12.0} {:>10} {:>10} {:>10} {:>10}  [fleet: {:+.1}% decisions/s]",
+                format!("{concurrency} fleet"),
+                f.rate,
+                f.p50,
+                f.p90,
+                f.p99,
+                f.max,
+                (f.rate / r.rate - 1.0) * 100.0
+            );
+        }
+    }
+}
+
+/// A `redis-server` on a free loopback port without persistence, killed on drop.
+struct BenchRedis {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchRedis {
+    fn start() -> BenchRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (cargo xtask deps installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        BenchRedis { child, url: format!("redis://127.0.0.1:{port}"), _dir: dir }
+    }
+}
+
+impl Drop for BenchRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -40,7 +92,7 @@ struct Result {
     max: u128,
 }
 
-async fn run(concurrency: usize) -> Result {
+async fn run(concurrency: usize, fleet: Option<&str>) -> Result {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut opts = LedgerOptions::default();
     // For comparisons: SLUICE_BENCH_JOURNAL=0 makes every group a durable redb commit.
@@ -51,6 +103,24 @@ async fn run(concurrency: usize) -> Result {
     let service = Service::start(ledger.clone(), ServiceConfig::passport_only(vec![], Duration::from_secs(60)))
         .await
         .expect("service");
+    let fleet_task = fleet.map(|url| {
+        let config = sluice::config::FleetConfig {
+            redis: url.to_string(),
+            password_file: None,
+            ca_file: None,
+            host_id: format!("bench-{concurrency}"),
+            // Leases sized for the rate: a renewal every few thousand decisions.
+            lease_cents: 10_000,
+            lease_requests: 10_000,
+            lease_secs: 60,
+            prefix: format!("bench{}", rand::random::<u32>()),
+        };
+        let conn = Arc::new(sluice::fleet::RedisConn::plain(url).expect("redis url"));
+        let leases = sluice::fleet::Leases::new(conn, &config);
+        service.attach_fleet(leases.clone()).expect("fleet");
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        (stop, tokio::spawn(leases.run(rx)))
+    });
     let issuer = ed25519_dalek::SigningKey::generate(&mut rand::rngs::OsRng);
     let mut constraints = Constraints::default();
     constraints.max_per_action = Some(passport::Cents(1_000));
@@ -112,6 +182,10 @@ async fn run(concurrency: usize) -> Result {
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.expect("task"));
+    }
+    if let Some((stop, task)) = fleet_task {
+        let _ = stop.send(true);
+        let _ = task.await;
     }
     ledger.shutdown();
     all.sort_unstable();

@@ -30,18 +30,23 @@ fn skip(test: &str) -> bool {
 
 fn fleet_daemon(redis: &RedisServer, host: &str) -> Daemon {
     Daemon::start(&format!(
-        "redirect = false\n[fleet]\nredis = \"{}\"\nhost_id = \"{host}\"\nlease_cents = 8\nlease_secs = 5\nprefix = \"t\"\n",
+        "redirect = false\n[fleet]\nredis = \"{}\"\nhost_id = \"{host}\"\nlease_cents = 8\nlease_requests = 4\nlease_secs = 5\nprefix = \"t\"\n",
         redis.url()
     ))
 }
 
-/// Issues a passport on `a` and registers the same token with both daemons; its id.
+/// Issues a passport with a daily cap of [`CAP`] on `a` and registers it with both daemons.
 fn shared_passport(a: &Daemon, b: &Daemon) -> String {
     let cap = format!("core:cost:max_cumulative={CAP}");
-    let (file, _) = a.issue(
-        "fleet-agent",
-        &["--permission", "llm:chat", "--constraint", &cap, "--constraint", "core:cost:cumulative_window=daily"],
-    );
+    shared_passport_with(a, b, &["--constraint", &cap, "--constraint", "core:cost:cumulative_window=daily"])
+}
+
+/// Issues a passport with `constraints` on `a` and registers the same token with both daemons;
+/// its id.
+fn shared_passport_with(a: &Daemon, b: &Daemon, constraints: &[&str]) -> String {
+    let mut args = vec!["--permission", "llm:chat"];
+    args.extend_from_slice(constraints);
+    let (file, _) = a.issue("fleet-agent", &args);
     let mut id = String::new();
     for d in [a, b] {
         let out = d.cli(&["passport", "register", file.to_str().unwrap(), "--json"]);
@@ -197,4 +202,22 @@ async fn a_flushed_redis_does_not_reset_the_budget() {
     }
     assert_eq!(40 + after, CAP, "after the recovery the rest of the budget is spent, no more");
     assert!(claimed(&redis, &id) >= 40, "the hosts re-published what they had spent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_is_shared_too() {
+    if skip("a_rate_limit_is_shared_too") {
+        return;
+    }
+    let redis = RedisServer::start();
+    let (a, b) = (fleet_daemon(&redis, "host-a"), fleet_daemon(&redis, "host-b"));
+    // 20 requests a day for the whole fleet (each host alone would allow 20), leased 4 at a time.
+    let id = shared_passport_with(&a, &b, &["--constraint", "core:rate:max_per_day=20"]);
+    let (allowed, reasons) = drive(&[&a, &b], &id, 2, 15).await;
+    assert_eq!(allowed.iter().sum::<u64>(), 20, "allowed per host {allowed:?}");
+    let odd: Vec<&String> = reasons
+        .iter()
+        .filter(|r| !r.starts_with("rate_limit_exceeded") && !r.contains("No fleet lease within"))
+        .collect();
+    assert!(odd.is_empty(), "{odd:?}");
 }

@@ -31,8 +31,10 @@ tasks:
           policy, ledger and files use no tokio, hyper, rustls, h2 or aya; no
           library crate depends on the daemon; ARCHITECTURE.md names every crate
   demo    run sluice's main job end to end, printing each step
-  bench [decisions|proxy|audit]
-          benchmarks (release build); prints a table per benchmark. `proxy` needs
+  bench [decisions [--fleet]|proxy|audit]
+          benchmarks (release build); prints a table per benchmark. `decisions
+          --fleet` runs each row again with [fleet] leases on a local redis-server
+          and prints the difference. `proxy` needs
           root and installs h2load, nginx and mitmproxy (own virtualenv) if missing;
           `audit` exports and verifies a log of 1M records (about 4 GB of scratch
           space under the target dir, removed after)
@@ -71,7 +73,7 @@ fn main() {
         Some("man") => package::man(args.get(1..).unwrap_or_default()),
         Some("package") => package::run(args.get(1..).unwrap_or_default()),
         Some("test-systemd") => systemd_boot::run(args.get(1..).unwrap_or_default()),
-        Some("bench") => bench(args.get(1).map(String::as_str)),
+        Some("bench") => bench(args.get(1..).unwrap_or_default()),
         Some("fuzz") => fuzz::run(args.get(1..).unwrap_or_default()),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
@@ -136,8 +138,18 @@ pub fn display(cmd: &Command) -> String {
 }
 
 /// Benchmarks run in release mode, one at a time (they share two cores with nothing else).
-fn bench(which: Option<&str>) -> anyhow::Result<()> {
+fn bench(args: &[String]) -> anyhow::Result<()> {
     const ALL: &[&str] = &["decisions", "proxy", "audit"];
+    let fleet = args.iter().any(|a| a == "--fleet");
+    let rest: Vec<&str> = args.iter().map(String::as_str).filter(|a| *a != "--fleet").collect();
+    let which = match rest.as_slice() {
+        [] => None,
+        [one] => Some(*one),
+        more => bail!("bench: unexpected arguments {more:?}"),
+    };
+    if fleet && which != Some("decisions") {
+        bail!("bench: --fleet goes with `decisions` only (cargo xtask bench decisions --fleet)");
+    }
     let selected: Vec<&str> = match which {
         None | Some("all") => ALL.to_vec(),
         Some(name) if ALL.contains(&name) => vec![name],
@@ -146,7 +158,15 @@ fn bench(which: Option<&str>) -> anyhow::Result<()> {
     for name in selected {
         match name {
             "proxy" => benchproxy::run()?,
-            _ => run(cargo().args(["bench", "-p", "sluice", "--bench", name]))?,
+            _ => {
+                let mut cmd = cargo();
+                cmd.args(["bench", "-p", "sluice", "--bench", name]);
+                if fleet {
+                    deps::ensure()?;
+                    cmd.env("SLUICE_BENCH_FLEET", "1");
+                }
+                run(&mut cmd)?
+            }
         }
     }
     Ok(())

@@ -53,6 +53,9 @@ pub enum Reason {
     HoldTimeout,
     /// The daemon stopped while the request was held.
     HoldAbandoned,
+    /// `[fleet]`: the request does not fit in this host's budget leases and no lease could be
+    /// had (Redis down or slow, or recovering from a data loss).
+    FleetUnavailable,
     /// A resolved hold whose stored resolution names no reason.
     HoldResolved,
 
@@ -122,6 +125,7 @@ const FIXED: &[Reason] = &[
     Reason::HoldDenied,
     Reason::HoldTimeout,
     Reason::HoldAbandoned,
+    Reason::FleetUnavailable,
     Reason::HoldResolved,
     Reason::DomainFronting,
     Reason::RequestSmuggling,
@@ -173,6 +177,7 @@ impl Reason {
             Reason::HoldDenied => "hold_denied",
             Reason::HoldTimeout => "hold_timeout",
             Reason::HoldAbandoned => "hold_abandoned",
+            Reason::FleetUnavailable => "fleet_unavailable",
             Reason::HoldResolved => "hold_resolved",
             Reason::DomainFronting => "domain_fronting",
             Reason::RequestSmuggling => "request_smuggling",

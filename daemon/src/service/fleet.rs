@@ -136,3 +136,107 @@ impl Service {
         super::appended_index(&appended, "fleet lease").map(|_| ())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FleetConfig;
+    use crate::decide::{Decision, HostVerdict};
+    use crate::fleet::RedisConn;
+    use crate::passport::{Cents, Constraints};
+    use crate::service::testkit::{self, fixture_with};
+    use crate::service::{EnforceInput, HoldOrigin};
+
+    /// Leases against a port nothing listens on: Redis is down for the whole test.
+    fn dead_fleet() -> Arc<Leases> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let config = FleetConfig {
+            redis: format!("redis://127.0.0.1:{port}"),
+            password_file: None,
+            ca_file: None,
+            host_id: "unit".into(),
+            lease_cents: 10,
+            lease_requests: 10,
+            lease_secs: 60,
+            prefix: "t".into(),
+        };
+        Leases::new(Arc::new(RedisConn::new(&config).unwrap()), &config)
+    }
+
+    async fn one_cent(f: &testkit::Fixture) -> crate::service::DecisionOutcome {
+        let input = EnforceInput {
+            passport_id: f.passport.clone(),
+            action: "llm:chat".into(),
+            cost_cents: Some(1),
+            cost_millicents: None,
+            target: None,
+            method: None,
+            path: None,
+            port: None,
+            signed_request_hash: None,
+        };
+        f.service.enforce_outcome(input, HoldOrigin::Api, HostVerdict::Allow).await.unwrap()
+    }
+
+    fn daily_cap(cents: u64) -> Constraints {
+        Constraints {
+            max_cumulative: Some(Cents(cents)),
+            cumulative_window: Some(SpendWindow::Daily),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_lease_and_without_redis_a_capped_passport_is_blocked_and_spends_nothing() {
+        let f = fixture_with(daily_cap(100)).await;
+        let leases = dead_fleet();
+        f.service.attach_fleet(leases.clone()).unwrap();
+        let o = one_cent(&f).await;
+        assert_eq!(o.decision, Decision::Block, "{}", o.to_json());
+        assert_eq!(o.reason.as_str(), "fleet_unavailable");
+        let detail = o.to_json()["detail"].as_str().unwrap().to_string();
+        assert!(detail.contains(&leases.conn().url().to_string()) && detail.contains("unavailable since"), "{detail}");
+        assert_eq!(testkit::spent(&f), (0, 0), "a fleet block spends nothing");
+        let report = testkit::verified(&f).await;
+        assert!(report.is_ok(), "{:?}", report.problems);
+    }
+
+    #[tokio::test]
+    async fn a_restored_claim_is_spent_with_redis_down_and_never_more() {
+        let f = fixture_with(daily_cap(100)).await;
+        // The host's records say it holds 5 cents of today's window (as after a restart).
+        let at = now();
+        let start = window_start(SpendWindow::Daily, at);
+        let stored = StoredClaim {
+            limit: "cap-daily".into(),
+            window_start: start,
+            window_end: crate::decide::usage::window_end(SpendWindow::Daily, start),
+            limit_amount: 100,
+            claim: 5,
+        };
+        let key = format!("{FLEET_PREFIX}{}/cap-daily/{}", f.passport, start.format("%Y-%m-%d"));
+        let bytes = serde_json::to_vec(&stored).unwrap();
+        f.service
+            .transact(move |txn: &mut Txn<'_>| -> Result<((), Vec<Draft>), TxnError> {
+                txn.put(&key, &bytes)?;
+                Ok(((), vec![]))
+            })
+            .await
+            .unwrap();
+        f.service.attach_fleet(dead_fleet()).unwrap();
+        for i in 0..5 {
+            let o = one_cent(&f).await;
+            assert_eq!(o.decision, Decision::Allow, "request {i}: {}", o.to_json());
+        }
+        let o = one_cent(&f).await;
+        assert_eq!(o.reason.as_str(), "fleet_unavailable", "{}", o.to_json());
+        assert_eq!(testkit::spent(&f).0, 5_000, "exactly the claim was spent");
+    }
+
+    #[tokio::test]
+    async fn passports_without_a_cap_or_rate_limit_never_involve_the_fleet() {
+        let f = fixture_with(Constraints::default()).await;
+        f.service.attach_fleet(dead_fleet()).unwrap();
+        assert_eq!(one_cent(&f).await.decision, Decision::Allow);
+    }
+}
