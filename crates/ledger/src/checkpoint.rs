@@ -101,6 +101,31 @@ pub fn vkey(key: &VerifyingKey) -> String {
     format!("{name}+{}+{}", super::hex::encode(&id), B64.encode(material))
 }
 
+/// Reads a verifier key written by [`vkey`] back: the name must be the key's origin and the key
+/// id must match, so a key string cannot be relabelled. Bounded like a key name.
+pub fn parse_vkey(s: &str) -> Result<VerifyingKey, String> {
+    if s.len() > MAX_ORIGIN_BYTES + 64 {
+        return Err("verifier key is too long".into());
+    }
+    let mut parts = s.splitn(3, '+');
+    let (Some(name), Some(id_hex), Some(material)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err("verifier key is not `<name>+<key id>+<key>`".into());
+    };
+    let material = B64.decode(material).map_err(|_| "verifier key material is not standard base64".to_string())?;
+    let Some((&ALG_ED25519, key)) = material.split_first() else {
+        return Err("verifier key is not an Ed25519 key (algorithm byte 0x01)".into());
+    };
+    let key: [u8; 32] = key.try_into().map_err(|_| "verifier key is not 32 bytes".to_string())?;
+    let key = VerifyingKey::from_bytes(&key).map_err(|_| "verifier key is not a valid Ed25519 point".to_string())?;
+    if name != origin_for(&key) {
+        return Err(format!("verifier key name {name:?} is not the key's origin {:?}", origin_for(&key)));
+    }
+    if id_hex != super::hex::encode(&key_id(name, &key)) {
+        return Err("verifier key id does not match the key".into());
+    }
+    Ok(key)
+}
+
 /// Signs `checkpoint` with the host key (the key name is the host key's origin).
 pub fn sign(checkpoint: Checkpoint, key: &HostKey) -> SignedCheckpoint {
     let body = checkpoint.body();
@@ -264,6 +289,25 @@ mod tests {
         let material = B64.decode(parts[2]).unwrap();
         assert_eq!(material[0], 1);
         assert_eq!(&material[1..], key.verifying_key().as_bytes());
+    }
+
+    #[test]
+    fn vkey_round_trips_and_relabelled_keys_are_refused() {
+        let key = HostKey::generate();
+        let other = HostKey::generate();
+        let vk = vkey(&key.verifying_key());
+        assert_eq!(parse_vkey(&vk).unwrap(), key.verifying_key());
+        let theirs = vkey(&other.verifying_key());
+        let (_, their_material) = theirs.split_at(theirs.rfind('+').unwrap());
+        let (our_label, _) = vk.split_at(vk.rfind('+').unwrap());
+        // Our name and key id on their key material.
+        assert!(parse_vkey(&format!("{our_label}{their_material}")).is_err());
+        let mut wrong_alg = vec![2u8];
+        wrong_alg.extend_from_slice(key.verifying_key().as_bytes());
+        let wrong_alg = format!("{our_label}+{}", B64.encode(wrong_alg));
+        for bad in ["", "a+b", "a+b+c", &wrong_alg, &format!("{vk}A"), &"x".repeat(400)] {
+            assert!(parse_vkey(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

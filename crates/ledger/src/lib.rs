@@ -54,6 +54,7 @@ pub mod link;
 pub mod merkle;
 pub mod record;
 pub mod settle;
+pub mod seen;
 pub mod store;
 mod sync;
 pub mod verify;

@@ -10,7 +10,7 @@ use crate::api::client::{Client, ClientError};
 use crate::files::{self, Links};
 use crate::keyfile;
 use crate::ledger::docstream::{Scanner, Skip};
-use crate::ledger::{checkpoint, verify};
+use crate::ledger::{checkpoint, seen, verify};
 use anyhow::Context;
 use bytes::{Buf, Bytes};
 use clap::{Args, Subcommand};
@@ -136,16 +136,24 @@ pub struct AuditVerifyArgs {
     /// An older checkpoint (a signed note) to check consistency and rollback against.
     #[arg(long, value_name = "OLD")]
     checkpoint: Option<PathBuf>,
+    /// Also check the export against every checkpoint the fleet's Redis holds for this host key
+    /// (`[fleet]` of --config): a history rewritten or cut short since it was published fails.
+    #[arg(long, conflicts_with = "fleet_checkpoints")]
+    fleet: bool,
+    /// The same, against a dump of the fleet's checkpoints (`sluice fleet status
+    /// --checkpoints-out FILE`), without access to Redis.
+    #[arg(long, value_name = "FILE")]
+    fleet_checkpoints: Option<PathBuf>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(cmd: AuditCmd, socket: &ApiSocket) -> CmdResult {
+pub fn run(cmd: AuditCmd, socket: &ApiSocket, config: &Path) -> CmdResult {
     match cmd {
         AuditCmd::Export(a) => export(a, socket),
         AuditCmd::Proof(a) => proof(a, socket),
-        AuditCmd::Verify(a) => verify_cmd(a),
+        AuditCmd::Verify(a) => verify_cmd(a, config),
         AuditCmd::Link(a) => link_cmd(a),
         AuditCmd::Settle(a) => settle_cmd(a),
     }
@@ -247,22 +255,44 @@ fn proof(a: ProofArgs, socket: &ApiSocket) -> CmdResult {
     Ok(ExitCode::SUCCESS)
 }
 
-fn verify_cmd(a: AuditVerifyArgs) -> CmdResult {
+fn verify_cmd(a: AuditVerifyArgs, config: &Path) -> CmdResult {
     let host = keyfile::load_public_key(&a.host_pub)?;
     let older = a.checkpoint.as_ref().map(|p| files::read_text(p, 64 * 1024, Links::Follow)).transpose()?;
     let older = older.as_ref().map(|s| s.as_str());
+    // The fleet is read first: a Redis that cannot be read stops the command before any work.
+    let fleet = match (&a.fleet_checkpoints, a.fleet) {
+        (Some(path), _) => Some((super::fleet::read_dump(path)?, format!("dump {}", path.display()))),
+        (None, true) => {
+            let dump = super::fleet::read_from_redis(config)?;
+            let source = format!("redis {} prefix {}", dump.redis, dump.prefix);
+            Some((dump, source))
+        }
+        (None, false) => None,
+    };
     // Read as a stream: memory stays bounded whatever the export's size.
     let file = files::open(&a.file, Links::Follow)?.into_file();
     let report = verify::verify_reader(file, &host, older);
+    let fleet = match fleet {
+        None => None,
+        Some((dump, source)) => Some(check_fleet(&a.file, &host, &dump, &source)?),
+    };
+    let fleet_ok = fleet.as_ref().is_none_or(FleetCheck::ok);
+    let ok = report.is_ok() && fleet_ok;
     if a.json {
         let mut doc = serde_json::to_value(&report)?;
         if let Some(obj) = doc.as_object_mut() {
-            obj.insert("ok".into(), report.is_ok().into());
+            if let Some(f) = &fleet {
+                obj.insert("fleet".into(), serde_json::to_value(f)?);
+            }
+            obj.insert("ok".into(), ok.into());
         }
         super::util::print_json(&doc);
     } else {
         for p in &report.problems {
             println!("PROBLEM  {p}");
+        }
+        if let Some(f) = &fleet {
+            f.print();
         }
         println!(
             "{}: {} record(s) in {} chain(s) checked against checkpoint size {}",
@@ -272,7 +302,12 @@ fn verify_cmd(a: AuditVerifyArgs) -> CmdResult {
             report.checkpoint_size.map(|s| s.to_string()).unwrap_or_else(|| "-".into())
         );
     }
-    if report.is_ok() {
+    if !fleet_ok {
+        if let Some(f) = &fleet {
+            eprintln!("sluice: {}: {}", a.file.display(), f.failure());
+        }
+    }
+    if ok {
         // With --json, standard output is exactly one JSON document (its `ok` says the same).
         if !a.json {
             println!("verified: OK");
@@ -282,6 +317,82 @@ fn verify_cmd(a: AuditVerifyArgs) -> CmdResult {
         eprintln!("sluice: {}: verification FAILED with {} problem(s)", a.file.display(), report.problems.len());
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// The export checked against the checkpoints the fleet holds for its host key.
+#[derive(serde::Serialize)]
+struct FleetCheck {
+    source: String,
+    /// The host_ids registered with the host key.
+    hosts: Vec<String>,
+    #[serde(flatten)]
+    report: Option<seen::SeenReport>,
+    /// Why the export could not be checked against the fleet at all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+impl FleetCheck {
+    fn ok(&self) -> bool {
+        self.error.is_none() && self.report.as_ref().is_some_and(seen::SeenReport::consistent)
+    }
+
+    fn failure(&self) -> String {
+        match (&self.error, &self.report) {
+            (Some(e), _) => format!("not checked against the fleet: {e}"),
+            (None, Some(r)) => format!(
+                "the export disagrees with {} checkpoint(s) the host published to the fleet",
+                r.results.iter().filter(|x| x.is_conflict()).count()
+            ),
+            (None, None) => "not checked against the fleet".into(),
+        }
+    }
+
+    fn print(&self) {
+        if let Some(e) = &self.error {
+            println!("PROBLEM  fleet ({}): {e}", self.source);
+            return;
+        }
+        let Some(r) = &self.report else { return };
+        let mut consistent = 0usize;
+        for x in &r.results {
+            match &x.outcome {
+                seen::Outcome::Consistent => consistent += 1,
+                seen::Outcome::Fork { .. } | seen::Outcome::Beyond { .. } => println!("PROBLEM  fleet: {x}"),
+                seen::Outcome::Untrusted { .. } => println!("REFUSED  fleet: {x}"),
+                seen::Outcome::Unchecked { .. } => println!("NOTE     fleet: {x}"),
+            }
+        }
+        println!(
+            "fleet ({}): {consistent} of {} published checkpoint(s) of host(s) {} consistent with the export",
+            self.source,
+            r.results.len(),
+            self.hosts.join(", ")
+        );
+    }
+}
+
+fn check_fleet(
+    file: &Path,
+    host: &ed25519_dalek::VerifyingKey,
+    dump: &crate::fleet::checkpoints::Dump,
+    source: &str,
+) -> anyhow::Result<FleetCheck> {
+    let (notes, hosts) = crate::fleet::checkpoints::seen_for(&dump.hosts, host, source);
+    let mut check = FleetCheck { source: source.to_string(), hosts, report: None, error: None };
+    if notes.is_empty() {
+        check.error = Some(format!(
+            "the fleet holds no checkpoint of this host key ({}); is --host-pub the right key, and does the host run with [fleet]?",
+            checkpoint::vkey(host)
+        ));
+        return Ok(check);
+    }
+    let reader = files::open(file, Links::Follow)?.into_file();
+    match seen::check_reader(reader, host, &notes) {
+        Ok(r) => check.report = Some(r),
+        Err(e) => check.error = Some(e.to_string()),
+    }
+    Ok(check)
 }
 
 fn link_cmd(a: LinkArgs) -> CmdResult {

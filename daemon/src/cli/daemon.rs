@@ -125,15 +125,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     service.set_policy(host_policy.clone());
     // The fleet's budget leases ([fleet]): the password and CA files are read now (a problem
     // stops the start, naming the file); Redis itself may be down: the host then spends only what
-    // its records say it holds, and blocks with fleet_unavailable beyond that.
+    // its records say it holds, and blocks with fleet_unavailable beyond that. Every checkpoint
+    // the log signs is published to the same Redis in the background, off the request path.
     let fleet = match &config.fleet {
         Some(fc) => {
             let conn = Arc::new(crate::fleet::RedisConn::new(fc)?);
-            let leases = crate::fleet::Leases::new(conn, fc);
+            let leases = crate::fleet::Leases::new(conn.clone(), fc);
             service.attach_fleet(leases.clone())?;
             let (stop, stop_rx) = tokio::sync::watch::channel(false);
             tracing::info!(redis = %leases.conn().url(), host_id = %fc.host_id, "fleet budget leases on");
-            Some((stop, tokio::spawn(leases.run(stop_rx))))
+            let publisher = crate::fleet::checkpoints::Publisher::start(
+                conn,
+                crate::fleet::Keys::from_config(fc),
+                fc.host_id.clone(),
+                ledger.clone(),
+            );
+            Some((stop, tokio::spawn(leases.run(stop_rx)), publisher))
         }
         None => None,
     };
@@ -230,16 +237,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         i.shutdown().await;
     }
     // Unused parts of the fleet leases go back (bounded), recorded before the store closes.
-    if let Some((stop, task)) = fleet {
-        let _ = stop.send(true);
-        let _ = task.await;
-    }
+    let checkpoint_publisher = match fleet {
+        Some((stop, task, publisher)) => {
+            let _ = stop.send(true);
+            let _ = task.await;
+            Some(publisher)
+        }
+        None => None,
+    };
     // The eBPF links stay pinned: with the daemon gone, agents' connections are refused.
     drop(enforcer);
     if let Err(e) = service.record_host_event("daemon_stop", serde_json::json!({})).await {
         tracing::warn!(error = %e, "could not record the daemon's stop");
     }
     ledger.shutdown();
+    if let Some(p) = checkpoint_publisher {
+        p.finish().await;
+    }
     let _ = std::fs::remove_file(&config.api.socket);
     Ok(())
 }

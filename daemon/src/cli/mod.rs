@@ -6,6 +6,7 @@ mod catalog;
 mod daemon;
 mod detach;
 mod discover;
+mod fleet;
 mod gate;
 mod issuer;
 pub mod man;
@@ -84,6 +85,9 @@ pub enum Command {
     /// Export, prove and verify the attestation log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// A fleet of hosts sharing budgets through Redis: list every host's published checkpoint.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCmd),
     /// Check a gate's permission catalogs offline (signature, hash, version chain).
     #[command(subcommand)]
     Catalog(catalog::CatalogCmd),
@@ -148,8 +152,9 @@ pub fn main() -> ExitCode {
         Command::Holds(args) => ops::holds(args, &socket),
         Command::Stop(args) => ops::stop(args, &socket),
         Command::Resume(args) => ops::resume(args, &socket),
-        Command::Audit(cmd) => audit::run(cmd, &socket),
+        Command::Audit(cmd) => audit::run(cmd, &socket, &config),
         Command::Discover(args) => discover::run(args, &socket),
+        Command::Fleet(cmd) => fleet::run(cmd, &config),
         Command::Catalog(cmd) => catalog::run(cmd, config_explicit.then_some(config.as_path())),
         Command::Policy(cmd) => policy::run(cmd, &config),
         Command::Gate(cmd) => gate::run(cmd, config_explicit.then_some(config.as_path())),

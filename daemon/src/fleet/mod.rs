@@ -25,6 +25,8 @@
 //!
 //! [`Keys`] builds every one of them; nothing else formats a key.
 
+pub mod checkpoints;
+pub mod claims;
 pub mod conn;
 pub mod lease;
 
