@@ -90,6 +90,9 @@ impl Daemon {
             .args(["--config", self.config.to_str().unwrap(), "daemon"])
             // `SLUICE_TEST_DAEMON_LOG` overrides the filter (e.g. `warn` to measure the cost of logging).
             .env("RUST_LOG", std::env::var("SLUICE_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()))
+            // As the shipped unit (systemd/sluice.service) runs it, so the proxy benchmark's RSS
+            // is the shipped daemon's.
+            .env("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

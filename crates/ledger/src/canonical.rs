@@ -597,6 +597,183 @@ fn display_path(path: &str) -> String {
     }
 }
 
+/// Whether `text` is an object exactly as this module writes it, read in one pass without
+/// building a value: calls `member(name, value_text)` for each top-level member in order and
+/// returns `true` if the whole text is canonical. `false` means only "not shown canonical here":
+/// names with escapes or non-ASCII characters, and anything not canonical, are left to the
+/// generic path (parse, then [`canonicalize_object`] and compare), which also says what is wrong.
+/// So `true` implies that path would find the text canonical (a proptest checks it); `member` may
+/// have been called before a `false`.
+pub fn scan_canonical_object<'a>(text: &'a str, mut member: impl FnMut(&'a str, &'a str)) -> bool {
+    let mut c = Cursor { text, pos: 0 };
+    c.object(0, &mut member).is_some() && c.pos == text.len()
+}
+
+/// A read position in a text being checked by [`scan_canonical_object`]. Every method returns
+/// `None` at the first byte that is not (or not shown to be) canonical.
+struct Cursor<'a> {
+    text: &'a str,
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.text.as_bytes().get(self.pos).copied()
+    }
+
+    fn eat(&mut self, want: u8) -> Option<()> {
+        (self.peek()? == want).then(|| self.pos += 1)
+    }
+
+    /// An object at nesting `depth` (the record itself is 0). `member` sees its members only at
+    /// depth 0.
+    fn object(&mut self, depth: usize, member: &mut dyn FnMut(&'a str, &'a str)) -> Option<()> {
+        self.eat(b'{')?;
+        if self.eat(b'}').is_some() {
+            return Some(());
+        }
+        let mut previous: Option<&str> = None;
+        loop {
+            let name = self.plain_name()?;
+            // Strictly increasing: sorted (ASCII: bytes order as UTF-16 does) and no name twice.
+            if previous.is_some_and(|p| p >= name) {
+                return None;
+            }
+            previous = Some(name);
+            self.eat(b':')?;
+            let start = self.pos;
+            self.value(depth + 1)?;
+            if depth == 0 {
+                member(name, self.text.get(start..self.pos)?);
+            }
+            match self.peek()? {
+                b',' => self.pos += 1,
+                b'}' => {
+                    self.pos += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// A member name of printable ASCII without escapes (every name records use).
+    fn plain_name(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.pos;
+        let rest = self.text.as_bytes().get(start..)?;
+        let len = rest.iter().position(|&b| !(0x20..0x7f).contains(&b) || b == b'"' || b == b'\\')?;
+        self.pos += len;
+        self.eat(b'"')?;
+        self.text.get(start..start + len)
+    }
+
+    /// A value at nesting `depth` (a member of the record is at 1), as [`write_value`] writes it.
+    fn value(&mut self, depth: usize) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.string(),
+            b'{' if depth < MAX_DEPTH => self.object(depth, &mut |_, _| {}),
+            b'[' if depth < MAX_DEPTH => {
+                self.pos += 1;
+                if self.eat(b']').is_some() {
+                    return Some(());
+                }
+                loop {
+                    self.value(depth + 1)?;
+                    match self.peek()? {
+                        b',' => self.pos += 1,
+                        b']' => {
+                            self.pos += 1;
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b't' => self.literal("true"),
+            b'f' => self.literal("false"),
+            b'n' => self.literal("null"),
+            b'-' | b'0'..=b'9' => self.integer(),
+            _ => None,
+        }
+    }
+
+    fn literal(&mut self, word: &str) -> Option<()> {
+        let rest = self.text.get(self.pos..)?;
+        rest.starts_with(word).then(|| self.pos += word.len())
+    }
+
+    /// An integer in plain decimal within ±(2^53 − 1), no `-0`, no leading zeros; no fraction
+    /// or exponent may follow (the caller then finds `.`/`e` where `,` `]` `}` must be).
+    fn integer(&mut self) -> Option<()> {
+        let negative = self.eat(b'-').is_some();
+        let rest = self.text.as_bytes().get(self.pos..)?;
+        let digits = rest.iter().position(|b| !b.is_ascii_digit()).unwrap_or(rest.len());
+        let number = rest.get(..digits)?;
+        match number {
+            [] => return None,
+            [b'0'] if negative => return None,
+            [b'0', _, ..] => return None,
+            _ if digits > 16 => return None,
+            _ => {}
+        }
+        let magnitude = number.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if magnitude > MAX_SAFE_INTEGER {
+            return None;
+        }
+        self.pos += digits;
+        Some(())
+    }
+
+    /// A string with exactly the escapes [`write_string`] writes.
+    fn string(&mut self) -> Option<()> {
+        self.eat(b'"')?;
+        loop {
+            let rest = self.text.as_bytes().get(self.pos..)?;
+            // Runs of literal bytes (non-ASCII included: the text is UTF-8) are skipped whole.
+            let run = rest.iter().position(|&b| b < 0x20 || b == b'"' || b == b'\\')?;
+            self.pos += run;
+            match self.peek()? {
+                b'"' => {
+                    self.pos += 1;
+                    return Some(());
+                }
+                b'\\' => {
+                    self.pos += 1;
+                    self.escape()?;
+                }
+                // A raw control character.
+                _ => return None,
+            }
+        }
+    }
+
+    /// The rest of an escape after its backslash: one [`escape_of`] writes.
+    fn escape(&mut self) -> Option<()> {
+        match self.peek()? {
+            // The short forms, each what `escape_of` writes for its byte.
+            b'"' | b'\\' | b'b' | b't' | b'n' | b'f' | b'r' => {}
+            b'u' => {
+                let hex = self.text.as_bytes().get(self.pos + 1..self.pos + 5)?;
+                let [b'0', b'0', hi @ (b'0' | b'1'), lo] = *hex else { return None };
+                let lo = match lo {
+                    b'0'..=b'9' => lo - b'0',
+                    b'a'..=b'f' => lo - b'a' + 10,
+                    _ => return None,
+                };
+                // Only the controls without a short form are written `\u00xx`.
+                if escape_of(((hi - b'0') << 4) | lo) != Some(b"") {
+                    return None;
+                }
+                self.pos += 4;
+            }
+            _ => return None,
+        }
+        self.pos += 1;
+        Some(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -790,6 +967,168 @@ mod tests {
             }
             prop_assert_eq!(typed(&map, false).write_merged(&refs).unwrap(), canonicalize_object(&all).unwrap());
         }
+    }
+
+    /// Whether every member name in `v`, at any depth, is plain printable ASCII (the names
+    /// [`scan_canonical_object`] reads itself rather than leaving to the generic path).
+    fn plain_names(v: &Value) -> bool {
+        match v {
+            Value::Object(m) => m.iter().all(|(k, v)| {
+                k.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') && plain_names(v)
+            }),
+            Value::Array(items) => items.iter().all(plain_names),
+            _ => true,
+        }
+    }
+
+    /// What the generic path decides: the text parses to an object whose canonical form is it.
+    fn generic_says_canonical(text: &str) -> bool {
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(m)) => canonicalize_object(&m).is_ok_and(|c| c == text.as_bytes()),
+            _ => false,
+        }
+    }
+
+    fn scan(text: &str) -> (bool, Vec<(String, String)>) {
+        let mut members = Vec::new();
+        let ok = scan_canonical_object(text, |k, v| members.push((k.to_string(), v.to_string())));
+        (ok, members)
+    }
+
+    /// Changes to canonical text that may make it non-canonical: JSON's own characters and
+    /// escapes, whitespace, digits, controls.
+    fn edit() -> impl Strategy<Value = (prop::sample::Index, u8, String)> {
+        let pieces = prop_oneof![
+            Just(" ".to_string()),
+            Just("\\".to_string()),
+            Just("\"".to_string()),
+            Just("\\/".to_string()),
+            Just("\\u0041".to_string()),
+            Just("\\u000A".to_string()),
+            Just("\\u000a".to_string()),
+            Just("\\u001f".to_string()),
+            Just("\\u007f".to_string()),
+            Just("-0".to_string()),
+            Just(".5".to_string()),
+            Just("e3".to_string()),
+            Just("0".to_string()),
+            Just("9".to_string()),
+            Just(",".to_string()),
+            Just(":".to_string()),
+            Just("{".to_string()),
+            Just("}".to_string()),
+            Just("[]".to_string()),
+            Just("\u{1}".to_string()),
+            Just("\u{e9}".to_string()),
+            "[a-z]{1,3}",
+        ];
+        (any::<prop::sample::Index>(), 0u8..3, pieces)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Every canonical object with plain names is recognised, members as written.
+        #[test]
+        fn the_one_pass_check_accepts_canonical_text(map in members()) {
+            let text = String::from_utf8(canonicalize_object(&map).unwrap()).unwrap();
+            let (ok, members) = scan(&text);
+            if plain_names(&Value::Object(map.clone())) {
+                prop_assert!(ok, "refused canonical {text}");
+                let want: Vec<(String, String)> = {
+                    let mut m: Vec<_> = map.iter().collect();
+                    m.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+                    m.into_iter().map(|(k, v)| (k.clone(), String::from_utf8(canonicalize(v).unwrap()).unwrap())).collect()
+                };
+                prop_assert_eq!(members, want);
+            }
+        }
+
+        /// Soundness: whatever it accepts, the generic path finds canonical (so records it
+        /// accepts get the report the generic path would give).
+        #[test]
+        fn the_one_pass_check_accepts_only_canonical_text(map in members(), edits in proptest::collection::vec(edit(), 1..4)) {
+            let mut text = String::from_utf8(canonicalize_object(&map).unwrap()).unwrap();
+            for (at, how, piece) in edits {
+                let mut cut = at.index(text.len() + 1);
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                match how {
+                    0 => text.insert_str(cut, &piece),
+                    1 => {
+                        let end = (cut + piece.len()).min(text.len());
+                        let end = (end..=text.len()).find(|&e| text.is_char_boundary(e)).unwrap_or(text.len());
+                        text.replace_range(cut..end, &piece);
+                    }
+                    _ => {
+                        let end = (cut + 1..=text.len()).find(|&e| text.is_char_boundary(e)).unwrap_or(text.len());
+                        text.replace_range(cut..end, "");
+                    }
+                }
+            }
+            if scan(&text).0 {
+                prop_assert!(generic_says_canonical(&text), "accepted non-canonical {text}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_one_pass_check_refuses_what_is_not_canonical() {
+        assert_eq!(
+            scan(r#"{"a":1,"b":[true,false,null,"x\n\u001f"],"c":{"d":-9007199254740991}}"#),
+            (
+                true,
+                vec![
+                    ("a".into(), "1".into()),
+                    ("b".into(), r#"[true,false,null,"x\n\u001f"]"#.into()),
+                    ("c".into(), r#"{"d":-9007199254740991}"#.into()),
+                ]
+            )
+        );
+        assert!(scan("{}").0);
+        for text in [
+            r#"{"a": 1}"#,
+            r#"{"a":1} "#,
+            r#" {"a":1}"#,
+            r#"{"b":1,"a":2}"#,
+            r#"{"a":1,"a":1}"#,
+            r#"{"a":"\/"}"#,
+            r#"{"a":"\u0041"}"#,
+            r#"{"a":"\u001F"}"#,
+            r#"{"a":"\u000a"}"#,
+            r#"{"a":"\u007f"}"#,
+            "{\"a\":\"\u{1}\"}",
+            r#"{"a":-0}"#,
+            r#"{"a":01}"#,
+            r#"{"a":1.0}"#,
+            r#"{"a":1e3}"#,
+            r#"{"a":9007199254740992}"#,
+            r#"{"a":-9007199254740992}"#,
+            r#"{"a":99999999999999999999}"#,
+            r#"{"a":tru}"#,
+            r#"{"a":[1,]}"#,
+            r#"{"a":1,}"#,
+            r#"{"a\"b":1}"#,
+            r#"{"é":1}"#,
+            r#"{"a":"x"#,
+            r#"{"a":1"#,
+            r#"[1]"#,
+            r#""a""#,
+            "",
+        ] {
+            assert!(!scan(text).0, "accepted {text:?}");
+            // Names with escapes or non-ASCII characters are the generic path's to judge.
+            if ![r#"{"é":1}"#, r#"{"a\"b":1}"#].contains(&text) {
+                assert!(!generic_says_canonical(text), "{text:?} is canonical after all");
+            }
+        }
+        // Nesting deeper than the canonicaliser writes is refused, not recursed into.
+        let deep = format!("{{\"a\":{}1{}}}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert!(!scan(&deep).0);
+        let ok = format!("{{\"a\":{}1{}}}", "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
+        assert!(scan(&ok).0);
+        assert!(generic_says_canonical(&ok));
     }
 
     struct TestExtra<'a>(&'a str, &'a str);

@@ -160,7 +160,12 @@ impl<R: Read> Scanner<R> {
 
     /// Reads one JSON value's bytes into `out` (cleared first), at most `max` bytes when
     /// `out` is given; skips it otherwise.
-    fn value(&mut self, mut out: Option<&mut Vec<u8>>, max: usize, what: &str) -> Result<(), ScanError> {
+    fn value(
+        &mut self,
+        mut out: Option<&mut Vec<u8>>,
+        max: usize,
+        what: &dyn std::fmt::Display,
+    ) -> Result<(), ScanError> {
         if let Some(o) = out.as_deref_mut() {
             o.clear();
         }
@@ -184,6 +189,17 @@ impl<R: Read> Scanner<R> {
             let chunk_start = self.pos;
             let mut done = false;
             while self.pos < self.len {
+                if in_string && !escaped {
+                    // Most of a document is inside strings: skip to the next quote or backslash.
+                    let rest = self.buf.get(self.pos..self.len).unwrap_or_default();
+                    match memchr::memchr2(b'"', b'\\', rest) {
+                        Some(skip) => self.pos += skip,
+                        None => {
+                            self.pos = self.len;
+                            break;
+                        }
+                    }
+                }
                 let Some(&b) = self.buf.get(self.pos) else { break };
                 if in_string {
                     if escaped {
@@ -249,7 +265,7 @@ impl<R: Read> Scanner<R> {
                 if self.peek()? != Some(b'"') {
                     return Err(self.err("expected a member name"));
                 }
-                self.value(Some(&mut name_buf), MAX_NAME_BYTES, "a member name")?;
+                self.value(Some(&mut name_buf), MAX_NAME_BYTES, &"a member name")?;
                 let name: String = serde_json::from_slice(&name_buf)
                     .map_err(|e| ScanError { offset: at, reason: format!("member name: {e}") })?;
                 if !NAMES.contains(&name.as_str()) {
@@ -299,7 +315,7 @@ impl<R: Read> Scanner<R> {
         }
         let mut element = Vec::new();
         loop {
-            let what = format!("records entry #{count}");
+            let what = Entry(count);
             if take {
                 self.value(Some(&mut element), MAX_ELEMENT_BYTES, &what)?;
                 sink.element(count, &element);
@@ -317,6 +333,15 @@ impl<R: Read> Scanner<R> {
                 None => return Err(self.err(format!("the document ends after {what} (cut short?)"))),
             }
         }
+    }
+}
+
+/// "records entry #N", written only into an error.
+struct Entry(usize);
+
+impl std::fmt::Display for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "records entry #{}", self.0)
     }
 }
 

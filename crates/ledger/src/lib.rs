@@ -94,11 +94,6 @@ pub mod hex {
         if !s.len().is_multiple_of(2) {
             return None;
         }
-        let nibble = |c: u8| match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            _ => None,
-        };
         s.as_bytes()
             .chunks_exact(2)
             .map(|pair| match *pair {
@@ -110,7 +105,24 @@ pub mod hex {
 
     /// Decodes a 32-byte hash in lowercase hex.
     pub fn decode_hash(s: &str) -> Option<super::Hash> {
-        decode(s)?.try_into().ok()
+        let mut hash = [0u8; 32];
+        let pairs = s.as_bytes().chunks_exact(2);
+        if s.len() != 64 || !pairs.remainder().is_empty() {
+            return None;
+        }
+        for (out, pair) in hash.iter_mut().zip(pairs) {
+            let [hi, lo] = *pair else { return None };
+            *out = (nibble(hi)? << 4) | nibble(lo)?;
+        }
+        Some(hash)
+    }
+
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        }
     }
 
     #[cfg(test)]
@@ -123,6 +135,11 @@ pub mod hex {
             assert_eq!(super::decode("0"), None);
             assert_eq!(super::decode("zz"), None);
             assert!(super::decode_hash(&"ab".repeat(31)).is_none());
+            assert!(super::decode_hash(&"ab".repeat(33)).is_none());
+            assert!(super::decode_hash(&format!("{}AB", "ab".repeat(31))).is_none());
+            assert!(super::decode_hash(&format!("{}é", "ab".repeat(31))).is_none());
+            let hash: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37)).collect();
+            assert_eq!(super::decode_hash(&super::encode(&hash)).map(Vec::from), Some(hash));
         }
     }
 }

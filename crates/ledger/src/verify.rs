@@ -258,7 +258,7 @@ pub fn verify_reader<R: Read + Seek>(r: R, host: &VerifyingKey, older_checkpoint
                     Err(_) => return,
                 };
                 let Ok((seq, batch)) = job else { return };
-                let prepared = batch.iter().map(|(position, bytes)| prepare_element(*position, bytes)).collect();
+                let prepared = batch.elements().map(|(position, bytes)| prepare_element(position, bytes)).collect();
                 if done_tx.send((seq, prepared)).is_err() {
                     return;
                 }
@@ -271,8 +271,40 @@ pub fn verify_reader<R: Read + Seek>(r: R, host: &VerifyingKey, older_checkpoint
     })
 }
 
-/// A batch of records' bytes, with their positions, numbered in document order.
-type Batch = (u64, Vec<(usize, Vec<u8>)>);
+/// A batch of records, numbered in document order.
+type Batch = (u64, Elements);
+
+/// Elements of the records array, their bytes one after the other in one buffer (two
+/// allocations per batch, whichever thread frees them).
+#[derive(Default)]
+struct Elements {
+    bytes: Vec<u8>,
+    /// Each element's position in the array and where its bytes end in `bytes`.
+    ends: Vec<(usize, usize)>,
+}
+
+impl Elements {
+    fn push(&mut self, position: usize, bytes: &[u8]) {
+        self.bytes.extend_from_slice(bytes);
+        self.ends.push((position, self.bytes.len()));
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn elements(&self) -> impl Iterator<Item = (usize, &[u8])> {
+        let starts = std::iter::once(0).chain(self.ends.iter().map(|&(_, end)| end));
+        self.ends
+            .iter()
+            .zip(starts)
+            .map(|(&(position, end), start)| (position, self.bytes.get(start..end).unwrap_or_default()))
+    }
+}
 
 /// Records per batch handed to a worker.
 const BATCH: usize = 256;
@@ -298,7 +330,7 @@ pub(crate) fn verify_with<R: Read + Seek>(
         older: older_checkpoint,
         verifier: None,
         pool,
-        batch: Vec::new(),
+        batch: Elements::default(),
         sent: 0,
         applied: 0,
         ready: BTreeMap::new(),
@@ -402,7 +434,7 @@ struct Sink<'a> {
     verifier: Option<ExportVerifier<'a>>,
     pool: Option<Pool>,
     /// Elements not yet handed to a worker.
-    batch: Vec<(usize, Vec<u8>)>,
+    batch: Elements,
     /// Batches handed out, and applied, so far.
     sent: u64,
     applied: u64,
@@ -416,7 +448,12 @@ impl Sink<'_> {
     fn flush(&mut self, keep: usize) {
         let Some(pool) = &self.pool else { return };
         if !self.batch.is_empty() {
-            let batch = std::mem::take(&mut self.batch);
+            // The next batch is about as large: sized once, not grown record by record.
+            let next = Elements {
+                bytes: Vec::with_capacity(self.batch.bytes.len()),
+                ends: Vec::with_capacity(self.batch.len()),
+            };
+            let batch = std::mem::replace(&mut self.batch, next);
             if let Err(mpsc::SendError((_, batch))) = pool.work.send((self.sent, batch)) {
                 // The workers are gone: prepare the rest here, after what is in flight.
                 self.batch = batch;
@@ -473,8 +510,8 @@ impl Sink<'_> {
             for e in ready.into_values().flatten() {
                 v.apply(e);
             }
-            for (position, bytes) in batch {
-                v.apply(prepare_element(position, &bytes));
+            for (position, bytes) in batch.elements() {
+                v.apply(prepare_element(position, bytes));
             }
         }
     }
@@ -518,7 +555,7 @@ impl<'a> RecordSink for Sink<'a> {
                 }
             }
             Some(pool) => {
-                self.batch.push((position, bytes.to_vec()));
+                self.batch.push(position, bytes);
                 if self.batch.len() >= BATCH {
                     let keep = pool.in_flight;
                     self.flush(keep);
@@ -533,7 +570,47 @@ struct Parsed {
     position: usize,
     index: u64,
     leaf: Hash,
-    body: Map<String, Value>,
+    body: Fields,
+}
+
+/// The slot of member `name` in [`Fields`] if the checks read it; the other members only count
+/// for the record's canonical form and leaf hash.
+fn checked_slot(name: &str) -> Option<usize> {
+    Some(match name {
+        FIELD_LOG_INDEX => 0,
+        FIELD_CHAIN => 1,
+        record::FIELD_TIME => 2,
+        FIELD_SEQ => 3,
+        FIELD_PREV_HASH => 4,
+        FIELD_VERSION => 5,
+        FIELD_KIND => 6,
+        FIELD_WINDOW => 7,
+        FIELD_SPEND_WINDOW_START => 8,
+        FIELD_SPEND_DELTA => 9,
+        FIELD_SPEND_AFTER => 10,
+        v1::FIELD_SPEND_DELTA => 11,
+        v1::FIELD_SPEND_AFTER => 12,
+        _ => return None,
+    })
+}
+
+/// The members of a record the checks read (see [`checked_slot`]), without their names: a
+/// record crosses from a worker thread to the checking thread with few allocations.
+#[derive(Default)]
+struct Fields([Option<Value>; 13]);
+
+impl Fields {
+    fn get(&self, name: &str) -> Option<&Value> {
+        let slot = checked_slot(name);
+        debug_assert!(slot.is_some(), "{name} is read but has no slot in checked_slot");
+        self.0.get(slot?)?.as_ref()
+    }
+
+    fn set(&mut self, name: &str, value: Value) {
+        if let Some(place) = checked_slot(name).and_then(|slot| self.0.get_mut(slot)) {
+            *place = Some(value);
+        }
+    }
 }
 
 fn open_checkpoint(report: &mut VerifyReport, note: &str, host: &VerifyingKey) -> Option<Checkpoint> {
@@ -554,6 +631,25 @@ fn open_checkpoint(report: &mut VerifyReport, note: &str, host: &VerifyingKey) -
 /// cannot be used at all.
 fn parse_record(problems: &mut Vec<Problem>, position: usize, index: u64, text: &str, leaf: Hash) -> Option<Parsed> {
     let malformed = |reason: String| Problem::RecordMalformed { position, index, reason };
+    // The common case, in one pass: a canonical record, of which only the checked members are
+    // parsed. Anything else takes the generic path below, which names what is wrong.
+    let mut body = Fields::default();
+    let mut parsed_all = true;
+    let canonical = canonical::scan_canonical_object(text, |name, value| {
+        if checked_slot(name).is_some() {
+            match serde_json::from_str(value) {
+                Ok(v) => body.set(name, v),
+                Err(_) => parsed_all = false,
+            }
+        }
+    });
+    if canonical && parsed_all {
+        let field_value = body.get(FIELD_LOG_INDEX).and_then(Value::as_u64);
+        if field_value != Some(index) {
+            problems.push(Problem::IndexMismatch { position, index, field_value });
+        }
+        return Some(Parsed { position, index, leaf, body });
+    }
     let value: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {
@@ -570,6 +666,11 @@ fn parse_record(problems: &mut Vec<Problem>, position: usize, index: u64, text: 
         Ok(_) => problems.push(malformed("not in RFC 8785 canonical form (edited by hand?)".into())),
         Err(e) => problems.push(malformed(e.to_string())),
     }
+    let mut fields = Fields::default();
+    for (name, value) in body {
+        fields.set(&name, value);
+    }
+    let body = fields;
     let field_value = body.get(FIELD_LOG_INDEX).and_then(Value::as_u64);
     if field_value != Some(index) {
         problems.push(Problem::IndexMismatch { position, index, field_value });
@@ -620,6 +721,9 @@ struct Prepared {
 }
 
 /// One element of the records array, prepared.
+// Records are the common case and travel in a batch's vector: boxing them would add an
+// allocation per record freed on another thread, which is what the layout avoids.
+#[allow(clippy::large_enum_variant)]
 enum Element {
     Record(Prepared),
     /// Not an `{index, record, inclusion_proof}` object.
@@ -1108,7 +1212,7 @@ const AFTER: Amount = Amount { millicents: FIELD_SPEND_AFTER, cents: v1::FIELD_S
 /// error naming the field. (Sums are then checked `i64` too, so every figure a report carries is
 /// a 64-bit integer.)
 fn read_amount(
-    body: &Map<String, Value>,
+    body: &Fields,
     which: Amount,
     version: u64,
 ) -> Result<Option<(i64, &'static str)>, (&'static str, String)> {
