@@ -26,9 +26,9 @@ macro_rules! json_at_the_edge {
 
 mod agent_key;
 mod drafts;
+mod fleet;
 #[cfg(test)]
 mod gate_price_tests;
-mod fleet;
 mod held;
 mod holds;
 #[cfg(test)]
