@@ -326,7 +326,6 @@ fn daemon_steps(bin: &Path, dir: &Path, passport_id: &str) -> anyhow::Result<()>
     std::fs::copy(super::root().join("policies/openai.toml"), dir.join("policies/openai.toml"))
         .context("copying policies/openai.toml")?;
     // The gated shipping API of act two, priced like its gate's catalog.
-    std::fs::write(dir.join("policies/shipping.toml"), gate::SHIPPING_POLICY)?;
     // The daemon's own DNS goes to a canary that never answers: an agent's query must never
     // reach it. api.openai.com is mapped to the mock, as an operator would for an air-gapped
     // host; its certificate is trusted through upstream_tls.extra_roots.

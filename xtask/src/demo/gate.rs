@@ -52,44 +52,6 @@ const PRICE_V1: u64 = 2563;
 /// Version 2's booking price (cents): a price increase.
 const PRICE_V2_CENTS: &str = "3";
 
-/// The daemon's host policy for the shipping API (written with the daemon's configuration): a
-/// booking costs what the gate's catalog version 1 charges, so both logs carry the same amount;
-/// a refund is `refunds:create`, which the daemon refuses before it leaves the host when the
-/// passport does not grant it.
-pub(super) const SHIPPING_POLICY: &str = r#"[service]
-name = "shipping"
-domains = ["shipping.example.test"]
-description = "The demo's shipping API, priced like its gate's catalog version 1"
-
-[[route]]
-id = "book"
-method = "POST"
-path = "/v1/shipments"
-action = "shipments:create"
-cost_cents = 2.563
-
-[[route]]
-id = "refund"
-method = "POST"
-path = "/v1/refunds"
-action = "refunds:create"
-cost_cents = 0
-
-[[route]]
-id = "read"
-method = "GET"
-path = "/*"
-action = "web:fetch"
-cost_cents = 0
-
-[[route]]
-id = "other"
-method = "*"
-path = "/*"
-action = "web:send"
-cost_cents = 0
-"#;
-
 /// How the agent's refund (a permission its passport lacks) is refused: the status, the reason,
 /// and the daemon's `Sluice-Decision` (`block`: refused on the agent's host, before the gate).
 const REFUND_REFUSED: (u16, &str, &str) = (403, "permission_denied", "block");
@@ -339,9 +301,8 @@ pub(super) fn act(
     print!("{}", CATALOG_V1.lines().map(|l| format!("  {l}\n")).collect::<String>());
     must(sluice(bin, &["--config", &gcfg, "catalog", "publish", "--summary", "first prices"])?)?;
     println!(
-        "the daemon's host policy for {GATE_HOST} (in its policies_dir since it started) charges a booking the same:"
+        "the daemon has no host policy for {GATE_HOST}: it maps and prices requests to this gate by the gate's own signed catalog"
     );
-    print!("{}", SHIPPING_POLICY.lines().map(|l| format!("  {l}\n")).collect::<String>());
     let glog = std::fs::File::create(dir.join("gate.log"))?;
     println!("$ sluice --config {gcfg} gate run");
     let child = Command::new(bin)
@@ -368,6 +329,20 @@ pub(super) fn act(
     let mut problems = Vec::new();
     expect(&mut problems, "the verified catalog's version", &v["newest_version"], Value::from(1));
     fail_if(problems, "the catalog is signed by the gate's key, hashed and chained: version 1 prices a booking at 2.5 cents + 2.5 % = 2.563 cents")?;
+    println!("The agent's daemon fetches the same offer over its own upstream path, verifies it (signature, chain, the");
+    println!("version's inclusion in the gate's log) and pins the gate; from now on it prices requests to {GATE_HOST} by it:");
+    let url = format!("https://{GATE_HOST}");
+    must(cli(&["discover", &url])?)?;
+    let out = Command::new(bin).args(["--config", cfg, "--socket", sock, "discover", &url, "--json"]).output()?;
+    let offer: Value = serde_json::from_slice(&out.stdout).context("`sluice discover --json`")?;
+    let mut problems = Vec::new();
+    expect(&mut problems, "the discovered catalog version", &offer["catalog_version"], Value::from(1));
+    let booking = offer["permissions"].as_array().and_then(|ps| ps.iter().find(|p| p["permission"] == "shipments:create"));
+    match booking {
+        Some(p) => expect(&mut problems, "the discovered booking price (millicents)", &p["price_millicents"], Value::from(PRICE_V1)),
+        None => problems.push(format!("the discovered offer lacks shipments:create: {offer}")),
+    }
+    fail_if(problems, "the daemon holds the gate's verified offer, pinned to the gate's key")?;
 
     step(16, "Outside sluice, a visitor with no passport: the public rates are served, a booking gets the 401 hint")?;
     let ca = d("mock-ca.pem");
