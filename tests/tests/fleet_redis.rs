@@ -176,3 +176,94 @@ async fn auth_uses_the_password_file_and_never_shows_the_password() {
     let e = RedisConn::new(&config(Some(pass))).unwrap().ping().await.unwrap_err().to_string();
     assert!(!e.contains("wrong-horse") && !e.contains("correct-horse"), "{e}");
 }
+
+/// A `redis-server` serving TLS only, with a leaf of `ca` for `names`; killed on drop.
+struct TlsRedis {
+    port: u16,
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl TlsRedis {
+    fn start(ca: &sluice_e2e::upstream::TestCa, names: &[&str]) -> TlsRedis {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = ca.leaf_pem(names);
+        std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key).unwrap();
+        let ca_path = ca.write(dir.path());
+        let port = sluice_e2e::free_port();
+        let log = std::fs::File::create(dir.path().join("redis.log")).unwrap();
+        let child = std::process::Command::new(sluice_e2e::redis::redis_server_bin())
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--tls-auth-clients", "no"])
+            .arg("--tls-cert-file")
+            .arg(dir.path().join("tls.crt"))
+            .arg("--tls-key-file")
+            .arg(dir.path().join("tls.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(&ca_path)
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let server = TlsRedis { port, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let log = std::fs::read_to_string(server.dir.path().join("redis.log")).unwrap_or_default();
+            assert!(Instant::now() < deadline, "redis-server with TLS did not listen:\n{log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `rediss://` against a real TLS `redis-server`: the server's certificate is verified against
+/// `ca_file` and the URL's host name; another CA or another name is refused, never used.
+#[tokio::test]
+async fn rediss_verifies_the_server_certificate_against_the_ca_file() {
+    if !available() {
+        assert!(std::env::var_os("CI").is_none(), "redis-server is missing in CI: run `cargo xtask deps`");
+        eprintln!("\n**************** SKIPPED: redis-server not installed (rediss) ****************\n");
+        return;
+    }
+    let ca = sluice_e2e::upstream::TestCa::new();
+    let server = TlsRedis::start(&ca, &["localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = ca.write(dir.path());
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_ca = sluice_e2e::upstream::TestCa::new().write(other_dir.path());
+    let config = |url: String, ca_file: std::path::PathBuf| sluice::config::FleetConfig {
+        redis: url,
+        password_file: None,
+        ca_file: Some(ca_file),
+        host_id: "a".into(),
+        lease_cents: 1,
+        lease_requests: 1,
+        lease_secs: 60,
+        prefix: "sluice".into(),
+    };
+    let good = format!("rediss://localhost:{}", server.port);
+    let conn = RedisConn::new(&config(good.clone(), ca_file.clone())).unwrap();
+    conn.ping().await.unwrap_or_else(|e| panic!("TLS with the right CA: {e}"));
+    let n: i64 = conn.query(redis::cmd("INCR").arg("sluice:tls")).await.unwrap();
+    assert_eq!(n, 1);
+    // A server certificate from another CA: refused.
+    let e = RedisConn::new(&config(good, other_ca)).unwrap().ping().await.unwrap_err();
+    assert!(matches!(e, FleetError::Unavailable { .. } | FleetError::Protocol { .. }), "{e}");
+    // The right CA, but the certificate does not name the host the URL names: refused.
+    let wrong_name = format!("rediss://127.0.0.1:{}", server.port);
+    let e = RedisConn::new(&config(wrong_name, ca_file)).unwrap().ping().await.unwrap_err();
+    assert!(matches!(e, FleetError::Unavailable { .. } | FleetError::Protocol { .. }), "{e}");
+    // Nothing was written by the refused connections.
+    let n: i64 = conn.query(redis::cmd("GET").arg("sluice:tls")).await.unwrap();
+    assert_eq!(n, 1);
+}

@@ -329,7 +329,9 @@ pub(super) fn act(
     let mut problems = Vec::new();
     expect(&mut problems, "the verified catalog's version", &v["newest_version"], Value::from(1));
     fail_if(problems, "the catalog is signed by the gate's key, hashed and chained: version 1 prices a booking at 2.5 cents + 2.5 % = 2.563 cents")?;
-    println!("The agent's daemon fetches the same offer over its own upstream path, verifies it (signature, chain, the");
+    println!(
+        "The agent's daemon fetches the same offer over its own upstream path, verifies it (signature, chain, the"
+    );
     println!("version's inclusion in the gate's log) and pins the gate; from now on it prices requests to {GATE_HOST} by it:");
     let url = format!("https://{GATE_HOST}");
     must(cli(&["discover", &url])?)?;
@@ -337,9 +339,15 @@ pub(super) fn act(
     let offer: Value = serde_json::from_slice(&out.stdout).context("`sluice discover --json`")?;
     let mut problems = Vec::new();
     expect(&mut problems, "the discovered catalog version", &offer["catalog_version"], Value::from(1));
-    let booking = offer["permissions"].as_array().and_then(|ps| ps.iter().find(|p| p["permission"] == "shipments:create"));
+    let booking =
+        offer["permissions"].as_array().and_then(|ps| ps.iter().find(|p| p["permission"] == "shipments:create"));
     match booking {
-        Some(p) => expect(&mut problems, "the discovered booking price (millicents)", &p["price_millicents"], Value::from(PRICE_V1)),
+        Some(p) => expect(
+            &mut problems,
+            "the discovered booking price (millicents)",
+            &p["price_millicents"],
+            Value::from(PRICE_V1),
+        ),
         None => problems.push(format!("the discovered offer lacks shipments:create: {offer}")),
     }
     fail_if(problems, "the daemon holds the gate's verified offer, pinned to the gate's key")?;
