@@ -266,7 +266,10 @@ impl Holding {
     }
 }
 
-type HoldingKey = (String, Limit, String);
+/// A holding: passport id, limit, and the window's start (Unix seconds; with the limit it fixes
+/// the window, whose label is only needed for Redis keys and records, so lookups on the request
+/// path never format a date).
+type HoldingKey = (String, Limit, i64);
 
 /// Why [`Leases::admit`] refused a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,7 +337,7 @@ impl Leases {
         let now = Instant::now();
         let mut table = self.table();
         for r in restored {
-            let key = (r.passport_id, r.window.limit, r.window.label());
+            let key = (r.passport_id, r.window.limit, r.window.start.timestamp());
             let h = Holding {
                 window: r.window,
                 claim: r.claim,
@@ -375,7 +378,7 @@ impl Leases {
                     Limit::Cap(_) => cents_up(cost_millicents).max(1),
                     Limit::Rate(_) => 1,
                 };
-                match table.get(&(passport_id.to_string(), w.limit, w.label())) {
+                match table.get(&(passport_id.to_string(), w.limit, w.start.timestamp())) {
                     None => true,
                     Some(h) if h.short && h.asked.is_some_and(|t| t.elapsed() < SHORT_RETRY) => false,
                     Some(h) => h.headroom() < need,
@@ -398,7 +401,7 @@ impl Leases {
             let mut table = self.table();
             let at = Instant::now();
             for w in &windows {
-                if let Some(h) = table.get_mut(&(id.clone(), w.limit, w.label())) {
+                if let Some(h) = table.get_mut(&(id.clone(), w.limit, w.start.timestamp())) {
                     h.last_need = at;
                 }
             }
@@ -456,7 +459,7 @@ impl Leases {
     /// Takes (or renews) a lease of `want` in window `w`, records it, and only then adds it to
     /// what the host may spend.
     async fn take(&self, passport_id: &str, w: &Window, want: u64) -> Result<u64, FleetError> {
-        let key = (passport_id.to_string(), w.limit, w.label());
+        let key = (passport_id.to_string(), w.limit, w.start.timestamp());
         let (held, renewal) = match self.table().get(&key) {
             Some(h) => (h.claim.max(h.used), true),
             None => (0, false),
@@ -596,7 +599,7 @@ impl Leases {
         let id = cp.passport.claims.id.to_string();
         let mut table = self.table();
         for w in &windows {
-            let h = table.get(&(id.clone(), w.limit, w.label()));
+            let h = table.get(&(id.clone(), w.limit, w.start.timestamp()));
             let (claim, used) = h.map_or((0, 0), |h| (h.claim, h.used));
             let fits = match w.limit {
                 Limit::Cap(_) => spend_after_millicents <= claim.saturating_mul(1000),
@@ -608,7 +611,7 @@ impl Leases {
             }
         }
         for w in &windows {
-            if let Some(h) = table.get_mut(&(id.clone(), w.limit, w.label())) {
+            if let Some(h) = table.get_mut(&(id.clone(), w.limit, w.start.timestamp())) {
                 match w.limit {
                     Limit::Cap(_) => h.used = h.used.max(cents_up(spend_after_millicents)),
                     Limit::Rate(_) => h.used = h.used.saturating_add(1),
