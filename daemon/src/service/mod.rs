@@ -789,7 +789,7 @@ impl Service {
             }
             Some(cp) => {
                 // Fleet leases first (outside the lane): a request the host's leases do not cover
-                // waits here, briefly, for a lease; the lane then decides with what the host holds.
+                // waits here a short while for a lease; the lane then decides with what the host holds.
                 let fleet = self.fleet().cloned();
                 if let Some(f) = &fleet {
                     f.prepare(&cp, cost_millicents, now()).await;
