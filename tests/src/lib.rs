@@ -13,6 +13,7 @@
 pub mod browser;
 pub mod daemon;
 pub mod flood;
+pub mod gate;
 pub mod mock_llm;
 pub mod probe;
 pub mod redis;

@@ -6,53 +6,13 @@
 //! the agent's host, the price lock is the same on both sides after a price rise, and a gate that
 //! shows a forked catalog is refused by `sluice discover`.
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
-use sluice_e2e::daemon::Daemon;
+use sluice_e2e::gate::{start_daemon, start_service, GATE};
 use sluice_e2e::upstream::TestCa;
 use sluice_e2e::{free_port, root_or_skip, ChildGuard};
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-const GATE: &str = "shipping.example.test";
-
-type Reached = Arc<Mutex<Vec<String>>>;
-
-/// The protected service: records each path that reached it, answers `ok <path>`.
-fn start_service(rt: &tokio::runtime::Runtime) -> (u16, Reached) {
-    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0))).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen: Reached = Arc::default();
-    let st = seen.clone();
-    rt.spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let st = st.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let st = st.clone();
-                    async move {
-                        let path = req.uri().path().to_string();
-                        let _ = req.into_body().collect().await;
-                        st.lock().unwrap().push(path.clone());
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("ok {path}")))))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    (port, seen)
-}
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -153,13 +113,7 @@ fn discover_pins_and_the_daemon_prices_gate_requests_by_the_catalog() {
     let ca_path = ca.write(ca_dir.path());
     let (service_port, seen) = start_service(&rt);
 
-    let d = Daemon::start_full(
-        "root",
-        "",
-        &format!("static_hosts = {{ \"{GATE}\" = \"127.0.0.1\" }}"),
-        &format!("[upstream_tls]\nextra_roots = [\"{}\"]\n[gates]\nhosts = [\"{GATE}\"]\n", ca_path.display()),
-        &[],
-    );
+    let d = start_daemon(&ca_path);
     let issue = |name: &str, cap: &str, permissions: &[&str]| {
         let mut args = vec![];
         for perm in permissions {

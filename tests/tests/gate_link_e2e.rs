@@ -8,23 +8,13 @@
 //! by its catalog (2.5 cents + 2.5 % fee), the daemon by the same verified catalog. Then
 //! the exports are edited: a record removed, a price altered, a window cut; settle says so.
 
-use bytes::Bytes;
-use http::{Request, Response};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
-use sluice_e2e::daemon::Daemon;
+use sluice_e2e::gate::{start_daemon, start_service, GATE};
 use sluice_e2e::upstream::TestCa;
 use sluice_e2e::{free_port, root_or_skip, ChildGuard};
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-const GATE: &str = "shipping.example.test";
 
 /// The gate's catalog: a booking costs 2.5 cents plus a 2.5 % fee, 2,563 millicents (the fee is
 /// rounded up to a millicent); refunds are offered (so a passport without them is refused
@@ -59,40 +49,6 @@ risk_level = "low"
 /// The booking's price, fee included, in millicents.
 const PRICE: u64 = 2563;
 
-/// The protected service: plain HTTP on loopback, records what reached it (path and the
-/// gate's `Sluice-Passport-Id`) and answers `ok <path>`.
-/// What reached the service: each request's path and its `Sluice-Passport-Id`.
-type Reached = Arc<Mutex<Vec<(String, Option<String>)>>>;
-
-fn start_service(rt: &tokio::runtime::Runtime) -> (u16, Reached) {
-    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0))).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen: Reached = Arc::default();
-    let st = seen.clone();
-    rt.spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let st = st.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let st = st.clone();
-                    async move {
-                        let path = req.uri().path().to_string();
-                        let id =
-                            req.headers().get("sluice-passport-id").and_then(|v| v.to_str().ok()).map(String::from);
-                        let _ = req.into_body().collect().await;
-                        st.lock().unwrap().push((path.clone(), id));
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("ok {path}")))))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .await;
-            });
-        }
-    });
-    (port, seen)
-}
-
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -108,13 +64,7 @@ fn an_agent_calls_a_gate_and_both_logs_link_and_settle() {
     let ca_path = ca.write(ca_dir.path());
     let (service_port, seen) = start_service(&rt);
 
-    let d = Daemon::start_full(
-        "root",
-        "",
-        &format!("static_hosts = {{ \"{GATE}\" = \"127.0.0.1\" }}"),
-        &format!("[upstream_tls]\nextra_roots = [\"{}\"]\n[gates]\nhosts = [\"{GATE}\"]\n", ca_path.display()),
-        &[],
-    );
+    let d = start_daemon(&ca_path);
     let (passport, passport_id) = d.issue(
         "shipper",
         &[
