@@ -29,7 +29,7 @@ pub(super) struct StoredClaim {
 }
 
 fn state_key(e: &LeaseEvent) -> String {
-    format!("{FLEET_PREFIX}{}/{}/{}", e.passport_id, e.limit.name(), e.window)
+    format!("{FLEET_PREFIX}{}/{}/{}", e.passport_id, e.window.limit.name(), e.window.label())
 }
 
 fn parse_limit(name: &str) -> Option<Limit> {
@@ -114,10 +114,10 @@ impl Service {
     async fn record_lease(&self, event: LeaseEvent, redis: String) -> Result<(), ServiceError> {
         let key = state_key(&event);
         let stored = StoredClaim {
-            limit: event.limit.name(),
-            window_start: event.window_start,
-            window_end: event.window_end,
-            limit_amount: event.limit_amount,
+            limit: event.window.limit.name(),
+            window_start: event.window.start,
+            window_end: event.window.end,
+            limit_amount: event.window.amount,
             claim: event.claim,
         };
         let drop_entry = event.op == LeaseOp::Returned && event.why == Some("window_end");
