@@ -57,8 +57,9 @@ pub enum AuditCmd {
     Settle(SettleArgs),
 }
 
+/// The two exports `link` and `settle` read, and the key that verifies each.
 #[derive(Args, Debug)]
-pub struct SettleArgs {
+pub struct ExportPair {
     /// The agent host's export (`sluice audit export`).
     agent_export: PathBuf,
     /// The gate's export (`sluice gate audit export`).
@@ -69,6 +70,12 @@ pub struct SettleArgs {
     /// The gate's public key (`gate.pub`).
     #[arg(long, value_name = "F")]
     gate_pub: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct SettleArgs {
+    #[command(flatten)]
+    pair: ExportPair,
     /// Only records at or after this time (RFC 3339, e.g. 2026-12-01T00:00:00Z).
     #[arg(long, value_name = "T")]
     since: Option<String>,
@@ -86,16 +93,8 @@ pub struct SettleArgs {
 
 #[derive(Args, Debug)]
 pub struct LinkArgs {
-    /// The agent host's export (`sluice audit export`).
-    agent_export: PathBuf,
-    /// The gate's export.
-    gate_export: PathBuf,
-    /// The agent host's public key (`host.pub` in the daemon's state_dir).
-    #[arg(long, value_name = "F")]
-    agent_pub: PathBuf,
-    /// The gate's public key.
-    #[arg(long, value_name = "F")]
-    gate_pub: PathBuf,
+    #[command(flatten)]
+    pair: ExportPair,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -399,7 +398,9 @@ fn link_cmd(a: LinkArgs) -> CmdResult {
     use crate::ledger::link::{self, Linked, Side};
     let mut failed = Vec::new();
     let mut collected = Vec::new();
-    for (side, file, key) in [(Side::Agent, &a.agent_export, &a.agent_pub), (Side::Gate, &a.gate_export, &a.gate_pub)] {
+    for (side, file, key) in
+        [(Side::Agent, &a.pair.agent_export, &a.pair.agent_pub), (Side::Gate, &a.pair.gate_export, &a.pair.gate_pub)]
+    {
         let key = keyfile::load_public_key(key)?;
         let pinned = Pinned::new(file)?;
         let read =
@@ -542,8 +543,8 @@ fn settle_cmd(a: SettleArgs) -> CmdResult {
     use crate::ledger::export::PortableAttestation;
     use crate::ledger::link::{Linked, Side};
     use crate::ledger::settle::{self, Entry, LogCheck, SettleOptions};
-    let agent_key = keyfile::load_public_key(&a.agent_pub)?;
-    let gate_key = keyfile::load_public_key(&a.gate_pub)?;
+    let agent_key = keyfile::load_public_key(&a.pair.agent_pub)?;
+    let gate_key = keyfile::load_public_key(&a.pair.gate_pub)?;
     let opts = SettleOptions {
         gate_id: Some(crate::gate::gate_id(&gate_key)),
         since: time_arg("--since", &a.since)?,
@@ -554,10 +555,10 @@ fn settle_cmd(a: SettleArgs) -> CmdResult {
             anyhow::bail!("--since {} is not before --until {}: the window is empty", s, u);
         }
     }
-    let (agent, gate) = (Pinned::new(&a.agent_export)?, Pinned::new(&a.gate_export)?);
+    let (agent, gate) = (Pinned::new(&a.pair.agent_export)?, Pinned::new(&a.pair.gate_export)?);
     let report =
         settle::settle_exports(|| agent.open(), &agent_key, || gate.open(), &gate_key, &opts).map_err(|e| {
-            let file = if e.side == Side::Agent { &a.agent_export } else { &a.gate_export };
+            let file = if e.side == Side::Agent { &a.pair.agent_export } else { &a.pair.gate_export };
             anyhow::anyhow!("{}: {}", file.display(), e.reason)
         })?;
     agent.unchanged()?;
@@ -597,8 +598,8 @@ fn settle_cmd(a: SettleArgs) -> CmdResult {
                 }
             }
         };
-        log_line("agent", &a.agent_export, &report.agent_log);
-        log_line("gate ", &a.gate_export, &report.gate_log);
+        log_line("agent", &a.pair.agent_export, &report.agent_log);
+        log_line("gate ", &a.pair.gate_export, &report.gate_log);
         println!("gate       {}", report.gate_id.as_deref().unwrap_or("-"));
         println!(
             "window     {} .. {}",
@@ -674,8 +675,8 @@ fn settle_cmd(a: SettleArgs) -> CmdResult {
     } else {
         let why = match (report.agent_log.verified, report.gate_log.verified) {
             (false, false) => "neither log verifies".to_string(),
-            (false, true) => format!("the agent's log ({}) does not verify", a.agent_export.display()),
-            (true, false) => format!("the gate's log ({}) does not verify", a.gate_export.display()),
+            (false, true) => format!("the agent's log ({}) does not verify", a.pair.agent_export.display()),
+            (true, false) => format!("the gate's log ({}) does not verify", a.pair.gate_export.display()),
             (true, true) => "the two sides do not agree".to_string(),
         };
         eprintln!("sluice: settlement FAILED: {why}: see the lines above");
