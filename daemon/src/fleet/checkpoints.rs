@@ -364,14 +364,14 @@ async fn compare_with_published(
     let cur = &latest.checkpoint;
     let rewritten = || {
         format!(
-            "this host's log does not extend the checkpoint it published to the fleet (size {}, root {}): its state              was restored from an old copy or its history rewritten; `sluice audit verify --fleet` will report it",
+            "this host's log does not extend the checkpoint it published to the fleet (size {}, root {}): its state was restored from an old copy or its history rewritten; `sluice audit verify --fleet` will report it",
             published.size,
             hex::encode(&published.root)
         )
     };
     if published.size > cur.size {
         return Ok(Some(format!(
-            "this host published a checkpoint of {} records to the fleet but its log holds {}: its state was              restored from an old copy (rolled back); `sluice audit verify --fleet` will report it",
+            "this host published a checkpoint of {} records to the fleet but its log holds {}: its state was restored from an old copy (rolled back); `sluice audit verify --fleet` will report it",
             published.size, cur.size
         )));
     }

@@ -339,7 +339,7 @@ async fn price_by_catalog(
         let r = Refusal {
             reason: Reason::GateCatalogUnavailable,
             detail: format!(
-                "The daemon holds no verified catalog of the gate {host} ({why}), so this request cannot be                  mapped to a permission or priced; nothing was sent. Run `sluice discover https://{host}[:PORT]`,                  or retry once the daemon's refresh succeeds."
+                "The daemon holds no verified catalog of the gate {host} ({why}), so this request cannot be mapped to a permission or priced; nothing was sent. Run `sluice discover https://{host}[:PORT]`, or retry once the daemon's refresh succeeds."
             ),
         };
         let action = priced.input.action.clone();
@@ -351,7 +351,7 @@ async fn price_by_catalog(
         let r = Refusal {
             reason: Reason::PermissionNotOffered,
             detail: format!(
-                "{method} {path} needs {permission} at the gate {host}, which its catalog version {} does not offer;                  nothing was sent.",
+                "{method} {path} needs {permission} at the gate {host}, which its catalog version {} does not offer; nothing was sent.",
                 current.snapshot.version
             ),
         };
