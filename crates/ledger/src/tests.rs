@@ -361,6 +361,51 @@ async fn reopening_keeps_records_heads_state_and_checkpoints() {
     assert!(report.is_ok(), "{}", problems(&report));
 }
 
+/// The indexer keeps the rows of every group applied since its last commit in memory and writes
+/// each key and chain once at the commit: a counter moved by many groups, a key written and then
+/// deleted, and a chain extended many times before one commit come out as the last group left
+/// them, in the published store, after a clean reopen and after replay from the journal.
+#[tokio::test]
+async fn rows_of_many_groups_in_one_commit_keep_the_last_value() {
+    let store = TestStore::new();
+    // No timer commits: every group below lands in the indexer's one open transaction.
+    let opts = || LedgerOptions {
+        publish_interval: Duration::from_secs(3600),
+        durable_interval: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let ledger = Ledger::open(&store.path, host_key(), opts()).unwrap();
+    for _ in 0..20 {
+        ledger.transact(spend("pA", 1, "2025-01-01")).await.unwrap();
+    }
+    for _ in 0..3 {
+        ledger.transact(spend("pB", 5, "2025-01-01")).await.unwrap();
+    }
+    ledger.transact(reset("pB")).await.unwrap();
+    let counter = |l: &Ledger, key: &str| l.state_get(key).unwrap().map(|b| i64::from_be_bytes(b.try_into().unwrap()));
+    let check = |l: &Ledger, what: &str| {
+        assert_eq!(counter(l, "spend/pA/2025-01-01"), Some(20), "{what}: the last of twenty writes");
+        assert_eq!(counter(l, "spend/pB/2025-01-01"), None, "{what}: written three times, then deleted");
+        let snap = l.snapshot().unwrap();
+        assert_eq!(snap.chain_head("pA").unwrap().unwrap().seq, 19, "{what}: pA's tail");
+        assert_eq!(snap.chain_head("pB").unwrap().unwrap().seq, 3, "{what}: pB's tail (the reset)");
+    };
+    check(&ledger, "published");
+    // A crash image taken now holds these groups only in the journal (redb was never synced).
+    let image = crash_image(&store, true);
+    ledger.shutdown();
+    drop(ledger);
+    for (what, path) in [("reopened", &store.path), ("replayed", &image.path)] {
+        let l = Ledger::open(path, host_key(), opts()).unwrap();
+        check(&l, what);
+        let (_, a) = l.transact(spend("pA", 1, "2025-01-01")).await.unwrap();
+        assert_eq!((a[0].index, a[0].seq), (24, 20), "{what}: pA's chain goes on where it was");
+        let report = verify::verify_export(&full_export(&l).await, &vk(), None);
+        assert!(report.is_ok(), "{what}: {}", problems(&report));
+        l.shutdown();
+    }
+}
+
 #[tokio::test]
 async fn checkpoints_follow_growth_without_being_asked() {
     let store = TestStore::new();

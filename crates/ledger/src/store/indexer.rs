@@ -1,8 +1,10 @@
 //! The indexer thread: writes answered groups into redb, in batches, off the request path.
 //!
 //! The writer hands it every group once the group is durable in the journal (and answered). The
-//! indexer applies whatever has queued up into one redb write transaction, kept open across
-//! batches, and commits it without a sync when a reader asks ([`IndexJob::Publish`]) or every
+//! indexer applies whatever has queued up: the records to the segment, tile and links files
+//! (buffered until the next flush), the rows (state, chain tails, checkpoints) to [`Rows`], in
+//! memory, last value per key; one redb write transaction is kept open across batches, the
+//! rows are written into it once each, and it is committed without a sync when a reader asks ([`IndexJob::Publish`]) or every
 //! `publish_interval`, and with a sync every `durable_interval` or when the writer needs the
 //! journal emptied ([`IndexJob::Sync`]). What it has published and synced is in [`Progress`],
 //! which readers wait on.
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, Durability};
 
+use super::segments::Segments;
 use super::*;
 use crate::journal::GroupEffects;
 
@@ -35,11 +38,12 @@ pub(super) const INDEXER_THREAD: &str = "sluice-ledger-index";
 pub(super) type SyncReply = mpsc::SyncSender<Result<(), StorageError>>;
 
 pub(super) enum IndexJob {
-    /// An answered group, durable in the journal.
-    Group { gseq: u64, fx: GroupEffects },
+    /// An answered group, durable in the journal, with the leaf hash of each of its records
+    /// (the writer computed them when sealing: they are not hashed twice).
+    Group { gseq: u64, fx: GroupEffects, leaves: Vec<Hash> },
     /// A group the journal does not hold: apply it and sync redb before replying (its callers
     /// are answered only after the reply).
-    Durable { gseq: u64, fx: GroupEffects, reply: SyncReply },
+    Durable { gseq: u64, fx: GroupEffects, leaves: Vec<Hash>, reply: SyncReply },
     /// Sync every group sent before (the journal can then start over).
     Sync(SyncReply),
     /// A reader waits for every answered group: publish what was sent.
@@ -87,6 +91,10 @@ pub(super) struct Indexer {
     pub(super) synced: u64,
     /// The write transaction holding applied, unpublished groups, and when it was opened.
     pub(super) open: Option<(redb::WriteTransaction, Instant)>,
+    /// The rows of those groups, stored into the transaction when it is committed.
+    pub(super) rows: Rows,
+    /// The thread that seals full segments, and how to ask it (see [`Indexer::run`]).
+    pub(super) sealer: Option<(mpsc::Sender<u64>, std::thread::JoinHandle<()>)>,
     /// Since when redb holds published groups that are not synced.
     pub(super) undurable_since: Option<Instant>,
     pub(super) failed: Option<StorageError>,
@@ -94,9 +102,12 @@ pub(super) struct Indexer {
 
 /// Most jobs taken into one batch.
 const MAX_BATCH: usize = 4096;
+/// How long the indexer lets groups queue up after a batch nobody waited for.
+const BATCH_PAUSE: Duration = Duration::from_millis(2);
 
 impl Indexer {
     pub(super) fn run(mut self) {
+        self.sealer = spawn_sealer(self.files.segments.clone());
         loop {
             let wait = match self.failed {
                 Some(_) => None,
@@ -110,28 +121,41 @@ impl Indexer {
                 .map(|at| at.saturating_duration_since(Instant::now())),
             };
             let Some(jobs) = recv_batch(&self.rx, wait, MAX_BATCH) else { break };
-            if self.batch(jobs) {
+            let (stop, awaited) = self.batch(jobs);
+            if stop {
                 break;
+            }
+            if !awaited && self.failed.is_none() {
+                // Nobody waits for these groups (they are durable in the journal): let more
+                // of them queue up, so that the indexer wakes once per batch of groups rather
+                // than once per group. A publish or sync asked meanwhile waits at most this.
+                std::thread::sleep(BATCH_PAUSE);
             }
         }
         // Whatever is still open was never synced; the journal holds it.
         self.open = None;
+        // Every full segment synced so far is sealed before the store counts as stopped.
+        if let Some((tx, handle)) = self.sealer.take() {
+            drop(tx);
+            let _ = handle.join();
+        }
         let mut p = self.shared.lock_progress();
         p.closed = true;
         drop(p);
         self.shared.progressed.notify_all();
     }
 
-    /// Runs one batch. Returns true when the indexer must exit.
-    fn batch(&mut self, jobs: Vec<IndexJob>) -> bool {
-        let mut groups: Vec<(u64, GroupEffects)> = Vec::new();
+    /// Runs one batch. Returns whether the indexer must exit, and whether anyone waits for it
+    /// (a sync, a publish, a shutdown).
+    fn batch(&mut self, jobs: Vec<IndexJob>) -> (bool, bool) {
+        let mut groups: Vec<(u64, GroupEffects, Vec<Hash>)> = Vec::new();
         let mut replies: Vec<SyncReply> = Vec::new();
         let (mut publish, mut sync, mut shutdown) = (false, false, false);
         for job in jobs {
             match job {
-                IndexJob::Group { gseq, fx } => groups.push((gseq, fx)),
-                IndexJob::Durable { gseq, fx, reply } => {
-                    groups.push((gseq, fx));
+                IndexJob::Group { gseq, fx, leaves } => groups.push((gseq, fx, leaves)),
+                IndexJob::Durable { gseq, fx, leaves, reply } => {
+                    groups.push((gseq, fx, leaves));
                     replies.push(reply);
                     sync = true;
                 }
@@ -176,15 +200,17 @@ impl Indexer {
             Some(e) => Err(e.clone()),
             None => Ok(()),
         };
+        let awaited = publish || sync || !replies.is_empty();
         for r in replies {
             let _ = r.send(answer.clone());
         }
-        shutdown
+        (shutdown, awaited)
     }
 
     fn fail(&mut self, e: StorageError) {
         tracing::error!(error = %e, "ledger index write failed; refusing every transaction until restart (the restart replays answered groups from the journal)");
         self.open = None;
+        self.rows = Rows::default();
         self.failed = Some(e.clone());
         let mut p = self.shared.lock_progress();
         p.failed = Some(e);
@@ -193,7 +219,7 @@ impl Indexer {
     }
 
     /// Applies groups into the open transaction (opening one if needed).
-    fn apply(&mut self, groups: &[(u64, GroupEffects)]) -> Result<(), StorageError> {
+    fn apply(&mut self, groups: &[(u64, GroupEffects, Vec<Hash>)]) -> Result<(), StorageError> {
         if groups.is_empty() {
             return Ok(());
         }
@@ -203,9 +229,10 @@ impl Indexer {
             None => (self.db.begin_write().map_err(se(&path, "begin index write"))?, Instant::now()),
         };
         {
-            let mut t = Tables::open(&wtxn, &path)?;
-            for (gseq, fx) in groups {
-                self.size = match t.apply_group(*gseq, fx, self.size, &self.files, &path) {
+            let t = Tables::open(&wtxn, &path)?;
+            for (gseq, fx, leaves) in groups {
+                self.size = match t.apply_group(&mut self.rows, *gseq, fx, Some(leaves), self.size, &self.files, &path)
+                {
                     Ok(size) => size,
                     Err(ApplyError::Storage(e)) => return Err(e),
                     // The writer built this group from the same log: not following it is a bug.
@@ -248,13 +275,14 @@ impl Indexer {
             self.files.flush().map_err(seg)?;
         }
         {
+            let mut t = Tables::open(&wtxn, &path)?;
+            t.write(&mut self.rows, &path)?;
             // Written again so that an otherwise empty transaction is a real commit.
-            let mut meta = wtxn.open_table(META).map_err(se(&path, "open meta"))?;
-            meta.insert(META_GSEQ, self.gseq).map_err(se(&path, "write journal seq"))?;
+            t.meta.insert(META_GSEQ, self.gseq).map_err(se(&path, "write journal seq"))?;
             let open_len = self.files.segments.open_len(self.size);
-            meta.insert(META_OPEN_LEN, open_len).map_err(se(&path, "write segment length"))?;
+            t.meta.insert(META_OPEN_LEN, open_len).map_err(se(&path, "write segment length"))?;
             if clean {
-                meta.insert(META_CLEAN, 1).map_err(se(&path, "write clean flag"))?;
+                t.meta.insert(META_CLEAN, 1).map_err(se(&path, "write clean flag"))?;
             }
         }
         wtxn.commit().map_err(se(&path, if durable { "durable commit" } else { "commit" }))?;
@@ -276,9 +304,18 @@ impl Indexer {
                     }
                 }
             }
-            if let Err(e) = self.files.segments.seal_full(self.size) {
-                // The segment stays open (and readable); sealing is tried again at the next sync.
-                tracing::warn!(error = %e, "cannot seal a full ledger segment");
+            // Sealing (reading, compressing and rewriting a whole segment) takes far longer
+            // than a sync: it runs on its own thread, so that neither the writer waiting for a
+            // sync nor a reader waiting for a publish waits for it.
+            match &self.sealer {
+                Some((tx, _)) => {
+                    let _ = tx.send(self.size);
+                }
+                None => {
+                    if let Err(e) = self.files.segments.seal_full(self.size) {
+                        tracing::warn!(error = %e, "cannot seal a full ledger segment");
+                    }
+                }
             }
         } else {
             self.undurable_since.get_or_insert_with(Instant::now);
@@ -290,5 +327,38 @@ impl Indexer {
         drop(p);
         self.shared.progressed.notify_all();
         Ok(())
+    }
+}
+
+pub(super) const SEALER_THREAD: &str = "sluice-ledger-seal";
+
+/// Starts the thread that seals full segments once redb is synced past them (it is sent the
+/// synced log size), at a lower CPU priority than the request path: sealing is compression
+/// work that may wait, a decision may not. `None` (sealing then runs on the indexer) if the
+/// thread cannot be started.
+fn spawn_sealer(segments: Arc<Segments>) -> Option<(mpsc::Sender<u64>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<u64>();
+    let spawned = std::thread::Builder::new().name(SEALER_THREAD.into()).spawn(move || {
+        // Best effort: without it the sealer competes with the writer as an equal.
+        if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10) {
+            tracing::debug!(error = %e, "cannot lower the ledger sealer's CPU priority");
+        }
+        while let Ok(mut synced) = rx.recv() {
+            // Only the latest size matters: sealing up to it seals everything before it too.
+            while let Ok(later) = rx.try_recv() {
+                synced = synced.max(later);
+            }
+            if let Err(e) = segments.seal_full(synced) {
+                // The segment stays open (and readable); sealing is tried again after the next sync.
+                tracing::warn!(error = %e, "cannot seal a full ledger segment");
+            }
+        }
+    });
+    match spawned {
+        Ok(handle) => Some((tx, handle)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the ledger sealer thread; sealing runs on the indexer");
+            None
+        }
     }
 }

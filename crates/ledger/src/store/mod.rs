@@ -18,7 +18,8 @@
 //! The indexer appends the records of the groups it is handed to the log's segment files
 //! ([`segments`]: records live there, never in redb), their leaf hashes to the hash tiles and
 //! their chain links to the links file, and applies the rest of each group to redb,
-//! in batches, in one write transaction kept open across batches, committed (published) without a sync when a reader asks or every
+//! in batches, in one write transaction kept open across batches (the rows are kept in memory,
+//! last value per state key and chain, and written once each at the commit), committed (published) without a sync when a reader asks or every
 //! [`LedgerOptions::publish_interval`], and synced every [`LedgerOptions::durable_interval`]
 //! (the segments, tiles and links are synced first, and redb's `meta` keeps how long the open
 //! segment was then).
@@ -26,7 +27,9 @@
 //! published every group already answered, so nobody reads an older state than a caller was told
 //! about. The journal is never emptied before redb is synced past it: when it is half full (or a
 //! group does not fit) the writer asks the indexer to sync and waits for it, then starts the
-//! journal over. A group too large for the journal (or every group, with the journal off) is
+//! journal over (at a quarter full it asks for a sync without waiting, so that the wait at half
+//! full covers only what came after). Full segments are sealed by a thread of their own, at a
+//! lower CPU priority, after the sync that covers them. A group too large for the journal (or every group, with the journal off) is
 //! handed to the indexer as a synced redb commit, and answered after it. At open, journal entries
 //! redb does not have yet (after a crash or power loss) are applied before anything else; each
 //! group has a sequence number, stored in `meta` with it, which is how replay knows where redb
@@ -382,6 +385,8 @@ impl Ledger {
             published: gseq,
             synced: gseq,
             open: None,
+            rows: Rows::default(),
+            sealer: None,
             undurable_since: None,
             failed: None,
         };
@@ -411,6 +416,7 @@ impl Ledger {
             indexer: Some(indexer),
             stopped: false,
             poisoned: None,
+            early_sync: false,
         };
         let handle = std::thread::Builder::new()
             .name(WRITER_THREAD.into())

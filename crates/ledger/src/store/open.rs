@@ -219,17 +219,19 @@ pub(super) fn open_journal(
     {
         let mut t = Tables::open(&wtxn, path)?;
         let mut size = t.meta.get(META_SIZE).map_err(se(path, "read size"))?.map(|g| g.value()).unwrap_or(0);
+        let mut rows = Rows::default();
         for entry in &pending {
             let at = |what: String| bad(format!("journal {} group {}: {what}", jpath.display(), entry.gseq));
             let fx = GroupEffects::decode(&entry.payload).map_err(|e| at(e.to_string()))?;
             records += fx.records.len();
-            size = match t.apply_group(entry.gseq, &fx, size, files, path) {
+            size = match t.apply_group(&mut rows, entry.gseq, &fx, None, size, files, path) {
                 Ok(size) => size,
                 Err(ApplyError::Bad(what)) => return Err(at(what)),
                 Err(ApplyError::Storage(e)) => return Err(e.into()),
             };
             gseq = entry.gseq;
         }
+        t.write(&mut rows, path)?;
         // The records first: redb's synced size must never pass what the files hold.
         files.sync()?;
         t.meta.insert(META_OPEN_LEN, files.segments.open_len(size)).map_err(se(path, "write segment length"))?;

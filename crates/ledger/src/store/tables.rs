@@ -6,6 +6,7 @@
 //! Must not: decide what to write or when to commit (the writer and replay do), or read for callers
 //! (the snapshot does).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use redb::{Database, ReadableTable, Table, TableDefinition};
@@ -63,29 +64,40 @@ impl<'t> Tables<'t> {
         })
     }
 
-    pub(super) fn put_state(&mut self, key: &str, val: Option<&[u8]>, path: &Path) -> Result<(), StorageError> {
-        match val {
-            Some(v) => self.state.insert(key, v).map(|_| ()).map_err(se(path, "write state")),
-            None => self.state.remove(key).map(|_| ()).map_err(se(path, "delete state")),
-        }
-    }
-
     /// Applies one group's effects (the journal entry `gseq`) on top of a log of `size` records,
-    /// checking that they follow it; returns the size after the group. The indexer (live) and
-    /// journal replay (at open) both apply groups through here, so both write the same rows.
+    /// checking that they follow it; returns the size after the group. The records go to their
+    /// files (buffered there until the next flush), the rows to `rows`, which
+    /// [`Tables::write`] stores. The indexer (live) and journal replay (at open) both apply
+    /// groups through here, so both write the same rows. `leaves`, when given, are the records'
+    /// leaf hashes as the writer computed them (replay hashes the records itself).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn apply_group(
-        &mut self,
+        &self,
+        rows: &mut Rows,
         gseq: u64,
         fx: &GroupEffects,
+        leaves: Option<&[merkle::Hash]>,
         mut size: u64,
         files: &LogFiles,
         path: &Path,
     ) -> Result<u64, ApplyError> {
         for (k, v) in &fx.state {
             check_key(k).map_err(|e| ApplyError::Bad(e.to_string()))?;
-            self.put_state(k, v.as_deref(), path)?;
+            match rows.state.get_mut(k.as_str()) {
+                Some(slot) => slot.clone_from(v),
+                None => {
+                    rows.state.insert(k.clone(), v.clone());
+                }
+            }
         }
-        for r in &fx.records {
+        if leaves.is_some_and(|l| l.len() != fx.records.len()) {
+            return Err(ApplyError::Bad(format!(
+                "{} leaf hashes for {} records",
+                leaves.map_or(0, <[_]>::len),
+                fx.records.len()
+            )));
+        }
+        for (i, r) in fx.records.iter().enumerate() {
             if r.index != size {
                 return Err(ApplyError::Bad(format!("record index {} where the log has {size} records", r.index)));
             }
@@ -93,8 +105,14 @@ impl<'t> Tables<'t> {
             if r.index >= merkle::MAX_TREE_SIZE - 1 {
                 return Err(ApplyError::Bad(format!("record index {} is beyond the supported log size", r.index)));
             }
-            let leaf = merkle::leaf_hash(&r.canonical);
-            let prev = self.tails.get(r.chain.as_str()).map_err(se(path, "read chain tail"))?.map(|g| g.value());
+            let leaf = match leaves.and_then(|l| l.get(i)) {
+                Some(leaf) => *leaf,
+                None => merkle::leaf_hash(&r.canonical),
+            };
+            let prev = match rows.tails.get(r.chain.as_str()) {
+                Some(tail) => Some(*tail),
+                None => self.tails.get(r.chain.as_str()).map_err(se(path, "read chain tail"))?.map(|g| g.value()),
+            };
             let prev = match prev {
                 Some((seq, _, index)) if r.seq == seq.saturating_add(1) && seq != u64::MAX => index,
                 None if r.seq == 0 => links::NONE,
@@ -111,7 +129,12 @@ impl<'t> Tables<'t> {
             files.segments.append(r.index, &r.canonical).map_err(|e| ApplyError::Bad(e.to_string()))?;
             files.tiles.append(r.index, leaf).map_err(|e| ApplyError::Bad(e.to_string()))?;
             files.links.append(r.index, prev).map_err(|e| ApplyError::Bad(e.to_string()))?;
-            self.tails.insert(r.chain.as_str(), (r.seq, leaf, r.index)).map_err(se(path, "write chain tail"))?;
+            match rows.tails.get_mut(r.chain.as_str()) {
+                Some(tail) => *tail = (r.seq, leaf, r.index),
+                None => {
+                    rows.tails.insert(r.chain.clone(), (r.seq, leaf, r.index));
+                }
+            }
             size += 1;
         }
         if fx.size != size {
@@ -121,12 +144,45 @@ impl<'t> Tables<'t> {
             if *cp_size != size {
                 return Err(ApplyError::Bad(format!("checkpoint of size {cp_size} in a group ending at {size}")));
             }
-            self.checkpoints.insert(*cp_size, note.as_str()).map_err(se(path, "write checkpoint"))?;
+            rows.checkpoints.push((*cp_size, note.clone()));
         }
-        self.meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
-        self.meta.insert(META_GSEQ, gseq).map_err(se(path, "write journal seq"))?;
+        rows.end = Some((size, gseq));
         Ok(size)
     }
+
+    /// Stores `rows` (and empties it): one write per state key and chain, whatever number of
+    /// groups changed them.
+    pub(super) fn write(&mut self, rows: &mut Rows, path: &Path) -> Result<(), StorageError> {
+        for (k, v) in rows.state.drain() {
+            match v {
+                Some(v) => self.state.insert(k.as_str(), v.as_slice()).map(|_| ()).map_err(se(path, "write state"))?,
+                None => self.state.remove(k.as_str()).map(|_| ()).map_err(se(path, "delete state"))?,
+            }
+        }
+        for (chain, tail) in rows.tails.drain() {
+            self.tails.insert(chain.as_str(), tail).map_err(se(path, "write chain tail"))?;
+        }
+        for (size, note) in rows.checkpoints.drain(..) {
+            self.checkpoints.insert(size, note.as_str()).map_err(se(path, "write checkpoint"))?;
+        }
+        if let Some((size, gseq)) = rows.end.take() {
+            self.meta.insert(META_SIZE, size).map_err(se(path, "write size"))?;
+            self.meta.insert(META_GSEQ, gseq).map_err(se(path, "write journal seq"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The rows of groups applied but not yet stored: the last value of every state key and chain
+/// tail they changed, their checkpoints, and the log size and group sequence number after the
+/// last one. Many groups change the same few rows (a passport's counters and chain tail with
+/// every decision), so storing them once per batch is far cheaper than once per group.
+#[derive(Default)]
+pub(super) struct Rows {
+    state: HashMap<String, Option<Vec<u8>>>,
+    tails: HashMap<String, (u64, [u8; 32], u64)>,
+    checkpoints: Vec<(u64, String)>,
+    end: Option<(u64, u64)>,
 }
 
 /// Why a group could not be applied to redb.

@@ -116,6 +116,8 @@ pub(super) struct Writer {
     /// journal write failed, or the indexer failed): every later group is refused until a
     /// restart replays the journal.
     pub(super) poisoned: Option<StorageError>,
+    /// This lap of the journal already asked the indexer for a background sync.
+    pub(super) early_sync: bool,
 }
 
 /// The outcome of one group, before it is durable.
@@ -318,6 +320,9 @@ impl Writer {
         let mut size = self.size;
         let gseq = self.gseq + 1;
         let mut fx = GroupEffects::default();
+        // One time for every record of the group (they become durable together).
+        let now = record::now_rfc3339();
+        let mut leaves = Vec::new();
         for work in pending.by_ref() {
             let records = Records { recent: &self.recent, segments: &self.segments, size };
             let mut txn = Txn { state: &self.mem.state, records: &records, overlay: BTreeMap::new(), next_index: size };
@@ -327,7 +332,7 @@ impl Writer {
                 continue;
             };
             // Seal every draft before keeping anything, so a bad draft leaves no trace.
-            let sealed = match seal_all(&self.mem.heads, drafts, size) {
+            let sealed = match seal_all(&self.mem.heads, drafts, size, &now) {
                 Ok(s) => s,
                 Err(e) => {
                     finish.finish(Err(e.into()));
@@ -344,6 +349,7 @@ impl Writer {
             for (chain, a) in &sealed {
                 self.mem.heads.insert(chain.clone(), ChainHead { seq: a.seq, hash: a.leaf_hash });
                 self.mem.frontier.push(a.leaf_hash);
+                leaves.push(a.leaf_hash);
                 self.recent.push_back((a.index, a.canonical.clone()));
                 fx.records.push(JournalRecord {
                     chain: chain.clone(),
@@ -367,14 +373,14 @@ impl Writer {
             None
         };
         fx.size = size;
-        self.make_durable(gseq, fx)?;
+        self.make_durable(gseq, fx, leaves)?;
         self.gseq = gseq;
         Ok((size, new_cp))
     }
 
     /// Makes a group durable: one journal entry (then hands it to the indexer), or, when the
     /// journal is off or cannot hold it, a synced redb commit by the indexer.
-    fn make_durable(&mut self, gseq: u64, fx: GroupEffects) -> Result<(), StorageError> {
+    fn make_durable(&mut self, gseq: u64, fx: GroupEffects, leaves: Vec<merkle::Hash>) -> Result<(), StorageError> {
         let path = self.path.clone();
         let path = path.as_path();
         let mut payload = Vec::with_capacity(1024);
@@ -382,6 +388,14 @@ impl Writer {
         if self.journal_on {
             if self.journal.used() >= self.journal.capacity() / 2 || !self.journal.fits(payload.len()) {
                 self.lap()?;
+            } else if !self.early_sync && self.journal.used() >= self.journal.capacity() / 4 {
+                // The sync the next lap waits for, asked for now and run in the background:
+                // the lap then waits only for what was written after it, not for a whole
+                // half journal of segment data.
+                self.early_sync = true;
+                let (tx, _unheard) = mpsc::sync_channel(1);
+                // A gone indexer is reported by the next send that needs an answer.
+                let _ = self.index.send(IndexJob::Sync(tx));
             }
             if self.journal.fits(payload.len()) {
                 // Durable from here on: answered callers survive a crash through replay.
@@ -392,11 +406,11 @@ impl Writer {
                     tracing::error!(error = %e, "ledger journal write failed; refusing every transaction until restart");
                     return Err(journal_storage(path, "journal append", &e));
                 }
-                return self.index.send(IndexJob::Group { gseq, fx }).map_err(|_| indexer_gone(path));
+                return self.index.send(IndexJob::Group { gseq, fx, leaves }).map_err(|_| indexer_gone(path));
             }
         }
         let (tx, rx) = mpsc::sync_channel(1);
-        self.index.send(IndexJob::Durable { gseq, fx, reply: tx }).map_err(|_| indexer_gone(path))?;
+        self.index.send(IndexJob::Durable { gseq, fx, leaves, reply: tx }).map_err(|_| indexer_gone(path))?;
         rx.recv().map_err(|_| indexer_gone(path))??;
         // redb now holds every group durably; the journal must not keep older entries, or
         // the next one would not follow them at replay.
@@ -410,6 +424,7 @@ impl Writer {
 
     /// Has the indexer sync redb over every group sent, then starts the journal over.
     fn lap(&mut self) -> Result<(), StorageError> {
+        self.early_sync = false;
         let path = self.path.clone();
         let (tx, rx) = mpsc::sync_channel(1);
         self.index.send(IndexJob::Sync(tx)).map_err(|_| indexer_gone(&path))?;
@@ -443,6 +458,7 @@ pub(super) fn seal_all(
     heads: &HashMap<String, ChainHead>,
     drafts: Vec<Draft>,
     start: u64,
+    now: &str,
 ) -> Result<Vec<(String, Appended)>, DraftError> {
     if drafts.len() > MAX_DRAFTS_PER_TXN {
         return Err(DraftError::TooManyDrafts { count: drafts.len(), max: MAX_DRAFTS_PER_TXN });
@@ -453,14 +469,13 @@ pub(super) fn seal_all(
     if drafts.is_empty() {
         return Ok(Vec::new());
     }
-    let now = record::now_rfc3339();
     let mut local: HashMap<String, ChainHead> = HashMap::new();
     let mut out = Vec::with_capacity(drafts.len());
     for (i, draft) in drafts.into_iter().enumerate() {
         record::check_chain(&draft.chain)?;
         let head = local.get(&draft.chain).or_else(|| heads.get(&draft.chain)).copied();
         let chain = draft.chain.clone();
-        let (appended, new_head) = record::seal(draft, start + i as u64, head, &now)?;
+        let (appended, new_head) = record::seal(draft, start + i as u64, head, now)?;
         local.insert(chain.clone(), new_head);
         out.push((chain, appended));
     }
