@@ -557,7 +557,7 @@ impl Connector {
         }
         let name = key.name.as_str();
         let server_name = ServerName::try_from(name.to_string()).map_err(|_| ConnectError::BadUri(name.to_string()))?;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(server_name, tcp))
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(server_name, ReadAhead::new(tcp)))
             .await
             .map_err(|_| ConnectError::Tls {
                 name: name.to_string(),
@@ -578,8 +578,78 @@ pub struct UpstreamIo {
 
 enum Inner {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<ReadAhead<TcpStream>>>),
 }
+
+/// Bytes read from the socket in one system call once a response is seen to be larger than one
+/// read of rustls.
+pub(super) const READ_AHEAD: usize = 64 * 1024;
+
+/// The upstream socket below rustls, read in larger gulps when a response is large.
+///
+/// rustls reads TLS records at most 4 KiB at a time, so a 64 KiB response took about seventeen
+/// `read` calls. A read that fills the caller's buffer says more is waiting: the next read takes
+/// up to [`READ_AHEAD`] bytes at once and serves rustls from memory, and reading ahead goes on
+/// while it brings more than the caller's buffer would have taken. A read that does not fill it
+/// (a small response, the usual keep-alive case) goes straight into rustls's buffer, with no copy
+/// and no allocation. The buffer exists only while it holds unread bytes: an idle pooled
+/// connection holds none.
+pub(super) struct ReadAhead<S> {
+    inner: S,
+    ahead: bytes::BytesMut,
+    /// The last read filled the caller's buffer: read ahead next time.
+    burst: bool,
+}
+
+impl<S> ReadAhead<S> {
+    pub(super) fn new(inner: S) -> ReadAhead<S> {
+        ReadAhead { inner, ahead: bytes::BytesMut::new(), burst: false }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        use bytes::Buf as _;
+        let this = self.get_mut();
+        if this.ahead.is_empty() && this.burst && buf.remaining() > 0 {
+            this.ahead.reserve(READ_AHEAD);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.ahead) {
+                // Still more than the caller's buffer would have taken: keep reading ahead.
+                Poll::Ready(Ok(n)) => this.burst = n > buf.remaining(),
+                Poll::Ready(Err(e)) => {
+                    this.ahead = bytes::BytesMut::new();
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {
+                    // Nothing to hold while the upstream is silent.
+                    this.ahead = bytes::BytesMut::new();
+                    return Poll::Pending;
+                }
+            }
+            if this.ahead.is_empty() {
+                this.ahead = bytes::BytesMut::new();
+                return Poll::Ready(Ok(())); // end of stream
+            }
+        }
+        if !this.ahead.is_empty() {
+            let n = this.ahead.len().min(buf.remaining());
+            buf.put_slice(this.ahead.get(..n).unwrap_or_default());
+            this.ahead.advance(n);
+            if this.ahead.is_empty() {
+                this.ahead = bytes::BytesMut::new(); // free it
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let (before, room) = (buf.filled().len(), buf.remaining());
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            this.burst = room > 0 && buf.filled().len() - before == room;
+        }
+        polled
+    }
+}
+
+delegate_async_write!(ReadAhead);
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -658,6 +728,99 @@ mod tests {
     use std::convert::Infallible;
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A socket stand-in: serves `data` in reads of at most `per_read` bytes (what the kernel
+    /// has queued), says `Pending` once before the `pending_at`-th read, and counts the reads.
+    struct Socket {
+        data: Vec<u8>,
+        at: usize,
+        per_read: usize,
+        reads: usize,
+        pending_at: Option<usize>,
+    }
+
+    impl AsyncRead for Socket {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.pending_at == Some(self.reads) {
+                self.pending_at = None;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.reads += 1;
+            let n = buf.remaining().min(self.per_read).min(self.data.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn socket(len: usize, per_read: usize) -> Socket {
+        let data = (0..len).map(|i| (i % 251) as u8).collect();
+        Socket { data, at: 0, per_read, reads: 0, pending_at: None }
+    }
+
+    /// Reads everything as rustls does (4 KiB at a time) and checks the bytes came through whole
+    /// and in order; returns the socket's read count.
+    async fn read_as_rustls(r: &mut ReadAhead<Socket>, already: &[u8]) -> usize {
+        use tokio::io::AsyncReadExt;
+        let mut got = already.to_vec();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = r.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(got, r.inner.data, "bytes lost or reordered");
+        assert_eq!(r.ahead.capacity(), 0, "a drained read-ahead buffer is freed");
+        r.inner.reads
+    }
+
+    #[tokio::test]
+    async fn a_large_response_is_read_in_a_few_large_reads_and_a_small_one_directly() {
+        // 64 KiB all queued: 4 KiB direct, then the rest at once, then the end.
+        let mut r = ReadAhead::new(socket(64 * 1024, usize::MAX));
+        assert!(read_as_rustls(&mut r, &[]).await <= 3);
+        // As it trickles in 16 KiB at a time, each socket read still takes all there is (4 KiB
+        // reads would take 51).
+        let mut r = ReadAhead::new(socket(200 * 1024, 16 * 1024));
+        assert!(read_as_rustls(&mut r, &[]).await <= 3 + 200 / 16);
+        // Small: one read into the caller's buffer and the end, no buffer.
+        let mut r = ReadAhead::new(socket(300, usize::MAX));
+        assert_eq!(read_as_rustls(&mut r, &[]).await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_read_ahead_that_waits_holds_no_buffer_and_loses_nothing() {
+        // The read ahead (the second socket read) finds nothing queued yet.
+        let mut s = socket(64 * 1024, usize::MAX);
+        s.pending_at = Some(1);
+        let mut r = ReadAhead::new(s);
+        let mut chunk = [0u8; 4096];
+        let mut first = ReadBuf::new(&mut chunk);
+        let polled = std::future::poll_fn(|cx| Pin::new(&mut r).poll_read(cx, &mut first)).await;
+        assert!(polled.is_ok() && first.filled().len() == 4096 && r.burst);
+        let already = first.filled().to_vec();
+        let mut waker_cx = Context::from_waker(std::task::Waker::noop());
+        let mut second = ReadBuf::new(&mut chunk);
+        assert!(Pin::new(&mut r).poll_read(&mut waker_cx, &mut second).is_pending());
+        assert_eq!(r.ahead.capacity(), 0, "no buffer held while the upstream is silent");
+        assert!(read_as_rustls(&mut r, &already).await <= 3);
+    }
 
     /// A plain HTTP/1.1 upstream on loopback: counts the connections it accepts and answers
     /// every request with `<Host header> <request target>` followed by `n` bytes for `/n`.
