@@ -193,14 +193,25 @@ impl Upstream {
 
     /// Sends `req` (its URI names scheme, host and port) and returns the response head; the
     /// response body streams.
-    pub async fn send(&self, mut req: http::Request<ProxyBody>) -> Result<http::Response<ProxyBody>, SendError> {
-        let key = Key::of(req.uri())?;
+    pub async fn send(&self, req: http::Request<ProxyBody>) -> Result<http::Response<ProxyBody>, SendError> {
+        let target = Target::of(req.uri())?;
+        self.send_to(&target, req).await
+    }
+
+    /// Sends `req` to `target` (its URI may be in origin form: only its path and query are
+    /// used) and returns the response head; the response body streams.
+    pub async fn send_to(
+        &self,
+        target: &Target,
+        mut req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<ProxyBody>, SendError> {
+        let key = Key::new(target);
         if let Some(sender) = self.pool.h2(&key) {
+            to_h2_form(&mut req, &key);
             return send_h2(sender, req).await;
         }
-        let uri = req.uri().clone();
+        to_h1_form(&mut req, &key);
         if let Some(h1) = std::future::poll_fn(|cx| Poll::Ready(self.pool.checkout_h1(&key, cx))).await {
-            to_h1_form(&mut req, &key);
             match send_h1(&self.pool, key.clone(), h1, req).await {
                 H1Sent::Done(result) => return result,
                 H1Sent::Unsent(back) => req = back,
@@ -208,8 +219,7 @@ impl Upstream {
         }
         let io = self.connector.connect(&key).await?;
         if io.h2 {
-            *req.uri_mut() = uri;
-            req.headers_mut().remove(http::header::HOST);
+            to_h2_form(&mut req, &key);
             let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new());
             let (sender, conn) = b.handshake(TokioIo::new(io)).await.map_err(SendError::Http)?;
@@ -221,7 +231,6 @@ impl Upstream {
             self.pool.put_h2(key, sender.clone());
             return send_h2(sender, req).await;
         }
-        to_h1_form(&mut req, &key);
         let (sender, conn) =
             hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Http)?;
         let h1 = H1 { sender, conn, idle_since: Instant::now() };
@@ -232,10 +241,14 @@ impl Upstream {
         }
     }
 
-    /// As [`Upstream::send`], always on a new HTTP/1.1 connection of its own (for `Upgrade`
+    /// As [`Upstream::send_to`], always on a new HTTP/1.1 connection of its own (for `Upgrade`
     /// requests: the connection becomes the tunnel, so it is never pooled).
-    pub async fn send_h1(&self, mut req: http::Request<ProxyBody>) -> Result<http::Response<ProxyBody>, SendError> {
-        let key = Key::of(req.uri())?;
+    pub async fn send_h1_to(
+        &self,
+        target: &Target,
+        mut req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<ProxyBody>, SendError> {
+        let key = Key::new(target);
         let io = self.h1_connector.connect(&key).await?;
         to_h1_form(&mut req, &key);
         let (mut sender, conn) =
@@ -256,16 +269,44 @@ impl Upstream {
 }
 
 /// HTTP/1.1 wants the path alone on the request line and the name in `Host` (with the port
-/// unless it is the scheme's default).
+/// unless it is the scheme's default). A request already in origin form keeps its URI, and a
+/// `Host` that already names the target exactly is kept: the usual proxied request is sent
+/// without building either again.
 fn to_h1_form<B>(req: &mut http::Request<B>, key: &Key) {
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    if let Ok(origin) = path.parse::<http::Uri>() {
-        *req.uri_mut() = origin;
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let path = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = http::Uri::from(path);
     }
     let default = if key.tls { 443 } else { 80 };
+    let exact = |v: &http::HeaderValue| key.port == default && v.as_bytes() == key.name.as_str().as_bytes();
+    if req.headers().get(http::header::HOST).is_some_and(exact)
+        && req.headers().get_all(http::header::HOST).iter().count() == 1
+    {
+        return;
+    }
     let host = if key.port == default { key.name.to_string() } else { format!("{}:{}", key.name, key.port) };
-    if let Ok(v) = http::HeaderValue::from_str(&host) {
-        req.headers_mut().entry(http::header::HOST).or_insert(v);
+    match http::HeaderValue::from_str(&host) {
+        Ok(v) => {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+        Err(_) => {
+            req.headers_mut().remove(http::header::HOST);
+        }
+    }
+}
+
+/// HTTP/2 wants the whole URI (hyper sends `:scheme`, `:authority` and `:path` from it) and no
+/// `Host`.
+fn to_h2_form<B>(req: &mut http::Request<B>, key: &Key) {
+    req.headers_mut().remove(http::header::HOST);
+    let path = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let uri = http::Uri::builder()
+        .scheme(if key.tls { "https" } else { "http" })
+        .authority(format!("{}:{}", key.name, key.port))
+        .path_and_query(path)
+        .build();
+    if let Ok(uri) = uri {
+        *req.uri_mut() = uri;
     }
 }
 
@@ -316,6 +357,30 @@ type H1Sender = hyper::client::conn::http1::SendRequest<ProxyBody>;
 type H1Conn = hyper::client::conn::http1::Connection<TokioIo<UpstreamIo>, ProxyBody>;
 type H2Sender = hyper::client::conn::http2::SendRequest<ProxyBody>;
 
+/// Where a request goes: scheme, name and port. The proxy builds it from the name the decision
+/// was made on and the port the agent dialed; it is never read back from the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub tls: bool,
+    pub name: DomainName,
+    pub port: u16,
+}
+
+impl Target {
+    /// The target an absolute `http`/`https` URI names.
+    pub fn of(uri: &http::Uri) -> Result<Target, ConnectError> {
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(ConnectError::BadUri(uri.to_string())),
+        };
+        let name =
+            uri.host().and_then(|h| DomainName::parse(h).ok()).ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Target { tls, name, port })
+    }
+}
+
 /// Where a connection goes: a connection opened and verified for one name is never used for
 /// another (nor for another port or scheme). Connections are also kept apart by the thread that
 /// uses them: the proxy runs one runtime per thread, and a connection stays with the runtime
@@ -329,16 +394,8 @@ struct Key {
 }
 
 impl Key {
-    fn of(uri: &http::Uri) -> Result<Key, ConnectError> {
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(ConnectError::BadUri(uri.to_string())),
-        };
-        let name =
-            uri.host().and_then(|h| DomainName::parse(h).ok()).ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        Ok(Key { tls, name, port, thread: std::thread::current().id() })
+    fn new(target: &Target) -> Key {
+        Key { tls: target.tls, name: target.name.clone(), port: target.port, thread: std::thread::current().id() }
     }
 }
 
@@ -728,6 +785,43 @@ mod tests {
     use std::convert::Infallible;
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn requests_go_in_origin_form_with_the_targets_host_and_in_absolute_form_over_http2() {
+        let target = |port| Target { tls: true, name: DomainName::parse("example.com").expect("name"), port };
+        let req = |uri: &str, host: Option<&str>| {
+            let mut r = http::Request::builder().uri(uri);
+            if let Some(h) = host {
+                r = r.header(http::header::HOST, h);
+            }
+            r.body(()).expect("request")
+        };
+        let host = |r: &http::Request<()>| {
+            let all: Vec<_> = r.headers().get_all(http::header::HOST).iter().cloned().collect();
+            assert_eq!(all.len(), 1, "exactly one Host");
+            all[0].to_str().expect("ascii").to_string()
+        };
+        let key = Key::new(&target(443));
+        // The proxy's usual request: kept as it is.
+        let mut r = req("/v1/x?q=1", Some("example.com"));
+        to_h1_form(&mut r, &key);
+        assert_eq!((r.uri().to_string(), host(&r)), ("/v1/x?q=1".to_string(), "example.com".to_string()));
+        // Any other spelling, another name, or none: the target's own name.
+        for h in [Some("EXAMPLE.com"), Some("example.com."), Some("example.com:443"), Some("evil.test"), None] {
+            let mut r = req("https://other.test/a", h);
+            to_h1_form(&mut r, &key);
+            assert_eq!((r.uri().to_string(), host(&r)), ("/a".to_string(), "example.com".to_string()), "{h:?}");
+        }
+        // Not the scheme's default port: named in Host.
+        let mut r = req("/", Some("example.com"));
+        to_h1_form(&mut r, &Key::new(&target(8443)));
+        assert_eq!(host(&r), "example.com:8443");
+        // HTTP/2: the whole URI from the target, no Host.
+        let mut r = req("/v1/x?q=1", Some("example.com"));
+        to_h2_form(&mut r, &key);
+        assert_eq!(r.uri(), "https://example.com:443/v1/x?q=1");
+        assert!(r.headers().get(http::header::HOST).is_none());
+    }
 
     /// A socket stand-in: serves `data` in reads of at most `per_read` bytes (what the kernel
     /// has queued), says `Pending` once before the `pending_at`-th read, and counts the reads.
