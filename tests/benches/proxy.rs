@@ -30,7 +30,10 @@
 //! subset of `direct,sluice,nginx,mitmproxy`), `SLUICE_BENCH_SCENARIOS` (comma-separated
 //! substrings of scenario labels, e.g. `c1 small`), `SLUICE_BENCH_SKIP_RSS=1`, and
 //! `SLUICE_BENCH_PERF=<dir>`: each sluice run is recorded with `perf record -g` on the daemon
-//! into `<dir>/perf-<n>.data` (needs `perf`, Debian `linux-perf`).
+//! into `<dir>/perf-<n>.data` (needs `perf`, Debian `linux-perf`); `SLUICE_BENCH_STRACE=<dir>`:
+//! each sluice run is counted with `strace -c -f` on the daemon into `<dir>/strace-<n>.txt`, and
+//! the daemon's system calls per request are printed (strace slows the daemon several times over:
+//! take rates and CPU from a run without it; the calls per request do not depend on the speed).
 
 use sluice_e2e::daemon::Daemon;
 use sluice_e2e::upstream::TestCa;
@@ -235,6 +238,10 @@ impl Env {
             (Target::Sluice, Some(dir), Some(pid)) => Some(perf_record(Path::new(&dir), n, pid)?),
             _ => None,
         };
+        let strace = match (target, std::env::var_os("SLUICE_BENCH_STRACE"), self.daemon.pid()) {
+            (Target::Sluice, Some(dir), Some(pid)) => Some(strace_count(Path::new(&dir), n, pid)?),
+            _ => None,
+        };
         let out: Output = if target == Target::Sluice {
             let mut full = vec!["run".to_string(), "--passport".into(), self.passport.to_string_lossy().into_owned()];
             full.push("--".into());
@@ -256,6 +263,12 @@ impl Env {
         }
         let cpu_after = proxy_pid.and_then(tree_cpu_ticks);
         let mut f = parse_h2load(&stdout).ok_or_else(|| format!("cannot read h2load's summary:\n{stdout}"))?;
+        if let Some(strace) = strace {
+            let (path, calls) = strace.finish()?;
+            // Includes the warm-up second's calls but not its requests: an upper bound, as the CPU.
+            let per = if f.ok > 0 { calls as f64 / f.ok as f64 } else { f64::NAN };
+            eprintln!("{}: {calls} daemon system calls, {per:.1} per request ({})", s.label, path.display());
+        }
         f.load1 = load_avg().split_whitespace().next().unwrap_or("?").to_string();
         if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
             // Includes the warm-up second's requests in the CPU but not in `ok`: an upper bound.
@@ -295,6 +308,57 @@ fn perf_record(dir: &Path, n: usize, pid: u32) -> Result<PerfGuard> {
 }
 
 struct PerfGuard(Child);
+
+/// `strace -c -f` on the daemon (every thread) until [`StraceGuard::finish`].
+fn strace_count(dir: &Path, n: usize, pid: u32) -> Result<StraceGuard> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let out = dir.join(format!("strace-{n}.txt"));
+    let child = Command::new("strace")
+        .args(["-c", "-f", "-p", &pid.to_string(), "-o"])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("strace (apt-get install strace): {e}"))?;
+    // strace attaches to each thread in turn; give it a moment before the load starts.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(StraceGuard { child: Some(child), out })
+}
+
+struct StraceGuard {
+    child: Option<Child>,
+    out: PathBuf,
+}
+
+impl StraceGuard {
+    /// Stops strace (SIGINT: it detaches and writes its table) and reads the total calls.
+    fn finish(mut self) -> Result<(PathBuf, u64)> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+        let text = std::fs::read_to_string(&self.out).map_err(|e| format!("{}: {e}", self.out.display()))?;
+        // `100.00    0.123456           1     12345       123 total`: calls are the 4th column.
+        let calls = text
+            .lines()
+            .find(|l| l.trim_end().ends_with(" total"))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| format!("no total in {}", self.out.display()))?;
+        Ok((self.out.clone(), calls))
+    }
+}
+
+impl Drop for StraceGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
+}
 
 impl Drop for PerfGuard {
     fn drop(&mut self) {

@@ -187,26 +187,28 @@ pub(crate) struct ForwardError {
     pub detail: String,
 }
 
-/// What the forward step needs from the upstream side: send one request (its URI names scheme,
-/// host and port) and return the response with its body streaming. `h1_only` for `Upgrade`
-/// requests, which HTTP/2 cannot carry. The daemon's [`super::upstream::Upstream`] implements
+/// What the forward step needs from the upstream side: send one request to a target (scheme,
+/// name, port; the request's URI in origin form) and return the response with its body
+/// streaming. `h1_only` for `Upgrade` requests, which HTTP/2 cannot carry. The daemon's [`super::upstream::Upstream`] implements
 /// it; tests pass a fake upstream.
 pub(crate) trait Forward: Send + Sync {
-    fn send(
-        &self,
+    fn send<'a>(
+        &'a self,
+        target: &'a super::upstream::Target,
         req: http::Request<super::upstream::ProxyBody>,
         h1_only: bool,
-    ) -> BoxFuture<'_, Result<http::Response<super::upstream::ProxyBody>, ForwardError>>;
+    ) -> BoxFuture<'a, Result<http::Response<super::upstream::ProxyBody>, ForwardError>>;
 }
 
 impl Forward for super::upstream::Upstream {
-    fn send(
-        &self,
+    fn send<'a>(
+        &'a self,
+        target: &'a super::upstream::Target,
         req: http::Request<super::upstream::ProxyBody>,
         h1_only: bool,
-    ) -> BoxFuture<'_, Result<http::Response<super::upstream::ProxyBody>, ForwardError>> {
+    ) -> BoxFuture<'a, Result<http::Response<super::upstream::ProxyBody>, ForwardError>> {
         Box::pin(async move {
-            let sent = if h1_only { self.send_h1(req).await } else { super::upstream::Upstream::send(self, req).await };
+            let sent = if h1_only { self.send_h1_to(target, req).await } else { self.send_to(target, req).await };
             sent.map_err(|e| ForwardError { connect: e.is_connect(), detail: error_chain(&e) })
         })
     }

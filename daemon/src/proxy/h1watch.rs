@@ -96,6 +96,14 @@ impl Tracker {
                         return (State::Head(head), skip);
                     }
                 }
+                if head.is_empty() {
+                    // A head that arrives whole in one read (the usual case) is judged where it
+                    // lies: no copy, no allocation per request.
+                    if let Some(end) = find(bytes, b"\r\n\r\n").map(|i| i + 4) {
+                        let whole = bytes.get(..end).unwrap_or_default();
+                        return (self.judged(whole), end);
+                    }
+                }
                 let start = head.len().saturating_sub(3);
                 head.extend_from_slice(bytes);
                 let Some(end) = find(head.get(start..).unwrap_or_default(), b"\r\n\r\n").map(|i| start + i + 4) else {
@@ -106,16 +114,7 @@ impl Tracker {
                 };
                 let used = bytes.len() - (head.len() - end);
                 head.truncate(end);
-                let (verdict, body) = judge(&head);
-                self.verdicts.push(verdict);
-                let next = match body {
-                    Body::None => State::Head(Vec::new()),
-                    Body::Length(0) => State::Head(Vec::new()),
-                    Body::Length(n) => State::Body(n),
-                    Body::Chunked => State::ChunkSize(Vec::new()),
-                    Body::Opaque => State::Stopped,
-                };
-                (next, used)
+                (self.judged(&head), used)
             }
             State::Body(left) => {
                 let take = (bytes.len() as u64).min(left);
@@ -156,6 +155,21 @@ impl Tracker {
                 LineStep::Done(used) if line.is_empty() => (State::Head(Vec::new()), used),
                 LineStep::Done(used) => (State::Trailers(Vec::new()), used),
             },
+        }
+    }
+}
+
+impl Tracker {
+    /// Queues the verdict on one whole request head and says what follows it.
+    fn judged(&mut self, head: &[u8]) -> State {
+        let (verdict, body) = judge(head);
+        self.verdicts.push(verdict);
+        match body {
+            Body::None => State::Head(Vec::new()),
+            Body::Length(0) => State::Head(Vec::new()),
+            Body::Length(n) => State::Body(n),
+            Body::Chunked => State::ChunkSize(Vec::new()),
+            Body::Opaque => State::Stopped,
         }
     }
 }

@@ -31,7 +31,7 @@
 use super::answer::{decision_response, record_refusal, service_failure, simple, ConnInfo, DECISION_HEADER};
 use super::checks::{self, Refusal};
 use super::decider::{Decide, Forward};
-use super::upstream::{BoxError, ProxyBody};
+use super::upstream::{BoxError, ProxyBody, Target};
 use super::{gate, h1watch, idle, inc, Proxy, Stats};
 use crate::decide::Reason;
 use crate::decide::{self, Decision};
@@ -684,9 +684,7 @@ async fn connect(
         }
     });
     let mut resp = Response::new(Full::new(Bytes::new()).map_err(|never| match never {}).boxed());
-    if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
-        resp.headers_mut().insert(HeaderName::from_static(DECISION_HEADER), v);
-    }
+    resp.headers_mut().insert(HeaderName::from_static(DECISION_HEADER), allow_header(attestation));
     resp
 }
 
@@ -753,25 +751,23 @@ async fn forward(
 ) -> Response<ProxyBody> {
     let agent_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let scheme = if info.tls { "https" } else { "http" };
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let uri = match format!("{scheme}://{host}:{}{path}", info.dialed.port()).parse::<http::Uri>() {
-        Ok(u) => u,
-        Err(e) => {
-            return upstream_failure(sides, info, host, attestation, "uri", &format!("bad upstream URI: {e}")).await
-        }
-    };
-    parts.uri = uri;
+    // The name the decision was made on, on the port the agent dialed; only the path and query
+    // of the request's URI go upstream, and the upstream client sets `Host` (or `:authority`)
+    // from the target.
+    let target = Target { tls: info.tls, name: host.clone(), port: info.dialed.port() };
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        parts.uri = http::Uri::from(path);
+    }
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    parts.headers.remove(header::HOST); // the client sets it (or :authority) from the URI
     if metering.is_some() {
         // The usage fields must be readable as they pass: a compressed response would hide them
         // (and the estimate would stand), so a metered request asks for the plain body.
         parts.headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
     let req = Request::from_parts(parts, body);
-    let mut resp = match sides.upstream.send(req, upgrade).await {
+    let mut resp = match sides.upstream.send(&target, req, upgrade).await {
         Ok(r) => r,
         Err(e) => {
             let kind = if e.connect { "connect" } else { "http" };
@@ -834,9 +830,14 @@ async fn forward(
 /// owns the response headers only; it must not touch the body or the status.
 fn response_filter(headers: &mut HeaderMap, upgraded: bool, attestation: u64) {
     strip_hop_by_hop(headers, upgraded);
-    if let Ok(v) = HeaderValue::from_str(&format!("allow; attestation={attestation}")) {
-        headers.insert(HeaderName::from_static(DECISION_HEADER), v);
-    }
+    headers.insert(HeaderName::from_static(DECISION_HEADER), allow_header(attestation));
+}
+
+/// `allow; attestation=<index>`, built in one allocation (the value takes the string's bytes).
+fn allow_header(attestation: u64) -> HeaderValue {
+    let value = Bytes::from(format!("allow; attestation={attestation}"));
+    // Digits and ASCII punctuation only: always a valid header value.
+    HeaderValue::from_maybe_shared(value).unwrap_or_else(|_| HeaderValue::from_static("allow"))
 }
 
 /// Whether a response body is sent with a content coding other than `identity`.
@@ -1045,7 +1046,7 @@ mod tests {
     /// An upstream that answers one scripted response and keeps the request it was sent.
     struct FakeUpstream {
         answer: std::sync::Mutex<Option<Result<Response<ProxyBody>, ForwardError>>>,
-        seen: std::sync::Mutex<Vec<(http::request::Parts, bool)>>,
+        seen: std::sync::Mutex<Vec<(Target, http::request::Parts, bool)>>,
     }
 
     impl FakeUpstream {
@@ -1055,12 +1056,13 @@ mod tests {
     }
 
     impl Forward for FakeUpstream {
-        fn send(
-            &self,
+        fn send<'a>(
+            &'a self,
+            target: &'a Target,
             req: Request<ProxyBody>,
             h1_only: bool,
-        ) -> super::super::decider::BoxFuture<'_, Result<Response<ProxyBody>, ForwardError>> {
-            self.seen.lock().unwrap().push((req.into_parts().0, h1_only));
+        ) -> super::super::decider::BoxFuture<'a, Result<Response<ProxyBody>, ForwardError>> {
+            self.seen.lock().unwrap().push((target.clone(), req.into_parts().0, h1_only));
             let answer = self.answer.lock().unwrap().take().expect("one request only");
             Box::pin(async move { answer })
         }
@@ -1126,11 +1128,12 @@ mod tests {
         assert!(resp.headers().get("x-secret").is_none());
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "hello");
         let seen = upstream.seen.lock().unwrap();
-        let (parts, h1_only) = &seen[0];
+        let (target, parts, h1_only) = &seen[0];
         // The name the decision was about, on the port dialed; never the dialed address.
-        assert_eq!(parts.uri, "https://example.com:443/v1/x?q=1");
+        assert_eq!((target.tls, target.name.as_str(), target.port), (true, "example.com", 443));
+        assert_eq!(parts.uri, "/v1/x?q=1");
         assert_eq!((parts.method.as_str(), parts.version, *h1_only), ("POST", Version::HTTP_11, false));
-        assert!(parts.headers.get(header::HOST).is_none() && parts.headers.get(header::PROXY_AUTHORIZATION).is_none());
+        assert!(parts.headers.get(header::PROXY_AUTHORIZATION).is_none());
         assert_eq!(parts.headers.get("x-agent").unwrap(), "1");
         assert!(parts.headers.get(header::ACCEPT_ENCODING).is_none());
         assert_eq!(stats.forwarded.load(Ordering::Relaxed), 1);
@@ -1169,7 +1172,7 @@ mod tests {
         let resp = forward_with(&decider, &upstream, &Stats::default(), Some(metering)).await;
         assert_eq!(header(&resp), "allow; attestation=7");
         assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), usage);
-        assert_eq!(upstream.seen.lock().unwrap()[0].0.headers.get(header::ACCEPT_ENCODING).unwrap(), "identity");
+        assert_eq!(upstream.seen.lock().unwrap()[0].1.headers.get(header::ACCEPT_ENCODING).unwrap(), "identity");
         let s = fake.first_settlement().await;
         // 1M input at $1 + 0.5M output at $2 = $2.00, replacing the estimate.
         assert_eq!(s, (7, "pp-1".to_string(), 5_000, Some(200_000), crate::service::settle_why::USAGE.to_string()));

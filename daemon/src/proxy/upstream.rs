@@ -193,14 +193,25 @@ impl Upstream {
 
     /// Sends `req` (its URI names scheme, host and port) and returns the response head; the
     /// response body streams.
-    pub async fn send(&self, mut req: http::Request<ProxyBody>) -> Result<http::Response<ProxyBody>, SendError> {
-        let key = Key::of(req.uri())?;
+    pub async fn send(&self, req: http::Request<ProxyBody>) -> Result<http::Response<ProxyBody>, SendError> {
+        let target = Target::of(req.uri())?;
+        self.send_to(&target, req).await
+    }
+
+    /// Sends `req` to `target` (its URI may be in origin form: only its path and query are
+    /// used) and returns the response head; the response body streams.
+    pub async fn send_to(
+        &self,
+        target: &Target,
+        mut req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<ProxyBody>, SendError> {
+        let key = Key::new(target);
         if let Some(sender) = self.pool.h2(&key) {
+            to_h2_form(&mut req, &key);
             return send_h2(sender, req).await;
         }
-        let uri = req.uri().clone();
+        to_h1_form(&mut req, &key);
         if let Some(h1) = std::future::poll_fn(|cx| Poll::Ready(self.pool.checkout_h1(&key, cx))).await {
-            to_h1_form(&mut req, &key);
             match send_h1(&self.pool, key.clone(), h1, req).await {
                 H1Sent::Done(result) => return result,
                 H1Sent::Unsent(back) => req = back,
@@ -208,8 +219,7 @@ impl Upstream {
         }
         let io = self.connector.connect(&key).await?;
         if io.h2 {
-            *req.uri_mut() = uri;
-            req.headers_mut().remove(http::header::HOST);
+            to_h2_form(&mut req, &key);
             let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new());
             let (sender, conn) = b.handshake(TokioIo::new(io)).await.map_err(SendError::Http)?;
@@ -221,7 +231,6 @@ impl Upstream {
             self.pool.put_h2(key, sender.clone());
             return send_h2(sender, req).await;
         }
-        to_h1_form(&mut req, &key);
         let (sender, conn) =
             hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Http)?;
         let h1 = H1 { sender, conn, idle_since: Instant::now() };
@@ -232,10 +241,14 @@ impl Upstream {
         }
     }
 
-    /// As [`Upstream::send`], always on a new HTTP/1.1 connection of its own (for `Upgrade`
+    /// As [`Upstream::send_to`], always on a new HTTP/1.1 connection of its own (for `Upgrade`
     /// requests: the connection becomes the tunnel, so it is never pooled).
-    pub async fn send_h1(&self, mut req: http::Request<ProxyBody>) -> Result<http::Response<ProxyBody>, SendError> {
-        let key = Key::of(req.uri())?;
+    pub async fn send_h1_to(
+        &self,
+        target: &Target,
+        mut req: http::Request<ProxyBody>,
+    ) -> Result<http::Response<ProxyBody>, SendError> {
+        let key = Key::new(target);
         let io = self.h1_connector.connect(&key).await?;
         to_h1_form(&mut req, &key);
         let (mut sender, conn) =
@@ -256,16 +269,44 @@ impl Upstream {
 }
 
 /// HTTP/1.1 wants the path alone on the request line and the name in `Host` (with the port
-/// unless it is the scheme's default).
+/// unless it is the scheme's default). A request already in origin form keeps its URI, and a
+/// `Host` that already names the target exactly is kept: the usual proxied request is sent
+/// without building either again.
 fn to_h1_form<B>(req: &mut http::Request<B>, key: &Key) {
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    if let Ok(origin) = path.parse::<http::Uri>() {
-        *req.uri_mut() = origin;
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        let path = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = http::Uri::from(path);
     }
     let default = if key.tls { 443 } else { 80 };
+    let exact = |v: &http::HeaderValue| key.port == default && v.as_bytes() == key.name.as_str().as_bytes();
+    if req.headers().get(http::header::HOST).is_some_and(exact)
+        && req.headers().get_all(http::header::HOST).iter().count() == 1
+    {
+        return;
+    }
     let host = if key.port == default { key.name.to_string() } else { format!("{}:{}", key.name, key.port) };
-    if let Ok(v) = http::HeaderValue::from_str(&host) {
-        req.headers_mut().entry(http::header::HOST).or_insert(v);
+    match http::HeaderValue::from_str(&host) {
+        Ok(v) => {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+        Err(_) => {
+            req.headers_mut().remove(http::header::HOST);
+        }
+    }
+}
+
+/// HTTP/2 wants the whole URI (hyper sends `:scheme`, `:authority` and `:path` from it) and no
+/// `Host`.
+fn to_h2_form<B>(req: &mut http::Request<B>, key: &Key) {
+    req.headers_mut().remove(http::header::HOST);
+    let path = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let uri = http::Uri::builder()
+        .scheme(if key.tls { "https" } else { "http" })
+        .authority(format!("{}:{}", key.name, key.port))
+        .path_and_query(path)
+        .build();
+    if let Ok(uri) = uri {
+        *req.uri_mut() = uri;
     }
 }
 
@@ -316,6 +357,30 @@ type H1Sender = hyper::client::conn::http1::SendRequest<ProxyBody>;
 type H1Conn = hyper::client::conn::http1::Connection<TokioIo<UpstreamIo>, ProxyBody>;
 type H2Sender = hyper::client::conn::http2::SendRequest<ProxyBody>;
 
+/// Where a request goes: scheme, name and port. The proxy builds it from the name the decision
+/// was made on and the port the agent dialed; it is never read back from the request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub tls: bool,
+    pub name: DomainName,
+    pub port: u16,
+}
+
+impl Target {
+    /// The target an absolute `http`/`https` URI names.
+    pub fn of(uri: &http::Uri) -> Result<Target, ConnectError> {
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            _ => return Err(ConnectError::BadUri(uri.to_string())),
+        };
+        let name =
+            uri.host().and_then(|h| DomainName::parse(h).ok()).ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Target { tls, name, port })
+    }
+}
+
 /// Where a connection goes: a connection opened and verified for one name is never used for
 /// another (nor for another port or scheme). Connections are also kept apart by the thread that
 /// uses them: the proxy runs one runtime per thread, and a connection stays with the runtime
@@ -329,16 +394,8 @@ struct Key {
 }
 
 impl Key {
-    fn of(uri: &http::Uri) -> Result<Key, ConnectError> {
-        let tls = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(ConnectError::BadUri(uri.to_string())),
-        };
-        let name =
-            uri.host().and_then(|h| DomainName::parse(h).ok()).ok_or_else(|| ConnectError::BadUri(uri.to_string()))?;
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        Ok(Key { tls, name, port, thread: std::thread::current().id() })
+    fn new(target: &Target) -> Key {
+        Key { tls: target.tls, name: target.name.clone(), port: target.port, thread: std::thread::current().id() }
     }
 }
 
@@ -557,7 +614,7 @@ impl Connector {
         }
         let name = key.name.as_str();
         let server_name = ServerName::try_from(name.to_string()).map_err(|_| ConnectError::BadUri(name.to_string()))?;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(server_name, tcp))
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(server_name, ReadAhead::new(tcp)))
             .await
             .map_err(|_| ConnectError::Tls {
                 name: name.to_string(),
@@ -578,8 +635,78 @@ pub struct UpstreamIo {
 
 enum Inner {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<ReadAhead<TcpStream>>>),
 }
+
+/// Bytes read from the socket in one system call once a response is seen to be larger than one
+/// read of rustls.
+pub(super) const READ_AHEAD: usize = 64 * 1024;
+
+/// The upstream socket below rustls, read in larger gulps when a response is large.
+///
+/// rustls reads TLS records at most 4 KiB at a time, so a 64 KiB response took about seventeen
+/// `read` calls. A read that fills the caller's buffer says more is waiting: the next read takes
+/// up to [`READ_AHEAD`] bytes at once and serves rustls from memory, and reading ahead goes on
+/// while it brings more than the caller's buffer would have taken. A read that does not fill it
+/// (a small response, the usual keep-alive case) goes straight into rustls's buffer, with no copy
+/// and no allocation. The buffer exists only while it holds unread bytes: an idle pooled
+/// connection holds none.
+pub(super) struct ReadAhead<S> {
+    inner: S,
+    ahead: bytes::BytesMut,
+    /// The last read filled the caller's buffer: read ahead next time.
+    burst: bool,
+}
+
+impl<S> ReadAhead<S> {
+    pub(super) fn new(inner: S) -> ReadAhead<S> {
+        ReadAhead { inner, ahead: bytes::BytesMut::new(), burst: false }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ReadAhead<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        use bytes::Buf as _;
+        let this = self.get_mut();
+        if this.ahead.is_empty() && this.burst && buf.remaining() > 0 {
+            this.ahead.reserve(READ_AHEAD);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.ahead) {
+                // Still more than the caller's buffer would have taken: keep reading ahead.
+                Poll::Ready(Ok(n)) => this.burst = n > buf.remaining(),
+                Poll::Ready(Err(e)) => {
+                    this.ahead = bytes::BytesMut::new();
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {
+                    // Nothing to hold while the upstream is silent.
+                    this.ahead = bytes::BytesMut::new();
+                    return Poll::Pending;
+                }
+            }
+            if this.ahead.is_empty() {
+                this.ahead = bytes::BytesMut::new();
+                return Poll::Ready(Ok(())); // end of stream
+            }
+        }
+        if !this.ahead.is_empty() {
+            let n = this.ahead.len().min(buf.remaining());
+            buf.put_slice(this.ahead.get(..n).unwrap_or_default());
+            this.ahead.advance(n);
+            if this.ahead.is_empty() {
+                this.ahead = bytes::BytesMut::new(); // free it
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let (before, room) = (buf.filled().len(), buf.remaining());
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            this.burst = room > 0 && buf.filled().len() - before == room;
+        }
+        polled
+    }
+}
+
+delegate_async_write!(ReadAhead);
 
 impl AsyncRead for UpstreamIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
@@ -658,6 +785,136 @@ mod tests {
     use std::convert::Infallible;
     use std::net::{IpAddr, Ipv4Addr};
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn requests_go_in_origin_form_with_the_targets_host_and_in_absolute_form_over_http2() {
+        let target = |port| Target { tls: true, name: DomainName::parse("example.com").expect("name"), port };
+        let req = |uri: &str, host: Option<&str>| {
+            let mut r = http::Request::builder().uri(uri);
+            if let Some(h) = host {
+                r = r.header(http::header::HOST, h);
+            }
+            r.body(()).expect("request")
+        };
+        let host = |r: &http::Request<()>| {
+            let all: Vec<_> = r.headers().get_all(http::header::HOST).iter().cloned().collect();
+            assert_eq!(all.len(), 1, "exactly one Host");
+            all[0].to_str().expect("ascii").to_string()
+        };
+        let key = Key::new(&target(443));
+        // The proxy's usual request: kept as it is.
+        let mut r = req("/v1/x?q=1", Some("example.com"));
+        to_h1_form(&mut r, &key);
+        assert_eq!((r.uri().to_string(), host(&r)), ("/v1/x?q=1".to_string(), "example.com".to_string()));
+        // Any other spelling, another name, or none: the target's own name.
+        for h in [Some("EXAMPLE.com"), Some("example.com."), Some("example.com:443"), Some("evil.test"), None] {
+            let mut r = req("https://other.test/a", h);
+            to_h1_form(&mut r, &key);
+            assert_eq!((r.uri().to_string(), host(&r)), ("/a".to_string(), "example.com".to_string()), "{h:?}");
+        }
+        // Not the scheme's default port: named in Host.
+        let mut r = req("/", Some("example.com"));
+        to_h1_form(&mut r, &Key::new(&target(8443)));
+        assert_eq!(host(&r), "example.com:8443");
+        // HTTP/2: the whole URI from the target, no Host.
+        let mut r = req("/v1/x?q=1", Some("example.com"));
+        to_h2_form(&mut r, &key);
+        assert_eq!(r.uri(), "https://example.com:443/v1/x?q=1");
+        assert!(r.headers().get(http::header::HOST).is_none());
+    }
+
+    /// A socket stand-in: serves `data` in reads of at most `per_read` bytes (what the kernel
+    /// has queued), says `Pending` once before the `pending_at`-th read, and counts the reads.
+    struct Socket {
+        data: Vec<u8>,
+        at: usize,
+        per_read: usize,
+        reads: usize,
+        pending_at: Option<usize>,
+    }
+
+    impl AsyncRead for Socket {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            if self.pending_at == Some(self.reads) {
+                self.pending_at = None;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.reads += 1;
+            let n = buf.remaining().min(self.per_read).min(self.data.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn socket(len: usize, per_read: usize) -> Socket {
+        let data = (0..len).map(|i| (i % 251) as u8).collect();
+        Socket { data, at: 0, per_read, reads: 0, pending_at: None }
+    }
+
+    /// Reads everything as rustls does (4 KiB at a time) and checks the bytes came through whole
+    /// and in order; returns the socket's read count.
+    async fn read_as_rustls(r: &mut ReadAhead<Socket>, already: &[u8]) -> usize {
+        use tokio::io::AsyncReadExt;
+        let mut got = already.to_vec();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = r.read(&mut chunk).await.expect("read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(got, r.inner.data, "bytes lost or reordered");
+        assert_eq!(r.ahead.capacity(), 0, "a drained read-ahead buffer is freed");
+        r.inner.reads
+    }
+
+    #[tokio::test]
+    async fn a_large_response_is_read_in_a_few_large_reads_and_a_small_one_directly() {
+        // 64 KiB all queued: 4 KiB direct, then the rest at once, then the end.
+        let mut r = ReadAhead::new(socket(64 * 1024, usize::MAX));
+        assert!(read_as_rustls(&mut r, &[]).await <= 3);
+        // As it trickles in 16 KiB at a time, each socket read still takes all there is (4 KiB
+        // reads would take 51).
+        let mut r = ReadAhead::new(socket(200 * 1024, 16 * 1024));
+        assert!(read_as_rustls(&mut r, &[]).await <= 3 + 200 / 16);
+        // Small: one read into the caller's buffer and the end, no buffer.
+        let mut r = ReadAhead::new(socket(300, usize::MAX));
+        assert_eq!(read_as_rustls(&mut r, &[]).await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_read_ahead_that_waits_holds_no_buffer_and_loses_nothing() {
+        // The read ahead (the second socket read) finds nothing queued yet.
+        let mut s = socket(64 * 1024, usize::MAX);
+        s.pending_at = Some(1);
+        let mut r = ReadAhead::new(s);
+        let mut chunk = [0u8; 4096];
+        let mut first = ReadBuf::new(&mut chunk);
+        let polled = std::future::poll_fn(|cx| Pin::new(&mut r).poll_read(cx, &mut first)).await;
+        assert!(polled.is_ok() && first.filled().len() == 4096 && r.burst);
+        let already = first.filled().to_vec();
+        let mut waker_cx = Context::from_waker(std::task::Waker::noop());
+        let mut second = ReadBuf::new(&mut chunk);
+        assert!(Pin::new(&mut r).poll_read(&mut waker_cx, &mut second).is_pending());
+        assert_eq!(r.ahead.capacity(), 0, "no buffer held while the upstream is silent");
+        assert!(read_as_rustls(&mut r, &already).await <= 3);
+    }
 
     /// A plain HTTP/1.1 upstream on loopback: counts the connections it accepts and answers
     /// every request with `<Host header> <request target>` followed by `n` bytes for `/n`.
