@@ -8,8 +8,9 @@
 //! passport's limit, and each host checks its own spend against its own claim ([`Leases::admit`]),
 //! in memory, on the request path.
 //!
-//! - Ahead of need: a background task ([`Leases::run`]) renews a lease once less than half of one
-//!   lease is left, so most decisions never wait; a request that does not fit waits at most
+//! - Ahead of need: a lease is renewed once less than half of one lease is left, by the first
+//!   request that sees it (in the background, at most once per [`TICK`]) or by the background
+//!   task ([`Leases::run`]), so most decisions never wait; a request that does not fit waits at most
 //!   [`WAIT_FOR_LEASE`] for a lease ([`Leases::prepare`]) and is otherwise blocked.
 //! - Returned: a lease unused for `lease_secs`, one whose window ended, and every lease at
 //!   shutdown give their unused part back ([`RETURN_SCRIPT`]: the claim becomes what was spent).
