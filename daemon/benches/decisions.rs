@@ -2,9 +2,16 @@
 //! passport + evaluation + counter update + durable group-committed record), at several
 //! concurrencies. Target (docs/testing.md, Targets): ≥ 20,000/s on 2 cores, p99 < 2 ms.
 //!
-//! `SLUICE_BENCH_FLEET=1` (`cargo xtask bench decisions --fleet`) runs every concurrency twice,
-//! without and with `[fleet]` budget leases against a `redis-server` the bench starts on a
-//! loopback port: the cost of leasing (the goal: within 10%).
+//! `SLUICE_BENCH_FLEET=1` (`cargo xtask bench decisions --fleet`) measures the cost of `[fleet]`
+//! budget leases (against a `redis-server` the bench starts on a loopback port; the goal: within
+//! 10%). On a shared machine one run of each says little, so each concurrency runs interleaved
+//! rounds, without and with leases (off, on, off, on, …; `SLUICE_BENCH_PAIRS`, default 3), and
+//! the verdict comes from the medians. Each round also reports the CPU time the process (the
+//! service and its ledger writer) used per decision, from `/proc/self/stat` (utime + stime), and
+//! the redis-server's: CPU per decision stays honest when other work takes the cores.
+//!
+//! `SLUICE_BENCH_SECS` sets a round's measured time (default 4 s, after 0.5 s of warm-up);
+//! `SLUICE_BENCH_CONCURRENCY=1,16` runs a subset.
 
 use sluice::ledger::{hostkey::HostKey, Ledger, LedgerOptions};
 use sluice::passport::{self, Constraints, IssueRequest, Permission, TrustTier};
@@ -13,41 +20,95 @@ use sluice::service::{EnforceInput, Service, ServiceConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const RUN: Duration = Duration::from_secs(4);
 const WARMUP: Duration = Duration::from_millis(500);
+/// The fleet's goal: decisions/s with leases at least this share of decisions/s without.
+const FLEET_GOAL: f64 = 0.90;
 
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let secs = std::env::var("SLUICE_BENCH_SECS").ok().and_then(|s| s.parse::<f64>().ok()).filter(|s| *s > 0.0);
+    let run_for = Duration::from_secs_f64(secs.unwrap_or(4.0).min(3600.0));
     println!(
         "sluice decisions benchmark: service.enforce with durability on (journal group commit, log-structured store)"
     );
-    println!(
-        "{:>11} {:>12} {:>10} {:>10} {:>10} {:>10}",
-        "concurrency", "decisions/s", "p50 µs", "p90 µs", "p99 µs", "max µs"
-    );
+    println!("load average at start: {}", loadavg());
     // SLUICE_BENCH_CONCURRENCY=1,16 runs a subset (for profiling).
     let levels: Vec<usize> = match std::env::var("SLUICE_BENCH_CONCURRENCY") {
-        Ok(list) => list.split(',').filter_map(|c| c.trim().parse().ok()).collect(),
+        Ok(list) => list.split(',').filter_map(|c| c.trim().parse().ok()).filter(|c| *c > 0).collect(),
         Err(_) => vec![1, 16, 64],
     };
-    let redis = (std::env::var("SLUICE_BENCH_FLEET").as_deref() == Ok("1")).then(BenchRedis::start);
-    for concurrency in levels {
-        let r = rt.block_on(run(concurrency, None));
-        println!("{:>11} {:>12.0} {:>10} {:>10} {:>10} {:>10}", concurrency, r.rate, r.p50, r.p90, r.p99, r.max);
-        if let Some(redis) = &redis {
-            let f = rt.block_on(run(concurrency, Some(&redis.url)));
-            println!(
-                "{:>11} {:>12.0} {:>10} {:>10} {:>10} {:>10}  [fleet: {:+.1}% decisions/s]",
-                format!("{concurrency} fleet"),
-                f.rate,
-                f.p50,
-                f.p90,
-                f.p99,
-                f.max,
-                (f.rate / r.rate - 1.0) * 100.0
-            );
+    let header = || {
+        println!(
+            "{:>11} {:>12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "concurrency", "decisions/s", "p50 µs", "p90 µs", "p99 µs", "max µs", "CPU µs/d", "redis µs/d"
+        )
+    };
+    if std::env::var("SLUICE_BENCH_FLEET").as_deref() != Ok("1") {
+        header();
+        for concurrency in levels {
+            let r = rt.block_on(run(concurrency, None, run_for, None));
+            r.print(&concurrency.to_string());
         }
+        return;
     }
+    let pairs =
+        std::env::var("SLUICE_BENCH_PAIRS").ok().and_then(|s| s.parse::<usize>().ok()).unwrap_or(3).clamp(1, 50);
+    let redis = BenchRedis::start();
+    println!("fleet: {pairs} interleaved pairs of rounds (without, with leases) per concurrency, {run_for:?} each");
+    let mut summary = Vec::new();
+    for concurrency in levels {
+        header();
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for _ in 0..pairs {
+            let r = rt.block_on(run(concurrency, None, run_for, Some(redis.pid())));
+            r.print(&format!("{concurrency} off"));
+            off.push(r);
+            let f = rt.block_on(run(concurrency, Some(&redis.url), run_for, Some(redis.pid())));
+            f.print(&format!("{concurrency} fleet"));
+            on.push(f);
+        }
+        println!("load average: {}", loadavg());
+        summary.push(Comparison::of(concurrency, &off, &on));
+    }
+    println!();
+    println!("fleet leases, medians of {pairs} interleaved rounds each (load average now: {}):", loadavg());
+    println!(
+        "{:>11} {:>12} {:>12} {:>8} {:>10} {:>10} {:>8} {:>10}  verdict (decisions/s, goal ≥ {:.0}%)",
+        "concurrency",
+        "off dec/s",
+        "fleet dec/s",
+        "ratio",
+        "off CPU/d",
+        "fleet CPU/d",
+        "CPU",
+        "redis/d",
+        FLEET_GOAL * 100.0
+    );
+    for c in summary {
+        c.print();
+    }
+}
+
+/// `/proc/loadavg`'s first three fields.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("unreadable ({e})"))
+}
+
+/// CPU time (utime + stime) of process `pid` so far, from `/proc/<pid>/stat`; `None` when it
+/// cannot be read.
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 (state) is fields[0]; utime and stime are fields 14 and 15.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Some(Duration::from_micros(ticks.saturating_mul(1_000_000) / hz))
 }
 
 /// A `redis-server` on a free loopback port without persistence, killed on drop.
@@ -58,6 +119,10 @@ struct BenchRedis {
 }
 
 impl BenchRedis {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn start() -> BenchRedis {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
         let dir = tempfile::tempdir().expect("tempdir");
@@ -90,9 +155,88 @@ struct Result {
     p90: u128,
     p99: u128,
     max: u128,
+    /// This process's CPU time per decision over the measured time (µs).
+    cpu_per_decision: Option<f64>,
+    /// The redis-server's CPU time per decision over the measured time (µs).
+    redis_per_decision: Option<f64>,
 }
 
-async fn run(concurrency: usize, fleet: Option<&str>) -> Result {
+impl Result {
+    fn print(&self, label: &str) {
+        let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+        println!(
+            "{:>11} {:>12.0} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            label,
+            self.rate,
+            self.p50,
+            self.p90,
+            self.p99,
+            self.max,
+            us(self.cpu_per_decision),
+            us(self.redis_per_decision)
+        );
+    }
+}
+
+/// One concurrency's rounds without and with leases, by their medians.
+struct Comparison {
+    concurrency: usize,
+    off_rate: f64,
+    on_rate: f64,
+    off_cpu: Option<f64>,
+    on_cpu: Option<f64>,
+    on_redis: Option<f64>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+impl Comparison {
+    fn of(concurrency: usize, off: &[Result], on: &[Result]) -> Comparison {
+        Comparison {
+            concurrency,
+            off_rate: median(off.iter().map(|r| r.rate).collect()).unwrap_or(0.0),
+            on_rate: median(on.iter().map(|r| r.rate).collect()).unwrap_or(0.0),
+            off_cpu: median(off.iter().filter_map(|r| r.cpu_per_decision).collect()),
+            on_cpu: median(on.iter().filter_map(|r| r.cpu_per_decision).collect()),
+            on_redis: median(on.iter().filter_map(|r| r.redis_per_decision).collect()),
+        }
+    }
+
+    fn print(&self) {
+        let ratio = if self.off_rate > 0.0 { self.on_rate / self.off_rate } else { 0.0 };
+        let cpu = match (self.off_cpu, self.on_cpu) {
+            (Some(off), Some(on)) if off > 0.0 => format!("{:+.1}%", (on / off - 1.0) * 100.0),
+            _ => "-".to_string(),
+        };
+        let us = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} µs"));
+        let verdict = if ratio >= FLEET_GOAL {
+            format!("within 10% ({:+.1}%)", (ratio - 1.0) * 100.0)
+        } else {
+            format!("NOT within 10% ({:+.1}%)", (ratio - 1.0) * 100.0)
+        };
+        println!(
+            "{:>11} {:>12.0} {:>12.0} {:>8.3} {:>10} {:>10} {:>8} {:>10}  {verdict}",
+            self.concurrency,
+            self.off_rate,
+            self.on_rate,
+            ratio,
+            us(self.off_cpu),
+            us(self.on_cpu),
+            cpu,
+            us(self.on_redis)
+        );
+    }
+}
+
+async fn run(concurrency: usize, fleet: Option<&str>, run_for: Duration, redis_pid: Option<u32>) -> Result {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut opts = LedgerOptions::default();
     // For comparisons: SLUICE_BENCH_JOURNAL=0 makes every group a durable redb commit.
@@ -147,6 +291,17 @@ async fn run(concurrency: usize, fleet: Option<&str>) -> Result {
         ids.push(issued.claims.id.to_string());
     }
     let start = Instant::now();
+    // CPU time over the measured span (after the warm-up), this process's and redis-server's.
+    let sampler = std::thread::spawn(move || {
+        let redis = redis_pid.map(|p| p.to_string());
+        let sample = || (cpu_time("self"), redis.as_deref().and_then(cpu_time));
+        std::thread::sleep((start + WARMUP).saturating_duration_since(Instant::now()));
+        let before = sample();
+        std::thread::sleep((start + WARMUP + run_for).saturating_duration_since(Instant::now()));
+        let after = sample();
+        let delta = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
+        (delta(before.0, after.0), delta(before.1, after.1))
+    });
     let tasks: Vec<_> = ids
         .into_iter()
         .map(|id| {
@@ -155,7 +310,7 @@ async fn run(concurrency: usize, fleet: Option<&str>) -> Result {
                 let mut lat = Vec::with_capacity(100_000);
                 loop {
                     let t = Instant::now();
-                    if t.duration_since(start) > WARMUP + RUN {
+                    if t.duration_since(start) > WARMUP + run_for {
                         break;
                     }
                     let input = EnforceInput {
@@ -188,15 +343,20 @@ async fn run(concurrency: usize, fleet: Option<&str>) -> Result {
         let _ = stop.send(true);
         let _ = task.await;
     }
+    let (cpu, redis_cpu) = sampler.join().unwrap_or((None, None));
     ledger.shutdown();
     all.sort_unstable();
+    let decisions = all.len().max(1) as f64;
+    let per_decision = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e6 / decisions);
     let pct =
         |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0);
     Result {
-        rate: all.len() as f64 / RUN.as_secs_f64(),
+        rate: all.len() as f64 / run_for.as_secs_f64(),
         p50: pct(0.50),
         p90: pct(0.90),
         p99: pct(0.99),
         max: all.last().copied().unwrap_or(0),
+        cpu_per_decision: per_decision(cpu),
+        redis_per_decision: per_decision(redis_cpu),
     }
 }

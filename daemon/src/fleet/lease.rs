@@ -8,8 +8,9 @@
 //! passport's limit, and each host checks its own spend against its own claim ([`Leases::admit`]),
 //! in memory, on the request path.
 //!
-//! - Ahead of need: a background task ([`Leases::run`]) renews a lease once less than half of one
-//!   lease is left, so most decisions never wait; a request that does not fit waits at most
+//! - Ahead of need: a lease is renewed once less than half of one lease is left, by the first
+//!   request that sees it (in the background, at most once per [`TICK`]) or by the background
+//!   task ([`Leases::run`]), so most decisions never wait; a request that does not fit waits at most
 //!   [`WAIT_FOR_LEASE`] for a lease ([`Leases::prepare`]) and is otherwise blocked.
 //! - Returned: a lease unused for `lease_secs`, one whose window ended, and every lease at
 //!   shutdown give their unused part back ([`RETURN_SCRIPT`]: the claim becomes what was spent).
@@ -254,18 +255,121 @@ struct Holding {
     /// When the host last asked Redis for this holding (a short answer is not asked again for
     /// [`SHORT_RETRY`], so a spent budget does not send every refused request to Redis).
     asked: Option<Instant>,
+    /// When a request last started a renewal of this holding (at most one per [`TICK`], so a
+    /// Redis that is down is not asked by every request).
+    renew_started: Option<Instant>,
 }
 
 impl Holding {
+    fn new(window: Window, claim: u64, used: u64) -> Holding {
+        Holding {
+            window,
+            claim,
+            used,
+            last_need: Instant::now(),
+            short: false,
+            recovering: false,
+            asked: None,
+            renew_started: None,
+        }
+    }
+
     fn headroom(&self) -> u64 {
         self.claim.saturating_sub(self.used)
     }
+
+    fn is(&self, w: &Window) -> bool {
+        self.window.limit == w.limit && self.window.start == w.start
+    }
 }
 
-/// A holding: passport id, limit, and the window's start (Unix seconds; with the limit it fixes
-/// the window, whose label is only needed for Redis keys and records, so lookups on the request
-/// path never format a date).
-type HoldingKey = (String, Limit, i64);
+/// A holding: passport id, limit, and the window's start (with the limit it fixes the window,
+/// whose label is only needed for Redis keys and records).
+type HoldingKey = (Arc<str>, Limit, DateTime<Utc>);
+
+/// Whether any limit of `cp` is shared by the fleet (else its decisions never involve it).
+fn shares_limits(cp: &CompiledPassport) -> bool {
+    let c = &cp.passport.claims.constraints;
+    c.max_cumulative.is_some() || c.rate_per_minute.is_some() || c.rate_per_hour.is_some() || c.rate_per_day.is_some()
+}
+
+/// One passport's holdings, and the windows its decisions currently fall in.
+#[derive(Default)]
+struct Entry {
+    /// The passport's shared windows that contained the last decision's time: computed again
+    /// only when a decision falls outside one of them (once per window, not per decision).
+    current: Vec<Window>,
+    /// Every window the host holds a claim in (the current ones, and ended ones until their
+    /// unused part is returned).
+    holdings: Vec<Holding>,
+}
+
+impl Entry {
+    /// The passport's shared windows at `now` (the cached ones while they still contain it).
+    fn refresh(&mut self, cp: &CompiledPassport, now: DateTime<Utc>) {
+        if self.current.is_empty() || self.current.iter().any(|w| now < w.start || now >= w.end) {
+            self.current = windows(cp, now);
+        }
+    }
+}
+
+/// The host's holdings by passport id. Keyed by `Arc<str>` so that the request path looks a
+/// passport up by the `&str` it has, allocating nothing.
+#[derive(Default)]
+struct Table {
+    passports: HashMap<Arc<str>, Entry>,
+}
+
+impl Table {
+    fn get(&self, (id, limit, start): &HoldingKey) -> Option<&Holding> {
+        self.passports.get(&**id)?.holdings.iter().find(|h| h.window.limit == *limit && h.window.start == *start)
+    }
+
+    fn get_mut(&mut self, (id, limit, start): &HoldingKey) -> Option<&mut Holding> {
+        self.passports
+            .get_mut(&**id)?
+            .holdings
+            .iter_mut()
+            .find(|h| h.window.limit == *limit && h.window.start == *start)
+    }
+
+    /// The passport's entry, made on its first use (the only allocation, once per passport).
+    fn entry(&mut self, id: &str) -> &mut Entry {
+        let key = match self.passports.get_key_value(id) {
+            Some((key, _)) => key.clone(),
+            None => Arc::from(id),
+        };
+        self.passports.entry(key).or_default()
+    }
+
+    /// The holding of `w`, made (empty) when the host holds nothing in it yet.
+    fn holding(&mut self, id: &str, w: &Window) -> &mut Holding {
+        let entry = self.entry(id);
+        match entry.holdings.iter().position(|h| h.is(w)) {
+            Some(i) => &mut entry.holdings[i],
+            None => {
+                entry.holdings.push(Holding::new(w.clone(), 0, 0));
+                let last = entry.holdings.len() - 1;
+                &mut entry.holdings[last]
+            }
+        }
+    }
+
+    fn remove(&mut self, (id, limit, start): &HoldingKey) {
+        if let Some(entry) = self.passports.get_mut(&**id) {
+            entry.holdings.retain(|h| !(h.window.limit == *limit && h.window.start == *start));
+            if entry.holdings.is_empty() {
+                self.passports.remove(&**id);
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (HoldingKey, &Holding)> + '_ {
+        self.passports
+            .iter()
+            .flat_map(|(id, e)| e.holdings.iter().map(move |h| ((id.clone(), h.window.limit, h.window.start), h)))
+    }
+}
 
 /// Why [`Leases::admit`] refused a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,7 +387,7 @@ pub struct Leases {
     lease_cents: u64,
     lease_requests: u64,
     lease_secs: u64,
-    table: Mutex<HashMap<HoldingKey, Holding>>,
+    table: Mutex<Table>,
     /// One lease request in flight per passport.
     asking: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     recorder: OnceLock<Recorder>,
@@ -301,7 +405,7 @@ impl Leases {
             lease_cents: config.lease_cents,
             lease_requests: config.lease_requests,
             lease_secs: config.lease_secs,
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table::default()),
             asking: Mutex::new(HashMap::new()),
             recorder: OnceLock::new(),
             lease_script: redis::Script::new(LEASE_SCRIPT),
@@ -323,27 +427,17 @@ impl Leases {
         let _ = self.recorder.set(recorder);
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<HoldingKey, Holding>> {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Claims the host's records hold (at start, before any lease): spending resumes from them,
     /// and they are re-published to Redis before the host takes a new lease.
     pub fn restore(&self, restored: Vec<Restored>) {
-        let now = Instant::now();
         let mut table = self.table();
         for r in restored {
-            let key = (r.passport_id, r.window.limit, r.window.start.timestamp());
-            let h = Holding {
-                window: r.window,
-                claim: r.claim,
-                used: r.used,
-                last_need: now,
-                short: false,
-                recovering: false,
-                asked: None,
-            };
-            table.insert(key, h);
+            let h = table.holding(&r.passport_id, &r.window);
+            *h = Holding::new(r.window, r.claim, r.used);
         }
     }
 
@@ -351,7 +445,7 @@ impl Leases {
     /// used).
     pub fn holdings(&self) -> Vec<(String, Window, u64, u64)> {
         let mut v: Vec<_> =
-            self.table().iter().map(|((p, _, _), h)| (p.clone(), h.window.clone(), h.claim, h.used)).collect();
+            self.table().iter().map(|((p, _, _), h)| (p.to_string(), h.window.clone(), h.claim, h.used)).collect();
         v.sort_by(|a, b| (&a.0, a.1.limit.name(), a.1.start).cmp(&(&b.0, b.1.limit.name(), b.1.start)));
         v
     }
@@ -363,49 +457,85 @@ impl Leases {
         }
     }
 
-    /// What a request of `cost_millicents` needs from each window beyond what the host holds:
-    /// the windows that lack room.
+    /// Whether a request of `cost_millicents` needs a lease in window `w` beyond what the host
+    /// holds (`h`: its holding there).
+    fn lacks(h: Option<&Holding>, w: &Window, cost_millicents: u64) -> bool {
+        let need = match w.limit {
+            Limit::Cap(_) => cents_up(cost_millicents).max(1),
+            Limit::Rate(_) => 1,
+        };
+        match h {
+            None => true,
+            Some(h) if h.short && h.asked.is_some_and(|t| t.elapsed() < SHORT_RETRY) => false,
+            Some(h) => h.headroom() < need,
+        }
+    }
+
+    /// The windows of `windows` that lack room for a request of `cost_millicents`.
     fn lacking(&self, passport_id: &str, windows: &[Window], cost_millicents: u64) -> Vec<Window> {
         let table = self.table();
-        windows
-            .iter()
-            .filter(|w| {
-                let need = match w.limit {
-                    Limit::Cap(_) => cents_up(cost_millicents).max(1),
-                    Limit::Rate(_) => 1,
-                };
-                match table.get(&(passport_id.to_string(), w.limit, w.start.timestamp())) {
-                    None => true,
-                    Some(h) if h.short && h.asked.is_some_and(|t| t.elapsed() < SHORT_RETRY) => false,
-                    Some(h) => h.headroom() < need,
-                }
-            })
-            .cloned()
-            .collect()
+        let holdings = table.passports.get(passport_id).map_or(&[][..], |e| &e.holdings[..]);
+        windows.iter().filter(|w| Self::lacks(holdings.iter().find(|h| h.is(w)), w, cost_millicents)).cloned().collect()
     }
 
     /// Before a decision: makes sure the host's leases cover a request of `cost_millicents`,
     /// asking Redis for a lease when they do not, for at most [`WAIT_FOR_LEASE`]. Never fails:
     /// [`Leases::admit`] decides with whatever the host then holds.
+    ///
+    /// The common case (the leases cover it) takes the table's lock once, allocates nothing and
+    /// never touches Redis. A holding found below half a lease starts its renewal here, in the
+    /// background, so that a fast-spending passport renews before it runs out rather than at the
+    /// next [`TICK`].
     pub async fn prepare(self: &Arc<Self>, cp: &CompiledPassport, cost_millicents: u64, now: DateTime<Utc>) {
-        let windows = windows(cp, now);
-        if windows.is_empty() {
+        if !shares_limits(cp) {
             return;
         }
-        let id = cp.passport.claims.id.to_string();
+        let id = cp.passport.claims.id.as_str();
+        let mut lacking = Vec::new();
+        let mut renew: Vec<HoldingKey> = Vec::new();
         {
             let mut table = self.table();
+            let entry = table.entry(id);
+            entry.refresh(cp, now);
             let at = Instant::now();
-            for w in &windows {
-                if let Some(h) = table.get_mut(&(id.clone(), w.limit, w.start.timestamp())) {
-                    h.last_need = at;
+            let Entry { current, holdings } = entry;
+            for w in current.iter() {
+                let Some(h) = holdings.iter_mut().find(|h| h.is(w)) else {
+                    lacking.push(w.clone());
+                    continue;
+                };
+                h.last_need = at;
+                if Self::lacks(Some(h), w, cost_millicents) {
+                    lacking.push(w.clone());
+                } else if !h.short
+                    && h.headroom() * 2 < self.lease_size(w.limit)
+                    && h.renew_started.is_none_or(|t| at.duration_since(t) >= TICK)
+                {
+                    h.renew_started = Some(at);
+                    renew.push((Arc::from(""), w.limit, w.start));
+                }
+            }
+            if !renew.is_empty() {
+                if let Some((key, _)) = table.passports.get_key_value(id) {
+                    renew.iter_mut().for_each(|r| r.0 = key.clone());
                 }
             }
         }
-        let lacking = self.lacking(&id, &windows, cost_millicents);
+        if !renew.is_empty() {
+            let me = Arc::clone(self);
+            tokio::spawn(async move {
+                for key in renew {
+                    if let Err(e) = me.renew(&key).await {
+                        tracing::debug!(passport_id = %key.0, error = %e, "renewing a fleet lease failed");
+                        break;
+                    }
+                }
+            });
+        }
         if lacking.is_empty() {
             return;
         }
+        let id = id.to_string();
         // The ask runs to its end even when the request stops waiting: a grant Redis made is then
         // recorded and kept for the next request, never lost half-way.
         let me = Arc::clone(self);
@@ -455,7 +585,7 @@ impl Leases {
     /// Takes (or renews) a lease of `want` in window `w`, records it, and only then adds it to
     /// what the host may spend.
     async fn take(&self, passport_id: &str, w: &Window, want: u64) -> Result<u64, FleetError> {
-        let key = (passport_id.to_string(), w.limit, w.start.timestamp());
+        let key: HoldingKey = (Arc::from(passport_id), w.limit, w.start);
         let (held, renewal) = match self.table().get(&key) {
             Some(h) => (h.claim.max(h.used), true),
             None => (0, false),
@@ -486,15 +616,7 @@ impl Leases {
             self.record(event).await?;
         }
         let mut table = self.table();
-        let h = table.entry(key).or_insert_with(|| Holding {
-            window: w.clone(),
-            claim: 0,
-            used: 0,
-            last_need: Instant::now(),
-            short: false,
-            recovering: false,
-            asked: None,
-        });
+        let h = table.holding(passport_id, w);
         // Redis may know a larger claim than the host (a grant whose record was lost in a crash):
         // the host keeps to what its records hold plus this grant, which is never more.
         h.claim = claim;
@@ -552,7 +674,7 @@ impl Leases {
             .table()
             .iter()
             .filter(|(_, h)| h.claim.max(h.used) > 0)
-            .map(|((p, _, _), h)| (p.clone(), h.window.clone(), h.claim.max(h.used)))
+            .map(|((p, _, _), h)| (p.to_string(), h.window.clone(), h.claim.max(h.used)))
             .collect();
         let mut hello = self.hello_script.prepare_invoke();
         hello
@@ -582,35 +704,48 @@ impl Leases {
 
     /// On the request path, in memory: whether a request that leaves this host's spend in the
     /// passport's window at `spend_after_millicents` fits in the host's claims, counting it in
-    /// the rate windows when it does.
+    /// the rate windows when it does. One lock, no allocation unless it refuses.
     pub fn admit(&self, cp: &CompiledPassport, spend_after_millicents: u64, now: DateTime<Utc>) -> Result<(), Refusal> {
-        let windows = windows(cp, now);
-        if windows.is_empty() {
+        if !shares_limits(cp) {
             return Ok(());
         }
-        let id = cp.passport.claims.id.to_string();
-        let mut table = self.table();
-        for w in &windows {
-            let h = table.get(&(id.clone(), w.limit, w.start.timestamp()));
-            let (claim, used) = h.map_or((0, 0), |h| (h.claim, h.used));
-            let fits = match w.limit {
-                Limit::Cap(_) => spend_after_millicents <= claim.saturating_mul(1000),
-                Limit::Rate(_) => used < claim,
-            };
-            if !fits {
-                let (short, recovering) = h.map_or((false, false), |h| (h.short, h.recovering));
-                return Err(self.refusal(&id, w, claim, used, short, recovering));
-            }
-        }
-        for w in &windows {
-            if let Some(h) = table.get_mut(&(id.clone(), w.limit, w.start.timestamp())) {
-                match w.limit {
-                    Limit::Cap(_) => h.used = h.used.max(cents_up(spend_after_millicents)),
-                    Limit::Rate(_) => h.used = h.used.saturating_add(1),
+        let id = cp.passport.claims.id.as_str();
+        let refused = {
+            let mut table = self.table();
+            let entry = table.entry(id);
+            entry.refresh(cp, now);
+            let Entry { current, holdings } = entry;
+            let mut refused = None;
+            for w in current.iter() {
+                let h = holdings.iter().find(|h| h.is(w));
+                let (claim, used) = h.map_or((0, 0), |h| (h.claim, h.used));
+                let fits = match w.limit {
+                    Limit::Cap(_) => spend_after_millicents <= claim.saturating_mul(1000),
+                    Limit::Rate(_) => used < claim,
+                };
+                if !fits {
+                    let (short, recovering) = h.map_or((false, false), |h| (h.short, h.recovering));
+                    refused = Some((w.clone(), claim, used, short, recovering));
+                    break;
                 }
             }
+            if refused.is_none() {
+                for w in current.iter() {
+                    if let Some(h) = holdings.iter_mut().find(|h| h.is(w)) {
+                        match w.limit {
+                            Limit::Cap(_) => h.used = h.used.max(cents_up(spend_after_millicents)),
+                            Limit::Rate(_) => h.used = h.used.saturating_add(1),
+                        }
+                    }
+                }
+            }
+            refused
+        };
+        // The refusal's text is built outside the lock (it also asks the connection's health).
+        match refused {
+            None => Ok(()),
+            Some((w, claim, used, short, recovering)) => Err(self.refusal(id, &w, claim, used, short, recovering)),
         }
-        Ok(())
     }
 
     fn refusal(&self, passport_id: &str, w: &Window, claim: u64, used: u64, short: bool, recovering: bool) -> Refusal {
@@ -697,7 +832,7 @@ impl Leases {
         }
         let event = LeaseEvent {
             op: LeaseOp::Returned,
-            passport_id: key.0.clone(),
+            passport_id: key.0.to_string(),
             host_id: self.host.clone(),
             window: w.clone(),
             amount: claim - used,
@@ -726,7 +861,7 @@ impl Leases {
             Err(_) => return,
         }
         let idle_after = Duration::from_secs(self.lease_secs);
-        let snapshot: Vec<(HoldingKey, Holding)> = self.table().iter().map(|(k, h)| (k.clone(), h.clone())).collect();
+        let snapshot: Vec<(HoldingKey, Holding)> = self.table().iter().map(|(k, h)| (k, h.clone())).collect();
         for (key, h) in snapshot {
             let result = if h.window.end <= now {
                 self.give_back(&key, "window_end").await
@@ -759,7 +894,7 @@ impl Leases {
 
     /// Returns every unused part (daemon stop), for at most two seconds.
     pub async fn shutdown(&self) {
-        let keys: Vec<HoldingKey> = self.table().keys().cloned().collect();
+        let keys: Vec<HoldingKey> = self.table().iter().map(|(k, _)| k).collect();
         let work = async {
             for key in keys {
                 if self.give_back(&key, "shutdown").await.is_err() {

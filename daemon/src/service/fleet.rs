@@ -235,6 +235,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_decision_in_a_new_window_never_spends_the_last_windows_claim() {
+        // The request path caches a passport's windows; a decision past their end must be checked
+        // against the new window (where this host holds nothing), not the cached one.
+        let f = fixture_with(daily_cap(100)).await;
+        let leases = dead_fleet();
+        f.service.attach_fleet(leases.clone()).unwrap();
+        let cp = f.service.passport(&f.passport).unwrap();
+        let at = now();
+        let start = window_start(SpendWindow::Daily, at);
+        let today = Window {
+            limit: Limit::Cap(SpendWindow::Daily),
+            amount: 100,
+            start,
+            end: crate::decide::usage::window_end(SpendWindow::Daily, start),
+        };
+        leases.restore(vec![Restored { passport_id: f.passport.clone(), window: today, claim: 5, used: 0 }]);
+        assert_eq!(leases.admit(&cp, 2_000, at), Ok(()), "2 cents fit in today's 5");
+        let tomorrow = at + chrono::Duration::days(1);
+        let refused = leases.admit(&cp, 1_000, tomorrow).unwrap_err();
+        assert_eq!(refused.reason, "fleet_unavailable", "{refused:?}");
+        assert!(refused.detail.contains(&tomorrow.format("%Y-%m-%d").to_string()), "{}", refused.detail);
+        // Back in today's window, today's claim is found again, used as the request left it.
+        assert_eq!(leases.admit(&cp, 5_000, at), Ok(()));
+        assert!(leases.admit(&cp, 5_001, at).is_err(), "beyond the claim");
+        let held = leases.holdings();
+        assert_eq!((held.len(), held[0].2, held[0].3), (1, 5, 5), "{held:?}");
+    }
+
+    #[tokio::test]
     async fn passports_without_a_cap_or_rate_limit_never_involve_the_fleet() {
         let f = fixture_with(Constraints::default()).await;
         f.service.attach_fleet(dead_fleet()).unwrap();
