@@ -120,7 +120,7 @@ pub fn evaluate(
         };
         return run.block(Reason::of_passport_error(&e), guardrail::PASSPORT_VALIDITY, detail);
     }
-    run.pass(guardrail::PASSPORT_VALIDITY, format!("valid until {}", ts_or(claims.expires_at)));
+    run.pass(guardrail::PASSPORT_VALIDITY, p.valid_until.clone());
 
     // 3. A permission covers the action.
     match claims.permissions.iter().find(|perm| perm.covers(&req.action)) {
@@ -365,6 +365,11 @@ pub fn evaluate(
 /// this is exact; saturating keeps a hand-built out-of-range limit from wrapping to a small one.
 fn milli(limit: Cents) -> u64 {
     sluice_passport::money::from_cents_saturating(limit.0)
+}
+
+/// The detail of a passed validity check of a passport expiring at `expires_at`.
+pub(crate) fn valid_until(expires_at: i64) -> String {
+    format!("valid until {}", ts_or(expires_at))
 }
 
 fn ts_or(secs: i64) -> String {

@@ -129,6 +129,9 @@ pub struct ActionRequest {
 pub struct CompiledPassport {
     pub passport: Passport,
     rules: CompiledRules,
+    /// The passed validity check's detail (`valid until <expiry>`), formatted once: the expiry
+    /// never changes.
+    valid_until: String,
 }
 
 impl CompiledPassport {
@@ -136,7 +139,8 @@ impl CompiledPassport {
     /// passport, with an error naming the rule's index, its expression and the compiler's message.
     pub fn compile(passport: Passport) -> Result<CompiledPassport, RuleCompileError> {
         let rules = CompiledRules::compile(&passport.claims.constraints.cel_rules)?;
-        Ok(CompiledPassport { passport, rules })
+        let valid_until = engine::valid_until(passport.claims.expires_at);
+        Ok(CompiledPassport { passport, rules, valid_until })
     }
 
     pub fn id(&self) -> &PassportId {
