@@ -170,12 +170,11 @@ impl Service {
     where
         P: Send + 'static,
         T: Send + 'static,
-        Ev: Fn(Option<&[u8]>, DateTime<Utc>) -> Speculation<P> + Send + Sync + 'static,
-        Co: Fn(Option<Barred>, P, &mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + Sync + 'static,
+        // Cloned per attempt (callers capture `Arc`s): cheaper than boxing them once per call.
+        Ev: Fn(Option<&[u8]>, DateTime<Utc>) -> Speculation<P> + Clone + Send + Sync + 'static,
+        Co: Fn(Option<Barred>, P, &mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Clone + Send + Sync + 'static,
     {
         let lane = self.lanes.get(passport_id)?;
-        let evaluate = Arc::new(evaluate);
-        let commit = Arc::new(commit);
         for attempt in 1..=MAX_ATTEMPTS {
             let mut state = lane.state.clone().lock_owned().await;
             let expects = match &state.known {
