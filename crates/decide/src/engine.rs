@@ -13,6 +13,7 @@ use sluice_passport::constraints::RuleDecision;
 use sluice_passport::money::MAX_MILLICENTS;
 use sluice_passport::Cents;
 use sluice_passport::{PassportError, SpendWindow, DEFAULT_SKEW_SECS};
+use std::borrow::Cow;
 
 /// Longest action name accepted (as long as the longest permission).
 const MAX_ACTION_LEN: usize = 128;
@@ -37,12 +38,16 @@ struct Run {
 }
 
 impl Run {
-    fn pass(&mut self, name: &str, detail: String) {
-        self.guardrails.push(Guardrail { name: name.to_string(), passed: true, detail });
+    fn pass(&mut self, name: &'static str, detail: impl Into<Cow<'static, str>>) {
+        self.guardrails.push(Guardrail { name: Cow::Borrowed(name), passed: true, detail: detail.into() });
     }
 
-    fn stop(mut self, decision: Decision, reason: Reason, name: &str, detail: String) -> Evaluation {
-        self.guardrails.push(Guardrail { name: name.to_string(), passed: false, detail: detail.clone() });
+    fn stop(mut self, decision: Decision, reason: Reason, name: &'static str, detail: String) -> Evaluation {
+        self.guardrails.push(Guardrail {
+            name: Cow::Borrowed(name),
+            passed: false,
+            detail: Cow::Owned(detail.clone()),
+        });
         Evaluation {
             decision,
             reason,
@@ -57,7 +62,7 @@ impl Run {
         }
     }
 
-    fn block(self, reason: Reason, name: &str, detail: String) -> Evaluation {
+    fn block(self, reason: Reason, name: &'static str, detail: String) -> Evaluation {
         self.stop(Decision::Block, reason, name, detail)
     }
 }
@@ -87,7 +92,7 @@ pub fn evaluate(
     if let Err(problem) = check_request(req) {
         return run.block(Reason::InvalidRequest, guardrail::REQUEST, problem);
     }
-    run.pass(guardrail::REQUEST, "well-formed".to_string());
+    run.pass(guardrail::REQUEST, "well-formed");
 
     // 2. The passport is within its validity period (same skew as at verification).
     let t = now.timestamp();
@@ -115,7 +120,7 @@ pub fn evaluate(
         };
         return run.block(Reason::of_passport_error(&e), guardrail::PASSPORT_VALIDITY, detail);
     }
-    run.pass(guardrail::PASSPORT_VALIDITY, format!("valid until {}", ts_or(claims.expires_at)));
+    run.pass(guardrail::PASSPORT_VALIDITY, p.valid_until.clone());
 
     // 3. A permission covers the action.
     match claims.permissions.iter().find(|perm| perm.covers(&req.action)) {
@@ -133,7 +138,7 @@ pub fn evaluate(
 
     // 4. The host is on the allowlist.
     match (&c.domain_allowlist, &req.host) {
-        (None, _) => run.pass(guardrail::DOMAIN_ALLOWLIST, "no allowlist: any host".to_string()),
+        (None, _) => run.pass(guardrail::DOMAIN_ALLOWLIST, "no allowlist: any host"),
         (Some(allow), Some(h)) => match allow.iter().find(|pat| pat.matches(h)) {
             Some(pat) => run.pass(guardrail::DOMAIN_ALLOWLIST, format!("{h} matches {pat}")),
             None => {
@@ -153,14 +158,12 @@ pub fn evaluate(
             );
             return run.block(Reason::DomainNotAllowed, guardrail::DOMAIN_ALLOWLIST, detail);
         }
-        (Some(_), None) => {
-            run.pass(guardrail::DOMAIN_ALLOWLIST, "not applicable: the request names no host".to_string())
-        }
+        (Some(_), None) => run.pass(guardrail::DOMAIN_ALLOWLIST, "not applicable: the request names no host"),
     }
 
     // 5. The host policy's verdict.
     match host {
-        HostVerdict::Allow => run.pass(guardrail::HOST_POLICY, "allowed by host policy".to_string()),
+        HostVerdict::Allow => run.pass(guardrail::HOST_POLICY, "allowed by host policy"),
         HostVerdict::Deny { reason: r, detail } => {
             // An empty reason (a verdict built from an empty string) is the default one.
             let r = if r.as_str().is_empty() { Reason::PolicyDenied } else { r.clone() };
@@ -177,7 +180,7 @@ pub fn evaluate(
             RatePeriod::Day => (guardrail::RATE_PER_DAY, c.rate_per_day, &mut new_rate.per_day),
         };
         let Some(limit) = limit else {
-            run.pass(name, format!("no per-{} limit", period.as_str()));
+            run.pass(name, period.no_limit());
             continue;
         };
         match rate::check(slot.as_ref(), limit, period, now) {
@@ -205,7 +208,7 @@ pub fn evaluate(
     // 9. Per-action cost.
     let cost = req.cost_millicents;
     match c.max_per_action {
-        None => run.pass(guardrail::MAX_PER_ACTION, "no per-action limit".to_string()),
+        None => run.pass(guardrail::MAX_PER_ACTION, "no per-action limit"),
         Some(max) if cost > milli(max) => {
             let detail = format!("Per-action limit of {max} exceeded. Requested: {}", money(cost));
             return run.block(Reason::PerActionLimitExceeded, guardrail::MAX_PER_ACTION, detail);
@@ -268,7 +271,7 @@ pub fn evaluate(
     }
     let rules = p.rules();
     if rules.is_empty() {
-        run.pass(guardrail::CEL_RULES, "no rules".to_string());
+        run.pass(guardrail::CEL_RULES, "no rules");
     } else {
         let input = RuleInput { passport: &p.passport, request: req, window, spend, daily, now };
         match rules.evaluate(&input, opts.skip_approval) {
@@ -299,9 +302,9 @@ pub fn evaluate(
     }
 
     // 12-13. Approval.
-    let approved = "approved by an operator".to_string();
+    let approved = "approved by an operator";
     match (c.approval_required, opts.skip_approval) {
-        (Some(true), true) => run.pass(guardrail::APPROVAL_REQUIRED, approved.clone()),
+        (Some(true), true) => run.pass(guardrail::APPROVAL_REQUIRED, approved),
         (Some(true), false) => {
             let detail = format!(
                 "Passport {} requires an operator's approval for every request. Approve with `sluice holds approve`.",
@@ -309,10 +312,10 @@ pub fn evaluate(
             );
             return run.stop(Decision::RequestHold, Reason::ApprovalRequired, guardrail::APPROVAL_REQUIRED, detail);
         }
-        _ => run.pass(guardrail::APPROVAL_REQUIRED, "not required".to_string()),
+        _ => run.pass(guardrail::APPROVAL_REQUIRED, "not required"),
     }
     match c.approval_threshold {
-        None => run.pass(guardrail::APPROVAL_THRESHOLD, "no approval threshold".to_string()),
+        None => run.pass(guardrail::APPROVAL_THRESHOLD, "no approval threshold"),
         Some(th) if cost > milli(th) && opts.skip_approval => run.pass(guardrail::APPROVAL_THRESHOLD, approved),
         Some(th) if cost > milli(th) => {
             let detail = format!(
@@ -362,6 +365,11 @@ pub fn evaluate(
 /// this is exact; saturating keeps a hand-built out-of-range limit from wrapping to a small one.
 fn milli(limit: Cents) -> u64 {
     sluice_passport::money::from_cents_saturating(limit.0)
+}
+
+/// The detail of a passed validity check of a passport expiring at `expires_at`.
+pub(crate) fn valid_until(expires_at: i64) -> String {
+    format!("valid until {}", ts_or(expires_at))
 }
 
 fn ts_or(secs: i64) -> String {

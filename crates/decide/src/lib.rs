@@ -71,6 +71,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sluice_passport::domain::DomainName;
 use sluice_passport::{Passport, PassportId};
+use std::borrow::Cow;
 
 /// Guardrail names, in evaluation order.
 pub mod guardrail {
@@ -128,6 +129,9 @@ pub struct ActionRequest {
 pub struct CompiledPassport {
     pub passport: Passport,
     rules: CompiledRules,
+    /// The passed validity check's detail (`valid until <expiry>`), formatted once: the expiry
+    /// never changes.
+    valid_until: String,
 }
 
 impl CompiledPassport {
@@ -135,7 +139,8 @@ impl CompiledPassport {
     /// passport, with an error naming the rule's index, its expression and the compiler's message.
     pub fn compile(passport: Passport) -> Result<CompiledPassport, RuleCompileError> {
         let rules = CompiledRules::compile(&passport.claims.constraints.cel_rules)?;
-        Ok(CompiledPassport { passport, rules })
+        let valid_until = engine::valid_until(passport.claims.expires_at);
+        Ok(CompiledPassport { passport, rules, valid_until })
     }
 
     pub fn id(&self) -> &PassportId {
@@ -178,13 +183,14 @@ impl Decision {
     }
 }
 
-/// One evaluated check: the API's `guardrails_evaluated` entries.
+/// One evaluated check: the API's `guardrails_evaluated` entries. Names and most details of
+/// passed checks are fixed text, borrowed rather than allocated on every decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Guardrail {
-    /// One of [`guardrail::ORDER`].
-    pub name: String,
+    /// One of [`guardrail::ORDER`] (or a caller's own step, such as the gate's).
+    pub name: Cow<'static, str>,
     pub passed: bool,
-    pub detail: String,
+    pub detail: Cow<'static, str>,
 }
 
 /// Options for one evaluation.
@@ -248,7 +254,11 @@ impl Evaluation {
             decision: Decision::Block,
             reason: error.reason(),
             detail: detail.clone(),
-            guardrails: vec![Guardrail { name: guardrail::USAGE.to_string(), passed: false, detail }],
+            guardrails: vec![Guardrail {
+                name: Cow::Borrowed(guardrail::USAGE),
+                passed: false,
+                detail: Cow::Owned(detail),
+            }],
             usage_after: Usage::default(),
             rule_index: None,
             spend_window: window,

@@ -59,6 +59,15 @@ impl RatePeriod {
         }
     }
 
+    /// The passed check of a passport without this limit: `no per-minute limit`...
+    pub fn no_limit(self) -> &'static str {
+        match self {
+            RatePeriod::Minute => "no per-minute limit",
+            RatePeriod::Hour => "no per-hour limit",
+            RatePeriod::Day => "no per-day limit",
+        }
+    }
+
     /// `minute`, `hour` or `day`, as in "60 requests per minute".
     pub fn as_str(self) -> &'static str {
         match self {

@@ -86,7 +86,7 @@ fn spent_mc(window: SpendWindow, millicents: u64, now: DateTime<Utc>) -> Usage {
 }
 
 fn names(e: &Evaluation) -> Vec<&str> {
-    e.guardrails.iter().map(|g| g.name.as_str()).collect()
+    e.guardrails.iter().map(|g| &*g.name).collect()
 }
 
 /// A refusal at [`t0`]: the decision, the reason, the detail, the last guardrail failed and every
@@ -123,7 +123,7 @@ fn allow_lists_every_guardrail_in_order_and_counts_the_request() {
     assert_eq!(e.detail, "All guardrails passed. Daily spend after this request: $4.00 (limit $100.00).");
     assert_eq!(names(&e), guardrail::ORDER.to_vec());
     assert!(e.all_passed());
-    let details: Vec<&str> = e.guardrails.iter().map(|g| g.detail.as_str()).collect();
+    let details: Vec<&str> = e.guardrails.iter().map(|g| &*g.detail).collect();
     assert_eq!(
         details,
         [
@@ -159,7 +159,7 @@ fn a_passport_without_limits_allows_and_says_so() {
     let e = eval(&p, &Usage::default(), &req("web:fetch", 0), t0());
     assert_eq!(e.decision, Decision::Allow);
     assert_eq!(e.detail, "All guardrails passed. Daily spend after this request: $0.00 (no limit).");
-    let details: Vec<&str> = e.guardrails.iter().map(|g| g.detail.as_str()).collect();
+    let details: Vec<&str> = e.guardrails.iter().map(|g| &*g.detail).collect();
     assert_eq!(
         details[3..],
         [

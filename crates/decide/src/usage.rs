@@ -102,6 +102,9 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Resul
     Option::<T>::deserialize(d)
 }
 
+/// The capacity [`Usage::to_bytes`] starts with: more than a full record takes.
+const USAGE_BYTES_HINT: usize = 512;
+
 /// Everything the engine counts for one passport. [`Usage::default`] is a passport never used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,14 +129,28 @@ impl Default for Usage {
 impl Usage {
     /// The stored form: compact JSON.
     pub fn to_bytes(&self) -> Vec<u8> {
-        // Serializing plain structs of integers, strings and timestamps cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        // Serializing plain structs of integers, strings and timestamps cannot fail. One buffer
+        // that holds a full record (about 300 bytes) without growing.
+        let mut out = Vec::with_capacity(USAGE_BYTES_HINT);
+        match serde_json::to_writer(&mut out, self) {
+            Ok(()) => out,
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Parses stored usage strictly. See the module doc for what is refused.
     pub fn from_bytes(bytes: &[u8]) -> Result<Usage, UsageError> {
         if bytes.len() > MAX_USAGE_BYTES {
             return Err(UsageError::TooLarge { len: bytes.len(), max: MAX_USAGE_BYTES });
+        }
+        // The usual case in one pass: today's format. Anything else (an older format, a future
+        // one, bad JSON) is read again below, version first, for the precise answer; a parse
+        // that succeeds here is exactly the one the version-first path would make.
+        if let Ok(usage) = serde_json::from_slice::<Usage>(bytes) {
+            if usage.version == USAGE_VERSION {
+                usage.check()?;
+                return Ok(usage);
+            }
         }
         // Read the version first so that a future format is reported as such, not as bad JSON.
         #[derive(Deserialize)]

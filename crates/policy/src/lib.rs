@@ -287,6 +287,11 @@ impl PolicySet {
         self.digest.clone()
     }
 
+    /// [`PolicySet::digest`], borrowed (a decision record writes it without a copy).
+    pub fn digest_str(&self) -> &str {
+        &self.digest
+    }
+
     /// The action and cost of a request. `path` is the request-target (origin-form, or
     /// absolute-form); see [`path`] for how it is normalised.
     pub fn route(&self, host: &DomainName, method: &str, path: &str) -> RouteMatch {

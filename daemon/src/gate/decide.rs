@@ -178,12 +178,12 @@ pub enum Step {
     Evaluate(Box<Ready>),
 }
 
-fn pass(name: &str, detail: impl Into<String>) -> Guardrail {
-    Guardrail { name: name.to_string(), passed: true, detail: detail.into() }
+fn pass(name: &'static str, detail: impl Into<String>) -> Guardrail {
+    Guardrail { name: name.into(), passed: true, detail: detail.into().into() }
 }
 
-fn fail(name: &str, detail: impl Into<String>) -> Guardrail {
-    Guardrail { name: name.to_string(), passed: false, detail: detail.into() }
+fn fail(name: &'static str, detail: impl Into<String>) -> Guardrail {
+    Guardrail { name: name.into(), passed: false, detail: detail.into().into() }
 }
 
 struct Early<'a> {
@@ -196,7 +196,7 @@ struct Early<'a> {
 }
 
 impl Early<'_> {
-    fn refuse(mut self, answer: Answer, reason: Reason, name: &str, detail: String) -> Step {
+    fn refuse(mut self, answer: Answer, reason: Reason, name: &'static str, detail: String) -> Step {
         self.guardrails.push(fail(name, detail.clone()));
         Step::Decided(Box::new(Decided {
             claims: self.claims,
@@ -469,15 +469,19 @@ pub fn evaluate(gate: &Gate, r: &Ready, read: &mut Read<'_>, now: DateTime<Utc>)
             r.permission.clone(),
         )
     };
-    let refuse =
-        |mut out: Decided, mut guardrails: Vec<Guardrail>, writes, reason: Reason, name: &str, detail: String| {
-            guardrails.push(fail(name, detail.clone()));
-            out.reason = reason;
-            out.detail = detail;
-            out.guardrails = guardrails;
-            out.writes = writes;
-            out
-        };
+    let refuse = |mut out: Decided,
+                  mut guardrails: Vec<Guardrail>,
+                  writes,
+                  reason: Reason,
+                  name: &'static str,
+                  detail: String| {
+        guardrails.push(fail(name, detail.clone()));
+        out.reason = reason;
+        out.detail = detail;
+        out.guardrails = guardrails;
+        out.writes = writes;
+        out
+    };
 
     // The nonce: once per passport within the window (L2, L3).
     if let (Some(s), true) = (&r.signature, r.tier >= TrustTier::L2) {
@@ -567,19 +571,19 @@ pub fn evaluate(gate: &Gate, r: &Ready, read: &mut Read<'_>, now: DateTime<Utc>)
         guardrail::MAX_CUMULATIVE,
         guardrail::USAGE,
     ];
-    for g in gate_eval.guardrails.iter().filter(|g| LIMIT_STEPS.contains(&g.name.as_str())) {
+    for g in gate_eval.guardrails.iter().filter(|g| LIMIT_STEPS.contains(&&*g.name)) {
         guardrails.push(Guardrail {
-            name: format!("{}.{}", step::LIMITS, g.name),
+            name: format!("{}.{}", step::LIMITS, g.name).into(),
             passed: g.passed,
             detail: g
                 .detail
                 .replace(&format!("Passport {pp}"), "The gate")
-                .replace(&format!("passport {pp}"), "the gate"),
+                .replace(&format!("passport {pp}"), "the gate")
+                .into(),
         });
     }
     if gate_eval.decision != Decision::Allow {
-        let detail =
-            format!("Gate {:?} limit: {}", cfg.name, guardrails.last().map(|g| g.detail.as_str()).unwrap_or(""));
+        let detail = format!("Gate {:?} limit: {}", cfg.name, guardrails.last().map(|g| &*g.detail).unwrap_or(""));
         out.reason = gate_eval.reason.clone();
         out.detail = detail;
         out.guardrails = guardrails;

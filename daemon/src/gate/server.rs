@@ -286,7 +286,7 @@ impl Server {
             crate::decide::Decision::Block,
             Reason::MalformedRequest,
             detail.clone(),
-            vec![crate::decide::Guardrail { name: "gate_request".into(), passed: false, detail }],
+            vec![crate::decide::Guardrail { name: "gate_request".into(), passed: false, detail: detail.into() }],
             gate.config.route_of(method, target),
         );
         let arrival = Arrival::bare(method.clone(), target.to_string());

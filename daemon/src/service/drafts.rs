@@ -172,8 +172,8 @@ pub struct Built {
 
 /// One failed guardrail named `name` whose detail is the reason: the list of a decision made
 /// around the engine (unknown or revoked passport, unreadable counters, a hold's resolution).
-pub(super) fn failed(name: &str, reason: &Reason) -> Vec<Guardrail> {
-    vec![Guardrail { name: name.to_string(), passed: false, detail: reason.to_string() }]
+pub(super) fn failed(name: &'static str, reason: &Reason) -> Vec<Guardrail> {
+    vec![Guardrail { name: name.into(), passed: false, detail: reason.to_string().into() }]
 }
 
 /// The hold a `request_hold` decision created, as the caller is told.
@@ -286,36 +286,38 @@ impl Built {
     /// An evaluation that allowed the request, refused because this host's fleet leases do not
     /// cover it: a block that spends nothing (the spend stays where it was before the request).
     pub fn fleet_refused(
-        eval: &decide::Evaluation,
+        eval: decide::Evaluation,
         claims: &Claims,
         refusal: &crate::fleet::Refusal,
         at: DateTime<Utc>,
     ) -> Built {
+        let spend_before = eval.spend_after_millicents.saturating_sub(eval.spend_delta_millicents);
         let mut built = Built::from_eval(eval, claims, at);
         built.decision = Decision::Block;
         built.reason = Reason::parse(refusal.reason);
         built.detail = refusal.detail.clone();
         built.guardrails.push(Guardrail {
-            name: "fleet_lease".to_string(),
+            name: "fleet_lease".into(),
             passed: false,
-            detail: refusal.detail.clone(),
+            detail: refusal.detail.clone().into(),
         });
         built.all_passed = false;
         if let Some(spend) = &mut built.spend {
-            spend.after_millicents = eval.spend_after_millicents.saturating_sub(eval.spend_delta_millicents);
+            spend.after_millicents = spend_before;
             spend.delta_millicents = 0;
         }
         built
     }
 
-    pub fn from_eval(eval: &decide::Evaluation, claims: &Claims, at: DateTime<Utc>) -> Built {
+    /// The evaluation's decision, taken over (its guardrails and detail are moved, not copied).
+    pub fn from_eval(eval: decide::Evaluation, claims: &Claims, at: DateTime<Utc>) -> Built {
         Built {
             passport_id: claims.id.to_string(),
+            all_passed: eval.all_passed(),
             decision: eval.decision,
-            reason: eval.reason.clone(),
-            detail: eval.detail.clone(),
-            guardrails: eval.guardrails.clone(),
-            all_passed: eval.guardrails.iter().all(|g| g.passed),
+            reason: eval.reason,
+            detail: eval.detail,
+            guardrails: eval.guardrails,
             timestamp: at,
             spend: Some(SpendFields {
                 window: claims.constraints.window().as_str(),
@@ -324,6 +326,21 @@ impl Built {
                 after_millicents: eval.spend_after_millicents,
             }),
             hold: None,
+        }
+    }
+
+    /// [`Built::outcome`], taking the decision over rather than copying it.
+    pub fn into_outcome(self, attestation_id: u64) -> DecisionOutcome {
+        DecisionOutcome {
+            decision: self.decision,
+            reason: self.reason,
+            detail: self.detail,
+            passport_id: self.passport_id,
+            guardrails: self.guardrails,
+            all_passed: self.all_passed,
+            timestamp: self.timestamp,
+            attestation_id,
+            hold: self.hold.map(|h| HeldAs { id: h.id, expires_at: h.expires_at }),
         }
     }
 
@@ -715,7 +732,7 @@ mod tests {
                 decision,
                 reason,
                 detail,
-                guardrails: vec![Guardrail { name: "x".into(), passed: true, detail: String::new() }],
+                guardrails: vec![Guardrail { name: "x".into(), passed: true, detail: "".into() }],
                 all_passed: true,
                 timestamp: at,
                 spend: spend.map(|(window_start, delta_millicents, after_millicents)| SpendFields {

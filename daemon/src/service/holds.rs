@@ -455,11 +455,11 @@ impl Approval {
         let request = self.hold.action_request();
         let eval =
             decide::evaluate(&self.cp, &usage, &request, &verdict, at, EvalOptions { skip_approval: true, host_rules });
-        let mut built = Built::from_eval(&eval, claims, at);
-        let writes = (eval.decision == Decision::Allow).then(|| {
+        let writes = (eval.decision == Decision::Allow).then(|| eval.usage_after.to_bytes());
+        let mut built = Built::from_eval(eval, claims, at);
+        if writes.is_some() {
             built.reason = Reason::HoldApproved;
-            eval.usage_after.to_bytes()
-        });
+        }
         super::lanes::Speculation { writes, plan: (built, at) }
     }
 }

@@ -49,11 +49,31 @@ pub(super) const MAX_ATTEMPTS: u32 = 4;
 /// the daemon (as registered passports do).
 #[derive(Default)]
 pub(super) struct Lanes {
-    map: Mutex<HashMap<String, Lane>>,
+    map: Mutex<HashMap<String, Arc<Lane>>>,
 }
 
-/// One passport's lane: whoever holds it evaluates or submits for that passport.
-type Lane = Arc<tokio::sync::Mutex<LaneState>>;
+/// One passport's lane: whoever holds `state` evaluates or submits for that passport. The
+/// state-table keys its transactions read are made once, with the lane.
+struct Lane {
+    state: Arc<tokio::sync::Mutex<LaneState>>,
+    /// `usage/<id>`: the passport's counters.
+    usage_key: Arc<str>,
+    /// `revoked/<id>`.
+    revoked_key: Arc<str>,
+    /// `stop/<id>`: an emergency stop of this passport alone.
+    stop_key: Arc<str>,
+}
+
+impl Lane {
+    fn new(passport_id: &str) -> Lane {
+        Lane {
+            state: Arc::default(),
+            usage_key: format!("usage/{passport_id}").into(),
+            revoked_key: format!("revoked/{passport_id}").into(),
+            stop_key: format!("{STOP_PREFIX}{passport_id}").into(),
+        }
+    }
+}
 
 #[derive(Default)]
 struct LaneState {
@@ -67,9 +87,14 @@ struct LaneState {
 }
 
 impl Lanes {
-    fn get(&self, passport_id: &str) -> Result<Lane, ServiceError> {
+    fn get(&self, passport_id: &str) -> Result<Arc<Lane>, ServiceError> {
         let mut map = self.map.lock().map_err(|_| ServiceError::LockPoisoned("lanes"))?;
-        Ok(map.entry(passport_id.to_string()).or_default().clone())
+        if let Some(lane) = map.get(passport_id) {
+            return Ok(lane.clone());
+        }
+        let lane = Arc::new(Lane::new(passport_id));
+        map.insert(passport_id.to_string(), lane.clone());
+        Ok(lane)
     }
 }
 
@@ -145,21 +170,17 @@ impl Service {
     where
         P: Send + 'static,
         T: Send + 'static,
-        Ev: Fn(Option<&[u8]>, DateTime<Utc>) -> Speculation<P> + Send + Sync + 'static,
-        Co: Fn(Option<Barred>, P, &mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + Sync + 'static,
+        // Cloned per attempt (callers capture `Arc`s): cheaper than boxing them once per call.
+        Ev: Fn(Option<&[u8]>, DateTime<Utc>) -> Speculation<P> + Clone + Send + Sync + 'static,
+        Co: Fn(Option<Barred>, P, &mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Clone + Send + Sync + 'static,
     {
         let lane = self.lanes.get(passport_id)?;
-        let evaluate = Arc::new(evaluate);
-        let commit = Arc::new(commit);
-        let usage_key: Arc<str> = format!("usage/{passport_id}").into();
-        let revoked_key: Arc<str> = format!("revoked/{passport_id}").into();
-        let stop_key: Arc<str> = format!("{STOP_PREFIX}{passport_id}").into();
         for attempt in 1..=MAX_ATTEMPTS {
-            let mut state = lane.clone().lock_owned().await;
+            let mut state = lane.state.clone().lock_owned().await;
             let expects = match &state.known {
                 Some(known) => known.clone(),
                 None => {
-                    let current = self.peek(passport_id, &usage_key).await?.map(Arc::new);
+                    let current = self.peek(passport_id, &lane.usage_key).await?.map(Arc::new);
                     state.known = Some(current.clone());
                     state.epoch = state.epoch.wrapping_add(1);
                     current
@@ -184,8 +205,8 @@ impl Service {
             let writes = writes.map(Arc::new);
             // The next evaluation of this passport starts from what this one leaves.
             state.known = Some(writes.clone().or_else(|| expects.clone()));
-            let (id, ukey, rkey, skey, commit) =
-                (passport_id.to_string(), usage_key.clone(), revoked_key.clone(), stop_key.clone(), commit.clone());
+            let (ukey, rkey, skey, commit) =
+                (lane.usage_key.clone(), lane.revoked_key.clone(), lane.stop_key.clone(), commit.clone());
             let work = move |txn: &mut Txn<'_>| {
                 if txn.get(&rkey)?.is_some() {
                     return commit(Some(Barred::Revoked), plan, txn);
@@ -195,7 +216,8 @@ impl Service {
                 }
                 let current = txn.get(&ukey)?;
                 if current.as_deref() != expects.as_deref().map(Vec::as_slice) {
-                    return Err(TxnError::abort(Moved { passport_id: id, current }));
+                    let passport_id = ukey.strip_prefix("usage/").unwrap_or(&ukey).to_string();
+                    return Err(TxnError::abort(Moved { passport_id, current }));
                 }
                 if let Some(w) = &writes {
                     txn.put(&ukey, w)?;
@@ -206,7 +228,7 @@ impl Service {
             match result {
                 Ok(done) => return Ok(done),
                 Err(e) => {
-                    let mut state = lane.lock().await;
+                    let mut state = lane.state.lock().await;
                     let fresh = state.epoch == epoch;
                     match moved(e) {
                         Ok(m) => {
@@ -248,7 +270,7 @@ impl Service {
         F: FnOnce(&mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + 'static,
     {
         let lane = self.lanes.get(passport_id)?;
-        let mut state = lane.lock().await;
+        let mut state = lane.state.lock().await;
         state.known = None;
         state.epoch = state.epoch.wrapping_add(1);
         Ok(submit_then_release(self.transact(f), state).await?)

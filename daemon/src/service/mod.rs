@@ -514,15 +514,6 @@ impl Service {
         }
     }
 
-    /// The host policy in force, read once per decision so that the digest recorded and the host
-    /// rules applied always come from the same policy, even across a concurrent reload.
-    pub(crate) fn policy_snapshot(&self) -> (Option<String>, Option<Arc<crate::decide::CompiledRules>>) {
-        match self.policy_set() {
-            Some(set) => (Some(set.digest()), set.compiled_host_rules()),
-            None => (None, None),
-        }
-    }
-
     /// The host policy set in force now, if the daemon has a host policy.
     pub(crate) fn policy_set(&self) -> Option<Arc<crate::policy::PolicySet>> {
         self.policy.read().ok().and_then(|p| p.as_ref().map(|h| h.current()))
@@ -733,7 +724,7 @@ impl Service {
     /// As [`Service::enforce`], returning the full outcome (the proxy waits on holds).
     pub async fn enforce_outcome(
         &self,
-        input: EnforceInput,
+        mut input: EnforceInput,
         origin: HoldOrigin,
         host_verdict: HostVerdict,
     ) -> Result<DecisionOutcome, ServiceError> {
@@ -767,22 +758,31 @@ impl Service {
             cost_millicents = price;
             lock = Some(LockPlan { key, assumed, write, gate_id, version });
         }
+        // The request's strings are taken over, not copied: the log line below reads them back
+        // from the request.
         let request = ActionRequest {
-            action: input.action.clone(),
+            action: std::mem::take(&mut input.action),
             cost_millicents,
             host,
-            method: input.method.clone(),
-            path: input.path.clone(),
+            method: input.method.take(),
+            path: input.path.take(),
         };
         let compiled = self.passport(pid.as_str());
-        let agent_id = compiled.as_ref().map(|cp| cp.passport.claims.agent_id.clone());
         let held = HoldParams { origin, timeout: self.config.hold_timeout, port: input.port };
-        let (digest, host_rules) = self.policy_snapshot();
+        // Read once per decision: the digest recorded and the host rules applied always come
+        // from the same policy, even across a concurrent reload.
+        let policy = self.policy_set();
+        let host_rules = policy.as_deref().and_then(crate::policy::PolicySet::compiled_host_rules);
+        // What the log line reads once the decision is made: the lane's decision (which owns the
+        // request), or the request of an unknown passport.
+        let logged: Result<Arc<LaneDecision>, ActionRequest>;
         let (outcome, appended) = match compiled {
             None => {
+                let recorded = request.clone();
+                logged = Err(request);
                 self.transact(move |_txn: &mut Txn<'_>| {
                     let at = now();
-                    let body = drafts::unknown_passport(&pid, &request, at);
+                    let body = drafts::unknown_passport(&pid, &recorded, at);
                     Ok((drafts::Built::block_unknown(&pid, at), vec![Draft::new(pid.to_string(), body)]))
                 })
                 .await?
@@ -802,26 +802,28 @@ impl Service {
                     request,
                     host_verdict,
                     held,
-                    policy_digest: digest,
+                    policy,
                     opts,
                     signed_request_hash,
                     lock,
                     fleet,
                 });
+                logged = Ok(decision.clone());
                 let d = decision.clone();
-                let barred_now = {
-                    let id = d.cp.passport.claims.id.to_string();
-                    let me = self.me.clone();
-                    move || me.upgrade().map_or(Some(lanes::Barred::Revoked), |s| s.barred(&id))
-                };
+                let me = self.me.clone();
+                let barred_now = move |id: &str| me.upgrade().map_or(Some(lanes::Barred::Revoked), |s| s.barred(id));
                 self.in_lane(
                     pid.as_str(),
                     blocking,
-                    move |counters, at| d.evaluate(counters, barred_now(), at),
+                    move |counters, at| d.evaluate(counters, barred_now(d.cp.passport.claims.id.as_str()), at),
                     move |barred, plan, txn| decision.commit(barred, plan, txn),
                 )
                 .await?
             }
+        };
+        let (request, agent_id) = match &logged {
+            Ok(d) => (&d.request, Some(d.cp.passport.claims.agent_id.as_str())),
+            Err(request) => (request, None),
         };
         let index = appended_index(&appended, "decision")?;
         if let Some(hold) = &outcome.hold {
@@ -837,10 +839,10 @@ impl Service {
                 tracing::event!(
                     $level,
                     passport_id = %input.passport_id,
-                    agent_id = %agent_id.as_deref().unwrap_or("-"),
-                    action = %input.action,
+                    agent_id = %agent_id.unwrap_or("-"),
+                    action = %request.action,
                     host = %input.target.as_deref().unwrap_or("-"),
-                    method = %input.method.as_deref().unwrap_or("-"),
+                    method = %request.method.as_deref().unwrap_or("-"),
                     cost_millicents,
                     decision = %outcome.decision.as_str(),
                     reason = %outcome.reason,
@@ -855,7 +857,7 @@ impl Service {
         } else {
             decision_line!(tracing::Level::INFO);
         }
-        Ok(outcome.outcome(index))
+        Ok(outcome.into_outcome(index))
     }
 
     /// `GET /v1/passports/{id}/state`.
@@ -993,7 +995,8 @@ struct LaneDecision {
     request: ActionRequest,
     host_verdict: HostVerdict,
     held: HoldParams,
-    policy_digest: Option<String>,
+    /// The host policy in force when the decision was asked for: its digest is recorded.
+    policy: Option<Arc<crate::policy::PolicySet>>,
     opts: EvalOptions,
     /// See [`EnforceInput::signed_request_hash`].
     signed_request_hash: Option<String>,
@@ -1015,7 +1018,8 @@ impl LaneDecision {
     /// The decision record of `built`.
     fn record(&self, built: &drafts::Built, at: DateTime<Utc>) -> ledger::canonical::Members {
         let claims = &self.cp.passport.claims;
-        let mut body = drafts::decision(claims, &self.request, built, self.policy_digest.as_deref(), at);
+        let digest = self.policy.as_deref().map(crate::policy::PolicySet::digest_str);
+        let mut body = drafts::decision(claims, &self.request, built, digest, at);
         drafts::signed_request_hash(&mut body, self.signed_request_hash.as_deref());
         if let Some(l) = &self.lock {
             drafts::gate_catalog(&mut body, &l.gate_id, l.version);
@@ -1052,11 +1056,11 @@ impl LaneDecision {
                         _ => None,
                     };
                     match fleet_refusal {
-                        Some(refusal) => (drafts::Built::fleet_refused(&eval, claims, &refusal, at), None),
+                        Some(refusal) => (drafts::Built::fleet_refused(eval, claims, &refusal, at), None),
                         None => {
                             let writes =
                                 (eval.decision == decide::Decision::Allow).then(|| eval.usage_after.to_bytes());
-                            (drafts::Built::from_eval(&eval, claims, at), writes)
+                            (drafts::Built::from_eval(eval, claims, at), writes)
                         }
                     }
                 }

@@ -616,8 +616,8 @@ mod tests {
         let a = register(&service, "agent-a", Constraints::default()).await;
         let (go, wait) = std::sync::mpsc::channel::<()>();
         let (evaluating, evaluated) = std::sync::mpsc::channel::<()>();
-        let wait = Mutex::new(wait);
-        let evaluating = Mutex::new(evaluating);
+        let wait = Arc::new(Mutex::new(wait));
+        let evaluating = Arc::new(Mutex::new(evaluating));
         let lane = {
             let (service, a) = (service.clone(), a.clone());
             tokio::spawn(async move {

@@ -1,0 +1,131 @@
+//! What one proxied decision costs the thread that asks for it, counted in heap allocations: a
+//! figure that stays put on a shared machine, where timings are noise. This test binary's
+//! allocator counts, per thread, the allocations made while a thread asks it to. The decisions
+//! run on a current-thread runtime, so the count is what the proxy's worker pays per request on
+//! the service's side (the lane, the evaluation, the record built outside the writer, the
+//! outcome, the log line); the ledger writer's own thread (sealing, the store) is not counted.
+
+use sluice::decide::{Decision, HostVerdict};
+use sluice::ledger::{hostkey::HostKey, Ledger, LedgerOptions};
+use sluice::passport::domain::DomainPattern;
+use sluice::passport::{self, Cents, Constraints, IssueRequest, Permission, SpendWindow, TrustTier};
+use sluice::service::{EnforceInput, HoldOrigin, Peer, Service, ServiceConfig};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The system allocator, counting the allocations of threads that asked to be counted.
+struct Counting;
+
+thread_local! {
+    /// `Some(n)`: this thread counts, `n` so far.
+    static COUNT: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+fn note() {
+    // `try_with`: a thread being torn down is not counted.
+    let _ = COUNT.try_with(|c| {
+        if let Some(n) = c.get() {
+            c.set(Some(n + 1));
+        }
+    });
+}
+
+// SAFETY: every call is forwarded to `System` unchanged; counting touches only a
+// const-initialised thread-local `Cell`, which neither allocates nor unwinds.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        note();
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        note();
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        note();
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// A service on a fresh store with one passport shaped like the proxy bench's: any action, an
+/// allowlist of one host, a cumulative limit, no rules.
+async fn service() -> (tempfile::TempDir, Arc<Service>, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger =
+        Ledger::open(&dir.path().join("ledger.redb"), HostKey::generate(), LedgerOptions::default()).expect("ledger");
+    let service =
+        Service::start(ledger, ServiceConfig::passport_only(vec![], Duration::from_secs(60))).await.expect("service");
+    let issuer = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let constraints = Constraints {
+        max_cumulative: Some(Cents(1_000_000_000)),
+        cumulative_window: Some(SpendWindow::Monthly),
+        domain_allowlist: Some(vec![DomainPattern::parse("api.bench.test").expect("pattern")]),
+        ..Constraints::default()
+    };
+    let issued = passport::issue(
+        IssueRequest {
+            agent_id: "bench".into(),
+            agent_name: None,
+            permissions: vec![Permission::parse("*").expect("permission")],
+            constraints,
+            trust_tier: TrustTier::L1,
+            lifetime_secs: 3600,
+            now: passport::now(),
+        },
+        &issuer,
+    )
+    .expect("issue");
+    let peer = Peer { uid: 0, gid: 0, pid: 1, user: Some("root".into()) };
+    service.register(&issued.token, None, &peer).await.expect("register");
+    (dir, service, issued.claims.id.to_string())
+}
+
+/// A proxied `GET https://api.bench.test/small`, as the proxy asks for it.
+fn input(passport_id: &str) -> EnforceInput {
+    EnforceInput {
+        passport_id: passport_id.to_string(),
+        action: "web:fetch".into(),
+        cost_millicents: Some(0),
+        target: Some("api.bench.test".into()),
+        method: Some("GET".into()),
+        path: Some("/small".into()),
+        ..Default::default()
+    }
+}
+
+/// Allocations per allowed decision, after a warm-up. The bound is a regression guard: raise it
+/// only with a reason (and the figure in docs/testing.md).
+#[tokio::test(flavor = "current_thread")]
+async fn allocations_per_allowed_decision_stay_few() {
+    const DECISIONS: u64 = 200;
+    let (_dir, service, id) = service().await;
+    for _ in 0..20 {
+        let o = service.enforce_outcome(input(&id), HoldOrigin::Proxy, HostVerdict::Allow).await;
+        assert_eq!(o.expect("enforce").decision, Decision::Allow);
+    }
+    let inputs: Vec<EnforceInput> = (0..DECISIONS).map(|_| input(&id)).collect();
+    let mut outcomes = Vec::with_capacity(inputs.len());
+    COUNT.with(|c| c.set(Some(0)));
+    for i in inputs {
+        outcomes.push(service.enforce_outcome(i, HoldOrigin::Proxy, HostVerdict::Allow).await);
+    }
+    let allocations = COUNT.with(|c| c.replace(None)).unwrap_or(0);
+    for o in outcomes {
+        assert_eq!(o.expect("enforce").decision, Decision::Allow);
+    }
+    let per_decision = allocations as f64 / DECISIONS as f64;
+    eprintln!("allocations per allowed decision on the caller's thread: {per_decision:.1}");
+    assert!(per_decision <= 60.0, "{per_decision:.1} allocations per decision");
+}
