@@ -279,7 +279,11 @@ impl Holding {
     }
 
     fn is(&self, w: &Window) -> bool {
-        self.window.limit == w.limit && self.window.start == w.start
+        self.is_at(w.limit, w.start)
+    }
+
+    fn is_at(&self, limit: Limit, start: DateTime<Utc>) -> bool {
+        self.window.limit == limit && self.window.start == start
     }
 }
 
@@ -322,24 +326,25 @@ struct Table {
 
 impl Table {
     fn get(&self, (id, limit, start): &HoldingKey) -> Option<&Holding> {
-        self.passports.get(&**id)?.holdings.iter().find(|h| h.window.limit == *limit && h.window.start == *start)
+        self.passports.get(&**id)?.holdings.iter().find(|h| h.is_at(*limit, *start))
     }
 
     fn get_mut(&mut self, (id, limit, start): &HoldingKey) -> Option<&mut Holding> {
-        self.passports
-            .get_mut(&**id)?
-            .holdings
-            .iter_mut()
-            .find(|h| h.window.limit == *limit && h.window.start == *start)
+        self.passports.get_mut(&**id)?.holdings.iter_mut().find(|h| h.is_at(*limit, *start))
     }
 
     /// The passport's entry, made on its first use (the only allocation, once per passport).
     fn entry(&mut self, id: &str) -> &mut Entry {
+        self.keyed_entry(id).1
+    }
+
+    /// As [`Table::entry`], with the table's key for `id` (a clone of the `Arc`, no allocation).
+    fn keyed_entry(&mut self, id: &str) -> (Arc<str>, &mut Entry) {
         let key = match self.passports.get_key_value(id) {
             Some((key, _)) => key.clone(),
             None => Arc::from(id),
         };
-        self.passports.entry(key).or_default()
+        (key.clone(), self.passports.entry(key).or_default())
     }
 
     /// The holding of `w`, made (empty) when the host holds nothing in it yet.
@@ -357,7 +362,7 @@ impl Table {
 
     fn remove(&mut self, (id, limit, start): &HoldingKey) {
         if let Some(entry) = self.passports.get_mut(&**id) {
-            entry.holdings.retain(|h| !(h.window.limit == *limit && h.window.start == *start));
+            entry.holdings.retain(|h| !h.is_at(*limit, *start));
             if entry.holdings.is_empty() {
                 self.passports.remove(&**id);
             }
@@ -495,7 +500,7 @@ impl Leases {
         let mut renew: Vec<HoldingKey> = Vec::new();
         {
             let mut table = self.table();
-            let entry = table.entry(id);
+            let (key, entry) = table.keyed_entry(id);
             entry.refresh(cp, now);
             let at = Instant::now();
             let Entry { current, holdings } = entry;
@@ -512,12 +517,7 @@ impl Leases {
                     && h.renew_started.is_none_or(|t| at.duration_since(t) >= TICK)
                 {
                     h.renew_started = Some(at);
-                    renew.push((Arc::from(""), w.limit, w.start));
-                }
-            }
-            if !renew.is_empty() {
-                if let Some((key, _)) = table.passports.get_key_value(id) {
-                    renew.iter_mut().for_each(|r| r.0 = key.clone());
+                    renew.push((key.clone(), w.limit, w.start));
                 }
             }
         }
