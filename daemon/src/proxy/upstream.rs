@@ -94,7 +94,7 @@ pub fn client_config(
             return Err(bad("holds no PEM certificate".into()));
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::proxy::ca::crypto_provider();
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
