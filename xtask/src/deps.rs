@@ -3,6 +3,9 @@
 //! test (curl, python3, iproute2, liburing for the bypass suites; git, node and `script` for the
 //! programs run inside a sandbox; openssl and Python's cryptography for the key-format tests;
 //! Chromium for the console's browser test; redis-server for the fleet tests).
+//! The C compiler (`cc`) also builds aws-lc, rustls's crypto provider in the daemon: aws-lc-sys
+//! compiles it with the `cc` crate and ships pre-generated bindings for x86_64 and aarch64 Linux,
+//! so no cmake, nasm, Go or libclang is needed there.
 //! Installed with apt-get when running as root on Debian; otherwise the exact command is printed
 //! and the task fails.
 

@@ -143,7 +143,7 @@ impl Ca {
             other => other?,
         };
         let params = ca_params(&key);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crypto_provider();
         let (cert_der, cert_pem) = match read_ca_cert(&cert_path)? {
             Some((der, pem)) => {
                 check_cert_matches_key(&der, &key, &params, &provider, &cert_path, &key_path)?;
@@ -209,7 +209,7 @@ impl Ca {
         Arc::new(SniResolver { ca: self.clone() })
     }
 
-    /// The proxy's TLS server configuration: TLS 1.3 and 1.2 with the ring provider, leaves by SNI,
+    /// The proxy's TLS server configuration: TLS 1.3 and 1.2 with [`crypto_provider`], leaves by SNI,
     /// ALPN `h2` then `http/1.1`. A ClientHello without a usable SNI fails the handshake.
     ///
     /// Agents resume their sessions with stateless tickets (encrypted under a key that lives only
@@ -217,13 +217,20 @@ impl Ca {
     /// certificate and the key exchange's signature. rustls resumes a session only for the
     /// server name it was made for, and the proxy checks the request's name against the SNI of
     /// every connection, resumed or not.
+    ///
+    /// On a CPU with AES instructions the server picks the suite, AES-128-GCM first
+    /// ([`agent_suites_first`]); otherwise the client's order stands.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, CaError> {
-        let mut config = ServerConfig::builder_with_provider(self.inner.provider.clone())
+        let aes = aes_in_hardware();
+        let provider =
+            if aes { Arc::new(agent_suites_first(&self.inner.provider)) } else { self.inner.provider.clone() };
+        let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_cert_resolver(self.resolver());
+        config.ignore_client_order = aes;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
         // One ticket per connection (rustls sends two by default): a reconnecting agent uses one
         // ticket and gets a new one each time, so a second is encrypted, encoded and written on
         // every connection for nothing (~1% of the daemon's CPU per new connection, measured). A
@@ -276,6 +283,77 @@ impl Ca {
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signer = self.inner.provider.key_provider.load_private_key(der).map_err(|e| e.to_string())?;
         Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signer)))
+    }
+}
+
+/// The cryptography of every TLS connection the daemon accepts or makes (agents, upstreams, the
+/// gate, Redis): rustls's aws-lc provider with its default suites and key exchange groups.
+///
+/// aws-lc rather than ring because of what a new agent connection costs: an agent that resumes
+/// its session skips the certificate and the signature but still pays an ephemeral X25519 key
+/// pair and agreement (TLS 1.3 resumption is `psk_dhe_ke` only), and a profile of
+/// `bench proxy`'s new connections with ring had that exchange as the largest single cost of
+/// the handshake; aws-lc's X25519 and AES-GCM are faster on x86_64 (figures in
+/// `docs/testing.md`). The groups are the provider's defaults without rustls's
+/// `prefer-post-quantum` feature: X25519 first, then P-256 and P-384, then the hybrid
+/// X25519MLKEM768, so a client that sends an X25519 key share (every common one does) is not
+/// made to pay for ML-KEM on a loopback connection, and one that sends only a hybrid share is
+/// still served.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())).clone()
+}
+
+/// `provider` with the AES-128-GCM suites (TLS 1.3's `TLS_AES_128_GCM_SHA256`, TLS 1.2's
+/// ECDHE AES-128-GCM) moved to the front, the rest in the provider's order: the same suites, in
+/// the order the proxy prefers for agents' connections.
+///
+/// Why: OpenSSL's default order, which Python, curl and Node agents send, starts with
+/// `TLS_AES_256_GCM_SHA384`, and a SHA-384 key schedule and transcript run SHA-512's block
+/// function, which x86_64 has no instructions for (SHA-256 has), on every handshake, resumed or
+/// not. Served with AES-128-GCM/SHA-256 instead, a resumed handshake costs the server 57 µs
+/// rather than 90 (figures in `docs/testing.md`). AES-128-GCM is TLS 1.3's mandatory suite and
+/// what browsers, Go and h2load ask for first; the connection never leaves the host.
+fn agent_suites_first(provider: &CryptoProvider) -> CryptoProvider {
+    use rustls::CipherSuite;
+    let mut provider = provider.clone();
+    // A stable sort: the provider's order is kept within each group.
+    provider.cipher_suites.sort_by_key(|s| {
+        !matches!(
+            s.suite(),
+            CipherSuite::TLS13_AES_128_GCM_SHA256
+                | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    provider
+}
+
+/// Whether this CPU runs AES-GCM in hardware. Without it ChaCha20-Poly1305 is the faster suite,
+/// and clients on such a CPU (the agents run on this host) ask for it first: their order is kept.
+fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes") && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// Makes [`crypto_provider`] the process's default, for libraries that build their own rustls
+/// configuration with `ClientConfig::builder()` (the Redis client of `[fleet]`): rustls picks a
+/// default from its crate features only when exactly one provider is compiled in, and a build
+/// that unifies features with a crate using another (the e2e test crate) would otherwise make
+/// that call panic. Idempotent; a default installed earlier is left as it is.
+pub fn install_process_provider() {
+    if CryptoProvider::get_default().is_none() {
+        let _ = CryptoProvider::install_default((*crypto_provider()).clone());
     }
 }
 
@@ -487,7 +565,7 @@ mod tests {
     }
 
     fn provider() -> Arc<CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        crypto_provider()
     }
 
     fn roots_from_pem_file(path: &Path) -> Arc<RootCertStore> {
@@ -602,6 +680,65 @@ mod tests {
             assert_eq!(kind, rustls::HandshakeKind::Resumed, "connection {n}");
             assert_eq!(store.tickets.load(Ordering::Relaxed), n, "connection {n}");
         }
+    }
+
+    /// The suite a client offering `order` (those suites only, in that order) gets from `server`.
+    async fn negotiated(
+        server: Arc<ServerConfig>,
+        roots: Arc<RootCertStore>,
+        order: &[rustls::CipherSuite],
+    ) -> rustls::CipherSuite {
+        let mut p = (*provider()).clone();
+        p.cipher_suites = order
+            .iter()
+            .map(|want| *provider().cipher_suites.iter().find(|s| s.suite() == *want).expect("a provider suite"))
+            .collect();
+        let config = ClientConfig::builder_with_provider(Arc::new(p))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let acceptor = tokio_rustls::TlsAcceptor::from(server);
+        let server_side = tokio::spawn(async move {
+            let mut tls = acceptor.accept(s).await.unwrap();
+            let mut buf = [0u8; 4];
+            tls.read_exact(&mut buf).await.unwrap();
+            tls.get_ref().1.negotiated_cipher_suite().expect("suite").suite()
+        });
+        let mut tls =
+            tokio_rustls::TlsConnector::from(Arc::new(config)).connect(dns("api.example.test"), c).await.unwrap();
+        tls.write_all(b"ping").await.unwrap();
+        tls.flush().await.unwrap();
+        let theirs = server_side.await.unwrap();
+        assert_eq!(Some(theirs), tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()));
+        theirs
+    }
+
+    /// With AES instructions, agents get AES-128-GCM whatever order they send (OpenSSL's default
+    /// puts AES-256-GCM/SHA-384 first); a suite only the client offers is still served, and the
+    /// server offers exactly the provider's suites, reordered.
+    #[tokio::test]
+    async fn agents_get_aes_128_gcm_first_and_no_suite_is_refused() {
+        use rustls::CipherSuite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path()).unwrap();
+        let server = ca.server_config().unwrap();
+        let roots = roots_from_pem_file(&dir.path().join(CA_CERT_FILE));
+        let openssl_order = [TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256, TLS13_AES_128_GCM_SHA256];
+        let first = negotiated(server.clone(), roots.clone(), &openssl_order).await;
+        assert_eq!(first, if aes_in_hardware() { TLS13_AES_128_GCM_SHA256 } else { TLS13_AES_256_GCM_SHA384 });
+        for only in [TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256] {
+            assert_eq!(negotiated(server.clone(), roots.clone(), &[only]).await, only);
+        }
+        let names = |p: &CryptoProvider| {
+            let mut v: Vec<String> = p.cipher_suites.iter().map(|s| format!("{:?}", s.suite())).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(server.crypto_provider()), names(&provider()));
+        let ours = agent_suites_first(&provider());
+        assert_eq!(ours.cipher_suites.first().map(|s| s.suite()), Some(TLS13_AES_128_GCM_SHA256));
     }
 
     /// A handshake as [`handshake`] does, returning how it went (full or resumed).
