@@ -80,8 +80,14 @@ pub struct Draft {
 
 impl Draft {
     /// A draft of `body`: [`Members`] from a typed builder, or a `serde_json` object.
+    ///
+    /// Sorts the members here, on the caller's thread: sealing needs them in order (to check
+    /// the reserved fields and merge the writer's), and it runs on the single writer thread,
+    /// where every cycle is paid by every caller waiting for the group.
     pub fn new(chain: impl Into<String>, body: impl Into<Members>) -> Self {
-        Self { chain: chain.into(), body: body.into() }
+        let mut body = body.into();
+        body.sort();
+        Self { chain: chain.into(), body }
     }
 }
 

@@ -417,6 +417,8 @@ impl Ledger {
             stopped: false,
             poisoned: None,
             early_sync: false,
+            payload: Vec::new(),
+            spans: Vec::new(),
         };
         let handle = std::thread::Builder::new()
             .name(WRITER_THREAD.into())

@@ -118,7 +118,13 @@ pub(super) struct Writer {
     pub(super) poisoned: Option<StorageError>,
     /// This lap of the journal already asked the indexer for a background sync.
     pub(super) early_sync: bool,
+    /// The journal entry being written, and where its records are in it (kept between groups).
+    pub(super) payload: Vec<u8>,
+    pub(super) spans: Vec<std::ops::Range<usize>>,
 }
+
+/// Largest entry buffer kept for the next group (a rare huge group's is freed).
+const MAX_KEPT_PAYLOAD: usize = 4 * 1024 * 1024;
 
 /// The outcome of one group, before it is durable.
 #[derive(Default)]
@@ -381,10 +387,31 @@ impl Writer {
     /// Makes a group durable: one journal entry (then hands it to the indexer), or, when the
     /// journal is off or cannot hold it, a synced redb commit by the indexer.
     fn make_durable(&mut self, gseq: u64, fx: GroupEffects, leaves: Vec<merkle::Hash>) -> Result<(), StorageError> {
+        // The entry's buffers are the writer's, reused group after group: a fresh payload of a
+        // large group was tens of KiB allocated and freed per group (and glibc consolidates its
+        // free lists on every free that large).
+        let mut payload = std::mem::take(&mut self.payload);
+        let mut spans = std::mem::take(&mut self.spans);
+        payload.clear();
+        fx.encode_spans(&mut payload, &mut spans);
+        let result = self.write_entry(gseq, fx, leaves, &payload, &spans);
+        if payload.capacity() <= MAX_KEPT_PAYLOAD {
+            self.payload = payload;
+            self.spans = spans;
+        }
+        result
+    }
+
+    fn write_entry(
+        &mut self,
+        gseq: u64,
+        fx: GroupEffects,
+        leaves: Vec<merkle::Hash>,
+        payload: &[u8],
+        spans: &[std::ops::Range<usize>],
+    ) -> Result<(), StorageError> {
         let path = self.path.clone();
         let path = path.as_path();
-        let mut payload = Vec::with_capacity(1024);
-        fx.encode(&mut payload);
         if self.journal_on {
             if self.journal.used() >= self.journal.capacity() / 2 || !self.journal.fits(payload.len()) {
                 self.lap()?;
@@ -399,7 +426,8 @@ impl Writer {
             }
             if self.journal.fits(payload.len()) {
                 // Durable from here on: answered callers survive a crash through replay.
-                if let Err(e) = self.journal.append(gseq, &payload) {
+                // The records are hashed once: the entry's digest takes their leaf hashes.
+                if let Err(e) = self.journal.append_group(gseq, payload, spans, &leaves) {
                     if let Err(void) = self.journal.void_tail() {
                         tracing::error!(error = %void, "cannot erase the failed journal entry either");
                     }
