@@ -131,12 +131,13 @@ impl Extra for SealField<'_> {
             SealField::Str(_, s) => canonical::write_string(out, s),
             SealField::Uint(_, n) => canonical::write_decimal(out, *n),
             SealField::Hash(_, Some(h)) => {
-                out.push(b'"');
-                for b in h.iter() {
-                    out.push(super::hex::digit(b >> 4));
-                    out.push(super::hex::digit(*b));
+                // Written whole: a push per digit was a capacity check per byte on the writer.
+                let mut text = [b'"'; 66];
+                for (pair, b) in text[1..65].chunks_exact_mut(2).zip(h.iter()) {
+                    pair[0] = super::hex::digit(b >> 4);
+                    pair[1] = super::hex::digit(*b);
                 }
-                out.push(b'"');
+                out.extend_from_slice(&text);
             }
             SealField::Hash(_, None) => out.extend_from_slice(b"null"),
         }
@@ -210,6 +211,17 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 
 /// Seals `draft` as log entry `index` following `head` in its chain.
 pub fn seal(draft: Draft, index: u64, head: Option<ChainHead>, now: &str) -> Result<(Appended, ChainHead), DraftError> {
+    seal_owned(draft, index, head, now).map(|(_, appended, head)| (appended, head))
+}
+
+/// [`seal`], giving the draft's chain back (the writer keeps it for the chain heads and the
+/// journal rather than copying it).
+pub(crate) fn seal_owned(
+    draft: Draft,
+    index: u64,
+    head: Option<ChainHead>,
+    now: &str,
+) -> Result<(String, Appended, ChainHead), DraftError> {
     check_chain(&draft.chain)?;
     let Draft { chain, mut body } = draft;
     for field in RESERVED_FIELDS {
@@ -245,7 +257,7 @@ pub fn seal(draft: Draft, index: u64, head: Option<ChainHead>, now: &str) -> Res
         return Err(DraftError::TooLarge { chain, size: canonical.len() });
     }
     let hash = leaf_hash(&canonical);
-    Ok((Appended { index, leaf_hash: hash, seq, canonical }, ChainHead { seq, hash }))
+    Ok((chain, Appended { index, leaf_hash: hash, seq, canonical }, ChainHead { seq, hash }))
 }
 
 #[cfg(test)]

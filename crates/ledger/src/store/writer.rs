@@ -346,26 +346,34 @@ impl Writer {
                 }
             };
             for (k, v) in &overlay {
-                match v {
-                    Some(v) => self.mem.state.insert(k.clone(), v.clone()),
-                    None => self.mem.state.remove(k),
-                };
+                match (v, self.mem.state.get_mut(k)) {
+                    (Some(v), Some(slot)) => slot.clone_from(v),
+                    (Some(v), None) => {
+                        self.mem.state.insert(k.clone(), v.clone());
+                    }
+                    (None, _) => {
+                        self.mem.state.remove(k);
+                    }
+                }
             }
             fx.state.extend(overlay);
-            for (chain, a) in &sealed {
-                self.mem.heads.insert(chain.clone(), ChainHead { seq: a.seq, hash: a.leaf_hash });
+            let mut appended = Vec::with_capacity(sealed.len());
+            for (chain, a) in sealed {
+                let head = ChainHead { seq: a.seq, hash: a.leaf_hash };
+                match self.mem.heads.get_mut(chain.as_str()) {
+                    Some(h) => *h = head,
+                    None => {
+                        self.mem.heads.insert(chain.clone(), head);
+                    }
+                }
                 self.mem.frontier.push(a.leaf_hash);
                 leaves.push(a.leaf_hash);
                 self.recent.push_back((a.index, a.canonical.clone()));
-                fx.records.push(JournalRecord {
-                    chain: chain.clone(),
-                    index: a.index,
-                    seq: a.seq,
-                    canonical: a.canonical.clone(),
-                });
+                fx.records.push(JournalRecord { chain, index: a.index, seq: a.seq, canonical: a.canonical.clone() });
+                appended.push(a);
             }
-            size += sealed.len() as u64;
-            g.done.push((finish, sealed.into_iter().map(|(_, a)| a).collect()));
+            size += appended.len() as u64;
+            g.done.push((finish, appended));
         }
 
         let wanted = !g.checkpoint_waiters.is_empty() || self.checkpoint_due(size);
@@ -497,14 +505,17 @@ pub(super) fn seal_all(
     if drafts.is_empty() {
         return Ok(Vec::new());
     }
+    // Heads this transaction moved; only needed (and only allocated) with more than one draft.
+    let many = drafts.len() > 1;
     let mut local: HashMap<String, ChainHead> = HashMap::new();
     let mut out = Vec::with_capacity(drafts.len());
     for (i, draft) in drafts.into_iter().enumerate() {
-        record::check_chain(&draft.chain)?;
         let head = local.get(&draft.chain).or_else(|| heads.get(&draft.chain)).copied();
-        let chain = draft.chain.clone();
-        let (appended, new_head) = record::seal(draft, start + i as u64, head, now)?;
-        local.insert(chain.clone(), new_head);
+        // Checks the chain name before anything else.
+        let (chain, appended, new_head) = record::seal_owned(draft, start + i as u64, head, now)?;
+        if many {
+            local.insert(chain.clone(), new_head);
+        }
         out.push((chain, appended));
     }
     Ok(out)
