@@ -750,7 +750,8 @@ mod tests {
         fx.encode_spans(&mut payload, &mut spans);
         // Counts or spans that do not match the payload: an error, nothing written.
         assert!(j.append_group(1, &payload, &spans, &[]).is_err());
-        assert!(j.append_group(1, &payload, &[0..payload.len() + 1], &[[0; 32]]).is_err());
+        let beyond = 0..payload.len() + 1;
+        assert!(j.append_group(1, &payload, std::slice::from_ref(&beyond), &[[0; 32]]).is_err());
         assert_eq!(j.used(), 0);
         // Leaves that are not the records' hashes: written, but the entry is damaged.
         j.append_group(1, &payload, &spans, &[[9; 32]]).unwrap();

@@ -133,9 +133,13 @@ impl Extra for SealField<'_> {
             SealField::Hash(_, Some(h)) => {
                 // Written whole: a push per digit was a capacity check per byte on the writer.
                 let mut text = [b'"'; 66];
-                for (pair, b) in text[1..65].chunks_exact_mut(2).zip(h.iter()) {
-                    pair[0] = super::hex::digit(b >> 4);
-                    pair[1] = super::hex::digit(*b);
+                if let Some(digits) = text.get_mut(1..65) {
+                    for (pair, b) in digits.chunks_exact_mut(2).zip(h.iter()) {
+                        if let [hi, lo] = pair {
+                            *hi = super::hex::digit(b >> 4);
+                            *lo = super::hex::digit(*b);
+                        }
+                    }
                 }
                 out.extend_from_slice(&text);
             }
