@@ -6,8 +6,8 @@
 //! redb: the writer appends the group's effects (state writes, sealed records, the checkpoint) to
 //! one preallocated file with a single `pwrite` and `fdatasync`, answers the callers, and hands
 //! the same effects to the store's indexer thread, which writes them to redb in batches and
-//! syncs redb at least every second. When the journal is half full, the writer waits for the
-//! indexer to sync redb past every entry, and the journal starts over.
+//! syncs redb at least every second. When the journal is seven eighths full, the writer waits
+//! for the indexer to sync redb past every entry, and the journal starts over.
 //!
 //! After a crash, redb comes back at its last synced commit, and [`Journal::open`] returns every
 //! intact entry, in order, to be applied again at open (entries redb already holds are skipped

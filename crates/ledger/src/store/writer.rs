@@ -116,12 +116,21 @@ pub(super) struct Writer {
     /// journal write failed, or the indexer failed): every later group is refused until a
     /// restart replays the journal.
     pub(super) poisoned: Option<StorageError>,
-    /// This lap of the journal already asked the indexer for a background sync.
-    pub(super) early_sync: bool,
+    /// Journal use at which the writer next asks the indexer for a background sync (a step
+    /// further after each, restarting with every lap).
+    pub(super) next_sync_at: u64,
     /// The journal entry being written, and where its records are in it (kept between groups).
     pub(super) payload: Vec<u8>,
     pub(super) spans: Vec<std::ops::Range<usize>>,
 }
+
+/// The journal starts over (after the indexer synced redb past it) once `LAP_AT` of its
+/// `LAP_DIVISOR` parts are used, and a background sync is asked for at every part before: each
+/// lap stalls the writer for a whole sync, so laps are made rare (7/8, not 1/2, of the journal),
+/// and the sync they wait for short. What is left (an eighth, 4 MiB by default) takes the last
+/// groups before the lap; a group that does not fit is committed to redb directly.
+pub(super) const LAP_DIVISOR: u64 = 8;
+const LAP_AT: u64 = 7;
 
 /// Largest entry buffer kept for the next group (a rare huge group's is freed).
 const MAX_KEPT_PAYLOAD: usize = 4 * 1024 * 1024;
@@ -421,13 +430,15 @@ impl Writer {
         let path = self.path.clone();
         let path = path.as_path();
         if self.journal_on {
-            if self.journal.used() >= self.journal.capacity() / 2 || !self.journal.fits(payload.len()) {
+            let capacity = self.journal.capacity();
+            if self.journal.used() >= capacity / LAP_DIVISOR * LAP_AT || !self.journal.fits(payload.len()) {
                 self.lap()?;
-            } else if !self.early_sync && self.journal.used() >= self.journal.capacity() / 4 {
-                // The sync the next lap waits for, asked for now and run in the background:
-                // the lap then waits only for what was written after it, not for a whole
-                // half journal of segment data.
-                self.early_sync = true;
+            } else if self.journal.used() >= self.next_sync_at {
+                // The sync the next lap waits for, asked for ahead and run in the background,
+                // every eighth of the journal: the lap then waits only for what was written
+                // after the last of them (at most an eighth of the journal's worth of segment
+                // data), not for everything since the last lap.
+                self.next_sync_at = self.journal.used() + capacity / LAP_DIVISOR;
                 let (tx, _unheard) = mpsc::sync_channel(1);
                 // A gone indexer is reported by the next send that needs an answer.
                 let _ = self.index.send(IndexJob::Sync(tx));
@@ -451,6 +462,7 @@ impl Writer {
         // redb now holds every group durably; the journal must not keep older entries, or
         // the next one would not follow them at replay.
         if self.journal_on {
+            self.next_sync_at = self.journal.capacity() / LAP_DIVISOR;
             if let Err(e) = self.journal.reset() {
                 tracing::warn!(error = %e, "cannot mark the ledger journal empty");
             }
@@ -460,7 +472,7 @@ impl Writer {
 
     /// Has the indexer sync redb over every group sent, then starts the journal over.
     fn lap(&mut self) -> Result<(), StorageError> {
-        self.early_sync = false;
+        self.next_sync_at = self.journal.capacity() / LAP_DIVISOR;
         let path = self.path.clone();
         let (tx, rx) = mpsc::sync_channel(1);
         self.index.send(IndexJob::Sync(tx)).map_err(|_| indexer_gone(&path))?;
