@@ -10,6 +10,12 @@
 //! service and its ledger writer) used per decision, from `/proc/self/stat` (utime + stime), and
 //! the redis-server's: CPU per decision stays honest when other work takes the cores.
 //!
+//! Each round also splits the process's CPU per decision by thread (`threads µs/d` line), from
+//! `/proc/self/task/*/schedstat` (nanoseconds of run time) and `comm`: the ledger's writer
+//! (`sluice-ledger`), indexer (`sluice-ledger-index`) and segment sealer (`sluice-ledger-seal`),
+//! the tokio workers (the service's own work), and the rest. Which thread costs what is the
+//! figure to compare when tuning one of them.
+//!
 //! `SLUICE_BENCH_SECS` sets a round's measured time (default 4 s, after 0.5 s of warm-up);
 //! `SLUICE_BENCH_CONCURRENCY=1,16` runs a subset.
 
@@ -111,6 +117,53 @@ fn cpu_time(pid: &str) -> Option<Duration> {
     Some(Duration::from_micros(ticks.saturating_mul(1_000_000) / hz))
 }
 
+/// Run time (ns) of every thread of this process so far, by thread id, with its name; from
+/// `/proc/self/task/<tid>/schedstat` (first field: nanoseconds on a CPU). Threads that cannot be
+/// read (they exited meanwhile) are left out.
+fn thread_times() -> std::collections::HashMap<String, (String, u64)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else { return out };
+    for entry in dir.flatten() {
+        let tid = entry.file_name().to_string_lossy().into_owned();
+        let base = entry.path();
+        let Ok(comm) = std::fs::read_to_string(base.join("comm")) else { continue };
+        let Ok(sched) = std::fs::read_to_string(base.join("schedstat")) else { continue };
+        let Some(ns) = sched.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()) else { continue };
+        out.insert(tid, (comm.trim().to_string(), ns));
+    }
+    out
+}
+
+/// The classes a thread's CPU is reported under, in print order.
+const THREAD_CLASSES: [&str; 5] = ["writer", "indexer", "sealer", "tokio", "rest"];
+
+/// Which class a thread is, by its `comm` (thread names are cut to 15 bytes there:
+/// `sluice-ledger-index` reads `sluice-ledger-i`).
+fn thread_class(comm: &str) -> usize {
+    match comm {
+        "sluice-ledger" => 0,
+        c if c.starts_with("sluice-ledger-i") => 1,
+        c if c.starts_with("sluice-ledger-s") => 2,
+        c if c.starts_with("tokio-") => 3,
+        _ => 4,
+    }
+}
+
+/// CPU (ns) per thread class between two [`thread_times`] samples. A thread born between them
+/// counts from zero; one that exited before the second sample is lost (the ledger's threads and
+/// the runtime's workers live across a round).
+fn thread_split(
+    before: &std::collections::HashMap<String, (String, u64)>,
+    after: &std::collections::HashMap<String, (String, u64)>,
+) -> [u64; 5] {
+    let mut split = [0u64; 5];
+    for (tid, (comm, ns)) in after {
+        let was = before.get(tid).map_or(0, |(_, b)| *b);
+        split[thread_class(comm)] += ns.saturating_sub(was);
+    }
+    split
+}
+
 /// A `redis-server` on a free loopback port without persistence, killed on drop.
 struct BenchRedis {
     child: std::process::Child,
@@ -159,6 +212,8 @@ struct Result {
     cpu_per_decision: Option<f64>,
     /// The redis-server's CPU time per decision over the measured time (µs).
     redis_per_decision: Option<f64>,
+    /// This process's CPU per decision by thread class ([`THREAD_CLASSES`], µs).
+    threads: [f64; 5],
 }
 
 impl Result {
@@ -175,6 +230,9 @@ impl Result {
             us(self.cpu_per_decision),
             us(self.redis_per_decision)
         );
+        let split: Vec<String> =
+            THREAD_CLASSES.iter().zip(self.threads).map(|(name, us)| format!("{name} {us:.1}")).collect();
+        println!("{:>11} threads µs/d: {}", "", split.join(", "));
     }
 }
 
@@ -294,13 +352,13 @@ async fn run(concurrency: usize, fleet: Option<&str>, run_for: Duration, redis_p
     // CPU time over the measured span (after the warm-up), this process's and redis-server's.
     let sampler = std::thread::spawn(move || {
         let redis = redis_pid.map(|p| p.to_string());
-        let sample = || (cpu_time("self"), redis.as_deref().and_then(cpu_time));
+        let sample = || (cpu_time("self"), redis.as_deref().and_then(cpu_time), thread_times());
         std::thread::sleep((start + WARMUP).saturating_duration_since(Instant::now()));
         let before = sample();
         std::thread::sleep((start + WARMUP + run_for).saturating_duration_since(Instant::now()));
         let after = sample();
         let delta = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
-        (delta(before.0, after.0), delta(before.1, after.1))
+        (delta(before.0, after.0), delta(before.1, after.1), thread_split(&before.2, &after.2))
     });
     let tasks: Vec<_> = ids
         .into_iter()
@@ -343,7 +401,7 @@ async fn run(concurrency: usize, fleet: Option<&str>, run_for: Duration, redis_p
         let _ = stop.send(true);
         let _ = task.await;
     }
-    let (cpu, redis_cpu) = sampler.join().unwrap_or((None, None));
+    let (cpu, redis_cpu, threads) = sampler.join().unwrap_or((None, None, [0; 5]));
     ledger.shutdown();
     all.sort_unstable();
     let decisions = all.len().max(1) as f64;
@@ -358,5 +416,6 @@ async fn run(concurrency: usize, fleet: Option<&str>, run_for: Duration, redis_p
         max: all.last().copied().unwrap_or(0),
         cpu_per_decision: per_decision(cpu),
         redis_per_decision: per_decision(redis_cpu),
+        threads: threads.map(|ns| ns as f64 / 1e3 / decisions),
     }
 }

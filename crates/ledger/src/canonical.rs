@@ -482,7 +482,9 @@ impl Members {
         m
     }
 
-    fn sort(&mut self) {
+    /// Puts the members in RFC 8785 order (done once; every later read or write finds them
+    /// sorted).
+    pub(crate) fn sort(&mut self) {
         if self.sorted {
             return;
         }

@@ -6,15 +6,26 @@
 //! redb: the writer appends the group's effects (state writes, sealed records, the checkpoint) to
 //! one preallocated file with a single `pwrite` and `fdatasync`, answers the callers, and hands
 //! the same effects to the store's indexer thread, which writes them to redb in batches and
-//! syncs redb at least every second. When the journal is half full, the writer waits for the
-//! indexer to sync redb past every entry, and the journal starts over.
+//! syncs redb at least every second. When the journal is seven eighths full, the writer waits
+//! for the indexer to sync redb past every entry, and the journal starts over.
 //!
 //! After a crash, redb comes back at its last synced commit, and [`Journal::open`] returns every
 //! intact entry, in order, to be applied again at open (entries redb already holds are skipped
 //! by their group sequence number, which redb stores with each group).
 //!
 //! Layout: a 4 KiB header (magic, version, the store's journal id, the lap number) and then
-//! entries, each `magic:u32 len:u32 gseq:u64 payload[len] sha256(lap ‖ gseq ‖ len ‖ payload)`.
+//! entries, each `magic:u32 len:u32 gseq:u64 payload[len] digest[32]`. The writer's entries
+//! (magic `SJE2`) carry `sha256(lap ‖ gseq ‖ len ‖ skeleton)`, where the skeleton is the payload
+//! with each record's canonical bytes replaced by the record's Merkle leaf hash
+//! (`SHA-256(0x00 ‖ record)`, which the writer computed when sealing): the record bytes are
+//! hashed once per record, not twice, and a change to any byte of the payload still changes the
+//! digest (a record byte changes its leaf hash; every other byte, length prefixes included, is
+//! in the skeleton as it is). Reading such an entry decodes the payload (strictly: an entry that
+//! does not decode is damaged), hashes its records, and checks the digest. Entries with magic
+//! `SJE1` carry `sha256(lap ‖ gseq ‖ len ‖ payload)` (what version 1 journals hold, and what
+//! [`Journal::append`] writes for payloads that are not a group's effects); both are read.
+//! Version 2 is the header of a journal that may hold `SJE2` entries: a build that reads only
+//! version 1 refuses it rather than stopping at the first `SJE2` entry and losing answered groups.
 //! The file is written full of zeros once, at creation (under a temporary name, renamed when
 //! complete), so appends never change its size and a sync never has to write file metadata.
 //! Entries start on 4 KiB boundaries and are written as whole blocks with `O_DIRECT | O_DSYNC`
@@ -33,11 +44,19 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::merkle::{leaf_hash, Hash};
+
 const FILE_MAGIC: &[u8; 8] = b"SLUICEJ1";
-const VERSION: u32 = 1;
+/// Written in every header; version 1 headers (journals written before `SJE2` entries) are
+/// read too.
+const VERSION: u32 = 2;
+const VERSION_PAYLOAD_DIGESTS: u32 = 1;
 /// Entries start here.
 pub const HEADER_LEN: u64 = 4096;
+/// An entry whose digest covers its payload ([`Journal::append`]).
 const ENTRY_MAGIC: u32 = 0x534a_4531; // "SJE1"
+/// An entry whose digest covers its payload's skeleton ([`Journal::append_group`]).
+const ENTRY_MAGIC_GROUP: u32 = 0x534a_4532; // "SJE2"
 const ENTRY_HEAD: u64 = 16;
 const ENTRY_TAIL: u64 = 32;
 /// Entries start on, and are written in, whole blocks of this size (what `O_DIRECT` needs).
@@ -127,8 +146,10 @@ impl Journal {
             return Err(foreign("bad magic".into()));
         }
         let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
-        if version != VERSION {
-            return Err(foreign(format!("version {version}, this build reads version {VERSION}")));
+        if version != VERSION && version != VERSION_PAYLOAD_DIGESTS {
+            return Err(foreign(format!(
+                "version {version}, this build reads versions {VERSION_PAYLOAD_DIGESTS} and {VERSION}"
+            )));
         }
         let mut idb = [0u8; 8];
         idb.copy_from_slice(&header[16..24]);
@@ -178,7 +199,10 @@ impl Journal {
         let mut g = [0u8; 8];
         g.copy_from_slice(&head[8..16]);
         let gseq = u64::from_le_bytes(g);
-        if magic != ENTRY_MAGIC || len > MAX_PAYLOAD || at + ENTRY_HEAD + len + ENTRY_TAIL > self.capacity {
+        if (magic != ENTRY_MAGIC && magic != ENTRY_MAGIC_GROUP)
+            || len > MAX_PAYLOAD
+            || at + ENTRY_HEAD + len + ENTRY_TAIL > self.capacity
+        {
             return Ok(None);
         }
         let mut body = vec![0u8; (len + ENTRY_TAIL) as usize];
@@ -186,7 +210,19 @@ impl Journal {
             return Ok(None);
         }
         let (payload, tail) = body.split_at(len as usize);
-        if digest(self.lap, gseq, payload).as_slice() != tail {
+        let intact = if magic == ENTRY_MAGIC {
+            digest(self.lap, gseq, payload).as_slice() == tail
+        } else {
+            // A payload that does not decode is damaged whatever its digest says.
+            match GroupEffects::decode_spans(payload) {
+                Ok((fx, spans)) => {
+                    let leaves: Vec<Hash> = fx.records.iter().map(|r| leaf_hash(&r.canonical)).collect();
+                    group_digest(self.lap, gseq, payload, &spans, &leaves).is_some_and(|d| d.as_slice() == tail)
+                }
+                Err(_) => false,
+            }
+        };
+        if !intact {
             return Ok(None);
         }
         let payload = payload.to_vec();
@@ -212,9 +248,40 @@ impl Journal {
         self.capacity
     }
 
-    /// Appends one entry and waits until it is on stable storage. The caller checked
-    /// [`Journal::fits`]. On error the entry may or may not be on disk.
+    /// Appends one entry, its digest over the whole payload, and waits until it is on stable
+    /// storage. The caller checked [`Journal::fits`]. On error the entry may or may not be on
+    /// disk.
     pub fn append(&mut self, gseq: u64, payload: &[u8]) -> Result<(), JournalError> {
+        let digest = digest(self.lap, gseq, payload);
+        self.write_entry(ENTRY_MAGIC, gseq, payload, digest)
+    }
+
+    /// Appends one group's effects, as [`GroupEffects::encode_spans`] wrote them into `payload`
+    /// with the spans of its records' canonical bytes, and those records' leaf hashes (as the
+    /// writer computed them when sealing): the digest covers the payload with each record
+    /// replaced by its leaf hash, so the record bytes are not hashed a second time. Waits until
+    /// the entry is on stable storage. On error the entry may or may not be on disk.
+    ///
+    /// The leaves must be the records' leaf hashes: an entry written with others never reads
+    /// back (it counts as damaged, and ends the journal).
+    pub fn append_group(
+        &mut self,
+        gseq: u64,
+        payload: &[u8],
+        spans: &[std::ops::Range<usize>],
+        leaves: &[Hash],
+    ) -> Result<(), JournalError> {
+        let Some(digest) = group_digest(self.lap, gseq, payload, spans, leaves) else {
+            return Err(JournalError::Io {
+                path: self.path.clone(),
+                context: "append",
+                source: std::io::Error::other("record spans or leaf hashes do not match the entry's payload"),
+            });
+        };
+        self.write_entry(ENTRY_MAGIC_GROUP, gseq, payload, digest)
+    }
+
+    fn write_entry(&mut self, magic: u32, gseq: u64, payload: &[u8], digest: [u8; 32]) -> Result<(), JournalError> {
         let io = |context: &'static str| {
             let path = self.path.clone();
             move |source| JournalError::Io { path, context, source }
@@ -223,19 +290,12 @@ impl Journal {
             return Err(io("append")(std::io::Error::other("entry does not fit in the journal")));
         }
         let total = entry_blocks(payload.len() as u64) as usize;
-        let digest = digest(self.lap, gseq, payload);
         let at = self.end;
         self.out
             .write_blocks(
                 at,
                 total,
-                &[
-                    &ENTRY_MAGIC.to_le_bytes(),
-                    &(payload.len() as u32).to_le_bytes(),
-                    &gseq.to_le_bytes(),
-                    payload,
-                    &digest,
-                ],
+                &[&magic.to_le_bytes(), &(payload.len() as u32).to_le_bytes(), &gseq.to_le_bytes(), payload, &digest],
             )
             .map_err(io("write entry"))?;
         self.end += total as u64;
@@ -318,8 +378,10 @@ impl BlockWriter {
         if !len.is_multiple_of(block) || !at.is_multiple_of(BLOCK) {
             return Err(std::io::Error::other("journal writes must be whole, aligned blocks"));
         }
-        self.buf.clear();
-        self.buf.resize(len + block, 0);
+        // Only grown: the bytes after the parts are zeroed below, not the whole buffer first.
+        if self.buf.len() < len + block {
+            self.buf.resize(len + block, 0);
+        }
         let off = self.buf.as_ptr().align_offset(block);
         if off >= block {
             return Err(std::io::Error::other("cannot align the journal's write buffer"));
@@ -336,6 +398,7 @@ impl BlockWriter {
             dst.copy_from_slice(part);
             rest = tail;
         }
+        rest.fill(0);
         self.file.write_all_at(window, at)?;
         if !self.direct {
             self.file.sync_data()?;
@@ -351,6 +414,34 @@ fn digest(lap: u64, gseq: u64, payload: &[u8]) -> [u8; 32] {
     h.update((payload.len() as u32).to_le_bytes());
     h.update(payload);
     h.finalize().into()
+}
+
+/// The digest of a group entry: [`digest`]'s fields, then the payload with the bytes of each
+/// span (a record's canonical bytes, in order, not overlapping) replaced by that record's leaf
+/// hash. `None` if the spans and leaves do not match the payload (counts differ, a span out of
+/// bounds or out of order).
+fn group_digest(
+    lap: u64,
+    gseq: u64,
+    payload: &[u8],
+    spans: &[std::ops::Range<usize>],
+    leaves: &[Hash],
+) -> Option<[u8; 32]> {
+    if spans.len() != leaves.len() {
+        return None;
+    }
+    let mut h = Sha256::new();
+    h.update(lap.to_le_bytes());
+    h.update(gseq.to_le_bytes());
+    h.update((payload.len() as u32).to_le_bytes());
+    let mut at = 0;
+    for (span, leaf) in spans.iter().zip(leaves) {
+        h.update(payload.get(at..span.start)?);
+        h.update(leaf);
+        at = span.end;
+    }
+    h.update(payload.get(at..)?);
+    Some(h.finalize().into())
 }
 
 /// Makes the journal under a temporary name (zero-filled, header written, synced) and renames
@@ -419,6 +510,13 @@ pub struct DecodeError {
 
 impl GroupEffects {
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_spans(out, &mut Vec::new());
+    }
+
+    /// [`GroupEffects::encode`], also noting where in `out` each record's canonical bytes went
+    /// (what [`Journal::append_group`] replaces by the records' leaf hashes).
+    pub fn encode_spans(&self, out: &mut Vec<u8>, spans: &mut Vec<std::ops::Range<usize>>) {
+        spans.clear();
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&(self.state.len() as u32).to_le_bytes());
         for (k, v) in &self.state {
@@ -437,6 +535,7 @@ impl GroupEffects {
             out.extend_from_slice(&r.index.to_le_bytes());
             out.extend_from_slice(&r.seq.to_le_bytes());
             put_bytes(out, &r.canonical);
+            spans.push(out.len() - r.canonical.len()..out.len());
         }
         match &self.checkpoint {
             None => out.push(0),
@@ -449,6 +548,12 @@ impl GroupEffects {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<GroupEffects, DecodeError> {
+        Self::decode_spans(bytes).map(|(fx, _)| fx)
+    }
+
+    /// [`GroupEffects::decode`], also returning where each record's canonical bytes are in
+    /// `bytes` (as [`GroupEffects::encode_spans`] notes them).
+    pub fn decode_spans(bytes: &[u8]) -> Result<(GroupEffects, Vec<std::ops::Range<usize>>), DecodeError> {
         let mut r = Reader { bytes, at: 0 };
         let size = r.u64()?;
         let n_state = r.u32()? as usize;
@@ -464,11 +569,13 @@ impl GroupEffects {
         }
         let n_records = r.u32()? as usize;
         let mut records = Vec::with_capacity(n_records.min(4096));
+        let mut spans = Vec::with_capacity(n_records.min(4096));
         for _ in 0..n_records {
             let chain = r.string()?;
             let index = r.u64()?;
             let seq = r.u64()?;
             let canonical = r.bytes()?.to_vec();
+            spans.push(r.at - canonical.len()..r.at);
             records.push(JournalRecord { chain, index, seq, canonical });
         }
         let checkpoint = match r.u8()? {
@@ -482,7 +589,7 @@ impl GroupEffects {
         if r.at != bytes.len() {
             return Err(r.err("trailing bytes"));
         }
-        Ok(GroupEffects { size, state, records, checkpoint })
+        Ok((GroupEffects { size, state, records, checkpoint }, spans))
     }
 }
 
@@ -554,6 +661,126 @@ mod tests {
         let mut v = Vec::new();
         effects(n).encode(&mut v);
         v
+    }
+
+    /// Appends group `n` the way the writer does: digest over the records' leaf hashes.
+    fn append_group(j: &mut Journal, n: u64) {
+        let fx = effects(n);
+        let (mut payload, mut spans) = (Vec::new(), Vec::new());
+        fx.encode_spans(&mut payload, &mut spans);
+        let leaves: Vec<Hash> = fx.records.iter().map(|r| leaf_hash(&r.canonical)).collect();
+        j.append_group(n, &payload, &spans, &leaves).unwrap();
+    }
+
+    #[test]
+    fn spans_are_where_the_records_are() {
+        let mut fx = effects(2);
+        fx.records.push(JournalRecord { chain: "host".into(), index: 3, seq: 0, canonical: b"{\"b\":2}".to_vec() });
+        let (mut payload, mut spans) = (Vec::new(), Vec::new());
+        fx.encode_spans(&mut payload, &mut spans);
+        assert_eq!(spans.len(), 2);
+        for (span, r) in spans.iter().zip(&fx.records) {
+            assert_eq!(&payload[span.clone()], r.canonical.as_slice());
+        }
+        let (back, back_spans) = GroupEffects::decode_spans(&payload).unwrap();
+        assert_eq!((back, back_spans), (fx, spans));
+    }
+
+    #[test]
+    fn group_entries_come_back_in_order_after_reopen() {
+        for direct in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("j");
+            let (mut j, _, _) = Journal::open_with(&p, 42, 64 * 1024, direct).unwrap();
+            for g in 1..=4 {
+                append_group(&mut j, g);
+            }
+            // An entry of the other form after them still follows.
+            j.append(5, &encoded(5)).unwrap();
+            drop(j);
+            let (_, e, _) = Journal::open_with(&p, 42, 64 * 1024, direct).unwrap();
+            assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5], "direct={direct}");
+            for entry in &e {
+                assert_eq!(entry.payload, encoded(entry.gseq));
+            }
+        }
+    }
+
+    /// The group form hashes the records' leaf hashes, not their bytes: a torn or garbled byte
+    /// anywhere in the entry (head, state writes, a record's bytes or its length, the
+    /// checkpoint, the digest) must still end the journal there.
+    #[test]
+    fn every_damaged_byte_of_a_group_entry_ends_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let (mut j, _, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        append_group(&mut j, 1);
+        let second = j.end;
+        append_group(&mut j, 2);
+        append_group(&mut j, 3);
+        drop(j);
+        let len = ENTRY_HEAD as usize + encoded(2).len() + ENTRY_TAIL as usize;
+        let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+        for at in 0..len as u64 {
+            let mut b = [0u8; 1];
+            f.read_exact_at(&mut b, second + at).unwrap();
+            for flip in [0x01u8, 0x80] {
+                f.write_all_at(&[b[0] ^ flip], second + at).unwrap();
+                let (_, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+                assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![1], "byte {at} ^ {flip:#x}");
+            }
+            f.write_all_at(&b, second + at).unwrap();
+        }
+        let (_, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        assert_eq!(e.len(), 3, "restored");
+        // Torn: only the first part of the entry's block reached the disk.
+        let zeros = vec![0u8; len / 2];
+        f.write_all_at(&zeros, second + (len - len / 2) as u64).unwrap();
+        let (_, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![1]);
+    }
+
+    #[test]
+    fn a_group_entry_with_the_wrong_leaves_is_refused_or_never_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let (mut j, _, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        let fx = effects(1);
+        let (mut payload, mut spans) = (Vec::new(), Vec::new());
+        fx.encode_spans(&mut payload, &mut spans);
+        // Counts or spans that do not match the payload: an error, nothing written.
+        assert!(j.append_group(1, &payload, &spans, &[]).is_err());
+        let beyond = 0..payload.len() + 1;
+        assert!(j.append_group(1, &payload, std::slice::from_ref(&beyond), &[[0; 32]]).is_err());
+        assert_eq!(j.used(), 0);
+        // Leaves that are not the records' hashes: written, but the entry is damaged.
+        j.append_group(1, &payload, &spans, &[[9; 32]]).unwrap();
+        drop(j);
+        let (_, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        assert!(e.is_empty());
+    }
+
+    #[test]
+    fn a_version_1_journal_is_replayed_and_a_later_version_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let (mut j, _, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        j.append(1, &encoded(1)).unwrap();
+        j.append(2, &encoded(2)).unwrap();
+        drop(j);
+        // What a build before group entries left after a crash.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&1u32.to_le_bytes(), 8).unwrap();
+        let (mut j, e, _) = Journal::open(&p, 1, 64 * 1024).unwrap();
+        assert_eq!(e.iter().map(|e| e.gseq).collect::<Vec<_>>(), vec![1, 2]);
+        j.reset().unwrap();
+        drop(j);
+        let mut v = [0u8; 4];
+        File::open(&p).unwrap().read_exact_at(&mut v, 8).unwrap();
+        assert_eq!(u32::from_le_bytes(v), VERSION, "a reset writes the current version");
+        f.write_all_at(&(VERSION + 1).to_le_bytes(), 8).unwrap();
+        let err = Journal::open(&p, 1, 64 * 1024).unwrap_err().to_string();
+        assert!(err.contains("version 3"), "{err}");
     }
 
     #[test]

@@ -80,8 +80,14 @@ pub struct Draft {
 
 impl Draft {
     /// A draft of `body`: [`Members`] from a typed builder, or a `serde_json` object.
+    ///
+    /// Sorts the members here, on the caller's thread: sealing needs them in order (to check
+    /// the reserved fields and merge the writer's), and it runs on the single writer thread,
+    /// where every cycle is paid by every caller waiting for the group.
     pub fn new(chain: impl Into<String>, body: impl Into<Members>) -> Self {
-        Self { chain: chain.into(), body: body.into() }
+        let mut body = body.into();
+        body.sort();
+        Self { chain: chain.into(), body }
     }
 }
 
@@ -125,12 +131,17 @@ impl Extra for SealField<'_> {
             SealField::Str(_, s) => canonical::write_string(out, s),
             SealField::Uint(_, n) => canonical::write_decimal(out, *n),
             SealField::Hash(_, Some(h)) => {
-                out.push(b'"');
-                for b in h.iter() {
-                    out.push(super::hex::digit(b >> 4));
-                    out.push(super::hex::digit(*b));
+                // Written whole: a push per digit was a capacity check per byte on the writer.
+                let mut text = [b'"'; 66];
+                if let Some(digits) = text.get_mut(1..65) {
+                    for (pair, b) in digits.chunks_exact_mut(2).zip(h.iter()) {
+                        if let [hi, lo] = pair {
+                            *hi = super::hex::digit(b >> 4);
+                            *lo = super::hex::digit(*b);
+                        }
+                    }
                 }
-                out.push(b'"');
+                out.extend_from_slice(&text);
             }
             SealField::Hash(_, None) => out.extend_from_slice(b"null"),
         }
@@ -204,6 +215,17 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 
 /// Seals `draft` as log entry `index` following `head` in its chain.
 pub fn seal(draft: Draft, index: u64, head: Option<ChainHead>, now: &str) -> Result<(Appended, ChainHead), DraftError> {
+    seal_owned(draft, index, head, now).map(|(_, appended, head)| (appended, head))
+}
+
+/// [`seal`], giving the draft's chain back (the writer keeps it for the chain heads and the
+/// journal rather than copying it).
+pub(crate) fn seal_owned(
+    draft: Draft,
+    index: u64,
+    head: Option<ChainHead>,
+    now: &str,
+) -> Result<(String, Appended, ChainHead), DraftError> {
     check_chain(&draft.chain)?;
     let Draft { chain, mut body } = draft;
     for field in RESERVED_FIELDS {
@@ -239,7 +261,7 @@ pub fn seal(draft: Draft, index: u64, head: Option<ChainHead>, now: &str) -> Res
         return Err(DraftError::TooLarge { chain, size: canonical.len() });
     }
     let hash = leaf_hash(&canonical);
-    Ok((Appended { index, leaf_hash: hash, seq, canonical }, ChainHead { seq, hash }))
+    Ok((chain, Appended { index, leaf_hash: hash, seq, canonical }, ChainHead { seq, hash }))
 }
 
 #[cfg(test)]

@@ -285,6 +285,48 @@ async fn state_written_by_a_transaction_is_visible_to_the_next() {
     assert_eq!(ledger.size(), 0, "no drafts, no records");
 }
 
+/// One transaction's drafts link to each other within their chains (the writer tracks the
+/// heads a transaction moves itself), and a bad draft among them leaves none of them.
+#[tokio::test]
+async fn drafts_of_one_transaction_chain_to_each_other() {
+    let store = TestStore::new();
+    let ledger = store.open();
+    let bad = ledger
+        .transact(|_| {
+            let drafts = vec![
+                Draft::new("p", obj(json!({"n": 0}))),
+                Draft::new("p", obj(json!({"n": 1, "seq": 9}))),
+                Draft::new("q", obj(json!({"n": 2}))),
+            ];
+            Ok(((), drafts))
+        })
+        .await;
+    assert!(matches!(bad, Err(LedgerError::Draft(record::DraftError::ReservedField { field: "seq", .. }))), "{bad:?}");
+    assert_eq!(ledger.size(), 0);
+    let (_, one) = ledger.transact(|_| Ok(((), vec![Draft::new("p", obj(json!({"n": "first"})))]))).await.unwrap();
+    let (_, appended) = ledger
+        .transact(|_| {
+            let drafts = ["p", "q", "p", "p", "q"].into_iter().map(|c| Draft::new(c, obj(json!({"c": c})))).collect();
+            Ok(((), drafts))
+        })
+        .await
+        .unwrap();
+    assert_eq!(appended.iter().map(|a| a.seq).collect::<Vec<_>>(), vec![1, 0, 2, 3, 1]);
+    assert_eq!(appended.iter().map(|a| a.index).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    let prev = |a: &record::Appended| serde_json::from_slice::<Value>(&a.canonical).unwrap()["prev_hash"].clone();
+    let hex = |a: &record::Appended| Value::from(crate::hex::encode(&a.leaf_hash));
+    assert_eq!(prev(&appended[0]), hex(&one[0]));
+    assert_eq!(prev(&appended[1]), Value::Null);
+    assert_eq!(prev(&appended[2]), hex(&appended[0]));
+    assert_eq!(prev(&appended[3]), hex(&appended[2]));
+    assert_eq!(prev(&appended[4]), hex(&appended[1]));
+    let report = verify::verify_export(&full_export(&ledger).await, &vk(), None);
+    assert!(report.is_ok(), "{}", problems(&report));
+    // The next transaction follows from the heads the last one left.
+    let (_, next) = ledger.transact(|_| Ok(((), vec![Draft::new("q", obj(json!({})))]))).await.unwrap();
+    assert_eq!(next[0].seq, 2);
+}
+
 #[tokio::test]
 async fn failed_closures_leave_no_trace_and_do_not_poison_the_group() {
     let store = TestStore::new();

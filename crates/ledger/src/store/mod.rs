@@ -25,10 +25,11 @@
 //! segment was then).
 //! Every read ([`Ledger::snapshot`] and what is built on it) first waits until the indexer has
 //! published every group already answered, so nobody reads an older state than a caller was told
-//! about. The journal is never emptied before redb is synced past it: when it is half full (or a
-//! group does not fit) the writer asks the indexer to sync and waits for it, then starts the
-//! journal over (at a quarter full it asks for a sync without waiting, so that the wait at half
-//! full covers only what came after). Full segments are sealed by a thread of their own, at a
+//! about. The journal is never emptied before redb is synced past it: when it is seven eighths
+//! full (or a group does not fit) the writer asks the indexer to sync and waits for it, then
+//! starts the journal over (at every eighth before that it asks for a sync without waiting, so
+//! that the wait covers only what came after the last of them; each lap stalls the writer for a
+//! sync, so laps are kept rare). Full segments are sealed by a thread of their own, at a
 //! lower CPU priority, after the sync that covers them. A group too large for the journal (or every group, with the journal off) is
 //! handed to the indexer as a synced redb commit, and answered after it. At open, journal entries
 //! redb does not have yet (after a crash or power loss) are applied before anything else; each
@@ -396,6 +397,7 @@ impl Ledger {
             .map_err(LedgerError::Spawn)?;
         let (tx, rx) = mpsc::channel();
         let origin = host_key.origin().to_string();
+        let first_sync = journal.capacity() / LAP_DIVISOR;
         let writer = Writer {
             path: path.to_path_buf(),
             key: host_key,
@@ -416,7 +418,9 @@ impl Ledger {
             indexer: Some(indexer),
             stopped: false,
             poisoned: None,
-            early_sync: false,
+            next_sync_at: first_sync,
+            payload: Vec::new(),
+            spans: Vec::new(),
         };
         let handle = std::thread::Builder::new()
             .name(WRITER_THREAD.into())

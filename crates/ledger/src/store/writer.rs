@@ -116,9 +116,24 @@ pub(super) struct Writer {
     /// journal write failed, or the indexer failed): every later group is refused until a
     /// restart replays the journal.
     pub(super) poisoned: Option<StorageError>,
-    /// This lap of the journal already asked the indexer for a background sync.
-    pub(super) early_sync: bool,
+    /// Journal use at which the writer next asks the indexer for a background sync (a step
+    /// further after each, restarting with every lap).
+    pub(super) next_sync_at: u64,
+    /// The journal entry being written, and where its records are in it (kept between groups).
+    pub(super) payload: Vec<u8>,
+    pub(super) spans: Vec<std::ops::Range<usize>>,
 }
+
+/// The journal starts over (after the indexer synced redb past it) once `LAP_AT` of its
+/// `LAP_DIVISOR` parts are used, and a background sync is asked for at every part before: each
+/// lap stalls the writer for a whole sync, so laps are made rare (7/8, not 1/2, of the journal),
+/// and the sync they wait for short. What is left (an eighth, 4 MiB by default) takes the last
+/// groups before the lap; a group that does not fit is committed to redb directly.
+pub(super) const LAP_DIVISOR: u64 = 8;
+const LAP_AT: u64 = 7;
+
+/// Largest entry buffer kept for the next group (a rare huge group's is freed).
+const MAX_KEPT_PAYLOAD: usize = 4 * 1024 * 1024;
 
 /// The outcome of one group, before it is durable.
 #[derive(Default)]
@@ -340,26 +355,34 @@ impl Writer {
                 }
             };
             for (k, v) in &overlay {
-                match v {
-                    Some(v) => self.mem.state.insert(k.clone(), v.clone()),
-                    None => self.mem.state.remove(k),
-                };
+                match (v, self.mem.state.get_mut(k)) {
+                    (Some(v), Some(slot)) => slot.clone_from(v),
+                    (Some(v), None) => {
+                        self.mem.state.insert(k.clone(), v.clone());
+                    }
+                    (None, _) => {
+                        self.mem.state.remove(k);
+                    }
+                }
             }
             fx.state.extend(overlay);
-            for (chain, a) in &sealed {
-                self.mem.heads.insert(chain.clone(), ChainHead { seq: a.seq, hash: a.leaf_hash });
+            let mut appended = Vec::with_capacity(sealed.len());
+            for (chain, a) in sealed {
+                let head = ChainHead { seq: a.seq, hash: a.leaf_hash };
+                match self.mem.heads.get_mut(chain.as_str()) {
+                    Some(h) => *h = head,
+                    None => {
+                        self.mem.heads.insert(chain.clone(), head);
+                    }
+                }
                 self.mem.frontier.push(a.leaf_hash);
                 leaves.push(a.leaf_hash);
                 self.recent.push_back((a.index, a.canonical.clone()));
-                fx.records.push(JournalRecord {
-                    chain: chain.clone(),
-                    index: a.index,
-                    seq: a.seq,
-                    canonical: a.canonical.clone(),
-                });
+                fx.records.push(JournalRecord { chain, index: a.index, seq: a.seq, canonical: a.canonical.clone() });
+                appended.push(a);
             }
-            size += sealed.len() as u64;
-            g.done.push((finish, sealed.into_iter().map(|(_, a)| a).collect()));
+            size += appended.len() as u64;
+            g.done.push((finish, appended));
         }
 
         let wanted = !g.checkpoint_waiters.is_empty() || self.checkpoint_due(size);
@@ -381,25 +404,49 @@ impl Writer {
     /// Makes a group durable: one journal entry (then hands it to the indexer), or, when the
     /// journal is off or cannot hold it, a synced redb commit by the indexer.
     fn make_durable(&mut self, gseq: u64, fx: GroupEffects, leaves: Vec<merkle::Hash>) -> Result<(), StorageError> {
+        // The entry's buffers are the writer's, reused group after group: a fresh payload of a
+        // large group was tens of KiB allocated and freed per group (and glibc consolidates its
+        // free lists on every free that large).
+        let mut payload = std::mem::take(&mut self.payload);
+        let mut spans = std::mem::take(&mut self.spans);
+        payload.clear();
+        fx.encode_spans(&mut payload, &mut spans);
+        let result = self.write_entry(gseq, fx, leaves, &payload, &spans);
+        if payload.capacity() <= MAX_KEPT_PAYLOAD {
+            self.payload = payload;
+            self.spans = spans;
+        }
+        result
+    }
+
+    fn write_entry(
+        &mut self,
+        gseq: u64,
+        fx: GroupEffects,
+        leaves: Vec<merkle::Hash>,
+        payload: &[u8],
+        spans: &[std::ops::Range<usize>],
+    ) -> Result<(), StorageError> {
         let path = self.path.clone();
         let path = path.as_path();
-        let mut payload = Vec::with_capacity(1024);
-        fx.encode(&mut payload);
         if self.journal_on {
-            if self.journal.used() >= self.journal.capacity() / 2 || !self.journal.fits(payload.len()) {
+            let capacity = self.journal.capacity();
+            if self.journal.used() >= capacity / LAP_DIVISOR * LAP_AT || !self.journal.fits(payload.len()) {
                 self.lap()?;
-            } else if !self.early_sync && self.journal.used() >= self.journal.capacity() / 4 {
-                // The sync the next lap waits for, asked for now and run in the background:
-                // the lap then waits only for what was written after it, not for a whole
-                // half journal of segment data.
-                self.early_sync = true;
+            } else if self.journal.used() >= self.next_sync_at {
+                // The sync the next lap waits for, asked for ahead and run in the background,
+                // every eighth of the journal: the lap then waits only for what was written
+                // after the last of them (at most an eighth of the journal's worth of segment
+                // data), not for everything since the last lap.
+                self.next_sync_at = self.journal.used() + capacity / LAP_DIVISOR;
                 let (tx, _unheard) = mpsc::sync_channel(1);
                 // A gone indexer is reported by the next send that needs an answer.
                 let _ = self.index.send(IndexJob::Sync(tx));
             }
             if self.journal.fits(payload.len()) {
                 // Durable from here on: answered callers survive a crash through replay.
-                if let Err(e) = self.journal.append(gseq, &payload) {
+                // The records are hashed once: the entry's digest takes their leaf hashes.
+                if let Err(e) = self.journal.append_group(gseq, payload, spans, &leaves) {
                     if let Err(void) = self.journal.void_tail() {
                         tracing::error!(error = %void, "cannot erase the failed journal entry either");
                     }
@@ -415,6 +462,7 @@ impl Writer {
         // redb now holds every group durably; the journal must not keep older entries, or
         // the next one would not follow them at replay.
         if self.journal_on {
+            self.next_sync_at = self.journal.capacity() / LAP_DIVISOR;
             if let Err(e) = self.journal.reset() {
                 tracing::warn!(error = %e, "cannot mark the ledger journal empty");
             }
@@ -424,7 +472,7 @@ impl Writer {
 
     /// Has the indexer sync redb over every group sent, then starts the journal over.
     fn lap(&mut self) -> Result<(), StorageError> {
-        self.early_sync = false;
+        self.next_sync_at = self.journal.capacity() / LAP_DIVISOR;
         let path = self.path.clone();
         let (tx, rx) = mpsc::sync_channel(1);
         self.index.send(IndexJob::Sync(tx)).map_err(|_| indexer_gone(&path))?;
@@ -469,14 +517,17 @@ pub(super) fn seal_all(
     if drafts.is_empty() {
         return Ok(Vec::new());
     }
+    // Heads this transaction moved; only needed (and only allocated) with more than one draft.
+    let many = drafts.len() > 1;
     let mut local: HashMap<String, ChainHead> = HashMap::new();
     let mut out = Vec::with_capacity(drafts.len());
     for (i, draft) in drafts.into_iter().enumerate() {
-        record::check_chain(&draft.chain)?;
         let head = local.get(&draft.chain).or_else(|| heads.get(&draft.chain)).copied();
-        let chain = draft.chain.clone();
-        let (appended, new_head) = record::seal(draft, start + i as u64, head, now)?;
-        local.insert(chain.clone(), new_head);
+        // Checks the chain name before anything else.
+        let (chain, appended, new_head) = record::seal_owned(draft, start + i as u64, head, now)?;
+        if many {
+            local.insert(chain.clone(), new_head);
+        }
         out.push((chain, appended));
     }
     Ok(out)
