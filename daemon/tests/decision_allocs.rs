@@ -129,3 +129,30 @@ async fn allocations_per_allowed_decision_stay_few() {
     eprintln!("allocations per allowed decision on the caller's thread: {per_decision:.1}");
     assert!(per_decision <= 60.0, "{per_decision:.1} allocations per decision");
 }
+
+/// Many allowed decisions one after another on one thread, for an instruction count that the
+/// machine's load does not move: run it in release under callgrind, collecting only inside
+/// `enforce_outcome` (the caller's side; the ledger's threads are not counted), e.g.
+///
+/// ```sh
+/// valgrind --tool=callgrind --collect-atstart=no --toggle-collect='*enforce_outcome*' \
+///   target/release/deps/decision_allocs-* --ignored --exact decisions_for_profiling
+/// ```
+///
+/// and divide by `SLUICE_PROFILE_DECISIONS` (default 2,000) plus the 20 of the warm-up.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "a profiling loop, not a check: run it under callgrind"]
+async fn decisions_for_profiling() {
+    let decisions: usize = std::env::var("SLUICE_PROFILE_DECISIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000);
+    let (_dir, service, id) = service().await;
+    for _ in 0..20 {
+        let o = service.enforce_outcome(input(&id), HoldOrigin::Proxy, HostVerdict::Allow).await;
+        assert_eq!(o.expect("enforce").decision, Decision::Allow);
+    }
+    let started = std::time::Instant::now();
+    for _ in 0..decisions {
+        let o = service.enforce_outcome(input(&id), HoldOrigin::Proxy, HostVerdict::Allow).await;
+        assert_eq!(o.expect("enforce").decision, Decision::Allow);
+    }
+    eprintln!("{decisions} allowed decisions in {:?}", started.elapsed());
+}

@@ -10,7 +10,7 @@ use super::drafts::{self, Built, DecisionOutcome};
 use super::held::{Hold, HoldOrigin, HoldResolution, HoldStatus};
 use super::peer::{Actor, Peer};
 use super::{now, Service, ServiceError};
-use crate::decide::{self, Decision, EvalOptions, HostVerdict, Reason, Usage};
+use crate::decide::{self, Decision, EvalOptions, HostVerdict, Reason};
 use crate::domain::DomainName;
 use crate::ledger::{Draft, Txn, TxnError};
 use crate::passport::Claims;
@@ -436,7 +436,7 @@ struct Approval {
 impl Approval {
     fn evaluate(
         &self,
-        counters: Option<&[u8]>,
+        counters: Option<&super::lanes::Counters>,
         barred: Option<super::lanes::Barred>,
         at: DateTime<Utc>,
     ) -> super::lanes::Speculation<(Built, DateTime<Utc>)> {
@@ -445,8 +445,8 @@ impl Approval {
         if let Some(barred) = barred {
             return plan(super::barred_block(claims, barred, at));
         }
-        let usage = match counters.map(Usage::from_bytes).transpose() {
-            Ok(u) => u.unwrap_or_default(),
+        let usage = match super::lanes::usage_of(counters) {
+            Ok(u) => u,
             Err(e) => return plan(Built::state_error(claims, &e.to_string(), at)),
         };
         let policy = self.policy.as_deref();
@@ -455,7 +455,7 @@ impl Approval {
         let request = self.hold.action_request();
         let eval =
             decide::evaluate(&self.cp, &usage, &request, &verdict, at, EvalOptions { skip_approval: true, host_rules });
-        let writes = (eval.decision == Decision::Allow).then(|| eval.usage_after.to_bytes());
+        let writes = (eval.decision == Decision::Allow).then(|| eval.usage_after.clone());
         let mut built = Built::from_eval(eval, claims, at);
         if writes.is_some() {
             built.reason = Reason::HoldApproved;

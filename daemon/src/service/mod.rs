@@ -1031,7 +1031,7 @@ impl LaneDecision {
     /// and unreadable counters are decided here, as before the engine.
     fn evaluate(
         &self,
-        counters: Option<&[u8]>,
+        counters: Option<&lanes::Counters>,
         barred: Option<lanes::Barred>,
         at: DateTime<Utc>,
     ) -> lanes::Speculation<DecisionPlan> {
@@ -1039,14 +1039,13 @@ impl LaneDecision {
         let (built, writes) = if let Some(barred) = barred {
             (barred_block(claims, barred, at), None)
         } else {
-            match counters.map(Usage::from_bytes).transpose() {
+            match lanes::usage_of(counters) {
                 Err(e) => {
                     // Corrupt counters must never read as zero spend: block, loudly.
                     tracing::error!(passport_id = %claims.id, error = %e, "usage state is unreadable; blocking");
                     (drafts::Built::state_error(claims, &e.to_string(), at), None)
                 }
                 Ok(usage) => {
-                    let usage = usage.unwrap_or_default();
                     let eval =
                         decide::evaluate(&self.cp, &usage, &self.request, &self.host_verdict, at, self.opts.clone());
                     let fleet_refusal = match &self.fleet {
@@ -1058,8 +1057,7 @@ impl LaneDecision {
                     match fleet_refusal {
                         Some(refusal) => (drafts::Built::fleet_refused(eval, claims, &refusal, at), None),
                         None => {
-                            let writes =
-                                (eval.decision == decide::Decision::Allow).then(|| eval.usage_after.to_bytes());
+                            let writes = (eval.decision == decide::Decision::Allow).then(|| eval.usage_after.clone());
                             (drafts::Built::from_eval(eval, claims, at), writes)
                         }
                     }
