@@ -14,7 +14,31 @@ pub const MAX_LIST_ITEMS: usize = 10;
 /// `$1234.05`, `$0.00042`: integer millicents as dollars with the fraction they have, never
 /// rounded and never through a float (see [`sluice_passport::money::dollars`]).
 pub fn money(millicents: u64) -> String {
-    sluice_passport::money::dollars(millicents)
+    Money(millicents).to_string()
+}
+
+/// [`money`] as a `Display` value, for details formatted on every decision: written straight
+/// into the detail rather than into a string of its own first. A test compares it with
+/// [`sluice_passport::money::dollars`] on every magnitude.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Money(pub u64);
+
+impl std::fmt::Display for Money {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        /// Millicents per dollar: 100 cents of 1,000 millicents.
+        const PER_DOLLAR: u64 = 100_000;
+        let (whole, fraction) = (self.0 / PER_DOLLAR, self.0 % PER_DOLLAR);
+        // Five digits of fraction, trailing zeros dropped down to two (cents).
+        let mut digits = [b'0'; 5];
+        let mut n = fraction;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        let significant = digits.iter().rposition(|d| *d != b'0').map_or(0, |at| at + 1).max(2);
+        let fraction = std::str::from_utf8(digits.get(..significant).unwrap_or_default()).unwrap_or_default();
+        write!(f, "${whole}.{fraction}")
+    }
 }
 
 /// `Daily`, `Weekly`, `Monthly`: the window as the first word of a sentence.
@@ -67,6 +91,18 @@ mod tests {
         assert_eq!(money(9_950_000), "$99.50");
         assert_eq!(money(42), "$0.00042");
         assert_eq!(money(u64::MAX), "$184467440737095.51615");
+    }
+
+    #[test]
+    fn money_displays_what_dollars_writes() {
+        let mut amounts = vec![0, 1, 9, 10, 99, 100, 999, 1000, 1001, 99_999, 100_000, 100_001, 123_450, u64::MAX];
+        amounts.extend((0..64).map(|b| 1u64 << b));
+        amounts.extend((0..20).map(|e| 10u64.pow(e) - 1));
+        amounts.extend((0..2000).map(|i| i * 7919 + i % 13));
+        for m in amounts {
+            assert_eq!(Money(m).to_string(), sluice_passport::money::dollars(m), "{m}");
+            assert_eq!(money(m), sluice_passport::money::dollars(m), "{m}");
+        }
     }
 
     #[test]

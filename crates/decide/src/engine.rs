@@ -1,7 +1,7 @@
 //! [`evaluate`]: the checks of docs/decisions.md ("Order of checks") in order; [`state_view`] and [`reset`] for the state API.
 
 use super::cel::{RuleInput, RulesOutcome};
-use super::detail::{echo, list, money, window_title};
+use super::detail::{echo, list, money, window_title, Money};
 use super::rate::{self, RateCheck, RatePeriod};
 use super::usage::{self, SpendCounter, Usage, UsageError, WindowCounter};
 use super::{
@@ -124,7 +124,15 @@ pub fn evaluate(
 
     // 3. A permission covers the action.
     match claims.permissions.iter().find(|perm| perm.covers(&req.action)) {
-        Some(perm) => run.pass(guardrail::PERMISSION, format!("{} covers {}", perm.as_str(), req.action)),
+        Some(perm) => {
+            // Built in one exact allocation: this runs for every request.
+            let (perm, covers, action) = (perm.as_str(), " covers ", req.action.as_str());
+            let mut detail = String::with_capacity(perm.len() + covers.len() + action.len());
+            detail.push_str(perm);
+            detail.push_str(covers);
+            detail.push_str(action);
+            run.pass(guardrail::PERMISSION, detail)
+        }
         None => {
             let detail = format!(
                 "Passport {} does not permit action {:?}. Its permissions: {}. Ask its issuer for a passport with a permission covering this action.",
@@ -140,7 +148,8 @@ pub fn evaluate(
     match (&c.domain_allowlist, &req.host) {
         (None, _) => run.pass(guardrail::DOMAIN_ALLOWLIST, "no allowlist: any host"),
         (Some(allow), Some(h)) => match allow.iter().find(|pat| pat.matches(h)) {
-            Some(pat) => run.pass(guardrail::DOMAIN_ALLOWLIST, format!("{h} matches {pat}")),
+            Some(pat) => run
+                .pass(guardrail::DOMAIN_ALLOWLIST, text(2 * h.as_str().len() + 16, format_args!("{h} matches {pat}"))),
             None => {
                 let detail = format!(
                     "Host {} is not in the domain allowlist of passport {}: {}.",
@@ -186,7 +195,8 @@ pub fn evaluate(
         match rate::check(slot.as_ref(), limit, period, now) {
             RateCheck::Allowed { state, remaining } => {
                 *slot = Some(state);
-                run.pass(name, format!("{remaining} of {limit} per {} left after this request", period.as_str()));
+                let left = format_args!("{remaining} of {limit} per {} left after this request", period.as_str());
+                run.pass(name, text(64, left));
             }
             RateCheck::Limited { retry_at } => {
                 let when = match retry_at {
@@ -213,7 +223,7 @@ pub fn evaluate(
             let detail = format!("Per-action limit of {max} exceeded. Requested: {}", money(cost));
             return run.block(Reason::PerActionLimitExceeded, guardrail::MAX_PER_ACTION, detail);
         }
-        Some(max) => run.pass(guardrail::MAX_PER_ACTION, format!("{} within {max}", money(cost))),
+        Some(max) => run.pass(guardrail::MAX_PER_ACTION, text(32, format_args!("{} within {max}", Money(cost)))),
     }
 
     // 10. Cumulative cost in the passport's window; checked arithmetic: a sum past the largest
@@ -231,7 +241,7 @@ pub fn evaluate(
     match c.max_cumulative {
         None => run.pass(
             guardrail::MAX_CUMULATIVE,
-            format!("no cumulative limit; {title} spend would be {}", money(spend_after)),
+            text(64, format_args!("no cumulative limit; {title} spend would be {}", Money(spend_after))),
         ),
         Some(max) if spend_after > milli(max) => {
             let detail = format!(
@@ -241,9 +251,10 @@ pub fn evaluate(
             );
             return run.block(Reason::SpendLimitExceeded, guardrail::MAX_CUMULATIVE, detail);
         }
-        Some(max) => {
-            run.pass(guardrail::MAX_CUMULATIVE, format!("{title} spend would be {} of {max}", money(spend_after)))
-        }
+        Some(max) => run.pass(
+            guardrail::MAX_CUMULATIVE,
+            text(64, format_args!("{title} spend would be {} of {max}", Money(spend_after))),
+        ),
     }
 
     // 11. CEL rules: the host's first (they bind every agent), then the passport's.
@@ -330,12 +341,17 @@ pub fn evaluate(
                 detail,
             );
         }
-        Some(th) => run.pass(guardrail::APPROVAL_THRESHOLD, format!("{} within {th}", money(cost))),
+        Some(th) => run.pass(guardrail::APPROVAL_THRESHOLD, text(32, format_args!("{} within {th}", Money(cost)))),
     }
 
     // Allowed: count it.
-    let limit = c.max_cumulative.map_or_else(|| "no limit".to_string(), |m| format!("limit {m}"));
-    let detail = format!("All guardrails passed. {title} spend after this request: {} ({limit}).", money(spend_after));
+    let spent = Money(spend_after);
+    let detail = match c.max_cumulative {
+        Some(m) => {
+            text(96, format_args!("All guardrails passed. {title} spend after this request: {spent} (limit {m})."))
+        }
+        None => text(96, format_args!("All guardrails passed. {title} spend after this request: {spent} (no limit).")),
+    };
     let bump = |w: WindowCounter, after: u64| WindowCounter {
         start: w.start,
         spent_millicents: after,
@@ -359,6 +375,16 @@ pub fn evaluate(
         spend_after_millicents: spend_after,
         spend_delta_millicents: cost,
     }
+}
+
+/// `args` written into one string of `capacity` bytes (more if they need it): a detail made on
+/// every decision in one allocation, where `format!` would guess small and grow.
+fn text(capacity: usize, args: std::fmt::Arguments<'_>) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(capacity);
+    // Writing into a `String` cannot fail.
+    let _ = out.write_fmt(args);
+    out
 }
 
 /// A passport limit (whole cents) in millicents. Passport amounts are at most `MAX_CENTS`, so

@@ -78,6 +78,29 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     crate::ledger::hex::encode(&Sha256::digest(bytes))
 }
 
+/// A SHA-256 digest in lowercase hex, on the stack: the two digests of every decision record
+/// (`path_digest`, `request_hash`) are written into the record without a string of their own.
+pub struct DigestHex([u8; 64]);
+
+impl DigestHex {
+    pub fn of(digest: &[u8; 32]) -> DigestHex {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (pair, b) in out.chunks_exact_mut(2).zip(digest) {
+            if let [hi, lo] = pair {
+                *hi = DIGITS[usize::from(b >> 4)];
+                *lo = DIGITS[usize::from(b & 0xf)];
+            }
+        }
+        DigestHex(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Hex digits only: always valid UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
 pub fn time(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
 }
@@ -364,36 +387,68 @@ fn request_fields(m: &mut Members, request: &ActionRequest) {
     m.str(field::ACTION, &request.action).opt_str(field::METHOD, request.method.as_deref());
     m.opt_str(field::HOST, request.host.as_ref().map(|h| h.as_str()));
     match &request.path {
-        Some(p) => m.str(field::PATH_DIGEST, &sha256_hex(p.as_bytes())),
+        Some(p) => m.str(field::PATH_DIGEST, DigestHex::of(&Sha256::digest(p.as_bytes()).into()).as_str()),
         None => m.null(field::PATH_DIGEST),
     };
     // A cost past the largest amount sluice counts was refused (invalid_request) and cannot be
     // written exactly: the record says null, the detail names the amount.
     m.opt_uint(FIELD_COST, Some(request.cost_millicents).filter(|c| *c <= crate::money::MAX_MILLICENTS));
-    m.str(field::REQUEST_HASH, &request_hash(request));
+    m.str(field::REQUEST_HASH, DigestHex::of(&request_digest(request)).as_str());
+}
+
+/// The request hash in hex, as a string (the tests compare it with the `serde_json` text's).
+#[cfg(test)]
+pub fn request_hash(request: &ActionRequest) -> String {
+    DigestHex::of(&request_digest(request)).as_str().to_string()
 }
 
 /// The request hash: SHA-256 of `{"action","cost_millicents","host","method","path"}` in that
 /// order, strings escaped as JSON, the cost in plain decimal whatever its size (docs/records.md).
 /// Its keys and text are part of the hash's format, so they never change with the record's.
-pub fn request_hash(request: &ActionRequest) -> String {
-    let opt = |out: &mut Vec<u8>, s: Option<&str>| match s {
-        Some(s) => canonical::write_string(out, s),
-        None => out.extend_from_slice(b"null"),
+///
+/// The text is fed to the hash piece by piece rather than built first: a string that needs no
+/// escape (every usual action, host, method and path) goes in as it is between its quotes; one
+/// that does is escaped into a scratch buffer.
+fn request_digest(request: &ActionRequest) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    let mut scratch = Vec::new();
+    let mut string = |hash: &mut Sha256, s: Option<&str>| match s {
+        None => hash.update(b"null"),
+        Some(s) if canonical::string_len(s) == s.len() + 2 => {
+            hash.update(b"\"");
+            hash.update(s.as_bytes());
+            hash.update(b"\"");
+        }
+        Some(s) => {
+            scratch.clear();
+            canonical::write_string(&mut scratch, s);
+            hash.update(&scratch);
+        }
     };
-    let mut text = Vec::with_capacity(96 + request.action.len() + request.path.as_ref().map_or(0, |p| p.len()));
-    text.extend_from_slice(b"{\"action\":");
-    canonical::write_string(&mut text, &request.action);
-    text.extend_from_slice(b",\"cost_millicents\":");
-    canonical::write_decimal(&mut text, request.cost_millicents);
-    text.extend_from_slice(b",\"host\":");
-    opt(&mut text, request.host.as_ref().map(|h| h.as_str()));
-    text.extend_from_slice(b",\"method\":");
-    opt(&mut text, request.method.as_deref());
-    text.extend_from_slice(b",\"path\":");
-    opt(&mut text, request.path.as_deref());
-    text.push(b'}');
-    sha256_hex(&text)
+    hash.update(b"{\"action\":");
+    string(&mut hash, Some(&request.action));
+    hash.update(b",\"cost_millicents\":");
+    // Plain decimal, as `canonical::write_decimal` writes it (u64::MAX has 20 digits).
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = request.cost_millicents;
+    while at > 0 {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    hash.update(&digits[at..]);
+    hash.update(b",\"host\":");
+    string(&mut hash, request.host.as_ref().map(|h| h.as_str()));
+    hash.update(b",\"method\":");
+    string(&mut hash, request.method.as_deref());
+    hash.update(b",\"path\":");
+    string(&mut hash, request.path.as_deref());
+    hash.update(b"}");
+    hash.finalize().into()
 }
 
 /// A decision record.
@@ -405,8 +460,16 @@ pub fn decision(
     policy_digest: Option<&str>,
     at: DateTime<Utc>,
 ) -> Members {
-    let bytes = 768 + built.detail.len() + request.action.len();
-    let mut m = typed(kind::DECISION, Some(claims), at, 24, bytes);
+    // The buffer holds each name twice (raw, then quoted) besides the values: a decision of the
+    // proxy's shape needed more than the 768 bytes once guessed here and grew (a copy of the
+    // whole record) on every decision. Room for it once, with the variable strings on top.
+    let strings = built.detail.len()
+        + request.action.len()
+        + request.host.as_ref().map_or(0, |h| h.as_str().len())
+        + request.method.as_ref().map_or(0, String::len)
+        + claims.agent_id.len()
+        + policy_digest.map_or(0, str::len);
+    let mut m = typed(kind::DECISION, Some(claims), at, 24, 1152 + strings);
     m.str(field::DECISION, built.decision.as_str())
         .str(field::REASON, built.reason.as_str())
         .str(field::DETAIL, &built.detail)
