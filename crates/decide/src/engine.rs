@@ -1,7 +1,7 @@
 //! [`evaluate`]: the checks of docs/decisions.md ("Order of checks") in order; [`state_view`] and [`reset`] for the state API.
 
 use super::cel::{RuleInput, RulesOutcome};
-use super::detail::{echo, list, money, window_title, Money};
+use super::detail::{echo, list, money, window_title, Line};
 use super::rate::{self, RateCheck, RatePeriod};
 use super::usage::{self, SpendCounter, Usage, UsageError, WindowCounter};
 use super::{
@@ -10,6 +10,7 @@ use super::{
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use sluice_passport::constraints::RuleDecision;
+use sluice_passport::domain::DomainPattern;
 use sluice_passport::money::MAX_MILLICENTS;
 use sluice_passport::Cents;
 use sluice_passport::{PassportError, SpendWindow, DEFAULT_SKEW_SECS};
@@ -148,8 +149,21 @@ pub fn evaluate(
     match (&c.domain_allowlist, &req.host) {
         (None, _) => run.pass(guardrail::DOMAIN_ALLOWLIST, "no allowlist: any host"),
         (Some(allow), Some(h)) => match allow.iter().find(|pat| pat.matches(h)) {
-            Some(pat) => run
-                .pass(guardrail::DOMAIN_ALLOWLIST, text(2 * h.as_str().len() + 16, format_args!("{h} matches {pat}"))),
+            Some(pat) => run.pass(guardrail::DOMAIN_ALLOWLIST, {
+                let (host, (star, name)) = (
+                    h.as_str(),
+                    match pat {
+                        DomainPattern::Exact(n) => ("", n.as_str()),
+                        DomainPattern::Subdomains(n) => ("*.", n.as_str()),
+                    },
+                );
+                Line::with_capacity(host.len() + 9 + star.len() + name.len())
+                    .text(host)
+                    .text(" matches ")
+                    .text(star)
+                    .text(name)
+                    .done()
+            }),
             None => {
                 let detail = format!(
                     "Host {} is not in the domain allowlist of passport {}: {}.",
@@ -195,8 +209,8 @@ pub fn evaluate(
         match rate::check(slot.as_ref(), limit, period, now) {
             RateCheck::Allowed { state, remaining } => {
                 *slot = Some(state);
-                let left = format_args!("{remaining} of {limit} per {} left after this request", period.as_str());
-                run.pass(name, text(64, left));
+                let left = Line::with_capacity(64).number(remaining).text(" of ").number(limit).text(" per ");
+                run.pass(name, left.text(period.as_str()).text(" left after this request").done());
             }
             RateCheck::Limited { retry_at } => {
                 let when = match retry_at {
@@ -223,7 +237,9 @@ pub fn evaluate(
             let detail = format!("Per-action limit of {max} exceeded. Requested: {}", money(cost));
             return run.block(Reason::PerActionLimitExceeded, guardrail::MAX_PER_ACTION, detail);
         }
-        Some(max) => run.pass(guardrail::MAX_PER_ACTION, text(32, format_args!("{} within {max}", Money(cost)))),
+        Some(max) => {
+            run.pass(guardrail::MAX_PER_ACTION, Line::with_capacity(40).money(cost).text(" within ").cents(max).done())
+        }
     }
 
     // 10. Cumulative cost in the passport's window; checked arithmetic: a sum past the largest
@@ -241,7 +257,12 @@ pub fn evaluate(
     match c.max_cumulative {
         None => run.pass(
             guardrail::MAX_CUMULATIVE,
-            text(64, format_args!("no cumulative limit; {title} spend would be {}", Money(spend_after))),
+            Line::with_capacity(64)
+                .text("no cumulative limit; ")
+                .text(title)
+                .text(" spend would be ")
+                .money(spend_after)
+                .done(),
         ),
         Some(max) if spend_after > milli(max) => {
             let detail = format!(
@@ -253,7 +274,13 @@ pub fn evaluate(
         }
         Some(max) => run.pass(
             guardrail::MAX_CUMULATIVE,
-            text(64, format_args!("{title} spend would be {} of {max}", Money(spend_after))),
+            Line::with_capacity(64)
+                .text(title)
+                .text(" spend would be ")
+                .money(spend_after)
+                .text(" of ")
+                .cents(max)
+                .done(),
         ),
     }
 
@@ -341,16 +368,16 @@ pub fn evaluate(
                 detail,
             );
         }
-        Some(th) => run.pass(guardrail::APPROVAL_THRESHOLD, text(32, format_args!("{} within {th}", Money(cost)))),
+        Some(th) => run
+            .pass(guardrail::APPROVAL_THRESHOLD, Line::with_capacity(40).money(cost).text(" within ").cents(th).done()),
     }
 
     // Allowed: count it.
-    let spent = Money(spend_after);
+    let detail = Line::with_capacity(112).text("All guardrails passed. ").text(title);
+    let detail = detail.text(" spend after this request: ").money(spend_after);
     let detail = match c.max_cumulative {
-        Some(m) => {
-            text(96, format_args!("All guardrails passed. {title} spend after this request: {spent} (limit {m})."))
-        }
-        None => text(96, format_args!("All guardrails passed. {title} spend after this request: {spent} (no limit).")),
+        Some(m) => detail.text(" (limit ").cents(m).text(").").done(),
+        None => detail.text(" (no limit).").done(),
     };
     let bump = |w: WindowCounter, after: u64| WindowCounter {
         start: w.start,
@@ -375,16 +402,6 @@ pub fn evaluate(
         spend_after_millicents: spend_after,
         spend_delta_millicents: cost,
     }
-}
-
-/// `args` written into one string of `capacity` bytes (more if they need it): a detail made on
-/// every decision in one allocation, where `format!` would guess small and grow.
-fn text(capacity: usize, args: std::fmt::Arguments<'_>) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(capacity);
-    // Writing into a `String` cannot fail.
-    let _ = out.write_fmt(args);
-    out
 }
 
 /// A passport limit (whole cents) in millicents. Passport amounts are at most `MAX_CENTS`, so
