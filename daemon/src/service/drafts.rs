@@ -179,10 +179,11 @@ impl SpendFields {
     }
 }
 
-/// A decision as it will be answered and recorded.
+/// A decision as it will be answered and recorded. The passport's id is not kept here: the
+/// record writes it from the claims, and the outcome takes the id the caller asked with (the
+/// same text), so that a decision allocates no copy of it.
 #[derive(Debug, Clone)]
 pub struct Built {
-    pub passport_id: String,
     pub decision: Decision,
     pub reason: Reason,
     pub detail: String,
@@ -250,9 +251,8 @@ impl DecisionOutcome {
 }
 
 impl Built {
-    fn block(passport_id: &str, reason: Reason, detail: String, at: DateTime<Utc>) -> Built {
+    fn block(reason: Reason, detail: String, at: DateTime<Utc>) -> Built {
         Built {
-            passport_id: passport_id.to_string(),
             decision: Decision::Block,
             guardrails: failed("passport", &reason),
             reason,
@@ -266,7 +266,6 @@ impl Built {
 
     pub fn block_unknown(id: &PassportId, at: DateTime<Utc>) -> Built {
         Built::block(
-            id.as_str(),
             Reason::PassportUnknown,
             format!("Passport {id} is not registered with this daemon. Register it with `sluice passport register`."),
             at,
@@ -275,7 +274,6 @@ impl Built {
 
     pub fn revoked(claims: &Claims, at: DateTime<Utc>) -> Built {
         Built::block(
-            claims.id.as_str(),
             Reason::PassportRevoked,
             format!("Passport {} was revoked. Issue the agent a new passport.", claims.id),
             at,
@@ -284,7 +282,6 @@ impl Built {
 
     pub fn stopped(claims: &Claims, at: DateTime<Utc>) -> Built {
         Built::block(
-            claims.id.as_str(),
             Reason::EmergencyStop,
             format!(
                 "An operator stopped passport {} (emergency stop): every request is refused until `sluice resume`.",
@@ -296,7 +293,6 @@ impl Built {
 
     pub fn state_error(claims: &Claims, error: &str, at: DateTime<Utc>) -> Built {
         Built::block(
-            claims.id.as_str(),
             Reason::StateError,
             format!(
                 "The counters of passport {} cannot be read ({error}); refusing until an operator repairs them.",
@@ -335,7 +331,6 @@ impl Built {
     /// The evaluation's decision, taken over (its guardrails and detail are moved, not copied).
     pub fn from_eval(eval: decide::Evaluation, claims: &Claims, at: DateTime<Utc>) -> Built {
         Built {
-            passport_id: claims.id.to_string(),
             all_passed: eval.all_passed(),
             decision: eval.decision,
             reason: eval.reason,
@@ -352,13 +347,14 @@ impl Built {
         }
     }
 
-    /// [`Built::outcome`], taking the decision over rather than copying it.
-    pub fn into_outcome(self, attestation_id: u64) -> DecisionOutcome {
+    /// [`Built::outcome`], taking the decision (and the caller's copy of the passport id) over
+    /// rather than copying them.
+    pub fn into_outcome(self, passport_id: String, attestation_id: u64) -> DecisionOutcome {
         DecisionOutcome {
             decision: self.decision,
             reason: self.reason,
             detail: self.detail,
-            passport_id: self.passport_id,
+            passport_id,
             guardrails: self.guardrails,
             all_passed: self.all_passed,
             timestamp: self.timestamp,
@@ -367,13 +363,14 @@ impl Built {
         }
     }
 
-    /// The outcome the caller is told, once the record is in the log at `attestation_id`.
-    pub fn outcome(&self, attestation_id: u64) -> DecisionOutcome {
+    /// The outcome the caller is told about passport `passport_id`, once the record is in the
+    /// log at `attestation_id`.
+    pub fn outcome(&self, passport_id: &str, attestation_id: u64) -> DecisionOutcome {
         DecisionOutcome {
             decision: self.decision,
             reason: self.reason.clone(),
             detail: self.detail.clone(),
-            passport_id: self.passport_id.clone(),
+            passport_id: passport_id.to_string(),
             guardrails: self.guardrails.clone(),
             all_passed: self.all_passed,
             timestamp: self.timestamp,
@@ -780,8 +777,7 @@ mod tests {
         (0i64..4_102_444_800, 0u32..1_000_000_000).prop_map(|(s, n)| DateTime::from_timestamp(s, n).unwrap())
     }
 
-    fn built(claims: &Claims) -> impl Strategy<Value = Built> {
-        let id = claims.id.to_string();
+    fn built() -> impl Strategy<Value = Built> {
         (
             prop_oneof![Just(Decision::Allow), Just(Decision::Block), Just(Decision::RequestHold)],
             prop_oneof![Just(Reason::Allowed), Just(Reason::SpendLimitExceeded), "\\PC{1,12}".prop_map(Reason::Rule)],
@@ -791,7 +787,6 @@ mod tests {
             time_at(),
         )
             .prop_map(move |(decision, reason, detail, spend, hold, at)| Built {
-                passport_id: id.clone(),
                 decision,
                 reason,
                 detail,
@@ -838,7 +833,7 @@ mod tests {
         #[test]
         fn decisions_are_what_the_serde_json_builder_wrote(
             request in request(),
-            built in built(&claims("agent-1", SpendWindow::Monthly)),
+            built in built(),
             digest in proptest::option::of("[0-9a-f]{64}"),
             at in time_at(),
         ) {
@@ -846,14 +841,14 @@ mod tests {
             let typed = decision(&c, &request, &built, digest.as_deref(), at);
             same(typed, generic::decision(&c, &request, &built, digest.as_deref(), at))?;
             prop_assert_eq!(request_hash(&request), generic::request_hash(&request));
-            let id = PassportId::parse(&built.passport_id).unwrap();
+            let id = c.id.clone();
             same(unknown_passport(&id, &request, at), generic::unknown_passport(&id, &request, at))?;
         }
 
         #[test]
         fn hold_resolutions_are_what_the_serde_json_builder_wrote(
             request in request(),
-            built in built(&claims("agent-2", SpendWindow::Daily)),
+            built in built(),
             by in by(),
             note in proptest::option::of("(\\PC|[\\x00-\\x1f\"\\\\])*"),
             at in time_at(),

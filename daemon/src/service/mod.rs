@@ -863,7 +863,7 @@ impl Service {
         } else {
             decision_line!(tracing::Level::INFO);
         }
-        Ok(outcome.into_outcome(index))
+        Ok(outcome.into_outcome(std::mem::take(&mut input.passport_id), index))
     }
 
     /// `GET /v1/passports/{id}/state`.
