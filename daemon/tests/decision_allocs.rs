@@ -140,6 +140,8 @@ async fn allocations_per_allowed_decision_stay_few() {
 /// ```
 ///
 /// and divide by `SLUICE_PROFILE_DECISIONS` (default 2,000) plus the 20 of the warm-up.
+/// `SLUICE_PROFILE_TO_JSON=1` also makes each outcome's JSON, as the API (and `bench
+/// decisions`) does: collect inside `DecisionOutcome::to_json` to count that edge's share.
 #[tokio::test(flavor = "current_thread")]
 #[ignore = "a profiling loop, not a check: run it under callgrind"]
 async fn decisions_for_profiling() {
@@ -149,10 +151,14 @@ async fn decisions_for_profiling() {
         let o = service.enforce_outcome(input(&id), HoldOrigin::Proxy, HostVerdict::Allow).await;
         assert_eq!(o.expect("enforce").decision, Decision::Allow);
     }
+    let to_json = std::env::var("SLUICE_PROFILE_TO_JSON").as_deref() == Ok("1");
     let started = std::time::Instant::now();
     for _ in 0..decisions {
-        let o = service.enforce_outcome(input(&id), HoldOrigin::Proxy, HostVerdict::Allow).await;
-        assert_eq!(o.expect("enforce").decision, Decision::Allow);
+        let o = service.enforce_outcome(input(&id), HoldOrigin::Proxy, HostVerdict::Allow).await.expect("enforce");
+        assert_eq!(o.decision, Decision::Allow);
+        if to_json {
+            assert_eq!(o.to_json()["decision"], "allow");
+        }
     }
     eprintln!("{decisions} allowed decisions in {:?}", started.elapsed());
 }

@@ -21,7 +21,9 @@ use crate::ledger::record::{
 };
 use crate::passport::{Claims, PassportId};
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{json, Map, Value};
+#[cfg(test)]
+use serde_json::json;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 /// Record fields and kinds the daemon writes and reads back itself (settlement, hold lookup);
@@ -231,22 +233,32 @@ impl DecisionOutcome {
     }
 
     /// The decision JSON (docs/decisions.md, "The decision JSON").
+    ///
+    /// Built member by member rather than through `json!` and serde's value serializer (which
+    /// went through `Serialize` for every guardrail): the API answers every decision with it.
+    /// A test compares it with the `json!` form.
     pub fn to_json(&self) -> Value {
-        let mut v = json!({
-            "decision": self.decision.as_str(),
-            "reason": self.reason,
-            "detail": self.detail,
-            "attestation_id": self.attestation_id,
-            "passport_id": self.passport_id,
-            "guardrails_evaluated": self.guardrails,
-            "all_passed": self.all_passed,
-            "timestamp": time(self.timestamp),
-        });
+        let guardrail = |g: &Guardrail| {
+            let mut m = Map::new();
+            m.insert("name".to_owned(), Value::String(g.name.to_string()));
+            m.insert("passed".to_owned(), Value::Bool(g.passed));
+            m.insert("detail".to_owned(), Value::String(g.detail.to_string()));
+            Value::Object(m)
+        };
+        let mut m = Map::new();
+        m.insert("decision".to_owned(), Value::from(self.decision.as_str()));
+        m.insert("reason".to_owned(), Value::from(self.reason.as_str()));
+        m.insert("detail".to_owned(), Value::String(self.detail.clone()));
+        m.insert("attestation_id".to_owned(), Value::from(self.attestation_id));
+        m.insert("passport_id".to_owned(), Value::String(self.passport_id.clone()));
+        m.insert("guardrails_evaluated".to_owned(), Value::Array(self.guardrails.iter().map(guardrail).collect()));
+        m.insert("all_passed".to_owned(), Value::Bool(self.all_passed));
+        m.insert("timestamp".to_owned(), Value::String(time(self.timestamp)));
         if let Some(h) = &self.hold {
-            v["approval_request_id"] = h.id.clone().into();
-            v["approval_expires_at"] = time(h.expires_at).into();
+            m.insert("approval_request_id".to_owned(), Value::String(h.id.clone()));
+            m.insert("approval_expires_at".to_owned(), Value::String(time(h.expires_at)));
         }
-        v
+        Value::Object(m)
     }
 }
 
@@ -592,6 +604,25 @@ mod tests {
     mod generic {
         use super::super::*;
 
+        /// [`DecisionOutcome::to_json`] as it was, through `json!`.
+        pub fn outcome_json(o: &DecisionOutcome) -> Value {
+            let mut v = json!({
+                "decision": o.decision.as_str(),
+                "reason": o.reason,
+                "detail": o.detail,
+                "attestation_id": o.attestation_id,
+                "passport_id": o.passport_id,
+                "guardrails_evaluated": o.guardrails,
+                "all_passed": o.all_passed,
+                "timestamp": time(o.timestamp),
+            });
+            if let Some(h) = &o.hold {
+                v["approval_request_id"] = h.id.clone().into();
+                v["approval_expires_at"] = time(h.expires_at).into();
+            }
+            v
+        }
+
         pub fn spend(s: &SpendFields, m: &mut Map<String, Value>) {
             m.insert(FIELD_SPEND_WINDOW.into(), s.window.into());
             m.insert(FIELD_SPEND_WINDOW_START.into(), time(s.window_start).into());
@@ -843,6 +874,25 @@ mod tests {
             prop_assert_eq!(request_hash(&request), generic::request_hash(&request));
             let id = c.id.clone();
             same(unknown_passport(&id, &request, at), generic::unknown_passport(&id, &request, at))?;
+        }
+
+        #[test]
+        fn outcome_json_is_what_json_wrote(
+            built in built(),
+            index in 0u64..1 << 53,
+            guardrails in proptest::collection::vec(
+                ("[a-z_]{1,12}", any::<bool>(), "(\\PC|[\\x00-\\x1f\"\\\\])*"),
+                0..14,
+            ),
+        ) {
+            let mut outcome = built.into_outcome("pp_0123456789abcdef0123456789abcdef".into(), index);
+            outcome.guardrails = guardrails
+                .into_iter()
+                .map(|(name, passed, detail)| Guardrail { name: name.into(), passed, detail: detail.into() })
+                .collect();
+            // The same value, and the same text (member order included).
+            prop_assert_eq!(outcome.to_json(), generic::outcome_json(&outcome));
+            prop_assert_eq!(outcome.to_json().to_string(), generic::outcome_json(&outcome).to_string());
         }
 
         #[test]
