@@ -1,7 +1,7 @@
 //! [`evaluate`]: the checks of docs/decisions.md ("Order of checks") in order; [`state_view`] and [`reset`] for the state API.
 
 use super::cel::{RuleInput, RulesOutcome};
-use super::detail::{echo, list, money, window_title};
+use super::detail::{echo, list, money, window_title, Line};
 use super::rate::{self, RateCheck, RatePeriod};
 use super::usage::{self, SpendCounter, Usage, UsageError, WindowCounter};
 use super::{
@@ -10,6 +10,7 @@ use super::{
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use sluice_passport::constraints::RuleDecision;
+use sluice_passport::domain::DomainPattern;
 use sluice_passport::money::MAX_MILLICENTS;
 use sluice_passport::Cents;
 use sluice_passport::{PassportError, SpendWindow, DEFAULT_SKEW_SECS};
@@ -124,7 +125,15 @@ pub fn evaluate(
 
     // 3. A permission covers the action.
     match claims.permissions.iter().find(|perm| perm.covers(&req.action)) {
-        Some(perm) => run.pass(guardrail::PERMISSION, format!("{} covers {}", perm.as_str(), req.action)),
+        Some(perm) => {
+            // Built in one exact allocation: this runs for every request.
+            let (perm, covers, action) = (perm.as_str(), " covers ", req.action.as_str());
+            let mut detail = String::with_capacity(perm.len() + covers.len() + action.len());
+            detail.push_str(perm);
+            detail.push_str(covers);
+            detail.push_str(action);
+            run.pass(guardrail::PERMISSION, detail)
+        }
         None => {
             let detail = format!(
                 "Passport {} does not permit action {:?}. Its permissions: {}. Ask its issuer for a passport with a permission covering this action.",
@@ -140,7 +149,21 @@ pub fn evaluate(
     match (&c.domain_allowlist, &req.host) {
         (None, _) => run.pass(guardrail::DOMAIN_ALLOWLIST, "no allowlist: any host"),
         (Some(allow), Some(h)) => match allow.iter().find(|pat| pat.matches(h)) {
-            Some(pat) => run.pass(guardrail::DOMAIN_ALLOWLIST, format!("{h} matches {pat}")),
+            Some(pat) => run.pass(guardrail::DOMAIN_ALLOWLIST, {
+                let (host, (star, name)) = (
+                    h.as_str(),
+                    match pat {
+                        DomainPattern::Exact(n) => ("", n.as_str()),
+                        DomainPattern::Subdomains(n) => ("*.", n.as_str()),
+                    },
+                );
+                Line::with_capacity(host.len() + 9 + star.len() + name.len())
+                    .text(host)
+                    .text(" matches ")
+                    .text(star)
+                    .text(name)
+                    .done()
+            }),
             None => {
                 let detail = format!(
                     "Host {} is not in the domain allowlist of passport {}: {}.",
@@ -186,7 +209,8 @@ pub fn evaluate(
         match rate::check(slot.as_ref(), limit, period, now) {
             RateCheck::Allowed { state, remaining } => {
                 *slot = Some(state);
-                run.pass(name, format!("{remaining} of {limit} per {} left after this request", period.as_str()));
+                let left = Line::with_capacity(64).number(remaining).text(" of ").number(limit).text(" per ");
+                run.pass(name, left.text(period.as_str()).text(" left after this request").done());
             }
             RateCheck::Limited { retry_at } => {
                 let when = match retry_at {
@@ -213,7 +237,9 @@ pub fn evaluate(
             let detail = format!("Per-action limit of {max} exceeded. Requested: {}", money(cost));
             return run.block(Reason::PerActionLimitExceeded, guardrail::MAX_PER_ACTION, detail);
         }
-        Some(max) => run.pass(guardrail::MAX_PER_ACTION, format!("{} within {max}", money(cost))),
+        Some(max) => {
+            run.pass(guardrail::MAX_PER_ACTION, Line::with_capacity(40).money(cost).text(" within ").cents(max).done())
+        }
     }
 
     // 10. Cumulative cost in the passport's window; checked arithmetic: a sum past the largest
@@ -231,7 +257,12 @@ pub fn evaluate(
     match c.max_cumulative {
         None => run.pass(
             guardrail::MAX_CUMULATIVE,
-            format!("no cumulative limit; {title} spend would be {}", money(spend_after)),
+            Line::with_capacity(64)
+                .text("no cumulative limit; ")
+                .text(title)
+                .text(" spend would be ")
+                .money(spend_after)
+                .done(),
         ),
         Some(max) if spend_after > milli(max) => {
             let detail = format!(
@@ -241,9 +272,16 @@ pub fn evaluate(
             );
             return run.block(Reason::SpendLimitExceeded, guardrail::MAX_CUMULATIVE, detail);
         }
-        Some(max) => {
-            run.pass(guardrail::MAX_CUMULATIVE, format!("{title} spend would be {} of {max}", money(spend_after)))
-        }
+        Some(max) => run.pass(
+            guardrail::MAX_CUMULATIVE,
+            Line::with_capacity(64)
+                .text(title)
+                .text(" spend would be ")
+                .money(spend_after)
+                .text(" of ")
+                .cents(max)
+                .done(),
+        ),
     }
 
     // 11. CEL rules: the host's first (they bind every agent), then the passport's.
@@ -330,12 +368,17 @@ pub fn evaluate(
                 detail,
             );
         }
-        Some(th) => run.pass(guardrail::APPROVAL_THRESHOLD, format!("{} within {th}", money(cost))),
+        Some(th) => run
+            .pass(guardrail::APPROVAL_THRESHOLD, Line::with_capacity(40).money(cost).text(" within ").cents(th).done()),
     }
 
     // Allowed: count it.
-    let limit = c.max_cumulative.map_or_else(|| "no limit".to_string(), |m| format!("limit {m}"));
-    let detail = format!("All guardrails passed. {title} spend after this request: {} ({limit}).", money(spend_after));
+    let detail = Line::with_capacity(112).text("All guardrails passed. ").text(title);
+    let detail = detail.text(" spend after this request: ").money(spend_after);
+    let detail = match c.max_cumulative {
+        Some(m) => detail.text(" (limit ").cents(m).text(").").done(),
+        None => detail.text(" (no limit).").done(),
+    };
     let bump = |w: WindowCounter, after: u64| WindowCounter {
         start: w.start,
         spent_millicents: after,

@@ -21,7 +21,9 @@ use crate::ledger::record::{
 };
 use crate::passport::{Claims, PassportId};
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde_json::{json, Map, Value};
+#[cfg(test)]
+use serde_json::json;
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 /// Record fields and kinds the daemon writes and reads back itself (settlement, hold lookup);
@@ -76,6 +78,29 @@ pub mod kind {
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     crate::ledger::hex::encode(&Sha256::digest(bytes))
+}
+
+/// A SHA-256 digest in lowercase hex, on the stack: the two digests of every decision record
+/// (`path_digest`, `request_hash`) are written into the record without a string of their own.
+pub struct DigestHex([u8; 64]);
+
+impl DigestHex {
+    pub fn of(digest: &[u8; 32]) -> DigestHex {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (pair, b) in out.chunks_exact_mut(2).zip(digest) {
+            if let [hi, lo] = pair {
+                *hi = DIGITS[usize::from(b >> 4)];
+                *lo = DIGITS[usize::from(b & 0xf)];
+            }
+        }
+        DigestHex(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Hex digits only: always valid UTF-8.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 pub fn time(at: DateTime<Utc>) -> String {
@@ -156,10 +181,11 @@ impl SpendFields {
     }
 }
 
-/// A decision as it will be answered and recorded.
+/// A decision as it will be answered and recorded. The passport's id is not kept here: the
+/// record writes it from the claims, and the outcome takes the id the caller asked with (the
+/// same text), so that a decision allocates no copy of it.
 #[derive(Debug, Clone)]
 pub struct Built {
-    pub passport_id: String,
     pub decision: Decision,
     pub reason: Reason,
     pub detail: String,
@@ -207,29 +233,38 @@ impl DecisionOutcome {
     }
 
     /// The decision JSON (docs/decisions.md, "The decision JSON").
+    ///
+    /// Built member by member rather than through `json!` and serde's value serializer (which
+    /// went through `Serialize` for every guardrail): the API answers every decision with it.
+    /// A test compares it with the `json!` form.
     pub fn to_json(&self) -> Value {
-        let mut v = json!({
-            "decision": self.decision.as_str(),
-            "reason": self.reason,
-            "detail": self.detail,
-            "attestation_id": self.attestation_id,
-            "passport_id": self.passport_id,
-            "guardrails_evaluated": self.guardrails,
-            "all_passed": self.all_passed,
-            "timestamp": time(self.timestamp),
-        });
+        let guardrail = |g: &Guardrail| {
+            let mut m = Map::new();
+            m.insert("name".to_owned(), Value::String(g.name.to_string()));
+            m.insert("passed".to_owned(), Value::Bool(g.passed));
+            m.insert("detail".to_owned(), Value::String(g.detail.to_string()));
+            Value::Object(m)
+        };
+        let mut m = Map::new();
+        m.insert("decision".to_owned(), Value::from(self.decision.as_str()));
+        m.insert("reason".to_owned(), Value::from(self.reason.as_str()));
+        m.insert("detail".to_owned(), Value::String(self.detail.clone()));
+        m.insert("attestation_id".to_owned(), Value::from(self.attestation_id));
+        m.insert("passport_id".to_owned(), Value::String(self.passport_id.clone()));
+        m.insert("guardrails_evaluated".to_owned(), Value::Array(self.guardrails.iter().map(guardrail).collect()));
+        m.insert("all_passed".to_owned(), Value::Bool(self.all_passed));
+        m.insert("timestamp".to_owned(), Value::String(time(self.timestamp)));
         if let Some(h) = &self.hold {
-            v["approval_request_id"] = h.id.clone().into();
-            v["approval_expires_at"] = time(h.expires_at).into();
+            m.insert("approval_request_id".to_owned(), Value::String(h.id.clone()));
+            m.insert("approval_expires_at".to_owned(), Value::String(time(h.expires_at)));
         }
-        v
+        Value::Object(m)
     }
 }
 
 impl Built {
-    fn block(passport_id: &str, reason: Reason, detail: String, at: DateTime<Utc>) -> Built {
+    fn block(reason: Reason, detail: String, at: DateTime<Utc>) -> Built {
         Built {
-            passport_id: passport_id.to_string(),
             decision: Decision::Block,
             guardrails: failed("passport", &reason),
             reason,
@@ -243,7 +278,6 @@ impl Built {
 
     pub fn block_unknown(id: &PassportId, at: DateTime<Utc>) -> Built {
         Built::block(
-            id.as_str(),
             Reason::PassportUnknown,
             format!("Passport {id} is not registered with this daemon. Register it with `sluice passport register`."),
             at,
@@ -252,7 +286,6 @@ impl Built {
 
     pub fn revoked(claims: &Claims, at: DateTime<Utc>) -> Built {
         Built::block(
-            claims.id.as_str(),
             Reason::PassportRevoked,
             format!("Passport {} was revoked. Issue the agent a new passport.", claims.id),
             at,
@@ -261,7 +294,6 @@ impl Built {
 
     pub fn stopped(claims: &Claims, at: DateTime<Utc>) -> Built {
         Built::block(
-            claims.id.as_str(),
             Reason::EmergencyStop,
             format!(
                 "An operator stopped passport {} (emergency stop): every request is refused until `sluice resume`.",
@@ -273,7 +305,6 @@ impl Built {
 
     pub fn state_error(claims: &Claims, error: &str, at: DateTime<Utc>) -> Built {
         Built::block(
-            claims.id.as_str(),
             Reason::StateError,
             format!(
                 "The counters of passport {} cannot be read ({error}); refusing until an operator repairs them.",
@@ -312,7 +343,6 @@ impl Built {
     /// The evaluation's decision, taken over (its guardrails and detail are moved, not copied).
     pub fn from_eval(eval: decide::Evaluation, claims: &Claims, at: DateTime<Utc>) -> Built {
         Built {
-            passport_id: claims.id.to_string(),
             all_passed: eval.all_passed(),
             decision: eval.decision,
             reason: eval.reason,
@@ -329,13 +359,14 @@ impl Built {
         }
     }
 
-    /// [`Built::outcome`], taking the decision over rather than copying it.
-    pub fn into_outcome(self, attestation_id: u64) -> DecisionOutcome {
+    /// [`Built::outcome`], taking the decision (and the caller's copy of the passport id) over
+    /// rather than copying them.
+    pub fn into_outcome(self, passport_id: String, attestation_id: u64) -> DecisionOutcome {
         DecisionOutcome {
             decision: self.decision,
             reason: self.reason,
             detail: self.detail,
-            passport_id: self.passport_id,
+            passport_id,
             guardrails: self.guardrails,
             all_passed: self.all_passed,
             timestamp: self.timestamp,
@@ -344,13 +375,14 @@ impl Built {
         }
     }
 
-    /// The outcome the caller is told, once the record is in the log at `attestation_id`.
-    pub fn outcome(&self, attestation_id: u64) -> DecisionOutcome {
+    /// The outcome the caller is told about passport `passport_id`, once the record is in the
+    /// log at `attestation_id`.
+    pub fn outcome(&self, passport_id: &str, attestation_id: u64) -> DecisionOutcome {
         DecisionOutcome {
             decision: self.decision,
             reason: self.reason.clone(),
             detail: self.detail.clone(),
-            passport_id: self.passport_id.clone(),
+            passport_id: passport_id.to_string(),
             guardrails: self.guardrails.clone(),
             all_passed: self.all_passed,
             timestamp: self.timestamp,
@@ -364,36 +396,68 @@ fn request_fields(m: &mut Members, request: &ActionRequest) {
     m.str(field::ACTION, &request.action).opt_str(field::METHOD, request.method.as_deref());
     m.opt_str(field::HOST, request.host.as_ref().map(|h| h.as_str()));
     match &request.path {
-        Some(p) => m.str(field::PATH_DIGEST, &sha256_hex(p.as_bytes())),
+        Some(p) => m.str(field::PATH_DIGEST, DigestHex::of(&Sha256::digest(p.as_bytes()).into()).as_str()),
         None => m.null(field::PATH_DIGEST),
     };
     // A cost past the largest amount sluice counts was refused (invalid_request) and cannot be
     // written exactly: the record says null, the detail names the amount.
     m.opt_uint(FIELD_COST, Some(request.cost_millicents).filter(|c| *c <= crate::money::MAX_MILLICENTS));
-    m.str(field::REQUEST_HASH, &request_hash(request));
+    m.str(field::REQUEST_HASH, DigestHex::of(&request_digest(request)).as_str());
+}
+
+/// The request hash in hex, as a string (the tests compare it with the `serde_json` text's).
+#[cfg(test)]
+pub fn request_hash(request: &ActionRequest) -> String {
+    DigestHex::of(&request_digest(request)).as_str().to_string()
 }
 
 /// The request hash: SHA-256 of `{"action","cost_millicents","host","method","path"}` in that
 /// order, strings escaped as JSON, the cost in plain decimal whatever its size (docs/records.md).
 /// Its keys and text are part of the hash's format, so they never change with the record's.
-pub fn request_hash(request: &ActionRequest) -> String {
-    let opt = |out: &mut Vec<u8>, s: Option<&str>| match s {
-        Some(s) => canonical::write_string(out, s),
-        None => out.extend_from_slice(b"null"),
+///
+/// The text is fed to the hash piece by piece rather than built first: a string that needs no
+/// escape (every usual action, host, method and path) goes in as it is between its quotes; one
+/// that does is escaped into a scratch buffer.
+fn request_digest(request: &ActionRequest) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    let mut scratch = Vec::new();
+    let mut string = |hash: &mut Sha256, s: Option<&str>| match s {
+        None => hash.update(b"null"),
+        Some(s) if canonical::string_len(s) == s.len() + 2 => {
+            hash.update(b"\"");
+            hash.update(s.as_bytes());
+            hash.update(b"\"");
+        }
+        Some(s) => {
+            scratch.clear();
+            canonical::write_string(&mut scratch, s);
+            hash.update(&scratch);
+        }
     };
-    let mut text = Vec::with_capacity(96 + request.action.len() + request.path.as_ref().map_or(0, |p| p.len()));
-    text.extend_from_slice(b"{\"action\":");
-    canonical::write_string(&mut text, &request.action);
-    text.extend_from_slice(b",\"cost_millicents\":");
-    canonical::write_decimal(&mut text, request.cost_millicents);
-    text.extend_from_slice(b",\"host\":");
-    opt(&mut text, request.host.as_ref().map(|h| h.as_str()));
-    text.extend_from_slice(b",\"method\":");
-    opt(&mut text, request.method.as_deref());
-    text.extend_from_slice(b",\"path\":");
-    opt(&mut text, request.path.as_deref());
-    text.push(b'}');
-    sha256_hex(&text)
+    hash.update(b"{\"action\":");
+    string(&mut hash, Some(&request.action));
+    hash.update(b",\"cost_millicents\":");
+    // Plain decimal, as `canonical::write_decimal` writes it (u64::MAX has 20 digits).
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = request.cost_millicents;
+    while at > 0 {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    hash.update(&digits[at..]);
+    hash.update(b",\"host\":");
+    string(&mut hash, request.host.as_ref().map(|h| h.as_str()));
+    hash.update(b",\"method\":");
+    string(&mut hash, request.method.as_deref());
+    hash.update(b",\"path\":");
+    string(&mut hash, request.path.as_deref());
+    hash.update(b"}");
+    hash.finalize().into()
 }
 
 /// A decision record.
@@ -405,8 +469,16 @@ pub fn decision(
     policy_digest: Option<&str>,
     at: DateTime<Utc>,
 ) -> Members {
-    let bytes = 768 + built.detail.len() + request.action.len();
-    let mut m = typed(kind::DECISION, Some(claims), at, 24, bytes);
+    // The buffer holds each name twice (raw, then quoted) besides the values: a decision of the
+    // proxy's shape needed more than the 768 bytes once guessed here and grew (a copy of the
+    // whole record) on every decision. Room for it once, with the variable strings on top.
+    let strings = built.detail.len()
+        + request.action.len()
+        + request.host.as_ref().map_or(0, |h| h.as_str().len())
+        + request.method.as_ref().map_or(0, String::len)
+        + claims.agent_id.len()
+        + policy_digest.map_or(0, str::len);
+    let mut m = typed(kind::DECISION, Some(claims), at, 24, 1152 + strings);
     m.str(field::DECISION, built.decision.as_str())
         .str(field::REASON, built.reason.as_str())
         .str(field::DETAIL, &built.detail)
@@ -531,6 +603,25 @@ mod tests {
     /// The builders as they were before records were typed.
     mod generic {
         use super::super::*;
+
+        /// [`DecisionOutcome::to_json`] as it was, through `json!`.
+        pub fn outcome_json(o: &DecisionOutcome) -> Value {
+            let mut v = json!({
+                "decision": o.decision.as_str(),
+                "reason": o.reason,
+                "detail": o.detail,
+                "attestation_id": o.attestation_id,
+                "passport_id": o.passport_id,
+                "guardrails_evaluated": o.guardrails,
+                "all_passed": o.all_passed,
+                "timestamp": time(o.timestamp),
+            });
+            if let Some(h) = &o.hold {
+                v["approval_request_id"] = h.id.clone().into();
+                v["approval_expires_at"] = time(h.expires_at).into();
+            }
+            v
+        }
 
         pub fn spend(s: &SpendFields, m: &mut Map<String, Value>) {
             m.insert(FIELD_SPEND_WINDOW.into(), s.window.into());
@@ -717,8 +808,7 @@ mod tests {
         (0i64..4_102_444_800, 0u32..1_000_000_000).prop_map(|(s, n)| DateTime::from_timestamp(s, n).unwrap())
     }
 
-    fn built(claims: &Claims) -> impl Strategy<Value = Built> {
-        let id = claims.id.to_string();
+    fn built() -> impl Strategy<Value = Built> {
         (
             prop_oneof![Just(Decision::Allow), Just(Decision::Block), Just(Decision::RequestHold)],
             prop_oneof![Just(Reason::Allowed), Just(Reason::SpendLimitExceeded), "\\PC{1,12}".prop_map(Reason::Rule)],
@@ -728,7 +818,6 @@ mod tests {
             time_at(),
         )
             .prop_map(move |(decision, reason, detail, spend, hold, at)| Built {
-                passport_id: id.clone(),
                 decision,
                 reason,
                 detail,
@@ -775,7 +864,7 @@ mod tests {
         #[test]
         fn decisions_are_what_the_serde_json_builder_wrote(
             request in request(),
-            built in built(&claims("agent-1", SpendWindow::Monthly)),
+            built in built(),
             digest in proptest::option::of("[0-9a-f]{64}"),
             at in time_at(),
         ) {
@@ -783,14 +872,33 @@ mod tests {
             let typed = decision(&c, &request, &built, digest.as_deref(), at);
             same(typed, generic::decision(&c, &request, &built, digest.as_deref(), at))?;
             prop_assert_eq!(request_hash(&request), generic::request_hash(&request));
-            let id = PassportId::parse(&built.passport_id).unwrap();
+            let id = c.id.clone();
             same(unknown_passport(&id, &request, at), generic::unknown_passport(&id, &request, at))?;
+        }
+
+        #[test]
+        fn outcome_json_is_what_json_wrote(
+            built in built(),
+            index in 0u64..1 << 53,
+            guardrails in proptest::collection::vec(
+                ("[a-z_]{1,12}", any::<bool>(), "(\\PC|[\\x00-\\x1f\"\\\\])*"),
+                0..14,
+            ),
+        ) {
+            let mut outcome = built.into_outcome("pp_0123456789abcdef0123456789abcdef".into(), index);
+            outcome.guardrails = guardrails
+                .into_iter()
+                .map(|(name, passed, detail)| Guardrail { name: name.into(), passed, detail: detail.into() })
+                .collect();
+            // The same value, and the same text (member order included).
+            prop_assert_eq!(outcome.to_json(), generic::outcome_json(&outcome));
+            prop_assert_eq!(outcome.to_json().to_string(), generic::outcome_json(&outcome).to_string());
         }
 
         #[test]
         fn hold_resolutions_are_what_the_serde_json_builder_wrote(
             request in request(),
-            built in built(&claims("agent-2", SpendWindow::Daily)),
+            built in built(),
             by in by(),
             note in proptest::option::of("(\\PC|[\\x00-\\x1f\"\\\\])*"),
             at in time_at(),

@@ -10,7 +10,7 @@ use super::drafts::{self, Built, DecisionOutcome};
 use super::held::{Hold, HoldOrigin, HoldResolution, HoldStatus};
 use super::peer::{Actor, Peer};
 use super::{now, Service, ServiceError};
-use crate::decide::{self, Decision, EvalOptions, HostVerdict, Reason, Usage};
+use crate::decide::{self, Decision, EvalOptions, HostVerdict, Reason};
 use crate::domain::DomainName;
 use crate::ledger::{Draft, Txn, TxnError};
 use crate::passport::Claims;
@@ -309,7 +309,7 @@ impl Service {
                                 peer.user.as_deref().unwrap_or("unknown user")
                             );
                             End {
-                                built: block(claims, Reason::HoldDenied, detail, at),
+                                built: block(Reason::HoldDenied, detail, at),
                                 status: HoldStatus::Denied,
                                 by: peer.actor(),
                                 note,
@@ -317,7 +317,6 @@ impl Service {
                         }
                         Ending::Stop(peer, note) => End {
                             built: block(
-                                claims,
                                 Reason::EmergencyStop,
                                 format!(
                                     "An operator stopped this passport (emergency stop, by {}); the held request is refused.",
@@ -331,7 +330,6 @@ impl Service {
                         },
                         Ending::Timeout => End {
                             built: block(
-                                claims,
                                 Reason::HoldTimeout,
                                 "Nobody approved this request before its hold expired.".to_string(),
                                 at,
@@ -342,7 +340,6 @@ impl Service {
                         },
                         Ending::Abandon => End {
                             built: block(
-                                claims,
                                 Reason::HoldAbandoned,
                                 "The daemon restarted while this request was held; the request is gone.".to_string(),
                                 at,
@@ -359,8 +356,11 @@ impl Service {
         };
         let (built, hold) = outcome;
         let index = super::appended_index(&appended, "hold resolution")?;
-        let outcome =
-            HoldOutcome::Resolved { outcome: built.outcome(index), hold_id: hold.id.clone(), hold_status: hold.status };
+        let outcome = HoldOutcome::Resolved {
+            outcome: built.outcome(&hold.passport_id, index),
+            hold_id: hold.id.clone(),
+            hold_status: hold.status,
+        };
         // A resolution is the held request's final decision: counted and logged as one.
         crate::metrics::global().decision(built.decision.as_str(), built.reason.as_str());
         tracing::info!(
@@ -375,9 +375,8 @@ impl Service {
     }
 }
 
-fn block(claims: &Claims, reason: Reason, detail: String, at: DateTime<Utc>) -> Built {
+fn block(reason: Reason, detail: String, at: DateTime<Utc>) -> Built {
     Built {
-        passport_id: claims.id.to_string(),
         decision: Decision::Block,
         guardrails: drafts::failed("approval", &reason),
         reason,
@@ -436,7 +435,7 @@ struct Approval {
 impl Approval {
     fn evaluate(
         &self,
-        counters: Option<&[u8]>,
+        counters: Option<&super::lanes::Counters>,
         barred: Option<super::lanes::Barred>,
         at: DateTime<Utc>,
     ) -> super::lanes::Speculation<(Built, DateTime<Utc>)> {
@@ -445,8 +444,8 @@ impl Approval {
         if let Some(barred) = barred {
             return plan(super::barred_block(claims, barred, at));
         }
-        let usage = match counters.map(Usage::from_bytes).transpose() {
-            Ok(u) => u.unwrap_or_default(),
+        let usage = match super::lanes::usage_of(counters) {
+            Ok(u) => u,
             Err(e) => return plan(Built::state_error(claims, &e.to_string(), at)),
         };
         let policy = self.policy.as_deref();
@@ -455,7 +454,7 @@ impl Approval {
         let request = self.hold.action_request();
         let eval =
             decide::evaluate(&self.cp, &usage, &request, &verdict, at, EvalOptions { skip_approval: true, host_rules });
-        let writes = (eval.decision == Decision::Allow).then(|| eval.usage_after.to_bytes());
+        let writes = (eval.decision == Decision::Allow).then(|| eval.usage_after.clone());
         let mut built = Built::from_eval(eval, claims, at);
         if writes.is_some() {
             built.reason = Reason::HoldApproved;

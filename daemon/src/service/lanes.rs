@@ -34,6 +34,7 @@
 //! from a transaction that only looks). A hold approval is evaluated like a decision.
 
 use super::{Service, ServiceError};
+use crate::decide::{Usage, UsageError};
 use crate::ledger::{self, Draft, LedgerError, Txn, TxnError};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
@@ -79,7 +80,7 @@ impl Lane {
 struct LaneState {
     /// The stored `usage/<id>` as the lane's last submitted transaction leaves it: `None` when
     /// unknown (read it from the writer first), `Some(None)` when the passport has no counters.
-    known: Option<Option<Arc<Vec<u8>>>>,
+    known: Option<Option<Arc<Counters>>>,
     /// Changes whenever `known` is set from the store rather than from the lane's own
     /// speculation: a failed transaction adopts the bytes it saw only if nothing re-read them
     /// since it was evaluated.
@@ -96,6 +97,40 @@ impl Lanes {
         map.insert(passport_id.to_string(), lane.clone());
         Ok(lane)
     }
+}
+
+/// A passport's stored counters as a lane knows them: the `usage/<id>` bytes, which the writer
+/// compares, and, when the lane's own evaluation wrote them, the [`Usage`] they encode, so that
+/// the next evaluation does not parse back what the previous one just wrote (a JSON parse of
+/// two timestamps per decision). Bytes read from the store are parsed as before.
+pub(super) struct Counters {
+    bytes: Vec<u8>,
+    /// `Usage::from_bytes(&bytes)` would give exactly this (`to_bytes` is tested to read back
+    /// as itself); it is checked as the parse checks it ([`Usage::check_stored`]).
+    written: Option<Usage>,
+}
+
+impl Counters {
+    fn read(bytes: Vec<u8>) -> Counters {
+        Counters { bytes, written: None }
+    }
+
+    fn written(usage: Usage) -> Counters {
+        Counters { bytes: usage.to_bytes(), written: Some(usage) }
+    }
+
+    /// The counters, or why they cannot be read (the caller blocks; see `Usage::from_bytes`).
+    pub(super) fn usage(&self) -> Result<Usage, UsageError> {
+        match &self.written {
+            Some(u) => u.check_stored().map(|()| u.clone()),
+            None => Usage::from_bytes(&self.bytes),
+        }
+    }
+}
+
+/// The usage of `counters` (none yet: [`Usage::default`]), or why it cannot be read.
+pub(super) fn usage_of(counters: Option<&Counters>) -> Result<Usage, UsageError> {
+    counters.map_or_else(|| Ok(Usage::default()), Counters::usage)
 }
 
 /// A transaction found `usage/<id>` other than expected: the bytes it found (`None`: no
@@ -134,7 +169,7 @@ fn moved(e: LedgerError) -> Result<Moved, LedgerError> {
 /// What one evaluation in a lane decided to do.
 pub(super) struct Speculation<P> {
     /// The counters to store with the record (an allow); `None` leaves them as they are.
-    pub writes: Option<Vec<u8>>,
+    pub writes: Option<Usage>,
     /// What the commit needs (the built decision, its record...).
     pub plan: P,
 }
@@ -155,8 +190,8 @@ async fn submit_then_release<F: Future, G>(fut: F, guard: G) -> F::Output {
 
 impl Service {
     /// Runs one counter-moving evaluation of passport `passport_id` in its lane (see the module
-    /// doc). `evaluate(counters, at)` gets the stored `usage/<id>` bytes (`None`: none yet) and
-    /// the decision time; it runs on a blocking thread when `blocking` is set. `commit(barred,
+    /// doc). `evaluate(counters, at)` gets the stored `usage/<id>` (`None`: none yet; read it
+    /// with [`usage_of`]) and the decision time; it runs on a blocking thread when `blocking` is set. `commit(barred,
     /// plan, txn)` runs in the writer after the compare-and-set succeeded (and the counters were
     /// written), or with `barred` set, before any comparison, when the passport is revoked or
     /// stopped in the store (nothing is written then).
@@ -171,7 +206,7 @@ impl Service {
         P: Send + 'static,
         T: Send + 'static,
         // Cloned per attempt (callers capture `Arc`s): cheaper than boxing them once per call.
-        Ev: Fn(Option<&[u8]>, DateTime<Utc>) -> Speculation<P> + Clone + Send + Sync + 'static,
+        Ev: Fn(Option<&Counters>, DateTime<Utc>) -> Speculation<P> + Clone + Send + Sync + 'static,
         Co: Fn(Option<Barred>, P, &mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Clone + Send + Sync + 'static,
     {
         let lane = self.lanes.get(passport_id)?;
@@ -180,7 +215,7 @@ impl Service {
             let expects = match &state.known {
                 Some(known) => known.clone(),
                 None => {
-                    let current = self.peek(passport_id, &lane.usage_key).await?.map(Arc::new);
+                    let current = self.peek(passport_id, &lane.usage_key).await?.map(|b| Arc::new(Counters::read(b)));
                     state.known = Some(current.clone());
                     state.epoch = state.epoch.wrapping_add(1);
                     current
@@ -193,16 +228,16 @@ impl Service {
                 // stays taken until the rules have run, so one passport never runs two at once.
                 let (evaluate, counters) = (evaluate.clone(), expects.clone());
                 let (speculation, back) =
-                    tokio::task::spawn_blocking(move || (evaluate(counters.as_deref().map(Vec::as_slice), at), state))
+                    tokio::task::spawn_blocking(move || (evaluate(counters.as_deref(), at), state))
                         .await
                         .map_err(|e| ServiceError::Evaluation(e.to_string()))?;
                 state = back;
                 speculation
             } else {
-                evaluate(expects.as_deref().map(Vec::as_slice), at)
+                evaluate(expects.as_deref(), at)
             };
             let Speculation { writes, plan } = speculation;
-            let writes = writes.map(Arc::new);
+            let writes = writes.map(|u| Arc::new(Counters::written(u)));
             // The next evaluation of this passport starts from what this one leaves.
             state.known = Some(writes.clone().or_else(|| expects.clone()));
             let (ukey, rkey, skey, commit) =
@@ -215,12 +250,12 @@ impl Service {
                     return commit(Some(Barred::Stopped), plan, txn);
                 }
                 let current = txn.get(&ukey)?;
-                if current.as_deref() != expects.as_deref().map(Vec::as_slice) {
+                if current.as_deref() != expects.as_deref().map(|c| c.bytes.as_slice()) {
                     let passport_id = ukey.strip_prefix("usage/").unwrap_or(&ukey).to_string();
                     return Err(TxnError::abort(Moved { passport_id, current }));
                 }
                 if let Some(w) = &writes {
-                    txn.put(&ukey, w)?;
+                    txn.put(&ukey, &w.bytes)?;
                 }
                 commit(None, plan, txn)
             };
@@ -233,7 +268,7 @@ impl Service {
                     match moved(e) {
                         Ok(m) => {
                             if fresh {
-                                state.known = Some(m.current.map(Arc::new));
+                                state.known = Some(m.current.map(|b| Arc::new(Counters::read(b))));
                                 state.epoch = state.epoch.wrapping_add(1);
                             }
                             tracing::debug!(passport_id, attempt, "counters moved during evaluation; evaluating again");

@@ -728,7 +728,14 @@ impl Service {
         origin: HoldOrigin,
         host_verdict: HostVerdict,
     ) -> Result<DecisionOutcome, ServiceError> {
-        let pid = PassportId::parse(&input.passport_id).map_err(|e| ServiceError::invalid("passport_id", e))?;
+        // A registered passport's id was parsed when it was registered (the registry is keyed by
+        // it), so only an id the registry does not know is parsed here, for its error or for the
+        // record of an unknown passport: the usual decision allocates no id of its own.
+        let compiled: Result<Arc<CompiledPassport>, PassportId> = match self.passport(&input.passport_id) {
+            Some(cp) => Ok(cp),
+            None => Err(PassportId::parse(&input.passport_id).map_err(|e| ServiceError::invalid("passport_id", e))?),
+        };
+        let pid = input.passport_id.as_str();
         let host = match input.target.as_deref().filter(|t| !t.is_empty()) {
             Some(t) => {
                 Some(DomainName::parse(t).map_err(|e| ServiceError::invalid("target", format!("target {t:?}: {e}")))?)
@@ -742,7 +749,7 @@ impl Service {
         let mut lock = None;
         if let Some(g) = &input.gate_price {
             let gate_id = g.offer.gate_id.as_str().to_string();
-            let key = gate_lock_key(&gate_id, pid.as_str());
+            let key = gate_lock_key(&gate_id, pid);
             let assumed = match self.ledger.state_get(&key)? {
                 None => None,
                 Some(b) => Some(std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| {
@@ -767,7 +774,6 @@ impl Service {
             method: input.method.take(),
             path: input.path.take(),
         };
-        let compiled = self.passport(pid.as_str());
         let held = HoldParams { origin, timeout: self.config.hold_timeout, port: input.port };
         // Read once per decision: the digest recorded and the host rules applied always come
         // from the same policy, even across a concurrent reload.
@@ -777,7 +783,7 @@ impl Service {
         // request), or the request of an unknown passport.
         let logged: Result<Arc<LaneDecision>, ActionRequest>;
         let (outcome, appended) = match compiled {
-            None => {
+            Err(pid) => {
                 let recorded = request.clone();
                 logged = Err(request);
                 self.transact(move |_txn: &mut Txn<'_>| {
@@ -787,7 +793,7 @@ impl Service {
                 })
                 .await?
             }
-            Some(cp) => {
+            Ok(cp) => {
                 // Fleet leases first (outside the lane): a request the host's leases do not cover
                 // waits here a short while for a lease; the lane then decides with what the host holds.
                 let fleet = self.fleet().cloned();
@@ -813,7 +819,7 @@ impl Service {
                 let me = self.me.clone();
                 let barred_now = move |id: &str| me.upgrade().map_or(Some(lanes::Barred::Revoked), |s| s.barred(id));
                 self.in_lane(
-                    pid.as_str(),
+                    pid,
                     blocking,
                     move |counters, at| d.evaluate(counters, barred_now(d.cp.passport.claims.id.as_str()), at),
                     move |barred, plan, txn| decision.commit(barred, plan, txn),
@@ -857,7 +863,7 @@ impl Service {
         } else {
             decision_line!(tracing::Level::INFO);
         }
-        Ok(outcome.into_outcome(index))
+        Ok(outcome.into_outcome(std::mem::take(&mut input.passport_id), index))
     }
 
     /// `GET /v1/passports/{id}/state`.
@@ -1031,7 +1037,7 @@ impl LaneDecision {
     /// and unreadable counters are decided here, as before the engine.
     fn evaluate(
         &self,
-        counters: Option<&[u8]>,
+        counters: Option<&lanes::Counters>,
         barred: Option<lanes::Barred>,
         at: DateTime<Utc>,
     ) -> lanes::Speculation<DecisionPlan> {
@@ -1039,14 +1045,13 @@ impl LaneDecision {
         let (built, writes) = if let Some(barred) = barred {
             (barred_block(claims, barred, at), None)
         } else {
-            match counters.map(Usage::from_bytes).transpose() {
+            match lanes::usage_of(counters) {
                 Err(e) => {
                     // Corrupt counters must never read as zero spend: block, loudly.
                     tracing::error!(passport_id = %claims.id, error = %e, "usage state is unreadable; blocking");
                     (drafts::Built::state_error(claims, &e.to_string(), at), None)
                 }
                 Ok(usage) => {
-                    let usage = usage.unwrap_or_default();
                     let eval =
                         decide::evaluate(&self.cp, &usage, &self.request, &self.host_verdict, at, self.opts.clone());
                     let fleet_refusal = match &self.fleet {
@@ -1058,8 +1063,7 @@ impl LaneDecision {
                     match fleet_refusal {
                         Some(refusal) => (drafts::Built::fleet_refused(eval, claims, &refusal, at), None),
                         None => {
-                            let writes =
-                                (eval.decision == decide::Decision::Allow).then(|| eval.usage_after.to_bytes());
+                            let writes = (eval.decision == decide::Decision::Allow).then(|| eval.usage_after.clone());
                             (drafts::Built::from_eval(eval, claims, at), writes)
                         }
                     }
