@@ -28,5 +28,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod sdnotify;
 pub mod service;
+pub mod tls;
 pub mod unixsock;
 pub mod wiring;

@@ -840,7 +840,7 @@ async fn over_tls_with_alpn_h2_a_signed_https_request_is_allowed() {
 
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).unwrap();
-    let provider = sluice::proxy::ca::crypto_provider();
+    let provider = sluice::tls::crypto_provider();
     let mut client = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()

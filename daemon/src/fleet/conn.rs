@@ -134,7 +134,7 @@ impl RedisConn {
         }
         info = info.set_redis_settings(settings);
         // redis builds its rustls configuration with the process's default provider.
-        crate::proxy::ca::install_process_provider();
+        crate::tls::install_process_provider();
         let client = match ca_pem {
             Some(pem) if url.tls => redis::Client::build_with_tls(
                 info,

@@ -582,7 +582,7 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result
         anyhow::bail!("tls_cert {}: holds no PEM certificate", cert.display());
     }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("tls_key {}: {e}", key.display()))?;
-    let provider = crate::proxy::ca::crypto_provider();
+    let provider = crate::tls::crypto_provider();
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()

@@ -41,7 +41,7 @@ impl Upstream {
                     CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
                 roots.add_parsable_certificates(certs);
             }
-            let provider = crate::proxy::ca::crypto_provider();
+            let provider = crate::tls::crypto_provider();
             let mut config = ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()?
                 .with_root_certificates(roots)

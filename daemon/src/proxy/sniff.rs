@@ -489,7 +489,7 @@ mod tests {
 
     /// The first flight of a real rustls client: its ClientHello record(s).
     fn rustls_hello(server: &str, alpn: &[&[u8]], tls12_only: bool) -> Vec<u8> {
-        let builder = ClientConfig::builder_with_provider(crate::proxy::ca::crypto_provider());
+        let builder = ClientConfig::builder_with_provider(crate::tls::crypto_provider());
         let builder = if tls12_only {
             builder.with_protocol_versions(&[&rustls::version::TLS12])
         } else {

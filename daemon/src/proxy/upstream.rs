@@ -65,7 +65,7 @@ pub enum TlsSetupError {
     Tls(#[from] rustls::Error),
 }
 
-/// The rustls client configuration for upstream connections: [`super::ca::crypto_provider`],
+/// The rustls client configuration for upstream connections: [`crate::tls::crypto_provider`],
 /// TLS 1.2/1.3, ALPN h2 then http/1.1, roots from webpki, `system_bundle` (if it exists) and every
 /// `extra_roots` file (each must exist and hold at least one certificate).
 pub fn client_config(
@@ -94,7 +94,7 @@ pub fn client_config(
             return Err(bad("holds no PEM certificate".into()));
         }
     }
-    let provider = crate::proxy::ca::crypto_provider();
+    let provider = crate::tls::crypto_provider();
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
