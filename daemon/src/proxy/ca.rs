@@ -670,19 +670,8 @@ mod tests {
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        let (c, s) = tokio::io::duplex(64 * 1024);
-        let acceptor = tokio_rustls::TlsAcceptor::from(server);
-        let server_side = tokio::spawn(async move {
-            let mut tls = acceptor.accept(s).await.unwrap();
-            let mut buf = [0u8; 4];
-            tls.read_exact(&mut buf).await.unwrap();
-            tls.get_ref().1.negotiated_cipher_suite().expect("suite").suite()
-        });
-        let mut tls =
-            tokio_rustls::TlsConnector::from(Arc::new(config)).connect(dns("api.example.test"), c).await.unwrap();
-        tls.write_all(b"ping").await.unwrap();
-        tls.flush().await.unwrap();
-        let theirs = server_side.await.unwrap();
+        let (tls, theirs) = exchange(server, Arc::new(config), "api.example.test").await;
+        let theirs = theirs.expect("suite").suite();
         assert_eq!(Some(theirs), tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()));
         theirs
     }
@@ -713,8 +702,13 @@ mod tests {
         assert_eq!(ours.cipher_suites.first().map(|s| s.suite()), Some(TLS13_AES_128_GCM_SHA256));
     }
 
-    /// A handshake as [`handshake`] does, returning how it went (full or resumed).
-    async fn handshake_kind(server: Arc<ServerConfig>, client: Arc<ClientConfig>, name: &str) -> rustls::HandshakeKind {
+    /// A handshake and a ping/pong over it in memory: the client's stream after the exchange
+    /// (the session tickets came before the pong) and the suite the server negotiated.
+    async fn exchange(
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+        name: &str,
+    ) -> (tokio_rustls::client::TlsStream<tokio::io::DuplexStream>, Option<rustls::SupportedCipherSuite>) {
         let (c, s) = tokio::io::duplex(64 * 1024);
         let acceptor = tokio_rustls::TlsAcceptor::from(server);
         let server_side = tokio::spawn(async move {
@@ -723,13 +717,20 @@ mod tests {
             tls.read_exact(&mut buf).await.unwrap();
             tls.write_all(b"pong").await.unwrap();
             tls.flush().await.unwrap();
+            tls.get_ref().1.negotiated_cipher_suite()
         });
         let mut tls = tokio_rustls::TlsConnector::from(client).connect(dns(name), c).await.unwrap();
         tls.write_all(b"ping").await.unwrap();
         tls.flush().await.unwrap();
         let mut buf = [0u8; 4];
-        tls.read_exact(&mut buf).await.unwrap(); // the session tickets came before this
-        server_side.await.unwrap();
+        tls.read_exact(&mut buf).await.unwrap();
+        let theirs = server_side.await.unwrap();
+        (tls, theirs)
+    }
+
+    /// A handshake as [`handshake`] does, returning how it went (full or resumed).
+    async fn handshake_kind(server: Arc<ServerConfig>, client: Arc<ClientConfig>, name: &str) -> rustls::HandshakeKind {
+        let (tls, _) = exchange(server, client, name).await;
         tls.get_ref().1.handshake_kind().expect("handshake done")
     }
 
