@@ -25,20 +25,27 @@ pub struct Money(pub u64);
 
 impl std::fmt::Display for Money {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        /// Millicents per dollar: 100 cents of 1,000 millicents.
-        const PER_DOLLAR: u64 = 100_000;
-        let (whole, fraction) = (self.0 / PER_DOLLAR, self.0 % PER_DOLLAR);
-        // Five digits of fraction, trailing zeros dropped down to two (cents).
-        let mut digits = [b'0'; 5];
-        let mut n = fraction;
-        for d in digits.iter_mut().rev() {
-            *d = b'0' + (n % 10) as u8;
-            n /= 10;
-        }
-        let significant = digits.iter().rposition(|d| *d != b'0').map_or(0, |at| at + 1).max(2);
+        let (digits, significant) = fraction_digits(self.0);
+        let whole = self.0 / PER_DOLLAR;
         let fraction = std::str::from_utf8(digits.get(..significant).unwrap_or_default()).unwrap_or_default();
         write!(f, "${whole}.{fraction}")
     }
+}
+
+/// Millicents per dollar: 100 cents of 1,000 millicents.
+const PER_DOLLAR: u64 = 100_000;
+
+/// The five fraction digits of `millicents` in dollars and how many to show: trailing zeros
+/// dropped down to two (cents). Shared by [`Money`] and [`Line::money`].
+fn fraction_digits(millicents: u64) -> ([u8; 5], usize) {
+    let mut digits = [b'0'; 5];
+    let mut n = millicents % PER_DOLLAR;
+    for d in digits.iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    let significant = digits.iter().rposition(|d| *d != b'0').map_or(0, |at| at + 1).max(2);
+    (digits, significant)
 }
 
 /// A detail made on every decision (the checks a request passes, an allow's summary), built
@@ -65,21 +72,12 @@ impl Line {
 
     /// Millicents as [`Money`] displays them (`$0.00042`).
     pub fn money(mut self, millicents: u64) -> Line {
-        const PER_DOLLAR: u64 = 100_000;
         self.0.push('$');
         push_decimal(&mut self.0, millicents / PER_DOLLAR);
         self.0.push('.');
-        let mut fraction = millicents % PER_DOLLAR;
-        // Five digits, trailing zeros dropped down to two (cents).
-        let mut digits = 5;
-        while digits > 2 && fraction.is_multiple_of(10) {
-            fraction /= 10;
-            digits -= 1;
-        }
-        let mut unit = 10u64.pow(digits - 1);
-        while unit > 0 {
-            self.0.push(char::from(b'0' + (fraction / unit % 10) as u8));
-            unit /= 10;
+        let (digits, significant) = fraction_digits(millicents);
+        for d in digits.iter().take(significant) {
+            self.0.push(char::from(*d));
         }
         self
     }
