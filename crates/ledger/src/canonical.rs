@@ -167,18 +167,31 @@ fn needs_escape(b: u8) -> bool {
 /// some byte is below 0x20 (bytes of 0x80 and above have their top bit set, so `!w` masks them
 /// out), and the same with `w ^ '"'…` and `w ^ '\\'…` and a bound of 1 finds a byte equal to
 /// either. Only a word that tests positive is looked at byte by byte.
+#[inline]
 fn first_escape(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let below = |w: u64, n: u64| w.wrapping_sub(ONES * n) & !w & HIGHS;
+    let suspect = |word: &[u8; 8]| {
+        let w = u64::from_le_bytes(*word);
+        let below = |w: u64, n: u64| w.wrapping_sub(ONES * n) & !w & HIGHS;
+        below(w, 0x20) | below(w ^ (ONES * u64::from(b'"')), 1) | below(w ^ (ONES * u64::from(b'\\')), 1) != 0
+    };
     let (words, tail) = bytes.as_chunks::<8>();
     for (i, word) in words.iter().enumerate() {
-        let w = u64::from_le_bytes(*word);
-        if below(w, 0x20) | below(w ^ (ONES * u64::from(b'"')), 1) | below(w ^ (ONES * u64::from(b'\\')), 1) != 0 {
+        if suspect(word) {
             if let Some(at) = word.iter().position(|&b| needs_escape(b)) {
                 return Some(i * 8 + at);
             }
         }
+    }
+    // The last few bytes as one more word, padded with spaces (which need no escape): most
+    // strings are short, and a byte loop over the tail cost more than the words.
+    let mut last = [b' '; 8];
+    if let Some(head) = last.get_mut(..tail.len()) {
+        head.copy_from_slice(tail);
+    }
+    if !suspect(&last) {
+        return None;
     }
     tail.iter().position(|&b| needs_escape(b)).map(|at| words.len() * 8 + at)
 }
