@@ -83,6 +83,11 @@ where
         })
     };
     let io = TokioIo::new(io);
+    // A connection with no request in progress (none sent yet, an HTTP/1.1 head or an HTTP/2
+    // header block never finished, an idle keep-alive) is closed after `header_timeout`: the
+    // same rule for both protocols, and one timer per connection rather than hyper's HTTP/1.1
+    // header read timeout, which armed (and boxed) a timer for every request head.
+    let idle = activity.idle_for(proxy.limits.header_timeout);
     let result = if h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
@@ -90,12 +95,9 @@ where
             .max_header_list_size(u32::try_from(proxy.limits.max_header_bytes).unwrap_or(u32::MAX));
         let conn = b.serve_connection(io, svc);
         tokio::pin!(conn);
-        // HTTP/2 has no header read timeout: a connection with no request in progress (none
-        // sent, or a header block never finished) is closed after `header_timeout`, as hyper
-        // closes an idle HTTP/1.1 connection.
         tokio::select! {
             r = conn.as_mut() => r,
-            _ = activity.idle_for(proxy.limits.header_timeout) => {
+            _ = idle => {
                 tracing::debug!(client = %info.client, "HTTP/2 connection without a request in progress; closing");
                 conn.as_mut().graceful_shutdown();
                 // A client that ignores the GOAWAY (and its PING) is dropped after a short grace.
@@ -104,11 +106,18 @@ where
         }
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
-        b.timer(TokioTimer::new())
-            .header_read_timeout(proxy.limits.header_timeout)
-            .max_buf_size(proxy.limits.max_header_bytes.max(8192))
-            .half_close(false);
-        b.serve_connection(io, svc).with_upgrades().await
+        b.max_buf_size(proxy.limits.max_header_bytes.max(8192)).half_close(false);
+        let conn = b.serve_connection(io, svc).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = idle => {
+                tracing::debug!(client = %info.client, "HTTP/1.1 connection without a request in progress; closing");
+                // No request in progress: hyper closes at once (a partial head is dropped).
+                conn.as_mut().graceful_shutdown();
+                tokio::time::timeout(idle::CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
+            }
+        }
     };
     if let Err(e) = result {
         if e.is_parse() || e.is_parse_too_large() {
@@ -1322,6 +1331,73 @@ mod tests {
             let _ = task.await;
         }
         assert!(h.decide.enforced.lock().unwrap().is_empty(), "nothing was decided: no request came");
+    }
+
+    /// HTTP/1.1 under the same rule: a head trickled byte by byte and never finished
+    /// (slowloris), and a keep-alive connection left idle after its answered request, are both
+    /// closed once `header_timeout` passed with no request in progress, and not before.
+    #[tokio::test]
+    async fn an_http1_connection_without_a_request_in_progress_is_closed_after_the_header_timeout() {
+        use crate::proxy::testing::{agent_pair, harness_with_limits, raw_rule, CGROUP};
+        use std::time::{Duration, Instant};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let timeout = Duration::from_millis(400);
+        let limits = super::super::Limits { header_timeout: timeout, ..super::super::Limits::default() };
+        let fake = FakeDecide::answering(Ok(outcome(Decision::Block, Reason::DomainNotAllowed, 5)));
+        let h = harness_with_limits(fake, &raw_rule(9), &[], limits);
+        let name = DomainName::parse("db.example.test").expect("name");
+        for trickle in [true, false] {
+            let (mut agent, accepted) = agent_pair().await;
+            let info = ConnInfo {
+                passport_id: "pp-1".into(),
+                client: "127.0.0.1:40000".parse().expect("addr"),
+                dialed: std::net::SocketAddr::new("198.18.0.9".parse().expect("ip"), 80),
+                pid: 4242,
+                cgroup_id: CGROUP,
+                dialed_name: Some(name.clone()),
+                sni: None,
+                tls: false,
+            };
+            let task = tokio::spawn(serve(h.proxy.clone(), Arc::new(info), accepted, false));
+            let mut buf = [0u8; 4096];
+            let start = if trickle {
+                // One byte every 50 ms, the head never ending: still open after most of the
+                // timeout (the bytes keep coming), closed after it.
+                let start = Instant::now();
+                for b in b"GET / HTTP/1.1\r\nHost: db.example.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+                    if agent.write_all(&[*b]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if start.elapsed() > timeout * 3 {
+                        break;
+                    }
+                }
+                start
+            } else {
+                agent.write_all(b"GET / HTTP/1.1\r\nHost: db.example.test\r\n\r\n").await.expect("send");
+                let n = tokio::time::timeout(Duration::from_secs(5), agent.read(&mut buf))
+                    .await
+                    .expect("answered")
+                    .expect("read");
+                let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 403"), "{head}");
+                Instant::now()
+            };
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), agent.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(_)) => {}
+                    Err(_) => panic!("trickle={trickle}: the connection was not closed"),
+                }
+            }
+            let took = start.elapsed();
+            assert!(took >= timeout, "trickle={trickle}: closed after {took:?}");
+            assert!(took < timeout + super::super::idle::CLOSE_GRACE + Duration::from_secs(3), "{took:?}");
+            let _ = task.await;
+        }
+        // The trickled head was never a request: the only decision is the answered one.
+        assert_eq!(h.decide.enforced.lock().unwrap().len(), 1);
     }
 
     /// CONNECT through the whole request pipeline on a served connection, with no kernel: a

@@ -1,14 +1,15 @@
 //! When an agent connection has no request in progress.
 //!
-//! hyper bounds an idle HTTP/1.1 connection itself (its header read timeout also runs while a
-//! keep-alive connection waits for the next request), but nothing bounds an HTTP/2 connection
-//! that never sends a request: one that stops after the TLS handshake, after the preface, or in
-//! the middle of a header block (HEADERS without END_HEADERS, then silence). Each holds one of
-//! the proxy's connection slots for as long as the agent likes. [`Activity`] counts the requests
-//! in progress on a connection, from the moment hyper hands one to the service until its
-//! response body has ended or been dropped (a held request waiting for an operator is in
-//! progress), and [`Activity::idle_for`] resolves once there has been none for the given time;
-//! the caller then closes the connection (`GOAWAY`, and after [`CLOSE_GRACE`] the socket).
+//! A connection that sends no request holds one of the proxy's connection slots for as long as
+//! the agent likes: one that stops after the TLS handshake, an HTTP/1.1 head trickled byte by
+//! byte (slowloris) or never finished, an idle keep-alive connection, an HTTP/2 connection that
+//! stops after the preface or in the middle of a header block (HEADERS without END_HEADERS, then
+//! silence). [`Activity`] counts the requests in progress on a connection, from the moment hyper
+//! hands one to the service until its response body has ended or been dropped (a held request
+//! waiting for an operator is in progress, and so is a slow upload), and [`Activity::idle_for`]
+//! resolves once there has been none for the given time; the caller then closes the connection
+//! (HTTP/1.1: at once; HTTP/2: `GOAWAY`, and after [`CLOSE_GRACE`] the socket). One timer per
+//! connection, re-armed only when it fires, so a request costs no timer of its own.
 
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
