@@ -92,7 +92,10 @@ impl Daemon {
             .env("RUST_LOG", std::env::var("SLUICE_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()))
             // As the shipped unit (systemd/sluice.service) runs it, so the proxy benchmark's RSS
             // is the shipped daemon's.
-            .env("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=131072:glibc.malloc.mmap_threshold=1048576")
+            .env(
+                "GLIBC_TUNABLES",
+                "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=131072:glibc.malloc.mmap_threshold=1048576",
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

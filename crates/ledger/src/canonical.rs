@@ -851,7 +851,11 @@ mod tests {
                         if at < len {
                             bytes[at] = special;
                         }
-                        assert_eq!(first_escape(&bytes), naive(&bytes), "fill {fill:#x} len {len} at {at} byte {special:#x}");
+                        assert_eq!(
+                            first_escape(&bytes),
+                            naive(&bytes),
+                            "fill {fill:#x} len {len} at {at} byte {special:#x}"
+                        );
                     }
                 }
             }

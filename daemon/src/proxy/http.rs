@@ -1364,7 +1364,9 @@ mod tests {
                 // One byte every 50 ms, the head never ending: still open after most of the
                 // timeout (the bytes keep coming), closed after it.
                 let start = Instant::now();
-                for b in b"GET / HTTP/1.1\r\nHost: db.example.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter() {
+                for b in
+                    b"GET / HTTP/1.1\r\nHost: db.example.test\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter()
+                {
                     if agent.write_all(&[*b]).await.is_err() {
                         break;
                     }
