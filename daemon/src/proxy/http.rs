@@ -87,37 +87,19 @@ where
     // header block never finished, an idle keep-alive) is closed after `header_timeout`: the
     // same rule for both protocols, and one timer per connection rather than hyper's HTTP/1.1
     // header read timeout, which armed (and boxed) a timer for every request head.
-    let idle = activity.idle_for(proxy.limits.header_timeout);
+    let timeout = proxy.limits.header_timeout;
     let result = if h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .max_concurrent_streams(proxy.limits.max_streams)
             .max_header_list_size(u32::try_from(proxy.limits.max_header_bytes).unwrap_or(u32::MAX));
-        let conn = b.serve_connection(io, svc);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = idle => {
-                tracing::debug!(client = %info.client, "HTTP/2 connection without a request in progress; closing");
-                conn.as_mut().graceful_shutdown();
-                // A client that ignores the GOAWAY (and its PING) is dropped after a short grace.
-                tokio::time::timeout(idle::CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
-            }
-        }
+        let conn = std::pin::pin!(b.serve_connection(io, svc));
+        idle::serve_until_idle(conn, &activity, timeout, info.client, |c| c.graceful_shutdown()).await
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.max_buf_size(proxy.limits.max_header_bytes.max(8192)).half_close(false);
-        let conn = b.serve_connection(io, svc).with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            _ = idle => {
-                tracing::debug!(client = %info.client, "HTTP/1.1 connection without a request in progress; closing");
-                // No request in progress: hyper closes at once (a partial head is dropped).
-                conn.as_mut().graceful_shutdown();
-                tokio::time::timeout(idle::CLOSE_GRACE, conn.as_mut()).await.unwrap_or(Ok(()))
-            }
-        }
+        let conn = std::pin::pin!(b.serve_connection(io, svc).with_upgrades());
+        idle::serve_until_idle(conn, &activity, timeout, info.client, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         if e.is_parse() || e.is_parse_too_large() {
@@ -1091,6 +1073,21 @@ mod tests {
         }
     }
 
+    /// An agent connection as the served-connection tests open it: from 127.0.0.1:40000 in the
+    /// test cgroup to `dialed` (by `name` when the agent resolved one through the daemon), no SNI.
+    fn served_conn(dialed: &str, name: Option<DomainName>, tls: bool) -> Arc<ConnInfo> {
+        Arc::new(ConnInfo {
+            passport_id: "pp-1".into(),
+            client: "127.0.0.1:40000".parse().expect("addr"),
+            dialed: dialed.parse().expect("addr"),
+            pid: 4242,
+            cgroup_id: crate::proxy::testing::CGROUP,
+            dialed_name: name,
+            sni: None,
+            tls,
+        })
+    }
+
     fn upstream_response(body: &'static str, headers: &[(&'static str, &'static str)]) -> Response<ProxyBody> {
         let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}).boxed());
         for (k, v) in headers {
@@ -1276,31 +1273,33 @@ mod tests {
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=x__evil_1__; attestation=1");
     }
 
+    /// A proxy whose `header_timeout` is `timeout`, deciding `answer` for every request.
+    fn with_header_timeout(
+        timeout: std::time::Duration,
+        answer: crate::service::DecisionOutcome,
+    ) -> crate::proxy::testing::Harness {
+        let limits = super::super::Limits { header_timeout: timeout, ..super::super::Limits::default() };
+        crate::proxy::testing::harness_with_limits(
+            FakeDecide::answering(Ok(answer)),
+            &crate::proxy::testing::raw_rule(9),
+            &[],
+            limits,
+        )
+    }
+
     /// HTTP/2 has no header timeout of its own: a connection that sends the preface and
     /// nothing else, or stops inside a header block, gets a GOAWAY once `header_timeout` passed
     /// with no request in progress, and is closed within the grace after it.
     #[tokio::test]
     async fn an_http2_connection_without_a_request_in_progress_is_closed_after_the_header_timeout() {
-        use crate::proxy::testing::{agent_pair, harness_with_limits, raw_rule, CGROUP};
+        use crate::proxy::testing::agent_pair;
         use std::time::{Duration, Instant};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let timeout = Duration::from_millis(300);
-        let limits = super::super::Limits { header_timeout: timeout, ..super::super::Limits::default() };
-        let fake = FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 1)));
-        let h = harness_with_limits(fake, &raw_rule(9), &[], limits);
+        let h = with_header_timeout(timeout, outcome(Decision::Allow, Reason::Allowed, 1));
         for partial in [false, true] {
             let (mut agent, accepted) = agent_pair().await;
-            let info = ConnInfo {
-                passport_id: "pp-1".into(),
-                client: "127.0.0.1:40000".parse().expect("addr"),
-                dialed: "127.0.0.1:443".parse().expect("addr"),
-                pid: 4242,
-                cgroup_id: CGROUP,
-                dialed_name: None,
-                sni: None,
-                tls: true,
-            };
-            let task = tokio::spawn(serve(h.proxy.clone(), Arc::new(info), accepted, true));
+            let task = tokio::spawn(serve(h.proxy.clone(), served_conn("127.0.0.1:443", None, true), accepted, true));
             let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
             opening.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
             if partial {
@@ -1338,27 +1337,16 @@ mod tests {
     /// closed once `header_timeout` passed with no request in progress, and not before.
     #[tokio::test]
     async fn an_http1_connection_without_a_request_in_progress_is_closed_after_the_header_timeout() {
-        use crate::proxy::testing::{agent_pair, harness_with_limits, raw_rule, CGROUP};
+        use crate::proxy::testing::agent_pair;
         use std::time::{Duration, Instant};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let timeout = Duration::from_millis(400);
-        let limits = super::super::Limits { header_timeout: timeout, ..super::super::Limits::default() };
-        let fake = FakeDecide::answering(Ok(outcome(Decision::Block, Reason::DomainNotAllowed, 5)));
-        let h = harness_with_limits(fake, &raw_rule(9), &[], limits);
+        let h = with_header_timeout(timeout, outcome(Decision::Block, Reason::DomainNotAllowed, 5));
         let name = DomainName::parse("db.example.test").expect("name");
         for trickle in [true, false] {
             let (mut agent, accepted) = agent_pair().await;
-            let info = ConnInfo {
-                passport_id: "pp-1".into(),
-                client: "127.0.0.1:40000".parse().expect("addr"),
-                dialed: std::net::SocketAddr::new("198.18.0.9".parse().expect("ip"), 80),
-                pid: 4242,
-                cgroup_id: CGROUP,
-                dialed_name: Some(name.clone()),
-                sni: None,
-                tls: false,
-            };
-            let task = tokio::spawn(serve(h.proxy.clone(), Arc::new(info), accepted, false));
+            let info = served_conn("198.18.0.9:80", Some(name.clone()), false);
+            let task = tokio::spawn(serve(h.proxy.clone(), info, accepted, false));
             let mut buf = [0u8; 4096];
             let start = if trickle {
                 // One byte every 50 ms, the head never ending: still open after most of the
@@ -1412,7 +1400,7 @@ mod tests {
     /// `connect_denied` and nothing is dialed.
     #[tokio::test]
     async fn connect_tunnels_only_where_a_raw_tcp_rule_allows_and_after_the_decision() {
-        use crate::proxy::testing::{agent_pair, harness, raw_rule, upstream, CGROUP};
+        use crate::proxy::testing::{agent_pair, harness, raw_rule, upstream};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let local = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
         let up = upstream().await;
@@ -1424,17 +1412,12 @@ mod tests {
         let name = DomainName::parse("db.example.test").expect("name");
         let ask = |p: u16| format!("CONNECT db.example.test:{p} HTTP/1.1\r\nHost: db.example.test:{p}\r\n\r\n");
         let serve = |agent_side| {
-            let info = ConnInfo {
-                passport_id: "pp-1".into(),
-                client: "127.0.0.1:40000".parse().expect("addr"),
-                dialed: std::net::SocketAddr::new("198.18.0.9".parse().expect("ip"), 80),
-                pid: 4242,
-                cgroup_id: CGROUP,
-                dialed_name: Some(name.clone()),
-                sni: None,
-                tls: false,
-            };
-            tokio::spawn(serve(h.proxy.clone(), Arc::new(info), agent_side, false))
+            tokio::spawn(serve(
+                h.proxy.clone(),
+                served_conn("198.18.0.9:80", Some(name.clone()), false),
+                agent_side,
+                false,
+            ))
         };
 
         // Allowed: 200, then the tunnel carries bytes both ways.

@@ -66,6 +66,30 @@ impl Activity {
     }
 }
 
+/// Drives a served connection until it ends, or until `activity` has had no request in progress
+/// for `timeout`; then `shutdown` asks hyper to close it gracefully (HTTP/1.1: at once, a partial
+/// head dropped; HTTP/2: a GOAWAY), and a peer that does not let it finish within
+/// [`CLOSE_GRACE`] (one that ignores the GOAWAY and its PING, say) is dropped.
+pub(super) async fn serve_until_idle<C, E>(
+    mut conn: Pin<&mut C>,
+    activity: &Activity,
+    timeout: Duration,
+    client: std::net::SocketAddr,
+    shutdown: fn(Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = activity.idle_for(timeout) => {
+            tracing::debug!(%client, "agent connection without a request in progress; closing");
+            shutdown(conn.as_mut());
+            tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
+        }
+    }
+}
+
 /// One request in progress (see [`Activity::begin`]).
 #[derive(Debug)]
 pub(super) struct InProgress(Arc<Activity>);
