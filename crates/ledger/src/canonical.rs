@@ -161,8 +161,9 @@ fn needs_escape(b: u8) -> bool {
 
 /// The index of the first byte of `bytes` that [`needs_escape`], eight bytes at a time.
 ///
-/// Every string of every record passes here, and almost none has an escape, so the scan is the
-/// cost (a fifth of a decision's instructions when it went byte by byte). Each eight-byte word is
+/// Every string of every record passes here, and almost none has an escape, so the scan is most
+/// of the cost (`write_string` was a fifth of a decision's instructions when it scanned byte by
+/// byte). Each eight-byte word is
 /// tested with the classic has-zero-byte tricks: `(w - 0x20…20) & !w & 0x80…80` is non-zero iff
 /// some byte is below 0x20 (bytes of 0x80 and above have their top bit set, so `!w` masks them
 /// out), and the same with `w ^ '"'…` and `w ^ '\\'…` and a bound of 1 finds a byte equal to
