@@ -154,9 +154,10 @@ fn escape_of(b: u8) -> Option<&'static [u8]> {
     }
 }
 
-/// Whether JCS escapes `b`: `"`, `\\` and the controls below 0x20.
+/// Whether JCS escapes `b` (`"`, `\\` and the controls below 0x20): [`escape_of`] is the one
+/// list of them.
 fn needs_escape(b: u8) -> bool {
-    b < 0x20 || b == b'"' || b == b'\\'
+    escape_of(b).is_some()
 }
 
 /// The index of the first byte of `bytes` that [`needs_escape`], eight bytes at a time.
