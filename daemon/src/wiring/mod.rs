@@ -93,7 +93,7 @@ impl Plane {
 /// Starts the proxy's runtime threads: each a single-threaded tokio runtime with its own
 /// listeners on the proxy port (`SO_REUSEPORT`), so a connection, its requests and its upstream
 /// connections stay on the thread that accepted it (no wakeups across threads but the ledger's
-/// answer). Returns once every thread listens, or the first error (the others then stop).
+/// answers, which come back through the thread's relay, one wake per group). Returns once every thread listens, or the first error (the others then stop).
 async fn start_shards(
     proxy: &Arc<Proxy>,
     port: u16,
@@ -118,7 +118,9 @@ async fn start_shards(
                 match proxy::bind_shard(port) {
                     Ok(listeners) => {
                         let _ = ready.send(Ok(()));
-                        proxy.serve(listeners, stop_rx).await;
+                        // The ledger's answers to this thread's decisions come back in one wake
+                        // per group, not one system call each.
+                        crate::ledger::store::relay_replies(proxy.serve(listeners, stop_rx)).await;
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e));

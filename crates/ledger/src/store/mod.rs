@@ -55,7 +55,8 @@
 //!
 //! Modules, one job each: this one is the handle ([`Ledger`]: open, submit, read, shut down),
 //! its options and errors; `txn` a transaction's view and bounds; `writer` the writer thread,
-//! its jobs and the in-memory state; `indexer` the thread that writes redb; `snapshot` read-only
+//! its jobs and the in-memory state; `relay` durable answers delivered on the caller's own
+//! thread, one wake per batch; `indexer` the thread that writes redb; `snapshot` read-only
 //! views; `segments` the segment files (append, sync, seal, read); `tiles` the Merkle hash tiles;
 //! `links` the chain links; `open` opening tiles and links (rebuild, migration), journal replay,
 //! the coherence check and loading the writer's memory at open;
@@ -81,6 +82,7 @@ use super::record::{Appended, Draft, DraftError};
 mod indexer;
 mod links;
 mod open;
+mod relay;
 mod segments;
 mod snapshot;
 mod tables;
@@ -95,6 +97,8 @@ pub use links::links_path;
 #[cfg(test)]
 pub(crate) use open::REBUILT;
 use open::*;
+use relay::Route;
+pub use relay::{relay_replies, RelayReplies};
 use segments::Segments;
 pub use segments::{segments_dir, SegmentError};
 pub use snapshot::{Snapshot, SnapshotNodes};
@@ -457,7 +461,8 @@ impl Ledger {
     {
         let permit = self.inner.permits.acquire().await.map_err(|_| LedgerError::Closed)?;
         let (reply, rx) = oneshot::channel();
-        self.submit(Box::new(TransactWork { f, reply, permit: Some(permit) }))?;
+        let route = Route::current();
+        self.submit(Box::new(TransactWork { f, reply, permit: Some(permit), route }))?;
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 
@@ -469,7 +474,7 @@ impl Ledger {
         F: FnOnce(&mut Txn<'_>) -> Result<(T, Vec<Draft>), TxnError> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
-        self.submit(Box::new(TransactWork { f, reply, permit: None }))?;
+        self.submit(Box::new(TransactWork { f, reply, permit: None, route: None }))?;
         block_on(rx).map_err(|_| LedgerError::Closed)?
     }
 

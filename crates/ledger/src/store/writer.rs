@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::sync::{oneshot, Permit};
 
+use super::relay::Route;
 use super::segments::Segments;
 use super::*;
 use crate::checkpoint::{self, Checkpoint, SignedCheckpoint};
@@ -40,12 +41,15 @@ pub(super) struct TransactWork<F, T> {
     pub(super) f: F,
     pub(super) reply: TransactReply<T>,
     pub(super) permit: Option<Permit>,
+    /// Where the durable answer goes, if the caller's thread relays them ([`super::relay`]).
+    pub(super) route: Option<Route>,
 }
 
 pub(super) struct TransactFinish<T> {
     value: T,
     reply: TransactReply<T>,
     _permit: Option<Permit>,
+    route: Option<Route>,
 }
 
 impl<F, T> Work for TransactWork<F, T>
@@ -54,9 +58,11 @@ where
     T: Send + 'static,
 {
     fn run(self: Box<Self>, txn: &mut Txn<'_>) -> Option<(Vec<Draft>, Box<dyn Finish>)> {
-        let TransactWork { f, reply, permit } = *self;
+        let TransactWork { f, reply, permit, route } = *self;
         match catch_unwind(AssertUnwindSafe(|| f(txn))) {
-            Ok(Ok((value, drafts))) => Some((drafts, Box::new(TransactFinish { value, reply, _permit: permit }))),
+            Ok(Ok((value, drafts))) => {
+                Some((drafts, Box::new(TransactFinish { value, reply, _permit: permit, route })))
+            }
             Ok(Err(e)) => {
                 let _ = reply.send(Err(LedgerError::Txn(e)));
                 None
@@ -75,7 +81,15 @@ where
 }
 
 impl<T: Send + 'static> Finish for TransactFinish<T> {
-    fn finish(self: Box<Self>, result: Result<Vec<Appended>, LedgerError>) {
+    fn finish(mut self: Box<Self>, result: Result<Vec<Appended>, LedgerError>) {
+        // A durable answer goes back through the caller's relay, which calls this again (then
+        // without a route) on the caller's thread. Failures are sent at once.
+        if result.is_ok() {
+            if let Some(route) = self.route.take() {
+                route.deliver(self, result);
+                return;
+            }
+        }
         let TransactFinish { value, reply, .. } = *self;
         let _ = reply.send(result.map(|a| (value, a)));
     }
