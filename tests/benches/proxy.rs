@@ -17,6 +17,9 @@
 //!   be shared, so CPU per request is the figure to compare between builds, and req/s ratios
 //!   only within one run. Per scenario it prints sluice ÷ direct, ÷ nginx, ÷ mitmproxy, the
 //!   added p50 over direct, and checks the targets.
+//! * Split: sluice's CPU per request by thread role (proxy runtimes, ledger writer, indexer,
+//!   sealer, the rest) and context switches per request, proxy threads and ledger threads
+//!   (`sluice_e2e::threads`): what the proxy costs against what durability costs.
 //!
 //! Needs root (eBPF), `h2load` and `nginx`; mitmproxy (`mitmdump`) is optional and reported as
 //! unavailable when missing (`cargo xtask bench proxy` installs all three). Never part of
@@ -36,8 +39,10 @@
 //! take rates and CPU from a run without it; the calls per request do not depend on the speed).
 
 use sluice_e2e::daemon::Daemon;
+use sluice_e2e::threads::{Counters, Role, Sample};
 use sluice_e2e::upstream::TestCa;
 use sluice_e2e::{free_port, python};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -176,6 +181,9 @@ struct Figures {
     /// The proxy's CPU time (user + system, its worker processes included) per successful
     /// request: sluice's daemon, nginx's master and workers, mitmdump; none for direct.
     daemon_cpu_us: Option<u64>,
+    /// sluice only: CPU time and context switches of the daemon's threads by role, summed over
+    /// the run (warm-up included, like `daemon_cpu_us`).
+    by_role: Option<BTreeMap<Role, Counters>>,
     /// The 1-minute load average when the run ended (the machine may be shared).
     load1: String,
 }
@@ -234,6 +242,7 @@ impl Env {
             Target::Mitmproxy => self.mitm_pid,
         };
         let cpu_before = proxy_pid.and_then(tree_cpu_ticks);
+        let threads_before = if target == Target::Sluice { proxy_pid.and_then(Sample::take) } else { None };
         let _perf = match (target, std::env::var_os("SLUICE_BENCH_PERF"), self.daemon.pid()) {
             (Target::Sluice, Some(dir), Some(pid)) => Some(perf_record(Path::new(&dir), n, pid)?),
             _ => None,
@@ -262,6 +271,7 @@ impl Env {
             ));
         }
         let cpu_after = proxy_pid.and_then(tree_cpu_ticks);
+        let threads_after = threads_before.as_ref().and(proxy_pid).and_then(Sample::take);
         let mut f = parse_h2load(&stdout).ok_or_else(|| format!("cannot read h2load's summary:\n{stdout}"))?;
         if let Some(strace) = strace {
             let (path, calls) = strace.finish()?;
@@ -273,6 +283,9 @@ impl Env {
         if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
             // Includes the warm-up second's requests in the CPU but not in `ok`: an upper bound.
             f.daemon_cpu_us = (f.ok > 0).then(|| b.saturating_sub(a) * 1_000_000 / ticks_per_sec() / f.ok);
+        }
+        if let (Some(a), Some(b)) = (&threads_before, &threads_after) {
+            f.by_role = Some(a.until(b));
         }
         let text = std::fs::read_to_string(&log).map_err(|e| format!("reading {}: {e}", log.display()))?;
         let mut lat: Vec<u64> = text
@@ -736,6 +749,35 @@ fn run() -> Result<()> {
             cpu
         ));
     }
+    // The daemon's CPU split by thread: the proxy's own work against the ledger's (the writer's
+    // group commits, the indexer, the sealer), and how often threads hand work to each other.
+    o.push_str(&format!(
+        "\n{:<22} {:>7} {:>7} {:>8} {:>7} {:>6} {:>15} {:>15}\n",
+        "sluice per request", "proxy", "writer", "indexer", "sealer", "rest", "switches proxy", "switches ledger"
+    ));
+    for (s, row) in SCENARIOS.iter().zip(&results) {
+        let Some((by_role, ok)) =
+            row[1].as_ref().and_then(|f| Some((f.by_role.as_ref()?, f.ok))).filter(|(_, ok)| *ok > 0)
+        else {
+            continue;
+        };
+        let cpu = |r: Role| format!("{:.1}", by_role[&r].cpu_ns as f64 / 1e3 / ok as f64);
+        let switches = |roles: &[Role]| {
+            format!("{:.2}", roles.iter().map(|r| by_role[r].switches).sum::<u64>() as f64 / ok as f64)
+        };
+        o.push_str(&format!(
+            "{:<22} {:>7} {:>7} {:>8} {:>7} {:>6} {:>15} {:>15}\n",
+            s.label,
+            cpu(Role::Proxy),
+            cpu(Role::Writer),
+            cpu(Role::Indexer),
+            cpu(Role::Sealer),
+            cpu(Role::Rest),
+            switches(&[Role::Proxy]),
+            switches(&[Role::Writer, Role::Indexer, Role::Sealer]),
+        ));
+    }
+    o.push_str("(CPU in µs from each thread's schedstat; context switches voluntary + involuntary)\n");
     o.push_str(&format!(
         "\nsluice RSS: {:.1} MiB at start, {:.1} MiB after the load runs (peak {:.1} MiB), ",
         mib(rss_start),

@@ -17,6 +17,7 @@ pub mod gate;
 pub mod mock_llm;
 pub mod probe;
 pub mod redis;
+pub mod threads;
 pub mod upstream;
 
 use std::collections::HashSet;
