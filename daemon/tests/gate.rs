@@ -228,7 +228,7 @@ path = "/v1/rates"
 struct RunningGate {
     addr: SocketAddr,
     server: Arc<Server>,
-    admin: tokio::task::JoinHandle<()>,
+    admin: Option<(tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -243,7 +243,10 @@ impl RunningGate {
         let ledger = gate.open_ledger().unwrap();
         let socket = sluice::gate::admin::socket_path(&gate.config.state_dir);
         let admin = sluice::gate::admin::bind(&socket).unwrap();
-        let admin = tokio::spawn(sluice::gate::admin::serve(admin, gate.clone(), ledger.clone()));
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin = tokio::spawn(sluice::gate::admin::serve(admin, gate.clone(), ledger.clone(), async move {
+            let _ = admin_stopped.await;
+        }));
         let server = Arc::new(Server::new(gate, ledger).unwrap());
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -251,7 +254,7 @@ impl RunningGate {
         let task = tokio::spawn(server.clone().serve(listener, async move {
             let _ = rx.await;
         }));
-        RunningGate { addr, server, admin, stop: Some(tx), task: Some(task) }
+        RunningGate { addr, server, admin: Some((admin_stop, admin)), stop: Some(tx), task: Some(task) }
     }
 
     fn uri(&self, path: &str) -> String {
@@ -266,7 +269,12 @@ impl RunningGate {
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
-        self.admin.abort();
+        // Both listeners return only once their connection tasks are gone: nothing else holds
+        // the store when it closes, so the CLI can open it right after.
+        if let Some((stop, task)) = self.admin.take() {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
         let _ = std::fs::remove_file(sluice::gate::admin::socket_path(&self.server.gate.config.state_dir));
         self.server.ledger.shutdown();
     }
@@ -823,6 +831,43 @@ async fn gate_run_serves_and_exports_while_running() {
     let status = child.wait().unwrap();
     assert!(status.success(), "gate run exited with {status}");
     assert!(!w.dir.path().join("state/gate.sock").exists());
+}
+
+/// Stopping drains: a client's idle keep-alive connection and an idle admin-socket connection
+/// are closed by the gate, and once the listeners return nothing holds the store, so the CLI
+/// opens it at once (a connection task left behind would keep it locked until its client left
+/// or its header timeout fired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_closes_idle_connections_and_frees_the_store_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::new().await;
+    let config = w.config("", "");
+    let gate = RunningGate::start(&w, &config).await;
+    let mut idle = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    idle.write_all(b"GET /.well-known/sluice HTTP/1.1\r\nhost: gate\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 12];
+    idle.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "the request before going idle is answered");
+    let socket = sluice::gate::admin::socket_path(&w.dir.path().join("state"));
+    let mut admin = tokio::net::UnixStream::connect(&socket).await.unwrap();
+
+    gate.stop().await;
+    // Asked while both clients still hold their connections open: the store must be free.
+    let export = w.dir.path().join("log.json");
+    let out = Command::new(bin())
+        .args(["--config", p(&config), "gate", "audit", "export", "--out", p(&export)])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // Both connections were closed by the gate (bounded so that a regression fails, not hangs).
+    let guard = std::time::Duration::from_secs(60);
+    let mut rest = Vec::new();
+    tokio::time::timeout(guard, idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection was not closed")
+        .unwrap();
+    let n = tokio::time::timeout(guard, admin.read(&mut [0u8; 64])).await.expect("the admin connection was not closed");
+    assert_eq!(n.unwrap(), 0, "the admin connection ends without an answer");
 }
 
 /// With tls_cert/tls_key the gate speaks HTTPS, HTTP/2 by ALPN, and the signed `@target-uri` is

@@ -150,12 +150,22 @@ fn run_gate(_: RunArgs, config: &std::path::Path) -> CmdResult {
         let socket = crate::gate::admin::socket_path(&gate.config.state_dir);
         let admin = crate::gate::admin::bind(&socket)
             .with_context(|| format!("{}: cannot bind the gate's export socket", socket.display()))?;
-        let admin = tokio::spawn(crate::gate::admin::serve(admin, gate.clone(), ledger.clone()));
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin = tokio::spawn(crate::gate::admin::serve(admin, gate.clone(), ledger.clone(), async move {
+            let _ = admin_stopped.await;
+        }));
         tracing::info!(gate = %gate.config.name, gate_id = %gate.gate_id, %listen, upstream = %gate.config.upstream, "gate ready");
         let _ = crate::sdnotify::ready("gate ready");
-        server.serve(listener, super::util::wait_for_signal()).await;
-        let _ = crate::sdnotify::stopping("gate stopping");
-        admin.abort();
+        server
+            .serve(listener, async {
+                super::util::wait_for_signal().await;
+                let drain_secs = crate::gate::server::DRAIN.as_secs();
+                tracing::info!(drain_secs, "gate stopping: new connections refused, open ones draining");
+                let _ = crate::sdnotify::stopping("gate stopping");
+            })
+            .await;
+        let _ = admin_stop.send(());
+        let _ = admin.await;
         let _ = std::fs::remove_file(&socket);
         ledger.shutdown();
         anyhow::Ok(())

@@ -35,13 +35,35 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     crate::unixsock::bind(path, 0o600, "remove it", "another gate runs on this state_dir")
 }
 
-/// Serves the socket until the task is dropped.
-pub async fn serve(listener: UnixListener, gate: Arc<Gate>, ledger: Ledger) {
+/// Serves the socket until `shutdown` resolves; then lets the requests in flight finish for up
+/// to [`super::server::DRAIN`] and cuts the rest. When this returns no connection task is left
+/// holding the store.
+pub async fn serve(
+    listener: UnixListener,
+    gate: Arc<Gate>,
+    ledger: Ledger,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gate: admin socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
         let ledger = ledger.clone();
         let gate = gate.clone();
-        tokio::spawn(async move {
+        let mut stop = stop.clone();
+        conns.spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let ledger = ledger.clone();
                 let gate = gate.clone();
@@ -54,9 +76,25 @@ pub async fn serve(listener: UnixListener, gate: Arc<Gate>, ledger: Ledger) {
                     Ok::<_, std::convert::Infallible>(resp)
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         });
     }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let drained =
+        tokio::time::timeout(super::server::DRAIN, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(cut = conns.len(), "gate: admin requests still running after the drain were cut");
+    }
+    conns.shutdown().await;
 }
 
 async fn handle(ledger: &Ledger, req: &Request<hyper::body::Incoming>) -> Response<Body> {

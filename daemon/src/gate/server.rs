@@ -42,6 +42,8 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 const MAX_STREAMS: u32 = 100;
 /// A request head must arrive within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// At shutdown, how long connections may take to finish what is in flight.
+pub const DRAIN: Duration = Duration::from_secs(10);
 
 pub const PASSPORT: &str = "sluice-passport";
 pub const AGENT_KEY: &str = "sluice-agent-key";
@@ -85,12 +87,20 @@ impl Server {
         Ok(Server { gate, ledger, upstream, tls })
     }
 
-    /// Accepts connections until `shutdown` resolves.
+    /// Accepts connections until `shutdown` resolves, then drains: every connection is asked to
+    /// close (HTTP/1.1 once its request in flight is answered, HTTP/2 with GOAWAY), those still
+    /// open after [`DRAIN`] are cut. When this returns no connection task is left, so nothing
+    /// but the caller holds the server (and its store) any more.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             let (tcp, peer) = tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => break,
+                // Finished connections are reaped as they end, so the set stays as large as
+                // the connections open.
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                 r = listener.accept() => match r {
                     Ok(c) => c,
                     Err(e) => {
@@ -102,20 +112,29 @@ impl Server {
             };
             let _ = tcp.set_nodelay(true);
             let server = self.clone();
-            tokio::spawn(async move {
+            let stop = stop.clone();
+            conns.spawn(async move {
                 match &server.tls {
-                    None => server.clone().connection(TokioIo::new(tcp), "http").await,
+                    None => server.clone().connection(TokioIo::new(tcp), "http", stop).await,
                     Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => server.clone().connection(TokioIo::new(tls), "https").await,
+                        Ok(Ok(tls)) => server.clone().connection(TokioIo::new(tls), "https", stop).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "gate: TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "gate: TLS handshake timed out"),
                     },
                 }
             });
         }
+        drop(listener);
+        let _ = stop_tx.send(true);
+        let open = conns.len();
+        let drained = tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(open, cut = conns.len(), "gate: connections still open after the drain were cut");
+        }
+        conns.shutdown().await;
     }
 
-    async fn connection<T>(self: Arc<Self>, io: T, scheme: &'static str)
+    async fn connection<T>(self: Arc<Self>, io: T, scheme: &'static str, mut stop: tokio::sync::watch::Receiver<bool>)
     where
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
@@ -129,7 +148,16 @@ impl Server {
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_STREAMS)
             .max_header_list_size(MAX_HEADER_BYTES as u32);
-        if let Err(e) = b.serve_connection(io, svc).await {
+        let conn = b.serve_connection(io, svc);
+        tokio::pin!(conn);
+        let ended = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(error = %e, "gate: connection ended with an error");
         }
     }
