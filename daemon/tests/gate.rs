@@ -310,6 +310,11 @@ async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(String, St
     Answer { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
 }
 
+/// `sluice --config CONFIG gate audit export --out EXPORT`, run to its end.
+fn gate_export(config: &Path, export: &Path) -> std::process::Output {
+    Command::new(bin()).args(["--config", p(config), "gate", "audit", "export", "--out", p(export)]).output().unwrap()
+}
+
 /// The same over HTTP/2 (prior knowledge).
 async fn send_h2(addr: SocketAddr, method: &str, uri: &str, headers: &[(String, String)], body: &[u8]) -> Answer {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -810,10 +815,7 @@ async fn gate_run_serves_and_exports_while_running() {
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
 
     let export = w.dir.path().join("live.json");
-    let out = Command::new(bin())
-        .args(["--config", p(&config), "gate", "audit", "export", "--out", p(&export)])
-        .output()
-        .unwrap();
+    let out = gate_export(&config, &export);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
         // The catalog's version 1 and two decisions.
@@ -854,10 +856,7 @@ async fn stopping_closes_idle_connections_and_frees_the_store_at_once() {
     gate.stop().await;
     // Asked while both clients still hold their connections open: the store must be free.
     let export = w.dir.path().join("log.json");
-    let out = Command::new(bin())
-        .args(["--config", p(&config), "gate", "audit", "export", "--out", p(&export)])
-        .output()
-        .unwrap();
+    let out = gate_export(&config, &export);
     assert!(out.status.success(), "{}", text(&out));
     // Both connections were closed by the gate (bounded so that a regression fails, not hangs).
     let guard = std::time::Duration::from_secs(60);
@@ -1100,10 +1099,7 @@ async fn publish_while_running_with_the_price_lock_and_breaking_changes_refused(
     assert!(out.status.success(), "{}", text(&out));
     gate.stop().await;
     let export = w.dir.path().join("log.json");
-    let out = Command::new(bin())
-        .args(["--config", p(&config), "gate", "audit", "export", "--out", p(&export)])
-        .output()
-        .unwrap();
+    let out = gate_export(&config, &export);
     assert!(out.status.success(), "{}", text(&out));
     let out = Command::new(bin()).args(["audit", "verify", p(&export), "--host-pub", p(&gate_pub)]).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));

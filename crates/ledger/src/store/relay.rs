@@ -223,6 +223,19 @@ mod tests {
 
     type Pending = Pin<Box<dyn Future<Output = Result<(usize, Vec<Appended>), LedgerError>>>>;
 
+    type Relay = Pin<Box<RelayReplies<std::future::Pending<()>>>>;
+
+    /// A fresh ledger and a relay on this thread, polled once (so its route is installed), with
+    /// the waker that counts its wakes.
+    fn running_relay() -> (tempfile::TempDir, Ledger, Arc<Counting>, Relay) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ledger = ledger(&dir);
+        let relay_waker = Arc::new(Counting::default());
+        let mut relay = Box::pin(relay_replies(std::future::pending::<()>()));
+        assert!(poll_once(relay.as_mut(), &relay_waker).is_pending());
+        (dir, ledger, relay_waker, relay)
+    }
+
     /// Submits `n` transactions from this thread (each polled once, with its own counting
     /// waker), while `relay` is installed.
     fn submit(ledger: &Ledger, n: usize) -> Vec<(Pending, Arc<Counting>)> {
@@ -242,11 +255,7 @@ mod tests {
 
     #[test]
     fn a_batch_of_answers_wakes_the_relay_once_and_each_caller_from_the_relay_thread() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = ledger(&dir);
-        let relay_waker = Arc::new(Counting::default());
-        let mut relay = Box::pin(relay_replies(std::future::pending::<()>()));
-        assert!(poll_once(relay.as_mut(), &relay_waker).is_pending());
+        let (_dir, ledger, relay_waker, mut relay) = running_relay();
         assert!(Route::current().is_some(), "the first poll installs the route on this thread");
 
         let mut callers = submit(&ledger, 8);
@@ -284,11 +293,7 @@ mod tests {
 
     #[test]
     fn dropping_the_relay_sends_what_it_held_and_later_answers_go_directly() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = ledger(&dir);
-        let relay_waker = Arc::new(Counting::default());
-        let mut relay = Box::pin(relay_replies(std::future::pending::<()>()));
-        assert!(poll_once(relay.as_mut(), &relay_waker).is_pending());
+        let (_dir, ledger, relay_waker, relay) = running_relay();
         let mut queued = submit(&ledger, 3);
         wait_until("three durable records", || ledger.size() == 3);
         wait_until("the relay's wake", || relay_waker.wakes.load(Ordering::SeqCst) == 1);
@@ -308,11 +313,7 @@ mod tests {
 
     #[test]
     fn an_answer_routed_to_a_closed_relay_is_sent_directly() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = ledger(&dir);
-        let relay_waker = Arc::new(Counting::default());
-        let mut relay = Box::pin(relay_replies(std::future::pending::<()>()));
-        assert!(poll_once(relay.as_mut(), &relay_waker).is_pending());
+        let (_dir, ledger, relay_waker, relay) = running_relay();
         // Submitted while the relay runs (the job carries its route), answered after it is gone.
         let blocker = ledger.clone();
         let gate = Arc::new(std::sync::Barrier::new(2));
@@ -337,11 +338,7 @@ mod tests {
 
     #[test]
     fn refusals_are_not_held_by_the_relay() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ledger = ledger(&dir);
-        let relay_waker = Arc::new(Counting::default());
-        let mut relay = Box::pin(relay_replies(std::future::pending::<()>()));
-        assert!(poll_once(relay.as_mut(), &relay_waker).is_pending());
+        let (_dir, ledger, relay_waker, _relay) = running_relay();
         let l = ledger.clone();
         let mut refused: Pending =
             Box::pin(async move { l.transact(|_| Err::<(usize, Vec<Draft>), _>(TxnError::abort("no"))).await });
