@@ -88,13 +88,7 @@ pub async fn serve(
         });
     }
     drop(listener);
-    let _ = stop_tx.send(true);
-    let drained =
-        tokio::time::timeout(super::server::DRAIN, async { while conns.join_next().await.is_some() {} }).await;
-    if drained.is_err() {
-        tracing::warn!(cut = conns.len(), "gate: admin requests still running after the drain were cut");
-    }
-    conns.shutdown().await;
+    super::server::drain(conns, stop_tx, "admin connections").await;
 }
 
 async fn handle(ledger: &Ledger, req: &Request<hyper::body::Incoming>) -> Response<Body> {

@@ -45,6 +45,24 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// At shutdown, how long connections may take to finish what is in flight.
 pub const DRAIN: Duration = Duration::from_secs(10);
 
+/// The end of a listener's life, once it stopped accepting: tells every connection task to stop
+/// (`stop` is the sender of the channel they watch), waits up to [`DRAIN`] for them to finish and
+/// cuts the rest. `what` names them in the warning an operator reads when some had to be cut.
+pub(super) async fn drain(mut conns: tokio::task::JoinSet<()>, stop: tokio::sync::watch::Sender<bool>, what: &str) {
+    let _ = stop.send(true);
+    let open = conns.len();
+    let drained = tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            open,
+            cut = conns.len(),
+            "gate: {what} still open after the {}-second drain were cut",
+            DRAIN.as_secs()
+        );
+    }
+    conns.shutdown().await;
+}
+
 pub const PASSPORT: &str = "sluice-passport";
 pub const AGENT_KEY: &str = "sluice-agent-key";
 pub const SIGNATURE: &str = "signature";
@@ -125,13 +143,7 @@ impl Server {
             });
         }
         drop(listener);
-        let _ = stop_tx.send(true);
-        let open = conns.len();
-        let drained = tokio::time::timeout(DRAIN, async { while conns.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
-            tracing::warn!(open, cut = conns.len(), "gate: connections still open after the drain were cut");
-        }
-        conns.shutdown().await;
+        drain(conns, stop_tx, "connections").await;
     }
 
     async fn connection<T>(self: Arc<Self>, io: T, scheme: &'static str, mut stop: tokio::sync::watch::Receiver<bool>)
