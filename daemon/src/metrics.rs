@@ -491,6 +491,8 @@ pub struct Gauges {
     pub spend: Vec<SpendSample>,
     /// Passports left out of `spend` by the bound.
     pub spend_omitted: u64,
+    /// The ledger writer's durable writes and journal laps since the store opened (counters).
+    pub store: crate::ledger::WriteStats,
 }
 
 #[derive(Debug, Clone)]
@@ -518,6 +520,46 @@ impl Collector for Gauges {
         for (name, help, value) in simple {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        // Counters kept by the ledger, read here; names without `_total` (the encoder adds it).
+        let seconds = |ns: u64| ns as f64 / 1e9;
+        let store = &self.store;
+        let counts = [
+            (
+                "sluice_store_durable_writes",
+                "Group commits made durable (journal entries, or redb commits for groups the journal does not take).",
+                store.durable_writes,
+            ),
+            (
+                "sluice_store_journal_laps",
+                "Times the journal was full and the ledger writer waited for redb to sync before reusing it.",
+                store.laps,
+            ),
+        ];
+        for (name, help, value) in counts {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+        }
+        let times = [
+            (
+                "sluice_store_durable_write_seconds",
+                "Time spent in those durable writes: the disk's part of every decision's wait.",
+                seconds(store.durable_write_ns),
+            ),
+            (
+                "sluice_store_journal_lap_wait_seconds",
+                "Time the ledger writer waited in journal laps; the requests of the group at hand waited with it.",
+                seconds(store.lap_wait_ns),
+            ),
+            (
+                "sluice_store_writer_busy_seconds",
+                "Time the ledger writer was busy (taking a batch to answering it); its rate is the writer's utilisation.",
+                seconds(store.busy_ns),
+            ),
+        ];
+        for (name, help, value) in times {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
         }
         let mut spend = encoder.encode_descriptor(
             "sluice_spend_cents",
@@ -672,6 +714,7 @@ mod tests {
                 limit_cents: Some(1000),
             }],
             spend_omitted: 0,
+            store: Default::default(),
         };
         let text = Metrics::new().render(&g);
         assert_eq!(value(&text, "sluice_holds_pending"), Some(2.0));
@@ -849,6 +892,13 @@ mod tests {
                 },
             ],
             spend_omitted: 4,
+            store: crate::ledger::WriteStats {
+                durable_writes: 3,
+                durable_write_ns: 450_000,
+                laps: 1,
+                lap_wait_ns: 2_500_000_000,
+                busy_ns: 3_000_000_000,
+            },
         };
         let text = m.render(&gauges);
         let families = parse_exposition(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -869,6 +919,11 @@ mod tests {
                 ("sluice_spend_limit_cents", "gauge"),
                 ("sluice_spend_series_omitted", "gauge"),
                 ("sluice_store_commit_seconds", "histogram"),
+                ("sluice_store_durable_write_seconds_total", "counter"),
+                ("sluice_store_durable_writes_total", "counter"),
+                ("sluice_store_journal_lap_wait_seconds_total", "counter"),
+                ("sluice_store_journal_laps_total", "counter"),
+                ("sluice_store_writer_busy_seconds_total", "counter"),
                 ("sluice_upstream_errors_total", "counter"),
             ]
         );
@@ -884,6 +939,11 @@ mod tests {
             (one("sluice_holds_pending"), one("sluice_log_size"), one("sluice_spend_series_omitted")),
             (1.0, 9.0, 4.0)
         );
+        // The ledger's counters, nanoseconds shown as seconds.
+        assert_eq!((one("sluice_store_durable_writes_total"), one("sluice_store_journal_laps_total")), (3.0, 1.0));
+        assert!((one("sluice_store_durable_write_seconds_total") - 0.00045).abs() < 1e-12);
+        assert!((one("sluice_store_journal_lap_wait_seconds_total") - 2.5).abs() < 1e-12);
+        assert!((one("sluice_store_writer_busy_seconds_total") - 3.0).abs() < 1e-12);
         // Hostile label values come back exactly as they went in.
         let blocked = &family("sluice_decisions_total").samples.iter().find(|s| s.1["decision"] == "block").unwrap().1;
         assert_eq!(blocked["reason"], hostile);

@@ -310,6 +310,15 @@ fn metrics_show_the_expected_series_after_a_scripted_run() {
     let commits = sample(&text, "sluice_store_commit_seconds_count").unwrap();
     assert!(commits >= 7.0, "{commits} commits:\n{text}");
     assert_eq!(sample(&text, "sluice_store_commit_seconds_bucket{le=\"+Inf\"}"), Some(commits));
+    // Those commits were made durable by the writer's group writes, each timed. This little load
+    // never fills the journal.
+    let writes = sample(&text, "sluice_store_durable_writes_total").unwrap();
+    assert!(writes >= 1.0, "{writes} durable writes for {commits} commits:\n{text}");
+    let written = sample(&text, "sluice_store_durable_write_seconds_total").unwrap();
+    assert!(written > 0.0, "{text}");
+    assert!(sample(&text, "sluice_store_writer_busy_seconds_total").unwrap() >= written, "{text}");
+    assert_eq!(sample(&text, "sluice_store_journal_laps_total"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "sluice_store_journal_lap_wait_seconds_total"), Some(0.0), "{text}");
     // The proxy's counter is announced even before any upstream error.
     assert!(text.contains("# TYPE sluice_upstream_errors_total counter"), "{text}");
 

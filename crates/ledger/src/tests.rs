@@ -1277,6 +1277,38 @@ async fn a_crash_image_is_completed_from_the_journal() {
 }
 
 #[tokio::test]
+async fn write_stats_count_every_durable_write_and_every_lap() {
+    // One group per transaction (each is awaited before the next), so each is a durable write.
+    async fn run(options: LedgerOptions, groups: i64) -> WriteStats {
+        let store = TestStore::new();
+        let ledger = Ledger::open(&store.path, host_key(), options).unwrap();
+        assert_eq!(ledger.write_stats(), WriteStats::default(), "a fresh store has written nothing");
+        for i in 0..groups {
+            ledger.transact(spend("pA", i, "2025-01-01")).await.unwrap();
+        }
+        let stats = ledger.write_stats();
+        ledger.shutdown();
+        stats
+    }
+    // A roomy journal: every group is one journal entry, and the journal never laps.
+    let roomy = run(journal_only(journal::DEFAULT_CAPACITY), 10).await;
+    assert!(roomy.durable_writes >= 10, "{roomy:?}");
+    assert!(roomy.durable_write_ns > 0, "{roomy:?}");
+    assert!(roomy.busy_ns >= roomy.durable_write_ns, "the writes are part of the busy time: {roomy:?}");
+    assert_eq!((roomy.laps, roomy.lap_wait_ns), (0, 0), "{roomy:?}");
+    // 8 blocks: the journal laps (redb synced, the journal started over) every few groups.
+    let small = run(journal_only(8 * journal::HEADER_LEN), 40).await;
+    assert!(small.durable_writes >= 40, "{small:?}");
+    assert!(small.laps >= 3, "{small:?}");
+    assert!(small.lap_wait_ns > 0, "{small:?}");
+    assert!(small.busy_ns >= small.durable_write_ns + small.lap_wait_ns, "{small:?}");
+    // No journal: every group is a durable redb commit, counted the same way.
+    let none = run(LedgerOptions { journal_capacity: 0, ..Default::default() }, 10).await;
+    assert!(none.durable_writes >= 10 && none.durable_write_ns > 0, "{none:?}");
+    assert_eq!(none.laps, 0, "{none:?}");
+}
+
+#[tokio::test]
 async fn a_store_older_than_its_journal_is_refused() {
     let store = TestStore::new();
     // A small journal: redb is synced (and the journal restarted) every few groups.

@@ -595,6 +595,7 @@ impl Service {
             log_size: self.ledger.size(),
             spend,
             spend_omitted,
+            store: self.ledger.write_stats(),
         };
         crate::metrics::global().render(&gauges)
     }

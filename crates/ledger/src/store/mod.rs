@@ -251,8 +251,76 @@ fn recv_batch<T>(rx: &mpsc::Receiver<T>, wait: Option<Duration>, max: usize) -> 
     Some(jobs)
 }
 
+/// What the writer's durable writes have cost since the store opened ([`Ledger::write_stats`]):
+/// an operator's view of the disk under the ledger, of the writer's load, and of the stalls every
+/// caller waits through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Groups made durable: one journal entry each, or one redb commit when the journal is off
+    /// or the group did not fit in it.
+    pub durable_writes: u64,
+    /// Time spent in those writes, in nanoseconds: the disk's durable write, what every request
+    /// of a group waits for at least.
+    pub durable_write_ns: u64,
+    /// Times the journal was full and the writer waited for redb to sync everything before it
+    /// could start the journal over.
+    pub laps: u64,
+    /// Time spent waiting in those laps, in nanoseconds; the callers of the group at hand wait
+    /// with it.
+    pub lap_wait_ns: u64,
+    /// Time the writer thread was busy, in nanoseconds: from taking a batch of jobs to having
+    /// answered their callers (durable writes and laps included). Its rate is the writer's
+    /// utilisation: near one second per second, callers queue for it.
+    pub busy_ns: u64,
+}
+
+/// [`WriteStats`] as the writer thread counts them; read from any thread.
+#[derive(Default)]
+pub(super) struct WriteCounters {
+    durable_writes: AtomicU64,
+    durable_write_ns: AtomicU64,
+    laps: AtomicU64,
+    lap_wait_ns: AtomicU64,
+    busy_ns: AtomicU64,
+}
+
+impl WriteCounters {
+    /// Counts one durable write that took `took`.
+    pub(super) fn durable_write(&self, took: Duration) {
+        self.durable_writes.fetch_add(1, Ordering::Relaxed);
+        self.durable_write_ns.fetch_add(nanos(took), Ordering::Relaxed);
+    }
+
+    /// Counts one lap whose wait took `took`.
+    pub(super) fn lap(&self, took: Duration) {
+        self.laps.fetch_add(1, Ordering::Relaxed);
+        self.lap_wait_ns.fetch_add(nanos(took), Ordering::Relaxed);
+    }
+
+    /// Counts `took` of the writer's busy time.
+    pub(super) fn busy(&self, took: Duration) {
+        self.busy_ns.fetch_add(nanos(took), Ordering::Relaxed);
+    }
+
+    fn read(&self) -> WriteStats {
+        WriteStats {
+            durable_writes: self.durable_writes.load(Ordering::Relaxed),
+            durable_write_ns: self.durable_write_ns.load(Ordering::Relaxed),
+            laps: self.laps.load(Ordering::Relaxed),
+            lap_wait_ns: self.lap_wait_ns.load(Ordering::Relaxed),
+            busy_ns: self.busy_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 struct Shared {
     pub(super) size: AtomicU64,
+    /// The writer's durable writes, laps and busy time, counted as they happen.
+    pub(super) writes: WriteCounters,
     pub(super) latest: RwLock<Option<SignedCheckpoint>>,
     /// Sequence number of the last group whose callers were answered.
     pub(super) answered: AtomicU64,
@@ -364,6 +432,7 @@ impl Ledger {
         let mem = load_memory(&db, path, size, &files)?;
         let shared = Arc::new(Shared {
             size: AtomicU64::new(size),
+            writes: WriteCounters::default(),
             latest: RwLock::new(latest.clone()),
             answered: AtomicU64::new(gseq),
             progress: Mutex::new(Progress {
@@ -493,6 +562,12 @@ impl Ledger {
     /// Number of committed records.
     pub fn size(&self) -> u64 {
         self.inner.shared.size.load(Ordering::Acquire)
+    }
+
+    /// What the writer's durable writes, journal laps and busy time have cost since the store
+    /// opened.
+    pub fn write_stats(&self) -> WriteStats {
+        self.inner.shared.writes.read()
     }
 
     /// The canonical bytes of record `index`, if committed.

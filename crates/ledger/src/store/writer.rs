@@ -194,7 +194,10 @@ impl Writer {
                 None => self.checkpoint_wait(),
             };
             let Some(jobs) = recv_batch(&self.rx, wait, self.max_group) else { break };
-            if self.group(jobs) {
+            let start = Instant::now();
+            let stop = self.group(jobs);
+            self.shared.writes.busy(start.elapsed());
+            if stop {
                 break;
             }
         }
@@ -460,7 +463,10 @@ impl Writer {
             if self.journal.fits(payload.len()) {
                 // Durable from here on: answered callers survive a crash through replay.
                 // The records are hashed once: the entry's digest takes their leaf hashes.
-                if let Err(e) = self.journal.append_group(gseq, payload, spans, &leaves) {
+                let start = Instant::now();
+                let appended = self.journal.append_group(gseq, payload, spans, &leaves);
+                self.shared.writes.durable_write(start.elapsed());
+                if let Err(e) = appended {
                     if let Err(void) = self.journal.void_tail() {
                         tracing::error!(error = %void, "cannot erase the failed journal entry either");
                     }
@@ -471,8 +477,10 @@ impl Writer {
             }
         }
         let (tx, rx) = mpsc::sync_channel(1);
+        let start = Instant::now();
         self.index.send(IndexJob::Durable { gseq, fx, leaves, reply: tx }).map_err(|_| indexer_gone(path))?;
         rx.recv().map_err(|_| indexer_gone(path))??;
+        self.shared.writes.durable_write(start.elapsed());
         // redb now holds every group durably; the journal must not keep older entries, or
         // the next one would not follow them at replay.
         if self.journal_on {
@@ -489,8 +497,10 @@ impl Writer {
         self.next_sync_at = self.journal.capacity() / LAP_DIVISOR;
         let path = self.path.clone();
         let (tx, rx) = mpsc::sync_channel(1);
+        let start = Instant::now();
         self.index.send(IndexJob::Sync(tx)).map_err(|_| indexer_gone(&path))?;
         rx.recv().map_err(|_| indexer_gone(&path))??;
+        self.shared.writes.lap(start.elapsed());
         if let Err(e) = self.journal.reset() {
             // The journal keeps its entries (all synced to redb now); a group that no longer
             // fits goes to redb directly.
