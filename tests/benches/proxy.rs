@@ -20,6 +20,11 @@
 //! * Split: sluice's CPU per request by thread role (proxy runtimes, ledger writer, indexer,
 //!   sealer, the rest) and context switches per request, proxy threads and ledger threads
 //!   (`sluice_e2e::threads`): what the proxy costs against what durability costs.
+//! * Durable wait: the mean time a sluice request waited for its decision to be durable (the
+//!   daemon's `sluice_store_commit_seconds` histogram, read from `GET /metrics` before and after
+//!   each run), and within it the mean time of the disk's durable write itself
+//!   (`sluice_store_durable_write_seconds_total`) and the journal laps' waits: the part of the
+//!   added latency that is durability, as against the proxy's own work.
 //!
 //! Needs root (eBPF), `h2load` and `nginx`; mitmproxy (`mitmdump`) is optional and reported as
 //! unavailable when missing (`cargo xtask bench proxy` installs all three). Never part of
@@ -184,6 +189,8 @@ struct Figures {
     /// sluice only: CPU time and context switches of the daemon's threads by role, summed over
     /// the run (warm-up included, like `daemon_cpu_us`).
     by_role: Option<BTreeMap<Role, Counters>>,
+    /// sluice only: the daemon's store metrics over the run ([`StoreMetrics::until`]).
+    store: Option<StoreRun>,
     /// The 1-minute load average when the run ended (the machine may be shared).
     load1: String,
 }
@@ -242,6 +249,7 @@ impl Env {
             Target::Mitmproxy => self.mitm_pid,
         };
         let cpu_before = proxy_pid.and_then(tree_cpu_ticks);
+        let store_before = if target == Target::Sluice { StoreMetrics::read(&self.daemon.socket) } else { None };
         let threads_before = if target == Target::Sluice { proxy_pid.and_then(Sample::take) } else { None };
         let _perf = match (target, std::env::var_os("SLUICE_BENCH_PERF"), self.daemon.pid()) {
             (Target::Sluice, Some(dir), Some(pid)) => Some(perf_record(Path::new(&dir), n, pid)?),
@@ -271,6 +279,7 @@ impl Env {
             ));
         }
         let cpu_after = proxy_pid.and_then(tree_cpu_ticks);
+        let store_after = store_before.as_ref().and_then(|_| StoreMetrics::read(&self.daemon.socket));
         let threads_after = threads_before.as_ref().and(proxy_pid).and_then(Sample::take);
         let mut f = parse_h2load(&stdout).ok_or_else(|| format!("cannot read h2load's summary:\n{stdout}"))?;
         if let Some(strace) = strace {
@@ -286,6 +295,9 @@ impl Env {
         }
         if let (Some(a), Some(b)) = (&threads_before, &threads_after) {
             f.by_role = Some(a.until(b));
+        }
+        if let (Some(a), Some(b)) = (&store_before, &store_after) {
+            f.store = Some(a.until(b));
         }
         let text = std::fs::read_to_string(&log).map_err(|e| format!("reading {}: {e}", log.display()))?;
         let mut lat: Vec<u64> = text
@@ -462,6 +474,78 @@ fn load_avg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
+}
+
+/// The daemon's store series at one instant, from `GET /metrics` on its API socket.
+struct StoreMetrics {
+    /// `sluice_store_commit_seconds` sum and count: every commit's wait, queueing included.
+    commit_secs: f64,
+    commits: f64,
+    /// The disk's durable writes (one per group) and the time spent in them.
+    write_secs: f64,
+    writes: f64,
+    /// Journal laps and the time the writer waited in them.
+    lap_secs: f64,
+    laps: f64,
+    /// The writer's busy time, and when it was read.
+    busy_secs: f64,
+    at: Instant,
+}
+
+/// What a run added to [`StoreMetrics`], as means.
+#[derive(Clone, Copy)]
+struct StoreRun {
+    /// Mean wait of a commit (a decision's record), submission to durable, in µs.
+    commit_us: f64,
+    /// Mean time of one durable write (one group), in µs.
+    write_us: f64,
+    /// Commits per durable write: how many decisions shared each sync.
+    per_write: f64,
+    laps: f64,
+    lap_ms: f64,
+    /// The writer's busy time over the run's wall time.
+    busy: f64,
+}
+
+impl StoreMetrics {
+    /// `None` (the columns show n/a) if the socket or a series cannot be read.
+    fn read(socket: &Path) -> Option<StoreMetrics> {
+        use std::io::Read;
+        let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        // HTTP/1.0: the answer is never chunked and ends when the connection closes.
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n").ok()?;
+        let mut text = String::new();
+        stream.take(16 << 20).read_to_string(&mut text).ok()?;
+        let value = |name: &str| -> Option<f64> {
+            text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?.trim().parse().ok()
+        };
+        Some(StoreMetrics {
+            commit_secs: value("sluice_store_commit_seconds_sum")?,
+            commits: value("sluice_store_commit_seconds_count")?,
+            write_secs: value("sluice_store_durable_write_seconds_total")?,
+            writes: value("sluice_store_durable_writes_total")?,
+            lap_secs: value("sluice_store_journal_lap_wait_seconds_total")?,
+            laps: value("sluice_store_journal_laps_total")?,
+            busy_secs: value("sluice_store_writer_busy_seconds_total")?,
+            at: Instant::now(),
+        })
+    }
+
+    /// The run from `self` to `later`. Both count the warm-up second: true means of the run's
+    /// commits and writes.
+    fn until(&self, later: &StoreMetrics) -> StoreRun {
+        let mean = |secs: f64, n: f64| if n > 0.0 { secs * 1e6 / n } else { f64::NAN };
+        let (commits, writes) = (later.commits - self.commits, later.writes - self.writes);
+        StoreRun {
+            commit_us: mean(later.commit_secs - self.commit_secs, commits),
+            write_us: mean(later.write_secs - self.write_secs, writes),
+            per_write: if writes > 0.0 { commits / writes } else { f64::NAN },
+            laps: later.laps - self.laps,
+            lap_ms: (later.lap_secs - self.lap_secs) * 1e3,
+            busy: (later.busy_secs - self.busy_secs) / later.at.duration_since(self.at).as_secs_f64(),
+        }
+    }
 }
 
 /// `VmRSS` and `VmHWM` of a process, in KiB.
@@ -749,6 +833,30 @@ fn run() -> Result<()> {
             cpu
         ));
     }
+    // What durability adds to a request's latency, from the daemon's own metrics.
+    o.push_str(&format!(
+        "\n{:<22} {:>15} {:>15} {:>15} {:>7} {:>10} {:>12}\n",
+        "sluice durability", "commit wait µs", "disk write µs", "decisions/sync", "laps", "lap ms", "writer busy"
+    ));
+    for (s, row) in SCENARIOS.iter().zip(&results) {
+        let Some(st) = row[1].as_ref().and_then(|f| f.store) else { continue };
+        o.push_str(&format!(
+            "{:<22} {:>15.0} {:>15.0} {:>15.1} {:>7.0} {:>10.1} {:>11.0}%\n",
+            s.label,
+            st.commit_us,
+            st.write_us,
+            st.per_write,
+            st.laps,
+            st.lap_ms,
+            st.busy * 100.0
+        ));
+    }
+    o.push_str(
+        "(means over the run: commit wait = a decision's record from submission to durable, queueing \
+         and the group's write included; disk write = one group's durable journal write; laps = waits \
+         for a full journal, in the commit wait of the groups that met them; writer busy = the writer \
+         thread's busy time over the run's, warm-up included)\n",
+    );
     // The daemon's CPU split by thread: the proxy's own work against the ledger's (the writer's
     // group commits, the indexer, the sealer), and how often threads hand work to each other.
     o.push_str(&format!(
