@@ -14,12 +14,15 @@
 //! `/proc/self/task/*/schedstat` (nanoseconds of run time) and `comm`: the ledger's writer
 //! (`sluice-ledger`), indexer (`sluice-ledger-index`) and segment sealer (`sluice-ledger-seal`),
 //! the tokio workers (the service's own work), and the rest. Which thread costs what is the
-//! figure to compare when tuning one of them.
+//! figure to compare when tuning one of them. A `ledger` line gives, over the same span, the
+//! store's own counters (`Ledger::write_stats`): the mean durable write (the disk), decisions per
+//! write, the journal laps and how long they stalled the writer, and the writer's utilisation;
+//! the tail at high concurrency is read against them.
 //!
 //! `SLUICE_BENCH_SECS` sets a round's measured time (default 4 s, after 0.5 s of warm-up);
 //! `SLUICE_BENCH_CONCURRENCY=1,16` runs a subset.
 
-use sluice::ledger::{hostkey::HostKey, Ledger, LedgerOptions};
+use sluice::ledger::{hostkey::HostKey, Ledger, LedgerOptions, WriteStats};
 use sluice::passport::{self, Constraints, IssueRequest, Permission, TrustTier};
 use sluice::service::Peer;
 use sluice::service::{EnforceInput, Service, ServiceConfig};
@@ -214,6 +217,10 @@ struct Result {
     redis_per_decision: Option<f64>,
     /// This process's CPU per decision by thread class ([`THREAD_CLASSES`], µs).
     threads: [f64; 5],
+    /// The ledger's write statistics at the start and the end of the measured span.
+    store: Option<(WriteStats, WriteStats)>,
+    /// The measured span.
+    span: Duration,
 }
 
 impl Result {
@@ -233,6 +240,21 @@ impl Result {
         let split: Vec<String> =
             THREAD_CLASSES.iter().zip(self.threads).map(|(name, us)| format!("{name} {us:.1}")).collect();
         println!("{:>11} threads µs/d: {}", "", split.join(", "));
+        if let Some((a, b)) = &self.store {
+            let writes = b.durable_writes.saturating_sub(a.durable_writes);
+            let per = |n: u64, d: u64| if d == 0 { f64::NAN } else { n as f64 / d as f64 };
+            let write_us = per(b.durable_write_ns.saturating_sub(a.durable_write_ns), writes) / 1e3;
+            let decisions = self.rate * self.span.as_secs_f64();
+            let busy = b.busy_ns.saturating_sub(a.busy_ns) as f64 / self.span.as_nanos().max(1) as f64;
+            println!(
+                "{:>11} ledger: durable write {write_us:.0} µs, {:.1} decisions per write, {} laps stalling {:.1} ms, writer busy {:.0} %",
+                "",
+                decisions / writes.max(1) as f64,
+                b.laps.saturating_sub(a.laps),
+                b.lap_wait_ns.saturating_sub(a.lap_wait_ns) as f64 / 1e6,
+                busy * 100.0
+            );
+        }
     }
 }
 
@@ -350,15 +372,21 @@ async fn run(concurrency: usize, fleet: Option<&str>, run_for: Duration, redis_p
     }
     let start = Instant::now();
     // CPU time over the measured span (after the warm-up), this process's and redis-server's.
+    let stats = ledger.clone();
     let sampler = std::thread::spawn(move || {
         let redis = redis_pid.map(|p| p.to_string());
-        let sample = || (cpu_time("self"), redis.as_deref().and_then(cpu_time), thread_times());
+        let sample = || (cpu_time("self"), redis.as_deref().and_then(cpu_time), thread_times(), stats.write_stats());
         std::thread::sleep((start + WARMUP).saturating_duration_since(Instant::now()));
         let before = sample();
         std::thread::sleep((start + WARMUP + run_for).saturating_duration_since(Instant::now()));
         let after = sample();
         let delta = |a: Option<Duration>, b: Option<Duration>| Some(b?.saturating_sub(a?));
-        (delta(before.0, after.0), delta(before.1, after.1), thread_split(&before.2, &after.2))
+        (
+            delta(before.0, after.0),
+            delta(before.1, after.1),
+            thread_split(&before.2, &after.2),
+            Some((before.3, after.3)),
+        )
     });
     let tasks: Vec<_> = ids
         .into_iter()
@@ -401,7 +429,7 @@ async fn run(concurrency: usize, fleet: Option<&str>, run_for: Duration, redis_p
         let _ = stop.send(true);
         let _ = task.await;
     }
-    let (cpu, redis_cpu, threads) = sampler.join().unwrap_or((None, None, [0; 5]));
+    let (cpu, redis_cpu, threads, store) = sampler.join().unwrap_or((None, None, [0; 5], None));
     ledger.shutdown();
     all.sort_unstable();
     let decisions = all.len().max(1) as f64;
@@ -417,5 +445,7 @@ async fn run(concurrency: usize, fleet: Option<&str>, run_for: Duration, redis_p
         cpu_per_decision: per_decision(cpu),
         redis_per_decision: per_decision(redis_cpu),
         threads: threads.map(|ns| ns as f64 / 1e3 / decisions),
+        store,
+        span: run_for,
     }
 }
