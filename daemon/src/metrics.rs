@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
@@ -320,6 +320,19 @@ where
     }
 }
 
+/// Encodes `(name, help, value)` counters read at scrape time, one family each (names without
+/// `_total`: the encoder adds it).
+fn constant_counters<N>(encoder: &mut DescriptorEncoder, counters: &[(&str, &str, N)]) -> Result<(), std::fmt::Error>
+where
+    N: Copy + EncodeCounterValue + std::fmt::Debug,
+{
+    for &(name, help, value) in counters {
+        let counter = ConstCounter::new(value);
+        counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+    }
+    Ok(())
+}
+
 /// The connection table's counters, read when scraped (absent until a table is watched).
 struct ConntableCollector(Arc<Mutex<Option<Arc<Conntable>>>>);
 
@@ -341,10 +354,7 @@ impl Collector for ConntableCollector {
             ),
             ("sluice_conntable_errors", "Connection-table lookups that failed with a system error.", t.errors()),
         ];
-        for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
-        }
+        constant_counters(&mut encoder, &counters)?;
         if let Some(events) = t.kernel_stats() {
             let mut family = encoder.encode_descriptor(
                 "sluice_kernel_events",
@@ -426,10 +436,7 @@ impl Collector for ProxyCollector {
                 over_limit,
             ),
         ];
-        for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
-        }
+        constant_counters(&mut encoder, &counters)?;
         let mut family = encoder.encode_descriptor(
             "sluice_proxy_sandbox_over_limit",
             "Connections closed at accept: their sandbox was at [proxy] max_connections_per_sandbox, by cgroup id \
@@ -471,10 +478,7 @@ impl Collector for UnixCollector {
             ),
             ("sluice_unix_sends_refused", "Unix datagrams sent by agents refused (EPERM) by the eBPF filter.", sends),
         ];
-        for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
-        }
+        constant_counters(&mut encoder, &counters)?;
         Ok(())
     }
 }
@@ -521,7 +525,7 @@ impl Collector for Gauges {
             let gauge = ConstGauge::new(value);
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
-        // Counters kept by the ledger, read here; names without `_total` (the encoder adds it).
+        // Counters kept by the ledger, read here.
         let seconds = |ns: u64| ns as f64 / 1e9;
         let store = &self.store;
         let counts = [
@@ -536,10 +540,7 @@ impl Collector for Gauges {
                 store.laps,
             ),
         ];
-        for (name, help, value) in counts {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
-        }
+        constant_counters(&mut encoder, &counts)?;
         let times = [
             (
                 "sluice_store_durable_write_seconds",
@@ -557,10 +558,7 @@ impl Collector for Gauges {
                 seconds(store.busy_ns),
             ),
         ];
-        for (name, help, value) in times {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
-        }
+        constant_counters(&mut encoder, &times)?;
         let mut spend = encoder.encode_descriptor(
             "sluice_spend_cents",
             "Spend in the passport's current cumulative window, in cents.",
