@@ -249,7 +249,7 @@ impl Env {
             Target::Mitmproxy => self.mitm_pid,
         };
         let cpu_before = proxy_pid.and_then(tree_cpu_ticks);
-        let store_before = if target == Target::Sluice { StoreMetrics::read(&self.daemon.socket) } else { None };
+        let store_before = if target == Target::Sluice { StoreMetrics::read(&self.daemon) } else { None };
         let threads_before = if target == Target::Sluice { proxy_pid.and_then(Sample::take) } else { None };
         let _perf = match (target, std::env::var_os("SLUICE_BENCH_PERF"), self.daemon.pid()) {
             (Target::Sluice, Some(dir), Some(pid)) => Some(perf_record(Path::new(&dir), n, pid)?),
@@ -279,7 +279,7 @@ impl Env {
             ));
         }
         let cpu_after = proxy_pid.and_then(tree_cpu_ticks);
-        let store_after = store_before.as_ref().and_then(|_| StoreMetrics::read(&self.daemon.socket));
+        let store_after = store_before.as_ref().and_then(|_| StoreMetrics::read(&self.daemon));
         let threads_after = threads_before.as_ref().and(proxy_pid).and_then(Sample::take);
         let mut f = parse_h2load(&stdout).ok_or_else(|| format!("cannot read h2load's summary:\n{stdout}"))?;
         if let Some(strace) = strace {
@@ -509,14 +509,8 @@ struct StoreRun {
 
 impl StoreMetrics {
     /// `None` (the columns show n/a) if the socket or a series cannot be read.
-    fn read(socket: &Path) -> Option<StoreMetrics> {
-        use std::io::Read;
-        let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        // HTTP/1.0: the answer is never chunked and ends when the connection closes.
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: sluice\r\n\r\n").ok()?;
-        let mut text = String::new();
-        stream.take(16 << 20).read_to_string(&mut text).ok()?;
+    fn read(daemon: &Daemon) -> Option<StoreMetrics> {
+        let text = daemon.api_get("/metrics").ok()?;
         let value = |name: &str| -> Option<f64> {
             text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?.trim().parse().ok()
         };

@@ -141,6 +141,18 @@ impl Daemon {
         }
     }
 
+    /// The raw answer (status line, headers, body) to `GET path` on the daemon's API socket.
+    /// HTTP/1.0, so the body is never chunked: a caller may search it line by line.
+    pub fn api_get(&self, path: &str) -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket)?;
+        s.set_read_timeout(Some(HANG_GUARD))?;
+        write!(s, "GET {path} HTTP/1.0\r\nHost: sluice\r\n\r\n")?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        Ok(resp)
+    }
+
     /// `sluice --socket … --config … ARGS` outside any sandbox.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.cli_command(args).output().expect("run sluice")

@@ -473,13 +473,7 @@ fn without_namespaces_a_non_root_agent_reaches_its_own_directory() {
 
 /// The raw answer to `GET path` on the daemon's API socket.
 fn api_get(d: &Daemon, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
-    s.set_read_timeout(Some(HANG_GUARD)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: sluice\r\nConnection: close\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    resp
+    d.api_get(path).unwrap_or_else(|e| panic!("GET {path} on the API socket: {e}"))
 }
 
 /// A daemon whose API, config and passport the user nobody can reach, and a Unix socket outside
