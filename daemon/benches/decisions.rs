@@ -319,9 +319,10 @@ impl Comparison {
 async fn run(concurrency: usize, fleet: Option<&str>, run_for: Duration, redis_pid: Option<u32>) -> Result {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut opts = LedgerOptions::default();
-    // For comparisons: SLUICE_BENCH_JOURNAL=0 makes every group a durable redb commit.
-    if std::env::var("SLUICE_BENCH_JOURNAL").as_deref() == Ok("0") {
-        opts.journal_capacity = 0;
+    // For comparisons: SLUICE_BENCH_JOURNAL=<bytes> sets the journal's size (0 turns it off: every
+    // group is then a durable redb commit).
+    if let Some(bytes) = std::env::var("SLUICE_BENCH_JOURNAL").ok().and_then(|s| s.parse::<u64>().ok()) {
+        opts.journal_capacity = bytes;
     }
     let ledger = Ledger::open(&dir.path().join("ledger.redb"), HostKey::generate(), opts).expect("ledger");
     let service = Service::start(ledger.clone(), ServiceConfig::passport_only(vec![], Duration::from_secs(60)))

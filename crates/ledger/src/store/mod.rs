@@ -25,11 +25,11 @@
 //! segment was then).
 //! Every read ([`Ledger::snapshot`] and what is built on it) first waits until the indexer has
 //! published every group already answered, so nobody reads an older state than a caller was told
-//! about. The journal is never emptied before redb is synced past it: when it is seven eighths
-//! full (or a group does not fit) the writer asks the indexer to sync and waits for it, then
-//! starts the journal over (at every eighth before that it asks for a sync without waiting, so
-//! that the wait covers only what came after the last of them; each lap stalls the writer for a
-//! sync, so laps are kept rare). Full segments are sealed by a thread of their own, at a
+//! about. No journal entry is overwritten before redb is synced past it: the journal is two
+//! halves, and when the one being written is full the writer moves to the other, asking the
+//! indexer for a sync that covers the half it leaves; it reuses that half only once that sync is
+//! done (a whole half of groups later, so the move normally waits only for the new half's header
+//! write, and no caller waits for a redb sync). Full segments are sealed by a thread of their own, at a
 //! lower CPU priority, after the sync that covers them. A group too large for the journal (or every group, with the journal off) is
 //! handed to the indexer as a synced redb commit, and answered after it. At open, journal entries
 //! redb does not have yet (after a crash or power loss) are applied before anything else; each
@@ -262,10 +262,11 @@ pub struct WriteStats {
     /// Time spent in those writes, in nanoseconds: the disk's durable write, what every request
     /// of a group waits for at least.
     pub durable_write_ns: u64,
-    /// Times the journal was full and the writer waited for redb to sync everything before it
-    /// could start the journal over.
+    /// Times the half of the journal being written was full and the writer moved to the other
+    /// half (after redb was synced past the entries in it).
     pub laps: u64,
-    /// Time spent waiting in those laps, in nanoseconds; the callers of the group at hand wait
+    /// Time those moves took, in nanoseconds: the wait for that sync (none unless the indexer
+    /// is far behind) and the new half's header write. The callers of the group at hand wait
     /// with it.
     pub lap_wait_ns: u64,
     /// Time the writer thread was busy, in nanoseconds: from taking a batch of jobs to having
@@ -470,7 +471,6 @@ impl Ledger {
             .map_err(LedgerError::Spawn)?;
         let (tx, rx) = mpsc::channel();
         let origin = host_key.origin().to_string();
-        let first_sync = journal.capacity() / LAP_DIVISOR;
         let writer = Writer {
             path: path.to_path_buf(),
             key: host_key,
@@ -491,7 +491,7 @@ impl Ledger {
             indexer: Some(indexer),
             stopped: false,
             poisoned: None,
-            next_sync_at: first_sync,
+            left_half_synced: None,
             payload: Vec::new(),
             spans: Vec::new(),
         };

@@ -130,21 +130,13 @@ pub(super) struct Writer {
     /// journal write failed, or the indexer failed): every later group is refused until a
     /// restart replays the journal.
     pub(super) poisoned: Option<StorageError>,
-    /// Journal use at which the writer next asks the indexer for a background sync (a step
-    /// further after each, restarting with every lap).
-    pub(super) next_sync_at: u64,
+    /// The answer to the sync the writer asked for when it last left a journal half: that half
+    /// may be reused once it has come (`None`: nothing to wait for).
+    pub(super) left_half_synced: Option<mpsc::Receiver<Result<(), StorageError>>>,
     /// The journal entry being written, and where its records are in it (kept between groups).
     pub(super) payload: Vec<u8>,
     pub(super) spans: Vec<std::ops::Range<usize>>,
 }
-
-/// The journal starts over (after the indexer synced redb past it) once `LAP_AT` of its
-/// `LAP_DIVISOR` parts are used, and a background sync is asked for at every part before: each
-/// lap stalls the writer for a whole sync, so laps are made rare (7/8, not 1/2, of the journal),
-/// and the sync they wait for short. What is left (an eighth, 4 MiB by default) takes the last
-/// groups before the lap; a group that does not fit is committed to redb directly.
-pub(super) const LAP_DIVISOR: u64 = 8;
-const LAP_AT: u64 = 7;
 
 /// Largest entry buffer kept for the next group (a rare huge group's is freed).
 const MAX_KEPT_PAYLOAD: usize = 4 * 1024 * 1024;
@@ -447,18 +439,12 @@ impl Writer {
         let path = self.path.clone();
         let path = path.as_path();
         if self.journal_on {
-            let capacity = self.journal.capacity();
-            if self.journal.used() >= capacity / LAP_DIVISOR * LAP_AT || !self.journal.fits(payload.len()) {
-                self.lap()?;
-            } else if self.journal.used() >= self.next_sync_at {
-                // The sync the next lap waits for, asked for ahead and run in the background,
-                // every eighth of the journal: the lap then waits only for what was written
-                // after the last of them (at most an eighth of the journal's worth of segment
-                // data), not for everything since the last lap.
-                self.next_sync_at = self.journal.used() + capacity / LAP_DIVISOR;
-                let (tx, _unheard) = mpsc::sync_channel(1);
-                // A gone indexer is reported by the next send that needs an answer.
-                let _ = self.index.send(IndexJob::Sync(tx));
+            if !self.journal.fits(payload.len()) && self.journal.fits_in_half(payload.len()) {
+                // On error the group goes to redb directly, below, which starts the journal
+                // over.
+                if let Err(e) = self.switch_half() {
+                    tracing::warn!(error = %e, "cannot move to the ledger journal's other half; the group is committed to the database directly");
+                }
             }
             if self.journal.fits(payload.len()) {
                 // Durable from here on: answered callers survive a crash through replay.
@@ -484,29 +470,33 @@ impl Writer {
         // redb now holds every group durably; the journal must not keep older entries, or
         // the next one would not follow them at replay.
         if self.journal_on {
-            self.next_sync_at = self.journal.capacity() / LAP_DIVISOR;
+            self.left_half_synced = None;
             if let Err(e) = self.journal.reset() {
-                tracing::warn!(error = %e, "cannot mark the ledger journal empty");
+                // Entries appended after the old ones would not follow them at replay: no more
+                // journal until a restart (every group is a durable redb commit meanwhile).
+                tracing::error!(error = %e, "cannot start the ledger journal over; every later group is committed to the database directly until restart");
+                self.journal_on = false;
             }
         }
         Ok(())
     }
 
-    /// Has the indexer sync redb over every group sent, then starts the journal over.
-    fn lap(&mut self) -> Result<(), StorageError> {
-        self.next_sync_at = self.journal.capacity() / LAP_DIVISOR;
+    /// Moves the journal to its other half once redb holds every entry in it: waits for the sync
+    /// asked for when the writer left that half (long done, unless the indexer is far behind),
+    /// asks for one covering the half being left (every group in it was sent to the indexer),
+    /// and starts the other half. Counted as a lap, with its wait.
+    fn switch_half(&mut self) -> Result<(), StorageError> {
         let path = self.path.clone();
-        let (tx, rx) = mpsc::sync_channel(1);
         let start = Instant::now();
-        self.index.send(IndexJob::Sync(tx)).map_err(|_| indexer_gone(&path))?;
-        rx.recv().map_err(|_| indexer_gone(&path))??;
-        self.shared.writes.lap(start.elapsed());
-        if let Err(e) = self.journal.reset() {
-            // The journal keeps its entries (all synced to redb now); a group that no longer
-            // fits goes to redb directly.
-            tracing::warn!(error = %e, "cannot mark the ledger journal empty");
+        if let Some(rx) = self.left_half_synced.take() {
+            rx.recv().map_err(|_| indexer_gone(&path))??;
         }
-        Ok(())
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.index.send(IndexJob::Sync(tx)).map_err(|_| indexer_gone(&path))?;
+        self.left_half_synced = Some(rx);
+        let switched = self.journal.switch().map_err(|e| journal_storage(&path, "journal switch", &e));
+        self.shared.writes.lap(start.elapsed());
+        switched
     }
 }
 
