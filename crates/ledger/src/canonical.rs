@@ -578,6 +578,15 @@ impl Members {
     /// Writes the object: these members and `extra` (in RFC 8785 order, names none of these
     /// have, each merged into its place) in one allocation of exactly the object's size.
     pub fn write_merged(&mut self, extra: &[&dyn Extra]) -> Result<Vec<u8>, CanonicalError> {
+        let mut out = Vec::new();
+        self.write_merged_into(extra, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Members::write_merged`] into `out`, cleared first (a buffer reused record after record
+    /// allocates only when a record is larger than every one before).
+    pub fn write_merged_into(&mut self, extra: &[&dyn Extra], out: &mut Vec<u8>) -> Result<(), CanonicalError> {
+        out.clear();
         self.check()?;
         let misplaced = extra.windows(2).find_map(|w| match w {
             [a, b] if cmp_keys(a.key(), b.key()) != Ordering::Less => Some(b.key()),
@@ -587,7 +596,7 @@ impl Members {
             return Err(CanonicalError::DuplicateKey { path: format!("/{key}") });
         }
         let len = self.merged_len(extra);
-        let mut out = Vec::with_capacity(len);
+        out.reserve(len);
         out.push(b'{');
         let mut rest = extra.iter().peekable();
         let mut first = true;
@@ -599,22 +608,22 @@ impl Members {
         for span in &self.spans {
             let key = self.key_of(*span);
             while let Some(e) = rest.next_if(|e| cmp_key_bytes(e.key().as_bytes(), key) == Ordering::Less) {
-                comma(&mut out);
-                write_extra(&mut out, *e);
+                comma(out);
+                write_extra(out, *e);
             }
             if rest.peek().is_some_and(|e| e.key().as_bytes() == key) {
                 return Err(CanonicalError::DuplicateKey { path: format!("/{}", self.key_str(*span)) });
             }
-            comma(&mut out);
+            comma(out);
             out.extend_from_slice(self.member_of(*span));
         }
         for e in rest {
-            comma(&mut out);
-            write_extra(&mut out, *e);
+            comma(out);
+            write_extra(out, *e);
         }
         out.push(b'}');
         debug_assert_eq!(out.len(), len, "merged length computed exactly");
-        Ok(out)
+        Ok(())
     }
 
     fn merged_len(&self, extra: &[&dyn Extra]) -> usize {

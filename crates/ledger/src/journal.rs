@@ -51,6 +51,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
@@ -363,10 +364,8 @@ impl Journal {
     }
 
     fn write_entry(&mut self, magic: u32, gseq: u64, payload: &[u8], digest: [u8; 32]) -> Result<(), JournalError> {
-        let io = |context: &'static str| {
-            let path = self.path.clone();
-            move |source| JournalError::Io { path, context, source }
-        };
+        let path = &self.path;
+        let io = |context: &'static str| move |source| JournalError::Io { path: path.clone(), context, source };
         if !self.fits(payload.len()) {
             let why = if self.single {
                 "the journal was not reset after it was read"
@@ -687,7 +686,8 @@ pub struct JournalRecord {
     pub chain: String,
     pub index: u64,
     pub seq: u64,
-    pub canonical: Vec<u8>,
+    /// Shared with the writer's recent records and the caller's answer (one copy per record).
+    pub canonical: Arc<[u8]>,
 }
 
 /// Why a payload could not be decoded.
@@ -764,7 +764,7 @@ impl GroupEffects {
             let chain = r.string()?;
             let index = r.u64()?;
             let seq = r.u64()?;
-            let canonical = r.bytes()?.to_vec();
+            let canonical: Arc<[u8]> = Arc::from(r.bytes()?);
             spans.push(r.at - canonical.len()..r.at);
             records.push(JournalRecord { chain, index, seq, canonical });
         }
@@ -842,7 +842,12 @@ mod tests {
         GroupEffects {
             size: n + 1,
             state: vec![("counter/a".into(), Some(vec![1, 2, 3])), ("hold/x".into(), None)],
-            records: vec![JournalRecord { chain: "pp_1".into(), index: n, seq: 7, canonical: b"{\"a\":1}".to_vec() }],
+            records: vec![JournalRecord {
+                chain: "pp_1".into(),
+                index: n,
+                seq: 7,
+                canonical: Arc::from(&b"{\"a\":1}"[..]),
+            }],
             checkpoint: n.is_multiple_of(2).then(|| (n + 1, "origin\n1\nroot\n".to_string())),
         }
     }
@@ -865,12 +870,17 @@ mod tests {
     #[test]
     fn spans_are_where_the_records_are() {
         let mut fx = effects(2);
-        fx.records.push(JournalRecord { chain: "host".into(), index: 3, seq: 0, canonical: b"{\"b\":2}".to_vec() });
+        fx.records.push(JournalRecord {
+            chain: "host".into(),
+            index: 3,
+            seq: 0,
+            canonical: Arc::from(&b"{\"b\":2}"[..]),
+        });
         let (mut payload, mut spans) = (Vec::new(), Vec::new());
         fx.encode_spans(&mut payload, &mut spans);
         assert_eq!(spans.len(), 2);
         for (span, r) in spans.iter().zip(&fx.records) {
-            assert_eq!(&payload[span.clone()], r.canonical.as_slice());
+            assert_eq!(&payload[span.clone()], &*r.canonical);
         }
         let (back, back_spans) = GroupEffects::decode_spans(&payload).unwrap();
         assert_eq!((back, back_spans), (fx, spans));

@@ -16,6 +16,8 @@
 //! sorts the writer's fields into place and writes the record in one allocation of exactly its
 //! size; it never builds a `serde_json::Value`.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
@@ -156,8 +158,8 @@ pub struct Appended {
     pub leaf_hash: Hash,
     /// Sequence number within the chain.
     pub seq: u64,
-    /// The record's RFC 8785 bytes (the Merkle leaf input).
-    pub canonical: Vec<u8>,
+    /// The record's RFC 8785 bytes (the Merkle leaf input), shared with the store's own copies.
+    pub canonical: Arc<[u8]>,
 }
 
 /// The last record of a chain.
@@ -215,16 +217,18 @@ pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
 
 /// Seals `draft` as log entry `index` following `head` in its chain.
 pub fn seal(draft: Draft, index: u64, head: Option<ChainHead>, now: &str) -> Result<(Appended, ChainHead), DraftError> {
-    seal_owned(draft, index, head, now).map(|(_, appended, head)| (appended, head))
+    seal_owned(draft, index, head, now, &mut Vec::new()).map(|(_, appended, head)| (appended, head))
 }
 
 /// [`seal`], giving the draft's chain back (the writer keeps it for the chain heads and the
-/// journal rather than copying it).
+/// journal rather than copying it), and writing the record in `scratch` first (the writer's,
+/// reused record after record, so the record's one allocation is its shared copy).
 pub(crate) fn seal_owned(
     draft: Draft,
     index: u64,
     head: Option<ChainHead>,
     now: &str,
+    scratch: &mut Vec<u8>,
 ) -> Result<(String, Appended, ChainHead), DraftError> {
     check_chain(&draft.chain)?;
     let Draft { chain, mut body } = draft;
@@ -256,11 +260,12 @@ pub(crate) fn seal_owned(
     // Already in RFC 8785 order; `time` last, so dropping it keeps the order.
     let extra: [&dyn Extra; 5] = [&fields[0], &fields[1], &fields[2], &fields[3], &fields[4]];
     let extra = if keep_time { &extra[..4] } else { &extra[..] };
-    let canonical = body.write_merged(extra).map_err(canonical_err)?;
-    if canonical.len() > MAX_RECORD_BYTES {
-        return Err(DraftError::TooLarge { chain, size: canonical.len() });
+    body.write_merged_into(extra, scratch).map_err(canonical_err)?;
+    if scratch.len() > MAX_RECORD_BYTES {
+        return Err(DraftError::TooLarge { chain, size: scratch.len() });
     }
-    let hash = leaf_hash(&canonical);
+    let hash = leaf_hash(scratch);
+    let canonical = Arc::from(scratch.as_slice());
     Ok((chain, Appended { index, leaf_hash: hash, seq, canonical }, ChainHead { seq, hash }))
 }
 
@@ -349,7 +354,7 @@ mod tests {
             let now = "2026-12-02T03:04:05.123456Z";
             let want = seal_generic(&chain, body.clone(), index, head, now);
             let (a, new_head) = seal(Draft::new(chain.clone(), body), index, head, now).unwrap();
-            proptest::prop_assert_eq!(&a.canonical, &want);
+            proptest::prop_assert_eq!(&*a.canonical, want.as_slice());
             proptest::prop_assert_eq!(a.leaf_hash, leaf_hash(&want));
             proptest::prop_assert_eq!(new_head.seq, head.map_or(0, |h| h.seq + 1));
         }

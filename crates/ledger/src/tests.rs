@@ -1464,7 +1464,7 @@ async fn power_loss_loses_no_answered_transaction() {
             while !stop.load(std::sync::atomic::Ordering::Acquire) {
                 match ledger.transact(spend(&chain, 1, "2025-01-01")).await {
                     Ok((after, appended)) => {
-                        answered.lock().unwrap().push((chain.clone(), after, appended[0].canonical.clone()));
+                        answered.lock().unwrap().push((chain.clone(), after, appended[0].canonical.to_vec()));
                     }
                     Err(e) => panic!("transaction failed: {e}"),
                 }
@@ -1560,13 +1560,13 @@ async fn a_transaction_reads_published_and_unpublished_records() {
     let ledger = Ledger::open(&store.path, host_key(), opts).unwrap();
     let (_, first) = ledger.transact(spend("pA", 1, "2025-01-01")).await.unwrap();
     // Published now (a reader asked).
-    assert_eq!(ledger.record(0).unwrap().unwrap(), first[0].canonical);
+    assert_eq!(ledger.record(0).unwrap().unwrap(), first[0].canonical.to_vec());
     let (_, second) = ledger.transact(spend("pA", 2, "2025-01-01")).await.unwrap();
     let (expect0, expect1) = (first[0].canonical.clone(), second[0].canonical.clone());
     let ((r0, r1, r2), _) =
         ledger.transact(move |txn| Ok(((txn.record(0)?, txn.record(1)?, txn.record(2)?), vec![]))).await.unwrap();
-    assert_eq!(r0.as_deref(), Some(expect0.as_slice()), "published record");
-    assert_eq!(r1.as_deref(), Some(expect1.as_slice()), "answered, unpublished record");
+    assert_eq!(r0.as_deref(), Some(&*expect0), "published record");
+    assert_eq!(r1.as_deref(), Some(&*expect1), "answered, unpublished record");
     assert_eq!(r2, None, "beyond the log");
     ledger.shutdown();
 }
@@ -1691,7 +1691,7 @@ async fn sealed_segments_read_back_and_damage_is_named() {
     );
     let ledger = Ledger::open(&store.path, host_key(), opts()).unwrap();
     for (i, bytes) in written.iter().enumerate() {
-        assert_eq!(&ledger.record(i as u64).unwrap().unwrap(), bytes, "record {i}");
+        assert_eq!(ledger.record(i as u64).unwrap().unwrap(), bytes.to_vec(), "record {i}");
     }
     let exported = full_export(&ledger).await;
     assert_eq!(exported.records.len(), 30);
@@ -1706,7 +1706,7 @@ async fn sealed_segments_read_back_and_damage_is_named() {
     bytes[40] ^= 0x40;
     std::fs::write(&sealed, &bytes).unwrap();
     let ledger = Ledger::open(&store.path, host_key(), opts()).unwrap();
-    assert_eq!(&ledger.record(3).unwrap().unwrap(), &written[3], "other segments still read");
+    assert_eq!(ledger.record(3).unwrap().unwrap(), written[3].to_vec(), "other segments still read");
     let err = ledger.record(9).unwrap_err().to_string();
     assert!(err.contains("0000000000000001.zst") && err.contains("damaged"), "{err}");
     ledger.shutdown();

@@ -766,7 +766,7 @@ mod tests {
     /// [`Members::from_map`], itself checked against the generic canonicaliser in the ledger.
     fn sealed(body: impl Into<Members>) -> Vec<u8> {
         let head = ChainHead { seq: 41, hash: [7; 32] };
-        seal(Draft::new("p_chain", body), 1234, Some(head), "2026-12-02T03:04:05.000006Z").unwrap().0.canonical
+        seal(Draft::new("p_chain", body), 1234, Some(head), "2026-12-02T03:04:05.000006Z").unwrap().0.canonical.to_vec()
     }
 
     /// And the reference once more, as the ledger sealed before: fields inserted into the object,

@@ -243,15 +243,16 @@ impl Service {
             let (ukey, rkey, skey, commit) =
                 (lane.usage_key.clone(), lane.revoked_key.clone(), lane.stop_key.clone(), commit.clone());
             let work = move |txn: &mut Txn<'_>| {
-                if txn.get(&rkey)?.is_some() {
+                if txn.peek(&rkey).is_some() {
                     return commit(Some(Barred::Revoked), plan, txn);
                 }
-                if txn.get(STOP_ALL_KEY)?.is_some() || txn.get(&skey)?.is_some() {
+                if txn.peek(STOP_ALL_KEY).is_some() || txn.peek(&skey).is_some() {
                     return commit(Some(Barred::Stopped), plan, txn);
                 }
-                let current = txn.get(&ukey)?;
-                if current.as_deref() != expects.as_deref().map(|c| c.bytes.as_slice()) {
+                let current = txn.peek(&ukey);
+                if current != expects.as_deref().map(|c| c.bytes.as_slice()) {
                     let passport_id = ukey.strip_prefix("usage/").unwrap_or(&ukey).to_string();
+                    let current = current.map(<[u8]>::to_vec);
                     return Err(TxnError::abort(Moved { passport_id, current }));
                 }
                 if let Some(w) = &writes {

@@ -1085,12 +1085,14 @@ impl LaneDecision {
         txn: &mut Txn<'_>,
     ) -> Result<(drafts::Built, Vec<Draft>), TxnError> {
         let claims = &self.cp.passport.claims;
-        let id = claims.id.to_string();
+        // The chain's name, written out only where it is used: this runs on the ledger's writer,
+        // and an allowed decision's draft already names its chain.
+        let id = || claims.id.to_string();
         let DecisionPlan { mut built, draft, at } = plan;
         if let Some(barred) = barred.filter(|b| built.reason != barred_reason(*b)) {
             built = barred_block(claims, barred, at);
             let body = self.record(&built, at);
-            return Ok((built, vec![Draft::new(id, body)]));
+            return Ok((built, vec![Draft::new(id(), body)]));
         }
         if let Some(l) = &self.lock {
             // The price was decided on the lock read before the lane; a lock written since (a
@@ -1099,7 +1101,7 @@ impl LaneDecision {
                 txn.get(&l.key)?.and_then(|b| std::str::from_utf8(&b).ok().and_then(|s| s.parse::<u64>().ok()));
             let consistent = stored == l.assumed || (l.assumed.is_none() && stored.is_some() && stored == l.write);
             if !consistent {
-                return Err(ServiceError::Contended { passport_id: id, attempts: 1 }.abort());
+                return Err(ServiceError::Contended { passport_id: id(), attempts: 1 }.abort());
             }
             if built.decision == decide::Decision::Allow && stored.is_none() {
                 if let Some(v) = l.write {
@@ -1114,7 +1116,7 @@ impl LaneDecision {
                 let hold = Hold::new(claims, &self.request, held.port, held.origin, at, held.timeout, txn.next_index());
                 txn.put(&format!("hold/{}", hold.id), &hold.to_bytes())?;
                 built.hold = Some(hold);
-                Draft::new(id, self.record(&built, at))
+                Draft::new(id(), self.record(&built, at))
             }
         };
         Ok((built, vec![draft]))

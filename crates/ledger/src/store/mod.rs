@@ -492,6 +492,7 @@ impl Ledger {
             stopped: false,
             poisoned: None,
             left_half_synced: None,
+            scratch: Vec::new(),
             payload: Vec::new(),
             spans: Vec::new(),
         };

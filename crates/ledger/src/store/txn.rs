@@ -67,10 +67,16 @@ impl Txn<'_> {
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, TxnError> {
-        if let Some(v) = self.overlay.get(key) {
-            return Ok(v.clone());
+        Ok(self.peek(key).map(<[u8]>::to_vec))
+    }
+
+    /// [`Txn::get`] without the copy, for a transaction that only compares or parses the value
+    /// (transactions run on the store's one writer thread, where every allocation counts).
+    pub fn peek(&self, key: &str) -> Option<&[u8]> {
+        match self.overlay.get(key) {
+            Some(v) => v.as_deref(),
+            None => self.state.get(key).map(Vec::as_slice),
         }
-        Ok(self.state.get(key).cloned())
     }
 
     pub fn put(&mut self, key: &str, val: &[u8]) -> Result<(), TxnError> {

@@ -120,7 +120,7 @@ pub(super) struct Writer {
     pub(super) mem: Memory,
     pub(super) segments: Arc<Segments>,
     /// Answered records the indexer may not have published yet (for [`Txn::record`]).
-    pub(super) recent: VecDeque<(u64, Vec<u8>)>,
+    pub(super) recent: VecDeque<(u64, Arc<[u8]>)>,
     pub(super) max_unindexed: u64,
     pub(super) index: mpsc::Sender<IndexJob>,
     pub(super) indexer: Option<JoinHandle<()>>,
@@ -136,7 +136,13 @@ pub(super) struct Writer {
     /// The journal entry being written, and where its records are in it (kept between groups).
     pub(super) payload: Vec<u8>,
     pub(super) spans: Vec<std::ops::Range<usize>>,
+    /// Where each record is written while it is sealed (kept between records).
+    pub(super) scratch: Vec<u8>,
 }
+
+/// Largest record buffer kept for the next record (records are bounded at 64 KiB; a draft that
+/// is larger fails to seal, after it was written).
+const MAX_KEPT_SCRATCH: usize = 128 * 1024;
 
 /// Largest entry buffer kept for the next group (a rare huge group's is freed).
 const MAX_KEPT_PAYLOAD: usize = 4 * 1024 * 1024;
@@ -153,7 +159,7 @@ pub(super) struct Group {
 /// Records for a transaction's [`Txn::record`]: recent ones from memory, older (published) ones
 /// from their segments.
 struct Records<'a> {
-    recent: &'a VecDeque<(u64, Vec<u8>)>,
+    recent: &'a VecDeque<(u64, Arc<[u8]>)>,
     segments: &'a Segments,
     size: u64,
 }
@@ -166,7 +172,7 @@ impl RecordRead for Records<'_> {
         if let Some((first, _)) = self.recent.front() {
             if index >= *first {
                 let at = usize::try_from(index - first).unwrap_or(usize::MAX);
-                return Ok(self.recent.get(at).map(|(_, bytes)| bytes.clone()));
+                return Ok(self.recent.get(at).map(|(_, bytes)| bytes.to_vec()));
             }
         }
         // Older than every recent record: the indexer published it.
@@ -289,9 +295,13 @@ impl Writer {
                 for (finish, appended) in g.done {
                     finish.finish(Ok(appended));
                 }
-                let latest = match self.shared.latest.read() {
-                    Ok(l) => l.clone(),
-                    Err(p) => p.into_inner().clone(),
+                // Read (and copied) only for someone waiting for it, not after every group.
+                let latest = match g.checkpoint_waiters.is_empty() {
+                    true => None,
+                    false => match self.shared.latest.read() {
+                        Ok(l) => l.clone(),
+                        Err(p) => p.into_inner().clone(),
+                    },
                 };
                 for w in g.checkpoint_waiters {
                     let _ = w.send(latest.clone().ok_or(LedgerError::Closed));
@@ -343,10 +353,13 @@ impl Writer {
         }
         let mut size = self.size;
         let gseq = self.gseq + 1;
-        let mut fx = GroupEffects::default();
+        // Sized for one record per transaction (the usual case): no regrowth in a large group.
+        let jobs = pending.len();
+        let mut fx = GroupEffects { records: Vec::with_capacity(jobs), ..GroupEffects::default() };
+        g.done.reserve(jobs);
         // One time for every record of the group (they become durable together).
         let now = record::now_rfc3339();
-        let mut leaves = Vec::new();
+        let mut leaves = Vec::with_capacity(jobs);
         for work in pending.by_ref() {
             let records = Records { recent: &self.recent, segments: &self.segments, size };
             let mut txn = Txn { state: &self.mem.state, records: &records, overlay: BTreeMap::new(), next_index: size };
@@ -356,7 +369,7 @@ impl Writer {
                 continue;
             };
             // Seal every draft before keeping anything, so a bad draft leaves no trace.
-            let sealed = match seal_all(&self.mem.heads, drafts, size, &now) {
+            let sealed = match seal_all(&self.mem.heads, drafts, size, &now, &mut self.scratch) {
                 Ok(s) => s,
                 Err(e) => {
                     finish.finish(Err(e.into()));
@@ -386,8 +399,13 @@ impl Writer {
                 }
                 self.mem.frontier.push(a.leaf_hash);
                 leaves.push(a.leaf_hash);
-                self.recent.push_back((a.index, a.canonical.clone()));
-                fx.records.push(JournalRecord { chain, index: a.index, seq: a.seq, canonical: a.canonical.clone() });
+                self.recent.push_back((a.index, Arc::clone(&a.canonical)));
+                fx.records.push(JournalRecord {
+                    chain,
+                    index: a.index,
+                    seq: a.seq,
+                    canonical: Arc::clone(&a.canonical),
+                });
                 appended.push(a);
             }
             size += appended.len() as u64;
@@ -436,8 +454,6 @@ impl Writer {
         payload: &[u8],
         spans: &[std::ops::Range<usize>],
     ) -> Result<(), StorageError> {
-        let path = self.path.clone();
-        let path = path.as_path();
         if self.journal_on {
             if !self.journal.fits(payload.len()) && self.journal.fits_in_half(payload.len()) {
                 // On error the group goes to redb directly, below, which starts the journal
@@ -457,15 +473,15 @@ impl Writer {
                         tracing::error!(error = %void, "cannot erase the failed journal entry either");
                     }
                     tracing::error!(error = %e, "ledger journal write failed; refusing every transaction until restart");
-                    return Err(journal_storage(path, "journal append", &e));
+                    return Err(journal_storage(&self.path, "journal append", &e));
                 }
-                return self.index.send(IndexJob::Group { gseq, fx, leaves }).map_err(|_| indexer_gone(path));
+                return self.index.send(IndexJob::Group { gseq, fx, leaves }).map_err(|_| indexer_gone(&self.path));
             }
         }
         let (tx, rx) = mpsc::sync_channel(1);
         let start = Instant::now();
-        self.index.send(IndexJob::Durable { gseq, fx, leaves, reply: tx }).map_err(|_| indexer_gone(path))?;
-        rx.recv().map_err(|_| indexer_gone(path))??;
+        self.index.send(IndexJob::Durable { gseq, fx, leaves, reply: tx }).map_err(|_| indexer_gone(&self.path))?;
+        rx.recv().map_err(|_| indexer_gone(&self.path))??;
         self.shared.writes.durable_write(start.elapsed());
         // redb now holds every group durably; the journal must not keep older entries, or
         // the next one would not follow them at replay.
@@ -521,6 +537,7 @@ pub(super) fn seal_all(
     drafts: Vec<Draft>,
     start: u64,
     now: &str,
+    scratch: &mut Vec<u8>,
 ) -> Result<Vec<(String, Appended)>, DraftError> {
     if drafts.len() > MAX_DRAFTS_PER_TXN {
         return Err(DraftError::TooManyDrafts { count: drafts.len(), max: MAX_DRAFTS_PER_TXN });
@@ -538,7 +555,12 @@ pub(super) fn seal_all(
     for (i, draft) in drafts.into_iter().enumerate() {
         let head = local.get(&draft.chain).or_else(|| heads.get(&draft.chain)).copied();
         // Checks the chain name before anything else.
-        let (chain, appended, new_head) = record::seal_owned(draft, start + i as u64, head, now)?;
+        let sealed = record::seal_owned(draft, start + i as u64, head, now, scratch);
+        if scratch.capacity() > MAX_KEPT_SCRATCH {
+            // A rare huge record's buffer is not kept for the small ones after it.
+            *scratch = Vec::new();
+        }
+        let (chain, appended, new_head) = sealed?;
         if many {
             local.insert(chain.clone(), new_head);
         }
