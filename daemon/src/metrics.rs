@@ -536,7 +536,7 @@ impl Collector for Gauges {
             ),
             (
                 "sluice_store_journal_laps",
-                "Times the journal was full and the ledger writer waited for redb to sync before reusing it.",
+                "Times the half of the journal being written was full and the ledger writer moved to the other half.",
                 store.laps,
             ),
         ];
@@ -549,7 +549,7 @@ impl Collector for Gauges {
             ),
             (
                 "sluice_store_journal_lap_wait_seconds",
-                "Time the ledger writer waited in journal laps; the requests of the group at hand waited with it.",
+                "Time those moves took (the new half's header write, and any wait for redb to hold that half's older entries); the requests of the group at hand waited with it.",
                 seconds(store.lap_wait_ns),
             ),
             (

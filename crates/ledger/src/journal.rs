@@ -15,9 +15,11 @@
 //! single-region journal made the writer wait, when it filled, for a redb sync of everything
 //! written since the last one: milliseconds during which every caller on the host waited.
 //!
-//! After a crash, redb comes back at its last synced commit, and [`Journal::open`] returns every
-//! intact entry of both halves, in order, to be applied again at open (entries redb already holds
-//! are skipped by their group sequence number, which redb stores with each group).
+//! After a crash, redb comes back at its last synced commit, and [`Journal::open`] returns the
+//! intact entries of both halves, the older half's first, as one run of consecutive group
+//! sequence numbers (it stops at the first damaged or out-of-sequence entry), to be applied again
+//! at open (entries redb already holds are skipped by their group sequence number, which redb
+//! stores with each group).
 //!
 //! Layout (version 3): two halves of equal length, each a 4 KiB header (magic, version, the
 //! store's journal id, the half's lap number, the half's length) and then entries, each
@@ -116,6 +118,9 @@ pub struct Journal {
     /// Each half's lap number (first, second); the half with the higher one holds the later
     /// entries.
     laps: (u64, u64),
+    /// The highest lap number written or tried (a header write that failed may still have
+    /// reached the disk): every new lap is above it, so no two halves ever share one.
+    top_lap: u64,
     /// The half entries are appended to.
     active: Half,
     /// Where the next entry goes (a file offset inside the active half).
@@ -161,6 +166,7 @@ impl Journal {
                 id,
                 half,
                 laps: (1, 0),
+                top_lap: 1,
                 active: Half::First,
                 end: HEADER_LEN,
                 single: false,
@@ -178,6 +184,7 @@ impl Journal {
             id,
             half: 0,
             laps: (first.lap, first.lap),
+            top_lap: first.lap,
             active: Half::First,
             end: 0,
             single: false,
@@ -202,6 +209,7 @@ impl Journal {
             }
             journal.half = half;
             journal.laps = (first.lap, second.lap);
+            journal.top_lap = first.lap.max(second.lap);
             journal.scan()
         } else {
             // One region from the header to the end of the file.
@@ -404,7 +412,9 @@ impl Journal {
     /// Moves to the other half, once redb holds (durably) every entry in it: a new lap for that
     /// half, higher than any before, so its old entries never verify again and its new ones come
     /// after the half being left. One write (the header and the first entry block, zeroed),
-    /// synced before it returns. On error the journal stays in the half it was in.
+    /// synced before it returns. On error the journal goes on appending to the half it was in
+    /// (the other half's new header may be on disk, which changes nothing that is read: that
+    /// half's entries are all in redb).
     pub fn switch(&mut self) -> Result<(), JournalError> {
         if self.single {
             return Err(JournalError::Io {
@@ -414,7 +424,7 @@ impl Journal {
             });
         }
         let next = self.active.other();
-        self.start_half(next, self.next_lap())?;
+        self.start_half(next, self.next_lap()?)?;
         self.active = next;
         self.end = self.start_of(next) + HEADER_LEN;
         Ok(())
@@ -425,31 +435,32 @@ impl Journal {
     /// half. A single-region journal read at open is rewritten in two halves here (grown to the
     /// smallest two-half size if it was smaller). Synced before it returns.
     pub fn reset(&mut self) -> Result<(), JournalError> {
-        if self.single && 2 * self.half > self.file.metadata().map(|m| m.len()).unwrap_or(0) {
+        let len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if self.single && 2 * self.half > len {
+            // Zeros written, not a hole: appends never allocate blocks (or change metadata).
             let grow = |source| JournalError::Io { path: self.path.clone(), context: "grow to two halves", source };
-            self.file.set_len(2 * self.half).map_err(grow)?;
-            self.file.sync_all().map_err(|source| JournalError::Io {
-                path: self.path.clone(),
-                context: "grow to two halves",
-                source,
-            })?;
+            zero_fill(&self.file, len, 2 * self.half).and_then(|()| self.file.sync_all()).map_err(grow)?;
         }
-        let lap = self.next_lap();
-        self.start_half(Half::Second, lap)?;
-        self.start_half(Half::First, lap.wrapping_add(1))?;
+        self.start_half(Half::Second, self.next_lap()?)?;
+        self.start_half(Half::First, self.next_lap()?)?;
         self.single = false;
         self.active = Half::First;
         self.end = HEADER_LEN;
         Ok(())
     }
 
-    /// A lap number above both halves'.
-    fn next_lap(&self) -> u64 {
-        self.laps.0.max(self.laps.1).wrapping_add(1)
+    /// A lap number above every one written or tried. Lap numbers never wrap: one at the
+    /// maximum can only be a damaged header, and is refused.
+    fn next_lap(&self) -> Result<u64, JournalError> {
+        self.top_lap.checked_add(1).ok_or_else(|| JournalError::Foreign {
+            path: self.path.clone(),
+            reason: format!("its lap number is {}, the largest there is: a damaged header", self.top_lap),
+        })
     }
 
     /// Writes half `h`'s header with `lap`, and zeroes the block after it (no entry there).
     fn start_half(&mut self, h: Half, lap: u64) -> Result<(), JournalError> {
+        self.top_lap = self.top_lap.max(lap);
         let header = header(self.id, lap, self.half);
         let at = self.start_of(h);
         self.out.write_blocks(at, (HEADER_LEN + BLOCK) as usize, &[&header]).map_err(|source| JournalError::Io {
@@ -630,6 +641,18 @@ fn group_digest(
     Some(h.finalize().into())
 }
 
+/// Writes zeros over `[from, to)` of `file` (not synced).
+fn zero_fill(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let zeros = vec![0u8; 1024 * 1024];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(zeros.get(..n).unwrap_or(&zeros), at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 /// Makes the journal under a temporary name (zero-filled, both halves' headers written, synced)
 /// and renames it into place, so a crash or a full disk during creation never leaves a half-made
 /// journal. The first half is the one written first (the higher lap).
@@ -646,14 +669,7 @@ fn create(path: &Path, id: u64, half: u64) -> Result<File, JournalError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io("create"))?;
-    let zeros = vec![0u8; 1024 * 1024];
-    let capacity = 2 * half;
-    let mut at = 0;
-    while at < capacity {
-        let n = (capacity - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(zeros.get(..n).unwrap_or(&zeros), at).map_err(io("zero-fill"))?;
-        at += n as u64;
-    }
+    zero_fill(&file, 0, 2 * half).map_err(io("zero-fill"))?;
     file.write_all_at(&header(id, 1, half), 0).map_err(io("write header"))?;
     file.write_all_at(&header(id, 0, half), half).map_err(io("write header"))?;
     file.sync_all().map_err(io("sync"))?;
@@ -1025,7 +1041,10 @@ mod tests {
         let (mut j, e, _) = Journal::open(&p, 1, 2 * BLOCK).unwrap();
         assert_eq!(e.len(), 1);
         j.reset().unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), MIN_CAPACITY);
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!(meta.len(), MIN_CAPACITY);
+        use std::os::unix::fs::MetadataExt;
+        assert!(meta.blocks() * 512 >= MIN_CAPACITY, "grown with zeros written, not a hole");
         j.append(2, &encoded(2)).unwrap();
         drop(j);
         let (_, e, _) = Journal::open(&p, 1, 2 * BLOCK).unwrap();
@@ -1108,6 +1127,23 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0xff], HEADER_LEN + BLOCK + ENTRY_HEAD + 2).unwrap();
         assert_eq!(gseqs(&p), vec![1]);
+    }
+
+    /// Lap numbers never wrap around (a wrapped one could equal an old lap, whose entries would
+    /// verify again): the largest one, which only a damaged header can hold, is refused.
+    #[test]
+    fn a_lap_at_the_maximum_is_refused_not_wrapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        Journal::open(&p, 1, SMALL).unwrap();
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&u64::MAX.to_le_bytes(), SMALL / 2 + 24).unwrap();
+        let (mut j, e, _) = Journal::open(&p, 1, SMALL).unwrap();
+        assert!(e.is_empty());
+        let err = j.reset().unwrap_err().to_string();
+        assert!(err.contains("damaged header") && err.contains(&p.display().to_string()), "{err}");
+        let err = j.switch().unwrap_err().to_string();
+        assert!(err.contains("damaged header"), "{err}");
     }
 
     #[test]

@@ -510,9 +510,9 @@ impl Writer {
         let (tx, rx) = mpsc::sync_channel(1);
         self.index.send(IndexJob::Sync(tx)).map_err(|_| indexer_gone(&path))?;
         self.left_half_synced = Some(rx);
-        let switched = self.journal.switch().map_err(|e| journal_storage(&path, "journal switch", &e));
+        self.journal.switch().map_err(|e| journal_storage(&path, "journal switch", &e))?;
         self.shared.writes.lap(start.elapsed());
-        switched
+        Ok(())
     }
 }
 
