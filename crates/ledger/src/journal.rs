@@ -1065,6 +1065,17 @@ mod tests {
     /// 6 blocks: two halves of a header and two one-block entries.
     const SMALL: u64 = 6 * BLOCK;
 
+    /// A [`SMALL`] journal in `dir` with groups 1 and 2 in its first half and 3 in its second.
+    fn across_halves(dir: &Path) -> PathBuf {
+        let p = dir.join("j");
+        let (mut j, _, _) = Journal::open(&p, 1, SMALL).unwrap();
+        j.append(1, &encoded(1)).unwrap();
+        j.append(2, &encoded(2)).unwrap();
+        j.switch().unwrap();
+        append_group(&mut j, 3);
+        p
+    }
+
     fn gseqs(p: &Path) -> Vec<u64> {
         Journal::open(p, 1, SMALL).unwrap().1.iter().map(|e| e.gseq).collect()
     }
@@ -1117,13 +1128,7 @@ mod tests {
         // A damaged entry in the older half ends the journal there: the newer half's entries
         // would leave a gap, and are not returned either.
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("j");
-        let (mut j, _, _) = Journal::open(&p, 1, SMALL).unwrap();
-        j.append(1, &encoded(1)).unwrap();
-        j.append(2, &encoded(2)).unwrap();
-        j.switch().unwrap();
-        j.append(3, &encoded(3)).unwrap();
-        drop(j);
+        let p = across_halves(dir.path());
         let f = OpenOptions::new().write(true).open(&p).unwrap();
         f.write_all_at(&[0xff], HEADER_LEN + BLOCK + ENTRY_HEAD + 2).unwrap();
         assert_eq!(gseqs(&p), vec![1]);
@@ -1212,13 +1217,7 @@ mod tests {
             writes in proptest::collection::vec((0..SMALL, proptest::collection::vec(any::<u8>(), 1..64)), 1..8),
         ) {
             let dir = tempfile::tempdir().unwrap();
-            let p = dir.path().join("j");
-            let (mut j, _, _) = Journal::open(&p, 1, SMALL).unwrap();
-            j.append(1, &encoded(1)).unwrap();
-            j.append(2, &encoded(2)).unwrap();
-            j.switch().unwrap();
-            append_group(&mut j, 3);
-            drop(j);
+            let p = across_halves(dir.path());
             let f = OpenOptions::new().write(true).open(&p).unwrap();
             for (at, bytes) in &writes {
                 f.write_all_at(bytes, *at).unwrap();
