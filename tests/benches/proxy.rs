@@ -847,9 +847,9 @@ fn run() -> Result<()> {
     }
     o.push_str(
         "(means over the run: commit wait = a decision's record from submission to durable, queueing \
-         and the group's write included; disk write = one group's durable journal write; laps = waits \
-         for a full journal, in the commit wait of the groups that met them; writer busy = the writer \
-         thread's busy time over the run's, warm-up included)\n",
+         and the group's write included; disk write = one group's durable journal write; laps = moves \
+         to the journal's other half when one is full, in the commit wait of the groups that met \
+         them; writer busy = the writer thread's busy time over the run's, warm-up included)\n",
     );
     // The daemon's CPU split by thread: the proxy's own work against the ledger's (the writer's
     // group commits, the indexer, the sealer), and how often threads hand work to each other.
