@@ -9,7 +9,9 @@
 //!   upstream failed) charged nothing at the gate and is only counted;
 //! - gate: a `gate_decision` `allow` charged its `cost_millicents`; a refusal charged nothing.
 //!
-//! A pair agrees when both sides charged the same amount, or both charged nothing. What is
+//! A pair agrees when both sides charged the same amount, or both charged nothing; catalog
+//! versions are compared only to explain a difference (the two sides may price by different
+//! versions of one price for up to a refresh interval). What is
 //! reported, each record with its evidence (a portable attestation: the record's exact bytes,
 //! its inclusion proof and the export's signed checkpoint, which `sluice audit verify` checks
 //! offline): pairs that differ, requests the agent sent that the gate has no record of ("not
@@ -224,6 +226,20 @@ fn charge_text(c: Option<u64>) -> String {
     }
 }
 
+/// Why two amounts may differ, when the records say: the catalog versions each side priced the
+/// request by, if they are not the same (a price lock taken at another version, or a daemon
+/// whose view of the version in force was behind the gate's). Versions alone are not a
+/// disagreement: both sides may price by different versions of the same price.
+fn versions_text(x: &Linked, y: &Linked) -> String {
+    match (x.catalog_version, y.catalog_version) {
+        (Some(a), Some(g)) if a != g => {
+            format!(" (the agent's record priced it by catalog version {a}, the gate's by version {g})")
+        }
+        (None, Some(g)) => format!(" (the agent's record names no catalog version, the gate's version {g})"),
+        _ => String::new(),
+    }
+}
+
 /// What the gate's record charged: an allow, its `cost_millicents`.
 fn gate_charged(g: &Linked) -> Option<u64> {
     (g.decision.as_deref() == Some("allow")).then(|| g.cost_millicents.unwrap_or(0))
@@ -294,9 +310,12 @@ pub fn settle(agent: SideRead, gate: SideRead, opts: &SettleOptions) -> SettleRe
         }
         let why = match (ac, gc) {
             _ if ac == gc => other_gate.unwrap_or_default(),
-            (Some(_), Some(_)) => {
-                format!("the amounts differ: the agent's record {}, the gate's {}", charge_text(ac), charge_text(gc))
-            }
+            (Some(_), Some(_)) => format!(
+                "the amounts differ: the agent's record {}, the gate's {}{}",
+                charge_text(ac),
+                charge_text(gc),
+                versions_text(&x, &y)
+            ),
             (Some(_), None) => format!(
                 "the agent's record {} ({}), the gate refused it ({}) and charged nothing",
                 charge_text(ac),
@@ -746,6 +765,41 @@ mod tests {
             check_evidence(&e.gate_evidence, 2, i as u64);
         }
         assert_eq!((r.agent_total.millicents, r.gate_total.millicents), (2 * 2563, 3075 + 2563));
+    }
+
+    /// The agent's decision of a request it priced by the gate's catalog `version`.
+    fn agent_at(hash: &str, cost: u64, version: u64) -> (&'static str, Value) {
+        let (chain, mut v) = agent(hash, "allow", cost, T1);
+        v["gate_id"] = json!(gate_id());
+        v["catalog_version"] = json!(version);
+        (chain, v)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn catalog_versions_explain_a_difference_and_alone_are_none() {
+        // h1: same price by versions 2 and 1 (the daemon's view of the version in force ahead of
+        // the gate's): agreed. h2: the agent priced by version 2, the gate by its lock at 1, and
+        // the amounts differ: the reason names both versions. h3: no version on the agent's side.
+        let a =
+            log(1, vec![agent_at("h1", PRICE, 2), agent_at("h2", 9000, 2), agent("h3", "allow", 9000, T1)], None).await;
+        let g = log(
+            2,
+            vec![
+                gate("h1", "pp_a", "allow", PRICE, T1),
+                gate("h2", "pp_a", "allow", PRICE, T1),
+                gate("h3", "pp_a", "allow", PRICE, T1),
+            ],
+            None,
+        )
+        .await;
+        let r = run(&a, &g, SettleOptions::default());
+        assert!(!r.ok);
+        assert_eq!((r.agreed, r.differ.len()), (1, 2), "{r:#?}");
+        let why = &r.differ[0].why;
+        assert_eq!(r.differ[0].request_hash, "h2");
+        assert!(why.contains("catalog version 2") && why.contains("by version 1"), "{why}");
+        let why = &r.differ[1].why;
+        assert!(why.contains("names no catalog version") && why.contains("version 1"), "{why}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
