@@ -229,10 +229,16 @@ impl Journal {
         let (older, newer) =
             if self.laps.0 < self.laps.1 { (Half::First, Half::Second) } else { (Half::Second, Half::First) };
         let mut out = Vec::new();
-        self.scan_region(self.start_of(older), self.start_of(older) + self.half, self.lap(older), &mut out);
+        self.scan_half(older, &mut out);
         self.active = newer;
-        self.end = self.scan_region(self.start_of(newer), self.start_of(newer) + self.half, self.lap(newer), &mut out);
+        self.end = self.scan_half(newer, &mut out);
         out
+    }
+
+    /// [`Journal::scan_region`] over one half, under that half's lap.
+    fn scan_half(&self, h: Half, out: &mut Vec<Entry>) -> u64 {
+        let start = self.start_of(h);
+        self.scan_region(start, start + self.half, self.lap(h), out)
     }
 
     /// Appends to `out` the entries of the region `[start, stop)` (a header, then entries) that
@@ -329,13 +335,9 @@ impl Journal {
     }
 
     /// Bytes of entries in the half being written.
-    pub fn used(&self) -> u64 {
+    #[cfg(test)]
+    fn used(&self) -> u64 {
         self.end.saturating_sub(self.start_of(self.active) + HEADER_LEN)
-    }
-
-    /// The file's length: both halves.
-    pub fn capacity(&self) -> u64 {
-        2 * self.half
     }
 
     /// Appends one entry, its digest over the whole payload, and waits until it is on stable

@@ -296,12 +296,13 @@ impl Writer {
                     finish.finish(Ok(appended));
                 }
                 // Read (and copied) only for someone waiting for it, not after every group.
-                let latest = match g.checkpoint_waiters.is_empty() {
-                    true => None,
-                    false => match self.shared.latest.read() {
+                let latest = if g.checkpoint_waiters.is_empty() {
+                    None
+                } else {
+                    match self.shared.latest.read() {
                         Ok(l) => l.clone(),
                         Err(p) => p.into_inner().clone(),
-                    },
+                    }
                 };
                 for w in g.checkpoint_waiters {
                     let _ = w.send(latest.clone().ok_or(LedgerError::Closed));
