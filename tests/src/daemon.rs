@@ -90,12 +90,9 @@ impl Daemon {
             .args(["--config", self.config.to_str().unwrap(), "daemon"])
             // `SLUICE_TEST_DAEMON_LOG` overrides the filter (e.g. `warn` to measure the cost of logging).
             .env("RUST_LOG", std::env::var("SLUICE_TEST_DAEMON_LOG").unwrap_or_else(|_| "info".into()))
-            // As the shipped unit (systemd/sluice.service) runs it, so the proxy benchmark's RSS
-            // is the shipped daemon's.
-            .env(
-                "GLIBC_TUNABLES",
-                "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=131072:glibc.malloc.mmap_threshold=1048576",
-            )
+            // The daemon bounds its own malloc; a caller's GLIBC_TUNABLES would override that and
+            // measure another daemon than the shipped one.
+            .env_remove("GLIBC_TUNABLES")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

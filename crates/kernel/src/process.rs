@@ -1,7 +1,7 @@
 //! Processes the daemon must follow exactly: `pidfd_open(2)` handles (immune to pid reuse), a
 //! wait for a pidfd's process to exit, the identity `/proc` gives a pid (start time and real
-//! uid), and the CLI's SIGPIPE disposition. The raw syscalls live here so that the daemon crate
-//! needs no `unsafe`.
+//! uid), the CLI's SIGPIPE disposition and the long-running servers' malloc bounds. The raw
+//! syscalls live here so that the daemon crate needs no `unsafe`.
 //!
 //! Must not: decide what a process may do; callers (the service's sandboxes) own that.
 
@@ -63,8 +63,97 @@ pub fn default_sigpipe() {
     }
 }
 
+/// glibc malloc settings for a long-running server (the daemon, a gate), as `(tunable, value)`:
+/// - at most two arenas (glibc's default is eight per core; the daemon runs a proxy runtime
+///   thread per core besides tokio's workers and the ledger's threads, and each arena keeps its
+///   own freed memory);
+/// - freed memory above 128 KiB at the top of a heap given back to the system;
+/// - blocks up to 1 MiB served from the heap, a fixed threshold (glibc's moving one rises after
+///   the first large buffer is freed and from then on keeps such buffers for good).
+///
+/// Measured with `bench proxy` (RSS with 1,000 idle agent connections / after the load runs):
+/// glibc's defaults 64.7 / 72.8 MiB, two arenas alone 59.4 / 78.7 MiB, all three 57.5 / 60.2
+/// MiB, with no mmap/munmap per request and CPU per request unchanged within the noise.
+pub const MALLOC_BOUNDS: [(&str, i32); 3] = [
+    ("glibc.malloc.arena_max", 2),
+    ("glibc.malloc.trim_threshold", 128 * 1024),
+    ("glibc.malloc.mmap_threshold", 1024 * 1024),
+];
+
+/// Which of [`MALLOC_BOUNDS`] to apply, given the process's `GLIBC_TUNABLES`: each one the
+/// operator did not set there (their value wins; glibc has already applied it).
+pub fn malloc_bounds_to_apply(glibc_tunables: Option<&str>) -> Vec<(&'static str, i32)> {
+    let set: Vec<&str> = glibc_tunables
+        .unwrap_or("")
+        .split(':')
+        .filter_map(|t| t.split_once('=').map(|(name, _)| name.trim()))
+        .collect();
+    MALLOC_BOUNDS.iter().copied().filter(|(name, _)| !set.contains(name)).collect()
+}
+
+/// Applies [`MALLOC_BOUNDS`] with `mallopt(3)`, except those `GLIBC_TUNABLES` sets, so that a
+/// server started by hand is bounded as the shipped unit's is. Call it first thing, before any
+/// thread starts (a thread takes its arena when it first allocates). Returns the tunables
+/// applied; an error names the one glibc refused. A no-op returning nothing on other C
+/// libraries.
+pub fn bound_malloc() -> io::Result<Vec<&'static str>> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let env = std::env::var("GLIBC_TUNABLES").ok();
+        let mut applied = Vec::new();
+        for (name, value) in malloc_bounds_to_apply(env.as_deref()) {
+            let param = match name {
+                "glibc.malloc.arena_max" => libc::M_ARENA_MAX,
+                "glibc.malloc.trim_threshold" => libc::M_TRIM_THRESHOLD,
+                _ => libc::M_MMAP_THRESHOLD,
+            };
+            // SAFETY: mallopt takes two integers and changes only the allocator's parameters;
+            // it returns 0 when it refuses a value.
+            if unsafe { libc::mallopt(param, value) } == 0 {
+                return Err(io::Error::other(format!("glibc refused the malloc setting {name}={value}")));
+            }
+            applied.push(name);
+        }
+        Ok(applied)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        Ok(Vec::new())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn malloc_bounds_leave_the_operators_tunables_alone() {
+        let all: Vec<&str> = super::MALLOC_BOUNDS.iter().map(|(n, _)| *n).collect();
+        let names = |t: Option<&str>| super::malloc_bounds_to_apply(t).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        assert_eq!(names(None), all);
+        assert_eq!(names(Some("")), all);
+        assert_eq!(names(Some("glibc.malloc.tcache_count=0")), all);
+        assert_eq!(
+            names(Some("glibc.malloc.arena_max=8:glibc.malloc.mmap_threshold=65536")),
+            vec!["glibc.malloc.trim_threshold"]
+        );
+        // The shipped unit's own line: nothing left to apply.
+        assert!(names(Some(
+            "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=131072:glibc.malloc.mmap_threshold=1048576"
+        ))
+        .is_empty());
+    }
+
+    #[test]
+    fn bound_malloc_applies_what_glibc_accepts() {
+        // mallopt in a test process changes only its allocator's parameters; every value is one
+        // glibc accepts, so this fails only if a value is out of its range.
+        let applied = super::bound_malloc().unwrap();
+        if std::env::var_os("GLIBC_TUNABLES").is_none() && cfg!(target_env = "gnu") {
+            assert_eq!(applied.len(), super::MALLOC_BOUNDS.len());
+        }
+        // And it still allocates.
+        assert_eq!(vec![7u8; 2 << 20].len(), 2 << 20);
+    }
+
     use super::*;
 
     #[test]

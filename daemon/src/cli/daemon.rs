@@ -50,10 +50,23 @@ pub fn run(args: DaemonArgs, config_path: &Path, socket: Option<&Path>) -> CmdRe
         println!("trust         {} pinned issuer(s)", config.pinned_issuers()?.len());
         return Ok(ExitCode::SUCCESS);
     }
+    let malloc = sluice_kernel::process::bound_malloc();
     init_tracing();
+    log_malloc_bounds(malloc);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(serve(config))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs what [`sluice_kernel::process::bound_malloc`] did, for a server (the daemon, a gate)
+/// that called it before its threads started. A refusal is a warning: the server runs, with
+/// glibc's defaults and more memory.
+pub(super) fn log_malloc_bounds(result: std::io::Result<Vec<&'static str>>) {
+    match result {
+        Ok(applied) if applied.is_empty() => tracing::debug!("malloc: GLIBC_TUNABLES sets every bound"),
+        Ok(applied) => tracing::debug!("malloc bounded: {}", applied.join(", ")),
+        Err(e) => tracing::warn!("malloc: {e}; running with glibc's defaults, which keep more memory"),
+    }
 }
 
 fn init_tracing() {

@@ -132,9 +132,11 @@ pub(super) fn load(path: &std::path::Path) -> anyhow::Result<Gate> {
 }
 
 fn run_gate(_: RunArgs, config: &std::path::Path) -> CmdResult {
+    let malloc = sluice_kernel::process::bound_malloc();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    super::daemon::log_malloc_bounds(malloc);
     let gate = Arc::new(load(config)?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
