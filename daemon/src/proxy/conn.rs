@@ -400,6 +400,80 @@ mod tests {
         assert_eq!(h.proxy.stats().forwarded, 0);
     }
 
+    /// The daemon stopping ([`Proxy::serve`] told to stop): the listener closes at once, so new
+    /// connections are refused, and `serve` returns only when the connections in flight have
+    /// ended, or when the drain runs out with one still open (then the caller's runtime cuts it).
+    #[tokio::test]
+    async fn serve_stops_accepting_then_waits_for_the_connections_in_flight_up_to_the_drain() {
+        use tokio::io::AsyncReadExt;
+        let drain = Duration::from_millis(700);
+        for agent_closes in [true, false] {
+            // The canary upstream answers PONG and holds the tunnel open for 2 s, unless the
+            // agent closes its end first.
+            let up = upstream().await;
+            let port = up.addr.port();
+            let fake = FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 3)));
+            let limits = crate::proxy::Limits { drain, ..crate::proxy::Limits::default() };
+            let h = crate::proxy::testing::harness_with_limits(
+                fake,
+                &raw_rule(port),
+                &[("db.example.test", LOCAL)],
+                limits,
+            );
+            let name = DomainName::parse("db.example.test").expect("name");
+            let (synthetic, _) = h.pool.addresses(&name).expect("synthetic address");
+            let listener = tokio::net::TcpListener::bind((LOCAL, 0)).await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let serving = tokio::spawn(h.proxy.clone().serve(vec![listener], stop_rx));
+
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind((LOCAL, 0).into()).expect("bind");
+            h.redirects.redirect(
+                socket.local_addr().expect("addr"),
+                SocketAddr::new(IpAddr::V4(synthetic), port),
+                CGROUP,
+            );
+            let mut agent = socket.connect(addr).await.expect("connect");
+            agent.write_all(b"HELLO").await.expect("send");
+            let mut pong = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(5), agent.read_exact(&mut pong))
+                .await
+                .expect("pong")
+                .expect("read");
+            assert_eq!(&pong, b"PONG");
+            assert_eq!(h.proxy.open_connections(), 1);
+
+            let stopped = std::time::Instant::now();
+            stop_tx.send(true).expect("stop");
+            // Refused once the listener is closed (at once, give or take a scheduling round).
+            let mut refused = false;
+            for _ in 0..100 {
+                if tokio::net::TcpStream::connect(addr).await.is_err() {
+                    refused = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert!(refused, "agent_closes={agent_closes}: still accepting after the stop");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert!(!serving.is_finished(), "agent_closes={agent_closes}: serve returned with a tunnel open");
+            if agent_closes {
+                agent.shutdown().await.expect("close");
+                let _ = read_to_close(&mut agent).await;
+                tokio::time::timeout(Duration::from_secs(5), serving).await.expect("serve returns").expect("serve");
+                let took = stopped.elapsed();
+                assert!(took < drain, "waited for the drain to run out with nothing open: {took:?}");
+                assert_eq!(h.proxy.open_connections(), 0);
+            } else {
+                tokio::time::timeout(Duration::from_secs(5), serving).await.expect("serve returns").expect("serve");
+                let took = stopped.elapsed();
+                assert!(took >= drain, "returned before the drain ran out: {took:?}");
+                assert_eq!(h.proxy.open_connections(), 1, "the tunnel is left for the runtime to cut");
+            }
+        }
+    }
+
     /// The sniff stage's reading: no buffer held while waiting, bounded in bytes and time.
     mod read_head {
         use super::super::*;

@@ -96,6 +96,8 @@ pub(crate) mod fake {
         pub settled: Mutex<Vec<SettleCall>>,
         /// Every `record_host_event` call: (kind, detail).
         pub events: Mutex<Vec<(String, Value)>>,
+        /// How long each `enforce` takes to answer (a slow store, a decision in progress).
+        pub delay: Mutex<Option<std::time::Duration>>,
     }
 
     impl FakeDecide {
@@ -145,7 +147,13 @@ pub(crate) mod fake {
         ) -> BoxFuture<'_, Result<DecisionOutcome, ServiceError>> {
             self.enforced.lock().unwrap().push((input, verdict));
             let next = self.enforce.lock().unwrap().pop_front();
-            Box::pin(async move { next.unwrap_or(Err(ServiceError::NotAppended("no scripted answer left"))) })
+            let delay = *self.delay.lock().unwrap();
+            Box::pin(async move {
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                next.unwrap_or(Err(ServiceError::NotAppended("no scripted answer left")))
+            })
         }
 
         fn wait_hold<'a>(&'a self, hold_id: &'a str) -> BoxFuture<'a, HoldOutcome> {

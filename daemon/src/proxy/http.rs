@@ -88,18 +88,19 @@ where
     // same rule for both protocols, and one timer per connection rather than hyper's HTTP/1.1
     // header read timeout, which armed (and boxed) a timer for every request head.
     let timeout = proxy.limits.header_timeout;
+    let draining = proxy.until_draining();
     let result = if h2 {
         let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .max_concurrent_streams(proxy.limits.max_streams)
             .max_header_list_size(u32::try_from(proxy.limits.max_header_bytes).unwrap_or(u32::MAX));
         let conn = std::pin::pin!(b.serve_connection(io, svc));
-        idle::serve_until_idle(conn, &activity, timeout, info.client, |c| c.graceful_shutdown()).await
+        idle::serve_until_idle(conn, &activity, timeout, info.client, draining, |c| c.graceful_shutdown()).await
     } else {
         let mut b = hyper::server::conn::http1::Builder::new();
         b.max_buf_size(proxy.limits.max_header_bytes.max(8192)).half_close(false);
         let conn = std::pin::pin!(b.serve_connection(io, svc).with_upgrades());
-        idle::serve_until_idle(conn, &activity, timeout, info.client, |c| c.graceful_shutdown()).await
+        idle::serve_until_idle(conn, &activity, timeout, info.client, draining, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
         if e.is_parse() || e.is_parse_too_large() {
@@ -1390,6 +1391,63 @@ mod tests {
             let _ = task.await;
         }
         // The trickled head was never a request: the only decision is the answered one.
+        assert_eq!(h.decide.enforced.lock().unwrap().len(), 1);
+    }
+
+    /// At shutdown ([`Proxy::drain`]) an HTTP/1.1 connection answers the request in progress in
+    /// full and then closes, and an idle keep-alive connection closes at once, not after its
+    /// header timeout (a minute here).
+    #[tokio::test]
+    async fn draining_answers_the_request_in_progress_then_closes_and_idle_connections_close_at_once() {
+        use crate::proxy::testing::agent_pair;
+        use std::time::{Duration, Instant};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let h = with_header_timeout(Duration::from_secs(60), outcome(Decision::Block, Reason::DomainNotAllowed, 5));
+        *h.decide.delay.lock().unwrap() = Some(Duration::from_millis(400));
+        let name = DomainName::parse("db.example.test").expect("name");
+        let serve_one = |accepted| {
+            tokio::spawn(serve(
+                h.proxy.clone(),
+                served_conn("198.18.0.9:80", Some(name.clone()), false),
+                accepted,
+                false,
+            ))
+        };
+        let (mut busy, accepted) = agent_pair().await;
+        let busy_task = serve_one(accepted);
+        let (mut idle, accepted) = agent_pair().await;
+        let idle_task = serve_one(accepted);
+        busy.write_all(b"GET / HTTP/1.1\r\nHost: db.example.test\r\n\r\n").await.expect("send");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while h.decide.enforced.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the request never reached the decision");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The decision is in progress (it takes 400 ms): the daemon starts stopping.
+        let started = Instant::now();
+        h.proxy.drain().await;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf))
+            .await
+            .expect("the idle connection is closed")
+            .ok();
+        assert!(buf.is_empty(), "{buf:?}");
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), busy.read_to_end(&mut answer))
+            .await
+            .expect("the busy connection is closed after its answer")
+            .expect("read");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+        let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length: ").map(|v| v.trim().parse().unwrap()))
+            .expect("content-length");
+        assert_eq!(body.len(), length, "the whole body: {text}");
+        assert!(body.contains("domain_not_allowed"), "{body}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        let _ = tokio::join!(busy_task, idle_task);
         assert_eq!(h.decide.enforced.lock().unwrap().len(), 1);
     }
 

@@ -70,11 +70,16 @@ impl Activity {
 /// for `timeout`; then `shutdown` asks hyper to close it gracefully (HTTP/1.1: at once, a partial
 /// head dropped; HTTP/2: a GOAWAY), and a peer that does not let it finish within
 /// [`CLOSE_GRACE`] (one that ignores the GOAWAY and its PING, say) is dropped.
+///
+/// When `draining` resolves (the daemon is stopping), `shutdown` too, and the connection is
+/// driven on while it finishes the requests in progress (HTTP/1.1: the one being answered;
+/// HTTP/2: the streams open before the GOAWAY), as long as the proxy's drain lasts.
 pub(super) async fn serve_until_idle<C, E>(
     mut conn: Pin<&mut C>,
     activity: &Activity,
     timeout: Duration,
     client: std::net::SocketAddr,
+    draining: impl std::future::Future<Output = ()>,
     shutdown: fn(Pin<&mut C>),
 ) -> Result<(), E>
 where
@@ -86,6 +91,11 @@ where
             tracing::debug!(%client, "agent connection without a request in progress; closing");
             shutdown(conn.as_mut());
             tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
+        }
+        _ = draining => {
+            tracing::debug!(%client, "the proxy is draining; closing the agent connection once its requests are answered");
+            shutdown(conn.as_mut());
+            conn.await
         }
     }
 }

@@ -134,6 +134,8 @@ pub struct Limits {
     pub max_streams: u32,
     /// HTTP/1 read buffer (bounds a request head) and HTTP/2 header list.
     pub max_header_bytes: usize,
+    /// At shutdown, how long the connections in flight may take to finish ([`Proxy::drain`]).
+    pub drain: Duration,
 }
 
 impl Default for Limits {
@@ -146,6 +148,7 @@ impl Default for Limits {
             header_timeout: Duration::from_secs(30),
             max_streams: 128,
             max_header_bytes: 64 * 1024,
+            drain: DRAIN,
         }
     }
 }
@@ -234,7 +237,15 @@ pub struct Proxy {
     /// Emergency stops in force: a connection of a stopped passport is closed at once
     /// ([`until_stopped`]).
     stops: watch::Receiver<Arc<StopSet>>,
+    /// Turns true once the proxy stopped accepting ([`Proxy::serve`]): every HTTP connection
+    /// then finishes the requests it has in progress and closes ([`idle::serve_until_idle`]).
+    draining: watch::Sender<bool>,
 }
+
+/// At shutdown, how long the connections in flight may take to finish their requests before
+/// the rest are cut ([`Limits::drain`]). Below the unit's `TimeoutStopSec` (30 s), which also
+/// covers the store's last commits.
+pub const DRAIN: Duration = Duration::from_secs(10);
 
 /// Resolves as soon as an emergency stop covers `passport_id` (at once if one does already);
 /// never, if the service that sends the stops is gone. Every connection, tunnel and upgraded
@@ -338,6 +349,7 @@ impl Proxy {
             gates: parts.gates,
             refusal_log: throttle::Throttle::new(Duration::from_secs(1)),
             stops: parts.service.stop_watch(),
+            draining: watch::Sender::new(false),
             service: parts.service,
         }))
     }
@@ -374,14 +386,52 @@ impl Proxy {
         self.sandboxes.lock().active.get(&cgroup_id).copied().unwrap_or(0)
     }
 
-    /// Accepts on every listener until `stop` turns true. Connections in flight are not waited
-    /// for (the runtime's shutdown ends them).
+    /// Accepts on every listener until `stop` turns true, then drains ([`Proxy::drain`]).
     pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>, stop: watch::Receiver<bool>) {
         let mut tasks = tokio::task::JoinSet::new();
         for listener in listeners {
             tasks.spawn(self.clone().accept_loop(listener, stop.clone()));
         }
         while tasks.join_next().await.is_some() {}
+        self.drain().await;
+    }
+
+    /// The end of the proxy's life, once it stopped accepting (its listeners are closed, so new
+    /// connections are refused): every HTTP connection is asked to close once its requests in
+    /// progress are answered (an idle keep-alive at once; HTTP/2 with a GOAWAY), and this waits
+    /// up to [`Limits::drain`] for every connection to end. What is still open then (a tunnel, an
+    /// upgraded stream, a request held for approval, a slow upstream) is cut when the caller's
+    /// runtime ends. Each of the daemon's proxy threads calls it; the first one logs.
+    pub async fn drain(&self) {
+        let first = self.draining.send_if_modified(|d| !std::mem::replace(d, true));
+        let open = self.open_connections();
+        let limit = self.limits.drain;
+        if first && open > 0 {
+            tracing::info!(open, "proxy: letting the connections in flight finish (up to {limit:?})");
+        }
+        let all = u32::try_from(self.limits.max_connections.max(1)).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(limit, self.slots.acquire_many(all)).await;
+        if first && drained.is_err() {
+            tracing::warn!(
+                open,
+                cut = self.open_connections(),
+                "proxy: connections still open after the {limit:?} drain are cut"
+            );
+        }
+    }
+
+    /// Agent connections in flight (accepted and within the budget).
+    pub fn open_connections(&self) -> usize {
+        self.limits.max_connections.max(1).saturating_sub(self.slots.available_permits())
+    }
+
+    /// Resolves once the proxy is draining ([`Proxy::drain`]): at once if it is already.
+    pub(crate) fn until_draining(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.draining.subscribe();
+        async move {
+            // The sender lives as long as the proxy, which outlives its connections.
+            let _ = rx.wait_for(|d| *d).await;
+        }
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {

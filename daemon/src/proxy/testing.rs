@@ -117,7 +117,7 @@ pub fn harness_with_limits(
         resolver: resolver.clone(),
         upstream: upstream::Upstream::new(resolver, upstream_tls),
         own_ports: OWN_PORTS,
-        slots: Arc::new(tokio::sync::Semaphore::new(limits.max_connections)),
+        slots: Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1))),
         sandboxes: Arc::new(super::SandboxSlots {
             limit: limits.max_connections_per_sandbox,
             state: std::sync::Mutex::default(),
@@ -127,6 +127,7 @@ pub fn harness_with_limits(
         gates: super::gate::Gates::none(),
         refusal_log: super::throttle::Throttle::new(Duration::from_secs(1)),
         stops: stops.subscribe(),
+        draining: tokio::sync::watch::Sender::new(false),
     });
     Harness { proxy, decide, redirects, pool, stops, _dirs: (policy_dir, state) }
 }
