@@ -118,6 +118,14 @@ impl Daemon {
         matches!(self.child.as_mut().map(Child::try_wait), Some(Ok(None)))
     }
 
+    /// SIGTERM, as `systemctl stop` sends it; returns without waiting (see [`Daemon::alive`]).
+    pub fn term(&self) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        }
+    }
+
     /// Sends SIGHUP (policy reload).
     pub fn hup(&self) {
         if let Some(c) = &self.child {

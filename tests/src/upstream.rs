@@ -231,6 +231,13 @@ async fn route(st: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
     match (req.method().as_str(), req.uri().path()) {
         ("GET", "/hello") => text(StatusCode::OK, format!("hello {host} {version}\n")),
         ("POST", "/pay") => text(StatusCode::OK, "paid\n"),
+        // Answered after `ms` milliseconds (at most 10 s): a request still in flight when
+        // something else happens (the daemon stopping).
+        ("GET", "/slow") => {
+            let ms = query_num(query.as_deref(), "ms").unwrap_or(1000).min(10_000);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            text(StatusCode::OK, format!("slow {ms}\n"))
+        }
         // Recorded-shape LLM responses (usage fields as OpenAI and Anthropic send them) for
         // metered routes. Model "m"; see proxy_e2e's metered test for the prices.
         ("POST", "/llm/openai/json") => json_text(

@@ -590,6 +590,54 @@ fn proxy_holds_wait_for_an_operator() {
     assert_eq!(resolutions.len(), 2, "{resolutions:#?}");
 }
 
+/// `systemctl stop` in the middle of a request: the proxy stops accepting, the request in
+/// flight is answered in full (its decision recorded before the `daemon_stop` record), and the
+/// daemon exits within the drain.
+#[test]
+fn a_request_in_flight_when_the_daemon_stops_is_answered() {
+    if !root_or_skip("a_request_in_flight_when_the_daemon_stops_is_answered") {
+        return;
+    }
+    let mut w = World::new(POLICY, 120);
+    let (passport, _) = w.d.issue("slow", &["--permission", "web:*"]);
+    let p = passport.to_str().unwrap().to_string();
+    let url = w.url(API, "/slow?ms=1500");
+    let child =
+        w.d.cli_command(&["run", "--passport", &p, "--", "curl", "-sS", "-i", "--max-time", "60", &url])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+    // Decided and forwarded: the upstream holds it for 1.5 s.
+    let deadline = Instant::now() + HANG_GUARD;
+    while w.up.count("/slow") == 0 {
+        assert!(Instant::now() < deadline, "the request never reached the upstream:\n{}", w.d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped = Instant::now();
+    w.d.term();
+    let r = finish(child);
+    assert_eq!(r.status, 200, "{r:?}\n{}", w.d.log());
+    assert_eq!(r.body, "slow 1500\n");
+    while w.d.alive() {
+        assert!(stopped.elapsed() < Duration::from_secs(30), "the daemon did not stop:\n{}", w.d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = w.d.log();
+    assert!(log.contains("letting the connections in flight finish"), "{log}");
+    assert!(!log.contains("drain are cut"), "{log}");
+
+    // The decision (the only one) and then the stop, in the log a restarted daemon exports.
+    w.d.spawn();
+    let records = w.d.verified_records();
+    let decided = records
+        .iter()
+        .position(|r| r["kind"] == "decision" && r["decision"] == "allow" && r["host"] == API)
+        .unwrap_or_else(|| panic!("no decision of /slow: {records:#?}"));
+    let stop = records.iter().position(|r| r["kind"] == "daemon_stop").expect("a daemon_stop record");
+    assert!(decided < stop, "the decision ({decided}) is recorded before the stop ({stop})");
+}
+
 #[test]
 fn proxy_hold_times_out() {
     if !root_or_skip("proxy_hold_times_out") {
