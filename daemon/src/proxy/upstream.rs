@@ -207,19 +207,19 @@ impl Upstream {
     ) -> Result<http::Response<ProxyBody>, SendError> {
         let key = Key::new(target);
         if let Some(sender) = self.pool.h2(&key) {
-            to_h2_form(&mut req, &key);
+            to_h2_form(&mut req, target);
             return send_h2(sender, req).await;
         }
-        to_h1_form(&mut req, &key);
+        to_h1_form(&mut req, target);
         if let Some(h1) = std::future::poll_fn(|cx| Poll::Ready(self.pool.checkout_h1(&key, cx))).await {
             match send_h1(&self.pool, key.clone(), h1, req).await {
                 H1Sent::Done(result) => return result,
                 H1Sent::Unsent(back) => req = back,
             }
         }
-        let io = self.connector.connect(&key).await?;
+        let io = self.connector.connect(target).await?;
         if io.h2 {
-            to_h2_form(&mut req, &key);
+            to_h2_form(&mut req, target);
             let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
             b.timer(TokioTimer::new());
             let (sender, conn) = b.handshake(TokioIo::new(io)).await.map_err(SendError::Http)?;
@@ -248,9 +248,8 @@ impl Upstream {
         target: &Target,
         mut req: http::Request<ProxyBody>,
     ) -> Result<http::Response<ProxyBody>, SendError> {
-        let key = Key::new(target);
-        let io = self.h1_connector.connect(&key).await?;
-        to_h1_form(&mut req, &key);
+        let io = self.h1_connector.connect(target).await?;
+        to_h1_form(&mut req, target);
         let (mut sender, conn) =
             hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)).await.map_err(SendError::Http)?;
         tokio::spawn(async move {
@@ -272,19 +271,20 @@ impl Upstream {
 /// unless it is the scheme's default). A request already in origin form keeps its URI, and a
 /// `Host` that already names the target exactly is kept: the usual proxied request is sent
 /// without building either again.
-fn to_h1_form<B>(req: &mut http::Request<B>, key: &Key) {
+fn to_h1_form<B>(req: &mut http::Request<B>, target: &Target) {
     if req.uri().scheme().is_some() || req.uri().authority().is_some() {
         let path = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         *req.uri_mut() = http::Uri::from(path);
     }
-    let default = if key.tls { 443 } else { 80 };
-    let exact = |v: &http::HeaderValue| key.port == default && v.as_bytes() == key.name.as_str().as_bytes();
+    let default = if target.tls { 443 } else { 80 };
+    let exact = |v: &http::HeaderValue| target.port == default && v.as_bytes() == target.name.as_str().as_bytes();
     if req.headers().get(http::header::HOST).is_some_and(exact)
         && req.headers().get_all(http::header::HOST).iter().count() == 1
     {
         return;
     }
-    let host = if key.port == default { key.name.to_string() } else { format!("{}:{}", key.name, key.port) };
+    let host =
+        if target.port == default { target.name.to_string() } else { format!("{}:{}", target.name, target.port) };
     match http::HeaderValue::from_str(&host) {
         Ok(v) => {
             req.headers_mut().insert(http::header::HOST, v);
@@ -297,12 +297,12 @@ fn to_h1_form<B>(req: &mut http::Request<B>, key: &Key) {
 
 /// HTTP/2 wants the whole URI (hyper sends `:scheme`, `:authority` and `:path` from it) and no
 /// `Host`.
-fn to_h2_form<B>(req: &mut http::Request<B>, key: &Key) {
+fn to_h2_form<B>(req: &mut http::Request<B>, target: &Target) {
     req.headers_mut().remove(http::header::HOST);
     let path = req.uri().path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let uri = http::Uri::builder()
-        .scheme(if key.tls { "https" } else { "http" })
-        .authority(format!("{}:{}", key.name, key.port))
+        .scheme(if target.tls { "https" } else { "http" })
+        .authority(format!("{}:{}", target.name, target.port))
         .path_and_query(path)
         .build();
     if let Ok(uri) = uri {
@@ -359,7 +359,7 @@ type H2Sender = hyper::client::conn::http2::SendRequest<ProxyBody>;
 
 /// Where a request goes: scheme, name and port. The proxy builds it from the name the decision
 /// was made on and the port the agent dialed; it is never read back from the request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     pub tls: bool,
     pub name: DomainName,
@@ -387,15 +387,13 @@ impl Target {
 /// whose reactor it is registered with.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
-    tls: bool,
-    name: DomainName,
-    port: u16,
+    target: Target,
     thread: std::thread::ThreadId,
 }
 
 impl Key {
     fn new(target: &Target) -> Key {
-        Key { tls: target.tls, name: target.name.clone(), port: target.port, thread: std::thread::current().id() }
+        Key { target: target.clone(), thread: std::thread::current().id() }
     }
 }
 
@@ -606,13 +604,13 @@ impl ConnectError {
 }
 
 impl Connector {
-    async fn connect(&self, key: &Key) -> Result<UpstreamIo, ConnectError> {
-        let (tcp, addr) = dial(&self.resolver, &key.name, key.port).await?;
+    async fn connect(&self, target: &Target) -> Result<UpstreamIo, ConnectError> {
+        let (tcp, addr) = dial(&self.resolver, &target.name, target.port).await?;
         let _ = tcp.set_nodelay(true);
-        if !key.tls {
+        if !target.tls {
             return Ok(UpstreamIo { inner: Inner::Plain(tcp), h2: false });
         }
-        let name = key.name.as_str();
+        let name = target.name.as_str();
         let server_name = ServerName::try_from(name.to_string()).map_err(|_| ConnectError::BadUri(name.to_string()))?;
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(server_name, ReadAhead::new(tcp)))
             .await
@@ -801,7 +799,7 @@ mod tests {
             assert_eq!(all.len(), 1, "exactly one Host");
             all[0].to_str().expect("ascii").to_string()
         };
-        let key = Key::new(&target(443));
+        let key = target(443);
         // The proxy's usual request: kept as it is.
         let mut r = req("/v1/x?q=1", Some("example.com"));
         to_h1_form(&mut r, &key);
@@ -814,7 +812,7 @@ mod tests {
         }
         // Not the scheme's default port: named in Host.
         let mut r = req("/", Some("example.com"));
-        to_h1_form(&mut r, &Key::new(&target(8443)));
+        to_h1_form(&mut r, &target(8443));
         assert_eq!(host(&r), "example.com:8443");
         // HTTP/2: the whole URI from the target, no Host.
         let mut r = req("/v1/x?q=1", Some("example.com"));
