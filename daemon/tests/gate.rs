@@ -239,6 +239,16 @@ impl RunningGate {
     }
 
     async fn start_at(world: &World, config: &Path, addr: SocketAddr) -> RunningGate {
+        RunningGate::start_with(world, config, addr, |s| s).await
+    }
+
+    /// As [`RunningGate::start_at`], the server adjusted by `adjust` before it serves.
+    async fn start_with(
+        world: &World,
+        config: &Path,
+        addr: SocketAddr,
+        adjust: impl FnOnce(Server) -> Server,
+    ) -> RunningGate {
         let gate = Arc::new(Gate::with_key(GateConfig::load(config).unwrap(), world.gate_key.clone()));
         let ledger = gate.open_ledger().unwrap();
         let socket = sluice::gate::admin::socket_path(&gate.config.state_dir);
@@ -247,7 +257,7 @@ impl RunningGate {
         let admin = tokio::spawn(sluice::gate::admin::serve(admin, gate.clone(), ledger.clone(), async move {
             let _ = admin_stopped.await;
         }));
-        let server = Arc::new(Server::new(gate, ledger).unwrap());
+        let server = Arc::new(adjust(Server::new(gate, ledger).unwrap()));
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -867,6 +877,130 @@ async fn stopping_closes_idle_connections_and_frees_the_store_at_once() {
         .unwrap();
     let n = tokio::time::timeout(guard, admin.read(&mut [0u8; 64])).await.expect("the admin connection was not closed");
     assert_eq!(n.unwrap(), 0, "the admin connection ends without an answer");
+}
+
+/// Reads until the gate closes the connection; returns the bytes and when it closed (`None`:
+/// still open after `guard`).
+async fn until_closed(
+    s: &mut tokio::net::TcpStream,
+    guard: std::time::Duration,
+) -> (Vec<u8>, Option<std::time::Instant>) {
+    use tokio::io::AsyncReadExt;
+    let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+    let deadline = tokio::time::Instant::now() + guard;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, Some(std::time::Instant::now())),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (got, None),
+        }
+    }
+}
+
+/// A client that opens connections and sends no request cannot keep them: an HTTP/2 connection
+/// (prior knowledge) that stops after its preface, one that stops inside a header block, and an
+/// HTTP/1.1 head trickled byte by byte are all closed once the header timeout passed with no
+/// request in progress (HTTP/2 with a GOAWAY), and not before. HTTP/2 has no header timeout of
+/// hyper's own: before this rule such a connection stayed open for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_request_in_progress_are_closed_after_the_header_timeout() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    let w = World::new().await;
+    let config = w.config("", "");
+    let timeout = Duration::from_millis(400);
+    let gate =
+        RunningGate::start_with(&w, &config, "127.0.0.1:0".parse().unwrap(), |s| s.with_connection_limits(timeout, 64))
+            .await;
+    let bound = timeout + Duration::from_secs(1) + Duration::from_secs(5);
+    for (case, opening) in [
+        ("h2 preface", {
+            let mut o = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            o.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+            o
+        }),
+        ("h2 header block", {
+            let mut o = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            o.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+            // HEADERS on stream 1, END_STREAM without END_HEADERS: `:method GET` (indexed).
+            o.extend_from_slice(&[0, 0, 1, 1, 1, 0, 0, 0, 1, 0x82]);
+            o
+        }),
+    ] {
+        let mut c = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+        c.write_all(&opening).await.unwrap();
+        let start = Instant::now();
+        let (got, closed) = until_closed(&mut c, bound).await;
+        let closed = closed.unwrap_or_else(|| panic!("{case}: still open after {bound:?}"));
+        assert!(closed - start >= timeout - Duration::from_millis(20), "{case}: closed after {:?}", closed - start);
+        let mut kinds = Vec::new();
+        let mut at = 0;
+        while let Some(head) = got.get(at..at + 9) {
+            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            kinds.push(head[3]);
+            at += 9 + len;
+        }
+        assert!(kinds.contains(&7), "{case}: no GOAWAY among frames {kinds:?}");
+    }
+    // HTTP/1.1: one byte every 50 ms, the head never finished: still open while the bytes
+    // come, closed once the timeout passed since the connection began.
+    let c = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let start = Instant::now();
+    let (mut r, mut wr) = c.into_split();
+    let trickle = tokio::spawn(async move {
+        let head = format!("GET /.well-known/sluice HTTP/1.1\r\nhost: gate\r\nx-slow: {}", "a".repeat(200));
+        for b in head.bytes() {
+            if wr.write_all(&[b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(bound, tokio::io::AsyncReadExt::read_to_end(&mut r, &mut buf)).await;
+    trickle.abort();
+    assert!(read.is_ok(), "the trickled head's connection is still open after {bound:?}");
+    let took = start.elapsed();
+    assert!(took >= timeout - Duration::from_millis(20), "closed after {took:?}");
+    gate.stop().await;
+}
+
+/// At most `max_connections` client connections at once: one more is closed as it is accepted,
+/// and once a place is free again a new connection is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_budget_are_closed_at_accept() {
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::new().await;
+    let config = w.config("", "");
+    let gate = RunningGate::start_with(&w, &config, "127.0.0.1:0".parse().unwrap(), |s| {
+        s.with_connection_limits(Duration::from_secs(60), 2)
+    })
+    .await;
+    let a = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while gate.server.open_connections() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the two connections were never accepted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut over = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let _ = over.write_all(b"GET /.well-known/sluice HTTP/1.1\r\nhost: gate\r\n\r\n").await;
+    let (got, closed) = until_closed(&mut over, Duration::from_secs(10)).await;
+    assert!(closed.is_some() && got.is_empty(), "over the budget: {:?}", String::from_utf8_lossy(&got));
+    assert_eq!(gate.server.open_connections(), 2);
+
+    drop(a);
+    while gate.server.open_connections() > 1 {
+        assert!(std::time::Instant::now() < deadline, "the closed connection's place was never freed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut again = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    again.write_all(b"GET /.well-known/sluice HTTP/1.1\r\nhost: gate\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), again.read_exact(&mut head)).await.expect("answered").unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    gate.stop().await;
 }
 
 /// With tls_cert/tls_key the gate speaks HTTPS, HTTP/2 by ALPN, and the signed `@target-uri` is

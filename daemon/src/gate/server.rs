@@ -40,8 +40,13 @@ pub const MAX_SIGNED_BODY: usize = 1 << 20;
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Concurrent HTTP/2 streams per connection.
 const MAX_STREAMS: u32 = 100;
-/// A request head must arrive within this.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection with no request in progress for this long is closed: a TLS handshake, a request
+/// head trickled or never finished (HTTP/1.1), a preface or header block left unfinished
+/// (HTTP/2), an idle keep-alive ([`crate::idle`]).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Client connections open at once; more are closed as they are accepted (a flood of idle
+/// connections cannot take the process's file descriptors).
+pub const MAX_CONNECTIONS: usize = 4096;
 /// At shutdown, how long connections may take to finish what is in flight.
 pub const DRAIN: Duration = Duration::from_secs(10);
 
@@ -93,6 +98,13 @@ pub struct Server {
     pub ledger: Ledger,
     upstream: Upstream,
     tls: Option<TlsAcceptor>,
+    /// [`HEADER_TIMEOUT`] unless [`Server::with_connection_limits`] set another.
+    header_timeout: Duration,
+    /// Places for client connections ([`MAX_CONNECTIONS`]), one taken per connection.
+    slots: Arc<tokio::sync::Semaphore>,
+    max_connections: usize,
+    /// The over-budget warning, at most once a second under a flood.
+    refusal_log: crate::throttle::Throttle,
 }
 
 impl Server {
@@ -102,7 +114,30 @@ impl Server {
             Some((cert, key)) => Some(tls_acceptor(cert, key)?),
             None => None,
         };
-        Ok(Server { gate, ledger, upstream, tls })
+        Ok(Server {
+            gate,
+            ledger,
+            upstream,
+            tls,
+            header_timeout: HEADER_TIMEOUT,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            max_connections: MAX_CONNECTIONS,
+            refusal_log: crate::throttle::Throttle::new(Duration::from_secs(1)),
+        })
+    }
+
+    /// The same server with another idle timeout and connection budget (tests use short ones).
+    pub fn with_connection_limits(mut self, header_timeout: Duration, max_connections: usize) -> Server {
+        let max_connections = max_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        self.header_timeout = header_timeout;
+        self.slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+        self.max_connections = max_connections;
+        self
+    }
+
+    /// Client connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.max_connections.saturating_sub(self.slots.available_permits())
     }
 
     /// Accepts connections until `shutdown` resolves, then drains: every connection is asked to
@@ -128,14 +163,22 @@ impl Server {
                     }
                 },
             };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                drop(tcp);
+                if let Some(left_out) = self.refusal_log.admit(std::time::Instant::now()) {
+                    tracing::warn!(%peer, limit = self.max_connections, left_out, "gate: too many connections; closing");
+                }
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let server = self.clone();
             let stop = stop.clone();
             conns.spawn(async move {
+                let _slot = slot;
                 match &server.tls {
-                    None => server.clone().connection(TokioIo::new(tcp), "http", stop).await,
-                    Some(acceptor) => match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => server.clone().connection(TokioIo::new(tls), "https", stop).await,
+                    None => server.clone().connection(TokioIo::new(tcp), "http", peer, stop).await,
+                    Some(acceptor) => match tokio::time::timeout(server.header_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => server.clone().connection(TokioIo::new(tls), "https", peer, stop).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "gate: TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "gate: TLS handshake timed out"),
                     },
@@ -146,29 +189,44 @@ impl Server {
         drain(conns, stop_tx, "connections").await;
     }
 
-    async fn connection<T>(self: Arc<Self>, io: T, scheme: &'static str, mut stop: tokio::sync::watch::Receiver<bool>)
-    where
+    /// Serves one client connection until it ends, until it has had no request in progress for
+    /// the header timeout, or until `stop` (then it answers what is in progress and closes).
+    async fn connection<T>(
+        self: Arc<Self>,
+        io: T,
+        scheme: &'static str,
+        peer: std::net::SocketAddr,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) where
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let svc = hyper::service::service_fn(move |req| {
-            let server = self.clone();
-            async move { Ok::<_, Infallible>(server.handle(req, scheme).await) }
-        });
+        let activity = crate::idle::Activity::new();
+        let timeout = self.header_timeout;
+        let svc = {
+            let activity = activity.clone();
+            hyper::service::service_fn(move |req| {
+                let server = self.clone();
+                let request = activity.begin();
+                async move {
+                    let resp = server.handle(req, scheme).await;
+                    Ok::<_, Infallible>(resp.map(|body| crate::idle::Tracked::new(body, request)))
+                }
+            })
+        };
+        // No HTTP/1.1 header read timeout of hyper's: the idle rule covers a trickled head, and
+        // HTTP/2 (which has no such timeout) the same way.
         let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        b.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEADER_BYTES);
+        b.http1().max_buf_size(MAX_HEADER_BYTES);
         b.http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_STREAMS)
             .max_header_list_size(MAX_HEADER_BYTES as u32);
-        let conn = b.serve_connection(io, svc);
-        tokio::pin!(conn);
-        let ended = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = stop.changed() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
+        let conn = std::pin::pin!(b.serve_connection(io, svc));
+        let stopping = async move {
+            let _ = stop.wait_for(|s| *s).await;
         };
+        let ended =
+            crate::idle::serve_until_idle(conn, &activity, timeout, peer, stopping, |c| c.graceful_shutdown()).await;
         if let Err(e) = ended {
             tracing::debug!(error = %e, "gate: connection ended with an error");
         }

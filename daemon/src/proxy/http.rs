@@ -32,10 +32,11 @@ use super::answer::{decision_response, record_refusal, service_failure, simple, 
 use super::checks::{self, Refusal};
 use super::decider::{Decide, Forward};
 use super::upstream::{BoxError, ProxyBody, Target};
-use super::{gate, h1watch, idle, inc, Proxy, Stats};
+use super::{gate, h1watch, inc, Proxy, Stats};
 use crate::decide::Reason;
 use crate::decide::{self, Decision};
 use crate::domain::DomainName;
+use crate::idle;
 use crate::policy::{self, meter, Cost};
 use crate::service::{EnforceInput, ServiceError};
 use bytes::Bytes;
@@ -1319,7 +1320,7 @@ mod tests {
             }
             let took = start.elapsed();
             assert!(took >= timeout, "partial={partial}: closed after {took:?}");
-            assert!(took < timeout + super::super::idle::CLOSE_GRACE + Duration::from_secs(3), "{took:?}");
+            assert!(took < timeout + crate::idle::CLOSE_GRACE + Duration::from_secs(3), "{took:?}");
             let mut kinds = Vec::new();
             let mut at = 0;
             while let Some(head) = got.get(at..at + 9) {
@@ -1387,7 +1388,7 @@ mod tests {
             // moment before this side read it: a little slack below, none for the trickle.
             let floor = if trickle { timeout } else { timeout - Duration::from_millis(50) };
             assert!(took >= floor, "trickle={trickle}: closed after {took:?}");
-            assert!(took < timeout + super::super::idle::CLOSE_GRACE + Duration::from_secs(3), "{took:?}");
+            assert!(took < timeout + crate::idle::CLOSE_GRACE + Duration::from_secs(3), "{took:?}");
             let _ = task.await;
         }
         // The trickled head was never a request: the only decision is the answered one.

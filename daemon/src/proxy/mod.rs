@@ -67,14 +67,12 @@ pub mod gate;
 #[doc(hidden)]
 pub mod h1watch;
 mod http;
-mod idle;
 mod metered;
 mod prefixed;
 mod raw;
 pub mod sniff;
 #[cfg(test)]
 mod testing;
-mod throttle;
 pub mod upstream;
 
 use crate::decide::CompiledPassport;
@@ -233,12 +231,12 @@ pub struct Proxy {
     stats: Stats,
     gates: gate::Gates,
     /// The over-budget warnings (global and per sandbox), at most once a second under a flood.
-    refusal_log: throttle::Throttle,
+    refusal_log: crate::throttle::Throttle,
     /// Emergency stops in force: a connection of a stopped passport is closed at once
     /// ([`until_stopped`]).
     stops: watch::Receiver<Arc<StopSet>>,
     /// Turns true once the proxy stopped accepting ([`Proxy::serve`]): every HTTP connection
-    /// then finishes the requests it has in progress and closes ([`idle::serve_until_idle`]).
+    /// then finishes the requests it has in progress and closes ([`crate::idle::serve_until_idle`]).
     draining: watch::Sender<bool>,
 }
 
@@ -347,7 +345,7 @@ impl Proxy {
             limits: parts.limits,
             stats: Stats::default(),
             gates: parts.gates,
-            refusal_log: throttle::Throttle::new(Duration::from_secs(1)),
+            refusal_log: crate::throttle::Throttle::new(Duration::from_secs(1)),
             stops: parts.service.stop_watch(),
             draining: watch::Sender::new(false),
             service: parts.service,

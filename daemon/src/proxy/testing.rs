@@ -125,7 +125,7 @@ pub fn harness_with_limits(
         limits,
         stats: Stats::default(),
         gates: super::gate::Gates::none(),
-        refusal_log: super::throttle::Throttle::new(Duration::from_secs(1)),
+        refusal_log: crate::throttle::Throttle::new(Duration::from_secs(1)),
         stops: stops.subscribe(),
         draining: tokio::sync::watch::Sender::new(false),
     });

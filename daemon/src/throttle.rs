@@ -1,7 +1,8 @@
 //! A warning that a flood would repeat thousands of times a second, logged at most once per
 //! interval with the count of the ones left out.
 //!
-//! One agent churning connections past the budget makes the proxy refuse tens of thousands of
+//! Used by the proxy and the gate for their refusals over the connection budget. One agent
+//! churning connections past the budget makes the proxy refuse tens of thousands of
 //! them a second (3,000 connections against a budget of 1,000: ~4,000 refusals/s measured). A
 //! line for each would flood the journal, and journald's own rate limit would then drop the
 //! daemon's other messages with them.
@@ -10,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 #[derive(Debug)]
-pub(super) struct Throttle {
+pub(crate) struct Throttle {
     interval: Duration,
     state: Mutex<State>,
 }
@@ -22,13 +23,13 @@ struct State {
 }
 
 impl Throttle {
-    pub(super) fn new(interval: Duration) -> Throttle {
+    pub(crate) fn new(interval: Duration) -> Throttle {
         Throttle { interval, state: Mutex::new(State { last: None, suppressed: 0 }) }
     }
 
     /// `Some(n)` when the event should be logged now, `n` being how many were left out since
     /// the last one logged; `None` when it is left out.
-    pub(super) fn admit(&self, now: Instant) -> Option<u64> {
+    pub(crate) fn admit(&self, now: Instant) -> Option<u64> {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         match s.last {
             Some(last) if now.saturating_duration_since(last) < self.interval => {

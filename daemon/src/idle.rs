@@ -1,7 +1,8 @@
-//! When an agent connection has no request in progress.
+//! When an HTTP connection (an agent's at the proxy, a client's at a gate) has no request in
+//! progress.
 //!
-//! A connection that sends no request holds one of the proxy's connection slots for as long as
-//! the agent likes: one that stops after the TLS handshake, an HTTP/1.1 head trickled byte by
+//! A connection that sends no request holds one of the server's connection slots for as long as
+//! the peer likes: one that stops after the TLS handshake, an HTTP/1.1 head trickled byte by
 //! byte (slowloris) or never finished, an idle keep-alive connection, an HTTP/2 connection that
 //! stops after the preface or in the middle of a header block (HEADERS without END_HEADERS, then
 //! silence). [`Activity`] counts the requests in progress on a connection, from the moment hyper
@@ -21,22 +22,22 @@ use tokio::time::Instant;
 
 /// How long a connection closed for idleness has to finish its GOAWAY exchange (a request that
 /// raced the GOAWAY has this long too).
-pub(super) const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Requests in progress on one connection, and since when there has been none.
 #[derive(Debug)]
-pub(super) struct Activity {
+pub(crate) struct Activity {
     in_progress: AtomicUsize,
     idle_since: Mutex<Instant>,
 }
 
 impl Activity {
-    pub(super) fn new() -> Arc<Activity> {
+    pub(crate) fn new() -> Arc<Activity> {
         Arc::new(Activity { in_progress: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) })
     }
 
     /// A request starts; it is in progress until the returned guard is dropped.
-    pub(super) fn begin(self: &Arc<Self>) -> InProgress {
+    pub(crate) fn begin(self: &Arc<Self>) -> InProgress {
         self.in_progress.fetch_add(1, Ordering::SeqCst);
         InProgress(self.clone())
     }
@@ -49,7 +50,7 @@ impl Activity {
 
     /// Resolves once no request has been in progress for `timeout` (checked again after every
     /// wait, so a request that came and went meanwhile restarts the count).
-    pub(super) async fn idle_for(&self, timeout: Duration) {
+    pub(crate) async fn idle_for(&self, timeout: Duration) {
         loop {
             let wait = match self.idle_since() {
                 Some(since) => {
@@ -74,7 +75,7 @@ impl Activity {
 /// When `draining` resolves (the daemon is stopping), `shutdown` too, and the connection is
 /// driven on while it finishes the requests in progress (HTTP/1.1: the one being answered;
 /// HTTP/2: the streams open before the GOAWAY), as long as the proxy's drain lasts.
-pub(super) async fn serve_until_idle<C, E>(
+pub(crate) async fn serve_until_idle<C, E>(
     mut conn: Pin<&mut C>,
     activity: &Activity,
     timeout: Duration,
@@ -102,7 +103,7 @@ where
 
 /// One request in progress (see [`Activity::begin`]).
 #[derive(Debug)]
-pub(super) struct InProgress(Arc<Activity>);
+pub(crate) struct InProgress(Arc<Activity>);
 
 impl Drop for InProgress {
     fn drop(&mut self) {
@@ -114,13 +115,13 @@ impl Drop for InProgress {
 }
 
 /// A response body that keeps its request in progress until it has ended or is dropped.
-pub(super) struct Tracked<B> {
+pub(crate) struct Tracked<B> {
     inner: B,
     _request: InProgress,
 }
 
 impl<B> Tracked<B> {
-    pub(super) fn new(inner: B, request: InProgress) -> Tracked<B> {
+    pub(crate) fn new(inner: B, request: InProgress) -> Tracked<B> {
         Tracked { inner, _request: request }
     }
 }
