@@ -72,9 +72,10 @@ impl Activity {
 /// head dropped; HTTP/2: a GOAWAY), and a peer that does not let it finish within
 /// [`CLOSE_GRACE`] (one that ignores the GOAWAY and its PING, say) is dropped.
 ///
-/// When `draining` resolves (the daemon is stopping), `shutdown` too, and the connection is
+/// When `draining` resolves (the server is stopping), `shutdown` too, and the connection is
 /// driven on while it finishes the requests in progress (HTTP/1.1: the one being answered;
-/// HTTP/2: the streams open before the GOAWAY), as long as the proxy's drain lasts.
+/// HTTP/2: the streams open before the GOAWAY), as long as the server's drain lasts, and at most
+/// [`CLOSE_GRACE`] once none is left.
 pub(crate) async fn serve_until_idle<C, E>(
     mut conn: Pin<&mut C>,
     activity: &Activity,
@@ -94,9 +95,14 @@ where
             tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
         }
         _ = draining => {
-            tracing::debug!(%client, "the proxy is draining; closing the agent connection once its requests are answered");
+            tracing::debug!(%client, "stopping; closing the connection once its requests are answered");
             shutdown(conn.as_mut());
-            conn.await
+            // A peer that does not let it finish once nothing is in progress (an HTTP/2 client
+            // that ignores the GOAWAY and its PING) is dropped after the grace.
+            tokio::select! {
+                r = conn.as_mut() => r,
+                _ = activity.idle_for(CLOSE_GRACE) => Ok(()),
+            }
         }
     }
 }

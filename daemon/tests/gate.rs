@@ -927,9 +927,9 @@ async fn connections_without_a_request_in_progress_are_closed_after_the_header_t
             o
         }),
     ] {
+        let start = Instant::now();
         let mut c = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
         c.write_all(&opening).await.unwrap();
-        let start = Instant::now();
         let (got, closed) = until_closed(&mut c, bound).await;
         let closed = closed.unwrap_or_else(|| panic!("{case}: still open after {bound:?}"));
         assert!(closed - start >= timeout - Duration::from_millis(20), "{case}: closed after {:?}", closed - start);
@@ -944,8 +944,8 @@ async fn connections_without_a_request_in_progress_are_closed_after_the_header_t
     }
     // HTTP/1.1: one byte every 50 ms, the head never finished: still open while the bytes
     // come, closed once the timeout passed since the connection began.
-    let c = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
     let start = Instant::now();
+    let c = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
     let (mut r, mut wr) = c.into_split();
     let trickle = tokio::spawn(async move {
         let head = format!("GET /.well-known/sluice HTTP/1.1\r\nhost: gate\r\nx-slow: {}", "a".repeat(200));
@@ -962,6 +962,33 @@ async fn connections_without_a_request_in_progress_are_closed_after_the_header_t
     assert!(read.is_ok(), "the trickled head's connection is still open after {bound:?}");
     let took = start.elapsed();
     assert!(took >= timeout - Duration::from_millis(20), "closed after {took:?}");
+
+    // A signed request is in progress while its body is read, so the idle rule does not apply:
+    // a body trickled byte by byte is refused (408) once the read's deadline passed.
+    let start = Instant::now();
+    let c = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let (mut r, mut wr) = c.into_split();
+    let trickle = tokio::spawn(async move {
+        let head = "POST /v1/orders HTTP/1.1\r\nhost: gate\r\nsignature-input: sig1=();created=1\r\nsignature: sig1=:AA==:\r\ncontent-length: 1000\r\n\r\n";
+        if wr.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for _ in 0..1000 {
+            if wr.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(bound, tokio::io::AsyncReadExt::read_to_end(&mut r, &mut buf)).await;
+    trickle.abort();
+    let took = start.elapsed();
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(read.is_ok(), "the trickled body's connection is still open after {bound:?}: {answer}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    assert!(took >= timeout - Duration::from_millis(20), "refused after {took:?}");
     gate.stop().await;
 }
 

@@ -80,28 +80,45 @@ pub const MALLOC_BOUNDS: [(&str, i32); 3] = [
     ("glibc.malloc.mmap_threshold", 1024 * 1024),
 ];
 
-/// Which of [`MALLOC_BOUNDS`] to apply, given the process's `GLIBC_TUNABLES`: each one the
-/// operator did not set there (their value wins; glibc has already applied it).
-pub fn malloc_bounds_to_apply(glibc_tunables: Option<&str>) -> Vec<(&'static str, i32)> {
+/// The older environment variable glibc still reads for each of [`MALLOC_BOUNDS`].
+fn legacy_variable(tunable: &str) -> &'static str {
+    match tunable {
+        "glibc.malloc.arena_max" => "MALLOC_ARENA_MAX",
+        "glibc.malloc.trim_threshold" => "MALLOC_TRIM_THRESHOLD_",
+        _ => "MALLOC_MMAP_THRESHOLD_",
+    }
+}
+
+/// Which of [`MALLOC_BOUNDS`] to apply, given the process's `GLIBC_TUNABLES` and whether a
+/// variable is set (`is_set`, for glibc's older `MALLOC_ARENA_MAX`, `MALLOC_TRIM_THRESHOLD_`
+/// and `MALLOC_MMAP_THRESHOLD_`): each one the operator set in neither (their value wins; glibc
+/// has already applied it).
+pub fn malloc_bounds_to_apply(glibc_tunables: Option<&str>, is_set: impl Fn(&str) -> bool) -> Vec<(&'static str, i32)> {
     let set: Vec<&str> = glibc_tunables
         .unwrap_or("")
         .split(':')
         .filter_map(|t| t.split_once('=').map(|(name, _)| name.trim()))
         .collect();
-    MALLOC_BOUNDS.iter().copied().filter(|(name, _)| !set.contains(name)).collect()
+    MALLOC_BOUNDS.iter().copied().filter(|(name, _)| !set.contains(name) && !is_set(legacy_variable(name))).collect()
 }
 
-/// Applies [`MALLOC_BOUNDS`] with `mallopt(3)`, except those `GLIBC_TUNABLES` sets, so that a
+/// What [`bound_malloc`] did: the tunables applied, and those glibc refused.
+#[derive(Debug, Default)]
+pub struct MallocBounds {
+    pub applied: Vec<&'static str>,
+    pub refused: Vec<&'static str>,
+}
+
+/// Applies [`MALLOC_BOUNDS`] with `mallopt(3)`, except those the environment sets, so that a
 /// server started by hand is bounded as the shipped unit's is. Call it first thing, before any
-/// thread starts (a thread takes its arena when it first allocates). Returns the tunables
-/// applied; an error names the one glibc refused. A no-op returning nothing on other C
+/// thread starts (a thread takes its arena when it first allocates). A no-op on other C
 /// libraries.
-pub fn bound_malloc() -> io::Result<Vec<&'static str>> {
+pub fn bound_malloc() -> MallocBounds {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let env = std::env::var("GLIBC_TUNABLES").ok();
-        let mut applied = Vec::new();
-        for (name, value) in malloc_bounds_to_apply(env.as_deref()) {
+        let mut done = MallocBounds::default();
+        for (name, value) in malloc_bounds_to_apply(env.as_deref(), |v| std::env::var_os(v).is_some()) {
             let param = match name {
                 "glibc.malloc.arena_max" => libc::M_ARENA_MAX,
                 "glibc.malloc.trim_threshold" => libc::M_TRIM_THRESHOLD,
@@ -110,15 +127,16 @@ pub fn bound_malloc() -> io::Result<Vec<&'static str>> {
             // SAFETY: mallopt takes two integers and changes only the allocator's parameters;
             // it returns 0 when it refuses a value.
             if unsafe { libc::mallopt(param, value) } == 0 {
-                return Err(io::Error::other(format!("glibc refused the malloc setting {name}={value}")));
+                done.refused.push(name);
+            } else {
+                done.applied.push(name);
             }
-            applied.push(name);
         }
-        Ok(applied)
+        done
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
-        Ok(Vec::new())
+        MallocBounds::default()
     }
 }
 
@@ -127,7 +145,9 @@ mod tests {
     #[test]
     fn malloc_bounds_leave_the_operators_tunables_alone() {
         let all: Vec<&str> = super::MALLOC_BOUNDS.iter().map(|(n, _)| *n).collect();
-        let names = |t: Option<&str>| super::malloc_bounds_to_apply(t).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        let names = |t: Option<&str>| {
+            super::malloc_bounds_to_apply(t, |_| false).into_iter().map(|(n, _)| n).collect::<Vec<_>>()
+        };
         assert_eq!(names(None), all);
         assert_eq!(names(Some("")), all);
         assert_eq!(names(Some("glibc.malloc.tcache_count=0")), all);
@@ -135,6 +155,9 @@ mod tests {
             names(Some("glibc.malloc.arena_max=8:glibc.malloc.mmap_threshold=65536")),
             vec!["glibc.malloc.trim_threshold"]
         );
+        // glibc's older variables count as set too.
+        let legacy = super::malloc_bounds_to_apply(None, |v| v == "MALLOC_ARENA_MAX" || v == "MALLOC_TRIM_THRESHOLD_");
+        assert_eq!(legacy.into_iter().map(|(n, _)| n).collect::<Vec<_>>(), vec!["glibc.malloc.mmap_threshold"]);
         // The shipped unit's own line: nothing left to apply.
         assert!(names(Some(
             "glibc.malloc.arena_max=2:glibc.malloc.trim_threshold=131072:glibc.malloc.mmap_threshold=1048576"
@@ -146,9 +169,14 @@ mod tests {
     fn bound_malloc_applies_what_glibc_accepts() {
         // mallopt in a test process changes only its allocator's parameters; every value is one
         // glibc accepts, so this fails only if a value is out of its range.
-        let applied = super::bound_malloc().unwrap();
-        if std::env::var_os("GLIBC_TUNABLES").is_none() && cfg!(target_env = "gnu") {
-            assert_eq!(applied.len(), super::MALLOC_BOUNDS.len());
+        let done = super::bound_malloc();
+        assert!(done.refused.is_empty(), "{done:?}");
+        let legacy = ["MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"];
+        if std::env::var_os("GLIBC_TUNABLES").is_none()
+            && legacy.iter().all(|v| std::env::var_os(v).is_none())
+            && cfg!(target_env = "gnu")
+        {
+            assert_eq!(done.applied.len(), super::MALLOC_BOUNDS.len());
         }
         // And it still allocates.
         assert_eq!(vec![7u8; 2 << 20].len(), 2 << 20);

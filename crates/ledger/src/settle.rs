@@ -236,6 +236,7 @@ fn versions_text(x: &Linked, y: &Linked) -> String {
             format!(" (the agent's record priced it by catalog version {a}, the gate's by version {g})")
         }
         (None, Some(g)) => format!(" (the agent's record names no catalog version, the gate's version {g})"),
+        (Some(a), None) => format!(" (the agent's record priced it by catalog version {a}, the gate's names none)"),
         _ => String::new(),
     }
 }
@@ -780,26 +781,41 @@ mod tests {
         // h1: same price by versions 2 and 1 (the daemon's view of the version in force ahead of
         // the gate's): agreed. h2: the agent priced by version 2, the gate by its lock at 1, and
         // the amounts differ: the reason names both versions. h3: no version on the agent's side.
-        let a =
-            log(1, vec![agent_at("h1", PRICE, 2), agent_at("h2", 9000, 2), agent("h3", "allow", 9000, T1)], None).await;
+        // h4: the gate's record names no version (a gate without a catalog).
+        let a = log(
+            1,
+            vec![
+                agent_at("h1", PRICE, 2),
+                agent_at("h2", 9000, 2),
+                agent("h3", "allow", 9000, T1),
+                agent_at("h4", 9000, 2),
+            ],
+            None,
+        )
+        .await;
+        let (chain, mut unpriced) = gate("h4", "pp_a", "allow", PRICE, T1);
+        unpriced.as_object_mut().unwrap().remove("catalog_version");
         let g = log(
             2,
             vec![
                 gate("h1", "pp_a", "allow", PRICE, T1),
                 gate("h2", "pp_a", "allow", PRICE, T1),
                 gate("h3", "pp_a", "allow", PRICE, T1),
+                (chain, unpriced),
             ],
             None,
         )
         .await;
         let r = run(&a, &g, SettleOptions::default());
         assert!(!r.ok);
-        assert_eq!((r.agreed, r.differ.len()), (1, 2), "{r:#?}");
+        assert_eq!((r.agreed, r.differ.len()), (1, 3), "{r:#?}");
         let why = &r.differ[0].why;
         assert_eq!(r.differ[0].request_hash, "h2");
         assert!(why.contains("catalog version 2") && why.contains("by version 1"), "{why}");
         let why = &r.differ[1].why;
         assert!(why.contains("names no catalog version") && why.contains("version 1"), "{why}");
+        let why = &r.differ[2].why;
+        assert!(why.contains("catalog version 2") && why.contains("the gate's names none"), "{why}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

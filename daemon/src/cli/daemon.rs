@@ -61,11 +61,17 @@ pub fn run(args: DaemonArgs, config_path: &Path, socket: Option<&Path>) -> CmdRe
 /// Logs what [`sluice_kernel::process::bound_malloc`] did, for a server (the daemon, a gate)
 /// that called it before its threads started. A refusal is a warning: the server runs, with
 /// glibc's defaults and more memory.
-pub(super) fn log_malloc_bounds(result: std::io::Result<Vec<&'static str>>) {
-    match result {
-        Ok(applied) if applied.is_empty() => tracing::debug!("malloc: GLIBC_TUNABLES sets every bound"),
-        Ok(applied) => tracing::debug!("malloc bounded: {}", applied.join(", ")),
-        Err(e) => tracing::warn!("malloc: {e}; running with glibc's defaults, which keep more memory"),
+pub(super) fn log_malloc_bounds(done: sluice_kernel::process::MallocBounds) {
+    if done.applied.is_empty() && done.refused.is_empty() {
+        tracing::debug!("malloc: the environment sets every bound");
+    } else if !done.applied.is_empty() {
+        tracing::debug!("malloc bounded: {}", done.applied.join(", "));
+    }
+    if !done.refused.is_empty() {
+        tracing::warn!(
+            "malloc: glibc refused {}; running with its default there, which keeps more memory",
+            done.refused.join(", ")
+        );
     }
 }
 

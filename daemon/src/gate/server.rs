@@ -36,6 +36,9 @@ use tokio_rustls::TlsAcceptor;
 
 /// The body of a signed request is read whole (to check its `Content-Digest`) up to this.
 pub const MAX_SIGNED_BODY: usize = 1 << 20;
+/// ... within this (a request in progress is never closed for idleness, so a body trickled
+/// byte by byte would otherwise hold its connection for good).
+pub const SIGNED_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Request heads (HTTP/1.1 buffer, HTTP/2 header list) larger than this are refused.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Concurrent HTTP/2 streams per connection.
@@ -100,6 +103,8 @@ pub struct Server {
     tls: Option<TlsAcceptor>,
     /// [`HEADER_TIMEOUT`] unless [`Server::with_connection_limits`] set another.
     header_timeout: Duration,
+    /// [`SIGNED_BODY_TIMEOUT`], or the header timeout [`Server::with_connection_limits`] set.
+    body_timeout: Duration,
     /// Places for client connections ([`MAX_CONNECTIONS`]), one taken per connection.
     slots: Arc<tokio::sync::Semaphore>,
     max_connections: usize,
@@ -120,16 +125,19 @@ impl Server {
             upstream,
             tls,
             header_timeout: HEADER_TIMEOUT,
+            body_timeout: SIGNED_BODY_TIMEOUT,
             slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
             max_connections: MAX_CONNECTIONS,
             refusal_log: crate::throttle::Throttle::new(Duration::from_secs(1)),
         })
     }
 
-    /// The same server with another idle timeout and connection budget (tests use short ones).
+    /// The same server with another idle timeout (also the deadline of a signed body's read) and
+    /// connection budget (tests use short ones).
     pub fn with_connection_limits(mut self, header_timeout: Duration, max_connections: usize) -> Server {
         let max_connections = max_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self.header_timeout = header_timeout;
+        self.body_timeout = header_timeout;
         self.slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
         self.max_connections = max_connections;
         self
@@ -175,10 +183,14 @@ impl Server {
             let stop = stop.clone();
             conns.spawn(async move {
                 let _slot = slot;
+                // The idle clock starts at accept: a TLS handshake counts as no request.
+                let activity = crate::idle::Activity::new();
                 match &server.tls {
-                    None => server.clone().connection(TokioIo::new(tcp), "http", peer, stop).await,
+                    None => server.clone().connection(TokioIo::new(tcp), "http", peer, activity, stop).await,
                     Some(acceptor) => match tokio::time::timeout(server.header_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => server.clone().connection(TokioIo::new(tls), "https", peer, stop).await,
+                        Ok(Ok(tls)) => {
+                            server.clone().connection(TokioIo::new(tls), "https", peer, activity, stop).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "gate: TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "gate: TLS handshake timed out"),
                     },
@@ -196,11 +208,11 @@ impl Server {
         io: T,
         scheme: &'static str,
         peer: std::net::SocketAddr,
+        activity: Arc<crate::idle::Activity>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) where
         T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
-        let activity = crate::idle::Activity::new();
         let timeout = self.header_timeout;
         let svc = {
             let activity = activity.clone();
@@ -305,7 +317,7 @@ impl Server {
             Err(detail) => return self.refuse_malformed(&orig_method, &target, detail).await,
         };
         if a.is_signed() {
-            match read_bounded(body).await {
+            match read_bounded(body, self.body_timeout).await {
                 Ok(b) if b.is_empty() => a.digest_deferred = true,
                 Ok(b) => a.body_digest = Some(ContentDigest::of(&b)),
                 Err(resp) => return resp,
@@ -331,7 +343,7 @@ impl Server {
         if !a.is_signed() {
             return Ok((a, body.map_err(|e| Box::new(e) as BoxError).boxed()));
         }
-        let bytes = read_bounded(body).await?;
+        let bytes = read_bounded(body, self.body_timeout).await?;
         a.body_digest = Some(ContentDigest::of(&bytes));
         Ok((a, Full::new(bytes).map_err(|never| match never {}).boxed()))
     }
@@ -521,8 +533,18 @@ fn arrival(
     })
 }
 
-async fn read_bounded(body: Incoming) -> Result<Bytes, Response<GateBody>> {
-    match Limited::new(body, MAX_SIGNED_BODY).collect().await {
+async fn read_bounded(body: Incoming, within: Duration) -> Result<Bytes, Response<GateBody>> {
+    let Ok(read) = tokio::time::timeout(within, Limited::new(body, MAX_SIGNED_BODY).collect()).await else {
+        return Err(json_response(
+            StatusCode::REQUEST_TIMEOUT,
+            &json!({
+                "decision": "block",
+                "reason": "body_timeout",
+                "detail": format!("the body of a signed request is read whole to check its Content-Digest, within {within:?}; this one took longer"),
+            }),
+        ));
+    };
+    match read {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(json_response(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -35,6 +35,9 @@ pub(super) struct ConnInfo {
     /// The TLS server name, for TLS connections.
     pub sni: Option<DomainName>,
     pub tls: bool,
+    /// The connection's places in the budgets (`None` in tests that serve a connection
+    /// directly): a tunnel that outlives the connection's task keeps a copy.
+    pub slot: Option<super::Slot>,
 }
 
 impl ConnInfo {

@@ -13,7 +13,7 @@ use super::answer::ConnInfo;
 use super::checks::Refusal;
 use super::prefixed::Prefixed;
 use super::sniff::{sniff, Sniff, MAX_SNIFF};
-use super::{http, inc, raw, Proxy};
+use super::{http, inc, raw, Proxy, Slot};
 use crate::decide::Reason;
 use crate::dns::pool::canonical;
 use crate::kernel::OrigDst;
@@ -22,7 +22,9 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use tokio::net::TcpStream;
 
-pub(super) async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, orig: OrigDst) {
+/// Serves one admitted connection; `slot` (its places in the budgets) is held until the
+/// connection and any tunnel made from it have ended.
+pub(super) async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAddr, orig: OrigDst, slot: Option<Slot>) {
     let Some(passport) = (proxy.passports)(orig.cgroup_id) else {
         inc(&proxy.stats.no_passport);
         tracing::warn!(%peer, cgroup_id = orig.cgroup_id, pid = orig.pid, "connection from a cgroup with no passport; closing");
@@ -39,7 +41,7 @@ pub(super) async fn handle(proxy: Arc<Proxy>, stream: TcpStream, peer: SocketAdd
     let stopped = super::until_stopped(proxy.stops.clone(), passport_id.clone());
     let stats = proxy.clone();
     tokio::select! {
-        () = serve(proxy, stream, peer, orig, passport) => {}
+        () = serve(proxy, stream, peer, orig, passport, slot) => {}
         () = stopped => {
             inc(&stats.stats.stopped);
             tracing::warn!(%peer, %passport_id, "emergency stop: connection closed");
@@ -53,6 +55,7 @@ async fn serve(
     peer: SocketAddr,
     orig: OrigDst,
     passport: Arc<crate::decide::CompiledPassport>,
+    slot: Option<Slot>,
 ) {
     let dialed = SocketAddr::new(canonical(orig.dst.ip()), orig.dst.port());
     let mut info = ConnInfo {
@@ -64,6 +67,7 @@ async fn serve(
         dialed_name: None,
         sni: None,
         tls: false,
+        slot,
     };
     if let Some(refusal) = loop_refusal(&proxy, &orig, dialed) {
         raw::refuse(&proxy, &info, refusal).await;
@@ -222,16 +226,16 @@ mod tests {
             h.redirects.redirect(client, dst, cgroup_id);
         }
         // What the accept loop does: take the entry and the budgets, or close.
-        let task = match h.proxy.take(client) {
-            Some((orig, admitted)) => tokio::spawn(async move {
-                let _admitted = admitted;
-                handle(h_proxy, accepted, client, orig).await
-            }),
-            None => {
-                drop(accepted);
-                tokio::spawn(async {})
-            }
-        };
+        let task =
+            match h.proxy.take(client) {
+                Some((orig, admitted)) => tokio::spawn(async move {
+                    handle(h_proxy, accepted, client, orig, Some(Slot(Arc::new(admitted)))).await
+                }),
+                None => {
+                    drop(accepted);
+                    tokio::spawn(async {})
+                }
+            };
         let _ = agent.write_all(b"HELLO").await;
         let _ = agent.shutdown().await;
         let read = read_to_close(&mut agent).await;
@@ -308,10 +312,7 @@ mod tests {
         let (orig, admitted) = h.proxy.take(client).expect("admitted");
         let task = tokio::spawn({
             let proxy = h.proxy.clone();
-            async move {
-                let _admitted = admitted;
-                handle(proxy, accepted, client, orig).await
-            }
+            async move { handle(proxy, accepted, client, orig, Some(Slot(Arc::new(admitted)))).await }
         });
         agent.write_all(b"HELLO").await.expect("write");
         let mut pong = [0u8; 4];
@@ -406,10 +407,10 @@ mod tests {
     #[tokio::test]
     async fn serve_stops_accepting_then_waits_for_the_connections_in_flight_up_to_the_drain() {
         use tokio::io::AsyncReadExt;
-        let drain = Duration::from_millis(700);
+        let drain = Duration::from_millis(1500);
         for agent_closes in [true, false] {
-            // The canary upstream answers PONG and holds the tunnel open for 2 s, unless the
-            // agent closes its end first.
+            // The canary upstream answers PONG and holds the tunnel open for 2 s (longer than the
+            // drain), unless the agent closes its end first.
             let up = upstream().await;
             let port = up.addr.port();
             let fake = FakeDecide::answering(Ok(outcome(Decision::Allow, Reason::Allowed, 3)));

@@ -664,7 +664,10 @@ async fn connect(
     let on_upgrade = hyper::upgrade::on(&mut req);
     // The tunnel outlives the HTTP connection's task: it watches the emergency stop itself.
     let stopped = super::until_stopped(proxy.stops.clone(), info.passport_id.clone());
+    // The tunnel is the connection from now on: it keeps the connection's place in the budgets.
+    let slot = info.slot.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         match on_upgrade.await {
             Ok(tunnel) => {
                 let (mut a, mut u) = (TokioIo::new(tunnel), upstream);
@@ -774,7 +777,9 @@ async fn forward(
             let upstream = hyper::upgrade::on(&mut resp);
             // The upgraded stream outlives the HTTP connection's task: it watches the stop itself.
             let stopped = super::until_stopped(sides.stops.clone(), info.passport_id.clone());
+            let slot = info.slot.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 match tokio::try_join!(agent, upstream) {
                     Ok((a, u)) => {
                         let (mut a, mut u) = (TokioIo::new(a), TokioIo::new(u));
@@ -1072,6 +1077,7 @@ mod tests {
             dialed_name: Some(host.clone()),
             sni: Some(host),
             tls: true,
+            slot: None,
         }
     }
 
@@ -1087,6 +1093,7 @@ mod tests {
             dialed_name: name,
             sni: None,
             tls,
+            slot: None,
         })
     }
 
@@ -1396,8 +1403,8 @@ mod tests {
     }
 
     /// At shutdown ([`Proxy::drain`]) an HTTP/1.1 connection answers the request in progress in
-    /// full and then closes, and an idle keep-alive connection closes at once, not after its
-    /// header timeout (a minute here).
+    /// full and then closes, an idle keep-alive connection closes at once, not after its header
+    /// timeout (a minute here), and the drain returns only once the busy one has ended.
     #[tokio::test]
     async fn draining_answers_the_request_in_progress_then_closes_and_idle_connections_close_at_once() {
         use crate::proxy::testing::agent_pair;
@@ -1415,7 +1422,13 @@ mod tests {
             ))
         };
         let (mut busy, accepted) = agent_pair().await;
-        let busy_task = serve_one(accepted);
+        // The busy connection holds its place in the budget, as the accept loop's do.
+        let client = busy.local_addr().expect("addr");
+        h.redirects.redirect(client, "198.18.0.9:80".parse().expect("addr"), crate::proxy::testing::CGROUP);
+        let (_, admitted) = h.proxy.take(client).expect("admitted");
+        let mut info = (*served_conn("198.18.0.9:80", Some(name.clone()), false)).clone();
+        info.slot = Some(crate::proxy::Slot(Arc::new(admitted)));
+        let busy_task = tokio::spawn(serve(h.proxy.clone(), Arc::new(info), accepted, false));
         let (mut idle, accepted) = agent_pair().await;
         let idle_task = serve_one(accepted);
         busy.write_all(b"GET / HTTP/1.1\r\nHost: db.example.test\r\n\r\n").await.expect("send");
@@ -1426,7 +1439,12 @@ mod tests {
         }
         // The decision is in progress (it takes 400 ms): the daemon starts stopping.
         let started = Instant::now();
-        h.proxy.drain().await;
+        let drain = tokio::spawn({
+            let proxy = h.proxy.clone();
+            async move { proxy.drain().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!drain.is_finished(), "the drain returned with a request in progress");
         let mut buf = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf))
             .await
@@ -1447,6 +1465,8 @@ mod tests {
             .expect("content-length");
         assert_eq!(body.len(), length, "the whole body: {text}");
         assert!(body.contains("domain_not_allowed"), "{body}");
+        tokio::time::timeout(Duration::from_secs(5), drain).await.expect("the drain returns").expect("drain");
+        assert_eq!(h.proxy.open_connections(), 0);
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
         let _ = tokio::join!(busy_task, idle_task);
         assert_eq!(h.decide.enforced.lock().unwrap().len(), 1);
@@ -1479,9 +1499,17 @@ mod tests {
             ))
         };
 
-        // Allowed: 200, then the tunnel carries bytes both ways.
+        // Allowed: 200, then the tunnel carries bytes both ways. This connection holds its place
+        // in the budgets as the accept loop's do: the tunnel keeps it once the HTTP connection's
+        // task has ended, until the tunnel itself ends.
         let (mut agent, accepted) = agent_pair().await;
-        let task = serve(accepted);
+        let client = agent.local_addr().expect("addr");
+        h.redirects.redirect(client, "198.18.0.9:80".parse().expect("addr"), crate::proxy::testing::CGROUP);
+        let (_, admitted) = h.proxy.take(client).expect("admitted");
+        let mut info = (*served_conn("198.18.0.9:80", Some(name.clone()), false)).clone();
+        info.slot = Some(crate::proxy::Slot(Arc::new(admitted)));
+        let task = tokio::spawn(super::serve(h.proxy.clone(), Arc::new(info), accepted, false));
+        assert_eq!(h.proxy.open_connections(), 1);
         agent.write_all(ask(port).as_bytes()).await.expect("send");
         let mut head = vec![0u8; 4096];
         let n = tokio::time::timeout(std::time::Duration::from_secs(5), agent.read(&mut head))
@@ -1498,8 +1526,17 @@ mod tests {
             .expect("upstream answers")
             .expect("read");
         assert_eq!(&pong, b"PONG");
+        tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("the HTTP connection's task ends once upgraded")
+            .expect("serve");
+        assert_eq!(h.proxy.open_connections(), 1, "the tunnel holds the connection's place");
         drop(agent);
-        let _ = task.await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while h.proxy.open_connections() > 0 {
+            assert!(std::time::Instant::now() < deadline, "the ended tunnel's place was never given back");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert_eq!(*up.seen.lock().unwrap(), vec![b"TUNNELLED".to_vec()]);
 
         // No rule for the port: refused on the record, nothing dialed.

@@ -107,6 +107,32 @@ impl Drop for MeteredBody {
 
 /// Wraps a metered route's response body so that its cost is settled when it ends, in a task
 /// of its own (`Service::settle`).
+/// Settlements spawned and not yet recorded, process-wide: the proxy's drain waits for them, so
+/// that a response that ended during the drain has its cost settled before the runtime that
+/// runs the settlement is dropped.
+static SETTLING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Settlements in progress ([`SETTLING`]).
+pub(super) fn settling() -> usize {
+    SETTLING.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// One settlement in progress, counted until dropped (recorded, failed, or cancelled).
+struct Settling;
+
+impl Settling {
+    fn begin() -> Settling {
+        SETTLING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Settling
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        SETTLING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 pub(super) fn settle_on_end(
     body: ProxyBody,
     spec: Arc<MeterSpec>,
@@ -120,7 +146,9 @@ pub(super) fn settle_on_end(
             tracing::error!(decision, "no runtime to settle a metered cost on; the estimate stands unrecorded");
             return;
         };
+        let settling = Settling::begin();
         rt.spawn(async move {
+            let _settling = settling;
             if let Err(e) = service.settle(decision, &passport_id, estimate_millicents, ending.actual_millicents, ending.why).await
             {
                 tracing::error!(decision, passport_id, error = %e, "settling a metered cost failed; the estimate stands");

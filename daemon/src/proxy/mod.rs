@@ -111,6 +111,19 @@ impl Redirects for Conntable {
 /// A connection's places in the global budget and in its sandbox's; dropped when it ends.
 type Admitted = (tokio::sync::OwnedSemaphorePermit, SandboxSlot);
 
+/// A connection's places in the budgets, shared by everything that carries its bytes: the
+/// connection's task and, after a CONNECT or an `Upgrade`, the tunnel that outlives it (which
+/// would otherwise let an agent open tunnels past every budget, each CONNECT freeing its place
+/// once upgraded). Given back when the last holder ends.
+#[derive(Clone)]
+pub(super) struct Slot(#[allow(dead_code)] Arc<Admitted>);
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Slot")
+    }
+}
+
 /// Bounds that keep one agent (or a flood) from exhausting the daemon.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -397,9 +410,14 @@ impl Proxy {
     /// The end of the proxy's life, once it stopped accepting (its listeners are closed, so new
     /// connections are refused): every HTTP connection is asked to close once its requests in
     /// progress are answered (an idle keep-alive at once; HTTP/2 with a GOAWAY), and this waits
-    /// up to [`Limits::drain`] for every connection to end. What is still open then (a tunnel, an
-    /// upgraded stream, a request held for approval, a slow upstream) is cut when the caller's
-    /// runtime ends. Each of the daemon's proxy threads calls it; the first one logs.
+    /// up to [`Limits::drain`] for every connection (tunnels included) to end, and for the
+    /// metered costs of the responses that ended to be settled. What is still open then (a
+    /// tunnel, an upgraded stream, a request held for approval, a slow upstream) is cut when the
+    /// caller's runtime ends. Each of the daemon's proxy threads calls it (each keeps its own
+    /// connections running meanwhile); the first one logs.
+    ///
+    /// It watches the counts rather than taking every place in the budget: a waiter holding
+    /// some of the places would make the other threads' counts wrong.
     pub async fn drain(&self) {
         let first = self.draining.send_if_modified(|d| !std::mem::replace(d, true));
         let open = self.open_connections();
@@ -407,14 +425,20 @@ impl Proxy {
         if first && open > 0 {
             tracing::info!(open, "proxy: letting the connections in flight finish (up to {limit:?})");
         }
-        let all = u32::try_from(self.limits.max_connections.max(1)).unwrap_or(u32::MAX);
-        let drained = tokio::time::timeout(limit, self.slots.acquire_many(all)).await;
-        if first && drained.is_err() {
-            tracing::warn!(
-                open,
-                cut = self.open_connections(),
-                "proxy: connections still open after the {limit:?} drain are cut"
-            );
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.open_connections() > 0 || metered::settling() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                if first {
+                    tracing::warn!(
+                        open,
+                        cut = self.open_connections(),
+                        unsettled = metered::settling(),
+                        "proxy: connections still open after the {limit:?} drain are cut"
+                    );
+                }
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -452,10 +476,7 @@ impl Proxy {
                 continue;
             };
             let this = self.clone();
-            tokio::spawn(async move {
-                let _admitted = admitted;
-                conn::handle(this, stream, peer, orig).await;
-            });
+            tokio::spawn(conn::handle(this, stream, peer, orig, Some(Slot(Arc::new(admitted)))));
         }
     }
 }

@@ -126,6 +126,7 @@ mod tests {
             dialed_name: Some(DomainName::parse("db.example.test").expect("name")),
             sni: None,
             tls: false,
+            slot: None,
         };
         let task = tokio::spawn(handle(h.proxy.clone(), info, Prefixed::new(b"HELLO".to_vec(), accepted)));
         // The write may fail if the proxy has already closed the connection: that is an outcome.
