@@ -590,9 +590,10 @@ fn proxy_holds_wait_for_an_operator() {
     assert_eq!(resolutions.len(), 2, "{resolutions:#?}");
 }
 
-/// `systemctl stop` in the middle of a request: the proxy stops accepting, the request in
-/// flight is answered in full (its decision recorded before the `daemon_stop` record), and the
-/// daemon exits within the drain.
+/// `systemctl stop` in the middle of a request: the request in flight is answered in full (the
+/// check that fails without the drain: curl saw its HTTP/2 stream cut), the daemon exits within
+/// the drain without cutting anything, and the log, verified after a restart, holds the
+/// request's decision before the `daemon_stop` record.
 #[test]
 fn a_request_in_flight_when_the_daemon_stops_is_answered() {
     if !root_or_skip("a_request_in_flight_when_the_daemon_stops_is_answered") {
@@ -627,7 +628,8 @@ fn a_request_in_flight_when_the_daemon_stops_is_answered() {
     assert!(log.contains("letting the connections in flight finish"), "{log}");
     assert!(!log.contains("drain are cut"), "{log}");
 
-    // The decision (the only one) and then the stop, in the log a restarted daemon exports.
+    // The decision (the only one; recorded before forwarding, as always) and then the stop, in
+    // the log a restarted daemon exports and verifies.
     w.d.spawn();
     let records = w.d.verified_records();
     let decided = records
