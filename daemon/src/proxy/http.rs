@@ -1097,6 +1097,21 @@ mod tests {
         })
     }
 
+    /// As [`served_conn`] (plain, to `name` behind 198.18.0.9:80), for the agent's end `agent`,
+    /// holding its places in the budgets as the accept loop's connections do.
+    fn admitted_conn(
+        h: &crate::proxy::testing::Harness,
+        agent: &tokio::net::TcpStream,
+        name: &DomainName,
+    ) -> Arc<ConnInfo> {
+        let client = agent.local_addr().expect("addr");
+        h.redirects.redirect(client, "198.18.0.9:80".parse().expect("addr"), crate::proxy::testing::CGROUP);
+        let (_, admitted) = h.proxy.take(client).expect("admitted");
+        let mut info = (*served_conn("198.18.0.9:80", Some(name.clone()), false)).clone();
+        info.slot = Some(crate::proxy::Slot(Arc::new(admitted)));
+        Arc::new(info)
+    }
+
     fn upstream_response(body: &'static str, headers: &[(&'static str, &'static str)]) -> Response<ProxyBody> {
         let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}).boxed());
         for (k, v) in headers {
@@ -1423,12 +1438,8 @@ mod tests {
         };
         let (mut busy, accepted) = agent_pair().await;
         // The busy connection holds its place in the budget, as the accept loop's do.
-        let client = busy.local_addr().expect("addr");
-        h.redirects.redirect(client, "198.18.0.9:80".parse().expect("addr"), crate::proxy::testing::CGROUP);
-        let (_, admitted) = h.proxy.take(client).expect("admitted");
-        let mut info = (*served_conn("198.18.0.9:80", Some(name.clone()), false)).clone();
-        info.slot = Some(crate::proxy::Slot(Arc::new(admitted)));
-        let busy_task = tokio::spawn(serve(h.proxy.clone(), Arc::new(info), accepted, false));
+        let info = admitted_conn(&h, &busy, &name);
+        let busy_task = tokio::spawn(serve(h.proxy.clone(), info, accepted, false));
         let (mut idle, accepted) = agent_pair().await;
         let idle_task = serve_one(accepted);
         busy.write_all(b"GET / HTTP/1.1\r\nHost: db.example.test\r\n\r\n").await.expect("send");
@@ -1503,12 +1514,8 @@ mod tests {
         // in the budgets as the accept loop's do: the tunnel keeps it once the HTTP connection's
         // task has ended, until the tunnel itself ends.
         let (mut agent, accepted) = agent_pair().await;
-        let client = agent.local_addr().expect("addr");
-        h.redirects.redirect(client, "198.18.0.9:80".parse().expect("addr"), crate::proxy::testing::CGROUP);
-        let (_, admitted) = h.proxy.take(client).expect("admitted");
-        let mut info = (*served_conn("198.18.0.9:80", Some(name.clone()), false)).clone();
-        info.slot = Some(crate::proxy::Slot(Arc::new(admitted)));
-        let task = tokio::spawn(super::serve(h.proxy.clone(), Arc::new(info), accepted, false));
+        let info = admitted_conn(&h, &agent, &name);
+        let task = tokio::spawn(super::serve(h.proxy.clone(), info, accepted, false));
         assert_eq!(h.proxy.open_connections(), 1);
         agent.write_all(ask(port).as_bytes()).await.expect("send");
         let mut head = vec![0u8; 4096];
