@@ -350,6 +350,10 @@ fn estimate_uses_max_tokens_or_the_default() {
 
 #[test]
 fn request_info_is_read_tolerantly_and_conservatively() {
+    // A fractional count near 2^60 (found by fuzzing): the nearest f64, rounded up, as a
+    // correctly rounded parse gives it (Python's float() agrees: 1000000000000045568).
+    let info = request_info(br#"{"model":"gp2d4o","max_completion_tokens":1000000000000045618.58601}"#);
+    assert_eq!(info.max_tokens, Some(1_000_000_000_000_045_568));
     let info = request_info(br#"{"messages":[{"model":"fake","max_tokens":1}],"model":"gpt-4o","max_tokens":50}"#);
     assert_eq!(info, RequestInfo { model: Some("gpt-4o".into()), max_tokens: Some(50) });
     // Truncated anywhere: what was seen is kept.
