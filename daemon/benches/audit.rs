@@ -6,6 +6,9 @@
 //! of the exporting CLI, and of the verifier. Targets (docs/testing.md): the daemon stays below
 //! 64 MiB while it streams the export; the verifier below 100 MiB, at ≥ 100,000 records/s.
 
+mod host;
+
+use host::loadavg;
 use sluice::api::access::PeerPolicy;
 use sluice::api::server;
 use sluice::ledger::{hostkey, Draft, Ledger, LedgerOptions};
@@ -256,12 +259,6 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix("kB")?.trim().parse().ok())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
 }
 
 fn dir_bytes(dir: &Path) -> u64 {

@@ -22,6 +22,9 @@
 //! `SLUICE_BENCH_SECS` sets a round's measured time (default 4 s, after 0.5 s of warm-up);
 //! `SLUICE_BENCH_CONCURRENCY=1,16` runs a subset.
 
+mod host;
+
+use host::loadavg;
 use sluice::ledger::{hostkey::HostKey, Ledger, LedgerOptions, WriteStats};
 use sluice::passport::{self, Constraints, IssueRequest, Permission, TrustTier};
 use sluice::service::Peer;
@@ -41,6 +44,7 @@ fn main() {
         "sluice decisions benchmark: service.enforce with durability on (journal group commit, log-structured store)"
     );
     println!("load average at start: {}", loadavg());
+    println!("idle CPUs: {}", host::idle_policy());
     // SLUICE_BENCH_CONCURRENCY=1,16 runs a subset (for profiling).
     let levels: Vec<usize> = match std::env::var("SLUICE_BENCH_CONCURRENCY") {
         Ok(list) => list.split(',').filter_map(|c| c.trim().parse().ok()).filter(|c| *c > 0).collect(),
@@ -96,13 +100,6 @@ fn main() {
     for c in summary {
         c.print();
     }
-}
-
-/// `/proc/loadavg`'s first three fields.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|e| format!("unreadable ({e})"))
 }
 
 /// CPU time (utime + stime) of process `pid` so far, from `/proc/<pid>/stat`; `None` when it

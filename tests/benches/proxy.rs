@@ -43,6 +43,10 @@
 //! the daemon's system calls per request are printed (strace slows the daemon several times over:
 //! take rates and CPU from a run without it; the calls per request do not depend on the speed).
 
+#[path = "../../daemon/benches/host/mod.rs"]
+mod host;
+
+use host::loadavg as load_avg;
 use sluice_e2e::daemon::Daemon;
 use sluice_e2e::threads::{Counters, Role, Sample};
 use sluice_e2e::upstream::TestCa;
@@ -470,12 +474,6 @@ fn ticks_per_sec() -> u64 {
     u64::try_from(t).ok().filter(|t| *t > 0).unwrap_or(100)
 }
 
-fn load_avg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
 /// The daemon's store series at one instant, from `GET /metrics` on its API socket.
 struct StoreMetrics {
     /// `sluice_store_commit_seconds` sum and count: every commit's wait, queueing included.
@@ -777,9 +775,11 @@ fn run() -> Result<()> {
     let mut o = String::new();
     o.push_str(&format!(
         "\nproxy benchmark: h2load --h1 over TLS, {secs} s per run after 1 s warm-up; sluice = {}\n\
-         load average (1/5/15 min) at start: {load_start}; at end: {load_end}; {} cores\n\n",
+         load average (1/5/15 min) at start: {load_start}; at end: {load_end}; {} cores\n\
+         idle CPUs: {}\n\n",
         sluice_e2e::daemon::sluice_bin().display(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        host::idle_policy(),
     ));
     o.push_str(&format!(
         "{:<22} {:<10} {:>10} {:>9} {:>9} {:>9} {:>14} {:>6}\n",
