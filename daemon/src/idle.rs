@@ -11,10 +11,21 @@
 //! resolves once there has been none for the given time; the caller then closes the connection
 //! (HTTP/1.1: at once; HTTP/2: `GOAWAY`, and after [`CLOSE_GRACE`] the socket). One timer per
 //! connection, re-armed only when it fires, so a request costs no timer of its own.
+//!
+//! A request in progress is never idle, so a peer that starts one and then stops could hold its
+//! connection as long as it liked: a request body that stops arriving, a response it stops
+//! reading (HTTP/1.1: the socket's buffers fill; HTTP/2: it grants no more flow-control window).
+//! Where that matters (a gate's clients, on the internet) [`Activity::watching_stalls`] adds a
+//! second rule: a connection on which a body has waited on the peer, with no progress from the
+//! peer, for the stall timeout is dropped. A body waits on the peer when a request body has no
+//! data from it ([`FromPeer`]), or when a response body has handed over a frame the peer has not
+//! yet made room for ([`Tracked`]); a body that waits on the service behind (a slow upstream, a
+//! held request) does not. Like nginx's `client_body_timeout` and `send_timeout`, this bounds
+//! silence, not rate: a peer that trickles a byte now and then keeps its connection.
 
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -24,16 +35,74 @@ use tokio::time::Instant;
 /// raced the GOAWAY has this long too).
 pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Requests in progress on one connection, and since when there has been none.
+/// Requests in progress on one connection, and since when there has been none; when stalls are
+/// watched, the bodies waiting on the peer and when the peer last made progress.
 #[derive(Debug)]
 pub(crate) struct Activity {
     in_progress: AtomicUsize,
     idle_since: Mutex<Instant>,
+    /// `Some(timeout)`: the stall rule applies ([`Activity::watching_stalls`]).
+    stall_timeout: Option<Duration>,
+    /// Bodies waiting on the peer now.
+    waiting_on_peer: AtomicUsize,
+    /// When the peer last made progress (or a wait began), in nanoseconds since `created`.
+    peer_progress_ns: AtomicU64,
+    created: Instant,
 }
 
 impl Activity {
     pub(crate) fn new() -> Arc<Activity> {
-        Arc::new(Activity { in_progress: AtomicUsize::new(0), idle_since: Mutex::new(Instant::now()) })
+        Arc::new(Activity::with_stall_timeout(None))
+    }
+
+    /// As [`Activity::new`], and a connection on which a body has waited on the peer for
+    /// `timeout` with no progress is stalled ([`serve_until_idle`] then drops it).
+    pub(crate) fn watching_stalls(timeout: Duration) -> Arc<Activity> {
+        Arc::new(Activity::with_stall_timeout(Some(timeout)))
+    }
+
+    fn with_stall_timeout(stall_timeout: Option<Duration>) -> Activity {
+        let now = Instant::now();
+        Activity {
+            in_progress: AtomicUsize::new(0),
+            idle_since: Mutex::new(now),
+            stall_timeout,
+            waiting_on_peer: AtomicUsize::new(0),
+            peer_progress_ns: AtomicU64::new(0),
+            created: now,
+        }
+    }
+
+    fn stamp_peer_progress(&self) {
+        let ns = u64::try_from(self.created.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.peer_progress_ns.store(ns, Ordering::SeqCst);
+    }
+
+    /// A wait on the peer for one body, or `None` when stalls are not watched (nothing to count).
+    fn peer_wait(self: &Arc<Self>) -> Option<PeerWait> {
+        self.stall_timeout.map(|_| PeerWait { activity: self.clone(), waiting: false })
+    }
+
+    /// Resolves once a body has waited on the peer for the stall timeout with no progress from
+    /// it (checked again after every wait; a stall that begins during one is seen at most one
+    /// timeout late). Never resolves when stalls are not watched.
+    pub(crate) async fn stalled(&self) {
+        let Some(timeout) = self.stall_timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            let wait = if self.waiting_on_peer.load(Ordering::SeqCst) > 0 {
+                let since = self.created + Duration::from_nanos(self.peer_progress_ns.load(Ordering::SeqCst));
+                let left = (since + timeout).saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return;
+                }
+                left
+            } else {
+                timeout
+            };
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// A request starts; it is in progress until the returned guard is dropped.
@@ -89,6 +158,12 @@ where
 {
     tokio::select! {
         r = conn.as_mut() => r,
+        _ = activity.stalled() => {
+            // The peer is not reading what it asked for, or not sending what it began: a
+            // graceful close would wait for it too, so the connection is dropped.
+            tracing::debug!(%client, "connection stalled: a request in progress has had nothing from its peer; dropping it");
+            Ok(())
+        }
         _ = activity.idle_for(timeout) => {
             tracing::debug!(%client, "agent connection without a request in progress; closing");
             shutdown(conn.as_mut());
@@ -120,15 +195,51 @@ impl Drop for InProgress {
     }
 }
 
-/// A response body that keeps its request in progress until it has ended or is dropped.
+/// One body's wait on the peer, counted in its connection's [`Activity`] while `waiting`.
+#[derive(Debug)]
+struct PeerWait {
+    activity: Arc<Activity>,
+    waiting: bool,
+}
+
+impl PeerWait {
+    /// The body now waits on the peer (the clock starts now if it was not waiting).
+    fn start(&mut self) {
+        if !self.waiting {
+            self.waiting = true;
+            self.activity.stamp_peer_progress();
+            self.activity.waiting_on_peer.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The peer made progress on this body.
+    fn end(&mut self) {
+        if self.waiting {
+            self.waiting = false;
+            self.activity.stamp_peer_progress();
+            self.activity.waiting_on_peer.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for PeerWait {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// A response body that keeps its request in progress until it has ended or is dropped, and,
+/// when stalls are watched, waits on the peer from the moment it hands over a frame (not its
+/// last) until it is asked for the next: the server asks only once the peer made room for it.
 pub(crate) struct Tracked<B> {
     inner: B,
+    wait: Option<PeerWait>,
     _request: InProgress,
 }
 
 impl<B> Tracked<B> {
     pub(crate) fn new(inner: B, request: InProgress) -> Tracked<B> {
-        Tracked { inner, _request: request }
+        Tracked { inner, wait: request.0.peer_wait(), _request: request }
     }
 }
 
@@ -137,7 +248,54 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     type Error = B::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        let Some(wait) = &mut this.wait else {
+            return Pin::new(&mut this.inner).poll_frame(cx);
+        };
+        wait.end();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(Some(Ok(_)))) && !this.inner.is_end_stream() {
+            wait.start();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body from the peer that, when stalls are watched, waits on the peer while it has
+/// no data from it.
+pub(crate) struct FromPeer<B> {
+    inner: B,
+    wait: Option<PeerWait>,
+}
+
+impl<B> FromPeer<B> {
+    pub(crate) fn new(inner: B, activity: &Arc<Activity>) -> FromPeer<B> {
+        FromPeer { inner, wait: activity.peer_wait() }
+    }
+}
+
+impl<B: Body + Unpin> Body for FromPeer<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(wait) = &mut this.wait {
+            match r {
+                Poll::Pending => wait.start(),
+                Poll::Ready(_) => wait.end(),
+            }
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -203,6 +361,98 @@ mod tests {
         let idle_at = watcher.await.unwrap();
         assert!(idle_at >= ended + T, "idle {:?} after the request ended", idle_at - ended);
         assert!(idle_at < start + T * 2 + SLACK);
+    }
+
+    async fn stalls_within(a: &Activity, within: Duration) -> bool {
+        tokio::time::timeout(within, a.stalled()).await.is_ok()
+    }
+
+    type Chan = crate::httpbody::ChannelBody<std::convert::Infallible>;
+
+    fn channel() -> (tokio::sync::mpsc::Sender<Result<Bytes, std::convert::Infallible>>, Chan) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        (tx, Chan::new(rx))
+    }
+
+    #[tokio::test]
+    async fn without_the_stall_rule_nothing_stalls_and_bodies_count_nothing() {
+        let a = Activity::new();
+        let (tx, rx) = channel();
+        tx.send(Ok(Bytes::from_static(b"first"))).await.unwrap();
+        tx.send(Ok(Bytes::from_static(b"second"))).await.unwrap();
+        let mut body = Tracked::new(rx, a.begin());
+        assert!(body.frame().await.is_some());
+        assert!(!stalls_within(&a, T * 3).await);
+        assert_eq!(a.waiting_on_peer.load(Ordering::SeqCst), 0);
+    }
+
+    /// A response whose peer does not take the next frame stalls once the timeout passed, not
+    /// before; one waiting on the service behind it (its next frame not there yet) never does.
+    #[tokio::test]
+    async fn a_response_the_peer_stops_taking_stalls_and_one_waiting_on_the_service_does_not() {
+        let a = Activity::watching_stalls(T);
+        let (tx, rx) = channel();
+        let mut body = Tracked::new(rx, a.begin());
+        // Waiting on the service: polled, nothing to hand over.
+        let waiting = tokio::spawn(async move {
+            let first = body.frame().await;
+            (body, first)
+        });
+        assert!(!stalls_within(&a, T * 3).await, "stalled while the service had not answered");
+        tx.send(Ok(Bytes::from_static(b"first"))).await.unwrap();
+        let (mut body, first) = waiting.await.unwrap();
+        assert!(first.is_some());
+        // The frame is handed over and the peer never asks for the next.
+        let start = Instant::now();
+        a.stalled().await;
+        let took = start.elapsed();
+        assert!(took >= T - Duration::from_millis(5) && took < T * 2 + SLACK, "{took:?}");
+        // Asked again: the peer made progress, the wait is over.
+        tx.send(Ok(Bytes::from_static(b"second"))).await.unwrap();
+        drop(tx);
+        assert!(body.frame().await.is_some());
+        assert!(body.frame().await.is_none());
+        assert_eq!(a.waiting_on_peer.load(Ordering::SeqCst), 0);
+    }
+
+    /// A last frame handed over is not a wait: the server does not ask for more.
+    #[tokio::test]
+    async fn a_response_s_last_frame_is_no_wait() {
+        let a = Activity::watching_stalls(T);
+        let mut body = Tracked::new(Full::new(Bytes::from_static(b"whole")), a.begin());
+        assert!(body.frame().await.is_some());
+        assert_eq!(a.waiting_on_peer.load(Ordering::SeqCst), 0);
+        assert!(!stalls_within(&a, T * 3).await);
+    }
+
+    /// A request body with nothing from the peer stalls after the timeout; one whose data keeps
+    /// coming (more often than the timeout) does not; a dropped one counts no more.
+    #[tokio::test]
+    async fn a_request_body_the_peer_stops_sending_stalls_and_a_slow_one_does_not() {
+        let a = Activity::watching_stalls(T);
+        let (tx, rx) = channel();
+        let mut body = FromPeer::new(rx, &a);
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            while let Some(f) = body.frame().await {
+                got += f.unwrap().into_data().map(|d| d.len()).unwrap_or(0);
+            }
+            got
+        });
+        for _ in 0..8 {
+            tokio::time::sleep(T / 3).await;
+            tx.send(Ok(Bytes::from_static(b"x"))).await.unwrap();
+        }
+        assert!(!stalls_within(&a, Duration::ZERO).await);
+        let start = Instant::now();
+        a.stalled().await;
+        let took = start.elapsed();
+        assert!(took >= T - Duration::from_millis(5) && took < T * 2 + SLACK, "{took:?}");
+        reader.abort();
+        let _ = reader.await;
+        assert_eq!(a.waiting_on_peer.load(Ordering::SeqCst), 0, "a dropped body still counted");
+        assert!(!stalls_within(&a, T * 3).await);
+        drop(tx);
     }
 
     #[tokio::test]

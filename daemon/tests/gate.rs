@@ -68,6 +68,9 @@ description = "Write anything else"
 risk_level = "low"
 "#;
 
+/// The size of the mock service's answer to `?big=1`: more than loopback's socket buffers hold.
+const BIG_ANSWER: usize = 64 << 20;
+
 /// What the mock service received.
 #[derive(Debug, Clone)]
 struct Seen {
@@ -99,7 +102,13 @@ async fn mock_upstream() -> (SocketAddr, Arc<Mutex<Vec<Seen>>>) {
                             headers: parts.headers,
                             body,
                         });
-                        let mut resp = http::Response::new(Full::new(Bytes::from_static(b"served")));
+                        // `?big=1`: a large answer, for clients that stop reading.
+                        let answer = if parts.uri.query() == Some("big=1") {
+                            Bytes::from(vec![b'x'; BIG_ANSWER])
+                        } else {
+                            Bytes::from_static(b"served")
+                        };
+                        let mut resp = http::Response::new(Full::new(answer));
                         resp.headers_mut().insert("x-service", "mock".parse().unwrap());
                         Ok::<_, std::convert::Infallible>(resp)
                     }
@@ -989,6 +998,76 @@ async fn connections_without_a_request_in_progress_are_closed_after_the_header_t
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("body_timeout"), "{answer}");
     assert!(took >= timeout - Duration::from_millis(20), "refused after {took:?}");
+    gate.stop().await;
+}
+
+/// A client that starts a request and then stalls it cannot keep its connection either: a
+/// request body that stops arriving (an unsigned one, streamed to the service), an answer not
+/// read (HTTP/1.1) and an answer granted no flow-control window (HTTP/2) each get the connection
+/// dropped once the timeout passed with nothing from the client, and not before. A request in
+/// progress is never idle, so before this rule each of these held its connection for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_stall_a_request_in_progress_are_dropped_after_the_timeout() {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::new().await;
+    let config = w.config("", "");
+    let timeout = Duration::from_millis(400);
+    let gate =
+        RunningGate::start_with(&w, &config, "127.0.0.1:0".parse().unwrap(), |s| s.with_connection_limits(timeout, 64))
+            .await;
+    // The stall rule sees a stall at most one timeout late; then the close itself.
+    let bound = timeout * 2 + Duration::from_secs(5);
+
+    // An upload that stops: 10 of 1,000 bytes, then silence.
+    let start = Instant::now();
+    let mut c = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    c.write_all(b"GET /v1/rates HTTP/1.1\r\nhost: gate\r\ncontent-length: 1000\r\n\r\n0123456789").await.unwrap();
+    let (_, closed) = until_closed(&mut c, bound).await;
+    let closed = closed.unwrap_or_else(|| panic!("a stalled upload's connection is still open after {bound:?}"));
+    assert!(closed - start >= timeout - Duration::from_millis(20), "dropped after {:?}", closed - start);
+    assert!(w.seen().iter().all(|s| s.body.len() < 1000), "the service got a whole body");
+
+    // HTTP/1.1: an answer larger than the sockets' buffers, not read. After the stall the
+    // client reads what the buffers held, then the close: less than the answer.
+    let mut c = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    c.write_all(b"GET /v1/rates?big=1 HTTP/1.1\r\nhost: gate\r\n\r\n").await.unwrap();
+    tokio::time::sleep(bound).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), c.read_to_end(&mut got)).await;
+    assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "the unread answer's connection is still open");
+    assert!(got.len() < BIG_ANSWER, "the whole answer came ({} bytes): the connection was kept", got.len());
+    assert!(got.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&got[..got.len().min(200)]));
+
+    // HTTP/2 (prior knowledge): the client reads every frame but grants no window beyond the
+    // initial 65,535 bytes, so the answer cannot go on.
+    let start = Instant::now();
+    let mut c = tokio::net::TcpStream::connect(gate.addr).await.unwrap();
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS, empty
+                                                             // HEADERS on stream 1, END_STREAM | END_HEADERS: GET, http, the path, the authority
+                                                             // (HPACK: two indexed fields, two literals with an indexed name).
+    let path = b"/v1/rates?big=1";
+    let mut block = vec![0x82, 0x86, 0x44, path.len() as u8];
+    block.extend_from_slice(path);
+    block.extend_from_slice(&[0x41, 4]);
+    block.extend_from_slice(b"gate");
+    opening.extend_from_slice(&[0, 0, block.len() as u8, 1, 5, 0, 0, 0, 1]);
+    opening.extend_from_slice(&block);
+    c.write_all(&opening).await.unwrap();
+    let (got, closed) = until_closed(&mut c, bound).await;
+    let closed =
+        closed.unwrap_or_else(|| panic!("the windowless HTTP/2 answer's connection is still open after {bound:?}"));
+    assert!(closed - start >= timeout - Duration::from_millis(20), "dropped after {:?}", closed - start);
+    let (mut at, mut data) = (0, 0);
+    while let Some(head) = got.get(at..at + 9) {
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        if head[3] == 0 {
+            data += len;
+        }
+        at += 9 + len;
+    }
+    assert!(data > 0 && data <= 65_535, "{data} bytes of DATA");
     gate.stop().await;
 }
 

@@ -34,6 +34,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+/// A request's body as the gate reads it: counted by the stall rule while it waits on the client.
+type PeerBody = crate::idle::FromPeer<Incoming>;
+
 /// The body of a signed request is read whole (to check its `Content-Digest`) up to this.
 pub const MAX_SIGNED_BODY: usize = 1 << 20;
 /// ... within this (a request in progress is never closed for idleness, so a body trickled
@@ -45,7 +48,9 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 const MAX_STREAMS: u32 = 100;
 /// A connection with no request in progress for this long is closed: a TLS handshake, a request
 /// head trickled or never finished (HTTP/1.1), a preface or header block left unfinished
-/// (HTTP/2), an idle keep-alive ([`crate::idle`]).
+/// (HTTP/2), an idle keep-alive ([`crate::idle`]). And one whose client stalls a request in
+/// progress this long is dropped: a request body that stops arriving, an answer it stops taking
+/// (HTTP/1.1: unread; HTTP/2: no flow-control window granted).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Client connections open at once; more are closed as they are accepted (a flood of idle
 /// connections cannot take the process's file descriptors).
@@ -132,8 +137,8 @@ impl Server {
         })
     }
 
-    /// The same server with another idle timeout (also the deadline of a signed body's read) and
-    /// connection budget (tests use short ones).
+    /// The same server with another idle timeout (also the stall timeout and the deadline of a
+    /// signed body's read) and connection budget (tests use short ones).
     pub fn with_connection_limits(mut self, header_timeout: Duration, max_connections: usize) -> Server {
         let max_connections = max_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self.header_timeout = header_timeout;
@@ -183,8 +188,10 @@ impl Server {
             let stop = stop.clone();
             conns.spawn(async move {
                 let _slot = slot;
-                // The idle clock starts at accept: a TLS handshake counts as no request.
-                let activity = crate::idle::Activity::new();
+                // The idle clock starts at accept: a TLS handshake counts as no request. A
+                // request in progress whose peer stops sending its body, or stops reading the
+                // answer, is dropped after the same time (the stall rule).
+                let activity = crate::idle::Activity::watching_stalls(server.header_timeout);
                 match &server.tls {
                     None => server.clone().connection(TokioIo::new(tcp), "http", peer, activity, stop).await,
                     Some(acceptor) => match tokio::time::timeout(server.header_timeout, acceptor.accept(tcp)).await {
@@ -219,6 +226,7 @@ impl Server {
             hyper::service::service_fn(move |req| {
                 let server = self.clone();
                 let request = activity.begin();
+                let req = req.map(|body| crate::idle::FromPeer::new(body, &activity));
                 async move {
                     let resp = server.handle(req, scheme).await;
                     Ok::<_, Infallible>(resp.map(|body| crate::idle::Tracked::new(body, request)))
@@ -245,7 +253,7 @@ impl Server {
     }
 
     /// One request: `/check`, or decide and forward.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, scheme: &'static str) -> Response<GateBody> {
+    async fn handle(self: Arc<Self>, req: Request<PeerBody>, scheme: &'static str) -> Response<GateBody> {
         let path = req.uri().path();
         if path == "/check" || path.starts_with("/check/") {
             return self.check(req, scheme).await;
@@ -286,7 +294,7 @@ impl Server {
     /// `auth_request` sends `X-Original-Method` and `X-Original-URI`. A body, if the caller sends
     /// one, is checked against `Content-Digest`; without one the service must check that the body
     /// it receives matches the signed `Content-Digest` itself.
-    async fn check(self: Arc<Self>, req: Request<Incoming>, scheme: &'static str) -> Response<GateBody> {
+    async fn check(self: Arc<Self>, req: Request<PeerBody>, scheme: &'static str) -> Response<GateBody> {
         let (parts, body) = req.into_parts();
         let h = &parts.headers;
         let orig_method = match h.get("x-original-method").map(|v| v.to_str().map(|s| Method::from_bytes(s.as_bytes())))
@@ -339,7 +347,7 @@ impl Server {
     }
 
     /// A signed request's body is read (bounded) and hashed; others stream untouched.
-    async fn hash_if_signed(&self, mut a: Arrival, body: Incoming) -> Result<(Arrival, GateBody), Response<GateBody>> {
+    async fn hash_if_signed(&self, mut a: Arrival, body: PeerBody) -> Result<(Arrival, GateBody), Response<GateBody>> {
         if !a.is_signed() {
             return Ok((a, body.map_err(|e| Box::new(e) as BoxError).boxed()));
         }
@@ -533,7 +541,7 @@ fn arrival(
     })
 }
 
-async fn read_bounded(body: Incoming, within: Duration) -> Result<Bytes, Response<GateBody>> {
+async fn read_bounded(body: PeerBody, within: Duration) -> Result<Bytes, Response<GateBody>> {
     let Ok(read) = tokio::time::timeout(within, Limited::new(body, MAX_SIGNED_BODY).collect()).await else {
         return Err(json_response(
             StatusCode::REQUEST_TIMEOUT,
