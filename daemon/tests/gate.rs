@@ -888,6 +888,23 @@ async fn stopping_closes_idle_connections_and_frees_the_store_at_once() {
     assert_eq!(n.unwrap(), 0, "the admin connection ends without an answer");
 }
 
+/// A gate whose idle timeout (and stall timeout, and signed-body deadline) is `timeout`.
+async fn gate_with_timeout(w: &World, timeout: std::time::Duration) -> RunningGate {
+    let config = w.config("", "");
+    RunningGate::start_with(w, &config, "127.0.0.1:0".parse().unwrap(), |s| s.with_connection_limits(timeout, 64)).await
+}
+
+/// The HTTP/2 frames in `bytes` as the server sent them: (type, payload length) each.
+fn h2_frames(bytes: &[u8]) -> impl Iterator<Item = (u8, usize)> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let head = bytes.get(at..at + 9)?;
+        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+        at += 9 + len;
+        Some((head[3], len))
+    })
+}
+
 /// Reads until the gate closes the connection; returns the bytes and when it closed (`None`:
 /// still open after `guard`).
 async fn until_closed(
@@ -916,11 +933,8 @@ async fn connections_without_a_request_in_progress_are_closed_after_the_header_t
     use std::time::{Duration, Instant};
     use tokio::io::AsyncWriteExt;
     let w = World::new().await;
-    let config = w.config("", "");
     let timeout = Duration::from_millis(400);
-    let gate =
-        RunningGate::start_with(&w, &config, "127.0.0.1:0".parse().unwrap(), |s| s.with_connection_limits(timeout, 64))
-            .await;
+    let gate = gate_with_timeout(&w, timeout).await;
     let bound = timeout + Duration::from_secs(1) + Duration::from_secs(5);
     for (case, opening) in [
         ("h2 preface", {
@@ -942,13 +956,7 @@ async fn connections_without_a_request_in_progress_are_closed_after_the_header_t
         let (got, closed) = until_closed(&mut c, bound).await;
         let closed = closed.unwrap_or_else(|| panic!("{case}: still open after {bound:?}"));
         assert!(closed - start >= timeout - Duration::from_millis(20), "{case}: closed after {:?}", closed - start);
-        let mut kinds = Vec::new();
-        let mut at = 0;
-        while let Some(head) = got.get(at..at + 9) {
-            let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-            kinds.push(head[3]);
-            at += 9 + len;
-        }
+        let kinds: Vec<u8> = h2_frames(&got).map(|(kind, _)| kind).collect();
         assert!(kinds.contains(&7), "{case}: no GOAWAY among frames {kinds:?}");
     }
     // HTTP/1.1: one byte every 50 ms, the head never finished: still open while the bytes
@@ -1011,11 +1019,8 @@ async fn clients_that_stall_a_request_in_progress_are_dropped_after_the_timeout(
     use std::time::{Duration, Instant};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let w = World::new().await;
-    let config = w.config("", "");
     let timeout = Duration::from_millis(400);
-    let gate =
-        RunningGate::start_with(&w, &config, "127.0.0.1:0".parse().unwrap(), |s| s.with_connection_limits(timeout, 64))
-            .await;
+    let gate = gate_with_timeout(&w, timeout).await;
     // The stall rule sees a stall at most one timeout late; then the close itself.
     let bound = timeout * 2 + Duration::from_secs(5);
 
@@ -1059,14 +1064,7 @@ async fn clients_that_stall_a_request_in_progress_are_dropped_after_the_timeout(
     let closed =
         closed.unwrap_or_else(|| panic!("the windowless HTTP/2 answer's connection is still open after {bound:?}"));
     assert!(closed - start >= timeout - Duration::from_millis(20), "dropped after {:?}", closed - start);
-    let (mut at, mut data) = (0, 0);
-    while let Some(head) = got.get(at..at + 9) {
-        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-        if head[3] == 0 {
-            data += len;
-        }
-        at += 9 + len;
-    }
+    let data: usize = h2_frames(&got).filter(|(kind, _)| *kind == 0).map(|(_, len)| len).sum();
     assert!(data > 0 && data <= 65_535, "{data} bytes of DATA");
     gate.stop().await;
 }
