@@ -878,12 +878,15 @@ async fn stopping_closes_idle_connections_and_frees_the_store_at_once() {
     let out = gate_export(&config, &export);
     assert!(out.status.success(), "{}", text(&out));
     // Both connections were closed by the gate (bounded so that a regression fails, not hangs).
+    // The end of the idle one is an EOF or, as seen once in CI under load, a reset: either way
+    // the gate closed it (the client had its whole answer before the stop).
     let guard = std::time::Duration::from_secs(60);
     let mut rest = Vec::new();
-    tokio::time::timeout(guard, idle.read_to_end(&mut rest))
-        .await
-        .expect("the idle connection was not closed")
-        .unwrap();
+    match tokio::time::timeout(guard, idle.read_to_end(&mut rest)).await.expect("the idle connection was not closed") {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("reading the idle connection: {e}"),
+    }
     let n = tokio::time::timeout(guard, admin.read(&mut [0u8; 64])).await.expect("the admin connection was not closed");
     assert_eq!(n.unwrap(), 0, "the admin connection ends without an answer");
 }
