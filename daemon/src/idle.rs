@@ -20,8 +20,12 @@
 //! peer, for the stall timeout is dropped. A body waits on the peer when a request body has no
 //! data from it ([`FromPeer`]), or when a response body has handed over a frame the peer has not
 //! yet made room for ([`Tracked`]); a body that waits on the service behind (a slow upstream, a
-//! held request) does not. Like nginx's `client_body_timeout` and `send_timeout`, this bounds
-//! silence, not rate: a peer that trickles a byte now and then keeps its connection.
+//! held request) does not. Nor does a request body while another on the connection holds a
+//! frame the service has not asked past: over HTTP/2 that data may fill the connection's
+//! flow-control window, and then the peer cannot send. Like nginx's `client_body_timeout` and
+//! `send_timeout`, this bounds silence, not rate: a peer that trickles a byte now and then
+//! keeps its connection. The clock is the connection's: progress on any body restarts it, and a
+//! stall ends the whole connection, every request on it included.
 
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
@@ -43,9 +47,16 @@ pub(crate) struct Activity {
     idle_since: Mutex<Instant>,
     /// `Some(timeout)`: the stall rule applies ([`Activity::watching_stalls`]).
     stall_timeout: Option<Duration>,
-    /// Bodies waiting on the peer now.
-    waiting_on_peer: AtomicUsize,
-    /// When the peer last made progress (or a wait began), in nanoseconds since `created`.
+    /// Response bodies that handed over a frame the peer has not made room for.
+    reads_awaited: AtomicUsize,
+    /// Request bodies with no data from the peer.
+    sends_awaited: AtomicUsize,
+    /// Request bodies whose last frame the service has not asked past. Their data may hold the
+    /// connection's HTTP/2 flow-control window, so that another body's silence is the gate's
+    /// doing, not the peer's: request bodies are not counted as stalled while one is held.
+    held_by_service: AtomicUsize,
+    /// When the peer last made progress, when the gate last made room for it, or when a wait
+    /// began with none before it: nanoseconds since `created`.
     peer_progress_ns: AtomicU64,
     created: Instant,
 }
@@ -67,7 +78,9 @@ impl Activity {
             in_progress: AtomicUsize::new(0),
             idle_since: Mutex::new(now),
             stall_timeout,
-            waiting_on_peer: AtomicUsize::new(0),
+            reads_awaited: AtomicUsize::new(0),
+            sends_awaited: AtomicUsize::new(0),
+            held_by_service: AtomicUsize::new(0),
             peer_progress_ns: AtomicU64::new(0),
             created: now,
         }
@@ -78,20 +91,36 @@ impl Activity {
         self.peer_progress_ns.store(ns, Ordering::SeqCst);
     }
 
-    /// A wait on the peer for one body, or `None` when stalls are not watched (nothing to count).
-    fn peer_wait(self: &Arc<Self>) -> Option<PeerWait> {
-        self.stall_timeout.map(|_| PeerWait { activity: self.clone(), waiting: false })
+    /// One body's wait of this kind, or `None` when stalls are not watched (nothing to count).
+    fn peer_wait(self: &Arc<Self>, kind: Wait) -> Option<PeerWait> {
+        self.stall_timeout.map(|_| PeerWait { activity: self.clone(), kind, waiting: false })
     }
 
-    /// Resolves once a body has waited on the peer for the stall timeout with no progress from
-    /// it (checked again after every wait; a stall that begins during one is seen at most one
-    /// timeout late). Never resolves when stalls are not watched.
+    fn counter(&self, kind: Wait) -> &AtomicUsize {
+        match kind {
+            Wait::Read => &self.reads_awaited,
+            Wait::Send => &self.sends_awaited,
+            Wait::Held => &self.held_by_service,
+        }
+    }
+
+    /// Whether the connection now waits on its peer: a response frame not taken, or a request
+    /// body without data while no other is held by the service.
+    fn waiting_on_peer(&self) -> bool {
+        self.reads_awaited.load(Ordering::SeqCst) > 0
+            || (self.sends_awaited.load(Ordering::SeqCst) > 0 && self.held_by_service.load(Ordering::SeqCst) == 0)
+    }
+
+    /// Resolves once the connection has waited on its peer for the stall timeout with no
+    /// progress from it on any body (checked again after every wait; a stall that begins during
+    /// one is seen at most one timeout late). The clock is the connection's, not each body's:
+    /// progress on one body restarts it for all. Never resolves when stalls are not watched.
     pub(crate) async fn stalled(&self) {
         let Some(timeout) = self.stall_timeout else {
             return std::future::pending().await;
         };
         loop {
-            let wait = if self.waiting_on_peer.load(Ordering::SeqCst) > 0 {
+            let wait = if self.waiting_on_peer() {
                 let since = self.created + Duration::from_nanos(self.peer_progress_ns.load(Ordering::SeqCst));
                 let left = (since + timeout).saturating_duration_since(Instant::now());
                 if left.is_zero() {
@@ -195,29 +224,48 @@ impl Drop for InProgress {
     }
 }
 
-/// One body's wait on the peer, counted in its connection's [`Activity`] while `waiting`.
+/// What a body waits for.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// The peer to make room for a response frame.
+    Read,
+    /// Data of a request body from the peer.
+    Send,
+    /// The service to ask past a request body's frame (not a wait on the peer: see
+    /// [`Activity::held_by_service`]).
+    Held,
+}
+
+/// One body's wait of one kind, counted in its connection's [`Activity`] while `waiting`.
 #[derive(Debug)]
 struct PeerWait {
     activity: Arc<Activity>,
+    kind: Wait,
     waiting: bool,
 }
 
 impl PeerWait {
-    /// The body now waits on the peer (the clock starts now if it was not waiting).
+    /// The wait begins. The clock starts now if nothing was waiting on the peer (another wait
+    /// beginning does not restart the clock of one already running).
     fn start(&mut self) {
         if !self.waiting {
             self.waiting = true;
-            self.activity.stamp_peer_progress();
-            self.activity.waiting_on_peer.fetch_add(1, Ordering::SeqCst);
+            let a = &self.activity;
+            // The time before the count: a watcher that sees the wait must see its start.
+            if !matches!(self.kind, Wait::Held) && !a.waiting_on_peer() {
+                a.stamp_peer_progress();
+            }
+            a.counter(self.kind).fetch_add(1, Ordering::SeqCst);
         }
     }
 
-    /// The peer made progress on this body.
+    /// The wait is over: the peer made progress (or, for [`Wait::Held`], the gate made room
+    /// for it), which restarts the connection's clock.
     fn end(&mut self) {
         if self.waiting {
             self.waiting = false;
             self.activity.stamp_peer_progress();
-            self.activity.waiting_on_peer.fetch_sub(1, Ordering::SeqCst);
+            self.activity.counter(self.kind).fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -239,7 +287,7 @@ pub(crate) struct Tracked<B> {
 
 impl<B> Tracked<B> {
     pub(crate) fn new(inner: B, request: InProgress) -> Tracked<B> {
-        Tracked { inner, wait: request.0.peer_wait(), _request: request }
+        Tracked { inner, wait: request.0.peer_wait(Wait::Read), _request: request }
     }
 }
 
@@ -270,15 +318,23 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 }
 
 /// A request body from the peer that, when stalls are watched, waits on the peer while it has
-/// no data from it.
+/// no data from it, and is held by the service from handing over a frame (not its last) until
+/// it is asked for the next.
 pub(crate) struct FromPeer<B> {
     inner: B,
-    wait: Option<PeerWait>,
+    /// (data from the peer, the service asking past a frame)
+    waits: Option<(PeerWait, PeerWait)>,
 }
 
 impl<B> FromPeer<B> {
     pub(crate) fn new(inner: B, activity: &Arc<Activity>) -> FromPeer<B> {
-        FromPeer { inner, wait: activity.peer_wait() }
+        let waits = activity.peer_wait(Wait::Send).zip(activity.peer_wait(Wait::Held));
+        FromPeer { inner, waits }
+    }
+
+    /// The body itself, no longer counted (for a reader with a deadline of its own).
+    pub(crate) fn into_inner(self) -> B {
+        self.inner
     }
 }
 
@@ -288,12 +344,18 @@ impl<B: Body + Unpin> Body for FromPeer<B> {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.get_mut();
+        let Some((send, held)) = &mut this.waits else {
+            return Pin::new(&mut this.inner).poll_frame(cx);
+        };
+        held.end();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Some(wait) = &mut this.wait {
-            match r {
-                Poll::Pending => wait.start(),
-                Poll::Ready(_) => wait.end(),
+        match &r {
+            Poll::Pending => send.start(),
+            Poll::Ready(Some(Ok(_))) if !this.inner.is_end_stream() => {
+                send.end();
+                held.start();
             }
+            Poll::Ready(_) => send.end(),
         }
         r
     }
@@ -363,6 +425,11 @@ mod tests {
         assert!(idle_at < start + T * 2 + SLACK);
     }
 
+    /// Waits for the stall, failing (not hanging) when it does not come in time.
+    async fn stall(a: &Activity) {
+        tokio::time::timeout(T * 2 + SLACK, a.stalled()).await.expect("no stall within twice the timeout");
+    }
+
     async fn stalls_within(a: &Activity, within: Duration) -> bool {
         tokio::time::timeout(within, a.stalled()).await.is_ok()
     }
@@ -383,7 +450,7 @@ mod tests {
         let mut body = Tracked::new(rx, a.begin());
         assert!(body.frame().await.is_some());
         assert!(!stalls_within(&a, T * 3).await);
-        assert_eq!(a.waiting_on_peer.load(Ordering::SeqCst), 0);
+        assert!(!a.waiting_on_peer());
     }
 
     /// A response whose peer does not take the next frame stalls once the timeout passed, not
@@ -404,7 +471,7 @@ mod tests {
         assert!(first.is_some());
         // The frame is handed over and the peer never asks for the next.
         let start = Instant::now();
-        a.stalled().await;
+        stall(&a).await;
         let took = start.elapsed();
         assert!(took >= T - Duration::from_millis(5) && took < T * 2 + SLACK, "{took:?}");
         // Asked again: the peer made progress, the wait is over.
@@ -412,7 +479,7 @@ mod tests {
         drop(tx);
         assert!(body.frame().await.is_some());
         assert!(body.frame().await.is_none());
-        assert_eq!(a.waiting_on_peer.load(Ordering::SeqCst), 0);
+        assert!(!a.waiting_on_peer());
     }
 
     /// A last frame handed over is not a wait: the server does not ask for more.
@@ -421,7 +488,7 @@ mod tests {
         let a = Activity::watching_stalls(T);
         let mut body = Tracked::new(Full::new(Bytes::from_static(b"whole")), a.begin());
         assert!(body.frame().await.is_some());
-        assert_eq!(a.waiting_on_peer.load(Ordering::SeqCst), 0);
+        assert!(!a.waiting_on_peer());
         assert!(!stalls_within(&a, T * 3).await);
     }
 
@@ -439,20 +506,77 @@ mod tests {
             }
             got
         });
-        for _ in 0..8 {
-            tokio::time::sleep(T / 3).await;
-            tx.send(Ok(Bytes::from_static(b"x"))).await.unwrap();
-        }
-        assert!(!stalls_within(&a, Duration::ZERO).await);
+        let trickle = tokio::spawn(async move {
+            for _ in 0..8 {
+                tokio::time::sleep(T / 3).await;
+                tx.send(Ok(Bytes::from_static(b"x"))).await.unwrap();
+            }
+            tx
+        });
+        // Watched while the data comes: eight gaps of a third of the timeout never stall.
+        assert!(!stalls_within(&a, T * 8 / 3 - Duration::from_millis(30)).await, "stalled while data came");
+        let tx = trickle.await.unwrap();
         let start = Instant::now();
-        a.stalled().await;
+        stall(&a).await;
         let took = start.elapsed();
         assert!(took >= T - Duration::from_millis(5) && took < T * 2 + SLACK, "{took:?}");
         reader.abort();
         let _ = reader.await;
-        assert_eq!(a.waiting_on_peer.load(Ordering::SeqCst), 0, "a dropped body still counted");
+        assert!(!a.waiting_on_peer(), "a dropped body still counted");
+        assert_eq!(a.held_by_service.load(Ordering::SeqCst), 0);
         assert!(!stalls_within(&a, T * 3).await);
         drop(tx);
+    }
+
+    /// HTTP/2: while one request body holds a frame the service has not asked past (its data
+    /// may fill the connection's window), another's silence is not the peer's; once the service
+    /// asks past it, the other's clock starts from then.
+    #[tokio::test]
+    async fn a_request_body_held_by_the_service_excuses_another_s_silence() {
+        let a = Activity::watching_stalls(T);
+        let (tx_held, rx_held) = channel();
+        let mut held = FromPeer::new(rx_held, &a);
+        tx_held.send(Ok(Bytes::from_static(b"unread"))).await.unwrap();
+        drop(tx_held);
+        assert!(held.frame().await.is_some(), "the service takes one frame and asks no further");
+        let (_tx_silent, rx_silent) = channel();
+        let mut body = FromPeer::new(rx_silent, &a);
+        let silent = tokio::spawn(async move {
+            let _ = body.frame().await;
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(a.sends_awaited.load(Ordering::SeqCst), 1, "the silent body waits on the peer");
+        assert!(!stalls_within(&a, T * 3).await, "stalled while the service held the window");
+        // The service asks past the held frame (the body's end): the window opens, and the
+        // silent body's clock runs.
+        let asked = Instant::now();
+        assert!(held.frame().await.is_none());
+        assert_eq!(a.held_by_service.load(Ordering::SeqCst), 0);
+        stall(&a).await;
+        let took = asked.elapsed();
+        assert!(took >= T - Duration::from_millis(5) && took < T * 2 + SLACK, "{took:?}");
+        silent.abort();
+    }
+
+    /// The clock is the connection's: a wait that begins while another runs does not restart
+    /// it, and the stall comes one timeout after the first began.
+    #[tokio::test]
+    async fn a_second_wait_does_not_restart_the_first_one_s_clock() {
+        let a = Activity::watching_stalls(T);
+        let start = Instant::now();
+        let mut first = a.peer_wait(Wait::Read).unwrap();
+        first.start();
+        tokio::time::sleep(T / 2).await;
+        let mut second = a.peer_wait(Wait::Send).unwrap();
+        second.start();
+        stall(&a).await;
+        let took = start.elapsed();
+        assert!(took >= T - Duration::from_millis(5) && took < T + T / 2, "{took:?}");
+        // Progress on one restarts the clock for both.
+        let progress = Instant::now();
+        second.end();
+        stall(&a).await;
+        assert!(progress.elapsed() >= T - Duration::from_millis(5));
     }
 
     #[tokio::test]

@@ -542,6 +542,9 @@ fn arrival(
 }
 
 async fn read_bounded(body: PeerBody, within: Duration) -> Result<Bytes, Response<GateBody>> {
+    // Its own deadline covers a body that stops, and answers it (408): the stall rule, on the
+    // same clock, would race it with a bare close.
+    let body = body.into_inner();
     let Ok(read) = tokio::time::timeout(within, Limited::new(body, MAX_SIGNED_BODY).collect()).await else {
         return Err(json_response(
             StatusCode::REQUEST_TIMEOUT,
