@@ -119,19 +119,11 @@ impl Activity {
         let Some(timeout) = self.stall_timeout else {
             return std::future::pending().await;
         };
-        loop {
-            let wait = if self.waiting_on_peer() {
-                let since = self.created + Duration::from_nanos(self.peer_progress_ns.load(Ordering::SeqCst));
-                let left = (since + timeout).saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return;
-                }
-                left
-            } else {
-                timeout
-            };
-            tokio::time::sleep(wait).await;
-        }
+        quiet_for(timeout, || {
+            self.waiting_on_peer()
+                .then(|| self.created + Duration::from_nanos(self.peer_progress_ns.load(Ordering::SeqCst)))
+        })
+        .await
     }
 
     /// A request starts; it is in progress until the returned guard is dropped.
@@ -149,19 +141,26 @@ impl Activity {
     /// Resolves once no request has been in progress for `timeout` (checked again after every
     /// wait, so a request that came and went meanwhile restarts the count).
     pub(crate) async fn idle_for(&self, timeout: Duration) {
-        loop {
-            let wait = match self.idle_since() {
-                Some(since) => {
-                    let left = (since + timeout).saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return;
-                    }
-                    left
+        quiet_for(timeout, || self.idle_since()).await
+    }
+}
+
+/// Resolves once `since()` has named a start at least `timeout` ago. `None` (nothing to time
+/// now) waits a whole `timeout` before asking again; so does a start that moves meanwhile, which
+/// is seen when the wait ends. One timer at a time, re-armed only when it fires.
+async fn quiet_for(timeout: Duration, since: impl Fn() -> Option<Instant>) {
+    loop {
+        let wait = match since() {
+            Some(since) => {
+                let left = (since + timeout).saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return;
                 }
-                None => timeout,
-            };
-            tokio::time::sleep(wait).await;
-        }
+                left
+            }
+            None => timeout,
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -46,7 +46,7 @@
 #[path = "../../daemon/benches/host/mod.rs"]
 mod host;
 
-use host::loadavg as load_avg;
+use host::loadavg;
 use sluice_e2e::daemon::Daemon;
 use sluice_e2e::threads::{Counters, Role, Sample};
 use sluice_e2e::upstream::TestCa;
@@ -292,7 +292,7 @@ impl Env {
             let per = if f.ok > 0 { calls as f64 / f.ok as f64 } else { f64::NAN };
             eprintln!("{}: {calls} daemon system calls, {per:.1} per request ({})", s.label, path.display());
         }
-        f.load1 = load_avg().split_whitespace().next().unwrap_or("?").to_string();
+        f.load1 = loadavg().split_whitespace().next().unwrap_or("?").to_string();
         if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
             // Includes the warm-up second's requests in the CPU but not in `ok`: an upper bound.
             f.daemon_cpu_us = (f.ok > 0).then(|| b.saturating_sub(a) * 1_000_000 / ticks_per_sec() / f.ok);
@@ -622,7 +622,7 @@ fn run() -> Result<()> {
     let nginx_bin = nginx_bin.ok_or("nginx is missing: apt-get install nginx-light")?;
     let mitmdump = std::env::var_os("SLUICE_BENCH_MITMDUMP").map(PathBuf::from).or_else(|| which("mitmdump"));
     let secs: u64 = std::env::var("SLUICE_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let load_start = load_avg();
+    let load_start = loadavg();
 
     let tmp = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
     let dir = tmp.path().to_path_buf();
@@ -769,7 +769,7 @@ fn run() -> Result<()> {
         results.push(row);
     }
     let (rss_after_load, hwm_after_load) = rss_kib(pid)?;
-    let load_end = load_avg();
+    let load_end = loadavg();
 
     // The table.
     let mut o = String::new();
