@@ -539,6 +539,11 @@ impl Collector for Gauges {
                 "Times the half of the journal being written was full and the ledger writer moved to the other half.",
                 store.laps,
             ),
+            (
+                "sluice_store_led_groups",
+                "Group commits a proxy thread made itself, its request the only one in progress there and the writer idle (part of the durable writes).",
+                store.led_groups,
+            ),
         ];
         constant_counters(&mut encoder, &counts)?;
         let times = [
@@ -896,6 +901,7 @@ mod tests {
                 laps: 1,
                 lap_wait_ns: 2_500_000_000,
                 busy_ns: 3_000_000_000,
+                led_groups: 2,
             },
         };
         let text = m.render(&gauges);
@@ -921,6 +927,7 @@ mod tests {
                 ("sluice_store_durable_writes_total", "counter"),
                 ("sluice_store_journal_lap_wait_seconds_total", "counter"),
                 ("sluice_store_journal_laps_total", "counter"),
+                ("sluice_store_led_groups_total", "counter"),
                 ("sluice_store_writer_busy_seconds_total", "counter"),
                 ("sluice_upstream_errors_total", "counter"),
             ]
@@ -939,6 +946,7 @@ mod tests {
         );
         // The ledger's counters, nanoseconds shown as seconds.
         assert_eq!((one("sluice_store_durable_writes_total"), one("sluice_store_journal_laps_total")), (3.0, 1.0));
+        assert_eq!(one("sluice_store_led_groups_total"), 2.0);
         assert!((one("sluice_store_durable_write_seconds_total") - 0.00045).abs() < 1e-12);
         assert!((one("sluice_store_journal_lap_wait_seconds_total") - 2.5).abs() < 1e-12);
         assert!((one("sluice_store_writer_busy_seconds_total") - 3.0).abs() < 1e-12);

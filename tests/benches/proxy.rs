@@ -487,6 +487,8 @@ struct StoreMetrics {
     laps: f64,
     /// The writer's busy time, and when it was read.
     busy_secs: f64,
+    /// Groups a proxy thread committed itself (its request alone there, the writer idle).
+    led: f64,
     at: Instant,
 }
 
@@ -503,6 +505,8 @@ struct StoreRun {
     lap_ms: f64,
     /// The writer's busy time over the run's wall time.
     busy: f64,
+    /// Share of the durable writes that a proxy thread led.
+    led: f64,
 }
 
 impl StoreMetrics {
@@ -520,6 +524,8 @@ impl StoreMetrics {
             lap_secs: value("sluice_store_journal_lap_wait_seconds_total")?,
             laps: value("sluice_store_journal_laps_total")?,
             busy_secs: value("sluice_store_writer_busy_seconds_total")?,
+            // Absent from a daemon older than leading: none led.
+            led: value("sluice_store_led_groups_total").unwrap_or(0.0),
             at: Instant::now(),
         })
     }
@@ -536,6 +542,7 @@ impl StoreMetrics {
             laps: later.laps - self.laps,
             lap_ms: (later.lap_secs - self.lap_secs) * 1e3,
             busy: (later.busy_secs - self.busy_secs) / later.at.duration_since(self.at).as_secs_f64(),
+            led: if writes > 0.0 { (later.led - self.led) / writes } else { f64::NAN },
         }
     }
 }
@@ -829,27 +836,37 @@ fn run() -> Result<()> {
     }
     // What durability adds to a request's latency, from the daemon's own metrics.
     o.push_str(&format!(
-        "\n{:<22} {:>15} {:>15} {:>15} {:>7} {:>10} {:>12}\n",
-        "sluice durability", "commit wait µs", "disk write µs", "decisions/sync", "laps", "lap ms", "writer busy"
+        "\n{:<22} {:>15} {:>15} {:>15} {:>7} {:>10} {:>12} {:>8}\n",
+        "sluice durability",
+        "commit wait µs",
+        "disk write µs",
+        "decisions/sync",
+        "laps",
+        "lap ms",
+        "writer busy",
+        "led"
     ));
     for (s, row) in SCENARIOS.iter().zip(&results) {
         let Some(st) = row[1].as_ref().and_then(|f| f.store) else { continue };
         o.push_str(&format!(
-            "{:<22} {:>15.0} {:>15.0} {:>15.1} {:>7.0} {:>10.1} {:>11.0}%\n",
+            "{:<22} {:>15.0} {:>15.0} {:>15.1} {:>7.0} {:>10.1} {:>11.0}% {:>7.0}%\n",
             s.label,
             st.commit_us,
             st.write_us,
             st.per_write,
             st.laps,
             st.lap_ms,
-            st.busy * 100.0
+            st.busy * 100.0,
+            st.led * 100.0
         ));
     }
     o.push_str(
         "(means over the run: commit wait = a decision's record from submission to durable, queueing \
          and the group's write included; disk write = one group's durable journal write; laps = moves \
          to the journal's other half when one is full, in the commit wait of the groups that met \
-         them; writer busy = the writer thread's busy time over the run's, warm-up included)\n",
+         them; writer busy = the writer's busy time over the run's, warm-up included, groups led by \
+         proxy threads too; led = share of the groups a proxy thread committed itself, its request \
+         alone there and the writer idle)\n",
     );
     // The daemon's CPU split by thread: the proxy's own work against the ledger's (the writer's
     // group commits, the indexer, the sealer), and how often threads hand work to each other.

@@ -67,7 +67,9 @@ pub use export::{ExportBundle, ExportRequest, PortableAttestation};
 pub use hostkey::HostKey;
 pub use merkle::Hash;
 pub use record::{Appended, Draft, HOST_CHAIN};
-pub use store::{Ledger, LedgerError, LedgerOptions, Snapshot, StorageError, Txn, TxnError, WriteStats};
+pub use store::{
+    Ledger, LedgerError, LedgerOptions, RequestInProgress, Snapshot, StorageError, Txn, TxnError, WriteStats,
+};
 pub use verify::{Problem, VerifyReport};
 
 /// Lowercase hex, used for `prev_hash` and proof nodes.

@@ -16,6 +16,7 @@ use super::store::journal_path;
 use super::verify::{self, Problem};
 use super::*;
 
+mod lead;
 mod stream;
 
 fn obj(v: Value) -> Map<String, Value> {
@@ -1440,6 +1441,26 @@ impl Drop for PowerCut {
 /// with its log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn power_loss_loses_no_answered_transaction() {
+    power_loss_loses_nothing_answered(Clients::Queue).await;
+}
+
+/// The same with every client alone on its thread: groups led by callers and groups of the
+/// writer thread interleave, and a cut between them loses nothing answered either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_loss_loses_no_answered_transaction_when_clients_lead() {
+    power_loss_loses_nothing_answered(Clients::Lead).await;
+}
+
+/// How the clients of a power-loss test submit: always to the writer thread, or each alone on
+/// its own thread, so that its transactions lead their own groups whenever the writer is idle
+/// (and queue when it is not).
+#[derive(Clone, Copy, PartialEq)]
+enum Clients {
+    Queue,
+    Lead,
+}
+
+async fn power_loss_loses_nothing_answered(clients: Clients) {
     let store = TestStore::new();
     // redb synced often and a small journal (a lap every dozen groups), so cuts land between
     // syncs, laps and journal writes.
@@ -1459,16 +1480,22 @@ async fn power_loss_loses_no_answered_transaction() {
     let mut tasks = Vec::new();
     for t in 0..8 {
         let (ledger, answered, stop) = (ledger.clone(), answered.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let chain = format!("p{t}");
-            while !stop.load(std::sync::atomic::Ordering::Acquire) {
-                match ledger.transact(spend(&chain, 1, "2025-01-01")).await {
-                    Ok((after, appended)) => {
-                        answered.lock().unwrap().push((chain.clone(), after, appended[0].canonical.to_vec()));
+        // Each client on a thread of its own: counted as one request in progress there when it
+        // is to lead.
+        tasks.push(std::thread::spawn(move || {
+            let _alone = (clients == Clients::Lead).then(RequestInProgress::enter);
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let chain = format!("p{t}");
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    match ledger.transact(spend(&chain, 1, "2025-01-01")).await {
+                        Ok((after, appended)) => {
+                            answered.lock().unwrap().push((chain.clone(), after, appended[0].canonical.to_vec()));
+                        }
+                        Err(e) => panic!("transaction failed: {e}"),
                     }
-                    Err(e) => panic!("transaction failed: {e}"),
                 }
-            }
+            })
         }));
     }
     let mut cuts = Vec::new();
@@ -1484,7 +1511,12 @@ async fn power_loss_loses_no_answered_transaction() {
     }
     stop.store(true, std::sync::atomic::Ordering::Release);
     for t in tasks {
-        t.await.unwrap();
+        t.join().unwrap();
+    }
+    let stats = ledger.write_stats();
+    match clients {
+        Clients::Queue => assert_eq!(stats.led_groups, 0, "no client counts a request in progress"),
+        Clients::Lead => assert!(stats.led_groups > 0, "no group was led: {stats:?}"),
     }
     ledger.shutdown();
     let answered = answered.lock().unwrap().clone();

@@ -1,13 +1,17 @@
-//! The store: one writer thread that answers after one journal write, and an indexer thread that
+//! The store: one writer that answers after one journal write, and an indexer thread that
 //! keeps the log's segment files and redb (the indexes and the state) up to date behind it.
 //!
-//! Every write goes through a single writer thread. It takes every queued job (up to
-//! [`LedgerOptions::max_group`]) as one group, runs the transactions' closures one after the
-//! other against its in-memory state table (loaded from redb at open; each closure sees what
-//! earlier ones of the group wrote), seals their records against its in-memory chain heads,
-//! pushes their leaf hashes onto its in-memory Merkle frontier (the compact range, one hash per
-//! perfect subtree), signs a checkpoint from that frontier if one is due or asked for, makes the
-//! group durable, and only then answers every caller. No B-tree is touched on that path.
+//! Every write goes through a single writer, one group at a time under its lock. Its thread
+//! takes every queued job (up to [`LedgerOptions::max_group`]) as one group, runs the
+//! transactions' closures one after the other against its in-memory state table (loaded from
+//! redb at open; each closure sees what earlier ones of the group wrote), seals their records
+//! against its in-memory chain heads, pushes their leaf hashes onto its in-memory Merkle frontier
+//! (the compact range, one hash per perfect subtree), signs a checkpoint from that frontier if
+//! one is due or asked for, makes the group durable, and only then answers every caller. No
+//! B-tree is touched on that path. When nothing is queued and no group is running, a caller
+//! alone on its thread ([`RequestInProgress`]) runs its own transaction as a group the same way
+//! on its own thread (module `lead`), which spares one request at a time the two thread wake-ups of
+//! the hand-off.
 //!
 //! Durable means: the group's effects (state writes, sealed records, the checkpoint; the
 //! [`journal`] entry format) written to the commit journal with one `O_DIRECT | O_DSYNC` write
@@ -54,8 +58,9 @@
 //! a chain index row per record in redb) is migrated at open.
 //!
 //! Modules, one job each: this one is the handle ([`Ledger`]: open, submit, read, shut down),
-//! its options and errors; `txn` a transaction's view and bounds; `writer` the writer thread,
-//! its jobs and the in-memory state; `relay` durable answers delivered on the caller's own
+//! its options and errors; `txn` a transaction's view and bounds; `writer` the writer (its lock,
+//! its thread, its jobs and the in-memory state); `lead` when a caller may run its own group;
+//! `relay` durable answers delivered on the caller's own
 //! thread, one wake per batch; `indexer` the thread that writes redb; `snapshot` read-only
 //! views; `segments` the segment files (append, sync, seal, read); `tiles` the Merkle hash tiles;
 //! `links` the chain links; `open` opening tiles and links (rebuild, migration), journal replay,
@@ -80,6 +85,7 @@ use super::merkle::{Hash, MerkleError};
 use super::record::{Appended, Draft, DraftError};
 
 mod indexer;
+mod lead;
 mod links;
 mod open;
 mod relay;
@@ -93,6 +99,7 @@ mod writer;
 #[cfg(test)]
 pub(crate) use indexer::ON_SYNC;
 use indexer::*;
+pub use lead::RequestInProgress;
 pub use links::links_path;
 #[cfg(test)]
 pub(crate) use open::REBUILT;
@@ -271,8 +278,12 @@ pub struct WriteStats {
     pub lap_wait_ns: u64,
     /// Time the writer thread was busy, in nanoseconds: from taking a batch of jobs to having
     /// answered their callers (durable writes and laps included). Its rate is the writer's
-    /// utilisation: near one second per second, callers queue for it.
+    /// utilisation: near one second per second, callers queue for it. A group a caller led on
+    /// its own thread counts too: the writer's work, wherever it ran.
     pub busy_ns: u64,
+    /// Groups a caller alone on its thread committed there, without the writer thread (one
+    /// transaction each; see [`RequestInProgress`]). Part of `durable_writes`.
+    pub led_groups: u64,
 }
 
 /// [`WriteStats`] as the writer thread counts them; read from any thread.
@@ -283,6 +294,7 @@ pub(super) struct WriteCounters {
     laps: AtomicU64,
     lap_wait_ns: AtomicU64,
     busy_ns: AtomicU64,
+    led_groups: AtomicU64,
 }
 
 impl WriteCounters {
@@ -303,6 +315,11 @@ impl WriteCounters {
         self.busy_ns.fetch_add(nanos(took), Ordering::Relaxed);
     }
 
+    /// Counts one group led by a caller.
+    pub(super) fn led(&self) {
+        self.led_groups.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn read(&self) -> WriteStats {
         WriteStats {
             durable_writes: self.durable_writes.load(Ordering::Relaxed),
@@ -310,6 +327,7 @@ impl WriteCounters {
             laps: self.laps.load(Ordering::Relaxed),
             lap_wait_ns: self.lap_wait_ns.load(Ordering::Relaxed),
             busy_ns: self.busy_ns.load(Ordering::Relaxed),
+            led_groups: self.led_groups.load(Ordering::Relaxed),
         }
     }
 }
@@ -344,6 +362,8 @@ struct Inner {
     db: Arc<Database>,
     shared: Arc<Shared>,
     jobs: mpsc::Sender<Job>,
+    /// The writer's state and lock, shared by the writer thread and callers that lead.
+    core: Arc<Core>,
     /// The indexer's queue (readers ask it to publish).
     index: mpsc::Sender<IndexJob>,
     files: Arc<LogFiles>,
@@ -364,8 +384,9 @@ impl Inner {
         let Some(handle) = handle else { return };
         let _ = self.jobs.send(Job::Shutdown);
         self.permits.close();
-        // A closure holding the last clone could drop it on the writer thread itself.
-        if handle.thread().id() != std::thread::current().id() {
+        // A closure holding the last clone could drop it on the writer thread itself, or on a
+        // thread leading a group, whose lock the writer thread then waits for.
+        if handle.thread().id() != std::thread::current().id() && !lead::leading() {
             let _ = handle.join();
         }
     }
@@ -475,7 +496,6 @@ impl Ledger {
             path: path.to_path_buf(),
             key: host_key,
             shared: shared.clone(),
-            rx,
             max_group: opts.max_group.max(1),
             interval: opts.checkpoint_interval,
             size,
@@ -496,9 +516,11 @@ impl Ledger {
             payload: Vec::new(),
             spans: Vec::new(),
         };
+        let core = Arc::new(Core::new(writer));
+        let thread_core = core.clone();
         let handle = std::thread::Builder::new()
             .name(WRITER_THREAD.into())
-            .spawn(move || writer.run())
+            .spawn(move || run_thread(thread_core, rx))
             .map_err(LedgerError::Spawn)?;
         Ok(Ledger {
             inner: Arc::new(Inner {
@@ -506,6 +528,7 @@ impl Ledger {
                 db,
                 shared,
                 jobs: tx,
+                core,
                 index: index_tx,
                 files,
                 writer_id: Some(handle.thread().id()),
@@ -522,8 +545,11 @@ impl Ledger {
     ///
     /// `f` sees the state committed before plus what earlier transactions of the same group
     /// wrote. Its `put`/`delete` are kept only if it returns `Ok` and all its drafts are valid;
-    /// otherwise the caller gets the error and nothing of `f` is written. `f` runs on the writer
-    /// thread, serially with every other transaction: keep it short and never block in it.
+    /// otherwise the caller gets the error and nothing of `f` is written. `f` runs as the writer,
+    /// serially with every other transaction: keep it short and never block in it. It runs on
+    /// the writer thread, or, when the calling thread counts one [`RequestInProgress`] and the
+    /// writer is idle, on the calling thread, which then commits the group itself and is blocked
+    /// for the durable write (see [`RequestInProgress`]).
     pub async fn transact<T, F>(&self, f: F) -> Result<(T, Vec<Appended>), LedgerError>
     where
         T: Send + 'static,
@@ -531,9 +557,20 @@ impl Ledger {
     {
         let permit = self.inner.permits.acquire().await.map_err(|_| LedgerError::Closed)?;
         let (reply, rx) = oneshot::channel();
-        let route = Route::current();
-        self.submit(Box::new(TransactWork { f, reply, permit: Some(permit), route }))?;
+        self.lead_or_submit(|route| Box::new(TransactWork { f, reply, permit: Some(permit), route }))?;
         rx.await.map_err(|_| LedgerError::Closed)?
+    }
+
+    /// Runs the job as a group on this thread if it may lead ([`Core::try_lead`]: answered
+    /// before this returns), or queues it for the writer thread with this thread's relay route.
+    fn lead_or_submit(&self, work: impl FnOnce(Option<Route>) -> Box<dyn Work>) -> Result<(), LedgerError> {
+        match self.inner.core.try_lead() {
+            Some(w) => {
+                self.inner.core.lead(w, work(None), &self.inner.jobs);
+                Ok(())
+            }
+            None => self.submit(work(Route::current())),
+        }
     }
 
     /// [`Ledger::transact`] for synchronous callers (CLI, tests). Must not be called from an
@@ -549,7 +586,7 @@ impl Ledger {
     }
 
     fn submit(&self, work: Box<dyn Work>) -> Result<(), LedgerError> {
-        self.inner.jobs.send(Job::Transact(work)).map_err(|_| LedgerError::Closed)
+        self.inner.core.submit(&self.inner.jobs, Job::Transact(work))
     }
 
     pub fn state_get(&self, key: &str) -> Result<Option<Vec<u8>>, LedgerError> {
@@ -588,7 +625,7 @@ impl Ledger {
     /// latest already covers the current size).
     pub async fn checkpoint_now(&self) -> Result<SignedCheckpoint, LedgerError> {
         let (tx, rx) = oneshot::channel();
-        self.inner.jobs.send(Job::Checkpoint(tx)).map_err(|_| LedgerError::Closed)?;
+        self.inner.core.submit(&self.inner.jobs, Job::Checkpoint(tx))?;
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 

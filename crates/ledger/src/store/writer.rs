@@ -1,15 +1,17 @@
-//! The writer thread: the jobs callers queue, group commit, durability, checkpoint signing, and
+//! The writer: the jobs callers queue, group commit, durability, checkpoint signing, and
 //! answering callers (see the module docs of [`super`] for the protocol).
 //!
-//! Owns the journal and the in-memory state, chain heads and Merkle frontier after open. Never
-//! touches redb's write side (the indexer does). Must not answer a caller before its group is
-//! durable, or keep a transaction's writes when its closure or drafts fail.
+//! Owns the journal and the in-memory state, chain heads and Merkle frontier after open, behind
+//! one lock ([`Core`]): the writer thread takes it for each group it runs, and a caller alone on
+//! its thread may take it to run its own group ([`super::lead`]). Never touches redb's write side
+//! (the indexer does). Must not answer a caller before its group is durable, or keep a
+//! transaction's writes when its closure or drafts fail.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -98,14 +100,129 @@ impl<T: Send + 'static> Finish for TransactFinish<T> {
 pub(super) enum Job {
     Transact(Box<dyn Work>),
     Checkpoint(oneshot::Sender<Result<SignedCheckpoint, LedgerError>>),
+    /// Nothing to run: a group led by a caller left the log without a checkpoint, and the
+    /// writer thread must arm its checkpoint timer.
+    Tick,
     Shutdown,
+}
+
+impl Job {
+    /// A job the writer thread must run before any caller may lead a group.
+    fn queued(&self) -> bool {
+        matches!(self, Job::Transact(_) | Job::Checkpoint(_))
+    }
+}
+
+/// The writer's state behind its lock, and how many jobs wait for the writer thread.
+pub(super) struct Core {
+    writer: Mutex<Writer>,
+    /// Jobs submitted and not yet taken by the writer thread ([`Job::queued`]). A caller leads
+    /// only when none is, so it never overtakes a transaction submitted before it.
+    queued: AtomicUsize,
+}
+
+impl Core {
+    pub(super) fn new(writer: Writer) -> Core {
+        Core { writer: Mutex::new(writer), queued: AtomicUsize::new(0) }
+    }
+
+    /// Sends a job to the writer thread.
+    pub(super) fn submit(&self, jobs: &mpsc::Sender<Job>, job: Job) -> Result<(), LedgerError> {
+        let counted = job.queued();
+        if counted {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+        }
+        jobs.send(job).map_err(|_| {
+            if counted {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+            LedgerError::Closed
+        })
+    }
+
+    /// The writer's lock. A group that panicked outside a transaction's closure (a bug) may
+    /// have left memory and the journal apart: the store then refuses everything until restart.
+    fn lock(&self) -> MutexGuard<'_, Writer> {
+        match self.writer.lock() {
+            Ok(w) => w,
+            Err(p) => {
+                let mut w = p.into_inner();
+                w.poison_after_panic();
+                w
+            }
+        }
+    }
+
+    /// The writer's lock for a caller that may lead a group: only when no job waits for the
+    /// writer thread, no group is running and the store is open. `None`: submit instead.
+    pub(super) fn try_lead(&self) -> Option<MutexGuard<'_, Writer>> {
+        if !super::lead::may_lead() || self.queued.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let w = match self.writer.try_lock() {
+            Ok(w) => w,
+            Err(TryLockError::WouldBlock) | Err(TryLockError::Poisoned(_)) => return None,
+        };
+        if w.stopped || self.queued.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        Some(w)
+    }
+
+    /// Runs one transaction as a group on the calling thread, under the lock [`Core::try_lead`]
+    /// gave: the writer thread's own `run_group`, so durable before answered, and serial with
+    /// every other group. Tells the writer thread when the log is left without a checkpoint
+    /// and its timer is not armed.
+    pub(super) fn lead(&self, mut w: MutexGuard<'_, Writer>, work: Box<dyn Work>, jobs: &mpsc::Sender<Job>) {
+        let covered = w.checkpoint_wait().is_none();
+        let start = Instant::now();
+        {
+            let _leading = super::lead::Leading::start();
+            w.run_group(vec![work], Group::default());
+        }
+        w.shared.writes.busy(start.elapsed());
+        w.shared.writes.led();
+        let tick = covered && w.poisoned.is_none() && w.checkpoint_wait().is_some();
+        drop(w);
+        if tick {
+            let _ = jobs.send(Job::Tick);
+        }
+    }
+}
+
+/// The writer thread: takes every queued job (up to `max_group`) as one group, runs it under the
+/// writer's lock, until shutdown.
+pub(super) fn run_thread(core: Arc<Core>, rx: mpsc::Receiver<Job>) {
+    loop {
+        let (wait, max_group) = {
+            let w = core.lock();
+            // A poisoned writer only refuses jobs: no timer may wake it (it would spin).
+            let wait = match w.poisoned {
+                Some(_) => None,
+                None => w.checkpoint_wait(),
+            };
+            (wait, w.max_group)
+        };
+        let Some(jobs) = recv_batch(&rx, wait, max_group) else { break };
+        let taken = jobs.iter().filter(|j| j.queued()).count();
+        let mut w = core.lock();
+        // Taken once the lock is held: a caller that then finds the queue empty cannot lead
+        // before this group has run.
+        core.queued.fetch_sub(taken, Ordering::AcqRel);
+        let start = Instant::now();
+        let stop = w.group(jobs);
+        w.shared.writes.busy(start.elapsed());
+        if stop {
+            break;
+        }
+    }
+    core.lock().finish_writing();
 }
 
 pub(super) struct Writer {
     pub(super) path: PathBuf,
     pub(super) key: HostKey,
     pub(super) shared: Arc<Shared>,
-    pub(super) rx: mpsc::Receiver<Job>,
     pub(super) max_group: usize,
     pub(super) interval: Duration,
     /// Answered size.
@@ -184,22 +301,15 @@ impl RecordRead for Records<'_> {
 }
 
 impl Writer {
-    pub(super) fn run(mut self) {
-        loop {
-            // A poisoned writer only refuses jobs: no timer may wake it (it would spin).
-            let wait = match self.poisoned {
-                Some(_) => None,
-                None => self.checkpoint_wait(),
-            };
-            let Some(jobs) = recv_batch(&self.rx, wait, self.max_group) else { break };
-            let start = Instant::now();
-            let stop = self.group(jobs);
-            self.shared.writes.busy(start.elapsed());
-            if stop {
-                break;
-            }
+    fn poison_after_panic(&mut self) {
+        if self.poisoned.is_none() {
+            tracing::error!("a ledger group panicked; refusing every transaction until restart");
+            self.poisoned = Some(StorageError {
+                path: self.path.clone(),
+                context: "group commit",
+                source: Arc::new(redb::Error::Io(std::io::Error::other("a group commit panicked"))),
+            });
         }
-        self.finish_writing();
     }
 
     /// The way out: a final checkpoint over the tail of the log, everything synced to redb, the
@@ -256,6 +366,7 @@ impl Writer {
             match job {
                 Job::Transact(w) => works.push(w),
                 Job::Checkpoint(tx) => g.checkpoint_waiters.push(tx),
+                Job::Tick => {}
                 Job::Shutdown => g.shutdown = true,
             }
         }
