@@ -1483,9 +1483,8 @@ async fn power_loss_loses_nothing_answered(clients: Clients) {
         // Each client on a thread of its own: counted as one request in progress there when it
         // is to lead.
         tasks.push(std::thread::spawn(move || {
-            let _alone = (clients == Clients::Lead).then(RequestInProgress::enter);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async move {
+            let client = async move {
                 let chain = format!("p{t}");
                 while !stop.load(std::sync::atomic::Ordering::Acquire) {
                     match ledger.transact(spend(&chain, 1, "2025-01-01")).await {
@@ -1495,7 +1494,11 @@ async fn power_loss_loses_nothing_answered(clients: Clients) {
                         Err(e) => panic!("transaction failed: {e}"),
                     }
                 }
-            })
+            };
+            match clients {
+                Clients::Lead => rt.block_on(RequestInProgress::serve(client)),
+                Clients::Queue => rt.block_on(client),
+            }
         }));
     }
     let mut cuts = Vec::new();

@@ -147,10 +147,18 @@ async fn handle(
     framing: Option<Option<Result<(), Refusal>>>,
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    // Counted on this proxy thread while the request is decided and its response's head comes
-    // back: the only one in progress here, its decision's group is committed on this thread
-    // rather than handed to the ledger's writer thread and back (two wake-ups saved).
-    let _in_progress = RequestInProgress::enter();
+    // Counted on this proxy thread until its response's head is back: when it is the only
+    // request in progress here, its decision's group is committed on this thread rather than
+    // handed to the ledger's writer thread and back (two wake-ups saved).
+    RequestInProgress::serve(handle_request(proxy, info, framing, req)).await
+}
+
+async fn handle_request(
+    proxy: Arc<Proxy>,
+    info: Arc<ConnInfo>,
+    framing: Option<Option<Result<(), Refusal>>>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     inc(&proxy.stats.requests);
     let ctx = RequestCtx::new(&req);
     let authority = match request_filter(&proxy, &info, &ctx, framing, &req).await {

@@ -8,10 +8,10 @@
 //! against its in-memory chain heads, pushes their leaf hashes onto its in-memory Merkle frontier
 //! (the compact range, one hash per perfect subtree), signs a checkpoint from that frontier if
 //! one is due or asked for, makes the group durable, and only then answers every caller. No
-//! B-tree is touched on that path. When nothing is queued and no group is running, a caller
+//! B-tree is touched on that path. When nothing is queued and no group is running, a request
 //! alone on its thread ([`RequestInProgress`]) runs its own transaction as a group the same way
-//! on its own thread (module `lead`), which spares one request at a time the two thread wake-ups of
-//! the hand-off.
+//! on its own thread (module `lead`), which spares one request at a time the two thread wake-ups
+//! of the hand-off.
 //!
 //! Durable means: the group's effects (state writes, sealed records, the checkpoint; the
 //! [`journal`] entry format) written to the commit journal with one `O_DIRECT | O_DSYNC` write
@@ -281,7 +281,7 @@ pub struct WriteStats {
     /// utilisation: near one second per second, callers queue for it. A group a caller led on
     /// its own thread counts too: the writer's work, wherever it ran.
     pub busy_ns: u64,
-    /// Groups a caller alone on its thread committed there, without the writer thread (one
+    /// Groups a request alone on its thread committed there, without the writer thread (one
     /// transaction each; see [`RequestInProgress`]). Part of `durable_writes`.
     pub led_groups: u64,
 }
@@ -384,9 +384,9 @@ impl Inner {
         let Some(handle) = handle else { return };
         let _ = self.jobs.send(Job::Shutdown);
         self.permits.close();
-        // A closure holding the last clone could drop it on the writer thread itself, or on a
-        // thread leading a group, whose lock the writer thread then waits for.
-        if handle.thread().id() != std::thread::current().id() && !lead::leading() {
+        // A closure holding the last clone could drop it on the writer thread itself. (A led
+        // group's closure cannot: its caller holds a handle until the group is answered.)
+        if handle.thread().id() != std::thread::current().id() {
             let _ = handle.join();
         }
     }
@@ -547,9 +547,9 @@ impl Ledger {
     /// wrote. Its `put`/`delete` are kept only if it returns `Ok` and all its drafts are valid;
     /// otherwise the caller gets the error and nothing of `f` is written. `f` runs as the writer,
     /// serially with every other transaction: keep it short and never block in it. It runs on
-    /// the writer thread, or, when the calling thread counts one [`RequestInProgress`] and the
-    /// writer is idle, on the calling thread, which then commits the group itself and is blocked
-    /// for the durable write (see [`RequestInProgress`]).
+    /// the writer thread, or, when it is made by the only [`RequestInProgress`] of the calling
+    /// thread and the writer is idle, on the calling thread, which then commits the group itself
+    /// and is blocked for the durable write.
     pub async fn transact<T, F>(&self, f: F) -> Result<(T, Vec<Appended>), LedgerError>
     where
         T: Send + 'static,

@@ -1,7 +1,8 @@
-//! Groups led by a caller alone on its thread: where the transaction runs, that it is durable and
-//! answered like any other, that callers leading and callers queueing interleave without a lost
-//! update, that the checkpoint timer still follows, and that a store shut down refuses a leader.
-//! The power-loss test runs with leading clients too (`power_loss_loses_no_answered_transaction_when_clients_lead`).
+//! Groups led by a request alone on its thread: where the transaction runs, that it is durable
+//! and answered like any other, that requests leading and callers queueing interleave without a
+//! lost update, that the checkpoint timer still follows, and that a store shut down refuses a
+//! leader. The power-loss test runs with leading clients too
+//! (`power_loss_loses_no_answered_transaction_when_clients_lead`).
 
 use super::*;
 use std::sync::{Arc, Mutex};
@@ -23,35 +24,45 @@ fn current_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
+/// A request that never ends, counted on this thread once polled.
+fn another_request_in_progress() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    let mut other: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(RequestInProgress::serve(std::future::pending::<()>()));
+    let poll = other.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+    assert!(poll.is_pending());
+    other
+}
+
 #[test]
-fn a_caller_alone_on_its_thread_commits_its_own_group() {
+fn a_request_alone_on_its_thread_commits_its_own_group() {
     let store = TestStore::new();
     let ledger = store.open();
     let rt = current_thread();
     let ran_on = Arc::new(Mutex::new(None));
     let here = std::thread::current().id();
 
-    // Counted as the only request in progress here: the closure runs on this thread, and the
-    // answer is durable and readable like any other.
-    let alone = RequestInProgress::enter();
-    rt.block_on(ledger.transact(noting_thread(ran_on.clone()))).unwrap();
+    // The only request in progress here: the closure runs on this thread, and the answer is
+    // durable and readable like any other.
+    rt.block_on(RequestInProgress::serve(ledger.transact(noting_thread(ran_on.clone())))).unwrap();
     assert_eq!(ran_on.lock().unwrap().take().unwrap().0, here, "the group ran on the caller's thread");
     let stats = ledger.write_stats();
     assert_eq!((stats.led_groups, stats.durable_writes), (1, 1), "{stats:?}");
     assert_eq!(ledger.size(), 1);
     assert!(ledger.record(0).unwrap().is_some());
 
-    // A second request in progress on the thread: it has other work, so the writer thread runs
-    // the group.
-    let other = RequestInProgress::enter();
-    rt.block_on(ledger.transact(noting_thread(ran_on.clone()))).unwrap();
+    // Another request in progress on the thread: this one has company, so the writer thread
+    // runs its group.
+    let other = another_request_in_progress();
+    rt.block_on(RequestInProgress::serve(ledger.transact(noting_thread(ran_on.clone())))).unwrap();
     let (id, name) = ran_on.lock().unwrap().take().unwrap();
     assert_ne!(id, here);
     assert_eq!(name.as_deref(), Some("sluice-ledger"), "the writer thread ran it");
+    // Nor does other work of the thread while that request is in progress.
+    rt.block_on(ledger.transact(noting_thread(ran_on.clone()))).unwrap();
+    assert_ne!(ran_on.lock().unwrap().take().unwrap().0, here);
     drop(other);
-    drop(alone);
 
-    // A thread that counts nothing never leads.
+    // Work that is no request never leads.
     rt.block_on(ledger.transact(noting_thread(ran_on.clone()))).unwrap();
     assert_ne!(ran_on.lock().unwrap().take().unwrap().0, here);
     assert_eq!(ledger.write_stats().led_groups, 1);
@@ -63,19 +74,20 @@ fn a_led_group_whose_closure_fails_or_panics_leaves_no_trace_and_the_store_goes_
     let store = TestStore::new();
     let ledger = store.open();
     let rt = current_thread();
-    let _alone = RequestInProgress::enter();
-    rt.block_on(ledger.transact(spend("p", 5, "w"))).unwrap();
-    let failed = rt.block_on(ledger.transact(|txn| {
+    let alone = |f| rt.block_on(RequestInProgress::serve(f));
+    alone(ledger.transact(spend("p", 5, "w"))).unwrap();
+    let failed = rt.block_on(RequestInProgress::serve(ledger.transact(|txn| {
         txn.put("spend/p/w", &99i64.to_be_bytes())?;
         Err::<((), Vec<Draft>), _>(TxnError::abort("no"))
-    }));
+    })));
     assert!(matches!(failed, Err(LedgerError::Txn(_))), "{failed:?}");
-    let panicked = rt.block_on(ledger.transact(|txn| -> Result<((), Vec<Draft>), TxnError> {
-        txn.put("spend/p/w", &99i64.to_be_bytes())?;
-        panic!("a closure that panics");
-    }));
+    let panicked =
+        rt.block_on(RequestInProgress::serve(ledger.transact(|txn| -> Result<((), Vec<Draft>), TxnError> {
+            txn.put("spend/p/w", &99i64.to_be_bytes())?;
+            panic!("a closure that panics");
+        })));
     assert!(matches!(panicked, Err(LedgerError::Panicked)), "{panicked:?}");
-    let (after, _) = rt.block_on(ledger.transact(spend("p", 1, "w"))).unwrap();
+    let (after, _) = alone(ledger.transact(spend("p", 1, "w"))).unwrap();
     assert_eq!(after, 6, "neither the failed nor the panicked closure's write was kept");
     assert_eq!(ledger.size(), 2);
     assert!(ledger.write_stats().led_groups >= 3);
@@ -103,12 +115,11 @@ fn leading_and_queued_transactions_interleave_without_loss() {
     for t in 0..LEADERS {
         let ledger = ledger.clone();
         leaders.push(std::thread::spawn(move || {
-            let _alone = RequestInProgress::enter();
-            current_thread().block_on(async {
+            current_thread().block_on(RequestInProgress::serve(async {
                 for _ in 0..PER {
                     ledger.transact(bump(format!("lead{t}"))).await.unwrap();
                 }
-            })
+            }))
         }));
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -157,8 +168,7 @@ fn checkpoints_follow_growth_from_a_led_group() {
     rt.block_on(ledger.transact(host_event("one"))).unwrap();
     rt.block_on(ledger.checkpoint_now()).unwrap();
     std::thread::sleep(Duration::from_millis(100));
-    let _alone = RequestInProgress::enter();
-    rt.block_on(ledger.transact(host_event("two"))).unwrap();
+    rt.block_on(RequestInProgress::serve(ledger.transact(host_event("two")))).unwrap();
     assert_eq!(ledger.write_stats().led_groups, 1);
     assert_eq!(ledger.latest_checkpoint().unwrap().unwrap().checkpoint.size, 1, "the led group signed none");
     // Liveness, not timing: wait (bounded) until the writer thread signed for the record.
@@ -179,43 +189,12 @@ fn a_store_shut_down_refuses_a_caller_that_would_lead() {
     let store = TestStore::new();
     let ledger = store.open();
     let rt = current_thread();
-    let _alone = RequestInProgress::enter();
-    rt.block_on(ledger.transact(host_event("one"))).unwrap();
+    rt.block_on(RequestInProgress::serve(ledger.transact(host_event("one")))).unwrap();
+    assert_eq!(ledger.write_stats().led_groups, 1);
     let clone = ledger.clone();
     ledger.shutdown();
-    assert!(matches!(rt.block_on(clone.transact(host_event("two"))), Err(LedgerError::Closed)));
+    let refused = rt.block_on(RequestInProgress::serve(clone.transact(host_event("two"))));
+    assert!(matches!(refused, Err(LedgerError::Closed)), "{refused:?}");
     assert_eq!(clone.size(), 1);
     assert_eq!(clone.latest_checkpoint().unwrap().unwrap().checkpoint.size, 1, "the final checkpoint covers the tail");
-}
-
-/// The last handle dropped by a closure of a led group: the store stops without waiting for
-/// the writer thread (which would wait for the group's lock), and what was answered stays.
-#[test]
-fn the_last_handle_dropped_inside_a_led_group_does_not_hang() {
-    let store = TestStore::new();
-    let ledger = store.open();
-    let rt = current_thread();
-    let _alone = RequestInProgress::enter();
-    let last = ledger.clone();
-    drop(ledger);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let inner = last.clone();
-        let r = current_thread().block_on(async move {
-            let _alone = RequestInProgress::enter();
-            inner
-                .transact(move |_| {
-                    drop(last);
-                    Ok(((), vec![Draft::new(HOST_CHAIN, obj(json!({"kind": "event", "event": "x"})))]))
-                })
-                .await
-        });
-        let _ = tx.send(r.is_ok());
-    });
-    let done = rx.recv_timeout(Duration::from_secs(30));
-    assert!(done.is_ok(), "the leader hung dropping the last handle");
-    drop(rt);
-    let reopened = store.open();
-    assert!(reopened.size() <= 1);
-    reopened.shutdown();
 }
