@@ -361,8 +361,7 @@ struct Inner {
     path: PathBuf,
     db: Arc<Database>,
     shared: Arc<Shared>,
-    jobs: mpsc::Sender<Job>,
-    /// The writer's state and lock, shared by the writer thread and callers that lead.
+    /// The writer's state, lock and queue, shared by the writer thread and callers that lead.
     core: Arc<Core>,
     /// The indexer's queue (readers ask it to publish).
     index: mpsc::Sender<IndexJob>,
@@ -382,7 +381,7 @@ impl Inner {
             Err(p) => p.into_inner().take(),
         };
         let Some(handle) = handle else { return };
-        let _ = self.jobs.send(Job::Shutdown);
+        let _ = self.core.submit(Job::Shutdown);
         self.permits.close();
         // A closure holding the last clone could drop it on the writer thread itself. (A led
         // group's closure cannot: its caller holds a handle until the group is answered.)
@@ -516,7 +515,7 @@ impl Ledger {
             payload: Vec::new(),
             spans: Vec::new(),
         };
-        let core = Arc::new(Core::new(writer));
+        let core = Arc::new(Core::new(writer, tx));
         let thread_core = core.clone();
         let handle = std::thread::Builder::new()
             .name(WRITER_THREAD.into())
@@ -527,7 +526,6 @@ impl Ledger {
                 path: path.to_path_buf(),
                 db,
                 shared,
-                jobs: tx,
                 core,
                 index: index_tx,
                 files,
@@ -566,7 +564,7 @@ impl Ledger {
     fn lead_or_submit(&self, work: impl FnOnce(Option<Route>) -> Box<dyn Work>) -> Result<(), LedgerError> {
         match self.inner.core.try_lead() {
             Some(w) => {
-                self.inner.core.lead(w, work(None), &self.inner.jobs);
+                self.inner.core.lead(w, work(None));
                 Ok(())
             }
             None => self.submit(work(Route::current())),
@@ -586,7 +584,7 @@ impl Ledger {
     }
 
     fn submit(&self, work: Box<dyn Work>) -> Result<(), LedgerError> {
-        self.inner.core.submit(&self.inner.jobs, Job::Transact(work))
+        self.inner.core.submit(Job::Transact(work))
     }
 
     pub fn state_get(&self, key: &str) -> Result<Option<Vec<u8>>, LedgerError> {
@@ -625,7 +623,7 @@ impl Ledger {
     /// latest already covers the current size).
     pub async fn checkpoint_now(&self) -> Result<SignedCheckpoint, LedgerError> {
         let (tx, rx) = oneshot::channel();
-        self.inner.core.submit(&self.inner.jobs, Job::Checkpoint(tx))?;
+        self.inner.core.submit(Job::Checkpoint(tx))?;
         rx.await.map_err(|_| LedgerError::Closed)?
     }
 

@@ -113,26 +113,29 @@ impl Job {
     }
 }
 
-/// The writer's state behind its lock, and how many jobs wait for the writer thread.
+/// The writer's state behind its lock, the writer thread's queue, and how many jobs wait in it.
 pub(super) struct Core {
     writer: Mutex<Writer>,
+    /// The writer thread's queue. Every send goes through [`Core::submit`], which keeps
+    /// `queued` true to it.
+    jobs: mpsc::Sender<Job>,
     /// Jobs submitted and not yet taken by the writer thread ([`Job::queued`]). A caller leads
     /// only when none is, so it never overtakes a transaction submitted before it.
     queued: AtomicUsize,
 }
 
 impl Core {
-    pub(super) fn new(writer: Writer) -> Core {
-        Core { writer: Mutex::new(writer), queued: AtomicUsize::new(0) }
+    pub(super) fn new(writer: Writer, jobs: mpsc::Sender<Job>) -> Core {
+        Core { writer: Mutex::new(writer), jobs, queued: AtomicUsize::new(0) }
     }
 
     /// Sends a job to the writer thread.
-    pub(super) fn submit(&self, jobs: &mpsc::Sender<Job>, job: Job) -> Result<(), LedgerError> {
+    pub(super) fn submit(&self, job: Job) -> Result<(), LedgerError> {
         let counted = job.queued();
         if counted {
             self.queued.fetch_add(1, Ordering::AcqRel);
         }
-        jobs.send(job).map_err(|_| {
+        self.jobs.send(job).map_err(|_| {
             if counted {
                 self.queued.fetch_sub(1, Ordering::AcqRel);
             }
@@ -173,7 +176,7 @@ impl Core {
     /// gave: the writer thread's own `run_group`, so durable before answered, and serial with
     /// every other group. Tells the writer thread when the log is left without a checkpoint
     /// and its timer is not armed.
-    pub(super) fn lead(&self, mut w: MutexGuard<'_, Writer>, work: Box<dyn Work>, jobs: &mpsc::Sender<Job>) {
+    pub(super) fn lead(&self, mut w: MutexGuard<'_, Writer>, work: Box<dyn Work>) {
         let covered = w.checkpoint_wait().is_none();
         let start = Instant::now();
         {
@@ -185,7 +188,7 @@ impl Core {
         let tick = covered && w.poisoned.is_none() && w.checkpoint_wait().is_some();
         drop(w);
         if tick {
-            let _ = jobs.send(Job::Tick);
+            let _ = self.submit(Job::Tick);
         }
     }
 }
