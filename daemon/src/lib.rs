@@ -23,6 +23,7 @@ pub mod discover;
 pub mod dns;
 pub mod fleet;
 pub mod gate;
+pub(crate) mod heap;
 pub mod httpbody;
 pub(crate) mod idle;
 pub mod metrics;

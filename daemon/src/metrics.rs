@@ -71,6 +71,9 @@ pub struct Metrics {
     /// decisions are those, and finding their series in `decisions` took two strings and a
     /// hashed lookup each.
     allowed: OnceLock<Counter>,
+    /// Times [`crate::heap`] handed free heap pages back, and the time those calls took.
+    heap_releases: Counter,
+    heap_release_seconds: Counter<f64, AtomicU64>,
 }
 
 /// How often, at most, [`DecisionSummary`] logs its line.
@@ -177,6 +180,18 @@ impl Metrics {
             "Time from submitting a store transaction to its durable group commit",
             commit.clone(),
         );
+        let heap_releases = Counter::default();
+        let heap_release_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "sluice_heap_releases",
+            "Times the daemon handed its allocator's free pages back to the kernel after a second without a durable write",
+            heap_releases.clone(),
+        );
+        registry.register(
+            "sluice_heap_release_seconds",
+            "Time those releases took (each holds the allocator's arenas, so they run only when the daemon is quiet)",
+            heap_release_seconds.clone(),
+        );
         registry.register_collector(Box::new(ConntableCollector(conntable.clone())));
         let proxy: Arc<Mutex<Weak<dyn AdmissionCounters>>> = Arc::new(Mutex::new(Weak::<NoProxy>::new()));
         registry.register_collector(Box::new(ProxyCollector(proxy.clone())));
@@ -192,7 +207,15 @@ impl Metrics {
             series: Mutex::default(),
             summary: DecisionSummary::new(),
             allowed: OnceLock::new(),
+            heap_releases,
+            heap_release_seconds,
         }
+    }
+
+    /// One release of free heap pages ([`crate::heap`]) that took `took`.
+    pub fn heap_release(&self, took: Duration) {
+        self.heap_releases.inc();
+        self.heap_release_seconds.inc_by(took.as_secs_f64());
     }
 
     fn lock_series(&self) -> std::sync::MutexGuard<'_, SeriesCount> {
@@ -915,6 +938,8 @@ mod tests {
                 ("sluice_connections_without_entry_total", "counter"),
                 ("sluice_conntable_errors_total", "counter"),
                 ("sluice_decisions_total", "counter"),
+                ("sluice_heap_release_seconds_total", "counter"),
+                ("sluice_heap_releases_total", "counter"),
                 ("sluice_holds_pending", "gauge"),
                 ("sluice_log_size", "gauge"),
                 ("sluice_passports_registered", "gauge"),

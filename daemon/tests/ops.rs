@@ -331,6 +331,54 @@ fn metrics_show_the_expected_series_after_a_scripted_run() {
     assert_eq!(sample(&text, &spend), Some(600.0), "{text}");
 }
 
+/// The daemon hands its free heap pages back once after each pause (a second without a durable
+/// write), never while decisions keep coming: each release holds the allocator's arenas.
+#[test]
+fn free_heap_pages_go_back_after_a_pause_and_never_under_load() {
+    let d = TestDaemon::start("[sandbox]\nredirect = false\n");
+    let i = issue(d.dir.path(), "steady", &["--permission", "orders:read"]);
+    let out = d.cli(&["passport", "register", p(&i.passport)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let releases = || {
+        let (_, _, text) = get_text(&d.socket, "/metrics");
+        let n = sample(&text, "sluice_heap_releases_total").unwrap_or_else(|| panic!("no release counter:\n{text}"));
+        (n, sample(&text, "sluice_heap_release_seconds_total").unwrap())
+    };
+    let pause = |from: f64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (n, secs) = releases();
+            if n > from {
+                return (n, secs);
+            }
+            assert!(std::time::Instant::now() < deadline, "no release within 10 s of quiet\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // What starting up and registering left is released in the first quiet seconds.
+    let (first, _) = pause(0.0);
+    // Decisions every 100 ms for 3.5 s: every one-second look sees new writes, so no release.
+    let body = json!({"passport_id": i.id, "action": "orders:read", "cost_cents": 0, "target": "api.example.test"});
+    let busy_until = std::time::Instant::now() + Duration::from_millis(3500);
+    let mut made = 0;
+    while std::time::Instant::now() < busy_until {
+        let (status, v) = d.call("POST", "/v1/enforce", Some(body.clone())).unwrap();
+        assert_eq!(status, 200, "{v}");
+        made += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(made >= 20, "only {made} decisions in 3.5 s");
+    // At most one release in that time: the registration's, had its pause ended just as the
+    // decisions began.
+    let (during, _) = releases();
+    assert!(during <= first + 1.0, "{during} releases after {first}: released while decisions kept coming");
+    // Then quiet again: one more release, timed.
+    let (after, secs) = pause(during);
+    assert!(secs > 0.0, "{after} releases took no time at all");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(releases().0, after, "released again with nothing written since");
+}
+
 // ---- systemd units ----
 
 fn units_dir() -> PathBuf {

@@ -129,6 +129,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let host_key = ledger::hostkey::load_or_create(&config.state_dir)?;
     let ledger = Ledger::open(&store_path(&config.state_dir), host_key, ledger::LedgerOptions::default())
         .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
+    // After a burst, free heap pages go back to the kernel once a second passes without a
+    // durable write (every decision is one).
+    let activity = ledger.clone();
+    crate::heap::release_when_quiet(move || activity.write_stats().durable_writes)
+        .context("starting the sluice-heap thread")?;
     let service = Service::start(
         ledger.clone(),
         ServiceConfig {
