@@ -39,15 +39,15 @@ impl Quiet {
     }
 }
 
-/// Starts the `sluice-heap` thread, which releases free heap pages when `activity` (a counter
-/// that rises with the server's work) stands still for a [`PERIOD`]. It runs for the life of
-/// the process and holds nothing that needs cleaning up.
-pub fn release_when_quiet(activity: impl Fn() -> u64 + Send + 'static) -> std::io::Result<()> {
+/// Starts the `sluice-heap` thread, which releases free heap pages when the ledger's count of
+/// durable writes stands still for a [`PERIOD`]. It runs for the life of the process and holds
+/// nothing that needs cleaning up.
+pub fn release_when_quiet(ledger: crate::ledger::Ledger) -> std::io::Result<()> {
     std::thread::Builder::new().name("sluice-heap".into()).spawn(move || {
         let mut quiet = Quiet::default();
         loop {
             std::thread::sleep(PERIOD);
-            if quiet.tick(activity()) {
+            if quiet.tick(ledger.write_stats().durable_writes) {
                 let start = Instant::now();
                 let released = sluice_kernel::process::release_free_heap();
                 let took = start.elapsed();

@@ -184,12 +184,12 @@ impl Metrics {
         let heap_release_seconds = Counter::<f64, AtomicU64>::default();
         registry.register(
             "sluice_heap_releases",
-            "Times the daemon handed its allocator's free pages back to the kernel after a second without a durable write",
+            "Times the process handed its allocator's free pages back to the kernel after a second without a durable write",
             heap_releases.clone(),
         );
         registry.register(
             "sluice_heap_release_seconds",
-            "Time those releases took (each holds the allocator's arenas, so they run only when the daemon is quiet)",
+            "Time those releases took (each holds the allocator's arenas, so they run only when the process is quiet)",
             heap_release_seconds.clone(),
         );
         registry.register_collector(Box::new(ConntableCollector(conntable.clone())));

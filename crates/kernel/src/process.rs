@@ -205,7 +205,7 @@ mod tests {
     fn release_free_heap_gives_freed_pages_back() {
         // Blocks under the mmap threshold come from a heap; freeing every other one leaves free
         // pages below live blocks, which only a trim gives back. The call must not disturb the
-        // live blocks, and a second call right after has less or nothing left to release.
+        // live blocks.
         let mut blocks: Vec<Vec<u8>> = (0..512).map(|i| vec![i as u8; 64 * 1024]).collect();
         for b in blocks.iter_mut().step_by(2) {
             *b = Vec::new();

@@ -131,9 +131,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
     // After a burst, free heap pages go back to the kernel once a second passes without a
     // durable write (every decision is one).
-    let activity = ledger.clone();
-    crate::heap::release_when_quiet(move || activity.write_stats().durable_writes)
-        .context("starting the sluice-heap thread")?;
+    crate::heap::release_when_quiet(ledger.clone()).context("starting the sluice-heap thread")?;
     let service = Service::start(
         ledger.clone(),
         ServiceConfig {
