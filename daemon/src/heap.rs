@@ -7,8 +7,10 @@
 //! each arena's lock while it walks that arena's free lists: 1 to 5 ms with a loaded daemon's
 //! heap, during which a proxy thread allocating in that arena waits. So it never runs under
 //! load: a thread wakes once a [`PERIOD`] and releases only when a whole period went by without
-//! a durable write to the log (every decision is one) and there was one since the last release.
-//! An idle server pays nothing; a busy one keeps its memory until it pauses.
+//! a durable write to the log (every decision is in one; so is the checkpoint the log signs up
+//! to a second after its last records) and there was one since the last release (the first
+//! release, of what starting up left, needs none). An idle server pays nothing; a busy one keeps
+//! its memory until it pauses.
 
 use std::time::{Duration, Instant};
 
@@ -40,14 +42,15 @@ impl Quiet {
 }
 
 /// Starts the `sluice-heap` thread, which releases free heap pages when the ledger's count of
-/// durable writes stands still for a [`PERIOD`]. It runs for the life of the process and holds
-/// nothing that needs cleaning up.
-pub fn release_when_quiet(ledger: crate::ledger::Ledger) -> std::io::Result<()> {
+/// durable writes stands still for a [`PERIOD`]. It runs for the life of the process. It holds
+/// a reader of the ledger's counters, not a `Ledger`, so it never keeps the store open: a start
+/// that fails after this still closes the store cleanly.
+pub fn release_when_quiet(writes: crate::ledger::WriteStatsReader) -> std::io::Result<()> {
     std::thread::Builder::new().name("sluice-heap".into()).spawn(move || {
         let mut quiet = Quiet::default();
         loop {
             std::thread::sleep(PERIOD);
-            if quiet.tick(ledger.write_stats().durable_writes) {
+            if quiet.tick(writes.read().durable_writes) {
                 let start = Instant::now();
                 let released = sluice_kernel::process::release_free_heap();
                 let took = start.elapsed();

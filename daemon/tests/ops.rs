@@ -356,7 +356,7 @@ fn free_heap_pages_go_back_after_a_pause_and_never_under_load() {
         }
     };
     // What starting up and registering left is released in the first quiet seconds.
-    let (first, _) = pause(0.0);
+    let (first, first_secs) = pause(0.0);
     // Decisions every 100 ms for 3.5 s: every one-second look sees new writes, so no release.
     let body = json!({"passport_id": i.id, "action": "orders:read", "cost_cents": 0, "target": "api.example.test"});
     let busy_until = std::time::Instant::now() + Duration::from_millis(3500);
@@ -367,14 +367,14 @@ fn free_heap_pages_go_back_after_a_pause_and_never_under_load() {
         made += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(made >= 20, "only {made} decisions in 3.5 s");
+    assert!(made >= 10, "only {made} decisions in 3.5 s");
     // At most one release in that time: the registration's, had its pause ended just as the
     // decisions began.
     let (during, _) = releases();
     assert!(during <= first + 1.0, "{during} releases after {first}: released while decisions kept coming");
     // Then quiet again: one more release, timed.
     let (after, secs) = pause(during);
-    assert!(secs > 0.0, "{after} releases took no time at all");
+    assert!(secs > first_secs, "the release after the decisions was not timed ({secs} s in all)");
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(releases().0, after, "released again with nothing written since");
 }

@@ -584,8 +584,9 @@ sys.stdin.read()
 
 /// How long the bench lets the daemon sit idle before reading its RSS again: it hands its
 /// allocator's free pages back one to two seconds after its last durable write
-/// (`daemon/src/heap.rs`), so a figure read at once still holds what the last requests freed.
-const SETTLE: Duration = Duration::from_secs(3);
+/// (`daemon/src/heap.rs`), up to three once the checkpoint signed after the last records counts
+/// as a write, so a figure read at once still holds what the last requests freed.
+const SETTLE: Duration = Duration::from_secs(4);
 
 /// Daemon RSS (KiB) with [`IDLE_CONNECTIONS`] idle agent connections open: as the last one is
 /// open, and [`SETTLE`] later with them still open.

@@ -145,7 +145,9 @@ pub fn bound_malloc() -> MallocBounds {
 /// of the heap (`trim_threshold`); pages freed below a live block stay in the process's RSS
 /// until reused. This call releases those too, but it takes each arena's lock while it walks
 /// the arena's free lists (milliseconds for a heap of tens of MiB), so a server calls it when
-/// it is quiet, not on a request's path. A no-op returning `false` on other C libraries.
+/// it is quiet, not on a request's path. Returns glibc's own flag, true whenever some free chunk
+/// spans a whole page (even one already given back), so it says little; the RSS says more. A
+/// no-op returning `false` on other C libraries.
 pub fn release_free_heap() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -202,7 +204,7 @@ mod tests {
     }
 
     #[test]
-    fn release_free_heap_gives_freed_pages_back() {
+    fn release_free_heap_finds_freed_pages_and_leaves_live_blocks_alone() {
         // Blocks under the mmap threshold come from a heap; freeing every other one leaves free
         // pages below live blocks, which only a trim gives back. The call must not disturb the
         // live blocks.

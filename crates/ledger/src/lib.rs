@@ -69,6 +69,7 @@ pub use merkle::Hash;
 pub use record::{Appended, Draft, HOST_CHAIN};
 pub use store::{
     Ledger, LedgerError, LedgerOptions, RequestInProgress, Snapshot, StorageError, Txn, TxnError, WriteStats,
+    WriteStatsReader,
 };
 pub use verify::{Problem, VerifyReport};
 

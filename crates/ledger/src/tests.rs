@@ -1357,6 +1357,30 @@ async fn a_clean_shutdown_leaves_nothing_to_replay() {
     reopened.shutdown();
 }
 
+/// A thread watching the store's activity holds a `WriteStatsReader`, which must not keep the
+/// store open: dropping the last `Ledger` still stops it cleanly (redb alone then has every
+/// record, and the store opens again), and the reader reads on.
+#[tokio::test]
+async fn a_write_stats_reader_does_not_keep_the_store_open() {
+    let store = TestStore::new();
+    let ledger = Ledger::open(&store.path, host_key(), journal_only(journal::DEFAULT_CAPACITY)).unwrap();
+    let reader = ledger.write_stats_reader();
+    populate(&ledger).await;
+    let size = ledger.size();
+    let writes = reader.read().durable_writes;
+    assert!(writes > 0, "populate made no durable write");
+    assert_eq!(writes, ledger.write_stats().durable_writes);
+    drop(ledger); // No shutdown(): the last handle's drop stops the store.
+    let bare = crash_image(&store, false);
+    let reopened = Ledger::open(&bare.path, host_key(), LedgerOptions::default()).unwrap();
+    assert_eq!(reopened.size(), size);
+    reopened.shutdown();
+    let again = Ledger::open(&store.path, host_key(), LedgerOptions::default()).unwrap();
+    assert_eq!(again.size(), size);
+    again.shutdown();
+    assert!(reader.read().durable_writes >= writes);
+}
+
 #[tokio::test]
 async fn a_replayed_group_is_not_replayed_again_and_readers_see_answered_groups() {
     let store = TestStore::new();

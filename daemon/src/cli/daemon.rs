@@ -130,8 +130,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let ledger = Ledger::open(&store_path(&config.state_dir), host_key, ledger::LedgerOptions::default())
         .with_context(|| format!("opening the store in {}", config.state_dir.display()))?;
     // After a burst, free heap pages go back to the kernel once a second passes without a
-    // durable write (every decision is one).
-    crate::heap::release_when_quiet(ledger.clone()).context("starting the sluice-heap thread")?;
+    // durable write (every decision is in one).
+    crate::heap::release_when_quiet(ledger.write_stats_reader()).context("starting the sluice-heap thread")?;
     let service = Service::start(
         ledger.clone(),
         ServiceConfig {

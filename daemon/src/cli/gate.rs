@@ -142,7 +142,7 @@ fn run_gate(_: RunArgs, config: &std::path::Path) -> CmdResult {
     rt.block_on(async move {
         let ledger = gate.open_ledger()?;
         // As the daemon does: free heap pages go back after a second without a durable write.
-        crate::heap::release_when_quiet(ledger.clone()).context("starting the sluice-heap thread")?;
+        crate::heap::release_when_quiet(ledger.write_stats_reader()).context("starting the sluice-heap thread")?;
         for w in crate::gate::catalog::route_drift(&gate.config, gate.catalogs.in_force(chrono::Utc::now()).as_deref()) {
             tracing::warn!("{w}");
         }

@@ -332,6 +332,23 @@ impl WriteCounters {
     }
 }
 
+/// See [`Ledger::write_stats_reader`]. After the store is closed it reads the counts as they
+/// were at its close.
+#[derive(Clone)]
+pub struct WriteStatsReader(Arc<Shared>);
+
+impl WriteStatsReader {
+    pub fn read(&self) -> WriteStats {
+        self.0.writes.read()
+    }
+}
+
+impl std::fmt::Debug for WriteStatsReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("WriteStatsReader").field(&self.read()).finish()
+    }
+}
+
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -604,6 +621,14 @@ impl Ledger {
     /// opened.
     pub fn write_stats(&self) -> WriteStats {
         self.inner.shared.writes.read()
+    }
+
+    /// A reader of [`Ledger::write_stats`] that does not keep the store open. A thread that
+    /// outlives the server's start (a watcher of its activity) holds this, not a `Ledger`: the
+    /// store shuts down cleanly when the last `Ledger` is dropped, which a forgotten clone in
+    /// such a thread would prevent on a start that fails later.
+    pub fn write_stats_reader(&self) -> WriteStatsReader {
+        WriteStatsReader(self.inner.shared.clone())
     }
 
     /// The canonical bytes of record `index`, if committed.
