@@ -588,6 +588,14 @@ sys.stdin.read()
 /// as a write, so a figure read at once still holds what the last requests freed.
 const SETTLE: Duration = Duration::from_secs(4);
 
+/// `VmRSS` of a process now and [`SETTLE`] later, with `VmHWM` as of now, in KiB.
+fn rss_now_and_settled(pid: u32) -> Result<(u64, u64, u64)> {
+    let (at_once, peak) = rss_kib(pid)?;
+    std::thread::sleep(SETTLE);
+    let (settled, _) = rss_kib(pid)?;
+    Ok((at_once, settled, peak))
+}
+
 /// Daemon RSS (KiB) with [`IDLE_CONNECTIONS`] idle agent connections open: as the last one is
 /// open, and [`SETTLE`] later with them still open.
 fn rss_at_idle_connections(env: &Env, pid: u32) -> Result<(u64, u64)> {
@@ -614,10 +622,7 @@ fn rss_at_idle_connections(env: &Env, pid: u32) -> Result<(u64, u64)> {
     let mut line = String::new();
     let read = BufReader::new(stdout).read_line(&mut line);
     let result = match read {
-        Ok(_) if line.starts_with("ready") => rss_kib(pid).and_then(|(at_once, _)| {
-            std::thread::sleep(SETTLE);
-            rss_kib(pid).map(|(settled, _)| (at_once, settled))
-        }),
+        Ok(_) if line.starts_with("ready") => rss_now_and_settled(pid).map(|(at_once, settled, _)| (at_once, settled)),
         _ => Err(format!("the idle-connection agent did not get ready: {line:?}")),
     };
     drop(agent.stdin.take()); // EOF: the agent exits and its connections close.
@@ -785,9 +790,7 @@ fn run() -> Result<()> {
         }
         results.push(row);
     }
-    let (rss_after_load_at_once, hwm_after_load) = rss_kib(pid)?;
-    std::thread::sleep(SETTLE);
-    let (rss_after_load, _) = rss_kib(pid)?;
+    let (rss_after_load_at_once, rss_after_load, hwm_after_load) = rss_now_and_settled(pid)?;
     let load_end = loadavg();
 
     // The table.

@@ -152,7 +152,7 @@ pub fn release_free_heap() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: malloc_trim takes an integer (the bytes to keep free at the top of the heap)
-        // and only gives pages no allocation uses back to the kernel; it returns 1 if it did.
+        // and only gives pages no allocation uses back to the kernel.
         unsafe { libc::malloc_trim(0) == 1 }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
