@@ -6,7 +6,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{bin, p};
+use common::{bin, listen_port, p};
 use ed25519_dalek::SigningKey;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -813,7 +813,7 @@ async fn l1_accepts_any_issuer_unsigned_but_checks_a_signature_given_and_l3_need
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gate_run_serves_and_exports_while_running() {
     let w = World::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = listen_port();
     let config = w.config("", "");
     let text = std::fs::read_to_string(&config).unwrap().replace("127.0.0.1:1", &format!("127.0.0.1:{port}"));
     std::fs::write(&config, text).unwrap();

@@ -79,7 +79,7 @@ fn console_get(port: u16, path: &str) -> Option<u16> {
 
 #[test]
 fn the_console_starts_with_the_daemon_and_a_token_file_others_can_read_stops_it() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = listen_port();
     let mut d = TestDaemon::start(&format!("[console]\nlisten = \"127.0.0.1:{port}\"\n"));
     let token = d.state_dir().join("console.token");
     {

@@ -21,6 +21,7 @@
 
 mod gate;
 
+use crate::ports::free_port;
 use anyhow::{bail, Context};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
@@ -243,10 +244,6 @@ fn cgroup2_mount() -> anyhow::Result<PathBuf> {
         .and_then(|l| l.split_whitespace().nth(4))
         .map(PathBuf::from)
         .context("no cgroup2 mount found")
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A loopback address whose port 443 is free (agents dial port 443), other than `not`: one for

@@ -12,6 +12,7 @@ mod fuzz;
 mod install;
 mod layers;
 mod package;
+mod ports;
 mod systemd_boot;
 
 use anyhow::{bail, Context};

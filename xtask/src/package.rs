@@ -17,9 +17,9 @@
 //! that the pins, the state and every file are gone. On failure everything it made is removed
 //! all the same.
 
+use crate::ports::free_port;
 use anyhow::{bail, ensure, Context};
 use std::fs;
-use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -247,21 +247,6 @@ fn check_contents(deb: &Path, binary: &Path, man_pages: &[String]) -> anyhow::Re
 }
 
 // ---- --install-check ----
-
-/// A TCP and UDP port free on 127.0.0.1 and ::1 (the daemon's proxy and resolver ports).
-fn free_port() -> anyhow::Result<u16> {
-    for _ in 0..100 {
-        let l = TcpListener::bind("127.0.0.1:0")?;
-        let port = l.local_addr()?.port();
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok()
-            && TcpListener::bind(("::1", port)).is_ok()
-            && UdpSocket::bind(("::1", port)).is_ok()
-        {
-            return Ok(port);
-        }
-    }
-    bail!("no free port found on 127.0.0.1 and ::1")
-}
 
 fn installed() -> bool {
     Command::new("dpkg-query")
