@@ -15,14 +15,14 @@ pub mod daemon;
 pub mod flood;
 pub mod gate;
 pub mod mock_llm;
+pub mod ports;
 pub mod probe;
 pub mod redis;
 pub mod threads;
 pub mod upstream;
 
-use std::collections::HashSet;
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -60,48 +60,10 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
-/// A port free for TCP and UDP on 127.0.0.1 and ::1, never handed out twice
-/// by this process.
-///
-/// It comes from below the kernel's ephemeral range (`ip_local_port_range`),
-/// never from inside it. A port the kernel hands out for `bind(:0)` or for an
-/// outgoing connection can be taken again by any socket of the tests running
-/// in parallel (another test's probe here included) between this call and
-/// the caller's own bind, which then fails with `EADDRINUSE`. Below the range
-/// only an explicit bind takes a port, and within this process that is only
-/// whoever this function gave it to.
+/// A port free for TCP and UDP on 127.0.0.1 and ::1, never handed out twice by this process,
+/// from below the kernel's ephemeral range ([`ports`] says why).
 pub fn free_port() -> u16 {
-    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    const LOW: u32 = 10_000;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse::<u32>().ok()))
-        .unwrap_or(32_768);
-    assert!(
-        ephemeral_low >= LOW + 1_000,
-        "free_port: the ephemeral port range starts at {ephemeral_low}; the tests need ports {LOW}..{ephemeral_low} to be outside it (raise net.ipv4.ip_local_port_range)"
-    );
-    let span = ephemeral_low - LOW;
-    // Processes that run at once (a bench and a test) start at different places.
-    let start = std::process::id().wrapping_mul(7_919) % span;
-    let given = GIVEN.get_or_init(Default::default);
-    for _ in 0..span {
-        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
-        let mut g = given.lock().unwrap_or_else(|e| e.into_inner());
-        if g.contains(&port) {
-            continue;
-        }
-        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && UdpSocket::bind(("127.0.0.1", port)).is_ok()
-            && TcpListener::bind(("::1", port)).is_ok()
-            && UdpSocket::bind(("::1", port)).is_ok();
-        if free {
-            g.insert(port);
-            return port;
-        }
-    }
-    panic!("free_port: no port below {ephemeral_low} is free on 127.0.0.1 and ::1");
+    ports::free_port().unwrap_or_else(|e| panic!("free_port: {e}"))
 }
 
 /// The real python3 binary (not a pyenv shim), so agents exec it directly.

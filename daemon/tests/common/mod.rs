@@ -1,6 +1,9 @@
 //! A daemon for tests: its own state dir, socket and config; killed and cleaned up on drop.
 #![allow(dead_code)]
 
+#[path = "../../../tests/src/ports.rs"]
+mod ports;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -18,34 +21,10 @@ pub fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
-/// A TCP port on 127.0.0.1 for a daemon or gate the test starts, which binds it itself.
-///
-/// Taken from below the kernel's ephemeral range, never from it: a port from `bind(:0)`, once
-/// released, can be handed to the next `bind(:0)` of a test running in parallel before the
-/// process under test binds it, which then fails with `EADDRINUSE`. Below the range only an
-/// explicit bind takes a port; each call in this process tries a port none before it tried.
+/// A port for a daemon or gate the test starts, which binds it itself: free on the loopbacks,
+/// from below the kernel's ephemeral range, so no other test's socket takes it first.
 pub fn listen_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    const LOW: u32 = 10_000;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse::<u32>().ok()))
-        .unwrap_or(32_768);
-    assert!(
-        ephemeral_low >= LOW + 1_000,
-        "listen_port: the ephemeral port range starts at {ephemeral_low}, below {LOW}"
-    );
-    let span = ephemeral_low - LOW;
-    // Test binaries that run at once start at different places.
-    let start = std::process::id().wrapping_mul(7_919) % span;
-    for _ in 0..span {
-        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("listen_port: no port below {ephemeral_low} is free on 127.0.0.1");
+    ports::free_port().unwrap_or_else(|e| panic!("listen_port: {e}"))
 }
 
 /// The name of the current user's primary group, so a non-root developer can use the API too.
