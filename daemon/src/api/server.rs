@@ -88,7 +88,13 @@ impl From<ServiceError> for ApiError {
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<Body> {
-    let mut resp = Response::new(full(body.to_string()));
+    json_bytes_response(status, body.to_string().into_bytes())
+}
+
+/// [`json_response`] with the JSON already serialised (a decision: see
+/// `DecisionOutcome::to_json_bytes`).
+fn json_bytes_response(status: StatusCode, json: Vec<u8>) -> Response<Body> {
+    let mut resp = Response::new(full(json));
     *resp.status_mut() = status;
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     resp
@@ -332,7 +338,7 @@ async fn handle(req: Request<Incoming>, service: &Service, peer: &Peer) -> Resul
         (&Method::POST, ["v1", "enforce"]) => {
             let input: EnforceInput = read_json(req).await?;
             let decision = service.enforce(input).await?;
-            ok(decision.to_json())
+            Ok(json_bytes_response(StatusCode::OK, decision.to_json_bytes()))
         }
         (&Method::GET, ["v1", "attestations"]) => {
             let q = query(&req);

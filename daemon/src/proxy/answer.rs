@@ -80,9 +80,12 @@ pub(super) async fn record_refusal(
     Ok(outcome)
 }
 
-/// `403` with the decision JSON and the `Sluice-Decision` header.
-pub(super) fn decision_response(json: &Value, reason: &Reason, attestation_id: u64) -> Response<ProxyBody> {
-    let mut resp = simple(StatusCode::FORBIDDEN, json.clone());
+/// `403` with the decision JSON (its bytes: [`DecisionOutcome::to_json_bytes`], or a value's
+/// text) and the `Sluice-Decision` header.
+///
+/// [`DecisionOutcome::to_json_bytes`]: crate::service::DecisionOutcome::to_json_bytes
+pub(super) fn decision_response(json: Vec<u8>, reason: &Reason, attestation_id: u64) -> Response<ProxyBody> {
+    let mut resp = simple_bytes(StatusCode::FORBIDDEN, json);
     let value = format!("block; reason={}; attestation={attestation_id}", token(reason.as_str()));
     if let Ok(v) = HeaderValue::from_str(&value) {
         resp.headers_mut().insert(HeaderName::from_static(DECISION_HEADER), v);
@@ -104,9 +107,13 @@ pub(super) fn service_failure(e: &ServiceError) -> Response<ProxyBody> {
 }
 
 pub(super) fn simple(status: StatusCode, body: Value) -> Response<ProxyBody> {
-    let mut text = body.to_string();
-    text.push('\n');
-    let mut resp = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+    simple_bytes(status, body.to_string().into_bytes())
+}
+
+/// [`simple`] with the JSON already serialised.
+fn simple_bytes(status: StatusCode, mut json: Vec<u8>) -> Response<ProxyBody> {
+    json.push(b'\n');
+    let mut resp = Response::new(Full::new(Bytes::from(json)).map_err(|never| match never {}).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -457,12 +457,12 @@ async fn decide_or_answer(
         Decision::Allow => Ok(outcome.attestation_id),
         Decision::Block => {
             inc(&stats.blocked);
-            Err(decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id))
+            Err(decision_response(outcome.to_json_bytes(), &outcome.reason, outcome.attestation_id))
         }
         Decision::RequestHold => {
             inc(&stats.held);
             let Some(hold_id) = outcome.hold_id().map(str::to_string) else {
-                return Err(decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id));
+                return Err(decision_response(outcome.to_json_bytes(), &outcome.reason, outcome.attestation_id));
             };
             tracing::info!(%hold_id, %host, %path, "request held for approval");
             let held = decider.wait_hold(&hold_id).await;
@@ -485,7 +485,11 @@ async fn decide_or_answer(
                     }
                     // No resolution record yet (the daemon is stopping): the hold's decision is
                     // the last record of this request.
-                    Err(decision_response(&body, &held.reason(), resolution.unwrap_or(outcome.attestation_id)))
+                    Err(decision_response(
+                        body.to_string().into_bytes(),
+                        &held.reason(),
+                        resolution.unwrap_or(outcome.attestation_id),
+                    ))
                 }
             }
         }
@@ -523,7 +527,7 @@ async fn refuse(
     let close = refusal.reason == Reason::RequestSmuggling;
     match record_refusal(proxy, info, target, action, Some(method.as_str()), Some(path), &refusal).await {
         Ok(outcome) => {
-            let mut resp = decision_response(&outcome.to_json(), &outcome.reason, outcome.attestation_id);
+            let mut resp = decision_response(outcome.to_json_bytes(), &outcome.reason, outcome.attestation_id);
             if close {
                 // The body's framing is in doubt: nothing more is read from this connection.
                 resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -1303,10 +1307,18 @@ mod tests {
 
     #[test]
     fn decision_header_is_one_token() {
-        let r = decision_response(&json!({"reason": "domain_not_allowed"}), &Reason::DomainNotAllowed, 7);
+        let r = decision_response(
+            json!({"reason": "domain_not_allowed"}).to_string().into_bytes(),
+            &Reason::DomainNotAllowed,
+            7,
+        );
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=domain_not_allowed; attestation=7");
-        let r = decision_response(&json!({"reason": "x; evil=1\r\n"}), &Reason::parse("x; evil=1\r\n"), 1);
+        let r = decision_response(
+            json!({"reason": "x; evil=1\r\n"}).to_string().into_bytes(),
+            &Reason::parse("x; evil=1\r\n"),
+            1,
+        );
         assert_eq!(r.headers().get(DECISION_HEADER).unwrap(), "block; reason=x__evil_1__; attestation=1");
     }
 
