@@ -78,9 +78,13 @@ pub fn is_ip_literal(s: &str) -> bool {
     if s.parse::<std::net::IpAddr>().is_ok() {
         return true;
     }
-    // inet_aton forms: up to four parts, each decimal, octal or 0x-hex.
-    let parts: Vec<&str> = s.split('.').collect();
-    parts.len() <= 4 && parts.iter().all(|p| is_aton_number(p))
+    // inet_aton forms: up to four parts, each decimal, octal or 0x-hex. Counted as they come
+    // (every name the proxy decides passes here: no list of the parts is allocated).
+    let mut parts = 0;
+    s.split('.').all(|p| {
+        parts += 1;
+        parts <= 4 && is_aton_number(p)
+    })
 }
 
 fn is_aton_number(p: &str) -> bool {
@@ -169,6 +173,16 @@ mod tests {
     fn refuses_ip_literals_in_every_spelling() {
         for s in ["127.0.0.1", "[::1]", "::ffff:1.2.3.4", "127.1", "0x7f.1", "2130706433", "1.2.3.4."] {
             assert!(matches!(DomainName::parse(s), Err(DomainError::IpLiteral(_))), "{s}");
+        }
+    }
+
+    #[test]
+    fn inet_aton_forms_have_at_most_four_numeric_parts() {
+        for s in ["1", "1.2", "1.2.3", "0x1.0.0.1", "010.1.1.1"] {
+            assert!(is_ip_literal(s), "{s}");
+        }
+        for s in ["1.2.3.4.5", "1.2.3.x", "0x.1", "1..2", "", "a.b"] {
+            assert!(!is_ip_literal(s), "{s:?}");
         }
     }
 
