@@ -1,6 +1,7 @@
 //! `cargo xtask bench decisions`: decisions per second and latency through the service (cached
 //! passport + evaluation + counter update + durable group-committed record + the JSON bytes
-//! `POST /v1/enforce` answers with), at several concurrencies. Target (docs/testing.md, Targets): ≥ 20,000/s on 2 cores, p99 < 2 ms.
+//! `POST /v1/enforce` answers with), at several concurrencies. Target (docs/testing.md,
+//! Targets): ≥ 20,000/s on 2 cores, p99 < 2 ms.
 //!
 //! `SLUICE_BENCH_FLEET=1` (`cargo xtask bench decisions --fleet`) measures the cost of `[fleet]`
 //! budget leases (against a `redis-server` the bench starts on a loopback port; the goal: within
