@@ -21,7 +21,7 @@ use crate::ledger::record::{
 };
 use crate::passport::{Claims, PassportId};
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::ser::{SerializeMap, SerializeSeq};
+use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 #[cfg(test)]
 use serde_json::json;
@@ -284,11 +284,7 @@ struct Guardrails<'a>(&'a [Guardrail]);
 
 impl Serialize for Guardrails<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(self.0.len()))?;
-        for g in self.0 {
-            seq.serialize_element(&SortedGuardrail(g))?;
-        }
-        seq.end()
+        s.collect_seq(self.0.iter().map(SortedGuardrail))
     }
 }
 
